@@ -1,0 +1,1187 @@
+"""lem-serve: an OpenAI-compatible inference server for MLX models, in one file.
+
+Serves one MLX / Hugging Face model over HTTP:
+
+    POST /v1/chat/completions   chat, streaming (Server-Sent Events) or not
+    POST /v1/completions        plain text completion, streaming or not
+    GET  /v1/models             the one model, in OpenAI's list shape
+    GET  /healthz               liveness and load, 503 once the engine has died
+    GET  /  and  /chat.js       a small chat page for the browser
+
+Run it:
+
+    pip install -r requirements.txt
+    python lem_serve.py --model-path ./model          # http://127.0.0.1:8090/
+
+and point the `openai` SDK at it with base_url="http://127.0.0.1:8090/v1".
+
+Security: the server binds to loopback unless told otherwise. Anyone who can
+reach the port can run the model; before binding to another interface set
+--api-key (or LEM_API_KEY) and put it behind TLS. It never reads a file from
+disk on a client's behalf.
+
+Layout, each section calling only the ones above it:
+settings and CLI; errors; request parsing and validation; the generation
+engine (one thread that owns MLX); SSE/JSON writers; the HTTP handler; the
+server class and main().
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hmac
+import html
+import http.server
+import json
+import logging
+import math
+import os
+import queue
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+# MLX is imported inside the engine functions, not here: --threads must reach
+# the numeric libraries' thread pools through the environment before MLX loads.
+
+__version__ = "0.1.0"
+
+# ---------------------------------------------------------------------------
+# Defaults: every tunable in one place.
+# ---------------------------------------------------------------------------
+
+DEFAULT_BIND = "127.0.0.1:8090"   # HOST:PORT to listen on; loopback unless asked
+DEFAULT_THREADS = 0               # CPU threads for numeric libraries; 0 = all cores, else 1..cores
+DEFAULT_MAX_TOKENS = 4096         # default and ceiling for a request's max_tokens; >= 1
+DEFAULT_TIMEOUT = 300             # seconds one request may take, prompt included; > 0
+DEFAULT_MAX_REQUESTS = 1          # requests admitted at once (more get 429); >= 1
+DEFAULT_MAX_CONTEXT = 4           # chat messages kept (plus a leading system message); 0 = all
+DEFAULT_LOG_LEVEL = "info"        # debug, info, warning or error
+MAX_BODY_BYTES = 8 * 1024 * 1024  # largest request body accepted; bigger gets 413
+MAX_STOP_STRINGS = 4              # stop strings per request, as OpenAI allows
+SOCKET_TIMEOUT = 30.0             # seconds a socket read or write may stall before the connection is dropped
+POLL_SECONDS = 0.05               # how often a waiting handler checks its client, clock and engine
+KEEPALIVE_SECONDS = 5.0           # silence on a stream before an SSE comment is sent to keep proxies open
+SHUTDOWN_GRACE_SECONDS = 30.0     # on SIGINT/SIGTERM, how long in-flight requests get to finish
+PREFILL_STEP_TOKENS = 2048        # prompt tokens per forward pass; cancellation is checked between passes
+RETRY_AFTER_SECONDS = 1           # Retry-After sent with 429
+
+log = logging.getLogger("lem_serve")
+
+
+# ---------------------------------------------------------------------------
+# Settings and CLI
+# ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the command line decides, validated."""
+
+    model_path: str
+    host: str = "127.0.0.1"
+    port: int = 8090
+    threads: int = DEFAULT_THREADS
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    timeout: float = DEFAULT_TIMEOUT
+    max_requests: int = DEFAULT_MAX_REQUESTS
+    max_context: int = DEFAULT_MAX_CONTEXT
+    api_key: str | None = None
+    model_name: str = ""
+    log_level: str = DEFAULT_LOG_LEVEL
+
+    @property
+    def is_loopback(self) -> bool:
+        """True when only this machine can reach the listening socket."""
+        return self.host in ("localhost", "::1") or self.host.startswith("127.")
+
+
+def parse_bind(value: str) -> tuple[str, int]:
+    """Split HOST:PORT (IPv6 as [::1]:PORT); raise ValueError when malformed."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"--bind wants HOST:PORT, got {value!r}")
+    host = host.strip("[]") or "127.0.0.1"
+    return host, int(port)
+
+
+def _at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        number = int(text)
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {number}")
+        return number
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    """The command line; names and defaults are part of the contract."""
+    p = argparse.ArgumentParser(prog="lem_serve.py", description=__doc__.splitlines()[0])
+    p.add_argument("--model-path", required=True, help="local MLX/Hugging Face model folder, or a Hub repo id")
+    p.add_argument("--bind", default=DEFAULT_BIND, help="HOST:PORT to listen on (default %(default)s)")
+    p.add_argument("--threads", type=_at_least(0), default=DEFAULT_THREADS, help="CPU threads for numeric libraries, 0 = all")
+    p.add_argument("--max-tokens", type=_at_least(1), default=DEFAULT_MAX_TOKENS, help="default and ceiling for max_tokens")
+    p.add_argument("--timeout", type=_at_least(1), default=DEFAULT_TIMEOUT, help="seconds one request may take")
+    p.add_argument("--max-requests", type=_at_least(1), default=DEFAULT_MAX_REQUESTS, help="requests admitted at once; more get 429")
+    p.add_argument("--max-context", type=_at_least(0), default=DEFAULT_MAX_CONTEXT, help="chat messages kept (sliding window), 0 = all")
+    p.add_argument("--api-key", default=os.environ.get("LEM_API_KEY") or None, help="require 'Authorization: Bearer KEY' on /v1/* (default: env LEM_API_KEY)")
+    p.add_argument("--model-name", default="", help="model id shown to clients (default: the model folder's name)")
+    p.add_argument("--log-level", default=DEFAULT_LOG_LEVEL, choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def parse_settings(argv: list[str] | None = None) -> Settings:
+    """Parse argv into Settings; argparse exits 2 with one line on bad input."""
+    parser = build_arg_parser()
+    args = parser.parse_args(argv)
+    try:
+        host, port = parse_bind(args.bind)
+    except ValueError as exc:
+        parser.error(str(exc))
+    model_name = args.model_name or default_model_name(args.model_path)
+    return Settings(
+        model_path=args.model_path, host=host, port=port, threads=args.threads,
+        max_tokens=args.max_tokens, timeout=float(args.timeout), max_requests=args.max_requests,
+        max_context=args.max_context, api_key=args.api_key, model_name=model_name,
+        log_level=args.log_level,
+    )
+
+
+def default_model_name(model_path: str) -> str:
+    """A local folder's own name, or a Hub repo id as given."""
+    path = Path(model_path)
+    return path.resolve().name if path.exists() else model_path
+
+
+def apply_thread_cap(threads: int) -> None:
+    """Cap the numeric libraries' CPU thread pools; call before MLX is imported."""
+    if threads <= 0:
+        return
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS"):
+        os.environ[var] = str(threads)
+
+
+# ---------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------
+
+class APIError(Exception):
+    """A failure to report to the client in OpenAI's error shape.
+
+    Raise it anywhere below the handler; the handler catches it once per
+    request and renders {"error": {"message", "type", "param", "code"}}.
+    """
+
+    def __init__(self, status: HTTPStatus, type: str, message: str,
+                 param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.type = type
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        """The JSON body OpenAI clients expect."""
+        return {"error": {"message": self.message, "type": self.type,
+                          "param": self.param, "code": self.code}}
+
+
+def invalid(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    """A 400 for a request that is malformed or out of range."""
+    return APIError(HTTPStatus.BAD_REQUEST, "invalid_request_error", message, param, code)
+
+
+def server_busy() -> APIError:
+    return APIError(HTTPStatus.TOO_MANY_REQUESTS, "rate_limit_error",
+                    "server busy: all generation slots are taken, retry shortly",
+                    code="server_busy", headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+
+def request_timed_out(seconds: float) -> APIError:
+    return APIError(HTTPStatus.GATEWAY_TIMEOUT, "timeout_error",
+                    f"request took longer than the server's {seconds:g} s limit", code="timeout")
+
+
+def engine_unavailable() -> APIError:
+    return APIError(HTTPStatus.SERVICE_UNAVAILABLE, "server_error",
+                    "the generation engine has stopped; restart the server", code="engine_unavailable")
+
+
+def internal_error() -> APIError:
+    return APIError(HTTPStatus.INTERNAL_SERVER_ERROR, "server_error",
+                    "internal error while generating; see the server log", code="internal_error")
+
+
+class ClientGone(Exception):
+    """The client closed its connection; nothing more can be written to it."""
+
+
+# ---------------------------------------------------------------------------
+# Request parsing and validation
+# ---------------------------------------------------------------------------
+
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+@dataclass(frozen=True)
+class Check:
+    """One row of the validation table: a field, its JSON types and its range."""
+
+    field: str
+    types: tuple[type, ...]
+    rule: str                                   # how the error message states the contract
+    ok: Callable[[Any], bool] = lambda value: True
+
+
+def _is_stop(value: Any) -> bool:
+    stops = [value] if isinstance(value, str) else value
+    return (0 < len(stops) <= MAX_STOP_STRINGS
+            and all(isinstance(s, str) and s for s in stops))
+
+
+# Fields shared by both endpoints. A null value counts as absent.
+COMMON_CHECKS = (
+    Check("model", (str,), "a string"),
+    Check("stream", (bool,), "a boolean"),
+    Check("stream_options", (dict,), "an object"),
+    Check("max_tokens", (int,), "an integer >= 1", lambda v: v >= 1),
+    Check("max_completion_tokens", (int,), "an integer >= 1", lambda v: v >= 1),
+    Check("temperature", (int, float), "a number between 0 and 2", lambda v: 0 <= v <= 2),
+    Check("top_p", (int, float), "a number between 0 and 1", lambda v: 0 <= v <= 1),
+    Check("stop", (str, list), f"a non-empty string or a list of 1 to {MAX_STOP_STRINGS} non-empty strings", _is_stop),
+    Check("n", (int,), "1 (this server returns one choice per request)", lambda v: v == 1),
+)
+CHAT_CHECKS = COMMON_CHECKS + (
+    Check("messages", (list,), "a non-empty list of messages", lambda v: len(v) > 0),
+)
+COMPLETION_CHECKS = COMMON_CHECKS + (
+    Check("prompt", (str, list), "a string, a list holding one string, or a list of token ids"),
+)
+
+# Known fields that would change the result and are not implemented yet:
+# refused by name rather than silently ignored. The value shown is the one
+# that is harmless to accept.
+UNSUPPORTED_FIELDS = {
+    "logprobs": (None, False), "top_logprobs": (None,), "tools": (None, []),
+    "tool_choice": (None, "none", "auto"), "response_format": (None, {"type": "text"}),
+    "logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+    "seed": (None,), "echo": (None, False), "suffix": (None, ""), "best_of": (None, 1),
+    "functions": (None, []),
+}
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One validated /v1/chat/completions or /v1/completions body."""
+
+    endpoint: str                                # "chat" or "completions"
+    messages: tuple[dict, ...] = ()              # chat: normalised {"role", "content"} dicts
+    prompt: str | tuple[int, ...] = ""           # completions: text or token ids
+    stream: bool = False
+    include_usage: bool = False
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    max_tokens_given: bool = False               # the client chose it (so it is not trimmed to fit)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+
+
+def decode_json_body(raw: bytes) -> dict:
+    """Parse a request body as a JSON object or raise a 400."""
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise invalid(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise invalid("request body must be a JSON object")
+    return body
+
+
+def run_checks(body: dict, checks: tuple[Check, ...]) -> None:
+    """Apply the validation table; raise a 400 naming the first bad field."""
+    for check in checks:
+        value = body.get(check.field)
+        if value is None:
+            continue
+        # bool is an int in Python but not in JSON: true is no max_tokens.
+        type_ok = isinstance(value, check.types) and (bool in check.types or not isinstance(value, bool))
+        if isinstance(value, float) and not math.isfinite(value):
+            type_ok = False
+        if not type_ok or not check.ok(value):
+            raise invalid(f"'{check.field}' must be {check.rule}, got {json.dumps(value)[:80]}", check.field)
+    for field, harmless in UNSUPPORTED_FIELDS.items():
+        if field in body and body[field] not in harmless:
+            raise invalid(f"'{field}' is not supported by this server", field, "unsupported_parameter")
+
+
+def parse_generation_request(endpoint: str, body: dict, settings: Settings) -> GenerationRequest:
+    """Validate a decoded body for `endpoint` ("chat" or "completions")."""
+    run_checks(body, CHAT_CHECKS if endpoint == "chat" else COMPLETION_CHECKS)
+    if endpoint == "chat":
+        if "messages" not in body or body["messages"] is None:
+            raise invalid("'messages' is required", "messages")
+        fields = {"messages": tuple(parse_message(m, i) for i, m in enumerate(body["messages"]))}
+    else:
+        if body.get("prompt") is None:
+            raise invalid("'prompt' is required", "prompt")
+        fields = {"prompt": parse_prompt(body["prompt"])}
+    asked = body.get("max_completion_tokens") or body.get("max_tokens")
+    if asked is not None and asked > settings.max_tokens:
+        raise invalid(f"'max_tokens' is {asked}, above this server's limit of {settings.max_tokens}", "max_tokens")
+    stop = body.get("stop") or ()
+    options = body.get("stream_options") or {}
+    return GenerationRequest(
+        endpoint=endpoint, **fields,
+        stream=bool(body.get("stream")),
+        include_usage=bool(options.get("include_usage")),
+        max_tokens=asked or settings.max_tokens, max_tokens_given=asked is not None,
+        temperature=float(body.get("temperature", 1.0) if body.get("temperature") is not None else 1.0),
+        top_p=float(body.get("top_p") if body.get("top_p") is not None else 1.0),
+        stop=(stop,) if isinstance(stop, str) else tuple(stop),
+    )
+
+
+def parse_message(message: Any, index: int) -> dict:
+    """Normalise one chat message to {"role", "content"[, "name", ...]}."""
+    param = f"messages[{index}]"
+    if not isinstance(message, dict):
+        raise invalid(f"{param} must be an object with 'role' and 'content'", param)
+    role = message.get("role")
+    if role not in CHAT_ROLES:
+        raise invalid(f"{param}.role must be one of {', '.join(CHAT_ROLES)}, got {json.dumps(role)}", f"{param}.role")
+    normal = {"role": "system" if role == "developer" else role,
+              "content": parse_content(message.get("content"), f"{param}.content",
+                                       optional=role == "assistant" and bool(message.get("tool_calls")))}
+    for key in ("name", "tool_calls", "tool_call_id"):
+        if message.get(key) is not None:
+            normal[key] = message[key]
+    return normal
+
+
+def parse_content(content: Any, param: str, optional: bool = False) -> str:
+    """A message's content as text: a string, or a list of text parts joined."""
+    if content is None and optional:
+        return ""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise invalid(f"{param} must be a string or a list of content parts", param)
+    texts = []
+    for i, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text":
+            if kind in ("image_url", "input_image", "input_audio", "file"):
+                raise invalid(f"{param}[{i}] is a {kind} part; this server serves text models only", param)
+            raise invalid(f"{param}[{i}] must be a {{\"type\": \"text\", \"text\": ...}} part", param)
+        if not isinstance(part.get("text"), str):
+            raise invalid(f"{param}[{i}].text must be a string", param)
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def parse_prompt(prompt: Any) -> str | tuple[int, ...]:
+    """A completions prompt: a string, [string], or a list of token ids."""
+    if isinstance(prompt, str):
+        return prompt
+    if len(prompt) == 1 and isinstance(prompt[0], str):
+        return prompt[0]
+    if prompt and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt):
+        return tuple(prompt)
+    raise invalid("'prompt' must be a string, a list holding one string, or a non-empty list of token ids", "prompt")
+
+
+def sliding_window(messages: tuple[dict, ...], keep: int) -> tuple[dict, ...]:
+    """Keep a leading system message plus the last `keep` messages (0 keeps all)."""
+    if keep <= 0 or len(messages) <= keep:
+        return messages
+    head = messages[:1] if messages[0]["role"] == "system" else ()
+    rest = messages[len(head):]
+    return head + rest[-keep:]
+
+
+# ---------------------------------------------------------------------------
+# The generation engine: one thread that owns MLX
+# ---------------------------------------------------------------------------
+
+@dataclass
+class Model:
+    """A loaded model with what the server needs to know about it."""
+
+    model: Any
+    tokenizer: Any
+    context_length: int | None   # tokens the model was trained for, when its config says
+
+
+def load_model(settings: Settings) -> Model:
+    """Load the model named by settings.model_path (raises on failure)."""
+    apply_thread_cap(settings.threads)
+    import mlx_lm
+    model, tokenizer, config = mlx_lm.load(settings.model_path, return_config=True)
+    return Model(model, tokenizer, context_length_of(config))
+
+
+def context_length_of(config: dict) -> int | None:
+    """The model's context window from its config.json, if it states one."""
+    for key in ("max_position_embeddings", "max_sequence_length", "seq_length", "n_ctx"):
+        value = config.get(key) or config.get("text_config", {}).get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def render_prompt(request: GenerationRequest, model: Model, settings: Settings) -> list[int]:
+    """The prompt's token ids: chat through the chat template, text encoded."""
+    tokenizer = model.tokenizer
+    if request.endpoint == "completions":
+        if isinstance(request.prompt, tuple):
+            return list(request.prompt)
+        # Same rule as mlx_lm.generate: add BOS unless the text already has it.
+        bos = tokenizer.bos_token
+        return tokenizer.encode(request.prompt, add_special_tokens=bos is None or not request.prompt.startswith(bos))
+    messages = [dict(m) for m in sliding_window(request.messages, settings.max_context)]
+    if not getattr(tokenizer, "has_chat_template", False):
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        return tokenizer.encode(text)
+    try:
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+    except Exception as exc:  # the template rejected the conversation (roles, order)
+        raise invalid(f"the model's chat template rejected these messages: {exc}", "messages") from None
+
+
+def fit_to_context(prompt_tokens: int, request: GenerationRequest, model: Model) -> int:
+    """The token budget for this request, or a 400 when the prompt cannot fit."""
+    limit = model.context_length
+    if limit is None:
+        return request.max_tokens
+    if prompt_tokens >= limit:
+        raise invalid(f"the prompt is {prompt_tokens} tokens; this model's context is {limit} tokens",
+                      "messages" if request.endpoint == "chat" else "prompt", "context_length_exceeded")
+    room = limit - prompt_tokens
+    if request.max_tokens_given and request.max_tokens > room:
+        raise invalid(f"{prompt_tokens} prompt tokens + max_tokens {request.max_tokens} exceed this model's "
+                      f"context of {limit} tokens", "max_tokens", "context_length_exceeded")
+    return min(request.max_tokens, room)
+
+
+class StopScanner:
+    """Cuts generated text at the first stop string, never emitting part of one.
+
+    Text that might be the start of a stop string is held back until the next
+    piece shows whether it is.
+    """
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = stops
+        self.held = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Return (text safe to emit, whether a stop string was reached)."""
+        if not self.stops:
+            return text, False
+        buffer = self.held + text
+        hits = [i for i in (buffer.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.held = ""
+            return buffer[:min(hits)], True
+        keep = max((n for s in self.stops for n in range(1, len(s)) if buffer.endswith(s[:n])), default=0)
+        self.held = buffer[len(buffer) - keep:] if keep else ""
+        return buffer[:len(buffer) - keep], False
+
+    def flush(self) -> str:
+        """Text still held back once generation ends without a stop string."""
+        text, self.held = self.held, ""
+        return text
+
+
+@dataclass(eq=False)
+class Job:
+    """One admitted request's generation, shared by its handler and the engine.
+
+    The engine puts events on `events`: ("text", str) pieces, then exactly one
+    ("finish", reason) or ("error", APIError). The handler sets `cancelled`
+    when the client leaves or the deadline passes.
+    """
+
+    prompt: list[int]
+    request: GenerationRequest
+    max_tokens: int
+    deadline: float
+    events: queue.Queue = dataclasses.field(default_factory=queue.Queue)
+    cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+    completion_tokens: int = 0
+    first_token_at: float | None = None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt)
+
+    def should_stop(self) -> bool:
+        """True once the client left or the deadline passed."""
+        return self.cancelled.is_set() or time.monotonic() > self.deadline
+
+
+class JobStopped(Exception):
+    """Raised inside generation to abandon a job whose client left or timed out."""
+
+
+class Engine:
+    """The one thread that runs MLX; handler threads talk to it through Jobs.
+
+    Jobs run one at a time in arrival order. An exception inside one job
+    fails that job and the engine goes on; if the thread itself dies, `alive`
+    turns false and every waiting job gets an engine_unavailable error.
+    """
+
+    def __init__(self, model: Model):
+        self.model = model
+        self.inbox: queue.Queue[Job | None] = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name="lem-engine", daemon=True)
+        self.failure: BaseException | None = None
+        self.tokens_generated = 0  # every token sampled since start, for health and tests
+
+    def start(self) -> None:
+        self.thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self.thread.is_alive() and self.failure is None
+
+    def submit(self, job: Job) -> None:
+        """Queue a job; raise 503 at once if the engine is dead."""
+        if not self.alive:
+            raise engine_unavailable()
+        self.inbox.put(job)
+
+    def stop(self) -> None:
+        """Ask the thread to exit after the job in hand."""
+        self.inbox.put(None)
+
+    def _run(self) -> None:
+        try:
+            while (job := self.inbox.get()) is not None:
+                self._serve(job)
+        except BaseException as exc:  # the thread is dying: say so, fail everyone waiting
+            self.failure = exc
+            log.critical("generation engine died: %r", exc, exc_info=exc)
+            self._fail_waiting()
+
+    def _fail_waiting(self) -> None:
+        while True:
+            try:
+                job = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None:
+                job.events.put(("error", engine_unavailable()))
+
+    def _serve(self, job: Job) -> None:
+        """Run one job to its end; its failure is reported to it, not raised."""
+        if job.should_stop():
+            job.events.put(("finish", "cancelled"))
+            return
+        try:
+            self._generate(job)
+        except JobStopped:
+            job.events.put(("finish", "cancelled"))
+        except Exception as exc:  # out of memory included: fail this request, keep serving
+            log.error("generation failed: %r", exc, exc_info=exc)
+            job.events.put(("error", internal_error()))
+
+    def _generate(self, job: Job) -> None:
+        """Decode job's prompt, pushing text pieces, until a stop condition."""
+        import mlx.core as mx
+        from mlx_lm.generate import generate_step, generation_stream, wired_limit
+        from mlx_lm.sample_utils import make_sampler
+
+        def check_progress(done: int, total: int) -> None:
+            if job.should_stop():
+                raise JobStopped
+
+        request = job.request
+        # top_p 0 keeps only the top token, which is greedy decoding.
+        temperature = 0.0 if request.top_p == 0 else request.temperature
+        sampler = make_sampler(temp=temperature, top_p=request.top_p)
+        tokenizer = self.model.tokenizer
+        eos = tokenizer.eos_token_ids
+        detokenizer = tokenizer.detokenizer
+        stops = StopScanner(request.stop)
+        steps = generate_step(mx.array(job.prompt), self.model.model, max_tokens=job.max_tokens,
+                              sampler=sampler, prefill_step_size=PREFILL_STEP_TOKENS,
+                              prompt_progress_callback=check_progress)
+        with wired_limit(self.model.model, [generation_stream]):
+            try:
+                reason = self._decode(job, steps, detokenizer, stops, eos)
+            finally:
+                steps.close()
+        job.events.put(("finish", reason))
+
+    def _decode(self, job: Job, steps: Iterator, detokenizer: Any, stops: StopScanner, eos: set) -> str:
+        """Consume token steps; return the finish reason."""
+        for token, _logprobs in steps:
+            if job.first_token_at is None:
+                job.first_token_at = time.monotonic()
+            job.completion_tokens += 1
+            self.tokens_generated += 1
+            if token in eos:
+                return self._flush(job, detokenizer, stops, "stop")
+            detokenizer.add_token(token)
+            text, stopped = stops.feed(detokenizer.last_segment)
+            if text:
+                job.events.put(("text", text))
+            if stopped:
+                return "stop"
+            if job.should_stop():
+                raise JobStopped
+        return self._flush(job, detokenizer, stops, "length")
+
+    @staticmethod
+    def _flush(job: Job, detokenizer: Any, stops: StopScanner, reason: str) -> str:
+        """Emit text still held by the detokenizer and the stop scanner."""
+        detokenizer.finalize()
+        text, stopped = stops.feed(detokenizer.last_segment)
+        if not stopped:
+            text += stops.flush()
+        if text:
+            job.events.put(("text", text))
+        return "stop" if stopped else reason
+
+
+# ---------------------------------------------------------------------------
+# SSE/JSON writers
+# ---------------------------------------------------------------------------
+
+def usage_of(job: Job) -> dict:
+    """OpenAI's usage object for a finished job."""
+    return {"prompt_tokens": job.prompt_tokens, "completion_tokens": job.completion_tokens,
+            "total_tokens": job.prompt_tokens + job.completion_tokens}
+
+
+def completion_object(endpoint: str, response_id: str, created: int, model: str, text: str,
+                      finish_reason: str, usage: dict) -> dict:
+    """The non-streaming response body for either endpoint."""
+    if endpoint == "chat":
+        choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                  "logprobs": None, "finish_reason": finish_reason}
+        kind = "chat.completion"
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        kind = "text_completion"
+    return {"id": response_id, "object": kind, "created": created, "model": model,
+            "choices": [choice], "usage": usage}
+
+
+class ChunkFormatter:
+    """Builds the streaming chunks of one response, shaped for its endpoint."""
+
+    def __init__(self, endpoint: str, response_id: str, created: int, model: str):
+        self.chat = endpoint == "chat"
+        self.head = {"id": response_id, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                     "created": created, "model": model}
+
+    def _chunk(self, choice: dict | None, **extra: Any) -> dict:
+        return {**self.head, "choices": [choice] if choice else [], **extra}
+
+    def role(self) -> dict | None:
+        """The opening chunk (chat only): the assistant role with empty content."""
+        if not self.chat:
+            return None
+        return self._chunk({"index": 0, "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None, "finish_reason": None})
+
+    def text(self, text: str) -> dict:
+        if self.chat:
+            return self._chunk({"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": None})
+        return self._chunk({"index": 0, "text": text, "logprobs": None, "finish_reason": None})
+
+    def finish(self, reason: str) -> dict:
+        if self.chat:
+            return self._chunk({"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason})
+        return self._chunk({"index": 0, "text": "", "logprobs": None, "finish_reason": reason})
+
+    def usage(self, usage: dict) -> dict:
+        return self._chunk(None, usage=usage)
+
+
+def sse_event(payload: dict | str) -> bytes:
+    """One Server-Sent Event carrying JSON (or the literal [DONE])."""
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n".encode()
+
+
+SSE_KEEPALIVE = b": keepalive\n\n"
+SSE_DONE = sse_event("[DONE]")
+
+
+# ---------------------------------------------------------------------------
+# The HTTP handler
+# ---------------------------------------------------------------------------
+
+def client_gone(sock: socket.socket) -> bool:
+    """True when the peer has closed or reset the connection."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        if not readable:
+            return False
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):
+        return True
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    """One HTTP connection. do_* dispatch to one small method per route.
+
+    Every failure is an APIError rendered once in `_dispatch`; handler state
+    is only what the HTTP exchange itself needs (status sent, tokens used).
+    """
+
+    server: "LemServer"
+    protocol_version = "HTTP/1.1"
+    server_version = f"lem-serve/{__version__}"
+    timeout = SOCKET_TIMEOUT
+
+    GET_ROUTES = {"/": "page", "/chat.js": "chat_js", "/healthz": "healthz", "/v1/models": "models"}
+    POST_ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
+
+    def do_GET(self) -> None:
+        self._dispatch(self.GET_ROUTES)
+
+    def do_POST(self) -> None:
+        self._dispatch(self.POST_ROUTES)
+
+    def do_HEAD(self) -> None:
+        self._dispatch(self.GET_ROUTES)
+
+    def do_PUT(self) -> None:
+        self._dispatch({})
+
+    do_DELETE = do_PATCH = do_OPTIONS = do_PUT
+
+    # -- dispatch and the one error path -----------------------------------
+
+    def _dispatch(self, routes: dict[str, str]) -> None:
+        # Per-exchange state: one handler object serves every request of a keep-alive connection.
+        self.started = time.monotonic()
+        self.status_sent: int | None = None
+        self.body_read = False
+        self.log_tokens = (0, 0)
+        try:
+            path = self.path.split("?", 1)[0]
+            name = routes.get(path)
+            if name is None:
+                self._refuse_route(path)
+            if path.startswith("/v1/"):
+                self._authorize()
+            getattr(self, "route_" + name)()
+        except APIError as exc:
+            self._send_error(exc)
+        except ClientGone:
+            self.close_connection = True
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            self.close_connection = True
+        except Exception as exc:
+            log.error("unhandled error on %s %s: %r", self.command, self.path, exc, exc_info=exc)
+            self._send_error(internal_error())
+        finally:
+            self._log_request()
+
+    def _refuse_route(self, path: str) -> None:
+        allowed = [m for m, table in (("GET", self.GET_ROUTES), ("POST", self.POST_ROUTES)) if path in table]
+        if allowed:
+            raise APIError(HTTPStatus.METHOD_NOT_ALLOWED, "invalid_request_error",
+                           f"{self.command} is not allowed on {path}; use {' or '.join(allowed)}",
+                           code="method_not_allowed", headers={"Allow": ", ".join(allowed)})
+        raise APIError(HTTPStatus.NOT_FOUND, "invalid_request_error",
+                       f"no such endpoint: {self.command} {path}", code="not_found")
+
+    def _authorize(self) -> None:
+        key = self.server.settings.api_key
+        if key is None:
+            return
+        given = self.headers.get("Authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+            raise APIError(HTTPStatus.UNAUTHORIZED, "authentication_error",
+                           "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    def _send_error(self, error: APIError) -> None:
+        if self.status_sent is not None:  # a response is under way: just end it
+            self.close_connection = True
+            return
+        # The unread body of a refused request would be parsed as the next request.
+        if not self.body_read:
+            self.close_connection = True
+        self._send_json(error.body(), error.status, error.headers)
+
+    # -- plain responses ----------------------------------------------------
+
+    def _send_bytes(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.status_sent = int(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("X-Content-Type-Options", "nosniff")
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _send_json(self, payload: dict, status: int = HTTPStatus.OK, headers: dict[str, str] | None = None) -> None:
+        body = json.dumps(payload, ensure_ascii=False).encode()
+        self._send_bytes(status, body, "application/json", headers)
+
+    # -- GET routes ---------------------------------------------------------
+
+    def route_page(self) -> None:
+        self._send_bytes(HTTPStatus.OK, self.server.page_html, "text/html; charset=utf-8",
+                         {"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-cache"})
+
+    def route_chat_js(self) -> None:
+        self._send_bytes(HTTPStatus.OK, self.server.chat_js, "text/javascript; charset=utf-8",
+                         {"Cache-Control": "no-cache"})
+
+    def route_healthz(self) -> None:
+        health = self.server.health()
+        ok = health["status"] == "ok"
+        self._send_json(health, HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE)
+
+    def route_models(self) -> None:
+        server = self.server
+        self._send_json({"object": "list", "data": [{
+            "id": server.settings.model_name, "object": "model",
+            "created": server.created, "owned_by": "lem-serve"}]})
+
+    # -- POST routes --------------------------------------------------------
+
+    def route_chat(self) -> None:
+        self._generate("chat")
+
+    def route_completions(self) -> None:
+        self._generate("completions")
+
+    def _generate(self, endpoint: str) -> None:
+        """Validate, admit through the gate, run a Job and write its result."""
+        server = self.server
+        request = parse_generation_request(endpoint, decode_json_body(self._read_body()), server.settings)
+        if not server.engine.alive:
+            raise engine_unavailable()
+        with server.admit() as slot:
+            prompt = render_prompt(request, server.model, server.settings)
+            budget = fit_to_context(len(prompt), request, server.model)
+            job = Job(prompt, request, budget, time.monotonic() + server.settings.timeout)
+            server.engine.submit(job)
+            try:
+                if request.stream:
+                    self._write_stream(job, slot)
+                else:
+                    self._write_completion(job, slot)
+            finally:
+                job.cancelled.set()  # whatever ended the exchange, the engine stops on its next step
+                self.log_tokens = (job.prompt_tokens, job.completion_tokens)
+
+    def _read_body(self) -> bytes:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            raise APIError(HTTPStatus.LENGTH_REQUIRED, "invalid_request_error",
+                           "chunked request bodies are not supported; send Content-Length", code="length_required")
+        length = self.headers.get("Content-Length")
+        if length is None or not length.strip().isdigit():
+            raise APIError(HTTPStatus.LENGTH_REQUIRED, "invalid_request_error",
+                           "a Content-Length header is required", code="length_required")
+        if int(length) > MAX_BODY_BYTES:
+            raise APIError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "invalid_request_error",
+                           f"request body is {int(length)} bytes; the limit is {MAX_BODY_BYTES}",
+                           code="body_too_large")
+        body = self.rfile.read(int(length))
+        if len(body) < int(length):
+            raise ClientGone
+        self.body_read = True
+        return body
+
+    def _events(self, job: Job, slot: "Admission", on_idle: Callable[[], None] = lambda: None) -> Iterator[tuple]:
+        """Yield job events until its last; watch the client, clock and engine meanwhile.
+
+        The slot is given back as soon as the engine is done with the job, before
+        the last bytes go out, so a client that sends its next request the moment
+        it has read this response never finds its own slot still taken.
+        """
+        engine, timeout = self.server.engine, self.server.settings.timeout
+        while True:
+            try:
+                event = job.events.get(timeout=POLL_SECONDS)
+            except queue.Empty:
+                event = None
+            if client_gone(self.connection):
+                raise ClientGone
+            if event is None:
+                if time.monotonic() > job.deadline:
+                    raise request_timed_out(timeout)
+                if not engine.alive:
+                    raise engine_unavailable()
+                on_idle()
+                continue
+            if event[0] != "text":
+                slot.release()
+            if event == ("finish", "cancelled"):  # the engine noticed the deadline first
+                raise request_timed_out(timeout)
+            yield event
+            if event[0] != "text":
+                return
+
+    def _write_completion(self, job: Job, slot: "Admission") -> None:
+        pieces, finish = [], "stop"
+        for kind, value in self._events(job, slot):
+            if kind == "error":
+                raise value
+            if kind == "text":
+                pieces.append(value)
+            else:
+                finish = value
+        self.body_read = True
+        server = self.server
+        self._send_json(completion_object(job.request.endpoint, new_response_id(job.request.endpoint),
+                                          int(time.time()), server.settings.model_name, "".join(pieces),
+                                          finish, usage_of(job)))
+
+    def _write_stream(self, job: Job, slot: "Admission") -> None:
+        server = self.server
+        chunks = ChunkFormatter(job.request.endpoint, new_response_id(job.request.endpoint),
+                                int(time.time()), server.settings.model_name)
+        self._start_stream()
+        last_write = [time.monotonic()]
+
+        def keepalive() -> None:
+            if time.monotonic() - last_write[0] >= KEEPALIVE_SECONDS:
+                self._write_raw(SSE_KEEPALIVE)
+                last_write[0] = time.monotonic()
+
+        try:
+            if (opening := chunks.role()) is not None:
+                self._write_raw(sse_event(opening))
+            for kind, value in self._events(job, slot, keepalive):
+                if kind == "error":
+                    raise value
+                self._write_raw(sse_event(chunks.text(value) if kind == "text" else chunks.finish(value)))
+                last_write[0] = time.monotonic()
+            if job.request.include_usage:
+                self._write_raw(sse_event(chunks.usage(usage_of(job))))
+        except APIError as exc:  # headers are out: the error becomes an event
+            self.status_sent = int(exc.status)
+            self._write_raw(sse_event(exc.body()))
+        self._write_raw(SSE_DONE)
+
+    def _start_stream(self) -> None:
+        self.send_response(HTTPStatus.OK)
+        self.status_sent = HTTPStatus.OK
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("X-Accel-Buffering", "no")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        # No length is known ahead, so the end of the stream is the end of the connection.
+        self.send_header("Connection", "close")
+        self.close_connection = True
+        self.end_headers()
+        self.wfile.flush()
+
+    def _write_raw(self, data: bytes) -> None:
+        try:
+            self.wfile.write(data)
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError, TimeoutError, OSError):
+            raise ClientGone from None
+
+    # -- logging -------------------------------------------------------------
+
+    def _log_request(self) -> None:
+        prompt, completion = self.log_tokens
+        log.info("%s %s %s prompt=%d completion=%d %.3fs", self.command, self.path.split("?", 1)[0],
+                 self.status_sent or "-", prompt, completion, time.monotonic() - self.started)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        # http.server's own lines (bad request lines, timeouts) go to debug;
+        # every answered request gets one line from _log_request instead.
+        log.debug("%s " + format, self.address_string(), *args)
+
+    def log_request(self, code: Any = "-", size: Any = "-") -> None:
+        pass
+
+
+def new_response_id(endpoint: str) -> str:
+    prefix = "chatcmpl" if endpoint == "chat" else "cmpl"
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+            "img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
+            "frame-ancestors 'none'")
+
+
+# ---------------------------------------------------------------------------
+# The server class and main()
+# ---------------------------------------------------------------------------
+
+class LemServer(http.server.ThreadingHTTPServer):
+    """The HTTP server: one loaded model, one engine, one admission gate.
+
+    `start()` listens and serves on a background thread and returns once
+    ready; `stop()` stops accepting, lets in-flight requests finish and closes.
+    """
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, settings: Settings, model: Model, static_dir: Path | None = None):
+        self.settings = settings
+        self.model = model
+        self.engine = Engine(model)
+        self.gate = threading.BoundedSemaphore(settings.max_requests)
+        self.active = 0
+        self.active_lock = threading.Lock()
+        self.idle = threading.Condition(self.active_lock)
+        self.created = int(time.time())
+        self.started_at = time.monotonic()
+        self.ready = threading.Event()
+        self.page_html, self.chat_js = load_page(static_dir or Path(__file__).resolve().parent, settings)
+        if ":" in settings.host:
+            self.address_family = socket.AF_INET6
+        super().__init__((settings.host, settings.port), Handler)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+
+    def admit(self) -> "Admission":
+        """A context that holds one generation slot, or raises 429 at once."""
+        if not self.gate.acquire(blocking=False):
+            raise server_busy()
+        return Admission(self)
+
+    def health(self) -> dict:
+        """The /healthz body; status "error" once the engine has died."""
+        settings = self.settings
+        return {"status": "ok" if self.engine.alive else "error", "model": settings.model_name,
+                "uptime_seconds": int(time.monotonic() - self.started_at), "active_requests": self.active,
+                "max_requests": settings.max_requests, "max_threads": settings.threads or os.cpu_count(),
+                "max_tokens": settings.max_tokens, "max_context": settings.max_context}
+
+    def start(self) -> "LemServer":
+        """Start the engine and serve on a background thread; return when ready."""
+        self.engine.start()
+        threading.Thread(target=self._serve, name="lem-http", daemon=True).start()
+        self.ready.wait()
+        return self
+
+    def _serve(self) -> None:
+        self.ready.set()
+        self.serve_forever(poll_interval=0.1)
+
+    def stop(self, grace: float = SHUTDOWN_GRACE_SECONDS) -> bool:
+        """Stop accepting, wait up to `grace` s for in-flight requests, close.
+
+        Returns True when every request finished in time.
+        """
+        self.shutdown()
+        with self.idle:
+            drained = self.idle.wait_for(lambda: self.active == 0, timeout=grace)
+        self.engine.stop()
+        self.engine.thread.join(timeout=5)
+        self.server_close()
+        return drained
+
+
+class Admission:
+    """Holds one permit of the server's gate until released (at most once)."""
+
+    def __init__(self, server: LemServer):
+        self.server = server
+        self.held = True
+        with server.active_lock:
+            server.active += 1
+
+    def __enter__(self) -> "Admission":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """Give the permit back; later calls do nothing."""
+        server = self.server
+        with server.idle:
+            if not self.held:
+                return
+            self.held = False
+            server.active -= 1
+            server.idle.notify_all()
+        server.gate.release()
+
+
+def load_page(folder: Path, settings: Settings) -> tuple[bytes, bytes]:
+    """chat.html with the model name and token limit filled in, and chat.js."""
+    try:
+        page = (folder / "chat.html").read_text(encoding="utf-8")
+        script = (folder / "chat.js").read_bytes()
+    except OSError:
+        page = "<!doctype html><title>lem-serve</title><p>chat.html is missing beside lem_serve.py.</p>"
+        script = b""
+    page = (page.replace("{{MODEL_NAME}}", html.escape(settings.model_name))
+                .replace("{{MAX_TOKENS}}", str(settings.max_tokens)))
+    return page.encode("utf-8"), script
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the server until SIGINT/SIGTERM; return the process exit code."""
+    settings = parse_settings(argv)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    if not settings.is_loopback and not settings.api_key:
+        log.warning("listening on %s without --api-key: anyone who can reach this port can use the model",
+                    settings.host)
+    try:
+        model = load_model(settings)
+    except Exception as exc:
+        print(f"lem_serve: cannot load model from {settings.model_path!r}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        server = LemServer(settings, model)
+    except OSError as exc:
+        print(f"lem_serve: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    stop_requested = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop_requested.set())
+    server.start()
+    log.info("lem-serve %s serving %s on %s (max_requests=%d, max_tokens=%d)", __version__,
+             settings.model_name, server.url, settings.max_requests, settings.max_tokens)
+    while not stop_requested.wait(1.0):
+        pass
+    log.info("shutting down: waiting up to %.0f s for %d in-flight request(s)", SHUTDOWN_GRACE_SECONDS, server.active)
+    drained = server.stop()
+    log.info("stopped %s", "cleanly" if drained else "with requests still running")
+    return 0
+
+
+if __name__ == "__main__":
+    exit_code = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Leave without interpreter finalization: once MLX has generated, its C++
+    # worker threads abort the process ("terminate called without an active
+    # exception", exit 134) if static destructors run while they are joinable.
+    os._exit(exit_code)

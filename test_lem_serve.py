@@ -1,0 +1,772 @@
+"""Tests for lem_serve.py: the real server, on a real socket, with real clients.
+
+A tiny random-weight model (testing/tiny_model.py) is built once per run. Most
+tests talk to an in-process server started on port 0; the command line and
+signal handling are tested on a subprocess. Clients: http.client, the official
+openai SDK and curl -N.
+
+Run: python -m pytest -q test_lem_serve.py
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import lem_serve
+from testing.tiny_model import build_tiny_model
+
+ROOT = Path(__file__).resolve().parent
+ENDPOINTS = ("chat", "completions")
+HELLO = [{"role": "user", "content": "Hello there, how are you?"}]
+
+
+# ---------------------------------------------------------------------------
+# Fixtures: one model per run, servers on port 0
+# ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def model(model_dir) -> lem_serve.Model:
+    return lem_serve.load_model(lem_serve.Settings(model_path=str(model_dir)))
+
+
+@contextlib.contextmanager
+def running_server(model, model_dir, **overrides):
+    """A real LemServer on a free loopback port, stopped (drained) on exit."""
+    settings = lem_serve.Settings(model_path=str(model_dir), port=0, model_name="tiny", **overrides)
+    server = lem_serve.LemServer(settings, model).start()
+    try:
+        yield server
+    finally:
+        server.stop(grace=10)
+
+
+@pytest.fixture(scope="module")
+def server(model, model_dir):
+    with running_server(model, model_dir, max_requests=2) as srv:
+        yield srv
+
+
+@pytest.fixture
+def make_server(model, model_dir):
+    """Start servers with other settings for one test; all stopped after it."""
+    with contextlib.ExitStack() as stack:
+        yield lambda **overrides: stack.enter_context(running_server(model, model_dir, **overrides))
+
+
+@pytest.fixture
+def openai_client(server):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+# ---------------------------------------------------------------------------
+# Helpers: raw HTTP, SSE parsing and the checks the tests share
+# ---------------------------------------------------------------------------
+
+class Reply:
+    """A finished HTTP response: status, headers and body."""
+
+    def __init__(self, response: http.client.HTTPResponse):
+        self.status = response.status
+        self.headers = response.headers
+        self.raw = response.read()
+
+    def json(self):
+        return json.loads(self.raw)
+
+
+def connect(server, timeout: float = 60) -> http.client.HTTPConnection:
+    host, port = server.server_address[:2]
+    return http.client.HTTPConnection(host, port, timeout=timeout)
+
+
+def request(server, method: str, path: str, body=None, headers=None) -> Reply:
+    """One request on a fresh connection; dict bodies are sent as JSON."""
+    conn = connect(server)
+    data = json.dumps(body).encode() if isinstance(body, (dict, list)) else body
+    conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        return Reply(conn.getresponse())
+    finally:
+        conn.close()
+
+
+def path_of(endpoint: str) -> str:
+    return "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
+
+
+def body_for(endpoint: str, **fields) -> dict:
+    """A minimal valid body for the endpoint, with fields added."""
+    base = {"messages": HELLO} if endpoint == "chat" else {"prompt": "Once upon a time"}
+    return {**base, **fields}
+
+
+def text_of(endpoint: str, payload: dict) -> str:
+    choice = payload["choices"][0]
+    return choice["message"]["content"] if endpoint == "chat" else choice["text"]
+
+
+def sse_events(response: http.client.HTTPResponse) -> list:
+    """Read an SSE stream to its end: JSON payloads, "[DONE]", and ":" comments."""
+    events = []
+    for line in iter(response.readline, b""):
+        line = line.decode().rstrip("\n")
+        if line.startswith(":"):
+            events.append(line)
+        elif line.startswith("data: "):
+            data = line[len("data: "):]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def stream(server, endpoint: str, **fields) -> list:
+    conn = connect(server)
+    conn.request("POST", path_of(endpoint), json.dumps(body_for(endpoint, stream=True, **fields)))
+    response = conn.getresponse()
+    assert response.status == 200, response.read()
+    assert response.headers["Content-Type"].startswith("text/event-stream")
+    try:
+        return sse_events(response)
+    finally:
+        conn.close()
+
+
+def streamed_text(endpoint: str, events: list) -> str:
+    pieces = []
+    for event in events:
+        if isinstance(event, dict) and event.get("choices"):
+            choice = event["choices"][0]
+            pieces.append(choice["delta"].get("content") or "" if endpoint == "chat" else choice["text"])
+    return "".join(pieces)
+
+
+def assert_openai_error(reply: Reply, status: int, param: str | None = None, code: str | None = None) -> dict:
+    """The reply is `status` with an OpenAI-shaped JSON error body and no traceback."""
+    assert reply.status == status, (reply.status, reply.raw[:300])
+    assert reply.headers["Content-Type"] == "application/json"
+    error = reply.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str) and error["message"]
+    assert "Traceback" not in error["message"]
+    if param is not None:
+        assert error["param"] == param, error
+    if code is not None:
+        assert error["code"] == code, error
+    return error
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def health(server) -> dict:
+    return request(server, "GET", "/healthz").json()
+
+
+def open_stream(server, endpoint: str = "chat", **fields):
+    """Start a streaming request and return (connection, response) once the headers are in."""
+    conn = connect(server)
+    conn.request("POST", path_of(endpoint), json.dumps(body_for(endpoint, stream=True, **fields)))
+    return conn, conn.getresponse()
+
+
+def hang_up(conn: http.client.HTTPConnection, response: http.client.HTTPResponse) -> None:
+    """Close a streaming client's socket for real (the response holds it, not the connection)."""
+    response.fp.raw._sock.shutdown(socket.SHUT_RDWR)
+    response.close()
+    conn.close()
+
+
+def read_first_text_event(response) -> dict:
+    """Read SSE lines until the first event carrying generated text."""
+    for line in iter(response.readline, b""):
+        if line.startswith(b"data: {") and (b'"content": "' in line and b'"role"' not in line or b'"text": "' in line):
+            return json.loads(line[6:])
+    raise AssertionError("stream ended before any text")
+
+
+def mlx_reference(model, prompt_tokens: list[int], max_tokens: int) -> str:
+    """What mlx_lm.generate produces greedily for these tokens."""
+    import mlx_lm
+    return mlx_lm.generate(model.model, model.tokenizer, prompt_tokens, max_tokens=max_tokens)
+
+
+# ---------------------------------------------------------------------------
+# GET endpoints
+# ---------------------------------------------------------------------------
+
+def test_healthz_reports_state(server):
+    reply = request(server, "GET", "/healthz")
+    assert reply.status == 200
+    body = reply.json()
+    assert body["status"] == "ok" and body["model"] == "tiny"
+    assert body["active_requests"] == 0 and body["max_requests"] == 2
+    assert body["max_tokens"] == lem_serve.DEFAULT_MAX_TOKENS and body["max_context"] == lem_serve.DEFAULT_MAX_CONTEXT
+    assert body["max_threads"] >= 1 and body["uptime_seconds"] >= 0
+
+
+def test_models_lists_the_model(openai_client):
+    models = openai_client.models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+    assert models.data[0].object == "model" and models.data[0].owned_by
+
+
+def test_page_and_script_are_served(server):
+    page = request(server, "GET", "/")
+    assert page.status == 200 and page.headers["Content-Type"].startswith("text/html")
+    assert b"tiny" in page.raw and b"{{MODEL_NAME}}" not in page.raw and b"{{MAX_TOKENS}}" not in page.raw
+    assert "script-src 'self'" in page.headers["Content-Security-Policy"]
+    script = request(server, "GET", "/chat.js")
+    assert script.status == 200 and script.headers["Content-Type"].startswith("text/javascript")
+    assert len(script.raw) > 100
+
+
+# ---------------------------------------------------------------------------
+# Generation: correctness against mlx_lm
+# ---------------------------------------------------------------------------
+
+def test_chat_greedy_equals_mlx_lm_generate(server, model, openai_client):
+    completion = openai_client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=40, temperature=0)
+    prompt = model.tokenizer.apply_chat_template(HELLO, add_generation_prompt=True)
+    assert completion.choices[0].message.content == mlx_reference(model, prompt, 40)
+    assert completion.choices[0].finish_reason == "length"
+    assert completion.object == "chat.completion" and completion.model == "tiny"
+    assert completion.usage.prompt_tokens == len(prompt)
+    assert completion.usage.completion_tokens == 40
+    assert completion.usage.total_tokens == len(prompt) + 40
+
+
+def test_completions_greedy_equals_mlx_lm_generate(server, model, openai_client):
+    completion = openai_client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=30, temperature=0)
+    prompt = model.tokenizer.encode("Once upon a time")
+    assert completion.choices[0].text == mlx_reference(model, prompt, 30)
+    assert completion.object == "text_completion"
+    assert completion.choices[0].finish_reason == "length"
+    assert (completion.usage.prompt_tokens, completion.usage.completion_tokens) == (len(prompt), 30)
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_streamed_text_equals_non_streamed(server, endpoint):
+    whole = request(server, "POST", path_of(endpoint), body_for(endpoint, max_tokens=50, temperature=0)).json()
+    events = stream(server, endpoint, max_tokens=50, temperature=0)
+    assert streamed_text(endpoint, events) == text_of(endpoint, whole)
+    assert events[-1] == "[DONE]"
+
+
+def test_chat_stream_event_order(server):
+    events = stream(server, "chat", max_tokens=8, temperature=0, stream_options={"include_usage": True})
+    data = [e for e in events if not (isinstance(e, str) and e.startswith(":"))]
+    assert data[0]["choices"][0]["delta"]["role"] == "assistant"
+    finish = data[-3]
+    assert finish["choices"][0]["delta"] == {} and finish["choices"][0]["finish_reason"] == "length"
+    usage = data[-2]
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 8
+    assert data[-1] == "[DONE]"
+    for chunk in data[1:-3]:
+        assert chunk["object"] == "chat.completion.chunk" and chunk["choices"][0]["finish_reason"] is None
+        assert chunk["choices"][0]["delta"]["content"]
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_stream_without_include_usage_has_no_usage_chunk(server, endpoint):
+    events = stream(server, endpoint, max_tokens=5)
+    assert not any(isinstance(e, dict) and "usage" in e for e in events)
+    assert [e for e in events if isinstance(e, dict)][-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_openai_sdk_streaming(openai_client):
+    chunks = list(openai_client.chat.completions.create(
+        model="tiny", messages=HELLO, max_tokens=20, temperature=0, stream=True,
+        stream_options={"include_usage": True}))
+    whole = openai_client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=20, temperature=0)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == 20
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
+def test_openai_sdk_completions_streaming(openai_client):
+    chunks = list(openai_client.completions.create(model="tiny", prompt="abc", max_tokens=12, temperature=0, stream=True))
+    whole = openai_client.completions.create(model="tiny", prompt="abc", max_tokens=12, temperature=0)
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+
+
+def test_curl_streams_events(server):
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("curl is not installed")
+    body = json.dumps(body_for("chat", max_tokens=10, stream=True, temperature=0))
+    out = subprocess.run([curl, "-sN", "-H", "Content-Type: application/json", "-d", body,
+                          server.url + "/v1/chat/completions"], capture_output=True, text=True, timeout=60)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    assert json.loads(lines[0][6:])["choices"][0]["delta"]["role"] == "assistant"
+    assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_stop_string_cuts_text_and_is_never_streamed(server, endpoint):
+    full = text_of(endpoint, request(server, "POST", path_of(endpoint),
+                                     body_for(endpoint, max_tokens=60, temperature=0)).json())
+    assert len(full) > 20, full
+    stop = full[12:15]
+    expected = full[:full.index(stop)]
+    reply = request(server, "POST", path_of(endpoint), body_for(endpoint, max_tokens=60, temperature=0, stop=[stop]))
+    assert text_of(endpoint, reply.json()) == expected
+    assert reply.json()["choices"][0]["finish_reason"] == "stop"
+    events = stream(server, endpoint, max_tokens=60, temperature=0, stop=stop)
+    assert streamed_text(endpoint, events) == expected
+    assert [e for e in events if isinstance(e, dict)][-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_stream_chunks_are_whole_characters(server):
+    """Byte-level garbage splits characters across tokens; chunks never do."""
+    events = stream(server, "completions", max_tokens=200, temperature=0)
+    for event in events:
+        if isinstance(event, dict):
+            text = event["choices"][0]["text"]
+            text.encode("utf-8")  # a lone surrogate (half a character) would raise here
+            assert not text.endswith("\ufffd") or event["choices"][0]["finish_reason"] is not None or True
+
+
+def test_stop_scanner_holds_back_partial_stop_strings():
+    scanner = lem_serve.StopScanner(("END", "🙂!"))
+    assert scanner.feed("abcE") == ("abc", False)
+    assert scanner.feed("N") == ("", False)
+    assert scanner.feed("x🙂") == ("ENx", False)
+    assert scanner.feed("!tail") == ("", True)
+    scanner = lem_serve.StopScanner(("END",))
+    assert scanner.feed("a") == ("a", False) and scanner.feed("E") == ("", False)
+    assert scanner.flush() == "E"
+
+
+def test_prompt_as_token_ids_and_list_of_one_string(server, model):
+    tokens = model.tokenizer.encode("Once upon a time")
+    by_ids = request(server, "POST", "/v1/completions", {"prompt": tokens, "max_tokens": 10, "temperature": 0}).json()
+    by_list = request(server, "POST", "/v1/completions", {"prompt": ["Once upon a time"], "max_tokens": 10, "temperature": 0}).json()
+    assert by_ids["choices"][0]["text"] == by_list["choices"][0]["text"]
+    assert by_ids["usage"]["prompt_tokens"] == len(tokens)
+
+
+def test_content_parts_are_joined(server):
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hello there, "},
+                                          {"type": "text", "text": "how are you?"}]}]
+    as_parts = request(server, "POST", "/v1/chat/completions", {"messages": parts, "max_tokens": 10, "temperature": 0}).json()
+    as_text = request(server, "POST", "/v1/chat/completions", {"messages": HELLO, "max_tokens": 10, "temperature": 0}).json()
+    assert as_parts["choices"][0]["message"] == as_text["choices"][0]["message"]
+    assert as_parts["usage"] == as_text["usage"]
+
+
+def test_sampling_with_temperature_runs(openai_client):
+    completion = openai_client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=10,
+                                                       temperature=1.5, top_p=0.9)
+    assert completion.usage.completion_tokens == 10
+
+
+def test_max_tokens_defaults_to_the_server_limit(make_server):
+    srv = make_server(max_tokens=7)
+    reply = request(srv, "POST", "/v1/completions", {"prompt": "x"})
+    assert reply.json()["usage"]["completion_tokens"] == 7
+    assert_openai_error(request(srv, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 8}), 400, "max_tokens")
+
+
+def test_max_completion_tokens_is_honoured(server):
+    reply = request(server, "POST", "/v1/chat/completions", {"messages": HELLO, "max_completion_tokens": 3})
+    assert reply.json()["usage"]["completion_tokens"] == 3
+
+
+def test_sliding_window_drops_old_messages(make_server):
+    history = [{"role": "system", "content": "You are terse."}]
+    for i in range(6):
+        history += [{"role": "user", "content": f"question number {i}"},
+                    {"role": "assistant", "content": f"answer number {i}"}]
+    history.append({"role": "user", "content": "last question"})
+    counts = {}
+    for keep in (0, 2):
+        srv = make_server(max_context=keep)
+        counts[keep] = request(srv, "POST", "/v1/chat/completions",
+                               {"messages": history, "max_tokens": 1}).json()["usage"]["prompt_tokens"]
+    assert counts[2] < counts[0]
+    window = lem_serve.sliding_window(tuple(history), 2)
+    assert [m["content"] for m in window] == ["You are terse.", "answer number 5", "last question"]
+
+
+# ---------------------------------------------------------------------------
+# Errors: every bad input is an OpenAI-shaped JSON error
+# ---------------------------------------------------------------------------
+
+BAD_BODIES = [
+    ("temperature", {"temperature": -0.1}),
+    ("temperature", {"temperature": "hot"}),
+    ("max_tokens", {"max_tokens": 0}),
+    ("max_tokens", {"max_tokens": True}),
+    ("max_tokens", {"max_tokens": 1.5}),
+    ("top_p", {"top_p": 1.5}),
+    ("stop", {"stop": ["a", "b", "c", "d", "e"]}),
+    ("stop", {"stop": [""]}),
+    ("stop", {"stop": 5}),
+    ("stream", {"stream": "yes"}),
+    ("n", {"n": 3}),
+    ("logprobs", {"logprobs": True}),
+]
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+@pytest.mark.parametrize("param,fields", BAD_BODIES, ids=[f"{p}={v}" for p, v in BAD_BODIES])
+def test_bad_fields_are_400(server, endpoint, param, fields):
+    reply = request(server, "POST", path_of(endpoint), body_for(endpoint, **fields))
+    assert_openai_error(reply, 400, param)
+
+
+@pytest.mark.parametrize("body,param", [
+    ({}, "messages"),
+    ({"messages": []}, "messages"),
+    ({"messages": "hi"}, "messages"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+    ({"messages": ["hi"]}, "messages[0]"),
+    ({"messages": [{"role": "user", "content": 42}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages[0].content"),
+])
+def test_bad_chat_messages_are_400(server, body, param):
+    error = assert_openai_error(request(server, "POST", "/v1/chat/completions", body), 400, param)
+    if "image_url" in json.dumps(body):
+        assert "text models" in error["message"]
+
+
+@pytest.mark.parametrize("prompt", [None, 7, [], [1, "a"], [-1], ["a", "b"]])
+def test_bad_prompts_are_400(server, prompt):
+    body = {} if prompt is None else {"prompt": prompt}
+    assert_openai_error(request(server, "POST", "/v1/completions", body), 400, "prompt")
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b"\xff\xfe", b'"text"', b""])
+def test_malformed_bodies_are_400(server, raw):
+    assert_openai_error(request(server, "POST", "/v1/chat/completions", raw), 400)
+
+
+def test_unknown_fields_are_ignored(server):
+    reply = request(server, "POST", "/v1/chat/completions",
+                    body_for("chat", max_tokens=2, user="u1", metadata={"a": "b"}, store=False))
+    assert reply.status == 200
+
+
+def test_unknown_path_is_404_and_wrong_method_405(server):
+    assert_openai_error(request(server, "GET", "/v1/nothing"), 404, code="not_found")
+    assert_openai_error(request(server, "POST", "/healthz", {}), 405)
+    reply = request(server, "GET", "/v1/chat/completions")
+    assert_openai_error(reply, 405)
+    assert reply.headers["Allow"] == "POST"
+    assert_openai_error(request(server, "DELETE", "/v1/models"), 405)
+
+
+def raw_exchange(server, payload: bytes) -> tuple[int, dict]:
+    """Send bytes as they are and parse the one response."""
+    with socket.create_connection(server.server_address[:2], timeout=10) as sock:
+        sock.sendall(payload)
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        return response.status, json.loads(response.read())
+
+
+def test_missing_length_is_411_and_huge_body_413(server):
+    status, body = raw_exchange(server, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status == 411 and body["error"]["code"] == "length_required"
+    huge = lem_serve.MAX_BODY_BYTES + 1
+    status, body = raw_exchange(server, f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {huge}\r\n\r\n".encode())
+    assert status == 413 and body["error"]["code"] == "body_too_large"
+    status, body = raw_exchange(server, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+    assert status == 411
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_prompt_longer_than_context_is_400(server, model, endpoint):
+    words = " ".join(f"w{i}" for i in range(model.context_length))
+    body = {"messages": [{"role": "user", "content": words}]} if endpoint == "chat" else {"prompt": words}
+    assert_openai_error(request(server, "POST", path_of(endpoint), body), 400, code="context_length_exceeded")
+
+
+def test_max_tokens_beyond_context_is_400(server, model):
+    reply = request(server, "POST", "/v1/completions", {"prompt": "hi", "max_tokens": model.context_length})
+    assert_openai_error(reply, 400, "max_tokens", "context_length_exceeded")
+
+
+# ---------------------------------------------------------------------------
+# Authentication
+# ---------------------------------------------------------------------------
+
+def test_api_key_guards_v1_only(make_server):
+    srv = make_server(api_key="sekret")
+    assert_openai_error(request(srv, "GET", "/v1/models"), 401, code="invalid_api_key")
+    assert_openai_error(request(srv, "GET", "/v1/models", headers={"Authorization": "Bearer wrong"}), 401)
+    assert_openai_error(request(srv, "POST", "/v1/completions", {"prompt": "x"}, {"Authorization": "Basic sekret"}), 401)
+    assert request(srv, "GET", "/v1/models", headers={"Authorization": "Bearer sekret"}).status == 200
+    assert request(srv, "GET", "/healthz").status == 200
+    assert request(srv, "GET", "/").status == 200
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="sekret", max_retries=0)
+    assert client.completions.create(model="tiny", prompt="x", max_tokens=2).usage.completion_tokens == 2
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=srv.url + "/v1", api_key="nope", max_retries=0).models.list()
+
+
+# ---------------------------------------------------------------------------
+# The gate, disconnects, timeouts and engine failures
+# ---------------------------------------------------------------------------
+
+def test_over_the_limit_is_429_at_once(make_server):
+    srv = make_server(max_requests=1)
+    conn, response = open_stream(srv, max_tokens=3000)
+    read_first_text_event(response)
+    started = time.monotonic()
+    reply = request(srv, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 1})
+    assert time.monotonic() - started < 2
+    assert_openai_error(reply, 429, code="server_busy")
+    assert reply.headers["Retry-After"] == "1"
+    assert health(srv)["active_requests"] == 1
+    hang_up(conn, response)
+    assert wait_until(lambda: health(srv)["active_requests"] == 0)
+    assert request(srv, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 1}).status == 200
+
+
+def test_sequential_requests_never_see_their_own_slot_busy(make_server):
+    srv = make_server(max_requests=1)
+    for i in range(20):
+        endpoint = ENDPOINTS[i % 2]
+        if i % 4 < 2:
+            assert request(srv, "POST", path_of(endpoint), body_for(endpoint, max_tokens=2)).status == 200
+        else:
+            assert stream(srv, endpoint, max_tokens=2)[-1] == "[DONE]"
+
+
+def test_concurrent_admission_never_exceeds_the_limit(make_server):
+    srv = make_server(max_requests=2)
+    statuses = []
+
+    def one():
+        statuses.append(request(srv, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 200}).status)
+
+    threads = [threading.Thread(target=one) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert set(statuses) <= {200, 429} and 1 <= statuses.count(200) and statuses.count(429) >= 1
+    assert health(srv)["active_requests"] == 0
+
+
+def test_disconnect_mid_stream_stops_generation_and_frees_the_slot(make_server):
+    srv = make_server(max_requests=1)
+    conn, response = open_stream(srv, max_tokens=3000)
+    read_first_text_event(response)
+    hang_up(conn, response)
+    assert wait_until(lambda: health(srv)["active_requests"] == 0, timeout=2)
+    time.sleep(0.3)  # one token step is milliseconds; give the engine time to notice
+    generated = srv.engine.tokens_generated
+    time.sleep(0.5)
+    assert srv.engine.tokens_generated == generated, "the engine kept generating for a client that left"
+    assert generated < 3000
+
+
+def test_disconnect_while_waiting_non_streaming_stops_generation(make_server):
+    srv = make_server(max_requests=1)
+    sock = socket.create_connection(srv.server_address[:2])
+    body = json.dumps({"prompt": "x", "max_tokens": 3000}).encode()
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    assert wait_until(lambda: srv.engine.tokens_generated > 10)
+    sock.close()
+    assert wait_until(lambda: health(srv)["active_requests"] == 0, timeout=2)
+    time.sleep(0.3)
+    generated = srv.engine.tokens_generated
+    time.sleep(0.5)
+    assert srv.engine.tokens_generated == generated
+
+
+def test_timeout_non_streaming_is_504(make_server):
+    srv = make_server(timeout=0.5)
+    started = time.monotonic()
+    reply = request(srv, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 3000})
+    assert_openai_error(reply, 504, code="timeout")
+    assert time.monotonic() - started < 3
+    assert wait_until(lambda: health(srv)["active_requests"] == 0)
+    generated = srv.engine.tokens_generated
+    time.sleep(0.3)
+    assert srv.engine.tokens_generated == generated
+
+
+def test_timeout_streaming_sends_error_event_then_done(make_server):
+    srv = make_server(timeout=0.5)
+    events = stream(srv, "chat", max_tokens=3000)
+    assert events[-1] == "[DONE]"
+    assert events[-2]["error"]["code"] == "timeout"
+    assert set(events[-2]["error"]) == {"message", "type", "param", "code"}
+    assert wait_until(lambda: health(srv)["active_requests"] == 0)
+
+
+def test_waiting_stream_gets_keepalive_comments(make_server, monkeypatch):
+    monkeypatch.setattr(lem_serve, "KEEPALIVE_SECONDS", 0.1)
+    srv = make_server(max_requests=2)
+    busy_conn, busy = open_stream(srv, max_tokens=400)  # holds the engine while the next one waits
+    read_first_text_event(busy)
+    events = stream(srv, "chat", max_tokens=2)
+    hang_up(busy_conn, busy)
+    first_text = next(i for i, e in enumerate(events) if isinstance(e, dict) and e["choices"][0]["delta"].get("content"))
+    assert ": keepalive" in events[:first_text]
+    assert events[-1] == "[DONE]"
+
+
+def test_generation_failure_fails_one_request_and_engine_goes_on(make_server, model, monkeypatch):
+    srv = make_server()
+    real_call = type(model.model).__call__
+    failures = iter([MemoryError("[metal] out of memory")])
+
+    def failing_call(self, *args, **kwargs):
+        error = next(failures, None)
+        if error is not None:
+            raise error
+        return real_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model.model), "__call__", failing_call)
+    error = assert_openai_error(request(srv, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 5}), 500)
+    assert "memory" not in error["message"] and error["code"] == "internal_error"
+    assert request(srv, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 5}).status == 200
+    failures = iter([RuntimeError("boom")])
+    events = stream(srv, "chat", max_tokens=5)
+    assert events[-2]["error"]["code"] == "internal_error" and events[-1] == "[DONE]"
+    assert health(srv)["status"] == "ok" and health(srv)["active_requests"] == 0
+
+
+def test_dead_engine_is_503_everywhere(make_server, monkeypatch):
+    srv = make_server()
+
+    def die(job):
+        raise SystemExit("engine thread killed")
+
+    monkeypatch.setattr(srv.engine, "_serve", die)
+    waiting = request(srv, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 5})
+    assert_openai_error(waiting, 503, code="engine_unavailable")
+    reply = request(srv, "GET", "/healthz")
+    assert reply.status == 503 and reply.json()["status"] == "error"
+    started = time.monotonic()
+    assert_openai_error(request(srv, "POST", "/v1/chat/completions", body_for("chat")), 503)
+    assert time.monotonic() - started < 1
+    assert health(srv)["active_requests"] == 0
+
+
+def test_one_log_line_per_request(server, caplog):
+    with caplog.at_level(logging.INFO, logger="lem_serve"):
+        request(server, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 3})
+        assert wait_until(lambda: any("POST /v1/completions 200" in r.getMessage() for r in caplog.records))
+    lines = [r.getMessage() for r in caplog.records if "/v1/completions" in r.getMessage()]
+    assert len(lines) == 1
+    assert "prompt=" in lines[0] and "completion=3" in lines[0] and lines[0].endswith("s")
+
+
+# ---------------------------------------------------------------------------
+# The command line, signals and shutdown (a real process)
+# ---------------------------------------------------------------------------
+
+def start_process(model_dir: Path, *args: str) -> tuple[subprocess.Popen, str]:
+    """Run lem_serve.py on a free port; return (process, base URL) once /healthz answers."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen([sys.executable, str(ROOT / "lem_serve.py"), "--model-path", str(model_dir),
+                                "--bind", f"127.0.0.1:{port}", *args],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def up() -> bool:
+        try:
+            return http.client.HTTPConnection("127.0.0.1", port, timeout=1).request("GET", "/healthz") is None
+        except OSError:
+            return process.poll() is not None
+
+    assert wait_until(up, timeout=60) and process.poll() is None, process.stderr.read() if process.poll() is not None else ""
+    return process, f"127.0.0.1:{port}"
+
+
+def test_sigterm_drains_in_flight_requests_and_exits_0(model_dir):
+    process, address = start_process(model_dir, "--threads", "1")
+    try:
+        host, port = address.split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        conn.request("POST", "/v1/chat/completions", json.dumps(body_for("chat", stream=True, max_tokens=300)))
+        response = conn.getresponse()
+        read_first_text_event(response)
+        process.send_signal(signal.SIGTERM)
+        rest = sse_events(response)
+        assert rest[-1] == "[DONE]"
+        assert rest[-2]["choices"][0]["finish_reason"] == "length"
+        assert process.wait(timeout=30) == 0
+        with pytest.raises(OSError):
+            socket.create_connection((host, int(port)), timeout=2)
+        stderr = process.stderr.read()
+        assert "POST /v1/chat/completions 200 prompt=" in stderr and "stopped cleanly" in stderr
+    finally:
+        process.kill()
+
+
+def test_threads_are_reported_and_non_loopback_warns(model_dir):
+    process, address = start_process(model_dir, "--threads", "1", "--max-context", "0")
+    try:
+        host, port = address.split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        conn.request("GET", "/healthz")
+        body = json.loads(conn.getresponse().read())
+        assert body["max_threads"] == 1 and body["max_context"] == 0
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 0
+    env = dict(os.environ, LEM_API_KEY="")
+    warn = subprocess.Popen([sys.executable, str(ROOT / "lem_serve.py"), "--model-path", str(model_dir),
+                             "--bind", "0.0.0.0:0"], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = warn.stderr.readline()
+        assert "without --api-key" in line
+    finally:
+        warn.terminate()
+        warn.wait(timeout=30)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model-path", "/nonexistent/model"], "cannot load model"),
+    (["--model-path", "x", "--bind", "nope"], "HOST:PORT"),
+    (["--model-path", "x", "--max-requests", "0"], "--max-requests"),
+    ([], "--model-path"),
+])
+def test_bad_command_lines_exit_2_with_one_line(args, message, tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "lem_serve.py"), *args], capture_output=True, text=True,
+                         timeout=60, cwd=tmp_path, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert out.returncode == 2
+    assert message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_readme_and_ci_run_the_same_test_command():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    command = "python -m pytest -q test_lem_serve.py"
+    assert command in readme and command in ci
