@@ -65,7 +65,9 @@ DEFAULT_MAX_TOKENS = 4096         # default and ceiling for a request's max_toke
 DEFAULT_TIMEOUT = 300             # seconds one request may take, prompt included; > 0
 DEFAULT_MAX_REQUESTS = 1          # requests admitted at once (more get 429); >= 1
 DEFAULT_MAX_CONTEXT = 4           # chat messages kept (plus a leading system message); 0 = all
+DEFAULT_PROMPT_CACHE_BYTES = 1 << 30  # KV-cache bytes kept for reuse by later prompts; 0 = off
 DEFAULT_LOG_LEVEL = "info"        # debug, info, warning or error
+PROMPT_CACHE_MAX_ENTRIES = 64     # finished requests whose KV cache is kept (the byte budget binds first)
 MAX_BODY_BYTES = 8 * 1024 * 1024  # largest request body accepted; bigger gets 413
 MAX_STOP_STRINGS = 4              # stop strings per request, as OpenAI allows
 SOCKET_TIMEOUT = 30.0             # seconds a socket read or write may stall before the connection is dropped
@@ -96,6 +98,7 @@ class Settings:
     max_context: int = DEFAULT_MAX_CONTEXT
     api_key: str | None = None
     model_name: str = ""
+    prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES
     log_level: str = DEFAULT_LOG_LEVEL
 
     @property
@@ -123,6 +126,17 @@ def _at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def parse_bytes(text: str) -> int:
+    """A byte count such as 1073741824, 512M or 2G (powers of 1024)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip().upper().removesuffix("B")
+    scale = units.get(text[-1:], 1)
+    number = text[:-1] if text[-1:] in units else text
+    if not number.isdigit():
+        raise argparse.ArgumentTypeError(f"wants a byte count such as 1073741824, 512M or 2G, got {text!r}")
+    return int(number) * scale
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
     """The command line; names and defaults are part of the contract."""
     p = argparse.ArgumentParser(prog="lem_serve.py", description=__doc__.splitlines()[0])
@@ -135,6 +149,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-context", type=_at_least(0), default=DEFAULT_MAX_CONTEXT, help="chat messages kept (sliding window), 0 = all")
     p.add_argument("--api-key", default=os.environ.get("LEM_API_KEY") or None, help="require 'Authorization: Bearer KEY' on /v1/* (default: env LEM_API_KEY)")
     p.add_argument("--model-name", default="", help="model id shown to clients (default: the model folder's name)")
+    p.add_argument("--prompt-cache-bytes", type=parse_bytes, default=DEFAULT_PROMPT_CACHE_BYTES,
+                   help="bytes of KV cache kept for prompt-prefix reuse, e.g. 512M or 2G; 0 = off (default 1G)")
     p.add_argument("--log-level", default=DEFAULT_LOG_LEVEL, choices=["debug", "info", "warning", "error"])
     return p
 
@@ -152,7 +168,7 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         model_path=args.model_path, host=host, port=port, threads=args.threads,
         max_tokens=args.max_tokens, timeout=float(args.timeout), max_requests=args.max_requests,
         max_context=args.max_context, api_key=args.api_key, model_name=model_name,
-        log_level=args.log_level,
+        prompt_cache_bytes=args.prompt_cache_bytes, log_level=args.log_level,
     )
 
 
@@ -522,6 +538,7 @@ class Job:
     events: queue.Queue = dataclasses.field(default_factory=queue.Queue)
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
     completion_tokens: int = 0
+    cached_tokens: int = 0                  # prompt tokens served from the prompt cache
     first_token_at: float | None = None
 
     @property
@@ -533,24 +550,79 @@ class Job:
         return self.cancelled.is_set() or time.monotonic() > self.deadline
 
 
-class JobStopped(Exception):
-    """Raised inside generation to abandon a job whose client left or timed out."""
+@dataclass(eq=False)
+class Sequence:
+    """The engine's private state for one job inside the running batch."""
+
+    job: Job
+    detokenizer: Any
+    stops: StopScanner
+
+
+class PromptCache:
+    """KV caches of finished requests, reused for prompts that share a prefix.
+
+    A thin layer over mlx_lm's LRUPromptCache (a token trie, least recently
+    used first out, bounded in bytes) that adds the hit/miss counters and
+    guarantees at least one prompt token is left to run through the model.
+    Only the engine thread calls it.
+    """
+
+    KEY = "model"   # LRUPromptCache keys entries by model; this server has one
+
+    def __init__(self, max_bytes: int):
+        from mlx_lm.models.cache import LRUPromptCache
+        self.lru = LRUPromptCache(max_size=PROMPT_CACHE_MAX_ENTRIES, max_bytes=max_bytes)
+        self.max_bytes = max_bytes
+        self.hits = self.misses = 0
+
+    def fetch(self, prompt: list[int]) -> tuple[list | None, int]:
+        """(a KV cache holding the longest cached prefix, its length) or (None, 0)."""
+        from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+        cache, rest = self.lru.fetch_nearest_cache(self.KEY, prompt)
+        if cache is not None and not rest:  # an exact hit: the model must still see the last token
+            if can_trim_prompt_cache(cache):
+                trim_prompt_cache(cache, 1)
+                rest = prompt[-1:]
+            else:
+                cache, rest = None, prompt
+        cached = len(prompt) - len(rest) if cache is not None else 0
+        self.hits += cached > 0
+        self.misses += cached == 0
+        return (cache if cached else None), cached
+
+    def store(self, tokens: list[int], cache: list, in_use_bytes: int) -> None:
+        """Keep `cache` (the KV of `tokens`) within the byte budget left by running requests."""
+        if not tokens or not cache:
+            return
+        self.lru.insert_cache(self.KEY, list(tokens), cache)
+        self.lru.trim_to(n_bytes=self.max_bytes - in_use_bytes)
+
+    def stats(self) -> dict:
+        return {"prompt_cache_entries": len(self.lru), "prompt_cache_bytes": self.lru.nbytes,
+                "prompt_cache_hits": self.hits, "prompt_cache_misses": self.misses}
 
 
 class Engine:
     """The one thread that runs MLX; handler threads talk to it through Jobs.
 
-    Jobs run one at a time in arrival order. An exception inside one job
-    fails that job and the engine goes on; if the thread itself dies, `alive`
-    turns false and every waiting job gets an engine_unavailable error.
+    Admitted jobs join one running batch (continuous batching with mlx_lm's
+    BatchGenerator): a job that arrives mid-generation starts at the next
+    step and a finished one leaves without stopping the others. An exception
+    inside a step fails the jobs in that batch and the engine goes on with a
+    fresh batch; if the thread itself dies, `alive` turns false and every
+    waiting job gets an engine_unavailable error.
     """
 
-    def __init__(self, model: Model):
+    def __init__(self, model: Model, max_batch: int = 1, prompt_cache_bytes: int = 0):
         self.model = model
+        self.max_batch = max_batch
+        self.prompt_cache = PromptCache(prompt_cache_bytes) if prompt_cache_bytes > 0 else None
         self.inbox: queue.Queue[Job | None] = queue.Queue()
         self.thread = threading.Thread(target=self._run, name="lem-engine", daemon=True)
         self.failure: BaseException | None = None
         self.tokens_generated = 0  # every token sampled since start, for health and tests
+        self._stats: dict = {}
 
     def start(self) -> None:
         self.thread.start()
@@ -561,8 +633,9 @@ class Engine:
 
     def stats(self) -> dict:
         """Counters for /healthz and /metrics: tokens sampled and prompt-cache use."""
-        return {"tokens_generated": self.tokens_generated, "prompt_cache_entries": 0,
-                "prompt_cache_bytes": 0, "prompt_cache_hits": 0, "prompt_cache_misses": 0}
+        cache = self._stats or {"prompt_cache_entries": 0, "prompt_cache_bytes": 0,
+                                "prompt_cache_hits": 0, "prompt_cache_misses": 0}
+        return {"tokens_generated": self.tokens_generated, **cache}
 
     def submit(self, job: Job) -> None:
         """Queue a job; raise 503 at once if the engine is dead."""
@@ -571,97 +644,148 @@ class Engine:
         self.inbox.put(job)
 
     def stop(self) -> None:
-        """Ask the thread to exit after the job in hand."""
+        """Ask the thread to exit at its next step."""
         self.inbox.put(None)
+
+    # -- the loop ---------------------------------------------------------------
 
     def _run(self) -> None:
         try:
-            while (job := self.inbox.get()) is not None:
-                self._serve(job)
+            self._loop()
         except BaseException as exc:  # the thread is dying: say so, fail everyone waiting
             self.failure = exc
             log.critical("generation engine died: %r", exc, exc_info=exc)
             self._fail_waiting()
 
-    def _fail_waiting(self) -> None:
+    def _loop(self) -> None:
+        batch, running = self._new_batch(), {}
+        while True:
+            for job in self._take_jobs(block=not running):
+                if job is None:
+                    batch.close()
+                    return
+                self._insert(batch, running, job)
+            if not running:
+                continue
+            try:
+                self._step(batch, running)
+            except Exception as exc:  # out of memory included: fail this batch, keep serving
+                log.error("generation failed: %r", exc, exc_info=exc)
+                for sequence in running.values():
+                    sequence.job.events.put(("error", internal_error()))
+                running.clear()
+                batch.close()
+                batch = self._new_batch()
+
+    def _new_batch(self) -> Any:
+        from mlx_lm.generate import BatchGenerator
+        eos = self.model.tokenizer.eos_token_ids
+        return BatchGenerator(self.model.model, stop_tokens=[[t] for t in eos],
+                              completion_batch_size=self.max_batch, prefill_batch_size=self.max_batch,
+                              prefill_step_size=PREFILL_STEP_TOKENS)
+
+    def _take_jobs(self, block: bool) -> list[Job | None]:
+        """New jobs: wait for one when idle, else take what has arrived."""
+        jobs = [self.inbox.get()] if block else []
         while True:
             try:
-                job = self.inbox.get_nowait()
+                jobs.append(self.inbox.get_nowait())
             except queue.Empty:
-                return
+                return jobs
+
+    def _fail_waiting(self) -> None:
+        for job in self._take_jobs(block=False):
             if job is not None:
                 job.events.put(("error", engine_unavailable()))
 
-    def _serve(self, job: Job) -> None:
-        """Run one job to its end; its failure is reported to it, not raised."""
+    def _insert(self, batch: Any, running: dict, job: Job) -> None:
+        """Add a job to the batch, starting from its longest cached prefix."""
         if job.should_stop():
             job.events.put(("finish", "cancelled"))
             return
+        cache, cached = self.prompt_cache.fetch(job.prompt) if self.prompt_cache else (None, 0)
+        job.cached_tokens = cached
+        self._note_cache()
         try:
-            self._generate(job)
-        except JobStopped:
-            job.events.put(("finish", "cancelled"))
-        except Exception as exc:  # out of memory included: fail this request, keep serving
-            log.error("generation failed: %r", exc, exc_info=exc)
+            (uid,) = batch.insert([job.prompt[cached:]], max_tokens=[job.max_tokens], caches=[cache],
+                                  all_tokens=[job.prompt[:cached]], samplers=[make_sampler_for(job.request)])
+        except Exception as exc:
+            log.error("could not start generation: %r", exc, exc_info=exc)
             job.events.put(("error", internal_error()))
+            return
+        running[uid] = Sequence(job, self.model.tokenizer.detokenizer, StopScanner(job.request.stop))
 
-    def _generate(self, job: Job) -> None:
-        """Decode job's prompt, pushing text pieces, until a stop condition."""
-        import mlx.core as mx
-        from mlx_lm.generate import generate_step, generation_stream, wired_limit
-        from mlx_lm.sample_utils import make_sampler
+    def _step(self, batch: Any, running: dict) -> None:
+        """One batch step: route each new token, then drop what has ended."""
+        _prompt_progress, responses = batch.next()
+        leaving = []
+        for response in responses:
+            sequence = running.get(response.uid)
+            if sequence is None:
+                continue
+            reason = self._on_token(sequence, response)
+            if reason is None:
+                continue
+            sequence.job.events.put(("finish", reason))
+            del running[response.uid]
+            if response.finish_reason is not None:  # the batch has already let it go
+                self._keep_cache(batch, response.all_tokens, response.prompt_cache)
+            else:
+                leaving.append(response.uid)
+        for uid, sequence in list(running.items()):
+            if sequence.job.should_stop():  # client gone or deadline passed, even mid-prompt
+                sequence.job.events.put(("finish", "cancelled"))
+                del running[uid]
+                leaving.append(uid)
+        if leaving:
+            for cache, tokens in batch.remove(leaving, return_prompt_caches=self.prompt_cache is not None).values():
+                self._keep_cache(batch, tokens, cache)
 
-        def check_progress(done: int, total: int) -> None:
-            if job.should_stop():
-                raise JobStopped
-
-        request = job.request
-        # top_p 0 keeps only the top token, which is greedy decoding.
-        temperature = 0.0 if request.top_p == 0 else request.temperature
-        sampler = make_sampler(temp=temperature, top_p=request.top_p)
-        tokenizer = self.model.tokenizer
-        eos = tokenizer.eos_token_ids
-        detokenizer = tokenizer.detokenizer
-        stops = StopScanner(request.stop)
-        steps = generate_step(mx.array(job.prompt), self.model.model, max_tokens=job.max_tokens,
-                              sampler=sampler, prefill_step_size=PREFILL_STEP_TOKENS,
-                              prompt_progress_callback=check_progress)
-        with wired_limit(self.model.model, [generation_stream]):
-            try:
-                reason = self._decode(job, steps, detokenizer, stops, eos)
-            finally:
-                steps.close()
-        job.events.put(("finish", reason))
-
-    def _decode(self, job: Job, steps: Iterator, detokenizer: Any, stops: StopScanner, eos: set) -> str:
-        """Consume token steps; return the finish reason."""
-        for token, _logprobs in steps:
-            if job.first_token_at is None:
-                job.first_token_at = time.monotonic()
-            job.completion_tokens += 1
-            self.tokens_generated += 1
-            if token in eos:
-                return self._flush(job, detokenizer, stops, "stop")
-            detokenizer.add_token(token)
-            text, stopped = stops.feed(detokenizer.last_segment)
-            if text:
-                job.events.put(("text", text))
-            if stopped:
-                return "stop"
-            if job.should_stop():
-                raise JobStopped
-        return self._flush(job, detokenizer, stops, "length")
-
-    @staticmethod
-    def _flush(job: Job, detokenizer: Any, stops: StopScanner, reason: str) -> str:
-        """Emit text still held by the detokenizer and the stop scanner."""
-        detokenizer.finalize()
-        text, stopped = stops.feed(detokenizer.last_segment)
-        if not stopped:
-            text += stops.flush()
+    def _on_token(self, sequence: Sequence, response: Any) -> str | None:
+        """Account for and detokenize one token; return a finish reason or None."""
+        job = sequence.job
+        if job.first_token_at is None:
+            job.first_token_at = time.monotonic()
+        job.completion_tokens += 1
+        self.tokens_generated += 1
+        if response.finish_reason == "stop":  # an end-of-sequence token: not part of the text
+            return self._flush(sequence, "stop")
+        sequence.detokenizer.add_token(response.token)
+        if response.finish_reason == "length":
+            return self._flush(sequence, "length")
+        text, stopped = sequence.stops.feed(sequence.detokenizer.last_segment)
         if text:
             job.events.put(("text", text))
+        return "stop" if stopped else None
+
+    @staticmethod
+    def _flush(sequence: Sequence, reason: str) -> str:
+        """Emit text still held by the detokenizer and the stop scanner."""
+        sequence.detokenizer.finalize()
+        text, stopped = sequence.stops.feed(sequence.detokenizer.last_segment)
+        if not stopped:
+            text += sequence.stops.flush()
+        if text:
+            sequence.job.events.put(("text", text))
         return "stop" if stopped else reason
+
+    def _keep_cache(self, batch: Any, tokens: list[int] | None, cache: list | None) -> None:
+        if self.prompt_cache is not None and tokens and cache:
+            self.prompt_cache.store(tokens, cache, batch.prompt_cache_nbytes)
+            self._note_cache()
+
+    def _note_cache(self) -> None:
+        # A snapshot other threads may read without touching the cache itself.
+        if self.prompt_cache is not None:
+            self._stats = self.prompt_cache.stats()
+
+
+def make_sampler_for(request: GenerationRequest) -> Callable:
+    """The token sampler for a request's temperature and top_p."""
+    from mlx_lm.sample_utils import make_sampler
+    # top_p 0 keeps only the most likely token, which is greedy decoding.
+    temperature = 0.0 if request.top_p == 0 else request.temperature
+    return make_sampler(temp=temperature, top_p=request.top_p)
 
 
 # ---------------------------------------------------------------------------
@@ -671,7 +795,8 @@ class Engine:
 def usage_of(job: Job) -> dict:
     """OpenAI's usage object for a finished job."""
     return {"prompt_tokens": job.prompt_tokens, "completion_tokens": job.completion_tokens,
-            "total_tokens": job.prompt_tokens + job.completion_tokens}
+            "total_tokens": job.prompt_tokens + job.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": job.cached_tokens}}
 
 
 def completion_object(endpoint: str, response_id: str, created: int, model: str, text: str,
@@ -1053,7 +1178,7 @@ class LemServer(http.server.ThreadingHTTPServer):
     def __init__(self, settings: Settings, model: Model, static_dir: Path | None = None):
         self.settings = settings
         self.model = model
-        self.engine = Engine(model)
+        self.engine = Engine(model, settings.max_requests, settings.prompt_cache_bytes)
         self.gate = threading.BoundedSemaphore(settings.max_requests)
         self.active = 0
         self.active_lock = threading.Lock()
@@ -1080,10 +1205,13 @@ class LemServer(http.server.ThreadingHTTPServer):
     def health(self) -> dict:
         """The /healthz body; status "error" once the engine has died."""
         settings = self.settings
+        engine = self.engine.stats()
         return {"status": "ok" if self.engine.alive else "error", "model": settings.model_name,
                 "uptime_seconds": int(time.monotonic() - self.started_at), "active_requests": self.active,
                 "max_requests": settings.max_requests, "max_threads": settings.threads or os.cpu_count(),
-                "max_tokens": settings.max_tokens, "max_context": settings.max_context}
+                "max_tokens": settings.max_tokens, "max_context": settings.max_context,
+                "prompt_cache": {"entries": engine["prompt_cache_entries"], "bytes": engine["prompt_cache_bytes"],
+                                 "hits": engine["prompt_cache_hits"], "misses": engine["prompt_cache_misses"]}}
 
     def start(self) -> "LemServer":
         """Start the engine and serve on a background thread; return when ready."""

@@ -516,6 +516,131 @@ def test_max_tokens_beyond_context_is_400(server, model):
 
 
 # ---------------------------------------------------------------------------
+# Continuous batching and the prompt cache
+# ---------------------------------------------------------------------------
+
+PROMPTS = ["Once upon a time", "The weather today is", "def main():", "Dear diary, yesterday"]
+
+
+def run_concurrently(*calls):
+    """Run the calls on threads at once; return their results in order."""
+    results = [None] * len(calls)
+
+    def run(i):
+        results[i] = calls[i]()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return results
+
+
+def test_batched_greedy_equals_each_request_alone(make_server, model):
+    srv = make_server(max_requests=4, prompt_cache_bytes=0)
+    replies = run_concurrently(*[
+        (lambda p=p: request(srv, "POST", "/v1/completions", {"prompt": p, "max_tokens": 40, "temperature": 0}).json())
+        for p in PROMPTS])
+    for prompt, reply in zip(PROMPTS, replies):
+        assert reply["choices"][0]["text"] == mlx_reference(model, model.tokenizer.encode(prompt), 40), prompt
+        assert reply["usage"]["completion_tokens"] == 40
+
+
+def test_request_joins_and_leaves_a_running_batch(make_server, model):
+    srv = make_server(max_requests=2, prompt_cache_bytes=0)
+    conn, long_stream = open_stream(srv, "completions", prompt=PROMPTS[0], max_tokens=400, temperature=0)
+    first = read_first_text_event(long_stream)
+    before = srv.engine.tokens_generated
+    short = request(srv, "POST", "/v1/completions", {"prompt": PROMPTS[1], "max_tokens": 20, "temperature": 0}).json()
+    assert srv.engine.tokens_generated - before < 400, "the short request waited for the long one"
+    assert short["choices"][0]["text"] == mlx_reference(model, model.tokenizer.encode(PROMPTS[1]), 20)
+    rest = sse_events(long_stream)
+    conn.close()
+    text = first["choices"][0]["text"] + streamed_text("completions", rest)
+    assert text == mlx_reference(model, model.tokenizer.encode(PROMPTS[0]), 400)
+
+
+def test_each_request_keeps_its_own_parameters_in_a_batch(make_server):
+    srv = make_server(max_requests=4, prompt_cache_bytes=0)
+    alone = request(srv, "POST", "/v1/completions", {"prompt": PROMPTS[2], "max_tokens": 60, "temperature": 0}).json()
+    stop = alone["choices"][0]["text"][20:23]
+    calls = [
+        lambda: request(srv, "POST", "/v1/completions", {"prompt": PROMPTS[2], "max_tokens": 60, "temperature": 0, "stop": stop}),
+        lambda: request(srv, "POST", "/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 7, "temperature": 0}),
+        lambda: request(srv, "POST", "/v1/completions", {"prompt": PROMPTS[1], "max_tokens": 30, "temperature": 1.2, "top_p": 0.8}),
+        lambda: stream(srv, "completions", prompt=PROMPTS[3], max_tokens=3000, temperature=0),
+    ]
+    with_stop, short, sampled, streamed = run_concurrently(*calls)
+    text = alone["choices"][0]["text"]
+    assert with_stop.json()["choices"][0]["text"] == text[:text.index(stop)]
+    assert with_stop.json()["choices"][0]["finish_reason"] == "stop"
+    assert short.json()["usage"]["completion_tokens"] == 7
+    assert sampled.json()["usage"]["completion_tokens"] == 30
+    assert streamed[-1] == "[DONE]"
+
+
+def test_one_request_timing_out_leaves_the_batch_running(make_server, model):
+    srv = make_server(max_requests=2, timeout=1, prompt_cache_bytes=0)
+    slow, fast = run_concurrently(
+        lambda: request(srv, "POST", "/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 3000}),
+        lambda: request(srv, "POST", "/v1/completions", {"prompt": PROMPTS[1], "max_tokens": 30, "temperature": 0}))
+    assert_openai_error(slow, 504, code="timeout")
+    assert fast.json()["choices"][0]["text"] == mlx_reference(model, model.tokenizer.encode(PROMPTS[1]), 30)
+    assert wait_until(lambda: health(srv)["active_requests"] == 0)
+
+
+def test_follow_up_turn_reuses_the_cached_prefix(make_server):
+    srv = make_server(max_requests=2, max_context=0)
+    history = [{"role": "system", "content": "You are a helpful assistant."},
+               {"role": "user", "content": "Tell me a story about " + " ".join(f"w{i}" for i in range(150))}]
+    first = request(srv, "POST", "/v1/chat/completions", {"messages": history, "max_tokens": 20, "temperature": 0}).json()
+    assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    history += [first["choices"][0]["message"], {"role": "user", "content": "And then?"}]
+    follow = {"messages": history, "max_tokens": 20, "temperature": 0}
+    cached = request(srv, "POST", "/v1/chat/completions", follow).json()
+    assert cached["usage"]["prompt_tokens_details"]["cached_tokens"] >= first["usage"]["prompt_tokens"] - 1
+    cold = request(make_server(max_context=0, prompt_cache_bytes=0), "POST", "/v1/chat/completions", follow).json()
+    assert cold["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert cached["choices"][0]["message"] == cold["choices"][0]["message"]
+    stats = health(srv)["prompt_cache"]
+    assert stats["hits"] >= 1 and stats["misses"] >= 1 and stats["entries"] >= 1 and stats["bytes"] > 0
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_repeated_request_is_cached_and_unchanged(make_server, endpoint):
+    srv = make_server()
+    body = body_for(endpoint, max_tokens=25, temperature=0)
+    cold = request(srv, "POST", path_of(endpoint), body).json()
+    warm = request(srv, "POST", path_of(endpoint), body).json()
+    assert warm["usage"]["prompt_tokens_details"]["cached_tokens"] == warm["usage"]["prompt_tokens"] - 1
+    assert text_of(endpoint, warm) == text_of(endpoint, cold)
+    events = stream(srv, endpoint, max_tokens=25, temperature=0)
+    assert streamed_text(endpoint, events) == text_of(endpoint, cold)
+
+
+def test_prompt_cache_off_and_bounded(make_server):
+    off = make_server(prompt_cache_bytes=0)
+    for _ in range(2):
+        reply = request(off, "POST", "/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 5}).json()
+        assert reply["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert health(off)["prompt_cache"] == {"entries": 0, "bytes": 0, "hits": 0, "misses": 0}
+    budget = 64 * 1024
+    small = make_server(prompt_cache_bytes=budget)
+    for prompt in PROMPTS:
+        request(small, "POST", "/v1/completions", {"prompt": prompt * 20, "max_tokens": 30})
+        assert health(small)["prompt_cache"]["bytes"] <= budget
+
+
+def test_prompt_cache_bytes_flag_parses_units():
+    assert lem_serve.parse_bytes("512M") == 512 << 20
+    assert lem_serve.parse_bytes("2G") == 2 << 30
+    assert lem_serve.parse_bytes("1024") == 1024
+    settings = lem_serve.parse_settings(["--model-path", "x", "--prompt-cache-bytes", "0"])
+    assert settings.prompt_cache_bytes == 0
+
+
+# ---------------------------------------------------------------------------
 # Authentication
 # ---------------------------------------------------------------------------
 
@@ -627,13 +752,13 @@ def test_timeout_streaming_sends_error_event_then_done(make_server):
     assert wait_until(lambda: health(srv)["active_requests"] == 0)
 
 
-def test_waiting_stream_gets_keepalive_comments(make_server, monkeypatch):
-    monkeypatch.setattr(lem_serve, "KEEPALIVE_SECONDS", 0.1)
-    srv = make_server(max_requests=2)
-    busy_conn, busy = open_stream(srv, max_tokens=400)  # holds the engine while the next one waits
-    read_first_text_event(busy)
-    events = stream(srv, "chat", max_tokens=2)
-    hang_up(busy_conn, busy)
+def test_long_prompt_stream_gets_keepalive_comments(make_server, model, monkeypatch):
+    # Many small prefill steps make prompt processing outlast the keepalive interval.
+    monkeypatch.setattr(lem_serve, "PREFILL_STEP_TOKENS", 32)
+    monkeypatch.setattr(lem_serve, "KEEPALIVE_SECONDS", 0.05)
+    srv = make_server()
+    words = " ".join(f"w{i}" for i in range(model.context_length // 6))  # about 3,000 tokens
+    events = stream(srv, "chat", messages=[{"role": "user", "content": words}], max_tokens=2)
     first_text = next(i for i, e in enumerate(events) if isinstance(e, dict) and e["choices"][0]["delta"].get("content"))
     assert ": keepalive" in events[:first_text]
     assert events[-1] == "[DONE]"
@@ -663,10 +788,10 @@ def test_generation_failure_fails_one_request_and_engine_goes_on(make_server, mo
 def test_dead_engine_is_503_everywhere(make_server, monkeypatch):
     srv = make_server()
 
-    def die(job):
+    def die(*args):
         raise SystemExit("engine thread killed")
 
-    monkeypatch.setattr(srv.engine, "_serve", die)
+    monkeypatch.setattr(srv.engine, "_insert", die)
     waiting = request(srv, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 5})
     assert_openai_error(waiting, 503, code="engine_unavailable")
     reply = request(srv, "GET", "/healthz")
