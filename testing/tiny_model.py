@@ -1,0 +1,500 @@
+"""Build a tiny random-weight chat model for lem-serve's tests and benchmarks.
+
+Tests and benchmarks need a real model folder that ``mlx_lm.load`` can open,
+but they must run offline, fast, and reproducibly, so nothing is downloaded.
+This module writes a Hugging-Face-style folder:
+
+* ``config.json``            a Qwen2 config (tied embeddings) with tiny sizes;
+* ``model.safetensors``      random weights from ``mlx_lm.models.qwen2.Model``;
+* ``tokenizer.json``         a byte-level BPE trained here on local text, so
+                             any Unicode (emoji, CJK, ...) round-trips exactly;
+* ``tokenizer_config.json``  a ChatML chat template in the style of Qwen2.5
+                             (with tools, tool calls and tool results) and the
+                             ``json_tools`` tool parser for mlx_lm.
+
+The model produces gibberish, but its prompts, token counts and streaming
+behave like a real chat model's.  Special tokens are made impossible to pick
+under greedy decoding (see ``_suppress_rows``), so generations always run to
+``max_tokens`` and tests don't become short or flaky.
+
+Usage::
+
+    python testing/tiny_model.py OUT_DIR                  # "tiny" preset
+    python testing/tiny_model.py OUT_DIR --preset small   # benchmark model
+    python testing/tiny_model.py OUT_DIR --verify         # build, then check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sysconfig
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+from mlx_lm.models import qwen2
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models
+from tokenizers import normalizers, pre_tokenizers, processors, trainers
+
+ENDOFTEXT = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END]
+# Like Qwen2.5, the tool-call markers are single (non-special) added tokens, so
+# mlx_lm's tool_call_start_tokens / tool_call_end_tokens are one id each.
+TOOL_TOKENS = ["<tool_call>", "</tool_call>"]
+
+# Sizes used by the CLI's --preset option.  "tiny" equals the function defaults.
+PRESETS = {
+    "tiny": dict(
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=128,
+        vocab_size=512,
+    ),
+    "small": dict(
+        hidden_size=512,
+        num_layers=8,
+        num_heads=8,
+        num_kv_heads=4,
+        intermediate_size=1408,
+        vocab_size=4096,
+    ),
+}
+
+# Qwen2's pre-tokenizer split (as in transformers' Qwen2Tokenizer).
+QWEN2_SPLIT_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# Standard-library modules present on every CPython install; read in this
+# fixed order so tokenizer training sees the same text on every build.
+STDLIB_FILES = [
+    "argparse.py",
+    "dataclasses.py",
+    "difflib.py",
+    "functools.py",
+    "heapq.py",
+    "json/decoder.py",
+    "json/encoder.py",
+    "string.py",
+    "textwrap.py",
+]
+
+# A fixed English (plus a little multilingual) corpus, so the tokenizer
+# learns prose merges as well as code merges, and training works even on an
+# install whose standard library ships without .py sources.
+BUILTIN_TEXT = """\
+The quick brown fox jumps over the lazy dog. A server answers requests from
+clients over HTTP, streams tokens as they are generated, and reports how many
+tokens the prompt and the completion used. Good tests are small, fast and
+repeatable: they build what they need, run it, and check the result.
+You are a helpful assistant. The user asks a question and the assistant
+answers it politely, clearly and briefly. What is the weather like today?
+It is sunny and warm, with a light breeze from the west. Please summarise the
+following text in one sentence. Translate this paragraph into French.
+Once upon a time there was a little model that could only speak nonsense, yet
+it spoke that nonsense quickly, in order, and always stopped when asked.
+Numbers matter too: 0 1 2 3 4 5 6 7 8 9 10 42 100 2024 3.14159 -1 1e-6.
+{"name": "get_weather", "arguments": {"location": "Paris", "unit": "celsius"}}
+Bonjour, ça va? Très bien, merci. Grüße aus München. ¿Dónde está la estación?
+你好，世界。今天天气很好。こんにちは。안녕하세요. Привет, мир! 🌍🚀✨👍
+"""
+
+
+def _training_corpus() -> list[str]:
+    """Return the deterministic list of texts the tokenizer is trained on."""
+    texts = [BUILTIN_TEXT] * 4  # weight the prose against the larger code
+    stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    for name in STDLIB_FILES:
+        path = stdlib / name
+        if path.is_file():
+            texts.append(path.read_text(encoding="utf-8"))
+    return texts
+
+
+def build_tokenizer(vocab_size: int) -> Tokenizer:
+    """Train a byte-level BPE with exactly ``vocab_size`` ids.
+
+    Ordinary tokens take ids ``0 .. vocab_size - 6``; the special and tool
+    tokens are appended after them, at the end of the vocabulary, as in Qwen.
+    """
+    added = SPECIAL_TOKENS + TOOL_TOKENS
+    tok = Tokenizer(models.BPE())
+    # transformers (5.x) always loads model_type "qwen2" as Qwen2Tokenizer,
+    # which rebuilds the pipeline from vocab + merges with NFC and Qwen's
+    # split regex, ignoring tokenizer.json's.  Train with that same pipeline
+    # so tokenizer.json and the tokenizer mlx_lm actually uses agree.
+    # (NFC means exact round-trips hold for NFC text, as with real Qwen.)
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(
+                Regex(QWEN2_SPLIT_REGEX), behavior="isolated", invert=False
+            ),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - len(added),
+        # All 256 byte symbols, so any Unicode text encodes (no unknowns).
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_training_corpus(), trainer=trainer)
+    tok.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS]
+    )
+    tok.add_tokens(
+        [AddedToken(t, special=False, normalized=False) for t in TOOL_TOKENS]
+    )
+    if tok.get_vocab_size() != vocab_size:
+        raise RuntimeError(
+            f"tokenizer has {tok.get_vocab_size()} ids, wanted {vocab_size}: "
+            "the training corpus is too small for this vocab_size"
+        )
+    return tok
+
+
+# ChatML in the style of Qwen2.5's template.  Differences from Qwen2.5:
+# a neutral default system prompt, ``content: null`` renders as empty, and
+# tool-call ``arguments`` given as a JSON string (the OpenAI wire format) are
+# written as-is instead of being JSON-encoded a second time.
+CHAT_TEMPLATE = r"""{%- macro content_text(message) -%}
+    {%- if message.content is string -%}{{- message.content -}}
+    {%- elif message.content -%}
+        {%- for part in message.content -%}
+            {%- if part.text is defined -%}{{- part.text -}}{%- endif -%}
+        {%- endfor -%}
+    {%- endif -%}
+{%- endmacro -%}
+{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0].role == 'system' %}
+        {{- content_text(messages[0]) }}
+    {%- else %}
+        {{- 'You are a helpful assistant.' }}
+    {%- endif %}
+    {{- "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+{%- else %}
+    {%- if messages[0].role == 'system' %}
+        {{- '<|im_start|>system\n' + content_text(messages[0]) + '<|im_end|>\n' }}
+    {%- else %}
+        {{- '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- if (message.role == 'user') or (message.role == 'system' and not loop.first) or (message.role == 'assistant' and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\n' + content_text(message) + '<|im_end|>\n' }}
+    {%- elif message.role == 'assistant' %}
+        {{- '<|im_start|>' + message.role }}
+        {%- if message.content %}
+            {{- '\n' + content_text(message) }}
+        {%- endif %}
+        {%- for tool_call in message.tool_calls %}
+            {%- if tool_call.function is defined %}
+                {%- set tool_call = tool_call.function %}
+            {%- endif %}
+            {{- '\n<tool_call>\n{"name": "' }}
+            {{- tool_call.name }}
+            {{- '", "arguments": ' }}
+            {%- if tool_call.arguments is string %}
+                {{- tool_call.arguments }}
+            {%- else %}
+                {{- tool_call.arguments | tojson }}
+            {%- endif %}
+            {{- '}\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == 'tool' %}
+        {%- if loop.first or (messages[loop.index0 - 1].role != 'tool') %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' }}
+        {{- content_text(message) }}
+        {{- '\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != 'tool') %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}
+"""
+
+
+def _tokenizer_config(max_length: int) -> dict:
+    """Return tokenizer_config.json's contents."""
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": None,
+        "eos_token": IM_END,
+        "pad_token": ENDOFTEXT,
+        "unk_token": None,
+        "add_bos_token": False,
+        "add_prefix_space": False,
+        # HF's clean-up rewrites " ." to "." etc. and breaks exact round-trips.
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": max_length,
+        "chat_template": CHAT_TEMPLATE,
+        # mlx_lm.tokenizer_utils.load reads this key and imports
+        # mlx_lm.tool_parsers.json_tools: <tool_call>{json}</tool_call>.
+        # (It would also infer it from the template, which names both
+        # "<tool_call>" and "tool_call.name"; being explicit is sturdier.)
+        "tool_parser_type": "json_tools",
+    }
+
+
+def _model_config(args: qwen2.ModelArgs, eos_ids: list[int], pad_id: int) -> dict:
+    """Return config.json's contents."""
+    return {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": args.model_type,
+        "hidden_size": args.hidden_size,
+        "num_hidden_layers": args.num_hidden_layers,
+        "num_attention_heads": args.num_attention_heads,
+        "num_key_value_heads": args.num_key_value_heads,
+        "intermediate_size": args.intermediate_size,
+        "vocab_size": args.vocab_size,
+        "max_position_embeddings": args.max_position_embeddings,
+        "rms_norm_eps": args.rms_norm_eps,
+        "rope_theta": args.rope_theta,
+        "tie_word_embeddings": args.tie_word_embeddings,
+        "hidden_act": "silu",
+        "torch_dtype": "float32",
+        # <|im_end|> ends a chat turn, <|endoftext|> a document; mlx_lm
+        # passes this list on as the tokenizer's eos_token_ids.
+        "eos_token_id": eos_ids,
+        "bos_token_id": pad_id,
+    }
+
+
+# Target standard deviation of the logits (see _suppress_rows).
+LOGIT_STD = 4.0
+# Gain on each MLP's output projection (see _amplify_mlps).
+MLP_GAIN = 20.0
+
+
+def _amplify_mlps(model: qwen2.Model) -> None:
+    """Make greedy output varied gibberish instead of one repeated token.
+
+    At random init the residual stream is dominated by the current token's
+    own (tied) embedding and by near-constant attention averages, so greedy
+    decoding locks onto a single token ("\n\n\n...").  Scaling up the MLP
+    branch makes the next token a random nonlinear function of the context:
+    measured on both presets, 200 greedy tokens then hold ~100-190 distinct
+    ids.  (Scaling the attention branch instead makes it worse.)
+    """
+    for layer in model.model.layers:
+        layer.mlp.down_proj.weight = layer.mlp.down_proj.weight * MLP_GAIN
+
+
+def _suppress_rows(model: qwen2.Model, rows: list[int], n_ordinary: int) -> None:
+    """Make the tokens in ``rows`` (special/tool ids) never win greedy decoding.
+
+    The embedding is tied, so a token's logit is ``h . E[t]`` where ``h`` is
+    the final-normed hidden state.  Zeroing ``E[t]`` would give logit 0, which
+    can still be the maximum, and without an lm_head bias there is no offset
+    to push it down.  Instead each suppressed row becomes a *convex
+    combination* (positive weights summing to 1) of the ordinary rows:
+
+        logit_t = sum_j w_j * logit_j  <=  max_j logit_j
+
+    for every possible ``h``, with equality only if all ordinary logits tie.
+    So greedy decoding can never choose them, whatever the prompt; the
+    weights are random so the rows still differ as input embeddings.
+
+    For sampling, the final norm weight is set so logits have a standard
+    deviation of about ``LOGIT_STD``: a suppressed logit sits near the mean,
+    many nats below the top logits, so at temperature ~1 it is very rarely
+    sampled either.
+    """
+    emb = model.model.embed_tokens.weight
+    ordinary = emb[:n_ordinary]
+    weights = mx.softmax(2.0 * mx.random.normal((len(rows), n_ordinary)), axis=-1)
+    emb[mx.array(rows)] = weights @ ordinary
+    # With RMS-normed h (|h|^2 ~ hidden) and rows of std 1/sqrt(hidden),
+    # logit std ~ norm weight; scale it to the target.
+    model.model.norm.weight = mx.full(model.model.norm.weight.shape, LOGIT_STD)
+    model.model.embed_tokens.weight = emb
+
+
+def build_tiny_model(
+    out_dir,
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 128,
+    vocab_size: int = 512,
+    max_position_embeddings: int = 4096,
+    seed: int = 0,
+) -> pathlib.Path:
+    """Write a random-weight Qwen2 chat model to ``out_dir`` and return its path.
+
+    The same arguments always give byte-identical files.
+    """
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    tok = build_tokenizer(vocab_size)
+    tok.save(str(out / "tokenizer.json"))
+    special_ids = [tok.token_to_id(t) for t in SPECIAL_TOKENS + TOOL_TOKENS]
+    n_ordinary = min(special_ids)
+
+    args = qwen2.ModelArgs(
+        model_type="qwen2",
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        intermediate_size=intermediate_size,
+        num_attention_heads=num_heads,
+        rms_norm_eps=1e-6,
+        vocab_size=vocab_size,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings,
+        rope_theta=10000,
+        tie_word_embeddings=True,
+    )
+    mx.random.seed(seed)
+    model = qwen2.Model(args)
+    _amplify_mlps(model)
+    _suppress_rows(model, special_ids, n_ordinary)
+    # Keys are already the HF names mlx_lm expects ("model.layers.0...."),
+    # and tied embeddings mean there is no lm_head.weight to write.
+    weights = dict(tree_flatten(model.parameters()))
+    mx.save_safetensors(
+        str(out / "model.safetensors"), weights, metadata={"format": "mlx"}
+    )
+
+    eos_ids = [tok.token_to_id(IM_END), tok.token_to_id(ENDOFTEXT)]
+    config = _model_config(args, eos_ids, tok.token_to_id(ENDOFTEXT))
+    _write_json(out / "config.json", config)
+    _write_json(
+        out / "tokenizer_config.json", _tokenizer_config(max_position_embeddings)
+    )
+    return out
+
+
+def _write_json(path: pathlib.Path, data: dict) -> None:
+    """Write ``data`` as stable, human-readable JSON."""
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", "utf-8")
+
+
+def verify_tiny_model(path, max_tokens: int = 200) -> None:
+    """Load the model with mlx_lm and check what tests rely on; raise if not."""
+    import mlx_lm
+
+    model, tokenizer = mlx_lm.load(str(path))
+    text = "héllo 🌍 世界 code(){}\n\t 123"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert tokenizer.decode(ids) == text, "round trip is not exact"
+    assert tokenizer.has_tool_calling, "mlx_lm found no tool parser"
+
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Weather for a city",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"city": {"type": "string"}},
+                },
+            },
+        }
+    ]
+    chats = [
+        [{"role": "user", "content": "hi"}],
+        [
+            {"role": "system", "content": "Be terse."},
+            {"role": "user", "content": "Write a poem about the sea, 🌊."},
+        ],
+        [
+            {"role": "user", "content": "Weather in Paris?"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {
+                            "name": "get_weather",
+                            "arguments": '{"city": "Paris"}',
+                        },
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21C"},
+        ],
+    ]
+    suppressed = set(tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS + TOOL_TOKENS))
+    for i, messages in enumerate(chats):
+        prompt = tokenizer.apply_chat_template(
+            messages, tools=tools if i == 2 else None, add_generation_prompt=True
+        )
+        out_ids = []
+        for response in mlx_lm.stream_generate(
+            model, tokenizer, prompt, max_tokens=max_tokens
+        ):
+            out_ids.append(response.token)
+        assert len(out_ids) == max_tokens, f"stopped early after {len(out_ids)}"
+        assert not suppressed & set(out_ids), "generated a special token"
+        assert len(set(out_ids)) > 10, "output collapsed to a few tokens"
+    print("ok:", pathlib.Path(path))
+
+
+def main(argv=None) -> None:
+    """Command-line entry point: build (and optionally verify) a model."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--hidden-size", type=int)
+    parser.add_argument("--layers", type=int)
+    parser.add_argument("--heads", type=int)
+    parser.add_argument("--kv-heads", type=int)
+    parser.add_argument("--intermediate-size", type=int)
+    parser.add_argument("--vocab-size", type=int)
+    parser.add_argument("--max-position-embeddings", type=int, default=4096)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--verify", action="store_true", help="load it with mlx_lm and check it"
+    )
+    a = parser.parse_args(argv)
+
+    sizes = dict(PRESETS[a.preset])
+    overrides = {
+        "hidden_size": a.hidden_size,
+        "num_layers": a.layers,
+        "num_heads": a.heads,
+        "num_kv_heads": a.kv_heads,
+        "intermediate_size": a.intermediate_size,
+        "vocab_size": a.vocab_size,
+    }
+    sizes.update({k: v for k, v in overrides.items() if v is not None})
+    path = build_tiny_model(
+        a.out_dir,
+        max_position_embeddings=a.max_position_embeddings,
+        seed=a.seed,
+        **sizes,
+    )
+    if a.verify:
+        verify_tiny_model(path)
+    print(path)
+
+
+if __name__ == "__main__":
+    main()
