@@ -15,6 +15,7 @@ import http.client
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +32,11 @@ import pytest
 import lem_serve
 from testing.gguf_fixtures import (HEAD_DIM, HEADS, KV_HEADS, MIXED_TEXTS, g2m, reference_smollm_ids,
                                     run_cli, tiny_llama)
+from testing.page_driver import CHROMIUM, CHROMIUM_ARGS, PHONE, REPLY_TIMEOUT_MS, Chat, luminance
 from testing.tiny_model import build_tiny_model
 
 ROOT = Path(__file__).resolve().parent
+ARTIFACTS = ROOT / "artifacts"  # screenshots from the browser tests (not committed)
 ENDPOINTS = ("chat", "completions")
 HELLO = [{"role": "user", "content": "Hello there, how are you?"}]
 
@@ -1016,6 +1020,446 @@ def test_smollm2_streamed_text_equals_non_streamed(smollm2_server):
     events = stream(smollm2_server, "chat", messages=FRANCE, max_tokens=40, temperature=0)
     assert streamed_text("chat", events) == whole["choices"][0]["message"]["content"]
     assert [e for e in events if isinstance(e, dict)][-1]["choices"][0]["finish_reason"] == "stop"
+
+
+# ---------------------------------------------------------------------------
+# The chat page in a real browser (Playwright driving Debian's Chromium)
+# ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def browser():
+    """Chromium through Playwright; missing in CI is a failure, elsewhere a skip."""
+    reason = None
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        reason = "the playwright Python package is not installed (pip install -r requirements-dev.txt)"
+    if reason is None and not os.path.exists(CHROMIUM):
+        reason = f"{CHROMIUM} is missing (apt-get install chromium)"
+    if reason:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"browser tests cannot run in CI: {reason}")
+        pytest.skip(reason)
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture(scope="module")
+def base_url(model, model_dir):
+    """The page's server: one slot, as users run it by default."""
+    with running_server(model, model_dir, max_requests=1) as srv:
+        yield srv.url
+
+
+def health_at(base: str) -> dict:
+    """GET /healthz of the server at a base URL such as http://127.0.0.1:PORT."""
+    with urllib.request.urlopen(base + "/healthz", timeout=5) as response:
+        return json.loads(response.read())
+
+
+def wait_idle(base: str, seconds: float = 10.0) -> float:
+    """Wait until the server at `base` reports no active request; return the seconds it took."""
+    started = time.monotonic()
+    assert wait_until(lambda: health_at(base)["active_requests"] == 0, timeout=seconds), f"{base} still busy"
+    return time.monotonic() - started
+
+
+@pytest.fixture
+def chat(browser, base_url):
+    c = Chat(browser, base_url)
+    yield c
+    c.close()
+    wait_idle(base_url)  # leave the single slot free for the next test
+
+
+def test_page_is_served_self_contained(base_url):
+    """GET / fills in the placeholders and sets a strict CSP; nothing comes from outside."""
+    health = health_at(base_url)
+    with urllib.request.urlopen(base_url + "/") as res:
+        html = res.read().decode()
+        assert res.headers["Content-Type"].startswith("text/html")
+        csp = res.headers["Content-Security-Policy"]
+    assert "script-src 'self'" in csp and "connect-src 'self'" in csp
+    assert "{{" not in html
+    assert re.search(r'<meta name="lem-model" content="([^"]*)">', html).group(1) == health["model"]
+    assert re.search(r'<meta name="lem-max-tokens" content="(\d+)">', html).group(1) == str(health["max_tokens"])
+    with urllib.request.urlopen(base_url + "/chat.js") as res:
+        assert "javascript" in res.headers["Content-Type"]
+        script = res.read().decode()
+    assert script == (ROOT / "chat.js").read_text()
+    # Works offline and under the CSP: one same-origin script, no inline handlers, no remote URLs.
+    assert re.findall(r"<script\b[^>]*>", html) == ['<script src="/chat.js" defer>']
+    assert not re.search(r"\son[a-z]+\s*=", html)
+    for text in (html, script):
+        assert not re.search(r"(?:https?:)?//[a-z0-9.-]+\.[a-z]{2,}/", text, re.I)
+        assert "@import" not in text
+    # Text reaches the DOM only through textContent / text nodes.
+    for unsafe in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function"):
+        assert unsafe not in script
+
+
+def test_reply_streams_token_by_token_with_stats(chat):
+    page = chat.page
+    health = health_at(chat.base)
+    assert page.locator("#model-name").inner_text() == health["model"]
+    assert page.locator("#health .health-text").text_content().startswith("Ready")
+    assert page.evaluate("document.activeElement.id") == "prompt"
+
+    # Shift+Enter makes a newline and sends nothing.
+    page.locator("#prompt").press_sequentially("line one")
+    page.keyboard.press("Shift+Enter")
+    page.keyboard.type("line two")
+    assert page.locator("#prompt").input_value() == "line one\nline two"
+    assert page.locator("article.msg").count() == 0
+
+    assert chat.set_max_tokens(800) == "800"
+    # Record every text length the reply shows while it streams.
+    page.evaluate("""() => {
+        window.__lengths = [];
+        new MutationObserver(() => {
+            const r = document.querySelector("article.assistant[data-state='streaming'] .msg-body");
+            if (r) window.__lengths.push(r.textContent.length);
+        }).observe(document.getElementById("thread"), {subtree: true, childList: true, characterData: true});
+    }""")
+    page.locator("#prompt").focus()
+    page.keyboard.press("Enter")
+    page.locator("article.assistant[data-state='streaming']").wait_for()
+    assert page.locator("#stop").is_visible() and not page.locator("#send").is_visible()
+    reply = chat.wait_reply("done")
+
+    assert page.locator("article.user .msg-body").inner_text() == "line one\nline two"
+    lengths = sorted(set(page.evaluate("window.__lengths")) - {0})
+    assert len(lengths) >= 3, f"reply did not stream in pieces: {lengths}"
+    assert int(reply.get_attribute("data-chunks")) > 1
+    stats = reply.locator(".msg-stats").inner_text()
+    assert re.fullmatch(r"800 tokens · [\d.]+ tok/s · prompt \d+", stats), stats
+    assert page.locator("#send").is_visible() and page.locator("#prompt").input_value() == ""
+    chat.check_clean()
+
+
+def test_stop_aborts_generation_and_frees_the_slot(chat):
+    page = chat.page
+    limit = health_at(chat.base)["max_tokens"]
+    # The field is capped at the server's limit, and the cap is persisted.
+    assert chat.set_max_tokens(limit * 10) == str(limit)
+    assert f"Max {limit} tokens" in page.locator("#settings-summary").inner_text()
+    assert page.evaluate("JSON.parse(localStorage.getItem('lem-chat.settings.v1')).maxTokens") == limit
+
+    # Long enough to be still running when Stop is pressed (the tiny model's context is only 4096).
+    assert chat.set_max_tokens(2000) == "2000"
+    chat.send("Tell me a very long story")
+    page.wait_for_function(
+        "() => (document.querySelector(\"article.assistant[data-state='streaming']\")?.dataset.chunks | 0) >= 5")
+    assert health_at(chat.base)["active_requests"] == 1
+    page.click("#stop")
+    reply = chat.wait_reply("stopped")
+    assert reply.locator(".msg-note").inner_text() == "Stopped"
+    assert re.match(r"~\d+ tokens", reply.locator(".msg-stats").inner_text())
+    assert int(reply.get_attribute("data-chunks")) < limit
+    assert reply.locator(".msg-error").count() == 0
+    assert wait_idle(chat.base) < 5
+
+    # The slot is free: the next message streams normally (no 429).
+    assert chat.set_max_tokens(12) == "12"
+    chat.send("And a short one")
+    reply = chat.wait_reply("done")
+    assert reply.locator(".msg-error").count() == 0
+    assert reply.locator(".msg-stats").inner_text().startswith("12 tokens")
+    chat.check_clean()
+
+
+def test_autoscroll_follows_until_the_user_scrolls_up(chat):
+    page = chat.page
+    page.set_viewport_size(PHONE)
+    assert chat.set_max_tokens(3500) == "3500"
+    chat.send("Fill the screen")
+    gap = "() => { const t = document.getElementById('transcript'); return t.scrollHeight - t.scrollTop - t.clientHeight; }"
+    page.wait_for_function("() => { const t = document.getElementById('transcript');"
+                           " return t.scrollHeight > t.clientHeight + 800; }", timeout=REPLY_TIMEOUT_MS)
+    assert page.evaluate(gap) < 50  # following the reply
+    page.mouse.move(180, 300)
+    page.mouse.wheel(0, -600)
+    page.wait_for_timeout(400)
+    top = page.evaluate("document.getElementById('transcript').scrollTop")
+    page.wait_for_function("(n) => (document.querySelector(\"article.assistant\")?.dataset.chunks | 0) > n",
+                           arg=int(page.locator("article.assistant").get_attribute("data-chunks")) + 20)
+    assert page.locator("article.assistant[data-state='streaming']").count() == 1, "reply ended too soon"
+    assert page.evaluate("document.getElementById('transcript').scrollTop") == top  # not pulled back down
+    assert page.evaluate(gap) > 200
+    page.click("#jump-latest")
+    page.wait_for_timeout(300)
+    assert page.evaluate(gap) < 50
+    assert page.locator("#jump-latest").is_hidden()
+    if page.locator("article.assistant[data-state='streaming']").count():  # a fast machine may have finished
+        page.click("#stop")
+        chat.wait_reply("stopped")
+    chat.check_clean()
+
+
+def test_html_in_a_message_renders_as_text(chat):
+    page = chat.page
+    payload = '<img src=x onerror="window.__xss=1"> <script>window.__xss=2</script> <b>not bold</b>'
+    chat.send(payload)
+    chat.wait_reply("done")
+    assert page.locator("article.user .msg-body").inner_text() == payload
+    assert page.locator("#thread img, #thread script, #thread b").count() == 0
+    assert page.evaluate("window.__xss") is None
+    chat.check_clean()
+
+
+MARKDOWN_SAMPLE = """<think>Plan: answer <b>briefly</b>.</think>
+Hello **bold** and *italic*, `x < y` and <img src=x onerror=alert(1)>.
+
+- one
+- two with [a link](https://example.org/) and [bad](javascript:alert`1`)
+  1. nested
+
+```python
+print("<script>alert(1)</script>")
+```
+
+| a | b |
+|---|--:|
+| 1 | <i>2</i> |
+"""
+
+
+def test_markdown_renderer_builds_safe_dom(chat):
+    page = chat.page
+    result = page.evaluate("""(text) => {
+        const root = document.createElement("div");
+        root.append(window.lemChat.renderMarkdown(text));
+        document.body.append(root);  // live in the document: any onerror would fire now
+        const q = (s) => [...root.querySelectorAll(s)];
+        const out = {
+            html_elements: q("img, script, b, i, iframe").length,
+            attributes_on: q("*").flatMap((el) => [...el.attributes].map((a) => a.name)).filter((n) => n.startsWith("on")),
+            think: q("details.think").map((d) => ({open: d.open, summary: d.querySelector("summary").textContent,
+                                                   text: d.querySelector(".think-body").textContent})),
+            strong: q(":scope > p strong").map((e) => e.textContent),
+            em: q(":scope > p em").map((e) => e.textContent),
+            inline_code: q(":scope > p code").map((e) => e.textContent),
+            first_p: root.querySelector(":scope > p").textContent,
+            items: q("ul > li").length,
+            nested: q("ul > li ol > li").map((e) => e.textContent),
+            list_text: root.querySelector("ul").textContent,
+            links: q("a").map((a) => [a.textContent, a.getAttribute("href"), a.rel]),
+            code: q(".code-block").map((b) => ({lang: b.querySelector(".code-lang").textContent,
+                                                text: b.querySelector("pre > code").textContent,
+                                                copy: b.querySelector("button").textContent})),
+            cells: q("td").map((td) => [td.textContent, td.style.textAlign]),
+            unclosed: (() => { const f = document.createElement("div");
+                               f.append(window.lemChat.renderMarkdown("<think>still going"));
+                               return f.querySelector("details").dataset.thinking; })(),
+            orphan_close: (() => { const f = document.createElement("div");
+                                   f.append(window.lemChat.renderMarkdown("hidden plan</think>Answer"));
+                                   return [f.querySelector("details .think-body").textContent, f.querySelector(":scope > p").textContent]; })(),
+        };
+        root.remove();
+        return out;
+    }""", MARKDOWN_SAMPLE)
+    assert result["html_elements"] == 0 and result["attributes_on"] == []
+    assert result["think"] == [{"open": False, "summary": "Reasoning", "text": "Plan: answer <b>briefly</b>."}]
+    assert result["strong"] == ["bold"] and result["em"] == ["italic"]
+    assert result["inline_code"] == ["x < y"]
+    assert result["first_p"] == "Hello bold and italic, x < y and <img src=x onerror=alert(1)>."
+    assert result["items"] == 2 and result["nested"] == ["nested"]
+    assert "[bad](javascript:alert`1`)" in result["list_text"]
+    assert result["links"] == [["a link", "https://example.org/", "noopener noreferrer nofollow"]]
+    assert result["code"] == [{"lang": "python", "text": 'print("<script>alert(1)</script>")', "copy": "Copy"}]
+    assert result["cells"] == [["1", ""], ["<i>2</i>", "right"]]
+    assert result["unclosed"] == "true"
+    assert result["orphan_close"] == ["hidden plan", "Answer"]
+    page.wait_for_timeout(100)
+    chat.check_clean()
+
+
+def test_conversations_survive_reload_and_new_chat(chat):
+    page = chat.page
+    chat.send("First conversation")
+    first_reply = chat.wait_reply("done").locator(".msg-body").inner_text()
+
+    page.reload()
+    page.wait_for_selector("#health[data-state='ok']")
+    assert page.locator("article.user .msg-body").inner_text() == "First conversation"
+    assert chat.reply().locator(".msg-body").inner_text() == first_reply
+    assert page.locator("#conv-list .conv-title").all_inner_texts() == ["First conversation"]
+
+    page.click("#new-chat")
+    assert page.locator("#empty-state").is_visible()
+    assert page.evaluate("document.activeElement.id") == "prompt"
+    chat.send("Second conversation")
+    chat.wait_reply("done")
+    assert page.locator("#conv-list .conv-title").all_inner_texts() == ["Second conversation", "First conversation"]
+
+    page.reload()
+    page.wait_for_selector("#health[data-state='ok']")
+    assert page.locator("article.user .msg-body").inner_text() == "Second conversation"
+    page.locator("#conv-list .conv-open", has_text="First conversation").click()
+    assert page.locator("article.user .msg-body").inner_text() == "First conversation"
+    assert chat.reply().locator(".msg-body").inner_text() == first_reply
+    # The history goes back to the server: a follow-up turn works in the old conversation.
+    chat.send("Follow-up")
+    chat.wait_reply("done")
+    assert page.locator("article.msg").count() == 4
+    chat.check_clean()
+
+
+def test_server_busy_is_shown_and_retry_works(chat):
+    """While another client holds the only slot, the page shows a 429 as 'server busy'."""
+    page = chat.page
+    conn = http.client.HTTPConnection("127.0.0.1", int(chat.base.rsplit(":", 1)[1]), timeout=30)
+    body = {"messages": [{"role": "user", "content": "hold the slot"}], "stream": True, "max_tokens": 3000}
+    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+    res = conn.getresponse()
+    assert res.status == 200
+    res.fp.readline()  # the stream has started: the slot is taken
+    try:
+        chat.send("Are you free?")
+        reply = chat.wait_reply("error")
+        error = reply.locator(".msg-error")
+        assert error.get_attribute("data-kind") == "busy"
+        assert "Server busy" in error.inner_text() and "Try again in 1 s" in error.inner_text()
+        assert page.locator("#send").is_visible()
+    finally:
+        res.close()  # the response holds the socket open too
+        conn.close()
+    wait_idle(chat.base)
+    page.locator(".msg-error button", has_text="Retry").click()
+    chat.wait_reply("done")
+    assert page.locator(".msg-error").count() == 0
+    assert page.locator("article.msg").count() == 2
+    chat.check_clean()
+
+
+def test_api_key_is_asked_for_and_kept(browser, make_server):
+    server = make_server(api_key="sesame")
+    chat = Chat(browser, server.url)
+    page = chat.page
+    try:
+        chat.send("Knock knock")
+        page.locator("#key-dialog[open]").wait_for()
+        assert chat.reply().locator(".msg-error").get_attribute("data-kind") == "auth"
+        page.fill("#key-input", "wrong")
+        page.click("#key-save")
+        page.locator("#key-dialog[open] #key-error", has_text="rejected").wait_for()
+        page.fill("#key-input", "sesame")
+        page.click("#key-save")
+        chat.wait_reply("done")
+        assert page.locator(".msg-error").count() == 0
+        assert page.evaluate("localStorage.getItem('lem-chat.api-key')") == "sesame"
+
+        page.reload()
+        page.wait_for_selector("#health[data-state='ok']")
+        chat.send("Again")
+        chat.wait_reply("done")
+        assert page.locator("#key-dialog[open]").count() == 0
+        chat.check_clean()
+    finally:
+        chat.close()
+
+
+def test_timeout_is_shown(browser, make_server):
+    server = make_server(timeout=2)
+    chat = Chat(browser, server.url, max_tokens=3500)
+    try:
+        chat.send("Take your time")
+        error = chat.wait_reply("error").locator(".msg-error")
+        assert error.get_attribute("data-kind") == "timeout"
+        assert "timed out" in error.inner_text()
+        assert wait_until(lambda: health(server)["active_requests"] == 0, timeout=5)
+        chat.check_clean()
+    finally:
+        chat.close()
+
+
+def test_dropped_connection_is_shown(browser, model_dir):
+    process, address = start_process(model_dir)
+    chat = Chat(browser, f"http://{address}", max_tokens=3500)
+    page = chat.page
+    try:
+        chat.send("Keep going")
+        page.wait_for_function(
+            "() => (document.querySelector(\"article.assistant[data-state='streaming']\")?.dataset.chunks | 0) >= 3")
+        process.kill()  # the server dies abruptly, as a crashed one would
+        error = chat.wait_reply("error").locator(".msg-error")
+        assert error.get_attribute("data-kind") == "dropped"
+        assert "connection" in error.inner_text().lower()
+        page.wait_for_selector("#health[data-state='offline']")
+        chat.check_clean()
+    finally:
+        chat.close()
+        process.kill()
+
+
+def test_controls_are_labelled_and_keyboard_usable(chat):
+    page = chat.page
+    unnamed = page.evaluate("""() => [...document.querySelectorAll("button, input, textarea, select")]
+        .filter((el) => el.getClientRects().length || el.closest("dialog"))
+        .filter((el) => !(el.getAttribute("aria-label") || el.labels?.length || el.textContent.trim()
+                          || el.getAttribute("aria-labelledby")))
+        .map((el) => el.outerHTML.slice(0, 80))""")
+    assert unnamed == []
+    # Tab from the message box reaches Send; Enter/Escape drive the settings dialog.
+    page.locator("#prompt").press_sequentially("hi")
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "send"
+    page.locator("#open-settings").focus()
+    page.keyboard.press("Enter")
+    assert page.locator("#settings-dialog").evaluate("d => d.open")
+    assert page.evaluate("document.activeElement.id") == "set-system"
+    page.keyboard.press("Escape")
+    assert not page.locator("#settings-dialog").evaluate("d => d.open")
+    assert page.evaluate("document.activeElement.id") == "open-settings"
+    chat.check_clean()
+
+
+def test_screenshots_desktop_phone_and_dark(browser, base_url):
+    """Looks right from a 375 px phone to a desktop, light and dark; saves artifacts/page-*.png."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    # One conversation shows the Markdown rendering (the tiny model only writes gibberish),
+    # then a real reply is streamed below it.
+    seed = {"currentId": "demo", "conversations": [{"id": "demo", "title": "What can you render?",
+            "created": 0, "updated": 0, "messages": [
+                {"role": "user", "content": "What can you render?"},
+                {"role": "assistant", "content": MARKDOWN_SAMPLE, "status": "done",
+                 "stats": {"completionTokens": 96, "promptTokens": 31, "tokensPerSecond": 41.7, "chunks": 96}}]}]}
+    for scheme in ("light", "dark"):
+        chat = Chat(browser, base_url, color_scheme=scheme)
+        page = chat.page
+        try:
+            page.evaluate("(s) => localStorage.setItem('lem-chat.conversations.v1', JSON.stringify(s))", seed)
+            page.reload()
+            page.wait_for_selector("#health[data-state='ok']")
+            chat.send("Now say something of your own")
+            chat.wait_reply("done")
+            background = page.evaluate("getComputedStyle(document.body).backgroundColor")
+            if scheme == "light":
+                assert luminance(background) > 0.9
+                page.screenshot(path=str(ARTIFACTS / "page-desktop.png"))
+                page.set_viewport_size(PHONE)
+                page.wait_for_timeout(250)
+                # Nothing sticks out sideways, and the header controls stay on screen.
+                assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+                for selector in ("#toggle-sidebar", "#new-chat", "#open-settings", "#health", "#send"):
+                    box = page.locator(selector).bounding_box()
+                    assert box and box["x"] >= 0 and box["x"] + box["width"] <= PHONE["width"], selector
+                assert not page.locator("#sidebar").is_visible()
+                page.screenshot(path=str(ARTIFACTS / "page-phone.png"))
+                page.click("#toggle-sidebar")
+                page.locator("#sidebar .conv-open").first.wait_for(state="visible")
+                page.keyboard.press("Escape")
+            else:
+                assert luminance(background) < 0.2
+                page.screenshot(path=str(ARTIFACTS / "page-desktop-dark.png"))
+            chat.check_clean()
+        finally:
+            chat.close()
+            wait_idle(base_url)
+    for name in ("page-desktop.png", "page-phone.png", "page-desktop-dark.png"):
+        assert (ARTIFACTS / name).stat().st_size > 10_000
 
 
 # ---------------------------------------------------------------------------
