@@ -494,12 +494,12 @@ def raw_exchange(server, payload: bytes) -> tuple[int, dict]:
 
 
 def test_missing_length_is_411_and_huge_body_413(server):
-    status, body = raw_exchange(server, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, body = raw_exchange(server, b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\n\r\n")
     assert status == 411 and body["error"]["code"] == "length_required"
     huge = lem_serve.MAX_BODY_BYTES + 1
-    status, body = raw_exchange(server, f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {huge}\r\n\r\n".encode())
+    status, body = raw_exchange(server, f"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: {huge}\r\n\r\n".encode())
     assert status == 413 and body["error"]["code"] == "body_too_large"
-    status, body = raw_exchange(server, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+    status, body = raw_exchange(server, b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
     assert status == 411
 
 
@@ -596,7 +596,7 @@ def test_disconnect_while_waiting_non_streaming_stops_generation(make_server):
     srv = make_server(max_requests=1)
     sock = socket.create_connection(srv.server_address[:2])
     body = json.dumps({"prompt": "x", "max_tokens": 3000}).encode()
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
     assert wait_until(lambda: srv.engine.tokens_generated > 10)
     sock.close()
     assert wait_until(lambda: health(srv)["active_requests"] == 0, timeout=2)
