@@ -1136,8 +1136,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
                            "missing or wrong API key: send 'Authorization: Bearer KEY'",
                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
+    def parse_request(self) -> bool:
+        """http.server's request-line and header parsing, refusing HTTP/0.9 with 505."""
+        if not super().parse_request():
+            return False
+        if self.request_version == "HTTP/0.9":
+            self.send_error(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED, "HTTP/0.9 is not supported")
+            return False
+        return True
+
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """http.server's own refusals (bad request line or headers, unknown method) as JSON errors."""
+        if self.request_version == "HTTP/0.9":  # http.server would then omit the status line and headers
+            self.request_version = "HTTP/1.0"
         status = HTTPStatus(code)
         self.close_connection = True
         self.body_read = False
