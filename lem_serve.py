@@ -6,6 +6,7 @@ Serves one MLX / Hugging Face model over HTTP:
     POST /v1/completions        plain text completion, streaming or not
     GET  /v1/models             the one model, in OpenAI's list shape
     GET  /healthz               liveness and load, 503 once the engine has died
+    GET  /metrics               Prometheus text: requests, tokens, latency, memory
     GET  /  and  /chat.js       a small chat page for the browser
 
 Run it:
@@ -17,8 +18,10 @@ and point the `openai` SDK at it with base_url="http://127.0.0.1:8090/v1".
 
 Security: the server binds to loopback unless told otherwise. Anyone who can
 reach the port can run the model; before binding to another interface set
---api-key (or LEM_API_KEY) and put it behind TLS. It never reads a file from
-disk on a client's behalf.
+--api-key (or LEM_API_KEY, it covers /v1/* and /metrics) and put it behind
+TLS. On loopback it answers only to loopback Host names (DNS rebinding);
+browser pages from other origins are refused unless --allowed-origins lists
+them. It never reads a file from disk on a client's behalf.
 
 Layout, each section calling only the ones above it:
 settings and CLI; errors; request parsing and validation; the generation
