@@ -6,6 +6,7 @@ Serves one MLX / Hugging Face model over HTTP:
     POST /v1/completions        plain text completion, streaming or not
     GET  /v1/models             the one model, in OpenAI's list shape
     GET  /healthz               liveness and load, 503 once the engine has died
+    GET  /metrics               Prometheus text: requests, tokens, latency, memory
     GET  /  and  /chat.js       a small chat page for the browser
 
 Run it:
@@ -17,27 +18,32 @@ and point the `openai` SDK at it with base_url="http://127.0.0.1:8090/v1".
 
 Security: the server binds to loopback unless told otherwise. Anyone who can
 reach the port can run the model; before binding to another interface set
---api-key (or LEM_API_KEY) and put it behind TLS. It never reads a file from
-disk on a client's behalf.
+--api-key (or LEM_API_KEY, it covers /v1/* and /metrics) and put it behind
+TLS. On loopback it answers only to loopback Host names (DNS rebinding);
+browser pages from other origins are refused unless --allowed-origins lists
+them. It never reads a file from disk on a client's behalf.
 
 Layout, each section calling only the ones above it:
 settings and CLI; errors; request parsing and validation; the generation
-engine (one thread that owns MLX); SSE/JSON writers; the HTTP handler; the
-server class and main().
+engine (one thread that owns MLX); SSE/JSON writers; metrics; the HTTP
+handler; the server class and main().
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hmac
 import html
 import http.server
+import io
 import json
 import logging
 import math
 import os
 import queue
+import re
 import select
 import signal
 import socket
@@ -76,6 +82,14 @@ KEEPALIVE_SECONDS = 5.0           # silence on a stream before an SSE comment is
 SHUTDOWN_GRACE_SECONDS = 30.0     # on SIGINT/SIGTERM, how long in-flight requests get to finish
 PREFILL_STEP_TOKENS = 2048        # prompt tokens per forward pass; cancellation is checked between passes
 RETRY_AFTER_SECONDS = 1           # Retry-After sent with 429
+HEADER_TIMEOUT = 10.0             # seconds from waiting for a request to having its headers; then the connection is dropped
+BODY_TIMEOUT = 60.0               # seconds a request body may take to arrive in full; slower gets 408
+MAX_CONNECTIONS = 256             # connections served at once (one thread each); more are closed on accept; >= 1
+MAX_JSON_DEPTH = 64               # nesting of arrays and objects in a request body; deeper gets 400
+DEFAULT_ALLOWED_ORIGINS = ""      # comma-separated browser origins allowed cross-origin (CORS); "" = none, "*" = any
+CORS_MAX_AGE_SECONDS = 600        # how long a browser may cache a CORS preflight answer
+LOOPBACK_HOST_NAMES = ("localhost", "127.0.0.1", "::1")  # Host header names accepted when bound to loopback
+METRICS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)  # histogram bounds, seconds
 
 log = logging.getLogger("lem_serve")
 
@@ -100,6 +114,7 @@ class Settings:
     model_name: str = ""
     prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES
     log_level: str = DEFAULT_LOG_LEVEL
+    allowed_origins: tuple[str, ...] = ()  # browser origins served cross-origin; "*" = any
 
     @property
     def is_loopback(self) -> bool:
@@ -114,6 +129,20 @@ def parse_bind(value: str) -> tuple[str, int]:
         raise ValueError(f"--bind wants HOST:PORT, got {value!r}")
     host = host.strip("[]") or "127.0.0.1"
     return host, int(port)
+
+
+def parse_origins(value: str) -> tuple[str, ...]:
+    """Split a comma-separated origin list; raise ValueError on an entry that is not one.
+
+    An origin is scheme://host[:port] exactly as a browser sends it in the
+    Origin header (no path, no trailing slash), or "*" for any origin.
+    """
+    origins = tuple(o.strip().rstrip("/") for o in value.split(",") if o.strip())
+    for origin in origins:
+        scheme, sep, rest = origin.partition("://")
+        if origin != "*" and (not sep or scheme not in ("http", "https") or not rest or "/" in rest):
+            raise ValueError(f"--allowed-origins wants scheme://host[:port] entries or *, got {origin!r}")
+    return origins
 
 
 def _at_least(minimum: int) -> Callable[[str], int]:
@@ -147,11 +176,14 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=_at_least(1), default=DEFAULT_TIMEOUT, help="seconds one request may take")
     p.add_argument("--max-requests", type=_at_least(1), default=DEFAULT_MAX_REQUESTS, help="requests admitted at once; more get 429")
     p.add_argument("--max-context", type=_at_least(0), default=DEFAULT_MAX_CONTEXT, help="chat messages kept (sliding window), 0 = all")
-    p.add_argument("--api-key", default=os.environ.get("LEM_API_KEY") or None, help="require 'Authorization: Bearer KEY' on /v1/* (default: env LEM_API_KEY)")
+    p.add_argument("--api-key", default=os.environ.get("LEM_API_KEY") or None, help="require 'Authorization: Bearer KEY' on /v1/* and /metrics (default: env LEM_API_KEY)")
     p.add_argument("--model-name", default="", help="model id shown to clients (default: the model folder's name)")
     p.add_argument("--prompt-cache-bytes", type=parse_bytes, default=DEFAULT_PROMPT_CACHE_BYTES,
                    help="bytes of KV cache kept for prompt-prefix reuse, e.g. 512M or 2G; 0 = off (default 1G)")
     p.add_argument("--log-level", default=DEFAULT_LOG_LEVEL, choices=["debug", "info", "warning", "error"])
+    p.add_argument("--allowed-origins", default=DEFAULT_ALLOWED_ORIGINS,
+                   help="comma-separated browser origins (e.g. http://localhost:3000) allowed to call this server "
+                        "cross-origin, or * for any; default: none (cross-origin browser requests get 403)")
     return p
 
 
@@ -161,6 +193,7 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     args = parser.parse_args(argv)
     try:
         host, port = parse_bind(args.bind)
+        origins = parse_origins(args.allowed_origins)
     except ValueError as exc:
         parser.error(str(exc))
     model_name = args.model_name or default_model_name(args.model_path)
@@ -168,7 +201,7 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         model_path=args.model_path, host=host, port=port, threads=args.threads,
         max_tokens=args.max_tokens, timeout=float(args.timeout), max_requests=args.max_requests,
         max_context=args.max_context, api_key=args.api_key, model_name=model_name,
-        prompt_cache_bytes=args.prompt_cache_bytes, log_level=args.log_level,
+        prompt_cache_bytes=args.prompt_cache_bytes, log_level=args.log_level, allowed_origins=origins,
     )
 
 
@@ -856,6 +889,139 @@ SSE_DONE = sse_event("[DONE]")
 
 
 # ---------------------------------------------------------------------------
+# Metrics: counters and histograms, written as Prometheus text by hand
+# ---------------------------------------------------------------------------
+
+class Histogram:
+    """Observations counted into cumulative buckets, with their sum, as Prometheus keeps them."""
+
+    def __init__(self, bounds: tuple[float, ...] = METRICS_BUCKETS):
+        self.bounds = bounds
+        self.counts = [0] * len(bounds)   # counts[i]: observations <= bounds[i]
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        for i, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.counts[i] += 1
+        self.sum += value
+        self.count += 1
+
+    def samples(self, labels: dict[str, str]) -> list[tuple[str, dict[str, str], float]]:
+        """(suffix, labels, value) rows: one per bucket, then +Inf, _sum and _count."""
+        rows = [("_bucket", {**labels, "le": f"{bound:g}"}, count) for bound, count in zip(self.bounds, self.counts)]
+        return rows + [("_bucket", {**labels, "le": "+Inf"}, self.count),
+                       ("_sum", labels, self.sum), ("_count", labels, self.count)]
+
+
+@dataclass
+class Family:
+    """One metric family: its name, type, help line and samples (suffix, labels, value)."""
+
+    name: str
+    type: str
+    help: str
+    samples: list[tuple[str, dict[str, str], float]]
+
+
+def prometheus_text(families: list[Family]) -> str:
+    """The text exposition format (version 0.0.4) for these families."""
+    lines = []
+    for family in families:
+        lines += [f"# HELP {family.name} {family.help}", f"# TYPE {family.name} {family.type}"]
+        for suffix, labels, value in family.samples:
+            label_text = ",".join(f'{k}="{_escape_label(v)}"' for k, v in labels.items())
+            lines.append(f"{family.name}{suffix}{'{' + label_text + '}' if labels else ''} {_number(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _escape_label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def resident_memory_bytes() -> int:
+    """This process's resident set size now (Linux), else its peak (macOS, via getrusage)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS counts bytes, Linux KiB
+
+
+class Metrics:
+    """The server's counters and histograms; every method is safe from any thread.
+
+    Labels come only from fixed sets (route paths, status codes, drop
+    reasons), never from raw request text, so a hostile client cannot grow
+    the number of series.
+    """
+
+    DROP_REASONS = ("header_timeout", "body_timeout", "write_stall", "client_gone", "too_many_connections")
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.requests: dict[tuple[str, str], int] = {}
+        self.durations: dict[str, Histogram] = {}
+        self.time_to_first_token: dict[str, Histogram] = {}
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.gate_rejections = 0
+        self.drops = dict.fromkeys(self.DROP_REASONS, 0)
+
+    def record_request(self, endpoint: str, status: str, seconds: float) -> None:
+        with self.lock:
+            self.requests[endpoint, status] = self.requests.get((endpoint, status), 0) + 1
+            self.durations.setdefault(endpoint, Histogram()).observe(seconds)
+
+    def record_generation(self, endpoint: str, prompt_tokens: int, completion_tokens: int,
+                          first_token_seconds: float | None) -> None:
+        with self.lock:
+            self.prompt_tokens += prompt_tokens
+            self.completion_tokens += completion_tokens
+            if first_token_seconds is not None:
+                self.time_to_first_token.setdefault(endpoint, Histogram()).observe(first_token_seconds)
+
+    def record_rejection(self) -> None:
+        with self.lock:
+            self.gate_rejections += 1
+
+    def record_drop(self, reason: str) -> None:
+        with self.lock:
+            self.drops[reason] += 1
+
+    def families(self) -> list[Family]:
+        """A consistent snapshot of everything counted here."""
+        with self.lock:
+            return [
+                Family("lem_requests_total", "counter", "HTTP requests answered, by endpoint and status code "
+                       "(499: the client left before a response)",
+                       [("", {"endpoint": e, "code": c}, n) for (e, c), n in sorted(self.requests.items())]),
+                Family("lem_request_duration_seconds", "histogram", "Time from request headers to the last byte, by endpoint.",
+                       [row for e, h in sorted(self.durations.items()) for row in h.samples({"endpoint": e})]),
+                Family("lem_time_to_first_token_seconds", "histogram", "Time from request headers to the first generated token.",
+                       [row for e, h in sorted(self.time_to_first_token.items()) for row in h.samples({"endpoint": e})]),
+                Family("lem_prompt_tokens_total", "counter", "Prompt tokens of admitted generation requests.",
+                       [("", {}, self.prompt_tokens)]),
+                Family("lem_completion_tokens_total", "counter", "Tokens generated for clients.",
+                       [("", {}, self.completion_tokens)]),
+                Family("lem_gate_rejections_total", "counter", "Generation requests refused with 429 because every slot was taken.",
+                       [("", {}, self.gate_rejections)]),
+                Family("lem_connections_dropped_total", "counter", "Connections cut by the server, by reason.",
+                       [("", {"reason": r}, n) for r, n in self.drops.items()]),
+            ]
+
+
+# ---------------------------------------------------------------------------
 # The HTTP handler
 # ---------------------------------------------------------------------------
 
@@ -870,6 +1036,80 @@ def client_gone(sock: socket.socket) -> bool:
         return True
 
 
+class DeadlineReader(io.RawIOBase):
+    """A socket's read side that gives up at a deadline, however slowly bytes trickle in.
+
+    The socket timeout only bounds one stall, so a client sending a byte every
+    few seconds (slowloris) would never trip it. The handler calls `start`
+    before a request line and again before a body; each read then waits only
+    for the time left, and raises TimeoutError once it is gone.
+    """
+
+    def __init__(self, sock: socket.socket):
+        super().__init__()
+        self.sock = sock
+        self.deadline: float | None = None
+        self.received = 0          # bytes read since the last start()
+        self.timed_out = False     # the last start()'s deadline (or a stall) was hit
+
+    def start(self, seconds: float) -> None:
+        self.deadline = time.monotonic() + seconds
+        self.received = 0
+        self.timed_out = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        wait = SOCKET_TIMEOUT
+        if self.deadline is not None:
+            wait = min(wait, self.deadline - time.monotonic())
+        try:
+            if wait <= 0:
+                raise TimeoutError("read deadline passed")
+            self.sock.settimeout(wait)
+            count = self.sock.recv_into(buffer)
+        except TimeoutError:
+            self.timed_out = True
+            raise
+        finally:
+            with contextlib.suppress(OSError):
+                self.sock.settimeout(SOCKET_TIMEOUT)  # writes keep the plain stall limit
+        self.received += count
+        return count
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")  # after json.loads, a surrogate left in a str is a lone one
+
+
+def check_json_value(value: Any) -> None:
+    """Raise a 400 for JSON nested past MAX_JSON_DEPTH or holding a lone UTF-16 surrogate.
+
+    Both parse, but deep nesting can exhaust the stack of code that recurses
+    (chat templates, json.dumps) and a lone surrogate ("\\ud800") cannot be
+    encoded as UTF-8, so a tokenizer or a response writer would fail on it.
+    """
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                raise invalid("request body holds a lone UTF-16 surrogate (a \\ud800-\\udfff escape "
+                              "without its pair); text must be valid Unicode")
+        elif isinstance(item, (list, dict)):
+            if depth > MAX_JSON_DEPTH:
+                raise invalid(f"request body nests arrays or objects deeper than {MAX_JSON_DEPTH} levels")
+            stack.extend((child, depth + 1) for child in (item if isinstance(item, list) else [*item, *item.values()]))
+
+
+def host_name(header: str) -> str:
+    """The name in a Host header: lower-case, without port, brackets or trailing dot."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].partition("]")[0]
+    return header.rpartition(":")[0].rstrip(".") if ":" in header else header.rstrip(".")
+
+
 class Handler(http.server.BaseHTTPRequestHandler):
     """One HTTP connection. do_* dispatch to one small method per route.
 
@@ -880,10 +1120,38 @@ class Handler(http.server.BaseHTTPRequestHandler):
     server: "LemServer"
     protocol_version = "HTTP/1.1"
     server_version = f"lem-serve/{__version__}"
-    timeout = SOCKET_TIMEOUT
+    # A malformed request line still gets a status line back, never an HTTP/0.9 bare body.
+    default_request_version = "HTTP/1.0"
+    # Exchange state that send_error may read before any route has run.
+    status_sent: int | None = None
+    body_read = False
+    cors_origin: str | None = None
 
-    GET_ROUTES = {"/": "page", "/chat.js": "chat_js", "/healthz": "healthz", "/v1/models": "models"}
+    GET_ROUTES = {"/": "page", "/chat.js": "chat_js", "/healthz": "healthz", "/metrics": "metrics",
+                  "/v1/models": "models"}
     POST_ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
+    PREFLIGHT_ROUTES = dict.fromkeys([*GET_ROUTES, *POST_ROUTES], "preflight")
+
+    @property
+    def timeout(self) -> float:
+        """The socket's stall limit, read when each connection starts (tests lower it)."""
+        return SOCKET_TIMEOUT
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile.close()  # replaced by a reader that enforces HEADER_TIMEOUT and BODY_TIMEOUT
+        self.reader = DeadlineReader(self.connection)
+        self.rfile = io.BufferedReader(self.reader)
+
+    def handle_one_request(self) -> None:
+        """Read and answer one request; a client too slow to send its headers is dropped."""
+        self.reader.start(HEADER_TIMEOUT)
+        self.dispatched = False
+        super().handle_one_request()
+        if self.reader.timed_out and not self.dispatched and self.reader.received:
+            # An idle keep-alive connection (nothing received) closes quietly; a partial request is a drop.
+            log.info("dropped %s: request headers incomplete after %g s", self.client_address[0], HEADER_TIMEOUT)
+            self.server.metrics.record_drop("header_timeout")
 
     def do_GET(self) -> None:
         self._dispatch(self.GET_ROUTES)
@@ -894,38 +1162,56 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def do_HEAD(self) -> None:
         self._dispatch(self.GET_ROUTES)
 
+    def do_OPTIONS(self) -> None:
+        self._dispatch(self.PREFLIGHT_ROUTES)
+
     def do_PUT(self) -> None:
         self._dispatch({})
 
-    do_DELETE = do_PATCH = do_OPTIONS = do_PUT
+    do_DELETE = do_PATCH = do_PUT
 
     # -- dispatch and the one error path -----------------------------------
 
     def _dispatch(self, routes: dict[str, str]) -> None:
         # Per-exchange state: one handler object serves every request of a keep-alive connection.
+        self.dispatched = True
         self.started = time.monotonic()
-        self.status_sent: int | None = None
-        self.body_read = False
+        self.status_sent = None
+        # A body that no route reads would be parsed as the next request: such a connection is not reused.
+        self.body_read = (self.headers.get("Transfer-Encoding") is None
+                          and self.headers.get("Content-Length", "0").strip() == "0")
         self.log_tokens = (0, 0)
-        try:
-            path = self.path.split("?", 1)[0]
-            name = routes.get(path)
-            if name is None:
-                self._refuse_route(path)
-            if path.startswith("/v1/"):
-                self._authorize()
-            getattr(self, "route_" + name)()
-        except APIError as exc:
-            self._send_error(exc)
-        except ClientGone:
-            self.close_connection = True
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):
-            self.close_connection = True
-        except Exception as exc:
-            log.error("unhandled error on %s %s: %r", self.command, self.path, exc, exc_info=exc)
-            self._send_error(internal_error())
-        finally:
-            self._log_request()
+        self.cors_origin = None
+        with self.server.exchange():
+            try:
+                if self.server.stopping:
+                    self.close_connection = True
+                path = self.path.split("?", 1)[0]
+                self._check_host()
+                self._check_origin()
+                name = routes.get(path)
+                if name is None:
+                    self._refuse_route(path)
+                if name != "preflight" and (path.startswith("/v1/") or path == "/metrics"):
+                    self._authorize()
+                getattr(self, "route_" + name)()
+            except APIError as exc:
+                self._send_error(exc)
+            except ClientGone as exc:
+                self.close_connection = True
+                self.server.metrics.record_drop(exc.args[0] if exc.args else "client_gone")
+            except TimeoutError:  # a response write stalled past SOCKET_TIMEOUT
+                self.close_connection = True
+                self.server.metrics.record_drop("write_stall")
+            except (BrokenPipeError, ConnectionResetError):
+                self.close_connection = True
+                self.server.metrics.record_drop("client_gone")
+            except Exception as exc:
+                log.error("unhandled error on %s %s: %r", self.command, self.path, exc, exc_info=exc)
+                self._send_error(internal_error())
+            finally:
+                self._log_request()
+                self._record_request()
 
     def _refuse_route(self, path: str) -> None:
         allowed = [m for m, table in (("GET", self.GET_ROUTES), ("POST", self.POST_ROUTES)) if path in table]
@@ -935,6 +1221,37 @@ class Handler(http.server.BaseHTTPRequestHandler):
                            code="method_not_allowed", headers={"Allow": ", ".join(allowed)})
         raise APIError(HTTPStatus.NOT_FOUND, "invalid_request_error",
                        f"no such endpoint: {self.command} {path}", code="not_found")
+
+    def _check_host(self) -> None:
+        """When bound to loopback, answer only to loopback names: a DNS-rebinding page sends its own."""
+        hosts = self.headers.get_all("Host") or []
+        if len(hosts) > 1:
+            raise invalid("more than one Host header")
+        settings = self.server.settings
+        if hosts and settings.is_loopback and host_name(hosts[0]) not in (*LOOPBACK_HOST_NAMES, settings.host):
+            raise APIError(HTTPStatus.MISDIRECTED_REQUEST, "invalid_request_error",
+                           f"Host {hosts[0][:100]!r} is not this server: bound to loopback, it answers only to "
+                           "localhost, 127.0.0.1 and [::1]", code="host_not_allowed")
+
+    def _check_origin(self) -> None:
+        """Refuse what a web page on another origin sends, unless --allowed-origins lists it.
+
+        Same-origin requests (the chat page) and clients that send no Origin
+        (SDKs, curl) pass. Refusing, not just withholding CORS headers, keeps a
+        foreign page from spending the model with requests it cannot read.
+        """
+        origin = self.headers.get("Origin")
+        if origin is None:
+            return
+        allowed = self.server.settings.allowed_origins
+        if "*" in allowed or origin in allowed:
+            self.cors_origin = origin
+            return
+        if origin.partition("://")[2].lower() == (self.headers.get("Host") or "").strip().lower():
+            return
+        raise APIError(HTTPStatus.FORBIDDEN, "invalid_request_error",
+                       f"origin {origin[:100]!r} may not call this server; list it in --allowed-origins",
+                       code="origin_not_allowed")
 
     def _authorize(self) -> None:
         key = self.server.settings.api_key
@@ -946,6 +1263,27 @@ class Handler(http.server.BaseHTTPRequestHandler):
             raise APIError(HTTPStatus.UNAUTHORIZED, "authentication_error",
                            "missing or wrong API key: send 'Authorization: Bearer KEY'",
                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    def parse_request(self) -> bool:
+        """http.server's request-line and header parsing, refusing HTTP/0.9 with 505."""
+        if not super().parse_request():
+            return False
+        if self.request_version == "HTTP/0.9":
+            self.send_error(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED, "HTTP/0.9 is not supported")
+            return False
+        return True
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own refusals (bad request line or headers, unknown method) as JSON errors."""
+        if self.request_version == "HTTP/0.9":  # http.server would then omit the status line and headers
+            self.request_version = "HTTP/1.0"
+        status = HTTPStatus(code)
+        self.close_connection = True
+        self.body_read = False
+        error = APIError(status, "invalid_request_error", message or status.phrase,
+                         code=status.phrase.lower().replace(" ", "_").replace("-", "_"))
+        self._send_json(error.body(), status)
+        self.server.metrics.record_request("other", str(int(status)), 0.0)
 
     def _send_error(self, error: APIError) -> None:
         if self.status_sent is not None:  # a response is under way: just end it
@@ -959,11 +1297,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
     # -- plain responses ----------------------------------------------------
 
     def _send_bytes(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
+        if not self.body_read:
+            self.close_connection = True
         self.send_response(status)
         self.status_sent = int(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
-        self.send_header("X-Content-Type-Options", "nosniff")
+        self._send_common_headers()
         for name, value in (headers or {}).items():
             self.send_header(name, value)
         if self.close_connection:
@@ -972,8 +1312,20 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
 
+    def _send_common_headers(self) -> None:
+        """Headers every response carries: nosniff, and CORS for an allowed origin."""
+        self.send_header("X-Content-Type-Options", "nosniff")
+        if self.server.settings.allowed_origins:
+            self.send_header("Vary", "Origin")
+        if self.cors_origin is not None:
+            self.send_header("Access-Control-Allow-Origin", self.cors_origin)
+            self.send_header("Access-Control-Expose-Headers", "Retry-After")
+
     def _send_json(self, payload: dict, status: int = HTTPStatus.OK, headers: dict[str, str] | None = None) -> None:
-        body = json.dumps(payload, ensure_ascii=False).encode()
+        try:
+            body = json.dumps(payload, ensure_ascii=False).encode()
+        except UnicodeEncodeError:  # a lone surrogate (in an exception's text, say): send it escaped
+            body = json.dumps(payload).encode()
         self._send_bytes(status, body, "application/json", headers)
 
     # -- GET routes ---------------------------------------------------------
@@ -990,6 +1342,34 @@ class Handler(http.server.BaseHTTPRequestHandler):
         health = self.server.health()
         ok = health["status"] == "ok"
         self._send_json(health, HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE)
+
+    def route_metrics(self) -> None:
+        self._send_bytes(HTTPStatus.OK, self.server.metrics_text().encode(), "text/plain; version=0.0.4; charset=utf-8",
+                         {"Cache-Control": "no-store"})
+
+    def route_preflight(self) -> None:
+        """OPTIONS: the methods a path takes, plus CORS grants when the origin is allowed.
+
+        An Origin that is neither allowed nor this server's own was refused
+        with 403 by _check_origin before this runs.
+        """
+        path = self.path.split("?", 1)[0]
+        methods = ", ".join([m for m, table in (("GET", self.GET_ROUTES), ("POST", self.POST_ROUTES))
+                             if path in table] + ["OPTIONS"])
+        self.send_response(HTTPStatus.NO_CONTENT)
+        self.status_sent = HTTPStatus.NO_CONTENT
+        self.send_header("Allow", methods)
+        self._send_common_headers()
+        if self.cors_origin is not None:
+            asked = self.headers.get("Access-Control-Request-Headers", "")
+            plain = re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~ ,-]{1,1000}", asked)  # header names only
+            self.send_header("Access-Control-Allow-Methods", methods)
+            self.send_header("Access-Control-Allow-Headers", asked if plain else "Authorization, Content-Type")
+            self.send_header("Access-Control-Max-Age", str(CORS_MAX_AGE_SECONDS))
+        if not self.body_read:
+            self.close_connection = True
+            self.send_header("Connection", "close")
+        self.end_headers()
 
     def route_models(self) -> None:
         server = self.server
@@ -1008,7 +1388,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def _generate(self, endpoint: str) -> None:
         """Validate, admit through the gate, run a Job and write its result."""
         server = self.server
-        request = parse_generation_request(endpoint, decode_json_body(self._read_body()), server.settings)
+        request = parse_generation_request(endpoint, self._read_json(), server.settings)
+        self._check_token_ids(request)
         if not server.engine.alive:
             raise engine_unavailable()
         with server.admit() as slot:
@@ -1024,20 +1405,50 @@ class Handler(http.server.BaseHTTPRequestHandler):
             finally:
                 job.cancelled.set()  # whatever ended the exchange, the engine stops on its next step
                 self.log_tokens = (job.prompt_tokens, job.completion_tokens)
+                first = None if job.first_token_at is None else job.first_token_at - self.started
+                server.metrics.record_generation(path_of_endpoint(endpoint), job.prompt_tokens,
+                                                 job.completion_tokens, first)
+
+    def _read_json(self) -> dict:
+        """The body as a JSON object that later layers can take: bounded nesting, valid Unicode."""
+        raw = self._read_body()
+        try:
+            body = decode_json_body(raw)
+        except RecursionError:
+            raise invalid(f"request body nests arrays or objects deeper than {MAX_JSON_DEPTH} levels") from None
+        check_json_value(body)
+        return body
+
+    def _check_token_ids(self, request: GenerationRequest) -> None:
+        """Refuse prompt token ids outside the model's vocabulary: MLX would read past its embedding table."""
+        if isinstance(request.prompt, tuple) and max(request.prompt) >= self.server.vocab_size:
+            raise invalid(f"'prompt' holds token id {max(request.prompt)}; this model's token ids are "
+                          f"0 to {self.server.vocab_size - 1}", "prompt")
 
     def _read_body(self) -> bytes:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+        """The request body, read within BODY_TIMEOUT; only Content-Length framing is accepted."""
+        if self.headers.get("Transfer-Encoding") is not None:
             raise APIError(HTTPStatus.LENGTH_REQUIRED, "invalid_request_error",
-                           "chunked request bodies are not supported; send Content-Length", code="length_required")
-        length = self.headers.get("Content-Length")
-        if length is None or not length.strip().isdigit():
+                           "chunked (Transfer-Encoding) request bodies are not supported; send Content-Length",
+                           code="length_required")
+        lengths = {value.strip() for value in self.headers.get_all("Content-Length") or []}
+        length = lengths.pop() if len(lengths) == 1 else ""
+        # isascii: "²" and other Unicode digits pass isdigit() but not int().
+        if not (length.isascii() and length.isdigit()):
             raise APIError(HTTPStatus.LENGTH_REQUIRED, "invalid_request_error",
-                           "a Content-Length header is required", code="length_required")
+                           "one valid Content-Length header is required", code="length_required")
         if int(length) > MAX_BODY_BYTES:
             raise APIError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "invalid_request_error",
                            f"request body is {int(length)} bytes; the limit is {MAX_BODY_BYTES}",
                            code="body_too_large")
-        body = self.rfile.read(int(length))
+        self.reader.start(BODY_TIMEOUT)
+        try:
+            body = self.rfile.read(int(length))
+        except TimeoutError:
+            self.server.metrics.record_drop("body_timeout")
+            raise APIError(HTTPStatus.REQUEST_TIMEOUT, "invalid_request_error",
+                           f"the request body did not arrive within {BODY_TIMEOUT:g} s",
+                           code="request_timeout") from None
         if len(body) < int(length):
             raise ClientGone
         self.body_read = True
@@ -1121,7 +1532,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
         self.send_header("Cache-Control", "no-cache")
         self.send_header("X-Accel-Buffering", "no")
-        self.send_header("X-Content-Type-Options", "nosniff")
+        self._send_common_headers()
         # No length is known ahead, so the end of the stream is the end of the connection.
         self.send_header("Connection", "close")
         self.close_connection = True
@@ -1132,7 +1543,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         try:
             self.wfile.write(data)
             self.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError, TimeoutError, OSError):
+        except TimeoutError:  # the client stopped reading and its socket buffer is full
+            raise ClientGone("write_stall") from None
+        except (BrokenPipeError, ConnectionResetError, OSError):
             raise ClientGone from None
 
     # -- logging -------------------------------------------------------------
@@ -1149,6 +1562,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def log_request(self, code: Any = "-", size: Any = "-") -> None:
         pass
+
+    def _record_request(self) -> None:
+        path = self.path.split("?", 1)[0]
+        endpoint = path if path in self.PREFLIGHT_ROUTES else "other"  # raw paths would let clients mint series
+        code = str(self.status_sent) if self.status_sent is not None else "499"
+        self.server.metrics.record_request(endpoint, code, time.monotonic() - self.started)
+
+
+def path_of_endpoint(endpoint: str) -> str:
+    return "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
 
 
 def new_response_id(endpoint: str) -> str:
@@ -1174,15 +1597,22 @@ class LemServer(http.server.ThreadingHTTPServer):
 
     daemon_threads = True
     allow_reuse_address = True
+    # stop() waits for requests in flight, not for idle keep-alive connections to time out.
+    block_on_close = False
 
     def __init__(self, settings: Settings, model: Model, static_dir: Path | None = None):
         self.settings = settings
         self.model = model
         self.engine = Engine(model, settings.max_requests, settings.prompt_cache_bytes)
         self.gate = threading.BoundedSemaphore(settings.max_requests)
-        self.active = 0
+        self.active = 0           # generation slots taken
+        self.in_flight = 0        # requests of any kind between their headers and their last byte
+        self.connections = 0      # client connections open, each with its thread
+        self.stopping = False
         self.active_lock = threading.Lock()
         self.idle = threading.Condition(self.active_lock)
+        self.metrics = Metrics()
+        self.vocab_size = vocab_size_of(model)
         self.created = int(time.time())
         self.started_at = time.monotonic()
         self.ready = threading.Event()
@@ -1199,8 +1629,84 @@ class LemServer(http.server.ThreadingHTTPServer):
     def admit(self) -> "Admission":
         """A context that holds one generation slot, or raises 429 at once."""
         if not self.gate.acquire(blocking=False):
+            self.metrics.record_rejection()
             raise server_busy()
         return Admission(self)
+
+    @contextlib.contextmanager
+    def exchange(self) -> Iterator[None]:
+        """Count one request in flight, from its headers to its last byte, for stop() to wait on."""
+        with self.idle:
+            self.in_flight += 1
+        try:
+            yield
+        finally:
+            with self.idle:
+                self.in_flight -= 1
+                self.idle.notify_all()
+
+    def metrics_text(self) -> str:
+        """The /metrics body: the request counters plus the server's and engine's state now."""
+        stats = self.engine.stats()
+
+        def one(name: str, kind: str, help: str, value: float) -> Family:
+            return Family(name, kind, help, [("", {}, value)])
+
+        return prometheus_text(self.metrics.families() + [
+            one("lem_active_requests", "gauge", "Generation requests holding a slot.", self.active),
+            one("lem_max_requests", "gauge", "Generation slots (--max-requests).", self.settings.max_requests),
+            one("lem_in_flight_requests", "gauge", "HTTP requests being answered, of any kind.", self.in_flight),
+            one("lem_open_connections", "gauge", "Client connections open.", self.connections),
+            one("lem_tokens_generated_total", "counter", "Tokens sampled by the engine since start.",
+                stats["tokens_generated"]),
+            one("lem_prompt_cache_hits_total", "counter", "Prompts that reused cached state.", stats["prompt_cache_hits"]),
+            one("lem_prompt_cache_misses_total", "counter", "Prompts computed from scratch.", stats["prompt_cache_misses"]),
+            one("lem_prompt_cache_entries", "gauge", "Entries in the prompt cache.", stats["prompt_cache_entries"]),
+            one("lem_prompt_cache_bytes", "gauge", "Memory held by the prompt cache.", stats["prompt_cache_bytes"]),
+            one("lem_engine_up", "gauge", "1 while the generation engine runs, 0 once it has died.", int(self.engine.alive)),
+            one("process_resident_memory_bytes", "gauge", "Resident memory of this process (peak on macOS).",
+                resident_memory_bytes()),
+            one("lem_threads", "gauge", "Python threads alive in this process.", threading.active_count()),
+            one("lem_uptime_seconds", "gauge", "Seconds since the server started.",
+                round(time.monotonic() - self.started_at, 3)),
+        ])
+
+    # -- connections: one thread each, at most MAX_CONNECTIONS ----------------
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """Take a connection place, or refuse the connection (socketserver then closes it)."""
+        with self.active_lock:
+            admitted = self.connections < MAX_CONNECTIONS
+            self.connections += admitted
+        if not admitted:
+            self.metrics.record_drop("too_many_connections")
+            log.debug("refused a connection from %s: %d open", client_address[0], MAX_CONNECTIONS)
+        return admitted
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started: nothing else will give the place back
+            self._connection_closed()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._connection_closed()
+
+    def _connection_closed(self) -> None:
+        with self.active_lock:
+            self.connections -= 1
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A connection failed outside any request: resets are routine, anything else is a bug."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):
+            log.debug("connection from %s ended: %r", client_address[0], exc)
+        else:
+            log.error("error on connection from %s: %r", client_address[0], exc, exc_info=exc)
 
     def health(self) -> dict:
         """The /healthz body; status "error" once the engine has died."""
@@ -1227,11 +1733,13 @@ class LemServer(http.server.ThreadingHTTPServer):
     def stop(self, grace: float = SHUTDOWN_GRACE_SECONDS) -> bool:
         """Stop accepting, wait up to `grace` s for in-flight requests, close.
 
-        Returns True when every request finished in time.
+        Returns True when every request finished in time. A request counts
+        until its last byte is written, not just until its slot is free.
         """
+        self.stopping = True
         self.shutdown()
         with self.idle:
-            drained = self.idle.wait_for(lambda: self.active == 0, timeout=grace)
+            drained = self.idle.wait_for(lambda: self.active == 0 and self.in_flight == 0, timeout=grace)
         self.engine.stop()
         self.engine.thread.join(timeout=5)
         self.server_close()
@@ -1263,6 +1771,14 @@ class Admission:
             server.active -= 1
             server.idle.notify_all()
         server.gate.release()
+
+
+def vocab_size_of(model: Model) -> int:
+    """Rows of the model's embedding table: the first token id that is out of range."""
+    size = getattr(getattr(model.model, "args", None), "vocab_size", None)
+    if isinstance(size, int) and size > 0:
+        return size
+    return int(model.tokenizer.vocab_size)
 
 
 def load_page(folder: Path, settings: Settings) -> tuple[bytes, bytes]:
@@ -1303,7 +1819,7 @@ def main(argv: list[str] | None = None) -> int:
              settings.model_name, server.url, settings.max_requests, settings.max_tokens)
     while not stop_requested.wait(1.0):
         pass
-    log.info("shutting down: waiting up to %.0f s for %d in-flight request(s)", SHUTDOWN_GRACE_SECONDS, server.active)
+    log.info("shutting down: waiting up to %.0f s for %d in-flight request(s)", SHUTDOWN_GRACE_SECONDS, server.in_flight)
     drained = server.stop()
     log.info("stopped %s", "cleanly" if drained else "with requests still running")
     return 0

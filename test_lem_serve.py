@@ -11,14 +11,18 @@ Run: python -m pytest -q test_lem_serve.py
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import gc
 import http.client
 import json
 import logging
 import os
+import random
 import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -501,12 +505,12 @@ def raw_exchange(server, payload: bytes) -> tuple[int, dict]:
 
 
 def test_missing_length_is_411_and_huge_body_413(server):
-    status, body = raw_exchange(server, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, body = raw_exchange(server, b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\n\r\n")
     assert status == 411 and body["error"]["code"] == "length_required"
     huge = lem_serve.MAX_BODY_BYTES + 1
-    status, body = raw_exchange(server, f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {huge}\r\n\r\n".encode())
+    status, body = raw_exchange(server, f"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: {huge}\r\n\r\n".encode())
     assert status == 413 and body["error"]["code"] == "body_too_large"
-    status, body = raw_exchange(server, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+    status, body = raw_exchange(server, b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
     assert status == 411
 
 
@@ -728,7 +732,7 @@ def test_disconnect_while_waiting_non_streaming_stops_generation(make_server):
     srv = make_server(max_requests=1)
     sock = socket.create_connection(srv.server_address[:2])
     body = json.dumps({"prompt": "x", "max_tokens": 3000}).encode()
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
     assert wait_until(lambda: srv.engine.tokens_generated > 10)
     sock.close()
     assert wait_until(lambda: health(srv)["active_requests"] == 0, timeout=2)
@@ -1460,6 +1464,725 @@ def test_screenshots_desktop_phone_and_dark(browser, base_url):
             wait_idle(base_url)
     for name in ("page-desktop.png", "page-phone.png", "page-desktop-dark.png"):
         assert (ARTIFACTS / name).stat().st_size > 10_000
+
+
+# ---------------------------------------------------------------------------
+# Hardening: metrics, hostile clients, fuzz, soak, security
+# ---------------------------------------------------------------------------
+
+METRIC_LINE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\.)*",?)*\})? (\S+)$')
+
+
+def scrape(server, headers=None) -> dict:
+    """GET /metrics, check every line against the text format, return {(name, labels): value}."""
+    reply = request(server, "GET", "/metrics", headers=headers)
+    assert reply.status == 200, reply.raw[:300]
+    assert reply.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+    samples, typed = {}, {}
+    for line in reply.raw.decode().splitlines():
+        if line.startswith("# HELP ") or line.startswith("# TYPE "):
+            parts = line.split(" ", 3)
+            if parts[1] == "TYPE":
+                assert parts[3] in ("counter", "gauge", "histogram"), line
+                typed[parts[2]] = parts[3]
+            continue
+        match = METRIC_LINE.match(line)
+        assert match, f"not in the Prometheus text format: {line!r}"
+        name, labels, value = match.groups()
+        assert any(name == f or name.startswith(f + "_") for f in typed), f"sample before its TYPE: {line!r}"
+        samples[name, labels or ""] = float(value)
+    return samples
+
+
+def metric(samples: dict, name: str, **labels) -> float:
+    """The sum of a metric's samples whose labels include `labels`."""
+    wanted = [f'{k}="{v}"' for k, v in labels.items()]
+    found = [v for (n, l), v in samples.items() if n == name and all(w in l for w in wanted)]
+    assert found, (name, labels)
+    return sum(found)
+
+
+def server_state(srv) -> dict:
+    return {"active": srv.active, "in_flight": srv.in_flight, "connections": srv.connections}
+
+
+def gate_has_all_permits(srv) -> bool:
+    """Every permit can be taken at once (and is given straight back)."""
+    taken = 0
+    while taken < srv.settings.max_requests and srv.gate.acquire(blocking=False):
+        taken += 1
+    for _ in range(taken):
+        srv.gate.release()
+    return taken == srv.settings.max_requests
+
+
+def raw_socket(server, rcvbuf: int | None = None) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.settimeout(30)
+    sock.connect(server.server_address[:2])
+    return sock
+
+
+def post_bytes(path: str, body: bytes, extra: bytes = b"") -> bytes:
+    return (b"POST %s HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n%sContent-Length: %d\r\n\r\n%s"
+            % (path.encode(), extra, len(body), body))
+
+
+def closed_by_server(sock: socket.socket, within: float) -> bool:
+    """True once the server closes the connection (EOF or reset) within `within` seconds."""
+    sock.settimeout(within)
+    try:
+        while sock.recv(65536):
+            pass
+        return True
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def generation_stopped(srv, settle: float = 0.3) -> bool:
+    """The engine's token count holds still for `settle` s (one step in hand may still finish first)."""
+    for _ in range(3):
+        before = srv.engine.tokens_generated
+        time.sleep(settle)
+        if srv.engine.tokens_generated == before:
+            return True
+    return False
+
+
+# -- /metrics ------------------------------------------------------------------
+
+def test_metrics_count_requests_tokens_latency_and_state(make_server):
+    srv = make_server(max_requests=1)
+    assert request(srv, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 5}).status == 200
+    assert stream(srv, "chat", max_tokens=4)[-1] == "[DONE]"
+    assert request(srv, "GET", "/nope/" + "x" * 50).status == 404
+    assert request(srv, "POST", "/v1/completions", {"prompt": 5}).status == 400
+    conn, response = open_stream(srv, max_tokens=3000)
+    read_first_text_event(response)
+    assert request(srv, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 1}).status == 429
+    busy = scrape(srv)
+    hang_up(conn, response)
+    assert wait_until(lambda: server_state(srv) == {"active": 0, "in_flight": 0, "connections": 0})
+    samples = scrape(srv)
+    assert busy["lem_active_requests", ""] == 1 and samples["lem_active_requests", ""] == 0
+    assert metric(samples, "lem_requests_total", endpoint="/v1/completions", code="200") == 1
+    assert metric(samples, "lem_requests_total", endpoint="/v1/chat/completions", code="200") == 2  # incl. the hung-up stream
+    assert metric(samples, "lem_requests_total", endpoint="/v1/completions", code="429") == 1
+    assert metric(samples, "lem_requests_total", endpoint="/v1/completions", code="400") == 1
+    assert metric(samples, "lem_requests_total", endpoint="other", code="404") == 1  # raw paths never become labels
+    assert samples["lem_gate_rejections_total", ""] == 1
+    hung_up = samples["lem_completion_tokens_total", ""] - 9
+    assert hung_up >= 1 and samples["lem_tokens_generated_total", ""] >= samples["lem_completion_tokens_total", ""]
+    assert samples["lem_prompt_tokens_total", ""] > 0
+    assert metric(samples, "lem_connections_dropped_total", reason="client_gone") == 1
+    # Histograms: cumulative buckets ending in +Inf == _count, for time to first token and duration.
+    for name, endpoint, count in (("lem_time_to_first_token_seconds", "/v1/chat/completions", 2),
+                                  ("lem_request_duration_seconds", "/v1/completions", 3)):
+        buckets = [v for (n, l), v in samples.items() if n == name + "_bucket" and endpoint in l]
+        assert buckets == sorted(buckets) and buckets[-1] == count
+        assert metric(samples, name + "_count", endpoint=endpoint) == count
+        assert metric(samples, name + "_sum", endpoint=endpoint) > 0
+    for name in ("lem_prompt_cache_hits_total", "lem_prompt_cache_misses_total", "lem_prompt_cache_bytes",
+                 "lem_prompt_cache_entries", "lem_max_requests", "lem_in_flight_requests", "lem_open_connections"):
+        assert (name, "") in samples
+    assert samples["lem_engine_up", ""] == 1 and samples["lem_threads", ""] >= 3
+    assert 10e6 < samples["process_resident_memory_bytes", ""] < 64e9
+    assert lem_serve.resident_memory_bytes() > 10e6
+
+
+def test_api_key_covers_every_v1_route_and_metrics(make_server):
+    srv = make_server(api_key="sekret")
+    guarded = [(m, p) for m, table in (("GET", lem_serve.Handler.GET_ROUTES), ("POST", lem_serve.Handler.POST_ROUTES))
+               for p in table if p.startswith("/v1/") or p == "/metrics"]
+    assert len(guarded) == 4
+    for method, path in guarded:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekret"}):
+            assert_openai_error(request(srv, method, path + "?x=1", {"prompt": "x"}, headers), 401, code="invalid_api_key")
+        ok = request(srv, method, path, body_for("chat" if "chat" in path else "completions", max_tokens=1),
+                     {"Authorization": "Bearer sekret"})
+        assert ok.status == 200, (path, ok.raw[:200])
+    assert scrape(srv, {"Authorization": "Bearer sekret"})["lem_engine_up", ""] == 1
+    for path in ("/", "/chat.js", "/healthz"):
+        assert request(srv, "GET", path).status == 200
+
+
+# -- slow and broken clients ------------------------------------------------------
+
+def test_slow_headers_are_cut_off_without_holding_a_slot(make_server, monkeypatch):
+    monkeypatch.setattr(lem_serve, "HEADER_TIMEOUT", 0.5)
+    srv = make_server(max_requests=1)
+    sock = raw_socket(srv)
+    started = time.monotonic()
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\n")
+    try:
+        for i in range(30):  # one header line every 0.1 s: never a 0.5 s stall, never finished
+            sock.sendall(b"X-Slow-%d: y\r\n" % i)
+            if i == 1:  # meanwhile the one generation slot is free for others
+                assert request(srv, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 2}).status == 200
+            time.sleep(0.1)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    assert closed_by_server(sock, within=2)
+    assert time.monotonic() - started < 2.5
+    sock.close()
+    assert wait_until(lambda: srv.connections == 0)
+    assert metric(scrape(srv), "lem_connections_dropped_total", reason="header_timeout") == 1
+
+
+def test_slow_body_is_408_without_holding_a_slot(make_server, monkeypatch):
+    monkeypatch.setattr(lem_serve, "BODY_TIMEOUT", 0.5)
+    srv = make_server(max_requests=1)
+    sock = raw_socket(srv)
+    body = json.dumps({"prompt": "x", "max_tokens": 2}).encode()
+    sock.sendall(post_bytes("/v1/completions", body)[:-len(body) + 3])
+    for i in range(3, 8):
+        sock.sendall(body[i:i + 1])
+        if i == 4:
+            assert request(srv, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 2}).status == 200
+        time.sleep(0.1)
+    response = http.client.HTTPResponse(sock)
+    response.begin()
+    reply = Reply(response)
+    assert_openai_error(reply, 408, code="request_timeout")
+    assert reply.headers["Connection"] == "close"
+    assert closed_by_server(sock, within=2)
+    sock.close()
+    assert metric(scrape(srv), "lem_connections_dropped_total", reason="body_timeout") == 1
+    assert health(srv)["active_requests"] == 0
+
+
+def test_idle_keep_alive_connection_is_closed_quietly(make_server, monkeypatch):
+    monkeypatch.setattr(lem_serve, "HEADER_TIMEOUT", 0.3)
+    srv = make_server()
+    conn = connect(srv)
+    conn.request("GET", "/healthz")
+    assert Reply(conn.getresponse()).status == 200
+    assert wait_until(lambda: srv.connections == 0, timeout=3)
+    conn.close()
+    assert metric(scrape(srv), "lem_connections_dropped_total", reason="header_timeout") == 0
+
+
+@pytest.mark.parametrize("how", ["half_close", "reset"])
+def test_half_closed_or_reset_stream_frees_everything(make_server, how):
+    srv = make_server(max_requests=1)
+    conn, response = open_stream(srv, max_tokens=3000)
+    read_first_text_event(response)
+    sock = response.fp.raw._sock
+    if how == "half_close":
+        sock.shutdown(socket.SHUT_WR)
+    else:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close sends RST
+        response.close()
+        conn.close()
+        sock.close()
+    assert wait_until(lambda: server_state(srv) == {"active": 0, "in_flight": 0, "connections": 0}, timeout=3)
+    assert generation_stopped(srv) and srv.engine.tokens_generated < 3000
+    assert gate_has_all_permits(srv)
+    assert request(srv, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 2}).status == 200
+    if how == "half_close":
+        response.close()
+        conn.close()
+
+
+def test_client_that_stops_reading_a_stream_is_cut_off(make_server, monkeypatch):
+    monkeypatch.setattr(lem_serve, "SOCKET_TIMEOUT", 1.0)
+    real_setup = lem_serve.Handler.setup
+
+    def small_send_buffer(self):  # so the stall shows after a few KB, not the kernel's autotuned MBs
+        real_setup(self)
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+
+    monkeypatch.setattr(lem_serve.Handler, "setup", small_send_buffer)
+    srv = make_server(max_requests=1)
+    sock = raw_socket(srv, rcvbuf=4096)
+    sock.sendall(post_bytes("/v1/completions", json.dumps({"prompt": "x", "max_tokens": 3000, "stream": True}).encode()))
+    assert wait_until(lambda: srv.active == 1)
+    started = time.monotonic()
+    assert wait_until(lambda: srv.active == 0, timeout=8), "a stalled reader kept its slot"
+    assert time.monotonic() - started < 8
+    assert generation_stopped(srv) and srv.engine.tokens_generated < 3000
+    assert request(srv, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 2}).status == 200
+    assert metric(scrape(srv), "lem_connections_dropped_total", reason="write_stall") == 1
+    sock.close()
+    assert wait_until(lambda: server_state(srv) == {"active": 0, "in_flight": 0, "connections": 0})
+
+
+def test_connections_beyond_the_cap_are_closed_at_once(make_server, monkeypatch):
+    monkeypatch.setattr(lem_serve, "MAX_CONNECTIONS", 3)
+    srv = make_server()
+    idle = [raw_socket(srv) for _ in range(3)]
+    assert wait_until(lambda: srv.connections == 3)
+    extra = raw_socket(srv)
+    assert closed_by_server(extra, within=2)
+    extra.close()
+    for sock in idle:
+        sock.close()
+    assert wait_until(lambda: srv.connections == 0)
+    assert metric(scrape(srv), "lem_connections_dropped_total", reason="too_many_connections") == 1
+
+
+# -- hostile input: property-based fuzzing ------------------------------------------
+
+@pytest.fixture(scope="module")
+def fuzz_server(model, model_dir):
+    """One server for every fuzz example: tiny token limit, short read deadlines."""
+    saved = lem_serve.HEADER_TIMEOUT, lem_serve.BODY_TIMEOUT
+    lem_serve.HEADER_TIMEOUT = lem_serve.BODY_TIMEOUT = 2.0
+    try:
+        with running_server(model, model_dir, max_tokens=4, max_requests=4, timeout=10) as srv:
+            yield srv
+    finally:
+        lem_serve.HEADER_TIMEOUT, lem_serve.BODY_TIMEOUT = saved
+
+
+FUZZ_COUNTS = {"json": 0, "raw": 0, "statuses": {}}
+
+
+def send_and_check(srv, payload: bytes, head: bool = False) -> int:
+    """Send raw bytes; the answer must be one well-formed HTTP response: JSON error, or a valid result."""
+    with socket.create_connection(srv.server_address[:2], timeout=30) as sock:
+        try:
+            sock.sendall(payload)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused early (say 411 before a body): the answer is still there to read
+        response = http.client.HTTPResponse(sock, method="HEAD" if head else None)
+        response.begin()
+        reply = Reply(response)
+    assert reply.status < 500 or reply.status in (501, 505), (reply.status, reply.raw[:300])  # unknown method, HTTP/2.0
+    assert reply.headers["X-Content-Type-Options"] == "nosniff"
+    content_type = reply.headers.get("Content-Type", "")
+    if reply.status >= 300 and not head:
+        assert_openai_error(reply, reply.status)
+    elif content_type.startswith("text/event-stream"):
+        events = sse_events_of(reply.raw)
+        assert events[-1] == "[DONE]"
+        assert all(isinstance(e, dict) and ("choices" in e or "error" in e) for e in events[:-1] if not isinstance(e, str))
+    elif content_type == "application/json" and not head:
+        body = reply.json()
+        assert isinstance(body, dict) and ("choices" in body or "status" in body or "data" in body), body
+        if "choices" in body:
+            assert body["usage"]["completion_tokens"] <= 4
+    FUZZ_COUNTS["statuses"][reply.status] = FUZZ_COUNTS["statuses"].get(reply.status, 0) + 1
+    return reply.status
+
+
+def sse_events_of(raw: bytes) -> list:
+    events = []
+    for line in raw.decode().splitlines():
+        if line.startswith("data: "):
+            data = line[6:]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def fuzz_text():
+    from hypothesis import strategies as st
+    any_char = st.characters(min_codepoint=0, max_codepoint=0x10FFFF, blacklist_categories=())  # surrogates, NUL included
+    return st.one_of(
+        st.text(any_char, max_size=40),
+        st.sampled_from(["\ud800", "a\udfffb", "\udc00\ud800", "\x00", "nul\x00inside", "\u202eRTL\u202c", "🙂" * 50,
+                         "<script>alert(1)</script>", "../../etc/passwd", "%s%n", "\r\n\r\nGET / HTTP/1.1",
+                         "a" * 100_000, "é" * 100_000]),
+    )
+
+
+def fuzz_json():
+    from hypothesis import strategies as st
+    scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.sampled_from([0, 1, 4, 5, -1, 2**63]),
+                        st.floats(allow_nan=True, allow_infinity=True), fuzz_text())
+    return st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=5),
+                                                          st.dictionaries(fuzz_text(), inner, max_size=5)),
+                        max_leaves=20)
+
+
+def fuzz_body():
+    """Request bodies: anything at all, or OpenAI-shaped objects with hostile field values."""
+    from hypothesis import strategies as st
+    message = st.fixed_dictionaries({}, optional={"role": st.one_of(st.sampled_from(lem_serve.CHAT_ROLES), fuzz_json()),
+                                                  "content": st.one_of(fuzz_text(), fuzz_json(),
+                                                                       st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": fuzz_text()}), max_size=3)),
+                                                  "name": fuzz_json(), "tool_calls": fuzz_json()})
+    field = lambda good: st.one_of(good, fuzz_json())  # noqa: E731
+    shaped = st.fixed_dictionaries({}, optional={
+        "messages": field(st.lists(message, min_size=1, max_size=3)),
+        "prompt": field(st.one_of(fuzz_text(), st.lists(st.integers(-5, 2**40), min_size=1, max_size=5))),
+        "model": fuzz_json(), "stream": field(st.booleans()), "max_tokens": field(st.integers(-1, 6)),
+        "temperature": field(st.floats(-1, 3)), "top_p": field(st.floats(-0.5, 1.5)),
+        "stop": field(st.lists(fuzz_text(), max_size=5)), "n": fuzz_json(), "logprobs": fuzz_json(),
+        "stream_options": field(st.fixed_dictionaries({"include_usage": fuzz_json()})),
+    })
+    hostile_text = st.tuples(fuzz_text(), st.booleans(), st.integers(1, 4)).map(
+        lambda t: {"messages": [{"role": "user", "content": t[0]}], "prompt": t[0] or "x", "stream": t[1], "max_tokens": t[2]})
+    return st.one_of(fuzz_json(), shaped, shaped, hostile_text)
+
+
+CONTENT_TYPES = ["application/json", "text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
+                 "", "application/json; charset=utf-16", "image/png", "application/json\x00"]
+ALL_PATHS = [*lem_serve.Handler.GET_ROUTES, *lem_serve.Handler.POST_ROUTES, "/v1/embeddings", "/v1", "/v1/"]
+
+
+def test_fuzz_json_bodies_at_every_endpoint(fuzz_server):
+    from hypothesis import given, settings, strategies as st
+
+    @settings(max_examples=250, deadline=None, derandomize=True, database=None)
+    @given(body=fuzz_body(), path=st.sampled_from([*ALL_PATHS, *[*lem_serve.Handler.POST_ROUTES] * 4]),
+           method=st.sampled_from(["POST"] * 6 + ["GET", "PUT"]),
+           content_type=st.sampled_from(CONTENT_TYPES), encoding=st.sampled_from(["ascii", "utf-8", "utf-8", "latin-1"]))
+    def one(body, path, method, content_type, encoding):
+        text = json.dumps(body, ensure_ascii=encoding == "ascii", allow_nan=True)
+        data = text.encode("utf-8", "surrogatepass") if encoding != "latin-1" else text.encode("latin-1", "replace")
+        FUZZ_COUNTS["json"] += 1
+        send_and_check(fuzz_server, (b"%s %s HTTP/1.1\r\nHost: localhost\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n"
+                                     % (method.encode(), path.encode(), content_type.encode("latin-1"), len(data))) + data)
+
+    one()
+    assert health(fuzz_server)["status"] == "ok"
+    assert wait_until(lambda: server_state(fuzz_server) == {"active": 0, "in_flight": 0, "connections": 0})
+    assert gate_has_all_permits(fuzz_server)
+
+
+def fuzz_raw_request():
+    """Whole requests as bytes: odd methods, paths, versions, headers and broken chunked bodies."""
+    from hypothesis import strategies as st
+    token = st.text(st.characters(min_codepoint=33, max_codepoint=255, blacklist_characters=":"), min_size=1, max_size=12)
+    latin = st.text(st.characters(min_codepoint=0, max_codepoint=255, blacklist_characters="\r\n"), max_size=40)
+    method = st.one_of(st.sampled_from(["GET", "POST", "HEAD", "OPTIONS", "PUT", "DELETE", "PATCH", "TRACE", "CONNECT", "get"]), token)
+    path = st.one_of(st.sampled_from([*ALL_PATHS, "*", "//", "/../../etc/passwd", "/%2e%2e/lem_serve.py", "http://evil/v1/models",
+                                      "/v1/models?" + "q" * 5000, "/" + "a" * 70000]), token.map(lambda t: "/" + t))
+    version = st.sampled_from(["HTTP/1.1", "HTTP/1.1", "HTTP/1.0", "HTTP/2.0", "HTTP/0.9", "HTTX/1.1", "HTTP/1.1 extra", ""])
+    header = st.one_of(st.tuples(token, latin),
+                       st.sampled_from([("Host", "evil.example"), ("Host", "localhost"), ("Origin", "http://evil.example"),
+                                        ("Content-Length", "-1"), ("Content-Length", "²"), ("Content-Length", "99999999999999"),
+                                        ("Content-Length", "0x10"), ("Transfer-Encoding", "chunked"),
+                                        ("Transfer-Encoding", "gzip, chunked"), ("Authorization", "Bearer \x00"),
+                                        ("Expect", "100-continue"), ("Connection", "keep-alive, close"),
+                                        ("X-" + "h" * 70000, "v")]))
+    body = st.sampled_from([b"", b"5\r\nab", b"zz\r\nhello\r\n0\r\n\r\n", b"0\r\n", b"ffffffffffffffff\r\n",
+                            b"3\r\n{}x\r\n0\r\n\r\n", b'{"prompt":"x","max_tokens":1}', b"\xff\xfe\x00"])
+    return st.tuples(method, path, version, st.lists(header, max_size=6), body)
+
+
+def test_fuzz_raw_http_requests(fuzz_server):
+    from hypothesis import given, settings
+
+    @settings(max_examples=200, deadline=None, derandomize=True, database=None)
+    @given(parts=fuzz_raw_request())
+    def one(parts):
+        method, path, version, headers, body = parts
+        lines = [f"{method} {path} {version}".rstrip(), "Host: localhost", *(f"{k}: {v}" for k, v in headers)]
+        if not any(k.lower() in ("content-length", "transfer-encoding") for k, _ in headers):
+            lines.append(f"Content-Length: {len(body)}")
+        FUZZ_COUNTS["raw"] += 1
+        send_and_check(fuzz_server, "\r\n".join(lines).encode("latin-1") + b"\r\n\r\n" + body, head=method == "HEAD")
+
+    one()
+    assert health(fuzz_server)["status"] == "ok"
+    assert wait_until(lambda: server_state(fuzz_server) == {"active": 0, "in_flight": 0, "connections": 0})
+    samples = scrape(fuzz_server)
+    assert not [k for k in samples if k[0] == "lem_requests_total" and 'code="500"' in k[1]]
+    print(f"\nfuzz: {FUZZ_COUNTS['json']} JSON bodies, {FUZZ_COUNTS['raw']} raw requests, statuses {sorted(FUZZ_COUNTS['statuses'].items())}")
+
+
+def test_token_ids_outside_the_vocabulary_are_400(server):
+    top = server.vocab_size - 1
+    assert request(server, "POST", "/v1/completions", {"prompt": [top], "max_tokens": 1}).status == 200
+    for ids in ([top + 1], [1, 2**31], [2**70]):
+        assert_openai_error(request(server, "POST", "/v1/completions", {"prompt": ids, "max_tokens": 1}), 400, "prompt")
+    assert health(server)["status"] == "ok"
+
+
+@pytest.mark.parametrize("raw", [b"[" * 5000 + b"]" * 5000, b'{"prompt": ' + b"[" * 70 + b"]" * 70 + b"}",
+                                 b'{"prompt": "\\ud800"}', b'{"messages": [{"role": "user", "content": "a\\udc00"}]}'])
+def test_deep_nesting_and_lone_surrogates_are_400(server, raw):
+    assert_openai_error(request(server, "POST", "/v1/chat/completions" if b"messages" in raw else "/v1/completions", raw), 400)
+
+
+# -- load and faults ---------------------------------------------------------------
+
+SOAK_REQUESTS = 120   # per --max-requests setting
+SOAK_KINDS = ("plain", "stream", "stream_hang_up", "plain_hang_up", "client_timeout", "reset", "slow_body", "server_timeout")
+
+
+def soak_client(srv, kind: str, max_tokens: int, outcomes: dict, lock: threading.Lock) -> None:
+    """One soak request of `kind`, retried after each 429 like a polite client; a completed response must be valid."""
+    for _ in range(400):
+        if soak_attempt(srv, kind, max_tokens, outcomes, lock) != "429":
+            return
+        time.sleep(0.02)
+    raise AssertionError("a soak request was refused 400 times")
+
+
+def soak_attempt(srv, kind: str, max_tokens: int, outcomes: dict, lock: threading.Lock) -> str:
+    endpoint = ENDPOINTS[max_tokens % 2]
+    stream_it = kind in ("stream", "stream_hang_up", "reset") or (kind == "server_timeout" and max_tokens % 3 == 0)
+    body = json.dumps(body_for(endpoint, max_tokens=max_tokens if kind != "server_timeout" else 3000,
+                               stream=stream_it, temperature=0)).encode()
+    outcome = kind
+    sock = raw_socket(srv)
+    try:
+        if kind == "slow_body":
+            sock.sendall(post_bytes(path_of(endpoint), body)[:-5])
+            time.sleep(0.05)
+            sock.sendall(body[-5:])
+        else:
+            sock.sendall(post_bytes(path_of(endpoint), body))
+        if kind == "plain_hang_up":
+            time.sleep(0.02)
+            return outcome
+        if kind == "client_timeout":
+            sock.settimeout(0.05)
+        response = http.client.HTTPResponse(sock)
+        try:
+            response.begin()
+        except TimeoutError:
+            outcome = "client_timed_out"
+            return outcome
+        if response.status == 429:
+            assert_openai_error(Reply(response), 429, code="server_busy")
+            outcome = "429"
+            return outcome
+        assert response.status in (200, 504), response.status
+        if not response.headers["Content-Type"].startswith("text/event-stream"):
+            reply = Reply(response)
+            if reply.status == 504:
+                assert_openai_error(reply, 504, code="timeout")
+                outcome = "504"
+            else:
+                assert reply.json()["usage"]["completion_tokens"] == max_tokens
+                outcome = "200"
+            return outcome
+        if kind in ("stream_hang_up", "reset"):
+            for line in iter(response.readline, b""):  # up to the first text, or the end of a stream that timed out
+                if line.startswith(b"data: {") and b'"role"' not in line:
+                    event = json.loads(line[6:])
+                    if "error" in event:
+                        assert event["error"]["code"] == "timeout"
+                        outcome = "504"
+                    break
+            if kind == "reset":
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            return outcome
+        events = sse_events(response)
+        assert events[-1] == "[DONE]"
+        last = [e for e in events if isinstance(e, dict)][-1]
+        if "error" in last:
+            assert last["error"]["code"] == "timeout"
+            outcome = "504"
+        else:
+            assert last["choices"][0]["finish_reason"] == "length"
+            assert streamed_text(endpoint, events) is not None
+            outcome = "200"
+    except TimeoutError:
+        outcome = "client_timed_out"
+    finally:
+        sock.close()
+        with lock:
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    return outcome
+
+
+SOAK_REPORT: list = []
+
+
+@pytest.mark.parametrize("max_requests", [1, 4])
+def test_soak_mixed_load_with_faults_leaves_nothing_behind(make_server, max_requests):
+    srv = make_server(max_requests=max_requests, timeout=1.5)
+    for _ in range(3):  # warm up, so the baseline includes what the first requests allocate for good
+        request(srv, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 8})
+        stream(srv, "chat", max_tokens=8)
+    gc.collect()
+    threads_before, rss_before = threading.active_count(), lem_serve.resident_memory_bytes()
+    rng = random.Random(7 + max_requests)
+    plan = [(rng.choices(SOAK_KINDS, weights=(6, 6, 2, 2, 1, 1, 1, 1))[0], rng.randint(1, 24)) for _ in range(SOAK_REQUESTS)]
+    outcomes, lock = {}, threading.Lock()
+    jobs = iter(plan)
+    jobs_lock = threading.Lock()
+
+    failures = []
+
+    def worker():
+        while True:
+            with jobs_lock:
+                job = next(jobs, None)
+            if job is None:
+                return
+            try:
+                soak_client(srv, *job, outcomes, lock)
+            except Exception as exc:  # an invalid response: reported below, the soak goes on
+                failures.append((job, repr(exc)))
+
+    started = time.monotonic()
+    workers = [threading.Thread(target=worker) for _ in range(6)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=120)
+    assert not any(w.is_alive() for w in workers), "the soak did not end"
+    assert not failures, failures[:5]
+    elapsed = time.monotonic() - started
+    assert sum(outcomes.values()) - outcomes.get("429", 0) == SOAK_REQUESTS
+    assert wait_until(lambda: server_state(srv) == {"active": 0, "in_flight": 0, "connections": 0}, timeout=10), server_state(srv)
+    assert gate_has_all_permits(srv)
+    assert generation_stopped(srv)
+    assert wait_until(lambda: threading.active_count() <= threads_before, timeout=10), (threading.active_count(), threads_before)
+    gc.collect()
+    rss_growth = lem_serve.resident_memory_bytes() - rss_before
+    assert rss_growth < 64 * 2**20, f"RSS grew {rss_growth / 2**20:.1f} MiB"
+    assert health(srv)["status"] == "ok"
+    assert request(srv, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 2}).status == 200
+    samples = scrape(srv)
+    assert not [k for k in samples if k[0] == "lem_requests_total" and 'code="500"' in k[1]]
+    SOAK_REPORT.append((max_requests, dict(sorted(outcomes.items())), round(elapsed, 1), threads_before,
+                        threading.active_count(), round(rss_growth / 2**20, 1)))
+    print(f"\nsoak max_requests={max_requests}: {SOAK_REQUESTS} requests in {elapsed:.1f}s, outcomes {dict(sorted(outcomes.items()))}, "
+          f"threads {threads_before}->{threading.active_count()}, RSS {rss_growth / 2**20:+.1f} MiB")
+
+
+def test_sigterm_during_load_drains_every_request_and_exits_0(model_dir):
+    process, address = start_process(model_dir, "--threads", "1", "--max-requests", "4")
+    host, port = address.split(":")
+    results = {}
+    try:
+        def client(i):
+            endpoint = ENDPOINTS[i % 2]
+            conn = http.client.HTTPConnection(host, int(port), timeout=60)
+            conn.request("POST", path_of(endpoint), json.dumps(body_for(endpoint, max_tokens=150, stream=i < 2)))
+            response = conn.getresponse()
+            results[i] = (response.status, sse_events(response) if i < 2 else json.loads(response.read()))
+
+        clients = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+        for c in clients:
+            c.start()
+
+        def all_admitted():
+            conn = http.client.HTTPConnection(host, int(port), timeout=5)
+            conn.request("GET", "/metrics")
+            return "\nlem_active_requests 4\n" in conn.getresponse().read().decode()
+
+        assert wait_until(all_admitted, timeout=30)
+        process.send_signal(signal.SIGTERM)
+        for c in clients:
+            c.join(timeout=60)
+        assert process.wait(timeout=30) == 0
+        for i in range(4):
+            status, payload = results[i]
+            assert status == 200
+            if i < 2:
+                assert payload[-1] == "[DONE]" and payload[-2]["choices"][0]["finish_reason"] == "length"
+            else:
+                assert payload["usage"]["completion_tokens"] == 150
+        assert "stopped cleanly" in process.stderr.read()
+    finally:
+        process.kill()
+
+
+# -- security ----------------------------------------------------------------------
+
+def test_host_check_stops_dns_rebinding_on_loopback(server):
+    port = server.server_address[1]
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", "LOCALHOST", f"[::1]:{port}", "localhost."):
+        assert request(server, "GET", "/v1/models", headers={"Host": host}).status == 200, host
+    for host in (f"evil.example:{port}", "attacker.localhost", "127.0.0.1.nip.io", "[::2]", "", "localhost@evil"):
+        reply = request(server, "GET", "/v1/models", headers={"Host": host})
+        assert_openai_error(reply, 421, code="host_not_allowed")
+    status, body = raw_exchange(server, b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nHost: evil\r\n\r\n")
+    assert status == 400
+    lan = dataclasses.replace(server.settings, host="192.0.2.10")  # as if bound to a LAN address: no names to check
+    saved, server.settings = server.settings, lan
+    try:
+        assert request(server, "GET", "/healthz", headers={"Host": "lan-box:8090"}).status == 200
+    finally:
+        server.settings = saved
+
+
+def test_cors_is_off_by_default_and_foreign_pages_are_refused(server):
+    port = server.server_address[1]
+    plain = request(server, "GET", "/v1/models")
+    assert plain.status == 200 and "Access-Control-Allow-Origin" not in plain.headers and "Vary" not in plain.headers
+    same = request(server, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 1},
+                   {"Origin": f"http://127.0.0.1:{port}"})
+    assert same.status == 200 and "Access-Control-Allow-Origin" not in same.headers
+    for method, path in (("POST", "/v1/completions"), ("GET", "/metrics"), ("OPTIONS", "/v1/chat/completions")):
+        reply = request(server, method, path, {"prompt": "x"}, {"Origin": "http://evil.example",
+                                                                "Access-Control-Request-Method": "POST"})
+        assert_openai_error(reply, 403, code="origin_not_allowed")
+        assert "Access-Control-Allow-Origin" not in reply.headers
+    options = request(server, "OPTIONS", "/v1/models")
+    assert options.status == 204 and options.headers["Allow"] == "GET, OPTIONS" and not options.raw
+
+
+def test_allowed_origins_open_cors_with_preflight(make_server):
+    app = "http://app.example:3000"
+    srv = make_server(allowed_origins=(app,), api_key="sekret")
+    preflight = request(srv, "OPTIONS", "/v1/chat/completions", headers={
+        "Origin": app, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os"})
+    assert preflight.status == 204 and not preflight.raw  # no API key needed: browsers send none on a preflight
+    assert preflight.headers["Access-Control-Allow-Origin"] == app
+    assert preflight.headers["Access-Control-Allow-Methods"] == "POST, OPTIONS"
+    assert preflight.headers["Access-Control-Allow-Headers"] == "authorization, content-type, x-stainless-os"
+    assert int(preflight.headers["Access-Control-Max-Age"]) == lem_serve.CORS_MAX_AGE_SECONDS
+    reply = request(srv, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 1},
+                    {"Origin": app, "Authorization": "Bearer sekret"})
+    assert reply.status == 200 and reply.headers["Access-Control-Allow-Origin"] == app and reply.headers["Vary"] == "Origin"
+    denied = request(srv, "POST", "/v1/completions", {"prompt": "x"}, {"Origin": app})
+    assert_openai_error(denied, 401)
+    assert denied.headers["Access-Control-Allow-Origin"] == app  # so the page can read why
+    assert_openai_error(request(srv, "OPTIONS", "/v1/models", headers={"Origin": "http://app.example:3001"}), 403)
+    anyone = make_server(allowed_origins=("*",))
+    reply = request(anyone, "GET", "/v1/models", headers={"Origin": "https://x.example"})
+    assert reply.headers["Access-Control-Allow-Origin"] == "https://x.example"
+
+
+def test_allowed_origins_command_line():
+    parse = lambda value: lem_serve.parse_settings(["--model-path", "x", "--allowed-origins", value])  # noqa: E731
+    assert parse("http://a.example:3000, https://b.example/").allowed_origins == ("http://a.example:3000", "https://b.example")
+    assert parse("*").allowed_origins == ("*",)
+    assert lem_serve.parse_settings(["--model-path", "x"]).allowed_origins == ()
+    for bad in ("a.example", "http://a.example/path", "ftp://a.example"):
+        with pytest.raises(SystemExit):
+            parse(bad)
+
+
+def test_every_response_says_nosniff_and_the_page_has_a_strict_csp(make_server):
+    srv = make_server(api_key="k")
+    replies = [request(srv, "GET", "/"), request(srv, "GET", "/chat.js"), request(srv, "GET", "/healthz"),
+               request(srv, "GET", "/nope"), request(srv, "GET", "/v1/models"),
+               request(srv, "GET", "/metrics", headers={"Authorization": "Bearer k"}),
+               request(srv, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 1}, {"Authorization": "Bearer k"}),
+               request(srv, "OPTIONS", "/healthz")]
+    for reply in replies:
+        assert reply.headers["X-Content-Type-Options"] == "nosniff"
+    status, _ = raw_exchange(srv, b"BREW /pot HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    assert status == 501
+    csp = dict(d.strip().split(" ", 1) for d in replies[0].headers["Content-Security-Policy"].split(";"))
+    assert csp["default-src"] == "'self'" and csp["script-src"] == "'self'" and csp["frame-ancestors"] == "'none'"
+    assert csp["base-uri"] == "'none'" and csp["form-action"] == "'none'"
+    assert "unsafe-eval" not in replies[0].headers["Content-Security-Policy"]
+
+
+def test_no_request_reads_a_file_from_disk(server, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOP-SECRET-CONTENT")
+    page, script = request(server, "GET", "/").raw, request(server, "GET", "/chat.js").raw
+    paths = ["/lem_serve.py", "/chat.html", "/../lem_serve.py", "/chat.js/../lem_serve.py", "/%2e%2e/lem_serve.py",
+             "/..%2flem_serve.py", "//etc/passwd", "/etc/passwd", "/proc/self/environ", "/static/../../etc/passwd",
+             f"/{secret}", f"/..{secret}", f"/%2F{str(secret)[1:]}", "/v1/models/../../lem_serve.py",
+             "file:///etc/passwd", f"http://localhost{secret}", "/?file=/etc/passwd", "/chat.js?../../lem_serve.py"]
+    for path in paths:
+        reply = request(server, "GET", path)
+        assert reply.status == 404 or reply.raw in (page, script), (path, reply.status)
+        assert b"TOP-SECRET" not in reply.raw and b"root:" not in reply.raw and b"def main(" not in reply.raw
+    for body in ({"prompt": str(secret), "model": str(secret), "max_tokens": 2},
+                 {"prompt": "x", "model": "/etc/passwd", "max_tokens": 2},
+                 {"messages": [{"role": "user", "content": [{"type": "file", "file": {"path": str(secret)}}]}]},
+                 {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"file://{secret}"}}]}]}):
+        reply = request(server, "POST", path_of("chat" if "messages" in body else "completions"), body)
+        assert reply.status in (200, 400) and b"TOP-SECRET" not in reply.raw
 
 
 # ---------------------------------------------------------------------------
