@@ -268,6 +268,12 @@ def _is_stop(value: Any) -> bool:
             and all(isinstance(s, str) and s for s in stops))
 
 
+def _is_logit_bias(value: dict) -> bool:
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and -100 <= v <= 100
+    return all(k.isdigit() and number(v) for k, v in value.items())
+
+
 # Fields shared by both endpoints. A null value counts as absent.
 COMMON_CHECKS = (
     Check("model", (str,), "a string"),
@@ -279,6 +285,13 @@ COMMON_CHECKS = (
     Check("top_p", (int, float), "a number between 0 and 1", lambda v: 0 <= v <= 1),
     Check("stop", (str, list), f"a non-empty string or a list of 1 to {MAX_STOP_STRINGS} non-empty strings", _is_stop),
     Check("n", (int,), "1 (this server returns one choice per request)", lambda v: v == 1),
+    Check("top_k", (int,), "an integer >= 0 (0 = no limit)", lambda v: v >= 0),
+    Check("min_p", (int, float), "a number between 0 and 1", lambda v: 0 <= v <= 1),
+    Check("seed", (int,), "an integer"),
+    Check("presence_penalty", (int, float), "a number between -2 and 2", lambda v: -2 <= v <= 2),
+    Check("frequency_penalty", (int, float), "a number between -2 and 2", lambda v: -2 <= v <= 2),
+    Check("repetition_penalty", (int, float), "a number > 0 (1 = off)", lambda v: v > 0),
+    Check("logit_bias", (dict,), "an object mapping token ids to numbers between -100 and 100", _is_logit_bias),
 )
 CHAT_CHECKS = COMMON_CHECKS + (
     Check("messages", (list,), "a non-empty list of messages", lambda v: len(v) > 0),
@@ -293,8 +306,7 @@ COMPLETION_CHECKS = COMMON_CHECKS + (
 UNSUPPORTED_FIELDS = {
     "logprobs": (None, False), "top_logprobs": (None,), "tools": (None, []),
     "tool_choice": (None, "none", "auto"), "response_format": (None, {"type": "text"}),
-    "logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
-    "seed": (None,), "echo": (None, False), "suffix": (None, ""), "best_of": (None, 1),
+    "echo": (None, False), "suffix": (None, ""), "best_of": (None, 1),
     "functions": (None, []),
 }
 
@@ -312,6 +324,13 @@ class GenerationRequest:
     max_tokens_given: bool = False               # the client chose it (so it is not trimmed to fit)
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0                               # 0: no limit
+    min_p: float = 0.0
+    seed: int | None = None                      # the sampler's own random key; None: the global one
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0              # mlx_lm's multiplicative penalty; 1: off
+    logit_bias: tuple[tuple[int, float], ...] = ()
     stop: tuple[str, ...] = ()
 
 
@@ -364,10 +383,24 @@ def parse_generation_request(endpoint: str, body: dict, settings: Settings) -> G
         stream=bool(body.get("stream")),
         include_usage=bool(options.get("include_usage")),
         max_tokens=asked or settings.max_tokens, max_tokens_given=asked is not None,
-        temperature=float(body.get("temperature", 1.0) if body.get("temperature") is not None else 1.0),
-        top_p=float(body.get("top_p") if body.get("top_p") is not None else 1.0),
         stop=(stop,) if isinstance(stop, str) else tuple(stop),
+        **sampling_fields(body),
     )
+
+
+def sampling_fields(body: dict) -> dict:
+    """The sampling parameters of a checked body, defaults for those absent or null."""
+    def given(field: str, default: Any) -> Any:
+        value = body.get(field)
+        return default if value is None else value
+
+    bias = given("logit_bias", {})
+    return {"temperature": float(given("temperature", 1.0)), "top_p": float(given("top_p", 1.0)),
+            "top_k": given("top_k", 0), "min_p": float(given("min_p", 0.0)), "seed": body.get("seed"),
+            "presence_penalty": float(given("presence_penalty", 0.0)),
+            "frequency_penalty": float(given("frequency_penalty", 0.0)),
+            "repetition_penalty": float(given("repetition_penalty", 1.0)),
+            "logit_bias": tuple(sorted((int(k), float(v)) for k, v in bias.items()))}
 
 
 def parse_message(message: Any, index: int) -> dict:
@@ -490,6 +523,93 @@ def fit_to_context(prompt_tokens: int, request: GenerationRequest, model: Model)
         raise invalid(f"{prompt_tokens} prompt tokens + max_tokens {request.max_tokens} exceed this model's "
                       f"context of {limit} tokens", "max_tokens", "context_length_exceeded")
     return min(request.max_tokens, room)
+
+
+def check_token_ids(request: GenerationRequest, model: Model) -> None:
+    """A 400 when logit_bias names a token id this model's vocabulary lacks."""
+    size = len(model.tokenizer)
+    for token, _bias in request.logit_bias:
+        if token >= size:
+            raise invalid(f"'logit_bias' names token id {token}; this model's ids run from 0 to {size - 1}",
+                          "logit_bias")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How one job picks its tokens, in mlx_lm's calling convention.
+
+    `sampler(logprobs) -> token ids` and `processor(tokens, logits) -> logits`
+    are what generate_step and BatchGenerator.insert take per sequence. Each
+    processor is stateful: called exactly once per generated token, in order.
+    """
+
+    sampler: Callable[[Any], Any]
+    logits_processors: list[Callable[[Any, Any], Any]]
+
+
+def make_sampling(request: GenerationRequest, model: Model, budget: int | None = None) -> Sampling:
+    """Build one job's sampler and logits processors; call in the engine thread.
+
+    `budget` is the job's token limit (request.max_tokens when None); JSON
+    constraints use it to close their output in time.
+    """
+    from mlx_lm.sample_utils import make_logits_processors
+    processors = make_logits_processors(
+        logit_bias=dict(request.logit_bias) or None,
+        repetition_penalty=request.repetition_penalty if request.repetition_penalty != 1 else None)
+    if request.presence_penalty or request.frequency_penalty:
+        processors.append(openai_penalties(request.presence_penalty, request.frequency_penalty))
+    return Sampling(make_token_sampler(request), processors)
+
+
+def make_token_sampler(request: GenerationRequest) -> Callable[[Any], Any]:
+    """A sampler for the request's temperature/top_p/top_k/min_p and seed.
+
+    A seeded sampler carries its own random key, split once per token, so its
+    draws do not depend on what else the engine samples (other requests in a
+    batch included): same seed, same request, same tokens.
+    """
+    import mlx.core as mx
+    from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, categorical_sampling, greedy_sampler
+
+    temperature, top_p, top_k, min_p = request.temperature, request.top_p, request.top_k, request.min_p
+    if temperature == 0 or top_p == 0:  # top_p 0 keeps only the top token: greedy
+        return greedy_sampler
+    key = None if request.seed is None else mx.random.key(request.seed % 2**64)
+
+    def sampler(logprobs: Any) -> Any:
+        nonlocal key
+        if 0 < top_p < 1:
+            logprobs = apply_top_p(logprobs, top_p)
+        if min_p > 0:
+            logprobs = apply_min_p(logprobs, min_p)
+        if 0 < top_k < logprobs.shape[-1]:  # a k as large as the vocabulary limits nothing
+            logprobs = apply_top_k(logprobs, top_k)
+        if key is None:
+            return categorical_sampling(logprobs, temperature)
+        key, draw = mx.random.split(key)
+        return mx.random.categorical(logprobs * (1 / temperature), key=draw)
+    return sampler
+
+
+def openai_penalties(presence: float, frequency: float) -> Callable[[Any, Any], Any]:
+    """OpenAI's presence and frequency penalties as a logits processor.
+
+    As OpenAI defines them, they count the tokens generated so far (not the
+    prompt): logit[j] -= frequency * count[j] + presence * (count[j] > 0).
+    """
+    import mlx.core as mx
+    counts = None
+
+    def processor(tokens: Any, logits: Any) -> Any:
+        nonlocal counts
+        if counts is None:  # first call: tokens[-1] is the prompt's last token, not a generated one
+            counts = mx.zeros((logits.shape[-1],), dtype=mx.float32)
+        else:
+            counts = counts.at[tokens[-1:]].add(1.0)
+        penalty = frequency * counts + presence * (counts > 0)
+        return (logits - penalty).astype(logits.dtype)
+    return processor
 
 
 class StopScanner:
@@ -707,8 +827,10 @@ class Engine:
         job.cached_tokens = cached
         self._note_cache()
         try:
+            sampling = make_sampling(job.request, self.model, job.max_tokens)
             (uid,) = batch.insert([job.prompt[cached:]], max_tokens=[job.max_tokens], caches=[cache],
-                                  all_tokens=[job.prompt[:cached]], samplers=[make_sampler_for(job.request)])
+                                  all_tokens=[job.prompt[:cached]], samplers=[sampling.sampler],
+                                  logits_processors=[sampling.logits_processors])
         except Exception as exc:
             log.error("could not start generation: %r", exc, exc_info=exc)
             job.events.put(("error", internal_error()))
@@ -778,14 +900,6 @@ class Engine:
         # A snapshot other threads may read without touching the cache itself.
         if self.prompt_cache is not None:
             self._stats = self.prompt_cache.stats()
-
-
-def make_sampler_for(request: GenerationRequest) -> Callable:
-    """The token sampler for a request's temperature and top_p."""
-    from mlx_lm.sample_utils import make_sampler
-    # top_p 0 keeps only the most likely token, which is greedy decoding.
-    temperature = 0.0 if request.top_p == 0 else request.temperature
-    return make_sampler(temp=temperature, top_p=request.top_p)
 
 
 # ---------------------------------------------------------------------------
@@ -1014,6 +1128,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         with server.admit() as slot:
             prompt = render_prompt(request, server.model, server.settings)
             budget = fit_to_context(len(prompt), request, server.model)
+            check_token_ids(request, server.model)
             job = Job(prompt, request, budget, time.monotonic() + server.settings.timeout)
             server.engine.submit(job)
             try:

@@ -419,6 +419,107 @@ def test_sliding_window_drops_old_messages(make_server):
 
 
 # ---------------------------------------------------------------------------
+# The OpenAI request surface: sampling, logprobs, JSON output, tools
+# ---------------------------------------------------------------------------
+
+def post(server, endpoint: str, **fields) -> dict:
+    reply = request(server, "POST", path_of(endpoint), body_for(endpoint, **fields))
+    assert reply.status == 200, reply.raw[:300]
+    return reply.json()
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_same_seed_same_output_whatever_ran_before(server, endpoint):
+    sampled = dict(max_tokens=30, temperature=1.2, top_p=0.95, top_k=50, min_p=0.01)
+    first = text_of(endpoint, post(server, endpoint, seed=1234, **sampled))
+    post(server, endpoint, **sampled)  # unseeded sampling moves the global random state
+    assert text_of(endpoint, post(server, endpoint, seed=1234, **sampled)) == first
+    assert streamed_text(endpoint, stream(server, endpoint, seed=1234, **sampled)) == first
+    others = {text_of(endpoint, post(server, endpoint, seed=seed, **sampled)) for seed in (1, 2, 3)}
+    assert others != {first}
+
+
+def test_same_seed_same_output_inside_a_batch(server):
+    sampled = body_for("completions", max_tokens=40, temperature=1.0, seed=99)
+    alone = request(server, "POST", "/v1/completions", sampled).json()["choices"][0]["text"]
+    results = []
+
+    def one(body):
+        results.append((body.get("seed"), request(server, "POST", "/v1/completions", body).json()["choices"][0]["text"]))
+
+    threads = [threading.Thread(target=one, args=(body,))
+               for body in (sampled, body_for("completions", max_tokens=60, temperature=1.0))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert dict(results)[99] == alone
+
+
+def test_seed_through_the_openai_sdk(openai_client):
+    def ask(seed):
+        return openai_client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=20,
+                                                     temperature=1.0, seed=seed).choices[0].message.content
+    assert ask(7) == ask(7)
+    text = openai_client.completions.create(model="tiny", prompt="abc", max_tokens=10, temperature=1.0, seed=-5)
+    assert text.choices[0].text == openai_client.completions.create(
+        model="tiny", prompt="abc", max_tokens=10, temperature=1.0, seed=-5).choices[0].text
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_top_k_1_and_min_p_1_are_greedy(server, endpoint):
+    greedy = text_of(endpoint, post(server, endpoint, max_tokens=20, temperature=0))
+    assert text_of(endpoint, post(server, endpoint, max_tokens=20, temperature=1.5, top_k=1)) == greedy
+    assert text_of(endpoint, post(server, endpoint, max_tokens=20, temperature=1.5, min_p=1.0)) == greedy
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_logit_bias_forces_and_forbids_tokens(server, model, endpoint):
+    token = model.tokenizer.encode(" the")[-1]
+    forced = post(server, endpoint, max_tokens=4, temperature=0, logit_bias={str(token): 100})
+    assert text_of(endpoint, forced).strip() == model.tokenizer.decode([token] * 4).strip()
+    greedy = post(server, endpoint, max_tokens=8, temperature=0)
+    first = first_greedy_token(model, endpoint)
+    banned = post(server, endpoint, max_tokens=8, temperature=0, logit_bias={str(first): -100})
+    assert text_of(endpoint, banned) != text_of(endpoint, greedy)
+
+
+def first_greedy_token(model, endpoint: str) -> int:
+    """The token greedy decoding picks first for body_for(endpoint)'s prompt."""
+    from mlx_lm.generate import generate_step
+    import mlx.core as mx
+    tokenizer = model.tokenizer
+    prompt = (tokenizer.apply_chat_template(HELLO, add_generation_prompt=True) if endpoint == "chat"
+              else tokenizer.encode(body_for(endpoint)["prompt"]))
+    token, _ = next(generate_step(mx.array(prompt), model.model, max_tokens=1))
+    return int(token)
+
+
+def test_logit_bias_through_the_openai_sdk(openai_client, model):
+    token = model.tokenizer.encode(" the")[-1]
+    completion = openai_client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=3, temperature=0,
+                                                       logit_bias={str(token): 100})
+    assert completion.choices[0].message.content.strip() == model.tokenizer.decode([token] * 3).strip()
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_penalties_change_greedy_output(server, endpoint):
+    greedy = text_of(endpoint, post(server, endpoint, max_tokens=80, temperature=0))
+    for field in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
+        value = 1.8 if field == "repetition_penalty" else 2.0
+        assert text_of(endpoint, post(server, endpoint, max_tokens=80, temperature=0, **{field: value})) != greedy, field
+
+
+def test_openai_penalties_count_generated_tokens_only():
+    import mlx.core as mx
+    processor = lem_serve.openai_penalties(presence=0.5, frequency=0.25)
+    logits = mx.zeros((1, 4))
+    assert processor(mx.array([3, 3, 2]), logits).tolist() == [[0, 0, 0, 0]]  # the prompt is not counted
+    assert processor(mx.array([3, 3, 2, 1]), logits).tolist() == [[0, -0.75, 0, 0]]
+    assert processor(mx.array([3, 3, 2, 1, 1]), logits).tolist() == [[0, -1.0, 0, 0]]
+
+
+# ---------------------------------------------------------------------------
 # Errors: every bad input is an OpenAI-shaped JSON error
 # ---------------------------------------------------------------------------
 
@@ -434,7 +535,18 @@ BAD_BODIES = [
     ("stop", {"stop": 5}),
     ("stream", {"stream": "yes"}),
     ("n", {"n": 3}),
-    ("logprobs", {"logprobs": True}),
+    ("top_k", {"top_k": -1}),
+    ("min_p", {"min_p": 1.5}),
+    ("seed", {"seed": "x"}),
+    ("seed", {"seed": 1.5}),
+    ("presence_penalty", {"presence_penalty": 2.5}),
+    ("frequency_penalty", {"frequency_penalty": "high"}),
+    ("repetition_penalty", {"repetition_penalty": 0}),
+    ("logit_bias", {"logit_bias": {"abc": 1}}),
+    ("logit_bias", {"logit_bias": {"5": 101}}),
+    ("logit_bias", {"logit_bias": {"999999": 1}}),
+    ("logit_bias", {"logit_bias": [1, 2]}),
+    ("echo", {"echo": True}),
 ]
 
 
