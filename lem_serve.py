@@ -70,6 +70,8 @@ DEFAULT_LOG_LEVEL = "info"        # debug, info, warning or error
 PROMPT_CACHE_MAX_ENTRIES = 64     # finished requests whose KV cache is kept (the byte budget binds first)
 MAX_BODY_BYTES = 8 * 1024 * 1024  # largest request body accepted; bigger gets 413
 MAX_STOP_STRINGS = 4              # stop strings per request, as OpenAI allows
+MAX_TOP_LOGPROBS_CHAT = 20        # chat top_logprobs ceiling, as OpenAI allows
+MAX_LOGPROBS_COMPLETIONS = 5      # completions logprobs ceiling, as OpenAI allows
 SOCKET_TIMEOUT = 30.0             # seconds a socket read or write may stall before the connection is dropped
 POLL_SECONDS = 0.05               # how often a waiting handler checks its client, clock and engine
 KEEPALIVE_SECONDS = 5.0           # silence on a stream before an SSE comment is sent to keep proxies open
@@ -295,16 +297,21 @@ COMMON_CHECKS = (
 )
 CHAT_CHECKS = COMMON_CHECKS + (
     Check("messages", (list,), "a non-empty list of messages", lambda v: len(v) > 0),
+    Check("logprobs", (bool,), "a boolean"),
+    Check("top_logprobs", (int,), f"an integer between 0 and {MAX_TOP_LOGPROBS_CHAT}",
+          lambda v: 0 <= v <= MAX_TOP_LOGPROBS_CHAT),
 )
 COMPLETION_CHECKS = COMMON_CHECKS + (
     Check("prompt", (str, list), "a string, a list holding one string, or a list of token ids"),
+    Check("logprobs", (int,), f"an integer between 0 and {MAX_LOGPROBS_COMPLETIONS}",
+          lambda v: 0 <= v <= MAX_LOGPROBS_COMPLETIONS),
 )
 
 # Known fields that would change the result and are not implemented yet:
 # refused by name rather than silently ignored. The value shown is the one
 # that is harmless to accept.
 UNSUPPORTED_FIELDS = {
-    "logprobs": (None, False), "top_logprobs": (None,), "tools": (None, []),
+    "tools": (None, []),
     "tool_choice": (None, "none", "auto"), "response_format": (None, {"type": "text"}),
     "echo": (None, False), "suffix": (None, ""), "best_of": (None, 1),
     "functions": (None, []),
@@ -332,6 +339,7 @@ class GenerationRequest:
     repetition_penalty: float = 1.0              # mlx_lm's multiplicative penalty; 1: off
     logit_bias: tuple[tuple[int, float], ...] = ()
     stop: tuple[str, ...] = ()
+    logprobs: int | None = None                  # alternatives reported per token; None: no logprobs
 
 
 def decode_json_body(raw: bytes) -> dict:
@@ -384,8 +392,18 @@ def parse_generation_request(endpoint: str, body: dict, settings: Settings) -> G
         include_usage=bool(options.get("include_usage")),
         max_tokens=asked or settings.max_tokens, max_tokens_given=asked is not None,
         stop=(stop,) if isinstance(stop, str) else tuple(stop),
+        logprobs=logprobs_wanted(endpoint, body),
         **sampling_fields(body),
     )
+
+
+def logprobs_wanted(endpoint: str, body: dict) -> int | None:
+    """How many alternatives to report per token (chat top_logprobs, completions logprobs), or None."""
+    if endpoint == "completions":
+        return body.get("logprobs")
+    if body.get("top_logprobs") is not None and not body.get("logprobs"):
+        raise invalid("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    return (body.get("top_logprobs") or 0) if body.get("logprobs") else None
 
 
 def sampling_fields(body: dict) -> dict:
@@ -612,6 +630,30 @@ def openai_penalties(presence: float, frequency: float) -> Callable[[Any, Any], 
     return processor
 
 
+def token_logprobs(tokenizer: Any, token: int, logprobs: Any, top_n: int) -> dict:
+    """One token's entry in OpenAI's chat logprobs shape, as plain Python values.
+
+    `logprobs` is the step's log-probability vector (an mx.array over the
+    vocabulary); this runs in the engine thread, where MLX lives. Log
+    probabilities of -inf (tokens a constraint forbids) are reported as -9999.0,
+    as OpenAI does, since JSON has no infinity.
+    """
+    import mlx.core as mx
+
+    def entry(token_id: int, value: float) -> dict:
+        text = tokenizer.decode([token_id])
+        return {"token": text, "logprob": max(value, -9999.0), "bytes": list(text.encode("utf-8"))}
+
+    chosen = entry(token, logprobs[token].item())
+    chosen["top_logprobs"] = []
+    if top_n > 0:
+        best = mx.argpartition(-logprobs, kth=top_n - 1)[:top_n]
+        values = logprobs[best].tolist()
+        ranked = sorted(zip(best.tolist(), values), key=lambda pair: -pair[1])
+        chosen["top_logprobs"] = [entry(i, v) for i, v in ranked]
+    return chosen
+
+
 class StopScanner:
     """Cuts generated text at the first stop string, never emitting part of one.
 
@@ -646,7 +688,8 @@ class StopScanner:
 class Job:
     """One admitted request's generation, shared by its handler and the engine.
 
-    The engine puts events on `events`: ("text", str) pieces, then exactly one
+    The engine puts events on `events`: ("text", str, [token_logprobs dicts])
+    pieces (the list empty unless logprobs were asked for), then exactly one
     ("finish", reason) or ("error", APIError). The handler sets `cancelled`
     when the client leaves or the deadline passes.
     """
@@ -677,6 +720,7 @@ class Sequence:
     job: Job
     detokenizer: Any
     stops: StopScanner
+    logprobs: list = dataclasses.field(default_factory=list)  # entries of tokens whose text is not out yet
 
 
 class PromptCache:
@@ -872,13 +916,22 @@ class Engine:
         self.tokens_generated += 1
         if response.finish_reason == "stop":  # an end-of-sequence token: not part of the text
             return self._flush(sequence, "stop")
+        if job.request.logprobs is not None:
+            sequence.logprobs.append(token_logprobs(self.model.tokenizer, response.token, response.logprobs,
+                                                   job.request.logprobs))
         sequence.detokenizer.add_token(response.token)
         if response.finish_reason == "length":
             return self._flush(sequence, "length")
         text, stopped = sequence.stops.feed(sequence.detokenizer.last_segment)
-        if text:
-            job.events.put(("text", text))
+        self._emit(sequence, text)
         return "stop" if stopped else None
+
+    @staticmethod
+    def _emit(sequence: Sequence, text: str) -> None:
+        """Send a text piece with the logprobs of the tokens it completes."""
+        if text:
+            sequence.job.events.put(("text", text, sequence.logprobs))
+            sequence.logprobs = []
 
     @staticmethod
     def _flush(sequence: Sequence, reason: str) -> str:
@@ -887,8 +940,7 @@ class Engine:
         text, stopped = sequence.stops.feed(sequence.detokenizer.last_segment)
         if not stopped:
             text += sequence.stops.flush()
-        if text:
-            sequence.job.events.put(("text", text))
+        Engine._emit(sequence, text)
         return "stop" if stopped else reason
 
     def _keep_cache(self, batch: Any, tokens: list[int] | None, cache: list | None) -> None:
@@ -913,15 +965,36 @@ def usage_of(job: Job) -> dict:
             "prompt_tokens_details": {"cached_tokens": job.cached_tokens}}
 
 
+def logprobs_object(endpoint: str, entries: list[dict] | None, offset: int = 0) -> dict | None:
+    """A choice's "logprobs" in the endpoint's OpenAI shape; None when not asked for.
+
+    `entries` come from token_logprobs (chat's shape already); completions get
+    the legacy parallel lists, with text offsets counted from `offset`.
+    """
+    if entries is None:
+        return None
+    if endpoint == "chat":
+        return {"content": entries, "refusal": None}
+    offsets = []
+    for entry in entries:
+        offsets.append(offset)
+        offset += len(entry["token"])
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{**{t["token"]: t["logprob"] for t in e["top_logprobs"]}, e["token"]: e["logprob"]}
+                             for e in entries],
+            "text_offset": offsets}
+
+
 def completion_object(endpoint: str, response_id: str, created: int, model: str, text: str,
-                      finish_reason: str, usage: dict) -> dict:
+                      finish_reason: str, usage: dict, logprobs: list[dict] | None = None) -> dict:
     """The non-streaming response body for either endpoint."""
     if endpoint == "chat":
         choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                  "logprobs": None, "finish_reason": finish_reason}
+                  "logprobs": logprobs_object(endpoint, logprobs), "finish_reason": finish_reason}
         kind = "chat.completion"
     else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": 0, "text": text, "logprobs": logprobs_object(endpoint, logprobs),
+                  "finish_reason": finish_reason}
         kind = "text_completion"
     return {"id": response_id, "object": kind, "created": created, "model": model,
             "choices": [choice], "usage": usage}
@@ -930,8 +1003,11 @@ def completion_object(endpoint: str, response_id: str, created: int, model: str,
 class ChunkFormatter:
     """Builds the streaming chunks of one response, shaped for its endpoint."""
 
-    def __init__(self, endpoint: str, response_id: str, created: int, model: str):
+    def __init__(self, endpoint: str, response_id: str, created: int, model: str, logprobs: bool = False):
+        self.endpoint = endpoint
         self.chat = endpoint == "chat"
+        self.logprobs = logprobs
+        self.offset = 0   # characters streamed so far, for completions' text_offset
         self.head = {"id": response_id, "object": "chat.completion.chunk" if self.chat else "text_completion",
                      "created": created, "model": model}
 
@@ -945,10 +1021,12 @@ class ChunkFormatter:
         return self._chunk({"index": 0, "delta": {"role": "assistant", "content": ""},
                             "logprobs": None, "finish_reason": None})
 
-    def text(self, text: str) -> dict:
+    def text(self, text: str, logprobs: list[dict] = ()) -> dict:
+        lp = logprobs_object(self.endpoint, list(logprobs), self.offset) if self.logprobs else None
+        self.offset += len(text)
         if self.chat:
-            return self._chunk({"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": None})
-        return self._chunk({"index": 0, "text": text, "logprobs": None, "finish_reason": None})
+            return self._chunk({"index": 0, "delta": {"content": text}, "logprobs": lp, "finish_reason": None})
+        return self._chunk({"index": 0, "text": text, "logprobs": lp, "finish_reason": None})
 
     def finish(self, reason: str) -> dict:
         if self.chat:
@@ -1189,24 +1267,25 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 return
 
     def _write_completion(self, job: Job, slot: "Admission") -> None:
-        pieces, finish = [], "stop"
-        for kind, value in self._events(job, slot):
+        pieces, logprobs, finish = [], [], "stop"
+        for kind, value, *extra in self._events(job, slot):
             if kind == "error":
                 raise value
             if kind == "text":
                 pieces.append(value)
+                logprobs += extra[0]
             else:
                 finish = value
         self.body_read = True
-        server = self.server
-        self._send_json(completion_object(job.request.endpoint, new_response_id(job.request.endpoint),
+        server, request = self.server, job.request
+        self._send_json(completion_object(request.endpoint, new_response_id(request.endpoint),
                                           int(time.time()), server.settings.model_name, "".join(pieces),
-                                          finish, usage_of(job)))
+                                          finish, usage_of(job), logprobs if request.logprobs is not None else None))
 
     def _write_stream(self, job: Job, slot: "Admission") -> None:
         server = self.server
         chunks = ChunkFormatter(job.request.endpoint, new_response_id(job.request.endpoint),
-                                int(time.time()), server.settings.model_name)
+                                int(time.time()), server.settings.model_name, job.request.logprobs is not None)
         self._start_stream()
         last_write = [time.monotonic()]
 
@@ -1218,10 +1297,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         try:
             if (opening := chunks.role()) is not None:
                 self._write_raw(sse_event(opening))
-            for kind, value in self._events(job, slot, keepalive):
+            for kind, value, *extra in self._events(job, slot, keepalive):
                 if kind == "error":
                     raise value
-                self._write_raw(sse_event(chunks.text(value) if kind == "text" else chunks.finish(value)))
+                self._write_raw(sse_event(chunks.text(value, *extra) if kind == "text" else chunks.finish(value)))
                 last_write[0] = time.monotonic()
             if job.request.include_usage:
                 self._write_raw(sse_event(chunks.usage(usage_of(job))))

@@ -519,6 +519,55 @@ def test_openai_penalties_count_generated_tokens_only():
     assert processor(mx.array([3, 3, 2, 1, 1]), logits).tolist() == [[0, -1.0, 0, 0]]
 
 
+def test_chat_logprobs_through_the_openai_sdk(openai_client):
+    completion = openai_client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=12, temperature=0,
+                                                       logprobs=True, top_logprobs=3)
+    entries = completion.choices[0].logprobs.content
+    assert len(entries) == completion.usage.completion_tokens == 12
+    for entry in entries:
+        alternatives = [t.logprob for t in entry.top_logprobs]
+        assert len(alternatives) == 3 and alternatives == sorted(alternatives, reverse=True)
+        assert entry.logprob == alternatives[0] and entry.logprob <= 0  # greedy picks the most likely
+        assert entry.bytes == list(entry.token.encode())
+    chunks = list(openai_client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=12, temperature=0,
+                                                        logprobs=True, top_logprobs=3, stream=True))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in entries]
+    plain = openai_client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=2, logprobs=True)
+    assert all(e.top_logprobs == [] for e in plain.choices[0].logprobs.content)
+    without = openai_client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=2)
+    assert without.choices[0].logprobs is None
+
+
+def test_completions_logprobs_through_the_openai_sdk(openai_client):
+    completion = openai_client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=10,
+                                                  temperature=0, logprobs=2)
+    logprobs = completion.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == 10
+    assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i]) for i in range(10)]
+    for token, value, top in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs):
+        assert top[token] == value == max(top.values()) and 1 <= len(top) <= 3
+    chunks = list(openai_client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=10,
+                                                   temperature=0, logprobs=2, stream=True))
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs]
+    assert [t for lp in streamed for t in lp.tokens] == logprobs.tokens
+    assert [o for lp in streamed for o in lp.text_offset] == logprobs.text_offset
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_logprobs_raw_json_shapes(server, endpoint):
+    wanted = {"logprobs": True, "top_logprobs": 0} if endpoint == "chat" else {"logprobs": 0}
+    choice = post(server, endpoint, max_tokens=3, **wanted)["choices"][0]
+    if endpoint == "chat":
+        assert set(choice["logprobs"]) == {"content", "refusal"}
+        assert set(choice["logprobs"]["content"][0]) == {"token", "logprob", "bytes", "top_logprobs"}
+    else:
+        assert set(choice["logprobs"]) == {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
+        assert all(len(top) == 1 for top in choice["logprobs"]["top_logprobs"])
+    events = [e for e in stream(server, endpoint, max_tokens=3, **wanted) if isinstance(e, dict)]
+    assert all(e["choices"][0]["logprobs"] for e in events[1 if endpoint == "chat" else 0:-1])
+
+
 # ---------------------------------------------------------------------------
 # Errors: every bad input is an OpenAI-shaped JSON error
 # ---------------------------------------------------------------------------
@@ -547,6 +596,7 @@ BAD_BODIES = [
     ("logit_bias", {"logit_bias": {"999999": 1}}),
     ("logit_bias", {"logit_bias": [1, 2]}),
     ("echo", {"echo": True}),
+    ("logprobs", {"logprobs": "yes"}),
 ]
 
 
@@ -555,6 +605,17 @@ BAD_BODIES = [
 def test_bad_fields_are_400(server, endpoint, param, fields):
     reply = request(server, "POST", path_of(endpoint), body_for(endpoint, **fields))
     assert_openai_error(reply, 400, param)
+
+
+@pytest.mark.parametrize("endpoint,fields,param", [
+    ("chat", {"top_logprobs": 2}, "top_logprobs"),
+    ("chat", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ("chat", {"logprobs": 1}, "logprobs"),
+    ("completions", {"logprobs": 6}, "logprobs"),
+    ("completions", {"logprobs": True}, "logprobs"),
+])
+def test_bad_logprobs_are_400(server, endpoint, fields, param):
+    assert_openai_error(request(server, "POST", path_of(endpoint), body_for(endpoint, **fields)), 400, param)
 
 
 @pytest.mark.parametrize("body,param", [
