@@ -72,6 +72,10 @@ MAX_BODY_BYTES = 8 * 1024 * 1024  # largest request body accepted; bigger gets 4
 MAX_STOP_STRINGS = 4              # stop strings per request, as OpenAI allows
 MAX_TOP_LOGPROBS_CHAT = 20        # chat top_logprobs ceiling, as OpenAI allows
 MAX_LOGPROBS_COMPLETIONS = 5      # completions logprobs ceiling, as OpenAI allows
+JSON_MAX_DIGITS = 15              # digits per part of a constrained number (float precision; keeps output finite)
+SCHEMA_MAX_DEPTH = 32             # nesting (and $ref hops) a schema may have; more is a 400
+JSON_MASK_CACHE_STATES = 4096     # token masks cached per constraint (one per automaton state seen)
+JSON_CONSTRAINT_CACHE = 16        # compiled constraints kept across requests (same schema: warm masks)
 SOCKET_TIMEOUT = 30.0             # seconds a socket read or write may stall before the connection is dropped
 POLL_SECONDS = 0.05               # how often a waiting handler checks its client, clock and engine
 KEEPALIVE_SECONDS = 5.0           # silence on a stream before an SSE comment is sent to keep proxies open
@@ -294,6 +298,7 @@ COMMON_CHECKS = (
     Check("frequency_penalty", (int, float), "a number between -2 and 2", lambda v: -2 <= v <= 2),
     Check("repetition_penalty", (int, float), "a number > 0 (1 = off)", lambda v: v > 0),
     Check("logit_bias", (dict,), "an object mapping token ids to numbers between -100 and 100", _is_logit_bias),
+    Check("response_format", (dict,), 'an object such as {"type": "json_object"}'),
 )
 CHAT_CHECKS = COMMON_CHECKS + (
     Check("messages", (list,), "a non-empty list of messages", lambda v: len(v) > 0),
@@ -312,7 +317,7 @@ COMPLETION_CHECKS = COMMON_CHECKS + (
 # that is harmless to accept.
 UNSUPPORTED_FIELDS = {
     "tools": (None, []),
-    "tool_choice": (None, "none", "auto"), "response_format": (None, {"type": "text"}),
+    "tool_choice": (None, "none", "auto"),
     "echo": (None, False), "suffix": (None, ""), "best_of": (None, 1),
     "functions": (None, []),
 }
@@ -340,6 +345,7 @@ class GenerationRequest:
     logit_bias: tuple[tuple[int, float], ...] = ()
     stop: tuple[str, ...] = ()
     logprobs: int | None = None                  # alternatives reported per token; None: no logprobs
+    constraint: Constraint | None = None         # output forced to match a JSON schema
 
 
 def decode_json_body(raw: bytes) -> dict:
@@ -393,6 +399,7 @@ def parse_generation_request(endpoint: str, body: dict, settings: Settings) -> G
         max_tokens=asked or settings.max_tokens, max_tokens_given=asked is not None,
         stop=(stop,) if isinstance(stop, str) else tuple(stop),
         logprobs=logprobs_wanted(endpoint, body),
+        constraint=parse_response_format(body.get("response_format")),
         **sampling_fields(body),
     )
 
@@ -468,6 +475,145 @@ def parse_prompt(prompt: Any) -> str | tuple[int, ...]:
     if prompt and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt):
         return tuple(prompt)
     raise invalid("'prompt' must be a string, a list holding one string, or a non-empty list of token ids", "prompt")
+
+
+# JSON Schema subset for response_format and forced tool calls. Keywords that
+# constrain the output and are not listed here get a 400 rather than being
+# ignored; annotation keywords are accepted and ignored.
+SCHEMA_KEYWORDS = {"type", "properties", "required", "enum", "const", "items", "anyOf",
+                   "additionalProperties", "$ref"}
+SCHEMA_ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", "$comment",
+                      "$defs", "definitions", "format", "strict", "deprecated", "readOnly", "writeOnly"}
+
+
+@dataclass(frozen=True, eq=False)
+class SchemaNode:
+    """One compiled JSON Schema node; compared by identity so states hash fast.
+
+    kind: any, object, array, string, number, integer, literal or any_of.
+    Objects with `props` take those keys, in order, each at most once (the
+    `required` ones always); objects without take any keys, values `items`.
+    """
+
+    kind: str
+    props: tuple[tuple[str, "SchemaNode"], ...] = ()
+    required: frozenset = frozenset()
+    items: "SchemaNode | None" = None         # array items / free-object values
+    alts: tuple["SchemaNode", ...] = ()
+    text: str = ""                            # literal: its exact JSON text
+    min_len: int = 1                          # characters of the shortest matching JSON text
+
+
+def literal(value: Any) -> SchemaNode:
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return SchemaNode("literal", text=text, min_len=len(text))
+
+
+def any_of(alts: list[SchemaNode]) -> SchemaNode:
+    return alts[0] if len(alts) == 1 else SchemaNode("any_of", alts=tuple(alts), min_len=min(a.min_len for a in alts))
+
+
+ANY = SchemaNode("any", min_len=1)
+ANY_OBJECT = SchemaNode("object", items=ANY, min_len=2)
+ANY_ARRAY = SchemaNode("array", items=ANY, min_len=2)
+JSON_SCALARS = {"string": SchemaNode("string", min_len=2), "number": SchemaNode("number"),
+                "integer": SchemaNode("integer"), "boolean": any_of([literal(True), literal(False)]),
+                "null": literal(None)}
+
+
+def compile_schema(schema: Any, root: dict, param: str, depth: int = 0) -> SchemaNode:
+    """Compile a JSON Schema (the supported subset) or raise a 400 naming `param`."""
+    if schema is True or schema == {}:
+        return ANY
+    if not isinstance(schema, dict):
+        raise invalid(f"'{param}': a JSON Schema must be an object, got {json.dumps(schema)[:60]}", param)
+    unknown = sorted(set(schema) - SCHEMA_KEYWORDS - SCHEMA_ANNOTATIONS)
+    if unknown:
+        raise invalid(f"'{param}': JSON Schema keyword {unknown[0]!r} is not supported; this server supports "
+                      f"{', '.join(sorted(SCHEMA_KEYWORDS))}", param)
+    if depth > SCHEMA_MAX_DEPTH:
+        raise invalid(f"'{param}': the schema nests (or recurses through $ref) deeper than {SCHEMA_MAX_DEPTH}", param)
+    if "$ref" in schema:
+        return compile_schema(resolve_ref(schema["$ref"], root, param), root, param, depth + 1)
+    if "const" in schema:
+        return literal(schema["const"])
+    if "enum" in schema:
+        if not isinstance(schema["enum"], list) or not schema["enum"]:
+            raise invalid(f"'{param}': 'enum' must be a non-empty list", param)
+        return any_of([literal(v) for v in schema["enum"]])
+    if "anyOf" in schema:
+        if not isinstance(schema["anyOf"], list) or not schema["anyOf"]:
+            raise invalid(f"'{param}': 'anyOf' must be a non-empty list", param)
+        return any_of([compile_schema(s, root, param, depth + 1) for s in schema["anyOf"]])
+    kind = schema.get("type")
+    if isinstance(kind, list) and kind:
+        return any_of([compile_schema({**schema, "type": k}, root, param, depth) for k in kind])
+    if kind == "object":
+        return compile_object(schema, root, param, depth)
+    if kind == "array":
+        items = compile_schema(schema.get("items", True), root, param, depth + 1)
+        return SchemaNode("array", items=items, min_len=2)
+    if kind is None:
+        return ANY
+    if kind not in JSON_SCALARS:
+        raise invalid(f"'{param}': unknown JSON Schema type {json.dumps(kind)[:40]}", param)
+    return JSON_SCALARS[kind]
+
+
+def compile_object(schema: dict, root: dict, param: str, depth: int) -> SchemaNode:
+    """An object node: declared properties in order, or free keys."""
+    properties = schema.get("properties") or {}
+    required = schema.get("required") or []
+    if not isinstance(properties, dict) or not isinstance(required, list):
+        raise invalid(f"'{param}': 'properties' must be an object and 'required' a list", param)
+    missing = [name for name in required if name not in properties]
+    if missing:
+        raise invalid(f"'{param}': required property {missing[0]!r} is not in 'properties'", param)
+    if not properties:
+        extra = schema.get("additionalProperties", True)
+        values = compile_schema(extra if isinstance(extra, dict) else True, root, param, depth + 1)
+        return SchemaNode("object", items=values, min_len=2)
+    props = tuple((name, compile_schema(sub, root, param, depth + 1)) for name, sub in properties.items())
+    need = [len(json.dumps(name)) + 1 + node.min_len for name, node in props if name in required]
+    return SchemaNode("object", props=props, required=frozenset(required),
+                      min_len=2 + sum(need) + max(len(need) - 1, 0))
+
+
+def resolve_ref(ref: Any, root: dict, param: str) -> Any:
+    """The schema a local "#/$defs/Name" (or "#/definitions/Name") points at."""
+    parts = ref.split("/") if isinstance(ref, str) else []
+    if len(parts) != 3 or parts[0] != "#" or parts[1] not in ("$defs", "definitions"):
+        raise invalid(f"'{param}': only local $ref such as '#/$defs/Name' is supported, got {json.dumps(ref)[:60]}",
+                      param)
+    target = (root.get(parts[1]) or {}).get(parts[2])
+    if target is None:
+        raise invalid(f"'{param}': $ref {ref!r} points at nothing", param)
+    return target
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """Output the engine must produce: JSON text matching `node`."""
+
+    node: SchemaNode
+    key: str                  # canonical JSON of the schema: equal keys share cached token masks
+    tool_call: bool = False   # wrapped in the model's tool-call markers
+
+
+def parse_response_format(value: dict | None) -> Constraint | None:
+    """response_format: text (no constraint), json_object, or json_schema."""
+    kind = (value or {}).get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return Constraint(ANY_OBJECT, "json_object")
+    spec = value.get("json_schema")
+    if kind != "json_schema" or not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+        raise invalid("'response_format' must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
+                      "{\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., \"schema\": {...}}}",
+                      "response_format")
+    schema = spec["schema"]
+    return Constraint(compile_schema(schema, schema, "response_format"), json.dumps(schema, sort_keys=True))
 
 
 def sliding_window(messages: tuple[dict, ...], keep: int) -> tuple[dict, ...]:
@@ -577,7 +723,19 @@ def make_sampling(request: GenerationRequest, model: Model, budget: int | None =
         repetition_penalty=request.repetition_penalty if request.repetition_penalty != 1 else None)
     if request.presence_penalty or request.frequency_penalty:
         processors.append(openai_penalties(request.presence_penalty, request.frequency_penalty))
+    if request.constraint is not None:  # last: it masks what the others produced
+        processors.append(json_constraint(request.constraint, model, budget or request.max_tokens))
     return Sampling(make_token_sampler(request), processors)
+
+
+def json_constraint(constraint: Constraint, model: Model, budget: int) -> Callable[[Any, Any], Any]:
+    """The logits processor that forces the constraint's JSON (tool-call markers around it if asked)."""
+    tokenizer = model.tokenizer
+    prefix = suffix = ""
+    if constraint.tool_call:
+        prefix, suffix = tokenizer.tool_call_start + "\n", "\n" + tokenizer.tool_call_end
+    masks = json_masks(tokenizer, (constraint.key, prefix, suffix), json_start(constraint.node, prefix, suffix))
+    return JsonConstraint(masks, budget)
 
 
 def make_token_sampler(request: GenerationRequest) -> Callable[[Any], Any]:
@@ -652,6 +810,417 @@ def token_logprobs(tokenizer: Any, token: int, logprobs: Any, top_n: int) -> dic
         ranked = sorted(zip(best.tolist(), values), key=lambda pair: -pair[1])
         chosen["top_logprobs"] = [entry(i, v) for i, v in ranked]
     return chosen
+
+
+# -- JSON-constrained decoding ------------------------------------------------
+#
+# A character-level pushdown automaton for JSON text that matches a SchemaNode,
+# lifted to tokens by walking a trie of the vocabulary's token texts. A state
+# is a tuple of stacks (several while anyOf alternatives are open); a stack is
+# a tuple of frames, innermost last; both hash, so token masks are cached per
+# state. Whitespace: at most one space, after ':' or ',' (and before the top
+# value), which keeps output compact and finite.
+
+NUMBER_MOVES = {
+    "start": {"-": "sign", "0": "zero", "1": "int"}, "sign": {"0": "zero", "1": "int"},
+    "zero": {".": "dot", "e": "e"}, "int": {"0": "int", "1": "int", ".": "dot", "e": "e"},
+    "dot": {"0": "frac", "1": "frac"}, "frac": {"0": "frac", "1": "frac", "e": "e"},
+    "e": {"+": "esign", "-": "esign", "0": "exp", "1": "exp"}, "esign": {"0": "exp", "1": "exp"},
+    "exp": {"0": "exp", "1": "exp"},
+}
+NUMBER_ENDS = {"zero", "int", "frac", "exp"}   # phases where a number may stop
+FREE_STRING = ("str", 0)                        # inside a string, no escape pending
+ANY_ALTS = (JSON_SCALARS["string"], JSON_SCALARS["number"], ANY_OBJECT, ANY_ARRAY,
+            literal(True), literal(False), literal(None))
+
+
+def json_start(node: SchemaNode, prefix: str = "", suffix: str = "") -> tuple:
+    """The automaton's start state: `prefix`, a JSON value for `node`, then `suffix`."""
+    stack = (("lit", suffix, 0),) if suffix else ()
+    stack += (("val", node, 0),)
+    stack += (("lit", prefix, 0),) if prefix else ()
+    return (stack,)
+
+
+def json_advance(state: tuple, text: str) -> tuple:
+    """The state after `text`; () once no stack can take it."""
+    for ch in text:
+        if not state:
+            break
+        state = tuple(dict.fromkeys(nxt for stack in state for nxt in _json_step(stack, ch)))
+    return state
+
+
+def json_complete(state: tuple) -> bool:
+    """True when the text so far is a whole match (a trailing number may end here)."""
+    return any(not _drop_ended_numbers(stack) for stack in state)
+
+
+def json_closing_text(state: tuple) -> str | None:
+    """The shortest way (by the automaton's hints) to finish from `state`."""
+    best = None
+    for stack in state:
+        text = []
+        while _drop_ended_numbers(stack) and len(text) < 10_000:
+            ch = _json_hint(stack)
+            following = _json_step(stack, ch)
+            if not following:
+                break
+            stack = following[0]
+            text.append(ch)
+        if not _drop_ended_numbers(stack) and (best is None or len(text) < len(best)):
+            best = "".join(text)
+    return best
+
+
+def _drop_ended_numbers(stack: tuple) -> tuple:
+    while stack and stack[-1][0] == "num" and stack[-1][2] in NUMBER_ENDS:
+        stack = stack[:-1]
+    return stack
+
+
+def _json_step(stack: tuple, ch: str) -> list[tuple]:
+    """Stacks that can follow `stack` on character `ch` (none: it cannot)."""
+    if not stack:
+        return []
+    frame, rest = stack[-1], stack[:-1]
+    kind = frame[0]
+    if kind == "lit":
+        _, text, pos = frame
+        if text[pos] != ch:
+            return []
+        return [rest if pos + 1 == len(text) else rest + (("lit", text, pos + 1),)]
+    if kind == "str":
+        return _step_string(rest, frame[1], ch)
+    if kind == "num":
+        return _step_number(rest, frame, ch)
+    if kind == "val":
+        if ch == " " and not frame[2]:
+            return [rest + (("val", frame[1], 1),)]
+        return [s for node in _alternatives(frame[1]) for s in _start_value(rest, node, ch)]
+    if kind == "obj":
+        return _step_object(rest, frame, ch)
+    return _step_array(rest, frame, ch)
+
+
+def _step_string(rest: tuple, escape: int, ch: str) -> list[tuple]:
+    # escape: 0 none pending, -1 after a backslash, n > 0 hex digits still due in \uXXXX.
+    if escape == 0:
+        if ch == '"':
+            return [rest]
+        if ch == "\\":
+            return [rest + (("str", -1),)]
+        return [] if ch < " " else [rest + (FREE_STRING,)]
+    if escape == -1:
+        if ch == "u":
+            return [rest + (("str", 4),)]
+        return [rest + (FREE_STRING,)] if ch in '"\\/bfnrt' else []
+    return [rest + (("str", escape - 1 if escape > 1 else 0),)] if ch in "0123456789abcdefABCDEF" else []
+
+
+def _step_number(rest: tuple, frame: tuple, ch: str) -> list[tuple]:
+    # frame: ("num", integer only, phase, digits in the current part: integer, fraction or exponent).
+    _, integer, phase, digits = frame
+    move = NUMBER_MOVES[phase].get("1" if ch in "123456789" else "e" if ch in "eE" else ch)
+    if integer and move in ("dot", "e"):
+        move = None
+    if move:
+        digits = digits + 1 if move == phase else int(move in NUMBER_ENDS)
+        return [rest + (("num", integer, move, digits),)] if digits <= JSON_MAX_DIGITS else []
+    return _json_step(rest, ch) if phase in NUMBER_ENDS else []
+
+
+def _alternatives(node: SchemaNode) -> tuple[SchemaNode, ...]:
+    if node.kind == "any":
+        return ANY_ALTS
+    if node.kind == "any_of":
+        return tuple(a for alt in node.alts for a in _alternatives(alt))
+    return (node,)
+
+
+def _start_value(rest: tuple, node: SchemaNode, ch: str) -> list[tuple]:
+    kind = node.kind
+    if kind == "literal":
+        if node.text[0] != ch:
+            return []
+        return [rest if len(node.text) == 1 else rest + (("lit", node.text, 1),)]
+    if kind == "string":
+        return [rest + (FREE_STRING,)] if ch == '"' else []
+    if kind in ("number", "integer"):
+        return _step_number(rest, ("num", kind == "integer", "start", 0), ch) if ch in "-0123456789" else []
+    if kind == "object":
+        return [rest + (("obj", node, "open", 0, ""),)] if ch == "{" else []
+    return [rest + (("arr", node, "open"),)] if ch == "[" else []
+
+
+def _key_candidates(node: SchemaNode, start: int) -> list[int]:
+    """Indices of properties that may come next: up to and including the first required one."""
+    out = []
+    for i in range(start, len(node.props)):
+        out.append(i)
+        if node.props[i][0] in node.required:
+            break
+    return out
+
+
+def _may_close_object(node: SchemaNode, start: int) -> bool:
+    return all(name not in node.required for name, _ in node.props[start:])
+
+
+def _step_object(rest: tuple, frame: tuple, ch: str) -> list[tuple]:
+    # frame: ("obj", node, phase, index, key). phase: open, key, colon, after, comma, comma1 (space seen);
+    # index: next property allowed (in "colon": the one being written); key: the key typed so far.
+    _, node, phase, index, key = frame
+    free = not node.props
+    if phase in ("open", "after") and ch == "}" and (free or _may_close_object(node, index)):
+        return [rest]
+    if phase == "after" and ch == "," and (free or index < len(node.props)):
+        return [rest + (("obj", node, "comma", index, ""),)]
+    if phase == "comma" and ch == " ":
+        return [rest + (("obj", node, "comma1", index, ""),)]
+    if phase in ("open", "comma", "comma1") and ch == '"':
+        if free:
+            return [rest + (("obj", node, "colon", index, ""), FREE_STRING)]
+        return [rest + (("obj", node, "key", index, ""),)] if _key_candidates(node, index) else []
+    if phase == "key":
+        return _step_key(rest, node, index, key, ch)
+    if phase == "colon" and ch == ":":
+        value = node.items or ANY if free else node.props[index][1]
+        return [rest + (("obj", node, "after", index + (not free), ""), ("val", value, 0))]
+    return []
+
+
+def _step_key(rest: tuple, node: SchemaNode, index: int, key: str, ch: str) -> list[tuple]:
+    names = {i: json.dumps(node.props[i][0], ensure_ascii=False)[1:-1] for i in _key_candidates(node, index)}
+    if ch == '"':
+        return [rest + (("obj", node, "colon", i, ""),) for i, name in names.items() if name == key]
+    typed = key + ch
+    if any(name.startswith(typed) for name in names.values()):
+        return [rest + (("obj", node, "key", index, typed),)]
+    return []
+
+
+def _step_array(rest: tuple, frame: tuple, ch: str) -> list[tuple]:
+    # frame: ("arr", node, phase); phase: open (nothing yet) or after (an item written).
+    _, node, phase = frame
+    if ch == "]":
+        return [rest]
+    item = ("val", node.items or ANY, 0)
+    if phase == "after":
+        return [rest + (("arr", node, "after"), item)] if ch == "," else []
+    return _json_step(rest + (("arr", node, "after"), item[:2] + (1,)), ch)
+
+
+def _json_hint(stack: tuple) -> str:
+    """The next character on a short way to finish the innermost frame (and so the text)."""
+    frame = stack[-1]
+    kind = frame[0]
+    if kind == "lit":
+        return frame[1][frame[2]]
+    if kind == "str":
+        return {0: '"', -1: "n"}.get(frame[1], "0")
+    if kind == "num":
+        return _json_hint(stack[:-1]) if frame[2] in NUMBER_ENDS else "0"
+    if kind == "val":
+        node = min(_alternatives(frame[1]), key=lambda n: n.min_len)
+        return {"literal": node.text[:1], "string": '"', "object": "{", "array": "["}.get(node.kind, "0")
+    if kind == "arr":
+        return "]"
+    _, node, phase, index, key = frame
+    if phase in ("open", "after"):
+        if not node.props or _may_close_object(node, index):
+            return "}"
+        return "," if phase == "after" else '"'
+    if phase == "colon":
+        return ":"
+    if phase != "key":
+        return '"'
+    names = [json.dumps(node.props[i][0], ensure_ascii=False)[1:-1] for i in _key_candidates(node, index)]
+    target = next(n for n in reversed(names) if n.startswith(key))  # the required one when it fits
+    return target[len(key)] if len(target) > len(key) else '"'
+
+
+
+class TokenTable:
+    """A vocabulary's token texts, indexed for constrained decoding; one per tokenizer.
+
+    Special tokens (end of sequence included) and tokens that decode to part
+    of a character are left out, so constrained text is made of whole
+    characters and never of control tokens.
+    """
+
+    def __init__(self, tokenizer: Any):
+        self.size = len(tokenizer)
+        self.eos = sorted(tokenizer.eos_token_ids)
+        self.texts = token_texts(tokenizer, self.size)
+        self.trie: dict = {}                       # char -> child; "" -> ids ending here
+        self.plain: list[int] = []                 # tokens that are only ordinary string characters
+        self.marked: list[tuple[int, str]] = []    # every other usable token, with its text
+        for token, text in enumerate(self.texts):
+            if not text:
+                continue
+            node = self.trie
+            for ch in text:
+                node = node.setdefault(ch, {})
+            node.setdefault("", []).append(token)
+            if all(ch >= " " and ch not in '"\\' for ch in text):
+                self.plain.append(token)
+            else:
+                self.marked.append((token, text))
+
+
+def token_texts(tokenizer: Any, size: int) -> list[str | None]:
+    """Each token id's text as it reads inside a sequence; None for unusable ones."""
+    # Decoded after an anchor token, so SentencePiece's leading space is kept.
+    anchor = tokenizer.encode("a", add_special_tokens=False)[-1]
+    head = tokenizer.decode([anchor])
+    special = set(getattr(tokenizer, "all_special_ids", ())) | set(tokenizer.eos_token_ids)
+    decoded = tokenizer.batch_decode([[anchor, token] for token in range(size)])
+    return [text[len(head):] if token not in special and text.startswith(head) and "\ufffd" not in text
+            else None for token, text in enumerate(decoded)]
+
+
+_TOKEN_TABLES: dict[int, tuple[Any, TokenTable]] = {}
+_CONSTRAINTS: dict[tuple, "JsonMasks"] = {}
+
+
+def token_table(tokenizer: Any) -> TokenTable:
+    """The tokenizer's TokenTable, built on first use (about a second for 50k tokens)."""
+    entry = _TOKEN_TABLES.get(id(tokenizer))
+    if entry is None:
+        entry = _TOKEN_TABLES[id(tokenizer)] = (tokenizer, TokenTable(tokenizer))
+    return entry[1]
+
+
+class JsonMasks:
+    """Which tokens may come next in each automaton state of one constraint (cached)."""
+
+    def __init__(self, table: TokenTable, start: tuple):
+        self.table = table
+        self.start = start
+        self.masks: dict[tuple, Any] = {}
+        self.closings: dict[tuple, str | None] = {}
+
+    def allowed(self, state: tuple, width: int) -> Any:
+        """A boolean mx.array over `width` logits: the tokens that keep `state` alive."""
+        mask = self.masks.get(state)
+        if mask is None:
+            if len(self.masks) >= JSON_MASK_CACHE_STATES:
+                self.masks.clear()
+            mask = self.masks[state] = self._build(state, width)
+        return mask
+
+    def closing(self, state: tuple) -> str | None:
+        if state not in self.closings:
+            if len(self.closings) >= JSON_MASK_CACHE_STATES:
+                self.closings.clear()
+            self.closings[state] = json_closing_text(state)
+        return self.closings[state]
+
+    def _build(self, state: tuple, width: int) -> Any:
+        import mlx.core as mx
+        table = self.table
+        if len(state) == 1 and state[0][-1:] == (FREE_STRING,):
+            # Inside a string ordinary characters leave the state as it is: every
+            # plain token fits; only tokens with quotes, backslashes or controls need a walk.
+            ids = table.plain + [t for t, text in table.marked if json_advance(state, text)]
+        else:
+            ids = self._walk(state)
+        if json_complete(state):
+            ids += table.eos
+        mask = mx.zeros((width,), dtype=mx.bool_)
+        ids = [t for t in ids if t < width]
+        if ids:
+            mask[mx.array(ids)] = True
+        return mask
+
+    def _walk(self, state: tuple) -> list[int]:
+        """Depth-first over the token trie, following only characters the automaton takes."""
+        ids, todo = [], [(self.table.trie, state)]
+        while todo:
+            node, at = todo.pop()
+            for ch, child in node.items():
+                if ch and (after := json_advance(at, ch)):
+                    ids.extend(child.get("", ()))
+                    todo.append((child, after))
+        return ids
+
+    def along(self, text: str, width: int) -> Any:
+        """A mask of the tokens that are a non-empty prefix of `text` (closing mode)."""
+        import mlx.core as mx
+        ids, node = [], self.table.trie
+        for ch in text:
+            node = node.get(ch)
+            if node is None:
+                break
+            ids.extend(t for t in node.get("", ()) if t < width)
+        mask = mx.zeros((width,), dtype=mx.bool_)
+        if ids:
+            mask[mx.array(ids)] = True
+        return mask
+
+
+def json_masks(tokenizer: Any, key: tuple, start: tuple) -> JsonMasks:
+    """The shared, cached masks for a constraint: requests with the same schema reuse them."""
+    cache_key = (id(tokenizer),) + key
+    masks = _CONSTRAINTS.get(cache_key)
+    if masks is None:
+        if len(_CONSTRAINTS) >= JSON_CONSTRAINT_CACHE:
+            _CONSTRAINTS.pop(next(iter(_CONSTRAINTS)))
+        masks = _CONSTRAINTS[cache_key] = JsonMasks(token_table(tokenizer), start)
+    return masks
+
+
+class JsonConstraint:
+    """A logits processor that only lets through tokens keeping the output valid JSON.
+
+    Called once per generated token (mlx_lm's convention). It tracks the
+    automaton state from the tokens sampled so far; when the tokens left are
+    barely enough to finish, it switches to the shortest closing text, so the
+    output is complete JSON whenever max_tokens allows that at all. Once the
+    JSON is complete only end-of-sequence tokens remain.
+    """
+
+    def __init__(self, masks: JsonMasks, budget: int):
+        self.masks = masks
+        self.state = masks.start
+        self.left = budget           # tokens still to be sampled, this one included
+        self.started = False
+        self.closing: str | None = None   # the rest of the closing text, once closing
+
+    def __call__(self, tokens: Any, logits: Any) -> Any:
+        import mlx.core as mx
+        if self.started:
+            self._advance(int(tokens[-1].item()))
+        self.started = True
+        width = logits.shape[-1]
+        if self.closing is None and not json_complete(self.state):
+            plan = self.masks.closing(self.state)
+            if plan is not None and len(plan) + 1 >= self.left:
+                self.closing = plan
+        mask = self._mask(width)
+        self.left -= 1
+        return mx.where(mask, logits, mx.array(-math.inf, dtype=logits.dtype))
+
+    def _mask(self, width: int) -> Any:
+        import mlx.core as mx
+        table = self.masks.table
+        if self.state and self.closing:
+            mask = self.masks.along(self.closing, width)
+            if mask.any().item():
+                return mask
+            self.closing = None  # no token spells the next closing character: decode freely
+        if self.state:
+            return self.masks.allowed(self.state, width)
+        mask = mx.zeros((width,), dtype=mx.bool_)  # dead or finished: only the end remains
+        mask[mx.array(table.eos)] = True
+        return mask
+
+    def _advance(self, token: int) -> None:
+        text = self.masks.table.texts[token] if token < len(self.masks.table.texts) else None
+        self.state = json_advance(self.state, text) if text else ()
+        if self.closing is not None and text:
+            self.closing = self.closing[len(text):] if self.closing.startswith(text) else None
 
 
 class StopScanner:

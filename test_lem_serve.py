@@ -568,6 +568,120 @@ def test_logprobs_raw_json_shapes(server, endpoint):
     assert all(e["choices"][0]["logprobs"] for e in events[1 if endpoint == "chat" else 0:-1])
 
 
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "age": {"type": "integer"},
+        "height": {"type": ["number", "null"]},
+        "colour": {"enum": ["red", "green", 3]},
+        "pets": {"type": "array", "items": {"$ref": "#/$defs/Pet"}},
+        "ok": {"type": "boolean"},
+    },
+    "required": ["name", "age", "ok"],
+    "$defs": {"Pet": {"type": "object", "properties": {"kind": {"const": "cat"}, "legs": {"type": "integer"}},
+                      "required": ["kind"]}},
+}
+
+
+def conforms(value, schema, root=None) -> bool:
+    """A validator for the JSON Schema subset the server supports (no jsonschema dependency)."""
+    root = root or schema
+    if "$ref" in schema:
+        return conforms(value, root["$defs"][schema["$ref"].split("/")[-1]], root)
+    if "const" in schema:
+        return value == schema["const"] and type(value) is type(schema["const"])
+    if "enum" in schema:
+        return any(value == v and type(value) is type(v) for v in schema["enum"])
+    kinds = schema.get("type")
+    if isinstance(kinds, list):
+        return any(conforms(value, {**schema, "type": k}, root) for k in kinds)
+    checks = {"object": lambda v: isinstance(v, dict), "array": lambda v: isinstance(v, list),
+              "string": lambda v: isinstance(v, str), "boolean": lambda v: isinstance(v, bool),
+              "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+              "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+              "null": lambda v: v is None, None: lambda v: True}
+    if not checks[kinds](value):
+        return False
+    if kinds == "object":
+        props = schema.get("properties", {})
+        return (set(schema.get("required", [])) <= set(value) and (not props or set(value) <= set(props))
+                and all(conforms(v, props.get(k, {}), root) for k, v in value.items()))
+    if kinds == "array":
+        return all(conforms(v, schema.get("items", {}), root) for v in value)
+    return True
+
+
+def schema_format(schema: dict) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": True}}
+
+
+@pytest.mark.parametrize("temperature", [0, 1.0])
+def test_json_schema_output_parses_and_validates(openai_client, temperature):
+    for seed in range(3):
+        completion = openai_client.chat.completions.create(
+            model="tiny", messages=HELLO, max_tokens=120, temperature=temperature, seed=seed,
+            response_format=schema_format(PERSON))
+        text = completion.choices[0].message.content
+        assert completion.choices[0].finish_reason == "stop", text
+        assert conforms(json.loads(text), PERSON), text
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_json_object_streams_valid_json(server, endpoint):
+    for seed in range(2):
+        events = stream(server, endpoint, max_tokens=80, temperature=1.0, seed=seed,
+                        response_format={"type": "json_object"})
+        assert isinstance(json.loads(streamed_text(endpoint, events)), dict)
+        assert [e for e in events if isinstance(e, dict)][-1]["choices"][0]["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize("max_tokens", [8, 20, 26, 40])
+def test_json_schema_closes_in_time_or_says_length(server, max_tokens):
+    reply = post(server, "completions", max_tokens=max_tokens, temperature=1.0, seed=max_tokens,
+                 response_format=schema_format(PERSON))
+    choice = reply["choices"][0]
+    assert reply["usage"]["completion_tokens"] <= max_tokens
+    if choice["finish_reason"] == "stop":
+        assert conforms(json.loads(choice["text"]), PERSON)
+    else:
+        assert choice["finish_reason"] == "length"
+    assert max_tokens < 26 or choice["finish_reason"] == "stop"  # the shortest valid answer is 25 tokens or fewer
+
+
+def test_json_automaton_accepts_exactly_the_schema():
+    node = lem_serve.compile_schema(PERSON, PERSON, "response_format")
+
+    def accepts(text):
+        state = lem_serve.json_advance(lem_serve.json_start(node), text)
+        return bool(state) and lem_serve.json_complete(state)
+
+    assert accepts('{"name": "a\\u00e9\\n", "age": -12, "ok": true}')
+    assert accepts('{"name":"","age":0,"height":1.5e+3,"colour":3,"pets":[{"kind":"cat","legs":4}],"ok":false}')
+    assert accepts('{"name":"x","age":1,"height":null,"ok":true}')
+    for bad in ['{"age":1,"ok":true}', '{"name":"x","age":1.5,"ok":true}', '{"name":"x","age":01,"ok":true}',
+                '{"name":"x","age":1,"ok":true,}', '{"name":"x","age":1,"ok":true,"extra":1}',
+                '{"name":"x","age":1,"colour":"blue","ok":true}', '{"name":"x","age":1,"pets":[{}],"ok":true}',
+                '{"name":"x\n","age":1,"ok":true}', '{"name":"x","age":1,"ok":true}}']:
+        assert not accepts(bad), bad
+    closing = lem_serve.json_closing_text(lem_serve.json_advance(lem_serve.json_start(node), '{"name": "ab'))
+    assert closing == '","age":0,"ok":true}'
+
+
+@pytest.mark.parametrize("response_format,words", [
+    ({"type": "xml"}, "json_object"),
+    ({"type": "json_schema"}, "json_schema"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "a+"}}}, "pattern"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "http://x/y"}}}, "$ref"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "required": ["a"]}}}, "'a'"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "decimal"}}}, "decimal"),
+    ("json", "object"),
+])
+def test_bad_response_format_is_400(server, response_format, words):
+    reply = request(server, "POST", "/v1/chat/completions", body_for("chat", response_format=response_format))
+    assert words in assert_openai_error(reply, 400, "response_format")["message"]
+
+
 # ---------------------------------------------------------------------------
 # Errors: every bad input is an OpenAI-shaped JSON error
 # ---------------------------------------------------------------------------
