@@ -303,6 +303,8 @@ COMMON_CHECKS = (
 CHAT_CHECKS = COMMON_CHECKS + (
     Check("messages", (list,), "a non-empty list of messages", lambda v: len(v) > 0),
     Check("logprobs", (bool,), "a boolean"),
+    Check("tools", (list,), 'a list of {"type": "function", "function": {"name": ..., "parameters": {...}}} objects'),
+    Check("tool_choice", (str, dict), '"none", "auto", "required" or {"type": "function", "function": {"name": ...}}'),
     Check("top_logprobs", (int,), f"an integer between 0 and {MAX_TOP_LOGPROBS_CHAT}",
           lambda v: 0 <= v <= MAX_TOP_LOGPROBS_CHAT),
 )
@@ -316,8 +318,7 @@ COMPLETION_CHECKS = COMMON_CHECKS + (
 # refused by name rather than silently ignored. The value shown is the one
 # that is harmless to accept.
 UNSUPPORTED_FIELDS = {
-    "tools": (None, []),
-    "tool_choice": (None, "none", "auto"),
+    "function_call": (None, "none", "auto"),
     "echo": (None, False), "suffix": (None, ""), "best_of": (None, 1),
     "functions": (None, []),
 }
@@ -346,6 +347,8 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     logprobs: int | None = None                  # alternatives reported per token; None: no logprobs
     constraint: Constraint | None = None         # output forced to match a JSON schema
+    tools: tuple[dict, ...] = ()                 # chat: OpenAI tool definitions, for the chat template
+    tool_choice: str = "none"                    # none, auto or required (a named function is required + constraint)
 
 
 def decode_json_body(raw: bytes) -> dict:
@@ -399,7 +402,7 @@ def parse_generation_request(endpoint: str, body: dict, settings: Settings) -> G
         max_tokens=asked or settings.max_tokens, max_tokens_given=asked is not None,
         stop=(stop,) if isinstance(stop, str) else tuple(stop),
         logprobs=logprobs_wanted(endpoint, body),
-        constraint=parse_response_format(body.get("response_format")),
+        **output_fields(endpoint, body),
         **sampling_fields(body),
     )
 
@@ -439,10 +442,35 @@ def parse_message(message: Any, index: int) -> dict:
     normal = {"role": "system" if role == "developer" else role,
               "content": parse_content(message.get("content"), f"{param}.content",
                                        optional=role == "assistant" and bool(message.get("tool_calls")))}
-    for key in ("name", "tool_calls", "tool_call_id"):
+    for key in ("name", "tool_call_id"):
         if message.get(key) is not None:
             normal[key] = message[key]
+    if message.get("tool_calls"):
+        normal["tool_calls"] = parse_tool_calls(message["tool_calls"], f"{param}.tool_calls")
     return normal
+
+
+def parse_tool_calls(calls: Any, param: str) -> list[dict]:
+    """An assistant message's tool_calls, arguments decoded to objects.
+
+    OpenAI sends arguments as a JSON string; chat templates (Qwen's, say)
+    write them with `tojson`, which would quote a string a second time.
+    """
+    if not isinstance(calls, list):
+        raise invalid(f"'{param}' must be a list of tool calls", param)
+    out = []
+    for i, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise invalid(f"'{param}[{i}]' must be {{\"type\": \"function\", \"function\": {{\"name\", "
+                          f"\"arguments\"}}}}", param)
+        arguments = function.get("arguments") or "{}"
+        try:
+            arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
+        except ValueError:
+            raise invalid(f"'{param}[{i}].function.arguments' is not valid JSON", param) from None
+        out.append({**call, "function": {**function, "arguments": arguments}})
+    return out
 
 
 def parse_content(content: Any, param: str, optional: bool = False) -> str:
@@ -574,9 +602,13 @@ def compile_object(schema: dict, root: dict, param: str, depth: int) -> SchemaNo
         values = compile_schema(extra if isinstance(extra, dict) else True, root, param, depth + 1)
         return SchemaNode("object", items=values, min_len=2)
     props = tuple((name, compile_schema(sub, root, param, depth + 1)) for name, sub in properties.items())
+    return object_node(props, frozenset(required))
+
+
+def object_node(props: tuple[tuple[str, SchemaNode], ...], required: frozenset) -> SchemaNode:
+    """An object with declared properties, its shortest text's length worked out."""
     need = [len(json.dumps(name)) + 1 + node.min_len for name, node in props if name in required]
-    return SchemaNode("object", props=props, required=frozenset(required),
-                      min_len=2 + sum(need) + max(len(need) - 1, 0))
+    return SchemaNode("object", props=props, required=required, min_len=2 + sum(need) + max(len(need) - 1, 0))
 
 
 def resolve_ref(ref: Any, root: dict, param: str) -> Any:
@@ -598,6 +630,64 @@ class Constraint:
     node: SchemaNode
     key: str                  # canonical JSON of the schema: equal keys share cached token masks
     tool_call: bool = False   # wrapped in the model's tool-call markers
+
+
+def output_fields(endpoint: str, body: dict) -> dict:
+    """response_format and (chat) tools: the constraint on the output and the tools offered."""
+    constraint = parse_response_format(body.get("response_format"))
+    if endpoint != "chat" or not body.get("tools"):
+        if body.get("tool_choice") not in (None, "none", "auto") and endpoint == "chat":
+            raise invalid("'tool_choice' needs a non-empty 'tools' list", "tool_choice")
+        return {"constraint": constraint}
+    tools = tuple(parse_tool(tool, i) for i, tool in enumerate(body["tools"]))
+    choice, forced = parse_tool_choice(body.get("tool_choice"), tools)
+    if forced:
+        if constraint is not None:
+            raise invalid("'response_format' and a required 'tool_choice' cannot both constrain the output",
+                          "response_format")
+        constraint = tool_call_constraint([t for t in tools if t["function"]["name"] in forced])
+    return {"constraint": constraint, "tools": tools, "tool_choice": choice}
+
+
+def parse_tool(tool: Any, index: int) -> dict:
+    """One OpenAI function tool, checked; returned as given (the chat template reads it)."""
+    param = f"tools[{index}]"
+    function = tool.get("function") if isinstance(tool, dict) else None
+    if not isinstance(tool, dict) or tool.get("type", "function") != "function" or not isinstance(function, dict):
+        raise invalid(f"'{param}' must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}", param)
+    if not isinstance(function.get("name"), str) or not function["name"]:
+        raise invalid(f"'{param}.function.name' must be a non-empty string", f"{param}.function.name")
+    if not isinstance(function.get("parameters", {}), dict):
+        raise invalid(f"'{param}.function.parameters' must be a JSON Schema object", f"{param}.function.parameters")
+    return tool
+
+
+def parse_tool_choice(choice: Any, tools: tuple[dict, ...]) -> tuple[str, list[str]]:
+    """(none/auto/required, the names a call is forced among: empty unless required or named)."""
+    names = [t["function"]["name"] for t in tools]
+    if choice is None or choice in ("none", "auto"):
+        return choice or "auto", []
+    if choice == "required":
+        return "required", names
+    name = (choice.get("function") or {}).get("name") if isinstance(choice, dict) else None
+    if not isinstance(choice, dict) or choice.get("type") != "function" or name not in names:
+        raise invalid(f"'tool_choice' must be \"none\", \"auto\", \"required\" or "
+                      f"{{\"type\": \"function\", \"function\": {{\"name\": ...}}}} naming one of the tools "
+                      f"({', '.join(names)})", "tool_choice")
+    return "required", [name]
+
+
+def tool_call_constraint(tools: list[dict]) -> Constraint:
+    """Output forced to be one call, {"name": ..., "arguments": {...}}, of one of `tools`."""
+    calls = []
+    for i, tool in enumerate(tools):
+        function = tool["function"]
+        schema = function.get("parameters") or {"type": "object"}
+        arguments = compile_schema(schema, schema, "tools", 1)
+        calls.append(object_node((("name", literal(function["name"])), ("arguments", arguments)),
+                                 frozenset({"name", "arguments"})))
+    key = json.dumps([t["function"] for t in tools], sort_keys=True)
+    return Constraint(any_of(calls), key, tool_call=True)
 
 
 def parse_response_format(value: dict | None) -> Constraint | None:
@@ -668,10 +758,24 @@ def render_prompt(request: GenerationRequest, model: Model, settings: Settings) 
     if not getattr(tokenizer, "has_chat_template", False):
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
         return tokenizer.encode(text)
+    tools = check_tool_support(request, tokenizer)
     try:
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+        return list(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True))
     except Exception as exc:  # the template rejected the conversation (roles, order)
         raise invalid(f"the model's chat template rejected these messages: {exc}", "messages") from None
+
+
+def check_tool_support(request: GenerationRequest, tokenizer: Any) -> list[dict] | None:
+    """The tools to show the chat template, or a 400 when this model cannot call them."""
+    if not request.tools or request.tool_choice == "none":
+        return None
+    if not getattr(tokenizer, "has_tool_calling", False):
+        raise invalid("this model has no tool-call format that the server can parse; send no 'tools'", "tools")
+    forced = request.constraint is not None and request.constraint.tool_call
+    if forced and getattr(tokenizer.tool_parser, "__module__", "") != "mlx_lm.tool_parsers.json_tools":
+        raise invalid("a required 'tool_choice' needs a model whose tool calls are JSON in "
+                      f"{tokenizer.tool_call_start} markers; use \"auto\"", "tool_choice")
+    return list(request.tools)
 
 
 def fit_to_context(prompt_tokens: int, request: GenerationRequest, model: Model) -> int:
@@ -1554,11 +1658,86 @@ def logprobs_object(endpoint: str, entries: list[dict] | None, offset: int = 0) 
             "text_offset": offsets}
 
 
+class ToolCallScanner:
+    """Splits a chat reply into content and tool calls, as the text streams in.
+
+    Text between the model's tool-call markers is parsed with its mlx_lm tool
+    parser; text that might be the start of a marker is held back, so a
+    streaming client never sees half of one. A call that does not parse is
+    passed on as content rather than lost.
+    """
+
+    def __init__(self, start: str, end: str, parse: Callable[[str, Any], Any], tools: list[dict]):
+        self.start, self.end, self.parse, self.tools = start, end, parse, tools
+        self.held = ""
+        self.inside = False
+
+    def feed(self, text: str) -> tuple[str, list[dict]]:
+        """Return (content safe to emit, complete tool calls in OpenAI's shape)."""
+        self.held += text
+        content, calls = [], []
+        while True:
+            if not self.inside:
+                at = self.held.find(self.start)
+                if at < 0:
+                    keep = max((n for n in range(1, len(self.start)) if self.held.endswith(self.start[:n])), default=0)
+                    content.append(self.held[:len(self.held) - keep])
+                    self.held = self.held[len(self.held) - keep:]
+                    return "".join(content), calls
+                content.append(self.held[:at])
+                self.held, self.inside = self.held[at + len(self.start):], True
+            at = self.held.find(self.end)
+            if at < 0:
+                return "".join(content), calls
+            body, self.held, self.inside = self.held[:at], self.held[at + len(self.end):], False
+            parsed = self._parse(body)
+            calls += parsed
+            if not parsed:
+                content.append(self.start + body + self.end)
+
+    def flush(self) -> str:
+        """Text still held once generation ends (an unfinished call comes back as text)."""
+        text = (self.start if self.inside else "") + self.held
+        self.held, self.inside = "", False
+        return text
+
+    def _parse(self, body: str) -> list[dict]:
+        try:
+            parsed = self.parse(body, self.tools)
+        except Exception as exc:  # parsers raise what they like on malformed calls
+            log.warning("could not parse a tool call (%r): %r", exc, body[:200])
+            return []
+        return [openai_tool_call(call) for call in (parsed if isinstance(parsed, list) else [parsed])
+                if isinstance(call, dict) and isinstance(call.get("name"), str)]
+
+
+def openai_tool_call(call: dict) -> dict:
+    """A parsed call ({"name", "arguments"}) in OpenAI's tool_calls shape: arguments as a JSON string."""
+    arguments = call.get("arguments", {})
+    if not isinstance(arguments, str):
+        arguments = json.dumps(arguments, ensure_ascii=False)
+    return {"id": call.get("id") or f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": call["name"], "arguments": arguments}}
+
+
+def tool_scanner(request: GenerationRequest, tokenizer: Any) -> ToolCallScanner | None:
+    """The scanner for a chat request that offered tools, else None."""
+    if not request.tools or request.tool_choice == "none" or not getattr(tokenizer, "has_tool_calling", False):
+        return None
+    return ToolCallScanner(tokenizer.tool_call_start, tokenizer.tool_call_end, tokenizer.tool_parser,
+                           list(request.tools))
+
+
 def completion_object(endpoint: str, response_id: str, created: int, model: str, text: str,
-                      finish_reason: str, usage: dict, logprobs: list[dict] | None = None) -> dict:
+                      finish_reason: str, usage: dict, logprobs: list[dict] | None = None,
+                      tool_calls: list[dict] = ()) -> dict:
     """The non-streaming response body for either endpoint."""
     if endpoint == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text},
+        message = {"role": "assistant", "content": text}
+        if tool_calls:
+            message = {"role": "assistant", "content": text if text.strip() else None, "tool_calls": list(tool_calls)}
+            finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
+        choice = {"index": 0, "message": message,
                   "logprobs": logprobs_object(endpoint, logprobs), "finish_reason": finish_reason}
         kind = "chat.completion"
     else:
@@ -1577,6 +1756,7 @@ class ChunkFormatter:
         self.chat = endpoint == "chat"
         self.logprobs = logprobs
         self.offset = 0   # characters streamed so far, for completions' text_offset
+        self.calls_sent = 0
         self.head = {"id": response_id, "object": "chat.completion.chunk" if self.chat else "text_completion",
                      "created": created, "model": model}
 
@@ -1597,13 +1777,38 @@ class ChunkFormatter:
             return self._chunk({"index": 0, "delta": {"content": text}, "logprobs": lp, "finish_reason": None})
         return self._chunk({"index": 0, "text": text, "logprobs": lp, "finish_reason": None})
 
+    def tool_calls(self, calls: list[dict]) -> dict:
+        """A chat chunk carrying whole tool calls, numbered in the order they came."""
+        first = self.calls_sent
+        self.calls_sent += len(calls)
+        deltas = [{"index": first + i, **call} for i, call in enumerate(calls)]
+        return self._chunk({"index": 0, "delta": {"tool_calls": deltas}, "logprobs": None, "finish_reason": None})
+
     def finish(self, reason: str) -> dict:
+        if self.calls_sent and reason == "stop":
+            reason = "tool_calls"
         if self.chat:
             return self._chunk({"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason})
         return self._chunk({"index": 0, "text": "", "logprobs": None, "finish_reason": reason})
 
     def usage(self, usage: dict) -> dict:
         return self._chunk(None, usage=usage)
+
+
+def stream_chunks(chunks: ChunkFormatter, scanner: ToolCallScanner | None, kind: str, value: str,
+                  logprobs: list[dict] = ()) -> list[dict]:
+    """The chunks one engine event becomes: text, tool calls (via the scanner), or the finish."""
+    out = []
+    text, calls = (value if kind == "text" else ""), []
+    if scanner is not None:
+        text, calls = scanner.feed(value) if kind == "text" else (scanner.flush(), [])
+    if text or logprobs:
+        out.append(chunks.text(text, logprobs))
+    if calls:
+        out.append(chunks.tool_calls(calls))
+    if kind != "text":
+        out.append(chunks.finish(value))
+    return out
 
 
 def sse_event(payload: dict | str) -> bytes:
@@ -1847,9 +2052,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 finish = value
         self.body_read = True
         server, request = self.server, job.request
+        text, calls = "".join(pieces), []
+        if (scanner := tool_scanner(request, server.model.tokenizer)) is not None:
+            text, calls = scanner.feed(text)
+            text += scanner.flush()
         self._send_json(completion_object(request.endpoint, new_response_id(request.endpoint),
-                                          int(time.time()), server.settings.model_name, "".join(pieces),
-                                          finish, usage_of(job), logprobs if request.logprobs is not None else None))
+                                          int(time.time()), server.settings.model_name, text,
+                                          finish, usage_of(job), logprobs if request.logprobs is not None else None,
+                                          calls))
 
     def _write_stream(self, job: Job, slot: "Admission") -> None:
         server = self.server
@@ -1866,10 +2076,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         try:
             if (opening := chunks.role()) is not None:
                 self._write_raw(sse_event(opening))
+            scanner = tool_scanner(job.request, server.model.tokenizer)
             for kind, value, *extra in self._events(job, slot, keepalive):
                 if kind == "error":
                     raise value
-                self._write_raw(sse_event(chunks.text(value, *extra) if kind == "text" else chunks.finish(value)))
+                for chunk in stream_chunks(chunks, scanner, kind, value, *extra):
+                    self._write_raw(sse_event(chunk))
                 last_write[0] = time.monotonic()
             if job.request.include_usage:
                 self._write_raw(sse_event(chunks.usage(usage_of(job))))

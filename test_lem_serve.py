@@ -682,6 +682,81 @@ def test_bad_response_format_is_400(server, response_format, words):
     assert words in assert_openai_error(reply, 400, "response_format")["message"]
 
 
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather for a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]}},
+                   "required": ["city"]}}}
+ADD = {"type": "function", "function": {
+    "name": "add", "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                                  "required": ["a", "b"]}}}
+ASK_WEATHER = [{"role": "user", "content": "Weather in Paris?"}]
+
+
+def test_forced_tool_call_round_trip(openai_client):
+    completion = openai_client.chat.completions.create(
+        model="tiny", messages=ASK_WEATHER, tools=[WEATHER, ADD], max_tokens=120, temperature=1.0, seed=3,
+        tool_choice={"type": "function", "function": {"name": "add"}})
+    choice = completion.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.id and call.function.name == "add"
+    assert conforms(json.loads(call.function.arguments), ADD["function"]["parameters"])
+    answer = openai_client.chat.completions.create(
+        model="tiny", tools=[WEATHER, ADD], max_tokens=5,
+        messages=ASK_WEATHER + [choice.message.model_dump(exclude_none=True),
+                                {"role": "tool", "tool_call_id": call.id, "content": "42"}])
+    assert answer.choices[0].finish_reason == "length" and answer.choices[0].message.content
+    assert answer.usage.prompt_tokens > completion.usage.prompt_tokens
+
+
+def test_required_tool_call_streams_as_delta_tool_calls(openai_client):
+    for seed in range(2):
+        chunks = list(openai_client.chat.completions.create(
+            model="tiny", messages=ASK_WEATHER, tools=[WEATHER, ADD], tool_choice="required", max_tokens=120,
+            temperature=1.0, seed=seed, stream=True))
+        calls = [c for chunk in chunks if chunk.choices for c in chunk.choices[0].delta.tool_calls or []]
+        assert len(calls) == 1 and calls[0].index == 0 and calls[0].function.name in ("get_weather", "add")
+        schema = (WEATHER if calls[0].function.name == "get_weather" else ADD)["function"]["parameters"]
+        assert conforms(json.loads(calls[0].function.arguments), schema)
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+        assert not "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
+def test_auto_tools_reach_the_chat_template(server):
+    plain = post(server, "chat", messages=ASK_WEATHER, max_tokens=1)
+    offered = post(server, "chat", messages=ASK_WEATHER, max_tokens=1, tools=[WEATHER], tool_choice="auto")
+    declined = post(server, "chat", messages=ASK_WEATHER, max_tokens=1, tools=[WEATHER], tool_choice="none")
+    assert offered["usage"]["prompt_tokens"] > plain["usage"]["prompt_tokens"] == declined["usage"]["prompt_tokens"]
+
+
+def test_tool_call_scanner_holds_markers_and_keeps_bad_calls_as_text():
+    from mlx_lm.tool_parsers import json_tools
+    scanner = lem_serve.ToolCallScanner("<tool_call>", "</tool_call>", json_tools.parse_tool_call, [])
+    assert scanner.feed("Sure<tool") == ("Sure", [])
+    text, calls = scanner.feed('_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>after')
+    assert text == "after" and calls[0]["function"] == {"name": "f", "arguments": '{"x": 1}'}
+    assert scanner.feed("<tool_call>not json</tool_call>") == ("<tool_call>not json</tool_call>", [])
+    assert scanner.feed("<tool_call>{") == ("", []) and scanner.flush() == "<tool_call>{"
+
+
+@pytest.mark.parametrize("fields,param", [
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    ({"tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [{"type": "function"}]}, "tools[0]"),
+    ({"tools": [{"type": "function", "function": {"name": ""}}]}, "tools[0].function.name"),
+    ({"tools": "get_weather"}, "tools"),
+    ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "not": {}}}}],
+      "tool_choice": "required"}, "tools"),
+    ({"messages": [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{bad"}}]}]}, "messages[0].tool_calls"),
+    ({"functions": [{"name": "f"}]}, "functions"),
+])
+def test_bad_tools_are_400(server, fields, param):
+    assert_openai_error(request(server, "POST", "/v1/chat/completions", body_for("chat", **fields)), 400, param)
+
+
 # ---------------------------------------------------------------------------
 # Errors: every bad input is an OpenAI-shaped JSON error
 # ---------------------------------------------------------------------------
