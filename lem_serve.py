@@ -76,6 +76,12 @@ DEFAULT_LOG_LEVEL = "info"        # debug, info, warning or error
 PROMPT_CACHE_MAX_ENTRIES = 64     # finished requests whose KV cache is kept (the byte budget binds first)
 MAX_BODY_BYTES = 8 * 1024 * 1024  # largest request body accepted; bigger gets 413
 MAX_STOP_STRINGS = 4              # stop strings per request, as OpenAI allows
+MAX_TOP_LOGPROBS_CHAT = 20        # chat top_logprobs ceiling, as OpenAI allows
+MAX_LOGPROBS_COMPLETIONS = 5      # completions logprobs ceiling, as OpenAI allows
+JSON_MAX_DIGITS = 15              # digits per part of a constrained number (float precision; keeps output finite)
+SCHEMA_MAX_DEPTH = 32             # nesting (and $ref hops) a schema may have; more is a 400
+JSON_MASK_CACHE_STATES = 1024     # token masks cached per constraint (vocab bytes each; one per state seen)
+JSON_CONSTRAINT_CACHE = 16        # compiled constraints kept across requests (same schema: warm masks)
 SOCKET_TIMEOUT = 30.0             # seconds a socket read or write may stall before the connection is dropped
 POLL_SECONDS = 0.05               # how often a waiting handler checks its client, clock and engine
 KEEPALIVE_SECONDS = 5.0           # silence on a stream before an SSE comment is sent to keep proxies open
@@ -301,6 +307,12 @@ def _is_stop(value: Any) -> bool:
             and all(isinstance(s, str) and s for s in stops))
 
 
+def _is_logit_bias(value: dict) -> bool:
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and -100 <= v <= 100
+    return all(k.isdigit() and number(v) for k, v in value.items())
+
+
 # Fields shared by both endpoints. A null value counts as absent.
 COMMON_CHECKS = (
     Check("model", (str,), "a string"),
@@ -312,22 +324,35 @@ COMMON_CHECKS = (
     Check("top_p", (int, float), "a number between 0 and 1", lambda v: 0 <= v <= 1),
     Check("stop", (str, list), f"a non-empty string or a list of 1 to {MAX_STOP_STRINGS} non-empty strings", _is_stop),
     Check("n", (int,), "1 (this server returns one choice per request)", lambda v: v == 1),
+    Check("top_k", (int,), "an integer >= 0 (0 = no limit)", lambda v: v >= 0),
+    Check("min_p", (int, float), "a number between 0 and 1", lambda v: 0 <= v <= 1),
+    Check("seed", (int,), "an integer"),
+    Check("presence_penalty", (int, float), "a number between -2 and 2", lambda v: -2 <= v <= 2),
+    Check("frequency_penalty", (int, float), "a number between -2 and 2", lambda v: -2 <= v <= 2),
+    Check("repetition_penalty", (int, float), "a number > 0 (1 = off)", lambda v: v > 0),
+    Check("logit_bias", (dict,), "an object mapping token ids to numbers between -100 and 100", _is_logit_bias),
+    Check("response_format", (dict,), 'an object such as {"type": "json_object"}'),
 )
 CHAT_CHECKS = COMMON_CHECKS + (
     Check("messages", (list,), "a non-empty list of messages", lambda v: len(v) > 0),
+    Check("logprobs", (bool,), "a boolean"),
+    Check("tools", (list,), 'a list of {"type": "function", "function": {"name": ..., "parameters": {...}}} objects'),
+    Check("tool_choice", (str, dict), '"none", "auto", "required" or {"type": "function", "function": {"name": ...}}'),
+    Check("top_logprobs", (int,), f"an integer between 0 and {MAX_TOP_LOGPROBS_CHAT}",
+          lambda v: 0 <= v <= MAX_TOP_LOGPROBS_CHAT),
 )
 COMPLETION_CHECKS = COMMON_CHECKS + (
     Check("prompt", (str, list), "a string, a list holding one string, or a list of token ids"),
+    Check("logprobs", (int,), f"an integer between 0 and {MAX_LOGPROBS_COMPLETIONS}",
+          lambda v: 0 <= v <= MAX_LOGPROBS_COMPLETIONS),
 )
 
 # Known fields that would change the result and are not implemented yet:
 # refused by name rather than silently ignored. The value shown is the one
 # that is harmless to accept.
 UNSUPPORTED_FIELDS = {
-    "logprobs": (None, False), "top_logprobs": (None,), "tools": (None, []),
-    "tool_choice": (None, "none", "auto"), "response_format": (None, {"type": "text"}),
-    "logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
-    "seed": (None,), "echo": (None, False), "suffix": (None, ""), "best_of": (None, 1),
+    "function_call": (None, "none", "auto"),
+    "echo": (None, False), "suffix": (None, ""), "best_of": (None, 1),
     "functions": (None, []),
 }
 
@@ -345,7 +370,18 @@ class GenerationRequest:
     max_tokens_given: bool = False               # the client chose it (so it is not trimmed to fit)
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0                               # 0: no limit
+    min_p: float = 0.0
+    seed: int | None = None                      # the sampler's own random key; None: the global one
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0              # mlx_lm's multiplicative penalty; 1: off
+    logit_bias: tuple[tuple[int, float], ...] = ()
     stop: tuple[str, ...] = ()
+    logprobs: int | None = None                  # alternatives reported per token; None: no logprobs
+    constraint: Constraint | None = None         # output forced to match a JSON schema
+    tools: tuple[dict, ...] = ()                 # chat: OpenAI tool definitions, for the chat template
+    tool_choice: str = "none"                    # none, auto or required (a named function is required + constraint)
 
 
 def decode_json_body(raw: bytes) -> dict:
@@ -397,10 +433,35 @@ def parse_generation_request(endpoint: str, body: dict, settings: Settings) -> G
         stream=bool(body.get("stream")),
         include_usage=bool(options.get("include_usage")),
         max_tokens=asked or settings.max_tokens, max_tokens_given=asked is not None,
-        temperature=float(body.get("temperature", 1.0) if body.get("temperature") is not None else 1.0),
-        top_p=float(body.get("top_p") if body.get("top_p") is not None else 1.0),
         stop=(stop,) if isinstance(stop, str) else tuple(stop),
+        logprobs=logprobs_wanted(endpoint, body),
+        **output_fields(endpoint, body),
+        **sampling_fields(body),
     )
+
+
+def logprobs_wanted(endpoint: str, body: dict) -> int | None:
+    """How many alternatives to report per token (chat top_logprobs, completions logprobs), or None."""
+    if endpoint == "completions":
+        return body.get("logprobs")
+    if body.get("top_logprobs") is not None and not body.get("logprobs"):
+        raise invalid("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    return (body.get("top_logprobs") or 0) if body.get("logprobs") else None
+
+
+def sampling_fields(body: dict) -> dict:
+    """The sampling parameters of a checked body, defaults for those absent or null."""
+    def given(field: str, default: Any) -> Any:
+        value = body.get(field)
+        return default if value is None else value
+
+    bias = given("logit_bias", {})
+    return {"temperature": float(given("temperature", 1.0)), "top_p": float(given("top_p", 1.0)),
+            "top_k": given("top_k", 0), "min_p": float(given("min_p", 0.0)), "seed": body.get("seed"),
+            "presence_penalty": float(given("presence_penalty", 0.0)),
+            "frequency_penalty": float(given("frequency_penalty", 0.0)),
+            "repetition_penalty": float(given("repetition_penalty", 1.0)),
+            "logit_bias": tuple(sorted((int(k), float(v)) for k, v in bias.items()))}
 
 
 def parse_message(message: Any, index: int) -> dict:
@@ -414,10 +475,35 @@ def parse_message(message: Any, index: int) -> dict:
     normal = {"role": "system" if role == "developer" else role,
               "content": parse_content(message.get("content"), f"{param}.content",
                                        optional=role == "assistant" and bool(message.get("tool_calls")))}
-    for key in ("name", "tool_calls", "tool_call_id"):
+    for key in ("name", "tool_call_id"):
         if message.get(key) is not None:
             normal[key] = message[key]
+    if message.get("tool_calls"):
+        normal["tool_calls"] = parse_tool_calls(message["tool_calls"], f"{param}.tool_calls")
     return normal
+
+
+def parse_tool_calls(calls: Any, param: str) -> list[dict]:
+    """An assistant message's tool_calls, arguments decoded to objects.
+
+    OpenAI sends arguments as a JSON string; chat templates (Qwen's, say)
+    write them with `tojson`, which would quote a string a second time.
+    """
+    if not isinstance(calls, list):
+        raise invalid(f"'{param}' must be a list of tool calls", param)
+    out = []
+    for i, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise invalid(f"'{param}[{i}]' must be {{\"type\": \"function\", \"function\": {{\"name\", "
+                          f"\"arguments\"}}}}", param)
+        arguments = function.get("arguments") or "{}"
+        try:
+            arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
+        except ValueError:
+            raise invalid(f"'{param}[{i}].function.arguments' is not valid JSON", param) from None
+        out.append({**call, "function": {**function, "arguments": arguments}})
+    return out
 
 
 def parse_content(content: Any, param: str, optional: bool = False) -> str:
@@ -450,6 +536,207 @@ def parse_prompt(prompt: Any) -> str | tuple[int, ...]:
     if prompt and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt):
         return tuple(prompt)
     raise invalid("'prompt' must be a string, a list holding one string, or a non-empty list of token ids", "prompt")
+
+
+# JSON Schema subset for response_format and forced tool calls. Keywords that
+# constrain the output and are not listed here get a 400 rather than being
+# ignored; annotation keywords are accepted and ignored.
+SCHEMA_KEYWORDS = {"type", "properties", "required", "enum", "const", "items", "anyOf",
+                   "additionalProperties", "$ref"}
+SCHEMA_ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", "$comment",
+                      "$defs", "definitions", "format", "strict", "deprecated", "readOnly", "writeOnly"}
+
+
+@dataclass(frozen=True, eq=False)
+class SchemaNode:
+    """One compiled JSON Schema node; compared by identity so states hash fast.
+
+    kind: any, object, array, string, number, integer, literal or any_of.
+    Objects with `props` take those keys, in order, each at most once (the
+    `required` ones always); objects without take any keys, values `items`.
+    """
+
+    kind: str
+    props: tuple[tuple[str, "SchemaNode"], ...] = ()
+    required: frozenset = frozenset()
+    items: "SchemaNode | None" = None         # array items / free-object values
+    alts: tuple["SchemaNode", ...] = ()
+    text: str = ""                            # literal: its exact JSON text
+    min_len: int = 1                          # characters of the shortest matching JSON text
+
+
+def literal(value: Any) -> SchemaNode:
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return SchemaNode("literal", text=text, min_len=len(text))
+
+
+def any_of(alts: list[SchemaNode]) -> SchemaNode:
+    return alts[0] if len(alts) == 1 else SchemaNode("any_of", alts=tuple(alts), min_len=min(a.min_len for a in alts))
+
+
+ANY = SchemaNode("any", min_len=1)
+ANY_OBJECT = SchemaNode("object", items=ANY, min_len=2)
+ANY_ARRAY = SchemaNode("array", items=ANY, min_len=2)
+JSON_SCALARS = {"string": SchemaNode("string", min_len=2), "number": SchemaNode("number"),
+                "integer": SchemaNode("integer"), "boolean": any_of([literal(True), literal(False)]),
+                "null": literal(None)}
+
+
+def compile_schema(schema: Any, root: dict, param: str, depth: int = 0) -> SchemaNode:
+    """Compile a JSON Schema (the supported subset) or raise a 400 naming `param`."""
+    if schema is True or schema == {}:
+        return ANY
+    if not isinstance(schema, dict):
+        raise invalid(f"'{param}': a JSON Schema must be an object, got {json.dumps(schema)[:60]}", param)
+    unknown = sorted(set(schema) - SCHEMA_KEYWORDS - SCHEMA_ANNOTATIONS)
+    if unknown:
+        raise invalid(f"'{param}': JSON Schema keyword {unknown[0]!r} is not supported; this server supports "
+                      f"{', '.join(sorted(SCHEMA_KEYWORDS))}", param)
+    if depth > SCHEMA_MAX_DEPTH:
+        raise invalid(f"'{param}': the schema nests (or recurses through $ref) deeper than {SCHEMA_MAX_DEPTH}", param)
+    if "$ref" in schema:
+        return compile_schema(resolve_ref(schema["$ref"], root, param), root, param, depth + 1)
+    if "const" in schema:
+        return literal(schema["const"])
+    if "enum" in schema:
+        if not isinstance(schema["enum"], list) or not schema["enum"]:
+            raise invalid(f"'{param}': 'enum' must be a non-empty list", param)
+        return any_of([literal(v) for v in schema["enum"]])
+    if "anyOf" in schema:
+        if not isinstance(schema["anyOf"], list) or not schema["anyOf"]:
+            raise invalid(f"'{param}': 'anyOf' must be a non-empty list", param)
+        return any_of([compile_schema(s, root, param, depth + 1) for s in schema["anyOf"]])
+    kind = schema.get("type")
+    if isinstance(kind, list) and kind:
+        return any_of([compile_schema({**schema, "type": k}, root, param, depth) for k in kind])
+    if kind == "object":
+        return compile_object(schema, root, param, depth)
+    if kind == "array":
+        items = compile_schema(schema.get("items", True), root, param, depth + 1)
+        return SchemaNode("array", items=items, min_len=2)
+    if kind is None:
+        return ANY
+    if kind not in JSON_SCALARS:
+        raise invalid(f"'{param}': unknown JSON Schema type {json.dumps(kind)[:40]}", param)
+    return JSON_SCALARS[kind]
+
+
+def compile_object(schema: dict, root: dict, param: str, depth: int) -> SchemaNode:
+    """An object node: declared properties in order, or free keys."""
+    properties = schema.get("properties") or {}
+    required = schema.get("required") or []
+    if not isinstance(properties, dict) or not isinstance(required, list):
+        raise invalid(f"'{param}': 'properties' must be an object and 'required' a list", param)
+    missing = [name for name in required if name not in properties]
+    if missing:
+        raise invalid(f"'{param}': required property {missing[0]!r} is not in 'properties'", param)
+    if not properties:
+        extra = schema.get("additionalProperties", True)
+        values = compile_schema(extra if isinstance(extra, dict) else True, root, param, depth + 1)
+        return SchemaNode("object", items=values, min_len=2)
+    props = tuple((name, compile_schema(sub, root, param, depth + 1)) for name, sub in properties.items())
+    return object_node(props, frozenset(required))
+
+
+def object_node(props: tuple[tuple[str, SchemaNode], ...], required: frozenset) -> SchemaNode:
+    """An object with declared properties, its shortest text's length worked out."""
+    need = [len(json.dumps(name)) + 1 + node.min_len for name, node in props if name in required]
+    return SchemaNode("object", props=props, required=required, min_len=2 + sum(need) + max(len(need) - 1, 0))
+
+
+def resolve_ref(ref: Any, root: dict, param: str) -> Any:
+    """The schema a local "#/$defs/Name" (or "#/definitions/Name") points at."""
+    parts = ref.split("/") if isinstance(ref, str) else []
+    if len(parts) != 3 or parts[0] != "#" or parts[1] not in ("$defs", "definitions"):
+        raise invalid(f"'{param}': only local $ref such as '#/$defs/Name' is supported, got {json.dumps(ref)[:60]}",
+                      param)
+    target = (root.get(parts[1]) or {}).get(parts[2])
+    if target is None:
+        raise invalid(f"'{param}': $ref {ref!r} points at nothing", param)
+    return target
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """Output the engine must produce: JSON text matching `node`."""
+
+    node: SchemaNode
+    key: str                  # canonical JSON of the schema: equal keys share cached token masks
+    tool_call: bool = False   # wrapped in the model's tool-call markers
+
+
+def output_fields(endpoint: str, body: dict) -> dict:
+    """response_format and (chat) tools: the constraint on the output and the tools offered."""
+    constraint = parse_response_format(body.get("response_format"))
+    if endpoint != "chat" or not body.get("tools"):
+        if body.get("tool_choice") not in (None, "none", "auto") and endpoint == "chat":
+            raise invalid("'tool_choice' needs a non-empty 'tools' list", "tool_choice")
+        return {"constraint": constraint}
+    tools = tuple(parse_tool(tool, i) for i, tool in enumerate(body["tools"]))
+    choice, forced = parse_tool_choice(body.get("tool_choice"), tools)
+    if forced:
+        if constraint is not None:
+            raise invalid("'response_format' and a required 'tool_choice' cannot both constrain the output",
+                          "response_format")
+        constraint = tool_call_constraint([t for t in tools if t["function"]["name"] in forced])
+    return {"constraint": constraint, "tools": tools, "tool_choice": choice}
+
+
+def parse_tool(tool: Any, index: int) -> dict:
+    """One OpenAI function tool, checked; returned as given (the chat template reads it)."""
+    param = f"tools[{index}]"
+    function = tool.get("function") if isinstance(tool, dict) else None
+    if not isinstance(tool, dict) or tool.get("type", "function") != "function" or not isinstance(function, dict):
+        raise invalid(f"'{param}' must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}", param)
+    if not isinstance(function.get("name"), str) or not function["name"]:
+        raise invalid(f"'{param}.function.name' must be a non-empty string", f"{param}.function.name")
+    if not isinstance(function.get("parameters", {}), dict):
+        raise invalid(f"'{param}.function.parameters' must be a JSON Schema object", f"{param}.function.parameters")
+    return tool
+
+
+def parse_tool_choice(choice: Any, tools: tuple[dict, ...]) -> tuple[str, list[str]]:
+    """(none/auto/required, the names a call is forced among: empty unless required or named)."""
+    names = [t["function"]["name"] for t in tools]
+    if choice is None or choice in ("none", "auto"):
+        return choice or "auto", []
+    if choice == "required":
+        return "required", names
+    name = (choice.get("function") or {}).get("name") if isinstance(choice, dict) else None
+    if not isinstance(choice, dict) or choice.get("type") != "function" or name not in names:
+        raise invalid(f"'tool_choice' must be \"none\", \"auto\", \"required\" or "
+                      f"{{\"type\": \"function\", \"function\": {{\"name\": ...}}}} naming one of the tools "
+                      f"({', '.join(names)})", "tool_choice")
+    return "required", [name]
+
+
+def tool_call_constraint(tools: list[dict]) -> Constraint:
+    """Output forced to be one call, {"name": ..., "arguments": {...}}, of one of `tools`."""
+    calls = []
+    for i, tool in enumerate(tools):
+        function = tool["function"]
+        schema = function.get("parameters") or {"type": "object"}
+        arguments = compile_schema(schema, schema, "tools", 1)
+        calls.append(object_node((("name", literal(function["name"])), ("arguments", arguments)),
+                                 frozenset({"name", "arguments"})))
+    key = json.dumps([t["function"] for t in tools], sort_keys=True)
+    return Constraint(any_of(calls), key, tool_call=True)
+
+
+def parse_response_format(value: dict | None) -> Constraint | None:
+    """response_format: text (no constraint), json_object, or json_schema."""
+    kind = (value or {}).get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return Constraint(ANY_OBJECT, "json_object")
+    spec = value.get("json_schema")
+    if kind != "json_schema" or not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+        raise invalid("'response_format' must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
+                      "{\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., \"schema\": {...}}}",
+                      "response_format")
+    schema = spec["schema"]
+    return Constraint(compile_schema(schema, schema, "response_format"), json.dumps(schema, sort_keys=True))
 
 
 def sliding_window(messages: tuple[dict, ...], keep: int) -> tuple[dict, ...]:
@@ -504,10 +791,24 @@ def render_prompt(request: GenerationRequest, model: Model, settings: Settings) 
     if not getattr(tokenizer, "has_chat_template", False):
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
         return tokenizer.encode(text)
+    tools = check_tool_support(request, tokenizer)
     try:
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+        return list(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True))
     except Exception as exc:  # the template rejected the conversation (roles, order)
         raise invalid(f"the model's chat template rejected these messages: {exc}", "messages") from None
+
+
+def check_tool_support(request: GenerationRequest, tokenizer: Any) -> list[dict] | None:
+    """The tools to show the chat template, or a 400 when this model cannot call them."""
+    if not request.tools or request.tool_choice == "none":
+        return None
+    if not getattr(tokenizer, "has_tool_calling", False):
+        raise invalid("this model has no tool-call format that the server can parse; send no 'tools'", "tools")
+    forced = request.constraint is not None and request.constraint.tool_call
+    if forced and getattr(tokenizer.tool_parser, "__module__", "") != "mlx_lm.tool_parsers.json_tools":
+        raise invalid("a required 'tool_choice' needs a model whose tool calls are JSON in "
+                      f"{tokenizer.tool_call_start} markers; use \"auto\"", "tool_choice")
+    return list(request.tools)
 
 
 def fit_to_context(prompt_tokens: int, request: GenerationRequest, model: Model) -> int:
@@ -523,6 +824,540 @@ def fit_to_context(prompt_tokens: int, request: GenerationRequest, model: Model)
         raise invalid(f"{prompt_tokens} prompt tokens + max_tokens {request.max_tokens} exceed this model's "
                       f"context of {limit} tokens", "max_tokens", "context_length_exceeded")
     return min(request.max_tokens, room)
+
+
+def check_token_ids(request: GenerationRequest, model: Model) -> None:
+    """A 400 when logit_bias names a token id this model's vocabulary lacks."""
+    size = len(model.tokenizer)
+    for token, _bias in request.logit_bias:
+        if token >= size:
+            raise invalid(f"'logit_bias' names token id {token}; this model's ids run from 0 to {size - 1}",
+                          "logit_bias")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How one job picks its tokens, in mlx_lm's calling convention.
+
+    `sampler(logprobs) -> token ids` and `processor(tokens, logits) -> logits`
+    are what generate_step and BatchGenerator.insert take per sequence. Each
+    processor is stateful: called exactly once per generated token, in order.
+    """
+
+    sampler: Callable[[Any], Any]
+    logits_processors: list[Callable[[Any, Any], Any]]
+
+
+def make_sampling(request: GenerationRequest, model: Model, budget: int | None = None) -> Sampling:
+    """Build one job's sampler and logits processors; call in the engine thread.
+
+    `budget` is the job's token limit (request.max_tokens when None); JSON
+    constraints use it to close their output in time.
+    """
+    from mlx_lm.sample_utils import make_logits_processors
+    processors = make_logits_processors(
+        logit_bias=dict(request.logit_bias) or None,
+        repetition_penalty=request.repetition_penalty if request.repetition_penalty != 1 else None)
+    if request.presence_penalty or request.frequency_penalty:
+        processors.append(openai_penalties(request.presence_penalty, request.frequency_penalty))
+    if request.constraint is not None:  # last: it masks what the others produced
+        processors.append(json_constraint(request.constraint, model, budget or request.max_tokens))
+    return Sampling(make_token_sampler(request), processors)
+
+
+def json_constraint(constraint: Constraint, model: Model, budget: int) -> Callable[[Any, Any], Any]:
+    """The logits processor that forces the constraint's JSON (tool-call markers around it if asked)."""
+    tokenizer = model.tokenizer
+    prefix = suffix = ""
+    if constraint.tool_call:
+        prefix, suffix = tokenizer.tool_call_start + "\n", "\n" + tokenizer.tool_call_end
+    masks = json_masks(tokenizer, (constraint.key, prefix, suffix), json_start(constraint.node, prefix, suffix))
+    return JsonConstraint(masks, budget)
+
+
+def make_token_sampler(request: GenerationRequest) -> Callable[[Any], Any]:
+    """A sampler for the request's temperature/top_p/top_k/min_p and seed.
+
+    A seeded sampler carries its own random key, split once per token, so its
+    draws do not depend on what else the engine samples (other requests in a
+    batch included): same seed, same request, same tokens.
+    """
+    import mlx.core as mx
+    from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, categorical_sampling, greedy_sampler
+
+    temperature, top_p, top_k, min_p = request.temperature, request.top_p, request.top_k, request.min_p
+    if temperature == 0 or top_p == 0:  # top_p 0 keeps only the top token: greedy
+        return greedy_sampler
+    key = None if request.seed is None else mx.random.key(request.seed % 2**64)
+
+    def sampler(logprobs: Any) -> Any:
+        nonlocal key
+        if 0 < top_p < 1:
+            logprobs = apply_top_p(logprobs, top_p)
+        if min_p > 0:
+            logprobs = apply_min_p(logprobs, min_p)
+        if 0 < top_k < logprobs.shape[-1]:  # a k as large as the vocabulary limits nothing
+            logprobs = apply_top_k(logprobs, top_k)
+        if key is None:
+            return categorical_sampling(logprobs, temperature)
+        key, draw = mx.random.split(key)
+        return mx.random.categorical(logprobs * (1 / temperature), key=draw)
+    return sampler
+
+
+def openai_penalties(presence: float, frequency: float) -> Callable[[Any, Any], Any]:
+    """OpenAI's presence and frequency penalties as a logits processor.
+
+    As OpenAI defines them, they count the tokens generated so far (not the
+    prompt): logit[j] -= frequency * count[j] + presence * (count[j] > 0).
+    """
+    import mlx.core as mx
+    counts = None
+
+    def processor(tokens: Any, logits: Any) -> Any:
+        nonlocal counts
+        if counts is None:  # first call: tokens[-1] is the prompt's last token, not a generated one
+            counts = mx.zeros((logits.shape[-1],), dtype=mx.float32)
+        else:
+            counts = counts.at[tokens[-1:]].add(1.0)
+        penalty = frequency * counts + presence * (counts > 0)
+        return (logits - penalty).astype(logits.dtype)
+    return processor
+
+
+def token_logprobs(tokenizer: Any, token: int, logprobs: Any, top_n: int) -> dict:
+    """One token's entry in OpenAI's chat logprobs shape, as plain Python values.
+
+    `logprobs` is the step's log-probability vector (an mx.array over the
+    vocabulary); this runs in the engine thread, where MLX lives. Log
+    probabilities of -inf (tokens a constraint forbids) are reported as -9999.0,
+    as OpenAI does, since JSON has no infinity.
+    """
+    import mlx.core as mx
+
+    def entry(token_id: int, value: float) -> dict:
+        text = tokenizer.decode([token_id])
+        return {"token": text, "logprob": max(value, -9999.0), "bytes": list(text.encode("utf-8"))}
+
+    chosen = entry(token, logprobs[token].item())
+    chosen["top_logprobs"] = []
+    if top_n > 0:
+        best = mx.argpartition(-logprobs, kth=top_n - 1)[:top_n]
+        values = logprobs[best].tolist()
+        ranked = sorted(zip(best.tolist(), values), key=lambda pair: -pair[1])
+        chosen["top_logprobs"] = [entry(i, v) for i, v in ranked]
+    return chosen
+
+
+# -- JSON-constrained decoding ------------------------------------------------
+#
+# A character-level pushdown automaton for JSON text that matches a SchemaNode,
+# lifted to tokens by walking a trie of the vocabulary's token texts. A state
+# is a tuple of stacks (several while anyOf alternatives are open); a stack is
+# a tuple of frames, innermost last; both hash, so token masks are cached per
+# state. Whitespace: at most one space, after ':' or ',' (and before the top
+# value), which keeps output compact and finite.
+
+NUMBER_MOVES = {
+    "start": {"-": "sign", "0": "zero", "1": "int"}, "sign": {"0": "zero", "1": "int"},
+    "zero": {".": "dot", "e": "e"}, "int": {"0": "int", "1": "int", ".": "dot", "e": "e"},
+    "dot": {"0": "frac", "1": "frac"}, "frac": {"0": "frac", "1": "frac", "e": "e"},
+    "e": {"+": "esign", "-": "esign", "0": "exp", "1": "exp"}, "esign": {"0": "exp", "1": "exp"},
+    "exp": {"0": "exp", "1": "exp"},
+}
+NUMBER_ENDS = {"zero", "int", "frac", "exp"}   # phases where a number may stop
+FREE_STRING = ("str", 0)                        # inside a string, no escape pending
+ANY_ALTS = (JSON_SCALARS["string"], JSON_SCALARS["number"], ANY_OBJECT, ANY_ARRAY,
+            literal(True), literal(False), literal(None))
+
+
+def json_start(node: SchemaNode, prefix: str = "", suffix: str = "") -> tuple:
+    """The automaton's start state: `prefix`, a JSON value for `node`, then `suffix`."""
+    stack = (("lit", suffix, 0),) if suffix else ()
+    stack += (("val", node, 0),)
+    stack += (("lit", prefix, 0),) if prefix else ()
+    return (stack,)
+
+
+def json_advance(state: tuple, text: str) -> tuple:
+    """The state after `text`; () once no stack can take it."""
+    for ch in text:
+        if not state:
+            break
+        state = tuple(dict.fromkeys(nxt for stack in state for nxt in _json_step(stack, ch)))
+    return state
+
+
+def json_complete(state: tuple) -> bool:
+    """True when the text so far is a whole match (a trailing number may end here)."""
+    return any(not _drop_ended_numbers(stack) for stack in state)
+
+
+def json_closing_text(state: tuple) -> str | None:
+    """The shortest way (by the automaton's hints) to finish from `state`."""
+    best = None
+    for stack in state:
+        text = []
+        while _drop_ended_numbers(stack) and len(text) < 10_000:
+            ch = _json_hint(stack)
+            following = _json_step(stack, ch)
+            if not following:
+                break
+            stack = following[0]
+            text.append(ch)
+        if not _drop_ended_numbers(stack) and (best is None or len(text) < len(best)):
+            best = "".join(text)
+    return best
+
+
+def _drop_ended_numbers(stack: tuple) -> tuple:
+    while stack and stack[-1][0] == "num" and stack[-1][2] in NUMBER_ENDS:
+        stack = stack[:-1]
+    return stack
+
+
+def _json_step(stack: tuple, ch: str) -> list[tuple]:
+    """Stacks that can follow `stack` on character `ch` (none: it cannot)."""
+    if not stack:
+        return []
+    frame, rest = stack[-1], stack[:-1]
+    kind = frame[0]
+    if kind == "lit":
+        _, text, pos = frame
+        if text[pos] != ch:
+            return []
+        return [rest if pos + 1 == len(text) else rest + (("lit", text, pos + 1),)]
+    if kind == "str":
+        return _step_string(rest, frame[1], ch)
+    if kind == "num":
+        return _step_number(rest, frame, ch)
+    if kind == "val":
+        if ch == " " and not frame[2]:
+            return [rest + (("val", frame[1], 1),)]
+        return [s for node in _alternatives(frame[1]) for s in _start_value(rest, node, ch)]
+    if kind == "obj":
+        return _step_object(rest, frame, ch)
+    return _step_array(rest, frame, ch)
+
+
+def _step_string(rest: tuple, escape: int, ch: str) -> list[tuple]:
+    # escape: 0 none pending, -1 after a backslash, n > 0 hex digits still due in \uXXXX.
+    if escape == 0:
+        if ch == '"':
+            return [rest]
+        if ch == "\\":
+            return [rest + (("str", -1),)]
+        return [] if ch < " " else [rest + (FREE_STRING,)]
+    if escape == -1:
+        if ch == "u":
+            return [rest + (("str", 4),)]
+        return [rest + (FREE_STRING,)] if ch in '"\\/bfnrt' else []
+    return [rest + (("str", escape - 1 if escape > 1 else 0),)] if ch in "0123456789abcdefABCDEF" else []
+
+
+def _step_number(rest: tuple, frame: tuple, ch: str) -> list[tuple]:
+    # frame: ("num", integer only, phase, digits in the current part: integer, fraction or exponent).
+    _, integer, phase, digits = frame
+    move = NUMBER_MOVES[phase].get("1" if ch in "123456789" else "e" if ch in "eE" else ch)
+    if integer and move in ("dot", "e"):
+        move = None
+    if move:
+        digits = digits + 1 if move == phase else int(move in NUMBER_ENDS)
+        return [rest + (("num", integer, move, digits),)] if digits <= JSON_MAX_DIGITS else []
+    return _json_step(rest, ch) if phase in NUMBER_ENDS else []
+
+
+def _alternatives(node: SchemaNode) -> tuple[SchemaNode, ...]:
+    if node.kind == "any":
+        return ANY_ALTS
+    if node.kind == "any_of":
+        return tuple(a for alt in node.alts for a in _alternatives(alt))
+    return (node,)
+
+
+def _start_value(rest: tuple, node: SchemaNode, ch: str) -> list[tuple]:
+    kind = node.kind
+    if kind == "literal":
+        if node.text[0] != ch:
+            return []
+        return [rest if len(node.text) == 1 else rest + (("lit", node.text, 1),)]
+    if kind == "string":
+        return [rest + (FREE_STRING,)] if ch == '"' else []
+    if kind in ("number", "integer"):
+        return _step_number(rest, ("num", kind == "integer", "start", 0), ch) if ch in "-0123456789" else []
+    if kind == "object":
+        return [rest + (("obj", node, "open", 0, ""),)] if ch == "{" else []
+    return [rest + (("arr", node, "open"),)] if ch == "[" else []
+
+
+def _key_candidates(node: SchemaNode, start: int) -> list[int]:
+    """Indices of properties that may come next: up to and including the first required one."""
+    out = []
+    for i in range(start, len(node.props)):
+        out.append(i)
+        if node.props[i][0] in node.required:
+            break
+    return out
+
+
+def _may_close_object(node: SchemaNode, start: int) -> bool:
+    return all(name not in node.required for name, _ in node.props[start:])
+
+
+def _step_object(rest: tuple, frame: tuple, ch: str) -> list[tuple]:
+    # frame: ("obj", node, phase, index, key). phase: open, key, colon, after, comma, comma1 (space seen);
+    # index: next property allowed (in "colon": the one being written); key: the key typed so far.
+    _, node, phase, index, key = frame
+    free = not node.props
+    if phase in ("open", "after") and ch == "}" and (free or _may_close_object(node, index)):
+        return [rest]
+    if phase == "after" and ch == "," and (free or index < len(node.props)):
+        return [rest + (("obj", node, "comma", index, ""),)]
+    if phase == "comma" and ch == " ":
+        return [rest + (("obj", node, "comma1", index, ""),)]
+    if phase in ("open", "comma", "comma1") and ch == '"':
+        if free:
+            return [rest + (("obj", node, "colon", index, ""), FREE_STRING)]
+        return [rest + (("obj", node, "key", index, ""),)] if _key_candidates(node, index) else []
+    if phase == "key":
+        return _step_key(rest, node, index, key, ch)
+    if phase == "colon" and ch == ":":
+        value = node.items or ANY if free else node.props[index][1]
+        return [rest + (("obj", node, "after", index + (not free), ""), ("val", value, 0))]
+    return []
+
+
+def _step_key(rest: tuple, node: SchemaNode, index: int, key: str, ch: str) -> list[tuple]:
+    names = {i: json.dumps(node.props[i][0], ensure_ascii=False)[1:-1] for i in _key_candidates(node, index)}
+    if ch == '"':
+        return [rest + (("obj", node, "colon", i, ""),) for i, name in names.items() if name == key]
+    typed = key + ch
+    if any(name.startswith(typed) for name in names.values()):
+        return [rest + (("obj", node, "key", index, typed),)]
+    return []
+
+
+def _step_array(rest: tuple, frame: tuple, ch: str) -> list[tuple]:
+    # frame: ("arr", node, phase); phase: open (nothing yet) or after (an item written).
+    _, node, phase = frame
+    if ch == "]":
+        return [rest]
+    item = ("val", node.items or ANY, 0)
+    if phase == "after":
+        return [rest + (("arr", node, "after"), item)] if ch == "," else []
+    return _json_step(rest + (("arr", node, "after"), item[:2] + (1,)), ch)
+
+
+def _json_hint(stack: tuple) -> str:
+    """The next character on a short way to finish the innermost frame (and so the text)."""
+    frame = stack[-1]
+    kind = frame[0]
+    if kind == "lit":
+        return frame[1][frame[2]]
+    if kind == "str":
+        return {0: '"', -1: "n"}.get(frame[1], "0")
+    if kind == "num":
+        return _json_hint(stack[:-1]) if frame[2] in NUMBER_ENDS else "0"
+    if kind == "val":
+        node = min(_alternatives(frame[1]), key=lambda n: n.min_len)
+        return {"literal": node.text[:1], "string": '"', "object": "{", "array": "["}.get(node.kind, "0")
+    if kind == "arr":
+        return "]"
+    _, node, phase, index, key = frame
+    if phase in ("open", "after"):
+        if not node.props or _may_close_object(node, index):
+            return "}"
+        return "," if phase == "after" else '"'
+    if phase == "colon":
+        return ":"
+    if phase != "key":
+        return '"'
+    names = [json.dumps(node.props[i][0], ensure_ascii=False)[1:-1] for i in _key_candidates(node, index)]
+    target = next(n for n in reversed(names) if n.startswith(key))  # the required one when it fits
+    return target[len(key)] if len(target) > len(key) else '"'
+
+
+
+class TokenTable:
+    """A vocabulary's token texts, indexed for constrained decoding; one per tokenizer.
+
+    Special tokens (end of sequence included) and tokens that decode to part
+    of a character are left out, so constrained text is made of whole
+    characters and never of control tokens.
+    """
+
+    def __init__(self, tokenizer: Any):
+        self.size = len(tokenizer)
+        self.eos = sorted(tokenizer.eos_token_ids)
+        self.texts = token_texts(tokenizer, self.size)
+        self.trie: dict = {}                       # char -> child; "" -> ids ending here
+        self.plain: list[int] = []                 # tokens that are only ordinary string characters
+        self.marked: list[tuple[int, str]] = []    # every other usable token, with its text
+        for token, text in enumerate(self.texts):
+            if not text:
+                continue
+            node = self.trie
+            for ch in text:
+                node = node.setdefault(ch, {})
+            node.setdefault("", []).append(token)
+            if all(ch >= " " and ch not in '"\\' for ch in text):
+                self.plain.append(token)
+            else:
+                self.marked.append((token, text))
+
+
+def token_texts(tokenizer: Any, size: int) -> list[str | None]:
+    """Each token id's text as it reads inside a sequence; None for unusable ones."""
+    # Decoded after an anchor token, so SentencePiece's leading space is kept.
+    anchor = tokenizer.encode("a", add_special_tokens=False)[-1]
+    head = tokenizer.decode([anchor])
+    special = set(getattr(tokenizer, "all_special_ids", ())) | set(tokenizer.eos_token_ids)
+    decoded = tokenizer.batch_decode([[anchor, token] for token in range(size)])
+    return [text[len(head):] if token not in special and text.startswith(head) and "\ufffd" not in text
+            else None for token, text in enumerate(decoded)]
+
+
+_TOKEN_TABLES: dict[int, tuple[Any, TokenTable]] = {}
+_CONSTRAINTS: dict[tuple, "JsonMasks"] = {}
+
+
+def token_table(tokenizer: Any) -> TokenTable:
+    """The tokenizer's TokenTable, built on first use (about a second for 50k tokens)."""
+    entry = _TOKEN_TABLES.get(id(tokenizer))
+    if entry is None:
+        entry = _TOKEN_TABLES[id(tokenizer)] = (tokenizer, TokenTable(tokenizer))
+    return entry[1]
+
+
+class JsonMasks:
+    """Which tokens may come next in each automaton state of one constraint (cached)."""
+
+    def __init__(self, table: TokenTable, start: tuple):
+        self.table = table
+        self.start = start
+        self.masks: dict[tuple, Any] = {}
+        self.closings: dict[tuple, str | None] = {}
+
+    def allowed(self, state: tuple, width: int) -> Any:
+        """A boolean mx.array over `width` logits: the tokens that keep `state` alive."""
+        mask = self.masks.get(state)
+        if mask is None:
+            if len(self.masks) >= JSON_MASK_CACHE_STATES:
+                self.masks.clear()
+            mask = self.masks[state] = self._build(state, width)
+        return mask
+
+    def closing(self, state: tuple) -> str | None:
+        if state not in self.closings:
+            if len(self.closings) >= JSON_MASK_CACHE_STATES:
+                self.closings.clear()
+            self.closings[state] = json_closing_text(state)
+        return self.closings[state]
+
+    def _build(self, state: tuple, width: int) -> Any:
+        import mlx.core as mx
+        table = self.table
+        if len(state) == 1 and state[0][-1:] == (FREE_STRING,):
+            # Inside a string ordinary characters leave the state as it is: every
+            # plain token fits; only tokens with quotes, backslashes or controls need a walk.
+            ids = table.plain + [t for t, text in table.marked if json_advance(state, text)]
+        else:
+            ids = self._walk(state)
+        if json_complete(state):
+            ids += table.eos
+        mask = mx.zeros((width,), dtype=mx.bool_)
+        ids = [t for t in ids if t < width]
+        if ids:
+            mask[mx.array(ids)] = True
+        return mask
+
+    def _walk(self, state: tuple) -> list[int]:
+        """Depth-first over the token trie, following only characters the automaton takes."""
+        ids, todo = [], [(self.table.trie, state)]
+        while todo:
+            node, at = todo.pop()
+            for ch, child in node.items():
+                if ch and (after := json_advance(at, ch)):
+                    ids.extend(child.get("", ()))
+                    todo.append((child, after))
+        return ids
+
+    def along(self, text: str, width: int) -> Any:
+        """A mask of the tokens that are a non-empty prefix of `text` (closing mode)."""
+        import mlx.core as mx
+        ids, node = [], self.table.trie
+        for ch in text:
+            node = node.get(ch)
+            if node is None:
+                break
+            ids.extend(t for t in node.get("", ()) if t < width)
+        mask = mx.zeros((width,), dtype=mx.bool_)
+        if ids:
+            mask[mx.array(ids)] = True
+        return mask
+
+
+def json_masks(tokenizer: Any, key: tuple, start: tuple) -> JsonMasks:
+    """The shared, cached masks for a constraint: requests with the same schema reuse them."""
+    cache_key = (id(tokenizer),) + key
+    masks = _CONSTRAINTS.get(cache_key)
+    if masks is None:
+        if len(_CONSTRAINTS) >= JSON_CONSTRAINT_CACHE:
+            _CONSTRAINTS.pop(next(iter(_CONSTRAINTS)))
+        masks = _CONSTRAINTS[cache_key] = JsonMasks(token_table(tokenizer), start)
+    return masks
+
+
+class JsonConstraint:
+    """A logits processor that only lets through tokens keeping the output valid JSON.
+
+    Called once per generated token (mlx_lm's convention). It tracks the
+    automaton state from the tokens sampled so far; when the tokens left are
+    barely enough to finish, it switches to the shortest closing text, so the
+    output is complete JSON whenever max_tokens allows that at all. Once the
+    JSON is complete only end-of-sequence tokens remain.
+    """
+
+    def __init__(self, masks: JsonMasks, budget: int):
+        self.masks = masks
+        self.state = masks.start
+        self.left = budget           # tokens still to be sampled, this one included
+        self.started = False
+        self.closing: str | None = None   # the rest of the closing text, once closing
+
+    def __call__(self, tokens: Any, logits: Any) -> Any:
+        import mlx.core as mx
+        if self.started:
+            self._advance(int(tokens[-1].item()))
+        self.started = True
+        width = logits.shape[-1]
+        if self.closing is None and not json_complete(self.state):
+            plan = self.masks.closing(self.state)
+            if plan is not None and len(plan) + 1 >= self.left:
+                self.closing = plan
+        mask = self._mask(width)
+        self.left -= 1
+        return mx.where(mask, logits, mx.array(-math.inf, dtype=logits.dtype))
+
+    def _mask(self, width: int) -> Any:
+        import mlx.core as mx
+        table = self.masks.table
+        if self.state and self.closing:
+            mask = self.masks.along(self.closing, width)
+            if mask.any().item():
+                return mask
+            self.closing = None  # no token spells the next closing character: decode freely
+        if self.state:
+            return self.masks.allowed(self.state, width)
+        mask = mx.zeros((width,), dtype=mx.bool_)  # dead or finished: only the end remains
+        mask[mx.array(table.eos)] = True
+        return mask
+
+    def _advance(self, token: int) -> None:
+        text = self.masks.table.texts[token] if token < len(self.masks.table.texts) else None
+        self.state = json_advance(self.state, text) if text else ()
+        if self.closing is not None and text:
+            self.closing = self.closing[len(text):] if self.closing.startswith(text) else None
 
 
 class StopScanner:
@@ -559,7 +1394,8 @@ class StopScanner:
 class Job:
     """One admitted request's generation, shared by its handler and the engine.
 
-    The engine puts events on `events`: ("text", str) pieces, then exactly one
+    The engine puts events on `events`: ("text", str, [token_logprobs dicts])
+    pieces (the list empty unless logprobs were asked for), then exactly one
     ("finish", reason) or ("error", APIError). The handler sets `cancelled`
     when the client leaves or the deadline passes.
     """
@@ -590,6 +1426,7 @@ class Sequence:
     job: Job
     detokenizer: Any
     stops: StopScanner
+    logprobs: list = dataclasses.field(default_factory=list)  # entries of tokens whose text is not out yet
 
 
 class PromptCache:
@@ -740,8 +1577,10 @@ class Engine:
         job.cached_tokens = cached
         self._note_cache()
         try:
+            sampling = make_sampling(job.request, self.model, job.max_tokens)
             (uid,) = batch.insert([job.prompt[cached:]], max_tokens=[job.max_tokens], caches=[cache],
-                                  all_tokens=[job.prompt[:cached]], samplers=[make_sampler_for(job.request)])
+                                  all_tokens=[job.prompt[:cached]], samplers=[sampling.sampler],
+                                  logits_processors=[sampling.logits_processors])
         except Exception as exc:
             log.error("could not start generation: %r", exc, exc_info=exc)
             job.events.put(("error", internal_error()))
@@ -783,13 +1622,22 @@ class Engine:
         self.tokens_generated += 1
         if response.finish_reason == "stop":  # an end-of-sequence token: not part of the text
             return self._flush(sequence, "stop")
+        if job.request.logprobs is not None:
+            sequence.logprobs.append(token_logprobs(self.model.tokenizer, response.token, response.logprobs,
+                                                   job.request.logprobs))
         sequence.detokenizer.add_token(response.token)
         if response.finish_reason == "length":
             return self._flush(sequence, "length")
         text, stopped = sequence.stops.feed(sequence.detokenizer.last_segment)
-        if text:
-            job.events.put(("text", text))
+        self._emit(sequence, text)
         return "stop" if stopped else None
+
+    @staticmethod
+    def _emit(sequence: Sequence, text: str) -> None:
+        """Send a text piece with the logprobs of the tokens it completes."""
+        if text:
+            sequence.job.events.put(("text", text, sequence.logprobs))
+            sequence.logprobs = []
 
     @staticmethod
     def _flush(sequence: Sequence, reason: str) -> str:
@@ -798,8 +1646,7 @@ class Engine:
         text, stopped = sequence.stops.feed(sequence.detokenizer.last_segment)
         if not stopped:
             text += sequence.stops.flush()
-        if text:
-            sequence.job.events.put(("text", text))
+        Engine._emit(sequence, text)
         return "stop" if stopped else reason
 
     def _keep_cache(self, batch: Any, tokens: list[int] | None, cache: list | None) -> None:
@@ -813,14 +1660,6 @@ class Engine:
             self._stats = self.prompt_cache.stats()
 
 
-def make_sampler_for(request: GenerationRequest) -> Callable:
-    """The token sampler for a request's temperature and top_p."""
-    from mlx_lm.sample_utils import make_sampler
-    # top_p 0 keeps only the most likely token, which is greedy decoding.
-    temperature = 0.0 if request.top_p == 0 else request.temperature
-    return make_sampler(temp=temperature, top_p=request.top_p)
-
-
 # ---------------------------------------------------------------------------
 # SSE/JSON writers
 # ---------------------------------------------------------------------------
@@ -832,15 +1671,111 @@ def usage_of(job: Job) -> dict:
             "prompt_tokens_details": {"cached_tokens": job.cached_tokens}}
 
 
+def logprobs_object(endpoint: str, entries: list[dict] | None, offset: int = 0) -> dict | None:
+    """A choice's "logprobs" in the endpoint's OpenAI shape; None when not asked for.
+
+    `entries` come from token_logprobs (chat's shape already); completions get
+    the legacy parallel lists, with text offsets counted from `offset`.
+    """
+    if entries is None:
+        return None
+    if endpoint == "chat":
+        return {"content": entries, "refusal": None}
+    offsets = []
+    for entry in entries:
+        offsets.append(offset)
+        offset += len(entry["token"])
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{**{t["token"]: t["logprob"] for t in e["top_logprobs"]}, e["token"]: e["logprob"]}
+                             for e in entries],
+            "text_offset": offsets}
+
+
+class ToolCallScanner:
+    """Splits a chat reply into content and tool calls, as the text streams in.
+
+    Text between the model's tool-call markers is parsed with its mlx_lm tool
+    parser; text that might be the start of a marker is held back, so a
+    streaming client never sees half of one. A call that does not parse is
+    passed on as content rather than lost.
+    """
+
+    def __init__(self, start: str, end: str, parse: Callable[[str, Any], Any], tools: list[dict]):
+        self.start, self.end, self.parse, self.tools = start, end, parse, tools
+        self.held = ""
+        self.inside = False
+
+    def feed(self, text: str) -> tuple[str, list[dict]]:
+        """Return (content safe to emit, complete tool calls in OpenAI's shape)."""
+        self.held += text
+        content, calls = [], []
+        while True:
+            if not self.inside:
+                at = self.held.find(self.start)
+                if at < 0:
+                    keep = max((n for n in range(1, len(self.start)) if self.held.endswith(self.start[:n])), default=0)
+                    content.append(self.held[:len(self.held) - keep])
+                    self.held = self.held[len(self.held) - keep:]
+                    return "".join(content), calls
+                content.append(self.held[:at])
+                self.held, self.inside = self.held[at + len(self.start):], True
+            at = self.held.find(self.end)
+            if at < 0:
+                return "".join(content), calls
+            body, self.held, self.inside = self.held[:at], self.held[at + len(self.end):], False
+            parsed = self._parse(body)
+            calls += parsed
+            if not parsed:
+                content.append(self.start + body + self.end)
+
+    def flush(self) -> str:
+        """Text still held once generation ends (an unfinished call comes back as text)."""
+        text = (self.start if self.inside else "") + self.held
+        self.held, self.inside = "", False
+        return text
+
+    def _parse(self, body: str) -> list[dict]:
+        try:
+            parsed = self.parse(body, self.tools)
+        except Exception as exc:  # parsers raise what they like on malformed calls
+            log.warning("could not parse a tool call (%r): %r", exc, body[:200])
+            return []
+        return [openai_tool_call(call) for call in (parsed if isinstance(parsed, list) else [parsed])
+                if isinstance(call, dict) and isinstance(call.get("name"), str)]
+
+
+def openai_tool_call(call: dict) -> dict:
+    """A parsed call ({"name", "arguments"}) in OpenAI's tool_calls shape: arguments as a JSON string."""
+    arguments = call.get("arguments", {})
+    if not isinstance(arguments, str):
+        arguments = json.dumps(arguments, ensure_ascii=False)
+    return {"id": call.get("id") or f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": call["name"], "arguments": arguments}}
+
+
+def tool_scanner(request: GenerationRequest, tokenizer: Any) -> ToolCallScanner | None:
+    """The scanner for a chat request that offered tools, else None."""
+    if not request.tools or request.tool_choice == "none" or not getattr(tokenizer, "has_tool_calling", False):
+        return None
+    return ToolCallScanner(tokenizer.tool_call_start, tokenizer.tool_call_end, tokenizer.tool_parser,
+                           list(request.tools))
+
+
 def completion_object(endpoint: str, response_id: str, created: int, model: str, text: str,
-                      finish_reason: str, usage: dict) -> dict:
+                      finish_reason: str, usage: dict, logprobs: list[dict] | None = None,
+                      tool_calls: list[dict] = ()) -> dict:
     """The non-streaming response body for either endpoint."""
     if endpoint == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                  "logprobs": None, "finish_reason": finish_reason}
+        message = {"role": "assistant", "content": text}
+        if tool_calls:
+            message = {"role": "assistant", "content": text if text.strip() else None, "tool_calls": list(tool_calls)}
+            finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
+        choice = {"index": 0, "message": message,
+                  "logprobs": logprobs_object(endpoint, logprobs), "finish_reason": finish_reason}
         kind = "chat.completion"
     else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": 0, "text": text, "logprobs": logprobs_object(endpoint, logprobs),
+                  "finish_reason": finish_reason}
         kind = "text_completion"
     return {"id": response_id, "object": kind, "created": created, "model": model,
             "choices": [choice], "usage": usage}
@@ -849,8 +1784,12 @@ def completion_object(endpoint: str, response_id: str, created: int, model: str,
 class ChunkFormatter:
     """Builds the streaming chunks of one response, shaped for its endpoint."""
 
-    def __init__(self, endpoint: str, response_id: str, created: int, model: str):
+    def __init__(self, endpoint: str, response_id: str, created: int, model: str, logprobs: bool = False):
+        self.endpoint = endpoint
         self.chat = endpoint == "chat"
+        self.logprobs = logprobs
+        self.offset = 0   # characters streamed so far, for completions' text_offset
+        self.calls_sent = 0
         self.head = {"id": response_id, "object": "chat.completion.chunk" if self.chat else "text_completion",
                      "created": created, "model": model}
 
@@ -864,18 +1803,45 @@ class ChunkFormatter:
         return self._chunk({"index": 0, "delta": {"role": "assistant", "content": ""},
                             "logprobs": None, "finish_reason": None})
 
-    def text(self, text: str) -> dict:
+    def text(self, text: str, logprobs: list[dict] = ()) -> dict:
+        lp = logprobs_object(self.endpoint, list(logprobs), self.offset) if self.logprobs else None
+        self.offset += len(text)
         if self.chat:
-            return self._chunk({"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": None})
-        return self._chunk({"index": 0, "text": text, "logprobs": None, "finish_reason": None})
+            return self._chunk({"index": 0, "delta": {"content": text}, "logprobs": lp, "finish_reason": None})
+        return self._chunk({"index": 0, "text": text, "logprobs": lp, "finish_reason": None})
+
+    def tool_calls(self, calls: list[dict]) -> dict:
+        """A chat chunk carrying whole tool calls, numbered in the order they came."""
+        first = self.calls_sent
+        self.calls_sent += len(calls)
+        deltas = [{"index": first + i, **call} for i, call in enumerate(calls)]
+        return self._chunk({"index": 0, "delta": {"tool_calls": deltas}, "logprobs": None, "finish_reason": None})
 
     def finish(self, reason: str) -> dict:
+        if self.calls_sent and reason == "stop":
+            reason = "tool_calls"
         if self.chat:
             return self._chunk({"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason})
         return self._chunk({"index": 0, "text": "", "logprobs": None, "finish_reason": reason})
 
     def usage(self, usage: dict) -> dict:
         return self._chunk(None, usage=usage)
+
+
+def stream_chunks(chunks: ChunkFormatter, scanner: ToolCallScanner | None, kind: str, value: str,
+                  logprobs: list[dict] = ()) -> list[dict]:
+    """The chunks one engine event becomes: text, tool calls (via the scanner), or the finish."""
+    out = []
+    text, calls = (value if kind == "text" else ""), []
+    if scanner is not None:
+        text, calls = scanner.feed(value) if kind == "text" else (scanner.flush(), [])
+    if text or logprobs:
+        out.append(chunks.text(text, logprobs))
+    if calls:
+        out.append(chunks.tool_calls(calls))
+    if kind != "text":
+        out.append(chunks.finish(value))
+    return out
 
 
 def sse_event(payload: dict | str) -> bytes:
@@ -1395,6 +2361,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         with server.admit() as slot:
             prompt = render_prompt(request, server.model, server.settings)
             budget = fit_to_context(len(prompt), request, server.model)
+            check_token_ids(request, server.model)
             job = Job(prompt, request, budget, time.monotonic() + server.settings.timeout)
             server.engine.submit(job)
             try:
@@ -1485,24 +2452,30 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 return
 
     def _write_completion(self, job: Job, slot: "Admission") -> None:
-        pieces, finish = [], "stop"
-        for kind, value in self._events(job, slot):
+        pieces, logprobs, finish = [], [], "stop"
+        for kind, value, *extra in self._events(job, slot):
             if kind == "error":
                 raise value
             if kind == "text":
                 pieces.append(value)
+                logprobs += extra[0]
             else:
                 finish = value
         self.body_read = True
-        server = self.server
-        self._send_json(completion_object(job.request.endpoint, new_response_id(job.request.endpoint),
-                                          int(time.time()), server.settings.model_name, "".join(pieces),
-                                          finish, usage_of(job)))
+        server, request = self.server, job.request
+        text, calls = "".join(pieces), []
+        if (scanner := tool_scanner(request, server.model.tokenizer)) is not None:
+            text, calls = scanner.feed(text)
+            text += scanner.flush()
+        self._send_json(completion_object(request.endpoint, new_response_id(request.endpoint),
+                                          int(time.time()), server.settings.model_name, text,
+                                          finish, usage_of(job), logprobs if request.logprobs is not None else None,
+                                          calls))
 
     def _write_stream(self, job: Job, slot: "Admission") -> None:
         server = self.server
         chunks = ChunkFormatter(job.request.endpoint, new_response_id(job.request.endpoint),
-                                int(time.time()), server.settings.model_name)
+                                int(time.time()), server.settings.model_name, job.request.logprobs is not None)
         self._start_stream()
         last_write = [time.monotonic()]
 
@@ -1514,10 +2487,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         try:
             if (opening := chunks.role()) is not None:
                 self._write_raw(sse_event(opening))
-            for kind, value in self._events(job, slot, keepalive):
+            scanner = tool_scanner(job.request, server.model.tokenizer)
+            for kind, value, *extra in self._events(job, slot, keepalive):
                 if kind == "error":
                     raise value
-                self._write_raw(sse_event(chunks.text(value) if kind == "text" else chunks.finish(value)))
+                for chunk in stream_chunks(chunks, scanner, kind, value, *extra):
+                    self._write_raw(sse_event(chunk))
                 last_write[0] = time.monotonic()
             if job.request.include_usage:
                 self._write_raw(sse_event(chunks.usage(usage_of(job))))

@@ -427,6 +427,345 @@ def test_sliding_window_drops_old_messages(make_server):
 
 
 # ---------------------------------------------------------------------------
+# The OpenAI request surface: sampling, logprobs, JSON output, tools
+# ---------------------------------------------------------------------------
+
+def post(server, endpoint: str, **fields) -> dict:
+    reply = request(server, "POST", path_of(endpoint), body_for(endpoint, **fields))
+    assert reply.status == 200, reply.raw[:300]
+    return reply.json()
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_same_seed_same_output_whatever_ran_before(server, endpoint):
+    sampled = dict(max_tokens=30, temperature=1.2, top_p=0.95, top_k=50, min_p=0.01)
+    first = text_of(endpoint, post(server, endpoint, seed=1234, **sampled))
+    post(server, endpoint, **sampled)  # unseeded sampling moves the global random state
+    assert text_of(endpoint, post(server, endpoint, seed=1234, **sampled)) == first
+    assert streamed_text(endpoint, stream(server, endpoint, seed=1234, **sampled)) == first
+    others = {text_of(endpoint, post(server, endpoint, seed=seed, **sampled)) for seed in (1, 2, 3)}
+    assert others != {first}
+
+
+def test_same_seed_same_output_inside_a_batch(server):
+    sampled = body_for("completions", max_tokens=40, temperature=1.0, seed=99)
+    alone = request(server, "POST", "/v1/completions", sampled).json()["choices"][0]["text"]
+    results = []
+
+    def one(body):
+        results.append((body.get("seed"), request(server, "POST", "/v1/completions", body).json()["choices"][0]["text"]))
+
+    threads = [threading.Thread(target=one, args=(body,))
+               for body in (sampled, body_for("completions", max_tokens=60, temperature=1.0))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert dict(results)[99] == alone
+
+
+def test_seed_through_the_openai_sdk(openai_client):
+    def ask(seed):
+        return openai_client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=20,
+                                                     temperature=1.0, seed=seed).choices[0].message.content
+    assert ask(7) == ask(7)
+    text = openai_client.completions.create(model="tiny", prompt="abc", max_tokens=10, temperature=1.0, seed=-5)
+    assert text.choices[0].text == openai_client.completions.create(
+        model="tiny", prompt="abc", max_tokens=10, temperature=1.0, seed=-5).choices[0].text
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_top_k_1_and_min_p_1_are_greedy(server, endpoint):
+    greedy = text_of(endpoint, post(server, endpoint, max_tokens=20, temperature=0))
+    assert text_of(endpoint, post(server, endpoint, max_tokens=20, temperature=1.5, top_k=1)) == greedy
+    assert text_of(endpoint, post(server, endpoint, max_tokens=20, temperature=1.5, min_p=1.0)) == greedy
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_logit_bias_forces_and_forbids_tokens(server, model, endpoint):
+    token = model.tokenizer.encode(" the")[-1]
+    forced = post(server, endpoint, max_tokens=4, temperature=0, logit_bias={str(token): 100})
+    assert text_of(endpoint, forced).strip() == model.tokenizer.decode([token] * 4).strip()
+    greedy = post(server, endpoint, max_tokens=8, temperature=0)
+    first = first_greedy_token(model, endpoint)
+    banned = post(server, endpoint, max_tokens=8, temperature=0, logit_bias={str(first): -100})
+    assert text_of(endpoint, banned) != text_of(endpoint, greedy)
+
+
+def first_greedy_token(model, endpoint: str) -> int:
+    """The token greedy decoding picks first for body_for(endpoint)'s prompt."""
+    from mlx_lm.generate import generate_step
+    import mlx.core as mx
+    tokenizer = model.tokenizer
+    prompt = (tokenizer.apply_chat_template(HELLO, add_generation_prompt=True) if endpoint == "chat"
+              else tokenizer.encode(body_for(endpoint)["prompt"]))
+    token, _ = next(generate_step(mx.array(prompt), model.model, max_tokens=1))
+    return int(token)
+
+
+def test_logit_bias_through_the_openai_sdk(openai_client, model):
+    token = model.tokenizer.encode(" the")[-1]
+    completion = openai_client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=3, temperature=0,
+                                                       logit_bias={str(token): 100})
+    assert completion.choices[0].message.content.strip() == model.tokenizer.decode([token] * 3).strip()
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_penalties_change_greedy_output(server, endpoint):
+    greedy = text_of(endpoint, post(server, endpoint, max_tokens=80, temperature=0))
+    for field in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
+        value = 1.8 if field == "repetition_penalty" else 2.0
+        assert text_of(endpoint, post(server, endpoint, max_tokens=80, temperature=0, **{field: value})) != greedy, field
+
+
+def test_openai_penalties_count_generated_tokens_only():
+    import mlx.core as mx
+    processor = lem_serve.openai_penalties(presence=0.5, frequency=0.25)
+    logits = mx.zeros((1, 4))
+    assert processor(mx.array([3, 3, 2]), logits).tolist() == [[0, 0, 0, 0]]  # the prompt is not counted
+    assert processor(mx.array([3, 3, 2, 1]), logits).tolist() == [[0, -0.75, 0, 0]]
+    assert processor(mx.array([3, 3, 2, 1, 1]), logits).tolist() == [[0, -1.0, 0, 0]]
+
+
+def test_chat_logprobs_through_the_openai_sdk(openai_client):
+    completion = openai_client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=12, temperature=0,
+                                                       logprobs=True, top_logprobs=3)
+    entries = completion.choices[0].logprobs.content
+    assert len(entries) == completion.usage.completion_tokens == 12
+    for entry in entries:
+        alternatives = [t.logprob for t in entry.top_logprobs]
+        assert len(alternatives) == 3 and alternatives == sorted(alternatives, reverse=True)
+        assert entry.logprob == alternatives[0] and entry.logprob <= 0  # greedy picks the most likely
+        assert entry.bytes == list(entry.token.encode())
+    chunks = list(openai_client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=12, temperature=0,
+                                                        logprobs=True, top_logprobs=3, stream=True))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in entries]
+    plain = openai_client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=2, logprobs=True)
+    assert all(e.top_logprobs == [] for e in plain.choices[0].logprobs.content)
+    without = openai_client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=2)
+    assert without.choices[0].logprobs is None
+
+
+def test_completions_logprobs_through_the_openai_sdk(openai_client):
+    completion = openai_client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=10,
+                                                  temperature=0, logprobs=2)
+    logprobs = completion.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == 10
+    assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i]) for i in range(10)]
+    for token, value, top in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs):
+        assert top[token] == value == max(top.values()) and 1 <= len(top) <= 3
+    chunks = list(openai_client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=10,
+                                                   temperature=0, logprobs=2, stream=True))
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs]
+    assert [t for lp in streamed for t in lp.tokens] == logprobs.tokens
+    assert [o for lp in streamed for o in lp.text_offset] == logprobs.text_offset
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_logprobs_raw_json_shapes(server, endpoint):
+    wanted = {"logprobs": True, "top_logprobs": 0} if endpoint == "chat" else {"logprobs": 0}
+    choice = post(server, endpoint, max_tokens=3, **wanted)["choices"][0]
+    if endpoint == "chat":
+        assert set(choice["logprobs"]) == {"content", "refusal"}
+        assert set(choice["logprobs"]["content"][0]) == {"token", "logprob", "bytes", "top_logprobs"}
+    else:
+        assert set(choice["logprobs"]) == {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
+        assert all(len(top) == 1 for top in choice["logprobs"]["top_logprobs"])
+    events = [e for e in stream(server, endpoint, max_tokens=3, **wanted) if isinstance(e, dict)]
+    assert all(e["choices"][0]["logprobs"] for e in events[1 if endpoint == "chat" else 0:-1])
+
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "age": {"type": "integer"},
+        "height": {"type": ["number", "null"]},
+        "colour": {"enum": ["red", "green", 3]},
+        "pets": {"type": "array", "items": {"$ref": "#/$defs/Pet"}},
+        "ok": {"type": "boolean"},
+    },
+    "required": ["name", "age", "ok"],
+    "$defs": {"Pet": {"type": "object", "properties": {"kind": {"const": "cat"}, "legs": {"type": "integer"}},
+                      "required": ["kind"]}},
+}
+
+
+def conforms(value, schema, root=None) -> bool:
+    """A validator for the JSON Schema subset the server supports (no jsonschema dependency)."""
+    root = root or schema
+    if "$ref" in schema:
+        return conforms(value, root["$defs"][schema["$ref"].split("/")[-1]], root)
+    if "const" in schema:
+        return value == schema["const"] and type(value) is type(schema["const"])
+    if "enum" in schema:
+        return any(value == v and type(value) is type(v) for v in schema["enum"])
+    kinds = schema.get("type")
+    if isinstance(kinds, list):
+        return any(conforms(value, {**schema, "type": k}, root) for k in kinds)
+    checks = {"object": lambda v: isinstance(v, dict), "array": lambda v: isinstance(v, list),
+              "string": lambda v: isinstance(v, str), "boolean": lambda v: isinstance(v, bool),
+              "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+              "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+              "null": lambda v: v is None, None: lambda v: True}
+    if not checks[kinds](value):
+        return False
+    if kinds == "object":
+        props = schema.get("properties", {})
+        return (set(schema.get("required", [])) <= set(value) and (not props or set(value) <= set(props))
+                and all(conforms(v, props.get(k, {}), root) for k, v in value.items()))
+    if kinds == "array":
+        return all(conforms(v, schema.get("items", {}), root) for v in value)
+    return True
+
+
+def schema_format(schema: dict) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": True}}
+
+
+@pytest.mark.parametrize("temperature", [0, 1.0])
+def test_json_schema_output_parses_and_validates(openai_client, temperature):
+    for seed in range(3):
+        completion = openai_client.chat.completions.create(
+            model="tiny", messages=HELLO, max_tokens=120, temperature=temperature, seed=seed,
+            response_format=schema_format(PERSON))
+        text = completion.choices[0].message.content
+        assert completion.choices[0].finish_reason == "stop", text
+        assert conforms(json.loads(text), PERSON), text
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_json_object_streams_valid_json(server, endpoint):
+    for seed in range(2):
+        events = stream(server, endpoint, max_tokens=80, temperature=1.0, seed=seed,
+                        response_format={"type": "json_object"})
+        assert isinstance(json.loads(streamed_text(endpoint, events)), dict)
+        assert [e for e in events if isinstance(e, dict)][-1]["choices"][0]["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize("max_tokens", [8, 20, 26, 40])
+def test_json_schema_closes_in_time_or_says_length(server, max_tokens):
+    reply = post(server, "completions", max_tokens=max_tokens, temperature=1.0, seed=max_tokens,
+                 response_format=schema_format(PERSON))
+    choice = reply["choices"][0]
+    assert reply["usage"]["completion_tokens"] <= max_tokens
+    if choice["finish_reason"] == "stop":
+        assert conforms(json.loads(choice["text"]), PERSON)
+    else:
+        assert choice["finish_reason"] == "length"
+    assert max_tokens < 26 or choice["finish_reason"] == "stop"  # the shortest valid answer is 25 tokens or fewer
+
+
+def test_json_automaton_accepts_exactly_the_schema():
+    node = lem_serve.compile_schema(PERSON, PERSON, "response_format")
+
+    def accepts(text):
+        state = lem_serve.json_advance(lem_serve.json_start(node), text)
+        return bool(state) and lem_serve.json_complete(state)
+
+    assert accepts('{"name": "a\\u00e9\\n", "age": -12, "ok": true}')
+    assert accepts('{"name":"","age":0,"height":1.5e+3,"colour":3,"pets":[{"kind":"cat","legs":4}],"ok":false}')
+    assert accepts('{"name":"x","age":1,"height":null,"ok":true}')
+    for bad in ['{"age":1,"ok":true}', '{"name":"x","age":1.5,"ok":true}', '{"name":"x","age":01,"ok":true}',
+                '{"name":"x","age":1,"ok":true,}', '{"name":"x","age":1,"ok":true,"extra":1}',
+                '{"name":"x","age":1,"colour":"blue","ok":true}', '{"name":"x","age":1,"pets":[{}],"ok":true}',
+                '{"name":"x\n","age":1,"ok":true}', '{"name":"x","age":1,"ok":true}}']:
+        assert not accepts(bad), bad
+    closing = lem_serve.json_closing_text(lem_serve.json_advance(lem_serve.json_start(node), '{"name": "ab'))
+    assert closing == '","age":0,"ok":true}'
+
+
+@pytest.mark.parametrize("response_format,words", [
+    ({"type": "xml"}, "json_object"),
+    ({"type": "json_schema"}, "json_schema"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "a+"}}}, "pattern"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "http://x/y"}}}, "$ref"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "required": ["a"]}}}, "'a'"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "decimal"}}}, "decimal"),
+    ("json", "object"),
+])
+def test_bad_response_format_is_400(server, response_format, words):
+    reply = request(server, "POST", "/v1/chat/completions", body_for("chat", response_format=response_format))
+    assert words in assert_openai_error(reply, 400, "response_format")["message"]
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather for a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]}},
+                   "required": ["city"]}}}
+ADD = {"type": "function", "function": {
+    "name": "add", "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                                  "required": ["a", "b"]}}}
+ASK_WEATHER = [{"role": "user", "content": "Weather in Paris?"}]
+
+
+def test_forced_tool_call_round_trip(openai_client):
+    completion = openai_client.chat.completions.create(
+        model="tiny", messages=ASK_WEATHER, tools=[WEATHER, ADD], max_tokens=120, temperature=1.0, seed=3,
+        tool_choice={"type": "function", "function": {"name": "add"}})
+    choice = completion.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.id and call.function.name == "add"
+    assert conforms(json.loads(call.function.arguments), ADD["function"]["parameters"])
+    answer = openai_client.chat.completions.create(
+        model="tiny", tools=[WEATHER, ADD], max_tokens=5,
+        messages=ASK_WEATHER + [choice.message.model_dump(exclude_none=True),
+                                {"role": "tool", "tool_call_id": call.id, "content": "42"}])
+    assert answer.choices[0].finish_reason == "length" and answer.choices[0].message.content
+    assert answer.usage.prompt_tokens > completion.usage.prompt_tokens
+
+
+def test_required_tool_call_streams_as_delta_tool_calls(openai_client):
+    for seed in range(2):
+        chunks = list(openai_client.chat.completions.create(
+            model="tiny", messages=ASK_WEATHER, tools=[WEATHER, ADD], tool_choice="required", max_tokens=120,
+            temperature=1.0, seed=seed, stream=True))
+        calls = [c for chunk in chunks if chunk.choices for c in chunk.choices[0].delta.tool_calls or []]
+        assert len(calls) == 1 and calls[0].index == 0 and calls[0].function.name in ("get_weather", "add")
+        schema = (WEATHER if calls[0].function.name == "get_weather" else ADD)["function"]["parameters"]
+        assert conforms(json.loads(calls[0].function.arguments), schema)
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+        assert not "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
+def test_auto_tools_reach_the_chat_template(server):
+    plain = post(server, "chat", messages=ASK_WEATHER, max_tokens=1)
+    offered = post(server, "chat", messages=ASK_WEATHER, max_tokens=1, tools=[WEATHER], tool_choice="auto")
+    declined = post(server, "chat", messages=ASK_WEATHER, max_tokens=1, tools=[WEATHER], tool_choice="none")
+    assert offered["usage"]["prompt_tokens"] > plain["usage"]["prompt_tokens"] == declined["usage"]["prompt_tokens"]
+
+
+def test_tool_call_scanner_holds_markers_and_keeps_bad_calls_as_text():
+    from mlx_lm.tool_parsers import json_tools
+    scanner = lem_serve.ToolCallScanner("<tool_call>", "</tool_call>", json_tools.parse_tool_call, [])
+    assert scanner.feed("Sure<tool") == ("Sure", [])
+    text, calls = scanner.feed('_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>after')
+    assert text == "after" and calls[0]["function"] == {"name": "f", "arguments": '{"x": 1}'}
+    assert scanner.feed("<tool_call>not json</tool_call>") == ("<tool_call>not json</tool_call>", [])
+    assert scanner.feed("<tool_call>{") == ("", []) and scanner.flush() == "<tool_call>{"
+
+
+@pytest.mark.parametrize("fields,param", [
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    ({"tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [{"type": "function"}]}, "tools[0]"),
+    ({"tools": [{"type": "function", "function": {"name": ""}}]}, "tools[0].function.name"),
+    ({"tools": "get_weather"}, "tools"),
+    ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "not": {}}}}],
+      "tool_choice": "required"}, "tools"),
+    ({"messages": [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{bad"}}]}]}, "messages[0].tool_calls"),
+    ({"functions": [{"name": "f"}]}, "functions"),
+])
+def test_bad_tools_are_400(server, fields, param):
+    assert_openai_error(request(server, "POST", "/v1/chat/completions", body_for("chat", **fields)), 400, param)
+
+
+# ---------------------------------------------------------------------------
 # Errors: every bad input is an OpenAI-shaped JSON error
 # ---------------------------------------------------------------------------
 
@@ -442,7 +781,19 @@ BAD_BODIES = [
     ("stop", {"stop": 5}),
     ("stream", {"stream": "yes"}),
     ("n", {"n": 3}),
-    ("logprobs", {"logprobs": True}),
+    ("top_k", {"top_k": -1}),
+    ("min_p", {"min_p": 1.5}),
+    ("seed", {"seed": "x"}),
+    ("seed", {"seed": 1.5}),
+    ("presence_penalty", {"presence_penalty": 2.5}),
+    ("frequency_penalty", {"frequency_penalty": "high"}),
+    ("repetition_penalty", {"repetition_penalty": 0}),
+    ("logit_bias", {"logit_bias": {"abc": 1}}),
+    ("logit_bias", {"logit_bias": {"5": 101}}),
+    ("logit_bias", {"logit_bias": {"999999": 1}}),
+    ("logit_bias", {"logit_bias": [1, 2]}),
+    ("echo", {"echo": True}),
+    ("logprobs", {"logprobs": "yes"}),
 ]
 
 
@@ -451,6 +802,17 @@ BAD_BODIES = [
 def test_bad_fields_are_400(server, endpoint, param, fields):
     reply = request(server, "POST", path_of(endpoint), body_for(endpoint, **fields))
     assert_openai_error(reply, 400, param)
+
+
+@pytest.mark.parametrize("endpoint,fields,param", [
+    ("chat", {"top_logprobs": 2}, "top_logprobs"),
+    ("chat", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ("chat", {"logprobs": 1}, "logprobs"),
+    ("completions", {"logprobs": 6}, "logprobs"),
+    ("completions", {"logprobs": True}, "logprobs"),
+])
+def test_bad_logprobs_are_400(server, endpoint, fields, param):
+    assert_openai_error(request(server, "POST", path_of(endpoint), body_for(endpoint, **fields)), 400, param)
 
 
 @pytest.mark.parametrize("body,param", [
