@@ -1804,6 +1804,7 @@ class ChunkFormatter:
                             "logprobs": None, "finish_reason": None})
 
     def text(self, text: str, logprobs: list[dict] = ()) -> dict:
+        """A chunk carrying one piece of generated text (and its tokens' logprobs, when asked)."""
         lp = logprobs_object(self.endpoint, list(logprobs), self.offset) if self.logprobs else None
         self.offset += len(text)
         if self.chat:
@@ -1818,6 +1819,7 @@ class ChunkFormatter:
         return self._chunk({"index": 0, "delta": {"tool_calls": deltas}, "logprobs": None, "finish_reason": None})
 
     def finish(self, reason: str) -> dict:
+        """The chunk that ends the choice; a reply that made tool calls finishes as "tool_calls"."""
         if self.calls_sent and reason == "stop":
             reason = "tool_calls"
         if self.chat:
@@ -1868,6 +1870,7 @@ class Histogram:
         self.count = 0
 
     def observe(self, value: float) -> None:
+        """Count one observation in its bucket and the running sum."""
         for i, bound in enumerate(self.bounds):
             if value <= bound:
                 self.counts[i] += 1
@@ -1951,6 +1954,7 @@ class Metrics:
 
     def record_generation(self, endpoint: str, prompt_tokens: int, completion_tokens: int,
                           first_token_seconds: float | None) -> None:
+        """Add one generation request's token counts and time to first token."""
         with self.lock:
             self.prompt_tokens += prompt_tokens
             self.completion_tokens += completion_tokens
@@ -2659,6 +2663,7 @@ class LemServer(http.server.ThreadingHTTPServer):
         return admitted
 
     def process_request(self, request: Any, client_address: Any) -> None:
+        """Start the connection's thread; if that fails, give its place under the cap back."""
         try:
             super().process_request(request, client_address)
         except BaseException:  # no thread started: nothing else will give the place back
