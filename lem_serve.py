@@ -310,7 +310,8 @@ def _is_stop(value: Any) -> bool:
 def _is_logit_bias(value: dict) -> bool:
     def number(v: Any) -> bool:
         return isinstance(v, (int, float)) and not isinstance(v, bool) and -100 <= v <= 100
-    return all(k.isdigit() and number(v) for k, v in value.items())
+    # isascii: str.isdigit() also accepts digits such as "²" that int() refuses.
+    return all(k.isascii() and k.isdigit() and number(v) for k, v in value.items())
 
 
 # Fields shared by both endpoints. A null value counts as absent.

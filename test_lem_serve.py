@@ -791,6 +791,7 @@ BAD_BODIES = [
     ("logit_bias", {"logit_bias": {"abc": 1}}),
     ("logit_bias", {"logit_bias": {"5": 101}}),
     ("logit_bias", {"logit_bias": {"999999": 1}}),
+    ("logit_bias", {"logit_bias": {"²": 1}}),  # a digit to str.isdigit(), not to int()
     ("logit_bias", {"logit_bias": [1, 2]}),
     ("echo", {"echo": True}),
     ("logprobs", {"logprobs": "yes"}),
