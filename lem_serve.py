@@ -131,7 +131,7 @@ class Settings:
 def parse_bind(value: str) -> tuple[str, int]:
     """Split HOST:PORT (IPv6 as [::1]:PORT); raise ValueError when malformed."""
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
         raise ValueError(f"--bind wants HOST:PORT, got {value!r}")
     host = host.strip("[]") or "127.0.0.1"
     return host, int(port)
@@ -167,7 +167,7 @@ def parse_bytes(text: str) -> int:
     text = text.strip().upper().removesuffix("B")
     scale = units.get(text[-1:], 1)
     number = text[:-1] if text[-1:] in units else text
-    if not number.isdigit():
+    if not (number.isascii() and number.isdigit()):
         raise argparse.ArgumentTypeError(f"wants a byte count such as 1073741824, 512M or 2G, got {text!r}")
     return int(number) * scale
 
