@@ -760,6 +760,7 @@ class Model:
     model: Any
     tokenizer: Any
     context_length: int | None   # tokens the model was trained for, when its config says
+    vocab_size: int              # rows of the embedding table: the first token id out of range
 
 
 def load_model(settings: Settings) -> Model:
@@ -767,7 +768,15 @@ def load_model(settings: Settings) -> Model:
     apply_thread_cap(settings.threads)
     import mlx_lm
     model, tokenizer, config = mlx_lm.load(settings.model_path, return_config=True)
-    return Model(model, tokenizer, context_length_of(config))
+    return Model(model, tokenizer, context_length_of(config), vocab_size_of(model, tokenizer))
+
+
+def vocab_size_of(model: Any, tokenizer: Any) -> int:
+    """Rows of the model's embedding table (a padded vocabulary can exceed the tokenizer's)."""
+    size = getattr(getattr(model, "args", None), "vocab_size", None)
+    if isinstance(size, int) and size > 0:
+        return size
+    return int(tokenizer.vocab_size)
 
 
 def context_length_of(config: dict) -> int | None:
@@ -828,8 +837,15 @@ def fit_to_context(prompt_tokens: int, request: GenerationRequest, model: Model)
 
 
 def check_token_ids(request: GenerationRequest, model: Model) -> None:
-    """A 400 when logit_bias names a token id this model's vocabulary lacks."""
-    size = len(model.tokenizer)
+    """A 400 when the prompt or logit_bias names a token id outside the model's vocabulary.
+
+    MLX does not bounds-check: an embedding lookup past the table reads
+    arbitrary memory (a segfault, seen with {"prompt": [999999999]}).
+    """
+    size = model.vocab_size
+    if isinstance(request.prompt, tuple) and max(request.prompt) >= size:
+        raise invalid(f"'prompt' holds token id {max(request.prompt)}; this model's token ids are "
+                      f"0 to {size - 1}", "prompt")
     for token, _bias in request.logit_bias:
         if token >= size:
             raise invalid(f"'logit_bias' names token id {token}; this model's ids run from 0 to {size - 1}",
@@ -2360,13 +2376,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """Validate, admit through the gate, run a Job and write its result."""
         server = self.server
         request = parse_generation_request(endpoint, self._read_json(), server.settings)
-        self._check_token_ids(request)
+        check_token_ids(request, server.model)
         if not server.engine.alive:
             raise engine_unavailable()
         with server.admit() as slot:
             prompt = render_prompt(request, server.model, server.settings)
             budget = fit_to_context(len(prompt), request, server.model)
-            check_token_ids(request, server.model)
             job = Job(prompt, request, budget, time.monotonic() + server.settings.timeout)
             server.engine.submit(job)
             try:
@@ -2390,12 +2405,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
             raise invalid(f"request body nests arrays or objects deeper than {MAX_JSON_DEPTH} levels") from None
         check_json_value(body)
         return body
-
-    def _check_token_ids(self, request: GenerationRequest) -> None:
-        """Refuse prompt token ids outside the model's vocabulary: MLX would read past its embedding table."""
-        if isinstance(request.prompt, tuple) and max(request.prompt) >= self.server.vocab_size:
-            raise invalid(f"'prompt' holds token id {max(request.prompt)}; this model's token ids are "
-                          f"0 to {self.server.vocab_size - 1}", "prompt")
 
     def _read_body(self) -> bytes:
         """The request body, read within BODY_TIMEOUT; only Content-Length framing is accepted."""
@@ -2592,7 +2601,6 @@ class LemServer(http.server.ThreadingHTTPServer):
         self.active_lock = threading.Lock()
         self.idle = threading.Condition(self.active_lock)
         self.metrics = Metrics()
-        self.vocab_size = vocab_size_of(model)
         self.created = int(time.time())
         self.started_at = time.monotonic()
         self.ready = threading.Event()
@@ -2752,14 +2760,6 @@ class Admission:
             server.active -= 1
             server.idle.notify_all()
         server.gate.release()
-
-
-def vocab_size_of(model: Model) -> int:
-    """Rows of the model's embedding table: the first token id that is out of range."""
-    size = getattr(getattr(model.model, "args", None), "vocab_size", None)
-    if isinstance(size, int) and size > 0:
-        return size
-    return int(model.tokenizer.vocab_size)
 
 
 def load_page(folder: Path, settings: Settings) -> tuple[bytes, bytes]:

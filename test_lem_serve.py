@@ -2251,7 +2251,7 @@ def test_fuzz_raw_http_requests(fuzz_server):
 
 
 def test_token_ids_outside_the_vocabulary_are_400(server):
-    top = server.vocab_size - 1
+    top = server.model.vocab_size - 1
     assert request(server, "POST", "/v1/completions", {"prompt": [top], "max_tokens": 1}).status == 200
     for ids in ([top + 1], [1, 2**31], [2**70]):
         assert_openai_error(request(server, "POST", "/v1/completions", {"prompt": ids, "max_tokens": 1}), 400, "prompt")
