@@ -1377,6 +1377,15 @@ class JsonConstraint:
             self.closing = self.closing[len(text):] if self.closing.startswith(text) else None
 
 
+def partial_marker_length(text: str, markers: tuple[str, ...]) -> int:
+    """Length of the longest end of `text` that could be the start of one of `markers`.
+
+    Streaming holds that much back until the next piece shows whether a
+    marker (a stop string, a tool-call tag) really follows.
+    """
+    return max((n for m in markers for n in range(1, len(m)) if text.endswith(m[:n])), default=0)
+
+
 class StopScanner:
     """Cuts generated text at the first stop string, never emitting part of one.
 
@@ -1397,7 +1406,7 @@ class StopScanner:
         if hits:
             self.held = ""
             return buffer[:min(hits)], True
-        keep = max((n for s in self.stops for n in range(1, len(s)) if buffer.endswith(s[:n])), default=0)
+        keep = partial_marker_length(buffer, self.stops)
         self.held = buffer[len(buffer) - keep:] if keep else ""
         return buffer[:len(buffer) - keep], False
 
@@ -1730,7 +1739,7 @@ class ToolCallScanner:
             if not self.inside:
                 at = self.held.find(self.start)
                 if at < 0:
-                    keep = max((n for n in range(1, len(self.start)) if self.held.endswith(self.start[:n])), default=0)
+                    keep = partial_marker_length(self.held, (self.start,))
                     content.append(self.held[:len(self.held) - keep])
                     self.held = self.held[len(self.held) - keep:]
                     return "".join(content), calls
