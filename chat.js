@@ -924,12 +924,7 @@
   }
 
   function newChat() {
-    state.currentId = null;
-    saveConversations();
-    renderConversationList();
-    renderTranscript();
-    closeSidebarIfOverlay();
-    ui.prompt.focus();
+    openConversation(null); // no current conversation: the next message starts one
   }
 
   function openConversation(id) {
