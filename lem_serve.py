@@ -2178,11 +2178,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
                           and self.headers.get("Content-Length", "0").strip() == "0")
         self.log_tokens = (0, 0)
         self.cors_origin = None
+        self.route_path = self.path.split("?", 1)[0]
         with self.server.exchange():
             try:
                 if self.server.stopping:
                     self.close_connection = True
-                path = self.path.split("?", 1)[0]
+                path = self.route_path
                 self._check_host()
                 self._check_origin()
                 name = routes.get(path)
@@ -2209,8 +2210,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self._log_request()
                 self._record_request()
 
+    @classmethod
+    def methods_for(cls, path: str) -> list[str]:
+        """The methods a known path answers (OPTIONS aside); empty for an unknown path."""
+        return [m for m, table in (("GET", cls.GET_ROUTES), ("POST", cls.POST_ROUTES)) if path in table]
+
     def _refuse_route(self, path: str) -> None:
-        allowed = [m for m, table in (("GET", self.GET_ROUTES), ("POST", self.POST_ROUTES)) if path in table]
+        allowed = self.methods_for(path)
         if allowed:
             raise APIError(HTTPStatus.METHOD_NOT_ALLOWED, "invalid_request_error",
                            f"{self.command} is not allowed on {path}; use {' or '.join(allowed)}",
@@ -2349,9 +2355,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         An Origin that is neither allowed nor this server's own was refused
         with 403 by _check_origin before this runs.
         """
-        path = self.path.split("?", 1)[0]
-        methods = ", ".join([m for m, table in (("GET", self.GET_ROUTES), ("POST", self.POST_ROUTES))
-                             if path in table] + ["OPTIONS"])
+        methods = ", ".join(self.methods_for(self.route_path) + ["OPTIONS"])
         self.send_response(HTTPStatus.NO_CONTENT)
         self.status_sent = HTTPStatus.NO_CONTENT
         self.send_header("Allow", methods)
@@ -2484,7 +2488,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 logprobs += extra[0]
             else:
                 finish = value
-        self.body_read = True
         server, request = self.server, job.request
         text, calls = "".join(pieces), []
         if (scanner := tool_scanner(request, server.model.tokenizer)) is not None:
@@ -2550,7 +2553,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def _log_request(self) -> None:
         prompt, completion = self.log_tokens
-        log.info("%s %s %s prompt=%d completion=%d %.3fs", self.command, self.path.split("?", 1)[0],
+        log.info("%s %s %s prompt=%d completion=%d %.3fs", self.command, self.route_path,
                  self.status_sent or "-", prompt, completion, time.monotonic() - self.started)
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -2562,7 +2565,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         pass
 
     def _record_request(self) -> None:
-        path = self.path.split("?", 1)[0]
+        path = self.route_path
         endpoint = path if path in self.PREFLIGHT_ROUTES else "other"  # raw paths would let clients mint series
         code = str(self.status_sent) if self.status_sent is not None else "499"
         self.server.metrics.record_request(endpoint, code, time.monotonic() - self.started)
@@ -2737,7 +2740,8 @@ class LemServer(http.server.ThreadingHTTPServer):
         self.stopping = True
         self.shutdown()
         with self.idle:
-            drained = self.idle.wait_for(lambda: self.active == 0 and self.in_flight == 0, timeout=grace)
+            # A request holding a slot is in flight too, so this also waits for every slot.
+            drained = self.idle.wait_for(lambda: self.in_flight == 0, timeout=grace)
         self.engine.stop()
         self.engine.thread.join(timeout=5)
         self.server_close()
