@@ -70,7 +70,7 @@ DEFAULT_THREADS = 0               # CPU threads for numeric libraries; 0 = all c
 DEFAULT_MAX_TOKENS = 4096         # default and ceiling for a request's max_tokens; >= 1
 DEFAULT_TIMEOUT = 300             # seconds one request may take, prompt included; > 0
 DEFAULT_MAX_REQUESTS = 1          # requests admitted at once (more get 429); >= 1
-DEFAULT_MAX_CONTEXT = 4           # chat messages kept (plus a leading system message); 0 = all
+DEFAULT_MAX_CONTEXT = 0           # chat window: other messages kept besides system ones, in whole turns; 0 = all
 DEFAULT_PROMPT_CACHE_BYTES = 1 << 30  # KV-cache bytes kept for reuse by later prompts; 0 = off
 DEFAULT_LOG_LEVEL = "info"        # debug, info, warning or error
 PROMPT_CACHE_MAX_ENTRIES = 64     # finished requests whose KV cache is kept (the byte budget binds first)
@@ -94,6 +94,7 @@ MAX_CONNECTIONS = 256             # connections served at once (one thread each)
 MAX_JSON_DEPTH = 64               # nesting of arrays and objects in a request body; deeper gets 400
 DEFAULT_ALLOWED_ORIGINS = ""      # comma-separated browser origins allowed cross-origin (CORS); "" = none, "*" = any
 CORS_MAX_AGE_SECONDS = 600        # how long a browser may cache a CORS preflight answer
+WINDOW_HEADER = "X-Lem-Messages-Dropped"  # chat responses: how many leading non-system messages the window left out
 LOOPBACK_HOST_NAMES = ("localhost", "127.0.0.1", "::1")  # Host header names accepted when bound to loopback
 METRICS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)  # histogram bounds, seconds
 
@@ -383,6 +384,7 @@ class GenerationRequest:
     constraint: Constraint | None = None         # output forced to match a JSON schema
     tools: tuple[dict, ...] = ()                 # chat: OpenAI tool definitions, for the chat template
     tool_choice: str = "none"                    # none, auto or required (a named function is required + constraint)
+    max_context: int = 0                         # chat: messages kept by the window (chat_window); 0 = all
 
 
 def decode_json_body(raw: bytes) -> dict:
@@ -419,7 +421,8 @@ def parse_generation_request(endpoint: str, body: dict, settings: Settings) -> G
     if endpoint == "chat":
         if "messages" not in body or body["messages"] is None:
             raise invalid("'messages' is required", "messages")
-        fields = {"messages": tuple(parse_message(m, i) for i, m in enumerate(body["messages"]))}
+        fields = {"messages": tuple(parse_message(m, i) for i, m in enumerate(body["messages"])),
+                  "max_context": settings.max_context}
     else:
         if body.get("prompt") is None:
             raise invalid("'prompt' is required", "prompt")
@@ -740,13 +743,27 @@ def parse_response_format(value: dict | None) -> Constraint | None:
     return Constraint(compile_schema(schema, schema, "response_format"), json.dumps(schema, sort_keys=True))
 
 
-def sliding_window(messages: tuple[dict, ...], keep: int) -> tuple[dict, ...]:
-    """Keep a leading system message plus the last `keep` messages (0 keeps all)."""
-    if keep <= 0 or len(messages) <= keep:
-        return messages
-    head = messages[:1] if messages[0]["role"] == "system" else ()
-    rest = messages[len(head):]
-    return head + rest[-keep:]
+def chat_window(messages: tuple[dict, ...], keep: int) -> tuple[tuple[dict, ...], int]:
+    """(the messages the model sees under a window of `keep`, how many were left out).
+
+    The window works in whole turns, a turn being a user message and every
+    assistant and tool message after it: system messages always stay, the
+    last turn always stays however long it is, and older turns go, oldest
+    first, until at most `keep` other messages remain. So the kept part never
+    starts with an assistant or tool message (templates that need user and
+    assistant to alternate would refuse it) and a tool call never loses its
+    results. The messages left out are always the first non-system ones.
+    keep 0 keeps all; a conversation without a user message is kept whole.
+    """
+    others = [i for i, m in enumerate(messages) if m["role"] != "system"]
+    if keep <= 0 or len(others) <= keep:
+        return messages, 0
+    turns = [n for n, i in enumerate(others) if messages[i]["role"] == "user"]
+    if not turns:
+        return messages, 0
+    first = next((n for n in turns if len(others) - n <= keep), turns[-1])
+    start = others[first]
+    return tuple(m for i, m in enumerate(messages) if i >= start or m["role"] == "system"), first
 
 
 # ---------------------------------------------------------------------------
@@ -788,24 +805,48 @@ def context_length_of(config: dict) -> int | None:
     return None
 
 
-def render_prompt(request: GenerationRequest, model: Model, settings: Settings) -> list[int]:
-    """The prompt's token ids: chat through the chat template, text encoded."""
-    tokenizer = model.tokenizer
+def render_prompt(request: GenerationRequest, model: Model) -> tuple[list[int], int]:
+    """(the prompt's token ids, chat messages the window left out).
+
+    Chat goes through the chat template, after the window; text is encoded.
+    Runs in the handler thread, before admission, so that a prompt the
+    template refuses or that cannot fit is a 400 even while every slot is busy.
+    """
     if request.endpoint == "completions":
-        if isinstance(request.prompt, tuple):
-            return list(request.prompt)
-        # Same rule as mlx_lm.generate: add BOS unless the text already has it.
-        bos = tokenizer.bos_token
-        return tokenizer.encode(request.prompt, add_special_tokens=bos is None or not request.prompt.startswith(bos))
-    messages = [dict(m) for m in sliding_window(request.messages, settings.max_context)]
+        return completion_prompt(request.prompt, model), 0
+    tokenizer = model.tokenizer
+    kept, dropped = chat_window(request.messages, request.max_context)
+    messages = [dict(m) for m in kept]
     if not getattr(tokenizer, "has_chat_template", False):
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-        return tokenizer.encode(text)
+        return tokenizer.encode(text), dropped
     tools = check_tool_support(request, tokenizer)
     try:
-        return list(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True))
+        return list(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
+                                                  tokenize=True)), dropped
     except Exception as exc:  # the template rejected the conversation (roles, order)
-        raise invalid(f"the model's chat template rejected these messages: {exc}", "messages") from None
+        window = (f" (the --max-context {request.max_context} window left out the first {dropped} "
+                  f"messages; raise it or send fewer)" if dropped else "")
+        raise invalid(f"the model's chat template rejected these messages{window}: {exc}", "messages") from None
+
+
+def completion_prompt(prompt: str | tuple[int, ...], model: Model) -> list[int]:
+    """A completions prompt's token ids; an empty one starts from the start-of-text token.
+
+    The BOS rule is mlx_lm.generate's: add BOS unless the text already has it.
+    A model cannot run on no tokens at all, so an empty prompt becomes BOS, or
+    the end-of-text token for models without one, which is what OpenAI's
+    completions do with "".
+    """
+    if isinstance(prompt, tuple):
+        return list(prompt)
+    tokenizer = model.tokenizer
+    bos = tokenizer.bos_token
+    tokens = tokenizer.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos))
+    if not tokens:
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        tokens = [start]
+    return tokens
 
 
 def check_tool_support(request: GenerationRequest, tokenizer: Any) -> list[dict] | None:
@@ -2321,7 +2362,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Vary", "Origin")
         if self.cors_origin is not None:
             self.send_header("Access-Control-Allow-Origin", self.cors_origin)
-            self.send_header("Access-Control-Expose-Headers", "Retry-After")
+            self.send_header("Access-Control-Expose-Headers", f"Retry-After, {WINDOW_HEADER}")
 
     def _send_json(self, payload: dict, status: int = HTTPStatus.OK, headers: dict[str, str] | None = None) -> None:
         try:
@@ -2390,18 +2431,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
         server = self.server
         request = parse_generation_request(endpoint, self._read_json(), server.settings)
         check_token_ids(request, server.model)
+        prompt, dropped = render_prompt(request, server.model)
+        budget = fit_to_context(len(prompt), request, server.model)
         if not server.engine.alive:
             raise engine_unavailable()
+        headers = {WINDOW_HEADER: str(dropped)} if endpoint == "chat" else {}
         with server.admit() as slot:
-            prompt = render_prompt(request, server.model, server.settings)
-            budget = fit_to_context(len(prompt), request, server.model)
             job = Job(prompt, request, budget, time.monotonic() + server.settings.timeout)
             server.engine.submit(job)
             try:
                 if request.stream:
-                    self._write_stream(job, slot)
+                    self._write_stream(job, slot, headers)
                 else:
-                    self._write_completion(job, slot)
+                    self._write_completion(job, slot, headers)
             finally:
                 job.cancelled.set()  # whatever ended the exchange, the engine stops on its next step
                 self.log_tokens = (job.prompt_tokens, job.completion_tokens)
@@ -2478,7 +2520,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if event[0] != "text":
                 return
 
-    def _write_completion(self, job: Job, slot: "Admission") -> None:
+    def _write_completion(self, job: Job, slot: "Admission", headers: dict[str, str]) -> None:
         pieces, logprobs, finish = [], [], "stop"
         for kind, value, *extra in self._events(job, slot):
             if kind == "error":
@@ -2496,13 +2538,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._send_json(completion_object(request.endpoint, new_response_id(request.endpoint),
                                           int(time.time()), server.settings.model_name, text,
                                           finish, usage_of(job), logprobs if request.logprobs is not None else None,
-                                          calls))
+                                          calls), headers=headers)
 
-    def _write_stream(self, job: Job, slot: "Admission") -> None:
+    def _write_stream(self, job: Job, slot: "Admission", headers: dict[str, str]) -> None:
         server = self.server
         chunks = ChunkFormatter(job.request.endpoint, new_response_id(job.request.endpoint),
                                 int(time.time()), server.settings.model_name, job.request.logprobs is not None)
-        self._start_stream()
+        self._start_stream(headers)
         last_write = [time.monotonic()]
 
         def keepalive() -> None:
@@ -2527,12 +2569,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self._write_raw(sse_event(exc.body()))
         self._write_raw(SSE_DONE)
 
-    def _start_stream(self) -> None:
+    def _start_stream(self, headers: dict[str, str]) -> None:
         self.send_response(HTTPStatus.OK)
         self.status_sent = HTTPStatus.OK
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
         self.send_header("Cache-Control", "no-cache")
         self.send_header("X-Accel-Buffering", "no")
+        for name, value in headers.items():
+            self.send_header(name, value)
         self._send_common_headers()
         # No length is known ahead, so the end of the stream is the end of the connection.
         self.send_header("Connection", "close")

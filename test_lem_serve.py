@@ -37,7 +37,7 @@ import lem_serve
 from testing.gguf_fixtures import (HEAD_DIM, HEADS, KV_HEADS, MIXED_TEXTS, g2m, reference_smollm_ids,
                                     run_cli, tiny_llama)
 from testing.page_driver import CHROMIUM, CHROMIUM_ARGS, PHONE, REPLY_TIMEOUT_MS, Chat, luminance
-from testing.tiny_model import build_tiny_model
+from testing.tiny_model import GEMMA_TEMPLATE, MISTRAL_TEMPLATE, build_tiny_model, with_chat_template
 
 ROOT = Path(__file__).resolve().parent
 ARTIFACTS = ROOT / "artifacts"  # screenshots from the browser tests (not committed)
@@ -410,20 +410,95 @@ def test_max_completion_tokens_is_honoured(server):
     assert reply.json()["usage"]["completion_tokens"] == 3
 
 
-def test_sliding_window_drops_old_messages(make_server):
-    history = [{"role": "system", "content": "You are terse."}]
-    for i in range(6):
+def conversation(turns: int, system: bool = True) -> list[dict]:
+    """`turns` user/assistant exchanges and a last user question."""
+    history = [{"role": "system", "content": "You are terse."}] if system else []
+    for i in range(turns):
         history += [{"role": "user", "content": f"question number {i}"},
                     {"role": "assistant", "content": f"answer number {i}"}]
-    history.append({"role": "user", "content": "last question"})
+    return history + [{"role": "user", "content": "last question"}]
+
+
+def tool_loop(question: str) -> list[dict]:
+    """[system, user, assistant(tool call), tool, assistant(tool call), tool]: two rounds of calls."""
+    def call(i: int) -> dict:
+        return {"role": "assistant", "content": None, "tool_calls": [{
+            "id": f"call_{i}", "type": "function",
+            "function": {"name": "get_weather", "arguments": json.dumps({"city": f"city{i}"})}}]}
+    return [{"role": "system", "content": "You are terse."}, {"role": "user", "content": question},
+            call(1), {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+            call(2), {"role": "tool", "tool_call_id": "call_2", "content": "rainy"}]
+
+
+def window_of(messages: list[dict], keep: int) -> list[str]:
+    kept, _dropped = lem_serve.chat_window(tuple(messages), keep)
+    return [m["content"] for m in kept]
+
+
+def test_window_drops_old_messages_in_whole_turns(make_server):
+    history = conversation(6)
     counts = {}
     for keep in (0, 2):
         srv = make_server(max_context=keep)
-        counts[keep] = request(srv, "POST", "/v1/chat/completions",
-                               {"messages": history, "max_tokens": 1}).json()["usage"]["prompt_tokens"]
+        reply = request(srv, "POST", "/v1/chat/completions", {"messages": history, "max_tokens": 1})
+        counts[keep] = reply.json()["usage"]["prompt_tokens"]
+        assert reply.headers[lem_serve.WINDOW_HEADER] == ("0" if keep == 0 else "12")
     assert counts[2] < counts[0]
-    window = lem_serve.sliding_window(tuple(history), 2)
-    assert [m["content"] for m in window] == ["You are terse.", "answer number 5", "last question"]
+    # 2 would start at "answer number 5": the window keeps the last whole turn instead.
+    assert window_of(history, 2) == ["You are terse.", "last question"]
+    assert window_of(history, 3) == ["You are terse.", "question number 5", "answer number 5", "last question"]
+    assert window_of(history, 4) == window_of(history, 3)
+    assert window_of(history, 0) == window_of(history, 100) == [m["content"] for m in history]
+
+
+def test_window_never_starts_with_an_assistant_or_tool_message():
+    for turns in range(8):
+        for keep in range(1, 8):
+            for system in (True, False):
+                kept, dropped = lem_serve.chat_window(tuple(conversation(turns, system)), keep)
+                others = [m for m in kept if m["role"] != "system"]
+                assert others[0]["role"] == "user" and others[-1]["content"] == "last question"
+                assert len(others) <= keep or len(others) == 1
+                assert len(others) + dropped == 2 * turns + 1
+
+
+def test_window_keeps_the_users_question_in_a_tool_loop(make_server, model):
+    assert window_of(tool_loop("Weather in Paris?"), 4)[:2] == ["You are terse.", "Weather in Paris?"]
+    srv = make_server(max_context=4)
+    counts = [request(srv, "POST", "/v1/chat/completions",
+                      {"messages": tool_loop(question), "max_tokens": 1}).json()["usage"]["prompt_tokens"]
+              for question in ("Weather?", "What is the weather like in Paris and in Lyon today, please?")]
+    assert counts[0] < counts[1]  # the question is in the prompt: its length shows
+    request_ = lem_serve.parse_generation_request("chat", {"messages": tool_loop("Weather in Paris?")}, srv.settings)
+    tokens, dropped = lem_serve.render_prompt(request_, model)
+    assert dropped == 0 and "Weather in Paris?" in model.tokenizer.decode(tokens)
+
+
+@pytest.mark.parametrize("template", [MISTRAL_TEMPLATE, GEMMA_TEMPLATE], ids=["mistral", "gemma"])
+def test_alternating_templates_get_whole_turns(model_dir, tmp_path, template):
+    folder = with_chat_template(model_dir, tmp_path / "model", template)
+    strict = lem_serve.load_model(lem_serve.Settings(model_path=str(folder)))
+    with running_server(strict, folder, max_context=lem_serve.DEFAULT_MAX_CONTEXT) as default, \
+            running_server(strict, folder, max_context=4) as windowed:
+        for srv in (default, windowed):
+            for turns in range(1, 6):  # five turns: past the window from the third on
+                reply = request(srv, "POST", "/v1/chat/completions",
+                                {"messages": conversation(turns), "max_tokens": 2})
+                assert reply.status == 200, reply.raw[:300]
+        # Roles that break alternation inside the kept turn are still the template's 400, and it says why.
+        bad = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+        error = assert_openai_error(request(windowed, "POST", "/v1/chat/completions", {"messages": bad}), 400, "messages")
+        assert "alternate" in error["message"]
+
+
+def test_window_error_names_the_window_when_the_template_refuses(model_dir, tmp_path):
+    folder = with_chat_template(model_dir, tmp_path / "model", MISTRAL_TEMPLATE)
+    strict = lem_serve.load_model(lem_serve.Settings(model_path=str(folder)))
+    history = conversation(3)
+    history[-2]["role"] = "user"  # "answer number 2" sent as a user message: the kept turn does not alternate
+    with running_server(strict, folder, max_context=4) as srv:
+        error = assert_openai_error(request(srv, "POST", "/v1/chat/completions", {"messages": history}), 400, "messages")
+    assert "--max-context 4" in error["message"] and "alternate" in error["message"]
 
 
 # ---------------------------------------------------------------------------
@@ -887,6 +962,27 @@ def test_prompt_longer_than_context_is_400(server, model, endpoint):
 def test_max_tokens_beyond_context_is_400(server, model):
     reply = request(server, "POST", "/v1/completions", {"prompt": "hi", "max_tokens": model.context_length})
     assert_openai_error(reply, 400, "max_tokens", "context_length_exceeded")
+
+
+def test_empty_completions_prompt_starts_from_the_start_token(server, model):
+    payload = post(server, "completions", prompt="", max_tokens=5, temperature=0)
+    assert payload["usage"]["prompt_tokens"] == 1 and payload["usage"]["completion_tokens"] == 5
+    start = model.tokenizer.bos_token_id if model.tokenizer.bos_token_id is not None else model.tokenizer.eos_token_id
+    assert payload["choices"][0]["text"] == mlx_reference(model, [start], 5)
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_bad_prompts_are_400_even_while_every_slot_is_busy(make_server, model, endpoint):
+    srv = make_server(max_requests=1)
+    conn, response = open_stream(srv, max_tokens=3000)
+    read_first_text_event(response)
+    words = " ".join(f"w{i}" for i in range(model.context_length))
+    too_long = {"messages": [{"role": "user", "content": words}]} if endpoint == "chat" else {"prompt": words}
+    assert_openai_error(request(srv, "POST", path_of(endpoint), too_long), 400, code="context_length_exceeded")
+    overflow = body_for(endpoint, max_tokens=model.context_length)
+    assert_openai_error(request(srv, "POST", path_of(endpoint), overflow), 400, "max_tokens", "context_length_exceeded")
+    assert health(srv)["active_requests"] == 1  # the stream still holds the only slot
+    hang_up(conn, response)
 
 
 # ---------------------------------------------------------------------------

@@ -392,6 +392,70 @@ def build_tiny_model(
     return out
 
 
+# Templates of model families that refuse conversations whose roles do not
+# alternate user/assistant, written as those families' own templates do.
+# Mistral-Instruct (v0.2/v0.3 style): a leading system message is folded in,
+# the rest must alternate, starting with the user.
+MISTRAL_TEMPLATE = r"""{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content'] %}
+    {%- set loop_messages = messages[1:] %}
+{%- else %}
+    {%- set loop_messages = messages %}
+{%- endif %}
+{%- for message in loop_messages %}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}
+        {{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}
+    {%- endif %}
+    {%- if message['role'] == 'user' %}
+        {%- if loop.first and system_message is defined %}
+            {{- ' [INST] ' + system_message + '\n\n' + message['content'] + ' [/INST]' }}
+        {%- else %}
+            {{- ' [INST] ' + message['content'] + ' [/INST]' }}
+        {%- endif %}
+    {%- elif message['role'] == 'assistant' %}
+        {{- ' ' + message['content'] + '<|im_end|>' }}
+    {%- else %}
+        {{- raise_exception('Only user and assistant roles are supported, with the exception of an initial optional system message!') }}
+    {%- endif %}
+{%- endfor %}
+"""
+
+# Gemma (2/3 style): assistant is "model", a system message is folded into
+# the first user turn, and roles must alternate starting with the user.
+GEMMA_TEMPLATE = r"""{%- if messages[0]['role'] == 'system' -%}
+    {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}
+    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else "") + message['content'] | trim + '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{ '<start_of_turn>model\n' }}
+{%- endif -%}
+"""
+
+
+def with_chat_template(model_dir, out_dir, template: str) -> pathlib.Path:
+    """Copy a model folder to ``out_dir`` with ``template`` as its chat template."""
+    src, out = pathlib.Path(model_dir), pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for item in src.iterdir():
+        if item.is_file():
+            (out / item.name).write_bytes(item.read_bytes())
+    config = json.loads((out / "tokenizer_config.json").read_text("utf-8"))
+    config["chat_template"] = template
+    config.pop("tool_parser_type", None)  # these families' tool formats are not the tiny model's
+    _write_json(out / "tokenizer_config.json", config)
+    return out
+
+
 def _write_json(path: pathlib.Path, data: dict) -> None:
     """Write ``data`` as stable, human-readable JSON."""
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", "utf-8")
