@@ -59,6 +59,20 @@ def model(model_dir) -> lem_serve.Model:
     return lem_serve.load_model(lem_serve.Settings(model_path=str(model_dir)))
 
 
+LONG_CONTEXT = 1 << 20  # tokens: no machine generates this many within a test's deadline
+
+
+@pytest.fixture(scope="session")
+def long_model_dir(tmp_path_factory) -> Path:
+    """The tiny model with a context of LONG_CONTEXT tokens, for budgets no machine can finish."""
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "long", max_position_embeddings=LONG_CONTEXT)
+
+
+@pytest.fixture(scope="session")
+def long_model(long_model_dir) -> lem_serve.Model:
+    return lem_serve.load_model(lem_serve.Settings(model_path=str(long_model_dir)))
+
+
 @contextlib.contextmanager
 def running_server(model, model_dir, **overrides):
     """A real LemServer on a free loopback port, stopped (drained) on exit."""
