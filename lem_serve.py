@@ -38,11 +38,13 @@ import dataclasses
 import hmac
 import html
 import http.server
+import importlib.util
 import io
 import json
 import logging
 import math
 import os
+import platform
 import queue
 import re
 import select
@@ -124,6 +126,11 @@ class Settings:
     prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES
     log_level: str = DEFAULT_LOG_LEVEL
     allowed_origins: tuple[str, ...] = ()  # browser origins served cross-origin; "*" = any
+    sampling: dict = dataclasses.field(default_factory=dict)  # defaults for unset sampling fields (sampling_defaults)
+    chat_template: str | None = None     # replaces the model's chat template (the template's text)
+    chat_template_args: dict = dataclasses.field(default_factory=dict)  # keyword arguments every template call gets
+    adapter_path: str | None = None      # LoRA/DoRA adapters trained with mlx_lm.lora
+    trust_remote_code: bool = False      # let the tokenizer run code shipped with the model
 
     @property
     def is_loopback(self) -> bool:
@@ -164,6 +171,16 @@ def _at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def _between(low: float, high: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        number = float(text)
+        if not low <= number <= high:  # NaN fails too
+            raise argparse.ArgumentTypeError(f"must be between {low} and {high}, got {text}")
+        return number
+    parse.__name__ = f"number between {low} and {high}"
+    return parse
+
+
 def parse_bytes(text: str) -> int:
     """A byte count such as 1073741824, 512M or 2G (powers of 1024)."""
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
@@ -193,7 +210,55 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--allowed-origins", default=DEFAULT_ALLOWED_ORIGINS,
                    help="comma-separated browser origins (e.g. http://localhost:3000) allowed to call this server "
                         "cross-origin, or * for any; default: none (cross-origin browser requests get 403)")
+    p.add_argument("--temp", type=_between(0, 2), help="default temperature, 0 to 2 (default: the model's "
+                                                         "generation_config.json, else 1)")
+    p.add_argument("--top-p", type=_between(0, 1), help="default top_p, 0 to 1 (default: generation_config.json, else 1)")
+    p.add_argument("--top-k", type=_at_least(0), help="default top_k (default: generation_config.json, else 0 = off)")
+    p.add_argument("--min-p", type=_between(0, 1), help="default min_p, 0 to 1 (default: generation_config.json, "
+                                                         "else 0 = off)")
+    p.add_argument("--chat-template", help="a Jinja chat template, or a file holding one, to use instead of the model's")
+    p.add_argument("--chat-template-args", type=parse_template_args, default={},
+                   help="""JSON object of arguments for every chat template call, e.g. '{"enable_thinking": false}'""")
+    p.add_argument("--adapter-path", help="folder of LoRA/DoRA adapters trained with mlx_lm.lora")
+    p.add_argument("--trust-remote-code", action="store_true", help="let the tokenizer run code shipped with the model")
     return p
+
+
+# Chat template arguments the server itself sets; a client may not (chat_template would let it run its own template).
+TEMPLATE_RESERVED = frozenset({"conversation", "messages", "tools", "documents", "add_generation_prompt",
+                               "continue_final_message", "tokenize", "return_dict", "return_tensors", "padding",
+                               "truncation", "max_length", "chat_template", "tokenizer_kwargs"})
+
+
+def parse_template_args(text: str) -> dict:
+    """--chat-template-args: a JSON object of chat template arguments the server does not set itself."""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"wants a JSON object, got {text!r}: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"wants a JSON object, got {text!r}")
+    if set(value) & TEMPLATE_RESERVED:
+        raise argparse.ArgumentTypeError(f"sets {sorted(set(value) & TEMPLATE_RESERVED)[0]!r}, which the server sets itself")
+    return value
+
+
+def read_chat_template(value: str | None) -> str | None:
+    """--chat-template: a file's text when it names a file, else the template itself."""
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    if "\n" not in value and "{" not in value and path.is_file():
+        return path.read_text(encoding="utf-8")
+    if "{" not in value:
+        raise ValueError(f"--chat-template wants a Jinja template or a file holding one; {value!r} is neither")
+    return value
+
+
+def sampling_flags(args: argparse.Namespace) -> dict:
+    """The sampling defaults the command line sets: {field: value} for the flags given."""
+    given = {"temperature": args.temp, "top_p": args.top_p, "top_k": args.top_k, "min_p": args.min_p}
+    return {name: value for name, value in given.items() if value is not None}
 
 
 def parse_settings(argv: list[str] | None = None) -> Settings:
@@ -203,7 +268,8 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     try:
         host, port = parse_bind(args.bind)
         origins = parse_origins(args.allowed_origins)
-    except ValueError as exc:
+        template = read_chat_template(args.chat_template)
+    except (ValueError, OSError) as exc:
         parser.error(str(exc))
     model_name = args.model_name or default_model_name(args.model_path)
     return Settings(
@@ -211,7 +277,27 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         max_tokens=args.max_tokens, timeout=float(args.timeout), max_requests=args.max_requests,
         max_context=args.max_context, api_key=args.api_key, model_name=model_name,
         prompt_cache_bytes=args.prompt_cache_bytes, log_level=args.log_level, allowed_origins=origins,
+        sampling=sampling_flags(args), chat_template=template, chat_template_args=args.chat_template_args,
+        adapter_path=args.adapter_path, trust_remote_code=args.trust_remote_code,
     )
+
+
+def runtime_problem() -> str | None:
+    """What to install before this file can serve, in one line; None when all is there.
+
+    This file parses on old Pythons so that it can say so: mlx-lm needs 3.11,
+    and macOS's own python3 is 3.9.
+    """
+    if sys.version_info < (3, 11):
+        return (f"lem_serve: needs Python 3.11 or newer, this is {platform.python_version()} ({sys.executable}); "
+                "on a Mac: brew install python@3.12 (or uv python install 3.12), then python3.12 -m venv .venv "
+                "&& . .venv/bin/activate && pip install -r requirements.txt")
+    missing = [name for name in ("mlx", "mlx_lm") if importlib.util.find_spec(name) is None]
+    if missing:
+        return (f"lem_serve: {' and '.join(missing)} not installed in {sys.executable}; run: pip install -r "
+                "requirements.txt (on Linux: pip install 'mlx[cpu]' mlx-lm; with an NVIDIA GPU: "
+                "pip install 'mlx[cuda]' mlx-lm)")
+    return None
 
 
 def default_model_name(model_path: str) -> str:
@@ -345,6 +431,9 @@ CHAT_CHECKS = COMMON_CHECKS + (
     Check("tool_choice", (str, dict), '"none", "auto", "required" or {"type": "function", "function": {"name": ...}}'),
     Check("top_logprobs", (int,), f"an integer between 0 and {MAX_TOP_LOGPROBS_CHAT}",
           lambda v: 0 <= v <= MAX_TOP_LOGPROBS_CHAT),
+    Check("chat_template_kwargs", (dict,), "an object of chat template arguments, such as {\"enable_thinking\": false}",
+          lambda v: not set(v) & TEMPLATE_RESERVED),
+    Check("reasoning_effort", (str,), "a string such as \"low\", \"medium\" or \"high\""),
 )
 COMPLETION_CHECKS = COMMON_CHECKS + (
     Check("prompt", (str, list), "a string, a list holding one string, or a list of token ids"),
@@ -388,6 +477,7 @@ class GenerationRequest:
     tools: tuple[dict, ...] = ()                 # chat: OpenAI tool definitions, for the chat template
     tool_choice: str = "none"                    # none, auto or required (a named function is required + constraint)
     max_context: int = 0                         # chat: messages kept by the window (chat_window); 0 = all
+    template_args: dict = dataclasses.field(default_factory=dict)  # chat: extra chat template arguments
 
 
 def decode_json_body(raw: bytes) -> dict:
@@ -425,7 +515,7 @@ def parse_generation_request(endpoint: str, body: dict, settings: Settings) -> G
         if "messages" not in body or body["messages"] is None:
             raise invalid("'messages' is required", "messages")
         fields = {"messages": tuple(parse_message(m, i) for i, m in enumerate(body["messages"])),
-                  "max_context": settings.max_context}
+                  "max_context": settings.max_context, "template_args": template_args(body, settings)}
     else:
         if body.get("prompt") is None:
             raise invalid("'prompt' is required", "prompt")
@@ -443,8 +533,16 @@ def parse_generation_request(endpoint: str, body: dict, settings: Settings) -> G
         stop=(stop,) if isinstance(stop, str) else tuple(stop),
         logprobs=logprobs_wanted(endpoint, body),
         **output_fields(endpoint, body),
-        **sampling_fields(body),
+        **sampling_fields(body, settings.sampling),
     )
+
+
+def template_args(body: dict, settings: Settings) -> dict:
+    """Chat template arguments: --chat-template-args, then chat_template_kwargs, then reasoning_effort."""
+    args = {**settings.chat_template_args, **(body.get("chat_template_kwargs") or {})}
+    if body.get("reasoning_effort") is not None:  # templates that take it (gpt-oss) read it; others ignore it
+        args["reasoning_effort"] = body["reasoning_effort"]
+    return args
 
 
 def logprobs_wanted(endpoint: str, body: dict) -> int | None:
@@ -456,10 +554,15 @@ def logprobs_wanted(endpoint: str, body: dict) -> int | None:
     return (body.get("top_logprobs") or 0) if body.get("logprobs") else None
 
 
-def sampling_fields(body: dict) -> dict:
-    """The sampling parameters of a checked body, defaults for those absent or null."""
+def sampling_fields(body: dict, defaults: dict) -> dict:
+    """The sampling parameters of a checked body; absent or null ones take `defaults`, then OpenAI's.
+
+    `defaults` is Settings.sampling: --temp and friends over the model's
+    generation_config.json.
+    """
     def given(field: str, default: Any) -> Any:
         value = body.get(field)
+        value = defaults.get(field) if value is None else value
         return default if value is None else value
 
     bias = given("logit_bias", {})
@@ -782,15 +885,47 @@ class Model:
     context_length: int | None   # tokens the model was trained for, when its config says
     vocab_size: int              # rows of the embedding table: the first token id out of range
     token_bytes: list[bytes] | None = None  # each token id's own bytes (token_bytes_of); None: decode instead
+    sampling: dict = dataclasses.field(default_factory=dict)  # the model folder's recommended sampling
 
 
 def load_model(settings: Settings) -> Model:
-    """Load the model named by settings.model_path (raises on failure)."""
+    """Load the model named by settings.model_path, with its adapters and template (raises on failure)."""
     apply_thread_cap(settings.threads)
+    import mlx.core as mx
     import mlx_lm
-    model, tokenizer, config = mlx_lm.load(settings.model_path, return_config=True)
+    tokenizer_config: dict[str, Any] = {"trust_remote_code": settings.trust_remote_code}
+    if settings.chat_template is not None:
+        tokenizer_config["chat_template"] = settings.chat_template
+    model, tokenizer, config = mlx_lm.load(settings.model_path, tokenizer_config=tokenizer_config,
+                                           adapter_path=settings.adapter_path, return_config=True,
+                                           trust_remote_code=settings.trust_remote_code)
+    # Adapter weights arrive unevaluated, tied to this thread's stream; the engine thread has its own.
+    mx.eval(model.parameters())
     return Model(model, tokenizer, context_length_of(config), vocab_size_of(model, tokenizer),
-                 token_bytes_of(tokenizer))
+                 token_bytes_of(tokenizer), recommended_sampling(Path(settings.model_path)))
+
+
+def recommended_sampling(folder: Path) -> dict:
+    """The sampling settings a model folder's generation_config.json recommends, as request fields.
+
+    As vLLM does, `do_sample` is not consulted: a model that recommends a
+    temperature gets it. Values out of the ranges a request may ask for are
+    ignored, with a warning.
+    """
+    try:
+        config = json.loads((folder / "generation_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    ranges = {"temperature": (0, 2), "top_p": (0, 1), "top_k": (0, math.inf), "min_p": (0, 1),
+              "repetition_penalty": (1e-9, math.inf)}
+    found = {}
+    for name, (low, high) in ranges.items():
+        value = config.get(name) if isinstance(config, dict) else None
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high:
+            found[name] = int(value) if name == "top_k" else float(value)
+        elif value is not None:
+            log.warning("generation_config.json: ignoring %s=%r (out of range)", name, value)
+    return found
 
 
 def vocab_size_of(model: Any, tokenizer: Any) -> int:
@@ -860,7 +995,7 @@ def render_prompt(request: GenerationRequest, model: Model) -> tuple[list[int], 
     tools = check_tool_support(request, tokenizer)
     try:
         return list(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
-                                                  tokenize=True)), dropped
+                                                  tokenize=True, **request.template_args)), dropped
     except Exception as exc:  # the template rejected the conversation (roles, order)
         window = (f" (the --max-context {request.max_context} window left out the first {dropped} "
                   f"messages; raise it or send fewer)" if dropped else "")
@@ -2771,7 +2906,8 @@ class LemServer(http.server.ThreadingHTTPServer):
     block_on_close = False
 
     def __init__(self, settings: Settings, model: Model, static_dir: Path | None = None):
-        self.settings = settings
+        # Unset sampling fields take the command line's defaults, else the model folder's.
+        self.settings = settings = dataclasses.replace(settings, sampling={**model.sampling, **settings.sampling})
         self.model = model
         self.engine = Engine(model, settings.max_requests, settings.prompt_cache_bytes)
         self.gate = threading.BoundedSemaphore(settings.max_requests)
@@ -2886,6 +3022,7 @@ class LemServer(http.server.ThreadingHTTPServer):
                 "uptime_seconds": int(time.monotonic() - self.started_at), "active_requests": self.active,
                 "max_requests": settings.max_requests, "max_threads": settings.threads or os.cpu_count(),
                 "max_tokens": settings.max_tokens, "max_context": settings.max_context,
+                "sampling_defaults": settings.sampling,
                 "prompt_cache": {"entries": engine["prompt_cache_entries"], "bytes": engine["prompt_cache_bytes"],
                                  "hits": engine["prompt_cache_hits"], "misses": engine["prompt_cache_misses"]}}
 
@@ -2989,6 +3126,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    if (problem := runtime_problem()) is not None:
+        print(problem, file=sys.stderr)
+        sys.exit(2)
     exit_code = main()
     logging.shutdown()
     sys.stdout.flush()

@@ -37,8 +37,8 @@ import lem_serve
 from testing.gguf_fixtures import (HEAD_DIM, HEADS, KV_HEADS, MIXED_TEXTS, g2m, reference_smollm_ids,
                                     run_cli, tiny_llama)
 from testing.page_driver import CHROMIUM, CHROMIUM_ARGS, PHONE, REPLY_TIMEOUT_MS, Chat, luminance
-from testing.tiny_model import (GEMMA_TEMPLATE, MISTRAL_TEMPLATE, build_parrot_model, build_tiny_model,
-                                 with_chat_template)
+from testing.tiny_model import (GEMMA_TEMPLATE, MISTRAL_TEMPLATE, build_lora_adapter, build_parrot_model,
+                                 build_tiny_model, with_chat_template)
 
 ROOT = Path(__file__).resolve().parent
 ARTIFACTS = ROOT / "artifacts"  # screenshots from the browser tests (not committed)
@@ -1456,6 +1456,131 @@ def test_one_log_line_per_request(server, caplog):
     lines = [r.getMessage() for r in caplog.records if "/v1/completions" in r.getMessage()]
     assert len(lines) == 1
     assert "prompt=" in lines[0] and "completion=3" in lines[0] and lines[0].endswith("s")
+
+
+# ---------------------------------------------------------------------------
+# Model options: chat templates and their arguments, sampling defaults, adapters
+# ---------------------------------------------------------------------------
+
+def copy_model(model_dir: Path, out: Path, **json_files: dict) -> Path:
+    """A copy of a model folder with extra JSON files (name without .json -> contents)."""
+    shutil.copytree(model_dir, out)
+    for name, contents in json_files.items():
+        (out / f"{name}.json").write_text(json.dumps(contents))
+    return out
+
+
+def test_generation_config_gives_defaults_that_flags_and_requests_override(model_dir, tmp_path):
+    folder = copy_model(model_dir, tmp_path / "model",
+                        generation_config={"temperature": 0, "top_k": 7, "do_sample": True, "top_p": 5})
+    recommended = lem_serve.load_model(lem_serve.Settings(model_path=str(folder)))
+    assert recommended.sampling == {"temperature": 0.0, "top_k": 7}  # top_p 5 is out of range: ignored
+    prompt = recommended.tokenizer.encode("Once upon a time")
+    greedy = completion_reference(recommended, prompt, 20)
+    with running_server(recommended, folder) as srv:
+        assert health(srv)["sampling_defaults"] == {"temperature": 0.0, "top_k": 7}
+        assert post(srv, "completions", max_tokens=20)["choices"][0]["text"] == greedy  # no temperature: the folder's 0
+        sampled = [post(srv, "completions", max_tokens=20, temperature=1.0, seed=s)["choices"][0]["text"] for s in (1, 2)]
+        assert greedy not in sampled  # the request's own temperature wins
+    with running_server(recommended, folder, sampling={"temperature": 1.0}) as srv:  # what --temp 1 sets
+        assert health(srv)["sampling_defaults"] == {"temperature": 1.0, "top_k": 7}
+        assert post(srv, "completions", max_tokens=20, seed=1)["choices"][0]["text"] == sampled[0]
+
+
+def test_sampling_flags_parse_into_defaults(model_dir):
+    settings = lem_serve.parse_settings(["--model-path", str(model_dir), "--temp", "0.3", "--top-p", "0.9",
+                                         "--top-k", "20", "--min-p", "0.05"])
+    assert settings.sampling == {"temperature": 0.3, "top_p": 0.9, "top_k": 20, "min_p": 0.05}
+    assert lem_serve.parse_settings(["--model-path", str(model_dir)]).sampling == {}
+    for flag, value in (("--temp", "2.5"), ("--top-p", "-0.1"), ("--min-p", "nan"), ("--top-k", "-1")):
+        with pytest.raises(SystemExit):
+            lem_serve.parse_settings(["--model-path", str(model_dir), flag, value])
+
+
+# Renders each message as "role: content" and adds what its arguments ask for, so their effect
+# shows in prompt_tokens.
+ARGUMENTS_TEMPLATE = ("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+                      "{% if shout %}SHOUTING LOUDLY NOW {% endif %}"
+                      "{% if reasoning_effort %}effort {{ reasoning_effort }} {% endif %}"
+                      "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+def test_chat_template_arguments_reach_the_template(model_dir, tmp_path):
+    folder = with_chat_template(model_dir, tmp_path / "model", ARGUMENTS_TEMPLATE)
+    plain = lem_serve.load_model(lem_serve.Settings(model_path=str(folder)))
+
+    def prompt_tokens(srv, **fields) -> int:
+        return post(srv, "chat", max_tokens=1, **fields)["usage"]["prompt_tokens"]
+
+    with running_server(plain, folder) as srv:
+        base = prompt_tokens(srv)
+        shouting = prompt_tokens(srv, chat_template_kwargs={"shout": True})
+        assert shouting > base
+        assert prompt_tokens(srv, reasoning_effort="high") > base
+        error = assert_openai_error(request(srv, "POST", "/v1/chat/completions",
+                                            body_for("chat", chat_template_kwargs={"chat_template": "{{ 1 }}"})),
+                                    400, "chat_template_kwargs")
+        assert "chat template arguments" in error["message"]
+    with running_server(plain, folder, chat_template_args={"shout": True}) as srv:  # --chat-template-args
+        assert prompt_tokens(srv) == shouting
+        assert prompt_tokens(srv, chat_template_kwargs={"shout": False}) == base  # the request wins
+
+
+def test_chat_template_flag_replaces_the_models_template(model_dir, tmp_path):
+    template_file = tmp_path / "template.jinja"
+    template_file.write_text(ARGUMENTS_TEMPLATE)
+    for value in (str(template_file), ARGUMENTS_TEMPLATE):
+        settings = lem_serve.parse_settings(["--model-path", str(model_dir), "--chat-template", value,
+                                             "--chat-template-args", '{"shout": true}'])
+        replaced = lem_serve.load_model(settings)
+        tokens, _ = lem_serve.render_prompt(lem_serve.parse_generation_request("chat", {"messages": HELLO}, settings),
+                                            replaced)
+        assert replaced.tokenizer.decode(tokens) == f"user: {HELLO[0]['content']}\nSHOUTING LOUDLY NOW assistant:"
+    for bad in (["--chat-template", str(tmp_path / "missing.jinja")], ["--chat-template-args", '{"tools": []}'],
+                ["--chat-template-args", "[1]"]):
+        with pytest.raises(SystemExit):
+            lem_serve.parse_settings(["--model-path", str(model_dir), *bad])
+
+
+def test_adapter_changes_output_as_mlx_lm_applies_it(model, model_dir, tmp_path):
+    import mlx_lm
+    adapter = build_lora_adapter(model_dir, tmp_path / "adapter")
+    adapted = lem_serve.load_model(lem_serve.parse_settings(["--model-path", str(model_dir),
+                                                             "--adapter-path", str(adapter)]))
+    reference_model, reference_tokenizer = mlx_lm.load(str(model_dir), adapter_path=str(adapter))
+    prompt = model.tokenizer.encode("Once upon a time")
+    tokens = [r.token for r in mlx_lm.stream_generate(reference_model, reference_tokenizer, prompt, max_tokens=30)]
+    expected = model.tokenizer.decode(prompt + tokens)[len("Once upon a time"):]
+    with running_server(adapted, model_dir) as srv:
+        text = post(srv, "completions", max_tokens=30, temperature=0)["choices"][0]["text"]
+    assert text == expected and text != completion_reference(model, prompt, 30)
+
+
+def old_python() -> str | None:
+    """An interpreter older than 3.11 on this machine (pyenv keeps several), if any."""
+    found = [shutil.which(f"python3.{minor}") for minor in (9, 10)] + sorted(
+        str(p) for p in Path.home().glob(".pyenv/versions/3.9*/bin/python"))
+    for candidate in filter(None, found):
+        if subprocess.run([candidate, "-c", "import sys; assert sys.version_info < (3, 11)"],
+                          capture_output=True).returncode == 0:
+            return candidate
+    return None
+
+
+def test_old_python_or_missing_mlx_says_what_to_install_in_one_line(tmp_path):
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
+    runs = {"no mlx": [str(bare / "bin" / "python")]}
+    if (python := old_python()) is not None:
+        runs["old python"] = [python]
+    elif os.environ.get("CI"):
+        pytest.fail("no Python older than 3.11 found to run lem_serve.py with")
+    for name, command in runs.items():
+        result = subprocess.run([*command, str(ROOT / "lem_serve.py"), "--model-path", str(tmp_path)],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2 and result.stdout == "", (name, result)
+        line, = result.stderr.splitlines()
+        assert ("Python 3.11" in line) if name == "old python" else ("pip install" in line and "mlx" in line), line
 
 
 # ---------------------------------------------------------------------------

@@ -441,6 +441,34 @@ def build_parrot_model(out_dir, script: str, *, seed: int = 0) -> pathlib.Path:
     return out
 
 
+def build_lora_adapter(model_dir, out_dir, *, rank: int = 4, scale: float = 20.0, seed: int = 1) -> pathlib.Path:
+    """Write a LoRA adapter for a model folder, in the layout ``mlx_lm.lora`` saves.
+
+    Made with mlx_lm's own LoRA utilities (``linear_to_lora_layers``) rather
+    than by training: ``lora_b`` is zero after initialisation, which would
+    change nothing, so it is filled with random values large enough to change
+    greedy output.
+    """
+    from mlx_lm import load
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model, _tokenizer = load(str(model_dir))
+    model.freeze()
+    lora = {"rank": rank, "scale": scale, "dropout": 0.0}
+    layers = len(model.model.layers)
+    linear_to_lora_layers(model, layers, lora)
+    mx.random.seed(seed)
+    weights = {}
+    for name, value in tree_flatten(model.trainable_parameters()):
+        weights[name] = mx.random.normal(value.shape) * 0.05 if name.endswith("lora_b") else value
+    mx.save_safetensors(str(out / "adapters.safetensors"), weights)
+    _write_json(out / "adapter_config.json", {"fine_tune_type": "lora", "num_layers": layers,
+                                               "lora_parameters": lora})
+    return out
+
+
 # Templates of model families that refuse conversations whose roles do not
 # alternate user/assistant, written as those families' own templates do.
 # Mistral-Instruct (v0.2/v0.3 style): a leading system message is folded in,
