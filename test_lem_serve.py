@@ -1602,8 +1602,10 @@ def smollm2_gguf() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_dir(smollm2_gguf, tmp_path_factory) -> Path:
-    """SmolLM2 converted to an mlx_lm folder, once per session (~1 s)."""
-    return g2m.convert(smollm2_gguf, tmp_path_factory.mktemp("models") / "smollm2")
+    """SmolLM2 converted to an mlx_lm folder by the README's command, once per session (~1 s)."""
+    out = tmp_path_factory.mktemp("models") / "smollm2"
+    assert g2m.main(["--smollm2", str(out), "--cache-dir", str(smollm2_gguf.parent)]) == 0
+    return out
 
 
 
@@ -1764,6 +1766,17 @@ def smollm2_server(smollm2_dir):
 
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_smollm2_readme_request_answers_cleanly_with_the_models_sampling(smollm2_server, smollm2_dir):
+    """The README's first curl sends no temperature: the model's recommended 0.2 / 0.9 apply, not 1.0."""
+    assert json.loads((smollm2_dir / "generation_config.json").read_text()) == g2m.SMOLLM2_SAMPLING
+    assert health(smollm2_server)["sampling_defaults"] == g2m.SMOLLM2_SAMPLING
+    for seed in (0, 1):
+        unset = post(smollm2_server, "chat", messages=FRANCE, max_tokens=50, seed=seed)["choices"][0]
+        explicit = post(smollm2_server, "chat", messages=FRANCE, max_tokens=50, seed=seed,
+                        **g2m.SMOLLM2_SAMPLING)["choices"][0]
+        assert unset == explicit, seed
 
 
 def test_smollm2_answers_paris_and_stops_on_its_own(smollm2_server):
