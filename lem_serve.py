@@ -76,6 +76,8 @@ DEFAULT_MAX_REQUESTS = 1          # requests admitted at once (more get 429); >=
 DEFAULT_MAX_CONTEXT = 0           # chat window: other messages kept besides system ones, in whole turns; 0 = all
 DEFAULT_PROMPT_CACHE_BYTES = 1 << 30  # KV-cache bytes kept for reuse by later prompts; 0 = off
 DEFAULT_LOG_LEVEL = "info"        # debug, info, warning or error
+DEFAULT_REASONING_FORMAT = "auto" # auto: a thinking model's reasoning leaves the reply's text; none: tags stay inline
+REASONING_PROMPT_TAIL = 64        # prompt tokens searched for a thinking block the template opened
 PROMPT_CACHE_MAX_ENTRIES = 64     # finished requests whose KV cache is kept (the byte budget binds first)
 MAX_BODY_BYTES = 8 * 1024 * 1024  # largest request body accepted; bigger gets 413
 MAX_STOP_STRINGS = 4              # stop strings per request, as OpenAI allows
@@ -131,6 +133,7 @@ class Settings:
     chat_template_args: dict = dataclasses.field(default_factory=dict)  # keyword arguments every template call gets
     adapter_path: str | None = None      # LoRA/DoRA adapters trained with mlx_lm.lora
     trust_remote_code: bool = False      # let the tokenizer run code shipped with the model
+    reasoning_format: str = DEFAULT_REASONING_FORMAT  # "auto": reasoning split out of the reply; "none": tags inline
 
     @property
     def is_loopback(self) -> bool:
@@ -221,6 +224,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
                    help="""JSON object of arguments for every chat template call, e.g. '{"enable_thinking": false}'""")
     p.add_argument("--adapter-path", help="folder of LoRA/DoRA adapters trained with mlx_lm.lora")
     p.add_argument("--trust-remote-code", action="store_true", help="let the tokenizer run code shipped with the model")
+    p.add_argument("--reasoning-format", choices=["auto", "none"], default=DEFAULT_REASONING_FORMAT,
+                   help="auto: a thinking model's reasoning goes to reasoning_content (and thinking blocks), "
+                        "not the reply's text; none: the raw <think> tags stay in the text")
     return p
 
 
@@ -279,6 +285,7 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         prompt_cache_bytes=args.prompt_cache_bytes, log_level=args.log_level, allowed_origins=origins,
         sampling=sampling_flags(args), chat_template=template, chat_template_args=args.chat_template_args,
         adapter_path=args.adapter_path, trust_remote_code=args.trust_remote_code,
+        reasoning_format=args.reasoning_format,
     )
 
 
@@ -478,6 +485,7 @@ class GenerationRequest:
     tool_choice: str = "none"                    # none, auto or required (a named function is required + constraint)
     max_context: int = 0                         # chat: messages kept by the window (chat_window); 0 = all
     template_args: dict = dataclasses.field(default_factory=dict)  # chat: extra chat template arguments
+    split_reasoning: bool = False                # a thinking model's reasoning leaves the text (ReasoningSplitter)
 
 
 def decode_json_body(raw: bytes) -> dict:
@@ -515,7 +523,8 @@ def parse_generation_request(endpoint: str, body: dict, settings: Settings) -> G
         if "messages" not in body or body["messages"] is None:
             raise invalid("'messages' is required", "messages")
         fields = {"messages": tuple(parse_message(m, i) for i, m in enumerate(body["messages"])),
-                  "max_context": settings.max_context, "template_args": template_args(body, settings)}
+                  "max_context": settings.max_context, "template_args": template_args(body, settings),
+                  "split_reasoning": settings.reasoning_format != "none"}
     else:
         if body.get("prompt") is None:
             raise invalid("'prompt' is required", "prompt")
@@ -588,6 +597,9 @@ def parse_message(message: Any, index: int) -> dict:
     for key in ("name", "tool_call_id"):
         if message.get(key) is not None:
             normal[key] = message[key]
+    reasoning = message.get("reasoning_content", message.get("reasoning"))
+    if role == "assistant" and reasoning is not None:  # sent back with its reasoning: templates that render it get it
+        normal["reasoning_content"] = parse_content(reasoning, f"{param}.reasoning_content")
     if message.get("tool_calls"):
         normal["tool_calls"] = parse_tool_calls(message["tool_calls"], f"{param}.tool_calls")
     return normal
@@ -1691,6 +1703,54 @@ class StopScanner:
         return text
 
 
+class ReasoningSplitter:
+    """Splits a thinking model's reply into reasoning and text at its markers, as the text streams in.
+
+    What lies between the model's think_start and think_end markers is
+    reasoning; the markers themselves go. A reply whose prompt opened the
+    block (DeepSeek-R1, Qwen3) starts inside it, and a block still open at
+    the end stays reasoning. Whitespace at the start of each part is dropped:
+    models write "</think>\\n\\n" before the answer. Text that might be the
+    start of a marker is held back until the next piece shows whether it is.
+    """
+
+    def __init__(self, start: str, end: str, inside: bool):
+        self.markers = (start, end)
+        self.inside = inside
+        self.held = ""
+        self.fresh = True   # nothing of the current part out yet
+
+    def feed(self, text: str, final: bool = False) -> list[tuple[str, str]]:
+        """The (kind, text) pieces safe to emit, kind "reasoning" or "text"; `final` flushes."""
+        self.held += text
+        out: list[tuple[str, str]] = []
+        while (at := self.held.find(self.markers[self.inside])) >= 0:
+            self._take(out, self.held[:at])
+            self.held = self.held[at + len(self.markers[self.inside]):]
+            self.inside, self.fresh = not self.inside, True
+        keep = 0 if final else partial_marker_length(self.held, (self.markers[self.inside],))
+        self._take(out, self.held[:len(self.held) - keep])
+        self.held = self.held[len(self.held) - keep:]
+        return out
+
+    def _take(self, out: list, text: str) -> None:
+        if self.fresh:
+            text = text.lstrip()
+            self.fresh = not text
+        if text:
+            out.append(("reasoning" if self.inside else "text", text))
+
+
+def reasoning_splitter(request: GenerationRequest, model: Model, prompt: list[int]) -> ReasoningSplitter | None:
+    """The splitter for a request to a thinking model, or None (no markers, or --reasoning-format none)."""
+    tokenizer = model.tokenizer
+    if not request.split_reasoning or not getattr(tokenizer, "has_thinking", False):
+        return None
+    tail = max(len(prompt) - REASONING_PROMPT_TAIL, 0)  # a block the template opened is at the very end
+    opened = tokenizer.rfind_think_start(prompt, start=tail) > tokenizer.rfind_think_end(prompt, start=tail)
+    return ReasoningSplitter(tokenizer.think_start, tokenizer.think_end, inside=opened)
+
+
 def kmp_fallbacks(pattern: str) -> list[int]:
     """KMP's failure function: for each prefix, the length of its longest proper border."""
     fallback, border = [0] * len(pattern), 0
@@ -1702,14 +1762,18 @@ def kmp_fallbacks(pattern: str) -> list[int]:
     return fallback
 
 
+FINAL_EVENTS = ("finish", "error")   # the kinds of a job's last event
+
+
 @dataclass(eq=False)
 class Job:
     """One admitted request's generation, shared by its handler and the engine.
 
     The engine puts events on `events`: ("text", str, [token_logprobs dicts])
-    pieces (the list empty unless logprobs were asked for), then exactly one
-    ("finish", reason) or ("error", APIError). The handler sets `cancelled`
-    when the client leaves or the deadline passes.
+    and ("reasoning", str, [...]) pieces (the lists empty unless logprobs were
+    asked for), then exactly one ("finish", reason) or ("error", APIError):
+    the FINAL_EVENTS. The handler sets `cancelled` when the client leaves or
+    the deadline passes.
     """
 
     prompt: list[int]
@@ -1719,6 +1783,7 @@ class Job:
     events: queue.Queue = dataclasses.field(default_factory=queue.Queue)
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
     completion_tokens: int = 0
+    reasoning_tokens: int = 0               # of completion_tokens, those sampled inside a thinking block
     cached_tokens: int = 0                  # prompt tokens served from the prompt cache
     first_token_at: float | None = None
 
@@ -1738,6 +1803,7 @@ class Sequence:
     job: Job
     text: TextStream
     stops: StopScanner
+    reasoning: ReasoningSplitter | None = None
     logprobs: list = dataclasses.field(default_factory=list)  # entries of tokens whose text is not out yet
 
 
@@ -1898,7 +1964,8 @@ class Engine:
             job.events.put(("error", internal_error()))
             return
         trim_space = job.request.endpoint != "completions"
-        running[uid] = Sequence(job, TextStream(self.model, trim_space), StopScanner(job.request.stop))
+        running[uid] = Sequence(job, TextStream(self.model, trim_space), StopScanner(job.request.stop),
+                                reasoning_splitter(job.request, self.model, job.prompt))
 
     def _step(self, batch: Any, running: dict) -> None:
         """One batch step: route each new token, then drop what has ended."""
@@ -1939,27 +2006,45 @@ class Engine:
             sequence.logprobs.append(token_logprobs(self.model, response.token, response.logprobs,
                                                    job.request.logprobs))
         text = sequence.text.add(response.token)
+        thinking = sequence.reasoning is not None and sequence.reasoning.inside
         if response.finish_reason == "length":
-            return self._flush(sequence, "length", text)
-        text, stopped = sequence.stops.feed(text)
-        self._emit(sequence, text)
-        return "stop" if stopped else None
+            reason = self._flush(sequence, "length", text)
+        else:
+            reason = "stop" if self._route(sequence, text) else None
+        # A token counts as reasoning if it began or ended inside the block (so do both markers).
+        job.reasoning_tokens += thinking or (sequence.reasoning is not None and sequence.reasoning.inside)
+        return reason
 
     @staticmethod
-    def _emit(sequence: Sequence, text: str) -> None:
-        """Send a text piece with the logprobs of the tokens it completes."""
+    def _route(sequence: Sequence, text: str, final: bool = False) -> bool:
+        """Send text on as events: reasoning as it is, the rest through the stop scanner.
+
+        Returns True once a stop string is reached (stop strings apply to the
+        reply's text, not to reasoning). `final` flushes what is held back.
+        """
+        split = sequence.reasoning
+        for kind, piece in split.feed(text, final) if split is not None else [("text", text)]:
+            if kind == "text":
+                piece, stopped = sequence.stops.feed(piece)
+                if stopped:
+                    Engine._emit(sequence, kind, piece)
+                    return True
+            Engine._emit(sequence, kind, piece)
+        if final:
+            Engine._emit(sequence, "text", sequence.stops.flush())
+        return False
+
+    @staticmethod
+    def _emit(sequence: Sequence, kind: str, text: str) -> None:
+        """Send a text or reasoning piece with the logprobs of the tokens it completes."""
         if text:
-            sequence.job.events.put(("text", text, sequence.logprobs))
+            sequence.job.events.put((kind, text, sequence.logprobs))
             sequence.logprobs = []
 
     @staticmethod
     def _flush(sequence: Sequence, reason: str, text: str = "") -> str:
-        """Emit `text` and what the text stream and the stop scanner still hold."""
-        text, stopped = sequence.stops.feed(text + sequence.text.finish())
-        if not stopped:
-            text += sequence.stops.flush()
-        Engine._emit(sequence, text)
-        return "stop" if stopped else reason
+        """Emit `text` and what the text stream, the splitter and the stop scanner still hold."""
+        return "stop" if Engine._route(sequence, text + sequence.text.finish(), final=True) else reason
 
     def _keep_cache(self, batch: Any, tokens: list[int] | None, cache: list | None) -> None:
         if self.prompt_cache is not None and tokens and cache:
@@ -1980,7 +2065,8 @@ def usage_of(job: Job) -> dict:
     """OpenAI's usage object for a finished job."""
     return {"prompt_tokens": job.prompt_tokens, "completion_tokens": job.completion_tokens,
             "total_tokens": job.prompt_tokens + job.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": job.cached_tokens}}
+            "prompt_tokens_details": {"cached_tokens": job.cached_tokens},
+            "completion_tokens_details": {"reasoning_tokens": job.reasoning_tokens}}
 
 
 class TextOffsets:
@@ -2091,13 +2177,15 @@ def tool_scanner(request: GenerationRequest, tokenizer: Any) -> ToolCallScanner 
 
 def completion_object(endpoint: str, response_id: str, created: int, model: str, text: str,
                       finish_reason: str, usage: dict, logprobs: list[dict] | None = None,
-                      tool_calls: list[dict] = ()) -> dict:
+                      tool_calls: list[dict] = (), reasoning: str = "") -> dict:
     """The non-streaming response body for either endpoint."""
     if endpoint == "chat":
         message = {"role": "assistant", "content": text}
         if tool_calls:
             message = {"role": "assistant", "content": text if text.strip() else None, "tool_calls": list(tool_calls)}
             finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
+        if reasoning:  # both names: DeepSeek's and llama-server's, and vLLM's, OpenRouter's and mlx_lm's
+            message.update(reasoning_content=reasoning, reasoning=reasoning)
         choice = {"index": 0, "message": message,
                   "logprobs": logprobs_object(endpoint, logprobs), "finish_reason": finish_reason}
         kind = "chat.completion"
@@ -2138,6 +2226,11 @@ class ChunkFormatter:
             return self._chunk({"index": 0, "delta": {"content": text}, "logprobs": lp, "finish_reason": None})
         return self._chunk({"index": 0, "text": text, "logprobs": lp, "finish_reason": None})
 
+    def reasoning(self, text: str) -> dict:
+        """A chat chunk carrying a piece of reasoning, under both names clients read."""
+        return self._chunk({"index": 0, "delta": {"reasoning_content": text, "reasoning": text}, "logprobs": None,
+                            "finish_reason": None})
+
     def tool_calls(self, calls: list[dict]) -> dict:
         """A chat chunk carrying whole tool calls, numbered in the order they came."""
         first = self.calls_sent
@@ -2159,7 +2252,9 @@ class ChunkFormatter:
 
 def stream_chunks(chunks: ChunkFormatter, scanner: ToolCallScanner | None, kind: str, value: str,
                   logprobs: list[dict] = ()) -> list[dict]:
-    """The chunks one engine event becomes: text, tool calls (via the scanner), or the finish."""
+    """The chunks one engine event becomes: text, reasoning, tool calls (via the scanner), or the finish."""
+    if kind == "reasoning":
+        return [chunks.reasoning(value)]
     out = []
     text, calls = (value if kind == "text" else ""), []
     if scanner is not None:
@@ -2772,22 +2867,24 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     raise engine_unavailable()
                 on_idle()
                 continue
-            if event[0] != "text":
+            if event[0] in FINAL_EVENTS:
                 slot.release()
             if event == ("finish", "cancelled"):  # the engine noticed the deadline first
                 raise request_timed_out(timeout)
             yield event
-            if event[0] != "text":
+            if event[0] in FINAL_EVENTS:
                 return
 
     def _write_completion(self, job: Job, slot: "Admission", headers: dict[str, str]) -> None:
-        pieces, logprobs, finish = [], [], "stop"
+        pieces, reasoning, logprobs, finish = [], [], [], "stop"
         for kind, value, *extra in self._events(job, slot):
             if kind == "error":
                 raise value
             if kind == "text":
                 pieces.append(value)
                 logprobs += extra[0]
+            elif kind == "reasoning":
+                reasoning.append(value)
             else:
                 finish = value
         server, request = self.server, job.request
@@ -2798,7 +2895,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._send_json(completion_object(request.endpoint, new_response_id(request.endpoint),
                                           int(time.time()), server.settings.model_name, text,
                                           finish, usage_of(job), logprobs if request.logprobs is not None else None,
-                                          calls), headers=headers)
+                                          calls, "".join(reasoning)), headers=headers)
 
     def _write_stream(self, job: Job, slot: "Admission", headers: dict[str, str]) -> None:
         server = self.server
@@ -3023,6 +3120,7 @@ class LemServer(http.server.ThreadingHTTPServer):
                 "max_requests": settings.max_requests, "max_threads": settings.threads or os.cpu_count(),
                 "max_tokens": settings.max_tokens, "max_context": settings.max_context,
                 "sampling_defaults": settings.sampling,
+                "thinking": bool(getattr(self.model.tokenizer, "has_thinking", False)),
                 "prompt_cache": {"entries": engine["prompt_cache_entries"], "bytes": engine["prompt_cache_bytes"],
                                  "hits": engine["prompt_cache_hits"], "misses": engine["prompt_cache_misses"]}}
 

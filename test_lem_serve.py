@@ -37,8 +37,8 @@ import lem_serve
 from testing.gguf_fixtures import (HEAD_DIM, HEADS, KV_HEADS, MIXED_TEXTS, g2m, reference_smollm_ids,
                                     run_cli, tiny_llama)
 from testing.page_driver import CHROMIUM, CHROMIUM_ARGS, PHONE, REPLY_TIMEOUT_MS, Chat, luminance
-from testing.tiny_model import (GEMMA_TEMPLATE, MISTRAL_TEMPLATE, build_lora_adapter, build_parrot_model,
-                                 build_tiny_model, with_chat_template)
+from testing.tiny_model import (GEMMA_TEMPLATE, MISTRAL_TEMPLATE, THINK_END, THINK_START, THINKING_TEMPLATE,
+                                 build_lora_adapter, build_parrot_model, build_tiny_model, with_chat_template)
 
 ROOT = Path(__file__).resolve().parent
 ARTIFACTS = ROOT / "artifacts"  # screenshots from the browser tests (not committed)
@@ -1554,6 +1554,107 @@ def test_adapter_changes_output_as_mlx_lm_applies_it(model, model_dir, tmp_path)
     with running_server(adapted, model_dir) as srv:
         text = post(srv, "completions", max_tokens=30, temperature=0)["choices"][0]["text"]
     assert text == expected and text != completion_reference(model, prompt, 30)
+
+
+# The thinking parrot: its template opens <think> unless enable_thinking is false; after the open
+# block it reasons (a tool-call marker included), closes the block and answers; without it, it
+# answers directly.
+THINKING = "Plan<tool_call>x</tool_call>"
+ANSWER = "Answer!"
+DIRECT = "Direct reply"
+
+
+@pytest.fixture(scope="module")
+def thinking_dir(tmp_path_factory) -> Path:
+    return build_parrot_model(tmp_path_factory.mktemp("models") / "thinking",
+                              {THINK_START: THINKING + THINK_END + ANSWER, "\n": DIRECT},
+                              extra_tokens=(THINK_START, THINK_END), chat_template=THINKING_TEMPLATE)
+
+
+@pytest.fixture(scope="module")
+def thinking_model(thinking_dir) -> lem_serve.Model:
+    return lem_serve.load_model(lem_serve.Settings(model_path=str(thinking_dir)))
+
+
+@pytest.fixture(scope="module")
+def thinking_server(thinking_model, thinking_dir):
+    with running_server(thinking_model, thinking_dir) as srv:
+        yield srv
+
+
+def streamed_reasoning(events: list) -> str:
+    return "".join(e["choices"][0]["delta"].get("reasoning_content") or "" for e in events
+                   if isinstance(e, dict) and e.get("choices"))
+
+
+def test_reasoning_leaves_the_content_stream_or_not(thinking_server, thinking_model):
+    body = {"messages": HELLO, "max_tokens": 50, "tools": [WEATHER]}
+    message = post(thinking_server, "chat", **body)["choices"][0]["message"]
+    assert message["content"] == ANSWER and "tool_calls" not in message  # a tool-call marker in reasoning is no call
+    assert message["reasoning_content"] == message["reasoning"] == THINKING
+    events = stream(thinking_server, "chat", **body, stream_options={"include_usage": True})
+    assert streamed_text("chat", events) == ANSWER and streamed_reasoning(events) == THINKING
+    deltas = [e["choices"][0]["delta"] for e in events if isinstance(e, dict) and e.get("choices")]
+    assert all(d.get("reasoning") == d.get("reasoning_content") for d in deltas)
+    usage = [e for e in events if isinstance(e, dict) and e.get("usage")][-1]["usage"]
+    tokens = thinking_model.tokenizer.encode(THINKING + THINK_END, add_special_tokens=False)
+    assert usage["completion_tokens_details"]["reasoning_tokens"] == len(tokens)
+    assert usage["completion_tokens"] == len(tokens) + len(thinking_model.tokenizer.encode(ANSWER)) + 1  # + <|im_end|>
+
+
+def test_reasoning_through_the_openai_sdk(thinking_server):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=thinking_server.url + "/v1", api_key="unused", max_retries=0)
+    reply = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=50)
+    assert reply.choices[0].message.content == ANSWER
+    assert reply.choices[0].message.model_extra["reasoning_content"] == THINKING
+    assert reply.usage.completion_tokens_details.reasoning_tokens > 0
+
+
+def test_thinking_turned_off_by_kwarg_or_flag(thinking_server, thinking_model, thinking_dir, server):
+    assert health(thinking_server)["thinking"] is True and health(server)["thinking"] is False  # the page's toggle
+    off = post(thinking_server, "chat", messages=HELLO, max_tokens=50, chat_template_kwargs={"enable_thinking": False})
+    assert off["choices"][0]["message"] == {"role": "assistant", "content": DIRECT}
+    assert off["usage"]["completion_tokens_details"]["reasoning_tokens"] == 0
+    with running_server(thinking_model, thinking_dir, chat_template_args={"enable_thinking": False}) as srv:
+        assert post(srv, "chat", messages=HELLO, max_tokens=50)["choices"][0]["message"]["content"] == DIRECT
+
+
+def test_reasoning_format_none_keeps_the_tags_inline(thinking_model, thinking_dir):
+    settings = lem_serve.parse_settings(["--model-path", str(thinking_dir), "--reasoning-format", "none"])
+    with running_server(thinking_model, thinking_dir, reasoning_format=settings.reasoning_format) as srv:
+        message = post(srv, "chat", messages=HELLO, max_tokens=50)["choices"][0]["message"]
+    assert message == {"role": "assistant", "content": THINKING + THINK_END + ANSWER}
+
+
+def test_stop_strings_apply_to_the_answer_not_the_reasoning(thinking_server):
+    message = post(thinking_server, "chat", messages=HELLO, max_tokens=50, stop=["Plan"])["choices"][0]["message"]
+    assert message["content"] == ANSWER and message["reasoning_content"] == THINKING
+    assert post(thinking_server, "chat", messages=HELLO, max_tokens=50, stop=["swer"])["choices"][0]["message"][
+        "content"] == "An"
+
+
+def test_reasoning_sent_back_reaches_the_template(thinking_server):
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ANSWER}, *HELLO]
+    base = post(thinking_server, "chat", messages=turns, max_tokens=1)["usage"]["prompt_tokens"]
+    for field in ("reasoning_content", "reasoning"):
+        turns[1] = {"role": "assistant", "content": ANSWER, field: "I thought about it at length."}
+        assert post(thinking_server, "chat", messages=turns, max_tokens=1)["usage"]["prompt_tokens"] > base
+
+
+def test_reasoning_splitter_cases():
+    def split(pieces, inside=False):
+        splitter, out = lem_serve.ReasoningSplitter("<think>", "</think>", inside), []
+        for i, piece in enumerate(pieces):
+            out += splitter.feed(piece, final=i == len(pieces) - 1)
+        merged = {}
+        for kind, text in out:
+            merged[kind] = merged.get(kind, "") + text
+        return merged
+    assert split(["a</th", "ink>\n\nb"], inside=True) == {"reasoning": "a", "text": "b"}
+    assert split(["<thi", "nk>\nplan</think> answer"]) == {"reasoning": "plan", "text": "answer"}
+    assert split(["still thinking <"], inside=True) == {"reasoning": "still thinking <"}  # open at the end: reasoning
+    assert split(["no markers, just <b>text</b>"]) == {"text": "no markers, just <b>text</b>"}
 
 
 def old_python() -> str | None:
