@@ -40,6 +40,7 @@ import html
 import http.server
 import importlib.util
 import io
+import itertools
 import json
 import logging
 import math
@@ -78,6 +79,9 @@ DEFAULT_PROMPT_CACHE_BYTES = 1 << 30  # KV-cache bytes kept for reuse by later p
 DEFAULT_LOG_LEVEL = "info"        # debug, info, warning or error
 DEFAULT_REASONING_FORMAT = "auto" # auto: a thinking model's reasoning leaves the reply's text; none: tags stay inline
 REASONING_PROMPT_TAIL = 64        # prompt tokens searched for a thinking block the template opened
+DEFAULT_NUM_DRAFT_TOKENS = 3      # tokens a --draft-model proposes per step; >= 1
+DEFAULT_KV_GROUP_SIZE = 64        # --kv-bits quantization group size (mlx_lm's); 32, 64 or 128
+DEFAULT_QUANTIZED_KV_START = 5000 # --kv-bits: tokens of context kept exact before the cache is quantized (mlx_lm's); >= 0
 PROMPT_CACHE_MAX_ENTRIES = 64     # finished requests whose KV cache is kept (the byte budget binds first)
 MAX_BODY_BYTES = 8 * 1024 * 1024  # largest request body accepted; bigger gets 413
 MAX_STOP_STRINGS = 4              # stop strings per request, as OpenAI allows
@@ -134,6 +138,11 @@ class Settings:
     adapter_path: str | None = None      # LoRA/DoRA adapters trained with mlx_lm.lora
     trust_remote_code: bool = False      # let the tokenizer run code shipped with the model
     reasoning_format: str = DEFAULT_REASONING_FORMAT  # "auto": reasoning split out of the reply; "none": tags inline
+    draft_model: str | None = None       # a small model of the same tokenizer, for speculative decoding
+    num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS
+    kv_bits: int | None = None           # quantize the KV cache to 4 or 8 bits; None: full precision
+    kv_group_size: int = DEFAULT_KV_GROUP_SIZE
+    quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START
 
     @property
     def is_loopback(self) -> bool:
@@ -224,6 +233,16 @@ def build_arg_parser() -> argparse.ArgumentParser:
                    help="""JSON object of arguments for every chat template call, e.g. '{"enable_thinking": false}'""")
     p.add_argument("--adapter-path", help="folder of LoRA/DoRA adapters trained with mlx_lm.lora")
     p.add_argument("--trust-remote-code", action="store_true", help="let the tokenizer run code shipped with the model")
+    p.add_argument("--draft-model", help="a small model with the same tokenizer for speculative decoding "
+                                         "(serves one request at a time: needs --max-requests 1)")
+    p.add_argument("--num-draft-tokens", type=_at_least(1), default=DEFAULT_NUM_DRAFT_TOKENS,
+                   help="tokens the draft model proposes per step (default %(default)s)")
+    p.add_argument("--kv-bits", type=int, choices=[4, 8], help="quantize the KV cache to 4 or 8 bits "
+                   "(serves one request at a time: needs --max-requests 1)")
+    p.add_argument("--kv-group-size", type=int, choices=[32, 64, 128], default=DEFAULT_KV_GROUP_SIZE,
+                   help="group size of the quantized KV cache (default %(default)s)")
+    p.add_argument("--quantized-kv-start", type=_at_least(0), default=DEFAULT_QUANTIZED_KV_START,
+                   help="context tokens kept exact before the KV cache is quantized (default %(default)s)")
     p.add_argument("--reasoning-format", choices=["auto", "none"], default=DEFAULT_REASONING_FORMAT,
                    help="auto: a thinking model's reasoning goes to reasoning_content (and thinking blocks), "
                         "not the reply's text; none: the raw <think> tags stay in the text")
@@ -275,6 +294,8 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         host, port = parse_bind(args.bind)
         origins = parse_origins(args.allowed_origins)
         template = read_chat_template(args.chat_template)
+        if (args.draft_model or args.kv_bits) and args.max_requests != 1:
+            raise ValueError("--draft-model and --kv-bits serve one request at a time: use --max-requests 1")
     except (ValueError, OSError) as exc:
         parser.error(str(exc))
     model_name = args.model_name or default_model_name(args.model_path)
@@ -285,7 +306,9 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         prompt_cache_bytes=args.prompt_cache_bytes, log_level=args.log_level, allowed_origins=origins,
         sampling=sampling_flags(args), chat_template=template, chat_template_args=args.chat_template_args,
         adapter_path=args.adapter_path, trust_remote_code=args.trust_remote_code,
-        reasoning_format=args.reasoning_format,
+        reasoning_format=args.reasoning_format, draft_model=args.draft_model,
+        num_draft_tokens=args.num_draft_tokens, kv_bits=args.kv_bits, kv_group_size=args.kv_group_size,
+        quantized_kv_start=args.quantized_kv_start,
     )
 
 
@@ -898,6 +921,7 @@ class Model:
     vocab_size: int              # rows of the embedding table: the first token id out of range
     token_bytes: list[bytes] | None = None  # each token id's own bytes (token_bytes_of); None: decode instead
     sampling: dict = dataclasses.field(default_factory=dict)  # the model folder's recommended sampling
+    solo: "SoloOptions | None" = None  # generate one sequence at a time, this way (draft model, quantized cache)
 
 
 def load_model(settings: Settings) -> Model:
@@ -914,7 +938,40 @@ def load_model(settings: Settings) -> Model:
     # Adapter weights arrive unevaluated, tied to this thread's stream; the engine thread has its own.
     mx.eval(model.parameters())
     return Model(model, tokenizer, context_length_of(config), vocab_size_of(model, tokenizer),
-                 token_bytes_of(tokenizer), recommended_sampling(Path(settings.model_path)))
+                 token_bytes_of(tokenizer), recommended_sampling(Path(settings.model_path)),
+                 solo_options(settings, model, tokenizer))
+
+
+@dataclass(frozen=True)
+class SoloOptions:
+    """What makes the engine generate one sequence at a time (SoloBatch), and how."""
+
+    draft: Any = None                 # the draft model for speculative decoding, or None
+    num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS
+    kv_bits: int | None = None
+    kv_group_size: int = DEFAULT_KV_GROUP_SIZE
+    quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START
+
+
+def solo_options(settings: Settings, model: Any, tokenizer: Any) -> SoloOptions | None:
+    """SoloOptions for --draft-model / --kv-bits, loading the draft; None when neither is set."""
+    if settings.draft_model is None and settings.kv_bits is None:
+        return None
+    args = getattr(model, "args", None)
+    head = getattr(args, "head_dim", None) or getattr(args, "hidden_size", 0) // max(getattr(args, "num_attention_heads", 1), 1)
+    if settings.kv_bits is not None and head % settings.kv_group_size:
+        raise ValueError(f"--kv-group-size {settings.kv_group_size} must divide the model's attention head size ({head})")
+    draft = None
+    if settings.draft_model is not None:
+        import mlx.core as mx
+        import mlx_lm
+        draft, draft_tokenizer = mlx_lm.load(settings.draft_model)
+        mx.eval(draft.parameters())
+        if draft_tokenizer.vocab_size != tokenizer.vocab_size:
+            raise ValueError(f"the draft model's vocabulary ({draft_tokenizer.vocab_size} tokens) is not the "
+                             f"model's ({tokenizer.vocab_size})")
+    return SoloOptions(draft, settings.num_draft_tokens, settings.kv_bits, settings.kv_group_size,
+                       settings.quantized_kv_start)
 
 
 def recommended_sampling(folder: Path) -> dict:
@@ -1082,8 +1139,9 @@ class Sampling:
     """How one job picks its tokens, in mlx_lm's calling convention.
 
     `sampler(logprobs) -> token ids` and `processor(tokens, logits) -> logits`
-    are what generate_step and BatchGenerator.insert take per sequence. Each
-    processor is stateful: called exactly once per generated token, in order.
+    are what generate_step and BatchGenerator.insert take per sequence.
+    Processors with a true `stateful` attribute count on being called exactly
+    once per generated token, in order (speculative decoding would break that).
     """
 
     sampler: Callable[[Any], Any]
@@ -1164,6 +1222,7 @@ def openai_penalties(presence: float, frequency: float) -> Callable[[Any, Any], 
             counts = counts.at[tokens[-1:]].add(1.0)
         penalty = frequency * counts + presence * (counts > 0)
         return (logits - penalty).astype(logits.dtype)
+    processor.stateful = True
     return processor
 
 
@@ -1608,6 +1667,8 @@ class JsonConstraint:
     JSON is complete only end-of-sequence tokens remain.
     """
 
+    stateful = True   # follows the tokens sampled so far, one call per token
+
     def __init__(self, masks: JsonMasks, budget: int):
         self.masks = masks
         self.state = masks.start
@@ -1851,6 +1912,148 @@ class PromptCache:
                 "prompt_cache_hits": self.hits, "prompt_cache_misses": self.misses}
 
 
+@dataclass
+class SoloResponse:
+    """One generated token, shaped as BatchGenerator reports it (the engine reads these fields)."""
+
+    uid: int
+    token: int
+    logprobs: Any
+    finish_reason: str | None
+    prompt_cache: list | None = None
+    all_tokens: list[int] | None = None
+
+
+@dataclass(eq=False)
+class SoloSequence:
+    """The sequence a SoloBatch is generating."""
+
+    uid: int
+    prompt: list[int]            # every prompt token, the cached prefix included
+    steps: Iterator[tuple]       # mlx_lm's generator: (token, logprobs[, from_draft])
+    cache: list
+    max_tokens: int
+    generated: list[int] = dataclasses.field(default_factory=list)
+
+
+class SoloBatch:
+    """BatchGenerator's interface over mlx_lm's one-sequence generators.
+
+    A draft model (speculative decoding) and a quantized KV cache are what
+    BatchGenerator cannot do, so they go through generate_step or
+    speculative_generate_step, one sequence at a time. --max-requests must be
+    1 with them, so a second inserted sequence never has to wait for long.
+    Requests whose logits processors keep state (JSON constraints, OpenAI
+    penalties) are decoded without the draft: speculation calls processors
+    for tokens it then rejects.
+    """
+
+    def __init__(self, model: Model, stop_tokens: set[int], drafts: dict):
+        self.model, self.options, self.stop_tokens = model, model.solo, stop_tokens
+        self.drafts = drafts    # the engine's counters: draft tokens "proposed" and "accepted"
+        self.waiting: list[tuple] = []
+        self.current: SoloSequence | None = None
+        self.uids = itertools.count()
+
+    def insert(self, prompts: list[list[int]], max_tokens: list[int], caches: list, all_tokens: list[list[int]],
+               samplers: list, logits_processors: list) -> list[int]:
+        """Queue sequences (BatchGenerator's arguments); return their uids."""
+        uids = []
+        for i, prompt in enumerate(prompts):
+            uids.append(next(self.uids))
+            self.waiting.append((uids[-1], prompt, max_tokens[i], caches[i], all_tokens[i], samplers[i],
+                                 logits_processors[i]))
+        return uids
+
+    def next(self) -> tuple[list, list[SoloResponse]]:
+        """One token of the current sequence (starting the next waiting one when there is none)."""
+        if self.current is None:
+            if not self.waiting:
+                return [], []
+            self.current = self._start(*self.waiting.pop(0))
+        sequence = self.current
+        token, logprobs, *drafted = next(sequence.steps)
+        self.drafts["accepted"] += bool(drafted and drafted[0])
+        sequence.generated.append(int(token))
+        finish = ("stop" if token in self.stop_tokens
+                  else "length" if len(sequence.generated) >= sequence.max_tokens else None)
+        if finish is None:
+            return [], [SoloResponse(sequence.uid, int(token), logprobs, None)]
+        self.current = None
+        tokens, cache = self._settle(sequence)
+        return [], [SoloResponse(sequence.uid, int(token), logprobs, finish, cache, tokens)]
+
+    def remove(self, uids: list[int], return_prompt_caches: bool = False) -> dict:
+        """Drop sequences; {uid: (cache, tokens)} of the running one when asked (for the prompt cache)."""
+        self.waiting = [w for w in self.waiting if w[0] not in uids]
+        if self.current is None or self.current.uid not in uids:
+            return {}
+        sequence, self.current = self.current, None
+        tokens, cache = self._settle(sequence)
+        return {sequence.uid: (cache, tokens)} if return_prompt_caches else {}
+
+    @property
+    def prompt_cache_nbytes(self) -> int:
+        return sum(c.nbytes for c in self.current.cache) if self.current is not None else 0
+
+    def close(self) -> None:
+        self.waiting, self.current = [], None
+
+    def _start(self, uid: int, prompt: list[int], max_tokens: int, cache: list | None, prefix: list[int],
+               sampler: Any, processors: list) -> SoloSequence:
+        import mlx.core as mx
+        from mlx_lm.generate import generate_step, speculative_generate_step
+        from mlx_lm.models.cache import make_prompt_cache
+        options, model = self.options, self.model.model
+        kv = {"kv_bits": options.kv_bits, "kv_group_size": options.kv_group_size,
+              "quantized_kv_start": options.quantized_kv_start}
+        draft = None if any(getattr(p, "stateful", False) for p in processors) else options.draft
+        if cache is None:
+            cache = make_prompt_cache(model) + (make_prompt_cache(options.draft) if options.draft else [])
+        common = {"max_tokens": max_tokens, "sampler": sampler, "logits_processors": processors,
+                  "prefill_step_size": PREFILL_STEP_TOKENS, **kv}
+        if draft is None:
+            steps = generate_step(mx.array(prompt), model, prompt_cache=cache[:len(model.layers)], **common)
+        else:
+            steps = self._counted(speculative_generate_step(mx.array(prompt), model, draft, prompt_cache=cache,
+                                                            num_draft_tokens=options.num_draft_tokens, **common),
+                                  max_tokens)
+        return SoloSequence(uid, list(prefix) + list(prompt), steps, cache, max_tokens)
+
+    def _counted(self, steps: Iterator[tuple], max_tokens: int) -> Iterator[tuple]:
+        """Speculative steps, counting proposals as mlx_lm makes them.
+
+        Each verification step proposes min(num_draft_tokens, tokens left)
+        and ends with the model's own token (or at the budget).
+        """
+        produced, step_open = 0, False
+        for token, logprobs, from_draft in steps:
+            if not step_open:
+                self.drafts["proposed"] += min(self.options.num_draft_tokens, max_tokens - produced)
+            step_open = from_draft
+            produced += 1
+            yield token, logprobs, from_draft
+
+    def _settle(self, sequence: SoloSequence) -> tuple[list[int], list]:
+        """(tokens, cache) with every cache part holding exactly those tokens, for the prompt cache.
+
+        The generators run ahead (the next token is computed before this one
+        is yielded; speculation drafts beyond what it accepts), so each part
+        is trimmed back to the tokens both the client and the cache agree on.
+        """
+        from mlx_lm.models.cache import trim_prompt_cache
+        with contextlib.suppress(Exception):
+            sequence.steps.close()
+        tokens = sequence.prompt + sequence.generated
+        layers = len(self.model.model.layers)
+        parts = [sequence.cache[:layers], sequence.cache[layers:]]
+        kept = min([len(tokens)] + [part[0].offset for part in parts if part])
+        for part in parts:
+            if part and part[0].offset > kept:
+                trim_prompt_cache(part, part[0].offset - kept)
+        return tokens[:kept], sequence.cache
+
+
 class Engine:
     """The one thread that runs MLX; handler threads talk to it through Jobs.
 
@@ -1870,6 +2073,7 @@ class Engine:
         self.thread = threading.Thread(target=self._run, name="lem-engine", daemon=True)
         self.failure: BaseException | None = None
         self.tokens_generated = 0  # every token sampled since start, for health and tests
+        self.drafts = {"proposed": 0, "accepted": 0}  # speculative decoding's draft tokens (SoloBatch)
         self._stats: dict = {}
 
     def start(self) -> None:
@@ -1883,7 +2087,8 @@ class Engine:
         """Counters for /healthz and /metrics: tokens sampled and prompt-cache use."""
         cache = self._stats or {"prompt_cache_entries": 0, "prompt_cache_bytes": 0,
                                 "prompt_cache_hits": 0, "prompt_cache_misses": 0}
-        return {"tokens_generated": self.tokens_generated, **cache}
+        return {"tokens_generated": self.tokens_generated, "draft_tokens_proposed": self.drafts["proposed"],
+                "draft_tokens_accepted": self.drafts["accepted"], **cache}
 
     def submit(self, job: Job) -> None:
         """Queue a job; raise 503 at once if the engine is dead."""
@@ -1928,6 +2133,8 @@ class Engine:
     def _new_batch(self) -> Any:
         from mlx_lm.generate import BatchGenerator
         eos = self.model.tokenizer.eos_token_ids
+        if self.model.solo is not None:
+            return SoloBatch(self.model, set(eos), self.drafts)
         return BatchGenerator(self.model.model, stop_tokens=[[t] for t in eos],
                               completion_batch_size=self.max_batch, prefill_batch_size=self.max_batch,
                               prefill_step_size=PREFILL_STEP_TOKENS)
@@ -3061,6 +3268,10 @@ class LemServer(http.server.ThreadingHTTPServer):
             one("lem_open_connections", "gauge", "Client connections open.", self.connections),
             one("lem_tokens_generated_total", "counter", "Tokens sampled by the engine since start.",
                 stats["tokens_generated"]),
+            one("lem_draft_tokens_proposed_total", "counter", "Tokens the --draft-model proposed.",
+                stats["draft_tokens_proposed"]),
+            one("lem_draft_tokens_accepted_total", "counter", "Proposed draft tokens the model accepted.",
+                stats["draft_tokens_accepted"]),
             one("lem_prompt_cache_hits_total", "counter", "Prompts that reused cached state.", stats["prompt_cache_hits"]),
             one("lem_prompt_cache_misses_total", "counter", "Prompts computed from scratch.", stats["prompt_cache_misses"]),
             one("lem_prompt_cache_entries", "gauge", "Entries in the prompt cache.", stats["prompt_cache_entries"]),
@@ -3121,8 +3332,17 @@ class LemServer(http.server.ThreadingHTTPServer):
                 "max_tokens": settings.max_tokens, "max_context": settings.max_context,
                 "sampling_defaults": settings.sampling,
                 "thinking": bool(getattr(self.model.tokenizer, "has_thinking", False)),
+                "speculative": self.speculative_health(engine),
                 "prompt_cache": {"entries": engine["prompt_cache_entries"], "bytes": engine["prompt_cache_bytes"],
                                  "hits": engine["prompt_cache_hits"], "misses": engine["prompt_cache_misses"]}}
+
+    def speculative_health(self, engine: dict) -> dict | None:
+        """Speculative decoding's figures for /healthz; None without a --draft-model."""
+        if self.model.solo is None or self.model.solo.draft is None:
+            return None
+        proposed, accepted = engine["draft_tokens_proposed"], engine["draft_tokens_accepted"]
+        return {"num_draft_tokens": self.model.solo.num_draft_tokens, "draft_tokens_proposed": proposed,
+                "draft_tokens_accepted": accepted, "acceptance_rate": round(accepted / proposed, 4) if proposed else None}
 
     def start(self) -> "LemServer":
         """Start the engine and serve on a background thread; return when ready."""

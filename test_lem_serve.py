@@ -1657,6 +1657,59 @@ def test_reasoning_splitter_cases():
     assert split(["no markers, just <b>text</b>"]) == {"text": "no markers, just <b>text</b>"}
 
 
+@pytest.fixture(scope="module")
+def draft_dir(tmp_path_factory) -> Path:
+    """Another random tiny model with the same tokenizer: a draft the model almost never agrees with."""
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "draft", seed=1)
+
+
+def test_draft_model_keeps_greedy_output_and_reports_acceptance(model, model_dir, draft_dir):
+    prompt = model.tokenizer.encode("Once upon a time")
+    expected = completion_reference(model, prompt, 40)
+    for draft, rate in ((draft_dir, lambda r: r < 0.5), (model_dir, lambda r: r == 1.0)):  # a stranger, itself
+        settings = lem_serve.parse_settings(["--model-path", str(model_dir), "--draft-model", str(draft),
+                                             "--num-draft-tokens", "2"])
+        speculative = lem_serve.load_model(settings)
+        with running_server(speculative, model_dir) as srv:
+            for _ in range(2):  # cold, then from the prompt cache
+                assert post(srv, "completions", max_tokens=40, temperature=0)["choices"][0]["text"] == expected
+            figures = health(srv)["speculative"]
+            assert figures["num_draft_tokens"] == 2 and figures["draft_tokens_proposed"] > 0
+            assert rate(figures["acceptance_rate"]), figures
+            samples = scrape(srv)
+            assert metric(samples, "lem_draft_tokens_accepted_total") == figures["draft_tokens_accepted"]
+            constrained = post(srv, "chat", max_tokens=60, response_format={"type": "json_object"})  # decoded without the draft
+            json.loads(constrained["choices"][0]["message"]["content"])
+
+
+def test_kv_bits_generation_matches_mlx_lm_with_the_same_cache(tmp_path):
+    import mlx_lm
+    folder = build_tiny_model(tmp_path / "wide-heads", hidden_size=128, num_heads=2, num_kv_heads=1)  # head size 64
+    for bits, group in ((8, 64), (4, 32)):
+        settings = lem_serve.parse_settings(["--model-path", str(folder), "--kv-bits", str(bits), "--kv-group-size",
+                                             str(group), "--quantized-kv-start", "0"])
+        quantized = lem_serve.load_model(settings)
+        prompt = quantized.tokenizer.encode("Once upon a time")
+        tokens = [r.token for r in mlx_lm.stream_generate(quantized.model, quantized.tokenizer, prompt, max_tokens=40,
+                                                           kv_bits=bits, kv_group_size=group, quantized_kv_start=0)]
+        expected = quantized.tokenizer.decode(prompt + tokens)[len("Once upon a time"):]
+        with running_server(quantized, folder) as srv:
+            first = post(srv, "completions", max_tokens=40, temperature=0)
+            again = post(srv, "completions", max_tokens=40, temperature=0)
+        assert first["choices"][0]["text"] == again["choices"][0]["text"] == expected
+        assert again["usage"]["prompt_tokens_details"]["cached_tokens"] > 0  # the quantized cache was reused
+
+
+def test_solo_options_are_checked_at_start(model_dir, draft_dir):
+    for bad in (["--draft-model", str(draft_dir), "--max-requests", "2"], ["--kv-bits", "8", "--max-requests", "4"],
+                ["--kv-bits", "3"], ["--num-draft-tokens", "0"]):
+        with pytest.raises(SystemExit):
+            lem_serve.parse_settings(["--model-path", str(model_dir), *bad])
+    narrow = lem_serve.parse_settings(["--model-path", str(model_dir), "--kv-bits", "8"])  # the tiny model's heads are 16 wide
+    with pytest.raises(ValueError, match="head size"):
+        lem_serve.load_model(narrow)
+
+
 def old_python() -> str | None:
     """An interpreter older than 3.11 on this machine (pyenv keeps several), if any."""
     found = [shutil.which(f"python3.{minor}") for minor in (9, 10)] + sorted(
