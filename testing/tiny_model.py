@@ -442,17 +442,57 @@ GEMMA_TEMPLATE = r"""{%- if messages[0]['role'] == 'system' -%}
 """
 
 
-def with_chat_template(model_dir, out_dir, template: str) -> pathlib.Path:
-    """Copy a model folder to ``out_dir`` with ``template`` as its chat template."""
+def _copy_model(model_dir, out_dir) -> pathlib.Path:
+    """Copy the files of a model folder to ``out_dir``; return its path."""
     src, out = pathlib.Path(model_dir), pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for item in src.iterdir():
         if item.is_file():
             (out / item.name).write_bytes(item.read_bytes())
+    return out
+
+
+def with_chat_template(model_dir, out_dir, template: str) -> pathlib.Path:
+    """Copy a model folder to ``out_dir`` with ``template`` as its chat template."""
+    out = _copy_model(model_dir, out_dir)
     config = json.loads((out / "tokenizer_config.json").read_text("utf-8"))
     config["chat_template"] = template
     config.pop("tool_parser_type", None)  # these families' tool formats are not the tiny model's
     _write_json(out / "tokenizer_config.json", config)
+    return out
+
+
+def with_context_length(model_dir, out_dir, tokens: int) -> pathlib.Path:
+    """Copy a model folder to ``out_dir`` with a context window of ``tokens``.
+
+    Qwen2's rotary embedding has no table sized by the context, so the weights
+    stay as they are; only ``max_position_embeddings`` changes.
+    """
+    out = _copy_model(model_dir, out_dir)
+    config = json.loads((out / "config.json").read_text("utf-8"))
+    config["max_position_embeddings"] = tokens
+    _write_json(out / "config.json", config)
+    return out
+
+
+def with_eos_like(model_dir, out_dir, token: int, gain: float = 2.0) -> pathlib.Path:
+    """Copy a model folder to ``out_dir``, changed so that greedy decoding emits end-of-sequence.
+
+    The tiny model never ends a text by itself (see ``_suppress_rows``). Here
+    the (tied) embedding row of the tokenizer's ``eos_token`` becomes ``gain``
+    times the row of ``token``, so its logit is ``gain`` times ``token``'s:
+    whenever ``token`` would be the positive top logit, end-of-sequence beats
+    it. Pick ``token`` among a prompt's first greedy tokens and that text ends
+    there, or sooner, by the model's own choice.
+    """
+    out = _copy_model(model_dir, out_dir)
+    added = json.loads((out / "tokenizer.json").read_text("utf-8"))["added_tokens"]
+    eos_id = next(t["id"] for t in added if t["content"] == IM_END)
+    weights = mx.load(str(out / "model.safetensors"))
+    embedding = weights["model.embed_tokens.weight"]
+    embedding[eos_id] = gain * embedding[token]
+    weights["model.embed_tokens.weight"] = embedding
+    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
     return out
 
 
