@@ -271,7 +271,7 @@ def read_first_text_event(response) -> dict:
 
 
 def mlx_reference(model, prompt_tokens: list[int], max_tokens: int, logits_processors=None) -> str:
-    """What mlx_lm.generate produces greedily for these tokens."""
+    """What mlx_lm.generate produces greedily for these tokens (after the logits processors, if any)."""
     import mlx_lm
     return mlx_lm.generate(model.model, model.tokenizer, prompt_tokens, max_tokens=max_tokens,
                            logits_processors=logits_processors)
@@ -514,13 +514,14 @@ def test_completion_tokens_count_the_end_of_sequence_token(eos_model_dir, endpoi
 
 
 def test_developer_role_is_a_system_message(server):
-    def ask(messages):
+    def reply_to(messages):
         return post(server, "chat", messages=messages, max_tokens=10, temperature=0)
 
-    system = ask([{"role": "system", "content": "Answer in French."}, *HELLO])
-    developer = ask([{"role": "developer", "content": "Answer in French."}, *HELLO])
+    system = reply_to([{"role": "system", "content": "Answer in French."}, *HELLO])
+    developer = reply_to([{"role": "developer", "content": "Answer in French."}, *HELLO])
     assert developer["choices"][0]["message"] == system["choices"][0]["message"]
-    assert developer["usage"]["prompt_tokens"] == system["usage"]["prompt_tokens"] != ask(HELLO)["usage"]["prompt_tokens"]
+    assert (developer["usage"]["prompt_tokens"] == system["usage"]["prompt_tokens"]
+            != reply_to(HELLO)["usage"]["prompt_tokens"])  # the instruction reached the model
 
 
 def conversation(turns: int, system: bool = True) -> list[dict]:
@@ -1146,6 +1147,7 @@ def test_batched_greedy_equals_each_request_alone(make_server, model):
 
 
 def ask(prompt: str) -> list[dict]:
+    """A chat of one user message."""
     return [{"role": "user", "content": prompt}]
 
 
@@ -1269,6 +1271,17 @@ def test_repeated_request_is_cached_and_unchanged(make_server, endpoint):
     assert streamed_text(endpoint, events) == text_of(endpoint, cold)
 
 
+def test_prompt_that_is_exactly_a_cached_sequence_still_runs_its_last_token(make_server, model):
+    srv = make_server()
+    prompt = model.tokenizer.encode(PROMPTS[0])
+    post(srv, "completions", prompt=prompt, max_tokens=6, temperature=0)  # the cache keeps prompt + its 6 tokens
+    again = prompt + greedy_tokens(model, prompt, 6)  # exactly that sequence: an exact hit
+    warm = post(srv, "completions", prompt=again, max_tokens=8, temperature=0)
+    assert warm["usage"]["prompt_tokens_details"]["cached_tokens"] == len(again) - 1
+    cold = post(make_server(prompt_cache_bytes=0), "completions", prompt=again, max_tokens=8, temperature=0)
+    assert warm["choices"][0]["text"] == cold["choices"][0]["text"]
+
+
 def test_prompt_cache_off_and_bounded(make_server):
     off = make_server(prompt_cache_bytes=0)
     for _ in range(2):
@@ -1358,6 +1371,25 @@ def test_concurrent_admission_never_exceeds_the_limit(make_long_server, max_requ
                 conn.close()
     assert wait_until(lambda: server_state(srv) == {"active": 0, "in_flight": 0, "connections": 0})
     assert gate_has_all_permits(srv)
+
+
+def test_every_way_a_request_ends_gives_back_exactly_its_permit(make_long_server):
+    srv = make_long_server(max_requests=2, timeout=0.5)
+
+    def hung_up_stream():
+        conn, response = open_stream(srv, "completions", **endless(srv.model))
+        read_first_text_event(response)
+        hang_up(conn, response)
+
+    endings = {"finished": lambda: post(srv, "completions", max_tokens=3),
+               "streamed": lambda: stream(srv, "chat", max_tokens=3),
+               "hung up": hung_up_stream,
+               "timed out": lambda: request(srv, "POST", "/v1/completions", {"prompt": "x", **endless(srv.model)}),
+               "stream timed out": lambda: stream(srv, "chat", **endless(srv.model))}
+    for ending, run in endings.items():
+        run()
+        assert wait_until(lambda: server_state(srv) == {"active": 0, "in_flight": 0, "connections": 0}), ending
+        assert gate_has_all_permits(srv), ending
 
 
 def test_disconnect_mid_stream_stops_generation_and_frees_the_slot(make_long_server):
@@ -2613,6 +2645,7 @@ def soak_response(sock: socket.socket, kind: str, endpoint: str, text: str | Non
         if reply.status == 504:
             assert_openai_error(reply, 504, code="timeout")
             return "504"
+        assert reply.json()["choices"][0]["finish_reason"] == "length"
         assert text_of(endpoint, reply.json()) == text, (reply.json(), text)
         return "200"
     if kind in ("stream_hang_up", "reset"):

@@ -68,7 +68,7 @@ MUTATIONS = [
     Mutation("gate-released-twice", "a request gives its permit back twice, so the gate grows",
              (("threading.BoundedSemaphore(settings.max_requests)", "threading.Semaphore(settings.max_requests)"),
               ("            if not self.held:\n                return\n", "")),
-             ("test_half_closed_or_reset_stream_frees_everything",)),
+             ("test_every_way_a_request_ends_gives_back_exactly_its_permit",)),
     Mutation("window-starts-with-assistant", "the chat window keeps the last N messages, whatever their roles",
              (("first = next((n for n in turns if len(others) - n <= keep), turns[-1])", "first = len(others) - keep"),),
              ("test_window_never_starts_with_an_assistant_or_tool_message",)),
@@ -93,7 +93,7 @@ MUTATIONS = [
     Mutation("prompt-cache-whole-prompt", "an exact prompt-cache hit is returned whole, leaving the model no "
                                           "token to run",
              (("if cache is not None and not rest:  # an exact hit", "if False:  # an exact hit"),),
-             ("test_repeated_request_is_cached_and_unchanged",)),
+             ("test_prompt_that_is_exactly_a_cached_sequence_still_runs_its_last_token",)),
     Mutation("retry-after-missing", "429 comes without Retry-After",
              (('headers={"Retry-After": str(RETRY_AFTER_SECONDS)})', "headers={})"),),
              ("test_over_the_limit_is_429_at_once",)),
@@ -174,7 +174,8 @@ def run_tests(folder: Path, tests: tuple[str, ...]) -> tuple[int, str]:
         out = subprocess.run(command, cwd=folder, capture_output=True, text=True, timeout=RUN_TIMEOUT)
     except subprocess.TimeoutExpired:
         return -1, f"timed out after {RUN_TIMEOUT} s"
-    failed = next((line.split(" ")[1] for line in out.stdout.splitlines() if line.startswith("FAILED ")), "")
+    failed = next((line[len("FAILED "):].split(" - ")[0] for line in out.stdout.splitlines()
+                   if line.startswith("FAILED ")), "")
     return out.returncode, failed.removeprefix("test_lem_serve.py::") or out.stdout.strip().splitlines()[-1:][0]
 
 
