@@ -55,11 +55,10 @@ MUTATIONS = [
                '        if response.finish_reason == "stop":  # an end-of-sequence token: not part of the text\n'
                "            job.completion_tokens -= 1\n"),),
              ("test_completion_tokens_count_the_end_of_sequence_token",)),
-    Mutation("stream-splits-characters", "each token's bytes are flushed at once, so a character split across "
-                                         "tokens goes out as two replacement characters",
-             (("        sequence.detokenizer.add_token(response.token)\n",
-               "        sequence.detokenizer.add_token(response.token)\n"
-               "        sequence.detokenizer.finalize()\n"),),
+    Mutation("stream-splits-characters", "each token's bytes are decoded on their own, so a character split "
+                                         "across tokens goes out as two replacement characters",
+             (("return self._trim(self.utf8.decode(token_bytes(self.model, token)))",
+               'return self._trim(token_bytes(self.model, token).decode("utf-8", "replace"))'),),
              ("test_stream_chunks_are_whole_characters",)),
     Mutation("gate-plus-one", "the gate admits max_requests + 1 requests",
              (("threading.BoundedSemaphore(settings.max_requests)", "threading.BoundedSemaphore(settings.max_requests + 1)"),),
@@ -88,7 +87,7 @@ MUTATIONS = [
                '            headers = {WINDOW_HEADER: str(dropped)} if endpoint == "chat" else {}\n'),),
              ("test_bad_prompts_are_400_even_while_every_slot_is_busy",)),
     Mutation("stop-string-partly-streamed", "text that may be the start of a stop string is streamed at once",
-             (("keep = partial_marker_length(buffer, self.stops)", "keep = 0"),),
+             (("        keep = max(self.matched)\n", "        keep = 0\n"),),
              ("test_stop_string_cuts_text_and_is_never_streamed", "test_stop_scanner_holds_back_partial_stop_strings")),
     Mutation("prompt-cache-whole-prompt", "an exact prompt-cache hit is returned whole, leaving the model no "
                                           "token to run",
