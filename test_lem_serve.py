@@ -18,6 +18,7 @@ import logging
 import os
 import random
 import re
+import select
 import shutil
 import signal
 import socket
@@ -2492,11 +2493,12 @@ def test_slow_body_is_408_without_holding_a_slot(make_server, monkeypatch):
     sock = raw_socket(srv)
     body = json.dumps({"prompt": "x", "max_tokens": 2}).encode()
     sock.sendall(post_bytes("/v1/completions", body)[:-len(body) + 3])
-    for i in range(3, 8):
+    for i in range(3, 8):  # a byte every 0.1 s, until the answer is in (never all of the body)
         sock.sendall(body[i:i + 1])
         if i == 4:
             assert request(srv, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 2}).status == 200
-        time.sleep(0.1)
+        if select.select([sock], [], [], 0.1)[0]:
+            break
     response = http.client.HTTPResponse(sock)
     response.begin()
     reply = Reply(response)
@@ -2568,7 +2570,7 @@ def test_connections_beyond_the_cap_are_closed_at_once(make_server, monkeypatch)
     idle = [raw_socket(srv) for _ in range(3)]
     assert wait_until(lambda: srv.connections == 3)
     extra = raw_socket(srv)
-    assert closed_by_server(extra, within=2)
+    assert closed_by_server(extra, within=10)
     extra.close()
     for sock in idle:
         sock.close()
@@ -3103,7 +3105,8 @@ def test_signal_during_load_drains_every_request_and_exits_0(long_model_dir, lon
         with pytest.raises(OSError):
             socket.create_connection(at(address).server_address, timeout=2)
         stderr = process.stderr.read()
-        assert "for 4 in-flight request(s)" in stderr and "stopped cleanly" in stderr
+        in_flight = re.search(r"waiting up to \d+ s for (\d+) in-flight", stderr)
+        assert in_flight and int(in_flight.group(1)) >= 4 and "stopped cleanly" in stderr, stderr[-2000:]
         assert "POST /v1/chat/completions 504 prompt=" in stderr and "POST /v1/completions 504 prompt=" in stderr
     finally:
         process.kill()
