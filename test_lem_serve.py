@@ -251,6 +251,7 @@ def test_healthz_reports_state(server):
     assert body["status"] == "ok" and body["model"] == "tiny"
     assert body["active_requests"] == 0 and body["max_requests"] == 2
     assert body["max_tokens"] == lem_serve.DEFAULT_MAX_TOKENS and body["max_context"] == lem_serve.DEFAULT_MAX_CONTEXT
+    assert body["context_length"] == server.model.context_length == 4096  # the tiny model's max_position_embeddings
     assert body["max_threads"] >= 1 and body["uptime_seconds"] >= 0
 
 
