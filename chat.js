@@ -128,6 +128,15 @@
   const RE_ITEM = /^(\s*)([-*+]|\d{1,9}[.)])(\s+(.*)|$)/;
   const RE_TABLE_DELIM = /^\s*\|?\s*:?-+:?\s*(\|\s*:?-+:?\s*)*\|?\s*$/;
 
+  // The direction of a text by its first letter, as dir="auto" decides it.
+  // Containers (lists, items, quotes) get it explicitly: dir="auto" on them
+  // would skip their paragraphs, which carry dir themselves.
+  const RE_RTL_LETTER = /[\p{Script=Hebrew}\p{Script=Arabic}\p{Script=Syriac}\p{Script=Thaana}\p{Script=Nko}\p{Script=Adlam}]/u;
+  function dirOf(text) {
+    const letter = text.match(/\p{L}/u);
+    return letter && RE_RTL_LETTER.test(letter[0]) ? "rtl" : "ltr";
+  }
+
   function leadingSpaces(line) {
     return line.length - line.trimStart().length;
   }
@@ -202,7 +211,7 @@
       else break;
       i++;
     }
-    parent.append(renderBlocks(body.join("\n"), h("blockquote", { dir: "auto" })));
+    parent.append(renderBlocks(body.join("\n"), h("blockquote", { dir: dirOf(body.join("\n")) })));
     return i;
   }
 
@@ -212,7 +221,7 @@
     const first = lines[start].match(RE_ITEM);
     const indent = first[1].length;
     const ordered = /\d/.test(first[2]);
-    const list = h(ordered ? "ol" : "ul", { dir: "auto" });
+    const list = h(ordered ? "ol" : "ul", { dir: dirOf(first[4] || "") });
     if (ordered && parseInt(first[2], 10) !== 1) list.setAttribute("start", parseInt(first[2], 10));
     const isSibling = (m) => m && m[1].length >= indent && m[1].length <= indent + 1 && /\d/.test(m[2]) === ordered;
 
@@ -245,7 +254,7 @@
         if (!startsBlock(lines, i) && !RE_BLANK.test(body[body.length - 1])) { body.push(line); i++; continue; } // lazy continuation
         break;
       }
-      list.append(renderBlocks(body.join("\n"), h("li", { dir: "auto" })));
+      list.append(renderBlocks(body.join("\n"), h("li", { dir: dirOf(body.join("\n")) })));
       // Blank lines between items keep the list going.
       let j = i;
       while (j < lines.length && RE_BLANK.test(lines[j])) j++;
@@ -816,8 +825,9 @@
     store.timer = setTimeout(() => { store.timer = 0; flush(); }, ms);
   }
 
-  // Write what changed. One transaction per conversation, deletions first (they
-  // free room), so one conversation too big for what is left fails alone.
+  // Write what changed, and again what failed before. One transaction per
+  // conversation, deletions first (they free room), so one conversation too
+  // big for what is left fails alone.
   async function flush() {
     if (store.writing) {
       await store.writing;
@@ -838,15 +848,15 @@
       for (const id of deleted) tx.objectStore(DB_STORE).delete(id);
       await txDone(tx).catch(() => deleted.forEach((id) => store.deleted.add(id)));
     }
-    for (const id of [...store.dirty]) {
+    for (const id of new Set([...store.dirty, ...store.failed.keys()])) {
       const conv = conversationById(id);
       store.dirty.delete(id);
+      store.failed.delete(id);
       if (!conv) continue;
       try {
         const tx = store.db.transaction(DB_STORE, "readwrite");
         tx.objectStore(DB_STORE).put(conv);
         await txDone(tx);
-        store.failed.delete(id);
         store.legacy.delete(id);
         saved.push(id);
       } catch (err) {
@@ -1043,7 +1053,7 @@
     ui.gauge.dataset.level = share >= GAUGE_FULL ? "full" : share >= GAUGE_WARN ? "warn" : "ok";
     ui.gaugeBar.hidden = !limit;
     ui.gaugeFill.style.width = `${Math.min(100, share * 100).toFixed(1)}%`;
-    ui.gaugeText.textContent = limit ? `${n(tokens)} / ${n(limit)} tokens` : `${n(tokens)} tokens`;
+    ui.gaugeText.replaceChildren(limit ? `${n(tokens)} / ${n(limit)}` : n(tokens), h("span", { className: "label-wide", text: " tokens" }));
     if (limit) {
       ui.gaugeBar.setAttribute("aria-valuemax", String(limit));
       ui.gaugeBar.setAttribute("aria-valuenow", String(Math.min(tokens, limit)));
@@ -2533,6 +2543,7 @@
     wireDialogs();
     wirePage();
     state.conversations = await loadConversations();
+    state.currentId = readLocal(STORE_CURRENT); // the old data may have named it
     state.loaded = true;
     if (!currentConversation()) setCurrent(null);
     renderAll();
