@@ -1660,7 +1660,7 @@
     else msg.status = msg.error ? "error" : run.reason === "stop" ? "stopped" : "done";
     delete msg.retryAt;
     finishStats(run);
-    state.runs.delete(conv.id);
+    if (state.runs.get(conv.id) === run) state.runs.delete(conv.id); // not a new run started after a Stop
     streamViews.delete(msg);
     markDirty(conv);
     if (conv.id === state.currentId) {
