@@ -1754,9 +1754,11 @@
       announce("There is no message before this reply to answer.");
       return;
     }
+    const focused = messageViews.get(msg)?.contains(document.activeElement);
     startVariant(msg);
     markDirty(conv);
     generate(conv, msg);
+    if (focused && !ui.stop.hidden) ui.stop.focus(); // its button is gone: focus goes to the way to stop it
   }
 
   function switchVariant(conv, msg, step) {

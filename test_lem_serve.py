@@ -1545,6 +1545,20 @@ def wait_idle(base: str, seconds: float = 10.0) -> float:
 
 
 @pytest.fixture
+def open_chat(browser):
+    """open_chat(base, **options) opens a Chat page; every one is closed after the test."""
+    chats = []
+
+    def open_one(base: str, **options) -> Chat:
+        chats.append(Chat(browser, base, **options))
+        return chats[-1]
+
+    yield open_one
+    for c in chats:
+        c.close()
+
+
+@pytest.fixture
 def chat(browser, base_url):
     c = Chat(browser, base_url)
     yield c
@@ -1667,9 +1681,9 @@ def test_reply_streams_token_by_token_with_stats(chat):
     chat.check_clean()
 
 
-def test_stop_aborts_generation_and_frees_the_slot(browser, make_long_server):
+def test_stop_aborts_generation_and_frees_the_slot(open_chat, make_long_server):
     server = make_long_server(max_requests=1)
-    chat = Chat(browser, server.url)
+    chat = open_chat(server.url)
     page = chat.page
     limit = health_at(chat.base)["max_tokens"]
     # The field is capped at the server's limit, and the cap is persisted.
@@ -1699,12 +1713,11 @@ def test_stop_aborts_generation_and_frees_the_slot(browser, make_long_server):
     assert reply.locator(".msg-error").count() == 0
     assert reply.locator(".msg-stats").inner_text().startswith("12 tokens")
     chat.check_clean()
-    chat.close()
 
 
-def test_autoscroll_follows_until_the_user_scrolls_up(browser, make_long_server):
+def test_autoscroll_follows_until_the_user_scrolls_up(open_chat, make_long_server):
     server = make_long_server()
-    chat = Chat(browser, server.url, viewport=PHONE, max_tokens=LONG_BUDGET)
+    chat = open_chat(server.url, viewport=PHONE, max_tokens=LONG_BUDGET)
     page = chat.page
     chat.send("Fill the screen")
     gap = "() => { const t = document.getElementById('transcript'); return t.scrollHeight - t.scrollTop - t.clientHeight; }"
@@ -1724,7 +1737,6 @@ def test_autoscroll_follows_until_the_user_scrolls_up(browser, make_long_server)
     page.click("#stop")
     chat.wait_reply("stopped")
     chat.check_clean()
-    chat.close()
 
 
 def test_html_in_a_message_renders_as_text(chat):
@@ -1836,10 +1848,10 @@ def test_conversations_survive_reload_and_new_chat(chat):
     chat.check_clean()
 
 
-def test_busy_server_is_retried_after_a_visible_cancellable_countdown(browser, make_long_server):
+def test_busy_server_is_retried_after_a_visible_cancellable_countdown(open_chat, make_long_server):
     """A 429 is not a dead end: the page counts down Retry-After, tries again, and can be told to stop."""
     server = make_long_server(max_requests=1)
-    chat = Chat(browser, server.url)
+    chat = open_chat(server.url)
     page = chat.page
     is_chat_post = lambda r: r.method == "POST" and r.url.endswith("/v1/chat/completions")
     with slot_held(server.url):
@@ -1869,53 +1881,46 @@ def test_busy_server_is_retried_after_a_visible_cancellable_countdown(browser, m
     assert reply.locator(".msg-error, .msg-wait").count() == 0
     assert page.locator("article.msg").count() == 2
     chat.check_clean()
-    chat.close()
 
 
-def test_api_key_is_asked_for_and_kept(browser, make_server):
+def test_api_key_is_asked_for_and_kept(open_chat, make_server):
     server = make_server(api_key="sesame")
-    chat = Chat(browser, server.url)
+    chat = open_chat(server.url)
     page = chat.page
-    try:
-        chat.send("Knock knock")
-        page.locator("#key-dialog[open]").wait_for()
-        assert chat.reply().locator(".msg-error").get_attribute("data-kind") == "auth"
-        page.fill("#key-input", "wrong")
-        page.click("#key-save")
-        page.locator("#key-dialog[open] #key-error", has_text="rejected").wait_for()
-        page.fill("#key-input", "sesame")
-        page.click("#key-save")
-        chat.wait_reply("done")
-        assert page.locator(".msg-error").count() == 0
-        assert page.evaluate("localStorage.getItem('lem-chat.api-key')") == "sesame"
+    chat.send("Knock knock")
+    page.locator("#key-dialog[open]").wait_for()
+    assert chat.reply().locator(".msg-error").get_attribute("data-kind") == "auth"
+    page.fill("#key-input", "wrong")
+    page.click("#key-save")
+    page.locator("#key-dialog[open] #key-error", has_text="rejected").wait_for()
+    page.fill("#key-input", "sesame")
+    page.click("#key-save")
+    chat.wait_reply("done")
+    assert page.locator(".msg-error").count() == 0
+    assert page.evaluate("localStorage.getItem('lem-chat.api-key')") == "sesame"
 
-        page.reload()
-        page.wait_for_selector("#health[data-state='ok']")
-        chat.send("Again")
-        chat.wait_reply("done")
-        assert page.locator("#key-dialog[open]").count() == 0
-        chat.check_clean()
-    finally:
-        chat.close()
+    page.reload()
+    page.wait_for_selector("#health[data-state='ok']")
+    chat.send("Again")
+    chat.wait_reply("done")
+    assert page.locator("#key-dialog[open]").count() == 0
+    chat.check_clean()
 
 
-def test_timeout_is_shown(browser, make_long_server):
+def test_timeout_is_shown(open_chat, make_long_server):
     server = make_long_server(timeout=2)
-    chat = Chat(browser, server.url, max_tokens=LONG_BUDGET)
-    try:
-        chat.send("Take your time")
-        error = chat.wait_reply("error").locator(".msg-error")
-        assert error.get_attribute("data-kind") == "timeout"
-        assert "timed out" in error.inner_text()
-        assert wait_until(lambda: health(server)["active_requests"] == 0, timeout=5)
-        chat.check_clean()
-    finally:
-        chat.close()
+    chat = open_chat(server.url, max_tokens=LONG_BUDGET)
+    chat.send("Take your time")
+    error = chat.wait_reply("error").locator(".msg-error")
+    assert error.get_attribute("data-kind") == "timeout"
+    assert "timed out" in error.inner_text()
+    assert wait_until(lambda: health(server)["active_requests"] == 0, timeout=5)
+    chat.check_clean()
 
 
-def test_dropped_connection_is_shown(browser, long_model_dir):
+def test_dropped_connection_is_shown(open_chat, long_model_dir):
     process, address = start_process(long_model_dir, "--max-tokens", str(LONG_BUDGET))
-    chat = Chat(browser, f"http://{address}", max_tokens=LONG_BUDGET)
+    chat = open_chat(f"http://{address}", max_tokens=LONG_BUDGET)
     page = chat.page
     try:
         chat.send("Keep going")
@@ -1927,7 +1932,6 @@ def test_dropped_connection_is_shown(browser, long_model_dir):
         page.wait_for_selector("#health[data-state='offline']")
         chat.check_clean()
     finally:
-        chat.close()
         process.kill()
 
 
@@ -1953,7 +1957,7 @@ def test_controls_are_labelled_and_keyboard_usable(chat):
     chat.check_clean()
 
 
-def test_screenshots_desktop_phone_and_dark(browser, make_server):
+def test_screenshots_desktop_phone_and_dark(open_chat, make_server):
     """Looks right from a 375 px phone to a desktop, light and dark; saves artifacts/page-*.png.
 
     The server keeps 4 messages (--max-context 4), so the live reply below
@@ -1963,40 +1967,36 @@ def test_screenshots_desktop_phone_and_dark(browser, make_server):
     ARTIFACTS.mkdir(exist_ok=True)
     # The Markdown reply has two versions (the tiny model only writes gibberish, so this one is seeded).
     seed = [stored("demo", "What can you render?", said("user", "Hello, my name is Zork."),
-                   said("assistant", "Hello Zork! How can I help?"),
-                   said("user", "What can you render?"),
-                   said("assistant", MARKDOWN_SAMPLE, alts=[{"content": "An earlier answer.", "status": "done"}], alt=1,
-                        stats={"completionTokens": 96, "promptTokens": 31, "tokensPerSecond": 41.7, "chunks": 96}))]
+               said("assistant", "Hello Zork! How can I help?"),
+               said("user", "What can you render?"),
+               said("assistant", MARKDOWN_SAMPLE, alts=[{"content": "An earlier answer.", "status": "done"}], alt=1,
+                    stats={"completionTokens": 96, "promptTokens": 31, "tokensPerSecond": 41.7, "chunks": 96}))]
     for scheme in ("light", "dark"):
-        chat = Chat(browser, server.url, color_scheme=scheme)
+        chat = open_chat(server.url, color_scheme=scheme)
         page = chat.page
-        try:
-            chat.seed(seed, current="demo")
-            chat.send("Now say something of your own")
-            chat.wait_reply("done")
-            assert page.locator("#window-marker").is_visible() and page.locator("#context-gauge").is_visible()
-            page.locator("article.msg").nth(2).scroll_into_view_if_needed()
-            background = page.evaluate("getComputedStyle(document.body).backgroundColor")
-            assert luminance(background) > 0.9 if scheme == "light" else luminance(background) < 0.2
-            suffix = "" if scheme == "light" else "-dark"
-            page.screenshot(path=str(ARTIFACTS / f"page-desktop{suffix}.png"))
-            page.set_viewport_size(PHONE)
-            page.wait_for_function(f"() => document.documentElement.clientWidth === {PHONE['width']}")
-            # Nothing sticks out sideways, and the header controls stay on screen.
-            assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
-            for selector in ("#toggle-sidebar", "#new-chat", "#open-settings", "#health", "#send", "#export-md"):
-                box = page.locator(selector).bounding_box()
-                assert box and box["x"] >= 0 and box["x"] + box["width"] <= PHONE["width"], selector
-            assert not page.locator("#sidebar").is_visible()
-            chat.reply(1).scroll_into_view_if_needed()
-            page.screenshot(path=str(ARTIFACTS / f"page-phone{suffix}.png"))
-            page.click("#toggle-sidebar")
-            page.locator("#sidebar .conv-open").first.wait_for(state="visible")
-            page.keyboard.press("Escape")
-            chat.check_clean()
-        finally:
-            chat.close()
-            wait_idle(server.url)
+        chat.seed(seed, current="demo")
+        chat.send("Now say something of your own")
+        chat.wait_reply("done")
+        assert page.locator("#window-marker").is_visible() and page.locator("#context-gauge").is_visible()
+        page.locator("article.msg").nth(2).scroll_into_view_if_needed()
+        background = page.evaluate("getComputedStyle(document.body).backgroundColor")
+        assert luminance(background) > 0.9 if scheme == "light" else luminance(background) < 0.2
+        suffix = "" if scheme == "light" else "-dark"
+        page.screenshot(path=str(ARTIFACTS / f"page-desktop{suffix}.png"))
+        page.set_viewport_size(PHONE)
+        page.wait_for_function(f"() => document.documentElement.clientWidth === {PHONE['width']}")
+        # Nothing sticks out sideways, and the header controls stay on screen.
+        assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+        for selector in ("#toggle-sidebar", "#new-chat", "#open-settings", "#health", "#send", "#export-md"):
+            box = page.locator(selector).bounding_box()
+            assert box and box["x"] >= 0 and box["x"] + box["width"] <= PHONE["width"], selector
+        assert not page.locator("#sidebar").is_visible()
+        chat.reply(1).scroll_into_view_if_needed()
+        page.screenshot(path=str(ARTIFACTS / f"page-phone{suffix}.png"))
+        page.click("#toggle-sidebar")
+        page.locator("#sidebar .conv-open").first.wait_for(state="visible")
+        page.keyboard.press("Escape")
+        chat.check_clean()
     for name in ("page-desktop.png", "page-phone.png", "page-desktop-dark.png", "page-phone-dark.png"):
         assert (ARTIFACTS / name).stat().st_size > 10_000
 
@@ -2046,48 +2046,45 @@ def test_full_browser_storage_never_drops_a_conversation(chat):
     chat.check_clean()
 
 
-def test_a_save_that_does_not_fit_warns_asks_and_deletes_nothing(browser, base_url, tmp_path):
+def test_a_save_that_does_not_fit_warns_asks_and_deletes_nothing(browser, open_chat, base_url, tmp_path):
     """IndexedDB at its quota: the page says so, offers export, asks before leaving, and saves once there is room."""
     context = browser.browser_type.launch_persistent_context(  # quotas can only be set on a real profile
         str(tmp_path / "profile"), executable_path=CHROMIUM, args=CHROMIUM_ARGS, viewport={"width": 1280, "height": 800})
-    chat = Chat(browser, base_url, context=context)
+    chat = open_chat(base_url, context=context)
     page = chat.page
-    try:
-        session = context.new_cdp_session(page)
-        session.send("Storage.overrideQuotaForOrigin", {"origin": base_url, "quotaSize": 500_000})
-        chat.seed([stored(f"old{i}", f"Old conversation #{i}", said("user", page.evaluate(RANDOM_TEXT, 75_000)),
-                          updated=i) for i in range(4, 0, -1)])
-        assert wait_until(lambda: page.evaluate(IDB_COUNT) == 4, timeout=10)  # moved in: 300 kB of the 500 kB allowed
-        page.fill("#prompt", page.evaluate(RANDOM_TEXT, 250_000))
-        page.press("#prompt", "Enter")
-        chat.wait_reply("error")
-        warning = page.locator("#storage-warning")
-        warning.wait_for()
-        text = warning.inner_text()
-        assert "Not saved" in text and "storage for the page is full" in text and "Nothing has been deleted" in text
-        assert len(chat.titles()) == 5
-        # Leaving now would lose the unsaved conversation: the browser asks first (here: stay).
-        dialogs = []
-        page.once("dialog", lambda d: (dialogs.append(d.type), d.dismiss()))
-        page.evaluate("setTimeout(() => location.reload())")
-        assert wait_until(lambda: page.evaluate("1") and dialogs, timeout=10)
-        assert dialogs == ["beforeunload"] and warning.is_visible()
-        # The export has everything, the unsaved conversation included.
-        with page.expect_download() as download:
-            warning.get_by_role("button", name="Export all chats").click()
-        exported = json.loads(Path(download.value.path()).read_text())
-        assert len(exported["conversations"]) == 5
-        assert len(exported["conversations"][0]["messages"][0]["content"]) == 250_000
-        # Room made by deleting two old conversations: the pending save goes through by itself.
-        for n in (1, 2):
-            page.locator("#conv-list li", has_text=f"Old conversation #{n}").locator(".conv-del").click()
-        warning.wait_for(state="hidden")
-        chat.reload()
-        assert chat.titles()[1:] == ["Old conversation #4", "Old conversation #3"]
-        assert len(page.locator("article.user .msg-body").inner_text()) == 250_000
-        chat.check_clean()
-    finally:
-        chat.close()
+    session = context.new_cdp_session(page)
+    session.send("Storage.overrideQuotaForOrigin", {"origin": base_url, "quotaSize": 500_000})
+    chat.seed([stored(f"old{i}", f"Old conversation #{i}", said("user", page.evaluate(RANDOM_TEXT, 75_000)),
+                      updated=i) for i in range(4, 0, -1)])
+    assert wait_until(lambda: page.evaluate(IDB_COUNT) == 4, timeout=10)  # moved in: 300 kB of the 500 kB allowed
+    page.fill("#prompt", page.evaluate(RANDOM_TEXT, 250_000))
+    page.press("#prompt", "Enter")
+    chat.wait_reply("error")
+    warning = page.locator("#storage-warning")
+    warning.wait_for()
+    text = warning.inner_text()
+    assert "Not saved" in text and "storage for the page is full" in text and "Nothing has been deleted" in text
+    assert len(chat.titles()) == 5
+    # Leaving now would lose the unsaved conversation: the browser asks first (here: stay).
+    dialogs = []
+    page.once("dialog", lambda d: (dialogs.append(d.type), d.dismiss()))
+    page.evaluate("setTimeout(() => location.reload())")
+    assert wait_until(lambda: page.evaluate("1") and dialogs, timeout=10)
+    assert dialogs == ["beforeunload"] and warning.is_visible()
+    # The export has everything, the unsaved conversation included.
+    with page.expect_download() as download:
+        warning.get_by_role("button", name="Export all chats").click()
+    exported = json.loads(Path(download.value.path()).read_text())
+    assert len(exported["conversations"]) == 5
+    assert len(exported["conversations"][0]["messages"][0]["content"]) == 250_000
+    # Room made by deleting two old conversations: the pending save goes through by itself.
+    for n in (1, 2):
+        page.locator("#conv-list li", has_text=f"Old conversation #{n}").locator(".conv-del").click()
+    warning.wait_for(state="hidden")
+    chat.reload()
+    assert chat.titles()[1:] == ["Old conversation #4", "Old conversation #3"]
+    assert len(page.locator("article.user .msg-body").inner_text()) == 250_000
+    chat.check_clean()
 
 
 # -- the chat page: what the model sees ------------------------------------
@@ -2122,34 +2119,31 @@ def test_too_long_message_can_be_deleted_or_edited_and_the_chat_goes_on(chat):
     chat.check_clean()
 
 
-def test_window_marker_shows_what_the_model_did_not_see(browser, make_server):
+def test_window_marker_shows_what_the_model_did_not_see(open_chat, make_server):
     server = make_server(max_context=4)
-    chat = Chat(browser, server.url)
+    chat = open_chat(server.url)
     page = chat.page
-    try:
-        for text in ("My name is Zork", "How are you?"):
-            chat.send(text)
-            chat.wait_reply("done")
-        assert page.locator("#window-marker").count() == 0
-        with page.expect_response(lambda r: r.url.endswith("/v1/chat/completions")) as response:
-            chat.send("What is my name?")
-        assert response.value.headers["x-lem-messages-dropped"] == "2"
+    for text in ("My name is Zork", "How are you?"):
+        chat.send(text)
         chat.wait_reply("done")
-        marker = page.locator("#window-marker")
-        assert "did not see the 2 messages above" in marker.inner_text() and "--max-context 4" in marker.inner_text()
-        outside = page.locator("article.msg.outside-window .msg-body").all_inner_texts()
-        assert len(outside) == 2 and outside[0] == "My name is Zork"
-        assert marker.evaluate("(m) => m.nextElementSibling.querySelector('.msg-body').textContent") == "How are you?"
-        # The gauge: the last turn's prompt and reply tokens against the model's context.
-        stats = chat.reply().locator(".msg-stats").inner_text()
-        completion, prompt = (int(n) for n in re.fullmatch(r"(\d+) tokens · [\d.]+ tok/s · prompt (\d+)", stats).groups())
-        assert page.locator("#gauge-text").inner_text() == f"{prompt + completion:,} / 4,096 tokens"
-        assert page.locator("#gauge-bar").get_attribute("aria-valuemax") == "4096"
-        chat.reload()  # the marker is kept with the conversation
-        assert page.locator("article.msg.outside-window").count() == 2
-        chat.check_clean()
-    finally:
-        chat.close()
+    assert page.locator("#window-marker").count() == 0
+    with page.expect_response(lambda r: r.url.endswith("/v1/chat/completions")) as response:
+        chat.send("What is my name?")
+    assert response.value.headers["x-lem-messages-dropped"] == "2"
+    chat.wait_reply("done")
+    marker = page.locator("#window-marker")
+    assert "did not see the 2 messages above" in marker.inner_text() and "--max-context 4" in marker.inner_text()
+    outside = page.locator("article.msg.outside-window .msg-body").all_inner_texts()
+    assert len(outside) == 2 and outside[0] == "My name is Zork"
+    assert marker.evaluate("(m) => m.nextElementSibling.querySelector('.msg-body').textContent") == "How are you?"
+    # The gauge: the last turn's prompt and reply tokens against the model's context.
+    stats = chat.reply().locator(".msg-stats").inner_text()
+    completion, prompt = (int(n) for n in re.fullmatch(r"(\d+) tokens · [\d.]+ tok/s · prompt (\d+)", stats).groups())
+    assert page.locator("#gauge-text").inner_text() == f"{prompt + completion:,} / 4,096 tokens"
+    assert page.locator("#gauge-bar").get_attribute("aria-valuemax") == "4096"
+    chat.reload()  # the marker is kept with the conversation
+    assert page.locator("article.msg.outside-window").count() == 2
+    chat.check_clean()
 
 
 # -- the chat page: editing, regenerating, retrying -------------------------
@@ -2196,53 +2190,47 @@ def test_regenerate_keeps_the_previous_reply_as_an_alternative(chat):
 
 # -- the chat page: conversations ------------------------------------------
 
-def test_export_then_import_round_trips(browser, base_url, tmp_path):
-    chat = Chat(browser, base_url)
-    fresh = None
+def test_export_then_import_round_trips(open_chat, base_url, tmp_path):
+    chat = open_chat(base_url)
     page = chat.page
-    try:
-        chat.send("First chat")
-        chat.wait_reply("done")
-        chat.reply().get_by_role("button", name="Regenerate").click()
-        chat.wait_reply("done")
-        page.click("#rename-chat")
-        page.fill("#rename-input", "Renamed chat")
-        page.press("#rename-input", "Enter")
-        page.click("#new-chat")
-        chat.send("Second chat")
-        chat.wait_reply("done")
-        with page.expect_download() as download:
-            page.click("#export-all")
-        path = tmp_path / "chats.json"
-        download.value.save_as(path)
-        exported = json.loads(path.read_text())
-        assert exported["format"] == "lem-chat" and exported["version"] == 1
-        assert [c["title"] for c in exported["conversations"]] == ["Second chat", "Renamed chat"]
-        with page.expect_download() as download:
-            page.click("#export-md")
-        markdown = Path(download.value.path()).read_text()
-        assert download.value.suggested_filename == "Second chat.md"
-        assert markdown.startswith("# Second chat\n") and "## You\n\nSecond chat\n" in markdown and "## tiny\n\n" in markdown
+    chat.send("First chat")
+    chat.wait_reply("done")
+    chat.reply().get_by_role("button", name="Regenerate").click()
+    chat.wait_reply("done")
+    page.click("#rename-chat")
+    page.fill("#rename-input", "Renamed chat")
+    page.press("#rename-input", "Enter")
+    page.click("#new-chat")
+    chat.send("Second chat")
+    chat.wait_reply("done")
+    with page.expect_download() as download:
+        page.click("#export-all")
+    path = tmp_path / "chats.json"
+    download.value.save_as(path)
+    exported = json.loads(path.read_text())
+    assert exported["format"] == "lem-chat" and exported["version"] == 1
+    assert [c["title"] for c in exported["conversations"]] == ["Second chat", "Renamed chat"]
+    with page.expect_download() as download:
+        page.click("#export-md")
+    markdown = Path(download.value.path()).read_text()
+    assert download.value.suggested_filename == "Second chat.md"
+    assert markdown.startswith("# Second chat\n") and "## You\n\nSecond chat\n" in markdown and "## tiny\n\n" in markdown
 
-        fresh = Chat(browser, base_url)
-        fresh.page.set_input_files("#import-file", str(path))
-        fresh.page.locator("#toast-text", has_text="Imported 2 conversations.").wait_for()
-        fresh.reload()
-        assert fresh.titles() == ["Second chat", "Renamed chat"]
-        with fresh.page.expect_download() as download:
-            fresh.page.click("#export-all")
-        assert json.loads(Path(download.value.path()).read_text())["conversations"] == exported["conversations"]
-        fresh.page.locator("#conv-list .conv-open", has_text="Renamed chat").click()
-        assert fresh.reply().locator(".variant-pos").inner_text() == "2/2"
-        fresh.page.set_input_files("#import-file", str(path))  # again: nothing doubles
-        fresh.page.locator("#toast-text", has_text="Imported 0 conversations; 2 already here.").wait_for()
-        assert len(fresh.titles()) == 2
-        chat.check_clean()
-        fresh.check_clean()
-    finally:
-        chat.close()
-        if fresh:
-            fresh.close()
+    fresh = open_chat(base_url)
+    fresh.page.set_input_files("#import-file", str(path))
+    fresh.page.locator("#toast-text", has_text="Imported 2 conversations.").wait_for()
+    fresh.reload()
+    assert fresh.titles() == ["Second chat", "Renamed chat"]
+    with fresh.page.expect_download() as download:
+        fresh.page.click("#export-all")
+    assert json.loads(Path(download.value.path()).read_text())["conversations"] == exported["conversations"]
+    fresh.page.locator("#conv-list .conv-open", has_text="Renamed chat").click()
+    assert fresh.reply().locator(".variant-pos").inner_text() == "2/2"
+    fresh.page.set_input_files("#import-file", str(path))  # again: nothing doubles
+    fresh.page.locator("#toast-text", has_text="Imported 0 conversations; 2 already here.").wait_for()
+    assert len(fresh.titles()) == 2
+    chat.check_clean()
+    fresh.check_clean()
 
 
 def test_delete_a_conversation_can_be_undone_and_keeps_focus(chat):
@@ -2289,34 +2277,31 @@ def test_rename_and_search_conversations(chat):
     chat.check_clean()
 
 
-def test_a_reply_streaming_in_one_chat_leaves_the_others_usable(browser, make_long_server):
+def test_a_reply_streaming_in_one_chat_leaves_the_others_usable(open_chat, make_long_server):
     server = make_long_server(max_requests=2)
-    chat = Chat(browser, server.url, max_tokens=LONG_BUDGET)
+    chat = open_chat(server.url, max_tokens=LONG_BUDGET)
     page = chat.page
-    try:
-        chat.send("Chat A: a reply that never ends")
-        chat.wait_chunks(3)
-        page.click("#new-chat")
-        assert page.locator("#send").is_visible() and page.locator("#stop").is_hidden()
-        generating = page.locator("#conv-list li.generating")
-        assert generating.locator(".conv-title").all_inner_texts() == ["Chat A: a reply that never ends"]
-        assert generating.locator(".conv-date").inner_text() == "Generating…"
-        assert chat.set_max_tokens(8) == "8"
-        chat.send("Chat B: a short one")
-        chat.wait_reply("done")
-        assert page.locator("article.msg").count() == 2
-        assert generating.locator(".conv-title").all_inner_texts() == ["Chat A: a reply that never ends"]
-        page.locator("#conv-list .conv-open", has_text="Chat A").click()
-        assert page.locator("#stop").is_visible()
-        chat.send("Typed while A is still writing")  # Enter says why nothing was sent
-        assert "still being written" in page.locator("#composer-note").inner_text()
-        page.evaluate("document.activeElement.blur()")
-        page.keyboard.press("Escape")  # Esc stops it from anywhere, not only the message box
-        chat.wait_reply("stopped")
-        assert generating.count() == 0 and page.locator("#composer-note").is_hidden()
-        chat.check_clean()
-    finally:
-        chat.close()
+    chat.send("Chat A: a reply that never ends")
+    chat.wait_chunks(3)
+    page.click("#new-chat")
+    assert page.locator("#send").is_visible() and page.locator("#stop").is_hidden()
+    generating = page.locator("#conv-list li.generating")
+    assert generating.locator(".conv-title").all_inner_texts() == ["Chat A: a reply that never ends"]
+    assert generating.locator(".conv-date").inner_text() == "Generating…"
+    assert chat.set_max_tokens(8) == "8"
+    chat.send("Chat B: a short one")
+    chat.wait_reply("done")
+    assert page.locator("article.msg").count() == 2
+    assert generating.locator(".conv-title").all_inner_texts() == ["Chat A: a reply that never ends"]
+    page.locator("#conv-list .conv-open", has_text="Chat A").click()
+    assert page.locator("#stop").is_visible()
+    chat.send("Typed while A is still writing")  # Enter says why nothing was sent
+    assert "still being written" in page.locator("#composer-note").inner_text()
+    page.evaluate("document.activeElement.blur()")
+    page.keyboard.press("Escape")  # Esc stops it from anywhere, not only the message box
+    chat.wait_reply("stopped")
+    assert generating.count() == 0 and page.locator("#composer-note").is_hidden()
+    chat.check_clean()
 
 
 # -- the chat page: smaller things -----------------------------------------
@@ -2339,23 +2324,20 @@ def test_table_on_a_phone_keeps_whole_words_and_scrolls(chat):
     chat.check_clean()
 
 
-def test_phone_enter_makes_a_new_line_and_the_hint_says_so(browser, base_url):
-    chat = Chat(browser, base_url, viewport=PHONE, has_touch=True, is_mobile=True)
+def test_phone_enter_makes_a_new_line_and_the_hint_says_so(open_chat, base_url):
+    chat = open_chat(base_url, viewport=PHONE, has_touch=True, is_mobile=True)
     page = chat.page
-    try:
-        page.locator("#prompt").press_sequentially("line one")
-        page.keyboard.press("Enter")
-        page.keyboard.type("line two")
-        assert page.locator("#prompt").input_value() == "line one\nline two"
-        assert page.locator("article.msg").count() == 0
-        for hint in (page.locator("#composer-hint").inner_text(), page.locator("#empty-state").inner_text()):
-            assert "Enter for a new line" in hint and "Shift" not in hint
-        page.locator("#send").tap()
-        chat.wait_reply("done")
-        assert page.locator("article.user .msg-body").inner_text() == "line one\nline two"
-        chat.check_clean()
-    finally:
-        chat.close()
+    page.locator("#prompt").press_sequentially("line one")
+    page.keyboard.press("Enter")
+    page.keyboard.type("line two")
+    assert page.locator("#prompt").input_value() == "line one\nline two"
+    assert page.locator("article.msg").count() == 0
+    for hint in (page.locator("#composer-hint").inner_text(), page.locator("#empty-state").inner_text()):
+        assert "Enter for a new line" in hint and "Shift" not in hint
+    page.locator("#send").tap()
+    chat.wait_reply("done")
+    assert page.locator("article.user .msg-body").inner_text() == "line one\nline two"
+    chat.check_clean()
 
 
 def test_links_keep_their_parentheses_and_text_keeps_its_direction(chat):
@@ -2384,43 +2366,40 @@ def test_links_keep_their_parentheses_and_text_keeps_its_direction(chat):
     chat.check_clean()
 
 
-def test_reduced_motion_stills_the_cursor_and_the_drawer(browser, base_url):
-    chat = Chat(browser, base_url, viewport=PHONE, reduced_motion="reduce")
+def test_reduced_motion_stills_the_cursor_and_the_drawer(open_chat, base_url):
+    chat = open_chat(base_url, viewport=PHONE, reduced_motion="reduce")
     page = chat.page
-    try:
-        motion = page.evaluate("""() => {
-            const article = document.createElement("article");
-            article.className = "msg assistant";
-            article.dataset.state = "streaming";
-            const body = document.createElement("div");
-            body.className = "msg-body md";
-            body.append(document.createElement("p"));
-            article.append(body);
-            document.getElementById("thread").append(article);
-            const item = document.createElement("li");
-            item.className = "generating";
-            const date = document.createElement("span");
-            date.className = "conv-date";
-            item.append(date);
-            document.getElementById("conv-list").append(item);
-            const out = {cursor: getComputedStyle(body.querySelector("p"), "::after").animationName,
-                         dot: getComputedStyle(date, "::before").animationName,
-                         drawer: getComputedStyle(document.getElementById("sidebar")).transitionDuration};
-            article.remove();
-            item.remove();
-            return out;
-        }""")
-        assert motion == {"cursor": "none", "dot": "none", "drawer": "0s"}
-        chat.check_clean()
-    finally:
-        chat.close()
+    motion = page.evaluate("""() => {
+        const article = document.createElement("article");
+        article.className = "msg assistant";
+        article.dataset.state = "streaming";
+        const body = document.createElement("div");
+        body.className = "msg-body md";
+        body.append(document.createElement("p"));
+        article.append(body);
+        document.getElementById("thread").append(article);
+        const item = document.createElement("li");
+        item.className = "generating";
+        const date = document.createElement("span");
+        date.className = "conv-date";
+        item.append(date);
+        document.getElementById("conv-list").append(item);
+        const out = {cursor: getComputedStyle(body.querySelector("p"), "::after").animationName,
+                     dot: getComputedStyle(date, "::before").animationName,
+                     drawer: getComputedStyle(document.getElementById("sidebar")).transitionDuration};
+        article.remove();
+        item.remove();
+        return out;
+    }""")
+    assert motion == {"cursor": "none", "dot": "none", "drawer": "0s"}
+    chat.check_clean()
 
 
-def test_honest_states_reload_mid_reply_and_a_frozen_server(browser, long_model_dir):
+def test_honest_states_reload_mid_reply_and_a_frozen_server(open_chat, long_model_dir):
     """A reply cut by a reload says "Interrupted", not "connection lost"; a server that stops
     answering is named within seconds, and given up on, instead of "Generating…" for minutes."""
     process, address = start_process(long_model_dir, "--max-tokens", str(LONG_BUDGET))
-    chat = Chat(browser, f"http://{address}", max_tokens=LONG_BUDGET)
+    chat = open_chat(f"http://{address}", max_tokens=LONG_BUDGET)
     page = chat.page
     try:
         chat.send("Keep going")
@@ -2442,7 +2421,6 @@ def test_honest_states_reload_mid_reply_and_a_frozen_server(browser, long_model_
         chat.check_clean()
     finally:
         process.send_signal(signal.SIGCONT)
-        chat.close()
         process.kill()
 
 
@@ -2502,25 +2480,22 @@ def test_streaming_renders_only_the_last_block(chat):
     chat.check_clean()
 
 
-def test_form_fields_have_3_to_1_border_contrast(browser, base_url):
+def test_form_fields_have_3_to_1_border_contrast(open_chat, base_url):
     for scheme in ("light", "dark"):
-        chat = Chat(browser, base_url, color_scheme=scheme)
+        chat = open_chat(base_url, color_scheme=scheme)
         page = chat.page
-        try:
-            page.click("#open-settings")
-            # [the element with the border, what surrounds it]
-            pairs = page.evaluate("""() => [[".composer-box", ".composer-wrap"], ["#set-system", "#settings-dialog"],
-                                           ["#set-max-tokens", "#settings-dialog"], ["#conv-search", "#sidebar"]]
-                .filter(([box, around]) => document.querySelector(box) && document.querySelector(around))
-                .map(([box, around]) => [box, getComputedStyle(document.querySelector(box)).borderTopColor,
-                                         getComputedStyle(document.querySelector(box)).backgroundColor,
-                                         getComputedStyle(document.querySelector(around)).backgroundColor])""")
-            for field, border, inside, outside in pairs:
-                assert contrast(border, inside) >= 3 and contrast(border, outside) >= 3, (scheme, field, border, inside, outside)
-            assert len(pairs) == 4
-            chat.check_clean()
-        finally:
-            chat.close()
+        page.click("#open-settings")
+        # [the element with the border, what surrounds it]
+        pairs = page.evaluate("""() => [[".composer-box", ".composer-wrap"], ["#set-system", "#settings-dialog"],
+                                       ["#set-max-tokens", "#settings-dialog"], ["#conv-search", "#sidebar"]]
+            .filter(([box, around]) => document.querySelector(box) && document.querySelector(around))
+            .map(([box, around]) => [box, getComputedStyle(document.querySelector(box)).borderTopColor,
+                                     getComputedStyle(document.querySelector(box)).backgroundColor,
+                                     getComputedStyle(document.querySelector(around)).backgroundColor])""")
+        for field, border, inside, outside in pairs:
+            assert contrast(border, inside) >= 3 and contrast(border, outside) >= 3, (scheme, field, border, inside, outside)
+        assert len(pairs) == 4
+        chat.check_clean()
 
 
 # ---------------------------------------------------------------------------

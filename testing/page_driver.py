@@ -31,6 +31,7 @@ class Chat:
     def __init__(self, browser, base: str, *, viewport=DESKTOP, color_scheme="light", max_tokens: int | None = 24,
                  context=None, **context_options):
         self.base = base
+        self.closed = False
         self.context = context or browser.new_context(viewport=viewport, color_scheme=color_scheme, **context_options)
         self.context.set_default_timeout(15_000)
         if max_tokens is not None:
@@ -105,7 +106,10 @@ class Chat:
         assert not self.foreign_requests, f"the page fetched something off the server: {self.foreign_requests}"
 
     def close(self) -> None:
-        self.context.close()
+        """Close the page's browser context (again: nothing)."""
+        if not self.closed:
+            self.closed = True
+            self.context.close()
 
 
 def contrast(css_a: str, css_b: str) -> float:
