@@ -37,7 +37,8 @@ import lem_serve
 from testing.gguf_fixtures import (HEAD_DIM, HEADS, KV_HEADS, MIXED_TEXTS, g2m, reference_smollm_ids,
                                     run_cli, tiny_llama)
 from testing.page_driver import CHROMIUM, CHROMIUM_ARGS, PHONE, REPLY_TIMEOUT_MS, Chat, contrast, luminance
-from testing.tiny_model import GEMMA_TEMPLATE, MISTRAL_TEMPLATE, build_tiny_model, with_chat_template
+from testing.tiny_model import (GEMMA_TEMPLATE, MISTRAL_TEMPLATE, build_parrot_model, build_tiny_model,
+                                 with_chat_template)
 
 ROOT = Path(__file__).resolve().parent
 ARTIFACTS = ROOT / "artifacts"  # screenshots from the browser tests (not committed)
@@ -71,6 +72,28 @@ def long_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def long_model(long_model_dir) -> lem_serve.Model:
     return lem_serve.load_model(lem_serve.Settings(model_path=str(long_model_dir)))
+
+
+# What the parrot model says after any prompt ending in a newline, then <|im_end|>: a leading
+# space, then characters of 1, 4 and 3 bytes spelled by single-byte tokens (partial characters).
+PARROT_SCRIPT = " Paris😊漢字!"
+PARROT_PROMPT = "The capital of France is\n"   # completions: ends in a newline, as the parrot needs
+
+
+@pytest.fixture(scope="session")
+def parrot_dir(tmp_path_factory) -> Path:
+    return build_parrot_model(tmp_path_factory.mktemp("models") / "parrot", PARROT_SCRIPT)
+
+
+@pytest.fixture(scope="session")
+def parrot_model(parrot_dir) -> lem_serve.Model:
+    return lem_serve.load_model(lem_serve.Settings(model_path=str(parrot_dir)))
+
+
+@pytest.fixture(scope="module")
+def parrot_server(parrot_model, parrot_dir):
+    with running_server(parrot_model, parrot_dir) as srv:
+        yield srv
 
 
 @contextlib.contextmanager
@@ -240,6 +263,18 @@ def mlx_reference(model, prompt_tokens: list[int], max_tokens: int) -> str:
     return mlx_lm.generate(model.model, model.tokenizer, prompt_tokens, max_tokens=max_tokens)
 
 
+def mlx_reference_tokens(model, prompt_tokens: list[int], max_tokens: int) -> list[int]:
+    """The token ids mlx_lm.stream_generate samples greedily for these tokens."""
+    import mlx_lm
+    return [r.token for r in mlx_lm.stream_generate(model.model, model.tokenizer, prompt_tokens, max_tokens=max_tokens)]
+
+
+def completion_reference(model, prompt_tokens: list[int], max_tokens: int) -> str:
+    """A completion's text for mlx_lm's greedy tokens: what they add to the prompt's decoded text."""
+    tokens = mlx_reference_tokens(model, prompt_tokens, max_tokens)
+    return model.tokenizer.decode(prompt_tokens + tokens)[len(model.tokenizer.decode(prompt_tokens)):]
+
+
 # ---------------------------------------------------------------------------
 # GET endpoints
 # ---------------------------------------------------------------------------
@@ -287,9 +322,15 @@ def test_chat_greedy_equals_mlx_lm_generate(server, model, openai_client):
 
 
 def test_completions_greedy_equals_mlx_lm_generate(server, model, openai_client):
-    completion = openai_client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=30, temperature=0)
+    completion = openai_client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=30, temperature=0,
+                                                  logprobs=0)
     prompt = model.tokenizer.encode("Once upon a time")
-    assert completion.choices[0].text == mlx_reference(model, prompt, 30)
+    reference = mlx_reference_tokens(model, prompt, 30)
+    tokens = completion.choices[0].logprobs.tokens
+    assert [t.encode("utf-8").decode("unicode_escape").encode("latin-1") if t.startswith("\\x") else t.encode()
+            for t in tokens] == [model.token_bytes[t] for t in reference]  # token for token
+    decoded = model.tokenizer.decode(prompt + reference)
+    assert "Once upon a time" + completion.choices[0].text == decoded  # prompt + text is the document
     assert completion.object == "text_completion"
     assert completion.choices[0].finish_reason == "length"
     assert (completion.usage.prompt_tokens, completion.usage.completion_tokens) == (len(prompt), 30)
@@ -388,6 +429,62 @@ def test_stop_scanner_holds_back_partial_stop_strings():
     scanner = lem_serve.StopScanner(("END",))
     assert scanner.feed("a") == ("a", False) and scanner.feed("E") == ("", False)
     assert scanner.flush() == "E"
+
+
+def test_stop_scanner_agrees_with_a_plain_search():
+    """Cut at the stop string that ends first (the longest of those ending together), however the text is split."""
+    rng = random.Random(7)
+    for _ in range(3000):
+        stops = tuple({"".join(rng.choice("ab") for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(1, 3))})
+        text = "".join(rng.choice("abc") for _ in range(rng.randint(0, 14)))
+        cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, 3)))
+        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+        expected = (text, False)
+        for end in range(1, len(text) + 1):
+            ending = [len(s) for s in stops if text[:end].endswith(s)]
+            if ending:
+                expected = (text[:end - max(ending)], True)
+                break
+        scanner, out, stopped = lem_serve.StopScanner(stops), [], False
+        for piece in pieces:
+            emitted, stopped = scanner.feed(piece)
+            out.append(emitted)
+            if stopped:
+                break
+        assert ("".join(out) + ("" if stopped else scanner.flush()), stopped) == expected, (stops, pieces)
+
+
+class CountingStr(str):
+    """A str that counts how often it is indexed or sliced."""
+    reads = 0
+
+    def __getitem__(self, key):
+        CountingStr.reads += 1
+        return str.__getitem__(self, key)
+
+
+def test_stop_scanner_work_does_not_grow_with_stop_length():
+    """Long stop strings cost the same per generated character as short ones (the check was quadratic)."""
+    def reads_for(length: int) -> int:
+        stops = tuple(CountingStr("a" * (length - 1) + tail) for tail in "bcde")  # almost matching, always
+        scanner = lem_serve.StopScanner(stops)
+        CountingStr.reads = 0
+        for _ in range(2000):
+            scanner.feed("a")
+        return CountingStr.reads
+    short, long = reads_for(10), reads_for(lem_serve.MAX_STOP_CHARS)
+    assert long <= 2 * short + 4 * lem_serve.MAX_STOP_CHARS  # building the tables once is linear too
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_stop_strings_over_the_length_limit_are_400(server, endpoint):
+    limit = lem_serve.MAX_STOP_CHARS
+    error = assert_openai_error(request(server, "POST", path_of(endpoint), body_for(endpoint, stop=["x" * (limit + 1)])),
+                                400, "stop")
+    assert str(limit) in error["message"]
+    huge = body_for(endpoint, stop=["x" * (1 << 20)] * 4)  # 4 MB, under the body limit
+    assert_openai_error(request(server, "POST", path_of(endpoint), huge), 400, "stop")
+    assert post(server, endpoint, stop=["x" * limit] * 4, max_tokens=20)["usage"]["completion_tokens"] == 20
 
 
 def test_prompt_as_token_ids_and_list_of_one_string(server, model):
@@ -626,7 +723,7 @@ def test_chat_logprobs_through_the_openai_sdk(openai_client):
         alternatives = [t.logprob for t in entry.top_logprobs]
         assert len(alternatives) == 3 and alternatives == sorted(alternatives, reverse=True)
         assert entry.logprob == alternatives[0] and entry.logprob <= 0  # greedy picks the most likely
-        assert entry.bytes == list(entry.token.encode())
+        assert entry.token == bytes(entry.bytes).decode("utf-8", "backslashreplace")
     chunks = list(openai_client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=12, temperature=0,
                                                         logprobs=True, top_logprobs=3, stream=True))
     streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
@@ -642,7 +739,8 @@ def test_completions_logprobs_through_the_openai_sdk(openai_client):
                                                   temperature=0, logprobs=2)
     logprobs = completion.choices[0].logprobs
     assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == 10
-    assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i]) for i in range(10)]
+    offsets = logprobs.text_offset
+    assert offsets == sorted(offsets) and offsets[0] == 0 and offsets[-1] < len(completion.choices[0].text)
     for token, value, top in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs):
         assert top[token] == value == max(top.values()) and 1 <= len(top) <= 3
     chunks = list(openai_client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=10,
@@ -650,6 +748,71 @@ def test_completions_logprobs_through_the_openai_sdk(openai_client):
     streamed = [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs]
     assert [t for lp in streamed for t in lp.tokens] == logprobs.tokens
     assert [o for lp in streamed for o in lp.text_offset] == logprobs.text_offset
+
+
+def parrot_body(endpoint: str, **fields) -> dict:
+    base = {"messages": HELLO} if endpoint == "chat" else {"prompt": PARROT_PROMPT}
+    return {**base, "max_tokens": 50, "temperature": 0, **fields}
+
+
+def test_completions_text_is_what_follows_the_prompt(parrot_server, parrot_model):
+    """prompt + text is the document: the first token's leading space is kept, streaming or not."""
+    tokenizer = parrot_model.tokenizer
+    payload = request(parrot_server, "POST", "/v1/completions", parrot_body("completions")).json()
+    text = payload["choices"][0]["text"]
+    assert text == PARROT_SCRIPT and payload["choices"][0]["finish_reason"] == "stop"
+    prompt = tokenizer.encode(PARROT_PROMPT)
+    generated = tokenizer.encode(PARROT_SCRIPT)
+    assert PARROT_PROMPT + text == tokenizer.decode(prompt + generated)
+    assert streamed_text("completions", stream(parrot_server, "completions", **parrot_body("completions"))) == text
+
+
+def test_chat_content_trims_one_leading_space(parrot_server):
+    payload = request(parrot_server, "POST", "/v1/chat/completions", parrot_body("chat")).json()
+    assert payload["choices"][0]["message"]["content"] == PARROT_SCRIPT.removeprefix(" ")
+    assert streamed_text("chat", stream(parrot_server, "chat", **parrot_body("chat"))) == PARROT_SCRIPT[1:]
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_logprob_bytes_join_to_the_text(parrot_server, endpoint):
+    """Partial-character tokens carry their own bytes; joined, they are the text (chat: after its trimmed space)."""
+    wanted = {"logprobs": True, "top_logprobs": 2} if endpoint == "chat" else {"logprobs": 2}
+    for streaming in (False, True):
+        body = parrot_body(endpoint, **wanted)
+        if streaming:
+            events = stream(parrot_server, endpoint, **body)
+            text = streamed_text(endpoint, events)
+            parts = [e["choices"][0]["logprobs"] for e in events if isinstance(e, dict) and e.get("choices")
+                     and e["choices"][0].get("logprobs")]
+        else:
+            choice = request(parrot_server, "POST", path_of(endpoint), body).json()["choices"][0]
+            text, parts = text_of(endpoint, {"choices": [choice]}), [choice["logprobs"]]
+        if endpoint == "chat":
+            entries = [e for part in parts for e in part["content"]]
+            raw = b"".join(bytes(e["bytes"]) for e in entries)
+            assert raw == b" " + text.encode() and all(e["token"] != "\ufffd" for e in entries)
+            assert entries[4]["token"] == "\\xf0" and entries[4]["bytes"] == [0xF0]
+        else:
+            tokens = [t for part in parts for t in part["tokens"]]
+            offsets = [o for part in parts for o in part["text_offset"]]
+            raw = b"".join(tokens_bytes for tokens_bytes in (t.encode("utf-8").decode("unicode_escape").encode("latin-1")
+                                                              if t.startswith("\\x") else t.encode() for t in tokens))
+            assert raw == text.encode()
+            # " ", "P", "ar", "is", then 😊's four bytes (all at index 6), 漢's three, 字's three, "!"
+            assert offsets == [0, 1, 2, 4, 6, 6, 6, 6, 7, 7, 7, 8, 8, 8, 9]
+
+
+def test_partial_character_alternatives_keep_their_own_bytes(parrot_model):
+    import mlx.core as mx
+    first_bytes = [parrot_model.token_bytes.index(bytes([b])) for b in (0xF0, 0xE6, 0xE5)]
+    logprobs = mx.full((parrot_model.vocab_size,), -50.0)
+    for rank, token in enumerate(first_bytes):
+        logprobs[token] = -1.0 - rank
+    entry = lem_serve.token_logprobs(parrot_model, first_bytes[0], logprobs, 3)
+    assert [t["token"] for t in entry["top_logprobs"]] == ["\\xf0", "\\xe6", "\\xe5"]
+    assert [t["bytes"] for t in entry["top_logprobs"]] == [[0xF0], [0xE6], [0xE5]]
+    legacy = lem_serve.logprobs_object("completions", [entry])["top_logprobs"][0]
+    assert len(legacy) == 3  # three keys: partial characters no longer merge into one "\ufffd"
 
 
 @pytest.mark.parametrize("endpoint", ENDPOINTS)
@@ -983,7 +1146,7 @@ def test_empty_completions_prompt_starts_from_the_start_token(server, model):
     payload = post(server, "completions", prompt="", max_tokens=5, temperature=0)
     assert payload["usage"]["prompt_tokens"] == 1 and payload["usage"]["completion_tokens"] == 5
     start = model.tokenizer.bos_token_id if model.tokenizer.bos_token_id is not None else model.tokenizer.eos_token_id
-    assert payload["choices"][0]["text"] == mlx_reference(model, [start], 5)
+    assert payload["choices"][0]["text"] == completion_reference(model, [start], 5)
 
 
 @pytest.mark.parametrize("endpoint", ENDPOINTS)
@@ -1028,7 +1191,7 @@ def test_batched_greedy_equals_each_request_alone(make_server, model):
         (lambda p=p: request(srv, "POST", "/v1/completions", {"prompt": p, "max_tokens": 40, "temperature": 0}).json())
         for p in PROMPTS])
     for prompt, reply in zip(PROMPTS, replies):
-        assert reply["choices"][0]["text"] == mlx_reference(model, model.tokenizer.encode(prompt), 40), prompt
+        assert reply["choices"][0]["text"] == completion_reference(model, model.tokenizer.encode(prompt), 40), prompt
         assert reply["usage"]["completion_tokens"] == 40
 
 
@@ -1039,11 +1202,11 @@ def test_request_joins_and_leaves_a_running_batch(make_server, model):
     before = srv.engine.tokens_generated
     short = request(srv, "POST", "/v1/completions", {"prompt": PROMPTS[1], "max_tokens": 20, "temperature": 0}).json()
     assert srv.engine.tokens_generated - before < 400, "the short request waited for the long one"
-    assert short["choices"][0]["text"] == mlx_reference(model, model.tokenizer.encode(PROMPTS[1]), 20)
+    assert short["choices"][0]["text"] == completion_reference(model, model.tokenizer.encode(PROMPTS[1]), 20)
     rest = sse_events(long_stream)
     conn.close()
     text = first["choices"][0]["text"] + streamed_text("completions", rest)
-    assert text == mlx_reference(model, model.tokenizer.encode(PROMPTS[0]), 400)
+    assert text == completion_reference(model, model.tokenizer.encode(PROMPTS[0]), 400)
 
 
 def test_each_request_keeps_its_own_parameters_in_a_batch(make_server):
@@ -1071,7 +1234,7 @@ def test_one_request_timing_out_leaves_the_batch_running(make_server, model):
         lambda: request(srv, "POST", "/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 3000}),
         lambda: request(srv, "POST", "/v1/completions", {"prompt": PROMPTS[1], "max_tokens": 30, "temperature": 0}))
     assert_openai_error(slow, 504, code="timeout")
-    assert fast.json()["choices"][0]["text"] == mlx_reference(model, model.tokenizer.encode(PROMPTS[1]), 30)
+    assert fast.json()["choices"][0]["text"] == completion_reference(model, model.tokenizer.encode(PROMPTS[1]), 30)
     assert wait_until(lambda: health(srv)["active_requests"] == 0)
 
 
@@ -1490,6 +1653,14 @@ def test_smollm2_answers_paris_and_stops_on_its_own(smollm2_server):
     model = smollm2_server.model
     prompt = model.tokenizer.apply_chat_template(FRANCE, add_generation_prompt=True)
     assert text == mlx_reference(model, prompt, 40)
+
+
+def test_smollm2_completion_keeps_the_space_before_paris(smollm2_server):
+    payload = post(smollm2_server, "completions", prompt="The capital of France is", max_tokens=3, temperature=0,
+                   logprobs=1)
+    choice = payload["choices"][0]
+    assert choice["text"].startswith(" Paris"), choice["text"]  # "The capital of France is" + text reads right
+    assert choice["logprobs"]["tokens"][0] == " Paris" and choice["logprobs"]["text_offset"][0] == 0
 
 
 def test_smollm2_streamed_text_equals_non_streamed(smollm2_server):
