@@ -2581,13 +2581,13 @@ def test_honest_states_reload_mid_reply_and_a_frozen_server(open_chat, long_mode
         assert reply.locator(".msg-error").count() == 0 and reply.get_by_role("button", name="Regenerate").count() == 1
         assert wait_until(lambda: health_at(chat.base)["active_requests"] == 0, timeout=10)
 
-        page.evaluate("Object.assign(window.lemChat.timing, {stallNoticeMs: 2000, idleTimeoutMs: 6000})")
+        page.evaluate("Object.assign(window.lemChat.timing, {stallNoticeMs: 2000, idleTimeoutMs: 8000})")
         chat.send("Keep going, again")
         chat.wait_chunks(3)
         process.send_signal(signal.SIGSTOP)  # frozen: the socket stays open, nothing more arrives
         page.locator("article.assistant[data-state='streaming'] .msg-stats", has_text="No data from the server for").wait_for()
         error = chat.wait_reply("error").locator(".msg-error")
-        assert error.get_attribute("data-kind") == "timeout" and "No data from the server for 6 s" in error.inner_text()
+        assert error.get_attribute("data-kind") == "timeout" and "No data from the server for 8 s" in error.inner_text()
         page.locator("#health .health-text", has_text="Not responding").wait_for(timeout=20_000)
         chat.check_clean()
     finally:
