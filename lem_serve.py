@@ -2897,6 +2897,7 @@ class LemServer(http.server.ThreadingHTTPServer):
                 "uptime_seconds": int(time.monotonic() - self.started_at), "active_requests": self.active,
                 "max_requests": settings.max_requests, "max_threads": settings.threads or os.cpu_count(),
                 "max_tokens": settings.max_tokens, "max_context": settings.max_context,
+                "context_length": self.model.context_length,
                 "prompt_cache": {"entries": engine["prompt_cache_entries"], "bytes": engine["prompt_cache_bytes"],
                                  "hits": engine["prompt_cache_hits"], "misses": engine["prompt_cache_misses"]}}
 
