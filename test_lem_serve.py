@@ -39,7 +39,7 @@ from testing.gguf_fixtures import (HEAD_DIM, HEADS, KV_HEADS, MIXED_TEXTS, g2m, 
                                     run_cli, tiny_llama)
 from testing.page_driver import CHROMIUM, CHROMIUM_ARGS, PHONE, REPLY_TIMEOUT_MS, Chat, contrast, luminance
 from testing.tiny_model import (GEMMA_TEMPLATE, MISTRAL_TEMPLATE, build_parrot_model, build_tiny_model,
-                                 with_chat_template, with_context_length, with_eos_like)
+                                 with_chat_template, with_context_length)
 
 ROOT = Path(__file__).resolve().parent
 ARTIFACTS = ROOT / "artifacts"  # screenshots from the browser tests (not committed)
@@ -64,22 +64,6 @@ def model(model_dir) -> lem_serve.Model:
 LONG_CONTEXT = 1 << 20  # tokens: no machine generates this many within a test's deadline
 
 
-SHORT_CONTEXT = 64  # tokens: a context smaller than the server's default max_tokens
-
-
-@pytest.fixture(scope="session")
-def short_model_dir(model_dir, tmp_path_factory) -> Path:
-    """The tiny model with a context of SHORT_CONTEXT tokens."""
-    return with_context_length(model_dir, tmp_path_factory.mktemp("models") / "short", SHORT_CONTEXT)
-
-
-@pytest.fixture(scope="session")
-def eos_model_dir(model, model_dir, tmp_path_factory) -> Path:
-    """The tiny model changed so that greedy decoding ends its text by itself, in a few tokens."""
-    sixth = greedy_tokens(model, prompt_of(model, "completions"), 6)[-1]
-    return with_eos_like(model_dir, tmp_path_factory.mktemp("models") / "eos", sixth)
-
-
 @pytest.fixture(scope="session")
 def long_model_dir(tmp_path_factory) -> Path:
     """The tiny model with a context of LONG_CONTEXT tokens, for budgets no machine can finish."""
@@ -89,6 +73,15 @@ def long_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def long_model(long_model_dir) -> lem_serve.Model:
     return lem_serve.load_model(lem_serve.Settings(model_path=str(long_model_dir)))
+
+
+SHORT_CONTEXT = 64  # tokens: a context smaller than the server's default max_tokens
+
+
+@pytest.fixture(scope="session")
+def short_model_dir(model_dir, tmp_path_factory) -> Path:
+    """The tiny model with a context of SHORT_CONTEXT tokens."""
+    return with_context_length(model_dir, tmp_path_factory.mktemp("models") / "short", SHORT_CONTEXT)
 
 
 # What the parrot model says after any prompt ending in a newline, then <|im_end|>: a leading
@@ -137,15 +130,19 @@ def make_server(model, model_dir):
         yield lambda **overrides: stack.enter_context(running_server(model, model_dir, **overrides))
 
 
+# max_tokens of a reply that streams for as long as a test needs: on any machine, only a hang-up or a deadline ends it
+LONG_BUDGET = LONG_CONTEXT // 2
+
+
 @pytest.fixture
 def make_long_server(long_model, long_model_dir):
-    """Start servers on the long-context model, where a request may ask for ENDLESS tokens."""
+    """Servers on the long-context model: a reply of LONG_BUDGET tokens there never ends by itself.
+
+    Their max_tokens ceiling is the whole context, so requests may also ask for more than fits.
+    """
     with contextlib.ExitStack() as stack:
         yield lambda **overrides: stack.enter_context(
             running_server(long_model, long_model_dir, **{"max_tokens": LONG_CONTEXT, **overrides}))
-
-
-ENDLESS = LONG_CONTEXT // 2  # tokens: a budget that only a hang-up or a deadline ends, on any machine
 
 
 def endless(model: lem_serve.Model) -> dict:
@@ -153,7 +150,7 @@ def endless(model: lem_serve.Model) -> dict:
 
     The tiny model never picks end-of-sequence greedily; the bias keeps sampling from it too.
     """
-    return {"max_tokens": ENDLESS, "logit_bias": {str(t): -100 for t in sorted(model.tokenizer.eos_token_ids)}}
+    return {"max_tokens": LONG_BUDGET, "logit_bias": {str(t): -100 for t in sorted(model.tokenizer.eos_token_ids)}}
 
 
 @pytest.fixture
@@ -596,18 +593,19 @@ def test_default_budget_is_trimmed_to_the_context(short_model_dir, endpoint):
 
 
 @pytest.mark.parametrize("endpoint", ENDPOINTS)
-def test_completion_tokens_count_the_end_of_sequence_token(eos_model_dir, endpoint):
+def test_completion_tokens_count_the_end_of_sequence_token(parrot_server, parrot_model, endpoint):
     import mlx_lm
-    ending = lem_serve.load_model(lem_serve.Settings(model_path=str(eos_model_dir)))
-    *_, last = mlx_lm.stream_generate(ending.model, ending.tokenizer, prompt_of(ending, endpoint), max_tokens=60)
-    assert last.finish_reason == "stop" and last.token in ending.tokenizer.eos_token_ids  # the model ends by itself
-    with running_server(ending, eos_model_dir) as srv:
-        reply = post(srv, endpoint, max_tokens=60, temperature=0)
-        assert reply["choices"][0]["finish_reason"] == "stop"
-        assert reply["usage"]["completion_tokens"] == last.generation_tokens  # the text's tokens and the end token
-        events = stream(srv, endpoint, max_tokens=60, temperature=0, stream_options={"include_usage": True})
-        assert events[-2]["usage"]["completion_tokens"] == last.generation_tokens
-        assert streamed_text(endpoint, events) == text_of(endpoint, reply)
+    tokenizer = parrot_model.tokenizer
+    prompt = (tokenizer.apply_chat_template(HELLO, add_generation_prompt=True) if endpoint == "chat"
+              else tokenizer.encode(PARROT_PROMPT))
+    *_, last = mlx_lm.stream_generate(parrot_model.model, tokenizer, prompt, max_tokens=50)
+    assert last.finish_reason == "stop" and last.token in tokenizer.eos_token_ids  # the model ends by itself
+    assert last.generation_tokens == len(tokenizer.encode(PARROT_SCRIPT)) + 1  # the script's tokens, then the end
+    reply = request(parrot_server, "POST", path_of(endpoint), parrot_body(endpoint)).json()
+    assert reply["choices"][0]["finish_reason"] == "stop"
+    assert reply["usage"]["completion_tokens"] == last.generation_tokens
+    events = stream(parrot_server, endpoint, **parrot_body(endpoint, stream_options={"include_usage": True}))
+    assert events[-2]["usage"]["completion_tokens"] == last.generation_tokens
 
 
 def test_developer_role_is_a_system_message(server):
@@ -1945,17 +1943,6 @@ def chat(browser, base_url):
     yield c
     c.close()
     wait_idle(base_url)  # leave the single slot free for the next test
-
-
-LONG_BUDGET = LONG_CONTEXT // 2  # max_tokens of a reply that streams for as long as a test needs
-
-
-@pytest.fixture
-def make_long_server(long_model, long_model_dir):
-    """Servers on the long-context model allowing LONG_BUDGET tokens: a reply there never ends by itself."""
-    with contextlib.ExitStack() as stack:
-        yield lambda **overrides: stack.enter_context(
-            running_server(long_model, long_model_dir, **{"max_tokens": LONG_BUDGET, **overrides}))
 
 
 @contextlib.contextmanager
@@ -3628,7 +3615,7 @@ DRAIN_TIMEOUT = 5  # --timeout of the drain test: every request runs into it, so
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_during_load_drains_every_request_and_exits_0(long_model_dir, long_model, sig):
     process, address = start_process(long_model_dir, "--threads", "1", "--max-requests", "4",
-                                     "--max-tokens", str(ENDLESS), "--timeout", str(DRAIN_TIMEOUT))
+                                     "--max-tokens", str(LONG_BUDGET), "--timeout", str(DRAIN_TIMEOUT))
     results, signalled = {}, threading.Event()
     try:
         def client(i):  # two streams and two plain requests, none of which can end before its deadline
@@ -3717,7 +3704,7 @@ def test_max_tokens_flag_is_the_default_and_the_ceiling(model_dir):
 
 
 def test_timeout_flag_ends_a_request_that_runs_too_long(long_model_dir, long_model):
-    process, address = start_process(long_model_dir, "--timeout", "1", "--max-tokens", str(ENDLESS))
+    process, address = start_process(long_model_dir, "--timeout", "1", "--max-tokens", str(LONG_BUDGET))
     try:
         started = time.monotonic()
         reply = request(at(address), "POST", "/v1/completions", {"prompt": "x", **endless(long_model)})

@@ -524,27 +524,6 @@ def with_context_length(model_dir, out_dir, tokens: int) -> pathlib.Path:
     return out
 
 
-def with_eos_like(model_dir, out_dir, token: int, gain: float = 2.0) -> pathlib.Path:
-    """Copy a model folder to ``out_dir``, changed so that greedy decoding emits end-of-sequence.
-
-    The tiny model never ends a text by itself (see ``_suppress_rows``). Here
-    the (tied) embedding row of the tokenizer's ``eos_token`` becomes ``gain``
-    times the row of ``token``, so its logit is ``gain`` times ``token``'s:
-    whenever ``token`` would be the positive top logit, end-of-sequence beats
-    it. Pick ``token`` among a prompt's first greedy tokens and that text ends
-    there, or sooner, by the model's own choice.
-    """
-    out = _copy_model(model_dir, out_dir)
-    added = json.loads((out / "tokenizer.json").read_text("utf-8"))["added_tokens"]
-    eos_id = next(t["id"] for t in added if t["content"] == IM_END)
-    weights = mx.load(str(out / "model.safetensors"))
-    embedding = weights["model.embed_tokens.weight"]
-    embedding[eos_id] = gain * embedding[token]
-    weights["model.embed_tokens.weight"] = embedding
-    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
-    return out
-
-
 def _write_json(path: pathlib.Path, data: dict) -> None:
     """Write ``data`` as stable, human-readable JSON."""
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", "utf-8")
