@@ -2427,6 +2427,32 @@ print("<script>alert(1)</script>")
 """
 
 
+def test_page_shows_reasoning_collapsed_and_turns_thinking_off(open_chat, chat, thinking_server):
+    page_ = open_chat(thinking_server.url, max_tokens=None)  # nothing seeded: the page's own defaults
+    bodies = []
+    page_.page.on("request", lambda r: bodies.append(r.post_data_json) if r.url.endswith("/v1/chat/completions") else None)
+    page_.send("hi")
+    reply = page_.wait_reply()
+    think = reply.locator("details.think")
+    assert think.count() == 1 and not think.evaluate("d => d.open")  # collapsed
+    assert THINKING in think.text_content() and "Answer!" in reply.locator(".msg-body").inner_text()
+    assert "Plan" not in reply.locator(".msg-body").inner_text()  # only the summary shows while collapsed
+    assert "temperature" not in bodies[0] and "chat_template_kwargs" not in bodies[0]  # the model's own sampling
+    page_.reload()
+    assert page_.reply().locator("details.think").count() == 1  # kept with the conversation
+    page_.page.click("#open-settings")
+    assert page_.page.locator("#thinking-field").is_visible() and page_.page.locator("#set-thinking").is_checked()
+    page_.page.locator("#set-thinking").uncheck()
+    page_.page.click("#settings-done")
+    page_.send("again")
+    reply = page_.wait_reply()
+    assert reply.locator(".msg-body").inner_text().strip() == DIRECT and reply.locator("details.think").count() == 0
+    assert bodies[-1]["chat_template_kwargs"] == {"enable_thinking": False}
+    chat.page.click("#open-settings")
+    assert not chat.page.locator("#thinking-field").is_visible()  # a model that does not think: no switch
+    page_.check_clean()
+
+
 def test_markdown_renderer_builds_safe_dom(chat):
     page = chat.page
     result = page.evaluate("""(text) => {
