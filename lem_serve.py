@@ -610,14 +610,15 @@ SHORTHANDS = {"d": (charset([(48, 57)]), charset(parts=["decimal"])),
 SHORTHANDS.update({k.upper(): (negate(wide), negate(narrow)) for k, (narrow, wide) in list(SHORTHANDS.items())})
 REGEX_ESCAPES = {"t": 9, "n": 10, "v": 11, "f": 12, "r": 13, "0": 0}
 DOT = charset([(10, 10), (13, 13), (0x2028, 0x2029)], negated=True)   # ECMAScript's '.'
+QUANTIFIER = re.compile(r"([*+?])|\{(\d+)(,(\d*))?\}")
 
 
 class RegexParser:
     """A recursive-descent parser for the regular expressions JSON Schemas use.
 
     Tree nodes: ("chars", charset), ("seq", [...]), ("alt", [...]),
-    ("rep", node, min, max or None), ("bol",), ("eol",). Raises ValueError
-    naming what it does not support (lookaround, backreferences, \\b, flags).
+    ("rep", node, min, max or None), ("anchor", "^" or "$"). Raises ValueError
+    naming what it does not support (lookaround, backreferences, \b, flags).
     """
 
     def __init__(self, text: str):
@@ -629,128 +630,98 @@ class RegexParser:
             raise ValueError(f"unbalanced ')' at {self.pos}")
         return tree
 
-    def take(self, chars: str) -> str | None:
-        if self.pos < len(self.text) and self.text[self.pos] in chars:
-            self.pos += 1
-            return self.text[self.pos - 1]
-        return None
+    def take(self, chars: str) -> bool:
+        found = self.text[self.pos:self.pos + 1] in tuple(chars)
+        self.pos += found
+        return found
 
     def alternation(self) -> tuple:
         branches = [self.sequence()]
         while self.take("|"):
             branches.append(self.sequence())
-        return branches[0] if len(branches) == 1 else ("alt", branches)
+        return ("alt", branches)
 
     def sequence(self) -> tuple:
         items = []
-        while self.pos < len(self.text) and self.text[self.pos] not in "|)":
-            items.append(self.quantified(self.atom()))
+        while self.text[self.pos:self.pos + 1] not in ("", "|", ")"):
+            item = self.atom()
+            while match := QUANTIFIER.match(self.text, self.pos):
+                if item[0] == "anchor":
+                    raise ValueError("a quantifier after an anchor")
+                self.pos = match.end()
+                self.take("?")  # a lazy quantifier matches the same strings
+                low, high = {"*": (0, None), "+": (1, None), "?": (0, 1)}.get(match[1]) or \
+                    (int(match[2]), int(match[2]) if match[3] is None else int(match[4]) if match[4] else None)
+                if high is not None and high < low:
+                    raise ValueError(f"{match[0]} has its bounds reversed")
+                item = ("rep", item, low, high)
+            items.append(item)
         return ("seq", items)
-
-    def quantified(self, atom: tuple) -> tuple:
-        while True:
-            bounds = {"*": (0, None), "+": (1, None), "?": (0, 1)}.get(self.take("*+?") or "")
-            if bounds is None and self.text.startswith("{", self.pos):
-                bounds = self.braces()
-            if bounds is None:
-                return atom
-            if atom[0] in ("bol", "eol"):
-                raise ValueError("a quantifier after an anchor")
-            self.take("?")  # a lazy quantifier matches the same strings
-            atom = ("rep", atom, *bounds)
-
-    def braces(self) -> tuple | None:
-        match = re.match(r"\{(\d+)(,(\d*))?\}", self.text[self.pos:])
-        if match is None:
-            return None
-        self.pos += match.end()
-        low = int(match[1])
-        high = low if match[2] is None else int(match[3]) if match[3] else None
-        if high is not None and high < low:
-            raise ValueError(f"{{{low},{high}}} has its bounds reversed")
-        return low, high
 
     def atom(self) -> tuple:
         ch = self.text[self.pos]
         self.pos += 1
         if ch == "(":
-            if self.text.startswith("?:", self.pos):
-                self.pos += 2
-            elif self.text.startswith("?<", self.pos) and self.text[self.pos + 2:self.pos + 3] not in ("=", "!"):
-                self.pos = self.text.index(">", self.pos) + 1  # a named group: the name does not matter
-            elif self.take("?"):
+            group = re.match(r"\?:|\?<[A-Za-z_]\w*>", self.text[self.pos:])  # (?:...) and named groups
+            self.pos += group.end() if group else 0
+            if self.text.startswith("?", self.pos):
                 raise ValueError("lookaround and inline flags (?...) are not supported")
             tree = self.alternation()
             if not self.take(")"):
                 raise ValueError("unbalanced '('")
             return tree
         if ch in "^$":
-            return ("bol",) if ch == "^" else ("eol",)
-        if ch == ".":
-            return ("chars", DOT)
-        if ch == "[":
-            return ("chars", self.bracket())
-        if ch == "\\":
-            return ("chars", self.escape(narrow=True))
-        if ch in "*+?{" and not (ch == "{" and self.braces_literal()):
+            return ("anchor", ch)
+        if ch in "*+?" or QUANTIFIER.match(self.text, self.pos - 1):
             raise ValueError(f"nothing to repeat at {self.pos - 1}")
-        return ("chars", charset([(ord(ch), ord(ch))]))
+        return ("chars", DOT if ch == "." else self.bracket() if ch == "[" else self.item(ch, narrow=True))
 
-    def braces_literal(self) -> bool:
-        return re.match(r"\{\d+(,\d*)?\}", self.text[self.pos - 1:]) is None
-
-    def escape(self, narrow: bool) -> tuple:
+    def item(self, ch: str, narrow: bool) -> tuple:
+        """One character or escape (already taken: `ch`) as a set: narrow or wide shorthands (see SHORTHANDS)."""
+        if ch != "\\":
+            return charset([(ord(ch), ord(ch))])
         ch = self.text[self.pos:self.pos + 1]
         self.pos += 1
         if ch in SHORTHANDS:
             return SHORTHANDS[ch][0 if narrow else 1]
-        code = self.escaped_code(ch)
+        hexes = re.match({"x": "[0-9a-fA-F]{2}", "u": "[0-9a-fA-F]{4}"}.get(ch, "^$"), self.text[self.pos:])
+        if hexes and hexes.end():
+            self.pos += hexes.end()
+            code = int(hexes[0], 16)
+        elif ch in REGEX_ESCAPES or not (ch == "" or ch.isalnum()):
+            code = REGEX_ESCAPES.get(ch, ord(ch or "\0"))
+        else:
+            raise ValueError(f"the escape \\{ch} is not supported")
         return charset([(code, code)])
 
-    def escaped_code(self, ch: str) -> int:
-        if ch in REGEX_ESCAPES:
-            return REGEX_ESCAPES[ch]
-        for prefix, digits in (("x", 2), ("u", 4)):
-            if ch == prefix and re.fullmatch(f"[0-9a-fA-F]{{{digits}}}", self.text[self.pos:self.pos + digits]):
-                self.pos += digits
-                return int(self.text[self.pos - digits:self.pos], 16)
-        if not ch or ch.isalnum():
-            raise ValueError(f"the escape \\{ch} is not supported")
-        return ord(ch)
-
     def bracket(self) -> tuple:
-        negated = bool(self.take("^"))
+        """A class [...], its "[" taken; [^...] takes wide shorthands. A "]" first is a literal, as in Python."""
+        negated = self.take("^")
         ranges, parts = [], []
-        first = True
-        while first or not self.take("]"):
+        while not ((ranges or parts) and self.take("]")):
             if self.pos >= len(self.text):
                 raise ValueError("unbalanced '['")
-            first = False
-            low = self.class_char(negated)
+            low = self.member(negated)
             if isinstance(low, tuple):
                 parts.append(low)
                 continue
-            if self.text.startswith("-", self.pos) and self.text[self.pos + 1:self.pos + 2] not in ("]", ""):
+            high = low
+            if self.text[self.pos:self.pos + 1] == "-" and self.text[self.pos + 1:self.pos + 2] not in ("]", ""):
                 self.pos += 1
-                high = self.class_char(negated)
+                high = self.member(negated)
                 if isinstance(high, tuple) or high < low:
                     raise ValueError("a bad range in a character class")
-                ranges.append((low, high))
-            else:
-                ranges.append((low, low))
+            ranges.append((low, high))
         return charset(ranges, parts, negated)
 
-    def class_char(self, negated: bool) -> int | tuple:
+    def member(self, negated: bool) -> int | tuple:
+        """A code point, or a shorthand's set, inside [...] (where \\b is a backspace)."""
         ch = self.text[self.pos]
         self.pos += 1
-        if ch != "\\":
-            return ord(ch)
-        if self.text[self.pos:self.pos + 1] == "b":  # inside a class \b is a backspace
-            self.pos += 1
+        if ch == "\\" and self.take("b"):
             return 8
-        escaped = self.escape(narrow=not negated)
-        return escaped[1][0][0] if not escaped[2] and not escaped[0] and len(escaped[1]) == 1 \
-            and escaped[1][0][0] == escaped[1][0][1] else escaped
+        cs = self.item(ch, narrow=not negated)
+        return cs[1][0][0] if not cs[0] and not cs[2] and cs[1][0][0] == cs[1][0][1] else cs
 
 
 ANYTHING = ("rep", ("chars", ANY_CHAR), 0, None)
@@ -758,25 +729,14 @@ ANYTHING = ("rep", ("chars", ANY_CHAR), 0, None)
 
 def anchored(tree: tuple) -> tuple:
     """A pattern's tree for a full match: JSON Schema patterns search, so unanchored ends match anything."""
-    out = []
-    for branch in tree[1] if tree[0] == "alt" else [tree]:
-        items = list(branch[1]) if branch[0] == "seq" else [branch]
-        head = items[:1] == [("bol",)]
-        tail = items[-1:] == [("eol",)] and len(items) > head
-        items = [ANYTHING] * (not head) + items[head:len(items) - tail] + [ANYTHING] * (not tail)
-        out.append(("seq", items))
-    if _has_anchor(("alt", out)):
+    branches = []
+    for _, items in (branch for branch in tree[1]):
+        head = items[:1] == [("anchor", "^")]
+        tail = items[-1:] == [("anchor", "$")] and len(items) > head
+        branches.append(("seq", [ANYTHING] * (not head) + items[head:len(items) - tail] + [ANYTHING] * (not tail)))
+    if "'anchor'" in repr(branches):
         raise ValueError("'^' and '$' are supported only at the start and end of the pattern")
-    return ("alt", out)
-
-
-def _has_anchor(tree: tuple) -> bool:
-    kind = tree[0]
-    if kind in ("bol", "eol"):
-        return True
-    if kind in ("seq", "alt"):
-        return any(_has_anchor(t) for t in tree[1])
-    return kind == "rep" and _has_anchor(tree[1])
+    return ("alt", branches)
 
 
 class Regex:
@@ -1907,7 +1867,7 @@ def compile_schema(schema: Any, root: Any, param: str) -> Piece:
 class Constraint:
     """Output the engine must produce: JSON text matching `node`."""
 
-    node: SchemaNode
+    node: Piece
     key: str                  # canonical JSON of the schema: equal keys share cached token masks
     tool_call: bool = False   # wrapped in the model's tool-call markers
 
