@@ -757,6 +757,7 @@ class Regex:
         self.class_ids: dict[str, int] = {}
         self.class_sigs: dict[int, int] = {}   # signature (bit i: in charset i) -> class id
         self.sigs: list[int] = []              # class id -> signature
+        self.lock = threading.Lock()
         self.moves: dict[tuple, frozenset | None] = {}
         self.tails: dict[frozenset, str | None] = {}
         self.reps = self._representatives()
@@ -814,9 +815,10 @@ class Regex:
         cid = self.class_ids.get(ch)
         if cid is None:
             sig = sum(1 << i for i, cs in enumerate(self.charsets) if in_charset(cs, ch))
-            cid = self.class_ids[ch] = self.class_sigs.setdefault(sig, len(self.class_sigs))
-            if cid == len(self.sigs):
-                self.sigs.append(sig)
+            with self.lock:  # shared across requests: handler threads (enum checks) and the engine
+                cid = self.class_ids[ch] = self.class_sigs.setdefault(sig, len(self.class_sigs))
+                if cid == len(self.sigs):
+                    self.sigs.append(sig)
         return cid
 
     def _representatives(self) -> dict[int, str]:
@@ -1432,8 +1434,6 @@ class Array(Piece):
             parts.append(sep + text)
             sep, seen, count = ",", seen | {text}, count + 1
         return "".join(parts) + "]"
-
-
 
 
 def json_start(node: Piece, prefix: str = "", suffix: str = "") -> tuple:
@@ -2316,13 +2316,31 @@ class JsonMasks:
             mask = self.masks[key] = self._build(state, width)
         return mask
 
-    def closing(self, state: tuple) -> str | None:
+    def closing(self, state: tuple) -> list[int] | None:
+        """The tokens that spell a shortest closing text from `state`, each the longest that fits (cached)."""
         key = self.key(state)
         if key not in self.closings:
             if len(self.closings) >= JSON_MASK_CACHE_STATES:
                 self.closings.clear()
-            self.closings[key] = json_closing_text(state)
+            text = json_closing_text(state)
+            self.closings[key] = None if text is None else self._spell(text)
         return self.closings[key]
+
+    def _spell(self, text: str) -> list[int] | None:
+        ids, at = [], 0
+        while at < len(text):
+            node, best = self.table.trie, None
+            for end in range(at, len(text)):
+                node = node.get(text[end])
+                if node is None:
+                    break
+                if node.get(""):
+                    best = (node[""][0], end + 1)
+            if best is None:
+                return None  # no token spells the next character
+            ids.append(best[0])
+            at = best[1]
+        return ids
 
     def _build(self, state: tuple, width: int) -> Any:
         import mlx.core as mx
@@ -2340,7 +2358,7 @@ class JsonMasks:
             ids += self._walk(tuple(walk))
         if json_complete(state):
             ids += table.eos
-        return plain | self._ids_mask(ids, width)
+        return plain | self.ids_mask(ids, width)
 
     def _plain(self, frame: tuple) -> Any:
         """The mask of plain tokens for a String frame, cached by its regex state and length."""
@@ -2350,11 +2368,12 @@ class JsonMasks:
             if len(self.plains) >= JSON_MASK_CACHE_STATES:
                 self.plains.clear()
             trie = self.table.class_trie(frame[0].regex)
-            mask = self.plains[key] = self._ids_mask(frame[0].plain_tokens(frame, trie), self.table.size)
+            mask = self.plains[key] = self.ids_mask(frame[0].plain_tokens(frame, trie), self.table.size)
         return mask
 
     @staticmethod
-    def _ids_mask(ids: list[int], width: int) -> Any:
+    def ids_mask(ids: list[int], width: int) -> Any:
+        """A boolean mask over `width` logits, true at `ids`."""
         import mlx.core as mx
         mask = mx.zeros((width,), dtype=mx.bool_)
         ids = [t for t in ids if t < width]
@@ -2373,17 +2392,6 @@ class JsonMasks:
                     todo.append((child, after))
         return ids
 
-    def along(self, text: str, width: int) -> Any:
-        """A mask of the tokens that are a non-empty prefix of `text` (closing mode)."""
-        ids, node = [], self.table.trie
-        for ch in text:
-            node = node.get(ch)
-            if node is None:
-                break
-            ids.extend(node.get("", ()))
-        return self._ids_mask(ids, width)
-
-
 def json_masks(tokenizer: Any, key: tuple, start: tuple) -> JsonMasks:
     """The shared, cached masks for a constraint: requests with the same schema reuse them."""
     cache_key = (id(tokenizer),) + key
@@ -2400,9 +2408,9 @@ class JsonConstraint:
 
     Called once per generated token (mlx_lm's convention). It tracks the
     automaton state from the tokens sampled so far; when the tokens left are
-    barely enough to finish, it switches to the shortest closing text, so the
-    output is complete JSON whenever max_tokens allows that at all. Once the
-    JSON is complete only end-of-sequence tokens remain.
+    just enough to spell the shortest closing text, it spells it, so the output
+    is complete JSON whenever max_tokens allows that at all. Once the JSON is
+    complete only end-of-sequence tokens remain.
     """
 
     def __init__(self, masks: JsonMasks, budget: int):
@@ -2410,7 +2418,7 @@ class JsonConstraint:
         self.state = masks.start
         self.left = budget           # tokens still to be sampled, this one included
         self.started = False
-        self.closing: str | None = None   # the rest of the closing text, once closing
+        self.plan: list[int] | None = None   # the closing tokens still to come, once closing
 
     def __call__(self, tokens: Any, logits: Any) -> Any:
         import mlx.core as mx
@@ -2418,33 +2426,26 @@ class JsonConstraint:
             self._advance(int(tokens[-1].item()))
         self.started = True
         width = logits.shape[-1]
-        if self.closing is None and not json_complete(self.state):
+        if self.plan is None and not json_complete(self.state):
             plan = self.masks.closing(self.state)
             if plan is not None and len(plan) + 1 >= self.left:
-                self.closing = plan
+                self.plan = plan
         mask = self._mask(width)
         self.left -= 1
         return mx.where(mask, logits, mx.array(-math.inf, dtype=logits.dtype))
 
     def _mask(self, width: int) -> Any:
-        import mlx.core as mx
-        table = self.masks.table
-        if self.state and self.closing:
-            mask = self.masks.along(self.closing, width)
-            if mask.any().item():
-                return mask
-            self.closing = None  # no token spells the next closing character: decode freely
-        if self.state:
+        if self.state and self.plan:
+            return self.masks.ids_mask(self.plan[:1], width)
+        if self.state and self.plan is None:
             return self.masks.allowed(self.state, width)
-        mask = mx.zeros((width,), dtype=mx.bool_)  # dead or finished: only the end remains
-        mask[mx.array(table.eos)] = True
-        return mask
+        return self.masks.ids_mask(self.masks.table.eos, width)  # closed, finished or dead: only the end remains
 
     def _advance(self, token: int) -> None:
         text = self.masks.table.texts[token] if token < len(self.masks.table.texts) else None
         self.state = json_advance(self.state, text) if text else ()
-        if self.closing is not None and text:
-            self.closing = self.closing[len(text):] if self.closing.startswith(text) else None
+        if self.plan:
+            self.plan = self.plan[1:]
 
 
 def partial_marker_length(text: str, markers: tuple[str, ...]) -> int:

@@ -1633,6 +1633,35 @@ def test_smollm2_answers_paris_and_stops_on_its_own(smollm2_server):
     assert text == mlx_reference(model, prompt, 40)
 
 
+# Prompts asking for JSON, each with the schema a client would send beside it.
+SMOLLM2_JSON = [
+    ("Describe a person as JSON with name, age, city and tags.",
+     {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}, "city": {"type": "string"},
+                                       "tags": {"type": "array", "items": {"type": "string"}}},
+      "required": ["name", "age", "city", "tags"]}),
+    ("Give the book 1984 as JSON with title, author and year.",
+     {"type": "object", "properties": {"title": {"type": "string", "maxLength": 80}, "author": {"type": "string"},
+                                       "year": {"type": "integer", "minimum": 1000, "maximum": 2100}},
+      "required": ["title", "author", "year"], "additionalProperties": False}),
+    ("Describe Paris as JSON with name, country and population.",
+     {"type": "object", "properties": {"name": {"type": "string"}, "country": {"type": "string"},
+                                       "population": {"type": "integer", "minimum": 0}},
+      "required": ["name", "country", "population"]}),
+]
+
+
+def test_smollm2_constraint_keeps_the_models_answer(smollm2_server):
+    """Greedy, the constrained answer validates and says what the free answer says (its values appear there)."""
+    for prompt, schema in SMOLLM2_JSON:
+        body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 80, "temperature": 0}
+        free = post(smollm2_server, "chat", **body)["choices"][0]["message"]["content"]
+        bound = post(smollm2_server, "chat", response_format=schema_format(schema), **body)["choices"][0]
+        assert bound["finish_reason"] == "stop", bound
+        assert_valid(bound["message"]["content"], schema)
+        values = [v for v in json.loads(bound["message"]["content"]).values() if not isinstance(v, (list, dict))]
+        assert values and all(json.dumps(v, ensure_ascii=False) in free for v in values), (free, bound)
+
+
 def test_smollm2_streamed_text_equals_non_streamed(smollm2_server):
     whole = request(smollm2_server, "POST", "/v1/chat/completions",
                     {"messages": FRANCE, "max_tokens": 40, "temperature": 0}).json()
