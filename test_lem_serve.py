@@ -886,6 +886,19 @@ def test_every_walk_through_the_automaton_validates(name):
         assert_valid(text, schema)
 
 
+@pytest.mark.parametrize("schema", [{"type": "string", "minLength": 3, "maxLength": 5000},
+                                    {"type": "string", "pattern": "^[a-z]+$", "maxLength": 5000}])
+def test_counted_strings_reuse_cached_masks(model, schema):
+    """A length or regex state is not a cold mask every character: 300 characters build a handful of masks."""
+    node = lem_serve.compile_schema(schema, schema, "x")
+    masks = lem_serve.JsonMasks(lem_serve.token_table(model.tokenizer), lem_serve.json_start(node))
+    state = lem_serve.json_advance(masks.start, '"')
+    for _ in range(300):
+        assert masks.allowed(state, model.vocab_size).any().item()
+        state = lem_serve.json_advance(state, "a")
+    assert len(masks.masks) <= 5 and len(masks.plains) <= 5
+
+
 @pytest.mark.parametrize("schema,words", [
     ({"type": "object", "not": {}}, "'not'"),
     ({"type": "object", "patternProperties": {"^a": {}}}, "'patternProperties'"),
