@@ -1607,7 +1607,7 @@ class SchemaCompiler:
         return self.memo[key][1]
 
     def _compile(self, schema: dict, refs: int, depth: int) -> Piece | None:
-        constraints = {k: v for k, v in schema.items() if k not in SCHEMA_ANNOTATIONS}
+        constraints = {k: v for k, v in schema.items() if k not in SCHEMA_ANNOTATIONS and k not in ("$defs", "definitions")}
         if "$ref" in constraints:
             if refs == 0:
                 return None
