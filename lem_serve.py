@@ -2382,6 +2382,7 @@ class JsonMasks:
     def __init__(self, table: TokenTable, start: tuple):
         self.table = table
         self.start = start
+        self.slack = commitment(start)
         self.masks: dict[tuple, Any] = {}
         self.closings: dict[tuple, str | None] = {}
         self.plains: dict[tuple, Any] = {}
@@ -2477,6 +2478,31 @@ class JsonMasks:
                     todo.append((child, after))
         return ids
 
+def commitment(start: tuple) -> int:
+    """The most one token can add to the closing text, in characters (so in tokens at most).
+
+    A token that writes a key, opens an array item or picks an anyOf branch
+    commits the output to that value's shortest text; JsonConstraint starts
+    closing this much early, so no such step can leave too few tokens.
+    """
+    todo = [frame[1] for stack in start for frame in stack if frame[0] is VALUE]
+    seen, most = set(), 0
+    while todo:
+        piece = todo.pop()
+        if id(piece) in seen:
+            continue
+        seen.add(id(piece))
+        children = list(piece.alternatives) if isinstance(piece, Union) else []
+        if isinstance(piece, Object):
+            children = [node for _, node, _ in piece.props] + [piece.extras] * (piece.extras is not None)
+            most = max([most] + [len(key) + 2 for key in piece.keys])
+        elif isinstance(piece, Array):
+            children = list(piece.prefix) + [piece.items] * (piece.items is not None)
+        most = max([most] + [len(child.min_text) + 1 for child in children])
+        todo += children
+    return 2 * most
+
+
 def json_masks(tokenizer: Any, key: tuple, start: tuple) -> JsonMasks:
     """The shared, cached masks for a constraint: requests with the same schema reuse them."""
     cache_key = (id(tokenizer),) + key
@@ -2513,7 +2539,7 @@ class JsonConstraint:
         width = logits.shape[-1]
         if self.plan is None and not json_complete(self.state):
             plan = self.masks.closing(self.state)
-            if plan is not None and len(plan) + 1 >= self.left:
+            if plan is not None and len(plan) + 1 + self.masks.slack >= self.left:
                 self.plan = plan
         mask = self._mask(width)
         self.left -= 1
