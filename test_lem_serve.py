@@ -3094,11 +3094,15 @@ def test_nginx_replica_stopped_mid_stream_finishes_it_while_new_requests_go_else
     with replicas(long_model_dir, 2) as started, nginx_in_front(nginx_binary, [a for _, a in started], tmp_path) as lb:
         conn, response = open_stream(lb, "completions", prompt=PROMPTS[0], max_tokens=FINISHING, temperature=0)
         read_first_text_event(response)
-        (stopping, _), (other, other_address) = sorted(started, key=lambda r: -health(at(r[1]))["active_requests"])
+        (stopping, address), (_, other) = sorted(started, key=lambda r: -health(at(r[1]))["active_requests"])
+        held = hold_request_open(at(address))  # keeps the replica draining until the test lets it go
         stopping.send_signal(signal.SIGTERM)
-        for prompt in PROMPTS[:3]:
-            assert post(lb, "completions", prompt=prompt, max_tokens=5)["usage"]["completion_tokens"] == 5
         rest = events_within(response, 120)
         assert rest[-1] == "[DONE]" and final_choice(rest)["finish_reason"] == "length"
+        # Still draining, the stopped replica refuses new connections, so nginx hands them to the other.
+        for prompt in PROMPTS:
+            assert post(lb, "completions", prompt=prompt, max_tokens=5)["usage"]["completion_tokens"] == 5
+        assert "statuses=502, 200" in lb.access_log.read_text()
+        assert metric(scrape(at(other)), "lem_requests_total", endpoint="/v1/completions", code="200") == 4
+        assert finish_held_request(held) == 200
         assert stopping.wait(timeout=60) == 0 and "stopped cleanly" in stopping.stderr.read()
-        assert metric(scrape(at(other_address)), "lem_requests_total", endpoint="/v1/completions", code="200") == 3
