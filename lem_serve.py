@@ -90,6 +90,7 @@ KEEPALIVE_SECONDS = 5.0           # silence on a stream before an SSE comment is
 SHUTDOWN_GRACE_SECONDS = 30.0     # on SIGINT/SIGTERM, how long in-flight requests get to finish
 PREFILL_STEP_TOKENS = 2048        # prompt tokens per forward pass; cancellation is checked between passes
 HEARTBEAT_SECONDS = 1.0           # sharded: an idle rank 0 tells the other ranks it is alive this often; > 0
+LIFELINE_SECONDS = 10.0           # sharded: how long the ranks may take to connect their lifelines at start
 RETRY_AFTER_SECONDS = 1           # Retry-After sent with 429
 HEADER_TIMEOUT = 10.0             # seconds from waiting for a request to having its headers; then the connection is dropped
 BODY_TIMEOUT = 60.0               # seconds a request body may take to arrive in full; slower gets 408
@@ -1668,6 +1669,95 @@ def token_check(responses: list) -> int:
     return sum(r.uid * 1_000_003 + r.token for r in responses) % 2**31
 
 
+def rank0_address() -> str | None:
+    """Rank 0's IP address as mlx.launch gave it to the ring (MLX_HOSTFILE) or jaccl backend; None if unknown."""
+    coordinator = os.environ.get("MLX_JACCL_COORDINATOR", "")
+    if coordinator:
+        return coordinator.rpartition(":")[0].strip("[]") or None
+    try:
+        with open(os.environ["MLX_HOSTFILE"], encoding="utf-8") as hostfile:
+            return json.load(hostfile)[0][0].rpartition(":")[0].strip("[]") or None
+    except (KeyError, OSError, ValueError, IndexError, TypeError, AttributeError):
+        return None
+
+
+class Lifelines:
+    """An idle TCP connection between rank 0 and each other rank: EOF says a rank's process has ended.
+
+    MLX does not always report a lost peer: a collective can wait forever
+    after the other process has died (mlx#3862, mlx#4278). However a process
+    ends, the operating system closes its sockets, so the other end of its
+    lifeline reads EOF at once. Rank 0 listens on its address from
+    mlx.launch's host list, on a port it shares in one all_sum at start, and
+    each other rank connects and names itself. Best effort: a rank that
+    cannot connect (a firewall) goes without, and the watchdog still covers it.
+    """
+
+    def __init__(self, link: GroupLink):
+        import mlx.core as mx
+        self.link = link
+        self.sockets: dict[int, socket.socket] = {}   # the other end's rank -> its lifeline
+        host = rank0_address()
+        listener = self._listen(host) if link.rank == 0 and host else None
+        port = listener.getsockname()[1] if listener else 0
+        port = int(mx.distributed.all_sum(mx.array([port]), group=link.group).item())
+        if listener is not None:
+            with listener:
+                self._accept(listener)
+        elif link.rank != 0 and port and host:
+            self._connect(host, port)
+
+    def wait_for_loss(self) -> str | None:
+        """Block until a lifeline breaks and say whose process ended; None at once when there are none."""
+        ranks = {sock: rank for rank, sock in self.sockets.items()}
+        while ranks:
+            readable, _, _ = select.select(list(ranks), [], [])
+            for sock in readable:
+                try:
+                    data = sock.recv(64)
+                except OSError:
+                    data = b""
+                if not data:
+                    return f"rank {ranks[sock]}'s process has ended (its lifeline closed)"
+        return None
+
+    def _listen(self, host: str) -> socket.socket | None:
+        try:
+            return socket.create_server((host, 0), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+        except OSError as exc:
+            log.warning("no lifelines (cannot listen on %s: %s): a dead rank is noticed only after --timeout", host, exc)
+            return None
+
+    def _accept(self, listener: socket.socket) -> None:
+        deadline = time.monotonic() + LIFELINE_SECONDS
+        while len(self.sockets) < self.link.size - 1 and (left := deadline - time.monotonic()) > 0:
+            listener.settimeout(left)
+            try:
+                conn, _address = listener.accept()
+                conn.settimeout(left)
+                hello = conn.recv(64).decode("ascii", "replace").split()
+            except OSError:
+                continue
+            rank = int(hello[2]) if hello[:2] == ["lem-serve", "rank"] and hello[2:3] and hello[2].isdigit() else 0
+            if 0 < rank < self.link.size:
+                conn.settimeout(None)
+                self.sockets[rank] = conn
+            else:
+                conn.close()
+        missing = sorted(set(range(1, self.link.size)) - set(self.sockets))
+        if missing:
+            log.warning("no lifeline from rank(s) %s: their death is noticed only after --timeout", missing)
+
+    def _connect(self, host: str, port: int) -> None:
+        try:
+            conn = socket.create_connection((host, port), timeout=LIFELINE_SECONDS)
+            conn.sendall(b"lem-serve rank %d\n" % self.link.rank)
+            conn.settimeout(None)
+            self.sockets[0] = conn
+        except OSError as exc:
+            log.warning("no lifeline to rank 0 (%s): its death is noticed only after --timeout", exc)
+
+
 class Batch:
     """The running batch as every rank holds it: mlx_lm's BatchGenerator and the prompt cache.
 
@@ -1834,8 +1924,6 @@ class Engine:
 
     def start(self) -> None:
         self.thread.start()
-        if self.link is not None:
-            threading.Thread(target=self._watch, name="lem-watchdog", daemon=True).start()
 
     @property
     def alive(self) -> bool:
@@ -1861,6 +1949,8 @@ class Engine:
 
     def _run(self) -> None:
         try:
+            if self.link is not None:
+                self._guard_group()
             if self.rank == 0:
                 self._loop()
             else:
@@ -1902,22 +1992,40 @@ class Engine:
                 self.tokens_generated += len(self.batch.step())
                 self.progress_at = time.monotonic()
 
-    def _watch(self) -> None:
-        """A group's watchdog: a step or sync lasting past stall_seconds means a rank died or stalled.
+    def _guard_group(self) -> None:
+        """Start the two threads that notice a failed group while the engine thread may be stuck.
 
-        The engine thread may be stuck in a collective that never returns, so
-        the failure is declared from here: `alive` turns false (requests get
-        503, /healthz says error) and `finished` wakes main(), which exits.
+        The engine thread can wait forever in a collective that a lost rank
+        will never join, so failures are declared from outside it: `alive`
+        turns false (requests get 503, /healthz says error) and `finished`
+        wakes main(), which exits non-zero.
         """
+        lifelines = Lifelines(self.link)
+        self.progress_at = time.monotonic()
+        threading.Thread(target=self._watch_progress, name="lem-watchdog", daemon=True).start()
+        threading.Thread(target=self._watch_lifelines, args=(lifelines,), name="lem-lifelines", daemon=True).start()
+
+    def _watch_progress(self) -> None:
+        """A step or sync lasting past stall_seconds (--timeout) means a rank has died or stalled."""
         while not self.finished.wait(HEARTBEAT_SECONDS / 4):
             stalled = time.monotonic() - self.progress_at
             if stalled > self.stall_seconds:
-                self.failure = GroupFailure(f"no step or sync with the other ranks completed in {stalled:.0f} s "
-                                            "(--timeout): a rank has died or stalled")
-                log.critical("%s", self.failure)
-                self._fail_waiting()
-                self.finished.set()
-                return
+                self._fail_group(GroupFailure(f"no step or sync with the other ranks completed in {stalled:.0f} s "
+                                              "(--timeout): a rank has died or stalled"))
+
+    def _watch_lifelines(self, lifelines: Lifelines) -> None:
+        """A lifeline that breaks means a rank's process has ended, unless the group is shutting down."""
+        lost = lifelines.wait_for_loss()
+        # The other ranks end their processes after a clean shutdown too: give ours time to finish first.
+        if lost is not None and not self.finished.wait(2 * HEARTBEAT_SECONDS):
+            self._fail_group(GroupFailure(lost))
+
+    def _fail_group(self, failure: GroupFailure) -> None:
+        if not self.finished.is_set():
+            self.failure = failure
+            log.critical("%s", failure)
+            self._fail_waiting()
+            self.finished.set()
 
     def _new_batch(self) -> Batch:
         return Batch(self.model, self.max_batch, self.prompt_cache, self.link)
@@ -3216,16 +3324,31 @@ def serve(settings: Settings, model: Model, group: Any) -> int:
     while not stop_requested.wait(POLL_SECONDS * 5):
         if group is not None and (engine.failure is not None or engine.drain_requested.is_set()):
             break
-    if group is not None and engine.failure is not None:
-        log.critical("the group has failed (%s): answering 503 until requests in flight have ended, "
-                     "then exiting 1 so that a supervisor restarts the group", engine.failure)
-        server.wait_idle(SHUTDOWN_GRACE_SECONDS)
+    return shut_down(server, group)
+
+
+def shut_down(server: LemServer, group: Any) -> int:
+    """Drain and close the server; the exit code: 1 when its group has failed, else 0.
+
+    A failed group's rank 0 keeps answering (503, /healthz error) until the
+    requests in flight have ended, then stops at once.
+    """
+    def failed() -> bool:
+        return group is not None and server.engine.failure is not None
+
+    if failed():
+        log.critical("the group has failed: answering 503 until requests in flight have ended")
+        drained = server.wait_idle(SHUTDOWN_GRACE_SECONDS)
         server.stop(grace=0)
+    else:
+        log.info("shutting down: waiting up to %.0f s for %d in-flight request(s)",
+                 SHUTDOWN_GRACE_SECONDS, server.in_flight)
+        drained = server.stop()
+    if failed():
+        log.critical("the group has failed (%s): exiting 1 so that a supervisor restarts it", server.engine.failure)
         return 1
-    log.info("shutting down: waiting up to %.0f s for %d in-flight request(s)", SHUTDOWN_GRACE_SECONDS, server.in_flight)
-    drained = server.stop()
     log.info("stopped %s", "cleanly" if drained else "with requests still running")
-    return 1 if group is not None and engine.failure is not None else 0
+    return 0
 
 
 def follow(settings: Settings, model: Model, group: Any) -> int:
@@ -3247,7 +3370,7 @@ def follow(settings: Settings, model: Model, group: Any) -> int:
     while not engine.finished.wait(POLL_SECONDS * 5):
         pass
     if engine.failure is not None:
-        log.critical("the group has failed (%s): exiting 1 so that a supervisor restarts the group", engine.failure)
+        log.critical("the group has failed (%s): exiting 1 so that a supervisor restarts it", engine.failure)
         return 1
     log.info("stopped cleanly")
     return 0
