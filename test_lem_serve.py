@@ -3087,6 +3087,9 @@ def test_nginx_serves_the_page_health_and_same_origin_calls(nginx_binary, long_m
         foreign = request(lb, "POST", "/v1/chat/completions", body_for("chat", max_tokens=3),
                           headers={"Origin": "http://elsewhere.example"})
         assert_openai_error(foreign, 403, code="origin_not_allowed")
+        # Bodies up to lem-serve's own limit pass the proxy (nginx's default limit is 1 MiB).
+        big = body_for("completions", max_tokens=1, padding="x" * (lem_serve.MAX_BODY_BYTES - 1000))
+        assert request(lb, "POST", "/v1/completions", big).status == 200
 
 
 def test_nginx_replica_stopped_mid_stream_finishes_it_while_new_requests_go_elsewhere(
