@@ -2906,6 +2906,40 @@ def test_sharded_client_leaving_mid_stream_stops_generation(sharded):
     assert post(sharded, "completions", max_tokens=3)["usage"]["completion_tokens"] == 3
 
 
+@pytest.fixture(scope="module")
+def three_layer_model_dir(tmp_path_factory) -> Path:
+    """The long-context tiny model with three layers (pipeline stages of 2 and 1) and a weight index."""
+    import mlx.core as mx
+    path = build_tiny_model(tmp_path_factory.mktemp("models") / "three", num_layers=3,
+                            max_position_embeddings=LONG_CONTEXT)
+    names = mx.load(str(path / "model.safetensors")).keys()  # sharded_load picks a stage's files from the index
+    index = {"metadata": {}, "weight_map": {name: "model.safetensors" for name in sorted(names)}}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    return path
+
+
+def test_pipeline_group_evicts_the_cache_entries_rank_0_evicts(three_layer_model_dir):
+    # Rank 0 holds two layers, rank 1 one: their KV caches differ in size, and a budget of three
+    # of rank 0's entries would hold six of rank 1's. Rank 1 must evict what rank 0 evicts, or a
+    # prompt that rank 0 no longer has cached would start from a longer prefix on rank 1.
+    entry = 2 * 309 * 2 * 16 * 2 * 4   # rank 0's bytes per prompt: layers x tokens x kv heads x head dim x (k, v) x float32
+    model = lem_serve.load_model(lem_serve.Settings(model_path=str(three_layer_model_dir)))
+    prompts = [[300 + i] + list(range(10, 310)) for i in range(6)]  # distinct from the first token
+    with ServedGroup(three_layer_model_dir, *LONG, "--pipeline", "--prompt-cache-bytes", str(3 * entry + 1000)) as group, \
+            running_server(model, three_layer_model_dir) as one:
+        group.wait_ready()
+        assert health(group)["sharding"] == "pipeline"
+        for prompt in prompts + prompts[:2]:  # the first two were evicted by the time they come back
+            got, want = (post(srv, "completions", prompt=prompt, max_tokens=8, temperature=0) for srv in (group, one))
+            assert got["choices"][0]["text"] == want["choices"][0]["text"]
+            assert got["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+        cache = health(group)["prompt_cache"]
+        assert cache["entries"] == 3 and cache["misses"] == len(prompts) + 2
+        again = post(group, "completions", prompt=prompts[-1], max_tokens=8, temperature=0)
+        assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == len(prompts[-1]) - 1
+        assert health(group)["status"] == "ok"
+
+
 @pytest.mark.parametrize("who", ["every process", "rank 1 alone"])
 def test_sigterm_drains_the_group_and_it_exits(long_model_dir, who):
     with ServedGroup(long_model_dir, *LONG, "--max-requests", "4") as group:
