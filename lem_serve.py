@@ -2053,9 +2053,11 @@ class Engine:
             job.events.put(("finish", "cancelled"))
             return
         request = job.request
-        if self.link is not None and request.seed is None:
-            # Every rank must draw the same tokens: rank 0 picks the seed and the Insert carries it.
-            request = dataclasses.replace(request, seed=secrets.randbits(63))
+        if self.link is not None:
+            # The Insert carries the settings the other ranks sample with, not the prompt's text
+            # again; and every rank must draw the same tokens, so rank 0 picks the seed.
+            seed = secrets.randbits(63) if request.seed is None else request.seed
+            request = dataclasses.replace(request, messages=(), prompt="", tools=(), seed=seed)
         try:
             uid, job.cached_tokens = self.batch.insert(job.prompt, job.max_tokens, request)
         except Exception as exc:

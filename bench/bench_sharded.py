@@ -104,7 +104,7 @@ def share_worker() -> None:
     group = mx.distributed.init()
     link = lem_serve.GroupLink(group)
     stream = mx.default_stream(mx.default_device())
-    request = lem_serve.GenerationRequest(endpoint="completions", prompt=tuple(range(1000)))
+    request = lem_serve.GenerationRequest(endpoint="completions", seed=1)  # the Insert carries no prompt text
     insert = [lem_serve.Insert(0, list(range(1000)), 0, 100, request)]
 
     def timed(call) -> float:
