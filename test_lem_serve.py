@@ -3636,6 +3636,13 @@ def test_sharded_client_leaving_mid_stream_stops_generation(sharded):
     assert post(sharded, "completions", max_tokens=3)["usage"]["completion_tokens"] == 3
 
 
+def test_pipeline_without_a_group_is_a_one_line_error(model_dir):
+    out = subprocess.run([sys.executable, str(ROOT / "lem_serve.py"), "--model-path", str(model_dir), "--pipeline"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "--pipeline" in out.stderr and "mlx.launch" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+
+
 @pytest.fixture(scope="module")
 def three_layer_model_dir(tmp_path_factory) -> Path:
     """The long-context tiny model with three layers (pipeline stages of 2 and 1) and a weight index."""
