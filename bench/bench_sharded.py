@@ -8,10 +8,12 @@ model folder, greedy, chat template applied:
 1. Single stream: decode tok/s and time to first token (TTFT) of
    * lem-serve in one process,
    * lem-serve over two ranks (tensor parallel; rank 0 serves HTTP),
-   * raw mlx_lm ``stream_generate``, one process and sharded over two ranks
-     (``sharded_load``), no server: the ratio lem/raw of each shows what
-     lem-serve adds on top, sharded or not.
-   Servers are interleaved repetition by repetition; medians.
+   * raw mlx_lm ``stream_generate``, one process (bench.py's raw worker) and
+     sharded over two ranks (``sharded_load``), no server: the ratio lem/raw
+     of each shows what lem-serve adds on top, sharded or not.
+   Each runs alone on the machine in turn (an idle group is not idle here:
+   mlx.launch's I/O loop and the ring backend's wait both spin, and the
+   script reports how much CPU they take); medians of the repetitions.
 2. Concurrency 4: aggregate tok/s and TTFT p50 of the two lem-serves.
 3. The cost of one engine step's sync when nothing changed: rank 0's
    ``GroupLink.share`` of no ops (one all_sum of 16 bytes), against a bare
@@ -50,6 +52,7 @@ from testing.group import free_port_run, launcher  # noqa: E402
 ROOT = bench.ROOT
 RESULTS = bench.RESULTS
 ONE, GROUP = "lem-serve, 1 process", "lem-serve, 2 ranks"
+RAW1, RAW2 = "raw mlx_lm, 1 process", "raw mlx_lm, 2 ranks"
 SHARE_CALLS = 500
 
 
@@ -76,24 +79,35 @@ def run_worker(ranks: int, *args: str) -> dict:
     raise RuntimeError(f"worker {args} failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
 
 
-def raw_worker(model_path: str, tokens: int, reps: int) -> None:
-    """Raw mlx_lm, one process or one rank of a group: decode tok/s and TTFT of stream_generate."""
+class RawGroupWorker(bench.RawWorker):
+    """bench.py's raw mlx_lm worker, sharded over two ranks with sharded_load.
+
+    mlx.launch hands its stdin to every rank, so all ranks read each request
+    and generate together; only rank 0 answers on stdout.
+    """
+
+    def __init__(self, model: Path, tag: str):
+        super().__init__(model, tag)
+        self.name = RAW2
+        self.argv = [launcher(), "-n", "2", "--backend", "ring", "--starting-port", str(free_port_run(2)),
+                     "--python", sys.executable, str(Path(__file__).resolve()), "--raw-worker", str(model)]
+        self.log_path = RESULTS / "logs" / f"{tag}-raw-2-ranks.log"
+
+
+def raw_worker(model_path: str) -> None:
+    """One rank of the sharded raw worker: bench.raw_worker's protocol, the model from sharded_load."""
     import mlx.core as mx
-    import mlx_lm
+    from mlx_lm.utils import sharded_load
     group = mx.distributed.init()
-    if group.size() > 1:
-        from mlx_lm.utils import sharded_load
-        model, tokenizer = sharded_load(model_path, tensor_group=group)
-    else:
-        model, tokenizer = mlx_lm.load(model_path)
-    samples = []
-    for i in range(reps + 1):  # the first is a warm-up
-        answer = bench.raw_stream(model, tokenizer, bench.story_prompt(1000 + i), tokens)
-        samples.append(bench.to_sample(answer))
-    samples = samples[1:]
-    if group.rank() == 0:
-        print("RESULT " + json.dumps({"decode_tps": bench.median([s.decode_tps for s in samples]),
-                                      "ttft": bench.median([s.ttft for s in samples])}), flush=True)
+    model, tokenizer = sharded_load(model_path, tensor_group=group)
+    out = sys.stdout if group.rank() == 0 else open(os.devnull, "w")
+    sys.stdout = sys.stderr
+    out.write(bench.WORKER_READY + "\n")
+    out.flush()
+    for line in sys.stdin:
+        request = json.loads(line)
+        out.write(json.dumps(bench.raw_stream(model, tokenizer, request["messages"], request["max_tokens"])) + "\n")
+        out.flush()
     os._exit(0)
 
 
@@ -129,12 +143,12 @@ def share_worker() -> None:
     os._exit(0)
 
 
-def single_stream(servers: dict, tokens: int, reps: int) -> dict:
-    """Interleaved single streams against each server; medians of decode tok/s and TTFT."""
-    samples = {name: [] for name in servers}
+def single_stream(systems: dict, tokens: int, reps: int) -> dict:
+    """Interleaved single streams on each system; medians of decode tok/s and TTFT."""
+    samples = {name: [] for name in systems}
     for rep in range(reps + 1):  # the first round is a warm-up
-        for name in bench.rotated(tuple(servers), rep):
-            sample = bench.stream_chat(servers[name].port, bench.story_prompt(rep), tokens)
+        for name in bench.rotated(tuple(systems), rep):
+            sample = systems[name](bench.story_prompt(rep), tokens)
             if sample.error:
                 raise RuntimeError(f"{name}: {sample.error}")
             if rep:
@@ -156,26 +170,47 @@ def concurrent(servers: dict, tokens: int, rounds: int, level: int = 4) -> dict:
     return {name: {"tps": bench.median(r["tps"]), "ttft_p50": bench.median(r["ttft"])} for name, r in result.items()}
 
 
+def idle_cpu(server: bench.ServerProcess, seconds: float = 5.0) -> dict:
+    """CPU share (1.0 = one core) each process of an idle group uses: the launcher and its ranks."""
+    from testing.group import children_of, environ_of
+    launcher_pid = next(pid for pid in [server.proc.pid, *children_of(server.proc.pid)]
+                        if "mlx.launch" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace"))
+    names = {launcher_pid: "mlx.launch"}
+    names.update({pid: f"rank {environ_of(pid).get('MLX_RANK')}" for pid in children_of(launcher_pid)})
+
+    def ticks() -> dict:
+        return {pid: sum(int(x) for x in Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[11:13])
+                for pid in names}
+    before = ticks()
+    time.sleep(seconds)
+    after = ticks()
+    hz = os.sysconf("SC_CLK_TCK")
+    return {names[pid]: (after[pid] - before[pid]) / hz / seconds for pid in sorted(names, key=names.get)}
+
+
 def bench_model(name: str, quick: bool) -> dict:
+    """Each system alone on the machine in turn (an idle group's processes take CPU: see idle_cpu)."""
     path = bench.prepare_model(name)
     tokens, reps = (64, 3) if quick else (128, 5)
     if name == "small":
         tokens, reps = (32, 2) if quick else (64, 3)
-    result = {"model": bench.model_label(name, path), "tokens": tokens, "reps": reps}
-    servers = {ONE: bench.lem_server(path, f"{name}-sharded", 4), GROUP: group_server(path, name, 4)}
-    try:
-        for server in servers.values():
-            server.start()
-        bench.progress(f"{name}: single stream, {reps} repetitions of {tokens} tokens")
-        result["single"] = single_stream(servers, tokens, reps)
-        bench.progress(f"{name}: 4 concurrent streams")
-        result["concurrent"] = concurrent(servers, tokens // 2, 1 if quick else 2)
-    finally:
-        for server in servers.values():
-            server.stop()
-    bench.progress(f"{name}: raw mlx_lm, one process and two ranks")
-    result["raw"] = {"1 process": run_worker(1, "--raw-worker", str(path), str(tokens), str(reps)),
-                     "2 ranks": run_worker(2, "--raw-worker", str(path), str(tokens), str(reps))}
+    result = {"model": bench.model_label(name, path), "tokens": tokens, "reps": reps, "single": {},
+              "concurrent": {}}
+    systems = [(ONE, lambda: bench.lem_server(path, f"{name}-sharded", 4)), (RAW1, lambda: bench.RawWorker(path, name)),
+               (GROUP, lambda: group_server(path, name, 4)), (RAW2, lambda: RawGroupWorker(path, name))]
+    for system, make in systems:
+        process = make().start()
+        try:
+            bench.progress(f"{name}: {system}, single stream, {reps} repetitions of {tokens} tokens")
+            stream = process.stream if system in (RAW1, RAW2) else (
+                lambda m, t, port=process.port: bench.stream_chat(port, m, t))
+            result["single"].update(single_stream({system: stream}, tokens, reps))
+            if system in (ONE, GROUP):
+                result["concurrent"].update(concurrent({system: process}, tokens // 2, 1 if quick else 2))
+            if system == GROUP:
+                result["idle_cpu"] = idle_cpu(process)
+        finally:
+            process.stop()
     return result
 
 
@@ -191,33 +226,32 @@ def markdown(report: dict) -> str:
     lines += [f"| {k} | {v:.0f} |" for k, v in share.items() if k != "insert payload bytes"]
     lines += ["", f"(the Insert's pickled payload: {share['insert payload bytes']} bytes)", ""]
     for result in report["models"]:
-        single, raw, conc = result["single"], result["raw"], result["concurrent"]
+        single, conc = result["single"], result["concurrent"]
         lines += [f"#### {result['model']}", "",
                   f"Single stream, {result['tokens']} tokens, medians of {result['reps']}:", "",
                   "| system | decode tok/s | TTFT |", "|---|---:|---:|"]
-        for name in (ONE, GROUP):
+        for name in (ONE, GROUP, RAW1, RAW2):
             lines.append(f"| {name} | {bench.fmt(single[name]['decode_tps'])} | {bench.fmt_ms(single[name]['ttft'])} |")
-        for name, row in raw.items():
-            lines.append(f"| raw mlx_lm, {name} | {bench.fmt(row['decode_tps'])} | {bench.fmt_ms(row['ttft'])} |")
-        lines += ["", f"**2 ranks / 1 process: {bench.fmt_ratio(bench.ratio(single[GROUP]['decode_tps'], single[ONE]['decode_tps']))} "
-                  f"decode; lem/raw: {bench.fmt_ratio(bench.ratio(single[ONE]['decode_tps'], raw['1 process']['decode_tps']))} "
-                  f"in one process, {bench.fmt_ratio(bench.ratio(single[GROUP]['decode_tps'], raw['2 ranks']['decode_tps']))} "
-                  "over two ranks.**", "",
+        tps = {name: single[name]["decode_tps"] for name in single}
+        lines += ["", f"**2 ranks / 1 process: {bench.fmt_ratio(bench.ratio(tps[GROUP], tps[ONE]))} decode; "
+                  f"lem/raw: {bench.fmt_ratio(bench.ratio(tps[ONE], tps[RAW1]))} in one process, "
+                  f"{bench.fmt_ratio(bench.ratio(tps[GROUP], tps[RAW2]))} over two ranks.**", "",
                   "4 concurrent streams: aggregate tok/s, TTFT p50:", "", "| system | tok/s | TTFT p50 |", "|---|---:|---:|"]
         for name in (ONE, GROUP):
             lines.append(f"| {name} | {bench.fmt(conc[name]['tps'])} | {bench.fmt_ms(conc[name]['ttft_p50'])} |")
-        lines.append("")
+        idle = ", ".join(f"{who} {share:.2f}" for who, share in result["idle_cpu"].items())
+        lines += ["", f"CPU used by the idle two-rank group, in cores: {idle}.", ""]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model only, fewer repetitions")
-    parser.add_argument("--raw-worker", nargs=3, metavar=("MODEL", "TOKENS", "REPS"), help=argparse.SUPPRESS)
+    parser.add_argument("--raw-worker", metavar="MODEL", help=argparse.SUPPRESS)
     parser.add_argument("--share-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.raw_worker:
-        raw_worker(args.raw_worker[0], int(args.raw_worker[1]), int(args.raw_worker[2]))
+        raw_worker(args.raw_worker)
     if args.share_worker:
         share_worker()
     env = bench.environment()
