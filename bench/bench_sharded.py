@@ -11,9 +11,11 @@ model folder, greedy, chat template applied:
    * raw mlx_lm ``stream_generate``, one process (bench.py's raw worker) and
      sharded over two ranks (``sharded_load``), no server: the ratio lem/raw
      of each shows what lem-serve adds on top, sharded or not.
-   Each runs alone on the machine in turn (an idle group is not idle here:
-   mlx.launch's I/O loop and the ring backend's wait both spin, and the
-   script reports how much CPU they take); medians of the repetitions.
+   All four are started, then measured in turns, repetition by repetition,
+   each resumed (SIGCONT) for its turn while the others stay paused
+   (SIGSTOP): an idle group is not idle here (mlx.launch's I/O loop and the
+   ring backend's wait spin; the script reports how much CPU they take).
+   Medians of the repetitions.
 2. Concurrency 4: aggregate tok/s and TTFT p50 of the two lem-serves.
 3. The cost of one engine step's sync when nothing changed: rank 0's
    ``GroupLink.share`` of no ops (one all_sum of 16 bytes), against a bare
@@ -34,14 +36,17 @@ for what to expect from Macs linked by Thunderbolt.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -143,12 +148,28 @@ def share_worker() -> None:
     os._exit(0)
 
 
+@contextlib.contextmanager
+def running(process) -> Iterator[None]:
+    """Let a paused system run (SIGCONT to its session) for the block, then pause it again (SIGSTOP).
+
+    Only the system being measured runs: an idle group is not idle on a
+    shared 2-core machine (see idle_cpu), and would slow the others down.
+    """
+    os.killpg(process.proc.pid, signal.SIGCONT)
+    try:
+        yield
+    finally:
+        os.killpg(process.proc.pid, signal.SIGSTOP)
+
+
 def single_stream(systems: dict, tokens: int, reps: int) -> dict:
-    """Interleaved single streams on each system; medians of decode tok/s and TTFT."""
+    """Single streams, interleaved system by system each repetition; medians of decode tok/s and TTFT."""
     samples = {name: [] for name in systems}
     for rep in range(reps + 1):  # the first round is a warm-up
         for name in bench.rotated(tuple(systems), rep):
-            sample = systems[name](bench.story_prompt(rep), tokens)
+            process, stream = systems[name]
+            with running(process):
+                sample = stream(bench.story_prompt(rep), tokens)
             if sample.error:
                 raise RuntimeError(f"{name}: {sample.error}")
             if rep:
@@ -164,7 +185,8 @@ def concurrent(servers: dict, tokens: int, rounds: int, level: int = 4) -> dict:
     for rnd in range(rounds):
         for name in bench.rotated(tuple(servers), rnd):
             conversations = [bench.story_prompt(100 * (rnd + 1) + i) for i in range(level)]
-            samples = bench.run_concurrent(servers[name].port, conversations, tokens)
+            with running(servers[name]):
+                samples = bench.run_concurrent(servers[name].port, conversations, tokens)
             result[name]["tps"].append(bench.aggregate_tps(samples))
             result[name]["ttft"].append(bench.percentile([s.ttft for s in samples], 50))
     return {name: {"tps": bench.median(r["tps"]), "ttft_p50": bench.median(r["ttft"])} for name, r in result.items()}
@@ -181,35 +203,40 @@ def idle_cpu(server: bench.ServerProcess, seconds: float = 5.0) -> dict:
     def ticks() -> dict:
         return {pid: sum(int(x) for x in Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[11:13])
                 for pid in names}
-    before = ticks()
-    time.sleep(seconds)
-    after = ticks()
+    with running(server):
+        time.sleep(1.0)
+        before = ticks()
+        time.sleep(seconds)
+        after = ticks()
     hz = os.sysconf("SC_CLK_TCK")
     return {names[pid]: (after[pid] - before[pid]) / hz / seconds for pid in sorted(names, key=names.get)}
 
 
 def bench_model(name: str, quick: bool) -> dict:
-    """Each system alone on the machine in turn (an idle group's processes take CPU: see idle_cpu)."""
+    """Both lem-serves and both raw workers, started in turn, then measured turn by turn."""
     path = bench.prepare_model(name)
     tokens, reps = (64, 3) if quick else (128, 5)
     if name == "small":
         tokens, reps = (32, 2) if quick else (64, 3)
-    result = {"model": bench.model_label(name, path), "tokens": tokens, "reps": reps, "single": {},
-              "concurrent": {}}
-    systems = [(ONE, lambda: bench.lem_server(path, f"{name}-sharded", 4)), (RAW1, lambda: bench.RawWorker(path, name)),
-               (GROUP, lambda: group_server(path, name, 4)), (RAW2, lambda: RawGroupWorker(path, name))]
-    for system, make in systems:
-        process = make().start()
-        try:
-            bench.progress(f"{name}: {system}, single stream, {reps} repetitions of {tokens} tokens")
-            stream = process.stream if system in (RAW1, RAW2) else (
-                lambda m, t, port=process.port: bench.stream_chat(port, m, t))
-            result["single"].update(single_stream({system: stream}, tokens, reps))
-            if system in (ONE, GROUP):
-                result["concurrent"].update(concurrent({system: process}, tokens // 2, 1 if quick else 2))
-            if system == GROUP:
-                result["idle_cpu"] = idle_cpu(process)
-        finally:
+    result = {"model": bench.model_label(name, path), "tokens": tokens, "reps": reps}
+    processes = {ONE: bench.lem_server(path, f"{name}-sharded", 4), RAW1: bench.RawWorker(path, name),
+                 GROUP: group_server(path, name, 4), RAW2: RawGroupWorker(path, name)}
+    try:
+        for process in processes.values():
+            process.start()
+            os.killpg(process.proc.pid, signal.SIGSTOP)
+        systems = {system: (process, process.stream if system in (RAW1, RAW2) else
+                            lambda m, t, port=process.port: bench.stream_chat(port, m, t))
+                   for system, process in processes.items()}
+        bench.progress(f"{name}: single stream, {reps} repetitions of {tokens} tokens")
+        result["single"] = single_stream(systems, tokens, reps)
+        bench.progress(f"{name}: 4 concurrent streams")
+        result["concurrent"] = concurrent({s: processes[s] for s in (ONE, GROUP)}, tokens // 2, 1 if quick else 2)
+        result["idle_cpu"] = idle_cpu(processes[GROUP])
+    finally:
+        for process in processes.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.proc.pid, signal.SIGCONT)
             process.stop()
     return result
 
