@@ -1758,6 +1758,138 @@ def test_metrics_count_the_dialects_per_endpoint(make_server):
 
 
 # ---------------------------------------------------------------------------
+# The real agents, headless: Claude Code (claude -p) and Codex (codex exec)
+# ---------------------------------------------------------------------------
+
+AGENT_BIN = ROOT / "testing" / "agents" / "node_modules" / ".bin"  # .ci/run: npm install --prefix testing/agents
+AGENT_TIMEOUT = 1500      # seconds one CLI run may take: a cold 10-20k-token prompt on a loaded 2-core box
+AGENT_MAX_TOKENS = 256    # replies end by themselves after ~8 tokens (end_token_every=8); this is only a backstop
+AGENT_KEY = "sk-lem-agent-test"
+AGENT_ASK = "Say hello in five words."
+
+
+def agent_cli(name: str) -> Path:
+    """The installed CLI; skipped where it is not installed, a failure where CI says it must be."""
+    path = AGENT_BIN / name
+    if not path.exists():
+        message = f"{name} is not installed in {AGENT_BIN}; install it as .ci/run does"
+        if os.environ.get("LEM_REQUIRE_AGENTS"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="session")
+def agent_model_dir(tmp_path_factory) -> Path:
+    """A long-context model (with a 4096-token vocabulary, as real ones have more) whose replies end by themselves.
+
+    Agents treat a reply cut at the token budget as a failure (Claude Code:
+    "response exceeded the ... output token maximum", exit 1; Codex:
+    "Incomplete response returned", exit 1), so every 8th token ends a turn.
+    """
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "agent", vocab_size=4096,
+                            max_position_embeddings=LONG_CONTEXT, end_token_every=8)
+
+
+@dataclasses.dataclass
+class AgentReply:
+    text: str
+    prompt_tokens: int
+    cached_tokens: int
+
+
+@pytest.fixture
+def agent_server(agent_model_dir, monkeypatch):
+    """A server for the agents (API key on) and, in order, each reply it streamed: text and prompt-cache use."""
+    replies, pieces = [], {}
+    real_event = lem_serve.Writer.event
+
+    def recording(self, kind, value, *extra):  # observes the real writer; changes nothing it does
+        if kind == "text":
+            pieces.setdefault(id(self), []).append(value)
+        else:
+            replies.append(AgentReply("".join(pieces.pop(id(self), [])), self.job.prompt_tokens, self.job.cached_tokens))
+        return real_event(self, kind, value, *extra)
+
+    monkeypatch.setattr(lem_serve.Writer, "event", recording)
+    model = lem_serve.load_model(lem_serve.Settings(model_path=str(agent_model_dir)))
+    with running_server(model, agent_model_dir, max_tokens=AGENT_MAX_TOKENS, timeout=AGENT_TIMEOUT,
+                        max_requests=2, api_key=AGENT_KEY) as srv:
+        yield srv, replies
+
+
+def run_agent(argv: list, cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([str(a) for a in argv], cwd=cwd, env={"PATH": os.environ["PATH"], **env}, text=True,
+                          capture_output=True, stdin=subprocess.DEVNULL, timeout=AGENT_TIMEOUT)
+
+
+def assert_only_successes(srv, path: str) -> None:
+    """Every request the agent made on `path` was answered 200 (no 4xx/5xx it had to retry past)."""
+    assert wait_until(lambda: srv.in_flight == 0)
+    codes = {labels: value for (name, labels), value in scrape(srv, {"x-api-key": AGENT_KEY}).items()
+             if name == "lem_requests_total" and f'endpoint="{path}"' in labels}
+    assert codes and all('code="200"' in labels for labels in codes), codes
+
+
+def test_claude_code_answers_headless_and_its_second_run_reads_the_cache(agent_server, tmp_path):
+    claude = agent_cli("claude")
+    srv, replies = agent_server
+    (tmp_path / "home").mkdir()
+    (tmp_path / "work").mkdir()
+    env = {"HOME": tmp_path / "home", "ANTHROPIC_BASE_URL": srv.url, "ANTHROPIC_API_KEY": AGENT_KEY,
+           "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"}
+    first = run_agent([claude, "-p", AGENT_ASK], tmp_path / "work", env)
+    assert first.returncode == 0, (first.stdout[-2000:], first.stderr[-2000:])
+    assert first.stdout.strip() == replies[-1].text.strip()  # the model's gibberish, as it streamed it
+    runs = len(replies)
+    second = run_agent([claude, "-p", AGENT_ASK, "--output-format", "json"], tmp_path / "work", env)
+    assert second.returncode == 0, (second.stdout[-2000:], second.stderr[-2000:])
+    result = json.loads(second.stdout)
+    assert result["is_error"] is False and result["result"] == replies[-1].text
+    resent = replies[runs]  # the second run's first request: the same 10-20k-token prefix again
+    assert resent.prompt_tokens > 5000 and resent.cached_tokens >= 0.9 * resent.prompt_tokens, resent
+    assert result["usage"]["cache_read_input_tokens"] >= resent.cached_tokens  # and Claude Code was told so
+    assert_only_successes(srv, "/v1/messages")
+
+
+def test_codex_answers_headless_and_its_second_run_reads_the_cache(agent_server, tmp_path):
+    codex = agent_cli("codex")
+    srv, replies = agent_server
+    home, work = tmp_path / "codex-home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    (home / "config.toml").write_text(CODEX_CONFIG.format(url=srv.url + "/v1"))
+    env = {"HOME": home, "CODEX_HOME": home, "LEM_API_KEY": AGENT_KEY}
+    first = run_agent([codex, "exec", "--skip-git-repo-check", AGENT_ASK], work, env)
+    assert first.returncode == 0, (first.stdout[-2000:], first.stderr[-2000:])
+    assert first.stdout.strip() == replies[-1].text.strip()
+    runs = len(replies)
+    second = run_agent([codex, "exec", "--skip-git-repo-check", "--json", AGENT_ASK], work, env)
+    assert second.returncode == 0, (second.stdout[-2000:], second.stderr[-2000:])
+    events = [json.loads(line) for line in second.stdout.splitlines() if line.startswith("{")]
+    said = [e["item"]["text"] for e in events if e["type"] == "item.completed" and e["item"]["type"] == "agent_message"]
+    assert said == ([replies[-1].text] if replies[-1].text else [])
+    resent = replies[runs]
+    assert resent.prompt_tokens > 5000 and resent.cached_tokens >= 0.9 * resent.prompt_tokens, resent
+    (usage,) = [e["usage"] for e in events if e["type"] == "turn.completed"]
+    assert usage["cached_input_tokens"] >= resent.cached_tokens
+    assert_only_successes(srv, "/v1/responses")
+
+
+# What the README tells Codex users to write, pointed at the test server; the key comes from LEM_API_KEY.
+CODEX_CONFIG = """\
+model = "lem"
+model_provider = "lem"
+
+[model_providers.lem]
+name = "lem-serve"
+base_url = "{url}"
+wire_api = "responses"
+env_key = "LEM_API_KEY"
+"""
+
+
+# ---------------------------------------------------------------------------
 # A real model: GGUF conversion (tools/gguf_to_mlx.py) and SmolLM2-135M-Instruct
 # ---------------------------------------------------------------------------
 

@@ -19,6 +19,11 @@ under greedy decoding (see ``_suppress_rows``), so generations always run to
 ``max_tokens`` and tests don't become short or flaky, and the MLPs are
 amplified so greedy output is varied rather than one repeated token.
 
+Agents (Claude Code, Codex) treat a reply cut at the token budget as a
+failure, so a model for them can be built with ``end_token_every=N``: every
+Nth ordinary token then also ends the reply, as a real model's end-of-turn
+token does, and sampled replies stop by themselves after a few tokens.
+
 Usage::
 
     python testing/tiny_model.py OUT_DIR                  # "tiny" preset
@@ -346,10 +351,16 @@ def build_tiny_model(
     vocab_size: int = 512,
     max_position_embeddings: int = 4096,
     seed: int = 0,
+    end_token_every: int = 0,
 ) -> pathlib.Path:
     """Write a random-weight Qwen2 chat model to ``out_dir`` and return its path.
 
-    The same arguments always give byte-identical files.
+    The same arguments always give byte-identical files. ``end_token_every``
+    N > 0 lists every Nth ordinary token id as an end-of-sequence id too
+    (config.json's ``eos_token_id``): at temperature 1 about 1/N of each
+    step's probability mass then ends the reply (mean length ~N tokens, and
+    once in a while the very first token ends it, an empty reply); 0 keeps
+    replies running to ``max_tokens``.
     """
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -384,6 +395,8 @@ def build_tiny_model(
     )
 
     eos_ids = [tok.token_to_id(IM_END), tok.token_to_id(ENDOFTEXT)]
+    if end_token_every > 0:
+        eos_ids += list(range(0, n_ordinary, end_token_every))
     config = _model_config(args, eos_ids, tok.token_to_id(ENDOFTEXT))
     _write_json(out / "config.json", config)
     _write_json(
@@ -544,6 +557,8 @@ def main(argv=None) -> None:
     parser.add_argument("--vocab-size", type=int)
     parser.add_argument("--max-position-embeddings", type=int, default=4096)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--end-token-every", type=int, default=0,
+                        help="every Nth ordinary token also ends a reply (for agent CLIs); 0 = none")
     parser.add_argument(
         "--verify", action="store_true", help="load it with mlx_lm and check it"
     )
@@ -563,6 +578,7 @@ def main(argv=None) -> None:
         a.out_dir,
         max_position_embeddings=a.max_position_embeddings,
         seed=a.seed,
+        end_token_every=a.end_token_every,
         **sizes,
     )
     if a.verify:
