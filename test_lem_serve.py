@@ -1006,11 +1006,25 @@ def test_missing_length_is_411_and_huge_body_413(server):
     assert status == 411
 
 
-@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def with_prompt(endpoint: str, text: str, **fields) -> dict:
+    """A body for the endpoint whose one user message (or prompt, or input) is `text`."""
+    asked = {"completions": {"prompt": text}, "responses": {"input": text}}
+    return body_for(endpoint, **asked.get(endpoint, {"messages": [{"role": "user", "content": text}]}), **fields)
+
+
+def assert_prompt_too_long(endpoint: str, reply: Reply) -> None:
+    """A 400 in the endpoint's envelope, worded as Anthropic words it (clients such as Claude Code look for it)."""
+    error = assert_error(endpoint, reply, 400)
+    match = re.fullmatch(r"prompt is too long: (\d+) tokens > (\d+) maximum.*", error["message"])
+    assert match and int(match[1]) > int(match[2]), error["message"]
+    if endpoint != "messages":
+        assert error["code"] == "context_length_exceeded"
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS + DIALECTS)
 def test_prompt_longer_than_context_is_400(server, model, endpoint):
     words = " ".join(f"w{i}" for i in range(model.context_length))
-    body = {"messages": [{"role": "user", "content": words}]} if endpoint == "chat" else {"prompt": words}
-    assert_openai_error(request(server, "POST", path_of(endpoint), body), 400, code="context_length_exceeded")
+    assert_prompt_too_long(endpoint, request(server, "POST", path_of(endpoint), with_prompt(endpoint, words)))
 
 
 def test_max_tokens_beyond_context_is_400(server, model):
@@ -1025,16 +1039,18 @@ def test_empty_completions_prompt_starts_from_the_start_token(server, model):
     assert payload["choices"][0]["text"] == mlx_reference(model, [start], 5)
 
 
-@pytest.mark.parametrize("endpoint", ENDPOINTS)
+@pytest.mark.parametrize("endpoint", ENDPOINTS + DIALECTS)
 def test_bad_prompts_are_400_even_while_every_slot_is_busy(make_server, model, endpoint):
     srv = make_server(max_requests=1)
     conn, response = open_stream(srv, max_tokens=3000)
     read_first_text_event(response)
     words = " ".join(f"w{i}" for i in range(model.context_length))
-    too_long = {"messages": [{"role": "user", "content": words}]} if endpoint == "chat" else {"prompt": words}
-    assert_openai_error(request(srv, "POST", path_of(endpoint), too_long), 400, code="context_length_exceeded")
-    overflow = body_for(endpoint, max_tokens=model.context_length)
-    assert_openai_error(request(srv, "POST", path_of(endpoint), overflow), 400, "max_tokens", "context_length_exceeded")
+    assert_prompt_too_long(endpoint, request(srv, "POST", path_of(endpoint), with_prompt(endpoint, words)))
+    if endpoint in DIALECTS:  # their max_tokens is clamped to fit, never refused
+        assert_error(endpoint, request(srv, "POST", path_of(endpoint), body_for(endpoint, max_tokens=10**6)), 429)
+    else:
+        overflow = body_for(endpoint, max_tokens=model.context_length)
+        assert_openai_error(request(srv, "POST", path_of(endpoint), overflow), 400, "max_tokens", "context_length_exceeded")
     assert health(srv)["active_requests"] == 1  # the stream still holds the only slot
     hang_up(conn, response)
 
@@ -1228,9 +1244,10 @@ def test_concurrent_admission_never_exceeds_the_limit(make_server):
     assert health(srv)["active_requests"] == 0
 
 
-def test_disconnect_mid_stream_stops_generation_and_frees_the_slot(make_server):
+@pytest.mark.parametrize("endpoint", ["chat", *DIALECTS])
+def test_disconnect_mid_stream_stops_generation_and_frees_the_slot(make_server, endpoint):
     srv = make_server(max_requests=1)
-    conn, response = open_stream(srv, max_tokens=3000)
+    conn, response = open_stream(srv, endpoint, max_tokens=3000)
     read_first_text_event(response)
     hang_up(conn, response)
     assert wait_until(lambda: health(srv)["active_requests"] == 0, timeout=2)
@@ -1276,16 +1293,22 @@ def test_timeout_streaming_sends_error_event_then_done(make_server):
     assert wait_until(lambda: health(srv)["active_requests"] == 0)
 
 
-def test_long_prompt_stream_gets_keepalive_comments(make_server, model, monkeypatch):
+@pytest.mark.parametrize("endpoint", ["chat", *DIALECTS])
+def test_long_prompt_stream_gets_keepalives(make_server, model, monkeypatch, endpoint):
     # Many small prefill steps make prompt processing outlast the keepalive interval.
     monkeypatch.setattr(lem_serve, "PREFILL_STEP_TOKENS", 32)
     monkeypatch.setattr(lem_serve, "KEEPALIVE_SECONDS", 0.05)
     srv = make_server()
     words = " ".join(f"w{i}" for i in range(model.context_length // 6))  # about 3,000 tokens
-    events = stream(srv, "chat", messages=[{"role": "user", "content": words}], max_tokens=2)
-    first_text = next(i for i, e in enumerate(events) if isinstance(e, dict) and e["choices"][0]["delta"].get("content"))
-    assert ": keepalive" in events[:first_text]
-    assert events[-1] == "[DONE]"
+    events = stream(srv, endpoint, max_tokens=2, **{k: v for k, v in with_prompt(endpoint, words).items()
+                                                   if k != "max_tokens"})
+    first_text = next(i for i, e in enumerate(events) if streamed_text(endpoint, [e]))
+    if endpoint == "messages":  # Anthropic's keepalive is a ping event; one follows message_start anyway
+        assert events[:first_text].count({"type": "ping"}) >= 2
+    else:
+        assert ": keepalive" in events[:first_text]
+    last = events[-1]
+    assert last == "[DONE]" if endpoint == "chat" else last["type"] in ("message_stop", "response.incomplete")
 
 
 def test_generation_failure_fails_one_request_and_engine_goes_on(make_server, model, monkeypatch):
@@ -2665,13 +2688,16 @@ def test_api_key_covers_every_v1_route_and_metrics(make_server):
     srv = make_server(api_key="sekret")
     guarded = [(m, p) for m, table in (("GET", lem_serve.Handler.GET_ROUTES), ("POST", lem_serve.Handler.POST_ROUTES))
                for p in table if p.startswith("/v1/") or p == "/metrics"]
-    assert len(guarded) == 4
+    assert len(guarded) == 7
+    endpoint_of = {path: endpoint for endpoint, path in PATHS.items()}
     for method, path in guarded:
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekret"}):
-            assert_openai_error(request(srv, method, path + "?x=1", {"prompt": "x"}, headers), 401, code="invalid_api_key")
-        ok = request(srv, method, path, body_for("chat" if "chat" in path else "completions", max_tokens=1),
-                     {"Authorization": "Bearer sekret"})
-        assert ok.status == 200, (path, ok.raw[:200])
+        endpoint = "messages" if path.startswith("/v1/messages") else endpoint_of.get(path, "completions")
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekret"}, {"x-api-key": "wrong"},
+                        {"Authorization": "Basic sekret", "x-api-key": "sekre"}):
+            assert_error(endpoint, request(srv, method, path + "?x=1", {"prompt": "x"}, headers), 401)
+        for headers in ({"Authorization": "Bearer sekret"}, {"x-api-key": "sekret"}):
+            ok = request(srv, method, path, body_for(endpoint, max_tokens=1), headers)
+            assert ok.status == 200, (path, ok.raw[:200])
     assert scrape(srv, {"Authorization": "Bearer sekret"})["lem_engine_up", ""] == 1
     for path in ("/", "/chat.js", "/healthz"):
         assert request(srv, "GET", path).status == 200
@@ -2809,6 +2835,25 @@ def fuzz_server(model, model_dir):
 FUZZ_COUNTS = {"json": 0, "raw": 0, "statuses": {}}
 
 
+def api_of(payload: bytes) -> str:
+    """Which API's shapes the answer to these bytes must have: "messages", "responses" or "openai".
+
+    The server knows the path once the request line parses (2 or 3 words, a
+    1.x or 0.9 version); before that every error is in OpenAI's envelope.
+    """
+    words = payload.split(b"\r\n", 1)[0].decode("latin-1").split()
+    if len(words) not in (2, 3) or (len(words) == 3 and words[2] not in ("HTTP/1.0", "HTTP/1.1", "HTTP/0.9")):
+        return "openai"
+    path = words[1].split("?", 1)[0]
+    if path == "/v1/messages" or path.startswith("/v1/messages/"):
+        return "messages"
+    return "responses" if path == "/v1/responses" else "openai"
+
+
+LAST_STREAM_EVENTS = {"messages": ("message_stop", "error"),
+                      "responses": ("response.completed", "response.incomplete", "response.failed")}
+
+
 def send_and_check(srv, payload: bytes, head: bool = False) -> int:
     """Send raw bytes; the answer must be one well-formed HTTP response: JSON error, or a valid result."""
     with socket.create_connection(srv.server_address[:2], timeout=30) as sock:
@@ -2821,18 +2866,25 @@ def send_and_check(srv, payload: bytes, head: bool = False) -> int:
         reply = Reply(response)
     assert reply.status < 500 or reply.status in (501, 505), (reply.status, reply.raw[:300])  # unknown method, HTTP/2.0
     assert reply.headers["X-Content-Type-Options"] == "nosniff"
-    content_type = reply.headers.get("Content-Type", "")
+    content_type, api = reply.headers.get("Content-Type", ""), api_of(payload)
     if reply.status >= 300 and not head:
-        assert_openai_error(reply, reply.status)
+        (assert_anthropic_error if api == "messages" else assert_openai_error)(reply, reply.status)
     elif content_type.startswith("text/event-stream"):
         events = sse_events_of(reply.raw)
-        assert events[-1] == "[DONE]"
-        assert all(isinstance(e, dict) and ("choices" in e or "error" in e) for e in events[:-1] if not isinstance(e, str))
+        if api in LAST_STREAM_EVENTS:
+            assert events[-1]["type"] in LAST_STREAM_EVENTS[api], events[-1]
+            assert all(isinstance(e, dict) and "type" in e for e in events)
+        else:
+            assert events[-1] == "[DONE]"
+            assert all(isinstance(e, dict) and ("choices" in e or "error" in e) for e in events[:-1] if not isinstance(e, str))
     elif content_type == "application/json" and not head:
         body = reply.json()
-        assert isinstance(body, dict) and ("choices" in body or "status" in body or "data" in body), body
+        kinds = ("choices", "status", "data", "content", "output", "input_tokens")
+        assert isinstance(body, dict) and any(kind in body for kind in kinds), body
         if "choices" in body:
             assert body["usage"]["completion_tokens"] <= 4
+        if "content" in body or "output" in body:
+            assert body["usage"]["output_tokens"] <= 4
     FUZZ_COUNTS["statuses"][reply.status] = FUZZ_COUNTS["statuses"].get(reply.status, 0) + 1
     return reply.status
 
@@ -2867,12 +2919,17 @@ def fuzz_json():
 
 
 def fuzz_body():
-    """Request bodies: anything at all, or OpenAI-shaped objects with hostile field values."""
+    """Request bodies: anything at all, or OpenAI- and Anthropic-shaped objects with hostile field values."""
     from hypothesis import strategies as st
+    block = st.fixed_dictionaries({"type": st.one_of(st.sampled_from(["text", "tool_use", "tool_result", "image", "thinking",
+                                                                     "input_text", "function_call"]), fuzz_json())},
+                                  optional={"text": fuzz_text(), "id": fuzz_json(), "name": fuzz_json(), "input": fuzz_json(),
+                                            "tool_use_id": fuzz_json(), "content": fuzz_json(), "is_error": fuzz_json()})
     message = st.fixed_dictionaries({}, optional={"role": st.one_of(st.sampled_from(lem_serve.CHAT_ROLES), fuzz_json()),
-                                                  "content": st.one_of(fuzz_text(), fuzz_json(),
+                                                  "content": st.one_of(fuzz_text(), fuzz_json(), st.lists(block, max_size=3),
                                                                        st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": fuzz_text()}), max_size=3)),
-                                                  "name": fuzz_json(), "tool_calls": fuzz_json()})
+                                                  "name": fuzz_json(), "tool_calls": fuzz_json(), "type": fuzz_json(),
+                                                  "call_id": fuzz_json(), "arguments": fuzz_json(), "output": fuzz_json()})
     field = lambda good: st.one_of(good, fuzz_json())  # noqa: E731
     shaped = st.fixed_dictionaries({}, optional={
         "messages": field(st.lists(message, min_size=1, max_size=3)),
@@ -2881,6 +2938,10 @@ def fuzz_body():
         "temperature": field(st.floats(-1, 3)), "top_p": field(st.floats(-0.5, 1.5)),
         "stop": field(st.lists(fuzz_text(), max_size=5)), "n": fuzz_json(), "logprobs": fuzz_json(),
         "stream_options": field(st.fixed_dictionaries({"include_usage": fuzz_json()})),
+        "system": field(st.lists(block, max_size=2)), "input": field(st.lists(message, min_size=1, max_size=3)),
+        "instructions": fuzz_json(), "max_output_tokens": field(st.integers(-1, 6)),
+        "stop_sequences": field(st.lists(fuzz_text(), max_size=5)), "tools": fuzz_json(), "tool_choice": fuzz_json(),
+        "text": fuzz_json(), "previous_response_id": fuzz_json(),
     })
     hostile_text = st.tuples(fuzz_text(), st.booleans(), st.integers(1, 4)).map(
         lambda t: {"messages": [{"role": "user", "content": t[0]}], "prompt": t[0] or "x", "stream": t[1], "max_tokens": t[2]})
