@@ -628,14 +628,18 @@ class Runner:
 
     def follow_up(self, system: str, history: list[dict]) -> dict:
         """Turn 1 on a new history (cold), then the follow-up turn (cached)."""
-        port, tokens = self.ports[system], self.plan.cache_tokens
         first_turn = history + [{"role": "user", "content": "Summarise our conversation so far."}]
-        cold = stream_chat(port, first_turn, tokens)
-        second_turn = first_turn + [{"role": "assistant", "content": cold.text},
-                                    {"role": "user", "content": "Thanks. And in one word?"}]
-        cached = stream_chat(port, second_turn, tokens)
-        return {"cold_ttft": cold.ttft, "cached_ttft": cached.ttft, "prompt_tokens": cached.prompt_tokens,
-                "cached_tokens": cached.cached_tokens, "error": cold.error or cached.error}
+        return two_turns(self.ports[system], first_turn, "Thanks. And in one word?", self.plan.cache_tokens)
+
+
+def two_turns(port: int, first_turn: list[dict], next_message: str, max_tokens: int,
+              tools: list[dict] | None = None) -> dict:
+    """Turn 1 (cold), then turn 2: turn 1, its answer and `next_message` (its prefix cached)."""
+    cold = stream_chat(port, first_turn, max_tokens, tools)
+    second_turn = first_turn + [{"role": "assistant", "content": cold.text}, {"role": "user", "content": next_message}]
+    cached = stream_chat(port, second_turn, max_tokens, tools)
+    return {"cold_ttft": cold.ttft, "cached_ttft": cached.ttft, "prompt_tokens": cached.prompt_tokens,
+            "cached_tokens": cached.cached_tokens, "error": cold.error or cached.error}
 
 
 def build_history(count, target_tokens: int, tag: str) -> list[dict]:
@@ -794,17 +798,6 @@ AGENT_TASKS = ("The test in tests/test_parser.py fails. Find out why and fix it.
                "Thanks. Now run the whole test suite and tell me what is left.")
 
 
-def agent_turns(port: int, system: dict, tools: list[dict], max_tokens: int) -> dict:
-    """Turn 1 on a new prefix (cold), then turn 2 with the answer and a new task (cached)."""
-    first_turn = [system, {"role": "user", "content": AGENT_TASKS[0]}]
-    cold = stream_chat(port, first_turn, max_tokens, tools)
-    second_turn = first_turn + [{"role": "assistant", "content": cold.text},
-                                {"role": "user", "content": AGENT_TASKS[1]}]
-    cached = stream_chat(port, second_turn, max_tokens, tools)
-    return {"cold_ttft": cold.ttft, "cached_ttft": cached.ttft, "prompt_tokens": cached.prompt_tokens,
-            "cached_tokens": cached.cached_tokens, "error": cold.error or cached.error}
-
-
 def bench_agent(quick: bool) -> dict:
     """The agent-shaped case on its own model: lem-serve and mlx_lm.server, interleaved, fresh prefixes."""
     path = prepare_model(AGENT_MODEL)
@@ -820,7 +813,8 @@ def bench_agent(quick: bool) -> dict:
         for rep in range(reps):
             for system in rotated((LEM, MLX_SERVER), rep):
                 prefix, tools = agent_prefix(count, target, uuid.uuid4().hex[:8])  # never seen by either server
-                rows[system].append(agent_turns(ports[system], prefix, tools, AGENT_TOKENS))
+                turn = [prefix, {"role": "user", "content": AGENT_TASKS[0]}]
+                rows[system].append(two_turns(ports[system], turn, AGENT_TASKS[1], AGENT_TOKENS, tools))
                 r = rows[system][-1]
                 progress(f"  rep {rep + 1}: {system} cold {fmt_ms(r['cold_ttft'])} cached {fmt_ms(r['cached_ttft'])} "
                          f"(cached {r['cached_tokens']} of {r['prompt_tokens']} tokens){' ' + r['error'] if r['error'] else ''}")
@@ -840,12 +834,7 @@ def markdown_agent(result: dict) -> list[str]:
              f"A {result['prefix_tokens']}-token prefix (system instructions and 24 tool definitions, as coding "
              "agents resend every turn) + a task, then turn 2 (the answer and a new task); chat completions "
              "with `tools`, greedy, TTFT medians over fresh prefixes.", "",
-             "| system | turn 1 (cold) TTFT | turn 2 (cached) TTFT | speed-up | cached / prompt tokens |",
-             "|---|---:|---:|---:|---:|"]
-    for s in (LEM, MLX_SERVER):
-        c = result[s]
-        lines.append(f"| {s} | {fmt_ms(c['cold_ttft'])} | {fmt_ms(c['cached_ttft'])} | {fmt_ratio(c['speedup'])} | "
-                     f"{fmt(c['cached_tokens'], 0)} / {fmt(c['prompt_tokens'], 0)} |")
+             *cache_table(result, ("turn 1 (cold)", "turn 2 (cached)"))]
     return lines + ["", f"**lem-serve vs mlx_lm.server (their TTFT / ours): "
                         f"{fmt_ratio(result['cold lem/mlx_server'])} cold, "
                         f"{fmt_ratio(result['cached lem/mlx_server'])} cached.**", ""]
@@ -914,14 +903,19 @@ def markdown_model(result: dict) -> list[str]:
         cache = result["prompt_cache"]
         lines += ["", f"Multi-turn prompt cache: a {cache['history_tokens']}-token history + a new message, "
                   "then the follow-up (history + answer + new message); TTFT medians. "
-                  "lem-serve runs with `--max-context 0`.", "",
-                  "| system | cold TTFT | follow-up TTFT | speed-up | cached / prompt tokens |",
-                  "|---|---:|---:|---:|---:|"]
-        for s in (LEM, MLX_SERVER):
-            c = cache[s]
-            lines.append(f"| {s} | {fmt_ms(c['cold_ttft'])} | {fmt_ms(c['cached_ttft'])} | "
-                         f"{fmt_ratio(c['speedup'])} | {fmt(c['cached_tokens'], 0)} / {fmt(c['prompt_tokens'], 0)} |")
+                  "lem-serve runs with `--max-context 0`.", "", *cache_table(cache, ("cold", "follow-up"))]
     return lines + [""]
+
+
+def cache_table(cache: dict, turns: tuple[str, str]) -> list[str]:
+    """Two turns' TTFT per server (summarize_cache's medians), the speed-up and the cached share."""
+    lines = [f"| system | {turns[0]} TTFT | {turns[1]} TTFT | speed-up | cached / prompt tokens |",
+             "|---|---:|---:|---:|---:|"]
+    for s in (LEM, MLX_SERVER):
+        c = cache[s]
+        lines.append(f"| {s} | {fmt_ms(c['cold_ttft'])} | {fmt_ms(c['cached_ttft'])} | "
+                     f"{fmt_ratio(c['speedup'])} | {fmt(c['cached_tokens'], 0)} / {fmt(c['prompt_tokens'], 0)} |")
+    return lines
 
 
 def chart(report: dict, out: Path) -> None:
