@@ -4,6 +4,11 @@
 // offline and under a strict Content-Security-Policy (no inline scripts, no
 // eval). Model output and user text are only ever put into the page with
 // textContent / createTextNode, never parsed as HTML.
+//
+// Conversations live in IndexedDB (hundreds of MB), one record each; nothing
+// is ever deleted to make room: a save that fails keeps the conversation in
+// memory, says so, and offers an export. Each reply streams bound to its own
+// conversation, so other conversations stay usable while it runs.
 "use strict";
 
 (() => {
@@ -11,17 +16,33 @@
   // Constants
   // =========================================================================
 
-  const STORE_CONVERSATIONS = "lem-chat.conversations.v1";
+  const STORE_CONVERSATIONS = "lem-chat.conversations.v1"; // the old localStorage home, moved to IndexedDB on load
   const STORE_SETTINGS = "lem-chat.settings.v1";
   const STORE_API_KEY = "lem-chat.api-key";
+  const STORE_CURRENT = "lem-chat.current"; // id of the open conversation
+  const DB_NAME = "lem-chat";
+  const DB_STORE = "conversations";
+  const EXPORT_FORMAT = "lem-chat"; // the "format" field of an export file (version 1)
+  const WINDOW_HEADER = "X-Lem-Messages-Dropped"; // leading non-system messages the server's --max-context left out
 
-  // The server sends ": keepalive" comments while it works, so this long a
-  // silence (no byte at all, not even a comment) means something is wrong.
-  const IDLE_TIMEOUT_MS = 120_000;
   const HEALTH_INTERVAL_MS = 10_000;
-  const SAVE_THROTTLE_MS = 1_000;
+  const SAVE_THROTTLE_MS = 1_000;   // while streaming, save at most this often
+  const UNDO_MS = 10_000;           // how long "Undo" stays offered
+  const GAUGE_WARN = 0.8;           // context gauge turns amber at this share of the model's context
+  const GAUGE_FULL = 0.95;          // ... and red here
   const DEFAULT_TEMPERATURE = 0.7;
   const DEFAULT_MAX_TOKENS = 1024;
+
+  // Waits, in one object so a test can shorten them (window.lemChat.timing).
+  // The server sends a ": keepalive" comment every 5 s while it works, so a
+  // silence of stallNoticeMs is worth saying, and one of idleTimeoutMs means
+  // the server or the network is gone.
+  const timing = {
+    stallNoticeMs: 15_000,
+    idleTimeoutMs: 60_000,
+    busyGiveUpMs: 10 * 60_000,  // stop retrying a 429 after this long
+    busyMaxDelayMs: 10_000,     // longest wait between retries (after the first few at Retry-After)
+  };
 
   // =========================================================================
   // Markdown renderer (pure: text in, DocumentFragment out)
@@ -29,8 +50,10 @@
   // A small, forgiving subset of CommonMark/GFM: paragraphs, headings, lists
   // (nested, ordered/unordered), block quotes, fenced code, tables, rules,
   // and inline code, bold, italic, strikethrough, links. It also copes with
-  // half-written input, because it re-renders on every streamed token: an
-  // unclosed fence or <think> block renders as if it were closed.
+  // half-written input, because a streaming reply's last blocks are rendered
+  // again as tokens arrive: an unclosed fence or <think> block renders as if
+  // it were closed. Text blocks carry dir="auto", so right-to-left paragraphs
+  // lay out right to left whatever the page's direction.
   // =========================================================================
 
   function h(tag, attrs, ...children) {
@@ -105,6 +128,15 @@
   const RE_ITEM = /^(\s*)([-*+]|\d{1,9}[.)])(\s+(.*)|$)/;
   const RE_TABLE_DELIM = /^\s*\|?\s*:?-+:?\s*(\|\s*:?-+:?\s*)*\|?\s*$/;
 
+  // The direction of a text by its first letter, as dir="auto" decides it.
+  // Containers (lists, items, quotes) get it explicitly: dir="auto" on them
+  // would skip their paragraphs, which carry dir themselves.
+  const RE_RTL_LETTER = /[\p{Script=Hebrew}\p{Script=Arabic}\p{Script=Syriac}\p{Script=Thaana}\p{Script=Nko}\p{Script=Adlam}]/u;
+  function dirOf(text) {
+    const letter = text.match(/\p{L}/u);
+    return letter && RE_RTL_LETTER.test(letter[0]) ? "rtl" : "ltr";
+  }
+
   function leadingSpaces(line) {
     return line.length - line.trimStart().length;
   }
@@ -131,7 +163,7 @@
       if ((m = line.match(RE_FENCE))) { i = parseFence(lines, i, m, parent); continue; }
       if ((m = line.match(RE_HEADING))) {
         const level = m[1].length;
-        parent.append(renderInline(m[2] || "", h(`h${Math.min(level + 2, 6)}`, { "data-md-level": level })));
+        parent.append(renderInline(m[2] || "", h(`h${Math.min(level + 2, 6)}`, { "data-md-level": level, dir: "auto" })));
         i++;
         continue;
       }
@@ -166,7 +198,7 @@
       h("div", { className: "code-head" },
         h("span", { className: "code-lang", text: lang || "text" }),
         h("button", { type: "button", className: "btn small ghost copy-code", "aria-label": lang ? `Copy ${lang} code` : "Copy code", text: "Copy" })),
-      h("pre", null, codeEl));
+      h("pre", { dir: "ltr" }, codeEl));
   }
 
   function parseQuote(lines, start, parent) {
@@ -179,7 +211,7 @@
       else break;
       i++;
     }
-    parent.append(renderBlocks(body.join("\n"), h("blockquote")));
+    parent.append(renderBlocks(body.join("\n"), h("blockquote", { dir: dirOf(body.join("\n")) })));
     return i;
   }
 
@@ -189,7 +221,7 @@
     const first = lines[start].match(RE_ITEM);
     const indent = first[1].length;
     const ordered = /\d/.test(first[2]);
-    const list = h(ordered ? "ol" : "ul");
+    const list = h(ordered ? "ol" : "ul", { dir: dirOf(first[4] || "") });
     if (ordered && parseInt(first[2], 10) !== 1) list.setAttribute("start", parseInt(first[2], 10));
     const isSibling = (m) => m && m[1].length >= indent && m[1].length <= indent + 1 && /\d/.test(m[2]) === ordered;
 
@@ -222,7 +254,7 @@
         if (!startsBlock(lines, i) && !RE_BLANK.test(body[body.length - 1])) { body.push(line); i++; continue; } // lazy continuation
         break;
       }
-      list.append(renderBlocks(body.join("\n"), h("li")));
+      list.append(renderBlocks(body.join("\n"), h("li", { dir: dirOf(body.join("\n")) })));
       // Blank lines between items keep the list going.
       let j = i;
       while (j < lines.length && RE_BLANK.test(lines[j])) j++;
@@ -253,7 +285,7 @@
     const aligns = splitRow(lines[start + 1]).map((c) =>
       c.startsWith(":") && c.endsWith(":") ? "center" : c.endsWith(":") ? "right" : c.startsWith(":") ? "left" : null);
     const cell = (tag, text, col) => {
-      const el = renderInline(text, h(tag));
+      const el = renderInline(text, h(tag, { dir: "auto" }));
       if (aligns[col]) el.style.textAlign = aligns[col];
       return el;
     };
@@ -272,7 +304,7 @@
   }
 
   function parseParagraph(lines, start, parent) {
-    const p = h("p");
+    const p = h("p", { dir: "auto" });
     let i = start;
     while (i < lines.length && !RE_BLANK.test(lines[i]) && (i === start || !startsBlock(lines, i))) {
       // Chat models write line-oriented text, so a single newline is a line break.
@@ -290,15 +322,41 @@
     { name: "escape", re: /\\([!-/:-@[-`{-~])/g },
     { name: "code", re: /(`+)([^`]|[^`][\s\S]*?[^`])\1(?!`)/g },
     { name: "autolink", re: /<((?:https?:\/\/|mailto:)[^\s<>]+)>/g },
-    { name: "image", re: /!\[([^\]\n]*)\]\(\s*<?([^\s<>()]+)>?(?:\s+"[^"\n]*")?\s*\)/g },
-    { name: "link", re: /\[([^\]\n]+)\]\(\s*<?([^\s<>()]+)>?(?:\s+"[^"\n]*")?\s*\)/g },
+    { name: "image", re: /!\[([^\]\n]*)\]\(\s*<?((?:[^\s<>()]|\([^\s<>()]*\))+)>?(?:\s+"[^"\n]*")?\s*\)/g },
+    { name: "link", re: /\[([^\]\n]+)\]\(\s*<?((?:[^\s<>()]|\([^\s<>()]*\))+)>?(?:\s+"[^"\n]*")?\s*\)/g },
     { name: "strong", re: /\*\*(?=\S)([\s\S]*?\S)\*\*/g },
     { name: "strong", re: /(?<![\p{L}\p{N}_])__(?=\S)([\s\S]*?\S)__(?![\p{L}\p{N}_])/gu },
     { name: "del", re: /~~(?=\S)([\s\S]*?\S)~~/g },
     { name: "em", re: /\*(?=[^\s*])([\s\S]*?[^\s*])\*(?!\*)/g },
     { name: "em", re: /(?<![\p{L}\p{N}_])_(?=[^\s_])([\s\S]*?[^\s_])_(?![\p{L}\p{N}_])/gu },
-    { name: "url", re: /\bhttps?:\/\/[^\s<>()[\]]*[^\s<>()[\].,;:!?'"*_~]/g },
+    { name: "url", re: /\bhttps?:\/\/[^\s<>[\]]+/g, trim: trimBareUrl },
   ];
+
+  // A bare URL ends before trailing punctuation, and before a ")" that has no
+  // "(" to close inside the URL, as GFM's extended autolinks do: so
+  // "(see en.wikipedia.org/wiki/Mars_(planet))" links to the whole
+  // article name and leaves the sentence's own parenthesis out.
+  function trimBareUrl(url) {
+    const count = (ch) => url.split(ch).length - 1;
+    for (;;) {
+      const last = url[url.length - 1];
+      if (/[.,;:!?'"*_~]/.test(last)) url = url.slice(0, -1);
+      else if (last === ")" && count("(") < count(")")) url = url.slice(0, -1);
+      else return url;
+    }
+  }
+
+  // The next match of an inline rule at or after `pos`, trimmed when the rule says so.
+  function execRule(rule, text, pos) {
+    rule.re.lastIndex = pos;
+    for (;;) {
+      const m = rule.re.exec(text);
+      if (!m || !rule.trim) return m;
+      const kept = rule.trim(m[0]);
+      if (/^https?:\/\/./.test(kept)) return Object.assign([kept], { index: m.index });
+      rule.re.lastIndex = m.index + 1; // nothing left of it: look further on
+    }
+  }
 
   function safeHref(url) {
     return /^(https?:|mailto:)/i.test(url) ? url : null;
@@ -322,10 +380,7 @@
       let best = null;
       let bestRule = null;
       INLINE_RULES.forEach((rule, k) => {
-        if (next[k] === undefined || (next[k] && next[k].index < pos)) {
-          rule.re.lastIndex = pos;
-          next[k] = rule.re.exec(text);
-        }
+        if (next[k] === undefined || (next[k] && next[k].index < pos)) next[k] = execRule(rule, text, pos);
         const m = next[k];
         if (m && (!best || m.index < best.index)) { best = m; bestRule = rule; }
       });
@@ -363,7 +418,89 @@
   }
 
   // =========================================================================
-  // Storage: settings, API key, conversations (localStorage)
+  // Incremental rendering of a streaming reply
+  //
+  // The reply is cut into a stable part, whose blocks can no longer change,
+  // and a tail. Stable blocks are rendered once and kept; only the tail is
+  // rendered again on each frame, so a long reply costs the same per frame
+  // at its end as at its start. A cut goes at a blank line outside any code
+  // fence or reasoning block, before a line that starts a new top-level
+  // block (not indented and not a list item, so a list stays in one piece).
+  // When the reply ends it is rendered once in full, which settles any
+  // difference the cuts made.
+  // =========================================================================
+
+  const RE_THINK_TAG = /<\/?think>/g;
+
+  function newStreamView(body) {
+    return { body, stableEnd: 0, tail: [], restart: false,
+      scan: { pos: 0, cut: 0, fence: null, think: false, sawThink: false, afterBlank: false } };
+  }
+
+  // Look at the complete lines not seen yet and move scan.cut to the last safe cut.
+  function advanceScan(view, text) {
+    const scan = view.scan;
+    for (let nl = text.indexOf("\n", scan.pos); nl !== -1; nl = text.indexOf("\n", scan.pos)) {
+      const start = scan.pos;
+      const line = text.slice(start, nl);
+      scan.pos = nl + 1;
+      if (scan.afterBlank && !RE_BLANK.test(line)) {
+        if (!scan.fence && !scan.think && /^\S/.test(line) && !RE_ITEM.test(line)) scan.cut = start;
+        scan.afterBlank = false;
+      }
+      for (const tag of line.match(RE_THINK_TAG) || []) scanThinkTag(view, tag);
+      if (scan.think) continue;
+      if (scan.fence) {
+        const close = line.match(/^\s*(`{3,}|~{3,})\s*$/);
+        if (close && close[1][0] === scan.fence[0] && close[1].length >= scan.fence.length) scan.fence = null;
+      } else if (RE_BLANK.test(line)) {
+        scan.afterBlank = true;
+      } else {
+        const open = line.match(/^\s*(`{3,}|~{3,})/);
+        if (open) scan.fence = open[1];
+      }
+    }
+  }
+
+  // Mirrors splitThink: a "</think>" before any "<think>" means all the text
+  // before it was reasoning, so stable blocks already shown must go.
+  function scanThinkTag(view, tag) {
+    const scan = view.scan;
+    if (tag === "<think>") {
+      if (!scan.think) scan.fence = null;
+      scan.think = true;
+      scan.sawThink = true;
+    } else if (scan.think) {
+      scan.think = false;
+    } else if (!scan.sawThink) {
+      scan.sawThink = true;
+      scan.cut = 0;
+      view.restart = true;
+    }
+  }
+
+  function renderStreaming(view, text) {
+    advanceScan(view, text);
+    if (view.restart) {
+      view.restart = false;
+      view.body.replaceChildren();
+      view.stableEnd = 0;
+      view.tail = [];
+    }
+    const opened = view.tail.flatMap((n) => (n.matches && n.matches("details") ? [n.open] : []));
+    for (const node of view.tail) node.remove();
+    if (view.scan.cut > view.stableEnd) {
+      view.body.append(renderMarkdown(text.slice(view.stableEnd, view.scan.cut)));
+      view.stableEnd = view.scan.cut;
+    }
+    const tail = renderMarkdown(text.slice(view.stableEnd));
+    view.tail = [...tail.childNodes];
+    view.tail.filter((n) => n.matches && n.matches("details")).forEach((d, k) => { if (opened[k]) d.open = true; });
+    view.body.append(tail);
+  }
+
+  // =========================================================================
+  // Settings and API key (localStorage: small, read synchronously)
   // =========================================================================
 
   function readJSON(key, fallback) {
@@ -384,15 +521,35 @@
     }
   }
 
+  function readLocal(key) {
+    try {
+      return localStorage.getItem(key);
+    } catch {
+      return null;
+    }
+  }
+
+  function writeLocal(key, value) {
+    try {
+      if (value === null || value === undefined || value === "") localStorage.removeItem(key);
+      else localStorage.setItem(key, value);
+    } catch {
+      /* storage disabled: the value lives for this page only */
+    }
+  }
+
   function readMeta(name) {
     const el = document.querySelector(`meta[name="${name}"]`);
     const value = el ? el.content.trim() : "";
     return value.startsWith("{{") ? "" : value; // placeholder not filled in: page opened from disk
   }
 
+  // What the page knows of the server: from the page's meta tags, then /healthz.
   const server = {
     model: readMeta("lem-model"),
     maxTokens: parseInt(readMeta("lem-max-tokens"), 10) || null,
+    contextLength: null, // the model's context in tokens (null: unknown)
+    maxContext: 0,       // the server's --max-context window in messages (0: keeps all)
   };
 
   function loadSettings() {
@@ -401,6 +558,7 @@
       systemPrompt: typeof s.systemPrompt === "string" ? s.systemPrompt : "",
       temperature: Number.isFinite(s.temperature) ? s.temperature : DEFAULT_TEMPERATURE,
       maxTokens: Number.isInteger(s.maxTokens) ? s.maxTokens : DEFAULT_MAX_TOKENS,
+      // Issue 13's thinking on/off switch belongs here, read in requestBody().
     };
   }
 
@@ -409,32 +567,356 @@
     return server.maxTokens ? Math.min(wanted, server.maxTokens) : wanted;
   }
 
-  function loadConversations() {
-    const data = readJSON(STORE_CONVERSATIONS, null);
-    const list = data && Array.isArray(data.conversations) ? data.conversations : [];
-    // A reply that was streaming when the page went away can't be resumed.
-    for (const conv of list) {
-      for (const msg of conv.messages || []) {
-        if (msg.status === "streaming") msg.status = "stopped";
+  // =========================================================================
+  // Conversations: the data and its checks
+  //
+  // conversation: { id, title, titleEdited?, created, updated, messages,
+  //                 window?: { firstSeen, dropped, limit } }
+  // message:      { id, role, content, created, edited?, and for replies
+  //                 status, error?, stats?, model?, finishReason?,
+  //                 alts?, alt? }
+  // A reply's alternatives (from Regenerate) are kept in `alts`, every one
+  // but the shown one, which is the message's own fields; `alt` is the shown
+  // one's place among them all (◀ 2/3 ▶).
+  // =========================================================================
+
+  const ROLES = new Set(["user", "assistant", "system"]);
+  const REPLY_STATUSES = new Set(["done", "stopped", "error", "interrupted"]);
+  const VARIANT_FIELDS = ["content", "status", "error", "stats", "model", "finishReason", "created"];
+
+  function newId() {
+    return Date.now().toString(36) + Math.random().toString(36).slice(2, 10);
+  }
+
+  function titleFrom(text) {
+    const line = text.trim().split("\n")[0];
+    return line.length > 60 ? `${line.slice(0, 57)}…` : line || "New chat";
+  }
+
+  function finite(value, fallback) {
+    return Number.isFinite(value) ? value : fallback;
+  }
+
+  function normalizeError(raw) {
+    if (!raw || typeof raw !== "object" || typeof raw.message !== "string") return undefined;
+    return { kind: typeof raw.kind === "string" ? raw.kind : "error", message: raw.message, retryable: raw.retryable !== false };
+  }
+
+  function normalizeStats(raw) {
+    if (!raw || typeof raw !== "object") return undefined;
+    return Object.fromEntries(Object.entries(raw).filter(([, v]) => typeof v === "number" || typeof v === "boolean" || v === null));
+  }
+
+  // One reply's fields, checked: a reply that was streaming when the page went
+  // away (or when it was exported) can't be resumed, so it says "interrupted".
+  function normalizeVariant(raw) {
+    if (!raw || typeof raw !== "object" || typeof raw.content !== "string") return null;
+    const status = raw.status === "streaming" || raw.status === "waiting" ? "interrupted" : raw.status;
+    const v = { content: raw.content, status: REPLY_STATUSES.has(status) ? status : "done", created: finite(raw.created, Date.now()) };
+    const error = normalizeError(raw.error);
+    if (error) v.error = error;
+    const stats = normalizeStats(raw.stats);
+    if (stats) v.stats = stats;
+    if (typeof raw.model === "string") v.model = raw.model;
+    if (typeof raw.finishReason === "string") v.finishReason = raw.finishReason;
+    return v;
+  }
+
+  function normalizeMessage(raw, seen) {
+    if (!raw || typeof raw !== "object" || !ROLES.has(raw.role) || typeof raw.content !== "string") return null;
+    const id = typeof raw.id === "string" && raw.id && !seen.has(raw.id) ? raw.id : newId();
+    seen.add(id);
+    let msg = { id, role: raw.role, content: raw.content, created: finite(raw.created, Date.now()) };
+    if (raw.role === "assistant") {
+      msg = { id, role: raw.role, ...normalizeVariant(raw) };
+      const alts = Array.isArray(raw.alts) ? raw.alts.map(normalizeVariant).filter(Boolean) : [];
+      if (alts.length) {
+        msg.alts = alts;
+        msg.alt = Math.min(Math.max(0, raw.alt | 0), alts.length);
       }
     }
-    return { conversations: list, currentId: data ? data.currentId : null };
+    if (Number.isFinite(raw.edited)) msg.edited = raw.edited;
+    return msg;
   }
 
-  let saveTimer = 0;
-  function saveConversations() {
-    clearTimeout(saveTimer);
-    saveTimer = 0;
-    const data = { conversations: state.conversations, currentId: state.currentId };
-    // When storage is full, drop the oldest conversations until it fits.
-    while (!writeJSON(STORE_CONVERSATIONS, data) && state.conversations.length > 1) {
-      state.conversations.pop();
+  // A conversation as stored or imported, checked and with only known fields;
+  // null when it is not one (a message without a role or text, say).
+  function normalizeConversation(raw) {
+    if (!raw || typeof raw !== "object" || !Array.isArray(raw.messages)) return null;
+    const seen = new Set();
+    const messages = raw.messages.map((m) => normalizeMessage(m, seen));
+    if (messages.includes(null)) return null;
+    const firstUser = messages.find((m) => m.role === "user");
+    const conv = {
+      id: typeof raw.id === "string" && raw.id ? raw.id : newId(),
+      title: typeof raw.title === "string" && raw.title.trim() ? raw.title.slice(0, 200) : titleFrom(firstUser ? firstUser.content : ""),
+      created: finite(raw.created, Date.now()),
+      updated: finite(raw.updated, finite(raw.created, Date.now())),
+      messages,
+    };
+    if (raw.titleEdited === true) conv.titleEdited = true;
+    const w = raw.window;
+    if (w && typeof w.firstSeen === "string" && Number.isInteger(w.dropped)) {
+      conv.window = { firstSeen: w.firstSeen, dropped: w.dropped, limit: Number.isInteger(w.limit) ? w.limit : 0 };
+    }
+    return conv;
+  }
+
+  // JSON with sorted keys, to tell whether two conversations are the same.
+  function canonicalJSON(value) {
+    return JSON.stringify(value, (key, v) => (v && typeof v === "object" && !Array.isArray(v)
+      ? Object.fromEntries(Object.keys(v).sort().map((k) => [k, v[k]])) : v));
+  }
+
+  function snapshotVariant(msg) {
+    const v = {};
+    for (const key of VARIANT_FIELDS) if (msg[key] !== undefined) v[key] = msg[key];
+    return v;
+  }
+
+  function applyVariant(msg, variant) {
+    for (const key of VARIANT_FIELDS) {
+      if (variant[key] === undefined) delete msg[key];
+      else msg[key] = variant[key];
     }
   }
 
-  // During streaming, save at most once a second so a reload keeps most of it.
-  function saveSoon() {
-    if (!saveTimer) saveTimer = setTimeout(saveConversations, SAVE_THROTTLE_MS);
+  function variantCount(msg) {
+    return (msg.alts ? msg.alts.length : 0) + 1;
+  }
+
+  function variantIndex(msg) {
+    return msg.alts ? msg.alt : 0;
+  }
+
+  // Every version of a reply in order, the shown one included.
+  function allVariants(msg) {
+    const alts = msg.alts || [];
+    const at = variantIndex(msg);
+    return [...alts.slice(0, at), snapshotVariant(msg), ...alts.slice(at)];
+  }
+
+  function showVariant(msg, target) {
+    const all = allVariants(msg);
+    if (target < 0 || target >= all.length) return;
+    const [chosen] = all.splice(target, 1);
+    msg.alts = all;
+    msg.alt = target;
+    applyVariant(msg, chosen);
+  }
+
+  // Regenerate: the reply shown now becomes an alternative (unless it is an
+  // empty failure, which is not worth keeping) and a new, empty one is shown.
+  function startVariant(msg) {
+    const all = allVariants(msg);
+    if (!msg.content) all.splice(variantIndex(msg), 1);
+    if (all.length) {
+      msg.alts = all;
+      msg.alt = all.length;
+    } else {
+      delete msg.alts;
+      delete msg.alt;
+    }
+    applyVariant(msg, { content: "", status: "streaming", created: Date.now() });
+  }
+
+  // =========================================================================
+  // Conversation storage: IndexedDB, one record per conversation
+  //
+  // Saving never deletes anything to make room. A conversation whose save
+  // fails stays in memory and in `store.failed`; a banner says which, offers
+  // an export and a retry, leaving the page asks for confirmation, and every
+  // later change tries again. Without IndexedDB (some private modes) the
+  // conversations go to localStorage under the same rules.
+  // =========================================================================
+
+  const store = {
+    kind: "memory",       // "indexeddb", "localstorage" or "memory" (nothing works)
+    db: null,
+    dirty: new Set(),     // conversation ids with changes not yet written
+    deleted: new Set(),   // conversation ids to delete
+    failed: new Map(),    // conversation id -> the error its last save got
+    legacy: new Set(),    // ids read from the old localStorage key and not yet in IndexedDB
+    timer: 0,
+    writing: null,        // the flush in progress
+    channel: "BroadcastChannel" in window ? new BroadcastChannel("lem-chat") : null,
+  };
+
+  function idbDone(request) {
+    return new Promise((resolve, reject) => {
+      request.onsuccess = () => resolve(request.result);
+      request.onerror = () => reject(request.error);
+    });
+  }
+
+  function txDone(tx) {
+    return new Promise((resolve, reject) => {
+      tx.oncomplete = () => resolve();
+      tx.onabort = () => reject(tx.error || new DOMException("The write was aborted.", "AbortError"));
+      tx.onerror = () => {}; // the abort that follows carries the reason
+    });
+  }
+
+  async function openDatabase() {
+    if (!window.indexedDB) return null;
+    const request = indexedDB.open(DB_NAME, 1);
+    request.onupgradeneeded = () => request.result.createObjectStore(DB_STORE, { keyPath: "id" });
+    request.onblocked = () => {};
+    return idbDone(request);
+  }
+
+  async function readAllRecords() {
+    const tx = store.db.transaction(DB_STORE, "readonly");
+    return idbDone(tx.objectStore(DB_STORE).getAll());
+  }
+
+  // The conversations to start with, oldest format first: what the old page
+  // kept in localStorage joins what IndexedDB holds (IndexedDB wins on an id
+  // both have); the old key is removed once all of it is safely written.
+  async function loadConversations() {
+    try {
+      store.db = await openDatabase();
+      store.kind = store.db ? "indexeddb" : "localstorage";
+    } catch {
+      store.kind = "localstorage";
+    }
+    const legacy = readJSON(STORE_CONVERSATIONS, null);
+    const legacyList = legacy && Array.isArray(legacy.conversations) ? legacy.conversations : [];
+    const records = store.kind === "indexeddb" ? await readAllRecords().catch(() => []) : [];
+    const byId = new Map();
+    for (const raw of records) {
+      const conv = normalizeConversation(raw);
+      if (conv) byId.set(conv.id, conv);
+    }
+    for (const raw of legacyList) {
+      const conv = normalizeConversation(raw);
+      if (!conv || byId.has(conv.id)) continue;
+      byId.set(conv.id, conv);
+      if (store.kind === "indexeddb") store.legacy.add(conv.id);
+    }
+    if (legacy && !readLocal(STORE_CURRENT) && typeof legacy.currentId === "string") writeLocal(STORE_CURRENT, legacy.currentId);
+    for (const id of store.legacy) store.dirty.add(id);
+    if (legacy && store.kind === "indexeddb" && !store.legacy.size) writeLocal(STORE_CONVERSATIONS, null);
+    return [...byId.values()].sort((a, b) => b.updated - a.updated);
+  }
+
+  function conversationById(id) {
+    return state.conversations.find((c) => c.id === id) || null;
+  }
+
+  // Note a change to a conversation; written at once, or soon when streaming.
+  function markDirty(conv, soon = false) {
+    if (!conv) return;
+    store.dirty.add(conv.id);
+    if (!soon) flushSoon(0);
+    else if (!store.timer) flushSoon(SAVE_THROTTLE_MS);
+  }
+
+  function forgetConversation(id) {
+    store.dirty.delete(id);
+    store.failed.delete(id);
+    store.legacy.delete(id);
+    store.deleted.add(id);
+    flushSoon(0);
+  }
+
+  function flushSoon(ms) {
+    clearTimeout(store.timer);
+    store.timer = setTimeout(() => { store.timer = 0; flush(); }, ms);
+  }
+
+  // Write what changed, and again what failed before. One transaction per
+  // conversation, deletions first (they free room), so one conversation too
+  // big for what is left fails alone.
+  async function flush() {
+    if (store.writing) {
+      await store.writing;
+      if (!store.dirty.size && !store.deleted.size) return;
+    }
+    store.writing = (store.kind === "indexeddb" ? flushToDatabase() : flushToLocalStorage())
+      .finally(() => { store.writing = null; });
+    await store.writing;
+    renderStorageWarning();
+  }
+
+  async function flushToDatabase() {
+    const deleted = [...store.deleted];
+    const saved = [];
+    store.deleted.clear();
+    if (deleted.length) {
+      const tx = store.db.transaction(DB_STORE, "readwrite");
+      for (const id of deleted) tx.objectStore(DB_STORE).delete(id);
+      await txDone(tx).catch(() => deleted.forEach((id) => store.deleted.add(id)));
+    }
+    for (const id of new Set([...store.dirty, ...store.failed.keys()])) {
+      const conv = conversationById(id);
+      store.dirty.delete(id);
+      store.failed.delete(id);
+      if (!conv) continue;
+      try {
+        const tx = store.db.transaction(DB_STORE, "readwrite");
+        tx.objectStore(DB_STORE).put(conv);
+        await txDone(tx);
+        store.legacy.delete(id);
+        saved.push(id);
+      } catch (err) {
+        store.failed.set(id, err);
+      }
+    }
+    if (!store.legacy.size && readLocal(STORE_CONVERSATIONS) !== null) writeLocal(STORE_CONVERSATIONS, null);
+    if (store.channel && (saved.length || deleted.length)) store.channel.postMessage({ saved, deleted });
+  }
+
+  async function flushToLocalStorage() {
+    const ids = [...store.dirty];
+    store.dirty.clear();
+    store.deleted.clear();
+    try {
+      localStorage.setItem(STORE_CONVERSATIONS, JSON.stringify({ conversations: state.conversations }));
+      store.failed.clear();
+      store.kind = "localstorage";
+    } catch (err) {
+      for (const id of ids) store.failed.set(id, err);
+      for (const conv of state.conversations) if (!store.failed.has(conv.id)) store.failed.set(conv.id, err);
+      store.kind = "memory";
+    }
+  }
+
+  // Another tab saved or deleted conversations: take its versions, except of
+  // conversations this tab is writing to.
+  async function onStoreMessage(event) {
+    const { saved = [], deleted = [] } = event.data || {};
+    if (store.kind !== "indexeddb") return;
+    const busy = (id) => state.runs.has(id) || store.dirty.has(id) || store.failed.has(id);
+    const tx = store.db.transaction(DB_STORE, "readonly");
+    const fresh = await Promise.all(saved.filter((id) => !busy(id)).map((id) => idbDone(tx.objectStore(DB_STORE).get(id))));
+    for (const raw of fresh) {
+      const conv = normalizeConversation(raw);
+      if (!conv) continue;
+      const at = state.conversations.findIndex((c) => c.id === conv.id);
+      if (at === -1) state.conversations.push(conv);
+      else state.conversations[at] = conv;
+    }
+    state.conversations = state.conversations.filter((c) => !deleted.includes(c.id) || busy(c.id));
+    state.conversations.sort((a, b) => b.updated - a.updated);
+    if (!currentConversation()) state.currentId = null;
+    renderAll();
+  }
+
+  function storageProblem(err) {
+    const name = err && err.name;
+    if (name === "QuotaExceededError") return "this browser's storage for the page is full";
+    return `the browser refused to store it${err && err.message ? ` (${err.message})` : ""}`;
+  }
+
+  function renderStorageWarning() {
+    const failed = [...store.failed.keys()].map(conversationById).filter(Boolean);
+    ui.storageWarning.hidden = !failed.length;
+    if (!failed.length) return;
+    const what = failed.length === 1 ? `“${failed[0].title}”` : `${failed.length} conversations`;
+    ui.storageWarningText.textContent = `Not saved: ${what}, because ${storageProblem(store.failed.get(failed[0].id))}. ` +
+      "Nothing has been deleted. Export your chats to a file, or delete conversations you no longer need; " +
+      "saving is tried again after every change.";
   }
 
   // =========================================================================
@@ -443,33 +925,41 @@
 
   const state = {
     settings: loadSettings(),
-    apiKey: localStorage.getItem(STORE_API_KEY) || "",
+    apiKey: readLocal(STORE_API_KEY) || "",
     conversations: [],
-    currentId: null,
-    run: null, // the request in flight, if any: { controller, conv, msg, ... }
+    currentId: readLocal(STORE_CURRENT),
+    runs: new Map(),      // conversation id -> its request in flight (one per conversation)
     stickToBottom: true,
+    search: "",
+    editing: null,        // { id, draft } of the message being edited
+    loaded: false,
+    unloading: false,
   };
-  Object.assign(state, loadConversations());
 
   const $ = (id) => document.getElementById(id);
   const ui = {};
-  const messageViews = new WeakMap(); // message object -> its DOM element
+  const messageViews = new WeakMap(); // message object -> its <article>
+  const streamViews = new WeakMap();  // streaming message -> its incremental view
 
   function currentConversation() {
-    return state.conversations.find((c) => c.id === state.currentId) || null;
+    return conversationById(state.currentId);
   }
 
-  function newId() {
-    return Date.now().toString(36) + Math.random().toString(36).slice(2, 8);
+  function setCurrent(id) {
+    state.currentId = id;
+    writeLocal(STORE_CURRENT, id);
   }
 
-  function titleFrom(text) {
-    const line = text.trim().split("\n")[0];
-    return line.length > 60 ? `${line.slice(0, 57)}…` : line || "New chat";
+  function runOf(conv) {
+    return conv ? state.runs.get(conv.id) || null : null;
+  }
+
+  function messageById(conv, id) {
+    return conv ? conv.messages.find((m) => m.id === id) || null : null;
   }
 
   // =========================================================================
-  // Rendering: conversation list, transcript, messages
+  // Rendering: conversation list, header, transcript, messages
   // =========================================================================
 
   function formatDate(ts) {
@@ -480,18 +970,100 @@
       : d.toLocaleDateString([], { month: "short", day: "numeric" });
   }
 
+  function renderAll() {
+    renderConversationList();
+    renderChatHead();
+    renderTranscript();
+    renderComposer();
+    renderStorageWarning();
+  }
+
+  function matchesSearch(conv, query) {
+    if (!query) return true;
+    const has = (text) => typeof text === "string" && text.toLocaleLowerCase().includes(query);
+    return has(conv.title) || conv.messages.some((m) => has(m.content) || (m.alts || []).some((v) => has(v.content)));
+  }
+
+  function runLabel(run) {
+    return run.phase === "waiting" ? "Waiting for a free slot…" : "Generating…";
+  }
+
+  function renderConversationItem(conv) {
+    const current = conv.id === state.currentId;
+    const run = runOf(conv);
+    const title = conv.title || "New chat";
+    const open = h("button", { type: "button", className: "conv-open", "data-id": conv.id, "aria-current": current ? "page" : null },
+      h("span", { className: "conv-title", text: title, dir: "auto" }),
+      h("span", { className: "conv-date", text: run ? runLabel(run) : formatDate(conv.updated || conv.created) }));
+    const rename = h("button", { type: "button", className: "btn icon small ghost conv-rename", "data-rename": conv.id,
+      "aria-label": `Rename conversation: ${title}`, title: "Rename", text: "✎" });
+    const del = h("button", { type: "button", className: "btn icon small ghost conv-del", "data-delete": conv.id,
+      "aria-label": `Delete conversation: ${title}`, title: "Delete", text: "×" });
+    const classes = [current ? "current" : "", run ? "generating" : ""].filter(Boolean).join(" ");
+    return h("li", { className: classes || null, "data-conv": conv.id }, open, rename, del);
+  }
+
+  // Re-rendering the list keeps keyboard focus on the same control.
   function renderConversationList() {
-    const items = state.conversations.map((conv) => {
-      const current = conv.id === state.currentId;
-      const open = h("button", { type: "button", className: "conv-open", "data-id": conv.id, "aria-current": current ? "page" : null },
-        h("span", { className: "conv-title", text: conv.title || "New chat" }),
-        h("span", { className: "conv-date", text: formatDate(conv.updated || conv.created) }));
-      const del = h("button", { type: "button", className: "btn icon small ghost conv-del", "data-delete": conv.id,
-        "aria-label": `Delete conversation: ${conv.title || "New chat"}`, title: "Delete", text: "×" });
-      return h("li", { className: current ? "current" : null }, open, del);
-    });
-    if (!items.length) items.push(h("li", { className: "conv-empty", text: "No conversations yet." }));
+    const focused = document.activeElement && ui.convList.contains(document.activeElement)
+      ? ["data-id", "data-rename", "data-delete"].map((a) => [a, document.activeElement.getAttribute(a)]).find(([, v]) => v)
+      : null;
+    const query = state.search.trim().toLocaleLowerCase();
+    const items = state.conversations.filter((c) => matchesSearch(c, query)).map(renderConversationItem);
+    if (!items.length) {
+      items.push(h("li", { className: "conv-empty", text: query ? `No conversation matches “${state.search.trim()}”.` : "No conversations yet." }));
+    }
     ui.convList.replaceChildren(...items);
+    if (focused) {
+      const again = ui.convList.querySelector(`[${focused[0]}="${CSS.escape(focused[1])}"]`);
+      if (again) again.focus();
+    }
+  }
+
+  // The tokens in the model's context after the last reply that reported them.
+  function contextUsed(conv) {
+    for (let i = conv.messages.length - 1; i >= 0; i--) {
+      const s = conv.messages[i].stats;
+      if (conv.messages[i].role === "assistant" && s && Number.isFinite(s.promptTokens)) {
+        return { prompt: s.promptTokens, reply: finite(s.completionTokens, 0) };
+      }
+    }
+    return null;
+  }
+
+  function renderChatHead() {
+    const conv = currentConversation();
+    ui.chatHead.hidden = !conv;
+    if (!conv) return;
+    ui.chatTitle.textContent = conv.title || "New chat";
+    renderGauge(conv);
+  }
+
+  // The context gauge: tokens the model held at the end of the last turn
+  // (its prompt plus its reply, which the next prompt will contain) against
+  // the model's context from /healthz.
+  function renderGauge(conv) {
+    const used = contextUsed(conv);
+    ui.gauge.hidden = !used;
+    if (!used) return;
+    const tokens = used.prompt + used.reply;
+    const limit = server.contextLength;
+    const n = (x) => x.toLocaleString("en-US");
+    const share = limit ? tokens / limit : 0;
+    ui.gauge.dataset.level = share >= GAUGE_FULL ? "full" : share >= GAUGE_WARN ? "warn" : "ok";
+    ui.gaugeBar.hidden = !limit;
+    ui.gaugeFill.style.width = `${Math.min(100, share * 100).toFixed(1)}%`;
+    ui.gaugeText.replaceChildren(limit ? `${n(tokens)} / ${n(limit)}` : n(tokens), h("span", { className: "label-wide", text: " tokens" }));
+    if (limit) {
+      ui.gaugeBar.setAttribute("aria-valuemax", String(limit));
+      ui.gaugeBar.setAttribute("aria-valuenow", String(Math.min(tokens, limit)));
+      ui.gaugeBar.setAttribute("aria-valuetext", `${n(tokens)} of ${n(limit)} tokens (${Math.round(share * 100)}%)`);
+    }
+    const lines = [`Context after the last reply: prompt ${n(used.prompt)} + reply ${n(used.reply)} tokens.`];
+    if (limit) lines.push(`The model's context holds ${n(limit)} tokens.`);
+    if (share >= GAUGE_WARN) lines.push("Nearly full: delete or shorten long messages, or start a new chat.");
+    if (server.maxContext) lines.push(`The server keeps only the last ${server.maxContext} messages (--max-context), in whole turns.`);
+    ui.gauge.title = lines.join("\n");
   }
 
   function renderEmptyState() {
@@ -499,84 +1071,166 @@
     return h("div", { className: "empty", id: "empty-state" },
       h("h2", { text: `Chat with ${name}` }),
       h("p", { text: "Replies stream from this lem-serve instance. Nothing leaves this machine." }),
-      h("p", null, "Press ", h("span", { className: "kbd", text: "Enter" }), " to send, ",
-        h("span", { className: "kbd", text: "Shift" }), "+", h("span", { className: "kbd", text: "Enter" }), " for a new line."));
+      h("p", null, ...keyHint()));
   }
 
-  function renderTranscript() {
+  // The messages before the first one the model saw in its last request.
+  function outsideWindow(conv) {
+    const w = conv.window;
+    const at = w ? conv.messages.findIndex((m) => m.id === w.firstSeen) : -1;
+    return at > 0 ? at : 0;
+  }
+
+  function windowMarker(conv, hidden) {
+    const limit = conv.window.limit;
+    const why = limit ? `the server keeps only the last ${limit} (--max-context ${limit}), in whole turns` : "the server's window left them out";
+    return h("div", { className: "window-marker", id: "window-marker", role: "note" },
+      h("span", { text: `The model did not see the ${hidden === 1 ? "message" : `${hidden} messages`} above in its last reply: ${why}.` }));
+  }
+
+  // keepScroll: re-rendered in place (an edit, a deletion) rather than opened.
+  function renderTranscript(keepScroll = false) {
     const conv = currentConversation();
+    const top = ui.transcript.scrollTop;
     if (!conv || !conv.messages.length) {
       ui.thread.replaceChildren(renderEmptyState());
     } else {
-      ui.thread.replaceChildren(...conv.messages.map((msg, idx) => renderMessage(msg, idx === conv.messages.length - 1)));
+      const hidden = outsideWindow(conv);
+      const nodes = conv.messages.map((msg) => renderMessage(conv, msg));
+      if (hidden) nodes.splice(hidden, 0, windowMarker(conv, hidden));
+      ui.thread.replaceChildren(...nodes);
     }
-    state.stickToBottom = true;
-    scrollToBottom();
+    if (keepScroll) {
+      ui.transcript.scrollTop = top;
+      updateJumpButton();
+    } else {
+      state.stickToBottom = true;
+      scrollToBottom();
+    }
   }
 
-  function renderMessage(msg, isLast) {
-    const el = h("article", { className: `msg ${msg.role}`, "data-role": msg.role });
+  function renderMessage(conv, msg) {
+    const el = h("article", { className: `msg ${msg.role}`, "data-role": msg.role, "data-id": msg.id, tabindex: "-1" });
     messageViews.set(msg, el);
-    updateMessage(msg, el, isLast);
+    updateMessage(conv, msg, el);
     return el;
   }
 
-  // Re-render one message in place (called for each streamed chunk, batched
-  // per animation frame). Open/closed state of reasoning blocks survives.
-  function updateMessage(msg, el = messageViews.get(msg), isLast = true) {
-    if (!el) return;
-    const openThinks = [...el.querySelectorAll(".msg-body details")].map((d) => d.open);
-    el.dataset.state = msg.status || "done";
-    const label = h("div", { className: "msg-role", text: msg.role === "user" ? "You" : (msg.model || server.model || "Assistant") });
-    let body;
-    if (msg.role === "user") {
-      body = h("div", { className: "msg-body", text: msg.content }); // user text is shown verbatim
-    } else {
-      body = h("div", { className: "msg-body md" }, renderMarkdown(msg.content));
-      body.querySelectorAll("details").forEach((d, k) => { if (openThinks[k]) d.open = true; });
+  // Re-render one message in place. While it streams, only its body's tail
+  // changes on each frame (see renderStreamFrame); this runs on state changes.
+  function updateMessage(conv, msg, el = null) {
+    if (!el) {
+      el = messageViews.get(msg);
+      if (!el || !el.isConnected) return; // not on screen: rendered when its conversation opens
     }
-    const parts = [label, body];
-    if (msg.error) parts.push(renderError(msg));
-    parts.push(renderMeta(msg, isLast));
+    const idx = conv.messages.indexOf(msg);
+    const openThinks = [...el.querySelectorAll(".msg-body details")].map((d) => d.open);
+    const editing = state.editing && state.editing.id === msg.id;
+    el.dataset.state = msg.status || "done";
+    el.classList.toggle("editing", Boolean(editing));
+    el.classList.toggle("outside-window", idx >= 0 && idx < outsideWindow(conv));
+    const label = h("div", { className: "msg-role", text: msg.role === "user" ? "You" : (msg.model || server.model || "Assistant") });
+    const parts = [label, editing ? renderEditor(conv, msg) : renderBody(msg)];
+    if (!editing && msg.status === "waiting") parts.push(renderWaiting(msg));
+    else if (!editing && msg.error) parts.push(renderError(conv, msg));
+    if (!editing) parts.push(renderMeta(conv, msg));
     el.replaceChildren(...parts);
+    el.querySelectorAll(".msg-body details").forEach((d, k) => { if (openThinks[k]) d.open = true; });
     if (msg.chunks) el.dataset.chunks = msg.chunks;
   }
 
-  function renderError(msg) {
+  // Issue 13's collapsed reasoning (msg.reasoning from delta.reasoning_content) would be rendered here.
+  function renderBody(msg) {
+    if (msg.role !== "assistant") return h("div", { className: "msg-body", text: msg.content, dir: "auto" }); // verbatim
+    const body = h("div", { className: "msg-body md" });
+    if (msg.status === "streaming") {
+      const view = newStreamView(body);
+      streamViews.set(msg, view);
+      renderStreaming(view, msg.content);
+    } else {
+      body.append(renderMarkdown(msg.content));
+    }
+    return body;
+  }
+
+  function renderEditor(conv, msg) {
+    const later = conv.messages.length - conv.messages.indexOf(msg) - 1;
+    const area = h("textarea", { className: "edit-box", dir: "auto", "aria-label": msg.role === "user" ? "Edit message" : "Edit reply" });
+    area.value = state.editing.draft;
+    const actions = h("div", { className: "edit-actions" });
+    if (msg.role === "user" && later) {
+      actions.append(h("p", { className: "hint", text: `Send replaces the ${later === 1 ? "message" : `${later} messages`} after this one (you can undo).` }));
+    }
+    actions.append(h("button", { type: "button", className: "btn small", "data-action": "edit-cancel", text: "Cancel" }),
+      h("button", { type: "button", className: `btn small${msg.role === "user" ? "" : " primary"}`, "data-action": "edit-save", text: "Save" }));
+    if (msg.role === "user") {
+      actions.append(h("button", { type: "button", className: "btn small primary", "data-action": "edit-send", text: "Send" }));
+    }
+    return h("div", { className: "msg-edit" }, area, actions);
+  }
+
+  function previousUser(conv, msg) {
+    const idx = conv.messages.indexOf(msg);
+    for (let i = idx - 1; i >= 0; i--) if (conv.messages[i].role === "user") return conv.messages[i];
+    return null;
+  }
+
+  function renderError(conv, msg) {
     const err = msg.error;
-    const box = h("div", { className: "msg-error", role: "alert", "data-kind": err.kind },
-      h("p", { text: err.message }));
-    if (err.kind === "auth") {
-      box.append(h("button", { type: "button", className: "btn small", "data-action": "api-key", text: "Enter API key" }));
-    }
-    if (err.retryable !== false) {
-      box.append(h("button", { type: "button", className: "btn small", "data-action": "retry", text: "Retry" }));
-    }
+    const box = h("div", { className: "msg-error", role: "alert", "data-kind": err.kind }, h("p", { text: err.message }));
+    const button = (action, text) => h("button", { type: "button", className: "btn small", "data-action": action, text });
+    if (err.kind === "auth") box.append(button("api-key", "Enter API key"));
+    if (err.kind === "too-long" && previousUser(conv, msg)) box.append(button("edit-prev", "Edit message"), button("delete-prev", "Delete message"));
+    if (err.kind === "max-tokens") box.append(button("settings", "Open settings"));
+    if (err.retryable !== false) box.append(button("retry", "Retry"));
     return box;
   }
 
-  function renderMeta(msg, isLast) {
+  function renderWaiting(msg) {
+    const seconds = Math.max(0, Math.ceil((msg.retryAt - Date.now()) / 1000));
+    return h("div", { className: "msg-error msg-wait", "data-kind": "busy" },
+      h("p", { className: "wait-text", text: `Server busy: every slot is taken. Retrying in ${seconds} s…` }),
+      h("button", { type: "button", className: "btn small", "data-action": "retry-now", text: "Retry now" }),
+      h("button", { type: "button", className: "btn small", "data-action": "cancel-retry", text: "Cancel" }));
+  }
+
+  function renderMeta(conv, msg) {
     const meta = h("div", { className: "msg-meta" });
-    if (msg.role === "assistant" && msg.status === "streaming") {
-      meta.append(h("span", { className: "msg-stats", text: "Generating…" }));
+    if (msg.role === "assistant" && (msg.status === "streaming" || msg.status === "waiting")) {
+      meta.append(h("span", { className: "msg-stats", text: streamStatus(runOf(conv)) }));
       return meta;
     }
     if (msg.role === "assistant") {
       const stats = statsText(msg);
       if (stats) meta.append(h("span", { className: "msg-stats", text: stats.text, title: stats.title }));
-      if (msg.status === "stopped") meta.append(h("span", { className: "msg-note", text: "Stopped" }));
+      const note = { stopped: "Stopped", interrupted: "Interrupted: the page was closed or reloaded while this reply was streaming" }[msg.status];
+      if (note) meta.append(h("span", { className: "msg-note", text: note }));
       if (msg.finishReason === "length") meta.append(h("span", { className: "msg-note", text: "Hit the max tokens limit" }));
+      if (variantCount(msg) > 1) meta.append(renderVariantNav(msg));
     }
-    if (msg.content) {
-      const actions = h("span", { className: "msg-actions" },
-        h("button", { type: "button", className: "btn small ghost", "data-action": "copy", text: "Copy",
-          "aria-label": msg.role === "user" ? "Copy message" : "Copy reply" }));
-      if (msg.role === "assistant" && isLast && !msg.error) {
-        actions.append(h("button", { type: "button", className: "btn small ghost", "data-action": "regenerate", text: "Regenerate" }));
-      }
-      meta.append(actions);
-    }
+    meta.append(renderActions(conv, msg));
     return meta;
+  }
+
+  function renderVariantNav(msg) {
+    const at = variantIndex(msg);
+    const count = variantCount(msg);
+    return h("span", { className: "variant-nav", role: "group", "aria-label": "Versions of this reply" },
+      h("button", { type: "button", className: "btn small ghost", "data-action": "prev-variant", "aria-label": "Previous version", text: "◀", disabled: at === 0 }),
+      h("span", { className: "variant-pos", text: `${at + 1}/${count}`, "aria-label": `Version ${at + 1} of ${count}` }),
+      h("button", { type: "button", className: "btn small ghost", "data-action": "next-variant", "aria-label": "Next version", text: "▶", disabled: at === count - 1 }));
+  }
+
+  function renderActions(conv, msg) {
+    const actions = h("span", { className: "msg-actions" });
+    const button = (action, text, label) => h("button", { type: "button", className: "btn small ghost", "data-action": action, text, "aria-label": label });
+    const isReply = msg.role === "assistant";
+    if (msg.content) actions.append(button("copy", "Copy", isReply ? "Copy reply" : "Copy message"));
+    actions.append(button("edit", "Edit", isReply ? "Edit reply" : "Edit message"));
+    actions.append(button("delete", "Delete", isReply ? "Delete reply" : "Delete message"));
+    const last = conv.messages[conv.messages.length - 1] === msg;
+    if (isReply && !msg.error && (last || msg.status === "interrupted")) actions.append(button("regenerate", last ? "Regenerate" : "Retry"));
+    return actions;
   }
 
   function statsText(msg) {
@@ -594,15 +1248,44 @@
     return { text: parts.join(" · "), title: title.join("\n") };
   }
 
-  // Batch re-renders of the streaming message to one per frame.
+  // What a reply in flight is doing, said plainly: a silent server is named as such.
+  function streamStatus(run) {
+    if (!run) return "Generating…";
+    const silent = Date.now() - run.lastActivity;
+    if (run.phase !== "waiting" && silent >= timing.stallNoticeMs) {
+      return `No data from the server for ${Math.floor(silent / 1000)} s…`;
+    }
+    return run.phase === "waiting" ? "Waiting for a free slot…" : "Generating…";
+  }
+
+  // One frame of a streaming reply: the body's tail, the chunk count, the status line.
+  function renderStreamFrame(run) {
+    const el = messageViews.get(run.msg);
+    const view = streamViews.get(run.msg);
+    if (!el || !el.isConnected) return;
+    if (run.msg.status === "waiting") {
+      const text = el.querySelector(".wait-text");
+      const seconds = Math.max(0, Math.ceil((run.msg.retryAt - Date.now()) / 1000));
+      if (text) text.textContent = `Server busy: every slot is taken. Retrying in ${seconds} s…`;
+      return;
+    }
+    if (view) renderStreaming(view, run.msg.content);
+    if (run.msg.chunks) el.dataset.chunks = run.msg.chunks;
+    const status = el.querySelector(".msg-meta .msg-stats");
+    const text = streamStatus(run);
+    if (status && status.textContent !== text) status.textContent = text;
+  }
+
+  // Batch a streaming reply's re-renders to one per frame.
   let renderQueued = false;
   function scheduleRender() {
     if (renderQueued) return;
     renderQueued = true;
     requestAnimationFrame(() => {
       renderQueued = false;
-      if (state.run && state.run.conv.id === state.currentId) {
-        updateMessage(state.run.msg);
+      const run = state.runs.get(state.currentId);
+      if (run) {
+        renderStreamFrame(run);
         scrollToBottom();
       }
     });
@@ -653,51 +1336,89 @@
     return state.apiKey ? { Authorization: `Bearer ${state.apiKey}` } : {};
   }
 
-  // Build the messages array: system prompt, then the turns. Failed empty
-  // replies are skipped and consecutive same-role turns merged, because many
-  // chat templates insist that user and assistant alternate.
-  function buildMessages(conv) {
-    const out = [];
+  // The messages sent for the reply at index `upto`: the system prompt, then
+  // the turns before it. Failed empty replies are skipped and consecutive
+  // same-role turns merged, because many chat templates insist that user and
+  // assistant alternate. sources[i] lists the ids of the conversation's
+  // messages behind request message i, to map the server's window back.
+  function buildMessages(conv, upto) {
+    const messages = [];
+    const sources = [];
     const system = state.settings.systemPrompt.trim();
-    if (system) out.push({ role: "system", content: system });
-    for (const msg of conv.messages) {
-      if (msg.status === "streaming") continue;
+    if (system) {
+      messages.push({ role: "system", content: system });
+      sources.push([]);
+    }
+    for (const msg of conv.messages.slice(0, upto)) {
+      if (msg.status === "streaming" || msg.status === "waiting") continue;
       const content = msg.role === "assistant" ? stripThink(msg.content) : msg.content;
       if (!content) continue;
-      const last = out[out.length - 1];
-      if (last && last.role === msg.role) last.content += `\n\n${content}`;
-      else out.push({ role: msg.role, content });
+      const last = messages[messages.length - 1];
+      if (last && last.role === msg.role && sources[sources.length - 1].length) {
+        last.content += `\n\n${content}`;
+        sources[sources.length - 1].push(msg.id);
+      } else {
+        messages.push({ role: msg.role, content });
+        sources.push([msg.id]);
+      }
     }
-    return out;
+    return { messages, sources };
+  }
+
+  function requestBody(messages) {
+    const body = {
+      messages,
+      stream: true,
+      stream_options: { include_usage: true },
+      temperature: state.settings.temperature,
+    };
+    // At the server's own limit, leave max_tokens out: the server then trims the
+    // budget to what fits the model's context, where an explicit value that
+    // cannot fit is refused (context_length_exceeded), as OpenAI does.
+    const maxTokens = effectiveMaxTokens();
+    if (!server.maxTokens || maxTokens < server.maxTokens) body.max_tokens = maxTokens;
+    // Issue 13: the thinking on/off setting adds its request field here.
+    return body;
+  }
+
+  // A prompt that cannot fit is a 400 with code context_length_exceeded. The
+  // advice names what the page lets the user do about it.
+  function contextError(detail, param) {
+    if (param === "max_tokens") {
+      return { kind: "max-tokens", message: `The reply cannot fit: ${detail}. Lower “Max tokens” in Settings, or delete or shorten long messages.` };
+    }
+    return { kind: "too-long", message: `This conversation no longer fits the model: ${detail}. ` +
+      "Delete or shorten the long message (the buttons below act on the message this reply answers), or delete earlier messages, then Retry. Or start a new chat." };
   }
 
   async function errorFromResponse(res) {
-    let detail = "";
+    let error = {};
     try {
       const body = await res.json();
-      detail = (body && body.error && body.error.message) || "";
+      error = (body && typeof body.error === "object" && body.error) || {};
     } catch {
-      /* not JSON: fall back to the status text */
+      /* not JSON: fall back to the status */
     }
-    const retryAfter = parseInt(res.headers.get("Retry-After") || "", 10);
+    const detail = typeof error.message === "string" ? error.message : "";
+    const suffix = detail ? ` ${detail}` : "";
     switch (res.status) {
       case 401:
       case 403:
-        return { kind: "auth", message: state.apiKey
-          ? `The server rejected the API key (${res.status}).${detail ? ` ${detail}` : ""}`
-          : "The server needs an API key." };
-      case 429:
-        return { kind: "busy", message: `Server busy: it is already answering as many requests as it allows.${
-          Number.isFinite(retryAfter) ? ` Try again in ${retryAfter} s.` : " Try again in a moment."}${detail ? ` (${detail})` : ""}` };
+        return { kind: "auth", message: state.apiKey ? `The server rejected the API key (${res.status}).${suffix}` : "The server needs an API key." };
+      case 429: {
+        const retryAfter = parseInt(res.headers.get("Retry-After") || "", 10);
+        return { kind: "busy", message: "Server busy: it is already answering as many requests as it allows.",
+          retryAfter: Number.isFinite(retryAfter) ? retryAfter : 1 };
+      }
       case 503:
-        return { kind: "unavailable", message: `The model is unavailable (503).${detail ? ` ${detail}` : ""}` };
+        return { kind: "unavailable", message: `The model is unavailable (503).${suffix}` };
       case 504:
-        return { kind: "timeout", message: `The server timed out (504).${detail ? ` ${detail}` : ""}` };
+        return { kind: "timeout", message: `The server timed out (504).${suffix}` };
       case 400:
-        return { kind: "invalid", retryable: false, message: `The server refused the request: ${detail || "bad request"}.${
-          /max_tokens|context/i.test(detail) ? " Lower “Max tokens” in Settings, or start a new chat." : ""}` };
+        if (error.code === "context_length_exceeded") return contextError(detail.replace(/\.$/, ""), error.param);
+        return { kind: "invalid", retryable: false, message: `The server refused the request: ${detail || "bad request"}.` };
       default:
-        return { kind: "http", message: `Request failed (${res.status}${res.statusText ? ` ${res.statusText}` : ""}).${detail ? ` ${detail}` : ""}`,
+        return { kind: "http", message: `Request failed (${res.status}${res.statusText ? ` ${res.statusText}` : ""}).${suffix}`,
           retryable: res.status >= 500 || res.status === 408 };
     }
   }
@@ -732,6 +1453,10 @@
     }
   }
 
+  // Streamed delta fields and the message field each one grows. Issue 13's
+  // reasoning is one more entry: ["reasoning_content", "reasoning"].
+  const DELTA_FIELDS = [["content", "content"]];
+
   function handleChunk(run, payload) {
     if (payload === "[DONE]") return "done";
     let chunk;
@@ -740,31 +1465,32 @@
     } catch {
       return null; // a malformed chunk is skipped rather than killing the reply
     }
+    const msg = run.msg;
     if (chunk.error) {
       // Headers were already sent, so errors after the stream started arrive in-band.
       const e = chunk.error;
       const timedOut = e.code === "timeout" || e.type === "timeout_error";
-      run.msg.error = timedOut
+      msg.error = timedOut
         ? { kind: "timeout", message: `The server timed out: ${e.message || "the request took too long"}.` }
         : { kind: "server", message: `The server reported an error: ${e.message || "unknown error"}` };
       return null;
     }
-    if (chunk.model && !run.msg.model) run.msg.model = chunk.model;
+    if (chunk.model && !msg.model) msg.model = chunk.model;
     if (chunk.usage) run.usage = chunk.usage;
     const choice = chunk.choices && chunk.choices[0];
-    if (choice) {
-      const delta = choice.delta || {};
-      if (typeof delta.content === "string" && delta.content) {
-        const now = performance.now();
-        if (!run.firstTokenAt) run.firstTokenAt = now;
-        run.lastTokenAt = now;
-        run.msg.content += delta.content;
-        run.msg.chunks = (run.msg.chunks || 0) + 1;
-        scheduleRender();
-        saveSoon();
-      }
-      if (choice.finish_reason) run.msg.finishReason = choice.finish_reason;
+    if (!choice) return null;
+    const delta = choice.delta || {};
+    for (const [from, to] of DELTA_FIELDS) {
+      if (typeof delta[from] !== "string" || !delta[from]) continue;
+      const now = performance.now();
+      if (!run.firstTokenAt) run.firstTokenAt = now;
+      run.lastTokenAt = now;
+      msg[to] = (msg[to] || "") + delta[from];
+      msg.chunks = (msg.chunks || 0) + 1;
+      if (run.conv.id === state.currentId) scheduleRender();
+      markDirty(run.conv, true);
     }
+    if (choice.finish_reason) msg.finishReason = choice.finish_reason;
     return null;
   }
 
@@ -791,121 +1517,197 @@
       stats.endToEnd = true;
     }
     msg.stats = stats;
+    delete msg.chunks;
   }
 
-  async function generate(conv) {
-    const msg = { role: "assistant", content: "", status: "streaming", created: Date.now() };
-    conv.messages.push(msg);
-    conv.updated = Date.now();
-    const controller = new AbortController();
-    const run = { controller, conv, msg, reason: null, startedAt: performance.now(), firstTokenAt: 0,
-      lastTokenAt: 0, lastActivity: Date.now(), usage: null, gotResponse: false };
-    state.run = run;
-    setBusy(true);
-    if (conv.id === state.currentId) renderTranscript();
+  // The server's window: the first N non-system messages of the request were
+  // left out. Noted for the conversation's last reply only, whose request is
+  // the whole conversation; the transcript greys what the model did not see.
+  function noteWindow(run, res, sources) {
+    const { conv, msg } = run;
+    if (conv.messages[conv.messages.length - 1] !== msg) return;
+    const dropped = parseInt(res.headers.get(WINDOW_HEADER) || "0", 10) || 0;
+    const kept = sources.filter((ids) => ids.length);
+    const before = conv.window ? conv.window.firstSeen : null;
+    if (dropped > 0 && dropped < kept.length) conv.window = { firstSeen: kept[dropped][0], dropped, limit: server.maxContext };
+    else delete conv.window;
+    if ((conv.window ? conv.window.firstSeen : null) !== before && conv.id === state.currentId) {
+      renderTranscript(true);
+      scrollToBottom();
+    }
+  }
+
+  // =========================================================================
+  // Replies in flight: one per conversation, each bound to its message
+  // =========================================================================
+
+  // Stream a reply into `msg`, an assistant message already in `conv`; the
+  // model is sent the messages before it.
+  async function generate(conv, msg) {
+    const run = { conv, msg, controller: new AbortController(), reason: null, phase: "connecting",
+      startedAt: performance.now(), firstTokenAt: 0, lastTokenAt: 0, lastActivity: Date.now(),
+      usage: null, gotResponse: false, wake: null, busySince: 0 };
+    state.runs.set(conv.id, run);
+    const { messages, sources } = buildMessages(conv, conv.messages.indexOf(msg));
+    const body = JSON.stringify(requestBody(messages));
+    showRunChange(run);
     announce("Generating a reply…");
-    setTimeout(() => { if (state.run === run) refreshHealth(); }, 300); // show "Busy" in the header
-
-    const watchdog = setInterval(() => {
-      if (Date.now() - run.lastActivity > IDLE_TIMEOUT_MS) {
-        run.reason = "timeout";
-        controller.abort();
-      }
-    }, 1000);
-
-    const body = {
-      messages: buildMessages(conv),
-      stream: true,
-      stream_options: { include_usage: true },
-      temperature: state.settings.temperature,
-    };
-    // At the server's own limit, leave max_tokens out: the server then trims the
-    // budget to what fits the model's context, where an explicit value that
-    // cannot fit is refused (context_length_exceeded), as OpenAI does.
-    const maxTokens = effectiveMaxTokens();
-    if (!server.maxTokens || maxTokens < server.maxTokens) body.max_tokens = maxTokens;
+    setTimeout(() => { if (state.runs.get(conv.id) === run) refreshHealth(); }, 300); // show "Busy" in the header
+    const watchdog = setInterval(() => watchRun(run), 1000);
     try {
+      await exchange(run, body, sources);
+    } catch (err) {
+      noteFailure(run, err);
+    } finally {
+      clearInterval(watchdog);
+      finishRun(run);
+    }
+  }
+
+  // One request, retried after Retry-After while the server says 429.
+  async function exchange(run, body, sources) {
+    for (let attempt = 1; ; attempt++) {
+      run.phase = "connecting";
+      run.gotResponse = false;
       const res = await fetch("/v1/chat/completions", {
         method: "POST",
         headers: { "Content-Type": "application/json", Accept: "text/event-stream", ...authHeaders() },
-        body: JSON.stringify(body),
-        signal: controller.signal,
+        body,
+        signal: run.controller.signal,
         cache: "no-store",
       });
       run.gotResponse = true;
       run.lastActivity = Date.now();
-      if (!res.ok) {
-        msg.error = await errorFromResponse(res);
-      } else {
+      if (res.ok) {
+        noteWindow(run, res, sources);
+        run.phase = "streaming";
         const sawDone = await readEventStream(res, run, (payload) => handleChunk(run, payload));
-        if (!sawDone && !msg.error && !msg.finishReason) {
-          msg.error = { kind: "dropped", message: "The connection closed before the reply finished." };
+        if (!sawDone && !run.msg.error && !run.msg.finishReason) {
+          run.msg.error = { kind: "dropped", message: "The connection closed before the reply finished." };
         }
+        return;
       }
-    } catch (err) {
-      if (run.reason === "stop") {
-        /* the user pressed Stop: keep what arrived */
-      } else if (run.reason === "timeout") {
-        msg.error = { kind: "timeout", message: `No response from the server for ${IDLE_TIMEOUT_MS / 1000} s; gave up.` };
-      } else if (run.gotResponse) {
-        msg.error = { kind: "dropped", message: "The connection to the server was lost while the reply was streaming." };
-      } else {
-        msg.error = { kind: "network", message: `Could not reach the server${err && err.message ? ` (${err.message})` : ""}.` };
-      }
-    } finally {
-      clearInterval(watchdog);
-      msg.status = run.reason === "stop" ? "stopped" : msg.error ? "error" : "done";
-      finishStats(run);
-      state.run = null;
-      setBusy(false);
-      saveConversations();
-      if (conv.id === state.currentId) {
-        updateMessage(msg);
-        scrollToBottom();
-      }
-      announce(msg.error ? msg.error.message : msg.status === "stopped" ? "Stopped." : `Reply complete. ${statsText(msg)?.text || ""}`);
-      refreshHealth();
-      if (msg.error && msg.error.kind === "auth") openKeyDialog();
-    }
-  }
-
-  function stopGenerating() {
-    if (!state.run) return;
-    state.run.reason = "stop";
-    // Aborting closes the connection; the server then frees its slot.
-    state.run.controller.abort();
-  }
-
-  // =========================================================================
-  // Actions
-  // =========================================================================
-
-  function sendMessage() {
-    const text = ui.prompt.value;
-    if (!text.trim()) return;
-    if (state.run) {
-      announce("Wait for the current reply to finish, or press Stop.");
+      const error = await errorFromResponse(res);
+      if (res.status === 429 && await waitForSlot(run, error, attempt)) continue;
+      if (res.status === 429) error.message += run.reason ? " Stopped waiting for a free slot." : " Gave up waiting for a free slot.";
+      run.msg.error = error;
       return;
     }
-    let conv = currentConversation();
-    if (!conv) {
-      conv = { id: newId(), title: titleFrom(text), created: Date.now(), updated: Date.now(), messages: [] };
-      state.conversations.unshift(conv);
-      state.currentId = conv.id;
-    }
-    // A failed, empty reply is dropped from view when the user moves on.
-    const last = conv.messages[conv.messages.length - 1];
-    if (last && last.role === "assistant" && last.error && !last.content) conv.messages.pop();
-    conv.messages.push({ role: "user", content: text, created: Date.now() });
-    moveToTop(conv);
-    ui.prompt.value = "";
-    autoSizePrompt();
-    renderConversationList();
-    saveConversations();
-    generate(conv);
   }
 
-  function moveToTop(conv) {
+  // The server's Retry-After for the first tries, then slowly longer waits.
+  function retryDelay(retryAfter, attempt) {
+    const base = Math.min(Math.max(1, retryAfter || 1), 60) * 1000;
+    return attempt <= 5 ? base : Math.max(base, Math.min(timing.busyMaxDelayMs, base * 2 ** (attempt - 5)));
+  }
+
+  // Count down to the next try, visibly; resolves true to try again, false
+  // when the user cancelled (or stopped) or the wait has gone on too long.
+  function waitForSlot(run, error, attempt) {
+    const now = Date.now();
+    run.busySince = run.busySince || now;
+    if (run.reason || now - run.busySince > timing.busyGiveUpMs) return Promise.resolve(false);
+    const delay = retryDelay(error.retryAfter, attempt);
+    run.phase = "waiting";
+    run.msg.status = "waiting";
+    run.msg.retryAt = now + delay;
+    if (attempt === 1) announce(`Server busy. Retrying in ${Math.ceil(delay / 1000)} s.`);
+    showRunChange(run);
+    return new Promise((resolve) => {
+      const tick = setInterval(() => { if (run.conv.id === state.currentId) scheduleRender(); }, 250);
+      const timer = setTimeout(() => wake(true), delay);
+      function wake(go) {
+        clearInterval(tick);
+        clearTimeout(timer);
+        run.wake = null;
+        run.msg.status = "streaming";
+        delete run.msg.retryAt;
+        run.lastActivity = Date.now();
+        if (go) showRunChange(run);
+        resolve(go);
+      }
+      run.wake = wake;
+    });
+  }
+
+  function watchRun(run) {
+    if (run.phase === "waiting") return;
+    const silent = Date.now() - run.lastActivity;
+    if (silent > timing.idleTimeoutMs) {
+      run.reason = "timeout";
+      run.controller.abort();
+    } else if (silent >= timing.stallNoticeMs && run.conv.id === state.currentId) {
+      scheduleRender();
+    }
+  }
+
+  function noteFailure(run, err) {
+    const msg = run.msg;
+    if (run.reason === "stop" || state.unloading) return; // keep what arrived
+    if (run.reason === "timeout") {
+      msg.error = { kind: "timeout", message: `No data from the server for ${Math.round(timing.idleTimeoutMs / 1000)} s ` +
+        "(while it works it sends a sign of life every few seconds), so the page gave up. The server may be stuck or unreachable." };
+    } else if (run.gotResponse) {
+      msg.error = { kind: "dropped", message: "The connection to the server was lost while the reply was streaming." };
+    } else {
+      msg.error = { kind: "network", message: `Could not reach the server${err && err.message ? ` (${err.message})` : ""}.` };
+    }
+  }
+
+  function finishRun(run) {
+    const { conv, msg } = run;
+    if (state.unloading) msg.status = "interrupted";
+    else msg.status = msg.error ? "error" : run.reason === "stop" ? "stopped" : "done";
+    delete msg.retryAt;
+    finishStats(run);
+    if (state.runs.get(conv.id) === run) state.runs.delete(conv.id); // not a new run started after a Stop
+    streamViews.delete(msg);
+    markDirty(conv);
+    if (conv.id === state.currentId) {
+      updateMessage(conv, msg);
+      renderChatHead();
+      scrollToBottom();
+    }
+    renderConversationList();
+    renderComposer();
+    if (state.unloading) return;
+    announce(msg.error ? msg.error.message : msg.status === "stopped" ? "Stopped." : `Reply complete. ${statsText(msg)?.text || ""}`);
+    settleHealth();
+    if (msg.error && msg.error.kind === "auth") openKeyDialog();
+  }
+
+  // A run started, began waiting or resumed: its message, the list and the composer show it.
+  function showRunChange(run) {
+    if (run.conv.id === state.currentId) {
+      if (messageViews.get(run.msg)?.isConnected) updateMessage(run.conv, run.msg);
+      else renderTranscript();
+      scrollToBottom();
+    }
+    renderConversationList();
+    renderComposer();
+  }
+
+  // Stop a conversation's reply (or its wait for a free slot).
+  function stopGenerating(conv = currentConversation(), reason = "stop") {
+    const run = runOf(conv);
+    if (!run) return;
+    run.reason = reason;
+    if (run.wake) run.wake(false);
+    // Aborting closes the connection; the server then frees its slot.
+    run.controller.abort();
+  }
+
+  // =========================================================================
+  // Actions on messages: send, regenerate, edit, delete
+  // =========================================================================
+
+  function newReply() {
+    return { id: newId(), role: "assistant", content: "", status: "streaming", created: Date.now() };
+  }
+
+  // The conversation was just used: it goes to the top of the list.
+  function touch(conv) {
+    conv.updated = Date.now();
     const idx = state.conversations.indexOf(conv);
     if (idx > 0) {
       state.conversations.splice(idx, 1);
@@ -913,37 +1715,207 @@
     }
   }
 
-  // Retry / regenerate: drop the last reply and ask again.
-  function regenerate() {
-    const conv = currentConversation();
-    if (!conv || state.run) return;
+  function sendMessage() {
+    const text = ui.prompt.value;
+    if (!state.loaded || !text.trim()) return;
+    let conv = currentConversation();
+    if (runOf(conv)) {
+      showComposerNote("A reply is still being written in this chat: stop it (Esc) to send now, or start a new chat.");
+      return;
+    }
+    if (!conv) {
+      conv = { id: newId(), title: titleFrom(text), created: Date.now(), updated: Date.now(), messages: [] };
+      state.conversations.unshift(conv);
+      setCurrent(conv.id);
+    }
+    // A failed, empty reply is dropped from view when the user moves on.
     const last = conv.messages[conv.messages.length - 1];
-    if (last && last.role === "assistant") conv.messages.pop();
-    if (!conv.messages.length) return;
-    generate(conv);
+    if (last && last.role === "assistant" && last.error && !last.content && !last.alts) conv.messages.pop();
+    conv.messages.push({ id: newId(), role: "user", content: text, created: Date.now() });
+    const reply = newReply();
+    conv.messages.push(reply);
+    touch(conv);
+    markDirty(conv);
+    ui.prompt.value = "";
+    autoSizePrompt();
+    renderChatHead();
+    generate(conv, reply);
   }
 
-  function newChat() {
-    openConversation(null); // no current conversation: the next message starts one
+  // Regenerate (or retry) this very reply, from the messages before it; the
+  // reply it had stays as an alternative.
+  function regenerate(conv, msg) {
+    if (!conv || !msg || msg.role !== "assistant") return;
+    if (runOf(conv)) {
+      showComposerNote("A reply is still being written in this chat: stop it (Esc) first.");
+      return;
+    }
+    if (!conv.messages.slice(0, conv.messages.indexOf(msg)).some((m) => m.role === "user")) {
+      announce("There is no message before this reply to answer.");
+      return;
+    }
+    const focused = messageViews.get(msg)?.contains(document.activeElement);
+    startVariant(msg);
+    markDirty(conv);
+    generate(conv, msg);
+    if (focused && !ui.stop.hidden) ui.stop.focus(); // its button is gone: focus goes to the way to stop it
   }
 
-  function openConversation(id) {
-    state.currentId = id;
-    saveConversations();
-    renderConversationList();
-    renderTranscript();
-    closeSidebarIfOverlay();
-    ui.prompt.focus();
+  function switchVariant(conv, msg, step) {
+    if (runOf(conv) && runOf(conv).msg === msg) return;
+    showVariant(msg, variantIndex(msg) + step);
+    markDirty(conv);
+    updateMessage(conv, msg);
+    renderChatHead();
+    messageViews.get(msg)?.querySelector(`[data-action="${step < 0 ? "prev" : "next"}-variant"]:not(:disabled), .msg-actions button`)?.focus();
   }
 
-  function deleteConversation(id) {
-    if (state.run && state.run.conv.id === id) stopGenerating();
-    state.conversations = state.conversations.filter((c) => c.id !== id);
-    if (state.currentId === id) state.currentId = null;
-    saveConversations();
-    renderConversationList();
-    renderTranscript();
-    announce("Conversation deleted.");
+  function startEdit(conv, msg) {
+    const run = runOf(conv);
+    if (run && run.msg === msg) return; // a reply being written can't be edited yet
+    const previous = state.editing && messageById(conv, state.editing.id);
+    state.editing = { id: msg.id, draft: msg.content };
+    if (previous) updateMessage(conv, previous);
+    updateMessage(conv, msg);
+    const area = messageViews.get(msg)?.querySelector("textarea");
+    if (area) {
+      area.focus();
+      area.setSelectionRange(area.value.length, area.value.length);
+    }
+  }
+
+  function endEdit(conv, msg, focus = "edit") {
+    state.editing = null;
+    updateMessage(conv, msg);
+    messageViews.get(msg)?.querySelector(`[data-action="${focus}"]`)?.focus();
+  }
+
+  // Save an edit in place, or (resend) save it and ask again: everything after
+  // the message is replaced by a new reply, with Undo.
+  function saveEdit(conv, msg, resend) {
+    const text = state.editing ? state.editing.draft : msg.content;
+    if (msg.role === "user" && !text.trim()) {
+      announce("A message cannot be empty: delete it instead.");
+      return;
+    }
+    const before = { messages: conv.messages.slice(), content: msg.content, edited: msg.edited };
+    msg.content = text;
+    msg.edited = Date.now();
+    if (!resend) {
+      markDirty(conv);
+      endEdit(conv, msg);
+      return;
+    }
+    stopGenerating(conv);
+    state.editing = null;
+    const removed = conv.messages.splice(conv.messages.indexOf(msg) + 1);
+    const reply = newReply();
+    conv.messages.push(reply);
+    touch(conv);
+    markDirty(conv);
+    generate(conv, reply);
+    if (removed.some((m) => m.content)) {
+      showToast(`Sent again; the ${removed.length === 1 ? "message" : `${removed.length} messages`} after it were replaced.`, () => {
+        stopGenerating(conv);
+        conv.messages = before.messages;
+        msg.content = before.content;
+        if (before.edited) msg.edited = before.edited;
+        else delete msg.edited;
+        markDirty(conv);
+        if (conv.id === state.currentId) renderAll();
+      });
+    }
+  }
+
+  // Delete one message, with Undo. A user message takes its failed, empty
+  // reply with it (the too-long message case).
+  function deleteMessage(conv, msg) {
+    const run = runOf(conv);
+    if (run && run.msg === msg) stopGenerating(conv);
+    const idx = conv.messages.indexOf(msg);
+    if (idx === -1) return;
+    const next = conv.messages[idx + 1];
+    const orphan = msg.role === "user" && next && next.role === "assistant" && next.error && !next.content && !next.alts && !(run && run.msg === next);
+    const removed = conv.messages.splice(idx, orphan ? 2 : 1);
+    if (state.editing && removed.some((m) => m.id === state.editing.id)) state.editing = null;
+    markDirty(conv);
+    renderTranscript(true);
+    renderChatHead();
+    focusMessageNear(conv, idx);
+    const what = orphan ? "Message and its failed reply deleted." : msg.role === "user" ? "Message deleted." : "Reply deleted.";
+    showToast(what, () => {
+      conv.messages.splice(Math.min(idx, conv.messages.length), 0, ...removed);
+      markDirty(conv);
+      if (conv.id !== state.currentId) return;
+      renderTranscript(true);
+      renderChatHead();
+      messageViews.get(removed[0])?.focus();
+    });
+  }
+
+  // After a deletion, focus stays where it was: on the message that took the
+  // deleted one's place (or the one before), else the message box.
+  function focusMessageNear(conv, idx) {
+    const target = conv.messages[idx] || conv.messages[idx - 1];
+    const el = target && messageViews.get(target);
+    if (el && el.isConnected) el.focus();
+    else ui.prompt.focus();
+  }
+
+  function messageOf(el) {
+    const conv = currentConversation();
+    const article = el.closest("article.msg");
+    return { conv, msg: conv && article ? messageById(conv, article.dataset.id) : null };
+  }
+
+  // Every button in the transcript acts on the message it sits in, never on
+  // "the last one": a stale Retry retries its own reply.
+  function onThreadClick(event) {
+    const button = event.target.closest("button");
+    if (!button) return;
+    if (button.classList.contains("copy-code")) {
+      copyWithFeedback(button, button.closest(".code-block").querySelector("code").textContent);
+      return;
+    }
+    const { conv, msg } = messageOf(button);
+    const action = button.dataset.action;
+    if (!msg || !action) return;
+    const handlers = {
+      copy: () => copyWithFeedback(button, msg.content),
+      retry: () => regenerate(conv, msg),
+      regenerate: () => regenerate(conv, msg),
+      "prev-variant": () => switchVariant(conv, msg, -1),
+      "next-variant": () => switchVariant(conv, msg, 1),
+      edit: () => startEdit(conv, msg),
+      delete: () => deleteMessage(conv, msg),
+      "edit-prev": () => startEdit(conv, previousUser(conv, msg)),
+      "delete-prev": () => deleteMessage(conv, previousUser(conv, msg)),
+      "edit-cancel": () => endEdit(conv, msg),
+      "edit-save": () => saveEdit(conv, msg, false),
+      "edit-send": () => saveEdit(conv, msg, true),
+      "retry-now": () => runOf(conv)?.wake?.(true),
+      "cancel-retry": () => stopGenerating(conv, "cancel"),
+      "api-key": openKeyDialog,
+      settings: openSettings,
+    };
+    if (handlers[action]) handlers[action]();
+  }
+
+  function onThreadInput(event) {
+    if (event.target.matches(".edit-box") && state.editing) state.editing.draft = event.target.value;
+  }
+
+  function onThreadKeydown(event) {
+    if (!event.target.matches(".edit-box")) return;
+    const { conv, msg } = messageOf(event.target);
+    if (!msg) return;
+    if (event.key === "Escape") {
+      event.preventDefault();
+      endEdit(conv, msg);
+    } else if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
+      event.preventDefault();
+      saveEdit(conv, msg, msg.role === "user");
+    }
   }
 
   async function copyText(text) {
@@ -981,43 +1953,216 @@
     setTimeout(() => { if (button.isConnected) button.textContent = original; }, 1500);
   }
 
-  function messageOf(el) {
-    const conv = currentConversation();
-    const article = el.closest("article.msg");
-    if (!conv || !article) return null;
-    const idx = [...ui.thread.children].indexOf(article);
-    return conv.messages[idx] || null;
+  // =========================================================================
+  // Actions on conversations: open, delete, rename, search
+  // =========================================================================
+
+  function openConversation(id) {
+    state.editing = null;
+    setCurrent(id);
+    hideComposerNote();
+    renderAll();
+    closeSidebarIfOverlay();
+    ui.prompt.focus();
   }
 
-  function onThreadClick(event) {
-    const button = event.target.closest("button");
-    if (!button) return;
-    if (button.classList.contains("copy-code")) {
-      const code = button.closest(".code-block").querySelector("code");
-      copyWithFeedback(button, code.textContent);
+  function newChat() {
+    openConversation(null); // no current conversation: the next message starts one
+  }
+
+  // Delete with Undo; keyboard focus moves to the conversation that took its place.
+  function deleteConversation(id) {
+    const idx = state.conversations.findIndex((c) => c.id === id);
+    if (idx === -1) return;
+    const conv = state.conversations[idx];
+    const shownAt = [...ui.convList.querySelectorAll("[data-conv]")].findIndex((li) => li.dataset.conv === id);
+    const wasCurrent = state.currentId === id;
+    stopGenerating(conv);
+    state.conversations.splice(idx, 1);
+    if (wasCurrent) setCurrent(null);
+    forgetConversation(id);
+    renderAll();
+    const items = ui.convList.querySelectorAll(".conv-open");
+    (items[shownAt] || items[shownAt - 1] || ui.newChat).focus();
+    showToast(`Deleted “${conv.title}”.`, () => {
+      state.conversations.splice(Math.min(idx, state.conversations.length), 0, conv);
+      markDirty(conv);
+      if (wasCurrent) setCurrent(conv.id);
+      renderAll();
+      ui.convList.querySelector(`[data-id="${CSS.escape(conv.id)}"]`)?.focus();
+    });
+  }
+
+  let renaming = null; // { id, opener }
+
+  function openRename(id, opener) {
+    const conv = conversationById(id);
+    if (!conv) return;
+    renaming = { id, opener };
+    ui.renameInput.value = conv.title;
+    ui.renameDialog.showModal();
+    ui.renameInput.select();
+  }
+
+  function saveRename() {
+    const conv = renaming && conversationById(renaming.id);
+    const title = ui.renameInput.value.trim();
+    if (conv && title) {
+      conv.title = title.slice(0, 200);
+      conv.titleEdited = true;
+      markDirty(conv);
+      renderConversationList();
+      renderChatHead();
+      announce(`Renamed to “${conv.title}”.`);
+    }
+    ui.renameDialog.close();
+  }
+
+  function onSearchInput() {
+    state.search = ui.search.value;
+    renderConversationList();
+  }
+
+  function onSearchKeydown(event) {
+    if (event.key === "Escape" && ui.search.value) {
+      event.preventDefault(); // clears the search; a second Esc goes on to the page
+      ui.search.value = "";
+      onSearchInput();
+    }
+  }
+
+  function onConvListClick(event) {
+    const target = event.target.closest("[data-delete], [data-rename], [data-id]");
+    if (!target) return;
+    if (target.dataset.delete) deleteConversation(target.dataset.delete);
+    else if (target.dataset.rename) openRename(target.dataset.rename, target);
+    else openConversation(target.dataset.id);
+  }
+
+  // =========================================================================
+  // Export and import
+  // =========================================================================
+
+  function download(name, text, type) {
+    const url = URL.createObjectURL(new Blob([text], { type }));
+    const a = h("a", { href: url, download: name, hidden: true });
+    document.body.append(a);
+    a.click();
+    a.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 60_000);
+  }
+
+  function fileStem(text) {
+    return (text || "chat").replace(/[\\/:*?"<>|\u0000-\u001f]+/g, " ").replace(/\s+/g, " ").trim().slice(0, 60) || "chat";
+  }
+
+  // Every conversation, every alternative, as one JSON file that Import reads back.
+  function exportAll() {
+    const data = { format: EXPORT_FORMAT, version: 1, exported: new Date().toISOString(), model: server.model || null,
+      conversations: state.conversations };
+    download(`lem-chat-${new Date().toISOString().slice(0, 10)}.json`, JSON.stringify(data, null, 2), "application/json");
+    announce(`Exported ${state.conversations.length} conversations.`);
+  }
+
+  // One conversation as Markdown, to read or share: the shown version of each
+  // reply, reasoning left out.
+  function conversationMarkdown(conv) {
+    const lines = [`# ${conv.title}`, "", `_Exported from lem-serve on ${new Date().toISOString().slice(0, 10)}${server.model ? ` (model ${server.model})` : ""}._`, ""];
+    for (const msg of conv.messages) {
+      const who = msg.role === "user" ? "You" : msg.role === "system" ? "System" : msg.model || server.model || "Assistant";
+      const text = msg.role === "assistant" ? stripThink(msg.content) : msg.content;
+      lines.push(`## ${who}`, "", text || (msg.error ? `_(no reply: ${msg.error.message})_` : "_(empty)_"), "");
+    }
+    return lines.join("\n");
+  }
+
+  function exportMarkdown() {
+    const conv = currentConversation();
+    if (conv) download(`${fileStem(conv.title)}.md`, conversationMarkdown(conv), "text/markdown");
+  }
+
+  // Add the conversations of an export file. One already here unchanged is
+  // skipped; one here with other contents is added as a copy, never overwritten.
+  async function importFile(file) {
+    let data;
+    try {
+      data = JSON.parse(await file.text());
+    } catch {
+      showToast(`“${file.name}” is not a JSON export.`);
       return;
     }
-    const action = button.dataset.action;
-    if (action === "copy") {
-      const msg = messageOf(button);
-      if (msg) copyWithFeedback(button, msg.content);
-    } else if (action === "retry" || action === "regenerate") {
-      regenerate();
-    } else if (action === "api-key") {
-      openKeyDialog();
+    const list = Array.isArray(data) ? data : data && Array.isArray(data.conversations) ? data.conversations : null;
+    if (!list) {
+      showToast(`“${file.name}” holds no conversations.`);
+      return;
     }
+    const counts = { added: 0, same: 0, bad: 0 };
+    for (const raw of list) {
+      const conv = normalizeConversation(raw);
+      if (!conv) { counts.bad++; continue; }
+      const here = conversationById(conv.id);
+      if (here && canonicalJSON(normalizeConversation(here)) === canonicalJSON(conv)) { counts.same++; continue; }
+      if (here) {
+        conv.id = newId();
+        conv.title = `${conv.title} (imported copy)`;
+      }
+      state.conversations.push(conv);
+      markDirty(conv);
+      counts.added++;
+    }
+    state.conversations.sort((a, b) => b.updated - a.updated);
+    renderAll();
+    const parts = [`Imported ${counts.added} conversation${counts.added === 1 ? "" : "s"}`];
+    if (counts.same) parts.push(`${counts.same} already here`);
+    if (counts.bad) parts.push(`${counts.bad} could not be read`);
+    showToast(`${parts.join("; ")}.`);
+  }
+
+  function onImportChosen() {
+    const file = ui.importFile.files && ui.importFile.files[0];
+    ui.importFile.value = "";
+    if (file) importFile(file);
   }
 
   // =========================================================================
-  // Busy state, composer, announcements
+  // Composer, keyboard, toasts, announcements
   // =========================================================================
 
-  function setBusy(busy) {
-    ui.send.hidden = busy;
-    ui.stop.hidden = !busy;
+  // On touch screens Enter makes a new line (there is no Shift on a phone
+  // keyboard) and the Send button sends; Ctrl/Cmd+Enter sends everywhere.
+  const touchFirst = window.matchMedia("(pointer: coarse)");
+
+  function keyHint() {
+    const kbd = (text) => h("span", { className: "kbd", text });
+    return touchFirst.matches
+      ? [kbd("Enter"), " for a new line · tap Send to send"]
+      : [kbd("Enter"), " to send · ", kbd("Shift"), "+", kbd("Enter"), " for a new line"];
+  }
+
+  function renderKeyHint() {
+    ui.hintKeys.replaceChildren(...keyHint());
+    const empty = $("empty-state");
+    if (empty) empty.replaceWith(renderEmptyState());
+  }
+
+  function renderComposer() {
+    const running = Boolean(runOf(currentConversation()));
     // Keep keyboard focus on the composer's action button when it swaps.
-    if (busy && document.activeElement === ui.send) ui.stop.focus();
-    if (!busy && document.activeElement === ui.stop) ui.send.focus();
+    const moveFocus = document.activeElement === (running ? ui.send : ui.stop);
+    ui.send.hidden = running;
+    ui.stop.hidden = !running;
+    if (moveFocus) (running ? ui.stop : ui.send).focus();
+    if (!running) hideComposerNote();
+  }
+
+  function showComposerNote(text) {
+    ui.composerNote.textContent = text;
+    ui.composerNote.hidden = false;
+  }
+
+  function hideComposerNote() {
+    ui.composerNote.hidden = true;
+    ui.composerNote.textContent = "";
   }
 
   function autoSizePrompt() {
@@ -1026,12 +2171,53 @@
   }
 
   function onPromptKeydown(event) {
-    if (event.key === "Enter" && !event.shiftKey && !event.altKey && !event.isComposing) {
-      event.preventDefault(); // Enter sends, Shift+Enter inserts a newline
-      sendMessage();
-    } else if (event.key === "Escape" && state.run) {
+    if (event.key !== "Enter" || event.shiftKey || event.altKey || event.isComposing) return;
+    if (touchFirst.matches && !event.ctrlKey && !event.metaKey) return; // a new line
+    event.preventDefault();
+    sendMessage();
+  }
+
+  // Esc, wherever focus is: closes the drawer, else stops this chat's reply.
+  // Dialogs, the search box and the message editor handle their own Esc first.
+  function onDocumentKeydown(event) {
+    if (event.key !== "Escape" || event.defaultPrevented || document.querySelector("dialog[open]")) return;
+    if (ui.app.classList.contains("sidebar-open")) {
+      closeSidebarIfOverlay();
+      ui.toggleSidebar.focus();
+      return;
+    }
+    const conv = currentConversation();
+    if (runOf(conv)) {
       event.preventDefault();
-      stopGenerating();
+      stopGenerating(conv);
+    }
+  }
+
+  let toastTimer = 0;
+  let toastUndo = null;
+
+  // A short notice at the bottom; with `undo`, an Undo button for UNDO_MS.
+  function showToast(text, undo = null) {
+    clearTimeout(toastTimer);
+    toastUndo = undo;
+    ui.toastText.textContent = text;
+    ui.toastUndo.hidden = !undo;
+    ui.toast.hidden = false;
+    toastTimer = setTimeout(hideToast, undo ? UNDO_MS : UNDO_MS / 2);
+  }
+
+  function hideToast() {
+    clearTimeout(toastTimer);
+    ui.toast.hidden = true;
+    toastUndo = null;
+  }
+
+  function undoFromToast() {
+    const undo = toastUndo;
+    hideToast();
+    if (undo) {
+      undo();
+      announce("Undone.");
     }
   }
 
@@ -1068,7 +2254,7 @@
   function toggleSidebar() {
     if (narrowScreen.matches) {
       const open = ui.app.classList.toggle("sidebar-open");
-      if (open) (ui.convList.querySelector("[aria-current]") || ui.convList.querySelector("button") || ui.sidebar).focus();
+      if (open) (ui.convList.querySelector("[aria-current]") || ui.convList.querySelector("button") || ui.search).focus();
     } else {
       ui.app.classList.toggle("sidebar-collapsed");
     }
@@ -1119,12 +2305,7 @@
 
   function setApiKey(key) {
     state.apiKey = key;
-    try {
-      if (key) localStorage.setItem(STORE_API_KEY, key);
-      else localStorage.removeItem(STORE_API_KEY);
-    } catch {
-      /* storage disabled: the key lives for this page only */
-    }
+    writeLocal(STORE_API_KEY, key);
   }
 
   function openKeyDialog() {
@@ -1148,17 +2329,18 @@
     refreshHealth();
     const conv = currentConversation();
     const last = conv && conv.messages[conv.messages.length - 1];
-    if (last && last.role === "assistant" && last.error && last.error.kind === "auth") regenerate();
+    if (last && last.role === "assistant" && last.error && last.error.kind === "auth") regenerate(conv, last);
   }
 
   function clearHistory() {
-    if (!window.confirm("Delete all conversations stored in this browser?")) return;
-    stopGenerating();
+    if (!window.confirm("Delete all conversations stored in this browser? This cannot be undone; Export all keeps a copy.")) return;
+    for (const conv of state.conversations) {
+      stopGenerating(conv);
+      forgetConversation(conv.id);
+    }
     state.conversations = [];
-    state.currentId = null;
-    saveConversations();
-    renderConversationList();
-    renderTranscript();
+    setCurrent(null);
+    renderAll();
     ui.settingsDialog.close();
   }
 
@@ -1166,7 +2348,9 @@
   // Health: model name and server status in the header
   // =========================================================================
 
+  const HEALTH_TIMEOUT_MS = 5_000;
   let healthTimer = 0;
+  let settleTimer = 0;
 
   function setHealth(kind, text) {
     ui.health.dataset.state = kind;
@@ -1183,32 +2367,56 @@
     document.title = `${name} · lem-serve`;
   }
 
+  function noteServerLimits(body) {
+    if (!server.maxTokens && Number.isInteger(body.max_tokens)) {
+      server.maxTokens = body.max_tokens;
+      renderSettingsSummary();
+    }
+    const contextLength = Number.isInteger(body.context_length) ? body.context_length : null;
+    const maxContext = Number.isInteger(body.max_context) ? body.max_context : 0;
+    if (contextLength !== server.contextLength || maxContext !== server.maxContext) {
+      server.contextLength = contextLength;
+      server.maxContext = maxContext;
+      renderChatHead();
+    }
+  }
+
+  // GET /healthz; returns its body when the server answered "ok", else null.
   async function refreshHealth() {
     clearTimeout(healthTimer);
+    let result = null;
     try {
-      const res = await fetch("/healthz", { cache: "no-store", headers: authHeaders() });
+      const res = await fetch("/healthz", { cache: "no-store", headers: authHeaders(), signal: AbortSignal.timeout(HEALTH_TIMEOUT_MS) });
       let body = null;
       try { body = await res.json(); } catch { /* not JSON */ }
       if (res.ok && body && body.status === "ok") {
         setModelName(body.model);
-        if (!server.maxTokens && Number.isInteger(body.max_tokens)) {
-          server.maxTokens = body.max_tokens;
-          renderSettingsSummary();
-        }
+        noteServerLimits(body);
         const active = body.active_requests ?? 0;
         const max = body.max_requests ?? 0;
         if (max && active >= max) setHealth("busy", `Busy (${active}/${max})`);
         else setHealth("ok", max ? `Ready (${active}/${max})` : "Ready");
+        result = body;
       } else {
         const detail = body && (typeof body.error === "string" ? body.error : body.error && body.error.message);
         if (detail) setHealth("error", `Error: ${detail}`);
         else if (body && body.status === "error") setHealth("error", "Model engine stopped");
         else setHealth("error", `Error (${res.status})`);
       }
-    } catch {
-      setHealth("offline", "Offline");
+    } catch (err) {
+      setHealth("offline", err && err.name === "TimeoutError" ? "Not responding" : "Offline");
     }
     if (!document.hidden) healthTimer = setTimeout(refreshHealth, HEALTH_INTERVAL_MS);
+    return result;
+  }
+
+  // After a reply ends the server frees its slot a moment later: ask again
+  // briefly until it has, so the header does not say "Busy" for a whole poll.
+  async function settleHealth(deadline = Date.now() + HEALTH_INTERVAL_MS) {
+    clearTimeout(settleTimer);
+    const body = await refreshHealth();
+    const busy = body && body.max_requests && body.active_requests >= body.max_requests;
+    if (busy && !state.runs.size && Date.now() < deadline) settleTimer = setTimeout(() => settleHealth(deadline), 300);
   }
 
   // =========================================================================
@@ -1218,9 +2426,15 @@
   function bindUI() {
     for (const [key, id] of Object.entries({
       app: "app", thread: "thread", transcript: "transcript", prompt: "prompt", send: "send", stop: "stop",
-      newChat: "new-chat", openSettings: "open-settings", convList: "conv-list", sidebar: "sidebar",
+      newChat: "new-chat", openSettings: "open-settings", convList: "conv-list", sidebar: "sidebar", search: "conv-search",
       toggleSidebar: "toggle-sidebar", backdrop: "backdrop", jump: "jump-latest", health: "health",
-      modelName: "model-name", announcer: "announcer", settingsSummary: "settings-summary",
+      modelName: "model-name", announcer: "announcer", settingsSummary: "settings-summary", hintKeys: "hint-keys",
+      composerNote: "composer-note", chatHead: "chat-head", chatTitle: "chat-title", gauge: "context-gauge",
+      gaugeBar: "gauge-bar", gaugeFill: "gauge-fill", gaugeText: "gauge-text", renameChat: "rename-chat", exportMd: "export-md",
+      storageWarning: "storage-warning", storageWarningText: "storage-warning-text", storageExport: "storage-export",
+      storageRetry: "storage-retry", exportAll: "export-all", importChats: "import-chats", importFile: "import-file",
+      settingsExport: "settings-export", toast: "toast", toastText: "toast-text", toastUndo: "toast-undo", toastClose: "toast-close",
+      renameDialog: "rename-dialog", renameInput: "rename-input", renameSave: "rename-save", renameCancel: "rename-cancel",
       settingsDialog: "settings-dialog", setSystem: "set-system", setTemperature: "set-temperature",
       setMaxTokens: "set-max-tokens", maxTokensHint: "set-max-tokens-hint", setApiKey: "set-api-key",
       settingsDone: "settings-done", clearHistory: "clear-history", keyDialog: "key-dialog",
@@ -1229,30 +2443,55 @@
     ui.healthText = ui.health.querySelector(".health-text");
   }
 
-  function wireEvents() {
+  function wireComposer() {
     ui.send.addEventListener("click", sendMessage);
-    ui.stop.addEventListener("click", stopGenerating);
+    ui.stop.addEventListener("click", () => stopGenerating());
     ui.prompt.addEventListener("keydown", onPromptKeydown);
     ui.prompt.addEventListener("input", autoSizePrompt);
     ui.newChat.addEventListener("click", newChat);
-    ui.openSettings.addEventListener("click", openSettings);
-    ui.settingsSummary.addEventListener("click", openSettings);
-    ui.toggleSidebar.addEventListener("click", toggleSidebar);
-    ui.backdrop.addEventListener("click", closeSidebarIfOverlay);
     ui.thread.addEventListener("click", onThreadClick);
+    ui.thread.addEventListener("input", onThreadInput);
+    ui.thread.addEventListener("keydown", onThreadKeydown);
     ui.transcript.addEventListener("scroll", onTranscriptScroll, { passive: true });
     new ResizeObserver(onTranscriptResize).observe(ui.transcript);
     // Scrolling up with the wheel detaches immediately, before the next token pulls the view down.
     ui.transcript.addEventListener("wheel", (e) => { if (e.deltaY < 0) state.stickToBottom = false; }, { passive: true });
     ui.jump.addEventListener("click", () => { scrollToBottom(true); ui.prompt.focus(); });
+    ui.toastUndo.addEventListener("click", undoFromToast);
+    ui.toastClose.addEventListener("click", hideToast);
+    touchFirst.addEventListener("change", renderKeyHint);
+    document.addEventListener("keydown", onDocumentKeydown);
+  }
 
-    ui.convList.addEventListener("click", (event) => {
-      const del = event.target.closest("[data-delete]");
-      if (del) { deleteConversation(del.dataset.delete); return; }
-      const open = event.target.closest("[data-id]");
-      if (open) openConversation(open.dataset.id);
+  function wireConversations() {
+    ui.convList.addEventListener("click", onConvListClick);
+    ui.search.addEventListener("input", onSearchInput);
+    ui.search.addEventListener("keydown", onSearchKeydown);
+    ui.toggleSidebar.addEventListener("click", toggleSidebar);
+    ui.backdrop.addEventListener("click", closeSidebarIfOverlay);
+    narrowScreen.addEventListener("change", () => {
+      ui.app.classList.remove("sidebar-open");
+      syncSidebarButton();
     });
+    ui.renameChat.addEventListener("click", () => openRename(state.currentId, ui.renameChat));
+    ui.exportMd.addEventListener("click", exportMarkdown);
+    for (const button of [ui.exportAll, ui.storageExport, ui.settingsExport]) button.addEventListener("click", exportAll);
+    ui.importChats.addEventListener("click", () => ui.importFile.click());
+    ui.importFile.addEventListener("change", onImportChosen);
+    ui.storageRetry.addEventListener("click", () => {
+      for (const id of store.failed.keys()) store.dirty.add(id);
+      flush();
+    });
+    ui.renameSave.addEventListener("click", saveRename);
+    ui.renameCancel.addEventListener("click", () => ui.renameDialog.close());
+    ui.renameInput.addEventListener("keydown", (e) => { if (e.key === "Enter") { e.preventDefault(); saveRename(); } });
+    ui.renameDialog.addEventListener("close", () => { if (renaming && renaming.opener && renaming.opener.isConnected) renaming.opener.focus(); renaming = null; });
+    if (store.channel) store.channel.addEventListener("message", onStoreMessage);
+  }
 
+  function wireDialogs() {
+    ui.openSettings.addEventListener("click", openSettings);
+    ui.settingsSummary.addEventListener("click", openSettings);
     for (const input of [ui.setSystem, ui.setTemperature, ui.setMaxTokens, ui.setApiKey]) {
       input.addEventListener("input", () => saveSettingsFromForm(false));
       input.addEventListener("change", () => saveSettingsFromForm(true));
@@ -1263,27 +2502,30 @@
     ui.keySave.addEventListener("click", saveKeyAndRetry);
     ui.keyCancel.addEventListener("click", () => ui.keyDialog.close());
     ui.keyInput.addEventListener("keydown", (e) => { if (e.key === "Enter") { e.preventDefault(); saveKeyAndRetry(); } });
+  }
 
-    document.addEventListener("keydown", (event) => {
-      if (event.key === "Escape" && ui.app.classList.contains("sidebar-open")) {
-        closeSidebarIfOverlay();
-        ui.toggleSidebar.focus();
-      }
-    });
-    narrowScreen.addEventListener("change", () => {
-      ui.app.classList.remove("sidebar-open");
-      syncSidebarButton();
-    });
+  function wirePage() {
     document.addEventListener("visibilitychange", () => { if (!document.hidden) refreshHealth(); });
     window.addEventListener("online", refreshHealth);
-
-    // Another tab changed the conversations: pick them up unless we are streaming.
+    // Leaving while a save has failed loses those changes: the browser asks first.
+    window.addEventListener("beforeunload", (event) => {
+      if (store.failed.size) {
+        event.preventDefault();
+        event.returnValue = "";
+      }
+    });
+    // Leaving mid-reply: keep what arrived, labelled as interrupted (not as an error).
+    window.addEventListener("pagehide", () => {
+      state.unloading = true;
+      for (const run of state.runs.values()) {
+        run.msg.status = "interrupted";
+        store.dirty.add(run.conv.id);
+      }
+      if (store.dirty.size) flush();
+    });
+    window.addEventListener("pageshow", (event) => { if (event.persisted) state.unloading = false; });
     window.addEventListener("storage", (event) => {
-      if (event.key === STORE_CONVERSATIONS && !state.run) {
-        Object.assign(state, loadConversations());
-        renderConversationList();
-        renderTranscript();
-      } else if (event.key === STORE_SETTINGS) {
+      if (event.key === STORE_SETTINGS) {
         state.settings = loadSettings();
         renderSettingsSummary();
       } else if (event.key === STORE_API_KEY) {
@@ -1292,21 +2534,31 @@
     });
   }
 
-  function start() {
+  async function start() {
     bindUI();
-    if (!currentConversation()) state.currentId = null;
     if (server.model) setModelName(server.model);
     syncSidebarButton();
     renderSettingsSummary();
-    renderConversationList();
-    renderTranscript();
-    wireEvents();
+    renderKeyHint();
+    wireComposer();
+    wireConversations();
+    wireDialogs();
+    wirePage();
+    state.conversations = await loadConversations();
+    state.currentId = readLocal(STORE_CURRENT); // the old data may have named it
+    state.loaded = true;
+    if (!currentConversation()) setCurrent(null);
+    renderAll();
+    if (store.dirty.size) flush(); // conversations moved over from localStorage
+    if (navigator.storage && navigator.storage.persist) navigator.storage.persist().catch(() => {});
+    ui.app.dataset.ready = "true";
+    if (!document.activeElement || document.activeElement === document.body) ui.prompt.focus();
     refreshHealth();
-    ui.prompt.focus();
   }
 
   // Exposed for tests and for the curious; renderMarkdown is pure.
-  window.lemChat = { renderMarkdown, splitThink, stripThink, state, stop: stopGenerating };
+  window.lemChat = { renderMarkdown, renderStreaming, newStreamView, splitThink, stripThink, state, timing,
+    stop: stopGenerating };
 
   if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);
   else start();

@@ -38,6 +38,7 @@ handler; the server class and main().
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import dataclasses
 import hmac
@@ -82,6 +83,7 @@ DEFAULT_LOG_LEVEL = "info"        # debug, info, warning or error
 PROMPT_CACHE_MAX_ENTRIES = 64     # finished requests whose KV cache is kept (the byte budget binds first)
 MAX_BODY_BYTES = 8 * 1024 * 1024  # largest request body accepted; bigger gets 413
 MAX_STOP_STRINGS = 4              # stop strings per request, as OpenAI allows
+MAX_STOP_CHARS = 1000             # characters per stop string; longer is a 400
 MAX_TOP_LOGPROBS_CHAT = 20        # chat top_logprobs ceiling, as OpenAI allows
 MAX_LOGPROBS_COMPLETIONS = 5      # completions logprobs ceiling, as OpenAI allows
 JSON_MAX_DIGITS = 15              # digits per part of a constrained number (float precision; keeps output finite)
@@ -328,7 +330,7 @@ class Check:
 def _is_stop(value: Any) -> bool:
     stops = [value] if isinstance(value, str) else value
     return (0 < len(stops) <= MAX_STOP_STRINGS
-            and all(isinstance(s, str) and s for s in stops))
+            and all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops))
 
 
 def _is_logit_bias(value: dict) -> bool:
@@ -347,7 +349,8 @@ COMMON_CHECKS = (
     Check("max_completion_tokens", (int,), "an integer >= 1", lambda v: v >= 1),
     Check("temperature", (int, float), "a number between 0 and 2", lambda v: 0 <= v <= 2),
     Check("top_p", (int, float), "a number between 0 and 1", lambda v: 0 <= v <= 1),
-    Check("stop", (str, list), f"a non-empty string or a list of 1 to {MAX_STOP_STRINGS} non-empty strings", _is_stop),
+    Check("stop", (str, list), f"a string or a list of 1 to {MAX_STOP_STRINGS} strings, each 1 to "
+          f"{MAX_STOP_CHARS} characters long", _is_stop),
     Check("n", (int,), "1 (this server returns one choice per request)", lambda v: v == 1),
     Check("top_k", (int,), "an integer >= 0 (0 = no limit)", lambda v: v >= 0),
     Check("min_p", (int, float), "a number between 0 and 1", lambda v: 0 <= v <= 1),
@@ -1082,6 +1085,7 @@ class Model:
     tokenizer: Any
     context_length: int | None   # tokens the model was trained for, when its config says
     vocab_size: int              # rows of the embedding table: the first token id out of range
+    token_bytes: list[bytes] | None = None  # each token id's own bytes (token_bytes_of); None: decode instead
 
 
 def load_model(settings: Settings) -> Model:
@@ -1089,7 +1093,8 @@ def load_model(settings: Settings) -> Model:
     apply_thread_cap(settings.threads)
     import mlx_lm
     model, tokenizer, config = mlx_lm.load(settings.model_path, return_config=True)
-    return Model(model, tokenizer, context_length_of(config), vocab_size_of(model, tokenizer))
+    return Model(model, tokenizer, context_length_of(config), vocab_size_of(model, tokenizer),
+                 token_bytes_of(tokenizer))
 
 
 def vocab_size_of(model: Any, tokenizer: Any) -> int:
@@ -1098,6 +1103,38 @@ def vocab_size_of(model: Any, tokenizer: Any) -> int:
     if isinstance(size, int) and size > 0:
         return size
     return int(tokenizer.vocab_size)
+
+
+def token_bytes_of(tokenizer: Any) -> list[bytes] | None:
+    """Each token id's own UTF-8 bytes, read off the tokenizer's byte map; None when it has none.
+
+    A token may hold part of a character (emoji, most CJK): only its bytes say
+    what it is, since decoding it alone gives U+FFFD. Byte-level BPE (GPT-2,
+    Llama 3, Qwen) spells each byte as one character; SentencePiece spells a
+    space as U+2581 and raw bytes as <0xNN>. mlx_lm chooses its streaming
+    detokenizer by the same test, so its token map is what is read here.
+    """
+    from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, SPMStreamingDetokenizer
+    detokenizer = tokenizer.detokenizer
+    if isinstance(detokenizer, SPMStreamingDetokenizer):
+        return [piece.replace("\u2581".encode(), b" ") for piece in detokenizer.tokenmap]
+    if not isinstance(detokenizer, BPEStreamingDetokenizer):
+        return None
+    table = gpt2_byte_values()
+    return [b"".join(bytes([table[ch]]) if ch in table else ch.encode() for ch in piece)
+            for piece in detokenizer.tokenmap]
+
+
+def gpt2_byte_values() -> dict[str, int]:
+    """Byte-level BPE's alphabet: the character that stands for each byte value.
+
+    GPT-2's scheme: printable Latin-1 bytes stand for themselves, the other 68
+    (controls, space, soft hyphen...) for U+0100 onwards, in byte order.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
 
 
 def context_length_of(config: dict) -> int | None:
@@ -1296,19 +1333,22 @@ def openai_penalties(presence: float, frequency: float) -> Callable[[Any, Any], 
     return processor
 
 
-def token_logprobs(tokenizer: Any, token: int, logprobs: Any, top_n: int) -> dict:
+def token_logprobs(model: Model, token: int, logprobs: Any, top_n: int) -> dict:
     """One token's entry in OpenAI's chat logprobs shape, as plain Python values.
 
     `logprobs` is the step's log-probability vector (an mx.array over the
     vocabulary); this runs in the engine thread, where MLX lives. Log
     probabilities of -inf (tokens a constraint forbids) are reported as -9999.0,
-    as OpenAI does, since JSON has no infinity.
+    as OpenAI does, since JSON has no infinity. "bytes" are the token's own
+    bytes, so the entries' bytes joined are the text's; a token holding part
+    of a character shows its bytes in "token" as \\xNN escapes, as DeepSeek does.
     """
     import mlx.core as mx
 
     def entry(token_id: int, value: float) -> dict:
-        text = tokenizer.decode([token_id])
-        return {"token": text, "logprob": max(value, -9999.0), "bytes": list(text.encode("utf-8"))}
+        raw = token_bytes(model, token_id)
+        return {"token": raw.decode("utf-8", "backslashreplace"), "logprob": max(value, -9999.0),
+                "bytes": list(raw)}
 
     chosen = entry(token, logprobs[token].item())
     chosen["top_logprobs"] = []
@@ -1318,6 +1358,51 @@ def token_logprobs(tokenizer: Any, token: int, logprobs: Any, top_n: int) -> dic
         ranked = sorted(zip(best.tolist(), values), key=lambda pair: -pair[1])
         chosen["top_logprobs"] = [entry(i, v) for i, v in ranked]
     return chosen
+
+
+def token_bytes(model: Model, token: int) -> bytes:
+    """One token id's bytes: from the byte map, else by decoding it alone (U+FFFD for part of a character)."""
+    if model.token_bytes is not None:
+        return model.token_bytes[token] if token < len(model.token_bytes) else b""
+    return model.tokenizer.decode([token]).encode("utf-8")
+
+
+class TextStream:
+    """A sequence's generated token ids turned into text as they come, never splitting a character.
+
+    With a byte map (token_bytes_of) the text is exactly the bytes the tokens
+    spell where they follow the prompt: a first token " Paris" keeps its
+    space, so a completion's prompt + text is the document. Without one,
+    mlx_lm's streaming detokenizer decodes. `trim_space` drops one leading
+    space of the text: chat replies do, as mlx_lm and Hugging Face decode a
+    reply on its own (SentencePiece models start most replies with one).
+    """
+
+    def __init__(self, model: Model, trim_space: bool):
+        self.model = model
+        self.detokenizer = None if model.token_bytes is not None else model.tokenizer.detokenizer
+        self.utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        self.trim_space = trim_space
+
+    def add(self, token: int) -> str:
+        """The text that token completes (empty while a character is still partial)."""
+        if self.detokenizer is None:
+            return self._trim(self.utf8.decode(token_bytes(self.model, token)))
+        self.detokenizer.add_token(token)
+        return self._trim(self.detokenizer.last_segment)
+
+    def finish(self) -> str:
+        """Text still held at the end (an unfinished character becomes U+FFFD)."""
+        if self.detokenizer is None:
+            return self._trim(self.utf8.decode(b"", final=True))
+        self.detokenizer.finalize()
+        return self._trim(self.detokenizer.last_segment)
+
+    def _trim(self, text: str) -> str:
+        if self.trim_space and text:
+            self.trim_space = False
+            return text[1:] if text[0] == " " else text
+        return text
 
 
 # -- JSON-constrained decoding ------------------------------------------------
@@ -1735,7 +1820,9 @@ def partial_marker_length(text: str, markers: tuple[str, ...]) -> int:
     """Length of the longest end of `text` that could be the start of one of `markers`.
 
     Streaming holds that much back until the next piece shows whether a
-    marker (a stop string, a tool-call tag) really follows.
+    tool-call tag really follows. Quadratic in a marker's length, which is
+    fine for the model's own few-character tags; client-chosen stop strings
+    go through StopScanner's linear matcher instead.
     """
     return max((n for m in markers for n in range(1, len(m)) if text.endswith(m[:n])), default=0)
 
@@ -1743,12 +1830,16 @@ def partial_marker_length(text: str, markers: tuple[str, ...]) -> int:
 class StopScanner:
     """Cuts generated text at the first stop string, never emitting part of one.
 
-    Text that might be the start of a stop string is held back until the next
-    piece shows whether it is.
+    Each stop string is matched as the text streams in, by the Knuth-Morris-Pratt
+    automaton: per character, amortised constant work per stop string, however
+    long the stop strings are. Text that might be the start of a stop string
+    is held back until the next piece shows whether it is.
     """
 
     def __init__(self, stops: tuple[str, ...]):
         self.stops = stops
+        self.fallbacks = [kmp_fallbacks(stop) for stop in stops]
+        self.matched = [0] * len(stops)   # per stop: its longest prefix the text now ends with
         self.held = ""
         self.hit: str | None = None   # the stop string that was reached, once one is
 
@@ -1757,19 +1848,37 @@ class StopScanner:
         if not self.stops:
             return text, False
         buffer = self.held + text
-        hits = [(at, stop) for stop in self.stops if (at := buffer.find(stop)) >= 0]
-        if hits:
-            self.held = ""
-            at, self.hit = min(hits)
-            return buffer[:at], True
-        keep = partial_marker_length(buffer, self.stops)
+        for at, ch in enumerate(text, start=len(self.held)):
+            ends = [stop for k, stop in enumerate(self.stops) if self._step(k, ch) == len(stop)]
+            if ends:  # the longest stop ending here starts first
+                self.held, self.hit = "", max(ends, key=len)
+                return buffer[:at + 1 - len(self.hit)], True
+        keep = max(self.matched)
         self.held = buffer[len(buffer) - keep:] if keep else ""
         return buffer[:len(buffer) - keep], False
+
+    def _step(self, k: int, ch: str) -> int:
+        stop, fallback, matched = self.stops[k], self.fallbacks[k], self.matched[k]
+        while matched and (matched == len(stop) or stop[matched] != ch):
+            matched = fallback[matched - 1]
+        self.matched[k] = matched = matched + (stop[matched] == ch)
+        return matched
 
     def flush(self) -> str:
         """Text still held back once generation ends without a stop string."""
         text, self.held = self.held, ""
         return text
+
+
+def kmp_fallbacks(pattern: str) -> list[int]:
+    """KMP's failure function: for each prefix, the length of its longest proper border."""
+    fallback, border = [0] * len(pattern), 0
+    for i in range(1, len(pattern)):
+        while border and pattern[i] != pattern[border]:
+            border = fallback[border - 1]
+        border += pattern[i] == pattern[border]
+        fallback[i] = border
+    return fallback
 
 
 @dataclass(eq=False)
@@ -1807,7 +1916,7 @@ class Sequence:
     """The engine's private state for one job inside the running batch."""
 
     job: Job
-    detokenizer: Any
+    text: TextStream
     stops: StopScanner
     logprobs: list = dataclasses.field(default_factory=list)  # entries of tokens whose text is not out yet
 
@@ -1968,7 +2077,8 @@ class Engine:
             log.error("could not start generation: %r", exc, exc_info=exc)
             job.events.put(("error", internal_error()))
             return
-        running[uid] = Sequence(job, self.model.tokenizer.detokenizer, StopScanner(job.request.stop))
+        trim_space = job.request.endpoint != "completions"
+        running[uid] = Sequence(job, TextStream(self.model, trim_space), StopScanner(job.request.stop))
 
     def _step(self, batch: Any, running: dict) -> None:
         """One batch step: route each new token, then drop what has ended."""
@@ -2007,12 +2117,12 @@ class Engine:
         if response.finish_reason == "stop":  # an end-of-sequence token: not part of the text
             return self._flush(sequence, "stop")
         if job.request.logprobs is not None:
-            sequence.logprobs.append(token_logprobs(self.model.tokenizer, response.token, response.logprobs,
+            sequence.logprobs.append(token_logprobs(self.model, response.token, response.logprobs,
                                                    job.request.logprobs))
-        sequence.detokenizer.add_token(response.token)
+        text = sequence.text.add(response.token)
         if response.finish_reason == "length":
-            return self._flush(sequence, "length")
-        text, stopped = sequence.stops.feed(sequence.detokenizer.last_segment)
+            return self._flush(sequence, "length", text)
+        text, stopped = sequence.stops.feed(text)
         self._emit(sequence, text)
         return "stop" if stopped else None
 
@@ -2024,10 +2134,9 @@ class Engine:
             sequence.logprobs = []
 
     @staticmethod
-    def _flush(sequence: Sequence, reason: str) -> str:
-        """Emit text still held by the detokenizer and the stop scanner."""
-        sequence.detokenizer.finalize()
-        text, stopped = sequence.stops.feed(sequence.detokenizer.last_segment)
+    def _flush(sequence: Sequence, reason: str, text: str = "") -> str:
+        """Emit `text` and what the text stream and the stop scanner still hold."""
+        text, stopped = sequence.stops.feed(text + sequence.text.finish())
         if not stopped:
             text += sequence.stops.flush()
         Engine._emit(sequence, text)
@@ -2055,24 +2164,40 @@ def usage_of(job: Job) -> dict:
             "prompt_tokens_details": {"cached_tokens": job.cached_tokens}}
 
 
-def logprobs_object(endpoint: str, entries: list[dict] | None, offset: int = 0) -> dict | None:
+class TextOffsets:
+    """Where each token starts in the generated text, in characters, counted from the tokens' bytes.
+
+    A token that begins inside a character (the second half of an emoji, say)
+    starts at that character's index, so every offset indexes the text.
+    """
+
+    def __init__(self):
+        self.utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        self.chars = 0   # whole characters the bytes so far make
+
+    def next(self, raw: list[int]) -> int:
+        """The offset of the token with these bytes; the tokens must come in order."""
+        at = self.chars
+        self.chars += len(self.utf8.decode(bytes(raw)))
+        return at
+
+
+def logprobs_object(endpoint: str, entries: list[dict] | None, offsets: TextOffsets | None = None) -> dict | None:
     """A choice's "logprobs" in the endpoint's OpenAI shape; None when not asked for.
 
     `entries` come from token_logprobs (chat's shape already); completions get
-    the legacy parallel lists, with text offsets counted from `offset`.
+    the legacy parallel lists, text offsets counted by `offsets` (a stream
+    passes the same one for all its chunks).
     """
     if entries is None:
         return None
     if endpoint == "chat":
         return {"content": entries, "refusal": None}
-    offsets = []
-    for entry in entries:
-        offsets.append(offset)
-        offset += len(entry["token"])
+    offsets = offsets or TextOffsets()
     return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
             "top_logprobs": [{**{t["token"]: t["logprob"] for t in e["top_logprobs"]}, e["token"]: e["logprob"]}
                              for e in entries],
-            "text_offset": offsets}
+            "text_offset": [offsets.next(e["bytes"]) for e in entries]}
 
 
 class ToolCallScanner:
@@ -2228,7 +2353,7 @@ class ChatWriter(Writer):
     def __init__(self, job: Job, model: str, scanner: ToolCallScanner | None):
         super().__init__(job, model, scanner)
         self.chat = self.request.endpoint == "chat"
-        self.offset = 0   # characters streamed so far, for completions' text_offset
+        self.offsets = TextOffsets()   # for completions' text_offset across chunks
         self.head = {"id": new_id("chatcmpl-" if self.chat else "cmpl-"),
                      "object": "chat.completion.chunk" if self.chat else "text_completion",
                      "created": self.created, "model": model}
@@ -2248,8 +2373,7 @@ class ChatWriter(Writer):
     def text(self, text: str, logprobs: list[dict]) -> bytes:
         """A chunk carrying one piece of generated text (and its tokens' logprobs, when asked)."""
         wanted = self.request.logprobs is not None
-        lp = logprobs_object(self.request.endpoint, logprobs, self.offset) if wanted else None
-        self.offset += len(text)
+        lp = logprobs_object(self.request.endpoint, logprobs, self.offsets) if wanted else None
         return self._chunk(self._choice({"content": text}, text, lp))
 
     def tool_calls(self, calls: list[dict]) -> bytes:
@@ -3344,6 +3468,7 @@ class LemServer(http.server.ThreadingHTTPServer):
                 "uptime_seconds": int(time.monotonic() - self.started_at), "active_requests": self.active,
                 "max_requests": settings.max_requests, "max_threads": settings.threads or os.cpu_count(),
                 "max_tokens": settings.max_tokens, "max_context": settings.max_context,
+                "context_length": self.model.context_length,
                 "prompt_cache": {"entries": engine["prompt_cache_entries"], "bytes": engine["prompt_cache_bytes"],
                                  "hits": engine["prompt_cache_hits"], "misses": engine["prompt_cache_misses"]}}
 

@@ -36,8 +36,9 @@ import pytest
 import lem_serve
 from testing.gguf_fixtures import (HEAD_DIM, HEADS, KV_HEADS, MIXED_TEXTS, g2m, reference_smollm_ids,
                                     run_cli, tiny_llama)
-from testing.page_driver import CHROMIUM, CHROMIUM_ARGS, PHONE, REPLY_TIMEOUT_MS, Chat, luminance
-from testing.tiny_model import GEMMA_TEMPLATE, MISTRAL_TEMPLATE, build_tiny_model, with_chat_template
+from testing.page_driver import CHROMIUM, CHROMIUM_ARGS, PHONE, REPLY_TIMEOUT_MS, Chat, contrast, luminance
+from testing.tiny_model import (GEMMA_TEMPLATE, MISTRAL_TEMPLATE, build_parrot_model, build_tiny_model,
+                                 with_chat_template)
 
 ROOT = Path(__file__).resolve().parent
 ARTIFACTS = ROOT / "artifacts"  # screenshots from the browser tests (not committed)
@@ -74,6 +75,28 @@ def long_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def long_model(long_model_dir) -> lem_serve.Model:
     return lem_serve.load_model(lem_serve.Settings(model_path=str(long_model_dir)))
+
+
+# What the parrot model says after any prompt ending in a newline, then <|im_end|>: a leading
+# space, then characters of 1, 4 and 3 bytes spelled by single-byte tokens (partial characters).
+PARROT_SCRIPT = " Paris😊漢字!"
+PARROT_PROMPT = "The capital of France is\n"   # completions: ends in a newline, as the parrot needs
+
+
+@pytest.fixture(scope="session")
+def parrot_dir(tmp_path_factory) -> Path:
+    return build_parrot_model(tmp_path_factory.mktemp("models") / "parrot", PARROT_SCRIPT)
+
+
+@pytest.fixture(scope="session")
+def parrot_model(parrot_dir) -> lem_serve.Model:
+    return lem_serve.load_model(lem_serve.Settings(model_path=str(parrot_dir)))
+
+
+@pytest.fixture(scope="module")
+def parrot_server(parrot_model, parrot_dir):
+    with running_server(parrot_model, parrot_dir) as srv:
+        yield srv
 
 
 @contextlib.contextmanager
@@ -280,6 +303,18 @@ def mlx_reference(model, prompt_tokens: list[int], max_tokens: int) -> str:
     return mlx_lm.generate(model.model, model.tokenizer, prompt_tokens, max_tokens=max_tokens)
 
 
+def mlx_reference_tokens(model, prompt_tokens: list[int], max_tokens: int) -> list[int]:
+    """The token ids mlx_lm.stream_generate samples greedily for these tokens."""
+    import mlx_lm
+    return [r.token for r in mlx_lm.stream_generate(model.model, model.tokenizer, prompt_tokens, max_tokens=max_tokens)]
+
+
+def completion_reference(model, prompt_tokens: list[int], max_tokens: int) -> str:
+    """A completion's text for mlx_lm's greedy tokens: what they add to the prompt's decoded text."""
+    tokens = mlx_reference_tokens(model, prompt_tokens, max_tokens)
+    return model.tokenizer.decode(prompt_tokens + tokens)[len(model.tokenizer.decode(prompt_tokens)):]
+
+
 # ---------------------------------------------------------------------------
 # GET endpoints
 # ---------------------------------------------------------------------------
@@ -291,6 +326,7 @@ def test_healthz_reports_state(server):
     assert body["status"] == "ok" and body["model"] == "tiny"
     assert body["active_requests"] == 0 and body["max_requests"] == 2
     assert body["max_tokens"] == lem_serve.DEFAULT_MAX_TOKENS and body["max_context"] == lem_serve.DEFAULT_MAX_CONTEXT
+    assert body["context_length"] == server.model.context_length == 4096  # the tiny model's max_position_embeddings
     assert body["max_threads"] >= 1 and body["uptime_seconds"] >= 0
 
 
@@ -326,9 +362,15 @@ def test_chat_greedy_equals_mlx_lm_generate(server, model, openai_client):
 
 
 def test_completions_greedy_equals_mlx_lm_generate(server, model, openai_client):
-    completion = openai_client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=30, temperature=0)
+    completion = openai_client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=30, temperature=0,
+                                                  logprobs=0)
     prompt = model.tokenizer.encode("Once upon a time")
-    assert completion.choices[0].text == mlx_reference(model, prompt, 30)
+    reference = mlx_reference_tokens(model, prompt, 30)
+    tokens = completion.choices[0].logprobs.tokens
+    assert [t.encode("utf-8").decode("unicode_escape").encode("latin-1") if t.startswith("\\x") else t.encode()
+            for t in tokens] == [model.token_bytes[t] for t in reference]  # token for token
+    decoded = model.tokenizer.decode(prompt + reference)
+    assert "Once upon a time" + completion.choices[0].text == decoded  # prompt + text is the document
     assert completion.object == "text_completion"
     assert completion.choices[0].finish_reason == "length"
     assert (completion.usage.prompt_tokens, completion.usage.completion_tokens) == (len(prompt), 30)
@@ -427,6 +469,62 @@ def test_stop_scanner_holds_back_partial_stop_strings():
     scanner = lem_serve.StopScanner(("END",))
     assert scanner.feed("a") == ("a", False) and scanner.feed("E") == ("", False)
     assert scanner.flush() == "E"
+
+
+def test_stop_scanner_agrees_with_a_plain_search():
+    """Cut at the stop string that ends first (the longest of those ending together), however the text is split."""
+    rng = random.Random(7)
+    for _ in range(3000):
+        stops = tuple({"".join(rng.choice("ab") for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(1, 3))})
+        text = "".join(rng.choice("abc") for _ in range(rng.randint(0, 14)))
+        cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, 3)))
+        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+        expected = (text, False)
+        for end in range(1, len(text) + 1):
+            ending = [len(s) for s in stops if text[:end].endswith(s)]
+            if ending:
+                expected = (text[:end - max(ending)], True)
+                break
+        scanner, out, stopped = lem_serve.StopScanner(stops), [], False
+        for piece in pieces:
+            emitted, stopped = scanner.feed(piece)
+            out.append(emitted)
+            if stopped:
+                break
+        assert ("".join(out) + ("" if stopped else scanner.flush()), stopped) == expected, (stops, pieces)
+
+
+class CountingStr(str):
+    """A str that counts how often it is indexed or sliced."""
+    reads = 0
+
+    def __getitem__(self, key):
+        CountingStr.reads += 1
+        return str.__getitem__(self, key)
+
+
+def test_stop_scanner_work_does_not_grow_with_stop_length():
+    """Long stop strings cost the same per generated character as short ones (the check was quadratic)."""
+    def reads_for(length: int) -> int:
+        stops = tuple(CountingStr("a" * (length - 1) + tail) for tail in "bcde")  # almost matching, always
+        scanner = lem_serve.StopScanner(stops)
+        CountingStr.reads = 0
+        for _ in range(2000):
+            scanner.feed("a")
+        return CountingStr.reads
+    short, long = reads_for(10), reads_for(lem_serve.MAX_STOP_CHARS)
+    assert long <= 2 * short + 4 * lem_serve.MAX_STOP_CHARS  # building the tables once is linear too
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_stop_strings_over_the_length_limit_are_400(server, endpoint):
+    limit = lem_serve.MAX_STOP_CHARS
+    error = assert_openai_error(request(server, "POST", path_of(endpoint), body_for(endpoint, stop=["x" * (limit + 1)])),
+                                400, "stop")
+    assert str(limit) in error["message"]
+    huge = body_for(endpoint, stop=["x" * (1 << 20)] * 4)  # 4 MB, under the body limit
+    assert_openai_error(request(server, "POST", path_of(endpoint), huge), 400, "stop")
+    assert post(server, endpoint, stop=["x" * limit] * 4, max_tokens=20)["usage"]["completion_tokens"] == 20
 
 
 def test_prompt_as_token_ids_and_list_of_one_string(server, model):
@@ -665,7 +763,7 @@ def test_chat_logprobs_through_the_openai_sdk(openai_client):
         alternatives = [t.logprob for t in entry.top_logprobs]
         assert len(alternatives) == 3 and alternatives == sorted(alternatives, reverse=True)
         assert entry.logprob == alternatives[0] and entry.logprob <= 0  # greedy picks the most likely
-        assert entry.bytes == list(entry.token.encode())
+        assert entry.token == bytes(entry.bytes).decode("utf-8", "backslashreplace")
     chunks = list(openai_client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=12, temperature=0,
                                                         logprobs=True, top_logprobs=3, stream=True))
     streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
@@ -681,7 +779,8 @@ def test_completions_logprobs_through_the_openai_sdk(openai_client):
                                                   temperature=0, logprobs=2)
     logprobs = completion.choices[0].logprobs
     assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == 10
-    assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i]) for i in range(10)]
+    offsets = logprobs.text_offset
+    assert offsets == sorted(offsets) and offsets[0] == 0 and offsets[-1] < len(completion.choices[0].text)
     for token, value, top in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs):
         assert top[token] == value == max(top.values()) and 1 <= len(top) <= 3
     chunks = list(openai_client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=10,
@@ -689,6 +788,71 @@ def test_completions_logprobs_through_the_openai_sdk(openai_client):
     streamed = [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs]
     assert [t for lp in streamed for t in lp.tokens] == logprobs.tokens
     assert [o for lp in streamed for o in lp.text_offset] == logprobs.text_offset
+
+
+def parrot_body(endpoint: str, **fields) -> dict:
+    base = {"messages": HELLO} if endpoint == "chat" else {"prompt": PARROT_PROMPT}
+    return {**base, "max_tokens": 50, "temperature": 0, **fields}
+
+
+def test_completions_text_is_what_follows_the_prompt(parrot_server, parrot_model):
+    """prompt + text is the document: the first token's leading space is kept, streaming or not."""
+    tokenizer = parrot_model.tokenizer
+    payload = request(parrot_server, "POST", "/v1/completions", parrot_body("completions")).json()
+    text = payload["choices"][0]["text"]
+    assert text == PARROT_SCRIPT and payload["choices"][0]["finish_reason"] == "stop"
+    prompt = tokenizer.encode(PARROT_PROMPT)
+    generated = tokenizer.encode(PARROT_SCRIPT)
+    assert PARROT_PROMPT + text == tokenizer.decode(prompt + generated)
+    assert streamed_text("completions", stream(parrot_server, "completions", **parrot_body("completions"))) == text
+
+
+def test_chat_content_trims_one_leading_space(parrot_server):
+    payload = request(parrot_server, "POST", "/v1/chat/completions", parrot_body("chat")).json()
+    assert payload["choices"][0]["message"]["content"] == PARROT_SCRIPT.removeprefix(" ")
+    assert streamed_text("chat", stream(parrot_server, "chat", **parrot_body("chat"))) == PARROT_SCRIPT[1:]
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_logprob_bytes_join_to_the_text(parrot_server, endpoint):
+    """Partial-character tokens carry their own bytes; joined, they are the text (chat: after its trimmed space)."""
+    wanted = {"logprobs": True, "top_logprobs": 2} if endpoint == "chat" else {"logprobs": 2}
+    for streaming in (False, True):
+        body = parrot_body(endpoint, **wanted)
+        if streaming:
+            events = stream(parrot_server, endpoint, **body)
+            text = streamed_text(endpoint, events)
+            parts = [e["choices"][0]["logprobs"] for e in events if isinstance(e, dict) and e.get("choices")
+                     and e["choices"][0].get("logprobs")]
+        else:
+            choice = request(parrot_server, "POST", path_of(endpoint), body).json()["choices"][0]
+            text, parts = text_of(endpoint, {"choices": [choice]}), [choice["logprobs"]]
+        if endpoint == "chat":
+            entries = [e for part in parts for e in part["content"]]
+            raw = b"".join(bytes(e["bytes"]) for e in entries)
+            assert raw == b" " + text.encode() and all(e["token"] != "\ufffd" for e in entries)
+            assert entries[4]["token"] == "\\xf0" and entries[4]["bytes"] == [0xF0]
+        else:
+            tokens = [t for part in parts for t in part["tokens"]]
+            offsets = [o for part in parts for o in part["text_offset"]]
+            raw = b"".join(tokens_bytes for tokens_bytes in (t.encode("utf-8").decode("unicode_escape").encode("latin-1")
+                                                              if t.startswith("\\x") else t.encode() for t in tokens))
+            assert raw == text.encode()
+            # " ", "P", "ar", "is", then 😊's four bytes (all at index 6), 漢's three, 字's three, "!"
+            assert offsets == [0, 1, 2, 4, 6, 6, 6, 6, 7, 7, 7, 8, 8, 8, 9]
+
+
+def test_partial_character_alternatives_keep_their_own_bytes(parrot_model):
+    import mlx.core as mx
+    first_bytes = [parrot_model.token_bytes.index(bytes([b])) for b in (0xF0, 0xE6, 0xE5)]
+    logprobs = mx.full((parrot_model.vocab_size,), -50.0)
+    for rank, token in enumerate(first_bytes):
+        logprobs[token] = -1.0 - rank
+    entry = lem_serve.token_logprobs(parrot_model, first_bytes[0], logprobs, 3)
+    assert [t["token"] for t in entry["top_logprobs"]] == ["\\xf0", "\\xe6", "\\xe5"]
+    assert [t["bytes"] for t in entry["top_logprobs"]] == [[0xF0], [0xE6], [0xE5]]
+    legacy = lem_serve.logprobs_object("completions", [entry])["top_logprobs"][0]
+    assert len(legacy) == 3  # three keys: partial characters no longer merge into one "\ufffd"
 
 
 @pytest.mark.parametrize("endpoint", ENDPOINTS)
@@ -1036,7 +1200,7 @@ def test_empty_completions_prompt_starts_from_the_start_token(server, model):
     payload = post(server, "completions", prompt="", max_tokens=5, temperature=0)
     assert payload["usage"]["prompt_tokens"] == 1 and payload["usage"]["completion_tokens"] == 5
     start = model.tokenizer.bos_token_id if model.tokenizer.bos_token_id is not None else model.tokenizer.eos_token_id
-    assert payload["choices"][0]["text"] == mlx_reference(model, [start], 5)
+    assert payload["choices"][0]["text"] == completion_reference(model, [start], 5)
 
 
 @pytest.mark.parametrize("endpoint", ENDPOINTS + DIALECTS)
@@ -1083,7 +1247,7 @@ def test_batched_greedy_equals_each_request_alone(make_server, model):
         (lambda p=p: request(srv, "POST", "/v1/completions", {"prompt": p, "max_tokens": 40, "temperature": 0}).json())
         for p in PROMPTS])
     for prompt, reply in zip(PROMPTS, replies):
-        assert reply["choices"][0]["text"] == mlx_reference(model, model.tokenizer.encode(prompt), 40), prompt
+        assert reply["choices"][0]["text"] == completion_reference(model, model.tokenizer.encode(prompt), 40), prompt
         assert reply["usage"]["completion_tokens"] == 40
 
 
@@ -1094,11 +1258,11 @@ def test_request_joins_and_leaves_a_running_batch(make_server, model):
     before = srv.engine.tokens_generated
     short = request(srv, "POST", "/v1/completions", {"prompt": PROMPTS[1], "max_tokens": 20, "temperature": 0}).json()
     assert srv.engine.tokens_generated - before < 400, "the short request waited for the long one"
-    assert short["choices"][0]["text"] == mlx_reference(model, model.tokenizer.encode(PROMPTS[1]), 20)
+    assert short["choices"][0]["text"] == completion_reference(model, model.tokenizer.encode(PROMPTS[1]), 20)
     rest = sse_events(long_stream)
     conn.close()
     text = first["choices"][0]["text"] + streamed_text("completions", rest)
-    assert text == mlx_reference(model, model.tokenizer.encode(PROMPTS[0]), 400)
+    assert text == completion_reference(model, model.tokenizer.encode(PROMPTS[0]), 400)
 
 
 def test_each_request_keeps_its_own_parameters_in_a_batch(make_server):
@@ -1126,7 +1290,7 @@ def test_one_request_timing_out_leaves_the_batch_running(make_server, model):
         lambda: request(srv, "POST", "/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 3000}),
         lambda: request(srv, "POST", "/v1/completions", {"prompt": PROMPTS[1], "max_tokens": 30, "temperature": 0}))
     assert_openai_error(slow, 504, code="timeout")
-    assert fast.json()["choices"][0]["text"] == mlx_reference(model, model.tokenizer.encode(PROMPTS[1]), 30)
+    assert fast.json()["choices"][0]["text"] == completion_reference(model, model.tokenizer.encode(PROMPTS[1]), 30)
     assert wait_until(lambda: health(srv)["active_requests"] == 0)
 
 
@@ -2108,6 +2272,14 @@ def test_smollm2_answers_paris_and_stops_on_its_own(smollm2_server):
     assert text == mlx_reference(model, prompt, 40)
 
 
+def test_smollm2_completion_keeps_the_space_before_paris(smollm2_server):
+    payload = post(smollm2_server, "completions", prompt="The capital of France is", max_tokens=3, temperature=0,
+                   logprobs=1)
+    choice = payload["choices"][0]
+    assert choice["text"].startswith(" Paris"), choice["text"]  # "The capital of France is" + text reads right
+    assert choice["logprobs"]["tokens"][0] == " Paris" and choice["logprobs"]["text_offset"][0] == 0
+
+
 def test_smollm2_streamed_text_equals_non_streamed(smollm2_server):
     whole = request(smollm2_server, "POST", "/v1/chat/completions",
                     {"messages": FRANCE, "max_tokens": 40, "temperature": 0}).json()
@@ -2161,11 +2333,75 @@ def wait_idle(base: str, seconds: float = 10.0) -> float:
 
 
 @pytest.fixture
+def open_chat(browser):
+    """open_chat(base, **options) opens a Chat page; every one is closed after the test."""
+    chats = []
+
+    def open_one(base: str, **options) -> Chat:
+        chats.append(Chat(browser, base, **options))
+        return chats[-1]
+
+    yield open_one
+    for c in chats:
+        c.close()
+
+
+@pytest.fixture
 def chat(browser, base_url):
     c = Chat(browser, base_url)
     yield c
     c.close()
     wait_idle(base_url)  # leave the single slot free for the next test
+
+
+LONG_BUDGET = LONG_CONTEXT // 2  # max_tokens of a reply that streams for as long as a test needs
+
+
+@pytest.fixture
+def make_long_server(long_model, long_model_dir):
+    """Servers on the long-context model allowing LONG_BUDGET tokens: a reply there never ends by itself."""
+    with contextlib.ExitStack() as stack:
+        yield lambda **overrides: stack.enter_context(
+            running_server(long_model, long_model_dir, **{"max_tokens": LONG_BUDGET, **overrides}))
+
+
+@contextlib.contextmanager
+def slot_held(base: str):
+    """Hold a server's generation slot with a never-ending stream from another client."""
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    body = {"messages": [{"role": "user", "content": "hold the slot"}], "stream": True, "max_tokens": LONG_BUDGET}
+    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+    res = conn.getresponse()
+    assert res.status == 200
+    res.fp.readline()  # the stream has started: the slot is taken
+    try:
+        yield
+    finally:
+        res.close()  # the response holds the socket open too
+        conn.close()
+
+
+def stored(cid: str, title: str, *messages: dict, updated: int = 0) -> dict:
+    """A conversation as the page stores it."""
+    return {"id": cid, "title": title, "created": updated, "updated": updated, "messages": list(messages)}
+
+
+def said(role: str, content: str, **fields) -> dict:
+    """A stored message; replies default to finished."""
+    return {"role": role, "content": content, **({"status": "done"} if role == "assistant" else {}), **fields}
+
+
+def chat_posts(page, action) -> list[dict]:
+    """Run action() and return the bodies of the chat requests the page sent meanwhile."""
+    bodies = []
+    listener = lambda r: bodies.append(r.post_data_json) if r.url.endswith("/v1/chat/completions") else None
+    page.on("request", listener)
+    try:
+        action()
+    finally:
+        page.remove_listener("request", listener)
+    return bodies
 
 
 def test_page_is_served_self_contained(base_url):
@@ -2233,7 +2469,9 @@ def test_reply_streams_token_by_token_with_stats(chat):
     chat.check_clean()
 
 
-def test_stop_aborts_generation_and_frees_the_slot(chat):
+def test_stop_aborts_generation_and_frees_the_slot(open_chat, make_long_server):
+    server = make_long_server(max_requests=1)
+    chat = open_chat(server.url)
     page = chat.page
     limit = health_at(chat.base)["max_tokens"]
     # The field is capped at the server's limit, and the cap is persisted.
@@ -2241,19 +2479,20 @@ def test_stop_aborts_generation_and_frees_the_slot(chat):
     assert f"Max {limit} tokens" in page.locator("#settings-summary").inner_text()
     assert page.evaluate("JSON.parse(localStorage.getItem('lem-chat.settings.v1')).maxTokens") == limit
 
-    # Long enough to be still running when Stop is pressed (the tiny model's context is only 4096).
-    assert chat.set_max_tokens(2000) == "2000"
+    # A budget no machine finishes within the test: the reply is still running when Stop is pressed.
+    assert chat.set_max_tokens(LONG_BUDGET) == str(LONG_BUDGET)
     chat.send("Tell me a very long story")
-    page.wait_for_function(
-        "() => (document.querySelector(\"article.assistant[data-state='streaming']\")?.dataset.chunks | 0) >= 5")
+    chat.wait_chunks(5)
     assert health_at(chat.base)["active_requests"] == 1
     page.click("#stop")
     reply = chat.wait_reply("stopped")
     assert reply.locator(".msg-note").inner_text() == "Stopped"
-    assert re.match(r"~\d+ tokens", reply.locator(".msg-stats").inner_text())
-    assert int(reply.get_attribute("data-chunks")) < limit
+    chunks = int(re.match(r"~(\d+) tokens", reply.locator(".msg-stats").inner_text()).group(1))
+    assert 5 <= chunks < LONG_BUDGET
     assert reply.locator(".msg-error").count() == 0
     assert wait_idle(chat.base) < 5
+    # The header does not go on saying "Busy" once the slot is free (it used to, until the next 10 s poll).
+    page.locator("#health[data-state='ok'] .health-text", has_text="Ready").wait_for(timeout=5_000)
 
     # The slot is free: the next message streams normally (no 429).
     assert chat.set_max_tokens(12) == "12"
@@ -2264,10 +2503,10 @@ def test_stop_aborts_generation_and_frees_the_slot(chat):
     chat.check_clean()
 
 
-def test_autoscroll_follows_until_the_user_scrolls_up(chat):
+def test_autoscroll_follows_until_the_user_scrolls_up(open_chat, make_long_server):
+    server = make_long_server()
+    chat = open_chat(server.url, viewport=PHONE, max_tokens=LONG_BUDGET)
     page = chat.page
-    page.set_viewport_size(PHONE)
-    assert chat.set_max_tokens(3500) == "3500"
     chat.send("Fill the screen")
     gap = "() => { const t = document.getElementById('transcript'); return t.scrollHeight - t.scrollTop - t.clientHeight; }"
     page.wait_for_function("() => { const t = document.getElementById('transcript');"
@@ -2277,18 +2516,14 @@ def test_autoscroll_follows_until_the_user_scrolls_up(chat):
     page.mouse.wheel(0, -600)
     page.wait_for_timeout(400)
     top = page.evaluate("document.getElementById('transcript').scrollTop")
-    page.wait_for_function("(n) => (document.querySelector(\"article.assistant\")?.dataset.chunks | 0) > n",
-                           arg=int(page.locator("article.assistant").get_attribute("data-chunks")) + 20)
-    assert page.locator("article.assistant[data-state='streaming']").count() == 1, "reply ended too soon"
+    chat.wait_chunks(int(page.locator("article.assistant").get_attribute("data-chunks")) + 20)
     assert page.evaluate("document.getElementById('transcript').scrollTop") == top  # not pulled back down
     assert page.evaluate(gap) > 200
     page.click("#jump-latest")
-    page.wait_for_timeout(300)
-    assert page.evaluate(gap) < 50
+    page.wait_for_function(f"() => ({gap})() < 50")
     assert page.locator("#jump-latest").is_hidden()
-    if page.locator("article.assistant[data-state='streaming']").count():  # a fast machine may have finished
-        page.click("#stop")
-        chat.wait_reply("stopped")
+    page.click("#stop")
+    chat.wait_reply("stopped")
     chat.check_clean()
 
 
@@ -2401,82 +2636,83 @@ def test_conversations_survive_reload_and_new_chat(chat):
     chat.check_clean()
 
 
-def test_server_busy_is_shown_and_retry_works(chat):
-    """While another client holds the only slot, the page shows a 429 as 'server busy'."""
+def test_busy_server_is_retried_after_a_visible_cancellable_countdown(open_chat, make_long_server):
+    """A 429 is not a dead end: the page counts down Retry-After, tries again, and can be told to stop."""
+    server = make_long_server(max_requests=1)
+    chat = open_chat(server.url)
     page = chat.page
-    conn = http.client.HTTPConnection("127.0.0.1", int(chat.base.rsplit(":", 1)[1]), timeout=30)
-    body = {"messages": [{"role": "user", "content": "hold the slot"}], "stream": True, "max_tokens": 3000}
-    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
-    res = conn.getresponse()
-    assert res.status == 200
-    res.fp.readline()  # the stream has started: the slot is taken
-    try:
+    is_chat_post = lambda r: r.method == "POST" and r.url.endswith("/v1/chat/completions")
+    with slot_held(server.url):
         chat.send("Are you free?")
-        reply = chat.wait_reply("error")
-        error = reply.locator(".msg-error")
-        assert error.get_attribute("data-kind") == "busy"
-        assert "Server busy" in error.inner_text() and "Try again in 1 s" in error.inner_text()
-        assert page.locator("#send").is_visible()
-    finally:
-        res.close()  # the response holds the socket open too
-        conn.close()
-    wait_idle(chat.base)
-    page.locator(".msg-error button", has_text="Retry").click()
-    chat.wait_reply("done")
-    assert page.locator(".msg-error").count() == 0
+        waiting = chat.reply().locator(".msg-wait")
+        waiting.wait_for()
+        assert re.search(r"Server busy.*Retrying in \d+ s", waiting.inner_text())
+        assert chat.reply().get_attribute("data-state") == "waiting"
+        assert page.locator("#conv-list li.generating .conv-date").inner_text() == "Waiting for a free slot…"
+        for _ in range(2):  # it tries again by itself, after each Retry-After (1 s)
+            with page.expect_request(is_chat_post, timeout=10_000):
+                pass
+        waiting.get_by_role("button", name="Cancel").click()
+        error = chat.wait_reply("error").locator(".msg-error")
+        assert error.get_attribute("data-kind") == "busy" and "Stopped waiting" in error.inner_text()
+        assert page.evaluate("window.lemChat.state.runs.size") == 0 and page.locator("#send").is_visible()
+        # Retry by hand starts the countdown again; Esc (focus anywhere) cancels it too.
+        error.get_by_role("button", name="Retry").click()
+        waiting.wait_for()
+        page.evaluate("document.activeElement.blur()")
+        page.keyboard.press("Escape")
+        chat.wait_reply("error")
+        error.get_by_role("button", name="Retry").click()
+        waiting.wait_for()
+    # The slot is free again: the next try gets through without anyone pressing anything.
+    reply = chat.wait_reply("done")
+    assert reply.locator(".msg-error, .msg-wait").count() == 0
     assert page.locator("article.msg").count() == 2
     chat.check_clean()
 
 
-def test_api_key_is_asked_for_and_kept(browser, make_server):
+def test_api_key_is_asked_for_and_kept(open_chat, make_server):
     server = make_server(api_key="sesame")
-    chat = Chat(browser, server.url)
+    chat = open_chat(server.url)
     page = chat.page
-    try:
-        chat.send("Knock knock")
-        page.locator("#key-dialog[open]").wait_for()
-        assert chat.reply().locator(".msg-error").get_attribute("data-kind") == "auth"
-        page.fill("#key-input", "wrong")
-        page.click("#key-save")
-        page.locator("#key-dialog[open] #key-error", has_text="rejected").wait_for()
-        page.fill("#key-input", "sesame")
-        page.click("#key-save")
-        chat.wait_reply("done")
-        assert page.locator(".msg-error").count() == 0
-        assert page.evaluate("localStorage.getItem('lem-chat.api-key')") == "sesame"
+    chat.send("Knock knock")
+    page.locator("#key-dialog[open]").wait_for()
+    assert chat.reply().locator(".msg-error").get_attribute("data-kind") == "auth"
+    page.fill("#key-input", "wrong")
+    page.click("#key-save")
+    page.locator("#key-dialog[open] #key-error", has_text="rejected").wait_for()
+    page.fill("#key-input", "sesame")
+    page.click("#key-save")
+    chat.wait_reply("done")
+    assert page.locator(".msg-error").count() == 0
+    assert page.evaluate("localStorage.getItem('lem-chat.api-key')") == "sesame"
 
-        page.reload()
-        page.wait_for_selector("#health[data-state='ok']")
-        chat.send("Again")
-        chat.wait_reply("done")
-        assert page.locator("#key-dialog[open]").count() == 0
-        chat.check_clean()
-    finally:
-        chat.close()
+    page.reload()
+    page.wait_for_selector("#health[data-state='ok']")
+    chat.send("Again")
+    chat.wait_reply("done")
+    assert page.locator("#key-dialog[open]").count() == 0
+    chat.check_clean()
 
 
-def test_timeout_is_shown(browser, make_server):
-    server = make_server(timeout=2)
-    chat = Chat(browser, server.url, max_tokens=3500)
-    try:
-        chat.send("Take your time")
-        error = chat.wait_reply("error").locator(".msg-error")
-        assert error.get_attribute("data-kind") == "timeout"
-        assert "timed out" in error.inner_text()
-        assert wait_until(lambda: health(server)["active_requests"] == 0, timeout=5)
-        chat.check_clean()
-    finally:
-        chat.close()
+def test_timeout_is_shown(open_chat, make_long_server):
+    server = make_long_server(timeout=2)
+    chat = open_chat(server.url, max_tokens=LONG_BUDGET)
+    chat.send("Take your time")
+    error = chat.wait_reply("error").locator(".msg-error")
+    assert error.get_attribute("data-kind") == "timeout"
+    assert "timed out" in error.inner_text()
+    assert wait_until(lambda: health(server)["active_requests"] == 0, timeout=5)
+    chat.check_clean()
 
 
-def test_dropped_connection_is_shown(browser, model_dir):
-    process, address = start_process(model_dir)
-    chat = Chat(browser, f"http://{address}", max_tokens=3500)
+def test_dropped_connection_is_shown(open_chat, long_model_dir):
+    process, address = start_process(long_model_dir, "--max-tokens", str(LONG_BUDGET))
+    chat = open_chat(f"http://{address}", max_tokens=LONG_BUDGET)
     page = chat.page
     try:
         chat.send("Keep going")
-        page.wait_for_function(
-            "() => (document.querySelector(\"article.assistant[data-state='streaming']\")?.dataset.chunks | 0) >= 3")
+        chat.wait_chunks(3)
         process.kill()  # the server dies abruptly, as a crashed one would
         error = chat.wait_reply("error").locator(".msg-error")
         assert error.get_attribute("data-kind") == "dropped"
@@ -2484,7 +2720,6 @@ def test_dropped_connection_is_shown(browser, model_dir):
         page.wait_for_selector("#health[data-state='offline']")
         chat.check_clean()
     finally:
-        chat.close()
         process.kill()
 
 
@@ -2510,50 +2745,545 @@ def test_controls_are_labelled_and_keyboard_usable(chat):
     chat.check_clean()
 
 
-def test_screenshots_desktop_phone_and_dark(browser, base_url):
-    """Looks right from a 375 px phone to a desktop, light and dark; saves artifacts/page-*.png."""
+def test_screenshots_desktop_phone_and_dark(open_chat, make_server):
+    """Looks right from a 375 px phone to a desktop, light and dark; saves artifacts/page-*.png.
+
+    The server keeps 4 messages (--max-context 4), so the live reply below
+    a seeded conversation shows the window marker and the context gauge.
+    """
+    server = make_server(max_context=4)
     ARTIFACTS.mkdir(exist_ok=True)
-    # One conversation shows the Markdown rendering (the tiny model only writes gibberish),
-    # then a real reply is streamed below it.
-    seed = {"currentId": "demo", "conversations": [{"id": "demo", "title": "What can you render?",
-            "created": 0, "updated": 0, "messages": [
-                {"role": "user", "content": "What can you render?"},
-                {"role": "assistant", "content": MARKDOWN_SAMPLE, "status": "done",
-                 "stats": {"completionTokens": 96, "promptTokens": 31, "tokensPerSecond": 41.7, "chunks": 96}}]}]}
+    # The Markdown reply has two versions (the tiny model only writes gibberish, so this one is seeded).
+    seed = [stored("demo", "What can you render?", said("user", "Hello, my name is Zork."),
+               said("assistant", "Hello Zork! How can I help?"),
+               said("user", "What can you render?"),
+               said("assistant", MARKDOWN_SAMPLE, alts=[{"content": "An earlier answer.", "status": "done"}], alt=1,
+                    stats={"completionTokens": 96, "promptTokens": 31, "tokensPerSecond": 41.7, "chunks": 96}))]
     for scheme in ("light", "dark"):
-        chat = Chat(browser, base_url, color_scheme=scheme)
+        chat = open_chat(server.url, color_scheme=scheme)
         page = chat.page
-        try:
-            page.evaluate("(s) => localStorage.setItem('lem-chat.conversations.v1', JSON.stringify(s))", seed)
-            page.reload()
-            page.wait_for_selector("#health[data-state='ok']")
-            chat.send("Now say something of your own")
-            chat.wait_reply("done")
-            background = page.evaluate("getComputedStyle(document.body).backgroundColor")
-            if scheme == "light":
-                assert luminance(background) > 0.9
-                page.screenshot(path=str(ARTIFACTS / "page-desktop.png"))
-                page.set_viewport_size(PHONE)
-                page.wait_for_timeout(250)
-                # Nothing sticks out sideways, and the header controls stay on screen.
-                assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
-                for selector in ("#toggle-sidebar", "#new-chat", "#open-settings", "#health", "#send"):
-                    box = page.locator(selector).bounding_box()
-                    assert box and box["x"] >= 0 and box["x"] + box["width"] <= PHONE["width"], selector
-                assert not page.locator("#sidebar").is_visible()
-                page.screenshot(path=str(ARTIFACTS / "page-phone.png"))
-                page.click("#toggle-sidebar")
-                page.locator("#sidebar .conv-open").first.wait_for(state="visible")
-                page.keyboard.press("Escape")
-            else:
-                assert luminance(background) < 0.2
-                page.screenshot(path=str(ARTIFACTS / "page-desktop-dark.png"))
-            chat.check_clean()
-        finally:
-            chat.close()
-            wait_idle(base_url)
-    for name in ("page-desktop.png", "page-phone.png", "page-desktop-dark.png"):
+        chat.seed(seed, current="demo")
+        chat.send("Now say something of your own")
+        chat.wait_reply("done")
+        assert page.locator("#window-marker").is_visible() and page.locator("#context-gauge").is_visible()
+        page.locator("article.msg").nth(2).scroll_into_view_if_needed()
+        background = page.evaluate("getComputedStyle(document.body).backgroundColor")
+        assert luminance(background) > 0.9 if scheme == "light" else luminance(background) < 0.2
+        suffix = "" if scheme == "light" else "-dark"
+        page.screenshot(path=str(ARTIFACTS / f"page-desktop{suffix}.png"))
+        page.set_viewport_size(PHONE)
+        page.wait_for_function(f"() => document.documentElement.clientWidth === {PHONE['width']}")
+        # Nothing sticks out sideways, and the header controls stay on screen.
+        assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+        for selector in ("#toggle-sidebar", "#new-chat", "#open-settings", "#health", "#send", "#export-md"):
+            box = page.locator(selector).bounding_box()
+            assert box and box["x"] >= 0 and box["x"] + box["width"] <= PHONE["width"], selector
+        assert not page.locator("#sidebar").is_visible()
+        chat.reply(1).scroll_into_view_if_needed()
+        page.screenshot(path=str(ARTIFACTS / f"page-phone{suffix}.png"))
+        page.click("#toggle-sidebar")
+        page.locator("#sidebar .conv-open").first.wait_for(state="visible")
+        page.keyboard.press("Escape")
+        chat.check_clean()
+    for name in ("page-desktop.png", "page-phone.png", "page-desktop-dark.png", "page-phone-dark.png"):
         assert (ARTIFACTS / name).stat().st_size > 10_000
+
+
+# -- the chat page: storage -------------------------------------------------
+
+RANDOM_TEXT = "(n) => { let s = ''; while (s.length < n) s += Math.random().toString(36).slice(2); return s.slice(0, n); }"
+
+IDB_COUNT = """async () => {
+    const db = await new Promise((ok, bad) => { const r = indexedDB.open('lem-chat'); r.onsuccess = () => ok(r.result); r.onerror = bad; });
+    return await new Promise((ok) => { const r = db.transaction('conversations').objectStore('conversations').count(); r.onsuccess = () => ok(r.result); });
+}"""
+
+
+def test_full_browser_storage_never_drops_a_conversation(chat):
+    """localStorage filled to its limit (as the issue found: 20 chats, 5 MB), then one more long message.
+
+    The page used to drop the oldest conversation to make room, silently; now
+    the conversations move to IndexedDB and every one of them stays.
+    """
+    page = chat.page
+    count = page.evaluate("""(key) => {
+        const random = (n) => { let s = ''; while (s.length < n) s += Math.random().toString(36).slice(2); return s.slice(0, n); };
+        const list = [];
+        for (let i = 1; ; i++) {
+            list.unshift({id: `old${i}`, title: `Old conversation #${i}`, created: i, updated: i,
+                          messages: [{role: "user", content: random(240000)}, {role: "assistant", content: "ok", status: "done"}]});
+            try { localStorage.setItem(key, JSON.stringify({conversations: list, currentId: null})); }
+            catch { list.shift(); localStorage.setItem(key, JSON.stringify({conversations: list, currentId: null})); return list.length; }
+        }
+    }""", "lem-chat.conversations.v1")
+    assert count >= 15  # about 5 MB: the browser's localStorage is full
+    chat.reload()
+    old = [f"Old conversation #{i}" for i in range(count, 0, -1)]
+    assert chat.titles() == old
+    page.fill("#prompt", page.evaluate(RANDOM_TEXT, 300_000))  # a long paste: more than the space left
+    page.press("#prompt", "Enter")
+    chat.wait_reply("error")
+    assert chat.titles()[1:] == old
+    chat.reload()
+    assert len(chat.titles()) == count + 1 and chat.titles()[1:] == old
+    assert page.locator("#storage-warning").is_hidden()
+    assert wait_until(lambda: page.evaluate(IDB_COUNT) == count + 1, timeout=10)
+    assert page.evaluate("localStorage.getItem('lem-chat.conversations.v1')") is None  # moved, then removed
+    page.click("#conv-list .conv-open[data-id='old1']")
+    assert len(page.locator("article.user .msg-body").inner_text()) == 240_000
+    chat.check_clean()
+
+
+def test_a_save_that_does_not_fit_warns_asks_and_deletes_nothing(browser, open_chat, base_url, tmp_path):
+    """IndexedDB at its quota: the page says so, offers export, asks before leaving, and saves once there is room."""
+    context = browser.browser_type.launch_persistent_context(  # quotas can only be set on a real profile
+        str(tmp_path / "profile"), executable_path=CHROMIUM, args=CHROMIUM_ARGS, viewport={"width": 1280, "height": 800})
+    chat = open_chat(base_url, context=context)
+    page = chat.page
+    session = context.new_cdp_session(page)
+    session.send("Storage.overrideQuotaForOrigin", {"origin": base_url, "quotaSize": 500_000})
+    chat.seed([stored(f"old{i}", f"Old conversation #{i}", said("user", page.evaluate(RANDOM_TEXT, 75_000)),
+                      updated=i) for i in range(4, 0, -1)])
+    assert wait_until(lambda: page.evaluate(IDB_COUNT) == 4, timeout=10)  # moved in: 300 kB of the 500 kB allowed
+    page.fill("#prompt", page.evaluate(RANDOM_TEXT, 250_000))
+    page.press("#prompt", "Enter")
+    chat.wait_reply("error")
+    warning = page.locator("#storage-warning")
+    warning.wait_for()
+    text = warning.inner_text()
+    assert "Not saved" in text and "storage for the page is full" in text and "Nothing has been deleted" in text
+    assert len(chat.titles()) == 5
+    # Leaving now would lose the unsaved conversation: the browser asks first (here: stay).
+    dialogs = []
+    page.once("dialog", lambda d: (dialogs.append(d.type), d.dismiss()))
+    page.evaluate("setTimeout(() => location.reload())")
+    assert wait_until(lambda: page.evaluate("1") and dialogs, timeout=10)
+    assert dialogs == ["beforeunload"] and warning.is_visible()
+    # The export has everything, the unsaved conversation included.
+    with page.expect_download() as download:
+        warning.get_by_role("button", name="Export all chats").click()
+    exported = json.loads(Path(download.value.path()).read_text())
+    assert len(exported["conversations"]) == 5
+    assert len(exported["conversations"][0]["messages"][0]["content"]) == 250_000
+    # Room made by deleting two old conversations: the pending save goes through by itself.
+    for n in (1, 2):
+        page.locator("#conv-list li", has_text=f"Old conversation #{n}").locator(".conv-del").click()
+    warning.wait_for(state="hidden")
+    chat.reload()
+    assert chat.titles()[1:] == ["Old conversation #4", "Old conversation #3"]
+    assert len(page.locator("article.user .msg-body").inner_text()) == 250_000
+    chat.check_clean()
+
+
+# -- the chat page: what the model sees ------------------------------------
+
+def test_too_long_message_can_be_deleted_or_edited_and_the_chat_goes_on(chat):
+    page = chat.page
+    chat.send("A short first question")
+    chat.wait_reply("done")
+    chat.send("word " * 6000)  # over the tiny model's 4096-token context
+    error = chat.wait_reply("error").locator(".msg-error")
+    assert error.get_attribute("data-kind") == "too-long"
+    assert "context is 4096 tokens" in error.inner_text() and "Delete or shorten the long message" in error.inner_text()
+    error.get_by_role("button", name="Delete message").click()
+    assert page.locator("article.msg").count() == 2  # the long message went, with its failed reply
+    assert page.locator("#toast").is_visible() and page.locator("#toast-undo").is_visible()
+    chat.send("And a short follow-up")
+    chat.wait_reply("done")
+    assert page.locator("article.msg").count() == 4 and page.locator(".msg-error").count() == 0
+
+    chat.send("word " * 6000)
+    error = chat.wait_reply("error").locator(".msg-error")
+    error.get_by_role("button", name="Edit message").click()
+    editor = page.locator("article.user").last.locator("textarea")
+    assert editor.evaluate("(e) => e === document.activeElement")
+    editor.fill("Now a short one")
+    page.locator("article.user").last.get_by_role("button", name="Send").click()
+    chat.wait_reply("done")
+    assert page.locator("article.user .msg-body").all_inner_texts()[-1] == "Now a short one"
+    assert page.locator("article.msg").count() == 6 and page.locator(".msg-error").count() == 0
+    chat.reload()
+    assert page.locator("article.msg").count() == 6
+    chat.check_clean()
+
+
+def test_window_marker_shows_what_the_model_did_not_see(open_chat, make_server):
+    server = make_server(max_context=4)
+    chat = open_chat(server.url)
+    page = chat.page
+    for text in ("My name is Zork", "How are you?"):
+        chat.send(text)
+        chat.wait_reply("done")
+    assert page.locator("#window-marker").count() == 0
+    with page.expect_response(lambda r: r.url.endswith("/v1/chat/completions")) as response:
+        chat.send("What is my name?")
+    assert response.value.headers["x-lem-messages-dropped"] == "2"
+    chat.wait_reply("done")
+    marker = page.locator("#window-marker")
+    assert "did not see the 2 messages above" in marker.inner_text() and "--max-context 4" in marker.inner_text()
+    outside = page.locator("article.msg.outside-window .msg-body").all_inner_texts()
+    assert len(outside) == 2 and outside[0] == "My name is Zork"
+    assert marker.evaluate("(m) => m.nextElementSibling.querySelector('.msg-body').textContent") == "How are you?"
+    # The gauge: the last turn's prompt and reply tokens against the model's context.
+    stats = chat.reply().locator(".msg-stats").inner_text()
+    completion, prompt = (int(n) for n in re.fullmatch(r"(\d+) tokens · [\d.]+ tok/s · prompt (\d+)", stats).groups())
+    assert page.locator("#gauge-text").inner_text() == f"{prompt + completion:,} / 4,096 tokens"
+    assert page.locator("#gauge-bar").get_attribute("aria-valuemax") == "4096"
+    chat.reload()  # the marker is kept with the conversation
+    assert page.locator("article.msg.outside-window").count() == 2
+    chat.check_clean()
+
+
+# -- the chat page: editing, regenerating, retrying -------------------------
+
+def test_stale_retry_acts_on_its_own_reply(chat):
+    """A cut-off reply's Retry, after the chat went on, regenerates that reply, from the messages before it."""
+    page = chat.page
+    chat.seed([stored("c1", "Cut off", said("user", "First question"),
+                      said("assistant", "A partial answer", status="error",
+                           error={"kind": "dropped", "message": "The connection closed before the reply finished."}),
+                      said("user", "Second question"), said("assistant", "The latest answer"))], current="c1")
+    first = chat.reply(0)
+    posts = chat_posts(page, lambda: (first.get_by_role("button", name="Retry").click(), chat.wait_reply("done", 0)))
+    assert [p["messages"] for p in posts] == [[{"role": "user", "content": "First question"}]]
+    assert first.locator(".variant-pos").inner_text() == "2/2"
+    assert chat.reply().locator(".msg-body").inner_text() == "The latest answer"
+    assert page.locator("article.msg").count() == 4
+    first.get_by_role("button", name="Previous version").click()
+    assert first.locator(".variant-pos").inner_text() == "1/2"
+    assert first.locator(".msg-body").inner_text() == "A partial answer"
+    chat.check_clean()
+
+
+def test_regenerate_keeps_the_previous_reply_as_an_alternative(chat):
+    page = chat.page
+    chat.send("Say something")
+    chat.wait_reply("done")
+    content = "() => window.lemChat.state.conversations[0].messages[1].content"
+    first = page.evaluate(content)
+    chat.reply().get_by_role("button", name="Regenerate").click()
+    chat.wait_reply("done")
+    second = page.evaluate(content)
+    assert chat.reply().locator(".variant-pos").inner_text() == "2/2" and second != first
+    chat.reply().get_by_role("button", name="Previous version").click()
+    assert chat.reply().locator(".variant-pos").inner_text() == "1/2"
+    assert page.evaluate(content) == first
+    chat.reload()
+    assert chat.reply().locator(".variant-pos").inner_text() == "1/2"
+    # The model is sent the version shown.
+    posts = chat_posts(page, lambda: (chat.send("Go on"), chat.wait_reply("done")))
+    assert posts[0]["messages"][1] == {"role": "assistant", "content": page.evaluate(f"window.lemChat.stripThink(({content})())")}
+    chat.check_clean()
+
+
+# -- the chat page: conversations ------------------------------------------
+
+def test_export_then_import_round_trips(open_chat, base_url, tmp_path):
+    chat = open_chat(base_url)
+    page = chat.page
+    chat.send("First chat")
+    chat.wait_reply("done")
+    chat.reply().get_by_role("button", name="Regenerate").click()
+    chat.wait_reply("done")
+    page.click("#rename-chat")
+    page.fill("#rename-input", "Renamed chat")
+    page.press("#rename-input", "Enter")
+    page.click("#new-chat")
+    chat.send("Second chat")
+    chat.wait_reply("done")
+    with page.expect_download() as download:
+        page.click("#export-all")
+    path = tmp_path / "chats.json"
+    download.value.save_as(path)
+    exported = json.loads(path.read_text())
+    assert exported["format"] == "lem-chat" and exported["version"] == 1
+    assert [c["title"] for c in exported["conversations"]] == ["Second chat", "Renamed chat"]
+    with page.expect_download() as download:
+        page.click("#export-md")
+    markdown = Path(download.value.path()).read_text()
+    assert download.value.suggested_filename == "Second chat.md"
+    assert markdown.startswith("# Second chat\n") and "## You\n\nSecond chat\n" in markdown and "## tiny\n\n" in markdown
+
+    fresh = open_chat(base_url)
+    fresh.page.set_input_files("#import-file", str(path))
+    fresh.page.locator("#toast-text", has_text="Imported 2 conversations.").wait_for()
+    fresh.reload()
+    assert fresh.titles() == ["Second chat", "Renamed chat"]
+    with fresh.page.expect_download() as download:
+        fresh.page.click("#export-all")
+    assert json.loads(Path(download.value.path()).read_text())["conversations"] == exported["conversations"]
+    fresh.page.locator("#conv-list .conv-open", has_text="Renamed chat").click()
+    assert fresh.reply().locator(".variant-pos").inner_text() == "2/2"
+    fresh.page.set_input_files("#import-file", str(path))  # again: nothing doubles
+    fresh.page.locator("#toast-text", has_text="Imported 0 conversations; 2 already here.").wait_for()
+    assert len(fresh.titles()) == 2
+    chat.check_clean()
+    fresh.check_clean()
+
+
+def test_delete_a_conversation_can_be_undone_and_keeps_focus(chat):
+    page = chat.page
+    chat.seed([stored(f"c{i}", f"Chat {i}", said("user", f"hello {i}"), said("assistant", "hi"), updated=i)
+               for i in (3, 2, 1)], current="c3")
+    page.locator("#conv-list li", has_text="Chat 2").locator(".conv-del").focus()
+    page.keyboard.press("Enter")
+    assert chat.titles() == ["Chat 3", "Chat 1"]
+    assert page.evaluate("document.activeElement.closest('li')?.dataset.conv") == "c1"  # the one that took its place
+    assert page.locator("#toast-text").inner_text() == "Deleted “Chat 2”."
+    page.click("#toast-undo")
+    assert chat.titles() == ["Chat 3", "Chat 2", "Chat 1"]
+    assert page.evaluate("document.activeElement.dataset.id") == "c2"
+    chat.reload()
+    assert chat.titles() == ["Chat 3", "Chat 2", "Chat 1"]
+    page.locator("#conv-list li", has_text="Chat 3").locator(".conv-del").click()  # the open one, for good this time
+    assert page.locator("#empty-state").is_visible()
+    chat.reload()
+    assert chat.titles() == ["Chat 2", "Chat 1"]
+    chat.check_clean()
+
+
+def test_rename_and_search_conversations(chat):
+    page = chat.page
+    chat.seed([stored("c1", "Groceries", said("user", "milk and eggs"), said("assistant", "noted"), updated=3),
+               stored("c2", "Trip", said("user", "a zebra at the zoo"), said("assistant", "nice"), updated=2),
+               stored("c3", "Work", said("user", "the report"), said("assistant", "done"), updated=1)], current="c1")
+    page.locator("#conv-list li", has_text="Trip").locator(".conv-rename").click()
+    assert page.evaluate("document.activeElement.id") == "rename-input"
+    page.fill("#rename-input", "Holiday plans")
+    page.press("#rename-input", "Enter")
+    assert chat.titles() == ["Groceries", "Holiday plans", "Work"]
+    page.fill("#conv-search", "ZEBRA")  # in a message, any case
+    assert chat.titles() == ["Holiday plans"]
+    page.fill("#conv-search", "work")
+    assert chat.titles() == ["Work"]
+    page.fill("#conv-search", "nothing like this")
+    assert page.locator("#conv-list .conv-empty").inner_text() == "No conversation matches “nothing like this”."
+    page.press("#conv-search", "Escape")
+    assert len(chat.titles()) == 3
+    chat.reload()
+    assert chat.titles() == ["Groceries", "Holiday plans", "Work"]
+    chat.check_clean()
+
+
+def test_a_reply_streaming_in_one_chat_leaves_the_others_usable(open_chat, make_long_server):
+    server = make_long_server(max_requests=2)
+    chat = open_chat(server.url, max_tokens=LONG_BUDGET)
+    page = chat.page
+    chat.send("Chat A: a reply that never ends")
+    chat.wait_chunks(3)
+    page.click("#new-chat")
+    assert page.locator("#send").is_visible() and page.locator("#stop").is_hidden()
+    generating = page.locator("#conv-list li.generating")
+    assert generating.locator(".conv-title").all_inner_texts() == ["Chat A: a reply that never ends"]
+    assert generating.locator(".conv-date").inner_text() == "Generating…"
+    assert chat.set_max_tokens(8) == "8"
+    chat.send("Chat B: a short one")
+    chat.wait_reply("done")
+    assert page.locator("article.msg").count() == 2
+    assert generating.locator(".conv-title").all_inner_texts() == ["Chat A: a reply that never ends"]
+    page.locator("#conv-list .conv-open", has_text="Chat A").click()
+    assert page.locator("#stop").is_visible()
+    chat.send("Typed while A is still writing")  # Enter says why nothing was sent
+    assert "still being written" in page.locator("#composer-note").inner_text()
+    page.evaluate("document.activeElement.blur()")
+    page.keyboard.press("Escape")  # Esc stops it from anywhere, not only the message box
+    chat.wait_reply("stopped")
+    assert generating.count() == 0 and page.locator("#composer-note").is_hidden()
+    chat.check_clean()
+
+
+# -- the chat page: smaller things -----------------------------------------
+
+def test_table_on_a_phone_keeps_whole_words_and_scrolls(chat):
+    page = chat.page
+    page.set_viewport_size(PHONE)
+    table = "| Name | Population | Continent | Language | Currency | Code |\n|---|---|---|---|---|---|\n" \
+            "| Mauritania | 4862989 | Africa | Arabic | Ouguiya | 2222222222 |\n"
+    chat.seed([stored("t", "Table", said("user", "a table please"), said("assistant", table))], current="t")
+    broken = page.evaluate("""() => [...document.querySelectorAll('.md th, .md td')].filter((cell) => {
+        const range = document.createRange();
+        range.selectNodeContents(cell);
+        return range.getClientRects().length !== 1;
+    }).map((cell) => cell.textContent)""")
+    assert broken == []
+    wrap = page.locator(".table-wrap")
+    assert wrap.evaluate("(w) => w.scrollWidth > w.clientWidth")  # the table scrolls sideways...
+    assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]  # ...the page does not
+    chat.check_clean()
+
+
+def test_phone_enter_makes_a_new_line_and_the_hint_says_so(open_chat, base_url):
+    chat = open_chat(base_url, viewport=PHONE, has_touch=True, is_mobile=True)
+    page = chat.page
+    page.locator("#prompt").press_sequentially("line one")
+    page.keyboard.press("Enter")
+    page.keyboard.type("line two")
+    assert page.locator("#prompt").input_value() == "line one\nline two"
+    assert page.locator("article.msg").count() == 0
+    for hint in (page.locator("#composer-hint").inner_text(), page.locator("#empty-state").inner_text()):
+        assert "Enter for a new line" in hint and "Shift" not in hint
+    page.locator("#send").tap()
+    chat.wait_reply("done")
+    assert page.locator("article.user .msg-body").inner_text() == "line one\nline two"
+    chat.check_clean()
+
+
+def test_links_keep_their_parentheses_and_text_keeps_its_direction(chat):
+    page = chat.page
+    result = page.evaluate("""() => {
+        const root = document.createElement("div");
+        root.className = "md";
+        root.append(window.lemChat.renderMarkdown(
+            "See https://en.wikipedia.org/wiki/Mars_(planet) and (https://example.org/a_(b)_c), " +
+            "or [Mars](https://en.wikipedia.org/wiki/Mars_(planet)). (Also https://example.org/x.)\\n\\n" +
+            "שלום עולם, מה שלומך?\\n\\n- פריט ראשון\\n- פריט שני\\n\\n| א | ב |\\n|---|---|\\n| גימל | 2 |"));
+        document.body.append(root);
+        const dir = (s) => [...root.querySelectorAll(s)].map((e) => getComputedStyle(e).direction);
+        const out = {links: [...root.querySelectorAll("a")].map((a) => a.getAttribute("href")),
+                     p: dir(":scope > p"), li: dir("li"), td: dir("td")};
+        root.remove();
+        return out;
+    }""")
+    assert result["links"] == ["https://en.wikipedia.org/wiki/Mars_(planet)", "https://example.org/a_(b)_c",
+                               "https://en.wikipedia.org/wiki/Mars_(planet)", "https://example.org/x"]
+    assert result["p"] == ["ltr", "rtl"] and result["li"] == ["rtl", "rtl"] and result["td"] == ["rtl", "ltr"]
+    assert page.locator("#prompt").get_attribute("dir") == "auto"
+    chat.send("שלום, מה שלומך?")
+    chat.wait_reply("done")
+    assert page.locator("article.user .msg-body").evaluate("(e) => getComputedStyle(e).direction") == "rtl"
+    chat.check_clean()
+
+
+def test_reduced_motion_stills_the_cursor_and_the_drawer(open_chat, base_url):
+    chat = open_chat(base_url, viewport=PHONE, reduced_motion="reduce")
+    page = chat.page
+    motion = page.evaluate("""() => {
+        const article = document.createElement("article");
+        article.className = "msg assistant";
+        article.dataset.state = "streaming";
+        const body = document.createElement("div");
+        body.className = "msg-body md";
+        body.append(document.createElement("p"));
+        article.append(body);
+        document.getElementById("thread").append(article);
+        const item = document.createElement("li");
+        item.className = "generating";
+        const date = document.createElement("span");
+        date.className = "conv-date";
+        item.append(date);
+        document.getElementById("conv-list").append(item);
+        const out = {cursor: getComputedStyle(body.querySelector("p"), "::after").animationName,
+                     dot: getComputedStyle(date, "::before").animationName,
+                     drawer: getComputedStyle(document.getElementById("sidebar")).transitionDuration};
+        article.remove();
+        item.remove();
+        return out;
+    }""")
+    assert motion == {"cursor": "none", "dot": "none", "drawer": "0s"}
+    chat.check_clean()
+
+
+def test_honest_states_reload_mid_reply_and_a_frozen_server(open_chat, long_model_dir):
+    """A reply cut by a reload says "Interrupted", not "connection lost"; a server that stops
+    answering is named within seconds, and given up on, instead of "Generating…" for minutes."""
+    process, address = start_process(long_model_dir, "--max-tokens", str(LONG_BUDGET))
+    chat = open_chat(f"http://{address}", max_tokens=LONG_BUDGET)
+    page = chat.page
+    try:
+        chat.send("Keep going")
+        chat.wait_chunks(3)
+        chat.reload()
+        reply = chat.wait_reply("interrupted")
+        assert reply.locator(".msg-note").inner_text().startswith("Interrupted")
+        assert reply.locator(".msg-error").count() == 0 and reply.get_by_role("button", name="Regenerate").count() == 1
+        assert wait_until(lambda: health_at(chat.base)["active_requests"] == 0, timeout=10)
+
+        page.evaluate("Object.assign(window.lemChat.timing, {stallNoticeMs: 2000, idleTimeoutMs: 8000})")
+        chat.send("Keep going, again")
+        chat.wait_chunks(3)
+        process.send_signal(signal.SIGSTOP)  # frozen: the socket stays open, nothing more arrives
+        page.locator("article.assistant[data-state='streaming'] .msg-stats", has_text="No data from the server for").wait_for()
+        error = chat.wait_reply("error").locator(".msg-error")
+        assert error.get_attribute("data-kind") == "timeout" and "No data from the server for 8 s" in error.inner_text()
+        page.locator("#health .health-text", has_text="Not responding").wait_for(timeout=20_000)
+        chat.check_clean()
+    finally:
+        process.send_signal(signal.SIGCONT)
+        process.kill()
+
+
+STREAMING_SAMPLE = """<think>First a plan.
+
+It has two paragraphs.</think>
+
+# A heading
+
+A paragraph with **bold** text
+over two lines.
+
+```python
+def f():
+
+    return 1
+```
+
+- one item
+
+- another item, loose
+  with a continuation
+
+Another paragraph, then a table.
+
+| a | b |
+|---|---|
+| 1 | 2 |
+
+The end.
+"""
+
+
+def test_streaming_renders_only_the_last_block(chat):
+    """While a reply streams, blocks that can no longer change are rendered once and kept."""
+    result = chat.page.evaluate("""(text) => {
+        const body = document.createElement("div");
+        document.body.append(body);
+        const view = window.lemChat.newStreamView(body);
+        let replaced = 0;
+        for (let i = 1; i <= text.length; i += 3) {
+            const before = [...body.childNodes].filter((n) => !view.tail.includes(n));
+            window.lemChat.renderStreaming(view, text.slice(0, i));
+            const now = [...body.childNodes];
+            replaced += before.filter((n, k) => now[k] !== n).length;
+        }
+        window.lemChat.renderStreaming(view, text);
+        const full = document.createElement("div");
+        full.append(window.lemChat.renderMarkdown(text));
+        const out = {replaced, stable: view.stableEnd, same: body.innerHTML === full.innerHTML, tail: view.tail.length};
+        body.remove();
+        return out;
+    }""", STREAMING_SAMPLE)
+    assert result["replaced"] == 0  # no stable block was ever rendered twice
+    assert result["stable"] == STREAMING_SAMPLE.index("The end.") and result["tail"] == 1
+    assert result["same"]  # and the pieces add up to the whole
+    chat.check_clean()
+
+
+def test_form_fields_have_3_to_1_border_contrast(open_chat, base_url):
+    for scheme in ("light", "dark"):
+        chat = open_chat(base_url, color_scheme=scheme)
+        page = chat.page
+        page.click("#open-settings")
+        # [the element with the border, what surrounds it]
+        pairs = page.evaluate("""() => [[".composer-box", ".composer-wrap"], ["#set-system", "#settings-dialog"],
+                                       ["#set-max-tokens", "#settings-dialog"], ["#conv-search", "#sidebar"]]
+            .filter(([box, around]) => document.querySelector(box) && document.querySelector(around))
+            .map(([box, around]) => [box, getComputedStyle(document.querySelector(box)).borderTopColor,
+                                     getComputedStyle(document.querySelector(box)).backgroundColor,
+                                     getComputedStyle(document.querySelector(around)).backgroundColor])""")
+        for field, border, inside, outside in pairs:
+            assert contrast(border, inside) >= 3 and contrast(border, outside) >= 3, (scheme, field, border, inside, outside)
+        assert len(pairs) == 4
+        chat.check_clean()
 
 
 # ---------------------------------------------------------------------------

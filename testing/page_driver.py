@@ -17,19 +17,29 @@ PHONE = {"width": 375, "height": 740}
 REPLY_TIMEOUT_MS = 60_000
 
 
-class Chat:
-    """A page of the chat UI, with the few gestures the tests need."""
+LEGACY_STORE = "lem-chat.conversations.v1"  # where the page kept conversations before IndexedDB
 
-    def __init__(self, browser, base: str, *, viewport=DESKTOP, color_scheme="light", max_tokens: int | None = 24):
+
+class Chat:
+    """A page of the chat UI, with the few gestures the tests need.
+
+    `context` is an already made browser context (a persistent one, say);
+    otherwise a fresh one is made with `context_options` (has_touch,
+    reduced_motion, ...). Either way close() closes it.
+    """
+
+    def __init__(self, browser, base: str, *, viewport=DESKTOP, color_scheme="light", max_tokens: int | None = 24,
+                 context=None, **context_options):
         self.base = base
-        self.context = browser.new_context(viewport=viewport, color_scheme=color_scheme)
+        self.closed = False
+        self.context = context or browser.new_context(viewport=viewport, color_scheme=color_scheme, **context_options)
         self.context.set_default_timeout(15_000)
         if max_tokens is not None:
             # Short replies keep the suite fast; only seeded when nothing is stored yet.
             self.context.add_init_script(
                 "if (!localStorage.getItem('lem-chat.settings.v1')) localStorage.setItem('lem-chat.settings.v1',"
                 f" JSON.stringify({{temperature: 0.7, maxTokens: {max_tokens}, systemPrompt: ''}}));")
-        self.page = self.context.new_page()
+        self.page = self.context.pages[0] if context and self.context.pages else self.context.new_page()
         self.page_errors: list[str] = []
         self.csp_violations: list[str] = []
         self.foreign_requests: list[str] = []
@@ -52,6 +62,25 @@ class Chat:
     def send(self, text: str) -> None:
         self.page.fill("#prompt", text)
         self.page.press("#prompt", "Enter")
+
+    def reload(self) -> None:
+        self.page.reload()
+        self.page.wait_for_selector("#health[data-state='ok']")
+
+    def seed(self, conversations: list[dict], current: str | None = None) -> None:
+        """Store conversations as the page before IndexedDB kept them (localStorage), then reload."""
+        self.page.evaluate("([key, data]) => localStorage.setItem(key, JSON.stringify(data))",
+                           [LEGACY_STORE, {"conversations": conversations, "currentId": current}])
+        self.reload()
+
+    def titles(self) -> list[str]:
+        return self.page.locator("#conv-list .conv-title").all_inner_texts()
+
+    def wait_chunks(self, n: int, timeout: float = REPLY_TIMEOUT_MS) -> None:
+        """Wait until the reply streaming in view has shown at least n chunks."""
+        self.page.wait_for_function(
+            "(n) => (document.querySelector(\"article.assistant[data-state='streaming']\")?.dataset.chunks | 0) >= n",
+            arg=n, timeout=timeout)
 
     def reply(self, n: int = -1):
         return self.page.locator("article.msg.assistant").nth(n)
@@ -77,7 +106,20 @@ class Chat:
         assert not self.foreign_requests, f"the page fetched something off the server: {self.foreign_requests}"
 
     def close(self) -> None:
-        self.context.close()
+        """Close the page's browser context (again: nothing)."""
+        if not self.closed:
+            self.closed = True
+            self.context.close()
+
+
+def contrast(css_a: str, css_b: str) -> float:
+    """WCAG contrast ratio (1 to 21) of two opaque CSS rgb() colours."""
+    def relative(css: str) -> float:
+        channels = [int(v) / 255 for v in re.findall(r"\d+", css)[:3]]
+        r, g, b = (c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in channels)
+        return 0.2126 * r + 0.7152 * g + 0.0722 * b
+    hi, lo = sorted((relative(css_a), relative(css_b)), reverse=True)
+    return (hi + 0.05) / (lo + 0.05)
 
 
 def luminance(css_color: str) -> float:

@@ -405,6 +405,55 @@ def build_tiny_model(
     return out
 
 
+PARROT_GAIN = 40.0  # the parrot's next-token logit; every other logit is at most 0
+
+
+def build_parrot_model(out_dir, script: str, *, seed: int = 0) -> pathlib.Path:
+    """Write a model that answers any prompt ending in a newline with ``script``, then ends.
+
+    A tiny model is the right tool for most tests, but it cannot say a
+    chosen text. This one can, deterministically: every layer's output
+    projections are zero, so the residual stream is the current token's own
+    embedding, and the (untied) output head maps each token of the chain
+    "\\n", script tokens..., end-of-sequence to the next one. The chain's
+    embeddings are orthonormal, so each next token wins by ``PARROT_GAIN``
+    nats: greedy decoding and sampling at any ordinary temperature both
+    write exactly ``script`` (its byte-level tokens, partial characters
+    included) and then emit <|im_end|>. A chat prompt always ends in a
+    newline; completions prompts should too. Each token may appear only once
+    in the script (a token has one successor); a ValueError says otherwise.
+    """
+    out = pathlib.Path(build_tiny_model(out_dir, seed=seed))
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    chain = [tok.token_to_id("\u010a")] + tok.encode(script).ids + [tok.token_to_id(IM_END)]  # "\u010a": "\n"
+    if len(set(chain)) != len(chain) or None in chain:
+        raise ValueError(f"the script's tokens repeat (or it holds a newline): {chain}")
+    config = json.loads((out / "config.json").read_text("utf-8"))
+    config["tie_word_embeddings"] = False
+    args = qwen2.ModelArgs(**{k: config[k] for k in ("model_type", "hidden_size", "intermediate_size",
+                              "num_attention_heads", "rms_norm_eps", "vocab_size", "num_key_value_heads",
+                              "max_position_embeddings", "rope_theta")},
+                           num_hidden_layers=config["num_hidden_layers"], tie_word_embeddings=False)
+    mx.random.seed(seed)
+    model = qwen2.Model(args)
+    for layer in model.model.layers:
+        layer.self_attn.o_proj.weight = mx.zeros_like(layer.self_attn.o_proj.weight)
+        layer.mlp.down_proj.weight = mx.zeros_like(layer.mlp.down_proj.weight)
+    hidden = args.hidden_size
+    basis = mx.linalg.qr(mx.random.normal((hidden, hidden)), stream=mx.cpu)[0].T * hidden ** 0.5
+    emb = model.model.embed_tokens.weight
+    emb[mx.array(chain)] = basis[: len(chain)]
+    head = mx.zeros((args.vocab_size, hidden))
+    head[mx.array(chain[1:])] = basis[: len(chain) - 1] * (PARROT_GAIN / hidden)
+    model.model.embed_tokens.weight = emb
+    model.model.norm.weight = mx.ones((hidden,))
+    model.lm_head.weight = head
+    mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())),
+                        metadata={"format": "mlx"})
+    _write_json(out / "config.json", config)
+    return out
+
+
 # Templates of model families that refuse conversations whose roles do not
 # alternate user/assistant, written as those families' own templates do.
 # Mistral-Instruct (v0.2/v0.3 style): a leading system message is folded in,
