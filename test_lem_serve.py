@@ -1903,11 +1903,14 @@ def test_dialect_max_tokens_is_clamped_not_refused(make_server, model):
     assert response["usage"]["output_tokens"] == 7 and response["status"] == "incomplete"
     assert response["max_output_tokens"] == 7
     srv = make_server()  # --max-tokens 4096, the whole context: the room left binds
-    words = " ".join(f"w{i}" for i in range(model.context_length))
-    while len(chat_prompt(model, [{"role": "user", "content": words}])) > model.context_length - 6:
-        words = words[:words.rindex(" ")]
-    prompt = len(chat_prompt(model, [{"role": "user", "content": words}]))
-    message = post(srv, "messages", messages=[{"role": "user", "content": words}], max_tokens=32000)
+    asking = lambda n: [{"role": "user", "content": " ".join(f"w{i}" for i in range(n))}]  # noqa: E731
+    fits, too_many = 1, model.context_length  # words: the longest prompt leaving at most 6 tokens of room
+    while too_many - fits > 1:
+        middle = (fits + too_many) // 2
+        fits, too_many = (middle, too_many) if len(chat_prompt(model, asking(middle))) <= model.context_length - 6 \
+            else (fits, middle)
+    prompt = len(chat_prompt(model, asking(fits)))
+    message = post(srv, "messages", messages=asking(fits), max_tokens=32000)
     assert message["usage"]["output_tokens"] == model.context_length - prompt
     assert message["stop_reason"] == "max_tokens"
 
