@@ -396,7 +396,7 @@ def build_tiny_model(
 
     eos_ids = [tok.token_to_id(IM_END), tok.token_to_id(ENDOFTEXT)]
     if end_token_every > 0:
-        eos_ids += list(range(0, n_ordinary, end_token_every))
+        eos_ids += _turn_end_ids(model, tok, n_ordinary, end_token_every)
     config = _model_config(args, eos_ids, tok.token_to_id(ENDOFTEXT))
     _write_json(out / "config.json", config)
     _write_json(
@@ -452,6 +452,25 @@ def build_parrot_model(out_dir, script: str, *, seed: int = 0) -> pathlib.Path:
                         metadata={"format": "mlx"})
     _write_json(out / "config.json", config)
     return out
+
+
+def _turn_end_ids(model: qwen2.Model, tok: Tokenizer, n_ordinary: int, every: int) -> list[int]:
+    """Every ``every``-th ordinary id, from the offset whose ids are least likely to open a reply.
+
+    A reply's first token follows the template's ``<|im_start|>assistant``
+    line, and its distribution depends little on what came before (measured
+    on the 4,096-token vocabulary: the same four tokens hold ~75% of it after
+    Codex's 9k-token and Claude Code's 18k-token prompts). So the offset is
+    chosen on a short conversation: empty replies stay rare (~2% after those
+    prompts, against 15-34% for offset 0) while about 1/``every`` of each
+    later step's probability mass (11-15% for 8) still ends the reply.
+    """
+    chat = (f"{IM_START}system\nYou are a helpful assistant.{IM_END}\n{IM_START}user\nHello!{IM_END}\n"
+            f"{IM_START}assistant\n")
+    probs = mx.softmax(model(mx.array([tok.encode(chat).ids]))[0, -1])
+    masses = [probs[mx.arange(start, n_ordinary, every)].sum().item() for start in range(every)]
+    start = masses.index(min(masses))
+    return list(range(start, n_ordinary, every))
 
 
 # Templates of model families that refuse conversations whose roles do not
