@@ -61,7 +61,7 @@ import uuid
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NoReturn
 
 # MLX is imported inside the engine functions, not here: --threads must reach
 # the numeric libraries' thread pools through the environment before MLX loads.
@@ -181,9 +181,20 @@ def parse_bytes(text: str) -> int:
     return int(number) * scale
 
 
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse, except that a bad command line is one line on stderr and exit 2.
+
+    argparse's own error() prints the whole usage block first; a script or a
+    service manager's log is easier to read with just the reason.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see --help)\n")
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
     """The command line; names and defaults are part of the contract."""
-    p = argparse.ArgumentParser(prog="lem_serve.py", description=__doc__.splitlines()[0])
+    p = OneLineArgumentParser(prog="lem_serve.py", description=__doc__.splitlines()[0])
     p.add_argument("--model-path", required=True, help="local MLX/Hugging Face model folder, or a Hub repo id")
     p.add_argument("--bind", default=DEFAULT_BIND, help="HOST:PORT to listen on (default %(default)s)")
     p.add_argument("--threads", type=_at_least(0), default=DEFAULT_THREADS, help="CPU threads for numeric libraries, 0 = all")
@@ -203,7 +214,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 
 def parse_settings(argv: list[str] | None = None) -> Settings:
-    """Parse argv into Settings; argparse exits 2 with one line on bad input."""
+    """Parse argv into Settings; a bad command line exits 2 with one line on stderr."""
     parser = build_arg_parser()
     args = parser.parse_args(argv)
     try:
@@ -3550,7 +3561,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = load_model(settings)
     except Exception as exc:
-        print(f"lem_serve: cannot load model from {settings.model_path!r}: {exc}", file=sys.stderr)
+        reason = " ".join(str(exc).split())  # one line, whatever the loader's message looks like
+        print(f"lem_serve: cannot load model from {settings.model_path!r}: {reason}", file=sys.stderr)
         return 2
     try:
         server = LemServer(settings, model)

@@ -523,17 +523,36 @@ GEMMA_TEMPLATE = r"""{%- if messages[0]['role'] == 'system' -%}
 """
 
 
-def with_chat_template(model_dir, out_dir, template: str) -> pathlib.Path:
-    """Copy a model folder to ``out_dir`` with ``template`` as its chat template."""
+def _copy_model(model_dir, out_dir) -> pathlib.Path:
+    """Copy the files of a model folder to ``out_dir``; return its path."""
     src, out = pathlib.Path(model_dir), pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for item in src.iterdir():
         if item.is_file():
             (out / item.name).write_bytes(item.read_bytes())
+    return out
+
+
+def with_chat_template(model_dir, out_dir, template: str) -> pathlib.Path:
+    """Copy a model folder to ``out_dir`` with ``template`` as its chat template."""
+    out = _copy_model(model_dir, out_dir)
     config = json.loads((out / "tokenizer_config.json").read_text("utf-8"))
     config["chat_template"] = template
     config.pop("tool_parser_type", None)  # these families' tool formats are not the tiny model's
     _write_json(out / "tokenizer_config.json", config)
+    return out
+
+
+def with_context_length(model_dir, out_dir, tokens: int) -> pathlib.Path:
+    """Copy a model folder to ``out_dir`` with a context window of ``tokens``.
+
+    Qwen2's rotary embedding has no table sized by the context, so the weights
+    stay as they are; only ``max_position_embeddings`` changes.
+    """
+    out = _copy_model(model_dir, out_dir)
+    config = json.loads((out / "config.json").read_text("utf-8"))
+    config["max_position_embeddings"] = tokens
+    _write_json(out / "config.json", config)
     return out
 
 

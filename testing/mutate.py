@@ -1,0 +1,280 @@
+"""Plant known bugs in a copy of lem_serve.py, one at a time, and check that the tests named for them fail.
+
+Each mutation swaps exact pieces of lem_serve.py for broken ones in a temporary copy of the
+repository (the real files are never touched), then runs the tests the mutation names against
+that copy. The mutation is *caught* when they fail, *missed* when they pass. The named tests are
+first run on an unchanged copy: a test that fails there proves nothing, so the run stops.
+
+    python testing/mutate.py                             # every mutation (15-20 minutes on 2 cores)
+    python testing/mutate.py gate-plus-one eos-uncounted  # some, by name
+    python testing/mutate.py --list
+
+Exits 0 when every mutation run was caught, 1 when one was missed or could not be applied, 2 when
+the unchanged copy fails. It does not run in CI; testing/MUTATIONS.md says why it exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGET = "lem_serve.py"
+COPY_IGNORE = shutil.ignore_patterns(".git", ".venv", "__pycache__", ".pytest_cache", ".cache", "artifacts",
+                                     "model", "bench", "agents")  # testing/agents: ~800 MB of agent CLIs
+RUN_TIMEOUT = 900  # seconds for one pytest run; a mutation that hangs the suite counts as an error
+
+
+@dataclass(frozen=True)
+class Mutation:
+    """One planted bug: `edits` are (exact text of lem_serve.py, found once; what replaces it)."""
+
+    name: str
+    bug: str
+    edits: tuple[tuple[str, str], ...]
+    tests: tuple[str, ...]  # test functions (every parametrization) that must fail
+
+
+MUTATIONS = [
+    # The five bugs of issue 11's audit.
+    Mutation("api-key-flag-ignored", "--api-key / LEM_API_KEY never reach the settings: the server is left open",
+             (("api_key=args.api_key,", "api_key=None,"),),
+             ("test_api_key_flag_and_env_guard_the_real_server",)),
+    Mutation("default-budget-refused", "a request without max_tokens is refused when the default budget overflows "
+                                       "the context, instead of trimmed",
+             (("if request.max_tokens_given and request.max_tokens > room:", "if request.max_tokens > room:"),),
+             ("test_default_budget_is_trimmed_to_the_context",)),
+    Mutation("eos-uncounted", "the end-of-sequence token is left out of completion_tokens",
+             (('        if response.finish_reason == "stop":  # an end-of-sequence token: not part of the text\n',
+               '        if response.finish_reason == "stop":  # an end-of-sequence token: not part of the text\n'
+               "            job.completion_tokens -= 1\n"),),
+             ("test_completion_tokens_count_the_end_of_sequence_token",)),
+    Mutation("stream-splits-characters", "each token's bytes are decoded on their own, so a character split "
+                                         "across tokens goes out as two replacement characters",
+             (("return self._trim(self.utf8.decode(token_bytes(self.model, token)))",
+               'return self._trim(token_bytes(self.model, token).decode("utf-8", "replace"))'),),
+             ("test_stream_chunks_are_whole_characters",)),
+    Mutation("gate-plus-one", "the gate admits max_requests + 1 requests",
+             (("threading.BoundedSemaphore(settings.max_requests)", "threading.BoundedSemaphore(settings.max_requests + 1)"),),
+             ("test_concurrent_admission_never_exceeds_the_limit",)),
+    # More of the contract.
+    Mutation("gate-released-twice", "a request gives its permit back twice, so the gate grows",
+             (("threading.BoundedSemaphore(settings.max_requests)", "threading.Semaphore(settings.max_requests)"),
+              ("            if not self.held:\n                return\n", "")),
+             ("test_every_way_a_request_ends_gives_back_exactly_its_permit",)),
+    Mutation("window-starts-with-assistant", "the chat window keeps the last N messages, whatever their roles",
+             (("first = next((n for n in turns if len(others) - n <= keep), turns[-1])", "first = len(others) - keep"),),
+             ("test_window_never_starts_with_an_assistant_or_tool_message",)),
+    Mutation("validation-after-gate", "the prompt is rendered and fitted after admission: a bad prompt gets 429 "
+                                      "while every slot is busy",
+             (("        prompt, dropped = render_prompt(request, server.model)\n"
+               "        budget = fit_to_context(len(prompt), request, server.model)\n"
+               "        if not server.engine.alive:\n"
+               "            raise engine_unavailable()\n"
+               '        headers = {WINDOW_HEADER: str(dropped)} if request.endpoint == "chat" else {}\n'
+               "        with server.admit() as slot:\n",
+               "        if not server.engine.alive:\n"
+               "            raise engine_unavailable()\n"
+               "        with server.admit() as slot:\n"
+               "            prompt, dropped = render_prompt(request, server.model)\n"
+               "            budget = fit_to_context(len(prompt), request, server.model)\n"
+               '            headers = {WINDOW_HEADER: str(dropped)} if request.endpoint == "chat" else {}\n'),),
+             ("test_bad_prompts_are_400_even_while_every_slot_is_busy",)),
+    Mutation("stop-string-partly-streamed", "text that may be the start of a stop string is streamed at once",
+             (("        keep = max(self.matched)\n", "        keep = 0\n"),),
+             ("test_stop_string_cuts_text_and_is_never_streamed", "test_stop_scanner_holds_back_partial_stop_strings")),
+    Mutation("prompt-cache-whole-prompt", "an exact prompt-cache hit is returned whole, leaving the model no "
+                                          "token to run",
+             (("if cache is not None and not rest:  # an exact hit", "if False:  # an exact hit"),),
+             ("test_prompt_that_is_exactly_a_cached_sequence_still_runs_its_last_token",)),
+    Mutation("retry-after-missing", "429 comes without Retry-After",
+             (('headers={"Retry-After": str(RETRY_AFTER_SECONDS)})', "headers={})"),),
+             ("test_over_the_limit_is_429_at_once",)),
+    Mutation("host-check-skipped", "bound to loopback, any Host header is answered (DNS rebinding)",
+             (("if hosts and settings.is_loopback and host_name", "if False and hosts and settings.is_loopback and host_name"),),
+             ("test_host_check_stops_dns_rebinding_on_loopback",)),
+    Mutation("host-check-everywhere", "the loopback Host check also runs on a non-loopback bind, refusing LAN names",
+             (("if hosts and settings.is_loopback and host_name", "if hosts and host_name"),),
+             ("test_host_check_is_off_on_a_non_loopback_bind",)),
+    Mutation("header-deadline-per-read", "the header deadline bounds each read, not the whole request: a "
+                                         "slowloris trickle is never cut off",
+             (("        if self.deadline is not None:\n            wait = min(wait, self.deadline - time.monotonic())\n",
+               ""),),
+             ("test_slow_headers_are_cut_off_without_holding_a_slot",)),
+    Mutation("client-gone-unnoticed", "a client that leaves while waiting for a non-streamed answer is not noticed",
+             (("            if client_gone(self.connection):\n                raise ClientGone\n", ""),),
+             ("test_disconnect_while_waiting_non_streaming_stops_generation_and_is_499_in_metrics",)),
+    Mutation("499-uncounted", "a request whose client left before any status is counted as 200 in /metrics",
+             (('else "499"', 'else "200"'),),
+             ("test_disconnect_while_waiting_non_streaming_stops_generation_and_is_499_in_metrics",)),
+    Mutation("keepalive-never-sent", "no keepalive comment while the prompt is processed",
+             (("                on_idle()\n", ""),),
+             ("test_slow_prompt_stream_gets_keepalives",)),
+    Mutation("seed-uses-global-random", "a seeded request draws from the global random state",
+             (("key = None if request.seed is None else mx.random.key(request.seed % 2**64)", "key = None"),),
+             ("test_same_seed_same_output_inside_a_batch",)),
+    Mutation("developer-role-unmapped", "a developer message reaches the template as an unknown role, not as system",
+             (('"system" if role == "developer" else role', "role"),),
+             ("test_developer_role_is_a_system_message",)),
+    Mutation("temperature-above-2", "temperature above 2 is accepted",
+             (("lambda v: 0 <= v <= 2)", "lambda v: 0 <= v)"),),
+             ("test_bad_fields_are_400",)),
+    Mutation("timeout-flag-ignored", "--timeout is parsed and dropped: requests get the default 300 s",
+             (("timeout=float(args.timeout)", "timeout=float(DEFAULT_TIMEOUT)"),),
+             ("test_timeout_flag_ends_a_request_that_runs_too_long",)),
+    Mutation("max-tokens-flag-ignored", "--max-tokens is parsed and dropped",
+             (("max_tokens=args.max_tokens,", "max_tokens=DEFAULT_MAX_TOKENS,"),),
+             ("test_max_tokens_flag_is_the_default_and_the_ceiling",)),
+    Mutation("model-name-default-is-the-path", "without --model-name the model is named by its whole path",
+             (("return path.resolve().name if path.exists() else model_path", "return model_path"),),
+             ("test_model_name_flag_and_its_folder_name_default",)),
+    Mutation("log-level-flag-ignored", "--log-level is parsed and dropped: always info",
+             (("level=settings.log_level.upper()", 'level="INFO"'),),
+             ("test_log_level_flag_sets_what_is_logged",)),
+    Mutation("sigint-not-handled", "only SIGTERM drains; Ctrl-C kills the requests in flight",
+             (("for sig in (signal.SIGINT, signal.SIGTERM):", "for sig in (signal.SIGTERM,):"),),
+             ("test_signal_during_load_drains_every_request_and_exits_0",)),
+    Mutation("drain-does-not-wait", "on a signal the server exits without waiting for requests in flight",
+             (("drained = self.idle.wait_for(lambda: self.in_flight == 0, timeout=grace)", "drained = True"),),
+             ("test_signal_during_load_drains_every_request_and_exits_0",)),
+    Mutation("cli-error-with-usage", "a bad command line prints argparse's usage block before the error",
+             (("        self.exit(2, f\"{self.prog}: error:", "        self.print_usage(sys.stderr)\n"
+                                                          "        self.exit(2, f\"{self.prog}: error:"),),
+             ("test_bad_command_lines_exit_2_with_one_line",)),
+    # The agents' dialects (issue 12).
+    Mutation("anthropic-errors-in-openai-envelope", "errors on /v1/messages come in OpenAI's envelope",
+             (("return error.anthropic_body() if anthropic else error.body()", "return error.body()"),),
+             ("test_bad_messages_bodies_are_anthropic_400s", "test_errors_before_the_route_come_in_the_callers_envelope")),
+    Mutation("x-api-key-ignored", "the API key is taken only as a Bearer token, so Claude Code is refused",
+             (('offered = [token if scheme.lower() == "bearer" else None, self.headers.get("x-api-key")]',
+               'offered = [token if scheme.lower() == "bearer" else None]'),),
+             ("test_errors_before_the_route_come_in_the_callers_envelope",)),
+    Mutation("stop-sequence-unreported", "a stop sequence ends the message as end_turn, without saying which",
+             (("            sequence.job.stop_string = sequence.stops.hit\n", ""),),
+             ("test_messages_stop_sequence_cuts_text_and_is_reported",)),
+    Mutation("anthropic-input-counts-the-cache", "Anthropic input_tokens include the cached tokens (counted twice)",
+             (('return {"input_tokens": job.prompt_tokens - job.cached_tokens,', 'return {"input_tokens": job.prompt_tokens,'),),
+             ("test_count_tokens_is_what_a_create_reports",)),
+    Mutation("anthropic-block-left-open", "the last content block is not stopped before message_delta",
+             (('        return (self._stop() + self._event("message_delta"', '        return (b"" + self._event("message_delta"'),),
+             ("test_messages_stream_events_come_in_anthropic_order",)),
+    Mutation("responses-text-done-missing", "a Responses stream skips response.output_text.done",
+             (('        return (self._event("response.output_text.done", **where, text=part["text"], logprobs=[])\n'
+               "                + ", "        return ("),),
+             ("test_responses_stream_events_come_in_order_with_sequence_numbers",)),
+    Mutation("dialect-max-tokens-unclamped", "/v1/messages takes max_tokens as given: Claude Code's 32000 overflows",
+             (("max_tokens=min(body.get(\"max_tokens\") or settings.max_tokens, settings.max_tokens),",
+               "max_tokens=body.get(\"max_tokens\") or settings.max_tokens,"),),
+             ("test_dialect_max_tokens_is_clamped_not_refused",)),
+    Mutation("anthropic-keepalive-is-a-comment", "an Anthropic stream keeps alive with SSE comments, not ping events",
+             (('    keepalive = sse_event({"type": "ping"}, "ping")', "    keepalive = SSE_KEEPALIVE"),),
+             ("test_slow_prompt_stream_gets_keepalives",)),
+    Mutation("previous-response-id-ignored", "previous_response_id is accepted and silently ignored",
+             (('STATEFUL_FIELDS = {"previous_response_id": None, "conversation": None, "background": False}',
+               'STATEFUL_FIELDS = {"conversation": None, "background": False}'),),
+             ("test_bad_responses_bodies_are_openai_400s",)),
+    Mutation("named-tool-not-forced", "Anthropic tool_choice {type: tool} is served as auto",
+             (('    if kind == "tool" and isinstance(choice.get("name"), str):\n'
+               '        return {"type": "function", "function": {"name": choice["name"]}}',
+               '    if kind == "tool" and isinstance(choice.get("name"), str):\n        return "auto"'),),
+             ("test_messages_forced_tool_use_round_trip",)),
+    Mutation("dialect-error-event-missing", "an Anthropic stream that fails after its headers just ends",
+             (('        return self._event("error", error=error.anthropic_body()["error"])', '        return b""'),),
+             ("test_dialect_stream_past_the_deadline_ends_with_an_error_event",)),
+    Mutation("prompt-too-long-worded-otherwise", "a prompt that does not fit is not worded as Anthropic words it",
+             (('raise invalid(f"prompt is too long: {prompt_tokens} tokens > {limit - 1} maximum',
+               'raise invalid(f"the prompt is {prompt_tokens} tokens > {limit - 1} maximum'),),
+             ("test_prompt_longer_than_context_is_400",)),
+]
+
+
+def copy_repository(dest: Path) -> None:
+    """The files the tests need, without the real lem_serve.py's neighbours that could change under us."""
+    shutil.copytree(ROOT, dest, ignore=COPY_IGNORE)
+
+
+def apply(mutation: Mutation, source: str) -> str:
+    """The source with the mutation's edits made; ValueError when a piece is not found exactly once."""
+    for old, new in mutation.edits:
+        count = source.count(old)
+        if count != 1:
+            raise ValueError(f"{old.strip()[:60]!r} occurs {count} times in {TARGET}")
+        source = source.replace(old, new)
+    return source
+
+
+def run_tests(folder: Path, tests: tuple[str, ...]) -> tuple[int, str]:
+    """Run the named tests in `folder`; return pytest's exit code and the first failing test, if any."""
+    command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+               *(f"test_lem_serve.py::{t}" for t in tests)]
+    try:
+        out = subprocess.run(command, cwd=folder, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        return -1, f"timed out after {RUN_TIMEOUT} s"
+    failed = next((line[len("FAILED "):].split(" - ")[0] for line in out.stdout.splitlines()
+                   if line.startswith("FAILED ")), "")
+    return out.returncode, failed.removeprefix("test_lem_serve.py::") or out.stdout.strip().splitlines()[-1:][0]
+
+
+def run_mutation(mutation: Mutation, pristine: str) -> tuple[str, str]:
+    """(result, detail): caught, missed or error, for one mutation on a fresh copy."""
+    try:
+        mutated = apply(mutation, pristine)
+    except ValueError as exc:
+        return "error", str(exc)
+    with tempfile.TemporaryDirectory(prefix="lem-mutant-") as tmp:
+        folder = Path(tmp) / "repo"
+        copy_repository(folder)
+        (folder / TARGET).write_text(mutated, encoding="utf-8")
+        code, detail = run_tests(folder, mutation.tests)
+    if code == 1:
+        return "caught", detail
+    return ("missed", "the tests passed") if code == 0 else ("error", f"pytest exit {code}: {detail}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the chosen mutations and print a Markdown table of what caught each."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", help="mutations to run (default: all)")
+    parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    args = parser.parse_args(argv)
+    by_name = {m.name: m for m in MUTATIONS}
+    if args.list:
+        for m in MUTATIONS:
+            print(f"{m.name:34} {m.bug}")
+        return 0
+    unknown = [n for n in args.names if n not in by_name]
+    if unknown:
+        parser.error(f"unknown mutation(s): {', '.join(unknown)}")
+    chosen = [by_name[n] for n in args.names] or MUTATIONS
+    pristine = (ROOT / TARGET).read_text(encoding="utf-8")
+
+    tests = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
+    with tempfile.TemporaryDirectory(prefix="lem-pristine-") as tmp:
+        copy_repository(Path(tmp) / "repo")
+        code, detail = run_tests(Path(tmp) / "repo", tests)
+    if code != 0:
+        print(f"the named tests fail on the unchanged code ({detail}); fix that first", file=sys.stderr)
+        return 2
+
+    rows, started = [], time.monotonic()
+    for mutation in chosen:
+        result, detail = run_mutation(mutation, pristine)
+        rows.append((mutation, result, detail))
+        print(f"{result:7} {mutation.name}: {detail}", file=sys.stderr, flush=True)
+    print("| mutation | planted bug | result | failing test |\n|---|---|---|---|")
+    for mutation, result, detail in rows:
+        print(f"| `{mutation.name}` | {mutation.bug} | **{result}** | {detail} |")
+    caught = sum(result == "caught" for _, result, _ in rows)
+    print(f"\n{caught} of {len(rows)} caught in {time.monotonic() - started:.0f} s.")
+    return 0 if caught == len(rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
