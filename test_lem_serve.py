@@ -11,6 +11,7 @@ Run: python -m pytest -q test_lem_serve.py
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import http.client
 import json
