@@ -2068,8 +2068,8 @@ def post_raw(srv, path: str, body: bytes, headers: dict[str, str]) -> Reply:
         return Reply(response)
 
 
-def test_errors_before_the_route_come_in_the_callers_envelope(make_server):
-    srv = make_server(api_key="sekret", max_requests=1)
+def test_errors_before_the_route_come_in_the_callers_envelope(make_long_server):
+    srv = make_long_server(api_key="sekret", max_requests=1)
     assert_anthropic_error(request(srv, "POST", "/v1/messages", body_for("messages", max_tokens=2)), 401,
                            "authentication_error")
     assert_anthropic_error(request(srv, "POST", "/v1/messages/count_tokens?beta=true", {"messages": HELLO},
@@ -2090,7 +2090,7 @@ def test_errors_before_the_route_come_in_the_callers_envelope(make_server):
     assert_openai_error(post_raw(srv, "/v1/responses", b"", huge), 413, code="body_too_large")
     assert_anthropic_error(request(srv, "POST", "/v1/messages", b"{oops", key), 400, "invalid_request_error")
     conn = connect(srv)
-    conn.request("POST", "/v1/messages", json.dumps(body_for("messages", stream=True)), key)
+    conn.request("POST", "/v1/messages", json.dumps(body_for("messages", stream=True, **endless(srv.model, "messages"))), key)
     busy = conn.getresponse()
     read_first_text_event(busy)
     refused = request(srv, "POST", "/v1/messages", body_for("messages", max_tokens=1), key)
