@@ -23,6 +23,7 @@ import select
 import shutil
 import signal
 import socket
+import string
 import struct
 import subprocess
 import sys
@@ -38,6 +39,7 @@ import pytest
 import lem_serve
 from testing.gguf_fixtures import (HEAD_DIM, HEADS, KV_HEADS, MIXED_TEXTS, g2m, reference_smollm_ids,
                                     run_cli, tiny_llama)
+from testing.schemas import SCHEMAS, validation_errors
 from testing.page_driver import CHROMIUM, CHROMIUM_ARGS, PHONE, REPLY_TIMEOUT_MS, Chat, contrast, luminance
 from testing.tiny_model import (GEMMA_TEMPLATE, MISTRAL_TEMPLATE, build_parrot_model, build_tiny_model,
                                  with_chat_template, with_context_length)
@@ -976,36 +978,20 @@ PERSON = {
 }
 
 
-def conforms(value, schema, root=None) -> bool:
-    """A validator for the JSON Schema subset the server supports (no jsonschema dependency)."""
-    root = root or schema
-    if "$ref" in schema:
-        return conforms(value, root["$defs"][schema["$ref"].split("/")[-1]], root)
-    if "const" in schema:
-        return value == schema["const"] and type(value) is type(schema["const"])
-    if "enum" in schema:
-        return any(value == v and type(value) is type(v) for v in schema["enum"])
-    kinds = schema.get("type")
-    if isinstance(kinds, list):
-        return any(conforms(value, {**schema, "type": k}, root) for k in kinds)
-    checks = {"object": lambda v: isinstance(v, dict), "array": lambda v: isinstance(v, list),
-              "string": lambda v: isinstance(v, str), "boolean": lambda v: isinstance(v, bool),
-              "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
-              "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-              "null": lambda v: v is None, None: lambda v: True}
-    if not checks[kinds](value):
-        return False
-    if kinds == "object":
-        props = schema.get("properties", {})
-        return (set(schema.get("required", [])) <= set(value) and (not props or set(value) <= set(props))
-                and all(conforms(v, props.get(k, {}), root) for k, v in value.items()))
-    if kinds == "array":
-        return all(conforms(v, schema.get("items", {}), root) for v in value)
-    return True
+def assert_valid(text: str, schema: dict) -> None:
+    """`text` parses as JSON and jsonschema (formats checked) finds nothing wrong with it."""
+    errors = validation_errors(json.loads(text), schema)
+    assert not errors, (text, errors)
 
 
 def schema_format(schema: dict) -> dict:
     return {"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": True}}
+
+
+def accepts(schema: dict, text: str) -> bool:
+    """Whether the compiled automaton takes `text` as a whole value."""
+    state = lem_serve.json_advance(lem_serve.json_start(lem_serve.compile_schema(schema, schema, "x")), text)
+    return bool(state) and lem_serve.json_complete(state)
 
 
 @pytest.mark.parametrize("temperature", [0, 1.0])
@@ -1016,7 +1002,7 @@ def test_json_schema_output_parses_and_validates(openai_client, temperature):
             response_format=schema_format(PERSON))
         text = completion.choices[0].message.content
         assert completion.choices[0].finish_reason == "stop", text
-        assert conforms(json.loads(text), PERSON), text
+        assert_valid(text, PERSON)
 
 
 @pytest.mark.parametrize("endpoint", ENDPOINTS)
@@ -1028,6 +1014,49 @@ def test_json_object_streams_valid_json(server, endpoint):
         assert [e for e in events if isinstance(e, dict)][-1]["choices"][0]["finish_reason"] == "stop"
 
 
+# Output of schemas as Pydantic and Zod write them (testing/schemas.py), through both ways of asking:
+# greedy and at temperature 1 with several seeds, each checked by jsonschema with its format checkers.
+STRUCTURED_BUDGET = 400   # tokens: room for the longest shortest answer (about 230 characters) at one token a character
+STRUCTURED_RUNS = [(0, 0), (1.0, 0), (1.0, 1), (1.0, 2)]   # (temperature, seed)
+
+
+def structured_output(client, schema: dict, route: str, temperature: float, seed: int, max_tokens: int):
+    """(the JSON text, finish_reason) of one chat completion constrained by `schema` through `route`."""
+    fields = dict(model="tiny", messages=HELLO, max_tokens=max_tokens, temperature=temperature, seed=seed)
+    if route == "response_format":
+        choice = client.chat.completions.create(response_format=schema_format(schema), **fields).choices[0]
+        return choice.message.content, choice.finish_reason
+    tool = {"type": "function", "function": {"name": "record", "parameters": schema}}
+    choice = client.chat.completions.create(tools=[tool], tool_choice={"type": "function", "function": {"name": "record"}},
+                                            **fields).choices[0]
+    calls = choice.message.tool_calls or []
+    return (calls[0].function.arguments if calls else choice.message.content), choice.finish_reason
+
+
+@pytest.mark.parametrize("route", ["response_format", "tool_choice"])
+@pytest.mark.parametrize("name", list(SCHEMAS))
+def test_pydantic_and_zod_schemas_always_validate(openai_client, name, route):
+    schema = SCHEMAS[name]
+    for temperature, seed in STRUCTURED_RUNS:
+        text, finish = structured_output(openai_client, schema, route, temperature, seed, STRUCTURED_BUDGET)
+        assert finish == ("stop" if route == "response_format" else "tool_calls"), (finish, text)
+        assert_valid(text, schema)
+
+
+@pytest.mark.parametrize("route", ["response_format", "tool_choice"])
+def test_too_few_tokens_end_with_length_never_invalid(openai_client, route):
+    """A budget below the shortest answer ends with "length"; whatever says it is complete validates."""
+    schema = SCHEMAS["pydantic-person"]
+    for max_tokens in (5, 40, 120):
+        text, finish = structured_output(openai_client, schema, route, 1.0, max_tokens, max_tokens)
+        if finish in ("stop", "tool_calls"):
+            assert_valid(text, schema)
+        else:
+            assert finish == "length" and max_tokens <= 120, (finish, text)
+    text, finish = structured_output(openai_client, schema, route, 1.0, 0, 5)
+    assert finish == "length"  # 5 tokens cannot hold the shortest person (about 230 characters)
+
+
 @pytest.mark.parametrize("max_tokens", [8, 20, 26, 40])
 def test_json_schema_closes_in_time_or_says_length(server, max_tokens):
     reply = post(server, "completions", max_tokens=max_tokens, temperature=1.0, seed=max_tokens,
@@ -1035,38 +1064,164 @@ def test_json_schema_closes_in_time_or_says_length(server, max_tokens):
     choice = reply["choices"][0]
     assert reply["usage"]["completion_tokens"] <= max_tokens
     if choice["finish_reason"] == "stop":
-        assert conforms(json.loads(choice["text"]), PERSON)
+        assert_valid(choice["text"], PERSON)
     else:
         assert choice["finish_reason"] == "length"
     assert max_tokens < 26 or choice["finish_reason"] == "stop"  # the shortest valid answer is 25 tokens or fewer
 
 
 def test_json_automaton_accepts_exactly_the_schema():
+    good = ['{"name": "a\\u00e9\\n", "age": -12, "ok": true}',
+            '{"name":"","age":0,"height":1.5e+3,"colour":3,"pets":[{"kind":"cat","legs":4}],"ok":false}',
+            '{"name":"x","age":1,"height":null,"ok":true}',
+            '{\n  "name": "x",\n  "age": 1,\n  "pets": [\n    {"kind": "cat"}\n  ],\n  "ok": true\n}']
+    bad = ['{"age":1,"ok":true}', '{"name":"x","age":1.5,"ok":true}', '{"name":"x","age":01,"ok":true}',
+           '{"name":"x","age":1,"ok":true,}', '{"name":"x","age":1,"ok":true,"extra":1}',
+           '{"name":"x","age":1,"colour":"blue","ok":true}', '{"name":"x","age":1,"pets":[{}],"ok":true}',
+           '{"name":"x\n","age":1,"ok":true}', '{"name":"x","age":1,"ok":true}}',
+           '{"name":"x","age":1,' + " " * 25 + '"ok":true}']   # whitespace is bounded
+    assert all(accepts(PERSON, text) for text in good)
+    assert not any(accepts(PERSON, text) for text in bad)
     node = lem_serve.compile_schema(PERSON, PERSON, "response_format")
-
-    def accepts(text):
-        state = lem_serve.json_advance(lem_serve.json_start(node), text)
-        return bool(state) and lem_serve.json_complete(state)
-
-    assert accepts('{"name": "a\\u00e9\\n", "age": -12, "ok": true}')
-    assert accepts('{"name":"","age":0,"height":1.5e+3,"colour":3,"pets":[{"kind":"cat","legs":4}],"ok":false}')
-    assert accepts('{"name":"x","age":1,"height":null,"ok":true}')
-    for bad in ['{"age":1,"ok":true}', '{"name":"x","age":1.5,"ok":true}', '{"name":"x","age":01,"ok":true}',
-                '{"name":"x","age":1,"ok":true,}', '{"name":"x","age":1,"ok":true,"extra":1}',
-                '{"name":"x","age":1,"colour":"blue","ok":true}', '{"name":"x","age":1,"pets":[{}],"ok":true}',
-                '{"name":"x\n","age":1,"ok":true}', '{"name":"x","age":1,"ok":true}}']:
-        assert not accepts(bad), bad
     closing = lem_serve.json_closing_text(lem_serve.json_advance(lem_serve.json_start(node), '{"name": "ab'))
     assert closing == '","age":0,"ok":true}'
+
+
+# Each keyword by name: (schema, texts it must take, texts it must refuse).
+KEYWORD_CASES = {
+    "minLength/maxLength": ({"type": "string", "minLength": 2, "maxLength": 3}, ['"ab"', '"abc"', '"\\u00e9\\n"'],
+                            ['"a"', '"abcd"', '"\\n"']),
+    "pattern": ({"type": "string", "pattern": "^[A-Z]{2}-\\d+$"}, ['"AB-1"', '"ZZ-007"'], ['"ab-1"', '"AB-"', '"AB-1 "']),
+    "pattern searches": ({"type": "string", "pattern": "b+c"}, ['"bc"', '"xxbbcx"'], ['"ac"', '""']),
+    "pattern classes": ({"type": "string", "pattern": "^[^\\d\\s]\\w*\\.?$"}, ['"x_1."', '"é"'], ['"1"', '" a"', '"٣"']),
+    "format date": ({"type": "string", "format": "date"}, ['"2024-02-29"', '"1999-12-31"'],
+                    ['"2023-02-29"', '"2024-13-01"', '"2024-04-31"', '"24-01-01"']),
+    "format date-time": ({"type": "string", "format": "date-time"}, ['"2024-05-06T07:08:09.5+02:00"'],
+                         ['"2024-05-06 07:08:09Z"', '"2024-05-06T07:08:09"']),
+    "format email": ({"type": "string", "format": "email"}, ['"jo.smith+x@mail.example.org"'], ['"jo@"', '"@x.org"']),
+    "format ipv4": ({"type": "string", "format": "ipv4"}, ['"192.168.0.255"'], ['"256.1.1.1"', '"01.1.1.1"']),
+    "format ipv6": ({"type": "string", "format": "ipv6"}, ['"::1"', '"fe80::1:2"', '"1:2:3:4:5:6:7:8"'], ['":::"', '"1::2::3"']),
+    "format uuid": ({"type": "string", "format": "uuid"}, ['"123e4567-e89b-12d3-a456-426614174000"'], ['"123e4567"']),
+    "minimum/maximum": ({"type": "integer", "minimum": -5, "maximum": 250}, ["-5", "0", "250", "99"],
+                        ["-6", "251", "1000", "2.5", "-0"]),
+    "exclusiveMinimum/Maximum": ({"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1}, ["0.5", "0.001"],
+                                 ["0", "1", "1.0", "-0.5", "1e-3"]),
+    "multipleOf": ({"type": "integer", "multipleOf": 7, "maximum": 30}, ["0", "28", "-14"], ["1", "35", "29"]),
+    "minItems/maxItems": ({"type": "array", "items": {"type": "integer"}, "minItems": 1, "maxItems": 2}, ["[1]", "[1, 2]"],
+                          ["[]", "[1,2,3]"]),
+    "uniqueItems": ({"type": "array", "items": {"type": "string"}, "uniqueItems": True}, ['["a","b"]', "[]"],
+                    ['["a","a"]', '["a","b","a"]']),
+    "uniqueItems enum": ({"type": "array", "items": {"enum": [1, 2]}, "uniqueItems": True}, ["[2,1]"], ["[1,1]", "[1,2,1]"]),
+    "prefixItems": ({"type": "array", "prefixItems": [{"type": "integer"}, {"type": "string"}], "minItems": 2},
+                    ['[1,"a"]'], ['["a",1]', "[1]", '[1,"a",2]']),
+    "additionalProperties false": ({"type": "object", "properties": {"a": {"type": "integer"}},
+                                    "additionalProperties": False}, ['{"a":1}', "{}"], ['{"b":1}', '{"a":1,"b":1}']),
+    "additionalProperties schema": ({"type": "object", "properties": {"a": {"type": "integer"}},
+                                     "additionalProperties": {"type": "boolean"}},
+                                    ['{"a":1,"b":true}', '{"x":false,"y":true}'], ['{"b":1}', '{"a":1,"a":2}']),
+    "additionalProperties true": ({"type": "object", "properties": {"a": {"type": "integer"}},
+                                   "additionalProperties": True}, ['{"a":1,"b":[null]}'], ['{"a":"x"}']),
+    "minProperties/maxProperties": ({"type": "object", "additionalProperties": {"type": "integer"}, "minProperties": 1,
+                                     "maxProperties": 2}, ['{"a":1}', '{"a":1,"b":2}'],
+                                    ["{}", '{"a":1,"b":2,"c":3}', '{"a":1,"a":2}']),
+    "anyOf": ({"anyOf": [{"type": "string", "maxLength": 1}, {"type": "integer", "minimum": 10}]}, ['"a"', "10"],
+              ['"ab"', "9", "null"]),
+    "oneOf": ({"oneOf": [{"type": "object", "properties": {"t": {"const": "a"}}, "required": ["t"]},
+                         {"type": "object", "properties": {"t": {"const": "b"}, "n": {"type": "integer"}},
+                          "required": ["t", "n"]}]}, ['{"t":"a"}', '{"t":"b","n":1}'], ['{"t":"b"}', '{"t":"c"}']),
+    "allOf": ({"allOf": [{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]},
+                         {"properties": {"a": {"minimum": 5}}}]}, ['{"a":5}'], ['{"a":4}', "{}"]),
+    "type list": ({"type": ["integer", "null"]}, ["1", "null"], ['"1"', "true"]),
+    "enum and const of any value": ({"enum": [{"a": [1, None]}, [True], "x", 2.5]}, ['{"a":[1,null]}', "[true]", '"x"', "2.5"],
+                                    ['{"a":[1]}', "2.50", '"y"']),
+    "$ref recursion": ({"$ref": "#/$defs/T", "$defs": {"T": {"type": "object", "properties": {
+        "c": {"type": "array", "items": {"$ref": "#/$defs/T"}}}, "additionalProperties": False}}},
+        ['{"c":[{"c":[{}]}]}'], ['{"c":[1]}']),
+    "annotations ignored": ({"type": "integer", "title": "T", "description": "d", "default": 1, "examples": [1],
+                             "deprecated": False, "readOnly": True, "writeOnly": False, "$schema": "x", "$id": "y"},
+                            ["1"], ['"1"']),
+}
+
+
+@pytest.mark.parametrize("case", list(KEYWORD_CASES))
+def test_each_keyword_is_enforced(case):
+    schema, good, bad = KEYWORD_CASES[case]
+    for text in good:
+        assert accepts(schema, text), text
+        assert not validation_errors(json.loads(text), schema), text   # the cases themselves are right
+    for text in bad:
+        assert not accepts(schema, text), text
+
+
+def random_outputs(schema: dict, rng: random.Random, count: int, steps: int = 150):
+    """Texts the automaton lets through, each a random walk then its closing text: what any sampler could write."""
+    alphabet = list('{}[],:" \n\t0123456789-.eE+\\@/_%~?#=&é٣\u00a0') + list(string.ascii_letters)
+    start = lem_serve.json_start(lem_serve.compile_schema(schema, schema, "x"))
+    for _ in range(count):
+        state, text = start, ""
+        for _ in range(rng.randrange(steps)):
+            if lem_serve.json_complete(state) and rng.random() < 0.1:
+                break
+            options = [ch for ch in alphabet if lem_serve.json_advance(state, ch)]
+            assert options or lem_serve.json_complete(state), f"dead end after {text!r}"
+            if not options:
+                break
+            ch = rng.choice(options)
+            state, text = lem_serve.json_advance(state, ch), text + ch
+        closing = lem_serve.json_closing_text(state)
+        assert closing is not None and lem_serve.json_complete(lem_serve.json_advance(state, closing)), text
+        yield text + closing
+
+
+@pytest.mark.parametrize("name", [*SCHEMAS, *KEYWORD_CASES])
+def test_every_walk_through_the_automaton_validates(name):
+    """Soundness without a model: random walks (whatever a sampler could pick) always close into valid JSON."""
+    schema = SCHEMAS[name] if name in SCHEMAS else KEYWORD_CASES[name][0]
+    for text in random_outputs(schema, random.Random(name), 12):
+        assert_valid(text, schema)
+
+
+@pytest.mark.parametrize("schema", [{"type": "string", "minLength": 3, "maxLength": 5000},
+                                    {"type": "string", "pattern": "^[a-z]+$", "maxLength": 5000}])
+def test_counted_strings_reuse_cached_masks(model, schema):
+    """A length or regex state is not a cold mask every character: 300 characters build a handful of masks."""
+    node = lem_serve.compile_schema(schema, schema, "x")
+    masks = lem_serve.JsonMasks(lem_serve.token_table(model.tokenizer), lem_serve.json_start(node))
+    state = lem_serve.json_advance(masks.start, '"')
+    for _ in range(300):
+        assert masks.allowed(state, model.vocab_size).any().item()
+        state = lem_serve.json_advance(state, "a")
+    assert len(masks.masks) <= 5 and len(masks.plains) <= 5
+
+
+@pytest.mark.parametrize("schema,words", [
+    ({"type": "object", "not": {}}, "'not'"),
+    ({"type": "object", "patternProperties": {"^a": {}}}, "'patternProperties'"),
+    ({"type": "string", "pattern": "^(?=a)"}, "lookaround"),
+    ({"type": "string", "pattern": "\\bword"}, "\\b"),
+    ({"type": "string", "pattern": "(a)\\1"}, "\\1"),
+    ({"type": "string", "pattern": "a^b"}, "'^'"),
+    ({"type": "string", "format": "uri-reference"}, "'uri-reference'"),
+    ({"type": "number", "multipleOf": 0.5}, "multipleOf"),
+    ({"type": "array", "items": {"type": "object"}, "uniqueItems": True}, "uniqueItems"),
+    ({"type": "integer", "minimum": 5, "maximum": 4}, "minimum"),
+    ({"type": "string", "minLength": 3, "maxLength": 2}, "maxLength"),
+    ({"enum": [1, 2], "type": "string"}, "enum"),
+    ({"$ref": "http://x/y"}, "$ref"),
+    ({"type": "object", "properties": {"a": {}}, "required": ["b"], "additionalProperties": False}, "'b'"),
+    ({"type": "decimal"}, "decimal"),
+])
+def test_unenforceable_schemas_are_400_naming_the_keyword(server, schema, words):
+    for field, body in (("response_format", {"response_format": schema_format(schema)}),
+                        ("tools", {"tools": [{"type": "function", "function": {"name": "f", "parameters": schema}}],
+                                   "tool_choice": "required"})):
+        reply = request(server, "POST", "/v1/chat/completions", body_for("chat", **body))
+        assert words in assert_openai_error(reply, 400, field)["message"]
 
 
 @pytest.mark.parametrize("response_format,words", [
     ({"type": "xml"}, "json_object"),
     ({"type": "json_schema"}, "json_schema"),
-    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "a+"}}}, "pattern"),
-    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "http://x/y"}}}, "$ref"),
-    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "required": ["a"]}}}, "'a'"),
-    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "decimal"}}}, "decimal"),
     ("json", "object"),
 ])
 def test_bad_response_format_is_400(server, response_format, words):
@@ -1092,7 +1247,7 @@ def test_forced_tool_call_round_trip(openai_client):
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
     (call,) = choice.message.tool_calls
     assert call.type == "function" and call.id and call.function.name == "add"
-    assert conforms(json.loads(call.function.arguments), ADD["function"]["parameters"])
+    assert_valid(call.function.arguments, ADD["function"]["parameters"])
     answer = openai_client.chat.completions.create(
         model="tiny", tools=[WEATHER, ADD], max_tokens=5,
         messages=ASK_WEATHER + [choice.message.model_dump(exclude_none=True),
@@ -1109,7 +1264,7 @@ def test_required_tool_call_streams_as_delta_tool_calls(openai_client):
         calls = [c for chunk in chunks if chunk.choices for c in chunk.choices[0].delta.tool_calls or []]
         assert len(calls) == 1 and calls[0].index == 0 and calls[0].function.name in ("get_weather", "add")
         schema = (WEATHER if calls[0].function.name == "get_weather" else ADD)["function"]["parameters"]
-        assert conforms(json.loads(calls[0].function.arguments), schema)
+        assert_valid(calls[0].function.arguments, schema)
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
         assert not "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 
@@ -2484,6 +2639,42 @@ def test_smollm2_answers_paris_and_stops_on_its_own(smollm2_server):
     assert text == "".join(step.text for step in steps)
     assert steps[-1].finish_reason == "stop"
     assert reply.usage.completion_tokens == steps[-1].generation_tokens  # the end-of-sequence token counted
+
+
+# Prompts asking for JSON, each with the schema a client would send beside it.
+SMOLLM2_JSON = [
+    ("Describe a person as JSON with name, age, city and tags.",
+     {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}, "city": {"type": "string"},
+                                       "tags": {"type": "array", "items": {"type": "string"}}},
+      "required": ["name", "age", "city", "tags"]}),
+    ("Give the book 1984 as JSON with title, author and year.",
+     {"type": "object", "properties": {"title": {"type": "string", "maxLength": 80}, "author": {"type": "string"},
+                                       "year": {"type": "integer", "minimum": 1000, "maximum": 2100}},
+      "required": ["title", "author", "year"], "additionalProperties": False}),
+    ("Give the movie Titanic as JSON with title, director and year.",
+     {"type": "object", "properties": {"title": {"type": "string"}, "director": {"type": "string", "minLength": 1},
+                                       "year": {"type": "integer", "minimum": 1888}},
+      "required": ["title", "director", "year"]}),
+]
+
+
+def test_smollm2_constraint_keeps_the_models_answer(smollm2_server):
+    """Greedy, the constrained answer validates and says what the free answer says.
+
+    Every plain value of the constrained answer whose key the free answer also
+    writes must appear there as it is (the schema may ask for a field the free
+    answer left out, which the model then has to add).
+    """
+    for prompt, schema in SMOLLM2_JSON:
+        body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 64, "temperature": 0}
+        free = post(smollm2_server, "chat", **body)["choices"][0]["message"]["content"]
+        bound = post(smollm2_server, "chat", response_format=schema_format(schema), **body)["choices"][0]
+        assert bound["finish_reason"] == "stop", bound
+        assert_valid(bound["message"]["content"], schema)
+        value = json.loads(bound["message"]["content"])
+        shared = [k for k, v in value.items() if not isinstance(v, (list, dict)) and json.dumps(k) in free]
+        assert len(shared) >= 2, (free, bound)
+        assert all(json.dumps(value[k], ensure_ascii=False) in free for k in shared), (free, bound)
 
 
 def test_smollm2_completion_keeps_the_space_before_paris(smollm2_server):

@@ -28,7 +28,13 @@ the same max_tokens; prompts go through the model's chat template):
    message: a real follow-up).  lem-serve runs with ``--max-context 0`` (its
    sliding window would otherwise drop the history) and its default prompt
    cache; mlx_lm.server with its default prompt cache.
-4. Agent-shaped turns (``--agent``): what Claude Code and Codex send every
+4. Structured output (lem-serve alone, SmolLM2 and tiny): the same chat
+   prompt with and without ``response_format`` json_schema for a
+   Pydantic-shaped schema (testing/schemas.py's Person), greedy; decode tok/s
+   of each, interleaved, and their ratio (target >= 0.80).  "first-request
+   cost" is how much longer the first constrained request takes than the
+   median warm one (same greedy tokens): building the token table and masks.
+5. Agent-shaped turns (``--agent``): what Claude Code and Codex send every
    turn, a ~20,000-token prefix of instructions and tool definitions, then a
    short task; TTFT of turn 1 "cold" and of turn 2 (the same prefix, the
    answer and a new message) "cached", lem-serve against mlx_lm.server on the
@@ -43,6 +49,7 @@ Run it (from the repository root, venv active):
     python bench/bench.py --model small    # one model: tiny, small or a folder
     python bench/bench.py --smollm2        # also the real SmolLM2-135M (4-bit)
     python bench/bench.py --agent          # only the agent-shaped case, ~10 min on 2 cores
+    python bench/bench.py --structured smollm2   # only test 4, on one model; publishes nothing
 
 The random-weight test models are built once into bench/results/models/.
 Results go to bench/results/ (bench.json, bench.md, bench.png, server logs)
@@ -113,21 +120,23 @@ class Plan:
     history_tokens: int = 2000           # multi-turn history length; 0 skips the test
     cache_reps: int = 3                  # fresh conversations in the cache test
     cache_tokens: int = 16               # max_tokens of each turn in the cache test
+    structured_reps: int = 0             # repetitions of the structured-output test; 0 skips it
+    structured_tokens: int = 256         # max_tokens there (room for the model's own answer)
 
 
 PLANS = {
     # tiny generates ~1,000 tok/s, so a request lasts well under a second:
     # many repetitions to get a median through the noise.
-    "tiny": Plan(single_reps=10, conc_rounds=3),
+    "tiny": Plan(single_reps=10, conc_rounds=3, structured_reps=5),
     # Prompt processing on this CPU runs at ~15-40 tokens/s for "small", so
     # its prompts and histories are kept short to fit the time budget.
     "small": Plan(single_tokens=128, single_reps=5, conc_tokens=64, conc_rounds=2,
                   history_tokens=300, cache_reps=2, cache_tokens=8),
     # The real model: ~7 tok/s here and ~12 prompt tokens/s, so a short row.
     "smollm2": Plan(single_tokens=48, single_reps=3, levels=(4,), conc_tokens=24,
-                    conc_rounds=2, history_tokens=0, cache_reps=0),
+                    conc_rounds=2, history_tokens=0, cache_reps=0, structured_reps=3),
 }
-QUICK = dict(single_tokens=64, single_reps=3, levels=(1, 4), conc_tokens=16, conc_rounds=1,
+QUICK = dict(single_tokens=64, single_reps=3, levels=(1, 4), conc_tokens=16, conc_rounds=1, structured_reps=2,
              history_tokens=1000, cache_reps=1, cache_tokens=8)
 
 
@@ -331,11 +340,10 @@ class Sample:
         return self.tokens / (self.end - self.sent) if self.end and self.tokens else None
 
 
-def stream_chat(port: int, messages: list[dict], max_tokens: int, tools: list[dict] | None = None) -> Sample:
-    """POST a streaming chat completion (with `tools`, when given) and time its chunks."""
+def stream_chat(port: int, messages: list[dict], max_tokens: int, **fields) -> Sample:
+    """POST a streaming chat completion (with `fields` added) and time its chunks."""
     body = json.dumps({"messages": messages, "max_tokens": max_tokens, "temperature": 0.0,
-                       "stream": True, "stream_options": {"include_usage": True},
-                       **({"tools": tools} if tools else {})})
+                       "stream": True, "stream_options": {"include_usage": True}, **fields})
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=REQUEST_TIMEOUT)
     sample = Sample(sent=time.perf_counter())
     try:
@@ -555,8 +563,8 @@ def story_prompt(i: int) -> list[dict]:
 class Runner:
     """Runs the tests for one model against its two servers and the raw model."""
 
-    def __init__(self, plan: Plan, raw: RawWorker, ports: dict[str, int]):
-        self.plan, self.raw, self.ports = plan, raw, ports
+    def __init__(self, plan: Plan, raw: RawWorker, ports: dict[str, int], path: Path):
+        self.plan, self.raw, self.ports, self.path = plan, raw, ports, path
 
     def one(self, system: str, messages: list[dict], max_tokens: int) -> Sample:
         """One single-stream generation on `system`."""
@@ -635,11 +643,91 @@ class Runner:
 def two_turns(port: int, first_turn: list[dict], next_message: str, max_tokens: int,
               tools: list[dict] | None = None) -> dict:
     """Turn 1 (cold), then turn 2: turn 1, its answer and `next_message` (its prefix cached)."""
-    cold = stream_chat(port, first_turn, max_tokens, tools)
+    fields = {"tools": tools} if tools else {}
+    cold = stream_chat(port, first_turn, max_tokens, **fields)
     second_turn = first_turn + [{"role": "assistant", "content": cold.text}, {"role": "user", "content": next_message}]
-    cached = stream_chat(port, second_turn, max_tokens, tools)
+    cached = stream_chat(port, second_turn, max_tokens, **fields)
     return {"cold_ttft": cold.ttft, "cached_ttft": cached.ttft, "prompt_tokens": cached.prompt_tokens,
             "cached_tokens": cached.cached_tokens, "error": cold.error or cached.error}
+
+
+    def structured(self) -> dict:
+        """Test 4: the same prompt constrained by a Pydantic-shaped schema and not, on lem-serve."""
+        return structured_test(self.ports[LEM], self.plan) | {"mask_cost": mask_cost(self.path)}
+
+
+STRUCTURED_PROMPT = [{"role": "user", "content": "Describe a person as JSON: id, name, email, age, birth date, "
+                      "last update, wake-up time, role, tags, address, two scores and a lucky number."}]
+
+
+def person_schema() -> dict:
+    """testing/schemas.py's Person: what Pydantic's model_json_schema() writes for a typical model."""
+    sys.path.insert(0, str(ROOT))
+    from testing.schemas import PYDANTIC
+    return PYDANTIC["person"]
+
+
+PERSON_ANSWER = {"id": "123e4567-e89b-12d3-a456-426614174000", "name": "John Smith", "email": "john.smith@example.com",
+                 "age": 42, "height_m": 1.82, "born": "1981-04-12", "updated": "2024-05-06T07:08:09Z",
+                 "wake_up": "07:30:00Z", "role": "user", "tags": ["friendly", "tall"],
+                 "address": {"street": "1 Main Street", "city": "Springfield", "postcode": "12345", "country": "US"},
+                 "scores": [3, 4.5], "lucky": 21}
+
+
+def mask_cost(model_path: Path) -> dict:
+    """What the constraint itself costs, model aside: lem_serve's JsonConstraint stepped over a pretty-printed
+    Person answer in this process, once cold (token table, then every mask built) and once warm (cached)."""
+    sys.path.insert(0, str(ROOT))
+    import mlx.core as mx
+    import lem_serve
+    from mlx_lm.tokenizer_utils import load
+    tokenizer = load(model_path)
+    started = time.perf_counter()
+    table = lem_serve.token_table(tokenizer)
+    out = {"token_table_s": time.perf_counter() - started}
+    constraint = lem_serve.parse_response_format({"type": "json_schema",
+                                                  "json_schema": {"name": "person", "schema": person_schema()}})
+    ids = tokenizer.encode(json.dumps(PERSON_ANSWER, indent=2), add_special_tokens=False) + table.eos[:1]
+    model = lem_serve.Model(None, tokenizer, None, table.size)
+    for run in ("cold", "warm"):
+        processor = lem_serve.json_constraint(constraint, model, 10 * len(ids))
+        logits, steps = mx.zeros((1, table.size)), []
+        for previous, token in zip([0] + ids, ids):
+            begun = time.perf_counter()
+            masked = processor(mx.array([previous]), logits)
+            mx.eval(masked)
+            steps.append(time.perf_counter() - begun)
+            if masked[0, token].item() != 0:
+                raise RuntimeError(f"the constraint refused {tokenizer.decode([token])!r}")
+        out[run] = {"steps": len(steps), "total_s": sum(steps), "median_ms": 1000 * median(steps)}
+    out["states"] = len(processor.masks.masks)
+    return out
+
+
+def structured_test(port: int, plan: Plan) -> dict:
+    """Constrained vs unconstrained decode tok/s, interleaved, and the first constrained request's extra cost."""
+    tokens = plan.structured_tokens
+    constrained = {"response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": person_schema()}}}
+    first = stream_chat(port, STRUCTURED_PROMPT, tokens, **constrained)
+    rows = []
+    for rep in range(plan.structured_reps):
+        pair = {}
+        for kind in rotated(("constrained", "unconstrained"), rep):
+            pair[kind] = stream_chat(port, STRUCTURED_PROMPT, tokens, **(constrained if kind == "constrained" else {}))
+        rows.append({k: summary(v) | {"text": v.text} for k, v in pair.items()})
+        progress(f"  structured rep {rep + 1}: " + ", ".join(
+            f"{k} {fmt(v.decode_tps)} tok/s ({v.tokens} tok)" for k, v in pair.items()))
+    warm = [r["constrained"] for r in rows if r["constrained"]["tokens"] == first.tokens]
+    warm_time = median([r["ttft"] + (r["tokens"] - 1) / r["decode_tps"] for r in warm if r["decode_tps"]])
+    first_time = first.end - first.sent if first.end else None
+    out = {kind: {"decode_tps": median([r[kind]["decode_tps"] for r in rows]),
+                  "tokens": median([r[kind]["tokens"] for r in rows]), "text": rows[-1][kind]["text"] if rows else ""}
+           for kind in ("constrained", "unconstrained")}
+    out["ratio"] = median([ratio(r["constrained"]["decode_tps"], r["unconstrained"]["decode_tps"]) for r in rows])
+    out["first_request_s"] = first_time
+    out["first_request_extra_s"] = None if warm_time is None or first_time is None else first_time - warm_time
+    out["reps"] = rows
+    return out
 
 
 def build_history(count, target_tokens: int, tag: str) -> list[dict]:
@@ -716,13 +804,15 @@ def bench_model(name: str, plan: Plan) -> dict:
     try:
         for process in (*servers, raw):  # one at a time, so loading does not slow the others' start
             process.start()
-        runner = Runner(plan, raw, {s.name: s.port for s in servers})
+        runner = Runner(plan, raw, {s.name: s.port for s in servers}, path)
         progress("  warming up ...")
         runner.warm_up()
         timed(result, "single", runner.single_stream)
         timed(result, "concurrency", runner.concurrency)
         if plan.history_tokens:
             timed(result, "prompt_cache", runner.prompt_cache)
+        if plan.structured_reps:
+            timed(result, "structured", runner.structured)
     finally:
         for process in (*servers, raw):
             process.stop()
@@ -904,6 +994,8 @@ def markdown_model(result: dict) -> list[str]:
         lines += ["", f"Multi-turn prompt cache: a {cache['history_tokens']}-token history + a new message, "
                   "then the follow-up (history + answer + new message); TTFT medians. "
                   "lem-serve runs with `--max-context 0`.", "", *cache_table(cache, ("cold", "follow-up"))]
+    if "structured" in result:
+        lines += [""] + markdown_structured(result)
     return lines + [""]
 
 
@@ -916,6 +1008,30 @@ def cache_table(cache: dict, turns: tuple[str, str]) -> list[str]:
         lines.append(f"| {s} | {fmt_ms(c['cold_ttft'])} | {fmt_ms(c['cached_ttft'])} | "
                      f"{fmt_ratio(c['speedup'])} | {fmt(c['cached_tokens'], 0)} / {fmt(c['prompt_tokens'], 0)} |")
     return lines
+
+
+def markdown_structured(result: dict) -> list[str]:
+    """The structured-output row of one model."""
+    st = result["structured"]
+    c, u = st["constrained"], st["unconstrained"]
+    return [f"Structured output (lem-serve, greedy, {len(st['reps'])} interleaved repetitions, a Pydantic-shaped "
+            "schema: testing/schemas.py's Person):", "",
+            "| | decode tok/s | tokens |", "|---|---:|---:|",
+            f"| unconstrained | {fmt(u['decode_tps'])} | {fmt(u['tokens'], 0)} |",
+            f"| `response_format` json_schema | {fmt(c['decode_tps'])} | {fmt(c['tokens'], 0)} |", "",
+            f"**constrained/unconstrained: {fmt_ratio(st['ratio'])}** (target >= 0.80). The first constrained request "
+            f"took {fmt(st['first_request_s'])} s, {fmt(st['first_request_extra_s'])} s more than a warm one with the "
+            "same tokens (under load this is within the noise)."] + markdown_mask_cost(st.get("mask_cost"))
+
+
+def markdown_mask_cost(cost: dict | None) -> list[str]:
+    if not cost:
+        return []
+    cold, warm = cost["cold"], cost["warm"]
+    return ["", f"The constraint alone, stepped over a {cold['steps']}-token pretty-printed Person in the benchmark's "
+            f"process: token table {fmt(cost['token_table_s'], 2)} s once per model; first request (every mask built, "
+            f"{cost['states']} states) {fmt(cold['total_s'], 2)} s, median {fmt(cold['median_ms'], 2)} ms a token; "
+            f"warm {fmt(warm['total_s'], 2)} s, median {fmt(warm['median_ms'], 2)} ms a token."]
 
 
 def chart(report: dict, out: Path) -> None:
@@ -988,6 +1104,9 @@ def print_ratios(report: dict) -> None:
             cache = result["prompt_cache"]
             print(f"    prompt cache   cold/follow-up TTFT: lem {fmt_ratio(cache[LEM]['speedup'])}, "
                   f"mlx_lm.server {fmt_ratio(cache[MLX_SERVER]['speedup'])}")
+        if "structured" in result:
+            print(f"    structured     constrained/unconstrained {fmt_ratio(result['structured']['ratio'])}   "
+                  f"target >= 0.80; first request +{fmt(result['structured']['first_request_extra_s'])} s")
     print("=" * 78)
 
 
@@ -1022,6 +1141,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="a ~2-minute smoke run")
     p.add_argument("--agent", action="store_true",
                    help="only the agent-shaped case (a 20k-token prefix, two turns); writes bench/RESULTS-agent.md")
+    p.add_argument("--structured", metavar="MODEL", help="only the structured-output test on MODEL (lem-serve alone)")
     p.add_argument("--raw-worker", metavar="MODEL", help=argparse.SUPPRESS)  # internal: see raw_worker()
     return p.parse_args(argv)
 
@@ -1035,6 +1155,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.agent:
         return run_agent_case(args, argv)
+    if args.structured:
+        return structured_only(args.structured, args.quick)
     names = args.model or ["tiny", "small"]
     if args.smollm2:
         names.append("smollm2")
@@ -1070,6 +1192,25 @@ def run_agent_case(args: argparse.Namespace, argv: list[str] | None) -> int:
     if not args.quick:
         (ROOT / "bench" / "RESULTS-agent.md").write_text(text)
     print("\n" + text)
+    return 0
+
+
+def structured_only(name: str, quick: bool) -> int:
+    """Run test 4 alone on one model; print it and write bench/results/structured.json (nothing published)."""
+    path, plan = prepare_model(name), plan_for(name, quick)
+    plan = plan if plan.structured_reps else replace(plan, structured_reps=3)
+    server = lem_server(path, re.sub(r"[^\w.-]", "_", name), 1)
+    try:
+        server.start()
+        stream_chat(server.port, story_prompt(90_000), 8)  # load and compile before anything is timed
+        result = {"model": model_label(name, path),
+                  "structured": structured_test(server.port, plan) | {"mask_cost": mask_cost(path)}}
+    finally:
+        server.stop()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "structured.json").write_text(json.dumps({"env": environment() | {"loadavg_end": os.getloadavg()},
+                                                          **result}, indent=2, default=str) + "\n")
+    print("\n".join(markdown_structured(result)))
     return 0
 
 

@@ -147,6 +147,47 @@ MUTATIONS = [
              (("        self.exit(2, f\"{self.prog}: error:", "        self.print_usage(sys.stderr)\n"
                                                           "        self.exit(2, f\"{self.prog}: error:"),),
              ("test_bad_command_lines_exit_2_with_one_line",)),
+    # Issue 14: structured output.
+    Mutation("json-mask-cache-by-count", "a string's mask is cached under its exact length, so every character "
+             "of a bounded string is a cold mask",
+             (("min(count, self.min_len), min(room, reach + len(self.regex.edges)), escape", "count, room, escape"),),
+             ("test_counted_strings_reuse_cached_masks",)),
+    Mutation("json-unique-literals-repeat", "an enum item of a uniqueItems array may repeat one already written",
+             (("        if any(t.startswith(typed) and (ex is None or t not in ex[0]) for t in self.texts):",
+               "        if any(t.startswith(typed) for t in self.texts):"),
+              ("        return typed in self.texts and (ex is None or typed not in ex[0])",
+               "        return typed in self.texts")),
+             ("test_each_keyword_is_enforced",)),
+    Mutation("json-bounds-feasibility-off", "a bounded number's prefixes are not checked against the bounds",
+             (("        low = max(low, self.low) if self.low is not None else low", "        low = low"),),
+             ("test_every_walk_through_the_automaton_validates",)),
+    Mutation("json-whitespace-unbounded", "whitespace between JSON tokens is not bounded",
+             (("JSON_MAX_WHITESPACE = 24 ", "JSON_MAX_WHITESPACE = 99 "),),
+             ("test_json_automaton_accepts_exactly_the_schema",)),
+    Mutation("json-no-closing", "the constraint never closes the JSON before max_tokens runs out",
+             (("            self.closings[key] = None if text is None else self._spell(text)",
+               "            self.closings[key] = None"),),
+             ("test_json_schema_closes_in_time_or_says_length", "test_too_few_tokens_end_with_length_never_invalid")),
+    Mutation("json-closing-too-late", "closing starts when the current closing text just fits, so one token that "
+             "commits to a large value leaves too few tokens",
+             (("len(plan) + 1 + self.masks.slack >= self.left", "len(plan) + 1 >= self.left"),),
+             ("test_pydantic_and_zod_schemas_always_validate",)),
+    Mutation("json-max-length-ignored", "maxLength is not enforced", (("        self.limit = math.inf if max_len is None "
+             "else max_len", "        self.limit = math.inf"),), ("test_pydantic_and_zod_schemas_always_validate",)),
+    Mutation("json-formats-ignored", "format is an annotation: any string", (("            return String(regex_for("
+             "FORMATS[form], False) if form in FORMATS else ANY_TEXT, low, high)", "            return String(ANY_TEXT, "
+             "low, high)"),), ("test_pydantic_and_zod_schemas_always_validate",)),
+    Mutation("json-extra-keys-repeat-declared", "an extra key may repeat a declared property's name",
+             (("(frozenset(self.keys) | seen, self.tracks), '\"'))", "None, None))"),),
+             ("test_each_keyword_is_enforced",)),
+    Mutation("json-anyof-first-only", "anyOf keeps only its first alternative",
+             (("        return [o for alt in node.alternatives for o in alt.begin(ch, ex)]",
+               "        return [o for alt in node.alternatives[:1] for o in alt.begin(ch, ex)]"),),
+             ("test_each_keyword_is_enforced",)),
+    Mutation("json-single-space-only", "between JSON tokens only one space, as before issue 14: SmolLM2 writes "
+             "other content", (('JSON_WHITESPACE = " \\t\\n\\r"', 'JSON_WHITESPACE = " "'),
+                               ("JSON_MAX_WHITESPACE = 24 ", "JSON_MAX_WHITESPACE = 1 ")),
+             ("test_smollm2_constraint_keeps_the_models_answer",)),
     # The agents' dialects (issue 12).
     Mutation("anthropic-errors-in-openai-envelope", "errors on /v1/messages come in OpenAI's envelope",
              (("return error.anthropic_body() if anthropic else error.body()", "return error.body()"),),
