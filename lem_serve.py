@@ -51,8 +51,10 @@ import json
 import logging
 import math
 import os
+import pickle
 import queue
 import re
+import secrets
 import select
 import signal
 import socket
@@ -102,6 +104,8 @@ POLL_SECONDS = 0.05               # how often a waiting handler checks its clien
 KEEPALIVE_SECONDS = 5.0           # silence on a stream before an SSE comment is sent to keep proxies open
 SHUTDOWN_GRACE_SECONDS = 30.0     # on SIGINT/SIGTERM, how long in-flight requests get to finish
 PREFILL_STEP_TOKENS = 2048        # prompt tokens per forward pass; cancellation is checked between passes
+HEARTBEAT_SECONDS = 1.0           # sharded: an idle rank 0 tells the other ranks it is alive this often; > 0
+LIFELINE_SECONDS = 10.0           # sharded: how long the ranks may take to connect their lifelines at start
 RETRY_AFTER_SECONDS = 1           # Retry-After sent with 429
 HEADER_TIMEOUT = 10.0             # seconds from waiting for a request to having its headers; then the connection is dropped
 BODY_TIMEOUT = 60.0               # seconds a request body may take to arrive in full; slower gets 408
@@ -137,6 +141,7 @@ class Settings:
     prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES
     log_level: str = DEFAULT_LOG_LEVEL
     allowed_origins: tuple[str, ...] = ()  # browser origins served cross-origin; "*" = any
+    pipeline: bool = False                 # sharded: split the model's layers over the ranks, not each layer
 
     @property
     def is_loopback(self) -> bool:
@@ -217,6 +222,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--allowed-origins", default=DEFAULT_ALLOWED_ORIGINS,
                    help="comma-separated browser origins (e.g. http://localhost:3000) allowed to call this server "
                         "cross-origin, or * for any; default: none (cross-origin browser requests get 403)")
+    p.add_argument("--pipeline", action="store_true",
+                   help="under mlx.launch: shard the model by layers (pipeline parallel) instead of within each layer")
     return p
 
 
@@ -235,6 +242,7 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         max_tokens=args.max_tokens, timeout=float(args.timeout), max_requests=args.max_requests,
         max_context=args.max_context, api_key=args.api_key, model_name=model_name,
         prompt_cache_bytes=args.prompt_cache_bytes, log_level=args.log_level, allowed_origins=origins,
+        pipeline=args.pipeline,
     )
 
 
@@ -517,6 +525,11 @@ def sampling_fields(body: dict) -> dict:
             "logit_bias": tuple(sorted((int(k), float(v)) for k, v in bias.items()))}
 
 
+def chat_role(role: str) -> str:
+    """A message's role as the chat template takes it: OpenAI's "developer" is the system role."""
+    return "system" if role == "developer" else role
+
+
 def parse_message(message: Any, index: int) -> dict:
     """Normalise one chat message to {"role", "content"[, "name", ...]}."""
     param = f"messages[{index}]"
@@ -525,7 +538,7 @@ def parse_message(message: Any, index: int) -> dict:
     role = message.get("role")
     if role not in CHAT_ROLES:
         raise invalid(f"{param}.role must be one of {', '.join(CHAT_ROLES)}, got {json.dumps(role)}", f"{param}.role")
-    normal = {"role": "system" if role == "developer" else role,
+    normal = {"role": chat_role(role),
               "content": parse_content(message.get("content"), f"{param}.content",
                                        optional=role == "assistant" and bool(message.get("tool_calls")))}
     for key in ("name", "tool_call_id"):
@@ -813,6 +826,14 @@ class Regex:
         self.reps = self._representatives()
         if self.shortest(self.start) is None:
             raise ValueError("the pattern matches nothing")
+
+    def __getstate__(self) -> dict:
+        # Sharded, a request's constraint travels pickled to the other ranks (see GroupLink):
+        # the lock stays behind and the caches (moves, tails) are rebuilt there as needed.
+        return {**self.__dict__, "lock": None, "moves": {}, "tails": {}}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, lock=threading.Lock())
 
     def _new(self) -> int:
         if len(self.edges) >= REGEX_MAX_STATES:
@@ -2030,17 +2051,17 @@ def chat_window(messages: tuple[dict, ...], keep: int) -> tuple[tuple[dict, ...]
 
 BLOCK_SEPARATOR = "\n"   # between the text blocks of one Anthropic message or Responses item: separate units
 
-MESSAGES_CHECKS = (
-    Check("model", (str,), "a string"),
-    Check("max_tokens", (int,), "an integer >= 1", lambda v: v >= 1),
+def common_checks(*fields: str) -> tuple[Check, ...]:
+    """The rows of COMMON_CHECKS for these fields: a field the dialects share means the same there."""
+    return tuple(check for check in COMMON_CHECKS if check.field in fields)
+
+
+MESSAGES_CHECKS = common_checks("model", "stream", "max_tokens", "top_p", "top_k") + (
     Check("messages", (list,), "a non-empty list of messages", lambda v: len(v) > 0),
     Check("system", (str, list), "a string or a list of text blocks"),
     Check("stop_sequences", (list,), f"a list of up to {MAX_STOP_STRINGS} non-empty strings",
           lambda v: not v or _is_stop(v)),
-    Check("temperature", (int, float), "a number between 0 and 1", lambda v: 0 <= v <= 1),
-    Check("top_p", (int, float), "a number between 0 and 1", lambda v: 0 <= v <= 1),
-    Check("top_k", (int,), "an integer >= 0 (0 = no limit)", lambda v: v >= 0),
-    Check("stream", (bool,), "a boolean"),
+    Check("temperature", (int, float), "a number between 0 and 1", lambda v: 0 <= v <= 1),  # Anthropic's range
     Check("tools", (list,), 'a list of {"name": ..., "input_schema": {...}} objects'),
     Check("tool_choice", (dict,), '{"type": "auto"}, {"type": "any"}, {"type": "tool", "name": ...} or {"type": "none"}'),
 )
@@ -2172,15 +2193,11 @@ def dialect_tools(tools: list, schema_field: str, served: Callable[[dict], bool]
     return out
 
 
-RESPONSES_CHECKS = (
-    Check("model", (str,), "a string"),
+RESPONSES_CHECKS = common_checks("model", "stream", "temperature", "top_p") + (
     Check("input", (str, list), "a string or a non-empty list of input items",
           lambda v: isinstance(v, str) or len(v) > 0),
     Check("instructions", (str,), "a string"),
     Check("max_output_tokens", (int,), "an integer >= 1", lambda v: v >= 1),
-    Check("temperature", (int, float), "a number between 0 and 2", lambda v: 0 <= v <= 2),
-    Check("top_p", (int, float), "a number between 0 and 1", lambda v: 0 <= v <= 1),
-    Check("stream", (bool,), "a boolean"),
     Check("tools", (list,), 'a list of tools such as {"type": "function", "name": ..., "parameters": {...}}'),
     Check("tool_choice", (str, dict), '"none", "auto", "required" or {"type": "function", "name": ...}'),
     Check("parallel_tool_calls", (bool,), "a boolean"),
@@ -2250,7 +2267,7 @@ def responses_message(item: dict, param: str) -> dict:
                       f"{param}.role")
     content = parse_content(item.get("content"), f"{param}.content", text_types=RESPONSES_TEXT_PARTS,
                             separator=BLOCK_SEPARATOR)
-    return {"role": "system" if role == "developer" else role, "content": content}
+    return {"role": chat_role(role), "content": content}
 
 
 def responses_call_output(item: dict, param: str) -> dict:
@@ -2301,13 +2318,37 @@ class Model:
     token_bytes: list[bytes] | None = None  # each token id's own bytes (token_bytes_of); None: decode instead
 
 
-def load_model(settings: Settings) -> Model:
-    """Load the model named by settings.model_path (raises on failure)."""
+def load_model(settings: Settings, group: Any = None) -> Model:
+    """Load the model named by settings.model_path (raises on failure).
+
+    In an mlx.launch group (`group`, see join_group) each rank loads only its
+    shard with mlx_lm's sharded_load: tensor parallel (every layer split over
+    the ranks), or pipeline parallel (the layers divided among them) with
+    settings.pipeline, where the model's mlx_lm code supports it.
+    """
     apply_thread_cap(settings.threads)
-    import mlx_lm
-    model, tokenizer, config = mlx_lm.load(settings.model_path, return_config=True)
+    if group is None:
+        import mlx_lm
+        model, tokenizer, config = mlx_lm.load(settings.model_path, return_config=True)
+    else:
+        from mlx_lm.utils import sharded_load
+        model, tokenizer, config = sharded_load(
+            settings.model_path, pipeline_group=group if settings.pipeline else None,
+            tensor_group=None if settings.pipeline else group, return_config=True,
+            tokenizer_config={"trust_remote_code": False})
     return Model(model, tokenizer, context_length_of(config), vocab_size_of(model, tokenizer),
                  token_bytes_of(tokenizer))
+
+
+def join_group(settings: Settings) -> Any:
+    """This process's mx.distributed group when mlx.launch started several; None when it runs alone.
+
+    Call before anything else imports MLX (it honours --threads first).
+    """
+    apply_thread_cap(settings.threads)
+    import mlx.core as mx
+    group = mx.distributed.init()
+    return group if group.size() > 1 else None
 
 
 def vocab_size_of(model: Any, tokenizer: Any) -> int:
@@ -2992,16 +3033,17 @@ class PromptCache:
     """KV caches of finished requests, reused for prompts that share a prefix.
 
     A thin layer over mlx_lm's LRUPromptCache (a token trie, least recently
-    used first out, bounded in bytes) that adds the hit/miss counters and
-    guarantees at least one prompt token is left to run through the model.
-    Only the engine thread calls it.
+    used first out) that adds the hit/miss counters, holds it to its byte
+    budget and guarantees at least one prompt token is left to run through
+    the model. Only the engine thread calls it.
     """
 
     KEY = "model"   # LRUPromptCache keys entries by model; this server has one
 
     def __init__(self, max_bytes: int):
         from mlx_lm.models.cache import LRUPromptCache
-        self.lru = LRUPromptCache(max_size=PROMPT_CACHE_MAX_ENTRIES, max_bytes=max_bytes)
+        # No byte limit inside: store() applies it, so that a group's other ranks can follow rank 0's count.
+        self.lru = LRUPromptCache(max_size=PROMPT_CACHE_MAX_ENTRIES)
         self.max_bytes = max_bytes
         self.hits = self.misses = 0
 
@@ -3020,16 +3062,321 @@ class PromptCache:
         self.misses += cached == 0
         return (cache if cached else None), cached
 
-    def store(self, tokens: list[int], cache: list, in_use_bytes: int) -> None:
-        """Keep `cache` (the KV of `tokens`) within the byte budget left by running requests."""
-        if not tokens or not cache:
-            return
+    def store(self, tokens: list[int], cache: list, in_use_bytes: int = 0, entries: int | None = None) -> int:
+        """Keep `cache` (the KV of `tokens`); return how many entries the cache holds now.
+
+        Alone and on rank 0 the cache is trimmed to the byte budget left by
+        running requests. A group's other ranks pass `entries`, rank 0's count
+        after the same store, and trim to that: evicting least recently used
+        first, they drop exactly what rank 0 dropped, even where their shard's
+        caches differ in size from rank 0's (pipeline stages hold different
+        numbers of layers).
+        """
         self.lru.insert_cache(self.KEY, list(tokens), cache)
-        self.lru.trim_to(n_bytes=self.max_bytes - in_use_bytes)
+        if entries is None:
+            self.lru.trim_to(n_bytes=self.max_bytes - in_use_bytes)
+        else:
+            self.lru.trim_to(n_sequences=entries)
+        return len(self.lru)
 
     def stats(self) -> dict:
         return {"prompt_cache_entries": len(self.lru), "prompt_cache_bytes": self.lru.nbytes,
                 "prompt_cache_hits": self.hits, "prompt_cache_misses": self.misses}
+
+
+# -- one model over several machines ---------------------------------------------
+#
+# Under mlx.launch every rank holds a shard of the model, and every model call
+# is a collective: all ranks must run the same BatchGenerator steps on the same
+# sequences. Rank 0, which alone speaks HTTP, runs each change to its batch
+# and records it as an op; before each step it sends the ops to the other
+# ranks, which replay them in the same order. One process runs the same code
+# with nothing to send.
+
+@dataclass(frozen=True)
+class Insert:
+    """Op: start sequence `uid` on `prompt`, its first `cached` tokens from the prompt cache."""
+
+    uid: int
+    prompt: list[int]
+    cached: int
+    max_tokens: int
+    request: GenerationRequest   # the sampling settings; rank 0 has filled in the seed
+
+
+@dataclass(frozen=True)
+class Remove:
+    """Op: drop sequences before they finished (stop string, cancelled, timed out, client gone)."""
+
+    uids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Keep:
+    """Op: put the KV cache sequence `uid` left behind into the prompt cache, which then holds `entries`."""
+
+    uid: int
+    entries: int
+
+
+class GroupFailure(RuntimeError):
+    """The ranks of a group can no longer run in step: one died, stalled or diverged."""
+
+
+class GroupLink:
+    """Rank 0's channel to the other ranks of an mlx.launch group, over mx.distributed.
+
+    Every rank calls `share` once per engine loop, on the stream the model's
+    own collectives use, so both stay in one order. Rank 0 sends the ops it
+    ran since the last call, its flags (STEP: one batch step follows;
+    SHUTDOWN: the group stops) and a check of the tokens its last step
+    sampled; the others receive them and, in the same collective, tell rank
+    0 whether a signal asked them to stop. It is all_sum throughout, the
+    others adding zeros: a header of four int32 (payload bytes, flags, stop
+    votes, token check), then the pickled ops when there are any, so a step
+    in which nothing changed costs one all_sum of 16 bytes. The ranks trust
+    each other: their link must be private (Thunderbolt, a private network),
+    as mx.distributed's own traffic must be.
+    """
+
+    STEP, SHUTDOWN = 1, 2
+
+    def __init__(self, group: Any):
+        self.group = group
+        self.rank, self.size = group.rank(), group.size()
+        self.stop_voted = False   # not rank 0: a signal asked this rank to stop
+
+    def share(self, ops: list, flags: int, check: int, stream: Any) -> tuple[list, int, int, int]:
+        """(ops, flags, token check) as rank 0 sent them, with how many other ranks vote to stop."""
+        import mlx.core as mx
+        leader = self.rank == 0
+        payload = pickle.dumps(ops, protocol=pickle.HIGHEST_PROTOCOL) if leader and ops else b""
+        if len(payload) >= 2**31:
+            raise GroupFailure(f"one step's changes take {len(payload)} bytes, over the 2 GiB a step can send")
+        header = [len(payload), flags, 0, check] if leader else [0, 0, int(self.stop_voted), 0]
+        with mx.stream(stream):
+            size, flags, votes, check = mx.distributed.all_sum(
+                mx.array(header, dtype=mx.int32), group=self.group).tolist()
+            if not size:
+                return [], flags, votes, check
+            data = mx.array(payload) if leader else mx.zeros((size,), dtype=mx.uint8)
+            data = mx.distributed.all_sum(data, group=self.group)
+            mx.eval(data)
+        return (ops if leader else pickle.loads(memoryview(data))), flags, votes, check
+
+
+def token_check(responses: list) -> int:
+    """A short digest of the tokens one batch step sampled, for the ranks to compare."""
+    return sum(r.uid * 1_000_003 + r.token for r in responses) % 2**31
+
+
+def rank0_address() -> str | None:
+    """Rank 0's IP address as mlx.launch gave it to the ring (MLX_HOSTFILE) or jaccl backend; None if unknown."""
+    coordinator = os.environ.get("MLX_JACCL_COORDINATOR", "")
+    if coordinator:
+        return coordinator.rpartition(":")[0].strip("[]") or None
+    try:
+        with open(os.environ["MLX_HOSTFILE"], encoding="utf-8") as hostfile:
+            return json.load(hostfile)[0][0].rpartition(":")[0].strip("[]") or None
+    except (KeyError, OSError, ValueError, IndexError, TypeError, AttributeError):
+        return None
+
+
+class Lifelines:
+    """An idle TCP connection between rank 0 and each other rank: EOF says a rank's process has ended.
+
+    MLX does not always report a lost peer: a collective can wait forever
+    after the other process has died (mlx#3862, mlx#4278). However a process
+    ends, the operating system closes its sockets, so the other end of its
+    lifeline reads EOF at once. Rank 0 listens on its address from
+    mlx.launch's host list, on a port it shares in one all_sum at start, and
+    each other rank connects and names itself. Best effort: a rank that
+    cannot connect (a firewall) goes without, and the watchdog still covers it.
+    """
+
+    def __init__(self, link: GroupLink):
+        import mlx.core as mx
+        self.link = link
+        self.sockets: dict[int, socket.socket] = {}   # the other end's rank -> its lifeline
+        host = rank0_address()
+        listener = self._listen(host) if link.rank == 0 and host else None
+        port = listener.getsockname()[1] if listener else 0
+        port = int(mx.distributed.all_sum(mx.array([port]), group=link.group).item())
+        if listener is not None:
+            with listener:
+                self._accept(listener)
+        elif link.rank != 0 and port and host:
+            self._connect(host, port)
+
+    def wait_for_loss(self) -> str | None:
+        """Block until a lifeline breaks and say whose process ended; None at once when there are none."""
+        ranks = {sock: rank for rank, sock in self.sockets.items()}
+        while ranks:
+            readable, _, _ = select.select(list(ranks), [], [])
+            for sock in readable:
+                try:
+                    data = sock.recv(64)
+                except OSError:
+                    data = b""
+                if not data:
+                    return f"rank {ranks[sock]}'s process has ended (its lifeline closed)"
+        return None
+
+    def _listen(self, host: str) -> socket.socket | None:
+        try:
+            return socket.create_server((host, 0), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+        except OSError as exc:
+            log.warning("no lifelines (cannot listen on %s: %s): a dead rank is noticed only after --timeout", host, exc)
+            return None
+
+    def _accept(self, listener: socket.socket) -> None:
+        deadline = time.monotonic() + LIFELINE_SECONDS
+        while len(self.sockets) < self.link.size - 1 and (left := deadline - time.monotonic()) > 0:
+            listener.settimeout(left)
+            try:
+                conn, _address = listener.accept()
+                conn.settimeout(left)
+                hello = conn.recv(64).decode("ascii", "replace").split()
+            except OSError:
+                continue
+            rank = int(hello[2]) if hello[:2] == ["lem-serve", "rank"] and hello[2:3] and hello[2].isdigit() else 0
+            if 0 < rank < self.link.size:
+                conn.settimeout(None)
+                self.sockets[rank] = conn
+            else:
+                conn.close()
+        missing = sorted(set(range(1, self.link.size)) - set(self.sockets))
+        if missing:
+            log.warning("no lifeline from rank(s) %s: their death is noticed only after --timeout", missing)
+
+    def _connect(self, host: str, port: int) -> None:
+        try:
+            conn = socket.create_connection((host, port), timeout=LIFELINE_SECONDS)
+            conn.sendall(b"lem-serve rank %d\n" % self.link.rank)
+            conn.settimeout(None)
+            self.sockets[0] = conn
+        except OSError as exc:
+            log.warning("no lifeline to rank 0 (%s): its death is noticed only after --timeout", exc)
+
+
+class Batch:
+    """The running batch as every rank holds it: mlx_lm's BatchGenerator and the prompt cache.
+
+    It changes only through `insert`, `remove` and `step`; a sequence that
+    leaves hands its KV cache to the prompt cache. Alone, they just run. In a
+    group, rank 0 runs them and records each as an op (Insert, Remove, Keep);
+    `sync` sends the ops to the other ranks, whose `follow` replays them, so
+    every rank inserts the same prompts with the same settings, steps with
+    the others and evicts the same cache entries. Only the engine thread uses it.
+    """
+
+    def __init__(self, model: Model, max_batch: int, prompt_cache: PromptCache | None, link: GroupLink | None):
+        from mlx_lm.generate import BatchGenerator
+        eos = model.tokenizer.eos_token_ids
+        self.model = model
+        self.prompt_cache = prompt_cache
+        self.link = link
+        self.records = link is not None and link.rank == 0    # rank 0 of a group: record ops
+        self.follows = link is not None and link.rank != 0    # another rank: replay them
+        self.generator = BatchGenerator(model.model, stop_tokens=[[t] for t in eos],
+                                        completion_batch_size=max_batch, prefill_batch_size=max_batch,
+                                        prefill_step_size=PREFILL_STEP_TOKENS)
+        self.ops: list = []                  # rank 0: ops run since the last sync
+        self.check = 0                       # token_check of the last step, until the next sync
+        self.parked: dict[int, tuple] = {}   # other ranks: caches of sequences that left, until rank 0's Keep
+
+    def insert(self, prompt: list[int], max_tokens: int, request: GenerationRequest,
+               cached: int | None = None) -> tuple[int, int]:
+        """Start one sequence from its longest cached prefix; return (its uid, tokens taken from the cache).
+
+        A rank replaying rank 0's Insert passes rank 0's `cached`: finding
+        another length means the ranks' caches have diverged.
+        """
+        cache, found = self.prompt_cache.fetch(prompt) if self.prompt_cache else (None, 0)
+        if cached is not None and found != cached:
+            raise GroupFailure(f"rank 0 found {cached} cached prompt tokens, this rank {found}")
+        sampling = make_sampling(request, self.model, max_tokens)
+        (uid,) = self.generator.insert([prompt[found:]], max_tokens=[max_tokens], caches=[cache],
+                                       all_tokens=[prompt[:found]], samplers=[sampling.sampler],
+                                       logits_processors=[sampling.logits_processors])
+        self._record(Insert(uid, prompt, found, max_tokens, request))
+        return uid, found
+
+    def remove(self, uids: list[int]) -> None:
+        """Drop sequences that have not finished; their KV caches go to the prompt cache."""
+        caches = self.generator.remove(uids, return_prompt_caches=self.prompt_cache is not None)
+        self._record(Remove(tuple(uids)))
+        for uid, (cache, tokens) in caches.items():
+            self._left(uid, tokens, cache)
+
+    def step(self) -> list:
+        """One BatchGenerator step: its responses, one new token per generating sequence."""
+        _prompt_progress, responses = self.generator.next()
+        self.check = token_check(responses) if self.link is not None else 0
+        for response in responses:
+            if response.finish_reason is not None:  # the generator has let the sequence go
+                self._left(response.uid, response.all_tokens, response.prompt_cache)
+        return responses
+
+    def sync(self, step: bool, shutdown: bool = False) -> int:
+        """Rank 0: send the ops run since the last sync and what comes next; return the stop votes.
+
+        Alone there is nothing to send: 0 at once.
+        """
+        if self.link is None:
+            return 0
+        flags = (GroupLink.STEP if step else 0) | (GroupLink.SHUTDOWN if shutdown else 0)
+        ops, self.ops, check, self.check = self.ops, [], self.check, 0
+        return self.link.share(ops, flags, check, self.generator.stream)[2]
+
+    def follow(self) -> tuple[bool, bool]:
+        """Another rank: replay rank 0's next ops; return (a step follows, the group stops).
+
+        Rank 0's check of the tokens its last step sampled must equal this
+        rank's: a rank that samples differently feeds its shard other tokens.
+        """
+        ops, flags, _votes, check = self.link.share([], 0, 0, self.generator.stream)
+        if check != self.check:
+            raise GroupFailure("rank 0 sampled other tokens than this rank in the last step")
+        self.check = 0
+        for op in ops:
+            self._replay(op)
+        self.parked.clear()  # caches rank 0 did not keep: its Keeps come in the first sync after the step
+        return bool(flags & GroupLink.STEP), bool(flags & GroupLink.SHUTDOWN)
+
+    def close(self) -> None:
+        self.generator.close()
+
+    def _replay(self, op: Any) -> None:
+        if isinstance(op, Insert):
+            uid, _cached = self.insert(op.prompt, op.max_tokens, op.request, cached=op.cached)
+            if uid != op.uid:
+                raise GroupFailure(f"rank 0 started sequence {op.uid}, this rank {uid}")
+        elif isinstance(op, Remove):
+            self.remove(list(op.uids))
+        elif isinstance(op, Keep) and op.uid in self.parked:
+            tokens, cache = self.parked.pop(op.uid)
+            self.prompt_cache.store(tokens, cache, entries=op.entries)
+        else:
+            raise GroupFailure(f"rank 0 sent {op!r}, which this rank's batch cannot follow")
+
+    def _left(self, uid: int, tokens: list[int] | None, cache: list | None) -> None:
+        """A sequence left the batch: keep its KV cache for later prompts that share a prefix.
+
+        Rank 0 decides what the prompt cache keeps; the other ranks park the
+        cache until rank 0's Keep says how many entries remain.
+        """
+        if self.prompt_cache is None or not tokens or not cache:
+            return
+        if self.follows:
+            self.parked[uid] = (tokens, cache)
+            return
+        entries = self.prompt_cache.store(tokens, cache, self.generator.prompt_cache_nbytes)
+        self._record(Keep(uid, entries))
+
+    def _record(self, op: Any) -> None:
+        if self.records:
+            self.ops.append(op)
 
 
 class Engine:
@@ -3041,17 +3388,40 @@ class Engine:
     inside a step fails the jobs in that batch and the engine goes on with a
     fresh batch; if the thread itself dies, `alive` turns false and every
     waiting job gets an engine_unavailable error.
+
+    In an mlx.launch group (`group`), rank 0's engine runs the jobs and the
+    other ranks' engines follow its batch (see Batch). There any failure is
+    the group's: an exception in a step, a lost rank, or a step or sync that
+    lasts past `stall_seconds` (a watchdog thread notices, since the engine
+    thread may be stuck in a collective) turns `alive` false for good and
+    sets `finished`, and main() exits non-zero.
     """
 
-    def __init__(self, model: Model, max_batch: int = 1, prompt_cache_bytes: int = 0):
+    def __init__(self, model: Model, max_batch: int = 1, prompt_cache_bytes: int = 0,
+                 group: Any = None, stall_seconds: float = DEFAULT_TIMEOUT):
         self.model = model
         self.max_batch = max_batch
         self.prompt_cache = PromptCache(prompt_cache_bytes) if prompt_cache_bytes > 0 else None
+        self.link = GroupLink(group) if group is not None else None
+        self.stall_seconds = stall_seconds
         self.inbox: queue.Queue[Job | None] = queue.Queue()
         self.thread = threading.Thread(target=self._run, name="lem-engine", daemon=True)
         self.failure: BaseException | None = None
+        self.finished = threading.Event()          # the loop has ended: stopped, or failed
+        self.drain_requested = threading.Event()   # rank 0: another rank was asked to stop the group
+        self.running: dict[int, Sequence] = {}     # the batch's uids -> their jobs (rank 0 and alone)
+        self.batch: Batch | None = None
+        self.progress_at = time.monotonic()        # when the last step or sync ended, for the watchdog
         self.tokens_generated = 0  # every token sampled since start, for health and tests
         self._stats: dict = {}
+
+    @property
+    def rank(self) -> int:
+        return self.link.rank if self.link else 0
+
+    @property
+    def world_size(self) -> int:
+        return self.link.size if self.link else 1
 
     def start(self) -> None:
         self.thread.start()
@@ -3073,49 +3443,100 @@ class Engine:
         self.inbox.put(job)
 
     def stop(self) -> None:
-        """Ask the thread to exit at its next step."""
+        """Ask the thread to exit at its next step (in a group, the other ranks with it)."""
         self.inbox.put(None)
 
     # -- the loop ---------------------------------------------------------------
 
     def _run(self) -> None:
         try:
-            self._loop()
+            if self.link is not None:
+                self._guard_group()
+            if self.rank == 0:
+                self._loop()
+            else:
+                self._follow()
         except BaseException as exc:  # the thread is dying: say so, fail everyone waiting
-            self.failure = exc
+            self.failure = self.failure or exc
             log.critical("generation engine died: %r", exc, exc_info=exc)
             self._fail_waiting()
+        finally:
+            self.finished.set()
 
     def _loop(self) -> None:
-        batch, running = self._new_batch(), {}
+        self.batch = self._new_batch()
         while True:
-            for job in self._take_jobs(block=not running):
+            for job in self._take_jobs(block=not self.running):
                 if job is None:
-                    batch.close()
+                    self.batch.sync(step=False, shutdown=True)
+                    self.batch.close()
                     return
-                self._insert(batch, running, job)
-            if not running:
-                continue
-            try:
-                self._step(batch, running)
-            except Exception as exc:  # out of memory included: fail this batch, keep serving
-                log.error("generation failed: %r", exc, exc_info=exc)
-                for sequence in running.values():
-                    sequence.job.events.put(("error", internal_error()))
-                running.clear()
-                batch.close()
-                batch = self._new_batch()
+                self._insert(job)
+            step = bool(self.running)
+            if self.batch.sync(step):
+                self.drain_requested.set()
+            self.progress_at = time.monotonic()
+            if step:
+                self._step_or_recover()
+                self.progress_at = time.monotonic()
 
-    def _new_batch(self) -> Any:
-        from mlx_lm.generate import BatchGenerator
-        eos = self.model.tokenizer.eos_token_ids
-        return BatchGenerator(self.model.model, stop_tokens=[[t] for t in eos],
-                              completion_batch_size=self.max_batch, prefill_batch_size=self.max_batch,
-                              prefill_step_size=PREFILL_STEP_TOKENS)
+    def _follow(self) -> None:
+        """Another rank of a group: change and step the batch as rank 0 says, until it shuts down."""
+        self.batch = self._new_batch()
+        while True:
+            step, shutdown = self.batch.follow()
+            self.progress_at = time.monotonic()
+            if shutdown:
+                self.batch.close()
+                return
+            if step:
+                self.tokens_generated += len(self.batch.step())
+                self.progress_at = time.monotonic()
+
+    def _guard_group(self) -> None:
+        """Start the two threads that notice a failed group while the engine thread may be stuck.
+
+        The engine thread can wait forever in a collective that a lost rank
+        will never join, so failures are declared from outside it: `alive`
+        turns false (requests get 503, /healthz says error) and `finished`
+        wakes main(), which exits non-zero.
+        """
+        lifelines = Lifelines(self.link)
+        self.progress_at = time.monotonic()
+        threading.Thread(target=self._watch_progress, name="lem-watchdog", daemon=True).start()
+        threading.Thread(target=self._watch_lifelines, args=(lifelines,), name="lem-lifelines", daemon=True).start()
+
+    def _watch_progress(self) -> None:
+        """A step or sync lasting past stall_seconds (--timeout) means a rank has died or stalled."""
+        while not self.finished.wait(HEARTBEAT_SECONDS / 4):
+            stalled = time.monotonic() - self.progress_at
+            if stalled > self.stall_seconds:
+                self._fail_group(GroupFailure(f"no step or sync with the other ranks completed in {stalled:.0f} s "
+                                              "(--timeout): a rank has died or stalled"))
+
+    def _watch_lifelines(self, lifelines: Lifelines) -> None:
+        """A lifeline that breaks means a rank's process has ended, unless the group is shutting down."""
+        lost = lifelines.wait_for_loss()
+        # The other ranks end their processes after a clean shutdown too: give ours time to finish first.
+        if lost is not None and not self.finished.wait(2 * HEARTBEAT_SECONDS):
+            self._fail_group(GroupFailure(lost))
+
+    def _fail_group(self, failure: GroupFailure) -> None:
+        if not self.finished.is_set():
+            self.failure = failure
+            log.critical("%s", failure)
+            self._fail_waiting()
+            self.finished.set()
+
+    def _new_batch(self) -> Batch:
+        return Batch(self.model, self.max_batch, self.prompt_cache, self.link)
 
     def _take_jobs(self, block: bool) -> list[Job | None]:
-        """New jobs: wait for one when idle, else take what has arrived."""
-        jobs = [self.inbox.get()] if block else []
+        """New jobs: wait for one when idle (in a group, one heartbeat at most), else take what has arrived."""
+        jobs = []
+        if block:
+            with contextlib.suppress(queue.Empty):
+                jobs.append(self.inbox.get(timeout=HEARTBEAT_SECONDS if self.link else None))
         while True:
             try:
                 jobs.append(self.inbox.get_nowait())
@@ -3127,32 +3548,47 @@ class Engine:
             if job is not None:
                 job.events.put(("error", engine_unavailable()))
 
-    def _insert(self, batch: Any, running: dict, job: Job) -> None:
+    def _insert(self, job: Job) -> None:
         """Add a job to the batch, starting from its longest cached prefix."""
         if job.should_stop():
             job.events.put(("finish", "cancelled"))
             return
-        cache, cached = self.prompt_cache.fetch(job.prompt) if self.prompt_cache else (None, 0)
-        job.cached_tokens = cached
-        self._note_cache()
+        request = job.request
+        if self.link is not None:
+            # The Insert carries the settings the other ranks sample with, not the prompt's text
+            # again; and every rank must draw the same tokens, so rank 0 picks the seed.
+            seed = secrets.randbits(63) if request.seed is None else request.seed
+            request = dataclasses.replace(request, messages=(), prompt="", tools=(), seed=seed)
         try:
-            sampling = make_sampling(job.request, self.model, job.max_tokens)
-            (uid,) = batch.insert([job.prompt[cached:]], max_tokens=[job.max_tokens], caches=[cache],
-                                  all_tokens=[job.prompt[:cached]], samplers=[sampling.sampler],
-                                  logits_processors=[sampling.logits_processors])
+            uid, job.cached_tokens = self.batch.insert(job.prompt, job.max_tokens, request)
         except Exception as exc:
             log.error("could not start generation: %r", exc, exc_info=exc)
             job.events.put(("error", internal_error()))
             return
+        finally:
+            self._note_cache()
         trim_space = job.request.endpoint != "completions"
-        running[uid] = Sequence(job, TextStream(self.model, trim_space), StopScanner(job.request.stop))
+        self.running[uid] = Sequence(job, TextStream(self.model, trim_space), StopScanner(job.request.stop))
 
-    def _step(self, batch: Any, running: dict) -> None:
+    def _step_or_recover(self) -> None:
+        """One step. Alone, a failure (out of memory, say) fails this batch's jobs and a fresh batch goes on."""
+        try:
+            self._step()
+        except Exception as exc:
+            if self.link is not None:
+                raise  # the ranks may no longer hold the same batch: the group cannot go on
+            log.error("generation failed: %r", exc, exc_info=exc)
+            for sequence in self.running.values():
+                sequence.job.events.put(("error", internal_error()))
+            self.running.clear()
+            self.batch.close()
+            self.batch = self._new_batch()
+
+    def _step(self) -> None:
         """One batch step: route each new token, then drop what has ended."""
-        _prompt_progress, responses = batch.next()
         leaving = []
-        for response in responses:
-            sequence = running.get(response.uid)
+        for response in self.batch.step():
+            sequence = self.running.get(response.uid)
             if sequence is None:
                 continue
             reason = self._on_token(sequence, response)
@@ -3160,19 +3596,17 @@ class Engine:
                 continue
             sequence.job.stop_string = sequence.stops.hit
             sequence.job.events.put(("finish", reason))
-            del running[response.uid]
-            if response.finish_reason is not None:  # the batch has already let it go
-                self._keep_cache(batch, response.all_tokens, response.prompt_cache)
-            else:
+            del self.running[response.uid]
+            if response.finish_reason is None:  # a stop string: the batch still holds it
                 leaving.append(response.uid)
-        for uid, sequence in list(running.items()):
+        for uid, sequence in list(self.running.items()):
             if sequence.job.should_stop():  # client gone or deadline passed, even mid-prompt
                 sequence.job.events.put(("finish", "cancelled"))
-                del running[uid]
+                del self.running[uid]
                 leaving.append(uid)
         if leaving:
-            for cache, tokens in batch.remove(leaving, return_prompt_caches=self.prompt_cache is not None).values():
-                self._keep_cache(batch, tokens, cache)
+            self.batch.remove(leaving)
+        self._note_cache()
 
     def _on_token(self, sequence: Sequence, response: Any) -> str | None:
         """Account for and detokenize one token; return a finish reason or None."""
@@ -3208,11 +3642,6 @@ class Engine:
             text += sequence.stops.flush()
         Engine._emit(sequence, text)
         return "stop" if stopped else reason
-
-    def _keep_cache(self, batch: Any, tokens: list[int] | None, cache: list | None) -> None:
-        if self.prompt_cache is not None and tokens and cache:
-            self.prompt_cache.store(tokens, cache, batch.prompt_cache_nbytes)
-            self._note_cache()
 
     def _note_cache(self) -> None:
         # A snapshot other threads may read without touching the cache itself.
@@ -4419,10 +4848,11 @@ class LemServer(http.server.ThreadingHTTPServer):
     # stop() waits for requests in flight, not for idle keep-alive connections to time out.
     block_on_close = False
 
-    def __init__(self, settings: Settings, model: Model, static_dir: Path | None = None):
+    def __init__(self, settings: Settings, model: Model, static_dir: Path | None = None, group: Any = None):
         self.settings = settings
         self.model = model
-        self.engine = Engine(model, settings.max_requests, settings.prompt_cache_bytes)
+        self.engine = Engine(model, settings.max_requests, settings.prompt_cache_bytes,
+                             group=group, stall_seconds=settings.timeout)
         self.gate = threading.BoundedSemaphore(settings.max_requests)
         self.active = 0           # generation slots taken
         self.in_flight = 0        # requests of any kind between their headers and their last byte
@@ -4482,6 +4912,9 @@ class LemServer(http.server.ThreadingHTTPServer):
             one("lem_prompt_cache_entries", "gauge", "Entries in the prompt cache.", stats["prompt_cache_entries"]),
             one("lem_prompt_cache_bytes", "gauge", "Memory held by the prompt cache.", stats["prompt_cache_bytes"]),
             one("lem_engine_up", "gauge", "1 while the generation engine runs, 0 once it has died.", int(self.engine.alive)),
+            one("lem_world_size", "gauge", "Processes the model is sharded over (mlx.launch ranks); 1 alone.",
+                self.engine.world_size),
+            one("lem_rank", "gauge", "This process's rank in its group (the one serving HTTP is 0).", self.engine.rank),
             one("process_resident_memory_bytes", "gauge", "Resident memory of this process (peak on macOS).",
                 resident_memory_bytes()),
             one("lem_threads", "gauge", "Python threads alive in this process.", threading.active_count()),
@@ -4532,12 +4965,20 @@ class LemServer(http.server.ThreadingHTTPServer):
         settings = self.settings
         engine = self.engine.stats()
         return {"status": "ok" if self.engine.alive else "error", "model": settings.model_name,
+                "world_size": self.engine.world_size, "rank": self.engine.rank, "sharding": self.sharding,
                 "uptime_seconds": int(time.monotonic() - self.started_at), "active_requests": self.active,
                 "max_requests": settings.max_requests, "max_threads": settings.threads or os.cpu_count(),
                 "max_tokens": settings.max_tokens, "max_context": settings.max_context,
                 "context_length": self.model.context_length,
                 "prompt_cache": {"entries": engine["prompt_cache_entries"], "bytes": engine["prompt_cache_bytes"],
                                  "hits": engine["prompt_cache_hits"], "misses": engine["prompt_cache_misses"]}}
+
+    @property
+    def sharding(self) -> str:
+        """How the model is split over the group's ranks: none, tensor or pipeline."""
+        if self.engine.world_size == 1:
+            return "none"
+        return "pipeline" if self.settings.pipeline else "tensor"
 
     def start(self) -> "LemServer":
         """Start the engine and serve on a background thread; return when ready."""
@@ -4555,16 +4996,25 @@ class LemServer(http.server.ThreadingHTTPServer):
 
         Returns True when every request finished in time. A request counts
         until its last byte is written, not just until its slot is free.
+        The listening socket closes first, so new connections are refused at
+        once (a load balancer tries another replica) rather than left waiting.
         """
         self.stopping = True
         self.shutdown()
-        with self.idle:
-            # A request holding a slot is in flight too, so this also waits for every slot.
-            drained = self.idle.wait_for(lambda: self.in_flight == 0, timeout=grace)
+        self.socket.close()
+        drained = self.wait_idle(grace)
         self.engine.stop()
-        self.engine.thread.join(timeout=5)
+        if self.engine.failure is None:  # a failed group's engine may be stuck in a collective for good
+            self.engine.thread.join(timeout=5)
         self.server_close()
         return drained
+
+
+    def wait_idle(self, grace: float) -> bool:
+        """Wait up to `grace` s for a moment with no request in flight; True if one came."""
+        with self.idle:
+            # A request holding a slot is in flight too, so this also waits for every slot.
+            return self.idle.wait_for(lambda: self.in_flight == 0, timeout=grace)
 
 
 class Admission:
@@ -4608,42 +5058,117 @@ def load_page(folder: Path, settings: Settings) -> tuple[bytes, bytes]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the server until SIGINT/SIGTERM; return the process exit code."""
+    """Run the server until SIGINT/SIGTERM; return the process exit code.
+
+    Under mlx.launch every rank runs this: each loads its shard of the model,
+    rank 0 serves HTTP (serve) and the others run the engine only (follow).
+    """
     settings = parse_settings(argv)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
-    if not settings.is_loopback and not settings.api_key:
+    group = join_group(settings)
+    rank, size = (group.rank(), group.size()) if group is not None else (0, 1)
+    where = f"rank {rank}/{size} " if group is not None else ""
+    logging.basicConfig(level=settings.log_level.upper(), format=f"%(asctime)s {where}%(levelname)s %(message)s")
+    if settings.pipeline and group is None:
+        print("lem_serve: --pipeline shards the model over the processes of an mlx.launch group; "
+              "this one runs alone", file=sys.stderr)
+        return 2
+    if rank == 0 and not settings.is_loopback and not settings.api_key:
         log.warning("listening on %s without --api-key: anyone who can reach this port can use the model",
                     settings.host)
     try:
-        model = load_model(settings)
+        model = load_model(settings, group)
     except Exception as exc:
         reason = " ".join(str(exc).split())  # one line, whatever the loader's message looks like
-        print(f"lem_serve: cannot load model from {settings.model_path!r}: {reason}", file=sys.stderr)
+        print(f"lem_serve: {where}cannot load model from {settings.model_path!r}: {reason}", file=sys.stderr)
         return 2
+    return serve(settings, model, group) if rank == 0 else follow(settings, model, group)
+
+
+def on_stop_signals(handler: Callable[[int], None], group: Any) -> None:
+    """Call handler(signum) on SIGINT and SIGTERM, and in a group on SIGHUP too.
+
+    A rank that mlx.launch started over ssh gets SIGHUP when its session ends.
+    """
+    signals = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGHUP,) if group is not None else ())
+    for sig in signals:
+        signal.signal(sig, lambda signum, _frame: handler(signum))
+
+
+def serve(settings: Settings, model: Model, group: Any) -> int:
+    """Rank 0 (or a lone process): serve HTTP until a signal, a stop vote or the group's failure."""
     try:
-        server = LemServer(settings, model)
+        server = LemServer(settings, model, group=group)
     except OSError as exc:
         print(f"lem_serve: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     stop_requested = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop_requested.set())
+    on_stop_signals(lambda _signum: stop_requested.set(), group)
     server.start()
-    log.info("lem-serve %s serving %s on %s (max_requests=%d, max_tokens=%d)", __version__,
-             settings.model_name, server.url, settings.max_requests, settings.max_tokens)
-    while not stop_requested.wait(1.0):
-        pass
-    log.info("shutting down: waiting up to %.0f s for %d in-flight request(s)", SHUTDOWN_GRACE_SECONDS, server.in_flight)
-    drained = server.stop()
+    engine = server.engine
+    log.info("lem-serve %s serving %s on %s (max_requests=%d, max_tokens=%d%s)", __version__,
+             settings.model_name, server.url, settings.max_requests, settings.max_tokens,
+             f", {server.sharding} parallel over {engine.world_size} ranks" if group is not None else "")
+    while not stop_requested.wait(POLL_SECONDS * 5):
+        if group is not None and (engine.failure is not None or engine.drain_requested.is_set()):
+            break
+    return shut_down(server, group)
+
+
+def shut_down(server: LemServer, group: Any) -> int:
+    """Drain and close the server; the exit code: 1 when its group has failed, else 0.
+
+    A failed group's rank 0 keeps answering (503, /healthz error) until the
+    requests in flight have ended, then stops at once.
+    """
+    def failed() -> bool:
+        return group is not None and server.engine.failure is not None
+
+    if failed():
+        log.critical("the group has failed: answering 503 until requests in flight have ended")
+        drained = server.wait_idle(SHUTDOWN_GRACE_SECONDS)
+        server.stop(grace=0)
+    else:
+        log.info("shutting down: waiting up to %.0f s for %d in-flight request(s)",
+                 SHUTDOWN_GRACE_SECONDS, server.in_flight)
+        drained = server.stop()
+    if failed():
+        log.critical("the group has failed (%s): exiting 1 so that a supervisor restarts it", server.engine.failure)
+        return 1
     log.info("stopped %s", "cleanly" if drained else "with requests still running")
+    return 0
+
+
+def follow(settings: Settings, model: Model, group: Any) -> int:
+    """Another rank: run the engine as rank 0 directs until it shuts the group down or the group fails.
+
+    A signal here does not stop this rank on its own (rank 0 would be left
+    mid-step): it asks rank 0 to drain the whole group.
+    """
+    engine = Engine(model, settings.max_requests, settings.prompt_cache_bytes, group=group,
+                    stall_seconds=settings.timeout)
+
+    def vote(signum: int) -> None:
+        log.info("%s: asking rank 0 to drain the group", signal.Signals(signum).name)
+        engine.link.stop_voted = True
+
+    on_stop_signals(vote, group)
+    engine.start()
+    log.info("lem-serve %s holding its shard of %s for rank 0", __version__, settings.model_name)
+    while not engine.finished.wait(POLL_SECONDS * 5):
+        pass
+    if engine.failure is not None:
+        log.critical("the group has failed (%s): exiting 1 so that a supervisor restarts it", engine.failure)
+        return 1
+    log.info("stopped cleanly")
     return 0
 
 
 if __name__ == "__main__":
     exit_code = main()
     logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    with contextlib.suppress(OSError):  # under mlx.launch, the launcher reading our output may be gone
+        sys.stdout.flush()
+        sys.stderr.flush()
     # Leave without interpreter finalization: once MLX has generated, its C++
     # worker threads abort the process ("terminate called without an active
     # exception", exit 134) if static destructors run while they are joinable.

@@ -1,0 +1,302 @@
+#!/usr/bin/env python3
+"""Benchmark lem-serve in one process against the same model sharded over two ranks.
+
+Two ranks are started the way users start them, ``mlx.launch -n 2 --backend
+ring``, here both on this machine over loopback. What it measures, on the same
+model folder, greedy, chat template applied:
+
+1. Single stream: decode tok/s and time to first token (TTFT) of
+   * lem-serve in one process,
+   * lem-serve over two ranks (tensor parallel; rank 0 serves HTTP),
+   * raw mlx_lm ``stream_generate``, one process (bench.py's raw worker) and
+     sharded over two ranks (``sharded_load``), no server: the ratio lem/raw
+     of each shows what lem-serve adds on top, sharded or not.
+   All four are started, then measured in turns, repetition by repetition,
+   each resumed (SIGCONT) for its turn while the others stay paused
+   (SIGSTOP): an idle group is not idle here (mlx.launch's I/O loop and the
+   ring backend's wait spin; the script reports how much CPU they take).
+   Medians of the repetitions.
+2. Concurrency 4: aggregate tok/s and TTFT p50 of the two lem-serves.
+3. The cost of one engine step's sync when nothing changed: rank 0's
+   ``GroupLink.share`` of no ops (one all_sum of 16 bytes), against a bare
+   all_sum of the same 16 bytes, and the share of one Insert op carrying a
+   1,000-token prompt. Median microseconds over 500 calls after a warm-up.
+
+Run it (from the repository root, venv active):
+
+    python bench/bench_sharded.py              # tiny and small, ~10 min on 2 cores
+    python bench/bench_sharded.py --quick      # tiny only, fewer repetitions, ~3 min
+
+Results go to bench/results/sharded.json and .md, and (not with --quick) to
+bench/RESULTS-sharded.md. This machine has 2 cores shared by both ranks and
+their loopback socket; read the ratios, and see README "Serving more users"
+for what to expect from Macs linked by Thunderbolt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import bench  # noqa: E402  (the single-process benchmark's helpers)
+from testing.group import free_port_run, launcher  # noqa: E402
+
+ROOT = bench.ROOT
+RESULTS = bench.RESULTS
+ONE, GROUP = "lem-serve, 1 process", "lem-serve, 2 ranks"
+RAW1, RAW2 = "raw mlx_lm, 1 process", "raw mlx_lm, 2 ranks"
+SHARE_CALLS = 500
+
+
+def group_server(model: Path, tag: str, max_requests: int) -> bench.ServerProcess:
+    """lem-serve under mlx.launch -n 2 --backend ring on loopback; rank 0 serves HTTP."""
+    port = bench.free_port()
+    argv = [launcher(), "-n", "2", "--backend", "ring", "--starting-port", str(free_port_run(2)),
+            "--python", sys.executable, str(ROOT / "lem_serve.py"), "--model-path", str(model),
+            "--bind", f"127.0.0.1:{port}", "--max-requests", str(max_requests), "--max-context", "0",
+            "--log-level", "warning"]
+    return bench.ServerProcess(GROUP, argv, "/healthz", RESULTS / "logs" / f"{tag}-lem-serve-2-ranks.log")
+
+
+def run_worker(ranks: int, *args: str) -> dict:
+    """This script in worker mode, alone or under mlx.launch; rank 0's JSON answer."""
+    me = [str(Path(__file__).resolve()), *args]
+    argv = ([launcher(), "-n", str(ranks), "--backend", "ring", "--starting-port", str(free_port_run(ranks)),
+             "--python", sys.executable, *me] if ranks > 1 else [sys.executable, *me])
+    out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=1800,
+                         start_new_session=True)
+    for line in out.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise RuntimeError(f"worker {args} failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+
+
+class RawGroupWorker(bench.RawWorker):
+    """bench.py's raw mlx_lm worker, sharded over two ranks with sharded_load.
+
+    mlx.launch hands its stdin to every rank, so all ranks read each request
+    and generate together; only rank 0 answers on stdout.
+    """
+
+    def __init__(self, model: Path, tag: str):
+        super().__init__(model, tag)
+        self.name = RAW2
+        self.argv = [launcher(), "-n", "2", "--backend", "ring", "--starting-port", str(free_port_run(2)),
+                     "--python", sys.executable, str(Path(__file__).resolve()), "--raw-worker", str(model)]
+        self.log_path = RESULTS / "logs" / f"{tag}-raw-2-ranks.log"
+
+
+def raw_worker(model_path: str) -> None:
+    """One rank of the sharded raw worker: bench.raw_worker's protocol, the model from sharded_load."""
+    import mlx.core as mx
+    from mlx_lm.utils import sharded_load
+    group = mx.distributed.init()
+    model, tokenizer = sharded_load(model_path, tensor_group=group)
+    out = sys.stdout if group.rank() == 0 else open(os.devnull, "w")
+    sys.stdout = sys.stderr
+    out.write(bench.WORKER_READY + "\n")
+    out.flush()
+    for line in sys.stdin:
+        request = json.loads(line)
+        out.write(json.dumps(bench.raw_stream(model, tokenizer, request["messages"], request["max_tokens"])) + "\n")
+        out.flush()
+    os._exit(0)
+
+
+def share_worker() -> None:
+    """Time GroupLink.share on rank 0: no ops, and one Insert of a 1,000-token prompt."""
+    import mlx.core as mx
+    import lem_serve
+    group = mx.distributed.init()
+    link = lem_serve.GroupLink(group)
+    stream = mx.default_stream(mx.default_device())
+    request = lem_serve.GenerationRequest(endpoint="completions", seed=1)  # the Insert carries no prompt text
+    insert = [lem_serve.Insert(0, list(range(1000)), 0, 100, request)]
+
+    def timed(call) -> float:
+        for _ in range(50):
+            call()
+        times = []
+        for _ in range(SHARE_CALLS):
+            start = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times) * 1e6
+
+    leader = group.rank() == 0
+    result = {
+        "bare all_sum": timed(lambda: mx.distributed.all_sum(mx.zeros((4,), dtype=mx.int32), group=group).tolist()),
+        "share, no ops": timed(lambda: link.share([], link.STEP, 0, stream)),
+        "share, one Insert (1,000 tokens)": timed(lambda: link.share(insert if leader else [], link.STEP, 0, stream)),
+    }
+    if leader:
+        result["insert payload bytes"] = len(__import__("pickle").dumps(insert))
+        print("RESULT " + json.dumps(result), flush=True)
+    os._exit(0)
+
+
+@contextlib.contextmanager
+def running(process) -> Iterator[None]:
+    """Let a paused system run (SIGCONT to its session) for the block, then pause it again (SIGSTOP).
+
+    Only the system being measured runs: an idle group is not idle on a
+    shared 2-core machine (see idle_cpu), and would slow the others down.
+    """
+    os.killpg(process.proc.pid, signal.SIGCONT)
+    try:
+        yield
+    finally:
+        os.killpg(process.proc.pid, signal.SIGSTOP)
+
+
+def single_stream(systems: dict, tokens: int, reps: int) -> dict:
+    """Single streams, interleaved system by system each repetition; medians of decode tok/s and TTFT."""
+    samples = {name: [] for name in systems}
+    for rep in range(reps + 1):  # the first round is a warm-up
+        for name in bench.rotated(tuple(systems), rep):
+            process, stream = systems[name]
+            with running(process):
+                sample = stream(bench.story_prompt(rep), tokens)
+            if sample.error:
+                raise RuntimeError(f"{name}: {sample.error}")
+            if rep:
+                samples[name].append(sample)
+    return {name: {"decode_tps": bench.median([s.decode_tps for s in got]),
+                   "ttft": bench.median([s.ttft for s in got]), "tokens": got[0].tokens}
+            for name, got in samples.items()}
+
+
+def concurrent(servers: dict, tokens: int, rounds: int, level: int = 4) -> dict:
+    """`level` streams at once against each server: aggregate tok/s and TTFT p50 (medians of rounds)."""
+    result = {name: {"tps": [], "ttft": []} for name in servers}
+    for rnd in range(rounds):
+        for name in bench.rotated(tuple(servers), rnd):
+            conversations = [bench.story_prompt(100 * (rnd + 1) + i) for i in range(level)]
+            with running(servers[name]):
+                samples = bench.run_concurrent(servers[name].port, conversations, tokens)
+            result[name]["tps"].append(bench.aggregate_tps(samples))
+            result[name]["ttft"].append(bench.percentile([s.ttft for s in samples], 50))
+    return {name: {"tps": bench.median(r["tps"]), "ttft_p50": bench.median(r["ttft"])} for name, r in result.items()}
+
+
+def idle_cpu(server: bench.ServerProcess, seconds: float = 5.0) -> dict:
+    """CPU share (1.0 = one core) each process of an idle group uses: the launcher and its ranks."""
+    from testing.group import children_of, environ_of
+    launcher_pid = next(pid for pid in [server.proc.pid, *children_of(server.proc.pid)]
+                        if "mlx.launch" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace"))
+    names = {launcher_pid: "mlx.launch"}
+    names.update({pid: f"rank {environ_of(pid).get('MLX_RANK')}" for pid in children_of(launcher_pid)})
+
+    def ticks() -> dict:
+        return {pid: sum(int(x) for x in Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[11:13])
+                for pid in names}
+    with running(server):
+        time.sleep(1.0)
+        before = ticks()
+        time.sleep(seconds)
+        after = ticks()
+    hz = os.sysconf("SC_CLK_TCK")
+    return {names[pid]: (after[pid] - before[pid]) / hz / seconds for pid in sorted(names, key=names.get)}
+
+
+def bench_model(name: str, quick: bool) -> dict:
+    """Both lem-serves and both raw workers, started in turn, then measured turn by turn."""
+    path = bench.prepare_model(name)
+    tokens, reps = (64, 3) if quick else (128, 5)
+    if name == "small":
+        tokens, reps = (32, 2) if quick else (64, 3)
+    result = {"model": bench.model_label(name, path), "tokens": tokens, "reps": reps}
+    processes = {ONE: bench.lem_server(path, f"{name}-sharded", 4), RAW1: bench.RawWorker(path, name),
+                 GROUP: group_server(path, name, 4), RAW2: RawGroupWorker(path, name)}
+    try:
+        for process in processes.values():
+            process.start()
+            os.killpg(process.proc.pid, signal.SIGSTOP)
+        systems = {system: (process, process.stream if system in (RAW1, RAW2) else
+                            lambda m, t, port=process.port: bench.stream_chat(port, m, t))
+                   for system, process in processes.items()}
+        bench.progress(f"{name}: single stream, {reps} repetitions of {tokens} tokens")
+        result["single"] = single_stream(systems, tokens, reps)
+        bench.progress(f"{name}: 4 concurrent streams")
+        result["concurrent"] = concurrent({s: processes[s] for s in (ONE, GROUP)}, tokens // 2, 1 if quick else 2)
+        result["idle_cpu"] = idle_cpu(processes[GROUP])
+    finally:
+        for process in processes.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.proc.pid, signal.SIGCONT)
+            process.stop()
+    return result
+
+
+def markdown(report: dict) -> str:
+    env = report["environment"]
+    lines = [f"`python bench/bench_sharded.py{' --quick' if report['quick'] else ''}` on {env['date']}: "
+             f"{env['platform']}, {env['cpus']} CPUs, mlx {env['mlx']}, mlx-lm {env['mlx_lm']}. Load average "
+             f"{env['load_start']:.1f} at start, {env['load_end']:.1f} at end. Both ranks share this machine's "
+             "cores and talk over loopback (ring backend).", ""]
+    share = report["share"]
+    lines += ["Per-step sync on rank 0 (median of 500 calls):", "",
+              "| call | µs |", "|---|---:|"]
+    lines += [f"| {k} | {v:.0f} |" for k, v in share.items() if k != "insert payload bytes"]
+    lines += ["", f"(the Insert's pickled payload: {share['insert payload bytes']} bytes)", ""]
+    for result in report["models"]:
+        single, conc = result["single"], result["concurrent"]
+        lines += [f"#### {result['model']}", "",
+                  f"Single stream, {result['tokens']} tokens, medians of {result['reps']}:", "",
+                  "| system | decode tok/s | TTFT |", "|---|---:|---:|"]
+        for name in (ONE, GROUP, RAW1, RAW2):
+            lines.append(f"| {name} | {bench.fmt(single[name]['decode_tps'])} | {bench.fmt_ms(single[name]['ttft'])} |")
+        tps = {name: single[name]["decode_tps"] for name in single}
+        lines += ["", f"**2 ranks / 1 process: {bench.fmt_ratio(bench.ratio(tps[GROUP], tps[ONE]))} decode; "
+                  f"lem/raw: {bench.fmt_ratio(bench.ratio(tps[ONE], tps[RAW1]))} in one process, "
+                  f"{bench.fmt_ratio(bench.ratio(tps[GROUP], tps[RAW2]))} over two ranks.**", "",
+                  "4 concurrent streams: aggregate tok/s, TTFT p50:", "", "| system | tok/s | TTFT p50 |", "|---|---:|---:|"]
+        for name in (ONE, GROUP):
+            lines.append(f"| {name} | {bench.fmt(conc[name]['tps'])} | {bench.fmt_ms(conc[name]['ttft_p50'])} |")
+        idle = ", ".join(f"{who} {share:.2f}" for who, share in result["idle_cpu"].items())
+        lines += ["", f"CPU used by the idle two-rank group, in cores: {idle}.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model only, fewer repetitions")
+    parser.add_argument("--raw-worker", metavar="MODEL", help=argparse.SUPPRESS)
+    parser.add_argument("--share-worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.raw_worker:
+        raw_worker(args.raw_worker)
+    if args.share_worker:
+        share_worker()
+    env = bench.environment()
+    env["load_start"] = os.getloadavg()[0]
+    bench.progress("per-step sync cost between two ranks")
+    report = {"quick": args.quick, "environment": env, "share": run_worker(2, "--share-worker"), "models": []}
+    for name in ("tiny",) if args.quick else ("tiny", "small"):
+        report["models"].append(bench_model(name, args.quick))
+    env["load_end"] = os.getloadavg()[0]
+    text = markdown(report)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "sharded.json").write_text(json.dumps(report, indent=2))
+    (RESULTS / "sharded.md").write_text(text)
+    if not args.quick:
+        (ROOT / "bench" / "RESULTS-sharded.md").write_text("## Sharded over two ranks\n\n" + text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
