@@ -4,6 +4,9 @@ Serves one MLX / Hugging Face model over HTTP:
 
     POST /v1/chat/completions   chat, streaming (Server-Sent Events) or not
     POST /v1/completions        plain text completion, streaming or not
+    POST /v1/messages           Anthropic's Messages API (Claude Code), streaming or not
+    POST /v1/messages/count_tokens   the prompt's token count, as a create would report it
+    POST /v1/responses          OpenAI's Responses API (Codex), stateless, streaming or not
     GET  /v1/models             the one model, in OpenAI's list shape
     GET  /healthz               liveness and load, 503 once the engine has died
     GET  /metrics               Prometheus text: requests, tokens, latency, memory
@@ -14,11 +17,14 @@ Run it:
     pip install -r requirements.txt
     python lem_serve.py --model-path ./model          # http://127.0.0.1:8090/
 
-and point the `openai` SDK at it with base_url="http://127.0.0.1:8090/v1".
+and point the `openai` SDK at it with base_url="http://127.0.0.1:8090/v1", the
+`anthropic` SDK or Claude Code at http://127.0.0.1:8090, Codex at .../v1 with
+wire_api = "responses".
 
 Security: the server binds to loopback unless told otherwise. Anyone who can
 reach the port can run the model; before binding to another interface set
---api-key (or LEM_API_KEY, it covers /v1/* and /metrics) and put it behind
+--api-key (or LEM_API_KEY, it covers /v1/* and /metrics; clients send it as
+'Authorization: Bearer KEY' or 'x-api-key: KEY') and put it behind
 TLS. On loopback it answers only to loopback Host names (DNS rebinding);
 browser pages from other origins are refused unless --allowed-origins lists
 them. It never reads a file from disk on a client's behalf.
@@ -374,11 +380,22 @@ def apply_thread_cap(threads: int) -> None:
 # Errors
 # ---------------------------------------------------------------------------
 
+# Anthropic's error type for each status; other 4xx are invalid_request_error, other 5xx api_error.
+ANTHROPIC_ERROR_TYPES = {
+    HTTPStatus.BAD_REQUEST: "invalid_request_error", HTTPStatus.UNAUTHORIZED: "authentication_error",
+    HTTPStatus.FORBIDDEN: "permission_error", HTTPStatus.NOT_FOUND: "not_found_error",
+    HTTPStatus.REQUEST_ENTITY_TOO_LARGE: "request_too_large", HTTPStatus.TOO_MANY_REQUESTS: "rate_limit_error",
+    HTTPStatus.GATEWAY_TIMEOUT: "timeout_error",
+}
+
+
 class APIError(Exception):
-    """A failure to report to the client in OpenAI's error shape.
+    """A failure to report to the client, in the shape of the API it called.
 
     Raise it anywhere below the handler; the handler catches it once per
-    request and renders {"error": {"message", "type", "param", "code"}}.
+    request and renders OpenAI's {"error": {"message", "type", "param",
+    "code"}} (`body`), or Anthropic's {"type": "error", "error": {"type",
+    "message"}} (`anthropic_body`) on /v1/messages.
     """
 
     def __init__(self, status: HTTPStatus, type: str, message: str,
@@ -396,6 +413,12 @@ class APIError(Exception):
         """The JSON body OpenAI clients expect."""
         return {"error": {"message": self.message, "type": self.type,
                           "param": self.param, "code": self.code}}
+
+    def anthropic_body(self) -> dict:
+        """The JSON body Anthropic clients expect; the type follows from the status."""
+        fallback = "invalid_request_error" if self.status < 500 else "api_error"
+        kind = ANTHROPIC_ERROR_TYPES.get(self.status, fallback)
+        return {"type": "error", "error": {"type": kind, "message": self.message}}
 
 
 def invalid(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -508,15 +531,20 @@ UNSUPPORTED_FIELDS = {
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One validated /v1/chat/completions or /v1/completions body."""
+    """One validated generation body, whichever API it came through.
 
-    endpoint: str                                # "chat" or "completions"
-    messages: tuple[dict, ...] = ()              # chat: normalised {"role", "content"} dicts
+    The dialects (/v1/messages, /v1/responses) are parsed into the same
+    normalised chat messages and OpenAI-shaped tools as /v1/chat/completions,
+    so everything below the parsers serves them alike.
+    """
+
+    endpoint: str                                # "chat", "completions", "messages" (Anthropic) or "responses"
+    messages: tuple[dict, ...] = ()              # chat-like: normalised {"role", "content"} dicts
     prompt: str | tuple[int, ...] = ""           # completions: text or token ids
     stream: bool = False
     include_usage: bool = False
     max_tokens: int = DEFAULT_MAX_TOKENS
-    max_tokens_given: bool = False               # the client chose it (so it is not trimmed to fit)
+    max_tokens_given: bool = False               # the client chose it and it must fit (the dialects' is trimmed)
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0                               # 0: no limit
@@ -529,7 +557,7 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     logprobs: int | None = None                  # alternatives reported per token; None: no logprobs
     constraint: Constraint | None = None         # output forced to match a JSON schema
-    tools: tuple[dict, ...] = ()                 # chat: OpenAI tool definitions, for the chat template
+    tools: tuple[dict, ...] = ()                 # chat-like: OpenAI tool definitions, for the chat template
     tool_choice: str = "none"                    # none, auto or required (a named function is required + constraint)
     max_context: int = 0                         # chat: messages kept by the window (chat_window); 0 = all
     template_args: dict = dataclasses.field(default_factory=dict)  # chat: extra chat template arguments
@@ -631,6 +659,11 @@ def sampling_fields(body: dict, defaults: dict) -> dict:
             "logit_bias": tuple(sorted((int(k), float(v)) for k, v in bias.items()))}
 
 
+def chat_role(role: str) -> str:
+    """A message's role as the chat template takes it: OpenAI's "developer" is the system role."""
+    return "system" if role == "developer" else role
+
+
 def parse_message(message: Any, index: int) -> dict:
     """Normalise one chat message to {"role", "content"[, "name", ...]}."""
     param = f"messages[{index}]"
@@ -639,7 +672,7 @@ def parse_message(message: Any, index: int) -> dict:
     role = message.get("role")
     if role not in CHAT_ROLES:
         raise invalid(f"{param}.role must be one of {', '.join(CHAT_ROLES)}, got {json.dumps(role)}", f"{param}.role")
-    normal = {"role": "system" if role == "developer" else role,
+    normal = {"role": chat_role(role),
               "content": parse_content(message.get("content"), f"{param}.content",
                                        optional=role == "assistant" and bool(message.get("tool_calls")))}
     for key in ("name", "tool_call_id"):
@@ -676,8 +709,16 @@ def parse_tool_calls(calls: Any, param: str) -> list[dict]:
     return out
 
 
-def parse_content(content: Any, param: str, optional: bool = False) -> str:
-    """A message's content as text: a string, or a list of text parts joined."""
+MEDIA_PARTS = ("image_url", "input_image", "input_audio", "input_file", "file", "image", "document")
+
+
+def parse_content(content: Any, param: str, optional: bool = False, text_types: tuple[str, ...] = ("text",),
+                  separator: str = "") -> str:
+    """A message's content as text: a string, or a list of text parts joined by `separator`.
+
+    `text_types` are the part types that carry text in the calling API
+    (chat's "text"; the Responses API's "input_text" and "output_text").
+    """
     if content is None and optional:
         return ""
     if isinstance(content, str):
@@ -687,14 +728,14 @@ def parse_content(content: Any, param: str, optional: bool = False) -> str:
     texts = []
     for i, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind != "text":
-            if kind in ("image_url", "input_image", "input_audio", "file"):
-                raise invalid(f"{param}[{i}] is a {kind} part; this server serves text models only", param)
-            raise invalid(f"{param}[{i}] must be a {{\"type\": \"text\", \"text\": ...}} part", param)
+        if kind not in text_types:
+            if kind in MEDIA_PARTS:
+                raise invalid(f"{param}[{i}] is a part of type {kind!r}; this server serves text models only", param)
+            raise invalid(f"{param}[{i}] must be a {{\"type\": \"{text_types[0]}\", \"text\": ...}} part", param)
         if not isinstance(part.get("text"), str):
             raise invalid(f"{param}[{i}].text must be a string", param)
         texts.append(part["text"])
-    return "".join(texts)
+    return separator.join(texts)
 
 
 def parse_prompt(prompt: Any) -> str | tuple[int, ...]:
@@ -2039,19 +2080,19 @@ class Constraint:
     tool_call: bool = False   # wrapped in the model's tool-call markers
 
 
-def output_fields(endpoint: str, body: dict) -> dict:
-    """response_format and (chat) tools: the constraint on the output and the tools offered."""
-    constraint = parse_response_format(body.get("response_format"))
-    if endpoint != "chat" or not body.get("tools"):
-        if body.get("tool_choice") not in (None, "none", "auto") and endpoint == "chat":
+def output_fields(endpoint: str, body: dict, format_param: str = "response_format") -> dict:
+    """response_format and (chat-like) tools, in chat's shapes: the constraint on the output and the tools offered."""
+    constraint = parse_response_format(body.get("response_format"), format_param)
+    if endpoint == "completions" or not body.get("tools"):
+        if body.get("tool_choice") not in (None, "none", "auto") and endpoint != "completions":
             raise invalid("'tool_choice' needs a non-empty 'tools' list", "tool_choice")
         return {"constraint": constraint}
     tools = tuple(parse_tool(tool, i) for i, tool in enumerate(body["tools"]))
     choice, forced = parse_tool_choice(body.get("tool_choice"), tools)
     if forced:
         if constraint is not None:
-            raise invalid("'response_format' and a required 'tool_choice' cannot both constrain the output",
-                          "response_format")
+            raise invalid(f"'{format_param}' and a required 'tool_choice' cannot both constrain the output",
+                          format_param)
         constraint = tool_call_constraint([t for t in tools if t["function"]["name"] in forced])
     return {"constraint": constraint, "tools": tools, "tool_choice": choice}
 
@@ -2077,10 +2118,12 @@ def parse_tool_choice(choice: Any, tools: tuple[dict, ...]) -> tuple[str, list[s
     if choice == "required":
         return "required", names
     name = (choice.get("function") or {}).get("name") if isinstance(choice, dict) else None
-    if not isinstance(choice, dict) or choice.get("type") != "function" or name not in names:
-        raise invalid(f"'tool_choice' must be \"none\", \"auto\", \"required\" or "
-                      f"{{\"type\": \"function\", \"function\": {{\"name\": ...}}}} naming one of the tools "
-                      f"({', '.join(names)})", "tool_choice")
+    if not isinstance(choice, dict) or choice.get("type") != "function" or not isinstance(name, str):
+        raise invalid("'tool_choice' must be \"none\", \"auto\", \"required\" or "
+                      "{\"type\": \"function\", \"function\": {\"name\": ...}}", "tool_choice")
+    if name not in names:
+        raise invalid(f"'tool_choice' names the tool {name[:80]!r}, which is not among the tools "
+                      f"({', '.join(names)[:300]})", "tool_choice")
     return "required", [name]
 
 
@@ -2096,8 +2139,8 @@ def tool_call_constraint(tools: list[dict]) -> Constraint:
     return Constraint(union(calls), key, tool_call=True)
 
 
-def parse_response_format(value: dict | None) -> Constraint | None:
-    """response_format: text (no constraint), json_object, or json_schema."""
+def parse_response_format(value: dict | None, param: str = "response_format") -> Constraint | None:
+    """response_format: text (no constraint), json_object, or json_schema (errors name `param`)."""
     kind = (value or {}).get("type", "text")
     if kind == "text":
         return None
@@ -2105,11 +2148,10 @@ def parse_response_format(value: dict | None) -> Constraint | None:
         return Constraint(ANY_OBJECT, "json_object")
     spec = value.get("json_schema")
     if kind != "json_schema" or not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
-        raise invalid("'response_format' must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
-                      "{\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., \"schema\": {...}}}",
-                      "response_format")
+        raise invalid(f"'{param}' must be {{\"type\": \"text\"}}, {{\"type\": \"json_object\"}} or "
+                      "{\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., \"schema\": {...}}}", param)
     schema = spec["schema"]
-    return Constraint(compile_schema(schema, schema, "response_format"), json.dumps(schema, sort_keys=True))
+    return Constraint(compile_schema(schema, schema, param), json.dumps(schema, sort_keys=True))
 
 
 def chat_window(messages: tuple[dict, ...], keep: int) -> tuple[tuple[dict, ...], int]:
@@ -2133,6 +2175,276 @@ def chat_window(messages: tuple[dict, ...], keep: int) -> tuple[tuple[dict, ...]
     first = next((n for n in turns if len(others) - n <= keep), turns[-1])
     start = others[first]
     return tuple(m for i, m in enumerate(messages) if i >= start or m["role"] == "system"), first
+
+
+# -- The agents' dialects: Anthropic Messages and OpenAI Responses -----------------
+#
+# Each dialect is one parser that builds the GenerationRequest chat builds:
+# normalised chat messages and OpenAI-shaped tools and tool_choice, then the
+# same output_fields() and sampling_fields(). Agents manage their own context
+# (Claude Code compacts it), so the chat window never cuts these conversations
+# (max_context stays 0), and a max_tokens above the server's limit is clamped,
+# not refused: agents ask for large ceilings (Claude Code sends 32000 or more).
+
+BLOCK_SEPARATOR = "\n"   # between the text blocks of one Anthropic message or Responses item: separate units
+
+def common_checks(*fields: str) -> tuple[Check, ...]:
+    """The rows of COMMON_CHECKS for these fields: a field the dialects share means the same there."""
+    return tuple(check for check in COMMON_CHECKS if check.field in fields)
+
+
+MESSAGES_CHECKS = common_checks("model", "stream", "max_tokens", "top_p", "top_k") + (
+    Check("messages", (list,), "a non-empty list of messages", lambda v: len(v) > 0),
+    Check("system", (str, list), "a string or a list of text blocks"),
+    Check("stop_sequences", (list,), f"a list of up to {MAX_STOP_STRINGS} non-empty strings",
+          lambda v: not v or _is_stop(v)),
+    Check("temperature", (int, float), "a number between 0 and 1", lambda v: 0 <= v <= 1),  # Anthropic's range
+    Check("tools", (list,), 'a list of {"name": ..., "input_schema": {...}} objects'),
+    Check("tool_choice", (dict,), '{"type": "auto"}, {"type": "any"}, {"type": "tool", "name": ...} or {"type": "none"}'),
+)
+ANTHROPIC_ROLES = ("user", "assistant", "system")   # Claude Code sends "system" messages mid-conversation
+REPLAYED_BLOCKS = ("thinking", "redacted_thinking")  # earlier reasoning sent back: accepted, not shown to the model
+
+
+def parse_messages_request(body: dict, settings: Settings, counting: bool = False) -> GenerationRequest:
+    """Validate an Anthropic /v1/messages body; for count_tokens (`counting`) max_tokens may be absent."""
+    run_checks(body, MESSAGES_CHECKS)
+    if body.get("messages") is None:
+        raise invalid("'messages' is required", "messages")
+    if body.get("max_tokens") is None and not counting:
+        raise invalid("'max_tokens' is required", "max_tokens")
+    messages = anthropic_system(body.get("system"))
+    for i, message in enumerate(body["messages"]):
+        messages += anthropic_message(message, i)
+    if messages[-1]["role"] == "assistant":
+        raise invalid("a last assistant message (a prefilled reply) is not supported; end with a user message",
+                      f"messages[{len(body['messages']) - 1}]")
+    tools = {"tools": dialect_tools(body.get("tools") or [], "input_schema", lambda t: t.get("type") in (None, "custom")),
+             "tool_choice": anthropic_tool_choice(body.get("tool_choice"))}
+    thinking = body.get("thinking") if isinstance(body.get("thinking"), dict) else {}
+    kwargs = {"enable_thinking": False} if thinking.get("type") == "disabled" else None
+    return GenerationRequest(
+        endpoint="messages", messages=tuple(messages), stream=bool(body.get("stream")),
+        max_tokens=min(body.get("max_tokens") or settings.max_tokens, settings.max_tokens),
+        stop=tuple(body.get("stop_sequences") or ()),
+        template_args=template_args({"chat_template_kwargs": kwargs}, settings),
+        split_reasoning=settings.reasoning_format != "none",
+        **output_fields("messages", tools),
+        **sampling_fields({field: body.get(field) for field in ("temperature", "top_p", "top_k")}, settings.sampling))
+
+
+def anthropic_system(system: str | list | None) -> list[dict]:
+    """The top-level system prompt (a string or text blocks) as a leading system message, if there is one."""
+    if not system:
+        return []
+    return [{"role": "system", "content": parse_content(system, "system", separator=BLOCK_SEPARATOR)}]
+
+
+def anthropic_message(message: Any, index: int) -> list[dict]:
+    """One Anthropic message as chat messages: its tool_result blocks as "tool" messages, then the rest.
+
+    Text blocks are joined; an assistant's tool_use blocks become its
+    tool_calls; replayed thinking blocks are dropped; images and documents
+    are refused (text models only).
+    """
+    param = f"messages[{index}]"
+    if not isinstance(message, dict) or message.get("role") not in ANTHROPIC_ROLES:
+        raise invalid(f"{param} must be an object with 'role' (user or assistant) and 'content'", param)
+    role, content = message["role"], message.get("content")
+    if isinstance(content, str):
+        return [{"role": role, "content": content}]
+    if not isinstance(content, list):
+        raise invalid(f"{param}.content must be a string or a list of content blocks", f"{param}.content")
+    texts, calls, results = [], [], []
+    for i, block in enumerate(content):
+        where = f"{param}.content[{i}]"
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "text" and isinstance(block.get("text"), str):
+            texts.append(block["text"])
+        elif kind == "tool_use" and role == "assistant":
+            calls.append(anthropic_tool_use(block, where))
+        elif kind == "tool_result" and role == "user":
+            results.append(anthropic_tool_result(block, where))
+        elif kind in MEDIA_PARTS:
+            raise invalid(f"{where} is a block of type {kind!r}; this server serves text models only", where)
+        elif kind not in REPLAYED_BLOCKS:
+            raise invalid(f"{where}: a {role} message cannot hold a {json.dumps(kind)[:40]} block; this server takes "
+                          "text, tool_use (assistant), tool_result (user), thinking and redacted_thinking", where)
+    rest = {"role": role, "content": BLOCK_SEPARATOR.join(texts)}
+    if calls:
+        rest["tool_calls"] = calls
+    return results + ([rest] if texts or calls or not results else [])
+
+
+def anthropic_tool_use(block: dict, param: str) -> dict:
+    """An assistant's tool_use block as an OpenAI tool call, arguments as an object (for the chat template)."""
+    if not isinstance(block.get("name"), str) or not isinstance(block.get("input", {}), dict):
+        raise invalid(f"{param} must be {{\"type\": \"tool_use\", \"id\": ..., \"name\": ..., \"input\": {{...}}}}", param)
+    return {"id": block.get("id"), "type": "function",
+            "function": {"name": block["name"], "arguments": block.get("input") or {}}}
+
+
+def anthropic_tool_result(block: dict, param: str) -> dict:
+    """A user's tool_result block as a "tool" message; a failed call's result says it is an error."""
+    if not isinstance(block.get("tool_use_id"), str):
+        raise invalid(f"{param}.tool_use_id must be a string", param)
+    content = block.get("content")
+    text = "" if content is None else parse_content(content, f"{param}.content", separator=BLOCK_SEPARATOR)
+    return {"role": "tool", "tool_call_id": block["tool_use_id"],
+            "content": f"Error: {text}" if block.get("is_error") else text}
+
+
+def anthropic_tool_choice(choice: dict | None) -> str | dict | None:
+    """Anthropic's tool_choice in chat's terms: auto, any (= required), tool (one named function), none."""
+    kind = None if choice is None else choice.get("type")
+    if kind in (None, "auto", "none"):
+        return kind
+    if kind == "any":
+        return "required"
+    if kind == "tool" and isinstance(choice.get("name"), str):
+        return {"type": "function", "function": {"name": choice["name"]}}
+    raise invalid("'tool_choice' must be {\"type\": \"auto\"}, {\"type\": \"any\"}, {\"type\": \"tool\", \"name\": ...} "
+                  "or {\"type\": \"none\"}", "tool_choice")
+
+
+def dialect_tools(tools: list, schema_field: str, served: Callable[[dict], bool]) -> list[dict]:
+    """A dialect's tool list as OpenAI function tools.
+
+    Tools that `served` turns down (hosted web search, shells, namespaces:
+    things a local model cannot run) are skipped, not refused: agents send
+    them on every request. Each kept tool has a name and, under
+    `schema_field`, a JSON Schema for its arguments.
+    """
+    out = []
+    for i, tool in enumerate(tools):
+        param = f"tools[{i}]"
+        if not isinstance(tool, dict):
+            raise invalid(f"'{param}' must be an object", param)
+        if not served(tool):
+            continue
+        if not isinstance(tool.get("name"), str) or not tool["name"]:
+            raise invalid(f"'{param}.name' must be a non-empty string", f"{param}.name")
+        schema = tool.get(schema_field)
+        if schema is not None and not isinstance(schema, dict):
+            raise invalid(f"'{param}.{schema_field}' must be a JSON Schema object", f"{param}.{schema_field}")
+        function = {"name": tool["name"], "parameters": schema or {"type": "object", "properties": {}}}
+        if isinstance(tool.get("description"), str):
+            function["description"] = tool["description"]
+        out.append({"type": "function", "function": function})
+    return out
+
+
+RESPONSES_CHECKS = common_checks("model", "stream", "temperature", "top_p") + (
+    Check("input", (str, list), "a string or a non-empty list of input items",
+          lambda v: isinstance(v, str) or len(v) > 0),
+    Check("instructions", (str,), "a string"),
+    Check("max_output_tokens", (int,), "an integer >= 1", lambda v: v >= 1),
+    Check("tools", (list,), 'a list of tools such as {"type": "function", "name": ..., "parameters": {...}}'),
+    Check("tool_choice", (str, dict), '"none", "auto", "required" or {"type": "function", "name": ...}'),
+    Check("parallel_tool_calls", (bool,), "a boolean"),
+    Check("text", (dict,), 'an object such as {"format": {"type": "text"}}'),
+)
+# Fields that need state this server does not keep (it is stateless): refused by name.
+STATEFUL_FIELDS = {"previous_response_id": None, "conversation": None, "background": False}
+RESPONSES_ROLES = ("user", "assistant", "system", "developer")
+RESPONSES_TEXT_PARTS = ("input_text", "output_text", "text")
+
+
+def parse_responses_request(body: dict, settings: Settings) -> GenerationRequest:
+    """Validate an OpenAI /v1/responses body; stateless, so the whole conversation is in `input`."""
+    run_checks(body, RESPONSES_CHECKS)
+    for field, harmless in STATEFUL_FIELDS.items():
+        if body.get(field) not in (None, harmless):
+            raise invalid(f"'{field}' is not supported: this server keeps no responses or conversations; send the "
+                          "whole conversation in 'input' (as Codex does with store: false)", field,
+                          "unsupported_parameter")
+    if body.get("input") is None:
+        raise invalid("'input' is required", "input")
+    messages = [{"role": "system", "content": body["instructions"]}] if body.get("instructions") else []
+    messages += responses_input(body["input"])
+    fields = {"tools": dialect_tools(body.get("tools") or [], "parameters", lambda t: t.get("type") == "function"),
+              "tool_choice": responses_tool_choice(body.get("tool_choice")),
+              "response_format": responses_format((body.get("text") or {}).get("format"))}
+    effort = (body.get("reasoning") or {}).get("effort") if isinstance(body.get("reasoning"), dict) else None
+    return GenerationRequest(
+        endpoint="responses", messages=tuple(messages), stream=bool(body.get("stream")),
+        max_tokens=min(body.get("max_output_tokens") or settings.max_tokens, settings.max_tokens),
+        template_args=template_args({"reasoning_effort": effort if isinstance(effort, str) else None}, settings),
+        split_reasoning=settings.reasoning_format != "none",
+        **output_fields("responses", fields, "text.format"),
+        **sampling_fields({field: body.get(field) for field in ("temperature", "top_p")}, settings.sampling))
+
+
+def responses_input(items: str | list) -> list[dict]:
+    """Input items as chat messages: messages, function calls (joined to their assistant turn), call outputs.
+
+    Reasoning items sent back are dropped; other item kinds are refused.
+    """
+    if isinstance(items, str):
+        return [{"role": "user", "content": items}]
+    messages: list[dict] = []
+    for i, item in enumerate(items):
+        param = f"input[{i}]"
+        kind = item.get("type", "message") if isinstance(item, dict) else None
+        if kind == "message":
+            messages.append(responses_message(item, param))
+        elif kind == "function_call":
+            call = parse_tool_calls([{"id": item.get("call_id"), "type": "function", "function": {
+                "name": item.get("name"), "arguments": item.get("arguments")}}], param)[0]
+            if messages and messages[-1]["role"] == "assistant":
+                messages[-1]["tool_calls"] = messages[-1].get("tool_calls", []) + [call]
+            else:
+                messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
+        elif kind == "function_call_output":
+            messages.append(responses_call_output(item, param))
+        elif kind != "reasoning":
+            raise invalid(f"{param} is a {json.dumps(kind)[:40]} item; this server takes message, function_call, "
+                          "function_call_output and reasoning items", param)
+    return messages
+
+
+def responses_message(item: dict, param: str) -> dict:
+    """A message item; a developer message is a system message, as in chat."""
+    role = item.get("role")
+    if role not in RESPONSES_ROLES:
+        raise invalid(f"{param}.role must be one of {', '.join(RESPONSES_ROLES)}, got {json.dumps(role)[:40]}",
+                      f"{param}.role")
+    content = parse_content(item.get("content"), f"{param}.content", text_types=RESPONSES_TEXT_PARTS,
+                            separator=BLOCK_SEPARATOR)
+    return {"role": chat_role(role), "content": content}
+
+
+def responses_call_output(item: dict, param: str) -> dict:
+    """A function_call_output item as a "tool" message answering its call_id."""
+    if not isinstance(item.get("call_id"), str):
+        raise invalid(f"{param}.call_id must be a string", f"{param}.call_id")
+    output = item.get("output")
+    text = parse_content("" if output is None else output, f"{param}.output", text_types=RESPONSES_TEXT_PARTS,
+                         separator=BLOCK_SEPARATOR)
+    return {"role": "tool", "tool_call_id": item["call_id"], "content": text}
+
+
+def responses_tool_choice(choice: str | dict | None) -> str | dict | None:
+    """The Responses tool_choice in chat's terms ({"type": "function", "name"} names one function)."""
+    if choice is None or choice in ("none", "auto", "required"):
+        return choice
+    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("name"), str):
+        return {"type": "function", "function": {"name": choice["name"]}}
+    raise invalid("'tool_choice' must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", \"name\": ...}",
+                  "tool_choice")
+
+
+def responses_format(value: Any) -> dict | None:
+    """text.format in chat's response_format shape: text, json_object or json_schema (name and schema inline)."""
+    if value is None:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind in ("text", "json_object"):
+        return {"type": kind}
+    if kind == "json_schema" and isinstance(value.get("schema"), dict):
+        return {"type": "json_schema", "json_schema": {"name": value.get("name"), "schema": value["schema"]}}
+    raise invalid("'text.format' must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
+                  "{\"type\": \"json_schema\", \"name\": ..., \"schema\": {...}}", "text.format")
 
 
 # ---------------------------------------------------------------------------
@@ -2359,14 +2671,23 @@ def check_tool_support(request: GenerationRequest, tokenizer: Any) -> list[dict]
     return list(request.tools)
 
 
+PROMPT_PARAMS = {"chat": "messages", "completions": "prompt", "messages": "messages", "responses": "input"}
+
+
 def fit_to_context(prompt_tokens: int, request: GenerationRequest, model: Model) -> int:
-    """The token budget for this request, or a 400 when the prompt cannot fit."""
+    """The token budget for this request, or a 400 when the prompt cannot fit.
+
+    The wording is Anthropic's, which clients (Claude Code) recognise to
+    compact their context. A budget the client did not insist on
+    (max_tokens_given false: a default, or a dialect's clamped ceiling) is
+    trimmed to the room left.
+    """
     limit = model.context_length
     if limit is None:
         return request.max_tokens
     if prompt_tokens >= limit:
-        raise invalid(f"the prompt is {prompt_tokens} tokens; this model's context is {limit} tokens",
-                      "messages" if request.endpoint == "chat" else "prompt", "context_length_exceeded")
+        raise invalid(f"prompt is too long: {prompt_tokens} tokens > {limit - 1} maximum (this model's context is "
+                      f"{limit} tokens)", PROMPT_PARAMS[request.endpoint], "context_length_exceeded")
     room = limit - prompt_tokens
     if request.max_tokens_given and request.max_tokens > room:
         raise invalid(f"{prompt_tokens} prompt tokens + max_tokens {request.max_tokens} exceed this model's "
@@ -2846,6 +3167,7 @@ class StopScanner:
         self.fallbacks = [kmp_fallbacks(stop) for stop in stops]
         self.matched = [0] * len(stops)   # per stop: its longest prefix the text now ends with
         self.held = ""
+        self.hit: str | None = None   # the stop string that was reached, once one is
 
     def feed(self, text: str) -> tuple[str, bool]:
         """Return (text safe to emit, whether a stop string was reached)."""
@@ -2853,10 +3175,10 @@ class StopScanner:
             return text, False
         buffer = self.held + text
         for at, ch in enumerate(text, start=len(self.held)):
-            ends = [len(stop) for k, stop in enumerate(self.stops) if self._step(k, ch) == len(stop)]
+            ends = [stop for k, stop in enumerate(self.stops) if self._step(k, ch) == len(stop)]
             if ends:  # the longest stop ending here starts first
-                self.held = ""
-                return buffer[:at + 1 - max(ends)], True
+                self.held, self.hit = "", max(ends, key=len)
+                return buffer[:at + 1 - len(self.hit)], True
         keep = max(self.matched)
         self.held = buffer[len(buffer) - keep:] if keep else ""
         return buffer[:len(buffer) - keep], False
@@ -2957,6 +3279,7 @@ class Job:
     reasoning_tokens: int = 0               # of completion_tokens, those sampled inside a thinking block
     cached_tokens: int = 0                  # prompt tokens served from the prompt cache
     first_token_at: float | None = None
+    stop_string: str | None = None          # the stop string that ended generation, if one did
 
     @property
     def prompt_tokens(self) -> int:
@@ -3690,6 +4013,7 @@ class Engine:
             reason = self._on_token(sequence, response)
             if reason is None:
                 continue
+            sequence.job.stop_string = sequence.stops.hit
             sequence.job.events.put(("finish", reason))
             del self.running[response.uid]
             if response.finish_reason is None:  # a stop string: the batch still holds it
@@ -3880,107 +4204,402 @@ def tool_scanner(request: GenerationRequest, tokenizer: Any) -> ToolCallScanner 
                            list(request.tools))
 
 
-def completion_object(endpoint: str, response_id: str, created: int, model: str, text: str,
-                      finish_reason: str, usage: dict, logprobs: list[dict] | None = None,
-                      tool_calls: list[dict] = (), reasoning: str = "") -> dict:
-    """The non-streaming response body for either endpoint."""
-    if endpoint == "chat":
-        message = {"role": "assistant", "content": text}
-        if tool_calls:
-            message = {"role": "assistant", "content": text if text.strip() else None, "tool_calls": list(tool_calls)}
-            finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
-        if reasoning:  # both names: DeepSeek's and llama-server's, and vLLM's, OpenRouter's and mlx_lm's
-            message.update(reasoning_content=reasoning, reasoning=reasoning)
-        choice = {"index": 0, "message": message,
-                  "logprobs": logprobs_object(endpoint, logprobs), "finish_reason": finish_reason}
-        kind = "chat.completion"
-    else:
-        choice = {"index": 0, "text": text, "logprobs": logprobs_object(endpoint, logprobs),
-                  "finish_reason": finish_reason}
-        kind = "text_completion"
-    return {"id": response_id, "object": kind, "created": created, "model": model,
-            "choices": [choice], "usage": usage}
-
-
-class ChunkFormatter:
-    """Builds the streaming chunks of one response, shaped for its endpoint."""
-
-    def __init__(self, endpoint: str, response_id: str, created: int, model: str, logprobs: bool = False):
-        self.endpoint = endpoint
-        self.chat = endpoint == "chat"
-        self.logprobs = logprobs
-        self.offsets = TextOffsets()   # for completions' text_offset across chunks
-        self.calls_sent = 0
-        self.head = {"id": response_id, "object": "chat.completion.chunk" if self.chat else "text_completion",
-                     "created": created, "model": model}
-
-    def _chunk(self, choice: dict | None, **extra: Any) -> dict:
-        return {**self.head, "choices": [choice] if choice else [], **extra}
-
-    def role(self) -> dict | None:
-        """The opening chunk (chat only): the assistant role with empty content."""
-        if not self.chat:
-            return None
-        return self._chunk({"index": 0, "delta": {"role": "assistant", "content": ""},
-                            "logprobs": None, "finish_reason": None})
-
-    def text(self, text: str, logprobs: list[dict] = ()) -> dict:
-        """A chunk carrying one piece of generated text (and its tokens' logprobs, when asked)."""
-        lp = logprobs_object(self.endpoint, list(logprobs), self.offsets) if self.logprobs else None
-        if self.chat:
-            return self._chunk({"index": 0, "delta": {"content": text}, "logprobs": lp, "finish_reason": None})
-        return self._chunk({"index": 0, "text": text, "logprobs": lp, "finish_reason": None})
-
-    def reasoning(self, text: str) -> dict:
-        """A chat chunk carrying a piece of reasoning, under both names clients read."""
-        return self._chunk({"index": 0, "delta": {"reasoning_content": text, "reasoning": text}, "logprobs": None,
-                            "finish_reason": None})
-
-    def tool_calls(self, calls: list[dict]) -> dict:
-        """A chat chunk carrying whole tool calls, numbered in the order they came."""
-        first = self.calls_sent
-        self.calls_sent += len(calls)
-        deltas = [{"index": first + i, **call} for i, call in enumerate(calls)]
-        return self._chunk({"index": 0, "delta": {"tool_calls": deltas}, "logprobs": None, "finish_reason": None})
-
-    def finish(self, reason: str) -> dict:
-        """The chunk that ends the choice; a reply that made tool calls finishes as "tool_calls"."""
-        if self.calls_sent and reason == "stop":
-            reason = "tool_calls"
-        if self.chat:
-            return self._chunk({"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason})
-        return self._chunk({"index": 0, "text": "", "logprobs": None, "finish_reason": reason})
-
-    def usage(self, usage: dict) -> dict:
-        return self._chunk(None, usage=usage)
-
-
-def stream_chunks(chunks: ChunkFormatter, scanner: ToolCallScanner | None, kind: str, value: str,
-                  logprobs: list[dict] = ()) -> list[dict]:
-    """The chunks one engine event becomes: text, reasoning, tool calls (via the scanner), or the finish."""
-    if kind == "reasoning":
-        return [chunks.reasoning(value)]
-    out = []
-    text, calls = (value if kind == "text" else ""), []
-    if scanner is not None:
-        text, calls = scanner.feed(value) if kind == "text" else (scanner.flush(), [])
-    if text or logprobs:
-        out.append(chunks.text(text, logprobs))
-    if calls:
-        out.append(chunks.tool_calls(calls))
-    if kind != "text":
-        out.append(chunks.finish(value))
-    return out
-
-
-def sse_event(payload: dict | str) -> bytes:
-    """One Server-Sent Event carrying JSON (or the literal [DONE])."""
+def sse_event(payload: dict | str, event: str | None = None) -> bytes:
+    """One Server-Sent Event carrying JSON (or the literal [DONE]), named `event` when given."""
     data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
-    return f"data: {data}\n\n".encode()
+    name = f"event: {event}\n" if event else ""
+    return f"{name}data: {data}\n\n".encode()
 
 
 SSE_KEEPALIVE = b": keepalive\n\n"
 SSE_DONE = sse_event("[DONE]")
+
+
+def new_id(prefix: str) -> str:
+    """A fresh id for a response or an item, in the API's style ("chatcmpl-...", "msg_...")."""
+    return f"{prefix}{uuid.uuid4().hex[:24]}"
+
+
+class Writer:
+    """Writes one request's reply in the shapes of the API it came through.
+
+    The handler has one streaming loop and one non-streaming path for every
+    endpoint, and both talk to a Writer; each API is one subclass. Engine
+    events go through `event` (streaming) or the whole text through `reply`
+    (not streaming); both split tool calls out with the request's
+    ToolCallScanner, then call the subclass's `text`, `tool_calls` and
+    `finish` (which return SSE bytes) or `body` (which returns the JSON).
+    """
+
+    keepalive = SSE_KEEPALIVE   # what a stream sends after KEEPALIVE_SECONDS of silence
+
+    def __init__(self, job: Job, model: str, scanner: ToolCallScanner | None):
+        self.job, self.request, self.model, self.scanner = job, job.request, model, scanner
+        self.created = int(time.time())
+        self.calls_sent = 0      # tool calls streamed so far
+
+    def event(self, kind: str, value: str, logprobs: list[dict] = ()) -> bytes:
+        """The bytes one engine event becomes: reasoning, text, tool calls (via the scanner), at the end the finish."""
+        if kind == "reasoning":
+            return self.reasoning(value)
+        text, calls = (value if kind == "text" else ""), []
+        if self.scanner is not None:
+            text, calls = self.scanner.feed(value) if kind == "text" else (self.scanner.flush(), [])
+        out = [self.text(text, list(logprobs))] if text or logprobs else []
+        if calls:
+            out.append(self.tool_calls(calls))
+            self.calls_sent += len(calls)
+        if kind != "text":
+            out.append(self.finish(value))
+        return b"".join(out)
+
+    def reply(self, text: str, reason: str, logprobs: list[dict], reasoning: str = "") -> dict:
+        """The non-streaming response body for the whole generated text (and a thinking model's reasoning)."""
+        calls = []
+        if self.scanner is not None:
+            text, calls = self.scanner.feed(text)
+            text += self.scanner.flush()
+        return self.body(text, calls, reason, logprobs, reasoning)
+
+    def opening(self) -> bytes:
+        """What a stream starts with, before any generated text."""
+        return b""
+
+    def reasoning(self, text: str) -> bytes:
+        """A piece of a thinking model's reasoning (it comes before the text)."""
+        raise NotImplementedError
+
+    def text(self, text: str, logprobs: list[dict]) -> bytes:
+        raise NotImplementedError
+
+    def tool_calls(self, calls: list[dict]) -> bytes:
+        raise NotImplementedError
+
+    def finish(self, reason: str) -> bytes:
+        """The end of a stream that went well: finish reason, usage, the closing events."""
+        raise NotImplementedError
+
+    def failure(self, error: APIError) -> bytes:
+        """The end of a stream that failed after its headers went out."""
+        raise NotImplementedError
+
+    def body(self, text: str, calls: list[dict], reason: str, logprobs: list[dict], reasoning: str) -> dict:
+        raise NotImplementedError
+
+
+class ChatWriter(Writer):
+    """OpenAI's /v1/chat/completions and /v1/completions: a choice; a stream of data-only chunks and [DONE]."""
+
+    def __init__(self, job: Job, model: str, scanner: ToolCallScanner | None):
+        super().__init__(job, model, scanner)
+        self.chat = self.request.endpoint == "chat"
+        self.offsets = TextOffsets()   # for completions' text_offset across chunks
+        self.head = {"id": new_id("chatcmpl-" if self.chat else "cmpl-"),
+                     "object": "chat.completion.chunk" if self.chat else "text_completion",
+                     "created": self.created, "model": model}
+
+    def _chunk(self, choice: dict | None, **extra: Any) -> bytes:
+        return sse_event({**self.head, "choices": [choice] if choice else [], **extra})
+
+    def _choice(self, delta: dict | None = None, text: str = "", logprobs: dict | None = None,
+                finish_reason: str | None = None) -> dict:
+        content = {"delta": delta or {}} if self.chat else {"text": text}
+        return {"index": 0, **content, "logprobs": logprobs, "finish_reason": finish_reason}
+
+    def opening(self) -> bytes:
+        """Chat opens with the assistant role and empty content; completions with nothing."""
+        return self._chunk(self._choice({"role": "assistant", "content": ""})) if self.chat else b""
+
+    def reasoning(self, text: str) -> bytes:
+        """A chat chunk carrying reasoning under both names clients read: DeepSeek's and llama-server's,
+        and vLLM's, OpenRouter's and mlx_lm's."""
+        return self._chunk(self._choice({"reasoning_content": text, "reasoning": text}))
+
+    def text(self, text: str, logprobs: list[dict]) -> bytes:
+        """A chunk carrying one piece of generated text (and its tokens' logprobs, when asked)."""
+        wanted = self.request.logprobs is not None
+        lp = logprobs_object(self.request.endpoint, logprobs, self.offsets) if wanted else None
+        return self._chunk(self._choice({"content": text}, text, lp))
+
+    def tool_calls(self, calls: list[dict]) -> bytes:
+        """A chat chunk carrying whole tool calls, numbered in the order they came."""
+        deltas = [{"index": self.calls_sent + i, **call} for i, call in enumerate(calls)]
+        return self._chunk(self._choice({"tool_calls": deltas}))
+
+    def finish(self, reason: str) -> bytes:
+        """The finish chunk (a reply that made tool calls finishes as "tool_calls"), usage when asked, [DONE]."""
+        if self.calls_sent and reason == "stop":
+            reason = "tool_calls"
+        usage = self._chunk(None, usage=usage_of(self.job)) if self.request.include_usage else b""
+        return self._chunk(self._choice(finish_reason=reason)) + usage + SSE_DONE
+
+    def failure(self, error: APIError) -> bytes:
+        return sse_event(error.body()) + SSE_DONE
+
+    def body(self, text: str, calls: list[dict], reason: str, logprobs: list[dict], reasoning: str) -> dict:
+        """A chat.completion (tool calls and reasoning in the message) or a text_completion."""
+        endpoint = self.request.endpoint
+        lp = logprobs_object(endpoint, logprobs if self.request.logprobs is not None else None)
+        if not self.chat:
+            choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": reason}
+            return {**self.head, "object": "text_completion", "choices": [choice], "usage": usage_of(self.job)}
+        message = {"role": "assistant", "content": text}
+        if calls:
+            message = {"role": "assistant", "content": text if text.strip() else None, "tool_calls": list(calls)}
+            reason = "tool_calls" if reason == "stop" else reason
+        if reasoning:
+            message.update(reasoning_content=reasoning, reasoning=reasoning)
+        choice = {"index": 0, "message": message, "logprobs": lp, "finish_reason": reason}
+        return {**self.head, "object": "chat.completion", "choices": [choice], "usage": usage_of(self.job)}
+
+
+def anthropic_usage(job: Job) -> dict:
+    """Anthropic's usage: input_tokens counts only the prompt tokens not read from the cache.
+
+    input_tokens + cache_read_input_tokens is the whole prompt (what
+    count_tokens returns), as Anthropic counts it. Every prompt is cached
+    without asking, so nothing is reported as a cache write.
+    """
+    return {"input_tokens": job.prompt_tokens - job.cached_tokens, "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": job.cached_tokens, "output_tokens": job.completion_tokens}
+
+
+def tool_use_block(call: dict) -> dict:
+    """A parsed tool call (OpenAI's shape, arguments as JSON text) as Anthropic's tool_use block."""
+    try:
+        arguments = json.loads(call["function"]["arguments"])
+    except ValueError:
+        arguments = None
+    return {"type": "tool_use", "id": call["id"], "name": call["function"]["name"],
+            "input": arguments if isinstance(arguments, dict) else {}}
+
+
+class MessagesWriter(Writer):
+    """Anthropic's /v1/messages: a message of content blocks; a stream of named events.
+
+    A stream is message_start (and a ping), then per content block
+    content_block_start, its deltas and content_block_stop, then
+    message_delta (stop reason, final usage) and message_stop. Another kind
+    of block is one more `_start` with its own delta type.
+    """
+
+    keepalive = sse_event({"type": "ping"}, "ping")
+
+    def __init__(self, job: Job, model: str, scanner: ToolCallScanner | None):
+        super().__init__(job, model, scanner)
+        self.id = new_id("msg_")
+        self.blocks = 0                      # content blocks started so far
+        self.open_block: str | None = None   # the type of the block being streamed, if one is open
+
+    def _event(self, name: str, **fields: Any) -> bytes:
+        return sse_event({"type": name, **fields}, name)
+
+    def _start(self, block: dict) -> bytes:
+        """Close the open block, if any, and open `block` as the next one."""
+        out = self._stop()
+        self.open_block, self.blocks = block["type"], self.blocks + 1
+        return out + self._event("content_block_start", index=self.blocks - 1, content_block=block)
+
+    def _stop(self) -> bytes:
+        if self.open_block is None:
+            return b""
+        # A thinking block ends with its signature, as Anthropic's do; a local model has none to give.
+        signed = self._delta({"type": "signature_delta", "signature": ""}) if self.open_block == "thinking" else b""
+        self.open_block = None
+        return signed + self._event("content_block_stop", index=self.blocks - 1)
+
+    def _delta(self, delta: dict) -> bytes:
+        return self._event("content_block_delta", index=self.blocks - 1, delta=delta)
+
+    def opening(self) -> bytes:
+        return self._event("message_start", message=self._message([], None, None)) + self.keepalive
+
+    def reasoning(self, text: str) -> bytes:
+        opening = b"" if self.open_block == "thinking" else self._start({"type": "thinking", "thinking": "",
+                                                                          "signature": ""})
+        return opening + self._delta({"type": "thinking_delta", "thinking": text})
+
+    def text(self, text: str, logprobs: list[dict]) -> bytes:
+        opening = b"" if self.open_block == "text" else self._start({"type": "text", "text": ""})
+        return opening + self._delta({"type": "text_delta", "text": text})
+
+    def tool_calls(self, calls: list[dict]) -> bytes:
+        out = []
+        for block in map(tool_use_block, calls):
+            out.append(self._start({**block, "input": {}}))
+            out.append(self._delta({"type": "input_json_delta",
+                                    "partial_json": json.dumps(block["input"], ensure_ascii=False)}))
+        return b"".join(out) + self._stop()
+
+    def finish(self, reason: str) -> bytes:
+        stop_reason, stop_sequence = self._stop_reason(reason, self.calls_sent > 0)
+        return (self._stop() + self._event("message_delta", usage=anthropic_usage(self.job),
+                                           delta={"stop_reason": stop_reason, "stop_sequence": stop_sequence})
+                + self._event("message_stop"))
+
+    def failure(self, error: APIError) -> bytes:
+        return self._event("error", error=error.anthropic_body()["error"])
+
+    def body(self, text: str, calls: list[dict], reason: str, logprobs: list[dict], reasoning: str) -> dict:
+        content = [{"type": "thinking", "thinking": reasoning, "signature": ""}] if reasoning else []
+        content += [{"type": "text", "text": text}] if text.strip() or (text and not calls) else []
+        content += [tool_use_block(call) for call in calls]
+        return self._message(content, *self._stop_reason(reason, bool(calls)))
+
+    def _message(self, content: list[dict], stop_reason: str | None, stop_sequence: str | None) -> dict:
+        return {"id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": content,
+                "stop_reason": stop_reason, "stop_sequence": stop_sequence, "usage": anthropic_usage(self.job)}
+
+    def _stop_reason(self, reason: str, called: bool) -> tuple[str, str | None]:
+        """(stop_reason, stop_sequence): the token budget, a stop sequence, a tool call, or the model's own end."""
+        if reason == "length":
+            return "max_tokens", None
+        if self.job.stop_string is not None:
+            return "stop_sequence", self.job.stop_string
+        return ("tool_use" if called else "end_turn"), None
+
+
+def responses_usage(job: Job) -> dict:
+    """The Responses API's usage: input_tokens is the whole prompt, cached_tokens the part reused."""
+    return {"input_tokens": job.prompt_tokens,
+            "input_tokens_details": {"cached_tokens": job.cached_tokens, "cache_write_tokens": 0},
+            "output_tokens": job.completion_tokens, "output_tokens_details": {"reasoning_tokens": job.reasoning_tokens},
+            "total_tokens": job.prompt_tokens + job.completion_tokens}
+
+
+def output_text_part(text: str) -> dict:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def message_item(text: str, status: str = "completed") -> dict:
+    """An assistant message output item holding `text` (no content part yet when empty and in progress)."""
+    content = [output_text_part(text)] if status == "completed" else []
+    return {"id": new_id("msg_"), "type": "message", "status": status, "role": "assistant", "content": content}
+
+
+def reasoning_item(text: str, status: str = "completed") -> dict:
+    """A reasoning output item: the model's reasoning as one reasoning_text part (none yet while in progress)."""
+    content = [{"type": "reasoning_text", "text": text}] if status == "completed" else []
+    return {"id": new_id("rs_"), "type": "reasoning", "summary": [], "content": content, "status": status}
+
+
+def function_call_item(call: dict) -> dict:
+    """A parsed tool call (OpenAI chat's shape) as a function_call output item."""
+    return {"id": new_id("fc_"), "type": "function_call", "status": "completed", "call_id": call["id"],
+            "name": call["function"]["name"], "arguments": call["function"]["arguments"]}
+
+
+class ResponsesWriter(Writer):
+    """OpenAI's /v1/responses: a response of output items; a stream of typed events with sequence numbers.
+
+    A stream is response.created and response.in_progress, then each output
+    item between response.output_item.added and response.output_item.done
+    (a message's text as one output_text part; a function call's arguments),
+    then response.completed, or response.incomplete when the token budget ran
+    out. Another kind of item is one more item builder and its own events.
+    """
+
+    def __init__(self, job: Job, model: str, scanner: ToolCallScanner | None):
+        super().__init__(job, model, scanner)
+        self.id = new_id("resp_")
+        self.sequence = 0
+        self.output: list[dict] = []         # items finished so far
+        self.message: dict | None = None     # the message item being streamed, if one is open
+        self.message_text = ""
+        self.thought: dict | None = None     # the reasoning item being streamed, if one is open
+        self.thought_text = ""
+
+    def _event(self, kind: str, **fields: Any) -> bytes:
+        self.sequence += 1
+        return sse_event({"type": kind, "sequence_number": self.sequence - 1, **fields}, kind)
+
+    def opening(self) -> bytes:
+        response = self._response("in_progress", [])
+        return self._event("response.created", response=response) + self._event("response.in_progress", response=response)
+
+    def reasoning(self, text: str) -> bytes:
+        out = b""
+        if self.thought is None:
+            self.thought, self.thought_text = reasoning_item("", "in_progress"), ""
+            out = self._event("response.output_item.added", output_index=len(self.output), item=self.thought)
+        self.thought_text += text
+        return out + self._event("response.reasoning_text.delta", item_id=self.thought["id"],
+                                 output_index=len(self.output), content_index=0, delta=text)
+
+    def _close_reasoning(self) -> bytes:
+        if self.thought is None:
+            return b""
+        item = {**self.thought, "status": "completed", "content": [{"type": "reasoning_text", "text": self.thought_text}]}
+        where = {"item_id": item["id"], "output_index": len(self.output), "content_index": 0}
+        self.output.append(item)
+        self.thought = None
+        return (self._event("response.reasoning_text.done", **where, text=self.thought_text)
+                + self._event("response.output_item.done", output_index=where["output_index"], item=item))
+
+    def text(self, text: str, logprobs: list[dict]) -> bytes:
+        out = self._close_reasoning()
+        if self.message is None:
+            self.message, self.message_text = message_item("", "in_progress"), ""
+            out += (self._event("response.output_item.added", output_index=len(self.output), item=self.message)
+                    + self._event("response.content_part.added", **self._where(), part=output_text_part("")))
+        self.message_text += text
+        return out + self._event("response.output_text.delta", **self._where(), delta=text, logprobs=[])
+
+    def _where(self) -> dict:
+        return {"item_id": self.message["id"], "output_index": len(self.output), "content_index": 0}
+
+    def _close_message(self) -> bytes:
+        if self.message is None:
+            return b""
+        where, part = self._where(), output_text_part(self.message_text)
+        item = {**self.message, "status": "completed", "content": [part]}
+        self.output.append(item)
+        self.message = None
+        return (self._event("response.output_text.done", **where, text=part["text"], logprobs=[])
+                + self._event("response.content_part.done", **where, part=part)
+                + self._event("response.output_item.done", output_index=where["output_index"], item=item))
+
+    def tool_calls(self, calls: list[dict]) -> bytes:
+        out = [self._close_reasoning(), self._close_message()]
+        for item in map(function_call_item, calls):
+            where = {"item_id": item["id"], "output_index": len(self.output)}
+            out += [self._event("response.output_item.added", output_index=where["output_index"],
+                                item={**item, "status": "in_progress", "arguments": ""}),
+                    self._event("response.function_call_arguments.delta", **where, delta=item["arguments"]),
+                    self._event("response.function_call_arguments.done", **where, name=item["name"],
+                                arguments=item["arguments"]),
+                    self._event("response.output_item.done", output_index=where["output_index"], item=item)]
+            self.output.append(item)
+        return b"".join(out)
+
+    def finish(self, reason: str) -> bytes:
+        out = self._close_reasoning() + self._close_message()
+        status = "incomplete" if reason == "length" else "completed"
+        return out + self._event(f"response.{status}", response=self._response(status, self.output))
+
+    def failure(self, error: APIError) -> bytes:
+        failed = {"code": error.code or error.type, "message": error.message}
+        return self._event("response.failed", response=self._response("failed", self.output, failed))
+
+    def body(self, text: str, calls: list[dict], reason: str, logprobs: list[dict], reasoning: str) -> dict:
+        output = [reasoning_item(reasoning)] if reasoning else []
+        output += [message_item(text)] if text.strip() or (text and not calls) else []
+        output += [function_call_item(call) for call in calls]
+        return self._response("incomplete" if reason == "length" else "completed", output)
+
+    def _response(self, status: str, output: list[dict], error: dict | None = None) -> dict:
+        """The response object; usage once generation has ended, incomplete_details when the budget ran out."""
+        request, ended = self.request, status in ("completed", "incomplete")
+        return {"id": self.id, "object": "response", "created_at": self.created, "status": status, "error": error,
+                "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+                "model": self.model, "output": output, "parallel_tool_calls": True,
+                "tool_choice": request.tool_choice, "tools": [{"type": "function", **t["function"]} for t in request.tools],
+                "temperature": request.temperature, "top_p": request.top_p, "max_output_tokens": request.max_tokens,
+                "store": False, "usage": responses_usage(self.job) if ended else None}
+
+
+WRITERS: dict[str, type[Writer]] = {"chat": ChatWriter, "completions": ChatWriter,
+                                    "messages": MessagesWriter, "responses": ResponsesWriter}
 
 
 # ---------------------------------------------------------------------------
@@ -4070,6 +4689,7 @@ class Metrics:
         self.durations: dict[str, Histogram] = {}
         self.time_to_first_token: dict[str, Histogram] = {}
         self.prompt_tokens = 0
+        self.cached_tokens = 0
         self.completion_tokens = 0
         self.gate_rejections = 0
         self.drops = dict.fromkeys(self.DROP_REASONS, 0)
@@ -4079,11 +4699,12 @@ class Metrics:
             self.requests[endpoint, status] = self.requests.get((endpoint, status), 0) + 1
             self.durations.setdefault(endpoint, Histogram()).observe(seconds)
 
-    def record_generation(self, endpoint: str, prompt_tokens: int, completion_tokens: int,
+    def record_generation(self, endpoint: str, prompt_tokens: int, cached_tokens: int, completion_tokens: int,
                           first_token_seconds: float | None) -> None:
         """Add one generation request's token counts and time to first token."""
         with self.lock:
             self.prompt_tokens += prompt_tokens
+            self.cached_tokens += cached_tokens
             self.completion_tokens += completion_tokens
             if first_token_seconds is not None:
                 self.time_to_first_token.setdefault(endpoint, Histogram()).observe(first_token_seconds)
@@ -4109,6 +4730,8 @@ class Metrics:
                        [row for e, h in sorted(self.time_to_first_token.items()) for row in h.samples({"endpoint": e})]),
                 Family("lem_prompt_tokens_total", "counter", "Prompt tokens of admitted generation requests.",
                        [("", {}, self.prompt_tokens)]),
+                Family("lem_cached_prompt_tokens_total", "counter", "Prompt tokens served from the prompt cache "
+                       "instead of being computed.", [("", {}, self.cached_tokens)]),
                 Family("lem_completion_tokens_total", "counter", "Tokens generated for clients.",
                        [("", {}, self.completion_tokens)]),
                 Family("lem_gate_rejections_total", "counter", "Generation requests refused with 429 because every slot was taken.",
@@ -4226,7 +4849,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     GET_ROUTES = {"/": "page", "/chat.js": "chat_js", "/healthz": "healthz", "/metrics": "metrics",
                   "/v1/models": "models"}
-    POST_ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
+    POST_ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/messages": "messages",
+                   "/v1/messages/count_tokens": "count_tokens", "/v1/responses": "responses"}
+    ANTHROPIC_PATHS = ("/v1/messages", "/v1/messages/")   # the path, or a prefix: errors there are Anthropic's
     PREFLIGHT_ROUTES = dict.fromkeys([*GET_ROUTES, *POST_ROUTES], "preflight")
 
     @property
@@ -4357,14 +4982,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
                        code="origin_not_allowed")
 
     def _authorize(self) -> None:
+        """With --api-key, require it as 'Authorization: Bearer KEY' (OpenAI) or 'x-api-key: KEY' (Anthropic)."""
         key = self.server.settings.api_key
         if key is None:
             return
-        given = self.headers.get("Authorization", "")
-        scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        scheme, _, token = self.headers.get("Authorization", "").partition(" ")
+        offered = [token if scheme.lower() == "bearer" else None, self.headers.get("x-api-key")]
+        if not any(given is not None and hmac.compare_digest(given.strip().encode(), key.encode()) for given in offered):
             raise APIError(HTTPStatus.UNAUTHORIZED, "authentication_error",
-                           "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                           "missing or wrong API key: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'",
                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
     def parse_request(self) -> bool:
@@ -4385,7 +5011,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.body_read = False
         error = APIError(status, "invalid_request_error", message or status.phrase,
                          code=status.phrase.lower().replace(" ", "_").replace("-", "_"))
-        self._send_json(error.body(), status)
+        # The path is known only when the request line parsed (command set); else it may be the last request's.
+        self.route_path = self.path.split("?", 1)[0] if self.command else ""
+        self._send_json(self._error_body(error), status)
         self.server.metrics.record_request("other", str(int(status)), 0.0)
 
     def _send_error(self, error: APIError) -> None:
@@ -4395,7 +5023,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         # The unread body of a refused request would be parsed as the next request.
         if not self.body_read:
             self.close_connection = True
-        self._send_json(error.body(), error.status, error.headers)
+        self._send_json(self._error_body(error), error.status, error.headers)
+
+    def _error_body(self, error: APIError) -> dict:
+        """The error in the envelope of the API that was called: Anthropic's under /v1/messages, else OpenAI's."""
+        path = self.route_path
+        anthropic = path == self.ANTHROPIC_PATHS[0] or path.startswith(self.ANTHROPIC_PATHS[1])
+        return error.anthropic_body() if anthropic else error.body()
 
     # -- plain responses ----------------------------------------------------
 
@@ -4465,7 +5099,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             asked = self.headers.get("Access-Control-Request-Headers", "")
             plain = re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~ ,-]{1,1000}", asked)  # header names only
             self.send_header("Access-Control-Allow-Methods", methods)
-            self.send_header("Access-Control-Allow-Headers", asked if plain else "Authorization, Content-Type")
+            self.send_header("Access-Control-Allow-Headers", asked if plain else "Authorization, Content-Type, X-Api-Key")
             self.send_header("Access-Control-Max-Age", str(CORS_MAX_AGE_SECONDS))
         if not self.body_read:
             self.close_connection = True
@@ -4481,34 +5115,51 @@ class Handler(http.server.BaseHTTPRequestHandler):
     # -- POST routes --------------------------------------------------------
 
     def route_chat(self) -> None:
-        self._generate("chat")
+        self._generate(parse_generation_request("chat", self._read_json(), self.server.settings))
 
     def route_completions(self) -> None:
-        self._generate("completions")
+        self._generate(parse_generation_request("completions", self._read_json(), self.server.settings))
 
-    def _generate(self, endpoint: str) -> None:
-        """Validate, admit through the gate, run a Job and write its result."""
+    def route_messages(self) -> None:
+        self._generate(parse_messages_request(self._read_json(), self.server.settings))
+
+    def route_responses(self) -> None:
+        self._generate(parse_responses_request(self._read_json(), self.server.settings))
+
+    def route_count_tokens(self) -> None:
+        """Anthropic's count_tokens: the prompt's length as a create would see it; no slot, no engine."""
+        request = parse_messages_request(self._read_json(), self.server.settings, counting=True)
+        prompt, _ = render_prompt(request, self.server.model)
+        self._send_json({"input_tokens": len(prompt)})
+
+    def _generate(self, request: GenerationRequest) -> None:
+        """Render and fit the prompt, admit through the gate, run a Job and write its result.
+
+        Everything that needs no engine runs before admission, so a bad
+        request is a 400 even while every slot is taken.
+        """
         server = self.server
-        request = parse_generation_request(endpoint, self._read_json(), server.settings)
         check_token_ids(request, server.model)
         prompt, dropped = render_prompt(request, server.model)
         budget = fit_to_context(len(prompt), request, server.model)
         if not server.engine.alive:
             raise engine_unavailable()
-        headers = {WINDOW_HEADER: str(dropped)} if endpoint == "chat" else {}
+        headers = {WINDOW_HEADER: str(dropped)} if request.endpoint == "chat" else {}
         with server.admit() as slot:
             job = Job(prompt, request, budget, time.monotonic() + server.settings.timeout)
             server.engine.submit(job)
+            writer = WRITERS[request.endpoint](job, server.settings.model_name,
+                                               tool_scanner(request, server.model.tokenizer))
             try:
                 if request.stream:
-                    self._write_stream(job, slot, headers)
+                    self._write_stream(job, slot, writer, headers)
                 else:
-                    self._write_completion(job, slot, headers)
+                    self._write_completion(job, slot, writer, headers)
             finally:
                 job.cancelled.set()  # whatever ended the exchange, the engine stops on its next step
                 self.log_tokens = (job.prompt_tokens, job.completion_tokens)
                 first = None if job.first_token_at is None else job.first_token_at - self.started
-                server.metrics.record_generation(path_of_endpoint(endpoint), job.prompt_tokens,
+                server.metrics.record_generation(self.route_path, job.prompt_tokens, job.cached_tokens,
                                                  job.completion_tokens, first)
 
     def _read_json(self) -> dict:
@@ -4580,7 +5231,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if event[0] in FINAL_EVENTS:
                 return
 
-    def _write_completion(self, job: Job, slot: "Admission", headers: dict[str, str]) -> None:
+    def _write_completion(self, job: Job, slot: "Admission", writer: Writer, headers: dict[str, str]) -> None:
+        """Wait for the whole generation, then send the writer's JSON body."""
         pieces, reasoning, logprobs, finish = [], [], [], "stop"
         for kind, value, *extra in self._events(job, slot):
             if kind == "error":
@@ -4592,44 +5244,31 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 reasoning.append(value)
             else:
                 finish = value
-        server, request = self.server, job.request
-        text, calls = "".join(pieces), []
-        if (scanner := tool_scanner(request, server.model.tokenizer)) is not None:
-            text, calls = scanner.feed(text)
-            text += scanner.flush()
-        self._send_json(completion_object(request.endpoint, new_response_id(request.endpoint),
-                                          int(time.time()), server.settings.model_name, text,
-                                          finish, usage_of(job), logprobs if request.logprobs is not None else None,
-                                          calls, "".join(reasoning)), headers=headers)
+        self._send_json(writer.reply("".join(pieces), finish, logprobs, "".join(reasoning)), headers=headers)
 
-    def _write_stream(self, job: Job, slot: "Admission", headers: dict[str, str]) -> None:
-        server = self.server
-        chunks = ChunkFormatter(job.request.endpoint, new_response_id(job.request.endpoint),
-                                int(time.time()), server.settings.model_name, job.request.logprobs is not None)
+    def _write_stream(self, job: Job, slot: "Admission", writer: Writer, headers: dict[str, str]) -> None:
+        """Stream the writer's events as the engine's come in; an error after the headers becomes an event."""
         self._start_stream(headers)
         last_write = [time.monotonic()]
 
-        def keepalive() -> None:
-            if time.monotonic() - last_write[0] >= KEEPALIVE_SECONDS:
-                self._write_raw(SSE_KEEPALIVE)
+        def write(data: bytes) -> None:
+            if data:
+                self._write_raw(data)
                 last_write[0] = time.monotonic()
 
+        def keepalive() -> None:
+            if time.monotonic() - last_write[0] >= KEEPALIVE_SECONDS:
+                write(writer.keepalive)
+
         try:
-            if (opening := chunks.role()) is not None:
-                self._write_raw(sse_event(opening))
-            scanner = tool_scanner(job.request, server.model.tokenizer)
+            write(writer.opening())
             for kind, value, *extra in self._events(job, slot, keepalive):
                 if kind == "error":
                     raise value
-                for chunk in stream_chunks(chunks, scanner, kind, value, *extra):
-                    self._write_raw(sse_event(chunk))
-                last_write[0] = time.monotonic()
-            if job.request.include_usage:
-                self._write_raw(sse_event(chunks.usage(usage_of(job))))
+                write(writer.event(kind, value, *extra))
         except APIError as exc:  # headers are out: the error becomes an event
             self.status_sent = int(exc.status)
-            self._write_raw(sse_event(exc.body()))
-        self._write_raw(SSE_DONE)
+            write(writer.failure(exc))
 
     def _start_stream(self, headers: dict[str, str]) -> None:
         self.send_response(HTTPStatus.OK)
@@ -4675,15 +5314,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
         endpoint = path if path in self.PREFLIGHT_ROUTES else "other"  # raw paths would let clients mint series
         code = str(self.status_sent) if self.status_sent is not None else "499"
         self.server.metrics.record_request(endpoint, code, time.monotonic() - self.started)
-
-
-def path_of_endpoint(endpoint: str) -> str:
-    return "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
-
-
-def new_response_id(endpoint: str) -> str:
-    prefix = "chatcmpl" if endpoint == "chat" else "cmpl"
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
 PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "

@@ -11,6 +11,7 @@ Run: python -m pytest -q test_lem_serve.py
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import http.client
 import json
@@ -48,6 +49,9 @@ from testing.tiny_model import (GEMMA_TEMPLATE, MISTRAL_TEMPLATE, THINK_END, THI
 ROOT = Path(__file__).resolve().parent
 ARTIFACTS = ROOT / "artifacts"  # screenshots from the browser tests (not committed)
 ENDPOINTS = ("chat", "completions")
+DIALECTS = ("messages", "responses")  # the agents' APIs: Anthropic Messages, OpenAI Responses
+PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "messages": "/v1/messages",
+         "responses": "/v1/responses"}
 HELLO = [{"role": "user", "content": "Hello there, how are you?"}]
 
 
@@ -149,11 +153,14 @@ def make_long_server(long_model, long_model_dir):
             running_server(long_model, long_model_dir, **{"max_tokens": LONG_CONTEXT, **overrides}))
 
 
-def endless(model: lem_serve.Model) -> dict:
+def endless(model: lem_serve.Model, endpoint: str = "chat") -> dict:
     """Fields that make a request to the long model generate until stopped from outside (hang-up, deadline).
 
-    The tiny model never picks end-of-sequence greedily; the bias keeps sampling from it too.
+    The tiny model never picks end-of-sequence greedily; the bias keeps sampling from it too. The
+    dialects have no logit_bias: sampling picks end-of-sequence there ~2e-7 per token (see tiny_model).
     """
+    if endpoint in DIALECTS:
+        return {"max_tokens": LONG_BUDGET}
     return {"max_tokens": LONG_BUDGET, "logit_bias": {str(t): -100 for t in sorted(model.tokenizer.eos_token_ids)}}
 
 
@@ -196,16 +203,25 @@ def request(server, method: str, path: str, body=None, headers=None, timeout: fl
 
 
 def path_of(endpoint: str) -> str:
-    return "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
+    return PATHS[endpoint]
 
 
 def body_for(endpoint: str, **fields) -> dict:
-    """A minimal valid body for the endpoint, with fields added."""
-    base = {"messages": HELLO} if endpoint == "chat" else {"prompt": "Once upon a time"}
+    """A minimal valid body for the endpoint, with fields added (max_tokens named as the endpoint names it)."""
+    if endpoint == "responses" and "max_tokens" in fields:
+        fields["max_output_tokens"] = fields.pop("max_tokens")
+    base = {"chat": {"messages": HELLO}, "completions": {"prompt": "Once upon a time"},
+            "messages": {"messages": HELLO, "max_tokens": 32000}, "responses": {"input": HELLO}}[endpoint]
     return {**base, **fields}
 
 
 def text_of(endpoint: str, payload: dict) -> str:
+    """The generated text of a non-streaming response, whichever API answered."""
+    if endpoint == "messages":
+        return "".join(block["text"] for block in payload["content"] if block["type"] == "text")
+    if endpoint == "responses":
+        return "".join(part["text"] for item in payload["output"] if item["type"] == "message"
+                       for part in item["content"])
     choice = payload["choices"][0]
     return choice["message"]["content"] if endpoint == "chat" else choice["text"]
 
@@ -236,9 +252,16 @@ def stream(server, endpoint: str, **fields) -> list:
 
 
 def streamed_text(endpoint: str, events: list) -> str:
+    """The generated text of a stream's events, whichever API sent them."""
     pieces = []
     for event in events:
-        if isinstance(event, dict) and event.get("choices"):
+        if not isinstance(event, dict):
+            continue
+        if endpoint == "messages" and event["type"] == "content_block_delta" and event["delta"]["type"] == "text_delta":
+            pieces.append(event["delta"]["text"])
+        elif endpoint == "responses" and event["type"] == "response.output_text.delta":
+            pieces.append(event["delta"])
+        elif endpoint in ENDPOINTS and event.get("choices"):
             choice = event["choices"][0]
             pieces.append(choice["delta"].get("content") or "" if endpoint == "chat" else choice["text"])
     return "".join(pieces)
@@ -257,6 +280,27 @@ def assert_openai_error(reply: Reply, status: int, param: str | None = None, cod
     if code is not None:
         assert error["code"] == code, error
     return error
+
+
+def assert_anthropic_error(reply: Reply, status: int, kind: str | None = None) -> dict:
+    """The reply is `status` with an Anthropic-shaped JSON error body and no traceback."""
+    assert reply.status == status, (reply.status, reply.raw[:300])
+    assert reply.headers["Content-Type"] == "application/json"
+    body = reply.json()
+    assert set(body) == {"type", "error"} and body["type"] == "error", body
+    error = body["error"]
+    assert set(error) == {"type", "message"} and isinstance(error["message"], str) and error["message"]
+    assert "Traceback" not in error["message"]
+    if kind is not None:
+        assert error["type"] == kind, error
+    return error
+
+
+def assert_error(endpoint: str, reply: Reply, status: int) -> dict:
+    """The reply is `status` with an error in the envelope of the endpoint's API."""
+    if endpoint == "messages":
+        return assert_anthropic_error(reply, status)
+    return assert_openai_error(reply, status)
 
 
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool:
@@ -1397,11 +1441,25 @@ def test_request_line_and_headers_too_long_are_414_and_431_and_other_versions_50
     assert request(server, "GET", "/" + "a" * 60000).status == 404  # under the limit: an ordinary unknown path
 
 
-@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def with_prompt(endpoint: str, text: str, **fields) -> dict:
+    """A body for the endpoint whose one user message (or prompt, or input) is `text`."""
+    asked = {"completions": {"prompt": text}, "responses": {"input": text}}
+    return body_for(endpoint, **asked.get(endpoint, {"messages": [{"role": "user", "content": text}]}), **fields)
+
+
+def assert_prompt_too_long(endpoint: str, reply: Reply) -> None:
+    """A 400 in the endpoint's envelope, worded as Anthropic words it (clients such as Claude Code look for it)."""
+    error = assert_error(endpoint, reply, 400)
+    match = re.fullmatch(r"prompt is too long: (\d+) tokens > (\d+) maximum.*", error["message"])
+    assert match and int(match[1]) > int(match[2]), error["message"]
+    if endpoint != "messages":
+        assert error["code"] == "context_length_exceeded"
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS + DIALECTS)
 def test_prompt_longer_than_context_is_400(server, model, endpoint):
     words = " ".join(f"w{i}" for i in range(model.context_length))
-    body = {"messages": [{"role": "user", "content": words}]} if endpoint == "chat" else {"prompt": words}
-    assert_openai_error(request(server, "POST", path_of(endpoint), body), 400, code="context_length_exceeded")
+    assert_prompt_too_long(endpoint, request(server, "POST", path_of(endpoint), with_prompt(endpoint, words)))
 
 
 def test_max_tokens_beyond_context_is_400(server, model):
@@ -1416,7 +1474,7 @@ def test_empty_completions_prompt_starts_from_the_start_token(server, model):
     assert payload["choices"][0]["text"] == completion_reference(model, [start], 5)
 
 
-@pytest.mark.parametrize("endpoint", ENDPOINTS)
+@pytest.mark.parametrize("endpoint", ENDPOINTS + DIALECTS)
 def test_bad_prompts_are_400_even_while_every_slot_is_busy(make_long_server, endpoint):
     srv = make_long_server(max_requests=1)
     conn, response = open_stream(srv, **endless(srv.model))
@@ -1426,8 +1484,11 @@ def test_bad_prompts_are_400_even_while_every_slot_is_busy(make_long_server, end
         too_long = {"prompt": [1] * context}
         assert_openai_error(request(srv, "POST", path_of(endpoint), too_long), 400, "prompt", "context_length_exceeded")
     overflow = body_for(endpoint, max_tokens=context)
-    assert_openai_error(request(srv, "POST", path_of(endpoint), overflow), 400, "max_tokens", "context_length_exceeded")
-    assert_openai_error(request(srv, "POST", path_of(endpoint), body_for(endpoint, max_tokens=1)), 429)  # truly busy
+    if endpoint in DIALECTS:  # their max_tokens is a ceiling, clamped to fit: not a 400, so a 429 here
+        assert_error(endpoint, request(srv, "POST", path_of(endpoint), overflow), 429)
+    else:
+        assert_openai_error(request(srv, "POST", path_of(endpoint), overflow), 400, "max_tokens", "context_length_exceeded")
+        assert_openai_error(request(srv, "POST", path_of(endpoint), body_for(endpoint, max_tokens=1)), 429)  # truly busy
     assert health(srv)["active_requests"] == 1  # the endless stream still holds the only slot
     hang_up(conn, response)
 
@@ -1711,9 +1772,10 @@ def test_every_way_a_request_ends_gives_back_exactly_its_permit(make_long_server
         assert gate_has_all_permits(srv), ending
 
 
-def test_disconnect_mid_stream_stops_generation_and_frees_the_slot(make_long_server):
+@pytest.mark.parametrize("endpoint", ["chat", *DIALECTS])
+def test_disconnect_mid_stream_stops_generation_and_frees_the_slot(make_long_server, endpoint):
     srv = make_long_server(max_requests=1)
-    conn, response = open_stream(srv, **endless(srv.model))
+    conn, response = open_stream(srv, endpoint, **endless(srv.model, endpoint))
     read_first_text_event(response)
     hang_up(conn, response)
     assert wait_until(lambda: health(srv)["active_requests"] == 0)
@@ -1754,7 +1816,8 @@ def test_timeout_streaming_sends_error_event_then_done(make_long_server):
     assert generation_stopped(srv)
 
 
-def test_slow_prompt_stream_gets_keepalive_comments(make_server, model, monkeypatch):
+@pytest.mark.parametrize("endpoint", ["chat", *DIALECTS])
+def test_slow_prompt_stream_gets_keepalives(make_server, model, monkeypatch, endpoint):
     # Prompt processing that outlasts the keepalive interval on any machine: each prompt pass
     # (more than one token at once; decoding passes one) first waits 0.3 s.
     monkeypatch.setattr(lem_serve, "KEEPALIVE_SECONDS", 0.05)
@@ -1767,10 +1830,14 @@ def test_slow_prompt_stream_gets_keepalive_comments(make_server, model, monkeypa
 
     monkeypatch.setattr(type(model.model), "__call__", slow_prompt_pass)
     srv = make_server()
-    events = stream(srv, "chat", max_tokens=2)
-    first_text = next(i for i, e in enumerate(events) if isinstance(e, dict) and e["choices"][0]["delta"].get("content"))
-    assert ": keepalive" in events[:first_text]
-    assert events[-1] == "[DONE]"
+    events = stream(srv, endpoint, max_tokens=2)
+    first_text = next(i for i, e in enumerate(events) if streamed_text(endpoint, [e]))
+    if endpoint == "messages":  # Anthropic's keepalive is a ping event; one follows message_start anyway
+        assert events[:first_text].count({"type": "ping"}) >= 2
+    else:
+        assert ": keepalive" in events[:first_text]
+    last = events[-1]
+    assert last == "[DONE]" if endpoint == "chat" else last["type"] in ("message_stop", "response.incomplete")
 
 
 def test_generation_failure_fails_one_request_and_engine_goes_on(make_server, model, monkeypatch):
@@ -2096,6 +2163,566 @@ def test_old_python_or_missing_mlx_says_what_to_install_in_one_line(tmp_path):
         assert result.returncode == 2 and result.stdout == "", (name, result)
         line, = result.stderr.splitlines()
         assert ("Python 3.11" in line) if name == "old python" else ("pip install" in line and "mlx" in line), line
+
+
+# ---------------------------------------------------------------------------
+# The agents' dialects: Anthropic Messages (/v1/messages) and OpenAI Responses (/v1/responses)
+# ---------------------------------------------------------------------------
+
+@pytest.fixture
+def anthropic_client(server):
+    anthropic = pytest.importorskip("anthropic")
+    return anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0, timeout=60)
+
+
+def as_anthropic_tool(tool: dict) -> dict:
+    """A chat tool (WEATHER, ADD) as Anthropic declares tools."""
+    function = tool["function"]
+    described = {"description": function["description"]} if "description" in function else {}
+    return {"name": function["name"], **described, "input_schema": function["parameters"]}
+
+
+def as_responses_tool(tool: dict) -> dict:
+    """A chat tool (WEATHER, ADD) as the Responses API declares tools."""
+    return {"type": "function", **tool["function"]}
+
+
+def named_events(server, endpoint: str, **fields) -> list[tuple[str, dict | str]]:
+    """Stream a dialect request to its end: (event name, JSON data) pairs, and (":", line) for comments."""
+    conn = connect(server)
+    conn.request("POST", path_of(endpoint), json.dumps(body_for(endpoint, stream=True, **fields)))
+    response = conn.getresponse()
+    assert response.status == 200, response.read()[:300]
+    assert response.headers["Content-Type"].startswith("text/event-stream")
+    events, name = [], None
+    try:
+        for line in iter(response.readline, b""):
+            line = line.decode().rstrip("\n")
+            if line.startswith(":"):
+                events.append((":", line))
+            elif line.startswith("event: "):
+                name = line[len("event: "):]
+            elif line.startswith("data: "):
+                events.append((name, json.loads(line[len("data: "):])))
+                name = None
+    finally:
+        conn.close()
+    return events
+
+
+def data_of(events: list[tuple]) -> list[dict]:
+    """The JSON payloads of named events, comments left out."""
+    return [data for name, data in events if name != ":"]
+
+
+def chat_prompt(model, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+    return model.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True)
+
+
+TERSE = "You are terse."
+GREEDY = {"temperature": 0}  # the anthropic SDK (2.x) no longer takes sampling parameters; the API still does
+
+
+def test_messages_greedy_equals_mlx_lm_generate(server, model, anthropic_client):
+    system = [{"type": "text", "text": TERSE, "cache_control": {"type": "ephemeral"}}]
+    message = anthropic_client.messages.create(
+        model="claude-any", max_tokens=30, system=system, messages=HELLO, metadata={"user_id": "u"},
+        extra_headers={"anthropic-beta": "interleaved-thinking-2025-05-14"}, extra_query={"beta": "true"},
+        thinking={"type": "adaptive"}, service_tier="auto", output_config={"effort": "low"},
+        extra_body={"temperature": 0, "context_management": {"edits": []}})
+    prompt = chat_prompt(model, [{"role": "system", "content": TERSE}, *HELLO])
+    assert [block.type for block in message.content] == ["text"]
+    assert message.content[0].text == mlx_reference(model, prompt, 30)
+    assert message.id.startswith("msg_") and message.type == "message" and message.role == "assistant"
+    assert message.model == "tiny" and message.stop_reason == "max_tokens" and message.stop_sequence is None
+    usage = message.usage
+    assert usage.input_tokens + usage.cache_read_input_tokens == len(prompt) and usage.cache_creation_input_tokens == 0
+    assert usage.output_tokens == 30
+
+
+def test_responses_greedy_equals_mlx_lm_generate(server, model, openai_client):
+    response = openai_client.responses.create(model="tiny", instructions=TERSE, input=HELLO, max_output_tokens=30,
+                                              temperature=0, store=False, include=["reasoning.encrypted_content"],
+                                              reasoning={"summary": "auto"}, prompt_cache_key="k", truncation="auto",
+                                              extra_body={"client_metadata": {"a": "b"}})
+    prompt = chat_prompt(model, [{"role": "system", "content": TERSE}, *HELLO])
+    assert response.output_text == mlx_reference(model, prompt, 30)
+    assert response.id.startswith("resp_") and response.object == "response" and response.model == "tiny"
+    assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
+    (item,) = response.output
+    assert item.type == "message" and item.role == "assistant" and item.status == "completed" and item.id.startswith("msg_")
+    usage = response.usage
+    assert (usage.input_tokens, usage.output_tokens, usage.total_tokens) == (len(prompt), 30, len(prompt) + 30)
+    assert 0 <= usage.input_tokens_details.cached_tokens < len(prompt)
+
+
+def test_messages_stream_events_come_in_anthropic_order(server):
+    whole = post(server, "messages", max_tokens=12, temperature=0)
+    events = named_events(server, "messages", max_tokens=12, temperature=0)
+    names = [name for name, _ in events if name not in (":", "ping")]
+    assert [name for name, _ in events][:2] == ["message_start", "ping"]
+    assert names[:2] == ["message_start", "content_block_start"]
+    assert names[-3:] == ["content_block_stop", "message_delta", "message_stop"]
+    assert set(names[2:-3]) == {"content_block_delta"}
+    assert all(data["type"] == name for name, data in events if name != ":")
+    start = events[0][1]["message"]
+    assert start["content"] == [] and start["stop_reason"] is None and start["id"].startswith("msg_")
+    assert all(data["index"] == 0 for name, data in events if name.startswith("content_block"))
+    delta = next(data for name, data in events if name == "message_delta")
+    assert delta["delta"] == {"stop_reason": "max_tokens", "stop_sequence": None}
+    usage = delta["usage"]
+    assert usage["output_tokens"] == 12
+    assert usage["input_tokens"] + usage["cache_read_input_tokens"] == whole["usage"]["input_tokens"] + \
+        whole["usage"]["cache_read_input_tokens"]
+    assert streamed_text("messages", data_of(events)) == text_of("messages", whole)
+
+
+def test_responses_stream_events_come_in_order_with_sequence_numbers(server):
+    whole = post(server, "responses", max_tokens=12, temperature=0)
+    events = [(name, data) for name, data in named_events(server, "responses", max_tokens=12, temperature=0)
+              if name != ":"]
+    names = [name for name, _ in events]
+    assert names[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert names[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.incomplete"]
+    assert set(names[4:-4]) == {"response.output_text.delta"}
+    assert [data["sequence_number"] for _, data in events] == list(range(len(events)))
+    assert all(data["type"] == name for name, data in events)
+    created, final = events[0][1]["response"], events[-1][1]["response"]
+    assert created["status"] == "in_progress" and created["output"] == [] and created["usage"] is None
+    assert final["status"] == "incomplete" and final["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert final["usage"]["output_tokens"] == 12 and final["id"] == created["id"]
+    item_id = events[2][1]["item"]["id"]
+    assert all(data["item_id"] == item_id for _, data in events[3:-2])
+    assert streamed_text("responses", data_of(events)) == text_of("responses", final) == text_of("responses", whole)
+
+
+def test_sdk_streams_equal_non_streamed(anthropic_client, openai_client):
+    whole = anthropic_client.messages.create(model="m", max_tokens=20, extra_body=GREEDY, messages=HELLO)
+    with anthropic_client.messages.stream(model="m", max_tokens=20, extra_body=GREEDY, messages=HELLO) as stream_:
+        pieces = list(stream_.text_stream)
+        final = stream_.get_final_message()
+    assert "".join(pieces) == final.content[0].text == whole.content[0].text
+    assert final.stop_reason == "max_tokens" and final.usage.output_tokens == 20
+    assert final.usage.input_tokens + final.usage.cache_read_input_tokens == \
+        whole.usage.input_tokens + whole.usage.cache_read_input_tokens
+    plain = openai_client.responses.create(model="tiny", input=HELLO, max_output_tokens=20, temperature=0)
+    events = list(openai_client.responses.create(model="tiny", input=HELLO, max_output_tokens=20, temperature=0,
+                                                 stream=True))
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == events[-1].response.output_text == plain.output_text
+    assert events[-1].type == "response.incomplete" and events[-1].response.usage.output_tokens == 20
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_messages_stop_sequence_cuts_text_and_is_reported(anthropic_client, streaming):
+    full = anthropic_client.messages.create(model="m", max_tokens=60, extra_body=GREEDY, messages=HELLO).content[0].text
+    assert len(full) > 20, full
+    stop = full[12:15]
+    fields = dict(model="m", max_tokens=60, extra_body=GREEDY, messages=HELLO, stop_sequences=["never-seen-zz", stop])
+    if streaming:
+        with anthropic_client.messages.stream(**fields) as stream_:
+            message = stream_.get_final_message()
+    else:
+        message = anthropic_client.messages.create(**fields)
+    assert message.content[0].text == full[:full.index(stop)]
+    assert (message.stop_reason, message.stop_sequence) == ("stop_sequence", stop)
+
+
+def tool_loop_messages(call_id: str, is_error: bool) -> list[dict]:
+    return [*ASK_WEATHER,
+            {"role": "assistant", "content": [{"type": "text", "text": "Let me add."},
+                                              {"type": "tool_use", "id": call_id, "name": "add", "input": {"a": 1, "b": 2}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call_id, "is_error": is_error,
+                                          "content": [{"type": "text", "text": "3"}]},
+                                         {"type": "text", "text": "Thanks. And the weather?"}]}]
+
+
+def test_count_tokens_is_what_a_create_reports(make_server, model):
+    anthropic = pytest.importorskip("anthropic")
+    tools = [as_anthropic_tool(WEATHER), as_anthropic_tool(ADD)]
+    fields = dict(model="m", system="Be brief.", tools=tools, messages=tool_loop_messages("toolu_1", False))
+    for cache in (0, 1 << 30):
+        srv = make_server(prompt_cache_bytes=cache)
+        client = anthropic.Anthropic(base_url=srv.url, api_key="unused", max_retries=0, timeout=60)
+        counted = client.messages.count_tokens(**fields).input_tokens
+        for _ in range(2):  # the second one reads the cache, when there is one
+            usage = client.messages.create(max_tokens=2, **fields).usage
+            assert usage.input_tokens + usage.cache_read_input_tokens == counted
+        assert (usage.cache_read_input_tokens == counted - 1) if cache else (usage.input_tokens == counted)
+    chat = [{"role": "system", "content": "Be brief."}, *ASK_WEATHER,
+            {"role": "assistant", "content": "Let me add.", "tool_calls": [
+                {"id": "toolu_1", "type": "function", "function": {"name": "add", "arguments": {"a": 1, "b": 2}}}]},
+            {"role": "tool", "tool_call_id": "toolu_1", "content": "3"},
+            {"role": "user", "content": "Thanks. And the weather?"}]
+    assert counted == len(chat_prompt(model, chat, [WEATHER, ADD]))
+    failed = client.messages.count_tokens(**{**fields, "messages": tool_loop_messages("toolu_1", True)}).input_tokens
+    assert failed > counted  # an error result is marked as one
+
+
+def test_messages_forced_tool_use_round_trip(anthropic_client):
+    tools = [as_anthropic_tool(WEATHER), as_anthropic_tool(ADD),
+             {"type": "web_search_20250305", "name": "web_search", "max_uses": 2}]  # a server tool: skipped
+    message = anthropic_client.messages.create(model="m", max_tokens=120, tools=tools,
+                                               tool_choice={"type": "tool", "name": "add"}, messages=ASK_WEATHER)
+    (call,) = message.content
+    assert call.type == "tool_use" and call.name == "add" and call.id
+    assert message.stop_reason == "tool_use"
+    assert_valid(json.dumps(call.input), ADD["function"]["parameters"])
+    history = [*ASK_WEATHER, {"role": "assistant", "content": [call.model_dump(exclude_none=True)]},
+               {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "42"}]}]
+    answer = anthropic_client.messages.create(model="m", max_tokens=5, tools=tools, messages=history)
+    assert answer.stop_reason == "max_tokens" and answer.content[0].text
+    total = lambda usage: usage.input_tokens + usage.cache_read_input_tokens  # noqa: E731
+    assert total(answer.usage) > total(message.usage)
+
+
+def test_messages_required_tool_use_streams_input_json(anthropic_client):
+    tools = [as_anthropic_tool(WEATHER), as_anthropic_tool(ADD)]
+    for seed_prompt in ("Weather in Paris?", "Add two numbers"):
+        with anthropic_client.messages.stream(model="m", max_tokens=120, tools=tools,
+                                              tool_choice={"type": "any"},
+                                              messages=[{"role": "user", "content": seed_prompt}]) as stream_:
+            kinds = [event.type for event in stream_]
+            message = stream_.get_final_message()
+        (call,) = message.content
+        schema = (WEATHER if call.name == "get_weather" else ADD)["function"]["parameters"]
+        assert call.type == "tool_use" and message.stop_reason == "tool_use"
+        assert_valid(json.dumps(call.input), schema)
+        assert "input_json" in kinds and "text" not in kinds
+
+
+def test_responses_forced_function_call_round_trip(openai_client):
+    tools = [as_responses_tool(WEATHER), as_responses_tool(ADD), {"type": "web_search"},
+             {"type": "namespace", "name": "agents", "description": "d", "tools": [as_responses_tool(WEATHER)]},
+             {"type": "custom", "name": "apply_patch", "description": "patch"}]  # what Codex sends; only functions serve
+    response = openai_client.responses.create(model="tiny", input=ASK_WEATHER, tools=tools, max_output_tokens=120,
+                                              tool_choice={"type": "function", "name": "add"}, temperature=1.0)
+    (call,) = response.output
+    assert call.type == "function_call" and call.name == "add" and call.call_id and call.id.startswith("fc_")
+    assert response.status == "completed"
+    assert_valid(call.arguments, ADD["function"]["parameters"])
+    history = [{"type": "reasoning", "id": "rs_1", "summary": []}, *ASK_WEATHER, call.model_dump(exclude_none=True),
+               {"type": "function_call_output", "call_id": call.call_id, "output": "42"}]
+    follow = openai_client.responses.create(model="tiny", tools=tools, max_output_tokens=5, input=history)
+    assert follow.status == "incomplete" and follow.output_text
+    assert follow.usage.input_tokens > response.usage.input_tokens
+
+
+def test_responses_required_function_call_streams_arguments(openai_client):
+    tools = [as_responses_tool(WEATHER), as_responses_tool(ADD)]
+    events = list(openai_client.responses.create(model="tiny", input=ASK_WEATHER, tools=tools, tool_choice="required",
+                                                 max_output_tokens=120, temperature=1.0, stream=True))
+    kinds = [event.type for event in events]
+    assert kinds[-5:] == ["response.output_item.added", "response.function_call_arguments.delta",
+                          "response.function_call_arguments.done", "response.output_item.done", "response.completed"]
+    assert "response.output_text.delta" not in kinds
+    done = events[-3]
+    (call,) = events[-1].response.output
+    assert done.arguments == call.arguments and done.item_id == call.id
+    schema = (WEATHER if call.name == "get_weather" else ADD)["function"]["parameters"]
+    assert_valid(call.arguments, schema)
+
+
+def test_responses_text_format_json_schema(openai_client):
+    response = openai_client.responses.create(
+        model="tiny", input=HELLO, max_output_tokens=120, temperature=0,
+        text={"format": {"type": "json_schema", "name": "person", "schema": PERSON, "strict": True}})
+    assert response.status == "completed", response.output_text
+    assert_valid(response.output_text, PERSON)
+
+
+BAD_MESSAGES_BODIES = [
+    ("max_tokens missing", {"messages": HELLO}),
+    ("messages missing", {"max_tokens": 5}),
+    ("messages empty", {"max_tokens": 5, "messages": []}),
+    ("max_tokens 0", {"max_tokens": 0, "messages": HELLO}),
+    ("temperature 1.5", {"max_tokens": 5, "messages": HELLO, "temperature": 1.5}),
+    ("stop_sequences string", {"max_tokens": 5, "messages": HELLO, "stop_sequences": "x"}),
+    ("system number", {"max_tokens": 5, "messages": HELLO, "system": 7}),
+    ("tool role", {"max_tokens": 5, "messages": [{"role": "tool", "content": "x"}]}),
+    ("image block", {"max_tokens": 5, "messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AA=="}}]}]}),
+    ("document block", {"max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "document", "source": {}}]}]}),
+    ("tool_use from the user", {"max_tokens": 5, "messages": [{"role": "user", "content": [
+        {"type": "tool_use", "id": "t", "name": "f", "input": {}}]}]}),
+    ("tool_result without id", {"max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "tool_result"}]}]}),
+    ("prefilled reply", {"max_tokens": 5, "messages": [*HELLO, {"role": "assistant", "content": "Sure,"}]}),
+    ("tool_choice without tools", {"max_tokens": 5, "messages": HELLO, "tool_choice": {"type": "any"}}),
+    ("tool_choice unknown tool", {"max_tokens": 5, "messages": HELLO, "tools": [as_anthropic_tool(ADD)],
+                                  "tool_choice": {"type": "tool", "name": "nope"}}),
+    ("tool_choice shape", {"max_tokens": 5, "messages": HELLO, "tool_choice": {"type": "sometimes"}}),
+    ("tool without name", {"max_tokens": 5, "messages": HELLO, "tools": [{"name": ""}]}),
+]
+
+
+@pytest.mark.parametrize("path", ["/v1/messages", "/v1/messages/count_tokens"])
+@pytest.mark.parametrize("case,body", BAD_MESSAGES_BODIES, ids=[case for case, _ in BAD_MESSAGES_BODIES])
+def test_bad_messages_bodies_are_anthropic_400s(server, path, case, body):
+    if path.endswith("count_tokens") and case == "max_tokens missing":
+        assert request(server, "POST", path, body).json() == {"input_tokens": len(chat_prompt(server.model, HELLO))}
+        return
+    error = assert_anthropic_error(request(server, "POST", path, body), 400, "invalid_request_error")
+    if "block" in case and "tool" not in case:
+        assert "text models" in error["message"]
+
+
+BAD_RESPONSES_BODIES = [
+    ("input missing", {}, "input"),
+    ("input empty", {"input": []}, "input"),
+    ("previous_response_id", {"input": "x", "previous_response_id": "resp_1"}, "previous_response_id"),
+    ("conversation", {"input": "x", "conversation": "conv_1"}, "conversation"),
+    ("background", {"input": "x", "background": True}, "background"),
+    ("input_image", {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "data:,"}]}]},
+     "input[0].content"),
+    ("item_reference", {"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0]"),
+    ("role", {"input": [{"role": "wizard", "content": "x"}]}, "input[0].role"),
+    ("call arguments", {"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "{bad"}]},
+     "input[0]"),
+    ("call output id", {"input": [{"type": "function_call_output", "output": "x"}]}, "input[0].call_id"),
+    ("text.format", {"input": "x", "text": {"format": {"type": "xml"}}}, "text.format"),
+    ("text.format schema", {"input": "x", "text": {"format": {"type": "json_schema", "name": "s",
+                                                             "schema": {"type": "object", "not": {}}}}}, "text.format"),
+    ("tool_choice", {"input": "x", "tool_choice": {"type": "web_search"}}, "tool_choice"),
+    ("tool_choice without tools", {"input": "x", "tool_choice": "required"}, "tool_choice"),
+    ("function without name", {"input": "x", "tools": [{"type": "function", "parameters": {}}]}, "tools[0].name"),
+    ("max_output_tokens", {"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
+    ("temperature", {"input": "x", "temperature": 3}, "temperature"),
+]
+
+
+@pytest.mark.parametrize("case,body,param", BAD_RESPONSES_BODIES, ids=[case for case, _, _ in BAD_RESPONSES_BODIES])
+def test_bad_responses_bodies_are_openai_400s(server, case, body, param):
+    assert_openai_error(request(server, "POST", "/v1/responses", body), 400, param)
+
+
+def post_raw(srv, path: str, body: bytes, headers: dict[str, str]) -> Reply:
+    """A POST whose Content-Length may lie (a huge body announced, none sent)."""
+    with socket.create_connection(srv.server_address[:2], timeout=10) as sock:
+        head = "".join(f"{k}: {v}\r\n" for k, v in {"Host": "localhost", **headers}.items())
+        sock.sendall(f"POST {path} HTTP/1.1\r\n{head}\r\n".encode() + body)
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        return Reply(response)
+
+
+def test_errors_before_the_route_come_in_the_callers_envelope(make_long_server):
+    srv = make_long_server(api_key="sekret", max_requests=1)
+    assert_anthropic_error(request(srv, "POST", "/v1/messages", body_for("messages", max_tokens=2)), 401,
+                           "authentication_error")
+    assert_anthropic_error(request(srv, "POST", "/v1/messages/count_tokens?beta=true", {"messages": HELLO},
+                                   {"x-api-key": "wrong"}), 401, "authentication_error")
+    assert_openai_error(request(srv, "POST", "/v1/responses", body_for("responses"), {"x-api-key": "wrong"}), 401,
+                        code="invalid_api_key")
+    for headers in ({"x-api-key": "sekret"}, {"Authorization": "Bearer sekret"}):
+        for endpoint in (*ENDPOINTS, *DIALECTS):
+            reply = request(srv, "POST", path_of(endpoint) + "?beta=true", body_for(endpoint, max_tokens=2), headers)
+            assert reply.status == 200, (endpoint, headers, reply.raw[:200])
+    key = {"x-api-key": "sekret"}
+    reply = request(srv, "GET", "/v1/messages", headers=key)
+    assert_anthropic_error(reply, 405, "invalid_request_error")
+    assert reply.headers["Allow"] == "POST"
+    assert_anthropic_error(request(srv, "POST", "/v1/messages/batches", {}, key), 404, "not_found_error")
+    huge = {**key, "Content-Length": str(lem_serve.MAX_BODY_BYTES + 1)}
+    assert_anthropic_error(post_raw(srv, "/v1/messages", b"", huge), 413, "request_too_large")
+    assert_openai_error(post_raw(srv, "/v1/responses", b"", huge), 413, code="body_too_large")
+    assert_anthropic_error(request(srv, "POST", "/v1/messages", b"{oops", key), 400, "invalid_request_error")
+    conn = connect(srv)
+    conn.request("POST", "/v1/messages", json.dumps(body_for("messages", stream=True, **endless(srv.model, "messages"))), key)
+    busy = conn.getresponse()
+    read_first_text_event(busy)
+    refused = request(srv, "POST", "/v1/messages", body_for("messages", max_tokens=1), key)
+    assert_anthropic_error(refused, 429, "rate_limit_error")
+    assert refused.headers["retry-after"] == "1"
+    assert_openai_error(request(srv, "POST", "/v1/responses", body_for("responses", max_tokens=1), key), 429,
+                        code="server_busy")
+    hang_up(conn, busy)
+    assert wait_until(lambda: health(srv)["active_requests"] == 0)
+
+
+def test_dialect_max_tokens_is_clamped_not_refused(make_server, model):
+    small = make_server(max_tokens=7)
+    message = post(small, "messages", max_tokens=32000)
+    assert message["usage"]["output_tokens"] == 7 and message["stop_reason"] == "max_tokens"
+    response = post(small, "responses", max_tokens=32000)
+    assert response["usage"]["output_tokens"] == 7 and response["status"] == "incomplete"
+    assert response["max_output_tokens"] == 7
+    srv = make_server()  # --max-tokens 4096, the whole context: the room left binds
+    asking = lambda n: [{"role": "user", "content": " ".join(f"w{i}" for i in range(n))}]  # noqa: E731
+    fits, too_many = 1, model.context_length  # words: the longest prompt leaving at most 6 tokens of room
+    while too_many - fits > 1:
+        middle = (fits + too_many) // 2
+        fits, too_many = (middle, too_many) if len(chat_prompt(model, asking(middle))) <= model.context_length - 6 \
+            else (fits, middle)
+    prompt = len(chat_prompt(model, asking(fits)))
+    message = post(srv, "messages", messages=asking(fits), max_tokens=32000)
+    assert message["usage"]["output_tokens"] == model.context_length - prompt
+    assert message["stop_reason"] == "max_tokens"
+
+
+@pytest.mark.parametrize("endpoint", DIALECTS)
+def test_dialect_stream_past_the_deadline_ends_with_an_error_event(long_model, long_model_dir, endpoint):
+    with running_server(long_model, long_model_dir, timeout=1, max_tokens=LONG_CONTEXT // 2) as srv:
+        events = data_of(named_events(srv, endpoint, max_tokens=LONG_CONTEXT // 2))
+        last = events[-1]
+        if endpoint == "messages":
+            assert last == {"type": "error", "error": {"type": "timeout_error", "message": last["error"]["message"]}}
+            assert "message_stop" not in [event["type"] for event in events]
+        else:
+            assert last["type"] == "response.failed" and last["response"]["status"] == "failed"
+            assert last["response"]["error"]["code"] == "timeout" and last["response"]["usage"] is None
+        assert wait_until(lambda: health(srv)["active_requests"] == 0)
+
+
+def test_metrics_count_the_dialects_per_endpoint(make_server):
+    srv = make_server()
+    for endpoint in DIALECTS:
+        first, second = post(srv, endpoint, max_tokens=3), post(srv, endpoint, max_tokens=3)
+    assert request(srv, "POST", "/v1/messages/count_tokens", {"messages": HELLO}).status == 200
+    assert request(srv, "POST", "/v1/messages", {"messages": HELLO}).status == 400
+    assert wait_until(lambda: srv.in_flight == 0)  # counted once its last byte is out
+    samples = scrape(srv)
+    for endpoint in DIALECTS:
+        assert metric(samples, "lem_requests_total", endpoint=path_of(endpoint), code="200") == 2
+        assert metric(samples, "lem_time_to_first_token_seconds_count", endpoint=path_of(endpoint)) == 2
+    assert metric(samples, "lem_requests_total", endpoint="/v1/messages/count_tokens", code="200") == 1
+    assert metric(samples, "lem_requests_total", endpoint="/v1/messages", code="400") == 1
+    cached = second["usage"]["input_tokens_details"]["cached_tokens"]
+    assert cached == second["usage"]["input_tokens"] - 1
+    assert samples["lem_cached_prompt_tokens_total", ""] >= 2 * cached  # each second request read its first's prefix
+
+
+# ---------------------------------------------------------------------------
+# The real agents, headless: Claude Code (claude -p) and Codex (codex exec)
+# ---------------------------------------------------------------------------
+
+AGENT_BIN = ROOT / "testing" / "agents" / "node_modules" / ".bin"  # .ci/run: npm install --prefix testing/agents
+AGENT_TIMEOUT = 1500      # seconds one CLI run may take: a cold 10-20k-token prompt on a loaded 2-core box
+AGENT_MAX_TOKENS = 256    # replies end by themselves after ~8 tokens (end_token_every=8); this is only a backstop
+AGENT_KEY = "sk-lem-agent-test"
+AGENT_ASK = "Say hello in five words."
+
+
+def agent_cli(name: str) -> Path:
+    """The installed CLI; skipped where it is not installed, a failure where CI says it must be."""
+    path = AGENT_BIN / name
+    if not path.exists():
+        message = f"{name} is not installed in {AGENT_BIN}; install it as .ci/run does"
+        if os.environ.get("LEM_REQUIRE_AGENTS"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="session")
+def agent_model_dir(tmp_path_factory) -> Path:
+    """A long-context model (with a 4096-token vocabulary, as real ones have more) whose replies end by themselves.
+
+    Agents treat a reply cut at the token budget as a failure (Claude Code:
+    "response exceeded the ... output token maximum", exit 1; Codex:
+    "Incomplete response returned", exit 1), so every 8th token ends a turn.
+    """
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "agent", vocab_size=4096,
+                            max_position_embeddings=LONG_CONTEXT, end_token_every=8)
+
+
+@dataclasses.dataclass
+class AgentReply:
+    text: str
+    prompt_tokens: int
+    cached_tokens: int
+
+
+@pytest.fixture
+def agent_server(agent_model_dir, monkeypatch):
+    """A server for the agents (API key on) and, in order, each reply it streamed: text and prompt-cache use."""
+    replies, pieces = [], {}
+    real_event = lem_serve.Writer.event
+
+    def recording(self, kind, value, *extra):  # observes the real writer; changes nothing it does
+        if kind == "text":
+            pieces.setdefault(id(self), []).append(value)
+        else:
+            replies.append(AgentReply("".join(pieces.pop(id(self), [])), self.job.prompt_tokens, self.job.cached_tokens))
+        return real_event(self, kind, value, *extra)
+
+    monkeypatch.setattr(lem_serve.Writer, "event", recording)
+    model = lem_serve.load_model(lem_serve.Settings(model_path=str(agent_model_dir)))
+    with running_server(model, agent_model_dir, max_tokens=AGENT_MAX_TOKENS, timeout=AGENT_TIMEOUT,
+                        max_requests=2, api_key=AGENT_KEY) as srv:
+        yield srv, replies
+
+
+def run_agent(argv: list, cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([str(a) for a in argv], cwd=cwd, env={"PATH": os.environ["PATH"], **env}, text=True,
+                          capture_output=True, stdin=subprocess.DEVNULL, timeout=AGENT_TIMEOUT)
+
+
+def assert_only_successes(srv, path: str) -> None:
+    """Every request the agent made on `path` was answered 200 (no 4xx/5xx it had to retry past)."""
+    assert wait_until(lambda: srv.in_flight == 0)
+    codes = {labels: value for (name, labels), value in scrape(srv, {"x-api-key": AGENT_KEY}).items()
+             if name == "lem_requests_total" and f'endpoint="{path}"' in labels}
+    assert codes and all('code="200"' in labels for labels in codes), codes
+
+
+def test_claude_code_answers_headless_and_its_second_run_reads_the_cache(agent_server, tmp_path):
+    claude = agent_cli("claude")
+    srv, replies = agent_server
+    (tmp_path / "home").mkdir()
+    (tmp_path / "work").mkdir()
+    env = {"HOME": tmp_path / "home", "ANTHROPIC_BASE_URL": srv.url, "ANTHROPIC_API_KEY": AGENT_KEY,
+           "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"}
+    first = run_agent([claude, "-p", AGENT_ASK], tmp_path / "work", env)
+    assert first.returncode == 0, (first.stdout[-2000:], first.stderr[-2000:])
+    assert first.stdout.strip() == replies[-1].text.strip()  # the model's gibberish, as it streamed it
+    runs = len(replies)
+    second = run_agent([claude, "-p", AGENT_ASK, "--output-format", "json"], tmp_path / "work", env)
+    assert second.returncode == 0, (second.stdout[-2000:], second.stderr[-2000:])
+    result = json.loads(second.stdout)
+    assert result["is_error"] is False and result["result"] == replies[-1].text
+    resent = replies[runs]  # the second run's first request: the same 10-20k-token prefix again
+    assert resent.prompt_tokens > 5000 and resent.cached_tokens >= 0.9 * resent.prompt_tokens, resent
+    assert result["usage"]["cache_read_input_tokens"] >= resent.cached_tokens  # and Claude Code was told so
+    assert_only_successes(srv, "/v1/messages")
+
+
+def test_codex_answers_headless_and_its_second_run_reads_the_cache(agent_server, tmp_path):
+    codex = agent_cli("codex")
+    srv, replies = agent_server
+    home, work = tmp_path / "codex-home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    (home / "config.toml").write_text(CODEX_CONFIG.format(url=srv.url + "/v1"))
+    env = {"HOME": home, "CODEX_HOME": home, "LEM_API_KEY": AGENT_KEY}
+    first = run_agent([codex, "exec", "--skip-git-repo-check", AGENT_ASK], work, env)
+    assert first.returncode == 0, (first.stdout[-2000:], first.stderr[-2000:])
+    assert first.stdout.strip() == replies[-1].text.strip()
+    runs = len(replies)
+    second = run_agent([codex, "exec", "--skip-git-repo-check", "--json", AGENT_ASK], work, env)
+    assert second.returncode == 0, (second.stdout[-2000:], second.stderr[-2000:])
+    events = [json.loads(line) for line in second.stdout.splitlines() if line.startswith("{")]
+    said = [e["item"]["text"] for e in events if e["type"] == "item.completed" and e["item"]["type"] == "agent_message"]
+    assert said == ([replies[-1].text] if replies[-1].text else [])
+    resent = replies[runs]
+    assert resent.prompt_tokens > 5000 and resent.cached_tokens >= 0.9 * resent.prompt_tokens, resent
+    (usage,) = [e["usage"] for e in events if e["type"] == "turn.completed"]
+    assert usage["cached_input_tokens"] >= resent.cached_tokens
+    assert_only_successes(srv, "/v1/responses")
+
+
+# What the README tells Codex users to write, pointed at the test server; the key comes from LEM_API_KEY.
+CODEX_CONFIG = """\
+model = "lem"
+model_provider = "lem"
+
+[model_providers.lem]
+name = "lem-serve"
+base_url = "{url}"
+wire_api = "responses"
+env_key = "LEM_API_KEY"
+"""
 
 
 # ---------------------------------------------------------------------------
@@ -3508,13 +4135,16 @@ def test_api_key_covers_every_v1_route_and_metrics(make_server):
     srv = make_server(api_key="sekret")
     guarded = [(m, p) for m, table in (("GET", lem_serve.Handler.GET_ROUTES), ("POST", lem_serve.Handler.POST_ROUTES))
                for p in table if p.startswith("/v1/") or p == "/metrics"]
-    assert len(guarded) == 4
+    assert len(guarded) == 7
+    endpoint_of = {path: endpoint for endpoint, path in PATHS.items()}
     for method, path in guarded:
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekret"}):
-            assert_openai_error(request(srv, method, path + "?x=1", {"prompt": "x"}, headers), 401, code="invalid_api_key")
-        ok = request(srv, method, path, body_for("chat" if "chat" in path else "completions", max_tokens=1),
-                     {"Authorization": "Bearer sekret"})
-        assert ok.status == 200, (path, ok.raw[:200])
+        endpoint = "messages" if path.startswith("/v1/messages") else endpoint_of.get(path, "completions")
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekret"}, {"x-api-key": "wrong"},
+                        {"Authorization": "Basic sekret", "x-api-key": "sekre"}):
+            assert_error(endpoint, request(srv, method, path + "?x=1", {"prompt": "x"}, headers), 401)
+        for headers in ({"Authorization": "Bearer sekret"}, {"x-api-key": "sekret"}):
+            ok = request(srv, method, path, body_for(endpoint, max_tokens=1), headers)
+            assert ok.status == 200, (path, ok.raw[:200])
     assert scrape(srv, {"Authorization": "Bearer sekret"})["lem_engine_up", ""] == 1
     for path in ("/", "/chat.js", "/healthz"):
         assert request(srv, "GET", path).status == 200
@@ -3648,6 +4278,25 @@ def fuzz_server(model, model_dir, monkeypatch):
 FUZZ_COUNTS = {"json": 0, "raw": 0, "statuses": {}}
 
 
+def api_of(payload: bytes) -> str:
+    """Which API's shapes the answer to these bytes must have: "messages", "responses" or "openai".
+
+    The server knows the path once the request line parses (2 or 3 words, a
+    1.x or 0.9 version); before that every error is in OpenAI's envelope.
+    """
+    words = payload.split(b"\r\n", 1)[0].decode("latin-1").split()
+    if len(words) not in (2, 3) or (len(words) == 3 and words[2] not in ("HTTP/1.0", "HTTP/1.1", "HTTP/0.9")):
+        return "openai"
+    path = words[1].split("?", 1)[0]
+    if path == "/v1/messages" or path.startswith("/v1/messages/"):
+        return "messages"
+    return "responses" if path == "/v1/responses" else "openai"
+
+
+LAST_STREAM_EVENTS = {"messages": ("message_stop", "error"),
+                      "responses": ("response.completed", "response.incomplete", "response.failed")}
+
+
 def send_and_check(srv, payload: bytes, head: bool = False) -> int:
     """Send raw bytes; the answer must be one well-formed HTTP response: JSON error, or a valid result."""
     with socket.create_connection(srv.server_address[:2], timeout=30) as sock:
@@ -3660,18 +4309,25 @@ def send_and_check(srv, payload: bytes, head: bool = False) -> int:
         reply = Reply(response)
     assert reply.status < 500 or reply.status in (501, 505), (reply.status, reply.raw[:300])  # unknown method, HTTP/2.0
     assert reply.headers["X-Content-Type-Options"] == "nosniff"
-    content_type = reply.headers.get("Content-Type", "")
+    content_type, api = reply.headers.get("Content-Type", ""), api_of(payload)
     if reply.status >= 300 and not head:
-        assert_openai_error(reply, reply.status)
+        (assert_anthropic_error if api == "messages" else assert_openai_error)(reply, reply.status)
     elif content_type.startswith("text/event-stream"):
         events = sse_events_of(reply.raw)
-        assert events[-1] == "[DONE]"
-        assert all(isinstance(e, dict) and ("choices" in e or "error" in e) for e in events[:-1] if not isinstance(e, str))
+        if api in LAST_STREAM_EVENTS:
+            assert events[-1]["type"] in LAST_STREAM_EVENTS[api], events[-1]
+            assert all(isinstance(e, dict) and "type" in e for e in events)
+        else:
+            assert events[-1] == "[DONE]"
+            assert all(isinstance(e, dict) and ("choices" in e or "error" in e) for e in events[:-1] if not isinstance(e, str))
     elif content_type == "application/json" and not head:
         body = reply.json()
-        assert isinstance(body, dict) and ("choices" in body or "status" in body or "data" in body), body
+        kinds = ("choices", "status", "data", "content", "output", "input_tokens")
+        assert isinstance(body, dict) and any(kind in body for kind in kinds), body
         if "choices" in body:
             assert body["usage"]["completion_tokens"] <= 4
+        if "content" in body or "output" in body:
+            assert body["usage"]["output_tokens"] <= 4
     FUZZ_COUNTS["statuses"][reply.status] = FUZZ_COUNTS["statuses"].get(reply.status, 0) + 1
     return reply.status
 
@@ -3706,12 +4362,17 @@ def fuzz_json():
 
 
 def fuzz_body():
-    """Request bodies: anything at all, or OpenAI-shaped objects with hostile field values."""
+    """Request bodies: anything at all, or OpenAI- and Anthropic-shaped objects with hostile field values."""
     from hypothesis import strategies as st
+    block = st.fixed_dictionaries({"type": st.one_of(st.sampled_from(["text", "tool_use", "tool_result", "image", "thinking",
+                                                                     "input_text", "function_call"]), fuzz_json())},
+                                  optional={"text": fuzz_text(), "id": fuzz_json(), "name": fuzz_json(), "input": fuzz_json(),
+                                            "tool_use_id": fuzz_json(), "content": fuzz_json(), "is_error": fuzz_json()})
     message = st.fixed_dictionaries({}, optional={"role": st.one_of(st.sampled_from(lem_serve.CHAT_ROLES), fuzz_json()),
-                                                  "content": st.one_of(fuzz_text(), fuzz_json(),
+                                                  "content": st.one_of(fuzz_text(), fuzz_json(), st.lists(block, max_size=3),
                                                                        st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": fuzz_text()}), max_size=3)),
-                                                  "name": fuzz_json(), "tool_calls": fuzz_json()})
+                                                  "name": fuzz_json(), "tool_calls": fuzz_json(), "type": fuzz_json(),
+                                                  "call_id": fuzz_json(), "arguments": fuzz_json(), "output": fuzz_json()})
     field = lambda good: st.one_of(good, fuzz_json())  # noqa: E731
     shaped = st.fixed_dictionaries({}, optional={
         "messages": field(st.lists(message, min_size=1, max_size=3)),
@@ -3720,6 +4381,10 @@ def fuzz_body():
         "temperature": field(st.floats(-1, 3)), "top_p": field(st.floats(-0.5, 1.5)),
         "stop": field(st.lists(fuzz_text(), max_size=5)), "n": fuzz_json(), "logprobs": fuzz_json(),
         "stream_options": field(st.fixed_dictionaries({"include_usage": fuzz_json()})),
+        "system": field(st.lists(block, max_size=2)), "input": field(st.lists(message, min_size=1, max_size=3)),
+        "instructions": fuzz_json(), "max_output_tokens": field(st.integers(-1, 6)),
+        "stop_sequences": field(st.lists(fuzz_text(), max_size=5)), "tools": fuzz_json(), "tool_choice": fuzz_json(),
+        "text": fuzz_json(), "previous_response_id": fuzz_json(),
     })
     hostile_text = st.tuples(fuzz_text(), st.booleans(), st.integers(1, 4)).map(
         lambda t: {"messages": [{"role": "user", "content": t[0]}], "prompt": t[0] or "x", "stream": t[1], "max_tokens": t[2]})

@@ -34,6 +34,13 @@ the same max_tokens; prompts go through the model's chat template):
    of each, interleaved, and their ratio (target >= 0.80).  "first-request
    cost" is how much longer the first constrained request takes than the
    median warm one (same greedy tokens): building the token table and masks.
+5. Agent-shaped turns (``--agent``): what Claude Code and Codex send every
+   turn, a ~20,000-token prefix of instructions and tool definitions, then a
+   short task; TTFT of turn 1 "cold" and of turn 2 (the same prefix, the
+   answer and a new message) "cached", lem-serve against mlx_lm.server on the
+   same chat completion (tools in the request's ``tools``).  It uses its own
+   model, "agent": the tiny sizes with a 4,096-token vocabulary and a 1M-token
+   context (the tiny test model's context is 4,096 tokens).
 
 Run it (from the repository root, venv active):
 
@@ -41,6 +48,7 @@ Run it (from the repository root, venv active):
     python bench/bench.py --quick          # both models, small sizes, ~2 min
     python bench/bench.py --model small    # one model: tiny, small or a folder
     python bench/bench.py --smollm2        # also the real SmolLM2-135M (4-bit)
+    python bench/bench.py --agent          # only the agent-shaped case, ~10 min on 2 cores
     python bench/bench.py --structured smollm2   # only test 4, on one model; publishes nothing
 
 The random-weight test models are built once into bench/results/models/.
@@ -177,9 +185,15 @@ def rotated(items: tuple, by: int) -> tuple:
 # Models
 # ---------------------------------------------------------------------------
 
+AGENT_MODEL = "agent"        # the agent case's model: tiny sizes, 4,096-token vocabulary, 1M-token context
+AGENT_PREFIX_TOKENS = 20_000  # instructions + tool definitions, as a coding agent resends every turn
+AGENT_REPS = 3                # fresh prefixes per system
+AGENT_TOKENS = 16             # max_tokens of each turn
+
+
 def prepare_model(name: str) -> Path:
-    """The folder of model `name` (tiny, small, smollm2 or a path), built once."""
-    if name not in PLANS:
+    """The folder of model `name` (tiny, small, smollm2, agent or a path), built once."""
+    if name not in PLANS and name != AGENT_MODEL:
         path = Path(name).expanduser().resolve()
         if not (path / "config.json").is_file():
             raise SystemExit(f"bench: {name!r} is not tiny, small or a model folder")
@@ -190,6 +204,9 @@ def prepare_model(name: str) -> Path:
     print(f"building model {name} into {path} ...", flush=True)
     if name == "smollm2":
         command = [sys.executable, str(ROOT / "tools" / "gguf_to_mlx.py"), "--smollm2", str(path)]
+    elif name == AGENT_MODEL:
+        command = [sys.executable, str(ROOT / "testing" / "tiny_model.py"), str(path), "--preset", "tiny",
+                   "--vocab-size", "4096", "--max-position-embeddings", str(1 << 20)]
     else:
         command = [sys.executable, str(ROOT / "testing" / "tiny_model.py"), str(path), "--preset", name]
     subprocess.run(command, check=True, cwd=ROOT)
@@ -619,14 +636,19 @@ class Runner:
 
     def follow_up(self, system: str, history: list[dict]) -> dict:
         """Turn 1 on a new history (cold), then the follow-up turn (cached)."""
-        port, tokens = self.ports[system], self.plan.cache_tokens
         first_turn = history + [{"role": "user", "content": "Summarise our conversation so far."}]
-        cold = stream_chat(port, first_turn, tokens)
-        second_turn = first_turn + [{"role": "assistant", "content": cold.text},
-                                    {"role": "user", "content": "Thanks. And in one word?"}]
-        cached = stream_chat(port, second_turn, tokens)
-        return {"cold_ttft": cold.ttft, "cached_ttft": cached.ttft, "prompt_tokens": cached.prompt_tokens,
-                "cached_tokens": cached.cached_tokens, "error": cold.error or cached.error}
+        return two_turns(self.ports[system], first_turn, "Thanks. And in one word?", self.plan.cache_tokens)
+
+
+def two_turns(port: int, first_turn: list[dict], next_message: str, max_tokens: int,
+              tools: list[dict] | None = None) -> dict:
+    """Turn 1 (cold), then turn 2: turn 1, its answer and `next_message` (its prefix cached)."""
+    fields = {"tools": tools} if tools else {}
+    cold = stream_chat(port, first_turn, max_tokens, **fields)
+    second_turn = first_turn + [{"role": "assistant", "content": cold.text}, {"role": "user", "content": next_message}]
+    cached = stream_chat(port, second_turn, max_tokens, **fields)
+    return {"cold_ttft": cold.ttft, "cached_ttft": cached.ttft, "prompt_tokens": cached.prompt_tokens,
+            "cached_tokens": cached.cached_tokens, "error": cold.error or cached.error}
 
 
     def structured(self) -> dict:
@@ -821,6 +843,94 @@ def fmt_ratio(value: float | None) -> str:
 
 
 # ---------------------------------------------------------------------------
+# The agent-shaped case: a long fixed prefix of instructions and tools, two turns
+# ---------------------------------------------------------------------------
+
+def agent_tool(i: int) -> dict:
+    """One tool definition in the style coding agents send (a described function, a few typed arguments)."""
+    return {"type": "function", "function": {
+        "name": f"tool_{i}", "description": f"Tool {i}. " + FILLER,
+        "parameters": {"type": "object", "properties": {
+            "path": {"type": "string", "description": "An absolute path to the file to work on."},
+            "limit": {"type": "integer", "description": "How many lines to read at most."},
+            "mode": {"type": "string", "enum": ["read", "write", "append"]}}, "required": ["path"]}}}
+
+
+def agent_prefix(count_tokens, target_tokens: int, tag: str) -> tuple[dict, list[dict]]:
+    """(system message, tools) that together make about `target_tokens` prompt tokens; `tag` opens the system.
+
+    `count_tokens(system, tools)` gives the prompt length of a chat with them.
+    """
+    tools = [agent_tool(i) for i in range(24)]
+    paragraph = "Follow the repository's conventions. Run the tests before you report. " + FILLER
+    system = {"role": "system", "content": f"Session {tag}. You are a coding agent.\n"}
+    base = count_tokens(system, tools)
+    step = count_tokens({"role": "system", "content": system["content"] + paragraph}, tools) - base
+    paragraphs = max(0, (target_tokens - base) // max(step, 1))
+    return {"role": "system", "content": system["content"] + paragraph * paragraphs}, tools
+
+
+def lem_count_tokens(port: int):
+    """A counter of chat prompt tokens that asks lem-serve's /v1/messages/count_tokens (it renders the same prompt)."""
+    def count(system: dict, tools: list[dict]) -> int:
+        body = {"system": system["content"], "messages": [{"role": "user", "content": AGENT_TASKS[0]}],
+                "tools": [{"name": t["function"]["name"], "description": t["function"]["description"],
+                           "input_schema": t["function"]["parameters"]} for t in tools]}
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn.request("POST", "/v1/messages/count_tokens", json.dumps(body), {"Content-Type": "application/json"})
+        tokens = json.loads(conn.getresponse().read())["input_tokens"]
+        conn.close()
+        return tokens
+    return count
+
+
+AGENT_TASKS = ("The test in tests/test_parser.py fails. Find out why and fix it.",
+               "Thanks. Now run the whole test suite and tell me what is left.")
+
+
+def bench_agent(quick: bool) -> dict:
+    """The agent-shaped case on its own model: lem-serve and mlx_lm.server, interleaved, fresh prefixes."""
+    path = prepare_model(AGENT_MODEL)
+    target, reps = (4000, 1) if quick else (AGENT_PREFIX_TOKENS, AGENT_REPS)
+    progress(f"\n== agent-shaped turns: {path}, a {target}-token prefix, {reps} repetition(s)")
+    servers = [lem_server(path, AGENT_MODEL, 1), mlx_server(path, AGENT_MODEL)]
+    rows = {LEM: [], MLX_SERVER: []}
+    try:
+        for process in servers:
+            process.start()
+        ports = {s.name: s.port for s in servers}
+        count = lem_count_tokens(ports[LEM])
+        for rep in range(reps):
+            for system in rotated((LEM, MLX_SERVER), rep):
+                prefix, tools = agent_prefix(count, target, uuid.uuid4().hex[:8])  # never seen by either server
+                turn = [prefix, {"role": "user", "content": AGENT_TASKS[0]}]
+                rows[system].append(two_turns(ports[system], turn, AGENT_TASKS[1], AGENT_TOKENS, tools))
+                r = rows[system][-1]
+                progress(f"  rep {rep + 1}: {system} cold {fmt_ms(r['cold_ttft'])} cached {fmt_ms(r['cached_ttft'])} "
+                         f"(cached {r['cached_tokens']} of {r['prompt_tokens']} tokens){' ' + r['error'] if r['error'] else ''}")
+    finally:
+        for process in servers:
+            process.stop()
+    result = {s: summarize_cache(rows[s]) for s in rows}
+    result["prefix_tokens"] = target
+    result["cold lem/mlx_server"] = ratio(result[MLX_SERVER]["cold_ttft"], result[LEM]["cold_ttft"])
+    result["cached lem/mlx_server"] = ratio(result[MLX_SERVER]["cached_ttft"], result[LEM]["cached_ttft"])
+    return result
+
+
+def markdown_agent(result: dict) -> list[str]:
+    """The agent-shaped case as a table (speed ratios: mlx_lm.server's TTFT over lem-serve's, > 1 = lem faster)."""
+    lines = ["### Agent-shaped turns", "",
+             f"A {result['prefix_tokens']}-token prefix (system instructions and 24 tool definitions, as coding "
+             "agents resend every turn) + a task, then turn 2 (the answer and a new task); chat completions "
+             "with `tools`, greedy, TTFT medians over fresh prefixes.", "",
+             *cache_table(result, ("turn 1 (cold)", "turn 2 (cached)"))]
+    return lines + ["", f"**lem-serve vs mlx_lm.server (their TTFT / ours): "
+                        f"{fmt_ratio(result['cold lem/mlx_server'])} cold, "
+                        f"{fmt_ratio(result['cached lem/mlx_server'])} cached.**", ""]
+
+
+# ---------------------------------------------------------------------------
 # Reports: markdown, chart, JSON
 # ---------------------------------------------------------------------------
 
@@ -883,16 +993,21 @@ def markdown_model(result: dict) -> list[str]:
         cache = result["prompt_cache"]
         lines += ["", f"Multi-turn prompt cache: a {cache['history_tokens']}-token history + a new message, "
                   "then the follow-up (history + answer + new message); TTFT medians. "
-                  "lem-serve runs with `--max-context 0`.", "",
-                  "| system | cold TTFT | follow-up TTFT | speed-up | cached / prompt tokens |",
-                  "|---|---:|---:|---:|---:|"]
-        for s in (LEM, MLX_SERVER):
-            c = cache[s]
-            lines.append(f"| {s} | {fmt_ms(c['cold_ttft'])} | {fmt_ms(c['cached_ttft'])} | "
-                         f"{fmt_ratio(c['speedup'])} | {fmt(c['cached_tokens'], 0)} / {fmt(c['prompt_tokens'], 0)} |")
+                  "lem-serve runs with `--max-context 0`.", "", *cache_table(cache, ("cold", "follow-up"))]
     if "structured" in result:
         lines += [""] + markdown_structured(result)
     return lines + [""]
+
+
+def cache_table(cache: dict, turns: tuple[str, str]) -> list[str]:
+    """Two turns' TTFT per server (summarize_cache's medians), the speed-up and the cached share."""
+    lines = [f"| system | {turns[0]} TTFT | {turns[1]} TTFT | speed-up | cached / prompt tokens |",
+             "|---|---:|---:|---:|---:|"]
+    for s in (LEM, MLX_SERVER):
+        c = cache[s]
+        lines.append(f"| {s} | {fmt_ms(c['cold_ttft'])} | {fmt_ms(c['cached_ttft'])} | "
+                     f"{fmt_ratio(c['speedup'])} | {fmt(c['cached_tokens'], 0)} / {fmt(c['prompt_tokens'], 0)} |")
+    return lines
 
 
 def markdown_structured(result: dict) -> list[str]:
@@ -1024,6 +1139,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--smollm2", action="store_true",
                    help="also the real SmolLM2-135M-Instruct (4-bit), converted with tools/gguf_to_mlx.py")
     p.add_argument("--quick", action="store_true", help="a ~2-minute smoke run")
+    p.add_argument("--agent", action="store_true",
+                   help="only the agent-shaped case (a 20k-token prefix, two turns); writes bench/RESULTS-agent.md")
     p.add_argument("--structured", metavar="MODEL", help="only the structured-output test on MODEL (lem-serve alone)")
     p.add_argument("--raw-worker", metavar="MODEL", help=argparse.SUPPRESS)  # internal: see raw_worker()
     return p.parse_args(argv)
@@ -1036,6 +1153,8 @@ def main(argv: list[str] | None = None) -> int:
         raw_worker(args.raw_worker)
     # A SIGTERM unwinds through the finally blocks, so the servers are stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if args.agent:
+        return run_agent_case(args, argv)
     if args.structured:
         return structured_only(args.structured, args.quick)
     names = args.model or ["tiny", "small"]
@@ -1055,6 +1174,24 @@ def main(argv: list[str] | None = None) -> int:
     report["env"]["seconds"] = round(time.perf_counter() - started, 1)
     write_reports(report, publish=not args.quick)  # a smoke run never replaces the published results
     print(f"total {report['env']['seconds']:.0f} s")
+    return 0
+
+
+def run_agent_case(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """--agent: run the agent-shaped case alone and write its report (published unless --quick)."""
+    env = environment()
+    result = bench_agent(args.quick)
+    env["loadavg_end"] = os.getloadavg()
+    text = "\n".join([f"`python bench/bench.py{''.join(' ' + a for a in (argv if argv is not None else sys.argv[1:]))}` "
+                      f"on {env['date']}: {env['platform']}, {env['cpus']} CPUs, mlx {env['mlx']}, mlx-lm "
+                      f"{env['mlx_lm']}, lem-serve {env['lem_serve']} (commit {env['commit']}). Load average "
+                      f"{env['loadavg_start'][0]:.1f} at start, {env['loadavg_end'][0]:.1f} at end.", "",
+                      *markdown_agent(result)])
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "agent.json").write_text(json.dumps({"env": env, "agent": result}, indent=2, default=str) + "\n")
+    if not args.quick:
+        (ROOT / "bench" / "RESULTS-agent.md").write_text(text)
+    print("\n" + text)
     return 0
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = "lem_serve.py"
 COPY_IGNORE = shutil.ignore_patterns(".git", ".venv", "__pycache__", ".pytest_cache", ".cache", "artifacts",
-                                     "model", "bench")
+                                     "model", "bench", "agents")  # testing/agents: ~800 MB of agent CLIs
 RUN_TIMEOUT = 900  # seconds for one pytest run; a mutation that hangs the suite counts as an error
 
 
@@ -77,14 +77,14 @@ MUTATIONS = [
                "        budget = fit_to_context(len(prompt), request, server.model)\n"
                "        if not server.engine.alive:\n"
                "            raise engine_unavailable()\n"
-               '        headers = {WINDOW_HEADER: str(dropped)} if endpoint == "chat" else {}\n'
+               '        headers = {WINDOW_HEADER: str(dropped)} if request.endpoint == "chat" else {}\n'
                "        with server.admit() as slot:\n",
                "        if not server.engine.alive:\n"
                "            raise engine_unavailable()\n"
                "        with server.admit() as slot:\n"
                "            prompt, dropped = render_prompt(request, server.model)\n"
                "            budget = fit_to_context(len(prompt), request, server.model)\n"
-               '            headers = {WINDOW_HEADER: str(dropped)} if endpoint == "chat" else {}\n'),),
+               '            headers = {WINDOW_HEADER: str(dropped)} if request.endpoint == "chat" else {}\n'),),
              ("test_bad_prompts_are_400_even_while_every_slot_is_busy",)),
     Mutation("stop-string-partly-streamed", "text that may be the start of a stop string is streamed at once",
              (("        keep = max(self.matched)\n", "        keep = 0\n"),),
@@ -115,7 +115,7 @@ MUTATIONS = [
              ("test_disconnect_while_waiting_non_streaming_stops_generation_and_is_499_in_metrics",)),
     Mutation("keepalive-never-sent", "no keepalive comment while the prompt is processed",
              (("                on_idle()\n", ""),),
-             ("test_slow_prompt_stream_gets_keepalive_comments",)),
+             ("test_slow_prompt_stream_gets_keepalives",)),
     Mutation("seed-uses-global-random", "a seeded request draws from the global random state",
              (("key = None if request.seed is None else mx.random.key(request.seed % 2**64)", "key = None"),),
              ("test_same_seed_same_output_inside_a_batch",)),
@@ -222,6 +222,50 @@ MUTATIONS = [
     Mutation("drain-keeps-listening", "a stopping server keeps its listening socket while it drains",
              (("        self.shutdown()\n        self.socket.close()\n", "        self.shutdown()\n"),),
              ("test_nginx_replica_stopped_mid_stream_finishes_it_while_new_requests_go_elsewhere",)),
+    # The agents' dialects (issue 12).
+    Mutation("anthropic-errors-in-openai-envelope", "errors on /v1/messages come in OpenAI's envelope",
+             (("return error.anthropic_body() if anthropic else error.body()", "return error.body()"),),
+             ("test_bad_messages_bodies_are_anthropic_400s", "test_errors_before_the_route_come_in_the_callers_envelope")),
+    Mutation("x-api-key-ignored", "the API key is taken only as a Bearer token, so Claude Code is refused",
+             (('offered = [token if scheme.lower() == "bearer" else None, self.headers.get("x-api-key")]',
+               'offered = [token if scheme.lower() == "bearer" else None]'),),
+             ("test_errors_before_the_route_come_in_the_callers_envelope",)),
+    Mutation("stop-sequence-unreported", "a stop sequence ends the message as end_turn, without saying which",
+             (("            sequence.job.stop_string = sequence.stops.hit\n", ""),),
+             ("test_messages_stop_sequence_cuts_text_and_is_reported",)),
+    Mutation("anthropic-input-counts-the-cache", "Anthropic input_tokens include the cached tokens (counted twice)",
+             (('return {"input_tokens": job.prompt_tokens - job.cached_tokens,', 'return {"input_tokens": job.prompt_tokens,'),),
+             ("test_count_tokens_is_what_a_create_reports",)),
+    Mutation("anthropic-block-left-open", "the last content block is not stopped before message_delta",
+             (('        return (self._stop() + self._event("message_delta"', '        return (b"" + self._event("message_delta"'),),
+             ("test_messages_stream_events_come_in_anthropic_order",)),
+    Mutation("responses-text-done-missing", "a Responses stream skips response.output_text.done",
+             (('        return (self._event("response.output_text.done", **where, text=part["text"], logprobs=[])\n'
+               "                + ", "        return ("),),
+             ("test_responses_stream_events_come_in_order_with_sequence_numbers",)),
+    Mutation("dialect-max-tokens-unclamped", "/v1/messages takes max_tokens as given: Claude Code's 32000 overflows",
+             (("max_tokens=min(body.get(\"max_tokens\") or settings.max_tokens, settings.max_tokens),",
+               "max_tokens=body.get(\"max_tokens\") or settings.max_tokens,"),),
+             ("test_dialect_max_tokens_is_clamped_not_refused",)),
+    Mutation("anthropic-keepalive-is-a-comment", "an Anthropic stream keeps alive with SSE comments, not ping events",
+             (('    keepalive = sse_event({"type": "ping"}, "ping")', "    keepalive = SSE_KEEPALIVE"),),
+             ("test_slow_prompt_stream_gets_keepalives",)),
+    Mutation("previous-response-id-ignored", "previous_response_id is accepted and silently ignored",
+             (('STATEFUL_FIELDS = {"previous_response_id": None, "conversation": None, "background": False}',
+               'STATEFUL_FIELDS = {"conversation": None, "background": False}'),),
+             ("test_bad_responses_bodies_are_openai_400s",)),
+    Mutation("named-tool-not-forced", "Anthropic tool_choice {type: tool} is served as auto",
+             (('    if kind == "tool" and isinstance(choice.get("name"), str):\n'
+               '        return {"type": "function", "function": {"name": choice["name"]}}',
+               '    if kind == "tool" and isinstance(choice.get("name"), str):\n        return "auto"'),),
+             ("test_messages_forced_tool_use_round_trip",)),
+    Mutation("dialect-error-event-missing", "an Anthropic stream that fails after its headers just ends",
+             (('        return self._event("error", error=error.anthropic_body()["error"])', '        return b""'),),
+             ("test_dialect_stream_past_the_deadline_ends_with_an_error_event",)),
+    Mutation("prompt-too-long-worded-otherwise", "a prompt that does not fit is not worded as Anthropic words it",
+             (('raise invalid(f"prompt is too long: {prompt_tokens} tokens > {limit - 1} maximum',
+               'raise invalid(f"the prompt is {prompt_tokens} tokens > {limit - 1} maximum'),),
+             ("test_prompt_longer_than_context_is_400",)),
 ]
 
 
