@@ -2138,6 +2138,37 @@ def test_solo_options_are_checked_at_start(model_dir, draft_dir):
         lem_serve.load_model(narrow)
 
 
+def test_anthropic_thinking_blocks_and_thinking_disabled(thinking_server, thinking_model):
+    anthropic = pytest.importorskip("anthropic")
+    client = anthropic.Anthropic(base_url=thinking_server.url, api_key="unused", max_retries=0, timeout=60)
+    message = client.messages.create(model="m", max_tokens=50, messages=HELLO)
+    assert [b.type for b in message.content] == ["thinking", "text"]
+    assert message.content[0].thinking == THINKING and message.content[1].text == ANSWER
+    with client.messages.stream(model="m", max_tokens=50, messages=HELLO) as stream_:
+        kinds = [e.delta.type for e in stream_ if e.type == "content_block_delta"]
+        final = stream_.get_final_message()
+    assert kinds[0] == "thinking_delta" and "signature_delta" in kinds and kinds[-1] == "text_delta"
+    assert [b.model_dump() for b in final.content] == [b.model_dump() for b in message.content]
+    off = client.messages.create(model="m", max_tokens=50, messages=HELLO, thinking={"type": "disabled"})
+    assert [b.type for b in off.content] == ["text"] and off.content[0].text == DIRECT
+
+
+def test_responses_reasoning_item_before_the_message(thinking_server, thinking_model):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=thinking_server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    response = client.responses.create(model="m", input="hi", max_output_tokens=50)
+    assert [item.type for item in response.output] == ["reasoning", "message"]
+    assert response.output[0].content[0].text == THINKING and response.output_text == ANSWER
+    assert response.usage.output_tokens_details.reasoning_tokens == len(
+        thinking_model.tokenizer.encode(THINKING + THINK_END, add_special_tokens=False))
+    events = list(client.responses.create(model="m", input="hi", max_output_tokens=50, stream=True))
+    deltas = "".join(e.delta for e in events if e.type == "response.reasoning_text.delta")
+    assert deltas == THINKING and events[-1].type == "response.completed"
+    kinds = [e.type for e in events]
+    assert kinds.index("response.reasoning_text.done") < kinds.index("response.output_text.delta")
+    assert [i.model_dump() for i in events[-1].response.output][0]["content"] == response.output[0].model_dump()["content"]
+
+
 def old_python() -> str | None:
     """An interpreter older than 3.11 on this machine (pyenv keeps several), if any."""
     found = [shutil.which(f"python3.{minor}") for minor in (9, 10)] + sorted(
