@@ -124,11 +124,11 @@ def kv_memory(model: Path, context: int, tokens: int, reps: int) -> list[dict]:
                 if sample.error:
                     raise RuntimeError(f"{server.name}: {sample.error}")
                 row[f"{name}_rss_per_token"] = (peak_rss(server) - before) / max(sample.prompt_tokens or 1, 1)
-                row[f"{name}_decode"] = statistics.median(decode_rates(server, tokens, reps))
-                if name == "lem":
+                if name == "lem":  # the prompt cache now holds exactly this one conversation
                     cache = health(server.port)["prompt_cache"]
                     row["prompt_tokens"] = sample.prompt_tokens
                     row["lem_cache_bytes_per_token"] = cache["bytes"] / max(sample.prompt_tokens + tokens, 1)
+                row[f"{name}_decode"] = statistics.median(decode_rates(server, tokens, reps))
             finally:
                 server.stop()
         rows.append(row)
