@@ -492,7 +492,7 @@ COMMON_CHECKS = (
     Check("top_p", (int, float), "a number between 0 and 1", lambda v: 0 <= v <= 1),
     Check("stop", (str, list), f"a string or a list of 1 to {MAX_STOP_STRINGS} strings, each 1 to "
           f"{MAX_STOP_CHARS} characters long", _is_stop),
-    Check("n", (int,), "1 (this server returns one choice per request)", lambda v: v == 1),
+    Check("n", (int,), "an integer >= 1 (choices; each takes a generation slot)", lambda v: v >= 1),
     Check("top_k", (int,), "an integer >= 0 (0 = no limit)", lambda v: v >= 0),
     Check("min_p", (int, float), "a number between 0 and 1", lambda v: 0 <= v <= 1),
     Check("seed", (int,), "an integer"),
@@ -562,6 +562,7 @@ class GenerationRequest:
     max_context: int = 0                         # chat: messages kept by the window (chat_window); 0 = all
     template_args: dict = dataclasses.field(default_factory=dict)  # chat: extra chat template arguments
     split_reasoning: bool = False                # a thinking model's reasoning leaves the text (ReasoningSplitter)
+    n: int = 1                                   # choices, decoded together, each in a slot of its own
 
 
 def decode_json_body(raw: bytes) -> dict:
@@ -610,8 +611,12 @@ def parse_generation_request(endpoint: str, body: dict, settings: Settings) -> G
         raise invalid(f"'max_tokens' is {asked}, above this server's limit of {settings.max_tokens}", "max_tokens")
     stop = body.get("stop") or ()
     options = body.get("stream_options") or {}
+    n = body.get("n") or 1
+    if n > settings.max_requests:
+        raise invalid(f"'n' is {n}; each choice takes a generation slot and this server has "
+                      f"{settings.max_requests} (--max-requests)", "n")
     return GenerationRequest(
-        endpoint=endpoint, **fields,
+        endpoint=endpoint, **fields, n=n,
         stream=bool(body.get("stream")),
         include_usage=bool(options.get("include_usage")),
         max_tokens=asked or settings.max_tokens, max_tokens_given=asked is not None,
@@ -3255,18 +3260,18 @@ def kmp_fallbacks(pattern: str) -> list[int]:
     return fallback
 
 
-FINAL_EVENTS = ("finish", "error")   # the kinds of a job's last event
 
 
 @dataclass(eq=False)
 class Job:
     """One admitted request's generation, shared by its handler and the engine.
 
-    The engine puts events on `events`: ("text", str, [token_logprobs dicts])
-    and ("reasoning", str, [...]) pieces (the lists empty unless logprobs were
-    asked for), then exactly one ("finish", reason) or ("error", APIError):
-    the FINAL_EVENTS. The handler sets `cancelled` when the client leaves or
-    the deadline passes.
+    The engine puts events on `events`, each (kind, value, logprobs, choice):
+    ("text", str, [token_logprobs dicts], i) and ("reasoning", str, [...], i)
+    pieces of choice i (the lists empty unless logprobs were asked for), one
+    ("finish", reason, [], i) for each of the request's n choices, or an
+    ("error", APIError, [], 0) that ends them all. The handler sets
+    `cancelled` when the client leaves or the deadline passes.
     """
 
     prompt: list[int]
@@ -3298,6 +3303,7 @@ class Sequence:
     text: TextStream
     stops: StopScanner
     reasoning: ReasoningSplitter | None = None
+    choice: int = 0                            # its index among the request's n choices
     logprobs: list = dataclasses.field(default_factory=list)  # entries of tokens whose text is not out yet
 
 
@@ -3826,6 +3832,7 @@ class Engine:
         self.finished = threading.Event()          # the loop has ended: stopped, or failed
         self.drain_requested = threading.Event()   # rank 0: another rank was asked to stop the group
         self.running: dict[int, Sequence] = {}     # the batch's uids -> their jobs (rank 0 and alone)
+        self.warming: dict[int, Job] = {}          # uids of one-token warm-ups -> jobs whose n choices wait on them
         self.batch: Batch | None = None
         self.progress_at = time.monotonic()        # when the last step or sync ended, for the watchdog
         self.tokens_generated = 0  # every token sampled since start, for health and tests
@@ -3884,13 +3891,14 @@ class Engine:
     def _loop(self) -> None:
         self.batch = self._new_batch()
         while True:
-            for job in self._take_jobs(block=not self.running):
+            busy = bool(self.running or self.warming)
+            for job in self._take_jobs(block=not busy):
                 if job is None:
                     self.batch.sync(step=False, shutdown=True)
                     self.batch.close()
                     return
                 self._insert(job)
-            step = bool(self.running)
+            step = bool(self.running or self.warming)
             if self.batch.sync(step):
                 self.drain_requested.set()
             self.progress_at = time.monotonic()
@@ -3964,30 +3972,60 @@ class Engine:
     def _fail_waiting(self) -> None:
         for job in self._take_jobs(block=False):
             if job is not None:
-                job.events.put(("error", engine_unavailable()))
+                job.events.put(("error", engine_unavailable(), [], 0))
 
     def _insert(self, job: Job) -> None:
-        """Add a job to the batch, starting from its longest cached prefix."""
+        """Add a job's choices to the batch, each starting from the longest cached prefix.
+
+        Several choices share their prompt's KV cache: a one-token warm-up
+        runs the prompt once and leaves it in the prompt cache, and the
+        choices then start from it, each running only the prompt's last
+        token. Without a prompt cache they prefill side by side in the batch.
+        """
         if job.should_stop():
-            job.events.put(("finish", "cancelled"))
+            job.events.put(("finish", "cancelled", [], 0))
             return
-        request = job.request
+        if job.request.n > 1 and self.prompt_cache is not None:
+            uid = self._start(job, 1, job.request)
+            if uid is not None:
+                self.warming[uid] = job
+            return
+        self._start_choices(job)
+
+    def _start_choices(self, job: Job) -> None:
+        """Start the job's n choices; seeded choices after the first take seed + i, so they differ."""
+        for i in range(job.request.n):
+            request = job.request
+            if i and request.seed is not None:
+                request = dataclasses.replace(request, seed=request.seed + i)
+            uid = self._start(job, job.max_tokens, request, measure=job.request.n == 1)
+            if uid is None:
+                return
+            trim_space = job.request.endpoint != "completions"
+            self.running[uid] = Sequence(job, TextStream(self.model, trim_space), StopScanner(job.request.stop),
+                                         reasoning_splitter(job.request, self.model, job.prompt), choice=i)
+
+    def _start(self, job: Job, max_tokens: int, request: GenerationRequest, measure: bool = True) -> int | None:
+        """Insert one sequence of `job` into the batch; its uid, or None after reporting the failure.
+
+        `measure`: this insert's cache hit is the job's cached_tokens (a warm-up's, or a lone choice's).
+        """
         if self.link is not None:
             # The Insert carries the settings the other ranks sample with, not the prompt's text
             # again; and every rank must draw the same tokens, so rank 0 picks the seed.
             seed = secrets.randbits(63) if request.seed is None else request.seed
             request = dataclasses.replace(request, messages=(), prompt="", tools=(), seed=seed)
         try:
-            uid, job.cached_tokens = self.batch.insert(job.prompt, job.max_tokens, request)
+            uid, cached = self.batch.insert(job.prompt, max_tokens, request)
         except Exception as exc:
             log.error("could not start generation: %r", exc, exc_info=exc)
-            job.events.put(("error", internal_error()))
-            return
+            job.events.put(("error", internal_error(), [], 0))
+            return None
         finally:
             self._note_cache()
-        trim_space = job.request.endpoint != "completions"
-        self.running[uid] = Sequence(job, TextStream(self.model, trim_space), StopScanner(job.request.stop),
-                                     reasoning_splitter(job.request, self.model, job.prompt))
+        if measure:
+            job.cached_tokens = cached
+        return uid
 
     def _step_or_recover(self) -> None:
         """One step. Alone, a failure (out of memory, say) fails this batch's jobs and a fresh batch goes on."""
@@ -3997,9 +4035,10 @@ class Engine:
             if self.link is not None:
                 raise  # the ranks may no longer hold the same batch: the group cannot go on
             log.error("generation failed: %r", exc, exc_info=exc)
-            for sequence in self.running.values():
-                sequence.job.events.put(("error", internal_error()))
+            for job in [s.job for s in self.running.values()] + list(self.warming.values()):
+                job.events.put(("error", internal_error(), [], 0))
             self.running.clear()
+            self.warming.clear()
             self.batch.close()
             self.batch = self._new_batch()
 
@@ -4007,6 +4046,9 @@ class Engine:
         """One batch step: route each new token, then drop what has ended."""
         leaving = []
         for response in self.batch.step():
+            if response.uid in self.warming:  # the warm-up token is not the job's: its prompt is cached now
+                self._start_choices(self.warming.pop(response.uid))
+                continue
             sequence = self.running.get(response.uid)
             if sequence is None:
                 continue
@@ -4014,14 +4056,16 @@ class Engine:
             if reason is None:
                 continue
             sequence.job.stop_string = sequence.stops.hit
-            sequence.job.events.put(("finish", reason))
+            sequence.job.events.put(("finish", reason, [], sequence.choice))
             del self.running[response.uid]
             if response.finish_reason is None:  # a stop string: the batch still holds it
                 leaving.append(response.uid)
-        for uid, sequence in list(self.running.items()):
-            if sequence.job.should_stop():  # client gone or deadline passed, even mid-prompt
-                sequence.job.events.put(("finish", "cancelled"))
-                del self.running[uid]
+        jobs = {uid: s.job for uid, s in self.running.items()} | self.warming
+        for uid, job in jobs.items():
+            if job.should_stop():  # client gone or deadline passed, even mid-prompt
+                sequence = self.running.pop(uid, None)
+                self.warming.pop(uid, None)
+                job.events.put(("finish", "cancelled", [], sequence.choice if sequence else 0))
                 leaving.append(uid)
         if leaving:
             self.batch.remove(leaving)
@@ -4072,7 +4116,7 @@ class Engine:
     def _emit(sequence: Sequence, kind: str, text: str) -> None:
         """Send a text or reasoning piece with the logprobs of the tokens it completes."""
         if text:
-            sequence.job.events.put((kind, text, sequence.logprobs))
+            sequence.job.events.put((kind, text, sequence.logprobs, sequence.choice))
             sequence.logprobs = []
 
     @staticmethod
@@ -4238,8 +4282,11 @@ class Writer:
         self.created = int(time.time())
         self.calls_sent = 0      # tool calls streamed so far
 
-    def event(self, kind: str, value: str, logprobs: list[dict] = ()) -> bytes:
-        """The bytes one engine event becomes: reasoning, text, tool calls (via the scanner), at the end the finish."""
+    def event(self, kind: str, value: str, logprobs: list[dict] = (), choice: int = 0) -> bytes:
+        """The bytes one engine event becomes: reasoning, text, tool calls (via the scanner), at the end the finish.
+
+        `choice` is the event's choice (ChoicesWriter routes by it; one choice has index 0).
+        """
         if kind == "reasoning":
             return self.reasoning(value)
         text, calls = (value if kind == "text" else ""), []
@@ -4253,8 +4300,9 @@ class Writer:
             out.append(self.finish(value))
         return b"".join(out)
 
-    def reply(self, text: str, reason: str, logprobs: list[dict], reasoning: str = "") -> dict:
-        """The non-streaming response body for the whole generated text (and a thinking model's reasoning)."""
+    def reply(self, results: list[tuple[str, str, list[dict], str]]) -> dict:
+        """The non-streaming response body from each choice's (text, finish reason, logprobs, reasoning)."""
+        text, reason, logprobs, reasoning = results[0]
         calls = []
         if self.scanner is not None:
             text, calls = self.scanner.feed(text)
@@ -4290,13 +4338,16 @@ class Writer:
 class ChatWriter(Writer):
     """OpenAI's /v1/chat/completions and /v1/completions: a choice; a stream of data-only chunks and [DONE]."""
 
-    def __init__(self, job: Job, model: str, scanner: ToolCallScanner | None):
+    def __init__(self, job: Job, model: str, scanner: ToolCallScanner | None, index: int = 0,
+                 head: dict | None = None, ends: bool = True):
         super().__init__(job, model, scanner)
         self.chat = self.request.endpoint == "chat"
+        self.index = index             # this choice's index
+        self.ends = ends               # its finish ends the stream (usage, [DONE]); not so among several choices
         self.offsets = TextOffsets()   # for completions' text_offset across chunks
-        self.head = {"id": new_id("chatcmpl-" if self.chat else "cmpl-"),
-                     "object": "chat.completion.chunk" if self.chat else "text_completion",
-                     "created": self.created, "model": model}
+        self.head = head or {"id": new_id("chatcmpl-" if self.chat else "cmpl-"),
+                             "object": "chat.completion.chunk" if self.chat else "text_completion",
+                             "created": self.created, "model": model}
 
     def _chunk(self, choice: dict | None, **extra: Any) -> bytes:
         return sse_event({**self.head, "choices": [choice] if choice else [], **extra})
@@ -4304,7 +4355,7 @@ class ChatWriter(Writer):
     def _choice(self, delta: dict | None = None, text: str = "", logprobs: dict | None = None,
                 finish_reason: str | None = None) -> dict:
         content = {"delta": delta or {}} if self.chat else {"text": text}
-        return {"index": 0, **content, "logprobs": logprobs, "finish_reason": finish_reason}
+        return {"index": self.index, **content, "logprobs": logprobs, "finish_reason": finish_reason}
 
     def opening(self) -> bytes:
         """Chat opens with the assistant role and empty content; completions with nothing."""
@@ -4330,8 +4381,11 @@ class ChatWriter(Writer):
         """The finish chunk (a reply that made tool calls finishes as "tool_calls"), usage when asked, [DONE]."""
         if self.calls_sent and reason == "stop":
             reason = "tool_calls"
-        usage = self._chunk(None, usage=usage_of(self.job)) if self.request.include_usage else b""
-        return self._chunk(self._choice(finish_reason=reason)) + usage + SSE_DONE
+        return self._chunk(self._choice(finish_reason=reason)) + (self.ending() if self.ends else b"")
+
+    def ending(self) -> bytes:
+        """What ends the stream once every choice has finished: the usage chunk when asked, then [DONE]."""
+        return (self._chunk(None, usage=usage_of(self.job)) if self.request.include_usage else b"") + SSE_DONE
 
     def failure(self, error: APIError) -> bytes:
         return sse_event(error.body()) + SSE_DONE
@@ -4341,7 +4395,7 @@ class ChatWriter(Writer):
         endpoint = self.request.endpoint
         lp = logprobs_object(endpoint, logprobs if self.request.logprobs is not None else None)
         if not self.chat:
-            choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": reason}
+            choice = {"index": self.index, "text": text, "logprobs": lp, "finish_reason": reason}
             return {**self.head, "object": "text_completion", "choices": [choice], "usage": usage_of(self.job)}
         message = {"role": "assistant", "content": text}
         if calls:
@@ -4349,8 +4403,47 @@ class ChatWriter(Writer):
             reason = "tool_calls" if reason == "stop" else reason
         if reasoning:
             message.update(reasoning_content=reasoning, reasoning=reasoning)
-        choice = {"index": 0, "message": message, "logprobs": lp, "finish_reason": reason}
+        choice = {"index": self.index, "message": message, "logprobs": lp, "finish_reason": reason}
         return {**self.head, "object": "chat.completion", "choices": [choice], "usage": usage_of(self.job)}
+
+
+class ChoicesWriter(Writer):
+    """A chat or completions request's n choices: one ChatWriter per choice, their chunks one stream.
+
+    The choices share the stream's id; each streams and finishes on its own
+    (its `index` in every chunk), and the usage chunk and [DONE] come once,
+    after the last finish. Usage sums the choices' tokens, the prompt once.
+    """
+
+    def __init__(self, writers: list[ChatWriter]):
+        super().__init__(writers[0].job, writers[0].model, None)
+        self.writers = writers
+        self.finished = 0
+
+    def opening(self) -> bytes:
+        return b"".join(writer.opening() for writer in self.writers)
+
+    def event(self, kind: str, value: str, logprobs: list[dict] = (), choice: int = 0) -> bytes:
+        out = self.writers[choice].event(kind, value, logprobs)
+        self.finished += kind == "finish"
+        return out + (self.writers[0].ending() if kind == "finish" and self.finished == len(self.writers) else b"")
+
+    def failure(self, error: APIError) -> bytes:
+        return self.writers[0].failure(error)
+
+    def reply(self, results: list[tuple[str, str, list[dict], str]]) -> dict:
+        bodies = [writer.reply([result]) for writer, result in zip(self.writers, results)]
+        return {**bodies[0], "choices": [body["choices"][0] for body in bodies]}
+
+
+def writer_for(job: Job, model_name: str, tokenizer: Any) -> Writer:
+    """The Writer for a job's API; for n > 1 choices (chat, completions), a ChoicesWriter."""
+    request = job.request
+    if request.n == 1:
+        return WRITERS[request.endpoint](job, model_name, tool_scanner(request, tokenizer))
+    first = ChatWriter(job, model_name, tool_scanner(request, tokenizer), ends=False)
+    return ChoicesWriter([first] + [ChatWriter(job, model_name, tool_scanner(request, tokenizer), index=i,
+                                               head=first.head, ends=False) for i in range(1, request.n)])
 
 
 def anthropic_usage(job: Job) -> dict:
@@ -5145,11 +5238,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if not server.engine.alive:
             raise engine_unavailable()
         headers = {WINDOW_HEADER: str(dropped)} if request.endpoint == "chat" else {}
-        with server.admit() as slot:
+        with server.admit(request.n) as slot:
             job = Job(prompt, request, budget, time.monotonic() + server.settings.timeout)
             server.engine.submit(job)
-            writer = WRITERS[request.endpoint](job, server.settings.model_name,
-                                               tool_scanner(request, server.model.tokenizer))
+            writer = writer_for(job, server.settings.model_name, server.model.tokenizer)
             try:
                 if request.stream:
                     self._write_stream(job, slot, writer, headers)
@@ -5202,13 +5294,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return body
 
     def _events(self, job: Job, slot: "Admission", on_idle: Callable[[], None] = lambda: None) -> Iterator[tuple]:
-        """Yield job events until its last; watch the client, clock and engine meanwhile.
+        """Yield job events until its last (every choice's finish, or an error); watch the client,
+        clock and engine meanwhile.
 
-        The slot is given back as soon as the engine is done with the job, before
+        The slots are given back as soon as the engine is done with the job, before
         the last bytes go out, so a client that sends its next request the moment
         it has read this response never finds its own slot still taken.
         """
         engine, timeout = self.server.engine, self.server.settings.timeout
+        finished = 0
         while True:
             try:
                 event = job.events.get(timeout=POLL_SECONDS)
@@ -5223,28 +5317,33 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     raise engine_unavailable()
                 on_idle()
                 continue
-            if event[0] in FINAL_EVENTS:
+            kind = event[0]
+            finished += kind == "finish"
+            last = kind == "error" or finished == job.request.n
+            if last:
                 slot.release()
-            if event == ("finish", "cancelled"):  # the engine noticed the deadline first
+            if kind == "finish" and event[1] == "cancelled":  # the engine noticed the deadline first
                 raise request_timed_out(timeout)
             yield event
-            if event[0] in FINAL_EVENTS:
+            if last:
                 return
 
     def _write_completion(self, job: Job, slot: "Admission", writer: Writer, headers: dict[str, str]) -> None:
         """Wait for the whole generation, then send the writer's JSON body."""
-        pieces, reasoning, logprobs, finish = [], [], [], "stop"
-        for kind, value, *extra in self._events(job, slot):
+        choices = [([], [], [], ["stop"]) for _ in range(job.request.n)]  # text, reasoning, logprobs, finish
+        for kind, value, logprobs, choice in self._events(job, slot):
             if kind == "error":
                 raise value
+            text, reasoning, entries, finish = choices[choice]
             if kind == "text":
-                pieces.append(value)
-                logprobs += extra[0]
+                text.append(value)
+                entries += logprobs
             elif kind == "reasoning":
                 reasoning.append(value)
             else:
-                finish = value
-        self._send_json(writer.reply("".join(pieces), finish, logprobs, "".join(reasoning)), headers=headers)
+                finish[0] = value
+        results = [("".join(text), finish[0], entries, "".join(reasoning)) for text, reasoning, entries, finish in choices]
+        self._send_json(writer.reply(results), headers=headers)
 
     def _write_stream(self, job: Job, slot: "Admission", writer: Writer, headers: dict[str, str]) -> None:
         """Stream the writer's events as the engine's come in; an error after the headers becomes an event."""
@@ -5364,12 +5463,17 @@ class LemServer(http.server.ThreadingHTTPServer):
         host, port = self.server_address[:2]
         return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
 
-    def admit(self) -> "Admission":
-        """A context that holds one generation slot, or raises 429 at once."""
-        if not self.gate.acquire(blocking=False):
+    def admit(self, slots: int = 1) -> "Admission":
+        """A context that holds `slots` generation slots (one per choice), or raises 429 at once."""
+        taken = 0
+        while taken < slots and self.gate.acquire(blocking=False):
+            taken += 1
+        if taken < slots:
+            for _ in range(taken):
+                self.gate.release()
             self.metrics.record_rejection()
             raise server_busy()
-        return Admission(self)
+        return Admission(self, slots)
 
     @contextlib.contextmanager
     def exchange(self) -> Iterator[None]:
@@ -5521,13 +5625,14 @@ class LemServer(http.server.ThreadingHTTPServer):
 
 
 class Admission:
-    """Holds one permit of the server's gate until released (at most once)."""
+    """Holds `slots` permits of the server's gate until released (at most once)."""
 
-    def __init__(self, server: LemServer):
+    def __init__(self, server: LemServer, slots: int = 1):
         self.server = server
+        self.slots = slots
         self.held = True
         with server.active_lock:
-            server.active += 1
+            server.active += slots
 
     def __enter__(self) -> "Admission":
         return self
@@ -5542,9 +5647,10 @@ class Admission:
             if not self.held:
                 return
             self.held = False
-            server.active -= 1
+            server.active -= self.slots
             server.idle.notify_all()
-        server.gate.release()
+        for _ in range(self.slots):
+            server.gate.release()
 
 
 def load_page(folder: Path, settings: Settings) -> tuple[bytes, bytes]:

@@ -1322,7 +1322,8 @@ BAD_BODIES = [
     ("stop", {"stop": [""]}),
     ("stop", {"stop": 5}),
     ("stream", {"stream": "yes"}),
-    ("n", {"n": 3}),
+    ("n", {"n": 0}),
+    ("n", {"n": 1.5}),
     ("top_k", {"top_k": -1}),
     ("min_p", {"min_p": 1.5}),
     ("seed", {"seed": "x"}),
@@ -1523,6 +1524,86 @@ def test_batched_greedy_equals_each_request_alone(make_server, model):
     for prompt, reply in zip(PROMPTS, replies):
         assert reply["choices"][0]["text"] == completion_reference(model, model.tokenizer.encode(prompt), 40), prompt
         assert reply["usage"]["completion_tokens"] == 40
+
+
+def choice_text(endpoint: str, choice: dict) -> str:
+    return choice["message"]["content"] if endpoint == "chat" else choice["text"]
+
+
+def streamed_choices(endpoint: str, events: list) -> dict[int, tuple[str, list]]:
+    """Each choice index of a stream's events -> (its text, its finish reasons)."""
+    choices: dict[int, tuple[str, list]] = {}
+    for event in events:
+        for choice in event.get("choices") or [] if isinstance(event, dict) else []:
+            text, reasons = choices.get(choice["index"], ("", []))
+            piece = (choice["delta"].get("content") or "") if endpoint == "chat" else choice["text"]
+            choices[choice["index"]] = (text + piece, reasons + [choice["finish_reason"]] * bool(choice["finish_reason"]))
+    return choices
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_n_greedy_choices_are_identical_and_usage_sums_them(make_server, endpoint):
+    srv = make_server(max_requests=3)
+    one = post(srv, endpoint, max_tokens=12, temperature=0)
+    hits = health(srv)["prompt_cache"]["hits"]
+    three = post(srv, endpoint, max_tokens=12, temperature=0, n=3)
+    assert [c["index"] for c in three["choices"]] == [0, 1, 2]
+    assert [choice_text(endpoint, c) for c in three["choices"]] == [text_of(endpoint, one)] * 3
+    assert three["usage"]["prompt_tokens"] == one["usage"]["prompt_tokens"]  # the prompt is counted once
+    assert three["usage"]["completion_tokens"] == 3 * one["usage"]["completion_tokens"]
+    assert three["usage"]["total_tokens"] == three["usage"]["prompt_tokens"] + three["usage"]["completion_tokens"]
+    # The prompt was run once (its warm-up found the first request's cache); each choice started from it.
+    assert health(srv)["prompt_cache"]["hits"] == hits + 1 + 3
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_n_choices_stream_with_their_index(make_server, endpoint):
+    srv = make_server(max_requests=3)
+    whole = post(srv, endpoint, max_tokens=12, temperature=1.0, seed=5, n=3)
+    events = stream(srv, endpoint, max_tokens=12, temperature=1.0, seed=5, n=3, stream_options={"include_usage": True})
+    assert events[-1] == "[DONE]" and events.count("[DONE]") == 1
+    usage = [e for e in events if isinstance(e, dict) and e.get("usage")]
+    assert len(usage) == 1 and events.index(usage[0]) == len(events) - 2  # after every choice's finish
+    for count in ("prompt_tokens", "completion_tokens", "total_tokens"):  # the second time the prompt is cached
+        assert usage[0]["usage"][count] == whole["usage"][count]
+    assert len({e["id"] for e in events if isinstance(e, dict)}) == 1
+    choices = streamed_choices(endpoint, events)
+    assert sorted(choices) == [0, 1, 2]
+    for choice in whole["choices"]:
+        assert choices[choice["index"]] == (choice_text(endpoint, choice), [choice["finish_reason"]])
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_n_seeded_choices_differ_and_repeat(server, endpoint):
+    sampled = dict(max_tokens=16, temperature=1.0, seed=21, n=2)
+    first = [choice_text(endpoint, c) for c in post(server, endpoint, **sampled)["choices"]]
+    assert first[0] != first[1]
+    assert [choice_text(endpoint, c) for c in post(server, endpoint, **sampled)["choices"]] == first
+    assert first[0] == text_of(endpoint, post(server, endpoint, max_tokens=16, temperature=1.0, seed=21))
+
+
+def test_n_through_the_openai_sdk(openai_client):
+    reply = openai_client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=8, temperature=0, n=2)
+    assert [c.index for c in reply.choices] == [0, 1]
+    assert reply.choices[0].message.content == reply.choices[1].message.content
+    chunks = list(openai_client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=8, temperature=0,
+                                                        n=2, stream=True))
+    assert {c.index for chunk in chunks for c in chunk.choices} == {0, 1}
+
+
+def test_each_choice_takes_a_slot(make_long_server):
+    srv = make_long_server(max_requests=3)
+    assert_openai_error(request(srv, "POST", "/v1/completions", body_for("completions", n=4)), 400, "n")
+    conn, neighbour = open_stream(srv, "completions", **endless(srv.model))
+    read_first_text_event(neighbour)
+    busy = request(srv, "POST", "/v1/completions", body_for("completions", n=3, max_tokens=4))
+    assert_openai_error(busy, 429)
+    assert health(srv)["active_requests"] == 1  # the refused request's slots all went back
+    assert len(post(srv, "completions", n=2, max_tokens=4)["choices"]) == 2
+    assert wait_until(lambda: health(srv)["active_requests"] == 1)
+    hang_up(conn, neighbour)
+    assert wait_until(lambda: health(srv)["active_requests"] == 0)
+    assert gate_has_all_permits(srv)
 
 
 def ask(prompt: str) -> list[dict]:
