@@ -3374,6 +3374,35 @@ class SoloResponse:
     all_tokens: list[int] | None = None
 
 
+class CacheParts(list):
+    """A model's KV caches then its draft's, one list; its slices write back to it.
+
+    mlx_lm's generators quantize a KV cache (--kv-bits) by replacing its
+    entries in the list they were given (`cache[i] = quantized`), and
+    speculative_generate_step first slices its list into the model's and the
+    draft's parts. A plain list's slice is a copy: the quantized caches would
+    never reach the list the prompt cache keeps, which would hold the stale
+    full-precision ones. A slice of this list is a CacheSlice instead.
+    """
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, slice):
+            return CacheSlice(self, range(len(self))[key])
+        return super().__getitem__(key)
+
+
+class CacheSlice(list):
+    """Part of a CacheParts: an entry set here is set there too."""
+
+    def __init__(self, whole: CacheParts, indices: range):
+        super().__init__(list.__getitem__(whole, i) for i in indices)
+        self.whole, self.indices = whole, indices
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        super().__setitem__(index, value)
+        list.__setitem__(self.whole, self.indices[index], value)
+
+
 @dataclass(eq=False)
 class SoloSequence:
     """The sequence a SoloBatch is generating."""
@@ -3460,6 +3489,7 @@ class SoloBatch:
         draft = None if any(getattr(p, "stateful", False) for p in processors) else options.draft
         if cache is None:
             cache = make_prompt_cache(model) + (make_prompt_cache(options.draft) if options.draft else [])
+        cache = CacheParts(cache)
         common = {"max_tokens": max_tokens, "sampler": sampler, "logits_processors": processors,
                   "prefill_step_size": PREFILL_STEP_TOKENS, **kv}
         if draft is None:
@@ -3501,7 +3531,7 @@ class SoloBatch:
         for part in parts:
             if part and part[0].offset > kept:
                 trim_prompt_cache(part, part[0].offset - kept)
-        return tokens[:kept], sequence.cache
+        return tokens[:kept], list(sequence.cache)
 # -- one model over several machines ---------------------------------------------
 #
 # Under mlx.launch every rank holds a shard of the model, and every model call

@@ -2194,6 +2194,12 @@ def test_draft_model_keeps_greedy_output_and_reports_acceptance(model, model_dir
 def test_kv_bits_generation_matches_mlx_lm_with_the_same_cache(tmp_path):
     import mlx_lm
     folder = build_tiny_model(tmp_path / "wide-heads", hidden_size=128, num_heads=2, num_kv_heads=1)  # head size 64
+    full = lem_serve.load_model(lem_serve.parse_settings(["--model-path", str(folder)]))
+    # ~250 tokens: a quantized cache allocates room for 256 at a time, so the comparison is like for like.
+    long = {"prompt": list(range(10, 250)), "max_tokens": 10, "temperature": 0}
+    with running_server(full, folder) as srv:
+        post(srv, "completions", **long)
+        full_bytes = health(srv)["prompt_cache"]["bytes"]
     for bits, group in ((8, 64), (4, 32)):
         settings = lem_serve.parse_settings(["--model-path", str(folder), "--kv-bits", str(bits), "--kv-group-size",
                                              str(group), "--quantized-kv-start", "0"])
@@ -2205,7 +2211,12 @@ def test_kv_bits_generation_matches_mlx_lm_with_the_same_cache(tmp_path):
         with running_server(quantized, folder) as srv:
             first = post(srv, "completions", max_tokens=40, temperature=0)
             again = post(srv, "completions", max_tokens=40, temperature=0)
+        with running_server(quantized, folder) as srv:
+            post(srv, "completions", **long)
+            stored = health(srv)["prompt_cache"]["bytes"]
         assert first["choices"][0]["text"] == again["choices"][0]["text"] == expected
+        # The prompt cache keeps the quantized KV (float32 here: 8 bits are about 1/3 of it, 4 bits 1/5).
+        assert stored < full_bytes * (0.4 if bits == 8 else 0.25), (bits, stored, full_bytes)
         assert again["usage"]["prompt_tokens_details"]["cached_tokens"] > 0  # the quantized cache was reused
 
 
