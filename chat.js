@@ -30,7 +30,6 @@
   const UNDO_MS = 10_000;           // how long "Undo" stays offered
   const GAUGE_WARN = 0.8;           // context gauge turns amber at this share of the model's context
   const GAUGE_FULL = 0.95;          // ... and red here
-  const DEFAULT_TEMPERATURE = 0.7;
   const DEFAULT_MAX_TOKENS = 1024;
 
   // Waits, in one object so a test can shorten them (window.lemChat.timing).
@@ -546,6 +545,7 @@
 
   // What the page knows of the server: from the page's meta tags, then /healthz.
   const server = {
+    thinking: false,     // the model thinks before it answers, and the server splits its reasoning out
     model: readMeta("lem-model"),
     maxTokens: parseInt(readMeta("lem-max-tokens"), 10) || null,
     contextLength: null, // the model's context in tokens (null: unknown)
@@ -556,9 +556,10 @@
     const s = readJSON(STORE_SETTINGS, {});
     return {
       systemPrompt: typeof s.systemPrompt === "string" ? s.systemPrompt : "",
-      temperature: Number.isFinite(s.temperature) ? s.temperature : DEFAULT_TEMPERATURE,
+      // null: leave temperature out, so the server's default (the model's recommended one) applies.
+      temperature: Number.isFinite(s.temperature) ? s.temperature : null,
       maxTokens: Number.isInteger(s.maxTokens) ? s.maxTokens : DEFAULT_MAX_TOKENS,
-      // Issue 13's thinking on/off switch belongs here, read in requestBody().
+      thinking: s.thinking !== false, // off: chat_template_kwargs.enable_thinking = false (thinking models only)
     };
   }
 
@@ -582,7 +583,7 @@
 
   const ROLES = new Set(["user", "assistant", "system"]);
   const REPLY_STATUSES = new Set(["done", "stopped", "error", "interrupted"]);
-  const VARIANT_FIELDS = ["content", "status", "error", "stats", "model", "finishReason", "created"];
+  const VARIANT_FIELDS = ["content", "reasoning", "status", "error", "stats", "model", "finishReason", "created"];
 
   function newId() {
     return Date.now().toString(36) + Math.random().toString(36).slice(2, 10);
@@ -619,6 +620,7 @@
     if (stats) v.stats = stats;
     if (typeof raw.model === "string") v.model = raw.model;
     if (typeof raw.finishReason === "string") v.finishReason = raw.finishReason;
+    if (typeof raw.reasoning === "string" && raw.reasoning) v.reasoning = raw.reasoning;
     return v;
   }
 
@@ -1139,18 +1141,27 @@
     if (msg.chunks) el.dataset.chunks = msg.chunks;
   }
 
-  // Issue 13's collapsed reasoning (msg.reasoning from delta.reasoning_content) would be rendered here.
   function renderBody(msg) {
     if (msg.role !== "assistant") return h("div", { className: "msg-body", text: msg.content, dir: "auto" }); // verbatim
     const body = h("div", { className: "msg-body md" });
     if (msg.status === "streaming") {
       const view = newStreamView(body);
       streamViews.set(msg, view);
-      renderStreaming(view, msg.content);
+      renderStreaming(view, shownText(msg));
     } else {
-      body.append(renderMarkdown(msg.content));
+      body.append(renderMarkdown(shownText(msg)));
     }
     return body;
+  }
+
+  // A reply as the renderer shows it: its reasoning (msg.reasoning, from the
+  // server's reasoning_content) first, as a collapsed <think> block, "Thinking…"
+  // while it is still the only thing that came. The text only ever grows at
+  // its end, as the incremental renderer needs.
+  function shownText(msg) {
+    if (!msg.reasoning) return msg.content;
+    const thinking = msg.status === "streaming" && !msg.content;
+    return `<think>${msg.reasoning}${thinking ? "" : "</think>"}${msg.content}`;
   }
 
   function renderEditor(conv, msg) {
@@ -1269,7 +1280,7 @@
       if (text) text.textContent = `Server busy: every slot is taken. Retrying in ${seconds} s…`;
       return;
     }
-    if (view) renderStreaming(view, run.msg.content);
+    if (view) renderStreaming(view, shownText(run.msg));
     if (run.msg.chunks) el.dataset.chunks = run.msg.chunks;
     const status = el.querySelector(".msg-meta .msg-stats");
     const text = streamStatus(run);
@@ -1370,14 +1381,14 @@
       messages,
       stream: true,
       stream_options: { include_usage: true },
-      temperature: state.settings.temperature,
     };
+    if (state.settings.temperature !== null) body.temperature = state.settings.temperature;
     // At the server's own limit, leave max_tokens out: the server then trims the
     // budget to what fits the model's context, where an explicit value that
     // cannot fit is refused (context_length_exceeded), as OpenAI does.
     const maxTokens = effectiveMaxTokens();
     if (!server.maxTokens || maxTokens < server.maxTokens) body.max_tokens = maxTokens;
-    // Issue 13: the thinking on/off setting adds its request field here.
+    if (server.thinking && !state.settings.thinking) body.chat_template_kwargs = { enable_thinking: false };
     return body;
   }
 
@@ -1453,9 +1464,9 @@
     }
   }
 
-  // Streamed delta fields and the message field each one grows. Issue 13's
-  // reasoning is one more entry: ["reasoning_content", "reasoning"].
-  const DELTA_FIELDS = [["content", "content"]];
+  // Streamed delta fields and the message field each one grows. The server
+  // sends reasoning under two names (reasoning_content and reasoning); one is read.
+  const DELTA_FIELDS = [["content", "content"], ["reasoning_content", "reasoning"]];
 
   function handleChunk(run, payload) {
     if (payload === "[DONE]") return "done";
@@ -2231,8 +2242,10 @@
 
   function renderSettingsSummary() {
     const s = state.settings;
-    const parts = [`Temperature ${s.temperature}`, `Max ${effectiveMaxTokens()} tokens`];
+    const parts = [s.temperature === null ? "Model's temperature" : `Temperature ${s.temperature}`,
+      `Max ${effectiveMaxTokens()} tokens`];
     if (s.systemPrompt.trim()) parts.push("System prompt on");
+    if (server.thinking) parts.push(s.thinking ? "Thinking on" : "Thinking off");
     ui.settingsSummary.textContent = parts.join(" · ");
     ui.settingsSummary.setAttribute("aria-label", `Settings: ${parts.join(", ")}`);
   }
@@ -2275,8 +2288,9 @@
   function openSettings() {
     const s = state.settings;
     ui.setSystem.value = s.systemPrompt;
-    ui.setTemperature.value = String(s.temperature);
+    ui.setTemperature.value = s.temperature === null ? "" : String(s.temperature);
     ui.setMaxTokens.value = String(effectiveMaxTokens());
+    ui.setThinking.checked = s.thinking;
     ui.setApiKey.value = state.apiKey;
     if (server.maxTokens) {
       ui.setMaxTokens.max = String(server.maxTokens);
@@ -2291,11 +2305,13 @@
     const s = state.settings;
     s.systemPrompt = ui.setSystem.value;
     const t = parseFloat(ui.setTemperature.value);
-    if (Number.isFinite(t)) s.temperature = Math.min(2, Math.max(0, Math.round(t * 100) / 100));
+    if (ui.setTemperature.value.trim() === "") s.temperature = null;
+    else if (Number.isFinite(t)) s.temperature = Math.min(2, Math.max(0, Math.round(t * 100) / 100));
     const n = parseInt(ui.setMaxTokens.value, 10);
     if (Number.isFinite(n)) s.maxTokens = Math.max(1, server.maxTokens ? Math.min(n, server.maxTokens) : n);
+    s.thinking = ui.setThinking.checked;
     if (clamp) {
-      ui.setTemperature.value = String(s.temperature);
+      ui.setTemperature.value = s.temperature === null ? "" : String(s.temperature);
       ui.setMaxTokens.value = String(effectiveMaxTokens());
     }
     writeJSON(STORE_SETTINGS, s);
@@ -2372,6 +2388,8 @@
       server.maxTokens = body.max_tokens;
       renderSettingsSummary();
     }
+    server.thinking = body.thinking === true;
+    ui.thinkingField.hidden = !server.thinking;
     const contextLength = Number.isInteger(body.context_length) ? body.context_length : null;
     const maxContext = Number.isInteger(body.max_context) ? body.max_context : 0;
     if (contextLength !== server.contextLength || maxContext !== server.maxContext) {
@@ -2437,6 +2455,7 @@
       renameDialog: "rename-dialog", renameInput: "rename-input", renameSave: "rename-save", renameCancel: "rename-cancel",
       settingsDialog: "settings-dialog", setSystem: "set-system", setTemperature: "set-temperature",
       setMaxTokens: "set-max-tokens", maxTokensHint: "set-max-tokens-hint", setApiKey: "set-api-key",
+      thinkingField: "thinking-field", setThinking: "set-thinking",
       settingsDone: "settings-done", clearHistory: "clear-history", keyDialog: "key-dialog",
       keyInput: "key-input", keyError: "key-error", keySave: "key-save", keyCancel: "key-cancel",
     })) ui[key] = $(id);
@@ -2492,7 +2511,7 @@
   function wireDialogs() {
     ui.openSettings.addEventListener("click", openSettings);
     ui.settingsSummary.addEventListener("click", openSettings);
-    for (const input of [ui.setSystem, ui.setTemperature, ui.setMaxTokens, ui.setApiKey]) {
+    for (const input of [ui.setSystem, ui.setTemperature, ui.setMaxTokens, ui.setThinking, ui.setApiKey]) {
       input.addEventListener("input", () => saveSettingsFromForm(false));
       input.addEventListener("change", () => saveSettingsFromForm(true));
     }

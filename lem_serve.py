@@ -45,12 +45,14 @@ import functools
 import hmac
 import html
 import http.server
+import importlib.util
 import io
 import itertools
 import json
 import logging
 import math
 import os
+import platform
 import pickle
 import queue
 import re
@@ -85,6 +87,11 @@ DEFAULT_MAX_REQUESTS = 1          # requests admitted at once (more get 429); >=
 DEFAULT_MAX_CONTEXT = 0           # chat window: other messages kept besides system ones, in whole turns; 0 = all
 DEFAULT_PROMPT_CACHE_BYTES = 1 << 30  # KV-cache bytes kept for reuse by later prompts; 0 = off
 DEFAULT_LOG_LEVEL = "info"        # debug, info, warning or error
+DEFAULT_REASONING_FORMAT = "auto" # auto: a thinking model's reasoning leaves the reply's text; none: tags stay inline
+REASONING_PROMPT_TAIL = 64        # prompt tokens searched for a thinking block the template opened
+DEFAULT_NUM_DRAFT_TOKENS = 3      # tokens a --draft-model proposes per step; >= 1
+DEFAULT_KV_GROUP_SIZE = 64        # --kv-bits quantization group size (mlx_lm's); 32, 64 or 128
+DEFAULT_QUANTIZED_KV_START = 5000 # --kv-bits: tokens of context kept exact before the cache is quantized (mlx_lm's); >= 0
 PROMPT_CACHE_MAX_ENTRIES = 64     # finished requests whose KV cache is kept (the byte budget binds first)
 MAX_BODY_BYTES = 8 * 1024 * 1024  # largest request body accepted; bigger gets 413
 MAX_STOP_STRINGS = 4              # stop strings per request, as OpenAI allows
@@ -141,6 +148,17 @@ class Settings:
     prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES
     log_level: str = DEFAULT_LOG_LEVEL
     allowed_origins: tuple[str, ...] = ()  # browser origins served cross-origin; "*" = any
+    sampling: dict = dataclasses.field(default_factory=dict)  # defaults for unset sampling fields (sampling_defaults)
+    chat_template: str | None = None     # replaces the model's chat template (the template's text)
+    chat_template_args: dict = dataclasses.field(default_factory=dict)  # keyword arguments every template call gets
+    adapter_path: str | None = None      # LoRA/DoRA adapters trained with mlx_lm.lora
+    trust_remote_code: bool = False      # let the tokenizer run code shipped with the model
+    reasoning_format: str = DEFAULT_REASONING_FORMAT  # "auto": reasoning split out of the reply; "none": tags inline
+    draft_model: str | None = None       # a small model of the same tokenizer, for speculative decoding
+    num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS
+    kv_bits: int | None = None           # quantize the KV cache to 4 or 8 bits; None: full precision
+    kv_group_size: int = DEFAULT_KV_GROUP_SIZE
+    quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START
     pipeline: bool = False                 # sharded: split the model's layers over the ranks, not each layer
 
     @property
@@ -179,6 +197,16 @@ def _at_least(minimum: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {number}")
         return number
     parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def _between(low: float, high: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        number = float(text)
+        if not low <= number <= high:  # NaN fails too
+            raise argparse.ArgumentTypeError(f"must be between {low} and {high}, got {text}")
+        return number
+    parse.__name__ = f"number between {low} and {high}"
     return parse
 
 
@@ -222,9 +250,70 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--allowed-origins", default=DEFAULT_ALLOWED_ORIGINS,
                    help="comma-separated browser origins (e.g. http://localhost:3000) allowed to call this server "
                         "cross-origin, or * for any; default: none (cross-origin browser requests get 403)")
+    p.add_argument("--temp", type=_between(0, 2), help="default temperature, 0 to 2 (default: the model's "
+                                                         "generation_config.json, else 1)")
+    p.add_argument("--top-p", type=_between(0, 1), help="default top_p, 0 to 1 (default: generation_config.json, else 1)")
+    p.add_argument("--top-k", type=_at_least(0), help="default top_k (default: generation_config.json, else 0 = off)")
+    p.add_argument("--min-p", type=_between(0, 1), help="default min_p, 0 to 1 (default: generation_config.json, "
+                                                         "else 0 = off)")
+    p.add_argument("--chat-template", help="a Jinja chat template, or a file holding one, to use instead of the model's")
+    p.add_argument("--chat-template-args", type=parse_template_args, default={},
+                   help="""JSON object of arguments for every chat template call, e.g. '{"enable_thinking": false}'""")
+    p.add_argument("--adapter-path", help="folder of LoRA/DoRA adapters trained with mlx_lm.lora")
+    p.add_argument("--trust-remote-code", action="store_true", help="let the tokenizer run code shipped with the model")
+    p.add_argument("--draft-model", help="a small model with the same tokenizer for speculative decoding "
+                                         "(serves one request at a time: needs --max-requests 1)")
+    p.add_argument("--num-draft-tokens", type=_at_least(1), default=DEFAULT_NUM_DRAFT_TOKENS,
+                   help="tokens the draft model proposes per step (default %(default)s)")
+    p.add_argument("--kv-bits", type=int, choices=[4, 8], help="quantize the KV cache to 4 or 8 bits "
+                   "(serves one request at a time: needs --max-requests 1)")
+    p.add_argument("--kv-group-size", type=int, choices=[32, 64, 128], default=DEFAULT_KV_GROUP_SIZE,
+                   help="group size of the quantized KV cache (default %(default)s)")
+    p.add_argument("--quantized-kv-start", type=_at_least(0), default=DEFAULT_QUANTIZED_KV_START,
+                   help="context tokens kept exact before the KV cache is quantized (default %(default)s)")
+    p.add_argument("--reasoning-format", choices=["auto", "none"], default=DEFAULT_REASONING_FORMAT,
+                   help="auto: a thinking model's reasoning goes to reasoning_content (and thinking blocks), "
+                        "not the reply's text; none: the raw <think> tags stay in the text")
     p.add_argument("--pipeline", action="store_true",
                    help="under mlx.launch: shard the model by layers (pipeline parallel) instead of within each layer")
     return p
+
+
+# Chat template arguments the server itself sets; a client may not (chat_template would let it run its own template).
+TEMPLATE_RESERVED = frozenset({"conversation", "messages", "tools", "documents", "add_generation_prompt",
+                               "continue_final_message", "tokenize", "return_dict", "return_tensors", "padding",
+                               "truncation", "max_length", "chat_template", "tokenizer_kwargs"})
+
+
+def parse_template_args(text: str) -> dict:
+    """--chat-template-args: a JSON object of chat template arguments the server does not set itself."""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"wants a JSON object, got {text!r}: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"wants a JSON object, got {text!r}")
+    if set(value) & TEMPLATE_RESERVED:
+        raise argparse.ArgumentTypeError(f"sets {sorted(set(value) & TEMPLATE_RESERVED)[0]!r}, which the server sets itself")
+    return value
+
+
+def read_chat_template(value: str | None) -> str | None:
+    """--chat-template: a file's text when it names a file, else the template itself."""
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    if "\n" not in value and "{" not in value and path.is_file():
+        return path.read_text(encoding="utf-8")
+    if "{" not in value:
+        raise ValueError(f"--chat-template wants a Jinja template or a file holding one; {value!r} is neither")
+    return value
+
+
+def sampling_flags(args: argparse.Namespace) -> dict:
+    """The sampling defaults the command line sets: {field: value} for the flags given."""
+    given = {"temperature": args.temp, "top_p": args.top_p, "top_k": args.top_k, "min_p": args.min_p}
+    return {name: value for name, value in given.items() if value is not None}
 
 
 def parse_settings(argv: list[str] | None = None) -> Settings:
@@ -234,7 +323,10 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     try:
         host, port = parse_bind(args.bind)
         origins = parse_origins(args.allowed_origins)
-    except ValueError as exc:
+        template = read_chat_template(args.chat_template)
+        if (args.draft_model or args.kv_bits) and args.max_requests != 1:
+            raise ValueError("--draft-model and --kv-bits serve one request at a time: use --max-requests 1")
+    except (ValueError, OSError) as exc:
         parser.error(str(exc))
     model_name = args.model_name or default_model_name(args.model_path)
     return Settings(
@@ -242,8 +334,31 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         max_tokens=args.max_tokens, timeout=float(args.timeout), max_requests=args.max_requests,
         max_context=args.max_context, api_key=args.api_key, model_name=model_name,
         prompt_cache_bytes=args.prompt_cache_bytes, log_level=args.log_level, allowed_origins=origins,
+        sampling=sampling_flags(args), chat_template=template, chat_template_args=args.chat_template_args,
+        adapter_path=args.adapter_path, trust_remote_code=args.trust_remote_code,
+        reasoning_format=args.reasoning_format, draft_model=args.draft_model,
+        num_draft_tokens=args.num_draft_tokens, kv_bits=args.kv_bits, kv_group_size=args.kv_group_size,
+        quantized_kv_start=args.quantized_kv_start,
         pipeline=args.pipeline,
     )
+
+
+def runtime_problem() -> str | None:
+    """What to install before this file can serve, in one line; None when all is there.
+
+    This file parses on old Pythons so that it can say so: mlx-lm needs 3.11,
+    and macOS's own python3 is 3.9.
+    """
+    if sys.version_info < (3, 11):
+        return (f"lem_serve: needs Python 3.11 or newer, this is {platform.python_version()} ({sys.executable}); "
+                "on a Mac: brew install python@3.12 (or uv python install 3.12), then python3.12 -m venv .venv "
+                "&& . .venv/bin/activate && pip install -r requirements.txt")
+    missing = [name for name in ("mlx", "mlx_lm") if importlib.util.find_spec(name) is None]
+    if missing:
+        return (f"lem_serve: {' and '.join(missing)} not installed in {sys.executable}; run: pip install -r "
+                "requirements.txt (on Linux: pip install 'mlx[cpu]' mlx-lm; with an NVIDIA GPU: "
+                "pip install 'mlx[cuda]' mlx-lm)")
+    return None
 
 
 def default_model_name(model_path: str) -> str:
@@ -377,7 +492,7 @@ COMMON_CHECKS = (
     Check("top_p", (int, float), "a number between 0 and 1", lambda v: 0 <= v <= 1),
     Check("stop", (str, list), f"a string or a list of 1 to {MAX_STOP_STRINGS} strings, each 1 to "
           f"{MAX_STOP_CHARS} characters long", _is_stop),
-    Check("n", (int,), "1 (this server returns one choice per request)", lambda v: v == 1),
+    Check("n", (int,), "an integer >= 1 (choices; each takes a generation slot)", lambda v: v >= 1),
     Check("top_k", (int,), "an integer >= 0 (0 = no limit)", lambda v: v >= 0),
     Check("min_p", (int, float), "a number between 0 and 1", lambda v: 0 <= v <= 1),
     Check("seed", (int,), "an integer"),
@@ -394,6 +509,9 @@ CHAT_CHECKS = COMMON_CHECKS + (
     Check("tool_choice", (str, dict), '"none", "auto", "required" or {"type": "function", "function": {"name": ...}}'),
     Check("top_logprobs", (int,), f"an integer between 0 and {MAX_TOP_LOGPROBS_CHAT}",
           lambda v: 0 <= v <= MAX_TOP_LOGPROBS_CHAT),
+    Check("chat_template_kwargs", (dict,), "an object of chat template arguments, such as {\"enable_thinking\": false}",
+          lambda v: not set(v) & TEMPLATE_RESERVED),
+    Check("reasoning_effort", (str,), "a string such as \"low\", \"medium\" or \"high\""),
 )
 COMPLETION_CHECKS = COMMON_CHECKS + (
     Check("prompt", (str, list), "a string, a list holding one string, or a list of token ids"),
@@ -442,6 +560,9 @@ class GenerationRequest:
     tools: tuple[dict, ...] = ()                 # chat-like: OpenAI tool definitions, for the chat template
     tool_choice: str = "none"                    # none, auto or required (a named function is required + constraint)
     max_context: int = 0                         # chat: messages kept by the window (chat_window); 0 = all
+    template_args: dict = dataclasses.field(default_factory=dict)  # chat: extra chat template arguments
+    split_reasoning: bool = False                # a thinking model's reasoning leaves the text (ReasoningSplitter)
+    n: int = 1                                   # choices, decoded together, each in a slot of its own
 
 
 def decode_json_body(raw: bytes) -> dict:
@@ -479,7 +600,8 @@ def parse_generation_request(endpoint: str, body: dict, settings: Settings) -> G
         if "messages" not in body or body["messages"] is None:
             raise invalid("'messages' is required", "messages")
         fields = {"messages": tuple(parse_message(m, i) for i, m in enumerate(body["messages"])),
-                  "max_context": settings.max_context}
+                  "max_context": settings.max_context, "template_args": template_args(body, settings),
+                  "split_reasoning": settings.reasoning_format != "none"}
     else:
         if body.get("prompt") is None:
             raise invalid("'prompt' is required", "prompt")
@@ -489,16 +611,28 @@ def parse_generation_request(endpoint: str, body: dict, settings: Settings) -> G
         raise invalid(f"'max_tokens' is {asked}, above this server's limit of {settings.max_tokens}", "max_tokens")
     stop = body.get("stop") or ()
     options = body.get("stream_options") or {}
+    n = body.get("n") or 1
+    if n > settings.max_requests:
+        raise invalid(f"'n' is {n}; each choice takes a generation slot and this server has "
+                      f"{settings.max_requests} (--max-requests)", "n")
     return GenerationRequest(
-        endpoint=endpoint, **fields,
+        endpoint=endpoint, **fields, n=n,
         stream=bool(body.get("stream")),
         include_usage=bool(options.get("include_usage")),
         max_tokens=asked or settings.max_tokens, max_tokens_given=asked is not None,
         stop=(stop,) if isinstance(stop, str) else tuple(stop),
         logprobs=logprobs_wanted(endpoint, body),
         **output_fields(endpoint, body),
-        **sampling_fields(body),
+        **sampling_fields(body, settings.sampling),
     )
+
+
+def template_args(body: dict, settings: Settings) -> dict:
+    """Chat template arguments: --chat-template-args, then chat_template_kwargs, then reasoning_effort."""
+    args = {**settings.chat_template_args, **(body.get("chat_template_kwargs") or {})}
+    if body.get("reasoning_effort") is not None:  # templates that take it (gpt-oss) read it; others ignore it
+        args["reasoning_effort"] = body["reasoning_effort"]
+    return args
 
 
 def logprobs_wanted(endpoint: str, body: dict) -> int | None:
@@ -510,10 +644,15 @@ def logprobs_wanted(endpoint: str, body: dict) -> int | None:
     return (body.get("top_logprobs") or 0) if body.get("logprobs") else None
 
 
-def sampling_fields(body: dict) -> dict:
-    """The sampling parameters of a checked body, defaults for those absent or null."""
+def sampling_fields(body: dict, defaults: dict) -> dict:
+    """The sampling parameters of a checked body; absent or null ones take `defaults`, then OpenAI's.
+
+    `defaults` is Settings.sampling: --temp and friends over the model's
+    generation_config.json.
+    """
     def given(field: str, default: Any) -> Any:
         value = body.get(field)
+        value = defaults.get(field) if value is None else value
         return default if value is None else value
 
     bias = given("logit_bias", {})
@@ -544,6 +683,9 @@ def parse_message(message: Any, index: int) -> dict:
     for key in ("name", "tool_call_id"):
         if message.get(key) is not None:
             normal[key] = message[key]
+    reasoning = message.get("reasoning_content", message.get("reasoning"))
+    if role == "assistant" and reasoning is not None:  # sent back with its reasoning: templates that render it get it
+        normal["reasoning_content"] = parse_content(reasoning, f"{param}.reasoning_content")
     if message.get("tool_calls"):
         normal["tool_calls"] = parse_tool_calls(message["tool_calls"], f"{param}.tool_calls")
     return normal
@@ -2084,12 +2226,16 @@ def parse_messages_request(body: dict, settings: Settings, counting: bool = Fals
                       f"messages[{len(body['messages']) - 1}]")
     tools = {"tools": dialect_tools(body.get("tools") or [], "input_schema", lambda t: t.get("type") in (None, "custom")),
              "tool_choice": anthropic_tool_choice(body.get("tool_choice"))}
+    thinking = body.get("thinking") if isinstance(body.get("thinking"), dict) else {}
+    kwargs = {"enable_thinking": False} if thinking.get("type") == "disabled" else None
     return GenerationRequest(
         endpoint="messages", messages=tuple(messages), stream=bool(body.get("stream")),
         max_tokens=min(body.get("max_tokens") or settings.max_tokens, settings.max_tokens),
         stop=tuple(body.get("stop_sequences") or ()),
+        template_args=template_args({"chat_template_kwargs": kwargs}, settings),
+        split_reasoning=settings.reasoning_format != "none",
         **output_fields("messages", tools),
-        **sampling_fields({field: body.get(field) for field in ("temperature", "top_p", "top_k")}))
+        **sampling_fields({field: body.get(field) for field in ("temperature", "top_p", "top_k")}, settings.sampling))
 
 
 def anthropic_system(system: str | list | None) -> list[dict]:
@@ -2224,11 +2370,14 @@ def parse_responses_request(body: dict, settings: Settings) -> GenerationRequest
     fields = {"tools": dialect_tools(body.get("tools") or [], "parameters", lambda t: t.get("type") == "function"),
               "tool_choice": responses_tool_choice(body.get("tool_choice")),
               "response_format": responses_format((body.get("text") or {}).get("format"))}
+    effort = (body.get("reasoning") or {}).get("effort") if isinstance(body.get("reasoning"), dict) else None
     return GenerationRequest(
         endpoint="responses", messages=tuple(messages), stream=bool(body.get("stream")),
         max_tokens=min(body.get("max_output_tokens") or settings.max_tokens, settings.max_tokens),
+        template_args=template_args({"reasoning_effort": effort if isinstance(effort, str) else None}, settings),
+        split_reasoning=settings.reasoning_format != "none",
         **output_fields("responses", fields, "text.format"),
-        **sampling_fields({field: body.get(field) for field in ("temperature", "top_p")}))
+        **sampling_fields({field: body.get(field) for field in ("temperature", "top_p")}, settings.sampling))
 
 
 def responses_input(items: str | list) -> list[dict]:
@@ -2316,28 +2465,98 @@ class Model:
     context_length: int | None   # tokens the model was trained for, when its config says
     vocab_size: int              # rows of the embedding table: the first token id out of range
     token_bytes: list[bytes] | None = None  # each token id's own bytes (token_bytes_of); None: decode instead
+    sampling: dict = dataclasses.field(default_factory=dict)  # the model folder's recommended sampling
+    solo: "SoloOptions | None" = None  # generate one sequence at a time, this way (draft model, quantized cache)
 
 
 def load_model(settings: Settings, group: Any = None) -> Model:
-    """Load the model named by settings.model_path (raises on failure).
+    """Load the model named by settings.model_path, with its adapters and template (raises on failure).
 
     In an mlx.launch group (`group`, see join_group) each rank loads only its
     shard with mlx_lm's sharded_load: tensor parallel (every layer split over
     the ranks), or pipeline parallel (the layers divided among them) with
-    settings.pipeline, where the model's mlx_lm code supports it.
+    settings.pipeline, where the model's mlx_lm code supports it. Adapters,
+    a draft model and a quantized cache are single-process only (mlx_lm's
+    sharded_load takes no adapters; SoloBatch sends no ops).
     """
     apply_thread_cap(settings.threads)
+    import mlx.core as mx
+    tokenizer_config: dict[str, Any] = {"trust_remote_code": settings.trust_remote_code}
+    if settings.chat_template is not None:
+        tokenizer_config["chat_template"] = settings.chat_template
     if group is None:
         import mlx_lm
-        model, tokenizer, config = mlx_lm.load(settings.model_path, return_config=True)
+        model, tokenizer, config = mlx_lm.load(settings.model_path, tokenizer_config=tokenizer_config,
+                                               adapter_path=settings.adapter_path, return_config=True,
+                                               trust_remote_code=settings.trust_remote_code)
     else:
         from mlx_lm.utils import sharded_load
+        if settings.adapter_path or settings.draft_model or settings.kv_bits:
+            raise ValueError("--adapter-path, --draft-model and --kv-bits are not supported in a sharded group")
         model, tokenizer, config = sharded_load(
             settings.model_path, pipeline_group=group if settings.pipeline else None,
             tensor_group=None if settings.pipeline else group, return_config=True,
-            tokenizer_config={"trust_remote_code": False})
+            tokenizer_config=tokenizer_config, trust_remote_code=settings.trust_remote_code)
+    # Adapter weights arrive unevaluated, tied to this thread's stream; the engine thread has its own.
+    mx.eval(model.parameters())
     return Model(model, tokenizer, context_length_of(config), vocab_size_of(model, tokenizer),
-                 token_bytes_of(tokenizer))
+                 token_bytes_of(tokenizer), recommended_sampling(Path(settings.model_path)),
+                 solo_options(settings, model, tokenizer))
+
+
+@dataclass(frozen=True)
+class SoloOptions:
+    """What makes the engine generate one sequence at a time (SoloBatch), and how."""
+
+    draft: Any = None                 # the draft model for speculative decoding, or None
+    num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS
+    kv_bits: int | None = None
+    kv_group_size: int = DEFAULT_KV_GROUP_SIZE
+    quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START
+
+
+def solo_options(settings: Settings, model: Any, tokenizer: Any) -> SoloOptions | None:
+    """SoloOptions for --draft-model / --kv-bits, loading the draft; None when neither is set."""
+    if settings.draft_model is None and settings.kv_bits is None:
+        return None
+    args = getattr(model, "args", None)
+    head = getattr(args, "head_dim", None) or getattr(args, "hidden_size", 0) // max(getattr(args, "num_attention_heads", 1), 1)
+    if settings.kv_bits is not None and head % settings.kv_group_size:
+        raise ValueError(f"--kv-group-size {settings.kv_group_size} must divide the model's attention head size ({head})")
+    draft = None
+    if settings.draft_model is not None:
+        import mlx.core as mx
+        import mlx_lm
+        draft, draft_tokenizer = mlx_lm.load(settings.draft_model)
+        mx.eval(draft.parameters())
+        if draft_tokenizer.vocab_size != tokenizer.vocab_size:
+            raise ValueError(f"the draft model's vocabulary ({draft_tokenizer.vocab_size} tokens) is not the "
+                             f"model's ({tokenizer.vocab_size})")
+    return SoloOptions(draft, settings.num_draft_tokens, settings.kv_bits, settings.kv_group_size,
+                       settings.quantized_kv_start)
+
+
+def recommended_sampling(folder: Path) -> dict:
+    """The sampling settings a model folder's generation_config.json recommends, as request fields.
+
+    As vLLM does, `do_sample` is not consulted: a model that recommends a
+    temperature gets it. Values out of the ranges a request may ask for are
+    ignored, with a warning.
+    """
+    try:
+        config = json.loads((folder / "generation_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    ranges = {"temperature": (0, 2), "top_p": (0, 1), "top_k": (0, math.inf), "min_p": (0, 1),
+              "repetition_penalty": (1e-9, math.inf)}
+    found = {}
+    for name, (low, high) in ranges.items():
+        value = config.get(name) if isinstance(config, dict) else None
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high:
+            found[name] = int(value) if name == "top_k" else float(value)
+        elif value is not None:
+            log.warning("generation_config.json: ignoring %s=%r (out of range)", name, value)
+    return found
 
 
 def join_group(settings: Settings) -> Any:
@@ -2418,7 +2637,7 @@ def render_prompt(request: GenerationRequest, model: Model) -> tuple[list[int], 
     tools = check_tool_support(request, tokenizer)
     try:
         return list(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
-                                                  tokenize=True)), dropped
+                                                  tokenize=True, **request.template_args)), dropped
     except Exception as exc:  # the template rejected the conversation (roles, order)
         window = (f" (the --max-context {request.max_context} window left out the first {dropped} "
                   f"messages; raise it or send fewer)" if dropped else "")
@@ -2502,8 +2721,9 @@ class Sampling:
     """How one job picks its tokens, in mlx_lm's calling convention.
 
     `sampler(logprobs) -> token ids` and `processor(tokens, logits) -> logits`
-    are what generate_step and BatchGenerator.insert take per sequence. Each
-    processor is stateful: called exactly once per generated token, in order.
+    are what generate_step and BatchGenerator.insert take per sequence.
+    Processors with a true `stateful` attribute count on being called exactly
+    once per generated token, in order (speculative decoding would break that).
     """
 
     sampler: Callable[[Any], Any]
@@ -2584,6 +2804,7 @@ def openai_penalties(presence: float, frequency: float) -> Callable[[Any, Any], 
             counts = counts.at[tokens[-1:]].add(1.0)
         penalty = frequency * counts + presence * (counts > 0)
         return (logits - penalty).astype(logits.dtype)
+    processor.stateful = True
     return processor
 
 
@@ -2889,6 +3110,8 @@ class JsonConstraint:
     complete only end-of-sequence tokens remain.
     """
 
+    stateful = True   # follows the tokens sampled so far, one call per token
+
     def __init__(self, masks: JsonMasks, budget: int):
         self.masks = masks
         self.state = masks.start
@@ -2978,6 +3201,54 @@ class StopScanner:
         return text
 
 
+class ReasoningSplitter:
+    """Splits a thinking model's reply into reasoning and text at its markers, as the text streams in.
+
+    What lies between the model's think_start and think_end markers is
+    reasoning; the markers themselves go. A reply whose prompt opened the
+    block (DeepSeek-R1, Qwen3) starts inside it, and a block still open at
+    the end stays reasoning. Whitespace at the start of each part is dropped:
+    models write "</think>\\n\\n" before the answer. Text that might be the
+    start of a marker is held back until the next piece shows whether it is.
+    """
+
+    def __init__(self, start: str, end: str, inside: bool):
+        self.markers = (start, end)
+        self.inside = inside
+        self.held = ""
+        self.fresh = True   # nothing of the current part out yet
+
+    def feed(self, text: str, final: bool = False) -> list[tuple[str, str]]:
+        """The (kind, text) pieces safe to emit, kind "reasoning" or "text"; `final` flushes."""
+        self.held += text
+        out: list[tuple[str, str]] = []
+        while (at := self.held.find(self.markers[self.inside])) >= 0:
+            self._take(out, self.held[:at])
+            self.held = self.held[at + len(self.markers[self.inside]):]
+            self.inside, self.fresh = not self.inside, True
+        keep = 0 if final else partial_marker_length(self.held, (self.markers[self.inside],))
+        self._take(out, self.held[:len(self.held) - keep])
+        self.held = self.held[len(self.held) - keep:]
+        return out
+
+    def _take(self, out: list, text: str) -> None:
+        if self.fresh:
+            text = text.lstrip()
+            self.fresh = not text
+        if text:
+            out.append(("reasoning" if self.inside else "text", text))
+
+
+def reasoning_splitter(request: GenerationRequest, model: Model, prompt: list[int]) -> ReasoningSplitter | None:
+    """The splitter for a request to a thinking model, or None (no markers, or --reasoning-format none)."""
+    tokenizer = model.tokenizer
+    if not request.split_reasoning or not getattr(tokenizer, "has_thinking", False):
+        return None
+    tail = max(len(prompt) - REASONING_PROMPT_TAIL, 0)  # a block the template opened is at the very end
+    opened = tokenizer.rfind_think_start(prompt, start=tail) > tokenizer.rfind_think_end(prompt, start=tail)
+    return ReasoningSplitter(tokenizer.think_start, tokenizer.think_end, inside=opened)
+
+
 def kmp_fallbacks(pattern: str) -> list[int]:
     """KMP's failure function: for each prefix, the length of its longest proper border."""
     fallback, border = [0] * len(pattern), 0
@@ -2989,14 +3260,18 @@ def kmp_fallbacks(pattern: str) -> list[int]:
     return fallback
 
 
+
+
 @dataclass(eq=False)
 class Job:
     """One admitted request's generation, shared by its handler and the engine.
 
-    The engine puts events on `events`: ("text", str, [token_logprobs dicts])
-    pieces (the list empty unless logprobs were asked for), then exactly one
-    ("finish", reason) or ("error", APIError). The handler sets `cancelled`
-    when the client leaves or the deadline passes.
+    The engine puts events on `events`, each (kind, value, logprobs, choice):
+    ("text", str, [token_logprobs dicts], i) and ("reasoning", str, [...], i)
+    pieces of choice i (the lists empty unless logprobs were asked for), one
+    ("finish", reason, [], i) for each of the request's n choices, or an
+    ("error", APIError, [], 0) that ends them all. The handler sets
+    `cancelled` when the client leaves or the deadline passes.
     """
 
     prompt: list[int]
@@ -3006,6 +3281,7 @@ class Job:
     events: queue.Queue = dataclasses.field(default_factory=queue.Queue)
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
     completion_tokens: int = 0
+    reasoning_tokens: int = 0               # of completion_tokens, those sampled inside a thinking block
     cached_tokens: int = 0                  # prompt tokens served from the prompt cache
     first_token_at: float | None = None
     stop_string: str | None = None          # the stop string that ended generation, if one did
@@ -3026,6 +3302,8 @@ class Sequence:
     job: Job
     text: TextStream
     stops: StopScanner
+    reasoning: ReasoningSplitter | None = None
+    choice: int = 0                            # its index among the request's n choices
     logprobs: list = dataclasses.field(default_factory=list)  # entries of tokens whose text is not out yet
 
 
@@ -3084,6 +3362,176 @@ class PromptCache:
                 "prompt_cache_hits": self.hits, "prompt_cache_misses": self.misses}
 
 
+@dataclass
+class SoloResponse:
+    """One generated token, shaped as BatchGenerator reports it (the engine reads these fields)."""
+
+    uid: int
+    token: int
+    logprobs: Any
+    finish_reason: str | None
+    prompt_cache: list | None = None
+    all_tokens: list[int] | None = None
+
+
+class CacheParts(list):
+    """A model's KV caches then its draft's, one list; its slices write back to it.
+
+    mlx_lm's generators quantize a KV cache (--kv-bits) by replacing its
+    entries in the list they were given (`cache[i] = quantized`), and
+    speculative_generate_step first slices its list into the model's and the
+    draft's parts. A plain list's slice is a copy: the quantized caches would
+    never reach the list the prompt cache keeps, which would hold the stale
+    full-precision ones. A slice of this list is a CacheSlice instead.
+    """
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, slice):
+            return CacheSlice(self, range(len(self))[key])
+        return super().__getitem__(key)
+
+
+class CacheSlice(list):
+    """Part of a CacheParts: an entry set here is set there too."""
+
+    def __init__(self, whole: CacheParts, indices: range):
+        super().__init__(list.__getitem__(whole, i) for i in indices)
+        self.whole, self.indices = whole, indices
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        super().__setitem__(index, value)
+        list.__setitem__(self.whole, self.indices[index], value)
+
+
+@dataclass(eq=False)
+class SoloSequence:
+    """The sequence a SoloBatch is generating."""
+
+    uid: int
+    prompt: list[int]            # every prompt token, the cached prefix included
+    steps: Iterator[tuple]       # mlx_lm's generator: (token, logprobs[, from_draft])
+    cache: list
+    max_tokens: int
+    generated: list[int] = dataclasses.field(default_factory=list)
+
+
+class SoloBatch:
+    """BatchGenerator's interface over mlx_lm's one-sequence generators.
+
+    A draft model (speculative decoding) and a quantized KV cache are what
+    BatchGenerator cannot do, so they go through generate_step or
+    speculative_generate_step, one sequence at a time. --max-requests must be
+    1 with them, so a second inserted sequence never has to wait for long.
+    Requests whose logits processors keep state (JSON constraints, OpenAI
+    penalties) are decoded without the draft: speculation calls processors
+    for tokens it then rejects.
+    """
+
+    def __init__(self, model: Model, stop_tokens: set[int], drafts: dict):
+        self.model, self.options, self.stop_tokens = model, model.solo, stop_tokens
+        self.drafts = drafts    # the engine's counters: draft tokens "proposed" and "accepted"
+        self.waiting: list[tuple] = []
+        self.current: SoloSequence | None = None
+        self.uids = itertools.count()
+
+    def insert(self, prompts: list[list[int]], max_tokens: list[int], caches: list, all_tokens: list[list[int]],
+               samplers: list, logits_processors: list) -> list[int]:
+        """Queue sequences (BatchGenerator's arguments); return their uids."""
+        uids = []
+        for i, prompt in enumerate(prompts):
+            uids.append(next(self.uids))
+            self.waiting.append((uids[-1], prompt, max_tokens[i], caches[i], all_tokens[i], samplers[i],
+                                 logits_processors[i]))
+        return uids
+
+    def next(self) -> tuple[list, list[SoloResponse]]:
+        """One token of the current sequence (starting the next waiting one when there is none)."""
+        if self.current is None:
+            if not self.waiting:
+                return [], []
+            self.current = self._start(*self.waiting.pop(0))
+        sequence = self.current
+        token, logprobs, *drafted = next(sequence.steps)
+        self.drafts["accepted"] += bool(drafted and drafted[0])
+        sequence.generated.append(int(token))
+        finish = ("stop" if token in self.stop_tokens
+                  else "length" if len(sequence.generated) >= sequence.max_tokens else None)
+        if finish is None:
+            return [], [SoloResponse(sequence.uid, int(token), logprobs, None)]
+        self.current = None
+        tokens, cache = self._settle(sequence)
+        return [], [SoloResponse(sequence.uid, int(token), logprobs, finish, cache, tokens)]
+
+    def remove(self, uids: list[int], return_prompt_caches: bool = False) -> dict:
+        """Drop sequences; {uid: (cache, tokens)} of the running one when asked (for the prompt cache)."""
+        self.waiting = [w for w in self.waiting if w[0] not in uids]
+        if self.current is None or self.current.uid not in uids:
+            return {}
+        sequence, self.current = self.current, None
+        tokens, cache = self._settle(sequence)
+        return {sequence.uid: (cache, tokens)} if return_prompt_caches else {}
+
+    @property
+    def prompt_cache_nbytes(self) -> int:
+        return sum(c.nbytes for c in self.current.cache) if self.current is not None else 0
+
+    def close(self) -> None:
+        self.waiting, self.current = [], None
+
+    def _start(self, uid: int, prompt: list[int], max_tokens: int, cache: list | None, prefix: list[int],
+               sampler: Any, processors: list) -> SoloSequence:
+        import mlx.core as mx
+        from mlx_lm.generate import generate_step, speculative_generate_step
+        from mlx_lm.models.cache import make_prompt_cache
+        options, model = self.options, self.model.model
+        kv = {"kv_bits": options.kv_bits, "kv_group_size": options.kv_group_size,
+              "quantized_kv_start": options.quantized_kv_start}
+        draft = None if any(getattr(p, "stateful", False) for p in processors) else options.draft
+        if cache is None:
+            cache = make_prompt_cache(model) + (make_prompt_cache(options.draft) if options.draft else [])
+        cache = CacheParts(cache)
+        common = {"max_tokens": max_tokens, "sampler": sampler, "logits_processors": processors,
+                  "prefill_step_size": PREFILL_STEP_TOKENS, **kv}
+        if draft is None:
+            steps = generate_step(mx.array(prompt), model, prompt_cache=cache[:len(model.layers)], **common)
+        else:
+            steps = self._counted(speculative_generate_step(mx.array(prompt), model, draft, prompt_cache=cache,
+                                                            num_draft_tokens=options.num_draft_tokens, **common),
+                                  max_tokens)
+        return SoloSequence(uid, list(prefix) + list(prompt), steps, cache, max_tokens)
+
+    def _counted(self, steps: Iterator[tuple], max_tokens: int) -> Iterator[tuple]:
+        """Speculative steps, counting proposals as mlx_lm makes them.
+
+        Each verification step proposes min(num_draft_tokens, tokens left)
+        and ends with the model's own token (or at the budget).
+        """
+        produced, step_open = 0, False
+        for token, logprobs, from_draft in steps:
+            if not step_open:
+                self.drafts["proposed"] += min(self.options.num_draft_tokens, max_tokens - produced)
+            step_open = from_draft
+            produced += 1
+            yield token, logprobs, from_draft
+
+    def _settle(self, sequence: SoloSequence) -> tuple[list[int], list]:
+        """(tokens, cache) with every cache part holding exactly those tokens, for the prompt cache.
+
+        The generators run ahead (the next token is computed before this one
+        is yielded; speculation drafts beyond what it accepts), so each part
+        is trimmed back to the tokens both the client and the cache agree on.
+        """
+        from mlx_lm.models.cache import trim_prompt_cache
+        with contextlib.suppress(Exception):
+            sequence.steps.close()
+        tokens = sequence.prompt + sequence.generated
+        layers = len(self.model.model.layers)
+        parts = [sequence.cache[:layers], sequence.cache[layers:]]
+        kept = min([len(tokens)] + [part[0].offset for part in parts if part])
+        for part in parts:
+            if part and part[0].offset > kept:
+                trim_prompt_cache(part, part[0].offset - kept)
+        return tokens[:kept], list(sequence.cache)
 # -- one model over several machines ---------------------------------------------
 #
 # Under mlx.launch every rank holds a shard of the model, and every model call
@@ -3270,7 +3718,8 @@ class Batch:
     the others and evicts the same cache entries. Only the engine thread uses it.
     """
 
-    def __init__(self, model: Model, max_batch: int, prompt_cache: PromptCache | None, link: GroupLink | None):
+    def __init__(self, model: Model, max_batch: int, prompt_cache: PromptCache | None, link: GroupLink | None,
+                 drafts: dict | None = None):
         from mlx_lm.generate import BatchGenerator
         eos = model.tokenizer.eos_token_ids
         self.model = model
@@ -3278,9 +3727,12 @@ class Batch:
         self.link = link
         self.records = link is not None and link.rank == 0    # rank 0 of a group: record ops
         self.follows = link is not None and link.rank != 0    # another rank: replay them
-        self.generator = BatchGenerator(model.model, stop_tokens=[[t] for t in eos],
-                                        completion_batch_size=max_batch, prefill_batch_size=max_batch,
-                                        prefill_step_size=PREFILL_STEP_TOKENS)
+        if model.solo is not None:  # a draft model or a quantized cache: mlx_lm's one-sequence generators
+            self.generator = SoloBatch(model, set(eos), drafts if drafts is not None else {"proposed": 0, "accepted": 0})
+        else:
+            self.generator = BatchGenerator(model.model, stop_tokens=[[t] for t in eos],
+                                            completion_batch_size=max_batch, prefill_batch_size=max_batch,
+                                            prefill_step_size=PREFILL_STEP_TOKENS)
         self.ops: list = []                  # rank 0: ops run since the last sync
         self.check = 0                       # token_check of the last step, until the next sync
         self.parked: dict[int, tuple] = {}   # other ranks: caches of sequences that left, until rank 0's Keep
@@ -3410,9 +3862,11 @@ class Engine:
         self.finished = threading.Event()          # the loop has ended: stopped, or failed
         self.drain_requested = threading.Event()   # rank 0: another rank was asked to stop the group
         self.running: dict[int, Sequence] = {}     # the batch's uids -> their jobs (rank 0 and alone)
+        self.warming: dict[int, Job] = {}          # uids of one-token warm-ups -> jobs whose n choices wait on them
         self.batch: Batch | None = None
         self.progress_at = time.monotonic()        # when the last step or sync ended, for the watchdog
         self.tokens_generated = 0  # every token sampled since start, for health and tests
+        self.drafts = {"proposed": 0, "accepted": 0}  # speculative decoding's draft tokens (SoloBatch)
         self._stats: dict = {}
 
     @property
@@ -3434,7 +3888,8 @@ class Engine:
         """Counters for /healthz and /metrics: tokens sampled and prompt-cache use."""
         cache = self._stats or {"prompt_cache_entries": 0, "prompt_cache_bytes": 0,
                                 "prompt_cache_hits": 0, "prompt_cache_misses": 0}
-        return {"tokens_generated": self.tokens_generated, **cache}
+        return {"tokens_generated": self.tokens_generated, "draft_tokens_proposed": self.drafts["proposed"],
+                "draft_tokens_accepted": self.drafts["accepted"], **cache}
 
     def submit(self, job: Job) -> None:
         """Queue a job; raise 503 at once if the engine is dead."""
@@ -3466,13 +3921,14 @@ class Engine:
     def _loop(self) -> None:
         self.batch = self._new_batch()
         while True:
-            for job in self._take_jobs(block=not self.running):
+            busy = bool(self.running or self.warming)
+            for job in self._take_jobs(block=not busy):
                 if job is None:
                     self.batch.sync(step=False, shutdown=True)
                     self.batch.close()
                     return
                 self._insert(job)
-            step = bool(self.running)
+            step = bool(self.running or self.warming)
             if self.batch.sync(step):
                 self.drain_requested.set()
             self.progress_at = time.monotonic()
@@ -3529,7 +3985,7 @@ class Engine:
             self.finished.set()
 
     def _new_batch(self) -> Batch:
-        return Batch(self.model, self.max_batch, self.prompt_cache, self.link)
+        return Batch(self.model, self.max_batch, self.prompt_cache, self.link, self.drafts)
 
     def _take_jobs(self, block: bool) -> list[Job | None]:
         """New jobs: wait for one when idle (in a group, one heartbeat at most), else take what has arrived."""
@@ -3546,29 +4002,60 @@ class Engine:
     def _fail_waiting(self) -> None:
         for job in self._take_jobs(block=False):
             if job is not None:
-                job.events.put(("error", engine_unavailable()))
+                job.events.put(("error", engine_unavailable(), [], 0))
 
     def _insert(self, job: Job) -> None:
-        """Add a job to the batch, starting from its longest cached prefix."""
+        """Add a job's choices to the batch, each starting from the longest cached prefix.
+
+        Several choices share their prompt's KV cache: a one-token warm-up
+        runs the prompt once and leaves it in the prompt cache, and the
+        choices then start from it, each running only the prompt's last
+        token. Without a prompt cache they prefill side by side in the batch.
+        """
         if job.should_stop():
-            job.events.put(("finish", "cancelled"))
+            job.events.put(("finish", "cancelled", [], 0))
             return
-        request = job.request
+        if job.request.n > 1 and self.prompt_cache is not None:
+            uid = self._start(job, 1, job.request)
+            if uid is not None:
+                self.warming[uid] = job
+            return
+        self._start_choices(job)
+
+    def _start_choices(self, job: Job) -> None:
+        """Start the job's n choices; seeded choices after the first take seed + i, so they differ."""
+        for i in range(job.request.n):
+            request = job.request
+            if i and request.seed is not None:
+                request = dataclasses.replace(request, seed=request.seed + i)
+            uid = self._start(job, job.max_tokens, request, measure=job.request.n == 1)
+            if uid is None:
+                return
+            trim_space = job.request.endpoint != "completions"
+            self.running[uid] = Sequence(job, TextStream(self.model, trim_space), StopScanner(job.request.stop),
+                                         reasoning_splitter(job.request, self.model, job.prompt), choice=i)
+
+    def _start(self, job: Job, max_tokens: int, request: GenerationRequest, measure: bool = True) -> int | None:
+        """Insert one sequence of `job` into the batch; its uid, or None after reporting the failure.
+
+        `measure`: this insert's cache hit is the job's cached_tokens (a warm-up's, or a lone choice's).
+        """
         if self.link is not None:
             # The Insert carries the settings the other ranks sample with, not the prompt's text
             # again; and every rank must draw the same tokens, so rank 0 picks the seed.
             seed = secrets.randbits(63) if request.seed is None else request.seed
             request = dataclasses.replace(request, messages=(), prompt="", tools=(), seed=seed)
         try:
-            uid, job.cached_tokens = self.batch.insert(job.prompt, job.max_tokens, request)
+            uid, cached = self.batch.insert(job.prompt, max_tokens, request)
         except Exception as exc:
             log.error("could not start generation: %r", exc, exc_info=exc)
-            job.events.put(("error", internal_error()))
-            return
+            job.events.put(("error", internal_error(), [], 0))
+            return None
         finally:
             self._note_cache()
-        trim_space = job.request.endpoint != "completions"
-        self.running[uid] = Sequence(job, TextStream(self.model, trim_space), StopScanner(job.request.stop))
+        if measure:
+            job.cached_tokens = cached
+        return uid
 
     def _step_or_recover(self) -> None:
         """One step. Alone, a failure (out of memory, say) fails this batch's jobs and a fresh batch goes on."""
@@ -3578,9 +4065,10 @@ class Engine:
             if self.link is not None:
                 raise  # the ranks may no longer hold the same batch: the group cannot go on
             log.error("generation failed: %r", exc, exc_info=exc)
-            for sequence in self.running.values():
-                sequence.job.events.put(("error", internal_error()))
+            for job in [s.job for s in self.running.values()] + list(self.warming.values()):
+                job.events.put(("error", internal_error(), [], 0))
             self.running.clear()
+            self.warming.clear()
             self.batch.close()
             self.batch = self._new_batch()
 
@@ -3588,6 +4076,9 @@ class Engine:
         """One batch step: route each new token, then drop what has ended."""
         leaving = []
         for response in self.batch.step():
+            if response.uid in self.warming:  # the warm-up token is not the job's: its prompt is cached now
+                self._start_choices(self.warming.pop(response.uid))
+                continue
             sequence = self.running.get(response.uid)
             if sequence is None:
                 continue
@@ -3595,14 +4086,16 @@ class Engine:
             if reason is None:
                 continue
             sequence.job.stop_string = sequence.stops.hit
-            sequence.job.events.put(("finish", reason))
+            sequence.job.events.put(("finish", reason, [], sequence.choice))
             del self.running[response.uid]
             if response.finish_reason is None:  # a stop string: the batch still holds it
                 leaving.append(response.uid)
-        for uid, sequence in list(self.running.items()):
-            if sequence.job.should_stop():  # client gone or deadline passed, even mid-prompt
-                sequence.job.events.put(("finish", "cancelled"))
-                del self.running[uid]
+        jobs = {uid: s.job for uid, s in self.running.items()} | self.warming
+        for uid, job in jobs.items():
+            if job.should_stop():  # client gone or deadline passed, even mid-prompt
+                sequence = self.running.pop(uid, None)
+                self.warming.pop(uid, None)
+                job.events.put(("finish", "cancelled", [], sequence.choice if sequence else 0))
                 leaving.append(uid)
         if leaving:
             self.batch.remove(leaving)
@@ -3621,27 +4114,45 @@ class Engine:
             sequence.logprobs.append(token_logprobs(self.model, response.token, response.logprobs,
                                                    job.request.logprobs))
         text = sequence.text.add(response.token)
+        thinking = sequence.reasoning is not None and sequence.reasoning.inside
         if response.finish_reason == "length":
-            return self._flush(sequence, "length", text)
-        text, stopped = sequence.stops.feed(text)
-        self._emit(sequence, text)
-        return "stop" if stopped else None
+            reason = self._flush(sequence, "length", text)
+        else:
+            reason = "stop" if self._route(sequence, text) else None
+        # A token counts as reasoning if it began or ended inside the block (so do both markers).
+        job.reasoning_tokens += thinking or (sequence.reasoning is not None and sequence.reasoning.inside)
+        return reason
 
     @staticmethod
-    def _emit(sequence: Sequence, text: str) -> None:
-        """Send a text piece with the logprobs of the tokens it completes."""
+    def _route(sequence: Sequence, text: str, final: bool = False) -> bool:
+        """Send text on as events: reasoning as it is, the rest through the stop scanner.
+
+        Returns True once a stop string is reached (stop strings apply to the
+        reply's text, not to reasoning). `final` flushes what is held back.
+        """
+        split = sequence.reasoning
+        for kind, piece in split.feed(text, final) if split is not None else [("text", text)]:
+            if kind == "text":
+                piece, stopped = sequence.stops.feed(piece)
+                if stopped:
+                    Engine._emit(sequence, kind, piece)
+                    return True
+            Engine._emit(sequence, kind, piece)
+        if final:
+            Engine._emit(sequence, "text", sequence.stops.flush())
+        return False
+
+    @staticmethod
+    def _emit(sequence: Sequence, kind: str, text: str) -> None:
+        """Send a text or reasoning piece with the logprobs of the tokens it completes."""
         if text:
-            sequence.job.events.put(("text", text, sequence.logprobs))
+            sequence.job.events.put((kind, text, sequence.logprobs, sequence.choice))
             sequence.logprobs = []
 
     @staticmethod
     def _flush(sequence: Sequence, reason: str, text: str = "") -> str:
-        """Emit `text` and what the text stream and the stop scanner still hold."""
-        text, stopped = sequence.stops.feed(text + sequence.text.finish())
-        if not stopped:
-            text += sequence.stops.flush()
-        Engine._emit(sequence, text)
-        return "stop" if stopped else reason
+        """Emit `text` and what the text stream, the splitter and the stop scanner still hold."""
+        return "stop" if Engine._route(sequence, text + sequence.text.finish(), final=True) else reason
 
     def _note_cache(self) -> None:
         # A snapshot other threads may read without touching the cache itself.
@@ -3657,7 +4168,8 @@ def usage_of(job: Job) -> dict:
     """OpenAI's usage object for a finished job."""
     return {"prompt_tokens": job.prompt_tokens, "completion_tokens": job.completion_tokens,
             "total_tokens": job.prompt_tokens + job.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": job.cached_tokens}}
+            "prompt_tokens_details": {"cached_tokens": job.cached_tokens},
+            "completion_tokens_details": {"reasoning_tokens": job.reasoning_tokens}}
 
 
 class TextOffsets:
@@ -3800,8 +4312,13 @@ class Writer:
         self.created = int(time.time())
         self.calls_sent = 0      # tool calls streamed so far
 
-    def event(self, kind: str, value: str, logprobs: list[dict] = ()) -> bytes:
-        """The bytes one engine event becomes: text, tool calls (via the scanner), and at the end the finish."""
+    def event(self, kind: str, value: str, logprobs: list[dict] = (), choice: int = 0) -> bytes:
+        """The bytes one engine event becomes: reasoning, text, tool calls (via the scanner), at the end the finish.
+
+        `choice` is the event's choice (ChoicesWriter routes by it; one choice has index 0).
+        """
+        if kind == "reasoning":
+            return self.reasoning(value)
         text, calls = (value if kind == "text" else ""), []
         if self.scanner is not None:
             text, calls = self.scanner.feed(value) if kind == "text" else (self.scanner.flush(), [])
@@ -3813,17 +4330,22 @@ class Writer:
             out.append(self.finish(value))
         return b"".join(out)
 
-    def reply(self, text: str, reason: str, logprobs: list[dict]) -> dict:
-        """The non-streaming response body for the whole generated text."""
+    def reply(self, results: list[tuple[str, str, list[dict], str]]) -> dict:
+        """The non-streaming response body from each choice's (text, finish reason, logprobs, reasoning)."""
+        text, reason, logprobs, reasoning = results[0]
         calls = []
         if self.scanner is not None:
             text, calls = self.scanner.feed(text)
             text += self.scanner.flush()
-        return self.body(text, calls, reason, logprobs)
+        return self.body(text, calls, reason, logprobs, reasoning)
 
     def opening(self) -> bytes:
         """What a stream starts with, before any generated text."""
         return b""
+
+    def reasoning(self, text: str) -> bytes:
+        """A piece of a thinking model's reasoning (it comes before the text)."""
+        raise NotImplementedError
 
     def text(self, text: str, logprobs: list[dict]) -> bytes:
         raise NotImplementedError
@@ -3839,20 +4361,23 @@ class Writer:
         """The end of a stream that failed after its headers went out."""
         raise NotImplementedError
 
-    def body(self, text: str, calls: list[dict], reason: str, logprobs: list[dict]) -> dict:
+    def body(self, text: str, calls: list[dict], reason: str, logprobs: list[dict], reasoning: str) -> dict:
         raise NotImplementedError
 
 
 class ChatWriter(Writer):
     """OpenAI's /v1/chat/completions and /v1/completions: a choice; a stream of data-only chunks and [DONE]."""
 
-    def __init__(self, job: Job, model: str, scanner: ToolCallScanner | None):
+    def __init__(self, job: Job, model: str, scanner: ToolCallScanner | None, index: int = 0,
+                 head: dict | None = None, ends: bool = True):
         super().__init__(job, model, scanner)
         self.chat = self.request.endpoint == "chat"
+        self.index = index             # this choice's index
+        self.ends = ends               # its finish ends the stream (usage, [DONE]); not so among several choices
         self.offsets = TextOffsets()   # for completions' text_offset across chunks
-        self.head = {"id": new_id("chatcmpl-" if self.chat else "cmpl-"),
-                     "object": "chat.completion.chunk" if self.chat else "text_completion",
-                     "created": self.created, "model": model}
+        self.head = head or {"id": new_id("chatcmpl-" if self.chat else "cmpl-"),
+                             "object": "chat.completion.chunk" if self.chat else "text_completion",
+                             "created": self.created, "model": model}
 
     def _chunk(self, choice: dict | None, **extra: Any) -> bytes:
         return sse_event({**self.head, "choices": [choice] if choice else [], **extra})
@@ -3860,11 +4385,16 @@ class ChatWriter(Writer):
     def _choice(self, delta: dict | None = None, text: str = "", logprobs: dict | None = None,
                 finish_reason: str | None = None) -> dict:
         content = {"delta": delta or {}} if self.chat else {"text": text}
-        return {"index": 0, **content, "logprobs": logprobs, "finish_reason": finish_reason}
+        return {"index": self.index, **content, "logprobs": logprobs, "finish_reason": finish_reason}
 
     def opening(self) -> bytes:
         """Chat opens with the assistant role and empty content; completions with nothing."""
         return self._chunk(self._choice({"role": "assistant", "content": ""})) if self.chat else b""
+
+    def reasoning(self, text: str) -> bytes:
+        """A chat chunk carrying reasoning under both names clients read: DeepSeek's and llama-server's,
+        and vLLM's, OpenRouter's and mlx_lm's."""
+        return self._chunk(self._choice({"reasoning_content": text, "reasoning": text}))
 
     def text(self, text: str, logprobs: list[dict]) -> bytes:
         """A chunk carrying one piece of generated text (and its tokens' logprobs, when asked)."""
@@ -3881,25 +4411,69 @@ class ChatWriter(Writer):
         """The finish chunk (a reply that made tool calls finishes as "tool_calls"), usage when asked, [DONE]."""
         if self.calls_sent and reason == "stop":
             reason = "tool_calls"
-        usage = self._chunk(None, usage=usage_of(self.job)) if self.request.include_usage else b""
-        return self._chunk(self._choice(finish_reason=reason)) + usage + SSE_DONE
+        return self._chunk(self._choice(finish_reason=reason)) + (self.ending() if self.ends else b"")
+
+    def ending(self) -> bytes:
+        """What ends the stream once every choice has finished: the usage chunk when asked, then [DONE]."""
+        return (self._chunk(None, usage=usage_of(self.job)) if self.request.include_usage else b"") + SSE_DONE
 
     def failure(self, error: APIError) -> bytes:
         return sse_event(error.body()) + SSE_DONE
 
-    def body(self, text: str, calls: list[dict], reason: str, logprobs: list[dict]) -> dict:
-        """A chat.completion (tool calls in the message) or a text_completion."""
+    def body(self, text: str, calls: list[dict], reason: str, logprobs: list[dict], reasoning: str) -> dict:
+        """A chat.completion (tool calls and reasoning in the message) or a text_completion."""
         endpoint = self.request.endpoint
         lp = logprobs_object(endpoint, logprobs if self.request.logprobs is not None else None)
         if not self.chat:
-            choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": reason}
+            choice = {"index": self.index, "text": text, "logprobs": lp, "finish_reason": reason}
             return {**self.head, "object": "text_completion", "choices": [choice], "usage": usage_of(self.job)}
         message = {"role": "assistant", "content": text}
         if calls:
             message = {"role": "assistant", "content": text if text.strip() else None, "tool_calls": list(calls)}
             reason = "tool_calls" if reason == "stop" else reason
-        choice = {"index": 0, "message": message, "logprobs": lp, "finish_reason": reason}
+        if reasoning:
+            message.update(reasoning_content=reasoning, reasoning=reasoning)
+        choice = {"index": self.index, "message": message, "logprobs": lp, "finish_reason": reason}
         return {**self.head, "object": "chat.completion", "choices": [choice], "usage": usage_of(self.job)}
+
+
+class ChoicesWriter(Writer):
+    """A chat or completions request's n choices: one ChatWriter per choice, their chunks one stream.
+
+    The choices share the stream's id; each streams and finishes on its own
+    (its `index` in every chunk), and the usage chunk and [DONE] come once,
+    after the last finish. Usage sums the choices' tokens, the prompt once.
+    """
+
+    def __init__(self, writers: list[ChatWriter]):
+        super().__init__(writers[0].job, writers[0].model, None)
+        self.writers = writers
+        self.finished = 0
+
+    def opening(self) -> bytes:
+        return b"".join(writer.opening() for writer in self.writers)
+
+    def event(self, kind: str, value: str, logprobs: list[dict] = (), choice: int = 0) -> bytes:
+        out = self.writers[choice].event(kind, value, logprobs)
+        self.finished += kind == "finish"
+        return out + (self.writers[0].ending() if kind == "finish" and self.finished == len(self.writers) else b"")
+
+    def failure(self, error: APIError) -> bytes:
+        return self.writers[0].failure(error)
+
+    def reply(self, results: list[tuple[str, str, list[dict], str]]) -> dict:
+        bodies = [writer.reply([result]) for writer, result in zip(self.writers, results)]
+        return {**bodies[0], "choices": [body["choices"][0] for body in bodies]}
+
+
+def writer_for(job: Job, model_name: str, tokenizer: Any) -> Writer:
+    """The Writer for a job's API; for n > 1 choices (chat, completions), a ChoicesWriter."""
+    request = job.request
+    if request.n == 1:
+        return WRITERS[request.endpoint](job, model_name, tool_scanner(request, tokenizer))
+    first = ChatWriter(job, model_name, tool_scanner(request, tokenizer), ends=False)
+    return ChoicesWriter([first] + [ChatWriter(job, model_name, tool_scanner(request, tokenizer), index=i,
+                                               head=first.head, ends=False) for i in range(1, request.n)])
 
 
 def anthropic_usage(job: Job) -> dict:
@@ -3952,14 +4526,21 @@ class MessagesWriter(Writer):
     def _stop(self) -> bytes:
         if self.open_block is None:
             return b""
+        # A thinking block ends with its signature, as Anthropic's do; a local model has none to give.
+        signed = self._delta({"type": "signature_delta", "signature": ""}) if self.open_block == "thinking" else b""
         self.open_block = None
-        return self._event("content_block_stop", index=self.blocks - 1)
+        return signed + self._event("content_block_stop", index=self.blocks - 1)
 
     def _delta(self, delta: dict) -> bytes:
         return self._event("content_block_delta", index=self.blocks - 1, delta=delta)
 
     def opening(self) -> bytes:
         return self._event("message_start", message=self._message([], None, None)) + self.keepalive
+
+    def reasoning(self, text: str) -> bytes:
+        opening = b"" if self.open_block == "thinking" else self._start({"type": "thinking", "thinking": "",
+                                                                          "signature": ""})
+        return opening + self._delta({"type": "thinking_delta", "thinking": text})
 
     def text(self, text: str, logprobs: list[dict]) -> bytes:
         opening = b"" if self.open_block == "text" else self._start({"type": "text", "text": ""})
@@ -3982,8 +4563,9 @@ class MessagesWriter(Writer):
     def failure(self, error: APIError) -> bytes:
         return self._event("error", error=error.anthropic_body()["error"])
 
-    def body(self, text: str, calls: list[dict], reason: str, logprobs: list[dict]) -> dict:
-        content = [{"type": "text", "text": text}] if text.strip() or (text and not calls) else []
+    def body(self, text: str, calls: list[dict], reason: str, logprobs: list[dict], reasoning: str) -> dict:
+        content = [{"type": "thinking", "thinking": reasoning, "signature": ""}] if reasoning else []
+        content += [{"type": "text", "text": text}] if text.strip() or (text and not calls) else []
         content += [tool_use_block(call) for call in calls]
         return self._message(content, *self._stop_reason(reason, bool(calls)))
 
@@ -4004,7 +4586,7 @@ def responses_usage(job: Job) -> dict:
     """The Responses API's usage: input_tokens is the whole prompt, cached_tokens the part reused."""
     return {"input_tokens": job.prompt_tokens,
             "input_tokens_details": {"cached_tokens": job.cached_tokens, "cache_write_tokens": 0},
-            "output_tokens": job.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+            "output_tokens": job.completion_tokens, "output_tokens_details": {"reasoning_tokens": job.reasoning_tokens},
             "total_tokens": job.prompt_tokens + job.completion_tokens}
 
 
@@ -4016,6 +4598,12 @@ def message_item(text: str, status: str = "completed") -> dict:
     """An assistant message output item holding `text` (no content part yet when empty and in progress)."""
     content = [output_text_part(text)] if status == "completed" else []
     return {"id": new_id("msg_"), "type": "message", "status": status, "role": "assistant", "content": content}
+
+
+def reasoning_item(text: str, status: str = "completed") -> dict:
+    """A reasoning output item: the model's reasoning as one reasoning_text part (none yet while in progress)."""
+    content = [{"type": "reasoning_text", "text": text}] if status == "completed" else []
+    return {"id": new_id("rs_"), "type": "reasoning", "summary": [], "content": content, "status": status}
 
 
 def function_call_item(call: dict) -> dict:
@@ -4041,6 +4629,8 @@ class ResponsesWriter(Writer):
         self.output: list[dict] = []         # items finished so far
         self.message: dict | None = None     # the message item being streamed, if one is open
         self.message_text = ""
+        self.thought: dict | None = None     # the reasoning item being streamed, if one is open
+        self.thought_text = ""
 
     def _event(self, kind: str, **fields: Any) -> bytes:
         self.sequence += 1
@@ -4050,12 +4640,31 @@ class ResponsesWriter(Writer):
         response = self._response("in_progress", [])
         return self._event("response.created", response=response) + self._event("response.in_progress", response=response)
 
-    def text(self, text: str, logprobs: list[dict]) -> bytes:
+    def reasoning(self, text: str) -> bytes:
         out = b""
+        if self.thought is None:
+            self.thought, self.thought_text = reasoning_item("", "in_progress"), ""
+            out = self._event("response.output_item.added", output_index=len(self.output), item=self.thought)
+        self.thought_text += text
+        return out + self._event("response.reasoning_text.delta", item_id=self.thought["id"],
+                                 output_index=len(self.output), content_index=0, delta=text)
+
+    def _close_reasoning(self) -> bytes:
+        if self.thought is None:
+            return b""
+        item = {**self.thought, "status": "completed", "content": [{"type": "reasoning_text", "text": self.thought_text}]}
+        where = {"item_id": item["id"], "output_index": len(self.output), "content_index": 0}
+        self.output.append(item)
+        self.thought = None
+        return (self._event("response.reasoning_text.done", **where, text=self.thought_text)
+                + self._event("response.output_item.done", output_index=where["output_index"], item=item))
+
+    def text(self, text: str, logprobs: list[dict]) -> bytes:
+        out = self._close_reasoning()
         if self.message is None:
             self.message, self.message_text = message_item("", "in_progress"), ""
-            out = (self._event("response.output_item.added", output_index=len(self.output), item=self.message)
-                   + self._event("response.content_part.added", **self._where(), part=output_text_part("")))
+            out += (self._event("response.output_item.added", output_index=len(self.output), item=self.message)
+                    + self._event("response.content_part.added", **self._where(), part=output_text_part("")))
         self.message_text += text
         return out + self._event("response.output_text.delta", **self._where(), delta=text, logprobs=[])
 
@@ -4074,7 +4683,7 @@ class ResponsesWriter(Writer):
                 + self._event("response.output_item.done", output_index=where["output_index"], item=item))
 
     def tool_calls(self, calls: list[dict]) -> bytes:
-        out = [self._close_message()]
+        out = [self._close_reasoning(), self._close_message()]
         for item in map(function_call_item, calls):
             where = {"item_id": item["id"], "output_index": len(self.output)}
             out += [self._event("response.output_item.added", output_index=where["output_index"],
@@ -4087,7 +4696,7 @@ class ResponsesWriter(Writer):
         return b"".join(out)
 
     def finish(self, reason: str) -> bytes:
-        out = self._close_message()
+        out = self._close_reasoning() + self._close_message()
         status = "incomplete" if reason == "length" else "completed"
         return out + self._event(f"response.{status}", response=self._response(status, self.output))
 
@@ -4095,8 +4704,9 @@ class ResponsesWriter(Writer):
         failed = {"code": error.code or error.type, "message": error.message}
         return self._event("response.failed", response=self._response("failed", self.output, failed))
 
-    def body(self, text: str, calls: list[dict], reason: str, logprobs: list[dict]) -> dict:
-        output = [message_item(text)] if text.strip() or (text and not calls) else []
+    def body(self, text: str, calls: list[dict], reason: str, logprobs: list[dict], reasoning: str) -> dict:
+        output = [reasoning_item(reasoning)] if reasoning else []
+        output += [message_item(text)] if text.strip() or (text and not calls) else []
         output += [function_call_item(call) for call in calls]
         return self._response("incomplete" if reason == "length" else "completed", output)
 
@@ -4658,11 +5268,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if not server.engine.alive:
             raise engine_unavailable()
         headers = {WINDOW_HEADER: str(dropped)} if request.endpoint == "chat" else {}
-        with server.admit() as slot:
+        with server.admit(request.n) as slot:
             job = Job(prompt, request, budget, time.monotonic() + server.settings.timeout)
             server.engine.submit(job)
-            writer = WRITERS[request.endpoint](job, server.settings.model_name,
-                                               tool_scanner(request, server.model.tokenizer))
+            writer = writer_for(job, server.settings.model_name, server.model.tokenizer)
             try:
                 if request.stream:
                     self._write_stream(job, slot, writer, headers)
@@ -4715,13 +5324,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return body
 
     def _events(self, job: Job, slot: "Admission", on_idle: Callable[[], None] = lambda: None) -> Iterator[tuple]:
-        """Yield job events until its last; watch the client, clock and engine meanwhile.
+        """Yield job events until its last (every choice's finish, or an error); watch the client,
+        clock and engine meanwhile.
 
-        The slot is given back as soon as the engine is done with the job, before
+        The slots are given back as soon as the engine is done with the job, before
         the last bytes go out, so a client that sends its next request the moment
         it has read this response never finds its own slot still taken.
         """
         engine, timeout = self.server.engine, self.server.settings.timeout
+        finished = 0
         while True:
             try:
                 event = job.events.get(timeout=POLL_SECONDS)
@@ -4736,26 +5347,33 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     raise engine_unavailable()
                 on_idle()
                 continue
-            if event[0] != "text":
+            kind = event[0]
+            finished += kind == "finish"
+            last = kind == "error" or finished == job.request.n
+            if last:
                 slot.release()
-            if event == ("finish", "cancelled"):  # the engine noticed the deadline first
+            if kind == "finish" and event[1] == "cancelled":  # the engine noticed the deadline first
                 raise request_timed_out(timeout)
             yield event
-            if event[0] != "text":
+            if last:
                 return
 
     def _write_completion(self, job: Job, slot: "Admission", writer: Writer, headers: dict[str, str]) -> None:
         """Wait for the whole generation, then send the writer's JSON body."""
-        pieces, logprobs, finish = [], [], "stop"
-        for kind, value, *extra in self._events(job, slot):
+        choices = [([], [], [], ["stop"]) for _ in range(job.request.n)]  # text, reasoning, logprobs, finish
+        for kind, value, logprobs, choice in self._events(job, slot):
             if kind == "error":
                 raise value
+            text, reasoning, entries, finish = choices[choice]
             if kind == "text":
-                pieces.append(value)
-                logprobs += extra[0]
+                text.append(value)
+                entries += logprobs
+            elif kind == "reasoning":
+                reasoning.append(value)
             else:
-                finish = value
-        self._send_json(writer.reply("".join(pieces), finish, logprobs), headers=headers)
+                finish[0] = value
+        results = [("".join(text), finish[0], entries, "".join(reasoning)) for text, reasoning, entries, finish in choices]
+        self._send_json(writer.reply(results), headers=headers)
 
     def _write_stream(self, job: Job, slot: "Admission", writer: Writer, headers: dict[str, str]) -> None:
         """Stream the writer's events as the engine's come in; an error after the headers becomes an event."""
@@ -4849,7 +5467,8 @@ class LemServer(http.server.ThreadingHTTPServer):
     block_on_close = False
 
     def __init__(self, settings: Settings, model: Model, static_dir: Path | None = None, group: Any = None):
-        self.settings = settings
+        # Unset sampling fields take the command line's defaults, else the model folder's.
+        self.settings = settings = dataclasses.replace(settings, sampling={**model.sampling, **settings.sampling})
         self.model = model
         self.engine = Engine(model, settings.max_requests, settings.prompt_cache_bytes,
                              group=group, stall_seconds=settings.timeout)
@@ -4874,12 +5493,17 @@ class LemServer(http.server.ThreadingHTTPServer):
         host, port = self.server_address[:2]
         return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
 
-    def admit(self) -> "Admission":
-        """A context that holds one generation slot, or raises 429 at once."""
-        if not self.gate.acquire(blocking=False):
+    def admit(self, slots: int = 1) -> "Admission":
+        """A context that holds `slots` generation slots (one per choice), or raises 429 at once."""
+        taken = 0
+        while taken < slots and self.gate.acquire(blocking=False):
+            taken += 1
+        if taken < slots:
+            for _ in range(taken):
+                self.gate.release()
             self.metrics.record_rejection()
             raise server_busy()
-        return Admission(self)
+        return Admission(self, slots)
 
     @contextlib.contextmanager
     def exchange(self) -> Iterator[None]:
@@ -4907,6 +5531,10 @@ class LemServer(http.server.ThreadingHTTPServer):
             one("lem_open_connections", "gauge", "Client connections open.", self.connections),
             one("lem_tokens_generated_total", "counter", "Tokens sampled by the engine since start.",
                 stats["tokens_generated"]),
+            one("lem_draft_tokens_proposed_total", "counter", "Tokens the --draft-model proposed.",
+                stats["draft_tokens_proposed"]),
+            one("lem_draft_tokens_accepted_total", "counter", "Proposed draft tokens the model accepted.",
+                stats["draft_tokens_accepted"]),
             one("lem_prompt_cache_hits_total", "counter", "Prompts that reused cached state.", stats["prompt_cache_hits"]),
             one("lem_prompt_cache_misses_total", "counter", "Prompts computed from scratch.", stats["prompt_cache_misses"]),
             one("lem_prompt_cache_entries", "gauge", "Entries in the prompt cache.", stats["prompt_cache_entries"]),
@@ -4969,10 +5597,19 @@ class LemServer(http.server.ThreadingHTTPServer):
                 "uptime_seconds": int(time.monotonic() - self.started_at), "active_requests": self.active,
                 "max_requests": settings.max_requests, "max_threads": settings.threads or os.cpu_count(),
                 "max_tokens": settings.max_tokens, "max_context": settings.max_context,
-                "context_length": self.model.context_length,
+                "context_length": self.model.context_length, "sampling_defaults": settings.sampling,
+                "thinking": bool(getattr(self.model.tokenizer, "has_thinking", False)),
+                "speculative": self.speculative_health(engine),
                 "prompt_cache": {"entries": engine["prompt_cache_entries"], "bytes": engine["prompt_cache_bytes"],
                                  "hits": engine["prompt_cache_hits"], "misses": engine["prompt_cache_misses"]}}
 
+    def speculative_health(self, engine: dict) -> dict | None:
+        """Speculative decoding's figures for /healthz; None without a --draft-model."""
+        if self.model.solo is None or self.model.solo.draft is None:
+            return None
+        proposed, accepted = engine["draft_tokens_proposed"], engine["draft_tokens_accepted"]
+        return {"num_draft_tokens": self.model.solo.num_draft_tokens, "draft_tokens_proposed": proposed,
+                "draft_tokens_accepted": accepted, "acceptance_rate": round(accepted / proposed, 4) if proposed else None}
     @property
     def sharding(self) -> str:
         """How the model is split over the group's ranks: none, tensor or pipeline."""
@@ -5018,13 +5655,14 @@ class LemServer(http.server.ThreadingHTTPServer):
 
 
 class Admission:
-    """Holds one permit of the server's gate until released (at most once)."""
+    """Holds `slots` permits of the server's gate until released (at most once)."""
 
-    def __init__(self, server: LemServer):
+    def __init__(self, server: LemServer, slots: int = 1):
         self.server = server
+        self.slots = slots
         self.held = True
         with server.active_lock:
-            server.active += 1
+            server.active += slots
 
     def __enter__(self) -> "Admission":
         return self
@@ -5039,9 +5677,10 @@ class Admission:
             if not self.held:
                 return
             self.held = False
-            server.active -= 1
+            server.active -= self.slots
             server.idle.notify_all()
-        server.gate.release()
+        for _ in range(self.slots):
+            server.gate.release()
 
 
 def load_page(folder: Path, settings: Settings) -> tuple[bytes, bytes]:
@@ -5164,6 +5803,9 @@ def follow(settings: Settings, model: Model, group: Any) -> int:
 
 
 if __name__ == "__main__":
+    if (problem := runtime_problem()) is not None:
+        print(problem, file=sys.stderr)
+        sys.exit(2)
     exit_code = main()
     logging.shutdown()
     with contextlib.suppress(OSError):  # under mlx.launch, the launcher reading our output may be gone

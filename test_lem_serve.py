@@ -42,8 +42,9 @@ from testing.gguf_fixtures import (HEAD_DIM, HEADS, KV_HEADS, MIXED_TEXTS, g2m, 
                                     run_cli, tiny_llama)
 from testing.schemas import SCHEMAS, validation_errors
 from testing.page_driver import CHROMIUM, CHROMIUM_ARGS, PHONE, REPLY_TIMEOUT_MS, Chat, contrast, luminance
-from testing.tiny_model import (GEMMA_TEMPLATE, MISTRAL_TEMPLATE, build_parrot_model, build_tiny_model,
-                                 with_chat_template, with_context_length)
+from testing.tiny_model import (GEMMA_TEMPLATE, MISTRAL_TEMPLATE, THINK_END, THINK_START, THINKING_TEMPLATE,
+                                 build_lora_adapter, build_parrot_model, build_tiny_model, with_chat_template,
+                                 with_context_length)
 
 ROOT = Path(__file__).resolve().parent
 ARTIFACTS = ROOT / "artifacts"  # screenshots from the browser tests (not committed)
@@ -1321,7 +1322,8 @@ BAD_BODIES = [
     ("stop", {"stop": [""]}),
     ("stop", {"stop": 5}),
     ("stream", {"stream": "yes"}),
-    ("n", {"n": 3}),
+    ("n", {"n": 0}),
+    ("n", {"n": 1.5}),
     ("top_k", {"top_k": -1}),
     ("min_p", {"min_p": 1.5}),
     ("seed", {"seed": "x"}),
@@ -1522,6 +1524,86 @@ def test_batched_greedy_equals_each_request_alone(make_server, model):
     for prompt, reply in zip(PROMPTS, replies):
         assert reply["choices"][0]["text"] == completion_reference(model, model.tokenizer.encode(prompt), 40), prompt
         assert reply["usage"]["completion_tokens"] == 40
+
+
+def choice_text(endpoint: str, choice: dict) -> str:
+    return choice["message"]["content"] if endpoint == "chat" else choice["text"]
+
+
+def streamed_choices(endpoint: str, events: list) -> dict[int, tuple[str, list]]:
+    """Each choice index of a stream's events -> (its text, its finish reasons)."""
+    choices: dict[int, tuple[str, list]] = {}
+    for event in events:
+        for choice in event.get("choices") or [] if isinstance(event, dict) else []:
+            text, reasons = choices.get(choice["index"], ("", []))
+            piece = (choice["delta"].get("content") or "") if endpoint == "chat" else choice["text"]
+            choices[choice["index"]] = (text + piece, reasons + [choice["finish_reason"]] * bool(choice["finish_reason"]))
+    return choices
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_n_greedy_choices_are_identical_and_usage_sums_them(make_server, endpoint):
+    srv = make_server(max_requests=3)
+    one = post(srv, endpoint, max_tokens=12, temperature=0)
+    hits = health(srv)["prompt_cache"]["hits"]
+    three = post(srv, endpoint, max_tokens=12, temperature=0, n=3)
+    assert [c["index"] for c in three["choices"]] == [0, 1, 2]
+    assert [choice_text(endpoint, c) for c in three["choices"]] == [text_of(endpoint, one)] * 3
+    assert three["usage"]["prompt_tokens"] == one["usage"]["prompt_tokens"]  # the prompt is counted once
+    assert three["usage"]["completion_tokens"] == 3 * one["usage"]["completion_tokens"]
+    assert three["usage"]["total_tokens"] == three["usage"]["prompt_tokens"] + three["usage"]["completion_tokens"]
+    # The prompt was run once (its warm-up found the first request's cache); each choice started from it.
+    assert health(srv)["prompt_cache"]["hits"] == hits + 1 + 3
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_n_choices_stream_with_their_index(make_server, endpoint):
+    srv = make_server(max_requests=3)
+    whole = post(srv, endpoint, max_tokens=12, temperature=1.0, seed=5, n=3)
+    events = stream(srv, endpoint, max_tokens=12, temperature=1.0, seed=5, n=3, stream_options={"include_usage": True})
+    assert events[-1] == "[DONE]" and events.count("[DONE]") == 1
+    usage = [e for e in events if isinstance(e, dict) and e.get("usage")]
+    assert len(usage) == 1 and events.index(usage[0]) == len(events) - 2  # after every choice's finish
+    for count in ("prompt_tokens", "completion_tokens", "total_tokens"):  # the second time the prompt is cached
+        assert usage[0]["usage"][count] == whole["usage"][count]
+    assert len({e["id"] for e in events if isinstance(e, dict)}) == 1
+    choices = streamed_choices(endpoint, events)
+    assert sorted(choices) == [0, 1, 2]
+    for choice in whole["choices"]:
+        assert choices[choice["index"]] == (choice_text(endpoint, choice), [choice["finish_reason"]])
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_n_seeded_choices_differ_and_repeat(server, endpoint):
+    sampled = dict(max_tokens=16, temperature=1.0, seed=21, n=2)
+    first = [choice_text(endpoint, c) for c in post(server, endpoint, **sampled)["choices"]]
+    assert first[0] != first[1]
+    assert [choice_text(endpoint, c) for c in post(server, endpoint, **sampled)["choices"]] == first
+    assert first[0] == text_of(endpoint, post(server, endpoint, max_tokens=16, temperature=1.0, seed=21))
+
+
+def test_n_through_the_openai_sdk(openai_client):
+    reply = openai_client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=8, temperature=0, n=2)
+    assert [c.index for c in reply.choices] == [0, 1]
+    assert reply.choices[0].message.content == reply.choices[1].message.content
+    chunks = list(openai_client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=8, temperature=0,
+                                                        n=2, stream=True))
+    assert {c.index for chunk in chunks for c in chunk.choices} == {0, 1}
+
+
+def test_each_choice_takes_a_slot(make_long_server):
+    srv = make_long_server(max_requests=3)
+    assert_openai_error(request(srv, "POST", "/v1/completions", body_for("completions", n=4)), 400, "n")
+    conn, neighbour = open_stream(srv, "completions", **endless(srv.model))
+    read_first_text_event(neighbour)
+    busy = request(srv, "POST", "/v1/completions", body_for("completions", n=3, max_tokens=4))
+    assert_openai_error(busy, 429)
+    assert health(srv)["active_requests"] == 1  # the refused request's slots all went back
+    assert len(post(srv, "completions", n=2, max_tokens=4)["choices"]) == 2
+    assert wait_until(lambda: health(srv)["active_requests"] == 1)
+    hang_up(conn, neighbour)
+    assert wait_until(lambda: health(srv)["active_requests"] == 0)
+    assert gate_has_all_permits(srv)
 
 
 def ask(prompt: str) -> list[dict]:
@@ -1883,6 +1965,327 @@ def test_one_log_line_per_request(server, caplog):
     lines = [r.getMessage() for r in caplog.records if "/v1/completions" in r.getMessage()]
     assert len(lines) == 1
     assert "prompt=" in lines[0] and "completion=3" in lines[0] and lines[0].endswith("s")
+
+
+# ---------------------------------------------------------------------------
+# Model options: chat templates and their arguments, sampling defaults, adapters
+# ---------------------------------------------------------------------------
+
+def copy_model(model_dir: Path, out: Path, **json_files: dict) -> Path:
+    """A copy of a model folder with extra JSON files (name without .json -> contents)."""
+    shutil.copytree(model_dir, out)
+    for name, contents in json_files.items():
+        (out / f"{name}.json").write_text(json.dumps(contents))
+    return out
+
+
+def test_generation_config_gives_defaults_that_flags_and_requests_override(model_dir, tmp_path):
+    folder = copy_model(model_dir, tmp_path / "model",
+                        generation_config={"temperature": 0, "top_k": 7, "do_sample": True, "top_p": 5})
+    recommended = lem_serve.load_model(lem_serve.Settings(model_path=str(folder)))
+    assert recommended.sampling == {"temperature": 0.0, "top_k": 7}  # top_p 5 is out of range: ignored
+    prompt = recommended.tokenizer.encode("Once upon a time")
+    greedy = completion_reference(recommended, prompt, 20)
+    with running_server(recommended, folder) as srv:
+        assert health(srv)["sampling_defaults"] == {"temperature": 0.0, "top_k": 7}
+        assert post(srv, "completions", max_tokens=20)["choices"][0]["text"] == greedy  # no temperature: the folder's 0
+        sampled = [post(srv, "completions", max_tokens=20, temperature=1.0, seed=s)["choices"][0]["text"] for s in (1, 2)]
+        assert greedy not in sampled  # the request's own temperature wins
+    with running_server(recommended, folder, sampling={"temperature": 1.0}) as srv:  # what --temp 1 sets
+        assert health(srv)["sampling_defaults"] == {"temperature": 1.0, "top_k": 7}
+        assert post(srv, "completions", max_tokens=20, seed=1)["choices"][0]["text"] == sampled[0]
+
+
+def test_sampling_flags_parse_into_defaults(model_dir):
+    settings = lem_serve.parse_settings(["--model-path", str(model_dir), "--temp", "0.3", "--top-p", "0.9",
+                                         "--top-k", "20", "--min-p", "0.05"])
+    assert settings.sampling == {"temperature": 0.3, "top_p": 0.9, "top_k": 20, "min_p": 0.05}
+    assert lem_serve.parse_settings(["--model-path", str(model_dir)]).sampling == {}
+    for flag, value in (("--temp", "2.5"), ("--top-p", "-0.1"), ("--min-p", "nan"), ("--top-k", "-1")):
+        with pytest.raises(SystemExit):
+            lem_serve.parse_settings(["--model-path", str(model_dir), flag, value])
+
+
+# Renders each message as "role: content" and adds what its arguments ask for, so their effect
+# shows in prompt_tokens.
+ARGUMENTS_TEMPLATE = ("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+                      "{% if shout %}SHOUTING LOUDLY NOW {% endif %}"
+                      "{% if reasoning_effort %}effort {{ reasoning_effort }} {% endif %}"
+                      "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+def test_chat_template_arguments_reach_the_template(model_dir, tmp_path):
+    folder = with_chat_template(model_dir, tmp_path / "model", ARGUMENTS_TEMPLATE)
+    plain = lem_serve.load_model(lem_serve.Settings(model_path=str(folder)))
+
+    def prompt_tokens(srv, **fields) -> int:
+        return post(srv, "chat", max_tokens=1, **fields)["usage"]["prompt_tokens"]
+
+    with running_server(plain, folder) as srv:
+        base = prompt_tokens(srv)
+        shouting = prompt_tokens(srv, chat_template_kwargs={"shout": True})
+        assert shouting > base
+        assert prompt_tokens(srv, reasoning_effort="high") > base
+        error = assert_openai_error(request(srv, "POST", "/v1/chat/completions",
+                                            body_for("chat", chat_template_kwargs={"chat_template": "{{ 1 }}"})),
+                                    400, "chat_template_kwargs")
+        assert "chat template arguments" in error["message"]
+    with running_server(plain, folder, chat_template_args={"shout": True}) as srv:  # --chat-template-args
+        assert prompt_tokens(srv) == shouting
+        assert prompt_tokens(srv, chat_template_kwargs={"shout": False}) == base  # the request wins
+
+
+def test_chat_template_flag_replaces_the_models_template(model_dir, tmp_path):
+    template_file = tmp_path / "template.jinja"
+    template_file.write_text(ARGUMENTS_TEMPLATE)
+    for value in (str(template_file), ARGUMENTS_TEMPLATE):
+        settings = lem_serve.parse_settings(["--model-path", str(model_dir), "--chat-template", value,
+                                             "--chat-template-args", '{"shout": true}'])
+        replaced = lem_serve.load_model(settings)
+        tokens, _ = lem_serve.render_prompt(lem_serve.parse_generation_request("chat", {"messages": HELLO}, settings),
+                                            replaced)
+        assert replaced.tokenizer.decode(tokens) == f"user: {HELLO[0]['content']}\nSHOUTING LOUDLY NOW assistant:"
+    for bad in (["--chat-template", str(tmp_path / "missing.jinja")], ["--chat-template-args", '{"tools": []}'],
+                ["--chat-template-args", "[1]"]):
+        with pytest.raises(SystemExit):
+            lem_serve.parse_settings(["--model-path", str(model_dir), *bad])
+
+
+def test_adapter_changes_output_as_mlx_lm_applies_it(model, model_dir, tmp_path):
+    import mlx_lm
+    adapter = build_lora_adapter(model_dir, tmp_path / "adapter")
+    adapted = lem_serve.load_model(lem_serve.parse_settings(["--model-path", str(model_dir),
+                                                             "--adapter-path", str(adapter)]))
+    reference_model, reference_tokenizer = mlx_lm.load(str(model_dir), adapter_path=str(adapter))
+    prompt = model.tokenizer.encode("Once upon a time")
+    tokens = [r.token for r in mlx_lm.stream_generate(reference_model, reference_tokenizer, prompt, max_tokens=30)]
+    expected = model.tokenizer.decode(prompt + tokens)[len("Once upon a time"):]
+    with running_server(adapted, model_dir) as srv:
+        text = post(srv, "completions", max_tokens=30, temperature=0)["choices"][0]["text"]
+    assert text == expected and text != completion_reference(model, prompt, 30)
+
+
+# The thinking parrot: its template opens <think> unless enable_thinking is false; after the open
+# block it reasons (a tool-call marker included), closes the block and answers; without it, it
+# answers directly.
+THINKING = "Plan<tool_call>x</tool_call>"
+ANSWER = "Answer!"
+DIRECT = "Direct reply"
+
+
+@pytest.fixture(scope="module")
+def thinking_dir(tmp_path_factory) -> Path:
+    return build_parrot_model(tmp_path_factory.mktemp("models") / "thinking",
+                              {THINK_START: THINKING + THINK_END + ANSWER, "\n": DIRECT},
+                              extra_tokens=(THINK_START, THINK_END), chat_template=THINKING_TEMPLATE)
+
+
+@pytest.fixture(scope="module")
+def thinking_model(thinking_dir) -> lem_serve.Model:
+    return lem_serve.load_model(lem_serve.Settings(model_path=str(thinking_dir)))
+
+
+@pytest.fixture(scope="module")
+def thinking_server(thinking_model, thinking_dir):
+    with running_server(thinking_model, thinking_dir) as srv:
+        yield srv
+
+
+def streamed_reasoning(events: list) -> str:
+    return "".join(e["choices"][0]["delta"].get("reasoning_content") or "" for e in events
+                   if isinstance(e, dict) and e.get("choices"))
+
+
+def test_reasoning_leaves_the_content_stream_or_not(thinking_server, thinking_model):
+    body = {"messages": HELLO, "max_tokens": 50, "tools": [WEATHER]}
+    message = post(thinking_server, "chat", **body)["choices"][0]["message"]
+    assert message["content"] == ANSWER and "tool_calls" not in message  # a tool-call marker in reasoning is no call
+    assert message["reasoning_content"] == message["reasoning"] == THINKING
+    events = stream(thinking_server, "chat", **body, stream_options={"include_usage": True})
+    assert streamed_text("chat", events) == ANSWER and streamed_reasoning(events) == THINKING
+    deltas = [e["choices"][0]["delta"] for e in events if isinstance(e, dict) and e.get("choices")]
+    assert all(d.get("reasoning") == d.get("reasoning_content") for d in deltas)
+    usage = [e for e in events if isinstance(e, dict) and e.get("usage")][-1]["usage"]
+    tokens = thinking_model.tokenizer.encode(THINKING + THINK_END, add_special_tokens=False)
+    assert usage["completion_tokens_details"]["reasoning_tokens"] == len(tokens)
+    assert usage["completion_tokens"] == len(tokens) + len(thinking_model.tokenizer.encode(ANSWER)) + 1  # + <|im_end|>
+
+
+def test_reasoning_through_the_openai_sdk(thinking_server):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=thinking_server.url + "/v1", api_key="unused", max_retries=0)
+    reply = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=50)
+    assert reply.choices[0].message.content == ANSWER
+    assert reply.choices[0].message.model_extra["reasoning_content"] == THINKING
+    assert reply.usage.completion_tokens_details.reasoning_tokens > 0
+
+
+def test_thinking_turned_off_by_kwarg_or_flag(thinking_server, thinking_model, thinking_dir, server):
+    assert health(thinking_server)["thinking"] is True and health(server)["thinking"] is False  # the page's toggle
+    off = post(thinking_server, "chat", messages=HELLO, max_tokens=50, chat_template_kwargs={"enable_thinking": False})
+    assert off["choices"][0]["message"] == {"role": "assistant", "content": DIRECT}
+    assert off["usage"]["completion_tokens_details"]["reasoning_tokens"] == 0
+    with running_server(thinking_model, thinking_dir, chat_template_args={"enable_thinking": False}) as srv:
+        assert post(srv, "chat", messages=HELLO, max_tokens=50)["choices"][0]["message"]["content"] == DIRECT
+
+
+def test_reasoning_format_none_keeps_the_tags_inline(thinking_model, thinking_dir):
+    settings = lem_serve.parse_settings(["--model-path", str(thinking_dir), "--reasoning-format", "none"])
+    with running_server(thinking_model, thinking_dir, reasoning_format=settings.reasoning_format) as srv:
+        message = post(srv, "chat", messages=HELLO, max_tokens=50)["choices"][0]["message"]
+    assert message == {"role": "assistant", "content": THINKING + THINK_END + ANSWER}
+
+
+def test_stop_strings_apply_to_the_answer_not_the_reasoning(thinking_server):
+    message = post(thinking_server, "chat", messages=HELLO, max_tokens=50, stop=["Plan"])["choices"][0]["message"]
+    assert message["content"] == ANSWER and message["reasoning_content"] == THINKING
+    assert post(thinking_server, "chat", messages=HELLO, max_tokens=50, stop=["swer"])["choices"][0]["message"][
+        "content"] == "An"
+
+
+def test_reasoning_sent_back_reaches_the_template(thinking_server):
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ANSWER}, *HELLO]
+    base = post(thinking_server, "chat", messages=turns, max_tokens=1)["usage"]["prompt_tokens"]
+    for field in ("reasoning_content", "reasoning"):
+        turns[1] = {"role": "assistant", "content": ANSWER, field: "I thought about it at length."}
+        assert post(thinking_server, "chat", messages=turns, max_tokens=1)["usage"]["prompt_tokens"] > base
+
+
+def test_reasoning_splitter_cases():
+    def split(pieces, inside=False):
+        splitter, out = lem_serve.ReasoningSplitter("<think>", "</think>", inside), []
+        for i, piece in enumerate(pieces):
+            out += splitter.feed(piece, final=i == len(pieces) - 1)
+        merged = {}
+        for kind, text in out:
+            merged[kind] = merged.get(kind, "") + text
+        return merged
+    assert split(["a</th", "ink>\n\nb"], inside=True) == {"reasoning": "a", "text": "b"}
+    assert split(["<thi", "nk>\nplan</think> answer"]) == {"reasoning": "plan", "text": "answer"}
+    assert split(["still thinking <"], inside=True) == {"reasoning": "still thinking <"}  # open at the end: reasoning
+    assert split(["no markers, just <b>text</b>"]) == {"text": "no markers, just <b>text</b>"}
+
+
+@pytest.fixture(scope="module")
+def draft_dir(tmp_path_factory) -> Path:
+    """Another random tiny model with the same tokenizer: a draft the model almost never agrees with."""
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "draft", seed=1)
+
+
+def test_draft_model_keeps_greedy_output_and_reports_acceptance(model, model_dir, draft_dir):
+    prompt = model.tokenizer.encode("Once upon a time")
+    expected = completion_reference(model, prompt, 40)
+    for draft, rate in ((draft_dir, lambda r: r < 0.5), (model_dir, lambda r: r == 1.0)):  # a stranger, itself
+        settings = lem_serve.parse_settings(["--model-path", str(model_dir), "--draft-model", str(draft),
+                                             "--num-draft-tokens", "2"])
+        speculative = lem_serve.load_model(settings)
+        with running_server(speculative, model_dir) as srv:
+            for _ in range(2):  # cold, then from the prompt cache
+                assert post(srv, "completions", max_tokens=40, temperature=0)["choices"][0]["text"] == expected
+            figures = health(srv)["speculative"]
+            assert figures["num_draft_tokens"] == 2 and figures["draft_tokens_proposed"] > 0
+            assert rate(figures["acceptance_rate"]), figures
+            samples = scrape(srv)
+            assert metric(samples, "lem_draft_tokens_accepted_total") == figures["draft_tokens_accepted"]
+            constrained = post(srv, "chat", max_tokens=60, response_format={"type": "json_object"})  # decoded without the draft
+            json.loads(constrained["choices"][0]["message"]["content"])
+
+
+def test_kv_bits_generation_matches_mlx_lm_with_the_same_cache(tmp_path):
+    import mlx_lm
+    folder = build_tiny_model(tmp_path / "wide-heads", hidden_size=128, num_heads=2, num_kv_heads=1)  # head size 64
+    full = lem_serve.load_model(lem_serve.parse_settings(["--model-path", str(folder)]))
+    # ~250 tokens: a quantized cache allocates room for 256 at a time, so the comparison is like for like.
+    long = {"prompt": list(range(10, 250)), "max_tokens": 10, "temperature": 0}
+    with running_server(full, folder) as srv:
+        post(srv, "completions", **long)
+        full_bytes = health(srv)["prompt_cache"]["bytes"]
+    for bits, group in ((8, 64), (4, 32)):
+        settings = lem_serve.parse_settings(["--model-path", str(folder), "--kv-bits", str(bits), "--kv-group-size",
+                                             str(group), "--quantized-kv-start", "0"])
+        quantized = lem_serve.load_model(settings)
+        prompt = quantized.tokenizer.encode("Once upon a time")
+        tokens = [r.token for r in mlx_lm.stream_generate(quantized.model, quantized.tokenizer, prompt, max_tokens=40,
+                                                           kv_bits=bits, kv_group_size=group, quantized_kv_start=0)]
+        expected = quantized.tokenizer.decode(prompt + tokens)[len("Once upon a time"):]
+        with running_server(quantized, folder) as srv:
+            first = post(srv, "completions", max_tokens=40, temperature=0)
+            again = post(srv, "completions", max_tokens=40, temperature=0)
+        with running_server(quantized, folder) as srv:
+            post(srv, "completions", **long)
+            stored = health(srv)["prompt_cache"]["bytes"]
+        assert first["choices"][0]["text"] == again["choices"][0]["text"] == expected
+        # The prompt cache keeps the quantized KV (float32 here: 8 bits are about 1/3 of it, 4 bits 1/5).
+        assert stored < full_bytes * (0.4 if bits == 8 else 0.25), (bits, stored, full_bytes)
+        assert again["usage"]["prompt_tokens_details"]["cached_tokens"] > 0  # the quantized cache was reused
+
+
+def test_solo_options_are_checked_at_start(model_dir, draft_dir):
+    for bad in (["--draft-model", str(draft_dir), "--max-requests", "2"], ["--kv-bits", "8", "--max-requests", "4"],
+                ["--kv-bits", "3"], ["--num-draft-tokens", "0"]):
+        with pytest.raises(SystemExit):
+            lem_serve.parse_settings(["--model-path", str(model_dir), *bad])
+    narrow = lem_serve.parse_settings(["--model-path", str(model_dir), "--kv-bits", "8"])  # the tiny model's heads are 16 wide
+    with pytest.raises(ValueError, match="head size"):
+        lem_serve.load_model(narrow)
+
+
+def test_anthropic_thinking_blocks_and_thinking_disabled(thinking_server, thinking_model):
+    anthropic = pytest.importorskip("anthropic")
+    client = anthropic.Anthropic(base_url=thinking_server.url, api_key="unused", max_retries=0, timeout=60)
+    message = client.messages.create(model="m", max_tokens=50, messages=HELLO)
+    assert [b.type for b in message.content] == ["thinking", "text"]
+    assert message.content[0].thinking == THINKING and message.content[1].text == ANSWER
+    with client.messages.stream(model="m", max_tokens=50, messages=HELLO) as stream_:
+        kinds = [e.delta.type for e in stream_ if e.type == "content_block_delta"]
+        final = stream_.get_final_message()
+    assert kinds[0] == "thinking_delta" and "signature_delta" in kinds and kinds[-1] == "text_delta"
+    assert [b.model_dump() for b in final.content] == [b.model_dump() for b in message.content]
+    off = client.messages.create(model="m", max_tokens=50, messages=HELLO, thinking={"type": "disabled"})
+    assert [b.type for b in off.content] == ["text"] and off.content[0].text == DIRECT
+
+
+def test_responses_reasoning_item_before_the_message(thinking_server, thinking_model):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=thinking_server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    response = client.responses.create(model="m", input="hi", max_output_tokens=50)
+    assert [item.type for item in response.output] == ["reasoning", "message"]
+    assert response.output[0].content[0].text == THINKING and response.output_text == ANSWER
+    assert response.usage.output_tokens_details.reasoning_tokens == len(
+        thinking_model.tokenizer.encode(THINKING + THINK_END, add_special_tokens=False))
+    events = list(client.responses.create(model="m", input="hi", max_output_tokens=50, stream=True))
+    deltas = "".join(e.delta for e in events if e.type == "response.reasoning_text.delta")
+    assert deltas == THINKING and events[-1].type == "response.completed"
+    kinds = [e.type for e in events]
+    assert kinds.index("response.reasoning_text.done") < kinds.index("response.output_text.delta")
+    assert [i.model_dump() for i in events[-1].response.output][0]["content"] == response.output[0].model_dump()["content"]
+
+
+def old_python() -> str | None:
+    """An interpreter older than 3.11 on this machine (pyenv keeps several), if any."""
+    found = [shutil.which(f"python3.{minor}") for minor in (9, 10)] + sorted(
+        str(p) for p in Path.home().glob(".pyenv/versions/3.9*/bin/python"))
+    for candidate in filter(None, found):
+        if subprocess.run([candidate, "-c", "import sys; assert sys.version_info < (3, 11)"],
+                          capture_output=True).returncode == 0:
+            return candidate
+    return None
+
+
+def test_old_python_or_missing_mlx_says_what_to_install_in_one_line(tmp_path):
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
+    runs = {"no mlx": [str(bare / "bin" / "python")]}
+    if (python := old_python()) is not None:
+        runs["old python"] = [python]
+    elif os.environ.get("CI"):
+        pytest.fail("no Python older than 3.11 found to run lem_serve.py with")
+    for name, command in runs.items():
+        result = subprocess.run([*command, str(ROOT / "lem_serve.py"), "--model-path", str(tmp_path)],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2 and result.stdout == "", (name, result)
+        line, = result.stderr.splitlines()
+        assert ("Python 3.11" in line) if name == "old python" else ("pip install" in line and "mlx" in line), line
 
 
 # ---------------------------------------------------------------------------
@@ -2464,8 +2867,10 @@ def smollm2_gguf() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_dir(smollm2_gguf, tmp_path_factory) -> Path:
-    """SmolLM2 converted to an mlx_lm folder, once per session (~1 s)."""
-    return g2m.convert(smollm2_gguf, tmp_path_factory.mktemp("models") / "smollm2")
+    """SmolLM2 converted to an mlx_lm folder by the README's command, once per session (~1 s)."""
+    out = tmp_path_factory.mktemp("models") / "smollm2"
+    assert g2m.main(["--smollm2", str(out), "--cache-dir", str(smollm2_gguf.parent)]) == 0
+    return out
 
 
 
@@ -2626,6 +3031,17 @@ def smollm2_server(smollm2_dir):
 
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_smollm2_readme_request_answers_cleanly_with_the_models_sampling(smollm2_server, smollm2_dir):
+    """The README's first curl sends no temperature: the model's recommended 0.2 / 0.9 apply, not 1.0."""
+    assert json.loads((smollm2_dir / "generation_config.json").read_text()) == g2m.SMOLLM2_SAMPLING
+    assert health(smollm2_server)["sampling_defaults"] == g2m.SMOLLM2_SAMPLING
+    for seed in (0, 1):
+        unset = post(smollm2_server, "chat", messages=FRANCE, max_tokens=50, seed=seed)["choices"][0]
+        explicit = post(smollm2_server, "chat", messages=FRANCE, max_tokens=50, seed=seed,
+                        **g2m.SMOLLM2_SAMPLING)["choices"][0]
+        assert unset == explicit, seed
 
 
 def test_smollm2_answers_paris_and_stops_on_its_own(smollm2_server):
@@ -2951,6 +3367,32 @@ print("<script>alert(1)</script>")
 |---|--:|
 | 1 | <i>2</i> |
 """
+
+
+def test_page_shows_reasoning_collapsed_and_turns_thinking_off(open_chat, chat, thinking_server):
+    page_ = open_chat(thinking_server.url, max_tokens=None)  # nothing seeded: the page's own defaults
+    bodies = []
+    page_.page.on("request", lambda r: bodies.append(r.post_data_json) if r.url.endswith("/v1/chat/completions") else None)
+    page_.send("hi")
+    reply = page_.wait_reply()
+    think = reply.locator("details.think")
+    assert think.count() == 1 and not think.evaluate("d => d.open")  # collapsed
+    assert THINKING in think.text_content() and "Answer!" in reply.locator(".msg-body").inner_text()
+    assert "Plan" not in reply.locator(".msg-body").inner_text()  # only the summary shows while collapsed
+    assert "temperature" not in bodies[0] and "chat_template_kwargs" not in bodies[0]  # the model's own sampling
+    page_.reload()
+    assert page_.reply().locator("details.think").count() == 1  # kept with the conversation
+    page_.page.click("#open-settings")
+    assert page_.page.locator("#thinking-field").is_visible() and page_.page.locator("#set-thinking").is_checked()
+    page_.page.locator("#set-thinking").uncheck()
+    page_.page.click("#settings-done")
+    page_.send("again")
+    reply = page_.wait_reply()
+    assert reply.locator(".msg-body").inner_text().strip() == DIRECT and reply.locator("details.think").count() == 0
+    assert bodies[-1]["chat_template_kwargs"] == {"enable_thinking": False}
+    chat.page.click("#open-settings")
+    assert not chat.page.locator("#thinking-field").is_visible()  # a model that does not think: no switch
+    page_.check_clean()
 
 
 def test_markdown_renderer_builds_safe_dom(chat):

@@ -138,10 +138,10 @@ MUTATIONS = [
              (("level=settings.log_level.upper()", 'level="INFO"'),),
              ("test_log_level_flag_sets_what_is_logged",)),
     Mutation("sigint-not-handled", "only SIGTERM drains; Ctrl-C kills the requests in flight",
-             (("for sig in (signal.SIGINT, signal.SIGTERM):", "for sig in (signal.SIGTERM,):"),),
+             (("signals = (signal.SIGINT, signal.SIGTERM) +", "signals = (signal.SIGTERM,) +"),),
              ("test_signal_during_load_drains_every_request_and_exits_0",)),
     Mutation("drain-does-not-wait", "on a signal the server exits without waiting for requests in flight",
-             (("drained = self.idle.wait_for(lambda: self.in_flight == 0, timeout=grace)", "drained = True"),),
+             (("return self.idle.wait_for(lambda: self.in_flight == 0, timeout=grace)", "return True"),),
              ("test_signal_during_load_drains_every_request_and_exits_0",)),
     Mutation("cli-error-with-usage", "a bad command line prints argparse's usage block before the error",
              (("        self.exit(2, f\"{self.prog}: error:", "        self.print_usage(sys.stderr)\n"
@@ -266,6 +266,24 @@ MUTATIONS = [
              (('raise invalid(f"prompt is too long: {prompt_tokens} tokens > {limit - 1} maximum',
                'raise invalid(f"the prompt is {prompt_tokens} tokens > {limit - 1} maximum'),),
              ("test_prompt_longer_than_context_is_400",)),
+    # Issue 13: model options (sampling defaults, thinking models, n > 1).
+    Mutation("generation-config-ignored", "generation_config.json's recommended sampling is never read",
+             (('        config = json.loads((folder / "generation_config.json").read_text(encoding="utf-8"))',
+               '        config = {}'),),
+             ("test_generation_config_gives_defaults_that_flags_and_requests_override",)),
+    Mutation("reasoning-leaks-into-content", "a thinking model's reasoning goes out as answer text",
+             (('            out.append(("reasoning" if self.inside else "text", text))',
+               '            out.append(("text", text))'),),
+             ("test_reasoning_leaves_the_content_stream_or_not",)),
+    Mutation("n-takes-one-slot", "a request for n choices takes one generation slot, not n",
+             (("        with server.admit(request.n) as slot:", "        with server.admit() as slot:"),),
+             ("test_each_choice_takes_a_slot",)),
+    Mutation("n-choices-all-index-0", "every choice is sent with index 0",
+             (('        return {"index": self.index, **content,', '        return {"index": 0, **content,'),),
+             ("test_n_choices_stream_with_their_index",)),
+    Mutation("n-prompt-run-per-choice", "each choice runs the whole prompt again instead of sharing its KV",
+             (("        if job.request.n > 1 and self.prompt_cache is not None:", "        if False:"),),
+             ("test_n_greedy_choices_are_identical_and_usage_sums_them",)),
 ]
 
 

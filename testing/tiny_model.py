@@ -124,13 +124,14 @@ def _training_corpus() -> list[str]:
     return texts
 
 
-def build_tokenizer(vocab_size: int) -> Tokenizer:
+def build_tokenizer(vocab_size: int, extra_tokens: tuple[str, ...] = ()) -> Tokenizer:
     """Train a byte-level BPE with exactly ``vocab_size`` ids.
 
-    Ordinary tokens take ids ``0 .. vocab_size - 6``; the special and tool
-    tokens are appended after them, at the end of the vocabulary, as in Qwen.
+    Ordinary tokens come first; the special and tool tokens, then any
+    ``extra_tokens`` (non-special added tokens such as "<think>"), are
+    appended after them, at the end of the vocabulary, as in Qwen.
     """
-    added = SPECIAL_TOKENS + TOOL_TOKENS
+    added = SPECIAL_TOKENS + TOOL_TOKENS + list(extra_tokens)
     tok = Tokenizer(models.BPE())
     # transformers (5.x) always loads model_type "qwen2" as Qwen2Tokenizer,
     # which rebuilds the pipeline from vocab + merges with NFC and Qwen's
@@ -159,7 +160,7 @@ def build_tokenizer(vocab_size: int) -> Tokenizer:
         [AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS]
     )
     tok.add_tokens(
-        [AddedToken(t, special=False, normalized=False) for t in TOOL_TOKENS]
+        [AddedToken(t, special=False, normalized=False) for t in TOOL_TOKENS + list(extra_tokens)]
     )
     if tok.get_vocab_size() != vocab_size:
         raise RuntimeError(
@@ -240,6 +241,23 @@ CHAT_TEMPLATE = r"""{%- macro content_text(message) -%}
     {{- '<|im_start|>assistant\n' }}
 {%- endif %}
 """
+
+
+# The tiny ChatML template as a thinking model's (Qwen3, DeepSeek-R1) would have it: the
+# generation prompt opens "<think>" unless enable_thinking is false, and an assistant message
+# sent back with its reasoning_content is rendered with it, inside <think>...</think>.
+THINK_START, THINK_END = "<think>", "</think>"
+THINKING_TEMPLATE = CHAT_TEMPLATE.replace(
+    """    {%- if (message.role == 'user') or""",
+    """    {%- if message.role == 'assistant' and message.reasoning_content and not message.tool_calls %}
+        {{- '<|im_start|>assistant\\n<think>' + message.reasoning_content + '</think>' + content_text(message) + '<|im_end|>\\n' }}
+    {%- elif (message.role == 'user') or""").replace(
+    """    {{- '<|im_start|>assistant\\n' }}
+{%- endif %}""",
+    """    {{- '<|im_start|>assistant\\n' }}
+    {%- if enable_thinking is not defined or enable_thinking %}{{- '<think>' }}{%- endif %}
+{%- endif %}""")
+assert THINKING_TEMPLATE.count("<think>") == 2, "CHAT_TEMPLATE changed: update THINKING_TEMPLATE"
 
 
 def _tokenizer_config(max_length: int) -> dict:
@@ -351,6 +369,7 @@ def build_tiny_model(
     vocab_size: int = 512,
     max_position_embeddings: int = 4096,
     seed: int = 0,
+    extra_tokens: tuple[str, ...] = (),
     end_token_every: int = 0,
 ) -> pathlib.Path:
     """Write a random-weight Qwen2 chat model to ``out_dir`` and return its path.
@@ -365,9 +384,9 @@ def build_tiny_model(
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    tok = build_tokenizer(vocab_size)
+    tok = build_tokenizer(vocab_size, extra_tokens)
     tok.save(str(out / "tokenizer.json"))
-    special_ids = [tok.token_to_id(t) for t in SPECIAL_TOKENS + TOOL_TOKENS]
+    special_ids = [tok.token_to_id(t) for t in SPECIAL_TOKENS + TOOL_TOKENS + list(extra_tokens)]
     n_ordinary = min(special_ids)
 
     args = qwen2.ModelArgs(
@@ -408,26 +427,36 @@ def build_tiny_model(
 PARROT_GAIN = 40.0  # the parrot's next-token logit; every other logit is at most 0
 
 
-def build_parrot_model(out_dir, script: str, *, seed: int = 0) -> pathlib.Path:
-    """Write a model that answers any prompt ending in a newline with ``script``, then ends.
+def build_parrot_model(out_dir, scripts: str | dict[str, str], *, seed: int = 0,
+                       extra_tokens: tuple[str, ...] = (), chat_template: str | None = None) -> pathlib.Path:
+    """Write a model that answers prompts with chosen scripts, then ends.
 
     A tiny model is the right tool for most tests, but it cannot say a
     chosen text. This one can, deterministically: every layer's output
     projections are zero, so the residual stream is the current token's own
-    embedding, and the (untied) output head maps each token of the chain
-    "\\n", script tokens..., end-of-sequence to the next one. The chain's
+    embedding, and the (untied) output head maps each token of a chain
+    trigger, script tokens..., end-of-sequence to the next one. The chains'
     embeddings are orthonormal, so each next token wins by ``PARROT_GAIN``
     nats: greedy decoding and sampling at any ordinary temperature both
-    write exactly ``script`` (its byte-level tokens, partial characters
-    included) and then emit <|im_end|>. A chat prompt always ends in a
-    newline; completions prompts should too. Each token may appear only once
-    in the script (a token has one successor); a ValueError says otherwise.
+    write exactly the script (its byte-level tokens, partial characters
+    included) and then emit <|im_end|>.
+
+    ``scripts`` maps a trigger (the text of one token: the prompt's last) to
+    what follows it; a plain string is the script after "\\n" (a chat
+    prompt always ends in a newline; completions prompts should too). A
+    token may appear only once across all chains (it has one successor); a
+    ValueError says otherwise. ``extra_tokens`` and ``chat_template`` are
+    passed on to the tokenizer and its config.
     """
-    out = pathlib.Path(build_tiny_model(out_dir, seed=seed))
+    scripts = {"\n": scripts} if isinstance(scripts, str) else scripts
+    out = pathlib.Path(build_tiny_model(out_dir, seed=seed, extra_tokens=extra_tokens))
     tok = Tokenizer.from_file(str(out / "tokenizer.json"))
-    chain = [tok.token_to_id("\u010a")] + tok.encode(script).ids + [tok.token_to_id(IM_END)]  # "\u010a": "\n"
-    if len(set(chain)) != len(chain) or None in chain:
-        raise ValueError(f"the script's tokens repeat (or it holds a newline): {chain}")
+    chains = [[_one_token(tok, trigger)] + tok.encode(script).ids + [tok.token_to_id(IM_END)]
+              for trigger, script in scripts.items()]
+    links = [(a, b) for chain in chains for a, b in zip(chain, chain[1:])]
+    sources = [a for a, _ in links]
+    if len(set(sources)) != len(sources):
+        raise ValueError(f"a token repeats across the scripts (each may have one successor): {chains}")
     config = json.loads((out / "config.json").read_text("utf-8"))
     config["tie_word_embeddings"] = False
     args = qwen2.ModelArgs(**{k: config[k] for k in ("model_type", "hidden_size", "intermediate_size",
@@ -440,17 +469,57 @@ def build_parrot_model(out_dir, script: str, *, seed: int = 0) -> pathlib.Path:
         layer.self_attn.o_proj.weight = mx.zeros_like(layer.self_attn.o_proj.weight)
         layer.mlp.down_proj.weight = mx.zeros_like(layer.mlp.down_proj.weight)
     hidden = args.hidden_size
+    if len(sources) > hidden:
+        raise ValueError(f"at most {hidden} tokens across the scripts, got {len(sources)}")
     basis = mx.linalg.qr(mx.random.normal((hidden, hidden)), stream=mx.cpu)[0].T * hidden ** 0.5
-    emb = model.model.embed_tokens.weight
-    emb[mx.array(chain)] = basis[: len(chain)]
-    head = mx.zeros((args.vocab_size, hidden))
-    head[mx.array(chain[1:])] = basis[: len(chain) - 1] * (PARROT_GAIN / hidden)
+    emb, head = model.model.embed_tokens.weight, mx.zeros((args.vocab_size, hidden))
+    emb[mx.array(sources)] = basis[: len(sources)]
+    # A token with several predecessors (<|im_end|> ends every chain) scores high after each of them.
+    head = head.at[mx.array([b for _, b in links])].add(basis[: len(sources)] * (PARROT_GAIN / hidden))
     model.model.embed_tokens.weight = emb
     model.model.norm.weight = mx.ones((hidden,))
     model.lm_head.weight = head
     mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())),
                         metadata={"format": "mlx"})
     _write_json(out / "config.json", config)
+    if chat_template is not None:
+        tokenizer_config = json.loads((out / "tokenizer_config.json").read_text("utf-8"))
+        _write_json(out / "tokenizer_config.json", {**tokenizer_config, "chat_template": chat_template})
+    return out
+
+
+def _one_token(tok: Tokenizer, text: str) -> int:
+    ids = tok.encode(text).ids
+    if len(ids) != 1:
+        raise ValueError(f"a trigger must be one token; {text!r} is {ids}")
+    return ids[0]
+
+
+def build_lora_adapter(model_dir, out_dir, *, rank: int = 4, scale: float = 20.0, seed: int = 1) -> pathlib.Path:
+    """Write a LoRA adapter for a model folder, in the layout ``mlx_lm.lora`` saves.
+
+    Made with mlx_lm's own LoRA utilities (``linear_to_lora_layers``) rather
+    than by training: ``lora_b`` is zero after initialisation, which would
+    change nothing, so it is filled with random values large enough to change
+    greedy output.
+    """
+    from mlx_lm import load
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model, _tokenizer = load(str(model_dir))
+    model.freeze()
+    lora = {"rank": rank, "scale": scale, "dropout": 0.0}
+    layers = len(model.model.layers)
+    linear_to_lora_layers(model, layers, lora)
+    mx.random.seed(seed)
+    weights = {}
+    for name, value in tree_flatten(model.trainable_parameters()):
+        weights[name] = mx.random.normal(value.shape) * 0.05 if name.endswith("lora_b") else value
+    mx.save_safetensors(str(out / "adapters.safetensors"), weights)
+    _write_json(out / "adapter_config.json", {"fine_tune_type": "lora", "num_layers": layers,
+                                               "lora_parameters": lora})
     return out
 
 

