@@ -78,10 +78,10 @@ MUTATIONS = [
                "        if not server.engine.alive:\n"
                "            raise engine_unavailable()\n"
                '        headers = {WINDOW_HEADER: str(dropped)} if request.endpoint == "chat" else {}\n'
-               "        with server.admit() as slot:\n",
+               "        with server.admit(request.n) as slot:\n",
                "        if not server.engine.alive:\n"
                "            raise engine_unavailable()\n"
-               "        with server.admit() as slot:\n"
+               "        with server.admit(request.n) as slot:\n"
                "            prompt, dropped = render_prompt(request, server.model)\n"
                "            budget = fit_to_context(len(prompt), request, server.model)\n"
                '            headers = {WINDOW_HEADER: str(dropped)} if request.endpoint == "chat" else {}\n'),),
