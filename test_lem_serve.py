@@ -3450,8 +3450,7 @@ def test_conversations_survive_reload_and_new_chat(chat):
     chat.send("First conversation")
     first_reply = chat.wait_reply("done").locator(".msg-body").inner_text()
 
-    page.reload()
-    page.wait_for_selector("#health[data-state='ok']")
+    chat.reload()
     assert page.locator("article.user .msg-body").inner_text() == "First conversation"
     assert chat.reply().locator(".msg-body").inner_text() == first_reply
     assert page.locator("#conv-list .conv-title").all_inner_texts() == ["First conversation"]
@@ -3463,8 +3462,7 @@ def test_conversations_survive_reload_and_new_chat(chat):
     chat.wait_reply("done")
     assert page.locator("#conv-list .conv-title").all_inner_texts() == ["Second conversation", "First conversation"]
 
-    page.reload()
-    page.wait_for_selector("#health[data-state='ok']")
+    chat.reload()
     assert page.locator("article.user .msg-body").inner_text() == "Second conversation"
     page.locator("#conv-list .conv-open", has_text="First conversation").click()
     assert page.locator("article.user .msg-body").inner_text() == "First conversation"
@@ -3527,8 +3525,7 @@ def test_api_key_is_asked_for_and_kept(open_chat, make_server):
     assert page.locator(".msg-error").count() == 0
     assert page.evaluate("localStorage.getItem('lem-chat.api-key')") == "sesame"
 
-    page.reload()
-    page.wait_for_selector("#health[data-state='ok']")
+    chat.reload()
     chat.send("Again")
     chat.wait_reply("done")
     assert page.locator("#key-dialog[open]").count() == 0
