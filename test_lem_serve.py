@@ -1477,7 +1477,7 @@ def test_empty_completions_prompt_starts_from_the_start_token(server, model):
 
 @pytest.mark.parametrize("endpoint", ENDPOINTS + DIALECTS)
 def test_bad_prompts_are_400_even_while_every_slot_is_busy(make_long_server, endpoint):
-    srv = make_long_server(max_requests=1)
+    srv = make_long_server(max_requests=1, queue_timeout=0)
     conn, response = open_stream(srv, **endless(srv.model))
     read_first_text_event(response)
     context = srv.model.context_length
@@ -1592,7 +1592,7 @@ def test_n_through_the_openai_sdk(openai_client):
 
 
 def test_each_choice_takes_a_slot(make_long_server):
-    srv = make_long_server(max_requests=3)
+    srv = make_long_server(max_requests=3, queue_timeout=0)
     assert_openai_error(request(srv, "POST", "/v1/completions", body_for("completions", n=4)), 400, "n")
     conn, neighbour = open_stream(srv, "completions", **endless(srv.model))
     read_first_text_event(neighbour)
@@ -1788,7 +1788,7 @@ def test_api_key_guards_v1_only(make_server):
 # ---------------------------------------------------------------------------
 
 def test_over_the_limit_is_429_at_once(make_long_server):
-    srv = make_long_server(max_requests=1)
+    srv = make_long_server(max_requests=1, queue_timeout=0)
     conn, response = open_stream(srv, **endless(srv.model))
     read_first_text_event(response)
     reply = request(srv, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 1}, timeout=10)  # queued: never
@@ -1812,7 +1812,7 @@ def test_sequential_requests_never_see_their_own_slot_busy(make_server):
 
 @pytest.mark.parametrize("max_requests", [1, 3])
 def test_concurrent_admission_never_exceeds_the_limit(make_long_server, max_requests):
-    srv = make_long_server(max_requests=max_requests)
+    srv = make_long_server(max_requests=max_requests, queue_timeout=0)
     # Eight streams at once that cannot end by themselves: whoever is admitted keeps the slot,
     # so exactly max_requests of them can be, whatever the timing.
     opened = run_concurrently(*[lambda i=i: open_stream(srv, ENDPOINTS[i % 2], **endless(srv.model))
@@ -2631,7 +2631,7 @@ def post_raw(srv, path: str, body: bytes, headers: dict[str, str]) -> Reply:
 
 
 def test_errors_before_the_route_come_in_the_callers_envelope(make_long_server):
-    srv = make_long_server(api_key="sekret", max_requests=1)
+    srv = make_long_server(api_key="sekret", max_requests=1, queue_timeout=0)
     assert_anthropic_error(request(srv, "POST", "/v1/messages", body_for("messages", max_tokens=2)), 401,
                            "authentication_error")
     assert_anthropic_error(request(srv, "POST", "/v1/messages/count_tokens?beta=true", {"messages": HELLO},
@@ -3476,7 +3476,7 @@ def test_conversations_survive_reload_and_new_chat(chat):
 
 def test_busy_server_is_retried_after_a_visible_cancellable_countdown(open_chat, make_long_server):
     """A 429 is not a dead end: the page counts down Retry-After, tries again, and can be told to stop."""
-    server = make_long_server(max_requests=1)
+    server = make_long_server(max_requests=1, queue_timeout=0)
     chat = open_chat(server.url)
     page = chat.page
     is_chat_post = lambda r: r.method == "POST" and r.url.endswith("/v1/chat/completions")
@@ -4213,7 +4213,7 @@ def generation_stopped(srv, settle: float = 0.3) -> bool:
 # -- /metrics ------------------------------------------------------------------
 
 def test_metrics_count_requests_tokens_latency_and_state(make_long_server):
-    srv = make_long_server(max_requests=1)
+    srv = make_long_server(max_requests=1, queue_timeout=0)
     assert request(srv, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 5}).status == 200
     assert stream(srv, "chat", max_tokens=4)[-1] == "[DONE]"
     assert request(srv, "GET", "/nope/" + "x" * 50).status == 404
@@ -4688,7 +4688,7 @@ SOAK_REPORT: list = []
 
 @pytest.mark.parametrize("max_requests", [1, 4])
 def test_soak_mixed_load_with_faults_leaves_nothing_behind(make_long_server, max_requests):
-    srv = make_long_server(max_requests=max_requests, timeout=SOAK_TIMEOUT)
+    srv = make_long_server(max_requests=max_requests, timeout=SOAK_TIMEOUT, queue_timeout=0)
     rng = random.Random(7 + max_requests)
     plan = [(rng.choices(SOAK_KINDS, weights=(6, 6, 2, 2, 1, 1, 1, 1))[0], rng.randint(1, 24)) for _ in range(SOAK_REQUESTS)]
     # What each request gets alone (greedy); under load, a completed response must hold exactly that.
@@ -5415,11 +5415,11 @@ def nginx_in_front(nginx: str, replicas: list[str], folder: Path):
 
 @contextlib.contextmanager
 def replicas(model_dir: Path, count: int):
-    """`count` lem-serve processes with one generation slot each: [(process, "host:port")]."""
+    """`count` lem-serve processes with one generation slot each, 429 at once when busy: [(process, "host:port")]."""
     started = []
     try:
         for _ in range(count):
-            started.append(start_process(model_dir, *LONG, "--max-requests", "1"))
+            started.append(start_process(model_dir, *LONG, "--max-requests", "1", "--queue-timeout", "0"))
         yield started
     finally:
         for process, _address in started:
