@@ -2783,7 +2783,7 @@ def render_prompt(request: GenerationRequest, model: Model) -> tuple[list[int], 
         return completion_prompt(request.prompt, model), 0
     tokenizer = model.tokenizer
     kept, dropped = chat_window(request.messages, request.max_context)
-    messages = [dict(m) for m in kept]
+    messages = neutralize_billing_header([dict(m) for m in kept])
     if not getattr(tokenizer, "has_chat_template", False):
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
         return tokenizer.encode(text), dropped
@@ -2795,6 +2795,31 @@ def render_prompt(request: GenerationRequest, model: Model) -> tuple[list[int], 
         window = (f" (the --max-context {request.max_context} window left out the first {dropped} "
                   f"messages; raise it or send fewer)" if dropped else "")
         raise invalid(f"the model's chat template rejected these messages{window}: {exc}", "messages") from None
+
+
+# Claude Code (2.1.x) opens its system prompt with a line whose cch= value (and cc_version's suffix) are hashes
+# that change with every request; left alone, no two requests would share more than a few prompt tokens.
+BILLING_HEADER = re.compile(r"\Ax-anthropic-billing-header:[^\n]*")
+BILLING_NONCES = ((re.compile(r"\bcch=[0-9a-fA-F]+"), "cch=00000"),
+                  (re.compile(r"\b(cc_version=\d+\.\d+\.\d+)\.[0-9a-fA-F]+\b"), r"\1"))
+
+
+def neutralize_billing_header(messages: list[dict]) -> list[dict]:
+    """The messages with the nonces of a Claude Code billing header, at the start of the first system message, fixed.
+
+    The line means nothing to the model; with fixed values every request of
+    a session renders the same prefix, which the prompt cache can reuse.
+    """
+    first = messages[0] if messages else None
+    if first is None or first.get("role") != "system" or not isinstance(first.get("content"), str):
+        return messages
+    header = BILLING_HEADER.match(first["content"])
+    if header is None:
+        return messages
+    line = header.group()
+    for pattern, fixed in BILLING_NONCES:
+        line = pattern.sub(fixed, line)
+    return [{**first, "content": line + first["content"][header.end():]}] + messages[1:]
 
 
 def completion_prompt(prompt: str | tuple[int, ...], model: Model) -> list[int]:
@@ -3462,6 +3487,7 @@ class Job:
     cached_tokens: int = 0                  # prompt tokens served from the prompt cache
     first_token_at: float | None = None
     stop_string: str | None = None          # the stop string that ended generation, if one did
+    kv_bytes: int = 0                       # KV memory reserved for it at admission (all its choices)
 
     @property
     def prompt_tokens(self) -> int:
@@ -3513,7 +3539,7 @@ def cut_cache(cache: list, tokens: int) -> list | None:
         return None
 
     def cut(x: Any) -> Any:
-        return tuple(cut(part) for part in x) if isinstance(x, tuple) else mx.contiguous(x[..., :tokens, :])
+        return type(x)(cut(part) for part in x) if isinstance(x, (tuple, list)) else mx.contiguous(x[..., :tokens, :])
 
     pieces = []
     for layer in cache:
@@ -3532,7 +3558,7 @@ def cache_nbytes(cache: list) -> int:
 def cache_capacity(cache: list) -> int:
     """Tokens a KV cache's arrays have room for (its offset when they are not plain keys and values)."""
     keys = getattr(cache[0], "keys", None) if cache else None
-    keys = keys[0] if isinstance(keys, tuple) else keys
+    keys = keys[0] if isinstance(keys, (tuple, list)) and keys else keys  # quantized: (data, scales, biases)
     return int(keys.shape[-2]) if hasattr(keys, "shape") and len(keys.shape) == 4 else cache_length(cache)
 
 
@@ -4037,12 +4063,12 @@ class Batch:
     """
 
     def __init__(self, model: Model, max_batch: int, prompt_cache: PromptCache | None, link: GroupLink | None,
-                 drafts: dict | None = None, room: Callable[[], int | None] = lambda: None):
+                 drafts: dict | None = None, room: Callable[[int | None], int | None] = lambda uid: None):
         from mlx_lm.generate import BatchGenerator
         eos = model.tokenizer.eos_token_ids
         self.model = model
         self.prompt_cache = prompt_cache
-        self.room = room    # bytes the running batch's reservations leave the prompt cache; None: no limit
+        self.room = room    # room(uid leaving or None): bytes the running batch leaves the prompt cache; None: no limit
         self.link = link
         self.records = link is not None and link.rank == 0    # rank 0 of a group: record ops
         self.follows = link is not None and link.rank != 0    # another rank: replay them
@@ -4067,7 +4093,7 @@ class Batch:
         """
         cache, found = None, 0
         if self.prompt_cache is not None:
-            room = self.room() if entries is None else None
+            room = self.room(None) if entries is None else None
             entries = self.prompt_cache.fit(room, entries)
             cache, found = self.prompt_cache.fetch(prompt)
         if cached is not None and found != cached:
@@ -4148,7 +4174,7 @@ class Batch:
         if self.follows:
             self.parked[uid] = (tokens, cache)
             return
-        entries, kept = self.prompt_cache.store(tokens, cache, self.room())
+        entries, kept = self.prompt_cache.store(tokens, cache, self.room(uid))
         self._record(Keep(uid, entries, kept))
 
     def _record(self, op: Any) -> None:
@@ -4339,8 +4365,15 @@ class Engine:
             self.finished.set()
 
     def _new_batch(self) -> Batch:
-        room = self.ledger.room if self.ledger is not None else lambda: None
-        return Batch(self.model, self.max_batch, self.prompt_cache, self.link, self.drafts, room)
+        return Batch(self.model, self.max_batch, self.prompt_cache, self.link, self.drafts, self._cache_room)
+
+    def _cache_room(self, uid: int | None) -> int | None:
+        """Bytes the prompt cache may hold now: what admitted requests have not reserved, plus the share
+        of sequence `uid`, whose KV is the one moving into the cache; None without a ledger."""
+        if self.ledger is None:
+            return None
+        job = self.running[uid].job if uid in self.running else self.warming.get(uid)
+        return self.ledger.room() + (job.kv_bytes // job.request.n if job is not None else 0)
 
     def _take_jobs(self, block: bool) -> list[Job | None]:
         """New jobs: wait for one when idle (in a group, one heartbeat at most), else take what has arrived."""
@@ -5625,7 +5658,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         headers = {WINDOW_HEADER: str(dropped)} if request.endpoint == "chat" else {}
         kv_bytes = kv_reservation(len(prompt), budget, request, server.memory)
         with server.admit(request.n, kv_bytes, gone=lambda: client_gone(self.connection)) as slot:
-            job = Job(prompt, request, budget, time.monotonic() + server.settings.timeout)
+            job = Job(prompt, request, budget, time.monotonic() + server.settings.timeout, kv_bytes=kv_bytes)
             server.engine.submit(job)
             writer = writer_for(job, server.settings.model_name, server.model.tokenizer)
             try:
