@@ -88,7 +88,7 @@ DEFAULT_TIMEOUT = 300             # seconds one request may take, prompt include
 DEFAULT_MAX_REQUESTS = 4          # requests generating at once in one batch (more wait in the queue); >= 1
 DEFAULT_QUEUE_TIMEOUT = 60        # seconds a request may wait for a slot and KV room before its 429; 0 = 429 at once
 DEFAULT_MAX_CONTEXT = 0           # chat window: other messages kept besides system ones, in whole turns; 0 = all
-BATCH_RESERVE_TOKENS = 16384      # default prompt cache budget: KV tokens per slot left to the running batch (<= 3/4 of KV memory)
+BATCH_RESERVE_TOKENS = 8192       # default prompt cache budget: KV tokens per slot left to the running batch (<= half of KV memory)
 DEFAULT_PROMPT_CACHE_DISK_BYTES = 16 << 30  # --prompt-cache-dir: bytes of saved prefixes kept on disk, oldest out first
 PROMPT_CACHE_SAVE_TOKENS = 1024   # --prompt-cache-dir: a new prefix at least this long is written at once (others at shutdown)
 DEFAULT_LOG_LEVEL = "info"        # debug, info, warning or error
@@ -2750,8 +2750,8 @@ def plan_memory(settings: Settings, model: Model) -> MemoryPlan:
     """Size memory for this model on this machine, warning about figures larger than there is.
 
     The default prompt cache budget is the KV memory less a reserve for the
-    running batch (BATCH_RESERVE_TOKENS per slot), never less than a quarter
-    of it: the running batch takes what it needs from the cache anyway.
+    running batch (BATCH_RESERVE_TOKENS per slot), never less than half of
+    it: the running batch takes what more it needs from the cache anyway.
     """
     memory, source = machine_memory()
     if settings.memory_bytes is not None:
@@ -2764,7 +2764,7 @@ def plan_memory(settings: Settings, model: Model) -> MemoryPlan:
     kv = max(memory - weights, 0)
     cache = settings.prompt_cache_bytes
     if cache is None:
-        cache = kv - min(kv * 3 // 4, settings.max_requests * BATCH_RESERVE_TOKENS * token)
+        cache = kv - min(kv // 2, settings.max_requests * BATCH_RESERVE_TOKENS * token)
     elif cache > kv:
         log.warning("--prompt-cache-bytes %d is more than the %d bytes the weights leave of %s: using %d",
                     cache, kv, source, kv)
@@ -4086,16 +4086,16 @@ class Batch:
                cached: int | None = None, entries: int | None = None) -> tuple[int, int]:
         """Start one sequence from its longest cached prefix; return (its uid, tokens taken from the cache).
 
-        First the prompt cache gives the running batch its room (the batch
-        now holds this sequence's reservation too). A rank replaying rank 0's
-        Insert passes rank 0's `cached` and `entries`: finding another length
-        means the ranks' caches have diverged.
+        Then the prompt cache gives the running batch its room (the batch now
+        holds this sequence's reservation too, which covers the prefix it
+        took). A rank replaying rank 0's Insert passes rank 0's `cached` and
+        `entries`: finding another length means the ranks' caches have diverged.
         """
         cache, found = None, 0
         if self.prompt_cache is not None:
+            cache, found = self.prompt_cache.fetch(prompt)
             room = self.room(None) if entries is None else None
             entries = self.prompt_cache.fit(room, entries)
-            cache, found = self.prompt_cache.fetch(prompt)
         if cached is not None and found != cached:
             raise GroupFailure(f"rank 0 found {cached} cached prompt tokens, this rank {found}")
         sampling = make_sampling(request, self.model, max_tokens)

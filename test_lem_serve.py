@@ -1801,13 +1801,14 @@ def test_over_budget_prompt_keeps_its_longest_prefix(make_server, model):
 
 def test_eviction_is_least_recently_used_first(make_server, model):
     per_token = lem_serve.kv_token_bytes(model)
-    srv = make_server(prompt_cache_bytes=130 * per_token)  # two entries of 60 tokens fit, three do not
+    srv = make_server(prompt_cache_bytes=190 * per_token)  # three entries of 60 tokens fit, four do not
     first, second, third = (token_prompt(50, start=s) for s in (1, 2, 3))
-    for prompt in (first, second, first, third):  # `first` used again: `second` is now the oldest
+    branch = first[:40] + token_prompt(10, start=4)  # reads `first`'s first 40 tokens: `second` is now the oldest
+    for prompt in (first, second, branch, third):
         post(srv, "completions", prompt=prompt, max_tokens=10, temperature=0)
     figures = cache_figures(srv)
-    assert figures["evictions_total"] == 1 and figures["entries"] == 2 and figures["trims_total"] == 0
-    assert figures["bytes"] <= 130 * per_token and figures["tokens"] == 120
+    assert figures["evictions_total"] == 1 and figures["entries"] == 3 and figures["trims_total"] == 0
+    assert figures["bytes"] == 180 * per_token and figures["tokens"] == 180
     assert cached_of(post(srv, "completions", prompt=first + [30], max_tokens=1)) == 50  # where they part
     assert cached_of(post(srv, "completions", prompt=second + [30], max_tokens=1)) == 0
 
@@ -1828,7 +1829,7 @@ def test_kv_bytes_per_token_is_what_the_cache_holds(make_server, model, tmp_path
             lem_serve.Settings(model_path=str(folder)))) / 3
 
 
-@pytest.mark.parametrize("kv_mib, budget_mib", [(64, 32), (16, 4)])  # KV less 4 slots x 16384 tokens x 512 B; >= 1/4
+@pytest.mark.parametrize("kv_mib, budget_mib", [(64, 48), (16, 8)])  # KV less 4 slots x 8192 tokens x 512 B; >= 1/2
 def test_default_budget_is_sized_from_memory_and_logged(make_server, model, caplog, kv_mib, budget_mib):
     memory = lem_serve.weights_bytes(model) + (kv_mib << 20)
     with caplog.at_level(logging.INFO, logger="lem_serve"):
@@ -1963,6 +1964,18 @@ def test_admission_waits_for_kv_room_and_refuses_what_never_fits(make_long_serve
     assert result["reply"]["usage"]["completion_tokens"] == 200
     assert wait_until(lambda: srv.ledger.reserved == 0)
     assert cache_figures(srv)["bytes"] <= kv_memory
+
+
+def test_a_prefix_is_reused_even_when_its_request_needs_the_cache_memory(make_server, model):
+    per_token = lem_serve.kv_token_bytes(model)
+    srv = make_server(memory_bytes=lem_serve.weights_bytes(model) + 800 * per_token)  # budget: 400 tokens
+    prompt = token_prompt(300)
+    post(srv, "completions", prompt=prompt, max_tokens=5)
+    # 320 prompt tokens + 400 reserve 720 of the 800 tokens of KV memory: the cached entry has to go, after use.
+    reply = post(srv, "completions", prompt=prompt + token_prompt(20, start=9), max_tokens=400, temperature=0)
+    assert cached_of(reply) == 300
+    figures = cache_figures(srv)
+    assert figures["evictions_total"] == 1 and figures["bytes"] <= 400 * per_token
 
 
 BILLING = "x-anthropic-billing-header: cc_version=2.1.112.{}; cc_entrypoint=cli; cch={};"

@@ -206,7 +206,9 @@ MUTATIONS = [
              ("test_sharded_group_serves_on_rank_0_and_answers_like_one_process",)),
     Mutation("group-cache-own-budget", "every rank trims its prompt cache to its own byte budget",
              (("        if entries is None:\n            self.fit(limit, keep=entry)",
-               "        if True:\n            self.fit(limit, keep=entry)"),),
+               "        if True:\n            self.fit(limit, keep=entry)"),
+              ("            entries = self.prompt_cache.fit(room, entries)",
+               "            entries = self.prompt_cache.fit(room, None)")),
              ("test_pipeline_group_evicts_the_cache_entries_rank_0_evicts",)),
     Mutation("group-pipeline-flag-ignored", "--pipeline loads a tensor-parallel shard",
              (("pipeline_group=group if settings.pipeline else None", "pipeline_group=None"),
@@ -301,7 +303,7 @@ MUTATIONS = [
              (("        self.entries[key] = self.entries.pop(key)\n", "        pass\n"),),
              ("test_eviction_is_least_recently_used_first",)),
     Mutation("prompt-cache-budget-fixed", "the default prompt cache budget is a fixed 1 GiB, whatever the memory",
-             (("cache = kv - min(kv * 3 // 4, settings.max_requests * BATCH_RESERVE_TOKENS * token)",
+             (("cache = kv - min(kv // 2, settings.max_requests * BATCH_RESERVE_TOKENS * token)",
                "cache = 1 << 30"),),
              ("test_default_budget_is_sized_from_memory_and_logged",)),
     Mutation("prompt-cache-ignores-batch", "the prompt cache keeps its entries while the running batch needs the "
@@ -309,6 +311,15 @@ MUTATIONS = [
              (("        if self.ledger is None:\n            return None\n        job =",
                "        if True:\n            return None\n        job ="),),
              ("test_admission_waits_for_kv_room_and_refuses_what_never_fits",)),
+    Mutation("prompt-cache-fit-before-fetch", "the cache makes room for a new request before it is read, so the "
+                                              "prefix that request needed is gone",
+             (("            cache, found = self.prompt_cache.fetch(prompt)\n"
+               "            room = self.room(None) if entries is None else None\n"
+               "            entries = self.prompt_cache.fit(room, entries)\n",
+               "            room = self.room(None) if entries is None else None\n"
+               "            entries = self.prompt_cache.fit(room, entries)\n"
+               "            cache, found = self.prompt_cache.fetch(prompt)\n"),),
+             ("test_a_prefix_is_reused_even_when_its_request_needs_the_cache_memory",)),
     Mutation("queue-timeout-ignored", "a request finding no free slot gets 429 at once whatever --queue-timeout says",
              (("self.queue.enter(slots, kv_bytes, self.settings.queue_timeout, gone)",
                "self.queue.enter(slots, kv_bytes, 0, gone)"),),
