@@ -452,307 +452,8 @@ class ClientGone(Exception):
 
 
 # ---------------------------------------------------------------------------
-# Request parsing and validation
+# Structured output: JSON Schema compiled to a character automaton, lifted to token masks
 # ---------------------------------------------------------------------------
-
-CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
-
-
-@dataclass(frozen=True)
-class Check:
-    """One row of the validation table: a field, its JSON types and its range."""
-
-    field: str
-    types: tuple[type, ...]
-    rule: str                                   # how the error message states the contract
-    ok: Callable[[Any], bool] = lambda value: True
-
-
-def _is_stop(value: Any) -> bool:
-    stops = [value] if isinstance(value, str) else value
-    return (0 < len(stops) <= MAX_STOP_STRINGS
-            and all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops))
-
-
-def _is_logit_bias(value: dict) -> bool:
-    def number(v: Any) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and -100 <= v <= 100
-    # isascii: str.isdigit() also accepts digits such as "²" that int() refuses.
-    return all(k.isascii() and k.isdigit() and number(v) for k, v in value.items())
-
-
-# Fields shared by both endpoints. A null value counts as absent.
-COMMON_CHECKS = (
-    Check("model", (str,), "a string"),
-    Check("stream", (bool,), "a boolean"),
-    Check("stream_options", (dict,), "an object"),
-    Check("max_tokens", (int,), "an integer >= 1", lambda v: v >= 1),
-    Check("max_completion_tokens", (int,), "an integer >= 1", lambda v: v >= 1),
-    Check("temperature", (int, float), "a number between 0 and 2", lambda v: 0 <= v <= 2),
-    Check("top_p", (int, float), "a number between 0 and 1", lambda v: 0 <= v <= 1),
-    Check("stop", (str, list), f"a string or a list of 1 to {MAX_STOP_STRINGS} strings, each 1 to "
-          f"{MAX_STOP_CHARS} characters long", _is_stop),
-    Check("n", (int,), "an integer >= 1 (choices; each takes a generation slot)", lambda v: v >= 1),
-    Check("top_k", (int,), "an integer >= 0 (0 = no limit)", lambda v: v >= 0),
-    Check("min_p", (int, float), "a number between 0 and 1", lambda v: 0 <= v <= 1),
-    Check("seed", (int,), "an integer"),
-    Check("presence_penalty", (int, float), "a number between -2 and 2", lambda v: -2 <= v <= 2),
-    Check("frequency_penalty", (int, float), "a number between -2 and 2", lambda v: -2 <= v <= 2),
-    Check("repetition_penalty", (int, float), "a number > 0 (1 = off)", lambda v: v > 0),
-    Check("logit_bias", (dict,), "an object mapping token ids to numbers between -100 and 100", _is_logit_bias),
-    Check("response_format", (dict,), 'an object such as {"type": "json_object"}'),
-)
-CHAT_CHECKS = COMMON_CHECKS + (
-    Check("messages", (list,), "a non-empty list of messages", lambda v: len(v) > 0),
-    Check("logprobs", (bool,), "a boolean"),
-    Check("tools", (list,), 'a list of {"type": "function", "function": {"name": ..., "parameters": {...}}} objects'),
-    Check("tool_choice", (str, dict), '"none", "auto", "required" or {"type": "function", "function": {"name": ...}}'),
-    Check("top_logprobs", (int,), f"an integer between 0 and {MAX_TOP_LOGPROBS_CHAT}",
-          lambda v: 0 <= v <= MAX_TOP_LOGPROBS_CHAT),
-    Check("chat_template_kwargs", (dict,), "an object of chat template arguments, such as {\"enable_thinking\": false}",
-          lambda v: not set(v) & TEMPLATE_RESERVED),
-    Check("reasoning_effort", (str,), "a string such as \"low\", \"medium\" or \"high\""),
-)
-COMPLETION_CHECKS = COMMON_CHECKS + (
-    Check("prompt", (str, list), "a string, a list holding one string, or a list of token ids"),
-    Check("logprobs", (int,), f"an integer between 0 and {MAX_LOGPROBS_COMPLETIONS}",
-          lambda v: 0 <= v <= MAX_LOGPROBS_COMPLETIONS),
-)
-
-# Known fields that would change the result and are not implemented yet:
-# refused by name rather than silently ignored. The value shown is the one
-# that is harmless to accept.
-UNSUPPORTED_FIELDS = {
-    "function_call": (None, "none", "auto"),
-    "echo": (None, False), "suffix": (None, ""), "best_of": (None, 1),
-    "functions": (None, []),
-}
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """One validated generation body, whichever API it came through.
-
-    The dialects (/v1/messages, /v1/responses) are parsed into the same
-    normalised chat messages and OpenAI-shaped tools as /v1/chat/completions,
-    so everything below the parsers serves them alike.
-    """
-
-    endpoint: str                                # "chat", "completions", "messages" (Anthropic) or "responses"
-    messages: tuple[dict, ...] = ()              # chat-like: normalised {"role", "content"} dicts
-    prompt: str | tuple[int, ...] = ""           # completions: text or token ids
-    stream: bool = False
-    include_usage: bool = False
-    max_tokens: int = DEFAULT_MAX_TOKENS
-    max_tokens_given: bool = False               # the client chose it and it must fit (the dialects' is trimmed)
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0                               # 0: no limit
-    min_p: float = 0.0
-    seed: int | None = None                      # the sampler's own random key; None: the global one
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0              # mlx_lm's multiplicative penalty; 1: off
-    logit_bias: tuple[tuple[int, float], ...] = ()
-    stop: tuple[str, ...] = ()
-    logprobs: int | None = None                  # alternatives reported per token; None: no logprobs
-    constraint: Constraint | None = None         # output forced to match a JSON schema
-    tools: tuple[dict, ...] = ()                 # chat-like: OpenAI tool definitions, for the chat template
-    tool_choice: str = "none"                    # none, auto or required (a named function is required + constraint)
-    max_context: int = 0                         # chat: messages kept by the window (chat_window); 0 = all
-    template_args: dict = dataclasses.field(default_factory=dict)  # chat: extra chat template arguments
-    split_reasoning: bool = False                # a thinking model's reasoning leaves the text (ReasoningSplitter)
-    n: int = 1                                   # choices, decoded together, each in a slot of its own
-
-
-def decode_json_body(raw: bytes) -> dict:
-    """Parse a request body as a JSON object or raise a 400."""
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise invalid(f"request body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise invalid("request body must be a JSON object")
-    return body
-
-
-def run_checks(body: dict, checks: tuple[Check, ...]) -> None:
-    """Apply the validation table; raise a 400 naming the first bad field."""
-    for check in checks:
-        value = body.get(check.field)
-        if value is None:
-            continue
-        # bool is an int in Python but not in JSON: true is no max_tokens.
-        type_ok = isinstance(value, check.types) and (bool in check.types or not isinstance(value, bool))
-        if isinstance(value, float) and not math.isfinite(value):
-            type_ok = False
-        if not type_ok or not check.ok(value):
-            raise invalid(f"'{check.field}' must be {check.rule}, got {json.dumps(value)[:80]}", check.field)
-    for field, harmless in UNSUPPORTED_FIELDS.items():
-        if field in body and body[field] not in harmless:
-            raise invalid(f"'{field}' is not supported by this server", field, "unsupported_parameter")
-
-
-def parse_generation_request(endpoint: str, body: dict, settings: Settings) -> GenerationRequest:
-    """Validate a decoded body for `endpoint` ("chat" or "completions")."""
-    run_checks(body, CHAT_CHECKS if endpoint == "chat" else COMPLETION_CHECKS)
-    if endpoint == "chat":
-        if "messages" not in body or body["messages"] is None:
-            raise invalid("'messages' is required", "messages")
-        fields = {"messages": tuple(parse_message(m, i) for i, m in enumerate(body["messages"])),
-                  "max_context": settings.max_context, "template_args": template_args(body, settings),
-                  "split_reasoning": settings.reasoning_format != "none"}
-    else:
-        if body.get("prompt") is None:
-            raise invalid("'prompt' is required", "prompt")
-        fields = {"prompt": parse_prompt(body["prompt"])}
-    asked = body.get("max_completion_tokens") or body.get("max_tokens")
-    if asked is not None and asked > settings.max_tokens:
-        raise invalid(f"'max_tokens' is {asked}, above this server's limit of {settings.max_tokens}", "max_tokens")
-    stop = body.get("stop") or ()
-    options = body.get("stream_options") or {}
-    n = body.get("n") or 1
-    if n > settings.max_requests:
-        raise invalid(f"'n' is {n}; each choice takes a generation slot and this server has "
-                      f"{settings.max_requests} (--max-requests)", "n")
-    return GenerationRequest(
-        endpoint=endpoint, **fields, n=n,
-        stream=bool(body.get("stream")),
-        include_usage=bool(options.get("include_usage")),
-        max_tokens=asked or settings.max_tokens, max_tokens_given=asked is not None,
-        stop=(stop,) if isinstance(stop, str) else tuple(stop),
-        logprobs=logprobs_wanted(endpoint, body),
-        **output_fields(endpoint, body),
-        **sampling_fields(body, settings.sampling),
-    )
-
-
-def template_args(body: dict, settings: Settings) -> dict:
-    """Chat template arguments: --chat-template-args, then chat_template_kwargs, then reasoning_effort."""
-    args = {**settings.chat_template_args, **(body.get("chat_template_kwargs") or {})}
-    if body.get("reasoning_effort") is not None:  # templates that take it (gpt-oss) read it; others ignore it
-        args["reasoning_effort"] = body["reasoning_effort"]
-    return args
-
-
-def logprobs_wanted(endpoint: str, body: dict) -> int | None:
-    """How many alternatives to report per token (chat top_logprobs, completions logprobs), or None."""
-    if endpoint == "completions":
-        return body.get("logprobs")
-    if body.get("top_logprobs") is not None and not body.get("logprobs"):
-        raise invalid("'top_logprobs' needs 'logprobs': true", "top_logprobs")
-    return (body.get("top_logprobs") or 0) if body.get("logprobs") else None
-
-
-def sampling_fields(body: dict, defaults: dict) -> dict:
-    """The sampling parameters of a checked body; absent or null ones take `defaults`, then OpenAI's.
-
-    `defaults` is Settings.sampling: --temp and friends over the model's
-    generation_config.json.
-    """
-    def given(field: str, default: Any) -> Any:
-        value = body.get(field)
-        value = defaults.get(field) if value is None else value
-        return default if value is None else value
-
-    bias = given("logit_bias", {})
-    return {"temperature": float(given("temperature", 1.0)), "top_p": float(given("top_p", 1.0)),
-            "top_k": given("top_k", 0), "min_p": float(given("min_p", 0.0)), "seed": body.get("seed"),
-            "presence_penalty": float(given("presence_penalty", 0.0)),
-            "frequency_penalty": float(given("frequency_penalty", 0.0)),
-            "repetition_penalty": float(given("repetition_penalty", 1.0)),
-            "logit_bias": tuple(sorted((int(k), float(v)) for k, v in bias.items()))}
-
-
-def chat_role(role: str) -> str:
-    """A message's role as the chat template takes it: OpenAI's "developer" is the system role."""
-    return "system" if role == "developer" else role
-
-
-def parse_message(message: Any, index: int) -> dict:
-    """Normalise one chat message to {"role", "content"[, "name", ...]}."""
-    param = f"messages[{index}]"
-    if not isinstance(message, dict):
-        raise invalid(f"{param} must be an object with 'role' and 'content'", param)
-    role = message.get("role")
-    if role not in CHAT_ROLES:
-        raise invalid(f"{param}.role must be one of {', '.join(CHAT_ROLES)}, got {json.dumps(role)}", f"{param}.role")
-    normal = {"role": chat_role(role),
-              "content": parse_content(message.get("content"), f"{param}.content",
-                                       optional=role == "assistant" and bool(message.get("tool_calls")))}
-    for key in ("name", "tool_call_id"):
-        if message.get(key) is not None:
-            normal[key] = message[key]
-    reasoning = message.get("reasoning_content", message.get("reasoning"))
-    if role == "assistant" and reasoning is not None:  # sent back with its reasoning: templates that render it get it
-        normal["reasoning_content"] = parse_content(reasoning, f"{param}.reasoning_content")
-    if message.get("tool_calls"):
-        normal["tool_calls"] = parse_tool_calls(message["tool_calls"], f"{param}.tool_calls")
-    return normal
-
-
-def parse_tool_calls(calls: Any, param: str) -> list[dict]:
-    """An assistant message's tool_calls, arguments decoded to objects.
-
-    OpenAI sends arguments as a JSON string; chat templates (Qwen's, say)
-    write them with `tojson`, which would quote a string a second time.
-    """
-    if not isinstance(calls, list):
-        raise invalid(f"'{param}' must be a list of tool calls", param)
-    out = []
-    for i, call in enumerate(calls):
-        function = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-            raise invalid(f"'{param}[{i}]' must be {{\"type\": \"function\", \"function\": {{\"name\", "
-                          f"\"arguments\"}}}}", param)
-        arguments = function.get("arguments") or "{}"
-        try:
-            arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
-        except ValueError:
-            raise invalid(f"'{param}[{i}].function.arguments' is not valid JSON", param) from None
-        out.append({**call, "function": {**function, "arguments": arguments}})
-    return out
-
-
-MEDIA_PARTS = ("image_url", "input_image", "input_audio", "input_file", "file", "image", "document")
-
-
-def parse_content(content: Any, param: str, optional: bool = False, text_types: tuple[str, ...] = ("text",),
-                  separator: str = "") -> str:
-    """A message's content as text: a string, or a list of text parts joined by `separator`.
-
-    `text_types` are the part types that carry text in the calling API
-    (chat's "text"; the Responses API's "input_text" and "output_text").
-    """
-    if content is None and optional:
-        return ""
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise invalid(f"{param} must be a string or a list of content parts", param)
-    texts = []
-    for i, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind not in text_types:
-            if kind in MEDIA_PARTS:
-                raise invalid(f"{param}[{i}] is a part of type {kind!r}; this server serves text models only", param)
-            raise invalid(f"{param}[{i}] must be a {{\"type\": \"{text_types[0]}\", \"text\": ...}} part", param)
-        if not isinstance(part.get("text"), str):
-            raise invalid(f"{param}[{i}].text must be a string", param)
-        texts.append(part["text"])
-    return separator.join(texts)
-
-
-def parse_prompt(prompt: Any) -> str | tuple[int, ...]:
-    """A completions prompt: a string, [string], or a list of token ids."""
-    if isinstance(prompt, str):
-        return prompt
-    if len(prompt) == 1 and isinstance(prompt[0], str):
-        return prompt[0]
-    if prompt and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt):
-        return tuple(prompt)
-    raise invalid("'prompt' must be a string, a list holding one string, or a non-empty list of token ids", "prompt")
-
 
 # -- JSON Schema, compiled to a character automaton ----------------------------
 #
@@ -867,14 +568,14 @@ class RegexParser:
         ch = self.text[self.pos]
         self.pos += 1
         if ch == "(":
-            group = re.match(r"\?:|\?<[A-Za-z_]\w*>", self.text[self.pos:])  # (?:...) and named groups
+            group = re.match(r"\?:|\?<[A-Za-z_]\w*>|\?=|\?!", self.text[self.pos:])  # (?:...), named, lookahead
             self.pos += group.end() if group else 0
             if self.text.startswith("?", self.pos):
-                raise ValueError("lookaround and inline flags (?...) are not supported")
+                raise ValueError("lookbehind (?<=...) and inline flags (?...) are not supported")
             tree = self.alternation()
             if not self.take(")"):
                 raise ValueError("unbalanced '('")
-            return tree
+            return ("look", group[0] == "?=", tree) if group and group[0] in ("?=", "?!") else tree
         if ch in "^$":
             return ("anchor", ch)
         if ch in "*+?" or QUANTIFIER.match(self.text, self.pos - 1):
@@ -932,33 +633,48 @@ class RegexParser:
 ANYTHING = ("rep", ("chars", ANY_CHAR), 0, None)
 
 
-def anchored(tree: tuple) -> tuple:
-    """A pattern's tree for a full match: JSON Schema patterns search, so unanchored ends match anything."""
-    branches = []
-    for _, items in (branch for branch in tree[1]):
-        head = items[:1] == [("anchor", "^")]
-        tail = items[-1:] == [("anchor", "$")] and len(items) > head
-        branches.append(("seq", [ANYTHING] * (not head) + items[head:len(items) - tail] + [ANYTHING] * (not tail)))
-    if "'anchor'" in repr(branches):
-        raise ValueError("'^' and '$' are supported only at the start and end of the pattern")
-    return ("alt", branches)
+def lookaheads(tree: tuple, search: bool) -> tuple[tuple, list]:
+    """(the tree, [(lookahead tree, negated)]): lookaheads right after a leading '^' are parts the whole
+    text must (or, negated, must not) start with; a (?=...) ending an unanchored pattern is part of it."""
+    looks = []
+    if len(tree[1]) == 1:
+        items = list(tree[1][0][1])
+        while items[:1] == [("anchor", "^")] and items[1:2] and items[1][0] == "look":
+            _, positive, body = items.pop(1)
+            looks.append((("seq", [("anchor", "^"), body, ANYTHING]), not positive))
+        if search and items and items[-1][0] == "look" and items[-1][1]:
+            items[-1] = items[-1][2]
+        tree = ("alt", [("seq", items)])
+    if "'look'" in repr(tree):
+        raise ValueError("lookahead is supported only right after a leading '^' (and (?=...) at the end)")
+    return tree, looks
 
 
 class Regex:
-    """A regular expression as a lazily built DFA over character classes.
+    """Regular expressions that must all match, as one lazily built DFA over character classes.
 
-    States are frozensets of NFA states (None: dead or unable to finish).
-    Characters are mapped to class ids (the sets they belong to), so the DFA
-    and the vocabulary's class trie (TokenTable.class_trie) work on ids.
+    `parts` are (pattern, search) pairs: a searched pattern may match anywhere
+    (JSON Schema's `pattern`), else it must match the whole text (formats).
+    States are frozensets of NFA states, ~s standing for state s reached
+    through a '$' (it takes no more characters); None is dead. Leading
+    lookaheads are more parts, negated for (?!...). Characters are mapped
+    to class ids (the sets they belong to), so the DFA and the vocabulary's
+    class trie (TokenTable.class_trie) work on ids.
     """
 
-    def __init__(self, pattern: str, search: bool = True):
-        tree = RegexParser(pattern).parse()
-        self.edges: list[list[tuple[int | None, int]]] = []  # per NFA state: (charset index or None, target)
+    def __init__(self, parts: tuple):
+        self.edges: list[list[tuple[Any, int]]] = []  # per NFA state: (charset index, None, "^" or "$"; target)
         self.charset_index: dict[tuple, int] = {}
-        self.final = self._build(anchored(tree) if search else tree, self._new())
+        self.parts: list[tuple[int, int, int, bool]] = []   # (first state, last state, final, negated)
+        for pattern, search in parts:
+            tree, looks = lookaheads(RegexParser(pattern).parse(), search)
+            for part, negated in [((("seq", [ANYTHING, tree, ANYTHING]) if search else tree), False)] + looks:
+                first = self._new()
+                self.parts.append((first, self._build(part, first), negated))
+        ends = [part[0] for part in self.parts[1:]] + [len(self.edges)]
+        self.parts = [(first, final, end, negated) for (first, final, negated), end in zip(self.parts, ends)]
         self.charsets = tuple(self.charset_index)
-        self.start = self._closure({0})
+        self.start = self._closure({p[0] for p in self.parts}, True)
         self.class_ids: dict[str, int] = {}
         self.class_sigs: dict[int, int] = {}   # signature (bit i: in charset i) -> class id
         self.sigs: list[int] = []              # class id -> signature
@@ -985,6 +701,10 @@ class Regex:
 
     def _build(self, tree: tuple, state: int) -> int:
         kind = tree[0]
+        if kind == "anchor":
+            end = self._new()
+            self.edges[state].append((tree[1], end))
+            return end
         if kind == "chars":
             end = self._new()
             self.edges[state].append((self.charset_index.setdefault(tree[1], len(self.charset_index)), end))
@@ -1014,14 +734,19 @@ class Regex:
             self.edges[state].append((None, end))
         return end
 
-    def _closure(self, states: set) -> frozenset:
-        todo, seen = list(states), set(states)
+    def _closure(self, states: set, at_start: bool = False) -> frozenset:
+        """States reached without a character: '^' only at the start; after '$' (as ~s) nothing more may come."""
+        todo, seen = [(s, False) for s in states], set(states)
         while todo:
-            for index, target in self.edges[todo.pop()]:
-                if index is None and target not in seen:
-                    seen.add(target)
-                    todo.append(target)
-        return frozenset(seen)
+            state, ended = todo.pop()
+            for index, target in self.edges[state]:
+                passes = index is None or index == "$" or (index == "^" and at_start)
+                ended_here = ended or index == "$"
+                mark = ~target if ended_here else target
+                if passes and mark not in seen and target not in seen:
+                    seen.add(mark)
+                    todo.append((target, ended_here))
+        return frozenset(s for s in seen if s >= 0 or ~s not in seen)
 
     def class_id(self, ch: str) -> int:
         """The id of the class of characters that behave like `ch` everywhere in this regex."""
@@ -1050,8 +775,10 @@ class Regex:
         key = (state, cid)
         if key not in self.moves:
             sig = self.sigs[cid]
-            targets = {t for s in state for index, t in self.edges[s] if index is not None and sig >> index & 1}
-            self.moves[key] = self._closure(targets) if targets else None
+            targets = {t for s in state if s >= 0 for index, t in self.edges[s]
+                       if isinstance(index, int) and sig >> index & 1}
+            alive = all(negated or any(first <= t < end for t in targets) for first, _, end, negated in self.parts)
+            self.moves[key] = self._closure(targets) if alive else None
         return self.moves[key]
 
     def move(self, state: frozenset, ch: str) -> frozenset | None:
@@ -1060,7 +787,7 @@ class Regex:
         return nxt if nxt is not None and self.shortest(nxt) is not None else None
 
     def accepts(self, state: frozenset) -> bool:
-        return self.final in state
+        return all((final in state or ~final in state) != negated for _, final, _, negated in self.parts)
 
     def shortest(self, state: frozenset) -> str | None:
         """A shortest text that takes `state` to a match (breadth first over class representatives)."""
@@ -1088,9 +815,9 @@ class Regex:
 
 
 @functools.lru_cache(maxsize=256)
-def regex_for(pattern: str, search: bool = True) -> Regex:
-    """The compiled Regex for a pattern, shared (with its DFA) across requests."""
-    return Regex(pattern, search)
+def regex_for(pattern: str, search: bool = True, also: tuple = ()) -> Regex:
+    """The compiled Regex for a pattern (and the (pattern, search) pairs `also`), shared across requests."""
+    return Regex(((pattern, search),) + also)
 
 
 ANY_TEXT = regex_for("")   # an empty pattern matches every string
@@ -1731,8 +1458,13 @@ SCHEMA_KEYWORDS = {
     "minLength", "maxLength", "pattern", "format",
     "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf",
 }
+# Keywords that constrain and are not enforced: a 400 naming them. Any other keyword
+# (annotations, extensions such as x-*, misspellings) is ignored, as validators do.
+SCHEMA_REFUSED = {"not", "if", "patternProperties", "propertyNames", "dependencies", "dependentRequired",
+                  "dependentSchemas", "contains", "unevaluatedProperties", "unevaluatedItems",
+                  "$dynamicRef", "$recursiveRef", "extends", "disallow", "divisibleBy"}
 SCHEMA_ANNOTATIONS = {"title", "description", "default", "examples", "deprecated", "readOnly", "writeOnly",
-                      "$schema", "$id", "$comment", "discriminator", "strict"}
+                      "$schema", "$id", "id", "$comment", "discriminator", "strict"}
 # Keywords that say which type they constrain, for schemas without "type".
 KEYWORD_TYPES = {"object": {"properties", "required", "additionalProperties", "minProperties", "maxProperties"},
                  "array": {"items", "prefixItems", "additionalItems", "minItems", "maxItems", "uniqueItems"},
@@ -1762,11 +1494,17 @@ FORMATS = {
     "hostname": _HOST,
     "uri": rf"[A-Za-z][A-Za-z0-9+.-]*://([A-Za-z0-9._~!$&'()*+,;=-]|%[0-9A-Fa-f]{{2}})*(:\d{{1,5}})?"
            rf"(/{_PCHAR}*)*(\?({_PCHAR}|[/?])*)?(#({_PCHAR}|[/?])*)?",
+    "json-pointer": r"(/([^~/]|~[01])*)*", "relative-json-pointer": r"(0|[1-9]\d*)(#|(/([^~/]|~[01])*)*)",
+    "regex": r"\^?[^\\\[\](){}*+?|^$]*\$?",   # a literal text: every such string compiles
+    "uri-template": r"([A-Za-z0-9._~!$&'()*+,;=:@/?#-]|%[0-9A-Fa-f]{2}|\{[A-Za-z0-9_]+(,[A-Za-z0-9_]+)*\})*",
+    "idn-hostname": r"([A-Za-z0-9]{1,20}(-[A-Za-z0-9]{1,20}){0,2}\.)*[A-Za-z]{1,20}",
 }
-# Formats the JSON Schema standard defines that this server does not enforce: a 400.
-# Any other format (Pydantic's "password", OpenAPI's "int32"...) is an annotation.
-UNENFORCED_FORMATS = {"uri-reference", "iri", "iri-reference", "idn-email", "idn-hostname", "json-pointer",
-                      "relative-json-pointer", "regex", "uri-template"}
+# The ASCII subsets: an IRI's, an internationalised address's. A relative reference has no
+# scheme and does not start with "//" (which would make an authority of it).
+_RELATIVE = (rf"(/({_PCHAR}+(/{_PCHAR}*)*)?|([A-Za-z0-9._~!$&'()*+,;=@-]|%[0-9A-Fa-f]{{2}})+(/{_PCHAR}*)*)?"
+             rf"(\?({_PCHAR}|[/?])*)?(#({_PCHAR}|[/?])*)?")
+FORMATS.update({"iri": FORMATS["uri"], "idn-email": FORMATS["email"], "uri-reference": f"{FORMATS['uri']}|{_RELATIVE}"})
+FORMATS["iri-reference"] = FORMATS["uri-reference"]
 HOSTNAME_MAX_LENGTH = 253
 
 ANY_STRING = String(ANY_TEXT)
@@ -1811,16 +1549,16 @@ class SchemaCompiler:
             raise self.fail(f"a JSON Schema must be an object, got {json.dumps(schema)[:60]}")
         if depth > SCHEMA_MAX_DEPTH:
             raise self.fail(f"the schema nests deeper than {SCHEMA_MAX_DEPTH} levels")
-        unknown = sorted(set(schema) - SCHEMA_KEYWORDS - SCHEMA_ANNOTATIONS)
-        if unknown:
-            raise self.fail(f"JSON Schema keyword {unknown[0]!r} is not supported (the README lists those enforced)")
+        refused = sorted(set(schema) & SCHEMA_REFUSED)
+        if refused:
+            raise self.fail(f"JSON Schema keyword {refused[0]!r} is not supported (the README lists those enforced)")
         key = (id(schema), refs)
         if key not in self.memo:
             self.memo[key] = (schema, self._compile(schema, refs, depth + 1))
         return self.memo[key][1]
 
     def _compile(self, schema: dict, refs: int, depth: int) -> Piece | None:
-        constraints = {k: v for k, v in schema.items() if k not in SCHEMA_ANNOTATIONS and k not in ("$defs", "definitions")}
+        constraints = {k: v for k, v in schema.items() if k in SCHEMA_KEYWORDS and k not in ("$defs", "definitions")}
         if "$ref" in constraints:
             if refs == 0:
                 return None
@@ -1951,15 +1689,13 @@ class SchemaCompiler:
     def string(self, schema: dict) -> String:
         low, high = self.count(schema, "minLength") or 0, self.count(schema, "maxLength")
         form, pattern = schema.get("format"), schema.get("pattern")
-        if form in UNENFORCED_FORMATS or (pattern is not None and form in FORMATS):
-            raise self.fail(f"'format': {form!r} is not enforced" + (" beside a 'pattern'" if pattern else ""))
         if pattern is not None and not isinstance(pattern, str):
             raise self.fail("'pattern' must be a string")
-        if form == "hostname":
+        if form in ("hostname", "idn-hostname"):
             high = min(high if high is not None else HOSTNAME_MAX_LENGTH, HOSTNAME_MAX_LENGTH)
         try:
-            if pattern is not None:
-                return String(regex_for(pattern), low, high)
+            if pattern is not None:  # both hold
+                return String(regex_for(pattern, True, ((FORMATS[form], False),) if form in FORMATS else ()), low, high)
             return String(regex_for(FORMATS[form], False) if form in FORMATS else ANY_TEXT, low, high)
         except ValueError as exc:
             what = f"'pattern' {pattern!r}" if pattern is not None else f"'format' {form!r}" if form in FORMATS \
@@ -2085,6 +1821,588 @@ class Constraint:
     tool_call: bool = False   # wrapped in the model's tool-call markers
 
 
+def tool_call_constraint(tools: list[dict]) -> Constraint:
+    """Output forced to be one call, {"name": ..., "arguments": {...}}, of one of `tools`."""
+    calls = []
+    for tool in tools:
+        function = tool["function"]
+        schema = function.get("parameters") or {"type": "object"}
+        name = Literals((json.dumps(function["name"], ensure_ascii=False),))
+        calls.append(Object((("name", name, True), ("arguments", compile_schema(schema, schema, "tools"), True))))
+    key = json.dumps([t["function"] for t in tools], sort_keys=True)
+    return Constraint(union(calls), key, tool_call=True)
+
+
+# -- JSON-constrained decoding: the automaton (see the parsing section) lifted to tokens
+#
+# A token may follow a state when the automaton takes its whole text. Masks are
+# built by walking a trie of the vocabulary's token texts, and inside strings by
+# a trie of class ids of the plain tokens (those of ordinary characters) for the
+# string's regex, so a length or a pattern does not mean a walk of every token.
+# Masks are cached per state, with string lengths reduced to what can matter
+# within one token (String.key), so long strings reuse them.
+
+class TokenTable:
+    """A vocabulary's token texts, indexed for constrained decoding; one per tokenizer.
+
+    Special tokens (end of sequence included) and tokens that decode to part
+    of a character are left out, so constrained text is made of whole
+    characters and never of control tokens.
+    """
+
+    def __init__(self, tokenizer: Any):
+        self.size = len(tokenizer)
+        self.eos = sorted(tokenizer.eos_token_ids)
+        self.texts = token_texts(tokenizer, self.size)
+        self.trie: dict = {}                       # char -> child; "" -> ids ending here
+        self.plain: list[int] = []                 # tokens that are only ordinary string characters
+        self.marked: list[tuple[int, str]] = []    # every other usable token, with its text
+        for token, text in enumerate(self.texts):
+            if not text:
+                continue
+            node = self.trie
+            for ch in text:
+                node = node.setdefault(ch, {})
+            node.setdefault("", []).append(token)
+            if all(ch >= " " and ch not in '"\\' for ch in text):
+                self.plain.append(token)
+            else:
+                self.marked.append((token, text))
+        self.reach = max(map(len, filter(None, self.texts)), default=1)   # the longest token, in characters
+        self.plain_chars = sorted({ch for token in self.plain for ch in self.texts[token]})
+        self.class_tries: dict[Regex, dict] = {}
+
+    def class_trie(self, regex: Regex) -> dict:
+        """The plain tokens as a trie over `regex`'s class ids (chr(id) -> child; "" -> ids); cached."""
+        trie = self.class_tries.get(regex)
+        if trie is None:
+            classes = str.maketrans({ch: chr(regex.class_id(ch)) for ch in self.plain_chars})
+            groups: dict[str, list[int]] = {}
+            for token in self.plain:
+                groups.setdefault(self.texts[token].translate(classes), []).append(token)
+            trie = {}
+            for key, tokens in groups.items():
+                node = trie
+                for ch in key:
+                    node = node.setdefault(ch, {})
+                node.setdefault("", []).extend(tokens)
+            if len(self.class_tries) >= JSON_CONSTRAINT_CACHE * 4:
+                self.class_tries.pop(next(iter(self.class_tries)))
+            self.class_tries[regex] = trie
+        return trie
+
+
+def token_texts(tokenizer: Any, size: int) -> list[str | None]:
+    """Each token id's text as it reads inside a sequence; None for unusable ones."""
+    # Decoded after an anchor token, so SentencePiece's leading space is kept.
+    anchor = tokenizer.encode("a", add_special_tokens=False)[-1]
+    head = tokenizer.decode([anchor])
+    special = set(getattr(tokenizer, "all_special_ids", ())) | set(tokenizer.eos_token_ids)
+    decoded = tokenizer.batch_decode([[anchor, token] for token in range(size)])
+    return [text[len(head):] if token not in special and text.startswith(head) and "\ufffd" not in text
+            else None for token, text in enumerate(decoded)]
+
+
+_TOKEN_TABLES: dict[int, tuple[Any, TokenTable]] = {}
+_CONSTRAINTS: dict[tuple, "JsonMasks"] = {}
+
+
+def token_table(tokenizer: Any) -> TokenTable:
+    """The tokenizer's TokenTable, built on first use (about a second for 50k tokens)."""
+    entry = _TOKEN_TABLES.get(id(tokenizer))
+    if entry is None:
+        entry = _TOKEN_TABLES[id(tokenizer)] = (tokenizer, TokenTable(tokenizer))
+    return entry[1]
+
+
+class JsonMasks:
+    """Which tokens may come next in each automaton state of one constraint (cached)."""
+
+    def __init__(self, table: TokenTable, start: tuple):
+        self.table = table
+        self.start = start
+        self.slack = commitment(start)
+        self.masks: dict[tuple, Any] = {}
+        self.closings: dict[tuple, str | None] = {}
+        self.plains: dict[tuple, Any] = {}
+
+    def key(self, state: tuple) -> tuple:
+        """The state as the cache sees it: a top String frame reduced by String.key (leaves are always on top)."""
+        return tuple(stack[:-1] + (stack[-1][0].key(stack[-1], self.table.reach),)
+                     if stack and isinstance(stack[-1][0], String) else stack for stack in state)
+
+    def allowed(self, state: tuple, width: int) -> Any:
+        """A boolean mx.array over `width` logits: the tokens that keep `state` alive."""
+        key = self.key(state)
+        mask = self.masks.get(key)
+        if mask is None:
+            if len(self.masks) >= JSON_MASK_CACHE_STATES:
+                self.masks.clear()
+            mask = self.masks[key] = self._build(state, width)
+        return mask
+
+    def closing(self, state: tuple) -> list[int] | None:
+        """The tokens that spell a shortest closing text from `state`, each the longest that fits (cached)."""
+        key = self.key(state)
+        if key not in self.closings:
+            if len(self.closings) >= JSON_MASK_CACHE_STATES:
+                self.closings.clear()
+            text = json_closing_text(state)
+            self.closings[key] = None if text is None else self._spell(text)
+        return self.closings[key]
+
+    def _spell(self, text: str) -> list[int] | None:
+        ids, at = [], 0
+        while at < len(text):
+            node, best = self.table.trie, None
+            for end in range(at, len(text)):
+                node = node.get(text[end])
+                if node is None:
+                    break
+                if node.get(""):
+                    best = (node[""][0], end + 1)
+            if best is None:
+                return None  # no token spells the next character
+            ids.append(best[0])
+            at = best[1]
+        return ids
+
+    def _build(self, state: tuple, width: int) -> Any:
+        import mlx.core as mx
+        table, ids, walk, plain = self.table, [], [], mx.zeros((width,), dtype=mx.bool_)
+        for stack in state:
+            top = stack[-1] if stack else None
+            if top is not None and isinstance(top[0], String) and top[3] == "" and (top[4] is None or top[0].max_len is None):
+                # Inside a string, a plain token cannot leave it: its fate is the regex's and
+                # the length's alone (String.plain_tokens); only the other tokens need a walk.
+                plain = plain | self._plain(top)
+                ids += [t for t, text in table.marked if json_advance((stack,), text)]
+            else:
+                walk.append(stack)
+        if walk:
+            ids += self._walk(tuple(walk))
+        if json_complete(state):
+            ids += table.eos
+        return plain | self.ids_mask(ids, width)
+
+    def _plain(self, frame: tuple) -> Any:
+        """The mask of plain tokens for a String frame, cached by its regex state and length."""
+        key = frame[0].key(frame, self.table.reach)[:4]
+        mask = self.plains.get(key)
+        if mask is None:
+            if len(self.plains) >= JSON_MASK_CACHE_STATES:
+                self.plains.clear()
+            trie = self.table.class_trie(frame[0].regex)
+            mask = self.plains[key] = self.ids_mask(frame[0].plain_tokens(frame, trie), self.table.size)
+        return mask
+
+    @staticmethod
+    def ids_mask(ids: list[int], width: int) -> Any:
+        """A boolean mask over `width` logits, true at `ids`."""
+        import mlx.core as mx
+        mask = mx.zeros((width,), dtype=mx.bool_)
+        ids = [t for t in ids if t < width]
+        if ids:
+            mask[mx.array(ids)] = True
+        return mask
+
+    def _walk(self, state: tuple) -> list[int]:
+        """Depth-first over the token trie, following only characters the automaton takes."""
+        ids, todo = [], [(self.table.trie, state)]
+        while todo:
+            node, at = todo.pop()
+            for ch, child in node.items():
+                if ch and (after := json_advance(at, ch)):
+                    ids.extend(child.get("", ()))
+                    todo.append((child, after))
+        return ids
+
+def commitment(start: tuple) -> int:
+    """The most one token can add to the closing text, in characters (so in tokens at most).
+
+    A token that writes a key, opens an array item or picks an anyOf branch
+    commits the output to that value's shortest text; JsonConstraint starts
+    closing this much early, so no such step can leave too few tokens.
+    """
+    todo = [frame[1] for stack in start for frame in stack if frame[0] is VALUE]
+    seen, most = set(), 0
+    while todo:
+        piece = todo.pop()
+        if id(piece) in seen:
+            continue
+        seen.add(id(piece))
+        children = list(piece.alternatives) if isinstance(piece, Union) else []
+        if isinstance(piece, Object):
+            children = [node for _, node, _ in piece.props] + [piece.extras] * (piece.extras is not None)
+            most = max([most] + [len(key) + 2 for key in piece.keys])
+        elif isinstance(piece, Array):
+            children = list(piece.prefix) + [piece.items] * (piece.items is not None)
+        most = max([most] + [len(child.min_text) + 1 for child in children])
+        todo += children
+    return 2 * most
+
+
+def json_masks(tokenizer: Any, key: tuple, start: tuple) -> JsonMasks:
+    """The shared, cached masks for a constraint: requests with the same schema reuse them."""
+    cache_key = (id(tokenizer),) + key
+    masks = _CONSTRAINTS.get(cache_key)
+    if masks is None:
+        if len(_CONSTRAINTS) >= JSON_CONSTRAINT_CACHE:
+            _CONSTRAINTS.pop(next(iter(_CONSTRAINTS)))
+        masks = _CONSTRAINTS[cache_key] = JsonMasks(token_table(tokenizer), start)
+    return masks
+
+
+class JsonConstraint:
+    """A logits processor that only lets through tokens keeping the output valid JSON.
+
+    Called once per generated token (mlx_lm's convention). It tracks the
+    automaton state from the tokens sampled so far; when the tokens left are
+    just enough to spell the shortest closing text, it spells it, so the output
+    is complete JSON whenever max_tokens allows that at all. Once the JSON is
+    complete only end-of-sequence tokens remain.
+    """
+
+    stateful = True   # follows the tokens sampled so far, one call per token
+
+    def __init__(self, masks: JsonMasks, budget: int):
+        self.masks = masks
+        self.state = masks.start
+        self.left = budget           # tokens still to be sampled, this one included
+        self.started = False
+        self.plan: list[int] | None = None   # the closing tokens still to come, once closing
+
+    def __call__(self, tokens: Any, logits: Any) -> Any:
+        import mlx.core as mx
+        if self.started:
+            self._advance(int(tokens[-1].item()))
+        self.started = True
+        width = logits.shape[-1]
+        if self.plan is None and not json_complete(self.state):
+            plan = self.masks.closing(self.state)
+            if plan is not None and len(plan) + 1 + self.masks.slack >= self.left:
+                self.plan = plan
+        mask = self._mask(width)
+        self.left -= 1
+        return mx.where(mask, logits, mx.array(-math.inf, dtype=logits.dtype))
+
+    def _mask(self, width: int) -> Any:
+        if self.state and self.plan:
+            return self.masks.ids_mask(self.plan[:1], width)
+        if self.state and self.plan is None:
+            return self.masks.allowed(self.state, width)
+        return self.masks.ids_mask(self.masks.table.eos, width)  # closed, finished or dead: only the end remains
+
+    def _advance(self, token: int) -> None:
+        text = self.masks.table.texts[token] if token < len(self.masks.table.texts) else None
+        self.state = json_advance(self.state, text) if text else ()
+        if self.plan:
+            self.plan = self.plan[1:]
+
+
+# ---------------------------------------------------------------------------
+# Request parsing and validation
+# ---------------------------------------------------------------------------
+
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+@dataclass(frozen=True)
+class Check:
+    """One row of the validation table: a field, its JSON types and its range."""
+
+    field: str
+    types: tuple[type, ...]
+    rule: str                                   # how the error message states the contract
+    ok: Callable[[Any], bool] = lambda value: True
+
+
+def _is_stop(value: Any) -> bool:
+    stops = [value] if isinstance(value, str) else value
+    return (0 < len(stops) <= MAX_STOP_STRINGS
+            and all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops))
+
+
+def _is_logit_bias(value: dict) -> bool:
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and -100 <= v <= 100
+    # isascii: str.isdigit() also accepts digits such as "²" that int() refuses.
+    return all(k.isascii() and k.isdigit() and number(v) for k, v in value.items())
+
+
+# Fields shared by both endpoints. A null value counts as absent.
+COMMON_CHECKS = (
+    Check("model", (str,), "a string"),
+    Check("stream", (bool,), "a boolean"),
+    Check("stream_options", (dict,), "an object"),
+    Check("max_tokens", (int,), "an integer >= 1", lambda v: v >= 1),
+    Check("max_completion_tokens", (int,), "an integer >= 1", lambda v: v >= 1),
+    Check("temperature", (int, float), "a number between 0 and 2", lambda v: 0 <= v <= 2),
+    Check("top_p", (int, float), "a number between 0 and 1", lambda v: 0 <= v <= 1),
+    Check("stop", (str, list), f"a string or a list of 1 to {MAX_STOP_STRINGS} strings, each 1 to "
+          f"{MAX_STOP_CHARS} characters long", _is_stop),
+    Check("n", (int,), "an integer >= 1 (choices; each takes a generation slot)", lambda v: v >= 1),
+    Check("top_k", (int,), "an integer >= 0 (0 = no limit)", lambda v: v >= 0),
+    Check("min_p", (int, float), "a number between 0 and 1", lambda v: 0 <= v <= 1),
+    Check("seed", (int,), "an integer"),
+    Check("presence_penalty", (int, float), "a number between -2 and 2", lambda v: -2 <= v <= 2),
+    Check("frequency_penalty", (int, float), "a number between -2 and 2", lambda v: -2 <= v <= 2),
+    Check("repetition_penalty", (int, float), "a number > 0 (1 = off)", lambda v: v > 0),
+    Check("logit_bias", (dict,), "an object mapping token ids to numbers between -100 and 100", _is_logit_bias),
+    Check("response_format", (dict,), 'an object such as {"type": "json_object"}'),
+)
+CHAT_CHECKS = COMMON_CHECKS + (
+    Check("messages", (list,), "a non-empty list of messages", lambda v: len(v) > 0),
+    Check("logprobs", (bool,), "a boolean"),
+    Check("tools", (list,), 'a list of {"type": "function", "function": {"name": ..., "parameters": {...}}} objects'),
+    Check("tool_choice", (str, dict), '"none", "auto", "required" or {"type": "function", "function": {"name": ...}}'),
+    Check("top_logprobs", (int,), f"an integer between 0 and {MAX_TOP_LOGPROBS_CHAT}",
+          lambda v: 0 <= v <= MAX_TOP_LOGPROBS_CHAT),
+    Check("chat_template_kwargs", (dict,), "an object of chat template arguments, such as {\"enable_thinking\": false}",
+          lambda v: not set(v) & TEMPLATE_RESERVED),
+    Check("reasoning_effort", (str,), "a string such as \"low\", \"medium\" or \"high\""),
+)
+COMPLETION_CHECKS = COMMON_CHECKS + (
+    Check("prompt", (str, list), "a string, a list holding one string, or a list of token ids"),
+    Check("logprobs", (int,), f"an integer between 0 and {MAX_LOGPROBS_COMPLETIONS}",
+          lambda v: 0 <= v <= MAX_LOGPROBS_COMPLETIONS),
+)
+
+# Known fields that would change the result and are not implemented yet:
+# refused by name rather than silently ignored. The value shown is the one
+# that is harmless to accept.
+UNSUPPORTED_FIELDS = {
+    "function_call": (None, "none", "auto"),
+    "echo": (None, False), "suffix": (None, ""), "best_of": (None, 1),
+    "functions": (None, []),
+}
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One validated generation body, whichever API it came through.
+
+    The dialects (/v1/messages, /v1/responses) are parsed into the same
+    normalised chat messages and OpenAI-shaped tools as /v1/chat/completions,
+    so everything below the parsers serves them alike.
+    """
+
+    endpoint: str                                # "chat", "completions", "messages" (Anthropic) or "responses"
+    messages: tuple[dict, ...] = ()              # chat-like: normalised {"role", "content"} dicts
+    prompt: str | tuple[int, ...] = ""           # completions: text or token ids
+    stream: bool = False
+    include_usage: bool = False
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    max_tokens_given: bool = False               # the client chose it and it must fit (the dialects' is trimmed)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0                               # 0: no limit
+    min_p: float = 0.0
+    seed: int | None = None                      # the sampler's own random key; None: the global one
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0              # mlx_lm's multiplicative penalty; 1: off
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None                  # alternatives reported per token; None: no logprobs
+    constraint: Constraint | None = None         # output forced to match a JSON schema
+    tools: tuple[dict, ...] = ()                 # chat-like: OpenAI tool definitions, for the chat template
+    tool_choice: str = "none"                    # none, auto or required (a named function is required + constraint)
+    max_context: int = 0                         # chat: messages kept by the window (chat_window); 0 = all
+    template_args: dict = dataclasses.field(default_factory=dict)  # chat: extra chat template arguments
+    split_reasoning: bool = False                # a thinking model's reasoning leaves the text (ReasoningSplitter)
+    n: int = 1                                   # choices, decoded together, each in a slot of its own
+
+
+def decode_json_body(raw: bytes) -> dict:
+    """Parse a request body as a JSON object or raise a 400."""
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise invalid(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise invalid("request body must be a JSON object")
+    return body
+
+
+def run_checks(body: dict, checks: tuple[Check, ...]) -> None:
+    """Apply the validation table; raise a 400 naming the first bad field."""
+    for check in checks:
+        value = body.get(check.field)
+        if value is None:
+            continue
+        # bool is an int in Python but not in JSON: true is no max_tokens.
+        type_ok = isinstance(value, check.types) and (bool in check.types or not isinstance(value, bool))
+        if isinstance(value, float) and not math.isfinite(value):
+            type_ok = False
+        if not type_ok or not check.ok(value):
+            raise invalid(f"'{check.field}' must be {check.rule}, got {json.dumps(value)[:80]}", check.field)
+    for field, harmless in UNSUPPORTED_FIELDS.items():
+        if field in body and body[field] not in harmless:
+            raise invalid(f"'{field}' is not supported by this server", field, "unsupported_parameter")
+
+
+def parse_generation_request(endpoint: str, body: dict, settings: Settings) -> GenerationRequest:
+    """Validate a decoded body for `endpoint` ("chat" or "completions")."""
+    run_checks(body, CHAT_CHECKS if endpoint == "chat" else COMPLETION_CHECKS)
+    if endpoint == "chat":
+        if "messages" not in body or body["messages"] is None:
+            raise invalid("'messages' is required", "messages")
+        fields = {"messages": tuple(parse_message(m, i) for i, m in enumerate(body["messages"])),
+                  "max_context": settings.max_context, "template_args": template_args(body, settings),
+                  "split_reasoning": settings.reasoning_format != "none"}
+    else:
+        if body.get("prompt") is None:
+            raise invalid("'prompt' is required", "prompt")
+        fields = {"prompt": parse_prompt(body["prompt"])}
+    asked = body.get("max_completion_tokens") or body.get("max_tokens")
+    if asked is not None and asked > settings.max_tokens:
+        raise invalid(f"'max_tokens' is {asked}, above this server's limit of {settings.max_tokens}", "max_tokens")
+    stop = body.get("stop") or ()
+    options = body.get("stream_options") or {}
+    n = body.get("n") or 1
+    if n > settings.max_requests:
+        raise invalid(f"'n' is {n}; each choice takes a generation slot and this server has "
+                      f"{settings.max_requests} (--max-requests)", "n")
+    return GenerationRequest(
+        endpoint=endpoint, **fields, n=n,
+        stream=bool(body.get("stream")),
+        include_usage=bool(options.get("include_usage")),
+        max_tokens=asked or settings.max_tokens, max_tokens_given=asked is not None,
+        stop=(stop,) if isinstance(stop, str) else tuple(stop),
+        logprobs=logprobs_wanted(endpoint, body),
+        **output_fields(endpoint, body),
+        **sampling_fields(body, settings.sampling),
+    )
+
+
+def template_args(body: dict, settings: Settings) -> dict:
+    """Chat template arguments: --chat-template-args, then chat_template_kwargs, then reasoning_effort."""
+    args = {**settings.chat_template_args, **(body.get("chat_template_kwargs") or {})}
+    if body.get("reasoning_effort") is not None:  # templates that take it (gpt-oss) read it; others ignore it
+        args["reasoning_effort"] = body["reasoning_effort"]
+    return args
+
+
+def logprobs_wanted(endpoint: str, body: dict) -> int | None:
+    """How many alternatives to report per token (chat top_logprobs, completions logprobs), or None."""
+    if endpoint == "completions":
+        return body.get("logprobs")
+    if body.get("top_logprobs") is not None and not body.get("logprobs"):
+        raise invalid("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    return (body.get("top_logprobs") or 0) if body.get("logprobs") else None
+
+
+def sampling_fields(body: dict, defaults: dict) -> dict:
+    """The sampling parameters of a checked body; absent or null ones take `defaults`, then OpenAI's.
+
+    `defaults` is Settings.sampling: --temp and friends over the model's
+    generation_config.json.
+    """
+    def given(field: str, default: Any) -> Any:
+        value = body.get(field)
+        value = defaults.get(field) if value is None else value
+        return default if value is None else value
+
+    bias = given("logit_bias", {})
+    return {"temperature": float(given("temperature", 1.0)), "top_p": float(given("top_p", 1.0)),
+            "top_k": given("top_k", 0), "min_p": float(given("min_p", 0.0)), "seed": body.get("seed"),
+            "presence_penalty": float(given("presence_penalty", 0.0)),
+            "frequency_penalty": float(given("frequency_penalty", 0.0)),
+            "repetition_penalty": float(given("repetition_penalty", 1.0)),
+            "logit_bias": tuple(sorted((int(k), float(v)) for k, v in bias.items()))}
+
+
+def chat_role(role: str) -> str:
+    """A message's role as the chat template takes it: OpenAI's "developer" is the system role."""
+    return "system" if role == "developer" else role
+
+
+def parse_message(message: Any, index: int) -> dict:
+    """Normalise one chat message to {"role", "content"[, "name", ...]}."""
+    param = f"messages[{index}]"
+    if not isinstance(message, dict):
+        raise invalid(f"{param} must be an object with 'role' and 'content'", param)
+    role = message.get("role")
+    if role not in CHAT_ROLES:
+        raise invalid(f"{param}.role must be one of {', '.join(CHAT_ROLES)}, got {json.dumps(role)}", f"{param}.role")
+    normal = {"role": chat_role(role),
+              "content": parse_content(message.get("content"), f"{param}.content",
+                                       optional=role == "assistant" and bool(message.get("tool_calls")))}
+    for key in ("name", "tool_call_id"):
+        if message.get(key) is not None:
+            normal[key] = message[key]
+    reasoning = message.get("reasoning_content", message.get("reasoning"))
+    if role == "assistant" and reasoning is not None:  # sent back with its reasoning: templates that render it get it
+        normal["reasoning_content"] = parse_content(reasoning, f"{param}.reasoning_content")
+    if message.get("tool_calls"):
+        normal["tool_calls"] = parse_tool_calls(message["tool_calls"], f"{param}.tool_calls")
+    return normal
+
+
+def parse_tool_calls(calls: Any, param: str) -> list[dict]:
+    """An assistant message's tool_calls, arguments decoded to objects.
+
+    OpenAI sends arguments as a JSON string; chat templates (Qwen's, say)
+    write them with `tojson`, which would quote a string a second time.
+    """
+    if not isinstance(calls, list):
+        raise invalid(f"'{param}' must be a list of tool calls", param)
+    out = []
+    for i, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise invalid(f"'{param}[{i}]' must be {{\"type\": \"function\", \"function\": {{\"name\", "
+                          f"\"arguments\"}}}}", param)
+        arguments = function.get("arguments") or "{}"
+        try:
+            arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
+        except ValueError:
+            raise invalid(f"'{param}[{i}].function.arguments' is not valid JSON", param) from None
+        out.append({**call, "function": {**function, "arguments": arguments}})
+    return out
+
+
+MEDIA_PARTS = ("image_url", "input_image", "input_audio", "input_file", "file", "image", "document")
+
+
+def parse_content(content: Any, param: str, optional: bool = False, text_types: tuple[str, ...] = ("text",),
+                  separator: str = "") -> str:
+    """A message's content as text: a string, or a list of text parts joined by `separator`.
+
+    `text_types` are the part types that carry text in the calling API
+    (chat's "text"; the Responses API's "input_text" and "output_text").
+    """
+    if content is None and optional:
+        return ""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise invalid(f"{param} must be a string or a list of content parts", param)
+    texts = []
+    for i, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in text_types:
+            if kind in MEDIA_PARTS:
+                raise invalid(f"{param}[{i}] is a part of type {kind!r}; this server serves text models only", param)
+            raise invalid(f"{param}[{i}] must be a {{\"type\": \"{text_types[0]}\", \"text\": ...}} part", param)
+        if not isinstance(part.get("text"), str):
+            raise invalid(f"{param}[{i}].text must be a string", param)
+        texts.append(part["text"])
+    return separator.join(texts)
+
+
+def parse_prompt(prompt: Any) -> str | tuple[int, ...]:
+    """A completions prompt: a string, [string], or a list of token ids."""
+    if isinstance(prompt, str):
+        return prompt
+    if len(prompt) == 1 and isinstance(prompt[0], str):
+        return prompt[0]
+    if prompt and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt):
+        return tuple(prompt)
+    raise invalid("'prompt' must be a string, a list holding one string, or a non-empty list of token ids", "prompt")
+
+
 def output_fields(endpoint: str, body: dict, format_param: str = "response_format") -> dict:
     """response_format and (chat-like) tools, in chat's shapes: the constraint on the output and the tools offered."""
     constraint = parse_response_format(body.get("response_format"), format_param)
@@ -2130,18 +2448,6 @@ def parse_tool_choice(choice: Any, tools: tuple[dict, ...]) -> tuple[str, list[s
         raise invalid(f"'tool_choice' names the tool {name[:80]!r}, which is not among the tools "
                       f"({', '.join(names)[:300]})", "tool_choice")
     return "required", [name]
-
-
-def tool_call_constraint(tools: list[dict]) -> Constraint:
-    """Output forced to be one call, {"name": ..., "arguments": {...}}, of one of `tools`."""
-    calls = []
-    for tool in tools:
-        function = tool["function"]
-        schema = function.get("parameters") or {"type": "object"}
-        name = Literals((json.dumps(function["name"], ensure_ascii=False),))
-        calls.append(Object((("name", name, True), ("arguments", compile_schema(schema, schema, "tools"), True))))
-    key = json.dumps([t["function"] for t in tools], sort_keys=True)
-    return Constraint(union(calls), key, tool_call=True)
 
 
 def parse_response_format(value: dict | None, param: str = "response_format") -> Constraint | None:
@@ -2878,273 +3184,6 @@ class TextStream:
             self.trim_space = False
             return text[1:] if text[0] == " " else text
         return text
-
-
-# -- JSON-constrained decoding: the automaton (see the parsing section) lifted to tokens
-#
-# A token may follow a state when the automaton takes its whole text. Masks are
-# built by walking a trie of the vocabulary's token texts, and inside strings by
-# a trie of class ids of the plain tokens (those of ordinary characters) for the
-# string's regex, so a length or a pattern does not mean a walk of every token.
-# Masks are cached per state, with string lengths reduced to what can matter
-# within one token (String.key), so long strings reuse them.
-
-class TokenTable:
-    """A vocabulary's token texts, indexed for constrained decoding; one per tokenizer.
-
-    Special tokens (end of sequence included) and tokens that decode to part
-    of a character are left out, so constrained text is made of whole
-    characters and never of control tokens.
-    """
-
-    def __init__(self, tokenizer: Any):
-        self.size = len(tokenizer)
-        self.eos = sorted(tokenizer.eos_token_ids)
-        self.texts = token_texts(tokenizer, self.size)
-        self.trie: dict = {}                       # char -> child; "" -> ids ending here
-        self.plain: list[int] = []                 # tokens that are only ordinary string characters
-        self.marked: list[tuple[int, str]] = []    # every other usable token, with its text
-        for token, text in enumerate(self.texts):
-            if not text:
-                continue
-            node = self.trie
-            for ch in text:
-                node = node.setdefault(ch, {})
-            node.setdefault("", []).append(token)
-            if all(ch >= " " and ch not in '"\\' for ch in text):
-                self.plain.append(token)
-            else:
-                self.marked.append((token, text))
-        self.reach = max(map(len, filter(None, self.texts)), default=1)   # the longest token, in characters
-        self.plain_chars = sorted({ch for token in self.plain for ch in self.texts[token]})
-        self.class_tries: dict[Regex, dict] = {}
-
-    def class_trie(self, regex: Regex) -> dict:
-        """The plain tokens as a trie over `regex`'s class ids (chr(id) -> child; "" -> ids); cached."""
-        trie = self.class_tries.get(regex)
-        if trie is None:
-            classes = str.maketrans({ch: chr(regex.class_id(ch)) for ch in self.plain_chars})
-            groups: dict[str, list[int]] = {}
-            for token in self.plain:
-                groups.setdefault(self.texts[token].translate(classes), []).append(token)
-            trie = {}
-            for key, tokens in groups.items():
-                node = trie
-                for ch in key:
-                    node = node.setdefault(ch, {})
-                node.setdefault("", []).extend(tokens)
-            if len(self.class_tries) >= JSON_CONSTRAINT_CACHE * 4:
-                self.class_tries.pop(next(iter(self.class_tries)))
-            self.class_tries[regex] = trie
-        return trie
-
-
-def token_texts(tokenizer: Any, size: int) -> list[str | None]:
-    """Each token id's text as it reads inside a sequence; None for unusable ones."""
-    # Decoded after an anchor token, so SentencePiece's leading space is kept.
-    anchor = tokenizer.encode("a", add_special_tokens=False)[-1]
-    head = tokenizer.decode([anchor])
-    special = set(getattr(tokenizer, "all_special_ids", ())) | set(tokenizer.eos_token_ids)
-    decoded = tokenizer.batch_decode([[anchor, token] for token in range(size)])
-    return [text[len(head):] if token not in special and text.startswith(head) and "\ufffd" not in text
-            else None for token, text in enumerate(decoded)]
-
-
-_TOKEN_TABLES: dict[int, tuple[Any, TokenTable]] = {}
-_CONSTRAINTS: dict[tuple, "JsonMasks"] = {}
-
-
-def token_table(tokenizer: Any) -> TokenTable:
-    """The tokenizer's TokenTable, built on first use (about a second for 50k tokens)."""
-    entry = _TOKEN_TABLES.get(id(tokenizer))
-    if entry is None:
-        entry = _TOKEN_TABLES[id(tokenizer)] = (tokenizer, TokenTable(tokenizer))
-    return entry[1]
-
-
-class JsonMasks:
-    """Which tokens may come next in each automaton state of one constraint (cached)."""
-
-    def __init__(self, table: TokenTable, start: tuple):
-        self.table = table
-        self.start = start
-        self.slack = commitment(start)
-        self.masks: dict[tuple, Any] = {}
-        self.closings: dict[tuple, str | None] = {}
-        self.plains: dict[tuple, Any] = {}
-
-    def key(self, state: tuple) -> tuple:
-        """The state as the cache sees it: a top String frame reduced by String.key (leaves are always on top)."""
-        return tuple(stack[:-1] + (stack[-1][0].key(stack[-1], self.table.reach),)
-                     if stack and isinstance(stack[-1][0], String) else stack for stack in state)
-
-    def allowed(self, state: tuple, width: int) -> Any:
-        """A boolean mx.array over `width` logits: the tokens that keep `state` alive."""
-        key = self.key(state)
-        mask = self.masks.get(key)
-        if mask is None:
-            if len(self.masks) >= JSON_MASK_CACHE_STATES:
-                self.masks.clear()
-            mask = self.masks[key] = self._build(state, width)
-        return mask
-
-    def closing(self, state: tuple) -> list[int] | None:
-        """The tokens that spell a shortest closing text from `state`, each the longest that fits (cached)."""
-        key = self.key(state)
-        if key not in self.closings:
-            if len(self.closings) >= JSON_MASK_CACHE_STATES:
-                self.closings.clear()
-            text = json_closing_text(state)
-            self.closings[key] = None if text is None else self._spell(text)
-        return self.closings[key]
-
-    def _spell(self, text: str) -> list[int] | None:
-        ids, at = [], 0
-        while at < len(text):
-            node, best = self.table.trie, None
-            for end in range(at, len(text)):
-                node = node.get(text[end])
-                if node is None:
-                    break
-                if node.get(""):
-                    best = (node[""][0], end + 1)
-            if best is None:
-                return None  # no token spells the next character
-            ids.append(best[0])
-            at = best[1]
-        return ids
-
-    def _build(self, state: tuple, width: int) -> Any:
-        import mlx.core as mx
-        table, ids, walk, plain = self.table, [], [], mx.zeros((width,), dtype=mx.bool_)
-        for stack in state:
-            top = stack[-1] if stack else None
-            if top is not None and isinstance(top[0], String) and top[3] == "" and (top[4] is None or top[0].max_len is None):
-                # Inside a string, a plain token cannot leave it: its fate is the regex's and
-                # the length's alone (String.plain_tokens); only the other tokens need a walk.
-                plain = plain | self._plain(top)
-                ids += [t for t, text in table.marked if json_advance((stack,), text)]
-            else:
-                walk.append(stack)
-        if walk:
-            ids += self._walk(tuple(walk))
-        if json_complete(state):
-            ids += table.eos
-        return plain | self.ids_mask(ids, width)
-
-    def _plain(self, frame: tuple) -> Any:
-        """The mask of plain tokens for a String frame, cached by its regex state and length."""
-        key = frame[0].key(frame, self.table.reach)[:4]
-        mask = self.plains.get(key)
-        if mask is None:
-            if len(self.plains) >= JSON_MASK_CACHE_STATES:
-                self.plains.clear()
-            trie = self.table.class_trie(frame[0].regex)
-            mask = self.plains[key] = self.ids_mask(frame[0].plain_tokens(frame, trie), self.table.size)
-        return mask
-
-    @staticmethod
-    def ids_mask(ids: list[int], width: int) -> Any:
-        """A boolean mask over `width` logits, true at `ids`."""
-        import mlx.core as mx
-        mask = mx.zeros((width,), dtype=mx.bool_)
-        ids = [t for t in ids if t < width]
-        if ids:
-            mask[mx.array(ids)] = True
-        return mask
-
-    def _walk(self, state: tuple) -> list[int]:
-        """Depth-first over the token trie, following only characters the automaton takes."""
-        ids, todo = [], [(self.table.trie, state)]
-        while todo:
-            node, at = todo.pop()
-            for ch, child in node.items():
-                if ch and (after := json_advance(at, ch)):
-                    ids.extend(child.get("", ()))
-                    todo.append((child, after))
-        return ids
-
-def commitment(start: tuple) -> int:
-    """The most one token can add to the closing text, in characters (so in tokens at most).
-
-    A token that writes a key, opens an array item or picks an anyOf branch
-    commits the output to that value's shortest text; JsonConstraint starts
-    closing this much early, so no such step can leave too few tokens.
-    """
-    todo = [frame[1] for stack in start for frame in stack if frame[0] is VALUE]
-    seen, most = set(), 0
-    while todo:
-        piece = todo.pop()
-        if id(piece) in seen:
-            continue
-        seen.add(id(piece))
-        children = list(piece.alternatives) if isinstance(piece, Union) else []
-        if isinstance(piece, Object):
-            children = [node for _, node, _ in piece.props] + [piece.extras] * (piece.extras is not None)
-            most = max([most] + [len(key) + 2 for key in piece.keys])
-        elif isinstance(piece, Array):
-            children = list(piece.prefix) + [piece.items] * (piece.items is not None)
-        most = max([most] + [len(child.min_text) + 1 for child in children])
-        todo += children
-    return 2 * most
-
-
-def json_masks(tokenizer: Any, key: tuple, start: tuple) -> JsonMasks:
-    """The shared, cached masks for a constraint: requests with the same schema reuse them."""
-    cache_key = (id(tokenizer),) + key
-    masks = _CONSTRAINTS.get(cache_key)
-    if masks is None:
-        if len(_CONSTRAINTS) >= JSON_CONSTRAINT_CACHE:
-            _CONSTRAINTS.pop(next(iter(_CONSTRAINTS)))
-        masks = _CONSTRAINTS[cache_key] = JsonMasks(token_table(tokenizer), start)
-    return masks
-
-
-class JsonConstraint:
-    """A logits processor that only lets through tokens keeping the output valid JSON.
-
-    Called once per generated token (mlx_lm's convention). It tracks the
-    automaton state from the tokens sampled so far; when the tokens left are
-    just enough to spell the shortest closing text, it spells it, so the output
-    is complete JSON whenever max_tokens allows that at all. Once the JSON is
-    complete only end-of-sequence tokens remain.
-    """
-
-    stateful = True   # follows the tokens sampled so far, one call per token
-
-    def __init__(self, masks: JsonMasks, budget: int):
-        self.masks = masks
-        self.state = masks.start
-        self.left = budget           # tokens still to be sampled, this one included
-        self.started = False
-        self.plan: list[int] | None = None   # the closing tokens still to come, once closing
-
-    def __call__(self, tokens: Any, logits: Any) -> Any:
-        import mlx.core as mx
-        if self.started:
-            self._advance(int(tokens[-1].item()))
-        self.started = True
-        width = logits.shape[-1]
-        if self.plan is None and not json_complete(self.state):
-            plan = self.masks.closing(self.state)
-            if plan is not None and len(plan) + 1 + self.masks.slack >= self.left:
-                self.plan = plan
-        mask = self._mask(width)
-        self.left -= 1
-        return mx.where(mask, logits, mx.array(-math.inf, dtype=logits.dtype))
-
-    def _mask(self, width: int) -> Any:
-        if self.state and self.plan:
-            return self.masks.ids_mask(self.plan[:1], width)
-        if self.state and self.plan is None:
-            return self.masks.allowed(self.state, width)
-        return self.masks.ids_mask(self.masks.table.eos, width)  # closed, finished or dead: only the end remains
-
-    def _advance(self, token: int) -> None:
-        text = self.masks.table.texts[token] if token < len(self.masks.table.texts) else None
-        self.state = json_advance(self.state, text) if text else ()
-        if self.plan:
-            self.plan = self.plan[1:]
 
 
 def partial_marker_length(text: str, markers: tuple[str, ...]) -> int:
