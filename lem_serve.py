@@ -103,6 +103,7 @@ JSON_MAX_WHITESPACE = 24          # whitespace characters between two JSON token
 JSON_MAX_NESTING = 16             # arrays/objects nested in free JSON (json_object, schemas without a type)
 SCHEMA_MAX_DEPTH = 32             # nesting a schema may have; more is a 400
 SCHEMA_MAX_REFS = 8               # $ref hops on one path; a recursive schema is unrolled this deep, then ends
+SCHEMA_MAX_BRANCHES = 16          # alternatives one not/if/dependencies keyword may expand into; more is a 400
 REGEX_MAX_STATES = 5000           # NFA states of one pattern or format once repeats are expanded; more is a 400
 JSON_MASK_CACHE_STATES = 1024     # token masks cached per constraint (vocab bytes each; one per state seen)
 JSON_CONSTRAINT_CACHE = 16        # compiled constraints kept across requests (same schema: warm masks)
@@ -663,12 +664,15 @@ class Regex:
     """
 
     def __init__(self, parts: tuple):
+        self.source = parts
         self.edges: list[list[tuple[Any, int]]] = []  # per NFA state: (charset index, None, "^" or "$"; target)
         self.charset_index: dict[tuple, int] = {}
         self.parts: list[tuple[int, int, int, bool]] = []   # (first state, last state, final, negated)
-        for pattern, search in parts:
+        for pattern, search, *negated in parts:   # (pattern, search[, negated: must not match])
             tree, looks = lookaheads(RegexParser(pattern).parse(), search)
-            for part, negated in [((("seq", [ANYTHING, tree, ANYTHING]) if search else tree), False)] + looks:
+            if negated and looks:
+                raise ValueError("a lookahead inside 'not' is not supported")
+            for part, negated in [((("seq", [ANYTHING, tree, ANYTHING]) if search else tree), negated == [True])] + looks:
                 first = self._new()
                 self.parts.append((first, self._build(part, first), negated))
         ends = [part[0] for part in self.parts[1:]] + [len(self.edges)]
@@ -785,6 +789,14 @@ class Regex:
         """The state after `ch`; None when no match can follow."""
         nxt = self._move(state, self.class_id(ch))
         return nxt if nxt is not None and self.shortest(nxt) is not None else None
+
+    def matches(self, text: str) -> bool:
+        """Whether the whole of `text` is a match."""
+        state = self.start
+        for ch in text:
+            if (state := self.move(state, ch)) is None:
+                return False
+        return self.accepts(state)
 
     def accepts(self, state: frozenset) -> bool:
         return all((final in state or ~final in state) != negated for _, final, _, negated in self.parts)
@@ -930,8 +942,8 @@ class String(Piece):
         if dfa is None or not self.viable(dfa, count + 1):
             return []
         text = _track(ex, text, ch)
-        if ex is not None and count + 1 == self.limit and text is not None and text + '"' in ex[0]:
-            return []
+        if text is not None and any(f.startswith(text) for f in ex[0]) and self._fresh(dfa, count + 1, text, ex[0]) is None:
+            return []  # every way to close it is forbidden
         return [((self, dfa, count + 1, "", ex, text),)]
 
     def _escapes(self, dfa: frozenset, count: int) -> str:
@@ -973,23 +985,30 @@ class String(Piece):
             tail += "0" * (5 - len(escape)) if tail in ("", "u") else ""
             return tail + self.finish(_leaf_after(frame, tail))
         if ex is not None:
-            return self._fresh(count, text, ex[0]) + '"'
+            return self._fresh(dfa, count, text, ex[0]) + '"'
         return json.dumps(self.complete(dfa, count), ensure_ascii=False)[1:]
 
-    def _fresh(self, count: int, text: str | None, forbidden: frozenset) -> str:
-        """Characters that close an excluded (any-character) string on a text not forbidden."""
-        for size in range(max(self.min_len - count, 0), int(min(self.limit - count, 8)) + 1):
-            for chars in itertools.product("abcdefghijklmnopqrstuvwxyz", repeat=size):
-                if text is None or text + "".join(chars) + '"' not in forbidden:
-                    return "".join(chars)
-        raise ValueError("no string is left that is not forbidden")
+    def _fresh(self, dfa: frozenset, count: int, text: str | None, forbidden: frozenset) -> str | None:
+        """Characters (no escapes) that close an excluded string on a text not forbidden: shortest first."""
+        layer = {dfa: [""]}
+        for size in range(int(min(self.limit - count, 32)) + 1):
+            for state, tails in layer.items():
+                for tail in tails if count + size >= self.min_len and self.regex.accepts(state) else ():
+                    if text is None or text + tail + '"' not in forbidden:
+                        return tail
+            nxt: dict = {}
+            for state, tails in layer.items():
+                for cid, ch in self.regex.reps.items():
+                    if ch >= " " and ch not in '"\\' and (after := self.regex._move(state, cid)) is not None:
+                        kept = nxt.setdefault(after, [])
+                        kept += [t + ch for t in tails[:len(forbidden) + 1 - len(kept)]]
+            layer = nxt
+        return None
 
     def first(self, forbidden: frozenset) -> str | None:
-        """A shortest complete string text, quotes included, that is not forbidden (any-character strings)."""
-        try:
-            return '"' + self._fresh(0, '"', forbidden) + '"'
-        except ValueError:
-            return None
+        """A shortest complete string text, quotes included, that is not forbidden."""
+        tail = self._fresh(self.regex.start, 0, '"', forbidden)
+        return None if tail is None else '"' + tail + '"'
 
     def plain_tokens(self, frame: tuple, trie: dict) -> list[int]:
         """Token ids of ordinary characters (no quote, backslash or control) that fit here.
@@ -1036,12 +1055,13 @@ class Number(Piece):
     """
 
     def __init__(self, integer: bool, low: Fraction | None = None, high: Fraction | None = None,
-                 low_open: bool = False, high_open: bool = False, multiple: int | None = None):
+                 low_open: bool = False, high_open: bool = False, multiple: int | None = None, excluded: tuple = ()):
         self.integer, self.multiple = integer, multiple
-        self.bounded = low is not None or high is not None or multiple is not None
+        self.bounded = low is not None or high is not None or multiple is not None or bool(excluded)
         digits = JSON_MAX_DIGITS - 1
         syntax = rf"0|-?[1-9]\d{{0,{digits}}}" if integer else rf"-?(0|[1-9]\d{{0,{digits}}})(\.\d{{1,{digits + 1}}})?"
-        self.syntax = regex_for(syntax if integer or self.bounded else syntax + r"([eE][+-]?\d{1,2})?", False)
+        self.syntax = regex_for(syntax if integer or self.bounded else syntax + r"([eE][+-]?\d{1,2})?", False,
+                                (("|".join(excluded), False, True),) if excluded else ())
         self.scale = 0 if integer else JSON_MAX_DIGITS
         unit = 10 ** self.scale
         self.low = None if low is None else math.floor(low * unit) + 1 if low_open else math.ceil(low * unit)
@@ -1144,12 +1164,12 @@ class Number(Piece):
         negative = prefix.startswith("-")
         least = max(1, len(prefix.partition(".")[2])) if "." in prefix else 0
         for digits in range(least, self.scale + 1) if not self.integer else [0]:
-            step = 10 ** (self.scale - digits) * (self.multiple or 1)
+            step = math.lcm(10 ** (self.scale - digits), self.multiple or 1)
             value = (-(-low // step) * step) if not negative else (high // step * step)
             while low <= value <= high:
                 whole, frac = divmod(abs(value), 10 ** self.scale)
                 text = ("-" if negative else "") + str(whole) + ("." + str(frac).rjust(self.scale, "0")[:digits] if digits else "")
-                if text not in forbidden and text.startswith(prefix):
+                if text not in forbidden and text.startswith(prefix) and self.syntax.matches(text):
                     return text
                 value += -step if negative else step
         return None
@@ -1200,23 +1220,30 @@ VALUE = ValueStart()
 class Object(Piece):
     """A JSON object: declared properties in their order, each at most once, then extra keys.
 
-    props: (name, node, required) triples. `extras` is the schema of other
-    keys' values (None: no other keys). Frame: (piece, phase, index, count,
-    seen, whitespace); phase is open (after "{"), comma, key (a key leaf is
-    on top), colon (a key written) or value (after a value); index is the
-    first declared property still allowed (in "colon": the chosen one,
-    len(props) for an extra key); count is properties written (kept only
-    when min/maxProperties ask); seen holds extra keys when duplicates could
-    make too few properties.
+    props: (name, node, required) triples. Other keys are `key` leaves
+    (propertyNames; None: no other keys), never a declared or `banned` name
+    nor one already written; an extra key's value is values[matched], matched
+    being the indices of the `patterns` (patternProperties) that match the key
+    ((): additionalProperties). Frame: (piece, phase, index, count, seen,
+    whitespace); phase is open (after "{"), comma, key (a key leaf is on top),
+    colon (a key written) or value (after a value); index is the first
+    declared property still allowed (in "colon": the chosen one, or
+    len(props) + j for the extra key whose value is node j); count is
+    properties written (kept only when min/maxProperties ask); seen holds the
+    extra keys written, so that none repeats.
     """
 
-    def __init__(self, props: tuple, extras: Piece | None = None, min_props: int = 0, max_props: int | None = None):
-        self.props, self.extras = props, extras
+    def __init__(self, props: tuple, extras: Piece | None = None, min_props: int = 0, max_props: int | None = None,
+                 key: Piece | None = None, banned: tuple = (), patterns: tuple = (), values: dict | None = None):
+        self.props = props
+        self.values = values if values is not None else {(): extras} if extras is not None else {}
+        self.key = (key or ANY_STRING) if self.values else None
+        self.patterns, self.slots = patterns, list(self.values)
         self.keys = {json.dumps(name, ensure_ascii=False): i for i, (name, _, _) in enumerate(props)}
+        self.forbidden = frozenset(self.keys) | {json.dumps(name, ensure_ascii=False) for name in banned}
         self.min_props, self.max_props = min_props, max_props
         self.required_from = [sum(req for _, _, req in props[i:]) for i in range(len(props) + 1)]
         self.counts = min_props > 0 or max_props is not None
-        self.tracks = extras is not None and min_props > self.required_from[0]
         self.key_pieces: dict[tuple, Literals] = {}
         tail = self._tail(0, 0, frozenset(), "", False)
         if tail is None:
@@ -1238,20 +1265,31 @@ class Object(Piece):
             keying = (self, "key", index, count, seen, 0)
             return [(keying, key) for key in self._key_frames(index, count, seen)]
         if ch == ":" and phase == "colon":
-            declared = index < len(self.props)
-            node = self.props[index][1] if declared else self.extras
-            nxt = index + 1 if declared else index
+            node, nxt = self._value(index)
             return [((self, "value", nxt, count + self.counts, seen, 0), (VALUE, node, 0, None))]
         return []
 
-    def child_done(self, frame: tuple, child: tuple) -> tuple:
+    def _value(self, index: int) -> tuple:
+        """(the value's node, the next index) once key `index` (see the frame) is written."""
+        if index < len(self.props):
+            return self.props[index][1], index + 1
+        return self.values[self.slots[index - len(self.props)]], len(self.props)
+
+    def child_done(self, frame: tuple, child: tuple) -> tuple | None:
         _, phase, index, count, seen, _ = frame
         if phase != "key":
             return frame
         text = child[-1]
-        if child[0] is ANY_STRING:
-            return (self, "colon", len(self.props), count, seen | {text} if self.tracks else seen, 0)
+        if child[0] is self.key:
+            slot = self._slot(text)
+            return None if slot is None else (self, "colon", len(self.props) + slot, count, seen | {text}, 0)
         return (self, "colon", self.keys[text], count, seen, 0)
+
+    def _slot(self, text: str) -> int | None:
+        """Which value node an extra key's text (quoted, unescaped) takes; None: no value may follow it."""
+        matched = tuple(i for i, regex in enumerate(self.patterns) if regex.matches(text[1:-1]))
+        node = self.values.get(matched)
+        return None if node is None else self.slots.index(matched)
 
     def _may_close(self, index: int, count: int) -> bool:
         return self.required_from[index] == 0 and (not self.counts or count >= self.min_props)
@@ -1263,11 +1301,11 @@ class Object(Piece):
         chosen, need = [], self.min_props - count - 1
         for j in range(index, len(self.props)):
             fits = self.max_props is None or count + 1 + self.required_from[j + 1] <= self.max_props
-            if fits and (self.extras is not None or len(self.props) - j - 1 >= need or not self.counts):
+            if fits and (self.key is not None or len(self.props) - j - 1 >= need or not self.counts):
                 chosen.append(j)
             if self.props[j][2]:
                 break
-        return tuple(chosen), self.extras is not None and self.required_from[index] == 0
+        return tuple(chosen), self.key is not None and self.required_from[index] == 0
 
     def _key_frames(self, index: int, count: int, seen: frozenset) -> list[tuple]:
         declared, extra = self._choices(index, count)
@@ -1279,15 +1317,14 @@ class Object(Piece):
                                                              for j in declared)
             frames.append((piece, None, '"'))
         if extra:
-            frames.append((ANY_STRING, ANY_STRING.regex.start, 0, "", (frozenset(self.keys) | seen, self.tracks), '"'))
+            frames += [f[0] for f in self.key.begin('"', (self.forbidden | seen, True)) if f is not REFEED]
         return frames
 
     def finish(self, frame: tuple) -> str:
         _, phase, index, count, seen, _ = frame
         if phase == "colon":
-            declared = index < len(self.props)
-            node = self.props[index][1] if declared else self.extras
-            return ":" + node.min_text + self._tail(index + 1 if declared else index, count + self.counts, seen, ",", False)
+            node, nxt = self._value(index)
+            return ":" + node.min_text + self._tail(nxt, count + self.counts, seen, ",", False)
         return self._tail(index, count, seen, "," if phase == "value" else "", phase == "comma")
 
     def _tail(self, index: int, count: int, seen: frozenset, sep: str, must: bool) -> str | None:
@@ -1298,9 +1335,8 @@ class Object(Piece):
             if declared and (self.props[declared[-1]][2] or not extra):
                 j = declared[-1] if self.props[declared[-1]][2] else declared[0]
                 key, node, index = json.dumps(self.props[j][0], ensure_ascii=False), self.props[j][1], j + 1
-            elif extra:
-                key = ANY_STRING.first(frozenset(self.keys) | seen)
-                node, index, seen = self.extras, len(self.props), seen | {key}
+            elif extra and (key := self.key.first(self.forbidden | seen)) is not None and self._slot(key) is not None:
+                node, index, seen = self.values[self.slots[self._slot(key)]], len(self.props), seen | {key}
             else:
                 return None
             parts.append(sep + key + ":" + node.min_text)
@@ -1457,18 +1493,19 @@ SCHEMA_KEYWORDS = {
     "items", "prefixItems", "additionalItems", "minItems", "maxItems", "uniqueItems",
     "minLength", "maxLength", "pattern", "format",
     "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf",
+    "not", "if", "then", "else", "patternProperties", "propertyNames", "dependencies", "dependentRequired",
+    "dependentSchemas", "!enum", "!pattern",   # the last two: what `not` leaves (values, patterns excluded)
 }
 # Keywords that constrain and are not enforced: a 400 naming them. Any other keyword
 # (annotations, extensions such as x-*, misspellings) is ignored, as validators do.
-SCHEMA_REFUSED = {"not", "if", "patternProperties", "propertyNames", "dependencies", "dependentRequired",
-                  "dependentSchemas", "contains", "unevaluatedProperties", "unevaluatedItems",
+SCHEMA_REFUSED = {"contains", "unevaluatedProperties", "unevaluatedItems",
                   "$dynamicRef", "$recursiveRef", "extends", "disallow", "divisibleBy"}
-SCHEMA_ANNOTATIONS = {"title", "description", "default", "examples", "deprecated", "readOnly", "writeOnly",
-                      "$schema", "$id", "id", "$comment", "discriminator", "strict"}
 # Keywords that say which type they constrain, for schemas without "type".
-KEYWORD_TYPES = {"object": {"properties", "required", "additionalProperties", "minProperties", "maxProperties"},
+KEYWORD_TYPES = {"object": {"properties", "required", "additionalProperties", "minProperties", "maxProperties",
+                            "patternProperties", "propertyNames", "dependencies", "dependentRequired",
+                            "dependentSchemas"},
                  "array": {"items", "prefixItems", "additionalItems", "minItems", "maxItems", "uniqueItems"},
-                 "string": {"minLength", "maxLength", "pattern", "format"},
+                 "string": {"minLength", "maxLength", "pattern", "format", "!pattern"},
                  "number": {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"}}
 _OCTET = r"(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 _H16 = r"[0-9A-Fa-f]{1,4}"
@@ -1554,7 +1591,7 @@ class SchemaCompiler:
             raise self.fail(f"JSON Schema keyword {refused[0]!r} is not supported (the README lists those enforced)")
         key = (id(schema), refs)
         if key not in self.memo:
-            self.memo[key] = (schema, self._compile(schema, refs, depth + 1))
+            self.memo[key] = (schema, self._compile(schema, refs, depth))
         return self.memo[key][1]
 
     def _compile(self, schema: dict, refs: int, depth: int) -> Piece | None:
@@ -1567,11 +1604,18 @@ class SchemaCompiler:
         if "allOf" in constraints:
             merged = {k: v for k, v in constraints.items() if k != "allOf"}
             for part in self.list_of(constraints, "allOf"):
+                if part is False:
+                    return None
                 merged = self.merge(merged, part)
             return self.compile(merged, refs, depth)
-        for word in ("anyOf", "oneOf"):
-            if word in constraints:
-                return self.any_of(constraints, word, refs, depth)
+        if "anyOf" in constraints:
+            return self.any_of(constraints, "anyOf", refs, depth)
+        if "oneOf" in constraints:
+            return self.one_of(constraints, refs, depth)
+        rest = {k: v for k, v in constraints.items() if k not in ("not", "if", "then", "else")}
+        branches = self.branches(constraints)
+        if branches is not None:
+            return union([self.compile(self.merge(rest, b), refs, depth) for b in branches if b is not False])
         if "enum" in constraints or "const" in constraints:
             return self.literals(constraints, refs, depth)
         kinds = constraints.get("type", [k for k, words in KEYWORD_TYPES.items() if words & set(constraints)])
@@ -1587,7 +1631,8 @@ class SchemaCompiler:
         if kind in ("integer", "number"):
             return self.number(schema, kind == "integer")
         if kind in ("boolean", "null"):
-            return BOOLEAN if kind == "boolean" else NULL
+            return self.literals({"enum": [True, False] if kind == "boolean" else [None],
+                                  "!enum": schema.get("!enum", [])}, refs, depth)
         if kind == "object":
             return self.object(schema, refs, depth)
         if kind == "array":
@@ -1612,8 +1657,157 @@ class SchemaCompiler:
             raise self.fail(f"'{word}' must be a non-empty list")
         return value
 
+    def branches(self, schema: dict) -> list | None:
+        """not, if/then/else and dependencies as alternatives to merge into the rest (None: none of them)."""
+        if "not" in schema:
+            return self.negate(schema["not"])
+        if "if" in schema:
+            then, orelse = schema.get("then", {}), schema.get("else", {})
+            return [{"allOf": [schema["if"], then]}] + [{"allOf": [n, orelse]} for n in self.negate(schema["if"])]
+        deps = {}
+        for word in ("dependencies", "dependentRequired", "dependentSchemas"):
+            deps.update(schema.get(word) if isinstance(schema.get(word), dict) else {})
+        if not deps:
+            return None
+        out = [{k: v for k, v in schema.items() if k not in ("dependencies", "dependentRequired", "dependentSchemas")}]
+        for name, need in deps.items():  # each: the key absent, or present with what it needs
+            need = {"required": need} if isinstance(need, list) else need
+            out = [alt for branch in out for alt in ({"allOf": [branch, {"properties": {name: False}}]},
+                                                    {"allOf": [branch, {"required": [name]}, need]})]
+            if len(out) > SCHEMA_MAX_BRANCHES:
+                raise self.fail(f"more than {SCHEMA_MAX_BRANCHES} combinations of dependencies")
+        return out
+
+    def negate(self, schema: Any, hops: int = 0) -> list:
+        """`not`: alternatives, any of which makes a value fail `schema` (what cannot be negated is a 400)."""
+        if schema is True or schema == {}:
+            return [False]
+        if schema is False:
+            return [{}]
+        if not isinstance(schema, dict) or hops > SCHEMA_MAX_DEPTH:
+            raise self.fail("JSON Schema keyword 'not' must hold a schema")
+        words = set(schema) & SCHEMA_KEYWORDS
+        if words == {"$ref"}:
+            return self.negate(self.resolve(schema["$ref"]), hops + 1)
+        if words == {"type"}:
+            kinds = set(_as_list(schema["type"]))
+            kinds |= {"integer"} if "number" in kinds else set()
+            return [{"type": [k for k in JSON_TYPES if k not in kinds and (k != "number" or "integer" not in kinds)]}]
+        if words <= {"enum", "const"}:
+            return [{"!enum": schema["enum"] if "enum" in schema else [schema["const"]]}]
+        if words == {"pattern"}:
+            return [{"!pattern": [schema["pattern"]]}]
+        if words <= {"required", "properties"} and isinstance(schema.get("properties", {}), dict):
+            absent = [{"properties": {name: False}} for name in schema.get("required", [])]
+            return absent + [{"required": [name], "properties": {name: {"anyOf": self.negate(sub, hops + 1)}}}
+                             for name, sub in schema.get("properties", {}).items()]
+        if words in ({"anyOf"}, {"oneOf"}) and all(isinstance(p, dict) for p in self.list_of(schema, *words)):
+            out = [{}]  # none of them: every part negated
+            for part in schema[next(iter(words))]:
+                out = [{"allOf": [a, b]} for a in out for b in self.negate(part, hops + 1)][:SCHEMA_MAX_BRANCHES + 1]
+            return out
+        if words == {"allOf"}:
+            return [alt for part in self.list_of(schema, "allOf") for alt in self.negate(part, hops + 1)]
+        raise self.fail(f"JSON Schema keyword 'not' is enforced only over type, enum, const, pattern, required, "
+                        f"properties, anyOf and allOf, not {sorted(words)[:3]}")
+
+    def one_of(self, schema: dict, refs: int, depth: int) -> Piece | None:
+        """oneOf: each branch narrowed so that no value it produces matches another (else a 400).
+
+        A branch this server cannot enforce is left out: the others are narrowed against it all the same.
+        """
+        base = {k: v for k, v in schema.items() if k != "oneOf"}
+        parts = [self.merge(base, alt) if base else alt for alt in self.list_of(schema, "oneOf")]
+        alternatives, errors = [], []
+        for i, part in enumerate(parts):
+            try:
+                narrowed = part
+                for j, other in enumerate(parts):
+                    narrowed = narrowed if i == j else self.exclude(narrowed, other, i, j)
+                alternatives.append(self.compile(narrowed, refs, depth))
+            except APIError as exc:
+                errors.append(exc)
+                if "oneOf" in exc.message:
+                    raise
+        if errors and not any(a is not None for a in alternatives):
+            raise errors[0]
+        return union(alternatives)
+
+    def exclude(self, part: Any, other: Any, i: int, j: int) -> Any:
+        """`part` narrowed so that nothing it produces satisfies `other` (oneOf branches i and j), or a 400."""
+        part, other = self.flat(part), self.flat(other)
+        if part is False or other is False or self.disjoint(part, other):
+            return part
+        mine, theirs = self.types(part, True), self.types(other, False)
+        if mine is not None and theirs is not None and mine - theirs and not ("integer" in theirs and "number" in mine - theirs):
+            return self.merge(part, {"type": sorted(mine - theirs)})
+        required = part.get("required", []) if isinstance(part.get("required"), list) else []
+        for name in other.get("required", []) if isinstance(other.get("required"), list) else []:
+            if name not in required:
+                return self.merge(part, {"properties": {name: False}})
+        raise self.fail(f"oneOf branches {i} and {j} can both match one value, and this server cannot make the "
+                        "output match exactly one (give them a distinguishing key, type or const)")
+
+    def flat(self, schema: Any, hops: int = 0) -> Any:
+        """The schema with its top-level $ref and allOf merged in (for oneOf's analysis)."""
+        if isinstance(schema, dict) and ("$ref" in schema or "allOf" in schema) and hops <= SCHEMA_MAX_DEPTH:
+            merged = {k: v for k, v in schema.items() if k not in ("$ref", "allOf")}
+            for part in ([self.resolve(schema["$ref"])] if "$ref" in schema else []) + list(schema.get("allOf", [])):
+                if part is False:
+                    return False
+                merged = self.merge(merged, part)
+            return self.flat(merged, hops + 1)
+        return {} if schema is True else schema
+
+    def types(self, schema: dict, produced: bool) -> set | None:
+        """The JSON types of values `schema` lets through; `produced`: of the values this server writes for it."""
+        if "enum" in schema or "const" in schema:
+            values = schema["enum"] if "enum" in schema else [schema["const"]]
+            return {json_type(v) for v in values if isinstance(values, list)}
+        if "type" in schema:
+            kinds = set(_as_list(schema["type"]))
+            return kinds | {"integer"} if "number" in kinds else kinds
+        if produced and not {"anyOf", "oneOf", "not", "if"} & set(schema):
+            inferred = {k for k, words in KEYWORD_TYPES.items() if words & set(schema)}
+            return (inferred | {"integer"} if "number" in inferred else inferred) or None
+        return None
+
+    def disjoint(self, part: dict, other: dict, hops: int = 0) -> bool:
+        """True when no value this server writes for `part` satisfies `other`."""
+        part, other = self.flat(part), self.flat(other)
+        if part is False or other is False:
+            return True
+        if not isinstance(part, dict) or not isinstance(other, dict) or hops > SCHEMA_MAX_DEPTH:
+            return False
+        mine, theirs = self.types(part, True), self.types(other, False)
+        if mine is not None and theirs is not None and not mine & theirs:
+            return True
+        values = part.get("enum", [part["const"]] if "const" in part else None)
+        allowed = other.get("enum", [other["const"]] if "const" in other else None)
+        if isinstance(values, list) and isinstance(allowed, list) and not any(v == w for v in values for w in allowed):
+            return True
+        props, theirs = part.get("properties") or {}, other.get("properties") or {}
+        closed = other.get("additionalProperties", True) is False and "patternProperties" not in other
+        for name in part.get("required", []) if isinstance(part.get("required"), list) else []:
+            if isinstance(theirs, dict) and (theirs.get(name) is False or closed and name not in theirs):
+                return True
+            if isinstance(theirs, dict) and name in theirs and isinstance(props, dict) and name in props \
+                    and self.disjoint(props[name], theirs[name], hops + 1):
+                return True
+        for name in other.get("required", []) if isinstance(other.get("required"), list) else []:
+            if isinstance(props, dict) and (props.get(name) is False or name not in props and self.closed(part)):
+                return True
+        return False
+
+    @staticmethod
+    def closed(schema: dict) -> bool:
+        """Whether this server writes no key beyond `properties` for `schema`."""
+        extra = schema.get("additionalProperties", None if schema.get("properties") else True)
+        return extra in (None, False) and not schema.get("patternProperties")
+
     def any_of(self, schema: dict, word: str, refs: int, depth: int) -> Piece | None:
-        """anyOf (oneOf alike): alternatives this server cannot enforce are left out while another remains."""
+        """anyOf: alternatives this server cannot enforce are left out while another remains (output
+        that matches one still matches anyOf)."""
         base = {k: v for k, v in schema.items() if k != word}
         alternatives, errors = [], []
         for alt in self.list_of(schema, word):
@@ -1636,14 +1830,19 @@ class SchemaCompiler:
                 raise self.fail(f"allOf refers to itself through $ref more than {SCHEMA_MAX_DEPTH} times")
             rest = {k: v for k, v in b.items() if k != "$ref"}
             return self.merge(self.merge(a, self.resolve(b["$ref"]), hops + 1), rest, hops + 1)
-        for one, other in ((a, b), (b, a)):
-            if one.get("additionalProperties", True) is not True and set(other.get("properties", {})) - set(one.get("properties", {})):
-                raise self.fail("allOf with additionalProperties beside other properties cannot be merged")
+        a, b = self.closed_to(a, b), self.closed_to(b, a)
         out = dict(a)
         for key, value in b.items():
             mine = out.get(key)
-            if key not in out or key in SCHEMA_ANNOTATIONS:
+            if key not in out or key not in SCHEMA_KEYWORDS:
                 out.setdefault(key, value)
+            elif key == "not":
+                out[key] = {"anyOf": [mine, value]}
+            elif key in ("!enum", "!pattern", "allOf"):
+                out[key] = mine + value
+            elif key in ("dependencies", "dependentRequired", "dependentSchemas", "patternProperties") \
+                    and not set(mine) & set(value):
+                out[key] = {**mine, **value}
             elif key == "properties" and isinstance(mine, dict) and isinstance(value, dict):
                 out[key] = {**mine, **{k: {"allOf": [mine[k], v]} if k in mine else v for k, v in value.items()}}
             elif key == "required" and isinstance(mine, list) and isinstance(value, list):
@@ -1660,25 +1859,31 @@ class SchemaCompiler:
                 out[key] = [v for v in mine if _canonical(v) in {_canonical(w) for w in value}]
             elif key in ("$defs", "definitions"):
                 out[key] = {**mine, **value}
-            elif key == "allOf":
-                out[key] = mine + value
             elif _canonical(mine) != _canonical(value):
                 raise self.fail(f"allOf parts with different {key!r} cannot be merged")
         return out
+
+    @staticmethod
+    def closed_to(one: dict, other: dict) -> dict:
+        """allOf: `one` with the properties only `other` declares held to other's additionalProperties."""
+        extra = other.get("additionalProperties", True)
+        mine, theirs = one.get("properties"), other.get("properties") or {}
+        if extra is True or not isinstance(mine, dict) or other.get("patternProperties") or not isinstance(theirs, dict):
+            return one
+        return {**one, "properties": {k: v if k in theirs else {"allOf": [v, extra]} for k, v in mine.items()}}
 
     def literals(self, schema: dict, refs: int, depth: int) -> Literals:
         """enum/const: the listed values that also fit the rest of the schema."""
         values = self.list_of(schema, "enum") if "enum" in schema else [schema["const"]]
         if "const" in schema:
             values = [v for v in values if _canonical(v) == _canonical(schema["const"])]
+        values = [v for v in values if not any(v == w and json_type(v) == json_type(w) for w in schema.get("!enum", []))]
         texts = [json.dumps(v, ensure_ascii=False, separators=(",", ":")) for v in values]
-        rest = {k: v for k, v in schema.items() if k not in ("enum", "const")}
+        rest = {k: v for k, v in schema.items() if k not in ("enum", "const", "!enum")}
         if rest:
             node = self.compile(rest, refs, depth)
-            texts = [t for t in texts if node is not None and json_complete(json_advance(json_start(node), t))]
-        if not texts:
-            raise self.fail("no value of 'enum'/'const' satisfies the rest of the schema")
-        return Literals(texts)
+            texts = [t for t in texts if node is not None and accepts_text(node, t)]
+        return Literals(texts) if texts else None
 
     def count(self, schema: dict, word: str) -> int | None:
         value = schema.get(word)
@@ -1693,9 +1898,13 @@ class SchemaCompiler:
             raise self.fail("'pattern' must be a string")
         if form in ("hostname", "idn-hostname"):
             high = min(high if high is not None else HOSTNAME_MAX_LENGTH, HOSTNAME_MAX_LENGTH)
+        parts = [(FORMATS[form], False)] if form in FORMATS else []   # all hold
+        parts += [(p, True, True) for p in schema.get("!pattern", [])]
+        excluded = [re.escape(v) for v in schema.get("!enum", []) if isinstance(v, str)]
+        parts += [("|".join(excluded), False, True)] if excluded else []
         try:
-            if pattern is not None:  # both hold
-                return String(regex_for(pattern, True, ((FORMATS[form], False),) if form in FORMATS else ()), low, high)
+            if pattern is not None or len(parts) > 1 or parts and form not in FORMATS:
+                return String(regex_for(pattern or "", True, tuple(parts)), low, high)
             return String(regex_for(FORMATS[form], False) if form in FORMATS else ANY_TEXT, low, high)
         except ValueError as exc:
             what = f"'pattern' {pattern!r}" if pattern is not None else f"'format' {form!r}" if form in FORMATS \
@@ -1720,39 +1929,98 @@ class SchemaCompiler:
         high, high_open = self.bound(schema, "maximum", "exclusiveMaximum", min)
         multiple = schema.get("multipleOf")
         if multiple is not None:
-            if not _is_number(multiple) or multiple <= 0 or multiple != int(multiple):
-                raise self.fail("'multipleOf' is enforced only as a positive integer")
-            integer, multiple = True, int(multiple)
+            if not _is_number(multiple) or multiple <= 0 or not math.isfinite(multiple):
+                raise self.fail("'multipleOf' must be a positive number")
+            step = Fraction(repr(multiple)) if isinstance(multiple, float) else Fraction(multiple)
+            units = step * 10 ** JSON_MAX_DIGITS   # a number's value counts in 10**-JSON_MAX_DIGITS (see Number)
+            # An integer is a multiple of p/q when p divides it. Validators divide floats: 7.77 / 0.01 is not
+            # whole to them, so a step a float cannot hold exactly (0.01, not 0.5) is served by integers.
+            if integer or step.denominator == 1 or Fraction(float(step)) != step:
+                integer, multiple = True, step.numerator
+            elif units.denominator != 1:
+                raise self.fail(f"'multipleOf' {multiple} has more than {JSON_MAX_DIGITS} decimals")
+            else:
+                multiple = int(units)
+        excluded = []
+        for value in schema.get("!enum", []):
+            if _is_number(value) and "e" in repr(value).lower():
+                raise self.fail(f"'not' excludes {value!r}, a number this server cannot exclude")
+            if _is_number(value):  # every way this server writes it: 3, 3.0, 3.00...
+                integral = float(value).is_integer()
+                excluded.append("-?" * (value == 0) + re.escape(str(int(value))) + r"(\.0+)?" if integral else re.escape(repr(value)) + "0*")
         try:
-            return Number(integer, low, high, low_open, high_open, multiple)
+            return Number(integer, low, high, low_open, high_open, multiple, tuple(excluded))
         except ValueError as exc:
             raise self.fail(str(exc)) from None
 
     def object(self, schema: dict, refs: int, depth: int) -> Piece | None:
+        """properties in their order, then other keys: those patternProperties or additionalProperties allow.
+
+        Without additionalProperties, this server writes no key beyond properties, patternProperties
+        and required (whose undeclared names take any value).
+        """
         properties, required = schema.get("properties", {}), schema.get("required", [])
-        if not isinstance(properties, dict) or not isinstance(required, list) or \
+        patterns = schema.get("patternProperties", {})
+        if not isinstance(properties, dict) or not isinstance(required, list) or not isinstance(patterns, dict) or \
                 not all(isinstance(name, str) for name in required):
-            raise self.fail("'properties' must be an object and 'required' a list of names")
-        extra = schema.get("additionalProperties", None if properties else True)
-        declared = dict(properties)
-        for name in required:
-            if name not in declared:
-                if extra in (None, False):
-                    raise self.fail(f"required property {name!r} is not in 'properties'")
-                declared[name] = extra
-        props = []
-        for name, sub in declared.items():
-            node = self.compile(sub, refs, depth)
+            raise self.fail("'properties' and 'patternProperties' must be objects and 'required' a list of names")
+        extra = schema.get("additionalProperties", None if properties or patterns else True)
+        try:
+            regexes = [regex_for(p) for p in patterns]
+            names = self.property_names(schema.get("propertyNames"), refs, depth)
+        except ValueError as exc:
+            raise self.fail(f"'patternProperties': {exc}") from None
+        props, banned = [], []
+        for name in dict.fromkeys([*properties, *required]):
+            matched = [sub for p, sub in zip(regexes, patterns.values()) if p.matches(name)]
+            own = properties.get(name, True if extra is None else extra)
+            node = None if names and not accepts_text(names, json.dumps(name)) else \
+                self.compile({"allOf": [own, *matched]} if matched else own, refs, depth + 1)
             if node is None and name in required:
                 return None
-            if node is not None:
-                props.append((name, node, name in required))
-        extras = None if extra in (None, False) else self.compile(extra, refs, depth)
+            props.append((name, node, name in required)) if node is not None else banned.append(name)
+        values = self.pattern_values(patterns, regexes, extra, refs, depth)
+        key = names or ANY_STRING
+        if regexes and extra in (None, False) and isinstance(key, Literals):  # other keys must match a pattern
+            key = Literals(t for t in key.texts if any(r.matches(json.loads(t)) for r in regexes))
+        elif regexes and extra in (None, False):
+            try:
+                key = String(regex_for("|".join(f"(?:{p})" for p in patterns), True, key.regex.source), key.min_len,
+                             key.max_len)
+            except ValueError as exc:
+                raise self.fail(f"'patternProperties'/'propertyNames': {exc}") from None
         try:
-            return Object(tuple(props), extras, self.count(schema, "minProperties") or 0,
-                          self.count(schema, "maxProperties"))
+            return Object(tuple(props), None, self.count(schema, "minProperties") or 0,
+                          self.count(schema, "maxProperties"), key, tuple(banned), tuple(regexes), values)
         except ValueError as exc:
             raise self.fail(str(exc)) from None
+
+    def pattern_values(self, patterns_of: dict, regexes: list, extra: Any, refs: int, depth: int) -> dict:
+        """An extra key's value node by the patterns it matches (a tuple of indices; (): additionalProperties)."""
+        values = {} if extra in (None, False) else {(): self.compile(extra, refs, depth + 1)}
+        if len(regexes) > 6:
+            raise self.fail("more than 6 'patternProperties' patterns")
+        for size in range(1, len(regexes) + 1):
+            for chosen in itertools.combinations(range(len(regexes)), size):
+                if size > 1 and chosen[:-1] not in values:
+                    continue
+                try:  # can one key match all of them?
+                    regex_for("", True, tuple((list(patterns_of)[i], True) for i in chosen))
+                except ValueError:
+                    continue
+                values[chosen] = self.compile({"allOf": [list(patterns_of.values())[i] for i in chosen]}, refs, depth + 1)
+        return {k: v for k, v in values.items() if v is not None}
+
+    def property_names(self, names: Any, refs: int, depth: int) -> Piece | None:
+        """propertyNames as a key leaf (a string or enum piece), None when absent."""
+        if names in (None, True, {}):
+            return None
+        node = self.compile(names if names is False else {"type": "string", **names}, refs, depth + 1)
+        if node is not None and not isinstance(node, (String, Literals)):
+            raise self.fail("'propertyNames' is enforced as a string schema (pattern, lengths, format, enum)")
+        if node is None:
+            raise self.fail("'propertyNames' allows no name")
+        return node
 
     def array(self, schema: dict, refs: int, depth: int) -> Piece | None:
         items, prefix = schema.get("items"), schema.get("prefixItems", [])
@@ -1763,14 +2031,14 @@ class SchemaCompiler:
         low, high = self.count(schema, "minItems") or 0, self.count(schema, "maxItems")
         nodes = []
         for sub in prefix:
-            node = self.compile(sub, refs, depth)
+            node = self.compile(sub, refs, depth + 1)
             if node is None:  # no value fits this position: the array ends before it
                 high, items = len(nodes) if high is None else min(high, len(nodes)), False
                 break
             nodes.append(node)
         if items is None:
             items = True if not prefix or low > len(prefix) else False
-        rest = self.compile(items, refs, depth)
+        rest = self.compile(items, refs, depth + 1)
         unique = schema.get("uniqueItems") is True
         if unique:
             nodes, rest = [self.unique_leaf(n) for n in nodes], rest and self.unique_leaf(rest)
@@ -1791,12 +2059,29 @@ class SchemaCompiler:
                         "integers, or enum/const/boolean/null values")
 
 
+def accepts_text(node: Piece, text: str) -> bool:
+    """Whether the automaton for `node` takes `text` as a whole value."""
+    return json_complete(json_advance(json_start(node), text))
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _as_list(value: Any) -> list:
     return value if isinstance(value, list) else [value]
+
+
+JSON_TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
+
+
+def json_type(value: Any) -> str:
+    """A JSON value's type by JSON Schema's names (an integral number is an integer)."""
+    if isinstance(value, bool) or value is None:
+        return "boolean" if value is not None else "null"
+    if isinstance(value, (int, float)):
+        return "integer" if float(value).is_integer() else "number"
+    return {dict: "object", list: "array", str: "string"}[type(value)]
 
 
 def _canonical(value: Any) -> str:
@@ -1972,7 +2257,8 @@ class JsonMasks:
         table, ids, walk, plain = self.table, [], [], mx.zeros((width,), dtype=mx.bool_)
         for stack in state:
             top = stack[-1] if stack else None
-            if top is not None and isinstance(top[0], String) and top[3] == "" and (top[4] is None or top[0].max_len is None):
+            if top is not None and isinstance(top[0], String) and top[3] == "" and (
+                    top[4] is None or top[0].max_len is None and top[0].regex is ANY_TEXT):
                 # Inside a string, a plain token cannot leave it: its fate is the regex's and
                 # the length's alone (String.plain_tokens); only the other tokens need a walk.
                 plain = plain | self._plain(top)
@@ -2033,7 +2319,7 @@ def commitment(start: tuple) -> int:
         seen.add(id(piece))
         children = list(piece.alternatives) if isinstance(piece, Union) else []
         if isinstance(piece, Object):
-            children = [node for _, node, _ in piece.props] + [piece.extras] * (piece.extras is not None)
+            children = [node for _, node, _ in piece.props] + [n for n in piece.values.values() if n is not None]
             most = max([most] + [len(key) + 2 for key in piece.keys])
         elif isinstance(piece, Array):
             children = list(piece.prefix) + [piece.items] * (piece.items is not None)
