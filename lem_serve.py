@@ -954,7 +954,7 @@ class String(Piece):
     def viable(self, dfa: frozenset, count: int) -> bool:
         """Whether a string at `dfa` after `count` characters can still be completed."""
         if count >= self.min_len:
-            return count + self.regex.distance(dfa) <= self.limit
+            return count + self.regex.distance(dfa) <= self.limit and self.regex.shortest(dfa) is not None
         return self.complete(dfa, count) is not None
 
     def complete(self, dfa: frozenset, count: int) -> str | None:
@@ -1612,8 +1612,8 @@ class SchemaCompiler:
             return self.any_of(constraints, "anyOf", refs, depth)
         if "oneOf" in constraints:
             return self.one_of(constraints, refs, depth)
-        rest = {k: v for k, v in constraints.items() if k not in ("not", "if", "then", "else")}
-        branches = self.branches(constraints)
+        handled, branches = self.branches(constraints)
+        rest = {k: v for k, v in constraints.items() if k not in handled}
         if branches is not None:
             return union([self.compile(self.merge(rest, b), refs, depth) for b in branches if b is not False])
         if "enum" in constraints or "const" in constraints:
@@ -1657,26 +1657,28 @@ class SchemaCompiler:
             raise self.fail(f"'{word}' must be a non-empty list")
         return value
 
-    def branches(self, schema: dict) -> list | None:
-        """not, if/then/else and dependencies as alternatives to merge into the rest (None: none of them)."""
+    def branches(self, schema: dict) -> tuple[tuple, list | None]:
+        """(keywords handled, alternatives to merge into the rest): one of not, if/then/else, dependencies."""
         if "not" in schema:
-            return self.negate(schema["not"])
+            return ("not",), self.negate(schema["not"])
         if "if" in schema:
             then, orelse = schema.get("then", {}), schema.get("else", {})
-            return [{"allOf": [schema["if"], then]}] + [{"allOf": [n, orelse]} for n in self.negate(schema["if"])]
+            return ("if", "then", "else"), [{"allOf": [schema["if"], then]}] + [
+                {"allOf": [n, orelse]} for n in self.negate(schema["if"])]
+        words = ("dependencies", "dependentRequired", "dependentSchemas")
         deps = {}
-        for word in ("dependencies", "dependentRequired", "dependentSchemas"):
+        for word in words:
             deps.update(schema.get(word) if isinstance(schema.get(word), dict) else {})
         if not deps:
-            return None
-        out = [{k: v for k, v in schema.items() if k not in ("dependencies", "dependentRequired", "dependentSchemas")}]
+            return (), None
+        out = [{}]
         for name, need in deps.items():  # each: the key absent, or present with what it needs
             need = {"required": need} if isinstance(need, list) else need
             out = [alt for branch in out for alt in ({"allOf": [branch, {"properties": {name: False}}]},
                                                     {"allOf": [branch, {"required": [name]}, need]})]
             if len(out) > SCHEMA_MAX_BRANCHES:
                 raise self.fail(f"more than {SCHEMA_MAX_BRANCHES} combinations of dependencies")
-        return out
+        return words, out
 
     def negate(self, schema: Any, hops: int = 0) -> list:
         """`not`: alternatives, any of which makes a value fail `schema` (what cannot be negated is a 400)."""
@@ -2090,7 +2092,10 @@ def _canonical(value: Any) -> str:
 
 def compile_schema(schema: Any, root: Any, param: str) -> Piece:
     """Compile a JSON Schema (the keywords in SCHEMA_KEYWORDS) or raise a 400 naming `param`."""
-    node = SchemaCompiler(root if isinstance(root, dict) else {}, param).compile(schema)
+    try:
+        node = SchemaCompiler(root if isinstance(root, dict) else {}, param).compile(schema)
+    except RecursionError:
+        raise invalid(f"'{param}': the schema nests too deeply for this server", param) from None
     if node is None:
         raise invalid(f"'{param}': no JSON value satisfies this schema (or its recursion needs more than "
                       f"{SCHEMA_MAX_REFS} levels of $ref)", param)
