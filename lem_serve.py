@@ -108,6 +108,7 @@ JSON_MAX_WHITESPACE = 24          # whitespace characters between two JSON token
 JSON_MAX_NESTING = 16             # arrays/objects nested in free JSON (json_object, schemas without a type)
 SCHEMA_MAX_DEPTH = 32             # nesting a schema may have; more is a 400
 SCHEMA_MAX_REFS = 8               # $ref hops on one path; a recursive schema is unrolled this deep, then ends
+SCHEMA_MAX_BRANCHES = 16          # alternatives one not/if/dependencies keyword may expand into; more is a 400
 REGEX_MAX_STATES = 5000           # NFA states of one pattern or format once repeats are expanded; more is a 400
 JSON_MASK_CACHE_STATES = 1024     # token masks cached per constraint (vocab bytes each; one per state seen)
 JSON_CONSTRAINT_CACHE = 16        # compiled constraints kept across requests (same schema: warm masks)
@@ -497,6 +498,1945 @@ class ClientGone(Exception):
 
 
 # ---------------------------------------------------------------------------
+# Structured output: JSON Schema compiled to a character automaton, lifted to token masks
+# ---------------------------------------------------------------------------
+
+# -- JSON Schema, compiled to a character automaton ----------------------------
+#
+# compile_schema() turns a schema into a graph of pieces: Literals (enum,
+# const, true/false/null, object keys), String (a Regex over the decoded
+# characters, with lengths), Number (bounds, multipleOf), Object, Array and
+# Union (anyOf). json_advance() runs the graph over text as a pushdown
+# automaton. A state is a tuple of stacks, one per live anyOf branch; a stack
+# is a tuple of frames, innermost last; a frame is a tuple whose first item is
+# its piece. Everything hashes, so token masks are cached per state (JsonMasks,
+# in the engine section). For its frames, each piece answers
+#   step(frame, ch) -> frame tuples that replace it (() pops it), or REFEED:
+#                      the value was complete before `ch`, which goes to the parent;
+#   done(frame)     -> whether the value is complete;
+#   finish(frame)   -> a short text that completes it (closing in time for max_tokens);
+# and each piece has min_text, a shortest complete value of its own. A leaf
+# (Literals, String, Number) is always a top frame; its frame ends with (ex,
+# text): an exclusion (forbidden texts, whether to keep all of the text) for
+# uniqueItems and extra object keys, and its raw JSON text so far.
+#
+# Whitespace: up to JSON_MAX_WHITESPACE characters wherever JSON allows them
+# (newlines and indentation as models write them), so output stays finite.
+# Recursive $refs are unrolled SCHEMA_MAX_REFS deep; there the branch ends.
+
+JSON_WHITESPACE = " \t\n\r"
+JSON_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
+HEX_DIGITS = "0123456789abcdefABCDEF"
+REFEED = "refeed"
+
+
+# A character set is (negated, ((lo, hi) code point ranges), parts); a part is
+# a nested set or the name of a predicate below.
+CHAR_PREDICATES = {"decimal": str.isdecimal, "word": lambda c: c.isalnum() or c == "_",
+                   "space": lambda c: c.isspace() or c == "\ufeff"}
+
+
+def in_charset(charset: tuple, ch: str) -> bool:
+    negated, ranges, parts = charset
+    code = ord(ch)
+    hit = (any(lo <= code <= hi for lo, hi in ranges)
+           or any(CHAR_PREDICATES[p](ch) if isinstance(p, str) else in_charset(p, ch) for p in parts))
+    return hit != negated
+
+
+def charset(ranges=(), parts=(), negated=False) -> tuple:
+    return (negated, tuple(ranges), tuple(parts))
+
+
+def negate(cs: tuple) -> tuple:
+    return (not cs[0], cs[1], cs[2])
+
+
+ANY_CHAR = charset(negated=True)
+# \d \w \s as (narrow, wide): narrow holds only what both ECMAScript (JSON
+# Schema's dialect) and Python's re (which validators run) match, wide all that
+# either may. Classes use narrow, [^...] uses wide: output satisfies both.
+SHORTHANDS = {"d": (charset([(48, 57)]), charset(parts=["decimal"])),
+              "w": (charset([(48, 57), (65, 90), (95, 95), (97, 122)]), charset(parts=["word"])),
+              "s": (charset([(9, 13), (32, 32)]), charset(parts=["space"]))}
+SHORTHANDS.update({k.upper(): (negate(wide), negate(narrow)) for k, (narrow, wide) in list(SHORTHANDS.items())})
+REGEX_ESCAPES = {"t": 9, "n": 10, "v": 11, "f": 12, "r": 13, "0": 0}
+DOT = charset([(10, 10), (13, 13), (0x2028, 0x2029)], negated=True)   # ECMAScript's '.'
+QUANTIFIER = re.compile(r"([*+?])|\{(\d+)(,(\d*))?\}")
+
+
+class RegexParser:
+    """A recursive-descent parser for the regular expressions JSON Schemas use.
+
+    Tree nodes: ("chars", charset), ("seq", [...]), ("alt", [...]),
+    ("rep", node, min, max or None), ("anchor", "^" or "$"). Raises ValueError
+    naming what it does not support (lookaround, backreferences, \b, flags).
+    """
+
+    def __init__(self, text: str):
+        self.text, self.pos = text, 0
+
+    def parse(self) -> tuple:
+        tree = self.alternation()
+        if self.pos < len(self.text):
+            raise ValueError(f"unbalanced ')' at {self.pos}")
+        return tree
+
+    def take(self, chars: str) -> bool:
+        found = self.text[self.pos:self.pos + 1] in tuple(chars)
+        self.pos += found
+        return found
+
+    def alternation(self) -> tuple:
+        branches = [self.sequence()]
+        while self.take("|"):
+            branches.append(self.sequence())
+        return ("alt", branches)
+
+    def sequence(self) -> tuple:
+        items = []
+        while self.text[self.pos:self.pos + 1] not in ("", "|", ")"):
+            item = self.atom()
+            while match := QUANTIFIER.match(self.text, self.pos):
+                if item[0] == "anchor":
+                    raise ValueError("a quantifier after an anchor")
+                self.pos = match.end()
+                self.take("?")  # a lazy quantifier matches the same strings
+                low, high = {"*": (0, None), "+": (1, None), "?": (0, 1)}.get(match[1]) or \
+                    (int(match[2]), int(match[2]) if match[3] is None else int(match[4]) if match[4] else None)
+                if high is not None and high < low:
+                    raise ValueError(f"{match[0]} has its bounds reversed")
+                item = ("rep", item, low, high)
+            items.append(item)
+        return ("seq", items)
+
+    def atom(self) -> tuple:
+        ch = self.text[self.pos]
+        self.pos += 1
+        if ch == "(":
+            group = re.match(r"\?:|\?<[A-Za-z_]\w*>|\?=|\?!", self.text[self.pos:])  # (?:...), named, lookahead
+            self.pos += group.end() if group else 0
+            if self.text.startswith("?", self.pos):
+                raise ValueError("lookbehind (?<=...) and inline flags (?...) are not supported")
+            tree = self.alternation()
+            if not self.take(")"):
+                raise ValueError("unbalanced '('")
+            return ("look", group[0] == "?=", tree) if group and group[0] in ("?=", "?!") else tree
+        if ch in "^$":
+            return ("anchor", ch)
+        if ch in "*+?" or QUANTIFIER.match(self.text, self.pos - 1):
+            raise ValueError(f"nothing to repeat at {self.pos - 1}")
+        return ("chars", DOT if ch == "." else self.bracket() if ch == "[" else self.item(ch, narrow=True))
+
+    def item(self, ch: str, narrow: bool) -> tuple:
+        """One character or escape (already taken: `ch`) as a set: narrow or wide shorthands (see SHORTHANDS)."""
+        if ch != "\\":
+            return charset([(ord(ch), ord(ch))])
+        ch = self.text[self.pos:self.pos + 1]
+        self.pos += 1
+        if ch in SHORTHANDS:
+            return SHORTHANDS[ch][0 if narrow else 1]
+        hexes = re.match({"x": "[0-9a-fA-F]{2}", "u": "[0-9a-fA-F]{4}"}.get(ch, "^$"), self.text[self.pos:])
+        if hexes and hexes.end():
+            self.pos += hexes.end()
+            code = int(hexes[0], 16)
+        elif ch in REGEX_ESCAPES or not (ch == "" or ch.isalnum()):
+            code = REGEX_ESCAPES.get(ch, ord(ch or "\0"))
+        else:
+            raise ValueError(f"the escape \\{ch} is not supported")
+        return charset([(code, code)])
+
+    def bracket(self) -> tuple:
+        """A class [...], its "[" taken; [^...] takes wide shorthands. A "]" first is a literal, as in Python."""
+        negated = self.take("^")
+        ranges, parts = [], []
+        while not ((ranges or parts) and self.take("]")):
+            if self.pos >= len(self.text):
+                raise ValueError("unbalanced '['")
+            low = self.member(negated)
+            if isinstance(low, tuple):
+                parts.append(low)
+                continue
+            high = low
+            if self.text[self.pos:self.pos + 1] == "-" and self.text[self.pos + 1:self.pos + 2] not in ("]", ""):
+                self.pos += 1
+                high = self.member(negated)
+                if isinstance(high, tuple) or high < low:
+                    raise ValueError("a bad range in a character class")
+            ranges.append((low, high))
+        return charset(ranges, parts, negated)
+
+    def member(self, negated: bool) -> int | tuple:
+        """A code point, or a shorthand's set, inside [...] (where \\b is a backspace)."""
+        ch = self.text[self.pos]
+        self.pos += 1
+        if ch == "\\" and self.take("b"):
+            return 8
+        cs = self.item(ch, narrow=not negated)
+        return cs[1][0][0] if not cs[0] and not cs[2] and cs[1][0][0] == cs[1][0][1] else cs
+
+
+ANYTHING = ("rep", ("chars", ANY_CHAR), 0, None)
+
+
+def lookaheads(tree: tuple, search: bool) -> tuple[tuple, list]:
+    """(the tree, [(lookahead tree, negated)]): lookaheads right after a leading '^' are parts the whole
+    text must (or, negated, must not) start with; a (?=...) ending an unanchored pattern is part of it."""
+    looks = []
+    if len(tree[1]) == 1:
+        items = list(tree[1][0][1])
+        while items[:1] == [("anchor", "^")] and items[1:2] and items[1][0] == "look":
+            _, positive, body = items.pop(1)
+            looks.append((("seq", [("anchor", "^"), body, ANYTHING]), not positive))
+        if search and items and items[-1][0] == "look" and items[-1][1]:
+            items[-1] = items[-1][2]
+        tree = ("alt", [("seq", items)])
+    if "'look'" in repr(tree):
+        raise ValueError("lookahead is supported only right after a leading '^' (and (?=...) at the end)")
+    return tree, looks
+
+
+class Regex:
+    """Regular expressions that must all match, as one lazily built DFA over character classes.
+
+    `parts` are (pattern, search) pairs: a searched pattern may match anywhere
+    (JSON Schema's `pattern`), else it must match the whole text (formats).
+    States are frozensets of NFA states, ~s standing for state s reached
+    through a '$' (it takes no more characters); None is dead. Leading
+    lookaheads are more parts, negated for (?!...). Characters are mapped
+    to class ids (the sets they belong to), so the DFA and the vocabulary's
+    class trie (TokenTable.class_trie) work on ids.
+    """
+
+    def __init__(self, parts: tuple):
+        self.source = parts
+        self.edges: list[list[tuple[Any, int]]] = []  # per NFA state: (charset index, None, "^" or "$"; target)
+        self.charset_index: dict[tuple, int] = {}
+        self.parts: list[tuple[int, int, int, bool]] = []   # (first state, last state, final, negated)
+        for pattern, search, *negated in parts:   # (pattern, search[, negated: must not match])
+            tree, looks = lookaheads(RegexParser(pattern).parse(), search)
+            if negated and looks:
+                raise ValueError("a lookahead inside 'not' is not supported")
+            for part, negated in [((("seq", [ANYTHING, tree, ANYTHING]) if search else tree), negated == [True])] + looks:
+                first = self._new()
+                self.parts.append((first, self._build(part, first), negated))
+        ends = [part[0] for part in self.parts[1:]] + [len(self.edges)]
+        self.parts = [(first, final, end, negated) for (first, final, negated), end in zip(self.parts, ends)]
+        self.charsets = tuple(self.charset_index)
+        self.start = self._closure({p[0] for p in self.parts}, True)
+        self.class_ids: dict[str, int] = {}
+        self.class_sigs: dict[int, int] = {}   # signature (bit i: in charset i) -> class id
+        self.sigs: list[int] = []              # class id -> signature
+        self.lock = threading.Lock()
+        self.moves: dict[tuple, frozenset | None] = {}
+        self.tails: dict[frozenset, str | None] = {}
+        self.reps = self._representatives()
+        if self.shortest(self.start) is None:
+            raise ValueError("the pattern matches nothing")
+
+    def __getstate__(self) -> dict:
+        # Sharded, a request's constraint travels pickled to the other ranks (see GroupLink):
+        # the lock stays behind and the caches (moves, tails) are rebuilt there as needed.
+        return {**self.__dict__, "lock": None, "moves": {}, "tails": {}}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, lock=threading.Lock())
+
+    def _new(self) -> int:
+        if len(self.edges) >= REGEX_MAX_STATES:
+            raise ValueError(f"the pattern is too large (over {REGEX_MAX_STATES} states once repeats are expanded)")
+        self.edges.append([])
+        return len(self.edges) - 1
+
+    def _build(self, tree: tuple, state: int) -> int:
+        kind = tree[0]
+        if kind == "anchor":
+            end = self._new()
+            self.edges[state].append((tree[1], end))
+            return end
+        if kind == "chars":
+            end = self._new()
+            self.edges[state].append((self.charset_index.setdefault(tree[1], len(self.charset_index)), end))
+            return end
+        if kind == "seq":
+            for item in tree[1]:
+                state = self._build(item, state)
+            return state
+        if kind == "alt":
+            end = self._new()
+            for branch in tree[1]:
+                self.edges[self._build(branch, state)].append((None, end))
+            return end
+        _, item, low, high = tree
+        for _ in range(low):
+            state = self._build(item, state)
+        if high is None:
+            loop = self._new()
+            self.edges[state].append((None, loop))
+            self.edges[self._build(item, loop)].append((None, loop))
+            return loop
+        ends = [state]
+        for _ in range(high - low):
+            ends.append(self._build(item, ends[-1]))
+        end = self._new()
+        for state in ends:
+            self.edges[state].append((None, end))
+        return end
+
+    def _closure(self, states: set, at_start: bool = False) -> frozenset:
+        """States reached without a character: '^' only at the start; after '$' (as ~s) nothing more may come."""
+        todo, seen = [(s, False) for s in states], set(states)
+        while todo:
+            state, ended = todo.pop()
+            for index, target in self.edges[state]:
+                passes = index is None or index == "$" or (index == "^" and at_start)
+                ended_here = ended or index == "$"
+                mark = ~target if ended_here else target
+                if passes and mark not in seen and target not in seen:
+                    seen.add(mark)
+                    todo.append((target, ended_here))
+        return frozenset(s for s in seen if s >= 0 or ~s not in seen)
+
+    def class_id(self, ch: str) -> int:
+        """The id of the class of characters that behave like `ch` everywhere in this regex."""
+        cid = self.class_ids.get(ch)
+        if cid is None:
+            sig = sum(1 << i for i, cs in enumerate(self.charsets) if in_charset(cs, ch))
+            with self.lock:  # shared across requests: handler threads (enum checks) and the engine
+                cid = self.class_ids[ch] = self.class_sigs.setdefault(sig, len(self.class_sigs))
+                if cid == len(self.sigs):
+                    self.sigs.append(sig)
+        return cid
+
+    def _representatives(self) -> dict[int, str]:
+        """One character per class seen in a sample covering every set's edges: class id -> char."""
+        codes = [*range(48, 58), *range(97, 123), *range(65, 91), *range(32, 127), *range(0, 32), *range(127, 0x250),
+                 0x660, 0x2028, 0x2029, 0x3000, 0xfeff, 0x4e00, 0x1f600]
+        for negated, ranges, parts in self.charsets:
+            codes += [c for lo, hi in ranges for c in (lo - 1, lo, hi, hi + 1) if 0 <= c <= 0x10ffff]
+        reps: dict[int, str] = {}
+        for code in codes:
+            if not 0xd800 <= code <= 0xdfff:
+                reps.setdefault(self.class_id(chr(code)), chr(code))
+        return reps
+
+    def _move(self, state: frozenset, cid: int) -> frozenset | None:
+        key = (state, cid)
+        if key not in self.moves:
+            sig = self.sigs[cid]
+            targets = {t for s in state if s >= 0 for index, t in self.edges[s]
+                       if isinstance(index, int) and sig >> index & 1}
+            alive = all(negated or any(first <= t < end for t in targets) for first, _, end, negated in self.parts)
+            self.moves[key] = self._closure(targets) if alive else None
+        return self.moves[key]
+
+    def move(self, state: frozenset, ch: str) -> frozenset | None:
+        """The state after `ch`; None when no match can follow."""
+        nxt = self._move(state, self.class_id(ch))
+        return nxt if nxt is not None and self.shortest(nxt) is not None else None
+
+    def matches(self, text: str) -> bool:
+        """Whether the whole of `text` is a match."""
+        state = self.start
+        for ch in text:
+            if (state := self.move(state, ch)) is None:
+                return False
+        return self.accepts(state)
+
+    def accepts(self, state: frozenset) -> bool:
+        return all((final in state or ~final in state) != negated for _, final, _, negated in self.parts)
+
+    def shortest(self, state: frozenset) -> str | None:
+        """A shortest text that takes `state` to a match (breadth first over class representatives)."""
+        if state not in self.tails:
+            parents, queue, found = {state: None}, [state], None
+            for current in queue:
+                if self.accepts(current):
+                    found = current
+                    break
+                for cid, ch in self.reps.items():
+                    nxt = self._move(current, cid)
+                    if nxt is not None and nxt not in parents:
+                        parents[nxt] = (current, ch)
+                        queue.append(nxt)
+            path = []
+            while found is not None and parents[found] is not None:
+                found, ch = parents[found]
+                path.append(ch)
+            self.tails[state] = None if found is None else "".join(reversed(path))
+        return self.tails[state]
+
+    def distance(self, state: frozenset) -> float:
+        tail = self.shortest(state)
+        return math.inf if tail is None else len(tail)
+
+
+@functools.lru_cache(maxsize=256)
+def regex_for(pattern: str, search: bool = True, also: tuple = ()) -> Regex:
+    """The compiled Regex for a pattern (and the (pattern, search) pairs `also`), shared across requests."""
+    return Regex(((pattern, search),) + also)
+
+
+ANY_TEXT = regex_for("")   # an empty pattern matches every string
+
+
+def _track(ex: tuple | None, text: str | None, ch: str) -> str | None:
+    """A leaf's raw text after `ch`, under an exclusion: whole when recording, else only while it could become a forbidden text."""
+    if ex is None or text is None:
+        return text
+    text += ch
+    forbidden, record = ex
+    return text if record or any(f.startswith(text) for f in forbidden) else None
+
+
+class Piece:
+    """A compiled schema node; compared by identity."""
+
+    min_text = ""
+
+    @property
+    def alternatives(self) -> tuple:
+        return (self,)
+
+    def done(self, frame: tuple) -> bool:
+        return False
+
+    def child_done(self, frame: tuple, child: tuple) -> tuple | None:
+        """This frame once its child value `child` is complete; None to refuse it."""
+        return frame
+
+
+class Literals(Piece):
+    """One of a fixed set of JSON texts: enum, const, true/false/null, object keys, tool-call markers.
+
+    Frame: (piece, ex, typed).
+    """
+
+    def __init__(self, texts):
+        self.texts = tuple(dict.fromkeys(texts))
+        self.min_text = min(self.texts, key=len)
+
+    def begin(self, ch: str, ex: tuple | None) -> list:
+        return self.step((self, ex, ""), ch)
+
+    def step(self, frame: tuple, ch: str) -> list:
+        _, ex, typed = frame
+        out = [REFEED] if self.done(frame) else []
+        typed += ch
+        if any(t.startswith(typed) and (ex is None or t not in ex[0]) for t in self.texts):
+            out.append(((self, ex, typed),))
+        return out
+
+    def done(self, frame: tuple) -> bool:
+        _, ex, typed = frame
+        return typed in self.texts and (ex is None or typed not in ex[0])
+
+    def finish(self, frame: tuple) -> str:
+        _, ex, typed = frame
+        return min((t for t in self.texts if t.startswith(typed) and (ex is None or t not in ex[0])), key=len)[len(typed):]
+
+    def first(self, forbidden: frozenset) -> str | None:
+        return min((t for t in self.texts if t not in forbidden), key=len, default=None)
+
+
+class String(Piece):
+    """A JSON string whose decoded text matches `regex` and has min_len to max_len characters.
+
+    Frame: (piece, dfa state, characters so far, escape, ex, text); escape is
+    "" (none), "\\" (after a backslash), "u" plus hex digits so far, or '"'
+    once closed. Strings under an exclusion take no escapes (their raw text is
+    their value) and must use the any-character regex.
+    """
+
+    def __init__(self, regex: Regex, min_len: int = 0, max_len: int | None = None):
+        self.regex, self.min_len, self.max_len = regex, min_len, max_len
+        self.limit = math.inf if max_len is None else max_len
+        self.completions: dict[tuple, str | None] = {}
+        content = self.complete(regex.start, 0)
+        if content is None:
+            raise ValueError("no string has both this pattern or format and these lengths")
+        self.min_text = json.dumps(content, ensure_ascii=False)
+
+    def begin(self, ch: str, ex: tuple | None) -> list:
+        return [((self, self.regex.start, 0, "", ex, None if ex is None else '"'),)] if ch == '"' else []
+
+    def step(self, frame: tuple, ch: str) -> list:
+        _, dfa, count, escape, ex, text = frame
+        if escape == '"':
+            return [REFEED]
+        if escape == "":
+            if ch == '"':
+                closed = (self, dfa, count, '"', ex, _track(ex, text, ch))
+                return [(closed,)] if count >= self.min_len and self.regex.accepts(dfa) and self.done(closed) else []
+            if ch == "\\":
+                return [((self, dfa, count, "\\", ex, text),)] if ex is None and self._escapes(dfa, count) else []
+            decoded = None if ch < " " else ch
+        elif escape == "\\":
+            if ch not in self._escapes(dfa, count):
+                return []
+            if ch == "u":
+                return [((self, dfa, count, "u", ex, text),)]
+            decoded = JSON_ESCAPES[ch]
+        elif ch not in HEX_DIGITS or escape in ("ud", "uD") and ch in "89abcdefABCDEF":  # no surrogates
+            return []
+        elif len(escape) < 4:
+            return [((self, dfa, count, escape + ch, ex, text),)]
+        else:
+            decoded = chr(int(escape[1:] + ch, 16))
+        dfa = None if decoded is None else self.regex.move(dfa, decoded)
+        if dfa is None or not self.viable(dfa, count + 1):
+            return []
+        text = _track(ex, text, ch)
+        if text is not None and any(f.startswith(text) for f in ex[0]) and self._fresh(dfa, count + 1, text, ex[0]) is None:
+            return []  # every way to close it is forbidden
+        return [((self, dfa, count + 1, "", ex, text),)]
+
+    def _escapes(self, dfa: frozenset, count: int) -> str:
+        """The letters that may follow a backslash here: those whose character fits; \\u only where any character does."""
+        letters = "".join(k for k, c in JSON_ESCAPES.items() if (nxt := self.regex.move(dfa, c)) and self.viable(nxt, count + 1))
+        return letters + "u" if self.regex is ANY_TEXT and count < self.limit else letters
+
+    def viable(self, dfa: frozenset, count: int) -> bool:
+        """Whether a string at `dfa` after `count` characters can still be completed."""
+        if count >= self.min_len:
+            return count + self.regex.distance(dfa) <= self.limit and self.regex.shortest(dfa) is not None
+        return self.complete(dfa, count) is not None
+
+    def complete(self, dfa: frozenset, count: int) -> str | None:
+        """A shortest text (decoded) that completes the string from `dfa` after `count` characters."""
+        key = (dfa, min(count, self.min_len), self.limit - count)
+        if key not in self.completions:
+            layer = {dfa: ""}  # breadth first up to min_len, then the shortest way to a match
+            for _ in range(max(self.min_len - count, 0)):
+                layer = {nxt: text + ch for state, text in layer.items() for cid, ch in self.regex.reps.items()
+                         if (nxt := self.regex._move(state, cid)) is not None}
+            tails = [text + tail for state, text in layer.items() if (tail := self.regex.shortest(state)) is not None]
+            best = min(tails, key=len, default=None)
+            self.completions[key] = best if best is not None and count + len(best) <= self.limit else None
+        return self.completions[key]
+
+    def done(self, frame: tuple) -> bool:
+        _, dfa, count, escape, ex, text = frame
+        if escape == '"':
+            return ex is None or text is None or text not in ex[0]
+        return False
+
+    def finish(self, frame: tuple) -> str:
+        _, dfa, count, escape, ex, text = frame
+        if escape == '"':
+            return ""
+        if escape:  # end the escape: the first letter that fits, or \\u0000-style zeros
+            tail = self._escapes(dfa, count)[0] if escape == "\\" else ""
+            tail += "0" * (5 - len(escape)) if tail in ("", "u") else ""
+            return tail + self.finish(_leaf_after(frame, tail))
+        if ex is not None:
+            return self._fresh(dfa, count, text, ex[0]) + '"'
+        return json.dumps(self.complete(dfa, count), ensure_ascii=False)[1:]
+
+    def _fresh(self, dfa: frozenset, count: int, text: str | None, forbidden: frozenset) -> str | None:
+        """Characters (no escapes) that close an excluded string on a text not forbidden: shortest first."""
+        layer = {dfa: [""]}
+        for size in range(int(min(self.limit - count, 32)) + 1):
+            for state, tails in layer.items():
+                for tail in tails if count + size >= self.min_len and self.regex.accepts(state) else ():
+                    if text is None or text + tail + '"' not in forbidden:
+                        return tail
+            nxt: dict = {}
+            for state, tails in layer.items():
+                for cid, ch in self.regex.reps.items():
+                    if ch >= " " and ch not in '"\\' and (after := self.regex._move(state, cid)) is not None:
+                        kept = nxt.setdefault(after, [])
+                        kept += [t + ch for t in tails[:len(forbidden) + 1 - len(kept)]]
+            layer = nxt
+        return None
+
+    def first(self, forbidden: frozenset) -> str | None:
+        """A shortest complete string text, quotes included, that is not forbidden."""
+        tail = self._fresh(self.regex.start, 0, '"', forbidden)
+        return None if tail is None else '"' + tail + '"'
+
+    def plain_tokens(self, frame: tuple, trie: dict) -> list[int]:
+        """Token ids of ordinary characters (no quote, backslash or control) that fit here.
+
+        `trie` is the vocabulary's plain tokens as a trie over this regex's class ids.
+        """
+        _, dfa, count, _, _, _ = frame
+        ids, todo = [], [(trie, dfa, count)]
+        while todo:
+            node, state, count = todo.pop()
+            for key, child in node.items():
+                if key:
+                    nxt = self.regex._move(state, ord(key))
+                    if nxt is not None and self.viable(nxt, count + 1):
+                        ids.extend(child.get("", ()))
+                        todo.append((child, nxt, count + 1))
+        return ids
+
+    def key(self, frame: tuple, reach: int) -> tuple:
+        """The frame with its count reduced to what can matter within `reach` characters (mask caching)."""
+        _, dfa, count, escape, ex, text = frame
+        room = self.limit - count
+        return (self, dfa, min(count, self.min_len), min(room, reach + len(self.regex.edges)), escape, ex, text)
+
+
+def _leaf_after(frame: tuple, text: str) -> tuple | None:
+    """A leaf frame after `text` (it must stay inside the value), or None."""
+    for ch in text:
+        outcomes = [o for o in frame[0].step(frame, ch) if o is not REFEED]
+        if not outcomes:
+            return None
+        frame = outcomes[0][0]
+    return frame
+
+
+class Number(Piece):
+    """A JSON number: integer or decimal, within bounds, a multiple of an integer.
+
+    Free numbers (no bounds) take exponents; bounded ones are plain decimals,
+    checked as they are typed: every prefix can still end inside the bounds.
+    Values are counted in units of 10**-scale (1 for integers, else the
+    smallest fraction digit), so all the arithmetic is exact on integers.
+    Frame: (piece, dfa state, ex, text); the text is kept only when bounded.
+    """
+
+    def __init__(self, integer: bool, low: Fraction | None = None, high: Fraction | None = None,
+                 low_open: bool = False, high_open: bool = False, multiple: int | None = None, excluded: tuple = ()):
+        self.integer, self.multiple = integer, multiple
+        self.bounded = low is not None or high is not None or multiple is not None or bool(excluded)
+        digits = JSON_MAX_DIGITS - 1
+        syntax = rf"0|-?[1-9]\d{{0,{digits}}}" if integer else rf"-?(0|[1-9]\d{{0,{digits}}})(\.\d{{1,{digits + 1}}})?"
+        self.syntax = regex_for(syntax if integer or self.bounded else syntax + r"([eE][+-]?\d{1,2})?", False,
+                                (("|".join(excluded), False, True),) if excluded else ())
+        self.scale = 0 if integer else JSON_MAX_DIGITS
+        unit = 10 ** self.scale
+        self.low = None if low is None else math.floor(low * unit) + 1 if low_open else math.ceil(low * unit)
+        self.high = None if high is None else math.ceil(high * unit) - 1 if high_open else math.floor(high * unit)
+        text = self._complete("", frozenset()) if self.bounded else self.syntax.shortest(self.syntax.start)
+        if text is None:
+            raise ValueError("no number is within minimum/maximum and a multiple of multipleOf")
+        self.min_text = text
+
+    def begin(self, ch: str, ex: tuple | None) -> list:
+        return self.step((self, self.syntax.start, ex, ""), ch)
+
+    def step(self, frame: tuple, ch: str) -> list:
+        _, dfa, ex, text = frame
+        out = [REFEED] if self.done(frame) else []
+        dfa = self.syntax.move(dfa, ch)
+        if dfa is not None:
+            tracked = self.bounded or ex is not None
+            text = text + ch if tracked else ""
+            if not tracked or self._count(text, ex, 1) > len(self._forbidden(text, ex)):
+                out.append(((self, dfa, ex, text),))
+        return out
+
+    def done(self, frame: tuple) -> bool:
+        _, dfa, ex, text = frame
+        if not self.syntax.accepts(dfa) or (ex is not None and text in ex[0]):
+            return False
+        return not self.bounded or self._allowed(self._value(text))
+
+    def finish(self, frame: tuple) -> str:
+        _, dfa, ex, text = frame
+        if not (self.bounded or ex):
+            return self.syntax.shortest(dfa)
+        return self._complete(text, ex[0] if ex else frozenset())[len(text):]
+
+    def first(self, forbidden: frozenset) -> str | None:
+        return self._complete("", forbidden)
+
+    @staticmethod
+    def _forbidden(text: str, ex: tuple | None) -> list:
+        return [f for f in ex[0] if f.startswith(text)] if ex else []
+
+    def _value(self, text: str) -> int:
+        whole, _, frac = text.lstrip("-").partition(".")
+        value = int(whole + frac.ljust(self.scale, "0"))
+        return -value if text.startswith("-") else value
+
+    def _allowed(self, value: int) -> bool:
+        return ((self.low is None or value >= self.low) and (self.high is None or value <= self.high)
+                and (self.multiple is None or value % self.multiple == 0))
+
+    def _spans(self, text: str) -> list[tuple[int, int]]:
+        """The values that complete `text`, as signed intervals, shortest completions first."""
+        negative = text.startswith("-")
+        whole, dot, frac = text.lstrip("-").partition(".")
+        one = 10 ** self.scale
+        if dot:
+            width = 10 ** (self.scale - len(frac))
+            spans = [(int(whole + frac) * width, width)]
+        elif whole == "0":
+            spans = [(0, one)]
+        elif whole:
+            spans = [(int(whole) * 10 ** k * one, 10 ** k * one) for k in range(JSON_MAX_DIGITS - len(whole) + 1)]
+        else:  # nothing yet but maybe a sign: "0", or 1 to JSON_MAX_DIGITS digits
+            spans = [] if negative and self.integer else [(0, one)]
+            spans += [(10 ** (k - 1) * one, 9 * 10 ** (k - 1) * one) for k in range(1, JSON_MAX_DIGITS + 1)]
+        return [(-(start + width - 1), -start) if negative else (start, start + width - 1) for start, width in spans]
+
+    def _clip(self, low: int, high: int) -> tuple[int, int]:
+        step = self.multiple or 1
+        low = max(low, self.low) if self.low is not None else low
+        high = min(high, self.high) if self.high is not None else high
+        return -(-low // step) * step, high // step * step
+
+    def _count(self, text: str, ex: tuple | None, cap: int) -> int:
+        """How many allowed values complete `text`, counting past `cap` extra forbidden ones at most."""
+        total, enough = 0, cap + len(self._forbidden(text, ex))
+        for low, high in self._spans(text) if text != "" else self._spans("") + self._spans("-"):
+            low, high = self._clip(low, high)
+            total += max(0, (high - low) // (self.multiple or 1) + 1)
+            if total >= enough:
+                break
+        return total
+
+    def _complete(self, text: str, forbidden: frozenset) -> str | None:
+        """A shortest number text starting with `text`, allowed and not forbidden."""
+        best = None
+        for prefix in ([text] if text else ["", "-"]):
+            for low, high in self._spans(prefix):
+                low, high = self._clip(low, high)
+                candidate = self._simplest(prefix, low, high, forbidden)
+                if candidate is not None and (best is None or len(candidate) < len(best)):
+                    best = candidate
+        return best
+
+    def _simplest(self, prefix: str, low: int, high: int, forbidden: frozenset) -> str | None:
+        """The shortest text of a value in [low, high]: fewest fraction digits, nearest zero."""
+        if low > high:
+            return None
+        negative = prefix.startswith("-")
+        least = max(1, len(prefix.partition(".")[2])) if "." in prefix else 0
+        for digits in range(least, self.scale + 1) if not self.integer else [0]:
+            step = math.lcm(10 ** (self.scale - digits), self.multiple or 1)
+            value = (-(-low // step) * step) if not negative else (high // step * step)
+            while low <= value <= high:
+                whole, frac = divmod(abs(value), 10 ** self.scale)
+                text = ("-" if negative else "") + str(whole) + ("." + str(frac).rjust(self.scale, "0")[:digits] if digits else "")
+                if text not in forbidden and text.startswith(prefix) and self.syntax.matches(text):
+                    return text
+                value += -step if negative else step
+        return None
+
+
+class Union(Piece):
+    """anyOf (and oneOf, type lists): a value matching any of the alternatives."""
+
+    def __init__(self, alternatives):
+        self._alternatives = tuple(a for alt in alternatives for a in alt.alternatives)
+        self.min_text = min((a.min_text for a in self._alternatives), key=len)
+
+    @property
+    def alternatives(self) -> tuple:
+        return self._alternatives
+
+
+def union(alternatives: list) -> Piece | None:
+    """The union of the satisfiable alternatives (None stands for one that is not): None, one piece, or a Union."""
+    alternatives = [a for a in alternatives if a is not None]
+    if len(alternatives) <= 1:
+        return alternatives[0] if alternatives else None
+    return Union(alternatives)
+
+
+class ValueStart(Piece):
+    """The start of a value: whitespace, then the first character of one alternative.
+
+    Frame: (VALUE, node, whitespace so far, ex).
+    """
+
+    def step(self, frame: tuple, ch: str) -> list:
+        _, node, spaces, ex = frame
+        if ch in JSON_WHITESPACE:
+            return [((self, node, spaces + 1, ex),)] if spaces < JSON_MAX_WHITESPACE else []
+        return [o for alt in node.alternatives for o in alt.begin(ch, ex)]
+
+    def finish(self, frame: tuple) -> str:
+        _, node, _, ex = frame
+        if ex is None:
+            return node.min_text
+        return min((t for alt in node.alternatives if (t := alt.first(ex[0])) is not None), key=len)
+
+
+VALUE = ValueStart()
+
+
+class Object(Piece):
+    """A JSON object: declared properties in their order, each at most once, then extra keys.
+
+    props: (name, node, required) triples. Other keys are `key` leaves
+    (propertyNames; None: no other keys), never a declared or `banned` name
+    nor one already written; an extra key's value is values[matched], matched
+    being the indices of the `patterns` (patternProperties) that match the key
+    ((): additionalProperties). Frame: (piece, phase, index, count, seen,
+    whitespace); phase is open (after "{"), comma, key (a key leaf is on top),
+    colon (a key written) or value (after a value); index is the first
+    declared property still allowed (in "colon": the chosen one, or
+    len(props) + j for the extra key whose value is node j); count is
+    properties written (kept only when min/maxProperties ask); seen holds the
+    extra keys written, so that none repeats.
+    """
+
+    def __init__(self, props: tuple, extras: Piece | None = None, min_props: int = 0, max_props: int | None = None,
+                 key: Piece | None = None, banned: tuple = (), patterns: tuple = (), values: dict | None = None):
+        self.props = props
+        self.values = values if values is not None else {(): extras} if extras is not None else {}
+        self.key = (key or ANY_STRING) if self.values else None
+        self.patterns, self.slots = patterns, list(self.values)
+        self.keys = {json.dumps(name, ensure_ascii=False): i for i, (name, _, _) in enumerate(props)}
+        self.forbidden = frozenset(self.keys) | {json.dumps(name, ensure_ascii=False) for name in banned}
+        self.min_props, self.max_props = min_props, max_props
+        self.required_from = [sum(req for _, _, req in props[i:]) for i in range(len(props) + 1)]
+        self.counts = min_props > 0 or max_props is not None
+        self.key_pieces: dict[tuple, Literals] = {}
+        tail = self._tail(0, 0, frozenset(), "", False)
+        if tail is None:
+            raise ValueError("no object has these properties within minProperties/maxProperties")
+        self.min_text = "{" + tail
+
+    def begin(self, ch: str, ex: tuple | None) -> list:
+        return [((self, "open", 0, 0, frozenset(), 0),)] if ch == "{" else []
+
+    def step(self, frame: tuple, ch: str) -> list:
+        _, phase, index, count, seen, spaces = frame
+        if ch in JSON_WHITESPACE and phase != "key":
+            return [((self, phase, index, count, seen, spaces + 1),)] if spaces < JSON_MAX_WHITESPACE else []
+        if ch == "}" and phase in ("open", "value") and self._may_close(index, count):
+            return [()]
+        if ch == "," and phase == "value" and any(self._choices(index, count)):
+            return [((self, "comma", index, count, seen, 0),)]
+        if ch == '"' and phase in ("open", "comma"):
+            keying = (self, "key", index, count, seen, 0)
+            return [(keying, key) for key in self._key_frames(index, count, seen)]
+        if ch == ":" and phase == "colon":
+            node, nxt = self._value(index)
+            return [((self, "value", nxt, count + self.counts, seen, 0), (VALUE, node, 0, None))]
+        return []
+
+    def _value(self, index: int) -> tuple:
+        """(the value's node, the next index) once key `index` (see the frame) is written."""
+        if index < len(self.props):
+            return self.props[index][1], index + 1
+        return self.values[self.slots[index - len(self.props)]], len(self.props)
+
+    def child_done(self, frame: tuple, child: tuple) -> tuple | None:
+        _, phase, index, count, seen, _ = frame
+        if phase != "key":
+            return frame
+        text = child[-1]
+        if child[0] is self.key:
+            slot = self._slot(text)
+            return None if slot is None else (self, "colon", len(self.props) + slot, count, seen | {text}, 0)
+        return (self, "colon", self.keys[text], count, seen, 0)
+
+    def _slot(self, text: str) -> int | None:
+        """Which value node an extra key's text (quoted, unescaped) takes; None: no value may follow it."""
+        matched = tuple(i for i, regex in enumerate(self.patterns) if regex.matches(text[1:-1]))
+        node = self.values.get(matched)
+        return None if node is None else self.slots.index(matched)
+
+    def _may_close(self, index: int, count: int) -> bool:
+        return self.required_from[index] == 0 and (not self.counts or count >= self.min_props)
+
+    def _choices(self, index: int, count: int) -> tuple[tuple[int, ...], bool]:
+        """(declared properties that may come next, whether an extra key may), leaving room for min/maxProperties."""
+        if self.max_props is not None and count >= self.max_props:
+            return (), False
+        chosen, need = [], self.min_props - count - 1
+        for j in range(index, len(self.props)):
+            fits = self.max_props is None or count + 1 + self.required_from[j + 1] <= self.max_props
+            if fits and (self.key is not None or len(self.props) - j - 1 >= need or not self.counts):
+                chosen.append(j)
+            if self.props[j][2]:
+                break
+        return tuple(chosen), self.key is not None and self.required_from[index] == 0
+
+    def _key_frames(self, index: int, count: int, seen: frozenset) -> list[tuple]:
+        declared, extra = self._choices(index, count)
+        frames = []
+        if declared:
+            piece = self.key_pieces.get(declared)
+            if piece is None:
+                piece = self.key_pieces[declared] = Literals(json.dumps(self.props[j][0], ensure_ascii=False)
+                                                             for j in declared)
+            frames.append((piece, None, '"'))
+        if extra:
+            frames += [f[0] for f in self.key.begin('"', (self.forbidden | seen, True)) if f is not REFEED]
+        return frames
+
+    def finish(self, frame: tuple) -> str:
+        _, phase, index, count, seen, _ = frame
+        if phase == "colon":
+            node, nxt = self._value(index)
+            return ":" + node.min_text + self._tail(nxt, count + self.counts, seen, ",", False)
+        return self._tail(index, count, seen, "," if phase == "value" else "", phase == "comma")
+
+    def _tail(self, index: int, count: int, seen: frozenset, sep: str, must: bool) -> str | None:
+        """The shortest text that ends the object: required properties, more if minProperties asks, "}"."""
+        parts = []
+        while must or self.required_from[index] or (self.counts and count < self.min_props):
+            declared, extra = self._choices(index, count)
+            if declared and (self.props[declared[-1]][2] or not extra):
+                j = declared[-1] if self.props[declared[-1]][2] else declared[0]
+                key, node, index = json.dumps(self.props[j][0], ensure_ascii=False), self.props[j][1], j + 1
+            elif extra and (key := self.key.first(self.forbidden | seen)) is not None and self._slot(key) is not None:
+                node, index, seen = self.values[self.slots[self._slot(key)]], len(self.props), seen | {key}
+            else:
+                return None
+            parts.append(sep + key + ":" + node.min_text)
+            sep, must, count = ",", False, count + 1
+        return "".join(parts) + "}"
+
+
+class Array(Piece):
+    """A JSON array: `prefix` items (tuples) then `items` ones (None: no more), within min/max_items.
+
+    With `unique`, items are leaves (checked at compile time) under an
+    exclusion of the texts already written. Frame: (piece, phase, count, seen,
+    whitespace); phase is open or value; count is items begun (capped once
+    it no longer matters, so long arrays reuse masks).
+    """
+
+    def __init__(self, prefix: tuple, items: Piece | None, min_items: int = 0, max_items: int | None = None,
+                 unique: bool = False):
+        self.prefix, self.items, self.unique = prefix, items, unique
+        if items is None:
+            max_items = len(prefix) if max_items is None else min(max_items, len(prefix))
+        self.min_items, self.max_items = min_items, max_items
+        self.cap = max(len(prefix), min_items) if max_items is None else None
+        tail = self._tail(0, frozenset(), "")
+        if tail is None:
+            raise ValueError("no array has these items within minItems/maxItems (and uniqueItems)")
+        self.min_text = "[" + tail
+
+    def begin(self, ch: str, ex: tuple | None) -> list:
+        return [((self, "open", 0, frozenset(), 0),)] if ch == "[" else []
+
+    def step(self, frame: tuple, ch: str) -> list:
+        _, phase, count, seen, spaces = frame
+        if ch in JSON_WHITESPACE:
+            return [((self, phase, count, seen, spaces + 1),)] if spaces < JSON_MAX_WHITESPACE else []
+        if ch == "]":
+            return [()] if count >= self.min_items else []
+        if (phase == "value" and ch != ",") or not self._more(count):
+            return []
+        after = (self, "value", count + 1 if self.cap is None else min(count + 1, self.cap), seen, 0)
+        item = (VALUE, self._node(count), 0, (seen, True) if self.unique else None)
+        if phase == "open":  # the first item begins with `ch`
+            return [(after,) + frames for frames in VALUE.step(item[:2] + (JSON_MAX_WHITESPACE,) + item[3:], ch)]
+        return [(after, item)] if not self.unique or self._left(count, seen) else []
+
+    def child_done(self, frame: tuple, child: tuple) -> tuple:
+        return frame[:3] + (frame[3] | {child[-1]},) + frame[4:] if self.unique else frame
+
+    def _node(self, index: int) -> Piece:
+        return self.prefix[index] if index < len(self.prefix) else self.items
+
+    def _more(self, count: int) -> bool:
+        return (self.max_items is None or count < self.max_items) and (count < len(self.prefix) or self.items is not None)
+
+    def _left(self, count: int, seen: frozenset) -> bool:
+        """uniqueItems: whether an item not written yet is left for position `count`."""
+        return any(a.first(seen) is not None for a in self._node(count).alternatives)
+
+    def finish(self, frame: tuple) -> str:
+        _, phase, count, seen, _ = frame
+        return self._tail(count, seen, "," if phase == "value" else "")
+
+    def _tail(self, count: int, seen: frozenset, sep: str) -> str | None:
+        parts = []
+        while count < self.min_items:
+            node = self._node(count)
+            text = node.min_text if not self.unique else min(
+                (t for alt in node.alternatives if (t := alt.first(seen)) is not None), key=len, default=None)
+            if text is None:
+                return None
+            parts.append(sep + text)
+            sep, seen, count = ",", seen | {text}, count + 1
+        return "".join(parts) + "]"
+
+
+def json_start(node: Piece, prefix: str = "", suffix: str = "") -> tuple:
+    """The automaton's start state: `prefix`, a JSON value for `node`, then `suffix`."""
+    stack = ((Literals((suffix,)), None, ""),) if suffix else ()
+    stack += ((VALUE, node, 0, None),)
+    stack += ((Literals((prefix,)), None, ""),) if prefix else ()
+    return (stack,)
+
+
+def json_advance(state: tuple, text: str) -> tuple:
+    """The state after `text`; () once no stack can take it."""
+    for ch in text:
+        if not state:
+            break
+        state = tuple(dict.fromkeys(nxt for stack in state for nxt in _step(stack, ch)))
+    return state
+
+
+def json_complete(state: tuple) -> bool:
+    """True when the text so far is a whole match (a trailing number may still go on)."""
+    return any(_settle(stack) == () for stack in state)
+
+
+def json_closing_text(state: tuple) -> str | None:
+    """A shortest way (by the pieces' finish texts) to complete the text from `state`."""
+    texts = [text for stack in state if (text := _closing(stack)) is not None]
+    return min(texts, key=len, default=None)
+
+
+def _step(stack: tuple, ch: str) -> list[tuple]:
+    """The stacks that can follow `stack` on character `ch` (none: it cannot)."""
+    if not stack:
+        return []
+    top, rest = stack[-1], stack[:-1]
+    out = []
+    for frames in top[0].step(top, ch):
+        if frames is REFEED:
+            parent = _pop(rest, top)
+            out += _step(parent, ch) if parent else []
+        else:
+            out.append(rest + frames)
+    return out
+
+
+def _pop(rest: tuple, child: tuple) -> tuple | None:
+    """`rest` once its top frame has taken the complete value `child`; None if it refuses it."""
+    if not rest:
+        return rest
+    parent = rest[-1][0].child_done(rest[-1], child)
+    return None if parent is None else rest[:-1] + (parent,)
+
+
+def _settle(stack: tuple | None) -> tuple | None:
+    """The stack with its complete top values taken off."""
+    while stack and stack[-1][0].done(stack[-1]):
+        stack = _pop(stack[:-1], stack[-1])
+    return stack
+
+
+def _closing(stack: tuple) -> str | None:
+    """Finish the top frame, settle, repeat: each finish text is checked by the automaton itself."""
+    texts = []
+    stack = _settle(stack)
+    while stack:
+        text = stack[-1][0].finish(stack[-1])
+        after = [] if text is None else [s for s in map(_settle, json_advance((stack,), text))
+                                         if s is not None and len(s) < len(stack)]
+        if not after:
+            return None
+        texts.append(text)
+        stack = after[0]
+    return None if stack is None else "".join(texts)
+
+
+# -- JSON Schema keywords -------------------------------------------------------
+
+SCHEMA_KEYWORDS = {
+    "type", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "$defs", "definitions",
+    "properties", "required", "additionalProperties", "minProperties", "maxProperties",
+    "items", "prefixItems", "additionalItems", "minItems", "maxItems", "uniqueItems",
+    "minLength", "maxLength", "pattern", "format",
+    "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf",
+    "not", "if", "then", "else", "patternProperties", "propertyNames", "dependencies", "dependentRequired",
+    "dependentSchemas", "!enum", "!pattern",   # the last two: what `not` leaves (values, patterns excluded)
+}
+# Keywords that constrain and are not enforced: a 400 naming them. Any other keyword
+# (annotations, extensions such as x-*, misspellings) is ignored, as validators do.
+SCHEMA_REFUSED = {"contains", "unevaluatedProperties", "unevaluatedItems",
+                  "$dynamicRef", "$recursiveRef", "extends", "disallow", "divisibleBy"}
+# Keywords that say which type they constrain, for schemas without "type".
+KEYWORD_TYPES = {"object": {"properties", "required", "additionalProperties", "minProperties", "maxProperties",
+                            "patternProperties", "propertyNames", "dependencies", "dependentRequired",
+                            "dependentSchemas"},
+                 "array": {"items", "prefixItems", "additionalItems", "minItems", "maxItems", "uniqueItems"},
+                 "string": {"minLength", "maxLength", "pattern", "format", "!pattern"},
+                 "number": {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"}}
+_OCTET = r"(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+_H16 = r"[0-9A-Fa-f]{1,4}"
+_YEAR = r"([1-9]\d{3}|0[1-9]\d\d|00[1-9]\d|000[1-9])"
+_DATE = (rf"({_YEAR}-((0[13578]|1[02])-(0[1-9]|[12]\d|3[01])|(0[469]|11)-(0[1-9]|[12]\d|30)|02-(0[1-9]|1\d|2[0-8]))"
+         r"|(\d\d(0[48]|[2468][048]|[13579][26])|(0[48]|[2468][048]|[13579][26])00)-02-29)")
+_TIME = r"([01]\d|2[0-3]):[0-5]\d:[0-5]\d(\.\d{1,9})?(Z|[+-]([01]\d|2[0-3]):[0-5]\d)"
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOST = rf"({_LABEL}\.)*[A-Za-z]([A-Za-z0-9-]{{0,61}}[A-Za-z0-9])?"
+_PCHAR = r"([A-Za-z0-9._~!$&'()*+,;=:@-]|%[0-9A-Fa-f]{2})"
+_DAYS = r"(\d+Y(\d+M)?(\d+D)?|\d+M(\d+D)?|\d+D)"
+_HOURS = r"T(\d+H(\d+M)?(\d+(\.\d+)?S)?|\d+M(\d+(\.\d+)?S)?|\d+(\.\d+)?S)"
+# `format` values enforced, each as a regular expression matched in full.
+FORMATS = {
+    "date": _DATE, "time": _TIME, "date-time": f"{_DATE}T{_TIME}",
+    "duration": rf"P({_DAYS}({_HOURS})?|{_HOURS}|\d+W)",
+    "email": rf"[A-Za-z0-9_%+-]+(\.[A-Za-z0-9_%+-]+)*@({_LABEL}\.)+[A-Za-z]{{2,63}}",
+    "uuid": r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
+    "ipv4": rf"{_OCTET}(\.{_OCTET}){{3}}",
+    "ipv6": "|".join([rf"({_H16}:){{7}}{_H16}", rf"({_H16}:){{1,7}}:", rf"({_H16}:){{1,6}}:{_H16}"]
+                     + [rf"({_H16}:){{1,{n}}}(:{_H16}){{1,{7 - n}}}" for n in range(1, 6)]
+                     + [rf":((:{_H16}){{1,7}}|:)"]),
+    "hostname": _HOST,
+    "uri": rf"[A-Za-z][A-Za-z0-9+.-]*://([A-Za-z0-9._~!$&'()*+,;=-]|%[0-9A-Fa-f]{{2}})*(:\d{{1,5}})?"
+           rf"(/{_PCHAR}*)*(\?({_PCHAR}|[/?])*)?(#({_PCHAR}|[/?])*)?",
+    "json-pointer": r"(/([^~/]|~[01])*)*", "relative-json-pointer": r"(0|[1-9]\d*)(#|(/([^~/]|~[01])*)*)",
+    "regex": r"\^?[^\\\[\](){}*+?|^$]*\$?",   # a literal text: every such string compiles
+    "uri-template": r"([A-Za-z0-9._~!$&'()*+,;=:@/?#-]|%[0-9A-Fa-f]{2}|\{[A-Za-z0-9_]+(,[A-Za-z0-9_]+)*\})*",
+    "idn-hostname": r"([A-Za-z0-9]{1,20}(-[A-Za-z0-9]{1,20}){0,2}\.)*[A-Za-z]{1,20}",
+}
+# The ASCII subsets: an IRI's, an internationalised address's. A relative reference has no
+# scheme and does not start with "//" (which would make an authority of it).
+_RELATIVE = (rf"(/({_PCHAR}+(/{_PCHAR}*)*)?|([A-Za-z0-9._~!$&'()*+,;=@-]|%[0-9A-Fa-f]{{2}})+(/{_PCHAR}*)*)?"
+             rf"(\?({_PCHAR}|[/?])*)?(#({_PCHAR}|[/?])*)?")
+FORMATS.update({"iri": FORMATS["uri"], "idn-email": FORMATS["email"], "uri-reference": f"{FORMATS['uri']}|{_RELATIVE}"})
+FORMATS["iri-reference"] = FORMATS["uri-reference"]
+HOSTNAME_MAX_LENGTH = 253
+
+ANY_STRING = String(ANY_TEXT)
+BOOLEAN = Literals(("true", "false"))
+NULL = Literals(("null",))
+
+
+def any_value(depth: int) -> Piece:
+    """Any JSON value, arrays and objects nested at most `depth` deep."""
+    scalars = [ANY_STRING, Number(False), BOOLEAN, NULL]
+    if depth == 0:
+        return Union(scalars)
+    inner = any_value(depth - 1)
+    return Union(scalars + [Object((), extras=inner), Array((), inner)])
+
+
+ANY_VALUE = any_value(JSON_MAX_NESTING)
+ANY_OBJECT = Object((), extras=any_value(JSON_MAX_NESTING - 1))
+
+
+class SchemaCompiler:
+    """Compiles one JSON Schema into pieces, or raises a 400 naming what it cannot enforce.
+
+    compile() returns None for a schema no value satisfies (false, or a $ref
+    recursion cut at SCHEMA_MAX_REFS): optional properties, array items and
+    anyOf alternatives that need one are left out.
+    """
+
+    def __init__(self, root: dict, param: str):
+        self.root, self.param = root, param
+        self.memo: dict[tuple, tuple] = {}
+
+    def fail(self, message: str) -> APIError:
+        return invalid(f"'{self.param}': {message}", self.param)
+
+    def compile(self, schema: Any, refs: int = SCHEMA_MAX_REFS, depth: int = 0) -> Piece | None:
+        if schema is True or schema == {}:
+            return ANY_VALUE
+        if schema is False:
+            return None
+        if not isinstance(schema, dict):
+            raise self.fail(f"a JSON Schema must be an object, got {json.dumps(schema)[:60]}")
+        if depth > SCHEMA_MAX_DEPTH:
+            raise self.fail(f"the schema nests deeper than {SCHEMA_MAX_DEPTH} levels")
+        refused = sorted(set(schema) & SCHEMA_REFUSED)
+        if refused:
+            raise self.fail(f"JSON Schema keyword {refused[0]!r} is not supported (the README lists those enforced)")
+        key = (id(schema), refs)
+        if key not in self.memo:
+            self.memo[key] = (schema, self._compile(schema, refs, depth))
+        return self.memo[key][1]
+
+    def _compile(self, schema: dict, refs: int, depth: int) -> Piece | None:
+        constraints = {k: v for k, v in schema.items() if k in SCHEMA_KEYWORDS and k not in ("$defs", "definitions")}
+        if "$ref" in constraints:
+            if refs == 0:
+                return None
+            target = self.resolve(constraints.pop("$ref"))
+            return self.compile({"allOf": [target, constraints]} if constraints else target, refs - 1, depth)
+        if "allOf" in constraints:
+            merged = {k: v for k, v in constraints.items() if k != "allOf"}
+            for part in self.list_of(constraints, "allOf"):
+                if part is False:
+                    return None
+                merged = self.merge(merged, part)
+            return self.compile(merged, refs, depth)
+        if "anyOf" in constraints:
+            return self.any_of(constraints, "anyOf", refs, depth)
+        if "oneOf" in constraints:
+            return self.one_of(constraints, refs, depth)
+        handled, branches = self.branches(constraints)
+        rest = {k: v for k, v in constraints.items() if k not in handled}
+        if branches is not None:
+            return union([self.compile(self.merge(rest, b), refs, depth) for b in branches if b is not False])
+        if "enum" in constraints or "const" in constraints:
+            return self.literals(constraints, refs, depth)
+        kinds = constraints.get("type", [k for k, words in KEYWORD_TYPES.items() if words & set(constraints)])
+        if isinstance(kinds, list):
+            if not kinds:
+                return ANY_VALUE
+            return union([self.compile({**constraints, "type": k}, refs, depth) for k in kinds])
+        return self.typed(constraints, kinds, refs, depth)
+
+    def typed(self, schema: dict, kind: Any, refs: int, depth: int) -> Piece | None:
+        if kind == "string":
+            return self.string(schema)
+        if kind in ("integer", "number"):
+            return self.number(schema, kind == "integer")
+        if kind in ("boolean", "null"):
+            return self.literals({"enum": [True, False] if kind == "boolean" else [None],
+                                  "!enum": schema.get("!enum", [])}, refs, depth)
+        if kind == "object":
+            return self.object(schema, refs, depth)
+        if kind == "array":
+            return self.array(schema, refs, depth)
+        raise self.fail(f"unknown JSON Schema type {json.dumps(kind)[:40]}")
+
+    def resolve(self, ref: Any) -> Any:
+        """The schema a local JSON pointer ("#", "#/$defs/Name", "#/definitions/...") names."""
+        if not isinstance(ref, str) or not ref.startswith("#"):
+            raise self.fail(f"only local $ref such as '#/$defs/Name' is supported, got {json.dumps(ref)[:60]}")
+        target = self.root
+        for part in ref[1:].split("/")[1:] if ref != "#" else []:
+            part = part.replace("~1", "/").replace("~0", "~")
+            target = target.get(part) if isinstance(target, dict) else None
+            if target is None:
+                raise self.fail(f"$ref {ref!r} points at nothing")
+        return target
+
+    def list_of(self, schema: dict, word: str) -> list:
+        value = schema[word]
+        if not isinstance(value, list) or not value:
+            raise self.fail(f"'{word}' must be a non-empty list")
+        return value
+
+    def branches(self, schema: dict) -> tuple[tuple, list | None]:
+        """(keywords handled, alternatives to merge into the rest): one of not, if/then/else, dependencies."""
+        if "not" in schema:
+            return ("not",), self.negate(schema["not"])
+        if "if" in schema:
+            then, orelse = schema.get("then", {}), schema.get("else", {})
+            return ("if", "then", "else"), [{"allOf": [schema["if"], then]}] + [
+                {"allOf": [n, orelse]} for n in self.negate(schema["if"])]
+        words = ("dependencies", "dependentRequired", "dependentSchemas")
+        deps = {}
+        for word in words:
+            deps.update(schema.get(word) if isinstance(schema.get(word), dict) else {})
+        if not deps:
+            return (), None
+        out = [{}]
+        for name, need in deps.items():  # each: the key absent, or present with what it needs
+            need = {"required": need} if isinstance(need, list) else need
+            out = [alt for branch in out for alt in ({"allOf": [branch, {"properties": {name: False}}]},
+                                                    {"allOf": [branch, {"required": [name]}, need]})]
+            if len(out) > SCHEMA_MAX_BRANCHES:
+                raise self.fail(f"more than {SCHEMA_MAX_BRANCHES} combinations of dependencies")
+        return words, out
+
+    def negate(self, schema: Any, hops: int = 0) -> list:
+        """`not`: alternatives, any of which makes a value fail `schema` (what cannot be negated is a 400)."""
+        if schema is True or schema == {}:
+            return [False]
+        if schema is False:
+            return [{}]
+        if not isinstance(schema, dict) or hops > SCHEMA_MAX_DEPTH:
+            raise self.fail("JSON Schema keyword 'not' must hold a schema")
+        words = set(schema) & SCHEMA_KEYWORDS
+        if words == {"$ref"}:
+            return self.negate(self.resolve(schema["$ref"]), hops + 1)
+        if words == {"type"}:
+            kinds = set(_as_list(schema["type"]))
+            kinds |= {"integer"} if "number" in kinds else set()
+            return [{"type": [k for k in JSON_TYPES if k not in kinds and (k != "number" or "integer" not in kinds)]}]
+        if words <= {"enum", "const"}:
+            return [{"!enum": schema["enum"] if "enum" in schema else [schema["const"]]}]
+        if words == {"pattern"}:
+            return [{"!pattern": [schema["pattern"]]}]
+        if words <= {"required", "properties"} and isinstance(schema.get("properties", {}), dict):
+            absent = [{"properties": {name: False}} for name in schema.get("required", [])]
+            return absent + [{"required": [name], "properties": {name: {"anyOf": self.negate(sub, hops + 1)}}}
+                             for name, sub in schema.get("properties", {}).items()]
+        if words in ({"anyOf"}, {"oneOf"}) and all(isinstance(p, dict) for p in self.list_of(schema, *words)):
+            out = [{}]  # none of them: every part negated
+            for part in schema[next(iter(words))]:
+                out = [{"allOf": [a, b]} for a in out for b in self.negate(part, hops + 1)][:SCHEMA_MAX_BRANCHES + 1]
+            return out
+        if words == {"allOf"}:
+            return [alt for part in self.list_of(schema, "allOf") for alt in self.negate(part, hops + 1)]
+        raise self.fail(f"JSON Schema keyword 'not' is enforced only over type, enum, const, pattern, required, "
+                        f"properties, anyOf and allOf, not {sorted(words)[:3]}")
+
+    def one_of(self, schema: dict, refs: int, depth: int) -> Piece | None:
+        """oneOf: each branch narrowed so that no value it produces matches another (else a 400).
+
+        A branch this server cannot enforce is left out: the others are narrowed against it all the same.
+        """
+        base = {k: v for k, v in schema.items() if k != "oneOf"}
+        parts = [self.merge(base, alt) if base else alt for alt in self.list_of(schema, "oneOf")]
+        alternatives, errors = [], []
+        for i, part in enumerate(parts):
+            try:
+                narrowed = part
+                for j, other in enumerate(parts):
+                    narrowed = narrowed if i == j else self.exclude(narrowed, other, i, j)
+                alternatives.append(self.compile(narrowed, refs, depth))
+            except APIError as exc:
+                errors.append(exc)
+                if "oneOf" in exc.message:
+                    raise
+        if errors and not any(a is not None for a in alternatives):
+            raise errors[0]
+        return union(alternatives)
+
+    def exclude(self, part: Any, other: Any, i: int, j: int) -> Any:
+        """`part` narrowed so that nothing it produces satisfies `other` (oneOf branches i and j), or a 400."""
+        part, other = self.flat(part), self.flat(other)
+        if part is False or other is False or self.disjoint(part, other):
+            return part
+        mine, theirs = self.types(part, True), self.types(other, False)
+        if mine is not None and theirs is not None and mine - theirs and not ("integer" in theirs and "number" in mine - theirs):
+            return self.merge(part, {"type": sorted(mine - theirs)})
+        required = part.get("required", []) if isinstance(part.get("required"), list) else []
+        for name in other.get("required", []) if isinstance(other.get("required"), list) else []:
+            if name not in required:
+                return self.merge(part, {"properties": {name: False}})
+        raise self.fail(f"oneOf branches {i} and {j} can both match one value, and this server cannot make the "
+                        "output match exactly one (give them a distinguishing key, type or const)")
+
+    def flat(self, schema: Any, hops: int = 0) -> Any:
+        """The schema with its top-level $ref and allOf merged in (for oneOf's analysis)."""
+        if isinstance(schema, dict) and ("$ref" in schema or "allOf" in schema) and hops <= SCHEMA_MAX_DEPTH:
+            merged = {k: v for k, v in schema.items() if k not in ("$ref", "allOf")}
+            for part in ([self.resolve(schema["$ref"])] if "$ref" in schema else []) + list(schema.get("allOf", [])):
+                if part is False:
+                    return False
+                merged = self.merge(merged, part)
+            return self.flat(merged, hops + 1)
+        return {} if schema is True else schema
+
+    def types(self, schema: dict, produced: bool) -> set | None:
+        """The JSON types of values `schema` lets through; `produced`: of the values this server writes for it."""
+        if "enum" in schema or "const" in schema:
+            values = schema["enum"] if "enum" in schema else [schema["const"]]
+            return {json_type(v) for v in values if isinstance(values, list)}
+        if "type" in schema:
+            kinds = set(_as_list(schema["type"]))
+            return kinds | {"integer"} if "number" in kinds else kinds
+        if produced and not {"anyOf", "oneOf", "not", "if"} & set(schema):
+            inferred = {k for k, words in KEYWORD_TYPES.items() if words & set(schema)}
+            return (inferred | {"integer"} if "number" in inferred else inferred) or None
+        return None
+
+    def disjoint(self, part: dict, other: dict, hops: int = 0) -> bool:
+        """True when no value this server writes for `part` satisfies `other`."""
+        part, other = self.flat(part), self.flat(other)
+        if part is False or other is False:
+            return True
+        if not isinstance(part, dict) or not isinstance(other, dict) or hops > SCHEMA_MAX_DEPTH:
+            return False
+        mine, theirs = self.types(part, True), self.types(other, False)
+        if mine is not None and theirs is not None and not mine & theirs:
+            return True
+        values = part.get("enum", [part["const"]] if "const" in part else None)
+        allowed = other.get("enum", [other["const"]] if "const" in other else None)
+        if isinstance(values, list) and isinstance(allowed, list) and not any(v == w for v in values for w in allowed):
+            return True
+        props, theirs = part.get("properties") or {}, other.get("properties") or {}
+        closed = other.get("additionalProperties", True) is False and "patternProperties" not in other
+        for name in part.get("required", []) if isinstance(part.get("required"), list) else []:
+            if isinstance(theirs, dict) and (theirs.get(name) is False or closed and name not in theirs):
+                return True
+            if isinstance(theirs, dict) and name in theirs and isinstance(props, dict) and name in props \
+                    and self.disjoint(props[name], theirs[name], hops + 1):
+                return True
+        for name in other.get("required", []) if isinstance(other.get("required"), list) else []:
+            if isinstance(props, dict) and (props.get(name) is False or name not in props and self.closed(part)):
+                return True
+        return False
+
+    @staticmethod
+    def closed(schema: dict) -> bool:
+        """Whether this server writes no key beyond `properties` for `schema`."""
+        extra = schema.get("additionalProperties", None if schema.get("properties") else True)
+        return extra in (None, False) and not schema.get("patternProperties")
+
+    def any_of(self, schema: dict, word: str, refs: int, depth: int) -> Piece | None:
+        """anyOf: alternatives this server cannot enforce are left out while another remains (output
+        that matches one still matches anyOf)."""
+        base = {k: v for k, v in schema.items() if k != word}
+        alternatives, errors = [], []
+        for alt in self.list_of(schema, word):
+            try:
+                alternatives.append(self.compile(self.merge(base, alt) if base else alt, refs, depth))
+            except APIError as exc:
+                errors.append(exc)
+        if errors and not any(a is not None for a in alternatives):
+            raise errors[0]
+        return union(alternatives)
+
+    def merge(self, a: dict, b: Any, hops: int = 0) -> dict:
+        """allOf: one schema with the constraints of both (what cannot be merged is a 400)."""
+        if b is True or b == {}:
+            return a
+        if not isinstance(b, dict):
+            raise self.fail("allOf parts must be schemas (objects)")
+        if "$ref" in b:
+            if hops > SCHEMA_MAX_DEPTH:
+                raise self.fail(f"allOf refers to itself through $ref more than {SCHEMA_MAX_DEPTH} times")
+            rest = {k: v for k, v in b.items() if k != "$ref"}
+            return self.merge(self.merge(a, self.resolve(b["$ref"]), hops + 1), rest, hops + 1)
+        a, b = self.closed_to(a, b), self.closed_to(b, a)
+        out = dict(a)
+        for key, value in b.items():
+            mine = out.get(key)
+            if key not in out or key not in SCHEMA_KEYWORDS:
+                out.setdefault(key, value)
+            elif key == "not":
+                out[key] = {"anyOf": [mine, value]}
+            elif key in ("!enum", "!pattern", "allOf"):
+                out[key] = mine + value
+            elif key in ("dependencies", "dependentRequired", "dependentSchemas", "patternProperties") \
+                    and not set(mine) & set(value):
+                out[key] = {**mine, **value}
+            elif key == "properties" and isinstance(mine, dict) and isinstance(value, dict):
+                out[key] = {**mine, **{k: {"allOf": [mine[k], v]} if k in mine else v for k, v in value.items()}}
+            elif key == "required" and isinstance(mine, list) and isinstance(value, list):
+                out[key] = list(dict.fromkeys(mine + value))
+            elif key in ("minimum", "minLength", "minItems", "minProperties", "maximum", "maxLength", "maxItems",
+                         "maxProperties") and _is_number(mine) and _is_number(value):
+                out[key] = (max if key.startswith("min") else min)(mine, value)
+            elif key == "type":
+                kinds = [k for k in _as_list(mine) if k in _as_list(value)]
+                if not kinds:
+                    raise self.fail("allOf parts have no type in common")
+                out[key] = kinds
+            elif key == "enum" and isinstance(mine, list) and isinstance(value, list):
+                out[key] = [v for v in mine if _canonical(v) in {_canonical(w) for w in value}]
+            elif key in ("$defs", "definitions"):
+                out[key] = {**mine, **value}
+            elif _canonical(mine) != _canonical(value):
+                raise self.fail(f"allOf parts with different {key!r} cannot be merged")
+        return out
+
+    @staticmethod
+    def closed_to(one: dict, other: dict) -> dict:
+        """allOf: `one` with the properties only `other` declares held to other's additionalProperties."""
+        extra = other.get("additionalProperties", True)
+        mine, theirs = one.get("properties"), other.get("properties") or {}
+        if extra is True or not isinstance(mine, dict) or other.get("patternProperties") or not isinstance(theirs, dict):
+            return one
+        return {**one, "properties": {k: v if k in theirs else {"allOf": [v, extra]} for k, v in mine.items()}}
+
+    def literals(self, schema: dict, refs: int, depth: int) -> Literals:
+        """enum/const: the listed values that also fit the rest of the schema."""
+        values = self.list_of(schema, "enum") if "enum" in schema else [schema["const"]]
+        if "const" in schema:
+            values = [v for v in values if _canonical(v) == _canonical(schema["const"])]
+        values = [v for v in values if not any(v == w and json_type(v) == json_type(w) for w in schema.get("!enum", []))]
+        texts = [json.dumps(v, ensure_ascii=False, separators=(",", ":")) for v in values]
+        rest = {k: v for k, v in schema.items() if k not in ("enum", "const", "!enum")}
+        if rest:
+            node = self.compile(rest, refs, depth)
+            texts = [t for t in texts if node is not None and accepts_text(node, t)]
+        return Literals(texts) if texts else None
+
+    def count(self, schema: dict, word: str) -> int | None:
+        value = schema.get(word)
+        if value is not None and (not _is_number(value) or value < 0 or value != int(value)):
+            raise self.fail(f"{word!r} must be a non-negative integer")
+        return None if value is None else int(value)
+
+    def string(self, schema: dict) -> String:
+        low, high = self.count(schema, "minLength") or 0, self.count(schema, "maxLength")
+        form, pattern = schema.get("format"), schema.get("pattern")
+        if pattern is not None and not isinstance(pattern, str):
+            raise self.fail("'pattern' must be a string")
+        if form in ("hostname", "idn-hostname"):
+            high = min(high if high is not None else HOSTNAME_MAX_LENGTH, HOSTNAME_MAX_LENGTH)
+        parts = [(FORMATS[form], False)] if form in FORMATS else []   # all hold
+        parts += [(p, True, True) for p in schema.get("!pattern", [])]
+        excluded = [re.escape(v) for v in schema.get("!enum", []) if isinstance(v, str)]
+        parts += [("|".join(excluded), False, True)] if excluded else []
+        try:
+            if pattern is not None or len(parts) > 1 or parts and form not in FORMATS:
+                return String(regex_for(pattern or "", True, tuple(parts)), low, high)
+            return String(regex_for(FORMATS[form], False) if form in FORMATS else ANY_TEXT, low, high)
+        except ValueError as exc:
+            what = f"'pattern' {pattern!r}" if pattern is not None else f"'format' {form!r}" if form in FORMATS \
+                else "'minLength'/'maxLength'"
+            raise self.fail(f"{what}: {exc}") from None
+
+    def bound(self, schema: dict, inclusive: str, exclusive: str, tighter: Callable) -> tuple:
+        """(bound as a Fraction or None, whether it is exclusive), from both keywords."""
+        values = []
+        for word, is_open in ((inclusive, False), (exclusive, True)):
+            value = schema.get(word)
+            if isinstance(value, bool) and word == exclusive:  # draft-04: exclusiveMinimum: true
+                values = [(v, value) for v, _ in values]
+            elif value is not None:
+                if not _is_number(value) or not math.isfinite(value):
+                    raise self.fail(f"{word!r} must be a number")
+                values.append((Fraction(repr(value)) if isinstance(value, float) else Fraction(value), is_open))
+        return tighter(values, key=lambda pair: (pair[0], pair[1] == (tighter is max))) if values else (None, False)
+
+    def number(self, schema: dict, integer: bool) -> Number:
+        low, low_open = self.bound(schema, "minimum", "exclusiveMinimum", max)
+        high, high_open = self.bound(schema, "maximum", "exclusiveMaximum", min)
+        multiple = schema.get("multipleOf")
+        if multiple is not None:
+            if not _is_number(multiple) or multiple <= 0 or not math.isfinite(multiple):
+                raise self.fail("'multipleOf' must be a positive number")
+            step = Fraction(repr(multiple)) if isinstance(multiple, float) else Fraction(multiple)
+            units = step * 10 ** JSON_MAX_DIGITS   # a number's value counts in 10**-JSON_MAX_DIGITS (see Number)
+            # An integer is a multiple of p/q when p divides it. Validators divide floats: 7.77 / 0.01 is not
+            # whole to them, so a step a float cannot hold exactly (0.01, not 0.5) is served by integers.
+            if integer or step.denominator == 1 or Fraction(float(step)) != step:
+                integer, multiple = True, step.numerator
+            elif units.denominator != 1:
+                raise self.fail(f"'multipleOf' {multiple} has more than {JSON_MAX_DIGITS} decimals")
+            else:
+                multiple = int(units)
+        excluded = []
+        for value in schema.get("!enum", []):
+            if _is_number(value) and "e" in repr(value).lower():
+                raise self.fail(f"'not' excludes {value!r}, a number this server cannot exclude")
+            if _is_number(value):  # every way this server writes it: 3, 3.0, 3.00...
+                integral = float(value).is_integer()
+                excluded.append("-?" * (value == 0) + re.escape(str(int(value))) + r"(\.0+)?" if integral else re.escape(repr(value)) + "0*")
+        try:
+            return Number(integer, low, high, low_open, high_open, multiple, tuple(excluded))
+        except ValueError as exc:
+            raise self.fail(str(exc)) from None
+
+    def object(self, schema: dict, refs: int, depth: int) -> Piece | None:
+        """properties in their order, then other keys: those patternProperties or additionalProperties allow.
+
+        Without additionalProperties, this server writes no key beyond properties, patternProperties
+        and required (whose undeclared names take any value).
+        """
+        properties, required = schema.get("properties", {}), schema.get("required", [])
+        patterns = schema.get("patternProperties", {})
+        if not isinstance(properties, dict) or not isinstance(required, list) or not isinstance(patterns, dict) or \
+                not all(isinstance(name, str) for name in required):
+            raise self.fail("'properties' and 'patternProperties' must be objects and 'required' a list of names")
+        extra = schema.get("additionalProperties", None if properties or patterns else True)
+        try:
+            regexes = [regex_for(p) for p in patterns]
+            names = self.property_names(schema.get("propertyNames"), refs, depth)
+        except ValueError as exc:
+            raise self.fail(f"'patternProperties': {exc}") from None
+        props, banned = [], []
+        for name in dict.fromkeys([*properties, *required]):
+            matched = [sub for p, sub in zip(regexes, patterns.values()) if p.matches(name)]
+            own = properties.get(name, True if extra is None else extra)
+            node = None if names and not accepts_text(names, json.dumps(name)) else \
+                self.compile({"allOf": [own, *matched]} if matched else own, refs, depth + 1)
+            if node is None and name in required:
+                return None
+            props.append((name, node, name in required)) if node is not None else banned.append(name)
+        values = self.pattern_values(patterns, regexes, extra, refs, depth)
+        key = names or ANY_STRING
+        if regexes and extra in (None, False) and isinstance(key, Literals):  # other keys must match a pattern
+            key = Literals(t for t in key.texts if any(r.matches(json.loads(t)) for r in regexes))
+        elif regexes and extra in (None, False):
+            try:
+                key = String(regex_for("|".join(f"(?:{p})" for p in patterns), True, key.regex.source), key.min_len,
+                             key.max_len)
+            except ValueError as exc:
+                raise self.fail(f"'patternProperties'/'propertyNames': {exc}") from None
+        try:
+            return Object(tuple(props), None, self.count(schema, "minProperties") or 0,
+                          self.count(schema, "maxProperties"), key, tuple(banned), tuple(regexes), values)
+        except ValueError as exc:
+            raise self.fail(str(exc)) from None
+
+    def pattern_values(self, patterns_of: dict, regexes: list, extra: Any, refs: int, depth: int) -> dict:
+        """An extra key's value node by the patterns it matches (a tuple of indices; (): additionalProperties)."""
+        values = {} if extra in (None, False) else {(): self.compile(extra, refs, depth + 1)}
+        if len(regexes) > 6:
+            raise self.fail("more than 6 'patternProperties' patterns")
+        for size in range(1, len(regexes) + 1):
+            for chosen in itertools.combinations(range(len(regexes)), size):
+                if size > 1 and chosen[:-1] not in values:
+                    continue
+                try:  # can one key match all of them?
+                    regex_for("", True, tuple((list(patterns_of)[i], True) for i in chosen))
+                except ValueError:
+                    continue
+                values[chosen] = self.compile({"allOf": [list(patterns_of.values())[i] for i in chosen]}, refs, depth + 1)
+        return {k: v for k, v in values.items() if v is not None}
+
+    def property_names(self, names: Any, refs: int, depth: int) -> Piece | None:
+        """propertyNames as a key leaf (a string or enum piece), None when absent."""
+        if names in (None, True, {}):
+            return None
+        node = self.compile(names if names is False else {"type": "string", **names}, refs, depth + 1)
+        if node is not None and not isinstance(node, (String, Literals)):
+            raise self.fail("'propertyNames' is enforced as a string schema (pattern, lengths, format, enum)")
+        if node is None:
+            raise self.fail("'propertyNames' allows no name")
+        return node
+
+    def array(self, schema: dict, refs: int, depth: int) -> Piece | None:
+        items, prefix = schema.get("items"), schema.get("prefixItems", [])
+        if isinstance(items, list):  # draft-07 tuples: items as a list, then additionalItems
+            prefix, items = items, schema.get("additionalItems")
+        if not isinstance(prefix, list):
+            raise self.fail("'prefixItems' must be a list of schemas")
+        low, high = self.count(schema, "minItems") or 0, self.count(schema, "maxItems")
+        nodes = []
+        for sub in prefix:
+            node = self.compile(sub, refs, depth + 1)
+            if node is None:  # no value fits this position: the array ends before it
+                high, items = len(nodes) if high is None else min(high, len(nodes)), False
+                break
+            nodes.append(node)
+        if items is None:
+            items = True if not prefix or low > len(prefix) else False
+        rest = self.compile(items, refs, depth + 1)
+        unique = schema.get("uniqueItems") is True
+        if unique:
+            nodes, rest = [self.unique_leaf(n) for n in nodes], rest and self.unique_leaf(rest)
+        try:
+            return Array(tuple(nodes), rest, low, high, unique)
+        except ValueError as exc:
+            raise self.fail(str(exc)) from None
+
+    def unique_leaf(self, node: Piece) -> Piece:
+        """uniqueItems: items must be values whose JSON text is their identity (see Array)."""
+        alternatives = node.alternatives
+        if all(isinstance(a, Literals) for a in alternatives):
+            return Literals(t for a in alternatives for t in a.texts)
+        if len(alternatives) == 1 and (node is ANY_STRING or isinstance(node, String) and node.regex is ANY_TEXT
+                                       or isinstance(node, Number) and node.integer):
+            return node
+        raise self.fail("'uniqueItems' is enforced for items that are strings without pattern or format, "
+                        "integers, or enum/const/boolean/null values")
+
+
+def accepts_text(node: Piece, text: str) -> bool:
+    """Whether the automaton for `node` takes `text` as a whole value."""
+    return json_complete(json_advance(json_start(node), text))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _as_list(value: Any) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+JSON_TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
+
+
+def json_type(value: Any) -> str:
+    """A JSON value's type by JSON Schema's names (an integral number is an integer)."""
+    if isinstance(value, bool) or value is None:
+        return "boolean" if value is not None else "null"
+    if isinstance(value, (int, float)):
+        return "integer" if float(value).is_integer() else "number"
+    return {dict: "object", list: "array", str: "string"}[type(value)]
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def compile_schema(schema: Any, root: Any, param: str) -> Piece:
+    """Compile a JSON Schema (the keywords in SCHEMA_KEYWORDS) or raise a 400 naming `param`."""
+    try:
+        node = SchemaCompiler(root if isinstance(root, dict) else {}, param).compile(schema)
+    except RecursionError:
+        raise invalid(f"'{param}': the schema nests too deeply for this server", param) from None
+    if node is None:
+        raise invalid(f"'{param}': no JSON value satisfies this schema (or its recursion needs more than "
+                      f"{SCHEMA_MAX_REFS} levels of $ref)", param)
+    return node
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """Output the engine must produce: JSON text matching `node`."""
+
+    node: Piece
+    key: str                  # canonical JSON of the schema: equal keys share cached token masks
+    tool_call: bool = False   # wrapped in the model's tool-call markers
+
+
+def tool_call_constraint(tools: list[dict]) -> Constraint:
+    """Output forced to be one call, {"name": ..., "arguments": {...}}, of one of `tools`."""
+    calls = []
+    for tool in tools:
+        function = tool["function"]
+        schema = function.get("parameters") or {"type": "object"}
+        name = Literals((json.dumps(function["name"], ensure_ascii=False),))
+        calls.append(Object((("name", name, True), ("arguments", compile_schema(schema, schema, "tools"), True))))
+    key = json.dumps([t["function"] for t in tools], sort_keys=True)
+    return Constraint(union(calls), key, tool_call=True)
+
+
+# -- JSON-constrained decoding: the automaton (see the parsing section) lifted to tokens
+#
+# A token may follow a state when the automaton takes its whole text. Masks are
+# built by walking a trie of the vocabulary's token texts, and inside strings by
+# a trie of class ids of the plain tokens (those of ordinary characters) for the
+# string's regex, so a length or a pattern does not mean a walk of every token.
+# Masks are cached per state, with string lengths reduced to what can matter
+# within one token (String.key), so long strings reuse them.
+
+class TokenTable:
+    """A vocabulary's token texts, indexed for constrained decoding; one per tokenizer.
+
+    Special tokens (end of sequence included) and tokens that decode to part
+    of a character are left out, so constrained text is made of whole
+    characters and never of control tokens.
+    """
+
+    def __init__(self, tokenizer: Any):
+        self.size = len(tokenizer)
+        self.eos = sorted(tokenizer.eos_token_ids)
+        self.texts = token_texts(tokenizer, self.size)
+        self.trie: dict = {}                       # char -> child; "" -> ids ending here
+        self.plain: list[int] = []                 # tokens that are only ordinary string characters
+        self.marked: list[tuple[int, str]] = []    # every other usable token, with its text
+        for token, text in enumerate(self.texts):
+            if not text:
+                continue
+            node = self.trie
+            for ch in text:
+                node = node.setdefault(ch, {})
+            node.setdefault("", []).append(token)
+            if all(ch >= " " and ch not in '"\\' for ch in text):
+                self.plain.append(token)
+            else:
+                self.marked.append((token, text))
+        self.reach = max(map(len, filter(None, self.texts)), default=1)   # the longest token, in characters
+        self.plain_chars = sorted({ch for token in self.plain for ch in self.texts[token]})
+        self.class_tries: dict[Regex, dict] = {}
+
+    def class_trie(self, regex: Regex) -> dict:
+        """The plain tokens as a trie over `regex`'s class ids (chr(id) -> child; "" -> ids); cached."""
+        trie = self.class_tries.get(regex)
+        if trie is None:
+            classes = str.maketrans({ch: chr(regex.class_id(ch)) for ch in self.plain_chars})
+            groups: dict[str, list[int]] = {}
+            for token in self.plain:
+                groups.setdefault(self.texts[token].translate(classes), []).append(token)
+            trie = {}
+            for key, tokens in groups.items():
+                node = trie
+                for ch in key:
+                    node = node.setdefault(ch, {})
+                node.setdefault("", []).extend(tokens)
+            if len(self.class_tries) >= JSON_CONSTRAINT_CACHE * 4:
+                self.class_tries.pop(next(iter(self.class_tries)))
+            self.class_tries[regex] = trie
+        return trie
+
+
+def token_texts(tokenizer: Any, size: int) -> list[str | None]:
+    """Each token id's text as it reads inside a sequence; None for unusable ones."""
+    # Decoded after an anchor token, so SentencePiece's leading space is kept.
+    anchor = tokenizer.encode("a", add_special_tokens=False)[-1]
+    head = tokenizer.decode([anchor])
+    special = set(getattr(tokenizer, "all_special_ids", ())) | set(tokenizer.eos_token_ids)
+    decoded = tokenizer.batch_decode([[anchor, token] for token in range(size)])
+    return [text[len(head):] if token not in special and text.startswith(head) and "\ufffd" not in text
+            else None for token, text in enumerate(decoded)]
+
+
+_TOKEN_TABLES: dict[int, tuple[Any, TokenTable]] = {}
+_CONSTRAINTS: dict[tuple, "JsonMasks"] = {}
+
+
+def token_table(tokenizer: Any) -> TokenTable:
+    """The tokenizer's TokenTable, built on first use (about a second for 50k tokens)."""
+    entry = _TOKEN_TABLES.get(id(tokenizer))
+    if entry is None:
+        entry = _TOKEN_TABLES[id(tokenizer)] = (tokenizer, TokenTable(tokenizer))
+    return entry[1]
+
+
+class JsonMasks:
+    """Which tokens may come next in each automaton state of one constraint (cached)."""
+
+    def __init__(self, table: TokenTable, start: tuple):
+        self.table = table
+        self.start = start
+        self.slack = commitment(start)
+        self.masks: dict[tuple, Any] = {}
+        self.closings: dict[tuple, str | None] = {}
+        self.plains: dict[tuple, Any] = {}
+
+    def key(self, state: tuple) -> tuple:
+        """The state as the cache sees it: a top String frame reduced by String.key (leaves are always on top)."""
+        return tuple(stack[:-1] + (stack[-1][0].key(stack[-1], self.table.reach),)
+                     if stack and isinstance(stack[-1][0], String) else stack for stack in state)
+
+    def allowed(self, state: tuple, width: int) -> Any:
+        """A boolean mx.array over `width` logits: the tokens that keep `state` alive."""
+        key = self.key(state)
+        mask = self.masks.get(key)
+        if mask is None:
+            if len(self.masks) >= JSON_MASK_CACHE_STATES:
+                self.masks.clear()
+            mask = self.masks[key] = self._build(state, width)
+        return mask
+
+    def closing(self, state: tuple) -> list[int] | None:
+        """The tokens that spell a shortest closing text from `state`, each the longest that fits (cached)."""
+        key = self.key(state)
+        if key not in self.closings:
+            if len(self.closings) >= JSON_MASK_CACHE_STATES:
+                self.closings.clear()
+            text = json_closing_text(state)
+            self.closings[key] = None if text is None else self._spell(text)
+        return self.closings[key]
+
+    def _spell(self, text: str) -> list[int] | None:
+        ids, at = [], 0
+        while at < len(text):
+            node, best = self.table.trie, None
+            for end in range(at, len(text)):
+                node = node.get(text[end])
+                if node is None:
+                    break
+                if node.get(""):
+                    best = (node[""][0], end + 1)
+            if best is None:
+                return None  # no token spells the next character
+            ids.append(best[0])
+            at = best[1]
+        return ids
+
+    def _build(self, state: tuple, width: int) -> Any:
+        import mlx.core as mx
+        table, ids, walk, plain = self.table, [], [], mx.zeros((width,), dtype=mx.bool_)
+        for stack in state:
+            top = stack[-1] if stack else None
+            if top is not None and isinstance(top[0], String) and top[3] == "" and (
+                    top[4] is None or top[0].max_len is None and top[0].regex is ANY_TEXT):
+                # Inside a string, a plain token cannot leave it: its fate is the regex's and
+                # the length's alone (String.plain_tokens); only the other tokens need a walk.
+                plain = plain | self._plain(top)
+                ids += [t for t, text in table.marked if json_advance((stack,), text)]
+            else:
+                walk.append(stack)
+        if walk:
+            ids += self._walk(tuple(walk))
+        if json_complete(state):
+            ids += table.eos
+        return plain | self.ids_mask(ids, width)
+
+    def _plain(self, frame: tuple) -> Any:
+        """The mask of plain tokens for a String frame, cached by its regex state and length."""
+        key = frame[0].key(frame, self.table.reach)[:4]
+        mask = self.plains.get(key)
+        if mask is None:
+            if len(self.plains) >= JSON_MASK_CACHE_STATES:
+                self.plains.clear()
+            trie = self.table.class_trie(frame[0].regex)
+            mask = self.plains[key] = self.ids_mask(frame[0].plain_tokens(frame, trie), self.table.size)
+        return mask
+
+    @staticmethod
+    def ids_mask(ids: list[int], width: int) -> Any:
+        """A boolean mask over `width` logits, true at `ids`."""
+        import mlx.core as mx
+        mask = mx.zeros((width,), dtype=mx.bool_)
+        ids = [t for t in ids if t < width]
+        if ids:
+            mask[mx.array(ids)] = True
+        return mask
+
+    def _walk(self, state: tuple) -> list[int]:
+        """Depth-first over the token trie, following only characters the automaton takes."""
+        ids, todo = [], [(self.table.trie, state)]
+        while todo:
+            node, at = todo.pop()
+            for ch, child in node.items():
+                if ch and (after := json_advance(at, ch)):
+                    ids.extend(child.get("", ()))
+                    todo.append((child, after))
+        return ids
+
+def commitment(start: tuple) -> int:
+    """The most one token can add to the closing text, in characters (so in tokens at most).
+
+    A token that writes a key, opens an array item or picks an anyOf branch
+    commits the output to that value's shortest text; JsonConstraint starts
+    closing this much early, so no such step can leave too few tokens.
+    """
+    todo = [frame[1] for stack in start for frame in stack if frame[0] is VALUE]
+    seen, most = set(), 0
+    while todo:
+        piece = todo.pop()
+        if id(piece) in seen:
+            continue
+        seen.add(id(piece))
+        children = list(piece.alternatives) if isinstance(piece, Union) else []
+        if isinstance(piece, Object):
+            children = [node for _, node, _ in piece.props] + [n for n in piece.values.values() if n is not None]
+            most = max([most] + [len(key) + 2 for key in piece.keys])
+        elif isinstance(piece, Array):
+            children = list(piece.prefix) + [piece.items] * (piece.items is not None)
+        most = max([most] + [len(child.min_text) + 1 for child in children])
+        todo += children
+    return 2 * most
+
+
+def json_masks(tokenizer: Any, key: tuple, start: tuple) -> JsonMasks:
+    """The shared, cached masks for a constraint: requests with the same schema reuse them."""
+    cache_key = (id(tokenizer),) + key
+    masks = _CONSTRAINTS.get(cache_key)
+    if masks is None:
+        if len(_CONSTRAINTS) >= JSON_CONSTRAINT_CACHE:
+            _CONSTRAINTS.pop(next(iter(_CONSTRAINTS)))
+        masks = _CONSTRAINTS[cache_key] = JsonMasks(token_table(tokenizer), start)
+    return masks
+
+
+class JsonConstraint:
+    """A logits processor that only lets through tokens keeping the output valid JSON.
+
+    Called once per generated token (mlx_lm's convention). It tracks the
+    automaton state from the tokens sampled so far; when the tokens left are
+    just enough to spell the shortest closing text, it spells it, so the output
+    is complete JSON whenever max_tokens allows that at all. Once the JSON is
+    complete only end-of-sequence tokens remain.
+    """
+
+    stateful = True   # follows the tokens sampled so far, one call per token
+
+    def __init__(self, masks: JsonMasks, budget: int):
+        self.masks = masks
+        self.state = masks.start
+        self.left = budget           # tokens still to be sampled, this one included
+        self.started = False
+        self.plan: list[int] | None = None   # the closing tokens still to come, once closing
+
+    def __call__(self, tokens: Any, logits: Any) -> Any:
+        import mlx.core as mx
+        if self.started:
+            self._advance(int(tokens[-1].item()))
+        self.started = True
+        width = logits.shape[-1]
+        if self.plan is None and not json_complete(self.state):
+            plan = self.masks.closing(self.state)
+            if plan is not None and len(plan) + 1 + self.masks.slack >= self.left:
+                self.plan = plan
+        mask = self._mask(width)
+        self.left -= 1
+        return mx.where(mask, logits, mx.array(-math.inf, dtype=logits.dtype))
+
+    def _mask(self, width: int) -> Any:
+        if self.state and self.plan:
+            return self.masks.ids_mask(self.plan[:1], width)
+        if self.state and self.plan is None:
+            return self.masks.allowed(self.state, width)
+        return self.masks.ids_mask(self.masks.table.eos, width)  # closed, finished or dead: only the end remains
+
+    def _advance(self, token: int) -> None:
+        text = self.masks.table.texts[token] if token < len(self.masks.table.texts) else None
+        self.state = json_advance(self.state, text) if text else ()
+        if self.plan:
+            self.plan = self.plan[1:]
+
+
+# ---------------------------------------------------------------------------
 # Request parsing and validation
 # ---------------------------------------------------------------------------
 
@@ -799,1337 +2739,6 @@ def parse_prompt(prompt: Any) -> str | tuple[int, ...]:
     raise invalid("'prompt' must be a string, a list holding one string, or a non-empty list of token ids", "prompt")
 
 
-# -- JSON Schema, compiled to a character automaton ----------------------------
-#
-# compile_schema() turns a schema into a graph of pieces: Literals (enum,
-# const, true/false/null, object keys), String (a Regex over the decoded
-# characters, with lengths), Number (bounds, multipleOf), Object, Array and
-# Union (anyOf). json_advance() runs the graph over text as a pushdown
-# automaton. A state is a tuple of stacks, one per live anyOf branch; a stack
-# is a tuple of frames, innermost last; a frame is a tuple whose first item is
-# its piece. Everything hashes, so token masks are cached per state (JsonMasks,
-# in the engine section). For its frames, each piece answers
-#   step(frame, ch) -> frame tuples that replace it (() pops it), or REFEED:
-#                      the value was complete before `ch`, which goes to the parent;
-#   done(frame)     -> whether the value is complete;
-#   finish(frame)   -> a short text that completes it (closing in time for max_tokens);
-# and each piece has min_text, a shortest complete value of its own. A leaf
-# (Literals, String, Number) is always a top frame; its frame ends with (ex,
-# text): an exclusion (forbidden texts, whether to keep all of the text) for
-# uniqueItems and extra object keys, and its raw JSON text so far.
-#
-# Whitespace: up to JSON_MAX_WHITESPACE characters wherever JSON allows them
-# (newlines and indentation as models write them), so output stays finite.
-# Recursive $refs are unrolled SCHEMA_MAX_REFS deep; there the branch ends.
-
-JSON_WHITESPACE = " \t\n\r"
-JSON_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
-HEX_DIGITS = "0123456789abcdefABCDEF"
-REFEED = "refeed"
-
-
-# A character set is (negated, ((lo, hi) code point ranges), parts); a part is
-# a nested set or the name of a predicate below.
-CHAR_PREDICATES = {"decimal": str.isdecimal, "word": lambda c: c.isalnum() or c == "_",
-                   "space": lambda c: c.isspace() or c == "\ufeff"}
-
-
-def in_charset(charset: tuple, ch: str) -> bool:
-    negated, ranges, parts = charset
-    code = ord(ch)
-    hit = (any(lo <= code <= hi for lo, hi in ranges)
-           or any(CHAR_PREDICATES[p](ch) if isinstance(p, str) else in_charset(p, ch) for p in parts))
-    return hit != negated
-
-
-def charset(ranges=(), parts=(), negated=False) -> tuple:
-    return (negated, tuple(ranges), tuple(parts))
-
-
-def negate(cs: tuple) -> tuple:
-    return (not cs[0], cs[1], cs[2])
-
-
-ANY_CHAR = charset(negated=True)
-# \d \w \s as (narrow, wide): narrow holds only what both ECMAScript (JSON
-# Schema's dialect) and Python's re (which validators run) match, wide all that
-# either may. Classes use narrow, [^...] uses wide: output satisfies both.
-SHORTHANDS = {"d": (charset([(48, 57)]), charset(parts=["decimal"])),
-              "w": (charset([(48, 57), (65, 90), (95, 95), (97, 122)]), charset(parts=["word"])),
-              "s": (charset([(9, 13), (32, 32)]), charset(parts=["space"]))}
-SHORTHANDS.update({k.upper(): (negate(wide), negate(narrow)) for k, (narrow, wide) in list(SHORTHANDS.items())})
-REGEX_ESCAPES = {"t": 9, "n": 10, "v": 11, "f": 12, "r": 13, "0": 0}
-DOT = charset([(10, 10), (13, 13), (0x2028, 0x2029)], negated=True)   # ECMAScript's '.'
-QUANTIFIER = re.compile(r"([*+?])|\{(\d+)(,(\d*))?\}")
-
-
-class RegexParser:
-    """A recursive-descent parser for the regular expressions JSON Schemas use.
-
-    Tree nodes: ("chars", charset), ("seq", [...]), ("alt", [...]),
-    ("rep", node, min, max or None), ("anchor", "^" or "$"). Raises ValueError
-    naming what it does not support (lookaround, backreferences, \b, flags).
-    """
-
-    def __init__(self, text: str):
-        self.text, self.pos = text, 0
-
-    def parse(self) -> tuple:
-        tree = self.alternation()
-        if self.pos < len(self.text):
-            raise ValueError(f"unbalanced ')' at {self.pos}")
-        return tree
-
-    def take(self, chars: str) -> bool:
-        found = self.text[self.pos:self.pos + 1] in tuple(chars)
-        self.pos += found
-        return found
-
-    def alternation(self) -> tuple:
-        branches = [self.sequence()]
-        while self.take("|"):
-            branches.append(self.sequence())
-        return ("alt", branches)
-
-    def sequence(self) -> tuple:
-        items = []
-        while self.text[self.pos:self.pos + 1] not in ("", "|", ")"):
-            item = self.atom()
-            while match := QUANTIFIER.match(self.text, self.pos):
-                if item[0] == "anchor":
-                    raise ValueError("a quantifier after an anchor")
-                self.pos = match.end()
-                self.take("?")  # a lazy quantifier matches the same strings
-                low, high = {"*": (0, None), "+": (1, None), "?": (0, 1)}.get(match[1]) or \
-                    (int(match[2]), int(match[2]) if match[3] is None else int(match[4]) if match[4] else None)
-                if high is not None and high < low:
-                    raise ValueError(f"{match[0]} has its bounds reversed")
-                item = ("rep", item, low, high)
-            items.append(item)
-        return ("seq", items)
-
-    def atom(self) -> tuple:
-        ch = self.text[self.pos]
-        self.pos += 1
-        if ch == "(":
-            group = re.match(r"\?:|\?<[A-Za-z_]\w*>", self.text[self.pos:])  # (?:...) and named groups
-            self.pos += group.end() if group else 0
-            if self.text.startswith("?", self.pos):
-                raise ValueError("lookaround and inline flags (?...) are not supported")
-            tree = self.alternation()
-            if not self.take(")"):
-                raise ValueError("unbalanced '('")
-            return tree
-        if ch in "^$":
-            return ("anchor", ch)
-        if ch in "*+?" or QUANTIFIER.match(self.text, self.pos - 1):
-            raise ValueError(f"nothing to repeat at {self.pos - 1}")
-        return ("chars", DOT if ch == "." else self.bracket() if ch == "[" else self.item(ch, narrow=True))
-
-    def item(self, ch: str, narrow: bool) -> tuple:
-        """One character or escape (already taken: `ch`) as a set: narrow or wide shorthands (see SHORTHANDS)."""
-        if ch != "\\":
-            return charset([(ord(ch), ord(ch))])
-        ch = self.text[self.pos:self.pos + 1]
-        self.pos += 1
-        if ch in SHORTHANDS:
-            return SHORTHANDS[ch][0 if narrow else 1]
-        hexes = re.match({"x": "[0-9a-fA-F]{2}", "u": "[0-9a-fA-F]{4}"}.get(ch, "^$"), self.text[self.pos:])
-        if hexes and hexes.end():
-            self.pos += hexes.end()
-            code = int(hexes[0], 16)
-        elif ch in REGEX_ESCAPES or not (ch == "" or ch.isalnum()):
-            code = REGEX_ESCAPES.get(ch, ord(ch or "\0"))
-        else:
-            raise ValueError(f"the escape \\{ch} is not supported")
-        return charset([(code, code)])
-
-    def bracket(self) -> tuple:
-        """A class [...], its "[" taken; [^...] takes wide shorthands. A "]" first is a literal, as in Python."""
-        negated = self.take("^")
-        ranges, parts = [], []
-        while not ((ranges or parts) and self.take("]")):
-            if self.pos >= len(self.text):
-                raise ValueError("unbalanced '['")
-            low = self.member(negated)
-            if isinstance(low, tuple):
-                parts.append(low)
-                continue
-            high = low
-            if self.text[self.pos:self.pos + 1] == "-" and self.text[self.pos + 1:self.pos + 2] not in ("]", ""):
-                self.pos += 1
-                high = self.member(negated)
-                if isinstance(high, tuple) or high < low:
-                    raise ValueError("a bad range in a character class")
-            ranges.append((low, high))
-        return charset(ranges, parts, negated)
-
-    def member(self, negated: bool) -> int | tuple:
-        """A code point, or a shorthand's set, inside [...] (where \\b is a backspace)."""
-        ch = self.text[self.pos]
-        self.pos += 1
-        if ch == "\\" and self.take("b"):
-            return 8
-        cs = self.item(ch, narrow=not negated)
-        return cs[1][0][0] if not cs[0] and not cs[2] and cs[1][0][0] == cs[1][0][1] else cs
-
-
-ANYTHING = ("rep", ("chars", ANY_CHAR), 0, None)
-
-
-def anchored(tree: tuple) -> tuple:
-    """A pattern's tree for a full match: JSON Schema patterns search, so unanchored ends match anything."""
-    branches = []
-    for _, items in (branch for branch in tree[1]):
-        head = items[:1] == [("anchor", "^")]
-        tail = items[-1:] == [("anchor", "$")] and len(items) > head
-        branches.append(("seq", [ANYTHING] * (not head) + items[head:len(items) - tail] + [ANYTHING] * (not tail)))
-    if "'anchor'" in repr(branches):
-        raise ValueError("'^' and '$' are supported only at the start and end of the pattern")
-    return ("alt", branches)
-
-
-class Regex:
-    """A regular expression as a lazily built DFA over character classes.
-
-    States are frozensets of NFA states (None: dead or unable to finish).
-    Characters are mapped to class ids (the sets they belong to), so the DFA
-    and the vocabulary's class trie (TokenTable.class_trie) work on ids.
-    """
-
-    def __init__(self, pattern: str, search: bool = True):
-        tree = RegexParser(pattern).parse()
-        self.edges: list[list[tuple[int | None, int]]] = []  # per NFA state: (charset index or None, target)
-        self.charset_index: dict[tuple, int] = {}
-        self.final = self._build(anchored(tree) if search else tree, self._new())
-        self.charsets = tuple(self.charset_index)
-        self.start = self._closure({0})
-        self.class_ids: dict[str, int] = {}
-        self.class_sigs: dict[int, int] = {}   # signature (bit i: in charset i) -> class id
-        self.sigs: list[int] = []              # class id -> signature
-        self.lock = threading.Lock()
-        self.moves: dict[tuple, frozenset | None] = {}
-        self.tails: dict[frozenset, str | None] = {}
-        self.reps = self._representatives()
-        if self.shortest(self.start) is None:
-            raise ValueError("the pattern matches nothing")
-
-    def __getstate__(self) -> dict:
-        # Sharded, a request's constraint travels pickled to the other ranks (see GroupLink):
-        # the lock stays behind and the caches (moves, tails) are rebuilt there as needed.
-        return {**self.__dict__, "lock": None, "moves": {}, "tails": {}}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, lock=threading.Lock())
-
-    def _new(self) -> int:
-        if len(self.edges) >= REGEX_MAX_STATES:
-            raise ValueError(f"the pattern is too large (over {REGEX_MAX_STATES} states once repeats are expanded)")
-        self.edges.append([])
-        return len(self.edges) - 1
-
-    def _build(self, tree: tuple, state: int) -> int:
-        kind = tree[0]
-        if kind == "chars":
-            end = self._new()
-            self.edges[state].append((self.charset_index.setdefault(tree[1], len(self.charset_index)), end))
-            return end
-        if kind == "seq":
-            for item in tree[1]:
-                state = self._build(item, state)
-            return state
-        if kind == "alt":
-            end = self._new()
-            for branch in tree[1]:
-                self.edges[self._build(branch, state)].append((None, end))
-            return end
-        _, item, low, high = tree
-        for _ in range(low):
-            state = self._build(item, state)
-        if high is None:
-            loop = self._new()
-            self.edges[state].append((None, loop))
-            self.edges[self._build(item, loop)].append((None, loop))
-            return loop
-        ends = [state]
-        for _ in range(high - low):
-            ends.append(self._build(item, ends[-1]))
-        end = self._new()
-        for state in ends:
-            self.edges[state].append((None, end))
-        return end
-
-    def _closure(self, states: set) -> frozenset:
-        todo, seen = list(states), set(states)
-        while todo:
-            for index, target in self.edges[todo.pop()]:
-                if index is None and target not in seen:
-                    seen.add(target)
-                    todo.append(target)
-        return frozenset(seen)
-
-    def class_id(self, ch: str) -> int:
-        """The id of the class of characters that behave like `ch` everywhere in this regex."""
-        cid = self.class_ids.get(ch)
-        if cid is None:
-            sig = sum(1 << i for i, cs in enumerate(self.charsets) if in_charset(cs, ch))
-            with self.lock:  # shared across requests: handler threads (enum checks) and the engine
-                cid = self.class_ids[ch] = self.class_sigs.setdefault(sig, len(self.class_sigs))
-                if cid == len(self.sigs):
-                    self.sigs.append(sig)
-        return cid
-
-    def _representatives(self) -> dict[int, str]:
-        """One character per class seen in a sample covering every set's edges: class id -> char."""
-        codes = [*range(48, 58), *range(97, 123), *range(65, 91), *range(32, 127), *range(0, 32), *range(127, 0x250),
-                 0x660, 0x2028, 0x2029, 0x3000, 0xfeff, 0x4e00, 0x1f600]
-        for negated, ranges, parts in self.charsets:
-            codes += [c for lo, hi in ranges for c in (lo - 1, lo, hi, hi + 1) if 0 <= c <= 0x10ffff]
-        reps: dict[int, str] = {}
-        for code in codes:
-            if not 0xd800 <= code <= 0xdfff:
-                reps.setdefault(self.class_id(chr(code)), chr(code))
-        return reps
-
-    def _move(self, state: frozenset, cid: int) -> frozenset | None:
-        key = (state, cid)
-        if key not in self.moves:
-            sig = self.sigs[cid]
-            targets = {t for s in state for index, t in self.edges[s] if index is not None and sig >> index & 1}
-            self.moves[key] = self._closure(targets) if targets else None
-        return self.moves[key]
-
-    def move(self, state: frozenset, ch: str) -> frozenset | None:
-        """The state after `ch`; None when no match can follow."""
-        nxt = self._move(state, self.class_id(ch))
-        return nxt if nxt is not None and self.shortest(nxt) is not None else None
-
-    def accepts(self, state: frozenset) -> bool:
-        return self.final in state
-
-    def shortest(self, state: frozenset) -> str | None:
-        """A shortest text that takes `state` to a match (breadth first over class representatives)."""
-        if state not in self.tails:
-            parents, queue, found = {state: None}, [state], None
-            for current in queue:
-                if self.accepts(current):
-                    found = current
-                    break
-                for cid, ch in self.reps.items():
-                    nxt = self._move(current, cid)
-                    if nxt is not None and nxt not in parents:
-                        parents[nxt] = (current, ch)
-                        queue.append(nxt)
-            path = []
-            while found is not None and parents[found] is not None:
-                found, ch = parents[found]
-                path.append(ch)
-            self.tails[state] = None if found is None else "".join(reversed(path))
-        return self.tails[state]
-
-    def distance(self, state: frozenset) -> float:
-        tail = self.shortest(state)
-        return math.inf if tail is None else len(tail)
-
-
-@functools.lru_cache(maxsize=256)
-def regex_for(pattern: str, search: bool = True) -> Regex:
-    """The compiled Regex for a pattern, shared (with its DFA) across requests."""
-    return Regex(pattern, search)
-
-
-ANY_TEXT = regex_for("")   # an empty pattern matches every string
-
-
-def _track(ex: tuple | None, text: str | None, ch: str) -> str | None:
-    """A leaf's raw text after `ch`, under an exclusion: whole when recording, else only while it could become a forbidden text."""
-    if ex is None or text is None:
-        return text
-    text += ch
-    forbidden, record = ex
-    return text if record or any(f.startswith(text) for f in forbidden) else None
-
-
-class Piece:
-    """A compiled schema node; compared by identity."""
-
-    min_text = ""
-
-    @property
-    def alternatives(self) -> tuple:
-        return (self,)
-
-    def done(self, frame: tuple) -> bool:
-        return False
-
-    def child_done(self, frame: tuple, child: tuple) -> tuple | None:
-        """This frame once its child value `child` is complete; None to refuse it."""
-        return frame
-
-
-class Literals(Piece):
-    """One of a fixed set of JSON texts: enum, const, true/false/null, object keys, tool-call markers.
-
-    Frame: (piece, ex, typed).
-    """
-
-    def __init__(self, texts):
-        self.texts = tuple(dict.fromkeys(texts))
-        self.min_text = min(self.texts, key=len)
-
-    def begin(self, ch: str, ex: tuple | None) -> list:
-        return self.step((self, ex, ""), ch)
-
-    def step(self, frame: tuple, ch: str) -> list:
-        _, ex, typed = frame
-        out = [REFEED] if self.done(frame) else []
-        typed += ch
-        if any(t.startswith(typed) and (ex is None or t not in ex[0]) for t in self.texts):
-            out.append(((self, ex, typed),))
-        return out
-
-    def done(self, frame: tuple) -> bool:
-        _, ex, typed = frame
-        return typed in self.texts and (ex is None or typed not in ex[0])
-
-    def finish(self, frame: tuple) -> str:
-        _, ex, typed = frame
-        return min((t for t in self.texts if t.startswith(typed) and (ex is None or t not in ex[0])), key=len)[len(typed):]
-
-    def first(self, forbidden: frozenset) -> str | None:
-        return min((t for t in self.texts if t not in forbidden), key=len, default=None)
-
-
-class String(Piece):
-    """A JSON string whose decoded text matches `regex` and has min_len to max_len characters.
-
-    Frame: (piece, dfa state, characters so far, escape, ex, text); escape is
-    "" (none), "\\" (after a backslash), "u" plus hex digits so far, or '"'
-    once closed. Strings under an exclusion take no escapes (their raw text is
-    their value) and must use the any-character regex.
-    """
-
-    def __init__(self, regex: Regex, min_len: int = 0, max_len: int | None = None):
-        self.regex, self.min_len, self.max_len = regex, min_len, max_len
-        self.limit = math.inf if max_len is None else max_len
-        self.completions: dict[tuple, str | None] = {}
-        content = self.complete(regex.start, 0)
-        if content is None:
-            raise ValueError("no string has both this pattern or format and these lengths")
-        self.min_text = json.dumps(content, ensure_ascii=False)
-
-    def begin(self, ch: str, ex: tuple | None) -> list:
-        return [((self, self.regex.start, 0, "", ex, None if ex is None else '"'),)] if ch == '"' else []
-
-    def step(self, frame: tuple, ch: str) -> list:
-        _, dfa, count, escape, ex, text = frame
-        if escape == '"':
-            return [REFEED]
-        if escape == "":
-            if ch == '"':
-                closed = (self, dfa, count, '"', ex, _track(ex, text, ch))
-                return [(closed,)] if count >= self.min_len and self.regex.accepts(dfa) and self.done(closed) else []
-            if ch == "\\":
-                return [((self, dfa, count, "\\", ex, text),)] if ex is None and self._escapes(dfa, count) else []
-            decoded = None if ch < " " else ch
-        elif escape == "\\":
-            if ch not in self._escapes(dfa, count):
-                return []
-            if ch == "u":
-                return [((self, dfa, count, "u", ex, text),)]
-            decoded = JSON_ESCAPES[ch]
-        elif ch not in HEX_DIGITS or escape in ("ud", "uD") and ch in "89abcdefABCDEF":  # no surrogates
-            return []
-        elif len(escape) < 4:
-            return [((self, dfa, count, escape + ch, ex, text),)]
-        else:
-            decoded = chr(int(escape[1:] + ch, 16))
-        dfa = None if decoded is None else self.regex.move(dfa, decoded)
-        if dfa is None or not self.viable(dfa, count + 1):
-            return []
-        text = _track(ex, text, ch)
-        if ex is not None and count + 1 == self.limit and text is not None and text + '"' in ex[0]:
-            return []
-        return [((self, dfa, count + 1, "", ex, text),)]
-
-    def _escapes(self, dfa: frozenset, count: int) -> str:
-        """The letters that may follow a backslash here: those whose character fits; \\u only where any character does."""
-        letters = "".join(k for k, c in JSON_ESCAPES.items() if (nxt := self.regex.move(dfa, c)) and self.viable(nxt, count + 1))
-        return letters + "u" if self.regex is ANY_TEXT and count < self.limit else letters
-
-    def viable(self, dfa: frozenset, count: int) -> bool:
-        """Whether a string at `dfa` after `count` characters can still be completed."""
-        if count >= self.min_len:
-            return count + self.regex.distance(dfa) <= self.limit
-        return self.complete(dfa, count) is not None
-
-    def complete(self, dfa: frozenset, count: int) -> str | None:
-        """A shortest text (decoded) that completes the string from `dfa` after `count` characters."""
-        key = (dfa, min(count, self.min_len), self.limit - count)
-        if key not in self.completions:
-            layer = {dfa: ""}  # breadth first up to min_len, then the shortest way to a match
-            for _ in range(max(self.min_len - count, 0)):
-                layer = {nxt: text + ch for state, text in layer.items() for cid, ch in self.regex.reps.items()
-                         if (nxt := self.regex._move(state, cid)) is not None}
-            tails = [text + tail for state, text in layer.items() if (tail := self.regex.shortest(state)) is not None]
-            best = min(tails, key=len, default=None)
-            self.completions[key] = best if best is not None and count + len(best) <= self.limit else None
-        return self.completions[key]
-
-    def done(self, frame: tuple) -> bool:
-        _, dfa, count, escape, ex, text = frame
-        if escape == '"':
-            return ex is None or text is None or text not in ex[0]
-        return False
-
-    def finish(self, frame: tuple) -> str:
-        _, dfa, count, escape, ex, text = frame
-        if escape == '"':
-            return ""
-        if escape:  # end the escape: the first letter that fits, or \\u0000-style zeros
-            tail = self._escapes(dfa, count)[0] if escape == "\\" else ""
-            tail += "0" * (5 - len(escape)) if tail in ("", "u") else ""
-            return tail + self.finish(_leaf_after(frame, tail))
-        if ex is not None:
-            return self._fresh(count, text, ex[0]) + '"'
-        return json.dumps(self.complete(dfa, count), ensure_ascii=False)[1:]
-
-    def _fresh(self, count: int, text: str | None, forbidden: frozenset) -> str:
-        """Characters that close an excluded (any-character) string on a text not forbidden."""
-        for size in range(max(self.min_len - count, 0), int(min(self.limit - count, 8)) + 1):
-            for chars in itertools.product("abcdefghijklmnopqrstuvwxyz", repeat=size):
-                if text is None or text + "".join(chars) + '"' not in forbidden:
-                    return "".join(chars)
-        raise ValueError("no string is left that is not forbidden")
-
-    def first(self, forbidden: frozenset) -> str | None:
-        """A shortest complete string text, quotes included, that is not forbidden (any-character strings)."""
-        try:
-            return '"' + self._fresh(0, '"', forbidden) + '"'
-        except ValueError:
-            return None
-
-    def plain_tokens(self, frame: tuple, trie: dict) -> list[int]:
-        """Token ids of ordinary characters (no quote, backslash or control) that fit here.
-
-        `trie` is the vocabulary's plain tokens as a trie over this regex's class ids.
-        """
-        _, dfa, count, _, _, _ = frame
-        ids, todo = [], [(trie, dfa, count)]
-        while todo:
-            node, state, count = todo.pop()
-            for key, child in node.items():
-                if key:
-                    nxt = self.regex._move(state, ord(key))
-                    if nxt is not None and self.viable(nxt, count + 1):
-                        ids.extend(child.get("", ()))
-                        todo.append((child, nxt, count + 1))
-        return ids
-
-    def key(self, frame: tuple, reach: int) -> tuple:
-        """The frame with its count reduced to what can matter within `reach` characters (mask caching)."""
-        _, dfa, count, escape, ex, text = frame
-        room = self.limit - count
-        return (self, dfa, min(count, self.min_len), min(room, reach + len(self.regex.edges)), escape, ex, text)
-
-
-def _leaf_after(frame: tuple, text: str) -> tuple | None:
-    """A leaf frame after `text` (it must stay inside the value), or None."""
-    for ch in text:
-        outcomes = [o for o in frame[0].step(frame, ch) if o is not REFEED]
-        if not outcomes:
-            return None
-        frame = outcomes[0][0]
-    return frame
-
-
-class Number(Piece):
-    """A JSON number: integer or decimal, within bounds, a multiple of an integer.
-
-    Free numbers (no bounds) take exponents; bounded ones are plain decimals,
-    checked as they are typed: every prefix can still end inside the bounds.
-    Values are counted in units of 10**-scale (1 for integers, else the
-    smallest fraction digit), so all the arithmetic is exact on integers.
-    Frame: (piece, dfa state, ex, text); the text is kept only when bounded.
-    """
-
-    def __init__(self, integer: bool, low: Fraction | None = None, high: Fraction | None = None,
-                 low_open: bool = False, high_open: bool = False, multiple: int | None = None):
-        self.integer, self.multiple = integer, multiple
-        self.bounded = low is not None or high is not None or multiple is not None
-        digits = JSON_MAX_DIGITS - 1
-        syntax = rf"0|-?[1-9]\d{{0,{digits}}}" if integer else rf"-?(0|[1-9]\d{{0,{digits}}})(\.\d{{1,{digits + 1}}})?"
-        self.syntax = regex_for(syntax if integer or self.bounded else syntax + r"([eE][+-]?\d{1,2})?", False)
-        self.scale = 0 if integer else JSON_MAX_DIGITS
-        unit = 10 ** self.scale
-        self.low = None if low is None else math.floor(low * unit) + 1 if low_open else math.ceil(low * unit)
-        self.high = None if high is None else math.ceil(high * unit) - 1 if high_open else math.floor(high * unit)
-        text = self._complete("", frozenset()) if self.bounded else self.syntax.shortest(self.syntax.start)
-        if text is None:
-            raise ValueError("no number is within minimum/maximum and a multiple of multipleOf")
-        self.min_text = text
-
-    def begin(self, ch: str, ex: tuple | None) -> list:
-        return self.step((self, self.syntax.start, ex, ""), ch)
-
-    def step(self, frame: tuple, ch: str) -> list:
-        _, dfa, ex, text = frame
-        out = [REFEED] if self.done(frame) else []
-        dfa = self.syntax.move(dfa, ch)
-        if dfa is not None:
-            tracked = self.bounded or ex is not None
-            text = text + ch if tracked else ""
-            if not tracked or self._count(text, ex, 1) > len(self._forbidden(text, ex)):
-                out.append(((self, dfa, ex, text),))
-        return out
-
-    def done(self, frame: tuple) -> bool:
-        _, dfa, ex, text = frame
-        if not self.syntax.accepts(dfa) or (ex is not None and text in ex[0]):
-            return False
-        return not self.bounded or self._allowed(self._value(text))
-
-    def finish(self, frame: tuple) -> str:
-        _, dfa, ex, text = frame
-        if not (self.bounded or ex):
-            return self.syntax.shortest(dfa)
-        return self._complete(text, ex[0] if ex else frozenset())[len(text):]
-
-    def first(self, forbidden: frozenset) -> str | None:
-        return self._complete("", forbidden)
-
-    @staticmethod
-    def _forbidden(text: str, ex: tuple | None) -> list:
-        return [f for f in ex[0] if f.startswith(text)] if ex else []
-
-    def _value(self, text: str) -> int:
-        whole, _, frac = text.lstrip("-").partition(".")
-        value = int(whole + frac.ljust(self.scale, "0"))
-        return -value if text.startswith("-") else value
-
-    def _allowed(self, value: int) -> bool:
-        return ((self.low is None or value >= self.low) and (self.high is None or value <= self.high)
-                and (self.multiple is None or value % self.multiple == 0))
-
-    def _spans(self, text: str) -> list[tuple[int, int]]:
-        """The values that complete `text`, as signed intervals, shortest completions first."""
-        negative = text.startswith("-")
-        whole, dot, frac = text.lstrip("-").partition(".")
-        one = 10 ** self.scale
-        if dot:
-            width = 10 ** (self.scale - len(frac))
-            spans = [(int(whole + frac) * width, width)]
-        elif whole == "0":
-            spans = [(0, one)]
-        elif whole:
-            spans = [(int(whole) * 10 ** k * one, 10 ** k * one) for k in range(JSON_MAX_DIGITS - len(whole) + 1)]
-        else:  # nothing yet but maybe a sign: "0", or 1 to JSON_MAX_DIGITS digits
-            spans = [] if negative and self.integer else [(0, one)]
-            spans += [(10 ** (k - 1) * one, 9 * 10 ** (k - 1) * one) for k in range(1, JSON_MAX_DIGITS + 1)]
-        return [(-(start + width - 1), -start) if negative else (start, start + width - 1) for start, width in spans]
-
-    def _clip(self, low: int, high: int) -> tuple[int, int]:
-        step = self.multiple or 1
-        low = max(low, self.low) if self.low is not None else low
-        high = min(high, self.high) if self.high is not None else high
-        return -(-low // step) * step, high // step * step
-
-    def _count(self, text: str, ex: tuple | None, cap: int) -> int:
-        """How many allowed values complete `text`, counting past `cap` extra forbidden ones at most."""
-        total, enough = 0, cap + len(self._forbidden(text, ex))
-        for low, high in self._spans(text) if text != "" else self._spans("") + self._spans("-"):
-            low, high = self._clip(low, high)
-            total += max(0, (high - low) // (self.multiple or 1) + 1)
-            if total >= enough:
-                break
-        return total
-
-    def _complete(self, text: str, forbidden: frozenset) -> str | None:
-        """A shortest number text starting with `text`, allowed and not forbidden."""
-        best = None
-        for prefix in ([text] if text else ["", "-"]):
-            for low, high in self._spans(prefix):
-                low, high = self._clip(low, high)
-                candidate = self._simplest(prefix, low, high, forbidden)
-                if candidate is not None and (best is None or len(candidate) < len(best)):
-                    best = candidate
-        return best
-
-    def _simplest(self, prefix: str, low: int, high: int, forbidden: frozenset) -> str | None:
-        """The shortest text of a value in [low, high]: fewest fraction digits, nearest zero."""
-        if low > high:
-            return None
-        negative = prefix.startswith("-")
-        least = max(1, len(prefix.partition(".")[2])) if "." in prefix else 0
-        for digits in range(least, self.scale + 1) if not self.integer else [0]:
-            step = 10 ** (self.scale - digits) * (self.multiple or 1)
-            value = (-(-low // step) * step) if not negative else (high // step * step)
-            while low <= value <= high:
-                whole, frac = divmod(abs(value), 10 ** self.scale)
-                text = ("-" if negative else "") + str(whole) + ("." + str(frac).rjust(self.scale, "0")[:digits] if digits else "")
-                if text not in forbidden and text.startswith(prefix):
-                    return text
-                value += -step if negative else step
-        return None
-
-
-class Union(Piece):
-    """anyOf (and oneOf, type lists): a value matching any of the alternatives."""
-
-    def __init__(self, alternatives):
-        self._alternatives = tuple(a for alt in alternatives for a in alt.alternatives)
-        self.min_text = min((a.min_text for a in self._alternatives), key=len)
-
-    @property
-    def alternatives(self) -> tuple:
-        return self._alternatives
-
-
-def union(alternatives: list) -> Piece | None:
-    """The union of the satisfiable alternatives (None stands for one that is not): None, one piece, or a Union."""
-    alternatives = [a for a in alternatives if a is not None]
-    if len(alternatives) <= 1:
-        return alternatives[0] if alternatives else None
-    return Union(alternatives)
-
-
-class ValueStart(Piece):
-    """The start of a value: whitespace, then the first character of one alternative.
-
-    Frame: (VALUE, node, whitespace so far, ex).
-    """
-
-    def step(self, frame: tuple, ch: str) -> list:
-        _, node, spaces, ex = frame
-        if ch in JSON_WHITESPACE:
-            return [((self, node, spaces + 1, ex),)] if spaces < JSON_MAX_WHITESPACE else []
-        return [o for alt in node.alternatives for o in alt.begin(ch, ex)]
-
-    def finish(self, frame: tuple) -> str:
-        _, node, _, ex = frame
-        if ex is None:
-            return node.min_text
-        return min((t for alt in node.alternatives if (t := alt.first(ex[0])) is not None), key=len)
-
-
-VALUE = ValueStart()
-
-
-class Object(Piece):
-    """A JSON object: declared properties in their order, each at most once, then extra keys.
-
-    props: (name, node, required) triples. `extras` is the schema of other
-    keys' values (None: no other keys). Frame: (piece, phase, index, count,
-    seen, whitespace); phase is open (after "{"), comma, key (a key leaf is
-    on top), colon (a key written) or value (after a value); index is the
-    first declared property still allowed (in "colon": the chosen one,
-    len(props) for an extra key); count is properties written (kept only
-    when min/maxProperties ask); seen holds extra keys when duplicates could
-    make too few properties.
-    """
-
-    def __init__(self, props: tuple, extras: Piece | None = None, min_props: int = 0, max_props: int | None = None):
-        self.props, self.extras = props, extras
-        self.keys = {json.dumps(name, ensure_ascii=False): i for i, (name, _, _) in enumerate(props)}
-        self.min_props, self.max_props = min_props, max_props
-        self.required_from = [sum(req for _, _, req in props[i:]) for i in range(len(props) + 1)]
-        self.counts = min_props > 0 or max_props is not None
-        self.tracks = extras is not None and min_props > self.required_from[0]
-        self.key_pieces: dict[tuple, Literals] = {}
-        tail = self._tail(0, 0, frozenset(), "", False)
-        if tail is None:
-            raise ValueError("no object has these properties within minProperties/maxProperties")
-        self.min_text = "{" + tail
-
-    def begin(self, ch: str, ex: tuple | None) -> list:
-        return [((self, "open", 0, 0, frozenset(), 0),)] if ch == "{" else []
-
-    def step(self, frame: tuple, ch: str) -> list:
-        _, phase, index, count, seen, spaces = frame
-        if ch in JSON_WHITESPACE and phase != "key":
-            return [((self, phase, index, count, seen, spaces + 1),)] if spaces < JSON_MAX_WHITESPACE else []
-        if ch == "}" and phase in ("open", "value") and self._may_close(index, count):
-            return [()]
-        if ch == "," and phase == "value" and any(self._choices(index, count)):
-            return [((self, "comma", index, count, seen, 0),)]
-        if ch == '"' and phase in ("open", "comma"):
-            keying = (self, "key", index, count, seen, 0)
-            return [(keying, key) for key in self._key_frames(index, count, seen)]
-        if ch == ":" and phase == "colon":
-            declared = index < len(self.props)
-            node = self.props[index][1] if declared else self.extras
-            nxt = index + 1 if declared else index
-            return [((self, "value", nxt, count + self.counts, seen, 0), (VALUE, node, 0, None))]
-        return []
-
-    def child_done(self, frame: tuple, child: tuple) -> tuple:
-        _, phase, index, count, seen, _ = frame
-        if phase != "key":
-            return frame
-        text = child[-1]
-        if child[0] is ANY_STRING:
-            return (self, "colon", len(self.props), count, seen | {text} if self.tracks else seen, 0)
-        return (self, "colon", self.keys[text], count, seen, 0)
-
-    def _may_close(self, index: int, count: int) -> bool:
-        return self.required_from[index] == 0 and (not self.counts or count >= self.min_props)
-
-    def _choices(self, index: int, count: int) -> tuple[tuple[int, ...], bool]:
-        """(declared properties that may come next, whether an extra key may), leaving room for min/maxProperties."""
-        if self.max_props is not None and count >= self.max_props:
-            return (), False
-        chosen, need = [], self.min_props - count - 1
-        for j in range(index, len(self.props)):
-            fits = self.max_props is None or count + 1 + self.required_from[j + 1] <= self.max_props
-            if fits and (self.extras is not None or len(self.props) - j - 1 >= need or not self.counts):
-                chosen.append(j)
-            if self.props[j][2]:
-                break
-        return tuple(chosen), self.extras is not None and self.required_from[index] == 0
-
-    def _key_frames(self, index: int, count: int, seen: frozenset) -> list[tuple]:
-        declared, extra = self._choices(index, count)
-        frames = []
-        if declared:
-            piece = self.key_pieces.get(declared)
-            if piece is None:
-                piece = self.key_pieces[declared] = Literals(json.dumps(self.props[j][0], ensure_ascii=False)
-                                                             for j in declared)
-            frames.append((piece, None, '"'))
-        if extra:
-            frames.append((ANY_STRING, ANY_STRING.regex.start, 0, "", (frozenset(self.keys) | seen, self.tracks), '"'))
-        return frames
-
-    def finish(self, frame: tuple) -> str:
-        _, phase, index, count, seen, _ = frame
-        if phase == "colon":
-            declared = index < len(self.props)
-            node = self.props[index][1] if declared else self.extras
-            return ":" + node.min_text + self._tail(index + 1 if declared else index, count + self.counts, seen, ",", False)
-        return self._tail(index, count, seen, "," if phase == "value" else "", phase == "comma")
-
-    def _tail(self, index: int, count: int, seen: frozenset, sep: str, must: bool) -> str | None:
-        """The shortest text that ends the object: required properties, more if minProperties asks, "}"."""
-        parts = []
-        while must or self.required_from[index] or (self.counts and count < self.min_props):
-            declared, extra = self._choices(index, count)
-            if declared and (self.props[declared[-1]][2] or not extra):
-                j = declared[-1] if self.props[declared[-1]][2] else declared[0]
-                key, node, index = json.dumps(self.props[j][0], ensure_ascii=False), self.props[j][1], j + 1
-            elif extra:
-                key = ANY_STRING.first(frozenset(self.keys) | seen)
-                node, index, seen = self.extras, len(self.props), seen | {key}
-            else:
-                return None
-            parts.append(sep + key + ":" + node.min_text)
-            sep, must, count = ",", False, count + 1
-        return "".join(parts) + "}"
-
-
-class Array(Piece):
-    """A JSON array: `prefix` items (tuples) then `items` ones (None: no more), within min/max_items.
-
-    With `unique`, items are leaves (checked at compile time) under an
-    exclusion of the texts already written. Frame: (piece, phase, count, seen,
-    whitespace); phase is open or value; count is items begun (capped once
-    it no longer matters, so long arrays reuse masks).
-    """
-
-    def __init__(self, prefix: tuple, items: Piece | None, min_items: int = 0, max_items: int | None = None,
-                 unique: bool = False):
-        self.prefix, self.items, self.unique = prefix, items, unique
-        if items is None:
-            max_items = len(prefix) if max_items is None else min(max_items, len(prefix))
-        self.min_items, self.max_items = min_items, max_items
-        self.cap = max(len(prefix), min_items) if max_items is None else None
-        tail = self._tail(0, frozenset(), "")
-        if tail is None:
-            raise ValueError("no array has these items within minItems/maxItems (and uniqueItems)")
-        self.min_text = "[" + tail
-
-    def begin(self, ch: str, ex: tuple | None) -> list:
-        return [((self, "open", 0, frozenset(), 0),)] if ch == "[" else []
-
-    def step(self, frame: tuple, ch: str) -> list:
-        _, phase, count, seen, spaces = frame
-        if ch in JSON_WHITESPACE:
-            return [((self, phase, count, seen, spaces + 1),)] if spaces < JSON_MAX_WHITESPACE else []
-        if ch == "]":
-            return [()] if count >= self.min_items else []
-        if (phase == "value" and ch != ",") or not self._more(count):
-            return []
-        after = (self, "value", count + 1 if self.cap is None else min(count + 1, self.cap), seen, 0)
-        item = (VALUE, self._node(count), 0, (seen, True) if self.unique else None)
-        if phase == "open":  # the first item begins with `ch`
-            return [(after,) + frames for frames in VALUE.step(item[:2] + (JSON_MAX_WHITESPACE,) + item[3:], ch)]
-        return [(after, item)] if not self.unique or self._left(count, seen) else []
-
-    def child_done(self, frame: tuple, child: tuple) -> tuple:
-        return frame[:3] + (frame[3] | {child[-1]},) + frame[4:] if self.unique else frame
-
-    def _node(self, index: int) -> Piece:
-        return self.prefix[index] if index < len(self.prefix) else self.items
-
-    def _more(self, count: int) -> bool:
-        return (self.max_items is None or count < self.max_items) and (count < len(self.prefix) or self.items is not None)
-
-    def _left(self, count: int, seen: frozenset) -> bool:
-        """uniqueItems: whether an item not written yet is left for position `count`."""
-        return any(a.first(seen) is not None for a in self._node(count).alternatives)
-
-    def finish(self, frame: tuple) -> str:
-        _, phase, count, seen, _ = frame
-        return self._tail(count, seen, "," if phase == "value" else "")
-
-    def _tail(self, count: int, seen: frozenset, sep: str) -> str | None:
-        parts = []
-        while count < self.min_items:
-            node = self._node(count)
-            text = node.min_text if not self.unique else min(
-                (t for alt in node.alternatives if (t := alt.first(seen)) is not None), key=len, default=None)
-            if text is None:
-                return None
-            parts.append(sep + text)
-            sep, seen, count = ",", seen | {text}, count + 1
-        return "".join(parts) + "]"
-
-
-def json_start(node: Piece, prefix: str = "", suffix: str = "") -> tuple:
-    """The automaton's start state: `prefix`, a JSON value for `node`, then `suffix`."""
-    stack = ((Literals((suffix,)), None, ""),) if suffix else ()
-    stack += ((VALUE, node, 0, None),)
-    stack += ((Literals((prefix,)), None, ""),) if prefix else ()
-    return (stack,)
-
-
-def json_advance(state: tuple, text: str) -> tuple:
-    """The state after `text`; () once no stack can take it."""
-    for ch in text:
-        if not state:
-            break
-        state = tuple(dict.fromkeys(nxt for stack in state for nxt in _step(stack, ch)))
-    return state
-
-
-def json_complete(state: tuple) -> bool:
-    """True when the text so far is a whole match (a trailing number may still go on)."""
-    return any(_settle(stack) == () for stack in state)
-
-
-def json_closing_text(state: tuple) -> str | None:
-    """A shortest way (by the pieces' finish texts) to complete the text from `state`."""
-    texts = [text for stack in state if (text := _closing(stack)) is not None]
-    return min(texts, key=len, default=None)
-
-
-def _step(stack: tuple, ch: str) -> list[tuple]:
-    """The stacks that can follow `stack` on character `ch` (none: it cannot)."""
-    if not stack:
-        return []
-    top, rest = stack[-1], stack[:-1]
-    out = []
-    for frames in top[0].step(top, ch):
-        if frames is REFEED:
-            parent = _pop(rest, top)
-            out += _step(parent, ch) if parent else []
-        else:
-            out.append(rest + frames)
-    return out
-
-
-def _pop(rest: tuple, child: tuple) -> tuple | None:
-    """`rest` once its top frame has taken the complete value `child`; None if it refuses it."""
-    if not rest:
-        return rest
-    parent = rest[-1][0].child_done(rest[-1], child)
-    return None if parent is None else rest[:-1] + (parent,)
-
-
-def _settle(stack: tuple | None) -> tuple | None:
-    """The stack with its complete top values taken off."""
-    while stack and stack[-1][0].done(stack[-1]):
-        stack = _pop(stack[:-1], stack[-1])
-    return stack
-
-
-def _closing(stack: tuple) -> str | None:
-    """Finish the top frame, settle, repeat: each finish text is checked by the automaton itself."""
-    texts = []
-    stack = _settle(stack)
-    while stack:
-        text = stack[-1][0].finish(stack[-1])
-        after = [] if text is None else [s for s in map(_settle, json_advance((stack,), text))
-                                         if s is not None and len(s) < len(stack)]
-        if not after:
-            return None
-        texts.append(text)
-        stack = after[0]
-    return None if stack is None else "".join(texts)
-
-
-# -- JSON Schema keywords -------------------------------------------------------
-
-SCHEMA_KEYWORDS = {
-    "type", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "$defs", "definitions",
-    "properties", "required", "additionalProperties", "minProperties", "maxProperties",
-    "items", "prefixItems", "additionalItems", "minItems", "maxItems", "uniqueItems",
-    "minLength", "maxLength", "pattern", "format",
-    "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf",
-}
-SCHEMA_ANNOTATIONS = {"title", "description", "default", "examples", "deprecated", "readOnly", "writeOnly",
-                      "$schema", "$id", "$comment", "discriminator", "strict"}
-# Keywords that say which type they constrain, for schemas without "type".
-KEYWORD_TYPES = {"object": {"properties", "required", "additionalProperties", "minProperties", "maxProperties"},
-                 "array": {"items", "prefixItems", "additionalItems", "minItems", "maxItems", "uniqueItems"},
-                 "string": {"minLength", "maxLength", "pattern", "format"},
-                 "number": {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"}}
-_OCTET = r"(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
-_H16 = r"[0-9A-Fa-f]{1,4}"
-_YEAR = r"([1-9]\d{3}|0[1-9]\d\d|00[1-9]\d|000[1-9])"
-_DATE = (rf"({_YEAR}-((0[13578]|1[02])-(0[1-9]|[12]\d|3[01])|(0[469]|11)-(0[1-9]|[12]\d|30)|02-(0[1-9]|1\d|2[0-8]))"
-         r"|(\d\d(0[48]|[2468][048]|[13579][26])|(0[48]|[2468][048]|[13579][26])00)-02-29)")
-_TIME = r"([01]\d|2[0-3]):[0-5]\d:[0-5]\d(\.\d{1,9})?(Z|[+-]([01]\d|2[0-3]):[0-5]\d)"
-_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_HOST = rf"({_LABEL}\.)*[A-Za-z]([A-Za-z0-9-]{{0,61}}[A-Za-z0-9])?"
-_PCHAR = r"([A-Za-z0-9._~!$&'()*+,;=:@-]|%[0-9A-Fa-f]{2})"
-_DAYS = r"(\d+Y(\d+M)?(\d+D)?|\d+M(\d+D)?|\d+D)"
-_HOURS = r"T(\d+H(\d+M)?(\d+(\.\d+)?S)?|\d+M(\d+(\.\d+)?S)?|\d+(\.\d+)?S)"
-# `format` values enforced, each as a regular expression matched in full.
-FORMATS = {
-    "date": _DATE, "time": _TIME, "date-time": f"{_DATE}T{_TIME}",
-    "duration": rf"P({_DAYS}({_HOURS})?|{_HOURS}|\d+W)",
-    "email": rf"[A-Za-z0-9_%+-]+(\.[A-Za-z0-9_%+-]+)*@({_LABEL}\.)+[A-Za-z]{{2,63}}",
-    "uuid": r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
-    "ipv4": rf"{_OCTET}(\.{_OCTET}){{3}}",
-    "ipv6": "|".join([rf"({_H16}:){{7}}{_H16}", rf"({_H16}:){{1,7}}:", rf"({_H16}:){{1,6}}:{_H16}"]
-                     + [rf"({_H16}:){{1,{n}}}(:{_H16}){{1,{7 - n}}}" for n in range(1, 6)]
-                     + [rf":((:{_H16}){{1,7}}|:)"]),
-    "hostname": _HOST,
-    "uri": rf"[A-Za-z][A-Za-z0-9+.-]*://([A-Za-z0-9._~!$&'()*+,;=-]|%[0-9A-Fa-f]{{2}})*(:\d{{1,5}})?"
-           rf"(/{_PCHAR}*)*(\?({_PCHAR}|[/?])*)?(#({_PCHAR}|[/?])*)?",
-}
-# Formats the JSON Schema standard defines that this server does not enforce: a 400.
-# Any other format (Pydantic's "password", OpenAPI's "int32"...) is an annotation.
-UNENFORCED_FORMATS = {"uri-reference", "iri", "iri-reference", "idn-email", "idn-hostname", "json-pointer",
-                      "relative-json-pointer", "regex", "uri-template"}
-HOSTNAME_MAX_LENGTH = 253
-
-ANY_STRING = String(ANY_TEXT)
-BOOLEAN = Literals(("true", "false"))
-NULL = Literals(("null",))
-
-
-def any_value(depth: int) -> Piece:
-    """Any JSON value, arrays and objects nested at most `depth` deep."""
-    scalars = [ANY_STRING, Number(False), BOOLEAN, NULL]
-    if depth == 0:
-        return Union(scalars)
-    inner = any_value(depth - 1)
-    return Union(scalars + [Object((), extras=inner), Array((), inner)])
-
-
-ANY_VALUE = any_value(JSON_MAX_NESTING)
-ANY_OBJECT = Object((), extras=any_value(JSON_MAX_NESTING - 1))
-
-
-class SchemaCompiler:
-    """Compiles one JSON Schema into pieces, or raises a 400 naming what it cannot enforce.
-
-    compile() returns None for a schema no value satisfies (false, or a $ref
-    recursion cut at SCHEMA_MAX_REFS): optional properties, array items and
-    anyOf alternatives that need one are left out.
-    """
-
-    def __init__(self, root: dict, param: str):
-        self.root, self.param = root, param
-        self.memo: dict[tuple, tuple] = {}
-
-    def fail(self, message: str) -> APIError:
-        return invalid(f"'{self.param}': {message}", self.param)
-
-    def compile(self, schema: Any, refs: int = SCHEMA_MAX_REFS, depth: int = 0) -> Piece | None:
-        if schema is True or schema == {}:
-            return ANY_VALUE
-        if schema is False:
-            return None
-        if not isinstance(schema, dict):
-            raise self.fail(f"a JSON Schema must be an object, got {json.dumps(schema)[:60]}")
-        if depth > SCHEMA_MAX_DEPTH:
-            raise self.fail(f"the schema nests deeper than {SCHEMA_MAX_DEPTH} levels")
-        unknown = sorted(set(schema) - SCHEMA_KEYWORDS - SCHEMA_ANNOTATIONS)
-        if unknown:
-            raise self.fail(f"JSON Schema keyword {unknown[0]!r} is not supported (the README lists those enforced)")
-        key = (id(schema), refs)
-        if key not in self.memo:
-            self.memo[key] = (schema, self._compile(schema, refs, depth + 1))
-        return self.memo[key][1]
-
-    def _compile(self, schema: dict, refs: int, depth: int) -> Piece | None:
-        constraints = {k: v for k, v in schema.items() if k not in SCHEMA_ANNOTATIONS and k not in ("$defs", "definitions")}
-        if "$ref" in constraints:
-            if refs == 0:
-                return None
-            target = self.resolve(constraints.pop("$ref"))
-            return self.compile({"allOf": [target, constraints]} if constraints else target, refs - 1, depth)
-        if "allOf" in constraints:
-            merged = {k: v for k, v in constraints.items() if k != "allOf"}
-            for part in self.list_of(constraints, "allOf"):
-                merged = self.merge(merged, part)
-            return self.compile(merged, refs, depth)
-        for word in ("anyOf", "oneOf"):
-            if word in constraints:
-                return self.any_of(constraints, word, refs, depth)
-        if "enum" in constraints or "const" in constraints:
-            return self.literals(constraints, refs, depth)
-        kinds = constraints.get("type", [k for k, words in KEYWORD_TYPES.items() if words & set(constraints)])
-        if isinstance(kinds, list):
-            if not kinds:
-                return ANY_VALUE
-            return union([self.compile({**constraints, "type": k}, refs, depth) for k in kinds])
-        return self.typed(constraints, kinds, refs, depth)
-
-    def typed(self, schema: dict, kind: Any, refs: int, depth: int) -> Piece | None:
-        if kind == "string":
-            return self.string(schema)
-        if kind in ("integer", "number"):
-            return self.number(schema, kind == "integer")
-        if kind in ("boolean", "null"):
-            return BOOLEAN if kind == "boolean" else NULL
-        if kind == "object":
-            return self.object(schema, refs, depth)
-        if kind == "array":
-            return self.array(schema, refs, depth)
-        raise self.fail(f"unknown JSON Schema type {json.dumps(kind)[:40]}")
-
-    def resolve(self, ref: Any) -> Any:
-        """The schema a local JSON pointer ("#", "#/$defs/Name", "#/definitions/...") names."""
-        if not isinstance(ref, str) or not ref.startswith("#"):
-            raise self.fail(f"only local $ref such as '#/$defs/Name' is supported, got {json.dumps(ref)[:60]}")
-        target = self.root
-        for part in ref[1:].split("/")[1:] if ref != "#" else []:
-            part = part.replace("~1", "/").replace("~0", "~")
-            target = target.get(part) if isinstance(target, dict) else None
-            if target is None:
-                raise self.fail(f"$ref {ref!r} points at nothing")
-        return target
-
-    def list_of(self, schema: dict, word: str) -> list:
-        value = schema[word]
-        if not isinstance(value, list) or not value:
-            raise self.fail(f"'{word}' must be a non-empty list")
-        return value
-
-    def any_of(self, schema: dict, word: str, refs: int, depth: int) -> Piece | None:
-        """anyOf (oneOf alike): alternatives this server cannot enforce are left out while another remains."""
-        base = {k: v for k, v in schema.items() if k != word}
-        alternatives, errors = [], []
-        for alt in self.list_of(schema, word):
-            try:
-                alternatives.append(self.compile(self.merge(base, alt) if base else alt, refs, depth))
-            except APIError as exc:
-                errors.append(exc)
-        if errors and not any(a is not None for a in alternatives):
-            raise errors[0]
-        return union(alternatives)
-
-    def merge(self, a: dict, b: Any, hops: int = 0) -> dict:
-        """allOf: one schema with the constraints of both (what cannot be merged is a 400)."""
-        if b is True or b == {}:
-            return a
-        if not isinstance(b, dict):
-            raise self.fail("allOf parts must be schemas (objects)")
-        if "$ref" in b:
-            if hops > SCHEMA_MAX_DEPTH:
-                raise self.fail(f"allOf refers to itself through $ref more than {SCHEMA_MAX_DEPTH} times")
-            rest = {k: v for k, v in b.items() if k != "$ref"}
-            return self.merge(self.merge(a, self.resolve(b["$ref"]), hops + 1), rest, hops + 1)
-        for one, other in ((a, b), (b, a)):
-            if one.get("additionalProperties", True) is not True and set(other.get("properties", {})) - set(one.get("properties", {})):
-                raise self.fail("allOf with additionalProperties beside other properties cannot be merged")
-        out = dict(a)
-        for key, value in b.items():
-            mine = out.get(key)
-            if key not in out or key in SCHEMA_ANNOTATIONS:
-                out.setdefault(key, value)
-            elif key == "properties" and isinstance(mine, dict) and isinstance(value, dict):
-                out[key] = {**mine, **{k: {"allOf": [mine[k], v]} if k in mine else v for k, v in value.items()}}
-            elif key == "required" and isinstance(mine, list) and isinstance(value, list):
-                out[key] = list(dict.fromkeys(mine + value))
-            elif key in ("minimum", "minLength", "minItems", "minProperties", "maximum", "maxLength", "maxItems",
-                         "maxProperties") and _is_number(mine) and _is_number(value):
-                out[key] = (max if key.startswith("min") else min)(mine, value)
-            elif key == "type":
-                kinds = [k for k in _as_list(mine) if k in _as_list(value)]
-                if not kinds:
-                    raise self.fail("allOf parts have no type in common")
-                out[key] = kinds
-            elif key == "enum" and isinstance(mine, list) and isinstance(value, list):
-                out[key] = [v for v in mine if _canonical(v) in {_canonical(w) for w in value}]
-            elif key in ("$defs", "definitions"):
-                out[key] = {**mine, **value}
-            elif key == "allOf":
-                out[key] = mine + value
-            elif _canonical(mine) != _canonical(value):
-                raise self.fail(f"allOf parts with different {key!r} cannot be merged")
-        return out
-
-    def literals(self, schema: dict, refs: int, depth: int) -> Literals:
-        """enum/const: the listed values that also fit the rest of the schema."""
-        values = self.list_of(schema, "enum") if "enum" in schema else [schema["const"]]
-        if "const" in schema:
-            values = [v for v in values if _canonical(v) == _canonical(schema["const"])]
-        texts = [json.dumps(v, ensure_ascii=False, separators=(",", ":")) for v in values]
-        rest = {k: v for k, v in schema.items() if k not in ("enum", "const")}
-        if rest:
-            node = self.compile(rest, refs, depth)
-            texts = [t for t in texts if node is not None and json_complete(json_advance(json_start(node), t))]
-        if not texts:
-            raise self.fail("no value of 'enum'/'const' satisfies the rest of the schema")
-        return Literals(texts)
-
-    def count(self, schema: dict, word: str) -> int | None:
-        value = schema.get(word)
-        if value is not None and (not _is_number(value) or value < 0 or value != int(value)):
-            raise self.fail(f"{word!r} must be a non-negative integer")
-        return None if value is None else int(value)
-
-    def string(self, schema: dict) -> String:
-        low, high = self.count(schema, "minLength") or 0, self.count(schema, "maxLength")
-        form, pattern = schema.get("format"), schema.get("pattern")
-        if form in UNENFORCED_FORMATS or (pattern is not None and form in FORMATS):
-            raise self.fail(f"'format': {form!r} is not enforced" + (" beside a 'pattern'" if pattern else ""))
-        if pattern is not None and not isinstance(pattern, str):
-            raise self.fail("'pattern' must be a string")
-        if form == "hostname":
-            high = min(high if high is not None else HOSTNAME_MAX_LENGTH, HOSTNAME_MAX_LENGTH)
-        try:
-            if pattern is not None:
-                return String(regex_for(pattern), low, high)
-            return String(regex_for(FORMATS[form], False) if form in FORMATS else ANY_TEXT, low, high)
-        except ValueError as exc:
-            what = f"'pattern' {pattern!r}" if pattern is not None else f"'format' {form!r}" if form in FORMATS \
-                else "'minLength'/'maxLength'"
-            raise self.fail(f"{what}: {exc}") from None
-
-    def bound(self, schema: dict, inclusive: str, exclusive: str, tighter: Callable) -> tuple:
-        """(bound as a Fraction or None, whether it is exclusive), from both keywords."""
-        values = []
-        for word, is_open in ((inclusive, False), (exclusive, True)):
-            value = schema.get(word)
-            if isinstance(value, bool) and word == exclusive:  # draft-04: exclusiveMinimum: true
-                values = [(v, value) for v, _ in values]
-            elif value is not None:
-                if not _is_number(value) or not math.isfinite(value):
-                    raise self.fail(f"{word!r} must be a number")
-                values.append((Fraction(repr(value)) if isinstance(value, float) else Fraction(value), is_open))
-        return tighter(values, key=lambda pair: (pair[0], pair[1] == (tighter is max))) if values else (None, False)
-
-    def number(self, schema: dict, integer: bool) -> Number:
-        low, low_open = self.bound(schema, "minimum", "exclusiveMinimum", max)
-        high, high_open = self.bound(schema, "maximum", "exclusiveMaximum", min)
-        multiple = schema.get("multipleOf")
-        if multiple is not None:
-            if not _is_number(multiple) or multiple <= 0 or multiple != int(multiple):
-                raise self.fail("'multipleOf' is enforced only as a positive integer")
-            integer, multiple = True, int(multiple)
-        try:
-            return Number(integer, low, high, low_open, high_open, multiple)
-        except ValueError as exc:
-            raise self.fail(str(exc)) from None
-
-    def object(self, schema: dict, refs: int, depth: int) -> Piece | None:
-        properties, required = schema.get("properties", {}), schema.get("required", [])
-        if not isinstance(properties, dict) or not isinstance(required, list) or \
-                not all(isinstance(name, str) for name in required):
-            raise self.fail("'properties' must be an object and 'required' a list of names")
-        extra = schema.get("additionalProperties", None if properties else True)
-        declared = dict(properties)
-        for name in required:
-            if name not in declared:
-                if extra in (None, False):
-                    raise self.fail(f"required property {name!r} is not in 'properties'")
-                declared[name] = extra
-        props = []
-        for name, sub in declared.items():
-            node = self.compile(sub, refs, depth)
-            if node is None and name in required:
-                return None
-            if node is not None:
-                props.append((name, node, name in required))
-        extras = None if extra in (None, False) else self.compile(extra, refs, depth)
-        try:
-            return Object(tuple(props), extras, self.count(schema, "minProperties") or 0,
-                          self.count(schema, "maxProperties"))
-        except ValueError as exc:
-            raise self.fail(str(exc)) from None
-
-    def array(self, schema: dict, refs: int, depth: int) -> Piece | None:
-        items, prefix = schema.get("items"), schema.get("prefixItems", [])
-        if isinstance(items, list):  # draft-07 tuples: items as a list, then additionalItems
-            prefix, items = items, schema.get("additionalItems")
-        if not isinstance(prefix, list):
-            raise self.fail("'prefixItems' must be a list of schemas")
-        low, high = self.count(schema, "minItems") or 0, self.count(schema, "maxItems")
-        nodes = []
-        for sub in prefix:
-            node = self.compile(sub, refs, depth)
-            if node is None:  # no value fits this position: the array ends before it
-                high, items = len(nodes) if high is None else min(high, len(nodes)), False
-                break
-            nodes.append(node)
-        if items is None:
-            items = True if not prefix or low > len(prefix) else False
-        rest = self.compile(items, refs, depth)
-        unique = schema.get("uniqueItems") is True
-        if unique:
-            nodes, rest = [self.unique_leaf(n) for n in nodes], rest and self.unique_leaf(rest)
-        try:
-            return Array(tuple(nodes), rest, low, high, unique)
-        except ValueError as exc:
-            raise self.fail(str(exc)) from None
-
-    def unique_leaf(self, node: Piece) -> Piece:
-        """uniqueItems: items must be values whose JSON text is their identity (see Array)."""
-        alternatives = node.alternatives
-        if all(isinstance(a, Literals) for a in alternatives):
-            return Literals(t for a in alternatives for t in a.texts)
-        if len(alternatives) == 1 and (node is ANY_STRING or isinstance(node, String) and node.regex is ANY_TEXT
-                                       or isinstance(node, Number) and node.integer):
-            return node
-        raise self.fail("'uniqueItems' is enforced for items that are strings without pattern or format, "
-                        "integers, or enum/const/boolean/null values")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _as_list(value: Any) -> list:
-    return value if isinstance(value, list) else [value]
-
-
-def _canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True)
-
-
-def compile_schema(schema: Any, root: Any, param: str) -> Piece:
-    """Compile a JSON Schema (the keywords in SCHEMA_KEYWORDS) or raise a 400 naming `param`."""
-    node = SchemaCompiler(root if isinstance(root, dict) else {}, param).compile(schema)
-    if node is None:
-        raise invalid(f"'{param}': no JSON value satisfies this schema (or its recursion needs more than "
-                      f"{SCHEMA_MAX_REFS} levels of $ref)", param)
-    return node
-
-
-@dataclass(frozen=True)
-class Constraint:
-    """Output the engine must produce: JSON text matching `node`."""
-
-    node: Piece
-    key: str                  # canonical JSON of the schema: equal keys share cached token masks
-    tool_call: bool = False   # wrapped in the model's tool-call markers
-
-
 def output_fields(endpoint: str, body: dict, format_param: str = "response_format") -> dict:
     """response_format and (chat-like) tools, in chat's shapes: the constraint on the output and the tools offered."""
     constraint = parse_response_format(body.get("response_format"), format_param)
@@ -2175,18 +2784,6 @@ def parse_tool_choice(choice: Any, tools: tuple[dict, ...]) -> tuple[str, list[s
         raise invalid(f"'tool_choice' names the tool {name[:80]!r}, which is not among the tools "
                       f"({', '.join(names)[:300]})", "tool_choice")
     return "required", [name]
-
-
-def tool_call_constraint(tools: list[dict]) -> Constraint:
-    """Output forced to be one call, {"name": ..., "arguments": {...}}, of one of `tools`."""
-    calls = []
-    for tool in tools:
-        function = tool["function"]
-        schema = function.get("parameters") or {"type": "object"}
-        name = Literals((json.dumps(function["name"], ensure_ascii=False),))
-        calls.append(Object((("name", name, True), ("arguments", compile_schema(schema, schema, "tools"), True))))
-    key = json.dumps([t["function"] for t in tools], sort_keys=True)
-    return Constraint(union(calls), key, tool_call=True)
 
 
 def parse_response_format(value: dict | None, param: str = "response_format") -> Constraint | None:
@@ -3080,273 +3677,6 @@ class TextStream:
             self.trim_space = False
             return text[1:] if text[0] == " " else text
         return text
-
-
-# -- JSON-constrained decoding: the automaton (see the parsing section) lifted to tokens
-#
-# A token may follow a state when the automaton takes its whole text. Masks are
-# built by walking a trie of the vocabulary's token texts, and inside strings by
-# a trie of class ids of the plain tokens (those of ordinary characters) for the
-# string's regex, so a length or a pattern does not mean a walk of every token.
-# Masks are cached per state, with string lengths reduced to what can matter
-# within one token (String.key), so long strings reuse them.
-
-class TokenTable:
-    """A vocabulary's token texts, indexed for constrained decoding; one per tokenizer.
-
-    Special tokens (end of sequence included) and tokens that decode to part
-    of a character are left out, so constrained text is made of whole
-    characters and never of control tokens.
-    """
-
-    def __init__(self, tokenizer: Any):
-        self.size = len(tokenizer)
-        self.eos = sorted(tokenizer.eos_token_ids)
-        self.texts = token_texts(tokenizer, self.size)
-        self.trie: dict = {}                       # char -> child; "" -> ids ending here
-        self.plain: list[int] = []                 # tokens that are only ordinary string characters
-        self.marked: list[tuple[int, str]] = []    # every other usable token, with its text
-        for token, text in enumerate(self.texts):
-            if not text:
-                continue
-            node = self.trie
-            for ch in text:
-                node = node.setdefault(ch, {})
-            node.setdefault("", []).append(token)
-            if all(ch >= " " and ch not in '"\\' for ch in text):
-                self.plain.append(token)
-            else:
-                self.marked.append((token, text))
-        self.reach = max(map(len, filter(None, self.texts)), default=1)   # the longest token, in characters
-        self.plain_chars = sorted({ch for token in self.plain for ch in self.texts[token]})
-        self.class_tries: dict[Regex, dict] = {}
-
-    def class_trie(self, regex: Regex) -> dict:
-        """The plain tokens as a trie over `regex`'s class ids (chr(id) -> child; "" -> ids); cached."""
-        trie = self.class_tries.get(regex)
-        if trie is None:
-            classes = str.maketrans({ch: chr(regex.class_id(ch)) for ch in self.plain_chars})
-            groups: dict[str, list[int]] = {}
-            for token in self.plain:
-                groups.setdefault(self.texts[token].translate(classes), []).append(token)
-            trie = {}
-            for key, tokens in groups.items():
-                node = trie
-                for ch in key:
-                    node = node.setdefault(ch, {})
-                node.setdefault("", []).extend(tokens)
-            if len(self.class_tries) >= JSON_CONSTRAINT_CACHE * 4:
-                self.class_tries.pop(next(iter(self.class_tries)))
-            self.class_tries[regex] = trie
-        return trie
-
-
-def token_texts(tokenizer: Any, size: int) -> list[str | None]:
-    """Each token id's text as it reads inside a sequence; None for unusable ones."""
-    # Decoded after an anchor token, so SentencePiece's leading space is kept.
-    anchor = tokenizer.encode("a", add_special_tokens=False)[-1]
-    head = tokenizer.decode([anchor])
-    special = set(getattr(tokenizer, "all_special_ids", ())) | set(tokenizer.eos_token_ids)
-    decoded = tokenizer.batch_decode([[anchor, token] for token in range(size)])
-    return [text[len(head):] if token not in special and text.startswith(head) and "\ufffd" not in text
-            else None for token, text in enumerate(decoded)]
-
-
-_TOKEN_TABLES: dict[int, tuple[Any, TokenTable]] = {}
-_CONSTRAINTS: dict[tuple, "JsonMasks"] = {}
-
-
-def token_table(tokenizer: Any) -> TokenTable:
-    """The tokenizer's TokenTable, built on first use (about a second for 50k tokens)."""
-    entry = _TOKEN_TABLES.get(id(tokenizer))
-    if entry is None:
-        entry = _TOKEN_TABLES[id(tokenizer)] = (tokenizer, TokenTable(tokenizer))
-    return entry[1]
-
-
-class JsonMasks:
-    """Which tokens may come next in each automaton state of one constraint (cached)."""
-
-    def __init__(self, table: TokenTable, start: tuple):
-        self.table = table
-        self.start = start
-        self.slack = commitment(start)
-        self.masks: dict[tuple, Any] = {}
-        self.closings: dict[tuple, str | None] = {}
-        self.plains: dict[tuple, Any] = {}
-
-    def key(self, state: tuple) -> tuple:
-        """The state as the cache sees it: a top String frame reduced by String.key (leaves are always on top)."""
-        return tuple(stack[:-1] + (stack[-1][0].key(stack[-1], self.table.reach),)
-                     if stack and isinstance(stack[-1][0], String) else stack for stack in state)
-
-    def allowed(self, state: tuple, width: int) -> Any:
-        """A boolean mx.array over `width` logits: the tokens that keep `state` alive."""
-        key = self.key(state)
-        mask = self.masks.get(key)
-        if mask is None:
-            if len(self.masks) >= JSON_MASK_CACHE_STATES:
-                self.masks.clear()
-            mask = self.masks[key] = self._build(state, width)
-        return mask
-
-    def closing(self, state: tuple) -> list[int] | None:
-        """The tokens that spell a shortest closing text from `state`, each the longest that fits (cached)."""
-        key = self.key(state)
-        if key not in self.closings:
-            if len(self.closings) >= JSON_MASK_CACHE_STATES:
-                self.closings.clear()
-            text = json_closing_text(state)
-            self.closings[key] = None if text is None else self._spell(text)
-        return self.closings[key]
-
-    def _spell(self, text: str) -> list[int] | None:
-        ids, at = [], 0
-        while at < len(text):
-            node, best = self.table.trie, None
-            for end in range(at, len(text)):
-                node = node.get(text[end])
-                if node is None:
-                    break
-                if node.get(""):
-                    best = (node[""][0], end + 1)
-            if best is None:
-                return None  # no token spells the next character
-            ids.append(best[0])
-            at = best[1]
-        return ids
-
-    def _build(self, state: tuple, width: int) -> Any:
-        import mlx.core as mx
-        table, ids, walk, plain = self.table, [], [], mx.zeros((width,), dtype=mx.bool_)
-        for stack in state:
-            top = stack[-1] if stack else None
-            if top is not None and isinstance(top[0], String) and top[3] == "" and (top[4] is None or top[0].max_len is None):
-                # Inside a string, a plain token cannot leave it: its fate is the regex's and
-                # the length's alone (String.plain_tokens); only the other tokens need a walk.
-                plain = plain | self._plain(top)
-                ids += [t for t, text in table.marked if json_advance((stack,), text)]
-            else:
-                walk.append(stack)
-        if walk:
-            ids += self._walk(tuple(walk))
-        if json_complete(state):
-            ids += table.eos
-        return plain | self.ids_mask(ids, width)
-
-    def _plain(self, frame: tuple) -> Any:
-        """The mask of plain tokens for a String frame, cached by its regex state and length."""
-        key = frame[0].key(frame, self.table.reach)[:4]
-        mask = self.plains.get(key)
-        if mask is None:
-            if len(self.plains) >= JSON_MASK_CACHE_STATES:
-                self.plains.clear()
-            trie = self.table.class_trie(frame[0].regex)
-            mask = self.plains[key] = self.ids_mask(frame[0].plain_tokens(frame, trie), self.table.size)
-        return mask
-
-    @staticmethod
-    def ids_mask(ids: list[int], width: int) -> Any:
-        """A boolean mask over `width` logits, true at `ids`."""
-        import mlx.core as mx
-        mask = mx.zeros((width,), dtype=mx.bool_)
-        ids = [t for t in ids if t < width]
-        if ids:
-            mask[mx.array(ids)] = True
-        return mask
-
-    def _walk(self, state: tuple) -> list[int]:
-        """Depth-first over the token trie, following only characters the automaton takes."""
-        ids, todo = [], [(self.table.trie, state)]
-        while todo:
-            node, at = todo.pop()
-            for ch, child in node.items():
-                if ch and (after := json_advance(at, ch)):
-                    ids.extend(child.get("", ()))
-                    todo.append((child, after))
-        return ids
-
-def commitment(start: tuple) -> int:
-    """The most one token can add to the closing text, in characters (so in tokens at most).
-
-    A token that writes a key, opens an array item or picks an anyOf branch
-    commits the output to that value's shortest text; JsonConstraint starts
-    closing this much early, so no such step can leave too few tokens.
-    """
-    todo = [frame[1] for stack in start for frame in stack if frame[0] is VALUE]
-    seen, most = set(), 0
-    while todo:
-        piece = todo.pop()
-        if id(piece) in seen:
-            continue
-        seen.add(id(piece))
-        children = list(piece.alternatives) if isinstance(piece, Union) else []
-        if isinstance(piece, Object):
-            children = [node for _, node, _ in piece.props] + [piece.extras] * (piece.extras is not None)
-            most = max([most] + [len(key) + 2 for key in piece.keys])
-        elif isinstance(piece, Array):
-            children = list(piece.prefix) + [piece.items] * (piece.items is not None)
-        most = max([most] + [len(child.min_text) + 1 for child in children])
-        todo += children
-    return 2 * most
-
-
-def json_masks(tokenizer: Any, key: tuple, start: tuple) -> JsonMasks:
-    """The shared, cached masks for a constraint: requests with the same schema reuse them."""
-    cache_key = (id(tokenizer),) + key
-    masks = _CONSTRAINTS.get(cache_key)
-    if masks is None:
-        if len(_CONSTRAINTS) >= JSON_CONSTRAINT_CACHE:
-            _CONSTRAINTS.pop(next(iter(_CONSTRAINTS)))
-        masks = _CONSTRAINTS[cache_key] = JsonMasks(token_table(tokenizer), start)
-    return masks
-
-
-class JsonConstraint:
-    """A logits processor that only lets through tokens keeping the output valid JSON.
-
-    Called once per generated token (mlx_lm's convention). It tracks the
-    automaton state from the tokens sampled so far; when the tokens left are
-    just enough to spell the shortest closing text, it spells it, so the output
-    is complete JSON whenever max_tokens allows that at all. Once the JSON is
-    complete only end-of-sequence tokens remain.
-    """
-
-    stateful = True   # follows the tokens sampled so far, one call per token
-
-    def __init__(self, masks: JsonMasks, budget: int):
-        self.masks = masks
-        self.state = masks.start
-        self.left = budget           # tokens still to be sampled, this one included
-        self.started = False
-        self.plan: list[int] | None = None   # the closing tokens still to come, once closing
-
-    def __call__(self, tokens: Any, logits: Any) -> Any:
-        import mlx.core as mx
-        if self.started:
-            self._advance(int(tokens[-1].item()))
-        self.started = True
-        width = logits.shape[-1]
-        if self.plan is None and not json_complete(self.state):
-            plan = self.masks.closing(self.state)
-            if plan is not None and len(plan) + 1 + self.masks.slack >= self.left:
-                self.plan = plan
-        mask = self._mask(width)
-        self.left -= 1
-        return mx.where(mask, logits, mx.array(-math.inf, dtype=logits.dtype))
-
-    def _mask(self, width: int) -> Any:
-        if self.state and self.plan:
-            return self.masks.ids_mask(self.plan[:1], width)
-        if self.state and self.plan is None:
-            return self.masks.allowed(self.state, width)
-        return self.masks.ids_mask(self.masks.table.eos, width)  # closed, finished or dead: only the end remains
-
-    def _advance(self, token: int) -> None:
-        text = self.masks.table.texts[token] if token < len(self.masks.table.texts) else None
-        self.state = json_advance(self.state, text) if text else ()
-        if self.plan:
-            self.plan = self.plan[1:]
 
 
 def partial_marker_length(text: str, markers: tuple[str, ...]) -> int:

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import gc
 import http.client
+import importlib.util
 import json
 import logging
 import os
@@ -1197,20 +1198,22 @@ def test_counted_strings_reuse_cached_masks(model, schema):
 
 
 @pytest.mark.parametrize("schema,words", [
-    ({"type": "object", "not": {}}, "'not'"),
-    ({"type": "object", "patternProperties": {"^a": {}}}, "'patternProperties'"),
-    ({"type": "string", "pattern": "^(?=a)"}, "lookaround"),
+    ({"type": "object", "not": {}}, "no JSON value"),
+    ({"type": "array", "contains": {"type": "integer"}}, "'contains'"),
+    ({"type": "object", "unevaluatedProperties": False}, "'unevaluatedProperties'"),
+    ({"type": "string", "pattern": "(?<=a)b"}, "lookbehind"),
+    ({"type": "string", "pattern": "^((?!ab).)*$"}, "lookahead"),
     ({"type": "string", "pattern": "\\bword"}, "\\b"),
     ({"type": "string", "pattern": "(a)\\1"}, "\\1"),
-    ({"type": "string", "pattern": "a^b"}, "'^'"),
-    ({"type": "string", "format": "uri-reference"}, "'uri-reference'"),
-    ({"type": "number", "multipleOf": 0.5}, "multipleOf"),
+    ({"type": "string", "pattern": "a^b"}, "matches nothing"),
+    ({"not": {"minimum": 3}}, "'not' is enforced only"),
+    ({"oneOf": [{"type": "integer"}, {"type": "number"}]}, "oneOf branches"),
     ({"type": "array", "items": {"type": "object"}, "uniqueItems": True}, "uniqueItems"),
     ({"type": "integer", "minimum": 5, "maximum": 4}, "minimum"),
     ({"type": "string", "minLength": 3, "maxLength": 2}, "maxLength"),
-    ({"enum": [1, 2], "type": "string"}, "enum"),
+    ({"enum": [1, 2], "type": "string"}, "no JSON value"),
     ({"$ref": "http://x/y"}, "$ref"),
-    ({"type": "object", "properties": {"a": {}}, "required": ["b"], "additionalProperties": False}, "'b'"),
+    ({"type": "object", "properties": {"a": {}}, "required": ["b"], "additionalProperties": False}, "no JSON value"),
     ({"type": "decimal"}, "decimal"),
 ])
 def test_unenforceable_schemas_are_400_naming_the_keyword(server, schema, words):
@@ -1304,6 +1307,108 @@ def test_tool_call_scanner_holds_markers_and_keeps_bad_calls_as_text():
 ])
 def test_bad_tools_are_400(server, fields, param):
     assert_openai_error(request(server, "POST", "/v1/chat/completions", body_for("chat", **fields)), 400, param)
+
+
+# ---------------------------------------------------------------------------
+# Structured output on real-world schemas (issue 24): JSONSchemaBench, new keywords, oneOf
+# ---------------------------------------------------------------------------
+
+# (schema, texts it must take, texts it must refuse): the keywords issue 24 added.
+NEW_KEYWORD_CASES = {
+    "unknown keywords ignored": ({"type": "integer", "id": "x", "self": {"vendor": "v"}, "x-kubernetes-kind": 1,
+                                  "anyof": [{"type": "string"}], "readonly": True}, ["1"], ['"1"']),
+    "patternProperties": ({"type": "object", "patternProperties": {"^x-": {"type": "integer"}},
+                           "additionalProperties": False}, ['{"x-a":1}', "{}"], ['{"y":1}', '{"x-a":"s"}', '{"x-a":1,"x-a":2}']),
+    "patternProperties beside properties": ({"type": "object", "properties": {"a": {"type": "string"}},
+                                             "patternProperties": {"^a": {"maxLength": 1}}},
+                                            ['{"a":"z","ab":"q"}', '{"ab":"q"}'], ['{"a":"zz"}', '{"b":1}']),
+    "propertyNames": ({"type": "object", "additionalProperties": {"type": "integer"},
+                       "propertyNames": {"pattern": "^[a-z]+$", "maxLength": 3}}, ['{"ab":1}'], ['{"A":1}', '{"abcd":1}']),
+    "dependencies": ({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                      "dependencies": {"a": ["b"]}}, ['{"a":1,"b":2}', '{"b":2}', "{}"], ['{"a":1}']),
+    "dependentSchemas": ({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                          "dependentSchemas": {"a": {"properties": {"b": {"minimum": 5}}, "required": ["b"]}}},
+                         ['{"a":1,"b":5}', '{"b":1}'], ['{"a":1,"b":4}', '{"a":1}']),
+    "required outside properties": ({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["z"]},
+                                    ['{"z":[1]}', '{"a":1,"z":null}'], ["{}", '{"a":1}']),
+    "not type/enum/required": ({"type": "object", "properties": {"t": {"type": "string", "not": {"enum": ["x"]}},
+                                                                   "u": {"not": {"type": ["string", "object", "array"]}}},
+                                "not": {"required": ["t", "u"]}}, ['{"t":"y"}', '{"u":1}'], ['{"t":"x"}', '{"t":"y","u":1}', '{"u":"s"}']),
+    "not pattern": ({"type": "string", "not": {"pattern": "[0-9]"}}, ['"ab"'], ['"a1"']),
+    "if/then/else": ({"type": "object", "properties": {"kind": {"enum": ["a", "b"]}, "n": {"type": "integer"}},
+                      "required": ["kind", "n"], "if": {"properties": {"kind": {"const": "a"}}},
+                      "then": {"properties": {"n": {"maximum": 0}}}, "else": {"properties": {"n": {"minimum": 10}}}},
+                     ['{"kind":"a","n":0}', '{"kind":"b","n":10}'], ['{"kind":"a","n":1}', '{"kind":"b","n":9}']),
+    "multipleOf 0.01": ({"type": "number", "multipleOf": 0.01, "minimum": 0}, ["12", "0"], ["0.5", "-1"]),
+    "multipleOf 0.25": ({"type": "number", "multipleOf": 0.25}, ["1.25", "-0.5", "3"], ["1.2", "0.3"]),
+    "format beside pattern": ({"type": "string", "format": "date", "pattern": "^2024"}, ['"2024-02-29"'],
+                              ['"2023-01-01"', '"2024-02-30"']),
+    "anchors inside": ({"type": "string", "pattern": "^$|(^a\\d$)"}, ['""', '"a1"'], ['"a"', '"xa1"']),
+    "leading lookaheads": ({"type": "string", "pattern": "^(?!org\\.)(?=.*\\d)[a-z.0-9]+$"}, ['"a1"', '"or.g1"'],
+                           ['"org.1"', '"ab"']),
+    "more formats": ({"type": "array", "prefixItems": [{"format": "uri-reference"}, {"format": "json-pointer"},
+                                                       {"format": "regex"}, {"format": "idn-email"}], "minItems": 4,
+                      "items": False}, ['["../a?b#c","/a~1b","^ab$","a@b.cd"]'], ['["//x","a","(","a"]']),
+    "oneOf exactly one": ({"type": "object", "properties": {"value": {"type": "integer"}, "values": {"type": "array"}},
+                           "oneOf": [{"required": ["value"]}, {"required": ["values"]}]},
+                          ['{"value":1}', '{"values":[]}'], ['{"value":1,"values":[]}', "{}"]),
+    "oneOf by type": ({"oneOf": [{"type": "string"}, {"type": ["integer", "null"]}]}, ['"a"', "1", "null"], ["1.5", "true"]),
+}
+
+
+@pytest.mark.parametrize("case", list(NEW_KEYWORD_CASES))
+def test_new_keywords_are_enforced_and_every_walk_validates(case):
+    schema, good, bad = NEW_KEYWORD_CASES[case]
+    for text in good:
+        assert accepts(schema, text), text
+        assert not validation_errors(json.loads(text), schema), text   # the cases themselves are right
+    for text in bad:
+        assert not accepts(schema, text), text
+    for text in random_outputs(schema, random.Random(case), 12):
+        assert_valid(text, schema)
+
+
+ONEOF_CAN_OVERLAP = {"oneOf": [{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]},
+                               {"type": "object", "properties": {"a": {"type": "number"}}, "required": ["a"]}]}
+ONEOF_UNENFORCEABLE_AND_OVERLAPPING = {"oneOf": [{"type": "integer"}, {"type": "integer", "not": {"minimum": 1}}]}
+ONEOF_UNENFORCEABLE_BUT_DISJOINT = {"oneOf": [{"type": "integer"}, {"type": "string", "not": {"minimum": 1}}]}
+
+
+@pytest.mark.parametrize("schema", [ONEOF_CAN_OVERLAP, ONEOF_UNENFORCEABLE_AND_OVERLAPPING])
+def test_oneof_that_cannot_be_exactly_one_is_400(server, schema):
+    """Branches that can match one value, even through one the server cannot enforce: a 400, never a drop."""
+    reply = request(server, "POST", "/v1/chat/completions", body_for("chat", response_format=schema_format(schema)))
+    assert "oneOf branches" in assert_openai_error(reply, 400, "response_format")["message"]
+
+
+def test_oneof_branch_left_out_only_when_provably_apart(openai_client):
+    """A branch the server cannot enforce is left out only when no other branch's output can match it."""
+    for seed in range(3):
+        text, finish = structured_output(openai_client, ONEOF_UNENFORCEABLE_BUT_DISJOINT, "response_format", 1.0, seed, 40)
+        assert finish == "stop" and isinstance(json.loads(text), int), text
+        assert_valid(text, ONEOF_UNENFORCEABLE_BUT_DISJOINT)
+
+
+def jsonschemabench():
+    """bench/jsonschemabench.py as a module, or a skip when the development sample is absent."""
+    spec = importlib.util.spec_from_file_location("jsonschemabench", Path(__file__).parent / "bench" / "jsonschemabench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    if not bench.SAMPLE.is_file():
+        pytest.skip(f"no JSONSchemaBench sample at {bench.SAMPLE}")
+    return bench
+
+
+def test_jsonschemabench_slice_is_refused_by_name_or_valid(server):
+    """Two schemas of each subset through the server: a 400 naming what is unsupported, or outputs that validate."""
+    bench = jsonschemabench()
+    port = server.server_address[1]
+    for row in bench.load_sample(per_subset=2):
+        verdict = bench.judge(port, row, seeds=2, max_tokens=300)
+        assert "server_error" not in verdict and verdict["invalid"] == 0, verdict
+        if "refused" in verdict:
+            assert "not supported" in verdict["refused"] or "enforced" in verdict["refused"] or \
+                "oneOf" in verdict["refused"] or "nests" in verdict["refused"], verdict
 
 
 # ---------------------------------------------------------------------------
