@@ -1368,8 +1368,8 @@ def test_new_keywords_are_enforced_and_every_walk_validates(case):
         assert_valid(text, schema)
 
 
-ONEOF_CAN_OVERLAP = {"oneOf": [{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]},
-                               {"type": "object", "properties": {"a": {"type": "number"}}, "required": ["a"]}]}
+ONEOF_CAN_OVERLAP = {"oneOf": [{"type": "object", "properties": {"a": {"type": "integer"}}},   # {} matches both
+                               {"type": "object", "properties": {"b": {"type": "integer"}}}]}
 ONEOF_UNENFORCEABLE_AND_OVERLAPPING = {"oneOf": [{"type": "integer"}, {"type": "integer", "not": {"minimum": 1}}]}
 ONEOF_UNENFORCEABLE_BUT_DISJOINT = {"oneOf": [{"type": "integer"}, {"type": "string", "not": {"minimum": 1}}]}
 
