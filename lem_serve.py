@@ -44,6 +44,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import hashlib
 import hmac
 import html
 import http.server
@@ -3133,8 +3134,9 @@ def load_model(settings: Settings, group: Any = None) -> Model:
                                                trust_remote_code=settings.trust_remote_code)
     else:
         from mlx_lm.utils import sharded_load
-        if settings.adapter_path or settings.draft_model or settings.kv_bits:
-            raise ValueError("--adapter-path, --draft-model and --kv-bits are not supported in a sharded group")
+        if settings.adapter_path or settings.draft_model or settings.kv_bits or settings.prompt_cache_dir:
+            raise ValueError("--adapter-path, --draft-model, --kv-bits and --prompt-cache-dir are not supported in a "
+                             "sharded group")
         model, tokenizer, config = sharded_load(
             settings.model_path, pipeline_group=group if settings.pipeline else None,
             tensor_group=None if settings.pipeline else group, return_config=True,
@@ -3473,6 +3475,33 @@ def fit_to_context(prompt_tokens: int, request: GenerationRequest, model: Model)
         raise invalid(f"{prompt_tokens} prompt tokens + max_tokens {request.max_tokens} exceed this model's "
                       f"context of {limit} tokens", "max_tokens", "context_length_exceeded")
     return min(request.max_tokens, room)
+
+
+def model_identity(settings: Settings, model: Model) -> str:
+    """A digest of what a saved KV cache depends on: the model's files (weights, config, tokenizer),
+    adapters and draft model, the chat template in use, and the KV cache settings."""
+    digest = hashlib.sha256()
+    for name in (settings.model_path, settings.adapter_path, settings.draft_model):
+        folder = Path(name) if name else None
+        digest.update(repr(name if folder is None or not folder.is_dir() else "folder").encode())
+        for path in sorted(folder.iterdir()) if folder is not None and folder.is_dir() else []:
+            if path.is_file():
+                digest.update(path.name.encode() + file_digest(path))
+    digest.update(repr(getattr(model.tokenizer, "chat_template", None)).encode())
+    digest.update(repr((settings.kv_bits, settings.kv_group_size, settings.quantized_kv_start)).encode())
+    return digest.hexdigest()
+
+
+def file_digest(path: Path, span: int = 1 << 20) -> bytes:
+    """A file's size and a digest of its first and last MiB: cheap on 16 GB of weights, and any
+    re-download, re-quantization or edit changes one of them."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        digest.update(f.read(span))
+        f.seek(max(size - span, 0))
+        digest.update(f.read(span))
+    return digest.digest()
 
 
 def fit_to_memory(prompt_tokens: int, budget: int, request: GenerationRequest, plan: MemoryPlan) -> int:
@@ -3917,6 +3946,7 @@ class PromptCache:
         self.entries: dict[bytes, CacheEntry] = {}   # in LRU order: oldest first
         self.max_bytes = max_bytes
         self.nbytes = 0
+        self.stored: list[CacheEntry] = []  # entries store() has kept since the last look (CacheFolder saves them)
         self.hits = self.misses = self.evictions = self.trims = 0
 
     def fetch(self, prompt: list[int]) -> tuple[list | None, int]:
@@ -3961,6 +3991,8 @@ class PromptCache:
         else:
             self.fit(entries=entries + (kept == 0), keep=entry)
             kept = self._cut_to(entry, kept=kept)
+        if kept:
+            self.stored.append(next(reversed(self.entries.values())))
         return len(self.entries), kept
 
     def fit(self, limit: int | None = None, entries: int | None = None, keep: CacheEntry | None = None) -> int:
@@ -4029,6 +4061,119 @@ class PromptCache:
     def _drop(self, entry: CacheEntry | None) -> None:
         if entry is not None:
             self.nbytes -= entry.nbytes
+
+
+class CacheFolder:
+    """--prompt-cache-dir: prompt cache entries as safetensors files (mlx_lm's save_prompt_cache), so a
+    restart finds the prefixes it had.
+
+    Files are named for the model's identity (model_identity) and their
+    tokens, which their metadata holds too. A new entry of at least
+    PROMPT_CACHE_SAVE_TOKENS is written once the batch is idle, every other
+    entry at a graceful shutdown; files beyond the disk budget go, oldest
+    first. A file that cannot be read, or whose identity is not this
+    model's, is skipped with a warning. Only the engine thread calls it: the
+    arrays belong to its MLX stream.
+    """
+
+    PREFIX = "lem-prompt-"
+
+    def __init__(self, folder: Path, identity: str, max_bytes: int):
+        self.folder, self.identity, self.max_bytes = folder, identity, max_bytes
+        self.saved: dict[bytes, tuple[Any, Path]] = {}  # entry key -> (its tokens, its file)
+        self.pending: dict[bytes, CacheEntry] = {}      # long new entries to write when the batch is idle
+
+    def restore(self, cache: PromptCache) -> int:
+        """Load this model's newest files that fit the cache's budget into it; the entries restored."""
+        files = sorted(self.folder.glob(f"{self.PREFIX}{self.identity[:16]}-*.safetensors"),
+                       key=lambda p: p.stat().st_mtime, reverse=True)
+        chosen, total = [], 0
+        for path in files:
+            total += path.stat().st_size
+            if total > cache.max_bytes:
+                break
+            chosen.append(path)
+        restored = 0
+        for path in reversed(chosen):  # oldest first: the newest ends up most recently used
+            restored += self._restore_one(path, cache)
+        return restored
+
+    def offer(self, entries: list[CacheEntry]) -> None:
+        """Entries the prompt cache has just kept: the long ones are written when the batch is idle."""
+        for entry in entries:
+            if len(entry.tokens) >= PROMPT_CACHE_SAVE_TOKENS:
+                self.pending[entry.tokens.tobytes()] = entry
+
+    def save_pending(self, cache: PromptCache, more: Callable[[], bool]) -> None:
+        """Write pending entries still in the cache, one at a time while `more()` says the batch is idle."""
+        while self.pending and more():
+            key, entry = self.pending.popitem()
+            if cache.entries.get(key) is entry:
+                self._save(entry)
+
+    def save_all(self, cache: PromptCache) -> None:
+        """Write the entries not on disk yet, most recently used first, while they fit the disk budget (shutdown)."""
+        self.pending.clear()
+        used = sum(p.stat().st_size for p in self.folder.glob(f"{self.PREFIX}*.safetensors"))
+        for key, entry in reversed(list(cache.entries.items())):
+            if key not in self.saved and used + entry.nbytes <= self.max_bytes:
+                self._save(entry)
+                used += entry.nbytes
+
+    def _save(self, entry: CacheEntry) -> None:
+        from mlx_lm.models.cache import save_prompt_cache
+        key = entry.tokens.tobytes()
+        path = self.folder / f"{self.PREFIX}{self.identity[:16]}-{hashlib.sha256(key).hexdigest()[:16]}.safetensors"
+        partial = self.folder / f".partial-{path.name}"  # never globbed: a crash mid-write leaves no half file
+        try:
+            save_prompt_cache(str(partial), entry.cache, {"identity": self.identity,
+                                                          "tokens": json.dumps(entry.tokens.tolist())})
+            os.replace(partial, path)
+        except Exception as exc:
+            log.warning("could not save a prompt cache entry to %s: %s", self.folder, exc)
+            with contextlib.suppress(OSError):
+                partial.unlink()
+            return
+        self.saved[key] = (entry.tokens, path)
+        for other, (tokens, old) in list(self.saved.items()):  # files of its prefixes hold nothing more
+            if len(tokens) < len(entry.tokens) and common_prefix(tokens, entry.tokens) == len(tokens):
+                self._remove(other, old)
+        self._hold_to_budget()
+
+    def _hold_to_budget(self) -> None:
+        files = sorted(self.folder.glob(f"{self.PREFIX}*.safetensors"), key=lambda p: p.stat().st_mtime)
+        total = sum(p.stat().st_size for p in files)
+        for path in files[:-1]:  # the newest always stays
+            if total <= self.max_bytes:
+                break
+            total -= path.stat().st_size
+            self._remove(next((k for k, (_, p) in self.saved.items() if p == path), None), path)
+
+    def _remove(self, key: bytes | None, path: Path) -> None:
+        self.saved.pop(key, None)
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+    def _restore_one(self, path: Path, cache: PromptCache) -> int:
+        import mlx.core as mx
+        import numpy as np
+        from mlx.utils import tree_flatten
+        from mlx_lm.models.cache import load_prompt_cache
+        try:
+            layers, metadata = load_prompt_cache(str(path), return_metadata=True)
+            if metadata.get("identity") != self.identity:
+                raise ValueError("it was saved for another model or other settings")
+            tokens = json.loads(metadata["tokens"])
+            if not tokens or cache_length(layers) != len(tokens):
+                raise ValueError("its tokens and its KV cache disagree")
+            mx.eval([v for c in layers for _, v in tree_flatten(c.state) if isinstance(v, mx.array)])  # a truncated file fails here
+        except Exception as exc:
+            log.warning("skipping saved prompt cache %s: %s", path.name, " ".join(str(exc).split())[:300])
+            return 0
+        cache.store(tokens, layers)
+        cache.stored.clear()
+        self.saved[np.asarray(tokens, dtype=np.int32).tobytes()] = (np.asarray(tokens, dtype=np.int32), path)
+        return 1
 
 
 @dataclass
@@ -4560,17 +4705,20 @@ class Engine:
     """
 
     def __init__(self, model: Model, max_batch: int = 1, prompt_cache_bytes: int = 0,
-                 group: Any = None, stall_seconds: float = DEFAULT_TIMEOUT, ledger: KVLedger | None = None):
+                 group: Any = None, stall_seconds: float = DEFAULT_TIMEOUT, ledger: KVLedger | None = None,
+                 folder: CacheFolder | None = None):
         self.model = model
         self.max_batch = max_batch
         self.prompt_cache = PromptCache(prompt_cache_bytes) if prompt_cache_bytes > 0 else None
         self.ledger = ledger   # None: the prompt cache is held to its own budget only
+        self.folder = folder if self.prompt_cache is not None else None   # --prompt-cache-dir
         self.link = GroupLink(group) if group is not None else None
         self.stall_seconds = stall_seconds
         self.inbox: queue.Queue[Job | None] = queue.Queue()
         self.thread = threading.Thread(target=self._run, name="lem-engine", daemon=True)
         self.failure: BaseException | None = None
         self.finished = threading.Event()          # the loop has ended: stopped, or failed
+        self.started = threading.Event()           # the loop runs (saved prefixes restored), or the thread ended
         self.drain_requested = threading.Event()   # rank 0: another rank was asked to stop the group
         self.running: dict[int, Sequence] = {}     # the batch's uids -> their jobs (rank 0 and alone)
         self.warming: dict[int, Job] = {}          # uids of one-token warm-ups -> jobs whose n choices wait on them
@@ -4627,15 +4775,22 @@ class Engine:
             self._fail_waiting()
         finally:
             self.finished.set()
+            self.started.set()
 
     def _loop(self) -> None:
         self.batch = self._new_batch()
+        self._restore_saved()
+        self.started.set()
         while True:
             busy = bool(self.running or self.warming)
+            if not busy and self.folder is not None:  # idle: write new long prefixes to disk, until a job comes
+                self.folder.save_pending(self.prompt_cache, self.inbox.empty)
             for job in self._take_jobs(block=not busy):
                 if job is None:
                     self.batch.sync(step=False, shutdown=True)
                     self.batch.close()
+                    if self.folder is not None:
+                        self.folder.save_all(self.prompt_cache)
                     return
                 self._insert(job)
             step = bool(self.running or self.warming)
@@ -4876,6 +5031,19 @@ class Engine:
         # A snapshot other threads may read without touching the cache itself.
         if self.prompt_cache is not None:
             self._stats = self.prompt_cache.stats()
+            fresh, self.prompt_cache.stored = self.prompt_cache.stored, []
+            if self.folder is not None:
+                self.folder.offer(fresh)
+
+    def _restore_saved(self) -> None:
+        """--prompt-cache-dir: load the prefixes a previous run saved (requests wait in the inbox meanwhile)."""
+        if self.folder is None:
+            return
+        started = time.monotonic()
+        restored = self.folder.restore(self.prompt_cache)
+        self._note_cache()
+        log.info("prompt cache: restored %d saved entries (%d tokens) from %s in %.1f s", restored,
+                 self._stats["prompt_cache_tokens"], self.folder.folder, time.monotonic() - started)
 
 
 # ---------------------------------------------------------------------------
@@ -6191,8 +6359,12 @@ class LemServer(http.server.ThreadingHTTPServer):
         self.model = model
         self.memory = plan = plan_memory(settings, model)
         self.ledger = KVLedger(plan.kv_bytes)
+        folder = None
+        if settings.prompt_cache_dir is not None:
+            folder = CacheFolder(Path(settings.prompt_cache_dir), model_identity(settings, model),
+                                 settings.prompt_cache_disk_bytes)
         self.engine = Engine(model, settings.max_requests, plan.prompt_cache_bytes,
-                             group=group, stall_seconds=settings.timeout, ledger=self.ledger)
+                             group=group, stall_seconds=settings.timeout, ledger=self.ledger, folder=folder)
         self.gate = threading.BoundedSemaphore(settings.max_requests)
         self.queue = AdmissionQueue(self.gate, self.ledger)
         log_memory_plan(plan, settings)
@@ -6356,6 +6528,7 @@ class LemServer(http.server.ThreadingHTTPServer):
     def start(self) -> "LemServer":
         """Start the engine and serve on a background thread; return when ready."""
         self.engine.start()
+        self.engine.started.wait()  # with --prompt-cache-dir, once the saved prefixes are back
         threading.Thread(target=self._serve, name="lem-http", daemon=True).start()
         self.ready.wait()
         return self
@@ -6378,7 +6551,7 @@ class LemServer(http.server.ThreadingHTTPServer):
         drained = self.wait_idle(grace)
         self.engine.stop()
         if self.engine.failure is None:  # a failed group's engine may be stuck in a collective for good
-            self.engine.thread.join(timeout=5)
+            self.engine.thread.join(timeout=5 + SHUTDOWN_GRACE_SECONDS * (self.engine.folder is not None))
         self.server_close()
         return drained
 

@@ -2083,6 +2083,78 @@ def test_a_prefix_is_reused_even_when_its_request_needs_the_cache_memory(make_se
     assert figures["evictions_total"] == 1 and figures["bytes"] <= 400 * per_token
 
 
+def saved_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob(lem_serve.CacheFolder.PREFIX + "*.safetensors"))
+
+
+def test_prompt_cache_dir_outlives_a_restart(model, model_dir, make_server, tmp_path, monkeypatch):
+    monkeypatch.setattr(lem_serve, "PROMPT_CACHE_SAVE_TOKENS", 200)  # an agent's ~10k-token prefix, scaled down
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    prompt = token_prompt(400)
+    with running_server(model, model_dir, prompt_cache_dir=str(folder)) as srv:
+        post(srv, "completions", prompt=prompt, max_tokens=5, temperature=0)
+        assert wait_until(lambda: len(saved_files(folder)) == 1)  # a long new prefix: written while serving
+        post(srv, "completions", prompt=token_prompt(50, start=3), max_tokens=5)
+        assert len(saved_files(folder)) == 1
+    assert len(saved_files(folder)) == 2  # the short one at shutdown
+    follow_up = prompt + token_prompt(30, start=7)
+    with running_server(model, model_dir, prompt_cache_dir=str(folder)) as srv:
+        assert cache_figures(srv)["entries"] == 2
+        warm = post(srv, "completions", prompt=follow_up, max_tokens=8, temperature=0)
+    assert cached_of(warm) == 400 >= 0.9 * len(prompt)
+    cold = post(make_server(prompt_cache_bytes=0), "completions", prompt=follow_up, max_tokens=8, temperature=0)
+    assert warm["choices"][0]["text"] == cold["choices"][0]["text"]
+
+
+def test_prompt_cache_dir_keeps_to_its_disk_budget(model, model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(lem_serve, "PROMPT_CACHE_SAVE_TOKENS", 100)
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    one_file = 305 * lem_serve.kv_token_bytes(model)  # a 300-token prompt and 5 tokens, plus a small header
+    with running_server(model, model_dir, prompt_cache_dir=str(folder), prompt_cache_disk_bytes=one_file * 3 // 2) as srv:
+        post(srv, "completions", prompt=token_prompt(300, start=1), max_tokens=5)
+        assert wait_until(lambda: len(saved_files(folder)) == 1)
+        first = saved_files(folder)
+        post(srv, "completions", prompt=token_prompt(300, start=2), max_tokens=5)
+        assert wait_until(lambda: saved_files(folder) and saved_files(folder) != first)
+        assert len(saved_files(folder)) == 1  # the older one went
+    assert len(saved_files(folder)) == 1 and saved_files(folder) != first
+
+
+def test_saved_caches_that_are_corrupt_truncated_or_foreign_are_skipped(model, model_dir, short_model_dir, tmp_path,
+                                                                        caplog):
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    short = lem_serve.load_model(lem_serve.Settings(model_path=str(short_model_dir)))
+    with running_server(short, short_model_dir, prompt_cache_dir=str(folder)) as srv:  # another model's file
+        post(srv, "completions", prompt=token_prompt(30), max_tokens=5)
+    (foreign,) = saved_files(folder)
+    with running_server(model, model_dir, prompt_cache_dir=str(folder)) as srv:
+        assert cache_figures(srv)["entries"] == 0  # the other model's file is not ours: left alone
+        post(srv, "completions", prompt=token_prompt(300), max_tokens=5)
+    (good,) = [f for f in saved_files(folder) if f != foreign]
+    ours = good.name[:len(lem_serve.CacheFolder.PREFIX) + 17]
+    (folder / f"{ours}0000000000000000.safetensors").write_bytes(b"not a safetensors file")
+    (folder / f"{ours}1111111111111111.safetensors").write_bytes(good.read_bytes()[:good.stat().st_size // 2])
+    shutil.copy(foreign, folder / f"{ours}2222222222222222.safetensors")
+    with caplog.at_level(logging.WARNING, logger="lem_serve"):
+        with running_server(model, model_dir, prompt_cache_dir=str(folder)) as srv:
+            assert cache_figures(srv)["entries"] == 1
+            again = post(srv, "completions", prompt=token_prompt(300) + [40], max_tokens=2)
+            assert cached_of(again) == 300
+    skipped = [r.getMessage() for r in caplog.records if "skipping saved prompt cache" in r.getMessage()]
+    assert len(skipped) == 3 and any("another model" in w for w in skipped), skipped
+
+
+def test_unwritable_prompt_cache_dir_is_an_error_at_start(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(SystemExit) as exit_:
+        lem_serve.parse_settings(["--model-path", "x", "--prompt-cache-dir", str(tmp_path / "a-file" / "cache")])
+    error = capsys.readouterr().err
+    assert exit_.value.code == 2 and error.count("\n") == 1 and "--prompt-cache-dir" in error and "written" in error
+
+
 BILLING = "x-anthropic-billing-header: cc_version=2.1.112.{}; cc_entrypoint=cli; cch={};"
 
 
