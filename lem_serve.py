@@ -39,9 +39,12 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import collections
 import contextlib
+import copy
 import dataclasses
 import functools
+import hashlib
 import hmac
 import html
 import http.server
@@ -83,9 +86,12 @@ DEFAULT_BIND = "127.0.0.1:8090"   # HOST:PORT to listen on; loopback unless aske
 DEFAULT_THREADS = 0               # CPU threads for numeric libraries; 0 = all cores, else 1..cores
 DEFAULT_MAX_TOKENS = 4096         # default and ceiling for a request's max_tokens; >= 1
 DEFAULT_TIMEOUT = 300             # seconds one request may take, prompt included; > 0
-DEFAULT_MAX_REQUESTS = 1          # requests admitted at once (more get 429); >= 1
+DEFAULT_MAX_REQUESTS = 4          # requests generating at once in one batch (more wait in the queue); >= 1
+DEFAULT_QUEUE_TIMEOUT = 60        # seconds a request may wait for a slot and KV room before its 429; 0 = 429 at once
 DEFAULT_MAX_CONTEXT = 0           # chat window: other messages kept besides system ones, in whole turns; 0 = all
-DEFAULT_PROMPT_CACHE_BYTES = 1 << 30  # KV-cache bytes kept for reuse by later prompts; 0 = off
+BATCH_RESERVE_TOKENS = 8192       # default prompt cache budget: KV tokens per slot left to the running batch (<= half of KV memory)
+DEFAULT_PROMPT_CACHE_DISK_BYTES = 16 << 30  # --prompt-cache-dir: bytes of saved prefixes kept on disk, oldest out first
+PROMPT_CACHE_SAVE_TOKENS = 1024   # --prompt-cache-dir: a new prefix at least this long is written at once (others at shutdown)
 DEFAULT_LOG_LEVEL = "info"        # debug, info, warning or error
 DEFAULT_REASONING_FORMAT = "auto" # auto: a thinking model's reasoning leaves the reply's text; none: tags stay inline
 REASONING_PROMPT_TAIL = 64        # prompt tokens searched for a thinking block the template opened
@@ -114,7 +120,9 @@ SHUTDOWN_GRACE_SECONDS = 30.0     # on SIGINT/SIGTERM, how long in-flight reques
 PREFILL_STEP_TOKENS = 2048        # prompt tokens per forward pass; cancellation is checked between passes
 HEARTBEAT_SECONDS = 1.0           # sharded: an idle rank 0 tells the other ranks it is alive this often; > 0
 LIFELINE_SECONDS = 10.0           # sharded: how long the ranks may take to connect their lifelines at start
-RETRY_AFTER_SECONDS = 1           # Retry-After sent with 429
+RETRY_AFTER_SECONDS = 1           # Retry-After sent with 429 while no slot has freed yet to estimate from
+RETRY_AFTER_MAX_SECONDS = 60      # the longest Retry-After estimated from how fast slots free
+RELEASES_REMEMBERED = 32          # slot releases the Retry-After estimate looks back on
 HEADER_TIMEOUT = 10.0             # seconds from waiting for a request to having its headers; then the connection is dropped
 BODY_TIMEOUT = 60.0               # seconds a request body may take to arrive in full; slower gets 408
 MAX_CONNECTIONS = 256             # connections served at once (one thread each); more are closed on accept; >= 1
@@ -143,10 +151,14 @@ class Settings:
     max_tokens: int = DEFAULT_MAX_TOKENS
     timeout: float = DEFAULT_TIMEOUT
     max_requests: int = DEFAULT_MAX_REQUESTS
+    queue_timeout: float = DEFAULT_QUEUE_TIMEOUT  # seconds a request waits for admission before 429; 0: at once
     max_context: int = DEFAULT_MAX_CONTEXT
     api_key: str | None = None
     model_name: str = ""
-    prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES
+    prompt_cache_bytes: int | None = None  # None: sized from the machine and the model (plan_memory)
+    memory_bytes: int | None = None        # what weights + KV may take in all; None: the machine's (machine_memory)
+    prompt_cache_dir: str | None = None    # where prefixes are saved to outlive a restart; None: memory only
+    prompt_cache_disk_bytes: int = DEFAULT_PROMPT_CACHE_DISK_BYTES
     log_level: str = DEFAULT_LOG_LEVEL
     allowed_origins: tuple[str, ...] = ()  # browser origins served cross-origin; "*" = any
     sampling: dict = dataclasses.field(default_factory=dict)  # defaults for unset sampling fields (sampling_defaults)
@@ -222,6 +234,11 @@ def parse_bytes(text: str) -> int:
     return int(number) * scale
 
 
+def parse_bytes_or_auto(text: str) -> int | None:
+    """parse_bytes, or None for "auto"."""
+    return None if text.strip().lower() == "auto" else parse_bytes(text)
+
+
 class OneLineArgumentParser(argparse.ArgumentParser):
     """argparse, except that a bad command line is one line on stderr and exit 2.
 
@@ -241,12 +258,23 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_at_least(0), default=DEFAULT_THREADS, help="CPU threads for numeric libraries, 0 = all")
     p.add_argument("--max-tokens", type=_at_least(1), default=DEFAULT_MAX_TOKENS, help="default and ceiling for max_tokens")
     p.add_argument("--timeout", type=_at_least(1), default=DEFAULT_TIMEOUT, help="seconds one request may take")
-    p.add_argument("--max-requests", type=_at_least(1), default=DEFAULT_MAX_REQUESTS, help="requests admitted at once; more get 429")
+    p.add_argument("--max-requests", type=_at_least(1), help=f"requests generating at once, batched (default "
+                   f"{DEFAULT_MAX_REQUESTS}; 1 with --draft-model or --kv-bits); more wait in the queue")
+    p.add_argument("--queue-timeout", type=_at_least(0), default=DEFAULT_QUEUE_TIMEOUT,
+                   help="seconds a request waits for a slot and memory before it gets 429 (default %(default)s); "
+                        "0 = 429 at once")
     p.add_argument("--max-context", type=_at_least(0), default=DEFAULT_MAX_CONTEXT, help="chat messages kept (sliding window), 0 = all")
     p.add_argument("--api-key", default=os.environ.get("LEM_API_KEY") or None, help="require 'Authorization: Bearer KEY' on /v1/* and /metrics (default: env LEM_API_KEY)")
     p.add_argument("--model-name", default="", help="model id shown to clients (default: the model folder's name)")
-    p.add_argument("--prompt-cache-bytes", type=parse_bytes, default=DEFAULT_PROMPT_CACHE_BYTES,
-                   help="bytes of KV cache kept for prompt-prefix reuse, e.g. 512M or 2G; 0 = off (default 1G)")
+    p.add_argument("--prompt-cache-bytes", type=parse_bytes_or_auto, default=None,
+                   help="bytes of KV cache kept for prompt-prefix reuse, e.g. 512M or 2G; 0 = off; default auto: "
+                        "the memory left after the weights and a reserve for the running batch")
+    p.add_argument("--memory-bytes", type=parse_bytes,
+                   help="memory the model's weights and KV caches may take in all (default: Metal's recommended "
+                        "working set, else physical memory)")
+    p.add_argument("--prompt-cache-dir", help="folder where cached prefixes are saved, to be reused after a restart")
+    p.add_argument("--prompt-cache-disk-bytes", type=parse_bytes, default=DEFAULT_PROMPT_CACHE_DISK_BYTES,
+                   help="bytes of saved prefixes kept in --prompt-cache-dir, oldest out first (default 16G)")
     p.add_argument("--log-level", default=DEFAULT_LOG_LEVEL, choices=["debug", "info", "warning", "error"])
     p.add_argument("--allowed-origins", default=DEFAULT_ALLOWED_ORIGINS,
                    help="comma-separated browser origins (e.g. http://localhost:3000) allowed to call this server "
@@ -263,11 +291,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter-path", help="folder of LoRA/DoRA adapters trained with mlx_lm.lora")
     p.add_argument("--trust-remote-code", action="store_true", help="let the tokenizer run code shipped with the model")
     p.add_argument("--draft-model", help="a small model with the same tokenizer for speculative decoding "
-                                         "(serves one request at a time: needs --max-requests 1)")
+                                         "(serves one request at a time: --max-requests 1)")
     p.add_argument("--num-draft-tokens", type=_at_least(1), default=DEFAULT_NUM_DRAFT_TOKENS,
                    help="tokens the draft model proposes per step (default %(default)s)")
     p.add_argument("--kv-bits", type=int, choices=[4, 8], help="quantize the KV cache to 4 or 8 bits "
-                   "(serves one request at a time: needs --max-requests 1)")
+                   "(serves one request at a time: --max-requests 1)")
     p.add_argument("--kv-group-size", type=int, choices=[32, 64, 128], default=DEFAULT_KV_GROUP_SIZE,
                    help="group size of the quantized KV cache (default %(default)s)")
     p.add_argument("--quantized-kv-start", type=_at_least(0), default=DEFAULT_QUANTIZED_KV_START,
@@ -325,14 +353,20 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         host, port = parse_bind(args.bind)
         origins = parse_origins(args.allowed_origins)
         template = read_chat_template(args.chat_template)
-        if (args.draft_model or args.kv_bits) and args.max_requests != 1:
+        solo = bool(args.draft_model or args.kv_bits)
+        if solo and args.max_requests not in (None, 1):
             raise ValueError("--draft-model and --kv-bits serve one request at a time: use --max-requests 1")
+        if args.prompt_cache_dir is not None:
+            check_cache_dir(Path(args.prompt_cache_dir))
     except (ValueError, OSError) as exc:
         parser.error(str(exc))
     model_name = args.model_name or default_model_name(args.model_path)
     return Settings(
         model_path=args.model_path, host=host, port=port, threads=args.threads,
-        max_tokens=args.max_tokens, timeout=float(args.timeout), max_requests=args.max_requests,
+        max_tokens=args.max_tokens, timeout=float(args.timeout),
+        max_requests=args.max_requests or (1 if solo else DEFAULT_MAX_REQUESTS), queue_timeout=float(args.queue_timeout),
+        memory_bytes=args.memory_bytes, prompt_cache_dir=args.prompt_cache_dir,
+        prompt_cache_disk_bytes=args.prompt_cache_disk_bytes,
         max_context=args.max_context, api_key=args.api_key, model_name=model_name,
         prompt_cache_bytes=args.prompt_cache_bytes, log_level=args.log_level, allowed_origins=origins,
         sampling=sampling_flags(args), chat_template=template, chat_template_args=args.chat_template_args,
@@ -342,6 +376,17 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         quantized_kv_start=args.quantized_kv_start,
         pipeline=args.pipeline,
     )
+
+
+def check_cache_dir(folder: Path) -> None:
+    """Create --prompt-cache-dir if needed; raise ValueError when it cannot be written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".lem-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(f"--prompt-cache-dir {str(folder)!r} cannot be written: {exc.strerror or exc}") from None
 
 
 def runtime_problem() -> str | None:
@@ -427,10 +472,11 @@ def invalid(message: str, param: str | None = None, code: str | None = None) -> 
     return APIError(HTTPStatus.BAD_REQUEST, "invalid_request_error", message, param, code)
 
 
-def server_busy() -> APIError:
+def server_busy(retry_after: int = RETRY_AFTER_SECONDS, waited: float = 0) -> APIError:
+    wait = f" within {waited:g} s (--queue-timeout)" if waited else ""
     return APIError(HTTPStatus.TOO_MANY_REQUESTS, "rate_limit_error",
-                    "server busy: all generation slots are taken, retry shortly",
-                    code="server_busy", headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+                    f"server busy: no generation slot and memory for this request came free{wait}, retry shortly",
+                    code="server_busy", headers={"Retry-After": str(retry_after)})
 
 
 def request_timed_out(seconds: float) -> APIError:
@@ -3137,8 +3183,9 @@ def load_model(settings: Settings, group: Any = None) -> Model:
                                                trust_remote_code=settings.trust_remote_code)
     else:
         from mlx_lm.utils import sharded_load
-        if settings.adapter_path or settings.draft_model or settings.kv_bits:
-            raise ValueError("--adapter-path, --draft-model and --kv-bits are not supported in a sharded group")
+        if settings.adapter_path or settings.draft_model or settings.kv_bits or settings.prompt_cache_dir:
+            raise ValueError("--adapter-path, --draft-model, --kv-bits and --prompt-cache-dir are not supported in a "
+                             "sharded group")
         model, tokenizer, config = sharded_load(
             settings.model_path, pipeline_group=group if settings.pipeline else None,
             tensor_group=None if settings.pipeline else group, return_config=True,
@@ -3265,6 +3312,114 @@ def context_length_of(config: dict) -> int | None:
     return None
 
 
+# -- memory: what the weights leave for KV caches, shared by the prompt cache and the running batch
+
+def machine_memory() -> tuple[int, str]:
+    """(bytes the server may use in all, where the figure comes from).
+
+    On Apple silicon, Metal's recommended working set: beyond it the GPU's
+    memory is paged and generation slows to a crawl. Elsewhere physical memory.
+    """
+    import mlx.core as mx
+    with contextlib.suppress(Exception):
+        if mx.metal.is_available():
+            info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
+            if info.get("max_recommended_working_set_size"):
+                return int(info["max_recommended_working_set_size"]), "Metal's recommended working set"
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "physical memory"
+
+
+def weights_bytes(model: Model) -> int:
+    """Bytes of the loaded weights (the model's, and a draft model's)."""
+    from mlx.utils import tree_flatten
+    parts = [model.model] + ([model.solo.draft] if model.solo is not None and model.solo.draft is not None else [])
+    return sum(value.nbytes for part in parts for _, value in tree_flatten(part.parameters()))
+
+
+def kv_token_bytes(model: Model) -> int:
+    """KV-cache bytes one token of context takes in this model, from its config (--kv-bits included).
+
+    Keys and values of every layer: 2 x layers x KV heads x head size
+    elements, in the activations' dtype (read off a floating-point weight or
+    a quantized layer's scales), or at --kv-bits with a scale and a bias per
+    group. Layers with a sliding window or recurrent state take less than
+    this in long contexts: the figure is an upper bound.
+    """
+    args = getattr(model.model, "args", None)
+    text = getattr(args, "text_config", None)
+    args = text if isinstance(text, dict) and text else vars(args) if args is not None else {}
+    heads = args.get("num_attention_heads") or 1
+    kv_heads = args.get("num_key_value_heads") or heads
+    head = args.get("head_dim") or args.get("hidden_size", 0) // heads
+    layers = len(getattr(model.model, "layers", ())) or args.get("num_hidden_layers", 0)
+    elements = 2 * layers * kv_heads * head
+    dtype = activation_bytes(model.model)
+    solo = model.solo
+    if solo is not None and solo.kv_bits is not None:
+        return math.ceil(elements * (solo.kv_bits / 8 + 2 * dtype / solo.kv_group_size))
+    return elements * dtype
+
+
+def activation_bytes(module: Any) -> int:
+    """Bytes per element of the model's activations: its first floating-point weight's (2 when unknown)."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    for _, value in tree_flatten(module.parameters()):
+        if value.dtype in (mx.float16, mx.bfloat16, mx.float32):
+            return value.dtype.size
+    return 2
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """How the server's memory is divided: weights, then KV caches (prompt cache + running batch).
+
+    The running batch may use all of `kv_bytes` for its worst case (prompt +
+    max_tokens of every admitted request); the prompt cache keeps at most
+    `prompt_cache_bytes`, and never more than the running batch leaves.
+    """
+
+    memory_bytes: int       # weights + KV may take this much in all
+    source: str             # where memory_bytes comes from
+    weights_bytes: int
+    token_bytes: int        # KV bytes per token of context
+    prompt_cache_bytes: int
+
+    @property
+    def kv_bytes(self) -> int:
+        return max(self.memory_bytes - self.weights_bytes, 0)
+
+    def tokens(self, nbytes: int) -> int:
+        """Tokens of this model's context that `nbytes` of KV cache hold."""
+        return nbytes // max(self.token_bytes, 1)
+
+
+def plan_memory(settings: Settings, model: Model) -> MemoryPlan:
+    """Size memory for this model on this machine, warning about figures larger than there is.
+
+    The default prompt cache budget is the KV memory less a reserve for the
+    running batch (BATCH_RESERVE_TOKENS per slot), never less than half of
+    it: the running batch takes what more it needs from the cache anyway.
+    """
+    memory, source = machine_memory()
+    if settings.memory_bytes is not None:
+        if settings.memory_bytes > memory:
+            log.warning("--memory-bytes %d is more than this machine's %s (%d bytes): using %d", settings.memory_bytes,
+                        source, memory, memory)
+        else:
+            memory, source = settings.memory_bytes, "--memory-bytes"
+    weights, token = weights_bytes(model), max(kv_token_bytes(model), 1)
+    kv = max(memory - weights, 0)
+    cache = settings.prompt_cache_bytes
+    if cache is None:
+        cache = kv - min(kv // 2, settings.max_requests * BATCH_RESERVE_TOKENS * token)
+    elif cache > kv:
+        log.warning("--prompt-cache-bytes %d is more than the %d bytes the weights leave of %s: using %d",
+                    cache, kv, source, kv)
+        cache = kv
+    return MemoryPlan(memory, source, weights, token, cache)
+
+
 def render_prompt(request: GenerationRequest, model: Model) -> tuple[list[int], int]:
     """(the prompt's token ids, chat messages the window left out).
 
@@ -3276,7 +3431,7 @@ def render_prompt(request: GenerationRequest, model: Model) -> tuple[list[int], 
         return completion_prompt(request.prompt, model), 0
     tokenizer = model.tokenizer
     kept, dropped = chat_window(request.messages, request.max_context)
-    messages = [dict(m) for m in kept]
+    messages = neutralize_billing_header([dict(m) for m in kept])
     if not getattr(tokenizer, "has_chat_template", False):
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
         return tokenizer.encode(text), dropped
@@ -3288,6 +3443,31 @@ def render_prompt(request: GenerationRequest, model: Model) -> tuple[list[int], 
         window = (f" (the --max-context {request.max_context} window left out the first {dropped} "
                   f"messages; raise it or send fewer)" if dropped else "")
         raise invalid(f"the model's chat template rejected these messages{window}: {exc}", "messages") from None
+
+
+# Claude Code (2.1.x) opens its system prompt with a line whose cch= value (and cc_version's suffix) are hashes
+# that change with every request; left alone, no two requests would share more than a few prompt tokens.
+BILLING_HEADER = re.compile(r"\Ax-anthropic-billing-header:[^\n]*")
+BILLING_NONCES = ((re.compile(r"\bcch=[0-9a-fA-F]+"), "cch=00000"),
+                  (re.compile(r"\b(cc_version=\d+\.\d+\.\d+)\.[0-9a-fA-F]+\b"), r"\1"))
+
+
+def neutralize_billing_header(messages: list[dict]) -> list[dict]:
+    """The messages with the nonces of a Claude Code billing header, at the start of the first system message, fixed.
+
+    The line means nothing to the model; with fixed values every request of
+    a session renders the same prefix, which the prompt cache can reuse.
+    """
+    first = messages[0] if messages else None
+    if first is None or first.get("role") != "system" or not isinstance(first.get("content"), str):
+        return messages
+    header = BILLING_HEADER.match(first["content"])
+    if header is None:
+        return messages
+    line = header.group()
+    for pattern, fixed in BILLING_NONCES:
+        line = pattern.sub(fixed, line)
+    return [{**first, "content": line + first["content"][header.end():]}] + messages[1:]
 
 
 def completion_prompt(prompt: str | tuple[int, ...], model: Model) -> list[int]:
@@ -3344,6 +3524,57 @@ def fit_to_context(prompt_tokens: int, request: GenerationRequest, model: Model)
         raise invalid(f"{prompt_tokens} prompt tokens + max_tokens {request.max_tokens} exceed this model's "
                       f"context of {limit} tokens", "max_tokens", "context_length_exceeded")
     return min(request.max_tokens, room)
+
+
+def model_identity(settings: Settings, model: Model) -> str:
+    """A digest of what a saved KV cache depends on: the model's files (weights, config, tokenizer),
+    adapters and draft model, the chat template in use, and the KV cache settings."""
+    digest = hashlib.sha256()
+    for name in (settings.model_path, settings.adapter_path, settings.draft_model):
+        folder = Path(name) if name else None
+        digest.update(repr(name if folder is None or not folder.is_dir() else "folder").encode())
+        for path in sorted(folder.iterdir()) if folder is not None and folder.is_dir() else []:
+            if path.is_file():
+                digest.update(path.name.encode() + file_digest(path))
+    digest.update(repr(getattr(model.tokenizer, "chat_template", None)).encode())
+    digest.update(repr((settings.kv_bits, settings.kv_group_size, settings.quantized_kv_start)).encode())
+    return digest.hexdigest()
+
+
+def file_digest(path: Path, span: int = 1 << 20) -> bytes:
+    """A file's size and a digest of its first and last MiB: cheap on 16 GB of weights, and any
+    re-download, re-quantization or edit changes one of them."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        digest.update(f.read(span))
+        f.seek(max(size - span, 0))
+        digest.update(f.read(span))
+    return digest.digest()
+
+
+def fit_to_memory(prompt_tokens: int, budget: int, request: GenerationRequest, plan: MemoryPlan) -> int:
+    """The token budget whose worst-case KV cache (n x (prompt + budget)) fits in KV memory, or a 400.
+
+    A request that could never fit, even alone, is refused naming the limit;
+    a budget the client did not insist on is trimmed to what fits, as
+    fit_to_context does with the context.
+    """
+    room = plan.tokens(plan.kv_bytes) // request.n
+    where = (f"{plan.kv_bytes} bytes of KV memory ({plan.source} {plan.memory_bytes} less {plan.weights_bytes} "
+             f"of weights), {room} tokens at {plan.token_bytes} bytes each")
+    if prompt_tokens >= room:
+        raise invalid(f"prompt is too long for this server's memory: {prompt_tokens} tokens x {request.n} choices > "
+                      f"{where}", PROMPT_PARAMS[request.endpoint], "context_length_exceeded")
+    if request.max_tokens_given and prompt_tokens + budget > room:
+        raise invalid(f"{prompt_tokens} prompt tokens + max_tokens {budget} (x {request.n} choices) do not fit in "
+                      f"{where}", "max_tokens", "context_length_exceeded")
+    return min(budget, room - prompt_tokens)
+
+
+def kv_reservation(prompt_tokens: int, budget: int, request: GenerationRequest, plan: MemoryPlan) -> int:
+    """Bytes of KV cache a request may grow to: every choice's prompt and full budget."""
+    return request.n * (prompt_tokens + budget) * plan.token_bytes
 
 
 def check_token_ids(request: GenerationRequest, model: Model) -> None:
@@ -3664,6 +3895,7 @@ class Job:
     cached_tokens: int = 0                  # prompt tokens served from the prompt cache
     first_token_at: float | None = None
     stop_string: str | None = None          # the stop string that ended generation, if one did
+    kv_bytes: int = 0                       # KV memory reserved for it at admission (all its choices)
 
     @property
     def prompt_tokens(self) -> int:
@@ -3686,59 +3918,311 @@ class Sequence:
     logprobs: list = dataclasses.field(default_factory=list)  # entries of tokens whose text is not out yet
 
 
+def common_prefix(a: Any, b: Any) -> int:
+    """How many leading tokens two int32 numpy arrays share."""
+    import numpy as np
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if len(differ) else n
+
+
+def cache_length(cache: list) -> int:
+    """Tokens a model's KV cache holds (its first layer's offset)."""
+    return int(getattr(cache[0], "offset", 0)) if cache else 0
+
+
+def cut_cache(cache: list, tokens: int) -> list | None:
+    """A copy of a KV cache holding only its first `tokens` tokens, in fresh arrays; None when it cannot be cut.
+
+    mlx_lm's trim_prompt_cache only moves a cache's offset: the arrays, and
+    their memory, stay whole. Here the keys and values themselves are
+    sliced and copied (mx.contiguous copies a slice into an array of its own
+    size), so the rest is freed once the original goes. Full-precision and
+    quantized caches (--kv-bits) can be cut; a sliding-window cache that has
+    wrapped, or a recurrent layer's state, hold no prefix to cut to: None.
+    """
+    import mlx.core as mx
+    from mlx_lm.models.cache import KVCache, QuantizedKVCache
+    if tokens <= 0 or not all(type(c) in (KVCache, QuantizedKVCache) and c.keys is not None for c in cache):
+        return None
+
+    def cut(x: Any) -> Any:
+        return type(x)(cut(part) for part in x) if isinstance(x, (tuple, list)) else mx.contiguous(x[..., :tokens, :])
+
+    pieces = []
+    for layer in cache:
+        piece = copy.copy(layer)
+        piece.keys, piece.values = cut(layer.keys), cut(layer.values)
+        piece.offset = min(tokens, layer.offset)
+        pieces.append(piece)
+    mx.eval([[p.keys, p.values] for p in pieces])
+    return pieces
+
+
+def cache_nbytes(cache: list) -> int:
+    return sum(c.nbytes for c in cache)
+
+
+def cache_capacity(cache: list) -> int:
+    """Tokens a KV cache's arrays have room for (its offset when they are not plain keys and values)."""
+    keys = getattr(cache[0], "keys", None) if cache else None
+    keys = keys[0] if isinstance(keys, (tuple, list)) and keys else keys  # quantized: (data, scales, biases)
+    return int(keys.shape[-2]) if hasattr(keys, "shape") and len(keys.shape) == 4 else cache_length(cache)
+
+
+@dataclass(eq=False)
+class CacheEntry:
+    """One kept KV cache and the tokens it holds."""
+
+    tokens: Any          # numpy int32 array
+    cache: list
+    nbytes: int
+
+
 class PromptCache:
     """KV caches of finished requests, reused for prompts that share a prefix.
 
-    A thin layer over mlx_lm's LRUPromptCache (a token trie, least recently
-    used first out) that adds the hit/miss counters, holds it to its byte
-    budget and guarantees at least one prompt token is left to run through
-    the model. Only the engine thread calls it.
+    Entries are kept least recently used first; the byte budget is the
+    smaller of `max_bytes` and the room the running batch leaves (`room` at
+    each store). Storing evicts whole entries, least recently used first, and
+    an entry larger than the budget on its own is cut to its longest prefix
+    that fits (cut_cache frees the rest), so a long agent prompt keeps the
+    part that fits instead of nothing. A fetched prefix always leaves at
+    least one prompt token to run. Only the engine thread calls it.
     """
 
-    KEY = "model"   # LRUPromptCache keys entries by model; this server has one
-
     def __init__(self, max_bytes: int):
-        from mlx_lm.models.cache import LRUPromptCache
-        # No byte limit inside: store() applies it, so that a group's other ranks can follow rank 0's count.
-        self.lru = LRUPromptCache(max_size=PROMPT_CACHE_MAX_ENTRIES)
+        self.entries: dict[bytes, CacheEntry] = {}   # in LRU order: oldest first
         self.max_bytes = max_bytes
-        self.hits = self.misses = 0
+        self.nbytes = 0
+        self.stored: list[CacheEntry] = []  # entries store() has kept since the last look (CacheFolder saves them)
+        self.hits = self.misses = self.evictions = self.trims = 0
 
     def fetch(self, prompt: list[int]) -> tuple[list | None, int]:
-        """(a KV cache holding the longest cached prefix, its length) or (None, 0)."""
-        from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
-        cache, rest = self.lru.fetch_nearest_cache(self.KEY, prompt)
-        if cache is not None and not rest:  # an exact hit: the model must still see the last token
-            if can_trim_prompt_cache(cache):
-                trim_prompt_cache(cache, 1)
-                rest = prompt[-1:]
-            else:
-                cache, rest = None, prompt
-        cached = len(prompt) - len(rest) if cache is not None else 0
-        self.hits += cached > 0
-        self.misses += cached == 0
-        return (cache if cached else None), cached
+        """(a KV cache holding the longest cached prefix the prompt can use, its length) or (None, 0)."""
+        import numpy as np
+        from mlx_lm.models.cache import can_trim_prompt_cache
+        wanted = np.asarray(prompt, dtype=np.int32)
+        best, usable = None, 0
+        for entry in self.entries.values():
+            shared = min(common_prefix(entry.tokens, wanted), len(prompt) - 1)
+            if shared > usable and (shared == len(entry.tokens) or can_trim_prompt_cache(entry.cache)):
+                best, usable = entry, shared
+        self.hits += best is not None
+        self.misses += best is None
+        if best is None:
+            return None, 0
+        self._touch(best)
+        return self._prefix(best, usable), usable
 
-    def store(self, tokens: list[int], cache: list, in_use_bytes: int = 0, entries: int | None = None) -> int:
-        """Keep `cache` (the KV of `tokens`); return how many entries the cache holds now.
+    def store(self, tokens: list[int], cache: list, room: int | None = None, entries: int | None = None,
+              kept: int | None = None) -> tuple[int, int]:
+        """Keep `cache` (the KV of `tokens`); return (entries held now, tokens of this one kept, 0 if none).
 
-        Alone and on rank 0 the cache is trimmed to the byte budget left by
-        running requests. A group's other ranks pass `entries`, rank 0's count
-        after the same store, and trim to that: evicting least recently used
-        first, they drop exactly what rank 0 dropped, even where their shard's
-        caches differ in size from rank 0's (pipeline stages hold different
-        numbers of layers).
+        Alone and on rank 0 the cache is held to min(max_bytes, room). A
+        group's other ranks pass rank 0's figures instead, `entries` and
+        `kept`, and follow them: evicting least recently used first and cutting
+        the same prefix, they drop exactly what rank 0 dropped, whatever their
+        shard's bytes (pipeline stages hold different numbers of layers).
         """
-        self.lru.insert_cache(self.KEY, list(tokens), cache)
+        import numpy as np
+        length = min(len(tokens), cache_length(cache))
+        if cache_capacity(cache) > length:  # generate_step's buffers grow 256 tokens at a time: free the slack
+            cache = cut_cache(cache, length) or cache
+        limit = self.max_bytes if room is None else min(self.max_bytes, max(room, 0))
+        entry = CacheEntry(np.asarray(tokens[:length], dtype=np.int32), cache, cache_nbytes(cache))
+        self._drop(self.entries.pop(entry.tokens.tobytes(), None))
+        self._drop_prefixes_of(entry)
+        self._add(entry)
         if entries is None:
-            self.lru.trim_to(n_bytes=self.max_bytes - in_use_bytes)
+            self.fit(limit, keep=entry)
+            kept = self._cut_to(entry, limit)
         else:
-            self.lru.trim_to(n_sequences=entries)
-        return len(self.lru)
+            self.fit(entries=entries + (kept == 0), keep=entry)
+            kept = self._cut_to(entry, kept=kept)
+        if kept:
+            self.stored.append(next(reversed(self.entries.values())))
+        return len(self.entries), kept
+
+    def fit(self, limit: int | None = None, entries: int | None = None, keep: CacheEntry | None = None) -> int:
+        """Evict least recently used entries, never `keep`, to at most `limit` bytes and `entries` entries.
+
+        Returns the entries left.
+        """
+        for key, entry in list(self.entries.items()):
+            if (limit is None or self.nbytes <= limit) and (entries is None or len(self.entries) <= entries):
+                break
+            if entry is not keep:
+                self._drop(self.entries.pop(key))
+                self.evictions += 1
+        return len(self.entries)
 
     def stats(self) -> dict:
-        return {"prompt_cache_entries": len(self.lru), "prompt_cache_bytes": self.lru.nbytes,
-                "prompt_cache_hits": self.hits, "prompt_cache_misses": self.misses}
+        return {"prompt_cache_entries": len(self.entries), "prompt_cache_bytes": self.nbytes,
+                "prompt_cache_tokens": sum(len(e.tokens) for e in self.entries.values()),
+                "prompt_cache_hits": self.hits, "prompt_cache_misses": self.misses,
+                "prompt_cache_evictions": self.evictions, "prompt_cache_trims": self.trims}
+
+    def _cut_to(self, entry: CacheEntry, limit: int | None = None, kept: int | None = None) -> int:
+        """Cut an entry to `kept` tokens, or to the most that fit in `limit` bytes; its tokens kept (0: dropped)."""
+        length = len(entry.tokens)
+        if kept is None:
+            if entry.nbytes <= limit:
+                return length
+            kept = limit * length // max(entry.nbytes, 1)  # bytes grow linearly with tokens
+        if kept >= length:
+            return length
+        self._drop(self.entries.pop(entry.tokens.tobytes()))
+        cut = cut_cache(entry.cache, kept)
+        self.trims += 1
+        if cut is None:
+            return 0
+        self._add(CacheEntry(entry.tokens[:kept], cut, cache_nbytes(cut)))
+        return kept
+
+    def _prefix(self, entry: CacheEntry, tokens: int) -> list:
+        """A cache of the entry's first `tokens` tokens for a new sequence (which must not change the entry's)."""
+        from mlx_lm.models.cache import trim_prompt_cache
+        cut = cut_cache(entry.cache, tokens)  # fresh arrays: MLX's a[i] = x rewrites the array object a in place
+        if cut is not None:
+            return cut
+        cache = copy.deepcopy(entry.cache)
+        trim_prompt_cache(cache, len(entry.tokens) - tokens)
+        return cache
+
+    def _drop_prefixes_of(self, entry: CacheEntry) -> None:
+        """A new entry holds its prefixes' KV too: drop them (their memory is wasted)."""
+        from mlx_lm.models.cache import can_trim_prompt_cache
+        if not can_trim_prompt_cache(entry.cache):
+            return
+        for key, other in list(self.entries.items()):
+            if len(other.tokens) < len(entry.tokens) and common_prefix(other.tokens, entry.tokens) == len(other.tokens):
+                self._drop(self.entries.pop(key))
+
+    def _touch(self, entry: CacheEntry) -> None:
+        key = entry.tokens.tobytes()
+        self.entries[key] = self.entries.pop(key)
+
+    def _add(self, entry: CacheEntry) -> None:
+        self.entries[entry.tokens.tobytes()] = entry
+        self.nbytes += entry.nbytes
+
+    def _drop(self, entry: CacheEntry | None) -> None:
+        if entry is not None:
+            self.nbytes -= entry.nbytes
+
+
+class CacheFolder:
+    """--prompt-cache-dir: prompt cache entries as safetensors files (mlx_lm's save_prompt_cache), so a
+    restart finds the prefixes it had.
+
+    Files are named for the model's identity (model_identity) and their
+    tokens, which their metadata holds too. A new entry of at least
+    PROMPT_CACHE_SAVE_TOKENS is written once the batch is idle, every other
+    entry at a graceful shutdown; files beyond the disk budget go, oldest
+    first. A file that cannot be read, or whose identity is not this
+    model's, is skipped with a warning. Only the engine thread calls it: the
+    arrays belong to its MLX stream.
+    """
+
+    PREFIX = "lem-prompt-"
+
+    def __init__(self, folder: Path, identity: str, max_bytes: int):
+        self.folder, self.identity, self.max_bytes = folder, identity, max_bytes
+        self.saved: dict[bytes, tuple[Any, Path]] = {}  # entry key -> (its tokens, its file)
+        self.pending: dict[bytes, CacheEntry] = {}      # long new entries to write when the batch is idle
+
+    def restore(self, cache: PromptCache) -> int:
+        """Load this model's newest files that fit the cache's budget into it; the entries restored."""
+        files = sorted(self.folder.glob(f"{self.PREFIX}{self.identity[:16]}-*.safetensors"),
+                       key=lambda p: p.stat().st_mtime, reverse=True)
+        chosen, total = [], 0
+        for path in files:
+            total += path.stat().st_size
+            if total > cache.max_bytes:
+                break
+            chosen.append(path)
+        restored = 0
+        for path in reversed(chosen):  # oldest first: the newest ends up most recently used
+            restored += self._restore_one(path, cache)
+        return restored
+
+    def offer(self, entries: list[CacheEntry]) -> None:
+        """Entries the prompt cache has just kept: the long ones are written when the batch is idle."""
+        for entry in entries:
+            if len(entry.tokens) >= PROMPT_CACHE_SAVE_TOKENS:
+                self.pending[entry.tokens.tobytes()] = entry
+
+    def save_pending(self, cache: PromptCache, more: Callable[[], bool]) -> None:
+        """Write pending entries still in the cache, one at a time while `more()` says the batch is idle."""
+        while self.pending and more():
+            key, entry = self.pending.popitem()
+            if cache.entries.get(key) is entry:
+                self._save(entry)
+
+    def save_all(self, cache: PromptCache) -> None:
+        """Write the entries not on disk yet, most recently used first, while they fit the disk budget (shutdown)."""
+        self.pending.clear()
+        used = sum(p.stat().st_size for p in self.folder.glob(f"{self.PREFIX}*.safetensors"))
+        for key, entry in reversed(list(cache.entries.items())):
+            if key not in self.saved and used + entry.nbytes <= self.max_bytes:
+                self._save(entry)
+                used += entry.nbytes
+
+    def _save(self, entry: CacheEntry) -> None:
+        from mlx_lm.models.cache import save_prompt_cache
+        key = entry.tokens.tobytes()
+        path = self.folder / f"{self.PREFIX}{self.identity[:16]}-{hashlib.sha256(key).hexdigest()[:16]}.safetensors"
+        partial = self.folder / f".partial-{path.name}"  # never globbed: a crash mid-write leaves no half file
+        try:
+            save_prompt_cache(str(partial), entry.cache, {"identity": self.identity,
+                                                          "tokens": json.dumps(entry.tokens.tolist())})
+            os.replace(partial, path)
+        except Exception as exc:
+            log.warning("could not save a prompt cache entry to %s: %s", self.folder, exc)
+            with contextlib.suppress(OSError):
+                partial.unlink()
+            return
+        self.saved[key] = (entry.tokens, path)
+        for other, (tokens, old) in list(self.saved.items()):  # files of its prefixes hold nothing more
+            if len(tokens) < len(entry.tokens) and common_prefix(tokens, entry.tokens) == len(tokens):
+                self._remove(other, old)
+        self._hold_to_budget()
+
+    def _hold_to_budget(self) -> None:
+        files = sorted(self.folder.glob(f"{self.PREFIX}*.safetensors"), key=lambda p: p.stat().st_mtime)
+        total = sum(p.stat().st_size for p in files)
+        for path in files[:-1]:  # the newest always stays
+            if total <= self.max_bytes:
+                break
+            total -= path.stat().st_size
+            self._remove(next((k for k, (_, p) in self.saved.items() if p == path), None), path)
+
+    def _remove(self, key: bytes | None, path: Path) -> None:
+        self.saved.pop(key, None)
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+    def _restore_one(self, path: Path, cache: PromptCache) -> int:
+        import mlx.core as mx
+        import numpy as np
+        from mlx.utils import tree_flatten
+        from mlx_lm.models.cache import load_prompt_cache
+        try:
+            layers, metadata = load_prompt_cache(str(path), return_metadata=True)
+            if metadata.get("identity") != self.identity:
+                raise ValueError("it was saved for another model or other settings")
+            tokens = json.loads(metadata["tokens"])
+            if not tokens or cache_length(layers) != len(tokens):
+                raise ValueError("its tokens and its KV cache disagree")
+            mx.eval([v for c in layers for _, v in tree_flatten(c.state) if isinstance(v, mx.array)])  # a truncated file fails here
+        except Exception as exc:
+            log.warning("skipping saved prompt cache %s: %s", path.name, " ".join(str(exc).split())[:300])
+            return 0
+        cache.store(tokens, layers)
+        cache.stored.clear()
+        self.saved[np.asarray(tokens, dtype=np.int32).tobytes()] = (np.asarray(tokens, dtype=np.int32), path)
+        return 1
 
 
 @dataclass
@@ -3850,10 +4334,6 @@ class SoloBatch:
         tokens, cache = self._settle(sequence)
         return {sequence.uid: (cache, tokens)} if return_prompt_caches else {}
 
-    @property
-    def prompt_cache_nbytes(self) -> int:
-        return sum(c.nbytes for c in self.current.cache) if self.current is not None else 0
-
     def close(self) -> None:
         self.waiting, self.current = [], None
 
@@ -3922,13 +4402,18 @@ class SoloBatch:
 
 @dataclass(frozen=True)
 class Insert:
-    """Op: start sequence `uid` on `prompt`, its first `cached` tokens from the prompt cache."""
+    """Op: start sequence `uid` on `prompt`, its first `cached` tokens from the prompt cache.
+
+    `entries`: what the prompt cache held after rank 0 made room for the
+    running batch, just before its fetch.
+    """
 
     uid: int
     prompt: list[int]
     cached: int
     max_tokens: int
     request: GenerationRequest   # the sampling settings; rank 0 has filled in the seed
+    entries: int | None = None
 
 
 @dataclass(frozen=True)
@@ -3940,10 +4425,14 @@ class Remove:
 
 @dataclass(frozen=True)
 class Keep:
-    """Op: put the KV cache sequence `uid` left behind into the prompt cache, which then holds `entries`."""
+    """Op: put the KV cache sequence `uid` left behind into the prompt cache, which then holds `entries`.
+
+    `kept`: the tokens of it kept (fewer when it was cut to fit; 0: none).
+    """
 
     uid: int
     entries: int
+    kept: int
 
 
 class GroupFailure(RuntimeError):
@@ -4098,11 +4587,12 @@ class Batch:
     """
 
     def __init__(self, model: Model, max_batch: int, prompt_cache: PromptCache | None, link: GroupLink | None,
-                 drafts: dict | None = None):
+                 drafts: dict | None = None, room: Callable[[int | None], int | None] = lambda uid: None):
         from mlx_lm.generate import BatchGenerator
         eos = model.tokenizer.eos_token_ids
         self.model = model
         self.prompt_cache = prompt_cache
+        self.room = room    # room(uid leaving or None): bytes the running batch leaves the prompt cache; None: no limit
         self.link = link
         self.records = link is not None and link.rank == 0    # rank 0 of a group: record ops
         self.follows = link is not None and link.rank != 0    # another rank: replay them
@@ -4117,20 +4607,26 @@ class Batch:
         self.parked: dict[int, tuple] = {}   # other ranks: caches of sequences that left, until rank 0's Keep
 
     def insert(self, prompt: list[int], max_tokens: int, request: GenerationRequest,
-               cached: int | None = None) -> tuple[int, int]:
+               cached: int | None = None, entries: int | None = None) -> tuple[int, int]:
         """Start one sequence from its longest cached prefix; return (its uid, tokens taken from the cache).
 
-        A rank replaying rank 0's Insert passes rank 0's `cached`: finding
-        another length means the ranks' caches have diverged.
+        Then the prompt cache gives the running batch its room (the batch now
+        holds this sequence's reservation too, which covers the prefix it
+        took). A rank replaying rank 0's Insert passes rank 0's `cached` and
+        `entries`: finding another length means the ranks' caches have diverged.
         """
-        cache, found = self.prompt_cache.fetch(prompt) if self.prompt_cache else (None, 0)
+        cache, found = None, 0
+        if self.prompt_cache is not None:
+            cache, found = self.prompt_cache.fetch(prompt)
+            room = self.room(None) if entries is None else None
+            entries = self.prompt_cache.fit(room, entries)
         if cached is not None and found != cached:
             raise GroupFailure(f"rank 0 found {cached} cached prompt tokens, this rank {found}")
         sampling = make_sampling(request, self.model, max_tokens)
         (uid,) = self.generator.insert([prompt[found:]], max_tokens=[max_tokens], caches=[cache],
                                        all_tokens=[prompt[:found]], samplers=[sampling.sampler],
                                        logits_processors=[sampling.logits_processors])
-        self._record(Insert(uid, prompt, found, max_tokens, request))
+        self._record(Insert(uid, prompt, found, max_tokens, request, entries))
         return uid, found
 
     def remove(self, uids: list[int]) -> None:
@@ -4180,14 +4676,14 @@ class Batch:
 
     def _replay(self, op: Any) -> None:
         if isinstance(op, Insert):
-            uid, _cached = self.insert(op.prompt, op.max_tokens, op.request, cached=op.cached)
+            uid, _cached = self.insert(op.prompt, op.max_tokens, op.request, cached=op.cached, entries=op.entries)
             if uid != op.uid:
                 raise GroupFailure(f"rank 0 started sequence {op.uid}, this rank {uid}")
         elif isinstance(op, Remove):
             self.remove(list(op.uids))
         elif isinstance(op, Keep) and op.uid in self.parked:
             tokens, cache = self.parked.pop(op.uid)
-            self.prompt_cache.store(tokens, cache, entries=op.entries)
+            self.prompt_cache.store(tokens, cache, entries=op.entries, kept=op.kept)
         else:
             raise GroupFailure(f"rank 0 sent {op!r}, which this rank's batch cannot follow")
 
@@ -4202,12 +4698,41 @@ class Batch:
         if self.follows:
             self.parked[uid] = (tokens, cache)
             return
-        entries = self.prompt_cache.store(tokens, cache, self.generator.prompt_cache_nbytes)
-        self._record(Keep(uid, entries))
+        entries, kept = self.prompt_cache.store(tokens, cache, self.room(uid))
+        self._record(Keep(uid, entries, kept))
 
     def _record(self, op: Any) -> None:
         if self.records:
             self.ops.append(op)
+
+
+class KVLedger:
+    """KV memory and the part of it admitted requests have reserved (their worst case); thread-safe.
+
+    The admission queue reserves before a request joins the batch and gives
+    back when it leaves; the engine holds the prompt cache to what is left.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.reserved = 0
+        self.lock = threading.Lock()
+
+    def reserve(self, nbytes: int) -> bool:
+        """Reserve `nbytes` if they fit beside the reservations held; True when they did."""
+        with self.lock:
+            if self.reserved + nbytes > self.limit:
+                return False
+            self.reserved += nbytes
+            return True
+
+    def release(self, nbytes: int) -> None:
+        with self.lock:
+            self.reserved -= nbytes
+
+    def room(self) -> int:
+        """Bytes no request has reserved: what the prompt cache may hold now."""
+        return self.limit - self.reserved
 
 
 class Engine:
@@ -4229,16 +4754,20 @@ class Engine:
     """
 
     def __init__(self, model: Model, max_batch: int = 1, prompt_cache_bytes: int = 0,
-                 group: Any = None, stall_seconds: float = DEFAULT_TIMEOUT):
+                 group: Any = None, stall_seconds: float = DEFAULT_TIMEOUT, ledger: KVLedger | None = None,
+                 folder: CacheFolder | None = None):
         self.model = model
         self.max_batch = max_batch
         self.prompt_cache = PromptCache(prompt_cache_bytes) if prompt_cache_bytes > 0 else None
+        self.ledger = ledger   # None: the prompt cache is held to its own budget only
+        self.folder = folder if self.prompt_cache is not None else None   # --prompt-cache-dir
         self.link = GroupLink(group) if group is not None else None
         self.stall_seconds = stall_seconds
         self.inbox: queue.Queue[Job | None] = queue.Queue()
         self.thread = threading.Thread(target=self._run, name="lem-engine", daemon=True)
         self.failure: BaseException | None = None
         self.finished = threading.Event()          # the loop has ended: stopped, or failed
+        self.started = threading.Event()           # the loop runs (saved prefixes restored), or the thread ended
         self.drain_requested = threading.Event()   # rank 0: another rank was asked to stop the group
         self.running: dict[int, Sequence] = {}     # the batch's uids -> their jobs (rank 0 and alone)
         self.warming: dict[int, Job] = {}          # uids of one-token warm-ups -> jobs whose n choices wait on them
@@ -4265,8 +4794,7 @@ class Engine:
 
     def stats(self) -> dict:
         """Counters for /healthz and /metrics: tokens sampled and prompt-cache use."""
-        cache = self._stats or {"prompt_cache_entries": 0, "prompt_cache_bytes": 0,
-                                "prompt_cache_hits": 0, "prompt_cache_misses": 0}
+        cache = self._stats or dict.fromkeys(PromptCache(0).stats(), 0)
         return {"tokens_generated": self.tokens_generated, "draft_tokens_proposed": self.drafts["proposed"],
                 "draft_tokens_accepted": self.drafts["accepted"], **cache}
 
@@ -4296,15 +4824,22 @@ class Engine:
             self._fail_waiting()
         finally:
             self.finished.set()
+            self.started.set()
 
     def _loop(self) -> None:
         self.batch = self._new_batch()
+        self._restore_saved()
+        self.started.set()
         while True:
             busy = bool(self.running or self.warming)
+            if not busy and self.folder is not None:  # idle: write new long prefixes to disk, until a job comes
+                self.folder.save_pending(self.prompt_cache, self.inbox.empty)
             for job in self._take_jobs(block=not busy):
                 if job is None:
                     self.batch.sync(step=False, shutdown=True)
                     self.batch.close()
+                    if self.folder is not None:
+                        self.folder.save_all(self.prompt_cache)
                     return
                 self._insert(job)
             step = bool(self.running or self.warming)
@@ -4364,7 +4899,15 @@ class Engine:
             self.finished.set()
 
     def _new_batch(self) -> Batch:
-        return Batch(self.model, self.max_batch, self.prompt_cache, self.link, self.drafts)
+        return Batch(self.model, self.max_batch, self.prompt_cache, self.link, self.drafts, self._cache_room)
+
+    def _cache_room(self, uid: int | None) -> int | None:
+        """Bytes the prompt cache may hold now: what admitted requests have not reserved, plus the share
+        of sequence `uid`, whose KV is the one moving into the cache; None without a ledger."""
+        if self.ledger is None:
+            return None
+        job = self.running[uid].job if uid in self.running else self.warming.get(uid)
+        return self.ledger.room() + (job.kv_bytes // job.request.n if job is not None else 0)
 
     def _take_jobs(self, block: bool) -> list[Job | None]:
         """New jobs: wait for one when idle (in a group, one heartbeat at most), else take what has arrived."""
@@ -4537,6 +5080,19 @@ class Engine:
         # A snapshot other threads may read without touching the cache itself.
         if self.prompt_cache is not None:
             self._stats = self.prompt_cache.stats()
+            fresh, self.prompt_cache.stored = self.prompt_cache.stored, []
+            if self.folder is not None:
+                self.folder.offer(fresh)
+
+    def _restore_saved(self) -> None:
+        """--prompt-cache-dir: load the prefixes a previous run saved (requests wait in the inbox meanwhile)."""
+        if self.folder is None:
+            return
+        started = time.monotonic()
+        restored = self.folder.restore(self.prompt_cache)
+        self._note_cache()
+        log.info("prompt cache: restored %d saved entries (%d tokens) from %s in %.1f s", restored,
+                 self._stats["prompt_cache_tokens"], self.folder.folder, time.monotonic() - started)
 
 
 # ---------------------------------------------------------------------------
@@ -5643,12 +6199,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         server = self.server
         check_token_ids(request, server.model)
         prompt, dropped = render_prompt(request, server.model)
-        budget = fit_to_context(len(prompt), request, server.model)
+        budget = fit_to_memory(len(prompt), fit_to_context(len(prompt), request, server.model), request, server.memory)
         if not server.engine.alive:
             raise engine_unavailable()
         headers = {WINDOW_HEADER: str(dropped)} if request.endpoint == "chat" else {}
-        with server.admit(request.n) as slot:
-            job = Job(prompt, request, budget, time.monotonic() + server.settings.timeout)
+        kv_bytes = kv_reservation(len(prompt), budget, request, server.memory)
+        with server.admit(request.n, kv_bytes, gone=lambda: client_gone(self.connection)) as slot:
+            job = Job(prompt, request, budget, time.monotonic() + server.settings.timeout, kv_bytes=kv_bytes)
             server.engine.submit(job)
             writer = writer_for(job, server.settings.model_name, server.model.tokenizer)
             try:
@@ -5849,9 +6406,17 @@ class LemServer(http.server.ThreadingHTTPServer):
         # Unset sampling fields take the command line's defaults, else the model folder's.
         self.settings = settings = dataclasses.replace(settings, sampling={**model.sampling, **settings.sampling})
         self.model = model
-        self.engine = Engine(model, settings.max_requests, settings.prompt_cache_bytes,
-                             group=group, stall_seconds=settings.timeout)
+        self.memory = plan = plan_memory(settings, model)
+        self.ledger = KVLedger(plan.kv_bytes)
+        folder = None
+        if settings.prompt_cache_dir is not None:
+            folder = CacheFolder(Path(settings.prompt_cache_dir), model_identity(settings, model),
+                                 settings.prompt_cache_disk_bytes)
+        self.engine = Engine(model, settings.max_requests, plan.prompt_cache_bytes,
+                             group=group, stall_seconds=settings.timeout, ledger=self.ledger, folder=folder)
         self.gate = threading.BoundedSemaphore(settings.max_requests)
+        self.queue = AdmissionQueue(self.gate, self.ledger)
+        log_memory_plan(plan, settings)
         self.active = 0           # generation slots taken
         self.in_flight = 0        # requests of any kind between their headers and their last byte
         self.connections = 0      # client connections open, each with its thread
@@ -5872,17 +6437,18 @@ class LemServer(http.server.ThreadingHTTPServer):
         host, port = self.server_address[:2]
         return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
 
-    def admit(self, slots: int = 1) -> "Admission":
-        """A context that holds `slots` generation slots (one per choice), or raises 429 at once."""
-        taken = 0
-        while taken < slots and self.gate.acquire(blocking=False):
-            taken += 1
-        if taken < slots:
-            for _ in range(taken):
-                self.gate.release()
+    def admit(self, slots: int = 1, kv_bytes: int = 0, gone: Callable[[], bool] = lambda: False) -> "Admission":
+        """A context holding `slots` generation slots (one per choice) and `kv_bytes` of KV memory.
+
+        Waits its turn up to --queue-timeout (AdmissionQueue.enter), then
+        raises 429; raises ClientGone when `gone()` says the client left.
+        """
+        try:
+            self.queue.enter(slots, kv_bytes, self.settings.queue_timeout, gone)
+        except APIError:
             self.metrics.record_rejection()
-            raise server_busy()
-        return Admission(self, slots)
+            raise
+        return Admission(self, slots, kv_bytes)
 
     @contextlib.contextmanager
     def exchange(self) -> Iterator[None]:
@@ -5918,6 +6484,18 @@ class LemServer(http.server.ThreadingHTTPServer):
             one("lem_prompt_cache_misses_total", "counter", "Prompts computed from scratch.", stats["prompt_cache_misses"]),
             one("lem_prompt_cache_entries", "gauge", "Entries in the prompt cache.", stats["prompt_cache_entries"]),
             one("lem_prompt_cache_bytes", "gauge", "Memory held by the prompt cache.", stats["prompt_cache_bytes"]),
+            one("lem_prompt_cache_tokens", "gauge", "Tokens whose KV the prompt cache holds.", stats["prompt_cache_tokens"]),
+            one("lem_prompt_cache_budget_bytes", "gauge", "Most the prompt cache may hold (less while the running "
+                "batch needs the room).", self.memory.prompt_cache_bytes),
+            one("lem_prompt_cache_evictions_total", "counter", "Prompt cache entries evicted, least recently used "
+                "first.", stats["prompt_cache_evictions"]),
+            one("lem_prompt_cache_trims_total", "counter", "Prompt cache entries cut to their longest prefix that "
+                "fits the budget.", stats["prompt_cache_trims"]),
+            one("lem_waiting_requests", "gauge", "Generation requests waiting in the admission queue.",
+                self.queue.waiting),
+            one("lem_kv_reserved_bytes", "gauge", "KV memory reserved by admitted requests (prompt + max tokens each).",
+                self.ledger.reserved),
+            one("lem_kv_memory_bytes", "gauge", "KV memory: the memory budget less the weights.", self.memory.kv_bytes),
             one("lem_engine_up", "gauge", "1 while the generation engine runs, 0 once it has died.", int(self.engine.alive)),
             one("lem_world_size", "gauge", "Processes the model is sharded over (mlx.launch ranks); 1 alone.",
                 self.engine.world_size),
@@ -5974,7 +6552,7 @@ class LemServer(http.server.ThreadingHTTPServer):
         return {"status": "ok" if self.engine.alive else "error", "model": settings.model_name,
                 "world_size": self.engine.world_size, "rank": self.engine.rank, "sharding": self.sharding,
                 "uptime_seconds": int(time.monotonic() - self.started_at), "active_requests": self.active,
-                "max_requests": settings.max_requests, "max_threads": settings.threads or os.cpu_count(),
+                "max_requests": settings.max_requests, "waiting_requests": self.queue.waiting, "max_threads": settings.threads or os.cpu_count(),
                 "max_tokens": settings.max_tokens, "max_context": settings.max_context,
                 "context_length": self.model.context_length, "sampling_defaults": settings.sampling,
                 "thinking": bool(getattr(self.model.tokenizer, "has_thinking", False)),
@@ -5999,6 +6577,7 @@ class LemServer(http.server.ThreadingHTTPServer):
     def start(self) -> "LemServer":
         """Start the engine and serve on a background thread; return when ready."""
         self.engine.start()
+        self.engine.started.wait()  # with --prompt-cache-dir, once the saved prefixes are back
         threading.Thread(target=self._serve, name="lem-http", daemon=True).start()
         self.ready.wait()
         return self
@@ -6021,7 +6600,7 @@ class LemServer(http.server.ThreadingHTTPServer):
         drained = self.wait_idle(grace)
         self.engine.stop()
         if self.engine.failure is None:  # a failed group's engine may be stuck in a collective for good
-            self.engine.thread.join(timeout=5)
+            self.engine.thread.join(timeout=5 + SHUTDOWN_GRACE_SECONDS * (self.engine.folder is not None))
         self.server_close()
         return drained
 
@@ -6033,12 +6612,84 @@ class LemServer(http.server.ThreadingHTTPServer):
             return self.idle.wait_for(lambda: self.in_flight == 0, timeout=grace)
 
 
-class Admission:
-    """Holds `slots` permits of the server's gate until released (at most once)."""
+class AdmissionQueue:
+    """Requests waiting for generation slots and KV memory, admitted in arrival order.
 
-    def __init__(self, server: LemServer, slots: int = 1):
+    A slot is a permit of the server's BoundedSemaphore (--max-requests); the
+    memory is the request's worst-case KV cache, reserved in the KVLedger so
+    that the running batch never outgrows the machine. A request takes both
+    at once, only when every earlier one has, and waits for them up to
+    --queue-timeout seconds (0: not at all); then it gets 429 with a
+    Retry-After estimated from how fast slots have been freed.
+    """
+
+    def __init__(self, gate: threading.BoundedSemaphore, ledger: KVLedger):
+        self.gate, self.ledger = gate, ledger
+        self.changed = threading.Condition()
+        self.line: collections.deque = collections.deque()   # tickets of waiting requests, first come first
+        self.releases: collections.deque = collections.deque(maxlen=RELEASES_REMEMBERED)  # when slots came free
+
+    @property
+    def waiting(self) -> int:
+        return len(self.line)
+
+    def enter(self, slots: int, kv_bytes: int, timeout: float, gone: Callable[[], bool]) -> None:
+        """Take `slots` permits and reserve `kv_bytes`, waiting behind earlier arrivals up to `timeout` s.
+
+        Raises server_busy (429) when the time is up and ClientGone as soon as
+        `gone()` says the client has left; either way its place in line goes.
+        """
+        ticket = object()
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            self.line.append(ticket)
+            try:
+                while not (self.line[0] is ticket and self._take(slots, kv_bytes)):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise server_busy(self.retry_after(slots), timeout)
+                    self.changed.wait(min(left, POLL_SECONDS))
+                    if gone():
+                        raise ClientGone
+            finally:
+                self.line.remove(ticket)
+                self.changed.notify_all()
+
+    def release(self, slots: int, kv_bytes: int) -> None:
+        """Give back what enter() took; the next in line may go."""
+        for _ in range(slots):
+            self.gate.release()
+        self.ledger.release(kv_bytes)
+        with self.changed:
+            self.releases.append(time.monotonic())
+            self.changed.notify_all()
+
+    def retry_after(self, slots: int) -> int:
+        """Seconds until `slots` more slots are likely free, at the rate slots have been freed lately."""
+        times = list(self.releases)
+        if len(times) < 2 or times[-1] <= times[0]:
+            return RETRY_AFTER_SECONDS
+        rate = (len(times) - 1) / (times[-1] - times[0])
+        return int(min(RETRY_AFTER_MAX_SECONDS, max(RETRY_AFTER_SECONDS, math.ceil((len(self.line) + slots) / rate))))
+
+    def _take(self, slots: int, kv_bytes: int) -> bool:
+        taken = 0
+        while taken < slots and self.gate.acquire(blocking=False):
+            taken += 1
+        if taken == slots and self.ledger.reserve(kv_bytes):
+            return True
+        for _ in range(taken):
+            self.gate.release()
+        return False
+
+
+class Admission:
+    """Holds `slots` permits of the server's gate and `kv_bytes` of KV memory until released (at most once)."""
+
+    def __init__(self, server: LemServer, slots: int = 1, kv_bytes: int = 0):
         self.server = server
         self.slots = slots
+        self.kv_bytes = kv_bytes
         self.held = True
         with server.active_lock:
             server.active += slots
@@ -6058,8 +6709,15 @@ class Admission:
             self.held = False
             server.active -= self.slots
             server.idle.notify_all()
-        for _ in range(self.slots):
-            server.gate.release()
+        server.queue.release(self.slots, self.kv_bytes)
+
+
+def log_memory_plan(plan: MemoryPlan, settings: Settings) -> None:
+    """One startup line: memory, weights, KV per token, and the prompt cache budget in bytes and tokens."""
+    log.info("memory: %d bytes (%s), weights %d, KV %d bytes/token%s: prompt cache budget %d bytes = %d tokens; "
+             "running batch up to %d bytes = %d tokens", plan.memory_bytes, plan.source, plan.weights_bytes,
+             plan.token_bytes, f" (--kv-bits {settings.kv_bits})" if settings.kv_bits else "",
+             plan.prompt_cache_bytes, plan.tokens(plan.prompt_cache_bytes), plan.kv_bytes, plan.tokens(plan.kv_bytes))
 
 
 def load_page(folder: Path, settings: Settings) -> tuple[bytes, bytes]:
@@ -6090,6 +6748,8 @@ def main(argv: list[str] | None = None) -> int:
         print("lem_serve: --pipeline shards the model over the processes of an mlx.launch group; "
               "this one runs alone", file=sys.stderr)
         return 2
+    if settings.draft_model or settings.kv_bits:
+        log.info("--draft-model and --kv-bits generate one sequence at a time: --max-requests 1, others queue")
     if rank == 0 and not settings.is_loopback and not settings.api_key:
         log.warning("listening on %s without --api-key: anyone who can reach this port can use the model",
                     settings.host)
@@ -6162,7 +6822,7 @@ def follow(settings: Settings, model: Model, group: Any) -> int:
     A signal here does not stop this rank on its own (rank 0 would be left
     mid-step): it asks rank 0 to drain the whole group.
     """
-    engine = Engine(model, settings.max_requests, settings.prompt_cache_bytes, group=group,
+    engine = Engine(model, settings.max_requests, plan_memory(settings, model).prompt_cache_bytes, group=group,
                     stall_seconds=settings.timeout)
 
     def vote(signum: int) -> None:
