@@ -107,7 +107,7 @@ MAX_LOGPROBS_COMPLETIONS = 5      # completions logprobs ceiling, as OpenAI allo
 JSON_MAX_DIGITS = 15              # digits per part of a constrained number (float precision; keeps output finite)
 JSON_MAX_WHITESPACE = 24          # whitespace characters between two JSON tokens of constrained output (newlines, indents)
 JSON_MAX_NESTING = 16             # arrays/objects nested in free JSON (json_object, schemas without a type)
-SCHEMA_MAX_DEPTH = 32             # nesting a schema may have; more is a 400
+SCHEMA_MAX_DEPTH = 64             # nesting a schema may have; more is a 400
 SCHEMA_MAX_REFS = 8               # $ref hops on one path; a recursive schema is unrolled this deep, then ends
 SCHEMA_MAX_BRANCHES = 16          # alternatives one not/if/dependencies keyword may expand into; more is a 400
 REGEX_MAX_STATES = 5000           # NFA states of one pattern or format once repeats are expanded; more is a 400
@@ -1449,6 +1449,8 @@ class Array(Piece):
         parts = []
         while count < self.min_items:
             node = self._node(count)
+            if node is None:
+                return None
             text = node.min_text if not self.unique else min(
                 (t for alt in node.alternatives if (t := alt.first(seen)) is not None), key=len, default=None)
             if text is None:
@@ -1649,11 +1651,12 @@ class SchemaCompiler:
             return self.compile({"allOf": [target, constraints]} if constraints else target, refs - 1, depth)
         if "allOf" in constraints:
             merged = {k: v for k, v in constraints.items() if k != "allOf"}
-            for part in self.list_of(constraints, "allOf"):
-                if part is False:
-                    return None
+            hops = any(isinstance(part, dict) and "$ref" in part for part in self.list_of(constraints, "allOf"))
+            if refs - hops < 0:  # a $ref merged in is a hop like any other
+                return None
+            for part in constraints["allOf"]:
                 merged = self.merge(merged, part)
-            return self.compile(merged, refs, depth)
+            return self.compile(merged, refs - hops, depth)
         if "anyOf" in constraints:
             return self.any_of(constraints, "anyOf", refs, depth)
         if "oneOf" in constraints:
@@ -1786,21 +1789,36 @@ class SchemaCompiler:
         part, other = self.flat(part), self.flat(other)
         if part is False or other is False or self.disjoint(part, other):
             return part
-        mine, theirs = self.types(part, True), self.types(other, False)
-        if mine is not None and theirs is not None and mine - theirs and not ("integer" in theirs and "number" in mine - theirs):
-            return self.merge(part, {"type": sorted(mine - theirs)})
-        required = part.get("required", []) if isinstance(part.get("required"), list) else []
-        for name in other.get("required", []) if isinstance(other.get("required"), list) else []:
-            if name not in required:
-                return self.merge(part, {"properties": {name: False}})
+        for patch in self.narrowings(part, other):
+            with contextlib.suppress(APIError):
+                if self.disjoint(narrowed := self.merge(part, patch), other):
+                    return narrowed
         raise self.fail(f"oneOf branches {i} and {j} can both match one value, and this server cannot make the "
                         "output match exactly one (give them a distinguishing key, type or const)")
 
+    def narrowings(self, part: dict, other: dict) -> Iterator[dict]:
+        """Schemas to merge into `part` (a oneOf branch) so that it fails `other`, each checked by disjoint()."""
+        mine, theirs = self.types(part, True), self.types(other, False)
+        if mine is not None and theirs is not None and mine - theirs:
+            yield {"type": sorted(mine - theirs)}
+        if mine == {"string"} and (other.get("pattern") is not None or other.get("format") in FORMATS):
+            yield {"!pattern": [other["pattern"] if other.get("pattern") is not None
+                                else f"^(?:{FORMATS[other['format']]})$"]}
+        props, theirs = part.get("properties") or {}, other.get("properties") or {}
+        yield from ({"properties": {name: False}} for name in _names(other) if name not in _names(part))
+        if isinstance(props, dict) and isinstance(theirs, dict):
+            yield from ({"required": [name]} for name in set(props) & set(theirs))
+            for name in set(_names(other)) & set(theirs):  # last: it may leave the branch nothing to write
+                with contextlib.suppress(APIError, AttributeError, TypeError):
+                    yield {"properties": {name: {"not": theirs[name]}}} if self.negate(theirs[name]) else {}
+
     def flat(self, schema: Any, hops: int = 0) -> Any:
         """The schema with its top-level $ref and allOf merged in (for oneOf's analysis)."""
-        if isinstance(schema, dict) and ("$ref" in schema or "allOf" in schema) and hops <= SCHEMA_MAX_DEPTH:
-            merged = {k: v for k, v in schema.items() if k not in ("$ref", "allOf")}
-            for part in ([self.resolve(schema["$ref"])] if "$ref" in schema else []) + list(schema.get("allOf", [])):
+        single = [w for w in ("anyOf", "oneOf") if isinstance(schema, dict) and _as_list(schema.get(w))[1:] == [None]]
+        if isinstance(schema, dict) and ("$ref" in schema or "allOf" in schema or single) and hops <= SCHEMA_MAX_DEPTH:
+            merged = {k: v for k, v in schema.items() if k not in ("$ref", "allOf", *single)}
+            for part in ([self.resolve(schema["$ref"])] if "$ref" in schema else []) + list(schema.get("allOf", [])) \
+                    + [schema[w][0] for w in single]:
                 if part is False:
                     return False
                 merged = self.merge(merged, part)
@@ -1834,17 +1852,35 @@ class SchemaCompiler:
         allowed = other.get("enum", [other["const"]] if "const" in other else None)
         if isinstance(values, list) and isinstance(allowed, list) and not any(v == w for v in values for w in allowed):
             return True
+        if "not" in part and _canonical(part["not"]) == _canonical(other):
+            return True
+        if mine == {"string"} and self.strings_apart(part, other):
+            return True
         props, theirs = part.get("properties") or {}, other.get("properties") or {}
+        if not isinstance(props, dict) or not isinstance(theirs, dict):
+            return False
         closed = other.get("additionalProperties", True) is False and "patternProperties" not in other
-        for name in part.get("required", []) if isinstance(part.get("required"), list) else []:
-            if isinstance(theirs, dict) and (theirs.get(name) is False or closed and name not in theirs):
+        for name in _names(part):  # written: other must refuse it or its value
+            if self.flat(theirs.get(name)) is False or closed and name not in theirs or \
+                    name in theirs and name in props and self.disjoint(props[name], theirs[name], hops + 1):
                 return True
-            if isinstance(theirs, dict) and name in theirs and isinstance(props, dict) and name in props \
-                    and self.disjoint(props[name], theirs[name], hops + 1):
+        for name in _names(other):  # other needs it: never written, or written with a value other refuses
+            if self.flat(props.get(name)) is False or name not in props and self.closed(part) or \
+                    name in props and name in theirs and self.disjoint(props[name], theirs[name], hops + 1):
                 return True
-        for name in other.get("required", []) if isinstance(other.get("required"), list) else []:
-            if isinstance(props, dict) and (props.get(name) is False or name not in props and self.closed(part)):
-                return True
+        return False
+
+    @staticmethod
+    def strings_apart(part: dict, other: dict) -> bool:
+        """Whether no string this server writes for `part` matches other's pattern and format."""
+        parts = [(p, True, True) for p in part.get("!pattern", [])]
+        for schema in (part, other):
+            parts += [(schema["pattern"], True)] if isinstance(schema.get("pattern"), str) else []
+            parts += [(FORMATS[schema["format"]], False)] if schema.get("format") in FORMATS else []
+        try:
+            regex_for("", True, tuple(parts))
+        except ValueError:
+            return True
         return False
 
     @staticmethod
@@ -1868,9 +1904,9 @@ class SchemaCompiler:
         return union(alternatives)
 
     def merge(self, a: dict, b: Any, hops: int = 0) -> dict:
-        """allOf: one schema with the constraints of both (what cannot be merged is a 400)."""
-        if b is True or b == {}:
-            return a
+        """allOf: one schema with the constraints of both; False when none (what cannot be merged is a 400)."""
+        if b is True or b == {} or a is False or b is False:
+            return False if b is False else a
         if not isinstance(b, dict):
             raise self.fail("allOf parts must be schemas (objects)")
         if "$ref" in b:
@@ -1899,12 +1935,19 @@ class SchemaCompiler:
                          "maxProperties") and _is_number(mine) and _is_number(value):
                 out[key] = (max if key.startswith("min") else min)(mine, value)
             elif key == "type":
-                kinds = [k for k in _as_list(mine) if k in _as_list(value)]
+                mine, value = _as_list(mine), _as_list(value)
+                kinds = [k for k in mine if k in value]  # and integer, a kind of number
+                if "integer" not in kinds and ("integer" in mine and "number" in value or
+                                               "number" in mine and "integer" in value):
+                    kinds.append("integer")
                 if not kinds:
-                    raise self.fail("allOf parts have no type in common")
+                    return False
                 out[key] = kinds
             elif key == "enum" and isinstance(mine, list) and isinstance(value, list):
                 out[key] = [v for v in mine if _canonical(v) in {_canonical(w) for w in value}]
+            elif key in ("items", "additionalItems", "additionalProperties", "propertyNames") and \
+                    not isinstance(mine, list) and not isinstance(value, list):
+                out[key] = {"allOf": [mine, value]}
             elif key in ("$defs", "definitions"):
                 out[key] = {**mine, **value}
             elif _canonical(mine) != _canonical(value):
@@ -2116,6 +2159,12 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _names(schema: dict) -> list:
+    """A schema's required names (none when `required` is not a list)."""
+    required = schema.get("required") if isinstance(schema, dict) else None
+    return required if isinstance(required, list) else []
+
+
 def _as_list(value: Any) -> list:
     return value if isinstance(value, list) else [value]
 
@@ -2143,8 +2192,8 @@ def compile_schema(schema: Any, root: Any, param: str) -> Piece:
     except RecursionError:
         raise invalid(f"'{param}': the schema nests too deeply for this server", param) from None
     if node is None:
-        raise invalid(f"'{param}': no JSON value satisfies this schema (or its recursion needs more than "
-                      f"{SCHEMA_MAX_REFS} levels of $ref)", param)
+        raise invalid(f"'{param}': no JSON value satisfies this schema as this server enforces it (its oneOf "
+                      f"branches kept apart, its recursion cut at {SCHEMA_MAX_REFS} levels of $ref)", param)
     return node
 
 

@@ -1343,7 +1343,7 @@ NEW_KEYWORD_CASES = {
     "multipleOf 0.25": ({"type": "number", "multipleOf": 0.25}, ["1.25", "-0.5", "3"], ["1.2", "0.3"]),
     "format beside pattern": ({"type": "string", "format": "date", "pattern": "^2024"}, ['"2024-02-29"'],
                               ['"2023-01-01"', '"2024-02-30"']),
-    "anchors inside": ({"type": "string", "pattern": "^$|(^a\\d$)"}, ['""', '"a1"'], ['"a"', '"xa1"']),
+    "anchors inside": ({"type": "string", "pattern": "^$|(^a\\d$)"}, ['""', '"a1"'], ['"a"', '"xa1"', '"a1x"']),
     "leading lookaheads": ({"type": "string", "pattern": "^(?!org\\.)(?=.*\\d)[a-z.0-9]+$"}, ['"a1"', '"or.g1"'],
                            ['"org.1"', '"ab"']),
     "more formats": ({"type": "array", "prefixItems": [{"format": "uri-reference"}, {"format": "json-pointer"},
@@ -1368,8 +1368,8 @@ def test_new_keywords_are_enforced_and_every_walk_validates(case):
         assert_valid(text, schema)
 
 
-ONEOF_CAN_OVERLAP = {"oneOf": [{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]},
-                               {"type": "object", "properties": {"a": {"type": "number"}}, "required": ["a"]}]}
+ONEOF_CAN_OVERLAP = {"oneOf": [{"type": "object", "properties": {"a": {"type": "integer"}}},   # {} matches both
+                               {"type": "object", "properties": {"b": {"type": "integer"}}}]}
 ONEOF_UNENFORCEABLE_AND_OVERLAPPING = {"oneOf": [{"type": "integer"}, {"type": "integer", "not": {"minimum": 1}}]}
 ONEOF_UNENFORCEABLE_BUT_DISJOINT = {"oneOf": [{"type": "integer"}, {"type": "string", "not": {"minimum": 1}}]}
 
@@ -1391,7 +1391,10 @@ def test_oneof_branch_left_out_only_when_provably_apart(openai_client):
 
 def jsonschemabench():
     """bench/jsonschemabench.py as a module, or a skip when the development sample is absent."""
-    spec = importlib.util.spec_from_file_location("jsonschemabench", Path(__file__).parent / "bench" / "jsonschemabench.py")
+    path = Path(__file__).parent / "bench" / "jsonschemabench.py"
+    if not path.is_file():
+        pytest.skip("bench/ is absent")
+    spec = importlib.util.spec_from_file_location("jsonschemabench", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     if not bench.SAMPLE.is_file():
