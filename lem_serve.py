@@ -3410,6 +3410,9 @@ def plan_memory(settings: Settings, model: Model) -> MemoryPlan:
             memory, source = settings.memory_bytes, "--memory-bytes"
     weights, token = weights_bytes(model), max(kv_token_bytes(model), 1)
     kv = max(memory - weights, 0)
+    if kv < BATCH_RESERVE_TOKENS * token:
+        log.warning("the weights (%d bytes) leave %d of the %d bytes of %s for KV caches: under %d tokens of "
+                    "context; longer requests will be refused", weights, kv, memory, source, BATCH_RESERVE_TOKENS)
     cache = settings.prompt_cache_bytes
     if cache is None:
         cache = kv - min(kv // 2, settings.max_requests * BATCH_RESERVE_TOKENS * token)
@@ -4137,11 +4140,11 @@ class CacheFolder:
         files = sorted(self.folder.glob(f"{self.PREFIX}{self.identity[:16]}-*.safetensors"),
                        key=lambda p: p.stat().st_mtime, reverse=True)
         chosen, total = [], 0
-        for path in files:
-            total += path.stat().st_size
-            if total > cache.max_bytes:
+        for path in files:  # the newest always: store() cuts it to the budget if it must
+            if total >= cache.max_bytes:
                 break
             chosen.append(path)
+            total += path.stat().st_size
         restored = 0
         for path in reversed(chosen):  # oldest first: the newest ends up most recently used
             restored += self._restore_one(path, cache)
