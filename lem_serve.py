@@ -4456,6 +4456,11 @@ class GroupLink:
     in which nothing changed costs one all_sum of 16 bytes. The ranks trust
     each other: their link must be private (Thunderbolt, a private network),
     as mx.distributed's own traffic must be.
+
+    While the group is idle (the last share asked for no step), a rank
+    waiting in a collective would spin (MLX's backends poll), so rank 0 rings
+    a doorbell, a byte on each lifeline, before the next share, and a rank
+    with a lifeline blocks on it until then instead.
     """
 
     STEP, SHUTDOWN = 1, 2
@@ -4464,6 +4469,20 @@ class GroupLink:
         self.group = group
         self.rank, self.size = group.rank(), group.size()
         self.stop_voted = False   # not rank 0: a signal asked this rank to stop
+        self.bells: dict[int, socket.socket] = {}   # lifelines (Lifelines.sockets), which carry the doorbells
+        self.rung = threading.Semaphore(0)          # not rank 0: doorbells received and not yet answered
+        self.idle = False                           # the last share asked for no step
+
+    def ring(self) -> None:
+        """Rank 0: tell every rank with a lifeline that a share is coming."""
+        for sock in list(self.bells.values()):
+            with contextlib.suppress(OSError):  # a lost rank: its lifeline's watcher says so
+                sock.sendall(b"\x01")
+
+    def heard(self, count: int) -> None:
+        """Another rank: `count` doorbells came in on the lifeline."""
+        for _ in range(count):
+            self.rung.release()
 
     def share(self, ops: list, flags: int, check: int, stream: Any) -> tuple[list, int, int, int]:
         """(ops, flags, token check) as rank 0 sent them, with how many other ranks vote to stop."""
@@ -4473,9 +4492,14 @@ class GroupLink:
         if len(payload) >= 2**31:
             raise GroupFailure(f"one step's changes take {len(payload)} bytes, over the 2 GiB a step can send")
         header = [len(payload), flags, 0, check] if leader else [0, 0, int(self.stop_voted), 0]
+        if self.idle and leader:  # the others may be blocked on their lifelines: wake them
+            self.ring()
+        elif self.idle and self.bells:
+            self.rung.acquire()
         with mx.stream(stream):
             size, flags, votes, check = mx.distributed.all_sum(
                 mx.array(header, dtype=mx.int32), group=self.group).tolist()
+            self.idle = not flags & (self.STEP | self.SHUTDOWN)
             if not size:
                 return [], flags, votes, check
             data = mx.array(payload) if leader else mx.zeros((size,), dtype=mx.uint8)
@@ -4528,17 +4552,21 @@ class Lifelines:
             self._connect(host, port)
 
     def wait_for_loss(self) -> str | None:
-        """Block until a lifeline breaks and say whose process ended; None at once when there are none."""
+        """Block until a lifeline breaks and say whose process ended; None at once when there are none.
+
+        Bytes that come in meanwhile are rank 0's doorbells (GroupLink.ring).
+        """
         ranks = {sock: rank for rank, sock in self.sockets.items()}
         while ranks:
             readable, _, _ = select.select(list(ranks), [], [])
             for sock in readable:
                 try:
-                    data = sock.recv(64)
+                    data = sock.recv(4096)
                 except OSError:
                     data = b""
                 if not data:
                     return f"rank {ranks[sock]}'s process has ended (its lifeline closed)"
+                self.link.heard(len(data))
         return None
 
     def _listen(self, host: str) -> socket.socket | None:
@@ -4875,6 +4903,7 @@ class Engine:
         wakes main(), which exits non-zero.
         """
         lifelines = Lifelines(self.link)
+        self.link.bells = lifelines.sockets
         self.progress_at = time.monotonic()
         threading.Thread(target=self._watch_progress, name="lem-watchdog", daemon=True).start()
         threading.Thread(target=self._watch_lifelines, args=(lifelines,), name="lem-lifelines", daemon=True).start()

@@ -2158,6 +2158,25 @@ def test_unwritable_prompt_cache_dir_is_an_error_at_start(tmp_path, capsys):
     assert exit_.value.code == 2 and error.count("\n") == 1 and "--prompt-cache-dir" in error and "written" in error
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_idle_ranks_block_instead_of_polling(long_model_dir):
+    with ServedGroup(long_model_dir) as group:
+        group.wait_ready()
+        assert post(group, "completions", max_tokens=4)["usage"]["completion_tokens"] == 4  # then idle
+        rank1 = group.rank_pid(1)
+        time.sleep(2)  # the end of that request's work (freeing its batch) is not idling
+        before, started = cpu_seconds(rank1), time.monotonic()
+        time.sleep(6)
+        used = (cpu_seconds(rank1) - before) / (time.monotonic() - started)
+        assert used <= 0.05, f"an idle rank 1 used {used:.2f} of a core"  # spinning in a collective: ~0.3-1
+        assert post(group, "completions", max_tokens=4)["usage"]["completion_tokens"] == 4  # and wakes up
+
+
 BILLING = "x-anthropic-billing-header: cc_version=2.1.112.{}; cc_entrypoint=cli; cch={};"
 
 
