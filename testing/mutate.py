@@ -383,6 +383,30 @@ MUTATIONS = [
              (("    messages = neutralize_billing_header([dict(m) for m in kept])\n",
                "    messages = [dict(m) for m in kept]\n"),),
              ("test_claude_code_billing_nonce_does_not_break_the_shared_prefix",)),
+    Mutation("forced-call-ends-at-marker-in-string", "a call's end marker is found by scanning the text, "
+                                                     "inside the arguments' strings too",
+             (("        if not self.json_body:\n            return self.held.find(self.end)\n",
+               "        if True:\n            return self.held.find(self.end)\n"),),
+             ("test_forced_call_string_holding_the_end_marker_stays_one_call",)),
+    Mutation("forced-call-inside-reasoning", "a forced call starts at the first token, inside the thinking block "
+                                             "the template opened",
+             (("        if rule.forced and not self.thinking:\n", "        if rule.forced:\n"),),
+             ("test_forced_call_succeeds_for_every_seed",)),
+    Mutation("lazy-grammar-never-activates", "a strict tool's call is never constrained: its start marker is not seen",
+             (("        elif not self.thinking and not self.rule.forced and self.recent.endswith(self.syntax.start):\n",
+               "        elif False:\n"),),
+             ("test_strict_tool_arguments_follow_the_schema_once_the_call_opens",)),
+    Mutation("lazy-grammar-inside-reasoning", "a strict tool's call marker inside the reasoning starts the constraint",
+             (("        elif self.think and not self.thinking and self.recent.endswith(self.think[0]):\n"
+               "            self.thinking = True\n",
+               "        elif False:\n            pass\n"),
+              ("        elif not self.thinking and not self.rule.forced and self.recent.endswith(self.syntax.start):\n",
+               "        elif not self.rule.forced and self.recent.endswith(self.syntax.start):\n")),
+             ("test_strict_tool_marker_inside_reasoning_stays_reasoning",)),
+    Mutation("forced-call-arguments-cut", "the call's tail is forced before its arguments' constraint says they are whole",
+             (("        if not self.complete:\n            return masked\n",
+               "        if not self.complete and self.left > 30:\n            return masked\n"),),
+             ("test_forced_call_succeeds_for_every_seed",)),
 ]
 
 
