@@ -6,8 +6,9 @@ Serves one MLX / Hugging Face model over HTTP:
     POST /v1/completions        plain text completion, streaming or not
     POST /v1/messages           Anthropic's Messages API (Claude Code), streaming or not
     POST /v1/messages/count_tokens   the prompt's token count, as a create would report it
-    POST /v1/responses          OpenAI's Responses API (Codex), stateless, streaming or not
-    GET  /v1/models             the one model, in OpenAI's list shape
+    POST /v1/responses          OpenAI's Responses API (Codex), streaming or not
+    GET  /v1/responses/ID       a response kept with store: true (bounded, in memory)
+    GET  /v1/models[/ID]        the one model, in OpenAI's shape or (anthropic-version) Anthropic's
     GET  /healthz               liveness and load, 503 once the engine has died
     GET  /metrics               Prometheus text: requests, tokens, latency, memory
     GET  /  and  /chat.js       a small chat page for the browser

@@ -2900,18 +2900,20 @@ def test_tool_reference_loads_a_deferred_tool(server, model, anthropic_client):
                                                                     "messages": unknown}), 400, "invalid_request_error")
 
 
-def test_message_start_reports_the_cache_read_the_final_usage_does(make_server):
-    srv = make_server(max_requests=2)
+def test_message_start_reports_the_cache_read_the_final_usage_does(make_long_server):
+    srv = make_long_server(max_requests=2)
     long_chat = [{"role": "user", "content": " ".join(f"w{i}" for i in range(300))}]
     post(srv, "messages", messages=long_chat, max_tokens=1)
-    busy = open_stream(srv, "chat", messages=[{"role": "user", "content": "x " * 1500}], max_tokens=2000)
+    # Another request keeps the engine stepping, so a job waits a step before the engine takes it.
+    busy = open_stream(srv, "chat", messages=[{"role": "user", "content": "x " * 1500}], **endless(srv.model))
     try:
-        for _ in range(4):  # while another request's prefill keeps the engine busy
+        read_first_text_event(busy[1])
+        for _ in range(8):
             events = anthropic_stream_events(srv, messages=long_chat, max_tokens=2)
             start, delta = events[0]["message"]["usage"], events[-2]["usage"]
             assert delta["cache_read_input_tokens"] > 0
-            assert start["cache_read_input_tokens"] == delta["cache_read_input_tokens"]
-            assert start["input_tokens"] == delta["input_tokens"]
+            assert (start["cache_read_input_tokens"], start["input_tokens"]) == \
+                (delta["cache_read_input_tokens"], delta["input_tokens"])
     finally:
         hang_up(*busy)
 
