@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import gc
 import http.client
+import importlib.util
 import json
 import logging
 import os
@@ -1198,20 +1199,22 @@ def test_counted_strings_reuse_cached_masks(model, schema):
 
 
 @pytest.mark.parametrize("schema,words", [
-    ({"type": "object", "not": {}}, "'not'"),
-    ({"type": "object", "patternProperties": {"^a": {}}}, "'patternProperties'"),
-    ({"type": "string", "pattern": "^(?=a)"}, "lookaround"),
+    ({"type": "object", "not": {}}, "no JSON value"),
+    ({"type": "array", "contains": {"type": "integer"}}, "'contains'"),
+    ({"type": "object", "unevaluatedProperties": False}, "'unevaluatedProperties'"),
+    ({"type": "string", "pattern": "(?<=a)b"}, "lookbehind"),
+    ({"type": "string", "pattern": "^((?!ab).)*$"}, "lookahead"),
     ({"type": "string", "pattern": "\\bword"}, "\\b"),
     ({"type": "string", "pattern": "(a)\\1"}, "\\1"),
-    ({"type": "string", "pattern": "a^b"}, "'^'"),
-    ({"type": "string", "format": "uri-reference"}, "'uri-reference'"),
-    ({"type": "number", "multipleOf": 0.5}, "multipleOf"),
+    ({"type": "string", "pattern": "a^b"}, "matches nothing"),
+    ({"not": {"minimum": 3}}, "'not' is enforced only"),
+    ({"oneOf": [{"type": "integer"}, {"type": "number"}]}, "oneOf branches"),
     ({"type": "array", "items": {"type": "object"}, "uniqueItems": True}, "uniqueItems"),
     ({"type": "integer", "minimum": 5, "maximum": 4}, "minimum"),
     ({"type": "string", "minLength": 3, "maxLength": 2}, "maxLength"),
-    ({"enum": [1, 2], "type": "string"}, "enum"),
+    ({"enum": [1, 2], "type": "string"}, "no JSON value"),
     ({"$ref": "http://x/y"}, "$ref"),
-    ({"type": "object", "properties": {"a": {}}, "required": ["b"], "additionalProperties": False}, "'b'"),
+    ({"type": "object", "properties": {"a": {}}, "required": ["b"], "additionalProperties": False}, "no JSON value"),
     ({"type": "decimal"}, "decimal"),
 ])
 def test_unenforceable_schemas_are_400_naming_the_keyword(server, schema, words):
@@ -1303,6 +1306,111 @@ def test_tool_call_scanner_holds_markers_and_keeps_bad_calls_as_text():
 ])
 def test_bad_tools_are_400(server, fields, param):
     assert_openai_error(request(server, "POST", "/v1/chat/completions", body_for("chat", **fields)), 400, param)
+
+
+# ---------------------------------------------------------------------------
+# Structured output on real-world schemas (issue 24): JSONSchemaBench, new keywords, oneOf
+# ---------------------------------------------------------------------------
+
+# (schema, texts it must take, texts it must refuse): the keywords issue 24 added.
+NEW_KEYWORD_CASES = {
+    "unknown keywords ignored": ({"type": "integer", "id": "x", "self": {"vendor": "v"}, "x-kubernetes-kind": 1,
+                                  "anyof": [{"type": "string"}], "readonly": True}, ["1"], ['"1"']),
+    "patternProperties": ({"type": "object", "patternProperties": {"^x-": {"type": "integer"}},
+                           "additionalProperties": False}, ['{"x-a":1}', "{}"], ['{"y":1}', '{"x-a":"s"}', '{"x-a":1,"x-a":2}']),
+    "patternProperties beside properties": ({"type": "object", "properties": {"a": {"type": "string"}},
+                                             "patternProperties": {"^a": {"maxLength": 1}}},
+                                            ['{"a":"z","ab":"q"}', '{"ab":"q"}'], ['{"a":"zz"}', '{"b":1}']),
+    "propertyNames": ({"type": "object", "additionalProperties": {"type": "integer"},
+                       "propertyNames": {"pattern": "^[a-z]+$", "maxLength": 3}}, ['{"ab":1}'], ['{"A":1}', '{"abcd":1}']),
+    "dependencies": ({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                      "dependencies": {"a": ["b"]}}, ['{"a":1,"b":2}', '{"b":2}', "{}"], ['{"a":1}']),
+    "dependentSchemas": ({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                          "dependentSchemas": {"a": {"properties": {"b": {"minimum": 5}}, "required": ["b"]}}},
+                         ['{"a":1,"b":5}', '{"b":1}'], ['{"a":1,"b":4}', '{"a":1}']),
+    "required outside properties": ({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["z"]},
+                                    ['{"z":[1]}', '{"a":1,"z":null}'], ["{}", '{"a":1}']),
+    "not type/enum/required": ({"type": "object", "properties": {"t": {"type": "string", "not": {"enum": ["x"]}},
+                                                                   "u": {"not": {"type": ["string", "object", "array"]}}},
+                                "not": {"required": ["t", "u"]}}, ['{"t":"y"}', '{"u":1}'], ['{"t":"x"}', '{"t":"y","u":1}', '{"u":"s"}']),
+    "not pattern": ({"type": "string", "not": {"pattern": "[0-9]"}}, ['"ab"'], ['"a1"']),
+    "if/then/else": ({"type": "object", "properties": {"kind": {"enum": ["a", "b"]}, "n": {"type": "integer"}},
+                      "required": ["kind", "n"], "if": {"properties": {"kind": {"const": "a"}}},
+                      "then": {"properties": {"n": {"maximum": 0}}}, "else": {"properties": {"n": {"minimum": 10}}}},
+                     ['{"kind":"a","n":0}', '{"kind":"b","n":10}'], ['{"kind":"a","n":1}', '{"kind":"b","n":9}']),
+    "multipleOf 0.01": ({"type": "number", "multipleOf": 0.01, "minimum": 0}, ["12", "0"], ["0.5", "-1"]),
+    "multipleOf 0.25": ({"type": "number", "multipleOf": 0.25}, ["1.25", "-0.5", "3"], ["1.2", "0.3"]),
+    "format beside pattern": ({"type": "string", "format": "date", "pattern": "^2024"}, ['"2024-02-29"'],
+                              ['"2023-01-01"', '"2024-02-30"']),
+    "anchors inside": ({"type": "string", "pattern": "^$|(^a\\d$)"}, ['""', '"a1"'], ['"a"', '"xa1"', '"a1x"']),
+    "leading lookaheads": ({"type": "string", "pattern": "^(?!org\\.)(?=.*\\d)[a-z.0-9]+$"}, ['"a1"', '"or.g1"'],
+                           ['"org.1"', '"ab"']),
+    "more formats": ({"type": "array", "prefixItems": [{"format": "uri-reference"}, {"format": "json-pointer"},
+                                                       {"format": "regex"}, {"format": "idn-email"}], "minItems": 4,
+                      "items": False}, ['["../a?b#c","/a~1b","^ab$","a@b.cd"]'], ['["//x","a","(","a"]']),
+    "oneOf exactly one": ({"type": "object", "properties": {"value": {"type": "integer"}, "values": {"type": "array"}},
+                           "oneOf": [{"required": ["value"]}, {"required": ["values"]}]},
+                          ['{"value":1}', '{"values":[]}'], ['{"value":1,"values":[]}', "{}"]),
+    "oneOf by type": ({"oneOf": [{"type": "string"}, {"type": ["integer", "null"]}]}, ['"a"', "1", "null"], ["1.5", "true"]),
+}
+
+
+@pytest.mark.parametrize("case", list(NEW_KEYWORD_CASES))
+def test_new_keywords_are_enforced_and_every_walk_validates(case):
+    schema, good, bad = NEW_KEYWORD_CASES[case]
+    for text in good:
+        assert accepts(schema, text), text
+        assert not validation_errors(json.loads(text), schema), text   # the cases themselves are right
+    for text in bad:
+        assert not accepts(schema, text), text
+    for text in random_outputs(schema, random.Random(case), 12):
+        assert_valid(text, schema)
+
+
+ONEOF_CAN_OVERLAP = {"oneOf": [{"type": "object", "properties": {"a": {"type": "integer"}}},   # {} matches both
+                               {"type": "object", "properties": {"b": {"type": "integer"}}}]}
+ONEOF_UNENFORCEABLE_AND_OVERLAPPING = {"oneOf": [{"type": "integer"}, {"type": "integer", "not": {"minimum": 1}}]}
+ONEOF_UNENFORCEABLE_BUT_DISJOINT = {"oneOf": [{"type": "integer"}, {"type": "string", "not": {"minimum": 1}}]}
+
+
+@pytest.mark.parametrize("schema", [ONEOF_CAN_OVERLAP, ONEOF_UNENFORCEABLE_AND_OVERLAPPING])
+def test_oneof_that_cannot_be_exactly_one_is_400(server, schema):
+    """Branches that can match one value, even through one the server cannot enforce: a 400, never a drop."""
+    reply = request(server, "POST", "/v1/chat/completions", body_for("chat", response_format=schema_format(schema)))
+    assert "oneOf branches" in assert_openai_error(reply, 400, "response_format")["message"]
+
+
+def test_oneof_branch_left_out_only_when_provably_apart(openai_client):
+    """A branch the server cannot enforce is left out only when no other branch's output can match it."""
+    for seed in range(3):
+        text, finish = structured_output(openai_client, ONEOF_UNENFORCEABLE_BUT_DISJOINT, "response_format", 1.0, seed, 40)
+        assert finish == "stop" and isinstance(json.loads(text), int), text
+        assert_valid(text, ONEOF_UNENFORCEABLE_BUT_DISJOINT)
+
+
+def jsonschemabench():
+    """bench/jsonschemabench.py as a module, or a skip when the development sample is absent."""
+    path = Path(__file__).parent / "bench" / "jsonschemabench.py"
+    if not path.is_file():
+        pytest.skip("bench/ is absent")
+    spec = importlib.util.spec_from_file_location("jsonschemabench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    if not bench.SAMPLE.is_file():
+        pytest.skip(f"no JSONSchemaBench sample at {bench.SAMPLE}")
+    return bench
+
+
+def test_jsonschemabench_slice_is_refused_by_name_or_valid(server):
+    """Two schemas of each subset through the server: a 400 naming what is unsupported, or outputs that validate."""
+    bench = jsonschemabench()
+    port = server.server_address[1]
+    for row in bench.load_sample(per_subset=2):
+        verdict = bench.judge(port, row, seeds=2, max_tokens=300)
+        assert "server_error" not in verdict and verdict["invalid"] == 0, verdict
+        if "refused" in verdict:
+            assert "not supported" in verdict["refused"] or "enforced" in verdict["refused"] or \
+                "oneOf" in verdict["refused"] or "nests" in verdict["refused"], verdict
 
 
 # ---------------------------------------------------------------------------
@@ -1476,7 +1584,7 @@ def test_empty_completions_prompt_starts_from_the_start_token(server, model):
 
 @pytest.mark.parametrize("endpoint", ENDPOINTS + DIALECTS)
 def test_bad_prompts_are_400_even_while_every_slot_is_busy(make_long_server, endpoint):
-    srv = make_long_server(max_requests=1)
+    srv = make_long_server(max_requests=1, queue_timeout=0)
     conn, response = open_stream(srv, **endless(srv.model))
     read_first_text_event(response)
     context = srv.model.context_length
@@ -1591,7 +1699,7 @@ def test_n_through_the_openai_sdk(openai_client):
 
 
 def test_each_choice_takes_a_slot(make_long_server):
-    srv = make_long_server(max_requests=3)
+    srv = make_long_server(max_requests=3, queue_timeout=0)
     assert_openai_error(request(srv, "POST", "/v1/completions", body_for("completions", n=4)), 400, "n")
     conn, neighbour = open_stream(srv, "completions", **endless(srv.model))
     read_first_text_event(neighbour)
@@ -1764,6 +1872,332 @@ def test_prompt_cache_bytes_flag_parses_units():
 
 
 # ---------------------------------------------------------------------------
+# Real sessions: the prompt cache's budget, the admission queue, memory (issue 21)
+# ---------------------------------------------------------------------------
+
+def token_prompt(length: int, start: int = 0) -> list[int]:
+    """`length` ordinary token ids of the tiny model, a different sequence for each `start`."""
+    return [20 + (start + 7 * i) % 450 for i in range(length)]
+
+
+def cache_figures(srv) -> dict:
+    """The prompt cache's gauges and counters from /metrics, by short name."""
+    samples = scrape(srv)
+    names = ("bytes", "tokens", "entries", "evictions_total", "trims_total", "budget_bytes")
+    return {name: metric(samples, f"lem_prompt_cache_{name}") for name in names}
+
+
+def cached_of(reply: dict) -> int:
+    return reply["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+
+def test_over_budget_prompt_keeps_its_longest_prefix(make_server, model):
+    per_token = lem_serve.kv_token_bytes(model)
+    srv = make_server(prompt_cache_bytes=100 * per_token)  # room for 100 tokens of a 300-token prompt
+    prompt = token_prompt(300)
+    post(srv, "completions", prompt=prompt, max_tokens=4, temperature=0)
+    figures = cache_figures(srv)
+    assert figures["trims_total"] == 1 and figures["entries"] == 1 and figures["tokens"] == 100
+    assert figures["bytes"] == 100 * per_token  # the keys and values were cut, not only their offset moved
+    follow_up = prompt + token_prompt(20, start=5)
+    warm = post(srv, "completions", prompt=follow_up, max_tokens=8, temperature=0)
+    assert cached_of(warm) == 100
+    cold = post(make_server(prompt_cache_bytes=0), "completions", prompt=follow_up, max_tokens=8, temperature=0)
+    assert warm["choices"][0]["text"] == cold["choices"][0]["text"]
+
+
+def test_eviction_is_least_recently_used_first(make_server, model):
+    per_token = lem_serve.kv_token_bytes(model)
+    srv = make_server(prompt_cache_bytes=190 * per_token)  # three entries of 60 tokens fit, four do not
+    first, second, third = (token_prompt(50, start=s) for s in (1, 2, 3))
+    branch = first[:40] + token_prompt(10, start=4)  # reads `first`'s first 40 tokens: `second` is now the oldest
+    for prompt in (first, second, branch, third):
+        post(srv, "completions", prompt=prompt, max_tokens=10, temperature=0)
+    figures = cache_figures(srv)
+    assert figures["evictions_total"] == 1 and figures["entries"] == 3 and figures["trims_total"] == 0
+    assert figures["bytes"] == 180 * per_token and figures["tokens"] == 180
+    assert cached_of(post(srv, "completions", prompt=first + [30], max_tokens=1)) == 50  # where they part
+    assert cached_of(post(srv, "completions", prompt=second + [30], max_tokens=1)) == 0
+
+
+def test_kv_bytes_per_token_is_what_the_cache_holds(make_server, model, tmp_path):
+    srv = make_server()
+    post(srv, "completions", prompt=token_prompt(40), max_tokens=5)
+    figures = cache_figures(srv)
+    assert figures["bytes"] == figures["tokens"] * srv.memory.token_bytes == 45 * lem_serve.kv_token_bytes(model)
+    folder = build_tiny_model(tmp_path / "wide-heads", hidden_size=128, num_heads=2, num_kv_heads=1)  # head size 64
+    settings = lem_serve.parse_settings(["--model-path", str(folder), "--kv-bits", "8", "--quantized-kv-start", "0"])
+    quantized = lem_serve.load_model(settings)
+    with running_server(quantized, folder, kv_bits=8, max_requests=1) as srv:
+        post(srv, "completions", prompt=token_prompt(300), max_tokens=5)
+        figures = cache_figures(srv)
+        assert figures["bytes"] == figures["tokens"] * srv.memory.token_bytes  # 8-bit keys and values, and scales
+        assert srv.memory.token_bytes < lem_serve.kv_token_bytes(lem_serve.load_model(
+            lem_serve.Settings(model_path=str(folder)))) / 3
+
+
+@pytest.mark.parametrize("kv_mib, budget_mib", [(64, 48), (16, 8)])  # KV less 4 slots x 8192 tokens x 512 B; >= 1/2
+def test_default_budget_is_sized_from_memory_and_logged(make_server, model, caplog, kv_mib, budget_mib):
+    memory = lem_serve.weights_bytes(model) + (kv_mib << 20)
+    with caplog.at_level(logging.INFO, logger="lem_serve"):
+        srv = make_server(memory_bytes=memory, max_requests=4)
+    budget = budget_mib << 20
+    assert cache_figures(srv)["budget_bytes"] == budget
+    line = next(r.getMessage() for r in caplog.records if "prompt cache budget" in r.getMessage())
+    assert f"prompt cache budget {budget} bytes = {budget // 512} tokens" in line
+    assert f"{memory} bytes (--memory-bytes)" in line and "KV 512 bytes/token" in line
+
+
+def test_sizes_larger_than_memory_warn_with_the_figure_used(make_server, model, caplog):
+    machine, source = lem_serve.machine_memory()
+    with caplog.at_level(logging.WARNING, logger="lem_serve"):
+        srv = make_server(memory_bytes=machine * 4, prompt_cache_bytes=machine * 8)
+    kv = machine - lem_serve.weights_bytes(model)
+    assert srv.memory.memory_bytes == machine and cache_figures(srv)["budget_bytes"] == kv
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("--memory-bytes" in w and f"using {machine}" in w for w in warnings), warnings
+    assert any("--prompt-cache-bytes" in w and f"using {kv}" in w for w in warnings), warnings
+
+
+@pytest.mark.parametrize("flag, value", [("--prompt-cache-bytes", "-5"), ("--prompt-cache-bytes", "lots"),
+                                         ("--memory-bytes", "12Q"), ("--queue-timeout", "-1"),
+                                         ("--prompt-cache-disk-bytes", "1.5G")])
+def test_bad_size_flags_are_one_line_errors(capsys, flag, value):
+    with pytest.raises(SystemExit) as exit_:
+        lem_serve.parse_settings(["--model-path", "x", flag, value])
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and flag in error, error
+
+
+def test_max_requests_defaults_above_one_and_solo_options_take_one():
+    assert lem_serve.parse_settings(["--model-path", "x"]).max_requests == lem_serve.DEFAULT_MAX_REQUESTS > 1
+    assert lem_serve.parse_settings(["--model-path", "x", "--kv-bits", "8"]).max_requests == 1
+    assert lem_serve.parse_settings(["--model-path", "x", "--draft-model", "y", "--max-requests", "1"]).max_requests == 1
+    assert lem_serve.parse_settings(["--model-path", "x"]).queue_timeout >= 30
+    assert lem_serve.parse_settings(["--model-path", "x"]).prompt_cache_bytes is None  # auto
+
+
+def waiting(srv) -> int:
+    return int(metric(scrape(srv), "lem_waiting_requests"))
+
+
+def queued_stream(srv, body: dict) -> socket.socket:
+    """Send a streaming completion on a raw socket (it may wait in the queue); return the socket."""
+    sock = raw_socket(srv)
+    sock.sendall(post_bytes("/v1/completions", json.dumps({**body, "stream": True}).encode()))
+    return sock
+
+
+def answered(sock: socket.socket) -> bool:
+    return bool(select.select([sock], [], [], 0)[0])
+
+
+def test_a_request_finding_no_slot_waits_then_runs(make_long_server):
+    srv = make_long_server(max_requests=1)
+    conn, holder = open_stream(srv, "completions", **endless(srv.model))
+    read_first_text_event(holder)
+    result = {}
+    waiter = threading.Thread(target=lambda: result.update(reply=request(srv, "POST", "/v1/completions",
+                                                                         body_for("completions", max_tokens=3))))
+    waiter.start()
+    assert wait_until(lambda: waiting(srv) == 1)
+    assert health(srv)["waiting_requests"] == 1 and health(srv)["active_requests"] == 1
+    hang_up(conn, holder)
+    waiter.join(timeout=60)
+    assert result["reply"].status == 200 and result["reply"].json()["usage"]["completion_tokens"] == 3
+    assert waiting(srv) == 0 and metric(scrape(srv), "lem_gate_rejections_total") == 0
+    assert gate_has_all_permits(srv)
+
+
+def test_queue_timeout_gives_429_with_an_estimated_retry_after(make_long_server):
+    srv = make_long_server(max_requests=1, queue_timeout=1)
+    for _ in range(3):  # slots freed at a known pace: the estimate has something to go on
+        post(srv, "completions", max_tokens=1)
+    conn, holder = open_stream(srv, "completions", **endless(srv.model))
+    read_first_text_event(holder)
+    started = time.monotonic()
+    reply = request(srv, "POST", "/v1/completions", body_for("completions", max_tokens=1))
+    assert time.monotonic() - started >= 1
+    assert "within 1 s (--queue-timeout)" in assert_openai_error(reply, 429, code="server_busy")["message"]
+    assert 1 <= int(reply.headers["Retry-After"]) <= lem_serve.RETRY_AFTER_MAX_SECONDS
+    hang_up(conn, holder)
+    assert wait_until(lambda: server_state(srv) == {"active": 0, "in_flight": 0, "connections": 0})
+    assert gate_has_all_permits(srv) and srv.ledger.reserved == 0
+
+
+def test_queue_is_first_come_first_served_and_forgets_who_left(make_long_server):
+    srv = make_long_server(max_requests=1)
+    conn, holder = open_stream(srv, "completions", **endless(srv.model))
+    read_first_text_event(holder)
+    line = []
+    for i in range(3):
+        line.append(queued_stream(srv, {"prompt": PROMPTS[i], **endless(srv.model)}))
+        assert wait_until(lambda: waiting(srv) == i + 1)
+    line[1].close()  # the second in line leaves: its place goes at once
+    assert wait_until(lambda: waiting(srv) == 1 + 1)
+    hang_up(conn, holder)
+    assert wait_until(lambda: answered(line[0]))
+    assert waiting(srv) == 1 and not answered(line[2])  # the first holds the one slot; the third still waits
+    line[0].close()
+    assert wait_until(lambda: answered(line[2]))
+    line[2].close()
+    assert wait_until(lambda: server_state(srv) == {"active": 0, "in_flight": 0, "connections": 0})
+    samples = scrape(srv)
+    assert metric(samples, "lem_requests_total", endpoint="/v1/completions", code="499") >= 1
+    assert gate_has_all_permits(srv) and srv.ledger.reserved == 0
+
+
+def test_admission_waits_for_kv_room_and_refuses_what_never_fits(make_long_server, long_model):
+    per_token = lem_serve.kv_token_bytes(long_model)
+    kv_memory = (LONG_BUDGET + 200) * per_token  # one endless reply and a little more
+    srv = make_long_server(max_requests=4, memory_bytes=lem_serve.weights_bytes(long_model) + kv_memory)
+    never = request(srv, "POST", "/v1/completions", body_for("completions", max_tokens=LONG_BUDGET + 300), timeout=30)
+    assert "KV memory" in assert_openai_error(never, 400, "max_tokens", "context_length_exceeded")["message"]
+    post(srv, "completions", prompt=token_prompt(300), max_tokens=5)  # the prompt cache keeps 305 tokens
+    assert cache_figures(srv)["tokens"] == 305
+    conn, holder = open_stream(srv, "completions", **endless(long_model))
+    read_first_text_event(holder)  # its reservation leaves the cache less than 200 tokens: the entry went
+    figures = cache_figures(srv)
+    assert figures["evictions_total"] == 1 and figures["bytes"] + srv.ledger.reserved <= kv_memory
+    result = {}
+    waiter = threading.Thread(target=lambda: result.update(reply=post(srv, "completions", max_tokens=200)))
+    waiter.start()  # a free slot, but not the memory for 200 more tokens beside the endless reply
+    assert wait_until(lambda: waiting(srv) == 1)
+    assert health(srv)["active_requests"] == 1
+    assert metric(scrape(srv), "lem_kv_reserved_bytes") <= kv_memory
+    hang_up(conn, holder)
+    waiter.join(timeout=60)
+    assert result["reply"]["usage"]["completion_tokens"] == 200
+    assert wait_until(lambda: srv.ledger.reserved == 0)
+    assert cache_figures(srv)["bytes"] <= kv_memory
+
+
+def test_a_prefix_is_reused_even_when_its_request_needs_the_cache_memory(make_server, model):
+    per_token = lem_serve.kv_token_bytes(model)
+    srv = make_server(memory_bytes=lem_serve.weights_bytes(model) + 800 * per_token)  # budget: 400 tokens
+    prompt = token_prompt(300)
+    post(srv, "completions", prompt=prompt, max_tokens=5)
+    # 320 prompt tokens + 400 reserve 720 of the 800 tokens of KV memory: the cached entry has to go, after use.
+    reply = post(srv, "completions", prompt=prompt + token_prompt(20, start=9), max_tokens=400, temperature=0)
+    assert cached_of(reply) == 300
+    figures = cache_figures(srv)
+    assert figures["evictions_total"] == 1 and figures["bytes"] <= 400 * per_token
+
+
+def saved_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob(lem_serve.CacheFolder.PREFIX + "*.safetensors"))
+
+
+def test_prompt_cache_dir_outlives_a_restart(model, model_dir, make_server, tmp_path, monkeypatch):
+    monkeypatch.setattr(lem_serve, "PROMPT_CACHE_SAVE_TOKENS", 200)  # an agent's ~10k-token prefix, scaled down
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    prompt = token_prompt(400)
+    with running_server(model, model_dir, prompt_cache_dir=str(folder)) as srv:
+        post(srv, "completions", prompt=prompt, max_tokens=5, temperature=0)
+        assert wait_until(lambda: len(saved_files(folder)) == 1)  # a long new prefix: written while serving
+        post(srv, "completions", prompt=token_prompt(50, start=3), max_tokens=5)
+        assert len(saved_files(folder)) == 1
+    assert len(saved_files(folder)) == 2  # the short one at shutdown
+    follow_up = prompt + token_prompt(30, start=7)
+    with running_server(model, model_dir, prompt_cache_dir=str(folder)) as srv:
+        assert cache_figures(srv)["entries"] == 2
+        warm = post(srv, "completions", prompt=follow_up, max_tokens=8, temperature=0)
+    assert cached_of(warm) == 400 >= 0.9 * len(prompt)
+    cold = post(make_server(prompt_cache_bytes=0), "completions", prompt=follow_up, max_tokens=8, temperature=0)
+    assert warm["choices"][0]["text"] == cold["choices"][0]["text"]
+
+
+def test_prompt_cache_dir_keeps_to_its_disk_budget(model, model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(lem_serve, "PROMPT_CACHE_SAVE_TOKENS", 100)
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    one_file = 305 * lem_serve.kv_token_bytes(model)  # a 300-token prompt and 5 tokens, plus a small header
+    with running_server(model, model_dir, prompt_cache_dir=str(folder), prompt_cache_disk_bytes=one_file * 3 // 2) as srv:
+        post(srv, "completions", prompt=token_prompt(300, start=1), max_tokens=5)
+        assert wait_until(lambda: len(saved_files(folder)) == 1)
+        first = saved_files(folder)
+        post(srv, "completions", prompt=token_prompt(300, start=2), max_tokens=5)
+        assert wait_until(lambda: saved_files(folder) and saved_files(folder) != first)
+        assert len(saved_files(folder)) == 1  # the older one went
+    assert len(saved_files(folder)) == 1 and saved_files(folder) != first
+
+
+def test_saved_caches_that_are_corrupt_truncated_or_foreign_are_skipped(model, model_dir, short_model_dir, tmp_path,
+                                                                        caplog):
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    short = lem_serve.load_model(lem_serve.Settings(model_path=str(short_model_dir)))
+    with running_server(short, short_model_dir, prompt_cache_dir=str(folder)) as srv:  # another model's file
+        post(srv, "completions", prompt=token_prompt(30), max_tokens=5)
+    (foreign,) = saved_files(folder)
+    with running_server(model, model_dir, prompt_cache_dir=str(folder)) as srv:
+        assert cache_figures(srv)["entries"] == 0  # the other model's file is not ours: left alone
+        post(srv, "completions", prompt=token_prompt(300), max_tokens=5)
+    (good,) = [f for f in saved_files(folder) if f != foreign]
+    ours = good.name[:len(lem_serve.CacheFolder.PREFIX) + 17]
+    (folder / f"{ours}0000000000000000.safetensors").write_bytes(b"not a safetensors file")
+    (folder / f"{ours}1111111111111111.safetensors").write_bytes(good.read_bytes()[:good.stat().st_size // 2])
+    shutil.copy(foreign, folder / f"{ours}2222222222222222.safetensors")
+    with caplog.at_level(logging.WARNING, logger="lem_serve"):
+        with running_server(model, model_dir, prompt_cache_dir=str(folder)) as srv:
+            assert cache_figures(srv)["entries"] == 1
+            again = post(srv, "completions", prompt=token_prompt(300) + [40], max_tokens=2)
+            assert cached_of(again) == 300
+    skipped = [r.getMessage() for r in caplog.records if "skipping saved prompt cache" in r.getMessage()]
+    assert len(skipped) == 3 and any("another model" in w for w in skipped), skipped
+
+
+def test_unwritable_prompt_cache_dir_is_an_error_at_start(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(SystemExit) as exit_:
+        lem_serve.parse_settings(["--model-path", "x", "--prompt-cache-dir", str(tmp_path / "a-file" / "cache")])
+    error = capsys.readouterr().err
+    assert exit_.value.code == 2 and error.count("\n") == 1 and "--prompt-cache-dir" in error and "written" in error
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_idle_ranks_block_instead_of_polling(long_model_dir):
+    with ServedGroup(long_model_dir) as group:
+        group.wait_ready()
+        assert post(group, "completions", max_tokens=4)["usage"]["completion_tokens"] == 4  # then idle
+        rank1 = group.rank_pid(1)
+        time.sleep(2)  # the end of that request's work (freeing its batch) is not idling
+        before, started = cpu_seconds(rank1), time.monotonic()
+        time.sleep(6)
+        used = (cpu_seconds(rank1) - before) / (time.monotonic() - started)
+        assert used <= 0.05, f"an idle rank 1 used {used:.2f} of a core"  # spinning in a collective: ~0.3-1
+        assert post(group, "completions", max_tokens=4)["usage"]["completion_tokens"] == 4  # and wakes up
+
+
+BILLING = "x-anthropic-billing-header: cc_version=2.1.112.{}; cc_entrypoint=cli; cch={};"
+
+
+def claude_code_body(build: str, nonce: str) -> dict:
+    """A /v1/messages body shaped as Claude Code 2.1.x sends it: the billing header as the first system block."""
+    system = [{"type": "text", "text": BILLING.format(build, nonce)},
+              {"type": "text", "text": "You are Claude Code, Anthropic's official CLI for Claude. " * 8,
+               "cache_control": {"type": "ephemeral"}}]
+    return {"model": "claude-sonnet-4-5", "max_tokens": 4, "system": system, "messages": HELLO, "temperature": 0}
+
+
+def test_claude_code_billing_nonce_does_not_break_the_shared_prefix(make_server):
+    srv = make_server()
+    first = request(srv, "POST", "/v1/messages", claude_code_body("e3b", "8f3a1")).json()
+    second = request(srv, "POST", "/v1/messages", claude_code_body("4af", "0c7d2")).json()
+    whole = first["usage"]["input_tokens"] + first["usage"]["cache_read_input_tokens"]
+    assert second["usage"]["input_tokens"] + second["usage"]["cache_read_input_tokens"] == whole
+    assert second["usage"]["cache_read_input_tokens"] == whole - 1  # all but the last token, which must run
+    assert second["content"] == first["content"]
+
+
+# ---------------------------------------------------------------------------
 # Authentication
 # ---------------------------------------------------------------------------
 
@@ -1787,7 +2221,7 @@ def test_api_key_guards_v1_only(make_server):
 # ---------------------------------------------------------------------------
 
 def test_over_the_limit_is_429_at_once(make_long_server):
-    srv = make_long_server(max_requests=1)
+    srv = make_long_server(max_requests=1, queue_timeout=0)
     conn, response = open_stream(srv, **endless(srv.model))
     read_first_text_event(response)
     reply = request(srv, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 1}, timeout=10)  # queued: never
@@ -1811,7 +2245,7 @@ def test_sequential_requests_never_see_their_own_slot_busy(make_server):
 
 @pytest.mark.parametrize("max_requests", [1, 3])
 def test_concurrent_admission_never_exceeds_the_limit(make_long_server, max_requests):
-    srv = make_long_server(max_requests=max_requests)
+    srv = make_long_server(max_requests=max_requests, queue_timeout=0)
     # Eight streams at once that cannot end by themselves: whoever is admitted keeps the slot,
     # so exactly max_requests of them can be, whatever the timing.
     opened = run_concurrently(*[lambda i=i: open_stream(srv, ENDPOINTS[i % 2], **endless(srv.model))
@@ -2627,7 +3061,7 @@ def post_raw(srv, path: str, body: bytes, headers: dict[str, str]) -> Reply:
 
 
 def test_errors_before_the_route_come_in_the_callers_envelope(make_long_server):
-    srv = make_long_server(api_key="sekret", max_requests=1)
+    srv = make_long_server(api_key="sekret", max_requests=1, queue_timeout=0)
     assert_anthropic_error(request(srv, "POST", "/v1/messages", body_for("messages", max_tokens=2)), 401,
                            "authentication_error")
     assert_anthropic_error(request(srv, "POST", "/v1/messages/count_tokens?beta=true", {"messages": HELLO},
@@ -4006,7 +4440,7 @@ def test_conversations_survive_reload_and_new_chat(chat):
 
 def test_busy_server_is_retried_after_a_visible_cancellable_countdown(open_chat, make_long_server):
     """A 429 is not a dead end: the page counts down Retry-After, tries again, and can be told to stop."""
-    server = make_long_server(max_requests=1)
+    server = make_long_server(max_requests=1, queue_timeout=0)
     chat = open_chat(server.url)
     page = chat.page
     is_chat_post = lambda r: r.method == "POST" and r.url.endswith("/v1/chat/completions")
@@ -4743,7 +5177,7 @@ def generation_stopped(srv, settle: float = 0.3) -> bool:
 # -- /metrics ------------------------------------------------------------------
 
 def test_metrics_count_requests_tokens_latency_and_state(make_long_server):
-    srv = make_long_server(max_requests=1)
+    srv = make_long_server(max_requests=1, queue_timeout=0)
     assert request(srv, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 5}).status == 200
     assert stream(srv, "chat", max_tokens=4)[-1] == "[DONE]"
     assert request(srv, "GET", "/nope/" + "x" * 50).status == 404
@@ -5218,7 +5652,7 @@ SOAK_REPORT: list = []
 
 @pytest.mark.parametrize("max_requests", [1, 4])
 def test_soak_mixed_load_with_faults_leaves_nothing_behind(make_long_server, max_requests):
-    srv = make_long_server(max_requests=max_requests, timeout=SOAK_TIMEOUT)
+    srv = make_long_server(max_requests=max_requests, timeout=SOAK_TIMEOUT, queue_timeout=0)
     rng = random.Random(7 + max_requests)
     plan = [(rng.choices(SOAK_KINDS, weights=(6, 6, 2, 2, 1, 1, 1, 1))[0], rng.randint(1, 24)) for _ in range(SOAK_REQUESTS)]
     # What each request gets alone (greedy); under load, a completed response must hold exactly that.
@@ -5945,11 +6379,11 @@ def nginx_in_front(nginx: str, replicas: list[str], folder: Path):
 
 @contextlib.contextmanager
 def replicas(model_dir: Path, count: int):
-    """`count` lem-serve processes with one generation slot each: [(process, "host:port")]."""
+    """`count` lem-serve processes with one generation slot each, 429 at once when busy: [(process, "host:port")]."""
     started = []
     try:
         for _ in range(count):
-            started.append(start_process(model_dir, *LONG, "--max-requests", "1"))
+            started.append(start_process(model_dir, *LONG, "--max-requests", "1", "--queue-timeout", "0"))
         yield started
     finally:
         for process, _address in started:

@@ -74,16 +74,18 @@ MUTATIONS = [
     Mutation("validation-after-gate", "the prompt is rendered and fitted after admission: a bad prompt gets 429 "
                                       "while every slot is busy",
              (("        prompt, dropped = render_prompt(request, server.model)\n"
-               "        budget = fit_to_context(len(prompt), request, server.model)\n"
+               "        budget = fit_to_memory(len(prompt), fit_to_context(len(prompt), request, server.model), request, server.memory)\n"
                "        if not server.engine.alive:\n"
                "            raise engine_unavailable()\n"
                '        headers = {WINDOW_HEADER: str(dropped)} if request.endpoint == "chat" else {}\n'
-               "        with server.admit(request.n) as slot:\n",
+               "        kv_bytes = kv_reservation(len(prompt), budget, request, server.memory)\n"
+               "        with server.admit(request.n, kv_bytes, gone=lambda: client_gone(self.connection)) as slot:\n",
                "        if not server.engine.alive:\n"
                "            raise engine_unavailable()\n"
-               "        with server.admit(request.n) as slot:\n"
+               "        kv_bytes = 0\n"
+               "        with server.admit(request.n, kv_bytes, gone=lambda: client_gone(self.connection)) as slot:\n"
                "            prompt, dropped = render_prompt(request, server.model)\n"
-               "            budget = fit_to_context(len(prompt), request, server.model)\n"
+               "            budget = fit_to_memory(len(prompt), fit_to_context(len(prompt), request, server.model), request, server.memory)\n"
                '            headers = {WINDOW_HEADER: str(dropped)} if request.endpoint == "chat" else {}\n'),),
              ("test_bad_prompts_are_400_even_while_every_slot_is_busy",)),
     Mutation("stop-string-partly-streamed", "text that may be the start of a stop string is streamed at once",
@@ -91,10 +93,11 @@ MUTATIONS = [
              ("test_stop_string_cuts_text_and_is_never_streamed", "test_stop_scanner_holds_back_partial_stop_strings")),
     Mutation("prompt-cache-whole-prompt", "an exact prompt-cache hit is returned whole, leaving the model no "
                                           "token to run",
-             (("if cache is not None and not rest:  # an exact hit", "if False:  # an exact hit"),),
+             (("shared = min(common_prefix(entry.tokens, wanted), len(prompt) - 1)",
+               "shared = common_prefix(entry.tokens, wanted)"),),
              ("test_prompt_that_is_exactly_a_cached_sequence_still_runs_its_last_token",)),
     Mutation("retry-after-missing", "429 comes without Retry-After",
-             (('headers={"Retry-After": str(RETRY_AFTER_SECONDS)})', "headers={})"),),
+             (('headers={"Retry-After": str(retry_after)})', "headers={})"),),
              ("test_over_the_limit_is_429_at_once",)),
     Mutation("host-check-skipped", "bound to loopback, any Host header is answered (DNS rebinding)",
              (("if hosts and settings.is_loopback and host_name", "if False and hosts and settings.is_loopback and host_name"),),
@@ -178,7 +181,7 @@ MUTATIONS = [
              "FORMATS[form], False) if form in FORMATS else ANY_TEXT, low, high)", "            return String(ANY_TEXT, "
              "low, high)"),), ("test_pydantic_and_zod_schemas_always_validate",)),
     Mutation("json-extra-keys-repeat-declared", "an extra key may repeat a declared property's name",
-             (("(frozenset(self.keys) | seen, self.tracks), '\"'))", "None, None))"),),
+             (("self.key.begin('\"', (self.forbidden | seen, True))", "self.key.begin('\"', (seen, True))"),),
              ("test_each_keyword_is_enforced",)),
     Mutation("json-anyof-first-only", "anyOf keeps only its first alternative",
              (("        return [o for alt in node.alternatives for o in alt.begin(ch, ex)]",
@@ -197,13 +200,15 @@ MUTATIONS = [
                "        elif isinstance(op, Remove):\n            pass"),),
              ("test_sharded_group_serves_on_rank_0_and_answers_like_one_process",)),
     Mutation("group-settings-not-replayed", "the other ranks sample with default settings, not the request's",
-             (("            uid, _cached = self.insert(op.prompt, op.max_tokens, op.request, cached=op.cached)",
+             (("            uid, _cached = self.insert(op.prompt, op.max_tokens, op.request, cached=op.cached, entries=op.entries)",
                "            uid, _cached = self.insert(op.prompt, op.max_tokens, GenerationRequest(\"completions\", "
-               "temperature=0), cached=op.cached)"),),
+               "temperature=0), cached=op.cached, entries=op.entries)"),),
              ("test_sharded_group_serves_on_rank_0_and_answers_like_one_process",)),
     Mutation("group-cache-own-budget", "every rank trims its prompt cache to its own byte budget",
-             (("        if entries is None:\n            self.lru.trim_to(n_bytes=self.max_bytes - in_use_bytes)",
-               "        if True:\n            self.lru.trim_to(n_bytes=self.max_bytes - in_use_bytes)"),),
+             (("        if entries is None:\n            self.fit(limit, keep=entry)",
+               "        if True:\n            self.fit(limit, keep=entry)"),
+              ("            entries = self.prompt_cache.fit(room, entries)",
+               "            entries = self.prompt_cache.fit(room, None)")),
              ("test_pipeline_group_evicts_the_cache_entries_rank_0_evicts",)),
     Mutation("group-pipeline-flag-ignored", "--pipeline loads a tensor-parallel shard",
              (("pipeline_group=group if settings.pipeline else None", "pipeline_group=None"),
@@ -277,7 +282,7 @@ MUTATIONS = [
                '            out.append(("text", text))'),),
              ("test_reasoning_leaves_the_content_stream_or_not",)),
     Mutation("n-takes-one-slot", "a request for n choices takes one generation slot, not n",
-             (("        with server.admit(request.n) as slot:", "        with server.admit() as slot:"),),
+             (("        with server.admit(request.n, kv_bytes,", "        with server.admit(1, kv_bytes,"),),
              ("test_each_choice_takes_a_slot",)),
     Mutation("n-choices-all-index-0", "every choice is sent with index 0",
              (('        return {"index": self.index, **content,', '        return {"index": 0, **content,'),),
@@ -360,6 +365,100 @@ MUTATIONS = [
     Mutation("store-false-kept", "a response made with store: false is kept anyway",
              (('        if final is not None and request.echo.get("store"):', '        if final is not None:'),),
              ("test_stored_responses_chain_and_are_bounded",)),
+    # Issue 24: real-world schemas.
+    Mutation("json-oneof-as-anyof", "oneOf is enforced as anyOf: an output may match two branches, and a branch "
+             "the server cannot enforce is dropped silently",
+             (("                    narrowed = narrowed if i == j else self.exclude(narrowed, other, i, j)",
+               "                    narrowed = narrowed"),),
+             ("test_new_keywords_are_enforced_and_every_walk_validates", "test_oneof_that_cannot_be_exactly_one_is_400")),
+    Mutation("json-unknown-keywords-refused", "a keyword the server does not know is a 400, as before issue 24",
+             (("        refused = sorted(set(schema) & SCHEMA_REFUSED)",
+               "        refused = sorted(set(schema) - SCHEMA_KEYWORDS - {'title', 'description', '$schema', '$defs'})"),),
+             ("test_new_keywords_are_enforced_and_every_walk_validates",)),
+    Mutation("json-extra-keys-repeat", "an extra key may be written twice in one object",
+             (("return None if slot is None else (self, \"colon\", len(self.props) + slot, count, seen | {text}, 0)",
+               "return None if slot is None else (self, \"colon\", len(self.props) + slot, count, seen, 0)"),),
+             ("test_new_keywords_are_enforced_and_every_walk_validates",)),
+    Mutation("json-lookahead-ignored", "a leading lookahead is parsed and then ignored",
+             (("            looks.append(((\"seq\", [(\"anchor\", \"^\"), body, ANYTHING]), not positive))",
+               "            looks.append(((\"seq\", [ANYTHING]), False))"),),
+             ("test_new_keywords_are_enforced_and_every_walk_validates",)),
+    Mutation("json-dollar-anchor-ignored", "a '$' inside a pattern does not end the match",
+             (("                ended_here = ended or index == \"$\"", "                ended_here = ended"),),
+             ("test_new_keywords_are_enforced_and_every_walk_validates", "test_each_keyword_is_enforced")),
+    Mutation("json-dependencies-ignored", "dependencies / dependentRequired / dependentSchemas constrain nothing",
+             (("            deps.update(schema.get(word) if isinstance(schema.get(word), dict) else {})",
+               "            pass"),),
+             ("test_new_keywords_are_enforced_and_every_walk_validates",)),
+    Mutation("json-multipleof-float-steps", "multipleOf 0.01 allows 7.77, which validators' float division refuses",
+             (("            if integer or step.denominator == 1 or Fraction(float(step)) != step:",
+               "            if integer or step.denominator == 1:"),),
+             ("test_new_keywords_are_enforced_and_every_walk_validates",)),
+    # Issue 21: the prompt cache's budget, the admission queue, memory.
+    Mutation("prompt-cache-drops-whole", "an entry larger than the prompt cache's budget is dropped, not cut to "
+                                         "the longest prefix that fits",
+             (("kept = limit * length // max(entry.nbytes, 1)  # bytes grow linearly with tokens", "kept = 0"),),
+             ("test_over_budget_prompt_keeps_its_longest_prefix",)),
+    Mutation("prompt-cache-cut-by-offset", "a cut entry keeps its whole arrays (only the offset moves), so no memory "
+                                           "is freed",
+             (("piece.keys, piece.values = cut(layer.keys), cut(layer.values)",
+               "piece.keys, piece.values = layer.keys, layer.values"),),
+             ("test_over_budget_prompt_keeps_its_longest_prefix",)),
+    Mutation("prompt-cache-not-lru", "a cache hit does not make its entry the most recently used",
+             (("        self.entries[key] = self.entries.pop(key)\n", "        pass\n"),),
+             ("test_eviction_is_least_recently_used_first",)),
+    Mutation("prompt-cache-budget-fixed", "the default prompt cache budget is a fixed 1 GiB, whatever the memory",
+             (("cache = kv - min(kv // 2, settings.max_requests * BATCH_RESERVE_TOKENS * token)",
+               "cache = 1 << 30"),),
+             ("test_default_budget_is_sized_from_memory_and_logged",)),
+    Mutation("prompt-cache-ignores-batch", "the prompt cache keeps its entries while the running batch needs the "
+                                           "memory",
+             (("        if self.ledger is None:\n            return None\n        job =",
+               "        if True:\n            return None\n        job ="),),
+             ("test_admission_waits_for_kv_room_and_refuses_what_never_fits",)),
+    Mutation("prompt-cache-fit-before-fetch", "the cache makes room for a new request before it is read, so the "
+                                              "prefix that request needed is gone",
+             (("            cache, found = self.prompt_cache.fetch(prompt)\n"
+               "            room = self.room(None) if entries is None else None\n"
+               "            entries = self.prompt_cache.fit(room, entries)\n",
+               "            room = self.room(None) if entries is None else None\n"
+               "            entries = self.prompt_cache.fit(room, entries)\n"
+               "            cache, found = self.prompt_cache.fetch(prompt)\n"),),
+             ("test_a_prefix_is_reused_even_when_its_request_needs_the_cache_memory",)),
+    Mutation("prompt-cache-dir-not-restored", "saved prefixes are written but never read back after a restart",
+             (("        self._restore_saved()\n        self.started.set()\n", "        self.started.set()\n"),),
+             ("test_prompt_cache_dir_outlives_a_restart",)),
+    Mutation("prompt-cache-dir-not-saved-at-shutdown", "entries not written while serving are lost at shutdown",
+             (("                        self.folder.save_all(self.prompt_cache)\n", "                        pass\n"),),
+             ("test_prompt_cache_dir_outlives_a_restart",)),
+    Mutation("saved-cache-identity-unchecked", "a saved KV cache of another model (or other settings) is loaded",
+             (('            if metadata.get("identity") != self.identity:\n', "            if False:\n"),),
+             ("test_saved_caches_that_are_corrupt_truncated_or_foreign_are_skipped",)),
+    Mutation("idle-rank-spins", "an idle rank waits for rank 0 inside the collective, polling, not on its lifeline",
+             (("        elif self.idle and self.bells:\n            self.rung.acquire()\n", ""),),
+             ("test_idle_ranks_block_instead_of_polling",)),
+    Mutation("queue-timeout-ignored", "a request finding no free slot gets 429 at once whatever --queue-timeout says",
+             (("self.queue.enter(slots, kv_bytes, self.settings.queue_timeout, gone)",
+               "self.queue.enter(slots, kv_bytes, 0, gone)"),),
+             ("test_a_request_finding_no_slot_waits_then_runs",)),
+    Mutation("queue-last-come-first", "the newest waiting request is admitted first",
+             (("            self.line.append(ticket)\n", "            self.line.appendleft(ticket)\n"),),
+             ("test_queue_is_first_come_first_served_and_forgets_who_left",)),
+    Mutation("queue-keeps-the-departed", "a client that hangs up while waiting keeps its place in the queue",
+             (("                    if gone():\n                        raise ClientGone\n", ""),),
+             ("test_queue_is_first_come_first_served_and_forgets_who_left",)),
+    Mutation("kv-not-reserved", "a request is admitted with a free slot even when its KV cache does not fit beside "
+                                "the running batch",
+             (("if taken == slots and self.ledger.reserve(kv_bytes):", "if taken == slots:"),),
+             ("test_admission_waits_for_kv_room_and_refuses_what_never_fits",)),
+    Mutation("never-fits-accepted", "a request whose max_tokens can never fit in memory is trimmed instead of refused",
+             (("    if request.max_tokens_given and prompt_tokens + budget > room:\n",
+               "    if False:\n"),),
+             ("test_admission_waits_for_kv_room_and_refuses_what_never_fits",)),
+    Mutation("billing-nonce-kept", "Claude Code's per-request cch= nonce reaches the prompt",
+             (("    messages = neutralize_billing_header([dict(m) for m in kept])\n",
+               "    messages = [dict(m) for m in kept]\n"),),
+             ("test_claude_code_billing_nonce_does_not_break_the_shared_prefix",)),
 ]
 
 
