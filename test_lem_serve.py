@@ -3494,8 +3494,8 @@ PATCH_TOOL = {"type": "custom", "name": "apply_patch", "description": "Apply a p
 def test_codex_tool_kinds(server, model, openai_client, caplog):
     from openai.types.responses import Response
     namespace = {"type": "namespace", "name": "crm", "description": "customers", "tools": [as_responses_tool(ADD)]}
-    tools = [as_responses_tool(WEATHER), PATCH_TOOL, namespace, {"type": "web_search"}, {"type": "file_search",
-                                                                                          "vector_store_ids": ["v"]}]
+    tools = [as_responses_tool(WEATHER), PATCH_TOOL, namespace, {"type": "web_search"},
+             {"type": "computer_use_preview", "display_width": 1024, "display_height": 768, "environment": "linux"}]
     rendered = [WEATHER, {"type": "function", "function": {"name": "apply_patch", "description": "Apply a patch to files",
                                                            "parameters": lem_serve.CUSTOM_TOOL_PARAMETERS}},
                 {"type": "function", "function": {**ADD["function"], "name": "crm__add"}}]
@@ -3504,8 +3504,8 @@ def test_codex_tool_kinds(server, model, openai_client, caplog):
             response = strictly(Response, request(server, "POST", "/v1/responses", {
                 "input": ASK_WEATHER, "tools": tools, "max_output_tokens": 2}).raw)
     assert response.usage.input_tokens == len(chat_prompt(model, ASK_WEATHER, rendered))  # hosted tools left out
-    named = [r.getMessage() for r in caplog.records if "'file_search'" in r.getMessage()]
-    assert len(named) <= 1  # named once per process (an earlier test may have named it already)
+    named = [r.getMessage() for r in caplog.records if "'computer_use_preview'" in r.getMessage()]
+    assert len(named) == 1  # named once per process (no other test sends this one)
     patch = strictly(Response, request(server, "POST", "/v1/responses", {
         "input": ASK_WEATHER, "tools": tools, "max_output_tokens": 200, "temperature": 1.0,
         "tool_choice": {"type": "custom", "name": "apply_patch"}}).raw)
