@@ -30,7 +30,8 @@ browser pages from other origins are refused unless --allowed-origins lists
 them. It never reads a file from disk on a client's behalf.
 
 Layout, each section calling only the ones above it:
-settings and CLI; errors; request parsing and validation; the generation
+settings and CLI; errors; structured output (JSON Schema compiled to an
+automaton and token masks); request parsing and validation; the generation
 engine (one thread that owns MLX); SSE/JSON writers; metrics; the HTTP
 handler; the server class and main().
 """
@@ -956,6 +957,22 @@ def number_bound(x: Fraction, strict: bool, least: bool) -> str | None:
     return f"-{_magnitude(-x, strict, True)}" if x < 0 or x == 0 and strict else f"(-{free}|{_magnitude(x, strict, False)})"
 
 
+class Cache(dict):
+    """A dict of at most `limit` entries, the oldest dropped first: every cache of this section."""
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self.limit = limit
+
+    def get_or(self, key: Any, make: Callable[[], Any]) -> Any:
+        """The value under `key`, made and kept if missing."""
+        if key not in self:
+            if len(self) >= self.limit:
+                self.pop(next(iter(self)), None)
+            self[key] = make()
+        return self[key]
+
+
 def _track(ex: tuple | None, text: str | None, ch: str) -> str | None:
     """A leaf's raw text after `ch`, under an exclusion: whole when recording, else only while it could become a forbidden text."""
     if ex is None or text is None:
@@ -1029,7 +1046,7 @@ class Leaf(Piece):
                  by_text: bool = True):
         self.regex, self.min_len, self.max_len, self.quoted, self.by_text = regex, min_len, max_len, quoted, by_text
         self.limit = math.inf if max_len is None else max_len
-        self.completions: dict[tuple, str | None] = {}
+        self.completions = Cache(JSON_MASK_CACHE_STATES)
         content = self.complete(regex.start, 0)
         if content is None:
             raise ValueError("no string has both this pattern or format and these lengths")
@@ -1090,16 +1107,17 @@ class Leaf(Piece):
 
     def complete(self, dfa: frozenset, count: int) -> str | None:
         """A shortest text (decoded) that completes the string from `dfa` after `count` characters."""
-        key = (dfa, min(count, self.min_len), self.limit - count)
-        if key not in self.completions:
-            layer = {dfa: ""}  # breadth first up to min_len, then the shortest way to a match
-            for _ in range(max(self.min_len - count, 0)):
-                layer = {nxt: text + ch for state, text in layer.items() for cid, ch in self.regex.reps.items()
-                         if (nxt := self.regex._move(state, cid)) is not None}
-            tails = [text + tail for state, text in layer.items() if (tail := self.regex.shortest(state)) is not None]
-            best = min(tails, key=len, default=None)
-            self.completions[key] = best if best is not None and count + len(best) <= self.limit else None
-        return self.completions[key]
+        return self.completions.get_or((dfa, min(count, self.min_len), self.limit - count),
+                                       lambda: self._complete(dfa, count))
+
+    def _complete(self, dfa: frozenset, count: int) -> str | None:
+        layer = {dfa: ""}  # breadth first up to min_len, then the shortest way to a match
+        for _ in range(max(self.min_len - count, 0)):
+            layer = {nxt: text + ch for state, text in layer.items() for cid, ch in self.regex.reps.items()
+                     if (nxt := self.regex._move(state, cid)) is not None}
+        tails = [text + tail for state, text in layer.items() if (tail := self.regex.shortest(state)) is not None]
+        best = min(tails, key=len, default=None)
+        return best if best is not None and count + len(best) <= self.limit else None
 
     def done(self, frame: tuple) -> bool:
         _, dfa, count, escape, ex, text = frame
@@ -2201,7 +2219,7 @@ def tool_call_constraint(tools: list[dict]) -> Constraint:
 # a trie of class ids of the plain tokens (those of ordinary characters) for the
 # string's regex, so a length or a pattern does not mean a walk of every token.
 # Masks are cached per state, with string lengths reduced to what can matter
-# within one token (String.key), so long strings reuse them.
+# within one token (Leaf.key), so long strings reuse them.
 
 class TokenTable:
     """A vocabulary's token texts, indexed for constrained decoding; one per tokenizer.
@@ -2231,25 +2249,23 @@ class TokenTable:
                 self.marked.append((token, text))
         self.reach = max(map(len, filter(None, self.texts)), default=1)   # the longest token, in characters
         self.plain_chars = sorted({ch for token in self.plain for ch in self.texts[token]})
-        self.class_tries: dict[Regex, dict] = {}
+        self.class_tries = Cache(JSON_CONSTRAINT_CACHE * 4)
 
     def class_trie(self, regex: Regex) -> dict:
         """The plain tokens as a trie over `regex`'s class ids (chr(id) -> child; "" -> ids); cached."""
-        trie = self.class_tries.get(regex)
-        if trie is None:
-            classes = str.maketrans({ch: chr(regex.class_id(ch)) for ch in self.plain_chars})
-            groups: dict[str, list[int]] = {}
-            for token in self.plain:
-                groups.setdefault(self.texts[token].translate(classes), []).append(token)
-            trie = {}
-            for key, tokens in groups.items():
-                node = trie
-                for ch in key:
-                    node = node.setdefault(ch, {})
-                node.setdefault("", []).extend(tokens)
-            if len(self.class_tries) >= JSON_CONSTRAINT_CACHE * 4:
-                self.class_tries.pop(next(iter(self.class_tries)))
-            self.class_tries[regex] = trie
+        return self.class_tries.get_or(regex, lambda: self._class_trie(regex))
+
+    def _class_trie(self, regex: Regex) -> dict:
+        classes = str.maketrans({ch: chr(regex.class_id(ch)) for ch in self.plain_chars})
+        groups: dict[str, list[int]] = {}
+        for token in self.plain:
+            groups.setdefault(self.texts[token].translate(classes), []).append(token)
+        trie: dict = {}
+        for key, tokens in groups.items():
+            node = trie
+            for ch in key:
+                node = node.setdefault(ch, {})
+            node.setdefault("", []).extend(tokens)
         return trie
 
 
@@ -2265,7 +2281,7 @@ def token_texts(tokenizer: Any, size: int) -> list[str | None]:
 
 
 _TOKEN_TABLES: dict[int, tuple[Any, TokenTable]] = {}
-_CONSTRAINTS: dict[tuple, "JsonMasks"] = {}
+_CONSTRAINTS = Cache(JSON_CONSTRAINT_CACHE)
 
 
 def token_table(tokenizer: Any) -> TokenTable:
@@ -2283,37 +2299,25 @@ class JsonMasks:
         self.table = table
         self.start = start
         self.slack = commitment(start)
-        self.masks: dict[tuple, Any] = {}
-        self.closings: dict[tuple, str | None] = {}
-        self.plains: dict[tuple, Any] = {}
+        self.masks, self.closings, self.plains = (Cache(JSON_MASK_CACHE_STATES) for _ in range(3))
 
     def key(self, state: tuple) -> tuple:
-        """The state as the cache sees it: a top String frame reduced by String.key (leaves are always on top)."""
+        """The state as the cache sees it: a top Leaf frame reduced by Leaf.key (leaves are always on top)."""
         return tuple(stack[:-1] + (stack[-1][0].key(stack[-1], self.table.reach),)
                      if stack and isinstance(stack[-1][0], Leaf) else stack for stack in state)
 
     def allowed(self, state: tuple, width: int) -> Any:
         """A boolean mx.array over `width` logits: the tokens that keep `state` alive."""
-        key = self.key(state)
-        mask = self.masks.get(key)
-        if mask is None:
-            if len(self.masks) >= JSON_MASK_CACHE_STATES:
-                self.masks.clear()
-            mask = self.masks[key] = self._build(state, width)
-        return mask
+        return self.masks.get_or(self.key(state), lambda: self._build(state, width))
 
     def closing(self, state: tuple) -> list[int] | None:
         """The tokens that spell a shortest closing text from `state`, each the longest that fits (cached)."""
-        key = self.key(state)
-        if key not in self.closings:
-            if len(self.closings) >= JSON_MASK_CACHE_STATES:
-                self.closings.clear()
-            text = json_closing_text(state)
-            self.closings[key] = None if text is None else self._spell(text)
-        return self.closings[key]
+        return self.closings.get_or(self.key(state), lambda: self._spell(json_closing_text(state)))
 
-    def _spell(self, text: str) -> list[int] | None:
+    def _spell(self, text: str | None) -> list[int] | None:
         ids, at = [], 0
+        if text is None:
+            return None
         while at < len(text):
             node, best = self.table.trie, None
             for end in range(at, len(text)):
@@ -2336,7 +2340,7 @@ class JsonMasks:
             if top is not None and isinstance(top[0], Leaf) and top[0].quoted and top[3] == "" and (
                     top[4] is None or top[0].max_len is None and top[0].regex is ANY_TEXT):
                 # Inside a string, a plain token cannot leave it: its fate is the regex's and
-                # the length's alone (String.plain_tokens); only the other tokens need a walk.
+                # the length's alone (Leaf.plain_tokens); only the other tokens need a walk.
                 plain = plain | self._plain(top)
                 ids += [t for t, text in table.marked if json_advance((stack,), text)]
             else:
@@ -2348,15 +2352,9 @@ class JsonMasks:
         return plain | self.ids_mask(ids, width)
 
     def _plain(self, frame: tuple) -> Any:
-        """The mask of plain tokens for a String frame, cached by its regex state and length."""
-        key = frame[0].key(frame, self.table.reach)[:4]
-        mask = self.plains.get(key)
-        if mask is None:
-            if len(self.plains) >= JSON_MASK_CACHE_STATES:
-                self.plains.clear()
-            trie = self.table.class_trie(frame[0].regex)
-            mask = self.plains[key] = self.ids_mask(frame[0].plain_tokens(frame, trie), self.table.size)
-        return mask
+        """The mask of plain tokens for a string Leaf frame, cached by its regex state and length."""
+        return self.plains.get_or(frame[0].key(frame, self.table.reach)[:4], lambda: self.ids_mask(
+            frame[0].plain_tokens(frame, self.table.class_trie(frame[0].regex)), self.table.size))
 
     @staticmethod
     def ids_mask(ids: list[int], width: int) -> Any:
@@ -2406,13 +2404,7 @@ def commitment(start: tuple) -> int:
 
 def json_masks(tokenizer: Any, key: tuple, start: tuple) -> JsonMasks:
     """The shared, cached masks for a constraint: requests with the same schema reuse them."""
-    cache_key = (id(tokenizer),) + key
-    masks = _CONSTRAINTS.get(cache_key)
-    if masks is None:
-        if len(_CONSTRAINTS) >= JSON_CONSTRAINT_CACHE:
-            _CONSTRAINTS.pop(next(iter(_CONSTRAINTS)))
-        masks = _CONSTRAINTS[cache_key] = JsonMasks(token_table(tokenizer), start)
-    return masks
+    return _CONSTRAINTS.get_or((id(tokenizer),) + key, lambda: JsonMasks(token_table(tokenizer), start))
 
 
 class JsonConstraint:

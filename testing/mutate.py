@@ -169,8 +169,7 @@ MUTATIONS = [
              (("JSON_MAX_WHITESPACE = 24 ", "JSON_MAX_WHITESPACE = 99 "),),
              ("test_json_automaton_accepts_exactly_the_schema",)),
     Mutation("json-no-closing", "the constraint never closes the JSON before max_tokens runs out",
-             (("            self.closings[key] = None if text is None else self._spell(text)",
-               "            self.closings[key] = None"),),
+             (("lambda: self._spell(json_closing_text(state)))", "lambda: None)"),),
              ("test_json_schema_closes_in_time_or_says_length", "test_too_few_tokens_end_with_length_never_invalid")),
     Mutation("json-closing-too-late", "closing starts when the current closing text just fits, so one token that "
              "commits to a large value leaves too few tokens",
