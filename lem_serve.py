@@ -6,8 +6,9 @@ Serves one MLX / Hugging Face model over HTTP:
     POST /v1/completions        plain text completion, streaming or not
     POST /v1/messages           Anthropic's Messages API (Claude Code), streaming or not
     POST /v1/messages/count_tokens   the prompt's token count, as a create would report it
-    POST /v1/responses          OpenAI's Responses API (Codex), stateless, streaming or not
-    GET  /v1/models             the one model, in OpenAI's list shape
+    POST /v1/responses          OpenAI's Responses API (Codex), streaming or not
+    GET  /v1/responses/ID       a response kept with store: true (bounded, in memory)
+    GET  /v1/models[/ID]        the one model, in OpenAI's shape or (anthropic-version) Anthropic's
     GET  /healthz               liveness and load, 503 once the engine has died
     GET  /metrics               Prometheus text: requests, tokens, latency, memory
     GET  /  and  /chat.js       a small chat page for the browser
@@ -39,6 +40,7 @@ handler; the server class and main().
 from __future__ import annotations
 
 import argparse
+import base64
 import codecs
 import collections
 import contextlib
@@ -67,7 +69,9 @@ import socket
 import sys
 import threading
 import time
+import urllib.parse
 import uuid
+import zlib
 from dataclasses import dataclass
 from fractions import Fraction
 from http import HTTPStatus
@@ -103,6 +107,11 @@ PROMPT_CACHE_MAX_ENTRIES = 64     # finished requests whose KV cache is kept (th
 MAX_BODY_BYTES = 8 * 1024 * 1024  # largest request body accepted; bigger gets 413
 MAX_STOP_STRINGS = 4              # stop strings per request, as OpenAI allows
 MAX_STOP_CHARS = 1000             # characters per stop string; longer is a 400
+MAX_STOP_SEQUENCES = 64           # Anthropic stop_sequences per request (its API takes more than OpenAI's 4)
+DEFAULT_RESPONSE_STORE_COUNT = 256      # Responses kept for previous_response_id and GET (store: true); 0 = none
+DEFAULT_RESPONSE_STORE_BYTES = 64 << 20 # bytes of JSON those kept responses may hold in all; oldest go first
+THINKING_MIN_BUDGET = 1024        # Anthropic's smallest thinking.budget_tokens; it must also be below max_tokens
+RAW_ARGUMENTS_KEY = "input"       # a tool call's arguments that are no JSON object are wrapped under this key
 MAX_TOP_LOGPROBS_CHAT = 20        # chat top_logprobs ceiling, as OpenAI allows
 MAX_LOGPROBS_COMPLETIONS = 5      # completions logprobs ceiling, as OpenAI allows
 JSON_MAX_DIGITS = 15              # digits per part of a constrained number (float precision; keeps output finite)
@@ -174,6 +183,8 @@ class Settings:
     kv_group_size: int = DEFAULT_KV_GROUP_SIZE
     quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START
     pipeline: bool = False                 # sharded: split the model's layers over the ranks, not each layer
+    response_store_count: int = DEFAULT_RESPONSE_STORE_COUNT  # /v1/responses kept for previous_response_id
+    response_store_bytes: int = DEFAULT_RESPONSE_STORE_BYTES
 
     @property
     def is_loopback(self) -> bool:
@@ -304,6 +315,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--reasoning-format", choices=["auto", "none"], default=DEFAULT_REASONING_FORMAT,
                    help="auto: a thinking model's reasoning goes to reasoning_content (and thinking blocks), "
                         "not the reply's text; none: the raw <think> tags stay in the text")
+    p.add_argument("--response-store-count", type=_at_least(0), default=DEFAULT_RESPONSE_STORE_COUNT,
+                   help="/v1/responses made with store: true kept in memory for previous_response_id and "
+                        "GET /v1/responses/ID (default %(default)s; 0 = none)")
+    p.add_argument("--response-store-bytes", type=parse_bytes, default=DEFAULT_RESPONSE_STORE_BYTES,
+                   help="bytes those kept responses may hold in all, e.g. 64M; the oldest go first (default 64M)")
     p.add_argument("--pipeline", action="store_true",
                    help="under mlx.launch: shard the model by layers (pipeline parallel) instead of within each layer")
     return p
@@ -375,7 +391,8 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         reasoning_format=args.reasoning_format, draft_model=args.draft_model,
         num_draft_tokens=args.num_draft_tokens, kv_bits=args.kv_bits, kv_group_size=args.kv_group_size,
         quantized_kv_start=args.quantized_kv_start,
-        pipeline=args.pipeline,
+        pipeline=args.pipeline, response_store_count=args.response_store_count,
+        response_store_bytes=args.response_store_bytes,
     )
 
 
@@ -2566,6 +2583,9 @@ class GenerationRequest:
     template_args: dict = dataclasses.field(default_factory=dict)  # chat: extra chat template arguments
     split_reasoning: bool = False                # a thinking model's reasoning leaves the text (ReasoningSplitter)
     n: int = 1                                   # choices, decoded together, each in a slot of its own
+    show_reasoning: bool = True                  # reasoning reaches the client (the dialects: when asked for)
+    echo: dict = dataclasses.field(default_factory=dict)        # request fields a dialect's reply repeats back
+    tool_kinds: dict = dataclasses.field(default_factory=dict)  # Responses: rendered tool name -> its kind and namespace
 
 
 def decode_json_body(raw: bytes) -> dict:
@@ -2708,13 +2728,31 @@ def parse_tool_calls(calls: Any, param: str) -> list[dict]:
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
             raise invalid(f"'{param}[{i}]' must be {{\"type\": \"function\", \"function\": {{\"name\", "
                           f"\"arguments\"}}}}", param)
-        arguments = function.get("arguments") or "{}"
-        try:
-            arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
-        except ValueError:
-            raise invalid(f"'{param}[{i}].function.arguments' is not valid JSON", param) from None
+        # Replayed history is taken as sent: arguments that are no JSON object (a model's own slip, sent
+        # back by the agent) are wrapped as the server wraps them on the way out, never a 400.
+        arguments = tool_arguments(function.get("arguments") or "{}")
         out.append({**call, "function": {**function, "arguments": arguments}})
     return out
+
+
+def tool_arguments(value: Any, schema: dict | None = None) -> dict:
+    """A tool call's arguments as a JSON object, whatever a model or a client wrote.
+
+    JSON text of an object is decoded; anything else (other JSON, or text
+    that is no JSON at all, such as `ls -la`) is wrapped: under the schema's
+    one property when it has exactly one, else under RAW_ARGUMENTS_KEY. So
+    arguments going out are always a JSON object, and replayed ones parse.
+    """
+    parsed = value
+    if isinstance(value, str):
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = value
+    if isinstance(parsed, dict):
+        return parsed
+    names = list((schema or {}).get("properties") or {}) if isinstance(schema, dict) else []
+    return {names[0] if len(names) == 1 else RAW_ARGUMENTS_KEY: parsed}
 
 
 MEDIA_PARTS = ("image_url", "input_image", "input_audio", "input_file", "file", "image", "document")
@@ -2861,14 +2899,17 @@ def common_checks(*fields: str) -> tuple[Check, ...]:
 MESSAGES_CHECKS = common_checks("model", "stream", "max_tokens", "top_p", "top_k") + (
     Check("messages", (list,), "a non-empty list of messages", lambda v: len(v) > 0),
     Check("system", (str, list), "a string or a list of text blocks"),
-    Check("stop_sequences", (list,), f"a list of up to {MAX_STOP_STRINGS} non-empty strings",
-          lambda v: not v or _is_stop(v)),
+    Check("stop_sequences", (list,), f"a list of up to {MAX_STOP_SEQUENCES} strings, each 1 to {MAX_STOP_CHARS} "
+          "characters long", lambda v: len(v) <= MAX_STOP_SEQUENCES and all(
+              isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in v)),
     Check("temperature", (int, float), "a number between 0 and 1", lambda v: 0 <= v <= 1),  # Anthropic's range
     Check("tools", (list,), 'a list of {"name": ..., "input_schema": {...}} objects'),
     Check("tool_choice", (dict,), '{"type": "auto"}, {"type": "any"}, {"type": "tool", "name": ...} or {"type": "none"}'),
+    Check("thinking", (dict,), '{"type": "enabled", "budget_tokens": N}, {"type": "adaptive"} or {"type": "disabled"}'),
 )
 ANTHROPIC_ROLES = ("user", "assistant", "system")   # Claude Code sends "system" messages mid-conversation
 REPLAYED_BLOCKS = ("thinking", "redacted_thinking")  # earlier reasoning sent back: accepted, not shown to the model
+THINKING_ON = ("enabled", "adaptive")                # thinking types that ask for thinking blocks
 
 
 def parse_messages_request(body: dict, settings: Settings, counting: bool = False) -> GenerationRequest:
@@ -2878,24 +2919,53 @@ def parse_messages_request(body: dict, settings: Settings, counting: bool = Fals
         raise invalid("'messages' is required", "messages")
     if body.get("max_tokens") is None and not counting:
         raise invalid("'max_tokens' is required", "max_tokens")
-    messages = anthropic_system(body.get("system"))
+    tools = body.get("tools") or []
+    catalog = {t["function"]["name"]: t for t in dialect_tools(tools, "input_schema", anthropic_served, deferred=True)}
+    messages, seen_calls = anthropic_system(body.get("system")), set()
     for i, message in enumerate(body["messages"]):
-        messages += anthropic_message(message, i)
+        messages += anthropic_message(message, i, seen_calls, catalog)
     if messages[-1]["role"] == "assistant":
         raise invalid("a last assistant message (a prefilled reply) is not supported; end with a user message",
                       f"messages[{len(body['messages']) - 1}]")
-    tools = {"tools": dialect_tools(body.get("tools") or [], "input_schema", lambda t: t.get("type") in (None, "custom")),
-             "tool_choice": anthropic_tool_choice(body.get("tool_choice"))}
-    thinking = body.get("thinking") if isinstance(body.get("thinking"), dict) else {}
-    kwargs = {"enable_thinking": False} if thinking.get("type") == "disabled" else None
+    fields = {"tools": dialect_tools(tools, "input_schema", anthropic_served),
+              "tool_choice": anthropic_tool_choice(body.get("tool_choice"))}
+    thinking = anthropic_thinking(body.get("thinking"), body.get("max_tokens"))
     return GenerationRequest(
         endpoint="messages", messages=tuple(messages), stream=bool(body.get("stream")),
         max_tokens=min(body.get("max_tokens") or settings.max_tokens, settings.max_tokens),
         stop=tuple(body.get("stop_sequences") or ()),
-        template_args=template_args({"chat_template_kwargs": kwargs}, settings),
-        split_reasoning=settings.reasoning_format != "none",
-        **output_fields("messages", tools),
+        template_args=template_args({"chat_template_kwargs": None if thinking else {"enable_thinking": False}},
+                                    settings),
+        split_reasoning=settings.reasoning_format != "none", show_reasoning=thinking,
+        **output_fields("messages", fields),
         **sampling_fields({field: body.get(field) for field in ("temperature", "top_p", "top_k")}, settings.sampling))
+
+
+def anthropic_served(tool: dict) -> bool:
+    """Anthropic's client tools (no type, or "custom"); server tools (web search...) are the API's own."""
+    return tool.get("type") in (None, "custom")
+
+
+def anthropic_thinking(thinking: dict | None, max_tokens: int | None) -> bool:
+    """Whether the request asked for thinking blocks; a budget Anthropic would refuse is a 400.
+
+    Absent or {"type": "disabled"}: no thinking (the template is asked not to
+    think, and what a model thinks anyway is not shown). {"type": "enabled"}
+    needs budget_tokens >= THINKING_MIN_BUDGET and below max_tokens.
+    """
+    kind = (thinking or {}).get("type")
+    if kind in (None, "disabled"):
+        return False
+    if kind not in THINKING_ON:
+        raise invalid("'thinking.type' must be \"enabled\", \"adaptive\" or \"disabled\"", "thinking.type")
+    budget = thinking.get("budget_tokens")
+    if kind == "enabled":
+        if not isinstance(budget, int) or isinstance(budget, bool) or budget < THINKING_MIN_BUDGET:
+            raise invalid(f"'thinking.budget_tokens' must be an integer >= {THINKING_MIN_BUDGET}",
+                          "thinking.budget_tokens")
+        if max_tokens is not None and budget >= max_tokens:
+            raise invalid(f"'max_tokens' must be greater than 'thinking.budget_tokens' ({budget})", "max_tokens")
+    return True
 
 
 def anthropic_system(system: str | list | None) -> list[dict]:
@@ -2905,12 +2975,14 @@ def anthropic_system(system: str | list | None) -> list[dict]:
     return [{"role": "system", "content": parse_content(system, "system", separator=BLOCK_SEPARATOR)}]
 
 
-def anthropic_message(message: Any, index: int) -> list[dict]:
+def anthropic_message(message: Any, index: int, seen_calls: set, catalog: dict[str, dict]) -> list[dict]:
     """One Anthropic message as chat messages: its tool_result blocks as "tool" messages, then the rest.
 
-    Text blocks are joined; an assistant's tool_use blocks become its
-    tool_calls; replayed thinking blocks are dropped; images and documents
-    are refused (text models only).
+    Text blocks (and documents with a text source) are joined; an
+    assistant's tool_use blocks become its tool_calls, their ids added to
+    `seen_calls`, which a tool_result must answer; replayed thinking blocks
+    are dropped; images and other documents are refused (text models only).
+    `catalog` holds every declared tool by name, for tool_reference blocks.
     """
     param = f"messages[{index}]"
     if not isinstance(message, dict) or message.get("role") not in ANTHROPIC_ROLES:
@@ -2926,37 +2998,83 @@ def anthropic_message(message: Any, index: int) -> list[dict]:
         kind = block.get("type") if isinstance(block, dict) else None
         if kind == "text" and isinstance(block.get("text"), str):
             texts.append(block["text"])
+        elif kind == "document" and document_text(block) is not None:
+            texts.append(document_text(block))
         elif kind == "tool_use" and role == "assistant":
             calls.append(anthropic_tool_use(block, where))
+            seen_calls.add(calls[-1]["id"])
         elif kind == "tool_result" and role == "user":
-            results.append(anthropic_tool_result(block, where))
+            results.append(anthropic_tool_result(block, where, seen_calls, catalog))
         elif kind in MEDIA_PARTS:
-            raise invalid(f"{where} is a block of type {kind!r}; this server serves text models only", where)
+            raise invalid(f"{where} is a block of type {kind!r}; this server serves text models only (a document "
+                          "needs a text source)", where)
         elif kind not in REPLAYED_BLOCKS:
             raise invalid(f"{where}: a {role} message cannot hold a {json.dumps(kind)[:40]} block; this server takes "
-                          "text, tool_use (assistant), tool_result (user), thinking and redacted_thinking", where)
+                          "text, document (text source), tool_use (assistant), tool_result (user), thinking and "
+                          "redacted_thinking", where)
     rest = {"role": role, "content": BLOCK_SEPARATOR.join(texts)}
     if calls:
         rest["tool_calls"] = calls
     return results + ([rest] if texts or calls or not results else [])
 
 
+def document_text(block: dict) -> str | None:
+    """A document block's text when its source is plain text ("text") or text blocks ("content"), else None."""
+    source = block.get("source") if isinstance(block.get("source"), dict) else {}
+    if source.get("type") == "text" and isinstance(source.get("data"), str):
+        text = source["data"]
+    elif source.get("type") == "content" and isinstance(source.get("content"), (str, list)):
+        try:
+            text = parse_content(source["content"], "source.content", separator=BLOCK_SEPARATOR)
+        except APIError:
+            return None
+    else:
+        return None
+    title = block.get("title")
+    return f"{title}\n{text}" if isinstance(title, str) and title else text
+
+
 def anthropic_tool_use(block: dict, param: str) -> dict:
     """An assistant's tool_use block as an OpenAI tool call, arguments as an object (for the chat template)."""
-    if not isinstance(block.get("name"), str) or not isinstance(block.get("input", {}), dict):
+    if not isinstance(block.get("name"), str) or not isinstance(block.get("id"), str):
         raise invalid(f"{param} must be {{\"type\": \"tool_use\", \"id\": ..., \"name\": ..., \"input\": {{...}}}}", param)
-    return {"id": block.get("id"), "type": "function",
-            "function": {"name": block["name"], "arguments": block.get("input") or {}}}
+    return {"id": block["id"], "type": "function",
+            "function": {"name": block["name"], "arguments": tool_arguments(block.get("input") or {})}}
 
 
-def anthropic_tool_result(block: dict, param: str) -> dict:
-    """A user's tool_result block as a "tool" message; a failed call's result says it is an error."""
+def anthropic_tool_result(block: dict, param: str, seen_calls: set, catalog: dict[str, dict]) -> dict:
+    """A user's tool_result block as a "tool" message; a failed call's result says it is an error.
+
+    It must answer a tool_use sent earlier, as Anthropic requires. Its
+    tool_reference blocks (Claude Code's ToolSearch loading a deferred tool)
+    become the referenced tool's definition, as text where the result stands.
+    """
     if not isinstance(block.get("tool_use_id"), str):
         raise invalid(f"{param}.tool_use_id must be a string", param)
+    if block["tool_use_id"] not in seen_calls:
+        raise invalid(f"{param}.tool_use_id {block['tool_use_id'][:80]!r} answers no tool_use block of an earlier "
+                      "assistant message", f"{param}.tool_use_id")
     content = block.get("content")
+    if isinstance(content, list):
+        content = [tool_result_part(part, catalog, f"{param}.content[{i}]") for i, part in enumerate(content)]
     text = "" if content is None else parse_content(content, f"{param}.content", separator=BLOCK_SEPARATOR)
     return {"role": "tool", "tool_call_id": block["tool_use_id"],
             "content": f"Error: {text}" if block.get("is_error") else text}
+
+
+def tool_result_part(part: Any, catalog: dict[str, dict], param: str) -> Any:
+    """A tool_result's block as a text block where it holds text: a tool_reference becomes the definition
+    of the tool it names, a document its text; other blocks are left for parse_content to judge."""
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "document" and document_text(part) is not None:
+        return {"type": "text", "text": document_text(part)}
+    if kind != "tool_reference":
+        return part
+    tool = catalog.get(part.get("tool_name"))
+    if tool is None:
+        raise invalid(f"{param} references tool {json.dumps(part.get('tool_name'))[:80]}, which 'tools' does not "
+                      "declare", param)
+    return {"type": "text", "text": "Tool loaded: " + json.dumps(tool["function"], ensure_ascii=False)}
 
 
 def anthropic_tool_choice(choice: dict | None) -> str | dict | None:
@@ -2972,20 +3090,21 @@ def anthropic_tool_choice(choice: dict | None) -> str | dict | None:
                   "or {\"type\": \"none\"}", "tool_choice")
 
 
-def dialect_tools(tools: list, schema_field: str, served: Callable[[dict], bool]) -> list[dict]:
+def dialect_tools(tools: list, schema_field: str, served: Callable[[dict], bool], deferred: bool = False) -> list[dict]:
     """A dialect's tool list as OpenAI function tools.
 
-    Tools that `served` turns down (hosted web search, shells, namespaces:
-    things a local model cannot run) are skipped, not refused: agents send
-    them on every request. Each kept tool has a name and, under
-    `schema_field`, a JSON Schema for its arguments.
+    Tools that `served` turns down (hosted web search, shells: things a
+    local model cannot run) are skipped, not refused: agents send them on
+    every request. Each kept tool has a name and, under `schema_field`, a
+    JSON Schema for its arguments. Tools marked defer_loading are left out
+    unless `deferred` (they reach the model through a tool_reference).
     """
     out = []
     for i, tool in enumerate(tools):
         param = f"tools[{i}]"
         if not isinstance(tool, dict):
             raise invalid(f"'{param}' must be an object", param)
-        if not served(tool):
+        if not served(tool) or (tool.get("defer_loading") is True and not deferred):
             continue
         if not isinstance(tool.get("name"), str) or not tool["name"]:
             raise invalid(f"'{param}.name' must be a non-empty string", f"{param}.name")
@@ -3008,43 +3127,107 @@ RESPONSES_CHECKS = common_checks("model", "stream", "temperature", "top_p") + (
     Check("tool_choice", (str, dict), '"none", "auto", "required" or {"type": "function", "name": ...}'),
     Check("parallel_tool_calls", (bool,), "a boolean"),
     Check("text", (dict,), 'an object such as {"format": {"type": "text"}}'),
+    Check("metadata", (dict,), "an object of up to 16 string values",
+          lambda v: len(v) <= 16 and all(isinstance(x, str) for x in v.values())),
+    Check("store", (bool,), "a boolean"),
+    Check("previous_response_id", (str,), "the id of a response made with store: true"),
+    Check("reasoning", (dict,), 'an object such as {"effort": "low"}'),
 )
-# Fields that need state this server does not keep (it is stateless): refused by name.
-STATEFUL_FIELDS = {"previous_response_id": None, "conversation": None, "background": False}
+# Fields that need state this server does not keep: refused by name.
+STATEFUL_FIELDS = {"conversation": None, "background": False}
 RESPONSES_ROLES = ("user", "assistant", "system", "developer")
 RESPONSES_TEXT_PARTS = ("input_text", "output_text", "text")
+# Tools the API runs itself: a local model cannot, so they are left out of the prompt (and named once in the log).
+HOSTED_TOOLS = ("web_search", "web_search_preview", "web_search_2025_08_26", "web_search_preview_2025_03_11",
+                "file_search", "computer_use_preview", "computer", "code_interpreter", "image_generation", "mcp",
+                "local_shell", "shell", "apply_patch", "tool_search")
+CUSTOM_TOOL_PARAMETERS = {"type": "object", "properties": {RAW_ARGUMENTS_KEY: {"type": "string"}},
+                          "required": [RAW_ARGUMENTS_KEY]}  # a freeform tool, rendered as a function of one string
+NAMESPACE_SEPARATOR = "__"   # a namespace's tool is rendered as NAMESPACE__NAME
+_hosted_logged: set = set()  # hosted tool types already named in the log
 
 
-def parse_responses_request(body: dict, settings: Settings) -> GenerationRequest:
-    """Validate an OpenAI /v1/responses body; stateless, so the whole conversation is in `input`."""
+def parse_responses_request(body: dict, settings: Settings, previous: list[dict] | None = None) -> GenerationRequest:
+    """Validate an OpenAI /v1/responses body. `previous` is the conversation of previous_response_id
+    (the handler looks it up in the store), else the whole conversation is in `input`."""
     run_checks(body, RESPONSES_CHECKS)
     for field, harmless in STATEFUL_FIELDS.items():
         if body.get(field) not in (None, harmless):
-            raise invalid(f"'{field}' is not supported: this server keeps no responses or conversations; send the "
-                          "whole conversation in 'input' (as Codex does with store: false)", field,
+            raise invalid(f"'{field}' is not supported: this server keeps no conversations or background jobs; "
+                          "send the conversation in 'input' or chain responses with previous_response_id", field,
                           "unsupported_parameter")
     if body.get("input") is None:
         raise invalid("'input' is required", "input")
+    tools, kinds = responses_tools(body.get("tools") or [])
     messages = [{"role": "system", "content": body["instructions"]}] if body.get("instructions") else []
-    messages += responses_input(body["input"])
-    fields = {"tools": dialect_tools(body.get("tools") or [], "parameters", lambda t: t.get("type") == "function"),
-              "tool_choice": responses_tool_choice(body.get("tool_choice")),
+    messages += (previous or []) + responses_input(body["input"], kinds)
+    fields = {"tools": tools, "tool_choice": responses_tool_choice(body.get("tool_choice"), kinds),
               "response_format": responses_format((body.get("text") or {}).get("format"))}
-    effort = (body.get("reasoning") or {}).get("effort") if isinstance(body.get("reasoning"), dict) else None
+    effort = (body.get("reasoning") or {}).get("effort")
+    args = {"reasoning_effort": effort} if isinstance(effort, str) else {}
+    if effort == "none":  # asked not to reason: templates that can switch thinking off do
+        args["chat_template_kwargs"] = {"enable_thinking": False}
     return GenerationRequest(
         endpoint="responses", messages=tuple(messages), stream=bool(body.get("stream")),
         max_tokens=min(body.get("max_output_tokens") or settings.max_tokens, settings.max_tokens),
-        template_args=template_args({"reasoning_effort": effort if isinstance(effort, str) else None}, settings),
-        split_reasoning=settings.reasoning_format != "none",
+        template_args=template_args(args, settings), split_reasoning=settings.reasoning_format != "none",
+        show_reasoning=effort != "none", echo=responses_echo(body), tool_kinds=kinds,
         **output_fields("responses", fields, "text.format"),
         **sampling_fields({field: body.get(field) for field in ("temperature", "top_p")}, settings.sampling))
 
 
-def responses_input(items: str | list) -> list[dict]:
-    """Input items as chat messages: messages, function calls (joined to their assistant turn), call outputs.
+def responses_echo(body: dict) -> dict:
+    """What the response object repeats of the request, as OpenAI's does."""
+    text = body.get("text") if isinstance(body.get("text"), dict) else {}
+    return {"instructions": body.get("instructions"), "metadata": body.get("metadata") or {},
+            "text": {"format": text.get("format") or {"type": "text"}, "verbosity": text.get("verbosity") or "medium"},
+            "tool_choice": body.get("tool_choice") or "auto", "parallel_tool_calls": body.get("parallel_tool_calls",
+                                                                                             True) is not False,
+            "store": body.get("store") is not False, "previous_response_id": body.get("previous_response_id"),
+            "tools": [t for t in body.get("tools") or [] if isinstance(t, dict)],
+            "reasoning": body.get("reasoning")}
 
-    Reasoning items sent back are dropped; other item kinds are refused.
+
+def responses_tools(tools: list) -> tuple[list[dict], dict]:
+    """The Responses tools as function tools, and each rendered name's kind and namespace.
+
+    function tools are kept; custom (freeform) tools become functions of one
+    string; a namespace's tools are flattened to NAMESPACE__NAME; hosted
+    tools (web search, file search, computer use...) are left out and named
+    once in the log.
     """
+    out, kinds = [], {}
+    for i, tool in enumerate(tools):
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        group = tool.get("tools") if kind == "namespace" else [tool]
+        if kind == "namespace" and not (isinstance(group, list) and isinstance(tool.get("name"), str)):
+            raise invalid(f"'tools[{i}]' must be {{\"type\": \"namespace\", \"name\": ..., \"tools\": [...]}}",
+                          f"tools[{i}]")
+        for j, member in enumerate(group):
+            param = f"tools[{i}]" + (f".tools[{j}]" if kind == "namespace" else "")
+            member_kind = member.get("type") if isinstance(member, dict) else None
+            if member_kind not in ("function", "custom"):
+                if member_kind in HOSTED_TOOLS and member_kind not in _hosted_logged:
+                    _hosted_logged.add(member_kind)
+                    log.info("tools of type %r are run by OpenAI's servers, not this one: left out of the prompt",
+                             member_kind)
+                elif not isinstance(member, dict):
+                    raise invalid(f"'{param}' must be an object", param)
+                continue
+            schema = CUSTOM_TOOL_PARAMETERS if member_kind == "custom" else member.get("parameters")
+            (function,) = dialect_tools([{**member, "parameters": schema}], "parameters", lambda t: True)
+            name = function["function"]["name"]
+            rendered = f"{tool['name']}{NAMESPACE_SEPARATOR}{name}" if kind == "namespace" else name
+            function["function"]["name"] = rendered
+            kinds[rendered] = {"kind": member_kind, "name": name, "namespace": tool["name"] if kind == "namespace"
+                               else None}
+            out.append(function)
+    return out, kinds
+
+
+def responses_input(items: str | list, kinds: dict | None = None) -> list[dict]:
+    """Input items as chat messages: messages, function and custom tool calls (joined to their assistant
+    turn), their outputs. Reasoning items sent back are dropped; other item kinds are refused."""
     if isinstance(items, str):
         return [{"role": "user", "content": items}]
     messages: list[dict] = []
@@ -3053,19 +3236,30 @@ def responses_input(items: str | list) -> list[dict]:
         kind = item.get("type", "message") if isinstance(item, dict) else None
         if kind == "message":
             messages.append(responses_message(item, param))
-        elif kind == "function_call":
-            call = parse_tool_calls([{"id": item.get("call_id"), "type": "function", "function": {
-                "name": item.get("name"), "arguments": item.get("arguments")}}], param)[0]
+        elif kind in ("function_call", "custom_tool_call"):
+            call = responses_call(item, param, kind)
             if messages and messages[-1]["role"] == "assistant":
                 messages[-1]["tool_calls"] = messages[-1].get("tool_calls", []) + [call]
             else:
                 messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
-        elif kind == "function_call_output":
+        elif kind in ("function_call_output", "custom_tool_call_output"):
             messages.append(responses_call_output(item, param))
         elif kind != "reasoning":
             raise invalid(f"{param} is a {json.dumps(kind)[:40]} item; this server takes message, function_call, "
-                          "function_call_output and reasoning items", param)
+                          "custom_tool_call, their outputs, and reasoning items", param)
     return messages
+
+
+def responses_call(item: dict, param: str, kind: str) -> dict:
+    """A replayed function_call or custom_tool_call item as a chat tool call, named as the tools render it."""
+    name = item.get("name")
+    if isinstance(name, str) and isinstance(item.get("namespace"), str):
+        name = f"{item['namespace']}{NAMESPACE_SEPARATOR}{name}"
+    arguments = item.get("arguments")
+    if kind == "custom_tool_call":
+        arguments = {RAW_ARGUMENTS_KEY: item.get("input") if isinstance(item.get("input"), str) else ""}
+    return parse_tool_calls([{"id": item.get("call_id"), "type": "function", "function": {
+        "name": name, "arguments": arguments}}], param)[0]
 
 
 def responses_message(item: dict, param: str) -> dict:
@@ -3080,7 +3274,7 @@ def responses_message(item: dict, param: str) -> dict:
 
 
 def responses_call_output(item: dict, param: str) -> dict:
-    """A function_call_output item as a "tool" message answering its call_id."""
+    """A function_call_output (or custom_tool_call_output) item as a "tool" message answering its call_id."""
     if not isinstance(item.get("call_id"), str):
         raise invalid(f"{param}.call_id must be a string", f"{param}.call_id")
     output = item.get("output")
@@ -3089,12 +3283,22 @@ def responses_call_output(item: dict, param: str) -> dict:
     return {"role": "tool", "tool_call_id": item["call_id"], "content": text}
 
 
-def responses_tool_choice(choice: str | dict | None) -> str | dict | None:
-    """The Responses tool_choice in chat's terms ({"type": "function", "name"} names one function)."""
+def responses_tool_choice(choice: str | dict | None, kinds: dict) -> str | dict | None:
+    """The Responses tool_choice in chat's terms ({"type": "function" or "custom", "name"} names one tool).
+
+    Forcing a hosted tool, which this server cannot run, is a 400 naming it.
+    """
     if choice is None or choice in ("none", "auto", "required"):
         return choice
-    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("name"), str):
-        return {"type": "function", "function": {"name": choice["name"]}}
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    if kind in HOSTED_TOOLS:
+        raise invalid(f"'tool_choice' forces the hosted tool {kind!r}, which OpenAI's servers run and this server "
+                      "cannot; offer it without forcing it", "tool_choice")
+    if kind in ("function", "custom") and isinstance(choice.get("name"), str):
+        name = choice["name"]
+        if isinstance(choice.get("namespace"), str):
+            name = f"{choice['namespace']}{NAMESPACE_SEPARATOR}{name}"
+        return {"type": "function", "function": {"name": name}}
     raise invalid("'tool_choice' must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", \"name\": ...}",
                   "tool_choice")
 
@@ -3378,6 +3582,9 @@ def plan_memory(settings: Settings, model: Model) -> MemoryPlan:
             memory, source = settings.memory_bytes, "--memory-bytes"
     weights, token = weights_bytes(model), max(kv_token_bytes(model), 1)
     kv = max(memory - weights, 0)
+    if kv < BATCH_RESERVE_TOKENS * token:
+        log.warning("the weights (%d bytes) leave %d of the %d bytes of %s for KV caches: under %d tokens of "
+                    "context; longer requests will be refused", weights, kv, memory, source, BATCH_RESERVE_TOKENS)
     cache = settings.prompt_cache_bytes
     if cache is None:
         cache = kv - min(kv // 2, settings.max_requests * BATCH_RESERVE_TOKENS * token)
@@ -3858,6 +4065,7 @@ class Job:
     deadline: float
     events: queue.Queue = dataclasses.field(default_factory=queue.Queue)
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+    admitted: threading.Event = dataclasses.field(default_factory=threading.Event)  # set once cached_tokens is known
     completion_tokens: int = 0
     reasoning_tokens: int = 0               # of completion_tokens, those sampled inside a thinking block
     cached_tokens: int = 0                  # prompt tokens served from the prompt cache
@@ -4105,11 +4313,11 @@ class CacheFolder:
         files = sorted(self.folder.glob(f"{self.PREFIX}{self.identity[:16]}-*.safetensors"),
                        key=lambda p: p.stat().st_mtime, reverse=True)
         chosen, total = [], 0
-        for path in files:
-            total += path.stat().st_size
-            if total > cache.max_bytes:
+        for path in files:  # the newest always: store() cuts it to the budget if it must
+            if total >= cache.max_bytes:
                 break
             chosen.append(path)
+            total += path.stat().st_size
         restored = 0
         for path in reversed(chosen):  # oldest first: the newest ends up most recently used
             restored += self._restore_one(path, cache)
@@ -4421,6 +4629,11 @@ class GroupLink:
     in which nothing changed costs one all_sum of 16 bytes. The ranks trust
     each other: their link must be private (Thunderbolt, a private network),
     as mx.distributed's own traffic must be.
+
+    While the group is idle (the last share asked for no step), a rank
+    waiting in a collective would spin (MLX's backends poll), so rank 0 rings
+    a doorbell, a byte on each lifeline, before the next share, and a rank
+    with a lifeline blocks on it until then instead.
     """
 
     STEP, SHUTDOWN = 1, 2
@@ -4429,6 +4642,20 @@ class GroupLink:
         self.group = group
         self.rank, self.size = group.rank(), group.size()
         self.stop_voted = False   # not rank 0: a signal asked this rank to stop
+        self.bells: dict[int, socket.socket] = {}   # lifelines (Lifelines.sockets), which carry the doorbells
+        self.rung = threading.Semaphore(0)          # not rank 0: doorbells received and not yet answered
+        self.idle = False                           # the last share asked for no step
+
+    def ring(self) -> None:
+        """Rank 0: tell every rank with a lifeline that a share is coming."""
+        for sock in list(self.bells.values()):
+            with contextlib.suppress(OSError):  # a lost rank: its lifeline's watcher says so
+                sock.sendall(b"\x01")
+
+    def heard(self, count: int) -> None:
+        """Another rank: `count` doorbells came in on the lifeline."""
+        for _ in range(count):
+            self.rung.release()
 
     def share(self, ops: list, flags: int, check: int, stream: Any) -> tuple[list, int, int, int]:
         """(ops, flags, token check) as rank 0 sent them, with how many other ranks vote to stop."""
@@ -4438,9 +4665,14 @@ class GroupLink:
         if len(payload) >= 2**31:
             raise GroupFailure(f"one step's changes take {len(payload)} bytes, over the 2 GiB a step can send")
         header = [len(payload), flags, 0, check] if leader else [0, 0, int(self.stop_voted), 0]
+        if self.idle and leader:  # the others may be blocked on their lifelines: wake them
+            self.ring()
+        elif self.idle and self.bells:
+            self.rung.acquire()
         with mx.stream(stream):
             size, flags, votes, check = mx.distributed.all_sum(
                 mx.array(header, dtype=mx.int32), group=self.group).tolist()
+            self.idle = not flags & (self.STEP | self.SHUTDOWN)
             if not size:
                 return [], flags, votes, check
             data = mx.array(payload) if leader else mx.zeros((size,), dtype=mx.uint8)
@@ -4493,17 +4725,21 @@ class Lifelines:
             self._connect(host, port)
 
     def wait_for_loss(self) -> str | None:
-        """Block until a lifeline breaks and say whose process ended; None at once when there are none."""
+        """Block until a lifeline breaks and say whose process ended; None at once when there are none.
+
+        Bytes that come in meanwhile are rank 0's doorbells (GroupLink.ring).
+        """
         ranks = {sock: rank for rank, sock in self.sockets.items()}
         while ranks:
             readable, _, _ = select.select(list(ranks), [], [])
             for sock in readable:
                 try:
-                    data = sock.recv(64)
+                    data = sock.recv(4096)
                 except OSError:
                     data = b""
                 if not data:
                     return f"rank {ranks[sock]}'s process has ended (its lifeline closed)"
+                self.link.heard(len(data))
         return None
 
     def _listen(self, host: str) -> socket.socket | None:
@@ -4840,6 +5076,7 @@ class Engine:
         wakes main(), which exits non-zero.
         """
         lifelines = Lifelines(self.link)
+        self.link.bells = lifelines.sockets
         self.progress_at = time.monotonic()
         threading.Thread(target=self._watch_progress, name="lem-watchdog", daemon=True).start()
         threading.Thread(target=self._watch_lifelines, args=(lifelines,), name="lem-lifelines", daemon=True).start()
@@ -4945,6 +5182,7 @@ class Engine:
             self._note_cache()
         if measure:
             job.cached_tokens = cached
+        job.admitted.set()
         return uid
 
     def _step_or_recover(self) -> None:
@@ -5160,15 +5398,15 @@ class ToolCallScanner:
         except Exception as exc:  # parsers raise what they like on malformed calls
             log.warning("could not parse a tool call (%r): %r", exc, body[:200])
             return []
-        return [openai_tool_call(call) for call in (parsed if isinstance(parsed, list) else [parsed])
+        return [openai_tool_call(call, self.tools) for call in (parsed if isinstance(parsed, list) else [parsed])
                 if isinstance(call, dict) and isinstance(call.get("name"), str)]
 
 
-def openai_tool_call(call: dict) -> dict:
-    """A parsed call ({"name", "arguments"}) in OpenAI's tool_calls shape: arguments as a JSON string."""
-    arguments = call.get("arguments", {})
-    if not isinstance(arguments, str):
-        arguments = json.dumps(arguments, ensure_ascii=False)
+def openai_tool_call(call: dict, tools: list[dict] = ()) -> dict:
+    """A parsed call ({"name", "arguments"}) in OpenAI's tool_calls shape: arguments as the JSON text of an
+    object, repaired or wrapped by tool_arguments when the model wrote something else."""
+    schema = next((t["function"].get("parameters") for t in tools if t["function"]["name"] == call["name"]), None)
+    arguments = json.dumps(tool_arguments(call.get("arguments", {}), schema), ensure_ascii=False)
     return {"id": call.get("id") or f"call_{uuid.uuid4().hex[:24]}", "type": "function",
             "function": {"name": call["name"], "arguments": arguments}}
 
@@ -5209,6 +5447,7 @@ class Writer:
     """
 
     keepalive = SSE_KEEPALIVE   # what a stream sends after KEEPALIVE_SECONDS of silence
+    opens_when_admitted = False  # hold opening() until the engine has taken the job (its usage is then known)
 
     def __init__(self, job: Job, model: str, scanner: ToolCallScanner | None):
         self.job, self.request, self.model, self.scanner = job, job.request, model, scanner
@@ -5220,8 +5459,8 @@ class Writer:
 
         `choice` is the event's choice (ChoicesWriter routes by it; one choice has index 0).
         """
-        if kind == "reasoning":
-            return self.reasoning(value)
+        if kind == "reasoning":  # a dialect shows it only when asked (a template may think regardless)
+            return self.reasoning(value) if self.request.show_reasoning else b""
         text, calls = (value if kind == "text" else ""), []
         if self.scanner is not None:
             text, calls = self.scanner.feed(value) if kind == "text" else (self.scanner.flush(), [])
@@ -5236,6 +5475,7 @@ class Writer:
     def reply(self, results: list[tuple[str, str, list[dict], str]]) -> dict:
         """The non-streaming response body from each choice's (text, finish reason, logprobs, reasoning)."""
         text, reason, logprobs, reasoning = results[0]
+        reasoning = reasoning if self.request.show_reasoning else ""
         calls = []
         if self.scanner is not None:
             text, calls = self.scanner.feed(text)
@@ -5400,6 +5640,14 @@ def tool_use_block(call: dict) -> dict:
             "input": arguments if isinstance(arguments, dict) else {}}
 
 
+SIGNATURE_KEY = secrets.token_bytes(32)   # signs this process's thinking blocks; a restart makes new ones
+
+
+def thinking_signature(text: str) -> str:
+    """The signature of a thinking block, opaque as Anthropic's: an HMAC of its text, in base64."""
+    return base64.b64encode(hmac.new(SIGNATURE_KEY, text.encode(), "sha256").digest()).decode()
+
+
 class MessagesWriter(Writer):
     """Anthropic's /v1/messages: a message of content blocks; a stream of named events.
 
@@ -5410,12 +5658,14 @@ class MessagesWriter(Writer):
     """
 
     keepalive = sse_event({"type": "ping"}, "ping")
+    opens_when_admitted = True   # message_start carries the prompt's cache use, known once the engine takes the job
 
     def __init__(self, job: Job, model: str, scanner: ToolCallScanner | None):
         super().__init__(job, model, scanner)
         self.id = new_id("msg_")
         self.blocks = 0                      # content blocks started so far
         self.open_block: str | None = None   # the type of the block being streamed, if one is open
+        self.thought = ""                    # the open thinking block's text, for its signature
 
     def _event(self, name: str, **fields: Any) -> bytes:
         return sse_event({"type": name, **fields}, name)
@@ -5429,8 +5679,9 @@ class MessagesWriter(Writer):
     def _stop(self) -> bytes:
         if self.open_block is None:
             return b""
-        # A thinking block ends with its signature, as Anthropic's do; a local model has none to give.
-        signed = self._delta({"type": "signature_delta", "signature": ""}) if self.open_block == "thinking" else b""
+        # A thinking block ends with its signature, as Anthropic's do.
+        signed = (self._delta({"type": "signature_delta", "signature": thinking_signature(self.thought)})
+                  if self.open_block == "thinking" else b"")
         self.open_block = None
         return signed + self._event("content_block_stop", index=self.blocks - 1)
 
@@ -5443,6 +5694,7 @@ class MessagesWriter(Writer):
     def reasoning(self, text: str) -> bytes:
         opening = b"" if self.open_block == "thinking" else self._start({"type": "thinking", "thinking": "",
                                                                           "signature": ""})
+        self.thought = text if opening else self.thought + text
         return opening + self._delta({"type": "thinking_delta", "thinking": text})
 
     def text(self, text: str, logprobs: list[dict]) -> bytes:
@@ -5467,7 +5719,8 @@ class MessagesWriter(Writer):
         return self._event("error", error=error.anthropic_body()["error"])
 
     def body(self, text: str, calls: list[dict], reason: str, logprobs: list[dict], reasoning: str) -> dict:
-        content = [{"type": "thinking", "thinking": reasoning, "signature": ""}] if reasoning else []
+        content = [{"type": "thinking", "thinking": reasoning, "signature": thinking_signature(reasoning)}] \
+            if reasoning else []
         content += [{"type": "text", "text": text}] if text.strip() or (text and not calls) else []
         content += [tool_use_block(call) for call in calls]
         return self._message(content, *self._stop_reason(reason, bool(calls)))
@@ -5498,21 +5751,36 @@ def output_text_part(text: str) -> dict:
 
 
 def message_item(text: str, status: str = "completed") -> dict:
-    """An assistant message output item holding `text` (no content part yet when empty and in progress)."""
-    content = [output_text_part(text)] if status == "completed" else []
+    """An assistant message output item holding `text` (no content part yet while in progress)."""
+    content = [output_text_part(text)] if status != "in_progress" else []
     return {"id": new_id("msg_"), "type": "message", "status": status, "role": "assistant", "content": content}
 
 
 def reasoning_item(text: str, status: str = "completed") -> dict:
     """A reasoning output item: the model's reasoning as one reasoning_text part (none yet while in progress)."""
-    content = [{"type": "reasoning_text", "text": text}] if status == "completed" else []
+    content = [{"type": "reasoning_text", "text": text}] if status != "in_progress" else []
     return {"id": new_id("rs_"), "type": "reasoning", "summary": [], "content": content, "status": status}
 
 
-def function_call_item(call: dict) -> dict:
-    """A parsed tool call (OpenAI chat's shape) as a function_call output item."""
+def function_call_item(call: dict, kinds: dict) -> dict:
+    """A parsed tool call (OpenAI chat's shape) as a function_call output item, or a custom_tool_call one
+    (its raw input) for a custom tool; a namespace's tool under its own name and namespace."""
+    rendered, arguments = call["function"]["name"], call["function"]["arguments"]
+    kind = kinds.get(rendered) or {"kind": "function", "name": rendered, "namespace": None}
+    named = {"name": kind["name"], **({"namespace": kind["namespace"]} if kind["namespace"] else {})}
+    if kind["kind"] == "custom":
+        parsed = json.loads(arguments)
+        raw = parsed[RAW_ARGUMENTS_KEY] if list(parsed) == [RAW_ARGUMENTS_KEY] and isinstance(
+            parsed[RAW_ARGUMENTS_KEY], str) else arguments
+        return {"id": new_id("ctc_"), "type": "custom_tool_call", "call_id": call["id"], **named, "input": raw}
     return {"id": new_id("fc_"), "type": "function_call", "status": "completed", "call_id": call["id"],
-            "name": call["function"]["name"], "arguments": call["function"]["arguments"]}
+            **named, "arguments": arguments}
+
+
+def response_error(error: APIError) -> dict:
+    """A failure as the Responses API's error object: its code is one of that API's codes."""
+    code = "rate_limit_exceeded" if error.status == HTTPStatus.TOO_MANY_REQUESTS else "server_error"
+    return {"code": code, "message": error.message}
 
 
 class ResponsesWriter(Writer):
@@ -5520,9 +5788,10 @@ class ResponsesWriter(Writer):
 
     A stream is response.created and response.in_progress, then each output
     item between response.output_item.added and response.output_item.done
-    (a message's text as one output_text part; a function call's arguments),
-    then response.completed, or response.incomplete when the token budget ran
-    out. Another kind of item is one more item builder and its own events.
+    (a message's text as one output_text part; a function call's arguments,
+    a custom tool call's input), then response.completed, or
+    response.incomplete when the token budget ran out (the item it cut is
+    "incomplete" too). The finished response is kept in `final` (for the store).
     """
 
     def __init__(self, job: Job, model: str, scanner: ToolCallScanner | None):
@@ -5534,6 +5803,7 @@ class ResponsesWriter(Writer):
         self.message_text = ""
         self.thought: dict | None = None     # the reasoning item being streamed, if one is open
         self.thought_text = ""
+        self.final: dict | None = None       # the response once it completed or ran out of budget
 
     def _event(self, kind: str, **fields: Any) -> bytes:
         self.sequence += 1
@@ -5552,10 +5822,10 @@ class ResponsesWriter(Writer):
         return out + self._event("response.reasoning_text.delta", item_id=self.thought["id"],
                                  output_index=len(self.output), content_index=0, delta=text)
 
-    def _close_reasoning(self) -> bytes:
+    def _close_reasoning(self, status: str = "completed") -> bytes:
         if self.thought is None:
             return b""
-        item = {**self.thought, "status": "completed", "content": [{"type": "reasoning_text", "text": self.thought_text}]}
+        item = {**self.thought, "status": status, "content": [{"type": "reasoning_text", "text": self.thought_text}]}
         where = {"item_id": item["id"], "output_index": len(self.output), "content_index": 0}
         self.output.append(item)
         self.thought = None
@@ -5574,11 +5844,11 @@ class ResponsesWriter(Writer):
     def _where(self) -> dict:
         return {"item_id": self.message["id"], "output_index": len(self.output), "content_index": 0}
 
-    def _close_message(self) -> bytes:
+    def _close_message(self, status: str = "completed") -> bytes:
         if self.message is None:
             return b""
         where, part = self._where(), output_text_part(self.message_text)
-        item = {**self.message, "status": "completed", "content": [part]}
+        item = {**self.message, "status": status, "content": [part]}
         self.output.append(item)
         self.message = None
         return (self._event("response.output_text.done", **where, text=part["text"], logprobs=[])
@@ -5587,41 +5857,86 @@ class ResponsesWriter(Writer):
 
     def tool_calls(self, calls: list[dict]) -> bytes:
         out = [self._close_reasoning(), self._close_message()]
-        for item in map(function_call_item, calls):
+        for item in (function_call_item(call, self.request.tool_kinds) for call in calls):
             where = {"item_id": item["id"], "output_index": len(self.output)}
-            out += [self._event("response.output_item.added", output_index=where["output_index"],
-                                item={**item, "status": "in_progress", "arguments": ""}),
-                    self._event("response.function_call_arguments.delta", **where, delta=item["arguments"]),
-                    self._event("response.function_call_arguments.done", **where, name=item["name"],
-                                arguments=item["arguments"]),
+            custom = item["type"] == "custom_tool_call"
+            field, stem = ("input", "custom_tool_call_input") if custom else ("arguments", "function_call_arguments")
+            added = {**item, field: ""} if custom else {**item, "status": "in_progress", field: ""}
+            out += [self._event("response.output_item.added", output_index=where["output_index"], item=added),
+                    self._event(f"response.{stem}.delta", **where, delta=item[field]),
+                    self._event(f"response.{stem}.done", **where, **{field: item[field]}),
                     self._event("response.output_item.done", output_index=where["output_index"], item=item)]
             self.output.append(item)
         return b"".join(out)
 
     def finish(self, reason: str) -> bytes:
-        out = self._close_reasoning() + self._close_message()
         status = "incomplete" if reason == "length" else "completed"
-        return out + self._event(f"response.{status}", response=self._response(status, self.output))
+        out = self._close_reasoning(status) + self._close_message(status)
+        self.final = self._response(status, self.output)
+        return out + self._event(f"response.{status}", response=self.final)
 
     def failure(self, error: APIError) -> bytes:
-        failed = {"code": error.code or error.type, "message": error.message}
-        return self._event("response.failed", response=self._response("failed", self.output, failed))
+        return self._event("response.failed", response=self._response("failed", self.output, response_error(error)))
 
     def body(self, text: str, calls: list[dict], reason: str, logprobs: list[dict], reasoning: str) -> dict:
-        output = [reasoning_item(reasoning)] if reasoning else []
-        output += [message_item(text)] if text.strip() or (text and not calls) else []
-        output += [function_call_item(call) for call in calls]
-        return self._response("incomplete" if reason == "length" else "completed", output)
+        status = "incomplete" if reason == "length" else "completed"
+        shows_text = bool(text.strip() or (text and not calls))
+        cut = "incomplete" if status == "incomplete" and not calls else "completed"  # the last item is the one cut
+        output = [reasoning_item(reasoning, cut if not shows_text else "completed")] if reasoning else []
+        output += [message_item(text, cut)] if shows_text else []
+        output += [function_call_item(call, self.request.tool_kinds) for call in calls]
+        self.final = self._response(status, output)
+        return self.final
 
     def _response(self, status: str, output: list[dict], error: dict | None = None) -> dict:
-        """The response object; usage once generation has ended, incomplete_details when the budget ran out."""
+        """The response object; usage once generation has ended, incomplete_details when the budget ran out.
+
+        It repeats the request's instructions, metadata, text, tools,
+        tool_choice and parallel_tool_calls, as OpenAI's does.
+        """
         request, ended = self.request, status in ("completed", "incomplete")
+        echo = {"instructions": None, "metadata": {}, "text": {"format": {"type": "text"}}, "tool_choice": "auto",
+                "parallel_tool_calls": True, "previous_response_id": None, "reasoning": None, "tools": [],
+                **{k: v for k, v in request.echo.items() if k != "store"}}  # the SDK's Response has no store
         return {"id": self.id, "object": "response", "created_at": self.created, "status": status, "error": error,
                 "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
-                "model": self.model, "output": output, "parallel_tool_calls": True,
-                "tool_choice": request.tool_choice, "tools": [{"type": "function", **t["function"]} for t in request.tools],
+                **echo, "model": self.model, "output": output,
+                "completed_at": int(time.time()) if status == "completed" else None,
                 "temperature": request.temperature, "top_p": request.top_p, "max_output_tokens": request.max_tokens,
-                "store": False, "usage": responses_usage(self.job) if ended else None}
+                "usage": responses_usage(self.job) if ended else None}
+
+
+def responses_conversation(request: GenerationRequest, response: dict) -> list[dict]:
+    """What a later request's previous_response_id continues: this request's messages and the response's
+    output, as chat messages; the instructions are left out (a later request gives its own, as OpenAI's do)."""
+    messages = list(request.messages[1:] if request.echo.get("instructions") else request.messages)
+    return messages + responses_input(response["output"], request.tool_kinds)
+
+
+def model_capabilities(model: Any) -> tuple[bool, bool]:
+    """(whether the model thinks, whether it calls tools), as its chat template and tokenizer tell."""
+    tokenizer = model.tokenizer
+    return bool(getattr(tokenizer, "has_thinking", False)), bool(getattr(tokenizer, "has_tool_calling", False))
+
+
+def anthropic_model_info(settings: Settings, context: int, reasons: bool, tools: bool, created: int) -> dict:
+    """The served model as Anthropic's ModelInfo: context window, output ceiling and capabilities.
+
+    Anthropic's capability list has no tool-use entry (all its models call
+    tools), so whether this one does goes in an extra `tool_use` entry.
+    """
+    no, yes = {"supported": False}, {"supported": True}
+    thinking = {"supported": reasons, "types": {"enabled": {"supported": reasons}, "adaptive": {"supported": reasons},
+                                                "disabled": yes, "between_tools": no}}
+    capabilities = {"batch": no, "citations": no, "code_execution": no, "context_management": no,
+                    "effort": {"supported": False, "low": no, "medium": no, "high": no, "max": no},
+                    "image_input": no, "pdf_input": no, "server_tools": {"supported": False, "code_execution": no,
+                                                                           "web_search": no},
+                    "structured_outputs": yes, "thinking": thinking, "tool_use": {"supported": tools}}
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created))
+    return {"type": "model", "id": settings.model_name, "display_name": settings.model_name, "created_at": stamp,
+            "lifecycle": "active", "max_input_tokens": context, "max_tokens": settings.max_tokens,
+            "capabilities": capabilities}
 
 
 WRITERS: dict[str, type[Writer]] = {"chat": ChatWriter, "completions": ChatWriter,
@@ -5848,6 +6163,21 @@ def check_json_value(value: Any) -> None:
             stack.extend((child, depth + 1) for child in (item if isinstance(item, list) else [*item, *item.values()]))
 
 
+def gunzip_body(raw: bytes, limit: int) -> bytes:
+    """A gzip-encoded request body, inflated; a 413 once it would pass `limit` bytes (a zip bomb stops there)."""
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        body = inflater.decompress(raw, limit + 1)
+    except zlib.error as exc:
+        raise invalid(f"request body is not valid gzip: {exc}") from None
+    if len(body) > limit:
+        raise APIError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "invalid_request_error",
+                       f"request body inflates to more than {limit} bytes, the limit", code="body_too_large")
+    if not inflater.eof:
+        raise invalid("request body is truncated gzip")
+    return body
+
+
 def host_name(header: str) -> str:
     """The name in a Host header: lower-case, without port, brackets or trailing dot."""
     header = header.strip().lower()
@@ -5872,11 +6202,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
     status_sent: int | None = None
     body_read = False
     cors_origin: str | None = None
+    request_id: str | None = None
 
     GET_ROUTES = {"/": "page", "/chat.js": "chat_js", "/healthz": "healthz", "/metrics": "metrics",
                   "/v1/models": "models"}
     POST_ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/messages": "messages",
                    "/v1/messages/count_tokens": "count_tokens", "/v1/responses": "responses"}
+    PREFIX_ROUTES = {"/v1/models/": "model", "/v1/responses/": "stored_response"}   # GET /v1/models/ID ...
     ANTHROPIC_PATHS = ("/v1/messages", "/v1/messages/")   # the path, or a prefix: errors there are Anthropic's
     PREFLIGHT_ROUTES = dict.fromkeys([*GET_ROUTES, *POST_ROUTES], "preflight")
 
@@ -5931,6 +6263,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.log_tokens = (0, 0)
         self.cors_origin = None
         self.route_path = self.path.split("?", 1)[0]
+        self.request_id = new_id("req_")
         with self.server.exchange():
             try:
                 if self.server.stopping:
@@ -5938,7 +6271,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 path = self.route_path
                 self._check_host()
                 self._check_origin()
-                name = routes.get(path)
+                name = routes.get(path) or self._prefix_route(routes, path)
                 if name is None:
                     self._refuse_route(path)
                 if name != "preflight" and (path.startswith("/v1/") or path == "/metrics"):
@@ -5962,9 +6295,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self._log_request()
                 self._record_request()
 
+    def _prefix_route(self, routes: dict[str, str], path: str) -> str | None:
+        """The route of a path that names one resource (/v1/models/ID), its id in self.resource_id."""
+        prefix = next((p for p in self.PREFIX_ROUTES if path.startswith(p) and len(path) > len(p)), None)
+        if prefix is None or routes not in (self.GET_ROUTES, self.PREFLIGHT_ROUTES):
+            return None
+        self.resource_id = urllib.parse.unquote(path[len(prefix):])
+        return "preflight" if routes is self.PREFLIGHT_ROUTES else self.PREFIX_ROUTES[prefix]
+
     @classmethod
     def methods_for(cls, path: str) -> list[str]:
         """The methods a known path answers (OPTIONS aside); empty for an unknown path."""
+        if any(path.startswith(p) and len(path) > len(p) for p in cls.PREFIX_ROUTES):
+            return ["GET"]
         return [m for m, table in (("GET", cls.GET_ROUTES), ("POST", cls.POST_ROUTES)) if path in table]
 
     def _refuse_route(self, path: str) -> None:
@@ -6017,7 +6360,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if not any(given is not None and hmac.compare_digest(given.strip().encode(), key.encode()) for given in offered):
             raise APIError(HTTPStatus.UNAUTHORIZED, "authentication_error",
                            "missing or wrong API key: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'",
-                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer", "x-should-retry": "false"})
 
     def parse_request(self) -> bool:
         """http.server's request-line and header parsing, refusing HTTP/0.9 with 505."""
@@ -6039,6 +6382,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                          code=status.phrase.lower().replace(" ", "_").replace("-", "_"))
         # The path is known only when the request line parsed (command set); else it may be the last request's.
         self.route_path = self.path.split("?", 1)[0] if self.command else ""
+        self.request_id = new_id("req_")
         self._send_json(self._error_body(error), status)
         self.server.metrics.record_request("other", str(int(status)), 0.0)
 
@@ -6052,10 +6396,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._send_json(self._error_body(error), error.status, error.headers)
 
     def _error_body(self, error: APIError) -> dict:
-        """The error in the envelope of the API that was called: Anthropic's under /v1/messages, else OpenAI's."""
+        """The error in the envelope of the API that was called: Anthropic's under /v1/messages (and on
+        /v1/models when the client sent anthropic-version), else OpenAI's."""
+        if self._anthropic():
+            return {**error.anthropic_body(), "request_id": getattr(self, "request_id", None)}
+        return error.body()
+
+    def _anthropic(self) -> bool:
+        """Whether this exchange speaks Anthropic's API: its paths, or the model list asked by its SDK."""
         path = self.route_path
-        anthropic = path == self.ANTHROPIC_PATHS[0] or path.startswith(self.ANTHROPIC_PATHS[1])
-        return error.anthropic_body() if anthropic else error.body()
+        if path == "/v1/models" or path.startswith("/v1/models/"):
+            return self.headers.get("anthropic-version") is not None
+        return path == self.ANTHROPIC_PATHS[0] or path.startswith(self.ANTHROPIC_PATHS[1])
 
     # -- plain responses ----------------------------------------------------
 
@@ -6076,13 +6428,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _send_common_headers(self) -> None:
-        """Headers every response carries: nosniff, and CORS for an allowed origin."""
+        """Headers every response carries: nosniff, the request's id (in the called API's header), and CORS
+        for an allowed origin."""
         self.send_header("X-Content-Type-Options", "nosniff")
+        if getattr(self, "request_id", None) and self.route_path.startswith("/v1/"):
+            self.send_header("request-id" if self._anthropic() else "x-request-id", self.request_id)
         if self.server.settings.allowed_origins:
             self.send_header("Vary", "Origin")
         if self.cors_origin is not None:
             self.send_header("Access-Control-Allow-Origin", self.cors_origin)
-            self.send_header("Access-Control-Expose-Headers", f"Retry-After, {WINDOW_HEADER}")
+            self.send_header("Access-Control-Expose-Headers", f"Retry-After, {WINDOW_HEADER}, x-request-id, request-id")
 
     def _send_json(self, payload: dict, status: int = HTTPStatus.OK, headers: dict[str, str] | None = None) -> None:
         try:
@@ -6133,10 +6488,35 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
 
     def route_models(self) -> None:
-        server = self.server
-        self._send_json({"object": "list", "data": [{
-            "id": server.settings.model_name, "object": "model",
-            "created": server.created, "owned_by": "lem-serve"}]})
+        """The one model, in Anthropic's list shape when its SDK asks (anthropic-version), else OpenAI's."""
+        info = self._model_info()
+        if self._anthropic():
+            self._send_json({"data": [info], "first_id": info["id"], "last_id": info["id"], "has_more": False})
+        else:
+            self._send_json({"object": "list", "data": [info]})
+
+    def route_model(self) -> None:
+        """GET /v1/models/ID: the served model by its id; another id is a 404."""
+        if self.resource_id != self.server.settings.model_name:
+            raise APIError(HTTPStatus.NOT_FOUND, "invalid_request_error",
+                           f"model {self.resource_id[:100]!r} is not served here; GET /v1/models lists the one that "
+                           "is", "model", "model_not_found")
+        self._send_json(self._model_info())
+
+    def _model_info(self) -> dict:
+        """The served model: context window, output ceiling, whether it thinks and calls tools."""
+        server, model = self.server, self.server.model
+        reasons, tools = model_capabilities(model)
+        if self._anthropic():
+            return anthropic_model_info(server.settings, model.context_length, reasons, tools, server.created)
+        return {"id": server.settings.model_name, "object": "model", "created": server.created,
+                "owned_by": "lem-serve", "context_length": model.context_length,
+                "max_output_tokens": server.settings.max_tokens,
+                "capabilities": {"reasoning": reasons, "tool_calling": tools}}
+
+    def route_stored_response(self) -> None:
+        """GET /v1/responses/ID: a response kept by the store (store: true); unknown or evicted is a 404."""
+        self._send_json(self.server.responses.get(self.resource_id)["response"])
 
     # -- POST routes --------------------------------------------------------
 
@@ -6150,7 +6530,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._generate(parse_messages_request(self._read_json(), self.server.settings))
 
     def route_responses(self) -> None:
-        self._generate(parse_responses_request(self._read_json(), self.server.settings))
+        body = self._read_json()
+        previous = None
+        if isinstance(body.get("previous_response_id"), str):
+            previous = self.server.responses.get(body["previous_response_id"], "previous_response_id")["conversation"]
+        self._generate(parse_responses_request(body, self.server.settings, previous))
 
     def route_count_tokens(self) -> None:
         """Anthropic's count_tokens: the prompt's length as a create would see it; no slot, no engine."""
@@ -6187,6 +6571,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 first = None if job.first_token_at is None else job.first_token_at - self.started
                 server.metrics.record_generation(self.route_path, job.prompt_tokens, job.cached_tokens,
                                                  job.completion_tokens, first)
+        final = getattr(writer, "final", None)
+        if final is not None and request.echo.get("store"):
+            server.responses.put(final, responses_conversation(request, final))
 
     def _read_json(self) -> dict:
         """The body as a JSON object that later layers can take: bounded nesting, valid Unicode."""
@@ -6225,6 +6612,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if len(body) < int(length):
             raise ClientGone
         self.body_read = True
+        encoding = (self.headers.get("Content-Encoding") or "identity").strip().lower()
+        if encoding == "gzip":
+            return gunzip_body(body, MAX_BODY_BYTES)
+        if encoding != "identity":
+            raise APIError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "invalid_request_error",
+                           f"Content-Encoding {encoding[:40]!r} is not supported; send gzip or none",
+                           code="unsupported_encoding")
         return body
 
     def _events(self, job: Job, slot: "Admission", on_idle: Callable[[], None] = lambda: None) -> Iterator[tuple]:
@@ -6289,15 +6683,25 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self._write_raw(data)
                 last_write[0] = time.monotonic()
 
+        opened = [not writer.opens_when_admitted]
+
+        def open_stream(now: bool = False) -> None:
+            if not opened[0] and (now or job.admitted.is_set()):
+                opened[0] = True
+                write(writer.opening())
+
         def keepalive() -> None:
+            open_stream()
             if time.monotonic() - last_write[0] >= KEEPALIVE_SECONDS:
-                write(writer.keepalive)
+                write(writer.keepalive if opened[0] else SSE_KEEPALIVE)
 
         try:
-            write(writer.opening())
+            if opened[0]:
+                write(writer.opening())
             for kind, value, *extra in self._events(job, slot, keepalive):
                 if kind == "error":
                     raise value
+                open_stream(now=True)
                 write(writer.event(kind, value, *extra))
         except APIError as exc:  # headers are out: the error becomes an event
             self.status_sent = int(exc.status)
@@ -6392,6 +6796,7 @@ class LemServer(http.server.ThreadingHTTPServer):
         self.active_lock = threading.Lock()
         self.idle = threading.Condition(self.active_lock)
         self.metrics = Metrics()
+        self.responses = ResponseStore(settings.response_store_count, settings.response_store_bytes)
         self.created = int(time.time())
         self.started_at = time.monotonic()
         self.ready = threading.Event()
@@ -6578,6 +6983,43 @@ class LemServer(http.server.ThreadingHTTPServer):
         with self.idle:
             # A request holding a slot is in flight too, so this also waits for every slot.
             return self.idle.wait_for(lambda: self.in_flight == 0, timeout=grace)
+
+
+class ResponseStore:
+    """The /v1/responses made with store: true, newest kept, bounded by count and by bytes of JSON.
+
+    Each entry is the response object (for GET /v1/responses/ID) and the
+    conversation it ended (for previous_response_id). What no longer fits
+    is evicted oldest first; a response too big for the whole budget is not kept.
+    """
+
+    def __init__(self, max_count: int, max_bytes: int):
+        self.max_count, self.max_bytes = max_count, max_bytes
+        self.entries: dict[str, tuple[dict, int]] = {}   # id -> (entry, size), oldest first
+        self.bytes = 0
+        self.lock = threading.Lock()
+
+    def put(self, response: dict, conversation: list[dict]) -> None:
+        entry = {"response": response, "conversation": conversation}
+        size = len(json.dumps(entry, ensure_ascii=False).encode())
+        if self.max_count == 0 or size > self.max_bytes:
+            return
+        with self.lock:
+            self.entries[response["id"]] = (entry, size)
+            self.bytes += size
+            while len(self.entries) > self.max_count or self.bytes > self.max_bytes:
+                self.bytes -= self.entries.pop(next(iter(self.entries)))[1]   # the oldest
+
+    def get(self, response_id: str, param: str | None = None) -> dict:
+        """The entry kept for `response_id`; a 404 in OpenAI's envelope when it is unknown or was evicted."""
+        with self.lock:
+            kept = self.entries.get(response_id)
+        if kept is None:
+            raise APIError(HTTPStatus.NOT_FOUND, "invalid_request_error",
+                           f"no response with id {response_id[:100]!r} is kept here: it was made with store: false, "
+                           "evicted (--response-store-count, --response-store-bytes) or never existed", param,
+                           "response_not_found")
+        return kept[0]
 
 
 class AdmissionQueue:
