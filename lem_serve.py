@@ -4250,9 +4250,10 @@ class PromptCache:
             return length
         self._drop(self.entries.pop(entry.tokens.tobytes()))
         cut = cut_cache(entry.cache, kept)
-        self.trims += 1
-        if cut is None:
+        if cut is None:  # nothing to cut it to, or a cache that holds no prefix (see cut_cache): it goes
+            self.evictions += 1
             return 0
+        self.trims += 1
         self._add(CacheEntry(entry.tokens[:kept], cut, cache_nbytes(cut)))
         return kept
 
@@ -5992,6 +5993,11 @@ def prometheus_text(families: list[Family]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def gauge(name: str, kind: str, help: str, value: float) -> Family:
+    """A family of one unlabelled sample (a gauge, or a counter kept elsewhere)."""
+    return Family(name, kind, help, [("", {}, value)])
+
+
 def _escape_label(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
@@ -6838,47 +6844,51 @@ class LemServer(http.server.ThreadingHTTPServer):
     def metrics_text(self) -> str:
         """The /metrics body: the request counters plus the server's and engine's state now."""
         stats = self.engine.stats()
-
-        def one(name: str, kind: str, help: str, value: float) -> Family:
-            return Family(name, kind, help, [("", {}, value)])
-
         return prometheus_text(self.metrics.families() + [
-            one("lem_active_requests", "gauge", "Generation requests holding a slot.", self.active),
-            one("lem_max_requests", "gauge", "Generation slots (--max-requests).", self.settings.max_requests),
-            one("lem_in_flight_requests", "gauge", "HTTP requests being answered, of any kind.", self.in_flight),
-            one("lem_open_connections", "gauge", "Client connections open.", self.connections),
-            one("lem_tokens_generated_total", "counter", "Tokens sampled by the engine since start.",
-                stats["tokens_generated"]),
-            one("lem_draft_tokens_proposed_total", "counter", "Tokens the --draft-model proposed.",
-                stats["draft_tokens_proposed"]),
-            one("lem_draft_tokens_accepted_total", "counter", "Proposed draft tokens the model accepted.",
-                stats["draft_tokens_accepted"]),
-            one("lem_prompt_cache_hits_total", "counter", "Prompts that reused cached state.", stats["prompt_cache_hits"]),
-            one("lem_prompt_cache_misses_total", "counter", "Prompts computed from scratch.", stats["prompt_cache_misses"]),
-            one("lem_prompt_cache_entries", "gauge", "Entries in the prompt cache.", stats["prompt_cache_entries"]),
-            one("lem_prompt_cache_bytes", "gauge", "Memory held by the prompt cache.", stats["prompt_cache_bytes"]),
-            one("lem_prompt_cache_tokens", "gauge", "Tokens whose KV the prompt cache holds.", stats["prompt_cache_tokens"]),
-            one("lem_prompt_cache_budget_bytes", "gauge", "Most the prompt cache may hold (less while the running "
-                "batch needs the room).", self.memory.prompt_cache_bytes),
-            one("lem_prompt_cache_evictions_total", "counter", "Prompt cache entries evicted, least recently used "
-                "first.", stats["prompt_cache_evictions"]),
-            one("lem_prompt_cache_trims_total", "counter", "Prompt cache entries cut to their longest prefix that "
-                "fits the budget.", stats["prompt_cache_trims"]),
-            one("lem_waiting_requests", "gauge", "Generation requests waiting in the admission queue.",
-                self.queue.waiting),
-            one("lem_kv_reserved_bytes", "gauge", "KV memory reserved by admitted requests (prompt + max tokens each).",
-                self.ledger.reserved),
-            one("lem_kv_memory_bytes", "gauge", "KV memory: the memory budget less the weights.", self.memory.kv_bytes),
-            one("lem_engine_up", "gauge", "1 while the generation engine runs, 0 once it has died.", int(self.engine.alive)),
-            one("lem_world_size", "gauge", "Processes the model is sharded over (mlx.launch ranks); 1 alone.",
-                self.engine.world_size),
-            one("lem_rank", "gauge", "This process's rank in its group (the one serving HTTP is 0).", self.engine.rank),
-            one("process_resident_memory_bytes", "gauge", "Resident memory of this process (peak on macOS).",
-                resident_memory_bytes()),
-            one("lem_threads", "gauge", "Python threads alive in this process.", threading.active_count()),
-            one("lem_uptime_seconds", "gauge", "Seconds since the server started.",
-                round(time.monotonic() - self.started_at, 3)),
+            gauge("lem_active_requests", "gauge", "Generation requests holding a slot.", self.active),
+            gauge("lem_max_requests", "gauge", "Generation slots (--max-requests).", self.settings.max_requests),
+            gauge("lem_in_flight_requests", "gauge", "HTTP requests being answered, of any kind.", self.in_flight),
+            gauge("lem_open_connections", "gauge", "Client connections open.", self.connections),
+            gauge("lem_tokens_generated_total", "counter", "Tokens sampled by the engine since start.",
+                  stats["tokens_generated"]),
+            gauge("lem_draft_tokens_proposed_total", "counter", "Tokens the --draft-model proposed.",
+                  stats["draft_tokens_proposed"]),
+            gauge("lem_draft_tokens_accepted_total", "counter", "Proposed draft tokens the model accepted.",
+                  stats["draft_tokens_accepted"]),
+            *self.memory_families(stats),
+            gauge("lem_engine_up", "gauge", "1 while the generation engine runs, 0 once it has died.",
+                  int(self.engine.alive)),
+            gauge("lem_world_size", "gauge", "Processes the model is sharded over (mlx.launch ranks); 1 alone.",
+                  self.engine.world_size),
+            gauge("lem_rank", "gauge", "This process's rank in its group (the one serving HTTP is 0).", self.engine.rank),
+            gauge("process_resident_memory_bytes", "gauge", "Resident memory of this process (peak on macOS).",
+                  resident_memory_bytes()),
+            gauge("lem_threads", "gauge", "Python threads alive in this process.", threading.active_count()),
+            gauge("lem_uptime_seconds", "gauge", "Seconds since the server started.",
+                  round(time.monotonic() - self.started_at, 3)),
         ])
+
+    def memory_families(self, stats: dict) -> list[Family]:
+        """The prompt cache's, the admission queue's and the KV memory's figures for /metrics."""
+        return [
+            gauge("lem_prompt_cache_hits_total", "counter", "Prompts that reused cached state.", stats["prompt_cache_hits"]),
+            gauge("lem_prompt_cache_misses_total", "counter", "Prompts computed from scratch.", stats["prompt_cache_misses"]),
+            gauge("lem_prompt_cache_entries", "gauge", "Entries in the prompt cache.", stats["prompt_cache_entries"]),
+            gauge("lem_prompt_cache_bytes", "gauge", "Memory held by the prompt cache.", stats["prompt_cache_bytes"]),
+            gauge("lem_prompt_cache_tokens", "gauge", "Tokens whose KV the prompt cache holds.",
+                  stats["prompt_cache_tokens"]),
+            gauge("lem_prompt_cache_budget_bytes", "gauge", "Most the prompt cache may hold (less while the running "
+                  "batch needs the room).", self.memory.prompt_cache_bytes),
+            gauge("lem_prompt_cache_evictions_total", "counter", "Prompt cache entries evicted, least recently used "
+                  "first.", stats["prompt_cache_evictions"]),
+            gauge("lem_prompt_cache_trims_total", "counter", "Prompt cache entries cut to their longest prefix that "
+                  "fits the budget.", stats["prompt_cache_trims"]),
+            gauge("lem_waiting_requests", "gauge", "Generation requests waiting in the admission queue.",
+                  self.queue.waiting),
+            gauge("lem_kv_reserved_bytes", "gauge", "KV memory reserved by admitted requests (prompt + max tokens "
+                  "each).", self.ledger.reserved),
+            gauge("lem_kv_memory_bytes", "gauge", "KV memory: the memory budget less the weights.", self.memory.kv_bytes),
+        ]
 
     # -- connections: one thread each, at most MAX_CONNECTIONS ----------------
 
