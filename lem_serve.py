@@ -31,7 +31,8 @@ browser pages from other origins are refused unless --allowed-origins lists
 them. It never reads a file from disk on a client's behalf.
 
 Layout, each section calling only the ones above it:
-settings and CLI; errors; request parsing and validation; the generation
+settings and CLI; errors; structured output (JSON Schema compiled to an
+automaton and token masks); request parsing and validation; the generation
 engine (one thread that owns MLX); SSE/JSON writers; metrics; the HTTP
 handler; the server class and main().
 """
@@ -522,19 +523,19 @@ class ClientGone(Exception):
 # -- JSON Schema, compiled to a character automaton ----------------------------
 #
 # compile_schema() turns a schema into a graph of pieces: Literals (enum,
-# const, true/false/null, object keys), String (a Regex over the decoded
-# characters, with lengths), Number (bounds, multipleOf), Object, Array and
-# Union (anyOf). json_advance() runs the graph over text as a pushdown
-# automaton. A state is a tuple of stacks, one per live anyOf branch; a stack
-# is a tuple of frames, innermost last; a frame is a tuple whose first item is
-# its piece. Everything hashes, so token masks are cached per state (JsonMasks,
-# in the engine section). For its frames, each piece answers
+# const, true/false/null, object keys), Leaf (a Regex: over a string's decoded
+# characters, with lengths, or over a number's text, its bounds and multipleOf
+# compiled to regular expressions), Object, Array and Union (anyOf).
+# json_advance() runs the graph over text as a pushdown automaton. A state is a
+# tuple of stacks, one per live anyOf branch; a stack is a tuple of frames,
+# innermost last; a frame is a tuple whose first item is its piece. Everything
+# hashes, so token masks are cached per state (JsonMasks). For its frames, each piece answers
 #   step(frame, ch) -> frame tuples that replace it (() pops it), or REFEED:
 #                      the value was complete before `ch`, which goes to the parent;
 #   done(frame)     -> whether the value is complete;
 #   finish(frame)   -> a short text that completes it (closing in time for max_tokens);
 # and each piece has min_text, a shortest complete value of its own. A leaf
-# (Literals, String, Number) is always a top frame; its frame ends with (ex,
+# (Literals, Leaf) is always a top frame; its frame ends with (ex,
 # text): an exclusion (forbidden texts, whether to keep all of the text) for
 # uniqueItems and extra object keys, and its raw JSON text so far.
 #
@@ -732,7 +733,7 @@ class Regex:
         self.charset_index: dict[tuple, int] = {}
         self.parts: list[tuple[int, int, int, bool]] = []   # (first state, last state, final, negated)
         for pattern, search, *negated in parts:   # (pattern, search[, negated: must not match])
-            tree, looks = lookaheads(RegexParser(pattern).parse(), search)
+            tree, looks = lookaheads(RegexParser(pattern).parse() if isinstance(pattern, str) else pattern, search)
             if negated and looks:
                 raise ValueError("a lookahead inside 'not' is not supported")
             for part, negated in [((("seq", [ANYTHING, tree, ANYTHING]) if search else tree), negated == [True])] + looks:
@@ -776,6 +777,8 @@ class Regex:
             end = self._new()
             self.edges[state].append((self.charset_index.setdefault(tree[1], len(self.charset_index)), end))
             return end
+        if kind == "mod":
+            return self._multiples(state, *tree[1:])
         if kind == "seq":
             for item in tree[1]:
                 state = self._build(item, state)
@@ -799,6 +802,22 @@ class Regex:
         end = self._new()
         for state in ends:
             self.edges[state].append((None, end))
+        return end
+
+    def _multiples(self, state: int, step: int, scale: int) -> int:
+        """Unsigned decimals that are multiples of step * 10**-scale: the remainder of their digits, as states."""
+        whole, end = [self._new() for _ in range(step)], self._new()
+        frac = [[self._new() for _ in range(step)] for _ in range(scale + 2)]   # by fraction digits, capped
+        digit = [self.charset_index.setdefault(charset([(48 + d, 48 + d)]), len(self.charset_index)) for d in range(10)]
+        dot = self.charset_index.setdefault(charset([(46, 46)]), len(self.charset_index))
+        self.edges[state].append((None, whole[0]))
+        for r in range(step):
+            self.edges[whole[r]] += [(digit[d], whole[(10 * r + d) % step]) for d in range(10)] + [(dot, frac[0][r])]
+            self.edges[whole[r]] += [(None, end)] * (r * 10 ** scale % step == 0)
+            for j in range(scale + 2):  # past `scale` fraction digits, only zeros
+                self.edges[frac[j][r]] += [(None, end)] * (j > 0 and r * 10 ** max(scale - j, 0) % step == 0)
+                self.edges[frac[j][r]] += [(digit[d], frac[j + 1][(10 * r + d) % step]) for d in range(10)] \
+                    if j < scale else [(digit[0], frac[scale + 1][r])]
         return end
 
     def _closure(self, states: set, at_start: bool = False) -> frozenset:
@@ -890,12 +909,85 @@ class Regex:
 
 
 @functools.lru_cache(maxsize=256)
-def regex_for(pattern: str, search: bool = True, also: tuple = ()) -> Regex:
+def regex_for(pattern: str | tuple, search: bool = True, also: tuple = ()) -> Regex:
     """The compiled Regex for a pattern (and the (pattern, search) pairs `also`), shared across requests."""
     return Regex(((pattern, search),) + also)
 
 
 ANY_TEXT = regex_for("")   # an empty pattern matches every string
+
+
+# Numbers as regular expressions: a bounded number is the JSON number syntax intersected with
+# one expression for its minimum, one for its maximum and one for multipleOf (Regex parts), built
+# digit by digit as llama.cpp's json-schema-to-grammar does for integer bounds. Fraction digits
+# compare as strings: 0.25 < 0.3 as "25" < "3".
+
+def _digits(lo: str, hi: str) -> str:
+    """Digit strings as long as lo (and hi), from lo to hi."""
+    if lo.strip("0") == "" and hi.strip("9") == "":
+        return f"\\d{{{len(lo)}}}" if lo else ""
+    if lo[:1] == hi[:1]:
+        return lo[:1] + (_digits(lo[1:], hi[1:]) if lo else "")
+    rest = len(lo) - 1
+    middle = [f"[{int(lo[0]) + 1}-{int(hi[0]) - 1}]\\d{{{rest}}}"] if int(hi[0]) - int(lo[0]) > 1 else []
+    return f"({lo[0]}{_digits(lo[1:], '9' * rest)}|{'|'.join(middle + [hi[0] + _digits('0' * rest, hi[1:])])})"
+
+
+def int_range(lo: int, hi: int | None) -> str | None:
+    """Unsigned integers (no leading zero, JSON_MAX_DIGITS digits at most) from lo to hi (None: any); None if none."""
+    hi = 10 ** JSON_MAX_DIGITS - 1 if hi is None else min(hi, 10 ** JSON_MAX_DIGITS - 1)
+    parts = [_digits(str(max(lo, 10 ** (w - 1) * (w > 1))), str(min(hi, 10 ** w - 1)))
+             for w in range(len(str(lo)), len(str(hi)) + 1) if max(lo, 10 ** (w - 1) * (w > 1)) <= min(hi, 10 ** w - 1)]
+    return f"({'|'.join(parts)})" if parts else None
+
+
+def _fraction(f: str, strict: bool, least: bool) -> str | None:
+    """Digit strings d (maybe empty) with 0.d >= 0.f (least) or <= 0.f, strictly if asked; None if none."""
+    if not f:
+        return ("\\d*[1-9]\\d*" if strict else "\\d*") if least else (None if strict else "0*")
+    first, deeper = int(f[0]), _fraction(f[1:], strict, least)
+    alts = [f"[{first + 1}-9]\\d*"] * (least and first < 9) + [f"[0-{first - 1}]\\d*"] * (not least and first > 0)
+    alts += [""] * (not least) + ([f[0] + f"({deeper})"] if deeper is not None else [])
+    return f"({'|'.join(alts)})" if alts else None
+
+
+def _magnitude(x: Fraction, strict: bool, least: bool) -> str | None:
+    """Unsigned decimals >= x (least) or <= x, strictly if asked; x >= 0 with at most JSON_MAX_DIGITS decimals."""
+    whole = math.floor(x)
+    digits = str(int((x - whole) * 10 ** JSON_MAX_DIGITS)).rjust(JSON_MAX_DIGITS, "0").rstrip("0")
+    fraction = _fraction(digits, strict, least)
+    same = None if fraction is None else f"{whole}(\\.{fraction})" + "?" * (not least or not digits and not strict)
+    other = int_range(whole + 1, None) if least else (int_range(0, whole - 1) if whole else None)
+    parts = [p for p in (same, other and other + "(\\.\\d+)?") if p]
+    return f"({'|'.join(parts)})" if parts else None
+
+
+def number_bound(x: Fraction, strict: bool, least: bool) -> str | None:
+    """Decimals >= x (least) or <= x, strictly if asked (rounded inward to JSON_MAX_DIGITS decimals)."""
+    unit = 10 ** JSON_MAX_DIGITS
+    kept = Fraction(math.ceil(x * unit) if least else math.floor(x * unit), unit)
+    strict, x = strict and kept == x, kept
+    free = "(0|[1-9]\\d*)(\\.\\d+)?"
+    if least:
+        return _magnitude(x, strict, True) if x > 0 or x == 0 and strict else \
+            f"({free}|-{_magnitude(-x, strict, False)})"
+    return f"-{_magnitude(-x, strict, True)}" if x < 0 or x == 0 and strict else f"(-{free}|{_magnitude(x, strict, False)})"
+
+
+class Cache(dict):
+    """A dict of at most `limit` entries, the oldest dropped first: every cache of this section."""
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self.limit = limit
+
+    def get_or(self, key: Any, make: Callable[[], Any]) -> Any:
+        """The value under `key`, made and kept if missing."""
+        if key not in self:
+            if len(self) >= self.limit:
+                self.pop(next(iter(self)), None)
+            self[key] = make()
+        return self[key]
 
 
 def _track(ex: tuple | None, text: str | None, ch: str) -> str | None:
@@ -957,29 +1049,35 @@ class Literals(Piece):
         return min((t for t in self.texts if t not in forbidden), key=len, default=None)
 
 
-class String(Piece):
-    """A JSON string whose decoded text matches `regex` and has min_len to max_len characters.
+class Leaf(Piece):
+    """A value whose text matches `regex` with min_len to max_len characters: a JSON string (`quoted`:
+    the regex runs over its decoded characters, pattern, format and lengths) or a number (its raw text).
 
     Frame: (piece, dfa state, characters so far, escape, ex, text); escape is
     "" (none), "\\" (after a backslash), "u" plus hex digits so far, or '"'
     once closed. Strings under an exclusion take no escapes (their raw text is
-    their value) and must use the any-character regex.
+    their value). Integers and strings have one spelling each (`by_text`).
     """
 
-    def __init__(self, regex: Regex, min_len: int = 0, max_len: int | None = None):
-        self.regex, self.min_len, self.max_len = regex, min_len, max_len
+    def __init__(self, regex: Regex, min_len: int = 0, max_len: int | None = None, quoted: bool = True,
+                 by_text: bool = True):
+        self.regex, self.min_len, self.max_len, self.quoted, self.by_text = regex, min_len, max_len, quoted, by_text
         self.limit = math.inf if max_len is None else max_len
-        self.completions: dict[tuple, str | None] = {}
+        self.completions = Cache(JSON_MASK_CACHE_STATES)
         content = self.complete(regex.start, 0)
         if content is None:
             raise ValueError("no string has both this pattern or format and these lengths")
-        self.min_text = json.dumps(content, ensure_ascii=False)
+        self.min_text = json.dumps(content, ensure_ascii=False) if quoted else content
 
     def begin(self, ch: str, ex: tuple | None) -> list:
+        if not self.quoted:
+            return self.step((self, self.regex.start, 0, "", ex, None if ex is None else ""), ch)
         return [((self, self.regex.start, 0, "", ex, None if ex is None else '"'),)] if ch == '"' else []
 
     def step(self, frame: tuple, ch: str) -> list:
         _, dfa, count, escape, ex, text = frame
+        if not self.quoted:  # a number: complete whenever the regex accepts; `ch` may go to the parent
+            return [REFEED] * self.done(frame) + self._take(dfa, count, ex, text, ch, ch)
         if escape == '"':
             return [REFEED]
         if escape == "":
@@ -1001,6 +1099,10 @@ class String(Piece):
             return [((self, dfa, count, escape + ch, ex, text),)]
         else:
             decoded = chr(int(escape[1:] + ch, 16))
+        return self._take(dfa, count, ex, text, ch, decoded)
+
+    def _take(self, dfa: frozenset, count: int, ex: tuple | None, text: str | None, ch: str, decoded: str | None) -> list:
+        """The frame after one more (decoded) character, if the value can still be completed."""
         dfa = None if decoded is None else self.regex.move(dfa, decoded)
         if dfa is None or not self.viable(dfa, count + 1):
             return []
@@ -1022,56 +1124,62 @@ class String(Piece):
 
     def complete(self, dfa: frozenset, count: int) -> str | None:
         """A shortest text (decoded) that completes the string from `dfa` after `count` characters."""
-        key = (dfa, min(count, self.min_len), self.limit - count)
-        if key not in self.completions:
-            layer = {dfa: ""}  # breadth first up to min_len, then the shortest way to a match
-            for _ in range(max(self.min_len - count, 0)):
-                layer = {nxt: text + ch for state, text in layer.items() for cid, ch in self.regex.reps.items()
-                         if (nxt := self.regex._move(state, cid)) is not None}
-            tails = [text + tail for state, text in layer.items() if (tail := self.regex.shortest(state)) is not None]
-            best = min(tails, key=len, default=None)
-            self.completions[key] = best if best is not None and count + len(best) <= self.limit else None
-        return self.completions[key]
+        return self.completions.get_or((dfa, min(count, self.min_len), self.limit - count),
+                                       lambda: self._complete(dfa, count))
+
+    def _complete(self, dfa: frozenset, count: int) -> str | None:
+        layer = {dfa: ""}  # breadth first up to min_len, then the shortest way to a match
+        for _ in range(max(self.min_len - count, 0)):
+            layer = {nxt: text + ch for state, text in layer.items() for cid, ch in self.regex.reps.items()
+                     if (nxt := self.regex._move(state, cid)) is not None}
+        tails = [text + tail for state, text in layer.items() if (tail := self.regex.shortest(state)) is not None]
+        best = min(tails, key=len, default=None)
+        return best if best is not None and count + len(best) <= self.limit else None
 
     def done(self, frame: tuple) -> bool:
         _, dfa, count, escape, ex, text = frame
-        if escape == '"':
+        if escape == '"' or not self.quoted and count >= self.min_len and self.regex.accepts(dfa):
             return ex is None or text is None or text not in ex[0]
         return False
 
     def finish(self, frame: tuple) -> str:
         _, dfa, count, escape, ex, text = frame
-        if escape == '"':
+        if escape == '"' or not self.quoted and self.done(frame):
             return ""
+        if not self.quoted:
+            return self._fresh(dfa, count, text, ex[0]) if ex is not None else self.complete(dfa, count)
         if escape:  # end the escape: the first letter that fits, or \\u0000-style zeros
             tail = self._escapes(dfa, count)[0] if escape == "\\" else ""
             tail += "0" * (5 - len(escape)) if tail in ("", "u") else ""
             return tail + self.finish(_leaf_after(frame, tail))
         if ex is not None:
-            return self._fresh(dfa, count, text, ex[0]) + '"'
+            tail = self._fresh(dfa, count, text, ex[0])
+            return None if tail is None else tail + '"'
         return json.dumps(self.complete(dfa, count), ensure_ascii=False)[1:]
 
     def _fresh(self, dfa: frozenset, count: int, text: str | None, forbidden: frozenset) -> str | None:
         """Characters (no escapes) that close an excluded string on a text not forbidden: shortest first."""
         layer = {dfa: [""]}
-        for size in range(int(min(self.limit - count, 32)) + 1):
+        reach = max(self.min_len - count, len(self.regex.shortest(dfa) or "")) + 32   # a few past the shortest
+        for size in range(int(min(self.limit - count, reach)) + 1):
             for state, tails in layer.items():
                 for tail in tails if count + size >= self.min_len and self.regex.accepts(state) else ():
-                    if text is None or text + tail + '"' not in forbidden:
+                    if text is None or text + tail + '"' * self.quoted not in forbidden:
                         return tail
             nxt: dict = {}
             for state, tails in layer.items():
                 for cid, ch in self.regex.reps.items():
-                    if ch >= " " and ch not in '"\\' and (after := self.regex._move(state, cid)) is not None:
+                    if (ch >= " " and ch not in '"\\' or not self.quoted) and (after := self.regex._move(state, cid)):
                         kept = nxt.setdefault(after, [])
                         kept += [t + ch for t in tails[:len(forbidden) + 1 - len(kept)]]
             layer = nxt
         return None
 
     def first(self, forbidden: frozenset) -> str | None:
-        """A shortest complete string text, quotes included, that is not forbidden."""
-        tail = self._fresh(self.regex.start, 0, '"', forbidden)
-        return None if tail is None else '"' + tail + '"'
+        """A shortest complete text, quotes included, that is not forbidden."""
+        quote = '"' * self.quoted
+        tail = self._fresh(self.regex.start, 0, quote, forbidden)
+        return None if tail is None else quote + tail + quote
 
     def plain_tokens(self, frame: tuple, trie: dict) -> list[int]:
         """Token ids of ordinary characters (no quote, backslash or control) that fit here.
@@ -1107,135 +1215,21 @@ def _leaf_after(frame: tuple, text: str) -> tuple | None:
     return frame
 
 
-class Number(Piece):
-    """A JSON number: integer or decimal, within bounds, a multiple of an integer.
-
-    Free numbers (no bounds) take exponents; bounded ones are plain decimals,
-    checked as they are typed: every prefix can still end inside the bounds.
-    Values are counted in units of 10**-scale (1 for integers, else the
-    smallest fraction digit), so all the arithmetic is exact on integers.
-    Frame: (piece, dfa state, ex, text); the text is kept only when bounded.
-    """
-
-    def __init__(self, integer: bool, low: Fraction | None = None, high: Fraction | None = None,
-                 low_open: bool = False, high_open: bool = False, multiple: int | None = None, excluded: tuple = ()):
-        self.integer, self.multiple = integer, multiple
-        self.bounded = low is not None or high is not None or multiple is not None or bool(excluded)
-        digits = JSON_MAX_DIGITS - 1
-        syntax = rf"0|-?[1-9]\d{{0,{digits}}}" if integer else rf"-?(0|[1-9]\d{{0,{digits}}})(\.\d{{1,{digits + 1}}})?"
-        self.syntax = regex_for(syntax if integer or self.bounded else syntax + r"([eE][+-]?\d{1,2})?", False,
-                                (("|".join(excluded), False, True),) if excluded else ())
-        self.scale = 0 if integer else JSON_MAX_DIGITS
-        unit = 10 ** self.scale
-        self.low = None if low is None else math.floor(low * unit) + 1 if low_open else math.ceil(low * unit)
-        self.high = None if high is None else math.ceil(high * unit) - 1 if high_open else math.floor(high * unit)
-        text = self._complete("", frozenset()) if self.bounded else self.syntax.shortest(self.syntax.start)
-        if text is None:
-            raise ValueError("no number is within minimum/maximum and a multiple of multipleOf")
-        self.min_text = text
-
-    def begin(self, ch: str, ex: tuple | None) -> list:
-        return self.step((self, self.syntax.start, ex, ""), ch)
-
-    def step(self, frame: tuple, ch: str) -> list:
-        _, dfa, ex, text = frame
-        out = [REFEED] if self.done(frame) else []
-        dfa = self.syntax.move(dfa, ch)
-        if dfa is not None:
-            tracked = self.bounded or ex is not None
-            text = text + ch if tracked else ""
-            if not tracked or self._count(text, ex, 1) > len(self._forbidden(text, ex)):
-                out.append(((self, dfa, ex, text),))
-        return out
-
-    def done(self, frame: tuple) -> bool:
-        _, dfa, ex, text = frame
-        if not self.syntax.accepts(dfa) or (ex is not None and text in ex[0]):
-            return False
-        return not self.bounded or self._allowed(self._value(text))
-
-    def finish(self, frame: tuple) -> str:
-        _, dfa, ex, text = frame
-        if not (self.bounded or ex):
-            return self.syntax.shortest(dfa)
-        return self._complete(text, ex[0] if ex else frozenset())[len(text):]
-
-    def first(self, forbidden: frozenset) -> str | None:
-        return self._complete("", forbidden)
-
-    @staticmethod
-    def _forbidden(text: str, ex: tuple | None) -> list:
-        return [f for f in ex[0] if f.startswith(text)] if ex else []
-
-    def _value(self, text: str) -> int:
-        whole, _, frac = text.lstrip("-").partition(".")
-        value = int(whole + frac.ljust(self.scale, "0"))
-        return -value if text.startswith("-") else value
-
-    def _allowed(self, value: int) -> bool:
-        return ((self.low is None or value >= self.low) and (self.high is None or value <= self.high)
-                and (self.multiple is None or value % self.multiple == 0))
-
-    def _spans(self, text: str) -> list[tuple[int, int]]:
-        """The values that complete `text`, as signed intervals, shortest completions first."""
-        negative = text.startswith("-")
-        whole, dot, frac = text.lstrip("-").partition(".")
-        one = 10 ** self.scale
-        if dot:
-            width = 10 ** (self.scale - len(frac))
-            spans = [(int(whole + frac) * width, width)]
-        elif whole == "0":
-            spans = [(0, one)]
-        elif whole:
-            spans = [(int(whole) * 10 ** k * one, 10 ** k * one) for k in range(JSON_MAX_DIGITS - len(whole) + 1)]
-        else:  # nothing yet but maybe a sign: "0", or 1 to JSON_MAX_DIGITS digits
-            spans = [] if negative and self.integer else [(0, one)]
-            spans += [(10 ** (k - 1) * one, 9 * 10 ** (k - 1) * one) for k in range(1, JSON_MAX_DIGITS + 1)]
-        return [(-(start + width - 1), -start) if negative else (start, start + width - 1) for start, width in spans]
-
-    def _clip(self, low: int, high: int) -> tuple[int, int]:
-        step = self.multiple or 1
-        low = max(low, self.low) if self.low is not None else low
-        high = min(high, self.high) if self.high is not None else high
-        return -(-low // step) * step, high // step * step
-
-    def _count(self, text: str, ex: tuple | None, cap: int) -> int:
-        """How many allowed values complete `text`, counting past `cap` extra forbidden ones at most."""
-        total, enough = 0, cap + len(self._forbidden(text, ex))
-        for low, high in self._spans(text) if text != "" else self._spans("") + self._spans("-"):
-            low, high = self._clip(low, high)
-            total += max(0, (high - low) // (self.multiple or 1) + 1)
-            if total >= enough:
-                break
-        return total
-
-    def _complete(self, text: str, forbidden: frozenset) -> str | None:
-        """A shortest number text starting with `text`, allowed and not forbidden."""
-        best = None
-        for prefix in ([text] if text else ["", "-"]):
-            for low, high in self._spans(prefix):
-                low, high = self._clip(low, high)
-                candidate = self._simplest(prefix, low, high, forbidden)
-                if candidate is not None and (best is None or len(candidate) < len(best)):
-                    best = candidate
-        return best
-
-    def _simplest(self, prefix: str, low: int, high: int, forbidden: frozenset) -> str | None:
-        """The shortest text of a value in [low, high]: fewest fraction digits, nearest zero."""
-        if low > high:
-            return None
-        negative = prefix.startswith("-")
-        least = max(1, len(prefix.partition(".")[2])) if "." in prefix else 0
-        for digits in range(least, self.scale + 1) if not self.integer else [0]:
-            step = math.lcm(10 ** (self.scale - digits), self.multiple or 1)
-            value = (-(-low // step) * step) if not negative else (high // step * step)
-            while low <= value <= high:
-                whole, frac = divmod(abs(value), 10 ** self.scale)
-                text = ("-" if negative else "") + str(whole) + ("." + str(frac).rjust(self.scale, "0")[:digits] if digits else "")
-                if text not in forbidden and text.startswith(prefix) and self.syntax.matches(text):
-                    return text
-                value += -step if negative else step
-        return None
+def number_leaf(integer: bool, low: Fraction | None = None, high: Fraction | None = None, low_open: bool = False,
+                high_open: bool = False, step: int = 1, scale: int = 0, excluded: tuple = ()) -> Leaf:
+    """A JSON number as a regex leaf: integer or decimal, within bounds, a multiple of step * 10**-scale,
+    none of the `excluded` patterns. Bounded numbers are written without exponent."""
+    digits = JSON_MAX_DIGITS - 1
+    syntax = rf"0|-?[1-9]\d{{0,{digits}}}" if integer else rf"-?(0|[1-9]\d{{0,{digits}}})(\.\d{{1,{digits + 1}}})?"
+    bounds = [number_bound(x, is_open, least) for x, is_open, least in ((low, low_open, True), (high, high_open, False))
+              if x is not None]
+    parts = [(bound or "[^\\s\\S]", False) for bound in bounds] + [(pattern, False, True) for pattern in excluded]
+    if step > 1 or scale:
+        minus = ("rep", ("chars", charset([(45, 45)])), 0, 1)
+        parts.append((("alt", (("seq", (minus, ("mod", step, scale))),)), False))
+    if not parts and not integer:
+        syntax += r"([eE][+-]?\d{1,2})?"
+    return Leaf(regex_for(syntax, False, tuple(parts)), quoted=False, by_text=integer)
 
 
 class Union(Piece):
@@ -1609,14 +1603,15 @@ FORMATS.update({"iri": FORMATS["uri"], "idn-email": FORMATS["email"], "uri-refer
 FORMATS["iri-reference"] = FORMATS["uri-reference"]
 HOSTNAME_MAX_LENGTH = 253
 
-ANY_STRING = String(ANY_TEXT)
+ANY_STRING = Leaf(ANY_TEXT)
+ANY_NUMBER = number_leaf(False)
 BOOLEAN = Literals(("true", "false"))
 NULL = Literals(("null",))
 
 
 def any_value(depth: int) -> Piece:
     """Any JSON value, arrays and objects nested at most `depth` deep."""
-    scalars = [ANY_STRING, Number(False), BOOLEAN, NULL]
+    scalars = [ANY_STRING, ANY_NUMBER, BOOLEAN, NULL]
     if depth == 0:
         return Union(scalars)
     inner = any_value(depth - 1)
@@ -1999,7 +1994,7 @@ class SchemaCompiler:
             raise self.fail(f"{word!r} must be a non-negative integer")
         return None if value is None else int(value)
 
-    def string(self, schema: dict) -> String:
+    def string(self, schema: dict) -> Leaf:
         low, high = self.count(schema, "minLength") or 0, self.count(schema, "maxLength")
         form, pattern = schema.get("format"), schema.get("pattern")
         if pattern is not None and not isinstance(pattern, str):
@@ -2012,8 +2007,8 @@ class SchemaCompiler:
         parts += [("|".join(excluded), False, True)] if excluded else []
         try:
             if pattern is not None or len(parts) > 1 or parts and form not in FORMATS:
-                return String(regex_for(pattern or "", True, tuple(parts)), low, high)
-            return String(regex_for(FORMATS[form], False) if form in FORMATS else ANY_TEXT, low, high)
+                return Leaf(regex_for(pattern or "", True, tuple(parts)), low, high)
+            return Leaf(regex_for(FORMATS[form], False) if form in FORMATS else ANY_TEXT, low, high)
         except ValueError as exc:
             what = f"'pattern' {pattern!r}" if pattern is not None else f"'format' {form!r}" if form in FORMATS \
                 else "'minLength'/'maxLength'"
@@ -2032,34 +2027,34 @@ class SchemaCompiler:
                 values.append((Fraction(repr(value)) if isinstance(value, float) else Fraction(value), is_open))
         return tighter(values, key=lambda pair: (pair[0], pair[1] == (tighter is max))) if values else (None, False)
 
-    def number(self, schema: dict, integer: bool) -> Number:
+    def number(self, schema: dict, integer: bool) -> Leaf:
         low, low_open = self.bound(schema, "minimum", "exclusiveMinimum", max)
         high, high_open = self.bound(schema, "maximum", "exclusiveMaximum", min)
-        multiple = schema.get("multipleOf")
+        step, scale, multiple = 1, 0, schema.get("multipleOf")
         if multiple is not None:
             if not _is_number(multiple) or multiple <= 0 or not math.isfinite(multiple):
                 raise self.fail("'multipleOf' must be a positive number")
-            step = Fraction(repr(multiple)) if isinstance(multiple, float) else Fraction(multiple)
-            units = step * 10 ** JSON_MAX_DIGITS   # a number's value counts in 10**-JSON_MAX_DIGITS (see Number)
+            exact = Fraction(repr(multiple)) if isinstance(multiple, float) else Fraction(multiple)
             # An integer is a multiple of p/q when p divides it. Validators divide floats: 7.77 / 0.01 is not
             # whole to them, so a step a float cannot hold exactly (0.01, not 0.5) is served by integers.
-            if integer or step.denominator == 1 or Fraction(float(step)) != step:
-                integer, multiple = True, step.numerator
-            elif units.denominator != 1:
-                raise self.fail(f"'multipleOf' {multiple} has more than {JSON_MAX_DIGITS} decimals")
+            if integer or exact.denominator == 1 or Fraction(float(exact)) != exact:
+                integer, step = True, exact.numerator
             else:
-                multiple = int(units)
+                scale = next(k for k in range(JSON_MAX_DIGITS + 1) if (exact * 10 ** k).denominator == 1)
+                step = int(exact * 10 ** scale)
         excluded = []
         for value in schema.get("!enum", []):
             if _is_number(value) and "e" in repr(value).lower():
                 raise self.fail(f"'not' excludes {value!r}, a number this server cannot exclude")
             if _is_number(value):  # every way this server writes it: 3, 3.0, 3.00...
                 integral = float(value).is_integer()
-                excluded.append("-?" * (value == 0) + re.escape(str(int(value))) + r"(\.0+)?" if integral else re.escape(repr(value)) + "0*")
+                excluded.append("-?" * (value == 0) + re.escape(str(int(value))) + r"(\.0+)?" if integral
+                                else re.escape(repr(value)) + "0*")
         try:
-            return Number(integer, low, high, low_open, high_open, multiple, tuple(excluded))
-        except ValueError as exc:
-            raise self.fail(str(exc)) from None
+            return number_leaf(integer, low, high, low_open, high_open, step, scale, tuple(excluded))
+        except ValueError:
+            raise self.fail("no number is within minimum/maximum and a multiple of multipleOf (and this server "
+                            f"writes one as a regular expression of at most {REGEX_MAX_STATES} states)") from None
 
     def object(self, schema: dict, refs: int, depth: int) -> Piece | None:
         """properties in their order, then other keys: those patternProperties or additionalProperties allow.
@@ -2093,7 +2088,7 @@ class SchemaCompiler:
             key = Literals(t for t in key.texts if any(r.matches(json.loads(t)) for r in regexes))
         elif regexes and extra in (None, False):
             try:
-                key = String(regex_for("|".join(f"(?:{p})" for p in patterns), True, key.regex.source), key.min_len,
+                key = Leaf(regex_for("|".join(f"(?:{p})" for p in patterns), True, key.regex.source), key.min_len,
                              key.max_len)
             except ValueError as exc:
                 raise self.fail(f"'patternProperties'/'propertyNames': {exc}") from None
@@ -2124,7 +2119,7 @@ class SchemaCompiler:
         if names in (None, True, {}):
             return None
         node = self.compile(names if names is False else {"type": "string", **names}, refs, depth + 1)
-        if node is not None and not isinstance(node, (String, Literals)):
+        if node is not None and not isinstance(node, (Leaf, Literals)):
             raise self.fail("'propertyNames' is enforced as a string schema (pattern, lengths, format, enum)")
         if node is None:
             raise self.fail("'propertyNames' allows no name")
@@ -2160,11 +2155,10 @@ class SchemaCompiler:
         alternatives = node.alternatives
         if all(isinstance(a, Literals) for a in alternatives):
             return Literals(t for a in alternatives for t in a.texts)
-        if len(alternatives) == 1 and (node is ANY_STRING or isinstance(node, String) and node.regex is ANY_TEXT
-                                       or isinstance(node, Number) and node.integer):
+        if len(alternatives) == 1 and isinstance(node, Leaf) and node.by_text:
             return node
-        raise self.fail("'uniqueItems' is enforced for items that are strings without pattern or format, "
-                        "integers, or enum/const/boolean/null values")
+        raise self.fail("'uniqueItems' is enforced for items that are strings, integers, or enum/const/boolean/null "
+                        "values")
 
 
 def accepts_text(node: Piece, text: str) -> bool:
@@ -2235,14 +2229,14 @@ def tool_call_constraint(tools: list[dict]) -> Constraint:
     return Constraint(union(calls), key, tool_call=True)
 
 
-# -- JSON-constrained decoding: the automaton (see the parsing section) lifted to tokens
+# -- JSON-constrained decoding: the automaton lifted to tokens
 #
 # A token may follow a state when the automaton takes its whole text. Masks are
 # built by walking a trie of the vocabulary's token texts, and inside strings by
 # a trie of class ids of the plain tokens (those of ordinary characters) for the
 # string's regex, so a length or a pattern does not mean a walk of every token.
 # Masks are cached per state, with string lengths reduced to what can matter
-# within one token (String.key), so long strings reuse them.
+# within one token (Leaf.key), so long strings reuse them.
 
 class TokenTable:
     """A vocabulary's token texts, indexed for constrained decoding; one per tokenizer.
@@ -2272,25 +2266,23 @@ class TokenTable:
                 self.marked.append((token, text))
         self.reach = max(map(len, filter(None, self.texts)), default=1)   # the longest token, in characters
         self.plain_chars = sorted({ch for token in self.plain for ch in self.texts[token]})
-        self.class_tries: dict[Regex, dict] = {}
+        self.class_tries = Cache(JSON_CONSTRAINT_CACHE * 4)
 
     def class_trie(self, regex: Regex) -> dict:
         """The plain tokens as a trie over `regex`'s class ids (chr(id) -> child; "" -> ids); cached."""
-        trie = self.class_tries.get(regex)
-        if trie is None:
-            classes = str.maketrans({ch: chr(regex.class_id(ch)) for ch in self.plain_chars})
-            groups: dict[str, list[int]] = {}
-            for token in self.plain:
-                groups.setdefault(self.texts[token].translate(classes), []).append(token)
-            trie = {}
-            for key, tokens in groups.items():
-                node = trie
-                for ch in key:
-                    node = node.setdefault(ch, {})
-                node.setdefault("", []).extend(tokens)
-            if len(self.class_tries) >= JSON_CONSTRAINT_CACHE * 4:
-                self.class_tries.pop(next(iter(self.class_tries)))
-            self.class_tries[regex] = trie
+        return self.class_tries.get_or(regex, lambda: self._class_trie(regex))
+
+    def _class_trie(self, regex: Regex) -> dict:
+        classes = str.maketrans({ch: chr(regex.class_id(ch)) for ch in self.plain_chars})
+        groups: dict[str, list[int]] = {}
+        for token in self.plain:
+            groups.setdefault(self.texts[token].translate(classes), []).append(token)
+        trie: dict = {}
+        for key, tokens in groups.items():
+            node = trie
+            for ch in key:
+                node = node.setdefault(ch, {})
+            node.setdefault("", []).extend(tokens)
         return trie
 
 
@@ -2306,7 +2298,7 @@ def token_texts(tokenizer: Any, size: int) -> list[str | None]:
 
 
 _TOKEN_TABLES: dict[int, tuple[Any, TokenTable]] = {}
-_CONSTRAINTS: dict[tuple, "JsonMasks"] = {}
+_CONSTRAINTS = Cache(JSON_CONSTRAINT_CACHE)
 
 
 def token_table(tokenizer: Any) -> TokenTable:
@@ -2324,37 +2316,25 @@ class JsonMasks:
         self.table = table
         self.start = start
         self.slack = commitment(start)
-        self.masks: dict[tuple, Any] = {}
-        self.closings: dict[tuple, str | None] = {}
-        self.plains: dict[tuple, Any] = {}
+        self.masks, self.closings, self.plains = (Cache(JSON_MASK_CACHE_STATES) for _ in range(3))
 
     def key(self, state: tuple) -> tuple:
-        """The state as the cache sees it: a top String frame reduced by String.key (leaves are always on top)."""
+        """The state as the cache sees it: a top Leaf frame reduced by Leaf.key (leaves are always on top)."""
         return tuple(stack[:-1] + (stack[-1][0].key(stack[-1], self.table.reach),)
-                     if stack and isinstance(stack[-1][0], String) else stack for stack in state)
+                     if stack and isinstance(stack[-1][0], Leaf) else stack for stack in state)
 
     def allowed(self, state: tuple, width: int) -> Any:
         """A boolean mx.array over `width` logits: the tokens that keep `state` alive."""
-        key = self.key(state)
-        mask = self.masks.get(key)
-        if mask is None:
-            if len(self.masks) >= JSON_MASK_CACHE_STATES:
-                self.masks.clear()
-            mask = self.masks[key] = self._build(state, width)
-        return mask
+        return self.masks.get_or(self.key(state), lambda: self._build(state, width))
 
     def closing(self, state: tuple) -> list[int] | None:
         """The tokens that spell a shortest closing text from `state`, each the longest that fits (cached)."""
-        key = self.key(state)
-        if key not in self.closings:
-            if len(self.closings) >= JSON_MASK_CACHE_STATES:
-                self.closings.clear()
-            text = json_closing_text(state)
-            self.closings[key] = None if text is None else self._spell(text)
-        return self.closings[key]
+        return self.closings.get_or(self.key(state), lambda: self._spell(json_closing_text(state)))
 
-    def _spell(self, text: str) -> list[int] | None:
+    def _spell(self, text: str | None) -> list[int] | None:
         ids, at = [], 0
+        if text is None:
+            return None
         while at < len(text):
             node, best = self.table.trie, None
             for end in range(at, len(text)):
@@ -2374,10 +2354,10 @@ class JsonMasks:
         table, ids, walk, plain = self.table, [], [], mx.zeros((width,), dtype=mx.bool_)
         for stack in state:
             top = stack[-1] if stack else None
-            if top is not None and isinstance(top[0], String) and top[3] == "" and (
+            if top is not None and isinstance(top[0], Leaf) and top[0].quoted and top[3] == "" and (
                     top[4] is None or top[0].max_len is None and top[0].regex is ANY_TEXT):
                 # Inside a string, a plain token cannot leave it: its fate is the regex's and
-                # the length's alone (String.plain_tokens); only the other tokens need a walk.
+                # the length's alone (Leaf.plain_tokens); only the other tokens need a walk.
                 plain = plain | self._plain(top)
                 ids += [t for t, text in table.marked if json_advance((stack,), text)]
             else:
@@ -2389,15 +2369,9 @@ class JsonMasks:
         return plain | self.ids_mask(ids, width)
 
     def _plain(self, frame: tuple) -> Any:
-        """The mask of plain tokens for a String frame, cached by its regex state and length."""
-        key = frame[0].key(frame, self.table.reach)[:4]
-        mask = self.plains.get(key)
-        if mask is None:
-            if len(self.plains) >= JSON_MASK_CACHE_STATES:
-                self.plains.clear()
-            trie = self.table.class_trie(frame[0].regex)
-            mask = self.plains[key] = self.ids_mask(frame[0].plain_tokens(frame, trie), self.table.size)
-        return mask
+        """The mask of plain tokens for a string Leaf frame, cached by its regex state and length."""
+        return self.plains.get_or(frame[0].key(frame, self.table.reach)[:4], lambda: self.ids_mask(
+            frame[0].plain_tokens(frame, self.table.class_trie(frame[0].regex)), self.table.size))
 
     @staticmethod
     def ids_mask(ids: list[int], width: int) -> Any:
@@ -2447,13 +2421,7 @@ def commitment(start: tuple) -> int:
 
 def json_masks(tokenizer: Any, key: tuple, start: tuple) -> JsonMasks:
     """The shared, cached masks for a constraint: requests with the same schema reuse them."""
-    cache_key = (id(tokenizer),) + key
-    masks = _CONSTRAINTS.get(cache_key)
-    if masks is None:
-        if len(_CONSTRAINTS) >= JSON_CONSTRAINT_CACHE:
-            _CONSTRAINTS.pop(next(iter(_CONSTRAINTS)))
-        masks = _CONSTRAINTS[cache_key] = JsonMasks(token_table(tokenizer), start)
-    return masks
+    return _CONSTRAINTS.get_or((id(tokenizer),) + key, lambda: JsonMasks(token_table(tokenizer), start))
 
 
 class JsonConstraint:
@@ -4480,9 +4448,10 @@ class PromptCache:
             return length
         self._drop(self.entries.pop(entry.tokens.tobytes()))
         cut = cut_cache(entry.cache, kept)
-        self.trims += 1
-        if cut is None:
+        if cut is None:  # nothing to cut it to, or a cache that holds no prefix (see cut_cache): it goes
+            self.evictions += 1
             return 0
+        self.trims += 1
         self._add(CacheEntry(entry.tokens[:kept], cut, cache_nbytes(cut)))
         return kept
 
@@ -6347,6 +6316,11 @@ def prometheus_text(families: list[Family]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def gauge(name: str, kind: str, help: str, value: float) -> Family:
+    """A family of one unlabelled sample (a gauge, or a counter kept elsewhere)."""
+    return Family(name, kind, help, [("", {}, value)])
+
+
 def _escape_label(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
@@ -7193,47 +7167,51 @@ class LemServer(http.server.ThreadingHTTPServer):
     def metrics_text(self) -> str:
         """The /metrics body: the request counters plus the server's and engine's state now."""
         stats = self.engine.stats()
-
-        def one(name: str, kind: str, help: str, value: float) -> Family:
-            return Family(name, kind, help, [("", {}, value)])
-
         return prometheus_text(self.metrics.families() + [
-            one("lem_active_requests", "gauge", "Generation requests holding a slot.", self.active),
-            one("lem_max_requests", "gauge", "Generation slots (--max-requests).", self.settings.max_requests),
-            one("lem_in_flight_requests", "gauge", "HTTP requests being answered, of any kind.", self.in_flight),
-            one("lem_open_connections", "gauge", "Client connections open.", self.connections),
-            one("lem_tokens_generated_total", "counter", "Tokens sampled by the engine since start.",
-                stats["tokens_generated"]),
-            one("lem_draft_tokens_proposed_total", "counter", "Tokens the --draft-model proposed.",
-                stats["draft_tokens_proposed"]),
-            one("lem_draft_tokens_accepted_total", "counter", "Proposed draft tokens the model accepted.",
-                stats["draft_tokens_accepted"]),
-            one("lem_prompt_cache_hits_total", "counter", "Prompts that reused cached state.", stats["prompt_cache_hits"]),
-            one("lem_prompt_cache_misses_total", "counter", "Prompts computed from scratch.", stats["prompt_cache_misses"]),
-            one("lem_prompt_cache_entries", "gauge", "Entries in the prompt cache.", stats["prompt_cache_entries"]),
-            one("lem_prompt_cache_bytes", "gauge", "Memory held by the prompt cache.", stats["prompt_cache_bytes"]),
-            one("lem_prompt_cache_tokens", "gauge", "Tokens whose KV the prompt cache holds.", stats["prompt_cache_tokens"]),
-            one("lem_prompt_cache_budget_bytes", "gauge", "Most the prompt cache may hold (less while the running "
-                "batch needs the room).", self.memory.prompt_cache_bytes),
-            one("lem_prompt_cache_evictions_total", "counter", "Prompt cache entries evicted, least recently used "
-                "first.", stats["prompt_cache_evictions"]),
-            one("lem_prompt_cache_trims_total", "counter", "Prompt cache entries cut to their longest prefix that "
-                "fits the budget.", stats["prompt_cache_trims"]),
-            one("lem_waiting_requests", "gauge", "Generation requests waiting in the admission queue.",
-                self.queue.waiting),
-            one("lem_kv_reserved_bytes", "gauge", "KV memory reserved by admitted requests (prompt + max tokens each).",
-                self.ledger.reserved),
-            one("lem_kv_memory_bytes", "gauge", "KV memory: the memory budget less the weights.", self.memory.kv_bytes),
-            one("lem_engine_up", "gauge", "1 while the generation engine runs, 0 once it has died.", int(self.engine.alive)),
-            one("lem_world_size", "gauge", "Processes the model is sharded over (mlx.launch ranks); 1 alone.",
-                self.engine.world_size),
-            one("lem_rank", "gauge", "This process's rank in its group (the one serving HTTP is 0).", self.engine.rank),
-            one("process_resident_memory_bytes", "gauge", "Resident memory of this process (peak on macOS).",
-                resident_memory_bytes()),
-            one("lem_threads", "gauge", "Python threads alive in this process.", threading.active_count()),
-            one("lem_uptime_seconds", "gauge", "Seconds since the server started.",
-                round(time.monotonic() - self.started_at, 3)),
+            gauge("lem_active_requests", "gauge", "Generation requests holding a slot.", self.active),
+            gauge("lem_max_requests", "gauge", "Generation slots (--max-requests).", self.settings.max_requests),
+            gauge("lem_in_flight_requests", "gauge", "HTTP requests being answered, of any kind.", self.in_flight),
+            gauge("lem_open_connections", "gauge", "Client connections open.", self.connections),
+            gauge("lem_tokens_generated_total", "counter", "Tokens sampled by the engine since start.",
+                  stats["tokens_generated"]),
+            gauge("lem_draft_tokens_proposed_total", "counter", "Tokens the --draft-model proposed.",
+                  stats["draft_tokens_proposed"]),
+            gauge("lem_draft_tokens_accepted_total", "counter", "Proposed draft tokens the model accepted.",
+                  stats["draft_tokens_accepted"]),
+            *self.memory_families(stats),
+            gauge("lem_engine_up", "gauge", "1 while the generation engine runs, 0 once it has died.",
+                  int(self.engine.alive)),
+            gauge("lem_world_size", "gauge", "Processes the model is sharded over (mlx.launch ranks); 1 alone.",
+                  self.engine.world_size),
+            gauge("lem_rank", "gauge", "This process's rank in its group (the one serving HTTP is 0).", self.engine.rank),
+            gauge("process_resident_memory_bytes", "gauge", "Resident memory of this process (peak on macOS).",
+                  resident_memory_bytes()),
+            gauge("lem_threads", "gauge", "Python threads alive in this process.", threading.active_count()),
+            gauge("lem_uptime_seconds", "gauge", "Seconds since the server started.",
+                  round(time.monotonic() - self.started_at, 3)),
         ])
+
+    def memory_families(self, stats: dict) -> list[Family]:
+        """The prompt cache's, the admission queue's and the KV memory's figures for /metrics."""
+        return [
+            gauge("lem_prompt_cache_hits_total", "counter", "Prompts that reused cached state.", stats["prompt_cache_hits"]),
+            gauge("lem_prompt_cache_misses_total", "counter", "Prompts computed from scratch.", stats["prompt_cache_misses"]),
+            gauge("lem_prompt_cache_entries", "gauge", "Entries in the prompt cache.", stats["prompt_cache_entries"]),
+            gauge("lem_prompt_cache_bytes", "gauge", "Memory held by the prompt cache.", stats["prompt_cache_bytes"]),
+            gauge("lem_prompt_cache_tokens", "gauge", "Tokens whose KV the prompt cache holds.",
+                  stats["prompt_cache_tokens"]),
+            gauge("lem_prompt_cache_budget_bytes", "gauge", "Most the prompt cache may hold (less while the running "
+                  "batch needs the room).", self.memory.prompt_cache_bytes),
+            gauge("lem_prompt_cache_evictions_total", "counter", "Prompt cache entries evicted, least recently used "
+                  "first.", stats["prompt_cache_evictions"]),
+            gauge("lem_prompt_cache_trims_total", "counter", "Prompt cache entries cut to their longest prefix that "
+                  "fits the budget.", stats["prompt_cache_trims"]),
+            gauge("lem_waiting_requests", "gauge", "Generation requests waiting in the admission queue.",
+                  self.queue.waiting),
+            gauge("lem_kv_reserved_bytes", "gauge", "KV memory reserved by admitted requests (prompt + max tokens "
+                  "each).", self.ledger.reserved),
+            gauge("lem_kv_memory_bytes", "gauge", "KV memory: the memory budget less the weights.", self.memory.kv_bytes),
+        ]
 
     # -- connections: one thread each, at most MAX_CONNECTIONS ----------------
 
