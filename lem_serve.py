@@ -2908,7 +2908,7 @@ MESSAGES_CHECKS = common_checks("model", "stream", "max_tokens", "top_p", "top_k
     Check("thinking", (dict,), '{"type": "enabled", "budget_tokens": N}, {"type": "adaptive"} or {"type": "disabled"}'),
 )
 ANTHROPIC_ROLES = ("user", "assistant", "system")   # Claude Code sends "system" messages mid-conversation
-REPLAYED_BLOCKS = ("thinking", "redacted_thinking")  # earlier reasoning sent back: accepted, not shown to the model
+REPLAYED_BLOCKS = ("thinking", "redacted_thinking")  # earlier reasoning sent back: thinking reaches the template
 THINKING_ON = ("enabled", "adaptive")                # thinking types that ask for thinking blocks
 
 
@@ -2981,7 +2981,7 @@ def anthropic_message(message: Any, index: int, seen_calls: set, catalog: dict[s
     Text blocks (and documents with a text source) are joined; an
     assistant's tool_use blocks become its tool_calls, their ids added to
     `seen_calls`, which a tool_result must answer; replayed thinking blocks
-    are dropped; images and other documents are refused (text models only).
+    its reasoning_content; images and other documents are refused (text models only).
     `catalog` holds every declared tool by name, for tool_reference blocks.
     """
     param = f"messages[{index}]"
@@ -2992,7 +2992,7 @@ def anthropic_message(message: Any, index: int, seen_calls: set, catalog: dict[s
         return [{"role": role, "content": content}]
     if not isinstance(content, list):
         raise invalid(f"{param}.content must be a string or a list of content blocks", f"{param}.content")
-    texts, calls, results = [], [], []
+    texts, calls, results, thoughts = [], [], [], []
     for i, block in enumerate(content):
         where = f"{param}.content[{i}]"
         kind = block.get("type") if isinstance(block, dict) else None
@@ -3005,6 +3005,8 @@ def anthropic_message(message: Any, index: int, seen_calls: set, catalog: dict[s
             seen_calls.add(calls[-1]["id"])
         elif kind == "tool_result" and role == "user":
             results.append(anthropic_tool_result(block, where, seen_calls, catalog))
+        elif kind == "thinking" and role == "assistant" and isinstance(block.get("thinking"), str):
+            thoughts.append(block["thinking"])
         elif kind in MEDIA_PARTS:
             raise invalid(f"{where} is a block of type {kind!r}; this server serves text models only (a document "
                           "needs a text source)", where)
@@ -3013,6 +3015,8 @@ def anthropic_message(message: Any, index: int, seen_calls: set, catalog: dict[s
                           "text, document (text source), tool_use (assistant), tool_result (user), thinking and "
                           "redacted_thinking", where)
     rest = {"role": role, "content": BLOCK_SEPARATOR.join(texts)}
+    if thoughts:   # replayed reasoning: templates that render it get it, as from chat's reasoning_content
+        rest["reasoning_content"] = "\n\n".join(thoughts)
     if calls:
         rest["tool_calls"] = calls
     return results + ([rest] if texts or calls or not results else [])
@@ -3227,10 +3231,11 @@ def responses_tools(tools: list) -> tuple[list[dict], dict]:
 
 def responses_input(items: str | list, kinds: dict | None = None) -> list[dict]:
     """Input items as chat messages: messages, function and custom tool calls (joined to their assistant
-    turn), their outputs. Reasoning items sent back are dropped; other item kinds are refused."""
+    turn), their outputs. Reasoning items sent back become the next assistant turn's reasoning_content; other kinds are refused."""
     if isinstance(items, str):
         return [{"role": "user", "content": items}]
     messages: list[dict] = []
+    thoughts: list[str] = []   # reasoning items not yet given to an assistant turn
     for i, item in enumerate(items):
         param = f"input[{i}]"
         kind = item.get("type", "message") if isinstance(item, dict) else None
@@ -3242,12 +3247,25 @@ def responses_input(items: str | list, kinds: dict | None = None) -> list[dict]:
                 messages[-1]["tool_calls"] = messages[-1].get("tool_calls", []) + [call]
             else:
                 messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
+        elif kind == "reasoning":
+            thoughts.append(reasoning_item_text(item))
         elif kind in ("function_call_output", "custom_tool_call_output"):
             messages.append(responses_call_output(item, param))
-        elif kind != "reasoning":
+        else:
             raise invalid(f"{param} is a {json.dumps(kind)[:40]} item; this server takes message, function_call, "
                           "custom_tool_call, their outputs, and reasoning items", param)
+        if thoughts and kind != "reasoning" and messages[-1]["role"] == "assistant":
+            messages[-1].setdefault("reasoning_content", "\n\n".join(thoughts))
+            thoughts = []
     return messages
+
+
+def reasoning_item_text(item: dict) -> str:
+    """A reasoning item's text: its reasoning_text parts, else its summary (encrypted content is not ours to read)."""
+    def texts(parts: Any, kind: str) -> list[str]:
+        return [p["text"] for p in parts or () if isinstance(p, dict) and p.get("type") == kind
+                and isinstance(p.get("text"), str)]
+    return "\n\n".join(texts(item.get("content"), "reasoning_text") or texts(item.get("summary"), "summary_text"))
 
 
 def responses_call(item: dict, param: str, kind: str) -> dict:
@@ -3484,6 +3502,183 @@ def context_length_of(config: dict) -> int | None:
     return None
 
 
+# Chat formats: how each family of chat templates writes tool calls, keyed by
+# what its template contains. mlx_lm's own parser serves every family it reads
+# right (Qwen, GLM, Kimi, MiniMax, Gemma...); the table holds the rest, and how
+# each family writes a call whose arguments are forced (json_constraint).
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """How one family of chat templates writes its tool calls.
+
+    `starts` open a call; `end` closes it ("": a call runs to the next start
+    or the end of the reply, whose end-of-turn token is not text). `leading`
+    open a call only as the first thing in a reply, and stay part of it
+    (Llama 3's bare JSON). `parse(body, tools)` is one call's text ->
+    {"name", "arguments"[, "id"]} or a list of them; it raises on anything
+    else. `write(name)` is how the family writes a call to `name`: the text
+    before its arguments JSON and the text after (None: no JSON form).
+    `harmony`: OpenAI's channel format (gpt-oss), read by HarmonyScanner.
+    """
+
+    name: str
+    starts: tuple[str, ...] = ()
+    end: str = ""
+    parse: Callable[[str, Any], Any] | None = None
+    write: Callable[[str], tuple[str, str]] | None = None
+    leading: tuple[str, ...] = ()
+    harmony: bool = False
+
+
+def json_objects(text: str) -> list[Any]:
+    """The JSON values written one after another in `text` (blanks, ';' or ',' between); raises if any is not."""
+    decoder, values, at = json.JSONDecoder(), [], 0
+    while (at := len(text) - len(text[at:].lstrip(" \t\r\n;,"))) < len(text):
+        value, at = decoder.raw_decode(text, at)
+        values.append(value)
+    return values
+
+
+def parse_llama_calls(body: str, tools: Any = None) -> list[dict]:
+    """Llama 3.x: {"name": ..., "parameters": {...}} (after <|python_tag|> or as the whole reply), one or more."""
+    calls = []
+    for value in json_objects(body):
+        arguments = value.get("parameters", value.get("arguments")) if isinstance(value, dict) else None
+        if not isinstance(value.get("name") if isinstance(value, dict) else None, str) or not isinstance(arguments, dict):
+            raise ValueError(f"not a Llama tool call: {body[:200]!r}")
+        calls.append({"name": value["name"], "arguments": arguments})
+    if not calls:
+        raise ValueError("no tool call")
+    return calls
+
+
+DEEPSEEK_CALL = re.compile(r"<｜tool▁call▁begin｜>(?:(\w+)<｜tool▁sep｜>([^\n<]+)\n```(?:json)?\n(.*?)\n```|"
+                           r"([^<]+?)<｜tool▁sep｜>(.*?))<｜tool▁call▁end｜>", re.S)
+
+
+def parse_deepseek_calls(body: str, tools: Any = None) -> list[dict]:
+    """DeepSeek's calls block: R1's `function<｜tool▁sep｜>NAME\\n```json\\n{...}\\n```` or V3.1's `NAME<｜tool▁sep｜>{...}`.
+
+    The R1 distills' template never closes a lone call, so a call whose end
+    marker is missing (the reply ended) still counts.
+    """
+    if "<｜tool▁call▁end｜>" not in body.rstrip()[-len("<｜tool▁call▁end｜>"):]:
+        body += "<｜tool▁call▁end｜>"
+    calls = [{"name": (match[2] or match[4]).strip(), "arguments": json.loads(match[3] or match[5])}
+             for match in DEEPSEEK_CALL.finditer(body)]
+    if not calls:
+        raise ValueError(f"not a DeepSeek tool call: {body[:200]!r}")
+    return calls
+
+
+MISTRAL_CALL = re.compile(r"\s*([\w.-]+)(?:\[CALL_ID\](\w+))?\[ARGS\]")
+
+
+def parse_mistral_call(body: str, tools: Any = None) -> Any:
+    """Mistral: `name[ARGS]{...}`, Mistral Small 3.2's `name[CALL_ID]id[ARGS]{...}`, or the older JSON list."""
+    if body.lstrip().startswith("["):
+        from mlx_lm.tool_parsers import mistral
+        return mistral.parse_tool_call(body, tools)
+    match = MISTRAL_CALL.match(body)
+    if match is None:
+        raise ValueError(f"not a Mistral tool call: {body[:200]!r}")
+    arguments, = json_objects(body[match.end():])
+    call = {"name": match[1], "arguments": arguments}
+    return {**call, "id": match[2]} if match[2] else call
+
+
+def mistral_call_id() -> str:
+    """A call id as Mistral Small 3.2's template demands: nine letters and digits."""
+    return uuid.uuid4().hex[:9]
+
+
+# (what the chat template contains, its format); the first match wins, and a
+# template none matches gets mlx_lm's parser (chat_format_of).
+CHAT_FORMATS: tuple[tuple[tuple[str, ...], ChatFormat], ...] = (
+    (("<|channel|>", "<|constrain|>"), ChatFormat(
+        "harmony", harmony=True,
+        write=lambda name: (f"<|channel|>commentary to=functions.{name} <|constrain|>json<|message|>", "<|call|>"))),
+    (("<｜tool▁calls▁begin｜>", "```json"), ChatFormat(
+        "deepseek-r1", starts=("<｜tool▁calls▁begin｜>",), end="<｜tool▁calls▁end｜>", parse=parse_deepseek_calls,
+        write=lambda name: (f"<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>{name}\n```json\n",
+                            "\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>"))),
+    (("<｜tool▁calls▁begin｜>",), ChatFormat(
+        "deepseek-v3.1", starts=("<｜tool▁calls▁begin｜>",), end="<｜tool▁calls▁end｜>", parse=parse_deepseek_calls,
+        write=lambda name: (f"<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>{name}<｜tool▁sep｜>",
+                            "<｜tool▁call▁end｜><｜tool▁calls▁end｜>"))),
+    (("[TOOL_CALLS]", "[CALL_ID]"), ChatFormat(
+        "mistral-3.2", starts=("[TOOL_CALLS]",), parse=parse_mistral_call,
+        write=lambda name: (f"[TOOL_CALLS]{name}[CALL_ID]{mistral_call_id()}[ARGS]", ""))),
+    (("[TOOL_CALLS]",), ChatFormat(
+        "mistral", starts=("[TOOL_CALLS]",), parse=parse_mistral_call,
+        write=lambda name: (f"[TOOL_CALLS]{name}[ARGS]", ""))),
+    (('{"name": function name, "parameters"',), ChatFormat(
+        "llama3", starts=("<|python_tag|>",), leading=("{",), parse=parse_llama_calls,
+        write=lambda name: (f'{{"name": {json.dumps(name)}, "parameters": ', "}"))),
+)
+
+
+def chat_format_of(tokenizer: Any) -> ChatFormat | None:
+    """The tool-call format of the model's chat template: the table's, else mlx_lm's parser's, else None."""
+    template = getattr(tokenizer, "chat_template", None)
+    return _chat_format(template if isinstance(template, str) else "", getattr(tokenizer, "tool_call_start", None),
+                        getattr(tokenizer, "tool_call_end", None), getattr(tokenizer, "tool_parser", None))
+
+
+@functools.lru_cache(maxsize=16)
+def _chat_format(template: str, start: str | None, end: str | None, parser: Any) -> ChatFormat | None:
+    for signs, found in CHAT_FORMATS:
+        if all(sign in template for sign in signs):
+            return found
+    if not start or parser is None:
+        return None
+    hermes = getattr(parser, "__module__", "") == "mlx_lm.tool_parsers.json_tools"  # Qwen's <tool_call>{JSON}
+    write = (lambda name: (f'{start}\n{{"name": {json.dumps(name)}, "arguments": ', f"}}\n{end}")) if hermes else None
+    return ChatFormat(parser.__module__.rpartition(".")[2], starts=(start,), end=end or "", parse=parser, write=write)
+
+
+def template_messages(messages: list[dict], template: str) -> list[dict]:
+    """The messages as this chat template expects them.
+
+    Reasoning sent back (reasoning_content) is also harmony's `thinking`; a
+    call-only assistant turn has null content, whichever dialect it came by.
+    A template that demands alternating roles gets consecutive plain
+    messages of one role merged with a blank line (Codex sends system
+    prompt, developer message, then user), as peers do; one that demands
+    nine-character call ids (Mistral Small 3.2) gets each id mapped to one.
+    """
+    out: list[dict] = []
+    for message in messages:
+        message = dict(message)
+        if "reasoning_content" in message and "<|channel|>" in template:
+            message["thinking"] = message["reasoning_content"]
+        if "length 9" in template:
+            message = nine_character_ids(message)
+        if message.get("tool_calls") and not message.get("content"):
+            message["content"] = None   # as OpenAI sends it: DeepSeek's templates write calls only then
+        plain = not message.get("tool_calls") and message["role"] != "tool"
+        if ("must alternate" in template and plain and out and out[-1]["role"] == message["role"]
+                and not out[-1].get("tool_calls") and isinstance(message["content"], str)
+                and isinstance(out[-1]["content"], str)):
+            out[-1] = {**out[-1], "content": f"{out[-1]['content']}\n\n{message['content']}"}
+            continue
+        out.append(message)
+    return out
+
+
+def nine_character_ids(message: dict) -> dict:
+    """A message whose call ids are nine letters and digits, each id always mapped to the same one."""
+    def nine(call_id: Any) -> Any:
+        return call_id if not isinstance(call_id, str) or re.fullmatch(r"[A-Za-z0-9]{9}", call_id) else \
+            uuid.uuid5(uuid.NAMESPACE_URL, call_id).hex[:9]
+    if "tool_call_id" in message:
+        message["tool_call_id"] = nine(message["tool_call_id"])
+    if message.get("tool_calls"):
+        message["tool_calls"] = [{**call, "id": nine(call.get("id"))} for call in message["tool_calls"]]
+    return message
+
+
 # -- memory: what the weights leave for KV caches, shared by the prompt cache and the running batch
 
 def machine_memory() -> tuple[int, str]:
@@ -3611,6 +3806,8 @@ def render_prompt(request: GenerationRequest, model: Model) -> tuple[list[int], 
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
         return tokenizer.encode(text), dropped
     tools = check_tool_support(request, tokenizer)
+    template = getattr(tokenizer, "chat_template", None)
+    messages = template_messages(messages, template if isinstance(template, str) else "")
     try:
         return list(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
                                                   tokenize=True, **request.template_args)), dropped
@@ -3668,10 +3865,11 @@ def check_tool_support(request: GenerationRequest, tokenizer: Any) -> list[dict]
     """The tools to show the chat template, or a 400 when this model cannot call them."""
     if not request.tools or request.tool_choice == "none":
         return None
-    if not getattr(tokenizer, "has_tool_calling", False):
+    form = chat_format_of(tokenizer)
+    if form is None:
         raise invalid("this model has no tool-call format that the server can parse; send no 'tools'", "tools")
     forced = request.constraint is not None and request.constraint.tool_call
-    if forced and getattr(tokenizer.tool_parser, "__module__", "") != "mlx_lm.tool_parsers.json_tools":
+    if forced and form.name != "json_tools":
         raise invalid("a required 'tool_choice' needs a model whose tool calls are JSON in "
                       f"{tokenizer.tool_call_start} markers; use \"auto\"", "tool_choice")
     return list(request.tools)
@@ -5353,54 +5551,164 @@ def logprobs_object(endpoint: str, entries: list[dict] | None, offsets: TextOffs
 class ToolCallScanner:
     """Splits a chat reply into content and tool calls, as the text streams in.
 
-    Text between the model's tool-call markers is parsed with its mlx_lm tool
-    parser; text that might be the start of a marker is held back, so a
-    streaming client never sees half of one. A call that does not parse is
-    passed on as content rather than lost.
+    Text from one of the format's start markers to its end marker is a call,
+    parsed with the format's parser (mlx_lm's where it reads the family
+    right); a format without an end marker runs a call to the next start or
+    the reply's end. Text that might be the start of a marker is held back,
+    so a streaming client never sees half of one; blanks around calls go. A
+    call that does not parse is passed on as content rather than lost.
     """
 
-    def __init__(self, start: str, end: str, parse: Callable[[str, Any], Any], tools: list[dict]):
-        self.start, self.end, self.parse, self.tools = start, end, parse, tools
+    def __init__(self, form: ChatFormat, tools: list[dict]):
+        self.form, self.tools = form, tools
         self.held = ""
-        self.inside = False
+        self.opened: str | None = None   # the start marker of the call being read, if one is open
+        self.fresh = True                # no text of the reply out yet: a leading marker may open a call
 
-    def feed(self, text: str) -> tuple[str, list[dict]]:
-        """Return (content safe to emit, complete tool calls in OpenAI's shape)."""
+    def feed(self, text: str) -> list[tuple[str, Any]]:
+        """The pieces safe to emit, in order: ("text", str) and ("calls", [calls in OpenAI's shape])."""
         self.held += text
-        content, calls = [], []
-        while True:
-            if not self.inside:
-                at = self.held.find(self.start)
-                if at < 0:
-                    keep = partial_marker_length(self.held, (self.start,))
-                    content.append(self.held[:len(self.held) - keep])
-                    self.held = self.held[len(self.held) - keep:]
-                    return "".join(content), calls
-                content.append(self.held[:at])
-                self.held, self.inside = self.held[at + len(self.start):], True
-            at = self.held.find(self.end)
-            if at < 0:
-                return "".join(content), calls
-            body, self.held, self.inside = self.held[:at], self.held[at + len(self.end):], False
-            parsed = self._parse(body)
-            calls += parsed
-            if not parsed:
-                content.append(self.start + body + self.end)
+        out: list[tuple[str, Any]] = []
+        while self._step(out):
+            pass
+        return out
 
-    def flush(self) -> str:
-        """Text still held once generation ends (an unfinished call comes back as text)."""
-        text = (self.start if self.inside else "") + self.held
-        self.held, self.inside = "", False
-        return text
+    def flush(self) -> list[tuple[str, Any]]:
+        """What is still held once generation ends: a call without its end marker is parsed if it can be."""
+        out: list[tuple[str, Any]] = []
+        if self.opened is not None:
+            self._close(out, self.held, "")
+        elif self.held.strip():
+            out.append(("text", self.held.lstrip() if self.fresh else self.held))
+        self.held, self.opened = "", None
+        return out
+
+    def _step(self, out: list) -> bool:
+        """Take one marker's worth of the held text; False once the rest must wait for more."""
+        form = self.form
+        if self.opened is None:
+            head = self.held.lstrip() if self.fresh else self.held
+            lead = next((m for m in form.leading if head.startswith(m)), None) if self.fresh else None
+            if lead is not None:
+                self.held, self.opened = head, ""
+                return True
+            at, marker = min(((self.held.find(m), m) for m in form.starts if m in self.held), default=(-1, ""))
+            hold = partial_marker_length(self.held, form.starts + (form.leading if self.fresh else ()))
+            if self.fresh and (not head or any(m.startswith(head) for m in form.leading)):
+                return False
+            self._text(out, self.held[:at] if at >= 0 else self.held[:len(self.held) - hold])
+            self.held = self.held[at + len(marker):] if at >= 0 else self.held[len(self.held) - hold:]
+            self.opened = marker if at >= 0 else None
+            return at >= 0
+        ends = (form.end,) if form.end else form.starts
+        at = min((self.held.find(m) for m in ends if m in self.held), default=-1)
+        if at < 0:
+            return False
+        self._close(out, self.held[:at], form.end)
+        self.held = self.held[at + len(form.end):]
+        return True
+
+    def _text(self, out: list, text: str) -> None:
+        if self.fresh:
+            text = text.lstrip()
+            self.fresh = not text
+        if text:
+            out.append(("text", text))
+
+    def _close(self, out: list, body: str, end: str) -> None:
+        """End the open call (at `end`): its calls, or its text as content when it does not parse."""
+        marker, self.opened = self.opened, None
+        calls = self._parse(body)
+        if calls:
+            out.append(("calls", calls))
+            self.fresh = True   # blanks after a call are not content
+        else:
+            self._text(out, f"{marker}{body}{end}")
 
     def _parse(self, body: str) -> list[dict]:
         try:
-            parsed = self.parse(body, self.tools)
+            parsed = self.form.parse(body, self.tools)
         except Exception as exc:  # parsers raise what they like on malformed calls
             log.warning("could not parse a tool call (%r): %r", exc, body[:200])
             return []
         return [openai_tool_call(call, self.tools) for call in (parsed if isinstance(parsed, list) else [parsed])
                 if isinstance(call, dict) and isinstance(call.get("name"), str)]
+
+
+HARMONY_ENDS = ("<|end|>", "<|call|>", "<|return|>", "<|start|>")  # what ends a message's body
+HARMONY_HEADS = ("<|channel|>", "<|start|>")                        # what a message's header starts with
+
+
+class HarmonyScanner:
+    """Reads OpenAI's harmony format (gpt-oss) as it streams: channel `analysis` is reasoning, `final`
+    text, `commentary` addressed `to=functions.NAME` a call to NAME (its body the JSON arguments), and
+    `commentary` to no one (a preamble) text. A reply that opens with no channel header is text.
+    """
+
+    def __init__(self, tools: list[dict]):
+        self.tools = tools
+        self.held = ""
+        self.kind: str | None = None    # the open message's kind: "reasoning", "text", "call"; None: in a header
+        self.name = ""                  # the open call's function name
+        self.body = ""                  # the open call's arguments so far
+        self.started = False            # a header or text came
+
+    def feed(self, text: str) -> list[tuple[str, Any]]:
+        """The pieces safe to emit: ("reasoning", str), ("text", str), ("calls", [calls in OpenAI's shape])."""
+        self.held += text
+        out: list[tuple[str, Any]] = []
+        while self._step(out):
+            pass
+        return out
+
+    def flush(self) -> list[tuple[str, Any]]:
+        """Whatever message is open ends with the reply (its <|call|> or <|return|> is not text)."""
+        out: list[tuple[str, Any]] = []
+        if self.kind is not None:
+            self._body(out, self.held)
+            self._close(out)
+        self.held = ""
+        return out
+
+    def _step(self, out: list) -> bool:
+        if self.kind is None:
+            if not self.started and self.held and not any(
+                    h.startswith(self.held[:len(h)]) for h in HARMONY_HEADS):
+                self.kind, self.started = "text", True   # no header: a plain reply
+                return True
+            at = self.held.find("<|message|>")
+            if at < 0:
+                return False
+            self._open(self.held[:at])
+            self.held = self.held[at + len("<|message|>"):]
+            return True
+        at, marker = min(((self.held.find(m), m) for m in HARMONY_ENDS if m in self.held), default=(-1, ""))
+        hold = 0 if at >= 0 else partial_marker_length(self.held, HARMONY_ENDS)
+        self._body(out, self.held[:at] if at >= 0 else self.held[:len(self.held) - hold])
+        self.held = self.held[at + len(marker) * (marker != "<|start|>"):] if at >= 0 else self.held[len(self.held) - hold:]
+        if at >= 0:
+            self._close(out)
+        return at >= 0
+
+    def _open(self, header: str) -> None:
+        channel = re.search(r"<\|channel\|>\s*(\w+)", header)
+        recipient = re.search(r"to=functions\.([^\s<]+)", header)
+        self.started, self.body = True, ""
+        if recipient:
+            self.kind, self.name = "call", recipient[1]
+        else:
+            self.kind = "reasoning" if channel and channel[1] == "analysis" else "text"
+
+    def _body(self, out: list, text: str) -> None:
+        if self.kind == "call":
+            self.body += text
+        elif text:
+            out.append((self.kind, text))
+
+    def _close(self, out: list) -> None:
+        if self.kind == "call":
+            out.append(("calls", [openai_tool_call({"name": self.name, "arguments": self.body.strip()}, self.tools)]))
+        self.kind = None
 
 
 def openai_tool_call(call: dict, tools: list[dict] = ()) -> dict:
@@ -5412,12 +5720,15 @@ def openai_tool_call(call: dict, tools: list[dict] = ()) -> dict:
             "function": {"name": call["name"], "arguments": arguments}}
 
 
-def tool_scanner(request: GenerationRequest, tokenizer: Any) -> ToolCallScanner | None:
-    """The scanner for a chat request that offered tools, else None."""
-    if not request.tools or request.tool_choice == "none" or not getattr(tokenizer, "has_tool_calling", False):
+def tool_scanner(request: GenerationRequest, tokenizer: Any) -> ToolCallScanner | HarmonyScanner | None:
+    """The scanner for a chat reply: calls when tools were offered; harmony's channels always (but raw)."""
+    if request.endpoint == "completions":
         return None
-    return ToolCallScanner(tokenizer.tool_call_start, tokenizer.tool_call_end, tokenizer.tool_parser,
-                           list(request.tools))
+    form = chat_format_of(tokenizer)
+    tools = list(request.tools) if request.tools and request.tool_choice != "none" else []
+    if form is not None and form.harmony and request.split_reasoning:
+        return HarmonyScanner(tools)
+    return ToolCallScanner(form, tools) if form is not None and tools and not form.harmony else None
 
 
 def sse_event(payload: dict | str, event: str | None = None) -> bytes:
@@ -5462,13 +5773,21 @@ class Writer:
         """
         if kind == "reasoning":  # a dialect shows it only when asked (a template may think regardless)
             return self.reasoning(value) if self.request.show_reasoning else b""
-        text, calls = (value if kind == "text" else ""), []
+        pieces = [("text", value)] if kind == "text" else []
         if self.scanner is not None:
-            text, calls = self.scanner.feed(value) if kind == "text" else (self.scanner.flush(), [])
-        out = [self.text(text, list(logprobs))] if text or logprobs else []
-        if calls:
-            out.append(self.tool_calls(calls))
-            self.calls_sent += len(calls)
+            pieces = self.scanner.feed(value) if kind == "text" else self.scanner.flush()
+        out, logprobs = [], list(logprobs)
+        for piece, content in pieces:
+            if piece == "reasoning":
+                out.append(self.reasoning(content) if self.request.show_reasoning else b"")
+            elif piece == "text" and (content or logprobs):
+                out.append(self.text(content, logprobs))
+                logprobs = []   # a token's logprobs go with the first text it ends in
+            else:
+                out.append(self.tool_calls(content))
+                self.calls_sent += len(content)
+        if logprobs:
+            out.append(self.text("", logprobs))
         if kind != "text":
             out.append(self.finish(value))
         return b"".join(out)
@@ -5479,8 +5798,11 @@ class Writer:
         reasoning = reasoning if self.request.show_reasoning else ""
         calls = []
         if self.scanner is not None:
-            text, calls = self.scanner.feed(text)
-            text += self.scanner.flush()
+            parts = {"text": [], "reasoning": [reasoning], "calls": []}
+            for piece, content in self.scanner.feed(text) + self.scanner.flush():
+                parts[piece] += content if piece == "calls" else [content]
+            text, calls = "".join(parts["text"]), parts["calls"]
+            reasoning = "".join(parts["reasoning"]) if self.request.show_reasoning else ""
         return self.body(text, calls, reason, logprobs, reasoning)
 
     def opening(self) -> bytes:
@@ -5917,7 +6239,8 @@ def responses_conversation(request: GenerationRequest, response: dict) -> list[d
 def model_capabilities(model: Any) -> tuple[bool, bool]:
     """(whether the model thinks, whether it calls tools), as its chat template and tokenizer tell."""
     tokenizer = model.tokenizer
-    return bool(getattr(tokenizer, "has_thinking", False)), bool(getattr(tokenizer, "has_tool_calling", False))
+    form = chat_format_of(tokenizer)
+    return bool(getattr(tokenizer, "has_thinking", False) or form is not None and form.harmony), form is not None
 
 
 def anthropic_model_info(settings: Settings, context: int, reasons: bool, tools: bool, created: int) -> dict:
