@@ -1284,12 +1284,13 @@ def test_auto_tools_reach_the_chat_template(server):
 
 def test_tool_call_scanner_holds_markers_and_keeps_bad_calls_as_text():
     from mlx_lm.tool_parsers import json_tools
-    scanner = lem_serve.ToolCallScanner("<tool_call>", "</tool_call>", json_tools.parse_tool_call, [])
-    assert scanner.feed("Sure<tool") == ("Sure", [])
-    text, calls = scanner.feed('_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>after')
+    form = lem_serve.ChatFormat("json_tools", ("<tool_call>",), "</tool_call>", json_tools.parse_tool_call)
+    scanner = lem_serve.ToolCallScanner(form, [])
+    assert scanner.feed("Sure<tool") == [("text", "Sure")]
+    (_, calls), (_, text) = scanner.feed('_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>after')
     assert text == "after" and calls[0]["function"] == {"name": "f", "arguments": '{"x": 1}'}
-    assert scanner.feed("<tool_call>not json</tool_call>") == ("<tool_call>not json</tool_call>", [])
-    assert scanner.feed("<tool_call>{") == ("", []) and scanner.flush() == "<tool_call>{"
+    assert scanner.feed("<tool_call>not json</tool_call>") == [("text", "<tool_call>not json</tool_call>")]
+    assert scanner.feed("<tool_call>{") == [] and scanner.flush() == [("text", "<tool_call>{")]
 
 
 @pytest.mark.parametrize("fields,param", [
@@ -2174,6 +2175,39 @@ def test_idle_ranks_block_instead_of_polling(long_model_dir):
         used = (cpu_seconds(rank1) - before) / (time.monotonic() - started)
         assert used <= 0.05, f"an idle rank 1 used {used:.2f} of a core"  # spinning in a collective: ~0.3-1
         assert post(group, "completions", max_tokens=4)["usage"]["completion_tokens"] == 4  # and wakes up
+
+
+def test_two_codex_runs_and_a_claude_run_at_once_get_no_429_on_default_admission(agent_model_dir, tmp_path):
+    claude, codex = agent_cli("claude"), agent_cli("codex")
+    model = lem_serve.load_model(lem_serve.Settings(model_path=str(agent_model_dir)))
+    homes = []
+    for name in ("claude", "codex-1", "codex-2"):
+        (tmp_path / name / "home").mkdir(parents=True)
+        (tmp_path / name / "work").mkdir()
+        homes.append(tmp_path / name)
+    # --max-requests and --queue-timeout at their defaults; max_tokens as the other agent tests have it
+    with running_server(model, agent_model_dir, max_tokens=AGENT_MAX_TOKENS, timeout=AGENT_TIMEOUT,
+                        api_key=AGENT_KEY) as srv:
+        for home in homes[1:]:
+            (home / "home" / "config.toml").write_text(CODEX_CONFIG.format(url=srv.url + "/v1"))
+        runs = [lambda: run_agent([claude, "-p", AGENT_ASK], homes[0] / "work",
+                                  {"HOME": homes[0] / "home", "ANTHROPIC_BASE_URL": srv.url,
+                                   "ANTHROPIC_API_KEY": AGENT_KEY, "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"})]
+        runs += [lambda home=home: run_agent([codex, "exec", "--skip-git-repo-check", AGENT_ASK], home / "work",
+                                             {"HOME": home / "home", "CODEX_HOME": home / "home",
+                                              "LEM_API_KEY": AGENT_KEY}) for home in homes[1:]]
+        results = [None] * len(runs)
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, runs[i]())) for i in range(len(runs))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=AGENT_TIMEOUT + 60)
+        for result in results:
+            assert result is not None and result.returncode == 0, (result.stdout[-1500:], result.stderr[-1500:])
+        assert wait_until(lambda: srv.in_flight == 0)
+        samples = scrape(srv, {"x-api-key": AGENT_KEY})
+        assert metric(samples, "lem_gate_rejections_total") == 0
+        assert not [labels for (name, labels) in samples if name == "lem_requests_total" and 'code="429"' in labels]
 
 
 BILLING = "x-anthropic-billing-header: cc_version=2.1.112.{}; cc_entrypoint=cli; cch={};"
