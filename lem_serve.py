@@ -3219,7 +3219,8 @@ def responses_tools(tools: list) -> tuple[list[dict], dict]:
                     raise invalid(f"'{param}' must be an object", param)
                 continue
             schema = CUSTOM_TOOL_PARAMETERS if member_kind == "custom" else member.get("parameters")
-            (function,) = dialect_tools([{**member, "parameters": schema}], "parameters", lambda t: True)
+            # No tool_search here to load a deferred tool later: every tool is rendered from the start.
+            (function,) = dialect_tools([{**member, "parameters": schema}], "parameters", lambda t: True, deferred=True)
             name = function["function"]["name"]
             rendered = f"{tool['name']}{NAMESPACE_SEPARATOR}{name}" if kind == "namespace" else name
             function["function"]["name"] = rendered
