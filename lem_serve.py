@@ -31,7 +31,8 @@ browser pages from other origins are refused unless --allowed-origins lists
 them. It never reads a file from disk on a client's behalf.
 
 Layout, each section calling only the ones above it:
-settings and CLI; errors; request parsing and validation; the generation
+settings and CLI; errors; structured output (JSON Schema compiled to an
+automaton and token masks); request parsing and validation; the generation
 engine (one thread that owns MLX); SSE/JSON writers; metrics; the HTTP
 handler; the server class and main().
 """
@@ -522,19 +523,19 @@ class ClientGone(Exception):
 # -- JSON Schema, compiled to a character automaton ----------------------------
 #
 # compile_schema() turns a schema into a graph of pieces: Literals (enum,
-# const, true/false/null, object keys), String (a Regex over the decoded
-# characters, with lengths), Number (bounds, multipleOf), Object, Array and
-# Union (anyOf). json_advance() runs the graph over text as a pushdown
-# automaton. A state is a tuple of stacks, one per live anyOf branch; a stack
-# is a tuple of frames, innermost last; a frame is a tuple whose first item is
-# its piece. Everything hashes, so token masks are cached per state (JsonMasks,
-# in the engine section). For its frames, each piece answers
+# const, true/false/null, object keys), Leaf (a Regex: over a string's decoded
+# characters, with lengths, or over a number's text, its bounds and multipleOf
+# compiled to regular expressions), Object, Array and Union (anyOf).
+# json_advance() runs the graph over text as a pushdown automaton. A state is a
+# tuple of stacks, one per live anyOf branch; a stack is a tuple of frames,
+# innermost last; a frame is a tuple whose first item is its piece. Everything
+# hashes, so token masks are cached per state (JsonMasks). For its frames, each piece answers
 #   step(frame, ch) -> frame tuples that replace it (() pops it), or REFEED:
 #                      the value was complete before `ch`, which goes to the parent;
 #   done(frame)     -> whether the value is complete;
 #   finish(frame)   -> a short text that completes it (closing in time for max_tokens);
 # and each piece has min_text, a shortest complete value of its own. A leaf
-# (Literals, String, Number) is always a top frame; its frame ends with (ex,
+# (Literals, Leaf) is always a top frame; its frame ends with (ex,
 # text): an exclusion (forbidden texts, whether to keep all of the text) for
 # uniqueItems and extra object keys, and its raw JSON text so far.
 #
@@ -732,7 +733,7 @@ class Regex:
         self.charset_index: dict[tuple, int] = {}
         self.parts: list[tuple[int, int, int, bool]] = []   # (first state, last state, final, negated)
         for pattern, search, *negated in parts:   # (pattern, search[, negated: must not match])
-            tree, looks = lookaheads(RegexParser(pattern).parse(), search)
+            tree, looks = lookaheads(RegexParser(pattern).parse() if isinstance(pattern, str) else pattern, search)
             if negated and looks:
                 raise ValueError("a lookahead inside 'not' is not supported")
             for part, negated in [((("seq", [ANYTHING, tree, ANYTHING]) if search else tree), negated == [True])] + looks:
@@ -776,6 +777,8 @@ class Regex:
             end = self._new()
             self.edges[state].append((self.charset_index.setdefault(tree[1], len(self.charset_index)), end))
             return end
+        if kind == "mod":
+            return self._multiples(state, *tree[1:])
         if kind == "seq":
             for item in tree[1]:
                 state = self._build(item, state)
@@ -799,6 +802,22 @@ class Regex:
         end = self._new()
         for state in ends:
             self.edges[state].append((None, end))
+        return end
+
+    def _multiples(self, state: int, step: int, scale: int) -> int:
+        """Unsigned decimals that are multiples of step * 10**-scale: the remainder of their digits, as states."""
+        whole, end = [self._new() for _ in range(step)], self._new()
+        frac = [[self._new() for _ in range(step)] for _ in range(scale + 2)]   # by fraction digits, capped
+        digit = [self.charset_index.setdefault(charset([(48 + d, 48 + d)]), len(self.charset_index)) for d in range(10)]
+        dot = self.charset_index.setdefault(charset([(46, 46)]), len(self.charset_index))
+        self.edges[state].append((None, whole[0]))
+        for r in range(step):
+            self.edges[whole[r]] += [(digit[d], whole[(10 * r + d) % step]) for d in range(10)] + [(dot, frac[0][r])]
+            self.edges[whole[r]] += [(None, end)] * (r * 10 ** scale % step == 0)
+            for j in range(scale + 2):  # past `scale` fraction digits, only zeros
+                self.edges[frac[j][r]] += [(None, end)] * (j > 0 and r * 10 ** max(scale - j, 0) % step == 0)
+                self.edges[frac[j][r]] += [(digit[d], frac[j + 1][(10 * r + d) % step]) for d in range(10)] \
+                    if j < scale else [(digit[0], frac[scale + 1][r])]
         return end
 
     def _closure(self, states: set, at_start: bool = False) -> frozenset:
@@ -890,12 +909,85 @@ class Regex:
 
 
 @functools.lru_cache(maxsize=256)
-def regex_for(pattern: str, search: bool = True, also: tuple = ()) -> Regex:
+def regex_for(pattern: str | tuple, search: bool = True, also: tuple = ()) -> Regex:
     """The compiled Regex for a pattern (and the (pattern, search) pairs `also`), shared across requests."""
     return Regex(((pattern, search),) + also)
 
 
 ANY_TEXT = regex_for("")   # an empty pattern matches every string
+
+
+# Numbers as regular expressions: a bounded number is the JSON number syntax intersected with
+# one expression for its minimum, one for its maximum and one for multipleOf (Regex parts), built
+# digit by digit as llama.cpp's json-schema-to-grammar does for integer bounds. Fraction digits
+# compare as strings: 0.25 < 0.3 as "25" < "3".
+
+def _digits(lo: str, hi: str) -> str:
+    """Digit strings as long as lo (and hi), from lo to hi."""
+    if lo.strip("0") == "" and hi.strip("9") == "":
+        return f"\\d{{{len(lo)}}}" if lo else ""
+    if lo[:1] == hi[:1]:
+        return lo[:1] + (_digits(lo[1:], hi[1:]) if lo else "")
+    rest = len(lo) - 1
+    middle = [f"[{int(lo[0]) + 1}-{int(hi[0]) - 1}]\\d{{{rest}}}"] if int(hi[0]) - int(lo[0]) > 1 else []
+    return f"({lo[0]}{_digits(lo[1:], '9' * rest)}|{'|'.join(middle + [hi[0] + _digits('0' * rest, hi[1:])])})"
+
+
+def int_range(lo: int, hi: int | None) -> str | None:
+    """Unsigned integers (no leading zero, JSON_MAX_DIGITS digits at most) from lo to hi (None: any); None if none."""
+    hi = 10 ** JSON_MAX_DIGITS - 1 if hi is None else min(hi, 10 ** JSON_MAX_DIGITS - 1)
+    parts = [_digits(str(max(lo, 10 ** (w - 1) * (w > 1))), str(min(hi, 10 ** w - 1)))
+             for w in range(len(str(lo)), len(str(hi)) + 1) if max(lo, 10 ** (w - 1) * (w > 1)) <= min(hi, 10 ** w - 1)]
+    return f"({'|'.join(parts)})" if parts else None
+
+
+def _fraction(f: str, strict: bool, least: bool) -> str | None:
+    """Digit strings d (maybe empty) with 0.d >= 0.f (least) or <= 0.f, strictly if asked; None if none."""
+    if not f:
+        return ("\\d*[1-9]\\d*" if strict else "\\d*") if least else (None if strict else "0*")
+    first, deeper = int(f[0]), _fraction(f[1:], strict, least)
+    alts = [f"[{first + 1}-9]\\d*"] * (least and first < 9) + [f"[0-{first - 1}]\\d*"] * (not least and first > 0)
+    alts += [""] * (not least) + ([f[0] + f"({deeper})"] if deeper is not None else [])
+    return f"({'|'.join(alts)})" if alts else None
+
+
+def _magnitude(x: Fraction, strict: bool, least: bool) -> str | None:
+    """Unsigned decimals >= x (least) or <= x, strictly if asked; x >= 0 with at most JSON_MAX_DIGITS decimals."""
+    whole = math.floor(x)
+    digits = str(int((x - whole) * 10 ** JSON_MAX_DIGITS)).rjust(JSON_MAX_DIGITS, "0").rstrip("0")
+    fraction = _fraction(digits, strict, least)
+    same = None if fraction is None else f"{whole}(\\.{fraction})" + "?" * (not least or not digits and not strict)
+    other = int_range(whole + 1, None) if least else (int_range(0, whole - 1) if whole else None)
+    parts = [p for p in (same, other and other + "(\\.\\d+)?") if p]
+    return f"({'|'.join(parts)})" if parts else None
+
+
+def number_bound(x: Fraction, strict: bool, least: bool) -> str | None:
+    """Decimals >= x (least) or <= x, strictly if asked (rounded inward to JSON_MAX_DIGITS decimals)."""
+    unit = 10 ** JSON_MAX_DIGITS
+    kept = Fraction(math.ceil(x * unit) if least else math.floor(x * unit), unit)
+    strict, x = strict and kept == x, kept
+    free = "(0|[1-9]\\d*)(\\.\\d+)?"
+    if least:
+        return _magnitude(x, strict, True) if x > 0 or x == 0 and strict else \
+            f"({free}|-{_magnitude(-x, strict, False)})"
+    return f"-{_magnitude(-x, strict, True)}" if x < 0 or x == 0 and strict else f"(-{free}|{_magnitude(x, strict, False)})"
+
+
+class Cache(dict):
+    """A dict of at most `limit` entries, the oldest dropped first: every cache of this section."""
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self.limit = limit
+
+    def get_or(self, key: Any, make: Callable[[], Any]) -> Any:
+        """The value under `key`, made and kept if missing."""
+        if key not in self:
+            if len(self) >= self.limit:
+                self.pop(next(iter(self)), None)
+            self[key] = make()
+        return self[key]
 
 
 def _track(ex: tuple | None, text: str | None, ch: str) -> str | None:
@@ -957,29 +1049,35 @@ class Literals(Piece):
         return min((t for t in self.texts if t not in forbidden), key=len, default=None)
 
 
-class String(Piece):
-    """A JSON string whose decoded text matches `regex` and has min_len to max_len characters.
+class Leaf(Piece):
+    """A value whose text matches `regex` with min_len to max_len characters: a JSON string (`quoted`:
+    the regex runs over its decoded characters, pattern, format and lengths) or a number (its raw text).
 
     Frame: (piece, dfa state, characters so far, escape, ex, text); escape is
     "" (none), "\\" (after a backslash), "u" plus hex digits so far, or '"'
     once closed. Strings under an exclusion take no escapes (their raw text is
-    their value) and must use the any-character regex.
+    their value). Integers and strings have one spelling each (`by_text`).
     """
 
-    def __init__(self, regex: Regex, min_len: int = 0, max_len: int | None = None):
-        self.regex, self.min_len, self.max_len = regex, min_len, max_len
+    def __init__(self, regex: Regex, min_len: int = 0, max_len: int | None = None, quoted: bool = True,
+                 by_text: bool = True):
+        self.regex, self.min_len, self.max_len, self.quoted, self.by_text = regex, min_len, max_len, quoted, by_text
         self.limit = math.inf if max_len is None else max_len
-        self.completions: dict[tuple, str | None] = {}
+        self.completions = Cache(JSON_MASK_CACHE_STATES)
         content = self.complete(regex.start, 0)
         if content is None:
             raise ValueError("no string has both this pattern or format and these lengths")
-        self.min_text = json.dumps(content, ensure_ascii=False)
+        self.min_text = json.dumps(content, ensure_ascii=False) if quoted else content
 
     def begin(self, ch: str, ex: tuple | None) -> list:
+        if not self.quoted:
+            return self.step((self, self.regex.start, 0, "", ex, None if ex is None else ""), ch)
         return [((self, self.regex.start, 0, "", ex, None if ex is None else '"'),)] if ch == '"' else []
 
     def step(self, frame: tuple, ch: str) -> list:
         _, dfa, count, escape, ex, text = frame
+        if not self.quoted:  # a number: complete whenever the regex accepts; `ch` may go to the parent
+            return [REFEED] * self.done(frame) + self._take(dfa, count, ex, text, ch, ch)
         if escape == '"':
             return [REFEED]
         if escape == "":
@@ -1001,6 +1099,10 @@ class String(Piece):
             return [((self, dfa, count, escape + ch, ex, text),)]
         else:
             decoded = chr(int(escape[1:] + ch, 16))
+        return self._take(dfa, count, ex, text, ch, decoded)
+
+    def _take(self, dfa: frozenset, count: int, ex: tuple | None, text: str | None, ch: str, decoded: str | None) -> list:
+        """The frame after one more (decoded) character, if the value can still be completed."""
         dfa = None if decoded is None else self.regex.move(dfa, decoded)
         if dfa is None or not self.viable(dfa, count + 1):
             return []
@@ -1022,56 +1124,62 @@ class String(Piece):
 
     def complete(self, dfa: frozenset, count: int) -> str | None:
         """A shortest text (decoded) that completes the string from `dfa` after `count` characters."""
-        key = (dfa, min(count, self.min_len), self.limit - count)
-        if key not in self.completions:
-            layer = {dfa: ""}  # breadth first up to min_len, then the shortest way to a match
-            for _ in range(max(self.min_len - count, 0)):
-                layer = {nxt: text + ch for state, text in layer.items() for cid, ch in self.regex.reps.items()
-                         if (nxt := self.regex._move(state, cid)) is not None}
-            tails = [text + tail for state, text in layer.items() if (tail := self.regex.shortest(state)) is not None]
-            best = min(tails, key=len, default=None)
-            self.completions[key] = best if best is not None and count + len(best) <= self.limit else None
-        return self.completions[key]
+        return self.completions.get_or((dfa, min(count, self.min_len), self.limit - count),
+                                       lambda: self._complete(dfa, count))
+
+    def _complete(self, dfa: frozenset, count: int) -> str | None:
+        layer = {dfa: ""}  # breadth first up to min_len, then the shortest way to a match
+        for _ in range(max(self.min_len - count, 0)):
+            layer = {nxt: text + ch for state, text in layer.items() for cid, ch in self.regex.reps.items()
+                     if (nxt := self.regex._move(state, cid)) is not None}
+        tails = [text + tail for state, text in layer.items() if (tail := self.regex.shortest(state)) is not None]
+        best = min(tails, key=len, default=None)
+        return best if best is not None and count + len(best) <= self.limit else None
 
     def done(self, frame: tuple) -> bool:
         _, dfa, count, escape, ex, text = frame
-        if escape == '"':
+        if escape == '"' or not self.quoted and count >= self.min_len and self.regex.accepts(dfa):
             return ex is None or text is None or text not in ex[0]
         return False
 
     def finish(self, frame: tuple) -> str:
         _, dfa, count, escape, ex, text = frame
-        if escape == '"':
+        if escape == '"' or not self.quoted and self.done(frame):
             return ""
+        if not self.quoted:
+            return self._fresh(dfa, count, text, ex[0]) if ex is not None else self.complete(dfa, count)
         if escape:  # end the escape: the first letter that fits, or \\u0000-style zeros
             tail = self._escapes(dfa, count)[0] if escape == "\\" else ""
             tail += "0" * (5 - len(escape)) if tail in ("", "u") else ""
             return tail + self.finish(_leaf_after(frame, tail))
         if ex is not None:
-            return self._fresh(dfa, count, text, ex[0]) + '"'
+            tail = self._fresh(dfa, count, text, ex[0])
+            return None if tail is None else tail + '"'
         return json.dumps(self.complete(dfa, count), ensure_ascii=False)[1:]
 
     def _fresh(self, dfa: frozenset, count: int, text: str | None, forbidden: frozenset) -> str | None:
         """Characters (no escapes) that close an excluded string on a text not forbidden: shortest first."""
         layer = {dfa: [""]}
-        for size in range(int(min(self.limit - count, 32)) + 1):
+        reach = max(self.min_len - count, len(self.regex.shortest(dfa) or "")) + 32   # a few past the shortest
+        for size in range(int(min(self.limit - count, reach)) + 1):
             for state, tails in layer.items():
                 for tail in tails if count + size >= self.min_len and self.regex.accepts(state) else ():
-                    if text is None or text + tail + '"' not in forbidden:
+                    if text is None or text + tail + '"' * self.quoted not in forbidden:
                         return tail
             nxt: dict = {}
             for state, tails in layer.items():
                 for cid, ch in self.regex.reps.items():
-                    if ch >= " " and ch not in '"\\' and (after := self.regex._move(state, cid)) is not None:
+                    if (ch >= " " and ch not in '"\\' or not self.quoted) and (after := self.regex._move(state, cid)):
                         kept = nxt.setdefault(after, [])
                         kept += [t + ch for t in tails[:len(forbidden) + 1 - len(kept)]]
             layer = nxt
         return None
 
     def first(self, forbidden: frozenset) -> str | None:
-        """A shortest complete string text, quotes included, that is not forbidden."""
-        tail = self._fresh(self.regex.start, 0, '"', forbidden)
-        return None if tail is None else '"' + tail + '"'
+        """A shortest complete text, quotes included, that is not forbidden."""
+        quote = '"' * self.quoted
+        tail = self._fresh(self.regex.start, 0, quote, forbidden)
+        return None if tail is None else quote + tail + quote
 
     def plain_tokens(self, frame: tuple, trie: dict) -> list[int]:
         """Token ids of ordinary characters (no quote, backslash or control) that fit here.
@@ -1107,135 +1215,21 @@ def _leaf_after(frame: tuple, text: str) -> tuple | None:
     return frame
 
 
-class Number(Piece):
-    """A JSON number: integer or decimal, within bounds, a multiple of an integer.
-
-    Free numbers (no bounds) take exponents; bounded ones are plain decimals,
-    checked as they are typed: every prefix can still end inside the bounds.
-    Values are counted in units of 10**-scale (1 for integers, else the
-    smallest fraction digit), so all the arithmetic is exact on integers.
-    Frame: (piece, dfa state, ex, text); the text is kept only when bounded.
-    """
-
-    def __init__(self, integer: bool, low: Fraction | None = None, high: Fraction | None = None,
-                 low_open: bool = False, high_open: bool = False, multiple: int | None = None, excluded: tuple = ()):
-        self.integer, self.multiple = integer, multiple
-        self.bounded = low is not None or high is not None or multiple is not None or bool(excluded)
-        digits = JSON_MAX_DIGITS - 1
-        syntax = rf"0|-?[1-9]\d{{0,{digits}}}" if integer else rf"-?(0|[1-9]\d{{0,{digits}}})(\.\d{{1,{digits + 1}}})?"
-        self.syntax = regex_for(syntax if integer or self.bounded else syntax + r"([eE][+-]?\d{1,2})?", False,
-                                (("|".join(excluded), False, True),) if excluded else ())
-        self.scale = 0 if integer else JSON_MAX_DIGITS
-        unit = 10 ** self.scale
-        self.low = None if low is None else math.floor(low * unit) + 1 if low_open else math.ceil(low * unit)
-        self.high = None if high is None else math.ceil(high * unit) - 1 if high_open else math.floor(high * unit)
-        text = self._complete("", frozenset()) if self.bounded else self.syntax.shortest(self.syntax.start)
-        if text is None:
-            raise ValueError("no number is within minimum/maximum and a multiple of multipleOf")
-        self.min_text = text
-
-    def begin(self, ch: str, ex: tuple | None) -> list:
-        return self.step((self, self.syntax.start, ex, ""), ch)
-
-    def step(self, frame: tuple, ch: str) -> list:
-        _, dfa, ex, text = frame
-        out = [REFEED] if self.done(frame) else []
-        dfa = self.syntax.move(dfa, ch)
-        if dfa is not None:
-            tracked = self.bounded or ex is not None
-            text = text + ch if tracked else ""
-            if not tracked or self._count(text, ex, 1) > len(self._forbidden(text, ex)):
-                out.append(((self, dfa, ex, text),))
-        return out
-
-    def done(self, frame: tuple) -> bool:
-        _, dfa, ex, text = frame
-        if not self.syntax.accepts(dfa) or (ex is not None and text in ex[0]):
-            return False
-        return not self.bounded or self._allowed(self._value(text))
-
-    def finish(self, frame: tuple) -> str:
-        _, dfa, ex, text = frame
-        if not (self.bounded or ex):
-            return self.syntax.shortest(dfa)
-        return self._complete(text, ex[0] if ex else frozenset())[len(text):]
-
-    def first(self, forbidden: frozenset) -> str | None:
-        return self._complete("", forbidden)
-
-    @staticmethod
-    def _forbidden(text: str, ex: tuple | None) -> list:
-        return [f for f in ex[0] if f.startswith(text)] if ex else []
-
-    def _value(self, text: str) -> int:
-        whole, _, frac = text.lstrip("-").partition(".")
-        value = int(whole + frac.ljust(self.scale, "0"))
-        return -value if text.startswith("-") else value
-
-    def _allowed(self, value: int) -> bool:
-        return ((self.low is None or value >= self.low) and (self.high is None or value <= self.high)
-                and (self.multiple is None or value % self.multiple == 0))
-
-    def _spans(self, text: str) -> list[tuple[int, int]]:
-        """The values that complete `text`, as signed intervals, shortest completions first."""
-        negative = text.startswith("-")
-        whole, dot, frac = text.lstrip("-").partition(".")
-        one = 10 ** self.scale
-        if dot:
-            width = 10 ** (self.scale - len(frac))
-            spans = [(int(whole + frac) * width, width)]
-        elif whole == "0":
-            spans = [(0, one)]
-        elif whole:
-            spans = [(int(whole) * 10 ** k * one, 10 ** k * one) for k in range(JSON_MAX_DIGITS - len(whole) + 1)]
-        else:  # nothing yet but maybe a sign: "0", or 1 to JSON_MAX_DIGITS digits
-            spans = [] if negative and self.integer else [(0, one)]
-            spans += [(10 ** (k - 1) * one, 9 * 10 ** (k - 1) * one) for k in range(1, JSON_MAX_DIGITS + 1)]
-        return [(-(start + width - 1), -start) if negative else (start, start + width - 1) for start, width in spans]
-
-    def _clip(self, low: int, high: int) -> tuple[int, int]:
-        step = self.multiple or 1
-        low = max(low, self.low) if self.low is not None else low
-        high = min(high, self.high) if self.high is not None else high
-        return -(-low // step) * step, high // step * step
-
-    def _count(self, text: str, ex: tuple | None, cap: int) -> int:
-        """How many allowed values complete `text`, counting past `cap` extra forbidden ones at most."""
-        total, enough = 0, cap + len(self._forbidden(text, ex))
-        for low, high in self._spans(text) if text != "" else self._spans("") + self._spans("-"):
-            low, high = self._clip(low, high)
-            total += max(0, (high - low) // (self.multiple or 1) + 1)
-            if total >= enough:
-                break
-        return total
-
-    def _complete(self, text: str, forbidden: frozenset) -> str | None:
-        """A shortest number text starting with `text`, allowed and not forbidden."""
-        best = None
-        for prefix in ([text] if text else ["", "-"]):
-            for low, high in self._spans(prefix):
-                low, high = self._clip(low, high)
-                candidate = self._simplest(prefix, low, high, forbidden)
-                if candidate is not None and (best is None or len(candidate) < len(best)):
-                    best = candidate
-        return best
-
-    def _simplest(self, prefix: str, low: int, high: int, forbidden: frozenset) -> str | None:
-        """The shortest text of a value in [low, high]: fewest fraction digits, nearest zero."""
-        if low > high:
-            return None
-        negative = prefix.startswith("-")
-        least = max(1, len(prefix.partition(".")[2])) if "." in prefix else 0
-        for digits in range(least, self.scale + 1) if not self.integer else [0]:
-            step = math.lcm(10 ** (self.scale - digits), self.multiple or 1)
-            value = (-(-low // step) * step) if not negative else (high // step * step)
-            while low <= value <= high:
-                whole, frac = divmod(abs(value), 10 ** self.scale)
-                text = ("-" if negative else "") + str(whole) + ("." + str(frac).rjust(self.scale, "0")[:digits] if digits else "")
-                if text not in forbidden and text.startswith(prefix) and self.syntax.matches(text):
-                    return text
-                value += -step if negative else step
-        return None
+def number_leaf(integer: bool, low: Fraction | None = None, high: Fraction | None = None, low_open: bool = False,
+                high_open: bool = False, step: int = 1, scale: int = 0, excluded: tuple = ()) -> Leaf:
+    """A JSON number as a regex leaf: integer or decimal, within bounds, a multiple of step * 10**-scale,
+    none of the `excluded` patterns. Bounded numbers are written without exponent."""
+    digits = JSON_MAX_DIGITS - 1
+    syntax = rf"0|-?[1-9]\d{{0,{digits}}}" if integer else rf"-?(0|[1-9]\d{{0,{digits}}})(\.\d{{1,{digits + 1}}})?"
+    bounds = [number_bound(x, is_open, least) for x, is_open, least in ((low, low_open, True), (high, high_open, False))
+              if x is not None]
+    parts = [(bound or "[^\\s\\S]", False) for bound in bounds] + [(pattern, False, True) for pattern in excluded]
+    if step > 1 or scale:
+        minus = ("rep", ("chars", charset([(45, 45)])), 0, 1)
+        parts.append((("alt", (("seq", (minus, ("mod", step, scale))),)), False))
+    if not parts and not integer:
+        syntax += r"([eE][+-]?\d{1,2})?"
+    return Leaf(regex_for(syntax, False, tuple(parts)), quoted=False, by_text=integer)
 
 
 class Union(Piece):
@@ -1609,14 +1603,15 @@ FORMATS.update({"iri": FORMATS["uri"], "idn-email": FORMATS["email"], "uri-refer
 FORMATS["iri-reference"] = FORMATS["uri-reference"]
 HOSTNAME_MAX_LENGTH = 253
 
-ANY_STRING = String(ANY_TEXT)
+ANY_STRING = Leaf(ANY_TEXT)
+ANY_NUMBER = number_leaf(False)
 BOOLEAN = Literals(("true", "false"))
 NULL = Literals(("null",))
 
 
 def any_value(depth: int) -> Piece:
     """Any JSON value, arrays and objects nested at most `depth` deep."""
-    scalars = [ANY_STRING, Number(False), BOOLEAN, NULL]
+    scalars = [ANY_STRING, ANY_NUMBER, BOOLEAN, NULL]
     if depth == 0:
         return Union(scalars)
     inner = any_value(depth - 1)
@@ -1999,7 +1994,7 @@ class SchemaCompiler:
             raise self.fail(f"{word!r} must be a non-negative integer")
         return None if value is None else int(value)
 
-    def string(self, schema: dict) -> String:
+    def string(self, schema: dict) -> Leaf:
         low, high = self.count(schema, "minLength") or 0, self.count(schema, "maxLength")
         form, pattern = schema.get("format"), schema.get("pattern")
         if pattern is not None and not isinstance(pattern, str):
@@ -2012,8 +2007,8 @@ class SchemaCompiler:
         parts += [("|".join(excluded), False, True)] if excluded else []
         try:
             if pattern is not None or len(parts) > 1 or parts and form not in FORMATS:
-                return String(regex_for(pattern or "", True, tuple(parts)), low, high)
-            return String(regex_for(FORMATS[form], False) if form in FORMATS else ANY_TEXT, low, high)
+                return Leaf(regex_for(pattern or "", True, tuple(parts)), low, high)
+            return Leaf(regex_for(FORMATS[form], False) if form in FORMATS else ANY_TEXT, low, high)
         except ValueError as exc:
             what = f"'pattern' {pattern!r}" if pattern is not None else f"'format' {form!r}" if form in FORMATS \
                 else "'minLength'/'maxLength'"
@@ -2032,34 +2027,34 @@ class SchemaCompiler:
                 values.append((Fraction(repr(value)) if isinstance(value, float) else Fraction(value), is_open))
         return tighter(values, key=lambda pair: (pair[0], pair[1] == (tighter is max))) if values else (None, False)
 
-    def number(self, schema: dict, integer: bool) -> Number:
+    def number(self, schema: dict, integer: bool) -> Leaf:
         low, low_open = self.bound(schema, "minimum", "exclusiveMinimum", max)
         high, high_open = self.bound(schema, "maximum", "exclusiveMaximum", min)
-        multiple = schema.get("multipleOf")
+        step, scale, multiple = 1, 0, schema.get("multipleOf")
         if multiple is not None:
             if not _is_number(multiple) or multiple <= 0 or not math.isfinite(multiple):
                 raise self.fail("'multipleOf' must be a positive number")
-            step = Fraction(repr(multiple)) if isinstance(multiple, float) else Fraction(multiple)
-            units = step * 10 ** JSON_MAX_DIGITS   # a number's value counts in 10**-JSON_MAX_DIGITS (see Number)
+            exact = Fraction(repr(multiple)) if isinstance(multiple, float) else Fraction(multiple)
             # An integer is a multiple of p/q when p divides it. Validators divide floats: 7.77 / 0.01 is not
             # whole to them, so a step a float cannot hold exactly (0.01, not 0.5) is served by integers.
-            if integer or step.denominator == 1 or Fraction(float(step)) != step:
-                integer, multiple = True, step.numerator
-            elif units.denominator != 1:
-                raise self.fail(f"'multipleOf' {multiple} has more than {JSON_MAX_DIGITS} decimals")
+            if integer or exact.denominator == 1 or Fraction(float(exact)) != exact:
+                integer, step = True, exact.numerator
             else:
-                multiple = int(units)
+                scale = next(k for k in range(JSON_MAX_DIGITS + 1) if (exact * 10 ** k).denominator == 1)
+                step = int(exact * 10 ** scale)
         excluded = []
         for value in schema.get("!enum", []):
             if _is_number(value) and "e" in repr(value).lower():
                 raise self.fail(f"'not' excludes {value!r}, a number this server cannot exclude")
             if _is_number(value):  # every way this server writes it: 3, 3.0, 3.00...
                 integral = float(value).is_integer()
-                excluded.append("-?" * (value == 0) + re.escape(str(int(value))) + r"(\.0+)?" if integral else re.escape(repr(value)) + "0*")
+                excluded.append("-?" * (value == 0) + re.escape(str(int(value))) + r"(\.0+)?" if integral
+                                else re.escape(repr(value)) + "0*")
         try:
-            return Number(integer, low, high, low_open, high_open, multiple, tuple(excluded))
-        except ValueError as exc:
-            raise self.fail(str(exc)) from None
+            return number_leaf(integer, low, high, low_open, high_open, step, scale, tuple(excluded))
+        except ValueError:
+            raise self.fail("no number is within minimum/maximum and a multiple of multipleOf (and this server "
+                            f"writes one as a regular expression of at most {REGEX_MAX_STATES} states)") from None
 
     def object(self, schema: dict, refs: int, depth: int) -> Piece | None:
         """properties in their order, then other keys: those patternProperties or additionalProperties allow.
@@ -2093,7 +2088,7 @@ class SchemaCompiler:
             key = Literals(t for t in key.texts if any(r.matches(json.loads(t)) for r in regexes))
         elif regexes and extra in (None, False):
             try:
-                key = String(regex_for("|".join(f"(?:{p})" for p in patterns), True, key.regex.source), key.min_len,
+                key = Leaf(regex_for("|".join(f"(?:{p})" for p in patterns), True, key.regex.source), key.min_len,
                              key.max_len)
             except ValueError as exc:
                 raise self.fail(f"'patternProperties'/'propertyNames': {exc}") from None
@@ -2124,7 +2119,7 @@ class SchemaCompiler:
         if names in (None, True, {}):
             return None
         node = self.compile(names if names is False else {"type": "string", **names}, refs, depth + 1)
-        if node is not None and not isinstance(node, (String, Literals)):
+        if node is not None and not isinstance(node, (Leaf, Literals)):
             raise self.fail("'propertyNames' is enforced as a string schema (pattern, lengths, format, enum)")
         if node is None:
             raise self.fail("'propertyNames' allows no name")
@@ -2160,11 +2155,10 @@ class SchemaCompiler:
         alternatives = node.alternatives
         if all(isinstance(a, Literals) for a in alternatives):
             return Literals(t for a in alternatives for t in a.texts)
-        if len(alternatives) == 1 and (node is ANY_STRING or isinstance(node, String) and node.regex is ANY_TEXT
-                                       or isinstance(node, Number) and node.integer):
+        if len(alternatives) == 1 and isinstance(node, Leaf) and node.by_text:
             return node
-        raise self.fail("'uniqueItems' is enforced for items that are strings without pattern or format, "
-                        "integers, or enum/const/boolean/null values")
+        raise self.fail("'uniqueItems' is enforced for items that are strings, integers, or enum/const/boolean/null "
+                        "values")
 
 
 def accepts_text(node: Piece, text: str) -> bool:
@@ -2235,14 +2229,14 @@ def tool_call_constraint(tools: list[dict]) -> Constraint:
     return Constraint(union(calls), key, tool_call=True)
 
 
-# -- JSON-constrained decoding: the automaton (see the parsing section) lifted to tokens
+# -- JSON-constrained decoding: the automaton lifted to tokens
 #
 # A token may follow a state when the automaton takes its whole text. Masks are
 # built by walking a trie of the vocabulary's token texts, and inside strings by
 # a trie of class ids of the plain tokens (those of ordinary characters) for the
 # string's regex, so a length or a pattern does not mean a walk of every token.
 # Masks are cached per state, with string lengths reduced to what can matter
-# within one token (String.key), so long strings reuse them.
+# within one token (Leaf.key), so long strings reuse them.
 
 class TokenTable:
     """A vocabulary's token texts, indexed for constrained decoding; one per tokenizer.
@@ -2272,25 +2266,23 @@ class TokenTable:
                 self.marked.append((token, text))
         self.reach = max(map(len, filter(None, self.texts)), default=1)   # the longest token, in characters
         self.plain_chars = sorted({ch for token in self.plain for ch in self.texts[token]})
-        self.class_tries: dict[Regex, dict] = {}
+        self.class_tries = Cache(JSON_CONSTRAINT_CACHE * 4)
 
     def class_trie(self, regex: Regex) -> dict:
         """The plain tokens as a trie over `regex`'s class ids (chr(id) -> child; "" -> ids); cached."""
-        trie = self.class_tries.get(regex)
-        if trie is None:
-            classes = str.maketrans({ch: chr(regex.class_id(ch)) for ch in self.plain_chars})
-            groups: dict[str, list[int]] = {}
-            for token in self.plain:
-                groups.setdefault(self.texts[token].translate(classes), []).append(token)
-            trie = {}
-            for key, tokens in groups.items():
-                node = trie
-                for ch in key:
-                    node = node.setdefault(ch, {})
-                node.setdefault("", []).extend(tokens)
-            if len(self.class_tries) >= JSON_CONSTRAINT_CACHE * 4:
-                self.class_tries.pop(next(iter(self.class_tries)))
-            self.class_tries[regex] = trie
+        return self.class_tries.get_or(regex, lambda: self._class_trie(regex))
+
+    def _class_trie(self, regex: Regex) -> dict:
+        classes = str.maketrans({ch: chr(regex.class_id(ch)) for ch in self.plain_chars})
+        groups: dict[str, list[int]] = {}
+        for token in self.plain:
+            groups.setdefault(self.texts[token].translate(classes), []).append(token)
+        trie: dict = {}
+        for key, tokens in groups.items():
+            node = trie
+            for ch in key:
+                node = node.setdefault(ch, {})
+            node.setdefault("", []).extend(tokens)
         return trie
 
 
@@ -2306,7 +2298,7 @@ def token_texts(tokenizer: Any, size: int) -> list[str | None]:
 
 
 _TOKEN_TABLES: dict[int, tuple[Any, TokenTable]] = {}
-_CONSTRAINTS: dict[tuple, "JsonMasks"] = {}
+_CONSTRAINTS = Cache(JSON_CONSTRAINT_CACHE)
 
 
 def token_table(tokenizer: Any) -> TokenTable:
@@ -2324,37 +2316,25 @@ class JsonMasks:
         self.table = table
         self.start = start
         self.slack = commitment(start)
-        self.masks: dict[tuple, Any] = {}
-        self.closings: dict[tuple, str | None] = {}
-        self.plains: dict[tuple, Any] = {}
+        self.masks, self.closings, self.plains = (Cache(JSON_MASK_CACHE_STATES) for _ in range(3))
 
     def key(self, state: tuple) -> tuple:
-        """The state as the cache sees it: a top String frame reduced by String.key (leaves are always on top)."""
+        """The state as the cache sees it: a top Leaf frame reduced by Leaf.key (leaves are always on top)."""
         return tuple(stack[:-1] + (stack[-1][0].key(stack[-1], self.table.reach),)
-                     if stack and isinstance(stack[-1][0], String) else stack for stack in state)
+                     if stack and isinstance(stack[-1][0], Leaf) else stack for stack in state)
 
     def allowed(self, state: tuple, width: int) -> Any:
         """A boolean mx.array over `width` logits: the tokens that keep `state` alive."""
-        key = self.key(state)
-        mask = self.masks.get(key)
-        if mask is None:
-            if len(self.masks) >= JSON_MASK_CACHE_STATES:
-                self.masks.clear()
-            mask = self.masks[key] = self._build(state, width)
-        return mask
+        return self.masks.get_or(self.key(state), lambda: self._build(state, width))
 
     def closing(self, state: tuple) -> list[int] | None:
         """The tokens that spell a shortest closing text from `state`, each the longest that fits (cached)."""
-        key = self.key(state)
-        if key not in self.closings:
-            if len(self.closings) >= JSON_MASK_CACHE_STATES:
-                self.closings.clear()
-            text = json_closing_text(state)
-            self.closings[key] = None if text is None else self._spell(text)
-        return self.closings[key]
+        return self.closings.get_or(self.key(state), lambda: self._spell(json_closing_text(state)))
 
-    def _spell(self, text: str) -> list[int] | None:
+    def _spell(self, text: str | None) -> list[int] | None:
         ids, at = [], 0
+        if text is None:
+            return None
         while at < len(text):
             node, best = self.table.trie, None
             for end in range(at, len(text)):
@@ -2374,10 +2354,10 @@ class JsonMasks:
         table, ids, walk, plain = self.table, [], [], mx.zeros((width,), dtype=mx.bool_)
         for stack in state:
             top = stack[-1] if stack else None
-            if top is not None and isinstance(top[0], String) and top[3] == "" and (
+            if top is not None and isinstance(top[0], Leaf) and top[0].quoted and top[3] == "" and (
                     top[4] is None or top[0].max_len is None and top[0].regex is ANY_TEXT):
                 # Inside a string, a plain token cannot leave it: its fate is the regex's and
-                # the length's alone (String.plain_tokens); only the other tokens need a walk.
+                # the length's alone (Leaf.plain_tokens); only the other tokens need a walk.
                 plain = plain | self._plain(top)
                 ids += [t for t, text in table.marked if json_advance((stack,), text)]
             else:
@@ -2389,15 +2369,9 @@ class JsonMasks:
         return plain | self.ids_mask(ids, width)
 
     def _plain(self, frame: tuple) -> Any:
-        """The mask of plain tokens for a String frame, cached by its regex state and length."""
-        key = frame[0].key(frame, self.table.reach)[:4]
-        mask = self.plains.get(key)
-        if mask is None:
-            if len(self.plains) >= JSON_MASK_CACHE_STATES:
-                self.plains.clear()
-            trie = self.table.class_trie(frame[0].regex)
-            mask = self.plains[key] = self.ids_mask(frame[0].plain_tokens(frame, trie), self.table.size)
-        return mask
+        """The mask of plain tokens for a string Leaf frame, cached by its regex state and length."""
+        return self.plains.get_or(frame[0].key(frame, self.table.reach)[:4], lambda: self.ids_mask(
+            frame[0].plain_tokens(frame, self.table.class_trie(frame[0].regex)), self.table.size))
 
     @staticmethod
     def ids_mask(ids: list[int], width: int) -> Any:
@@ -2447,13 +2421,7 @@ def commitment(start: tuple) -> int:
 
 def json_masks(tokenizer: Any, key: tuple, start: tuple) -> JsonMasks:
     """The shared, cached masks for a constraint: requests with the same schema reuse them."""
-    cache_key = (id(tokenizer),) + key
-    masks = _CONSTRAINTS.get(cache_key)
-    if masks is None:
-        if len(_CONSTRAINTS) >= JSON_CONSTRAINT_CACHE:
-            _CONSTRAINTS.pop(next(iter(_CONSTRAINTS)))
-        masks = _CONSTRAINTS[cache_key] = JsonMasks(token_table(tokenizer), start)
-    return masks
+    return _CONSTRAINTS.get_or((id(tokenizer),) + key, lambda: JsonMasks(token_table(tokenizer), start))
 
 
 class JsonConstraint:
@@ -2940,7 +2908,7 @@ MESSAGES_CHECKS = common_checks("model", "stream", "max_tokens", "top_p", "top_k
     Check("thinking", (dict,), '{"type": "enabled", "budget_tokens": N}, {"type": "adaptive"} or {"type": "disabled"}'),
 )
 ANTHROPIC_ROLES = ("user", "assistant", "system")   # Claude Code sends "system" messages mid-conversation
-REPLAYED_BLOCKS = ("thinking", "redacted_thinking")  # earlier reasoning sent back: accepted, not shown to the model
+REPLAYED_BLOCKS = ("thinking", "redacted_thinking")  # earlier reasoning sent back: thinking reaches the template
 THINKING_ON = ("enabled", "adaptive")                # thinking types that ask for thinking blocks
 
 
@@ -3013,7 +2981,7 @@ def anthropic_message(message: Any, index: int, seen_calls: set, catalog: dict[s
     Text blocks (and documents with a text source) are joined; an
     assistant's tool_use blocks become its tool_calls, their ids added to
     `seen_calls`, which a tool_result must answer; replayed thinking blocks
-    are dropped; images and other documents are refused (text models only).
+    its reasoning_content; images and other documents are refused (text models only).
     `catalog` holds every declared tool by name, for tool_reference blocks.
     """
     param = f"messages[{index}]"
@@ -3024,7 +2992,7 @@ def anthropic_message(message: Any, index: int, seen_calls: set, catalog: dict[s
         return [{"role": role, "content": content}]
     if not isinstance(content, list):
         raise invalid(f"{param}.content must be a string or a list of content blocks", f"{param}.content")
-    texts, calls, results = [], [], []
+    texts, calls, results, thoughts = [], [], [], []
     for i, block in enumerate(content):
         where = f"{param}.content[{i}]"
         kind = block.get("type") if isinstance(block, dict) else None
@@ -3037,6 +3005,8 @@ def anthropic_message(message: Any, index: int, seen_calls: set, catalog: dict[s
             seen_calls.add(calls[-1]["id"])
         elif kind == "tool_result" and role == "user":
             results.append(anthropic_tool_result(block, where, seen_calls, catalog))
+        elif kind == "thinking" and role == "assistant" and isinstance(block.get("thinking"), str):
+            thoughts.append(block["thinking"])
         elif kind in MEDIA_PARTS:
             raise invalid(f"{where} is a block of type {kind!r}; this server serves text models only (a document "
                           "needs a text source)", where)
@@ -3045,6 +3015,8 @@ def anthropic_message(message: Any, index: int, seen_calls: set, catalog: dict[s
                           "text, document (text source), tool_use (assistant), tool_result (user), thinking and "
                           "redacted_thinking", where)
     rest = {"role": role, "content": BLOCK_SEPARATOR.join(texts)}
+    if thoughts:   # replayed reasoning: templates that render it get it, as from chat's reasoning_content
+        rest["reasoning_content"] = "\n\n".join(thoughts)
     if calls:
         rest["tool_calls"] = calls
     return results + ([rest] if texts or calls or not results else [])
@@ -3247,7 +3219,8 @@ def responses_tools(tools: list) -> tuple[list[dict], dict]:
                     raise invalid(f"'{param}' must be an object", param)
                 continue
             schema = CUSTOM_TOOL_PARAMETERS if member_kind == "custom" else member.get("parameters")
-            (function,) = dialect_tools([{**member, "parameters": schema}], "parameters", lambda t: True)
+            # No tool_search here to load a deferred tool later: every tool is rendered from the start.
+            (function,) = dialect_tools([{**member, "parameters": schema}], "parameters", lambda t: True, deferred=True)
             name = function["function"]["name"]
             rendered = f"{tool['name']}{NAMESPACE_SEPARATOR}{name}" if kind == "namespace" else name
             function["function"]["name"] = rendered
@@ -3259,10 +3232,11 @@ def responses_tools(tools: list) -> tuple[list[dict], dict]:
 
 def responses_input(items: str | list, kinds: dict | None = None) -> list[dict]:
     """Input items as chat messages: messages, function and custom tool calls (joined to their assistant
-    turn), their outputs. Reasoning items sent back are dropped; other item kinds are refused."""
+    turn), their outputs. Reasoning items sent back become the next assistant turn's reasoning_content; other kinds are refused."""
     if isinstance(items, str):
         return [{"role": "user", "content": items}]
     messages: list[dict] = []
+    thoughts: list[str] = []   # reasoning items not yet given to an assistant turn
     for i, item in enumerate(items):
         param = f"input[{i}]"
         kind = item.get("type", "message") if isinstance(item, dict) else None
@@ -3274,12 +3248,25 @@ def responses_input(items: str | list, kinds: dict | None = None) -> list[dict]:
                 messages[-1]["tool_calls"] = messages[-1].get("tool_calls", []) + [call]
             else:
                 messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
+        elif kind == "reasoning":
+            thoughts.append(reasoning_item_text(item))
         elif kind in ("function_call_output", "custom_tool_call_output"):
             messages.append(responses_call_output(item, param))
-        elif kind != "reasoning":
+        else:
             raise invalid(f"{param} is a {json.dumps(kind)[:40]} item; this server takes message, function_call, "
                           "custom_tool_call, their outputs, and reasoning items", param)
+        if thoughts and kind != "reasoning" and messages[-1]["role"] == "assistant":
+            messages[-1].setdefault("reasoning_content", "\n\n".join(thoughts))
+            thoughts = []
     return messages
+
+
+def reasoning_item_text(item: dict) -> str:
+    """A reasoning item's text: its reasoning_text parts, else its summary (encrypted content is not ours to read)."""
+    def texts(parts: Any, kind: str) -> list[str]:
+        return [p["text"] for p in parts or () if isinstance(p, dict) and p.get("type") == kind
+                and isinstance(p.get("text"), str)]
+    return "\n\n".join(texts(item.get("content"), "reasoning_text") or texts(item.get("summary"), "summary_text"))
 
 
 def responses_call(item: dict, param: str, kind: str) -> dict:
@@ -3516,6 +3503,183 @@ def context_length_of(config: dict) -> int | None:
     return None
 
 
+# Chat formats: how each family of chat templates writes tool calls, keyed by
+# what its template contains. mlx_lm's own parser serves every family it reads
+# right (Qwen, GLM, Kimi, MiniMax, Gemma...); the table holds the rest, and how
+# each family writes a call whose arguments are forced (json_constraint).
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """How one family of chat templates writes its tool calls.
+
+    `starts` open a call; `end` closes it ("": a call runs to the next start
+    or the end of the reply, whose end-of-turn token is not text). `leading`
+    open a call only as the first thing in a reply, and stay part of it
+    (Llama 3's bare JSON). `parse(body, tools)` is one call's text ->
+    {"name", "arguments"[, "id"]} or a list of them; it raises on anything
+    else. `write(name)` is how the family writes a call to `name`: the text
+    before its arguments JSON and the text after (None: no JSON form).
+    `harmony`: OpenAI's channel format (gpt-oss), read by HarmonyScanner.
+    """
+
+    name: str
+    starts: tuple[str, ...] = ()
+    end: str = ""
+    parse: Callable[[str, Any], Any] | None = None
+    write: Callable[[str], tuple[str, str]] | None = None
+    leading: tuple[str, ...] = ()
+    harmony: bool = False
+
+
+def json_objects(text: str) -> list[Any]:
+    """The JSON values written one after another in `text` (blanks, ';' or ',' between); raises if any is not."""
+    decoder, values, at = json.JSONDecoder(), [], 0
+    while (at := len(text) - len(text[at:].lstrip(" \t\r\n;,"))) < len(text):
+        value, at = decoder.raw_decode(text, at)
+        values.append(value)
+    return values
+
+
+def parse_llama_calls(body: str, tools: Any = None) -> list[dict]:
+    """Llama 3.x: {"name": ..., "parameters": {...}} (after <|python_tag|> or as the whole reply), one or more."""
+    calls = []
+    for value in json_objects(body):
+        arguments = value.get("parameters", value.get("arguments")) if isinstance(value, dict) else None
+        if not isinstance(value.get("name") if isinstance(value, dict) else None, str) or not isinstance(arguments, dict):
+            raise ValueError(f"not a Llama tool call: {body[:200]!r}")
+        calls.append({"name": value["name"], "arguments": arguments})
+    if not calls:
+        raise ValueError("no tool call")
+    return calls
+
+
+DEEPSEEK_CALL = re.compile(r"<｜tool▁call▁begin｜>(?:(\w+)<｜tool▁sep｜>([^\n<]+)\n```(?:json)?\n(.*?)\n```|"
+                           r"([^<]+?)<｜tool▁sep｜>(.*?))<｜tool▁call▁end｜>", re.S)
+
+
+def parse_deepseek_calls(body: str, tools: Any = None) -> list[dict]:
+    """DeepSeek's calls block: R1's `function<｜tool▁sep｜>NAME\\n```json\\n{...}\\n```` or V3.1's `NAME<｜tool▁sep｜>{...}`.
+
+    The R1 distills' template never closes a lone call, so a call whose end
+    marker is missing (the reply ended) still counts.
+    """
+    if "<｜tool▁call▁end｜>" not in body.rstrip()[-len("<｜tool▁call▁end｜>"):]:
+        body += "<｜tool▁call▁end｜>"
+    calls = [{"name": (match[2] or match[4]).strip(), "arguments": json.loads(match[3] or match[5])}
+             for match in DEEPSEEK_CALL.finditer(body)]
+    if not calls:
+        raise ValueError(f"not a DeepSeek tool call: {body[:200]!r}")
+    return calls
+
+
+MISTRAL_CALL = re.compile(r"\s*([\w.-]+)(?:\[CALL_ID\](\w+))?\[ARGS\]")
+
+
+def parse_mistral_call(body: str, tools: Any = None) -> Any:
+    """Mistral: `name[ARGS]{...}`, Mistral Small 3.2's `name[CALL_ID]id[ARGS]{...}`, or the older JSON list."""
+    if body.lstrip().startswith("["):
+        from mlx_lm.tool_parsers import mistral
+        return mistral.parse_tool_call(body, tools)
+    match = MISTRAL_CALL.match(body)
+    if match is None:
+        raise ValueError(f"not a Mistral tool call: {body[:200]!r}")
+    arguments, = json_objects(body[match.end():])
+    call = {"name": match[1], "arguments": arguments}
+    return {**call, "id": match[2]} if match[2] else call
+
+
+def mistral_call_id() -> str:
+    """A call id as Mistral Small 3.2's template demands: nine letters and digits."""
+    return uuid.uuid4().hex[:9]
+
+
+# (what the chat template contains, its format); the first match wins, and a
+# template none matches gets mlx_lm's parser (chat_format_of).
+CHAT_FORMATS: tuple[tuple[tuple[str, ...], ChatFormat], ...] = (
+    (("<|channel|>", "<|constrain|>"), ChatFormat(
+        "harmony", harmony=True,
+        write=lambda name: (f"<|channel|>commentary to=functions.{name} <|constrain|>json<|message|>", "<|call|>"))),
+    (("<｜tool▁calls▁begin｜>", "```json"), ChatFormat(
+        "deepseek-r1", starts=("<｜tool▁calls▁begin｜>",), end="<｜tool▁calls▁end｜>", parse=parse_deepseek_calls,
+        write=lambda name: (f"<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>{name}\n```json\n",
+                            "\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>"))),
+    (("<｜tool▁calls▁begin｜>",), ChatFormat(
+        "deepseek-v3.1", starts=("<｜tool▁calls▁begin｜>",), end="<｜tool▁calls▁end｜>", parse=parse_deepseek_calls,
+        write=lambda name: (f"<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>{name}<｜tool▁sep｜>",
+                            "<｜tool▁call▁end｜><｜tool▁calls▁end｜>"))),
+    (("[TOOL_CALLS]", "[CALL_ID]"), ChatFormat(
+        "mistral-3.2", starts=("[TOOL_CALLS]",), parse=parse_mistral_call,
+        write=lambda name: (f"[TOOL_CALLS]{name}[CALL_ID]{mistral_call_id()}[ARGS]", ""))),
+    (("[TOOL_CALLS]",), ChatFormat(
+        "mistral", starts=("[TOOL_CALLS]",), parse=parse_mistral_call,
+        write=lambda name: (f"[TOOL_CALLS]{name}[ARGS]", ""))),
+    (('{"name": function name, "parameters"',), ChatFormat(
+        "llama3", starts=("<|python_tag|>",), leading=("{",), parse=parse_llama_calls,
+        write=lambda name: (f'{{"name": {json.dumps(name)}, "parameters": ', "}"))),
+)
+
+
+def chat_format_of(tokenizer: Any) -> ChatFormat | None:
+    """The tool-call format of the model's chat template: the table's, else mlx_lm's parser's, else None."""
+    template = getattr(tokenizer, "chat_template", None)
+    return _chat_format(template if isinstance(template, str) else "", getattr(tokenizer, "tool_call_start", None),
+                        getattr(tokenizer, "tool_call_end", None), getattr(tokenizer, "tool_parser", None))
+
+
+@functools.lru_cache(maxsize=16)
+def _chat_format(template: str, start: str | None, end: str | None, parser: Any) -> ChatFormat | None:
+    for signs, found in CHAT_FORMATS:
+        if all(sign in template for sign in signs):
+            return found
+    if not start or parser is None:
+        return None
+    hermes = getattr(parser, "__module__", "") == "mlx_lm.tool_parsers.json_tools"  # Qwen's <tool_call>{JSON}
+    write = (lambda name: (f'{start}\n{{"name": {json.dumps(name)}, "arguments": ', f"}}\n{end}")) if hermes else None
+    return ChatFormat(parser.__module__.rpartition(".")[2], starts=(start,), end=end or "", parse=parser, write=write)
+
+
+def template_messages(messages: list[dict], template: str) -> list[dict]:
+    """The messages as this chat template expects them.
+
+    Reasoning sent back (reasoning_content) is also harmony's `thinking`; a
+    call-only assistant turn has null content, whichever dialect it came by.
+    A template that demands alternating roles gets consecutive plain
+    messages of one role merged with a blank line (Codex sends system
+    prompt, developer message, then user), as peers do; one that demands
+    nine-character call ids (Mistral Small 3.2) gets each id mapped to one.
+    """
+    out: list[dict] = []
+    for message in messages:
+        message = dict(message)
+        if "reasoning_content" in message and "<|channel|>" in template:
+            message["thinking"] = message["reasoning_content"]
+        if "length 9" in template:
+            message = nine_character_ids(message)
+        if message.get("tool_calls") and not message.get("content"):
+            message["content"] = None   # as OpenAI sends it: DeepSeek's templates write calls only then
+        plain = not message.get("tool_calls") and message["role"] != "tool"
+        if ("must alternate" in template and plain and out and out[-1]["role"] == message["role"]
+                and not out[-1].get("tool_calls") and isinstance(message["content"], str)
+                and isinstance(out[-1]["content"], str)):
+            out[-1] = {**out[-1], "content": f"{out[-1]['content']}\n\n{message['content']}"}
+            continue
+        out.append(message)
+    return out
+
+
+def nine_character_ids(message: dict) -> dict:
+    """A message whose call ids are nine letters and digits, each id always mapped to the same one."""
+    def nine(call_id: Any) -> Any:
+        return call_id if not isinstance(call_id, str) or re.fullmatch(r"[A-Za-z0-9]{9}", call_id) else \
+            uuid.uuid5(uuid.NAMESPACE_URL, call_id).hex[:9]
+    if "tool_call_id" in message:
+        message["tool_call_id"] = nine(message["tool_call_id"])
+    if message.get("tool_calls"):
+        message["tool_calls"] = [{**call, "id": nine(call.get("id"))} for call in message["tool_calls"]]
+    return message
+
+
 # -- memory: what the weights leave for KV caches, shared by the prompt cache and the running batch
 
 def machine_memory() -> tuple[int, str]:
@@ -3643,6 +3807,8 @@ def render_prompt(request: GenerationRequest, model: Model) -> tuple[list[int], 
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
         return tokenizer.encode(text), dropped
     tools = check_tool_support(request, tokenizer)
+    template = getattr(tokenizer, "chat_template", None)
+    messages = template_messages(messages, template if isinstance(template, str) else "")
     try:
         return list(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
                                                   tokenize=True, **request.template_args)), dropped
@@ -3700,10 +3866,11 @@ def check_tool_support(request: GenerationRequest, tokenizer: Any) -> list[dict]
     """The tools to show the chat template, or a 400 when this model cannot call them."""
     if not request.tools or request.tool_choice == "none":
         return None
-    if not getattr(tokenizer, "has_tool_calling", False):
+    form = chat_format_of(tokenizer)
+    if form is None:
         raise invalid("this model has no tool-call format that the server can parse; send no 'tools'", "tools")
     forced = request.constraint is not None and request.constraint.tool_call
-    if forced and getattr(tokenizer.tool_parser, "__module__", "") != "mlx_lm.tool_parsers.json_tools":
+    if forced and form.name != "json_tools":
         raise invalid("a required 'tool_choice' needs a model whose tool calls are JSON in "
                       f"{tokenizer.tool_call_start} markers; use \"auto\"", "tool_choice")
     return list(request.tools)
@@ -5385,54 +5552,164 @@ def logprobs_object(endpoint: str, entries: list[dict] | None, offsets: TextOffs
 class ToolCallScanner:
     """Splits a chat reply into content and tool calls, as the text streams in.
 
-    Text between the model's tool-call markers is parsed with its mlx_lm tool
-    parser; text that might be the start of a marker is held back, so a
-    streaming client never sees half of one. A call that does not parse is
-    passed on as content rather than lost.
+    Text from one of the format's start markers to its end marker is a call,
+    parsed with the format's parser (mlx_lm's where it reads the family
+    right); a format without an end marker runs a call to the next start or
+    the reply's end. Text that might be the start of a marker is held back,
+    so a streaming client never sees half of one; blanks around calls go. A
+    call that does not parse is passed on as content rather than lost.
     """
 
-    def __init__(self, start: str, end: str, parse: Callable[[str, Any], Any], tools: list[dict]):
-        self.start, self.end, self.parse, self.tools = start, end, parse, tools
+    def __init__(self, form: ChatFormat, tools: list[dict]):
+        self.form, self.tools = form, tools
         self.held = ""
-        self.inside = False
+        self.opened: str | None = None   # the start marker of the call being read, if one is open
+        self.fresh = True                # no text of the reply out yet: a leading marker may open a call
 
-    def feed(self, text: str) -> tuple[str, list[dict]]:
-        """Return (content safe to emit, complete tool calls in OpenAI's shape)."""
+    def feed(self, text: str) -> list[tuple[str, Any]]:
+        """The pieces safe to emit, in order: ("text", str) and ("calls", [calls in OpenAI's shape])."""
         self.held += text
-        content, calls = [], []
-        while True:
-            if not self.inside:
-                at = self.held.find(self.start)
-                if at < 0:
-                    keep = partial_marker_length(self.held, (self.start,))
-                    content.append(self.held[:len(self.held) - keep])
-                    self.held = self.held[len(self.held) - keep:]
-                    return "".join(content), calls
-                content.append(self.held[:at])
-                self.held, self.inside = self.held[at + len(self.start):], True
-            at = self.held.find(self.end)
-            if at < 0:
-                return "".join(content), calls
-            body, self.held, self.inside = self.held[:at], self.held[at + len(self.end):], False
-            parsed = self._parse(body)
-            calls += parsed
-            if not parsed:
-                content.append(self.start + body + self.end)
+        out: list[tuple[str, Any]] = []
+        while self._step(out):
+            pass
+        return out
 
-    def flush(self) -> str:
-        """Text still held once generation ends (an unfinished call comes back as text)."""
-        text = (self.start if self.inside else "") + self.held
-        self.held, self.inside = "", False
-        return text
+    def flush(self) -> list[tuple[str, Any]]:
+        """What is still held once generation ends: a call without its end marker is parsed if it can be."""
+        out: list[tuple[str, Any]] = []
+        if self.opened is not None:
+            self._close(out, self.held, "")
+        elif self.held.strip():
+            out.append(("text", self.held.lstrip() if self.fresh else self.held))
+        self.held, self.opened = "", None
+        return out
+
+    def _step(self, out: list) -> bool:
+        """Take one marker's worth of the held text; False once the rest must wait for more."""
+        form = self.form
+        if self.opened is None:
+            head = self.held.lstrip() if self.fresh else self.held
+            lead = next((m for m in form.leading if head.startswith(m)), None) if self.fresh else None
+            if lead is not None:
+                self.held, self.opened = head, ""
+                return True
+            at, marker = min(((self.held.find(m), m) for m in form.starts if m in self.held), default=(-1, ""))
+            hold = partial_marker_length(self.held, form.starts + (form.leading if self.fresh else ()))
+            if self.fresh and (not head or any(m.startswith(head) for m in form.leading)):
+                return False
+            self._text(out, self.held[:at] if at >= 0 else self.held[:len(self.held) - hold])
+            self.held = self.held[at + len(marker):] if at >= 0 else self.held[len(self.held) - hold:]
+            self.opened = marker if at >= 0 else None
+            return at >= 0
+        ends = (form.end,) if form.end else form.starts
+        at = min((self.held.find(m) for m in ends if m in self.held), default=-1)
+        if at < 0:
+            return False
+        self._close(out, self.held[:at], form.end)
+        self.held = self.held[at + len(form.end):]
+        return True
+
+    def _text(self, out: list, text: str) -> None:
+        if self.fresh:
+            text = text.lstrip()
+            self.fresh = not text
+        if text:
+            out.append(("text", text))
+
+    def _close(self, out: list, body: str, end: str) -> None:
+        """End the open call (at `end`): its calls, or its text as content when it does not parse."""
+        marker, self.opened = self.opened, None
+        calls = self._parse(body)
+        if calls:
+            out.append(("calls", calls))
+            self.fresh = True   # blanks after a call are not content
+        else:
+            self._text(out, f"{marker}{body}{end}")
 
     def _parse(self, body: str) -> list[dict]:
         try:
-            parsed = self.parse(body, self.tools)
+            parsed = self.form.parse(body, self.tools)
         except Exception as exc:  # parsers raise what they like on malformed calls
             log.warning("could not parse a tool call (%r): %r", exc, body[:200])
             return []
         return [openai_tool_call(call, self.tools) for call in (parsed if isinstance(parsed, list) else [parsed])
                 if isinstance(call, dict) and isinstance(call.get("name"), str)]
+
+
+HARMONY_ENDS = ("<|end|>", "<|call|>", "<|return|>", "<|start|>")  # what ends a message's body
+HARMONY_HEADS = ("<|channel|>", "<|start|>")                        # what a message's header starts with
+
+
+class HarmonyScanner:
+    """Reads OpenAI's harmony format (gpt-oss) as it streams: channel `analysis` is reasoning, `final`
+    text, `commentary` addressed `to=functions.NAME` a call to NAME (its body the JSON arguments), and
+    `commentary` to no one (a preamble) text. A reply that opens with no channel header is text.
+    """
+
+    def __init__(self, tools: list[dict]):
+        self.tools = tools
+        self.held = ""
+        self.kind: str | None = None    # the open message's kind: "reasoning", "text", "call"; None: in a header
+        self.name = ""                  # the open call's function name
+        self.body = ""                  # the open call's arguments so far
+        self.started = False            # a header or text came
+
+    def feed(self, text: str) -> list[tuple[str, Any]]:
+        """The pieces safe to emit: ("reasoning", str), ("text", str), ("calls", [calls in OpenAI's shape])."""
+        self.held += text
+        out: list[tuple[str, Any]] = []
+        while self._step(out):
+            pass
+        return out
+
+    def flush(self) -> list[tuple[str, Any]]:
+        """Whatever message is open ends with the reply (its <|call|> or <|return|> is not text)."""
+        out: list[tuple[str, Any]] = []
+        if self.kind is not None:
+            self._body(out, self.held)
+            self._close(out)
+        self.held = ""
+        return out
+
+    def _step(self, out: list) -> bool:
+        if self.kind is None:
+            if not self.started and self.held and not any(
+                    h.startswith(self.held[:len(h)]) for h in HARMONY_HEADS):
+                self.kind, self.started = "text", True   # no header: a plain reply
+                return True
+            at = self.held.find("<|message|>")
+            if at < 0:
+                return False
+            self._open(self.held[:at])
+            self.held = self.held[at + len("<|message|>"):]
+            return True
+        at, marker = min(((self.held.find(m), m) for m in HARMONY_ENDS if m in self.held), default=(-1, ""))
+        hold = 0 if at >= 0 else partial_marker_length(self.held, HARMONY_ENDS)
+        self._body(out, self.held[:at] if at >= 0 else self.held[:len(self.held) - hold])
+        self.held = self.held[at + len(marker) * (marker != "<|start|>"):] if at >= 0 else self.held[len(self.held) - hold:]
+        if at >= 0:
+            self._close(out)
+        return at >= 0
+
+    def _open(self, header: str) -> None:
+        channel = re.search(r"<\|channel\|>\s*(\w+)", header)
+        recipient = re.search(r"to=functions\.([^\s<]+)", header)
+        self.started, self.body = True, ""
+        if recipient:
+            self.kind, self.name = "call", recipient[1]
+        else:
+            self.kind = "reasoning" if channel and channel[1] == "analysis" else "text"
+
+    def _body(self, out: list, text: str) -> None:
+        if self.kind == "call":
+            self.body += text
+        elif text:
+            out.append((self.kind, text))
+
+    def _close(self, out: list) -> None:
+        if self.kind == "call":
+            out.append(("calls", [openai_tool_call({"name": self.name, "arguments": self.body.strip()}, self.tools)]))
+        self.kind = None
 
 
 def openai_tool_call(call: dict, tools: list[dict] = ()) -> dict:
@@ -5444,12 +5721,15 @@ def openai_tool_call(call: dict, tools: list[dict] = ()) -> dict:
             "function": {"name": call["name"], "arguments": arguments}}
 
 
-def tool_scanner(request: GenerationRequest, tokenizer: Any) -> ToolCallScanner | None:
-    """The scanner for a chat request that offered tools, else None."""
-    if not request.tools or request.tool_choice == "none" or not getattr(tokenizer, "has_tool_calling", False):
+def tool_scanner(request: GenerationRequest, tokenizer: Any) -> ToolCallScanner | HarmonyScanner | None:
+    """The scanner for a chat reply: calls when tools were offered; harmony's channels always (but raw)."""
+    if request.endpoint == "completions":
         return None
-    return ToolCallScanner(tokenizer.tool_call_start, tokenizer.tool_call_end, tokenizer.tool_parser,
-                           list(request.tools))
+    form = chat_format_of(tokenizer)
+    tools = list(request.tools) if request.tools and request.tool_choice != "none" else []
+    if form is not None and form.harmony and request.split_reasoning:
+        return HarmonyScanner(tools)
+    return ToolCallScanner(form, tools) if form is not None and tools and not form.harmony else None
 
 
 def sse_event(payload: dict | str, event: str | None = None) -> bytes:
@@ -5494,13 +5774,21 @@ class Writer:
         """
         if kind == "reasoning":  # a dialect shows it only when asked (a template may think regardless)
             return self.reasoning(value) if self.request.show_reasoning else b""
-        text, calls = (value if kind == "text" else ""), []
+        pieces = [("text", value)] if kind == "text" else []
         if self.scanner is not None:
-            text, calls = self.scanner.feed(value) if kind == "text" else (self.scanner.flush(), [])
-        out = [self.text(text, list(logprobs))] if text or logprobs else []
-        if calls:
-            out.append(self.tool_calls(calls))
-            self.calls_sent += len(calls)
+            pieces = self.scanner.feed(value) if kind == "text" else self.scanner.flush()
+        out, logprobs = [], list(logprobs)
+        for piece, content in pieces:
+            if piece == "reasoning":
+                out.append(self.reasoning(content) if self.request.show_reasoning else b"")
+            elif piece == "text" and (content or logprobs):
+                out.append(self.text(content, logprobs))
+                logprobs = []   # a token's logprobs go with the first text it ends in
+            else:
+                out.append(self.tool_calls(content))
+                self.calls_sent += len(content)
+        if logprobs:
+            out.append(self.text("", logprobs))
         if kind != "text":
             out.append(self.finish(value))
         return b"".join(out)
@@ -5511,8 +5799,11 @@ class Writer:
         reasoning = reasoning if self.request.show_reasoning else ""
         calls = []
         if self.scanner is not None:
-            text, calls = self.scanner.feed(text)
-            text += self.scanner.flush()
+            parts = {"text": [], "reasoning": [reasoning], "calls": []}
+            for piece, content in self.scanner.feed(text) + self.scanner.flush():
+                parts[piece] += content if piece == "calls" else [content]
+            text, calls = "".join(parts["text"]), parts["calls"]
+            reasoning = "".join(parts["reasoning"]) if self.request.show_reasoning else ""
         return self.body(text, calls, reason, logprobs, reasoning)
 
     def opening(self) -> bytes:
@@ -5949,7 +6240,8 @@ def responses_conversation(request: GenerationRequest, response: dict) -> list[d
 def model_capabilities(model: Any) -> tuple[bool, bool]:
     """(whether the model thinks, whether it calls tools), as its chat template and tokenizer tell."""
     tokenizer = model.tokenizer
-    return bool(getattr(tokenizer, "has_thinking", False)), bool(getattr(tokenizer, "has_tool_calling", False))
+    form = chat_format_of(tokenizer)
+    return bool(getattr(tokenizer, "has_thinking", False) or form is not None and form.harmony), form is not None
 
 
 def anthropic_model_info(settings: Settings, context: int, reasons: bool, tools: bool, created: int) -> dict:

@@ -1284,12 +1284,13 @@ def test_auto_tools_reach_the_chat_template(server):
 
 def test_tool_call_scanner_holds_markers_and_keeps_bad_calls_as_text():
     from mlx_lm.tool_parsers import json_tools
-    scanner = lem_serve.ToolCallScanner("<tool_call>", "</tool_call>", json_tools.parse_tool_call, [])
-    assert scanner.feed("Sure<tool") == ("Sure", [])
-    text, calls = scanner.feed('_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>after')
+    form = lem_serve.ChatFormat("json_tools", ("<tool_call>",), "</tool_call>", json_tools.parse_tool_call)
+    scanner = lem_serve.ToolCallScanner(form, [])
+    assert scanner.feed("Sure<tool") == [("text", "Sure")]
+    (_, calls), (_, text) = scanner.feed('_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>after')
     assert text == "after" and calls[0]["function"] == {"name": "f", "arguments": '{"x": 1}'}
-    assert scanner.feed("<tool_call>not json</tool_call>") == ("<tool_call>not json</tool_call>", [])
-    assert scanner.feed("<tool_call>{") == ("", []) and scanner.flush() == "<tool_call>{"
+    assert scanner.feed("<tool_call>not json</tool_call>") == [("text", "<tool_call>not json</tool_call>")]
+    assert scanner.feed("<tool_call>{") == [] and scanner.flush() == [("text", "<tool_call>{")]
 
 
 @pytest.mark.parametrize("fields,param", [
@@ -3535,7 +3536,8 @@ PATCH_TOOL = {"type": "custom", "name": "apply_patch", "description": "Apply a p
 
 def test_codex_tool_kinds(server, model, openai_client, caplog):
     from openai.types.responses import Response
-    namespace = {"type": "namespace", "name": "crm", "description": "customers", "tools": [as_responses_tool(ADD)]}
+    namespace = {"type": "namespace", "name": "crm", "description": "customers",
+                 "tools": [{**as_responses_tool(ADD), "defer_loading": True}]}  # no tool_search: rendered anyway
     tools = [as_responses_tool(WEATHER), PATCH_TOOL, namespace, {"type": "web_search"},
              {"type": "computer_use_preview", "display_width": 1024, "display_height": 768, "environment": "linux"}]
     rendered = [WEATHER, {"type": "function", "function": {"name": "apply_patch", "description": "Apply a patch to files",
@@ -3549,15 +3551,15 @@ def test_codex_tool_kinds(server, model, openai_client, caplog):
     named = [r.getMessage() for r in caplog.records if "'computer_use_preview'" in r.getMessage()]
     assert len(named) == 1  # named once per process (no other test sends this one)
     patch = strictly(Response, request(server, "POST", "/v1/responses", {
-        "input": ASK_WEATHER, "tools": tools, "max_output_tokens": 200, "temperature": 1.0,
+        "input": ASK_WEATHER, "tools": tools, "max_output_tokens": 60, "temperature": 1.0,
         "tool_choice": {"type": "custom", "name": "apply_patch"}}).raw)
     (call,) = patch.output
     assert call.type == "custom_tool_call" and call.name == "apply_patch" and isinstance(call.input, str)
-    events = responses_stream_events(server, input=ASK_WEATHER, tools=tools, max_output_tokens=200, temperature=1.0,
+    events = responses_stream_events(server, input=ASK_WEATHER, tools=tools, max_output_tokens=60, temperature=1.0,
                                      tool_choice={"type": "custom", "name": "apply_patch"})
     kinds = [e["type"] for e in events]
     assert "response.custom_tool_call_input.delta" in kinds and "response.custom_tool_call_input.done" in kinds
-    grouped = request(server, "POST", "/v1/responses", {"input": ASK_WEATHER, "tools": tools, "max_output_tokens": 200,
+    grouped = request(server, "POST", "/v1/responses", {"input": ASK_WEATHER, "tools": tools, "max_output_tokens": 60,
                                                         "tool_choice": {"type": "function", "name": "add",
                                                                         "namespace": "crm"}}).json()
     (function,) = grouped["output"]
@@ -3651,6 +3653,7 @@ def test_sdk_types_strictly_for_every_shape_sent(server, thinking_server, slip_s
     from anthropic.types import ErrorResponse, Message, MessageTokensCount, ModelInfo, RawMessageStreamEvent
     from openai.types import Model
     from openai.types.chat import ChatCompletion, ChatCompletionChunk
+    from openai.types.shared import ErrorObject
     from openai.types.responses import Response, ResponseStreamEvent
     claude, codex = set(), set()
     tools = [as_anthropic_tool(ADD)]
@@ -3674,8 +3677,7 @@ def test_sdk_types_strictly_for_every_shape_sent(server, thinking_server, slip_s
         strictly(ErrorResponse, reply.raw)
     claude |= {"anthropic:count_tokens", "anthropic:model", "anthropic:error:400", "anthropic:error:404"}
     rtools = [as_responses_tool(ADD), PATCH_TOOL]
-    for srv, fields in ((server, {}), (server, {"max_output_tokens": 300, "temperature": 0}),
-                        (thinking_server, {"max_output_tokens": 50}),
+    for srv, fields in ((server, {}), (thinking_server, {"max_output_tokens": 50}),
                         (server, {"tools": rtools, "tool_choice": "required", "max_output_tokens": 200}),
                         (server, {"tools": rtools, "tool_choice": {"type": "custom", "name": "apply_patch"},
                                   "max_output_tokens": 200}),
@@ -3685,9 +3687,18 @@ def test_sdk_types_strictly_for_every_shape_sent(server, thinking_server, slip_s
         codex.add(f"openai:response:{response.status}:{'+'.join(item.type for item in response.output)}")
         codex |= checked_labels("openai", sse_payloads(request(srv, "POST", "/v1/responses", {
             **body, "stream": True}).raw), ResponseStreamEvent)
-    with running_server(long_model, long_model_dir, timeout=1, max_tokens=LONG_BUDGET) as srv:
+    with running_server(long_model, long_model_dir, timeout=1, max_tokens=LONG_BUDGET) as srv:  # past the deadline
         codex |= checked_labels("openai", sse_payloads(request(srv, "POST", "/v1/responses", {
             "input": HELLO, "max_output_tokens": LONG_BUDGET, "stream": True}).raw)[-1:], ResponseStreamEvent)
+        (failed,) = [e for e in sse_payloads(request(srv, "POST", "/v1/messages", {
+            "messages": HELLO, "max_tokens": LONG_BUDGET, "stream": True}).raw) if e["type"] == "error"]
+        strictly(ErrorResponse, failed)
+        claude.add("anthropic:stream-error")
+    for status, body in ((400, {"input": []}), (404, None)):
+        reply = request(server, "POST" if body else "GET", "/v1/responses" if body else "/v1/responses/resp_x", body)
+        assert reply.status == status
+        strictly(ErrorObject, reply.json()["error"])
+        codex.add(f"openai:error:{status}")
     for srv, fields in ((server, {}), (slip_server, {"tools": [ADD]})):
         strictly(ChatCompletion, request(srv, "POST", "/v1/chat/completions", body_for("chat", max_tokens=5, **fields)).raw,
                  extras=(".reasoning_content", ".reasoning"))
@@ -3701,12 +3712,12 @@ def test_sdk_types_strictly_for_every_shape_sent(server, thinking_server, slip_s
     assert codex == OPENAI_CHECKLIST, codex ^ OPENAI_CHECKLIST
 
 
-# Every shape test_sdk_types_strictly_for_every_shape_sent validates: 18 anthropic, 30 openai.
+# Every shape test_sdk_types_strictly_for_every_shape_sent validates: 19 anthropic, 32 openai.
 ANTHROPIC_CHECKLIST = {f"anthropic:{name}" for name in (
     "message:text", "message:thinking+text", "message:tool_use", "message_start", "message_delta", "message_stop",
     "content_block_start:text", "content_block_start:thinking", "content_block_start:tool_use", "content_block_stop",
     "content_block_delta:text_delta", "content_block_delta:thinking_delta", "content_block_delta:signature_delta",
-    "content_block_delta:input_json_delta", "count_tokens", "model", "error:400", "error:404")}
+    "content_block_delta:input_json_delta", "count_tokens", "model", "error:400", "error:404", "stream-error")}
 OPENAI_CHECKLIST = {f"openai:{name}" for name in (
     "response:completed:reasoning+message", "response:incomplete:message", "response:completed:function_call",
     "response:completed:custom_tool_call", "response.created", "response.in_progress", "response.completed",
@@ -3718,8 +3729,8 @@ OPENAI_CHECKLIST = {f"openai:{name}" for name in (
     "response.output_text.done", "response.reasoning_text.delta", "response.reasoning_text.done",
     "response.function_call_arguments.delta", "response.function_call_arguments.done",
     "response.custom_tool_call_input.delta", "response.custom_tool_call_input.done", "chat.completion",
-    "chat.completion.chunk", "model")}
-assert (len(ANTHROPIC_CHECKLIST), len(OPENAI_CHECKLIST)) == (18, 30)
+    "chat.completion.chunk", "model", "error:400", "error:404")}
+assert (len(ANTHROPIC_CHECKLIST), len(OPENAI_CHECKLIST)) == (19, 32)
 
 
 # ---------------------------------------------------------------------------

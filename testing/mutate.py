@@ -161,15 +161,15 @@ MUTATIONS = [
               ("        return typed in self.texts and (ex is None or typed not in ex[0])",
                "        return typed in self.texts")),
              ("test_each_keyword_is_enforced",)),
-    Mutation("json-bounds-feasibility-off", "a bounded number's prefixes are not checked against the bounds",
-             (("        low = max(low, self.low) if self.low is not None else low", "        low = low"),),
+    Mutation("json-bounds-feasibility-off", "a bounded number's maximum is left out of its regular expression",
+             (("for x, is_open, least in ((low, low_open, True), (high, high_open, False))",
+               "for x, is_open, least in ((low, low_open, True),)"),),
              ("test_every_walk_through_the_automaton_validates",)),
     Mutation("json-whitespace-unbounded", "whitespace between JSON tokens is not bounded",
              (("JSON_MAX_WHITESPACE = 24 ", "JSON_MAX_WHITESPACE = 99 "),),
              ("test_json_automaton_accepts_exactly_the_schema",)),
     Mutation("json-no-closing", "the constraint never closes the JSON before max_tokens runs out",
-             (("            self.closings[key] = None if text is None else self._spell(text)",
-               "            self.closings[key] = None"),),
+             (("lambda: self._spell(json_closing_text(state)))", "lambda: None)"),),
              ("test_json_schema_closes_in_time_or_says_length", "test_too_few_tokens_end_with_length_never_invalid")),
     Mutation("json-closing-too-late", "closing starts when the current closing text just fits, so one token that "
              "commits to a large value leaves too few tokens",
@@ -177,8 +177,8 @@ MUTATIONS = [
              ("test_pydantic_and_zod_schemas_always_validate",)),
     Mutation("json-max-length-ignored", "maxLength is not enforced", (("        self.limit = math.inf if max_len is None "
              "else max_len", "        self.limit = math.inf"),), ("test_pydantic_and_zod_schemas_always_validate",)),
-    Mutation("json-formats-ignored", "format is an annotation: any string", (("            return String(regex_for("
-             "FORMATS[form], False) if form in FORMATS else ANY_TEXT, low, high)", "            return String(ANY_TEXT, "
+    Mutation("json-formats-ignored", "format is an annotation: any string", (("            return Leaf(regex_for("
+             "FORMATS[form], False) if form in FORMATS else ANY_TEXT, low, high)", "            return Leaf(ANY_TEXT, "
              "low, high)"),), ("test_pydantic_and_zod_schemas_always_validate",)),
     Mutation("json-extra-keys-repeat-declared", "an extra key may repeat a declared property's name",
              (("self.key.begin('\"', (self.forbidden | seen, True))", "self.key.begin('\"', (seen, True))"),),
@@ -393,8 +393,8 @@ MUTATIONS = [
                "            pass"),),
              ("test_new_keywords_are_enforced_and_every_walk_validates",)),
     Mutation("json-multipleof-float-steps", "multipleOf 0.01 allows 7.77, which validators' float division refuses",
-             (("            if integer or step.denominator == 1 or Fraction(float(step)) != step:",
-               "            if integer or step.denominator == 1:"),),
+             (("            if integer or exact.denominator == 1 or Fraction(float(exact)) != exact:",
+               "            if integer or exact.denominator == 1:"),),
              ("test_new_keywords_are_enforced_and_every_walk_validates",)),
     # Issue 21: the prompt cache's budget, the admission queue, memory.
     Mutation("prompt-cache-drops-whole", "an entry larger than the prompt cache's budget is dropped, not cut to "
