@@ -4410,7 +4410,7 @@ class PromptCache:
         self._drop_prefixes_of(entry)
         self._add(entry)
         if entries is None:
-            self.fit(limit, keep=entry)
+            self.fit(limit, PROMPT_CACHE_MAX_ENTRIES, keep=entry)
             kept = self._cut_to(entry, limit)
         else:
             self.fit(entries=entries + (kept == 0), keep=entry)

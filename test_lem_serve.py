@@ -1921,6 +1921,15 @@ def test_eviction_is_least_recently_used_first(make_server, model):
     assert cached_of(post(srv, "completions", prompt=second + [30], max_tokens=1)) == 0
 
 
+def test_prompt_cache_holds_at_most_its_entry_count(make_server, monkeypatch):
+    monkeypatch.setattr(lem_serve, "PROMPT_CACHE_MAX_ENTRIES", 2)
+    srv = make_server()
+    for start in range(3):
+        post(srv, "completions", prompt=token_prompt(20, start=start), max_tokens=2)
+    figures = cache_figures(srv)
+    assert figures["entries"] == 2 and figures["evictions_total"] == 1
+
+
 def test_kv_bytes_per_token_is_what_the_cache_holds(make_server, model, tmp_path):
     srv = make_server()
     post(srv, "completions", prompt=token_prompt(40), max_tokens=5)
