@@ -2159,6 +2159,23 @@ def test_saved_caches_that_are_corrupt_truncated_or_foreign_are_skipped(model, m
     assert len(skipped) == 3 and any("another model" in w for w in skipped), skipped
 
 
+def test_a_hub_models_identity_follows_its_downloaded_files(model, model_dir, tmp_path, monkeypatch):
+    constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    repo = tmp_path / "models--lem--tiny"
+    shutil.copytree(model_dir, repo / "snapshots" / "rev1")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("rev1")
+    settings = lem_serve.Settings(model_path="lem/tiny")
+    first = lem_serve.model_identity(settings, model)
+    assert first == lem_serve.model_identity(lem_serve.Settings(model_path=str(repo / "snapshots" / "rev1")), model)
+    shutil.copytree(model_dir, repo / "snapshots" / "rev2")
+    weights = next((repo / "snapshots" / "rev2").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\1")  # a new revision of the weights
+    (repo / "refs" / "main").write_text("rev2")
+    assert lem_serve.model_identity(settings, model) != first
+
+
 def test_unwritable_prompt_cache_dir_is_an_error_at_start(tmp_path, capsys):
     (tmp_path / "a-file").write_text("x")
     with pytest.raises(SystemExit) as exit_:

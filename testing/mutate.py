@@ -439,6 +439,11 @@ MUTATIONS = [
     Mutation("idle-rank-spins", "an idle rank waits for rank 0 inside the collective, polling, not on its lifeline",
              (("        elif self.idle and self.bells:\n            self.rung.acquire()\n", ""),),
              ("test_idle_ranks_block_instead_of_polling",)),
+    Mutation("hub-identity-by-name", "a Hub model's saved caches are keyed to its repo id, not its files: a new "
+                                     "revision reuses the old one's KV",
+             (("        folder = local_folder(name)\n",
+               "        folder = Path(name) if name and Path(name).is_dir() else None\n"),),
+             ("test_a_hub_models_identity_follows_its_downloaded_files",)),
     Mutation("queue-timeout-ignored", "a request finding no free slot gets 429 at once whatever --queue-timeout says",
              (("self.queue.enter(slots, kv_bytes, self.settings.queue_timeout, gone)",
                "self.queue.enter(slots, kv_bytes, 0, gone)"),),
