@@ -3903,7 +3903,7 @@ def think_tools_server(tmp_path_factory):
         yield srv
 
 
-def conversation(endpoint: str, messages: list[dict]) -> dict:
+def dialect_messages(endpoint: str, messages: list[dict]) -> dict:
     return {"input": messages} if endpoint == "responses" else {"messages": messages}
 
 
@@ -3951,7 +3951,7 @@ def test_forced_call_succeeds_for_every_seed(server, think_tools_server, endpoin
 
     def one(seed: int) -> dict:
         fields = forced_call_body(endpoint, tools, None if seed % 2 else "shell")
-        return post(srv, endpoint, **conversation(endpoint, ASK_WEATHER), max_tokens=48, temperature=1.0,
+        return post(srv, endpoint, **dialect_messages(endpoint, ASK_WEATHER), max_tokens=48, temperature=1.0,
                     seed=seed, **fields)
     with ThreadPoolExecutor(4) as pool:
         replies = list(pool.map(one, range(TOOL_SEEDS)))
@@ -4003,7 +4003,7 @@ def strict_tool(endpoint: str, strict: bool) -> dict:
 
 @pytest.mark.parametrize("endpoint", ["chat", "messages", "responses"])
 def test_strict_tool_arguments_follow_the_schema_once_the_call_opens(lazy_parrot_server, endpoint):
-    fields = dict(conversation(endpoint, ASK_WEATHER), max_tokens=60, temperature=0)
+    fields = dict(dialect_messages(endpoint, ASK_WEATHER), max_tokens=60, temperature=0)
     strict = post(lazy_parrot_server, endpoint, tools=[strict_tool(endpoint, True)], **fields)
     calls, text = calls_and_text(endpoint, strict)
     assert text == LAZY_TEXT and len(calls) == 1 and calls[0][0] == "get_weather", (text, calls)
@@ -4044,7 +4044,7 @@ def test_forced_call_in_each_familys_own_syntax(family_base, tmp_path, template)
         for endpoint in ("chat", "messages", "responses"):
             for seed in range(2):
                 fields = forced_call_body(endpoint, tools, None if seed else "shell")
-                reply = post(srv, endpoint, **conversation(endpoint, ASK_WEATHER), max_tokens=120, temperature=1.0,
+                reply = post(srv, endpoint, **dialect_messages(endpoint, ASK_WEATHER), max_tokens=120, temperature=1.0,
                              seed=seed, **fields)
                 assert_one_valid_call(endpoint, reply, tools)
         marker = "" if form.harmony else form.end or form.starts[0]  # harmony's calls end at a token, <|call|>
