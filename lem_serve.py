@@ -3596,7 +3596,7 @@ def mistral_call_id() -> str:
 # (what the chat template contains, its format); the first match wins, and a
 # template none matches gets mlx_lm's parser (chat_format_of).
 CHAT_FORMATS: tuple[tuple[tuple[str, ...], ChatFormat], ...] = (
-    (("<|channel|>", "<|constrain|>"), ChatFormat(
+    (("<|channel|>analysis",), ChatFormat(
         "harmony", harmony=True,
         write=lambda name: (f"<|channel|>commentary to=functions.{name} <|constrain|>json<|message|>", "<|call|>"))),
     (("<｜tool▁calls▁begin｜>", "```json"), ChatFormat(
