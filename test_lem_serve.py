@@ -2945,6 +2945,65 @@ def test_family_replies_split_into_content_reasoning_and_calls(family_server, en
                             f"{name} {kind} {endpoint} streamed")
 
 
+# An agent's turn in the middle of a tool loop, as chat sends it: the template renders this turn's reasoning.
+AGENT_SYSTEM, AGENT_QUESTION, AGENT_THOUGHT, AGENT_RESULT = (
+    "You are a careful agent.", "What is the weather in Paris?", "I should look it up.", "Sunny, 21 C.")
+AGENT_CALL_ID = "a1b2c3d4e"   # nine letters and digits, as Mistral Small 3.2's template demands
+
+
+def agent_conversation(endpoint: str) -> dict:
+    """The same conversation (system, user, reasoning and a call, its result) in each dialect's shape."""
+    if endpoint == "messages":
+        return {"system": AGENT_SYSTEM, "thinking": {"type": "enabled", "budget_tokens": 1024}, "max_tokens": 2048,
+                "messages": [{"role": "user", "content": AGENT_QUESTION},
+                             {"role": "assistant", "content": [
+                                 {"type": "thinking", "thinking": AGENT_THOUGHT, "signature": ""},
+                                 {"type": "tool_use", "id": AGENT_CALL_ID, "name": "get_weather", "input": WEATHER_ARGS}]},
+                             {"role": "user", "content": [{"type": "tool_result", "tool_use_id": AGENT_CALL_ID,
+                                                           "content": AGENT_RESULT}]}]}
+    if endpoint == "responses":
+        return {"max_output_tokens": 1, "input": [
+            {"role": "developer", "content": AGENT_SYSTEM}, {"role": "user", "content": AGENT_QUESTION},
+            {"type": "reasoning", "summary": [], "content": [{"type": "reasoning_text", "text": AGENT_THOUGHT}]},
+            {"type": "function_call", "call_id": AGENT_CALL_ID, "name": "get_weather",
+             "arguments": json.dumps(WEATHER_ARGS)},
+            {"type": "function_call_output", "call_id": AGENT_CALL_ID, "output": AGENT_RESULT}]}
+    return {"max_tokens": 1, "messages": agent_chat_messages(json.dumps(WEATHER_ARGS))}
+
+
+def agent_chat_messages(arguments: str | dict) -> list[dict]:
+    return [{"role": "system", "content": AGENT_SYSTEM}, {"role": "user", "content": AGENT_QUESTION},
+            {"role": "assistant", "content": None, "reasoning_content": AGENT_THOUGHT, "tool_calls": [
+                {"id": AGENT_CALL_ID, "type": "function", "function": {"name": "get_weather", "arguments": arguments}}]},
+            {"role": "tool", "tool_call_id": AGENT_CALL_ID, "content": AGENT_RESULT}]
+
+
+def template_rendering(name: str, model: lem_serve.Model) -> list[int]:
+    """The family's own template on the agent conversation, as its model card shows it called (through
+    transformers): arguments as an object, or as JSON text for DeepSeek's templates (which join them
+    to strings); the reasoning as the field the template reads."""
+    deepseek = name.startswith("deepseek")
+    messages = agent_chat_messages(json.dumps(WEATHER_ARGS) if deepseek else WEATHER_ARGS)
+    messages[2]["content"] = ""   # transformers drops a null content, which DeepSeek's templates then miss
+    if name == "gpt-oss":
+        messages[2]["thinking"] = messages[2].pop("reasoning_content")
+    tools = [{"type": "function", "function": t} for t in FAMILY_TOOLS]
+    return list(model.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True))
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "messages", "responses"])
+def test_family_prompt_is_the_templates_own_rendering(family_server, endpoint):
+    name, _, server, model = family_server
+    expected = len(template_rendering(name, model))
+    reply = request(server, "POST", path_of(endpoint), {**agent_conversation(endpoint), "tools": dialect_tools_for(endpoint)})
+    assert reply.status == 200, reply.json()
+    usage = reply.json()["usage"]
+    prompt = usage["prompt_tokens"] if endpoint == "chat" else usage["input_tokens"] + usage.get(
+        "cache_read_input_tokens", 0) + usage.get("cache_creation_input_tokens", 0) if endpoint == "messages" \
+        else usage["input_tokens"]
+    assert prompt == expected, (name, endpoint)
+
+
 # ---------------------------------------------------------------------------
 # The agents' dialects: Anthropic Messages (/v1/messages) and OpenAI Responses (/v1/responses)
 # ---------------------------------------------------------------------------
