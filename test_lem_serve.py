@@ -3004,6 +3004,46 @@ def test_family_prompt_is_the_templates_own_rendering(family_server, endpoint):
     assert prompt == expected, (name, endpoint)
 
 
+@pytest.mark.parametrize("family_server", ["gpt-oss"], indirect=True)
+def test_codex_is_served_by_a_gpt_oss_model(family_server, tmp_path):
+    """Codex's real requests (tools, custom tools, hosted tools, developer message) to a harmony model: no 400,
+    and its answer is the final channel alone (the analysis channel is reasoning, never the answer)."""
+    codex = agent_cli("codex")
+    name, kinds, server, _ = family_server
+    from testing.scripted_model import trigger
+    home, work = tmp_path / "codex-home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    (home / "config.toml").write_text(CODEX_CONFIG.format(url=server.url + "/v1"))
+    run = run_agent([codex, "exec", "--skip-git-repo-check", f"Where? {trigger(kinds.index('reasoning'))}"], work,
+                    {"HOME": home, "CODEX_HOME": home, "LEM_API_KEY": "unused"})
+    assert run.returncode == 0, (run.stdout[-2000:], run.stderr[-2000:])
+    assert run.stdout.strip() == "Paris."
+    assert_only_successes(server, "/v1/responses")
+
+
+@pytest.mark.parametrize("family_server", ["mistral-small-3.2"], indirect=True)
+def test_consecutive_messages_of_one_role_are_merged_where_the_template_alternates(family_server):
+    """Codex's system prompt, developer message, then user: Mistral Small 3.2's template raises on two system
+    messages in a row, so they reach it merged with a blank line (the reply is then the script's)."""
+    from testing.scripted_model import trigger
+    _, kinds, server, _ = family_server
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "developer", "content": "Use tools."},
+                {"role": "user", "content": "Hi."}, {"role": "user", "content": f"Now? {trigger(kinds.index('plain'))}"}]
+    reply = request(server, "POST", path_of("chat"), {"messages": messages})
+    assert reply.status == 200, reply.json()
+    assert reply.json()["choices"][0]["message"]["content"] == "Hello there."
+
+
+@pytest.mark.parametrize("family_server", ["gpt-oss"], indirect=True)
+def test_a_template_that_fails_to_render_is_a_400_naming_its_error(family_server):
+    _, _, server, _ = family_server
+    messages = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "<|channel|>final<|message|>Hello."},
+                {"role": "user", "content": "Again."}]   # gpt-oss's template refuses channel tags in content
+    error = assert_openai_error(request(server, "POST", path_of("chat"), {"messages": messages}), 400, "messages")
+    assert "You have passed a message containing <|channel|> tags in the content field" in error["message"]
+
+
 # ---------------------------------------------------------------------------
 # The agents' dialects: Anthropic Messages (/v1/messages) and OpenAI Responses (/v1/responses)
 # ---------------------------------------------------------------------------

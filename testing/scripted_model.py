@@ -115,6 +115,7 @@ def build_scripted_model(out_dir, chat_template: str, scripts: list[str], *, tok
     tail = rendered[len(rendered) - rendered[::-1].index(first):]
     config = json.loads(config_path.read_text("utf-8"))
     config.update(model_type="lem_scripted", architectures=["LemScripted"], tail=tail, end_id=tok.token_to_id(end),
+                  max_position_embeddings=131072,
                   eos_token_id=[tok.token_to_id(t) for t in (end, *eos)],
                   scripts={str(tok.token_to_id(w)): tok.encode(s).ids for w, s in zip(words, scripts)})
     config_path.write_text(json.dumps(config), "utf-8")
