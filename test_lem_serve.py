@@ -3044,6 +3044,39 @@ def test_a_template_that_fails_to_render_is_a_400_naming_its_error(family_server
     assert "You have passed a message containing <|channel|> tags in the content field" in error["message"]
 
 
+def scan_family_text(name: str, text: str, pieces: list[str]) -> tuple[str, str, list]:
+    """(content, reasoning, calls) of a family's reply text fed to its scanner in `pieces`."""
+    template, _, _ = FAMILIES[name]
+    form = lem_serve._chat_format((TEMPLATES / template).read_text("utf-8"), "<tool_call>", "</tool_call>",
+                                  json_tools_parser())
+    tools = [{"type": "function", "function": t} for t in FAMILY_TOOLS]
+    scanner = lem_serve.HarmonyScanner(tools) if form.harmony else lem_serve.ToolCallScanner(form, tools)
+    out = [piece for chunk in pieces for piece in scanner.feed(chunk)] + scanner.flush()
+    calls = [(c["function"]["name"], json.loads(c["function"]["arguments"])) for k, v in out if k == "calls" for c in v]
+    return ("".join(v for k, v in out if k == "text"), "".join(v for k, v in out if k == "reasoning"), calls)
+
+
+def json_tools_parser():
+    from mlx_lm.tool_parsers import json_tools
+    return json_tools.parse_tool_call
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_family_markers_split_anywhere_never_reach_content(name):
+    """Every script cut into pieces at every character (as a tokenizer whose markers are several tokens
+    would stream it) scans to what it scans to whole: no marker leaks, no call is lost."""
+    _, _, scripts = FAMILIES[name]
+    for kind, text in scripts.items():
+        text = text.split("</think>", 1)[-1]   # the engine's ReasoningSplitter takes a think block first
+        whole = scan_family_text(name, text, [text])
+        content, reasoning, calls = whole
+        if kind.endswith("call") or kind == "parallel":
+            assert calls == FAMILY_EXPECTED[kind][2] and not content.strip(), (name, kind, whole)
+        for cut in range(1, len(text)):
+            assert scan_family_text(name, text, [text[:cut], text[cut:]]) == whole, (name, kind, cut)
+        assert scan_family_text(name, text, list(text)) == whole, (name, kind)
+
+
 # ---------------------------------------------------------------------------
 # The agents' dialects: Anthropic Messages (/v1/messages) and OpenAI Responses (/v1/responses)
 # ---------------------------------------------------------------------------
