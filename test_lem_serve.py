@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import gc
 import http.client
+import importlib
 import importlib.util
 import json
 import logging
@@ -2826,6 +2827,15 @@ FAMILIES = {
         "plain": "Hello there.", "call": family_calls("[TOOL_CALLS]{}[ARGS]{}", "", WEATHER_CALL),
         "parallel": family_calls("[TOOL_CALLS]{}[ARGS]{}", "", WEATHER_CALL, TIME_CALL)}),
 }
+KIMI_CALL = "<|tool_call_begin|>functions.{}:0<|tool_call_argument_begin|>{}<|tool_call_end|>"
+FAMILIES["kimi-k2"] = ("moonshotai-Kimi-K2.jinja", {
+    "tokens": ("<|im_system|>", "<|im_user|>", "<|im_assistant|>", "<|im_middle|>", "<|tool_calls_section_begin|>",
+               "<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>", "<|tool_calls_section_end|>"),
+    "end": "<|im_end|>"}, {
+    "plain": "Hello there.",
+    "call": "<|tool_calls_section_begin|>" + family_calls(KIMI_CALL, "", WEATHER_CALL) + "<|tool_calls_section_end|>",
+    "parallel": "<|tool_calls_section_begin|>" + family_calls(KIMI_CALL, "", WEATHER_CALL, TIME_CALL)
+                + "<|tool_calls_section_end|>"})
 FAMILY_TOOLS = [{"name": "get_weather", "description": "The weather in a city",
                  "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}},
                 {"name": "get_time", "description": "The time in a zone",
@@ -2922,6 +2932,7 @@ def streamed_parts(endpoint: str, events: list) -> tuple[str, str, list]:
 
 FAMILY_MARKERS = ("<think>", "</think>", "<tool_call>", "</tool_call>", "<|channel|>", "<|message|>", "<|end|>",
                   "<|start|>", "<|call|>", "<|python_tag|>", "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]", "｜", "analysis",
+                  "<|tool_call", "<|tool_calls_section",
                   "commentary")
 
 
@@ -3047,18 +3058,14 @@ def test_a_template_that_fails_to_render_is_a_400_naming_its_error(family_server
 def scan_family_text(name: str, text: str, pieces: list[str]) -> tuple[str, str, list]:
     """(content, reasoning, calls) of a family's reply text fed to its scanner in `pieces`."""
     template, _, _ = FAMILIES[name]
-    form = lem_serve._chat_format((TEMPLATES / template).read_text("utf-8"), "<tool_call>", "</tool_call>",
-                                  json_tools_parser())
+    parser = importlib.import_module(f"mlx_lm.tool_parsers.{'kimi_k2' if name == 'kimi-k2' else 'json_tools'}")
+    form = lem_serve._chat_format((TEMPLATES / template).read_text("utf-8"), parser.tool_call_start,
+                                  parser.tool_call_end, parser.parse_tool_call)  # what mlx_lm infers for the rest
     tools = [{"type": "function", "function": t} for t in FAMILY_TOOLS]
     scanner = lem_serve.HarmonyScanner(tools) if form.harmony else lem_serve.ToolCallScanner(form, tools)
     out = [piece for chunk in pieces for piece in scanner.feed(chunk)] + scanner.flush()
     calls = [(c["function"]["name"], json.loads(c["function"]["arguments"])) for k, v in out if k == "calls" for c in v]
     return ("".join(v for k, v in out if k == "text"), "".join(v for k, v in out if k == "reasoning"), calls)
-
-
-def json_tools_parser():
-    from mlx_lm.tool_parsers import json_tools
-    return json_tools.parse_tool_call
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
