@@ -487,9 +487,6 @@ MUTATIONS = [
     Mutation("deepseek-arguments-as-objects", "DeepSeek's templates get a call's arguments as an object (a 400)",
              (("""        if message.get("tool_calls") and re.search(""", """        if False and re.search("""),),
              ("test_family_prompt_is_the_templates_own_rendering",)),
-    Mutation("harmony-thinking-unset", "gpt-oss's template never gets the replayed reasoning (its `thinking`)",
-             (('            message["thinking"] = message["reasoning_content"]', "            pass"),),
-             ("test_family_prompt_is_the_templates_own_rendering",)),
 ]
 
 
