@@ -7,6 +7,7 @@ Serves one MLX / Hugging Face model over HTTP:
     POST /v1/messages           Anthropic's Messages API (Claude Code), streaming or not
     POST /v1/messages/count_tokens   the prompt's token count, as a create would report it
     POST /v1/responses          OpenAI's Responses API (Codex), stateless, streaming or not
+    POST /v1/embeddings         vectors from the model, or from a second --embedding-model
     GET  /v1/models             the one model, in OpenAI's list shape
     GET  /healthz               liveness and load, 503 once the engine has died
     GET  /metrics               Prometheus text: requests, tokens, latency, memory
