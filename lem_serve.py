@@ -6,9 +6,10 @@ Serves one MLX / Hugging Face model over HTTP:
     POST /v1/completions        plain text completion, streaming or not
     POST /v1/messages           Anthropic's Messages API (Claude Code), streaming or not
     POST /v1/messages/count_tokens   the prompt's token count, as a create would report it
-    POST /v1/responses          OpenAI's Responses API (Codex), stateless, streaming or not
+    POST /v1/responses          OpenAI's Responses API (Codex), streaming or not
     POST /v1/embeddings         vectors from the model, or from a second --embedding-model
-    GET  /v1/models             the one model, in OpenAI's list shape
+    GET  /v1/responses/ID       a response kept with store: true (bounded, in memory)
+    GET  /v1/models[/ID]        the one model, in OpenAI's shape or (anthropic-version) Anthropic's
     GET  /healthz               liveness and load, 503 once the engine has died
     GET  /metrics               Prometheus text: requests, tokens, latency, memory
     GET  /  and  /chat.js       a small chat page for the browser
@@ -31,7 +32,8 @@ browser pages from other origins are refused unless --allowed-origins lists
 them. It never reads a file from disk on a client's behalf.
 
 Layout, each section calling only the ones above it:
-settings and CLI; errors; request parsing and validation; the generation
+settings and CLI; errors; structured output (JSON Schema compiled to an
+automaton and token masks); request parsing and validation; the generation
 engine (one thread that owns MLX); SSE/JSON writers; metrics; the HTTP
 handler; the server class and main().
 """
@@ -69,7 +71,9 @@ import socket
 import sys
 import threading
 import time
+import urllib.parse
 import uuid
+import zlib
 from dataclasses import dataclass
 from fractions import Fraction
 from http import HTTPStatus
@@ -108,6 +112,11 @@ EMBEDDING_BATCH_TOKENS = 16384    # padded tokens (rows x longest row) per embed
 MAX_BODY_BYTES = 8 * 1024 * 1024  # largest request body accepted; bigger gets 413
 MAX_STOP_STRINGS = 4              # stop strings per request, as OpenAI allows
 MAX_STOP_CHARS = 1000             # characters per stop string; longer is a 400
+MAX_STOP_SEQUENCES = 64           # Anthropic stop_sequences per request (its API takes more than OpenAI's 4)
+DEFAULT_RESPONSE_STORE_COUNT = 256      # Responses kept for previous_response_id and GET (store: true); 0 = none
+DEFAULT_RESPONSE_STORE_BYTES = 64 << 20 # bytes of JSON those kept responses may hold in all; oldest go first
+THINKING_MIN_BUDGET = 1024        # Anthropic's smallest thinking.budget_tokens; it must also be below max_tokens
+RAW_ARGUMENTS_KEY = "input"       # a tool call's arguments that are no JSON object are wrapped under this key
 MAX_TOP_LOGPROBS_CHAT = 20        # chat top_logprobs ceiling, as OpenAI allows
 MAX_LOGPROBS_COMPLETIONS = 5      # completions logprobs ceiling, as OpenAI allows
 JSON_MAX_DIGITS = 15              # digits per part of a constrained number (float precision; keeps output finite)
@@ -181,6 +190,8 @@ class Settings:
     pipeline: bool = False                 # sharded: split the model's layers over the ranks, not each layer
     embedding_model: str | None = None     # a second model that serves /v1/embeddings; None: the chat model does
     max_embedding_tokens: int = DEFAULT_MAX_EMBEDDING_TOKENS  # tokens per embeddings input
+    response_store_count: int = DEFAULT_RESPONSE_STORE_COUNT  # /v1/responses kept for previous_response_id
+    response_store_bytes: int = DEFAULT_RESPONSE_STORE_BYTES
 
     @property
     def is_loopback(self) -> bool:
@@ -315,6 +326,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
                                              "loaded beside the chat model; default: the chat model serves them")
     p.add_argument("--max-embedding-tokens", type=_at_least(1), default=DEFAULT_MAX_EMBEDDING_TOKENS,
                    help="tokens one /v1/embeddings input may have (default %(default)s, or the model's context if less)")
+    p.add_argument("--response-store-count", type=_at_least(0), default=DEFAULT_RESPONSE_STORE_COUNT,
+                   help="/v1/responses made with store: true kept in memory for previous_response_id and "
+                        "GET /v1/responses/ID (default %(default)s; 0 = none)")
+    p.add_argument("--response-store-bytes", type=parse_bytes, default=DEFAULT_RESPONSE_STORE_BYTES,
+                   help="bytes those kept responses may hold in all, e.g. 64M; the oldest go first (default 64M)")
     p.add_argument("--pipeline", action="store_true",
                    help="under mlx.launch: shard the model by layers (pipeline parallel) instead of within each layer")
     return p
@@ -386,7 +402,8 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         reasoning_format=args.reasoning_format, draft_model=args.draft_model,
         num_draft_tokens=args.num_draft_tokens, kv_bits=args.kv_bits, kv_group_size=args.kv_group_size,
         quantized_kv_start=args.quantized_kv_start,
-        pipeline=args.pipeline, embedding_model=args.embedding_model,
+        pipeline=args.pipeline, response_store_count=args.response_store_count,
+        response_store_bytes=args.response_store_bytes, embedding_model=args.embedding_model,
         max_embedding_tokens=args.max_embedding_tokens,
     )
 
@@ -518,19 +535,19 @@ class ClientGone(Exception):
 # -- JSON Schema, compiled to a character automaton ----------------------------
 #
 # compile_schema() turns a schema into a graph of pieces: Literals (enum,
-# const, true/false/null, object keys), String (a Regex over the decoded
-# characters, with lengths), Number (bounds, multipleOf), Object, Array and
-# Union (anyOf). json_advance() runs the graph over text as a pushdown
-# automaton. A state is a tuple of stacks, one per live anyOf branch; a stack
-# is a tuple of frames, innermost last; a frame is a tuple whose first item is
-# its piece. Everything hashes, so token masks are cached per state (JsonMasks,
-# in the engine section). For its frames, each piece answers
+# const, true/false/null, object keys), Leaf (a Regex: over a string's decoded
+# characters, with lengths, or over a number's text, its bounds and multipleOf
+# compiled to regular expressions), Object, Array and Union (anyOf).
+# json_advance() runs the graph over text as a pushdown automaton. A state is a
+# tuple of stacks, one per live anyOf branch; a stack is a tuple of frames,
+# innermost last; a frame is a tuple whose first item is its piece. Everything
+# hashes, so token masks are cached per state (JsonMasks). For its frames, each piece answers
 #   step(frame, ch) -> frame tuples that replace it (() pops it), or REFEED:
 #                      the value was complete before `ch`, which goes to the parent;
 #   done(frame)     -> whether the value is complete;
 #   finish(frame)   -> a short text that completes it (closing in time for max_tokens);
 # and each piece has min_text, a shortest complete value of its own. A leaf
-# (Literals, String, Number) is always a top frame; its frame ends with (ex,
+# (Literals, Leaf) is always a top frame; its frame ends with (ex,
 # text): an exclusion (forbidden texts, whether to keep all of the text) for
 # uniqueItems and extra object keys, and its raw JSON text so far.
 #
@@ -728,7 +745,7 @@ class Regex:
         self.charset_index: dict[tuple, int] = {}
         self.parts: list[tuple[int, int, int, bool]] = []   # (first state, last state, final, negated)
         for pattern, search, *negated in parts:   # (pattern, search[, negated: must not match])
-            tree, looks = lookaheads(RegexParser(pattern).parse(), search)
+            tree, looks = lookaheads(RegexParser(pattern).parse() if isinstance(pattern, str) else pattern, search)
             if negated and looks:
                 raise ValueError("a lookahead inside 'not' is not supported")
             for part, negated in [((("seq", [ANYTHING, tree, ANYTHING]) if search else tree), negated == [True])] + looks:
@@ -772,6 +789,8 @@ class Regex:
             end = self._new()
             self.edges[state].append((self.charset_index.setdefault(tree[1], len(self.charset_index)), end))
             return end
+        if kind == "mod":
+            return self._multiples(state, *tree[1:])
         if kind == "seq":
             for item in tree[1]:
                 state = self._build(item, state)
@@ -795,6 +814,22 @@ class Regex:
         end = self._new()
         for state in ends:
             self.edges[state].append((None, end))
+        return end
+
+    def _multiples(self, state: int, step: int, scale: int) -> int:
+        """Unsigned decimals that are multiples of step * 10**-scale: the remainder of their digits, as states."""
+        whole, end = [self._new() for _ in range(step)], self._new()
+        frac = [[self._new() for _ in range(step)] for _ in range(scale + 2)]   # by fraction digits, capped
+        digit = [self.charset_index.setdefault(charset([(48 + d, 48 + d)]), len(self.charset_index)) for d in range(10)]
+        dot = self.charset_index.setdefault(charset([(46, 46)]), len(self.charset_index))
+        self.edges[state].append((None, whole[0]))
+        for r in range(step):
+            self.edges[whole[r]] += [(digit[d], whole[(10 * r + d) % step]) for d in range(10)] + [(dot, frac[0][r])]
+            self.edges[whole[r]] += [(None, end)] * (r * 10 ** scale % step == 0)
+            for j in range(scale + 2):  # past `scale` fraction digits, only zeros
+                self.edges[frac[j][r]] += [(None, end)] * (j > 0 and r * 10 ** max(scale - j, 0) % step == 0)
+                self.edges[frac[j][r]] += [(digit[d], frac[j + 1][(10 * r + d) % step]) for d in range(10)] \
+                    if j < scale else [(digit[0], frac[scale + 1][r])]
         return end
 
     def _closure(self, states: set, at_start: bool = False) -> frozenset:
@@ -886,12 +921,85 @@ class Regex:
 
 
 @functools.lru_cache(maxsize=256)
-def regex_for(pattern: str, search: bool = True, also: tuple = ()) -> Regex:
+def regex_for(pattern: str | tuple, search: bool = True, also: tuple = ()) -> Regex:
     """The compiled Regex for a pattern (and the (pattern, search) pairs `also`), shared across requests."""
     return Regex(((pattern, search),) + also)
 
 
 ANY_TEXT = regex_for("")   # an empty pattern matches every string
+
+
+# Numbers as regular expressions: a bounded number is the JSON number syntax intersected with
+# one expression for its minimum, one for its maximum and one for multipleOf (Regex parts), built
+# digit by digit as llama.cpp's json-schema-to-grammar does for integer bounds. Fraction digits
+# compare as strings: 0.25 < 0.3 as "25" < "3".
+
+def _digits(lo: str, hi: str) -> str:
+    """Digit strings as long as lo (and hi), from lo to hi."""
+    if lo.strip("0") == "" and hi.strip("9") == "":
+        return f"\\d{{{len(lo)}}}" if lo else ""
+    if lo[:1] == hi[:1]:
+        return lo[:1] + (_digits(lo[1:], hi[1:]) if lo else "")
+    rest = len(lo) - 1
+    middle = [f"[{int(lo[0]) + 1}-{int(hi[0]) - 1}]\\d{{{rest}}}"] if int(hi[0]) - int(lo[0]) > 1 else []
+    return f"({lo[0]}{_digits(lo[1:], '9' * rest)}|{'|'.join(middle + [hi[0] + _digits('0' * rest, hi[1:])])})"
+
+
+def int_range(lo: int, hi: int | None) -> str | None:
+    """Unsigned integers (no leading zero, JSON_MAX_DIGITS digits at most) from lo to hi (None: any); None if none."""
+    hi = 10 ** JSON_MAX_DIGITS - 1 if hi is None else min(hi, 10 ** JSON_MAX_DIGITS - 1)
+    parts = [_digits(str(max(lo, 10 ** (w - 1) * (w > 1))), str(min(hi, 10 ** w - 1)))
+             for w in range(len(str(lo)), len(str(hi)) + 1) if max(lo, 10 ** (w - 1) * (w > 1)) <= min(hi, 10 ** w - 1)]
+    return f"({'|'.join(parts)})" if parts else None
+
+
+def _fraction(f: str, strict: bool, least: bool) -> str | None:
+    """Digit strings d (maybe empty) with 0.d >= 0.f (least) or <= 0.f, strictly if asked; None if none."""
+    if not f:
+        return ("\\d*[1-9]\\d*" if strict else "\\d*") if least else (None if strict else "0*")
+    first, deeper = int(f[0]), _fraction(f[1:], strict, least)
+    alts = [f"[{first + 1}-9]\\d*"] * (least and first < 9) + [f"[0-{first - 1}]\\d*"] * (not least and first > 0)
+    alts += [""] * (not least) + ([f[0] + f"({deeper})"] if deeper is not None else [])
+    return f"({'|'.join(alts)})" if alts else None
+
+
+def _magnitude(x: Fraction, strict: bool, least: bool) -> str | None:
+    """Unsigned decimals >= x (least) or <= x, strictly if asked; x >= 0 with at most JSON_MAX_DIGITS decimals."""
+    whole = math.floor(x)
+    digits = str(int((x - whole) * 10 ** JSON_MAX_DIGITS)).rjust(JSON_MAX_DIGITS, "0").rstrip("0")
+    fraction = _fraction(digits, strict, least)
+    same = None if fraction is None else f"{whole}(\\.{fraction})" + "?" * (not least or not digits and not strict)
+    other = int_range(whole + 1, None) if least else (int_range(0, whole - 1) if whole else None)
+    parts = [p for p in (same, other and other + "(\\.\\d+)?") if p]
+    return f"({'|'.join(parts)})" if parts else None
+
+
+def number_bound(x: Fraction, strict: bool, least: bool) -> str | None:
+    """Decimals >= x (least) or <= x, strictly if asked (rounded inward to JSON_MAX_DIGITS decimals)."""
+    unit = 10 ** JSON_MAX_DIGITS
+    kept = Fraction(math.ceil(x * unit) if least else math.floor(x * unit), unit)
+    strict, x = strict and kept == x, kept
+    free = "(0|[1-9]\\d*)(\\.\\d+)?"
+    if least:
+        return _magnitude(x, strict, True) if x > 0 or x == 0 and strict else \
+            f"({free}|-{_magnitude(-x, strict, False)})"
+    return f"-{_magnitude(-x, strict, True)}" if x < 0 or x == 0 and strict else f"(-{free}|{_magnitude(x, strict, False)})"
+
+
+class Cache(dict):
+    """A dict of at most `limit` entries, the oldest dropped first: every cache of this section."""
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self.limit = limit
+
+    def get_or(self, key: Any, make: Callable[[], Any]) -> Any:
+        """The value under `key`, made and kept if missing."""
+        if key not in self:
+            if len(self) >= self.limit:
+                self.pop(next(iter(self)), None)
+            self[key] = make()
+        return self[key]
 
 
 def _track(ex: tuple | None, text: str | None, ch: str) -> str | None:
@@ -953,29 +1061,35 @@ class Literals(Piece):
         return min((t for t in self.texts if t not in forbidden), key=len, default=None)
 
 
-class String(Piece):
-    """A JSON string whose decoded text matches `regex` and has min_len to max_len characters.
+class Leaf(Piece):
+    """A value whose text matches `regex` with min_len to max_len characters: a JSON string (`quoted`:
+    the regex runs over its decoded characters, pattern, format and lengths) or a number (its raw text).
 
     Frame: (piece, dfa state, characters so far, escape, ex, text); escape is
     "" (none), "\\" (after a backslash), "u" plus hex digits so far, or '"'
     once closed. Strings under an exclusion take no escapes (their raw text is
-    their value) and must use the any-character regex.
+    their value). Integers and strings have one spelling each (`by_text`).
     """
 
-    def __init__(self, regex: Regex, min_len: int = 0, max_len: int | None = None):
-        self.regex, self.min_len, self.max_len = regex, min_len, max_len
+    def __init__(self, regex: Regex, min_len: int = 0, max_len: int | None = None, quoted: bool = True,
+                 by_text: bool = True):
+        self.regex, self.min_len, self.max_len, self.quoted, self.by_text = regex, min_len, max_len, quoted, by_text
         self.limit = math.inf if max_len is None else max_len
-        self.completions: dict[tuple, str | None] = {}
+        self.completions = Cache(JSON_MASK_CACHE_STATES)
         content = self.complete(regex.start, 0)
         if content is None:
             raise ValueError("no string has both this pattern or format and these lengths")
-        self.min_text = json.dumps(content, ensure_ascii=False)
+        self.min_text = json.dumps(content, ensure_ascii=False) if quoted else content
 
     def begin(self, ch: str, ex: tuple | None) -> list:
+        if not self.quoted:
+            return self.step((self, self.regex.start, 0, "", ex, None if ex is None else ""), ch)
         return [((self, self.regex.start, 0, "", ex, None if ex is None else '"'),)] if ch == '"' else []
 
     def step(self, frame: tuple, ch: str) -> list:
         _, dfa, count, escape, ex, text = frame
+        if not self.quoted:  # a number: complete whenever the regex accepts; `ch` may go to the parent
+            return [REFEED] * self.done(frame) + self._take(dfa, count, ex, text, ch, ch)
         if escape == '"':
             return [REFEED]
         if escape == "":
@@ -997,6 +1111,10 @@ class String(Piece):
             return [((self, dfa, count, escape + ch, ex, text),)]
         else:
             decoded = chr(int(escape[1:] + ch, 16))
+        return self._take(dfa, count, ex, text, ch, decoded)
+
+    def _take(self, dfa: frozenset, count: int, ex: tuple | None, text: str | None, ch: str, decoded: str | None) -> list:
+        """The frame after one more (decoded) character, if the value can still be completed."""
         dfa = None if decoded is None else self.regex.move(dfa, decoded)
         if dfa is None or not self.viable(dfa, count + 1):
             return []
@@ -1018,56 +1136,62 @@ class String(Piece):
 
     def complete(self, dfa: frozenset, count: int) -> str | None:
         """A shortest text (decoded) that completes the string from `dfa` after `count` characters."""
-        key = (dfa, min(count, self.min_len), self.limit - count)
-        if key not in self.completions:
-            layer = {dfa: ""}  # breadth first up to min_len, then the shortest way to a match
-            for _ in range(max(self.min_len - count, 0)):
-                layer = {nxt: text + ch for state, text in layer.items() for cid, ch in self.regex.reps.items()
-                         if (nxt := self.regex._move(state, cid)) is not None}
-            tails = [text + tail for state, text in layer.items() if (tail := self.regex.shortest(state)) is not None]
-            best = min(tails, key=len, default=None)
-            self.completions[key] = best if best is not None and count + len(best) <= self.limit else None
-        return self.completions[key]
+        return self.completions.get_or((dfa, min(count, self.min_len), self.limit - count),
+                                       lambda: self._complete(dfa, count))
+
+    def _complete(self, dfa: frozenset, count: int) -> str | None:
+        layer = {dfa: ""}  # breadth first up to min_len, then the shortest way to a match
+        for _ in range(max(self.min_len - count, 0)):
+            layer = {nxt: text + ch for state, text in layer.items() for cid, ch in self.regex.reps.items()
+                     if (nxt := self.regex._move(state, cid)) is not None}
+        tails = [text + tail for state, text in layer.items() if (tail := self.regex.shortest(state)) is not None]
+        best = min(tails, key=len, default=None)
+        return best if best is not None and count + len(best) <= self.limit else None
 
     def done(self, frame: tuple) -> bool:
         _, dfa, count, escape, ex, text = frame
-        if escape == '"':
+        if escape == '"' or not self.quoted and count >= self.min_len and self.regex.accepts(dfa):
             return ex is None or text is None or text not in ex[0]
         return False
 
     def finish(self, frame: tuple) -> str:
         _, dfa, count, escape, ex, text = frame
-        if escape == '"':
+        if escape == '"' or not self.quoted and self.done(frame):
             return ""
+        if not self.quoted:
+            return self._fresh(dfa, count, text, ex[0]) if ex is not None else self.complete(dfa, count)
         if escape:  # end the escape: the first letter that fits, or \\u0000-style zeros
             tail = self._escapes(dfa, count)[0] if escape == "\\" else ""
             tail += "0" * (5 - len(escape)) if tail in ("", "u") else ""
             return tail + self.finish(_leaf_after(frame, tail))
         if ex is not None:
-            return self._fresh(dfa, count, text, ex[0]) + '"'
+            tail = self._fresh(dfa, count, text, ex[0])
+            return None if tail is None else tail + '"'
         return json.dumps(self.complete(dfa, count), ensure_ascii=False)[1:]
 
     def _fresh(self, dfa: frozenset, count: int, text: str | None, forbidden: frozenset) -> str | None:
         """Characters (no escapes) that close an excluded string on a text not forbidden: shortest first."""
         layer = {dfa: [""]}
-        for size in range(int(min(self.limit - count, 32)) + 1):
+        reach = max(self.min_len - count, len(self.regex.shortest(dfa) or "")) + 32   # a few past the shortest
+        for size in range(int(min(self.limit - count, reach)) + 1):
             for state, tails in layer.items():
                 for tail in tails if count + size >= self.min_len and self.regex.accepts(state) else ():
-                    if text is None or text + tail + '"' not in forbidden:
+                    if text is None or text + tail + '"' * self.quoted not in forbidden:
                         return tail
             nxt: dict = {}
             for state, tails in layer.items():
                 for cid, ch in self.regex.reps.items():
-                    if ch >= " " and ch not in '"\\' and (after := self.regex._move(state, cid)) is not None:
+                    if (ch >= " " and ch not in '"\\' or not self.quoted) and (after := self.regex._move(state, cid)):
                         kept = nxt.setdefault(after, [])
                         kept += [t + ch for t in tails[:len(forbidden) + 1 - len(kept)]]
             layer = nxt
         return None
 
     def first(self, forbidden: frozenset) -> str | None:
-        """A shortest complete string text, quotes included, that is not forbidden."""
-        tail = self._fresh(self.regex.start, 0, '"', forbidden)
-        return None if tail is None else '"' + tail + '"'
+        """A shortest complete text, quotes included, that is not forbidden."""
+        quote = '"' * self.quoted
+        tail = self._fresh(self.regex.start, 0, quote, forbidden)
+        return None if tail is None else quote + tail + quote
 
     def plain_tokens(self, frame: tuple, trie: dict) -> list[int]:
         """Token ids of ordinary characters (no quote, backslash or control) that fit here.
@@ -1103,135 +1227,21 @@ def _leaf_after(frame: tuple, text: str) -> tuple | None:
     return frame
 
 
-class Number(Piece):
-    """A JSON number: integer or decimal, within bounds, a multiple of an integer.
-
-    Free numbers (no bounds) take exponents; bounded ones are plain decimals,
-    checked as they are typed: every prefix can still end inside the bounds.
-    Values are counted in units of 10**-scale (1 for integers, else the
-    smallest fraction digit), so all the arithmetic is exact on integers.
-    Frame: (piece, dfa state, ex, text); the text is kept only when bounded.
-    """
-
-    def __init__(self, integer: bool, low: Fraction | None = None, high: Fraction | None = None,
-                 low_open: bool = False, high_open: bool = False, multiple: int | None = None, excluded: tuple = ()):
-        self.integer, self.multiple = integer, multiple
-        self.bounded = low is not None or high is not None or multiple is not None or bool(excluded)
-        digits = JSON_MAX_DIGITS - 1
-        syntax = rf"0|-?[1-9]\d{{0,{digits}}}" if integer else rf"-?(0|[1-9]\d{{0,{digits}}})(\.\d{{1,{digits + 1}}})?"
-        self.syntax = regex_for(syntax if integer or self.bounded else syntax + r"([eE][+-]?\d{1,2})?", False,
-                                (("|".join(excluded), False, True),) if excluded else ())
-        self.scale = 0 if integer else JSON_MAX_DIGITS
-        unit = 10 ** self.scale
-        self.low = None if low is None else math.floor(low * unit) + 1 if low_open else math.ceil(low * unit)
-        self.high = None if high is None else math.ceil(high * unit) - 1 if high_open else math.floor(high * unit)
-        text = self._complete("", frozenset()) if self.bounded else self.syntax.shortest(self.syntax.start)
-        if text is None:
-            raise ValueError("no number is within minimum/maximum and a multiple of multipleOf")
-        self.min_text = text
-
-    def begin(self, ch: str, ex: tuple | None) -> list:
-        return self.step((self, self.syntax.start, ex, ""), ch)
-
-    def step(self, frame: tuple, ch: str) -> list:
-        _, dfa, ex, text = frame
-        out = [REFEED] if self.done(frame) else []
-        dfa = self.syntax.move(dfa, ch)
-        if dfa is not None:
-            tracked = self.bounded or ex is not None
-            text = text + ch if tracked else ""
-            if not tracked or self._count(text, ex, 1) > len(self._forbidden(text, ex)):
-                out.append(((self, dfa, ex, text),))
-        return out
-
-    def done(self, frame: tuple) -> bool:
-        _, dfa, ex, text = frame
-        if not self.syntax.accepts(dfa) or (ex is not None and text in ex[0]):
-            return False
-        return not self.bounded or self._allowed(self._value(text))
-
-    def finish(self, frame: tuple) -> str:
-        _, dfa, ex, text = frame
-        if not (self.bounded or ex):
-            return self.syntax.shortest(dfa)
-        return self._complete(text, ex[0] if ex else frozenset())[len(text):]
-
-    def first(self, forbidden: frozenset) -> str | None:
-        return self._complete("", forbidden)
-
-    @staticmethod
-    def _forbidden(text: str, ex: tuple | None) -> list:
-        return [f for f in ex[0] if f.startswith(text)] if ex else []
-
-    def _value(self, text: str) -> int:
-        whole, _, frac = text.lstrip("-").partition(".")
-        value = int(whole + frac.ljust(self.scale, "0"))
-        return -value if text.startswith("-") else value
-
-    def _allowed(self, value: int) -> bool:
-        return ((self.low is None or value >= self.low) and (self.high is None or value <= self.high)
-                and (self.multiple is None or value % self.multiple == 0))
-
-    def _spans(self, text: str) -> list[tuple[int, int]]:
-        """The values that complete `text`, as signed intervals, shortest completions first."""
-        negative = text.startswith("-")
-        whole, dot, frac = text.lstrip("-").partition(".")
-        one = 10 ** self.scale
-        if dot:
-            width = 10 ** (self.scale - len(frac))
-            spans = [(int(whole + frac) * width, width)]
-        elif whole == "0":
-            spans = [(0, one)]
-        elif whole:
-            spans = [(int(whole) * 10 ** k * one, 10 ** k * one) for k in range(JSON_MAX_DIGITS - len(whole) + 1)]
-        else:  # nothing yet but maybe a sign: "0", or 1 to JSON_MAX_DIGITS digits
-            spans = [] if negative and self.integer else [(0, one)]
-            spans += [(10 ** (k - 1) * one, 9 * 10 ** (k - 1) * one) for k in range(1, JSON_MAX_DIGITS + 1)]
-        return [(-(start + width - 1), -start) if negative else (start, start + width - 1) for start, width in spans]
-
-    def _clip(self, low: int, high: int) -> tuple[int, int]:
-        step = self.multiple or 1
-        low = max(low, self.low) if self.low is not None else low
-        high = min(high, self.high) if self.high is not None else high
-        return -(-low // step) * step, high // step * step
-
-    def _count(self, text: str, ex: tuple | None, cap: int) -> int:
-        """How many allowed values complete `text`, counting past `cap` extra forbidden ones at most."""
-        total, enough = 0, cap + len(self._forbidden(text, ex))
-        for low, high in self._spans(text) if text != "" else self._spans("") + self._spans("-"):
-            low, high = self._clip(low, high)
-            total += max(0, (high - low) // (self.multiple or 1) + 1)
-            if total >= enough:
-                break
-        return total
-
-    def _complete(self, text: str, forbidden: frozenset) -> str | None:
-        """A shortest number text starting with `text`, allowed and not forbidden."""
-        best = None
-        for prefix in ([text] if text else ["", "-"]):
-            for low, high in self._spans(prefix):
-                low, high = self._clip(low, high)
-                candidate = self._simplest(prefix, low, high, forbidden)
-                if candidate is not None and (best is None or len(candidate) < len(best)):
-                    best = candidate
-        return best
-
-    def _simplest(self, prefix: str, low: int, high: int, forbidden: frozenset) -> str | None:
-        """The shortest text of a value in [low, high]: fewest fraction digits, nearest zero."""
-        if low > high:
-            return None
-        negative = prefix.startswith("-")
-        least = max(1, len(prefix.partition(".")[2])) if "." in prefix else 0
-        for digits in range(least, self.scale + 1) if not self.integer else [0]:
-            step = math.lcm(10 ** (self.scale - digits), self.multiple or 1)
-            value = (-(-low // step) * step) if not negative else (high // step * step)
-            while low <= value <= high:
-                whole, frac = divmod(abs(value), 10 ** self.scale)
-                text = ("-" if negative else "") + str(whole) + ("." + str(frac).rjust(self.scale, "0")[:digits] if digits else "")
-                if text not in forbidden and text.startswith(prefix) and self.syntax.matches(text):
-                    return text
-                value += -step if negative else step
-        return None
+def number_leaf(integer: bool, low: Fraction | None = None, high: Fraction | None = None, low_open: bool = False,
+                high_open: bool = False, step: int = 1, scale: int = 0, excluded: tuple = ()) -> Leaf:
+    """A JSON number as a regex leaf: integer or decimal, within bounds, a multiple of step * 10**-scale,
+    none of the `excluded` patterns. Bounded numbers are written without exponent."""
+    digits = JSON_MAX_DIGITS - 1
+    syntax = rf"0|-?[1-9]\d{{0,{digits}}}" if integer else rf"-?(0|[1-9]\d{{0,{digits}}})(\.\d{{1,{digits + 1}}})?"
+    bounds = [number_bound(x, is_open, least) for x, is_open, least in ((low, low_open, True), (high, high_open, False))
+              if x is not None]
+    parts = [(bound or "[^\\s\\S]", False) for bound in bounds] + [(pattern, False, True) for pattern in excluded]
+    if step > 1 or scale:
+        minus = ("rep", ("chars", charset([(45, 45)])), 0, 1)
+        parts.append((("alt", (("seq", (minus, ("mod", step, scale))),)), False))
+    if not parts and not integer:
+        syntax += r"([eE][+-]?\d{1,2})?"
+    return Leaf(regex_for(syntax, False, tuple(parts)), quoted=False, by_text=integer)
 
 
 class Union(Piece):
@@ -1605,14 +1615,15 @@ FORMATS.update({"iri": FORMATS["uri"], "idn-email": FORMATS["email"], "uri-refer
 FORMATS["iri-reference"] = FORMATS["uri-reference"]
 HOSTNAME_MAX_LENGTH = 253
 
-ANY_STRING = String(ANY_TEXT)
+ANY_STRING = Leaf(ANY_TEXT)
+ANY_NUMBER = number_leaf(False)
 BOOLEAN = Literals(("true", "false"))
 NULL = Literals(("null",))
 
 
 def any_value(depth: int) -> Piece:
     """Any JSON value, arrays and objects nested at most `depth` deep."""
-    scalars = [ANY_STRING, Number(False), BOOLEAN, NULL]
+    scalars = [ANY_STRING, ANY_NUMBER, BOOLEAN, NULL]
     if depth == 0:
         return Union(scalars)
     inner = any_value(depth - 1)
@@ -1995,7 +2006,7 @@ class SchemaCompiler:
             raise self.fail(f"{word!r} must be a non-negative integer")
         return None if value is None else int(value)
 
-    def string(self, schema: dict) -> String:
+    def string(self, schema: dict) -> Leaf:
         low, high = self.count(schema, "minLength") or 0, self.count(schema, "maxLength")
         form, pattern = schema.get("format"), schema.get("pattern")
         if pattern is not None and not isinstance(pattern, str):
@@ -2008,8 +2019,8 @@ class SchemaCompiler:
         parts += [("|".join(excluded), False, True)] if excluded else []
         try:
             if pattern is not None or len(parts) > 1 or parts and form not in FORMATS:
-                return String(regex_for(pattern or "", True, tuple(parts)), low, high)
-            return String(regex_for(FORMATS[form], False) if form in FORMATS else ANY_TEXT, low, high)
+                return Leaf(regex_for(pattern or "", True, tuple(parts)), low, high)
+            return Leaf(regex_for(FORMATS[form], False) if form in FORMATS else ANY_TEXT, low, high)
         except ValueError as exc:
             what = f"'pattern' {pattern!r}" if pattern is not None else f"'format' {form!r}" if form in FORMATS \
                 else "'minLength'/'maxLength'"
@@ -2028,34 +2039,34 @@ class SchemaCompiler:
                 values.append((Fraction(repr(value)) if isinstance(value, float) else Fraction(value), is_open))
         return tighter(values, key=lambda pair: (pair[0], pair[1] == (tighter is max))) if values else (None, False)
 
-    def number(self, schema: dict, integer: bool) -> Number:
+    def number(self, schema: dict, integer: bool) -> Leaf:
         low, low_open = self.bound(schema, "minimum", "exclusiveMinimum", max)
         high, high_open = self.bound(schema, "maximum", "exclusiveMaximum", min)
-        multiple = schema.get("multipleOf")
+        step, scale, multiple = 1, 0, schema.get("multipleOf")
         if multiple is not None:
             if not _is_number(multiple) or multiple <= 0 or not math.isfinite(multiple):
                 raise self.fail("'multipleOf' must be a positive number")
-            step = Fraction(repr(multiple)) if isinstance(multiple, float) else Fraction(multiple)
-            units = step * 10 ** JSON_MAX_DIGITS   # a number's value counts in 10**-JSON_MAX_DIGITS (see Number)
+            exact = Fraction(repr(multiple)) if isinstance(multiple, float) else Fraction(multiple)
             # An integer is a multiple of p/q when p divides it. Validators divide floats: 7.77 / 0.01 is not
             # whole to them, so a step a float cannot hold exactly (0.01, not 0.5) is served by integers.
-            if integer or step.denominator == 1 or Fraction(float(step)) != step:
-                integer, multiple = True, step.numerator
-            elif units.denominator != 1:
-                raise self.fail(f"'multipleOf' {multiple} has more than {JSON_MAX_DIGITS} decimals")
+            if integer or exact.denominator == 1 or Fraction(float(exact)) != exact:
+                integer, step = True, exact.numerator
             else:
-                multiple = int(units)
+                scale = next(k for k in range(JSON_MAX_DIGITS + 1) if (exact * 10 ** k).denominator == 1)
+                step = int(exact * 10 ** scale)
         excluded = []
         for value in schema.get("!enum", []):
             if _is_number(value) and "e" in repr(value).lower():
                 raise self.fail(f"'not' excludes {value!r}, a number this server cannot exclude")
             if _is_number(value):  # every way this server writes it: 3, 3.0, 3.00...
                 integral = float(value).is_integer()
-                excluded.append("-?" * (value == 0) + re.escape(str(int(value))) + r"(\.0+)?" if integral else re.escape(repr(value)) + "0*")
+                excluded.append("-?" * (value == 0) + re.escape(str(int(value))) + r"(\.0+)?" if integral
+                                else re.escape(repr(value)) + "0*")
         try:
-            return Number(integer, low, high, low_open, high_open, multiple, tuple(excluded))
-        except ValueError as exc:
-            raise self.fail(str(exc)) from None
+            return number_leaf(integer, low, high, low_open, high_open, step, scale, tuple(excluded))
+        except ValueError:
+            raise self.fail("no number is within minimum/maximum and a multiple of multipleOf (and this server "
+                            f"writes one as a regular expression of at most {REGEX_MAX_STATES} states)") from None
 
     def object(self, schema: dict, refs: int, depth: int) -> Piece | None:
         """properties in their order, then other keys: those patternProperties or additionalProperties allow.
@@ -2089,7 +2100,7 @@ class SchemaCompiler:
             key = Literals(t for t in key.texts if any(r.matches(json.loads(t)) for r in regexes))
         elif regexes and extra in (None, False):
             try:
-                key = String(regex_for("|".join(f"(?:{p})" for p in patterns), True, key.regex.source), key.min_len,
+                key = Leaf(regex_for("|".join(f"(?:{p})" for p in patterns), True, key.regex.source), key.min_len,
                              key.max_len)
             except ValueError as exc:
                 raise self.fail(f"'patternProperties'/'propertyNames': {exc}") from None
@@ -2120,7 +2131,7 @@ class SchemaCompiler:
         if names in (None, True, {}):
             return None
         node = self.compile(names if names is False else {"type": "string", **names}, refs, depth + 1)
-        if node is not None and not isinstance(node, (String, Literals)):
+        if node is not None and not isinstance(node, (Leaf, Literals)):
             raise self.fail("'propertyNames' is enforced as a string schema (pattern, lengths, format, enum)")
         if node is None:
             raise self.fail("'propertyNames' allows no name")
@@ -2156,11 +2167,10 @@ class SchemaCompiler:
         alternatives = node.alternatives
         if all(isinstance(a, Literals) for a in alternatives):
             return Literals(t for a in alternatives for t in a.texts)
-        if len(alternatives) == 1 and (node is ANY_STRING or isinstance(node, String) and node.regex is ANY_TEXT
-                                       or isinstance(node, Number) and node.integer):
+        if len(alternatives) == 1 and isinstance(node, Leaf) and node.by_text:
             return node
-        raise self.fail("'uniqueItems' is enforced for items that are strings without pattern or format, "
-                        "integers, or enum/const/boolean/null values")
+        raise self.fail("'uniqueItems' is enforced for items that are strings, integers, or enum/const/boolean/null "
+                        "values")
 
 
 def accepts_text(node: Piece, text: str) -> bool:
@@ -2231,14 +2241,14 @@ def tool_call_constraint(tools: list[dict]) -> Constraint:
     return Constraint(union(calls), key, tool_call=True)
 
 
-# -- JSON-constrained decoding: the automaton (see the parsing section) lifted to tokens
+# -- JSON-constrained decoding: the automaton lifted to tokens
 #
 # A token may follow a state when the automaton takes its whole text. Masks are
 # built by walking a trie of the vocabulary's token texts, and inside strings by
 # a trie of class ids of the plain tokens (those of ordinary characters) for the
 # string's regex, so a length or a pattern does not mean a walk of every token.
 # Masks are cached per state, with string lengths reduced to what can matter
-# within one token (String.key), so long strings reuse them.
+# within one token (Leaf.key), so long strings reuse them.
 
 class TokenTable:
     """A vocabulary's token texts, indexed for constrained decoding; one per tokenizer.
@@ -2268,25 +2278,23 @@ class TokenTable:
                 self.marked.append((token, text))
         self.reach = max(map(len, filter(None, self.texts)), default=1)   # the longest token, in characters
         self.plain_chars = sorted({ch for token in self.plain for ch in self.texts[token]})
-        self.class_tries: dict[Regex, dict] = {}
+        self.class_tries = Cache(JSON_CONSTRAINT_CACHE * 4)
 
     def class_trie(self, regex: Regex) -> dict:
         """The plain tokens as a trie over `regex`'s class ids (chr(id) -> child; "" -> ids); cached."""
-        trie = self.class_tries.get(regex)
-        if trie is None:
-            classes = str.maketrans({ch: chr(regex.class_id(ch)) for ch in self.plain_chars})
-            groups: dict[str, list[int]] = {}
-            for token in self.plain:
-                groups.setdefault(self.texts[token].translate(classes), []).append(token)
-            trie = {}
-            for key, tokens in groups.items():
-                node = trie
-                for ch in key:
-                    node = node.setdefault(ch, {})
-                node.setdefault("", []).extend(tokens)
-            if len(self.class_tries) >= JSON_CONSTRAINT_CACHE * 4:
-                self.class_tries.pop(next(iter(self.class_tries)))
-            self.class_tries[regex] = trie
+        return self.class_tries.get_or(regex, lambda: self._class_trie(regex))
+
+    def _class_trie(self, regex: Regex) -> dict:
+        classes = str.maketrans({ch: chr(regex.class_id(ch)) for ch in self.plain_chars})
+        groups: dict[str, list[int]] = {}
+        for token in self.plain:
+            groups.setdefault(self.texts[token].translate(classes), []).append(token)
+        trie: dict = {}
+        for key, tokens in groups.items():
+            node = trie
+            for ch in key:
+                node = node.setdefault(ch, {})
+            node.setdefault("", []).extend(tokens)
         return trie
 
 
@@ -2302,7 +2310,7 @@ def token_texts(tokenizer: Any, size: int) -> list[str | None]:
 
 
 _TOKEN_TABLES: dict[int, tuple[Any, TokenTable]] = {}
-_CONSTRAINTS: dict[tuple, "JsonMasks"] = {}
+_CONSTRAINTS = Cache(JSON_CONSTRAINT_CACHE)
 
 
 def token_table(tokenizer: Any) -> TokenTable:
@@ -2320,37 +2328,25 @@ class JsonMasks:
         self.table = table
         self.start = start
         self.slack = commitment(start)
-        self.masks: dict[tuple, Any] = {}
-        self.closings: dict[tuple, str | None] = {}
-        self.plains: dict[tuple, Any] = {}
+        self.masks, self.closings, self.plains = (Cache(JSON_MASK_CACHE_STATES) for _ in range(3))
 
     def key(self, state: tuple) -> tuple:
-        """The state as the cache sees it: a top String frame reduced by String.key (leaves are always on top)."""
+        """The state as the cache sees it: a top Leaf frame reduced by Leaf.key (leaves are always on top)."""
         return tuple(stack[:-1] + (stack[-1][0].key(stack[-1], self.table.reach),)
-                     if stack and isinstance(stack[-1][0], String) else stack for stack in state)
+                     if stack and isinstance(stack[-1][0], Leaf) else stack for stack in state)
 
     def allowed(self, state: tuple, width: int) -> Any:
         """A boolean mx.array over `width` logits: the tokens that keep `state` alive."""
-        key = self.key(state)
-        mask = self.masks.get(key)
-        if mask is None:
-            if len(self.masks) >= JSON_MASK_CACHE_STATES:
-                self.masks.clear()
-            mask = self.masks[key] = self._build(state, width)
-        return mask
+        return self.masks.get_or(self.key(state), lambda: self._build(state, width))
 
     def closing(self, state: tuple) -> list[int] | None:
         """The tokens that spell a shortest closing text from `state`, each the longest that fits (cached)."""
-        key = self.key(state)
-        if key not in self.closings:
-            if len(self.closings) >= JSON_MASK_CACHE_STATES:
-                self.closings.clear()
-            text = json_closing_text(state)
-            self.closings[key] = None if text is None else self._spell(text)
-        return self.closings[key]
+        return self.closings.get_or(self.key(state), lambda: self._spell(json_closing_text(state)))
 
-    def _spell(self, text: str) -> list[int] | None:
+    def _spell(self, text: str | None) -> list[int] | None:
         ids, at = [], 0
+        if text is None:
+            return None
         while at < len(text):
             node, best = self.table.trie, None
             for end in range(at, len(text)):
@@ -2370,10 +2366,10 @@ class JsonMasks:
         table, ids, walk, plain = self.table, [], [], mx.zeros((width,), dtype=mx.bool_)
         for stack in state:
             top = stack[-1] if stack else None
-            if top is not None and isinstance(top[0], String) and top[3] == "" and (
+            if top is not None and isinstance(top[0], Leaf) and top[0].quoted and top[3] == "" and (
                     top[4] is None or top[0].max_len is None and top[0].regex is ANY_TEXT):
                 # Inside a string, a plain token cannot leave it: its fate is the regex's and
-                # the length's alone (String.plain_tokens); only the other tokens need a walk.
+                # the length's alone (Leaf.plain_tokens); only the other tokens need a walk.
                 plain = plain | self._plain(top)
                 ids += [t for t, text in table.marked if json_advance((stack,), text)]
             else:
@@ -2385,15 +2381,9 @@ class JsonMasks:
         return plain | self.ids_mask(ids, width)
 
     def _plain(self, frame: tuple) -> Any:
-        """The mask of plain tokens for a String frame, cached by its regex state and length."""
-        key = frame[0].key(frame, self.table.reach)[:4]
-        mask = self.plains.get(key)
-        if mask is None:
-            if len(self.plains) >= JSON_MASK_CACHE_STATES:
-                self.plains.clear()
-            trie = self.table.class_trie(frame[0].regex)
-            mask = self.plains[key] = self.ids_mask(frame[0].plain_tokens(frame, trie), self.table.size)
-        return mask
+        """The mask of plain tokens for a string Leaf frame, cached by its regex state and length."""
+        return self.plains.get_or(frame[0].key(frame, self.table.reach)[:4], lambda: self.ids_mask(
+            frame[0].plain_tokens(frame, self.table.class_trie(frame[0].regex)), self.table.size))
 
     @staticmethod
     def ids_mask(ids: list[int], width: int) -> Any:
@@ -2443,13 +2433,7 @@ def commitment(start: tuple) -> int:
 
 def json_masks(tokenizer: Any, key: tuple, start: tuple) -> JsonMasks:
     """The shared, cached masks for a constraint: requests with the same schema reuse them."""
-    cache_key = (id(tokenizer),) + key
-    masks = _CONSTRAINTS.get(cache_key)
-    if masks is None:
-        if len(_CONSTRAINTS) >= JSON_CONSTRAINT_CACHE:
-            _CONSTRAINTS.pop(next(iter(_CONSTRAINTS)))
-        masks = _CONSTRAINTS[cache_key] = JsonMasks(token_table(tokenizer), start)
-    return masks
+    return _CONSTRAINTS.get_or((id(tokenizer),) + key, lambda: JsonMasks(token_table(tokenizer), start))
 
 
 class JsonConstraint:
@@ -2611,6 +2595,9 @@ class GenerationRequest:
     template_args: dict = dataclasses.field(default_factory=dict)  # chat: extra chat template arguments
     split_reasoning: bool = False                # a thinking model's reasoning leaves the text (ReasoningSplitter)
     n: int = 1                                   # choices, decoded together, each in a slot of its own
+    show_reasoning: bool = True                  # reasoning reaches the client (the dialects: when asked for)
+    echo: dict = dataclasses.field(default_factory=dict)        # request fields a dialect's reply repeats back
+    tool_kinds: dict = dataclasses.field(default_factory=dict)  # Responses: rendered tool name -> its kind and namespace
 
 
 def decode_json_body(raw: bytes) -> dict:
@@ -2753,13 +2740,31 @@ def parse_tool_calls(calls: Any, param: str) -> list[dict]:
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
             raise invalid(f"'{param}[{i}]' must be {{\"type\": \"function\", \"function\": {{\"name\", "
                           f"\"arguments\"}}}}", param)
-        arguments = function.get("arguments") or "{}"
-        try:
-            arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
-        except ValueError:
-            raise invalid(f"'{param}[{i}].function.arguments' is not valid JSON", param) from None
+        # Replayed history is taken as sent: arguments that are no JSON object (a model's own slip, sent
+        # back by the agent) are wrapped as the server wraps them on the way out, never a 400.
+        arguments = tool_arguments(function.get("arguments") or "{}")
         out.append({**call, "function": {**function, "arguments": arguments}})
     return out
+
+
+def tool_arguments(value: Any, schema: dict | None = None) -> dict:
+    """A tool call's arguments as a JSON object, whatever a model or a client wrote.
+
+    JSON text of an object is decoded; anything else (other JSON, or text
+    that is no JSON at all, such as `ls -la`) is wrapped: under the schema's
+    one property when it has exactly one, else under RAW_ARGUMENTS_KEY. So
+    arguments going out are always a JSON object, and replayed ones parse.
+    """
+    parsed = value
+    if isinstance(value, str):
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = value
+    if isinstance(parsed, dict):
+        return parsed
+    names = list((schema or {}).get("properties") or {}) if isinstance(schema, dict) else []
+    return {names[0] if len(names) == 1 else RAW_ARGUMENTS_KEY: parsed}
 
 
 MEDIA_PARTS = ("image_url", "input_image", "input_audio", "input_file", "file", "image", "document")
@@ -2906,14 +2911,17 @@ def common_checks(*fields: str) -> tuple[Check, ...]:
 MESSAGES_CHECKS = common_checks("model", "stream", "max_tokens", "top_p", "top_k") + (
     Check("messages", (list,), "a non-empty list of messages", lambda v: len(v) > 0),
     Check("system", (str, list), "a string or a list of text blocks"),
-    Check("stop_sequences", (list,), f"a list of up to {MAX_STOP_STRINGS} non-empty strings",
-          lambda v: not v or _is_stop(v)),
+    Check("stop_sequences", (list,), f"a list of up to {MAX_STOP_SEQUENCES} strings, each 1 to {MAX_STOP_CHARS} "
+          "characters long", lambda v: len(v) <= MAX_STOP_SEQUENCES and all(
+              isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in v)),
     Check("temperature", (int, float), "a number between 0 and 1", lambda v: 0 <= v <= 1),  # Anthropic's range
     Check("tools", (list,), 'a list of {"name": ..., "input_schema": {...}} objects'),
     Check("tool_choice", (dict,), '{"type": "auto"}, {"type": "any"}, {"type": "tool", "name": ...} or {"type": "none"}'),
+    Check("thinking", (dict,), '{"type": "enabled", "budget_tokens": N}, {"type": "adaptive"} or {"type": "disabled"}'),
 )
 ANTHROPIC_ROLES = ("user", "assistant", "system")   # Claude Code sends "system" messages mid-conversation
-REPLAYED_BLOCKS = ("thinking", "redacted_thinking")  # earlier reasoning sent back: accepted, not shown to the model
+REPLAYED_BLOCKS = ("thinking", "redacted_thinking")  # earlier reasoning sent back: thinking reaches the template
+THINKING_ON = ("enabled", "adaptive")                # thinking types that ask for thinking blocks
 
 
 def parse_messages_request(body: dict, settings: Settings, counting: bool = False) -> GenerationRequest:
@@ -2923,24 +2931,53 @@ def parse_messages_request(body: dict, settings: Settings, counting: bool = Fals
         raise invalid("'messages' is required", "messages")
     if body.get("max_tokens") is None and not counting:
         raise invalid("'max_tokens' is required", "max_tokens")
-    messages = anthropic_system(body.get("system"))
+    tools = body.get("tools") or []
+    catalog = {t["function"]["name"]: t for t in dialect_tools(tools, "input_schema", anthropic_served, deferred=True)}
+    messages, seen_calls = anthropic_system(body.get("system")), set()
     for i, message in enumerate(body["messages"]):
-        messages += anthropic_message(message, i)
+        messages += anthropic_message(message, i, seen_calls, catalog)
     if messages[-1]["role"] == "assistant":
         raise invalid("a last assistant message (a prefilled reply) is not supported; end with a user message",
                       f"messages[{len(body['messages']) - 1}]")
-    tools = {"tools": dialect_tools(body.get("tools") or [], "input_schema", lambda t: t.get("type") in (None, "custom")),
-             "tool_choice": anthropic_tool_choice(body.get("tool_choice"))}
-    thinking = body.get("thinking") if isinstance(body.get("thinking"), dict) else {}
-    kwargs = {"enable_thinking": False} if thinking.get("type") == "disabled" else None
+    fields = {"tools": dialect_tools(tools, "input_schema", anthropic_served),
+              "tool_choice": anthropic_tool_choice(body.get("tool_choice"))}
+    thinking = anthropic_thinking(body.get("thinking"), body.get("max_tokens"))
     return GenerationRequest(
         endpoint="messages", messages=tuple(messages), stream=bool(body.get("stream")),
         max_tokens=min(body.get("max_tokens") or settings.max_tokens, settings.max_tokens),
         stop=tuple(body.get("stop_sequences") or ()),
-        template_args=template_args({"chat_template_kwargs": kwargs}, settings),
-        split_reasoning=settings.reasoning_format != "none",
-        **output_fields("messages", tools),
+        template_args=template_args({"chat_template_kwargs": None if thinking else {"enable_thinking": False}},
+                                    settings),
+        split_reasoning=settings.reasoning_format != "none", show_reasoning=thinking,
+        **output_fields("messages", fields),
         **sampling_fields({field: body.get(field) for field in ("temperature", "top_p", "top_k")}, settings.sampling))
+
+
+def anthropic_served(tool: dict) -> bool:
+    """Anthropic's client tools (no type, or "custom"); server tools (web search...) are the API's own."""
+    return tool.get("type") in (None, "custom")
+
+
+def anthropic_thinking(thinking: dict | None, max_tokens: int | None) -> bool:
+    """Whether the request asked for thinking blocks; a budget Anthropic would refuse is a 400.
+
+    Absent or {"type": "disabled"}: no thinking (the template is asked not to
+    think, and what a model thinks anyway is not shown). {"type": "enabled"}
+    needs budget_tokens >= THINKING_MIN_BUDGET and below max_tokens.
+    """
+    kind = (thinking or {}).get("type")
+    if kind in (None, "disabled"):
+        return False
+    if kind not in THINKING_ON:
+        raise invalid("'thinking.type' must be \"enabled\", \"adaptive\" or \"disabled\"", "thinking.type")
+    budget = thinking.get("budget_tokens")
+    if kind == "enabled":
+        if not isinstance(budget, int) or isinstance(budget, bool) or budget < THINKING_MIN_BUDGET:
+            raise invalid(f"'thinking.budget_tokens' must be an integer >= {THINKING_MIN_BUDGET}",
+                          "thinking.budget_tokens")
+        if max_tokens is not None and budget >= max_tokens:
+            raise invalid(f"'max_tokens' must be greater than 'thinking.budget_tokens' ({budget})", "max_tokens")
+    return True
 
 
 def anthropic_system(system: str | list | None) -> list[dict]:
@@ -2950,12 +2987,14 @@ def anthropic_system(system: str | list | None) -> list[dict]:
     return [{"role": "system", "content": parse_content(system, "system", separator=BLOCK_SEPARATOR)}]
 
 
-def anthropic_message(message: Any, index: int) -> list[dict]:
+def anthropic_message(message: Any, index: int, seen_calls: set, catalog: dict[str, dict]) -> list[dict]:
     """One Anthropic message as chat messages: its tool_result blocks as "tool" messages, then the rest.
 
-    Text blocks are joined; an assistant's tool_use blocks become its
-    tool_calls; replayed thinking blocks are dropped; images and documents
-    are refused (text models only).
+    Text blocks (and documents with a text source) are joined; an
+    assistant's tool_use blocks become its tool_calls, their ids added to
+    `seen_calls`, which a tool_result must answer; replayed thinking blocks
+    its reasoning_content; images and other documents are refused (text models only).
+    `catalog` holds every declared tool by name, for tool_reference blocks.
     """
     param = f"messages[{index}]"
     if not isinstance(message, dict) or message.get("role") not in ANTHROPIC_ROLES:
@@ -2965,43 +3004,93 @@ def anthropic_message(message: Any, index: int) -> list[dict]:
         return [{"role": role, "content": content}]
     if not isinstance(content, list):
         raise invalid(f"{param}.content must be a string or a list of content blocks", f"{param}.content")
-    texts, calls, results = [], [], []
+    texts, calls, results, thoughts = [], [], [], []
     for i, block in enumerate(content):
         where = f"{param}.content[{i}]"
         kind = block.get("type") if isinstance(block, dict) else None
         if kind == "text" and isinstance(block.get("text"), str):
             texts.append(block["text"])
+        elif kind == "document" and document_text(block) is not None:
+            texts.append(document_text(block))
         elif kind == "tool_use" and role == "assistant":
             calls.append(anthropic_tool_use(block, where))
+            seen_calls.add(calls[-1]["id"])
         elif kind == "tool_result" and role == "user":
-            results.append(anthropic_tool_result(block, where))
+            results.append(anthropic_tool_result(block, where, seen_calls, catalog))
+        elif kind == "thinking" and role == "assistant" and isinstance(block.get("thinking"), str):
+            thoughts.append(block["thinking"])
         elif kind in MEDIA_PARTS:
-            raise invalid(f"{where} is a block of type {kind!r}; this server serves text models only", where)
+            raise invalid(f"{where} is a block of type {kind!r}; this server serves text models only (a document "
+                          "needs a text source)", where)
         elif kind not in REPLAYED_BLOCKS:
             raise invalid(f"{where}: a {role} message cannot hold a {json.dumps(kind)[:40]} block; this server takes "
-                          "text, tool_use (assistant), tool_result (user), thinking and redacted_thinking", where)
+                          "text, document (text source), tool_use (assistant), tool_result (user), thinking and "
+                          "redacted_thinking", where)
     rest = {"role": role, "content": BLOCK_SEPARATOR.join(texts)}
+    if thoughts:   # replayed reasoning: templates that render it get it, as from chat's reasoning_content
+        rest["reasoning_content"] = "\n\n".join(thoughts)
     if calls:
         rest["tool_calls"] = calls
     return results + ([rest] if texts or calls or not results else [])
 
 
+def document_text(block: dict) -> str | None:
+    """A document block's text when its source is plain text ("text") or text blocks ("content"), else None."""
+    source = block.get("source") if isinstance(block.get("source"), dict) else {}
+    if source.get("type") == "text" and isinstance(source.get("data"), str):
+        text = source["data"]
+    elif source.get("type") == "content" and isinstance(source.get("content"), (str, list)):
+        try:
+            text = parse_content(source["content"], "source.content", separator=BLOCK_SEPARATOR)
+        except APIError:
+            return None
+    else:
+        return None
+    title = block.get("title")
+    return f"{title}\n{text}" if isinstance(title, str) and title else text
+
+
 def anthropic_tool_use(block: dict, param: str) -> dict:
     """An assistant's tool_use block as an OpenAI tool call, arguments as an object (for the chat template)."""
-    if not isinstance(block.get("name"), str) or not isinstance(block.get("input", {}), dict):
+    if not isinstance(block.get("name"), str) or not isinstance(block.get("id"), str):
         raise invalid(f"{param} must be {{\"type\": \"tool_use\", \"id\": ..., \"name\": ..., \"input\": {{...}}}}", param)
-    return {"id": block.get("id"), "type": "function",
-            "function": {"name": block["name"], "arguments": block.get("input") or {}}}
+    return {"id": block["id"], "type": "function",
+            "function": {"name": block["name"], "arguments": tool_arguments(block.get("input") or {})}}
 
 
-def anthropic_tool_result(block: dict, param: str) -> dict:
-    """A user's tool_result block as a "tool" message; a failed call's result says it is an error."""
+def anthropic_tool_result(block: dict, param: str, seen_calls: set, catalog: dict[str, dict]) -> dict:
+    """A user's tool_result block as a "tool" message; a failed call's result says it is an error.
+
+    It must answer a tool_use sent earlier, as Anthropic requires. Its
+    tool_reference blocks (Claude Code's ToolSearch loading a deferred tool)
+    become the referenced tool's definition, as text where the result stands.
+    """
     if not isinstance(block.get("tool_use_id"), str):
         raise invalid(f"{param}.tool_use_id must be a string", param)
+    if block["tool_use_id"] not in seen_calls:
+        raise invalid(f"{param}.tool_use_id {block['tool_use_id'][:80]!r} answers no tool_use block of an earlier "
+                      "assistant message", f"{param}.tool_use_id")
     content = block.get("content")
+    if isinstance(content, list):
+        content = [tool_result_part(part, catalog, f"{param}.content[{i}]") for i, part in enumerate(content)]
     text = "" if content is None else parse_content(content, f"{param}.content", separator=BLOCK_SEPARATOR)
     return {"role": "tool", "tool_call_id": block["tool_use_id"],
             "content": f"Error: {text}" if block.get("is_error") else text}
+
+
+def tool_result_part(part: Any, catalog: dict[str, dict], param: str) -> Any:
+    """A tool_result's block as a text block where it holds text: a tool_reference becomes the definition
+    of the tool it names, a document its text; other blocks are left for parse_content to judge."""
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "document" and document_text(part) is not None:
+        return {"type": "text", "text": document_text(part)}
+    if kind != "tool_reference":
+        return part
+    tool = catalog.get(part.get("tool_name"))
+    if tool is None:
+        raise invalid(f"{param} references tool {json.dumps(part.get('tool_name'))[:80]}, which 'tools' does not "
+                      "declare", param)
+    return {"type": "text", "text": "Tool loaded: " + json.dumps(tool["function"], ensure_ascii=False)}
 
 
 def anthropic_tool_choice(choice: dict | None) -> str | dict | None:
@@ -3017,20 +3106,21 @@ def anthropic_tool_choice(choice: dict | None) -> str | dict | None:
                   "or {\"type\": \"none\"}", "tool_choice")
 
 
-def dialect_tools(tools: list, schema_field: str, served: Callable[[dict], bool]) -> list[dict]:
+def dialect_tools(tools: list, schema_field: str, served: Callable[[dict], bool], deferred: bool = False) -> list[dict]:
     """A dialect's tool list as OpenAI function tools.
 
-    Tools that `served` turns down (hosted web search, shells, namespaces:
-    things a local model cannot run) are skipped, not refused: agents send
-    them on every request. Each kept tool has a name and, under
-    `schema_field`, a JSON Schema for its arguments.
+    Tools that `served` turns down (hosted web search, shells: things a
+    local model cannot run) are skipped, not refused: agents send them on
+    every request. Each kept tool has a name and, under `schema_field`, a
+    JSON Schema for its arguments. Tools marked defer_loading are left out
+    unless `deferred` (they reach the model through a tool_reference).
     """
     out = []
     for i, tool in enumerate(tools):
         param = f"tools[{i}]"
         if not isinstance(tool, dict):
             raise invalid(f"'{param}' must be an object", param)
-        if not served(tool):
+        if not served(tool) or (tool.get("defer_loading") is True and not deferred):
             continue
         if not isinstance(tool.get("name"), str) or not tool["name"]:
             raise invalid(f"'{param}.name' must be a non-empty string", f"{param}.name")
@@ -3053,64 +3143,154 @@ RESPONSES_CHECKS = common_checks("model", "stream", "temperature", "top_p") + (
     Check("tool_choice", (str, dict), '"none", "auto", "required" or {"type": "function", "name": ...}'),
     Check("parallel_tool_calls", (bool,), "a boolean"),
     Check("text", (dict,), 'an object such as {"format": {"type": "text"}}'),
+    Check("metadata", (dict,), "an object of up to 16 string values",
+          lambda v: len(v) <= 16 and all(isinstance(x, str) for x in v.values())),
+    Check("store", (bool,), "a boolean"),
+    Check("previous_response_id", (str,), "the id of a response made with store: true"),
+    Check("reasoning", (dict,), 'an object such as {"effort": "low"}'),
 )
-# Fields that need state this server does not keep (it is stateless): refused by name.
-STATEFUL_FIELDS = {"previous_response_id": None, "conversation": None, "background": False}
+# Fields that need state this server does not keep: refused by name.
+STATEFUL_FIELDS = {"conversation": None, "background": False}
 RESPONSES_ROLES = ("user", "assistant", "system", "developer")
 RESPONSES_TEXT_PARTS = ("input_text", "output_text", "text")
+# Tools the API runs itself: a local model cannot, so they are left out of the prompt (and named once in the log).
+HOSTED_TOOLS = ("web_search", "web_search_preview", "web_search_2025_08_26", "web_search_preview_2025_03_11",
+                "file_search", "computer_use_preview", "computer", "code_interpreter", "image_generation", "mcp",
+                "local_shell", "shell", "apply_patch", "tool_search")
+CUSTOM_TOOL_PARAMETERS = {"type": "object", "properties": {RAW_ARGUMENTS_KEY: {"type": "string"}},
+                          "required": [RAW_ARGUMENTS_KEY]}  # a freeform tool, rendered as a function of one string
+NAMESPACE_SEPARATOR = "__"   # a namespace's tool is rendered as NAMESPACE__NAME
+_hosted_logged: set = set()  # hosted tool types already named in the log
 
 
-def parse_responses_request(body: dict, settings: Settings) -> GenerationRequest:
-    """Validate an OpenAI /v1/responses body; stateless, so the whole conversation is in `input`."""
+def parse_responses_request(body: dict, settings: Settings, previous: list[dict] | None = None) -> GenerationRequest:
+    """Validate an OpenAI /v1/responses body. `previous` is the conversation of previous_response_id
+    (the handler looks it up in the store), else the whole conversation is in `input`."""
     run_checks(body, RESPONSES_CHECKS)
     for field, harmless in STATEFUL_FIELDS.items():
         if body.get(field) not in (None, harmless):
-            raise invalid(f"'{field}' is not supported: this server keeps no responses or conversations; send the "
-                          "whole conversation in 'input' (as Codex does with store: false)", field,
+            raise invalid(f"'{field}' is not supported: this server keeps no conversations or background jobs; "
+                          "send the conversation in 'input' or chain responses with previous_response_id", field,
                           "unsupported_parameter")
     if body.get("input") is None:
         raise invalid("'input' is required", "input")
+    tools, kinds = responses_tools(body.get("tools") or [])
     messages = [{"role": "system", "content": body["instructions"]}] if body.get("instructions") else []
-    messages += responses_input(body["input"])
-    fields = {"tools": dialect_tools(body.get("tools") or [], "parameters", lambda t: t.get("type") == "function"),
-              "tool_choice": responses_tool_choice(body.get("tool_choice")),
+    messages += (previous or []) + responses_input(body["input"], kinds)
+    fields = {"tools": tools, "tool_choice": responses_tool_choice(body.get("tool_choice"), kinds),
               "response_format": responses_format((body.get("text") or {}).get("format"))}
-    effort = (body.get("reasoning") or {}).get("effort") if isinstance(body.get("reasoning"), dict) else None
+    effort = (body.get("reasoning") or {}).get("effort")
+    args = {"reasoning_effort": effort} if isinstance(effort, str) else {}
+    if effort == "none":  # asked not to reason: templates that can switch thinking off do
+        args["chat_template_kwargs"] = {"enable_thinking": False}
     return GenerationRequest(
         endpoint="responses", messages=tuple(messages), stream=bool(body.get("stream")),
         max_tokens=min(body.get("max_output_tokens") or settings.max_tokens, settings.max_tokens),
-        template_args=template_args({"reasoning_effort": effort if isinstance(effort, str) else None}, settings),
-        split_reasoning=settings.reasoning_format != "none",
+        template_args=template_args(args, settings), split_reasoning=settings.reasoning_format != "none",
+        show_reasoning=effort != "none", echo=responses_echo(body), tool_kinds=kinds,
         **output_fields("responses", fields, "text.format"),
         **sampling_fields({field: body.get(field) for field in ("temperature", "top_p")}, settings.sampling))
 
 
-def responses_input(items: str | list) -> list[dict]:
-    """Input items as chat messages: messages, function calls (joined to their assistant turn), call outputs.
+def responses_echo(body: dict) -> dict:
+    """What the response object repeats of the request, as OpenAI's does."""
+    text = body.get("text") if isinstance(body.get("text"), dict) else {}
+    return {"instructions": body.get("instructions"), "metadata": body.get("metadata") or {},
+            "text": {"format": text.get("format") or {"type": "text"}, "verbosity": text.get("verbosity") or "medium"},
+            "tool_choice": body.get("tool_choice") or "auto", "parallel_tool_calls": body.get("parallel_tool_calls",
+                                                                                             True) is not False,
+            "store": body.get("store") is not False, "previous_response_id": body.get("previous_response_id"),
+            "tools": [t for t in body.get("tools") or [] if isinstance(t, dict)],
+            "reasoning": body.get("reasoning")}
 
-    Reasoning items sent back are dropped; other item kinds are refused.
+
+def responses_tools(tools: list) -> tuple[list[dict], dict]:
+    """The Responses tools as function tools, and each rendered name's kind and namespace.
+
+    function tools are kept; custom (freeform) tools become functions of one
+    string; a namespace's tools are flattened to NAMESPACE__NAME; hosted
+    tools (web search, file search, computer use...) are left out and named
+    once in the log.
     """
+    out, kinds = [], {}
+    for i, tool in enumerate(tools):
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        group = tool.get("tools") if kind == "namespace" else [tool]
+        if kind == "namespace" and not (isinstance(group, list) and isinstance(tool.get("name"), str)):
+            raise invalid(f"'tools[{i}]' must be {{\"type\": \"namespace\", \"name\": ..., \"tools\": [...]}}",
+                          f"tools[{i}]")
+        for j, member in enumerate(group):
+            param = f"tools[{i}]" + (f".tools[{j}]" if kind == "namespace" else "")
+            member_kind = member.get("type") if isinstance(member, dict) else None
+            if member_kind not in ("function", "custom"):
+                if member_kind in HOSTED_TOOLS and member_kind not in _hosted_logged:
+                    _hosted_logged.add(member_kind)
+                    log.info("tools of type %r are run by OpenAI's servers, not this one: left out of the prompt",
+                             member_kind)
+                elif not isinstance(member, dict):
+                    raise invalid(f"'{param}' must be an object", param)
+                continue
+            schema = CUSTOM_TOOL_PARAMETERS if member_kind == "custom" else member.get("parameters")
+            # No tool_search here to load a deferred tool later: every tool is rendered from the start.
+            (function,) = dialect_tools([{**member, "parameters": schema}], "parameters", lambda t: True, deferred=True)
+            name = function["function"]["name"]
+            rendered = f"{tool['name']}{NAMESPACE_SEPARATOR}{name}" if kind == "namespace" else name
+            function["function"]["name"] = rendered
+            kinds[rendered] = {"kind": member_kind, "name": name, "namespace": tool["name"] if kind == "namespace"
+                               else None}
+            out.append(function)
+    return out, kinds
+
+
+def responses_input(items: str | list, kinds: dict | None = None) -> list[dict]:
+    """Input items as chat messages: messages, function and custom tool calls (joined to their assistant
+    turn), their outputs. Reasoning items sent back become the next assistant turn's reasoning_content; other kinds are refused."""
     if isinstance(items, str):
         return [{"role": "user", "content": items}]
     messages: list[dict] = []
+    thoughts: list[str] = []   # reasoning items not yet given to an assistant turn
     for i, item in enumerate(items):
         param = f"input[{i}]"
         kind = item.get("type", "message") if isinstance(item, dict) else None
         if kind == "message":
             messages.append(responses_message(item, param))
-        elif kind == "function_call":
-            call = parse_tool_calls([{"id": item.get("call_id"), "type": "function", "function": {
-                "name": item.get("name"), "arguments": item.get("arguments")}}], param)[0]
+        elif kind in ("function_call", "custom_tool_call"):
+            call = responses_call(item, param, kind)
             if messages and messages[-1]["role"] == "assistant":
                 messages[-1]["tool_calls"] = messages[-1].get("tool_calls", []) + [call]
             else:
                 messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
-        elif kind == "function_call_output":
+        elif kind == "reasoning":
+            thoughts.append(reasoning_item_text(item))
+        elif kind in ("function_call_output", "custom_tool_call_output"):
             messages.append(responses_call_output(item, param))
-        elif kind != "reasoning":
+        else:
             raise invalid(f"{param} is a {json.dumps(kind)[:40]} item; this server takes message, function_call, "
-                          "function_call_output and reasoning items", param)
+                          "custom_tool_call, their outputs, and reasoning items", param)
+        if thoughts and kind != "reasoning" and messages[-1]["role"] == "assistant":
+            messages[-1].setdefault("reasoning_content", "\n\n".join(thoughts))
+            thoughts = []
     return messages
+
+
+def reasoning_item_text(item: dict) -> str:
+    """A reasoning item's text: its reasoning_text parts, else its summary (encrypted content is not ours to read)."""
+    def texts(parts: Any, kind: str) -> list[str]:
+        return [p["text"] for p in parts or () if isinstance(p, dict) and p.get("type") == kind
+                and isinstance(p.get("text"), str)]
+    return "\n\n".join(texts(item.get("content"), "reasoning_text") or texts(item.get("summary"), "summary_text"))
+
+
+def responses_call(item: dict, param: str, kind: str) -> dict:
+    """A replayed function_call or custom_tool_call item as a chat tool call, named as the tools render it."""
+    name = item.get("name")
+    if isinstance(name, str) and isinstance(item.get("namespace"), str):
+        name = f"{item['namespace']}{NAMESPACE_SEPARATOR}{name}"
+    arguments = item.get("arguments")
+    if kind == "custom_tool_call":
+        arguments = {RAW_ARGUMENTS_KEY: item.get("input") if isinstance(item.get("input"), str) else ""}
+    return parse_tool_calls([{"id": item.get("call_id"), "type": "function", "function": {
+        "name": name, "arguments": arguments}}], param)[0]
 
 
 def responses_message(item: dict, param: str) -> dict:
@@ -3125,7 +3305,7 @@ def responses_message(item: dict, param: str) -> dict:
 
 
 def responses_call_output(item: dict, param: str) -> dict:
-    """A function_call_output item as a "tool" message answering its call_id."""
+    """A function_call_output (or custom_tool_call_output) item as a "tool" message answering its call_id."""
     if not isinstance(item.get("call_id"), str):
         raise invalid(f"{param}.call_id must be a string", f"{param}.call_id")
     output = item.get("output")
@@ -3134,12 +3314,22 @@ def responses_call_output(item: dict, param: str) -> dict:
     return {"role": "tool", "tool_call_id": item["call_id"], "content": text}
 
 
-def responses_tool_choice(choice: str | dict | None) -> str | dict | None:
-    """The Responses tool_choice in chat's terms ({"type": "function", "name"} names one function)."""
+def responses_tool_choice(choice: str | dict | None, kinds: dict) -> str | dict | None:
+    """The Responses tool_choice in chat's terms ({"type": "function" or "custom", "name"} names one tool).
+
+    Forcing a hosted tool, which this server cannot run, is a 400 naming it.
+    """
     if choice is None or choice in ("none", "auto", "required"):
         return choice
-    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("name"), str):
-        return {"type": "function", "function": {"name": choice["name"]}}
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    if kind in HOSTED_TOOLS:
+        raise invalid(f"'tool_choice' forces the hosted tool {kind!r}, which OpenAI's servers run and this server "
+                      "cannot; offer it without forcing it", "tool_choice")
+    if kind in ("function", "custom") and isinstance(choice.get("name"), str):
+        name = choice["name"]
+        if isinstance(choice.get("namespace"), str):
+            name = f"{choice['namespace']}{NAMESPACE_SEPARATOR}{name}"
+        return {"type": "function", "function": {"name": name}}
     raise invalid("'tool_choice' must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", \"name\": ...}",
                   "tool_choice")
 
@@ -3382,6 +3572,183 @@ def context_length_of(config: dict) -> int | None:
     return None
 
 
+# Chat formats: how each family of chat templates writes tool calls, keyed by
+# what its template contains. mlx_lm's own parser serves every family it reads
+# right (Qwen, GLM, Kimi, MiniMax, Gemma...); the table holds the rest, and how
+# each family writes a call whose arguments are forced (json_constraint).
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """How one family of chat templates writes its tool calls.
+
+    `starts` open a call; `end` closes it ("": a call runs to the next start
+    or the end of the reply, whose end-of-turn token is not text). `leading`
+    open a call only as the first thing in a reply, and stay part of it
+    (Llama 3's bare JSON). `parse(body, tools)` is one call's text ->
+    {"name", "arguments"[, "id"]} or a list of them; it raises on anything
+    else. `write(name)` is how the family writes a call to `name`: the text
+    before its arguments JSON and the text after (None: no JSON form).
+    `harmony`: OpenAI's channel format (gpt-oss), read by HarmonyScanner.
+    """
+
+    name: str
+    starts: tuple[str, ...] = ()
+    end: str = ""
+    parse: Callable[[str, Any], Any] | None = None
+    write: Callable[[str], tuple[str, str]] | None = None
+    leading: tuple[str, ...] = ()
+    harmony: bool = False
+
+
+def json_objects(text: str) -> list[Any]:
+    """The JSON values written one after another in `text` (blanks, ';' or ',' between); raises if any is not."""
+    decoder, values, at = json.JSONDecoder(), [], 0
+    while (at := len(text) - len(text[at:].lstrip(" \t\r\n;,"))) < len(text):
+        value, at = decoder.raw_decode(text, at)
+        values.append(value)
+    return values
+
+
+def parse_llama_calls(body: str, tools: Any = None) -> list[dict]:
+    """Llama 3.x: {"name": ..., "parameters": {...}} (after <|python_tag|> or as the whole reply), one or more."""
+    calls = []
+    for value in json_objects(body):
+        arguments = value.get("parameters", value.get("arguments")) if isinstance(value, dict) else None
+        if not isinstance(value.get("name") if isinstance(value, dict) else None, str) or not isinstance(arguments, dict):
+            raise ValueError(f"not a Llama tool call: {body[:200]!r}")
+        calls.append({"name": value["name"], "arguments": arguments})
+    if not calls:
+        raise ValueError("no tool call")
+    return calls
+
+
+DEEPSEEK_CALL = re.compile(r"<｜tool▁call▁begin｜>(?:(\w+)<｜tool▁sep｜>([^\n<]+)\n```(?:json)?\n(.*?)\n```|"
+                           r"([^<]+?)<｜tool▁sep｜>(.*?))<｜tool▁call▁end｜>", re.S)
+
+
+def parse_deepseek_calls(body: str, tools: Any = None) -> list[dict]:
+    """DeepSeek's calls block: R1's `function<｜tool▁sep｜>NAME\\n```json\\n{...}\\n```` or V3.1's `NAME<｜tool▁sep｜>{...}`.
+
+    The R1 distills' template never closes a lone call, so a call whose end
+    marker is missing (the reply ended) still counts.
+    """
+    if "<｜tool▁call▁end｜>" not in body.rstrip()[-len("<｜tool▁call▁end｜>"):]:
+        body += "<｜tool▁call▁end｜>"
+    calls = [{"name": (match[2] or match[4]).strip(), "arguments": json.loads(match[3] or match[5])}
+             for match in DEEPSEEK_CALL.finditer(body)]
+    if not calls:
+        raise ValueError(f"not a DeepSeek tool call: {body[:200]!r}")
+    return calls
+
+
+MISTRAL_CALL = re.compile(r"\s*([\w.-]+)(?:\[CALL_ID\](\w+))?\[ARGS\]")
+
+
+def parse_mistral_call(body: str, tools: Any = None) -> Any:
+    """Mistral: `name[ARGS]{...}`, Mistral Small 3.2's `name[CALL_ID]id[ARGS]{...}`, or the older JSON list."""
+    if body.lstrip().startswith("["):
+        from mlx_lm.tool_parsers import mistral
+        return mistral.parse_tool_call(body, tools)
+    match = MISTRAL_CALL.match(body)
+    if match is None:
+        raise ValueError(f"not a Mistral tool call: {body[:200]!r}")
+    arguments, = json_objects(body[match.end():])
+    call = {"name": match[1], "arguments": arguments}
+    return {**call, "id": match[2]} if match[2] else call
+
+
+def mistral_call_id() -> str:
+    """A call id as Mistral Small 3.2's template demands: nine letters and digits."""
+    return uuid.uuid4().hex[:9]
+
+
+# (what the chat template contains, its format); the first match wins, and a
+# template none matches gets mlx_lm's parser (chat_format_of).
+CHAT_FORMATS: tuple[tuple[tuple[str, ...], ChatFormat], ...] = (
+    (("<|channel|>", "<|constrain|>"), ChatFormat(
+        "harmony", harmony=True,
+        write=lambda name: (f"<|channel|>commentary to=functions.{name} <|constrain|>json<|message|>", "<|call|>"))),
+    (("<｜tool▁calls▁begin｜>", "```json"), ChatFormat(
+        "deepseek-r1", starts=("<｜tool▁calls▁begin｜>",), end="<｜tool▁calls▁end｜>", parse=parse_deepseek_calls,
+        write=lambda name: (f"<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>{name}\n```json\n",
+                            "\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>"))),
+    (("<｜tool▁calls▁begin｜>",), ChatFormat(
+        "deepseek-v3.1", starts=("<｜tool▁calls▁begin｜>",), end="<｜tool▁calls▁end｜>", parse=parse_deepseek_calls,
+        write=lambda name: (f"<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>{name}<｜tool▁sep｜>",
+                            "<｜tool▁call▁end｜><｜tool▁calls▁end｜>"))),
+    (("[TOOL_CALLS]", "[CALL_ID]"), ChatFormat(
+        "mistral-3.2", starts=("[TOOL_CALLS]",), parse=parse_mistral_call,
+        write=lambda name: (f"[TOOL_CALLS]{name}[CALL_ID]{mistral_call_id()}[ARGS]", ""))),
+    (("[TOOL_CALLS]",), ChatFormat(
+        "mistral", starts=("[TOOL_CALLS]",), parse=parse_mistral_call,
+        write=lambda name: (f"[TOOL_CALLS]{name}[ARGS]", ""))),
+    (('{"name": function name, "parameters"',), ChatFormat(
+        "llama3", starts=("<|python_tag|>",), leading=("{",), parse=parse_llama_calls,
+        write=lambda name: (f'{{"name": {json.dumps(name)}, "parameters": ', "}"))),
+)
+
+
+def chat_format_of(tokenizer: Any) -> ChatFormat | None:
+    """The tool-call format of the model's chat template: the table's, else mlx_lm's parser's, else None."""
+    template = getattr(tokenizer, "chat_template", None)
+    return _chat_format(template if isinstance(template, str) else "", getattr(tokenizer, "tool_call_start", None),
+                        getattr(tokenizer, "tool_call_end", None), getattr(tokenizer, "tool_parser", None))
+
+
+@functools.lru_cache(maxsize=16)
+def _chat_format(template: str, start: str | None, end: str | None, parser: Any) -> ChatFormat | None:
+    for signs, found in CHAT_FORMATS:
+        if all(sign in template for sign in signs):
+            return found
+    if not start or parser is None:
+        return None
+    hermes = getattr(parser, "__module__", "") == "mlx_lm.tool_parsers.json_tools"  # Qwen's <tool_call>{JSON}
+    write = (lambda name: (f'{start}\n{{"name": {json.dumps(name)}, "arguments": ', f"}}\n{end}")) if hermes else None
+    return ChatFormat(parser.__module__.rpartition(".")[2], starts=(start,), end=end or "", parse=parser, write=write)
+
+
+def template_messages(messages: list[dict], template: str) -> list[dict]:
+    """The messages as this chat template expects them.
+
+    Reasoning sent back (reasoning_content) is also harmony's `thinking`; a
+    call-only assistant turn has null content, whichever dialect it came by.
+    A template that demands alternating roles gets consecutive plain
+    messages of one role merged with a blank line (Codex sends system
+    prompt, developer message, then user), as peers do; one that demands
+    nine-character call ids (Mistral Small 3.2) gets each id mapped to one.
+    """
+    out: list[dict] = []
+    for message in messages:
+        message = dict(message)
+        if "reasoning_content" in message and "<|channel|>" in template:
+            message["thinking"] = message["reasoning_content"]
+        if "length 9" in template:
+            message = nine_character_ids(message)
+        if message.get("tool_calls") and not message.get("content"):
+            message["content"] = None   # as OpenAI sends it: DeepSeek's templates write calls only then
+        plain = not message.get("tool_calls") and message["role"] != "tool"
+        if ("must alternate" in template and plain and out and out[-1]["role"] == message["role"]
+                and not out[-1].get("tool_calls") and isinstance(message["content"], str)
+                and isinstance(out[-1]["content"], str)):
+            out[-1] = {**out[-1], "content": f"{out[-1]['content']}\n\n{message['content']}"}
+            continue
+        out.append(message)
+    return out
+
+
+def nine_character_ids(message: dict) -> dict:
+    """A message whose call ids are nine letters and digits, each id always mapped to the same one."""
+    def nine(call_id: Any) -> Any:
+        return call_id if not isinstance(call_id, str) or re.fullmatch(r"[A-Za-z0-9]{9}", call_id) else \
+            uuid.uuid5(uuid.NAMESPACE_URL, call_id).hex[:9]
+    if "tool_call_id" in message:
+        message["tool_call_id"] = nine(message["tool_call_id"])
+    if message.get("tool_calls"):
+        message["tool_calls"] = [{**call, "id": nine(call.get("id"))} for call in message["tool_calls"]]
+    return message
+
+
 # -- memory: what the weights leave for KV caches, shared by the prompt cache and the running batch
 
 def machine_memory() -> tuple[int, str]:
@@ -3509,6 +3876,8 @@ def render_prompt(request: GenerationRequest, model: Model) -> tuple[list[int], 
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
         return tokenizer.encode(text), dropped
     tools = check_tool_support(request, tokenizer)
+    template = getattr(tokenizer, "chat_template", None)
+    messages = template_messages(messages, template if isinstance(template, str) else "")
     try:
         return list(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
                                                   tokenize=True, **request.template_args)), dropped
@@ -3566,10 +3935,11 @@ def check_tool_support(request: GenerationRequest, tokenizer: Any) -> list[dict]
     """The tools to show the chat template, or a 400 when this model cannot call them."""
     if not request.tools or request.tool_choice == "none":
         return None
-    if not getattr(tokenizer, "has_tool_calling", False):
+    form = chat_format_of(tokenizer)
+    if form is None:
         raise invalid("this model has no tool-call format that the server can parse; send no 'tools'", "tools")
     forced = request.constraint is not None and request.constraint.tool_call
-    if forced and getattr(tokenizer.tool_parser, "__module__", "") != "mlx_lm.tool_parsers.json_tools":
+    if forced and form.name != "json_tools":
         raise invalid("a required 'tool_choice' needs a model whose tool calls are JSON in "
                       f"{tokenizer.tool_call_start} markers; use \"auto\"", "tool_choice")
     return list(request.tools)
@@ -4169,6 +4539,7 @@ class Job:
     deadline: float
     events: queue.Queue = dataclasses.field(default_factory=queue.Queue)
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+    admitted: threading.Event = dataclasses.field(default_factory=threading.Event)  # set once cached_tokens is known
     completion_tokens: int = 0
     reasoning_tokens: int = 0               # of completion_tokens, those sampled inside a thinking block
     cached_tokens: int = 0                  # prompt tokens served from the prompt cache
@@ -4353,9 +4724,10 @@ class PromptCache:
             return length
         self._drop(self.entries.pop(entry.tokens.tobytes()))
         cut = cut_cache(entry.cache, kept)
-        self.trims += 1
-        if cut is None:
+        if cut is None:  # nothing to cut it to, or a cache that holds no prefix (see cut_cache): it goes
+            self.evictions += 1
             return 0
+        self.trims += 1
         self._add(CacheEntry(entry.tokens[:kept], cut, cache_nbytes(cut)))
         return kept
 
@@ -4732,6 +5104,11 @@ class GroupLink:
     in which nothing changed costs one all_sum of 16 bytes. The ranks trust
     each other: their link must be private (Thunderbolt, a private network),
     as mx.distributed's own traffic must be.
+
+    While the group is idle (the last share asked for no step), a rank
+    waiting in a collective would spin (MLX's backends poll), so rank 0 rings
+    a doorbell, a byte on each lifeline, before the next share, and a rank
+    with a lifeline blocks on it until then instead.
     """
 
     STEP, SHUTDOWN = 1, 2
@@ -4740,6 +5117,20 @@ class GroupLink:
         self.group = group
         self.rank, self.size = group.rank(), group.size()
         self.stop_voted = False   # not rank 0: a signal asked this rank to stop
+        self.bells: dict[int, socket.socket] = {}   # lifelines (Lifelines.sockets), which carry the doorbells
+        self.rung = threading.Semaphore(0)          # not rank 0: doorbells received and not yet answered
+        self.idle = False                           # the last share asked for no step
+
+    def ring(self) -> None:
+        """Rank 0: tell every rank with a lifeline that a share is coming."""
+        for sock in list(self.bells.values()):
+            with contextlib.suppress(OSError):  # a lost rank: its lifeline's watcher says so
+                sock.sendall(b"\x01")
+
+    def heard(self, count: int) -> None:
+        """Another rank: `count` doorbells came in on the lifeline."""
+        for _ in range(count):
+            self.rung.release()
 
     def share(self, ops: list, flags: int, check: int, stream: Any) -> tuple[list, int, int, int]:
         """(ops, flags, token check) as rank 0 sent them, with how many other ranks vote to stop."""
@@ -4749,9 +5140,14 @@ class GroupLink:
         if len(payload) >= 2**31:
             raise GroupFailure(f"one step's changes take {len(payload)} bytes, over the 2 GiB a step can send")
         header = [len(payload), flags, 0, check] if leader else [0, 0, int(self.stop_voted), 0]
+        if self.idle and leader:  # the others may be blocked on their lifelines: wake them
+            self.ring()
+        elif self.idle and self.bells:
+            self.rung.acquire()
         with mx.stream(stream):
             size, flags, votes, check = mx.distributed.all_sum(
                 mx.array(header, dtype=mx.int32), group=self.group).tolist()
+            self.idle = not flags & (self.STEP | self.SHUTDOWN)
             if not size:
                 return [], flags, votes, check
             data = mx.array(payload) if leader else mx.zeros((size,), dtype=mx.uint8)
@@ -4804,17 +5200,21 @@ class Lifelines:
             self._connect(host, port)
 
     def wait_for_loss(self) -> str | None:
-        """Block until a lifeline breaks and say whose process ended; None at once when there are none."""
+        """Block until a lifeline breaks and say whose process ended; None at once when there are none.
+
+        Bytes that come in meanwhile are rank 0's doorbells (GroupLink.ring).
+        """
         ranks = {sock: rank for rank, sock in self.sockets.items()}
         while ranks:
             readable, _, _ = select.select(list(ranks), [], [])
             for sock in readable:
                 try:
-                    data = sock.recv(64)
+                    data = sock.recv(4096)
                 except OSError:
                     data = b""
                 if not data:
                     return f"rank {ranks[sock]}'s process has ended (its lifeline closed)"
+                self.link.heard(len(data))
         return None
 
     def _listen(self, host: str) -> socket.socket | None:
@@ -5154,6 +5554,7 @@ class Engine:
         wakes main(), which exits non-zero.
         """
         lifelines = Lifelines(self.link)
+        self.link.bells = lifelines.sockets
         self.progress_at = time.monotonic()
         threading.Thread(target=self._watch_progress, name="lem-watchdog", daemon=True).start()
         threading.Thread(target=self._watch_lifelines, args=(lifelines,), name="lem-lifelines", daemon=True).start()
@@ -5281,6 +5682,7 @@ class Engine:
             self._note_cache()
         if measure:
             job.cached_tokens = cached
+        job.admitted.set()
         return uid
 
     def _step_or_recover(self) -> None:
@@ -5450,71 +5852,184 @@ def logprobs_object(endpoint: str, entries: list[dict] | None, offsets: TextOffs
 class ToolCallScanner:
     """Splits a chat reply into content and tool calls, as the text streams in.
 
-    Text between the model's tool-call markers is parsed with its mlx_lm tool
-    parser; text that might be the start of a marker is held back, so a
-    streaming client never sees half of one. A call that does not parse is
-    passed on as content rather than lost.
+    Text from one of the format's start markers to its end marker is a call,
+    parsed with the format's parser (mlx_lm's where it reads the family
+    right); a format without an end marker runs a call to the next start or
+    the reply's end. Text that might be the start of a marker is held back,
+    so a streaming client never sees half of one; blanks around calls go. A
+    call that does not parse is passed on as content rather than lost.
     """
 
-    def __init__(self, start: str, end: str, parse: Callable[[str, Any], Any], tools: list[dict]):
-        self.start, self.end, self.parse, self.tools = start, end, parse, tools
+    def __init__(self, form: ChatFormat, tools: list[dict]):
+        self.form, self.tools = form, tools
         self.held = ""
-        self.inside = False
+        self.opened: str | None = None   # the start marker of the call being read, if one is open
+        self.fresh = True                # no text of the reply out yet: a leading marker may open a call
 
-    def feed(self, text: str) -> tuple[str, list[dict]]:
-        """Return (content safe to emit, complete tool calls in OpenAI's shape)."""
+    def feed(self, text: str) -> list[tuple[str, Any]]:
+        """The pieces safe to emit, in order: ("text", str) and ("calls", [calls in OpenAI's shape])."""
         self.held += text
-        content, calls = [], []
-        while True:
-            if not self.inside:
-                at = self.held.find(self.start)
-                if at < 0:
-                    keep = partial_marker_length(self.held, (self.start,))
-                    content.append(self.held[:len(self.held) - keep])
-                    self.held = self.held[len(self.held) - keep:]
-                    return "".join(content), calls
-                content.append(self.held[:at])
-                self.held, self.inside = self.held[at + len(self.start):], True
-            at = self.held.find(self.end)
-            if at < 0:
-                return "".join(content), calls
-            body, self.held, self.inside = self.held[:at], self.held[at + len(self.end):], False
-            parsed = self._parse(body)
-            calls += parsed
-            if not parsed:
-                content.append(self.start + body + self.end)
+        out: list[tuple[str, Any]] = []
+        while self._step(out):
+            pass
+        return out
 
-    def flush(self) -> str:
-        """Text still held once generation ends (an unfinished call comes back as text)."""
-        text = (self.start if self.inside else "") + self.held
-        self.held, self.inside = "", False
-        return text
+    def flush(self) -> list[tuple[str, Any]]:
+        """What is still held once generation ends: a call without its end marker is parsed if it can be."""
+        out: list[tuple[str, Any]] = []
+        if self.opened is not None:
+            self._close(out, self.held, "")
+        elif self.held.strip():
+            out.append(("text", self.held.lstrip() if self.fresh else self.held))
+        self.held, self.opened = "", None
+        return out
+
+    def _step(self, out: list) -> bool:
+        """Take one marker's worth of the held text; False once the rest must wait for more."""
+        form = self.form
+        if self.opened is None:
+            head = self.held.lstrip() if self.fresh else self.held
+            lead = next((m for m in form.leading if head.startswith(m)), None) if self.fresh else None
+            if lead is not None:
+                self.held, self.opened = head, ""
+                return True
+            at, marker = min(((self.held.find(m), m) for m in form.starts if m in self.held), default=(-1, ""))
+            hold = partial_marker_length(self.held, form.starts + (form.leading if self.fresh else ()))
+            if self.fresh and (not head or any(m.startswith(head) for m in form.leading)):
+                return False
+            self._text(out, self.held[:at] if at >= 0 else self.held[:len(self.held) - hold])
+            self.held = self.held[at + len(marker):] if at >= 0 else self.held[len(self.held) - hold:]
+            self.opened = marker if at >= 0 else None
+            return at >= 0
+        ends = (form.end,) if form.end else form.starts
+        at = min((self.held.find(m) for m in ends if m in self.held), default=-1)
+        if at < 0:
+            return False
+        self._close(out, self.held[:at], form.end)
+        self.held = self.held[at + len(form.end):]
+        return True
+
+    def _text(self, out: list, text: str) -> None:
+        if self.fresh:
+            text = text.lstrip()
+            self.fresh = not text
+        if text:
+            out.append(("text", text))
+
+    def _close(self, out: list, body: str, end: str) -> None:
+        """End the open call (at `end`): its calls, or its text as content when it does not parse."""
+        marker, self.opened = self.opened, None
+        calls = self._parse(body)
+        if calls:
+            out.append(("calls", calls))
+            self.fresh = True   # blanks after a call are not content
+        else:
+            self._text(out, f"{marker}{body}{end}")
 
     def _parse(self, body: str) -> list[dict]:
         try:
-            parsed = self.parse(body, self.tools)
+            parsed = self.form.parse(body, self.tools)
         except Exception as exc:  # parsers raise what they like on malformed calls
             log.warning("could not parse a tool call (%r): %r", exc, body[:200])
             return []
-        return [openai_tool_call(call) for call in (parsed if isinstance(parsed, list) else [parsed])
+        return [openai_tool_call(call, self.tools) for call in (parsed if isinstance(parsed, list) else [parsed])
                 if isinstance(call, dict) and isinstance(call.get("name"), str)]
 
 
-def openai_tool_call(call: dict) -> dict:
-    """A parsed call ({"name", "arguments"}) in OpenAI's tool_calls shape: arguments as a JSON string."""
-    arguments = call.get("arguments", {})
-    if not isinstance(arguments, str):
-        arguments = json.dumps(arguments, ensure_ascii=False)
+HARMONY_ENDS = ("<|end|>", "<|call|>", "<|return|>", "<|start|>")  # what ends a message's body
+HARMONY_HEADS = ("<|channel|>", "<|start|>")                        # what a message's header starts with
+
+
+class HarmonyScanner:
+    """Reads OpenAI's harmony format (gpt-oss) as it streams: channel `analysis` is reasoning, `final`
+    text, `commentary` addressed `to=functions.NAME` a call to NAME (its body the JSON arguments), and
+    `commentary` to no one (a preamble) text. A reply that opens with no channel header is text.
+    """
+
+    def __init__(self, tools: list[dict]):
+        self.tools = tools
+        self.held = ""
+        self.kind: str | None = None    # the open message's kind: "reasoning", "text", "call"; None: in a header
+        self.name = ""                  # the open call's function name
+        self.body = ""                  # the open call's arguments so far
+        self.started = False            # a header or text came
+
+    def feed(self, text: str) -> list[tuple[str, Any]]:
+        """The pieces safe to emit: ("reasoning", str), ("text", str), ("calls", [calls in OpenAI's shape])."""
+        self.held += text
+        out: list[tuple[str, Any]] = []
+        while self._step(out):
+            pass
+        return out
+
+    def flush(self) -> list[tuple[str, Any]]:
+        """Whatever message is open ends with the reply (its <|call|> or <|return|> is not text)."""
+        out: list[tuple[str, Any]] = []
+        if self.kind is not None:
+            self._body(out, self.held)
+            self._close(out)
+        self.held = ""
+        return out
+
+    def _step(self, out: list) -> bool:
+        if self.kind is None:
+            if not self.started and self.held and not any(
+                    h.startswith(self.held[:len(h)]) for h in HARMONY_HEADS):
+                self.kind, self.started = "text", True   # no header: a plain reply
+                return True
+            at = self.held.find("<|message|>")
+            if at < 0:
+                return False
+            self._open(self.held[:at])
+            self.held = self.held[at + len("<|message|>"):]
+            return True
+        at, marker = min(((self.held.find(m), m) for m in HARMONY_ENDS if m in self.held), default=(-1, ""))
+        hold = 0 if at >= 0 else partial_marker_length(self.held, HARMONY_ENDS)
+        self._body(out, self.held[:at] if at >= 0 else self.held[:len(self.held) - hold])
+        self.held = self.held[at + len(marker) * (marker != "<|start|>"):] if at >= 0 else self.held[len(self.held) - hold:]
+        if at >= 0:
+            self._close(out)
+        return at >= 0
+
+    def _open(self, header: str) -> None:
+        channel = re.search(r"<\|channel\|>\s*(\w+)", header)
+        recipient = re.search(r"to=functions\.([^\s<]+)", header)
+        self.started, self.body = True, ""
+        if recipient:
+            self.kind, self.name = "call", recipient[1]
+        else:
+            self.kind = "reasoning" if channel and channel[1] == "analysis" else "text"
+
+    def _body(self, out: list, text: str) -> None:
+        if self.kind == "call":
+            self.body += text
+        elif text:
+            out.append((self.kind, text))
+
+    def _close(self, out: list) -> None:
+        if self.kind == "call":
+            out.append(("calls", [openai_tool_call({"name": self.name, "arguments": self.body.strip()}, self.tools)]))
+        self.kind = None
+
+
+def openai_tool_call(call: dict, tools: list[dict] = ()) -> dict:
+    """A parsed call ({"name", "arguments"}) in OpenAI's tool_calls shape: arguments as the JSON text of an
+    object, repaired or wrapped by tool_arguments when the model wrote something else."""
+    schema = next((t["function"].get("parameters") for t in tools if t["function"]["name"] == call["name"]), None)
+    arguments = json.dumps(tool_arguments(call.get("arguments", {}), schema), ensure_ascii=False)
     return {"id": call.get("id") or f"call_{uuid.uuid4().hex[:24]}", "type": "function",
             "function": {"name": call["name"], "arguments": arguments}}
 
 
-def tool_scanner(request: GenerationRequest, tokenizer: Any) -> ToolCallScanner | None:
-    """The scanner for a chat request that offered tools, else None."""
-    if not request.tools or request.tool_choice == "none" or not getattr(tokenizer, "has_tool_calling", False):
+def tool_scanner(request: GenerationRequest, tokenizer: Any) -> ToolCallScanner | HarmonyScanner | None:
+    """The scanner for a chat reply: calls when tools were offered; harmony's channels always (but raw)."""
+    if request.endpoint == "completions":
         return None
-    return ToolCallScanner(tokenizer.tool_call_start, tokenizer.tool_call_end, tokenizer.tool_parser,
-                           list(request.tools))
+    form = chat_format_of(tokenizer)
+    tools = list(request.tools) if request.tools and request.tool_choice != "none" else []
+    if form is not None and form.harmony and request.split_reasoning:
+        return HarmonyScanner(tools)
+    return ToolCallScanner(form, tools) if form is not None and tools and not form.harmony else None
 
 
 def sse_event(payload: dict | str, event: str | None = None) -> bytes:
@@ -5545,6 +6060,7 @@ class Writer:
     """
 
     keepalive = SSE_KEEPALIVE   # what a stream sends after KEEPALIVE_SECONDS of silence
+    opens_when_admitted = False  # hold opening() until the engine has taken the job (its usage is then known)
 
     def __init__(self, job: Job, model: str, scanner: ToolCallScanner | None):
         self.job, self.request, self.model, self.scanner = job, job.request, model, scanner
@@ -5556,15 +6072,23 @@ class Writer:
 
         `choice` is the event's choice (ChoicesWriter routes by it; one choice has index 0).
         """
-        if kind == "reasoning":
-            return self.reasoning(value)
-        text, calls = (value if kind == "text" else ""), []
+        if kind == "reasoning":  # a dialect shows it only when asked (a template may think regardless)
+            return self.reasoning(value) if self.request.show_reasoning else b""
+        pieces = [("text", value)] if kind == "text" else []
         if self.scanner is not None:
-            text, calls = self.scanner.feed(value) if kind == "text" else (self.scanner.flush(), [])
-        out = [self.text(text, list(logprobs))] if text or logprobs else []
-        if calls:
-            out.append(self.tool_calls(calls))
-            self.calls_sent += len(calls)
+            pieces = self.scanner.feed(value) if kind == "text" else self.scanner.flush()
+        out, logprobs = [], list(logprobs)
+        for piece, content in pieces:
+            if piece == "reasoning":
+                out.append(self.reasoning(content) if self.request.show_reasoning else b"")
+            elif piece == "text" and (content or logprobs):
+                out.append(self.text(content, logprobs))
+                logprobs = []   # a token's logprobs go with the first text it ends in
+            else:
+                out.append(self.tool_calls(content))
+                self.calls_sent += len(content)
+        if logprobs:
+            out.append(self.text("", logprobs))
         if kind != "text":
             out.append(self.finish(value))
         return b"".join(out)
@@ -5572,10 +6096,14 @@ class Writer:
     def reply(self, results: list[tuple[str, str, list[dict], str]]) -> dict:
         """The non-streaming response body from each choice's (text, finish reason, logprobs, reasoning)."""
         text, reason, logprobs, reasoning = results[0]
+        reasoning = reasoning if self.request.show_reasoning else ""
         calls = []
         if self.scanner is not None:
-            text, calls = self.scanner.feed(text)
-            text += self.scanner.flush()
+            parts = {"text": [], "reasoning": [reasoning], "calls": []}
+            for piece, content in self.scanner.feed(text) + self.scanner.flush():
+                parts[piece] += content if piece == "calls" else [content]
+            text, calls = "".join(parts["text"]), parts["calls"]
+            reasoning = "".join(parts["reasoning"]) if self.request.show_reasoning else ""
         return self.body(text, calls, reason, logprobs, reasoning)
 
     def opening(self) -> bytes:
@@ -5736,6 +6264,14 @@ def tool_use_block(call: dict) -> dict:
             "input": arguments if isinstance(arguments, dict) else {}}
 
 
+SIGNATURE_KEY = secrets.token_bytes(32)   # signs this process's thinking blocks; a restart makes new ones
+
+
+def thinking_signature(text: str) -> str:
+    """The signature of a thinking block, opaque as Anthropic's: an HMAC of its text, in base64."""
+    return base64.b64encode(hmac.new(SIGNATURE_KEY, text.encode(), "sha256").digest()).decode()
+
+
 class MessagesWriter(Writer):
     """Anthropic's /v1/messages: a message of content blocks; a stream of named events.
 
@@ -5746,12 +6282,14 @@ class MessagesWriter(Writer):
     """
 
     keepalive = sse_event({"type": "ping"}, "ping")
+    opens_when_admitted = True   # message_start carries the prompt's cache use, known once the engine takes the job
 
     def __init__(self, job: Job, model: str, scanner: ToolCallScanner | None):
         super().__init__(job, model, scanner)
         self.id = new_id("msg_")
         self.blocks = 0                      # content blocks started so far
         self.open_block: str | None = None   # the type of the block being streamed, if one is open
+        self.thought = ""                    # the open thinking block's text, for its signature
 
     def _event(self, name: str, **fields: Any) -> bytes:
         return sse_event({"type": name, **fields}, name)
@@ -5765,8 +6303,9 @@ class MessagesWriter(Writer):
     def _stop(self) -> bytes:
         if self.open_block is None:
             return b""
-        # A thinking block ends with its signature, as Anthropic's do; a local model has none to give.
-        signed = self._delta({"type": "signature_delta", "signature": ""}) if self.open_block == "thinking" else b""
+        # A thinking block ends with its signature, as Anthropic's do.
+        signed = (self._delta({"type": "signature_delta", "signature": thinking_signature(self.thought)})
+                  if self.open_block == "thinking" else b"")
         self.open_block = None
         return signed + self._event("content_block_stop", index=self.blocks - 1)
 
@@ -5779,6 +6318,7 @@ class MessagesWriter(Writer):
     def reasoning(self, text: str) -> bytes:
         opening = b"" if self.open_block == "thinking" else self._start({"type": "thinking", "thinking": "",
                                                                           "signature": ""})
+        self.thought = text if opening else self.thought + text
         return opening + self._delta({"type": "thinking_delta", "thinking": text})
 
     def text(self, text: str, logprobs: list[dict]) -> bytes:
@@ -5803,7 +6343,8 @@ class MessagesWriter(Writer):
         return self._event("error", error=error.anthropic_body()["error"])
 
     def body(self, text: str, calls: list[dict], reason: str, logprobs: list[dict], reasoning: str) -> dict:
-        content = [{"type": "thinking", "thinking": reasoning, "signature": ""}] if reasoning else []
+        content = [{"type": "thinking", "thinking": reasoning, "signature": thinking_signature(reasoning)}] \
+            if reasoning else []
         content += [{"type": "text", "text": text}] if text.strip() or (text and not calls) else []
         content += [tool_use_block(call) for call in calls]
         return self._message(content, *self._stop_reason(reason, bool(calls)))
@@ -5834,21 +6375,36 @@ def output_text_part(text: str) -> dict:
 
 
 def message_item(text: str, status: str = "completed") -> dict:
-    """An assistant message output item holding `text` (no content part yet when empty and in progress)."""
-    content = [output_text_part(text)] if status == "completed" else []
+    """An assistant message output item holding `text` (no content part yet while in progress)."""
+    content = [output_text_part(text)] if status != "in_progress" else []
     return {"id": new_id("msg_"), "type": "message", "status": status, "role": "assistant", "content": content}
 
 
 def reasoning_item(text: str, status: str = "completed") -> dict:
     """A reasoning output item: the model's reasoning as one reasoning_text part (none yet while in progress)."""
-    content = [{"type": "reasoning_text", "text": text}] if status == "completed" else []
+    content = [{"type": "reasoning_text", "text": text}] if status != "in_progress" else []
     return {"id": new_id("rs_"), "type": "reasoning", "summary": [], "content": content, "status": status}
 
 
-def function_call_item(call: dict) -> dict:
-    """A parsed tool call (OpenAI chat's shape) as a function_call output item."""
+def function_call_item(call: dict, kinds: dict) -> dict:
+    """A parsed tool call (OpenAI chat's shape) as a function_call output item, or a custom_tool_call one
+    (its raw input) for a custom tool; a namespace's tool under its own name and namespace."""
+    rendered, arguments = call["function"]["name"], call["function"]["arguments"]
+    kind = kinds.get(rendered) or {"kind": "function", "name": rendered, "namespace": None}
+    named = {"name": kind["name"], **({"namespace": kind["namespace"]} if kind["namespace"] else {})}
+    if kind["kind"] == "custom":
+        parsed = json.loads(arguments)
+        raw = parsed[RAW_ARGUMENTS_KEY] if list(parsed) == [RAW_ARGUMENTS_KEY] and isinstance(
+            parsed[RAW_ARGUMENTS_KEY], str) else arguments
+        return {"id": new_id("ctc_"), "type": "custom_tool_call", "call_id": call["id"], **named, "input": raw}
     return {"id": new_id("fc_"), "type": "function_call", "status": "completed", "call_id": call["id"],
-            "name": call["function"]["name"], "arguments": call["function"]["arguments"]}
+            **named, "arguments": arguments}
+
+
+def response_error(error: APIError) -> dict:
+    """A failure as the Responses API's error object: its code is one of that API's codes."""
+    code = "rate_limit_exceeded" if error.status == HTTPStatus.TOO_MANY_REQUESTS else "server_error"
+    return {"code": code, "message": error.message}
 
 
 class ResponsesWriter(Writer):
@@ -5856,9 +6412,10 @@ class ResponsesWriter(Writer):
 
     A stream is response.created and response.in_progress, then each output
     item between response.output_item.added and response.output_item.done
-    (a message's text as one output_text part; a function call's arguments),
-    then response.completed, or response.incomplete when the token budget ran
-    out. Another kind of item is one more item builder and its own events.
+    (a message's text as one output_text part; a function call's arguments,
+    a custom tool call's input), then response.completed, or
+    response.incomplete when the token budget ran out (the item it cut is
+    "incomplete" too). The finished response is kept in `final` (for the store).
     """
 
     def __init__(self, job: Job, model: str, scanner: ToolCallScanner | None):
@@ -5870,6 +6427,7 @@ class ResponsesWriter(Writer):
         self.message_text = ""
         self.thought: dict | None = None     # the reasoning item being streamed, if one is open
         self.thought_text = ""
+        self.final: dict | None = None       # the response once it completed or ran out of budget
 
     def _event(self, kind: str, **fields: Any) -> bytes:
         self.sequence += 1
@@ -5888,10 +6446,10 @@ class ResponsesWriter(Writer):
         return out + self._event("response.reasoning_text.delta", item_id=self.thought["id"],
                                  output_index=len(self.output), content_index=0, delta=text)
 
-    def _close_reasoning(self) -> bytes:
+    def _close_reasoning(self, status: str = "completed") -> bytes:
         if self.thought is None:
             return b""
-        item = {**self.thought, "status": "completed", "content": [{"type": "reasoning_text", "text": self.thought_text}]}
+        item = {**self.thought, "status": status, "content": [{"type": "reasoning_text", "text": self.thought_text}]}
         where = {"item_id": item["id"], "output_index": len(self.output), "content_index": 0}
         self.output.append(item)
         self.thought = None
@@ -5910,11 +6468,11 @@ class ResponsesWriter(Writer):
     def _where(self) -> dict:
         return {"item_id": self.message["id"], "output_index": len(self.output), "content_index": 0}
 
-    def _close_message(self) -> bytes:
+    def _close_message(self, status: str = "completed") -> bytes:
         if self.message is None:
             return b""
         where, part = self._where(), output_text_part(self.message_text)
-        item = {**self.message, "status": "completed", "content": [part]}
+        item = {**self.message, "status": status, "content": [part]}
         self.output.append(item)
         self.message = None
         return (self._event("response.output_text.done", **where, text=part["text"], logprobs=[])
@@ -5923,41 +6481,87 @@ class ResponsesWriter(Writer):
 
     def tool_calls(self, calls: list[dict]) -> bytes:
         out = [self._close_reasoning(), self._close_message()]
-        for item in map(function_call_item, calls):
+        for item in (function_call_item(call, self.request.tool_kinds) for call in calls):
             where = {"item_id": item["id"], "output_index": len(self.output)}
-            out += [self._event("response.output_item.added", output_index=where["output_index"],
-                                item={**item, "status": "in_progress", "arguments": ""}),
-                    self._event("response.function_call_arguments.delta", **where, delta=item["arguments"]),
-                    self._event("response.function_call_arguments.done", **where, name=item["name"],
-                                arguments=item["arguments"]),
+            custom = item["type"] == "custom_tool_call"
+            field, stem = ("input", "custom_tool_call_input") if custom else ("arguments", "function_call_arguments")
+            added = {**item, field: ""} if custom else {**item, "status": "in_progress", field: ""}
+            out += [self._event("response.output_item.added", output_index=where["output_index"], item=added),
+                    self._event(f"response.{stem}.delta", **where, delta=item[field]),
+                    self._event(f"response.{stem}.done", **where, **{field: item[field]}),
                     self._event("response.output_item.done", output_index=where["output_index"], item=item)]
             self.output.append(item)
         return b"".join(out)
 
     def finish(self, reason: str) -> bytes:
-        out = self._close_reasoning() + self._close_message()
         status = "incomplete" if reason == "length" else "completed"
-        return out + self._event(f"response.{status}", response=self._response(status, self.output))
+        out = self._close_reasoning(status) + self._close_message(status)
+        self.final = self._response(status, self.output)
+        return out + self._event(f"response.{status}", response=self.final)
 
     def failure(self, error: APIError) -> bytes:
-        failed = {"code": error.code or error.type, "message": error.message}
-        return self._event("response.failed", response=self._response("failed", self.output, failed))
+        return self._event("response.failed", response=self._response("failed", self.output, response_error(error)))
 
     def body(self, text: str, calls: list[dict], reason: str, logprobs: list[dict], reasoning: str) -> dict:
-        output = [reasoning_item(reasoning)] if reasoning else []
-        output += [message_item(text)] if text.strip() or (text and not calls) else []
-        output += [function_call_item(call) for call in calls]
-        return self._response("incomplete" if reason == "length" else "completed", output)
+        status = "incomplete" if reason == "length" else "completed"
+        shows_text = bool(text.strip() or (text and not calls))
+        cut = "incomplete" if status == "incomplete" and not calls else "completed"  # the last item is the one cut
+        output = [reasoning_item(reasoning, cut if not shows_text else "completed")] if reasoning else []
+        output += [message_item(text, cut)] if shows_text else []
+        output += [function_call_item(call, self.request.tool_kinds) for call in calls]
+        self.final = self._response(status, output)
+        return self.final
 
     def _response(self, status: str, output: list[dict], error: dict | None = None) -> dict:
-        """The response object; usage once generation has ended, incomplete_details when the budget ran out."""
+        """The response object; usage once generation has ended, incomplete_details when the budget ran out.
+
+        It repeats the request's instructions, metadata, text, tools,
+        tool_choice and parallel_tool_calls, as OpenAI's does.
+        """
         request, ended = self.request, status in ("completed", "incomplete")
+        echo = {"instructions": None, "metadata": {}, "text": {"format": {"type": "text"}}, "tool_choice": "auto",
+                "parallel_tool_calls": True, "previous_response_id": None, "reasoning": None, "tools": [],
+                **{k: v for k, v in request.echo.items() if k != "store"}}  # the SDK's Response has no store
         return {"id": self.id, "object": "response", "created_at": self.created, "status": status, "error": error,
                 "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
-                "model": self.model, "output": output, "parallel_tool_calls": True,
-                "tool_choice": request.tool_choice, "tools": [{"type": "function", **t["function"]} for t in request.tools],
+                **echo, "model": self.model, "output": output,
+                "completed_at": int(time.time()) if status == "completed" else None,
                 "temperature": request.temperature, "top_p": request.top_p, "max_output_tokens": request.max_tokens,
-                "store": False, "usage": responses_usage(self.job) if ended else None}
+                "usage": responses_usage(self.job) if ended else None}
+
+
+def responses_conversation(request: GenerationRequest, response: dict) -> list[dict]:
+    """What a later request's previous_response_id continues: this request's messages and the response's
+    output, as chat messages; the instructions are left out (a later request gives its own, as OpenAI's do)."""
+    messages = list(request.messages[1:] if request.echo.get("instructions") else request.messages)
+    return messages + responses_input(response["output"], request.tool_kinds)
+
+
+def model_capabilities(model: Any) -> tuple[bool, bool]:
+    """(whether the model thinks, whether it calls tools), as its chat template and tokenizer tell."""
+    tokenizer = model.tokenizer
+    form = chat_format_of(tokenizer)
+    return bool(getattr(tokenizer, "has_thinking", False) or form is not None and form.harmony), form is not None
+
+
+def anthropic_model_info(settings: Settings, context: int, reasons: bool, tools: bool, created: int) -> dict:
+    """The served model as Anthropic's ModelInfo: context window, output ceiling and capabilities.
+
+    Anthropic's capability list has no tool-use entry (all its models call
+    tools), so whether this one does goes in an extra `tool_use` entry.
+    """
+    no, yes = {"supported": False}, {"supported": True}
+    thinking = {"supported": reasons, "types": {"enabled": {"supported": reasons}, "adaptive": {"supported": reasons},
+                                                "disabled": yes, "between_tools": no}}
+    capabilities = {"batch": no, "citations": no, "code_execution": no, "context_management": no,
+                    "effort": {"supported": False, "low": no, "medium": no, "high": no, "max": no},
+                    "image_input": no, "pdf_input": no, "server_tools": {"supported": False, "code_execution": no,
+                                                                           "web_search": no},
+                    "structured_outputs": yes, "thinking": thinking, "tool_use": {"supported": tools}}
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created))
+    return {"type": "model", "id": settings.model_name, "display_name": settings.model_name, "created_at": stamp,
+            "lifecycle": "active", "max_input_tokens": context, "max_tokens": settings.max_tokens,
+            "capabilities": capabilities}
 
 
 WRITERS: dict[str, type[Writer]] = {"chat": ChatWriter, "completions": ChatWriter,
@@ -6029,6 +6633,11 @@ def prometheus_text(families: list[Family]) -> str:
             label_text = ",".join(f'{k}="{_escape_label(v)}"' for k, v in labels.items())
             lines.append(f"{family.name}{suffix}{'{' + label_text + '}' if labels else ''} {_number(value)}")
     return "\n".join(lines) + "\n"
+
+
+def gauge(name: str, kind: str, help: str, value: float) -> Family:
+    """A family of one unlabelled sample (a gauge, or a counter kept elsewhere)."""
+    return Family(name, kind, help, [("", {}, value)])
 
 
 def _escape_label(value: str) -> str:
@@ -6214,6 +6823,21 @@ def check_json_value(value: Any) -> None:
             stack.extend((child, depth + 1) for child in (item if isinstance(item, list) else [*item, *item.values()]))
 
 
+def gunzip_body(raw: bytes, limit: int) -> bytes:
+    """A gzip-encoded request body, inflated; a 413 once it would pass `limit` bytes (a zip bomb stops there)."""
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        body = inflater.decompress(raw, limit + 1)
+    except zlib.error as exc:
+        raise invalid(f"request body is not valid gzip: {exc}") from None
+    if len(body) > limit:
+        raise APIError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "invalid_request_error",
+                       f"request body inflates to more than {limit} bytes, the limit", code="body_too_large")
+    if not inflater.eof:
+        raise invalid("request body is truncated gzip")
+    return body
+
+
 def host_name(header: str) -> str:
     """The name in a Host header: lower-case, without port, brackets or trailing dot."""
     header = header.strip().lower()
@@ -6238,12 +6862,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
     status_sent: int | None = None
     body_read = False
     cors_origin: str | None = None
+    request_id: str | None = None
 
     GET_ROUTES = {"/": "page", "/chat.js": "chat_js", "/healthz": "healthz", "/metrics": "metrics",
                   "/v1/models": "models"}
     POST_ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/messages": "messages",
                    "/v1/messages/count_tokens": "count_tokens", "/v1/responses": "responses",
                    "/v1/embeddings": "embeddings"}
+    PREFIX_ROUTES = {"/v1/models/": "model", "/v1/responses/": "stored_response"}   # GET /v1/models/ID ...
     ANTHROPIC_PATHS = ("/v1/messages", "/v1/messages/")   # the path, or a prefix: errors there are Anthropic's
     PREFLIGHT_ROUTES = dict.fromkeys([*GET_ROUTES, *POST_ROUTES], "preflight")
 
@@ -6298,6 +6924,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.log_tokens = (0, 0)
         self.cors_origin = None
         self.route_path = self.path.split("?", 1)[0]
+        self.request_id = new_id("req_")
         with self.server.exchange():
             try:
                 if self.server.stopping:
@@ -6305,7 +6932,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 path = self.route_path
                 self._check_host()
                 self._check_origin()
-                name = routes.get(path)
+                name = routes.get(path) or self._prefix_route(routes, path)
                 if name is None:
                     self._refuse_route(path)
                 if name != "preflight" and (path.startswith("/v1/") or path == "/metrics"):
@@ -6329,9 +6956,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self._log_request()
                 self._record_request()
 
+    def _prefix_route(self, routes: dict[str, str], path: str) -> str | None:
+        """The route of a path that names one resource (/v1/models/ID), its id in self.resource_id."""
+        prefix = next((p for p in self.PREFIX_ROUTES if path.startswith(p) and len(path) > len(p)), None)
+        if prefix is None or routes not in (self.GET_ROUTES, self.PREFLIGHT_ROUTES):
+            return None
+        self.resource_id = urllib.parse.unquote(path[len(prefix):])
+        return "preflight" if routes is self.PREFLIGHT_ROUTES else self.PREFIX_ROUTES[prefix]
+
     @classmethod
     def methods_for(cls, path: str) -> list[str]:
         """The methods a known path answers (OPTIONS aside); empty for an unknown path."""
+        if any(path.startswith(p) and len(path) > len(p) for p in cls.PREFIX_ROUTES):
+            return ["GET"]
         return [m for m, table in (("GET", cls.GET_ROUTES), ("POST", cls.POST_ROUTES)) if path in table]
 
     def _refuse_route(self, path: str) -> None:
@@ -6384,7 +7021,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if not any(given is not None and hmac.compare_digest(given.strip().encode(), key.encode()) for given in offered):
             raise APIError(HTTPStatus.UNAUTHORIZED, "authentication_error",
                            "missing or wrong API key: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'",
-                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer", "x-should-retry": "false"})
 
     def parse_request(self) -> bool:
         """http.server's request-line and header parsing, refusing HTTP/0.9 with 505."""
@@ -6406,6 +7043,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                          code=status.phrase.lower().replace(" ", "_").replace("-", "_"))
         # The path is known only when the request line parsed (command set); else it may be the last request's.
         self.route_path = self.path.split("?", 1)[0] if self.command else ""
+        self.request_id = new_id("req_")
         self._send_json(self._error_body(error), status)
         self.server.metrics.record_request("other", str(int(status)), 0.0)
 
@@ -6419,10 +7057,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._send_json(self._error_body(error), error.status, error.headers)
 
     def _error_body(self, error: APIError) -> dict:
-        """The error in the envelope of the API that was called: Anthropic's under /v1/messages, else OpenAI's."""
+        """The error in the envelope of the API that was called: Anthropic's under /v1/messages (and on
+        /v1/models when the client sent anthropic-version), else OpenAI's."""
+        if self._anthropic():
+            return {**error.anthropic_body(), "request_id": getattr(self, "request_id", None)}
+        return error.body()
+
+    def _anthropic(self) -> bool:
+        """Whether this exchange speaks Anthropic's API: its paths, or the model list asked by its SDK."""
         path = self.route_path
-        anthropic = path == self.ANTHROPIC_PATHS[0] or path.startswith(self.ANTHROPIC_PATHS[1])
-        return error.anthropic_body() if anthropic else error.body()
+        if path == "/v1/models" or path.startswith("/v1/models/"):
+            return self.headers.get("anthropic-version") is not None
+        return path == self.ANTHROPIC_PATHS[0] or path.startswith(self.ANTHROPIC_PATHS[1])
 
     # -- plain responses ----------------------------------------------------
 
@@ -6443,13 +7089,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _send_common_headers(self) -> None:
-        """Headers every response carries: nosniff, and CORS for an allowed origin."""
+        """Headers every response carries: nosniff, the request's id (in the called API's header), and CORS
+        for an allowed origin."""
         self.send_header("X-Content-Type-Options", "nosniff")
+        if getattr(self, "request_id", None) and self.route_path.startswith("/v1/"):
+            self.send_header("request-id" if self._anthropic() else "x-request-id", self.request_id)
         if self.server.settings.allowed_origins:
             self.send_header("Vary", "Origin")
         if self.cors_origin is not None:
             self.send_header("Access-Control-Allow-Origin", self.cors_origin)
-            self.send_header("Access-Control-Expose-Headers", f"Retry-After, {WINDOW_HEADER}")
+            self.send_header("Access-Control-Expose-Headers", f"Retry-After, {WINDOW_HEADER}, x-request-id, request-id")
 
     def _send_json(self, payload: dict, status: int = HTTPStatus.OK, headers: dict[str, str] | None = None) -> None:
         try:
@@ -6500,10 +7149,35 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
 
     def route_models(self) -> None:
-        server = self.server
-        self._send_json({"object": "list", "data": [{
-            "id": server.settings.model_name, "object": "model",
-            "created": server.created, "owned_by": "lem-serve"}]})
+        """The one model, in Anthropic's list shape when its SDK asks (anthropic-version), else OpenAI's."""
+        info = self._model_info()
+        if self._anthropic():
+            self._send_json({"data": [info], "first_id": info["id"], "last_id": info["id"], "has_more": False})
+        else:
+            self._send_json({"object": "list", "data": [info]})
+
+    def route_model(self) -> None:
+        """GET /v1/models/ID: the served model by its id; another id is a 404."""
+        if self.resource_id != self.server.settings.model_name:
+            raise APIError(HTTPStatus.NOT_FOUND, "invalid_request_error",
+                           f"model {self.resource_id[:100]!r} is not served here; GET /v1/models lists the one that "
+                           "is", "model", "model_not_found")
+        self._send_json(self._model_info())
+
+    def _model_info(self) -> dict:
+        """The served model: context window, output ceiling, whether it thinks and calls tools."""
+        server, model = self.server, self.server.model
+        reasons, tools = model_capabilities(model)
+        if self._anthropic():
+            return anthropic_model_info(server.settings, model.context_length, reasons, tools, server.created)
+        return {"id": server.settings.model_name, "object": "model", "created": server.created,
+                "owned_by": "lem-serve", "context_length": model.context_length,
+                "max_output_tokens": server.settings.max_tokens,
+                "capabilities": {"reasoning": reasons, "tool_calling": tools}}
+
+    def route_stored_response(self) -> None:
+        """GET /v1/responses/ID: a response kept by the store (store: true); unknown or evicted is a 404."""
+        self._send_json(self.server.responses.get(self.resource_id)["response"])
 
     # -- POST routes --------------------------------------------------------
 
@@ -6517,7 +7191,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._generate(parse_messages_request(self._read_json(), self.server.settings))
 
     def route_responses(self) -> None:
-        self._generate(parse_responses_request(self._read_json(), self.server.settings))
+        body = self._read_json()
+        previous = None
+        if isinstance(body.get("previous_response_id"), str):
+            previous = self.server.responses.get(body["previous_response_id"], "previous_response_id")["conversation"]
+        self._generate(parse_responses_request(body, self.server.settings, previous))
 
     def route_count_tokens(self) -> None:
         """Anthropic's count_tokens: the prompt's length as a create would see it; no slot, no engine."""
@@ -6582,6 +7260,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 first = None if job.first_token_at is None else job.first_token_at - self.started
                 server.metrics.record_generation(self.route_path, job.prompt_tokens, job.cached_tokens,
                                                  job.completion_tokens, first)
+        final = getattr(writer, "final", None)
+        if final is not None and request.echo.get("store"):
+            server.responses.put(final, responses_conversation(request, final))
 
     def _read_json(self) -> dict:
         """The body as a JSON object that later layers can take: bounded nesting, valid Unicode."""
@@ -6620,6 +7301,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if len(body) < int(length):
             raise ClientGone
         self.body_read = True
+        encoding = (self.headers.get("Content-Encoding") or "identity").strip().lower()
+        if encoding == "gzip":
+            return gunzip_body(body, MAX_BODY_BYTES)
+        if encoding != "identity":
+            raise APIError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "invalid_request_error",
+                           f"Content-Encoding {encoding[:40]!r} is not supported; send gzip or none",
+                           code="unsupported_encoding")
         return body
 
     def _events(self, job: Job, slot: "Admission", on_idle: Callable[[], None] = lambda: None) -> Iterator[tuple]:
@@ -6684,15 +7372,25 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self._write_raw(data)
                 last_write[0] = time.monotonic()
 
+        opened = [not writer.opens_when_admitted]
+
+        def open_stream(now: bool = False) -> None:
+            if not opened[0] and (now or job.admitted.is_set()):
+                opened[0] = True
+                write(writer.opening())
+
         def keepalive() -> None:
+            open_stream()
             if time.monotonic() - last_write[0] >= KEEPALIVE_SECONDS:
-                write(writer.keepalive)
+                write(writer.keepalive if opened[0] else SSE_KEEPALIVE)
 
         try:
-            write(writer.opening())
+            if opened[0]:
+                write(writer.opening())
             for kind, value, *extra in self._events(job, slot, keepalive):
                 if kind == "error":
                     raise value
+                open_stream(now=True)
                 write(writer.event(kind, value, *extra))
         except APIError as exc:  # headers are out: the error becomes an event
             self.status_sent = int(exc.status)
@@ -6787,6 +7485,7 @@ class LemServer(http.server.ThreadingHTTPServer):
         self.active_lock = threading.Lock()
         self.idle = threading.Condition(self.active_lock)
         self.metrics = Metrics()
+        self.responses = ResponseStore(settings.response_store_count, settings.response_store_bytes)
         self.created = int(time.time())
         self.started_at = time.monotonic()
         self.ready = threading.Event()
@@ -6828,47 +7527,51 @@ class LemServer(http.server.ThreadingHTTPServer):
     def metrics_text(self) -> str:
         """The /metrics body: the request counters plus the server's and engine's state now."""
         stats = self.engine.stats()
-
-        def one(name: str, kind: str, help: str, value: float) -> Family:
-            return Family(name, kind, help, [("", {}, value)])
-
         return prometheus_text(self.metrics.families() + [
-            one("lem_active_requests", "gauge", "Generation requests holding a slot.", self.active),
-            one("lem_max_requests", "gauge", "Generation slots (--max-requests).", self.settings.max_requests),
-            one("lem_in_flight_requests", "gauge", "HTTP requests being answered, of any kind.", self.in_flight),
-            one("lem_open_connections", "gauge", "Client connections open.", self.connections),
-            one("lem_tokens_generated_total", "counter", "Tokens sampled by the engine since start.",
-                stats["tokens_generated"]),
-            one("lem_draft_tokens_proposed_total", "counter", "Tokens the --draft-model proposed.",
-                stats["draft_tokens_proposed"]),
-            one("lem_draft_tokens_accepted_total", "counter", "Proposed draft tokens the model accepted.",
-                stats["draft_tokens_accepted"]),
-            one("lem_prompt_cache_hits_total", "counter", "Prompts that reused cached state.", stats["prompt_cache_hits"]),
-            one("lem_prompt_cache_misses_total", "counter", "Prompts computed from scratch.", stats["prompt_cache_misses"]),
-            one("lem_prompt_cache_entries", "gauge", "Entries in the prompt cache.", stats["prompt_cache_entries"]),
-            one("lem_prompt_cache_bytes", "gauge", "Memory held by the prompt cache.", stats["prompt_cache_bytes"]),
-            one("lem_prompt_cache_tokens", "gauge", "Tokens whose KV the prompt cache holds.", stats["prompt_cache_tokens"]),
-            one("lem_prompt_cache_budget_bytes", "gauge", "Most the prompt cache may hold (less while the running "
-                "batch needs the room).", self.memory.prompt_cache_bytes),
-            one("lem_prompt_cache_evictions_total", "counter", "Prompt cache entries evicted, least recently used "
-                "first.", stats["prompt_cache_evictions"]),
-            one("lem_prompt_cache_trims_total", "counter", "Prompt cache entries cut to their longest prefix that "
-                "fits the budget.", stats["prompt_cache_trims"]),
-            one("lem_waiting_requests", "gauge", "Generation requests waiting in the admission queue.",
-                self.queue.waiting),
-            one("lem_kv_reserved_bytes", "gauge", "KV memory reserved by admitted requests (prompt + max tokens each).",
-                self.ledger.reserved),
-            one("lem_kv_memory_bytes", "gauge", "KV memory: the memory budget less the weights.", self.memory.kv_bytes),
-            one("lem_engine_up", "gauge", "1 while the generation engine runs, 0 once it has died.", int(self.engine.alive)),
-            one("lem_world_size", "gauge", "Processes the model is sharded over (mlx.launch ranks); 1 alone.",
-                self.engine.world_size),
-            one("lem_rank", "gauge", "This process's rank in its group (the one serving HTTP is 0).", self.engine.rank),
-            one("process_resident_memory_bytes", "gauge", "Resident memory of this process (peak on macOS).",
-                resident_memory_bytes()),
-            one("lem_threads", "gauge", "Python threads alive in this process.", threading.active_count()),
-            one("lem_uptime_seconds", "gauge", "Seconds since the server started.",
-                round(time.monotonic() - self.started_at, 3)),
+            gauge("lem_active_requests", "gauge", "Generation requests holding a slot.", self.active),
+            gauge("lem_max_requests", "gauge", "Generation slots (--max-requests).", self.settings.max_requests),
+            gauge("lem_in_flight_requests", "gauge", "HTTP requests being answered, of any kind.", self.in_flight),
+            gauge("lem_open_connections", "gauge", "Client connections open.", self.connections),
+            gauge("lem_tokens_generated_total", "counter", "Tokens sampled by the engine since start.",
+                  stats["tokens_generated"]),
+            gauge("lem_draft_tokens_proposed_total", "counter", "Tokens the --draft-model proposed.",
+                  stats["draft_tokens_proposed"]),
+            gauge("lem_draft_tokens_accepted_total", "counter", "Proposed draft tokens the model accepted.",
+                  stats["draft_tokens_accepted"]),
+            *self.memory_families(stats),
+            gauge("lem_engine_up", "gauge", "1 while the generation engine runs, 0 once it has died.",
+                  int(self.engine.alive)),
+            gauge("lem_world_size", "gauge", "Processes the model is sharded over (mlx.launch ranks); 1 alone.",
+                  self.engine.world_size),
+            gauge("lem_rank", "gauge", "This process's rank in its group (the one serving HTTP is 0).", self.engine.rank),
+            gauge("process_resident_memory_bytes", "gauge", "Resident memory of this process (peak on macOS).",
+                  resident_memory_bytes()),
+            gauge("lem_threads", "gauge", "Python threads alive in this process.", threading.active_count()),
+            gauge("lem_uptime_seconds", "gauge", "Seconds since the server started.",
+                  round(time.monotonic() - self.started_at, 3)),
         ])
+
+    def memory_families(self, stats: dict) -> list[Family]:
+        """The prompt cache's, the admission queue's and the KV memory's figures for /metrics."""
+        return [
+            gauge("lem_prompt_cache_hits_total", "counter", "Prompts that reused cached state.", stats["prompt_cache_hits"]),
+            gauge("lem_prompt_cache_misses_total", "counter", "Prompts computed from scratch.", stats["prompt_cache_misses"]),
+            gauge("lem_prompt_cache_entries", "gauge", "Entries in the prompt cache.", stats["prompt_cache_entries"]),
+            gauge("lem_prompt_cache_bytes", "gauge", "Memory held by the prompt cache.", stats["prompt_cache_bytes"]),
+            gauge("lem_prompt_cache_tokens", "gauge", "Tokens whose KV the prompt cache holds.",
+                  stats["prompt_cache_tokens"]),
+            gauge("lem_prompt_cache_budget_bytes", "gauge", "Most the prompt cache may hold (less while the running "
+                  "batch needs the room).", self.memory.prompt_cache_bytes),
+            gauge("lem_prompt_cache_evictions_total", "counter", "Prompt cache entries evicted, least recently used "
+                  "first.", stats["prompt_cache_evictions"]),
+            gauge("lem_prompt_cache_trims_total", "counter", "Prompt cache entries cut to their longest prefix that "
+                  "fits the budget.", stats["prompt_cache_trims"]),
+            gauge("lem_waiting_requests", "gauge", "Generation requests waiting in the admission queue.",
+                  self.queue.waiting),
+            gauge("lem_kv_reserved_bytes", "gauge", "KV memory reserved by admitted requests (prompt + max tokens "
+                  "each).", self.ledger.reserved),
+            gauge("lem_kv_memory_bytes", "gauge", "KV memory: the memory budget less the weights.", self.memory.kv_bytes),
+        ]
 
     # -- connections: one thread each, at most MAX_CONNECTIONS ----------------
 
@@ -6982,6 +7685,43 @@ class LemServer(http.server.ThreadingHTTPServer):
         with self.idle:
             # A request holding a slot is in flight too, so this also waits for every slot.
             return self.idle.wait_for(lambda: self.in_flight == 0, timeout=grace)
+
+
+class ResponseStore:
+    """The /v1/responses made with store: true, newest kept, bounded by count and by bytes of JSON.
+
+    Each entry is the response object (for GET /v1/responses/ID) and the
+    conversation it ended (for previous_response_id). What no longer fits
+    is evicted oldest first; a response too big for the whole budget is not kept.
+    """
+
+    def __init__(self, max_count: int, max_bytes: int):
+        self.max_count, self.max_bytes = max_count, max_bytes
+        self.entries: dict[str, tuple[dict, int]] = {}   # id -> (entry, size), oldest first
+        self.bytes = 0
+        self.lock = threading.Lock()
+
+    def put(self, response: dict, conversation: list[dict]) -> None:
+        entry = {"response": response, "conversation": conversation}
+        size = len(json.dumps(entry, ensure_ascii=False).encode())
+        if self.max_count == 0 or size > self.max_bytes:
+            return
+        with self.lock:
+            self.entries[response["id"]] = (entry, size)
+            self.bytes += size
+            while len(self.entries) > self.max_count or self.bytes > self.max_bytes:
+                self.bytes -= self.entries.pop(next(iter(self.entries)))[1]   # the oldest
+
+    def get(self, response_id: str, param: str | None = None) -> dict:
+        """The entry kept for `response_id`; a 404 in OpenAI's envelope when it is unknown or was evicted."""
+        with self.lock:
+            kept = self.entries.get(response_id)
+        if kept is None:
+            raise APIError(HTTPStatus.NOT_FOUND, "invalid_request_error",
+                           f"no response with id {response_id[:100]!r} is kept here: it was made with store: false, "
+                           "evicted (--response-store-count, --response-store-bytes) or never existed", param,
+                           "response_not_found")
+        return kept[0]
 
 
 class AdmissionQueue:

@@ -44,7 +44,7 @@ from testing.gguf_fixtures import (HEAD_DIM, HEADS, KV_HEADS, MIXED_TEXTS, g2m, 
                                     run_cli, tiny_llama)
 from testing.schemas import SCHEMAS, validation_errors
 from testing.page_driver import CHROMIUM, CHROMIUM_ARGS, PHONE, REPLY_TIMEOUT_MS, Chat, contrast, luminance
-from testing.tiny_model import (GEMMA_TEMPLATE, MISTRAL_TEMPLATE, THINK_END, THINK_START, THINKING_TEMPLATE,
+from testing.tiny_model import (CHAT_TEMPLATE, GEMMA_TEMPLATE, MISTRAL_TEMPLATE, THINK_END, THINK_START, THINKING_TEMPLATE,
                                  build_lora_adapter, build_parrot_model, build_tiny_model, with_chat_template,
                                  with_context_length)
 
@@ -289,7 +289,8 @@ def assert_anthropic_error(reply: Reply, status: int, kind: str | None = None) -
     assert reply.status == status, (reply.status, reply.raw[:300])
     assert reply.headers["Content-Type"] == "application/json"
     body = reply.json()
-    assert set(body) == {"type", "error"} and body["type"] == "error", body
+    assert set(body) == {"type", "error", "request_id"} and body["type"] == "error", body
+    assert body["request_id"] == reply.headers["request-id"] and "x-request-id" not in reply.headers
     error = body["error"]
     assert set(error) == {"type", "message"} and isinstance(error["message"], str) and error["message"]
     assert "Traceback" not in error["message"]
@@ -1284,12 +1285,13 @@ def test_auto_tools_reach_the_chat_template(server):
 
 def test_tool_call_scanner_holds_markers_and_keeps_bad_calls_as_text():
     from mlx_lm.tool_parsers import json_tools
-    scanner = lem_serve.ToolCallScanner("<tool_call>", "</tool_call>", json_tools.parse_tool_call, [])
-    assert scanner.feed("Sure<tool") == ("Sure", [])
-    text, calls = scanner.feed('_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>after')
+    form = lem_serve.ChatFormat("json_tools", ("<tool_call>",), "</tool_call>", json_tools.parse_tool_call)
+    scanner = lem_serve.ToolCallScanner(form, [])
+    assert scanner.feed("Sure<tool") == [("text", "Sure")]
+    (_, calls), (_, text) = scanner.feed('_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>after')
     assert text == "after" and calls[0]["function"] == {"name": "f", "arguments": '{"x": 1}'}
-    assert scanner.feed("<tool_call>not json</tool_call>") == ("<tool_call>not json</tool_call>", [])
-    assert scanner.feed("<tool_call>{") == ("", []) and scanner.flush() == "<tool_call>{"
+    assert scanner.feed("<tool_call>not json</tool_call>") == [("text", "<tool_call>not json</tool_call>")]
+    assert scanner.feed("<tool_call>{") == [] and scanner.flush() == [("text", "<tool_call>{")]
 
 
 @pytest.mark.parametrize("fields,param", [
@@ -1302,8 +1304,6 @@ def test_tool_call_scanner_holds_markers_and_keeps_bad_calls_as_text():
     ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "not": {}}}}],
       "tool_choice": "required"}, "tools"),
-    ({"messages": [{"role": "assistant", "content": None, "tool_calls": [
-        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{bad"}}]}]}, "messages[0].tool_calls"),
     ({"functions": [{"name": "f"}]}, "functions"),
 ])
 def test_bad_tools_are_400(server, fields, param):
@@ -2159,6 +2159,58 @@ def test_unwritable_prompt_cache_dir_is_an_error_at_start(tmp_path, capsys):
     assert exit_.value.code == 2 and error.count("\n") == 1 and "--prompt-cache-dir" in error and "written" in error
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_idle_ranks_block_instead_of_polling(long_model_dir):
+    with ServedGroup(long_model_dir) as group:
+        group.wait_ready()
+        assert post(group, "completions", max_tokens=4)["usage"]["completion_tokens"] == 4  # then idle
+        rank1 = group.rank_pid(1)
+        time.sleep(2)  # the end of that request's work (freeing its batch) is not idling
+        before, started = cpu_seconds(rank1), time.monotonic()
+        time.sleep(6)
+        used = (cpu_seconds(rank1) - before) / (time.monotonic() - started)
+        assert used <= 0.05, f"an idle rank 1 used {used:.2f} of a core"  # spinning in a collective: ~0.3-1
+        assert post(group, "completions", max_tokens=4)["usage"]["completion_tokens"] == 4  # and wakes up
+
+
+def test_two_codex_runs_and_a_claude_run_at_once_get_no_429_on_default_admission(agent_model_dir, tmp_path):
+    claude, codex = agent_cli("claude"), agent_cli("codex")
+    model = lem_serve.load_model(lem_serve.Settings(model_path=str(agent_model_dir)))
+    homes = []
+    for name in ("claude", "codex-1", "codex-2"):
+        (tmp_path / name / "home").mkdir(parents=True)
+        (tmp_path / name / "work").mkdir()
+        homes.append(tmp_path / name)
+    # --max-requests and --queue-timeout at their defaults; max_tokens as the other agent tests have it
+    with running_server(model, agent_model_dir, max_tokens=AGENT_MAX_TOKENS, timeout=AGENT_TIMEOUT,
+                        api_key=AGENT_KEY) as srv:
+        for home in homes[1:]:
+            (home / "home" / "config.toml").write_text(CODEX_CONFIG.format(url=srv.url + "/v1"))
+        runs = [lambda: run_agent([claude, "-p", AGENT_ASK], homes[0] / "work",
+                                  {"HOME": homes[0] / "home", "ANTHROPIC_BASE_URL": srv.url,
+                                   "ANTHROPIC_API_KEY": AGENT_KEY, "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"})]
+        runs += [lambda home=home: run_agent([codex, "exec", "--skip-git-repo-check", AGENT_ASK], home / "work",
+                                             {"HOME": home / "home", "CODEX_HOME": home / "home",
+                                              "LEM_API_KEY": AGENT_KEY}) for home in homes[1:]]
+        results = [None] * len(runs)
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, runs[i]())) for i in range(len(runs))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=AGENT_TIMEOUT + 60)
+        for result in results:
+            assert result is not None and result.returncode == 0, (result.stdout[-1500:], result.stderr[-1500:])
+        assert wait_until(lambda: srv.in_flight == 0)
+        samples = scrape(srv, {"x-api-key": AGENT_KEY})
+        assert metric(samples, "lem_gate_rejections_total") == 0
+        assert not [labels for (name, labels) in samples if name == "lem_requests_total" and 'code="429"' in labels]
+
+
 BILLING = "x-anthropic-billing-header: cc_version=2.1.112.{}; cc_entrypoint=cli; cch={};"
 
 
@@ -2649,10 +2701,10 @@ def test_solo_options_are_checked_at_start(model_dir, draft_dir):
 def test_anthropic_thinking_blocks_and_thinking_disabled(thinking_server, thinking_model):
     anthropic = pytest.importorskip("anthropic")
     client = anthropic.Anthropic(base_url=thinking_server.url, api_key="unused", max_retries=0, timeout=60)
-    message = client.messages.create(model="m", max_tokens=50, messages=HELLO)
+    message = client.messages.create(model="m", max_tokens=50, messages=HELLO, thinking={"type": "adaptive"})
     assert [b.type for b in message.content] == ["thinking", "text"]
     assert message.content[0].thinking == THINKING and message.content[1].text == ANSWER
-    with client.messages.stream(model="m", max_tokens=50, messages=HELLO) as stream_:
+    with client.messages.stream(model="m", max_tokens=50, messages=HELLO, thinking={"type": "adaptive"}) as stream_:
         kinds = [e.delta.type for e in stream_ if e.type == "content_block_delta"]
         final = stream_.get_final_message()
     assert kinds[0] == "thinking_delta" and "signature_delta" in kinds and kinds[-1] == "text_delta"
@@ -2789,7 +2841,7 @@ def test_responses_greedy_equals_mlx_lm_generate(server, model, openai_client):
     assert response.id.startswith("resp_") and response.object == "response" and response.model == "tiny"
     assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
     (item,) = response.output
-    assert item.type == "message" and item.role == "assistant" and item.status == "completed" and item.id.startswith("msg_")
+    assert item.type == "message" and item.role == "assistant" and item.status == "incomplete" and item.id.startswith("msg_")
     usage = response.usage
     assert (usage.input_tokens, usage.output_tokens, usage.total_tokens) == (len(prompt), 30, len(prompt) + 30)
     assert 0 <= usage.input_tokens_details.cached_tokens < len(prompt)
@@ -3010,15 +3062,12 @@ def test_bad_messages_bodies_are_anthropic_400s(server, path, case, body):
 BAD_RESPONSES_BODIES = [
     ("input missing", {}, "input"),
     ("input empty", {"input": []}, "input"),
-    ("previous_response_id", {"input": "x", "previous_response_id": "resp_1"}, "previous_response_id"),
     ("conversation", {"input": "x", "conversation": "conv_1"}, "conversation"),
     ("background", {"input": "x", "background": True}, "background"),
     ("input_image", {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "data:,"}]}]},
      "input[0].content"),
     ("item_reference", {"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0]"),
     ("role", {"input": [{"role": "wizard", "content": "x"}]}, "input[0].role"),
-    ("call arguments", {"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "{bad"}]},
-     "input[0]"),
     ("call output id", {"input": [{"type": "function_call_output", "output": "x"}]}, "input[0].call_id"),
     ("text.format", {"input": "x", "text": {"format": {"type": "xml"}}}, "text.format"),
     ("text.format schema", {"input": "x", "text": {"format": {"type": "json_schema", "name": "s",
@@ -3110,7 +3159,7 @@ def test_dialect_stream_past_the_deadline_ends_with_an_error_event(long_model, l
             assert "message_stop" not in [event["type"] for event in events]
         else:
             assert last["type"] == "response.failed" and last["response"]["status"] == "failed"
-            assert last["response"]["error"]["code"] == "timeout" and last["response"]["usage"] is None
+            assert last["response"]["error"]["code"] == "server_error" and last["response"]["usage"] is None
         assert wait_until(lambda: health(srv)["active_requests"] == 0)
 
 
@@ -3130,6 +3179,550 @@ def test_metrics_count_the_dialects_per_endpoint(make_server):
     cached = second["usage"]["input_tokens_details"]["cached_tokens"]
     assert cached == second["usage"]["input_tokens"] - 1
     assert samples["lem_cached_prompt_tokens_total", ""] >= 2 * cached  # each second request read its first's prefix
+
+
+# ---------------------------------------------------------------------------
+# Agent fidelity: the API contracts the SDKs and the agents rely on (issue 23)
+# ---------------------------------------------------------------------------
+
+# A scripted model (the parrot): its first reply is a tool call whose arguments are no JSON object
+# (a model's slip, one added token), and after a tool result (the template then ends its generation
+# prompt with AFTER_TOOL) it answers in text.
+AFTER_TOOL = "<after_tool>"
+SLIP_ARGUMENTS = "ls -la"
+SLIP_BODY = '\n{"name": "add", "arguments": "' + SLIP_ARGUMENTS + '"}\n'
+SLIP_REPLY = "Done."
+SLIP_TEMPLATE = CHAT_TEMPLATE.replace("""    {{- '<|im_start|>assistant\\n' }}
+{%- endif %}""", """    {{- '<|im_start|>assistant\\n' }}
+    {%- if messages[-1].role == 'tool' %}{{- '""" + AFTER_TOOL + """' }}{%- endif %}
+{%- endif %}""")
+assert SLIP_TEMPLATE.count(AFTER_TOOL) == 1, "CHAT_TEMPLATE changed: update SLIP_TEMPLATE"
+
+
+def build_slip_model(out_dir: Path, **options) -> Path:
+    return build_parrot_model(out_dir, {"\n": "<tool_call>" + SLIP_BODY + "</tool_call>", AFTER_TOOL: SLIP_REPLY},
+                              extra_tokens=(SLIP_BODY, AFTER_TOOL), chat_template=SLIP_TEMPLATE, **options)
+
+
+@pytest.fixture(scope="module")
+def slip_server(tmp_path_factory):
+    folder = build_slip_model(tmp_path_factory.mktemp("models") / "slip")
+    with running_server(lem_serve.load_model(lem_serve.Settings(model_path=str(folder))), folder) as srv:
+        yield srv
+
+
+def sdk_type(kind):
+    """A pydantic validator for an SDK type (a model class or a union of them)."""
+    pydantic = pytest.importorskip("pydantic")
+    return pydantic.TypeAdapter(kind)
+
+
+def undeclared_fields(value, where: str = "") -> list[str]:
+    """Fields of a validated SDK object (recursively) that its type does not declare."""
+    found = []
+    if hasattr(type(value), "model_fields") and hasattr(value, "model_extra"):
+        found += [f"{where}.{name}" for name in (value.model_extra or {})]
+        for name in type(value).model_fields:
+            found += undeclared_fields(getattr(value, name), f"{where}.{name}")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            found += undeclared_fields(item, f"{where}[{i}]")
+    return found
+
+
+def strictly(kind, payload: dict | bytes, extras: tuple[str, ...] = ()):
+    """`payload` (JSON as the server sent it) validated as `kind` in pydantic's strict mode, and holding
+    no field the SDK's type does not declare but those in `extras` (our documented additions)."""
+    text = payload if isinstance(payload, (bytes, str)) else json.dumps(payload)
+    value = sdk_type(kind).validate_json(text, strict=True)
+    unknown = [f for f in undeclared_fields(value) if not any(f.endswith(e) for e in extras)]
+    assert not unknown, (unknown, text[:500])
+    return value
+
+
+def sse_payloads(reply_raw: bytes) -> list[dict]:
+    """The JSON data of each event in a whole SSE body ([DONE] and comments left out)."""
+    out = []
+    for line in reply_raw.decode().splitlines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            out.append(json.loads(line[len("data: "):]))
+    return out
+
+
+def anthropic_stream_events(srv, **fields) -> list[dict]:
+    """A streamed /v1/messages, each event (pings aside) checked against the SDK's RawMessageStreamEvent."""
+    from anthropic.types import RawMessageStreamEvent
+    reply = request(srv, "POST", "/v1/messages", {"max_tokens": 30, "messages": HELLO, **fields, "stream": True})
+    assert reply.status == 200, reply.raw[:300]
+    events = [e for e in sse_payloads(reply.raw) if e["type"] != "ping"]
+    for event in events:
+        strictly(RawMessageStreamEvent, event)
+    return events
+
+
+def responses_stream_events(srv, **fields) -> list[dict]:
+    """A streamed /v1/responses, each event checked against the SDK's ResponseStreamEvent."""
+    from openai.types.responses import ResponseStreamEvent
+    reply = request(srv, "POST", "/v1/responses", {"input": HELLO, **fields, "stream": True})
+    assert reply.status == 200, reply.raw[:300]
+    events = sse_payloads(reply.raw)
+    for event in events:
+        strictly(ResponseStreamEvent, event)
+    return events
+
+
+def requests_answered(srv, path: str, code: str) -> float:
+    samples = scrape(srv, {"x-api-key": "sekret"})
+    return sum(v for (n, labels), v in samples.items() if n == "lem_requests_total"
+               and f'endpoint="{path}"' in labels and f'code="{code}"' in labels)
+
+
+def test_a_wrong_key_is_final_for_both_sdks(make_server):
+    anthropic, openai = pytest.importorskip("anthropic"), pytest.importorskip("openai")
+    srv = make_server(api_key="sekret")
+    reply = request(srv, "POST", "/v1/messages", body_for("messages", max_tokens=2), {"x-api-key": "wrong"})
+    assert_anthropic_error(reply, 401, "authentication_error")
+    assert reply.headers["x-should-retry"] == "false"
+    reply = request(srv, "POST", "/v1/responses", body_for("responses"), {"Authorization": "Bearer wrong"})
+    assert_openai_error(reply, 401, code="invalid_api_key")
+    assert reply.headers["x-should-retry"] == "false"
+    claude = anthropic.Anthropic(base_url=srv.url, api_key="wrong", max_retries=3, timeout=60)
+    with pytest.raises(anthropic.AuthenticationError):
+        claude.messages.create(model="m", max_tokens=2, messages=HELLO)
+    codex = openai.OpenAI(base_url=srv.url + "/v1", api_key="wrong", max_retries=3, timeout=60)
+    with pytest.raises(openai.AuthenticationError):
+        codex.responses.create(model="m", input="hi", max_output_tokens=2)
+    assert wait_until(lambda: srv.in_flight == 0)
+    assert requests_answered(srv, "/v1/messages", "401") == 2  # the raw request and the SDK's one: no retries
+    assert requests_answered(srv, "/v1/responses", "401") == 2
+
+
+def test_claude_code_with_a_wrong_key_asks_once_and_says_so(make_server, tmp_path):
+    claude = agent_cli("claude")
+    srv = make_server(api_key="sekret")
+    (tmp_path / "home").mkdir()
+    env = {"HOME": tmp_path / "home", "ANTHROPIC_BASE_URL": srv.url, "ANTHROPIC_API_KEY": "sk-wrong",
+           "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"}
+    run = run_agent([claude, "-p", AGENT_ASK], tmp_path, env)
+    assert run.returncode != 0
+    said = (run.stdout + run.stderr).lower()
+    assert "api key" in said or "authentication" in said, (run.stdout[-1000:], run.stderr[-1000:])
+    assert wait_until(lambda: srv.in_flight == 0)
+    assert requests_answered(srv, "/v1/messages", "401") == 1
+
+
+def test_tool_arguments_that_are_no_json_object_are_wrapped_and_replay(slip_server):
+    wrapped = {lem_serve.RAW_ARGUMENTS_KEY: SLIP_ARGUMENTS}
+    shell = {"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "properties": {"command": {"type": "string"}}}}}  # one property: the text goes there
+    for tool, arguments in ((ADD, wrapped), (shell, {"command": SLIP_ARGUMENTS})):
+        message = post(slip_server, "chat", tools=[tool])["choices"][0]["message"]
+        (call,) = message["tool_calls"]
+        assert json.loads(call["function"]["arguments"]) == arguments
+        streamed = [d for e in stream(slip_server, "chat", tools=[tool]) if isinstance(e, dict) and e.get("choices")
+                    for d in e["choices"][0]["delta"].get("tool_calls") or []]
+        assert json.loads(streamed[0]["function"]["arguments"]) == arguments
+    response = post(slip_server, "responses", tools=[as_responses_tool(ADD)])
+    (item,) = response["output"]
+    assert json.loads(item["arguments"]) == wrapped
+    message = post(slip_server, "messages", tools=[as_anthropic_tool(ADD)])
+    assert message["content"][-1]["input"] == wrapped and message["stop_reason"] == "tool_use"
+    # The next turn, with the call sent back as the server wrote it or as the model wrote it: accepted.
+    for sent in (item["arguments"], SLIP_ARGUMENTS, '"' + SLIP_ARGUMENTS + '"'):
+        history = [*HELLO, {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "add", "arguments": sent}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "error: bad arguments"}]
+        answer = post(slip_server, "chat", messages=history, tools=[ADD])["choices"][0]["message"]
+        assert answer["content"] == SLIP_REPLY
+        followed = post(slip_server, "responses", tools=[as_responses_tool(ADD)], input=[
+            *HELLO, {**item, "arguments": sent}, {"type": "function_call_output", "call_id": item["call_id"],
+                                                  "output": "error: bad arguments"}])
+        assert followed["output"][0]["content"][0]["text"] == SLIP_REPLY
+    replayed = post(slip_server, "messages", tools=[as_anthropic_tool(ADD)], messages=[
+        *HELLO, {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "add", "input": "ls"}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "no"}]}])
+    assert replayed["content"] == [{"type": "text", "text": SLIP_REPLY}]
+
+
+def test_tool_reference_loads_a_deferred_tool(server, model, anthropic_client):
+    deferred = {**as_anthropic_tool(WEATHER), "defer_loading": True}
+    tools = [as_anthropic_tool(ADD), deferred]
+    counted = anthropic_client.messages.count_tokens(model="m", tools=tools, messages=ASK_WEATHER).input_tokens
+    assert counted == len(chat_prompt(model, ASK_WEATHER, [ADD]))  # a deferred tool stays out of the prompt
+    history = [*ASK_WEATHER,
+               {"role": "assistant", "content": [{"type": "tool_use", "id": "s1", "name": "ToolSearch",
+                                                  "input": {"query": "weather"}}]},
+               {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "s1", "content": [
+                   {"type": "tool_reference", "tool_name": "get_weather"}]}]}]
+    counted = anthropic_client.messages.count_tokens(model="m", tools=tools, messages=history).input_tokens
+    loaded = "Tool loaded: " + json.dumps(WEATHER["function"], ensure_ascii=False)
+    chat = [*ASK_WEATHER, {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "s1", "type": "function", "function": {"name": "ToolSearch", "arguments": {"query": "weather"}}}]},
+            {"role": "tool", "tool_call_id": "s1", "content": loaded}]
+    assert counted == len(chat_prompt(model, chat, [ADD]))  # its definition stands where the result does
+    message = anthropic_client.messages.create(model="m", max_tokens=3, tools=tools, messages=history,
+                                               extra_body=GREEDY)
+    assert message.usage.output_tokens == 3
+    unknown = history[:2] + [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "s1", "content": [
+        {"type": "tool_reference", "tool_name": "nope"}]}]}]
+    assert_anthropic_error(request(server, "POST", "/v1/messages", {"max_tokens": 3, "tools": tools,
+                                                                    "messages": unknown}), 400, "invalid_request_error")
+
+
+def test_message_start_reports_the_cache_read_the_final_usage_does(make_long_server):
+    srv = make_long_server(max_requests=2)
+    long_chat = [{"role": "user", "content": " ".join(f"w{i}" for i in range(300))}]
+    post(srv, "messages", messages=long_chat, max_tokens=1)
+    # Another request keeps the engine stepping, so a job waits a step before the engine takes it.
+    busy = open_stream(srv, "chat", messages=[{"role": "user", "content": "x " * 1500}], **endless(srv.model))
+    try:
+        read_first_text_event(busy[1])
+        for _ in range(8):
+            events = anthropic_stream_events(srv, messages=long_chat, max_tokens=2)
+            start, delta = events[0]["message"]["usage"], events[-2]["usage"]
+            assert delta["cache_read_input_tokens"] > 0
+            assert (start["cache_read_input_tokens"], start["input_tokens"]) == \
+                (delta["cache_read_input_tokens"], delta["input_tokens"])
+    finally:
+        hang_up(*busy)
+
+
+def test_thinking_only_when_asked_and_signed(thinking_server):
+    anthropic = pytest.importorskip("anthropic")
+    client = anthropic.Anthropic(base_url=thinking_server.url, api_key="unused", max_retries=0, timeout=60)
+    plain = client.messages.create(model="m", max_tokens=50, messages=HELLO)
+    assert [(b.type, b.text) for b in plain.content] == [("text", DIRECT)]  # no thinking parameter: no thinking
+    asked = {"type": "enabled", "budget_tokens": 1024}
+    message = client.messages.create(model="m", max_tokens=2000, messages=HELLO, thinking=asked)
+    thought, answer = message.content
+    assert (thought.type, thought.thinking, answer.text) == ("thinking", THINKING, ANSWER)
+    assert thought.signature == lem_serve.thinking_signature(THINKING) and len(thought.signature) >= 40
+    with client.messages.stream(model="m", max_tokens=2000, messages=HELLO, thinking={"type": "adaptive"}) as s:
+        streamed = s.get_final_message()
+    assert streamed.content[0].signature == thought.signature and streamed.content[1].text == ANSWER
+    for thinking, max_tokens in (({"type": "enabled", "budget_tokens": 2000}, 2000),
+                                 ({"type": "enabled", "budget_tokens": 100}, 2000), ({"type": "sometimes"}, 50)):
+        with pytest.raises(anthropic.BadRequestError):
+            client.messages.create(model="m", max_tokens=max_tokens, messages=HELLO, thinking=thinking)
+    reasoned = post(thinking_server, "responses", max_tokens=50)
+    assert [item["type"] for item in reasoned["output"]] == ["reasoning", "message"]
+    quiet = post(thinking_server, "responses", max_tokens=50, reasoning={"effort": "none"})
+    assert [item["type"] for item in quiet["output"]] == ["message"]
+    assert quiet["output"][0]["content"][0]["text"] == DIRECT and quiet["reasoning"] == {"effort": "none"}
+
+
+def test_the_response_object_repeats_the_request(server, openai_client):
+    from openai.types.responses import Response
+    fields = dict(model="tiny", input=ASK_WEATHER, instructions=TERSE, metadata={"session": "s1"},
+                  tools=[as_responses_tool(ADD), as_responses_tool(WEATHER)],
+                  tool_choice={"type": "function", "name": "add"}, parallel_tool_calls=False,
+                  max_output_tokens=120, temperature=0)
+    reply = request(server, "POST", "/v1/responses", fields)
+    response = strictly(Response, reply.raw)
+    assert response.instructions == TERSE and response.metadata == {"session": "s1"}
+    assert response.tool_choice.type == "function" and response.tool_choice.name == "add"
+    assert response.parallel_tool_calls is False and response.text.format.type == "text"
+    assert response.status == "completed" and response.completed_at >= response.created_at
+    assert [t.name for t in response.tools] == ["add", "get_weather"]
+    events = responses_stream_events(server, **{**fields, "input": HELLO, "tool_choice": "auto",
+                                                "max_output_tokens": 5})
+    final = strictly(Response, events[-1]["response"])
+    assert final.status == "incomplete" and final.completed_at is None
+    (item,) = final.output
+    assert item.type == "message" and item.status == "incomplete"
+    assert [e["item"]["status"] for e in events if e["type"] == "response.output_item.done"] == ["incomplete"]
+    whole = strictly(Response, request(server, "POST", "/v1/responses", {**fields, "input": HELLO,
+                                                                          "tool_choice": "auto",
+                                                                          "max_output_tokens": 5}).raw)
+    assert whole.output[0].status == "incomplete" and whole.output_text == final.output_text
+
+
+def test_every_api_response_names_its_request(server):
+    seen = set()
+    for method, path, body, header in (("GET", "/v1/models", None, "x-request-id"),
+                                       ("POST", "/v1/chat/completions", body_for("chat", max_tokens=2), "x-request-id"),
+                                       ("POST", "/v1/completions", body_for("completions", max_tokens=2), "x-request-id"),
+                                       ("POST", "/v1/responses", body_for("responses", max_tokens=2), "x-request-id"),
+                                       ("POST", "/v1/responses", body_for("responses", max_tokens=2, stream=True),
+                                        "x-request-id"),
+                                       ("POST", "/v1/messages", body_for("messages", max_tokens=2), "request-id"),
+                                       ("POST", "/v1/messages", body_for("messages", max_tokens=2, stream=True),
+                                        "request-id"),
+                                       ("POST", "/v1/messages/count_tokens", {"messages": HELLO}, "request-id"),
+                                       ("POST", "/v1/responses", {}, "x-request-id")):
+        reply = request(server, method, path, body)
+        other = "request-id" if header == "x-request-id" else "x-request-id"
+        assert reply.headers[header].startswith("req_") and reply.headers[other] is None, (path, reply.headers)
+        seen.add(reply.headers[header])
+    assert len(seen) == 9
+    assert request(server, "GET", "/v1/models", headers={"anthropic-version": "2023-06-01"}).headers["request-id"]
+
+
+def test_the_model_list_in_both_shapes_with_context_and_capabilities(server, thinking_server):
+    anthropic, openai = pytest.importorskip("anthropic"), pytest.importorskip("openai")
+    for srv, reasons in ((server, False), (thinking_server, True)):
+        claude = anthropic.Anthropic(base_url=srv.url, api_key="unused", max_retries=0)
+        (info,) = list(claude.models.list())
+        assert (info.id, info.type, info.max_input_tokens, info.max_tokens) == \
+            ("tiny", "model", srv.model.context_length, srv.settings.max_tokens)
+        assert info.capabilities.thinking.supported is reasons
+        assert info.capabilities.model_extra["tool_use"] == {"supported": True}
+        assert claude.models.retrieve("tiny") == info
+        with pytest.raises(anthropic.NotFoundError):
+            claude.models.retrieve("claude-opus")
+        codex = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+        (model,) = list(codex.models.list())
+        extra = model.model_extra
+        assert (model.id, extra["context_length"], extra["max_output_tokens"]) == \
+            ("tiny", srv.model.context_length, srv.settings.max_tokens)
+        assert extra["capabilities"] == {"reasoning": reasons, "tool_calling": True}
+        assert codex.models.retrieve("tiny") == model
+        with pytest.raises(openai.NotFoundError):
+            codex.models.retrieve("gpt-9")
+    from anthropic.types import ModelInfo
+    from openai.types import Model
+    reply = request(server, "GET", "/v1/models", headers={"anthropic-version": "2023-06-01"})
+    assert set(reply.json()) == {"data", "first_id", "last_id", "has_more"}
+    strictly(ModelInfo, reply.json()["data"][0], extras=(".tool_use",))
+    strictly(Model, request(server, "GET", "/v1/models").json()["data"][0],
+             extras=(".context_length", ".max_output_tokens", ".capabilities"))
+
+
+def gzipped(body: dict | bytes) -> bytes:
+    import gzip
+    return gzip.compress(body if isinstance(body, bytes) else json.dumps(body).encode())
+
+
+def test_input_hygiene(server, model, anthropic_client):
+    call = {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "add", "input": {"a": 1}}]}
+    stray = {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t9", "content": "3"}]}
+    error = assert_anthropic_error(request(server, "POST", "/v1/messages", {
+        "max_tokens": 2, "messages": [*HELLO, call, stray]}), 400, "invalid_request_error")
+    assert "t9" in error["message"]
+    stops = [f"zz{i}" for i in range(5)]
+    message = anthropic_client.messages.create(model="m", max_tokens=3, messages=HELLO, stop_sequences=stops)
+    assert message.stop_reason == "max_tokens"
+    too_many = body_for("messages", max_tokens=2, stop_sequences=[f"s{i}" for i in range(lem_serve.MAX_STOP_SEQUENCES + 1)])
+    assert_anthropic_error(request(server, "POST", "/v1/messages", too_many), 400, "invalid_request_error")
+    document = {"type": "document", "title": "Notes", "source": {"type": "text", "media_type": "text/plain",
+                                                                 "data": "Paris is in France."}}
+    counted = anthropic_client.messages.count_tokens(model="m", messages=[{"role": "user", "content": [
+        document, {"type": "text", "text": "Where is Paris?"}]}]).input_tokens
+    assert counted == len(chat_prompt(model, [{"role": "user", "content": "Notes\nParis is in France.\nWhere is Paris?"}]))
+    body = body_for("chat", max_tokens=3, temperature=0)
+    plain = request(server, "POST", "/v1/chat/completions", body).json()
+    packed = request(server, "POST", "/v1/chat/completions", gzipped(body), {"Content-Encoding": "gzip"})
+    assert packed.status == 200 and packed.json()["choices"] == plain["choices"]
+    bomb = gzipped(b" " * (lem_serve.MAX_BODY_BYTES + 1))
+    assert len(bomb) < lem_serve.MAX_BODY_BYTES // 100
+    assert_openai_error(request(server, "POST", "/v1/chat/completions", bomb, {"Content-Encoding": "gzip"}), 413,
+                        code="body_too_large")
+    assert_anthropic_error(request(server, "POST", "/v1/messages", gzipped(body)[:-9], {"Content-Encoding": "gzip"}),
+                           400, "invalid_request_error")
+    assert_openai_error(request(server, "POST", "/v1/chat/completions", json.dumps(body).encode(),
+                                {"Content-Encoding": "br"}), 415, code="unsupported_encoding")
+
+
+PATCH_TOOL = {"type": "custom", "name": "apply_patch", "description": "Apply a patch to files"}
+
+
+def test_codex_tool_kinds(server, model, openai_client, caplog):
+    from openai.types.responses import Response
+    namespace = {"type": "namespace", "name": "crm", "description": "customers",
+                 "tools": [{**as_responses_tool(ADD), "defer_loading": True}]}  # no tool_search: rendered anyway
+    tools = [as_responses_tool(WEATHER), PATCH_TOOL, namespace, {"type": "web_search"},
+             {"type": "computer_use_preview", "display_width": 1024, "display_height": 768, "environment": "linux"}]
+    rendered = [WEATHER, {"type": "function", "function": {"name": "apply_patch", "description": "Apply a patch to files",
+                                                           "parameters": lem_serve.CUSTOM_TOOL_PARAMETERS}},
+                {"type": "function", "function": {**ADD["function"], "name": "crm__add"}}]
+    with caplog.at_level(logging.INFO, logger="lem_serve"):
+        for _ in range(2):
+            response = strictly(Response, request(server, "POST", "/v1/responses", {
+                "input": ASK_WEATHER, "tools": tools, "max_output_tokens": 2}).raw)
+    assert response.usage.input_tokens == len(chat_prompt(model, ASK_WEATHER, rendered))  # hosted tools left out
+    named = [r.getMessage() for r in caplog.records if "'computer_use_preview'" in r.getMessage()]
+    assert len(named) == 1  # named once per process (no other test sends this one)
+    patch = strictly(Response, request(server, "POST", "/v1/responses", {
+        "input": ASK_WEATHER, "tools": tools, "max_output_tokens": 60, "temperature": 1.0,
+        "tool_choice": {"type": "custom", "name": "apply_patch"}}).raw)
+    (call,) = patch.output
+    assert call.type == "custom_tool_call" and call.name == "apply_patch" and isinstance(call.input, str)
+    events = responses_stream_events(server, input=ASK_WEATHER, tools=tools, max_output_tokens=60, temperature=1.0,
+                                     tool_choice={"type": "custom", "name": "apply_patch"})
+    kinds = [e["type"] for e in events]
+    assert "response.custom_tool_call_input.delta" in kinds and "response.custom_tool_call_input.done" in kinds
+    grouped = request(server, "POST", "/v1/responses", {"input": ASK_WEATHER, "tools": tools, "max_output_tokens": 60,
+                                                        "tool_choice": {"type": "function", "name": "add",
+                                                                        "namespace": "crm"}}).json()
+    (function,) = grouped["output"]
+    assert (function["name"], function["namespace"]) == ("add", "crm")
+    assert_valid(function["arguments"], ADD["function"]["parameters"])
+    history = [*ASK_WEATHER, call.model_dump(exclude_none=True),
+               {"type": "custom_tool_call_output", "call_id": call.call_id, "output": "patched"}, function,
+               {"type": "function_call_output", "call_id": function["call_id"], "output": "3"}]
+    follow = openai_client.responses.create(model="tiny", input=history, tools=tools, max_output_tokens=2)
+    chat = [*ASK_WEATHER, {"role": "assistant", "content": "", "tool_calls": [
+        {"id": call.call_id, "type": "function", "function": {"name": "apply_patch", "arguments": {"input": call.input}}}]},
+        {"role": "tool", "tool_call_id": call.call_id, "content": "patched"},
+        {"role": "assistant", "content": "", "tool_calls": [{"id": function["call_id"], "type": "function", "function": {
+            "name": "crm__add", "arguments": json.loads(function["arguments"])}}]},
+        {"role": "tool", "tool_call_id": function["call_id"], "content": "3"}]
+    assert follow.usage.input_tokens == len(chat_prompt(model, chat, rendered))
+    for choice in ({"type": "web_search"}, {"type": "file_search"}):
+        error = assert_openai_error(request(server, "POST", "/v1/responses", {
+            "input": "x", "tools": tools, "tool_choice": choice}), 400, "tool_choice")
+        assert choice["type"] in error["message"]
+
+
+def test_stored_responses_chain_and_are_bounded(make_server, model):
+    openai = pytest.importorskip("openai")
+    srv = make_server(response_store_count=2)
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    first = client.responses.create(model="tiny", instructions=TERSE, input=HELLO, max_output_tokens=4, temperature=0)
+    assert client.responses.retrieve(first.id) == first
+    second = client.responses.create(model="tiny", previous_response_id=first.id, max_output_tokens=4, temperature=0,
+                                     input=[{"role": "user", "content": "And then?"}])
+    assert second.previous_response_id == first.id
+    whole = [*HELLO, {"role": "assistant", "content": first.output_text}, {"role": "user", "content": "And then?"}]
+    assert second.usage.input_tokens == len(chat_prompt(model, whole))  # the first's instructions are not carried
+    stream_ = client.responses.create(model="tiny", input=HELLO, max_output_tokens=2, stream=True)
+    streamed = [e for e in stream_][-1].response
+    assert client.responses.retrieve(streamed.id).output_text == streamed.output_text
+    with pytest.raises(openai.NotFoundError) as evicted:  # the oldest of three, with room for two
+        client.responses.retrieve(first.id)
+    assert evicted.value.body["code"] == "response_not_found"
+    unkept = client.responses.create(model="tiny", input=HELLO, max_output_tokens=2, store=False)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(unkept.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(model="tiny", input="x", previous_response_id=unkept.id, max_output_tokens=2)
+    small = make_server(response_store_bytes=100)  # no response fits: none is kept
+    kept = post(small, "responses", max_tokens=2)
+    assert_openai_error(request(small, "GET", f"/v1/responses/{kept['id']}"), 404, code="response_not_found")
+
+
+def test_codex_goes_on_after_its_model_slips_a_tool_call(tmp_path_factory, tmp_path):
+    codex = agent_cli("codex")
+    folder = build_slip_model(tmp_path_factory.mktemp("models") / "slip-agent", vocab_size=4096,
+                              max_position_embeddings=LONG_CONTEXT)
+    model = lem_serve.load_model(lem_serve.Settings(model_path=str(folder)))
+    with running_server(model, folder, max_tokens=AGENT_MAX_TOKENS, timeout=AGENT_TIMEOUT, max_requests=2,
+                        api_key=AGENT_KEY) as srv:
+        home, work = tmp_path / "codex-home", tmp_path / "work"
+        home.mkdir()
+        work.mkdir()
+        (home / "config.toml").write_text(CODEX_CONFIG.format(url=srv.url + "/v1"))
+        env = {"HOME": home, "CODEX_HOME": home, "LEM_API_KEY": AGENT_KEY}
+        run = run_agent([codex, "exec", "--skip-git-repo-check", "--json", AGENT_ASK], work, env)
+        assert run.returncode == 0, (run.stdout[-2000:], run.stderr[-2000:])
+        events = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+        said = [e["item"]["text"] for e in events if e["type"] == "item.completed"
+                and e["item"]["type"] == "agent_message"]
+        assert said == [SLIP_REPLY]  # the turn after the slipped call, which Codex sent back as the server wrote it
+        assert_only_successes(srv, "/v1/responses")
+        assert requests_answered_with(srv, AGENT_KEY, "/v1/responses", "200") == 2
+
+
+def requests_answered_with(srv, key: str, path: str, code: str) -> float:
+    samples = scrape(srv, {"x-api-key": key})
+    return sum(v for (n, labels), v in samples.items() if n == "lem_requests_total"
+               and f'endpoint="{path}"' in labels and f'code="{code}"' in labels)
+
+
+def checked_labels(sdk: str, payloads: list[dict], kind) -> set[str]:
+    """Each payload validated strictly as `kind`; the labels (sdk:type[:delta type]) of those checked."""
+    labels = set()
+    for payload in payloads:
+        strictly(kind, payload)
+        delta = payload.get("delta") if isinstance(payload.get("delta"), dict) else {}
+        block = payload.get("content_block") or payload.get("item") or {}
+        labels.add(":".join(filter(None, [sdk, payload.get("type"), delta.get("type"), block.get("type")])))
+    return labels
+
+
+def test_sdk_types_strictly_for_every_shape_sent(server, thinking_server, slip_server, long_model, long_model_dir):
+    """Every response shape the dialects send, validated strictly by the SDKs' own types: the checklist."""
+    from anthropic.types import ErrorResponse, Message, MessageTokensCount, ModelInfo, RawMessageStreamEvent
+    from openai.types import Model
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+    from openai.types.shared import ErrorObject
+    from openai.types.responses import Response, ResponseStreamEvent
+    claude, codex = set(), set()
+    tools = [as_anthropic_tool(ADD)]
+    for srv, fields in ((server, {}), (server, {"stop_sequences": ["e"]}), (thinking_server, {
+            "thinking": {"type": "enabled", "budget_tokens": 1024}, "max_tokens": 2000}),
+            (server, {"tools": tools, "tool_choice": {"type": "tool", "name": "add"}, "max_tokens": 200}),
+            (slip_server, {"tools": tools})):
+        body = {"max_tokens": 30, "messages": HELLO, **fields}
+        message = request(srv, "POST", "/v1/messages", body).json()
+        claude |= {f"anthropic:message:{'+'.join(b['type'] for b in message['content'])}"}
+        strictly(Message, message)
+        claude |= checked_labels("anthropic", [e for e in sse_payloads(request(srv, "POST", "/v1/messages", {
+            **body, "stream": True}).raw) if e["type"] != "ping"], RawMessageStreamEvent)
+    strictly(MessageTokensCount, request(server, "POST", "/v1/messages/count_tokens", {"messages": HELLO}).raw)
+    anthropic_models = request(server, "GET", "/v1/models", headers={"anthropic-version": "2023-06-01"}).json()
+    strictly(ModelInfo, anthropic_models["data"][0], extras=(".tool_use",))
+    for status, body in ((400, {"messages": HELLO}), (404, None)):
+        reply = request(server, "POST" if body else "GET", "/v1/messages" if body else "/v1/models/nope", body,
+                        {"anthropic-version": "2023-06-01"})
+        assert reply.status == status
+        strictly(ErrorResponse, reply.raw)
+    claude |= {"anthropic:count_tokens", "anthropic:model", "anthropic:error:400", "anthropic:error:404"}
+    rtools = [as_responses_tool(ADD), PATCH_TOOL]
+    for srv, fields in ((server, {}), (thinking_server, {"max_output_tokens": 50}),
+                        (server, {"tools": rtools, "tool_choice": "required", "max_output_tokens": 200}),
+                        (server, {"tools": rtools, "tool_choice": {"type": "custom", "name": "apply_patch"},
+                                  "max_output_tokens": 200}),
+                        (slip_server, {"tools": rtools})):
+        body = {"input": HELLO, "max_output_tokens": 5, **fields}
+        response = strictly(Response, request(srv, "POST", "/v1/responses", body).raw)
+        codex.add(f"openai:response:{response.status}:{'+'.join(item.type for item in response.output)}")
+        codex |= checked_labels("openai", sse_payloads(request(srv, "POST", "/v1/responses", {
+            **body, "stream": True}).raw), ResponseStreamEvent)
+    with running_server(long_model, long_model_dir, timeout=1, max_tokens=LONG_BUDGET) as srv:  # past the deadline
+        codex |= checked_labels("openai", sse_payloads(request(srv, "POST", "/v1/responses", {
+            "input": HELLO, "max_output_tokens": LONG_BUDGET, "stream": True}).raw)[-1:], ResponseStreamEvent)
+        (failed,) = [e for e in sse_payloads(request(srv, "POST", "/v1/messages", {
+            "messages": HELLO, "max_tokens": LONG_BUDGET, "stream": True}).raw) if e["type"] == "error"]
+        strictly(ErrorResponse, failed)
+        claude.add("anthropic:stream-error")
+    for status, body in ((400, {"input": []}), (404, None)):
+        reply = request(server, "POST" if body else "GET", "/v1/responses" if body else "/v1/responses/resp_x", body)
+        assert reply.status == status
+        strictly(ErrorObject, reply.json()["error"])
+        codex.add(f"openai:error:{status}")
+    for srv, fields in ((server, {}), (slip_server, {"tools": [ADD]})):
+        strictly(ChatCompletion, request(srv, "POST", "/v1/chat/completions", body_for("chat", max_tokens=5, **fields)).raw,
+                 extras=(".reasoning_content", ".reasoning"))
+        for chunk in sse_payloads(request(srv, "POST", "/v1/chat/completions", body_for(
+                "chat", max_tokens=5, stream=True, stream_options={"include_usage": True}, **fields)).raw):
+            strictly(ChatCompletionChunk, chunk)
+    strictly(Model, request(server, "GET", "/v1/models").json()["data"][0],
+             extras=(".context_length", ".max_output_tokens", ".capabilities"))
+    codex |= {"openai:chat.completion", "openai:chat.completion.chunk", "openai:model"}
+    assert claude == ANTHROPIC_CHECKLIST, claude ^ ANTHROPIC_CHECKLIST
+    assert codex == OPENAI_CHECKLIST, codex ^ OPENAI_CHECKLIST
+
+
+# Every shape test_sdk_types_strictly_for_every_shape_sent validates: 19 anthropic, 32 openai.
+ANTHROPIC_CHECKLIST = {f"anthropic:{name}" for name in (
+    "message:text", "message:thinking+text", "message:tool_use", "message_start", "message_delta", "message_stop",
+    "content_block_start:text", "content_block_start:thinking", "content_block_start:tool_use", "content_block_stop",
+    "content_block_delta:text_delta", "content_block_delta:thinking_delta", "content_block_delta:signature_delta",
+    "content_block_delta:input_json_delta", "count_tokens", "model", "error:400", "error:404", "stream-error")}
+OPENAI_CHECKLIST = {f"openai:{name}" for name in (
+    "response:completed:reasoning+message", "response:incomplete:message", "response:completed:function_call",
+    "response:completed:custom_tool_call", "response.created", "response.in_progress", "response.completed",
+    "response.incomplete", "response.failed", "response.output_item.added:message",
+    "response.output_item.done:message", "response.output_item.added:reasoning", "response.output_item.done:reasoning",
+    "response.output_item.added:function_call", "response.output_item.done:function_call",
+    "response.output_item.added:custom_tool_call", "response.output_item.done:custom_tool_call",
+    "response.content_part.added", "response.content_part.done", "response.output_text.delta",
+    "response.output_text.done", "response.reasoning_text.delta", "response.reasoning_text.done",
+    "response.function_call_arguments.delta", "response.function_call_arguments.done",
+    "response.custom_tool_call_input.delta", "response.custom_tool_call_input.done", "chat.completion",
+    "chat.completion.chunk", "model", "error:400", "error:404")}
+assert (len(ANTHROPIC_CHECKLIST), len(OPENAI_CHECKLIST)) == (19, 32)
 
 
 # ---------------------------------------------------------------------------
