@@ -4078,11 +4078,15 @@ def load_embedder(settings: Settings, model: Model, group: Any = None) -> Embedd
         return None
     import mlx.core as mx
     import mlx_lm
-    network, tokenizer, config = mlx_lm.load(settings.embedding_model, return_config=True,
-                                             tokenizer_config={"trust_remote_code": settings.trust_remote_code})
-    mx.eval(network.parameters())
-    return make_embedder(network, tokenizer, Path(settings.embedding_model), default_model_name(settings.embedding_model),
-                         context_length_of(config), vocab_size_of(network, tokenizer))
+    path = settings.embedding_model
+    try:
+        network, tokenizer, config = mlx_lm.load(path, return_config=True,
+                                                 tokenizer_config={"trust_remote_code": settings.trust_remote_code})
+        mx.eval(network.parameters())
+        return make_embedder(network, tokenizer, Path(path), default_model_name(path), context_length_of(config),
+                             vocab_size_of(network, tokenizer))
+    except Exception as exc:  # main() names the chat model's path: say which model failed
+        raise ValueError(f"--embedding-model {path!r}: {exc}") from None
 
 
 def make_embedder(network: Any, tokenizer: Any, folder: Path, name: str | None, context: int | None,

@@ -5264,7 +5264,7 @@ def test_api_key_covers_every_v1_route_and_metrics(make_server):
     srv = make_server(api_key="sekret")
     guarded = [(m, p) for m, table in (("GET", lem_serve.Handler.GET_ROUTES), ("POST", lem_serve.Handler.POST_ROUTES))
                for p in table if p.startswith("/v1/") or p == "/metrics"]
-    assert len(guarded) == 7
+    assert len(guarded) == 8
     endpoint_of = {path: endpoint for endpoint, path in PATHS.items()}
     for method, path in guarded:
         endpoint = "messages" if path.startswith("/v1/messages") else endpoint_of.get(path, "completions")
@@ -5272,7 +5272,8 @@ def test_api_key_covers_every_v1_route_and_metrics(make_server):
                         {"Authorization": "Basic sekret", "x-api-key": "sekre"}):
             assert_error(endpoint, request(srv, method, path + "?x=1", {"prompt": "x"}, headers), 401)
         for headers in ({"Authorization": "Bearer sekret"}, {"x-api-key": "sekret"}):
-            ok = request(srv, method, path, body_for(endpoint, max_tokens=1), headers)
+            body = {"input": "x"} if path == "/v1/embeddings" else body_for(endpoint, max_tokens=1)
+            ok = request(srv, method, path, body, headers)
             assert ok.status == 200, (path, ok.raw[:200])
     assert scrape(srv, {"Authorization": "Bearer sekret"})["lem_engine_up", ""] == 1
     for path in ("/", "/chat.js", "/healthz"):
@@ -6019,6 +6020,15 @@ def test_embedding_model_with_a_pooling_mode_it_cannot_run_is_refused_at_start(m
     settings = lem_serve.Settings(model_path=str(model_dir), embedding_model=str(folder))
     with pytest.raises(ValueError, match="pooling"):
         lem_serve.load_model(settings)
+
+
+def test_embedding_model_that_cannot_load_exits_2_naming_it(model_dir, tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "lem_serve.py"), "--model-path", str(model_dir),
+                          "--embedding-model", str(tmp_path / "missing"), "--bind", "127.0.0.1:0"],
+                         capture_output=True, text=True, timeout=120, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--embedding-model" in lines[0] and "missing" in lines[0], out.stderr
 
 
 BAD_EMBEDDING_BODIES = {
