@@ -3974,14 +3974,27 @@ def model_identity(settings: Settings, model: Model) -> str:
     adapters and draft model, the chat template in use, and the KV cache settings."""
     digest = hashlib.sha256()
     for name in (settings.model_path, settings.adapter_path, settings.draft_model):
-        folder = Path(name) if name else None
-        digest.update(repr(name if folder is None or not folder.is_dir() else "folder").encode())
-        for path in sorted(folder.iterdir()) if folder is not None and folder.is_dir() else []:
+        folder = local_folder(name)
+        digest.update(repr(name if folder is None else "folder").encode())
+        for path in sorted(folder.iterdir()) if folder is not None else []:
             if path.is_file():
                 digest.update(path.name.encode() + file_digest(path))
     digest.update(repr(getattr(model.tokenizer, "chat_template", None)).encode())
     digest.update(repr((settings.kv_bits, settings.kv_group_size, settings.quantized_kv_start)).encode())
     return digest.hexdigest()
+
+
+def local_folder(name: str | None) -> Path | None:
+    """A model's folder on this machine: the path itself, or a Hub repo id's snapshot in the local
+    Hugging Face cache (the revision mlx_lm.load found there); None when there is neither."""
+    if not name:
+        return None
+    if Path(name).is_dir():
+        return Path(name)
+    with contextlib.suppress(Exception):  # not a repo id, or not downloaded: no files to go by
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(name, local_files_only=True))
+    return None
 
 
 def file_digest(path: Path, span: int = 1 << 20) -> bytes:
@@ -4689,7 +4702,7 @@ class PromptCache:
         self._drop_prefixes_of(entry)
         self._add(entry)
         if entries is None:
-            self.fit(limit, keep=entry)
+            self.fit(limit, PROMPT_CACHE_MAX_ENTRIES, keep=entry)
             kept = self._cut_to(entry, limit)
         else:
             self.fit(entries=entries + (kept == 0), keep=entry)

@@ -1922,6 +1922,15 @@ def test_eviction_is_least_recently_used_first(make_server, model):
     assert cached_of(post(srv, "completions", prompt=second + [30], max_tokens=1)) == 0
 
 
+def test_prompt_cache_holds_at_most_its_entry_count(make_server, monkeypatch):
+    monkeypatch.setattr(lem_serve, "PROMPT_CACHE_MAX_ENTRIES", 2)
+    srv = make_server()
+    for start in range(3):
+        post(srv, "completions", prompt=token_prompt(20, start=start), max_tokens=2)
+    figures = cache_figures(srv)
+    assert figures["entries"] == 2 and figures["evictions_total"] == 1
+
+
 def test_kv_bytes_per_token_is_what_the_cache_holds(make_server, model, tmp_path):
     srv = make_server()
     post(srv, "completions", prompt=token_prompt(40), max_tokens=5)
@@ -2149,6 +2158,23 @@ def test_saved_caches_that_are_corrupt_truncated_or_foreign_are_skipped(model, m
             assert cached_of(again) == 300
     skipped = [r.getMessage() for r in caplog.records if "skipping saved prompt cache" in r.getMessage()]
     assert len(skipped) == 3 and any("another model" in w for w in skipped), skipped
+
+
+def test_a_hub_models_identity_follows_its_downloaded_files(model, model_dir, tmp_path, monkeypatch):
+    constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    repo = tmp_path / "models--lem--tiny"
+    shutil.copytree(model_dir, repo / "snapshots" / "rev1")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("rev1")
+    settings = lem_serve.Settings(model_path="lem/tiny")
+    first = lem_serve.model_identity(settings, model)
+    assert first == lem_serve.model_identity(lem_serve.Settings(model_path=str(repo / "snapshots" / "rev1")), model)
+    shutil.copytree(model_dir, repo / "snapshots" / "rev2")
+    weights = next((repo / "snapshots" / "rev2").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\1")  # a new revision of the weights
+    (repo / "refs" / "main").write_text("rev2")
+    assert lem_serve.model_identity(settings, model) != first
 
 
 def test_unwritable_prompt_cache_dir_is_an_error_at_start(tmp_path, capsys):
