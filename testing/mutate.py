@@ -466,6 +466,46 @@ MUTATIONS = [
              (("    messages = neutralize_billing_header([dict(m) for m in kept])\n",
                "    messages = [dict(m) for m in kept]\n"),),
              ("test_claude_code_billing_nonce_does_not_break_the_shared_prefix",)),
+    # Issue 26: /v1/embeddings.
+    Mutation("embed-last-token-of-padding", "last-token pooling reads each padded row's final position, the padding's",
+             (("return hidden[mx.arange(hidden.shape[0]), lengths - 1]", "return hidden[:, -1]"),),
+             ("test_embeddings_equal_a_direct_forward_pass",)),
+    Mutation("embed-mean-over-padding", "mean pooling averages the padding too",
+             (("return (hidden * mask[..., None]).sum(axis=1) / lengths[:, None].astype(hidden.dtype)",
+               "return hidden.mean(axis=1)"),),
+             ("test_embedding_model_flag_pools_as_its_sentence_transformers_config",)),
+    Mutation("embed-out-of-order", "vectors come back in the engine's batch order (shortest first), not input order",
+             (("                for i, vector in zip(rows, pooled):\n                    vectors[i] = vector\n",
+               "                for vector in pooled:\n                    vectors[vectors.index(None)] = vector\n"),),
+             ("test_embeddings_equal_a_direct_forward_pass",)),
+    Mutation("embed-not-normalized", "vectors are never L2-normalized",
+             (("    if embedder.normalize:\n        pooled = pooled / mx.maximum(", "    if False:\n        pooled = pooled / mx.maximum("),),
+             ("test_embeddings_equal_a_direct_forward_pass",)),
+    Mutation("embed-normalize-module-ignored", "a sentence-transformers folder without a Normalize module is normalized",
+             (('    return pooling, "Normalize" in kinds, prompts', "    return pooling, True, prompts"),),
+             ("test_embedding_model_flag_pools_as_its_sentence_transformers_config",)),
+    Mutation("embed-dimensions-not-renormalized", "dimensions cuts the normalized vector and leaves it shorter than 1",
+             (("    pooled = pooled[:, :dimensions] if dimensions else pooled\n    if embedder.normalize:\n"
+               "        pooled = pooled / mx.maximum(mx.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)\n",
+               "    if embedder.normalize:\n"
+               "        pooled = pooled / mx.maximum(mx.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)\n"
+               "    pooled = pooled[:, :dimensions] if dimensions else pooled\n"),),
+             ("test_dimensions_truncate_and_renormalize",)),
+    Mutation("embed-base64-big-endian", "base64 vectors are big-endian float32",
+             (('    if sys.byteorder == "big":\n        packed.byteswap()', "    packed.byteswap()"),),
+             ("test_base64_is_the_float_vector_as_little_endian_float32", "test_openai_sdk_embeddings_create")),
+    Mutation("embed-bypasses-gate", "embeddings run without taking a generation slot",
+             (("        with server.admit(1, gone=lambda: client_gone(self.connection)) as slot:\n"
+               "            job = EmbeddingJob(",
+               "        with Admission(server, 0) as slot:\n            job = EmbeddingJob("),),
+             ("test_embeddings_take_a_generation_slot_and_are_counted",)),
+    Mutation("embed-token-limit-ignored", "--max-embedding-tokens is not applied, only the model's context",
+             (("        inputs = embedding_inputs(request, embedder, embedder.max_tokens(server.settings.max_embedding_tokens))",
+               "        inputs = embedding_inputs(request, embedder, embedder.context_length or 10**9)"),),
+             ("test_bad_embedding_inputs_are_400",)),
+    Mutation("embedding-model-flag-ignored", "--embedding-model never reaches the settings: the chat model embeds",
+             (("embedding_model=args.embedding_model,", "embedding_model=None,"),),
+             ("test_embedding_model_flag_pools_as_its_sentence_transformers_config",)),
 ]
 
 
