@@ -3337,6 +3337,21 @@ def test_claude_code_with_a_wrong_key_asks_once_and_says_so(make_server, tmp_pat
     assert requests_answered(srv, "/v1/messages", "401") == 1
 
 
+def test_codex_with_a_wrong_key_says_so_with_the_request_id(make_server, tmp_path):
+    codex = agent_cli("codex")
+    srv = make_server(api_key="sekret")
+    (tmp_path / "work").mkdir()
+    (tmp_path / "config.toml").write_text(CODEX_CONFIG.format(url=srv.url + "/v1"))
+    run = run_agent([codex, "exec", "--skip-git-repo-check", AGENT_ASK], tmp_path / "work",
+                    {"HOME": tmp_path, "CODEX_HOME": tmp_path, "LEM_API_KEY": "sk-wrong"})
+    assert run.returncode != 0
+    said = run.stdout + run.stderr
+    assert "401" in said and "wrong API key" in said and re.search(r"request id: req_[0-9a-f]{24}", said), said[-1000:]
+    assert wait_until(lambda: srv.in_flight == 0)
+    # Codex retries a 401 by its own policy (to refresh a ChatGPT login), whatever x-should-retry says.
+    assert 1 <= requests_answered(srv, "/v1/responses", "401") <= 6
+
+
 def test_tool_arguments_that_are_no_json_object_are_wrapped_and_replay(slip_server):
     wrapped = {lem_serve.RAW_ARGUMENTS_KEY: SLIP_ARGUMENTS}
     shell = {"type": "function", "function": {"name": "add", "parameters": {
