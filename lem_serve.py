@@ -7,6 +7,7 @@ Serves one MLX / Hugging Face model over HTTP:
     POST /v1/messages           Anthropic's Messages API (Claude Code), streaming or not
     POST /v1/messages/count_tokens   the prompt's token count, as a create would report it
     POST /v1/responses          OpenAI's Responses API (Codex), streaming or not
+    POST /v1/embeddings         vectors from the model, or from a second --embedding-model
     GET  /v1/responses/ID       a response kept with store: true (bounded, in memory)
     GET  /v1/models[/ID]        the one model, in OpenAI's shape or (anthropic-version) Anthropic's
     GET  /healthz               liveness and load, 503 once the engine has died
@@ -40,6 +41,7 @@ handler; the server class and main().
 from __future__ import annotations
 
 import argparse
+import array
 import base64
 import codecs
 import collections
@@ -104,6 +106,9 @@ DEFAULT_NUM_DRAFT_TOKENS = 3      # tokens a --draft-model proposes per step; >=
 DEFAULT_KV_GROUP_SIZE = 64        # --kv-bits quantization group size (mlx_lm's); 32, 64 or 128
 DEFAULT_QUANTIZED_KV_START = 5000 # --kv-bits: tokens of context kept exact before the cache is quantized (mlx_lm's); >= 0
 PROMPT_CACHE_MAX_ENTRIES = 64     # finished requests whose KV cache is kept (the byte budget binds first)
+DEFAULT_MAX_EMBEDDING_TOKENS = 8192  # tokens one embeddings input may have (less if the model's context is shorter); >= 1
+MAX_EMBEDDING_INPUTS = 2048       # inputs in one embeddings request, as OpenAI allows
+EMBEDDING_BATCH_TOKENS = 16384    # padded tokens (rows x longest row) per embedding forward pass; a longer input runs alone
 MAX_BODY_BYTES = 8 * 1024 * 1024  # largest request body accepted; bigger gets 413
 MAX_STOP_STRINGS = 4              # stop strings per request, as OpenAI allows
 MAX_STOP_CHARS = 1000             # characters per stop string; longer is a 400
@@ -183,6 +188,8 @@ class Settings:
     kv_group_size: int = DEFAULT_KV_GROUP_SIZE
     quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START
     pipeline: bool = False                 # sharded: split the model's layers over the ranks, not each layer
+    embedding_model: str | None = None     # a second model that serves /v1/embeddings; None: the chat model does
+    max_embedding_tokens: int = DEFAULT_MAX_EMBEDDING_TOKENS  # tokens per embeddings input
     response_store_count: int = DEFAULT_RESPONSE_STORE_COUNT  # /v1/responses kept for previous_response_id
     response_store_bytes: int = DEFAULT_RESPONSE_STORE_BYTES
 
@@ -315,6 +322,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--reasoning-format", choices=["auto", "none"], default=DEFAULT_REASONING_FORMAT,
                    help="auto: a thinking model's reasoning goes to reasoning_content (and thinking blocks), "
                         "not the reply's text; none: the raw <think> tags stay in the text")
+    p.add_argument("--embedding-model", help="a model folder (e.g. Qwen3-Embedding) that serves /v1/embeddings, "
+                                             "loaded beside the chat model; default: the chat model serves them")
+    p.add_argument("--max-embedding-tokens", type=_at_least(1), default=DEFAULT_MAX_EMBEDDING_TOKENS,
+                   help="tokens one /v1/embeddings input may have (default %(default)s, or the model's context if less)")
     p.add_argument("--response-store-count", type=_at_least(0), default=DEFAULT_RESPONSE_STORE_COUNT,
                    help="/v1/responses made with store: true kept in memory for previous_response_id and "
                         "GET /v1/responses/ID (default %(default)s; 0 = none)")
@@ -392,7 +403,8 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         num_draft_tokens=args.num_draft_tokens, kv_bits=args.kv_bits, kv_group_size=args.kv_group_size,
         quantized_kv_start=args.quantized_kv_start,
         pipeline=args.pipeline, response_store_count=args.response_store_count,
-        response_store_bytes=args.response_store_bytes,
+        response_store_bytes=args.response_store_bytes, embedding_model=args.embedding_model,
+        max_embedding_tokens=args.max_embedding_tokens,
     )
 
 
@@ -2920,7 +2932,7 @@ MESSAGES_CHECKS = common_checks("model", "stream", "max_tokens", "top_p", "top_k
     Check("thinking", (dict,), '{"type": "enabled", "budget_tokens": N}, {"type": "adaptive"} or {"type": "disabled"}'),
 )
 ANTHROPIC_ROLES = ("user", "assistant", "system")   # Claude Code sends "system" messages mid-conversation
-REPLAYED_BLOCKS = ("thinking", "redacted_thinking")  # earlier reasoning sent back: accepted, not shown to the model
+REPLAYED_BLOCKS = ("thinking", "redacted_thinking")  # earlier reasoning sent back: thinking reaches the template
 THINKING_ON = ("enabled", "adaptive")                # thinking types that ask for thinking blocks
 
 
@@ -2993,7 +3005,7 @@ def anthropic_message(message: Any, index: int, seen_calls: set, catalog: dict[s
     Text blocks (and documents with a text source) are joined; an
     assistant's tool_use blocks become its tool_calls, their ids added to
     `seen_calls`, which a tool_result must answer; replayed thinking blocks
-    are dropped; images and other documents are refused (text models only).
+    its reasoning_content; images and other documents are refused (text models only).
     `catalog` holds every declared tool by name, for tool_reference blocks.
     """
     param = f"messages[{index}]"
@@ -3004,7 +3016,7 @@ def anthropic_message(message: Any, index: int, seen_calls: set, catalog: dict[s
         return [{"role": role, "content": content}]
     if not isinstance(content, list):
         raise invalid(f"{param}.content must be a string or a list of content blocks", f"{param}.content")
-    texts, calls, results = [], [], []
+    texts, calls, results, thoughts = [], [], [], []
     for i, block in enumerate(content):
         where = f"{param}.content[{i}]"
         kind = block.get("type") if isinstance(block, dict) else None
@@ -3017,6 +3029,8 @@ def anthropic_message(message: Any, index: int, seen_calls: set, catalog: dict[s
             seen_calls.add(calls[-1]["id"])
         elif kind == "tool_result" and role == "user":
             results.append(anthropic_tool_result(block, where, seen_calls, catalog))
+        elif kind == "thinking" and role == "assistant" and isinstance(block.get("thinking"), str):
+            thoughts.append(block["thinking"])
         elif kind in MEDIA_PARTS:
             raise invalid(f"{where} is a block of type {kind!r}; this server serves text models only (a document "
                           "needs a text source)", where)
@@ -3025,6 +3039,8 @@ def anthropic_message(message: Any, index: int, seen_calls: set, catalog: dict[s
                           "text, document (text source), tool_use (assistant), tool_result (user), thinking and "
                           "redacted_thinking", where)
     rest = {"role": role, "content": BLOCK_SEPARATOR.join(texts)}
+    if thoughts:   # replayed reasoning: templates that render it get it, as from chat's reasoning_content
+        rest["reasoning_content"] = "\n\n".join(thoughts)
     if calls:
         rest["tool_calls"] = calls
     return results + ([rest] if texts or calls or not results else [])
@@ -3227,7 +3243,8 @@ def responses_tools(tools: list) -> tuple[list[dict], dict]:
                     raise invalid(f"'{param}' must be an object", param)
                 continue
             schema = CUSTOM_TOOL_PARAMETERS if member_kind == "custom" else member.get("parameters")
-            (function,) = dialect_tools([{**member, "parameters": schema}], "parameters", lambda t: True)
+            # No tool_search here to load a deferred tool later: every tool is rendered from the start.
+            (function,) = dialect_tools([{**member, "parameters": schema}], "parameters", lambda t: True, deferred=True)
             name = function["function"]["name"]
             rendered = f"{tool['name']}{NAMESPACE_SEPARATOR}{name}" if kind == "namespace" else name
             function["function"]["name"] = rendered
@@ -3239,10 +3256,11 @@ def responses_tools(tools: list) -> tuple[list[dict], dict]:
 
 def responses_input(items: str | list, kinds: dict | None = None) -> list[dict]:
     """Input items as chat messages: messages, function and custom tool calls (joined to their assistant
-    turn), their outputs. Reasoning items sent back are dropped; other item kinds are refused."""
+    turn), their outputs. Reasoning items sent back become the next assistant turn's reasoning_content; other kinds are refused."""
     if isinstance(items, str):
         return [{"role": "user", "content": items}]
     messages: list[dict] = []
+    thoughts: list[str] = []   # reasoning items not yet given to an assistant turn
     for i, item in enumerate(items):
         param = f"input[{i}]"
         kind = item.get("type", "message") if isinstance(item, dict) else None
@@ -3254,12 +3272,25 @@ def responses_input(items: str | list, kinds: dict | None = None) -> list[dict]:
                 messages[-1]["tool_calls"] = messages[-1].get("tool_calls", []) + [call]
             else:
                 messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
+        elif kind == "reasoning":
+            thoughts.append(reasoning_item_text(item))
         elif kind in ("function_call_output", "custom_tool_call_output"):
             messages.append(responses_call_output(item, param))
-        elif kind != "reasoning":
+        else:
             raise invalid(f"{param} is a {json.dumps(kind)[:40]} item; this server takes message, function_call, "
                           "custom_tool_call, their outputs, and reasoning items", param)
+        if thoughts and kind != "reasoning" and messages[-1]["role"] == "assistant":
+            messages[-1].setdefault("reasoning_content", "\n\n".join(thoughts))
+            thoughts = []
     return messages
+
+
+def reasoning_item_text(item: dict) -> str:
+    """A reasoning item's text: its reasoning_text parts, else its summary (encrypted content is not ours to read)."""
+    def texts(parts: Any, kind: str) -> list[str]:
+        return [p["text"] for p in parts or () if isinstance(p, dict) and p.get("type") == kind
+                and isinstance(p.get("text"), str)]
+    return "\n\n".join(texts(item.get("content"), "reasoning_text") or texts(item.get("summary"), "summary_text"))
 
 
 def responses_call(item: dict, param: str, kind: str) -> dict:
@@ -3328,6 +3359,61 @@ def responses_format(value: Any) -> dict | None:
                   "{\"type\": \"json_schema\", \"name\": ..., \"schema\": {...}}", "text.format")
 
 
+# -- /v1/embeddings: OpenAI's shapes, checked before any model is involved
+
+EMBEDDING_FORMATS = ("float", "base64")
+EMBEDDING_CHECKS = (
+    Check("model", (str,), "a string"),
+    Check("user", (str,), "a string"),
+    Check("encoding_format", (str,), f"one of {', '.join(map(repr, EMBEDDING_FORMATS))}",
+          lambda v: v in EMBEDDING_FORMATS),
+    Check("dimensions", (int,), "an integer >= 1", lambda v: v >= 1),
+)
+INPUT_RULE = (f"a non-empty string, a list of 1 to {MAX_EMBEDDING_INPUTS} non-empty strings, a non-empty list of "
+              "token ids, or a list of such lists")
+
+
+@dataclass(frozen=True)
+class EmbeddingRequest:
+    """One validated /v1/embeddings body: each input is text or token ids, in the client's order."""
+
+    inputs: tuple[str | tuple[int, ...], ...]
+    encoding_format: str = "float"          # "float": JSON numbers; "base64": little-endian float32 bytes
+    dimensions: int | None = None           # keep the first `dimensions` components (then re-normalize)
+
+    @property
+    def n(self) -> int:
+        """One result however many inputs (the handler counts one finish per choice)."""
+        return 1
+
+
+def parse_embedding_request(body: dict) -> EmbeddingRequest:
+    """Validate a decoded /v1/embeddings body; model-dependent limits come later (embedding_inputs)."""
+    run_checks(body, EMBEDDING_CHECKS)
+    return EmbeddingRequest(embedding_input(body.get("input")), body.get("encoding_format") or "float",
+                            body.get("dimensions"))
+
+
+def embedding_input(value: Any) -> tuple[str | tuple[int, ...], ...]:
+    """OpenAI's four input shapes as a tuple of inputs, or a 400 naming what is wrong."""
+    def token_ids(item: Any) -> bool:
+        return (isinstance(item, list) and len(item) > 0
+                and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in item))
+
+    if isinstance(value, str) and value:
+        return (value,)
+    if token_ids(value):
+        return (tuple(value),)
+    if isinstance(value, list) and 0 < len(value) <= MAX_EMBEDDING_INPUTS:
+        if all(isinstance(item, str) and item for item in value):
+            return tuple(value)
+        if all(token_ids(item) for item in value):
+            return tuple(tuple(item) for item in value)
+    got = f"a list of {len(value)} inputs" if isinstance(value, list) and len(value) > MAX_EMBEDDING_INPUTS \
+        else json.dumps(value)[:80]
+    raise invalid(f"'input' must be {INPUT_RULE}; got {got}", "input")
+
+
 # ---------------------------------------------------------------------------
 # The generation engine: one thread that owns MLX
 # ---------------------------------------------------------------------------
@@ -3343,6 +3429,7 @@ class Model:
     token_bytes: list[bytes] | None = None  # each token id's own bytes (token_bytes_of); None: decode instead
     sampling: dict = dataclasses.field(default_factory=dict)  # the model folder's recommended sampling
     solo: "SoloOptions | None" = None  # generate one sequence at a time, this way (draft model, quantized cache)
+    embedder: "Embedder | None" = None  # what serves /v1/embeddings; None: nothing can
 
 
 def load_model(settings: Settings, group: Any = None) -> Model:
@@ -3376,9 +3463,10 @@ def load_model(settings: Settings, group: Any = None) -> Model:
             tokenizer_config=tokenizer_config, trust_remote_code=settings.trust_remote_code)
     # Adapter weights arrive unevaluated, tied to this thread's stream; the engine thread has its own.
     mx.eval(model.parameters())
-    return Model(model, tokenizer, context_length_of(config), vocab_size_of(model, tokenizer),
-                 token_bytes_of(tokenizer), recommended_sampling(Path(settings.model_path)),
-                 solo_options(settings, model, tokenizer))
+    loaded = Model(model, tokenizer, context_length_of(config), vocab_size_of(model, tokenizer),
+                   token_bytes_of(tokenizer), recommended_sampling(Path(settings.model_path)),
+                   solo_options(settings, model, tokenizer))
+    return dataclasses.replace(loaded, embedder=load_embedder(settings, loaded, group))
 
 
 @dataclass(frozen=True)
@@ -3494,6 +3582,183 @@ def context_length_of(config: dict) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+# Chat formats: how each family of chat templates writes tool calls, keyed by
+# what its template contains. mlx_lm's own parser serves every family it reads
+# right (Qwen, GLM, Kimi, MiniMax, Gemma...); the table holds the rest, and how
+# each family writes a call whose arguments are forced (json_constraint).
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """How one family of chat templates writes its tool calls.
+
+    `starts` open a call; `end` closes it ("": a call runs to the next start
+    or the end of the reply, whose end-of-turn token is not text). `leading`
+    open a call only as the first thing in a reply, and stay part of it
+    (Llama 3's bare JSON). `parse(body, tools)` is one call's text ->
+    {"name", "arguments"[, "id"]} or a list of them; it raises on anything
+    else. `write(name)` is how the family writes a call to `name`: the text
+    before its arguments JSON and the text after (None: no JSON form).
+    `harmony`: OpenAI's channel format (gpt-oss), read by HarmonyScanner.
+    """
+
+    name: str
+    starts: tuple[str, ...] = ()
+    end: str = ""
+    parse: Callable[[str, Any], Any] | None = None
+    write: Callable[[str], tuple[str, str]] | None = None
+    leading: tuple[str, ...] = ()
+    harmony: bool = False
+
+
+def json_objects(text: str) -> list[Any]:
+    """The JSON values written one after another in `text` (blanks, ';' or ',' between); raises if any is not."""
+    decoder, values, at = json.JSONDecoder(), [], 0
+    while (at := len(text) - len(text[at:].lstrip(" \t\r\n;,"))) < len(text):
+        value, at = decoder.raw_decode(text, at)
+        values.append(value)
+    return values
+
+
+def parse_llama_calls(body: str, tools: Any = None) -> list[dict]:
+    """Llama 3.x: {"name": ..., "parameters": {...}} (after <|python_tag|> or as the whole reply), one or more."""
+    calls = []
+    for value in json_objects(body):
+        arguments = value.get("parameters", value.get("arguments")) if isinstance(value, dict) else None
+        if not isinstance(value.get("name") if isinstance(value, dict) else None, str) or not isinstance(arguments, dict):
+            raise ValueError(f"not a Llama tool call: {body[:200]!r}")
+        calls.append({"name": value["name"], "arguments": arguments})
+    if not calls:
+        raise ValueError("no tool call")
+    return calls
+
+
+DEEPSEEK_CALL = re.compile(r"<｜tool▁call▁begin｜>(?:(\w+)<｜tool▁sep｜>([^\n<]+)\n```(?:json)?\n(.*?)\n```|"
+                           r"([^<]+?)<｜tool▁sep｜>(.*?))<｜tool▁call▁end｜>", re.S)
+
+
+def parse_deepseek_calls(body: str, tools: Any = None) -> list[dict]:
+    """DeepSeek's calls block: R1's `function<｜tool▁sep｜>NAME\\n```json\\n{...}\\n```` or V3.1's `NAME<｜tool▁sep｜>{...}`.
+
+    The R1 distills' template never closes a lone call, so a call whose end
+    marker is missing (the reply ended) still counts.
+    """
+    if "<｜tool▁call▁end｜>" not in body.rstrip()[-len("<｜tool▁call▁end｜>"):]:
+        body += "<｜tool▁call▁end｜>"
+    calls = [{"name": (match[2] or match[4]).strip(), "arguments": json.loads(match[3] or match[5])}
+             for match in DEEPSEEK_CALL.finditer(body)]
+    if not calls:
+        raise ValueError(f"not a DeepSeek tool call: {body[:200]!r}")
+    return calls
+
+
+MISTRAL_CALL = re.compile(r"\s*([\w.-]+)(?:\[CALL_ID\](\w+))?\[ARGS\]")
+
+
+def parse_mistral_call(body: str, tools: Any = None) -> Any:
+    """Mistral: `name[ARGS]{...}`, Mistral Small 3.2's `name[CALL_ID]id[ARGS]{...}`, or the older JSON list."""
+    if body.lstrip().startswith("["):
+        from mlx_lm.tool_parsers import mistral
+        return mistral.parse_tool_call(body, tools)
+    match = MISTRAL_CALL.match(body)
+    if match is None:
+        raise ValueError(f"not a Mistral tool call: {body[:200]!r}")
+    arguments, = json_objects(body[match.end():])
+    call = {"name": match[1], "arguments": arguments}
+    return {**call, "id": match[2]} if match[2] else call
+
+
+def mistral_call_id() -> str:
+    """A call id as Mistral Small 3.2's template demands: nine letters and digits."""
+    return uuid.uuid4().hex[:9]
+
+
+# (what the chat template contains, its format); the first match wins, and a
+# template none matches gets mlx_lm's parser (chat_format_of).
+CHAT_FORMATS: tuple[tuple[tuple[str, ...], ChatFormat], ...] = (
+    (("<|channel|>", "<|constrain|>"), ChatFormat(
+        "harmony", harmony=True,
+        write=lambda name: (f"<|channel|>commentary to=functions.{name} <|constrain|>json<|message|>", "<|call|>"))),
+    (("<｜tool▁calls▁begin｜>", "```json"), ChatFormat(
+        "deepseek-r1", starts=("<｜tool▁calls▁begin｜>",), end="<｜tool▁calls▁end｜>", parse=parse_deepseek_calls,
+        write=lambda name: (f"<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>{name}\n```json\n",
+                            "\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>"))),
+    (("<｜tool▁calls▁begin｜>",), ChatFormat(
+        "deepseek-v3.1", starts=("<｜tool▁calls▁begin｜>",), end="<｜tool▁calls▁end｜>", parse=parse_deepseek_calls,
+        write=lambda name: (f"<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>{name}<｜tool▁sep｜>",
+                            "<｜tool▁call▁end｜><｜tool▁calls▁end｜>"))),
+    (("[TOOL_CALLS]", "[CALL_ID]"), ChatFormat(
+        "mistral-3.2", starts=("[TOOL_CALLS]",), parse=parse_mistral_call,
+        write=lambda name: (f"[TOOL_CALLS]{name}[CALL_ID]{mistral_call_id()}[ARGS]", ""))),
+    (("[TOOL_CALLS]",), ChatFormat(
+        "mistral", starts=("[TOOL_CALLS]",), parse=parse_mistral_call,
+        write=lambda name: (f"[TOOL_CALLS]{name}[ARGS]", ""))),
+    (('{"name": function name, "parameters"',), ChatFormat(
+        "llama3", starts=("<|python_tag|>",), leading=("{",), parse=parse_llama_calls,
+        write=lambda name: (f'{{"name": {json.dumps(name)}, "parameters": ', "}"))),
+)
+
+
+def chat_format_of(tokenizer: Any) -> ChatFormat | None:
+    """The tool-call format of the model's chat template: the table's, else mlx_lm's parser's, else None."""
+    template = getattr(tokenizer, "chat_template", None)
+    return _chat_format(template if isinstance(template, str) else "", getattr(tokenizer, "tool_call_start", None),
+                        getattr(tokenizer, "tool_call_end", None), getattr(tokenizer, "tool_parser", None))
+
+
+@functools.lru_cache(maxsize=16)
+def _chat_format(template: str, start: str | None, end: str | None, parser: Any) -> ChatFormat | None:
+    for signs, found in CHAT_FORMATS:
+        if all(sign in template for sign in signs):
+            return found
+    if not start or parser is None:
+        return None
+    hermes = getattr(parser, "__module__", "") == "mlx_lm.tool_parsers.json_tools"  # Qwen's <tool_call>{JSON}
+    write = (lambda name: (f'{start}\n{{"name": {json.dumps(name)}, "arguments": ', f"}}\n{end}")) if hermes else None
+    return ChatFormat(parser.__module__.rpartition(".")[2], starts=(start,), end=end or "", parse=parser, write=write)
+
+
+def template_messages(messages: list[dict], template: str) -> list[dict]:
+    """The messages as this chat template expects them.
+
+    Reasoning sent back (reasoning_content) is also harmony's `thinking`; a
+    call-only assistant turn has null content, whichever dialect it came by.
+    A template that demands alternating roles gets consecutive plain
+    messages of one role merged with a blank line (Codex sends system
+    prompt, developer message, then user), as peers do; one that demands
+    nine-character call ids (Mistral Small 3.2) gets each id mapped to one.
+    """
+    out: list[dict] = []
+    for message in messages:
+        message = dict(message)
+        if "reasoning_content" in message and "<|channel|>" in template:
+            message["thinking"] = message["reasoning_content"]
+        if "length 9" in template:
+            message = nine_character_ids(message)
+        if message.get("tool_calls") and not message.get("content"):
+            message["content"] = None   # as OpenAI sends it: DeepSeek's templates write calls only then
+        plain = not message.get("tool_calls") and message["role"] != "tool"
+        if ("must alternate" in template and plain and out and out[-1]["role"] == message["role"]
+                and not out[-1].get("tool_calls") and isinstance(message["content"], str)
+                and isinstance(out[-1]["content"], str)):
+            out[-1] = {**out[-1], "content": f"{out[-1]['content']}\n\n{message['content']}"}
+            continue
+        out.append(message)
+    return out
+
+
+def nine_character_ids(message: dict) -> dict:
+    """A message whose call ids are nine letters and digits, each id always mapped to the same one."""
+    def nine(call_id: Any) -> Any:
+        return call_id if not isinstance(call_id, str) or re.fullmatch(r"[A-Za-z0-9]{9}", call_id) else \
+            uuid.uuid5(uuid.NAMESPACE_URL, call_id).hex[:9]
+    if "tool_call_id" in message:
+        message["tool_call_id"] = nine(message["tool_call_id"])
+    if message.get("tool_calls"):
+        message["tool_calls"] = [{**call, "id": nine(call.get("id"))} for call in message["tool_calls"]]
+    return message
 
 
 # -- memory: what the weights leave for KV caches, shared by the prompt cache and the running batch
@@ -3623,6 +3888,8 @@ def render_prompt(request: GenerationRequest, model: Model) -> tuple[list[int], 
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
         return tokenizer.encode(text), dropped
     tools = check_tool_support(request, tokenizer)
+    template = getattr(tokenizer, "chat_template", None)
+    messages = template_messages(messages, template if isinstance(template, str) else "")
     try:
         return list(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
                                                   tokenize=True, **request.template_args)), dropped
@@ -3680,10 +3947,11 @@ def check_tool_support(request: GenerationRequest, tokenizer: Any) -> list[dict]
     """The tools to show the chat template, or a 400 when this model cannot call them."""
     if not request.tools or request.tool_choice == "none":
         return None
-    if not getattr(tokenizer, "has_tool_calling", False):
+    form = chat_format_of(tokenizer)
+    if form is None:
         raise invalid("this model has no tool-call format that the server can parse; send no 'tools'", "tools")
     forced = request.constraint is not None and request.constraint.tool_call
-    if forced and getattr(tokenizer.tool_parser, "__module__", "") != "mlx_lm.tool_parsers.json_tools":
+    if forced and form.name != "json_tools":
         raise invalid("a required 'tool_choice' needs a model whose tool calls are JSON in "
                       f"{tokenizer.tool_call_start} markers; use \"auto\"", "tool_choice")
     return list(request.tools)
@@ -3718,14 +3986,27 @@ def model_identity(settings: Settings, model: Model) -> str:
     adapters and draft model, the chat template in use, and the KV cache settings."""
     digest = hashlib.sha256()
     for name in (settings.model_path, settings.adapter_path, settings.draft_model):
-        folder = Path(name) if name else None
-        digest.update(repr(name if folder is None or not folder.is_dir() else "folder").encode())
-        for path in sorted(folder.iterdir()) if folder is not None and folder.is_dir() else []:
+        folder = local_folder(name)
+        digest.update(repr(name if folder is None else "folder").encode())
+        for path in sorted(folder.iterdir()) if folder is not None else []:
             if path.is_file():
                 digest.update(path.name.encode() + file_digest(path))
     digest.update(repr(getattr(model.tokenizer, "chat_template", None)).encode())
     digest.update(repr((settings.kv_bits, settings.kv_group_size, settings.quantized_kv_start)).encode())
     return digest.hexdigest()
+
+
+def local_folder(name: str | None) -> Path | None:
+    """A model's folder on this machine: the path itself, or a Hub repo id's snapshot in the local
+    Hugging Face cache (the revision mlx_lm.load found there); None when there is neither."""
+    if not name:
+        return None
+    if Path(name).is_dir():
+        return Path(name)
+    with contextlib.suppress(Exception):  # not a repo id, or not downloaded: no files to go by
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(name, local_files_only=True))
+    return None
 
 
 def file_digest(path: Path, span: int = 1 << 20) -> bytes:
@@ -3778,6 +4059,216 @@ def check_token_ids(request: GenerationRequest, model: Model) -> None:
         if token >= size:
             raise invalid(f"'logit_bias' names token id {token}; this model's ids run from 0 to {size - 1}",
                           "logit_bias")
+
+# -- Embeddings: a model's final hidden states, pooled into one vector per input
+
+POOLING_MODES = {"lasttoken": "last_token", "mean": "mean", "mean_tokens": "mean", "cls": "cls", "cls_token": "cls"}
+
+
+@dataclass(frozen=True)
+class Embedder:
+    """What serves /v1/embeddings: a model's inner network and how its hidden states become vectors."""
+
+    model: Any                  # token ids (rows, length) -> final hidden states (rows, length, width), after the final norm
+    tokenizer: Any
+    name: str | None            # the model id in replies; None: the chat model's (--model-name)
+    pooling: str                # "last_token", "mean" or "cls"
+    normalize: bool             # L2-normalize the pooled vectors
+    dimensions: int             # the width of its vectors
+    context_length: int | None  # tokens the model was trained for, when its config says
+    vocab_size: int             # the first token id out of range
+    prompts: dict = dataclasses.field(default_factory=dict)  # the model card's instruction prefixes, by name
+
+    def max_tokens(self, limit: int) -> int:
+        """Tokens one input may have: `limit` (--max-embedding-tokens), or the model's context if shorter."""
+        return min(limit, self.context_length or limit)
+
+
+def load_embedder(settings: Settings, model: Model, group: Any = None) -> Embedder | None:
+    """The embedder: --embedding-model's (raises when it cannot serve), else the chat model's (None if it cannot).
+
+    In a group the chat model's forward pass needs every rank, which only
+    follow generation: there only an --embedding-model (loaded by rank 0) serves.
+    """
+    if settings.embedding_model is None:
+        if group is not None:
+            return None
+        try:
+            return make_embedder(model.model, model.tokenizer, Path(settings.model_path), None,
+                                 model.context_length, model.vocab_size)
+        except ValueError as exc:
+            log.warning("the model cannot serve /v1/embeddings: %s", exc)
+            return None
+    if group is not None and group.rank() != 0:
+        return None
+    import mlx.core as mx
+    import mlx_lm
+    path = settings.embedding_model
+    try:
+        network, tokenizer, config = mlx_lm.load(path, return_config=True,
+                                                 tokenizer_config={"trust_remote_code": settings.trust_remote_code})
+        mx.eval(network.parameters())
+        return make_embedder(network, tokenizer, Path(path), default_model_name(path), context_length_of(config),
+                             vocab_size_of(network, tokenizer))
+    except Exception as exc:  # main() names the chat model's path: say which model failed
+        raise ValueError(f"--embedding-model {path!r}: {exc}") from None
+
+
+def make_embedder(network: Any, tokenizer: Any, folder: Path, name: str | None, context: int | None,
+                  vocab_size: int) -> Embedder:
+    """An Embedder over an mlx_lm model, pooled as its folder's sentence-transformers files say (raises ValueError)."""
+    import mlx.core as mx
+    inner = hidden_state_model(network)
+    pooling, normalize, prompts = sentence_transformers_config(folder)
+    probe = inner(mx.array([[0]]))  # its width, and proof that it runs on token ids alone
+    if probe.ndim != 3:
+        raise ValueError(f"its inner model returns an array of shape {probe.shape}, not hidden states")
+    log.info("embeddings: %s, %s pooling, %snormalized, %d dimensions%s", name or "the chat model", pooling,
+             "" if normalize else "not ", probe.shape[-1], f", prompts {sorted(prompts)}" if prompts else "")
+    return Embedder(inner, tokenizer, name, pooling, normalize, probe.shape[-1], context, vocab_size, prompts)
+
+
+def hidden_state_model(network: Any) -> Any:
+    """The module of an mlx_lm model that returns its final hidden states (its __call__ returns logits).
+
+    mlx_lm's decoders keep it as `model` (llama, qwen2/3, mistral...), or
+    as `language_model.model` where a vision tower sits beside it.
+    """
+    for inner in (getattr(network, "model", None), getattr(getattr(network, "language_model", None), "model", None)):
+        if callable(inner) and hasattr(inner, "layers"):
+            return inner
+    raise ValueError(f"{type(network).__module__} has no inner model that returns hidden states")
+
+
+def sentence_transformers_config(folder: Path) -> tuple[str, bool, dict]:
+    """(pooling, normalize, prompts) from a sentence-transformers model folder; ("last_token", True, {}) without one.
+
+    modules.json lists the modules: the Pooling one's config.json names the
+    mode, and vectors are L2-normalized only if a Normalize module follows,
+    as sentence-transformers computes them. config_sentence_transformers.json
+    holds the instruction prefixes (e.g. "query") that clients prepend.
+    Raises ValueError for modules or modes this server cannot run.
+    """
+    prompts = read_json_file(folder / "config_sentence_transformers.json").get("prompts")
+    prompts = {k: v for k, v in prompts.items() if isinstance(v, str) and v} if isinstance(prompts, dict) else {}
+    if not (folder / "modules.json").is_file():
+        return "last_token", True, prompts
+    modules = read_json_file(folder / "modules.json", [])
+    kinds = {str(m.get("type", "")).rsplit(".", 1)[-1]: str(m.get("path", "")) for m in modules if isinstance(m, dict)}
+    if set(kinds) - {"Transformer", "Pooling", "Normalize"}:
+        raise ValueError(f"{folder / 'modules.json'} lists {sorted(set(kinds) - {'Transformer', 'Pooling', 'Normalize'})}; "
+                         "only Transformer, Pooling and Normalize are run here")
+    pooling = "last_token"
+    if "Pooling" in kinds:
+        pooling = pooling_mode(read_json_file(folder / kinds["Pooling"] / "config.json"), folder / kinds["Pooling"])
+    return pooling, "Normalize" in kinds, prompts
+
+
+def pooling_mode(config: dict, where: Path) -> str:
+    """The one pooling mode a sentence-transformers Pooling config turns on ("pooling_mode" or the flags)."""
+    mode = config.get("pooling_mode")
+    names = [mode] if isinstance(mode, str) else [
+        key.removeprefix("pooling_mode_") for key, on in config.items() if key.startswith("pooling_mode_") and on is True]
+    if len(names) != 1 or names[0] not in POOLING_MODES:
+        raise ValueError(f"{where}/config.json asks for pooling {names}; this server pools by one of lasttoken, mean, cls")
+    return POOLING_MODES[names[0]]
+
+
+def read_json_file(path: Path, missing: Any = None) -> Any:
+    """A JSON file's value; `missing` (default {}) when there is no such file. Raises ValueError when malformed."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {} if missing is None else missing
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from None
+
+
+def embedding_inputs(request: EmbeddingRequest, embedder: Embedder, max_tokens: int) -> list[list[int]]:
+    """Each input's token ids, or a 400 for an id out of range, one over `max_tokens`, or too many dimensions.
+
+    Text is encoded as sentence-transformers does (with the tokenizer's
+    special tokens); token ids are taken as they are.
+    """
+    rows = []
+    for i, item in enumerate(request.inputs):
+        tokens = list(item) if isinstance(item, tuple) else list(embedder.tokenizer.encode(item))
+        where = "'input'" if len(request.inputs) == 1 else f"'input[{i}]'"
+        if not tokens:
+            raise invalid(f"{where} encodes to no tokens", "input")
+        if max(tokens) >= embedder.vocab_size:
+            raise invalid(f"{where} holds token id {max(tokens)}; this model's token ids are 0 to "
+                          f"{embedder.vocab_size - 1}", "input")
+        if len(tokens) > max_tokens:
+            raise invalid(f"{where} is {len(tokens)} tokens; this server embeds at most {max_tokens} per "
+                          "input (the model's context or --max-embedding-tokens)", "input", "context_length_exceeded")
+        rows.append(tokens)
+    if request.dimensions is not None and request.dimensions > embedder.dimensions:
+        raise invalid(f"'dimensions' is {request.dimensions}; this model's vectors have {embedder.dimensions}",
+                      "dimensions")
+    return rows
+
+
+@dataclass(eq=False)
+class EmbeddingJob:
+    """One admitted embeddings request, shared by its handler and the engine.
+
+    The engine puts ("embeddings", [vector per input, in order], [], 0) then
+    ("finish", "stop", [], 0); or ("finish", "cancelled", ...) once the
+    handler has set `cancelled` or the deadline passed; or ("error", APIError, [], 0).
+    """
+
+    inputs: list[list[int]]
+    request: EmbeddingRequest
+    embedder: Embedder
+    deadline: float
+    events: queue.Queue = dataclasses.field(default_factory=queue.Queue)
+    cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+    def should_stop(self) -> bool:
+        """True once the client left or the deadline passed."""
+        return self.cancelled.is_set() or time.monotonic() > self.deadline
+
+
+def embedding_batches(lengths: list[int], budget: int = EMBEDDING_BATCH_TOKENS) -> list[list[int]]:
+    """The inputs' indexes grouped into forward passes of at most `budget` padded tokens, shortest first."""
+    batches: list[list[int]] = [[]]
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if batches[-1] and (len(batches[-1]) + 1) * lengths[i] > budget:  # sorted: lengths[i] is the longest
+            batches.append([])
+        batches[-1].append(i)
+    return batches if batches[0] else []
+
+
+def embed_rows(embedder: Embedder, rows: list[list[int]], dimensions: int | None) -> list[list[float]]:
+    """One padded forward pass: each row's pooled vector (its first `dimensions`, then normalized), as floats.
+
+    Rows are padded on the right. The model's causal mask keeps every real
+    token from seeing the padding after it, and positions start at 0 as
+    they do alone, so each row's hidden states equal its unbatched pass's
+    (left padding would need an attention mask and shifted positions, which
+    mlx_lm's models do not take). Pooling reads each row's own positions only.
+    """
+    import mlx.core as mx
+    lengths = [len(row) for row in rows]
+    width = max(lengths)
+    tokens = mx.array([row + [0] * (width - len(row)) for row in rows])
+    pooled = pool(embedder.model(tokens).astype(mx.float32), mx.array(lengths), embedder.pooling)
+    pooled = pooled[:, :dimensions] if dimensions else pooled
+    if embedder.normalize:
+        pooled = pooled / mx.maximum(mx.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
+    return pooled.tolist()
+
+
+def pool(hidden: Any, lengths: Any, pooling: str) -> Any:
+    """(rows, length, width) hidden states -> (rows, width): a row's last real token, its mean, or its first."""
+    import mlx.core as mx
+    if pooling == "cls":
+        return hidden[:, 0]
+    if pooling == "last_token":
+        return hidden[mx.arange(hidden.shape[0]), lengths - 1]
+    mask = (mx.arange(hidden.shape[1])[None, :] < lengths[:, None]).astype(hidden.dtype)
+    return (hidden * mask[..., None]).sum(axis=1) / lengths[:, None].astype(hidden.dtype)
 
 
 @dataclass(frozen=True)
@@ -4223,7 +4714,7 @@ class PromptCache:
         self._drop_prefixes_of(entry)
         self._add(entry)
         if entries is None:
-            self.fit(limit, keep=entry)
+            self.fit(limit, PROMPT_CACHE_MAX_ENTRIES, keep=entry)
             kept = self._cut_to(entry, limit)
         else:
             self.fit(entries=entries + (kept == 0), keep=entry)
@@ -5058,7 +5549,10 @@ class Engine:
                     if self.folder is not None:
                         self.folder.save_all(self.prompt_cache)
                     return
-                self._insert(job)
+                if isinstance(job, EmbeddingJob):
+                    self._embed(job)
+                else:
+                    self._insert(job)
             step = bool(self.running or self.warming)
             if self.batch.sync(step):
                 self.drain_requested.set()
@@ -5161,6 +5655,28 @@ class Engine:
                 self.warming[uid] = job
             return
         self._start_choices(job)
+
+    def _embed(self, job: EmbeddingJob) -> None:
+        """Run an embeddings job between two generation steps: its inputs in padded passes, then its vectors.
+
+        Cancellation and the deadline are checked between passes; a failure
+        (out of memory, say) fails this job only.
+        """
+        vectors: list = [None] * len(job.inputs)
+        try:
+            for rows in embedding_batches([len(tokens) for tokens in job.inputs]):
+                if job.should_stop():
+                    job.events.put(("finish", "cancelled", [], 0))
+                    return
+                pooled = embed_rows(job.embedder, [job.inputs[i] for i in rows], job.request.dimensions)
+                for i, vector in zip(rows, pooled):
+                    vectors[i] = vector
+        except Exception as exc:
+            log.error("embedding failed: %r", exc, exc_info=exc)
+            job.events.put(("error", internal_error(), [], 0))
+            return
+        job.events.put(("embeddings", vectors, [], 0))
+        job.events.put(("finish", "stop", [], 0))
 
     def _start_choices(self, job: Job) -> None:
         """Start the job's n choices; seeded choices after the first take seed + i, so they differ."""
@@ -5365,54 +5881,164 @@ def logprobs_object(endpoint: str, entries: list[dict] | None, offsets: TextOffs
 class ToolCallScanner:
     """Splits a chat reply into content and tool calls, as the text streams in.
 
-    Text between the model's tool-call markers is parsed with its mlx_lm tool
-    parser; text that might be the start of a marker is held back, so a
-    streaming client never sees half of one. A call that does not parse is
-    passed on as content rather than lost.
+    Text from one of the format's start markers to its end marker is a call,
+    parsed with the format's parser (mlx_lm's where it reads the family
+    right); a format without an end marker runs a call to the next start or
+    the reply's end. Text that might be the start of a marker is held back,
+    so a streaming client never sees half of one; blanks around calls go. A
+    call that does not parse is passed on as content rather than lost.
     """
 
-    def __init__(self, start: str, end: str, parse: Callable[[str, Any], Any], tools: list[dict]):
-        self.start, self.end, self.parse, self.tools = start, end, parse, tools
+    def __init__(self, form: ChatFormat, tools: list[dict]):
+        self.form, self.tools = form, tools
         self.held = ""
-        self.inside = False
+        self.opened: str | None = None   # the start marker of the call being read, if one is open
+        self.fresh = True                # no text of the reply out yet: a leading marker may open a call
 
-    def feed(self, text: str) -> tuple[str, list[dict]]:
-        """Return (content safe to emit, complete tool calls in OpenAI's shape)."""
+    def feed(self, text: str) -> list[tuple[str, Any]]:
+        """The pieces safe to emit, in order: ("text", str) and ("calls", [calls in OpenAI's shape])."""
         self.held += text
-        content, calls = [], []
-        while True:
-            if not self.inside:
-                at = self.held.find(self.start)
-                if at < 0:
-                    keep = partial_marker_length(self.held, (self.start,))
-                    content.append(self.held[:len(self.held) - keep])
-                    self.held = self.held[len(self.held) - keep:]
-                    return "".join(content), calls
-                content.append(self.held[:at])
-                self.held, self.inside = self.held[at + len(self.start):], True
-            at = self.held.find(self.end)
-            if at < 0:
-                return "".join(content), calls
-            body, self.held, self.inside = self.held[:at], self.held[at + len(self.end):], False
-            parsed = self._parse(body)
-            calls += parsed
-            if not parsed:
-                content.append(self.start + body + self.end)
+        out: list[tuple[str, Any]] = []
+        while self._step(out):
+            pass
+        return out
 
-    def flush(self) -> str:
-        """Text still held once generation ends (an unfinished call comes back as text)."""
-        text = (self.start if self.inside else "") + self.held
-        self.held, self.inside = "", False
-        return text
+    def flush(self) -> list[tuple[str, Any]]:
+        """What is still held once generation ends: a call without its end marker is parsed if it can be."""
+        out: list[tuple[str, Any]] = []
+        if self.opened is not None:
+            self._close(out, self.held, "")
+        elif self.held.strip():
+            out.append(("text", self.held.lstrip() if self.fresh else self.held))
+        self.held, self.opened = "", None
+        return out
+
+    def _step(self, out: list) -> bool:
+        """Take one marker's worth of the held text; False once the rest must wait for more."""
+        form = self.form
+        if self.opened is None:
+            head = self.held.lstrip() if self.fresh else self.held
+            lead = next((m for m in form.leading if head.startswith(m)), None) if self.fresh else None
+            if lead is not None:
+                self.held, self.opened = head, ""
+                return True
+            at, marker = min(((self.held.find(m), m) for m in form.starts if m in self.held), default=(-1, ""))
+            hold = partial_marker_length(self.held, form.starts + (form.leading if self.fresh else ()))
+            if self.fresh and (not head or any(m.startswith(head) for m in form.leading)):
+                return False
+            self._text(out, self.held[:at] if at >= 0 else self.held[:len(self.held) - hold])
+            self.held = self.held[at + len(marker):] if at >= 0 else self.held[len(self.held) - hold:]
+            self.opened = marker if at >= 0 else None
+            return at >= 0
+        ends = (form.end,) if form.end else form.starts
+        at = min((self.held.find(m) for m in ends if m in self.held), default=-1)
+        if at < 0:
+            return False
+        self._close(out, self.held[:at], form.end)
+        self.held = self.held[at + len(form.end):]
+        return True
+
+    def _text(self, out: list, text: str) -> None:
+        if self.fresh:
+            text = text.lstrip()
+            self.fresh = not text
+        if text:
+            out.append(("text", text))
+
+    def _close(self, out: list, body: str, end: str) -> None:
+        """End the open call (at `end`): its calls, or its text as content when it does not parse."""
+        marker, self.opened = self.opened, None
+        calls = self._parse(body)
+        if calls:
+            out.append(("calls", calls))
+            self.fresh = True   # blanks after a call are not content
+        else:
+            self._text(out, f"{marker}{body}{end}")
 
     def _parse(self, body: str) -> list[dict]:
         try:
-            parsed = self.parse(body, self.tools)
+            parsed = self.form.parse(body, self.tools)
         except Exception as exc:  # parsers raise what they like on malformed calls
             log.warning("could not parse a tool call (%r): %r", exc, body[:200])
             return []
         return [openai_tool_call(call, self.tools) for call in (parsed if isinstance(parsed, list) else [parsed])
                 if isinstance(call, dict) and isinstance(call.get("name"), str)]
+
+
+HARMONY_ENDS = ("<|end|>", "<|call|>", "<|return|>", "<|start|>")  # what ends a message's body
+HARMONY_HEADS = ("<|channel|>", "<|start|>")                        # what a message's header starts with
+
+
+class HarmonyScanner:
+    """Reads OpenAI's harmony format (gpt-oss) as it streams: channel `analysis` is reasoning, `final`
+    text, `commentary` addressed `to=functions.NAME` a call to NAME (its body the JSON arguments), and
+    `commentary` to no one (a preamble) text. A reply that opens with no channel header is text.
+    """
+
+    def __init__(self, tools: list[dict]):
+        self.tools = tools
+        self.held = ""
+        self.kind: str | None = None    # the open message's kind: "reasoning", "text", "call"; None: in a header
+        self.name = ""                  # the open call's function name
+        self.body = ""                  # the open call's arguments so far
+        self.started = False            # a header or text came
+
+    def feed(self, text: str) -> list[tuple[str, Any]]:
+        """The pieces safe to emit: ("reasoning", str), ("text", str), ("calls", [calls in OpenAI's shape])."""
+        self.held += text
+        out: list[tuple[str, Any]] = []
+        while self._step(out):
+            pass
+        return out
+
+    def flush(self) -> list[tuple[str, Any]]:
+        """Whatever message is open ends with the reply (its <|call|> or <|return|> is not text)."""
+        out: list[tuple[str, Any]] = []
+        if self.kind is not None:
+            self._body(out, self.held)
+            self._close(out)
+        self.held = ""
+        return out
+
+    def _step(self, out: list) -> bool:
+        if self.kind is None:
+            if not self.started and self.held and not any(
+                    h.startswith(self.held[:len(h)]) for h in HARMONY_HEADS):
+                self.kind, self.started = "text", True   # no header: a plain reply
+                return True
+            at = self.held.find("<|message|>")
+            if at < 0:
+                return False
+            self._open(self.held[:at])
+            self.held = self.held[at + len("<|message|>"):]
+            return True
+        at, marker = min(((self.held.find(m), m) for m in HARMONY_ENDS if m in self.held), default=(-1, ""))
+        hold = 0 if at >= 0 else partial_marker_length(self.held, HARMONY_ENDS)
+        self._body(out, self.held[:at] if at >= 0 else self.held[:len(self.held) - hold])
+        self.held = self.held[at + len(marker) * (marker != "<|start|>"):] if at >= 0 else self.held[len(self.held) - hold:]
+        if at >= 0:
+            self._close(out)
+        return at >= 0
+
+    def _open(self, header: str) -> None:
+        channel = re.search(r"<\|channel\|>\s*(\w+)", header)
+        recipient = re.search(r"to=functions\.([^\s<]+)", header)
+        self.started, self.body = True, ""
+        if recipient:
+            self.kind, self.name = "call", recipient[1]
+        else:
+            self.kind = "reasoning" if channel and channel[1] == "analysis" else "text"
+
+    def _body(self, out: list, text: str) -> None:
+        if self.kind == "call":
+            self.body += text
+        elif text:
+            out.append((self.kind, text))
+
+    def _close(self, out: list) -> None:
+        if self.kind == "call":
+            out.append(("calls", [openai_tool_call({"name": self.name, "arguments": self.body.strip()}, self.tools)]))
+        self.kind = None
 
 
 def openai_tool_call(call: dict, tools: list[dict] = ()) -> dict:
@@ -5424,12 +6050,15 @@ def openai_tool_call(call: dict, tools: list[dict] = ()) -> dict:
             "function": {"name": call["name"], "arguments": arguments}}
 
 
-def tool_scanner(request: GenerationRequest, tokenizer: Any) -> ToolCallScanner | None:
-    """The scanner for a chat request that offered tools, else None."""
-    if not request.tools or request.tool_choice == "none" or not getattr(tokenizer, "has_tool_calling", False):
+def tool_scanner(request: GenerationRequest, tokenizer: Any) -> ToolCallScanner | HarmonyScanner | None:
+    """The scanner for a chat reply: calls when tools were offered; harmony's channels always (but raw)."""
+    if request.endpoint == "completions":
         return None
-    return ToolCallScanner(tokenizer.tool_call_start, tokenizer.tool_call_end, tokenizer.tool_parser,
-                           list(request.tools))
+    form = chat_format_of(tokenizer)
+    tools = list(request.tools) if request.tools and request.tool_choice != "none" else []
+    if form is not None and form.harmony and request.split_reasoning:
+        return HarmonyScanner(tools)
+    return ToolCallScanner(form, tools) if form is not None and tools and not form.harmony else None
 
 
 def sse_event(payload: dict | str, event: str | None = None) -> bytes:
@@ -5474,13 +6103,21 @@ class Writer:
         """
         if kind == "reasoning":  # a dialect shows it only when asked (a template may think regardless)
             return self.reasoning(value) if self.request.show_reasoning else b""
-        text, calls = (value if kind == "text" else ""), []
+        pieces = [("text", value)] if kind == "text" else []
         if self.scanner is not None:
-            text, calls = self.scanner.feed(value) if kind == "text" else (self.scanner.flush(), [])
-        out = [self.text(text, list(logprobs))] if text or logprobs else []
-        if calls:
-            out.append(self.tool_calls(calls))
-            self.calls_sent += len(calls)
+            pieces = self.scanner.feed(value) if kind == "text" else self.scanner.flush()
+        out, logprobs = [], list(logprobs)
+        for piece, content in pieces:
+            if piece == "reasoning":
+                out.append(self.reasoning(content) if self.request.show_reasoning else b"")
+            elif piece == "text" and (content or logprobs):
+                out.append(self.text(content, logprobs))
+                logprobs = []   # a token's logprobs go with the first text it ends in
+            else:
+                out.append(self.tool_calls(content))
+                self.calls_sent += len(content)
+        if logprobs:
+            out.append(self.text("", logprobs))
         if kind != "text":
             out.append(self.finish(value))
         return b"".join(out)
@@ -5491,8 +6128,11 @@ class Writer:
         reasoning = reasoning if self.request.show_reasoning else ""
         calls = []
         if self.scanner is not None:
-            text, calls = self.scanner.feed(text)
-            text += self.scanner.flush()
+            parts = {"text": [], "reasoning": [reasoning], "calls": []}
+            for piece, content in self.scanner.feed(text) + self.scanner.flush():
+                parts[piece] += content if piece == "calls" else [content]
+            text, calls = "".join(parts["text"]), parts["calls"]
+            reasoning = "".join(parts["reasoning"]) if self.request.show_reasoning else ""
         return self.body(text, calls, reason, logprobs, reasoning)
 
     def opening(self) -> bytes:
@@ -5929,7 +6569,8 @@ def responses_conversation(request: GenerationRequest, response: dict) -> list[d
 def model_capabilities(model: Any) -> tuple[bool, bool]:
     """(whether the model thinks, whether it calls tools), as its chat template and tokenizer tell."""
     tokenizer = model.tokenizer
-    return bool(getattr(tokenizer, "has_thinking", False)), bool(getattr(tokenizer, "has_tool_calling", False))
+    form = chat_format_of(tokenizer)
+    return bool(getattr(tokenizer, "has_thinking", False) or form is not None and form.harmony), form is not None
 
 
 def anthropic_model_info(settings: Settings, context: int, reasons: bool, tools: bool, created: int) -> dict:
@@ -5954,6 +6595,24 @@ def anthropic_model_info(settings: Settings, context: int, reasons: bool, tools:
 
 WRITERS: dict[str, type[Writer]] = {"chat": ChatWriter, "completions": ChatWriter,
                                     "messages": MessagesWriter, "responses": ResponsesWriter}
+
+
+def embeddings_reply(vectors: list[list[float]], request: EmbeddingRequest, model_name: str, tokens: int) -> dict:
+    """OpenAI's embeddings list: one entry per input, indexed in input order."""
+    return {"object": "list", "model": model_name,
+            "data": [{"object": "embedding", "index": i, "embedding": encode_embedding(vector, request.encoding_format)}
+                     for i, vector in enumerate(vectors)],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+def encode_embedding(vector: list[float], encoding_format: str) -> list[float] | str:
+    """The vector as JSON numbers, or as base64 of its little-endian float32 bytes (what the openai SDK asks for)."""
+    if encoding_format == "float":
+        return vector
+    packed = array.array("f", vector)
+    if sys.byteorder == "big":
+        packed.byteswap()
+    return base64.b64encode(packed.tobytes()).decode("ascii")
 
 
 # ---------------------------------------------------------------------------
@@ -6051,6 +6710,8 @@ class Metrics:
         self.cached_tokens = 0
         self.completion_tokens = 0
         self.gate_rejections = 0
+        self.embedding_inputs = 0
+        self.embedding_tokens = 0
         self.drops = dict.fromkeys(self.DROP_REASONS, 0)
 
     def record_request(self, endpoint: str, status: str, seconds: float) -> None:
@@ -6067,6 +6728,12 @@ class Metrics:
             self.completion_tokens += completion_tokens
             if first_token_seconds is not None:
                 self.time_to_first_token.setdefault(endpoint, Histogram()).observe(first_token_seconds)
+
+    def record_embeddings(self, inputs: int, tokens: int) -> None:
+        """Add one answered embeddings request's inputs and tokens."""
+        with self.lock:
+            self.embedding_inputs += inputs
+            self.embedding_tokens += tokens
 
     def record_rejection(self) -> None:
         with self.lock:
@@ -6093,6 +6760,10 @@ class Metrics:
                        "instead of being computed.", [("", {}, self.cached_tokens)]),
                 Family("lem_completion_tokens_total", "counter", "Tokens generated for clients.",
                        [("", {}, self.completion_tokens)]),
+                Family("lem_embedding_inputs_total", "counter", "Inputs embedded for /v1/embeddings.",
+                       [("", {}, self.embedding_inputs)]),
+                Family("lem_embedding_tokens_total", "counter", "Tokens of the inputs embedded for /v1/embeddings.",
+                       [("", {}, self.embedding_tokens)]),
                 Family("lem_gate_rejections_total", "counter", "Generation requests refused with 429 because every slot was taken.",
                        [("", {}, self.gate_rejections)]),
                 Family("lem_connections_dropped_total", "counter", "Connections cut by the server, by reason.",
@@ -6225,7 +6896,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
     GET_ROUTES = {"/": "page", "/chat.js": "chat_js", "/healthz": "healthz", "/metrics": "metrics",
                   "/v1/models": "models"}
     POST_ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/messages": "messages",
-                   "/v1/messages/count_tokens": "count_tokens", "/v1/responses": "responses"}
+                   "/v1/messages/count_tokens": "count_tokens", "/v1/responses": "responses",
+                   "/v1/embeddings": "embeddings"}
     PREFIX_ROUTES = {"/v1/models/": "model", "/v1/responses/": "stored_response"}   # GET /v1/models/ID ...
     ANTHROPIC_PATHS = ("/v1/messages", "/v1/messages/")   # the path, or a prefix: errors there are Anthropic's
     PREFLIGHT_ROUTES = dict.fromkeys([*GET_ROUTES, *POST_ROUTES], "preflight")
@@ -6559,6 +7231,34 @@ class Handler(http.server.BaseHTTPRequestHandler):
         request = parse_messages_request(self._read_json(), self.server.settings, counting=True)
         prompt, _ = render_prompt(request, self.server.model)
         self._send_json({"input_tokens": len(prompt)})
+
+    def route_embeddings(self) -> None:
+        """OpenAI's embeddings: inputs encoded and checked here, then admitted and run on the engine thread."""
+        server = self.server
+        request = parse_embedding_request(self._read_json())
+        embedder = server.model.embedder
+        if embedder is None:
+            raise invalid("this server's model cannot serve embeddings (see the server log); start it with "
+                          "--embedding-model PATH", "model", "model_not_supported")
+        inputs = embedding_inputs(request, embedder, embedder.max_tokens(server.settings.max_embedding_tokens))
+        tokens = sum(map(len, inputs))
+        if not server.engine.alive:
+            raise engine_unavailable()
+        with server.admit(1, gone=lambda: client_gone(self.connection)) as slot:
+            job = EmbeddingJob(inputs, request, embedder, time.monotonic() + server.settings.timeout)
+            server.engine.submit(job)
+            vectors: list = []
+            try:
+                for kind, value, *_ in self._events(job, slot):
+                    if kind == "error":
+                        raise value
+                    if kind == "embeddings":
+                        vectors = value
+            finally:
+                job.cancelled.set()  # the engine skips its remaining passes
+                self.log_tokens = (tokens, 0)
+        server.metrics.record_embeddings(len(inputs), tokens)
+        self._send_json(embeddings_reply(vectors, request, embedder.name or server.settings.model_name, tokens))
 
     def _generate(self, request: GenerationRequest) -> None:
         """Render and fit the prompt, admit through the gate, run a Job and write its result.
@@ -6951,9 +7651,18 @@ class LemServer(http.server.ThreadingHTTPServer):
                 "max_tokens": settings.max_tokens, "max_context": settings.max_context,
                 "context_length": self.model.context_length, "sampling_defaults": settings.sampling,
                 "thinking": bool(getattr(self.model.tokenizer, "has_thinking", False)),
-                "speculative": self.speculative_health(engine),
+                "speculative": self.speculative_health(engine), "embeddings": self.embeddings_health(),
                 "prompt_cache": {"entries": engine["prompt_cache_entries"], "bytes": engine["prompt_cache_bytes"],
                                  "hits": engine["prompt_cache_hits"], "misses": engine["prompt_cache_misses"]}}
+
+    def embeddings_health(self) -> dict | None:
+        """What serves /v1/embeddings, for /healthz (the prompts are the instruction prefixes clients prepend)."""
+        embedder = self.model.embedder
+        if embedder is None:
+            return None
+        return {"model": embedder.name or self.settings.model_name, "pooling": embedder.pooling,
+                "normalized": embedder.normalize, "dimensions": embedder.dimensions,
+                "max_tokens": embedder.max_tokens(self.settings.max_embedding_tokens), "prompts": embedder.prompts}
 
     def speculative_health(self, engine: dict) -> dict | None:
         """Speculative decoding's figures for /healthz; None without a --draft-model."""

@@ -10,6 +10,7 @@ Run: python -m pytest -q test_lem_serve.py
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import gc
@@ -1284,12 +1285,13 @@ def test_auto_tools_reach_the_chat_template(server):
 
 def test_tool_call_scanner_holds_markers_and_keeps_bad_calls_as_text():
     from mlx_lm.tool_parsers import json_tools
-    scanner = lem_serve.ToolCallScanner("<tool_call>", "</tool_call>", json_tools.parse_tool_call, [])
-    assert scanner.feed("Sure<tool") == ("Sure", [])
-    text, calls = scanner.feed('_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>after')
+    form = lem_serve.ChatFormat("json_tools", ("<tool_call>",), "</tool_call>", json_tools.parse_tool_call)
+    scanner = lem_serve.ToolCallScanner(form, [])
+    assert scanner.feed("Sure<tool") == [("text", "Sure")]
+    (_, calls), (_, text) = scanner.feed('_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>after')
     assert text == "after" and calls[0]["function"] == {"name": "f", "arguments": '{"x": 1}'}
-    assert scanner.feed("<tool_call>not json</tool_call>") == ("<tool_call>not json</tool_call>", [])
-    assert scanner.feed("<tool_call>{") == ("", []) and scanner.flush() == "<tool_call>{"
+    assert scanner.feed("<tool_call>not json</tool_call>") == [("text", "<tool_call>not json</tool_call>")]
+    assert scanner.feed("<tool_call>{") == [] and scanner.flush() == [("text", "<tool_call>{")]
 
 
 @pytest.mark.parametrize("fields,param", [
@@ -1936,6 +1938,15 @@ def test_eviction_is_least_recently_used_first(make_server, model):
     assert cached_of(post(srv, "completions", prompt=second + [30], max_tokens=1)) == 0
 
 
+def test_prompt_cache_holds_at_most_its_entry_count(make_server, monkeypatch):
+    monkeypatch.setattr(lem_serve, "PROMPT_CACHE_MAX_ENTRIES", 2)
+    srv = make_server()
+    for start in range(3):
+        post(srv, "completions", prompt=token_prompt(20, start=start), max_tokens=2)
+    figures = cache_figures(srv)
+    assert figures["entries"] == 2 and figures["evictions_total"] == 1
+
+
 def test_kv_bytes_per_token_is_what_the_cache_holds(make_server, model, tmp_path):
     srv = make_server()
     post(srv, "completions", prompt=token_prompt(40), max_tokens=5)
@@ -2163,6 +2174,23 @@ def test_saved_caches_that_are_corrupt_truncated_or_foreign_are_skipped(model, m
             assert cached_of(again) == 300
     skipped = [r.getMessage() for r in caplog.records if "skipping saved prompt cache" in r.getMessage()]
     assert len(skipped) == 3 and any("another model" in w for w in skipped), skipped
+
+
+def test_a_hub_models_identity_follows_its_downloaded_files(model, model_dir, tmp_path, monkeypatch):
+    constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    repo = tmp_path / "models--lem--tiny"
+    shutil.copytree(model_dir, repo / "snapshots" / "rev1")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("rev1")
+    settings = lem_serve.Settings(model_path="lem/tiny")
+    first = lem_serve.model_identity(settings, model)
+    assert first == lem_serve.model_identity(lem_serve.Settings(model_path=str(repo / "snapshots" / "rev1")), model)
+    shutil.copytree(model_dir, repo / "snapshots" / "rev2")
+    weights = next((repo / "snapshots" / "rev2").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\1")  # a new revision of the weights
+    (repo / "refs" / "main").write_text("rev2")
+    assert lem_serve.model_identity(settings, model) != first
 
 
 def test_unwritable_prompt_cache_dir_is_an_error_at_start(tmp_path, capsys):
@@ -3325,6 +3353,21 @@ def test_claude_code_with_a_wrong_key_asks_once_and_says_so(make_server, tmp_pat
     assert requests_answered(srv, "/v1/messages", "401") == 1
 
 
+def test_codex_with_a_wrong_key_says_so_with_the_request_id(make_server, tmp_path):
+    codex = agent_cli("codex")
+    srv = make_server(api_key="sekret")
+    (tmp_path / "work").mkdir()
+    (tmp_path / "config.toml").write_text(CODEX_CONFIG.format(url=srv.url + "/v1"))
+    run = run_agent([codex, "exec", "--skip-git-repo-check", AGENT_ASK], tmp_path / "work",
+                    {"HOME": tmp_path, "CODEX_HOME": tmp_path, "LEM_API_KEY": "sk-wrong"})
+    assert run.returncode != 0
+    said = run.stdout + run.stderr
+    assert "401" in said and "wrong API key" in said and re.search(r"request id: req_[0-9a-f]{24}", said), said[-1000:]
+    assert wait_until(lambda: srv.in_flight == 0)
+    # Codex retries a 401 by its own policy (to refresh a ChatGPT login), whatever x-should-retry says.
+    assert 1 <= requests_answered(srv, "/v1/responses", "401") <= 6
+
+
 def test_tool_arguments_that_are_no_json_object_are_wrapped_and_replay(slip_server):
     wrapped = {lem_serve.RAW_ARGUMENTS_KEY: SLIP_ARGUMENTS}
     shell = {"type": "function", "function": {"name": "add", "parameters": {
@@ -3542,7 +3585,8 @@ PATCH_TOOL = {"type": "custom", "name": "apply_patch", "description": "Apply a p
 
 def test_codex_tool_kinds(server, model, openai_client, caplog):
     from openai.types.responses import Response
-    namespace = {"type": "namespace", "name": "crm", "description": "customers", "tools": [as_responses_tool(ADD)]}
+    namespace = {"type": "namespace", "name": "crm", "description": "customers",
+                 "tools": [{**as_responses_tool(ADD), "defer_loading": True}]}  # no tool_search: rendered anyway
     tools = [as_responses_tool(WEATHER), PATCH_TOOL, namespace, {"type": "web_search"},
              {"type": "computer_use_preview", "display_width": 1024, "display_height": 768, "environment": "linux"}]
     rendered = [WEATHER, {"type": "function", "function": {"name": "apply_patch", "description": "Apply a patch to files",
@@ -3556,15 +3600,15 @@ def test_codex_tool_kinds(server, model, openai_client, caplog):
     named = [r.getMessage() for r in caplog.records if "'computer_use_preview'" in r.getMessage()]
     assert len(named) == 1  # named once per process (no other test sends this one)
     patch = strictly(Response, request(server, "POST", "/v1/responses", {
-        "input": ASK_WEATHER, "tools": tools, "max_output_tokens": 200, "temperature": 1.0,
+        "input": ASK_WEATHER, "tools": tools, "max_output_tokens": 60, "temperature": 1.0,
         "tool_choice": {"type": "custom", "name": "apply_patch"}}).raw)
     (call,) = patch.output
     assert call.type == "custom_tool_call" and call.name == "apply_patch" and isinstance(call.input, str)
-    events = responses_stream_events(server, input=ASK_WEATHER, tools=tools, max_output_tokens=200, temperature=1.0,
+    events = responses_stream_events(server, input=ASK_WEATHER, tools=tools, max_output_tokens=60, temperature=1.0,
                                      tool_choice={"type": "custom", "name": "apply_patch"})
     kinds = [e["type"] for e in events]
     assert "response.custom_tool_call_input.delta" in kinds and "response.custom_tool_call_input.done" in kinds
-    grouped = request(server, "POST", "/v1/responses", {"input": ASK_WEATHER, "tools": tools, "max_output_tokens": 200,
+    grouped = request(server, "POST", "/v1/responses", {"input": ASK_WEATHER, "tools": tools, "max_output_tokens": 60,
                                                         "tool_choice": {"type": "function", "name": "add",
                                                                         "namespace": "crm"}}).json()
     (function,) = grouped["output"]
@@ -3658,6 +3702,7 @@ def test_sdk_types_strictly_for_every_shape_sent(server, thinking_server, slip_s
     from anthropic.types import ErrorResponse, Message, MessageTokensCount, ModelInfo, RawMessageStreamEvent
     from openai.types import Model
     from openai.types.chat import ChatCompletion, ChatCompletionChunk
+    from openai.types.shared import ErrorObject
     from openai.types.responses import Response, ResponseStreamEvent
     claude, codex = set(), set()
     tools = [as_anthropic_tool(ADD)]
@@ -3681,8 +3726,7 @@ def test_sdk_types_strictly_for_every_shape_sent(server, thinking_server, slip_s
         strictly(ErrorResponse, reply.raw)
     claude |= {"anthropic:count_tokens", "anthropic:model", "anthropic:error:400", "anthropic:error:404"}
     rtools = [as_responses_tool(ADD), PATCH_TOOL]
-    for srv, fields in ((server, {}), (server, {"max_output_tokens": 300, "temperature": 0}),
-                        (thinking_server, {"max_output_tokens": 50}),
+    for srv, fields in ((server, {}), (thinking_server, {"max_output_tokens": 50}),
                         (server, {"tools": rtools, "tool_choice": "required", "max_output_tokens": 200}),
                         (server, {"tools": rtools, "tool_choice": {"type": "custom", "name": "apply_patch"},
                                   "max_output_tokens": 200}),
@@ -3692,9 +3736,18 @@ def test_sdk_types_strictly_for_every_shape_sent(server, thinking_server, slip_s
         codex.add(f"openai:response:{response.status}:{'+'.join(item.type for item in response.output)}")
         codex |= checked_labels("openai", sse_payloads(request(srv, "POST", "/v1/responses", {
             **body, "stream": True}).raw), ResponseStreamEvent)
-    with running_server(long_model, long_model_dir, timeout=1, max_tokens=LONG_BUDGET) as srv:
+    with running_server(long_model, long_model_dir, timeout=1, max_tokens=LONG_BUDGET) as srv:  # past the deadline
         codex |= checked_labels("openai", sse_payloads(request(srv, "POST", "/v1/responses", {
             "input": HELLO, "max_output_tokens": LONG_BUDGET, "stream": True}).raw)[-1:], ResponseStreamEvent)
+        (failed,) = [e for e in sse_payloads(request(srv, "POST", "/v1/messages", {
+            "messages": HELLO, "max_tokens": LONG_BUDGET, "stream": True}).raw) if e["type"] == "error"]
+        strictly(ErrorResponse, failed)
+        claude.add("anthropic:stream-error")
+    for status, body in ((400, {"input": []}), (404, None)):
+        reply = request(server, "POST" if body else "GET", "/v1/responses" if body else "/v1/responses/resp_x", body)
+        assert reply.status == status
+        strictly(ErrorObject, reply.json()["error"])
+        codex.add(f"openai:error:{status}")
     for srv, fields in ((server, {}), (slip_server, {"tools": [ADD]})):
         strictly(ChatCompletion, request(srv, "POST", "/v1/chat/completions", body_for("chat", max_tokens=5, **fields)).raw,
                  extras=(".reasoning_content", ".reasoning"))
@@ -3708,12 +3761,12 @@ def test_sdk_types_strictly_for_every_shape_sent(server, thinking_server, slip_s
     assert codex == OPENAI_CHECKLIST, codex ^ OPENAI_CHECKLIST
 
 
-# Every shape test_sdk_types_strictly_for_every_shape_sent validates: 18 anthropic, 30 openai.
+# Every shape test_sdk_types_strictly_for_every_shape_sent validates: 19 anthropic, 32 openai.
 ANTHROPIC_CHECKLIST = {f"anthropic:{name}" for name in (
     "message:text", "message:thinking+text", "message:tool_use", "message_start", "message_delta", "message_stop",
     "content_block_start:text", "content_block_start:thinking", "content_block_start:tool_use", "content_block_stop",
     "content_block_delta:text_delta", "content_block_delta:thinking_delta", "content_block_delta:signature_delta",
-    "content_block_delta:input_json_delta", "count_tokens", "model", "error:400", "error:404")}
+    "content_block_delta:input_json_delta", "count_tokens", "model", "error:400", "error:404", "stream-error")}
 OPENAI_CHECKLIST = {f"openai:{name}" for name in (
     "response:completed:reasoning+message", "response:incomplete:message", "response:completed:function_call",
     "response:completed:custom_tool_call", "response.created", "response.in_progress", "response.completed",
@@ -3725,8 +3778,8 @@ OPENAI_CHECKLIST = {f"openai:{name}" for name in (
     "response.output_text.done", "response.reasoning_text.delta", "response.reasoning_text.done",
     "response.function_call_arguments.delta", "response.function_call_arguments.done",
     "response.custom_tool_call_input.delta", "response.custom_tool_call_input.done", "chat.completion",
-    "chat.completion.chunk", "model")}
-assert (len(ANTHROPIC_CHECKLIST), len(OPENAI_CHECKLIST)) == (18, 30)
+    "chat.completion.chunk", "model", "error:400", "error:404")}
+assert (len(ANTHROPIC_CHECKLIST), len(OPENAI_CHECKLIST)) == (19, 32)
 
 
 # ---------------------------------------------------------------------------
@@ -5268,7 +5321,7 @@ def test_api_key_covers_every_v1_route_and_metrics(make_server):
     srv = make_server(api_key="sekret")
     guarded = [(m, p) for m, table in (("GET", lem_serve.Handler.GET_ROUTES), ("POST", lem_serve.Handler.POST_ROUTES))
                for p in table if p.startswith("/v1/") or p == "/metrics"]
-    assert len(guarded) == 7
+    assert len(guarded) == 8
     endpoint_of = {path: endpoint for endpoint, path in PATHS.items()}
     for method, path in guarded:
         endpoint = "messages" if path.startswith("/v1/messages") else endpoint_of.get(path, "completions")
@@ -5276,7 +5329,8 @@ def test_api_key_covers_every_v1_route_and_metrics(make_server):
                         {"Authorization": "Basic sekret", "x-api-key": "sekre"}):
             assert_error(endpoint, request(srv, method, path + "?x=1", {"prompt": "x"}, headers), 401)
         for headers in ({"Authorization": "Bearer sekret"}, {"x-api-key": "sekret"}):
-            ok = request(srv, method, path, body_for(endpoint, max_tokens=1), headers)
+            body = {"input": "x"} if path == "/v1/embeddings" else body_for(endpoint, max_tokens=1)
+            ok = request(srv, method, path, body, headers)
             assert ok.status == 200, (path, ok.raw[:200])
     assert scrape(srv, {"Authorization": "Bearer sekret"})["lem_engine_up", ""] == 1
     for path in ("/", "/chat.js", "/healthz"):
@@ -5875,6 +5929,224 @@ def test_no_request_reads_a_file_from_disk(server, tmp_path):
                  {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"file://{secret}"}}]}]}):
         reply = request(server, "POST", path_of("chat" if "messages" in body else "completions"), body)
         assert reply.status in (200, 400) and b"TOP-SECRET" not in reply.raw
+
+
+# ---------------------------------------------------------------------------
+# Embeddings: /v1/embeddings against a direct mlx-lm forward pass
+# ---------------------------------------------------------------------------
+
+# Different token lengths, so that a batch of them is padded; non-ASCII too.
+EMBED_TEXTS = ["Hello", "The quick brown fox jumps over the lazy dog.", "Embeddings of 漢字 and 😊 too", "a b"]
+EMBED_MAX_TOKENS = 48  # --max-embedding-tokens of the embeddings server
+
+
+@pytest.fixture(scope="module")
+def embed_server(model, model_dir):
+    with running_server(model, model_dir, max_embedding_tokens=EMBED_MAX_TOKENS) as srv:
+        yield srv
+
+
+def embed(server, **fields) -> dict:
+    reply = request(server, "POST", "/v1/embeddings", fields)
+    assert reply.status == 200, reply.raw[:300]
+    return reply.json()
+
+
+def vectors_of(payload: dict) -> list[np.ndarray]:
+    """The float vectors of an embeddings reply, checking that data[i].index is i."""
+    assert payload["object"] == "list" and [d["index"] for d in payload["data"]] == list(range(len(payload["data"])))
+    assert all(d["object"] == "embedding" for d in payload["data"])
+    return [np.array(d["embedding"], dtype=np.float64) for d in payload["data"]]
+
+
+def direct_embedding(network, tokens: list[int], pooling: str = "last_token", normalize: bool = True) -> np.ndarray:
+    """One input's vector from a plain mlx-lm forward pass, alone: the inner model's final hidden states, pooled here."""
+    import mlx.core as mx
+    hidden = np.array(network.model(mx.array([tokens]))[0].astype(mx.float32), dtype=np.float64)
+    vector = {"last_token": hidden[-1], "mean": hidden.mean(axis=0), "cls": hidden[0]}[pooling]
+    return vector / np.linalg.norm(vector) if normalize else vector
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def test_embeddings_equal_a_direct_forward_pass(embed_server, model):
+    tokens = [model.tokenizer.encode(text) for text in EMBED_TEXTS]
+    assert len({len(t) for t in tokens}) == len(tokens)  # one padded batch of different lengths
+    payload = embed(embed_server, input=EMBED_TEXTS, model="anything")
+    assert payload["model"] == "tiny"
+    assert payload["usage"] == {"prompt_tokens": sum(map(len, tokens)), "total_tokens": sum(map(len, tokens))}
+    batched = vectors_of(payload)
+    for vector, ids in zip(batched, tokens):
+        assert vector.shape == (64,) and abs(np.linalg.norm(vector) - 1) < 1e-5
+        assert cosine(vector, direct_embedding(model.model, ids)) > 0.999
+    for vector, text in zip(batched, EMBED_TEXTS):  # the padded batch equals each input sent alone
+        (alone,) = vectors_of(embed(embed_server, input=text))
+        assert np.allclose(vector, alone, atol=1e-5)
+
+
+def test_embedding_input_shapes_agree(embed_server, model):
+    text = EMBED_TEXTS[1]
+    ids = model.tokenizer.encode(text)
+    shapes = [text, [text], ids, [ids], [EMBED_TEXTS[0], text]]
+    found = [vectors_of(embed(embed_server, input=shape))[-1] for shape in shapes]
+    for vector in found[1:]:
+        assert np.allclose(found[0], vector, atol=1e-5)
+    assert embed(embed_server, input=[ids, ids[:3]])["usage"]["prompt_tokens"] == len(ids) + 3
+
+
+def test_base64_is_the_float_vector_as_little_endian_float32(embed_server):
+    (floats,) = vectors_of(embed(embed_server, input=EMBED_TEXTS[2]))
+    encoded = embed(embed_server, input=EMBED_TEXTS[2], encoding_format="base64")["data"][0]["embedding"]
+    decoded = np.frombuffer(base64.b64decode(encoded), dtype="<f4")
+    assert decoded.shape == floats.shape and np.array_equal(decoded.astype(np.float64), floats)
+
+
+def test_dimensions_truncate_and_renormalize(embed_server):
+    (full,) = vectors_of(embed(embed_server, input=EMBED_TEXTS[1]))
+    (short,) = vectors_of(embed(embed_server, input=EMBED_TEXTS[1], dimensions=16))
+    assert short.shape == (16,) and np.allclose(short, full[:16] / np.linalg.norm(full[:16]), atol=1e-6)
+    assert np.array_equal(vectors_of(embed(embed_server, input=EMBED_TEXTS[1], dimensions=64))[0], full)
+
+
+def test_openai_sdk_embeddings_create(embed_server):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=embed_server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    expected = vectors_of(embed(embed_server, input=EMBED_TEXTS))
+    result = client.embeddings.create(model="tiny", input=EMBED_TEXTS)  # the SDK asks for base64 and decodes it
+    assert [d.index for d in result.data] == [0, 1, 2, 3] and result.model == "tiny"
+    assert result.usage.prompt_tokens == result.usage.total_tokens > 0
+    for got, want in zip(result.data, expected):
+        assert np.allclose(got.embedding, want, atol=1e-6)
+    short = client.embeddings.create(model="tiny", input=EMBED_TEXTS[0], dimensions=8, encoding_format="float")
+    assert len(short.data[0].embedding) == 8
+
+
+def with_sentence_transformers(model_dir: Path, out: Path, pooling: str, normalize: bool, prompts: dict) -> Path:
+    """A copy of a model folder with sentence-transformers' modules.json, 1_Pooling/config.json and prompts."""
+    shutil.copytree(model_dir, out)
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+    (out / "modules.json").write_text(json.dumps(modules))
+    flags = {f"pooling_mode_{mode}": mode == pooling for mode in
+             ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens", "weightedmean_tokens", "lasttoken")}
+    (out / "1_Pooling").mkdir()
+    (out / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32, **flags}))
+    (out / "config_sentence_transformers.json").write_text(json.dumps({"prompts": prompts, "default_prompt_name": None}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def embedding_model_dir(tmp_path_factory) -> Path:
+    """A second tiny model, 32 wide (the chat model is 64), to serve embeddings beside the chat model."""
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "embedder", hidden_size=32, seed=7)
+
+
+@pytest.mark.parametrize("pooling, normalize", [("mean_tokens", False), ("cls_token", True), ("lasttoken", True)])
+def test_embedding_model_flag_pools_as_its_sentence_transformers_config(model_dir, embedding_model_dir, tmp_path,
+                                                                        pooling, normalize):
+    import mlx_lm
+    prompts = {"query": "Instruct: Given a question, find passages that answer it\nQuery: ", "document": ""}
+    folder = with_sentence_transformers(embedding_model_dir, tmp_path / "st", pooling, normalize, prompts)
+    settings = lem_serve.parse_settings(["--model-path", str(model_dir), "--embedding-model", str(folder),
+                                         "--bind", "127.0.0.1:0", "--model-name", "tiny"])
+    network, tokenizer = mlx_lm.load(str(folder))
+    server = lem_serve.LemServer(settings, lem_serve.load_model(settings)).start()
+    try:
+        payload = embed(server, input=EMBED_TEXTS)
+        assert payload["model"] == "st"
+        mode = {"mean_tokens": "mean", "cls_token": "cls", "lasttoken": "last_token"}[pooling]
+        for vector, text in zip(vectors_of(payload), EMBED_TEXTS):
+            assert vector.shape == (32,)
+            want = direct_embedding(network, tokenizer.encode(text), mode, normalize)
+            assert cosine(vector, want) > 0.999 and np.allclose(vector, want, rtol=1e-3, atol=1e-4)
+        info = health(server)["embeddings"]
+        assert info == {"model": "st", "pooling": mode, "normalized": normalize, "dimensions": 32,
+                        "max_tokens": 4096, "prompts": {"query": prompts["query"]}}  # its context < 8192
+        chat = request(server, "POST", "/v1/chat/completions", body_for("chat", max_tokens=2))
+        assert chat.status == 200 and chat.json()["model"] == "tiny"  # the chat model still serves chat
+    finally:
+        server.stop(grace=10)
+
+
+def test_embedding_model_with_a_pooling_mode_it_cannot_run_is_refused_at_start(model_dir, embedding_model_dir, tmp_path):
+    folder = with_sentence_transformers(embedding_model_dir, tmp_path / "st", "max_tokens", True, {})
+    settings = lem_serve.Settings(model_path=str(model_dir), embedding_model=str(folder))
+    with pytest.raises(ValueError, match="pooling"):
+        lem_serve.load_model(settings)
+
+
+def test_embedding_model_that_cannot_load_exits_2_naming_it(model_dir, tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "lem_serve.py"), "--model-path", str(model_dir),
+                          "--embedding-model", str(tmp_path / "missing"), "--bind", "127.0.0.1:0"],
+                         capture_output=True, text=True, timeout=120, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--embedding-model" in lines[0] and "missing" in lines[0], out.stderr
+
+
+BAD_EMBEDDING_BODIES = {
+    "missing": ({}, "input"),
+    "empty-string": ({"input": ""}, "input"),
+    "empty-list": ({"input": []}, "input"),
+    "empty-string-item": ({"input": ["ok", ""]}, "input"),
+    "mixed-items": ({"input": [1, "a"]}, "input"),
+    "object-item": ({"input": [{"text": "a"}]}, "input"),
+    "nested-strings": ({"input": [["a"]]}, "input"),
+    "number": ({"input": 5}, "input"),
+    "boolean-id": ({"input": [True]}, "input"),
+    "float-id": ({"input": [1.5]}, "input"),
+    "negative-id": ({"input": [-1]}, "input"),
+    "empty-id-list": ({"input": [[1], []]}, "input"),
+    "id-out-of-range": ({"input": [512]}, "input"),           # the tiny model's vocabulary is 512 tokens
+    "id-out-of-range-in-list": ({"input": [[1], [2, 512]]}, "input"),
+    "too-many-ids": ({"input": [1] * (EMBED_MAX_TOKENS + 1)}, "input"),
+    "too-long-text": ({"input": ["ok", "word " * EMBED_MAX_TOKENS]}, "input"),
+    "too-many-inputs": ({"input": ["a"] * (lem_serve.MAX_EMBEDDING_INPUTS + 1)}, "input"),
+    "unknown-format": ({"input": "a", "encoding_format": "hex"}, "encoding_format"),
+    "format-not-a-string": ({"input": "a", "encoding_format": 1}, "encoding_format"),
+    "zero-dimensions": ({"input": "a", "dimensions": 0}, "dimensions"),
+    "too-many-dimensions": ({"input": "a", "dimensions": 65}, "dimensions"),
+    "string-dimensions": ({"input": "a", "dimensions": "8"}, "dimensions"),
+    "boolean-dimensions": ({"input": "a", "dimensions": True}, "dimensions"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_EMBEDDING_BODIES)
+def test_bad_embedding_inputs_are_400(embed_server, case):
+    body, param = BAD_EMBEDDING_BODIES[case]
+    assert_openai_error(request(embed_server, "POST", "/v1/embeddings", body), 400, param)
+    assert health(embed_server)["status"] == "ok" and embed_server.active == 0
+    assert len(embed(embed_server, input="still fine")["data"]) == 1
+
+
+def test_embedding_input_longer_than_the_context_is_400(short_model_dir):
+    short = lem_serve.load_model(lem_serve.Settings(model_path=str(short_model_dir)))
+    with running_server(short, short_model_dir) as srv:  # --max-embedding-tokens 8192 > the context of 64
+        error = assert_openai_error(request(srv, "POST", "/v1/embeddings", {"input": [1] * (SHORT_CONTEXT + 1)}), 400,
+                                    "input", "context_length_exceeded")
+        assert str(SHORT_CONTEXT) in error["message"]
+        assert len(embed(srv, input=[1] * SHORT_CONTEXT)["data"][0]["embedding"]) == 64
+
+
+def test_embeddings_take_a_generation_slot_and_are_counted(make_long_server, long_model):
+    srv = make_long_server(max_requests=1, queue_timeout=0)
+    conn, response = open_stream(srv, **endless(long_model))
+    read_first_text_event(response)
+    assert_openai_error(request(srv, "POST", "/v1/embeddings", {"input": "x"}), 429)
+    hang_up(conn, response)
+    assert wait_until(lambda: server_state(srv) == {"active": 0, "in_flight": 0, "connections": 0})
+    payload = embed(srv, input=EMBED_TEXTS[:2])
+    assert request(srv, "POST", "/v1/embeddings", {"input": ""}).status == 400
+    samples = scrape(srv)
+    assert metric(samples, "lem_requests_total", endpoint="/v1/embeddings", code="200") == 1
+    assert metric(samples, "lem_requests_total", endpoint="/v1/embeddings", code="429") == 1
+    assert metric(samples, "lem_requests_total", endpoint="/v1/embeddings", code="400") == 1
+    assert samples["lem_embedding_inputs_total", ""] == 2
+    assert samples["lem_embedding_tokens_total", ""] == payload["usage"]["prompt_tokens"]
 
 
 # ---------------------------------------------------------------------------
