@@ -1354,6 +1354,8 @@ NEW_KEYWORD_CASES = {
     "oneOf exactly one": ({"type": "object", "properties": {"value": {"type": "integer"}, "values": {"type": "array"}},
                            "oneOf": [{"required": ["value"]}, {"required": ["values"]}]},
                           ['{"value":1}', '{"values":[]}'], ['{"value":1,"values":[]}', "{}"]),
+    "patternProperties long keys": ({"type": "object", "patternProperties": {"^[0-9a-f]{40}$": {"type": "integer"}},
+                                     "additionalProperties": False}, ['{"' + "a" * 40 + '":1}', "{}"], ['{"ab":1}']),
     "oneOf by type": ({"oneOf": [{"type": "string"}, {"type": ["integer", "null"]}]}, ['"a"', "1", "null"], ["1.5", "true"]),
 }
 
@@ -1389,6 +1391,20 @@ def test_oneof_branch_left_out_only_when_provably_apart(openai_client):
         text, finish = structured_output(openai_client, ONEOF_UNENFORCEABLE_BUT_DISJOINT, "response_format", 1.0, seed, 40)
         assert finish == "stop" and isinstance(json.loads(text), int), text
         assert_valid(text, ONEOF_UNENFORCEABLE_BUT_DISJOINT)
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": {"a": 1}}, {"oneOf": [{"type": [{"a": 1}]}, {"type": "string"}]}, {"type": "string", "format": {"x": 1}}, {"oneOf": [{"enum": True}, {"type": "string"}]},
+    {"oneOf": [{"allOf": True}, {"type": "string"}]}, {"not": {"pattern": 3}}, {"propertyNames": {"enum": [1]}},
+    {"type": "object", "patternProperties": {"(": {}}}, {"dependencies": {"a": 3}}, {"multipleOf": 1e-30},
+])
+def test_malformed_schemas_are_answered_never_a_5xx(server, schema):
+    """Shapes a fuzzer found crashing the compiler: each is now a 400 or served, never a traceback."""
+    reply = request(server, "POST", "/v1/chat/completions",
+                    body_for("chat", max_tokens=20, response_format=schema_format(schema)))
+    assert reply.status in (200, 400), reply.raw[:300]
+    if reply.status == 400:
+        assert_openai_error(reply, 400, "response_format")
 
 
 def jsonschemabench():

@@ -392,6 +392,15 @@ MUTATIONS = [
              (("            deps.update(schema.get(word) if isinstance(schema.get(word), dict) else {})",
                "            pass"),),
              ("test_new_keywords_are_enforced_and_every_walk_validates",)),
+    Mutation("json-malformed-type-crashes", "a oneOf branch whose type is not a name crashes the compiler (a 500)",
+             (("            kinds = {k for k in _as_list(schema[\"type\"]) if isinstance(k, str)}\n"
+               "            return kinds", "            kinds = set(_as_list(schema[\"type\"]))\n            return kinds"),),
+             ("test_malformed_schemas_are_answered_never_a_5xx",)),
+    Mutation("json-closing-key-too-short", "an excluded key leaf looks for a closing text only 32 characters deep, so a "
+             "pattern key longer than that cannot close (a 500 mid-stream)",
+             (("        reach = max(self.min_len - count, len(self.regex.shortest(dfa) or \"\")) + 32",
+               "        reach = 32"),),
+             ("test_new_keywords_are_enforced_and_every_walk_validates",)),
     Mutation("json-multipleof-float-steps", "multipleOf 0.01 allows 7.77, which validators' float division refuses",
              (("            if integer or exact.denominator == 1 or Fraction(float(exact)) != exact:",
                "            if integer or exact.denominator == 1:"),),
