@@ -3767,9 +3767,11 @@ def machine_memory() -> tuple[int, str]:
 
 
 def weights_bytes(model: Model) -> int:
-    """Bytes of the loaded weights (the model's, and a draft model's)."""
+    """Bytes of the loaded weights (the model's, a draft model's and an --embedding-model's)."""
     from mlx.utils import tree_flatten
     parts = [model.model] + ([model.solo.draft] if model.solo is not None and model.solo.draft is not None else [])
+    if model.embedder is not None and model.embedder.name is not None:  # named: a second model, not the chat model's
+        parts.append(model.embedder.model)
     return sum(value.nbytes for part in parts for _, value in tree_flatten(part.parameters()))
 
 

@@ -6023,7 +6023,10 @@ def test_embedding_model_flag_pools_as_its_sentence_transformers_config(model_di
     settings = lem_serve.parse_settings(["--model-path", str(model_dir), "--embedding-model", str(folder),
                                          "--bind", "127.0.0.1:0", "--model-name", "tiny"])
     network, tokenizer = mlx_lm.load(str(folder))
-    server = lem_serve.LemServer(settings, lem_serve.load_model(settings)).start()
+    loaded = lem_serve.load_model(settings)
+    # Its weights count against the memory the KV caches may take.
+    assert lem_serve.weights_bytes(loaded) > lem_serve.weights_bytes(dataclasses.replace(loaded, embedder=None))
+    server = lem_serve.LemServer(settings, loaded).start()
     try:
         payload = embed(server, input=EMBED_TEXTS)
         assert payload["model"] == "st"
