@@ -1765,12 +1765,12 @@ class SchemaCompiler:
         if words == {"$ref"}:
             return self.negate(self.resolve(schema["$ref"]), hops + 1)
         if words == {"type"}:
-            kinds = set(_as_list(schema["type"]))
+            kinds = {k for k in _as_list(schema["type"]) if isinstance(k, str)}
             kinds |= {"integer"} if "number" in kinds else set()
             return [{"type": [k for k in JSON_TYPES if k not in kinds and (k != "number" or "integer" not in kinds)]}]
         if words <= {"enum", "const"}:
             return [{"!enum": schema["enum"] if "enum" in schema else [schema["const"]]}]
-        if words == {"pattern"}:
+        if words == {"pattern"} and isinstance(schema["pattern"], str):
             return [{"!pattern": [schema["pattern"]]}]
         if words <= {"required", "properties"} and isinstance(schema.get("properties", {}), dict):
             absent = [{"properties": {name: False}} for name in schema.get("required", [])]
@@ -1825,9 +1825,9 @@ class SchemaCompiler:
         mine, theirs = self.types(part, True), self.types(other, False)
         if mine is not None and theirs is not None and mine - theirs:
             yield {"type": sorted(mine - theirs)}
-        if mine == {"string"} and (other.get("pattern") is not None or other.get("format") in FORMATS):
-            yield {"!pattern": [other["pattern"] if other.get("pattern") is not None
-                                else f"^(?:{FORMATS[other['format']]})$"]}
+        if mine == {"string"} and (isinstance(other.get("pattern"), str) or _format(other) in FORMATS):
+            yield {"!pattern": [other["pattern"] if isinstance(other.get("pattern"), str)
+                                else f"^(?:{FORMATS[_format(other)]})$"]}
         props, theirs = part.get("properties") or {}, other.get("properties") or {}
         yield from ({"properties": {name: False}} for name in _names(other) if name not in _names(part))
         if isinstance(props, dict) and isinstance(theirs, dict):
@@ -1838,11 +1838,11 @@ class SchemaCompiler:
 
     def flat(self, schema: Any, hops: int = 0) -> Any:
         """The schema with its top-level $ref and allOf merged in (for oneOf's analysis)."""
-        single = [w for w in ("anyOf", "oneOf") if isinstance(schema, dict) and _as_list(schema.get(w))[1:] == [None]]
-        if isinstance(schema, dict) and ("$ref" in schema or "allOf" in schema or single) and hops <= SCHEMA_MAX_DEPTH:
-            merged = {k: v for k, v in schema.items() if k not in ("$ref", "allOf", *single)}
-            for part in ([self.resolve(schema["$ref"])] if "$ref" in schema else []) + list(schema.get("allOf", [])) \
-                    + [schema[w][0] for w in single]:
+        lists = {w: schema[w] for w in ("allOf", "anyOf", "oneOf") if isinstance(schema, dict)
+                 and isinstance(schema.get(w), list) and (w == "allOf" or len(schema[w]) == 1)}  # one branch: allOf
+        if isinstance(schema, dict) and ("$ref" in schema or lists) and hops <= SCHEMA_MAX_DEPTH:
+            merged = {k: v for k, v in schema.items() if k != "$ref" and k not in lists}
+            for part in ([self.resolve(schema["$ref"])] if "$ref" in schema else []) + sum(lists.values(), []):
                 if part is False:
                     return False
                 merged = self.merge(merged, part)
@@ -1853,9 +1853,9 @@ class SchemaCompiler:
         """The JSON types of values `schema` lets through; `produced`: of the values this server writes for it."""
         if "enum" in schema or "const" in schema:
             values = schema["enum"] if "enum" in schema else [schema["const"]]
-            return {json_type(v) for v in values if isinstance(values, list)}
+            return {json_type(v) for v in values} if isinstance(values, list) else None
         if "type" in schema:
-            kinds = set(_as_list(schema["type"]))
+            kinds = {k for k in _as_list(schema["type"]) if isinstance(k, str)}
             return kinds | {"integer"} if "number" in kinds else kinds
         if produced and not {"anyOf", "oneOf", "not", "if"} & set(schema):
             inferred = {k for k, words in KEYWORD_TYPES.items() if words & set(schema)}
@@ -1900,7 +1900,7 @@ class SchemaCompiler:
         parts = [(p, True, True) for p in part.get("!pattern", [])]
         for schema in (part, other):
             parts += [(schema["pattern"], True)] if isinstance(schema.get("pattern"), str) else []
-            parts += [(FORMATS[schema["format"]], False)] if schema.get("format") in FORMATS else []
+            parts += [(FORMATS[_format(schema)], False)] if _format(schema) in FORMATS else []
         try:
             regex_for("", True, tuple(parts))
         except ValueError:
@@ -1941,42 +1941,42 @@ class SchemaCompiler:
         a, b = self.closed_to(a, b), self.closed_to(b, a)
         out = dict(a)
         for key, value in b.items():
-            mine = out.get(key)
-            if key not in out or key not in SCHEMA_KEYWORDS:
-                out.setdefault(key, value)
-            elif key == "not":
-                out[key] = {"anyOf": [mine, value]}
-            elif key in ("!enum", "!pattern", "allOf"):
-                out[key] = mine + value
-            elif key in ("dependencies", "dependentRequired", "dependentSchemas", "patternProperties") \
-                    and not set(mine) & set(value):
-                out[key] = {**mine, **value}
-            elif key == "properties" and isinstance(mine, dict) and isinstance(value, dict):
-                out[key] = {**mine, **{k: {"allOf": [mine[k], v]} if k in mine else v for k, v in value.items()}}
-            elif key == "required" and isinstance(mine, list) and isinstance(value, list):
-                out[key] = list(dict.fromkeys(mine + value))
-            elif key in ("minimum", "minLength", "minItems", "minProperties", "maximum", "maxLength", "maxItems",
-                         "maxProperties") and _is_number(mine) and _is_number(value):
-                out[key] = (max if key.startswith("min") else min)(mine, value)
-            elif key == "type":
-                mine, value = _as_list(mine), _as_list(value)
-                kinds = [k for k in mine if k in value]  # and integer, a kind of number
-                if "integer" not in kinds and ("integer" in mine and "number" in value or
-                                               "number" in mine and "integer" in value):
-                    kinds.append("integer")
-                if not kinds:
-                    return False
-                out[key] = kinds
-            elif key == "enum" and isinstance(mine, list) and isinstance(value, list):
-                out[key] = [v for v in mine if _canonical(v) in {_canonical(w) for w in value}]
-            elif key in ("items", "additionalItems", "additionalProperties", "propertyNames") and \
-                    not isinstance(mine, list) and not isinstance(value, list):
-                out[key] = {"allOf": [mine, value]}
-            elif key in ("$defs", "definitions"):
-                out[key] = {**mine, **value}
-            elif _canonical(mine) != _canonical(value):
-                raise self.fail(f"allOf parts with different {key!r} cannot be merged")
+            out[key] = value if key not in out or key not in SCHEMA_KEYWORDS else self.both(key, out[key], value)
+            if out[key] is False and key == "type":
+                return False
         return out
+
+    def both(self, key: str, mine: Any, value: Any) -> Any:
+        """allOf: one value of `key` that holds what both parts' values hold (False: no type in common)."""
+        if key == "not":
+            return {"anyOf": [mine, value]}
+        if key in ("!enum", "!pattern", "allOf"):
+            return mine + value
+        if key in ("$defs", "definitions") or key in ("dependencies", "dependentRequired", "dependentSchemas",
+                                                       "patternProperties") and not set(mine) & set(value):
+            return {**mine, **value}
+        if key == "properties" and isinstance(mine, dict) and isinstance(value, dict):
+            return {**mine, **{k: {"allOf": [mine[k], v]} if k in mine else v for k, v in value.items()}}
+        if key == "required" and isinstance(mine, list) and isinstance(value, list):
+            return list(dict.fromkeys(mine + value))
+        if key in ("minimum", "minLength", "minItems", "minProperties", "maximum", "maxLength", "maxItems",
+                   "maxProperties") and _is_number(mine) and _is_number(value):
+            return (max if key.startswith("min") else min)(mine, value)
+        if key == "type":
+            mine, value = _as_list(mine), _as_list(value)
+            kinds = [k for k in mine if k in value]  # and integer, a kind of number
+            if "integer" not in kinds and ("integer" in mine and "number" in value or
+                                           "number" in mine and "integer" in value):
+                kinds.append("integer")
+            return kinds or False
+        if key == "enum" and isinstance(mine, list) and isinstance(value, list):
+            return [v for v in mine if _canonical(v) in {_canonical(w) for w in value}]
+        if key in ("items", "additionalItems", "additionalProperties", "propertyNames") and \
+                not isinstance(mine, list) and not isinstance(value, list):
+            return {"allOf": [mine, value]}
+        if _canonical(mine) != _canonical(value):
+            raise self.fail(f"allOf parts with different {key!r} cannot be merged")
+        return mine
 
     @staticmethod
     def closed_to(one: dict, other: dict) -> dict:
@@ -2008,7 +2008,7 @@ class SchemaCompiler:
 
     def string(self, schema: dict) -> Leaf:
         low, high = self.count(schema, "minLength") or 0, self.count(schema, "maxLength")
-        form, pattern = schema.get("format"), schema.get("pattern")
+        form, pattern = _format(schema), schema.get("pattern")
         if pattern is not None and not isinstance(pattern, str):
             raise self.fail("'pattern' must be a string")
         if form in ("hostname", "idn-hostname"):
@@ -2095,20 +2095,27 @@ class SchemaCompiler:
                 return None
             props.append((name, node, name in required)) if node is not None else banned.append(name)
         values = self.pattern_values(patterns, regexes, extra, refs, depth)
-        key = names or ANY_STRING
-        if regexes and extra in (None, False) and isinstance(key, Literals):  # other keys must match a pattern
-            key = Literals(t for t in key.texts if any(r.matches(json.loads(t)) for r in regexes))
-        elif regexes and extra in (None, False):
-            try:
-                key = Leaf(regex_for("|".join(f"(?:{p})" for p in patterns), True, key.regex.source), key.min_len,
-                             key.max_len)
-            except ValueError as exc:
-                raise self.fail(f"'patternProperties'/'propertyNames': {exc}") from None
+        key = self.extra_key(names or ANY_STRING, list(patterns), regexes, extra)
         try:
             return Object(tuple(props), None, self.count(schema, "minProperties") or 0,
-                          self.count(schema, "maxProperties"), key, tuple(banned), tuple(regexes), values)
+                          self.count(schema, "maxProperties"), key, tuple(banned), tuple(regexes),
+                          values if key is not None else {})
         except ValueError as exc:
             raise self.fail(str(exc)) from None
+
+    def extra_key(self, key: Piece, patterns: list, regexes: list, extra: Any) -> Piece | None:
+        """The leaf other keys are written with: propertyNames', and a pattern's unless additionalProperties
+        allows any (None: no other key)."""
+        if not regexes or extra not in (None, False):
+            return key
+        if isinstance(key, Literals):
+            texts = [t for t in key.texts if any(r.matches(json.loads(t)) for r in regexes)]
+            return Literals(texts) if texts else None
+        try:
+            return Leaf(regex_for("|".join(f"(?:{p})" for p in patterns), True, key.regex.source), key.min_len,
+                        key.max_len)
+        except ValueError as exc:
+            raise self.fail(f"'patternProperties'/'propertyNames': {exc}") from None
 
     def pattern_values(self, patterns_of: dict, regexes: list, extra: Any, refs: int, depth: int) -> dict:
         """An extra key's value node by the patterns it matches (a tuple of indices; (): additionalProperties)."""
@@ -2180,6 +2187,11 @@ def accepts_text(node: Piece, text: str) -> bool:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _format(schema: dict) -> str | None:
+    """A schema's format, when it is a string."""
+    return schema.get("format") if isinstance(schema.get("format"), str) else None
 
 
 def _names(schema: dict) -> list:
@@ -3666,7 +3678,7 @@ def mistral_call_id() -> str:
 # (what the chat template contains, its format); the first match wins, and a
 # template none matches gets mlx_lm's parser (chat_format_of).
 CHAT_FORMATS: tuple[tuple[tuple[str, ...], ChatFormat], ...] = (
-    (("<|channel|>", "<|constrain|>"), ChatFormat(
+    (("<|channel|>analysis",), ChatFormat(
         "harmony", harmony=True,
         write=lambda name: (f"<|channel|>commentary to=functions.{name} <|constrain|>json<|message|>", "<|call|>"))),
     (("<｜tool▁calls▁begin｜>", "```json"), ChatFormat(
@@ -3711,12 +3723,13 @@ def _chat_format(template: str, start: str | None, end: str | None, parser: Any)
 def template_messages(messages: list[dict], template: str) -> list[dict]:
     """The messages as this chat template expects them.
 
-    Reasoning sent back (reasoning_content) is also harmony's `thinking`; a
-    call-only assistant turn has null content, whichever dialect it came by.
+    Reasoning sent back (reasoning_content) is also harmony's `thinking`.
     A template that demands alternating roles gets consecutive plain
     messages of one role merged with a blank line (Codex sends system
     prompt, developer message, then user), as peers do; one that demands
-    nine-character call ids (Mistral Small 3.2) gets each id mapped to one.
+    nine-character call ids (Mistral Small 3.2) gets each id mapped to one;
+    one that joins a call's arguments to strings (DeepSeek's) gets them as
+    JSON text.
     """
     out: list[dict] = []
     for message in messages:
@@ -3725,8 +3738,8 @@ def template_messages(messages: list[dict], template: str) -> list[dict]:
             message["thinking"] = message["reasoning_content"]
         if "length 9" in template:
             message = nine_character_ids(message)
-        if message.get("tool_calls") and not message.get("content"):
-            message["content"] = None   # as OpenAI sends it: DeepSeek's templates write calls only then
+        if message.get("tool_calls") and re.search(r"\[['\"]arguments['\"]\]\s*\+", template):  # DeepSeek's
+            message["tool_calls"] = [call_with_text_arguments(call) for call in message["tool_calls"]]
         plain = not message.get("tool_calls") and message["role"] != "tool"
         if ("must alternate" in template and plain and out and out[-1]["role"] == message["role"]
                 and not out[-1].get("tool_calls") and isinstance(message["content"], str)
@@ -3735,6 +3748,13 @@ def template_messages(messages: list[dict], template: str) -> list[dict]:
             continue
         out.append(message)
     return out
+
+
+def call_with_text_arguments(call: dict) -> dict:
+    """A tool call whose arguments are JSON text, for templates that join them to strings (DeepSeek's)."""
+    arguments = call["function"].get("arguments")
+    text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+    return {**call, "function": {**call["function"], "arguments": text}}
 
 
 def nine_character_ids(message: dict) -> dict:

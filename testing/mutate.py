@@ -392,6 +392,15 @@ MUTATIONS = [
              (("            deps.update(schema.get(word) if isinstance(schema.get(word), dict) else {})",
                "            pass"),),
              ("test_new_keywords_are_enforced_and_every_walk_validates",)),
+    Mutation("json-malformed-type-crashes", "a oneOf branch whose type is not a name crashes the compiler (a 500)",
+             (("            kinds = {k for k in _as_list(schema[\"type\"]) if isinstance(k, str)}\n"
+               "            return kinds", "            kinds = set(_as_list(schema[\"type\"]))\n            return kinds"),),
+             ("test_malformed_schemas_are_answered_never_a_5xx",)),
+    Mutation("json-closing-key-too-short", "an excluded key leaf looks for a closing text only 32 characters deep, so a "
+             "pattern key longer than that cannot close (a 500 mid-stream)",
+             (("        reach = max(self.min_len - count, len(self.regex.shortest(dfa) or \"\")) + 32",
+               "        reach = 32"),),
+             ("test_new_keywords_are_enforced_and_every_walk_validates",)),
     Mutation("json-multipleof-float-steps", "multipleOf 0.01 allows 7.77, which validators' float division refuses",
              (("            if integer or exact.denominator == 1 or Fraction(float(exact)) != exact:",
                "            if integer or exact.denominator == 1:"),),
@@ -506,6 +515,32 @@ MUTATIONS = [
     Mutation("embedding-model-flag-ignored", "--embedding-model never reaches the settings: the chat model embeds",
              (("embedding_model=args.embedding_model,", "embedding_model=None,"),),
              ("test_embedding_model_flag_pools_as_its_sentence_transformers_config",)),
+    # Issue 22: model families (tool calls and reasoning in each family's own format).
+    Mutation("empty-end-marker-found-at-once", "a format without an end marker (Mistral, Llama 3) takes \"\" as "
+                                               "found at once, so its calls reach the client as text",
+             (("        ends = (form.end,) if form.end else form.starts\n", "        ends = (form.end,)\n"),),
+             ("test_family_replies_split_into_content_reasoning_and_calls",
+              "test_family_markers_split_anywhere_never_reach_content")),
+    Mutation("harmony-analysis-as-text", "gpt-oss's analysis channel goes out as the reply's text",
+             (('            self.kind = "reasoning" if channel and channel[1] == "analysis" else "text"',
+               '            self.kind = "text"'),),
+             ("test_family_replies_split_into_content_reasoning_and_calls", "test_codex_is_served_by_a_gpt_oss_model")),
+    Mutation("split-marker-leaks", "text that may be the start of a call marker is not held back",
+             (("            hold = partial_marker_length(self.held, form.starts + (form.leading if self.fresh else ()))",
+               "            hold = 0"),),
+             ("test_family_markers_split_anywhere_never_reach_content",)),
+    Mutation("thinking-blocks-dropped", "replayed Anthropic thinking blocks never reach the template",
+             (("    if thoughts:   # replayed reasoning", "    if False:   # replayed reasoning"),),
+             ("test_family_prompt_is_the_templates_own_rendering",)),
+    Mutation("reasoning-items-dropped", "replayed Responses reasoning items never reach the template",
+             (("            thoughts.append(reasoning_item_text(item))", "            pass"),),
+             ("test_family_prompt_is_the_templates_own_rendering",)),
+    Mutation("no-alternation-merge", "consecutive messages of one role reach a template that demands alternation",
+             (('        if ("must alternate" in template and plain', "        if (False and plain"),),
+             ("test_consecutive_messages_of_one_role_are_merged_where_the_template_alternates",)),
+    Mutation("deepseek-arguments-as-objects", "DeepSeek's templates get a call's arguments as an object (a 400)",
+             (("""        if message.get("tool_calls") and re.search(""", """        if False and re.search("""),),
+             ("test_family_prompt_is_the_templates_own_rendering",)),
 ]
 
 
