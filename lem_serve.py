@@ -3687,7 +3687,7 @@ def mistral_call_id() -> str:
 # (what the chat template contains, its format); the first match wins, and a
 # template none matches gets mlx_lm's parser (chat_format_of).
 CHAT_FORMATS: tuple[tuple[tuple[str, ...], ChatFormat], ...] = (
-    (("<|channel|>", "<|constrain|>"), ChatFormat(
+    (("<|channel|>analysis",), ChatFormat(
         "harmony", harmony=True,
         write=lambda name: (f"<|channel|>commentary to=functions.{name} <|constrain|>json<|message|>", "<|call|>"))),
     (("<｜tool▁calls▁begin｜>", "```json"), ChatFormat(
@@ -3732,12 +3732,13 @@ def _chat_format(template: str, start: str | None, end: str | None, parser: Any)
 def template_messages(messages: list[dict], template: str) -> list[dict]:
     """The messages as this chat template expects them.
 
-    Reasoning sent back (reasoning_content) is also harmony's `thinking`; a
-    call-only assistant turn has null content, whichever dialect it came by.
+    Reasoning sent back (reasoning_content) is also harmony's `thinking`.
     A template that demands alternating roles gets consecutive plain
     messages of one role merged with a blank line (Codex sends system
     prompt, developer message, then user), as peers do; one that demands
-    nine-character call ids (Mistral Small 3.2) gets each id mapped to one.
+    nine-character call ids (Mistral Small 3.2) gets each id mapped to one;
+    one that joins a call's arguments to strings (DeepSeek's) gets them as
+    JSON text.
     """
     out: list[dict] = []
     for message in messages:
@@ -3746,8 +3747,8 @@ def template_messages(messages: list[dict], template: str) -> list[dict]:
             message["thinking"] = message["reasoning_content"]
         if "length 9" in template:
             message = nine_character_ids(message)
-        if message.get("tool_calls") and not message.get("content"):
-            message["content"] = None   # as OpenAI sends it: DeepSeek's templates write calls only then
+        if message.get("tool_calls") and re.search(r"\[['\"]arguments['\"]\]\s*\+", template):  # DeepSeek's
+            message["tool_calls"] = [call_with_text_arguments(call) for call in message["tool_calls"]]
         plain = not message.get("tool_calls") and message["role"] != "tool"
         if ("must alternate" in template and plain and out and out[-1]["role"] == message["role"]
                 and not out[-1].get("tool_calls") and isinstance(message["content"], str)
@@ -3756,6 +3757,13 @@ def template_messages(messages: list[dict], template: str) -> list[dict]:
             continue
         out.append(message)
     return out
+
+
+def call_with_text_arguments(call: dict) -> dict:
+    """A tool call whose arguments are JSON text, for templates that join them to strings (DeepSeek's)."""
+    arguments = call["function"].get("arguments")
+    text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+    return {**call, "function": {**call["function"], "arguments": text}}
 
 
 def nine_character_ids(message: dict) -> dict:

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import gc
 import http.client
+import importlib
 import importlib.util
 import json
 import logging
@@ -2798,6 +2799,334 @@ def test_old_python_or_missing_mlx_says_what_to_install_in_one_line(tmp_path):
         assert result.returncode == 2 and result.stdout == "", (name, result)
         line, = result.stderr.splitlines()
         assert ("Python 3.11" in line) if name == "old python" else ("pip install" in line and "mlx" in line), line
+
+
+# ---------------------------------------------------------------------------
+# Model families: tool calls and reasoning in each family's own chat format (issue 22)
+# ---------------------------------------------------------------------------
+
+TEMPLATES = ROOT / "testing" / "templates"
+DEEPSEEK_TOKENS = ("<｜User｜>", "<｜Assistant｜>", "<think>", "</think>", "<｜tool▁calls▁begin｜>",
+                   "<｜tool▁call▁begin｜>", "<｜tool▁sep｜>", "<｜tool▁call▁end｜>", "<｜tool▁calls▁end｜>",
+                   "<｜tool▁outputs▁begin｜>", "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>", "<｜tool▁outputs▁end｜>")
+MISTRAL_TOKENS = ("[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CALLS]", "[CALL_ID]", "[ARGS]",
+                  "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]")
+WEATHER_ARGS, TIME_ARGS = {"city": "Paris"}, {"zone": "CET"}
+R1_CALL = "<｜tool▁call▁begin｜>function<｜tool▁sep｜>{}\n```json\n{}\n```<｜tool▁call▁end｜>"
+V31_CALL = "<｜tool▁call▁begin｜>{}<｜tool▁sep｜>{}<｜tool▁call▁end｜>"
+HARMONY_CALL = "<|channel|>commentary to=functions.{} <|constrain|>json<|message|>{}<|call|>"
+
+
+def family_calls(form: str, joiner: str = "", *calls: tuple[str, dict]) -> str:
+    """Calls written in a family's own syntax, `joiner` between them."""
+    return joiner.join(form.format(name, json.dumps(args)) for name, args in calls)
+
+
+WEATHER_CALL, TIME_CALL = ("get_weather", WEATHER_ARGS), ("get_time", TIME_ARGS)
+# What each script must come back as: (content, reasoning, [(name, arguments)]).
+FAMILY_EXPECTED = {"plain": ("Hello there.", "", []), "reasoning": ("Paris.", "Let me think.", []),
+                   "call": ("", "", [WEATHER_CALL]), "parallel": ("", "", [WEATHER_CALL, TIME_CALL]),
+                   "reasoning_call": ("", "Let me think.", [WEATHER_CALL])}
+QWEN_CALL = '<tool_call>\n{{"name": "{}", "arguments": {}}}\n</tool_call>'
+# family: (template file, build_scripted_model keywords, {script kind: the model's text}); a kind the
+# family cannot write (no reasoning, no parallel calls) is left out.
+FAMILIES = {
+    "qwen3": ("Qwen-Qwen3-0.6B.jinja", {"tokens": ("<think>", "</think>"), "end": "<|im_end|>"}, {
+        "plain": "Hello there.", "reasoning": "<think>\nLet me think.\n</think>\n\nParis.",
+        "call": family_calls(QWEN_CALL, "", WEATHER_CALL),
+        "parallel": family_calls(QWEN_CALL, "\n", WEATHER_CALL, TIME_CALL),
+        "reasoning_call": "<think>\nLet me think.\n</think>\n\n" + family_calls(QWEN_CALL, "", WEATHER_CALL)}),
+    "gpt-oss": ("openai-gpt-oss-120b.jinja", {
+        "tokens": ("<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|constrain|>"), "end": "<|return|>",
+        "eos": ("<|call|>",)}, {
+        "plain": "<|channel|>final<|message|>Hello there.",
+        "reasoning": "<|channel|>analysis<|message|>Let me think.<|end|><|start|>assistant<|channel|>final<|message|>Paris.",
+        "call": family_calls(HARMONY_CALL, "", WEATHER_CALL),
+        "reasoning_call": "<|channel|>analysis<|message|>Let me think.<|end|><|start|>assistant"
+                          + family_calls(HARMONY_CALL, "", WEATHER_CALL)}),
+    "llama3.1": ("meta-llama-Llama-3.1-8B-Instruct.jinja", {
+        "tokens": ("<|start_header_id|>", "<|end_header_id|>", "<|python_tag|>"), "end": "<|eot_id|>",
+        "eos": ("<|eom_id|>",), "bos": "<|begin_of_text|>"}, {
+        "plain": "Hello there.", "call": '{"name": "get_weather", "parameters": {"city": "Paris"}}',
+        "parallel": '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}; '
+                    '{"name": "get_time", "parameters": {"zone": "CET"}}'}),
+    "deepseek-r1": ("deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja", {
+        "tokens": DEEPSEEK_TOKENS, "end": "<｜end▁of▁sentence｜>", "bos": "<｜begin▁of▁sentence｜>"}, {
+        "plain": "\n</think>\n\nHello there.", "reasoning": "Let me think.\n</think>\n\nParis.",
+        "call": "\n</think>\n\n<｜tool▁calls▁begin｜>" + family_calls(R1_CALL, "", WEATHER_CALL) + "<｜tool▁calls▁end｜>",
+        "parallel": "\n</think>\n\n<｜tool▁calls▁begin｜>" + family_calls(R1_CALL, "\n", WEATHER_CALL, TIME_CALL)
+                    + "<｜tool▁calls▁end｜>",
+        "reasoning_call": "Let me think.\n</think>\n\n<｜tool▁calls▁begin｜>" + family_calls(R1_CALL, "", WEATHER_CALL)
+                          + "<｜tool▁calls▁end｜>"}),
+    "deepseek-v3.1": ("deepseek-ai-DeepSeek-V3.1.jinja", {
+        "tokens": DEEPSEEK_TOKENS, "end": "<｜end▁of▁sentence｜>", "bos": "<｜begin▁of▁sentence｜>"}, {
+        "plain": "Hello there.",
+        "call": "<｜tool▁calls▁begin｜>" + family_calls(V31_CALL, "", WEATHER_CALL) + "<｜tool▁calls▁end｜>",
+        "parallel": "<｜tool▁calls▁begin｜>" + family_calls(V31_CALL, "", WEATHER_CALL, TIME_CALL) + "<｜tool▁calls▁end｜>"}),
+    "mistral-small-3.2": ("Mistral-Small-3.2-24B-Instruct-2506.jinja", {
+        "tokens": MISTRAL_TOKENS, "end": "</s>", "bos": "<s>"}, {
+        "plain": "Hello there.",
+        "call": family_calls("[TOOL_CALLS]{}[CALL_ID]a1b2c3d4e[ARGS]{}", "", WEATHER_CALL),
+        "parallel": family_calls("[TOOL_CALLS]{}[CALL_ID]a1b2c3d4e[ARGS]{}", "", WEATHER_CALL, TIME_CALL)}),
+    "devstral": ("unsloth-mistral-Devstral-Small-2507.jinja", {"tokens": MISTRAL_TOKENS, "end": "</s>", "bos": "<s>"}, {
+        "plain": "Hello there.", "call": family_calls("[TOOL_CALLS]{}[ARGS]{}", "", WEATHER_CALL),
+        "parallel": family_calls("[TOOL_CALLS]{}[ARGS]{}", "", WEATHER_CALL, TIME_CALL)}),
+}
+KIMI_CALL = "<|tool_call_begin|>functions.{}:0<|tool_call_argument_begin|>{}<|tool_call_end|>"
+FAMILIES["kimi-k2"] = ("moonshotai-Kimi-K2.jinja", {
+    "tokens": ("<|im_system|>", "<|im_user|>", "<|im_assistant|>", "<|im_middle|>", "<|tool_calls_section_begin|>",
+               "<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>", "<|tool_calls_section_end|>"),
+    "end": "<|im_end|>"}, {
+    "plain": "Hello there.",
+    "call": "<|tool_calls_section_begin|>" + family_calls(KIMI_CALL, "", WEATHER_CALL) + "<|tool_calls_section_end|>",
+    "parallel": "<|tool_calls_section_begin|>" + family_calls(KIMI_CALL, "", WEATHER_CALL, TIME_CALL)
+                + "<|tool_calls_section_end|>"})
+FAMILY_TOOLS = [{"name": "get_weather", "description": "The weather in a city",
+                 "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}},
+                {"name": "get_time", "description": "The time in a zone",
+                 "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}, "required": ["zone"]}}]
+
+
+def dialect_tools_for(endpoint: str) -> list[dict]:
+    """FAMILY_TOOLS in the endpoint's own shape."""
+    if endpoint == "messages":
+        return [{"name": t["name"], "description": t["description"], "input_schema": t["parameters"]}
+                for t in FAMILY_TOOLS]
+    if endpoint == "responses":
+        return [{"type": "function", **t} for t in FAMILY_TOOLS]
+    return [{"type": "function", "function": t} for t in FAMILY_TOOLS]
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family_server(request, tmp_path_factory):
+    """(family name, its scripts' kinds, a server on its scripted model): one per family per module."""
+    from testing.scripted_model import build_scripted_model
+    name = request.param
+    template, keywords, scripts = FAMILIES[name]
+    kinds = list(scripts)
+    path = build_scripted_model(tmp_path_factory.mktemp("families") / name, (TEMPLATES / template).read_text("utf-8"),
+                                [scripts[kind] for kind in kinds], **keywords)
+    model = lem_serve.load_model(lem_serve.Settings(model_path=str(path)))
+    with running_server(model, path) as server:
+        yield name, kinds, server, model
+
+
+def family_body(endpoint: str, script: int, **fields) -> dict:
+    """A request whose reply is script `script`, tools offered, reasoning asked for where a dialect must ask."""
+    from testing.scripted_model import trigger
+    body = {"messages": [{"role": "user", "content": f"What now? {trigger(script)}"}], "max_tokens": 200,
+            "tools": dialect_tools_for(endpoint), **fields}
+    if endpoint == "messages":
+        body["thinking"] = {"type": "enabled", "budget_tokens": 1024}
+        body["max_tokens"] = 2048
+    if endpoint == "responses":
+        body["input"] = body.pop("messages")
+        body["max_output_tokens"] = body.pop("max_tokens")
+    return body
+
+
+def reply_parts(endpoint: str, payload: dict) -> tuple[str, str, list]:
+    """(content, reasoning, [(name, arguments)]) of a non-streamed reply in any dialect."""
+    if endpoint == "messages":
+        blocks = payload["content"]
+        return ("".join(b["text"] for b in blocks if b["type"] == "text"),
+                "".join(b["thinking"] for b in blocks if b["type"] == "thinking"),
+                [(b["name"], b["input"]) for b in blocks if b["type"] == "tool_use"])
+    if endpoint == "responses":
+        items = payload["output"]
+        return ("".join(p["text"] for i in items if i["type"] == "message" for p in i["content"]),
+                "".join(p["text"] for i in items if i["type"] == "reasoning" for p in i["content"]),
+                [(i["name"], json.loads(i["arguments"])) for i in items if i["type"] == "function_call"])
+    message = payload["choices"][0]["message"]
+    return (message["content"] or "", message.get("reasoning_content") or "",
+            [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in message.get("tool_calls") or []])
+
+
+def streamed_parts(endpoint: str, events: list) -> tuple[str, str, list]:
+    """(content, reasoning, [(name, arguments)]) assembled from a stream's deltas in any dialect."""
+    content, reasoning, calls = [], [], {}
+    for event in (e for e in events if isinstance(e, dict)):
+        if endpoint == "chat":
+            delta = event["choices"][0]["delta"] if event.get("choices") else {}
+            content.append(delta.get("content") or "")
+            reasoning.append(delta.get("reasoning_content") or "")
+            for call in delta.get("tool_calls") or []:
+                name, arguments = calls.get(call["index"], ("", ""))
+                function = call.get("function") or {}
+                calls[call["index"]] = (name + (function.get("name") or ""), arguments + (function.get("arguments") or ""))
+        elif endpoint == "messages":
+            if event["type"] == "content_block_start" and event["content_block"]["type"] == "tool_use":
+                calls[event["index"]] = (event["content_block"]["name"], "")
+            delta = event.get("delta") or {}
+            content.append(delta.get("text", "") if delta.get("type") == "text_delta" else "")
+            reasoning.append(delta.get("thinking", "") if delta.get("type") == "thinking_delta" else "")
+            if delta.get("type") == "input_json_delta":
+                name, arguments = calls[event["index"]]
+                calls[event["index"]] = (name, arguments + delta["partial_json"])
+        else:
+            kind = event["type"]
+            if kind == "response.output_item.added" and event["item"]["type"] == "function_call":
+                calls[event["output_index"]] = (event["item"]["name"], "")
+            content.append(event["delta"] if kind == "response.output_text.delta" else "")
+            reasoning.append(event["delta"] if kind == "response.reasoning_text.delta" else "")
+            if kind == "response.function_call_arguments.delta":
+                name, arguments = calls[event["output_index"]]
+                calls[event["output_index"]] = (name, arguments + event["delta"])
+    return "".join(content), "".join(reasoning), [(n, json.loads(a)) for _, (n, a) in sorted(calls.items())]
+
+
+FAMILY_MARKERS = ("<think>", "</think>", "<tool_call>", "</tool_call>", "<|channel|>", "<|message|>", "<|end|>",
+                  "<|start|>", "<|call|>", "<|python_tag|>", "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]", "｜", "analysis",
+                  "<|tool_call", "<|tool_calls_section",
+                  "commentary")
+
+
+def assert_family_reply(parts: tuple[str, str, list], expected: tuple[str, str, list], where: str) -> None:
+    """Content exact, reasoning (trimmed) in the dialect's field, calls with exact arguments, no marker anywhere."""
+    content, reasoning, calls = parts
+    assert (content, reasoning.strip(), calls) == expected, where
+    shown = content + reasoning + json.dumps(calls)
+    assert not [m for m in FAMILY_MARKERS if m in shown], (where, shown)
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "messages", "responses"])
+def test_family_replies_split_into_content_reasoning_and_calls(family_server, endpoint):
+    name, kinds, server, _ = family_server
+    for script, kind in enumerate(kinds):
+        body = family_body(endpoint, script)
+        payload = request(server, "POST", path_of(endpoint), body).json()
+        assert_family_reply(reply_parts(endpoint, payload), FAMILY_EXPECTED[kind], f"{name} {kind} {endpoint}")
+        events = stream(server, endpoint, **body)
+        assert_family_reply(streamed_parts(endpoint, events), FAMILY_EXPECTED[kind],
+                            f"{name} {kind} {endpoint} streamed")
+
+
+# An agent's turn in the middle of a tool loop, as chat sends it: the template renders this turn's reasoning.
+AGENT_SYSTEM, AGENT_QUESTION, AGENT_THOUGHT, AGENT_RESULT = (
+    "You are a careful agent.", "What is the weather in Paris?", "I should look it up.", "Sunny, 21 C.")
+AGENT_CALL_ID = "a1b2c3d4e"   # nine letters and digits, as Mistral Small 3.2's template demands
+
+
+def agent_conversation(endpoint: str) -> dict:
+    """The same conversation (system, user, reasoning and a call, its result) in each dialect's shape."""
+    if endpoint == "messages":
+        return {"system": AGENT_SYSTEM, "thinking": {"type": "enabled", "budget_tokens": 1024}, "max_tokens": 2048,
+                "messages": [{"role": "user", "content": AGENT_QUESTION},
+                             {"role": "assistant", "content": [
+                                 {"type": "thinking", "thinking": AGENT_THOUGHT, "signature": ""},
+                                 {"type": "tool_use", "id": AGENT_CALL_ID, "name": "get_weather", "input": WEATHER_ARGS}]},
+                             {"role": "user", "content": [{"type": "tool_result", "tool_use_id": AGENT_CALL_ID,
+                                                           "content": AGENT_RESULT}]}]}
+    if endpoint == "responses":
+        return {"max_output_tokens": 1, "input": [
+            {"role": "developer", "content": AGENT_SYSTEM}, {"role": "user", "content": AGENT_QUESTION},
+            {"type": "reasoning", "summary": [], "content": [{"type": "reasoning_text", "text": AGENT_THOUGHT}]},
+            {"type": "function_call", "call_id": AGENT_CALL_ID, "name": "get_weather",
+             "arguments": json.dumps(WEATHER_ARGS)},
+            {"type": "function_call_output", "call_id": AGENT_CALL_ID, "output": AGENT_RESULT}]}
+    return {"max_tokens": 1, "messages": agent_chat_messages(json.dumps(WEATHER_ARGS))}
+
+
+def agent_chat_messages(arguments: str | dict) -> list[dict]:
+    return [{"role": "system", "content": AGENT_SYSTEM}, {"role": "user", "content": AGENT_QUESTION},
+            {"role": "assistant", "content": None, "reasoning_content": AGENT_THOUGHT, "tool_calls": [
+                {"id": AGENT_CALL_ID, "type": "function", "function": {"name": "get_weather", "arguments": arguments}}]},
+            {"role": "tool", "tool_call_id": AGENT_CALL_ID, "content": AGENT_RESULT}]
+
+
+def template_rendering(name: str, model: lem_serve.Model) -> list[int]:
+    """The family's own template on the agent conversation, as its model card shows it called (through
+    transformers): arguments as an object, or as JSON text for DeepSeek's templates (which join them
+    to strings); the reasoning as the field the template reads."""
+    deepseek = name.startswith("deepseek")
+    messages = agent_chat_messages(json.dumps(WEATHER_ARGS) if deepseek else WEATHER_ARGS)
+    messages[2]["content"] = ""   # transformers drops a null content, which DeepSeek's templates then miss
+    if name == "gpt-oss":
+        messages[2]["thinking"] = messages[2].pop("reasoning_content")
+    tools = [{"type": "function", "function": t} for t in FAMILY_TOOLS]
+    return list(model.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True))
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "messages", "responses"])
+def test_family_prompt_is_the_templates_own_rendering(family_server, endpoint):
+    name, _, server, model = family_server
+    expected = len(template_rendering(name, model))
+    reply = request(server, "POST", path_of(endpoint), {**agent_conversation(endpoint), "tools": dialect_tools_for(endpoint)})
+    assert reply.status == 200, reply.json()
+    usage = reply.json()["usage"]
+    prompt = usage["prompt_tokens"] if endpoint == "chat" else usage["input_tokens"] + usage.get(
+        "cache_read_input_tokens", 0) + usage.get("cache_creation_input_tokens", 0) if endpoint == "messages" \
+        else usage["input_tokens"]
+    assert prompt == expected, (name, endpoint)
+
+
+@pytest.mark.parametrize("family_server", ["gpt-oss"], indirect=True)
+def test_codex_is_served_by_a_gpt_oss_model(family_server, tmp_path):
+    """Codex's real requests (tools, custom tools, hosted tools, developer message) to a harmony model: no 400,
+    and its answer is the final channel alone (the analysis channel is reasoning, never the answer)."""
+    codex = agent_cli("codex")
+    name, kinds, server, _ = family_server
+    from testing.scripted_model import trigger
+    home, work = tmp_path / "codex-home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    (home / "config.toml").write_text(CODEX_CONFIG.format(url=server.url + "/v1"))
+    run = run_agent([codex, "exec", "--skip-git-repo-check", f"Where? {trigger(kinds.index('reasoning'))}"], work,
+                    {"HOME": home, "CODEX_HOME": home, "LEM_API_KEY": "unused"})
+    assert run.returncode == 0, (run.stdout[-2000:], run.stderr[-2000:])
+    assert run.stdout.strip() == "Paris."
+    assert_only_successes(server, "/v1/responses")
+
+
+@pytest.mark.parametrize("family_server", ["mistral-small-3.2"], indirect=True)
+def test_consecutive_messages_of_one_role_are_merged_where_the_template_alternates(family_server):
+    """Codex's system prompt, developer message, then user: Mistral Small 3.2's template raises on two system
+    messages in a row, so they reach it merged with a blank line (the reply is then the script's)."""
+    from testing.scripted_model import trigger
+    _, kinds, server, _ = family_server
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "developer", "content": "Use tools."},
+                {"role": "user", "content": "Hi."}, {"role": "user", "content": f"Now? {trigger(kinds.index('plain'))}"}]
+    reply = request(server, "POST", path_of("chat"), {"messages": messages})
+    assert reply.status == 200, reply.json()
+    assert reply.json()["choices"][0]["message"]["content"] == "Hello there."
+
+
+@pytest.mark.parametrize("family_server", ["gpt-oss"], indirect=True)
+def test_a_template_that_fails_to_render_is_a_400_naming_its_error(family_server):
+    _, _, server, _ = family_server
+    messages = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "<|channel|>final<|message|>Hello."},
+                {"role": "user", "content": "Again."}]   # gpt-oss's template refuses channel tags in content
+    error = assert_openai_error(request(server, "POST", path_of("chat"), {"messages": messages}), 400, "messages")
+    assert "You have passed a message containing <|channel|> tags in the content field" in error["message"]
+
+
+def scan_family_text(name: str, text: str, pieces: list[str]) -> tuple[str, str, list]:
+    """(content, reasoning, calls) of a family's reply text fed to its scanner in `pieces`."""
+    template, _, _ = FAMILIES[name]
+    parser = importlib.import_module(f"mlx_lm.tool_parsers.{'kimi_k2' if name == 'kimi-k2' else 'json_tools'}")
+    form = lem_serve._chat_format((TEMPLATES / template).read_text("utf-8"), parser.tool_call_start,
+                                  parser.tool_call_end, parser.parse_tool_call)  # what mlx_lm infers for the rest
+    tools = [{"type": "function", "function": t} for t in FAMILY_TOOLS]
+    scanner = lem_serve.HarmonyScanner(tools) if form.harmony else lem_serve.ToolCallScanner(form, tools)
+    out = [piece for chunk in pieces for piece in scanner.feed(chunk)] + scanner.flush()
+    calls = [(c["function"]["name"], json.loads(c["function"]["arguments"])) for k, v in out if k == "calls" for c in v]
+    return ("".join(v for k, v in out if k == "text"), "".join(v for k, v in out if k == "reasoning"), calls)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_family_markers_split_anywhere_never_reach_content(name):
+    """Every script cut into pieces at every character (as a tokenizer whose markers are several tokens
+    would stream it) scans to what it scans to whole: no marker leaks, no call is lost."""
+    _, _, scripts = FAMILIES[name]
+    for kind, text in scripts.items():
+        text = text.split("</think>", 1)[-1]   # the engine's ReasoningSplitter takes a think block first
+        whole = scan_family_text(name, text, [text])
+        content, reasoning, calls = whole
+        if kind.endswith("call") or kind == "parallel":
+            assert calls == FAMILY_EXPECTED[kind][2] and not content.strip(), (name, kind, whole)
+        for cut in range(1, len(text)):
+            assert scan_family_text(name, text, [text[:cut], text[cut:]]) == whole, (name, kind, cut)
+        assert scan_family_text(name, text, list(text)) == whole, (name, kind)
 
 
 # ---------------------------------------------------------------------------

@@ -515,6 +515,32 @@ MUTATIONS = [
     Mutation("embedding-model-flag-ignored", "--embedding-model never reaches the settings: the chat model embeds",
              (("embedding_model=args.embedding_model,", "embedding_model=None,"),),
              ("test_embedding_model_flag_pools_as_its_sentence_transformers_config",)),
+    # Issue 22: model families (tool calls and reasoning in each family's own format).
+    Mutation("empty-end-marker-found-at-once", "a format without an end marker (Mistral, Llama 3) takes \"\" as "
+                                               "found at once, so its calls reach the client as text",
+             (("        ends = (form.end,) if form.end else form.starts\n", "        ends = (form.end,)\n"),),
+             ("test_family_replies_split_into_content_reasoning_and_calls",
+              "test_family_markers_split_anywhere_never_reach_content")),
+    Mutation("harmony-analysis-as-text", "gpt-oss's analysis channel goes out as the reply's text",
+             (('            self.kind = "reasoning" if channel and channel[1] == "analysis" else "text"',
+               '            self.kind = "text"'),),
+             ("test_family_replies_split_into_content_reasoning_and_calls", "test_codex_is_served_by_a_gpt_oss_model")),
+    Mutation("split-marker-leaks", "text that may be the start of a call marker is not held back",
+             (("            hold = partial_marker_length(self.held, form.starts + (form.leading if self.fresh else ()))",
+               "            hold = 0"),),
+             ("test_family_markers_split_anywhere_never_reach_content",)),
+    Mutation("thinking-blocks-dropped", "replayed Anthropic thinking blocks never reach the template",
+             (("    if thoughts:   # replayed reasoning", "    if False:   # replayed reasoning"),),
+             ("test_family_prompt_is_the_templates_own_rendering",)),
+    Mutation("reasoning-items-dropped", "replayed Responses reasoning items never reach the template",
+             (("            thoughts.append(reasoning_item_text(item))", "            pass"),),
+             ("test_family_prompt_is_the_templates_own_rendering",)),
+    Mutation("no-alternation-merge", "consecutive messages of one role reach a template that demands alternation",
+             (('        if ("must alternate" in template and plain', "        if (False and plain"),),
+             ("test_consecutive_messages_of_one_role_are_merged_where_the_template_alternates",)),
+    Mutation("deepseek-arguments-as-objects", "DeepSeek's templates get a call's arguments as an object (a 400)",
+             (("""        if message.get("tool_calls") and re.search(""", """        if False and re.search("""),),
+             ("test_family_prompt_is_the_templates_own_rendering",)),
 ]
 
 
