@@ -3962,8 +3962,8 @@ def check_tool_support(request: GenerationRequest, tokenizer: Any) -> list[dict]
         raise invalid("this model has no tool-call format that the server can parse; send no 'tools'", "tools")
     forced = request.constraint is not None and request.constraint.tool_call
     if forced and form.name != "json_tools":
-        raise invalid("a required 'tool_choice' needs a model whose tool calls are JSON in "
-                      f"{tokenizer.tool_call_start} markers; use \"auto\"", "tool_choice")
+        raise invalid("a required 'tool_choice' needs a model whose tool calls are JSON in <tool_call> "
+                      f"markers; this model's are {form.name}'s; use \"auto\"", "tool_choice")
     return list(request.tools)
 
 
