@@ -108,7 +108,7 @@ DEFAULT_QUANTIZED_KV_START = 5000 # --kv-bits: tokens of context kept exact befo
 PROMPT_CACHE_MAX_ENTRIES = 64     # finished requests whose KV cache is kept (the byte budget binds first)
 DEFAULT_MAX_EMBEDDING_TOKENS = 8192  # tokens one embeddings input may have (less if the model's context is shorter); >= 1
 MAX_EMBEDDING_INPUTS = 2048       # inputs in one embeddings request, as OpenAI allows
-EMBEDDING_BATCH_TOKENS = 16384    # padded tokens (rows x longest row) per embedding forward pass; a longer input runs alone
+EMBEDDING_BATCH_TOKENS = 4096     # padded tokens (rows x longest row) per embedding forward pass; a longer input runs alone
 MAX_BODY_BYTES = 8 * 1024 * 1024  # largest request body accepted; bigger gets 413
 MAX_STOP_STRINGS = 4              # stop strings per request, as OpenAI allows
 MAX_STOP_CHARS = 1000             # characters per stop string; longer is a 400
@@ -3796,9 +3796,11 @@ def machine_memory() -> tuple[int, str]:
 
 
 def weights_bytes(model: Model) -> int:
-    """Bytes of the loaded weights (the model's, and a draft model's)."""
+    """Bytes of the loaded weights (the model's, a draft model's and an --embedding-model's)."""
     from mlx.utils import tree_flatten
     parts = [model.model] + ([model.solo.draft] if model.solo is not None and model.solo.draft is not None else [])
+    if model.embedder is not None and model.embedder.name is not None:  # named: a second model, not the chat model's
+        parts.append(model.embedder.model)
     return sum(value.nbytes for part in parts for _, value in tree_flatten(part.parameters()))
 
 
@@ -3969,8 +3971,8 @@ def check_tool_support(request: GenerationRequest, tokenizer: Any) -> list[dict]
         raise invalid("this model has no tool-call format that the server can parse; send no 'tools'", "tools")
     forced = request.constraint is not None and request.constraint.tool_call
     if forced and form.name != "json_tools":
-        raise invalid("a required 'tool_choice' needs a model whose tool calls are JSON in "
-                      f"{tokenizer.tool_call_start} markers; use \"auto\"", "tool_choice")
+        raise invalid("a required 'tool_choice' needs a model whose tool calls are JSON in <tool_call> "
+                      f"markers; this model's are {form.name}'s; use \"auto\"", "tool_choice")
     return list(request.tools)
 
 
@@ -4241,6 +4243,11 @@ class EmbeddingJob:
     deadline: float
     events: queue.Queue = dataclasses.field(default_factory=queue.Queue)
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+    passes: list = dataclasses.field(default_factory=list)   # the engine's: input indexes of each pass still to run
+    vectors: list = dataclasses.field(default_factory=list)  # the engine's: each input's vector once computed
+
+    def __post_init__(self) -> None:
+        self.vectors = [None] * len(self.inputs)
 
     def should_stop(self) -> bool:
         """True once the client left or the deadline passed."""
@@ -5496,6 +5503,7 @@ class Engine:
         self.drain_requested = threading.Event()   # rank 0: another rank was asked to stop the group
         self.running: dict[int, Sequence] = {}     # the batch's uids -> their jobs (rank 0 and alone)
         self.warming: dict[int, Job] = {}          # uids of one-token warm-ups -> jobs whose n choices wait on them
+        self.embedding: collections.deque[EmbeddingJob] = collections.deque()  # embeddings jobs with passes left
         self.batch: Batch | None = None
         self.progress_at = time.monotonic()        # when the last step or sync ended, for the watchdog
         self.tokens_generated = 0  # every token sampled since start, for health and tests
@@ -5556,7 +5564,7 @@ class Engine:
         self._restore_saved()
         self.started.set()
         while True:
-            busy = bool(self.running or self.warming)
+            busy = bool(self.running or self.warming or self.embedding)
             if not busy and self.folder is not None:  # idle: write new long prefixes to disk, until a job comes
                 self.folder.save_pending(self.prompt_cache, self.inbox.empty)
             for job in self._take_jobs(block=not busy):
@@ -5567,13 +5575,16 @@ class Engine:
                         self.folder.save_all(self.prompt_cache)
                     return
                 if isinstance(job, EmbeddingJob):
-                    self._embed(job)
+                    job.passes = embedding_batches([len(tokens) for tokens in job.inputs])
+                    self.embedding.append(job)
                 else:
                     self._insert(job)
             step = bool(self.running or self.warming)
             if self.batch.sync(step):
                 self.drain_requested.set()
             self.progress_at = time.monotonic()
+            if self.embedding:
+                self._embed_pass()
             if step:
                 self._step_or_recover()
                 self.progress_at = time.monotonic()
@@ -5673,27 +5684,33 @@ class Engine:
             return
         self._start_choices(job)
 
-    def _embed(self, job: EmbeddingJob) -> None:
-        """Run an embeddings job between two generation steps: its inputs in padded passes, then its vectors.
+    def _embed_pass(self) -> None:
+        """One forward pass of the oldest embeddings job, between two generation steps.
 
-        Cancellation and the deadline are checked between passes; a failure
-        (out of memory, say) fails this job only.
+        Passes and generation steps alternate, so a long embeddings request
+        delays streams by one pass at a time, not by all of it. A job that was
+        cancelled or ran out of time ends before its next pass; a failure
+        (out of memory, say) fails that job only.
         """
-        vectors: list = [None] * len(job.inputs)
+        job = self.embedding[0]
+        if job.should_stop():
+            self.embedding.popleft()
+            job.events.put(("finish", "cancelled", [], 0))
+            return
+        rows = job.passes.pop(0)
         try:
-            for rows in embedding_batches([len(tokens) for tokens in job.inputs]):
-                if job.should_stop():
-                    job.events.put(("finish", "cancelled", [], 0))
-                    return
-                pooled = embed_rows(job.embedder, [job.inputs[i] for i in rows], job.request.dimensions)
-                for i, vector in zip(rows, pooled):
-                    vectors[i] = vector
+            pooled = embed_rows(job.embedder, [job.inputs[i] for i in rows], job.request.dimensions)
         except Exception as exc:
             log.error("embedding failed: %r", exc, exc_info=exc)
+            self.embedding.popleft()
             job.events.put(("error", internal_error(), [], 0))
             return
-        job.events.put(("embeddings", vectors, [], 0))
-        job.events.put(("finish", "stop", [], 0))
+        for i, vector in zip(rows, pooled):
+            job.vectors[i] = vector
+        if not job.passes:
+            self.embedding.popleft()
+            job.events.put(("embeddings", job.vectors, [], 0))
+            job.events.put(("finish", "stop", [], 0))
 
     def _start_choices(self, job: Job) -> None:
         """Start the job's n choices; seeded choices after the first take seed + i, so they differ."""

@@ -6317,6 +6317,16 @@ def test_embeddings_equal_a_direct_forward_pass(embed_server, model):
         assert np.allclose(vector, alone, atol=1e-5)
 
 
+def test_inputs_over_several_passes_come_back_in_input_order(embed_server, model):
+    rng = random.Random(26)
+    inputs = [[rng.randrange(1, 400) for _ in range(rng.randrange(1, EMBED_MAX_TOKENS + 1))] for _ in range(300)]
+    assert len(lem_serve.embedding_batches([len(ids) for ids in inputs])) >= 3
+    payload = embed(embed_server, input=inputs)
+    assert payload["usage"]["prompt_tokens"] == sum(map(len, inputs))
+    for vector, ids in zip(vectors_of(payload), inputs):
+        assert cosine(vector, direct_embedding(model.model, ids)) > 0.999
+
+
 def test_embedding_input_shapes_agree(embed_server, model):
     text = EMBED_TEXTS[1]
     ids = model.tokenizer.encode(text)
@@ -6385,7 +6395,10 @@ def test_embedding_model_flag_pools_as_its_sentence_transformers_config(model_di
     settings = lem_serve.parse_settings(["--model-path", str(model_dir), "--embedding-model", str(folder),
                                          "--bind", "127.0.0.1:0", "--model-name", "tiny"])
     network, tokenizer = mlx_lm.load(str(folder))
-    server = lem_serve.LemServer(settings, lem_serve.load_model(settings)).start()
+    loaded = lem_serve.load_model(settings)
+    # Its weights count against the memory the KV caches may take.
+    assert lem_serve.weights_bytes(loaded) > lem_serve.weights_bytes(dataclasses.replace(loaded, embedder=None))
+    server = lem_serve.LemServer(settings, loaded).start()
     try:
         payload = embed(server, input=EMBED_TEXTS)
         assert payload["model"] == "st"
