@@ -2162,12 +2162,21 @@ class SchemaCompiler:
             items = True if not prefix or low > len(prefix) else False
         rest = self.compile(items, refs, depth + 1)
         unique = schema.get("uniqueItems") is True
+        if unique and low <= 1 and not all(self.by_text(n) for n in nodes + [rest] if n is not None):
+            unique, high = False, 1 if high is None else min(high, 1)   # one item is unique whatever it is
         if unique:
             nodes, rest = [self.unique_leaf(n) for n in nodes], rest and self.unique_leaf(rest)
         try:
             return Array(tuple(nodes), rest, low, high, unique)
         except ValueError as exc:
             raise self.fail(str(exc)) from None
+
+    @staticmethod
+    def by_text(node: Piece) -> bool:
+        """Whether equal values of `node` are equal texts (so uniqueItems can compare what was written)."""
+        alternatives = node.alternatives
+        return all(isinstance(a, Literals) for a in alternatives) or len(alternatives) == 1 and \
+            isinstance(node, Leaf) and node.by_text
 
     def unique_leaf(self, node: Piece) -> Piece:
         """uniqueItems: items must be values whose JSON text is their identity (see Array)."""

@@ -1211,7 +1211,7 @@ def test_counted_strings_reuse_cached_masks(model, schema):
     ({"type": "string", "pattern": "a^b"}, "matches nothing"),
     ({"not": {"minimum": 3}}, "'not' is enforced only"),
     ({"oneOf": [{"type": "integer"}, {"type": "number"}]}, "oneOf branches"),
-    ({"type": "array", "items": {"type": "object"}, "uniqueItems": True}, "uniqueItems"),
+    ({"type": "array", "items": {"type": "object"}, "uniqueItems": True, "minItems": 2}, "uniqueItems"),
     ({"type": "integer", "minimum": 5, "maximum": 4}, "minimum"),
     ({"type": "string", "minLength": 3, "maxLength": 2}, "maxLength"),
     ({"enum": [1, 2], "type": "string"}, "no JSON value"),
@@ -1356,6 +1356,8 @@ NEW_KEYWORD_CASES = {
                           ['{"value":1}', '{"values":[]}'], ['{"value":1,"values":[]}', "{}"]),
     "patternProperties long keys": ({"type": "object", "patternProperties": {"^[0-9a-f]{40}$": {"type": "integer"}},
                                      "additionalProperties": False}, ['{"' + "a" * 40 + '":1}', "{}"], ['{"ab":1}']),
+    "uniqueItems of objects": ({"type": "array", "items": {"type": "object", "properties": {"a": {"type": "integer"}}},
+                                "uniqueItems": True}, ['[{"a":1}]', "[]"], ['[{"a":1},{"a":2}]']),
     "oneOf by type": ({"oneOf": [{"type": "string"}, {"type": ["integer", "null"]}]}, ['"a"', "1", "null"], ["1.5", "true"]),
 }
 
