@@ -3704,6 +3704,9 @@ CHAT_FORMATS: tuple[tuple[tuple[str, ...], ChatFormat], ...] = (
     (("[TOOL_CALLS]",), ChatFormat(
         "mistral", starts=("[TOOL_CALLS]",), parse=parse_mistral_call,
         write=lambda name: (f"[TOOL_CALLS]{name}[ARGS]", ""))),
+    (("<TOOLCALL>[",), ChatFormat(
+        "nemotron", starts=("<TOOLCALL>",), end="</TOOLCALL>", parse=parse_mistral_call,   # a JSON list of calls
+        write=lambda name: (f'<TOOLCALL>[{{"name": {json.dumps(name)}, "arguments": ', "}]</TOOLCALL>"))),
     (('{"name": function name, "parameters"',), ChatFormat(
         "llama3", starts=("<|python_tag|>",), leading=("{",), parse=parse_llama_calls,
         write=lambda name: (f'{{"name": {json.dumps(name)}, "parameters": ', "}"))),

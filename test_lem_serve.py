@@ -2881,6 +2881,15 @@ FAMILIES["kimi-k2"] = ("moonshotai-Kimi-K2.jinja", {
     "call": "<|tool_calls_section_begin|>" + family_calls(KIMI_CALL, "", WEATHER_CALL) + "<|tool_calls_section_end|>",
     "parallel": "<|tool_calls_section_begin|>" + family_calls(KIMI_CALL, "", WEATHER_CALL, TIME_CALL)
                 + "<|tool_calls_section_end|>"})
+NEMOTRON_CALL = '{{"name": "{}", "arguments": {}}}'
+FAMILIES["nemotron-nano-v2"] = ("NVIDIA-Nemotron-Nano-v2.jinja", {
+    "tokens": ("<SPECIAL_10>", "<SPECIAL_11>", "<think>", "</think>", "<TOOLCALL>", "</TOOLCALL>"),
+    "end": "<SPECIAL_12>"}, {
+    "plain": "</think>\nHello there.", "reasoning": "Let me think.\n</think>\nParis.",
+    "call": "</think>\n<TOOLCALL>[" + family_calls(NEMOTRON_CALL, "", WEATHER_CALL) + "]</TOOLCALL>",
+    "parallel": "</think>\n<TOOLCALL>[" + family_calls(NEMOTRON_CALL, ", ", WEATHER_CALL, TIME_CALL) + "]</TOOLCALL>",
+    "reasoning_call": "Let me think.\n</think>\n<TOOLCALL>[" + family_calls(NEMOTRON_CALL, "", WEATHER_CALL)
+                      + "]</TOOLCALL>"})
 FAMILY_TOOLS = [{"name": "get_weather", "description": "The weather in a city",
                  "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}},
                 {"name": "get_time", "description": "The time in a zone",
@@ -2977,7 +2986,7 @@ def streamed_parts(endpoint: str, events: list) -> tuple[str, str, list]:
 
 FAMILY_MARKERS = ("<think>", "</think>", "<tool_call>", "</tool_call>", "<|channel|>", "<|message|>", "<|end|>",
                   "<|start|>", "<|call|>", "<|python_tag|>", "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]", "｜", "analysis",
-                  "<|tool_call", "<|tool_calls_section",
+                  "<|tool_call", "<|tool_calls_section", "TOOLCALL",
                   "commentary")
 
 
