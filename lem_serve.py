@@ -7,6 +7,7 @@ Serves one MLX / Hugging Face model over HTTP:
     POST /v1/messages           Anthropic's Messages API (Claude Code), streaming or not
     POST /v1/messages/count_tokens   the prompt's token count, as a create would report it
     POST /v1/responses          OpenAI's Responses API (Codex), streaming or not
+    POST /v1/embeddings         vectors from the model, or from a second --embedding-model
     GET  /v1/responses/ID       a response kept with store: true (bounded, in memory)
     GET  /v1/models[/ID]        the one model, in OpenAI's shape or (anthropic-version) Anthropic's
     GET  /healthz               liveness and load, 503 once the engine has died
@@ -40,6 +41,7 @@ handler; the server class and main().
 from __future__ import annotations
 
 import argparse
+import array
 import base64
 import codecs
 import collections
@@ -105,6 +107,9 @@ DEFAULT_NUM_DRAFT_TOKENS = 3      # tokens a --draft-model proposes per step; >=
 DEFAULT_KV_GROUP_SIZE = 64        # --kv-bits quantization group size (mlx_lm's); 32, 64 or 128
 DEFAULT_QUANTIZED_KV_START = 5000 # --kv-bits: tokens of context kept exact before the cache is quantized (mlx_lm's); >= 0
 PROMPT_CACHE_MAX_ENTRIES = 64     # finished requests whose KV cache is kept (the byte budget binds first)
+DEFAULT_MAX_EMBEDDING_TOKENS = 8192  # tokens one embeddings input may have (less if the model's context is shorter); >= 1
+MAX_EMBEDDING_INPUTS = 2048       # inputs in one embeddings request, as OpenAI allows
+EMBEDDING_BATCH_TOKENS = 4096     # padded tokens (rows x longest row) per embedding forward pass; a longer input runs alone
 MAX_BODY_BYTES = 8 * 1024 * 1024  # largest request body accepted; bigger gets 413
 MAX_STOP_STRINGS = 4              # stop strings per request, as OpenAI allows
 MAX_STOP_CHARS = 1000             # characters per stop string; longer is a 400
@@ -184,6 +189,8 @@ class Settings:
     kv_group_size: int = DEFAULT_KV_GROUP_SIZE
     quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START
     pipeline: bool = False                 # sharded: split the model's layers over the ranks, not each layer
+    embedding_model: str | None = None     # a second model that serves /v1/embeddings; None: the chat model does
+    max_embedding_tokens: int = DEFAULT_MAX_EMBEDDING_TOKENS  # tokens per embeddings input
     response_store_count: int = DEFAULT_RESPONSE_STORE_COUNT  # /v1/responses kept for previous_response_id
     response_store_bytes: int = DEFAULT_RESPONSE_STORE_BYTES
 
@@ -316,6 +323,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--reasoning-format", choices=["auto", "none"], default=DEFAULT_REASONING_FORMAT,
                    help="auto: a thinking model's reasoning goes to reasoning_content (and thinking blocks), "
                         "not the reply's text; none: the raw <think> tags stay in the text")
+    p.add_argument("--embedding-model", help="a model folder (e.g. Qwen3-Embedding) that serves /v1/embeddings, "
+                                             "loaded beside the chat model; default: the chat model serves them")
+    p.add_argument("--max-embedding-tokens", type=_at_least(1), default=DEFAULT_MAX_EMBEDDING_TOKENS,
+                   help="tokens one /v1/embeddings input may have (default %(default)s, or the model's context if less)")
     p.add_argument("--response-store-count", type=_at_least(0), default=DEFAULT_RESPONSE_STORE_COUNT,
                    help="/v1/responses made with store: true kept in memory for previous_response_id and "
                         "GET /v1/responses/ID (default %(default)s; 0 = none)")
@@ -393,7 +404,8 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         num_draft_tokens=args.num_draft_tokens, kv_bits=args.kv_bits, kv_group_size=args.kv_group_size,
         quantized_kv_start=args.quantized_kv_start,
         pipeline=args.pipeline, response_store_count=args.response_store_count,
-        response_store_bytes=args.response_store_bytes,
+        response_store_bytes=args.response_store_bytes, embedding_model=args.embedding_model,
+        max_embedding_tokens=args.max_embedding_tokens,
     )
 
 
@@ -1754,12 +1766,12 @@ class SchemaCompiler:
         if words == {"$ref"}:
             return self.negate(self.resolve(schema["$ref"]), hops + 1)
         if words == {"type"}:
-            kinds = set(_as_list(schema["type"]))
+            kinds = {k for k in _as_list(schema["type"]) if isinstance(k, str)}
             kinds |= {"integer"} if "number" in kinds else set()
             return [{"type": [k for k in JSON_TYPES if k not in kinds and (k != "number" or "integer" not in kinds)]}]
         if words <= {"enum", "const"}:
             return [{"!enum": schema["enum"] if "enum" in schema else [schema["const"]]}]
-        if words == {"pattern"}:
+        if words == {"pattern"} and isinstance(schema["pattern"], str):
             return [{"!pattern": [schema["pattern"]]}]
         if words <= {"required", "properties"} and isinstance(schema.get("properties", {}), dict):
             absent = [{"properties": {name: False}} for name in schema.get("required", [])]
@@ -1814,9 +1826,9 @@ class SchemaCompiler:
         mine, theirs = self.types(part, True), self.types(other, False)
         if mine is not None and theirs is not None and mine - theirs:
             yield {"type": sorted(mine - theirs)}
-        if mine == {"string"} and (other.get("pattern") is not None or other.get("format") in FORMATS):
-            yield {"!pattern": [other["pattern"] if other.get("pattern") is not None
-                                else f"^(?:{FORMATS[other['format']]})$"]}
+        if mine == {"string"} and (isinstance(other.get("pattern"), str) or _format(other) in FORMATS):
+            yield {"!pattern": [other["pattern"] if isinstance(other.get("pattern"), str)
+                                else f"^(?:{FORMATS[_format(other)]})$"]}
         props, theirs = part.get("properties") or {}, other.get("properties") or {}
         yield from ({"properties": {name: False}} for name in _names(other) if name not in _names(part))
         if isinstance(props, dict) and isinstance(theirs, dict):
@@ -1827,11 +1839,11 @@ class SchemaCompiler:
 
     def flat(self, schema: Any, hops: int = 0) -> Any:
         """The schema with its top-level $ref and allOf merged in (for oneOf's analysis)."""
-        single = [w for w in ("anyOf", "oneOf") if isinstance(schema, dict) and _as_list(schema.get(w))[1:] == [None]]
-        if isinstance(schema, dict) and ("$ref" in schema or "allOf" in schema or single) and hops <= SCHEMA_MAX_DEPTH:
-            merged = {k: v for k, v in schema.items() if k not in ("$ref", "allOf", *single)}
-            for part in ([self.resolve(schema["$ref"])] if "$ref" in schema else []) + list(schema.get("allOf", [])) \
-                    + [schema[w][0] for w in single]:
+        lists = {w: schema[w] for w in ("allOf", "anyOf", "oneOf") if isinstance(schema, dict)
+                 and isinstance(schema.get(w), list) and (w == "allOf" or len(schema[w]) == 1)}  # one branch: allOf
+        if isinstance(schema, dict) and ("$ref" in schema or lists) and hops <= SCHEMA_MAX_DEPTH:
+            merged = {k: v for k, v in schema.items() if k != "$ref" and k not in lists}
+            for part in ([self.resolve(schema["$ref"])] if "$ref" in schema else []) + sum(lists.values(), []):
                 if part is False:
                     return False
                 merged = self.merge(merged, part)
@@ -1842,9 +1854,9 @@ class SchemaCompiler:
         """The JSON types of values `schema` lets through; `produced`: of the values this server writes for it."""
         if "enum" in schema or "const" in schema:
             values = schema["enum"] if "enum" in schema else [schema["const"]]
-            return {json_type(v) for v in values if isinstance(values, list)}
+            return {json_type(v) for v in values} if isinstance(values, list) else None
         if "type" in schema:
-            kinds = set(_as_list(schema["type"]))
+            kinds = {k for k in _as_list(schema["type"]) if isinstance(k, str)}
             return kinds | {"integer"} if "number" in kinds else kinds
         if produced and not {"anyOf", "oneOf", "not", "if"} & set(schema):
             inferred = {k for k, words in KEYWORD_TYPES.items() if words & set(schema)}
@@ -1889,7 +1901,7 @@ class SchemaCompiler:
         parts = [(p, True, True) for p in part.get("!pattern", [])]
         for schema in (part, other):
             parts += [(schema["pattern"], True)] if isinstance(schema.get("pattern"), str) else []
-            parts += [(FORMATS[schema["format"]], False)] if schema.get("format") in FORMATS else []
+            parts += [(FORMATS[_format(schema)], False)] if _format(schema) in FORMATS else []
         try:
             regex_for("", True, tuple(parts))
         except ValueError:
@@ -1930,42 +1942,42 @@ class SchemaCompiler:
         a, b = self.closed_to(a, b), self.closed_to(b, a)
         out = dict(a)
         for key, value in b.items():
-            mine = out.get(key)
-            if key not in out or key not in SCHEMA_KEYWORDS:
-                out.setdefault(key, value)
-            elif key == "not":
-                out[key] = {"anyOf": [mine, value]}
-            elif key in ("!enum", "!pattern", "allOf"):
-                out[key] = mine + value
-            elif key in ("dependencies", "dependentRequired", "dependentSchemas", "patternProperties") \
-                    and not set(mine) & set(value):
-                out[key] = {**mine, **value}
-            elif key == "properties" and isinstance(mine, dict) and isinstance(value, dict):
-                out[key] = {**mine, **{k: {"allOf": [mine[k], v]} if k in mine else v for k, v in value.items()}}
-            elif key == "required" and isinstance(mine, list) and isinstance(value, list):
-                out[key] = list(dict.fromkeys(mine + value))
-            elif key in ("minimum", "minLength", "minItems", "minProperties", "maximum", "maxLength", "maxItems",
-                         "maxProperties") and _is_number(mine) and _is_number(value):
-                out[key] = (max if key.startswith("min") else min)(mine, value)
-            elif key == "type":
-                mine, value = _as_list(mine), _as_list(value)
-                kinds = [k for k in mine if k in value]  # and integer, a kind of number
-                if "integer" not in kinds and ("integer" in mine and "number" in value or
-                                               "number" in mine and "integer" in value):
-                    kinds.append("integer")
-                if not kinds:
-                    return False
-                out[key] = kinds
-            elif key == "enum" and isinstance(mine, list) and isinstance(value, list):
-                out[key] = [v for v in mine if _canonical(v) in {_canonical(w) for w in value}]
-            elif key in ("items", "additionalItems", "additionalProperties", "propertyNames") and \
-                    not isinstance(mine, list) and not isinstance(value, list):
-                out[key] = {"allOf": [mine, value]}
-            elif key in ("$defs", "definitions"):
-                out[key] = {**mine, **value}
-            elif _canonical(mine) != _canonical(value):
-                raise self.fail(f"allOf parts with different {key!r} cannot be merged")
+            out[key] = value if key not in out or key not in SCHEMA_KEYWORDS else self.both(key, out[key], value)
+            if out[key] is False and key == "type":
+                return False
         return out
+
+    def both(self, key: str, mine: Any, value: Any) -> Any:
+        """allOf: one value of `key` that holds what both parts' values hold (False: no type in common)."""
+        if key == "not":
+            return {"anyOf": [mine, value]}
+        if key in ("!enum", "!pattern", "allOf"):
+            return mine + value
+        if key in ("$defs", "definitions") or key in ("dependencies", "dependentRequired", "dependentSchemas",
+                                                       "patternProperties") and not set(mine) & set(value):
+            return {**mine, **value}
+        if key == "properties" and isinstance(mine, dict) and isinstance(value, dict):
+            return {**mine, **{k: {"allOf": [mine[k], v]} if k in mine else v for k, v in value.items()}}
+        if key == "required" and isinstance(mine, list) and isinstance(value, list):
+            return list(dict.fromkeys(mine + value))
+        if key in ("minimum", "minLength", "minItems", "minProperties", "maximum", "maxLength", "maxItems",
+                   "maxProperties") and _is_number(mine) and _is_number(value):
+            return (max if key.startswith("min") else min)(mine, value)
+        if key == "type":
+            mine, value = _as_list(mine), _as_list(value)
+            kinds = [k for k in mine if k in value]  # and integer, a kind of number
+            if "integer" not in kinds and ("integer" in mine and "number" in value or
+                                           "number" in mine and "integer" in value):
+                kinds.append("integer")
+            return kinds or False
+        if key == "enum" and isinstance(mine, list) and isinstance(value, list):
+            return [v for v in mine if _canonical(v) in {_canonical(w) for w in value}]
+        if key in ("items", "additionalItems", "additionalProperties", "propertyNames") and \
+                not isinstance(mine, list) and not isinstance(value, list):
+            return {"allOf": [mine, value]}
+        if _canonical(mine) != _canonical(value):
+            raise self.fail(f"allOf parts with different {key!r} cannot be merged")
+        return mine
 
     @staticmethod
     def closed_to(one: dict, other: dict) -> dict:
@@ -1997,7 +2009,7 @@ class SchemaCompiler:
 
     def string(self, schema: dict) -> Leaf:
         low, high = self.count(schema, "minLength") or 0, self.count(schema, "maxLength")
-        form, pattern = schema.get("format"), schema.get("pattern")
+        form, pattern = _format(schema), schema.get("pattern")
         if pattern is not None and not isinstance(pattern, str):
             raise self.fail("'pattern' must be a string")
         if form in ("hostname", "idn-hostname"):
@@ -2084,20 +2096,27 @@ class SchemaCompiler:
                 return None
             props.append((name, node, name in required)) if node is not None else banned.append(name)
         values = self.pattern_values(patterns, regexes, extra, refs, depth)
-        key = names or ANY_STRING
-        if regexes and extra in (None, False) and isinstance(key, Literals):  # other keys must match a pattern
-            key = Literals(t for t in key.texts if any(r.matches(json.loads(t)) for r in regexes))
-        elif regexes and extra in (None, False):
-            try:
-                key = Leaf(regex_for("|".join(f"(?:{p})" for p in patterns), True, key.regex.source), key.min_len,
-                             key.max_len)
-            except ValueError as exc:
-                raise self.fail(f"'patternProperties'/'propertyNames': {exc}") from None
+        key = self.extra_key(names or ANY_STRING, list(patterns), regexes, extra)
         try:
             return Object(tuple(props), None, self.count(schema, "minProperties") or 0,
-                          self.count(schema, "maxProperties"), key, tuple(banned), tuple(regexes), values)
+                          self.count(schema, "maxProperties"), key, tuple(banned), tuple(regexes),
+                          values if key is not None else {})
         except ValueError as exc:
             raise self.fail(str(exc)) from None
+
+    def extra_key(self, key: Piece, patterns: list, regexes: list, extra: Any) -> Piece | None:
+        """The leaf other keys are written with: propertyNames', and a pattern's unless additionalProperties
+        allows any (None: no other key)."""
+        if not regexes or extra not in (None, False):
+            return key
+        if isinstance(key, Literals):
+            texts = [t for t in key.texts if any(r.matches(json.loads(t)) for r in regexes)]
+            return Literals(texts) if texts else None
+        try:
+            return Leaf(regex_for("|".join(f"(?:{p})" for p in patterns), True, key.regex.source), key.min_len,
+                        key.max_len)
+        except ValueError as exc:
+            raise self.fail(f"'patternProperties'/'propertyNames': {exc}") from None
 
     def pattern_values(self, patterns_of: dict, regexes: list, extra: Any, refs: int, depth: int) -> dict:
         """An extra key's value node by the patterns it matches (a tuple of indices; (): additionalProperties)."""
@@ -2144,12 +2163,21 @@ class SchemaCompiler:
             items = True if not prefix or low > len(prefix) else False
         rest = self.compile(items, refs, depth + 1)
         unique = schema.get("uniqueItems") is True
+        if unique and low <= 1 and not all(self.by_text(n) for n in nodes + [rest] if n is not None):
+            unique, high = False, 1 if high is None else min(high, 1)   # one item is unique whatever it is
         if unique:
             nodes, rest = [self.unique_leaf(n) for n in nodes], rest and self.unique_leaf(rest)
         try:
             return Array(tuple(nodes), rest, low, high, unique)
         except ValueError as exc:
             raise self.fail(str(exc)) from None
+
+    @staticmethod
+    def by_text(node: Piece) -> bool:
+        """Whether equal values of `node` are equal texts (so uniqueItems can compare what was written)."""
+        alternatives = node.alternatives
+        return all(isinstance(a, Literals) for a in alternatives) or len(alternatives) == 1 and \
+            isinstance(node, Leaf) and node.by_text
 
     def unique_leaf(self, node: Piece) -> Piece:
         """uniqueItems: items must be values whose JSON text is their identity (see Array)."""
@@ -2169,6 +2197,11 @@ def accepts_text(node: Piece, text: str) -> bool:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _format(schema: dict) -> str | None:
+    """A schema's format, when it is a string."""
+    return schema.get("format") if isinstance(schema.get("format"), str) else None
 
 
 def _names(schema: dict) -> list:
@@ -3358,6 +3391,61 @@ def responses_format(value: Any) -> dict | None:
                   "{\"type\": \"json_schema\", \"name\": ..., \"schema\": {...}}", "text.format")
 
 
+# -- /v1/embeddings: OpenAI's shapes, checked before any model is involved
+
+EMBEDDING_FORMATS = ("float", "base64")
+EMBEDDING_CHECKS = (
+    Check("model", (str,), "a string"),
+    Check("user", (str,), "a string"),
+    Check("encoding_format", (str,), f"one of {', '.join(map(repr, EMBEDDING_FORMATS))}",
+          lambda v: v in EMBEDDING_FORMATS),
+    Check("dimensions", (int,), "an integer >= 1", lambda v: v >= 1),
+)
+INPUT_RULE = (f"a non-empty string, a list of 1 to {MAX_EMBEDDING_INPUTS} non-empty strings, a non-empty list of "
+              "token ids, or a list of such lists")
+
+
+@dataclass(frozen=True)
+class EmbeddingRequest:
+    """One validated /v1/embeddings body: each input is text or token ids, in the client's order."""
+
+    inputs: tuple[str | tuple[int, ...], ...]
+    encoding_format: str = "float"          # "float": JSON numbers; "base64": little-endian float32 bytes
+    dimensions: int | None = None           # keep the first `dimensions` components (then re-normalize)
+
+    @property
+    def n(self) -> int:
+        """One result however many inputs (the handler counts one finish per choice)."""
+        return 1
+
+
+def parse_embedding_request(body: dict) -> EmbeddingRequest:
+    """Validate a decoded /v1/embeddings body; model-dependent limits come later (embedding_inputs)."""
+    run_checks(body, EMBEDDING_CHECKS)
+    return EmbeddingRequest(embedding_input(body.get("input")), body.get("encoding_format") or "float",
+                            body.get("dimensions"))
+
+
+def embedding_input(value: Any) -> tuple[str | tuple[int, ...], ...]:
+    """OpenAI's four input shapes as a tuple of inputs, or a 400 naming what is wrong."""
+    def token_ids(item: Any) -> bool:
+        return (isinstance(item, list) and len(item) > 0
+                and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in item))
+
+    if isinstance(value, str) and value:
+        return (value,)
+    if token_ids(value):
+        return (tuple(value),)
+    if isinstance(value, list) and 0 < len(value) <= MAX_EMBEDDING_INPUTS:
+        if all(isinstance(item, str) and item for item in value):
+            return tuple(value)
+        if all(token_ids(item) for item in value):
+            return tuple(tuple(item) for item in value)
+    got = f"a list of {len(value)} inputs" if isinstance(value, list) and len(value) > MAX_EMBEDDING_INPUTS \
+        else json.dumps(value)[:80]
+    raise invalid(f"'input' must be {INPUT_RULE}; got {got}", "input")
+
+
 # ---------------------------------------------------------------------------
 # The generation engine: one thread that owns MLX
 # ---------------------------------------------------------------------------
@@ -3373,6 +3461,7 @@ class Model:
     token_bytes: list[bytes] | None = None  # each token id's own bytes (token_bytes_of); None: decode instead
     sampling: dict = dataclasses.field(default_factory=dict)  # the model folder's recommended sampling
     solo: "SoloOptions | None" = None  # generate one sequence at a time, this way (draft model, quantized cache)
+    embedder: "Embedder | None" = None  # what serves /v1/embeddings; None: nothing can
 
 
 def load_model(settings: Settings, group: Any = None) -> Model:
@@ -3406,9 +3495,10 @@ def load_model(settings: Settings, group: Any = None) -> Model:
             tokenizer_config=tokenizer_config, trust_remote_code=settings.trust_remote_code)
     # Adapter weights arrive unevaluated, tied to this thread's stream; the engine thread has its own.
     mx.eval(model.parameters())
-    return Model(model, tokenizer, context_length_of(config), vocab_size_of(model, tokenizer),
-                 token_bytes_of(tokenizer), recommended_sampling(Path(settings.model_path)),
-                 solo_options(settings, model, tokenizer))
+    loaded = Model(model, tokenizer, context_length_of(config), vocab_size_of(model, tokenizer),
+                   token_bytes_of(tokenizer), recommended_sampling(Path(settings.model_path)),
+                   solo_options(settings, model, tokenizer))
+    return dataclasses.replace(loaded, embedder=load_embedder(settings, loaded, group))
 
 
 @dataclass(frozen=True)
@@ -3637,6 +3727,9 @@ CHAT_FORMATS: tuple[tuple[tuple[str, ...], ChatFormat], ...] = (
     (("[TOOL_CALLS]",), ChatFormat(
         "mistral", starts=("[TOOL_CALLS]",), parse=parse_mistral_call,
         write=lambda name: (f"[TOOL_CALLS]{name}[ARGS]", ""))),
+    (("<TOOLCALL>[",), ChatFormat(
+        "nemotron", starts=("<TOOLCALL>",), end="</TOOLCALL>", parse=parse_mistral_call,   # a JSON list of calls
+        write=lambda name: (f'<TOOLCALL>[{{"name": {json.dumps(name)}, "arguments": ', "}]</TOOLCALL>"))),
     (('{"name": function name, "parameters"',), ChatFormat(
         "llama3", starts=("<|python_tag|>",), leading=("{",), parse=parse_llama_calls,
         write=lambda name: (f'{{"name": {json.dumps(name)}, "parameters": ', "}"))),
@@ -3665,12 +3758,13 @@ def _chat_format(template: str, start: str | None, end: str | None, parser: Any)
 def template_messages(messages: list[dict], template: str) -> list[dict]:
     """The messages as this chat template expects them.
 
-    Reasoning sent back (reasoning_content) is also harmony's `thinking`; a
-    call-only assistant turn has null content, whichever dialect it came by.
+    Reasoning sent back (reasoning_content) is also harmony's `thinking`.
     A template that demands alternating roles gets consecutive plain
     messages of one role merged with a blank line (Codex sends system
     prompt, developer message, then user), as peers do; one that demands
-    nine-character call ids (Mistral Small 3.2) gets each id mapped to one.
+    nine-character call ids (Mistral Small 3.2) gets each id mapped to one;
+    one that joins a call's arguments to strings (DeepSeek's) gets them as
+    JSON text.
     """
     out: list[dict] = []
     for message in messages:
@@ -3679,8 +3773,8 @@ def template_messages(messages: list[dict], template: str) -> list[dict]:
             message["thinking"] = message["reasoning_content"]
         if "length 9" in template:
             message = nine_character_ids(message)
-        if message.get("tool_calls") and not message.get("content"):
-            message["content"] = None   # as OpenAI sends it: DeepSeek's templates write calls only then
+        if message.get("tool_calls") and re.search(r"\[['\"]arguments['\"]\]\s*\+", template):  # DeepSeek's
+            message["tool_calls"] = [call_with_text_arguments(call) for call in message["tool_calls"]]
         plain = not message.get("tool_calls") and message["role"] != "tool"
         if ("must alternate" in template and plain and out and out[-1]["role"] == message["role"]
                 and not out[-1].get("tool_calls") and isinstance(message["content"], str)
@@ -3689,6 +3783,13 @@ def template_messages(messages: list[dict], template: str) -> list[dict]:
             continue
         out.append(message)
     return out
+
+
+def call_with_text_arguments(call: dict) -> dict:
+    """A tool call whose arguments are JSON text, for templates that join them to strings (DeepSeek's)."""
+    arguments = call["function"].get("arguments")
+    text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+    return {**call, "function": {**call["function"], "arguments": text}}
 
 
 def nine_character_ids(message: dict) -> dict:
@@ -3721,9 +3822,11 @@ def machine_memory() -> tuple[int, str]:
 
 
 def weights_bytes(model: Model) -> int:
-    """Bytes of the loaded weights (the model's, and a draft model's)."""
+    """Bytes of the loaded weights (the model's, a draft model's and an --embedding-model's)."""
     from mlx.utils import tree_flatten
     parts = [model.model] + ([model.solo.draft] if model.solo is not None and model.solo.draft is not None else [])
+    if model.embedder is not None and model.embedder.name is not None:  # named: a second model, not the chat model's
+        parts.append(model.embedder.model)
     return sum(value.nbytes for part in parts for _, value in tree_flatten(part.parameters()))
 
 
@@ -4009,6 +4112,221 @@ def check_token_ids(request: GenerationRequest, model: Model) -> None:
         if token >= size:
             raise invalid(f"'logit_bias' names token id {token}; this model's ids run from 0 to {size - 1}",
                           "logit_bias")
+
+# -- Embeddings: a model's final hidden states, pooled into one vector per input
+
+POOLING_MODES = {"lasttoken": "last_token", "mean": "mean", "mean_tokens": "mean", "cls": "cls", "cls_token": "cls"}
+
+
+@dataclass(frozen=True)
+class Embedder:
+    """What serves /v1/embeddings: a model's inner network and how its hidden states become vectors."""
+
+    model: Any                  # token ids (rows, length) -> final hidden states (rows, length, width), after the final norm
+    tokenizer: Any
+    name: str | None            # the model id in replies; None: the chat model's (--model-name)
+    pooling: str                # "last_token", "mean" or "cls"
+    normalize: bool             # L2-normalize the pooled vectors
+    dimensions: int             # the width of its vectors
+    context_length: int | None  # tokens the model was trained for, when its config says
+    vocab_size: int             # the first token id out of range
+    prompts: dict = dataclasses.field(default_factory=dict)  # the model card's instruction prefixes, by name
+
+    def max_tokens(self, limit: int) -> int:
+        """Tokens one input may have: `limit` (--max-embedding-tokens), or the model's context if shorter."""
+        return min(limit, self.context_length or limit)
+
+
+def load_embedder(settings: Settings, model: Model, group: Any = None) -> Embedder | None:
+    """The embedder: --embedding-model's (raises when it cannot serve), else the chat model's (None if it cannot).
+
+    In a group the chat model's forward pass needs every rank, which only
+    follow generation: there only an --embedding-model (loaded by rank 0) serves.
+    """
+    if settings.embedding_model is None:
+        if group is not None:
+            return None
+        try:
+            return make_embedder(model.model, model.tokenizer, Path(settings.model_path), None,
+                                 model.context_length, model.vocab_size)
+        except ValueError as exc:
+            log.warning("the model cannot serve /v1/embeddings: %s", exc)
+            return None
+    if group is not None and group.rank() != 0:
+        return None
+    import mlx.core as mx
+    import mlx_lm
+    path = settings.embedding_model
+    try:
+        network, tokenizer, config = mlx_lm.load(path, return_config=True,
+                                                 tokenizer_config={"trust_remote_code": settings.trust_remote_code})
+        mx.eval(network.parameters())
+        return make_embedder(network, tokenizer, Path(path), default_model_name(path), context_length_of(config),
+                             vocab_size_of(network, tokenizer))
+    except Exception as exc:  # main() names the chat model's path: say which model failed
+        raise ValueError(f"--embedding-model {path!r}: {exc}") from None
+
+
+def make_embedder(network: Any, tokenizer: Any, folder: Path, name: str | None, context: int | None,
+                  vocab_size: int) -> Embedder:
+    """An Embedder over an mlx_lm model, pooled as its folder's sentence-transformers files say (raises ValueError)."""
+    import mlx.core as mx
+    inner = hidden_state_model(network)
+    pooling, normalize, prompts = sentence_transformers_config(folder)
+    probe = inner(mx.array([[0]]))  # its width, and proof that it runs on token ids alone
+    if probe.ndim != 3:
+        raise ValueError(f"its inner model returns an array of shape {probe.shape}, not hidden states")
+    log.info("embeddings: %s, %s pooling, %snormalized, %d dimensions%s", name or "the chat model", pooling,
+             "" if normalize else "not ", probe.shape[-1], f", prompts {sorted(prompts)}" if prompts else "")
+    return Embedder(inner, tokenizer, name, pooling, normalize, probe.shape[-1], context, vocab_size, prompts)
+
+
+def hidden_state_model(network: Any) -> Any:
+    """The module of an mlx_lm model that returns its final hidden states (its __call__ returns logits).
+
+    mlx_lm's decoders keep it as `model` (llama, qwen2/3, mistral...), or
+    as `language_model.model` where a vision tower sits beside it.
+    """
+    for inner in (getattr(network, "model", None), getattr(getattr(network, "language_model", None), "model", None)):
+        if callable(inner) and hasattr(inner, "layers"):
+            return inner
+    raise ValueError(f"{type(network).__module__} has no inner model that returns hidden states")
+
+
+def sentence_transformers_config(folder: Path) -> tuple[str, bool, dict]:
+    """(pooling, normalize, prompts) from a sentence-transformers model folder; ("last_token", True, {}) without one.
+
+    modules.json lists the modules: the Pooling one's config.json names the
+    mode, and vectors are L2-normalized only if a Normalize module follows,
+    as sentence-transformers computes them. config_sentence_transformers.json
+    holds the instruction prefixes (e.g. "query") that clients prepend.
+    Raises ValueError for modules or modes this server cannot run.
+    """
+    prompts = read_json_file(folder / "config_sentence_transformers.json").get("prompts")
+    prompts = {k: v for k, v in prompts.items() if isinstance(v, str) and v} if isinstance(prompts, dict) else {}
+    if not (folder / "modules.json").is_file():
+        return "last_token", True, prompts
+    modules = read_json_file(folder / "modules.json", [])
+    kinds = {str(m.get("type", "")).rsplit(".", 1)[-1]: str(m.get("path", "")) for m in modules if isinstance(m, dict)}
+    if set(kinds) - {"Transformer", "Pooling", "Normalize"}:
+        raise ValueError(f"{folder / 'modules.json'} lists {sorted(set(kinds) - {'Transformer', 'Pooling', 'Normalize'})}; "
+                         "only Transformer, Pooling and Normalize are run here")
+    pooling = "last_token"
+    if "Pooling" in kinds:
+        pooling = pooling_mode(read_json_file(folder / kinds["Pooling"] / "config.json"), folder / kinds["Pooling"])
+    return pooling, "Normalize" in kinds, prompts
+
+
+def pooling_mode(config: dict, where: Path) -> str:
+    """The one pooling mode a sentence-transformers Pooling config turns on ("pooling_mode" or the flags)."""
+    mode = config.get("pooling_mode")
+    names = [mode] if isinstance(mode, str) else [
+        key.removeprefix("pooling_mode_") for key, on in config.items() if key.startswith("pooling_mode_") and on is True]
+    if len(names) != 1 or names[0] not in POOLING_MODES:
+        raise ValueError(f"{where}/config.json asks for pooling {names}; this server pools by one of lasttoken, mean, cls")
+    return POOLING_MODES[names[0]]
+
+
+def read_json_file(path: Path, missing: Any = None) -> Any:
+    """A JSON file's value; `missing` (default {}) when there is no such file. Raises ValueError when malformed."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {} if missing is None else missing
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from None
+
+
+def embedding_inputs(request: EmbeddingRequest, embedder: Embedder, max_tokens: int) -> list[list[int]]:
+    """Each input's token ids, or a 400 for an id out of range, one over `max_tokens`, or too many dimensions.
+
+    Text is encoded as sentence-transformers does (with the tokenizer's
+    special tokens); token ids are taken as they are.
+    """
+    rows = []
+    for i, item in enumerate(request.inputs):
+        tokens = list(item) if isinstance(item, tuple) else list(embedder.tokenizer.encode(item))
+        where = "'input'" if len(request.inputs) == 1 else f"'input[{i}]'"
+        if not tokens:
+            raise invalid(f"{where} encodes to no tokens", "input")
+        if max(tokens) >= embedder.vocab_size:
+            raise invalid(f"{where} holds token id {max(tokens)}; this model's token ids are 0 to "
+                          f"{embedder.vocab_size - 1}", "input")
+        if len(tokens) > max_tokens:
+            raise invalid(f"{where} is {len(tokens)} tokens; this server embeds at most {max_tokens} per "
+                          "input (the model's context or --max-embedding-tokens)", "input", "context_length_exceeded")
+        rows.append(tokens)
+    if request.dimensions is not None and request.dimensions > embedder.dimensions:
+        raise invalid(f"'dimensions' is {request.dimensions}; this model's vectors have {embedder.dimensions}",
+                      "dimensions")
+    return rows
+
+
+@dataclass(eq=False)
+class EmbeddingJob:
+    """One admitted embeddings request, shared by its handler and the engine.
+
+    The engine puts ("embeddings", [vector per input, in order], [], 0) then
+    ("finish", "stop", [], 0); or ("finish", "cancelled", ...) once the
+    handler has set `cancelled` or the deadline passed; or ("error", APIError, [], 0).
+    """
+
+    inputs: list[list[int]]
+    request: EmbeddingRequest
+    embedder: Embedder
+    deadline: float
+    events: queue.Queue = dataclasses.field(default_factory=queue.Queue)
+    cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+    passes: list = dataclasses.field(default_factory=list)   # the engine's: input indexes of each pass still to run
+    vectors: list = dataclasses.field(default_factory=list)  # the engine's: each input's vector once computed
+
+    def __post_init__(self) -> None:
+        self.vectors = [None] * len(self.inputs)
+
+    def should_stop(self) -> bool:
+        """True once the client left or the deadline passed."""
+        return self.cancelled.is_set() or time.monotonic() > self.deadline
+
+
+def embedding_batches(lengths: list[int], budget: int = EMBEDDING_BATCH_TOKENS) -> list[list[int]]:
+    """The inputs' indexes grouped into forward passes of at most `budget` padded tokens, shortest first."""
+    batches: list[list[int]] = [[]]
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if batches[-1] and (len(batches[-1]) + 1) * lengths[i] > budget:  # sorted: lengths[i] is the longest
+            batches.append([])
+        batches[-1].append(i)
+    return batches if batches[0] else []
+
+
+def embed_rows(embedder: Embedder, rows: list[list[int]], dimensions: int | None) -> list[list[float]]:
+    """One padded forward pass: each row's pooled vector (its first `dimensions`, then normalized), as floats.
+
+    Rows are padded on the right. The model's causal mask keeps every real
+    token from seeing the padding after it, and positions start at 0 as
+    they do alone, so each row's hidden states equal its unbatched pass's
+    (left padding would need an attention mask and shifted positions, which
+    mlx_lm's models do not take). Pooling reads each row's own positions only.
+    """
+    import mlx.core as mx
+    lengths = [len(row) for row in rows]
+    width = max(lengths)
+    tokens = mx.array([row + [0] * (width - len(row)) for row in rows])
+    pooled = pool(embedder.model(tokens).astype(mx.float32), mx.array(lengths), embedder.pooling)
+    pooled = pooled[:, :dimensions] if dimensions else pooled
+    if embedder.normalize:
+        pooled = pooled / mx.maximum(mx.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
+    return pooled.tolist()
+
+
+def pool(hidden: Any, lengths: Any, pooling: str) -> Any:
+    """(rows, length, width) hidden states -> (rows, width): a row's last real token, its mean, or its first."""
+    import mlx.core as mx
+    if pooling == "cls":
+        return hidden[:, 0]
+    if pooling == "last_token":
+        return hidden[mx.arange(hidden.shape[0]), lengths - 1]
+    mask = (mx.arange(hidden.shape[1])[None, :] < lengths[:, None]).astype(hidden.dtype)
+    return (hidden * mask[..., None]).sum(axis=1) / lengths[:, None].astype(hidden.dtype)
 
 
 @dataclass(frozen=True)
@@ -5378,6 +5696,7 @@ class Engine:
         self.drain_requested = threading.Event()   # rank 0: another rank was asked to stop the group
         self.running: dict[int, Sequence] = {}     # the batch's uids -> their jobs (rank 0 and alone)
         self.warming: dict[int, Job] = {}          # uids of one-token warm-ups -> jobs whose n choices wait on them
+        self.embedding: collections.deque[EmbeddingJob] = collections.deque()  # embeddings jobs with passes left
         self.batch: Batch | None = None
         self.progress_at = time.monotonic()        # when the last step or sync ended, for the watchdog
         self.tokens_generated = 0  # every token sampled since start, for health and tests
@@ -5438,7 +5757,7 @@ class Engine:
         self._restore_saved()
         self.started.set()
         while True:
-            busy = bool(self.running or self.warming)
+            busy = bool(self.running or self.warming or self.embedding)
             if not busy and self.folder is not None:  # idle: write new long prefixes to disk, until a job comes
                 self.folder.save_pending(self.prompt_cache, self.inbox.empty)
             for job in self._take_jobs(block=not busy):
@@ -5448,11 +5767,17 @@ class Engine:
                     if self.folder is not None:
                         self.folder.save_all(self.prompt_cache)
                     return
-                self._insert(job)
+                if isinstance(job, EmbeddingJob):
+                    job.passes = embedding_batches([len(tokens) for tokens in job.inputs])
+                    self.embedding.append(job)
+                else:
+                    self._insert(job)
             step = bool(self.running or self.warming)
             if self.batch.sync(step):
                 self.drain_requested.set()
             self.progress_at = time.monotonic()
+            if self.embedding:
+                self._embed_pass()
             if step:
                 self._step_or_recover()
                 self.progress_at = time.monotonic()
@@ -5551,6 +5876,34 @@ class Engine:
                 self.warming[uid] = job
             return
         self._start_choices(job)
+
+    def _embed_pass(self) -> None:
+        """One forward pass of the oldest embeddings job, between two generation steps.
+
+        Passes and generation steps alternate, so a long embeddings request
+        delays streams by one pass at a time, not by all of it. A job that was
+        cancelled or ran out of time ends before its next pass; a failure
+        (out of memory, say) fails that job only.
+        """
+        job = self.embedding[0]
+        if job.should_stop():
+            self.embedding.popleft()
+            job.events.put(("finish", "cancelled", [], 0))
+            return
+        rows = job.passes.pop(0)
+        try:
+            pooled = embed_rows(job.embedder, [job.inputs[i] for i in rows], job.request.dimensions)
+        except Exception as exc:
+            log.error("embedding failed: %r", exc, exc_info=exc)
+            self.embedding.popleft()
+            job.events.put(("error", internal_error(), [], 0))
+            return
+        for i, vector in zip(rows, pooled):
+            job.vectors[i] = vector
+        if not job.passes:
+            self.embedding.popleft()
+            job.events.put(("embeddings", job.vectors, [], 0))
+            job.events.put(("finish", "stop", [], 0))
 
     def _start_choices(self, job: Job) -> None:
         """Start the job's n choices; seeded choices after the first take seed + i, so they differ."""
@@ -6499,6 +6852,24 @@ WRITERS: dict[str, type[Writer]] = {"chat": ChatWriter, "completions": ChatWrite
                                     "messages": MessagesWriter, "responses": ResponsesWriter}
 
 
+def embeddings_reply(vectors: list[list[float]], request: EmbeddingRequest, model_name: str, tokens: int) -> dict:
+    """OpenAI's embeddings list: one entry per input, indexed in input order."""
+    return {"object": "list", "model": model_name,
+            "data": [{"object": "embedding", "index": i, "embedding": encode_embedding(vector, request.encoding_format)}
+                     for i, vector in enumerate(vectors)],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+def encode_embedding(vector: list[float], encoding_format: str) -> list[float] | str:
+    """The vector as JSON numbers, or as base64 of its little-endian float32 bytes (what the openai SDK asks for)."""
+    if encoding_format == "float":
+        return vector
+    packed = array.array("f", vector)
+    if sys.byteorder == "big":
+        packed.byteswap()
+    return base64.b64encode(packed.tobytes()).decode("ascii")
+
+
 # ---------------------------------------------------------------------------
 # Metrics: counters and histograms, written as Prometheus text by hand
 # ---------------------------------------------------------------------------
@@ -6594,6 +6965,8 @@ class Metrics:
         self.cached_tokens = 0
         self.completion_tokens = 0
         self.gate_rejections = 0
+        self.embedding_inputs = 0
+        self.embedding_tokens = 0
         self.drops = dict.fromkeys(self.DROP_REASONS, 0)
 
     def record_request(self, endpoint: str, status: str, seconds: float) -> None:
@@ -6610,6 +6983,12 @@ class Metrics:
             self.completion_tokens += completion_tokens
             if first_token_seconds is not None:
                 self.time_to_first_token.setdefault(endpoint, Histogram()).observe(first_token_seconds)
+
+    def record_embeddings(self, inputs: int, tokens: int) -> None:
+        """Add one answered embeddings request's inputs and tokens."""
+        with self.lock:
+            self.embedding_inputs += inputs
+            self.embedding_tokens += tokens
 
     def record_rejection(self) -> None:
         with self.lock:
@@ -6636,6 +7015,10 @@ class Metrics:
                        "instead of being computed.", [("", {}, self.cached_tokens)]),
                 Family("lem_completion_tokens_total", "counter", "Tokens generated for clients.",
                        [("", {}, self.completion_tokens)]),
+                Family("lem_embedding_inputs_total", "counter", "Inputs embedded for /v1/embeddings.",
+                       [("", {}, self.embedding_inputs)]),
+                Family("lem_embedding_tokens_total", "counter", "Tokens of the inputs embedded for /v1/embeddings.",
+                       [("", {}, self.embedding_tokens)]),
                 Family("lem_gate_rejections_total", "counter", "Generation requests refused with 429 because every slot was taken.",
                        [("", {}, self.gate_rejections)]),
                 Family("lem_connections_dropped_total", "counter", "Connections cut by the server, by reason.",
@@ -6768,7 +7151,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
     GET_ROUTES = {"/": "page", "/chat.js": "chat_js", "/healthz": "healthz", "/metrics": "metrics",
                   "/v1/models": "models"}
     POST_ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/messages": "messages",
-                   "/v1/messages/count_tokens": "count_tokens", "/v1/responses": "responses"}
+                   "/v1/messages/count_tokens": "count_tokens", "/v1/responses": "responses",
+                   "/v1/embeddings": "embeddings"}
     PREFIX_ROUTES = {"/v1/models/": "model", "/v1/responses/": "stored_response"}   # GET /v1/models/ID ...
     ANTHROPIC_PATHS = ("/v1/messages", "/v1/messages/")   # the path, or a prefix: errors there are Anthropic's
     PREFLIGHT_ROUTES = dict.fromkeys([*GET_ROUTES, *POST_ROUTES], "preflight")
@@ -7102,6 +7486,34 @@ class Handler(http.server.BaseHTTPRequestHandler):
         request = parse_messages_request(self._read_json(), self.server.settings, counting=True)
         prompt, _ = render_prompt(request, self.server.model)
         self._send_json({"input_tokens": len(prompt)})
+
+    def route_embeddings(self) -> None:
+        """OpenAI's embeddings: inputs encoded and checked here, then admitted and run on the engine thread."""
+        server = self.server
+        request = parse_embedding_request(self._read_json())
+        embedder = server.model.embedder
+        if embedder is None:
+            raise invalid("this server's model cannot serve embeddings (see the server log); start it with "
+                          "--embedding-model PATH", "model", "model_not_supported")
+        inputs = embedding_inputs(request, embedder, embedder.max_tokens(server.settings.max_embedding_tokens))
+        tokens = sum(map(len, inputs))
+        if not server.engine.alive:
+            raise engine_unavailable()
+        with server.admit(1, gone=lambda: client_gone(self.connection)) as slot:
+            job = EmbeddingJob(inputs, request, embedder, time.monotonic() + server.settings.timeout)
+            server.engine.submit(job)
+            vectors: list = []
+            try:
+                for kind, value, *_ in self._events(job, slot):
+                    if kind == "error":
+                        raise value
+                    if kind == "embeddings":
+                        vectors = value
+            finally:
+                job.cancelled.set()  # the engine skips its remaining passes
+                self.log_tokens = (tokens, 0)
+        server.metrics.record_embeddings(len(inputs), tokens)
+        self._send_json(embeddings_reply(vectors, request, embedder.name or server.settings.model_name, tokens))
 
     def _generate(self, request: GenerationRequest) -> None:
         """Render and fit the prompt, admit through the gate, run a Job and write its result.
@@ -7494,9 +7906,18 @@ class LemServer(http.server.ThreadingHTTPServer):
                 "max_tokens": settings.max_tokens, "max_context": settings.max_context,
                 "context_length": self.model.context_length, "sampling_defaults": settings.sampling,
                 "thinking": bool(getattr(self.model.tokenizer, "has_thinking", False)),
-                "speculative": self.speculative_health(engine),
+                "speculative": self.speculative_health(engine), "embeddings": self.embeddings_health(),
                 "prompt_cache": {"entries": engine["prompt_cache_entries"], "bytes": engine["prompt_cache_bytes"],
                                  "hits": engine["prompt_cache_hits"], "misses": engine["prompt_cache_misses"]}}
+
+    def embeddings_health(self) -> dict | None:
+        """What serves /v1/embeddings, for /healthz (the prompts are the instruction prefixes clients prepend)."""
+        embedder = self.model.embedder
+        if embedder is None:
+            return None
+        return {"model": embedder.name or self.settings.model_name, "pooling": embedder.pooling,
+                "normalized": embedder.normalize, "dimensions": embedder.dimensions,
+                "max_tokens": embedder.max_tokens(self.settings.max_embedding_tokens), "prompts": embedder.prompts}
 
     def speculative_health(self, engine: dict) -> dict | None:
         """Speculative decoding's figures for /healthz; None without a --draft-model."""

@@ -10,10 +10,12 @@ Run: python -m pytest -q test_lem_serve.py
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import gc
 import http.client
+import importlib
 import importlib.util
 import json
 import logging
@@ -1209,7 +1211,7 @@ def test_counted_strings_reuse_cached_masks(model, schema):
     ({"type": "string", "pattern": "a^b"}, "matches nothing"),
     ({"not": {"minimum": 3}}, "'not' is enforced only"),
     ({"oneOf": [{"type": "integer"}, {"type": "number"}]}, "oneOf branches"),
-    ({"type": "array", "items": {"type": "object"}, "uniqueItems": True}, "uniqueItems"),
+    ({"type": "array", "items": {"type": "object"}, "uniqueItems": True, "minItems": 2}, "uniqueItems"),
     ({"type": "integer", "minimum": 5, "maximum": 4}, "minimum"),
     ({"type": "string", "minLength": 3, "maxLength": 2}, "maxLength"),
     ({"enum": [1, 2], "type": "string"}, "no JSON value"),
@@ -1352,6 +1354,10 @@ NEW_KEYWORD_CASES = {
     "oneOf exactly one": ({"type": "object", "properties": {"value": {"type": "integer"}, "values": {"type": "array"}},
                            "oneOf": [{"required": ["value"]}, {"required": ["values"]}]},
                           ['{"value":1}', '{"values":[]}'], ['{"value":1,"values":[]}', "{}"]),
+    "patternProperties long keys": ({"type": "object", "patternProperties": {"^[0-9a-f]{40}$": {"type": "integer"}},
+                                     "additionalProperties": False}, ['{"' + "a" * 40 + '":1}', "{}"], ['{"ab":1}']),
+    "uniqueItems of objects": ({"type": "array", "items": {"type": "object", "properties": {"a": {"type": "integer"}}},
+                                "uniqueItems": True}, ['[{"a":1}]', "[]"], ['[{"a":1},{"a":2}]']),
     "oneOf by type": ({"oneOf": [{"type": "string"}, {"type": ["integer", "null"]}]}, ['"a"', "1", "null"], ["1.5", "true"]),
 }
 
@@ -1387,6 +1393,20 @@ def test_oneof_branch_left_out_only_when_provably_apart(openai_client):
         text, finish = structured_output(openai_client, ONEOF_UNENFORCEABLE_BUT_DISJOINT, "response_format", 1.0, seed, 40)
         assert finish == "stop" and isinstance(json.loads(text), int), text
         assert_valid(text, ONEOF_UNENFORCEABLE_BUT_DISJOINT)
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": {"a": 1}}, {"oneOf": [{"type": [{"a": 1}]}, {"type": "string"}]}, {"type": "string", "format": {"x": 1}}, {"oneOf": [{"enum": True}, {"type": "string"}]},
+    {"oneOf": [{"allOf": True}, {"type": "string"}]}, {"not": {"pattern": 3}}, {"propertyNames": {"enum": [1]}},
+    {"type": "object", "patternProperties": {"(": {}}}, {"dependencies": {"a": 3}}, {"multipleOf": 1e-30},
+])
+def test_malformed_schemas_are_answered_never_a_5xx(server, schema):
+    """Shapes a fuzzer found crashing the compiler: each is now a 400 or served, never a traceback."""
+    reply = request(server, "POST", "/v1/chat/completions",
+                    body_for("chat", max_tokens=20, response_format=schema_format(schema)))
+    assert reply.status in (200, 400), reply.raw[:300]
+    if reply.status == 400:
+        assert_openai_error(reply, 400, "response_format")
 
 
 def jsonschemabench():
@@ -2782,6 +2802,343 @@ def test_old_python_or_missing_mlx_says_what_to_install_in_one_line(tmp_path):
 
 
 # ---------------------------------------------------------------------------
+# Model families: tool calls and reasoning in each family's own chat format (issue 22)
+# ---------------------------------------------------------------------------
+
+TEMPLATES = ROOT / "testing" / "templates"
+DEEPSEEK_TOKENS = ("<｜User｜>", "<｜Assistant｜>", "<think>", "</think>", "<｜tool▁calls▁begin｜>",
+                   "<｜tool▁call▁begin｜>", "<｜tool▁sep｜>", "<｜tool▁call▁end｜>", "<｜tool▁calls▁end｜>",
+                   "<｜tool▁outputs▁begin｜>", "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>", "<｜tool▁outputs▁end｜>")
+MISTRAL_TOKENS = ("[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CALLS]", "[CALL_ID]", "[ARGS]",
+                  "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]")
+WEATHER_ARGS, TIME_ARGS = {"city": "Paris"}, {"zone": "CET"}
+R1_CALL = "<｜tool▁call▁begin｜>function<｜tool▁sep｜>{}\n```json\n{}\n```<｜tool▁call▁end｜>"
+V31_CALL = "<｜tool▁call▁begin｜>{}<｜tool▁sep｜>{}<｜tool▁call▁end｜>"
+HARMONY_CALL = "<|channel|>commentary to=functions.{} <|constrain|>json<|message|>{}<|call|>"
+
+
+def family_calls(form: str, joiner: str = "", *calls: tuple[str, dict]) -> str:
+    """Calls written in a family's own syntax, `joiner` between them."""
+    return joiner.join(form.format(name, json.dumps(args)) for name, args in calls)
+
+
+WEATHER_CALL, TIME_CALL = ("get_weather", WEATHER_ARGS), ("get_time", TIME_ARGS)
+# What each script must come back as: (content, reasoning, [(name, arguments)]).
+FAMILY_EXPECTED = {"plain": ("Hello there.", "", []), "reasoning": ("Paris.", "Let me think.", []),
+                   "call": ("", "", [WEATHER_CALL]), "parallel": ("", "", [WEATHER_CALL, TIME_CALL]),
+                   "reasoning_call": ("", "Let me think.", [WEATHER_CALL])}
+QWEN_CALL = '<tool_call>\n{{"name": "{}", "arguments": {}}}\n</tool_call>'
+# family: (template file, build_scripted_model keywords, {script kind: the model's text}); a kind the
+# family cannot write (no reasoning, no parallel calls) is left out.
+FAMILIES = {
+    "qwen3": ("Qwen-Qwen3-0.6B.jinja", {"tokens": ("<think>", "</think>"), "end": "<|im_end|>"}, {
+        "plain": "Hello there.", "reasoning": "<think>\nLet me think.\n</think>\n\nParis.",
+        "call": family_calls(QWEN_CALL, "", WEATHER_CALL),
+        "parallel": family_calls(QWEN_CALL, "\n", WEATHER_CALL, TIME_CALL),
+        "reasoning_call": "<think>\nLet me think.\n</think>\n\n" + family_calls(QWEN_CALL, "", WEATHER_CALL)}),
+    "gpt-oss": ("openai-gpt-oss-120b.jinja", {
+        "tokens": ("<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|constrain|>"), "end": "<|return|>",
+        "eos": ("<|call|>",)}, {
+        "plain": "<|channel|>final<|message|>Hello there.",
+        "reasoning": "<|channel|>analysis<|message|>Let me think.<|end|><|start|>assistant<|channel|>final<|message|>Paris.",
+        "call": family_calls(HARMONY_CALL, "", WEATHER_CALL),
+        "reasoning_call": "<|channel|>analysis<|message|>Let me think.<|end|><|start|>assistant"
+                          + family_calls(HARMONY_CALL, "", WEATHER_CALL)}),
+    "llama3.1": ("meta-llama-Llama-3.1-8B-Instruct.jinja", {
+        "tokens": ("<|start_header_id|>", "<|end_header_id|>", "<|python_tag|>"), "end": "<|eot_id|>",
+        "eos": ("<|eom_id|>",), "bos": "<|begin_of_text|>"}, {
+        "plain": "Hello there.", "call": '{"name": "get_weather", "parameters": {"city": "Paris"}}',
+        "parallel": '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}; '
+                    '{"name": "get_time", "parameters": {"zone": "CET"}}'}),
+    "deepseek-r1": ("deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja", {
+        "tokens": DEEPSEEK_TOKENS, "end": "<｜end▁of▁sentence｜>", "bos": "<｜begin▁of▁sentence｜>"}, {
+        "plain": "\n</think>\n\nHello there.", "reasoning": "Let me think.\n</think>\n\nParis.",
+        "call": "\n</think>\n\n<｜tool▁calls▁begin｜>" + family_calls(R1_CALL, "", WEATHER_CALL) + "<｜tool▁calls▁end｜>",
+        "parallel": "\n</think>\n\n<｜tool▁calls▁begin｜>" + family_calls(R1_CALL, "\n", WEATHER_CALL, TIME_CALL)
+                    + "<｜tool▁calls▁end｜>",
+        "reasoning_call": "Let me think.\n</think>\n\n<｜tool▁calls▁begin｜>" + family_calls(R1_CALL, "", WEATHER_CALL)
+                          + "<｜tool▁calls▁end｜>"}),
+    "deepseek-v3.1": ("deepseek-ai-DeepSeek-V3.1.jinja", {
+        "tokens": DEEPSEEK_TOKENS, "end": "<｜end▁of▁sentence｜>", "bos": "<｜begin▁of▁sentence｜>"}, {
+        "plain": "Hello there.",
+        "call": "<｜tool▁calls▁begin｜>" + family_calls(V31_CALL, "", WEATHER_CALL) + "<｜tool▁calls▁end｜>",
+        "parallel": "<｜tool▁calls▁begin｜>" + family_calls(V31_CALL, "", WEATHER_CALL, TIME_CALL) + "<｜tool▁calls▁end｜>"}),
+    "mistral-small-3.2": ("Mistral-Small-3.2-24B-Instruct-2506.jinja", {
+        "tokens": MISTRAL_TOKENS, "end": "</s>", "bos": "<s>"}, {
+        "plain": "Hello there.",
+        "call": family_calls("[TOOL_CALLS]{}[CALL_ID]a1b2c3d4e[ARGS]{}", "", WEATHER_CALL),
+        "parallel": family_calls("[TOOL_CALLS]{}[CALL_ID]a1b2c3d4e[ARGS]{}", "", WEATHER_CALL, TIME_CALL)}),
+    "devstral": ("unsloth-mistral-Devstral-Small-2507.jinja", {"tokens": MISTRAL_TOKENS, "end": "</s>", "bos": "<s>"}, {
+        "plain": "Hello there.", "call": family_calls("[TOOL_CALLS]{}[ARGS]{}", "", WEATHER_CALL),
+        "parallel": family_calls("[TOOL_CALLS]{}[ARGS]{}", "", WEATHER_CALL, TIME_CALL)}),
+}
+KIMI_CALL = "<|tool_call_begin|>functions.{}:0<|tool_call_argument_begin|>{}<|tool_call_end|>"
+FAMILIES["kimi-k2"] = ("moonshotai-Kimi-K2.jinja", {
+    "tokens": ("<|im_system|>", "<|im_user|>", "<|im_assistant|>", "<|im_middle|>", "<|tool_calls_section_begin|>",
+               "<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>", "<|tool_calls_section_end|>"),
+    "end": "<|im_end|>"}, {
+    "plain": "Hello there.",
+    "call": "<|tool_calls_section_begin|>" + family_calls(KIMI_CALL, "", WEATHER_CALL) + "<|tool_calls_section_end|>",
+    "parallel": "<|tool_calls_section_begin|>" + family_calls(KIMI_CALL, "", WEATHER_CALL, TIME_CALL)
+                + "<|tool_calls_section_end|>"})
+NEMOTRON_CALL = '{{"name": "{}", "arguments": {}}}'
+FAMILIES["nemotron-nano-v2"] = ("NVIDIA-Nemotron-Nano-v2.jinja", {
+    "tokens": ("<SPECIAL_10>", "<SPECIAL_11>", "<think>", "</think>", "<TOOLCALL>", "</TOOLCALL>"),
+    "end": "<SPECIAL_12>"}, {
+    "plain": "</think>\nHello there.", "reasoning": "Let me think.\n</think>\nParis.",
+    "call": "</think>\n<TOOLCALL>[" + family_calls(NEMOTRON_CALL, "", WEATHER_CALL) + "]</TOOLCALL>",
+    "parallel": "</think>\n<TOOLCALL>[" + family_calls(NEMOTRON_CALL, ", ", WEATHER_CALL, TIME_CALL) + "]</TOOLCALL>",
+    "reasoning_call": "Let me think.\n</think>\n<TOOLCALL>[" + family_calls(NEMOTRON_CALL, "", WEATHER_CALL)
+                      + "]</TOOLCALL>"})
+FAMILY_TOOLS = [{"name": "get_weather", "description": "The weather in a city",
+                 "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}},
+                {"name": "get_time", "description": "The time in a zone",
+                 "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}, "required": ["zone"]}}]
+
+
+def dialect_tools_for(endpoint: str) -> list[dict]:
+    """FAMILY_TOOLS in the endpoint's own shape."""
+    if endpoint == "messages":
+        return [{"name": t["name"], "description": t["description"], "input_schema": t["parameters"]}
+                for t in FAMILY_TOOLS]
+    if endpoint == "responses":
+        return [{"type": "function", **t} for t in FAMILY_TOOLS]
+    return [{"type": "function", "function": t} for t in FAMILY_TOOLS]
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family_server(request, tmp_path_factory):
+    """(family name, its scripts' kinds, a server on its scripted model): one per family per module."""
+    from testing.scripted_model import build_scripted_model
+    name = request.param
+    template, keywords, scripts = FAMILIES[name]
+    kinds = list(scripts)
+    path = build_scripted_model(tmp_path_factory.mktemp("families") / name, (TEMPLATES / template).read_text("utf-8"),
+                                [scripts[kind] for kind in kinds], **keywords)
+    model = lem_serve.load_model(lem_serve.Settings(model_path=str(path)))
+    with running_server(model, path) as server:
+        yield name, kinds, server, model
+
+
+def family_body(endpoint: str, script: int, **fields) -> dict:
+    """A request whose reply is script `script`, tools offered, reasoning asked for where a dialect must ask."""
+    from testing.scripted_model import trigger
+    body = {"messages": [{"role": "user", "content": f"What now? {trigger(script)}"}], "max_tokens": 200,
+            "tools": dialect_tools_for(endpoint), **fields}
+    if endpoint == "messages":
+        body["thinking"] = {"type": "enabled", "budget_tokens": 1024}
+        body["max_tokens"] = 2048
+    if endpoint == "responses":
+        body["input"] = body.pop("messages")
+        body["max_output_tokens"] = body.pop("max_tokens")
+    return body
+
+
+def reply_parts(endpoint: str, payload: dict) -> tuple[str, str, list]:
+    """(content, reasoning, [(name, arguments)]) of a non-streamed reply in any dialect."""
+    if endpoint == "messages":
+        blocks = payload["content"]
+        return ("".join(b["text"] for b in blocks if b["type"] == "text"),
+                "".join(b["thinking"] for b in blocks if b["type"] == "thinking"),
+                [(b["name"], b["input"]) for b in blocks if b["type"] == "tool_use"])
+    if endpoint == "responses":
+        items = payload["output"]
+        return ("".join(p["text"] for i in items if i["type"] == "message" for p in i["content"]),
+                "".join(p["text"] for i in items if i["type"] == "reasoning" for p in i["content"]),
+                [(i["name"], json.loads(i["arguments"])) for i in items if i["type"] == "function_call"])
+    message = payload["choices"][0]["message"]
+    return (message["content"] or "", message.get("reasoning_content") or "",
+            [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in message.get("tool_calls") or []])
+
+
+def streamed_parts(endpoint: str, events: list) -> tuple[str, str, list]:
+    """(content, reasoning, [(name, arguments)]) assembled from a stream's deltas in any dialect."""
+    content, reasoning, calls = [], [], {}
+    for event in (e for e in events if isinstance(e, dict)):
+        if endpoint == "chat":
+            delta = event["choices"][0]["delta"] if event.get("choices") else {}
+            content.append(delta.get("content") or "")
+            reasoning.append(delta.get("reasoning_content") or "")
+            for call in delta.get("tool_calls") or []:
+                name, arguments = calls.get(call["index"], ("", ""))
+                function = call.get("function") or {}
+                calls[call["index"]] = (name + (function.get("name") or ""), arguments + (function.get("arguments") or ""))
+        elif endpoint == "messages":
+            if event["type"] == "content_block_start" and event["content_block"]["type"] == "tool_use":
+                calls[event["index"]] = (event["content_block"]["name"], "")
+            delta = event.get("delta") or {}
+            content.append(delta.get("text", "") if delta.get("type") == "text_delta" else "")
+            reasoning.append(delta.get("thinking", "") if delta.get("type") == "thinking_delta" else "")
+            if delta.get("type") == "input_json_delta":
+                name, arguments = calls[event["index"]]
+                calls[event["index"]] = (name, arguments + delta["partial_json"])
+        else:
+            kind = event["type"]
+            if kind == "response.output_item.added" and event["item"]["type"] == "function_call":
+                calls[event["output_index"]] = (event["item"]["name"], "")
+            content.append(event["delta"] if kind == "response.output_text.delta" else "")
+            reasoning.append(event["delta"] if kind == "response.reasoning_text.delta" else "")
+            if kind == "response.function_call_arguments.delta":
+                name, arguments = calls[event["output_index"]]
+                calls[event["output_index"]] = (name, arguments + event["delta"])
+    return "".join(content), "".join(reasoning), [(n, json.loads(a)) for _, (n, a) in sorted(calls.items())]
+
+
+FAMILY_MARKERS = ("<think>", "</think>", "<tool_call>", "</tool_call>", "<|channel|>", "<|message|>", "<|end|>",
+                  "<|start|>", "<|call|>", "<|python_tag|>", "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]", "｜", "analysis",
+                  "<|tool_call", "<|tool_calls_section", "TOOLCALL",
+                  "commentary")
+
+
+def assert_family_reply(parts: tuple[str, str, list], expected: tuple[str, str, list], where: str) -> None:
+    """Content exact, reasoning (trimmed) in the dialect's field, calls with exact arguments, no marker anywhere."""
+    content, reasoning, calls = parts
+    assert (content, reasoning.strip(), calls) == expected, where
+    shown = content + reasoning + json.dumps(calls)
+    assert not [m for m in FAMILY_MARKERS if m in shown], (where, shown)
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "messages", "responses"])
+def test_family_replies_split_into_content_reasoning_and_calls(family_server, endpoint):
+    name, kinds, server, _ = family_server
+    for script, kind in enumerate(kinds):
+        body = family_body(endpoint, script)
+        payload = request(server, "POST", path_of(endpoint), body).json()
+        assert_family_reply(reply_parts(endpoint, payload), FAMILY_EXPECTED[kind], f"{name} {kind} {endpoint}")
+        events = stream(server, endpoint, **body)
+        assert_family_reply(streamed_parts(endpoint, events), FAMILY_EXPECTED[kind],
+                            f"{name} {kind} {endpoint} streamed")
+
+
+# An agent's turn in the middle of a tool loop, as chat sends it: the template renders this turn's reasoning.
+AGENT_SYSTEM, AGENT_QUESTION, AGENT_THOUGHT, AGENT_RESULT = (
+    "You are a careful agent.", "What is the weather in Paris?", "I should look it up.", "Sunny, 21 C.")
+AGENT_CALL_ID = "a1b2c3d4e"   # nine letters and digits, as Mistral Small 3.2's template demands
+
+
+def agent_conversation(endpoint: str) -> dict:
+    """The same conversation (system, user, reasoning and a call, its result) in each dialect's shape."""
+    if endpoint == "messages":
+        return {"system": AGENT_SYSTEM, "thinking": {"type": "enabled", "budget_tokens": 1024}, "max_tokens": 2048,
+                "messages": [{"role": "user", "content": AGENT_QUESTION},
+                             {"role": "assistant", "content": [
+                                 {"type": "thinking", "thinking": AGENT_THOUGHT, "signature": ""},
+                                 {"type": "tool_use", "id": AGENT_CALL_ID, "name": "get_weather", "input": WEATHER_ARGS}]},
+                             {"role": "user", "content": [{"type": "tool_result", "tool_use_id": AGENT_CALL_ID,
+                                                           "content": AGENT_RESULT}]}]}
+    if endpoint == "responses":
+        return {"max_output_tokens": 1, "input": [
+            {"role": "developer", "content": AGENT_SYSTEM}, {"role": "user", "content": AGENT_QUESTION},
+            {"type": "reasoning", "summary": [], "content": [{"type": "reasoning_text", "text": AGENT_THOUGHT}]},
+            {"type": "function_call", "call_id": AGENT_CALL_ID, "name": "get_weather",
+             "arguments": json.dumps(WEATHER_ARGS)},
+            {"type": "function_call_output", "call_id": AGENT_CALL_ID, "output": AGENT_RESULT}]}
+    return {"max_tokens": 1, "messages": agent_chat_messages(json.dumps(WEATHER_ARGS))}
+
+
+def agent_chat_messages(arguments: str | dict) -> list[dict]:
+    return [{"role": "system", "content": AGENT_SYSTEM}, {"role": "user", "content": AGENT_QUESTION},
+            {"role": "assistant", "content": None, "reasoning_content": AGENT_THOUGHT, "tool_calls": [
+                {"id": AGENT_CALL_ID, "type": "function", "function": {"name": "get_weather", "arguments": arguments}}]},
+            {"role": "tool", "tool_call_id": AGENT_CALL_ID, "content": AGENT_RESULT}]
+
+
+def template_rendering(name: str, model: lem_serve.Model) -> list[int]:
+    """The family's own template on the agent conversation, as its model card shows it called (through
+    transformers): arguments as an object, or as JSON text for DeepSeek's templates (which join them
+    to strings); the reasoning as the field the template reads."""
+    deepseek = name.startswith("deepseek")
+    messages = agent_chat_messages(json.dumps(WEATHER_ARGS) if deepseek else WEATHER_ARGS)
+    messages[2]["content"] = ""   # transformers drops a null content, which DeepSeek's templates then miss
+    if name == "gpt-oss":
+        messages[2]["thinking"] = messages[2].pop("reasoning_content")
+    tools = [{"type": "function", "function": t} for t in FAMILY_TOOLS]
+    return list(model.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True))
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "messages", "responses"])
+def test_family_prompt_is_the_templates_own_rendering(family_server, endpoint):
+    name, _, server, model = family_server
+    expected = len(template_rendering(name, model))
+    reply = request(server, "POST", path_of(endpoint), {**agent_conversation(endpoint), "tools": dialect_tools_for(endpoint)})
+    assert reply.status == 200, reply.json()
+    usage = reply.json()["usage"]
+    prompt = usage["prompt_tokens"] if endpoint == "chat" else usage["input_tokens"] + usage.get(
+        "cache_read_input_tokens", 0) + usage.get("cache_creation_input_tokens", 0) if endpoint == "messages" \
+        else usage["input_tokens"]
+    assert prompt == expected, (name, endpoint)
+
+
+@pytest.mark.parametrize("family_server", ["gpt-oss"], indirect=True)
+def test_codex_is_served_by_a_gpt_oss_model(family_server, tmp_path):
+    """Codex's real requests (tools, custom tools, hosted tools, developer message) to a harmony model: no 400,
+    and its answer is the final channel alone (the analysis channel is reasoning, never the answer)."""
+    codex = agent_cli("codex")
+    name, kinds, server, _ = family_server
+    from testing.scripted_model import trigger
+    home, work = tmp_path / "codex-home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    (home / "config.toml").write_text(CODEX_CONFIG.format(url=server.url + "/v1"))
+    run = run_agent([codex, "exec", "--skip-git-repo-check", f"Where? {trigger(kinds.index('reasoning'))}"], work,
+                    {"HOME": home, "CODEX_HOME": home, "LEM_API_KEY": "unused"})
+    assert run.returncode == 0, (run.stdout[-2000:], run.stderr[-2000:])
+    assert run.stdout.strip() == "Paris."
+    assert_only_successes(server, "/v1/responses")
+
+
+@pytest.mark.parametrize("family_server", ["mistral-small-3.2"], indirect=True)
+def test_consecutive_messages_of_one_role_are_merged_where_the_template_alternates(family_server):
+    """Codex's system prompt, developer message, then user: Mistral Small 3.2's template raises on two system
+    messages in a row, so they reach it merged with a blank line (the reply is then the script's)."""
+    from testing.scripted_model import trigger
+    _, kinds, server, _ = family_server
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "developer", "content": "Use tools."},
+                {"role": "user", "content": "Hi."}, {"role": "user", "content": f"Now? {trigger(kinds.index('plain'))}"}]
+    reply = request(server, "POST", path_of("chat"), {"messages": messages})
+    assert reply.status == 200, reply.json()
+    assert reply.json()["choices"][0]["message"]["content"] == "Hello there."
+
+
+@pytest.mark.parametrize("family_server", ["gpt-oss"], indirect=True)
+def test_a_template_that_fails_to_render_is_a_400_naming_its_error(family_server):
+    _, _, server, _ = family_server
+    messages = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "<|channel|>final<|message|>Hello."},
+                {"role": "user", "content": "Again."}]   # gpt-oss's template refuses channel tags in content
+    error = assert_openai_error(request(server, "POST", path_of("chat"), {"messages": messages}), 400, "messages")
+    assert "You have passed a message containing <|channel|> tags in the content field" in error["message"]
+
+
+def scan_family_text(name: str, text: str, pieces: list[str]) -> tuple[str, str, list]:
+    """(content, reasoning, calls) of a family's reply text fed to its scanner in `pieces`."""
+    template, _, _ = FAMILIES[name]
+    parser = importlib.import_module(f"mlx_lm.tool_parsers.{'kimi_k2' if name == 'kimi-k2' else 'json_tools'}")
+    form = lem_serve._chat_format((TEMPLATES / template).read_text("utf-8"), parser.tool_call_start,
+                                  parser.tool_call_end, parser.parse_tool_call)  # what mlx_lm infers for the rest
+    tools = [{"type": "function", "function": t} for t in FAMILY_TOOLS]
+    scanner = lem_serve.HarmonyScanner(tools) if form.harmony else lem_serve.ToolCallScanner(form, tools)
+    out = [piece for chunk in pieces for piece in scanner.feed(chunk)] + scanner.flush()
+    calls = [(c["function"]["name"], json.loads(c["function"]["arguments"])) for k, v in out if k == "calls" for c in v]
+    return ("".join(v for k, v in out if k == "text"), "".join(v for k, v in out if k == "reasoning"), calls)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_family_markers_split_anywhere_never_reach_content(name):
+    """Every script cut into pieces at every character (as a tokenizer whose markers are several tokens
+    would stream it) scans to what it scans to whole: no marker leaks, no call is lost."""
+    _, _, scripts = FAMILIES[name]
+    for kind, text in scripts.items():
+        text = text.split("</think>", 1)[-1]   # the engine's ReasoningSplitter takes a think block first
+        whole = scan_family_text(name, text, [text])
+        content, reasoning, calls = whole
+        if kind.endswith("call") or kind == "parallel":
+            assert calls == FAMILY_EXPECTED[kind][2] and not content.strip(), (name, kind, whole)
+        for cut in range(1, len(text)):
+            assert scan_family_text(name, text, [text[:cut], text[cut:]]) == whole, (name, kind, cut)
+        assert scan_family_text(name, text, list(text)) == whole, (name, kind)
+
+
+# ---------------------------------------------------------------------------
 # The agents' dialects: Anthropic Messages (/v1/messages) and OpenAI Responses (/v1/responses)
 # ---------------------------------------------------------------------------
 
@@ -3334,6 +3691,21 @@ def test_claude_code_with_a_wrong_key_asks_once_and_says_so(make_server, tmp_pat
     assert "api key" in said or "authentication" in said, (run.stdout[-1000:], run.stderr[-1000:])
     assert wait_until(lambda: srv.in_flight == 0)
     assert requests_answered(srv, "/v1/messages", "401") == 1
+
+
+def test_codex_with_a_wrong_key_says_so_with_the_request_id(make_server, tmp_path):
+    codex = agent_cli("codex")
+    srv = make_server(api_key="sekret")
+    (tmp_path / "work").mkdir()
+    (tmp_path / "config.toml").write_text(CODEX_CONFIG.format(url=srv.url + "/v1"))
+    run = run_agent([codex, "exec", "--skip-git-repo-check", AGENT_ASK], tmp_path / "work",
+                    {"HOME": tmp_path, "CODEX_HOME": tmp_path, "LEM_API_KEY": "sk-wrong"})
+    assert run.returncode != 0
+    said = run.stdout + run.stderr
+    assert "401" in said and "wrong API key" in said and re.search(r"request id: req_[0-9a-f]{24}", said), said[-1000:]
+    assert wait_until(lambda: srv.in_flight == 0)
+    # Codex retries a 401 by its own policy (to refresh a ChatGPT login), whatever x-should-retry says.
+    assert 1 <= requests_answered(srv, "/v1/responses", "401") <= 6
 
 
 def test_tool_arguments_that_are_no_json_object_are_wrapped_and_replay(slip_server):
@@ -4041,6 +4413,10 @@ def test_forced_call_in_each_familys_own_syntax(family_base, tmp_path, template)
     form = lem_serve.chat_format_of(model.tokenizer)
     tools = [described(SHELL), described(ADD)]
     with running_server(model, folder) as srv:
+        if form.write is None:  # no JSON form of a call (Kimi-K2's): forcing one is refused, by name
+            reply = request(srv, "POST", "/v1/chat/completions", body_for("chat", tools=tools, tool_choice="required"))
+            assert form.name in assert_openai_error(reply, 400, "tool_choice")["message"]
+            return
         for endpoint in ("chat", "messages", "responses"):
             for seed in range(2):
                 fields = forced_call_body(endpoint, tools, None if seed else "shell")
@@ -5476,7 +5852,7 @@ def test_api_key_covers_every_v1_route_and_metrics(make_server):
     srv = make_server(api_key="sekret")
     guarded = [(m, p) for m, table in (("GET", lem_serve.Handler.GET_ROUTES), ("POST", lem_serve.Handler.POST_ROUTES))
                for p in table if p.startswith("/v1/") or p == "/metrics"]
-    assert len(guarded) == 7
+    assert len(guarded) == 8
     endpoint_of = {path: endpoint for endpoint, path in PATHS.items()}
     for method, path in guarded:
         endpoint = "messages" if path.startswith("/v1/messages") else endpoint_of.get(path, "completions")
@@ -5484,7 +5860,8 @@ def test_api_key_covers_every_v1_route_and_metrics(make_server):
                         {"Authorization": "Basic sekret", "x-api-key": "sekre"}):
             assert_error(endpoint, request(srv, method, path + "?x=1", {"prompt": "x"}, headers), 401)
         for headers in ({"Authorization": "Bearer sekret"}, {"x-api-key": "sekret"}):
-            ok = request(srv, method, path, body_for(endpoint, max_tokens=1), headers)
+            body = {"input": "x"} if path == "/v1/embeddings" else body_for(endpoint, max_tokens=1)
+            ok = request(srv, method, path, body, headers)
             assert ok.status == 200, (path, ok.raw[:200])
     assert scrape(srv, {"Authorization": "Bearer sekret"})["lem_engine_up", ""] == 1
     for path in ("/", "/chat.js", "/healthz"):
@@ -6083,6 +6460,237 @@ def test_no_request_reads_a_file_from_disk(server, tmp_path):
                  {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"file://{secret}"}}]}]}):
         reply = request(server, "POST", path_of("chat" if "messages" in body else "completions"), body)
         assert reply.status in (200, 400) and b"TOP-SECRET" not in reply.raw
+
+
+# ---------------------------------------------------------------------------
+# Embeddings: /v1/embeddings against a direct mlx-lm forward pass
+# ---------------------------------------------------------------------------
+
+# Different token lengths, so that a batch of them is padded; non-ASCII too.
+EMBED_TEXTS = ["Hello", "The quick brown fox jumps over the lazy dog.", "Embeddings of 漢字 and 😊 too", "a b"]
+EMBED_MAX_TOKENS = 48  # --max-embedding-tokens of the embeddings server
+
+
+@pytest.fixture(scope="module")
+def embed_server(model, model_dir):
+    with running_server(model, model_dir, max_embedding_tokens=EMBED_MAX_TOKENS) as srv:
+        yield srv
+
+
+def embed(server, **fields) -> dict:
+    reply = request(server, "POST", "/v1/embeddings", fields)
+    assert reply.status == 200, reply.raw[:300]
+    return reply.json()
+
+
+def vectors_of(payload: dict) -> list[np.ndarray]:
+    """The float vectors of an embeddings reply, checking that data[i].index is i."""
+    assert payload["object"] == "list" and [d["index"] for d in payload["data"]] == list(range(len(payload["data"])))
+    assert all(d["object"] == "embedding" for d in payload["data"])
+    return [np.array(d["embedding"], dtype=np.float64) for d in payload["data"]]
+
+
+def direct_embedding(network, tokens: list[int], pooling: str = "last_token", normalize: bool = True) -> np.ndarray:
+    """One input's vector from a plain mlx-lm forward pass, alone: the inner model's final hidden states, pooled here."""
+    import mlx.core as mx
+    hidden = np.array(network.model(mx.array([tokens]))[0].astype(mx.float32), dtype=np.float64)
+    vector = {"last_token": hidden[-1], "mean": hidden.mean(axis=0), "cls": hidden[0]}[pooling]
+    return vector / np.linalg.norm(vector) if normalize else vector
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def test_embeddings_equal_a_direct_forward_pass(embed_server, model):
+    tokens = [model.tokenizer.encode(text) for text in EMBED_TEXTS]
+    assert len({len(t) for t in tokens}) == len(tokens)  # one padded batch of different lengths
+    payload = embed(embed_server, input=EMBED_TEXTS, model="anything")
+    assert payload["model"] == "tiny"
+    assert payload["usage"] == {"prompt_tokens": sum(map(len, tokens)), "total_tokens": sum(map(len, tokens))}
+    batched = vectors_of(payload)
+    for vector, ids in zip(batched, tokens):
+        assert vector.shape == (64,) and abs(np.linalg.norm(vector) - 1) < 1e-5
+        assert cosine(vector, direct_embedding(model.model, ids)) > 0.999
+    for vector, text in zip(batched, EMBED_TEXTS):  # the padded batch equals each input sent alone
+        (alone,) = vectors_of(embed(embed_server, input=text))
+        assert np.allclose(vector, alone, atol=1e-5)
+
+
+def test_inputs_over_several_passes_come_back_in_input_order(embed_server, model):
+    rng = random.Random(26)
+    inputs = [[rng.randrange(1, 400) for _ in range(rng.randrange(1, EMBED_MAX_TOKENS + 1))] for _ in range(300)]
+    assert len(lem_serve.embedding_batches([len(ids) for ids in inputs])) >= 3
+    payload = embed(embed_server, input=inputs)
+    assert payload["usage"]["prompt_tokens"] == sum(map(len, inputs))
+    for vector, ids in zip(vectors_of(payload), inputs):
+        assert cosine(vector, direct_embedding(model.model, ids)) > 0.999
+
+
+def test_embedding_input_shapes_agree(embed_server, model):
+    text = EMBED_TEXTS[1]
+    ids = model.tokenizer.encode(text)
+    shapes = [text, [text], ids, [ids], [EMBED_TEXTS[0], text]]
+    found = [vectors_of(embed(embed_server, input=shape))[-1] for shape in shapes]
+    for vector in found[1:]:
+        assert np.allclose(found[0], vector, atol=1e-5)
+    assert embed(embed_server, input=[ids, ids[:3]])["usage"]["prompt_tokens"] == len(ids) + 3
+
+
+def test_base64_is_the_float_vector_as_little_endian_float32(embed_server):
+    (floats,) = vectors_of(embed(embed_server, input=EMBED_TEXTS[2]))
+    encoded = embed(embed_server, input=EMBED_TEXTS[2], encoding_format="base64")["data"][0]["embedding"]
+    decoded = np.frombuffer(base64.b64decode(encoded), dtype="<f4")
+    assert decoded.shape == floats.shape and np.array_equal(decoded.astype(np.float64), floats)
+
+
+def test_dimensions_truncate_and_renormalize(embed_server):
+    (full,) = vectors_of(embed(embed_server, input=EMBED_TEXTS[1]))
+    (short,) = vectors_of(embed(embed_server, input=EMBED_TEXTS[1], dimensions=16))
+    assert short.shape == (16,) and np.allclose(short, full[:16] / np.linalg.norm(full[:16]), atol=1e-6)
+    assert np.array_equal(vectors_of(embed(embed_server, input=EMBED_TEXTS[1], dimensions=64))[0], full)
+
+
+def test_openai_sdk_embeddings_create(embed_server):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=embed_server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    expected = vectors_of(embed(embed_server, input=EMBED_TEXTS))
+    result = client.embeddings.create(model="tiny", input=EMBED_TEXTS)  # the SDK asks for base64 and decodes it
+    assert [d.index for d in result.data] == [0, 1, 2, 3] and result.model == "tiny"
+    assert result.usage.prompt_tokens == result.usage.total_tokens > 0
+    for got, want in zip(result.data, expected):
+        assert np.allclose(got.embedding, want, atol=1e-6)
+    short = client.embeddings.create(model="tiny", input=EMBED_TEXTS[0], dimensions=8, encoding_format="float")
+    assert len(short.data[0].embedding) == 8
+
+
+def with_sentence_transformers(model_dir: Path, out: Path, pooling: str, normalize: bool, prompts: dict) -> Path:
+    """A copy of a model folder with sentence-transformers' modules.json, 1_Pooling/config.json and prompts."""
+    shutil.copytree(model_dir, out)
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+    (out / "modules.json").write_text(json.dumps(modules))
+    flags = {f"pooling_mode_{mode}": mode == pooling for mode in
+             ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens", "weightedmean_tokens", "lasttoken")}
+    (out / "1_Pooling").mkdir()
+    (out / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32, **flags}))
+    (out / "config_sentence_transformers.json").write_text(json.dumps({"prompts": prompts, "default_prompt_name": None}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def embedding_model_dir(tmp_path_factory) -> Path:
+    """A second tiny model, 32 wide (the chat model is 64), to serve embeddings beside the chat model."""
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "embedder", hidden_size=32, seed=7)
+
+
+@pytest.mark.parametrize("pooling, normalize", [("mean_tokens", False), ("cls_token", True), ("lasttoken", True)])
+def test_embedding_model_flag_pools_as_its_sentence_transformers_config(model_dir, embedding_model_dir, tmp_path,
+                                                                        pooling, normalize):
+    import mlx_lm
+    prompts = {"query": "Instruct: Given a question, find passages that answer it\nQuery: ", "document": ""}
+    folder = with_sentence_transformers(embedding_model_dir, tmp_path / "st", pooling, normalize, prompts)
+    settings = lem_serve.parse_settings(["--model-path", str(model_dir), "--embedding-model", str(folder),
+                                         "--bind", "127.0.0.1:0", "--model-name", "tiny"])
+    network, tokenizer = mlx_lm.load(str(folder))
+    loaded = lem_serve.load_model(settings)
+    # Its weights count against the memory the KV caches may take.
+    assert lem_serve.weights_bytes(loaded) > lem_serve.weights_bytes(dataclasses.replace(loaded, embedder=None))
+    server = lem_serve.LemServer(settings, loaded).start()
+    try:
+        payload = embed(server, input=EMBED_TEXTS)
+        assert payload["model"] == "st"
+        mode = {"mean_tokens": "mean", "cls_token": "cls", "lasttoken": "last_token"}[pooling]
+        for vector, text in zip(vectors_of(payload), EMBED_TEXTS):
+            assert vector.shape == (32,)
+            want = direct_embedding(network, tokenizer.encode(text), mode, normalize)
+            assert cosine(vector, want) > 0.999 and np.allclose(vector, want, rtol=1e-3, atol=1e-4)
+        info = health(server)["embeddings"]
+        assert info == {"model": "st", "pooling": mode, "normalized": normalize, "dimensions": 32,
+                        "max_tokens": 4096, "prompts": {"query": prompts["query"]}}  # its context < 8192
+        chat = request(server, "POST", "/v1/chat/completions", body_for("chat", max_tokens=2))
+        assert chat.status == 200 and chat.json()["model"] == "tiny"  # the chat model still serves chat
+    finally:
+        server.stop(grace=10)
+
+
+def test_embedding_model_with_a_pooling_mode_it_cannot_run_is_refused_at_start(model_dir, embedding_model_dir, tmp_path):
+    folder = with_sentence_transformers(embedding_model_dir, tmp_path / "st", "max_tokens", True, {})
+    settings = lem_serve.Settings(model_path=str(model_dir), embedding_model=str(folder))
+    with pytest.raises(ValueError, match="pooling"):
+        lem_serve.load_model(settings)
+
+
+def test_embedding_model_that_cannot_load_exits_2_naming_it(model_dir, tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "lem_serve.py"), "--model-path", str(model_dir),
+                          "--embedding-model", str(tmp_path / "missing"), "--bind", "127.0.0.1:0"],
+                         capture_output=True, text=True, timeout=120, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--embedding-model" in lines[0] and "missing" in lines[0], out.stderr
+
+
+BAD_EMBEDDING_BODIES = {
+    "missing": ({}, "input"),
+    "empty-string": ({"input": ""}, "input"),
+    "empty-list": ({"input": []}, "input"),
+    "empty-string-item": ({"input": ["ok", ""]}, "input"),
+    "mixed-items": ({"input": [1, "a"]}, "input"),
+    "object-item": ({"input": [{"text": "a"}]}, "input"),
+    "nested-strings": ({"input": [["a"]]}, "input"),
+    "number": ({"input": 5}, "input"),
+    "boolean-id": ({"input": [True]}, "input"),
+    "float-id": ({"input": [1.5]}, "input"),
+    "negative-id": ({"input": [-1]}, "input"),
+    "empty-id-list": ({"input": [[1], []]}, "input"),
+    "id-out-of-range": ({"input": [512]}, "input"),           # the tiny model's vocabulary is 512 tokens
+    "id-out-of-range-in-list": ({"input": [[1], [2, 512]]}, "input"),
+    "too-many-ids": ({"input": [1] * (EMBED_MAX_TOKENS + 1)}, "input"),
+    "too-long-text": ({"input": ["ok", "word " * EMBED_MAX_TOKENS]}, "input"),
+    "too-many-inputs": ({"input": ["a"] * (lem_serve.MAX_EMBEDDING_INPUTS + 1)}, "input"),
+    "unknown-format": ({"input": "a", "encoding_format": "hex"}, "encoding_format"),
+    "format-not-a-string": ({"input": "a", "encoding_format": 1}, "encoding_format"),
+    "zero-dimensions": ({"input": "a", "dimensions": 0}, "dimensions"),
+    "too-many-dimensions": ({"input": "a", "dimensions": 65}, "dimensions"),
+    "string-dimensions": ({"input": "a", "dimensions": "8"}, "dimensions"),
+    "boolean-dimensions": ({"input": "a", "dimensions": True}, "dimensions"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_EMBEDDING_BODIES)
+def test_bad_embedding_inputs_are_400(embed_server, case):
+    body, param = BAD_EMBEDDING_BODIES[case]
+    assert_openai_error(request(embed_server, "POST", "/v1/embeddings", body), 400, param)
+    assert health(embed_server)["status"] == "ok" and embed_server.active == 0
+    assert len(embed(embed_server, input="still fine")["data"]) == 1
+
+
+def test_embedding_input_longer_than_the_context_is_400(short_model_dir):
+    short = lem_serve.load_model(lem_serve.Settings(model_path=str(short_model_dir)))
+    with running_server(short, short_model_dir) as srv:  # --max-embedding-tokens 8192 > the context of 64
+        error = assert_openai_error(request(srv, "POST", "/v1/embeddings", {"input": [1] * (SHORT_CONTEXT + 1)}), 400,
+                                    "input", "context_length_exceeded")
+        assert str(SHORT_CONTEXT) in error["message"]
+        assert len(embed(srv, input=[1] * SHORT_CONTEXT)["data"][0]["embedding"]) == 64
+
+
+def test_embeddings_take_a_generation_slot_and_are_counted(make_long_server, long_model):
+    srv = make_long_server(max_requests=1, queue_timeout=0)
+    conn, response = open_stream(srv, **endless(long_model))
+    read_first_text_event(response)
+    assert_openai_error(request(srv, "POST", "/v1/embeddings", {"input": "x"}), 429)
+    hang_up(conn, response)
+    assert wait_until(lambda: server_state(srv) == {"active": 0, "in_flight": 0, "connections": 0})
+    payload = embed(srv, input=EMBED_TEXTS[:2])
+    assert request(srv, "POST", "/v1/embeddings", {"input": ""}).status == 400
+    samples = scrape(srv)
+    assert metric(samples, "lem_requests_total", endpoint="/v1/embeddings", code="200") == 1
+    assert metric(samples, "lem_requests_total", endpoint="/v1/embeddings", code="429") == 1
+    assert metric(samples, "lem_requests_total", endpoint="/v1/embeddings", code="400") == 1
+    assert samples["lem_embedding_inputs_total", ""] == 2
+    assert samples["lem_embedding_tokens_total", ""] == payload["usage"]["prompt_tokens"]
 
 
 # ---------------------------------------------------------------------------

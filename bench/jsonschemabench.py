@@ -120,7 +120,7 @@ def report(verdicts: list[dict], times: dict[str, float]) -> list[str]:
         valid, invalid = sum(v["valid"] for v in items), sum(v["invalid"] for v in items)
         spent = [times[v["id"]] for v in items if v["id"] in times]
         p50, p95 = core.percentile(spent, 50), core.percentile(spent, 95)
-        lines.append(f"| {subset} | {len(items)} | {100 * len(accepted) / len(items):.1f}% | "
+        lines.append(f"| {subset} | {len(items)} | {100 * len(accepted) / max(len(items), 1):.1f}% | "
                      f"{100 * valid / max(valid + invalid, 1):.2f}% ({valid}/{valid + invalid}) | "
                      f"{sum(v['length'] for v in items)} | {core.fmt(p50, 3)} / {core.fmt(p95, 3)} |")
     return lines
