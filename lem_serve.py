@@ -102,6 +102,7 @@ PROMPT_CACHE_SAVE_TOKENS = 1024   # --prompt-cache-dir: a new prefix at least th
 DEFAULT_LOG_LEVEL = "info"        # debug, info, warning or error
 DEFAULT_REASONING_FORMAT = "auto" # auto: a thinking model's reasoning leaves the reply's text; none: tags stay inline
 REASONING_PROMPT_TAIL = 64        # prompt tokens searched for a thinking block the template opened
+FORCED_CALL_THINKING_SHARE = 0.5  # of a forced tool call's max_tokens (less the call's markers), what its reasoning may use (0-1)
 DEFAULT_NUM_DRAFT_TOKENS = 3      # tokens a --draft-model proposes per step; >= 1
 DEFAULT_KV_GROUP_SIZE = 64        # --kv-bits quantization group size (mlx_lm's); 32, 64 or 128
 DEFAULT_QUANTIZED_KV_START = 5000 # --kv-bits: tokens of context kept exact before the cache is quantized (mlx_lm's); >= 0
@@ -2247,19 +2248,39 @@ class Constraint:
 
     node: Piece
     key: str                  # canonical JSON of the schema: equal keys share cached token masks
-    tool_call: bool = False   # wrapped in the model's tool-call markers
 
 
-def tool_call_constraint(tools: list[dict]) -> Constraint:
-    """Output forced to be one call, {"name": ..., "arguments": {...}}, of one of `tools`."""
-    calls = []
-    for tool in tools:
-        function = tool["function"]
-        schema = function.get("parameters") or {"type": "object"}
-        name = Literals((json.dumps(function["name"], ensure_ascii=False),))
-        calls.append(Object((("name", name, True), ("arguments", compile_schema(schema, schema, "tools"), True))))
-    key = json.dumps([t["function"] for t in tools], sort_keys=True)
-    return Constraint(union(calls), key, tool_call=True)
+@dataclass(frozen=True)
+class ToolCallRule:
+    """Tool calls whose arguments the engine holds to a schema, written in the model's own call syntax.
+
+    forced (tool_choice "required" or a named function): the reply is one
+    call, among `calls`. Lazy (a tool with "strict": true under "auto"):
+    text stays free until the model opens a call; from its start marker on,
+    the call names one of `calls` and its arguments follow that tool's
+    constraint (a strict tool's schema; any JSON object for the others).
+    """
+
+    calls: tuple[tuple[str, Constraint], ...]   # (tool name, its arguments' constraint)
+    forced: bool
+
+
+def tool_call_rule(tools: tuple[dict, ...], forced: list[str], choice: str) -> ToolCallRule | None:
+    """The rule for a request's tools: forced among `forced`, lazy when some tool is strict, else None."""
+    if forced:
+        return ToolCallRule(tuple((name, arguments_constraint(t)) for name in forced for t in tools
+                                  if t["function"]["name"] == name), forced=True)
+    if choice != "auto" or not any(t["function"].get("strict") is True for t in tools):
+        return None
+    free = Constraint(ANY_OBJECT, "json_object")
+    return ToolCallRule(tuple((t["function"]["name"], arguments_constraint(t) if t["function"].get("strict") is True
+                               else free) for t in tools), forced=False)
+
+
+def arguments_constraint(tool: dict) -> Constraint:
+    """A function tool's arguments as a constraint: its parameters schema (a 400 naming 'tools' if unenforceable)."""
+    schema = tool["function"].get("parameters") or {"type": "object"}
+    return Constraint(compile_schema(schema, schema, "tools"), json.dumps(schema, sort_keys=True))
 
 
 # -- JSON-constrained decoding: the automaton lifted to tokens
@@ -2609,9 +2630,10 @@ class GenerationRequest:
     logit_bias: tuple[tuple[int, float], ...] = ()
     stop: tuple[str, ...] = ()
     logprobs: int | None = None                  # alternatives reported per token; None: no logprobs
-    constraint: Constraint | None = None         # output forced to match a JSON schema
+    constraint: Constraint | None = None         # output forced to match a JSON schema (response_format)
     tools: tuple[dict, ...] = ()                 # chat-like: OpenAI tool definitions, for the chat template
-    tool_choice: str = "none"                    # none, auto or required (a named function is required + constraint)
+    tool_choice: str = "none"                    # none, auto or required (a named function is required + tool_rule)
+    tool_rule: ToolCallRule | None = None        # tool calls held to their schemas: forced, or lazy for strict tools
     max_context: int = 0                         # chat: messages kept by the window (chat_window); 0 = all
     template_args: dict = dataclasses.field(default_factory=dict)  # chat: extra chat template arguments
     split_reasoning: bool = False                # a thinking model's reasoning leaves the text (ReasoningSplitter)
@@ -2837,12 +2859,11 @@ def output_fields(endpoint: str, body: dict, format_param: str = "response_forma
         return {"constraint": constraint}
     tools = tuple(parse_tool(tool, i) for i, tool in enumerate(body["tools"]))
     choice, forced = parse_tool_choice(body.get("tool_choice"), tools)
-    if forced:
-        if constraint is not None:
-            raise invalid(f"'{format_param}' and a required 'tool_choice' cannot both constrain the output",
-                          format_param)
-        constraint = tool_call_constraint([t for t in tools if t["function"]["name"] in forced])
-    return {"constraint": constraint, "tools": tools, "tool_choice": choice}
+    if forced and constraint is not None:
+        raise invalid(f"'{format_param}' and a required 'tool_choice' cannot both constrain the output",
+                      format_param)
+    return {"constraint": constraint, "tools": tools, "tool_choice": choice,
+            "tool_rule": tool_call_rule(tools, forced, choice)}
 
 
 def parse_tool(tool: Any, index: int) -> dict:
@@ -3151,6 +3172,8 @@ def dialect_tools(tools: list, schema_field: str, served: Callable[[dict], bool]
         function = {"name": tool["name"], "parameters": schema or {"type": "object", "properties": {}}}
         if isinstance(tool.get("description"), str):
             function["description"] = tool["description"]
+        if tool.get("strict") is True:  # both dialects mark a tool strict as chat does (ToolCallRule)
+            function["strict"] = True
         out.append({"type": "function", "function": function})
     return out
 
@@ -3972,11 +3995,19 @@ def check_tool_support(request: GenerationRequest, tokenizer: Any) -> list[dict]
     form = chat_format_of(tokenizer)
     if form is None:
         raise invalid("this model has no tool-call format that the server can parse; send no 'tools'", "tools")
-    forced = request.constraint is not None and request.constraint.tool_call
-    if forced and form.name != "json_tools":
-        raise invalid("a required 'tool_choice' needs a model whose tool calls are JSON in <tool_call> "
-                      f"markers; this model's are {form.name}'s; use \"auto\"", "tool_choice")
+    rule = request.tool_rule
+    if rule is not None and form.write is None:
+        what, param = ("a required 'tool_choice'", "tool_choice") if rule.forced else ("a strict tool", "tools")
+        raise invalid(f"{what} needs a model whose tool-call format the server can write (the README lists them); "
+                      f"this model's calls are {form.name}'s", param)
     return list(request.tools)
+
+
+def call_opening(form: ChatFormat) -> str:
+    """The text that opens every call of `form`: its start marker, else what comes before the tool's name."""
+    before = form.write("lem_probe")[0]
+    marker = next((m for m in form.starts if before.startswith(m)), None)
+    return marker if marker is not None else before[:before.index("lem_probe")].rstrip('"')
 
 
 PROMPT_PARAMS = {"chat": "messages", "completions": "prompt", "messages": "messages", "responses": "input"}
@@ -4312,11 +4343,13 @@ class Sampling:
     logits_processors: list[Callable[[Any, Any], Any]]
 
 
-def make_sampling(request: GenerationRequest, model: Model, budget: int | None = None) -> Sampling:
+def make_sampling(request: GenerationRequest, model: Model, budget: int | None = None,
+                  prompt: list[int] = ()) -> Sampling:
     """Build one job's sampler and logits processors; call in the engine thread.
 
     `budget` is the job's token limit (request.max_tokens when None); JSON
-    constraints use it to close their output in time.
+    constraints use it to close their output in time. `prompt` (its token
+    ids) says whether the template opened a thinking block.
     """
     from mlx_lm.sample_utils import make_logits_processors
     processors = make_logits_processors(
@@ -4326,17 +4359,168 @@ def make_sampling(request: GenerationRequest, model: Model, budget: int | None =
         processors.append(openai_penalties(request.presence_penalty, request.frequency_penalty))
     if request.constraint is not None:  # last: it masks what the others produced
         processors.append(json_constraint(request.constraint, model, budget or request.max_tokens))
+    elif request.tool_rule is not None:
+        processors.append(ToolCallConstraint(request.tool_rule, model, budget or request.max_tokens,
+                                             think_opened(model.tokenizer, prompt)))
     return Sampling(make_token_sampler(request), processors)
 
 
 def json_constraint(constraint: Constraint, model: Model, budget: int) -> Callable[[Any, Any], Any]:
-    """The logits processor that forces the constraint's JSON (tool-call markers around it if asked)."""
+    """The logits processor that forces the constraint's JSON."""
     tokenizer = model.tokenizer
-    prefix = suffix = ""
-    if constraint.tool_call:
-        prefix, suffix = tokenizer.tool_call_start + "\n", "\n" + tokenizer.tool_call_end
-    masks = json_masks(tokenizer, (constraint.key, prefix, suffix), json_start(constraint.node, prefix, suffix))
+    masks = json_masks(tokenizer, (constraint.key,), json_start(constraint.node))
     return JsonConstraint(masks, budget)
+
+
+def literal_tokens(tokenizer: Any, text: str) -> list[int]:
+    """The token ids that spell `text` (special tokens such as a call's markers included); ValueError if none do."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if tokenizer.decode(ids) != text:  # a tokenizer that adds a prefix space (SentencePiece) or normalises
+        raise ValueError(f"this tokenizer cannot spell {text!r} exactly")
+    return ids
+
+
+class ToolCallConstraint:
+    """A logits processor that writes tool calls in the model's own syntax, arguments held to their schemas.
+
+    Composed over json_constraint(), whose internals it does not see: it
+    forces a call's opening text as the chat format writes it (ChatFormat.write,
+    the tool's name chosen among the rule's), then runs the chosen tool's
+    arguments constraint, then forces the text after them (the tail). The arguments end when their
+    constraint is complete, which it says by allowing only end-of-sequence:
+    that token is swapped for the tail's first. So a string argument holding
+    the end marker cannot end the call.
+
+    Forced: the reply is one call. When the prompt opened a thinking block,
+    the reasoning stays free (never ended by end-of-sequence) until the model
+    closes it or FORCED_CALL_THINKING_SHARE of the budget is spent, when the
+    block is closed for it; the call comes after. Lazy (strict tools): text
+    is free; each time the model writes the start marker outside reasoning,
+    that call is constrained to its end, and the text after it is free again.
+    """
+
+    stateful = True   # follows the tokens sampled so far, one call per token
+
+    def __init__(self, rule: ToolCallRule, model: Model, budget: int, thinking: bool):
+        tokenizer = model.tokenizer
+        self.rule, self.model, self.form = rule, model, chat_format_of(tokenizer)
+        self.opening = call_opening(self.form)  # what a lazy constraint waits for
+        self.eos = sorted(tokenizer.eos_token_ids)
+        self.think = (tokenizer.think_start, tokenizer.think_end) if getattr(tokenizer, "has_thinking", False) else None
+        self.thinking = thinking and self.think is not None   # now inside a thinking block
+        self.tail_ids: list[int] = []       # the chosen call's tail, as token ids
+        self.left = budget                  # tokens still to be sampled, this one included
+        self.reserve = 0                    # forced, while thinking: the tokens left when the block is closed
+        self.recent = ""                    # the free text's last characters, where markers are looked for
+        self.phase = "free"                 # free, head, arguments, tail or done
+        self.heads: dict[str, list[int]] = {}   # head phase: each tool's opening tokens still possible
+        self.tails: dict[str, list[int]] = {}   # head phase: each tool's tail tokens
+        self.matched = 0                    # head and tail phases: tokens of it written so far
+        self.arguments: Any = None          # arguments phase: the chosen tool's JSON constraint
+        self.chosen = ""                    # arguments phase: the tool being called
+        self.complete = False               # arguments phase: the JSON is whole (the tail may start)
+        self.started = False
+        if rule.forced and not self.thinking:
+            self._open("")
+        elif rule.forced:   # the call's own tokens, then the rest shared between reasoning and arguments
+            fixed = max(len(head) + len(tail) for head, tail in self._calls(self.think[1] + "\n\n").values())
+            self.reserve = fixed + int((budget - fixed) * (1 - FORCED_CALL_THINKING_SHARE))
+
+    def _open(self, lead: str, skip: int = 0) -> None:
+        """Enter the head phase: `lead`, then each tool's opening less its first `skip` characters, to choose among."""
+        calls = self._calls(lead, skip)
+        self.heads = {name: head for name, (head, _) in calls.items()}
+        self.tails = {name: tail for name, (_, tail) in calls.items()}
+        self.phase, self.matched = "head", 0
+
+    def _calls(self, lead: str, skip: int = 0) -> dict[str, tuple[list[int], list[int]]]:
+        """Each tool's (opening after `lead`, tail) as token ids."""
+        spell = functools.partial(literal_tokens, self.model.tokenizer)
+        return {name: (spell(lead + before[skip:]), spell(after) if after else [])
+                for name, _ in self.rule.calls for before, after in [self.form.write(name)]}
+
+    def __call__(self, tokens: Any, logits: Any) -> Any:
+        if self.started:
+            self._advance(int(tokens[-1].item()))
+        self.started = True
+        width = logits.shape[-1]
+        if self.phase == "free" and self.rule.forced and self.left <= self.reserve:
+            self._open(self.think[1] + "\n\n")   # the reasoning had its share: close it
+        self.left -= 1
+        if self.phase == "free":
+            return self._without(logits, self.eos) if self.rule.forced else logits
+        if self.phase == "head":
+            return self._only(logits, {ids[self.matched] for ids in self.heads.values()})
+        if self.phase == "arguments":
+            return self._arguments(tokens, logits)
+        if self.phase == "tail":
+            return self._only(logits, {self.tail_ids[self.matched]})
+        return self._only(logits, set(self.eos))  # done with the forced call
+
+    def _arguments(self, tokens: Any, logits: Any) -> Any:
+        import mlx.core as mx
+        if self.arguments is None:
+            constraint = dict(self.rule.calls)[self.chosen]
+            self.arguments = json_constraint(constraint, self.model, max(self.left + 1 - len(self.tail_ids), 1))
+        masked = self.arguments(tokens, logits)
+        allowed = masked > -math.inf
+        eos = JsonMasks.ids_mask(self.eos, logits.shape[-1])
+        self.complete = bool(mx.any(allowed & eos).item())
+        if not self.complete:
+            return masked
+        if not self.tail_ids:   # the call ends with its arguments
+            if self.rule.forced:
+                return masked
+            self._free()
+            return logits
+        first = JsonMasks.ids_mask(self.tail_ids[:1], logits.shape[-1])
+        return mx.where((allowed & ~eos) | first, logits, mx.array(-math.inf, dtype=logits.dtype))
+
+    def _advance(self, token: int) -> None:
+        """Follow the token just sampled."""
+        if self.phase == "free":
+            self._watch(token_bytes(self.model, token).decode("utf-8", "ignore"))
+        elif self.phase == "head":
+            self.heads = {n: ids for n, ids in self.heads.items() if len(ids) > self.matched and ids[self.matched] == token}
+            self.matched += 1
+            done = [n for n, ids in self.heads.items() if len(ids) == self.matched]
+            if done:
+                self.phase, self.chosen, self.arguments, self.complete = "arguments", done[0], None, False
+                self.tail_ids = self.tails[done[0]]
+        elif self.phase == "arguments" and self.complete and self.tail_ids and token == self.tail_ids[0]:
+            self.phase, self.matched = "tail", 1
+        elif self.phase == "tail":
+            self.matched += 1
+        if self.phase == "tail" and self.matched == len(self.tail_ids):
+            self._free() if not self.rule.forced else setattr(self, "phase", "done")
+
+    def _watch(self, text: str) -> None:
+        """Free text: look for the end of reasoning (forced) or a call's start outside reasoning (lazy)."""
+        keep = max([len(self.opening)] + [len(marker) for marker in self.think or ()])
+        self.recent = (self.recent + text)[-keep:]
+        if self.thinking and self.recent.endswith(self.think[1]):
+            self.thinking = False
+            if self.rule.forced:
+                self._open("\n\n")
+        elif self.think and not self.thinking and self.recent.endswith(self.think[0]):
+            self.thinking = True
+        elif not self.thinking and not self.rule.forced and self.recent.endswith(self.opening):
+            self._open("", len(self.opening))
+
+    def _free(self) -> None:
+        self.phase, self.recent = "free", ""
+
+    @staticmethod
+    def _only(logits: Any, ids: set[int]) -> Any:
+        import mlx.core as mx
+        mask = JsonMasks.ids_mask(sorted(ids), logits.shape[-1])
+        return mx.where(mask, logits, mx.array(-math.inf, dtype=logits.dtype))
+
+    @staticmethod
+    def _without(logits: Any, ids: list[int]) -> Any:
+        import mlx.core as mx
+        mask = JsonMasks.ids_mask(ids, logits.shape[-1])
+        return mx.where(mask, mx.array(-math.inf, dtype=logits.dtype), logits)
 
 
 def make_token_sampler(request: GenerationRequest) -> Callable[[Any], Any]:
@@ -4559,9 +4743,15 @@ def reasoning_splitter(request: GenerationRequest, model: Model, prompt: list[in
     tokenizer = model.tokenizer
     if not request.split_reasoning or not getattr(tokenizer, "has_thinking", False):
         return None
+    return ReasoningSplitter(tokenizer.think_start, tokenizer.think_end, inside=think_opened(tokenizer, prompt))
+
+
+def think_opened(tokenizer: Any, prompt: list[int]) -> bool:
+    """Whether the prompt ends inside a thinking block the template opened (DeepSeek-R1, Qwen3)."""
+    if not prompt or not getattr(tokenizer, "has_thinking", False):
+        return False
     tail = max(len(prompt) - REASONING_PROMPT_TAIL, 0)  # a block the template opened is at the very end
-    opened = tokenizer.rfind_think_start(prompt, start=tail) > tokenizer.rfind_think_end(prompt, start=tail)
-    return ReasoningSplitter(tokenizer.think_start, tokenizer.think_end, inside=opened)
+    return tokenizer.rfind_think_start(prompt, start=tail) > tokenizer.rfind_think_end(prompt, start=tail)
 
 
 def kmp_fallbacks(pattern: str) -> list[int]:
@@ -5357,7 +5547,7 @@ class Batch:
             entries = self.prompt_cache.fit(room, entries)
         if cached is not None and found != cached:
             raise GroupFailure(f"rank 0 found {cached} cached prompt tokens, this rank {found}")
-        sampling = make_sampling(request, self.model, max_tokens)
+        sampling = make_sampling(request, self.model, max_tokens, prompt)
         (uid,) = self.generator.insert([prompt[found:]], max_tokens=[max_tokens], caches=[cache],
                                        all_tokens=[prompt[:found]], samplers=[sampling.sampler],
                                        logits_processors=[sampling.logits_processors])
@@ -5923,7 +6113,10 @@ class ToolCallScanner:
     right); a format without an end marker runs a call to the next start or
     the reply's end. Text that might be the start of a marker is held back,
     so a streaming client never sees half of one; blanks around calls go. A
-    call that does not parse is passed on as content rather than lost.
+    call that does not parse is passed on as content rather than lost. In a
+    format whose calls carry JSON arguments (ChatFormat.write), a marker
+    inside one of their strings (a command that prints "</tool_call>") is
+    part of the call, not its end.
     """
 
     def __init__(self, form: ChatFormat, tools: list[dict]):
@@ -5931,6 +6124,7 @@ class ToolCallScanner:
         self.held = ""
         self.opened: str | None = None   # the start marker of the call being read, if one is open
         self.fresh = True                # no text of the reply out yet: a leading marker may open a call
+        self.scanned, self.quoted, self.escaped = 0, False, False   # how far the open call was read
 
     def feed(self, text: str) -> list[tuple[str, Any]]:
         """The pieces safe to emit, in order: ("text", str) and ("calls", [calls in OpenAI's shape])."""
@@ -5954,6 +6148,7 @@ class ToolCallScanner:
         """Take one marker's worth of the held text; False once the rest must wait for more."""
         form = self.form
         if self.opened is None:
+            self.scanned, self.quoted, self.escaped = 0, False, False
             head = self.held.lstrip() if self.fresh else self.held
             lead = next((m for m in form.leading if head.startswith(m)), None) if self.fresh else None
             if lead is not None:
@@ -5967,13 +6162,36 @@ class ToolCallScanner:
             self.held = self.held[at + len(marker):] if at >= 0 else self.held[len(self.held) - hold:]
             self.opened = marker if at >= 0 else None
             return at >= 0
-        ends = (form.end,) if form.end else form.starts
-        at = min((self.held.find(m) for m in ends if m in self.held), default=-1)
+        at = self._end_at((form.end,) if form.end else form.starts)
         if at < 0:
             return False
         self._close(out, self.held[:at], form.end)
         self.held = self.held[at + len(form.end):]
         return True
+
+    def _end_at(self, ends: tuple[str, ...]) -> int:
+        """Where the open call ends in the held text: at one of `ends`, outside JSON strings if
+        the format writes JSON arguments; -1 if not yet."""
+        held = self.held
+        if self.form.write is None:
+            return min((held.find(m) for m in ends if m in held), default=-1)
+        at, longest = self.scanned, max(map(len, ends), default=0)
+        while at < len(held):
+            ch = held[at]
+            if self.escaped:
+                self.escaped = False
+            elif self.quoted:
+                self.escaped, self.quoted = ch == "\\", ch != '"'
+            elif any(held.startswith(m, at) for m in ends):
+                break
+            elif len(held) - at < longest and any(m.startswith(held[at:]) for m in ends):
+                self.scanned = at
+                return -1   # maybe a marker: wait for more text
+            else:
+                self.quoted = ch == '"'
+            at += 1
+        self.scanned = at
+        return at if at < len(held) else -1
 
     def _text(self, out: list, text: str) -> None:
         if self.fresh:

@@ -4255,6 +4255,197 @@ env_key = "LEM_API_KEY"
 
 
 # ---------------------------------------------------------------------------
+# Constrained tool calls (issues 22 and 23): forced calls after the reasoning, ended by their
+# constraint; strict tools constrained from the call's start marker on (a lazy grammar)
+# ---------------------------------------------------------------------------
+
+SHELL = {"type": "function", "function": {
+    "name": "shell", "parameters": {"type": "object", "properties": {"command": {"type": "string"}},
+                                    "required": ["command"], "additionalProperties": False}}}
+TOOL_SEEDS = 20
+
+
+@pytest.fixture(scope="module")
+def think_tools_server(tmp_path_factory):
+    """The random tiny model with a thinking template: its generation prompt opens <think>."""
+    root = tmp_path_factory.mktemp("models")
+    folder = with_chat_template(build_tiny_model(root / "think-base", extra_tokens=(THINK_START, THINK_END)),
+                                root / "think-tools", THINKING_TEMPLATE)
+    with running_server(lem_serve.load_model(lem_serve.Settings(model_path=str(folder))), folder) as srv:
+        yield srv
+
+
+def dialect_messages(endpoint: str, messages: list[dict]) -> dict:
+    return {"input": messages} if endpoint == "responses" else {"messages": messages}
+
+
+def forced_call_body(endpoint: str, tools: list[dict], name: str | None) -> dict:
+    """Fields forcing a call among `tools` (or of the one `name`) as the endpoint spells tool_choice."""
+    if endpoint == "messages":
+        return {"tools": [as_anthropic_tool(t) for t in tools],
+                "tool_choice": {"type": "tool", "name": name} if name else {"type": "any"}}
+    if endpoint == "responses":
+        return {"tools": [as_responses_tool(t) for t in tools],
+                "tool_choice": {"type": "function", "name": name} if name else "required"}
+    return {"tools": tools, "tool_choice": {"type": "function", "function": {"name": name}} if name else "required"}
+
+
+def calls_and_text(endpoint: str, payload: dict) -> tuple[list[tuple[str, dict]], str]:
+    """The (name, arguments) of each tool call in a non-streamed reply, and its text."""
+    if endpoint == "messages":
+        calls = [(b["name"], b["input"]) for b in payload["content"] if b["type"] == "tool_use"]
+    elif endpoint == "responses":
+        calls = [(i["name"], json.loads(i["arguments"])) for i in payload["output"] if i["type"] == "function_call"]
+    else:
+        calls = [(c["function"]["name"], json.loads(c["function"]["arguments"]))
+                 for c in payload["choices"][0]["message"].get("tool_calls") or []]
+    return calls, text_of(endpoint, payload) or ""
+
+
+def assert_one_valid_call(endpoint: str, payload: dict, tools: list[dict]) -> dict:
+    """The reply is exactly one call of one of `tools`, arguments valid for its schema, and no text; its arguments."""
+    calls, text = calls_and_text(endpoint, payload)
+    assert len(calls) == 1 and not text, (calls, text)
+    name, arguments = calls[0]
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
+    assert name in schemas, name
+    assert_valid(json.dumps(arguments), schemas[name])
+    return arguments
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "messages", "responses"])
+@pytest.mark.parametrize("template", ["tools", "think"])
+def test_forced_call_succeeds_for_every_seed(server, think_tools_server, endpoint, template):
+    srv = server if template == "tools" else think_tools_server
+    tools = [SHELL, ADD]
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(seed: int) -> dict:
+        fields = forced_call_body(endpoint, tools, None if seed % 2 else "shell")
+        return post(srv, endpoint, **dialect_messages(endpoint, ASK_WEATHER), max_tokens=48, temperature=1.0,
+                    seed=seed, **fields)
+    with ThreadPoolExecutor(4) as pool:
+        replies = list(pool.map(one, range(TOOL_SEEDS)))
+    for reply in replies:
+        assert_one_valid_call(endpoint, reply, tools)
+    if template == "think" and endpoint == "chat":  # the model reasoned first, then called
+        assert all(r["choices"][0]["message"].get("reasoning_content") for r in replies)
+
+
+# A free string that starts with the end of a call, as a command that prints it would.
+ECHO = {"type": "function", "function": {
+    "name": "shell", "parameters": {"type": "object", "properties": {"command": {"type": "string", "pattern": "^echo </tool_call>"}},
+                                    "required": ["command"], "additionalProperties": False}}}
+
+
+def test_forced_call_string_holding_the_end_marker_stays_one_call(server):
+    fields = dict(messages=ASK_WEATHER, tools=[ECHO], tool_choice="required", max_tokens=80, temperature=1.0, seed=1)
+    (command,) = assert_one_valid_call("chat", post(server, "chat", **fields), [ECHO]).values()
+    assert command.startswith("echo </tool_call>")
+    events = stream(server, "chat", **fields)
+    (call,) = [c for e in events if isinstance(e, dict) and e.get("choices") for c in e["choices"][0]["delta"].get("tool_calls") or []]
+    assert json.loads(call["function"]["arguments"]) == {"command": command}
+    assert not streamed_text("chat", events)
+
+
+# The lazy parrot says some text, opens a call and writes arguments no schema allows.
+LAZY_TEXT = "Checking."
+LAZY_BAD_CALL = "<tool_call>{bad}</tool_call>"
+CITY = {"type": "function", "function": {
+    "name": "get_weather", "strict": True, "parameters": {
+        "type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"],
+        "additionalProperties": False}}}
+
+
+@pytest.fixture(scope="module")
+def lazy_parrot_server(tmp_path_factory):
+    folder = build_parrot_model(tmp_path_factory.mktemp("models") / "lazy", LAZY_TEXT + LAZY_BAD_CALL)
+    with running_server(lem_serve.load_model(lem_serve.Settings(model_path=str(folder))), folder) as srv:
+        yield srv
+
+
+def strict_tool(endpoint: str, strict: bool) -> dict:
+    """CITY (strict or not) in the endpoint's tool shape."""
+    function = {**CITY["function"], "strict": strict}
+    tool = {"type": "function", "function": function}
+    return {"chat": tool, "messages": {**as_anthropic_tool(tool), "strict": strict},
+            "responses": as_responses_tool(tool)}[endpoint]
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "messages", "responses"])
+def test_strict_tool_arguments_follow_the_schema_once_the_call_opens(lazy_parrot_server, endpoint):
+    fields = dict(dialect_messages(endpoint, ASK_WEATHER), max_tokens=60, temperature=0)
+    strict = post(lazy_parrot_server, endpoint, tools=[strict_tool(endpoint, True)], **fields)
+    calls, text = calls_and_text(endpoint, strict)
+    assert text == LAZY_TEXT and len(calls) == 1 and calls[0][0] == "get_weather", (text, calls)
+    assert_valid(json.dumps(calls[0][1]), CITY["function"]["parameters"])
+    loose = post(lazy_parrot_server, endpoint, tools=[strict_tool(endpoint, False)], **fields)
+    assert calls_and_text(endpoint, loose) == ([], LAZY_TEXT + LAZY_BAD_CALL)  # not strict: the model's own text
+
+
+def test_strict_tool_marker_inside_reasoning_stays_reasoning(thinking_server):
+    message = post(thinking_server, "chat", messages=HELLO, max_tokens=50, tools=[CITY])["choices"][0]["message"]
+    assert message["content"] == ANSWER and "tool_calls" not in message
+    assert message["reasoning_content"] == THINKING
+
+
+# Each family's real chat template (testing/templates) on the random tiny model: a forced call is
+# written as the family writes calls and read back, through all three dialects; a string argument
+# holding the family's end marker stays inside the call.
+FAMILY_TEMPLATES = sorted(p.name for p in (ROOT / "testing" / "templates").glob("*.jinja"))
+
+
+@pytest.fixture(scope="module")
+def family_base(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "family-base")
+
+
+def described(tool: dict) -> dict:
+    """The tool with a description, which some templates (gpt-oss) require."""
+    return {"type": "function", "function": {"description": "A tool.", **tool["function"]}}
+
+
+@pytest.mark.parametrize("template", FAMILY_TEMPLATES)
+def test_forced_call_in_each_familys_own_syntax(family_base, tmp_path, template):
+    folder = with_chat_template(family_base, tmp_path / "model", (ROOT / "testing" / "templates" / template).read_text())
+    model = lem_serve.load_model(lem_serve.Settings(model_path=str(folder)))
+    form = lem_serve.chat_format_of(model.tokenizer)
+    tools = [described(SHELL), described(ADD)]
+    with running_server(model, folder) as srv:
+        if form.write is None:  # no JSON form of a call (Kimi-K2's): forcing one is refused, by name
+            reply = request(srv, "POST", "/v1/chat/completions", body_for("chat", tools=tools, tool_choice="required"))
+            assert form.name in assert_openai_error(reply, 400, "tool_choice")["message"]
+            return
+        for endpoint in ("chat", "messages", "responses"):
+            for seed in range(2):
+                fields = forced_call_body(endpoint, tools, None if seed else "shell")
+                reply = post(srv, endpoint, **dialect_messages(endpoint, ASK_WEATHER), max_tokens=120, temperature=1.0,
+                             seed=seed, **fields)
+                assert_one_valid_call(endpoint, reply, tools)
+        marker = "" if form.harmony else form.end or form.starts[0]  # harmony's calls end at a token, <|call|>
+        if not marker.isascii() or not marker:
+            return  # DeepSeek's fullwidth markers: the tiny vocabulary has no whole-character token for them
+        echo = described({"function": {**ECHO["function"], "parameters": {
+            **ECHO["function"]["parameters"],
+            "properties": {"command": {"type": "string", "pattern": "^echo " + re.escape(marker)}}}}})
+        reply = post(srv, "chat", messages=ASK_WEATHER, tools=[echo], tool_choice="required", max_tokens=200,
+                     temperature=1.0, seed=0)
+        (command,) = assert_one_valid_call("chat", reply, [echo]).values()
+        assert command.startswith("echo " + marker)
+
+
+def test_strict_and_forced_calls_need_a_call_syntax_the_server_can_write(model_dir, tmp_path):
+    folder = with_context_length(model_dir, tmp_path / "coder", 4096)  # a copy, its calls read as Qwen3-Coder's XML
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "tool_parser_type": "qwen3_coder"}))
+    with running_server(lem_serve.load_model(lem_serve.Settings(model_path=str(folder))), folder) as srv:
+        for fields, param in (({"tool_choice": "required"}, "tool_choice"), ({}, "tools")):
+            reply = request(srv, "POST", "/v1/chat/completions", body_for("chat", tools=[CITY], **fields))
+            assert "format the server can write" in assert_openai_error(reply, 400, param)["message"]
+
+
+# ---------------------------------------------------------------------------
 # A real model: GGUF conversion (tools/gguf_to_mlx.py) and SmolLM2-135M-Instruct
 # ---------------------------------------------------------------------------
 

@@ -475,6 +475,30 @@ MUTATIONS = [
              (("    messages = neutralize_billing_header([dict(m) for m in kept])\n",
                "    messages = [dict(m) for m in kept]\n"),),
              ("test_claude_code_billing_nonce_does_not_break_the_shared_prefix",)),
+    Mutation("forced-call-ends-at-marker-in-string", "a call's end marker is found by scanning the text, "
+                                                     "inside the arguments' strings too",
+             (("        if self.form.write is None:\n            return min(",
+               "        if True:\n            return min("),),
+             ("test_forced_call_string_holding_the_end_marker_stays_one_call",)),
+    Mutation("forced-call-inside-reasoning", "a forced call starts at the first token, inside the thinking block "
+                                             "the template opened",
+             (("        if rule.forced and not self.thinking:\n", "        if rule.forced:\n"),),
+             ("test_forced_call_succeeds_for_every_seed",)),
+    Mutation("lazy-grammar-never-activates", "a strict tool's call is never constrained: its start marker is not seen",
+             (("        elif not self.thinking and not self.rule.forced and self.recent.endswith(self.opening):\n",
+               "        elif False:\n"),),
+             ("test_strict_tool_arguments_follow_the_schema_once_the_call_opens",)),
+    Mutation("lazy-grammar-inside-reasoning", "a strict tool's call marker inside the reasoning starts the constraint",
+             (("        elif self.think and not self.thinking and self.recent.endswith(self.think[0]):\n"
+               "            self.thinking = True\n",
+               "        elif False:\n            pass\n"),
+              ("        elif not self.thinking and not self.rule.forced and self.recent.endswith(self.opening):\n",
+               "        elif not self.rule.forced and self.recent.endswith(self.opening):\n")),
+             ("test_strict_tool_marker_inside_reasoning_stays_reasoning",)),
+    Mutation("forced-call-arguments-cut", "the call's tail is forced before its arguments' constraint says they are whole",
+             (("        if not self.complete:\n            return masked\n",
+               "        if not self.complete and self.left > 30:\n            return masked\n"),),
+             ("test_forced_call_succeeds_for_every_seed",)),
     # Issue 26: /v1/embeddings.
     Mutation("embed-last-token-of-padding", "last-token pooling reads each padded row's final position, the padding's",
              (("return hidden[mx.arange(hidden.shape[0]), lengths - 1]", "return hidden[:, -1]"),),
@@ -518,7 +542,8 @@ MUTATIONS = [
     # Issue 22: model families (tool calls and reasoning in each family's own format).
     Mutation("empty-end-marker-found-at-once", "a format without an end marker (Mistral, Llama 3) takes \"\" as "
                                                "found at once, so its calls reach the client as text",
-             (("        ends = (form.end,) if form.end else form.starts\n", "        ends = (form.end,)\n"),),
+             (("        at = self._end_at((form.end,) if form.end else form.starts)\n",
+               "        at = self._end_at((form.end,))\n"),),
              ("test_family_replies_split_into_content_reasoning_and_calls",
               "test_family_markers_split_anywhere_never_reach_content")),
     Mutation("harmony-analysis-as-text", "gpt-oss's analysis channel goes out as the reply's text",
