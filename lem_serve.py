@@ -3634,6 +3634,8 @@ class ChatFormat:
     else. `write(name)` is how the family writes a call to `name`: the text
     before its arguments JSON and the text after (None: no JSON form).
     `harmony`: OpenAI's channel format (gpt-oss), read by HarmonyScanner.
+    `answer`: the text that opens the final answer, where the format marks
+    it (harmony's final channel): constrained JSON output is written after it.
     """
 
     name: str
@@ -3643,6 +3645,7 @@ class ChatFormat:
     write: Callable[[str], tuple[str, str]] | None = None
     leading: tuple[str, ...] = ()
     harmony: bool = False
+    answer: str = ""
 
 
 def json_objects(text: str) -> list[Any]:
@@ -3711,7 +3714,7 @@ def mistral_call_id() -> str:
 # template none matches gets mlx_lm's parser (chat_format_of).
 CHAT_FORMATS: tuple[tuple[tuple[str, ...], ChatFormat], ...] = (
     (("<|channel|>analysis",), ChatFormat(
-        "harmony", harmony=True,
+        "harmony", harmony=True, answer="<|channel|>final<|message|>",
         write=lambda name: (f"<|channel|>commentary to=functions.{name} <|constrain|>json<|message|>", "<|call|>"))),
     (("<｜tool▁calls▁begin｜>", "```json"), ChatFormat(
         "deepseek-r1", starts=("<｜tool▁calls▁begin｜>",), end="<｜tool▁calls▁end｜>", parse=parse_deepseek_calls,
@@ -4358,11 +4361,23 @@ def make_sampling(request: GenerationRequest, model: Model, budget: int | None =
     if request.presence_penalty or request.frequency_penalty:
         processors.append(openai_penalties(request.presence_penalty, request.frequency_penalty))
     if request.constraint is not None:  # last: it masks what the others produced
-        processors.append(json_constraint(request.constraint, model, budget or request.max_tokens))
+        processors.append(answer_constraint(request, model, budget or request.max_tokens, prompt))
     elif request.tool_rule is not None:
         processors.append(ToolCallConstraint(request.tool_rule, model, budget or request.max_tokens,
                                              think_opened(model.tokenizer, prompt)))
     return Sampling(make_token_sampler(request), processors)
+
+
+def answer_constraint(request: GenerationRequest, model: Model, budget: int, prompt: list[int]) -> Callable:
+    """response_format's processor: the JSON is the reply's answer, so it comes after the reasoning a
+    chat template opened and behind the format's answer header (ChatFormat.answer: harmony's final channel)."""
+    chat = request.endpoint != "completions"
+    form = chat_format_of(model.tokenizer) if chat else None
+    header, thinking = (form.answer if form else ""), chat and think_opened(model.tokenizer, prompt)
+    if not header and not thinking:
+        return json_constraint(request.constraint, model, budget)
+    rule = ToolCallRule((("", request.constraint),), forced=True)
+    return ToolCallConstraint(rule, model, budget, thinking, write=lambda _name: (header, ""))
 
 
 def json_constraint(constraint: Constraint, model: Model, budget: int) -> Callable[[Any, Any], Any]:
@@ -4397,14 +4412,18 @@ class ToolCallConstraint:
     block is closed for it; the call comes after. Lazy (strict tools): text
     is free; each time the model writes the start marker outside reasoning,
     that call is constrained to its end, and the text after it is free again.
+    A response_format's JSON is written by it too (answer_constraint), as one
+    forced call with no name, opened by the format's answer header.
     """
 
     stateful = True   # follows the tokens sampled so far, one call per token
 
-    def __init__(self, rule: ToolCallRule, model: Model, budget: int, thinking: bool):
+    def __init__(self, rule: ToolCallRule, model: Model, budget: int, thinking: bool,
+                 write: Callable[[str], tuple[str, str]] | None = None):
         tokenizer = model.tokenizer
-        self.rule, self.model, self.form = rule, model, chat_format_of(tokenizer)
-        self.opening = call_opening(self.form)  # what a lazy constraint waits for
+        self.rule, self.model, form = rule, model, chat_format_of(tokenizer)
+        self.write = write or form.write    # how a call (or, for response_format, the answer) is written
+        self.opening = "" if rule.forced else call_opening(form)  # what a lazy constraint waits for
         self.eos = sorted(tokenizer.eos_token_ids)
         self.think = (tokenizer.think_start, tokenizer.think_end) if getattr(tokenizer, "has_thinking", False) else None
         self.thinking = thinking and self.think is not None   # now inside a thinking block
@@ -4432,12 +4451,20 @@ class ToolCallConstraint:
         self.heads = {name: head for name, (head, _) in calls.items()}
         self.tails = {name: tail for name, (_, tail) in calls.items()}
         self.phase, self.matched = "head", 0
+        done = [name for name, head in self.heads.items() if not head]
+        if done:   # nothing to write before the JSON (response_format's plain answer)
+            self._choose(done[0])
+
+    def _choose(self, name: str) -> None:
+        """Enter the arguments phase for the call to `name`, its opening written."""
+        self.phase, self.chosen, self.arguments, self.complete = "arguments", name, None, False
+        self.tail_ids = self.tails[name]
 
     def _calls(self, lead: str, skip: int = 0) -> dict[str, tuple[list[int], list[int]]]:
         """Each tool's (opening after `lead`, tail) as token ids."""
         spell = functools.partial(literal_tokens, self.model.tokenizer)
         return {name: (spell(lead + before[skip:]), spell(after) if after else [])
-                for name, _ in self.rule.calls for before, after in [self.form.write(name)]}
+                for name, _ in self.rule.calls for before, after in [self.write(name)]}
 
     def __call__(self, tokens: Any, logits: Any) -> Any:
         if self.started:
@@ -4485,8 +4512,7 @@ class ToolCallConstraint:
             self.matched += 1
             done = [n for n, ids in self.heads.items() if len(ids) == self.matched]
             if done:
-                self.phase, self.chosen, self.arguments, self.complete = "arguments", done[0], None, False
-                self.tail_ids = self.tails[done[0]]
+                self._choose(done[0])
         elif self.phase == "arguments" and self.complete and self.tail_ids and token == self.tail_ids[0]:
             self.phase, self.matched = "tail", 1
         elif self.phase == "tail":

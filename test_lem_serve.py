@@ -4435,6 +4435,30 @@ def test_forced_call_in_each_familys_own_syntax(family_base, tmp_path, template)
         assert command.startswith("echo " + marker)
 
 
+def test_structured_output_follows_the_reasoning(think_tools_server):
+    schema = ADD["function"]["parameters"]
+    for seed in range(TOOL_SEEDS // 4):
+        message = post(think_tools_server, "chat", messages=ASK_WEATHER, max_tokens=48, temperature=1.0, seed=seed,
+                       response_format=schema_format(schema))["choices"][0]["message"]
+        assert message["reasoning_content"]
+        assert_valid(message["content"], schema)
+    response = post(think_tools_server, "responses", input=ASK_WEATHER, max_tokens=48, temperature=1.0, seed=1,
+                    text={"format": {"type": "json_schema", "name": "add", "schema": schema}})
+    assert_valid(text_of("responses", response), schema)
+
+
+def test_structured_output_in_harmonys_final_channel(family_base, tmp_path):
+    template = (ROOT / "testing" / "templates" / "openai-gpt-oss-120b.jinja").read_text()
+    folder = with_chat_template(family_base, tmp_path / "model", template)
+    schema = ADD["function"]["parameters"]
+    with running_server(lem_serve.load_model(lem_serve.Settings(model_path=str(folder))), folder) as srv:
+        for seed in range(3):
+            choice = post(srv, "chat", messages=ASK_WEATHER, max_tokens=60, temperature=1.0, seed=seed, logprobs=True,
+                          response_format=schema_format(schema))["choices"][0]
+            assert_valid(choice["message"]["content"], schema)
+            written = "".join(entry["token"] for entry in choice["logprobs"]["content"])
+            assert written.startswith("<|channel|>final<|message|>"), written  # the answer, as gpt-oss writes it
+
 def test_strict_and_forced_calls_need_a_call_syntax_the_server_can_write(model_dir, tmp_path):
     folder = with_context_length(model_dir, tmp_path / "coder", 4096)  # a copy, its calls read as Qwen3-Coder's XML
     config = json.loads((folder / "tokenizer_config.json").read_text())

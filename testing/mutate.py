@@ -499,6 +499,15 @@ MUTATIONS = [
              (("        if not self.complete:\n            return masked\n",
                "        if not self.complete and self.left > 30:\n            return masked\n"),),
              ("test_forced_call_succeeds_for_every_seed",)),
+    Mutation("structured-output-inside-reasoning", "response_format's JSON starts at the first token, inside the "
+                                                   "thinking block the template opened",
+             (("    header, thinking = (form.answer if form else \"\"), chat and think_opened(",
+               "    header, thinking = \"\", False and think_opened("),),
+             ("test_structured_output_follows_the_reasoning",)),
+    Mutation("harmony-answer-unheaded", "gpt-oss's constrained JSON is written without its final-channel header",
+             (('        "harmony", harmony=True, answer="<|channel|>final<|message|>",\n',
+               '        "harmony", harmony=True,\n'),),
+             ("test_structured_output_in_harmonys_final_channel",)),
     # Issue 26: /v1/embeddings.
     Mutation("embed-last-token-of-padding", "last-token pooling reads each padded row's final position, the padding's",
              (("return hidden[mx.arange(hidden.shape[0]), lengths - 1]", "return hidden[:, -1]"),),
