@@ -4423,6 +4423,12 @@ def test_forced_call_in_each_familys_own_syntax(family_base, tmp_path, template)
                 reply = post(srv, endpoint, **dialect_messages(endpoint, ASK_WEATHER), max_tokens=120, temperature=1.0,
                              seed=seed, **fields)
                 assert_one_valid_call(endpoint, reply, tools)
+        events = stream(srv, "chat", messages=ASK_WEATHER, max_tokens=120, temperature=1.0, seed=5,
+                        **forced_call_body("chat", tools, "add"))
+        deltas = [c for e in events if isinstance(e, dict) and e.get("choices") for c in e["choices"][0]["delta"].get("tool_calls") or []]
+        assert [d["function"]["name"] for d in deltas if d["function"].get("name")] == ["add"]
+        assert_valid("".join(d["function"].get("arguments") or "" for d in deltas), ADD["function"]["parameters"])
+        assert not streamed_text("chat", events)
         marker = "" if form.harmony else form.end or form.starts[0]  # harmony's calls end at a token, <|call|>
         if not marker.isascii() or not marker:
             return  # DeepSeek's fullwidth markers: the tiny vocabulary has no whole-character token for them
