@@ -746,8 +746,9 @@ def test_alternating_templates_get_whole_turns(model_dir, tmp_path, template):
                 reply = request(srv, "POST", "/v1/chat/completions",
                                 {"messages": conversation(turns), "max_tokens": 2})
                 assert reply.status == 200, reply.raw[:300]
-        # Roles that break alternation inside the kept turn are still the template's 400, and it says why.
-        bad = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+        # Roles the server cannot mend (consecutive plain messages of one role are merged) are still
+        # the template's 400, and it says why.
+        bad = [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]
         error = assert_openai_error(request(windowed, "POST", "/v1/chat/completions", {"messages": bad}), 400, "messages")
         assert "alternate" in error["message"]
 
@@ -756,7 +757,11 @@ def test_window_error_names_the_window_when_the_template_refuses(model_dir, tmp_
     folder = with_chat_template(model_dir, tmp_path / "model", MISTRAL_TEMPLATE)
     strict = lem_serve.load_model(lem_serve.Settings(model_path=str(folder)))
     history = conversation(3)
-    history[-2]["role"] = "user"  # "answer number 2" sent as a user message: the kept turn does not alternate
+    # "answer number 2" becomes a tool call followed by a second assistant message: a call is never
+    # merged, so the kept turn does not alternate.
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    history[-2]["tool_calls"] = [call]
+    history.insert(-1, {"role": "assistant", "content": "more"})
     with running_server(strict, folder, max_context=4) as srv:
         error = assert_openai_error(request(srv, "POST", "/v1/chat/completions", {"messages": history}), 400, "messages")
     assert "--max-context 4" in error["message"] and "alternate" in error["message"]
