@@ -9,9 +9,41 @@
 // is ever deleted to make room: a save that fails keeps the conversation in
 // memory, says so, and offers an export. Each reply streams bound to its own
 // conversation, so other conversations stay usable while it runs.
+//
+// The same file is also the page's service worker (registered as /chat.js,
+// so the server serves nothing new): it keeps the last copy of the page and
+// this script, and hands them out only when the server cannot be reached, so
+// a reload while the server is down still opens the chats, saying "Offline".
 "use strict";
 
-(() => {
+if (typeof window === "undefined" && typeof self !== "undefined" && "clients" in self) {
+  // =========================================================================
+  // Service worker: network first; the cached page only when that fails
+  // =========================================================================
+  const CACHE = "lem-chat-page-v1";
+  const PAGE_PATHS = new Set(["/", "/chat.js"]);
+  self.addEventListener("install", (event) => {
+    self.skipWaiting();
+    event.waitUntil(caches.open(CACHE).then((cache) => cache.addAll([...PAGE_PATHS])).catch(() => {}));
+  });
+  self.addEventListener("activate", (event) => event.waitUntil(self.clients.claim()));
+  self.addEventListener("fetch", (event) => {
+    const url = new URL(event.request.url);
+    if (event.request.method !== "GET" || url.origin !== self.location.origin || !PAGE_PATHS.has(url.pathname)) return;
+    event.respondWith((async () => {
+      const cache = await caches.open(CACHE);
+      try {
+        const response = await fetch(event.request, { cache: "no-store" });
+        if (response.ok) await cache.put(url.pathname, response.clone());
+        return response;
+      } catch (err) {
+        const cached = await cache.match(url.pathname);
+        if (cached) return cached;
+        throw err;
+      }
+    })());
+  });
+} else (() => {
   // =========================================================================
   // Constants
   // =========================================================================
@@ -618,7 +650,8 @@
   // =========================================================================
 
   const HL_MAX_CHARS = 200_000; // larger blocks show plain (one regex pass each frame while streaming)
-  const C_COMMENTS = [String.raw`\/\/[^\n]*`, String.raw`\/\*[\s\S]*?(?:\*\/|$)`];
+  // An unclosed comment or string runs to the end of the code: (?![\s\S]) is "end of input" under the m flag.
+  const C_COMMENTS = [String.raw`\/\/[^\n]*`, String.raw`\/\*[\s\S]*?(?:\*\/|(?![\s\S]))`];
   const QUOTED = [String.raw`"(?:[^"\\\n]|\\.)*"?`, String.raw`'(?:[^'\\\n]|\\.)*'?`];
   const NUMBER = String.raw`\b(?:0[xXbBoO][\da-fA-F_]+|\d[\d_]*(?:\.\d[\d_]*)?(?:[eE][+-]?\d+)?)[a-zA-Z]*\b`;
   const C_LIKE = "if else for while do switch case break continue return default goto sizeof typedef struct union enum " +
@@ -626,7 +659,7 @@
     "class public private protected virtual override template typename namespace using new delete this throw try catch " +
     "final abstract interface extends implements package import super instanceof synchronized var auto constexpr";
   const LANGS = {
-    python: { comments: [String.raw`#[^\n]*`], strings: [String.raw`[rbfuRBFU]{0,2}"""[\s\S]*?(?:"""|$)`, String.raw`[rbfuRBFU]{0,2}'''[\s\S]*?(?:'''|$)`, ...QUOTED.map((q) => `[rbfuRBFU]{0,2}${q}`)],
+    python: { comments: [String.raw`#[^\n]*`], strings: [String.raw`[rbfuRBFU]{0,2}"""[\s\S]*?(?:"""|(?![\s\S]))`, String.raw`[rbfuRBFU]{0,2}'''[\s\S]*?(?:'''|(?![\s\S]))`, ...QUOTED.map((q) => `[rbfuRBFU]{0,2}${q}`)],
       marks: [["meta", String.raw`@[\w.]+`]], titleAfter: "def class",
       keywords: "def class return if elif else for while in not and or is None True False import from as with try except finally raise pass break continue lambda yield global nonlocal async await del assert match case",
       builtins: "print len range str int float list dict set tuple bool open type isinstance super self enumerate zip map filter sorted min max sum abs any all repr" },
@@ -639,16 +672,16 @@
       builtins: "echo cd ls cat grep sed awk curl git pip python python3 npm node make sudo rm cp mv mkdir chmod source printf test read kill" },
     c: { comments: C_COMMENTS, strings: QUOTED, marks: [["meta", String.raw`^[ \t]*#[ \t]*\w+[^\n]*`]], keywords: C_LIKE, titleAfter: "class struct",
       builtins: "std string vector map printf malloc free size_t uint8_t int32_t int64_t uint32_t uint64_t String System Console" },
-    rust: { comments: C_COMMENTS, strings: [String.raw`b?r#*"[\s\S]*?(?:"#*|$)`, QUOTED[0], String.raw`b?'(?:[^'\\\n]|\\.)'`], marks: [["meta", String.raw`\b\w+!`], ["meta", String.raw`#!?\[[^\]\n]*\]`], ["builtin", String.raw`'[a-z_]\w*\b(?!')`]],
+    rust: { comments: C_COMMENTS, strings: [String.raw`b?r#*"[\s\S]*?(?:"#*|(?![\s\S]))`, QUOTED[0], String.raw`b?'(?:[^'\\\n]|\\.)'`], marks: [["meta", String.raw`\b\w+!`], ["meta", String.raw`#!?\[[^\]\n]*\]`], ["builtin", String.raw`'[a-z_]\w*\b(?!')`]],
       keywords: "fn let mut const static if else match for while loop in return break continue struct enum impl trait pub use mod crate self Self super where as ref move async await dyn unsafe extern type true false",
       builtins: "Some None Ok Err Option Result Vec String Box Rc Arc HashMap str u8 u16 u32 u64 usize i8 i16 i32 i64 isize f32 f64 bool char", titleAfter: "fn struct enum trait impl" },
     go: { comments: C_COMMENTS, strings: [...QUOTED, String.raw`\x60[^\x60]*\x60?`], titleAfter: "func type",
       keywords: "func package import var const type struct interface map chan go defer select if else for range switch case default break continue return fallthrough goto nil true false",
       builtins: "string int int64 uint8 byte rune float64 bool error make len cap append new panic recover fmt" },
-    html: { comments: [String.raw`<!--[\s\S]*?(?:-->|$)`], strings: QUOTED, marks: [["keyword", String.raw`<\/?[A-Za-z][\w:-]*|\/?>`], ["title", String.raw`(?<=\s)[A-Za-z_:][\w:.-]*(?==)`], ["meta", String.raw`&[#\w]+;`]] },
-    css: { comments: [String.raw`\/\*[\s\S]*?(?:\*\/|$)`], strings: QUOTED, marks: [["meta", String.raw`@[\w-]+`], ["title", String.raw`[\w-]+(?=\s*:[^;{}]*[;}])`], ["number", String.raw`#[\da-fA-F]{3,8}\b`], ["number", String.raw`-?\d*\.?\d+(?:px|em|rem|%|vh|vw|s|ms|deg|fr)?`]],
+    html: { comments: [String.raw`<!--[\s\S]*?(?:-->|(?![\s\S]))`], strings: QUOTED, marks: [["keyword", String.raw`<\/?[A-Za-z][\w:-]*|\/?>`], ["title", String.raw`(?<=\s)[A-Za-z_:][\w:.-]*(?==)`], ["meta", String.raw`&[#\w]+;`]] },
+    css: { comments: [String.raw`\/\*[\s\S]*?(?:\*\/|(?![\s\S]))`], strings: QUOTED, marks: [["meta", String.raw`@[\w-]+`], ["title", String.raw`[\w-]+(?=\s*:[^;{}]*[;}])`], ["number", String.raw`#[\da-fA-F]{3,8}\b`], ["number", String.raw`-?\d*\.?\d+(?:px|em|rem|%|vh|vw|s|ms|deg|fr)?`]],
       keywords: "important inherit initial none auto" },
-    sql: { comments: [String.raw`--[^\n]*`, String.raw`\/\*[\s\S]*?(?:\*\/|$)`], strings: [String.raw`'(?:[^']|'')*'?`, String.raw`"[^"\n]*"?`], caseless: true,
+    sql: { comments: [String.raw`--[^\n]*`, String.raw`\/\*[\s\S]*?(?:\*\/|(?![\s\S]))`], strings: [String.raw`'(?:[^']|'')*'?`, String.raw`"[^"\n]*"?`], caseless: true,
       keywords: "select from where and or not insert into values update set delete create table drop alter add index primary key foreign references join left right inner outer full on group by order having limit offset as distinct union all case when then else end null is in like between exists with returning default unique check view begin commit rollback",
       builtins: "count sum avg min max coalesce integer int text varchar boolean date timestamp serial real now" },
   };
@@ -3511,6 +3544,13 @@
   window.lemChat = { renderMarkdown, renderStreaming, newStreamView, splitThink, stripThink, state, timing,
     stop: stopGenerating };
 
+  // The offline copy (see the top of this file): only where the browser allows service workers.
+  function registerOfflineCopy() {
+    if (!("serviceWorker" in navigator) || !window.isSecureContext) return;
+    navigator.serviceWorker.register("/chat.js", { scope: "/" }).catch(() => { /* no offline copy: the page works the same */ });
+  }
+
   if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);
   else start();
+  registerOfflineCopy();
 })();

@@ -3673,8 +3673,11 @@ def test_full_browser_storage_never_drops_a_conversation(chat):
 
 def test_a_save_that_does_not_fit_warns_asks_and_deletes_nothing(browser, open_chat, base_url, tmp_path):
     """IndexedDB at its quota: the page says so, offers export, asks before leaving, and saves once there is room."""
-    context = browser.browser_type.launch_persistent_context(  # quotas can only be set on a real profile
-        str(tmp_path / "profile"), executable_path=CHROMIUM, args=CHROMIUM_ARGS, viewport={"width": 1280, "height": 800})
+    # Quotas can only be set on a real profile. No service worker: the page's offline copy (~150 kB
+    # in Cache Storage) would count against the same small quota and move the numbers below.
+    context = browser.browser_type.launch_persistent_context(
+        str(tmp_path / "profile"), executable_path=CHROMIUM, args=CHROMIUM_ARGS, viewport={"width": 1280, "height": 800},
+        service_workers="block")
     chat = open_chat(base_url, context=context)
     page = chat.page
     session = context.new_cdp_session(page)
@@ -4428,6 +4431,26 @@ def test_touch_targets_are_24_px_and_44_under_a_finger(open_chat, base_url):
         assert not small, f"buttons under {least} px: {small}"
         chat.close()
 
+
+def test_a_reload_while_the_server_is_down_still_opens_the_chats(open_chat, model_dir):
+    """The page keeps an offline copy of itself (chat.js as its service worker): reloaded while
+    the server is down it opens, shows the chats, says Offline and offers Reconnect."""
+    process, address = start_process(model_dir)
+    try:
+        chat = open_chat(f"http://{address}")
+        page = chat.page
+        chat.send("Before the server went away")
+        chat.wait_reply("done")
+        page.wait_for_function("async () => !!(await navigator.serviceWorker.ready).active")
+        process.kill()
+        process.wait()
+        chat.page.reload()
+        page.locator("#health[data-state='offline']").wait_for()
+        assert page.locator("#health-retry").is_visible()
+        assert chat.titles() == ["Before the server went away"]
+        assert page.locator("article.msg").count() == 2
+    finally:
+        process.kill()
 
 def test_screenshots_of_the_day_long_page(open_chat, base_url):
     """Code, math, versions and an attached file, desktop and phone, light and dark (artifacts/day-*.png)."""
