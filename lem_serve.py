@@ -6,8 +6,9 @@ Serves one MLX / Hugging Face model over HTTP:
     POST /v1/completions        plain text completion, streaming or not
     POST /v1/messages           Anthropic's Messages API (Claude Code), streaming or not
     POST /v1/messages/count_tokens   the prompt's token count, as a create would report it
-    POST /v1/responses          OpenAI's Responses API (Codex), stateless, streaming or not
-    GET  /v1/models             the one model, in OpenAI's list shape
+    POST /v1/responses          OpenAI's Responses API (Codex), streaming or not
+    GET  /v1/responses/ID       a response kept with store: true (bounded, in memory)
+    GET  /v1/models[/ID]        the one model, in OpenAI's shape or (anthropic-version) Anthropic's
     GET  /healthz               liveness and load, 503 once the engine has died
     GET  /metrics               Prometheus text: requests, tokens, latency, memory
     GET  /  and  /chat.js       a small chat page for the browser
@@ -30,7 +31,8 @@ browser pages from other origins are refused unless --allowed-origins lists
 them. It never reads a file from disk on a client's behalf.
 
 Layout, each section calling only the ones above it:
-settings and CLI; errors; request parsing and validation; the generation
+settings and CLI; errors; structured output (JSON Schema compiled to an
+automaton and token masks); request parsing and validation; the generation
 engine (one thread that owns MLX); SSE/JSON writers; metrics; the HTTP
 handler; the server class and main().
 """
@@ -38,10 +40,14 @@ handler; the server class and main().
 from __future__ import annotations
 
 import argparse
+import base64
 import codecs
+import collections
 import contextlib
+import copy
 import dataclasses
 import functools
+import hashlib
 import hmac
 import html
 import http.server
@@ -63,7 +69,9 @@ import socket
 import sys
 import threading
 import time
+import urllib.parse
 import uuid
+import zlib
 from dataclasses import dataclass
 from fractions import Fraction
 from http import HTTPStatus
@@ -83,9 +91,12 @@ DEFAULT_BIND = "127.0.0.1:8090"   # HOST:PORT to listen on; loopback unless aske
 DEFAULT_THREADS = 0               # CPU threads for numeric libraries; 0 = all cores, else 1..cores
 DEFAULT_MAX_TOKENS = 4096         # default and ceiling for a request's max_tokens; >= 1
 DEFAULT_TIMEOUT = 300             # seconds one request may take, prompt included; > 0
-DEFAULT_MAX_REQUESTS = 1          # requests admitted at once (more get 429); >= 1
+DEFAULT_MAX_REQUESTS = 4          # requests generating at once in one batch (more wait in the queue); >= 1
+DEFAULT_QUEUE_TIMEOUT = 60        # seconds a request may wait for a slot and KV room before its 429; 0 = 429 at once
 DEFAULT_MAX_CONTEXT = 0           # chat window: other messages kept besides system ones, in whole turns; 0 = all
-DEFAULT_PROMPT_CACHE_BYTES = 1 << 30  # KV-cache bytes kept for reuse by later prompts; 0 = off
+BATCH_RESERVE_TOKENS = 8192       # default prompt cache budget: KV tokens per slot left to the running batch (<= half of KV memory)
+DEFAULT_PROMPT_CACHE_DISK_BYTES = 16 << 30  # --prompt-cache-dir: bytes of saved prefixes kept on disk, oldest out first
+PROMPT_CACHE_SAVE_TOKENS = 1024   # --prompt-cache-dir: a new prefix at least this long is written at once (others at shutdown)
 DEFAULT_LOG_LEVEL = "info"        # debug, info, warning or error
 DEFAULT_REASONING_FORMAT = "auto" # auto: a thinking model's reasoning leaves the reply's text; none: tags stay inline
 REASONING_PROMPT_TAIL = 64        # prompt tokens searched for a thinking block the template opened
@@ -96,13 +107,19 @@ PROMPT_CACHE_MAX_ENTRIES = 64     # finished requests whose KV cache is kept (th
 MAX_BODY_BYTES = 8 * 1024 * 1024  # largest request body accepted; bigger gets 413
 MAX_STOP_STRINGS = 4              # stop strings per request, as OpenAI allows
 MAX_STOP_CHARS = 1000             # characters per stop string; longer is a 400
+MAX_STOP_SEQUENCES = 64           # Anthropic stop_sequences per request (its API takes more than OpenAI's 4)
+DEFAULT_RESPONSE_STORE_COUNT = 256      # Responses kept for previous_response_id and GET (store: true); 0 = none
+DEFAULT_RESPONSE_STORE_BYTES = 64 << 20 # bytes of JSON those kept responses may hold in all; oldest go first
+THINKING_MIN_BUDGET = 1024        # Anthropic's smallest thinking.budget_tokens; it must also be below max_tokens
+RAW_ARGUMENTS_KEY = "input"       # a tool call's arguments that are no JSON object are wrapped under this key
 MAX_TOP_LOGPROBS_CHAT = 20        # chat top_logprobs ceiling, as OpenAI allows
 MAX_LOGPROBS_COMPLETIONS = 5      # completions logprobs ceiling, as OpenAI allows
 JSON_MAX_DIGITS = 15              # digits per part of a constrained number (float precision; keeps output finite)
 JSON_MAX_WHITESPACE = 24          # whitespace characters between two JSON tokens of constrained output (newlines, indents)
 JSON_MAX_NESTING = 16             # arrays/objects nested in free JSON (json_object, schemas without a type)
-SCHEMA_MAX_DEPTH = 32             # nesting a schema may have; more is a 400
+SCHEMA_MAX_DEPTH = 64             # nesting a schema may have; more is a 400
 SCHEMA_MAX_REFS = 8               # $ref hops on one path; a recursive schema is unrolled this deep, then ends
+SCHEMA_MAX_BRANCHES = 16          # alternatives one not/if/dependencies keyword may expand into; more is a 400
 REGEX_MAX_STATES = 5000           # NFA states of one pattern or format once repeats are expanded; more is a 400
 JSON_MASK_CACHE_STATES = 1024     # token masks cached per constraint (vocab bytes each; one per state seen)
 JSON_CONSTRAINT_CACHE = 16        # compiled constraints kept across requests (same schema: warm masks)
@@ -113,7 +130,9 @@ SHUTDOWN_GRACE_SECONDS = 30.0     # on SIGINT/SIGTERM, how long in-flight reques
 PREFILL_STEP_TOKENS = 2048        # prompt tokens per forward pass; cancellation is checked between passes
 HEARTBEAT_SECONDS = 1.0           # sharded: an idle rank 0 tells the other ranks it is alive this often; > 0
 LIFELINE_SECONDS = 10.0           # sharded: how long the ranks may take to connect their lifelines at start
-RETRY_AFTER_SECONDS = 1           # Retry-After sent with 429
+RETRY_AFTER_SECONDS = 1           # Retry-After sent with 429 while no slot has freed yet to estimate from
+RETRY_AFTER_MAX_SECONDS = 60      # the longest Retry-After estimated from how fast slots free
+RELEASES_REMEMBERED = 32          # slot releases the Retry-After estimate looks back on
 HEADER_TIMEOUT = 10.0             # seconds from waiting for a request to having its headers; then the connection is dropped
 BODY_TIMEOUT = 60.0               # seconds a request body may take to arrive in full; slower gets 408
 MAX_CONNECTIONS = 256             # connections served at once (one thread each); more are closed on accept; >= 1
@@ -142,10 +161,14 @@ class Settings:
     max_tokens: int = DEFAULT_MAX_TOKENS
     timeout: float = DEFAULT_TIMEOUT
     max_requests: int = DEFAULT_MAX_REQUESTS
+    queue_timeout: float = DEFAULT_QUEUE_TIMEOUT  # seconds a request waits for admission before 429; 0: at once
     max_context: int = DEFAULT_MAX_CONTEXT
     api_key: str | None = None
     model_name: str = ""
-    prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES
+    prompt_cache_bytes: int | None = None  # None: sized from the machine and the model (plan_memory)
+    memory_bytes: int | None = None        # what weights + KV may take in all; None: the machine's (machine_memory)
+    prompt_cache_dir: str | None = None    # where prefixes are saved to outlive a restart; None: memory only
+    prompt_cache_disk_bytes: int = DEFAULT_PROMPT_CACHE_DISK_BYTES
     log_level: str = DEFAULT_LOG_LEVEL
     allowed_origins: tuple[str, ...] = ()  # browser origins served cross-origin; "*" = any
     sampling: dict = dataclasses.field(default_factory=dict)  # defaults for unset sampling fields (sampling_defaults)
@@ -160,6 +183,8 @@ class Settings:
     kv_group_size: int = DEFAULT_KV_GROUP_SIZE
     quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START
     pipeline: bool = False                 # sharded: split the model's layers over the ranks, not each layer
+    response_store_count: int = DEFAULT_RESPONSE_STORE_COUNT  # /v1/responses kept for previous_response_id
+    response_store_bytes: int = DEFAULT_RESPONSE_STORE_BYTES
 
     @property
     def is_loopback(self) -> bool:
@@ -221,6 +246,11 @@ def parse_bytes(text: str) -> int:
     return int(number) * scale
 
 
+def parse_bytes_or_auto(text: str) -> int | None:
+    """parse_bytes, or None for "auto"."""
+    return None if text.strip().lower() == "auto" else parse_bytes(text)
+
+
 class OneLineArgumentParser(argparse.ArgumentParser):
     """argparse, except that a bad command line is one line on stderr and exit 2.
 
@@ -240,12 +270,23 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_at_least(0), default=DEFAULT_THREADS, help="CPU threads for numeric libraries, 0 = all")
     p.add_argument("--max-tokens", type=_at_least(1), default=DEFAULT_MAX_TOKENS, help="default and ceiling for max_tokens")
     p.add_argument("--timeout", type=_at_least(1), default=DEFAULT_TIMEOUT, help="seconds one request may take")
-    p.add_argument("--max-requests", type=_at_least(1), default=DEFAULT_MAX_REQUESTS, help="requests admitted at once; more get 429")
+    p.add_argument("--max-requests", type=_at_least(1), help=f"requests generating at once, batched (default "
+                   f"{DEFAULT_MAX_REQUESTS}; 1 with --draft-model or --kv-bits); more wait in the queue")
+    p.add_argument("--queue-timeout", type=_at_least(0), default=DEFAULT_QUEUE_TIMEOUT,
+                   help="seconds a request waits for a slot and memory before it gets 429 (default %(default)s); "
+                        "0 = 429 at once")
     p.add_argument("--max-context", type=_at_least(0), default=DEFAULT_MAX_CONTEXT, help="chat messages kept (sliding window), 0 = all")
     p.add_argument("--api-key", default=os.environ.get("LEM_API_KEY") or None, help="require 'Authorization: Bearer KEY' on /v1/* and /metrics (default: env LEM_API_KEY)")
     p.add_argument("--model-name", default="", help="model id shown to clients (default: the model folder's name)")
-    p.add_argument("--prompt-cache-bytes", type=parse_bytes, default=DEFAULT_PROMPT_CACHE_BYTES,
-                   help="bytes of KV cache kept for prompt-prefix reuse, e.g. 512M or 2G; 0 = off (default 1G)")
+    p.add_argument("--prompt-cache-bytes", type=parse_bytes_or_auto, default=None,
+                   help="bytes of KV cache kept for prompt-prefix reuse, e.g. 512M or 2G; 0 = off; default auto: "
+                        "the memory left after the weights and a reserve for the running batch")
+    p.add_argument("--memory-bytes", type=parse_bytes,
+                   help="memory the model's weights and KV caches may take in all (default: Metal's recommended "
+                        "working set, else physical memory)")
+    p.add_argument("--prompt-cache-dir", help="folder where cached prefixes are saved, to be reused after a restart")
+    p.add_argument("--prompt-cache-disk-bytes", type=parse_bytes, default=DEFAULT_PROMPT_CACHE_DISK_BYTES,
+                   help="bytes of saved prefixes kept in --prompt-cache-dir, oldest out first (default 16G)")
     p.add_argument("--log-level", default=DEFAULT_LOG_LEVEL, choices=["debug", "info", "warning", "error"])
     p.add_argument("--allowed-origins", default=DEFAULT_ALLOWED_ORIGINS,
                    help="comma-separated browser origins (e.g. http://localhost:3000) allowed to call this server "
@@ -262,11 +303,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter-path", help="folder of LoRA/DoRA adapters trained with mlx_lm.lora")
     p.add_argument("--trust-remote-code", action="store_true", help="let the tokenizer run code shipped with the model")
     p.add_argument("--draft-model", help="a small model with the same tokenizer for speculative decoding "
-                                         "(serves one request at a time: needs --max-requests 1)")
+                                         "(serves one request at a time: --max-requests 1)")
     p.add_argument("--num-draft-tokens", type=_at_least(1), default=DEFAULT_NUM_DRAFT_TOKENS,
                    help="tokens the draft model proposes per step (default %(default)s)")
     p.add_argument("--kv-bits", type=int, choices=[4, 8], help="quantize the KV cache to 4 or 8 bits "
-                   "(serves one request at a time: needs --max-requests 1)")
+                   "(serves one request at a time: --max-requests 1)")
     p.add_argument("--kv-group-size", type=int, choices=[32, 64, 128], default=DEFAULT_KV_GROUP_SIZE,
                    help="group size of the quantized KV cache (default %(default)s)")
     p.add_argument("--quantized-kv-start", type=_at_least(0), default=DEFAULT_QUANTIZED_KV_START,
@@ -274,6 +315,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--reasoning-format", choices=["auto", "none"], default=DEFAULT_REASONING_FORMAT,
                    help="auto: a thinking model's reasoning goes to reasoning_content (and thinking blocks), "
                         "not the reply's text; none: the raw <think> tags stay in the text")
+    p.add_argument("--response-store-count", type=_at_least(0), default=DEFAULT_RESPONSE_STORE_COUNT,
+                   help="/v1/responses made with store: true kept in memory for previous_response_id and "
+                        "GET /v1/responses/ID (default %(default)s; 0 = none)")
+    p.add_argument("--response-store-bytes", type=parse_bytes, default=DEFAULT_RESPONSE_STORE_BYTES,
+                   help="bytes those kept responses may hold in all, e.g. 64M; the oldest go first (default 64M)")
     p.add_argument("--pipeline", action="store_true",
                    help="under mlx.launch: shard the model by layers (pipeline parallel) instead of within each layer")
     return p
@@ -324,14 +370,20 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         host, port = parse_bind(args.bind)
         origins = parse_origins(args.allowed_origins)
         template = read_chat_template(args.chat_template)
-        if (args.draft_model or args.kv_bits) and args.max_requests != 1:
+        solo = bool(args.draft_model or args.kv_bits)
+        if solo and args.max_requests not in (None, 1):
             raise ValueError("--draft-model and --kv-bits serve one request at a time: use --max-requests 1")
+        if args.prompt_cache_dir is not None:
+            check_cache_dir(Path(args.prompt_cache_dir))
     except (ValueError, OSError) as exc:
         parser.error(str(exc))
     model_name = args.model_name or default_model_name(args.model_path)
     return Settings(
         model_path=args.model_path, host=host, port=port, threads=args.threads,
-        max_tokens=args.max_tokens, timeout=float(args.timeout), max_requests=args.max_requests,
+        max_tokens=args.max_tokens, timeout=float(args.timeout),
+        max_requests=args.max_requests or (1 if solo else DEFAULT_MAX_REQUESTS), queue_timeout=float(args.queue_timeout),
+        memory_bytes=args.memory_bytes, prompt_cache_dir=args.prompt_cache_dir,
+        prompt_cache_disk_bytes=args.prompt_cache_disk_bytes,
         max_context=args.max_context, api_key=args.api_key, model_name=model_name,
         prompt_cache_bytes=args.prompt_cache_bytes, log_level=args.log_level, allowed_origins=origins,
         sampling=sampling_flags(args), chat_template=template, chat_template_args=args.chat_template_args,
@@ -339,8 +391,20 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         reasoning_format=args.reasoning_format, draft_model=args.draft_model,
         num_draft_tokens=args.num_draft_tokens, kv_bits=args.kv_bits, kv_group_size=args.kv_group_size,
         quantized_kv_start=args.quantized_kv_start,
-        pipeline=args.pipeline,
+        pipeline=args.pipeline, response_store_count=args.response_store_count,
+        response_store_bytes=args.response_store_bytes,
     )
+
+
+def check_cache_dir(folder: Path) -> None:
+    """Create --prompt-cache-dir if needed; raise ValueError when it cannot be written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".lem-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(f"--prompt-cache-dir {str(folder)!r} cannot be written: {exc.strerror or exc}") from None
 
 
 def runtime_problem() -> str | None:
@@ -426,10 +490,11 @@ def invalid(message: str, param: str | None = None, code: str | None = None) -> 
     return APIError(HTTPStatus.BAD_REQUEST, "invalid_request_error", message, param, code)
 
 
-def server_busy() -> APIError:
+def server_busy(retry_after: int = RETRY_AFTER_SECONDS, waited: float = 0) -> APIError:
+    wait = f" within {waited:g} s (--queue-timeout)" if waited else ""
     return APIError(HTTPStatus.TOO_MANY_REQUESTS, "rate_limit_error",
-                    "server busy: all generation slots are taken, retry shortly",
-                    code="server_busy", headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+                    f"server busy: no generation slot and memory for this request came free{wait}, retry shortly",
+                    code="server_busy", headers={"Retry-After": str(retry_after)})
 
 
 def request_timed_out(seconds: float) -> APIError:
@@ -449,6 +514,1961 @@ def internal_error() -> APIError:
 
 class ClientGone(Exception):
     """The client closed its connection; nothing more can be written to it."""
+
+
+# ---------------------------------------------------------------------------
+# Structured output: JSON Schema compiled to a character automaton, lifted to token masks
+# ---------------------------------------------------------------------------
+
+# -- JSON Schema, compiled to a character automaton ----------------------------
+#
+# compile_schema() turns a schema into a graph of pieces: Literals (enum,
+# const, true/false/null, object keys), Leaf (a Regex: over a string's decoded
+# characters, with lengths, or over a number's text, its bounds and multipleOf
+# compiled to regular expressions), Object, Array and Union (anyOf).
+# json_advance() runs the graph over text as a pushdown automaton. A state is a
+# tuple of stacks, one per live anyOf branch; a stack is a tuple of frames,
+# innermost last; a frame is a tuple whose first item is its piece. Everything
+# hashes, so token masks are cached per state (JsonMasks). For its frames, each piece answers
+#   step(frame, ch) -> frame tuples that replace it (() pops it), or REFEED:
+#                      the value was complete before `ch`, which goes to the parent;
+#   done(frame)     -> whether the value is complete;
+#   finish(frame)   -> a short text that completes it (closing in time for max_tokens);
+# and each piece has min_text, a shortest complete value of its own. A leaf
+# (Literals, Leaf) is always a top frame; its frame ends with (ex,
+# text): an exclusion (forbidden texts, whether to keep all of the text) for
+# uniqueItems and extra object keys, and its raw JSON text so far.
+#
+# Whitespace: up to JSON_MAX_WHITESPACE characters wherever JSON allows them
+# (newlines and indentation as models write them), so output stays finite.
+# Recursive $refs are unrolled SCHEMA_MAX_REFS deep; there the branch ends.
+
+JSON_WHITESPACE = " \t\n\r"
+JSON_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
+HEX_DIGITS = "0123456789abcdefABCDEF"
+REFEED = "refeed"
+
+
+# A character set is (negated, ((lo, hi) code point ranges), parts); a part is
+# a nested set or the name of a predicate below.
+CHAR_PREDICATES = {"decimal": str.isdecimal, "word": lambda c: c.isalnum() or c == "_",
+                   "space": lambda c: c.isspace() or c == "\ufeff"}
+
+
+def in_charset(charset: tuple, ch: str) -> bool:
+    negated, ranges, parts = charset
+    code = ord(ch)
+    hit = (any(lo <= code <= hi for lo, hi in ranges)
+           or any(CHAR_PREDICATES[p](ch) if isinstance(p, str) else in_charset(p, ch) for p in parts))
+    return hit != negated
+
+
+def charset(ranges=(), parts=(), negated=False) -> tuple:
+    return (negated, tuple(ranges), tuple(parts))
+
+
+def negate(cs: tuple) -> tuple:
+    return (not cs[0], cs[1], cs[2])
+
+
+ANY_CHAR = charset(negated=True)
+# \d \w \s as (narrow, wide): narrow holds only what both ECMAScript (JSON
+# Schema's dialect) and Python's re (which validators run) match, wide all that
+# either may. Classes use narrow, [^...] uses wide: output satisfies both.
+SHORTHANDS = {"d": (charset([(48, 57)]), charset(parts=["decimal"])),
+              "w": (charset([(48, 57), (65, 90), (95, 95), (97, 122)]), charset(parts=["word"])),
+              "s": (charset([(9, 13), (32, 32)]), charset(parts=["space"]))}
+SHORTHANDS.update({k.upper(): (negate(wide), negate(narrow)) for k, (narrow, wide) in list(SHORTHANDS.items())})
+REGEX_ESCAPES = {"t": 9, "n": 10, "v": 11, "f": 12, "r": 13, "0": 0}
+DOT = charset([(10, 10), (13, 13), (0x2028, 0x2029)], negated=True)   # ECMAScript's '.'
+QUANTIFIER = re.compile(r"([*+?])|\{(\d+)(,(\d*))?\}")
+
+
+class RegexParser:
+    """A recursive-descent parser for the regular expressions JSON Schemas use.
+
+    Tree nodes: ("chars", charset), ("seq", [...]), ("alt", [...]),
+    ("rep", node, min, max or None), ("anchor", "^" or "$"). Raises ValueError
+    naming what it does not support (lookaround, backreferences, \b, flags).
+    """
+
+    def __init__(self, text: str):
+        self.text, self.pos = text, 0
+
+    def parse(self) -> tuple:
+        tree = self.alternation()
+        if self.pos < len(self.text):
+            raise ValueError(f"unbalanced ')' at {self.pos}")
+        return tree
+
+    def take(self, chars: str) -> bool:
+        found = self.text[self.pos:self.pos + 1] in tuple(chars)
+        self.pos += found
+        return found
+
+    def alternation(self) -> tuple:
+        branches = [self.sequence()]
+        while self.take("|"):
+            branches.append(self.sequence())
+        return ("alt", branches)
+
+    def sequence(self) -> tuple:
+        items = []
+        while self.text[self.pos:self.pos + 1] not in ("", "|", ")"):
+            item = self.atom()
+            while match := QUANTIFIER.match(self.text, self.pos):
+                if item[0] == "anchor":
+                    raise ValueError("a quantifier after an anchor")
+                self.pos = match.end()
+                self.take("?")  # a lazy quantifier matches the same strings
+                low, high = {"*": (0, None), "+": (1, None), "?": (0, 1)}.get(match[1]) or \
+                    (int(match[2]), int(match[2]) if match[3] is None else int(match[4]) if match[4] else None)
+                if high is not None and high < low:
+                    raise ValueError(f"{match[0]} has its bounds reversed")
+                item = ("rep", item, low, high)
+            items.append(item)
+        return ("seq", items)
+
+    def atom(self) -> tuple:
+        ch = self.text[self.pos]
+        self.pos += 1
+        if ch == "(":
+            group = re.match(r"\?:|\?<[A-Za-z_]\w*>|\?=|\?!", self.text[self.pos:])  # (?:...), named, lookahead
+            self.pos += group.end() if group else 0
+            if self.text.startswith("?", self.pos):
+                raise ValueError("lookbehind (?<=...) and inline flags (?...) are not supported")
+            tree = self.alternation()
+            if not self.take(")"):
+                raise ValueError("unbalanced '('")
+            return ("look", group[0] == "?=", tree) if group and group[0] in ("?=", "?!") else tree
+        if ch in "^$":
+            return ("anchor", ch)
+        if ch in "*+?" or QUANTIFIER.match(self.text, self.pos - 1):
+            raise ValueError(f"nothing to repeat at {self.pos - 1}")
+        return ("chars", DOT if ch == "." else self.bracket() if ch == "[" else self.item(ch, narrow=True))
+
+    def item(self, ch: str, narrow: bool) -> tuple:
+        """One character or escape (already taken: `ch`) as a set: narrow or wide shorthands (see SHORTHANDS)."""
+        if ch != "\\":
+            return charset([(ord(ch), ord(ch))])
+        ch = self.text[self.pos:self.pos + 1]
+        self.pos += 1
+        if ch in SHORTHANDS:
+            return SHORTHANDS[ch][0 if narrow else 1]
+        hexes = re.match({"x": "[0-9a-fA-F]{2}", "u": "[0-9a-fA-F]{4}"}.get(ch, "^$"), self.text[self.pos:])
+        if hexes and hexes.end():
+            self.pos += hexes.end()
+            code = int(hexes[0], 16)
+        elif ch in REGEX_ESCAPES or not (ch == "" or ch.isalnum()):
+            code = REGEX_ESCAPES.get(ch, ord(ch or "\0"))
+        else:
+            raise ValueError(f"the escape \\{ch} is not supported")
+        return charset([(code, code)])
+
+    def bracket(self) -> tuple:
+        """A class [...], its "[" taken; [^...] takes wide shorthands. A "]" first is a literal, as in Python."""
+        negated = self.take("^")
+        ranges, parts = [], []
+        while not ((ranges or parts) and self.take("]")):
+            if self.pos >= len(self.text):
+                raise ValueError("unbalanced '['")
+            low = self.member(negated)
+            if isinstance(low, tuple):
+                parts.append(low)
+                continue
+            high = low
+            if self.text[self.pos:self.pos + 1] == "-" and self.text[self.pos + 1:self.pos + 2] not in ("]", ""):
+                self.pos += 1
+                high = self.member(negated)
+                if isinstance(high, tuple) or high < low:
+                    raise ValueError("a bad range in a character class")
+            ranges.append((low, high))
+        return charset(ranges, parts, negated)
+
+    def member(self, negated: bool) -> int | tuple:
+        """A code point, or a shorthand's set, inside [...] (where \\b is a backspace)."""
+        ch = self.text[self.pos]
+        self.pos += 1
+        if ch == "\\" and self.take("b"):
+            return 8
+        cs = self.item(ch, narrow=not negated)
+        return cs[1][0][0] if not cs[0] and not cs[2] and cs[1][0][0] == cs[1][0][1] else cs
+
+
+ANYTHING = ("rep", ("chars", ANY_CHAR), 0, None)
+
+
+def lookaheads(tree: tuple, search: bool) -> tuple[tuple, list]:
+    """(the tree, [(lookahead tree, negated)]): lookaheads right after a leading '^' are parts the whole
+    text must (or, negated, must not) start with; a (?=...) ending an unanchored pattern is part of it."""
+    looks = []
+    if len(tree[1]) == 1:
+        items = list(tree[1][0][1])
+        while items[:1] == [("anchor", "^")] and items[1:2] and items[1][0] == "look":
+            _, positive, body = items.pop(1)
+            looks.append((("seq", [("anchor", "^"), body, ANYTHING]), not positive))
+        if search and items and items[-1][0] == "look" and items[-1][1]:
+            items[-1] = items[-1][2]
+        tree = ("alt", [("seq", items)])
+    if "'look'" in repr(tree):
+        raise ValueError("lookahead is supported only right after a leading '^' (and (?=...) at the end)")
+    return tree, looks
+
+
+class Regex:
+    """Regular expressions that must all match, as one lazily built DFA over character classes.
+
+    `parts` are (pattern, search) pairs: a searched pattern may match anywhere
+    (JSON Schema's `pattern`), else it must match the whole text (formats).
+    States are frozensets of NFA states, ~s standing for state s reached
+    through a '$' (it takes no more characters); None is dead. Leading
+    lookaheads are more parts, negated for (?!...). Characters are mapped
+    to class ids (the sets they belong to), so the DFA and the vocabulary's
+    class trie (TokenTable.class_trie) work on ids.
+    """
+
+    def __init__(self, parts: tuple):
+        self.source = parts
+        self.edges: list[list[tuple[Any, int]]] = []  # per NFA state: (charset index, None, "^" or "$"; target)
+        self.charset_index: dict[tuple, int] = {}
+        self.parts: list[tuple[int, int, int, bool]] = []   # (first state, last state, final, negated)
+        for pattern, search, *negated in parts:   # (pattern, search[, negated: must not match])
+            tree, looks = lookaheads(RegexParser(pattern).parse() if isinstance(pattern, str) else pattern, search)
+            if negated and looks:
+                raise ValueError("a lookahead inside 'not' is not supported")
+            for part, negated in [((("seq", [ANYTHING, tree, ANYTHING]) if search else tree), negated == [True])] + looks:
+                first = self._new()
+                self.parts.append((first, self._build(part, first), negated))
+        ends = [part[0] for part in self.parts[1:]] + [len(self.edges)]
+        self.parts = [(first, final, end, negated) for (first, final, negated), end in zip(self.parts, ends)]
+        self.charsets = tuple(self.charset_index)
+        self.start = self._closure({p[0] for p in self.parts}, True)
+        self.class_ids: dict[str, int] = {}
+        self.class_sigs: dict[int, int] = {}   # signature (bit i: in charset i) -> class id
+        self.sigs: list[int] = []              # class id -> signature
+        self.lock = threading.Lock()
+        self.moves: dict[tuple, frozenset | None] = {}
+        self.tails: dict[frozenset, str | None] = {}
+        self.reps = self._representatives()
+        if self.shortest(self.start) is None:
+            raise ValueError("the pattern matches nothing")
+
+    def __getstate__(self) -> dict:
+        # Sharded, a request's constraint travels pickled to the other ranks (see GroupLink):
+        # the lock stays behind and the caches (moves, tails) are rebuilt there as needed.
+        return {**self.__dict__, "lock": None, "moves": {}, "tails": {}}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, lock=threading.Lock())
+
+    def _new(self) -> int:
+        if len(self.edges) >= REGEX_MAX_STATES:
+            raise ValueError(f"the pattern is too large (over {REGEX_MAX_STATES} states once repeats are expanded)")
+        self.edges.append([])
+        return len(self.edges) - 1
+
+    def _build(self, tree: tuple, state: int) -> int:
+        kind = tree[0]
+        if kind == "anchor":
+            end = self._new()
+            self.edges[state].append((tree[1], end))
+            return end
+        if kind == "chars":
+            end = self._new()
+            self.edges[state].append((self.charset_index.setdefault(tree[1], len(self.charset_index)), end))
+            return end
+        if kind == "mod":
+            return self._multiples(state, *tree[1:])
+        if kind == "seq":
+            for item in tree[1]:
+                state = self._build(item, state)
+            return state
+        if kind == "alt":
+            end = self._new()
+            for branch in tree[1]:
+                self.edges[self._build(branch, state)].append((None, end))
+            return end
+        _, item, low, high = tree
+        for _ in range(low):
+            state = self._build(item, state)
+        if high is None:
+            loop = self._new()
+            self.edges[state].append((None, loop))
+            self.edges[self._build(item, loop)].append((None, loop))
+            return loop
+        ends = [state]
+        for _ in range(high - low):
+            ends.append(self._build(item, ends[-1]))
+        end = self._new()
+        for state in ends:
+            self.edges[state].append((None, end))
+        return end
+
+    def _multiples(self, state: int, step: int, scale: int) -> int:
+        """Unsigned decimals that are multiples of step * 10**-scale: the remainder of their digits, as states."""
+        whole, end = [self._new() for _ in range(step)], self._new()
+        frac = [[self._new() for _ in range(step)] for _ in range(scale + 2)]   # by fraction digits, capped
+        digit = [self.charset_index.setdefault(charset([(48 + d, 48 + d)]), len(self.charset_index)) for d in range(10)]
+        dot = self.charset_index.setdefault(charset([(46, 46)]), len(self.charset_index))
+        self.edges[state].append((None, whole[0]))
+        for r in range(step):
+            self.edges[whole[r]] += [(digit[d], whole[(10 * r + d) % step]) for d in range(10)] + [(dot, frac[0][r])]
+            self.edges[whole[r]] += [(None, end)] * (r * 10 ** scale % step == 0)
+            for j in range(scale + 2):  # past `scale` fraction digits, only zeros
+                self.edges[frac[j][r]] += [(None, end)] * (j > 0 and r * 10 ** max(scale - j, 0) % step == 0)
+                self.edges[frac[j][r]] += [(digit[d], frac[j + 1][(10 * r + d) % step]) for d in range(10)] \
+                    if j < scale else [(digit[0], frac[scale + 1][r])]
+        return end
+
+    def _closure(self, states: set, at_start: bool = False) -> frozenset:
+        """States reached without a character: '^' only at the start; after '$' (as ~s) nothing more may come."""
+        todo, seen = [(s, False) for s in states], set(states)
+        while todo:
+            state, ended = todo.pop()
+            for index, target in self.edges[state]:
+                passes = index is None or index == "$" or (index == "^" and at_start)
+                ended_here = ended or index == "$"
+                mark = ~target if ended_here else target
+                if passes and mark not in seen and target not in seen:
+                    seen.add(mark)
+                    todo.append((target, ended_here))
+        return frozenset(s for s in seen if s >= 0 or ~s not in seen)
+
+    def class_id(self, ch: str) -> int:
+        """The id of the class of characters that behave like `ch` everywhere in this regex."""
+        cid = self.class_ids.get(ch)
+        if cid is None:
+            sig = sum(1 << i for i, cs in enumerate(self.charsets) if in_charset(cs, ch))
+            with self.lock:  # shared across requests: handler threads (enum checks) and the engine
+                cid = self.class_ids[ch] = self.class_sigs.setdefault(sig, len(self.class_sigs))
+                if cid == len(self.sigs):
+                    self.sigs.append(sig)
+        return cid
+
+    def _representatives(self) -> dict[int, str]:
+        """One character per class seen in a sample covering every set's edges: class id -> char."""
+        codes = [*range(48, 58), *range(97, 123), *range(65, 91), *range(32, 127), *range(0, 32), *range(127, 0x250),
+                 0x660, 0x2028, 0x2029, 0x3000, 0xfeff, 0x4e00, 0x1f600]
+        for negated, ranges, parts in self.charsets:
+            codes += [c for lo, hi in ranges for c in (lo - 1, lo, hi, hi + 1) if 0 <= c <= 0x10ffff]
+        reps: dict[int, str] = {}
+        for code in codes:
+            if not 0xd800 <= code <= 0xdfff:
+                reps.setdefault(self.class_id(chr(code)), chr(code))
+        return reps
+
+    def _move(self, state: frozenset, cid: int) -> frozenset | None:
+        key = (state, cid)
+        if key not in self.moves:
+            sig = self.sigs[cid]
+            targets = {t for s in state if s >= 0 for index, t in self.edges[s]
+                       if isinstance(index, int) and sig >> index & 1}
+            alive = all(negated or any(first <= t < end for t in targets) for first, _, end, negated in self.parts)
+            self.moves[key] = self._closure(targets) if alive else None
+        return self.moves[key]
+
+    def move(self, state: frozenset, ch: str) -> frozenset | None:
+        """The state after `ch`; None when no match can follow."""
+        nxt = self._move(state, self.class_id(ch))
+        return nxt if nxt is not None and self.shortest(nxt) is not None else None
+
+    def matches(self, text: str) -> bool:
+        """Whether the whole of `text` is a match."""
+        state = self.start
+        for ch in text:
+            if (state := self.move(state, ch)) is None:
+                return False
+        return self.accepts(state)
+
+    def accepts(self, state: frozenset) -> bool:
+        return all((final in state or ~final in state) != negated for _, final, _, negated in self.parts)
+
+    def shortest(self, state: frozenset) -> str | None:
+        """A shortest text that takes `state` to a match (breadth first over class representatives)."""
+        if state not in self.tails:
+            parents, queue, found = {state: None}, [state], None
+            for current in queue:
+                if self.accepts(current):
+                    found = current
+                    break
+                for cid, ch in self.reps.items():
+                    nxt = self._move(current, cid)
+                    if nxt is not None and nxt not in parents:
+                        parents[nxt] = (current, ch)
+                        queue.append(nxt)
+            path = []
+            while found is not None and parents[found] is not None:
+                found, ch = parents[found]
+                path.append(ch)
+            self.tails[state] = None if found is None else "".join(reversed(path))
+        return self.tails[state]
+
+    def distance(self, state: frozenset) -> float:
+        tail = self.shortest(state)
+        return math.inf if tail is None else len(tail)
+
+
+@functools.lru_cache(maxsize=256)
+def regex_for(pattern: str | tuple, search: bool = True, also: tuple = ()) -> Regex:
+    """The compiled Regex for a pattern (and the (pattern, search) pairs `also`), shared across requests."""
+    return Regex(((pattern, search),) + also)
+
+
+ANY_TEXT = regex_for("")   # an empty pattern matches every string
+
+
+# Numbers as regular expressions: a bounded number is the JSON number syntax intersected with
+# one expression for its minimum, one for its maximum and one for multipleOf (Regex parts), built
+# digit by digit as llama.cpp's json-schema-to-grammar does for integer bounds. Fraction digits
+# compare as strings: 0.25 < 0.3 as "25" < "3".
+
+def _digits(lo: str, hi: str) -> str:
+    """Digit strings as long as lo (and hi), from lo to hi."""
+    if lo.strip("0") == "" and hi.strip("9") == "":
+        return f"\\d{{{len(lo)}}}" if lo else ""
+    if lo[:1] == hi[:1]:
+        return lo[:1] + (_digits(lo[1:], hi[1:]) if lo else "")
+    rest = len(lo) - 1
+    middle = [f"[{int(lo[0]) + 1}-{int(hi[0]) - 1}]\\d{{{rest}}}"] if int(hi[0]) - int(lo[0]) > 1 else []
+    return f"({lo[0]}{_digits(lo[1:], '9' * rest)}|{'|'.join(middle + [hi[0] + _digits('0' * rest, hi[1:])])})"
+
+
+def int_range(lo: int, hi: int | None) -> str | None:
+    """Unsigned integers (no leading zero, JSON_MAX_DIGITS digits at most) from lo to hi (None: any); None if none."""
+    hi = 10 ** JSON_MAX_DIGITS - 1 if hi is None else min(hi, 10 ** JSON_MAX_DIGITS - 1)
+    parts = [_digits(str(max(lo, 10 ** (w - 1) * (w > 1))), str(min(hi, 10 ** w - 1)))
+             for w in range(len(str(lo)), len(str(hi)) + 1) if max(lo, 10 ** (w - 1) * (w > 1)) <= min(hi, 10 ** w - 1)]
+    return f"({'|'.join(parts)})" if parts else None
+
+
+def _fraction(f: str, strict: bool, least: bool) -> str | None:
+    """Digit strings d (maybe empty) with 0.d >= 0.f (least) or <= 0.f, strictly if asked; None if none."""
+    if not f:
+        return ("\\d*[1-9]\\d*" if strict else "\\d*") if least else (None if strict else "0*")
+    first, deeper = int(f[0]), _fraction(f[1:], strict, least)
+    alts = [f"[{first + 1}-9]\\d*"] * (least and first < 9) + [f"[0-{first - 1}]\\d*"] * (not least and first > 0)
+    alts += [""] * (not least) + ([f[0] + f"({deeper})"] if deeper is not None else [])
+    return f"({'|'.join(alts)})" if alts else None
+
+
+def _magnitude(x: Fraction, strict: bool, least: bool) -> str | None:
+    """Unsigned decimals >= x (least) or <= x, strictly if asked; x >= 0 with at most JSON_MAX_DIGITS decimals."""
+    whole = math.floor(x)
+    digits = str(int((x - whole) * 10 ** JSON_MAX_DIGITS)).rjust(JSON_MAX_DIGITS, "0").rstrip("0")
+    fraction = _fraction(digits, strict, least)
+    same = None if fraction is None else f"{whole}(\\.{fraction})" + "?" * (not least or not digits and not strict)
+    other = int_range(whole + 1, None) if least else (int_range(0, whole - 1) if whole else None)
+    parts = [p for p in (same, other and other + "(\\.\\d+)?") if p]
+    return f"({'|'.join(parts)})" if parts else None
+
+
+def number_bound(x: Fraction, strict: bool, least: bool) -> str | None:
+    """Decimals >= x (least) or <= x, strictly if asked (rounded inward to JSON_MAX_DIGITS decimals)."""
+    unit = 10 ** JSON_MAX_DIGITS
+    kept = Fraction(math.ceil(x * unit) if least else math.floor(x * unit), unit)
+    strict, x = strict and kept == x, kept
+    free = "(0|[1-9]\\d*)(\\.\\d+)?"
+    if least:
+        return _magnitude(x, strict, True) if x > 0 or x == 0 and strict else \
+            f"({free}|-{_magnitude(-x, strict, False)})"
+    return f"-{_magnitude(-x, strict, True)}" if x < 0 or x == 0 and strict else f"(-{free}|{_magnitude(x, strict, False)})"
+
+
+class Cache(dict):
+    """A dict of at most `limit` entries, the oldest dropped first: every cache of this section."""
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self.limit = limit
+
+    def get_or(self, key: Any, make: Callable[[], Any]) -> Any:
+        """The value under `key`, made and kept if missing."""
+        if key not in self:
+            if len(self) >= self.limit:
+                self.pop(next(iter(self)), None)
+            self[key] = make()
+        return self[key]
+
+
+def _track(ex: tuple | None, text: str | None, ch: str) -> str | None:
+    """A leaf's raw text after `ch`, under an exclusion: whole when recording, else only while it could become a forbidden text."""
+    if ex is None or text is None:
+        return text
+    text += ch
+    forbidden, record = ex
+    return text if record or any(f.startswith(text) for f in forbidden) else None
+
+
+class Piece:
+    """A compiled schema node; compared by identity."""
+
+    min_text = ""
+
+    @property
+    def alternatives(self) -> tuple:
+        return (self,)
+
+    def done(self, frame: tuple) -> bool:
+        return False
+
+    def child_done(self, frame: tuple, child: tuple) -> tuple | None:
+        """This frame once its child value `child` is complete; None to refuse it."""
+        return frame
+
+
+class Literals(Piece):
+    """One of a fixed set of JSON texts: enum, const, true/false/null, object keys, tool-call markers.
+
+    Frame: (piece, ex, typed).
+    """
+
+    def __init__(self, texts):
+        self.texts = tuple(dict.fromkeys(texts))
+        self.min_text = min(self.texts, key=len)
+
+    def begin(self, ch: str, ex: tuple | None) -> list:
+        return self.step((self, ex, ""), ch)
+
+    def step(self, frame: tuple, ch: str) -> list:
+        _, ex, typed = frame
+        out = [REFEED] if self.done(frame) else []
+        typed += ch
+        if any(t.startswith(typed) and (ex is None or t not in ex[0]) for t in self.texts):
+            out.append(((self, ex, typed),))
+        return out
+
+    def done(self, frame: tuple) -> bool:
+        _, ex, typed = frame
+        return typed in self.texts and (ex is None or typed not in ex[0])
+
+    def finish(self, frame: tuple) -> str:
+        _, ex, typed = frame
+        return min((t for t in self.texts if t.startswith(typed) and (ex is None or t not in ex[0])), key=len)[len(typed):]
+
+    def first(self, forbidden: frozenset) -> str | None:
+        return min((t for t in self.texts if t not in forbidden), key=len, default=None)
+
+
+class Leaf(Piece):
+    """A value whose text matches `regex` with min_len to max_len characters: a JSON string (`quoted`:
+    the regex runs over its decoded characters, pattern, format and lengths) or a number (its raw text).
+
+    Frame: (piece, dfa state, characters so far, escape, ex, text); escape is
+    "" (none), "\\" (after a backslash), "u" plus hex digits so far, or '"'
+    once closed. Strings under an exclusion take no escapes (their raw text is
+    their value). Integers and strings have one spelling each (`by_text`).
+    """
+
+    def __init__(self, regex: Regex, min_len: int = 0, max_len: int | None = None, quoted: bool = True,
+                 by_text: bool = True):
+        self.regex, self.min_len, self.max_len, self.quoted, self.by_text = regex, min_len, max_len, quoted, by_text
+        self.limit = math.inf if max_len is None else max_len
+        self.completions = Cache(JSON_MASK_CACHE_STATES)
+        content = self.complete(regex.start, 0)
+        if content is None:
+            raise ValueError("no string has both this pattern or format and these lengths")
+        self.min_text = json.dumps(content, ensure_ascii=False) if quoted else content
+
+    def begin(self, ch: str, ex: tuple | None) -> list:
+        if not self.quoted:
+            return self.step((self, self.regex.start, 0, "", ex, None if ex is None else ""), ch)
+        return [((self, self.regex.start, 0, "", ex, None if ex is None else '"'),)] if ch == '"' else []
+
+    def step(self, frame: tuple, ch: str) -> list:
+        _, dfa, count, escape, ex, text = frame
+        if not self.quoted:  # a number: complete whenever the regex accepts; `ch` may go to the parent
+            return [REFEED] * self.done(frame) + self._take(dfa, count, ex, text, ch, ch)
+        if escape == '"':
+            return [REFEED]
+        if escape == "":
+            if ch == '"':
+                closed = (self, dfa, count, '"', ex, _track(ex, text, ch))
+                return [(closed,)] if count >= self.min_len and self.regex.accepts(dfa) and self.done(closed) else []
+            if ch == "\\":
+                return [((self, dfa, count, "\\", ex, text),)] if ex is None and self._escapes(dfa, count) else []
+            decoded = None if ch < " " else ch
+        elif escape == "\\":
+            if ch not in self._escapes(dfa, count):
+                return []
+            if ch == "u":
+                return [((self, dfa, count, "u", ex, text),)]
+            decoded = JSON_ESCAPES[ch]
+        elif ch not in HEX_DIGITS or escape in ("ud", "uD") and ch in "89abcdefABCDEF":  # no surrogates
+            return []
+        elif len(escape) < 4:
+            return [((self, dfa, count, escape + ch, ex, text),)]
+        else:
+            decoded = chr(int(escape[1:] + ch, 16))
+        return self._take(dfa, count, ex, text, ch, decoded)
+
+    def _take(self, dfa: frozenset, count: int, ex: tuple | None, text: str | None, ch: str, decoded: str | None) -> list:
+        """The frame after one more (decoded) character, if the value can still be completed."""
+        dfa = None if decoded is None else self.regex.move(dfa, decoded)
+        if dfa is None or not self.viable(dfa, count + 1):
+            return []
+        text = _track(ex, text, ch)
+        if text is not None and any(f.startswith(text) for f in ex[0]) and self._fresh(dfa, count + 1, text, ex[0]) is None:
+            return []  # every way to close it is forbidden
+        return [((self, dfa, count + 1, "", ex, text),)]
+
+    def _escapes(self, dfa: frozenset, count: int) -> str:
+        """The letters that may follow a backslash here: those whose character fits; \\u only where any character does."""
+        letters = "".join(k for k, c in JSON_ESCAPES.items() if (nxt := self.regex.move(dfa, c)) and self.viable(nxt, count + 1))
+        return letters + "u" if self.regex is ANY_TEXT and count < self.limit else letters
+
+    def viable(self, dfa: frozenset, count: int) -> bool:
+        """Whether a string at `dfa` after `count` characters can still be completed."""
+        if count >= self.min_len:
+            return count + self.regex.distance(dfa) <= self.limit and self.regex.shortest(dfa) is not None
+        return self.complete(dfa, count) is not None
+
+    def complete(self, dfa: frozenset, count: int) -> str | None:
+        """A shortest text (decoded) that completes the string from `dfa` after `count` characters."""
+        return self.completions.get_or((dfa, min(count, self.min_len), self.limit - count),
+                                       lambda: self._complete(dfa, count))
+
+    def _complete(self, dfa: frozenset, count: int) -> str | None:
+        layer = {dfa: ""}  # breadth first up to min_len, then the shortest way to a match
+        for _ in range(max(self.min_len - count, 0)):
+            layer = {nxt: text + ch for state, text in layer.items() for cid, ch in self.regex.reps.items()
+                     if (nxt := self.regex._move(state, cid)) is not None}
+        tails = [text + tail for state, text in layer.items() if (tail := self.regex.shortest(state)) is not None]
+        best = min(tails, key=len, default=None)
+        return best if best is not None and count + len(best) <= self.limit else None
+
+    def done(self, frame: tuple) -> bool:
+        _, dfa, count, escape, ex, text = frame
+        if escape == '"' or not self.quoted and count >= self.min_len and self.regex.accepts(dfa):
+            return ex is None or text is None or text not in ex[0]
+        return False
+
+    def finish(self, frame: tuple) -> str:
+        _, dfa, count, escape, ex, text = frame
+        if escape == '"' or not self.quoted and self.done(frame):
+            return ""
+        if not self.quoted:
+            return self._fresh(dfa, count, text, ex[0]) if ex is not None else self.complete(dfa, count)
+        if escape:  # end the escape: the first letter that fits, or \\u0000-style zeros
+            tail = self._escapes(dfa, count)[0] if escape == "\\" else ""
+            tail += "0" * (5 - len(escape)) if tail in ("", "u") else ""
+            return tail + self.finish(_leaf_after(frame, tail))
+        if ex is not None:
+            tail = self._fresh(dfa, count, text, ex[0])
+            return None if tail is None else tail + '"'
+        return json.dumps(self.complete(dfa, count), ensure_ascii=False)[1:]
+
+    def _fresh(self, dfa: frozenset, count: int, text: str | None, forbidden: frozenset) -> str | None:
+        """Characters (no escapes) that close an excluded string on a text not forbidden: shortest first."""
+        layer = {dfa: [""]}
+        reach = max(self.min_len - count, len(self.regex.shortest(dfa) or "")) + 32   # a few past the shortest
+        for size in range(int(min(self.limit - count, reach)) + 1):
+            for state, tails in layer.items():
+                for tail in tails if count + size >= self.min_len and self.regex.accepts(state) else ():
+                    if text is None or text + tail + '"' * self.quoted not in forbidden:
+                        return tail
+            nxt: dict = {}
+            for state, tails in layer.items():
+                for cid, ch in self.regex.reps.items():
+                    if (ch >= " " and ch not in '"\\' or not self.quoted) and (after := self.regex._move(state, cid)):
+                        kept = nxt.setdefault(after, [])
+                        kept += [t + ch for t in tails[:len(forbidden) + 1 - len(kept)]]
+            layer = nxt
+        return None
+
+    def first(self, forbidden: frozenset) -> str | None:
+        """A shortest complete text, quotes included, that is not forbidden."""
+        quote = '"' * self.quoted
+        tail = self._fresh(self.regex.start, 0, quote, forbidden)
+        return None if tail is None else quote + tail + quote
+
+    def plain_tokens(self, frame: tuple, trie: dict) -> list[int]:
+        """Token ids of ordinary characters (no quote, backslash or control) that fit here.
+
+        `trie` is the vocabulary's plain tokens as a trie over this regex's class ids.
+        """
+        _, dfa, count, _, _, _ = frame
+        ids, todo = [], [(trie, dfa, count)]
+        while todo:
+            node, state, count = todo.pop()
+            for key, child in node.items():
+                if key:
+                    nxt = self.regex._move(state, ord(key))
+                    if nxt is not None and self.viable(nxt, count + 1):
+                        ids.extend(child.get("", ()))
+                        todo.append((child, nxt, count + 1))
+        return ids
+
+    def key(self, frame: tuple, reach: int) -> tuple:
+        """The frame with its count reduced to what can matter within `reach` characters (mask caching)."""
+        _, dfa, count, escape, ex, text = frame
+        room = self.limit - count
+        return (self, dfa, min(count, self.min_len), min(room, reach + len(self.regex.edges)), escape, ex, text)
+
+
+def _leaf_after(frame: tuple, text: str) -> tuple | None:
+    """A leaf frame after `text` (it must stay inside the value), or None."""
+    for ch in text:
+        outcomes = [o for o in frame[0].step(frame, ch) if o is not REFEED]
+        if not outcomes:
+            return None
+        frame = outcomes[0][0]
+    return frame
+
+
+def number_leaf(integer: bool, low: Fraction | None = None, high: Fraction | None = None, low_open: bool = False,
+                high_open: bool = False, step: int = 1, scale: int = 0, excluded: tuple = ()) -> Leaf:
+    """A JSON number as a regex leaf: integer or decimal, within bounds, a multiple of step * 10**-scale,
+    none of the `excluded` patterns. Bounded numbers are written without exponent."""
+    digits = JSON_MAX_DIGITS - 1
+    syntax = rf"0|-?[1-9]\d{{0,{digits}}}" if integer else rf"-?(0|[1-9]\d{{0,{digits}}})(\.\d{{1,{digits + 1}}})?"
+    bounds = [number_bound(x, is_open, least) for x, is_open, least in ((low, low_open, True), (high, high_open, False))
+              if x is not None]
+    parts = [(bound or "[^\\s\\S]", False) for bound in bounds] + [(pattern, False, True) for pattern in excluded]
+    if step > 1 or scale:
+        minus = ("rep", ("chars", charset([(45, 45)])), 0, 1)
+        parts.append((("alt", (("seq", (minus, ("mod", step, scale))),)), False))
+    if not parts and not integer:
+        syntax += r"([eE][+-]?\d{1,2})?"
+    return Leaf(regex_for(syntax, False, tuple(parts)), quoted=False, by_text=integer)
+
+
+class Union(Piece):
+    """anyOf (and oneOf, type lists): a value matching any of the alternatives."""
+
+    def __init__(self, alternatives):
+        self._alternatives = tuple(a for alt in alternatives for a in alt.alternatives)
+        self.min_text = min((a.min_text for a in self._alternatives), key=len)
+
+    @property
+    def alternatives(self) -> tuple:
+        return self._alternatives
+
+
+def union(alternatives: list) -> Piece | None:
+    """The union of the satisfiable alternatives (None stands for one that is not): None, one piece, or a Union."""
+    alternatives = [a for a in alternatives if a is not None]
+    if len(alternatives) <= 1:
+        return alternatives[0] if alternatives else None
+    return Union(alternatives)
+
+
+class ValueStart(Piece):
+    """The start of a value: whitespace, then the first character of one alternative.
+
+    Frame: (VALUE, node, whitespace so far, ex).
+    """
+
+    def step(self, frame: tuple, ch: str) -> list:
+        _, node, spaces, ex = frame
+        if ch in JSON_WHITESPACE:
+            return [((self, node, spaces + 1, ex),)] if spaces < JSON_MAX_WHITESPACE else []
+        return [o for alt in node.alternatives for o in alt.begin(ch, ex)]
+
+    def finish(self, frame: tuple) -> str:
+        _, node, _, ex = frame
+        if ex is None:
+            return node.min_text
+        return min((t for alt in node.alternatives if (t := alt.first(ex[0])) is not None), key=len)
+
+
+VALUE = ValueStart()
+
+
+class Object(Piece):
+    """A JSON object: declared properties in their order, each at most once, then extra keys.
+
+    props: (name, node, required) triples. Other keys are `key` leaves
+    (propertyNames; None: no other keys), never a declared or `banned` name
+    nor one already written; an extra key's value is values[matched], matched
+    being the indices of the `patterns` (patternProperties) that match the key
+    ((): additionalProperties). Frame: (piece, phase, index, count, seen,
+    whitespace); phase is open (after "{"), comma, key (a key leaf is on top),
+    colon (a key written) or value (after a value); index is the first
+    declared property still allowed (in "colon": the chosen one, or
+    len(props) + j for the extra key whose value is node j); count is
+    properties written (kept only when min/maxProperties ask); seen holds the
+    extra keys written, so that none repeats.
+    """
+
+    def __init__(self, props: tuple, extras: Piece | None = None, min_props: int = 0, max_props: int | None = None,
+                 key: Piece | None = None, banned: tuple = (), patterns: tuple = (), values: dict | None = None):
+        self.props = props
+        self.values = values if values is not None else {(): extras} if extras is not None else {}
+        self.key = (key or ANY_STRING) if self.values else None
+        self.patterns, self.slots = patterns, list(self.values)
+        self.keys = {json.dumps(name, ensure_ascii=False): i for i, (name, _, _) in enumerate(props)}
+        self.forbidden = frozenset(self.keys) | {json.dumps(name, ensure_ascii=False) for name in banned}
+        self.min_props, self.max_props = min_props, max_props
+        self.required_from = [sum(req for _, _, req in props[i:]) for i in range(len(props) + 1)]
+        self.counts = min_props > 0 or max_props is not None
+        self.key_pieces: dict[tuple, Literals] = {}
+        tail = self._tail(0, 0, frozenset(), "", False)
+        if tail is None:
+            raise ValueError("no object has these properties within minProperties/maxProperties")
+        self.min_text = "{" + tail
+
+    def begin(self, ch: str, ex: tuple | None) -> list:
+        return [((self, "open", 0, 0, frozenset(), 0),)] if ch == "{" else []
+
+    def step(self, frame: tuple, ch: str) -> list:
+        _, phase, index, count, seen, spaces = frame
+        if ch in JSON_WHITESPACE and phase != "key":
+            return [((self, phase, index, count, seen, spaces + 1),)] if spaces < JSON_MAX_WHITESPACE else []
+        if ch == "}" and phase in ("open", "value") and self._may_close(index, count):
+            return [()]
+        if ch == "," and phase == "value" and any(self._choices(index, count)):
+            return [((self, "comma", index, count, seen, 0),)]
+        if ch == '"' and phase in ("open", "comma"):
+            keying = (self, "key", index, count, seen, 0)
+            return [(keying, key) for key in self._key_frames(index, count, seen)]
+        if ch == ":" and phase == "colon":
+            node, nxt = self._value(index)
+            return [((self, "value", nxt, count + self.counts, seen, 0), (VALUE, node, 0, None))]
+        return []
+
+    def _value(self, index: int) -> tuple:
+        """(the value's node, the next index) once key `index` (see the frame) is written."""
+        if index < len(self.props):
+            return self.props[index][1], index + 1
+        return self.values[self.slots[index - len(self.props)]], len(self.props)
+
+    def child_done(self, frame: tuple, child: tuple) -> tuple | None:
+        _, phase, index, count, seen, _ = frame
+        if phase != "key":
+            return frame
+        text = child[-1]
+        if child[0] is self.key:
+            slot = self._slot(text)
+            return None if slot is None else (self, "colon", len(self.props) + slot, count, seen | {text}, 0)
+        return (self, "colon", self.keys[text], count, seen, 0)
+
+    def _slot(self, text: str) -> int | None:
+        """Which value node an extra key's text (quoted, unescaped) takes; None: no value may follow it."""
+        matched = tuple(i for i, regex in enumerate(self.patterns) if regex.matches(text[1:-1]))
+        node = self.values.get(matched)
+        return None if node is None else self.slots.index(matched)
+
+    def _may_close(self, index: int, count: int) -> bool:
+        return self.required_from[index] == 0 and (not self.counts or count >= self.min_props)
+
+    def _choices(self, index: int, count: int) -> tuple[tuple[int, ...], bool]:
+        """(declared properties that may come next, whether an extra key may), leaving room for min/maxProperties."""
+        if self.max_props is not None and count >= self.max_props:
+            return (), False
+        chosen, need = [], self.min_props - count - 1
+        for j in range(index, len(self.props)):
+            fits = self.max_props is None or count + 1 + self.required_from[j + 1] <= self.max_props
+            if fits and (self.key is not None or len(self.props) - j - 1 >= need or not self.counts):
+                chosen.append(j)
+            if self.props[j][2]:
+                break
+        return tuple(chosen), self.key is not None and self.required_from[index] == 0
+
+    def _key_frames(self, index: int, count: int, seen: frozenset) -> list[tuple]:
+        declared, extra = self._choices(index, count)
+        frames = []
+        if declared:
+            piece = self.key_pieces.get(declared)
+            if piece is None:
+                piece = self.key_pieces[declared] = Literals(json.dumps(self.props[j][0], ensure_ascii=False)
+                                                             for j in declared)
+            frames.append((piece, None, '"'))
+        if extra:
+            frames += [f[0] for f in self.key.begin('"', (self.forbidden | seen, True)) if f is not REFEED]
+        return frames
+
+    def finish(self, frame: tuple) -> str:
+        _, phase, index, count, seen, _ = frame
+        if phase == "colon":
+            node, nxt = self._value(index)
+            return ":" + node.min_text + self._tail(nxt, count + self.counts, seen, ",", False)
+        return self._tail(index, count, seen, "," if phase == "value" else "", phase == "comma")
+
+    def _tail(self, index: int, count: int, seen: frozenset, sep: str, must: bool) -> str | None:
+        """The shortest text that ends the object: required properties, more if minProperties asks, "}"."""
+        parts = []
+        while must or self.required_from[index] or (self.counts and count < self.min_props):
+            declared, extra = self._choices(index, count)
+            if declared and (self.props[declared[-1]][2] or not extra):
+                j = declared[-1] if self.props[declared[-1]][2] else declared[0]
+                key, node, index = json.dumps(self.props[j][0], ensure_ascii=False), self.props[j][1], j + 1
+            elif extra and (key := self.key.first(self.forbidden | seen)) is not None and self._slot(key) is not None:
+                node, index, seen = self.values[self.slots[self._slot(key)]], len(self.props), seen | {key}
+            else:
+                return None
+            parts.append(sep + key + ":" + node.min_text)
+            sep, must, count = ",", False, count + 1
+        return "".join(parts) + "}"
+
+
+class Array(Piece):
+    """A JSON array: `prefix` items (tuples) then `items` ones (None: no more), within min/max_items.
+
+    With `unique`, items are leaves (checked at compile time) under an
+    exclusion of the texts already written. Frame: (piece, phase, count, seen,
+    whitespace); phase is open or value; count is items begun (capped once
+    it no longer matters, so long arrays reuse masks).
+    """
+
+    def __init__(self, prefix: tuple, items: Piece | None, min_items: int = 0, max_items: int | None = None,
+                 unique: bool = False):
+        self.prefix, self.items, self.unique = prefix, items, unique
+        if items is None:
+            max_items = len(prefix) if max_items is None else min(max_items, len(prefix))
+        self.min_items, self.max_items = min_items, max_items
+        self.cap = max(len(prefix), min_items) if max_items is None else None
+        tail = self._tail(0, frozenset(), "")
+        if tail is None:
+            raise ValueError("no array has these items within minItems/maxItems (and uniqueItems)")
+        self.min_text = "[" + tail
+
+    def begin(self, ch: str, ex: tuple | None) -> list:
+        return [((self, "open", 0, frozenset(), 0),)] if ch == "[" else []
+
+    def step(self, frame: tuple, ch: str) -> list:
+        _, phase, count, seen, spaces = frame
+        if ch in JSON_WHITESPACE:
+            return [((self, phase, count, seen, spaces + 1),)] if spaces < JSON_MAX_WHITESPACE else []
+        if ch == "]":
+            return [()] if count >= self.min_items else []
+        if (phase == "value" and ch != ",") or not self._more(count):
+            return []
+        after = (self, "value", count + 1 if self.cap is None else min(count + 1, self.cap), seen, 0)
+        item = (VALUE, self._node(count), 0, (seen, True) if self.unique else None)
+        if phase == "open":  # the first item begins with `ch`
+            return [(after,) + frames for frames in VALUE.step(item[:2] + (JSON_MAX_WHITESPACE,) + item[3:], ch)]
+        return [(after, item)] if not self.unique or self._left(count, seen) else []
+
+    def child_done(self, frame: tuple, child: tuple) -> tuple:
+        return frame[:3] + (frame[3] | {child[-1]},) + frame[4:] if self.unique else frame
+
+    def _node(self, index: int) -> Piece:
+        return self.prefix[index] if index < len(self.prefix) else self.items
+
+    def _more(self, count: int) -> bool:
+        return (self.max_items is None or count < self.max_items) and (count < len(self.prefix) or self.items is not None)
+
+    def _left(self, count: int, seen: frozenset) -> bool:
+        """uniqueItems: whether an item not written yet is left for position `count`."""
+        return any(a.first(seen) is not None for a in self._node(count).alternatives)
+
+    def finish(self, frame: tuple) -> str:
+        _, phase, count, seen, _ = frame
+        return self._tail(count, seen, "," if phase == "value" else "")
+
+    def _tail(self, count: int, seen: frozenset, sep: str) -> str | None:
+        parts = []
+        while count < self.min_items:
+            node = self._node(count)
+            if node is None:
+                return None
+            text = node.min_text if not self.unique else min(
+                (t for alt in node.alternatives if (t := alt.first(seen)) is not None), key=len, default=None)
+            if text is None:
+                return None
+            parts.append(sep + text)
+            sep, seen, count = ",", seen | {text}, count + 1
+        return "".join(parts) + "]"
+
+
+def json_start(node: Piece, prefix: str = "", suffix: str = "") -> tuple:
+    """The automaton's start state: `prefix`, a JSON value for `node`, then `suffix`."""
+    stack = ((Literals((suffix,)), None, ""),) if suffix else ()
+    stack += ((VALUE, node, 0, None),)
+    stack += ((Literals((prefix,)), None, ""),) if prefix else ()
+    return (stack,)
+
+
+def json_advance(state: tuple, text: str) -> tuple:
+    """The state after `text`; () once no stack can take it."""
+    for ch in text:
+        if not state:
+            break
+        state = tuple(dict.fromkeys(nxt for stack in state for nxt in _step(stack, ch)))
+    return state
+
+
+def json_complete(state: tuple) -> bool:
+    """True when the text so far is a whole match (a trailing number may still go on)."""
+    return any(_settle(stack) == () for stack in state)
+
+
+def json_closing_text(state: tuple) -> str | None:
+    """A shortest way (by the pieces' finish texts) to complete the text from `state`."""
+    texts = [text for stack in state if (text := _closing(stack)) is not None]
+    return min(texts, key=len, default=None)
+
+
+def _step(stack: tuple, ch: str) -> list[tuple]:
+    """The stacks that can follow `stack` on character `ch` (none: it cannot)."""
+    if not stack:
+        return []
+    top, rest = stack[-1], stack[:-1]
+    out = []
+    for frames in top[0].step(top, ch):
+        if frames is REFEED:
+            parent = _pop(rest, top)
+            out += _step(parent, ch) if parent else []
+        else:
+            out.append(rest + frames)
+    return out
+
+
+def _pop(rest: tuple, child: tuple) -> tuple | None:
+    """`rest` once its top frame has taken the complete value `child`; None if it refuses it."""
+    if not rest:
+        return rest
+    parent = rest[-1][0].child_done(rest[-1], child)
+    return None if parent is None else rest[:-1] + (parent,)
+
+
+def _settle(stack: tuple | None) -> tuple | None:
+    """The stack with its complete top values taken off."""
+    while stack and stack[-1][0].done(stack[-1]):
+        stack = _pop(stack[:-1], stack[-1])
+    return stack
+
+
+def _closing(stack: tuple) -> str | None:
+    """Finish the top frame, settle, repeat: each finish text is checked by the automaton itself."""
+    texts = []
+    stack = _settle(stack)
+    while stack:
+        text = stack[-1][0].finish(stack[-1])
+        after = [] if text is None else [s for s in map(_settle, json_advance((stack,), text))
+                                         if s is not None and len(s) < len(stack)]
+        if not after:
+            return None
+        texts.append(text)
+        stack = after[0]
+    return None if stack is None else "".join(texts)
+
+
+# -- JSON Schema keywords -------------------------------------------------------
+
+SCHEMA_KEYWORDS = {
+    "type", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "$defs", "definitions",
+    "properties", "required", "additionalProperties", "minProperties", "maxProperties",
+    "items", "prefixItems", "additionalItems", "minItems", "maxItems", "uniqueItems",
+    "minLength", "maxLength", "pattern", "format",
+    "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf",
+    "not", "if", "then", "else", "patternProperties", "propertyNames", "dependencies", "dependentRequired",
+    "dependentSchemas", "!enum", "!pattern",   # the last two: what `not` leaves (values, patterns excluded)
+}
+# Keywords that constrain and are not enforced: a 400 naming them. Any other keyword
+# (annotations, extensions such as x-*, misspellings) is ignored, as validators do.
+SCHEMA_REFUSED = {"contains", "unevaluatedProperties", "unevaluatedItems",
+                  "$dynamicRef", "$recursiveRef", "extends", "disallow", "divisibleBy"}
+# Keywords that say which type they constrain, for schemas without "type".
+KEYWORD_TYPES = {"object": {"properties", "required", "additionalProperties", "minProperties", "maxProperties",
+                            "patternProperties", "propertyNames", "dependencies", "dependentRequired",
+                            "dependentSchemas"},
+                 "array": {"items", "prefixItems", "additionalItems", "minItems", "maxItems", "uniqueItems"},
+                 "string": {"minLength", "maxLength", "pattern", "format", "!pattern"},
+                 "number": {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"}}
+_OCTET = r"(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+_H16 = r"[0-9A-Fa-f]{1,4}"
+_YEAR = r"([1-9]\d{3}|0[1-9]\d\d|00[1-9]\d|000[1-9])"
+_DATE = (rf"({_YEAR}-((0[13578]|1[02])-(0[1-9]|[12]\d|3[01])|(0[469]|11)-(0[1-9]|[12]\d|30)|02-(0[1-9]|1\d|2[0-8]))"
+         r"|(\d\d(0[48]|[2468][048]|[13579][26])|(0[48]|[2468][048]|[13579][26])00)-02-29)")
+_TIME = r"([01]\d|2[0-3]):[0-5]\d:[0-5]\d(\.\d{1,9})?(Z|[+-]([01]\d|2[0-3]):[0-5]\d)"
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOST = rf"({_LABEL}\.)*[A-Za-z]([A-Za-z0-9-]{{0,61}}[A-Za-z0-9])?"
+_PCHAR = r"([A-Za-z0-9._~!$&'()*+,;=:@-]|%[0-9A-Fa-f]{2})"
+_DAYS = r"(\d+Y(\d+M)?(\d+D)?|\d+M(\d+D)?|\d+D)"
+_HOURS = r"T(\d+H(\d+M)?(\d+(\.\d+)?S)?|\d+M(\d+(\.\d+)?S)?|\d+(\.\d+)?S)"
+# `format` values enforced, each as a regular expression matched in full.
+FORMATS = {
+    "date": _DATE, "time": _TIME, "date-time": f"{_DATE}T{_TIME}",
+    "duration": rf"P({_DAYS}({_HOURS})?|{_HOURS}|\d+W)",
+    "email": rf"[A-Za-z0-9_%+-]+(\.[A-Za-z0-9_%+-]+)*@({_LABEL}\.)+[A-Za-z]{{2,63}}",
+    "uuid": r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
+    "ipv4": rf"{_OCTET}(\.{_OCTET}){{3}}",
+    "ipv6": "|".join([rf"({_H16}:){{7}}{_H16}", rf"({_H16}:){{1,7}}:", rf"({_H16}:){{1,6}}:{_H16}"]
+                     + [rf"({_H16}:){{1,{n}}}(:{_H16}){{1,{7 - n}}}" for n in range(1, 6)]
+                     + [rf":((:{_H16}){{1,7}}|:)"]),
+    "hostname": _HOST,
+    "uri": rf"[A-Za-z][A-Za-z0-9+.-]*://([A-Za-z0-9._~!$&'()*+,;=-]|%[0-9A-Fa-f]{{2}})*(:\d{{1,5}})?"
+           rf"(/{_PCHAR}*)*(\?({_PCHAR}|[/?])*)?(#({_PCHAR}|[/?])*)?",
+    "json-pointer": r"(/([^~/]|~[01])*)*", "relative-json-pointer": r"(0|[1-9]\d*)(#|(/([^~/]|~[01])*)*)",
+    "regex": r"\^?[^\\\[\](){}*+?|^$]*\$?",   # a literal text: every such string compiles
+    "uri-template": r"([A-Za-z0-9._~!$&'()*+,;=:@/?#-]|%[0-9A-Fa-f]{2}|\{[A-Za-z0-9_]+(,[A-Za-z0-9_]+)*\})*",
+    "idn-hostname": r"([A-Za-z0-9]{1,20}(-[A-Za-z0-9]{1,20}){0,2}\.)*[A-Za-z]{1,20}",
+}
+# The ASCII subsets: an IRI's, an internationalised address's. A relative reference has no
+# scheme and does not start with "//" (which would make an authority of it).
+_RELATIVE = (rf"(/({_PCHAR}+(/{_PCHAR}*)*)?|([A-Za-z0-9._~!$&'()*+,;=@-]|%[0-9A-Fa-f]{{2}})+(/{_PCHAR}*)*)?"
+             rf"(\?({_PCHAR}|[/?])*)?(#({_PCHAR}|[/?])*)?")
+FORMATS.update({"iri": FORMATS["uri"], "idn-email": FORMATS["email"], "uri-reference": f"{FORMATS['uri']}|{_RELATIVE}"})
+FORMATS["iri-reference"] = FORMATS["uri-reference"]
+HOSTNAME_MAX_LENGTH = 253
+
+ANY_STRING = Leaf(ANY_TEXT)
+ANY_NUMBER = number_leaf(False)
+BOOLEAN = Literals(("true", "false"))
+NULL = Literals(("null",))
+
+
+def any_value(depth: int) -> Piece:
+    """Any JSON value, arrays and objects nested at most `depth` deep."""
+    scalars = [ANY_STRING, ANY_NUMBER, BOOLEAN, NULL]
+    if depth == 0:
+        return Union(scalars)
+    inner = any_value(depth - 1)
+    return Union(scalars + [Object((), extras=inner), Array((), inner)])
+
+
+ANY_VALUE = any_value(JSON_MAX_NESTING)
+ANY_OBJECT = Object((), extras=any_value(JSON_MAX_NESTING - 1))
+
+
+class SchemaCompiler:
+    """Compiles one JSON Schema into pieces, or raises a 400 naming what it cannot enforce.
+
+    compile() returns None for a schema no value satisfies (false, or a $ref
+    recursion cut at SCHEMA_MAX_REFS): optional properties, array items and
+    anyOf alternatives that need one are left out.
+    """
+
+    def __init__(self, root: dict, param: str):
+        self.root, self.param = root, param
+        self.memo: dict[tuple, tuple] = {}
+
+    def fail(self, message: str) -> APIError:
+        return invalid(f"'{self.param}': {message}", self.param)
+
+    def compile(self, schema: Any, refs: int = SCHEMA_MAX_REFS, depth: int = 0) -> Piece | None:
+        if schema is True or schema == {}:
+            return ANY_VALUE
+        if schema is False:
+            return None
+        if not isinstance(schema, dict):
+            raise self.fail(f"a JSON Schema must be an object, got {json.dumps(schema)[:60]}")
+        if depth > SCHEMA_MAX_DEPTH:
+            raise self.fail(f"the schema nests deeper than {SCHEMA_MAX_DEPTH} levels")
+        refused = sorted(set(schema) & SCHEMA_REFUSED)
+        if refused:
+            raise self.fail(f"JSON Schema keyword {refused[0]!r} is not supported (the README lists those enforced)")
+        key = (id(schema), refs)
+        if key not in self.memo:
+            self.memo[key] = (schema, self._compile(schema, refs, depth))
+        return self.memo[key][1]
+
+    def _compile(self, schema: dict, refs: int, depth: int) -> Piece | None:
+        constraints = {k: v for k, v in schema.items() if k in SCHEMA_KEYWORDS and k not in ("$defs", "definitions")}
+        if "$ref" in constraints:
+            if refs == 0:
+                return None
+            target = self.resolve(constraints.pop("$ref"))
+            return self.compile({"allOf": [target, constraints]} if constraints else target, refs - 1, depth)
+        if "allOf" in constraints:
+            merged = {k: v for k, v in constraints.items() if k != "allOf"}
+            hops = any(isinstance(part, dict) and "$ref" in part for part in self.list_of(constraints, "allOf"))
+            if refs - hops < 0:  # a $ref merged in is a hop like any other
+                return None
+            for part in constraints["allOf"]:
+                merged = self.merge(merged, part)
+            return self.compile(merged, refs - hops, depth)
+        if "anyOf" in constraints:
+            return self.any_of(constraints, "anyOf", refs, depth)
+        if "oneOf" in constraints:
+            return self.one_of(constraints, refs, depth)
+        handled, branches = self.branches(constraints)
+        rest = {k: v for k, v in constraints.items() if k not in handled}
+        if branches is not None:
+            return union([self.compile(self.merge(rest, b), refs, depth) for b in branches if b is not False])
+        if "enum" in constraints or "const" in constraints:
+            return self.literals(constraints, refs, depth)
+        kinds = constraints.get("type", [k for k, words in KEYWORD_TYPES.items() if words & set(constraints)])
+        if isinstance(kinds, list):
+            if not kinds:
+                return ANY_VALUE
+            return union([self.compile({**constraints, "type": k}, refs, depth) for k in kinds])
+        return self.typed(constraints, kinds, refs, depth)
+
+    def typed(self, schema: dict, kind: Any, refs: int, depth: int) -> Piece | None:
+        if kind == "string":
+            return self.string(schema)
+        if kind in ("integer", "number"):
+            return self.number(schema, kind == "integer")
+        if kind in ("boolean", "null"):
+            return self.literals({"enum": [True, False] if kind == "boolean" else [None],
+                                  "!enum": schema.get("!enum", [])}, refs, depth)
+        if kind == "object":
+            return self.object(schema, refs, depth)
+        if kind == "array":
+            return self.array(schema, refs, depth)
+        raise self.fail(f"unknown JSON Schema type {json.dumps(kind)[:40]}")
+
+    def resolve(self, ref: Any) -> Any:
+        """The schema a local JSON pointer ("#", "#/$defs/Name", "#/definitions/...") names."""
+        if not isinstance(ref, str) or not ref.startswith("#"):
+            raise self.fail(f"only local $ref such as '#/$defs/Name' is supported, got {json.dumps(ref)[:60]}")
+        target = self.root
+        for part in ref[1:].split("/")[1:] if ref != "#" else []:
+            part = part.replace("~1", "/").replace("~0", "~")
+            target = target.get(part) if isinstance(target, dict) else None
+            if target is None:
+                raise self.fail(f"$ref {ref!r} points at nothing")
+        return target
+
+    def list_of(self, schema: dict, word: str) -> list:
+        value = schema[word]
+        if not isinstance(value, list) or not value:
+            raise self.fail(f"'{word}' must be a non-empty list")
+        return value
+
+    def branches(self, schema: dict) -> tuple[tuple, list | None]:
+        """(keywords handled, alternatives to merge into the rest): one of not, if/then/else, dependencies."""
+        if "not" in schema:
+            return ("not",), self.negate(schema["not"])
+        if "if" in schema:
+            then, orelse = schema.get("then", {}), schema.get("else", {})
+            return ("if", "then", "else"), [{"allOf": [schema["if"], then]}] + [
+                {"allOf": [n, orelse]} for n in self.negate(schema["if"])]
+        words = ("dependencies", "dependentRequired", "dependentSchemas")
+        deps = {}
+        for word in words:
+            deps.update(schema.get(word) if isinstance(schema.get(word), dict) else {})
+        if not deps:
+            return (), None
+        out = [{}]
+        for name, need in deps.items():  # each: the key absent, or present with what it needs
+            need = {"required": need} if isinstance(need, list) else need
+            out = [alt for branch in out for alt in ({"allOf": [branch, {"properties": {name: False}}]},
+                                                    {"allOf": [branch, {"required": [name]}, need]})]
+            if len(out) > SCHEMA_MAX_BRANCHES:
+                raise self.fail(f"more than {SCHEMA_MAX_BRANCHES} combinations of dependencies")
+        return words, out
+
+    def negate(self, schema: Any, hops: int = 0) -> list:
+        """`not`: alternatives, any of which makes a value fail `schema` (what cannot be negated is a 400)."""
+        if schema is True or schema == {}:
+            return [False]
+        if schema is False:
+            return [{}]
+        if not isinstance(schema, dict) or hops > SCHEMA_MAX_DEPTH:
+            raise self.fail("JSON Schema keyword 'not' must hold a schema")
+        words = set(schema) & SCHEMA_KEYWORDS
+        if words == {"$ref"}:
+            return self.negate(self.resolve(schema["$ref"]), hops + 1)
+        if words == {"type"}:
+            kinds = set(_as_list(schema["type"]))
+            kinds |= {"integer"} if "number" in kinds else set()
+            return [{"type": [k for k in JSON_TYPES if k not in kinds and (k != "number" or "integer" not in kinds)]}]
+        if words <= {"enum", "const"}:
+            return [{"!enum": schema["enum"] if "enum" in schema else [schema["const"]]}]
+        if words == {"pattern"}:
+            return [{"!pattern": [schema["pattern"]]}]
+        if words <= {"required", "properties"} and isinstance(schema.get("properties", {}), dict):
+            absent = [{"properties": {name: False}} for name in schema.get("required", [])]
+            return absent + [{"required": [name], "properties": {name: {"anyOf": self.negate(sub, hops + 1)}}}
+                             for name, sub in schema.get("properties", {}).items()]
+        if words in ({"anyOf"}, {"oneOf"}) and all(isinstance(p, dict) for p in self.list_of(schema, *words)):
+            out = [{}]  # none of them: every part negated
+            for part in schema[next(iter(words))]:
+                out = [{"allOf": [a, b]} for a in out for b in self.negate(part, hops + 1)][:SCHEMA_MAX_BRANCHES + 1]
+            return out
+        if words == {"allOf"}:
+            return [alt for part in self.list_of(schema, "allOf") for alt in self.negate(part, hops + 1)]
+        raise self.fail(f"JSON Schema keyword 'not' is enforced only over type, enum, const, pattern, required, "
+                        f"properties, anyOf and allOf, not {sorted(words)[:3]}")
+
+    def one_of(self, schema: dict, refs: int, depth: int) -> Piece | None:
+        """oneOf: each branch narrowed so that no value it produces matches another (else a 400).
+
+        A branch this server cannot enforce is left out: the others are narrowed against it all the same.
+        """
+        base = {k: v for k, v in schema.items() if k != "oneOf"}
+        parts = [self.merge(base, alt) if base else alt for alt in self.list_of(schema, "oneOf")]
+        alternatives, errors = [], []
+        for i, part in enumerate(parts):
+            try:
+                narrowed = part
+                for j, other in enumerate(parts):
+                    narrowed = narrowed if i == j else self.exclude(narrowed, other, i, j)
+                alternatives.append(self.compile(narrowed, refs, depth))
+            except APIError as exc:
+                errors.append(exc)
+                if "oneOf" in exc.message:
+                    raise
+        if errors and not any(a is not None for a in alternatives):
+            raise errors[0]
+        return union(alternatives)
+
+    def exclude(self, part: Any, other: Any, i: int, j: int) -> Any:
+        """`part` narrowed so that nothing it produces satisfies `other` (oneOf branches i and j), or a 400."""
+        part, other = self.flat(part), self.flat(other)
+        if part is False or other is False or self.disjoint(part, other):
+            return part
+        for patch in self.narrowings(part, other):
+            with contextlib.suppress(APIError):
+                if self.disjoint(narrowed := self.merge(part, patch), other):
+                    return narrowed
+        raise self.fail(f"oneOf branches {i} and {j} can both match one value, and this server cannot make the "
+                        "output match exactly one (give them a distinguishing key, type or const)")
+
+    def narrowings(self, part: dict, other: dict) -> Iterator[dict]:
+        """Schemas to merge into `part` (a oneOf branch) so that it fails `other`, each checked by disjoint()."""
+        mine, theirs = self.types(part, True), self.types(other, False)
+        if mine is not None and theirs is not None and mine - theirs:
+            yield {"type": sorted(mine - theirs)}
+        if mine == {"string"} and (other.get("pattern") is not None or other.get("format") in FORMATS):
+            yield {"!pattern": [other["pattern"] if other.get("pattern") is not None
+                                else f"^(?:{FORMATS[other['format']]})$"]}
+        props, theirs = part.get("properties") or {}, other.get("properties") or {}
+        yield from ({"properties": {name: False}} for name in _names(other) if name not in _names(part))
+        if isinstance(props, dict) and isinstance(theirs, dict):
+            yield from ({"required": [name]} for name in set(props) & set(theirs))
+            for name in set(_names(other)) & set(theirs):  # last: it may leave the branch nothing to write
+                with contextlib.suppress(APIError, AttributeError, TypeError):
+                    yield {"properties": {name: {"not": theirs[name]}}} if self.negate(theirs[name]) else {}
+
+    def flat(self, schema: Any, hops: int = 0) -> Any:
+        """The schema with its top-level $ref and allOf merged in (for oneOf's analysis)."""
+        single = [w for w in ("anyOf", "oneOf") if isinstance(schema, dict) and _as_list(schema.get(w))[1:] == [None]]
+        if isinstance(schema, dict) and ("$ref" in schema or "allOf" in schema or single) and hops <= SCHEMA_MAX_DEPTH:
+            merged = {k: v for k, v in schema.items() if k not in ("$ref", "allOf", *single)}
+            for part in ([self.resolve(schema["$ref"])] if "$ref" in schema else []) + list(schema.get("allOf", [])) \
+                    + [schema[w][0] for w in single]:
+                if part is False:
+                    return False
+                merged = self.merge(merged, part)
+            return self.flat(merged, hops + 1)
+        return {} if schema is True else schema
+
+    def types(self, schema: dict, produced: bool) -> set | None:
+        """The JSON types of values `schema` lets through; `produced`: of the values this server writes for it."""
+        if "enum" in schema or "const" in schema:
+            values = schema["enum"] if "enum" in schema else [schema["const"]]
+            return {json_type(v) for v in values if isinstance(values, list)}
+        if "type" in schema:
+            kinds = set(_as_list(schema["type"]))
+            return kinds | {"integer"} if "number" in kinds else kinds
+        if produced and not {"anyOf", "oneOf", "not", "if"} & set(schema):
+            inferred = {k for k, words in KEYWORD_TYPES.items() if words & set(schema)}
+            return (inferred | {"integer"} if "number" in inferred else inferred) or None
+        return None
+
+    def disjoint(self, part: dict, other: dict, hops: int = 0) -> bool:
+        """True when no value this server writes for `part` satisfies `other`."""
+        part, other = self.flat(part), self.flat(other)
+        if part is False or other is False:
+            return True
+        if not isinstance(part, dict) or not isinstance(other, dict) or hops > SCHEMA_MAX_DEPTH:
+            return False
+        mine, theirs = self.types(part, True), self.types(other, False)
+        if mine is not None and theirs is not None and not mine & theirs:
+            return True
+        values = part.get("enum", [part["const"]] if "const" in part else None)
+        allowed = other.get("enum", [other["const"]] if "const" in other else None)
+        if isinstance(values, list) and isinstance(allowed, list) and not any(v == w for v in values for w in allowed):
+            return True
+        if "not" in part and _canonical(part["not"]) == _canonical(other):
+            return True
+        if mine == {"string"} and self.strings_apart(part, other):
+            return True
+        props, theirs = part.get("properties") or {}, other.get("properties") or {}
+        if not isinstance(props, dict) or not isinstance(theirs, dict):
+            return False
+        closed = other.get("additionalProperties", True) is False and "patternProperties" not in other
+        for name in _names(part):  # written: other must refuse it or its value
+            if self.flat(theirs.get(name)) is False or closed and name not in theirs or \
+                    name in theirs and name in props and self.disjoint(props[name], theirs[name], hops + 1):
+                return True
+        for name in _names(other):  # other needs it: never written, or written with a value other refuses
+            if self.flat(props.get(name)) is False or name not in props and self.closed(part) or \
+                    name in props and name in theirs and self.disjoint(props[name], theirs[name], hops + 1):
+                return True
+        return False
+
+    @staticmethod
+    def strings_apart(part: dict, other: dict) -> bool:
+        """Whether no string this server writes for `part` matches other's pattern and format."""
+        parts = [(p, True, True) for p in part.get("!pattern", [])]
+        for schema in (part, other):
+            parts += [(schema["pattern"], True)] if isinstance(schema.get("pattern"), str) else []
+            parts += [(FORMATS[schema["format"]], False)] if schema.get("format") in FORMATS else []
+        try:
+            regex_for("", True, tuple(parts))
+        except ValueError:
+            return True
+        return False
+
+    @staticmethod
+    def closed(schema: dict) -> bool:
+        """Whether this server writes no key beyond `properties` for `schema`."""
+        extra = schema.get("additionalProperties", None if schema.get("properties") else True)
+        return extra in (None, False) and not schema.get("patternProperties")
+
+    def any_of(self, schema: dict, word: str, refs: int, depth: int) -> Piece | None:
+        """anyOf: alternatives this server cannot enforce are left out while another remains (output
+        that matches one still matches anyOf)."""
+        base = {k: v for k, v in schema.items() if k != word}
+        alternatives, errors = [], []
+        for alt in self.list_of(schema, word):
+            try:
+                alternatives.append(self.compile(self.merge(base, alt) if base else alt, refs, depth))
+            except APIError as exc:
+                errors.append(exc)
+        if errors and not any(a is not None for a in alternatives):
+            raise errors[0]
+        return union(alternatives)
+
+    def merge(self, a: dict, b: Any, hops: int = 0) -> dict:
+        """allOf: one schema with the constraints of both; False when none (what cannot be merged is a 400)."""
+        if b is True or b == {} or a is False or b is False:
+            return False if b is False else a
+        if not isinstance(b, dict):
+            raise self.fail("allOf parts must be schemas (objects)")
+        if "$ref" in b:
+            if hops > SCHEMA_MAX_DEPTH:
+                raise self.fail(f"allOf refers to itself through $ref more than {SCHEMA_MAX_DEPTH} times")
+            rest = {k: v for k, v in b.items() if k != "$ref"}
+            return self.merge(self.merge(a, self.resolve(b["$ref"]), hops + 1), rest, hops + 1)
+        a, b = self.closed_to(a, b), self.closed_to(b, a)
+        out = dict(a)
+        for key, value in b.items():
+            mine = out.get(key)
+            if key not in out or key not in SCHEMA_KEYWORDS:
+                out.setdefault(key, value)
+            elif key == "not":
+                out[key] = {"anyOf": [mine, value]}
+            elif key in ("!enum", "!pattern", "allOf"):
+                out[key] = mine + value
+            elif key in ("dependencies", "dependentRequired", "dependentSchemas", "patternProperties") \
+                    and not set(mine) & set(value):
+                out[key] = {**mine, **value}
+            elif key == "properties" and isinstance(mine, dict) and isinstance(value, dict):
+                out[key] = {**mine, **{k: {"allOf": [mine[k], v]} if k in mine else v for k, v in value.items()}}
+            elif key == "required" and isinstance(mine, list) and isinstance(value, list):
+                out[key] = list(dict.fromkeys(mine + value))
+            elif key in ("minimum", "minLength", "minItems", "minProperties", "maximum", "maxLength", "maxItems",
+                         "maxProperties") and _is_number(mine) and _is_number(value):
+                out[key] = (max if key.startswith("min") else min)(mine, value)
+            elif key == "type":
+                mine, value = _as_list(mine), _as_list(value)
+                kinds = [k for k in mine if k in value]  # and integer, a kind of number
+                if "integer" not in kinds and ("integer" in mine and "number" in value or
+                                               "number" in mine and "integer" in value):
+                    kinds.append("integer")
+                if not kinds:
+                    return False
+                out[key] = kinds
+            elif key == "enum" and isinstance(mine, list) and isinstance(value, list):
+                out[key] = [v for v in mine if _canonical(v) in {_canonical(w) for w in value}]
+            elif key in ("items", "additionalItems", "additionalProperties", "propertyNames") and \
+                    not isinstance(mine, list) and not isinstance(value, list):
+                out[key] = {"allOf": [mine, value]}
+            elif key in ("$defs", "definitions"):
+                out[key] = {**mine, **value}
+            elif _canonical(mine) != _canonical(value):
+                raise self.fail(f"allOf parts with different {key!r} cannot be merged")
+        return out
+
+    @staticmethod
+    def closed_to(one: dict, other: dict) -> dict:
+        """allOf: `one` with the properties only `other` declares held to other's additionalProperties."""
+        extra = other.get("additionalProperties", True)
+        mine, theirs = one.get("properties"), other.get("properties") or {}
+        if extra is True or not isinstance(mine, dict) or other.get("patternProperties") or not isinstance(theirs, dict):
+            return one
+        return {**one, "properties": {k: v if k in theirs else {"allOf": [v, extra]} for k, v in mine.items()}}
+
+    def literals(self, schema: dict, refs: int, depth: int) -> Literals:
+        """enum/const: the listed values that also fit the rest of the schema."""
+        values = self.list_of(schema, "enum") if "enum" in schema else [schema["const"]]
+        if "const" in schema:
+            values = [v for v in values if _canonical(v) == _canonical(schema["const"])]
+        values = [v for v in values if not any(v == w and json_type(v) == json_type(w) for w in schema.get("!enum", []))]
+        texts = [json.dumps(v, ensure_ascii=False, separators=(",", ":")) for v in values]
+        rest = {k: v for k, v in schema.items() if k not in ("enum", "const", "!enum")}
+        if rest:
+            node = self.compile(rest, refs, depth)
+            texts = [t for t in texts if node is not None and accepts_text(node, t)]
+        return Literals(texts) if texts else None
+
+    def count(self, schema: dict, word: str) -> int | None:
+        value = schema.get(word)
+        if value is not None and (not _is_number(value) or value < 0 or value != int(value)):
+            raise self.fail(f"{word!r} must be a non-negative integer")
+        return None if value is None else int(value)
+
+    def string(self, schema: dict) -> Leaf:
+        low, high = self.count(schema, "minLength") or 0, self.count(schema, "maxLength")
+        form, pattern = schema.get("format"), schema.get("pattern")
+        if pattern is not None and not isinstance(pattern, str):
+            raise self.fail("'pattern' must be a string")
+        if form in ("hostname", "idn-hostname"):
+            high = min(high if high is not None else HOSTNAME_MAX_LENGTH, HOSTNAME_MAX_LENGTH)
+        parts = [(FORMATS[form], False)] if form in FORMATS else []   # all hold
+        parts += [(p, True, True) for p in schema.get("!pattern", [])]
+        excluded = [re.escape(v) for v in schema.get("!enum", []) if isinstance(v, str)]
+        parts += [("|".join(excluded), False, True)] if excluded else []
+        try:
+            if pattern is not None or len(parts) > 1 or parts and form not in FORMATS:
+                return Leaf(regex_for(pattern or "", True, tuple(parts)), low, high)
+            return Leaf(regex_for(FORMATS[form], False) if form in FORMATS else ANY_TEXT, low, high)
+        except ValueError as exc:
+            what = f"'pattern' {pattern!r}" if pattern is not None else f"'format' {form!r}" if form in FORMATS \
+                else "'minLength'/'maxLength'"
+            raise self.fail(f"{what}: {exc}") from None
+
+    def bound(self, schema: dict, inclusive: str, exclusive: str, tighter: Callable) -> tuple:
+        """(bound as a Fraction or None, whether it is exclusive), from both keywords."""
+        values = []
+        for word, is_open in ((inclusive, False), (exclusive, True)):
+            value = schema.get(word)
+            if isinstance(value, bool) and word == exclusive:  # draft-04: exclusiveMinimum: true
+                values = [(v, value) for v, _ in values]
+            elif value is not None:
+                if not _is_number(value) or not math.isfinite(value):
+                    raise self.fail(f"{word!r} must be a number")
+                values.append((Fraction(repr(value)) if isinstance(value, float) else Fraction(value), is_open))
+        return tighter(values, key=lambda pair: (pair[0], pair[1] == (tighter is max))) if values else (None, False)
+
+    def number(self, schema: dict, integer: bool) -> Leaf:
+        low, low_open = self.bound(schema, "minimum", "exclusiveMinimum", max)
+        high, high_open = self.bound(schema, "maximum", "exclusiveMaximum", min)
+        step, scale, multiple = 1, 0, schema.get("multipleOf")
+        if multiple is not None:
+            if not _is_number(multiple) or multiple <= 0 or not math.isfinite(multiple):
+                raise self.fail("'multipleOf' must be a positive number")
+            exact = Fraction(repr(multiple)) if isinstance(multiple, float) else Fraction(multiple)
+            # An integer is a multiple of p/q when p divides it. Validators divide floats: 7.77 / 0.01 is not
+            # whole to them, so a step a float cannot hold exactly (0.01, not 0.5) is served by integers.
+            if integer or exact.denominator == 1 or Fraction(float(exact)) != exact:
+                integer, step = True, exact.numerator
+            else:
+                scale = next(k for k in range(JSON_MAX_DIGITS + 1) if (exact * 10 ** k).denominator == 1)
+                step = int(exact * 10 ** scale)
+        excluded = []
+        for value in schema.get("!enum", []):
+            if _is_number(value) and "e" in repr(value).lower():
+                raise self.fail(f"'not' excludes {value!r}, a number this server cannot exclude")
+            if _is_number(value):  # every way this server writes it: 3, 3.0, 3.00...
+                integral = float(value).is_integer()
+                excluded.append("-?" * (value == 0) + re.escape(str(int(value))) + r"(\.0+)?" if integral
+                                else re.escape(repr(value)) + "0*")
+        try:
+            return number_leaf(integer, low, high, low_open, high_open, step, scale, tuple(excluded))
+        except ValueError:
+            raise self.fail("no number is within minimum/maximum and a multiple of multipleOf (and this server "
+                            f"writes one as a regular expression of at most {REGEX_MAX_STATES} states)") from None
+
+    def object(self, schema: dict, refs: int, depth: int) -> Piece | None:
+        """properties in their order, then other keys: those patternProperties or additionalProperties allow.
+
+        Without additionalProperties, this server writes no key beyond properties, patternProperties
+        and required (whose undeclared names take any value).
+        """
+        properties, required = schema.get("properties", {}), schema.get("required", [])
+        patterns = schema.get("patternProperties", {})
+        if not isinstance(properties, dict) or not isinstance(required, list) or not isinstance(patterns, dict) or \
+                not all(isinstance(name, str) for name in required):
+            raise self.fail("'properties' and 'patternProperties' must be objects and 'required' a list of names")
+        extra = schema.get("additionalProperties", None if properties or patterns else True)
+        try:
+            regexes = [regex_for(p) for p in patterns]
+            names = self.property_names(schema.get("propertyNames"), refs, depth)
+        except ValueError as exc:
+            raise self.fail(f"'patternProperties': {exc}") from None
+        props, banned = [], []
+        for name in dict.fromkeys([*properties, *required]):
+            matched = [sub for p, sub in zip(regexes, patterns.values()) if p.matches(name)]
+            own = properties.get(name, True if extra is None else extra)
+            node = None if names and not accepts_text(names, json.dumps(name)) else \
+                self.compile({"allOf": [own, *matched]} if matched else own, refs, depth + 1)
+            if node is None and name in required:
+                return None
+            props.append((name, node, name in required)) if node is not None else banned.append(name)
+        values = self.pattern_values(patterns, regexes, extra, refs, depth)
+        key = names or ANY_STRING
+        if regexes and extra in (None, False) and isinstance(key, Literals):  # other keys must match a pattern
+            key = Literals(t for t in key.texts if any(r.matches(json.loads(t)) for r in regexes))
+        elif regexes and extra in (None, False):
+            try:
+                key = Leaf(regex_for("|".join(f"(?:{p})" for p in patterns), True, key.regex.source), key.min_len,
+                             key.max_len)
+            except ValueError as exc:
+                raise self.fail(f"'patternProperties'/'propertyNames': {exc}") from None
+        try:
+            return Object(tuple(props), None, self.count(schema, "minProperties") or 0,
+                          self.count(schema, "maxProperties"), key, tuple(banned), tuple(regexes), values)
+        except ValueError as exc:
+            raise self.fail(str(exc)) from None
+
+    def pattern_values(self, patterns_of: dict, regexes: list, extra: Any, refs: int, depth: int) -> dict:
+        """An extra key's value node by the patterns it matches (a tuple of indices; (): additionalProperties)."""
+        values = {} if extra in (None, False) else {(): self.compile(extra, refs, depth + 1)}
+        if len(regexes) > 6:
+            raise self.fail("more than 6 'patternProperties' patterns")
+        for size in range(1, len(regexes) + 1):
+            for chosen in itertools.combinations(range(len(regexes)), size):
+                if size > 1 and chosen[:-1] not in values:
+                    continue
+                try:  # can one key match all of them?
+                    regex_for("", True, tuple((list(patterns_of)[i], True) for i in chosen))
+                except ValueError:
+                    continue
+                values[chosen] = self.compile({"allOf": [list(patterns_of.values())[i] for i in chosen]}, refs, depth + 1)
+        return {k: v for k, v in values.items() if v is not None}
+
+    def property_names(self, names: Any, refs: int, depth: int) -> Piece | None:
+        """propertyNames as a key leaf (a string or enum piece), None when absent."""
+        if names in (None, True, {}):
+            return None
+        node = self.compile(names if names is False else {"type": "string", **names}, refs, depth + 1)
+        if node is not None and not isinstance(node, (Leaf, Literals)):
+            raise self.fail("'propertyNames' is enforced as a string schema (pattern, lengths, format, enum)")
+        if node is None:
+            raise self.fail("'propertyNames' allows no name")
+        return node
+
+    def array(self, schema: dict, refs: int, depth: int) -> Piece | None:
+        items, prefix = schema.get("items"), schema.get("prefixItems", [])
+        if isinstance(items, list):  # draft-07 tuples: items as a list, then additionalItems
+            prefix, items = items, schema.get("additionalItems")
+        if not isinstance(prefix, list):
+            raise self.fail("'prefixItems' must be a list of schemas")
+        low, high = self.count(schema, "minItems") or 0, self.count(schema, "maxItems")
+        nodes = []
+        for sub in prefix:
+            node = self.compile(sub, refs, depth + 1)
+            if node is None:  # no value fits this position: the array ends before it
+                high, items = len(nodes) if high is None else min(high, len(nodes)), False
+                break
+            nodes.append(node)
+        if items is None:
+            items = True if not prefix or low > len(prefix) else False
+        rest = self.compile(items, refs, depth + 1)
+        unique = schema.get("uniqueItems") is True
+        if unique:
+            nodes, rest = [self.unique_leaf(n) for n in nodes], rest and self.unique_leaf(rest)
+        try:
+            return Array(tuple(nodes), rest, low, high, unique)
+        except ValueError as exc:
+            raise self.fail(str(exc)) from None
+
+    def unique_leaf(self, node: Piece) -> Piece:
+        """uniqueItems: items must be values whose JSON text is their identity (see Array)."""
+        alternatives = node.alternatives
+        if all(isinstance(a, Literals) for a in alternatives):
+            return Literals(t for a in alternatives for t in a.texts)
+        if len(alternatives) == 1 and isinstance(node, Leaf) and node.by_text:
+            return node
+        raise self.fail("'uniqueItems' is enforced for items that are strings, integers, or enum/const/boolean/null "
+                        "values")
+
+
+def accepts_text(node: Piece, text: str) -> bool:
+    """Whether the automaton for `node` takes `text` as a whole value."""
+    return json_complete(json_advance(json_start(node), text))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _names(schema: dict) -> list:
+    """A schema's required names (none when `required` is not a list)."""
+    required = schema.get("required") if isinstance(schema, dict) else None
+    return required if isinstance(required, list) else []
+
+
+def _as_list(value: Any) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+JSON_TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
+
+
+def json_type(value: Any) -> str:
+    """A JSON value's type by JSON Schema's names (an integral number is an integer)."""
+    if isinstance(value, bool) or value is None:
+        return "boolean" if value is not None else "null"
+    if isinstance(value, (int, float)):
+        return "integer" if float(value).is_integer() else "number"
+    return {dict: "object", list: "array", str: "string"}[type(value)]
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def compile_schema(schema: Any, root: Any, param: str) -> Piece:
+    """Compile a JSON Schema (the keywords in SCHEMA_KEYWORDS) or raise a 400 naming `param`."""
+    try:
+        node = SchemaCompiler(root if isinstance(root, dict) else {}, param).compile(schema)
+    except RecursionError:
+        raise invalid(f"'{param}': the schema nests too deeply for this server", param) from None
+    if node is None:
+        raise invalid(f"'{param}': no JSON value satisfies this schema as this server enforces it (its oneOf "
+                      f"branches kept apart, its recursion cut at {SCHEMA_MAX_REFS} levels of $ref)", param)
+    return node
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """Output the engine must produce: JSON text matching `node`."""
+
+    node: Piece
+    key: str                  # canonical JSON of the schema: equal keys share cached token masks
+    tool_call: bool = False   # wrapped in the model's tool-call markers
+
+
+def tool_call_constraint(tools: list[dict]) -> Constraint:
+    """Output forced to be one call, {"name": ..., "arguments": {...}}, of one of `tools`."""
+    calls = []
+    for tool in tools:
+        function = tool["function"]
+        schema = function.get("parameters") or {"type": "object"}
+        name = Literals((json.dumps(function["name"], ensure_ascii=False),))
+        calls.append(Object((("name", name, True), ("arguments", compile_schema(schema, schema, "tools"), True))))
+    key = json.dumps([t["function"] for t in tools], sort_keys=True)
+    return Constraint(union(calls), key, tool_call=True)
+
+
+# -- JSON-constrained decoding: the automaton lifted to tokens
+#
+# A token may follow a state when the automaton takes its whole text. Masks are
+# built by walking a trie of the vocabulary's token texts, and inside strings by
+# a trie of class ids of the plain tokens (those of ordinary characters) for the
+# string's regex, so a length or a pattern does not mean a walk of every token.
+# Masks are cached per state, with string lengths reduced to what can matter
+# within one token (Leaf.key), so long strings reuse them.
+
+class TokenTable:
+    """A vocabulary's token texts, indexed for constrained decoding; one per tokenizer.
+
+    Special tokens (end of sequence included) and tokens that decode to part
+    of a character are left out, so constrained text is made of whole
+    characters and never of control tokens.
+    """
+
+    def __init__(self, tokenizer: Any):
+        self.size = len(tokenizer)
+        self.eos = sorted(tokenizer.eos_token_ids)
+        self.texts = token_texts(tokenizer, self.size)
+        self.trie: dict = {}                       # char -> child; "" -> ids ending here
+        self.plain: list[int] = []                 # tokens that are only ordinary string characters
+        self.marked: list[tuple[int, str]] = []    # every other usable token, with its text
+        for token, text in enumerate(self.texts):
+            if not text:
+                continue
+            node = self.trie
+            for ch in text:
+                node = node.setdefault(ch, {})
+            node.setdefault("", []).append(token)
+            if all(ch >= " " and ch not in '"\\' for ch in text):
+                self.plain.append(token)
+            else:
+                self.marked.append((token, text))
+        self.reach = max(map(len, filter(None, self.texts)), default=1)   # the longest token, in characters
+        self.plain_chars = sorted({ch for token in self.plain for ch in self.texts[token]})
+        self.class_tries = Cache(JSON_CONSTRAINT_CACHE * 4)
+
+    def class_trie(self, regex: Regex) -> dict:
+        """The plain tokens as a trie over `regex`'s class ids (chr(id) -> child; "" -> ids); cached."""
+        return self.class_tries.get_or(regex, lambda: self._class_trie(regex))
+
+    def _class_trie(self, regex: Regex) -> dict:
+        classes = str.maketrans({ch: chr(regex.class_id(ch)) for ch in self.plain_chars})
+        groups: dict[str, list[int]] = {}
+        for token in self.plain:
+            groups.setdefault(self.texts[token].translate(classes), []).append(token)
+        trie: dict = {}
+        for key, tokens in groups.items():
+            node = trie
+            for ch in key:
+                node = node.setdefault(ch, {})
+            node.setdefault("", []).extend(tokens)
+        return trie
+
+
+def token_texts(tokenizer: Any, size: int) -> list[str | None]:
+    """Each token id's text as it reads inside a sequence; None for unusable ones."""
+    # Decoded after an anchor token, so SentencePiece's leading space is kept.
+    anchor = tokenizer.encode("a", add_special_tokens=False)[-1]
+    head = tokenizer.decode([anchor])
+    special = set(getattr(tokenizer, "all_special_ids", ())) | set(tokenizer.eos_token_ids)
+    decoded = tokenizer.batch_decode([[anchor, token] for token in range(size)])
+    return [text[len(head):] if token not in special and text.startswith(head) and "\ufffd" not in text
+            else None for token, text in enumerate(decoded)]
+
+
+_TOKEN_TABLES: dict[int, tuple[Any, TokenTable]] = {}
+_CONSTRAINTS = Cache(JSON_CONSTRAINT_CACHE)
+
+
+def token_table(tokenizer: Any) -> TokenTable:
+    """The tokenizer's TokenTable, built on first use (about a second for 50k tokens)."""
+    entry = _TOKEN_TABLES.get(id(tokenizer))
+    if entry is None:
+        entry = _TOKEN_TABLES[id(tokenizer)] = (tokenizer, TokenTable(tokenizer))
+    return entry[1]
+
+
+class JsonMasks:
+    """Which tokens may come next in each automaton state of one constraint (cached)."""
+
+    def __init__(self, table: TokenTable, start: tuple):
+        self.table = table
+        self.start = start
+        self.slack = commitment(start)
+        self.masks, self.closings, self.plains = (Cache(JSON_MASK_CACHE_STATES) for _ in range(3))
+
+    def key(self, state: tuple) -> tuple:
+        """The state as the cache sees it: a top Leaf frame reduced by Leaf.key (leaves are always on top)."""
+        return tuple(stack[:-1] + (stack[-1][0].key(stack[-1], self.table.reach),)
+                     if stack and isinstance(stack[-1][0], Leaf) else stack for stack in state)
+
+    def allowed(self, state: tuple, width: int) -> Any:
+        """A boolean mx.array over `width` logits: the tokens that keep `state` alive."""
+        return self.masks.get_or(self.key(state), lambda: self._build(state, width))
+
+    def closing(self, state: tuple) -> list[int] | None:
+        """The tokens that spell a shortest closing text from `state`, each the longest that fits (cached)."""
+        return self.closings.get_or(self.key(state), lambda: self._spell(json_closing_text(state)))
+
+    def _spell(self, text: str | None) -> list[int] | None:
+        ids, at = [], 0
+        if text is None:
+            return None
+        while at < len(text):
+            node, best = self.table.trie, None
+            for end in range(at, len(text)):
+                node = node.get(text[end])
+                if node is None:
+                    break
+                if node.get(""):
+                    best = (node[""][0], end + 1)
+            if best is None:
+                return None  # no token spells the next character
+            ids.append(best[0])
+            at = best[1]
+        return ids
+
+    def _build(self, state: tuple, width: int) -> Any:
+        import mlx.core as mx
+        table, ids, walk, plain = self.table, [], [], mx.zeros((width,), dtype=mx.bool_)
+        for stack in state:
+            top = stack[-1] if stack else None
+            if top is not None and isinstance(top[0], Leaf) and top[0].quoted and top[3] == "" and (
+                    top[4] is None or top[0].max_len is None and top[0].regex is ANY_TEXT):
+                # Inside a string, a plain token cannot leave it: its fate is the regex's and
+                # the length's alone (Leaf.plain_tokens); only the other tokens need a walk.
+                plain = plain | self._plain(top)
+                ids += [t for t, text in table.marked if json_advance((stack,), text)]
+            else:
+                walk.append(stack)
+        if walk:
+            ids += self._walk(tuple(walk))
+        if json_complete(state):
+            ids += table.eos
+        return plain | self.ids_mask(ids, width)
+
+    def _plain(self, frame: tuple) -> Any:
+        """The mask of plain tokens for a string Leaf frame, cached by its regex state and length."""
+        return self.plains.get_or(frame[0].key(frame, self.table.reach)[:4], lambda: self.ids_mask(
+            frame[0].plain_tokens(frame, self.table.class_trie(frame[0].regex)), self.table.size))
+
+    @staticmethod
+    def ids_mask(ids: list[int], width: int) -> Any:
+        """A boolean mask over `width` logits, true at `ids`."""
+        import mlx.core as mx
+        mask = mx.zeros((width,), dtype=mx.bool_)
+        ids = [t for t in ids if t < width]
+        if ids:
+            mask[mx.array(ids)] = True
+        return mask
+
+    def _walk(self, state: tuple) -> list[int]:
+        """Depth-first over the token trie, following only characters the automaton takes."""
+        ids, todo = [], [(self.table.trie, state)]
+        while todo:
+            node, at = todo.pop()
+            for ch, child in node.items():
+                if ch and (after := json_advance(at, ch)):
+                    ids.extend(child.get("", ()))
+                    todo.append((child, after))
+        return ids
+
+def commitment(start: tuple) -> int:
+    """The most one token can add to the closing text, in characters (so in tokens at most).
+
+    A token that writes a key, opens an array item or picks an anyOf branch
+    commits the output to that value's shortest text; JsonConstraint starts
+    closing this much early, so no such step can leave too few tokens.
+    """
+    todo = [frame[1] for stack in start for frame in stack if frame[0] is VALUE]
+    seen, most = set(), 0
+    while todo:
+        piece = todo.pop()
+        if id(piece) in seen:
+            continue
+        seen.add(id(piece))
+        children = list(piece.alternatives) if isinstance(piece, Union) else []
+        if isinstance(piece, Object):
+            children = [node for _, node, _ in piece.props] + [n for n in piece.values.values() if n is not None]
+            most = max([most] + [len(key) + 2 for key in piece.keys])
+        elif isinstance(piece, Array):
+            children = list(piece.prefix) + [piece.items] * (piece.items is not None)
+        most = max([most] + [len(child.min_text) + 1 for child in children])
+        todo += children
+    return 2 * most
+
+
+def json_masks(tokenizer: Any, key: tuple, start: tuple) -> JsonMasks:
+    """The shared, cached masks for a constraint: requests with the same schema reuse them."""
+    return _CONSTRAINTS.get_or((id(tokenizer),) + key, lambda: JsonMasks(token_table(tokenizer), start))
+
+
+class JsonConstraint:
+    """A logits processor that only lets through tokens keeping the output valid JSON.
+
+    Called once per generated token (mlx_lm's convention). It tracks the
+    automaton state from the tokens sampled so far; when the tokens left are
+    just enough to spell the shortest closing text, it spells it, so the output
+    is complete JSON whenever max_tokens allows that at all. Once the JSON is
+    complete only end-of-sequence tokens remain.
+    """
+
+    stateful = True   # follows the tokens sampled so far, one call per token
+
+    def __init__(self, masks: JsonMasks, budget: int):
+        self.masks = masks
+        self.state = masks.start
+        self.left = budget           # tokens still to be sampled, this one included
+        self.started = False
+        self.plan: list[int] | None = None   # the closing tokens still to come, once closing
+
+    def __call__(self, tokens: Any, logits: Any) -> Any:
+        import mlx.core as mx
+        if self.started:
+            self._advance(int(tokens[-1].item()))
+        self.started = True
+        width = logits.shape[-1]
+        if self.plan is None and not json_complete(self.state):
+            plan = self.masks.closing(self.state)
+            if plan is not None and len(plan) + 1 + self.masks.slack >= self.left:
+                self.plan = plan
+        mask = self._mask(width)
+        self.left -= 1
+        return mx.where(mask, logits, mx.array(-math.inf, dtype=logits.dtype))
+
+    def _mask(self, width: int) -> Any:
+        if self.state and self.plan:
+            return self.masks.ids_mask(self.plan[:1], width)
+        if self.state and self.plan is None:
+            return self.masks.allowed(self.state, width)
+        return self.masks.ids_mask(self.masks.table.eos, width)  # closed, finished or dead: only the end remains
+
+    def _advance(self, token: int) -> None:
+        text = self.masks.table.texts[token] if token < len(self.masks.table.texts) else None
+        self.state = json_advance(self.state, text) if text else ()
+        if self.plan:
+            self.plan = self.plan[1:]
 
 
 # ---------------------------------------------------------------------------
@@ -563,6 +2583,9 @@ class GenerationRequest:
     template_args: dict = dataclasses.field(default_factory=dict)  # chat: extra chat template arguments
     split_reasoning: bool = False                # a thinking model's reasoning leaves the text (ReasoningSplitter)
     n: int = 1                                   # choices, decoded together, each in a slot of its own
+    show_reasoning: bool = True                  # reasoning reaches the client (the dialects: when asked for)
+    echo: dict = dataclasses.field(default_factory=dict)        # request fields a dialect's reply repeats back
+    tool_kinds: dict = dataclasses.field(default_factory=dict)  # Responses: rendered tool name -> its kind and namespace
 
 
 def decode_json_body(raw: bytes) -> dict:
@@ -705,13 +2728,31 @@ def parse_tool_calls(calls: Any, param: str) -> list[dict]:
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
             raise invalid(f"'{param}[{i}]' must be {{\"type\": \"function\", \"function\": {{\"name\", "
                           f"\"arguments\"}}}}", param)
-        arguments = function.get("arguments") or "{}"
-        try:
-            arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
-        except ValueError:
-            raise invalid(f"'{param}[{i}].function.arguments' is not valid JSON", param) from None
+        # Replayed history is taken as sent: arguments that are no JSON object (a model's own slip, sent
+        # back by the agent) are wrapped as the server wraps them on the way out, never a 400.
+        arguments = tool_arguments(function.get("arguments") or "{}")
         out.append({**call, "function": {**function, "arguments": arguments}})
     return out
+
+
+def tool_arguments(value: Any, schema: dict | None = None) -> dict:
+    """A tool call's arguments as a JSON object, whatever a model or a client wrote.
+
+    JSON text of an object is decoded; anything else (other JSON, or text
+    that is no JSON at all, such as `ls -la`) is wrapped: under the schema's
+    one property when it has exactly one, else under RAW_ARGUMENTS_KEY. So
+    arguments going out are always a JSON object, and replayed ones parse.
+    """
+    parsed = value
+    if isinstance(value, str):
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = value
+    if isinstance(parsed, dict):
+        return parsed
+    names = list((schema or {}).get("properties") or {}) if isinstance(schema, dict) else []
+    return {names[0] if len(names) == 1 else RAW_ARGUMENTS_KEY: parsed}
 
 
 MEDIA_PARTS = ("image_url", "input_image", "input_audio", "input_file", "file", "image", "document")
@@ -752,1337 +2793,6 @@ def parse_prompt(prompt: Any) -> str | tuple[int, ...]:
     if prompt and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt):
         return tuple(prompt)
     raise invalid("'prompt' must be a string, a list holding one string, or a non-empty list of token ids", "prompt")
-
-
-# -- JSON Schema, compiled to a character automaton ----------------------------
-#
-# compile_schema() turns a schema into a graph of pieces: Literals (enum,
-# const, true/false/null, object keys), String (a Regex over the decoded
-# characters, with lengths), Number (bounds, multipleOf), Object, Array and
-# Union (anyOf). json_advance() runs the graph over text as a pushdown
-# automaton. A state is a tuple of stacks, one per live anyOf branch; a stack
-# is a tuple of frames, innermost last; a frame is a tuple whose first item is
-# its piece. Everything hashes, so token masks are cached per state (JsonMasks,
-# in the engine section). For its frames, each piece answers
-#   step(frame, ch) -> frame tuples that replace it (() pops it), or REFEED:
-#                      the value was complete before `ch`, which goes to the parent;
-#   done(frame)     -> whether the value is complete;
-#   finish(frame)   -> a short text that completes it (closing in time for max_tokens);
-# and each piece has min_text, a shortest complete value of its own. A leaf
-# (Literals, String, Number) is always a top frame; its frame ends with (ex,
-# text): an exclusion (forbidden texts, whether to keep all of the text) for
-# uniqueItems and extra object keys, and its raw JSON text so far.
-#
-# Whitespace: up to JSON_MAX_WHITESPACE characters wherever JSON allows them
-# (newlines and indentation as models write them), so output stays finite.
-# Recursive $refs are unrolled SCHEMA_MAX_REFS deep; there the branch ends.
-
-JSON_WHITESPACE = " \t\n\r"
-JSON_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
-HEX_DIGITS = "0123456789abcdefABCDEF"
-REFEED = "refeed"
-
-
-# A character set is (negated, ((lo, hi) code point ranges), parts); a part is
-# a nested set or the name of a predicate below.
-CHAR_PREDICATES = {"decimal": str.isdecimal, "word": lambda c: c.isalnum() or c == "_",
-                   "space": lambda c: c.isspace() or c == "\ufeff"}
-
-
-def in_charset(charset: tuple, ch: str) -> bool:
-    negated, ranges, parts = charset
-    code = ord(ch)
-    hit = (any(lo <= code <= hi for lo, hi in ranges)
-           or any(CHAR_PREDICATES[p](ch) if isinstance(p, str) else in_charset(p, ch) for p in parts))
-    return hit != negated
-
-
-def charset(ranges=(), parts=(), negated=False) -> tuple:
-    return (negated, tuple(ranges), tuple(parts))
-
-
-def negate(cs: tuple) -> tuple:
-    return (not cs[0], cs[1], cs[2])
-
-
-ANY_CHAR = charset(negated=True)
-# \d \w \s as (narrow, wide): narrow holds only what both ECMAScript (JSON
-# Schema's dialect) and Python's re (which validators run) match, wide all that
-# either may. Classes use narrow, [^...] uses wide: output satisfies both.
-SHORTHANDS = {"d": (charset([(48, 57)]), charset(parts=["decimal"])),
-              "w": (charset([(48, 57), (65, 90), (95, 95), (97, 122)]), charset(parts=["word"])),
-              "s": (charset([(9, 13), (32, 32)]), charset(parts=["space"]))}
-SHORTHANDS.update({k.upper(): (negate(wide), negate(narrow)) for k, (narrow, wide) in list(SHORTHANDS.items())})
-REGEX_ESCAPES = {"t": 9, "n": 10, "v": 11, "f": 12, "r": 13, "0": 0}
-DOT = charset([(10, 10), (13, 13), (0x2028, 0x2029)], negated=True)   # ECMAScript's '.'
-QUANTIFIER = re.compile(r"([*+?])|\{(\d+)(,(\d*))?\}")
-
-
-class RegexParser:
-    """A recursive-descent parser for the regular expressions JSON Schemas use.
-
-    Tree nodes: ("chars", charset), ("seq", [...]), ("alt", [...]),
-    ("rep", node, min, max or None), ("anchor", "^" or "$"). Raises ValueError
-    naming what it does not support (lookaround, backreferences, \b, flags).
-    """
-
-    def __init__(self, text: str):
-        self.text, self.pos = text, 0
-
-    def parse(self) -> tuple:
-        tree = self.alternation()
-        if self.pos < len(self.text):
-            raise ValueError(f"unbalanced ')' at {self.pos}")
-        return tree
-
-    def take(self, chars: str) -> bool:
-        found = self.text[self.pos:self.pos + 1] in tuple(chars)
-        self.pos += found
-        return found
-
-    def alternation(self) -> tuple:
-        branches = [self.sequence()]
-        while self.take("|"):
-            branches.append(self.sequence())
-        return ("alt", branches)
-
-    def sequence(self) -> tuple:
-        items = []
-        while self.text[self.pos:self.pos + 1] not in ("", "|", ")"):
-            item = self.atom()
-            while match := QUANTIFIER.match(self.text, self.pos):
-                if item[0] == "anchor":
-                    raise ValueError("a quantifier after an anchor")
-                self.pos = match.end()
-                self.take("?")  # a lazy quantifier matches the same strings
-                low, high = {"*": (0, None), "+": (1, None), "?": (0, 1)}.get(match[1]) or \
-                    (int(match[2]), int(match[2]) if match[3] is None else int(match[4]) if match[4] else None)
-                if high is not None and high < low:
-                    raise ValueError(f"{match[0]} has its bounds reversed")
-                item = ("rep", item, low, high)
-            items.append(item)
-        return ("seq", items)
-
-    def atom(self) -> tuple:
-        ch = self.text[self.pos]
-        self.pos += 1
-        if ch == "(":
-            group = re.match(r"\?:|\?<[A-Za-z_]\w*>", self.text[self.pos:])  # (?:...) and named groups
-            self.pos += group.end() if group else 0
-            if self.text.startswith("?", self.pos):
-                raise ValueError("lookaround and inline flags (?...) are not supported")
-            tree = self.alternation()
-            if not self.take(")"):
-                raise ValueError("unbalanced '('")
-            return tree
-        if ch in "^$":
-            return ("anchor", ch)
-        if ch in "*+?" or QUANTIFIER.match(self.text, self.pos - 1):
-            raise ValueError(f"nothing to repeat at {self.pos - 1}")
-        return ("chars", DOT if ch == "." else self.bracket() if ch == "[" else self.item(ch, narrow=True))
-
-    def item(self, ch: str, narrow: bool) -> tuple:
-        """One character or escape (already taken: `ch`) as a set: narrow or wide shorthands (see SHORTHANDS)."""
-        if ch != "\\":
-            return charset([(ord(ch), ord(ch))])
-        ch = self.text[self.pos:self.pos + 1]
-        self.pos += 1
-        if ch in SHORTHANDS:
-            return SHORTHANDS[ch][0 if narrow else 1]
-        hexes = re.match({"x": "[0-9a-fA-F]{2}", "u": "[0-9a-fA-F]{4}"}.get(ch, "^$"), self.text[self.pos:])
-        if hexes and hexes.end():
-            self.pos += hexes.end()
-            code = int(hexes[0], 16)
-        elif ch in REGEX_ESCAPES or not (ch == "" or ch.isalnum()):
-            code = REGEX_ESCAPES.get(ch, ord(ch or "\0"))
-        else:
-            raise ValueError(f"the escape \\{ch} is not supported")
-        return charset([(code, code)])
-
-    def bracket(self) -> tuple:
-        """A class [...], its "[" taken; [^...] takes wide shorthands. A "]" first is a literal, as in Python."""
-        negated = self.take("^")
-        ranges, parts = [], []
-        while not ((ranges or parts) and self.take("]")):
-            if self.pos >= len(self.text):
-                raise ValueError("unbalanced '['")
-            low = self.member(negated)
-            if isinstance(low, tuple):
-                parts.append(low)
-                continue
-            high = low
-            if self.text[self.pos:self.pos + 1] == "-" and self.text[self.pos + 1:self.pos + 2] not in ("]", ""):
-                self.pos += 1
-                high = self.member(negated)
-                if isinstance(high, tuple) or high < low:
-                    raise ValueError("a bad range in a character class")
-            ranges.append((low, high))
-        return charset(ranges, parts, negated)
-
-    def member(self, negated: bool) -> int | tuple:
-        """A code point, or a shorthand's set, inside [...] (where \\b is a backspace)."""
-        ch = self.text[self.pos]
-        self.pos += 1
-        if ch == "\\" and self.take("b"):
-            return 8
-        cs = self.item(ch, narrow=not negated)
-        return cs[1][0][0] if not cs[0] and not cs[2] and cs[1][0][0] == cs[1][0][1] else cs
-
-
-ANYTHING = ("rep", ("chars", ANY_CHAR), 0, None)
-
-
-def anchored(tree: tuple) -> tuple:
-    """A pattern's tree for a full match: JSON Schema patterns search, so unanchored ends match anything."""
-    branches = []
-    for _, items in (branch for branch in tree[1]):
-        head = items[:1] == [("anchor", "^")]
-        tail = items[-1:] == [("anchor", "$")] and len(items) > head
-        branches.append(("seq", [ANYTHING] * (not head) + items[head:len(items) - tail] + [ANYTHING] * (not tail)))
-    if "'anchor'" in repr(branches):
-        raise ValueError("'^' and '$' are supported only at the start and end of the pattern")
-    return ("alt", branches)
-
-
-class Regex:
-    """A regular expression as a lazily built DFA over character classes.
-
-    States are frozensets of NFA states (None: dead or unable to finish).
-    Characters are mapped to class ids (the sets they belong to), so the DFA
-    and the vocabulary's class trie (TokenTable.class_trie) work on ids.
-    """
-
-    def __init__(self, pattern: str, search: bool = True):
-        tree = RegexParser(pattern).parse()
-        self.edges: list[list[tuple[int | None, int]]] = []  # per NFA state: (charset index or None, target)
-        self.charset_index: dict[tuple, int] = {}
-        self.final = self._build(anchored(tree) if search else tree, self._new())
-        self.charsets = tuple(self.charset_index)
-        self.start = self._closure({0})
-        self.class_ids: dict[str, int] = {}
-        self.class_sigs: dict[int, int] = {}   # signature (bit i: in charset i) -> class id
-        self.sigs: list[int] = []              # class id -> signature
-        self.lock = threading.Lock()
-        self.moves: dict[tuple, frozenset | None] = {}
-        self.tails: dict[frozenset, str | None] = {}
-        self.reps = self._representatives()
-        if self.shortest(self.start) is None:
-            raise ValueError("the pattern matches nothing")
-
-    def __getstate__(self) -> dict:
-        # Sharded, a request's constraint travels pickled to the other ranks (see GroupLink):
-        # the lock stays behind and the caches (moves, tails) are rebuilt there as needed.
-        return {**self.__dict__, "lock": None, "moves": {}, "tails": {}}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, lock=threading.Lock())
-
-    def _new(self) -> int:
-        if len(self.edges) >= REGEX_MAX_STATES:
-            raise ValueError(f"the pattern is too large (over {REGEX_MAX_STATES} states once repeats are expanded)")
-        self.edges.append([])
-        return len(self.edges) - 1
-
-    def _build(self, tree: tuple, state: int) -> int:
-        kind = tree[0]
-        if kind == "chars":
-            end = self._new()
-            self.edges[state].append((self.charset_index.setdefault(tree[1], len(self.charset_index)), end))
-            return end
-        if kind == "seq":
-            for item in tree[1]:
-                state = self._build(item, state)
-            return state
-        if kind == "alt":
-            end = self._new()
-            for branch in tree[1]:
-                self.edges[self._build(branch, state)].append((None, end))
-            return end
-        _, item, low, high = tree
-        for _ in range(low):
-            state = self._build(item, state)
-        if high is None:
-            loop = self._new()
-            self.edges[state].append((None, loop))
-            self.edges[self._build(item, loop)].append((None, loop))
-            return loop
-        ends = [state]
-        for _ in range(high - low):
-            ends.append(self._build(item, ends[-1]))
-        end = self._new()
-        for state in ends:
-            self.edges[state].append((None, end))
-        return end
-
-    def _closure(self, states: set) -> frozenset:
-        todo, seen = list(states), set(states)
-        while todo:
-            for index, target in self.edges[todo.pop()]:
-                if index is None and target not in seen:
-                    seen.add(target)
-                    todo.append(target)
-        return frozenset(seen)
-
-    def class_id(self, ch: str) -> int:
-        """The id of the class of characters that behave like `ch` everywhere in this regex."""
-        cid = self.class_ids.get(ch)
-        if cid is None:
-            sig = sum(1 << i for i, cs in enumerate(self.charsets) if in_charset(cs, ch))
-            with self.lock:  # shared across requests: handler threads (enum checks) and the engine
-                cid = self.class_ids[ch] = self.class_sigs.setdefault(sig, len(self.class_sigs))
-                if cid == len(self.sigs):
-                    self.sigs.append(sig)
-        return cid
-
-    def _representatives(self) -> dict[int, str]:
-        """One character per class seen in a sample covering every set's edges: class id -> char."""
-        codes = [*range(48, 58), *range(97, 123), *range(65, 91), *range(32, 127), *range(0, 32), *range(127, 0x250),
-                 0x660, 0x2028, 0x2029, 0x3000, 0xfeff, 0x4e00, 0x1f600]
-        for negated, ranges, parts in self.charsets:
-            codes += [c for lo, hi in ranges for c in (lo - 1, lo, hi, hi + 1) if 0 <= c <= 0x10ffff]
-        reps: dict[int, str] = {}
-        for code in codes:
-            if not 0xd800 <= code <= 0xdfff:
-                reps.setdefault(self.class_id(chr(code)), chr(code))
-        return reps
-
-    def _move(self, state: frozenset, cid: int) -> frozenset | None:
-        key = (state, cid)
-        if key not in self.moves:
-            sig = self.sigs[cid]
-            targets = {t for s in state for index, t in self.edges[s] if index is not None and sig >> index & 1}
-            self.moves[key] = self._closure(targets) if targets else None
-        return self.moves[key]
-
-    def move(self, state: frozenset, ch: str) -> frozenset | None:
-        """The state after `ch`; None when no match can follow."""
-        nxt = self._move(state, self.class_id(ch))
-        return nxt if nxt is not None and self.shortest(nxt) is not None else None
-
-    def accepts(self, state: frozenset) -> bool:
-        return self.final in state
-
-    def shortest(self, state: frozenset) -> str | None:
-        """A shortest text that takes `state` to a match (breadth first over class representatives)."""
-        if state not in self.tails:
-            parents, queue, found = {state: None}, [state], None
-            for current in queue:
-                if self.accepts(current):
-                    found = current
-                    break
-                for cid, ch in self.reps.items():
-                    nxt = self._move(current, cid)
-                    if nxt is not None and nxt not in parents:
-                        parents[nxt] = (current, ch)
-                        queue.append(nxt)
-            path = []
-            while found is not None and parents[found] is not None:
-                found, ch = parents[found]
-                path.append(ch)
-            self.tails[state] = None if found is None else "".join(reversed(path))
-        return self.tails[state]
-
-    def distance(self, state: frozenset) -> float:
-        tail = self.shortest(state)
-        return math.inf if tail is None else len(tail)
-
-
-@functools.lru_cache(maxsize=256)
-def regex_for(pattern: str, search: bool = True) -> Regex:
-    """The compiled Regex for a pattern, shared (with its DFA) across requests."""
-    return Regex(pattern, search)
-
-
-ANY_TEXT = regex_for("")   # an empty pattern matches every string
-
-
-def _track(ex: tuple | None, text: str | None, ch: str) -> str | None:
-    """A leaf's raw text after `ch`, under an exclusion: whole when recording, else only while it could become a forbidden text."""
-    if ex is None or text is None:
-        return text
-    text += ch
-    forbidden, record = ex
-    return text if record or any(f.startswith(text) for f in forbidden) else None
-
-
-class Piece:
-    """A compiled schema node; compared by identity."""
-
-    min_text = ""
-
-    @property
-    def alternatives(self) -> tuple:
-        return (self,)
-
-    def done(self, frame: tuple) -> bool:
-        return False
-
-    def child_done(self, frame: tuple, child: tuple) -> tuple | None:
-        """This frame once its child value `child` is complete; None to refuse it."""
-        return frame
-
-
-class Literals(Piece):
-    """One of a fixed set of JSON texts: enum, const, true/false/null, object keys, tool-call markers.
-
-    Frame: (piece, ex, typed).
-    """
-
-    def __init__(self, texts):
-        self.texts = tuple(dict.fromkeys(texts))
-        self.min_text = min(self.texts, key=len)
-
-    def begin(self, ch: str, ex: tuple | None) -> list:
-        return self.step((self, ex, ""), ch)
-
-    def step(self, frame: tuple, ch: str) -> list:
-        _, ex, typed = frame
-        out = [REFEED] if self.done(frame) else []
-        typed += ch
-        if any(t.startswith(typed) and (ex is None or t not in ex[0]) for t in self.texts):
-            out.append(((self, ex, typed),))
-        return out
-
-    def done(self, frame: tuple) -> bool:
-        _, ex, typed = frame
-        return typed in self.texts and (ex is None or typed not in ex[0])
-
-    def finish(self, frame: tuple) -> str:
-        _, ex, typed = frame
-        return min((t for t in self.texts if t.startswith(typed) and (ex is None or t not in ex[0])), key=len)[len(typed):]
-
-    def first(self, forbidden: frozenset) -> str | None:
-        return min((t for t in self.texts if t not in forbidden), key=len, default=None)
-
-
-class String(Piece):
-    """A JSON string whose decoded text matches `regex` and has min_len to max_len characters.
-
-    Frame: (piece, dfa state, characters so far, escape, ex, text); escape is
-    "" (none), "\\" (after a backslash), "u" plus hex digits so far, or '"'
-    once closed. Strings under an exclusion take no escapes (their raw text is
-    their value) and must use the any-character regex.
-    """
-
-    def __init__(self, regex: Regex, min_len: int = 0, max_len: int | None = None):
-        self.regex, self.min_len, self.max_len = regex, min_len, max_len
-        self.limit = math.inf if max_len is None else max_len
-        self.completions: dict[tuple, str | None] = {}
-        content = self.complete(regex.start, 0)
-        if content is None:
-            raise ValueError("no string has both this pattern or format and these lengths")
-        self.min_text = json.dumps(content, ensure_ascii=False)
-
-    def begin(self, ch: str, ex: tuple | None) -> list:
-        return [((self, self.regex.start, 0, "", ex, None if ex is None else '"'),)] if ch == '"' else []
-
-    def step(self, frame: tuple, ch: str) -> list:
-        _, dfa, count, escape, ex, text = frame
-        if escape == '"':
-            return [REFEED]
-        if escape == "":
-            if ch == '"':
-                closed = (self, dfa, count, '"', ex, _track(ex, text, ch))
-                return [(closed,)] if count >= self.min_len and self.regex.accepts(dfa) and self.done(closed) else []
-            if ch == "\\":
-                return [((self, dfa, count, "\\", ex, text),)] if ex is None and self._escapes(dfa, count) else []
-            decoded = None if ch < " " else ch
-        elif escape == "\\":
-            if ch not in self._escapes(dfa, count):
-                return []
-            if ch == "u":
-                return [((self, dfa, count, "u", ex, text),)]
-            decoded = JSON_ESCAPES[ch]
-        elif ch not in HEX_DIGITS or escape in ("ud", "uD") and ch in "89abcdefABCDEF":  # no surrogates
-            return []
-        elif len(escape) < 4:
-            return [((self, dfa, count, escape + ch, ex, text),)]
-        else:
-            decoded = chr(int(escape[1:] + ch, 16))
-        dfa = None if decoded is None else self.regex.move(dfa, decoded)
-        if dfa is None or not self.viable(dfa, count + 1):
-            return []
-        text = _track(ex, text, ch)
-        if ex is not None and count + 1 == self.limit and text is not None and text + '"' in ex[0]:
-            return []
-        return [((self, dfa, count + 1, "", ex, text),)]
-
-    def _escapes(self, dfa: frozenset, count: int) -> str:
-        """The letters that may follow a backslash here: those whose character fits; \\u only where any character does."""
-        letters = "".join(k for k, c in JSON_ESCAPES.items() if (nxt := self.regex.move(dfa, c)) and self.viable(nxt, count + 1))
-        return letters + "u" if self.regex is ANY_TEXT and count < self.limit else letters
-
-    def viable(self, dfa: frozenset, count: int) -> bool:
-        """Whether a string at `dfa` after `count` characters can still be completed."""
-        if count >= self.min_len:
-            return count + self.regex.distance(dfa) <= self.limit
-        return self.complete(dfa, count) is not None
-
-    def complete(self, dfa: frozenset, count: int) -> str | None:
-        """A shortest text (decoded) that completes the string from `dfa` after `count` characters."""
-        key = (dfa, min(count, self.min_len), self.limit - count)
-        if key not in self.completions:
-            layer = {dfa: ""}  # breadth first up to min_len, then the shortest way to a match
-            for _ in range(max(self.min_len - count, 0)):
-                layer = {nxt: text + ch for state, text in layer.items() for cid, ch in self.regex.reps.items()
-                         if (nxt := self.regex._move(state, cid)) is not None}
-            tails = [text + tail for state, text in layer.items() if (tail := self.regex.shortest(state)) is not None]
-            best = min(tails, key=len, default=None)
-            self.completions[key] = best if best is not None and count + len(best) <= self.limit else None
-        return self.completions[key]
-
-    def done(self, frame: tuple) -> bool:
-        _, dfa, count, escape, ex, text = frame
-        if escape == '"':
-            return ex is None or text is None or text not in ex[0]
-        return False
-
-    def finish(self, frame: tuple) -> str:
-        _, dfa, count, escape, ex, text = frame
-        if escape == '"':
-            return ""
-        if escape:  # end the escape: the first letter that fits, or \\u0000-style zeros
-            tail = self._escapes(dfa, count)[0] if escape == "\\" else ""
-            tail += "0" * (5 - len(escape)) if tail in ("", "u") else ""
-            return tail + self.finish(_leaf_after(frame, tail))
-        if ex is not None:
-            return self._fresh(count, text, ex[0]) + '"'
-        return json.dumps(self.complete(dfa, count), ensure_ascii=False)[1:]
-
-    def _fresh(self, count: int, text: str | None, forbidden: frozenset) -> str:
-        """Characters that close an excluded (any-character) string on a text not forbidden."""
-        for size in range(max(self.min_len - count, 0), int(min(self.limit - count, 8)) + 1):
-            for chars in itertools.product("abcdefghijklmnopqrstuvwxyz", repeat=size):
-                if text is None or text + "".join(chars) + '"' not in forbidden:
-                    return "".join(chars)
-        raise ValueError("no string is left that is not forbidden")
-
-    def first(self, forbidden: frozenset) -> str | None:
-        """A shortest complete string text, quotes included, that is not forbidden (any-character strings)."""
-        try:
-            return '"' + self._fresh(0, '"', forbidden) + '"'
-        except ValueError:
-            return None
-
-    def plain_tokens(self, frame: tuple, trie: dict) -> list[int]:
-        """Token ids of ordinary characters (no quote, backslash or control) that fit here.
-
-        `trie` is the vocabulary's plain tokens as a trie over this regex's class ids.
-        """
-        _, dfa, count, _, _, _ = frame
-        ids, todo = [], [(trie, dfa, count)]
-        while todo:
-            node, state, count = todo.pop()
-            for key, child in node.items():
-                if key:
-                    nxt = self.regex._move(state, ord(key))
-                    if nxt is not None and self.viable(nxt, count + 1):
-                        ids.extend(child.get("", ()))
-                        todo.append((child, nxt, count + 1))
-        return ids
-
-    def key(self, frame: tuple, reach: int) -> tuple:
-        """The frame with its count reduced to what can matter within `reach` characters (mask caching)."""
-        _, dfa, count, escape, ex, text = frame
-        room = self.limit - count
-        return (self, dfa, min(count, self.min_len), min(room, reach + len(self.regex.edges)), escape, ex, text)
-
-
-def _leaf_after(frame: tuple, text: str) -> tuple | None:
-    """A leaf frame after `text` (it must stay inside the value), or None."""
-    for ch in text:
-        outcomes = [o for o in frame[0].step(frame, ch) if o is not REFEED]
-        if not outcomes:
-            return None
-        frame = outcomes[0][0]
-    return frame
-
-
-class Number(Piece):
-    """A JSON number: integer or decimal, within bounds, a multiple of an integer.
-
-    Free numbers (no bounds) take exponents; bounded ones are plain decimals,
-    checked as they are typed: every prefix can still end inside the bounds.
-    Values are counted in units of 10**-scale (1 for integers, else the
-    smallest fraction digit), so all the arithmetic is exact on integers.
-    Frame: (piece, dfa state, ex, text); the text is kept only when bounded.
-    """
-
-    def __init__(self, integer: bool, low: Fraction | None = None, high: Fraction | None = None,
-                 low_open: bool = False, high_open: bool = False, multiple: int | None = None):
-        self.integer, self.multiple = integer, multiple
-        self.bounded = low is not None or high is not None or multiple is not None
-        digits = JSON_MAX_DIGITS - 1
-        syntax = rf"0|-?[1-9]\d{{0,{digits}}}" if integer else rf"-?(0|[1-9]\d{{0,{digits}}})(\.\d{{1,{digits + 1}}})?"
-        self.syntax = regex_for(syntax if integer or self.bounded else syntax + r"([eE][+-]?\d{1,2})?", False)
-        self.scale = 0 if integer else JSON_MAX_DIGITS
-        unit = 10 ** self.scale
-        self.low = None if low is None else math.floor(low * unit) + 1 if low_open else math.ceil(low * unit)
-        self.high = None if high is None else math.ceil(high * unit) - 1 if high_open else math.floor(high * unit)
-        text = self._complete("", frozenset()) if self.bounded else self.syntax.shortest(self.syntax.start)
-        if text is None:
-            raise ValueError("no number is within minimum/maximum and a multiple of multipleOf")
-        self.min_text = text
-
-    def begin(self, ch: str, ex: tuple | None) -> list:
-        return self.step((self, self.syntax.start, ex, ""), ch)
-
-    def step(self, frame: tuple, ch: str) -> list:
-        _, dfa, ex, text = frame
-        out = [REFEED] if self.done(frame) else []
-        dfa = self.syntax.move(dfa, ch)
-        if dfa is not None:
-            tracked = self.bounded or ex is not None
-            text = text + ch if tracked else ""
-            if not tracked or self._count(text, ex, 1) > len(self._forbidden(text, ex)):
-                out.append(((self, dfa, ex, text),))
-        return out
-
-    def done(self, frame: tuple) -> bool:
-        _, dfa, ex, text = frame
-        if not self.syntax.accepts(dfa) or (ex is not None and text in ex[0]):
-            return False
-        return not self.bounded or self._allowed(self._value(text))
-
-    def finish(self, frame: tuple) -> str:
-        _, dfa, ex, text = frame
-        if not (self.bounded or ex):
-            return self.syntax.shortest(dfa)
-        return self._complete(text, ex[0] if ex else frozenset())[len(text):]
-
-    def first(self, forbidden: frozenset) -> str | None:
-        return self._complete("", forbidden)
-
-    @staticmethod
-    def _forbidden(text: str, ex: tuple | None) -> list:
-        return [f for f in ex[0] if f.startswith(text)] if ex else []
-
-    def _value(self, text: str) -> int:
-        whole, _, frac = text.lstrip("-").partition(".")
-        value = int(whole + frac.ljust(self.scale, "0"))
-        return -value if text.startswith("-") else value
-
-    def _allowed(self, value: int) -> bool:
-        return ((self.low is None or value >= self.low) and (self.high is None or value <= self.high)
-                and (self.multiple is None or value % self.multiple == 0))
-
-    def _spans(self, text: str) -> list[tuple[int, int]]:
-        """The values that complete `text`, as signed intervals, shortest completions first."""
-        negative = text.startswith("-")
-        whole, dot, frac = text.lstrip("-").partition(".")
-        one = 10 ** self.scale
-        if dot:
-            width = 10 ** (self.scale - len(frac))
-            spans = [(int(whole + frac) * width, width)]
-        elif whole == "0":
-            spans = [(0, one)]
-        elif whole:
-            spans = [(int(whole) * 10 ** k * one, 10 ** k * one) for k in range(JSON_MAX_DIGITS - len(whole) + 1)]
-        else:  # nothing yet but maybe a sign: "0", or 1 to JSON_MAX_DIGITS digits
-            spans = [] if negative and self.integer else [(0, one)]
-            spans += [(10 ** (k - 1) * one, 9 * 10 ** (k - 1) * one) for k in range(1, JSON_MAX_DIGITS + 1)]
-        return [(-(start + width - 1), -start) if negative else (start, start + width - 1) for start, width in spans]
-
-    def _clip(self, low: int, high: int) -> tuple[int, int]:
-        step = self.multiple or 1
-        low = max(low, self.low) if self.low is not None else low
-        high = min(high, self.high) if self.high is not None else high
-        return -(-low // step) * step, high // step * step
-
-    def _count(self, text: str, ex: tuple | None, cap: int) -> int:
-        """How many allowed values complete `text`, counting past `cap` extra forbidden ones at most."""
-        total, enough = 0, cap + len(self._forbidden(text, ex))
-        for low, high in self._spans(text) if text != "" else self._spans("") + self._spans("-"):
-            low, high = self._clip(low, high)
-            total += max(0, (high - low) // (self.multiple or 1) + 1)
-            if total >= enough:
-                break
-        return total
-
-    def _complete(self, text: str, forbidden: frozenset) -> str | None:
-        """A shortest number text starting with `text`, allowed and not forbidden."""
-        best = None
-        for prefix in ([text] if text else ["", "-"]):
-            for low, high in self._spans(prefix):
-                low, high = self._clip(low, high)
-                candidate = self._simplest(prefix, low, high, forbidden)
-                if candidate is not None and (best is None or len(candidate) < len(best)):
-                    best = candidate
-        return best
-
-    def _simplest(self, prefix: str, low: int, high: int, forbidden: frozenset) -> str | None:
-        """The shortest text of a value in [low, high]: fewest fraction digits, nearest zero."""
-        if low > high:
-            return None
-        negative = prefix.startswith("-")
-        least = max(1, len(prefix.partition(".")[2])) if "." in prefix else 0
-        for digits in range(least, self.scale + 1) if not self.integer else [0]:
-            step = 10 ** (self.scale - digits) * (self.multiple or 1)
-            value = (-(-low // step) * step) if not negative else (high // step * step)
-            while low <= value <= high:
-                whole, frac = divmod(abs(value), 10 ** self.scale)
-                text = ("-" if negative else "") + str(whole) + ("." + str(frac).rjust(self.scale, "0")[:digits] if digits else "")
-                if text not in forbidden and text.startswith(prefix):
-                    return text
-                value += -step if negative else step
-        return None
-
-
-class Union(Piece):
-    """anyOf (and oneOf, type lists): a value matching any of the alternatives."""
-
-    def __init__(self, alternatives):
-        self._alternatives = tuple(a for alt in alternatives for a in alt.alternatives)
-        self.min_text = min((a.min_text for a in self._alternatives), key=len)
-
-    @property
-    def alternatives(self) -> tuple:
-        return self._alternatives
-
-
-def union(alternatives: list) -> Piece | None:
-    """The union of the satisfiable alternatives (None stands for one that is not): None, one piece, or a Union."""
-    alternatives = [a for a in alternatives if a is not None]
-    if len(alternatives) <= 1:
-        return alternatives[0] if alternatives else None
-    return Union(alternatives)
-
-
-class ValueStart(Piece):
-    """The start of a value: whitespace, then the first character of one alternative.
-
-    Frame: (VALUE, node, whitespace so far, ex).
-    """
-
-    def step(self, frame: tuple, ch: str) -> list:
-        _, node, spaces, ex = frame
-        if ch in JSON_WHITESPACE:
-            return [((self, node, spaces + 1, ex),)] if spaces < JSON_MAX_WHITESPACE else []
-        return [o for alt in node.alternatives for o in alt.begin(ch, ex)]
-
-    def finish(self, frame: tuple) -> str:
-        _, node, _, ex = frame
-        if ex is None:
-            return node.min_text
-        return min((t for alt in node.alternatives if (t := alt.first(ex[0])) is not None), key=len)
-
-
-VALUE = ValueStart()
-
-
-class Object(Piece):
-    """A JSON object: declared properties in their order, each at most once, then extra keys.
-
-    props: (name, node, required) triples. `extras` is the schema of other
-    keys' values (None: no other keys). Frame: (piece, phase, index, count,
-    seen, whitespace); phase is open (after "{"), comma, key (a key leaf is
-    on top), colon (a key written) or value (after a value); index is the
-    first declared property still allowed (in "colon": the chosen one,
-    len(props) for an extra key); count is properties written (kept only
-    when min/maxProperties ask); seen holds extra keys when duplicates could
-    make too few properties.
-    """
-
-    def __init__(self, props: tuple, extras: Piece | None = None, min_props: int = 0, max_props: int | None = None):
-        self.props, self.extras = props, extras
-        self.keys = {json.dumps(name, ensure_ascii=False): i for i, (name, _, _) in enumerate(props)}
-        self.min_props, self.max_props = min_props, max_props
-        self.required_from = [sum(req for _, _, req in props[i:]) for i in range(len(props) + 1)]
-        self.counts = min_props > 0 or max_props is not None
-        self.tracks = extras is not None and min_props > self.required_from[0]
-        self.key_pieces: dict[tuple, Literals] = {}
-        tail = self._tail(0, 0, frozenset(), "", False)
-        if tail is None:
-            raise ValueError("no object has these properties within minProperties/maxProperties")
-        self.min_text = "{" + tail
-
-    def begin(self, ch: str, ex: tuple | None) -> list:
-        return [((self, "open", 0, 0, frozenset(), 0),)] if ch == "{" else []
-
-    def step(self, frame: tuple, ch: str) -> list:
-        _, phase, index, count, seen, spaces = frame
-        if ch in JSON_WHITESPACE and phase != "key":
-            return [((self, phase, index, count, seen, spaces + 1),)] if spaces < JSON_MAX_WHITESPACE else []
-        if ch == "}" and phase in ("open", "value") and self._may_close(index, count):
-            return [()]
-        if ch == "," and phase == "value" and any(self._choices(index, count)):
-            return [((self, "comma", index, count, seen, 0),)]
-        if ch == '"' and phase in ("open", "comma"):
-            keying = (self, "key", index, count, seen, 0)
-            return [(keying, key) for key in self._key_frames(index, count, seen)]
-        if ch == ":" and phase == "colon":
-            declared = index < len(self.props)
-            node = self.props[index][1] if declared else self.extras
-            nxt = index + 1 if declared else index
-            return [((self, "value", nxt, count + self.counts, seen, 0), (VALUE, node, 0, None))]
-        return []
-
-    def child_done(self, frame: tuple, child: tuple) -> tuple:
-        _, phase, index, count, seen, _ = frame
-        if phase != "key":
-            return frame
-        text = child[-1]
-        if child[0] is ANY_STRING:
-            return (self, "colon", len(self.props), count, seen | {text} if self.tracks else seen, 0)
-        return (self, "colon", self.keys[text], count, seen, 0)
-
-    def _may_close(self, index: int, count: int) -> bool:
-        return self.required_from[index] == 0 and (not self.counts or count >= self.min_props)
-
-    def _choices(self, index: int, count: int) -> tuple[tuple[int, ...], bool]:
-        """(declared properties that may come next, whether an extra key may), leaving room for min/maxProperties."""
-        if self.max_props is not None and count >= self.max_props:
-            return (), False
-        chosen, need = [], self.min_props - count - 1
-        for j in range(index, len(self.props)):
-            fits = self.max_props is None or count + 1 + self.required_from[j + 1] <= self.max_props
-            if fits and (self.extras is not None or len(self.props) - j - 1 >= need or not self.counts):
-                chosen.append(j)
-            if self.props[j][2]:
-                break
-        return tuple(chosen), self.extras is not None and self.required_from[index] == 0
-
-    def _key_frames(self, index: int, count: int, seen: frozenset) -> list[tuple]:
-        declared, extra = self._choices(index, count)
-        frames = []
-        if declared:
-            piece = self.key_pieces.get(declared)
-            if piece is None:
-                piece = self.key_pieces[declared] = Literals(json.dumps(self.props[j][0], ensure_ascii=False)
-                                                             for j in declared)
-            frames.append((piece, None, '"'))
-        if extra:
-            frames.append((ANY_STRING, ANY_STRING.regex.start, 0, "", (frozenset(self.keys) | seen, self.tracks), '"'))
-        return frames
-
-    def finish(self, frame: tuple) -> str:
-        _, phase, index, count, seen, _ = frame
-        if phase == "colon":
-            declared = index < len(self.props)
-            node = self.props[index][1] if declared else self.extras
-            return ":" + node.min_text + self._tail(index + 1 if declared else index, count + self.counts, seen, ",", False)
-        return self._tail(index, count, seen, "," if phase == "value" else "", phase == "comma")
-
-    def _tail(self, index: int, count: int, seen: frozenset, sep: str, must: bool) -> str | None:
-        """The shortest text that ends the object: required properties, more if minProperties asks, "}"."""
-        parts = []
-        while must or self.required_from[index] or (self.counts and count < self.min_props):
-            declared, extra = self._choices(index, count)
-            if declared and (self.props[declared[-1]][2] or not extra):
-                j = declared[-1] if self.props[declared[-1]][2] else declared[0]
-                key, node, index = json.dumps(self.props[j][0], ensure_ascii=False), self.props[j][1], j + 1
-            elif extra:
-                key = ANY_STRING.first(frozenset(self.keys) | seen)
-                node, index, seen = self.extras, len(self.props), seen | {key}
-            else:
-                return None
-            parts.append(sep + key + ":" + node.min_text)
-            sep, must, count = ",", False, count + 1
-        return "".join(parts) + "}"
-
-
-class Array(Piece):
-    """A JSON array: `prefix` items (tuples) then `items` ones (None: no more), within min/max_items.
-
-    With `unique`, items are leaves (checked at compile time) under an
-    exclusion of the texts already written. Frame: (piece, phase, count, seen,
-    whitespace); phase is open or value; count is items begun (capped once
-    it no longer matters, so long arrays reuse masks).
-    """
-
-    def __init__(self, prefix: tuple, items: Piece | None, min_items: int = 0, max_items: int | None = None,
-                 unique: bool = False):
-        self.prefix, self.items, self.unique = prefix, items, unique
-        if items is None:
-            max_items = len(prefix) if max_items is None else min(max_items, len(prefix))
-        self.min_items, self.max_items = min_items, max_items
-        self.cap = max(len(prefix), min_items) if max_items is None else None
-        tail = self._tail(0, frozenset(), "")
-        if tail is None:
-            raise ValueError("no array has these items within minItems/maxItems (and uniqueItems)")
-        self.min_text = "[" + tail
-
-    def begin(self, ch: str, ex: tuple | None) -> list:
-        return [((self, "open", 0, frozenset(), 0),)] if ch == "[" else []
-
-    def step(self, frame: tuple, ch: str) -> list:
-        _, phase, count, seen, spaces = frame
-        if ch in JSON_WHITESPACE:
-            return [((self, phase, count, seen, spaces + 1),)] if spaces < JSON_MAX_WHITESPACE else []
-        if ch == "]":
-            return [()] if count >= self.min_items else []
-        if (phase == "value" and ch != ",") or not self._more(count):
-            return []
-        after = (self, "value", count + 1 if self.cap is None else min(count + 1, self.cap), seen, 0)
-        item = (VALUE, self._node(count), 0, (seen, True) if self.unique else None)
-        if phase == "open":  # the first item begins with `ch`
-            return [(after,) + frames for frames in VALUE.step(item[:2] + (JSON_MAX_WHITESPACE,) + item[3:], ch)]
-        return [(after, item)] if not self.unique or self._left(count, seen) else []
-
-    def child_done(self, frame: tuple, child: tuple) -> tuple:
-        return frame[:3] + (frame[3] | {child[-1]},) + frame[4:] if self.unique else frame
-
-    def _node(self, index: int) -> Piece:
-        return self.prefix[index] if index < len(self.prefix) else self.items
-
-    def _more(self, count: int) -> bool:
-        return (self.max_items is None or count < self.max_items) and (count < len(self.prefix) or self.items is not None)
-
-    def _left(self, count: int, seen: frozenset) -> bool:
-        """uniqueItems: whether an item not written yet is left for position `count`."""
-        return any(a.first(seen) is not None for a in self._node(count).alternatives)
-
-    def finish(self, frame: tuple) -> str:
-        _, phase, count, seen, _ = frame
-        return self._tail(count, seen, "," if phase == "value" else "")
-
-    def _tail(self, count: int, seen: frozenset, sep: str) -> str | None:
-        parts = []
-        while count < self.min_items:
-            node = self._node(count)
-            text = node.min_text if not self.unique else min(
-                (t for alt in node.alternatives if (t := alt.first(seen)) is not None), key=len, default=None)
-            if text is None:
-                return None
-            parts.append(sep + text)
-            sep, seen, count = ",", seen | {text}, count + 1
-        return "".join(parts) + "]"
-
-
-def json_start(node: Piece, prefix: str = "", suffix: str = "") -> tuple:
-    """The automaton's start state: `prefix`, a JSON value for `node`, then `suffix`."""
-    stack = ((Literals((suffix,)), None, ""),) if suffix else ()
-    stack += ((VALUE, node, 0, None),)
-    stack += ((Literals((prefix,)), None, ""),) if prefix else ()
-    return (stack,)
-
-
-def json_advance(state: tuple, text: str) -> tuple:
-    """The state after `text`; () once no stack can take it."""
-    for ch in text:
-        if not state:
-            break
-        state = tuple(dict.fromkeys(nxt for stack in state for nxt in _step(stack, ch)))
-    return state
-
-
-def json_complete(state: tuple) -> bool:
-    """True when the text so far is a whole match (a trailing number may still go on)."""
-    return any(_settle(stack) == () for stack in state)
-
-
-def json_closing_text(state: tuple) -> str | None:
-    """A shortest way (by the pieces' finish texts) to complete the text from `state`."""
-    texts = [text for stack in state if (text := _closing(stack)) is not None]
-    return min(texts, key=len, default=None)
-
-
-def _step(stack: tuple, ch: str) -> list[tuple]:
-    """The stacks that can follow `stack` on character `ch` (none: it cannot)."""
-    if not stack:
-        return []
-    top, rest = stack[-1], stack[:-1]
-    out = []
-    for frames in top[0].step(top, ch):
-        if frames is REFEED:
-            parent = _pop(rest, top)
-            out += _step(parent, ch) if parent else []
-        else:
-            out.append(rest + frames)
-    return out
-
-
-def _pop(rest: tuple, child: tuple) -> tuple | None:
-    """`rest` once its top frame has taken the complete value `child`; None if it refuses it."""
-    if not rest:
-        return rest
-    parent = rest[-1][0].child_done(rest[-1], child)
-    return None if parent is None else rest[:-1] + (parent,)
-
-
-def _settle(stack: tuple | None) -> tuple | None:
-    """The stack with its complete top values taken off."""
-    while stack and stack[-1][0].done(stack[-1]):
-        stack = _pop(stack[:-1], stack[-1])
-    return stack
-
-
-def _closing(stack: tuple) -> str | None:
-    """Finish the top frame, settle, repeat: each finish text is checked by the automaton itself."""
-    texts = []
-    stack = _settle(stack)
-    while stack:
-        text = stack[-1][0].finish(stack[-1])
-        after = [] if text is None else [s for s in map(_settle, json_advance((stack,), text))
-                                         if s is not None and len(s) < len(stack)]
-        if not after:
-            return None
-        texts.append(text)
-        stack = after[0]
-    return None if stack is None else "".join(texts)
-
-
-# -- JSON Schema keywords -------------------------------------------------------
-
-SCHEMA_KEYWORDS = {
-    "type", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "$defs", "definitions",
-    "properties", "required", "additionalProperties", "minProperties", "maxProperties",
-    "items", "prefixItems", "additionalItems", "minItems", "maxItems", "uniqueItems",
-    "minLength", "maxLength", "pattern", "format",
-    "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf",
-}
-SCHEMA_ANNOTATIONS = {"title", "description", "default", "examples", "deprecated", "readOnly", "writeOnly",
-                      "$schema", "$id", "$comment", "discriminator", "strict"}
-# Keywords that say which type they constrain, for schemas without "type".
-KEYWORD_TYPES = {"object": {"properties", "required", "additionalProperties", "minProperties", "maxProperties"},
-                 "array": {"items", "prefixItems", "additionalItems", "minItems", "maxItems", "uniqueItems"},
-                 "string": {"minLength", "maxLength", "pattern", "format"},
-                 "number": {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"}}
-_OCTET = r"(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
-_H16 = r"[0-9A-Fa-f]{1,4}"
-_YEAR = r"([1-9]\d{3}|0[1-9]\d\d|00[1-9]\d|000[1-9])"
-_DATE = (rf"({_YEAR}-((0[13578]|1[02])-(0[1-9]|[12]\d|3[01])|(0[469]|11)-(0[1-9]|[12]\d|30)|02-(0[1-9]|1\d|2[0-8]))"
-         r"|(\d\d(0[48]|[2468][048]|[13579][26])|(0[48]|[2468][048]|[13579][26])00)-02-29)")
-_TIME = r"([01]\d|2[0-3]):[0-5]\d:[0-5]\d(\.\d{1,9})?(Z|[+-]([01]\d|2[0-3]):[0-5]\d)"
-_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_HOST = rf"({_LABEL}\.)*[A-Za-z]([A-Za-z0-9-]{{0,61}}[A-Za-z0-9])?"
-_PCHAR = r"([A-Za-z0-9._~!$&'()*+,;=:@-]|%[0-9A-Fa-f]{2})"
-_DAYS = r"(\d+Y(\d+M)?(\d+D)?|\d+M(\d+D)?|\d+D)"
-_HOURS = r"T(\d+H(\d+M)?(\d+(\.\d+)?S)?|\d+M(\d+(\.\d+)?S)?|\d+(\.\d+)?S)"
-# `format` values enforced, each as a regular expression matched in full.
-FORMATS = {
-    "date": _DATE, "time": _TIME, "date-time": f"{_DATE}T{_TIME}",
-    "duration": rf"P({_DAYS}({_HOURS})?|{_HOURS}|\d+W)",
-    "email": rf"[A-Za-z0-9_%+-]+(\.[A-Za-z0-9_%+-]+)*@({_LABEL}\.)+[A-Za-z]{{2,63}}",
-    "uuid": r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
-    "ipv4": rf"{_OCTET}(\.{_OCTET}){{3}}",
-    "ipv6": "|".join([rf"({_H16}:){{7}}{_H16}", rf"({_H16}:){{1,7}}:", rf"({_H16}:){{1,6}}:{_H16}"]
-                     + [rf"({_H16}:){{1,{n}}}(:{_H16}){{1,{7 - n}}}" for n in range(1, 6)]
-                     + [rf":((:{_H16}){{1,7}}|:)"]),
-    "hostname": _HOST,
-    "uri": rf"[A-Za-z][A-Za-z0-9+.-]*://([A-Za-z0-9._~!$&'()*+,;=-]|%[0-9A-Fa-f]{{2}})*(:\d{{1,5}})?"
-           rf"(/{_PCHAR}*)*(\?({_PCHAR}|[/?])*)?(#({_PCHAR}|[/?])*)?",
-}
-# Formats the JSON Schema standard defines that this server does not enforce: a 400.
-# Any other format (Pydantic's "password", OpenAPI's "int32"...) is an annotation.
-UNENFORCED_FORMATS = {"uri-reference", "iri", "iri-reference", "idn-email", "idn-hostname", "json-pointer",
-                      "relative-json-pointer", "regex", "uri-template"}
-HOSTNAME_MAX_LENGTH = 253
-
-ANY_STRING = String(ANY_TEXT)
-BOOLEAN = Literals(("true", "false"))
-NULL = Literals(("null",))
-
-
-def any_value(depth: int) -> Piece:
-    """Any JSON value, arrays and objects nested at most `depth` deep."""
-    scalars = [ANY_STRING, Number(False), BOOLEAN, NULL]
-    if depth == 0:
-        return Union(scalars)
-    inner = any_value(depth - 1)
-    return Union(scalars + [Object((), extras=inner), Array((), inner)])
-
-
-ANY_VALUE = any_value(JSON_MAX_NESTING)
-ANY_OBJECT = Object((), extras=any_value(JSON_MAX_NESTING - 1))
-
-
-class SchemaCompiler:
-    """Compiles one JSON Schema into pieces, or raises a 400 naming what it cannot enforce.
-
-    compile() returns None for a schema no value satisfies (false, or a $ref
-    recursion cut at SCHEMA_MAX_REFS): optional properties, array items and
-    anyOf alternatives that need one are left out.
-    """
-
-    def __init__(self, root: dict, param: str):
-        self.root, self.param = root, param
-        self.memo: dict[tuple, tuple] = {}
-
-    def fail(self, message: str) -> APIError:
-        return invalid(f"'{self.param}': {message}", self.param)
-
-    def compile(self, schema: Any, refs: int = SCHEMA_MAX_REFS, depth: int = 0) -> Piece | None:
-        if schema is True or schema == {}:
-            return ANY_VALUE
-        if schema is False:
-            return None
-        if not isinstance(schema, dict):
-            raise self.fail(f"a JSON Schema must be an object, got {json.dumps(schema)[:60]}")
-        if depth > SCHEMA_MAX_DEPTH:
-            raise self.fail(f"the schema nests deeper than {SCHEMA_MAX_DEPTH} levels")
-        unknown = sorted(set(schema) - SCHEMA_KEYWORDS - SCHEMA_ANNOTATIONS)
-        if unknown:
-            raise self.fail(f"JSON Schema keyword {unknown[0]!r} is not supported (the README lists those enforced)")
-        key = (id(schema), refs)
-        if key not in self.memo:
-            self.memo[key] = (schema, self._compile(schema, refs, depth + 1))
-        return self.memo[key][1]
-
-    def _compile(self, schema: dict, refs: int, depth: int) -> Piece | None:
-        constraints = {k: v for k, v in schema.items() if k not in SCHEMA_ANNOTATIONS and k not in ("$defs", "definitions")}
-        if "$ref" in constraints:
-            if refs == 0:
-                return None
-            target = self.resolve(constraints.pop("$ref"))
-            return self.compile({"allOf": [target, constraints]} if constraints else target, refs - 1, depth)
-        if "allOf" in constraints:
-            merged = {k: v for k, v in constraints.items() if k != "allOf"}
-            for part in self.list_of(constraints, "allOf"):
-                merged = self.merge(merged, part)
-            return self.compile(merged, refs, depth)
-        for word in ("anyOf", "oneOf"):
-            if word in constraints:
-                return self.any_of(constraints, word, refs, depth)
-        if "enum" in constraints or "const" in constraints:
-            return self.literals(constraints, refs, depth)
-        kinds = constraints.get("type", [k for k, words in KEYWORD_TYPES.items() if words & set(constraints)])
-        if isinstance(kinds, list):
-            if not kinds:
-                return ANY_VALUE
-            return union([self.compile({**constraints, "type": k}, refs, depth) for k in kinds])
-        return self.typed(constraints, kinds, refs, depth)
-
-    def typed(self, schema: dict, kind: Any, refs: int, depth: int) -> Piece | None:
-        if kind == "string":
-            return self.string(schema)
-        if kind in ("integer", "number"):
-            return self.number(schema, kind == "integer")
-        if kind in ("boolean", "null"):
-            return BOOLEAN if kind == "boolean" else NULL
-        if kind == "object":
-            return self.object(schema, refs, depth)
-        if kind == "array":
-            return self.array(schema, refs, depth)
-        raise self.fail(f"unknown JSON Schema type {json.dumps(kind)[:40]}")
-
-    def resolve(self, ref: Any) -> Any:
-        """The schema a local JSON pointer ("#", "#/$defs/Name", "#/definitions/...") names."""
-        if not isinstance(ref, str) or not ref.startswith("#"):
-            raise self.fail(f"only local $ref such as '#/$defs/Name' is supported, got {json.dumps(ref)[:60]}")
-        target = self.root
-        for part in ref[1:].split("/")[1:] if ref != "#" else []:
-            part = part.replace("~1", "/").replace("~0", "~")
-            target = target.get(part) if isinstance(target, dict) else None
-            if target is None:
-                raise self.fail(f"$ref {ref!r} points at nothing")
-        return target
-
-    def list_of(self, schema: dict, word: str) -> list:
-        value = schema[word]
-        if not isinstance(value, list) or not value:
-            raise self.fail(f"'{word}' must be a non-empty list")
-        return value
-
-    def any_of(self, schema: dict, word: str, refs: int, depth: int) -> Piece | None:
-        """anyOf (oneOf alike): alternatives this server cannot enforce are left out while another remains."""
-        base = {k: v for k, v in schema.items() if k != word}
-        alternatives, errors = [], []
-        for alt in self.list_of(schema, word):
-            try:
-                alternatives.append(self.compile(self.merge(base, alt) if base else alt, refs, depth))
-            except APIError as exc:
-                errors.append(exc)
-        if errors and not any(a is not None for a in alternatives):
-            raise errors[0]
-        return union(alternatives)
-
-    def merge(self, a: dict, b: Any, hops: int = 0) -> dict:
-        """allOf: one schema with the constraints of both (what cannot be merged is a 400)."""
-        if b is True or b == {}:
-            return a
-        if not isinstance(b, dict):
-            raise self.fail("allOf parts must be schemas (objects)")
-        if "$ref" in b:
-            if hops > SCHEMA_MAX_DEPTH:
-                raise self.fail(f"allOf refers to itself through $ref more than {SCHEMA_MAX_DEPTH} times")
-            rest = {k: v for k, v in b.items() if k != "$ref"}
-            return self.merge(self.merge(a, self.resolve(b["$ref"]), hops + 1), rest, hops + 1)
-        for one, other in ((a, b), (b, a)):
-            if one.get("additionalProperties", True) is not True and set(other.get("properties", {})) - set(one.get("properties", {})):
-                raise self.fail("allOf with additionalProperties beside other properties cannot be merged")
-        out = dict(a)
-        for key, value in b.items():
-            mine = out.get(key)
-            if key not in out or key in SCHEMA_ANNOTATIONS:
-                out.setdefault(key, value)
-            elif key == "properties" and isinstance(mine, dict) and isinstance(value, dict):
-                out[key] = {**mine, **{k: {"allOf": [mine[k], v]} if k in mine else v for k, v in value.items()}}
-            elif key == "required" and isinstance(mine, list) and isinstance(value, list):
-                out[key] = list(dict.fromkeys(mine + value))
-            elif key in ("minimum", "minLength", "minItems", "minProperties", "maximum", "maxLength", "maxItems",
-                         "maxProperties") and _is_number(mine) and _is_number(value):
-                out[key] = (max if key.startswith("min") else min)(mine, value)
-            elif key == "type":
-                kinds = [k for k in _as_list(mine) if k in _as_list(value)]
-                if not kinds:
-                    raise self.fail("allOf parts have no type in common")
-                out[key] = kinds
-            elif key == "enum" and isinstance(mine, list) and isinstance(value, list):
-                out[key] = [v for v in mine if _canonical(v) in {_canonical(w) for w in value}]
-            elif key in ("$defs", "definitions"):
-                out[key] = {**mine, **value}
-            elif key == "allOf":
-                out[key] = mine + value
-            elif _canonical(mine) != _canonical(value):
-                raise self.fail(f"allOf parts with different {key!r} cannot be merged")
-        return out
-
-    def literals(self, schema: dict, refs: int, depth: int) -> Literals:
-        """enum/const: the listed values that also fit the rest of the schema."""
-        values = self.list_of(schema, "enum") if "enum" in schema else [schema["const"]]
-        if "const" in schema:
-            values = [v for v in values if _canonical(v) == _canonical(schema["const"])]
-        texts = [json.dumps(v, ensure_ascii=False, separators=(",", ":")) for v in values]
-        rest = {k: v for k, v in schema.items() if k not in ("enum", "const")}
-        if rest:
-            node = self.compile(rest, refs, depth)
-            texts = [t for t in texts if node is not None and json_complete(json_advance(json_start(node), t))]
-        if not texts:
-            raise self.fail("no value of 'enum'/'const' satisfies the rest of the schema")
-        return Literals(texts)
-
-    def count(self, schema: dict, word: str) -> int | None:
-        value = schema.get(word)
-        if value is not None and (not _is_number(value) or value < 0 or value != int(value)):
-            raise self.fail(f"{word!r} must be a non-negative integer")
-        return None if value is None else int(value)
-
-    def string(self, schema: dict) -> String:
-        low, high = self.count(schema, "minLength") or 0, self.count(schema, "maxLength")
-        form, pattern = schema.get("format"), schema.get("pattern")
-        if form in UNENFORCED_FORMATS or (pattern is not None and form in FORMATS):
-            raise self.fail(f"'format': {form!r} is not enforced" + (" beside a 'pattern'" if pattern else ""))
-        if pattern is not None and not isinstance(pattern, str):
-            raise self.fail("'pattern' must be a string")
-        if form == "hostname":
-            high = min(high if high is not None else HOSTNAME_MAX_LENGTH, HOSTNAME_MAX_LENGTH)
-        try:
-            if pattern is not None:
-                return String(regex_for(pattern), low, high)
-            return String(regex_for(FORMATS[form], False) if form in FORMATS else ANY_TEXT, low, high)
-        except ValueError as exc:
-            what = f"'pattern' {pattern!r}" if pattern is not None else f"'format' {form!r}" if form in FORMATS \
-                else "'minLength'/'maxLength'"
-            raise self.fail(f"{what}: {exc}") from None
-
-    def bound(self, schema: dict, inclusive: str, exclusive: str, tighter: Callable) -> tuple:
-        """(bound as a Fraction or None, whether it is exclusive), from both keywords."""
-        values = []
-        for word, is_open in ((inclusive, False), (exclusive, True)):
-            value = schema.get(word)
-            if isinstance(value, bool) and word == exclusive:  # draft-04: exclusiveMinimum: true
-                values = [(v, value) for v, _ in values]
-            elif value is not None:
-                if not _is_number(value) or not math.isfinite(value):
-                    raise self.fail(f"{word!r} must be a number")
-                values.append((Fraction(repr(value)) if isinstance(value, float) else Fraction(value), is_open))
-        return tighter(values, key=lambda pair: (pair[0], pair[1] == (tighter is max))) if values else (None, False)
-
-    def number(self, schema: dict, integer: bool) -> Number:
-        low, low_open = self.bound(schema, "minimum", "exclusiveMinimum", max)
-        high, high_open = self.bound(schema, "maximum", "exclusiveMaximum", min)
-        multiple = schema.get("multipleOf")
-        if multiple is not None:
-            if not _is_number(multiple) or multiple <= 0 or multiple != int(multiple):
-                raise self.fail("'multipleOf' is enforced only as a positive integer")
-            integer, multiple = True, int(multiple)
-        try:
-            return Number(integer, low, high, low_open, high_open, multiple)
-        except ValueError as exc:
-            raise self.fail(str(exc)) from None
-
-    def object(self, schema: dict, refs: int, depth: int) -> Piece | None:
-        properties, required = schema.get("properties", {}), schema.get("required", [])
-        if not isinstance(properties, dict) or not isinstance(required, list) or \
-                not all(isinstance(name, str) for name in required):
-            raise self.fail("'properties' must be an object and 'required' a list of names")
-        extra = schema.get("additionalProperties", None if properties else True)
-        declared = dict(properties)
-        for name in required:
-            if name not in declared:
-                if extra in (None, False):
-                    raise self.fail(f"required property {name!r} is not in 'properties'")
-                declared[name] = extra
-        props = []
-        for name, sub in declared.items():
-            node = self.compile(sub, refs, depth)
-            if node is None and name in required:
-                return None
-            if node is not None:
-                props.append((name, node, name in required))
-        extras = None if extra in (None, False) else self.compile(extra, refs, depth)
-        try:
-            return Object(tuple(props), extras, self.count(schema, "minProperties") or 0,
-                          self.count(schema, "maxProperties"))
-        except ValueError as exc:
-            raise self.fail(str(exc)) from None
-
-    def array(self, schema: dict, refs: int, depth: int) -> Piece | None:
-        items, prefix = schema.get("items"), schema.get("prefixItems", [])
-        if isinstance(items, list):  # draft-07 tuples: items as a list, then additionalItems
-            prefix, items = items, schema.get("additionalItems")
-        if not isinstance(prefix, list):
-            raise self.fail("'prefixItems' must be a list of schemas")
-        low, high = self.count(schema, "minItems") or 0, self.count(schema, "maxItems")
-        nodes = []
-        for sub in prefix:
-            node = self.compile(sub, refs, depth)
-            if node is None:  # no value fits this position: the array ends before it
-                high, items = len(nodes) if high is None else min(high, len(nodes)), False
-                break
-            nodes.append(node)
-        if items is None:
-            items = True if not prefix or low > len(prefix) else False
-        rest = self.compile(items, refs, depth)
-        unique = schema.get("uniqueItems") is True
-        if unique:
-            nodes, rest = [self.unique_leaf(n) for n in nodes], rest and self.unique_leaf(rest)
-        try:
-            return Array(tuple(nodes), rest, low, high, unique)
-        except ValueError as exc:
-            raise self.fail(str(exc)) from None
-
-    def unique_leaf(self, node: Piece) -> Piece:
-        """uniqueItems: items must be values whose JSON text is their identity (see Array)."""
-        alternatives = node.alternatives
-        if all(isinstance(a, Literals) for a in alternatives):
-            return Literals(t for a in alternatives for t in a.texts)
-        if len(alternatives) == 1 and (node is ANY_STRING or isinstance(node, String) and node.regex is ANY_TEXT
-                                       or isinstance(node, Number) and node.integer):
-            return node
-        raise self.fail("'uniqueItems' is enforced for items that are strings without pattern or format, "
-                        "integers, or enum/const/boolean/null values")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _as_list(value: Any) -> list:
-    return value if isinstance(value, list) else [value]
-
-
-def _canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True)
-
-
-def compile_schema(schema: Any, root: Any, param: str) -> Piece:
-    """Compile a JSON Schema (the keywords in SCHEMA_KEYWORDS) or raise a 400 naming `param`."""
-    node = SchemaCompiler(root if isinstance(root, dict) else {}, param).compile(schema)
-    if node is None:
-        raise invalid(f"'{param}': no JSON value satisfies this schema (or its recursion needs more than "
-                      f"{SCHEMA_MAX_REFS} levels of $ref)", param)
-    return node
-
-
-@dataclass(frozen=True)
-class Constraint:
-    """Output the engine must produce: JSON text matching `node`."""
-
-    node: Piece
-    key: str                  # canonical JSON of the schema: equal keys share cached token masks
-    tool_call: bool = False   # wrapped in the model's tool-call markers
 
 
 def output_fields(endpoint: str, body: dict, format_param: str = "response_format") -> dict:
@@ -2130,18 +2840,6 @@ def parse_tool_choice(choice: Any, tools: tuple[dict, ...]) -> tuple[str, list[s
         raise invalid(f"'tool_choice' names the tool {name[:80]!r}, which is not among the tools "
                       f"({', '.join(names)[:300]})", "tool_choice")
     return "required", [name]
-
-
-def tool_call_constraint(tools: list[dict]) -> Constraint:
-    """Output forced to be one call, {"name": ..., "arguments": {...}}, of one of `tools`."""
-    calls = []
-    for tool in tools:
-        function = tool["function"]
-        schema = function.get("parameters") or {"type": "object"}
-        name = Literals((json.dumps(function["name"], ensure_ascii=False),))
-        calls.append(Object((("name", name, True), ("arguments", compile_schema(schema, schema, "tools"), True))))
-    key = json.dumps([t["function"] for t in tools], sort_keys=True)
-    return Constraint(union(calls), key, tool_call=True)
 
 
 def parse_response_format(value: dict | None, param: str = "response_format") -> Constraint | None:
@@ -2201,14 +2899,17 @@ def common_checks(*fields: str) -> tuple[Check, ...]:
 MESSAGES_CHECKS = common_checks("model", "stream", "max_tokens", "top_p", "top_k") + (
     Check("messages", (list,), "a non-empty list of messages", lambda v: len(v) > 0),
     Check("system", (str, list), "a string or a list of text blocks"),
-    Check("stop_sequences", (list,), f"a list of up to {MAX_STOP_STRINGS} non-empty strings",
-          lambda v: not v or _is_stop(v)),
+    Check("stop_sequences", (list,), f"a list of up to {MAX_STOP_SEQUENCES} strings, each 1 to {MAX_STOP_CHARS} "
+          "characters long", lambda v: len(v) <= MAX_STOP_SEQUENCES and all(
+              isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in v)),
     Check("temperature", (int, float), "a number between 0 and 1", lambda v: 0 <= v <= 1),  # Anthropic's range
     Check("tools", (list,), 'a list of {"name": ..., "input_schema": {...}} objects'),
     Check("tool_choice", (dict,), '{"type": "auto"}, {"type": "any"}, {"type": "tool", "name": ...} or {"type": "none"}'),
+    Check("thinking", (dict,), '{"type": "enabled", "budget_tokens": N}, {"type": "adaptive"} or {"type": "disabled"}'),
 )
 ANTHROPIC_ROLES = ("user", "assistant", "system")   # Claude Code sends "system" messages mid-conversation
-REPLAYED_BLOCKS = ("thinking", "redacted_thinking")  # earlier reasoning sent back: accepted, not shown to the model
+REPLAYED_BLOCKS = ("thinking", "redacted_thinking")  # earlier reasoning sent back: thinking reaches the template
+THINKING_ON = ("enabled", "adaptive")                # thinking types that ask for thinking blocks
 
 
 def parse_messages_request(body: dict, settings: Settings, counting: bool = False) -> GenerationRequest:
@@ -2218,24 +2919,53 @@ def parse_messages_request(body: dict, settings: Settings, counting: bool = Fals
         raise invalid("'messages' is required", "messages")
     if body.get("max_tokens") is None and not counting:
         raise invalid("'max_tokens' is required", "max_tokens")
-    messages = anthropic_system(body.get("system"))
+    tools = body.get("tools") or []
+    catalog = {t["function"]["name"]: t for t in dialect_tools(tools, "input_schema", anthropic_served, deferred=True)}
+    messages, seen_calls = anthropic_system(body.get("system")), set()
     for i, message in enumerate(body["messages"]):
-        messages += anthropic_message(message, i)
+        messages += anthropic_message(message, i, seen_calls, catalog)
     if messages[-1]["role"] == "assistant":
         raise invalid("a last assistant message (a prefilled reply) is not supported; end with a user message",
                       f"messages[{len(body['messages']) - 1}]")
-    tools = {"tools": dialect_tools(body.get("tools") or [], "input_schema", lambda t: t.get("type") in (None, "custom")),
-             "tool_choice": anthropic_tool_choice(body.get("tool_choice"))}
-    thinking = body.get("thinking") if isinstance(body.get("thinking"), dict) else {}
-    kwargs = {"enable_thinking": False} if thinking.get("type") == "disabled" else None
+    fields = {"tools": dialect_tools(tools, "input_schema", anthropic_served),
+              "tool_choice": anthropic_tool_choice(body.get("tool_choice"))}
+    thinking = anthropic_thinking(body.get("thinking"), body.get("max_tokens"))
     return GenerationRequest(
         endpoint="messages", messages=tuple(messages), stream=bool(body.get("stream")),
         max_tokens=min(body.get("max_tokens") or settings.max_tokens, settings.max_tokens),
         stop=tuple(body.get("stop_sequences") or ()),
-        template_args=template_args({"chat_template_kwargs": kwargs}, settings),
-        split_reasoning=settings.reasoning_format != "none",
-        **output_fields("messages", tools),
+        template_args=template_args({"chat_template_kwargs": None if thinking else {"enable_thinking": False}},
+                                    settings),
+        split_reasoning=settings.reasoning_format != "none", show_reasoning=thinking,
+        **output_fields("messages", fields),
         **sampling_fields({field: body.get(field) for field in ("temperature", "top_p", "top_k")}, settings.sampling))
+
+
+def anthropic_served(tool: dict) -> bool:
+    """Anthropic's client tools (no type, or "custom"); server tools (web search...) are the API's own."""
+    return tool.get("type") in (None, "custom")
+
+
+def anthropic_thinking(thinking: dict | None, max_tokens: int | None) -> bool:
+    """Whether the request asked for thinking blocks; a budget Anthropic would refuse is a 400.
+
+    Absent or {"type": "disabled"}: no thinking (the template is asked not to
+    think, and what a model thinks anyway is not shown). {"type": "enabled"}
+    needs budget_tokens >= THINKING_MIN_BUDGET and below max_tokens.
+    """
+    kind = (thinking or {}).get("type")
+    if kind in (None, "disabled"):
+        return False
+    if kind not in THINKING_ON:
+        raise invalid("'thinking.type' must be \"enabled\", \"adaptive\" or \"disabled\"", "thinking.type")
+    budget = thinking.get("budget_tokens")
+    if kind == "enabled":
+        if not isinstance(budget, int) or isinstance(budget, bool) or budget < THINKING_MIN_BUDGET:
+            raise invalid(f"'thinking.budget_tokens' must be an integer >= {THINKING_MIN_BUDGET}",
+                          "thinking.budget_tokens")
+        if max_tokens is not None and budget >= max_tokens:
+            raise invalid(f"'max_tokens' must be greater than 'thinking.budget_tokens' ({budget})", "max_tokens")
+    return True
 
 
 def anthropic_system(system: str | list | None) -> list[dict]:
@@ -2245,12 +2975,14 @@ def anthropic_system(system: str | list | None) -> list[dict]:
     return [{"role": "system", "content": parse_content(system, "system", separator=BLOCK_SEPARATOR)}]
 
 
-def anthropic_message(message: Any, index: int) -> list[dict]:
+def anthropic_message(message: Any, index: int, seen_calls: set, catalog: dict[str, dict]) -> list[dict]:
     """One Anthropic message as chat messages: its tool_result blocks as "tool" messages, then the rest.
 
-    Text blocks are joined; an assistant's tool_use blocks become its
-    tool_calls; replayed thinking blocks are dropped; images and documents
-    are refused (text models only).
+    Text blocks (and documents with a text source) are joined; an
+    assistant's tool_use blocks become its tool_calls, their ids added to
+    `seen_calls`, which a tool_result must answer; replayed thinking blocks
+    its reasoning_content; images and other documents are refused (text models only).
+    `catalog` holds every declared tool by name, for tool_reference blocks.
     """
     param = f"messages[{index}]"
     if not isinstance(message, dict) or message.get("role") not in ANTHROPIC_ROLES:
@@ -2260,43 +2992,93 @@ def anthropic_message(message: Any, index: int) -> list[dict]:
         return [{"role": role, "content": content}]
     if not isinstance(content, list):
         raise invalid(f"{param}.content must be a string or a list of content blocks", f"{param}.content")
-    texts, calls, results = [], [], []
+    texts, calls, results, thoughts = [], [], [], []
     for i, block in enumerate(content):
         where = f"{param}.content[{i}]"
         kind = block.get("type") if isinstance(block, dict) else None
         if kind == "text" and isinstance(block.get("text"), str):
             texts.append(block["text"])
+        elif kind == "document" and document_text(block) is not None:
+            texts.append(document_text(block))
         elif kind == "tool_use" and role == "assistant":
             calls.append(anthropic_tool_use(block, where))
+            seen_calls.add(calls[-1]["id"])
         elif kind == "tool_result" and role == "user":
-            results.append(anthropic_tool_result(block, where))
+            results.append(anthropic_tool_result(block, where, seen_calls, catalog))
+        elif kind == "thinking" and role == "assistant" and isinstance(block.get("thinking"), str):
+            thoughts.append(block["thinking"])
         elif kind in MEDIA_PARTS:
-            raise invalid(f"{where} is a block of type {kind!r}; this server serves text models only", where)
+            raise invalid(f"{where} is a block of type {kind!r}; this server serves text models only (a document "
+                          "needs a text source)", where)
         elif kind not in REPLAYED_BLOCKS:
             raise invalid(f"{where}: a {role} message cannot hold a {json.dumps(kind)[:40]} block; this server takes "
-                          "text, tool_use (assistant), tool_result (user), thinking and redacted_thinking", where)
+                          "text, document (text source), tool_use (assistant), tool_result (user), thinking and "
+                          "redacted_thinking", where)
     rest = {"role": role, "content": BLOCK_SEPARATOR.join(texts)}
+    if thoughts:   # replayed reasoning: templates that render it get it, as from chat's reasoning_content
+        rest["reasoning_content"] = "\n\n".join(thoughts)
     if calls:
         rest["tool_calls"] = calls
     return results + ([rest] if texts or calls or not results else [])
 
 
+def document_text(block: dict) -> str | None:
+    """A document block's text when its source is plain text ("text") or text blocks ("content"), else None."""
+    source = block.get("source") if isinstance(block.get("source"), dict) else {}
+    if source.get("type") == "text" and isinstance(source.get("data"), str):
+        text = source["data"]
+    elif source.get("type") == "content" and isinstance(source.get("content"), (str, list)):
+        try:
+            text = parse_content(source["content"], "source.content", separator=BLOCK_SEPARATOR)
+        except APIError:
+            return None
+    else:
+        return None
+    title = block.get("title")
+    return f"{title}\n{text}" if isinstance(title, str) and title else text
+
+
 def anthropic_tool_use(block: dict, param: str) -> dict:
     """An assistant's tool_use block as an OpenAI tool call, arguments as an object (for the chat template)."""
-    if not isinstance(block.get("name"), str) or not isinstance(block.get("input", {}), dict):
+    if not isinstance(block.get("name"), str) or not isinstance(block.get("id"), str):
         raise invalid(f"{param} must be {{\"type\": \"tool_use\", \"id\": ..., \"name\": ..., \"input\": {{...}}}}", param)
-    return {"id": block.get("id"), "type": "function",
-            "function": {"name": block["name"], "arguments": block.get("input") or {}}}
+    return {"id": block["id"], "type": "function",
+            "function": {"name": block["name"], "arguments": tool_arguments(block.get("input") or {})}}
 
 
-def anthropic_tool_result(block: dict, param: str) -> dict:
-    """A user's tool_result block as a "tool" message; a failed call's result says it is an error."""
+def anthropic_tool_result(block: dict, param: str, seen_calls: set, catalog: dict[str, dict]) -> dict:
+    """A user's tool_result block as a "tool" message; a failed call's result says it is an error.
+
+    It must answer a tool_use sent earlier, as Anthropic requires. Its
+    tool_reference blocks (Claude Code's ToolSearch loading a deferred tool)
+    become the referenced tool's definition, as text where the result stands.
+    """
     if not isinstance(block.get("tool_use_id"), str):
         raise invalid(f"{param}.tool_use_id must be a string", param)
+    if block["tool_use_id"] not in seen_calls:
+        raise invalid(f"{param}.tool_use_id {block['tool_use_id'][:80]!r} answers no tool_use block of an earlier "
+                      "assistant message", f"{param}.tool_use_id")
     content = block.get("content")
+    if isinstance(content, list):
+        content = [tool_result_part(part, catalog, f"{param}.content[{i}]") for i, part in enumerate(content)]
     text = "" if content is None else parse_content(content, f"{param}.content", separator=BLOCK_SEPARATOR)
     return {"role": "tool", "tool_call_id": block["tool_use_id"],
             "content": f"Error: {text}" if block.get("is_error") else text}
+
+
+def tool_result_part(part: Any, catalog: dict[str, dict], param: str) -> Any:
+    """A tool_result's block as a text block where it holds text: a tool_reference becomes the definition
+    of the tool it names, a document its text; other blocks are left for parse_content to judge."""
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "document" and document_text(part) is not None:
+        return {"type": "text", "text": document_text(part)}
+    if kind != "tool_reference":
+        return part
+    tool = catalog.get(part.get("tool_name"))
+    if tool is None:
+        raise invalid(f"{param} references tool {json.dumps(part.get('tool_name'))[:80]}, which 'tools' does not "
+                      "declare", param)
+    return {"type": "text", "text": "Tool loaded: " + json.dumps(tool["function"], ensure_ascii=False)}
 
 
 def anthropic_tool_choice(choice: dict | None) -> str | dict | None:
@@ -2312,20 +3094,21 @@ def anthropic_tool_choice(choice: dict | None) -> str | dict | None:
                   "or {\"type\": \"none\"}", "tool_choice")
 
 
-def dialect_tools(tools: list, schema_field: str, served: Callable[[dict], bool]) -> list[dict]:
+def dialect_tools(tools: list, schema_field: str, served: Callable[[dict], bool], deferred: bool = False) -> list[dict]:
     """A dialect's tool list as OpenAI function tools.
 
-    Tools that `served` turns down (hosted web search, shells, namespaces:
-    things a local model cannot run) are skipped, not refused: agents send
-    them on every request. Each kept tool has a name and, under
-    `schema_field`, a JSON Schema for its arguments.
+    Tools that `served` turns down (hosted web search, shells: things a
+    local model cannot run) are skipped, not refused: agents send them on
+    every request. Each kept tool has a name and, under `schema_field`, a
+    JSON Schema for its arguments. Tools marked defer_loading are left out
+    unless `deferred` (they reach the model through a tool_reference).
     """
     out = []
     for i, tool in enumerate(tools):
         param = f"tools[{i}]"
         if not isinstance(tool, dict):
             raise invalid(f"'{param}' must be an object", param)
-        if not served(tool):
+        if not served(tool) or (tool.get("defer_loading") is True and not deferred):
             continue
         if not isinstance(tool.get("name"), str) or not tool["name"]:
             raise invalid(f"'{param}.name' must be a non-empty string", f"{param}.name")
@@ -2348,64 +3131,153 @@ RESPONSES_CHECKS = common_checks("model", "stream", "temperature", "top_p") + (
     Check("tool_choice", (str, dict), '"none", "auto", "required" or {"type": "function", "name": ...}'),
     Check("parallel_tool_calls", (bool,), "a boolean"),
     Check("text", (dict,), 'an object such as {"format": {"type": "text"}}'),
+    Check("metadata", (dict,), "an object of up to 16 string values",
+          lambda v: len(v) <= 16 and all(isinstance(x, str) for x in v.values())),
+    Check("store", (bool,), "a boolean"),
+    Check("previous_response_id", (str,), "the id of a response made with store: true"),
+    Check("reasoning", (dict,), 'an object such as {"effort": "low"}'),
 )
-# Fields that need state this server does not keep (it is stateless): refused by name.
-STATEFUL_FIELDS = {"previous_response_id": None, "conversation": None, "background": False}
+# Fields that need state this server does not keep: refused by name.
+STATEFUL_FIELDS = {"conversation": None, "background": False}
 RESPONSES_ROLES = ("user", "assistant", "system", "developer")
 RESPONSES_TEXT_PARTS = ("input_text", "output_text", "text")
+# Tools the API runs itself: a local model cannot, so they are left out of the prompt (and named once in the log).
+HOSTED_TOOLS = ("web_search", "web_search_preview", "web_search_2025_08_26", "web_search_preview_2025_03_11",
+                "file_search", "computer_use_preview", "computer", "code_interpreter", "image_generation", "mcp",
+                "local_shell", "shell", "apply_patch", "tool_search")
+CUSTOM_TOOL_PARAMETERS = {"type": "object", "properties": {RAW_ARGUMENTS_KEY: {"type": "string"}},
+                          "required": [RAW_ARGUMENTS_KEY]}  # a freeform tool, rendered as a function of one string
+NAMESPACE_SEPARATOR = "__"   # a namespace's tool is rendered as NAMESPACE__NAME
+_hosted_logged: set = set()  # hosted tool types already named in the log
 
 
-def parse_responses_request(body: dict, settings: Settings) -> GenerationRequest:
-    """Validate an OpenAI /v1/responses body; stateless, so the whole conversation is in `input`."""
+def parse_responses_request(body: dict, settings: Settings, previous: list[dict] | None = None) -> GenerationRequest:
+    """Validate an OpenAI /v1/responses body. `previous` is the conversation of previous_response_id
+    (the handler looks it up in the store), else the whole conversation is in `input`."""
     run_checks(body, RESPONSES_CHECKS)
     for field, harmless in STATEFUL_FIELDS.items():
         if body.get(field) not in (None, harmless):
-            raise invalid(f"'{field}' is not supported: this server keeps no responses or conversations; send the "
-                          "whole conversation in 'input' (as Codex does with store: false)", field,
+            raise invalid(f"'{field}' is not supported: this server keeps no conversations or background jobs; "
+                          "send the conversation in 'input' or chain responses with previous_response_id", field,
                           "unsupported_parameter")
     if body.get("input") is None:
         raise invalid("'input' is required", "input")
+    tools, kinds = responses_tools(body.get("tools") or [])
     messages = [{"role": "system", "content": body["instructions"]}] if body.get("instructions") else []
-    messages += responses_input(body["input"])
-    fields = {"tools": dialect_tools(body.get("tools") or [], "parameters", lambda t: t.get("type") == "function"),
-              "tool_choice": responses_tool_choice(body.get("tool_choice")),
+    messages += (previous or []) + responses_input(body["input"], kinds)
+    fields = {"tools": tools, "tool_choice": responses_tool_choice(body.get("tool_choice"), kinds),
               "response_format": responses_format((body.get("text") or {}).get("format"))}
-    effort = (body.get("reasoning") or {}).get("effort") if isinstance(body.get("reasoning"), dict) else None
+    effort = (body.get("reasoning") or {}).get("effort")
+    args = {"reasoning_effort": effort} if isinstance(effort, str) else {}
+    if effort == "none":  # asked not to reason: templates that can switch thinking off do
+        args["chat_template_kwargs"] = {"enable_thinking": False}
     return GenerationRequest(
         endpoint="responses", messages=tuple(messages), stream=bool(body.get("stream")),
         max_tokens=min(body.get("max_output_tokens") or settings.max_tokens, settings.max_tokens),
-        template_args=template_args({"reasoning_effort": effort if isinstance(effort, str) else None}, settings),
-        split_reasoning=settings.reasoning_format != "none",
+        template_args=template_args(args, settings), split_reasoning=settings.reasoning_format != "none",
+        show_reasoning=effort != "none", echo=responses_echo(body), tool_kinds=kinds,
         **output_fields("responses", fields, "text.format"),
         **sampling_fields({field: body.get(field) for field in ("temperature", "top_p")}, settings.sampling))
 
 
-def responses_input(items: str | list) -> list[dict]:
-    """Input items as chat messages: messages, function calls (joined to their assistant turn), call outputs.
+def responses_echo(body: dict) -> dict:
+    """What the response object repeats of the request, as OpenAI's does."""
+    text = body.get("text") if isinstance(body.get("text"), dict) else {}
+    return {"instructions": body.get("instructions"), "metadata": body.get("metadata") or {},
+            "text": {"format": text.get("format") or {"type": "text"}, "verbosity": text.get("verbosity") or "medium"},
+            "tool_choice": body.get("tool_choice") or "auto", "parallel_tool_calls": body.get("parallel_tool_calls",
+                                                                                             True) is not False,
+            "store": body.get("store") is not False, "previous_response_id": body.get("previous_response_id"),
+            "tools": [t for t in body.get("tools") or [] if isinstance(t, dict)],
+            "reasoning": body.get("reasoning")}
 
-    Reasoning items sent back are dropped; other item kinds are refused.
+
+def responses_tools(tools: list) -> tuple[list[dict], dict]:
+    """The Responses tools as function tools, and each rendered name's kind and namespace.
+
+    function tools are kept; custom (freeform) tools become functions of one
+    string; a namespace's tools are flattened to NAMESPACE__NAME; hosted
+    tools (web search, file search, computer use...) are left out and named
+    once in the log.
     """
+    out, kinds = [], {}
+    for i, tool in enumerate(tools):
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        group = tool.get("tools") if kind == "namespace" else [tool]
+        if kind == "namespace" and not (isinstance(group, list) and isinstance(tool.get("name"), str)):
+            raise invalid(f"'tools[{i}]' must be {{\"type\": \"namespace\", \"name\": ..., \"tools\": [...]}}",
+                          f"tools[{i}]")
+        for j, member in enumerate(group):
+            param = f"tools[{i}]" + (f".tools[{j}]" if kind == "namespace" else "")
+            member_kind = member.get("type") if isinstance(member, dict) else None
+            if member_kind not in ("function", "custom"):
+                if member_kind in HOSTED_TOOLS and member_kind not in _hosted_logged:
+                    _hosted_logged.add(member_kind)
+                    log.info("tools of type %r are run by OpenAI's servers, not this one: left out of the prompt",
+                             member_kind)
+                elif not isinstance(member, dict):
+                    raise invalid(f"'{param}' must be an object", param)
+                continue
+            schema = CUSTOM_TOOL_PARAMETERS if member_kind == "custom" else member.get("parameters")
+            (function,) = dialect_tools([{**member, "parameters": schema}], "parameters", lambda t: True)
+            name = function["function"]["name"]
+            rendered = f"{tool['name']}{NAMESPACE_SEPARATOR}{name}" if kind == "namespace" else name
+            function["function"]["name"] = rendered
+            kinds[rendered] = {"kind": member_kind, "name": name, "namespace": tool["name"] if kind == "namespace"
+                               else None}
+            out.append(function)
+    return out, kinds
+
+
+def responses_input(items: str | list, kinds: dict | None = None) -> list[dict]:
+    """Input items as chat messages: messages, function and custom tool calls (joined to their assistant
+    turn), their outputs. Reasoning items sent back become the next assistant turn's reasoning_content; other kinds are refused."""
     if isinstance(items, str):
         return [{"role": "user", "content": items}]
     messages: list[dict] = []
+    thoughts: list[str] = []   # reasoning items not yet given to an assistant turn
     for i, item in enumerate(items):
         param = f"input[{i}]"
         kind = item.get("type", "message") if isinstance(item, dict) else None
         if kind == "message":
             messages.append(responses_message(item, param))
-        elif kind == "function_call":
-            call = parse_tool_calls([{"id": item.get("call_id"), "type": "function", "function": {
-                "name": item.get("name"), "arguments": item.get("arguments")}}], param)[0]
+        elif kind in ("function_call", "custom_tool_call"):
+            call = responses_call(item, param, kind)
             if messages and messages[-1]["role"] == "assistant":
                 messages[-1]["tool_calls"] = messages[-1].get("tool_calls", []) + [call]
             else:
                 messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
-        elif kind == "function_call_output":
+        elif kind == "reasoning":
+            thoughts.append(reasoning_item_text(item))
+        elif kind in ("function_call_output", "custom_tool_call_output"):
             messages.append(responses_call_output(item, param))
-        elif kind != "reasoning":
+        else:
             raise invalid(f"{param} is a {json.dumps(kind)[:40]} item; this server takes message, function_call, "
-                          "function_call_output and reasoning items", param)
+                          "custom_tool_call, their outputs, and reasoning items", param)
+        if thoughts and kind != "reasoning" and messages[-1]["role"] == "assistant":
+            messages[-1].setdefault("reasoning_content", "\n\n".join(thoughts))
+            thoughts = []
     return messages
+
+
+def reasoning_item_text(item: dict) -> str:
+    """A reasoning item's text: its reasoning_text parts, else its summary (encrypted content is not ours to read)."""
+    def texts(parts: Any, kind: str) -> list[str]:
+        return [p["text"] for p in parts or () if isinstance(p, dict) and p.get("type") == kind
+                and isinstance(p.get("text"), str)]
+    return "\n\n".join(texts(item.get("content"), "reasoning_text") or texts(item.get("summary"), "summary_text"))
+
+
+def responses_call(item: dict, param: str, kind: str) -> dict:
+    """A replayed function_call or custom_tool_call item as a chat tool call, named as the tools render it."""
+    name = item.get("name")
+    if isinstance(name, str) and isinstance(item.get("namespace"), str):
+        name = f"{item['namespace']}{NAMESPACE_SEPARATOR}{name}"
+    arguments = item.get("arguments")
+    if kind == "custom_tool_call":
+        arguments = {RAW_ARGUMENTS_KEY: item.get("input") if isinstance(item.get("input"), str) else ""}
+    return parse_tool_calls([{"id": item.get("call_id"), "type": "function", "function": {
+        "name": name, "arguments": arguments}}], param)[0]
 
 
 def responses_message(item: dict, param: str) -> dict:
@@ -2420,7 +3292,7 @@ def responses_message(item: dict, param: str) -> dict:
 
 
 def responses_call_output(item: dict, param: str) -> dict:
-    """A function_call_output item as a "tool" message answering its call_id."""
+    """A function_call_output (or custom_tool_call_output) item as a "tool" message answering its call_id."""
     if not isinstance(item.get("call_id"), str):
         raise invalid(f"{param}.call_id must be a string", f"{param}.call_id")
     output = item.get("output")
@@ -2429,12 +3301,22 @@ def responses_call_output(item: dict, param: str) -> dict:
     return {"role": "tool", "tool_call_id": item["call_id"], "content": text}
 
 
-def responses_tool_choice(choice: str | dict | None) -> str | dict | None:
-    """The Responses tool_choice in chat's terms ({"type": "function", "name"} names one function)."""
+def responses_tool_choice(choice: str | dict | None, kinds: dict) -> str | dict | None:
+    """The Responses tool_choice in chat's terms ({"type": "function" or "custom", "name"} names one tool).
+
+    Forcing a hosted tool, which this server cannot run, is a 400 naming it.
+    """
     if choice is None or choice in ("none", "auto", "required"):
         return choice
-    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("name"), str):
-        return {"type": "function", "function": {"name": choice["name"]}}
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    if kind in HOSTED_TOOLS:
+        raise invalid(f"'tool_choice' forces the hosted tool {kind!r}, which OpenAI's servers run and this server "
+                      "cannot; offer it without forcing it", "tool_choice")
+    if kind in ("function", "custom") and isinstance(choice.get("name"), str):
+        name = choice["name"]
+        if isinstance(choice.get("namespace"), str):
+            name = f"{choice['namespace']}{NAMESPACE_SEPARATOR}{name}"
+        return {"type": "function", "function": {"name": name}}
     raise invalid("'tool_choice' must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", \"name\": ...}",
                   "tool_choice")
 
@@ -2491,8 +3373,9 @@ def load_model(settings: Settings, group: Any = None) -> Model:
                                                trust_remote_code=settings.trust_remote_code)
     else:
         from mlx_lm.utils import sharded_load
-        if settings.adapter_path or settings.draft_model or settings.kv_bits:
-            raise ValueError("--adapter-path, --draft-model and --kv-bits are not supported in a sharded group")
+        if settings.adapter_path or settings.draft_model or settings.kv_bits or settings.prompt_cache_dir:
+            raise ValueError("--adapter-path, --draft-model, --kv-bits and --prompt-cache-dir are not supported in a "
+                             "sharded group")
         model, tokenizer, config = sharded_load(
             settings.model_path, pipeline_group=group if settings.pipeline else None,
             tensor_group=None if settings.pipeline else group, return_config=True,
@@ -2619,6 +3502,294 @@ def context_length_of(config: dict) -> int | None:
     return None
 
 
+# Chat formats: how each family of chat templates writes tool calls, keyed by
+# what its template contains. mlx_lm's own parser serves every family it reads
+# right (Qwen, GLM, Kimi, MiniMax, Gemma...); the table holds the rest, and how
+# each family writes a call whose arguments are forced (json_constraint).
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """How one family of chat templates writes its tool calls.
+
+    `starts` open a call; `end` closes it ("": a call runs to the next start
+    or the end of the reply, whose end-of-turn token is not text). `leading`
+    open a call only as the first thing in a reply, and stay part of it
+    (Llama 3's bare JSON). `parse(body, tools)` is one call's text ->
+    {"name", "arguments"[, "id"]} or a list of them; it raises on anything
+    else. `write(name)` is how the family writes a call to `name`: the text
+    before its arguments JSON and the text after (None: no JSON form).
+    `harmony`: OpenAI's channel format (gpt-oss), read by HarmonyScanner.
+    """
+
+    name: str
+    starts: tuple[str, ...] = ()
+    end: str = ""
+    parse: Callable[[str, Any], Any] | None = None
+    write: Callable[[str], tuple[str, str]] | None = None
+    leading: tuple[str, ...] = ()
+    harmony: bool = False
+
+
+def json_objects(text: str) -> list[Any]:
+    """The JSON values written one after another in `text` (blanks, ';' or ',' between); raises if any is not."""
+    decoder, values, at = json.JSONDecoder(), [], 0
+    while (at := len(text) - len(text[at:].lstrip(" \t\r\n;,"))) < len(text):
+        value, at = decoder.raw_decode(text, at)
+        values.append(value)
+    return values
+
+
+def parse_llama_calls(body: str, tools: Any = None) -> list[dict]:
+    """Llama 3.x: {"name": ..., "parameters": {...}} (after <|python_tag|> or as the whole reply), one or more."""
+    calls = []
+    for value in json_objects(body):
+        arguments = value.get("parameters", value.get("arguments")) if isinstance(value, dict) else None
+        if not isinstance(value.get("name") if isinstance(value, dict) else None, str) or not isinstance(arguments, dict):
+            raise ValueError(f"not a Llama tool call: {body[:200]!r}")
+        calls.append({"name": value["name"], "arguments": arguments})
+    if not calls:
+        raise ValueError("no tool call")
+    return calls
+
+
+DEEPSEEK_CALL = re.compile(r"<｜tool▁call▁begin｜>(?:(\w+)<｜tool▁sep｜>([^\n<]+)\n```(?:json)?\n(.*?)\n```|"
+                           r"([^<]+?)<｜tool▁sep｜>(.*?))<｜tool▁call▁end｜>", re.S)
+
+
+def parse_deepseek_calls(body: str, tools: Any = None) -> list[dict]:
+    """DeepSeek's calls block: R1's `function<｜tool▁sep｜>NAME\\n```json\\n{...}\\n```` or V3.1's `NAME<｜tool▁sep｜>{...}`.
+
+    The R1 distills' template never closes a lone call, so a call whose end
+    marker is missing (the reply ended) still counts.
+    """
+    if "<｜tool▁call▁end｜>" not in body.rstrip()[-len("<｜tool▁call▁end｜>"):]:
+        body += "<｜tool▁call▁end｜>"
+    calls = [{"name": (match[2] or match[4]).strip(), "arguments": json.loads(match[3] or match[5])}
+             for match in DEEPSEEK_CALL.finditer(body)]
+    if not calls:
+        raise ValueError(f"not a DeepSeek tool call: {body[:200]!r}")
+    return calls
+
+
+MISTRAL_CALL = re.compile(r"\s*([\w.-]+)(?:\[CALL_ID\](\w+))?\[ARGS\]")
+
+
+def parse_mistral_call(body: str, tools: Any = None) -> Any:
+    """Mistral: `name[ARGS]{...}`, Mistral Small 3.2's `name[CALL_ID]id[ARGS]{...}`, or the older JSON list."""
+    if body.lstrip().startswith("["):
+        from mlx_lm.tool_parsers import mistral
+        return mistral.parse_tool_call(body, tools)
+    match = MISTRAL_CALL.match(body)
+    if match is None:
+        raise ValueError(f"not a Mistral tool call: {body[:200]!r}")
+    arguments, = json_objects(body[match.end():])
+    call = {"name": match[1], "arguments": arguments}
+    return {**call, "id": match[2]} if match[2] else call
+
+
+def mistral_call_id() -> str:
+    """A call id as Mistral Small 3.2's template demands: nine letters and digits."""
+    return uuid.uuid4().hex[:9]
+
+
+# (what the chat template contains, its format); the first match wins, and a
+# template none matches gets mlx_lm's parser (chat_format_of).
+CHAT_FORMATS: tuple[tuple[tuple[str, ...], ChatFormat], ...] = (
+    (("<|channel|>", "<|constrain|>"), ChatFormat(
+        "harmony", harmony=True,
+        write=lambda name: (f"<|channel|>commentary to=functions.{name} <|constrain|>json<|message|>", "<|call|>"))),
+    (("<｜tool▁calls▁begin｜>", "```json"), ChatFormat(
+        "deepseek-r1", starts=("<｜tool▁calls▁begin｜>",), end="<｜tool▁calls▁end｜>", parse=parse_deepseek_calls,
+        write=lambda name: (f"<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>{name}\n```json\n",
+                            "\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>"))),
+    (("<｜tool▁calls▁begin｜>",), ChatFormat(
+        "deepseek-v3.1", starts=("<｜tool▁calls▁begin｜>",), end="<｜tool▁calls▁end｜>", parse=parse_deepseek_calls,
+        write=lambda name: (f"<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>{name}<｜tool▁sep｜>",
+                            "<｜tool▁call▁end｜><｜tool▁calls▁end｜>"))),
+    (("[TOOL_CALLS]", "[CALL_ID]"), ChatFormat(
+        "mistral-3.2", starts=("[TOOL_CALLS]",), parse=parse_mistral_call,
+        write=lambda name: (f"[TOOL_CALLS]{name}[CALL_ID]{mistral_call_id()}[ARGS]", ""))),
+    (("[TOOL_CALLS]",), ChatFormat(
+        "mistral", starts=("[TOOL_CALLS]",), parse=parse_mistral_call,
+        write=lambda name: (f"[TOOL_CALLS]{name}[ARGS]", ""))),
+    (('{"name": function name, "parameters"',), ChatFormat(
+        "llama3", starts=("<|python_tag|>",), leading=("{",), parse=parse_llama_calls,
+        write=lambda name: (f'{{"name": {json.dumps(name)}, "parameters": ', "}"))),
+)
+
+
+def chat_format_of(tokenizer: Any) -> ChatFormat | None:
+    """The tool-call format of the model's chat template: the table's, else mlx_lm's parser's, else None."""
+    template = getattr(tokenizer, "chat_template", None)
+    return _chat_format(template if isinstance(template, str) else "", getattr(tokenizer, "tool_call_start", None),
+                        getattr(tokenizer, "tool_call_end", None), getattr(tokenizer, "tool_parser", None))
+
+
+@functools.lru_cache(maxsize=16)
+def _chat_format(template: str, start: str | None, end: str | None, parser: Any) -> ChatFormat | None:
+    for signs, found in CHAT_FORMATS:
+        if all(sign in template for sign in signs):
+            return found
+    if not start or parser is None:
+        return None
+    hermes = getattr(parser, "__module__", "") == "mlx_lm.tool_parsers.json_tools"  # Qwen's <tool_call>{JSON}
+    write = (lambda name: (f'{start}\n{{"name": {json.dumps(name)}, "arguments": ', f"}}\n{end}")) if hermes else None
+    return ChatFormat(parser.__module__.rpartition(".")[2], starts=(start,), end=end or "", parse=parser, write=write)
+
+
+def template_messages(messages: list[dict], template: str) -> list[dict]:
+    """The messages as this chat template expects them.
+
+    Reasoning sent back (reasoning_content) is also harmony's `thinking`; a
+    call-only assistant turn has null content, whichever dialect it came by.
+    A template that demands alternating roles gets consecutive plain
+    messages of one role merged with a blank line (Codex sends system
+    prompt, developer message, then user), as peers do; one that demands
+    nine-character call ids (Mistral Small 3.2) gets each id mapped to one.
+    """
+    out: list[dict] = []
+    for message in messages:
+        message = dict(message)
+        if "reasoning_content" in message and "<|channel|>" in template:
+            message["thinking"] = message["reasoning_content"]
+        if "length 9" in template:
+            message = nine_character_ids(message)
+        if message.get("tool_calls") and not message.get("content"):
+            message["content"] = None   # as OpenAI sends it: DeepSeek's templates write calls only then
+        plain = not message.get("tool_calls") and message["role"] != "tool"
+        if ("must alternate" in template and plain and out and out[-1]["role"] == message["role"]
+                and not out[-1].get("tool_calls") and isinstance(message["content"], str)
+                and isinstance(out[-1]["content"], str)):
+            out[-1] = {**out[-1], "content": f"{out[-1]['content']}\n\n{message['content']}"}
+            continue
+        out.append(message)
+    return out
+
+
+def nine_character_ids(message: dict) -> dict:
+    """A message whose call ids are nine letters and digits, each id always mapped to the same one."""
+    def nine(call_id: Any) -> Any:
+        return call_id if not isinstance(call_id, str) or re.fullmatch(r"[A-Za-z0-9]{9}", call_id) else \
+            uuid.uuid5(uuid.NAMESPACE_URL, call_id).hex[:9]
+    if "tool_call_id" in message:
+        message["tool_call_id"] = nine(message["tool_call_id"])
+    if message.get("tool_calls"):
+        message["tool_calls"] = [{**call, "id": nine(call.get("id"))} for call in message["tool_calls"]]
+    return message
+
+
+# -- memory: what the weights leave for KV caches, shared by the prompt cache and the running batch
+
+def machine_memory() -> tuple[int, str]:
+    """(bytes the server may use in all, where the figure comes from).
+
+    On Apple silicon, Metal's recommended working set: beyond it the GPU's
+    memory is paged and generation slows to a crawl. Elsewhere physical memory.
+    """
+    import mlx.core as mx
+    with contextlib.suppress(Exception):
+        if mx.metal.is_available():
+            info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
+            if info.get("max_recommended_working_set_size"):
+                return int(info["max_recommended_working_set_size"]), "Metal's recommended working set"
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "physical memory"
+
+
+def weights_bytes(model: Model) -> int:
+    """Bytes of the loaded weights (the model's, and a draft model's)."""
+    from mlx.utils import tree_flatten
+    parts = [model.model] + ([model.solo.draft] if model.solo is not None and model.solo.draft is not None else [])
+    return sum(value.nbytes for part in parts for _, value in tree_flatten(part.parameters()))
+
+
+def kv_token_bytes(model: Model) -> int:
+    """KV-cache bytes one token of context takes in this model, from its config (--kv-bits included).
+
+    Keys and values of every layer: 2 x layers x KV heads x head size
+    elements, in the activations' dtype (read off a floating-point weight or
+    a quantized layer's scales), or at --kv-bits with a scale and a bias per
+    group. Layers with a sliding window or recurrent state take less than
+    this in long contexts: the figure is an upper bound.
+    """
+    args = getattr(model.model, "args", None)
+    text = getattr(args, "text_config", None)
+    args = text if isinstance(text, dict) and text else vars(args) if args is not None else {}
+    heads = args.get("num_attention_heads") or 1
+    kv_heads = args.get("num_key_value_heads") or heads
+    head = args.get("head_dim") or args.get("hidden_size", 0) // heads
+    layers = len(getattr(model.model, "layers", ())) or args.get("num_hidden_layers", 0)
+    elements = 2 * layers * kv_heads * head
+    dtype = activation_bytes(model.model)
+    solo = model.solo
+    if solo is not None and solo.kv_bits is not None:
+        return math.ceil(elements * (solo.kv_bits / 8 + 2 * dtype / solo.kv_group_size))
+    return elements * dtype
+
+
+def activation_bytes(module: Any) -> int:
+    """Bytes per element of the model's activations: its first floating-point weight's (2 when unknown)."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    for _, value in tree_flatten(module.parameters()):
+        if value.dtype in (mx.float16, mx.bfloat16, mx.float32):
+            return value.dtype.size
+    return 2
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """How the server's memory is divided: weights, then KV caches (prompt cache + running batch).
+
+    The running batch may use all of `kv_bytes` for its worst case (prompt +
+    max_tokens of every admitted request); the prompt cache keeps at most
+    `prompt_cache_bytes`, and never more than the running batch leaves.
+    """
+
+    memory_bytes: int       # weights + KV may take this much in all
+    source: str             # where memory_bytes comes from
+    weights_bytes: int
+    token_bytes: int        # KV bytes per token of context
+    prompt_cache_bytes: int
+
+    @property
+    def kv_bytes(self) -> int:
+        return max(self.memory_bytes - self.weights_bytes, 0)
+
+    def tokens(self, nbytes: int) -> int:
+        """Tokens of this model's context that `nbytes` of KV cache hold."""
+        return nbytes // max(self.token_bytes, 1)
+
+
+def plan_memory(settings: Settings, model: Model) -> MemoryPlan:
+    """Size memory for this model on this machine, warning about figures larger than there is.
+
+    The default prompt cache budget is the KV memory less a reserve for the
+    running batch (BATCH_RESERVE_TOKENS per slot), never less than half of
+    it: the running batch takes what more it needs from the cache anyway.
+    """
+    memory, source = machine_memory()
+    if settings.memory_bytes is not None:
+        if settings.memory_bytes > memory:
+            log.warning("--memory-bytes %d is more than this machine's %s (%d bytes): using %d", settings.memory_bytes,
+                        source, memory, memory)
+        else:
+            memory, source = settings.memory_bytes, "--memory-bytes"
+    weights, token = weights_bytes(model), max(kv_token_bytes(model), 1)
+    kv = max(memory - weights, 0)
+    if kv < BATCH_RESERVE_TOKENS * token:
+        log.warning("the weights (%d bytes) leave %d of the %d bytes of %s for KV caches: under %d tokens of "
+                    "context; longer requests will be refused", weights, kv, memory, source, BATCH_RESERVE_TOKENS)
+    cache = settings.prompt_cache_bytes
+    if cache is None:
+        cache = kv - min(kv // 2, settings.max_requests * BATCH_RESERVE_TOKENS * token)
+    elif cache > kv:
+        log.warning("--prompt-cache-bytes %d is more than the %d bytes the weights leave of %s: using %d",
+                    cache, kv, source, kv)
+        cache = kv
+    return MemoryPlan(memory, source, weights, token, cache)
+
+
 def render_prompt(request: GenerationRequest, model: Model) -> tuple[list[int], int]:
     """(the prompt's token ids, chat messages the window left out).
 
@@ -2630,11 +3801,13 @@ def render_prompt(request: GenerationRequest, model: Model) -> tuple[list[int], 
         return completion_prompt(request.prompt, model), 0
     tokenizer = model.tokenizer
     kept, dropped = chat_window(request.messages, request.max_context)
-    messages = [dict(m) for m in kept]
+    messages = neutralize_billing_header([dict(m) for m in kept])
     if not getattr(tokenizer, "has_chat_template", False):
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
         return tokenizer.encode(text), dropped
     tools = check_tool_support(request, tokenizer)
+    template = getattr(tokenizer, "chat_template", None)
+    messages = template_messages(messages, template if isinstance(template, str) else "")
     try:
         return list(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
                                                   tokenize=True, **request.template_args)), dropped
@@ -2642,6 +3815,31 @@ def render_prompt(request: GenerationRequest, model: Model) -> tuple[list[int], 
         window = (f" (the --max-context {request.max_context} window left out the first {dropped} "
                   f"messages; raise it or send fewer)" if dropped else "")
         raise invalid(f"the model's chat template rejected these messages{window}: {exc}", "messages") from None
+
+
+# Claude Code (2.1.x) opens its system prompt with a line whose cch= value (and cc_version's suffix) are hashes
+# that change with every request; left alone, no two requests would share more than a few prompt tokens.
+BILLING_HEADER = re.compile(r"\Ax-anthropic-billing-header:[^\n]*")
+BILLING_NONCES = ((re.compile(r"\bcch=[0-9a-fA-F]+"), "cch=00000"),
+                  (re.compile(r"\b(cc_version=\d+\.\d+\.\d+)\.[0-9a-fA-F]+\b"), r"\1"))
+
+
+def neutralize_billing_header(messages: list[dict]) -> list[dict]:
+    """The messages with the nonces of a Claude Code billing header, at the start of the first system message, fixed.
+
+    The line means nothing to the model; with fixed values every request of
+    a session renders the same prefix, which the prompt cache can reuse.
+    """
+    first = messages[0] if messages else None
+    if first is None or first.get("role") != "system" or not isinstance(first.get("content"), str):
+        return messages
+    header = BILLING_HEADER.match(first["content"])
+    if header is None:
+        return messages
+    line = header.group()
+    for pattern, fixed in BILLING_NONCES:
+        line = pattern.sub(fixed, line)
+    return [{**first, "content": line + first["content"][header.end():]}] + messages[1:]
 
 
 def completion_prompt(prompt: str | tuple[int, ...], model: Model) -> list[int]:
@@ -2667,10 +3865,11 @@ def check_tool_support(request: GenerationRequest, tokenizer: Any) -> list[dict]
     """The tools to show the chat template, or a 400 when this model cannot call them."""
     if not request.tools or request.tool_choice == "none":
         return None
-    if not getattr(tokenizer, "has_tool_calling", False):
+    form = chat_format_of(tokenizer)
+    if form is None:
         raise invalid("this model has no tool-call format that the server can parse; send no 'tools'", "tools")
     forced = request.constraint is not None and request.constraint.tool_call
-    if forced and getattr(tokenizer.tool_parser, "__module__", "") != "mlx_lm.tool_parsers.json_tools":
+    if forced and form.name != "json_tools":
         raise invalid("a required 'tool_choice' needs a model whose tool calls are JSON in "
                       f"{tokenizer.tool_call_start} markers; use \"auto\"", "tool_choice")
     return list(request.tools)
@@ -2698,6 +3897,57 @@ def fit_to_context(prompt_tokens: int, request: GenerationRequest, model: Model)
         raise invalid(f"{prompt_tokens} prompt tokens + max_tokens {request.max_tokens} exceed this model's "
                       f"context of {limit} tokens", "max_tokens", "context_length_exceeded")
     return min(request.max_tokens, room)
+
+
+def model_identity(settings: Settings, model: Model) -> str:
+    """A digest of what a saved KV cache depends on: the model's files (weights, config, tokenizer),
+    adapters and draft model, the chat template in use, and the KV cache settings."""
+    digest = hashlib.sha256()
+    for name in (settings.model_path, settings.adapter_path, settings.draft_model):
+        folder = Path(name) if name else None
+        digest.update(repr(name if folder is None or not folder.is_dir() else "folder").encode())
+        for path in sorted(folder.iterdir()) if folder is not None and folder.is_dir() else []:
+            if path.is_file():
+                digest.update(path.name.encode() + file_digest(path))
+    digest.update(repr(getattr(model.tokenizer, "chat_template", None)).encode())
+    digest.update(repr((settings.kv_bits, settings.kv_group_size, settings.quantized_kv_start)).encode())
+    return digest.hexdigest()
+
+
+def file_digest(path: Path, span: int = 1 << 20) -> bytes:
+    """A file's size and a digest of its first and last MiB: cheap on 16 GB of weights, and any
+    re-download, re-quantization or edit changes one of them."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        digest.update(f.read(span))
+        f.seek(max(size - span, 0))
+        digest.update(f.read(span))
+    return digest.digest()
+
+
+def fit_to_memory(prompt_tokens: int, budget: int, request: GenerationRequest, plan: MemoryPlan) -> int:
+    """The token budget whose worst-case KV cache (n x (prompt + budget)) fits in KV memory, or a 400.
+
+    A request that could never fit, even alone, is refused naming the limit;
+    a budget the client did not insist on is trimmed to what fits, as
+    fit_to_context does with the context.
+    """
+    room = plan.tokens(plan.kv_bytes) // request.n
+    where = (f"{plan.kv_bytes} bytes of KV memory ({plan.source} {plan.memory_bytes} less {plan.weights_bytes} "
+             f"of weights), {room} tokens at {plan.token_bytes} bytes each")
+    if prompt_tokens >= room:
+        raise invalid(f"prompt is too long for this server's memory: {prompt_tokens} tokens x {request.n} choices > "
+                      f"{where}", PROMPT_PARAMS[request.endpoint], "context_length_exceeded")
+    if request.max_tokens_given and prompt_tokens + budget > room:
+        raise invalid(f"{prompt_tokens} prompt tokens + max_tokens {budget} (x {request.n} choices) do not fit in "
+                      f"{where}", "max_tokens", "context_length_exceeded")
+    return min(budget, room - prompt_tokens)
+
+
+def kv_reservation(prompt_tokens: int, budget: int, request: GenerationRequest, plan: MemoryPlan) -> int:
+    """Bytes of KV cache a request may grow to: every choice's prompt and full budget."""
+    return request.n * (prompt_tokens + budget) * plan.token_bytes
 
 
 def check_token_ids(request: GenerationRequest, model: Model) -> None:
@@ -2880,273 +4130,6 @@ class TextStream:
         return text
 
 
-# -- JSON-constrained decoding: the automaton (see the parsing section) lifted to tokens
-#
-# A token may follow a state when the automaton takes its whole text. Masks are
-# built by walking a trie of the vocabulary's token texts, and inside strings by
-# a trie of class ids of the plain tokens (those of ordinary characters) for the
-# string's regex, so a length or a pattern does not mean a walk of every token.
-# Masks are cached per state, with string lengths reduced to what can matter
-# within one token (String.key), so long strings reuse them.
-
-class TokenTable:
-    """A vocabulary's token texts, indexed for constrained decoding; one per tokenizer.
-
-    Special tokens (end of sequence included) and tokens that decode to part
-    of a character are left out, so constrained text is made of whole
-    characters and never of control tokens.
-    """
-
-    def __init__(self, tokenizer: Any):
-        self.size = len(tokenizer)
-        self.eos = sorted(tokenizer.eos_token_ids)
-        self.texts = token_texts(tokenizer, self.size)
-        self.trie: dict = {}                       # char -> child; "" -> ids ending here
-        self.plain: list[int] = []                 # tokens that are only ordinary string characters
-        self.marked: list[tuple[int, str]] = []    # every other usable token, with its text
-        for token, text in enumerate(self.texts):
-            if not text:
-                continue
-            node = self.trie
-            for ch in text:
-                node = node.setdefault(ch, {})
-            node.setdefault("", []).append(token)
-            if all(ch >= " " and ch not in '"\\' for ch in text):
-                self.plain.append(token)
-            else:
-                self.marked.append((token, text))
-        self.reach = max(map(len, filter(None, self.texts)), default=1)   # the longest token, in characters
-        self.plain_chars = sorted({ch for token in self.plain for ch in self.texts[token]})
-        self.class_tries: dict[Regex, dict] = {}
-
-    def class_trie(self, regex: Regex) -> dict:
-        """The plain tokens as a trie over `regex`'s class ids (chr(id) -> child; "" -> ids); cached."""
-        trie = self.class_tries.get(regex)
-        if trie is None:
-            classes = str.maketrans({ch: chr(regex.class_id(ch)) for ch in self.plain_chars})
-            groups: dict[str, list[int]] = {}
-            for token in self.plain:
-                groups.setdefault(self.texts[token].translate(classes), []).append(token)
-            trie = {}
-            for key, tokens in groups.items():
-                node = trie
-                for ch in key:
-                    node = node.setdefault(ch, {})
-                node.setdefault("", []).extend(tokens)
-            if len(self.class_tries) >= JSON_CONSTRAINT_CACHE * 4:
-                self.class_tries.pop(next(iter(self.class_tries)))
-            self.class_tries[regex] = trie
-        return trie
-
-
-def token_texts(tokenizer: Any, size: int) -> list[str | None]:
-    """Each token id's text as it reads inside a sequence; None for unusable ones."""
-    # Decoded after an anchor token, so SentencePiece's leading space is kept.
-    anchor = tokenizer.encode("a", add_special_tokens=False)[-1]
-    head = tokenizer.decode([anchor])
-    special = set(getattr(tokenizer, "all_special_ids", ())) | set(tokenizer.eos_token_ids)
-    decoded = tokenizer.batch_decode([[anchor, token] for token in range(size)])
-    return [text[len(head):] if token not in special and text.startswith(head) and "\ufffd" not in text
-            else None for token, text in enumerate(decoded)]
-
-
-_TOKEN_TABLES: dict[int, tuple[Any, TokenTable]] = {}
-_CONSTRAINTS: dict[tuple, "JsonMasks"] = {}
-
-
-def token_table(tokenizer: Any) -> TokenTable:
-    """The tokenizer's TokenTable, built on first use (about a second for 50k tokens)."""
-    entry = _TOKEN_TABLES.get(id(tokenizer))
-    if entry is None:
-        entry = _TOKEN_TABLES[id(tokenizer)] = (tokenizer, TokenTable(tokenizer))
-    return entry[1]
-
-
-class JsonMasks:
-    """Which tokens may come next in each automaton state of one constraint (cached)."""
-
-    def __init__(self, table: TokenTable, start: tuple):
-        self.table = table
-        self.start = start
-        self.slack = commitment(start)
-        self.masks: dict[tuple, Any] = {}
-        self.closings: dict[tuple, str | None] = {}
-        self.plains: dict[tuple, Any] = {}
-
-    def key(self, state: tuple) -> tuple:
-        """The state as the cache sees it: a top String frame reduced by String.key (leaves are always on top)."""
-        return tuple(stack[:-1] + (stack[-1][0].key(stack[-1], self.table.reach),)
-                     if stack and isinstance(stack[-1][0], String) else stack for stack in state)
-
-    def allowed(self, state: tuple, width: int) -> Any:
-        """A boolean mx.array over `width` logits: the tokens that keep `state` alive."""
-        key = self.key(state)
-        mask = self.masks.get(key)
-        if mask is None:
-            if len(self.masks) >= JSON_MASK_CACHE_STATES:
-                self.masks.clear()
-            mask = self.masks[key] = self._build(state, width)
-        return mask
-
-    def closing(self, state: tuple) -> list[int] | None:
-        """The tokens that spell a shortest closing text from `state`, each the longest that fits (cached)."""
-        key = self.key(state)
-        if key not in self.closings:
-            if len(self.closings) >= JSON_MASK_CACHE_STATES:
-                self.closings.clear()
-            text = json_closing_text(state)
-            self.closings[key] = None if text is None else self._spell(text)
-        return self.closings[key]
-
-    def _spell(self, text: str) -> list[int] | None:
-        ids, at = [], 0
-        while at < len(text):
-            node, best = self.table.trie, None
-            for end in range(at, len(text)):
-                node = node.get(text[end])
-                if node is None:
-                    break
-                if node.get(""):
-                    best = (node[""][0], end + 1)
-            if best is None:
-                return None  # no token spells the next character
-            ids.append(best[0])
-            at = best[1]
-        return ids
-
-    def _build(self, state: tuple, width: int) -> Any:
-        import mlx.core as mx
-        table, ids, walk, plain = self.table, [], [], mx.zeros((width,), dtype=mx.bool_)
-        for stack in state:
-            top = stack[-1] if stack else None
-            if top is not None and isinstance(top[0], String) and top[3] == "" and (top[4] is None or top[0].max_len is None):
-                # Inside a string, a plain token cannot leave it: its fate is the regex's and
-                # the length's alone (String.plain_tokens); only the other tokens need a walk.
-                plain = plain | self._plain(top)
-                ids += [t for t, text in table.marked if json_advance((stack,), text)]
-            else:
-                walk.append(stack)
-        if walk:
-            ids += self._walk(tuple(walk))
-        if json_complete(state):
-            ids += table.eos
-        return plain | self.ids_mask(ids, width)
-
-    def _plain(self, frame: tuple) -> Any:
-        """The mask of plain tokens for a String frame, cached by its regex state and length."""
-        key = frame[0].key(frame, self.table.reach)[:4]
-        mask = self.plains.get(key)
-        if mask is None:
-            if len(self.plains) >= JSON_MASK_CACHE_STATES:
-                self.plains.clear()
-            trie = self.table.class_trie(frame[0].regex)
-            mask = self.plains[key] = self.ids_mask(frame[0].plain_tokens(frame, trie), self.table.size)
-        return mask
-
-    @staticmethod
-    def ids_mask(ids: list[int], width: int) -> Any:
-        """A boolean mask over `width` logits, true at `ids`."""
-        import mlx.core as mx
-        mask = mx.zeros((width,), dtype=mx.bool_)
-        ids = [t for t in ids if t < width]
-        if ids:
-            mask[mx.array(ids)] = True
-        return mask
-
-    def _walk(self, state: tuple) -> list[int]:
-        """Depth-first over the token trie, following only characters the automaton takes."""
-        ids, todo = [], [(self.table.trie, state)]
-        while todo:
-            node, at = todo.pop()
-            for ch, child in node.items():
-                if ch and (after := json_advance(at, ch)):
-                    ids.extend(child.get("", ()))
-                    todo.append((child, after))
-        return ids
-
-def commitment(start: tuple) -> int:
-    """The most one token can add to the closing text, in characters (so in tokens at most).
-
-    A token that writes a key, opens an array item or picks an anyOf branch
-    commits the output to that value's shortest text; JsonConstraint starts
-    closing this much early, so no such step can leave too few tokens.
-    """
-    todo = [frame[1] for stack in start for frame in stack if frame[0] is VALUE]
-    seen, most = set(), 0
-    while todo:
-        piece = todo.pop()
-        if id(piece) in seen:
-            continue
-        seen.add(id(piece))
-        children = list(piece.alternatives) if isinstance(piece, Union) else []
-        if isinstance(piece, Object):
-            children = [node for _, node, _ in piece.props] + [piece.extras] * (piece.extras is not None)
-            most = max([most] + [len(key) + 2 for key in piece.keys])
-        elif isinstance(piece, Array):
-            children = list(piece.prefix) + [piece.items] * (piece.items is not None)
-        most = max([most] + [len(child.min_text) + 1 for child in children])
-        todo += children
-    return 2 * most
-
-
-def json_masks(tokenizer: Any, key: tuple, start: tuple) -> JsonMasks:
-    """The shared, cached masks for a constraint: requests with the same schema reuse them."""
-    cache_key = (id(tokenizer),) + key
-    masks = _CONSTRAINTS.get(cache_key)
-    if masks is None:
-        if len(_CONSTRAINTS) >= JSON_CONSTRAINT_CACHE:
-            _CONSTRAINTS.pop(next(iter(_CONSTRAINTS)))
-        masks = _CONSTRAINTS[cache_key] = JsonMasks(token_table(tokenizer), start)
-    return masks
-
-
-class JsonConstraint:
-    """A logits processor that only lets through tokens keeping the output valid JSON.
-
-    Called once per generated token (mlx_lm's convention). It tracks the
-    automaton state from the tokens sampled so far; when the tokens left are
-    just enough to spell the shortest closing text, it spells it, so the output
-    is complete JSON whenever max_tokens allows that at all. Once the JSON is
-    complete only end-of-sequence tokens remain.
-    """
-
-    stateful = True   # follows the tokens sampled so far, one call per token
-
-    def __init__(self, masks: JsonMasks, budget: int):
-        self.masks = masks
-        self.state = masks.start
-        self.left = budget           # tokens still to be sampled, this one included
-        self.started = False
-        self.plan: list[int] | None = None   # the closing tokens still to come, once closing
-
-    def __call__(self, tokens: Any, logits: Any) -> Any:
-        import mlx.core as mx
-        if self.started:
-            self._advance(int(tokens[-1].item()))
-        self.started = True
-        width = logits.shape[-1]
-        if self.plan is None and not json_complete(self.state):
-            plan = self.masks.closing(self.state)
-            if plan is not None and len(plan) + 1 + self.masks.slack >= self.left:
-                self.plan = plan
-        mask = self._mask(width)
-        self.left -= 1
-        return mx.where(mask, logits, mx.array(-math.inf, dtype=logits.dtype))
-
-    def _mask(self, width: int) -> Any:
-        if self.state and self.plan:
-            return self.masks.ids_mask(self.plan[:1], width)
-        if self.state and self.plan is None:
-            return self.masks.allowed(self.state, width)
-        return self.masks.ids_mask(self.masks.table.eos, width)  # closed, finished or dead: only the end remains
-
-    def _advance(self, token: int) -> None:
-        text = self.masks.table.texts[token] if token < len(self.masks.table.texts) else None
-        self.state = json_advance(self.state, text) if text else ()
-        if self.plan:
-            self.plan = self.plan[1:]
-
-
 def partial_marker_length(text: str, markers: tuple[str, ...]) -> int:
     """Length of the longest end of `text` that could be the start of one of `markers`.
 
@@ -3280,11 +4263,13 @@ class Job:
     deadline: float
     events: queue.Queue = dataclasses.field(default_factory=queue.Queue)
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+    admitted: threading.Event = dataclasses.field(default_factory=threading.Event)  # set once cached_tokens is known
     completion_tokens: int = 0
     reasoning_tokens: int = 0               # of completion_tokens, those sampled inside a thinking block
     cached_tokens: int = 0                  # prompt tokens served from the prompt cache
     first_token_at: float | None = None
     stop_string: str | None = None          # the stop string that ended generation, if one did
+    kv_bytes: int = 0                       # KV memory reserved for it at admission (all its choices)
 
     @property
     def prompt_tokens(self) -> int:
@@ -3307,59 +4292,312 @@ class Sequence:
     logprobs: list = dataclasses.field(default_factory=list)  # entries of tokens whose text is not out yet
 
 
+def common_prefix(a: Any, b: Any) -> int:
+    """How many leading tokens two int32 numpy arrays share."""
+    import numpy as np
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if len(differ) else n
+
+
+def cache_length(cache: list) -> int:
+    """Tokens a model's KV cache holds (its first layer's offset)."""
+    return int(getattr(cache[0], "offset", 0)) if cache else 0
+
+
+def cut_cache(cache: list, tokens: int) -> list | None:
+    """A copy of a KV cache holding only its first `tokens` tokens, in fresh arrays; None when it cannot be cut.
+
+    mlx_lm's trim_prompt_cache only moves a cache's offset: the arrays, and
+    their memory, stay whole. Here the keys and values themselves are
+    sliced and copied (mx.contiguous copies a slice into an array of its own
+    size), so the rest is freed once the original goes. Full-precision and
+    quantized caches (--kv-bits) can be cut; a sliding-window cache that has
+    wrapped, or a recurrent layer's state, hold no prefix to cut to: None.
+    """
+    import mlx.core as mx
+    from mlx_lm.models.cache import KVCache, QuantizedKVCache
+    if tokens <= 0 or not all(type(c) in (KVCache, QuantizedKVCache) and c.keys is not None for c in cache):
+        return None
+
+    def cut(x: Any) -> Any:
+        return type(x)(cut(part) for part in x) if isinstance(x, (tuple, list)) else mx.contiguous(x[..., :tokens, :])
+
+    pieces = []
+    for layer in cache:
+        piece = copy.copy(layer)
+        piece.keys, piece.values = cut(layer.keys), cut(layer.values)
+        piece.offset = min(tokens, layer.offset)
+        pieces.append(piece)
+    mx.eval([[p.keys, p.values] for p in pieces])
+    return pieces
+
+
+def cache_nbytes(cache: list) -> int:
+    return sum(c.nbytes for c in cache)
+
+
+def cache_capacity(cache: list) -> int:
+    """Tokens a KV cache's arrays have room for (its offset when they are not plain keys and values)."""
+    keys = getattr(cache[0], "keys", None) if cache else None
+    keys = keys[0] if isinstance(keys, (tuple, list)) and keys else keys  # quantized: (data, scales, biases)
+    return int(keys.shape[-2]) if hasattr(keys, "shape") and len(keys.shape) == 4 else cache_length(cache)
+
+
+@dataclass(eq=False)
+class CacheEntry:
+    """One kept KV cache and the tokens it holds."""
+
+    tokens: Any          # numpy int32 array
+    cache: list
+    nbytes: int
+
+
 class PromptCache:
     """KV caches of finished requests, reused for prompts that share a prefix.
 
-    A thin layer over mlx_lm's LRUPromptCache (a token trie, least recently
-    used first out) that adds the hit/miss counters, holds it to its byte
-    budget and guarantees at least one prompt token is left to run through
-    the model. Only the engine thread calls it.
+    Entries are kept least recently used first; the byte budget is the
+    smaller of `max_bytes` and the room the running batch leaves (`room` at
+    each store). Storing evicts whole entries, least recently used first, and
+    an entry larger than the budget on its own is cut to its longest prefix
+    that fits (cut_cache frees the rest), so a long agent prompt keeps the
+    part that fits instead of nothing. A fetched prefix always leaves at
+    least one prompt token to run. Only the engine thread calls it.
     """
 
-    KEY = "model"   # LRUPromptCache keys entries by model; this server has one
-
     def __init__(self, max_bytes: int):
-        from mlx_lm.models.cache import LRUPromptCache
-        # No byte limit inside: store() applies it, so that a group's other ranks can follow rank 0's count.
-        self.lru = LRUPromptCache(max_size=PROMPT_CACHE_MAX_ENTRIES)
+        self.entries: dict[bytes, CacheEntry] = {}   # in LRU order: oldest first
         self.max_bytes = max_bytes
-        self.hits = self.misses = 0
+        self.nbytes = 0
+        self.stored: list[CacheEntry] = []  # entries store() has kept since the last look (CacheFolder saves them)
+        self.hits = self.misses = self.evictions = self.trims = 0
 
     def fetch(self, prompt: list[int]) -> tuple[list | None, int]:
-        """(a KV cache holding the longest cached prefix, its length) or (None, 0)."""
-        from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
-        cache, rest = self.lru.fetch_nearest_cache(self.KEY, prompt)
-        if cache is not None and not rest:  # an exact hit: the model must still see the last token
-            if can_trim_prompt_cache(cache):
-                trim_prompt_cache(cache, 1)
-                rest = prompt[-1:]
-            else:
-                cache, rest = None, prompt
-        cached = len(prompt) - len(rest) if cache is not None else 0
-        self.hits += cached > 0
-        self.misses += cached == 0
-        return (cache if cached else None), cached
+        """(a KV cache holding the longest cached prefix the prompt can use, its length) or (None, 0)."""
+        import numpy as np
+        from mlx_lm.models.cache import can_trim_prompt_cache
+        wanted = np.asarray(prompt, dtype=np.int32)
+        best, usable = None, 0
+        for entry in self.entries.values():
+            shared = min(common_prefix(entry.tokens, wanted), len(prompt) - 1)
+            if shared > usable and (shared == len(entry.tokens) or can_trim_prompt_cache(entry.cache)):
+                best, usable = entry, shared
+        self.hits += best is not None
+        self.misses += best is None
+        if best is None:
+            return None, 0
+        self._touch(best)
+        return self._prefix(best, usable), usable
 
-    def store(self, tokens: list[int], cache: list, in_use_bytes: int = 0, entries: int | None = None) -> int:
-        """Keep `cache` (the KV of `tokens`); return how many entries the cache holds now.
+    def store(self, tokens: list[int], cache: list, room: int | None = None, entries: int | None = None,
+              kept: int | None = None) -> tuple[int, int]:
+        """Keep `cache` (the KV of `tokens`); return (entries held now, tokens of this one kept, 0 if none).
 
-        Alone and on rank 0 the cache is trimmed to the byte budget left by
-        running requests. A group's other ranks pass `entries`, rank 0's count
-        after the same store, and trim to that: evicting least recently used
-        first, they drop exactly what rank 0 dropped, even where their shard's
-        caches differ in size from rank 0's (pipeline stages hold different
-        numbers of layers).
+        Alone and on rank 0 the cache is held to min(max_bytes, room). A
+        group's other ranks pass rank 0's figures instead, `entries` and
+        `kept`, and follow them: evicting least recently used first and cutting
+        the same prefix, they drop exactly what rank 0 dropped, whatever their
+        shard's bytes (pipeline stages hold different numbers of layers).
         """
-        self.lru.insert_cache(self.KEY, list(tokens), cache)
+        import numpy as np
+        length = min(len(tokens), cache_length(cache))
+        if cache_capacity(cache) > length:  # generate_step's buffers grow 256 tokens at a time: free the slack
+            cache = cut_cache(cache, length) or cache
+        limit = self.max_bytes if room is None else min(self.max_bytes, max(room, 0))
+        entry = CacheEntry(np.asarray(tokens[:length], dtype=np.int32), cache, cache_nbytes(cache))
+        self._drop(self.entries.pop(entry.tokens.tobytes(), None))
+        self._drop_prefixes_of(entry)
+        self._add(entry)
         if entries is None:
-            self.lru.trim_to(n_bytes=self.max_bytes - in_use_bytes)
+            self.fit(limit, keep=entry)
+            kept = self._cut_to(entry, limit)
         else:
-            self.lru.trim_to(n_sequences=entries)
-        return len(self.lru)
+            self.fit(entries=entries + (kept == 0), keep=entry)
+            kept = self._cut_to(entry, kept=kept)
+        if kept:
+            self.stored.append(next(reversed(self.entries.values())))
+        return len(self.entries), kept
+
+    def fit(self, limit: int | None = None, entries: int | None = None, keep: CacheEntry | None = None) -> int:
+        """Evict least recently used entries, never `keep`, to at most `limit` bytes and `entries` entries.
+
+        Returns the entries left.
+        """
+        for key, entry in list(self.entries.items()):
+            if (limit is None or self.nbytes <= limit) and (entries is None or len(self.entries) <= entries):
+                break
+            if entry is not keep:
+                self._drop(self.entries.pop(key))
+                self.evictions += 1
+        return len(self.entries)
 
     def stats(self) -> dict:
-        return {"prompt_cache_entries": len(self.lru), "prompt_cache_bytes": self.lru.nbytes,
-                "prompt_cache_hits": self.hits, "prompt_cache_misses": self.misses}
+        return {"prompt_cache_entries": len(self.entries), "prompt_cache_bytes": self.nbytes,
+                "prompt_cache_tokens": sum(len(e.tokens) for e in self.entries.values()),
+                "prompt_cache_hits": self.hits, "prompt_cache_misses": self.misses,
+                "prompt_cache_evictions": self.evictions, "prompt_cache_trims": self.trims}
+
+    def _cut_to(self, entry: CacheEntry, limit: int | None = None, kept: int | None = None) -> int:
+        """Cut an entry to `kept` tokens, or to the most that fit in `limit` bytes; its tokens kept (0: dropped)."""
+        length = len(entry.tokens)
+        if kept is None:
+            if entry.nbytes <= limit:
+                return length
+            kept = limit * length // max(entry.nbytes, 1)  # bytes grow linearly with tokens
+        if kept >= length:
+            return length
+        self._drop(self.entries.pop(entry.tokens.tobytes()))
+        cut = cut_cache(entry.cache, kept)
+        if cut is None:  # nothing to cut it to, or a cache that holds no prefix (see cut_cache): it goes
+            self.evictions += 1
+            return 0
+        self.trims += 1
+        self._add(CacheEntry(entry.tokens[:kept], cut, cache_nbytes(cut)))
+        return kept
+
+    def _prefix(self, entry: CacheEntry, tokens: int) -> list:
+        """A cache of the entry's first `tokens` tokens for a new sequence (which must not change the entry's)."""
+        from mlx_lm.models.cache import trim_prompt_cache
+        cut = cut_cache(entry.cache, tokens)  # fresh arrays: MLX's a[i] = x rewrites the array object a in place
+        if cut is not None:
+            return cut
+        cache = copy.deepcopy(entry.cache)
+        trim_prompt_cache(cache, len(entry.tokens) - tokens)
+        return cache
+
+    def _drop_prefixes_of(self, entry: CacheEntry) -> None:
+        """A new entry holds its prefixes' KV too: drop them (their memory is wasted)."""
+        from mlx_lm.models.cache import can_trim_prompt_cache
+        if not can_trim_prompt_cache(entry.cache):
+            return
+        for key, other in list(self.entries.items()):
+            if len(other.tokens) < len(entry.tokens) and common_prefix(other.tokens, entry.tokens) == len(other.tokens):
+                self._drop(self.entries.pop(key))
+
+    def _touch(self, entry: CacheEntry) -> None:
+        key = entry.tokens.tobytes()
+        self.entries[key] = self.entries.pop(key)
+
+    def _add(self, entry: CacheEntry) -> None:
+        self.entries[entry.tokens.tobytes()] = entry
+        self.nbytes += entry.nbytes
+
+    def _drop(self, entry: CacheEntry | None) -> None:
+        if entry is not None:
+            self.nbytes -= entry.nbytes
+
+
+class CacheFolder:
+    """--prompt-cache-dir: prompt cache entries as safetensors files (mlx_lm's save_prompt_cache), so a
+    restart finds the prefixes it had.
+
+    Files are named for the model's identity (model_identity) and their
+    tokens, which their metadata holds too. A new entry of at least
+    PROMPT_CACHE_SAVE_TOKENS is written once the batch is idle, every other
+    entry at a graceful shutdown; files beyond the disk budget go, oldest
+    first. A file that cannot be read, or whose identity is not this
+    model's, is skipped with a warning. Only the engine thread calls it: the
+    arrays belong to its MLX stream.
+    """
+
+    PREFIX = "lem-prompt-"
+
+    def __init__(self, folder: Path, identity: str, max_bytes: int):
+        self.folder, self.identity, self.max_bytes = folder, identity, max_bytes
+        self.saved: dict[bytes, tuple[Any, Path]] = {}  # entry key -> (its tokens, its file)
+        self.pending: dict[bytes, CacheEntry] = {}      # long new entries to write when the batch is idle
+
+    def restore(self, cache: PromptCache) -> int:
+        """Load this model's newest files that fit the cache's budget into it; the entries restored."""
+        files = sorted(self.folder.glob(f"{self.PREFIX}{self.identity[:16]}-*.safetensors"),
+                       key=lambda p: p.stat().st_mtime, reverse=True)
+        chosen, total = [], 0
+        for path in files:  # the newest always: store() cuts it to the budget if it must
+            if total >= cache.max_bytes:
+                break
+            chosen.append(path)
+            total += path.stat().st_size
+        restored = 0
+        for path in reversed(chosen):  # oldest first: the newest ends up most recently used
+            restored += self._restore_one(path, cache)
+        return restored
+
+    def offer(self, entries: list[CacheEntry]) -> None:
+        """Entries the prompt cache has just kept: the long ones are written when the batch is idle."""
+        for entry in entries:
+            if len(entry.tokens) >= PROMPT_CACHE_SAVE_TOKENS:
+                self.pending[entry.tokens.tobytes()] = entry
+
+    def save_pending(self, cache: PromptCache, more: Callable[[], bool]) -> None:
+        """Write pending entries still in the cache, one at a time while `more()` says the batch is idle."""
+        while self.pending and more():
+            key, entry = self.pending.popitem()
+            if cache.entries.get(key) is entry:
+                self._save(entry)
+
+    def save_all(self, cache: PromptCache) -> None:
+        """Write the entries not on disk yet, most recently used first, while they fit the disk budget (shutdown)."""
+        self.pending.clear()
+        used = sum(p.stat().st_size for p in self.folder.glob(f"{self.PREFIX}*.safetensors"))
+        for key, entry in reversed(list(cache.entries.items())):
+            if key not in self.saved and used + entry.nbytes <= self.max_bytes:
+                self._save(entry)
+                used += entry.nbytes
+
+    def _save(self, entry: CacheEntry) -> None:
+        from mlx_lm.models.cache import save_prompt_cache
+        key = entry.tokens.tobytes()
+        path = self.folder / f"{self.PREFIX}{self.identity[:16]}-{hashlib.sha256(key).hexdigest()[:16]}.safetensors"
+        partial = self.folder / f".partial-{path.name}"  # never globbed: a crash mid-write leaves no half file
+        try:
+            save_prompt_cache(str(partial), entry.cache, {"identity": self.identity,
+                                                          "tokens": json.dumps(entry.tokens.tolist())})
+            os.replace(partial, path)
+        except Exception as exc:
+            log.warning("could not save a prompt cache entry to %s: %s", self.folder, exc)
+            with contextlib.suppress(OSError):
+                partial.unlink()
+            return
+        self.saved[key] = (entry.tokens, path)
+        for other, (tokens, old) in list(self.saved.items()):  # files of its prefixes hold nothing more
+            if len(tokens) < len(entry.tokens) and common_prefix(tokens, entry.tokens) == len(tokens):
+                self._remove(other, old)
+        self._hold_to_budget()
+
+    def _hold_to_budget(self) -> None:
+        files = sorted(self.folder.glob(f"{self.PREFIX}*.safetensors"), key=lambda p: p.stat().st_mtime)
+        total = sum(p.stat().st_size for p in files)
+        for path in files[:-1]:  # the newest always stays
+            if total <= self.max_bytes:
+                break
+            total -= path.stat().st_size
+            self._remove(next((k for k, (_, p) in self.saved.items() if p == path), None), path)
+
+    def _remove(self, key: bytes | None, path: Path) -> None:
+        self.saved.pop(key, None)
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+    def _restore_one(self, path: Path, cache: PromptCache) -> int:
+        import mlx.core as mx
+        import numpy as np
+        from mlx.utils import tree_flatten
+        from mlx_lm.models.cache import load_prompt_cache
+        try:
+            layers, metadata = load_prompt_cache(str(path), return_metadata=True)
+            if metadata.get("identity") != self.identity:
+                raise ValueError("it was saved for another model or other settings")
+            tokens = json.loads(metadata["tokens"])
+            if not tokens or cache_length(layers) != len(tokens):
+                raise ValueError("its tokens and its KV cache disagree")
+            mx.eval([v for c in layers for _, v in tree_flatten(c.state) if isinstance(v, mx.array)])  # a truncated file fails here
+        except Exception as exc:
+            log.warning("skipping saved prompt cache %s: %s", path.name, " ".join(str(exc).split())[:300])
+            return 0
+        cache.store(tokens, layers)
+        cache.stored.clear()
+        self.saved[np.asarray(tokens, dtype=np.int32).tobytes()] = (np.asarray(tokens, dtype=np.int32), path)
+        return 1
 
 
 @dataclass
@@ -3471,10 +4709,6 @@ class SoloBatch:
         tokens, cache = self._settle(sequence)
         return {sequence.uid: (cache, tokens)} if return_prompt_caches else {}
 
-    @property
-    def prompt_cache_nbytes(self) -> int:
-        return sum(c.nbytes for c in self.current.cache) if self.current is not None else 0
-
     def close(self) -> None:
         self.waiting, self.current = [], None
 
@@ -3543,13 +4777,18 @@ class SoloBatch:
 
 @dataclass(frozen=True)
 class Insert:
-    """Op: start sequence `uid` on `prompt`, its first `cached` tokens from the prompt cache."""
+    """Op: start sequence `uid` on `prompt`, its first `cached` tokens from the prompt cache.
+
+    `entries`: what the prompt cache held after rank 0 made room for the
+    running batch, just before its fetch.
+    """
 
     uid: int
     prompt: list[int]
     cached: int
     max_tokens: int
     request: GenerationRequest   # the sampling settings; rank 0 has filled in the seed
+    entries: int | None = None
 
 
 @dataclass(frozen=True)
@@ -3561,10 +4800,14 @@ class Remove:
 
 @dataclass(frozen=True)
 class Keep:
-    """Op: put the KV cache sequence `uid` left behind into the prompt cache, which then holds `entries`."""
+    """Op: put the KV cache sequence `uid` left behind into the prompt cache, which then holds `entries`.
+
+    `kept`: the tokens of it kept (fewer when it was cut to fit; 0: none).
+    """
 
     uid: int
     entries: int
+    kept: int
 
 
 class GroupFailure(RuntimeError):
@@ -3585,6 +4828,11 @@ class GroupLink:
     in which nothing changed costs one all_sum of 16 bytes. The ranks trust
     each other: their link must be private (Thunderbolt, a private network),
     as mx.distributed's own traffic must be.
+
+    While the group is idle (the last share asked for no step), a rank
+    waiting in a collective would spin (MLX's backends poll), so rank 0 rings
+    a doorbell, a byte on each lifeline, before the next share, and a rank
+    with a lifeline blocks on it until then instead.
     """
 
     STEP, SHUTDOWN = 1, 2
@@ -3593,6 +4841,20 @@ class GroupLink:
         self.group = group
         self.rank, self.size = group.rank(), group.size()
         self.stop_voted = False   # not rank 0: a signal asked this rank to stop
+        self.bells: dict[int, socket.socket] = {}   # lifelines (Lifelines.sockets), which carry the doorbells
+        self.rung = threading.Semaphore(0)          # not rank 0: doorbells received and not yet answered
+        self.idle = False                           # the last share asked for no step
+
+    def ring(self) -> None:
+        """Rank 0: tell every rank with a lifeline that a share is coming."""
+        for sock in list(self.bells.values()):
+            with contextlib.suppress(OSError):  # a lost rank: its lifeline's watcher says so
+                sock.sendall(b"\x01")
+
+    def heard(self, count: int) -> None:
+        """Another rank: `count` doorbells came in on the lifeline."""
+        for _ in range(count):
+            self.rung.release()
 
     def share(self, ops: list, flags: int, check: int, stream: Any) -> tuple[list, int, int, int]:
         """(ops, flags, token check) as rank 0 sent them, with how many other ranks vote to stop."""
@@ -3602,9 +4864,14 @@ class GroupLink:
         if len(payload) >= 2**31:
             raise GroupFailure(f"one step's changes take {len(payload)} bytes, over the 2 GiB a step can send")
         header = [len(payload), flags, 0, check] if leader else [0, 0, int(self.stop_voted), 0]
+        if self.idle and leader:  # the others may be blocked on their lifelines: wake them
+            self.ring()
+        elif self.idle and self.bells:
+            self.rung.acquire()
         with mx.stream(stream):
             size, flags, votes, check = mx.distributed.all_sum(
                 mx.array(header, dtype=mx.int32), group=self.group).tolist()
+            self.idle = not flags & (self.STEP | self.SHUTDOWN)
             if not size:
                 return [], flags, votes, check
             data = mx.array(payload) if leader else mx.zeros((size,), dtype=mx.uint8)
@@ -3657,17 +4924,21 @@ class Lifelines:
             self._connect(host, port)
 
     def wait_for_loss(self) -> str | None:
-        """Block until a lifeline breaks and say whose process ended; None at once when there are none."""
+        """Block until a lifeline breaks and say whose process ended; None at once when there are none.
+
+        Bytes that come in meanwhile are rank 0's doorbells (GroupLink.ring).
+        """
         ranks = {sock: rank for rank, sock in self.sockets.items()}
         while ranks:
             readable, _, _ = select.select(list(ranks), [], [])
             for sock in readable:
                 try:
-                    data = sock.recv(64)
+                    data = sock.recv(4096)
                 except OSError:
                     data = b""
                 if not data:
                     return f"rank {ranks[sock]}'s process has ended (its lifeline closed)"
+                self.link.heard(len(data))
         return None
 
     def _listen(self, host: str) -> socket.socket | None:
@@ -3719,11 +4990,12 @@ class Batch:
     """
 
     def __init__(self, model: Model, max_batch: int, prompt_cache: PromptCache | None, link: GroupLink | None,
-                 drafts: dict | None = None):
+                 drafts: dict | None = None, room: Callable[[int | None], int | None] = lambda uid: None):
         from mlx_lm.generate import BatchGenerator
         eos = model.tokenizer.eos_token_ids
         self.model = model
         self.prompt_cache = prompt_cache
+        self.room = room    # room(uid leaving or None): bytes the running batch leaves the prompt cache; None: no limit
         self.link = link
         self.records = link is not None and link.rank == 0    # rank 0 of a group: record ops
         self.follows = link is not None and link.rank != 0    # another rank: replay them
@@ -3738,20 +5010,26 @@ class Batch:
         self.parked: dict[int, tuple] = {}   # other ranks: caches of sequences that left, until rank 0's Keep
 
     def insert(self, prompt: list[int], max_tokens: int, request: GenerationRequest,
-               cached: int | None = None) -> tuple[int, int]:
+               cached: int | None = None, entries: int | None = None) -> tuple[int, int]:
         """Start one sequence from its longest cached prefix; return (its uid, tokens taken from the cache).
 
-        A rank replaying rank 0's Insert passes rank 0's `cached`: finding
-        another length means the ranks' caches have diverged.
+        Then the prompt cache gives the running batch its room (the batch now
+        holds this sequence's reservation too, which covers the prefix it
+        took). A rank replaying rank 0's Insert passes rank 0's `cached` and
+        `entries`: finding another length means the ranks' caches have diverged.
         """
-        cache, found = self.prompt_cache.fetch(prompt) if self.prompt_cache else (None, 0)
+        cache, found = None, 0
+        if self.prompt_cache is not None:
+            cache, found = self.prompt_cache.fetch(prompt)
+            room = self.room(None) if entries is None else None
+            entries = self.prompt_cache.fit(room, entries)
         if cached is not None and found != cached:
             raise GroupFailure(f"rank 0 found {cached} cached prompt tokens, this rank {found}")
         sampling = make_sampling(request, self.model, max_tokens)
         (uid,) = self.generator.insert([prompt[found:]], max_tokens=[max_tokens], caches=[cache],
                                        all_tokens=[prompt[:found]], samplers=[sampling.sampler],
                                        logits_processors=[sampling.logits_processors])
-        self._record(Insert(uid, prompt, found, max_tokens, request))
+        self._record(Insert(uid, prompt, found, max_tokens, request, entries))
         return uid, found
 
     def remove(self, uids: list[int]) -> None:
@@ -3801,14 +5079,14 @@ class Batch:
 
     def _replay(self, op: Any) -> None:
         if isinstance(op, Insert):
-            uid, _cached = self.insert(op.prompt, op.max_tokens, op.request, cached=op.cached)
+            uid, _cached = self.insert(op.prompt, op.max_tokens, op.request, cached=op.cached, entries=op.entries)
             if uid != op.uid:
                 raise GroupFailure(f"rank 0 started sequence {op.uid}, this rank {uid}")
         elif isinstance(op, Remove):
             self.remove(list(op.uids))
         elif isinstance(op, Keep) and op.uid in self.parked:
             tokens, cache = self.parked.pop(op.uid)
-            self.prompt_cache.store(tokens, cache, entries=op.entries)
+            self.prompt_cache.store(tokens, cache, entries=op.entries, kept=op.kept)
         else:
             raise GroupFailure(f"rank 0 sent {op!r}, which this rank's batch cannot follow")
 
@@ -3823,12 +5101,41 @@ class Batch:
         if self.follows:
             self.parked[uid] = (tokens, cache)
             return
-        entries = self.prompt_cache.store(tokens, cache, self.generator.prompt_cache_nbytes)
-        self._record(Keep(uid, entries))
+        entries, kept = self.prompt_cache.store(tokens, cache, self.room(uid))
+        self._record(Keep(uid, entries, kept))
 
     def _record(self, op: Any) -> None:
         if self.records:
             self.ops.append(op)
+
+
+class KVLedger:
+    """KV memory and the part of it admitted requests have reserved (their worst case); thread-safe.
+
+    The admission queue reserves before a request joins the batch and gives
+    back when it leaves; the engine holds the prompt cache to what is left.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.reserved = 0
+        self.lock = threading.Lock()
+
+    def reserve(self, nbytes: int) -> bool:
+        """Reserve `nbytes` if they fit beside the reservations held; True when they did."""
+        with self.lock:
+            if self.reserved + nbytes > self.limit:
+                return False
+            self.reserved += nbytes
+            return True
+
+    def release(self, nbytes: int) -> None:
+        with self.lock:
+            self.reserved -= nbytes
+
+    def room(self) -> int:
+        """Bytes no request has reserved: what the prompt cache may hold now."""
+        return self.limit - self.reserved
 
 
 class Engine:
@@ -3850,16 +5157,20 @@ class Engine:
     """
 
     def __init__(self, model: Model, max_batch: int = 1, prompt_cache_bytes: int = 0,
-                 group: Any = None, stall_seconds: float = DEFAULT_TIMEOUT):
+                 group: Any = None, stall_seconds: float = DEFAULT_TIMEOUT, ledger: KVLedger | None = None,
+                 folder: CacheFolder | None = None):
         self.model = model
         self.max_batch = max_batch
         self.prompt_cache = PromptCache(prompt_cache_bytes) if prompt_cache_bytes > 0 else None
+        self.ledger = ledger   # None: the prompt cache is held to its own budget only
+        self.folder = folder if self.prompt_cache is not None else None   # --prompt-cache-dir
         self.link = GroupLink(group) if group is not None else None
         self.stall_seconds = stall_seconds
         self.inbox: queue.Queue[Job | None] = queue.Queue()
         self.thread = threading.Thread(target=self._run, name="lem-engine", daemon=True)
         self.failure: BaseException | None = None
         self.finished = threading.Event()          # the loop has ended: stopped, or failed
+        self.started = threading.Event()           # the loop runs (saved prefixes restored), or the thread ended
         self.drain_requested = threading.Event()   # rank 0: another rank was asked to stop the group
         self.running: dict[int, Sequence] = {}     # the batch's uids -> their jobs (rank 0 and alone)
         self.warming: dict[int, Job] = {}          # uids of one-token warm-ups -> jobs whose n choices wait on them
@@ -3886,8 +5197,7 @@ class Engine:
 
     def stats(self) -> dict:
         """Counters for /healthz and /metrics: tokens sampled and prompt-cache use."""
-        cache = self._stats or {"prompt_cache_entries": 0, "prompt_cache_bytes": 0,
-                                "prompt_cache_hits": 0, "prompt_cache_misses": 0}
+        cache = self._stats or dict.fromkeys(PromptCache(0).stats(), 0)
         return {"tokens_generated": self.tokens_generated, "draft_tokens_proposed": self.drafts["proposed"],
                 "draft_tokens_accepted": self.drafts["accepted"], **cache}
 
@@ -3917,15 +5227,22 @@ class Engine:
             self._fail_waiting()
         finally:
             self.finished.set()
+            self.started.set()
 
     def _loop(self) -> None:
         self.batch = self._new_batch()
+        self._restore_saved()
+        self.started.set()
         while True:
             busy = bool(self.running or self.warming)
+            if not busy and self.folder is not None:  # idle: write new long prefixes to disk, until a job comes
+                self.folder.save_pending(self.prompt_cache, self.inbox.empty)
             for job in self._take_jobs(block=not busy):
                 if job is None:
                     self.batch.sync(step=False, shutdown=True)
                     self.batch.close()
+                    if self.folder is not None:
+                        self.folder.save_all(self.prompt_cache)
                     return
                 self._insert(job)
             step = bool(self.running or self.warming)
@@ -3958,6 +5275,7 @@ class Engine:
         wakes main(), which exits non-zero.
         """
         lifelines = Lifelines(self.link)
+        self.link.bells = lifelines.sockets
         self.progress_at = time.monotonic()
         threading.Thread(target=self._watch_progress, name="lem-watchdog", daemon=True).start()
         threading.Thread(target=self._watch_lifelines, args=(lifelines,), name="lem-lifelines", daemon=True).start()
@@ -3985,7 +5303,15 @@ class Engine:
             self.finished.set()
 
     def _new_batch(self) -> Batch:
-        return Batch(self.model, self.max_batch, self.prompt_cache, self.link, self.drafts)
+        return Batch(self.model, self.max_batch, self.prompt_cache, self.link, self.drafts, self._cache_room)
+
+    def _cache_room(self, uid: int | None) -> int | None:
+        """Bytes the prompt cache may hold now: what admitted requests have not reserved, plus the share
+        of sequence `uid`, whose KV is the one moving into the cache; None without a ledger."""
+        if self.ledger is None:
+            return None
+        job = self.running[uid].job if uid in self.running else self.warming.get(uid)
+        return self.ledger.room() + (job.kv_bytes // job.request.n if job is not None else 0)
 
     def _take_jobs(self, block: bool) -> list[Job | None]:
         """New jobs: wait for one when idle (in a group, one heartbeat at most), else take what has arrived."""
@@ -4055,6 +5381,7 @@ class Engine:
             self._note_cache()
         if measure:
             job.cached_tokens = cached
+        job.admitted.set()
         return uid
 
     def _step_or_recover(self) -> None:
@@ -4158,6 +5485,19 @@ class Engine:
         # A snapshot other threads may read without touching the cache itself.
         if self.prompt_cache is not None:
             self._stats = self.prompt_cache.stats()
+            fresh, self.prompt_cache.stored = self.prompt_cache.stored, []
+            if self.folder is not None:
+                self.folder.offer(fresh)
+
+    def _restore_saved(self) -> None:
+        """--prompt-cache-dir: load the prefixes a previous run saved (requests wait in the inbox meanwhile)."""
+        if self.folder is None:
+            return
+        started = time.monotonic()
+        restored = self.folder.restore(self.prompt_cache)
+        self._note_cache()
+        log.info("prompt cache: restored %d saved entries (%d tokens) from %s in %.1f s", restored,
+                 self._stats["prompt_cache_tokens"], self.folder.folder, time.monotonic() - started)
 
 
 # ---------------------------------------------------------------------------
@@ -4211,71 +5551,184 @@ def logprobs_object(endpoint: str, entries: list[dict] | None, offsets: TextOffs
 class ToolCallScanner:
     """Splits a chat reply into content and tool calls, as the text streams in.
 
-    Text between the model's tool-call markers is parsed with its mlx_lm tool
-    parser; text that might be the start of a marker is held back, so a
-    streaming client never sees half of one. A call that does not parse is
-    passed on as content rather than lost.
+    Text from one of the format's start markers to its end marker is a call,
+    parsed with the format's parser (mlx_lm's where it reads the family
+    right); a format without an end marker runs a call to the next start or
+    the reply's end. Text that might be the start of a marker is held back,
+    so a streaming client never sees half of one; blanks around calls go. A
+    call that does not parse is passed on as content rather than lost.
     """
 
-    def __init__(self, start: str, end: str, parse: Callable[[str, Any], Any], tools: list[dict]):
-        self.start, self.end, self.parse, self.tools = start, end, parse, tools
+    def __init__(self, form: ChatFormat, tools: list[dict]):
+        self.form, self.tools = form, tools
         self.held = ""
-        self.inside = False
+        self.opened: str | None = None   # the start marker of the call being read, if one is open
+        self.fresh = True                # no text of the reply out yet: a leading marker may open a call
 
-    def feed(self, text: str) -> tuple[str, list[dict]]:
-        """Return (content safe to emit, complete tool calls in OpenAI's shape)."""
+    def feed(self, text: str) -> list[tuple[str, Any]]:
+        """The pieces safe to emit, in order: ("text", str) and ("calls", [calls in OpenAI's shape])."""
         self.held += text
-        content, calls = [], []
-        while True:
-            if not self.inside:
-                at = self.held.find(self.start)
-                if at < 0:
-                    keep = partial_marker_length(self.held, (self.start,))
-                    content.append(self.held[:len(self.held) - keep])
-                    self.held = self.held[len(self.held) - keep:]
-                    return "".join(content), calls
-                content.append(self.held[:at])
-                self.held, self.inside = self.held[at + len(self.start):], True
-            at = self.held.find(self.end)
-            if at < 0:
-                return "".join(content), calls
-            body, self.held, self.inside = self.held[:at], self.held[at + len(self.end):], False
-            parsed = self._parse(body)
-            calls += parsed
-            if not parsed:
-                content.append(self.start + body + self.end)
+        out: list[tuple[str, Any]] = []
+        while self._step(out):
+            pass
+        return out
 
-    def flush(self) -> str:
-        """Text still held once generation ends (an unfinished call comes back as text)."""
-        text = (self.start if self.inside else "") + self.held
-        self.held, self.inside = "", False
-        return text
+    def flush(self) -> list[tuple[str, Any]]:
+        """What is still held once generation ends: a call without its end marker is parsed if it can be."""
+        out: list[tuple[str, Any]] = []
+        if self.opened is not None:
+            self._close(out, self.held, "")
+        elif self.held.strip():
+            out.append(("text", self.held.lstrip() if self.fresh else self.held))
+        self.held, self.opened = "", None
+        return out
+
+    def _step(self, out: list) -> bool:
+        """Take one marker's worth of the held text; False once the rest must wait for more."""
+        form = self.form
+        if self.opened is None:
+            head = self.held.lstrip() if self.fresh else self.held
+            lead = next((m for m in form.leading if head.startswith(m)), None) if self.fresh else None
+            if lead is not None:
+                self.held, self.opened = head, ""
+                return True
+            at, marker = min(((self.held.find(m), m) for m in form.starts if m in self.held), default=(-1, ""))
+            hold = partial_marker_length(self.held, form.starts + (form.leading if self.fresh else ()))
+            if self.fresh and (not head or any(m.startswith(head) for m in form.leading)):
+                return False
+            self._text(out, self.held[:at] if at >= 0 else self.held[:len(self.held) - hold])
+            self.held = self.held[at + len(marker):] if at >= 0 else self.held[len(self.held) - hold:]
+            self.opened = marker if at >= 0 else None
+            return at >= 0
+        ends = (form.end,) if form.end else form.starts
+        at = min((self.held.find(m) for m in ends if m in self.held), default=-1)
+        if at < 0:
+            return False
+        self._close(out, self.held[:at], form.end)
+        self.held = self.held[at + len(form.end):]
+        return True
+
+    def _text(self, out: list, text: str) -> None:
+        if self.fresh:
+            text = text.lstrip()
+            self.fresh = not text
+        if text:
+            out.append(("text", text))
+
+    def _close(self, out: list, body: str, end: str) -> None:
+        """End the open call (at `end`): its calls, or its text as content when it does not parse."""
+        marker, self.opened = self.opened, None
+        calls = self._parse(body)
+        if calls:
+            out.append(("calls", calls))
+            self.fresh = True   # blanks after a call are not content
+        else:
+            self._text(out, f"{marker}{body}{end}")
 
     def _parse(self, body: str) -> list[dict]:
         try:
-            parsed = self.parse(body, self.tools)
+            parsed = self.form.parse(body, self.tools)
         except Exception as exc:  # parsers raise what they like on malformed calls
             log.warning("could not parse a tool call (%r): %r", exc, body[:200])
             return []
-        return [openai_tool_call(call) for call in (parsed if isinstance(parsed, list) else [parsed])
+        return [openai_tool_call(call, self.tools) for call in (parsed if isinstance(parsed, list) else [parsed])
                 if isinstance(call, dict) and isinstance(call.get("name"), str)]
 
 
-def openai_tool_call(call: dict) -> dict:
-    """A parsed call ({"name", "arguments"}) in OpenAI's tool_calls shape: arguments as a JSON string."""
-    arguments = call.get("arguments", {})
-    if not isinstance(arguments, str):
-        arguments = json.dumps(arguments, ensure_ascii=False)
+HARMONY_ENDS = ("<|end|>", "<|call|>", "<|return|>", "<|start|>")  # what ends a message's body
+HARMONY_HEADS = ("<|channel|>", "<|start|>")                        # what a message's header starts with
+
+
+class HarmonyScanner:
+    """Reads OpenAI's harmony format (gpt-oss) as it streams: channel `analysis` is reasoning, `final`
+    text, `commentary` addressed `to=functions.NAME` a call to NAME (its body the JSON arguments), and
+    `commentary` to no one (a preamble) text. A reply that opens with no channel header is text.
+    """
+
+    def __init__(self, tools: list[dict]):
+        self.tools = tools
+        self.held = ""
+        self.kind: str | None = None    # the open message's kind: "reasoning", "text", "call"; None: in a header
+        self.name = ""                  # the open call's function name
+        self.body = ""                  # the open call's arguments so far
+        self.started = False            # a header or text came
+
+    def feed(self, text: str) -> list[tuple[str, Any]]:
+        """The pieces safe to emit: ("reasoning", str), ("text", str), ("calls", [calls in OpenAI's shape])."""
+        self.held += text
+        out: list[tuple[str, Any]] = []
+        while self._step(out):
+            pass
+        return out
+
+    def flush(self) -> list[tuple[str, Any]]:
+        """Whatever message is open ends with the reply (its <|call|> or <|return|> is not text)."""
+        out: list[tuple[str, Any]] = []
+        if self.kind is not None:
+            self._body(out, self.held)
+            self._close(out)
+        self.held = ""
+        return out
+
+    def _step(self, out: list) -> bool:
+        if self.kind is None:
+            if not self.started and self.held and not any(
+                    h.startswith(self.held[:len(h)]) for h in HARMONY_HEADS):
+                self.kind, self.started = "text", True   # no header: a plain reply
+                return True
+            at = self.held.find("<|message|>")
+            if at < 0:
+                return False
+            self._open(self.held[:at])
+            self.held = self.held[at + len("<|message|>"):]
+            return True
+        at, marker = min(((self.held.find(m), m) for m in HARMONY_ENDS if m in self.held), default=(-1, ""))
+        hold = 0 if at >= 0 else partial_marker_length(self.held, HARMONY_ENDS)
+        self._body(out, self.held[:at] if at >= 0 else self.held[:len(self.held) - hold])
+        self.held = self.held[at + len(marker) * (marker != "<|start|>"):] if at >= 0 else self.held[len(self.held) - hold:]
+        if at >= 0:
+            self._close(out)
+        return at >= 0
+
+    def _open(self, header: str) -> None:
+        channel = re.search(r"<\|channel\|>\s*(\w+)", header)
+        recipient = re.search(r"to=functions\.([^\s<]+)", header)
+        self.started, self.body = True, ""
+        if recipient:
+            self.kind, self.name = "call", recipient[1]
+        else:
+            self.kind = "reasoning" if channel and channel[1] == "analysis" else "text"
+
+    def _body(self, out: list, text: str) -> None:
+        if self.kind == "call":
+            self.body += text
+        elif text:
+            out.append((self.kind, text))
+
+    def _close(self, out: list) -> None:
+        if self.kind == "call":
+            out.append(("calls", [openai_tool_call({"name": self.name, "arguments": self.body.strip()}, self.tools)]))
+        self.kind = None
+
+
+def openai_tool_call(call: dict, tools: list[dict] = ()) -> dict:
+    """A parsed call ({"name", "arguments"}) in OpenAI's tool_calls shape: arguments as the JSON text of an
+    object, repaired or wrapped by tool_arguments when the model wrote something else."""
+    schema = next((t["function"].get("parameters") for t in tools if t["function"]["name"] == call["name"]), None)
+    arguments = json.dumps(tool_arguments(call.get("arguments", {}), schema), ensure_ascii=False)
     return {"id": call.get("id") or f"call_{uuid.uuid4().hex[:24]}", "type": "function",
             "function": {"name": call["name"], "arguments": arguments}}
 
 
-def tool_scanner(request: GenerationRequest, tokenizer: Any) -> ToolCallScanner | None:
-    """The scanner for a chat request that offered tools, else None."""
-    if not request.tools or request.tool_choice == "none" or not getattr(tokenizer, "has_tool_calling", False):
+def tool_scanner(request: GenerationRequest, tokenizer: Any) -> ToolCallScanner | HarmonyScanner | None:
+    """The scanner for a chat reply: calls when tools were offered; harmony's channels always (but raw)."""
+    if request.endpoint == "completions":
         return None
-    return ToolCallScanner(tokenizer.tool_call_start, tokenizer.tool_call_end, tokenizer.tool_parser,
-                           list(request.tools))
+    form = chat_format_of(tokenizer)
+    tools = list(request.tools) if request.tools and request.tool_choice != "none" else []
+    if form is not None and form.harmony and request.split_reasoning:
+        return HarmonyScanner(tools)
+    return ToolCallScanner(form, tools) if form is not None and tools and not form.harmony else None
 
 
 def sse_event(payload: dict | str, event: str | None = None) -> bytes:
@@ -4306,6 +5759,7 @@ class Writer:
     """
 
     keepalive = SSE_KEEPALIVE   # what a stream sends after KEEPALIVE_SECONDS of silence
+    opens_when_admitted = False  # hold opening() until the engine has taken the job (its usage is then known)
 
     def __init__(self, job: Job, model: str, scanner: ToolCallScanner | None):
         self.job, self.request, self.model, self.scanner = job, job.request, model, scanner
@@ -4317,15 +5771,23 @@ class Writer:
 
         `choice` is the event's choice (ChoicesWriter routes by it; one choice has index 0).
         """
-        if kind == "reasoning":
-            return self.reasoning(value)
-        text, calls = (value if kind == "text" else ""), []
+        if kind == "reasoning":  # a dialect shows it only when asked (a template may think regardless)
+            return self.reasoning(value) if self.request.show_reasoning else b""
+        pieces = [("text", value)] if kind == "text" else []
         if self.scanner is not None:
-            text, calls = self.scanner.feed(value) if kind == "text" else (self.scanner.flush(), [])
-        out = [self.text(text, list(logprobs))] if text or logprobs else []
-        if calls:
-            out.append(self.tool_calls(calls))
-            self.calls_sent += len(calls)
+            pieces = self.scanner.feed(value) if kind == "text" else self.scanner.flush()
+        out, logprobs = [], list(logprobs)
+        for piece, content in pieces:
+            if piece == "reasoning":
+                out.append(self.reasoning(content) if self.request.show_reasoning else b"")
+            elif piece == "text" and (content or logprobs):
+                out.append(self.text(content, logprobs))
+                logprobs = []   # a token's logprobs go with the first text it ends in
+            else:
+                out.append(self.tool_calls(content))
+                self.calls_sent += len(content)
+        if logprobs:
+            out.append(self.text("", logprobs))
         if kind != "text":
             out.append(self.finish(value))
         return b"".join(out)
@@ -4333,10 +5795,14 @@ class Writer:
     def reply(self, results: list[tuple[str, str, list[dict], str]]) -> dict:
         """The non-streaming response body from each choice's (text, finish reason, logprobs, reasoning)."""
         text, reason, logprobs, reasoning = results[0]
+        reasoning = reasoning if self.request.show_reasoning else ""
         calls = []
         if self.scanner is not None:
-            text, calls = self.scanner.feed(text)
-            text += self.scanner.flush()
+            parts = {"text": [], "reasoning": [reasoning], "calls": []}
+            for piece, content in self.scanner.feed(text) + self.scanner.flush():
+                parts[piece] += content if piece == "calls" else [content]
+            text, calls = "".join(parts["text"]), parts["calls"]
+            reasoning = "".join(parts["reasoning"]) if self.request.show_reasoning else ""
         return self.body(text, calls, reason, logprobs, reasoning)
 
     def opening(self) -> bytes:
@@ -4497,6 +5963,14 @@ def tool_use_block(call: dict) -> dict:
             "input": arguments if isinstance(arguments, dict) else {}}
 
 
+SIGNATURE_KEY = secrets.token_bytes(32)   # signs this process's thinking blocks; a restart makes new ones
+
+
+def thinking_signature(text: str) -> str:
+    """The signature of a thinking block, opaque as Anthropic's: an HMAC of its text, in base64."""
+    return base64.b64encode(hmac.new(SIGNATURE_KEY, text.encode(), "sha256").digest()).decode()
+
+
 class MessagesWriter(Writer):
     """Anthropic's /v1/messages: a message of content blocks; a stream of named events.
 
@@ -4507,12 +5981,14 @@ class MessagesWriter(Writer):
     """
 
     keepalive = sse_event({"type": "ping"}, "ping")
+    opens_when_admitted = True   # message_start carries the prompt's cache use, known once the engine takes the job
 
     def __init__(self, job: Job, model: str, scanner: ToolCallScanner | None):
         super().__init__(job, model, scanner)
         self.id = new_id("msg_")
         self.blocks = 0                      # content blocks started so far
         self.open_block: str | None = None   # the type of the block being streamed, if one is open
+        self.thought = ""                    # the open thinking block's text, for its signature
 
     def _event(self, name: str, **fields: Any) -> bytes:
         return sse_event({"type": name, **fields}, name)
@@ -4526,8 +6002,9 @@ class MessagesWriter(Writer):
     def _stop(self) -> bytes:
         if self.open_block is None:
             return b""
-        # A thinking block ends with its signature, as Anthropic's do; a local model has none to give.
-        signed = self._delta({"type": "signature_delta", "signature": ""}) if self.open_block == "thinking" else b""
+        # A thinking block ends with its signature, as Anthropic's do.
+        signed = (self._delta({"type": "signature_delta", "signature": thinking_signature(self.thought)})
+                  if self.open_block == "thinking" else b"")
         self.open_block = None
         return signed + self._event("content_block_stop", index=self.blocks - 1)
 
@@ -4540,6 +6017,7 @@ class MessagesWriter(Writer):
     def reasoning(self, text: str) -> bytes:
         opening = b"" if self.open_block == "thinking" else self._start({"type": "thinking", "thinking": "",
                                                                           "signature": ""})
+        self.thought = text if opening else self.thought + text
         return opening + self._delta({"type": "thinking_delta", "thinking": text})
 
     def text(self, text: str, logprobs: list[dict]) -> bytes:
@@ -4564,7 +6042,8 @@ class MessagesWriter(Writer):
         return self._event("error", error=error.anthropic_body()["error"])
 
     def body(self, text: str, calls: list[dict], reason: str, logprobs: list[dict], reasoning: str) -> dict:
-        content = [{"type": "thinking", "thinking": reasoning, "signature": ""}] if reasoning else []
+        content = [{"type": "thinking", "thinking": reasoning, "signature": thinking_signature(reasoning)}] \
+            if reasoning else []
         content += [{"type": "text", "text": text}] if text.strip() or (text and not calls) else []
         content += [tool_use_block(call) for call in calls]
         return self._message(content, *self._stop_reason(reason, bool(calls)))
@@ -4595,21 +6074,36 @@ def output_text_part(text: str) -> dict:
 
 
 def message_item(text: str, status: str = "completed") -> dict:
-    """An assistant message output item holding `text` (no content part yet when empty and in progress)."""
-    content = [output_text_part(text)] if status == "completed" else []
+    """An assistant message output item holding `text` (no content part yet while in progress)."""
+    content = [output_text_part(text)] if status != "in_progress" else []
     return {"id": new_id("msg_"), "type": "message", "status": status, "role": "assistant", "content": content}
 
 
 def reasoning_item(text: str, status: str = "completed") -> dict:
     """A reasoning output item: the model's reasoning as one reasoning_text part (none yet while in progress)."""
-    content = [{"type": "reasoning_text", "text": text}] if status == "completed" else []
+    content = [{"type": "reasoning_text", "text": text}] if status != "in_progress" else []
     return {"id": new_id("rs_"), "type": "reasoning", "summary": [], "content": content, "status": status}
 
 
-def function_call_item(call: dict) -> dict:
-    """A parsed tool call (OpenAI chat's shape) as a function_call output item."""
+def function_call_item(call: dict, kinds: dict) -> dict:
+    """A parsed tool call (OpenAI chat's shape) as a function_call output item, or a custom_tool_call one
+    (its raw input) for a custom tool; a namespace's tool under its own name and namespace."""
+    rendered, arguments = call["function"]["name"], call["function"]["arguments"]
+    kind = kinds.get(rendered) or {"kind": "function", "name": rendered, "namespace": None}
+    named = {"name": kind["name"], **({"namespace": kind["namespace"]} if kind["namespace"] else {})}
+    if kind["kind"] == "custom":
+        parsed = json.loads(arguments)
+        raw = parsed[RAW_ARGUMENTS_KEY] if list(parsed) == [RAW_ARGUMENTS_KEY] and isinstance(
+            parsed[RAW_ARGUMENTS_KEY], str) else arguments
+        return {"id": new_id("ctc_"), "type": "custom_tool_call", "call_id": call["id"], **named, "input": raw}
     return {"id": new_id("fc_"), "type": "function_call", "status": "completed", "call_id": call["id"],
-            "name": call["function"]["name"], "arguments": call["function"]["arguments"]}
+            **named, "arguments": arguments}
+
+
+def response_error(error: APIError) -> dict:
+    """A failure as the Responses API's error object: its code is one of that API's codes."""
+    code = "rate_limit_exceeded" if error.status == HTTPStatus.TOO_MANY_REQUESTS else "server_error"
+    return {"code": code, "message": error.message}
 
 
 class ResponsesWriter(Writer):
@@ -4617,9 +6111,10 @@ class ResponsesWriter(Writer):
 
     A stream is response.created and response.in_progress, then each output
     item between response.output_item.added and response.output_item.done
-    (a message's text as one output_text part; a function call's arguments),
-    then response.completed, or response.incomplete when the token budget ran
-    out. Another kind of item is one more item builder and its own events.
+    (a message's text as one output_text part; a function call's arguments,
+    a custom tool call's input), then response.completed, or
+    response.incomplete when the token budget ran out (the item it cut is
+    "incomplete" too). The finished response is kept in `final` (for the store).
     """
 
     def __init__(self, job: Job, model: str, scanner: ToolCallScanner | None):
@@ -4631,6 +6126,7 @@ class ResponsesWriter(Writer):
         self.message_text = ""
         self.thought: dict | None = None     # the reasoning item being streamed, if one is open
         self.thought_text = ""
+        self.final: dict | None = None       # the response once it completed or ran out of budget
 
     def _event(self, kind: str, **fields: Any) -> bytes:
         self.sequence += 1
@@ -4649,10 +6145,10 @@ class ResponsesWriter(Writer):
         return out + self._event("response.reasoning_text.delta", item_id=self.thought["id"],
                                  output_index=len(self.output), content_index=0, delta=text)
 
-    def _close_reasoning(self) -> bytes:
+    def _close_reasoning(self, status: str = "completed") -> bytes:
         if self.thought is None:
             return b""
-        item = {**self.thought, "status": "completed", "content": [{"type": "reasoning_text", "text": self.thought_text}]}
+        item = {**self.thought, "status": status, "content": [{"type": "reasoning_text", "text": self.thought_text}]}
         where = {"item_id": item["id"], "output_index": len(self.output), "content_index": 0}
         self.output.append(item)
         self.thought = None
@@ -4671,11 +6167,11 @@ class ResponsesWriter(Writer):
     def _where(self) -> dict:
         return {"item_id": self.message["id"], "output_index": len(self.output), "content_index": 0}
 
-    def _close_message(self) -> bytes:
+    def _close_message(self, status: str = "completed") -> bytes:
         if self.message is None:
             return b""
         where, part = self._where(), output_text_part(self.message_text)
-        item = {**self.message, "status": "completed", "content": [part]}
+        item = {**self.message, "status": status, "content": [part]}
         self.output.append(item)
         self.message = None
         return (self._event("response.output_text.done", **where, text=part["text"], logprobs=[])
@@ -4684,41 +6180,87 @@ class ResponsesWriter(Writer):
 
     def tool_calls(self, calls: list[dict]) -> bytes:
         out = [self._close_reasoning(), self._close_message()]
-        for item in map(function_call_item, calls):
+        for item in (function_call_item(call, self.request.tool_kinds) for call in calls):
             where = {"item_id": item["id"], "output_index": len(self.output)}
-            out += [self._event("response.output_item.added", output_index=where["output_index"],
-                                item={**item, "status": "in_progress", "arguments": ""}),
-                    self._event("response.function_call_arguments.delta", **where, delta=item["arguments"]),
-                    self._event("response.function_call_arguments.done", **where, name=item["name"],
-                                arguments=item["arguments"]),
+            custom = item["type"] == "custom_tool_call"
+            field, stem = ("input", "custom_tool_call_input") if custom else ("arguments", "function_call_arguments")
+            added = {**item, field: ""} if custom else {**item, "status": "in_progress", field: ""}
+            out += [self._event("response.output_item.added", output_index=where["output_index"], item=added),
+                    self._event(f"response.{stem}.delta", **where, delta=item[field]),
+                    self._event(f"response.{stem}.done", **where, **{field: item[field]}),
                     self._event("response.output_item.done", output_index=where["output_index"], item=item)]
             self.output.append(item)
         return b"".join(out)
 
     def finish(self, reason: str) -> bytes:
-        out = self._close_reasoning() + self._close_message()
         status = "incomplete" if reason == "length" else "completed"
-        return out + self._event(f"response.{status}", response=self._response(status, self.output))
+        out = self._close_reasoning(status) + self._close_message(status)
+        self.final = self._response(status, self.output)
+        return out + self._event(f"response.{status}", response=self.final)
 
     def failure(self, error: APIError) -> bytes:
-        failed = {"code": error.code or error.type, "message": error.message}
-        return self._event("response.failed", response=self._response("failed", self.output, failed))
+        return self._event("response.failed", response=self._response("failed", self.output, response_error(error)))
 
     def body(self, text: str, calls: list[dict], reason: str, logprobs: list[dict], reasoning: str) -> dict:
-        output = [reasoning_item(reasoning)] if reasoning else []
-        output += [message_item(text)] if text.strip() or (text and not calls) else []
-        output += [function_call_item(call) for call in calls]
-        return self._response("incomplete" if reason == "length" else "completed", output)
+        status = "incomplete" if reason == "length" else "completed"
+        shows_text = bool(text.strip() or (text and not calls))
+        cut = "incomplete" if status == "incomplete" and not calls else "completed"  # the last item is the one cut
+        output = [reasoning_item(reasoning, cut if not shows_text else "completed")] if reasoning else []
+        output += [message_item(text, cut)] if shows_text else []
+        output += [function_call_item(call, self.request.tool_kinds) for call in calls]
+        self.final = self._response(status, output)
+        return self.final
 
     def _response(self, status: str, output: list[dict], error: dict | None = None) -> dict:
-        """The response object; usage once generation has ended, incomplete_details when the budget ran out."""
+        """The response object; usage once generation has ended, incomplete_details when the budget ran out.
+
+        It repeats the request's instructions, metadata, text, tools,
+        tool_choice and parallel_tool_calls, as OpenAI's does.
+        """
         request, ended = self.request, status in ("completed", "incomplete")
+        echo = {"instructions": None, "metadata": {}, "text": {"format": {"type": "text"}}, "tool_choice": "auto",
+                "parallel_tool_calls": True, "previous_response_id": None, "reasoning": None, "tools": [],
+                **{k: v for k, v in request.echo.items() if k != "store"}}  # the SDK's Response has no store
         return {"id": self.id, "object": "response", "created_at": self.created, "status": status, "error": error,
                 "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
-                "model": self.model, "output": output, "parallel_tool_calls": True,
-                "tool_choice": request.tool_choice, "tools": [{"type": "function", **t["function"]} for t in request.tools],
+                **echo, "model": self.model, "output": output,
+                "completed_at": int(time.time()) if status == "completed" else None,
                 "temperature": request.temperature, "top_p": request.top_p, "max_output_tokens": request.max_tokens,
-                "store": False, "usage": responses_usage(self.job) if ended else None}
+                "usage": responses_usage(self.job) if ended else None}
+
+
+def responses_conversation(request: GenerationRequest, response: dict) -> list[dict]:
+    """What a later request's previous_response_id continues: this request's messages and the response's
+    output, as chat messages; the instructions are left out (a later request gives its own, as OpenAI's do)."""
+    messages = list(request.messages[1:] if request.echo.get("instructions") else request.messages)
+    return messages + responses_input(response["output"], request.tool_kinds)
+
+
+def model_capabilities(model: Any) -> tuple[bool, bool]:
+    """(whether the model thinks, whether it calls tools), as its chat template and tokenizer tell."""
+    tokenizer = model.tokenizer
+    form = chat_format_of(tokenizer)
+    return bool(getattr(tokenizer, "has_thinking", False) or form is not None and form.harmony), form is not None
+
+
+def anthropic_model_info(settings: Settings, context: int, reasons: bool, tools: bool, created: int) -> dict:
+    """The served model as Anthropic's ModelInfo: context window, output ceiling and capabilities.
+
+    Anthropic's capability list has no tool-use entry (all its models call
+    tools), so whether this one does goes in an extra `tool_use` entry.
+    """
+    no, yes = {"supported": False}, {"supported": True}
+    thinking = {"supported": reasons, "types": {"enabled": {"supported": reasons}, "adaptive": {"supported": reasons},
+                                                "disabled": yes, "between_tools": no}}
+    capabilities = {"batch": no, "citations": no, "code_execution": no, "context_management": no,
+                    "effort": {"supported": False, "low": no, "medium": no, "high": no, "max": no},
+                    "image_input": no, "pdf_input": no, "server_tools": {"supported": False, "code_execution": no,
+                                                                           "web_search": no},
+                    "structured_outputs": yes, "thinking": thinking, "tool_use": {"supported": tools}}
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created))
+    return {"type": "model", "id": settings.model_name, "display_name": settings.model_name, "created_at": stamp,
+            "lifecycle": "active", "max_input_tokens": context, "max_tokens": settings.max_tokens,
+            "capabilities": capabilities}
 
 
 WRITERS: dict[str, type[Writer]] = {"chat": ChatWriter, "completions": ChatWriter,
@@ -4772,6 +6314,11 @@ def prometheus_text(families: list[Family]) -> str:
             label_text = ",".join(f'{k}="{_escape_label(v)}"' for k, v in labels.items())
             lines.append(f"{family.name}{suffix}{'{' + label_text + '}' if labels else ''} {_number(value)}")
     return "\n".join(lines) + "\n"
+
+
+def gauge(name: str, kind: str, help: str, value: float) -> Family:
+    """A family of one unlabelled sample (a gauge, or a counter kept elsewhere)."""
+    return Family(name, kind, help, [("", {}, value)])
 
 
 def _escape_label(value: str) -> str:
@@ -4945,6 +6492,21 @@ def check_json_value(value: Any) -> None:
             stack.extend((child, depth + 1) for child in (item if isinstance(item, list) else [*item, *item.values()]))
 
 
+def gunzip_body(raw: bytes, limit: int) -> bytes:
+    """A gzip-encoded request body, inflated; a 413 once it would pass `limit` bytes (a zip bomb stops there)."""
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        body = inflater.decompress(raw, limit + 1)
+    except zlib.error as exc:
+        raise invalid(f"request body is not valid gzip: {exc}") from None
+    if len(body) > limit:
+        raise APIError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "invalid_request_error",
+                       f"request body inflates to more than {limit} bytes, the limit", code="body_too_large")
+    if not inflater.eof:
+        raise invalid("request body is truncated gzip")
+    return body
+
+
 def host_name(header: str) -> str:
     """The name in a Host header: lower-case, without port, brackets or trailing dot."""
     header = header.strip().lower()
@@ -4969,11 +6531,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
     status_sent: int | None = None
     body_read = False
     cors_origin: str | None = None
+    request_id: str | None = None
 
     GET_ROUTES = {"/": "page", "/chat.js": "chat_js", "/healthz": "healthz", "/metrics": "metrics",
                   "/v1/models": "models"}
     POST_ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/messages": "messages",
                    "/v1/messages/count_tokens": "count_tokens", "/v1/responses": "responses"}
+    PREFIX_ROUTES = {"/v1/models/": "model", "/v1/responses/": "stored_response"}   # GET /v1/models/ID ...
     ANTHROPIC_PATHS = ("/v1/messages", "/v1/messages/")   # the path, or a prefix: errors there are Anthropic's
     PREFLIGHT_ROUTES = dict.fromkeys([*GET_ROUTES, *POST_ROUTES], "preflight")
 
@@ -5028,6 +6592,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.log_tokens = (0, 0)
         self.cors_origin = None
         self.route_path = self.path.split("?", 1)[0]
+        self.request_id = new_id("req_")
         with self.server.exchange():
             try:
                 if self.server.stopping:
@@ -5035,7 +6600,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 path = self.route_path
                 self._check_host()
                 self._check_origin()
-                name = routes.get(path)
+                name = routes.get(path) or self._prefix_route(routes, path)
                 if name is None:
                     self._refuse_route(path)
                 if name != "preflight" and (path.startswith("/v1/") or path == "/metrics"):
@@ -5059,9 +6624,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self._log_request()
                 self._record_request()
 
+    def _prefix_route(self, routes: dict[str, str], path: str) -> str | None:
+        """The route of a path that names one resource (/v1/models/ID), its id in self.resource_id."""
+        prefix = next((p for p in self.PREFIX_ROUTES if path.startswith(p) and len(path) > len(p)), None)
+        if prefix is None or routes not in (self.GET_ROUTES, self.PREFLIGHT_ROUTES):
+            return None
+        self.resource_id = urllib.parse.unquote(path[len(prefix):])
+        return "preflight" if routes is self.PREFLIGHT_ROUTES else self.PREFIX_ROUTES[prefix]
+
     @classmethod
     def methods_for(cls, path: str) -> list[str]:
         """The methods a known path answers (OPTIONS aside); empty for an unknown path."""
+        if any(path.startswith(p) and len(path) > len(p) for p in cls.PREFIX_ROUTES):
+            return ["GET"]
         return [m for m, table in (("GET", cls.GET_ROUTES), ("POST", cls.POST_ROUTES)) if path in table]
 
     def _refuse_route(self, path: str) -> None:
@@ -5114,7 +6689,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if not any(given is not None and hmac.compare_digest(given.strip().encode(), key.encode()) for given in offered):
             raise APIError(HTTPStatus.UNAUTHORIZED, "authentication_error",
                            "missing or wrong API key: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'",
-                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer", "x-should-retry": "false"})
 
     def parse_request(self) -> bool:
         """http.server's request-line and header parsing, refusing HTTP/0.9 with 505."""
@@ -5136,6 +6711,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                          code=status.phrase.lower().replace(" ", "_").replace("-", "_"))
         # The path is known only when the request line parsed (command set); else it may be the last request's.
         self.route_path = self.path.split("?", 1)[0] if self.command else ""
+        self.request_id = new_id("req_")
         self._send_json(self._error_body(error), status)
         self.server.metrics.record_request("other", str(int(status)), 0.0)
 
@@ -5149,10 +6725,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._send_json(self._error_body(error), error.status, error.headers)
 
     def _error_body(self, error: APIError) -> dict:
-        """The error in the envelope of the API that was called: Anthropic's under /v1/messages, else OpenAI's."""
+        """The error in the envelope of the API that was called: Anthropic's under /v1/messages (and on
+        /v1/models when the client sent anthropic-version), else OpenAI's."""
+        if self._anthropic():
+            return {**error.anthropic_body(), "request_id": getattr(self, "request_id", None)}
+        return error.body()
+
+    def _anthropic(self) -> bool:
+        """Whether this exchange speaks Anthropic's API: its paths, or the model list asked by its SDK."""
         path = self.route_path
-        anthropic = path == self.ANTHROPIC_PATHS[0] or path.startswith(self.ANTHROPIC_PATHS[1])
-        return error.anthropic_body() if anthropic else error.body()
+        if path == "/v1/models" or path.startswith("/v1/models/"):
+            return self.headers.get("anthropic-version") is not None
+        return path == self.ANTHROPIC_PATHS[0] or path.startswith(self.ANTHROPIC_PATHS[1])
 
     # -- plain responses ----------------------------------------------------
 
@@ -5173,13 +6757,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _send_common_headers(self) -> None:
-        """Headers every response carries: nosniff, and CORS for an allowed origin."""
+        """Headers every response carries: nosniff, the request's id (in the called API's header), and CORS
+        for an allowed origin."""
         self.send_header("X-Content-Type-Options", "nosniff")
+        if getattr(self, "request_id", None) and self.route_path.startswith("/v1/"):
+            self.send_header("request-id" if self._anthropic() else "x-request-id", self.request_id)
         if self.server.settings.allowed_origins:
             self.send_header("Vary", "Origin")
         if self.cors_origin is not None:
             self.send_header("Access-Control-Allow-Origin", self.cors_origin)
-            self.send_header("Access-Control-Expose-Headers", f"Retry-After, {WINDOW_HEADER}")
+            self.send_header("Access-Control-Expose-Headers", f"Retry-After, {WINDOW_HEADER}, x-request-id, request-id")
 
     def _send_json(self, payload: dict, status: int = HTTPStatus.OK, headers: dict[str, str] | None = None) -> None:
         try:
@@ -5230,10 +6817,35 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
 
     def route_models(self) -> None:
-        server = self.server
-        self._send_json({"object": "list", "data": [{
-            "id": server.settings.model_name, "object": "model",
-            "created": server.created, "owned_by": "lem-serve"}]})
+        """The one model, in Anthropic's list shape when its SDK asks (anthropic-version), else OpenAI's."""
+        info = self._model_info()
+        if self._anthropic():
+            self._send_json({"data": [info], "first_id": info["id"], "last_id": info["id"], "has_more": False})
+        else:
+            self._send_json({"object": "list", "data": [info]})
+
+    def route_model(self) -> None:
+        """GET /v1/models/ID: the served model by its id; another id is a 404."""
+        if self.resource_id != self.server.settings.model_name:
+            raise APIError(HTTPStatus.NOT_FOUND, "invalid_request_error",
+                           f"model {self.resource_id[:100]!r} is not served here; GET /v1/models lists the one that "
+                           "is", "model", "model_not_found")
+        self._send_json(self._model_info())
+
+    def _model_info(self) -> dict:
+        """The served model: context window, output ceiling, whether it thinks and calls tools."""
+        server, model = self.server, self.server.model
+        reasons, tools = model_capabilities(model)
+        if self._anthropic():
+            return anthropic_model_info(server.settings, model.context_length, reasons, tools, server.created)
+        return {"id": server.settings.model_name, "object": "model", "created": server.created,
+                "owned_by": "lem-serve", "context_length": model.context_length,
+                "max_output_tokens": server.settings.max_tokens,
+                "capabilities": {"reasoning": reasons, "tool_calling": tools}}
+
+    def route_stored_response(self) -> None:
+        """GET /v1/responses/ID: a response kept by the store (store: true); unknown or evicted is a 404."""
+        self._send_json(self.server.responses.get(self.resource_id)["response"])
 
     # -- POST routes --------------------------------------------------------
 
@@ -5247,7 +6859,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._generate(parse_messages_request(self._read_json(), self.server.settings))
 
     def route_responses(self) -> None:
-        self._generate(parse_responses_request(self._read_json(), self.server.settings))
+        body = self._read_json()
+        previous = None
+        if isinstance(body.get("previous_response_id"), str):
+            previous = self.server.responses.get(body["previous_response_id"], "previous_response_id")["conversation"]
+        self._generate(parse_responses_request(body, self.server.settings, previous))
 
     def route_count_tokens(self) -> None:
         """Anthropic's count_tokens: the prompt's length as a create would see it; no slot, no engine."""
@@ -5264,12 +6880,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         server = self.server
         check_token_ids(request, server.model)
         prompt, dropped = render_prompt(request, server.model)
-        budget = fit_to_context(len(prompt), request, server.model)
+        budget = fit_to_memory(len(prompt), fit_to_context(len(prompt), request, server.model), request, server.memory)
         if not server.engine.alive:
             raise engine_unavailable()
         headers = {WINDOW_HEADER: str(dropped)} if request.endpoint == "chat" else {}
-        with server.admit(request.n) as slot:
-            job = Job(prompt, request, budget, time.monotonic() + server.settings.timeout)
+        kv_bytes = kv_reservation(len(prompt), budget, request, server.memory)
+        with server.admit(request.n, kv_bytes, gone=lambda: client_gone(self.connection)) as slot:
+            job = Job(prompt, request, budget, time.monotonic() + server.settings.timeout, kv_bytes=kv_bytes)
             server.engine.submit(job)
             writer = writer_for(job, server.settings.model_name, server.model.tokenizer)
             try:
@@ -5283,6 +6900,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 first = None if job.first_token_at is None else job.first_token_at - self.started
                 server.metrics.record_generation(self.route_path, job.prompt_tokens, job.cached_tokens,
                                                  job.completion_tokens, first)
+        final = getattr(writer, "final", None)
+        if final is not None and request.echo.get("store"):
+            server.responses.put(final, responses_conversation(request, final))
 
     def _read_json(self) -> dict:
         """The body as a JSON object that later layers can take: bounded nesting, valid Unicode."""
@@ -5321,6 +6941,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if len(body) < int(length):
             raise ClientGone
         self.body_read = True
+        encoding = (self.headers.get("Content-Encoding") or "identity").strip().lower()
+        if encoding == "gzip":
+            return gunzip_body(body, MAX_BODY_BYTES)
+        if encoding != "identity":
+            raise APIError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "invalid_request_error",
+                           f"Content-Encoding {encoding[:40]!r} is not supported; send gzip or none",
+                           code="unsupported_encoding")
         return body
 
     def _events(self, job: Job, slot: "Admission", on_idle: Callable[[], None] = lambda: None) -> Iterator[tuple]:
@@ -5385,15 +7012,25 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self._write_raw(data)
                 last_write[0] = time.monotonic()
 
+        opened = [not writer.opens_when_admitted]
+
+        def open_stream(now: bool = False) -> None:
+            if not opened[0] and (now or job.admitted.is_set()):
+                opened[0] = True
+                write(writer.opening())
+
         def keepalive() -> None:
+            open_stream()
             if time.monotonic() - last_write[0] >= KEEPALIVE_SECONDS:
-                write(writer.keepalive)
+                write(writer.keepalive if opened[0] else SSE_KEEPALIVE)
 
         try:
-            write(writer.opening())
+            if opened[0]:
+                write(writer.opening())
             for kind, value, *extra in self._events(job, slot, keepalive):
                 if kind == "error":
                     raise value
+                open_stream(now=True)
                 write(writer.event(kind, value, *extra))
         except APIError as exc:  # headers are out: the error becomes an event
             self.status_sent = int(exc.status)
@@ -5470,9 +7107,17 @@ class LemServer(http.server.ThreadingHTTPServer):
         # Unset sampling fields take the command line's defaults, else the model folder's.
         self.settings = settings = dataclasses.replace(settings, sampling={**model.sampling, **settings.sampling})
         self.model = model
-        self.engine = Engine(model, settings.max_requests, settings.prompt_cache_bytes,
-                             group=group, stall_seconds=settings.timeout)
+        self.memory = plan = plan_memory(settings, model)
+        self.ledger = KVLedger(plan.kv_bytes)
+        folder = None
+        if settings.prompt_cache_dir is not None:
+            folder = CacheFolder(Path(settings.prompt_cache_dir), model_identity(settings, model),
+                                 settings.prompt_cache_disk_bytes)
+        self.engine = Engine(model, settings.max_requests, plan.prompt_cache_bytes,
+                             group=group, stall_seconds=settings.timeout, ledger=self.ledger, folder=folder)
         self.gate = threading.BoundedSemaphore(settings.max_requests)
+        self.queue = AdmissionQueue(self.gate, self.ledger)
+        log_memory_plan(plan, settings)
         self.active = 0           # generation slots taken
         self.in_flight = 0        # requests of any kind between their headers and their last byte
         self.connections = 0      # client connections open, each with its thread
@@ -5480,6 +7125,7 @@ class LemServer(http.server.ThreadingHTTPServer):
         self.active_lock = threading.Lock()
         self.idle = threading.Condition(self.active_lock)
         self.metrics = Metrics()
+        self.responses = ResponseStore(settings.response_store_count, settings.response_store_bytes)
         self.created = int(time.time())
         self.started_at = time.monotonic()
         self.ready = threading.Event()
@@ -5493,17 +7139,18 @@ class LemServer(http.server.ThreadingHTTPServer):
         host, port = self.server_address[:2]
         return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
 
-    def admit(self, slots: int = 1) -> "Admission":
-        """A context that holds `slots` generation slots (one per choice), or raises 429 at once."""
-        taken = 0
-        while taken < slots and self.gate.acquire(blocking=False):
-            taken += 1
-        if taken < slots:
-            for _ in range(taken):
-                self.gate.release()
+    def admit(self, slots: int = 1, kv_bytes: int = 0, gone: Callable[[], bool] = lambda: False) -> "Admission":
+        """A context holding `slots` generation slots (one per choice) and `kv_bytes` of KV memory.
+
+        Waits its turn up to --queue-timeout (AdmissionQueue.enter), then
+        raises 429; raises ClientGone when `gone()` says the client left.
+        """
+        try:
+            self.queue.enter(slots, kv_bytes, self.settings.queue_timeout, gone)
+        except APIError:
             self.metrics.record_rejection()
-            raise server_busy()
-        return Admission(self, slots)
+            raise
+        return Admission(self, slots, kv_bytes)
 
     @contextlib.contextmanager
     def exchange(self) -> Iterator[None]:
@@ -5520,35 +7167,51 @@ class LemServer(http.server.ThreadingHTTPServer):
     def metrics_text(self) -> str:
         """The /metrics body: the request counters plus the server's and engine's state now."""
         stats = self.engine.stats()
-
-        def one(name: str, kind: str, help: str, value: float) -> Family:
-            return Family(name, kind, help, [("", {}, value)])
-
         return prometheus_text(self.metrics.families() + [
-            one("lem_active_requests", "gauge", "Generation requests holding a slot.", self.active),
-            one("lem_max_requests", "gauge", "Generation slots (--max-requests).", self.settings.max_requests),
-            one("lem_in_flight_requests", "gauge", "HTTP requests being answered, of any kind.", self.in_flight),
-            one("lem_open_connections", "gauge", "Client connections open.", self.connections),
-            one("lem_tokens_generated_total", "counter", "Tokens sampled by the engine since start.",
-                stats["tokens_generated"]),
-            one("lem_draft_tokens_proposed_total", "counter", "Tokens the --draft-model proposed.",
-                stats["draft_tokens_proposed"]),
-            one("lem_draft_tokens_accepted_total", "counter", "Proposed draft tokens the model accepted.",
-                stats["draft_tokens_accepted"]),
-            one("lem_prompt_cache_hits_total", "counter", "Prompts that reused cached state.", stats["prompt_cache_hits"]),
-            one("lem_prompt_cache_misses_total", "counter", "Prompts computed from scratch.", stats["prompt_cache_misses"]),
-            one("lem_prompt_cache_entries", "gauge", "Entries in the prompt cache.", stats["prompt_cache_entries"]),
-            one("lem_prompt_cache_bytes", "gauge", "Memory held by the prompt cache.", stats["prompt_cache_bytes"]),
-            one("lem_engine_up", "gauge", "1 while the generation engine runs, 0 once it has died.", int(self.engine.alive)),
-            one("lem_world_size", "gauge", "Processes the model is sharded over (mlx.launch ranks); 1 alone.",
-                self.engine.world_size),
-            one("lem_rank", "gauge", "This process's rank in its group (the one serving HTTP is 0).", self.engine.rank),
-            one("process_resident_memory_bytes", "gauge", "Resident memory of this process (peak on macOS).",
-                resident_memory_bytes()),
-            one("lem_threads", "gauge", "Python threads alive in this process.", threading.active_count()),
-            one("lem_uptime_seconds", "gauge", "Seconds since the server started.",
-                round(time.monotonic() - self.started_at, 3)),
+            gauge("lem_active_requests", "gauge", "Generation requests holding a slot.", self.active),
+            gauge("lem_max_requests", "gauge", "Generation slots (--max-requests).", self.settings.max_requests),
+            gauge("lem_in_flight_requests", "gauge", "HTTP requests being answered, of any kind.", self.in_flight),
+            gauge("lem_open_connections", "gauge", "Client connections open.", self.connections),
+            gauge("lem_tokens_generated_total", "counter", "Tokens sampled by the engine since start.",
+                  stats["tokens_generated"]),
+            gauge("lem_draft_tokens_proposed_total", "counter", "Tokens the --draft-model proposed.",
+                  stats["draft_tokens_proposed"]),
+            gauge("lem_draft_tokens_accepted_total", "counter", "Proposed draft tokens the model accepted.",
+                  stats["draft_tokens_accepted"]),
+            *self.memory_families(stats),
+            gauge("lem_engine_up", "gauge", "1 while the generation engine runs, 0 once it has died.",
+                  int(self.engine.alive)),
+            gauge("lem_world_size", "gauge", "Processes the model is sharded over (mlx.launch ranks); 1 alone.",
+                  self.engine.world_size),
+            gauge("lem_rank", "gauge", "This process's rank in its group (the one serving HTTP is 0).", self.engine.rank),
+            gauge("process_resident_memory_bytes", "gauge", "Resident memory of this process (peak on macOS).",
+                  resident_memory_bytes()),
+            gauge("lem_threads", "gauge", "Python threads alive in this process.", threading.active_count()),
+            gauge("lem_uptime_seconds", "gauge", "Seconds since the server started.",
+                  round(time.monotonic() - self.started_at, 3)),
         ])
+
+    def memory_families(self, stats: dict) -> list[Family]:
+        """The prompt cache's, the admission queue's and the KV memory's figures for /metrics."""
+        return [
+            gauge("lem_prompt_cache_hits_total", "counter", "Prompts that reused cached state.", stats["prompt_cache_hits"]),
+            gauge("lem_prompt_cache_misses_total", "counter", "Prompts computed from scratch.", stats["prompt_cache_misses"]),
+            gauge("lem_prompt_cache_entries", "gauge", "Entries in the prompt cache.", stats["prompt_cache_entries"]),
+            gauge("lem_prompt_cache_bytes", "gauge", "Memory held by the prompt cache.", stats["prompt_cache_bytes"]),
+            gauge("lem_prompt_cache_tokens", "gauge", "Tokens whose KV the prompt cache holds.",
+                  stats["prompt_cache_tokens"]),
+            gauge("lem_prompt_cache_budget_bytes", "gauge", "Most the prompt cache may hold (less while the running "
+                  "batch needs the room).", self.memory.prompt_cache_bytes),
+            gauge("lem_prompt_cache_evictions_total", "counter", "Prompt cache entries evicted, least recently used "
+                  "first.", stats["prompt_cache_evictions"]),
+            gauge("lem_prompt_cache_trims_total", "counter", "Prompt cache entries cut to their longest prefix that "
+                  "fits the budget.", stats["prompt_cache_trims"]),
+            gauge("lem_waiting_requests", "gauge", "Generation requests waiting in the admission queue.",
+                  self.queue.waiting),
+            gauge("lem_kv_reserved_bytes", "gauge", "KV memory reserved by admitted requests (prompt + max tokens "
+                  "each).", self.ledger.reserved),
+            gauge("lem_kv_memory_bytes", "gauge", "KV memory: the memory budget less the weights.", self.memory.kv_bytes),
+        ]
 
     # -- connections: one thread each, at most MAX_CONNECTIONS ----------------
 
@@ -5595,7 +7258,7 @@ class LemServer(http.server.ThreadingHTTPServer):
         return {"status": "ok" if self.engine.alive else "error", "model": settings.model_name,
                 "world_size": self.engine.world_size, "rank": self.engine.rank, "sharding": self.sharding,
                 "uptime_seconds": int(time.monotonic() - self.started_at), "active_requests": self.active,
-                "max_requests": settings.max_requests, "max_threads": settings.threads or os.cpu_count(),
+                "max_requests": settings.max_requests, "waiting_requests": self.queue.waiting, "max_threads": settings.threads or os.cpu_count(),
                 "max_tokens": settings.max_tokens, "max_context": settings.max_context,
                 "context_length": self.model.context_length, "sampling_defaults": settings.sampling,
                 "thinking": bool(getattr(self.model.tokenizer, "has_thinking", False)),
@@ -5620,6 +7283,7 @@ class LemServer(http.server.ThreadingHTTPServer):
     def start(self) -> "LemServer":
         """Start the engine and serve on a background thread; return when ready."""
         self.engine.start()
+        self.engine.started.wait()  # with --prompt-cache-dir, once the saved prefixes are back
         threading.Thread(target=self._serve, name="lem-http", daemon=True).start()
         self.ready.wait()
         return self
@@ -5642,7 +7306,7 @@ class LemServer(http.server.ThreadingHTTPServer):
         drained = self.wait_idle(grace)
         self.engine.stop()
         if self.engine.failure is None:  # a failed group's engine may be stuck in a collective for good
-            self.engine.thread.join(timeout=5)
+            self.engine.thread.join(timeout=5 + SHUTDOWN_GRACE_SECONDS * (self.engine.folder is not None))
         self.server_close()
         return drained
 
@@ -5654,12 +7318,121 @@ class LemServer(http.server.ThreadingHTTPServer):
             return self.idle.wait_for(lambda: self.in_flight == 0, timeout=grace)
 
 
-class Admission:
-    """Holds `slots` permits of the server's gate until released (at most once)."""
+class ResponseStore:
+    """The /v1/responses made with store: true, newest kept, bounded by count and by bytes of JSON.
 
-    def __init__(self, server: LemServer, slots: int = 1):
+    Each entry is the response object (for GET /v1/responses/ID) and the
+    conversation it ended (for previous_response_id). What no longer fits
+    is evicted oldest first; a response too big for the whole budget is not kept.
+    """
+
+    def __init__(self, max_count: int, max_bytes: int):
+        self.max_count, self.max_bytes = max_count, max_bytes
+        self.entries: dict[str, tuple[dict, int]] = {}   # id -> (entry, size), oldest first
+        self.bytes = 0
+        self.lock = threading.Lock()
+
+    def put(self, response: dict, conversation: list[dict]) -> None:
+        entry = {"response": response, "conversation": conversation}
+        size = len(json.dumps(entry, ensure_ascii=False).encode())
+        if self.max_count == 0 or size > self.max_bytes:
+            return
+        with self.lock:
+            self.entries[response["id"]] = (entry, size)
+            self.bytes += size
+            while len(self.entries) > self.max_count or self.bytes > self.max_bytes:
+                self.bytes -= self.entries.pop(next(iter(self.entries)))[1]   # the oldest
+
+    def get(self, response_id: str, param: str | None = None) -> dict:
+        """The entry kept for `response_id`; a 404 in OpenAI's envelope when it is unknown or was evicted."""
+        with self.lock:
+            kept = self.entries.get(response_id)
+        if kept is None:
+            raise APIError(HTTPStatus.NOT_FOUND, "invalid_request_error",
+                           f"no response with id {response_id[:100]!r} is kept here: it was made with store: false, "
+                           "evicted (--response-store-count, --response-store-bytes) or never existed", param,
+                           "response_not_found")
+        return kept[0]
+
+
+class AdmissionQueue:
+    """Requests waiting for generation slots and KV memory, admitted in arrival order.
+
+    A slot is a permit of the server's BoundedSemaphore (--max-requests); the
+    memory is the request's worst-case KV cache, reserved in the KVLedger so
+    that the running batch never outgrows the machine. A request takes both
+    at once, only when every earlier one has, and waits for them up to
+    --queue-timeout seconds (0: not at all); then it gets 429 with a
+    Retry-After estimated from how fast slots have been freed.
+    """
+
+    def __init__(self, gate: threading.BoundedSemaphore, ledger: KVLedger):
+        self.gate, self.ledger = gate, ledger
+        self.changed = threading.Condition()
+        self.line: collections.deque = collections.deque()   # tickets of waiting requests, first come first
+        self.releases: collections.deque = collections.deque(maxlen=RELEASES_REMEMBERED)  # when slots came free
+
+    @property
+    def waiting(self) -> int:
+        return len(self.line)
+
+    def enter(self, slots: int, kv_bytes: int, timeout: float, gone: Callable[[], bool]) -> None:
+        """Take `slots` permits and reserve `kv_bytes`, waiting behind earlier arrivals up to `timeout` s.
+
+        Raises server_busy (429) when the time is up and ClientGone as soon as
+        `gone()` says the client has left; either way its place in line goes.
+        """
+        ticket = object()
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            self.line.append(ticket)
+            try:
+                while not (self.line[0] is ticket and self._take(slots, kv_bytes)):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise server_busy(self.retry_after(slots), timeout)
+                    self.changed.wait(min(left, POLL_SECONDS))
+                    if gone():
+                        raise ClientGone
+            finally:
+                self.line.remove(ticket)
+                self.changed.notify_all()
+
+    def release(self, slots: int, kv_bytes: int) -> None:
+        """Give back what enter() took; the next in line may go."""
+        for _ in range(slots):
+            self.gate.release()
+        self.ledger.release(kv_bytes)
+        with self.changed:
+            self.releases.append(time.monotonic())
+            self.changed.notify_all()
+
+    def retry_after(self, slots: int) -> int:
+        """Seconds until `slots` more slots are likely free, at the rate slots have been freed lately."""
+        times = list(self.releases)
+        if len(times) < 2 or times[-1] <= times[0]:
+            return RETRY_AFTER_SECONDS
+        rate = (len(times) - 1) / (times[-1] - times[0])
+        return int(min(RETRY_AFTER_MAX_SECONDS, max(RETRY_AFTER_SECONDS, math.ceil((len(self.line) + slots) / rate))))
+
+    def _take(self, slots: int, kv_bytes: int) -> bool:
+        taken = 0
+        while taken < slots and self.gate.acquire(blocking=False):
+            taken += 1
+        if taken == slots and self.ledger.reserve(kv_bytes):
+            return True
+        for _ in range(taken):
+            self.gate.release()
+        return False
+
+
+class Admission:
+    """Holds `slots` permits of the server's gate and `kv_bytes` of KV memory until released (at most once)."""
+
+    def __init__(self, server: LemServer, slots: int = 1, kv_bytes: int = 0):
         self.server = server
         self.slots = slots
+        self.kv_bytes = kv_bytes
         self.held = True
         with server.active_lock:
             server.active += slots
@@ -5679,8 +7452,15 @@ class Admission:
             self.held = False
             server.active -= self.slots
             server.idle.notify_all()
-        for _ in range(self.slots):
-            server.gate.release()
+        server.queue.release(self.slots, self.kv_bytes)
+
+
+def log_memory_plan(plan: MemoryPlan, settings: Settings) -> None:
+    """One startup line: memory, weights, KV per token, and the prompt cache budget in bytes and tokens."""
+    log.info("memory: %d bytes (%s), weights %d, KV %d bytes/token%s: prompt cache budget %d bytes = %d tokens; "
+             "running batch up to %d bytes = %d tokens", plan.memory_bytes, plan.source, plan.weights_bytes,
+             plan.token_bytes, f" (--kv-bits {settings.kv_bits})" if settings.kv_bits else "",
+             plan.prompt_cache_bytes, plan.tokens(plan.prompt_cache_bytes), plan.kv_bytes, plan.tokens(plan.kv_bytes))
 
 
 def load_page(folder: Path, settings: Settings) -> tuple[bytes, bytes]:
@@ -5711,6 +7491,8 @@ def main(argv: list[str] | None = None) -> int:
         print("lem_serve: --pipeline shards the model over the processes of an mlx.launch group; "
               "this one runs alone", file=sys.stderr)
         return 2
+    if settings.draft_model or settings.kv_bits:
+        log.info("--draft-model and --kv-bits generate one sequence at a time: --max-requests 1, others queue")
     if rank == 0 and not settings.is_loopback and not settings.api_key:
         log.warning("listening on %s without --api-key: anyone who can reach this port can use the model",
                     settings.host)
@@ -5783,7 +7565,7 @@ def follow(settings: Settings, model: Model, group: Any) -> int:
     A signal here does not stop this rank on its own (rank 0 would be left
     mid-step): it asks rank 0 to drain the whole group.
     """
-    engine = Engine(model, settings.max_requests, settings.prompt_cache_bytes, group=group,
+    engine = Engine(model, settings.max_requests, plan_memory(settings, model).prompt_cache_bytes, group=group,
                     stall_seconds=settings.timeout)
 
     def vote(signum: int) -> None:

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import gc
 import http.client
+import importlib.util
 import json
 import logging
 import os
@@ -42,7 +43,7 @@ from testing.gguf_fixtures import (HEAD_DIM, HEADS, KV_HEADS, MIXED_TEXTS, g2m, 
                                     run_cli, tiny_llama)
 from testing.schemas import SCHEMAS, validation_errors
 from testing.page_driver import CHROMIUM, CHROMIUM_ARGS, PHONE, REPLY_TIMEOUT_MS, Chat, contrast, luminance
-from testing.tiny_model import (GEMMA_TEMPLATE, MISTRAL_TEMPLATE, THINK_END, THINK_START, THINKING_TEMPLATE,
+from testing.tiny_model import (CHAT_TEMPLATE, GEMMA_TEMPLATE, MISTRAL_TEMPLATE, THINK_END, THINK_START, THINKING_TEMPLATE,
                                  build_lora_adapter, build_parrot_model, build_tiny_model, with_chat_template,
                                  with_context_length)
 
@@ -287,7 +288,8 @@ def assert_anthropic_error(reply: Reply, status: int, kind: str | None = None) -
     assert reply.status == status, (reply.status, reply.raw[:300])
     assert reply.headers["Content-Type"] == "application/json"
     body = reply.json()
-    assert set(body) == {"type", "error"} and body["type"] == "error", body
+    assert set(body) == {"type", "error", "request_id"} and body["type"] == "error", body
+    assert body["request_id"] == reply.headers["request-id"] and "x-request-id" not in reply.headers
     error = body["error"]
     assert set(error) == {"type", "message"} and isinstance(error["message"], str) and error["message"]
     assert "Traceback" not in error["message"]
@@ -1197,20 +1199,22 @@ def test_counted_strings_reuse_cached_masks(model, schema):
 
 
 @pytest.mark.parametrize("schema,words", [
-    ({"type": "object", "not": {}}, "'not'"),
-    ({"type": "object", "patternProperties": {"^a": {}}}, "'patternProperties'"),
-    ({"type": "string", "pattern": "^(?=a)"}, "lookaround"),
+    ({"type": "object", "not": {}}, "no JSON value"),
+    ({"type": "array", "contains": {"type": "integer"}}, "'contains'"),
+    ({"type": "object", "unevaluatedProperties": False}, "'unevaluatedProperties'"),
+    ({"type": "string", "pattern": "(?<=a)b"}, "lookbehind"),
+    ({"type": "string", "pattern": "^((?!ab).)*$"}, "lookahead"),
     ({"type": "string", "pattern": "\\bword"}, "\\b"),
     ({"type": "string", "pattern": "(a)\\1"}, "\\1"),
-    ({"type": "string", "pattern": "a^b"}, "'^'"),
-    ({"type": "string", "format": "uri-reference"}, "'uri-reference'"),
-    ({"type": "number", "multipleOf": 0.5}, "multipleOf"),
+    ({"type": "string", "pattern": "a^b"}, "matches nothing"),
+    ({"not": {"minimum": 3}}, "'not' is enforced only"),
+    ({"oneOf": [{"type": "integer"}, {"type": "number"}]}, "oneOf branches"),
     ({"type": "array", "items": {"type": "object"}, "uniqueItems": True}, "uniqueItems"),
     ({"type": "integer", "minimum": 5, "maximum": 4}, "minimum"),
     ({"type": "string", "minLength": 3, "maxLength": 2}, "maxLength"),
-    ({"enum": [1, 2], "type": "string"}, "enum"),
+    ({"enum": [1, 2], "type": "string"}, "no JSON value"),
     ({"$ref": "http://x/y"}, "$ref"),
-    ({"type": "object", "properties": {"a": {}}, "required": ["b"], "additionalProperties": False}, "'b'"),
+    ({"type": "object", "properties": {"a": {}}, "required": ["b"], "additionalProperties": False}, "no JSON value"),
     ({"type": "decimal"}, "decimal"),
 ])
 def test_unenforceable_schemas_are_400_naming_the_keyword(server, schema, words):
@@ -1280,12 +1284,13 @@ def test_auto_tools_reach_the_chat_template(server):
 
 def test_tool_call_scanner_holds_markers_and_keeps_bad_calls_as_text():
     from mlx_lm.tool_parsers import json_tools
-    scanner = lem_serve.ToolCallScanner("<tool_call>", "</tool_call>", json_tools.parse_tool_call, [])
-    assert scanner.feed("Sure<tool") == ("Sure", [])
-    text, calls = scanner.feed('_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>after')
+    form = lem_serve.ChatFormat("json_tools", ("<tool_call>",), "</tool_call>", json_tools.parse_tool_call)
+    scanner = lem_serve.ToolCallScanner(form, [])
+    assert scanner.feed("Sure<tool") == [("text", "Sure")]
+    (_, calls), (_, text) = scanner.feed('_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>after')
     assert text == "after" and calls[0]["function"] == {"name": "f", "arguments": '{"x": 1}'}
-    assert scanner.feed("<tool_call>not json</tool_call>") == ("<tool_call>not json</tool_call>", [])
-    assert scanner.feed("<tool_call>{") == ("", []) and scanner.flush() == "<tool_call>{"
+    assert scanner.feed("<tool_call>not json</tool_call>") == [("text", "<tool_call>not json</tool_call>")]
+    assert scanner.feed("<tool_call>{") == [] and scanner.flush() == [("text", "<tool_call>{")]
 
 
 @pytest.mark.parametrize("fields,param", [
@@ -1298,12 +1303,115 @@ def test_tool_call_scanner_holds_markers_and_keeps_bad_calls_as_text():
     ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "not": {}}}}],
       "tool_choice": "required"}, "tools"),
-    ({"messages": [{"role": "assistant", "content": None, "tool_calls": [
-        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{bad"}}]}]}, "messages[0].tool_calls"),
     ({"functions": [{"name": "f"}]}, "functions"),
 ])
 def test_bad_tools_are_400(server, fields, param):
     assert_openai_error(request(server, "POST", "/v1/chat/completions", body_for("chat", **fields)), 400, param)
+
+
+# ---------------------------------------------------------------------------
+# Structured output on real-world schemas (issue 24): JSONSchemaBench, new keywords, oneOf
+# ---------------------------------------------------------------------------
+
+# (schema, texts it must take, texts it must refuse): the keywords issue 24 added.
+NEW_KEYWORD_CASES = {
+    "unknown keywords ignored": ({"type": "integer", "id": "x", "self": {"vendor": "v"}, "x-kubernetes-kind": 1,
+                                  "anyof": [{"type": "string"}], "readonly": True}, ["1"], ['"1"']),
+    "patternProperties": ({"type": "object", "patternProperties": {"^x-": {"type": "integer"}},
+                           "additionalProperties": False}, ['{"x-a":1}', "{}"], ['{"y":1}', '{"x-a":"s"}', '{"x-a":1,"x-a":2}']),
+    "patternProperties beside properties": ({"type": "object", "properties": {"a": {"type": "string"}},
+                                             "patternProperties": {"^a": {"maxLength": 1}}},
+                                            ['{"a":"z","ab":"q"}', '{"ab":"q"}'], ['{"a":"zz"}', '{"b":1}']),
+    "propertyNames": ({"type": "object", "additionalProperties": {"type": "integer"},
+                       "propertyNames": {"pattern": "^[a-z]+$", "maxLength": 3}}, ['{"ab":1}'], ['{"A":1}', '{"abcd":1}']),
+    "dependencies": ({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                      "dependencies": {"a": ["b"]}}, ['{"a":1,"b":2}', '{"b":2}', "{}"], ['{"a":1}']),
+    "dependentSchemas": ({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                          "dependentSchemas": {"a": {"properties": {"b": {"minimum": 5}}, "required": ["b"]}}},
+                         ['{"a":1,"b":5}', '{"b":1}'], ['{"a":1,"b":4}', '{"a":1}']),
+    "required outside properties": ({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["z"]},
+                                    ['{"z":[1]}', '{"a":1,"z":null}'], ["{}", '{"a":1}']),
+    "not type/enum/required": ({"type": "object", "properties": {"t": {"type": "string", "not": {"enum": ["x"]}},
+                                                                   "u": {"not": {"type": ["string", "object", "array"]}}},
+                                "not": {"required": ["t", "u"]}}, ['{"t":"y"}', '{"u":1}'], ['{"t":"x"}', '{"t":"y","u":1}', '{"u":"s"}']),
+    "not pattern": ({"type": "string", "not": {"pattern": "[0-9]"}}, ['"ab"'], ['"a1"']),
+    "if/then/else": ({"type": "object", "properties": {"kind": {"enum": ["a", "b"]}, "n": {"type": "integer"}},
+                      "required": ["kind", "n"], "if": {"properties": {"kind": {"const": "a"}}},
+                      "then": {"properties": {"n": {"maximum": 0}}}, "else": {"properties": {"n": {"minimum": 10}}}},
+                     ['{"kind":"a","n":0}', '{"kind":"b","n":10}'], ['{"kind":"a","n":1}', '{"kind":"b","n":9}']),
+    "multipleOf 0.01": ({"type": "number", "multipleOf": 0.01, "minimum": 0}, ["12", "0"], ["0.5", "-1"]),
+    "multipleOf 0.25": ({"type": "number", "multipleOf": 0.25}, ["1.25", "-0.5", "3"], ["1.2", "0.3"]),
+    "format beside pattern": ({"type": "string", "format": "date", "pattern": "^2024"}, ['"2024-02-29"'],
+                              ['"2023-01-01"', '"2024-02-30"']),
+    "anchors inside": ({"type": "string", "pattern": "^$|(^a\\d$)"}, ['""', '"a1"'], ['"a"', '"xa1"', '"a1x"']),
+    "leading lookaheads": ({"type": "string", "pattern": "^(?!org\\.)(?=.*\\d)[a-z.0-9]+$"}, ['"a1"', '"or.g1"'],
+                           ['"org.1"', '"ab"']),
+    "more formats": ({"type": "array", "prefixItems": [{"format": "uri-reference"}, {"format": "json-pointer"},
+                                                       {"format": "regex"}, {"format": "idn-email"}], "minItems": 4,
+                      "items": False}, ['["../a?b#c","/a~1b","^ab$","a@b.cd"]'], ['["//x","a","(","a"]']),
+    "oneOf exactly one": ({"type": "object", "properties": {"value": {"type": "integer"}, "values": {"type": "array"}},
+                           "oneOf": [{"required": ["value"]}, {"required": ["values"]}]},
+                          ['{"value":1}', '{"values":[]}'], ['{"value":1,"values":[]}', "{}"]),
+    "oneOf by type": ({"oneOf": [{"type": "string"}, {"type": ["integer", "null"]}]}, ['"a"', "1", "null"], ["1.5", "true"]),
+}
+
+
+@pytest.mark.parametrize("case", list(NEW_KEYWORD_CASES))
+def test_new_keywords_are_enforced_and_every_walk_validates(case):
+    schema, good, bad = NEW_KEYWORD_CASES[case]
+    for text in good:
+        assert accepts(schema, text), text
+        assert not validation_errors(json.loads(text), schema), text   # the cases themselves are right
+    for text in bad:
+        assert not accepts(schema, text), text
+    for text in random_outputs(schema, random.Random(case), 12):
+        assert_valid(text, schema)
+
+
+ONEOF_CAN_OVERLAP = {"oneOf": [{"type": "object", "properties": {"a": {"type": "integer"}}},   # {} matches both
+                               {"type": "object", "properties": {"b": {"type": "integer"}}}]}
+ONEOF_UNENFORCEABLE_AND_OVERLAPPING = {"oneOf": [{"type": "integer"}, {"type": "integer", "not": {"minimum": 1}}]}
+ONEOF_UNENFORCEABLE_BUT_DISJOINT = {"oneOf": [{"type": "integer"}, {"type": "string", "not": {"minimum": 1}}]}
+
+
+@pytest.mark.parametrize("schema", [ONEOF_CAN_OVERLAP, ONEOF_UNENFORCEABLE_AND_OVERLAPPING])
+def test_oneof_that_cannot_be_exactly_one_is_400(server, schema):
+    """Branches that can match one value, even through one the server cannot enforce: a 400, never a drop."""
+    reply = request(server, "POST", "/v1/chat/completions", body_for("chat", response_format=schema_format(schema)))
+    assert "oneOf branches" in assert_openai_error(reply, 400, "response_format")["message"]
+
+
+def test_oneof_branch_left_out_only_when_provably_apart(openai_client):
+    """A branch the server cannot enforce is left out only when no other branch's output can match it."""
+    for seed in range(3):
+        text, finish = structured_output(openai_client, ONEOF_UNENFORCEABLE_BUT_DISJOINT, "response_format", 1.0, seed, 40)
+        assert finish == "stop" and isinstance(json.loads(text), int), text
+        assert_valid(text, ONEOF_UNENFORCEABLE_BUT_DISJOINT)
+
+
+def jsonschemabench():
+    """bench/jsonschemabench.py as a module, or a skip when the development sample is absent."""
+    path = Path(__file__).parent / "bench" / "jsonschemabench.py"
+    if not path.is_file():
+        pytest.skip("bench/ is absent")
+    spec = importlib.util.spec_from_file_location("jsonschemabench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    if not bench.SAMPLE.is_file():
+        pytest.skip(f"no JSONSchemaBench sample at {bench.SAMPLE}")
+    return bench
+
+
+def test_jsonschemabench_slice_is_refused_by_name_or_valid(server):
+    """Two schemas of each subset through the server: a 400 naming what is unsupported, or outputs that validate."""
+    bench = jsonschemabench()
+    port = server.server_address[1]
+    for row in bench.load_sample(per_subset=2):
+        verdict = bench.judge(port, row, seeds=2, max_tokens=300)
+        assert "server_error" not in verdict and verdict["invalid"] == 0, verdict
+        if "refused" in verdict:
+            assert "not supported" in verdict["refused"] or "enforced" in verdict["refused"] or \
+                "oneOf" in verdict["refused"] or "nests" in verdict["refused"], verdict
 
 
 # ---------------------------------------------------------------------------
@@ -1477,7 +1585,7 @@ def test_empty_completions_prompt_starts_from_the_start_token(server, model):
 
 @pytest.mark.parametrize("endpoint", ENDPOINTS + DIALECTS)
 def test_bad_prompts_are_400_even_while_every_slot_is_busy(make_long_server, endpoint):
-    srv = make_long_server(max_requests=1)
+    srv = make_long_server(max_requests=1, queue_timeout=0)
     conn, response = open_stream(srv, **endless(srv.model))
     read_first_text_event(response)
     context = srv.model.context_length
@@ -1592,7 +1700,7 @@ def test_n_through_the_openai_sdk(openai_client):
 
 
 def test_each_choice_takes_a_slot(make_long_server):
-    srv = make_long_server(max_requests=3)
+    srv = make_long_server(max_requests=3, queue_timeout=0)
     assert_openai_error(request(srv, "POST", "/v1/completions", body_for("completions", n=4)), 400, "n")
     conn, neighbour = open_stream(srv, "completions", **endless(srv.model))
     read_first_text_event(neighbour)
@@ -1765,6 +1873,365 @@ def test_prompt_cache_bytes_flag_parses_units():
 
 
 # ---------------------------------------------------------------------------
+# Real sessions: the prompt cache's budget, the admission queue, memory (issue 21)
+# ---------------------------------------------------------------------------
+
+def token_prompt(length: int, start: int = 0) -> list[int]:
+    """`length` ordinary token ids of the tiny model, a different sequence for each `start`."""
+    return [20 + (start + 7 * i) % 450 for i in range(length)]
+
+
+def cache_figures(srv) -> dict:
+    """The prompt cache's gauges and counters from /metrics, by short name."""
+    samples = scrape(srv)
+    names = ("bytes", "tokens", "entries", "evictions_total", "trims_total", "budget_bytes")
+    return {name: metric(samples, f"lem_prompt_cache_{name}") for name in names}
+
+
+def cached_of(reply: dict) -> int:
+    return reply["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+
+def test_over_budget_prompt_keeps_its_longest_prefix(make_server, model):
+    per_token = lem_serve.kv_token_bytes(model)
+    srv = make_server(prompt_cache_bytes=100 * per_token)  # room for 100 tokens of a 300-token prompt
+    prompt = token_prompt(300)
+    post(srv, "completions", prompt=prompt, max_tokens=4, temperature=0)
+    figures = cache_figures(srv)
+    assert figures["trims_total"] == 1 and figures["entries"] == 1 and figures["tokens"] == 100
+    assert figures["bytes"] == 100 * per_token  # the keys and values were cut, not only their offset moved
+    follow_up = prompt + token_prompt(20, start=5)
+    warm = post(srv, "completions", prompt=follow_up, max_tokens=8, temperature=0)
+    assert cached_of(warm) == 100
+    cold = post(make_server(prompt_cache_bytes=0), "completions", prompt=follow_up, max_tokens=8, temperature=0)
+    assert warm["choices"][0]["text"] == cold["choices"][0]["text"]
+
+
+def test_eviction_is_least_recently_used_first(make_server, model):
+    per_token = lem_serve.kv_token_bytes(model)
+    srv = make_server(prompt_cache_bytes=190 * per_token)  # three entries of 60 tokens fit, four do not
+    first, second, third = (token_prompt(50, start=s) for s in (1, 2, 3))
+    branch = first[:40] + token_prompt(10, start=4)  # reads `first`'s first 40 tokens: `second` is now the oldest
+    for prompt in (first, second, branch, third):
+        post(srv, "completions", prompt=prompt, max_tokens=10, temperature=0)
+    figures = cache_figures(srv)
+    assert figures["evictions_total"] == 1 and figures["entries"] == 3 and figures["trims_total"] == 0
+    assert figures["bytes"] == 180 * per_token and figures["tokens"] == 180
+    assert cached_of(post(srv, "completions", prompt=first + [30], max_tokens=1)) == 50  # where they part
+    assert cached_of(post(srv, "completions", prompt=second + [30], max_tokens=1)) == 0
+
+
+def test_kv_bytes_per_token_is_what_the_cache_holds(make_server, model, tmp_path):
+    srv = make_server()
+    post(srv, "completions", prompt=token_prompt(40), max_tokens=5)
+    figures = cache_figures(srv)
+    assert figures["bytes"] == figures["tokens"] * srv.memory.token_bytes == 45 * lem_serve.kv_token_bytes(model)
+    folder = build_tiny_model(tmp_path / "wide-heads", hidden_size=128, num_heads=2, num_kv_heads=1)  # head size 64
+    settings = lem_serve.parse_settings(["--model-path", str(folder), "--kv-bits", "8", "--quantized-kv-start", "0"])
+    quantized = lem_serve.load_model(settings)
+    with running_server(quantized, folder, kv_bits=8, max_requests=1) as srv:
+        post(srv, "completions", prompt=token_prompt(300), max_tokens=5)
+        figures = cache_figures(srv)
+        assert figures["bytes"] == figures["tokens"] * srv.memory.token_bytes  # 8-bit keys and values, and scales
+        assert srv.memory.token_bytes < lem_serve.kv_token_bytes(lem_serve.load_model(
+            lem_serve.Settings(model_path=str(folder)))) / 3
+
+
+@pytest.mark.parametrize("kv_mib, budget_mib", [(64, 48), (16, 8)])  # KV less 4 slots x 8192 tokens x 512 B; >= 1/2
+def test_default_budget_is_sized_from_memory_and_logged(make_server, model, caplog, kv_mib, budget_mib):
+    memory = lem_serve.weights_bytes(model) + (kv_mib << 20)
+    with caplog.at_level(logging.INFO, logger="lem_serve"):
+        srv = make_server(memory_bytes=memory, max_requests=4)
+    budget = budget_mib << 20
+    assert cache_figures(srv)["budget_bytes"] == budget
+    line = next(r.getMessage() for r in caplog.records if "prompt cache budget" in r.getMessage())
+    assert f"prompt cache budget {budget} bytes = {budget // 512} tokens" in line
+    assert f"{memory} bytes (--memory-bytes)" in line and "KV 512 bytes/token" in line
+
+
+def test_sizes_larger_than_memory_warn_with_the_figure_used(make_server, model, caplog):
+    machine, source = lem_serve.machine_memory()
+    with caplog.at_level(logging.WARNING, logger="lem_serve"):
+        srv = make_server(memory_bytes=machine * 4, prompt_cache_bytes=machine * 8)
+    kv = machine - lem_serve.weights_bytes(model)
+    assert srv.memory.memory_bytes == machine and cache_figures(srv)["budget_bytes"] == kv
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("--memory-bytes" in w and f"using {machine}" in w for w in warnings), warnings
+    assert any("--prompt-cache-bytes" in w and f"using {kv}" in w for w in warnings), warnings
+
+
+@pytest.mark.parametrize("flag, value", [("--prompt-cache-bytes", "-5"), ("--prompt-cache-bytes", "lots"),
+                                         ("--memory-bytes", "12Q"), ("--queue-timeout", "-1"),
+                                         ("--prompt-cache-disk-bytes", "1.5G")])
+def test_bad_size_flags_are_one_line_errors(capsys, flag, value):
+    with pytest.raises(SystemExit) as exit_:
+        lem_serve.parse_settings(["--model-path", "x", flag, value])
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and flag in error, error
+
+
+def test_max_requests_defaults_above_one_and_solo_options_take_one():
+    assert lem_serve.parse_settings(["--model-path", "x"]).max_requests == lem_serve.DEFAULT_MAX_REQUESTS > 1
+    assert lem_serve.parse_settings(["--model-path", "x", "--kv-bits", "8"]).max_requests == 1
+    assert lem_serve.parse_settings(["--model-path", "x", "--draft-model", "y", "--max-requests", "1"]).max_requests == 1
+    assert lem_serve.parse_settings(["--model-path", "x"]).queue_timeout >= 30
+    assert lem_serve.parse_settings(["--model-path", "x"]).prompt_cache_bytes is None  # auto
+
+
+def waiting(srv) -> int:
+    return int(metric(scrape(srv), "lem_waiting_requests"))
+
+
+def queued_stream(srv, body: dict) -> socket.socket:
+    """Send a streaming completion on a raw socket (it may wait in the queue); return the socket."""
+    sock = raw_socket(srv)
+    sock.sendall(post_bytes("/v1/completions", json.dumps({**body, "stream": True}).encode()))
+    return sock
+
+
+def answered(sock: socket.socket) -> bool:
+    return bool(select.select([sock], [], [], 0)[0])
+
+
+def test_a_request_finding_no_slot_waits_then_runs(make_long_server):
+    srv = make_long_server(max_requests=1)
+    conn, holder = open_stream(srv, "completions", **endless(srv.model))
+    read_first_text_event(holder)
+    result = {}
+    waiter = threading.Thread(target=lambda: result.update(reply=request(srv, "POST", "/v1/completions",
+                                                                         body_for("completions", max_tokens=3))))
+    waiter.start()
+    assert wait_until(lambda: waiting(srv) == 1)
+    assert health(srv)["waiting_requests"] == 1 and health(srv)["active_requests"] == 1
+    hang_up(conn, holder)
+    waiter.join(timeout=60)
+    assert result["reply"].status == 200 and result["reply"].json()["usage"]["completion_tokens"] == 3
+    assert waiting(srv) == 0 and metric(scrape(srv), "lem_gate_rejections_total") == 0
+    assert gate_has_all_permits(srv)
+
+
+def test_queue_timeout_gives_429_with_an_estimated_retry_after(make_long_server):
+    srv = make_long_server(max_requests=1, queue_timeout=1)
+    for _ in range(3):  # slots freed at a known pace: the estimate has something to go on
+        post(srv, "completions", max_tokens=1)
+    conn, holder = open_stream(srv, "completions", **endless(srv.model))
+    read_first_text_event(holder)
+    started = time.monotonic()
+    reply = request(srv, "POST", "/v1/completions", body_for("completions", max_tokens=1))
+    assert time.monotonic() - started >= 1
+    assert "within 1 s (--queue-timeout)" in assert_openai_error(reply, 429, code="server_busy")["message"]
+    assert 1 <= int(reply.headers["Retry-After"]) <= lem_serve.RETRY_AFTER_MAX_SECONDS
+    hang_up(conn, holder)
+    assert wait_until(lambda: server_state(srv) == {"active": 0, "in_flight": 0, "connections": 0})
+    assert gate_has_all_permits(srv) and srv.ledger.reserved == 0
+
+
+def test_queue_is_first_come_first_served_and_forgets_who_left(make_long_server):
+    srv = make_long_server(max_requests=1)
+    conn, holder = open_stream(srv, "completions", **endless(srv.model))
+    read_first_text_event(holder)
+    line = []
+    for i in range(3):
+        line.append(queued_stream(srv, {"prompt": PROMPTS[i], **endless(srv.model)}))
+        assert wait_until(lambda: waiting(srv) == i + 1)
+    line[1].close()  # the second in line leaves: its place goes at once
+    assert wait_until(lambda: waiting(srv) == 1 + 1)
+    hang_up(conn, holder)
+    assert wait_until(lambda: answered(line[0]))
+    assert waiting(srv) == 1 and not answered(line[2])  # the first holds the one slot; the third still waits
+    line[0].close()
+    assert wait_until(lambda: answered(line[2]))
+    line[2].close()
+    assert wait_until(lambda: server_state(srv) == {"active": 0, "in_flight": 0, "connections": 0})
+    samples = scrape(srv)
+    assert metric(samples, "lem_requests_total", endpoint="/v1/completions", code="499") >= 1
+    assert gate_has_all_permits(srv) and srv.ledger.reserved == 0
+
+
+def test_admission_waits_for_kv_room_and_refuses_what_never_fits(make_long_server, long_model):
+    per_token = lem_serve.kv_token_bytes(long_model)
+    kv_memory = (LONG_BUDGET + 200) * per_token  # one endless reply and a little more
+    srv = make_long_server(max_requests=4, memory_bytes=lem_serve.weights_bytes(long_model) + kv_memory)
+    never = request(srv, "POST", "/v1/completions", body_for("completions", max_tokens=LONG_BUDGET + 300), timeout=30)
+    assert "KV memory" in assert_openai_error(never, 400, "max_tokens", "context_length_exceeded")["message"]
+    post(srv, "completions", prompt=token_prompt(300), max_tokens=5)  # the prompt cache keeps 305 tokens
+    assert cache_figures(srv)["tokens"] == 305
+    conn, holder = open_stream(srv, "completions", **endless(long_model))
+    read_first_text_event(holder)  # its reservation leaves the cache less than 200 tokens: the entry went
+    figures = cache_figures(srv)
+    assert figures["evictions_total"] == 1 and figures["bytes"] + srv.ledger.reserved <= kv_memory
+    result = {}
+    waiter = threading.Thread(target=lambda: result.update(reply=post(srv, "completions", max_tokens=200)))
+    waiter.start()  # a free slot, but not the memory for 200 more tokens beside the endless reply
+    assert wait_until(lambda: waiting(srv) == 1)
+    assert health(srv)["active_requests"] == 1
+    assert metric(scrape(srv), "lem_kv_reserved_bytes") <= kv_memory
+    hang_up(conn, holder)
+    waiter.join(timeout=60)
+    assert result["reply"]["usage"]["completion_tokens"] == 200
+    assert wait_until(lambda: srv.ledger.reserved == 0)
+    assert cache_figures(srv)["bytes"] <= kv_memory
+
+
+def test_a_prefix_is_reused_even_when_its_request_needs_the_cache_memory(make_server, model):
+    per_token = lem_serve.kv_token_bytes(model)
+    srv = make_server(memory_bytes=lem_serve.weights_bytes(model) + 800 * per_token)  # budget: 400 tokens
+    prompt = token_prompt(300)
+    post(srv, "completions", prompt=prompt, max_tokens=5)
+    # 320 prompt tokens + 400 reserve 720 of the 800 tokens of KV memory: the cached entry has to go, after use.
+    reply = post(srv, "completions", prompt=prompt + token_prompt(20, start=9), max_tokens=400, temperature=0)
+    assert cached_of(reply) == 300
+    figures = cache_figures(srv)
+    assert figures["evictions_total"] == 1 and figures["bytes"] <= 400 * per_token
+
+
+def saved_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob(lem_serve.CacheFolder.PREFIX + "*.safetensors"))
+
+
+def test_prompt_cache_dir_outlives_a_restart(model, model_dir, make_server, tmp_path, monkeypatch):
+    monkeypatch.setattr(lem_serve, "PROMPT_CACHE_SAVE_TOKENS", 200)  # an agent's ~10k-token prefix, scaled down
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    prompt = token_prompt(400)
+    with running_server(model, model_dir, prompt_cache_dir=str(folder)) as srv:
+        post(srv, "completions", prompt=prompt, max_tokens=5, temperature=0)
+        assert wait_until(lambda: len(saved_files(folder)) == 1)  # a long new prefix: written while serving
+        post(srv, "completions", prompt=token_prompt(50, start=3), max_tokens=5)
+        assert len(saved_files(folder)) == 1
+    assert len(saved_files(folder)) == 2  # the short one at shutdown
+    follow_up = prompt + token_prompt(30, start=7)
+    with running_server(model, model_dir, prompt_cache_dir=str(folder)) as srv:
+        assert cache_figures(srv)["entries"] == 2
+        warm = post(srv, "completions", prompt=follow_up, max_tokens=8, temperature=0)
+    assert cached_of(warm) == 400 >= 0.9 * len(prompt)
+    cold = post(make_server(prompt_cache_bytes=0), "completions", prompt=follow_up, max_tokens=8, temperature=0)
+    assert warm["choices"][0]["text"] == cold["choices"][0]["text"]
+
+
+def test_prompt_cache_dir_keeps_to_its_disk_budget(model, model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(lem_serve, "PROMPT_CACHE_SAVE_TOKENS", 100)
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    one_file = 305 * lem_serve.kv_token_bytes(model)  # a 300-token prompt and 5 tokens, plus a small header
+    with running_server(model, model_dir, prompt_cache_dir=str(folder), prompt_cache_disk_bytes=one_file * 3 // 2) as srv:
+        post(srv, "completions", prompt=token_prompt(300, start=1), max_tokens=5)
+        assert wait_until(lambda: len(saved_files(folder)) == 1)
+        first = saved_files(folder)
+        post(srv, "completions", prompt=token_prompt(300, start=2), max_tokens=5)
+        assert wait_until(lambda: saved_files(folder) and saved_files(folder) != first)
+        assert len(saved_files(folder)) == 1  # the older one went
+    assert len(saved_files(folder)) == 1 and saved_files(folder) != first
+
+
+def test_saved_caches_that_are_corrupt_truncated_or_foreign_are_skipped(model, model_dir, short_model_dir, tmp_path,
+                                                                        caplog):
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    short = lem_serve.load_model(lem_serve.Settings(model_path=str(short_model_dir)))
+    with running_server(short, short_model_dir, prompt_cache_dir=str(folder)) as srv:  # another model's file
+        post(srv, "completions", prompt=token_prompt(30), max_tokens=5)
+    (foreign,) = saved_files(folder)
+    with running_server(model, model_dir, prompt_cache_dir=str(folder)) as srv:
+        assert cache_figures(srv)["entries"] == 0  # the other model's file is not ours: left alone
+        post(srv, "completions", prompt=token_prompt(300), max_tokens=5)
+    (good,) = [f for f in saved_files(folder) if f != foreign]
+    ours = good.name[:len(lem_serve.CacheFolder.PREFIX) + 17]
+    (folder / f"{ours}0000000000000000.safetensors").write_bytes(b"not a safetensors file")
+    (folder / f"{ours}1111111111111111.safetensors").write_bytes(good.read_bytes()[:good.stat().st_size // 2])
+    shutil.copy(foreign, folder / f"{ours}2222222222222222.safetensors")
+    with caplog.at_level(logging.WARNING, logger="lem_serve"):
+        with running_server(model, model_dir, prompt_cache_dir=str(folder)) as srv:
+            assert cache_figures(srv)["entries"] == 1
+            again = post(srv, "completions", prompt=token_prompt(300) + [40], max_tokens=2)
+            assert cached_of(again) == 300
+    skipped = [r.getMessage() for r in caplog.records if "skipping saved prompt cache" in r.getMessage()]
+    assert len(skipped) == 3 and any("another model" in w for w in skipped), skipped
+
+
+def test_unwritable_prompt_cache_dir_is_an_error_at_start(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(SystemExit) as exit_:
+        lem_serve.parse_settings(["--model-path", "x", "--prompt-cache-dir", str(tmp_path / "a-file" / "cache")])
+    error = capsys.readouterr().err
+    assert exit_.value.code == 2 and error.count("\n") == 1 and "--prompt-cache-dir" in error and "written" in error
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_idle_ranks_block_instead_of_polling(long_model_dir):
+    with ServedGroup(long_model_dir) as group:
+        group.wait_ready()
+        assert post(group, "completions", max_tokens=4)["usage"]["completion_tokens"] == 4  # then idle
+        rank1 = group.rank_pid(1)
+        time.sleep(2)  # the end of that request's work (freeing its batch) is not idling
+        before, started = cpu_seconds(rank1), time.monotonic()
+        time.sleep(6)
+        used = (cpu_seconds(rank1) - before) / (time.monotonic() - started)
+        assert used <= 0.05, f"an idle rank 1 used {used:.2f} of a core"  # spinning in a collective: ~0.3-1
+        assert post(group, "completions", max_tokens=4)["usage"]["completion_tokens"] == 4  # and wakes up
+
+
+def test_two_codex_runs_and_a_claude_run_at_once_get_no_429_on_default_admission(agent_model_dir, tmp_path):
+    claude, codex = agent_cli("claude"), agent_cli("codex")
+    model = lem_serve.load_model(lem_serve.Settings(model_path=str(agent_model_dir)))
+    homes = []
+    for name in ("claude", "codex-1", "codex-2"):
+        (tmp_path / name / "home").mkdir(parents=True)
+        (tmp_path / name / "work").mkdir()
+        homes.append(tmp_path / name)
+    # --max-requests and --queue-timeout at their defaults; max_tokens as the other agent tests have it
+    with running_server(model, agent_model_dir, max_tokens=AGENT_MAX_TOKENS, timeout=AGENT_TIMEOUT,
+                        api_key=AGENT_KEY) as srv:
+        for home in homes[1:]:
+            (home / "home" / "config.toml").write_text(CODEX_CONFIG.format(url=srv.url + "/v1"))
+        runs = [lambda: run_agent([claude, "-p", AGENT_ASK], homes[0] / "work",
+                                  {"HOME": homes[0] / "home", "ANTHROPIC_BASE_URL": srv.url,
+                                   "ANTHROPIC_API_KEY": AGENT_KEY, "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"})]
+        runs += [lambda home=home: run_agent([codex, "exec", "--skip-git-repo-check", AGENT_ASK], home / "work",
+                                             {"HOME": home / "home", "CODEX_HOME": home / "home",
+                                              "LEM_API_KEY": AGENT_KEY}) for home in homes[1:]]
+        results = [None] * len(runs)
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, runs[i]())) for i in range(len(runs))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=AGENT_TIMEOUT + 60)
+        for result in results:
+            assert result is not None and result.returncode == 0, (result.stdout[-1500:], result.stderr[-1500:])
+        assert wait_until(lambda: srv.in_flight == 0)
+        samples = scrape(srv, {"x-api-key": AGENT_KEY})
+        assert metric(samples, "lem_gate_rejections_total") == 0
+        assert not [labels for (name, labels) in samples if name == "lem_requests_total" and 'code="429"' in labels]
+
+
+BILLING = "x-anthropic-billing-header: cc_version=2.1.112.{}; cc_entrypoint=cli; cch={};"
+
+
+def claude_code_body(build: str, nonce: str) -> dict:
+    """A /v1/messages body shaped as Claude Code 2.1.x sends it: the billing header as the first system block."""
+    system = [{"type": "text", "text": BILLING.format(build, nonce)},
+              {"type": "text", "text": "You are Claude Code, Anthropic's official CLI for Claude. " * 8,
+               "cache_control": {"type": "ephemeral"}}]
+    return {"model": "claude-sonnet-4-5", "max_tokens": 4, "system": system, "messages": HELLO, "temperature": 0}
+
+
+def test_claude_code_billing_nonce_does_not_break_the_shared_prefix(make_server):
+    srv = make_server()
+    first = request(srv, "POST", "/v1/messages", claude_code_body("e3b", "8f3a1")).json()
+    second = request(srv, "POST", "/v1/messages", claude_code_body("4af", "0c7d2")).json()
+    whole = first["usage"]["input_tokens"] + first["usage"]["cache_read_input_tokens"]
+    assert second["usage"]["input_tokens"] + second["usage"]["cache_read_input_tokens"] == whole
+    assert second["usage"]["cache_read_input_tokens"] == whole - 1  # all but the last token, which must run
+    assert second["content"] == first["content"]
+
+
+# ---------------------------------------------------------------------------
 # Authentication
 # ---------------------------------------------------------------------------
 
@@ -1788,7 +2255,7 @@ def test_api_key_guards_v1_only(make_server):
 # ---------------------------------------------------------------------------
 
 def test_over_the_limit_is_429_at_once(make_long_server):
-    srv = make_long_server(max_requests=1)
+    srv = make_long_server(max_requests=1, queue_timeout=0)
     conn, response = open_stream(srv, **endless(srv.model))
     read_first_text_event(response)
     reply = request(srv, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 1}, timeout=10)  # queued: never
@@ -1812,7 +2279,7 @@ def test_sequential_requests_never_see_their_own_slot_busy(make_server):
 
 @pytest.mark.parametrize("max_requests", [1, 3])
 def test_concurrent_admission_never_exceeds_the_limit(make_long_server, max_requests):
-    srv = make_long_server(max_requests=max_requests)
+    srv = make_long_server(max_requests=max_requests, queue_timeout=0)
     # Eight streams at once that cannot end by themselves: whoever is admitted keeps the slot,
     # so exactly max_requests of them can be, whatever the timing.
     opened = run_concurrently(*[lambda i=i: open_stream(srv, ENDPOINTS[i % 2], **endless(srv.model))
@@ -2233,10 +2700,10 @@ def test_solo_options_are_checked_at_start(model_dir, draft_dir):
 def test_anthropic_thinking_blocks_and_thinking_disabled(thinking_server, thinking_model):
     anthropic = pytest.importorskip("anthropic")
     client = anthropic.Anthropic(base_url=thinking_server.url, api_key="unused", max_retries=0, timeout=60)
-    message = client.messages.create(model="m", max_tokens=50, messages=HELLO)
+    message = client.messages.create(model="m", max_tokens=50, messages=HELLO, thinking={"type": "adaptive"})
     assert [b.type for b in message.content] == ["thinking", "text"]
     assert message.content[0].thinking == THINKING and message.content[1].text == ANSWER
-    with client.messages.stream(model="m", max_tokens=50, messages=HELLO) as stream_:
+    with client.messages.stream(model="m", max_tokens=50, messages=HELLO, thinking={"type": "adaptive"}) as stream_:
         kinds = [e.delta.type for e in stream_ if e.type == "content_block_delta"]
         final = stream_.get_final_message()
     assert kinds[0] == "thinking_delta" and "signature_delta" in kinds and kinds[-1] == "text_delta"
@@ -2373,7 +2840,7 @@ def test_responses_greedy_equals_mlx_lm_generate(server, model, openai_client):
     assert response.id.startswith("resp_") and response.object == "response" and response.model == "tiny"
     assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
     (item,) = response.output
-    assert item.type == "message" and item.role == "assistant" and item.status == "completed" and item.id.startswith("msg_")
+    assert item.type == "message" and item.role == "assistant" and item.status == "incomplete" and item.id.startswith("msg_")
     usage = response.usage
     assert (usage.input_tokens, usage.output_tokens, usage.total_tokens) == (len(prompt), 30, len(prompt) + 30)
     assert 0 <= usage.input_tokens_details.cached_tokens < len(prompt)
@@ -2594,15 +3061,12 @@ def test_bad_messages_bodies_are_anthropic_400s(server, path, case, body):
 BAD_RESPONSES_BODIES = [
     ("input missing", {}, "input"),
     ("input empty", {"input": []}, "input"),
-    ("previous_response_id", {"input": "x", "previous_response_id": "resp_1"}, "previous_response_id"),
     ("conversation", {"input": "x", "conversation": "conv_1"}, "conversation"),
     ("background", {"input": "x", "background": True}, "background"),
     ("input_image", {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "data:,"}]}]},
      "input[0].content"),
     ("item_reference", {"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0]"),
     ("role", {"input": [{"role": "wizard", "content": "x"}]}, "input[0].role"),
-    ("call arguments", {"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "{bad"}]},
-     "input[0]"),
     ("call output id", {"input": [{"type": "function_call_output", "output": "x"}]}, "input[0].call_id"),
     ("text.format", {"input": "x", "text": {"format": {"type": "xml"}}}, "text.format"),
     ("text.format schema", {"input": "x", "text": {"format": {"type": "json_schema", "name": "s",
@@ -2631,7 +3095,7 @@ def post_raw(srv, path: str, body: bytes, headers: dict[str, str]) -> Reply:
 
 
 def test_errors_before_the_route_come_in_the_callers_envelope(make_long_server):
-    srv = make_long_server(api_key="sekret", max_requests=1)
+    srv = make_long_server(api_key="sekret", max_requests=1, queue_timeout=0)
     assert_anthropic_error(request(srv, "POST", "/v1/messages", body_for("messages", max_tokens=2)), 401,
                            "authentication_error")
     assert_anthropic_error(request(srv, "POST", "/v1/messages/count_tokens?beta=true", {"messages": HELLO},
@@ -2694,7 +3158,7 @@ def test_dialect_stream_past_the_deadline_ends_with_an_error_event(long_model, l
             assert "message_stop" not in [event["type"] for event in events]
         else:
             assert last["type"] == "response.failed" and last["response"]["status"] == "failed"
-            assert last["response"]["error"]["code"] == "timeout" and last["response"]["usage"] is None
+            assert last["response"]["error"]["code"] == "server_error" and last["response"]["usage"] is None
         assert wait_until(lambda: health(srv)["active_requests"] == 0)
 
 
@@ -2714,6 +3178,540 @@ def test_metrics_count_the_dialects_per_endpoint(make_server):
     cached = second["usage"]["input_tokens_details"]["cached_tokens"]
     assert cached == second["usage"]["input_tokens"] - 1
     assert samples["lem_cached_prompt_tokens_total", ""] >= 2 * cached  # each second request read its first's prefix
+
+
+# ---------------------------------------------------------------------------
+# Agent fidelity: the API contracts the SDKs and the agents rely on (issue 23)
+# ---------------------------------------------------------------------------
+
+# A scripted model (the parrot): its first reply is a tool call whose arguments are no JSON object
+# (a model's slip, one added token), and after a tool result (the template then ends its generation
+# prompt with AFTER_TOOL) it answers in text.
+AFTER_TOOL = "<after_tool>"
+SLIP_ARGUMENTS = "ls -la"
+SLIP_BODY = '\n{"name": "add", "arguments": "' + SLIP_ARGUMENTS + '"}\n'
+SLIP_REPLY = "Done."
+SLIP_TEMPLATE = CHAT_TEMPLATE.replace("""    {{- '<|im_start|>assistant\\n' }}
+{%- endif %}""", """    {{- '<|im_start|>assistant\\n' }}
+    {%- if messages[-1].role == 'tool' %}{{- '""" + AFTER_TOOL + """' }}{%- endif %}
+{%- endif %}""")
+assert SLIP_TEMPLATE.count(AFTER_TOOL) == 1, "CHAT_TEMPLATE changed: update SLIP_TEMPLATE"
+
+
+def build_slip_model(out_dir: Path, **options) -> Path:
+    return build_parrot_model(out_dir, {"\n": "<tool_call>" + SLIP_BODY + "</tool_call>", AFTER_TOOL: SLIP_REPLY},
+                              extra_tokens=(SLIP_BODY, AFTER_TOOL), chat_template=SLIP_TEMPLATE, **options)
+
+
+@pytest.fixture(scope="module")
+def slip_server(tmp_path_factory):
+    folder = build_slip_model(tmp_path_factory.mktemp("models") / "slip")
+    with running_server(lem_serve.load_model(lem_serve.Settings(model_path=str(folder))), folder) as srv:
+        yield srv
+
+
+def sdk_type(kind):
+    """A pydantic validator for an SDK type (a model class or a union of them)."""
+    pydantic = pytest.importorskip("pydantic")
+    return pydantic.TypeAdapter(kind)
+
+
+def undeclared_fields(value, where: str = "") -> list[str]:
+    """Fields of a validated SDK object (recursively) that its type does not declare."""
+    found = []
+    if hasattr(type(value), "model_fields") and hasattr(value, "model_extra"):
+        found += [f"{where}.{name}" for name in (value.model_extra or {})]
+        for name in type(value).model_fields:
+            found += undeclared_fields(getattr(value, name), f"{where}.{name}")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            found += undeclared_fields(item, f"{where}[{i}]")
+    return found
+
+
+def strictly(kind, payload: dict | bytes, extras: tuple[str, ...] = ()):
+    """`payload` (JSON as the server sent it) validated as `kind` in pydantic's strict mode, and holding
+    no field the SDK's type does not declare but those in `extras` (our documented additions)."""
+    text = payload if isinstance(payload, (bytes, str)) else json.dumps(payload)
+    value = sdk_type(kind).validate_json(text, strict=True)
+    unknown = [f for f in undeclared_fields(value) if not any(f.endswith(e) for e in extras)]
+    assert not unknown, (unknown, text[:500])
+    return value
+
+
+def sse_payloads(reply_raw: bytes) -> list[dict]:
+    """The JSON data of each event in a whole SSE body ([DONE] and comments left out)."""
+    out = []
+    for line in reply_raw.decode().splitlines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            out.append(json.loads(line[len("data: "):]))
+    return out
+
+
+def anthropic_stream_events(srv, **fields) -> list[dict]:
+    """A streamed /v1/messages, each event (pings aside) checked against the SDK's RawMessageStreamEvent."""
+    from anthropic.types import RawMessageStreamEvent
+    reply = request(srv, "POST", "/v1/messages", {"max_tokens": 30, "messages": HELLO, **fields, "stream": True})
+    assert reply.status == 200, reply.raw[:300]
+    events = [e for e in sse_payloads(reply.raw) if e["type"] != "ping"]
+    for event in events:
+        strictly(RawMessageStreamEvent, event)
+    return events
+
+
+def responses_stream_events(srv, **fields) -> list[dict]:
+    """A streamed /v1/responses, each event checked against the SDK's ResponseStreamEvent."""
+    from openai.types.responses import ResponseStreamEvent
+    reply = request(srv, "POST", "/v1/responses", {"input": HELLO, **fields, "stream": True})
+    assert reply.status == 200, reply.raw[:300]
+    events = sse_payloads(reply.raw)
+    for event in events:
+        strictly(ResponseStreamEvent, event)
+    return events
+
+
+def requests_answered(srv, path: str, code: str) -> float:
+    samples = scrape(srv, {"x-api-key": "sekret"})
+    return sum(v for (n, labels), v in samples.items() if n == "lem_requests_total"
+               and f'endpoint="{path}"' in labels and f'code="{code}"' in labels)
+
+
+def test_a_wrong_key_is_final_for_both_sdks(make_server):
+    anthropic, openai = pytest.importorskip("anthropic"), pytest.importorskip("openai")
+    srv = make_server(api_key="sekret")
+    reply = request(srv, "POST", "/v1/messages", body_for("messages", max_tokens=2), {"x-api-key": "wrong"})
+    assert_anthropic_error(reply, 401, "authentication_error")
+    assert reply.headers["x-should-retry"] == "false"
+    reply = request(srv, "POST", "/v1/responses", body_for("responses"), {"Authorization": "Bearer wrong"})
+    assert_openai_error(reply, 401, code="invalid_api_key")
+    assert reply.headers["x-should-retry"] == "false"
+    claude = anthropic.Anthropic(base_url=srv.url, api_key="wrong", max_retries=3, timeout=60)
+    with pytest.raises(anthropic.AuthenticationError):
+        claude.messages.create(model="m", max_tokens=2, messages=HELLO)
+    codex = openai.OpenAI(base_url=srv.url + "/v1", api_key="wrong", max_retries=3, timeout=60)
+    with pytest.raises(openai.AuthenticationError):
+        codex.responses.create(model="m", input="hi", max_output_tokens=2)
+    assert wait_until(lambda: srv.in_flight == 0)
+    assert requests_answered(srv, "/v1/messages", "401") == 2  # the raw request and the SDK's one: no retries
+    assert requests_answered(srv, "/v1/responses", "401") == 2
+
+
+def test_claude_code_with_a_wrong_key_asks_once_and_says_so(make_server, tmp_path):
+    claude = agent_cli("claude")
+    srv = make_server(api_key="sekret")
+    (tmp_path / "home").mkdir()
+    env = {"HOME": tmp_path / "home", "ANTHROPIC_BASE_URL": srv.url, "ANTHROPIC_API_KEY": "sk-wrong",
+           "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"}
+    run = run_agent([claude, "-p", AGENT_ASK], tmp_path, env)
+    assert run.returncode != 0
+    said = (run.stdout + run.stderr).lower()
+    assert "api key" in said or "authentication" in said, (run.stdout[-1000:], run.stderr[-1000:])
+    assert wait_until(lambda: srv.in_flight == 0)
+    assert requests_answered(srv, "/v1/messages", "401") == 1
+
+
+def test_tool_arguments_that_are_no_json_object_are_wrapped_and_replay(slip_server):
+    wrapped = {lem_serve.RAW_ARGUMENTS_KEY: SLIP_ARGUMENTS}
+    shell = {"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "properties": {"command": {"type": "string"}}}}}  # one property: the text goes there
+    for tool, arguments in ((ADD, wrapped), (shell, {"command": SLIP_ARGUMENTS})):
+        message = post(slip_server, "chat", tools=[tool])["choices"][0]["message"]
+        (call,) = message["tool_calls"]
+        assert json.loads(call["function"]["arguments"]) == arguments
+        streamed = [d for e in stream(slip_server, "chat", tools=[tool]) if isinstance(e, dict) and e.get("choices")
+                    for d in e["choices"][0]["delta"].get("tool_calls") or []]
+        assert json.loads(streamed[0]["function"]["arguments"]) == arguments
+    response = post(slip_server, "responses", tools=[as_responses_tool(ADD)])
+    (item,) = response["output"]
+    assert json.loads(item["arguments"]) == wrapped
+    message = post(slip_server, "messages", tools=[as_anthropic_tool(ADD)])
+    assert message["content"][-1]["input"] == wrapped and message["stop_reason"] == "tool_use"
+    # The next turn, with the call sent back as the server wrote it or as the model wrote it: accepted.
+    for sent in (item["arguments"], SLIP_ARGUMENTS, '"' + SLIP_ARGUMENTS + '"'):
+        history = [*HELLO, {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "add", "arguments": sent}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "error: bad arguments"}]
+        answer = post(slip_server, "chat", messages=history, tools=[ADD])["choices"][0]["message"]
+        assert answer["content"] == SLIP_REPLY
+        followed = post(slip_server, "responses", tools=[as_responses_tool(ADD)], input=[
+            *HELLO, {**item, "arguments": sent}, {"type": "function_call_output", "call_id": item["call_id"],
+                                                  "output": "error: bad arguments"}])
+        assert followed["output"][0]["content"][0]["text"] == SLIP_REPLY
+    replayed = post(slip_server, "messages", tools=[as_anthropic_tool(ADD)], messages=[
+        *HELLO, {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "add", "input": "ls"}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "no"}]}])
+    assert replayed["content"] == [{"type": "text", "text": SLIP_REPLY}]
+
+
+def test_tool_reference_loads_a_deferred_tool(server, model, anthropic_client):
+    deferred = {**as_anthropic_tool(WEATHER), "defer_loading": True}
+    tools = [as_anthropic_tool(ADD), deferred]
+    counted = anthropic_client.messages.count_tokens(model="m", tools=tools, messages=ASK_WEATHER).input_tokens
+    assert counted == len(chat_prompt(model, ASK_WEATHER, [ADD]))  # a deferred tool stays out of the prompt
+    history = [*ASK_WEATHER,
+               {"role": "assistant", "content": [{"type": "tool_use", "id": "s1", "name": "ToolSearch",
+                                                  "input": {"query": "weather"}}]},
+               {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "s1", "content": [
+                   {"type": "tool_reference", "tool_name": "get_weather"}]}]}]
+    counted = anthropic_client.messages.count_tokens(model="m", tools=tools, messages=history).input_tokens
+    loaded = "Tool loaded: " + json.dumps(WEATHER["function"], ensure_ascii=False)
+    chat = [*ASK_WEATHER, {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "s1", "type": "function", "function": {"name": "ToolSearch", "arguments": {"query": "weather"}}}]},
+            {"role": "tool", "tool_call_id": "s1", "content": loaded}]
+    assert counted == len(chat_prompt(model, chat, [ADD]))  # its definition stands where the result does
+    message = anthropic_client.messages.create(model="m", max_tokens=3, tools=tools, messages=history,
+                                               extra_body=GREEDY)
+    assert message.usage.output_tokens == 3
+    unknown = history[:2] + [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "s1", "content": [
+        {"type": "tool_reference", "tool_name": "nope"}]}]}]
+    assert_anthropic_error(request(server, "POST", "/v1/messages", {"max_tokens": 3, "tools": tools,
+                                                                    "messages": unknown}), 400, "invalid_request_error")
+
+
+def test_message_start_reports_the_cache_read_the_final_usage_does(make_long_server):
+    srv = make_long_server(max_requests=2)
+    long_chat = [{"role": "user", "content": " ".join(f"w{i}" for i in range(300))}]
+    post(srv, "messages", messages=long_chat, max_tokens=1)
+    # Another request keeps the engine stepping, so a job waits a step before the engine takes it.
+    busy = open_stream(srv, "chat", messages=[{"role": "user", "content": "x " * 1500}], **endless(srv.model))
+    try:
+        read_first_text_event(busy[1])
+        for _ in range(8):
+            events = anthropic_stream_events(srv, messages=long_chat, max_tokens=2)
+            start, delta = events[0]["message"]["usage"], events[-2]["usage"]
+            assert delta["cache_read_input_tokens"] > 0
+            assert (start["cache_read_input_tokens"], start["input_tokens"]) == \
+                (delta["cache_read_input_tokens"], delta["input_tokens"])
+    finally:
+        hang_up(*busy)
+
+
+def test_thinking_only_when_asked_and_signed(thinking_server):
+    anthropic = pytest.importorskip("anthropic")
+    client = anthropic.Anthropic(base_url=thinking_server.url, api_key="unused", max_retries=0, timeout=60)
+    plain = client.messages.create(model="m", max_tokens=50, messages=HELLO)
+    assert [(b.type, b.text) for b in plain.content] == [("text", DIRECT)]  # no thinking parameter: no thinking
+    asked = {"type": "enabled", "budget_tokens": 1024}
+    message = client.messages.create(model="m", max_tokens=2000, messages=HELLO, thinking=asked)
+    thought, answer = message.content
+    assert (thought.type, thought.thinking, answer.text) == ("thinking", THINKING, ANSWER)
+    assert thought.signature == lem_serve.thinking_signature(THINKING) and len(thought.signature) >= 40
+    with client.messages.stream(model="m", max_tokens=2000, messages=HELLO, thinking={"type": "adaptive"}) as s:
+        streamed = s.get_final_message()
+    assert streamed.content[0].signature == thought.signature and streamed.content[1].text == ANSWER
+    for thinking, max_tokens in (({"type": "enabled", "budget_tokens": 2000}, 2000),
+                                 ({"type": "enabled", "budget_tokens": 100}, 2000), ({"type": "sometimes"}, 50)):
+        with pytest.raises(anthropic.BadRequestError):
+            client.messages.create(model="m", max_tokens=max_tokens, messages=HELLO, thinking=thinking)
+    reasoned = post(thinking_server, "responses", max_tokens=50)
+    assert [item["type"] for item in reasoned["output"]] == ["reasoning", "message"]
+    quiet = post(thinking_server, "responses", max_tokens=50, reasoning={"effort": "none"})
+    assert [item["type"] for item in quiet["output"]] == ["message"]
+    assert quiet["output"][0]["content"][0]["text"] == DIRECT and quiet["reasoning"] == {"effort": "none"}
+
+
+def test_the_response_object_repeats_the_request(server, openai_client):
+    from openai.types.responses import Response
+    fields = dict(model="tiny", input=ASK_WEATHER, instructions=TERSE, metadata={"session": "s1"},
+                  tools=[as_responses_tool(ADD), as_responses_tool(WEATHER)],
+                  tool_choice={"type": "function", "name": "add"}, parallel_tool_calls=False,
+                  max_output_tokens=120, temperature=0)
+    reply = request(server, "POST", "/v1/responses", fields)
+    response = strictly(Response, reply.raw)
+    assert response.instructions == TERSE and response.metadata == {"session": "s1"}
+    assert response.tool_choice.type == "function" and response.tool_choice.name == "add"
+    assert response.parallel_tool_calls is False and response.text.format.type == "text"
+    assert response.status == "completed" and response.completed_at >= response.created_at
+    assert [t.name for t in response.tools] == ["add", "get_weather"]
+    events = responses_stream_events(server, **{**fields, "input": HELLO, "tool_choice": "auto",
+                                                "max_output_tokens": 5})
+    final = strictly(Response, events[-1]["response"])
+    assert final.status == "incomplete" and final.completed_at is None
+    (item,) = final.output
+    assert item.type == "message" and item.status == "incomplete"
+    assert [e["item"]["status"] for e in events if e["type"] == "response.output_item.done"] == ["incomplete"]
+    whole = strictly(Response, request(server, "POST", "/v1/responses", {**fields, "input": HELLO,
+                                                                          "tool_choice": "auto",
+                                                                          "max_output_tokens": 5}).raw)
+    assert whole.output[0].status == "incomplete" and whole.output_text == final.output_text
+
+
+def test_every_api_response_names_its_request(server):
+    seen = set()
+    for method, path, body, header in (("GET", "/v1/models", None, "x-request-id"),
+                                       ("POST", "/v1/chat/completions", body_for("chat", max_tokens=2), "x-request-id"),
+                                       ("POST", "/v1/completions", body_for("completions", max_tokens=2), "x-request-id"),
+                                       ("POST", "/v1/responses", body_for("responses", max_tokens=2), "x-request-id"),
+                                       ("POST", "/v1/responses", body_for("responses", max_tokens=2, stream=True),
+                                        "x-request-id"),
+                                       ("POST", "/v1/messages", body_for("messages", max_tokens=2), "request-id"),
+                                       ("POST", "/v1/messages", body_for("messages", max_tokens=2, stream=True),
+                                        "request-id"),
+                                       ("POST", "/v1/messages/count_tokens", {"messages": HELLO}, "request-id"),
+                                       ("POST", "/v1/responses", {}, "x-request-id")):
+        reply = request(server, method, path, body)
+        other = "request-id" if header == "x-request-id" else "x-request-id"
+        assert reply.headers[header].startswith("req_") and reply.headers[other] is None, (path, reply.headers)
+        seen.add(reply.headers[header])
+    assert len(seen) == 9
+    assert request(server, "GET", "/v1/models", headers={"anthropic-version": "2023-06-01"}).headers["request-id"]
+
+
+def test_the_model_list_in_both_shapes_with_context_and_capabilities(server, thinking_server):
+    anthropic, openai = pytest.importorskip("anthropic"), pytest.importorskip("openai")
+    for srv, reasons in ((server, False), (thinking_server, True)):
+        claude = anthropic.Anthropic(base_url=srv.url, api_key="unused", max_retries=0)
+        (info,) = list(claude.models.list())
+        assert (info.id, info.type, info.max_input_tokens, info.max_tokens) == \
+            ("tiny", "model", srv.model.context_length, srv.settings.max_tokens)
+        assert info.capabilities.thinking.supported is reasons
+        assert info.capabilities.model_extra["tool_use"] == {"supported": True}
+        assert claude.models.retrieve("tiny") == info
+        with pytest.raises(anthropic.NotFoundError):
+            claude.models.retrieve("claude-opus")
+        codex = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+        (model,) = list(codex.models.list())
+        extra = model.model_extra
+        assert (model.id, extra["context_length"], extra["max_output_tokens"]) == \
+            ("tiny", srv.model.context_length, srv.settings.max_tokens)
+        assert extra["capabilities"] == {"reasoning": reasons, "tool_calling": True}
+        assert codex.models.retrieve("tiny") == model
+        with pytest.raises(openai.NotFoundError):
+            codex.models.retrieve("gpt-9")
+    from anthropic.types import ModelInfo
+    from openai.types import Model
+    reply = request(server, "GET", "/v1/models", headers={"anthropic-version": "2023-06-01"})
+    assert set(reply.json()) == {"data", "first_id", "last_id", "has_more"}
+    strictly(ModelInfo, reply.json()["data"][0], extras=(".tool_use",))
+    strictly(Model, request(server, "GET", "/v1/models").json()["data"][0],
+             extras=(".context_length", ".max_output_tokens", ".capabilities"))
+
+
+def gzipped(body: dict | bytes) -> bytes:
+    import gzip
+    return gzip.compress(body if isinstance(body, bytes) else json.dumps(body).encode())
+
+
+def test_input_hygiene(server, model, anthropic_client):
+    call = {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "add", "input": {"a": 1}}]}
+    stray = {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t9", "content": "3"}]}
+    error = assert_anthropic_error(request(server, "POST", "/v1/messages", {
+        "max_tokens": 2, "messages": [*HELLO, call, stray]}), 400, "invalid_request_error")
+    assert "t9" in error["message"]
+    stops = [f"zz{i}" for i in range(5)]
+    message = anthropic_client.messages.create(model="m", max_tokens=3, messages=HELLO, stop_sequences=stops)
+    assert message.stop_reason == "max_tokens"
+    too_many = body_for("messages", max_tokens=2, stop_sequences=[f"s{i}" for i in range(lem_serve.MAX_STOP_SEQUENCES + 1)])
+    assert_anthropic_error(request(server, "POST", "/v1/messages", too_many), 400, "invalid_request_error")
+    document = {"type": "document", "title": "Notes", "source": {"type": "text", "media_type": "text/plain",
+                                                                 "data": "Paris is in France."}}
+    counted = anthropic_client.messages.count_tokens(model="m", messages=[{"role": "user", "content": [
+        document, {"type": "text", "text": "Where is Paris?"}]}]).input_tokens
+    assert counted == len(chat_prompt(model, [{"role": "user", "content": "Notes\nParis is in France.\nWhere is Paris?"}]))
+    body = body_for("chat", max_tokens=3, temperature=0)
+    plain = request(server, "POST", "/v1/chat/completions", body).json()
+    packed = request(server, "POST", "/v1/chat/completions", gzipped(body), {"Content-Encoding": "gzip"})
+    assert packed.status == 200 and packed.json()["choices"] == plain["choices"]
+    bomb = gzipped(b" " * (lem_serve.MAX_BODY_BYTES + 1))
+    assert len(bomb) < lem_serve.MAX_BODY_BYTES // 100
+    assert_openai_error(request(server, "POST", "/v1/chat/completions", bomb, {"Content-Encoding": "gzip"}), 413,
+                        code="body_too_large")
+    assert_anthropic_error(request(server, "POST", "/v1/messages", gzipped(body)[:-9], {"Content-Encoding": "gzip"}),
+                           400, "invalid_request_error")
+    assert_openai_error(request(server, "POST", "/v1/chat/completions", json.dumps(body).encode(),
+                                {"Content-Encoding": "br"}), 415, code="unsupported_encoding")
+
+
+PATCH_TOOL = {"type": "custom", "name": "apply_patch", "description": "Apply a patch to files"}
+
+
+def test_codex_tool_kinds(server, model, openai_client, caplog):
+    from openai.types.responses import Response
+    namespace = {"type": "namespace", "name": "crm", "description": "customers", "tools": [as_responses_tool(ADD)]}
+    tools = [as_responses_tool(WEATHER), PATCH_TOOL, namespace, {"type": "web_search"},
+             {"type": "computer_use_preview", "display_width": 1024, "display_height": 768, "environment": "linux"}]
+    rendered = [WEATHER, {"type": "function", "function": {"name": "apply_patch", "description": "Apply a patch to files",
+                                                           "parameters": lem_serve.CUSTOM_TOOL_PARAMETERS}},
+                {"type": "function", "function": {**ADD["function"], "name": "crm__add"}}]
+    with caplog.at_level(logging.INFO, logger="lem_serve"):
+        for _ in range(2):
+            response = strictly(Response, request(server, "POST", "/v1/responses", {
+                "input": ASK_WEATHER, "tools": tools, "max_output_tokens": 2}).raw)
+    assert response.usage.input_tokens == len(chat_prompt(model, ASK_WEATHER, rendered))  # hosted tools left out
+    named = [r.getMessage() for r in caplog.records if "'computer_use_preview'" in r.getMessage()]
+    assert len(named) == 1  # named once per process (no other test sends this one)
+    patch = strictly(Response, request(server, "POST", "/v1/responses", {
+        "input": ASK_WEATHER, "tools": tools, "max_output_tokens": 200, "temperature": 1.0,
+        "tool_choice": {"type": "custom", "name": "apply_patch"}}).raw)
+    (call,) = patch.output
+    assert call.type == "custom_tool_call" and call.name == "apply_patch" and isinstance(call.input, str)
+    events = responses_stream_events(server, input=ASK_WEATHER, tools=tools, max_output_tokens=200, temperature=1.0,
+                                     tool_choice={"type": "custom", "name": "apply_patch"})
+    kinds = [e["type"] for e in events]
+    assert "response.custom_tool_call_input.delta" in kinds and "response.custom_tool_call_input.done" in kinds
+    grouped = request(server, "POST", "/v1/responses", {"input": ASK_WEATHER, "tools": tools, "max_output_tokens": 200,
+                                                        "tool_choice": {"type": "function", "name": "add",
+                                                                        "namespace": "crm"}}).json()
+    (function,) = grouped["output"]
+    assert (function["name"], function["namespace"]) == ("add", "crm")
+    assert_valid(function["arguments"], ADD["function"]["parameters"])
+    history = [*ASK_WEATHER, call.model_dump(exclude_none=True),
+               {"type": "custom_tool_call_output", "call_id": call.call_id, "output": "patched"}, function,
+               {"type": "function_call_output", "call_id": function["call_id"], "output": "3"}]
+    follow = openai_client.responses.create(model="tiny", input=history, tools=tools, max_output_tokens=2)
+    chat = [*ASK_WEATHER, {"role": "assistant", "content": "", "tool_calls": [
+        {"id": call.call_id, "type": "function", "function": {"name": "apply_patch", "arguments": {"input": call.input}}}]},
+        {"role": "tool", "tool_call_id": call.call_id, "content": "patched"},
+        {"role": "assistant", "content": "", "tool_calls": [{"id": function["call_id"], "type": "function", "function": {
+            "name": "crm__add", "arguments": json.loads(function["arguments"])}}]},
+        {"role": "tool", "tool_call_id": function["call_id"], "content": "3"}]
+    assert follow.usage.input_tokens == len(chat_prompt(model, chat, rendered))
+    for choice in ({"type": "web_search"}, {"type": "file_search"}):
+        error = assert_openai_error(request(server, "POST", "/v1/responses", {
+            "input": "x", "tools": tools, "tool_choice": choice}), 400, "tool_choice")
+        assert choice["type"] in error["message"]
+
+
+def test_stored_responses_chain_and_are_bounded(make_server, model):
+    openai = pytest.importorskip("openai")
+    srv = make_server(response_store_count=2)
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    first = client.responses.create(model="tiny", instructions=TERSE, input=HELLO, max_output_tokens=4, temperature=0)
+    assert client.responses.retrieve(first.id) == first
+    second = client.responses.create(model="tiny", previous_response_id=first.id, max_output_tokens=4, temperature=0,
+                                     input=[{"role": "user", "content": "And then?"}])
+    assert second.previous_response_id == first.id
+    whole = [*HELLO, {"role": "assistant", "content": first.output_text}, {"role": "user", "content": "And then?"}]
+    assert second.usage.input_tokens == len(chat_prompt(model, whole))  # the first's instructions are not carried
+    stream_ = client.responses.create(model="tiny", input=HELLO, max_output_tokens=2, stream=True)
+    streamed = [e for e in stream_][-1].response
+    assert client.responses.retrieve(streamed.id).output_text == streamed.output_text
+    with pytest.raises(openai.NotFoundError) as evicted:  # the oldest of three, with room for two
+        client.responses.retrieve(first.id)
+    assert evicted.value.body["code"] == "response_not_found"
+    unkept = client.responses.create(model="tiny", input=HELLO, max_output_tokens=2, store=False)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(unkept.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(model="tiny", input="x", previous_response_id=unkept.id, max_output_tokens=2)
+    small = make_server(response_store_bytes=100)  # no response fits: none is kept
+    kept = post(small, "responses", max_tokens=2)
+    assert_openai_error(request(small, "GET", f"/v1/responses/{kept['id']}"), 404, code="response_not_found")
+
+
+def test_codex_goes_on_after_its_model_slips_a_tool_call(tmp_path_factory, tmp_path):
+    codex = agent_cli("codex")
+    folder = build_slip_model(tmp_path_factory.mktemp("models") / "slip-agent", vocab_size=4096,
+                              max_position_embeddings=LONG_CONTEXT)
+    model = lem_serve.load_model(lem_serve.Settings(model_path=str(folder)))
+    with running_server(model, folder, max_tokens=AGENT_MAX_TOKENS, timeout=AGENT_TIMEOUT, max_requests=2,
+                        api_key=AGENT_KEY) as srv:
+        home, work = tmp_path / "codex-home", tmp_path / "work"
+        home.mkdir()
+        work.mkdir()
+        (home / "config.toml").write_text(CODEX_CONFIG.format(url=srv.url + "/v1"))
+        env = {"HOME": home, "CODEX_HOME": home, "LEM_API_KEY": AGENT_KEY}
+        run = run_agent([codex, "exec", "--skip-git-repo-check", "--json", AGENT_ASK], work, env)
+        assert run.returncode == 0, (run.stdout[-2000:], run.stderr[-2000:])
+        events = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+        said = [e["item"]["text"] for e in events if e["type"] == "item.completed"
+                and e["item"]["type"] == "agent_message"]
+        assert said == [SLIP_REPLY]  # the turn after the slipped call, which Codex sent back as the server wrote it
+        assert_only_successes(srv, "/v1/responses")
+        assert requests_answered_with(srv, AGENT_KEY, "/v1/responses", "200") == 2
+
+
+def requests_answered_with(srv, key: str, path: str, code: str) -> float:
+    samples = scrape(srv, {"x-api-key": key})
+    return sum(v for (n, labels), v in samples.items() if n == "lem_requests_total"
+               and f'endpoint="{path}"' in labels and f'code="{code}"' in labels)
+
+
+def checked_labels(sdk: str, payloads: list[dict], kind) -> set[str]:
+    """Each payload validated strictly as `kind`; the labels (sdk:type[:delta type]) of those checked."""
+    labels = set()
+    for payload in payloads:
+        strictly(kind, payload)
+        delta = payload.get("delta") if isinstance(payload.get("delta"), dict) else {}
+        block = payload.get("content_block") or payload.get("item") or {}
+        labels.add(":".join(filter(None, [sdk, payload.get("type"), delta.get("type"), block.get("type")])))
+    return labels
+
+
+def test_sdk_types_strictly_for_every_shape_sent(server, thinking_server, slip_server, long_model, long_model_dir):
+    """Every response shape the dialects send, validated strictly by the SDKs' own types: the checklist."""
+    from anthropic.types import ErrorResponse, Message, MessageTokensCount, ModelInfo, RawMessageStreamEvent
+    from openai.types import Model
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+    from openai.types.responses import Response, ResponseStreamEvent
+    claude, codex = set(), set()
+    tools = [as_anthropic_tool(ADD)]
+    for srv, fields in ((server, {}), (server, {"stop_sequences": ["e"]}), (thinking_server, {
+            "thinking": {"type": "enabled", "budget_tokens": 1024}, "max_tokens": 2000}),
+            (server, {"tools": tools, "tool_choice": {"type": "tool", "name": "add"}, "max_tokens": 200}),
+            (slip_server, {"tools": tools})):
+        body = {"max_tokens": 30, "messages": HELLO, **fields}
+        message = request(srv, "POST", "/v1/messages", body).json()
+        claude |= {f"anthropic:message:{'+'.join(b['type'] for b in message['content'])}"}
+        strictly(Message, message)
+        claude |= checked_labels("anthropic", [e for e in sse_payloads(request(srv, "POST", "/v1/messages", {
+            **body, "stream": True}).raw) if e["type"] != "ping"], RawMessageStreamEvent)
+    strictly(MessageTokensCount, request(server, "POST", "/v1/messages/count_tokens", {"messages": HELLO}).raw)
+    anthropic_models = request(server, "GET", "/v1/models", headers={"anthropic-version": "2023-06-01"}).json()
+    strictly(ModelInfo, anthropic_models["data"][0], extras=(".tool_use",))
+    for status, body in ((400, {"messages": HELLO}), (404, None)):
+        reply = request(server, "POST" if body else "GET", "/v1/messages" if body else "/v1/models/nope", body,
+                        {"anthropic-version": "2023-06-01"})
+        assert reply.status == status
+        strictly(ErrorResponse, reply.raw)
+    claude |= {"anthropic:count_tokens", "anthropic:model", "anthropic:error:400", "anthropic:error:404"}
+    rtools = [as_responses_tool(ADD), PATCH_TOOL]
+    for srv, fields in ((server, {}), (server, {"max_output_tokens": 300, "temperature": 0}),
+                        (thinking_server, {"max_output_tokens": 50}),
+                        (server, {"tools": rtools, "tool_choice": "required", "max_output_tokens": 200}),
+                        (server, {"tools": rtools, "tool_choice": {"type": "custom", "name": "apply_patch"},
+                                  "max_output_tokens": 200}),
+                        (slip_server, {"tools": rtools})):
+        body = {"input": HELLO, "max_output_tokens": 5, **fields}
+        response = strictly(Response, request(srv, "POST", "/v1/responses", body).raw)
+        codex.add(f"openai:response:{response.status}:{'+'.join(item.type for item in response.output)}")
+        codex |= checked_labels("openai", sse_payloads(request(srv, "POST", "/v1/responses", {
+            **body, "stream": True}).raw), ResponseStreamEvent)
+    with running_server(long_model, long_model_dir, timeout=1, max_tokens=LONG_BUDGET) as srv:
+        codex |= checked_labels("openai", sse_payloads(request(srv, "POST", "/v1/responses", {
+            "input": HELLO, "max_output_tokens": LONG_BUDGET, "stream": True}).raw)[-1:], ResponseStreamEvent)
+    for srv, fields in ((server, {}), (slip_server, {"tools": [ADD]})):
+        strictly(ChatCompletion, request(srv, "POST", "/v1/chat/completions", body_for("chat", max_tokens=5, **fields)).raw,
+                 extras=(".reasoning_content", ".reasoning"))
+        for chunk in sse_payloads(request(srv, "POST", "/v1/chat/completions", body_for(
+                "chat", max_tokens=5, stream=True, stream_options={"include_usage": True}, **fields)).raw):
+            strictly(ChatCompletionChunk, chunk)
+    strictly(Model, request(server, "GET", "/v1/models").json()["data"][0],
+             extras=(".context_length", ".max_output_tokens", ".capabilities"))
+    codex |= {"openai:chat.completion", "openai:chat.completion.chunk", "openai:model"}
+    assert claude == ANTHROPIC_CHECKLIST, claude ^ ANTHROPIC_CHECKLIST
+    assert codex == OPENAI_CHECKLIST, codex ^ OPENAI_CHECKLIST
+
+
+# Every shape test_sdk_types_strictly_for_every_shape_sent validates: 18 anthropic, 30 openai.
+ANTHROPIC_CHECKLIST = {f"anthropic:{name}" for name in (
+    "message:text", "message:thinking+text", "message:tool_use", "message_start", "message_delta", "message_stop",
+    "content_block_start:text", "content_block_start:thinking", "content_block_start:tool_use", "content_block_stop",
+    "content_block_delta:text_delta", "content_block_delta:thinking_delta", "content_block_delta:signature_delta",
+    "content_block_delta:input_json_delta", "count_tokens", "model", "error:400", "error:404")}
+OPENAI_CHECKLIST = {f"openai:{name}" for name in (
+    "response:completed:reasoning+message", "response:incomplete:message", "response:completed:function_call",
+    "response:completed:custom_tool_call", "response.created", "response.in_progress", "response.completed",
+    "response.incomplete", "response.failed", "response.output_item.added:message",
+    "response.output_item.done:message", "response.output_item.added:reasoning", "response.output_item.done:reasoning",
+    "response.output_item.added:function_call", "response.output_item.done:function_call",
+    "response.output_item.added:custom_tool_call", "response.output_item.done:custom_tool_call",
+    "response.content_part.added", "response.content_part.done", "response.output_text.delta",
+    "response.output_text.done", "response.reasoning_text.delta", "response.reasoning_text.done",
+    "response.function_call_arguments.delta", "response.function_call_arguments.done",
+    "response.custom_tool_call_input.delta", "response.custom_tool_call_input.done", "chat.completion",
+    "chat.completion.chunk", "model")}
+assert (len(ANTHROPIC_CHECKLIST), len(OPENAI_CHECKLIST)) == (18, 30)
 
 
 # ---------------------------------------------------------------------------
@@ -3476,7 +4474,7 @@ def test_conversations_survive_reload_and_new_chat(chat):
 
 def test_busy_server_is_retried_after_a_visible_cancellable_countdown(open_chat, make_long_server):
     """A 429 is not a dead end: the page counts down Retry-After, tries again, and can be told to stop."""
-    server = make_long_server(max_requests=1)
+    server = make_long_server(max_requests=1, queue_timeout=0)
     chat = open_chat(server.url)
     page = chat.page
     is_chat_post = lambda r: r.method == "POST" and r.url.endswith("/v1/chat/completions")
@@ -4566,7 +5564,7 @@ def generation_stopped(srv, settle: float = 0.3) -> bool:
 # -- /metrics ------------------------------------------------------------------
 
 def test_metrics_count_requests_tokens_latency_and_state(make_long_server):
-    srv = make_long_server(max_requests=1)
+    srv = make_long_server(max_requests=1, queue_timeout=0)
     assert request(srv, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 5}).status == 200
     assert stream(srv, "chat", max_tokens=4)[-1] == "[DONE]"
     assert request(srv, "GET", "/nope/" + "x" * 50).status == 404
@@ -5041,7 +6039,7 @@ SOAK_REPORT: list = []
 
 @pytest.mark.parametrize("max_requests", [1, 4])
 def test_soak_mixed_load_with_faults_leaves_nothing_behind(make_long_server, max_requests):
-    srv = make_long_server(max_requests=max_requests, timeout=SOAK_TIMEOUT)
+    srv = make_long_server(max_requests=max_requests, timeout=SOAK_TIMEOUT, queue_timeout=0)
     rng = random.Random(7 + max_requests)
     plan = [(rng.choices(SOAK_KINDS, weights=(6, 6, 2, 2, 1, 1, 1, 1))[0], rng.randint(1, 24)) for _ in range(SOAK_REQUESTS)]
     # What each request gets alone (greedy); under load, a completed response must hold exactly that.
@@ -5768,11 +6766,11 @@ def nginx_in_front(nginx: str, replicas: list[str], folder: Path):
 
 @contextlib.contextmanager
 def replicas(model_dir: Path, count: int):
-    """`count` lem-serve processes with one generation slot each: [(process, "host:port")]."""
+    """`count` lem-serve processes with one generation slot each, 429 at once when busy: [(process, "host:port")]."""
     started = []
     try:
         for _ in range(count):
-            started.append(start_process(model_dir, *LONG, "--max-requests", "1"))
+            started.append(start_process(model_dir, *LONG, "--max-requests", "1", "--queue-timeout", "0"))
         yield started
     finally:
         for process, _address in started:

@@ -428,7 +428,8 @@ PARROT_GAIN = 40.0  # the parrot's next-token logit; every other logit is at mos
 
 
 def build_parrot_model(out_dir, scripts: str | dict[str, str], *, seed: int = 0,
-                       extra_tokens: tuple[str, ...] = (), chat_template: str | None = None) -> pathlib.Path:
+                       extra_tokens: tuple[str, ...] = (), chat_template: str | None = None,
+                       **tiny_options) -> pathlib.Path:
     """Write a model that answers prompts with chosen scripts, then ends.
 
     A tiny model is the right tool for most tests, but it cannot say a
@@ -446,10 +447,11 @@ def build_parrot_model(out_dir, scripts: str | dict[str, str], *, seed: int = 0,
     prompt always ends in a newline; completions prompts should too). A
     token may appear only once across all chains (it has one successor); a
     ValueError says otherwise. ``extra_tokens`` and ``chat_template`` are
-    passed on to the tokenizer and its config.
+    passed on to the tokenizer and its config; ``tiny_options`` (vocab_size,
+    max_position_embeddings) to build_tiny_model.
     """
     scripts = {"\n": scripts} if isinstance(scripts, str) else scripts
-    out = pathlib.Path(build_tiny_model(out_dir, seed=seed, extra_tokens=extra_tokens))
+    out = pathlib.Path(build_tiny_model(out_dir, seed=seed, extra_tokens=extra_tokens, **tiny_options))
     tok = Tokenizer.from_file(str(out / "tokenizer.json"))
     chains = [[_one_token(tok, trigger)] + tok.encode(script).ids + [tok.token_to_id(IM_END)]
               for trigger, script in scripts.items()]
