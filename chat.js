@@ -9,9 +9,41 @@
 // is ever deleted to make room: a save that fails keeps the conversation in
 // memory, says so, and offers an export. Each reply streams bound to its own
 // conversation, so other conversations stay usable while it runs.
+//
+// The same file is also the page's service worker (registered as /chat.js,
+// so the server serves nothing new): it keeps the last copy of the page and
+// this script, and hands them out only when the server cannot be reached, so
+// a reload while the server is down still opens the chats, saying "Offline".
 "use strict";
 
-(() => {
+if (typeof window === "undefined" && typeof self !== "undefined" && "clients" in self) {
+  // =========================================================================
+  // Service worker: network first; the cached page only when that fails
+  // =========================================================================
+  const CACHE = "lem-chat-page-v1";
+  const PAGE_PATHS = new Set(["/", "/chat.js"]);
+  self.addEventListener("install", (event) => {
+    self.skipWaiting();
+    event.waitUntil(caches.open(CACHE).then((cache) => cache.addAll([...PAGE_PATHS])).catch(() => {}));
+  });
+  self.addEventListener("activate", (event) => event.waitUntil(self.clients.claim()));
+  self.addEventListener("fetch", (event) => {
+    const url = new URL(event.request.url);
+    if (event.request.method !== "GET" || url.origin !== self.location.origin || !PAGE_PATHS.has(url.pathname)) return;
+    event.respondWith((async () => {
+      const cache = await caches.open(CACHE);
+      try {
+        const response = await fetch(event.request, { cache: "no-store" });
+        if (response.ok) await cache.put(url.pathname, response.clone());
+        return response;
+      } catch (err) {
+        const cached = await cache.match(url.pathname);
+        if (cached) return cached;
+        throw err;
+      }
+    })());
+  });
+} else (() => {
   // =========================================================================
   // Constants
   // =========================================================================
@@ -192,7 +224,7 @@
   }
 
   function renderCodeBlock(code, lang) {
-    const codeEl = h("code", { text: code, className: lang ? `language-${lang}` : null });
+    const codeEl = h("code", { className: lang ? `language-${lang}` : null }, highlight(code, lang));
     return h("div", { className: "code-block" },
       h("div", { className: "code-head" },
         h("span", { className: "code-lang", text: lang || "text" }),
@@ -320,6 +352,8 @@
   const INLINE_RULES = [
     { name: "escape", re: /\\([!-/:-@[-`{-~])/g },
     { name: "code", re: /(`+)([^`]|[^`][\s\S]*?[^`])\1(?!`)/g },
+    { name: "displaymath", re: /\$\$([^$]*[^\s$][^$]*)\$\$/g },
+    { name: "math", re: /(?<![\\$\w])\$(?=[^\s$])([^$\n]*?[^\s$\\])\$(?![\w$])/g },
     { name: "autolink", re: /<((?:https?:\/\/|mailto:)[^\s<>]+)>/g },
     { name: "image", re: /!\[([^\]\n]*)\]\(\s*<?((?:[^\s<>()]|\([^\s<>()]*\))+)>?(?:\s+"[^"\n]*")?\s*\)/g },
     { name: "link", re: /\[([^\]\n]+)\]\(\s*<?((?:[^\s<>()]|\([^\s<>()]*\))+)>?(?:\s+"[^"\n]*")?\s*\)/g },
@@ -404,6 +438,8 @@
       case "image": return renderLink(m[1] ? `[image: ${m[1]}]` : "[image]", m[2], m[0]); // never load remote images
       case "link": return renderLink(m[1], m[2], m[0], true);
       case "url": return renderLink(m[0], m[0], m[0]);
+      case "displaymath": return renderMath(m[1], true);
+      case "math": return renderMath(m[1], false);
       case "strong": return renderInline(m[1], h("strong"));
       case "em": return renderInline(m[1], h("em"));
       case "del": return renderInline(m[1], h("del"));
@@ -414,6 +450,308 @@
   // Reasoning is not sent back to the model in later turns.
   function stripThink(text) {
     return splitThink(text).filter((p) => !p.think).map((p) => p.text).join("").trim();
+  }
+
+  // =========================================================================
+  // Math: a TeX subset to MathML (the browser draws it)
+  //
+  // $…$ inline and $$…$$ display. Letters, numbers, operators, ^ and _,
+  // groups, \frac, \sqrt, \text, fonts, Greek, common symbols, big operators,
+  // \left…\right and matrix-like environments. Elements are made with
+  // createElementNS and filled with textContent only; an unknown command
+  // shows as its own text. Too long or too deep input shows as code.
+  // =========================================================================
+
+  const MATH_MAX_CHARS = 4000;
+  const MATH_MAX_DEPTH = 40;
+  const MATH_NS = document.querySelector("#mathml-ns")?.content.firstElementChild?.namespaceURI || null;
+  const TEX_SYMBOLS = {
+    alpha: "α", beta: "β", gamma: "γ", delta: "δ", epsilon: "ϵ", varepsilon: "ε", zeta: "ζ", eta: "η", theta: "θ", vartheta: "ϑ",
+    iota: "ι", kappa: "κ", lambda: "λ", mu: "μ", nu: "ν", xi: "ξ", pi: "π", rho: "ρ", sigma: "σ", tau: "τ", upsilon: "υ",
+    phi: "ϕ", varphi: "φ", chi: "χ", psi: "ψ", omega: "ω", Gamma: "Γ", Delta: "Δ", Theta: "Θ", Lambda: "Λ", Xi: "Ξ", Pi: "Π",
+    Sigma: "Σ", Phi: "Φ", Psi: "Ψ", Omega: "Ω", infty: "∞", partial: "∂", nabla: "∇", ell: "ℓ", hbar: "ℏ", emptyset: "∅",
+  };
+  const TEX_OPERATORS = {
+    cdot: "⋅", times: "×", div: "÷", pm: "±", mp: "∓", le: "≤", leq: "≤", ge: "≥", geq: "≥", ne: "≠", neq: "≠", approx: "≈",
+    equiv: "≡", sim: "∼", simeq: "≃", propto: "∝", to: "→", rightarrow: "→", leftarrow: "←", Rightarrow: "⇒", Leftarrow: "⇐",
+    leftrightarrow: "↔", Leftrightarrow: "⇔", mapsto: "↦", implies: "⟹", iff: "⟺", in: "∈", notin: "∉", subset: "⊂", subseteq: "⊆",
+    supset: "⊃", cup: "∪", cap: "∩", wedge: "∧", vee: "∨", neg: "¬", forall: "∀", exists: "∃", ldots: "…", cdots: "⋯", dots: "…",
+    circ: "∘", ast: "∗", star: "⋆", mid: "∣", langle: "⟨", rangle: "⟩", lfloor: "⌊", rfloor: "⌋", lceil: "⌈", rceil: "⌉",
+    sum: "∑", prod: "∏", int: "∫", iint: "∬", oint: "∮", lim: "lim", max: "max", min: "min", sup: "sup", inf: "inf",
+    log: "log", ln: "ln", exp: "exp", sin: "sin", cos: "cos", tan: "tan", det: "det", "{": "{", "}": "}", "|": "‖",
+    "\\": "\n",
+  };
+  const TEX_BIG = new Set(["sum", "prod", "int", "iint", "oint", "lim", "max", "min", "sup", "inf"]);
+  const TEX_SPACES = { ",": "0.17em", ":": "0.22em", ";": "0.28em", quad: "1em", qquad: "2em", " ": "0.25em", "!": "0" };
+  const TEX_FONTS = { mathbf: "bold", mathrm: "normal", mathit: "italic", mathbb: "double-struck", mathcal: "script", mathsf: "sans-serif", boldsymbol: "bold" };
+
+  function mml(tag, attrs, ...children) {
+    const el = document.createElementNS(MATH_NS, tag);
+    for (const [key, value] of Object.entries(attrs || {})) {
+      if (key === "text") el.textContent = value;
+      else el.setAttribute(key, value);
+    }
+    for (const child of children) if (child) el.append(child);
+    return el;
+  }
+
+  // TeX source to a <math> element; null when it cannot be (then shown as code).
+  function texToMathML(tex, display) {
+    if (!MATH_NS || tex.length > MATH_MAX_CHARS) return null;
+    const tokens = tex.match(/\\[A-Za-z]+|\\[^A-Za-z]|[A-Za-z]|\d+(?:\.\d+)?|\s+|[^]/g) || [];
+    const state = { tokens, pos: 0, depth: 0, display };
+    try {
+      const row = parseMathRow(state, null);
+      const math = mml("math", display ? { display: "block" } : {}, mml("semantics", {}, row, mml("annotation", { encoding: "application/x-tex", text: tex })));
+      return math;
+    } catch {
+      return null;
+    }
+  }
+
+  // The next token that is not white space (TeX ignores it in math).
+  function peekMath(state) {
+    while (/^\s+$/.test(state.tokens[state.pos] || "")) state.pos++;
+    return state.tokens[state.pos];
+  }
+
+  function parseMathRow(state, until) {
+    if (++state.depth > MATH_MAX_DEPTH) throw new Error("too deep");
+    const row = mml("mrow");
+    while (peekMath(state) !== undefined && state.tokens[state.pos] !== until) {
+      const tok = state.tokens[state.pos];
+      if (until === "&row" && (tok === "&" || tok === "\\\\" || tok === "\\end")) break;
+      row.append(parseScripts(state, parseMathAtom(state)));
+    }
+    state.depth--;
+    return row;
+  }
+
+  // An atom, then its ^ and _ scripts.
+  function parseScripts(state, base) {
+    let sub = null;
+    let sup = null;
+    while (peekMath(state) === "^" || state.tokens[state.pos] === "_") {
+      const which = state.tokens[state.pos++];
+      const arg = parseMathAtom(state);
+      if (which === "^") sup = arg;
+      else sub = arg;
+    }
+    if (!sub && !sup) return base;
+    const big = base.dataset && base.dataset.big && state.display;
+    if (sub && sup) return mml(big ? "munderover" : "msubsup", {}, base, sub, sup);
+    return mml(big ? (sub ? "munder" : "mover") : sub ? "msub" : "msup", {}, base, sub || sup);
+  }
+
+  function parseMathGroup(state) {
+    if (peekMath(state) !== "{") return parseMathAtom(state);
+    state.pos++;
+    const row = parseMathRow(state, "}");
+    state.pos++;
+    return row;
+  }
+
+  function rawGroup(state) {
+    if (peekMath(state) !== "{") return state.tokens[state.pos++] || "";
+    let text = "";
+    let depth = 0;
+    for (state.pos++; state.pos < state.tokens.length; state.pos++) {
+      const t = state.tokens[state.pos];
+      if (t === "{") depth++;
+      if (t === "}" && depth-- === 0) break;
+      text += t;
+    }
+    state.pos++;
+    return text;
+  }
+
+  function parseMathAtom(state) {
+    peekMath(state);
+    const tok = state.tokens[state.pos++];
+    if (tok === undefined) return mml("mrow");
+    if (tok === "{") {
+      const row = parseMathRow(state, "}");
+      state.pos++;
+      return row;
+    }
+    if (/^\d/.test(tok)) return mml("mn", { text: tok });
+    if (/^[A-Za-z]$/.test(tok)) return mml("mi", { text: tok });
+    if (tok[0] === "\\") return parseMathCommand(state, tok.slice(1));
+    return mml("mo", { text: tok });
+  }
+
+  function parseMathCommand(state, name) {
+    if (name === "frac" || name === "dfrac" || name === "tfrac") return mml("mfrac", {}, parseMathGroup(state), parseMathGroup(state));
+    if (name === "sqrt") {
+      if (peekMath(state) === "[") {
+        state.pos++;
+        const index = parseMathRow(state, "]");
+        state.pos++;
+        return mml("mroot", {}, parseMathGroup(state), index);
+      }
+      return mml("msqrt", {}, parseMathGroup(state));
+    }
+    if (name === "text" || name === "mbox" || name === "operatorname") return mml(name === "text" || name === "mbox" ? "mtext" : "mi", { text: rawGroup(state) });
+    if (TEX_FONTS[name]) {
+      const inner = parseMathGroup(state);
+      return mml("mstyle", { mathvariant: TEX_FONTS[name] }, inner);
+    }
+    if (name === "left" || name === "right" || name === "big" || name === "Big" || name === "bigg" || name === "Bigg") {
+      peekMath(state);
+      const delim = state.tokens[state.pos++] || "";
+      const text = delim === "." ? "" : delim[0] === "\\" ? TEX_OPERATORS[delim.slice(1)] || delim.slice(1) : delim;
+      return mml("mo", { text, stretchy: "true" });
+    }
+    if (name === "begin") return parseEnvironment(state, rawGroup(state));
+    if (name in TEX_SPACES) return mml("mspace", { width: TEX_SPACES[name] });
+    if (TEX_SYMBOLS[name]) return mml("mi", { text: TEX_SYMBOLS[name] });
+    if (TEX_OPERATORS[name]) {
+      const op = mml(/^[a-z]{2,}$/.test(TEX_OPERATORS[name]) ? "mi" : "mo", { text: TEX_OPERATORS[name] });
+      if (TEX_BIG.has(name)) op.dataset.big = "1";
+      return op;
+    }
+    return mml("mtext", { text: `\\${name}` }); // unknown: its own text
+  }
+
+  // matrix, pmatrix, bmatrix, cases, aligned...: rows split by \\, cells by &.
+  function parseEnvironment(state, env) {
+    const table = mml("mtable");
+    for (;;) {
+      const tr = mml("mtr");
+      for (;;) {
+        tr.append(mml("mtd", {}, parseMathRow(state, "&row")));
+        if (peekMath(state) !== "&") break;
+        state.pos++;
+      }
+      table.append(tr);
+      const tok = state.tokens[state.pos];
+      if (peekMath(state) === "\\\\") { state.pos++; continue; }
+      if (tok === "\\end") { state.pos++; rawGroup(state); }
+      break;
+    }
+    const fences = { pmatrix: ["(", ")"], bmatrix: ["[", "]"], vmatrix: ["|", "|"], Bmatrix: ["{", "}"], cases: ["{", ""] }[env];
+    if (!fences) return table;
+    return mml("mrow", {}, mml("mo", { text: fences[0] }), table, fences[1] ? mml("mo", { text: fences[1] }) : null);
+  }
+
+  // Math inside Markdown, or its source as code when it cannot be rendered.
+  function renderMath(tex, display) {
+    const math = texToMathML(tex.trim(), display);
+    return math || h("code", { className: "math-source", text: display ? `$$${tex}$$` : `$${tex}$` });
+  }
+
+  // =========================================================================
+  // Syntax highlighting (hand-written, small): code in, <span>s out
+  //
+  // One regex per language picks out comments, strings, numbers, words and
+  // the language's own marks; words are looked up in its keyword and builtin
+  // lists. Only textContent is ever set, so hostile code stays text. Good
+  // enough to read code, not a parser: a rare construct shows uncoloured.
+  // =========================================================================
+
+  const HL_MAX_CHARS = 200_000; // larger blocks show plain (one regex pass each frame while streaming)
+  // An unclosed comment or string runs to the end of the code: (?![\s\S]) is "end of input" under the m flag.
+  const C_COMMENTS = [String.raw`\/\/[^\n]*`, String.raw`\/\*[\s\S]*?(?:\*\/|(?![\s\S]))`];
+  const QUOTED = [String.raw`"(?:[^"\\\n]|\\.)*"?`, String.raw`'(?:[^'\\\n]|\\.)*'?`];
+  const NUMBER = String.raw`\b(?:0[xXbBoO][\da-fA-F_]+|\d[\d_]*(?:\.\d[\d_]*)?(?:[eE][+-]?\d+)?)[a-zA-Z]*\b`;
+  const C_LIKE = "if else for while do switch case break continue return default goto sizeof typedef struct union enum " +
+    "static const extern volatile inline void char short int long float double signed unsigned bool true false NULL nullptr " +
+    "class public private protected virtual override template typename namespace using new delete this throw try catch " +
+    "final abstract interface extends implements package import super instanceof synchronized var auto constexpr";
+  const LANGS = {
+    python: { comments: [String.raw`#[^\n]*`], strings: [String.raw`[rbfuRBFU]{0,2}"""[\s\S]*?(?:"""|(?![\s\S]))`, String.raw`[rbfuRBFU]{0,2}'''[\s\S]*?(?:'''|(?![\s\S]))`, ...QUOTED.map((q) => `[rbfuRBFU]{0,2}${q}`)],
+      marks: [["meta", String.raw`@[\w.]+`]], titleAfter: "def class",
+      keywords: "def class return if elif else for while in not and or is None True False import from as with try except finally raise pass break continue lambda yield global nonlocal async await del assert match case",
+      builtins: "print len range str int float list dict set tuple bool open type isinstance super self enumerate zip map filter sorted min max sum abs any all repr" },
+    javascript: { comments: C_COMMENTS, strings: [...QUOTED, String.raw`\x60(?:[^\x60\\]|\\[\s\S])*\x60?`], titleAfter: "function class interface type",
+      keywords: "var let const function return if else for while do switch case break continue default new delete typeof instanceof in of class extends super this throw try catch finally async await yield import export from as null undefined true false void static get set interface type enum implements readonly private public protected declare namespace keyof",
+      builtins: "console window document Math JSON Object Array String Number Boolean Promise Map Set Error Symbol any string number boolean unknown never" },
+    json: { strings: [String.raw`"(?:[^"\\\n]|\\.)*"(?=\s*:)`, QUOTED[0]], stringKinds: ["title", "string"], keywords: "true false null" },
+    shell: { comments: [String.raw`(?<![\w$])#[^\n]*`], strings: QUOTED, marks: [["meta", String.raw`\$(?:\{[^}\n]*\}|\w+|[@#?$!*-])`], ["builtin", String.raw`(?<=^|\s)--?[A-Za-z][\w-]*`]],
+      keywords: "if then else elif fi for while until do done case esac in function return export local readonly set unset exit",
+      builtins: "echo cd ls cat grep sed awk curl git pip python python3 npm node make sudo rm cp mv mkdir chmod source printf test read kill" },
+    c: { comments: C_COMMENTS, strings: QUOTED, marks: [["meta", String.raw`^[ \t]*#[ \t]*\w+[^\n]*`]], keywords: C_LIKE, titleAfter: "class struct",
+      builtins: "std string vector map printf malloc free size_t uint8_t int32_t int64_t uint32_t uint64_t String System Console" },
+    rust: { comments: C_COMMENTS, strings: [String.raw`b?r#*"[\s\S]*?(?:"#*|(?![\s\S]))`, QUOTED[0], String.raw`b?'(?:[^'\\\n]|\\.)'`], marks: [["meta", String.raw`\b\w+!`], ["meta", String.raw`#!?\[[^\]\n]*\]`], ["builtin", String.raw`'[a-z_]\w*\b(?!')`]],
+      keywords: "fn let mut const static if else match for while loop in return break continue struct enum impl trait pub use mod crate self Self super where as ref move async await dyn unsafe extern type true false",
+      builtins: "Some None Ok Err Option Result Vec String Box Rc Arc HashMap str u8 u16 u32 u64 usize i8 i16 i32 i64 isize f32 f64 bool char", titleAfter: "fn struct enum trait impl" },
+    go: { comments: C_COMMENTS, strings: [...QUOTED, String.raw`\x60[^\x60]*\x60?`], titleAfter: "func type",
+      keywords: "func package import var const type struct interface map chan go defer select if else for range switch case default break continue return fallthrough goto nil true false",
+      builtins: "string int int64 uint8 byte rune float64 bool error make len cap append new panic recover fmt" },
+    html: { comments: [String.raw`<!--[\s\S]*?(?:-->|(?![\s\S]))`], strings: QUOTED, marks: [["keyword", String.raw`<\/?[A-Za-z][\w:-]*|\/?>`], ["title", String.raw`(?<=\s)[A-Za-z_:][\w:.-]*(?==)`], ["meta", String.raw`&[#\w]+;`]] },
+    css: { comments: [String.raw`\/\*[\s\S]*?(?:\*\/|(?![\s\S]))`], strings: QUOTED, marks: [["meta", String.raw`@[\w-]+`], ["title", String.raw`[\w-]+(?=\s*:[^;{}]*[;}])`], ["number", String.raw`#[\da-fA-F]{3,8}\b`], ["number", String.raw`-?\d*\.?\d+(?:px|em|rem|%|vh|vw|s|ms|deg|fr)?`]],
+      keywords: "important inherit initial none auto" },
+    sql: { comments: [String.raw`--[^\n]*`, String.raw`\/\*[\s\S]*?(?:\*\/|(?![\s\S]))`], strings: [String.raw`'(?:[^']|'')*'?`, String.raw`"[^"\n]*"?`], caseless: true,
+      keywords: "select from where and or not insert into values update set delete create table drop alter add index primary key foreign references join left right inner outer full on group by order having limit offset as distinct union all case when then else end null is in like between exists with returning default unique check view begin commit rollback",
+      builtins: "count sum avg min max coalesce integer int text varchar boolean date timestamp serial real now" },
+  };
+  const LANG_ALIASES = { py: "python", python3: "python", js: "javascript", jsx: "javascript", ts: "javascript", tsx: "javascript",
+    typescript: "javascript", mjs: "javascript", node: "javascript", jsonc: "json", json5: "json", sh: "shell", bash: "shell", zsh: "shell",
+    console: "shell", shellsession: "shell", "c++": "c", cpp: "c", cc: "c", h: "c", hpp: "c", cxx: "c", java: "c", cs: "c", csharp: "c",
+    kotlin: "c", kt: "c", swift: "c", objc: "c", rs: "rust", golang: "go", xml: "html", svg: "html", htm: "html", vue: "html",
+    scss: "css", less: "css", postgres: "sql", postgresql: "sql", mysql: "sql", sqlite: "sql", patch: "diff" };
+
+  const compiledLangs = new Map();
+
+  function compileLang(lang) {
+    const spec = LANGS[lang];
+    const groups = [];
+    const kinds = [];
+    const add = (kind, source) => { groups.push(`(${source})`); kinds.push(kind); };
+    for (const c of spec.comments || []) add("comment", c);
+    (spec.strings || []).forEach((q, k) => add(spec.stringKinds ? spec.stringKinds[k] : "string", q));
+    for (const [kind, source] of spec.marks || []) add(kind, source);
+    add("number", NUMBER);
+    add("word", String.raw`[A-Za-z_$][\w$]*`);
+    const words = (list) => new Set((list || "").split(" ").filter(Boolean).map((w) => (spec.caseless ? w.toLowerCase() : w)));
+    return { re: new RegExp(groups.join("|"), "gm"), kinds, keywords: words(spec.keywords), builtins: words(spec.builtins),
+      titleAfter: words(spec.titleAfter), caseless: Boolean(spec.caseless) };
+  }
+
+  function langOf(name) {
+    const key = String(name || "").toLowerCase();
+    const lang = LANG_ALIASES[key] || key;
+    return lang === "diff" || LANGS[lang] ? lang : null;
+  }
+
+  // Highlighted code as a fragment of text nodes and <span class="tok-...">.
+  function highlight(code, name) {
+    const lang = langOf(name);
+    const frag = document.createDocumentFragment();
+    if (!lang || code.length > HL_MAX_CHARS) {
+      frag.append(code);
+      return frag;
+    }
+    if (lang === "diff") return highlightDiff(code, frag);
+    if (!compiledLangs.has(lang)) compiledLangs.set(lang, compileLang(lang));
+    const { re, kinds, keywords, builtins, titleAfter, caseless } = compiledLangs.get(lang);
+    let pos = 0;
+    let previousWord = "";
+    re.lastIndex = 0;
+    for (let m = re.exec(code); m; m = re.exec(code)) {
+      if (!m[0]) { re.lastIndex++; continue; }
+      const at = m.slice(1).findIndex((g) => g !== undefined);
+      let kind = kinds[at];
+      if (kind === "word") {
+        const word = caseless ? m[0].toLowerCase() : m[0];
+        kind = keywords.has(word) ? "keyword" : builtins.has(word) ? "builtin" : titleAfter.has(previousWord) ? "title" : null;
+        previousWord = word;
+      }
+      if (m.index > pos) frag.append(code.slice(pos, m.index));
+      frag.append(kind ? h("span", { className: `tok-${kind}`, text: m[0] }) : m[0]);
+      pos = m.index + m[0].length;
+    }
+    if (pos < code.length) frag.append(code.slice(pos));
+    return frag;
+  }
+
+  function highlightDiff(code, frag) {
+    code.split("\n").forEach((line, i) => {
+      if (i) frag.append("\n");
+      const kind = /^(?:\+\+\+|---|diff |index |@@)/.test(line) ? "meta" : line[0] === "+" ? "added" : line[0] === "-" ? "removed" : null;
+      frag.append(kind ? h("span", { className: `tok-${kind}`, text: line }) : line);
+    });
+    return frag;
   }
 
   // =========================================================================
@@ -563,8 +901,13 @@
     };
   }
 
-  function effectiveMaxTokens() {
-    const wanted = Math.max(1, state.settings.maxTokens | 0);
+  // A chat's settings: its own, over the defaults for what it has none of.
+  function chatSettings(conv) {
+    return { ...state.settings, ...(conv && conv.settings) };
+  }
+
+  function effectiveMaxTokens(settings = state.settings) {
+    const wanted = Math.max(1, settings.maxTokens | 0);
     return server.maxTokens ? Math.min(wanted, server.maxTokens) : wanted;
   }
 
@@ -583,7 +926,12 @@
 
   const ROLES = new Set(["user", "assistant", "system"]);
   const REPLY_STATUSES = new Set(["done", "stopped", "error", "interrupted"]);
-  const VARIANT_FIELDS = ["content", "reasoning", "status", "error", "stats", "model", "finishReason", "created"];
+  const REPLY_FIELDS = ["content", "reasoning", "status", "error", "stats", "model", "finishReason", "created"];
+  const USER_FIELDS = ["content", "created", "edited"];
+  const STAT_NUMBERS = ["promptTokens", "completionTokens", "chunks", "totalMs", "firstTokenMs", "tokensPerSecond"];
+  const MAX_TEXT = 8_000_000;  // characters in one message (an import's sanity bound, far above any reply)
+  const MAX_ID = 100;          // characters in an id
+  const MAX_DEPTH = 64;        // branches inside branches, as an import may nest them
 
   function newId() {
     return Date.now().toString(36) + Math.random().toString(36).slice(2, 10);
@@ -598,70 +946,128 @@
     return Number.isFinite(value) ? value : fallback;
   }
 
-  function normalizeError(raw) {
-    if (!raw || typeof raw !== "object" || typeof raw.message !== "string") return undefined;
-    return { kind: typeof raw.kind === "string" ? raw.kind : "error", message: raw.message, retryable: raw.retryable !== false };
+  function isText(value) {
+    return typeof value === "string" && value.length <= MAX_TEXT;
   }
 
+  function normalizeError(raw) {
+    if (!raw || typeof raw !== "object" || !isText(raw.message)) return undefined;
+    return { kind: typeof raw.kind === "string" ? raw.kind.slice(0, 40) : "error", message: raw.message, retryable: raw.retryable !== false };
+  }
+
+  // Only the numbers the page writes, each a finite number (or null: not reported).
   function normalizeStats(raw) {
-    if (!raw || typeof raw !== "object") return undefined;
-    return Object.fromEntries(Object.entries(raw).filter(([, v]) => typeof v === "number" || typeof v === "boolean" || v === null));
+    if (!raw || typeof raw !== "object" || Array.isArray(raw)) return undefined;
+    const stats = {};
+    for (const key of STAT_NUMBERS) {
+      if (Number.isFinite(raw[key]) && raw[key] >= 0) stats[key] = raw[key];
+      else if (raw[key] === null) stats[key] = null;
+    }
+    if (raw.endToEnd === true) stats.endToEnd = true;
+    return Object.keys(stats).length ? stats : undefined;
   }
 
   // One reply's fields, checked: a reply that was streaming when the page went
-  // away (or when it was exported) can't be resumed, so it says "interrupted".
-  function normalizeVariant(raw) {
-    if (!raw || typeof raw !== "object" || typeof raw.content !== "string") return null;
-    const status = raw.status === "streaming" || raw.status === "waiting" ? "interrupted" : raw.status;
-    const v = { content: raw.content, status: REPLY_STATUSES.has(status) ? status : "done", created: finite(raw.created, Date.now()) };
+  // away (or when it was exported) can't be resumed, so it says "interrupted",
+  // unless another tab is still writing it (store.live).
+  function normalizeReply(raw, id = null) {
+    if (!raw || typeof raw !== "object" || !isText(raw.content)) return null;
+    const live = id && store.live.has(id) && raw.status === "streaming";
+    const status = live ? "streaming" : raw.status === "streaming" || raw.status === "waiting" ? "interrupted" : raw.status;
+    const v = { content: raw.content, status: live || REPLY_STATUSES.has(status) ? status : "done", created: finite(raw.created, Date.now()) };
     const error = normalizeError(raw.error);
     if (error) v.error = error;
     const stats = normalizeStats(raw.stats);
     if (stats) v.stats = stats;
-    if (typeof raw.model === "string") v.model = raw.model;
-    if (typeof raw.finishReason === "string") v.finishReason = raw.finishReason;
-    if (typeof raw.reasoning === "string" && raw.reasoning) v.reasoning = raw.reasoning;
+    if (typeof raw.model === "string") v.model = raw.model.slice(0, 200);
+    if (typeof raw.finishReason === "string") v.finishReason = raw.finishReason.slice(0, 40);
+    if (isText(raw.reasoning) && raw.reasoning) v.reasoning = raw.reasoning;
     return v;
   }
 
-  function normalizeMessage(raw, seen) {
-    if (!raw || typeof raw !== "object" || !ROLES.has(raw.role) || typeof raw.content !== "string") return null;
-    const id = typeof raw.id === "string" && raw.id && !seen.has(raw.id) ? raw.id : newId();
-    seen.add(id);
-    let msg = { id, role: raw.role, content: raw.content, created: finite(raw.created, Date.now()) };
-    if (raw.role === "assistant") {
-      msg = { id, role: raw.role, ...normalizeVariant(raw) };
-      const alts = Array.isArray(raw.alts) ? raw.alts.map(normalizeVariant).filter(Boolean) : [];
-      if (alts.length) {
-        msg.alts = alts;
-        msg.alt = Math.min(Math.max(0, raw.alt | 0), alts.length);
-      }
+  function normalizeUser(raw) {
+    if (!raw || typeof raw !== "object" || !isText(raw.content)) return null;
+    const v = { content: raw.content, created: finite(raw.created, Date.now()) };
+    if (Number.isFinite(raw.edited)) v.edited = raw.edited;
+    return v;
+  }
+
+  // A version of a message; `tail` (the messages after it in its branch) is
+  // checked like a conversation's messages.
+  function normalizeVersion(raw, role, seen, depth) {
+    const v = role === "assistant" ? normalizeReply(raw) : normalizeUser(raw);
+    if (!v) return null;
+    if (Array.isArray(raw.tail) && depth < MAX_DEPTH) {
+      const tail = normalizeMessages(raw.tail, seen, depth + 1);
+      if (tail) v.tail = tail;
     }
-    if (Number.isFinite(raw.edited)) msg.edited = raw.edited;
+    return v;
+  }
+
+  function normalizeMessage(raw, seen, depth = 0) {
+    if (!raw || typeof raw !== "object" || !ROLES.has(raw.role)) return null;
+    const id = typeof raw.id === "string" && raw.id && raw.id.length <= MAX_ID && !seen.has(raw.id) ? raw.id : newId();
+    seen.add(id);
+    const fields = raw.role === "assistant" ? normalizeReply(raw, id) : normalizeUser(raw);
+    if (!fields) return null;
+    const msg = { id, role: raw.role, ...fields };
+    const alts = Array.isArray(raw.alts) ? raw.alts.map((a) => normalizeVersion(a, raw.role, seen, depth)).filter(Boolean) : [];
+    if (alts.length) {
+      msg.alts = alts;
+      msg.alt = Math.min(Math.max(0, Number.isInteger(raw.alt) ? raw.alt : 0), alts.length);
+    }
+    if (Number.isInteger(raw.rev) && raw.rev > 0) msg.rev = raw.rev;
     return msg;
   }
 
-  // A conversation as stored or imported, checked and with only known fields;
-  // null when it is not one (a message without a role or text, say).
+  function normalizeMessages(list, seen, depth = 0) {
+    const messages = list.map((m) => normalizeMessage(m, seen, depth));
+    return messages.includes(null) ? null : messages;
+  }
+
+  // Per-chat settings: what is stored, checked; missing ones follow the defaults.
+  function normalizeChatSettings(raw) {
+    if (!raw || typeof raw !== "object" || Array.isArray(raw)) return undefined;
+    const s = {};
+    if (isText(raw.systemPrompt)) s.systemPrompt = raw.systemPrompt;
+    if (raw.temperature === null || (Number.isFinite(raw.temperature) && raw.temperature >= 0 && raw.temperature <= 2)) s.temperature = raw.temperature;
+    if (Number.isInteger(raw.maxTokens) && raw.maxTokens >= 1) s.maxTokens = raw.maxTokens;
+    if (typeof raw.thinking === "boolean") s.thinking = raw.thinking;
+    return s;
+  }
+
+  // A conversation as stored or imported, checked field by field and with
+  // only known fields; null when it is not one (a message without a role or
+  // text, say).
   function normalizeConversation(raw) {
     if (!raw || typeof raw !== "object" || !Array.isArray(raw.messages)) return null;
-    const seen = new Set();
-    const messages = raw.messages.map((m) => normalizeMessage(m, seen));
-    if (messages.includes(null)) return null;
+    const messages = normalizeMessages(raw.messages, new Set());
+    if (!messages) return null;
     const firstUser = messages.find((m) => m.role === "user");
     const conv = {
-      id: typeof raw.id === "string" && raw.id ? raw.id : newId(),
+      id: typeof raw.id === "string" && raw.id && raw.id.length <= MAX_ID ? raw.id : newId(),
       title: typeof raw.title === "string" && raw.title.trim() ? raw.title.slice(0, 200) : titleFrom(firstUser ? firstUser.content : ""),
       created: finite(raw.created, Date.now()),
       updated: finite(raw.updated, finite(raw.created, Date.now())),
       messages,
     };
     if (raw.titleEdited === true) conv.titleEdited = true;
+    const settings = normalizeChatSettings(raw.settings);
+    if (settings) conv.settings = settings;
     const w = raw.window;
-    if (w && typeof w.firstSeen === "string" && Number.isInteger(w.dropped)) {
+    if (w && typeof w === "object" && typeof w.firstSeen === "string" && Number.isInteger(w.dropped)) {
       conv.window = { firstSeen: w.firstSeen, dropped: w.dropped, limit: Number.isInteger(w.limit) ? w.limit : 0 };
     }
     return conv;
+  }
+
+  // Nothing stored can stop the page: a record that makes the checks throw is skipped.
+  function safeNormalize(raw) {
+    try {
+      return normalizeConversation(raw);
+    } catch {
+      return null;
+    }
   }
 
   // JSON with sorted keys, to tell whether two conversations are the same.
@@ -670,14 +1076,28 @@
       ? Object.fromEntries(Object.keys(v).sort().map((k) => [k, v[k]])) : v));
   }
 
-  function snapshotVariant(msg) {
+  // -- Versions ----------------------------------------------------------------
+  // Every message may have versions: a reply's come from Regenerate, Retry and
+  // Continue; a user message's from Edit + Send. The shown version is the
+  // message's own fields, the others are in `alts`, and `alt` is the shown
+  // one's place among them all (◀ 2/3 ▶). A user message's version carries
+  // its branch: `tail`, the messages that followed it, so switching versions
+  // switches the rest of the conversation too. A reply's versions share the
+  // messages after them.
+
+  function versionFields(msg) {
+    return msg.role === "assistant" ? REPLY_FIELDS : USER_FIELDS;
+  }
+
+  function snapshotVariant(msg, tail = null) {
     const v = {};
-    for (const key of VARIANT_FIELDS) if (msg[key] !== undefined) v[key] = msg[key];
+    for (const key of versionFields(msg)) if (msg[key] !== undefined) v[key] = msg[key];
+    if (tail) v.tail = tail;
     return v;
   }
 
   function applyVariant(msg, variant) {
-    for (const key of VARIANT_FIELDS) {
+    for (const key of versionFields(msg)) {
       if (variant[key] === undefined) delete msg[key];
       else msg[key] = variant[key];
     }
@@ -691,35 +1111,46 @@
     return msg.alts ? msg.alt : 0;
   }
 
-  // Every version of a reply in order, the shown one included.
-  function allVariants(msg) {
+  function branchTail(conv, msg) {
+    return msg.role === "user" ? conv.messages.slice(conv.messages.indexOf(msg) + 1) : null;
+  }
+
+  // Every version of a message in order, the shown one included (with its branch).
+  function allVariants(conv, msg) {
     const alts = msg.alts || [];
     const at = variantIndex(msg);
-    return [...alts.slice(0, at), snapshotVariant(msg), ...alts.slice(at)];
+    return [...alts.slice(0, at), snapshotVariant(msg, branchTail(conv, msg)), ...alts.slice(at)];
   }
 
-  function showVariant(msg, target) {
-    const all = allVariants(msg);
-    if (target < 0 || target >= all.length) return;
-    const [chosen] = all.splice(target, 1);
-    msg.alts = all;
-    msg.alt = target;
-    applyVariant(msg, chosen);
-  }
-
-  // Regenerate: the reply shown now becomes an alternative (unless it is an
-  // empty failure, which is not worth keeping) and a new, empty one is shown.
-  function startVariant(msg) {
-    const all = allVariants(msg);
-    if (!msg.content) all.splice(variantIndex(msg), 1);
+  function setVersions(msg, all, shown) {
     if (all.length) {
       msg.alts = all;
-      msg.alt = all.length;
+      msg.alt = shown;
     } else {
       delete msg.alts;
       delete msg.alt;
     }
-    applyVariant(msg, { content: "", status: "streaming", created: Date.now() });
+  }
+
+  function showVariant(conv, msg, target) {
+    const all = allVariants(conv, msg);
+    if (target < 0 || target >= all.length) return;
+    const [chosen] = all.splice(target, 1);
+    setVersions(msg, all, target);
+    applyVariant(msg, chosen);
+    if (chosen.tail) conv.messages.splice(conv.messages.indexOf(msg) + 1, Infinity, ...chosen.tail);
+  }
+
+  // A new version of a message becomes the shown one; the one shown before is
+  // kept (every reply is a version: reasoning-only, stopped and failed ones
+  // too; only a reply that never got anything, not even an error, is dropped).
+  // A user message's new version starts a new branch: nothing after it yet.
+  function startVariant(conv, msg, fields) {
+    const all = allVariants(conv, msg);
+    if (msg.role === "assistant" && !msg.content && !msg.reasoning && !msg.error) all.splice(variantIndex(msg), 1);
+    setVersions(msg, all, all.length);
+    applyVariant(msg, fields);
+    if (msg.role === "user") conv.messages.splice(conv.messages.indexOf(msg) + 1);
   }
 
   // =========================================================================
@@ -730,6 +1161,16 @@
   // an export and a retry, leaving the page asks for confirmation, and every
   // later change tries again. Without IndexedDB (some private modes) the
   // conversations go to localStorage under the same rules.
+  //
+  // Several tabs may hold the same conversation. A write never replaces the
+  // stored record blindly: in one transaction it reads it and merges message
+  // by message (mergeStored). Each message has a revision (`rev`); a tab
+  // writes only the messages it changed since it last saw them, keeps the
+  // other tabs' messages and their order, and inserts its new ones after the
+  // message they follow. When both tabs changed the same message, the stored
+  // one stays and this tab's text goes back to the message box with a notice.
+  // A tab streaming a reply holds a Web Lock named for it, so other tabs show
+  // that reply as streaming (not interrupted) until the lock is let go.
   // =========================================================================
 
   const store = {
@@ -739,8 +1180,11 @@
     deleted: new Set(),   // conversation ids to delete
     failed: new Map(),    // conversation id -> the error its last save got
     legacy: new Set(),    // ids read from the old localStorage key and not yet in IndexedDB
+    unreadable: [],       // stored records the checks refused (left in storage, offered for export)
     timer: 0,
     writing: null,        // the flush in progress
+    synced: new Map(),    // conversation id -> { meta, msgs: id -> { rev, json } } as last read or written
+    live: new Set(),      // ids of replies another tab is streaming now
     channel: "BroadcastChannel" in window ? new BroadcastChannel("lem-chat") : null,
   };
 
@@ -785,13 +1229,19 @@
     const legacy = readJSON(STORE_CONVERSATIONS, null);
     const legacyList = legacy && Array.isArray(legacy.conversations) ? legacy.conversations : [];
     const records = store.kind === "indexeddb" ? await readAllRecords().catch(() => []) : [];
+    await noteLiveRuns();
     const byId = new Map();
     for (const raw of records) {
-      const conv = normalizeConversation(raw);
-      if (conv) byId.set(conv.id, conv);
+      const conv = safeNormalize(raw);
+      if (!conv) {
+        store.unreadable.push(raw);
+        continue;
+      }
+      byId.set(conv.id, conv);
+      rememberSynced(conv);
     }
     for (const raw of legacyList) {
-      const conv = normalizeConversation(raw);
+      const conv = safeNormalize(raw);
       if (!conv || byId.has(conv.id)) continue;
       byId.set(conv.id, conv);
       if (store.kind === "indexeddb") store.legacy.add(conv.id);
@@ -856,17 +1306,37 @@
       store.failed.delete(id);
       if (!conv) continue;
       try {
-        const tx = store.db.transaction(DB_STORE, "readwrite");
-        tx.objectStore(DB_STORE).put(conv);
-        await txDone(tx);
+        const { merged, written } = await mergeAndPut(conv);
+        store.synced.set(conv.id, written);
         store.legacy.delete(id);
         saved.push(id);
+        afterMerge(conv, merged);
       } catch (err) {
         store.failed.set(id, err);
       }
     }
     if (!store.legacy.size && readLocal(STORE_CONVERSATIONS) !== null) writeLocal(STORE_CONVERSATIONS, null);
-    if (store.channel && (saved.length || deleted.length)) store.channel.postMessage({ saved, deleted });
+    const live = [...state.runs.values()].map((run) => run.msg.id);
+    if (store.channel && (saved.length || deleted.length)) store.channel.postMessage({ saved, deleted, live });
+  }
+
+  // Read the stored record, merge this tab's copy into it and write the
+  // result, all in one transaction, so no other tab's write falls between.
+  // Resolves to the merge's result and what was written, as rememberSynced keeps it
+  // (taken at the write: the conversation may change before the write commits).
+  function mergeAndPut(conv) {
+    const tx = store.db.transaction(DB_STORE, "readwrite");
+    const objects = tx.objectStore(DB_STORE);
+    const read = objects.get(conv.id);
+    let merged = null;
+    let written = null;
+    read.onsuccess = () => {
+      const stored = read.result ? safeNormalize(read.result) : null;
+      merged = stored ? mergeStored(conv, stored, true) : null;
+      objects.put(conv);
+      written = syncedSnapshot(conv);
+    };
+    return txDone(tx).then(() => ({ merged, written }));
   }
 
   async function flushToLocalStorage() {
@@ -884,25 +1354,175 @@
     }
   }
 
-  // Another tab saved or deleted conversations: take its versions, except of
-  // conversations this tab is writing to.
+  // Another tab saved or deleted conversations: merge its versions in (what
+  // this tab changed and has not written yet stays, and is written next).
   async function onStoreMessage(event) {
-    const { saved = [], deleted = [] } = event.data || {};
+    const { saved = [], deleted = [], live = [] } = event.data || {};
     if (store.kind !== "indexeddb") return;
-    const busy = (id) => state.runs.has(id) || store.dirty.has(id) || store.failed.has(id);
+    for (const id of live) watchLiveRun(id);
     const tx = store.db.transaction(DB_STORE, "readonly");
-    const fresh = await Promise.all(saved.filter((id) => !busy(id)).map((id) => idbDone(tx.objectStore(DB_STORE).get(id))));
-    for (const raw of fresh) {
-      const conv = normalizeConversation(raw);
-      if (!conv) continue;
-      const at = state.conversations.findIndex((c) => c.id === conv.id);
-      if (at === -1) state.conversations.push(conv);
-      else state.conversations[at] = conv;
-    }
+    const fresh = await Promise.all(saved.map((id) => idbDone(tx.objectStore(DB_STORE).get(id))));
+    for (const raw of fresh) adoptStored(raw);
+    const busy = (id) => state.runs.has(id) || store.dirty.has(id) || store.failed.has(id);
     state.conversations = state.conversations.filter((c) => !deleted.includes(c.id) || busy(c.id));
     state.conversations.sort((a, b) => b.updated - a.updated);
     if (!currentConversation()) state.currentId = null;
-    renderAll();
+    renderConversationList();
+    renderChatHead();
+  }
+
+  function adoptStored(raw) {
+    const stored = safeNormalize(raw);
+    if (!stored) return;
+    const conv = conversationById(stored.id);
+    if (!conv) {
+      state.conversations.push(stored);
+      rememberSynced(stored);
+      return;
+    }
+    afterMerge(conv, mergeStored(conv, stored, false));
+  }
+
+  // -- Merging two copies of a conversation -------------------------------------
+
+  function metaOf(conv) {
+    const { messages, ...meta } = conv;
+    return canonicalJSON(meta);
+  }
+
+  function syncedSnapshot(conv) {
+    return { meta: metaOf(conv), msgs: new Map(conv.messages.map((m) => [m.id, { rev: m.rev || 0, json: canonicalJSON(m) }])) };
+  }
+
+  // Note conv (or only its messages `ids`) as the same as in storage now.
+  function rememberSynced(conv, ids = null) {
+    const old = store.synced.get(conv.id);
+    if (!ids || !old) {
+      store.synced.set(conv.id, syncedSnapshot(conv));
+      return;
+    }
+    for (const m of conv.messages) if (ids.has(m.id)) old.msgs.set(m.id, { rev: m.rev || 0, json: canonicalJSON(m) });
+  }
+
+  // Merge `stored` (another tab's latest) into `conv` (this tab's copy), in
+  // place: this tab's message objects stay (their views and runs hold them).
+  // writing: conv is about to be written, so its changes get a new revision.
+  // Returns { changed, conflicts }: whether what is shown changed, and this
+  // tab's messages that lost to another tab's change of the same message.
+  function mergeStored(conv, stored, writing) {
+    const synced = store.synced.get(conv.id) || { meta: null, msgs: new Map() };
+    const owned = new Set([...state.runs.values()].map((run) => run.msg.id));
+    const mine = new Map(conv.messages.map((m) => [m.id, m]));
+    const theirs = new Map(stored.messages.map((m) => [m.id, m]));
+    const result = { changed: false, conflicts: [], taken: new Set() };
+    const keep = new Set();
+    for (const m of conv.messages) {
+      const verdict = mergeMessage(m, theirs.get(m.id), synced.msgs.get(m.id), owned.has(m.id), writing);
+      if (verdict === "drop") result.changed = true;
+      else keep.add(m.id);
+      if (verdict === "theirs" || verdict === "conflict") result.taken.add(m.id);
+      if (verdict === "conflict") result.conflicts.push(m.content);
+      if (verdict !== "mine" && verdict !== "same") result.changed = true;
+    }
+    const order = mergeOrder(conv.messages.filter((m) => keep.has(m.id)), stored.messages, mine, synced.msgs, keep);
+    if (order.length !== conv.messages.length || order.some((m, i) => m !== conv.messages[i])) result.changed = true;
+    conv.messages = order;
+    mergeMeta(conv, stored, synced.meta);
+    return result;
+  }
+
+  // What becomes of one message of this tab: "same", "mine" (this tab's
+  // change wins), "theirs" (taken over in place), "conflict" (both changed
+  // it: theirs is taken), "drop" (another tab deleted it, unchanged here).
+  function mergeMessage(m, theirs, was, owned, writing) {
+    const changedHere = !was || canonicalJSON(m) !== was.json;
+    if (!theirs) {
+      if (was && !changedHere) return "drop";
+      if (writing && changedHere) m.rev = (m.rev || 0) + 1;
+      return "mine";
+    }
+    const changedThere = (theirs.rev || 0) > (m.rev || 0);
+    if (owned || (changedHere && !changedThere)) { // a reply this tab streams is its own to write
+      if (writing && changedHere) m.rev = Math.max(m.rev || 0, theirs.rev || 0) + 1;
+      return "mine";
+    }
+    if (!changedThere && canonicalJSON(theirs) === canonicalJSON(m)) return "same";
+    const conflict = changedHere && m.role === "user" && theirs.content !== m.content;
+    for (const key of Object.keys(m)) if (!(key in theirs)) delete m[key];
+    Object.assign(m, theirs);
+    return conflict ? "conflict" : "theirs";
+  }
+
+  // The stored order, without what this tab deleted (known to it and not
+  // changed since), with this tab's new messages after the one they follow here.
+  function mergeOrder(kept, storedList, mine, synced, keep) {
+    const out = [];
+    for (const t of storedList) {
+      if (mine.has(t.id)) {
+        if (keep.has(t.id)) out.push(mine.get(t.id));
+      } else if (!synced.has(t.id) || (t.rev || 0) > synced.get(t.id).rev) {
+        out.push(t); // new from another tab, or changed there after this tab deleted it
+      }
+    }
+    const placed = new Set(out.map((m) => m.id));
+    kept.forEach((m, i) => {
+      if (placed.has(m.id)) return;
+      const before = kept.slice(0, i).reverse().find((p) => placed.has(p.id));
+      out.splice(before ? out.indexOf(before) + 1 : 0, 0, m);
+      placed.add(m.id);
+    });
+    return out;
+  }
+
+  // Title, settings and window: this tab's when it changed them, else the stored ones.
+  function mergeMeta(conv, stored, was) {
+    if (was !== null && metaOf(conv) !== was) return;
+    for (const key of Object.keys(conv)) if (key !== "messages" && key !== "id" && !(key in stored)) delete conv[key];
+    for (const [key, value] of Object.entries(stored)) if (key !== "messages") conv[key] = value;
+  }
+
+  function afterMerge(conv, merged) {
+    if (!merged) return;
+    if (merged.taken.size) rememberSynced(conv, merged.taken);
+    if (merged.conflicts.length) showConflict(conv, merged.conflicts);
+    if (merged.changed && conv.id === state.currentId && state.loaded) refreshTranscript(conv, merged.taken);
+  }
+
+  // -- Replies streaming in other tabs (Web Locks) ------------------------------
+
+  const RUN_LOCK = "lem-chat.run.";
+
+  function holdRunLock(run) {
+    if (!navigator.locks) return;
+    navigator.locks.request(RUN_LOCK + run.msg.id, () => (run.finished ? null
+      : new Promise((resolve) => { run.releaseLock = resolve; }))).catch(() => {});
+  }
+
+  // Let the other tabs know the reply ended, once its last state is written.
+  function releaseRunLock(run) {
+    run.finished = true;
+    const release = () => { if (run.releaseLock) run.releaseLock(); };
+    (store.writing || Promise.resolve()).then(() => flush()).then(release, release);
+  }
+
+  async function noteLiveRuns() {
+    if (!navigator.locks || !navigator.locks.query) return;
+    try {
+      const { held = [] } = await navigator.locks.query();
+      for (const lock of held) if (lock.name && lock.name.startsWith(RUN_LOCK)) watchLiveRun(lock.name.slice(RUN_LOCK.length));
+    } catch { /* no locks: such replies show as interrupted */ }
+  }
+
+  // Another tab streams this reply: show it as streaming until its lock is
+  // let go (the reply ended, or that tab went away), then read what it left.
+  function watchLiveRun(id) {
+    if (!navigator.locks || store.live.has(id) || [...state.runs.values()].some((run) => run.msg.id === id)) return;
+    store.live.add(id);
+    navigator.locks.request(RUN_LOCK + id, async () => {
+      store.live.delete(id);
+      const conv = state.conversations.find((c) => c.messages.some((m) => m.id === id));
+      if (conv && store.db) adoptStored(await idbDone(store.db.transaction(DB_STORE).objectStore(DB_STORE).get(conv.id)));
+    }).catch(() => store.live.delete(id));
   }
 
   function storageProblem(err) {
@@ -978,6 +1598,7 @@
     renderTranscript();
     renderComposer();
     renderStorageWarning();
+    renderSettingsSummary();
   }
 
   function matchesSearch(conv, query) {
@@ -1023,11 +1644,17 @@
   }
 
   // The tokens in the model's context after the last reply that reported them.
+  // A reply's reasoning is not sent back (templates drop it), so only the
+  // answer's share of its tokens, estimated by characters, stays.
   function contextUsed(conv) {
     for (let i = conv.messages.length - 1; i >= 0; i--) {
-      const s = conv.messages[i].stats;
-      if (conv.messages[i].role === "assistant" && s && Number.isFinite(s.promptTokens)) {
-        return { prompt: s.promptTokens, reply: finite(s.completionTokens, 0) };
+      const msg = conv.messages[i];
+      const s = msg.stats;
+      if (msg.role === "assistant" && s && Number.isFinite(s.promptTokens)) {
+        const reply = finite(s.completionTokens, 0);
+        const thought = msg.reasoning ? msg.reasoning.length : 0;
+        const kept = thought ? Math.round(reply * (msg.content.length / (msg.content.length + thought))) : reply;
+        return { prompt: s.promptTokens, reply: kept, reasoning: reply - kept };
       }
     }
     return null;
@@ -1062,10 +1689,12 @@
       ui.gaugeBar.setAttribute("aria-valuetext", `${n(tokens)} of ${n(limit)} tokens (${Math.round(share * 100)}%)`);
     }
     const lines = [`Context after the last reply: prompt ${n(used.prompt)} + reply ${n(used.reply)} tokens.`];
+    if (used.reasoning) lines.push(`Its ${n(used.reasoning)} tokens of reasoning (about) are not counted: they are not sent back.`);
     if (limit) lines.push(`The model's context holds ${n(limit)} tokens.`);
     if (share >= GAUGE_WARN) lines.push("Nearly full: delete or shorten long messages, or start a new chat.");
     if (server.maxContext) lines.push(`The server keeps only the last ${server.maxContext} messages (--max-context), in whole turns.`);
     ui.gauge.title = lines.join("\n");
+    ui.gaugeHelp.textContent = lines.join(" ");
   }
 
   function renderEmptyState() {
@@ -1073,7 +1702,9 @@
     return h("div", { className: "empty", id: "empty-state" },
       h("h2", { text: `Chat with ${name}` }),
       h("p", { text: "Replies stream from this lem-serve instance. Nothing leaves this machine." }),
-      h("p", null, ...keyHint()));
+      h("p", { className: "hint", text: `Chats are kept in this browser for ${location.host} only: another address ` +
+        "(localhost and 127.0.0.1, say) has its own list. Export all and Import move chats between them." }),
+      h("p", null, ...keyHint(), " · ", h("span", { className: "kbd", text: "?" }), " for shortcuts"));
   }
 
   // The messages before the first one the model saw in its last request.
@@ -1114,8 +1745,22 @@
   function renderMessage(conv, msg) {
     const el = h("article", { className: `msg ${msg.role}`, "data-role": msg.role, "data-id": msg.id, tabindex: "-1" });
     messageViews.set(msg, el);
-    updateMessage(conv, msg, el);
+    try {
+      updateMessage(conv, msg, el);
+    } catch (err) {
+      // Never let one message stop the others (or the page) from showing.
+      el.replaceChildren(h("div", { className: "msg-error", role: "alert", text: `This message could not be shown (${err && err.message}).` }),
+        h("div", { className: "msg-meta" }, renderActionsSafe(conv, msg)));
+    }
     return el;
+  }
+
+  function renderActionsSafe(conv, msg) {
+    try {
+      return renderActions(conv, msg);
+    } catch {
+      return h("span");
+    }
   }
 
   // Re-render one message in place. While it streams, only its body's tail
@@ -1193,7 +1838,7 @@
     if (err.kind === "auth") box.append(button("api-key", "Enter API key"));
     if (err.kind === "too-long" && previousUser(conv, msg)) box.append(button("edit-prev", "Edit message"), button("delete-prev", "Delete message"));
     if (err.kind === "max-tokens") box.append(button("settings", "Open settings"));
-    if (err.retryable !== false) box.append(button("retry", "Retry"));
+    if (err.retryable !== false && err.kind !== "too-long") box.append(button("retry", "Retry"));
     return box;
   }
 
@@ -1207,8 +1852,11 @@
 
   function renderMeta(conv, msg) {
     const meta = h("div", { className: "msg-meta" });
+    if (variantCount(msg) > 1) meta.append(renderVariantNav(msg));
     if (msg.role === "assistant" && (msg.status === "streaming" || msg.status === "waiting")) {
-      meta.append(h("span", { className: "msg-stats", text: streamStatus(runOf(conv)) }));
+      const run = runOf(conv);
+      const text = run && run.msg === msg ? streamStatus(run) : "Streaming in another tab…";
+      meta.append(h("span", { className: "msg-stats", text }));
       return meta;
     }
     if (msg.role === "assistant") {
@@ -1217,7 +1865,6 @@
       const note = { stopped: "Stopped", interrupted: "Interrupted: the page was closed or reloaded while this reply was streaming" }[msg.status];
       if (note) meta.append(h("span", { className: "msg-note", text: note }));
       if (msg.finishReason === "length") meta.append(h("span", { className: "msg-note", text: "Hit the max tokens limit" }));
-      if (variantCount(msg) > 1) meta.append(renderVariantNav(msg));
     }
     meta.append(renderActions(conv, msg));
     return meta;
@@ -1226,22 +1873,50 @@
   function renderVariantNav(msg) {
     const at = variantIndex(msg);
     const count = variantCount(msg);
-    return h("span", { className: "variant-nav", role: "group", "aria-label": "Versions of this reply" },
-      h("button", { type: "button", className: "btn small ghost", "data-action": "prev-variant", "aria-label": "Previous version", text: "◀", disabled: at === 0 }),
+    const what = msg.role === "user" ? "Versions of this message" : "Versions of this reply";
+    return h("span", { className: "variant-nav", role: "group", "aria-label": what },
+      h("button", { type: "button", className: "btn small ghost", "data-action": "prev-variant", "aria-label": "Previous version", title: "Previous version", text: "◀", disabled: at === 0 }),
       h("span", { className: "variant-pos", text: `${at + 1}/${count}`, "aria-label": `Version ${at + 1} of ${count}` }),
-      h("button", { type: "button", className: "btn small ghost", "data-action": "next-variant", "aria-label": "Next version", text: "▶", disabled: at === count - 1 }));
+      h("button", { type: "button", className: "btn small ghost", "data-action": "next-variant", "aria-label": "Next version", title: "Next version", text: "▶", disabled: at === count - 1 }));
   }
 
   function renderActions(conv, msg) {
     const actions = h("span", { className: "msg-actions" });
     const button = (action, text, label) => h("button", { type: "button", className: "btn small ghost", "data-action": action, text, "aria-label": label });
     const isReply = msg.role === "assistant";
-    if (msg.content) actions.append(button("copy", "Copy", isReply ? "Copy reply" : "Copy message"));
+    if (msg.content || msg.reasoning) actions.append(button("copy", "Copy", isReply ? "Copy reply" : "Copy message"));
     actions.append(button("edit", "Edit", isReply ? "Edit reply" : "Edit message"));
     actions.append(button("delete", "Delete", isReply ? "Delete reply" : "Delete message"));
     const last = conv.messages[conv.messages.length - 1] === msg;
+    if (isReply && msg.finishReason === "length" && !msg.error && !runOf(conv)) actions.append(button("continue", "Continue", "Continue"));
     if (isReply && !msg.error && (last || msg.status === "interrupted")) actions.append(button("regenerate", last ? "Regenerate" : "Retry"));
     return actions;
+  }
+
+  // In place of a re-render of the whole chat when another tab's write changed
+  // only some messages (a reply streaming there, say).
+  function refreshTranscript(conv, ids) {
+    const shown = [...ui.thread.querySelectorAll("article.msg")].map((a) => a.dataset.id);
+    const same = shown.length === conv.messages.length && conv.messages.every((m, i) => m.id === shown[i]);
+    const follow = state.stickToBottom;
+    if (!same) renderTranscript(true);
+    else for (const m of conv.messages) if (ids.has(m.id)) updateMessage(conv, m);
+    if (follow) scrollToBottom(true);
+    renderChatHead();
+  }
+
+  // Both tabs changed the same message: the other tab's version stays, and
+  // this tab's text is not lost: it goes back to the message box, with a notice.
+  function showConflict(conv, texts) {
+    const draft = texts.join("\n\n");
+    if (conv.id === state.currentId && !ui.prompt.value.includes(draft)) {
+      ui.prompt.value = ui.prompt.value ? `${ui.prompt.value}\n\n${draft}` : draft;
+      autoSizePrompt();
+    }
+    ui.conflictText.textContent = `“${conv.title}” was changed in another tab at the same time as here. ` +
+      (conv.id === state.currentId ? "The other tab's version is kept; your text is back in the message box."
+        : "The other tab's version is kept; your text was: " + draft.slice(0, 300));
+    ui.conflict.hidden = false;
   }
 
   function statsText(msg) {
@@ -1355,7 +2030,7 @@
   function buildMessages(conv, upto) {
     const messages = [];
     const sources = [];
-    const system = state.settings.systemPrompt.trim();
+    const system = chatSettings(conv).systemPrompt.trim();
     if (system) {
       messages.push({ role: "system", content: system });
       sources.push([]);
@@ -1376,19 +2051,20 @@
     return { messages, sources };
   }
 
-  function requestBody(messages) {
+  function requestBody(messages, conv) {
+    const settings = chatSettings(conv);
     const body = {
       messages,
       stream: true,
       stream_options: { include_usage: true },
     };
-    if (state.settings.temperature !== null) body.temperature = state.settings.temperature;
+    if (settings.temperature !== null) body.temperature = settings.temperature;
     // At the server's own limit, leave max_tokens out: the server then trims the
     // budget to what fits the model's context, where an explicit value that
     // cannot fit is refused (context_length_exceeded), as OpenAI does.
-    const maxTokens = effectiveMaxTokens();
+    const maxTokens = effectiveMaxTokens(settings);
     if (!server.maxTokens || maxTokens < server.maxTokens) body.max_tokens = maxTokens;
-    if (server.thinking && !state.settings.thinking) body.chat_template_kwargs = { enable_thinking: false };
+    if (server.thinking && !settings.thinking) body.chat_template_kwargs = { enable_thinking: false };
     return body;
   }
 
@@ -1553,14 +2229,15 @@
   // =========================================================================
 
   // Stream a reply into `msg`, an assistant message already in `conv`; the
-  // model is sent the messages before it.
-  async function generate(conv, msg) {
+  // model is sent the messages before it (or `request`, for Continue).
+  async function generate(conv, msg, request = null) {
     const run = { conv, msg, controller: new AbortController(), reason: null, phase: "connecting",
       startedAt: performance.now(), firstTokenAt: 0, lastTokenAt: 0, lastActivity: Date.now(),
-      usage: null, gotResponse: false, wake: null, busySince: 0 };
+      usage: null, gotResponse: false, wake: null, busySince: 0, finished: false, releaseLock: null };
     state.runs.set(conv.id, run);
-    const { messages, sources } = buildMessages(conv, conv.messages.indexOf(msg));
-    const body = JSON.stringify(requestBody(messages));
+    holdRunLock(run);
+    const { messages, sources } = request || buildMessages(conv, conv.messages.indexOf(msg));
+    const body = JSON.stringify(requestBody(messages, conv));
     showRunChange(run);
     announce("Generating a reply…");
     setTimeout(() => { if (state.runs.get(conv.id) === run) refreshHealth(); }, 300); // show "Busy" in the header
@@ -1674,6 +2351,7 @@
     if (state.runs.get(conv.id) === run) state.runs.delete(conv.id); // not a new run started after a Stop
     streamViews.delete(msg);
     markDirty(conv);
+    releaseRunLock(run);
     if (conv.id === state.currentId) {
       updateMessage(conv, msg);
       renderChatHead();
@@ -1727,7 +2405,7 @@
   }
 
   function sendMessage() {
-    const text = ui.prompt.value;
+    const text = composedText();
     if (!state.loaded || !text.trim()) return;
     let conv = currentConversation();
     if (runOf(conv)) {
@@ -1735,7 +2413,8 @@
       return;
     }
     if (!conv) {
-      conv = { id: newId(), title: titleFrom(text), created: Date.now(), updated: Date.now(), messages: [] };
+      conv = { id: newId(), title: titleFrom(ui.prompt.value.trim() ? ui.prompt.value : text), created: Date.now(), updated: Date.now(),
+        messages: [], settings: chatDefaults() };
       state.conversations.unshift(conv);
       setCurrent(conv.id);
     }
@@ -1748,6 +2427,7 @@
     touch(conv);
     markDirty(conv);
     ui.prompt.value = "";
+    clearAttachments();
     autoSizePrompt();
     renderChatHead();
     generate(conv, reply);
@@ -1766,26 +2446,48 @@
       return;
     }
     const focused = messageViews.get(msg)?.contains(document.activeElement);
-    startVariant(msg);
+    startVariant(conv, msg, { content: "", status: "streaming", created: Date.now() });
     markDirty(conv);
     generate(conv, msg);
     if (focused && !ui.stop.hidden) ui.stop.focus(); // its button is gone: focus goes to the way to stop it
   }
 
-  function switchVariant(conv, msg, step) {
-    if (runOf(conv) && runOf(conv).msg === msg) return;
-    showVariant(msg, variantIndex(msg) + step);
+  // Continue a reply cut by max tokens: the model gets the conversation up to
+  // and including it, then a short request to go on; what it writes is
+  // appended to the same message. (The chat API takes no prefilled reply, so
+  // the request says so in words.)
+  const CONTINUE_PROMPT = "Continue exactly where your last reply stopped, without repeating anything.";
+  function continueReply(conv, msg) {
+    if (!conv || !msg || msg.role !== "assistant" || runOf(conv)) return;
+    const request = buildMessages(conv, conv.messages.indexOf(msg) + 1);
+    request.messages.push({ role: "user", content: CONTINUE_PROMPT });
+    request.sources.push([]);
+    delete msg.finishReason;
+    msg.status = "streaming";
     markDirty(conv);
-    updateMessage(conv, msg);
+    generate(conv, msg, request);
+  }
+
+  function switchVariant(conv, msg, step) {
+    const run = runOf(conv);
+    if (run && (run.msg === msg || (msg.role === "user" && conv.messages.indexOf(run.msg) > conv.messages.indexOf(msg)))) {
+      showComposerNote("A reply is still being written after this message: stop it (Esc) first.");
+      return;
+    }
+    if (state.editing) state.editing = null;
+    showVariant(conv, msg, variantIndex(msg) + step);
+    markDirty(conv);
+    if (msg.role === "user") renderTranscript(true);
+    else updateMessage(conv, msg);
     renderChatHead();
     messageViews.get(msg)?.querySelector(`[data-action="${step < 0 ? "prev" : "next"}-variant"]:not(:disabled), .msg-actions button`)?.focus();
   }
 
   function startEdit(conv, msg) {
     const run = runOf(conv);
-    if (run && run.msg === msg) return; // a reply being written can't be edited yet
+    if ((run && run.msg === msg) || msg.status === "streaming") return; // a reply being written can't be edited yet
     const previous = state.editing && messageById(conv, state.editing.id);
-    state.editing = { id: msg.id, draft: msg.content };
+    state.editing = { id: msg.id, draft: msg.content, base: msg.content };
     if (previous) updateMessage(conv, previous);
     updateMessage(conv, msg);
     const area = messageViews.get(msg)?.querySelector("textarea");
@@ -1801,41 +2503,38 @@
     messageViews.get(msg)?.querySelector(`[data-action="${focus}"]`)?.focus();
   }
 
-  // Save an edit in place, or (resend) save it and ask again: everything after
-  // the message is replaced by a new reply, with Undo.
+  // Save an edit in place, or (resend) send it as a new version of the
+  // message: a new branch starts there, and the old one stays a version away.
   function saveEdit(conv, msg, resend) {
     const text = state.editing ? state.editing.draft : msg.content;
     if (msg.role === "user" && !text.trim()) {
       announce("A message cannot be empty: delete it instead.");
       return;
     }
-    const before = { messages: conv.messages.slice(), content: msg.content, edited: msg.edited };
-    msg.content = text;
-    msg.edited = Date.now();
+    if (state.editing && state.editing.base !== msg.content) { // another tab changed it meanwhile
+      endEdit(conv, msg);
+      showConflict(conv, [text]);
+      return;
+    }
     if (!resend) {
+      msg.content = text;
+      msg.edited = Date.now();
       markDirty(conv);
       endEdit(conv, msg);
       return;
     }
     stopGenerating(conv);
     state.editing = null;
-    const removed = conv.messages.splice(conv.messages.indexOf(msg) + 1);
+    const later = conv.messages.length - conv.messages.indexOf(msg) - 1;
+    startVariant(conv, msg, { content: text, created: msg.created, edited: Date.now() });
+    delete conv.window;
     const reply = newReply();
     conv.messages.push(reply);
     touch(conv);
     markDirty(conv);
+    renderTranscript(true);
     generate(conv, reply);
-    if (removed.some((m) => m.content)) {
-      showToast(`Sent again; the ${removed.length === 1 ? "message" : `${removed.length} messages`} after it were replaced.`, () => {
-        stopGenerating(conv);
-        conv.messages = before.messages;
-        msg.content = before.content;
-        if (before.edited) msg.edited = before.edited;
-        else delete msg.edited;
-        markDirty(conv);
-        if (conv.id === state.currentId) renderAll();
-      });
-    }
+    if (later) announce(`Sent as version ${variantCount(msg)}; the earlier version and what followed it are kept (Previous version).`);
   }
 
   // Delete one message, with Undo. A user message takes its failed, empty
@@ -1849,6 +2548,8 @@
     const orphan = msg.role === "user" && next && next.role === "assistant" && next.error && !next.content && !next.alts && !(run && run.msg === next);
     const removed = conv.messages.splice(idx, orphan ? 2 : 1);
     if (state.editing && removed.some((m) => m.id === state.editing.id)) state.editing = null;
+    const lastWindow = conv.window;
+    delete conv.window; // it described the last request; the next one will say again
     markDirty(conv);
     renderTranscript(true);
     renderChatHead();
@@ -1856,6 +2557,7 @@
     const what = orphan ? "Message and its failed reply deleted." : msg.role === "user" ? "Message deleted." : "Reply deleted.";
     showToast(what, () => {
       conv.messages.splice(Math.min(idx, conv.messages.length), 0, ...removed);
+      if (lastWindow) conv.window = lastWindow;
       markDirty(conv);
       if (conv.id !== state.currentId) return;
       renderTranscript(true);
@@ -1892,7 +2594,8 @@
     const action = button.dataset.action;
     if (!msg || !action) return;
     const handlers = {
-      copy: () => copyWithFeedback(button, msg.content),
+      copy: () => copyWithFeedback(button, msg.content || msg.reasoning || ""),
+      continue: () => continueReply(conv, msg),
       retry: () => regenerate(conv, msg),
       regenerate: () => regenerate(conv, msg),
       "prev-variant": () => switchVariant(conv, msg, -1),
@@ -2108,9 +2811,14 @@
       return;
     }
     const counts = { added: 0, same: 0, bad: 0 };
-    for (const raw of list) {
-      const conv = normalizeConversation(raw);
-      if (!conv) { counts.bad++; continue; }
+    const problems = [];
+    for (const [k, raw] of list.entries()) {
+      const conv = safeNormalize(raw);
+      if (!conv) {
+        counts.bad++;
+        if (problems.length < 3) problems.push(`conversation ${k + 1}: ${whyNotConversation(raw)}`);
+        continue;
+      }
       const here = conversationById(conv.id);
       if (here && canonicalJSON(normalizeConversation(here)) === canonicalJSON(conv)) { counts.same++; continue; }
       if (here) {
@@ -2125,14 +2833,129 @@
     renderAll();
     const parts = [`Imported ${counts.added} conversation${counts.added === 1 ? "" : "s"}`];
     if (counts.same) parts.push(`${counts.same} already here`);
-    if (counts.bad) parts.push(`${counts.bad} could not be read`);
+    if (counts.bad) parts.push(`${counts.bad} could not be read (${problems.join("; ")})`);
     showToast(`${parts.join("; ")}.`);
+  }
+
+  // What makes an imported conversation unreadable, said plainly.
+  function whyNotConversation(raw) {
+    if (!raw || typeof raw !== "object") return "not an object";
+    if (!Array.isArray(raw.messages)) return "no list of messages";
+    for (const [i, m] of raw.messages.entries()) {
+      if (!m || typeof m !== "object") return `message ${i + 1} is not an object`;
+      if (!ROLES.has(m.role)) return `message ${i + 1} has the role ${JSON.stringify(String(m.role)).slice(0, 40)}`;
+      if (!isText(m.content)) return `message ${i + 1} has no text`;
+    }
+    return "a version of a message has no text";
   }
 
   function onImportChosen() {
     const file = ui.importFile.files && ui.importFile.files[0];
     ui.importFile.value = "";
     if (file) importFile(file);
+  }
+
+  // =========================================================================
+  // Attachments: text files picked or dropped into the message
+  //
+  // A file's text goes into the message as a fenced block headed by its name,
+  // so the model reads it and the transcript shows it; until Send, each file
+  // is a chip above the message box that can be removed. Binary and too
+  // large files are refused with a message saying which and why.
+  // =========================================================================
+
+  const ATTACH_MAX_BYTES = 512 * 1024; // one file; a 30k-token prompt is ~120 KB of code
+  const attachments = []; // { id, name, text }
+
+  function looksBinary(text) {
+    const sample = text.slice(0, 8192);
+    if (sample.includes("\u0000")) return true;
+    const odd = (sample.match(/[\u0001-\u0008\u000e-\u001f\ufffd]/g) || []).length;
+    return odd > sample.length * 0.02;
+  }
+
+  // The longest run of backticks in a text decides the fence around it.
+  function fenceFor(text) {
+    const runs = text.match(/`{3,}/g) || [];
+    return "`".repeat(Math.max(3, ...runs.map((r) => r.length + 1)));
+  }
+
+  function attachmentBlock(file) {
+    const fence = fenceFor(file.text);
+    const lang = (file.name.match(/\.([A-Za-z0-9+#-]{1,12})$/) || [])[1] || "";
+    return `${file.name}:\n${fence}${lang.toLowerCase()}\n${file.text.replace(/\n$/, "")}\n${fence}`;
+  }
+
+  // What Send sends: the typed text, then each attached file.
+  function composedText() {
+    const parts = ui.prompt.value.trim() ? [ui.prompt.value] : [];
+    for (const file of attachments) parts.push(attachmentBlock(file));
+    return parts.join("\n\n");
+  }
+
+  async function addFiles(files) {
+    const refused = [];
+    for (const file of files) {
+      if (file.size > ATTACH_MAX_BYTES) {
+        refused.push(`“${file.name}” is too large (${Math.ceil(file.size / 1024)} KB; the limit is ${ATTACH_MAX_BYTES / 1024} KB)`);
+        continue;
+      }
+      const text = await file.text().catch(() => null);
+      if (text === null || looksBinary(text)) {
+        refused.push(`“${file.name}” is not a text file (only text files such as code, logs or Markdown can be attached)`);
+        continue;
+      }
+      attachments.push({ id: newId(), name: file.name || "file.txt", text });
+    }
+    renderAttachments();
+    if (refused.length) showComposerNote(`Not attached: ${refused.join("; ")}.`);
+    else if (files.length) hideComposerNote();
+  }
+
+  function renderAttachments() {
+    ui.attachments.hidden = !attachments.length;
+    ui.attachments.replaceChildren(...attachments.map((file) => h("li", { className: "chip", "data-id": file.id },
+      h("span", { className: "chip-name", text: file.name, title: `${file.name} · ${file.text.length.toLocaleString("en-US")} characters` }),
+      h("button", { type: "button", className: "btn small ghost chip-remove", "aria-label": `Remove ${file.name}`, text: "×" }))));
+  }
+
+  function clearAttachments() {
+    attachments.length = 0;
+    renderAttachments();
+  }
+
+  function onAttachmentsClick(event) {
+    const button = event.target.closest(".chip-remove");
+    if (!button) return;
+    const at = attachments.findIndex((f) => f.id === button.closest(".chip").dataset.id);
+    if (at !== -1) attachments.splice(at, 1);
+    renderAttachments();
+    ui.prompt.focus();
+  }
+
+  function onFileChosen() {
+    const files = [...(ui.attachFile.files || [])];
+    ui.attachFile.value = "";
+    addFiles(files);
+  }
+
+  function hasFiles(event) {
+    return event.dataTransfer && [...event.dataTransfer.types].includes("Files");
+  }
+
+  function wireDrop() {
+    ui.main.addEventListener("dragover", (event) => {
+      if (!hasFiles(event)) return;
+      event.preventDefault();
+      ui.main.classList.add("dropping");
+    });
+    ui.main.addEventListener("dragleave", (event) => { if (event.target === ui.main || !ui.main.contains(event.relatedTarget)) ui.main.classList.remove("dropping"); });
+    ui.main.addEventListener("drop", (event) => {
+      ui.main.classList.remove("dropping");
+      if (!hasFiles(event)) return;
+      event.preventDefault();
+      addFiles([...event.dataTransfer.files]);
+    });
   }
 
   // =========================================================================
@@ -2182,16 +3005,50 @@
   }
 
   function onPromptKeydown(event) {
+    if (event.key === "ArrowUp" && !ui.prompt.value && !attachments.length && !event.shiftKey && !event.altKey) {
+      editLastMessage(event);
+      return;
+    }
     if (event.key !== "Enter" || event.shiftKey || event.altKey || event.isComposing) return;
     if (touchFirst.matches && !event.ctrlKey && !event.metaKey) return; // a new line
     event.preventDefault();
     sendMessage();
   }
 
-  // Esc, wherever focus is: closes the drawer, else stops this chat's reply.
+  // ↑ in an empty message box edits the last message you sent.
+  function editLastMessage(event) {
+    const conv = currentConversation();
+    const last = conv && [...conv.messages].reverse().find((m) => m.role === "user");
+    if (!last) return;
+    event.preventDefault();
+    startEdit(conv, last);
+  }
+
+  function typingIn(target) {
+    return target && (target.isContentEditable || /^(INPUT|TEXTAREA|SELECT)$/.test(target.tagName));
+  }
+
+  // Shortcuts anywhere on the page (the help dialog, "?", lists them).
   // Dialogs, the search box and the message editor handle their own Esc first.
   function onDocumentKeydown(event) {
-    if (event.key !== "Escape" || event.defaultPrevented || document.querySelector("dialog[open]")) return;
+    if (event.defaultPrevented || document.querySelector("dialog[open]")) return;
+    const mod = event.ctrlKey || event.metaKey;
+    if (mod && event.shiftKey && event.key.toLowerCase() === "o") {
+      event.preventDefault();
+      newChat();
+    } else if (event.key === "Escape" && event.shiftKey) {
+      event.preventDefault();
+      ui.prompt.focus();
+    } else if (event.key === "Escape") {
+      onEscape(event);
+    } else if (event.key === "?" && !mod && !typingIn(event.target)) {
+      event.preventDefault();
+      ui.helpDialog.showModal();
+    }
+  }
+
+  // Esc closes the drawer, else stops this chat's reply.
+  function onEscape(event) {
     if (ui.app.classList.contains("sidebar-open")) {
       closeSidebarIfOverlay();
       ui.toggleSidebar.focus();
@@ -2241,9 +3098,9 @@
   }
 
   function renderSettingsSummary() {
-    const s = state.settings;
+    const s = chatSettings(currentConversation());
     const parts = [s.temperature === null ? "Model's temperature" : `Temperature ${s.temperature}`,
-      `Max ${effectiveMaxTokens()} tokens`];
+      `Max ${effectiveMaxTokens(s)} tokens`];
     if (s.systemPrompt.trim()) parts.push("System prompt on");
     if (server.thinking) parts.push(s.thinking ? "Thinking on" : "Thinking off");
     ui.settingsSummary.textContent = parts.join(" · ");
@@ -2285,11 +3142,23 @@
   // Dialogs: settings and API key
   // =========================================================================
 
+  // The settings a new chat starts with.
+  function chatDefaults() {
+    const { systemPrompt, temperature, maxTokens, thinking } = state.settings;
+    return { systemPrompt, temperature, maxTokens, thinking };
+  }
+
+  // With a chat open, the dialog edits that chat's settings (stored with
+  // it); with none, the defaults that new chats take.
   function openSettings() {
-    const s = state.settings;
+    const conv = currentConversation();
+    const s = chatSettings(conv);
+    ui.settingsScope.textContent = conv ? `For this chat: “${conv.title}”. New chats start from the defaults.`
+      : "Defaults: every new chat starts with these.";
+    ui.makeDefault.hidden = !conv;
     ui.setSystem.value = s.systemPrompt;
     ui.setTemperature.value = s.temperature === null ? "" : String(s.temperature);
-    ui.setMaxTokens.value = String(effectiveMaxTokens());
+    ui.setMaxTokens.value = String(effectiveMaxTokens(s));
     ui.setThinking.checked = s.thinking;
     ui.setApiKey.value = state.apiKey;
     if (server.maxTokens) {
@@ -2299,10 +3168,7 @@
     ui.settingsDialog.showModal();
   }
 
-  // Settings are saved as they are edited; out-of-range numbers are clamped
-  // when the field is left so typing is never fought.
-  function saveSettingsFromForm(clamp) {
-    const s = state.settings;
+  function settingsFromForm(s) {
     s.systemPrompt = ui.setSystem.value;
     const t = parseFloat(ui.setTemperature.value);
     if (ui.setTemperature.value.trim() === "") s.temperature = null;
@@ -2310,13 +3176,39 @@
     const n = parseInt(ui.setMaxTokens.value, 10);
     if (Number.isFinite(n)) s.maxTokens = Math.max(1, server.maxTokens ? Math.min(n, server.maxTokens) : n);
     s.thinking = ui.setThinking.checked;
+    return s;
+  }
+
+  // Settings are saved as they are edited; out-of-range numbers are clamped
+  // when the field is left so typing is never fought.
+  function saveSettingsFromForm(clamp) {
+    const conv = currentConversation();
+    const s = settingsFromForm(conv ? chatSettings(conv) : state.settings);
     if (clamp) {
       ui.setTemperature.value = s.temperature === null ? "" : String(s.temperature);
-      ui.setMaxTokens.value = String(effectiveMaxTokens());
+      ui.setMaxTokens.value = String(effectiveMaxTokens(s));
     }
-    writeJSON(STORE_SETTINGS, s);
+    if (conv) {
+      const { systemPrompt, temperature, maxTokens, thinking } = s;
+      const next = { systemPrompt, temperature, maxTokens, thinking };
+      if (canonicalJSON(next) !== canonicalJSON(conv.settings || {})) {
+        conv.settings = next;
+        markDirty(conv);
+      }
+    } else {
+      writeJSON(STORE_SETTINGS, s);
+    }
     setApiKey(ui.setApiKey.value.trim());
     renderSettingsSummary();
+  }
+
+  function makeDefaults() {
+    saveSettingsFromForm(true);
+    Object.assign(state.settings, chatSettings(currentConversation()));
+    writeJSON(STORE_SETTINGS, state.settings);
+    announce("These settings are now the defaults for new chats.");
+    ui.makeDefault.textContent = "Saved as defaults";
+    setTimeout(() => { ui.makeDefault.textContent = "Use as defaults for new chats"; }, 1500);
   }
 
   function setApiKey(key) {
@@ -2370,6 +3262,7 @@
 
   function setHealth(kind, text) {
     ui.health.dataset.state = kind;
+    ui.healthRetry.hidden = kind !== "offline";
     // Only touch the live region when something changed, so it isn't re-announced every poll.
     if (ui.healthText.textContent !== text) ui.healthText.textContent = text;
     ui.health.title = `Server: ${text}`;
@@ -2458,6 +3351,12 @@
       thinkingField: "thinking-field", setThinking: "set-thinking",
       settingsDone: "settings-done", clearHistory: "clear-history", keyDialog: "key-dialog",
       keyInput: "key-input", keyError: "key-error", keySave: "key-save", keyCancel: "key-cancel",
+      main: "main", attachButton: "attach", attachFile: "attach-file", attachments: "attachments",
+      conflict: "conflict-note", conflictText: "conflict-text", conflictClose: "conflict-close",
+      helpDialog: "help-dialog", helpClose: "help-close", openHelp: "open-help",
+      settingsScope: "settings-scope", makeDefault: "make-default", gaugeToggle: "gauge-toggle", gaugeHelp: "gauge-help",
+      recovery: "recovery", recoveryText: "recovery-text", recoveryExport: "recovery-export", recoveryReset: "recovery-reset",
+      healthRetry: "health-retry",
     })) ui[key] = $(id);
     ui.healthText = ui.health.querySelector(".health-text");
   }
@@ -2480,6 +3379,15 @@
     ui.toastClose.addEventListener("click", hideToast);
     touchFirst.addEventListener("change", renderKeyHint);
     document.addEventListener("keydown", onDocumentKeydown);
+    ui.attachButton.addEventListener("click", () => ui.attachFile.click());
+    ui.attachFile.addEventListener("change", onFileChosen);
+    ui.attachments.addEventListener("click", onAttachmentsClick);
+    ui.conflictClose.addEventListener("click", () => { ui.conflict.hidden = true; });
+    ui.gaugeToggle.addEventListener("click", () => {
+      ui.gaugeHelp.hidden = !ui.gaugeHelp.hidden;
+      ui.gaugeToggle.setAttribute("aria-expanded", String(!ui.gaugeHelp.hidden));
+    });
+    wireDrop();
   }
 
   function wireConversations() {
@@ -2521,6 +3429,12 @@
     ui.keySave.addEventListener("click", saveKeyAndRetry);
     ui.keyCancel.addEventListener("click", () => ui.keyDialog.close());
     ui.keyInput.addEventListener("keydown", (e) => { if (e.key === "Enter") { e.preventDefault(); saveKeyAndRetry(); } });
+    ui.makeDefault.addEventListener("click", makeDefaults);
+    ui.openHelp.addEventListener("click", () => ui.helpDialog.showModal());
+    ui.helpClose.addEventListener("click", () => ui.helpDialog.close());
+    ui.recoveryExport.addEventListener("click", exportStoredRaw);
+    ui.recoveryReset.addEventListener("click", resetStorage);
+    ui.healthRetry.addEventListener("click", refreshHealth);
   }
 
   function wirePage() {
@@ -2563,11 +3477,16 @@
     wireConversations();
     wireDialogs();
     wirePage();
-    state.conversations = await loadConversations();
+    try {
+      state.conversations = await loadConversations();
+    } catch (err) {
+      state.conversations = [];
+      showRecovery(`The stored chats could not be read (${err && err.message}).`);
+    }
     state.currentId = readLocal(STORE_CURRENT); // the old data may have named it
     state.loaded = true;
     if (!currentConversation()) setCurrent(null);
-    renderAll();
+    renderStart();
     if (store.dirty.size) flush(); // conversations moved over from localStorage
     if (navigator.storage && navigator.storage.persist) navigator.storage.persist().catch(() => {});
     ui.app.dataset.ready = "true";
@@ -2575,10 +3494,63 @@
     refreshHealth();
   }
 
+  // The first render: a chat that cannot be shown is closed, never the page.
+  function renderStart() {
+    try {
+      renderAll();
+    } catch (err) {
+      setCurrent(null);
+      showRecovery(`A stored chat could not be shown (${err && err.message}).`);
+      try { renderAll(); } catch { /* the recovery banner still works */ }
+    }
+    if (store.unreadable.length) {
+      showRecovery(`${store.unreadable.length} stored conversation${store.unreadable.length === 1 ? "" : "s"} could not be read; ` +
+        "they are left in storage untouched.");
+    }
+  }
+
+  // =========================================================================
+  // Recovery: storage the page cannot read
+  // =========================================================================
+
+  function showRecovery(text) {
+    ui.recoveryText.textContent = `${text} Export the stored data to a file to keep it, or reset the storage to start afresh.`;
+    ui.recovery.hidden = false;
+  }
+
+  // Everything stored, as it is (readable or not), so nothing is lost by a reset.
+  async function exportStoredRaw() {
+    let records = [];
+    try {
+      if (store.db) records = await readAllRecords();
+    } catch { /* nothing more to get */ }
+    const legacy = readLocal(STORE_CONVERSATIONS);
+    const data = { format: EXPORT_FORMAT, version: 1, exported: new Date().toISOString(), raw: true,
+      conversations: records.length ? records : state.conversations, legacy };
+    download(`lem-chat-stored-${new Date().toISOString().slice(0, 10)}.json`, JSON.stringify(data, null, 2), "application/json");
+  }
+
+  async function resetStorage() {
+    if (!window.confirm("Delete everything this page has stored in this browser (chats and settings)? Export first to keep a copy.")) return;
+    try {
+      if (store.db) store.db.close();
+      await idbDone(indexedDB.deleteDatabase(DB_NAME)).catch(() => {});
+    } catch { /* nothing to delete */ }
+    for (const key of [STORE_CONVERSATIONS, STORE_SETTINGS, STORE_CURRENT]) writeLocal(key, null);
+    location.reload();
+  }
+
   // Exposed for tests and for the curious; renderMarkdown is pure.
   window.lemChat = { renderMarkdown, renderStreaming, newStreamView, splitThink, stripThink, state, timing,
     stop: stopGenerating };
 
+  // The offline copy (see the top of this file): only where the browser allows service workers.
+  function registerOfflineCopy() {
+    if (!("serviceWorker" in navigator) || !window.isSecureContext) return;
+    navigator.serviceWorker.register("/chat.js", { scope: "/" }).catch(() => { /* no offline copy: the page works the same */ });
+  }
+
   if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);
   else start();
+  registerOfflineCopy();
 })();

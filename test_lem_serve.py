@@ -5305,8 +5305,11 @@ def test_full_browser_storage_never_drops_a_conversation(chat):
 
 def test_a_save_that_does_not_fit_warns_asks_and_deletes_nothing(browser, open_chat, base_url, tmp_path):
     """IndexedDB at its quota: the page says so, offers export, asks before leaving, and saves once there is room."""
-    context = browser.browser_type.launch_persistent_context(  # quotas can only be set on a real profile
-        str(tmp_path / "profile"), executable_path=CHROMIUM, args=CHROMIUM_ARGS, viewport={"width": 1280, "height": 800})
+    # Quotas can only be set on a real profile. No service worker: the page's offline copy (~150 kB
+    # in Cache Storage) would count against the same small quota and move the numbers below.
+    context = browser.browser_type.launch_persistent_context(
+        str(tmp_path / "profile"), executable_path=CHROMIUM, args=CHROMIUM_ARGS, viewport={"width": 1280, "height": 800},
+        service_workers="block")
     chat = open_chat(base_url, context=context)
     page = chat.page
     session = context.new_cdp_session(page)
@@ -5752,6 +5755,356 @@ def test_form_fields_have_3_to_1_border_contrast(open_chat, base_url):
         for field, border, inside, outside in pairs:
             assert contrast(border, inside) >= 3 and contrast(border, outside) >= 3, (scheme, field, border, inside, outside)
         assert len(pairs) == 4
+        chat.check_clean()
+
+
+# ---------------------------------------------------------------------------
+# The chat page for a working day: tabs, branches, code and math, files, Continue (issue 25)
+# ---------------------------------------------------------------------------
+
+def conversation_in(page, index: int = 0) -> dict:
+    """A conversation as the page holds it now (index in the list, newest first)."""
+    return page.evaluate(f"JSON.parse(JSON.stringify(window.lemChat.state.conversations[{index}]))")
+
+
+def shown_texts(chat: Chat) -> list[str]:
+    """The text of every message in the transcript, in order."""
+    return chat.page.locator("article.msg .msg-body").all_inner_texts()
+
+
+def test_two_tabs_on_one_chat_keep_both_replies_and_escape_stops(open_chat, make_long_server):
+    """Tab B sends while tab A's reply in the same chat streams: both replies are kept, in both tabs
+    and after a reload; B shows A's reply as streaming (not interrupted); Escape stops each."""
+    server = make_long_server(max_requests=2)
+    a = open_chat(server.url, max_tokens=LONG_BUDGET)
+    a.send("Tab A asks")
+    a.wait_chunks(3)
+    b = a.tab()
+    remote = b.page.locator("article.assistant[data-state='streaming']")
+    remote.locator(".msg-stats", has_text="Streaming in another tab").wait_for()
+    b.send("Tab B asks")
+    b.page.wait_for_function("() => (document.querySelectorAll(\"article.assistant[data-state='streaming']\")[1]"
+                             "?.dataset.chunks | 0) >= 3", timeout=REPLY_TIMEOUT_MS)  # B's own reply, after A's
+    b.page.keyboard.press("Escape")
+    b.wait_reply("stopped")
+    a.page.locator("article.msg").nth(3).wait_for()  # A sees B's turn while its own reply streams on
+    a.page.keyboard.press("Escape")
+    a.wait_reply("stopped", 0)
+    wait_idle(server.url)
+    for tab in (a, b):
+        tab.reload()
+        conv = conversation_in(tab.page)
+        roles = [(m["role"], m["content"] if m["role"] == "user" else m["status"]) for m in conv["messages"]]
+        assert roles == [("user", "Tab A asks"), ("assistant", "stopped"), ("user", "Tab B asks"), ("assistant", "stopped")]
+        assert all(m["content"] for m in conv["messages"]), "a reply was saved empty"
+        tab.check_clean()
+    b.close()
+
+
+def test_a_tab_changing_a_message_another_tab_changed_keeps_the_draft(open_chat, base_url):
+    """Both tabs edit the same message: the first write stays, the second tab gets its text back with a notice."""
+    a = open_chat(base_url)
+    a.seed([stored("c1", "Edited twice", said("user", "Original"), said("assistant", "Reply"))], current="c1")
+    b = a.tab()
+    for tab, text in ((a, "Edited in A"), (b, "Edited in B")):
+        tab.page.locator("article.msg.user").get_by_role("button", name="Edit message").click()
+        tab.page.fill("article.msg.user .edit-box", text)
+    a.page.locator("article.msg.user").get_by_role("button", name="Save").click()
+    b.page.wait_for_function("() => window.lemChat.state.conversations[0].messages[0].content === 'Edited in A'")
+    b.page.locator("article.msg.user").get_by_role("button", name="Save").click()
+    b.page.locator("#conflict-note").wait_for()
+    assert "another tab" in b.page.locator("#conflict-text").inner_text()
+    assert "Edited in B" in b.page.locator("#prompt").input_value()
+    for tab in (a, b):
+        tab.reload()
+        assert shown_texts(tab)[0] == "Edited in A"
+    b.close()
+
+
+def test_edit_at_message_2_of_6_keeps_the_old_branch(open_chat, base_url, tmp_path):
+    """Edit + Send at the second user message (index 2 of 6) branches there; the old branch stays a
+    version away, survives a reload and goes through export and import."""
+    chat = open_chat(base_url)
+    page = chat.page
+    chat.seed([stored("c1", "Branches", said("user", "One"), said("assistant", "Reply one"), said("user", "Two"),
+                      said("assistant", "Reply two"), said("user", "Three"), said("assistant", "Reply three"))], current="c1")
+    second = page.locator("article.msg").nth(2)
+    second.get_by_role("button", name="Edit message").click()
+    page.fill("article.msg.editing .edit-box", "Two, edited")
+    posts = chat_posts(page, lambda: (page.locator("article.msg.editing").get_by_role("button", name="Send").click(),
+                                      chat.wait_reply("done")))
+    assert [m["content"] for m in posts[0]["messages"]] == ["One", "Reply one", "Two, edited"]
+    new_reply = shown_texts(chat)[3]
+    assert shown_texts(chat)[:3] == ["One", "Reply one", "Two, edited"] and len(shown_texts(chat)) == 4
+    nav = page.locator("article.msg").nth(2).locator(".variant-nav")
+    assert nav.locator(".variant-pos").get_attribute("aria-label") == "Version 2 of 2"
+    nav.get_by_role("button", name="Previous version").click()
+    assert shown_texts(chat) == ["One", "Reply one", "Two", "Reply two", "Three", "Reply three"]
+    chat.reload()
+    assert shown_texts(chat)[2] == "Two" and len(shown_texts(chat)) == 6  # the version shown is kept
+    with page.expect_download() as download:
+        page.click("#export-all")
+    path = tmp_path / "branches.json"
+    download.value.save_as(path)
+    fresh = open_chat(base_url)
+    fresh.page.set_input_files("#import-file", str(path))
+    fresh.page.locator("#toast-text", has_text="Imported 1 conversation").wait_for()
+    fresh.page.locator("#conv-list .conv-open", has_text="Branches").click()
+    fresh.page.locator("article.msg").nth(2).get_by_role("button", name="Next version").click()
+    assert shown_texts(fresh) == ["One", "Reply one", "Two, edited", new_reply]
+    chat.check_clean()
+    fresh.check_clean()
+
+
+def test_a_reasoning_only_reply_survives_regenerate(chat):
+    """A thinking model cut before any answer: the reply has Copy, and Regenerate keeps it as a version."""
+    page = chat.page
+    chat.seed([stored("c1", "Thinking", said("user", "Think hard"),
+                      said("assistant", "", reasoning="Only reasoning, cut by max tokens", finishReason="length"))],
+              current="c1")
+    reply = chat.reply()
+    assert reply.get_by_role("button", name="Copy reply").count() == 1
+    reply.get_by_role("button", name="Regenerate").click()
+    chat.wait_reply("done")
+    assert reply.locator(".variant-pos").inner_text() == "2/2"
+    reply.get_by_role("button", name="Previous version").click()
+    assert "Only reasoning" in reply.locator("details.think").text_content()
+    chat.reload()
+    assert chat.reply().locator(".variant-pos").inner_text() == "1/2"
+    chat.check_clean()
+
+
+CRAFTED_IMPORT = {"format": "lem-chat", "version": 1, "conversations": [
+    {"id": "crafted", "title": "Crafted", "created": 1, "updated": 2, "settings": {"temperature": "hot", "maxTokens": -5},
+     "messages": [{"role": "user", "content": "Hello"},
+                  {"role": "assistant", "content": "Hi", "status": "done", "model": {"x": 1},
+                   "stats": {"tokensPerSecond": True, "promptTokens": "many", "completionTokens": -3},
+                   "error": {"message": 5}, "alts": [{"content": 7}, {"content": "Older", "stats": []}], "alt": "1"}]},
+    {"id": "not-one", "messages": [{"role": "tool", "content": "x"}]},
+]}
+
+
+def test_a_crafted_import_and_corrupt_storage_leave_a_working_page(open_chat, base_url, tmp_path):
+    """The file that bricked start-up ({"tokensPerSecond": true}) is imported field by field and the
+    page keeps working, after a reload too; an unreadable stored record brings up export and reset."""
+    chat = open_chat(base_url)
+    page = chat.page
+    chat.send("A chat before the import")
+    chat.wait_reply("done")
+    path = tmp_path / "crafted.json"
+    path.write_text(json.dumps(CRAFTED_IMPORT))
+    page.set_input_files("#import-file", str(path))
+    page.locator("#toast-text", has_text='Imported 1 conversation; 1 could not be read '
+                                         '(conversation 2: message 1 has the role "tool").').wait_for()
+    page.locator("#conv-list .conv-open", has_text="Crafted").click()
+    assert shown_texts(chat) == ["Hello", "Hi"]  # its own messages, not the previous chat's
+    stats = conversation_in(page, 0 if chat.titles()[0] == "Crafted" else 1)["messages"][1].get("stats")
+    assert stats is None or "tokensPerSecond" not in stats
+    chat.send("Still works")
+    chat.wait_reply("done")
+    page.evaluate("""() => new Promise((ok, bad) => { const r = indexedDB.open('lem-chat'); r.onerror = bad;
+        r.onsuccess = () => { const tx = r.result.transaction('conversations', 'readwrite');
+          tx.objectStore('conversations').put({id: 'junk', messages: 'not a list'}); tx.oncomplete = ok; }; })""")
+    chat.reload()
+    assert page.locator("#recovery").is_visible() and "could not be read" in page.locator("#recovery-text").inner_text()
+    with page.expect_download() as download:
+        page.click("#recovery-export")
+    assert "junk" in Path(download.value.path()).read_text()
+    assert "Crafted" in chat.titles()
+    chat.send("And after the reload")
+    chat.wait_reply("done")
+    chat.check_clean()
+
+
+CODE_AND_MATH = r"""Some code:
+
+```python
+def area(r):  # a circle
+    return 3.14 * r ** 2
+```
+
+```rust
+fn main() { let s = "hi"; println!("{}", s); }
+```
+
+```diff
+-old line
++new line
+```
+
+Inline $e^{i\pi} + 1 = 0$ and display:
+
+$$\frac{a}{\sqrt{b}} = \sum_{k=0}^{n} x_k$$
+
+Hostile: $\text{<img src=x onerror=alert(1)>}$ costs $5 and $10.
+"""
+
+
+def test_code_is_highlighted_with_copy_buttons_and_math_is_mathml(chat):
+    page = chat.page
+    chat.seed([stored("c1", "Code", said("user", "Show me"), said("assistant", CODE_AND_MATH))], current="c1")
+    body = chat.reply().locator(".msg-body")
+    python = body.locator("code.language-python")
+    assert python.locator(".tok-keyword", has_text="def").count() == 1
+    assert python.locator(".tok-comment").inner_text() == "# a circle"
+    assert python.locator(".tok-number").first.inner_text() == "3.14"
+    assert python.inner_text() == "def area(r):  # a circle\n    return 3.14 * r ** 2"  # the text is unchanged
+    assert body.locator("code.language-rust .tok-string").first.inner_text() == '"hi"'
+    assert body.locator("code.language-diff .tok-added").inner_text() == "+new line"
+    assert body.locator(".code-block .copy-code").count() == 3
+    maths = body.locator("math")
+    assert maths.count() == 3
+    assert page.evaluate("[...document.querySelectorAll('.msg-body math')].every(m => m.namespaceURI.endsWith('/Math/MathML'))")
+    assert body.locator("math[display='block'] mfrac msqrt").count() == 1
+    assert body.locator("math munderover").count() == 1
+    assert body.locator("img").count() == 0 and "<img src=x" in body.locator("math mtext").last.text_content()
+    assert "costs $5 and $10." in body.inner_text()  # prices are not math
+    # The same through the stream renderer: a reply typed in, math and code included.
+    html = page.evaluate("""(t) => { const d = document.createElement('div');
+        const v = window.lemChat.newStreamView(d); window.lemChat.renderStreaming(v, t); return d.querySelectorAll('math').length; }""",
+                         CODE_AND_MATH)
+    assert html == 3
+    chat.check_clean()
+
+
+def test_continue_extends_the_same_message(chat):
+    page = chat.page
+    chat.send("Write a lot")
+    reply = chat.wait_reply("done")
+    assert reply.locator(".msg-note", has_text="Hit the max tokens limit").count() == 1
+    before = conversation_in(page)["messages"][1]
+    posts = chat_posts(page, lambda: (reply.get_by_role("button", name="Continue").click(), chat.wait_reply("done")))
+    after = conversation_in(page)["messages"]
+    assert len(after) == 2 and after[1]["id"] == before["id"]
+    assert after[1]["content"].startswith(before["content"]) and len(after[1]["content"]) > len(before["content"])
+    sent = posts[0]["messages"]
+    assert sent[1] == {"role": "assistant", "content": page.evaluate("(t) => window.lemChat.stripThink(t)", before["content"])}
+    assert sent[-1]["role"] == "user"
+    assert page.locator("article.msg").count() == 2
+    chat.check_clean()
+
+
+def test_an_attached_file_goes_into_the_request(chat, tmp_path):
+    page = chat.page
+    source = tmp_path / "tool.py"
+    source.write_text("print('from a file')\n")
+    page.set_input_files("#attach-file", str(source))
+    page.locator("#attachments .chip", has_text="tool.py").wait_for()
+    # Dropped files go the same way; a binary one and a too large one are refused, saying why.
+    page.evaluate("""() => { const dt = new DataTransfer();
+        dt.items.add(new File(['# Notes\\n'], 'notes.md', {type: 'text/markdown'}));
+        dt.items.add(new File([new Uint8Array([0, 1, 2, 255, 0, 7])], 'image.bin'));
+        dt.items.add(new File(['x'.repeat(600 * 1024)], 'huge.log'));
+        document.getElementById('main').dispatchEvent(new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true})); }""")
+    page.locator("#attachments .chip", has_text="notes.md").wait_for()
+    note = page.locator("#composer-note").inner_text()
+    assert "“image.bin” is not a text file" in note and "“huge.log” is too large" in note
+    assert page.locator("#attachments .chip").count() == 2
+    posts = chat_posts(page, lambda: (chat.send("Look at these"), chat.wait_reply("done")))
+    sent = posts[0]["messages"][-1]["content"]
+    assert sent == "Look at these\n\ntool.py:\n```py\nprint('from a file')\n```\n\nnotes.md:\n```md\n# Notes\n```"
+    assert page.locator("#attachments").is_hidden()
+    chat.check_clean()
+
+
+def test_settings_differ_per_chat_and_new_chats_take_the_defaults(chat):
+    page = chat.page
+    chat.send("First chat")
+    chat.wait_reply("done")
+    page.click("#open-settings")
+    assert "For this chat" in page.locator("#settings-scope").inner_text()
+    page.fill("#set-system", "You are chat one.")
+    page.fill("#set-temperature", "0.3")
+    page.click("#settings-done")
+    first = chat_posts(page, lambda: (chat.send("Again"), chat.wait_reply("done")))[0]
+    assert first["messages"][0] == {"role": "system", "content": "You are chat one."} and first["temperature"] == 0.3
+    page.keyboard.press("Control+Shift+O")  # a new chat, by its shortcut
+    assert page.locator("#empty-state").is_visible()
+    second = chat_posts(page, lambda: (chat.send("Second chat"), chat.wait_reply("done")))[0]
+    assert second["messages"][0]["role"] == "user" and second["temperature"] == 0.7  # the defaults
+    page.click("#open-settings")
+    assert page.locator("#set-system").input_value() == "" and page.locator("#set-temperature").input_value() == "0.7"
+    page.click("#settings-done")
+    page.locator("#conv-list .conv-open", has_text="First chat").click()
+    chat.reload()
+    again = chat_posts(page, lambda: (chat.send("Back in chat one"), chat.wait_reply("done")))[0]
+    assert again["messages"][0]["content"] == "You are chat one." and again["temperature"] == 0.3
+    chat.check_clean()
+
+
+def test_shortcuts_are_listed_and_work(chat):
+    page = chat.page
+    chat.send("Something to edit")
+    chat.wait_reply("done")
+    page.locator("#transcript").focus()
+    page.keyboard.press("?")
+    dialog = page.locator("#help-dialog")
+    assert dialog.is_visible()
+    for key in ("Ctrl", "Shift", "O", "Esc", "↑"):
+        assert key in dialog.inner_text()
+    page.keyboard.press("Escape")
+    assert not dialog.is_visible()
+    page.keyboard.press("Shift+Escape")
+    assert page.evaluate("document.activeElement.id") == "prompt"
+    page.keyboard.press("ArrowUp")  # empty message box: edit the last message
+    assert page.locator("article.msg.user.editing .edit-box").input_value() == "Something to edit"
+    chat.check_clean()
+
+
+def test_touch_targets_are_24_px_and_44_under_a_finger(open_chat, base_url):
+    for options, least in (({}, 24), ({"viewport": PHONE, "has_touch": True, "is_mobile": True}, 44)):
+        chat = open_chat(base_url, **options)
+        chat.seed([stored("c1", "Targets", said("user", "Hi"),
+                          said("assistant", "```js\nlet a = 1;\n```", alts=[{"content": "Older", "status": "done"}], alt=1))],
+                  current="c1")
+        sizes = chat.page.evaluate("""() => [...document.querySelectorAll('button')].filter(b => b.checkVisibility({visibilityProperty: true}))
+            .map(b => { const r = b.getBoundingClientRect(); return [b.getAttribute('aria-label') || b.textContent.trim(), r.width, r.height]; })""")
+        small = [s for s in sizes if min(s[1], s[2]) < least - 0.5]
+        assert not small, f"buttons under {least} px: {small}"
+        chat.close()
+
+
+def test_a_reload_while_the_server_is_down_still_opens_the_chats(open_chat, model_dir):
+    """The page keeps an offline copy of itself (chat.js as its service worker): reloaded while
+    the server is down it opens, shows the chats, says Offline and offers Reconnect."""
+    process, address = start_process(model_dir)
+    try:
+        chat = open_chat(f"http://{address}")
+        page = chat.page
+        chat.send("Before the server went away")
+        chat.wait_reply("done")
+        page.wait_for_function("async () => !!(await navigator.serviceWorker.ready).active")
+        process.kill()
+        process.wait()
+        chat.page.reload()
+        page.locator("#health[data-state='offline']").wait_for()
+        assert page.locator("#health-retry").is_visible()
+        assert chat.titles() == ["Before the server went away"]
+        assert page.locator("article.msg").count() == 2
+    finally:
+        process.kill()
+
+def test_screenshots_of_the_day_long_page(open_chat, base_url):
+    """Code, math, versions and an attached file, desktop and phone, light and dark (artifacts/day-*.png)."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    seed = [stored("demo", "Code and math", said("user", "Show code and math"),
+                   said("assistant", CODE_AND_MATH, alts=[{"content": "An earlier version.", "status": "done"}], alt=1,
+                        stats={"completionTokens": 96, "promptTokens": 31, "tokensPerSecond": 41.7}))]
+    for scheme in ("light", "dark"):
+        chat = open_chat(base_url, color_scheme=scheme)
+        page = chat.page
+        chat.seed(seed, current="demo")
+        page.evaluate("() => { const dt = new DataTransfer(); dt.items.add(new File(['a,b\\n1,2\\n'], 'data.csv'));"
+                      " document.getElementById('main').dispatchEvent(new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true})); }")
+        page.locator("#attachments .chip").wait_for()
+        page.fill("#prompt", "What does this file hold?")
+        for size, name in ((None, "desktop"), (PHONE, "phone")):
+            if size:
+                page.set_viewport_size(size)
+                page.wait_for_function(f"() => document.documentElement.clientWidth === {size['width']}")
+                assert page.evaluate("document.documentElement.scrollWidth") <= size["width"]
+            page.locator("article.msg math").first.scroll_into_view_if_needed()
+            page.screenshot(path=str(ARTIFACTS / f"day-{name}-{scheme}.png"))
         chat.check_clean()
 
 

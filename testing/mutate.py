@@ -33,12 +33,13 @@ RUN_TIMEOUT = 900  # seconds for one pytest run; a mutation that hangs the suite
 
 @dataclass(frozen=True)
 class Mutation:
-    """One planted bug: `edits` are (exact text of lem_serve.py, found once; what replaces it)."""
+    """One planted bug: `edits` are (exact text of `target`, found once; what replaces it)."""
 
     name: str
     bug: str
     edits: tuple[tuple[str, str], ...]
     tests: tuple[str, ...]  # test functions (every parametrization) that must fail
+    target: str = TARGET    # the file the edits apply to (chat.js for the page's own bugs)
 
 
 MUTATIONS = [
@@ -575,6 +576,47 @@ MUTATIONS = [
     Mutation("deepseek-arguments-as-objects", "DeepSeek's templates get a call's arguments as an object (a 400)",
              (("""        if message.get("tool_calls") and re.search(""", """        if False and re.search("""),),
              ("test_family_prompt_is_the_templates_own_rendering",)),
+    # Issue 25: the chat page for a working day (edits in chat.js).
+    Mutation("tabs-last-writer-wins", "a tab writes its whole copy of a chat over the stored one: "
+                                      "a reply streaming in another tab loses the other tab's turn",
+             (("      merged = stored ? mergeStored(conv, stored, true) : null;", "      merged = null;"),),
+             ("test_two_tabs_on_one_chat_keep_both_replies_and_escape_stops",), target="chat.js"),
+    Mutation("remote-stream-interrupted", "a reply streaming in another tab is read as interrupted",
+             (("    const live = id && store.live.has(id) && raw.status === \"streaming\";", "    const live = false;"),),
+             ("test_two_tabs_on_one_chat_keep_both_replies_and_escape_stops",), target="chat.js"),
+    Mutation("edit-conflict-overwrites", "an edit saved over another tab's newer edit of the same message wins silently",
+             (("    if (state.editing && state.editing.base !== msg.content) {", "    if (false) {"),),
+             ("test_a_tab_changing_a_message_another_tab_changed_keeps_the_draft",), target="chat.js"),
+    Mutation("edit-send-drops-branch", "Edit + Send replaces the messages after the edited one (no branch)",
+             (("    startVariant(conv, msg, { content: text, created: msg.created, edited: Date.now() });",
+               "    msg.content = text;\n    conv.messages.splice(conv.messages.indexOf(msg) + 1);"),),
+             ("test_edit_at_message_2_of_6_keeps_the_old_branch",), target="chat.js"),
+    Mutation("reasoning-only-reply-dropped", "Regenerate drops a reply that has reasoning but no answer",
+             (("!msg.content && !msg.reasoning && !msg.error) all.splice", "!msg.content) all.splice"),),
+             ("test_a_reasoning_only_reply_survives_regenerate",), target="chat.js"),
+    Mutation("import-stats-unchecked", "an imported reply's stats are kept whatever their types",
+             (("      if (Number.isFinite(raw[key]) && raw[key] >= 0) stats[key] = raw[key];",
+               "      if (key in raw) stats[key] = raw[key];"),),
+             ("test_a_crafted_import_and_corrupt_storage_leave_a_working_page",), target="chat.js"),
+    Mutation("code-not-highlighted", "code blocks show as plain text",
+             (("    if (!lang || code.length > HL_MAX_CHARS) {", "    if (true) {"),),
+             ("test_code_is_highlighted_with_copy_buttons_and_math_is_mathml",), target="chat.js"),
+    Mutation("math-not-rendered", "$...$ and $$...$$ show as their TeX source",
+             (("    if (!MATH_NS || tex.length > MATH_MAX_CHARS) return null;", "    return null;"),),
+             ("test_code_is_highlighted_with_copy_buttons_and_math_is_mathml",), target="chat.js"),
+    Mutation("continue-starts-a-new-reply", "Continue replaces the cut reply instead of extending it",
+             (("    delete msg.finishReason;\n    msg.status = \"streaming\";",
+               "    delete msg.finishReason;\n    msg.content = \"\";\n    msg.status = \"streaming\";"),),
+             ("test_continue_extends_the_same_message",), target="chat.js"),
+    Mutation("attachment-not-sent", "an attached file shows as a chip but is left out of the message",
+             (("    for (const file of attachments) parts.push(attachmentBlock(file));", ""),),
+             ("test_an_attached_file_goes_into_the_request",), target="chat.js"),
+    Mutation("settings-shared-by-all-chats", "a chat's settings are the global ones",
+             (("    return { ...state.settings, ...(conv && conv.settings) };", "    return { ...state.settings };"),),
+             ("test_settings_differ_per_chat_and_new_chats_take_the_defaults",), target="chat.js"),
+    Mutation("escape-does-not-stop", "Escape leaves the reply streaming",
+             (("      stopGenerating(conv);\n    }\n  }\n", "    }\n  }\n"),),
+             ("test_two_tabs_on_one_chat_keep_both_replies_and_escape_stops",), target="chat.js"),
 ]
 
 
@@ -588,7 +630,7 @@ def apply(mutation: Mutation, source: str) -> str:
     for old, new in mutation.edits:
         count = source.count(old)
         if count != 1:
-            raise ValueError(f"{old.strip()[:60]!r} occurs {count} times in {TARGET}")
+            raise ValueError(f"{old.strip()[:60]!r} occurs {count} times in {mutation.target}")
         source = source.replace(old, new)
     return source
 
@@ -606,8 +648,9 @@ def run_tests(folder: Path, tests: tuple[str, ...]) -> tuple[int, str]:
     return out.returncode, failed.removeprefix("test_lem_serve.py::") or out.stdout.strip().splitlines()[-1:][0]
 
 
-def run_mutation(mutation: Mutation, pristine: str) -> tuple[str, str]:
+def run_mutation(mutation: Mutation) -> tuple[str, str]:
     """(result, detail): caught, missed or error, for one mutation on a fresh copy."""
+    pristine = (ROOT / mutation.target).read_text(encoding="utf-8")
     try:
         mutated = apply(mutation, pristine)
     except ValueError as exc:
@@ -615,7 +658,7 @@ def run_mutation(mutation: Mutation, pristine: str) -> tuple[str, str]:
     with tempfile.TemporaryDirectory(prefix="lem-mutant-") as tmp:
         folder = Path(tmp) / "repo"
         copy_repository(folder)
-        (folder / TARGET).write_text(mutated, encoding="utf-8")
+        (folder / mutation.target).write_text(mutated, encoding="utf-8")
         code, detail = run_tests(folder, mutation.tests)
     if code == 1:
         return "caught", detail
@@ -637,7 +680,6 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown mutation(s): {', '.join(unknown)}")
     chosen = [by_name[n] for n in args.names] or MUTATIONS
-    pristine = (ROOT / TARGET).read_text(encoding="utf-8")
 
     tests = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
     with tempfile.TemporaryDirectory(prefix="lem-pristine-") as tmp:
@@ -649,7 +691,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows, started = [], time.monotonic()
     for mutation in chosen:
-        result, detail = run_mutation(mutation, pristine)
+        result, detail = run_mutation(mutation)
         rows.append((mutation, result, detail))
         print(f"{result:7} {mutation.name}: {detail}", file=sys.stderr, flush=True)
     print("| mutation | planted bug | result | failing test |\n|---|---|---|---|")

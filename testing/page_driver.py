@@ -29,9 +29,13 @@ class Chat:
     """
 
     def __init__(self, browser, base: str, *, viewport=DESKTOP, color_scheme="light", max_tokens: int | None = 24,
-                 context=None, **context_options):
+                 context=None, tab_of: "Chat | None" = None, **context_options):
         self.base = base
         self.closed = False
+        self.tab_of = tab_of
+        if tab_of is not None:  # another tab of the same browser profile: same storage, its own page
+            context = tab_of.context
+            context.new_page()
         self.context = context or browser.new_context(viewport=viewport, color_scheme=color_scheme, **context_options)
         self.context.set_default_timeout(15_000)
         if max_tokens is not None:
@@ -39,7 +43,7 @@ class Chat:
             self.context.add_init_script(
                 "if (!localStorage.getItem('lem-chat.settings.v1')) localStorage.setItem('lem-chat.settings.v1',"
                 f" JSON.stringify({{temperature: 0.7, maxTokens: {max_tokens}, systemPrompt: ''}}));")
-        self.page = self.context.pages[0] if context and self.context.pages else self.context.new_page()
+        self.page = self.context.pages[-1] if context and self.context.pages else self.context.new_page()
         self.page_errors: list[str] = []
         self.csp_violations: list[str] = []
         self.foreign_requests: list[str] = []
@@ -109,7 +113,14 @@ class Chat:
         """Close the page's browser context (again: nothing)."""
         if not self.closed:
             self.closed = True
-            self.context.close()
+            if self.tab_of is not None:
+                self.page.close()
+            else:
+                self.context.close()
+
+    def tab(self) -> "Chat":
+        """Open the page again in a second tab of this browser profile (the same storage)."""
+        return Chat(None, self.base, max_tokens=None, tab_of=self)
 
 
 def contrast(css_a: str, css_b: str) -> float:
