@@ -969,10 +969,11 @@ if (typeof window === "undefined" && typeof self !== "undefined" && "clients" in
 
   // One reply's fields, checked: a reply that was streaming when the page went
   // away (or when it was exported) can't be resumed, so it says "interrupted",
-  // unless another tab is still writing it (store.live).
+  // unless another tab is still writing it (store.live), or may be: a merge
+  // keeps "streaming" and asks the reply's lock (watchStreaming).
   function normalizeReply(raw, id = null) {
     if (!raw || typeof raw !== "object" || !isText(raw.content)) return null;
-    const live = id && store.live.has(id) && raw.status === "streaming";
+    const live = id && raw.status === "streaming" && (store.live.has(id) || store.keepStreaming);
     const status = live ? "streaming" : raw.status === "streaming" || raw.status === "waiting" ? "interrupted" : raw.status;
     const v = { content: raw.content, status: live || REPLY_STATUSES.has(status) ? status : "done", created: finite(raw.created, Date.now()) };
     const error = normalizeError(raw.error);
@@ -1061,12 +1062,17 @@ if (typeof window === "undefined" && typeof self !== "undefined" && "clients" in
     return conv;
   }
 
-  // Nothing stored can stop the page: a record that makes the checks throw is skipped.
-  function safeNormalize(raw) {
+  // Nothing stored can stop the page: a record that makes the checks throw is
+  // skipped. keepStreaming: replies that say "streaming" stay so (a merge with
+  // another tab's write, where that tab may be streaming them now).
+  function safeNormalize(raw, keepStreaming = false) {
+    store.keepStreaming = keepStreaming;
     try {
       return normalizeConversation(raw);
     } catch {
       return null;
+    } finally {
+      store.keepStreaming = false;
     }
   }
 
@@ -1185,6 +1191,7 @@ if (typeof window === "undefined" && typeof self !== "undefined" && "clients" in
     writing: null,        // the flush in progress
     synced: new Map(),    // conversation id -> { meta, msgs: id -> { rev, json } } as last read or written
     live: new Set(),      // ids of replies another tab is streaming now
+    keepStreaming: false, // while a merge reads a record (safeNormalize)
     channel: "BroadcastChannel" in window ? new BroadcastChannel("lem-chat") : null,
   };
 
@@ -1331,7 +1338,7 @@ if (typeof window === "undefined" && typeof self !== "undefined" && "clients" in
     let merged = null;
     let written = null;
     read.onsuccess = () => {
-      const stored = read.result ? safeNormalize(read.result) : null;
+      const stored = read.result ? safeNormalize(read.result, true) : null;
       merged = stored ? mergeStored(conv, stored, true) : null;
       objects.put(conv);
       written = syncedSnapshot(conv);
@@ -1362,7 +1369,7 @@ if (typeof window === "undefined" && typeof self !== "undefined" && "clients" in
     for (const id of live) watchLiveRun(id);
     const tx = store.db.transaction(DB_STORE, "readonly");
     const fresh = await Promise.all(saved.map((id) => idbDone(tx.objectStore(DB_STORE).get(id))));
-    for (const raw of fresh) adoptStored(raw);
+    for (const raw of fresh) adoptStored(raw, true);
     const busy = (id) => state.runs.has(id) || store.dirty.has(id) || store.failed.has(id);
     state.conversations = state.conversations.filter((c) => !deleted.includes(c.id) || busy(c.id));
     state.conversations.sort((a, b) => b.updated - a.updated);
@@ -1371,13 +1378,14 @@ if (typeof window === "undefined" && typeof self !== "undefined" && "clients" in
     renderChatHead();
   }
 
-  function adoptStored(raw) {
-    const stored = safeNormalize(raw);
+  function adoptStored(raw, keepStreaming) {
+    const stored = safeNormalize(raw, keepStreaming);
     if (!stored) return;
     const conv = conversationById(stored.id);
     if (!conv) {
       state.conversations.push(stored);
       rememberSynced(stored);
+      watchStreaming(stored);
       return;
     }
     afterMerge(conv, mergeStored(conv, stored, false));
@@ -1483,6 +1491,7 @@ if (typeof window === "undefined" && typeof self !== "undefined" && "clients" in
 
   function afterMerge(conv, merged) {
     if (!merged) return;
+    watchStreaming(conv);
     if (merged.taken.size) rememberSynced(conv, merged.taken);
     if (merged.conflicts.length) showConflict(conv, merged.conflicts);
     if (merged.changed && conv.id === state.currentId && state.loaded) refreshTranscript(conv, merged.taken);
@@ -1514,15 +1523,21 @@ if (typeof window === "undefined" && typeof self !== "undefined" && "clients" in
   }
 
   // Another tab streams this reply: show it as streaming until its lock is
-  // let go (the reply ended, or that tab went away), then read what it left.
+  // let go (the reply ended, or that tab went away), then read what it left:
+  // still "streaming" then means interrupted.
   function watchLiveRun(id) {
     if (!navigator.locks || store.live.has(id) || [...state.runs.values()].some((run) => run.msg.id === id)) return;
     store.live.add(id);
     navigator.locks.request(RUN_LOCK + id, async () => {
       store.live.delete(id);
       const conv = state.conversations.find((c) => c.messages.some((m) => m.id === id));
-      if (conv && store.db) adoptStored(await idbDone(store.db.transaction(DB_STORE).objectStore(DB_STORE).get(conv.id)));
+      if (conv && store.db) adoptStored(await idbDone(store.db.transaction(DB_STORE).objectStore(DB_STORE).get(conv.id)), false);
     }).catch(() => store.live.delete(id));
+  }
+
+  // Every reply of conv that says "streaming" and is not this tab's: watched.
+  function watchStreaming(conv) {
+    for (const m of conv.messages) if (m.status === "streaming") watchLiveRun(m.id);
   }
 
   function storageProblem(err) {
