@@ -4060,8 +4060,8 @@ def local_folder(name: str | None) -> Path | None:
     if Path(name).is_dir():
         return Path(name)
     with contextlib.suppress(Exception):  # not a repo id, or not downloaded: no files to go by
-        from huggingface_hub import snapshot_download
-        return Path(snapshot_download(name, local_files_only=True))
+        from mlx_lm.utils import hf_repo_to_path
+        return hf_repo_to_path(name)
     return None
 
 
@@ -4841,11 +4841,24 @@ class Sequence:
 
 
 def common_prefix(a: Any, b: Any) -> int:
-    """How many leading tokens two int32 numpy arrays share."""
-    import numpy as np
+    """How many leading tokens two token arrays (array.array("i")) share.
+
+    A binary search over their bytes: each comparison is one memcmp in C, so a
+    30k-token prefix costs about 15 of them instead of a Python loop per token.
+    """
     n = min(len(a), len(b))
-    differ = np.flatnonzero(a[:n] != b[:n])
-    return int(differ[0]) if len(differ) else n
+    width = a.itemsize
+    left, right = a[:n].tobytes(), b[:n].tobytes()
+    if left == right:
+        return n
+    same, differs = 0, n  # a[:same] == b[:same] and a[:differs] != b[:differs]
+    while differs - same > 1:
+        mid = (same + differs) // 2
+        if left[:mid * width] == right[:mid * width]:
+            same = mid
+        else:
+            differs = mid
+    return same
 
 
 def cache_length(cache: list) -> int:
@@ -4896,7 +4909,7 @@ def cache_capacity(cache: list) -> int:
 class CacheEntry:
     """One kept KV cache and the tokens it holds."""
 
-    tokens: Any          # numpy int32 array
+    tokens: Any          # array.array("i"): compact, hashable by .tobytes()
     cache: list
     nbytes: int
 
@@ -4922,9 +4935,8 @@ class PromptCache:
 
     def fetch(self, prompt: list[int]) -> tuple[list | None, int]:
         """(a KV cache holding the longest cached prefix the prompt can use, its length) or (None, 0)."""
-        import numpy as np
         from mlx_lm.models.cache import can_trim_prompt_cache
-        wanted = np.asarray(prompt, dtype=np.int32)
+        wanted = array.array("i", prompt)
         best, usable = None, 0
         for entry in self.entries.values():
             shared = min(common_prefix(entry.tokens, wanted), len(prompt) - 1)
@@ -4947,12 +4959,11 @@ class PromptCache:
         the same prefix, they drop exactly what rank 0 dropped, whatever their
         shard's bytes (pipeline stages hold different numbers of layers).
         """
-        import numpy as np
         length = min(len(tokens), cache_length(cache))
         if cache_capacity(cache) > length:  # generate_step's buffers grow 256 tokens at a time: free the slack
             cache = cut_cache(cache, length) or cache
         limit = self.max_bytes if room is None else min(self.max_bytes, max(room, 0))
-        entry = CacheEntry(np.asarray(tokens[:length], dtype=np.int32), cache, cache_nbytes(cache))
+        entry = CacheEntry(array.array("i", tokens[:length]), cache, cache_nbytes(cache))
         self._drop(self.entries.pop(entry.tokens.tobytes(), None))
         self._drop_prefixes_of(entry)
         self._add(entry)
@@ -5128,7 +5139,6 @@ class CacheFolder:
 
     def _restore_one(self, path: Path, cache: PromptCache) -> int:
         import mlx.core as mx
-        import numpy as np
         from mlx.utils import tree_flatten
         from mlx_lm.models.cache import load_prompt_cache
         try:
@@ -5144,7 +5154,8 @@ class CacheFolder:
             return 0
         cache.store(tokens, layers)
         cache.stored.clear()
-        self.saved[np.asarray(tokens, dtype=np.int32).tobytes()] = (np.asarray(tokens, dtype=np.int32), path)
+        saved = array.array("i", tokens)
+        self.saved[saved.tobytes()] = (saved, path)
         return 1
 
 
