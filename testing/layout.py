@@ -115,7 +115,7 @@ SPEC: list[tuple[str, list[str]]] = [
     # The group sits below the engine that drives it (Batch and Engine call it), so
     # a single-process reader skips one fenced section and everything calls upward.
     ("Group: ranks of an mlx.launch group (fenced: a single process never enters it)", [
-        "re:(GROUP|FENCE)_[A-Z_]*", "join_group", "Insert", "Remove", "Keep",
+        "join_group", "Insert", "Remove", "Keep",
         "GroupFailure", "GroupLink", "token_check", "rank0_address", "Lifelines",
     ]),
     ("Engine: one thread that owns MLX, continuous batching, the prompt cache", [
@@ -140,7 +140,7 @@ SPEC: list[tuple[str, list[str]]] = [
         "anthropic_system", "anthropic_message", "document_text", "anthropic_tool_use",
         "anthropic_tool_result", "tool_result_part", "anthropic_tool_choice",
         "dialect_tools", "anthropic_usage", "tool_use_block", "SIGNATURE_KEY",
-        "thinking_signature", "MessagesWriter", "re:anthropic_error\\w*",
+        "thinking_signature", "MessagesWriter",
     ]),
     ("Dialects: OpenAI Responses (/v1/responses)", [
         "RESPONSES_CHECKS", "STATEFUL_FIELDS", "RESPONSES_ROLES", "RESPONSES_TEXT_PARTS",
