@@ -447,9 +447,14 @@ if (typeof window === "undefined" && typeof self !== "undefined" && "clients" in
     }
   }
 
+  // A reply's text without its inline reasoning (<think> blocks), untrimmed.
+  function answerOf(text) {
+    return splitThink(text).filter((p) => !p.think).map((p) => p.text).join("");
+  }
+
   // Reasoning is not sent back to the model in later turns.
   function stripThink(text) {
-    return splitThink(text).filter((p) => !p.think).map((p) => p.text).join("").trim();
+    return answerOf(text).trim();
   }
 
   // =========================================================================
@@ -2467,16 +2472,17 @@ if (typeof window === "undefined" && typeof self !== "undefined" && "clients" in
     if (focused && !ui.stop.hidden) ui.stop.focus(); // its button is gone: focus goes to the way to stop it
   }
 
-  // Continue a reply cut by max tokens: the model gets the conversation up to
-  // and including it, then a short request to go on; what it writes is
-  // appended to the same message. (The chat API takes no prefilled reply, so
-  // the request says so in words.)
-  const CONTINUE_PROMPT = "Continue exactly where your last reply stopped, without repeating anything.";
+  // Continue a reply cut by max tokens: the conversation is sent ending in the
+  // reply itself, which the server continues (a prefill: its text exactly as
+  // it stands, with its reasoning); what it writes is appended to the same
+  // message.
   function continueReply(conv, msg) {
     if (!conv || !msg || msg.role !== "assistant" || runOf(conv)) return;
-    const request = buildMessages(conv, conv.messages.indexOf(msg) + 1);
-    request.messages.push({ role: "user", content: CONTINUE_PROMPT });
-    request.sources.push([]);
+    const request = buildMessages(conv, conv.messages.indexOf(msg));
+    const cut = { role: "assistant", content: answerOf(msg.content) };
+    if (msg.reasoning) cut.reasoning_content = msg.reasoning;
+    request.messages.push(cut);
+    request.sources.push([msg.id]);
     delete msg.finishReason;
     msg.status = "streaming";
     markDirty(conv);
@@ -3556,7 +3562,7 @@ if (typeof window === "undefined" && typeof self !== "undefined" && "clients" in
   }
 
   // Exposed for tests and for the curious; renderMarkdown is pure.
-  window.lemChat = { renderMarkdown, renderStreaming, newStreamView, splitThink, stripThink, state, timing,
+  window.lemChat = { renderMarkdown, renderStreaming, newStreamView, splitThink, stripThink, answerOf, state, timing,
     stop: stopGenerating };
 
   // The offline copy (see the top of this file): only where the browser allows service workers.

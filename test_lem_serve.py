@@ -6055,9 +6055,10 @@ def test_continue_extends_the_same_message(chat):
     after = conversation_in(page)["messages"]
     assert len(after) == 2 and after[1]["id"] == before["id"]
     assert after[1]["content"].startswith(before["content"]) and len(after[1]["content"]) > len(before["content"])
-    sent = posts[0]["messages"]
-    assert sent[1] == {"role": "assistant", "content": page.evaluate("(t) => window.lemChat.stripThink(t)", before["content"])}
-    assert sent[-1]["role"] == "user"
+    sent = posts[0]["messages"]  # the cut reply comes last, as it stands: the server continues it (no "continue" turn)
+    assert [m["role"] for m in sent] == ["user", "assistant"] and sent[0]["content"] == "Write a lot"
+    assert sent[1] == {"role": "assistant", "content": page.evaluate("(t) => window.lemChat.answerOf(t)", before["content"])}
+    assert sent[1]["content"] and after[1]["content"].startswith(sent[1]["content"])
     assert page.locator("article.msg").count() == 2
     chat.check_clean()
 
