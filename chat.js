@@ -3366,12 +3366,12 @@ if (typeof window === "undefined" && typeof self !== "undefined" && "clients" in
       storageWarning: "storage-warning", storageWarningText: "storage-warning-text", storageExport: "storage-export",
       storageRetry: "storage-retry", exportAll: "export-all", importChats: "import-chats", importFile: "import-file",
       settingsExport: "settings-export", toast: "toast", toastText: "toast-text", toastUndo: "toast-undo", toastClose: "toast-close",
-      renameDialog: "rename-dialog", renameInput: "rename-input", renameSave: "rename-save", renameCancel: "rename-cancel",
+      renameDialog: "rename-dialog", renameForm: "rename-form", renameInput: "rename-input", renameCancel: "rename-cancel",
       settingsDialog: "settings-dialog", setSystem: "set-system", setTemperature: "set-temperature",
       setMaxTokens: "set-max-tokens", maxTokensHint: "set-max-tokens-hint", setApiKey: "set-api-key",
       thinkingField: "thinking-field", setThinking: "set-thinking",
       settingsDone: "settings-done", clearHistory: "clear-history", keyDialog: "key-dialog",
-      keyInput: "key-input", keyError: "key-error", keySave: "key-save", keyCancel: "key-cancel",
+      keyForm: "key-form", keyInput: "key-input", keyError: "key-error", keyCancel: "key-cancel",
       main: "main", attachButton: "attach", attachFile: "attach-file", attachments: "attachments",
       conflict: "conflict-note", conflictText: "conflict-text", conflictClose: "conflict-close",
       helpDialog: "help-dialog", helpClose: "help-close", openHelp: "open-help",
@@ -3430,11 +3430,16 @@ if (typeof window === "undefined" && typeof self !== "undefined" && "clients" in
       for (const id of store.failed.keys()) store.dirty.add(id);
       flush();
     });
-    ui.renameSave.addEventListener("click", saveRename);
+    onSubmit(ui.renameForm, saveRename); // the Save button or Enter in the title
     ui.renameCancel.addEventListener("click", () => ui.renameDialog.close());
-    ui.renameInput.addEventListener("keydown", (e) => { if (e.key === "Enter") { e.preventDefault(); saveRename(); } });
     ui.renameDialog.addEventListener("close", () => { if (renaming && renaming.opener && renaming.opener.isConnected) renaming.opener.focus(); renaming = null; });
     if (store.channel) store.channel.addEventListener("message", onStoreMessage);
+  }
+
+  // A dialog's form: its submit button or Enter in a field runs `action`
+  // (the page stays: nothing is posted anywhere).
+  function onSubmit(form, action) {
+    form.addEventListener("submit", (event) => { event.preventDefault(); action(); });
   }
 
   function wireDialogs() {
@@ -3447,9 +3452,8 @@ if (typeof window === "undefined" && typeof self !== "undefined" && "clients" in
     ui.settingsDone.addEventListener("click", () => { saveSettingsFromForm(true); ui.settingsDialog.close(); });
     ui.settingsDialog.addEventListener("close", () => saveSettingsFromForm(true));
     ui.clearHistory.addEventListener("click", clearHistory);
-    ui.keySave.addEventListener("click", saveKeyAndRetry);
+    onSubmit(ui.keyForm, saveKeyAndRetry);
     ui.keyCancel.addEventListener("click", () => ui.keyDialog.close());
-    ui.keyInput.addEventListener("keydown", (e) => { if (e.key === "Enter") { e.preventDefault(); saveKeyAndRetry(); } });
     ui.makeDefault.addEventListener("click", makeDefaults);
     ui.openHelp.addEventListener("click", () => ui.helpDialog.showModal());
     ui.helpClose.addEventListener("click", () => ui.helpDialog.close());
