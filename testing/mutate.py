@@ -617,6 +617,28 @@ MUTATIONS = [
     Mutation("escape-does-not-stop", "Escape leaves the reply streaming",
              (("      stopGenerating(conv);\n    }\n  }\n", "    }\n  }\n"),),
              ("test_two_tabs_on_one_chat_keep_both_replies_and_escape_stops",), target="chat.js"),
+    # Assistant prefill (issue 25's Continue, in the server).
+    Mutation("prefill-keeps-end-of-turn", "a continued assistant message is rendered whole, its end of turn included",
+             (("    return tokenizer.encode(text[:text.index(PREFILL_MARK)], add_special_tokens=False)",
+               "    return tokenizer.encode(text.replace(PREFILL_MARK, \"\"), add_special_tokens=False)"),),
+             ("test_messages_prefill_continues_the_assistant_text",
+              "test_chat_prefill_continues_the_last_assistant_message",
+              "test_responses_prefill_continues_the_last_assistant_message")),
+    Mutation("chat-prefill-ignored", "a chat request ending in an assistant message gets a new reply after it",
+             (("    return continuable and wanted is not False and not fresh", "    return False"),),
+             ("test_chat_prefill_continues_the_last_assistant_message",)),
+    Mutation("responses-prefill-ignored", "Responses input ending in an assistant message gets a new reply after it",
+             (("        prefill=last.get(\"role\") == \"assistant\" and not last.get(\"tool_calls\"),", ""),),
+             ("test_responses_prefill_continues_the_last_assistant_message",)),
+    Mutation("prefill-whitespace-accepted", "an Anthropic prefill ending in whitespace is continued, not refused",
+             (("    if last[\"content\"] != last[\"content\"].rstrip():", "    if False:"),),
+             ("test_messages_prefill_refused_where_anthropic_refuses_it", "test_bad_messages_bodies_are_anthropic_400s")),
+    Mutation("prefill-thinking-accepted", "an Anthropic prefill with thinking on is continued, not refused",
+             (("    if ((body.get(\"thinking\") or {}).get(\"type\")) in THINKING_ON:", "    if False:"),),
+             ("test_messages_prefill_refused_where_anthropic_refuses_it",)),
+    Mutation("prefill-mark-unchecked", "a template that drops the assistant text gets a generic template error",
+             (("    if text.count(PREFILL_MARK) != 1:", "    if False:"),),
+             ("test_prefill_refused_where_the_template_drops_the_assistant_text",)),
 ]
 
 
