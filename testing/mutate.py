@@ -608,6 +608,10 @@ MUTATIONS = [
              (("    delete msg.finishReason;\n    msg.status = \"streaming\";",
                "    delete msg.finishReason;\n    msg.content = \"\";\n    msg.status = \"streaming\";"),),
              ("test_continue_extends_the_same_message",), target="chat.js"),
+    Mutation("continue-asks-in-a-user-turn", "Continue sends a \"continue\" user turn after the cut reply "
+                                             "instead of ending the request with it",
+             (("    request.messages.push(cut);", "    request.messages.push(cut, { role: \"user\", content: \"Continue.\" });"),),
+             ("test_continue_extends_the_same_message",), target="chat.js"),
     Mutation("attachment-not-sent", "an attached file shows as a chip but is left out of the message",
              (("    for (const file of attachments) parts.push(attachmentBlock(file));", ""),),
              ("test_an_attached_file_goes_into_the_request",), target="chat.js"),
