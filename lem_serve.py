@@ -2605,6 +2605,8 @@ CHAT_CHECKS = COMMON_CHECKS + (
     Check("logprobs", (bool,), "a boolean"),
     Check("tools", (list,), 'a list of {"type": "function", "function": {"name": ..., "parameters": {...}}} objects'),
     Check("tool_choice", (str, dict), '"none", "auto", "required" or {"type": "function", "function": {"name": ...}}'),
+    Check("continue_final_message", (bool,), "a boolean"),
+    Check("add_generation_prompt", (bool,), "a boolean"),
     Check("top_logprobs", (int,), f"an integer between 0 and {MAX_TOP_LOGPROBS_CHAT}",
           lambda v: 0 <= v <= MAX_TOP_LOGPROBS_CHAT),
     Check("chat_template_kwargs", (dict,), "an object of chat template arguments, such as {\"enable_thinking\": false}",
@@ -2660,6 +2662,7 @@ class GenerationRequest:
     tool_rule: ToolCallRule | None = None        # tool calls held to their schemas: forced, or lazy for strict tools
     max_context: int = 0                         # chat: messages kept by the window (chat_window); 0 = all
     template_args: dict = dataclasses.field(default_factory=dict)  # chat: extra chat template arguments
+    prefill: bool = False                        # chat: the reply continues the last (assistant) message's text
     split_reasoning: bool = False                # a thinking model's reasoning leaves the text (ReasoningSplitter)
     n: int = 1                                   # choices, decoded together, each in a slot of its own
     show_reasoning: bool = True                  # reasoning reaches the client (the dialects: when asked for)
@@ -2701,7 +2704,8 @@ def parse_generation_request(endpoint: str, body: dict, settings: Settings) -> G
     if endpoint == "chat":
         if "messages" not in body or body["messages"] is None:
             raise invalid("'messages' is required", "messages")
-        fields = {"messages": tuple(parse_message(m, i) for i, m in enumerate(body["messages"])),
+        messages = tuple(parse_message(m, i) for i, m in enumerate(body["messages"]))
+        fields = {"messages": messages, "prefill": chat_prefill(body, messages),
                   "max_context": settings.max_context, "template_args": template_args(body, settings),
                   "split_reasoning": settings.reasoning_format != "none"}
     else:
@@ -2727,6 +2731,25 @@ def parse_generation_request(endpoint: str, body: dict, settings: Settings) -> G
         **output_fields(endpoint, body),
         **sampling_fields(body, settings.sampling),
     )
+
+
+def chat_prefill(body: dict, messages: tuple[dict, ...]) -> bool:
+    """Whether a chat request continues its last message: one from the assistant (llama-server's rule).
+
+    vLLM's fields choose too: continue_final_message true asks for it (and
+    needs such a message), add_generation_prompt true or
+    continue_final_message false ask for a new reply after it instead.
+    """
+    wanted, fresh = body.get("continue_final_message"), body.get("add_generation_prompt")
+    if wanted and fresh:
+        raise invalid("'continue_final_message' and 'add_generation_prompt' cannot both be true",
+                      "continue_final_message")
+    last = messages[-1] if messages else {}
+    continuable = last.get("role") == "assistant" and not last.get("tool_calls")
+    if wanted and not continuable:
+        raise invalid("'continue_final_message' needs a last assistant message without tool calls",
+                      "continue_final_message")
+    return continuable and wanted is not False and not fresh
 
 
 def template_args(body: dict, settings: Settings) -> dict:
@@ -3002,14 +3025,14 @@ def parse_messages_request(body: dict, settings: Settings, counting: bool = Fals
     messages, seen_calls = anthropic_system(body.get("system")), set()
     for i, message in enumerate(body["messages"]):
         messages += anthropic_message(message, i, seen_calls, catalog)
-    if messages[-1]["role"] == "assistant":
-        raise invalid("a last assistant message (a prefilled reply) is not supported; end with a user message",
-                      f"messages[{len(body['messages']) - 1}]")
+    prefill = messages[-1]["role"] == "assistant"
+    if prefill:
+        anthropic_prefill(messages[-1], body, f"messages[{len(body['messages']) - 1}]")
     fields = {"tools": dialect_tools(tools, "input_schema", anthropic_served),
               "tool_choice": anthropic_tool_choice(body.get("tool_choice"))}
     thinking = anthropic_thinking(body.get("thinking"), body.get("max_tokens"))
     return GenerationRequest(
-        endpoint="messages", messages=tuple(messages), stream=bool(body.get("stream")),
+        endpoint="messages", messages=tuple(messages), prefill=prefill, stream=bool(body.get("stream")),
         max_tokens=min(body.get("max_tokens") or settings.max_tokens, settings.max_tokens),
         stop=tuple(body.get("stop_sequences") or ()),
         template_args=template_args({"chat_template_kwargs": None if thinking else {"enable_thinking": False}},
@@ -3017,6 +3040,18 @@ def parse_messages_request(body: dict, settings: Settings, counting: bool = Fals
         split_reasoning=settings.reasoning_format != "none", show_reasoning=thinking,
         **output_fields("messages", fields),
         **sampling_fields({field: body.get(field) for field in ("temperature", "top_p", "top_k")}, settings.sampling))
+
+
+def anthropic_prefill(last: dict, body: dict, param: str) -> None:
+    """Refuse a prefill (a last assistant message) that Anthropic's API refuses: with tool use, with
+    thinking on, or ending in whitespace; the reply continues its text and holds only what follows."""
+    if last.get("tool_calls"):
+        raise invalid("a final assistant message with tool_use blocks needs their tool_result; a prefill "
+                      "is text only", param)
+    if ((body.get("thinking") or {}).get("type")) in THINKING_ON:
+        raise invalid("a prefilled final assistant message is not supported with thinking on", param)
+    if last["content"] != last["content"].rstrip():
+        raise invalid("final assistant content cannot end with trailing whitespace", param)
 
 
 def anthropic_served(tool: dict) -> bool:
@@ -3249,10 +3284,12 @@ def parse_responses_request(body: dict, settings: Settings, previous: list[dict]
               "response_format": responses_format((body.get("text") or {}).get("format"))}
     effort = (body.get("reasoning") or {}).get("effort")
     args = {"reasoning_effort": effort} if isinstance(effort, str) else {}
+    last = messages[-1] if messages else {}
     if effort == "none":  # asked not to reason: templates that can switch thinking off do
         args["chat_template_kwargs"] = {"enable_thinking": False}
     return GenerationRequest(
         endpoint="responses", messages=tuple(messages), stream=bool(body.get("stream")),
+        prefill=last.get("role") == "assistant" and not last.get("tool_calls"),
         max_tokens=min(body.get("max_output_tokens") or settings.max_tokens, settings.max_tokens),
         template_args=template_args(args, settings), split_reasoning=settings.reasoning_format != "none",
         show_reasoning=effort != "none", echo=responses_echo(body), tool_kinds=kinds,
@@ -3958,18 +3995,43 @@ def render_prompt(request: GenerationRequest, model: Model) -> tuple[list[int], 
     kept, dropped = chat_window(request.messages, request.max_context)
     messages = neutralize_billing_header([dict(m) for m in kept])
     if not getattr(tokenizer, "has_chat_template", False):
-        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-        return tokenizer.encode(text), dropped
+        turns = messages[:-1] if request.prefill else messages
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in turns) + "assistant:"
+        return tokenizer.encode(text + (f" {messages[-1]['content']}" if request.prefill else "")), dropped
     tools = check_tool_support(request, tokenizer)
     template = getattr(tokenizer, "chat_template", None)
+    if request.prefill:
+        messages[-1] = {**messages[-1], "content": messages[-1]["content"] + PREFILL_MARK}
     messages = template_messages(messages, template if isinstance(template, str) else "")
     try:
+        if request.prefill:
+            return prefill_prompt(tokenizer, messages, tools, request.template_args), dropped
         return list(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
                                                   tokenize=True, **request.template_args)), dropped
+    except APIError:
+        raise
     except Exception as exc:  # the template rejected the conversation (roles, order)
         window = (f" (the --max-context {request.max_context} window left out the first {dropped} "
                   f"messages; raise it or send fewer)" if dropped else "")
         raise invalid(f"the model's chat template rejected these messages{window}: {exc}", "messages") from None
+
+
+# Put after a continued assistant message's text: the prompt is the rendered conversation up to it, so the
+# template's end of turn (and whatever it does after the text) is cut off, wherever the template puts the text.
+PREFILL_MARK = "\u2060<lem-serve:prefill-end>\u2060"
+
+
+def prefill_prompt(tokenizer: Any, messages: list[dict], tools: list[dict] | None, args: dict) -> list[int]:
+    """The token ids of `messages` rendered without a generation prompt, cut at PREFILL_MARK (ending the
+    last message's content), so that the reply continues that text; a 400 when the template drops it.
+
+    Encoded as apply_chat_template(tokenize=True) encodes: no special tokens added.
+    """
+    text = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=False, tokenize=False, **args)
+    if text.count(PREFILL_MARK) != 1:
+        raise invalid("this model's chat template does not render the last assistant message's text as sent, "
+                      "so it cannot be continued; end with a user message", f"messages[{len(messages) - 1}]")
+    return tokenizer.encode(text[:text.index(PREFILL_MARK)], add_special_tokens=False)
 
 
 # Claude Code (2.1.x) opens its system prompt with a line whose cch= value (and cc_version's suffix) are hashes
