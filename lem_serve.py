@@ -1566,17 +1566,18 @@ SCHEMA_KEYWORDS = {
     "minLength", "maxLength", "pattern", "format",
     "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf",
     "not", "if", "then", "else", "patternProperties", "propertyNames", "dependencies", "dependentRequired",
-    "dependentSchemas", "!enum", "!pattern",   # the last two: what `not` leaves (values, patterns excluded)
+    "dependentSchemas", "contains", "minContains", "maxContains", "!enum", "!pattern",   # the last two: what `not` leaves (values, patterns excluded)
 }
 # Keywords that constrain and are not enforced: a 400 naming them. Any other keyword
 # (annotations, extensions such as x-*, misspellings) is ignored, as validators do.
-SCHEMA_REFUSED = {"contains", "unevaluatedProperties", "unevaluatedItems",
+SCHEMA_REFUSED = {"unevaluatedProperties", "unevaluatedItems",
                   "$dynamicRef", "$recursiveRef", "extends", "disallow", "divisibleBy"}
 # Keywords that say which type they constrain, for schemas without "type".
 KEYWORD_TYPES = {"object": {"properties", "required", "additionalProperties", "minProperties", "maxProperties",
                             "patternProperties", "propertyNames", "dependencies", "dependentRequired",
                             "dependentSchemas"},
-                 "array": {"items", "prefixItems", "additionalItems", "minItems", "maxItems", "uniqueItems"},
+                 "array": {"items", "prefixItems", "additionalItems", "minItems", "maxItems", "uniqueItems",
+                           "contains", "minContains", "maxContains"},
                  "string": {"minLength", "maxLength", "pattern", "format", "!pattern"},
                  "number": {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"}}
 _OCTET = r"(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
@@ -1714,9 +1715,14 @@ class SchemaCompiler:
         raise self.fail(f"unknown JSON Schema type {json.dumps(kind)[:40]}")
 
     def resolve(self, ref: Any) -> Any:
-        """The schema a local JSON pointer ("#", "#/$defs/Name", "#/definitions/...") names."""
+        """The schema a local JSON pointer ("#", "#/$defs/Name", "#/definitions/...") or anchor ("#name") names."""
         if not isinstance(ref, str) or not ref.startswith("#"):
             raise self.fail(f"only local $ref such as '#/$defs/Name' is supported, got {json.dumps(ref)[:60]}")
+        if ref[1:2] not in ("", "/"):
+            target = self.anchor(ref[1:], self.root)
+            if target is None:
+                raise self.fail(f"$ref {ref!r} points at nothing")
+            return target
         target = self.root
         for part in ref[1:].split("/")[1:] if ref != "#" else []:
             part = part.replace("~1", "/").replace("~0", "~")
@@ -1724,6 +1730,15 @@ class SchemaCompiler:
             if target is None:
                 raise self.fail(f"$ref {ref!r} points at nothing")
         return target
+
+    def anchor(self, name: str, node: Any) -> Any:
+        """The subschema under `node` whose $anchor is `name` (draft-06/07: whose $id or id is "#name"), or None."""
+        if isinstance(node, dict) and (node.get("$anchor") == name or "#" + name in (node.get("$id"), node.get("id"))):
+            return node
+        for child in node.values() if isinstance(node, dict) else node if isinstance(node, list) else ():
+            if (found := self.anchor(name, child)) is not None:
+                return found
+        return None
 
     def list_of(self, schema: dict, word: str) -> list:
         value = schema[word]
@@ -1960,8 +1975,8 @@ class SchemaCompiler:
             return {**mine, **{k: {"allOf": [mine[k], v]} if k in mine else v for k, v in value.items()}}
         if key == "required" and isinstance(mine, list) and isinstance(value, list):
             return list(dict.fromkeys(mine + value))
-        if key in ("minimum", "minLength", "minItems", "minProperties", "maximum", "maxLength", "maxItems",
-                   "maxProperties") and _is_number(mine) and _is_number(value):
+        if key in ("minimum", "minLength", "minItems", "minProperties", "minContains", "maximum", "maxLength",
+                   "maxItems", "maxProperties", "maxContains") and _is_number(mine) and _is_number(value):
             return (max if key.startswith("min") else min)(mine, value)
         if key == "type":
             mine, value = _as_list(mine), _as_list(value)
@@ -2152,6 +2167,8 @@ class SchemaCompiler:
         if not isinstance(prefix, list):
             raise self.fail("'prefixItems' must be a list of schemas")
         low, high = self.count(schema, "minItems") or 0, self.count(schema, "maxItems")
+        if "contains" in schema:
+            prefix, items, low = self.contains(schema, prefix, items, low)
         nodes = []
         for sub in prefix:
             node = self.compile(sub, refs, depth + 1)
@@ -2171,6 +2188,19 @@ class SchemaCompiler:
             return Array(tuple(nodes), rest, low, high, unique)
         except ValueError as exc:
             raise self.fail(str(exc)) from None
+
+    def contains(self, schema: dict, prefix: list, items: Any, low: int) -> tuple[list, Any, int]:
+        """contains: the first minContains items match it and, under maxContains, no other item does (its
+        negation must be enforceable, see negate()). Returns (prefix items, other items, minItems)."""
+        least, most = self.count(schema, "minContains"), self.count(schema, "maxContains")
+        least = 1 if least is None else least
+        if most is not None and most < least:
+            raise self.fail("'maxContains' is below 'minContains'")
+        other, must = True if items is None else items, schema["contains"]
+        slots = [prefix[i] if i < len(prefix) else other for i in range(max(least, len(prefix)))]
+        held = [{"allOf": [slot, must if i < least else {"not": must}]} if i < least or most is not None else slot
+                for i, slot in enumerate(slots)]
+        return held, other if most is None else {"allOf": [other, {"not": must}]}, max(low, least)
 
     @staticmethod
     def by_text(node: Piece) -> bool:

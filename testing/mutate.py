@@ -406,6 +406,13 @@ MUTATIONS = [
              (("            if integer or exact.denominator == 1 or Fraction(float(exact)) != exact:",
                "            if integer or exact.denominator == 1:"),),
              ("test_new_keywords_are_enforced_and_every_walk_validates",)),
+    Mutation("json-contains-ignored", "contains / minContains / maxContains constrain nothing",
+             (("        if \"contains\" in schema:\n            prefix, items, low = self.contains(",
+               "        if False:\n            prefix, items, low = self.contains("),),
+             ("test_new_keywords_are_enforced_and_every_walk_validates",)),
+    Mutation("json-anchor-as-root", "a $ref to an $anchor (\"#name\") is read as the root schema",
+             (("        if ref[1:2] not in (\"\", \"/\"):", "        if False:"),),
+             ("test_new_keywords_are_enforced_and_every_walk_validates",)),
     # Issue 21: the prompt cache's budget, the admission queue, memory.
     Mutation("prompt-cache-drops-whole", "an entry larger than the prompt cache's budget is dropped, not cut to "
                                          "the longest prefix that fits",
