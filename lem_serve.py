@@ -1257,6 +1257,11 @@ class Union(Piece):
         return self._alternatives
 
 
+def first_text(node: Piece, forbidden: frozenset) -> str | None:
+    """A shortest complete text of `node` that is not forbidden; None when every one is."""
+    return min((t for alt in node.alternatives if (t := alt.first(forbidden)) is not None), key=len, default=None)
+
+
 def union(alternatives: list) -> Piece | None:
     """The union of the satisfiable alternatives (None stands for one that is not): None, one piece, or a Union."""
     alternatives = [a for a in alternatives if a is not None]
@@ -1281,7 +1286,7 @@ class ValueStart(Piece):
         _, node, _, ex = frame
         if ex is None:
             return node.min_text
-        return min((t for alt in node.alternatives if (t := alt.first(ex[0])) is not None), key=len)
+        return first_text(node, ex[0])
 
 
 VALUE = ValueStart()
@@ -1463,7 +1468,7 @@ class Array(Piece):
 
     def _left(self, count: int, seen: frozenset) -> bool:
         """uniqueItems: whether an item not written yet is left for position `count`."""
-        return any(a.first(seen) is not None for a in self._node(count).alternatives)
+        return first_text(self._node(count), seen) is not None
 
     def finish(self, frame: tuple) -> str:
         _, phase, count, seen, _ = frame
@@ -1475,8 +1480,7 @@ class Array(Piece):
             node = self._node(count)
             if node is None:
                 return None
-            text = node.min_text if not self.unique else min(
-                (t for alt in node.alternatives if (t := alt.first(seen)) is not None), key=len, default=None)
+            text = first_text(node, seen) if self.unique else node.min_text
             if text is None:
                 return None
             parts.append(sep + text)
@@ -1683,10 +1687,8 @@ class SchemaCompiler:
             for part in constraints["allOf"]:
                 merged = self.merge(merged, part)
             return self.compile(merged, refs - hops, depth)
-        if "anyOf" in constraints:
-            return self.any_of(constraints, "anyOf", refs, depth)
-        if "oneOf" in constraints:
-            return self.one_of(constraints, refs, depth)
+        if "anyOf" in constraints or "oneOf" in constraints:
+            return self.any_of(constraints, "anyOf" if "anyOf" in constraints else "oneOf", refs, depth)
         handled, branches = self.branches(constraints)
         rest = {k: v for k, v in constraints.items() if k not in handled}
         if branches is not None:
@@ -1781,8 +1783,7 @@ class SchemaCompiler:
         if words == {"$ref"}:
             return self.negate(self.resolve(schema["$ref"]), hops + 1)
         if words == {"type"}:
-            kinds = {k for k in _as_list(schema["type"]) if isinstance(k, str)}
-            kinds |= {"integer"} if "number" in kinds else set()
+            kinds = _kinds(schema["type"])
             return [{"type": [k for k in JSON_TYPES if k not in kinds and (k != "number" or "integer" not in kinds)]}]
         if words <= {"enum", "const"}:
             return [{"!enum": schema["enum"] if "enum" in schema else [schema["const"]]}]
@@ -1802,23 +1803,25 @@ class SchemaCompiler:
         raise self.fail(f"JSON Schema keyword 'not' is enforced only over type, enum, const, pattern, required, "
                         f"properties, anyOf and allOf, not {sorted(words)[:3]}")
 
-    def one_of(self, schema: dict, refs: int, depth: int) -> Piece | None:
-        """oneOf: each branch narrowed so that no value it produces matches another (else a 400).
+    def any_of(self, schema: dict, word: str, refs: int, depth: int) -> Piece | None:
+        """anyOf and oneOf: the union of the branches, the rest of `schema` merged into each.
 
-        A branch this server cannot enforce is left out: the others are narrowed against it all the same.
+        oneOf's branches are first narrowed so that no value one produces matches another (else a 400).
+        A branch this server cannot enforce is left out while another remains: output that matches one
+        still matches anyOf, and oneOf's other branches were narrowed against it all the same.
         """
-        base = {k: v for k, v in schema.items() if k != "oneOf"}
-        parts = [self.merge(base, alt) if base else alt for alt in self.list_of(schema, "oneOf")]
+        base, one = {k: v for k, v in schema.items() if k != word}, word == "oneOf"
+        parts = [self.merge(base, alt) if base and one else alt for alt in self.list_of(schema, word)]
         alternatives, errors = [], []
         for i, part in enumerate(parts):
             try:
-                narrowed = part
-                for j, other in enumerate(parts):
+                narrowed = self.merge(base, part) if base and not one else part
+                for j, other in enumerate(parts if one else ()):
                     narrowed = narrowed if i == j else self.exclude(narrowed, other, i, j)
                 alternatives.append(self.compile(narrowed, refs, depth))
             except APIError as exc:
                 errors.append(exc)
-                if "oneOf" in exc.message:
+                if one and "oneOf" in exc.message:
                     raise
         if errors and not any(a is not None for a in alternatives):
             raise errors[0]
@@ -1871,11 +1874,9 @@ class SchemaCompiler:
             values = schema["enum"] if "enum" in schema else [schema["const"]]
             return {json_type(v) for v in values} if isinstance(values, list) else None
         if "type" in schema:
-            kinds = {k for k in _as_list(schema["type"]) if isinstance(k, str)}
-            return kinds | {"integer"} if "number" in kinds else kinds
+            return _kinds(schema["type"])
         if produced and not {"anyOf", "oneOf", "not", "if"} & set(schema):
-            inferred = {k for k, words in KEYWORD_TYPES.items() if words & set(schema)}
-            return (inferred | {"integer"} if "number" in inferred else inferred) or None
+            return _kinds([k for k, words in KEYWORD_TYPES.items() if words & set(schema)]) or None
         return None
 
     def disjoint(self, part: dict, other: dict, hops: int = 0) -> bool:
@@ -1928,20 +1929,6 @@ class SchemaCompiler:
         """Whether this server writes no key beyond `properties` for `schema`."""
         extra = schema.get("additionalProperties", None if schema.get("properties") else True)
         return extra in (None, False) and not schema.get("patternProperties")
-
-    def any_of(self, schema: dict, word: str, refs: int, depth: int) -> Piece | None:
-        """anyOf: alternatives this server cannot enforce are left out while another remains (output
-        that matches one still matches anyOf)."""
-        base = {k: v for k, v in schema.items() if k != word}
-        alternatives, errors = [], []
-        for alt in self.list_of(schema, word):
-            try:
-                alternatives.append(self.compile(self.merge(base, alt) if base else alt, refs, depth))
-            except APIError as exc:
-                errors.append(exc)
-        if errors and not any(a is not None for a in alternatives):
-            raise errors[0]
-        return union(alternatives)
 
     def merge(self, a: dict, b: Any, hops: int = 0) -> dict:
         """allOf: one schema with the constraints of both; False when none (what cannot be merged is a 400)."""
@@ -2180,10 +2167,14 @@ class SchemaCompiler:
             items = True if not prefix or low > len(prefix) else False
         rest = self.compile(items, refs, depth + 1)
         unique = schema.get("uniqueItems") is True
-        if unique and low <= 1 and not all(self.by_text(n) for n in nodes + [rest] if n is not None):
+        leaves = [n and self.unique_leaf(n) for n in nodes + [rest]] if unique else []
+        if unique and False not in leaves:
+            nodes, rest = leaves[:-1], leaves[-1]
+        elif unique and low <= 1:
             unique, high = False, 1 if high is None else min(high, 1)   # one item is unique whatever it is
-        if unique:
-            nodes, rest = [self.unique_leaf(n) for n in nodes], rest and self.unique_leaf(rest)
+        elif unique:
+            raise self.fail("'uniqueItems' is enforced for items that are strings, integers, or "
+                            "enum/const/boolean/null values")
         try:
             return Array(tuple(nodes), rest, low, high, unique)
         except ValueError as exc:
@@ -2203,21 +2194,12 @@ class SchemaCompiler:
         return held, other if most is None else {"allOf": [other, {"not": must}]}, max(low, least)
 
     @staticmethod
-    def by_text(node: Piece) -> bool:
-        """Whether equal values of `node` are equal texts (so uniqueItems can compare what was written)."""
-        alternatives = node.alternatives
-        return all(isinstance(a, Literals) for a in alternatives) or len(alternatives) == 1 and \
-            isinstance(node, Leaf) and node.by_text
-
-    def unique_leaf(self, node: Piece) -> Piece:
-        """uniqueItems: items must be values whose JSON text is their identity (see Array)."""
+    def unique_leaf(node: Piece) -> Piece | bool:
+        """uniqueItems: `node` as one leaf whose values' JSON texts are their identity (see Array); False if none."""
         alternatives = node.alternatives
         if all(isinstance(a, Literals) for a in alternatives):
             return Literals(t for a in alternatives for t in a.texts)
-        if len(alternatives) == 1 and isinstance(node, Leaf) and node.by_text:
-            return node
-        raise self.fail("'uniqueItems' is enforced for items that are strings, integers, or enum/const/boolean/null "
-                        "values")
+        return node if len(alternatives) == 1 and isinstance(node, Leaf) and node.by_text else False
 
 
 def accepts_text(node: Piece, text: str) -> bool:
@@ -2242,6 +2224,12 @@ def _names(schema: dict) -> list:
 
 def _as_list(value: Any) -> list:
     return value if isinstance(value, list) else [value]
+
+
+def _kinds(value: Any) -> set:
+    """The type names in a `type` value, and integer where number is (a kind of number)."""
+    kinds = {k for k in _as_list(value) if isinstance(k, str)}
+    return kinds | {"integer"} if "number" in kinds else kinds
 
 
 JSON_TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")

@@ -394,8 +394,8 @@ MUTATIONS = [
                "            pass"),),
              ("test_new_keywords_are_enforced_and_every_walk_validates",)),
     Mutation("json-malformed-type-crashes", "a oneOf branch whose type is not a name crashes the compiler (a 500)",
-             (("            kinds = {k for k in _as_list(schema[\"type\"]) if isinstance(k, str)}\n"
-               "            return kinds", "            kinds = set(_as_list(schema[\"type\"]))\n            return kinds"),),
+             (("    kinds = {k for k in _as_list(value) if isinstance(k, str)}",
+               "    kinds = set(_as_list(value))"),),
              ("test_malformed_schemas_are_answered_never_a_5xx",)),
     Mutation("json-closing-key-too-short", "an excluded key leaf looks for a closing text only 32 characters deep, so a "
              "pattern key longer than that cannot close (a 500 mid-stream)",
