@@ -78,7 +78,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, Callable, Iterator, NoReturn
+from typing import Any, Callable, Iterator, NamedTuple, NoReturn
 
 # MLX is imported inside the engine functions, not here: --threads must reach
 # the numeric libraries' thread pools through the environment before MLX loads.
@@ -1292,20 +1292,43 @@ class ValueStart(Piece):
 VALUE = ValueStart()
 
 
-class Object(Piece):
+class Frame(NamedTuple):
+    """An object's or array's frame (see Container, Object and Array)."""
+
+    piece: Any
+    phase: str         # open (after "{" or "["), comma, key (a key leaf is on top), colon (a key written), value
+    at: int            # the next declared property or item (see Object and Array)
+    count: int         # properties written, kept only when min/maxProperties ask
+    seen: frozenset    # texts that may not repeat: extra keys written, uniqueItems' items
+    spaces: int        # whitespace since the last token
+
+
+class Container(Piece):
+    """A JSON object or array: its brackets and the whitespace between its tokens; the rest is `inner`'s."""
+
+    brackets = "{}"
+
+    def begin(self, ch: str, ex: tuple | None) -> list:
+        return [(Frame(self, "open", 0, 0, frozenset(), 0),)] if ch == self.brackets[0] else []
+
+    def step(self, frame: Frame, ch: str) -> list:
+        if ch in JSON_WHITESPACE and frame.phase != "key":
+            return [(frame._replace(spaces=frame.spaces + 1),)] if frame.spaces < JSON_MAX_WHITESPACE else []
+        if ch == self.brackets[1] and frame.phase in ("open", "value"):
+            return [()] if self.may_close(frame) else []
+        return self.inner(frame._replace(spaces=0), ch)
+
+
+class Object(Container):
     """A JSON object: declared properties in their order, each at most once, then extra keys.
 
     props: (name, node, required) triples. Other keys are `key` leaves
     (propertyNames; None: no other keys), never a declared or `banned` name
     nor one already written; an extra key's value is values[matched], matched
     being the indices of the `patterns` (patternProperties) that match the key
-    ((): additionalProperties). Frame: (piece, phase, index, count, seen,
-    whitespace); phase is open (after "{"), comma, key (a key leaf is on top),
-    colon (a key written) or value (after a value); index is the first
-    declared property still allowed (in "colon": the chosen one, or
-    len(props) + j for the extra key whose value is node j); count is
-    properties written (kept only when min/maxProperties ask); seen holds the
-    extra keys written, so that none repeats.
+    ((): additionalProperties). In a Frame, `at` is the first declared
+    property still allowed (in "colon": the chosen one, or len(props) + j for
+    the extra key whose value is node j); `seen` holds the extra keys written.
     """
 
     def __init__(self, props: tuple, extras: Piece | None = None, min_props: int = 0, max_props: int | None = None,
@@ -1325,23 +1348,15 @@ class Object(Piece):
             raise ValueError("no object has these properties within minProperties/maxProperties")
         self.min_text = "{" + tail
 
-    def begin(self, ch: str, ex: tuple | None) -> list:
-        return [((self, "open", 0, 0, frozenset(), 0),)] if ch == "{" else []
-
-    def step(self, frame: tuple, ch: str) -> list:
-        _, phase, index, count, seen, spaces = frame
-        if ch in JSON_WHITESPACE and phase != "key":
-            return [((self, phase, index, count, seen, spaces + 1),)] if spaces < JSON_MAX_WHITESPACE else []
-        if ch == "}" and phase in ("open", "value") and self._may_close(index, count):
-            return [()]
+    def inner(self, frame: Frame, ch: str) -> list:
+        _, phase, index, count, seen, _ = frame
         if ch == "," and phase == "value" and any(self._choices(index, count)):
-            return [((self, "comma", index, count, seen, 0),)]
+            return [(frame._replace(phase="comma"),)]
         if ch == '"' and phase in ("open", "comma"):
-            keying = (self, "key", index, count, seen, 0)
-            return [(keying, key) for key in self._key_frames(index, count, seen)]
+            return [(frame._replace(phase="key"), key) for key in self._key_frames(index, count, seen)]
         if ch == ":" and phase == "colon":
             node, nxt = self._value(index)
-            return [((self, "value", nxt, count + self.counts, seen, 0), (VALUE, node, 0, None))]
+            return [(Frame(self, "value", nxt, count + self.counts, seen, 0), (VALUE, node, 0, None))]
         return []
 
     def _value(self, index: int) -> tuple:
@@ -1350,15 +1365,15 @@ class Object(Piece):
             return self.props[index][1], index + 1
         return self.values[self.slots[index - len(self.props)]], len(self.props)
 
-    def child_done(self, frame: tuple, child: tuple) -> tuple | None:
-        _, phase, index, count, seen, _ = frame
-        if phase != "key":
+    def child_done(self, frame: Frame, child: tuple) -> Frame | None:
+        if frame.phase != "key":
             return frame
         text = child[-1]
         if child[0] is self.key:
             slot = self._slot(text)
-            return None if slot is None else (self, "colon", len(self.props) + slot, count, seen | {text}, 0)
-        return (self, "colon", self.keys[text], count, seen, 0)
+            return None if slot is None else frame._replace(phase="colon", at=len(self.props) + slot,
+                                                            seen=frame.seen | {text})
+        return frame._replace(phase="colon", at=self.keys[text])
 
     def _slot(self, text: str) -> int | None:
         """Which value node an extra key's text (quoted, unescaped) takes; None: no value may follow it."""
@@ -1366,8 +1381,8 @@ class Object(Piece):
         node = self.values.get(matched)
         return None if node is None else self.slots.index(matched)
 
-    def _may_close(self, index: int, count: int) -> bool:
-        return self.required_from[index] == 0 and (not self.counts or count >= self.min_props)
+    def may_close(self, frame: Frame) -> bool:
+        return self.required_from[frame.at] == 0 and (not self.counts or frame.count >= self.min_props)
 
     def _choices(self, index: int, count: int) -> tuple[tuple[int, ...], bool]:
         """(declared properties that may come next, whether an extra key may), leaving room for min/maxProperties."""
@@ -1419,14 +1434,16 @@ class Object(Piece):
         return "".join(parts) + "}"
 
 
-class Array(Piece):
+class Array(Container):
     """A JSON array: `prefix` items (tuples) then `items` ones (None: no more), within min/max_items.
 
     With `unique`, items are leaves (checked at compile time) under an
-    exclusion of the texts already written. Frame: (piece, phase, count, seen,
-    whitespace); phase is open or value; count is items begun (capped once
-    it no longer matters, so long arrays reuse masks).
+    exclusion of the texts already written (a Frame's `seen`). In a Frame,
+    phase is open or value, and `at` is the items begun (capped once it no
+    longer matters, so long arrays reuse masks).
     """
+
+    brackets = "[]"
 
     def __init__(self, prefix: tuple, items: Piece | None, min_items: int = 0, max_items: int | None = None,
                  unique: bool = False):
@@ -1440,25 +1457,21 @@ class Array(Piece):
             raise ValueError("no array has these items within minItems/maxItems (and uniqueItems)")
         self.min_text = "[" + tail
 
-    def begin(self, ch: str, ex: tuple | None) -> list:
-        return [((self, "open", 0, frozenset(), 0),)] if ch == "[" else []
+    def may_close(self, frame: Frame) -> bool:
+        return frame.at >= self.min_items
 
-    def step(self, frame: tuple, ch: str) -> list:
-        _, phase, count, seen, spaces = frame
-        if ch in JSON_WHITESPACE:
-            return [((self, phase, count, seen, spaces + 1),)] if spaces < JSON_MAX_WHITESPACE else []
-        if ch == "]":
-            return [()] if count >= self.min_items else []
+    def inner(self, frame: Frame, ch: str) -> list:
+        _, phase, count, _, seen, _ = frame
         if (phase == "value" and ch != ",") or not self._more(count):
             return []
-        after = (self, "value", count + 1 if self.cap is None else min(count + 1, self.cap), seen, 0)
+        after = frame._replace(phase="value", at=count + 1 if self.cap is None else min(count + 1, self.cap))
         item = (VALUE, self._node(count), 0, (seen, True) if self.unique else None)
         if phase == "open":  # the first item begins with `ch`
             return [(after,) + frames for frames in VALUE.step(item[:2] + (JSON_MAX_WHITESPACE,) + item[3:], ch)]
         return [(after, item)] if not self.unique or self._left(count, seen) else []
 
-    def child_done(self, frame: tuple, child: tuple) -> tuple:
-        return frame[:3] + (frame[3] | {child[-1]},) + frame[4:] if self.unique else frame
+    def child_done(self, frame: Frame, child: tuple) -> Frame:
+        return frame._replace(seen=frame.seen | {child[-1]}) if self.unique else frame
 
     def _node(self, index: int) -> Piece:
         return self.prefix[index] if index < len(self.prefix) else self.items
@@ -1470,9 +1483,8 @@ class Array(Piece):
         """uniqueItems: whether an item not written yet is left for position `count`."""
         return first_text(self._node(count), seen) is not None
 
-    def finish(self, frame: tuple) -> str:
-        _, phase, count, seen, _ = frame
-        return self._tail(count, seen, "," if phase == "value" else "")
+    def finish(self, frame: Frame) -> str:
+        return self._tail(frame.at, frame.seen, "," if frame.phase == "value" else "")
 
     def _tail(self, count: int, seen: frozenset, sep: str) -> str | None:
         parts = []
