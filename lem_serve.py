@@ -2280,6 +2280,9 @@ class Constraint:
     key: str                  # canonical JSON of the schema: equal keys share cached token masks
 
 
+JSON_OBJECT = Constraint(ANY_OBJECT, "json_object")   # response_format json_object, and a lazy call's arguments
+
+
 @dataclass(frozen=True)
 class ToolCallRule:
     """Tool calls whose arguments the engine holds to a schema, written in the model's own call syntax.
@@ -2302,15 +2305,19 @@ def tool_call_rule(tools: tuple[dict, ...], forced: list[str], choice: str) -> T
                                   if t["function"]["name"] == name), forced=True)
     if choice != "auto" or not any(t["function"].get("strict") is True for t in tools):
         return None
-    free = Constraint(ANY_OBJECT, "json_object")
+    free = JSON_OBJECT
     return ToolCallRule(tuple((t["function"]["name"], arguments_constraint(t) if t["function"].get("strict") is True
                                else free) for t in tools), forced=False)
 
 
 def arguments_constraint(tool: dict) -> Constraint:
     """A function tool's arguments as a constraint: its parameters schema (a 400 naming 'tools' if unenforceable)."""
-    schema = tool["function"].get("parameters") or {"type": "object"}
-    return Constraint(compile_schema(schema, schema, "tools"), json.dumps(schema, sort_keys=True))
+    return schema_constraint(tool["function"].get("parameters") or {"type": "object"}, "tools")
+
+
+def schema_constraint(schema: Any, param: str) -> Constraint:
+    """A JSON Schema as a constraint (compile_schema: a 400 naming `param` if it cannot be enforced)."""
+    return Constraint(compile_schema(schema, schema, param), json.dumps(schema, sort_keys=True))
 
 
 # -- JSON-constrained decoding: the automaton lifted to tokens
@@ -2381,16 +2388,13 @@ def token_texts(tokenizer: Any, size: int) -> list[str | None]:
             else None for token, text in enumerate(decoded)]
 
 
-_TOKEN_TABLES: dict[int, tuple[Any, TokenTable]] = {}
+_TOKEN_TABLES = Cache(4)   # by tokenizer id; an entry holds its tokenizer, so the id stays that tokenizer's
 _CONSTRAINTS = Cache(JSON_CONSTRAINT_CACHE)
 
 
 def token_table(tokenizer: Any) -> TokenTable:
     """The tokenizer's TokenTable, built on first use (about a second for 50k tokens)."""
-    entry = _TOKEN_TABLES.get(id(tokenizer))
-    if entry is None:
-        entry = _TOKEN_TABLES[id(tokenizer)] = (tokenizer, TokenTable(tokenizer))
-    return entry[1]
+    return _TOKEN_TABLES.get_or(id(tokenizer), lambda: (tokenizer, TokenTable(tokenizer)))[1]
 
 
 class JsonMasks:
@@ -2503,9 +2507,12 @@ def commitment(start: tuple) -> int:
     return 2 * most
 
 
-def json_masks(tokenizer: Any, key: tuple, start: tuple) -> JsonMasks:
-    """The shared, cached masks for a constraint: requests with the same schema reuse them."""
-    return _CONSTRAINTS.get_or((id(tokenizer),) + key, lambda: JsonMasks(token_table(tokenizer), start))
+def json_constraint(constraint: Constraint, tokenizer: Any, budget: int) -> JsonConstraint:
+    """The logits processor that forces the constraint's JSON within `budget` tokens. Its masks are shared:
+    requests with the same schema reuse them."""
+    masks = _CONSTRAINTS.get_or((id(tokenizer), constraint.key), lambda: JsonMasks(
+        token_table(tokenizer), json_start(constraint.node)))
+    return JsonConstraint(masks, budget)
 
 
 class JsonConstraint:
@@ -2955,13 +2962,12 @@ def parse_response_format(value: dict | None, param: str = "response_format") ->
     if kind == "text":
         return None
     if kind == "json_object":
-        return Constraint(ANY_OBJECT, "json_object")
+        return JSON_OBJECT
     spec = value.get("json_schema")
     if kind != "json_schema" or not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
         raise invalid(f"'{param}' must be {{\"type\": \"text\"}}, {{\"type\": \"json_object\"}} or "
                       "{\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., \"schema\": {...}}}", param)
-    schema = spec["schema"]
-    return Constraint(compile_schema(schema, schema, param), json.dumps(schema, sort_keys=True))
+    return schema_constraint(spec["schema"], param)
 
 
 def chat_window(messages: tuple[dict, ...], keep: int) -> tuple[tuple[dict, ...], int]:
@@ -4467,16 +4473,9 @@ def answer_constraint(request: GenerationRequest, model: Model, budget: int, pro
     form = chat_format_of(model.tokenizer) if chat else None
     header, thinking = (form.answer if form else ""), chat and think_opened(model.tokenizer, prompt)
     if not header and not thinking:
-        return json_constraint(request.constraint, model, budget)
+        return json_constraint(request.constraint, model.tokenizer, budget)
     rule = ToolCallRule((("", request.constraint),), forced=True)
     return ToolCallConstraint(rule, model, budget, thinking, write=lambda _name: (header, ""))
-
-
-def json_constraint(constraint: Constraint, model: Model, budget: int) -> Callable[[Any, Any], Any]:
-    """The logits processor that forces the constraint's JSON."""
-    tokenizer = model.tokenizer
-    masks = json_masks(tokenizer, (constraint.key,), json_start(constraint.node))
-    return JsonConstraint(masks, budget)
 
 
 def literal_tokens(tokenizer: Any, text: str) -> list[int]:
@@ -4580,7 +4579,7 @@ class ToolCallConstraint:
         import mlx.core as mx
         if self.arguments is None:
             constraint = dict(self.rule.calls)[self.chosen]
-            self.arguments = json_constraint(constraint, self.model, max(self.left + 1 - len(self.tail_ids), 1))
+            self.arguments = json_constraint(constraint, self.model.tokenizer, max(self.left + 1 - len(self.tail_ids), 1))
         masked = self.arguments(tokens, logits)
         allowed = masked > -math.inf
         eos = JsonMasks.ids_mask(self.eos, logits.shape[-1])
