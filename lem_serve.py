@@ -2482,6 +2482,12 @@ class JsonMasks:
                     todo.append((child, after))
         return ids
 
+def masked(logits: Any, mask: Any) -> Any:
+    """`logits` with -inf wherever the boolean `mask` is false."""
+    import mlx.core as mx
+    return mx.where(mask, logits, mx.array(-math.inf, dtype=logits.dtype))
+
+
 def commitment(start: tuple) -> int:
     """The most one token can add to the closing text, in characters (so in tokens at most).
 
@@ -2535,7 +2541,6 @@ class JsonConstraint:
         self.plan: list[int] | None = None   # the closing tokens still to come, once closing
 
     def __call__(self, tokens: Any, logits: Any) -> Any:
-        import mlx.core as mx
         if self.started:
             self._advance(int(tokens[-1].item()))
         self.started = True
@@ -2544,9 +2549,8 @@ class JsonConstraint:
             plan = self.masks.closing(self.state)
             if plan is not None and len(plan) + 1 + self.masks.slack >= self.left:
                 self.plan = plan
-        mask = self._mask(width)
         self.left -= 1
-        return mx.where(mask, logits, mx.array(-math.inf, dtype=logits.dtype))
+        return masked(logits, self._mask(width))
 
     def _mask(self, width: int) -> Any:
         if self.state and self.plan:
@@ -4579,20 +4583,20 @@ class ToolCallConstraint:
         import mlx.core as mx
         if self.arguments is None:
             constraint = dict(self.rule.calls)[self.chosen]
-            self.arguments = json_constraint(constraint, self.model.tokenizer, max(self.left + 1 - len(self.tail_ids), 1))
-        masked = self.arguments(tokens, logits)
-        allowed = masked > -math.inf
+            budget = max(self.left + 1 - len(self.tail_ids), 1)
+            self.arguments = json_constraint(constraint, self.model.tokenizer, budget)
+        held = self.arguments(tokens, logits)
+        allowed = held > -math.inf
         eos = JsonMasks.ids_mask(self.eos, logits.shape[-1])
         self.complete = bool(mx.any(allowed & eos).item())
         if not self.complete:
-            return masked
+            return held
         if not self.tail_ids:   # the call ends with its arguments
             if self.rule.forced:
-                return masked
+                return held
             self._free()
             return logits
-        first = JsonMasks.ids_mask(self.tail_ids[:1], logits.shape[-1])
-        return mx.where((allowed & ~eos) | first, logits, mx.array(-math.inf, dtype=logits.dtype))
+        return masked(logits, (allowed & ~eos) | JsonMasks.ids_mask(self.tail_ids[:1], logits.shape[-1]))
 
     def _advance(self, token: int) -> None:
         """Follow the token just sampled."""
@@ -4629,15 +4633,11 @@ class ToolCallConstraint:
 
     @staticmethod
     def _only(logits: Any, ids: set[int]) -> Any:
-        import mlx.core as mx
-        mask = JsonMasks.ids_mask(sorted(ids), logits.shape[-1])
-        return mx.where(mask, logits, mx.array(-math.inf, dtype=logits.dtype))
+        return masked(logits, JsonMasks.ids_mask(sorted(ids), logits.shape[-1]))
 
     @staticmethod
     def _without(logits: Any, ids: list[int]) -> Any:
-        import mlx.core as mx
-        mask = JsonMasks.ids_mask(ids, logits.shape[-1])
-        return mx.where(mask, mx.array(-math.inf, dtype=logits.dtype), logits)
+        return masked(logits, ~JsonMasks.ids_mask(ids, logits.shape[-1]))
 
 
 def make_token_sampler(request: GenerationRequest) -> Callable[[Any], Any]:
