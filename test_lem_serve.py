@@ -3643,6 +3643,18 @@ def test_responses_prefill_continues_the_last_assistant_message(server, model, o
     assert response.output_text == expected and response.incomplete_details.reason == "max_output_tokens"
 
 
+def test_prefill_cuts_each_family_template_where_transformers_does(family_server):
+    """The prompt of a prefill on real templates (thinking ones too) is as long as transformers'
+    continue_final_message makes it: cut right after the text, no end of turn."""
+    _, _, server, model = family_server
+    messages = [{"role": "user", "content": "What now?"}, {"role": "assistant", "content": "The answer is"}]
+    counted = request(server, "POST", "/v1/messages/count_tokens", {"messages": messages})
+    assert counted.status == 200, counted.raw
+    expected = model.tokenizer.apply_chat_template(messages, continue_final_message=True, enable_thinking=False)
+    assert counted.json()["input_tokens"] == len(expected)
+    assert model.tokenizer.decode(expected).endswith("The answer is")
+
+
 def test_prefill_refused_where_the_template_drops_the_assistant_text(model, model_dir, tmp_path):
     template = "{% for m in messages %}{% if m.role != 'assistant' %}{{ m.content }}\n{% endif %}{% endfor %}"
     folder = with_chat_template(model_dir, tmp_path / "model", template)
@@ -6061,9 +6073,10 @@ def test_continue_extends_the_same_message(chat):
     after = conversation_in(page)["messages"]
     assert len(after) == 2 and after[1]["id"] == before["id"]
     assert after[1]["content"].startswith(before["content"]) and len(after[1]["content"]) > len(before["content"])
-    sent = posts[0]["messages"]
-    assert sent[1] == {"role": "assistant", "content": page.evaluate("(t) => window.lemChat.stripThink(t)", before["content"])}
-    assert sent[-1]["role"] == "user"
+    sent = posts[0]["messages"]  # the cut reply comes last, as it stands: the server continues it (no "continue" turn)
+    assert [m["role"] for m in sent] == ["user", "assistant"] and sent[0]["content"] == "Write a lot"
+    assert sent[1] == {"role": "assistant", "content": page.evaluate("(t) => window.lemChat.answerOf(t)", before["content"])}
+    assert sent[1]["content"] and after[1]["content"].startswith(sent[1]["content"])
     assert page.locator("article.msg").count() == 2
     chat.check_clean()
 
