@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import functools
 import gc
 import http.client
 import importlib
@@ -3621,8 +3622,9 @@ def slip_server(tmp_path_factory):
         yield srv
 
 
+@functools.lru_cache(maxsize=None)
 def sdk_type(kind):
-    """A pydantic validator for an SDK type (a model class or a union of them)."""
+    """A pydantic validator for an SDK type (a model class or a union of them), built once per type."""
     pydantic = pytest.importorskip("pydantic")
     return pydantic.TypeAdapter(kind)
 
@@ -4131,7 +4133,7 @@ def test_sdk_types_strictly_for_every_shape_sent(server, thinking_server, slip_s
 
 # A long tool call (a Write of a file), in Qwen's format after a line of text: its arguments must stream
 # as the model writes them (issue 23 item 5), not arrive in one piece when the call closes.
-WRITE_ARGS = {"path": "notes/todo.md", "content": "".join(f"- item {i}: check the {i}th box\n" for i in range(40))}
+WRITE_ARGS = {"path": "notes/todo.md", "content": "".join(f"- item {i}: check the {i}th box\n" for i in range(24))}
 WRITE_TOOL = {"name": "write_file", "description": "Write a file",
               "parameters": {"type": "object", "properties": {"path": {"type": "string"}, "content": {"type": "string"}},
                              "required": ["path", "content"]}}
