@@ -4132,12 +4132,13 @@ def test_sdk_types_strictly_for_every_shape_sent(server, thinking_server, slip_s
 
 
 # A long tool call (a Write of a file), in Qwen's format after a line of text: its arguments must stream
-# as the model writes them (issue 23 item 5), not arrive in one piece when the call closes.
+# as the model writes them (issue 23 item 5), not arrive in one piece when the call closes. Written compact,
+# so the final arguments equal the streamed pieces only if they are the model's text, not re-encoded JSON.
 WRITE_ARGS = {"path": "notes/todo.md", "content": "".join(f"- item {i}: check the {i}th box\n" for i in range(24))}
 WRITE_TOOL = {"name": "write_file", "description": "Write a file",
               "parameters": {"type": "object", "properties": {"path": {"type": "string"}, "content": {"type": "string"}},
                              "required": ["path", "content"]}}
-WRITE_SCRIPT = "I will write it.\n" + QWEN_CALL.format("write_file", json.dumps(WRITE_ARGS))
+WRITE_SCRIPT = "I will write it.\n" + QWEN_CALL.format("write_file", json.dumps(WRITE_ARGS, separators=(",", ":")))
 
 
 @pytest.fixture(scope="module")
