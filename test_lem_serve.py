@@ -3450,7 +3450,7 @@ BAD_MESSAGES_BODIES = [
     ("tool_use from the user", {"max_tokens": 5, "messages": [{"role": "user", "content": [
         {"type": "tool_use", "id": "t", "name": "f", "input": {}}]}]}),
     ("tool_result without id", {"max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "tool_result"}]}]}),
-    ("prefilled reply", {"max_tokens": 5, "messages": [*HELLO, {"role": "assistant", "content": "Sure,"}]}),
+    ("prefill ending in a space", {"max_tokens": 5, "messages": [*HELLO, {"role": "assistant", "content": "Sure, "}]}),
     ("tool_choice without tools", {"max_tokens": 5, "messages": HELLO, "tool_choice": {"type": "any"}}),
     ("tool_choice unknown tool", {"max_tokens": 5, "messages": HELLO, "tools": [as_anthropic_tool(ADD)],
                                   "tool_choice": {"type": "tool", "name": "nope"}}),
@@ -3590,6 +3590,96 @@ def test_metrics_count_the_dialects_per_endpoint(make_server):
     cached = second["usage"]["input_tokens_details"]["cached_tokens"]
     assert cached == second["usage"]["input_tokens"] - 1
     assert samples["lem_cached_prompt_tokens_total", ""] >= 2 * cached  # each second request read its first's prefix
+
+
+PREFILL = [*HELLO, {"role": "assistant", "content": "The answer is"}]  # a reply to continue (a prefill)
+
+
+def prefill_reference(model, messages: list[dict], max_tokens: int) -> tuple[str, list[int]]:
+    """What mlx_lm.generate writes after the conversation rendered up to the end of its last (assistant) text,
+    found as transformers' continue_final_message finds it; and that prompt's tokens."""
+    import mlx_lm
+    text = model.tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
+    last = messages[-1]["content"]
+    cut = text[:text.rindex(last) + len(last)]
+    return mlx_lm.generate(model.model, model.tokenizer, cut, max_tokens=max_tokens), model.tokenizer.encode(cut)
+
+
+def first_visible(text: str) -> str:
+    """The first non-space character of the second half of `text` (a stop sequence that cuts it there)."""
+    return next(c for c in text[len(text) // 2:] if not c.isspace())
+
+
+def test_messages_prefill_continues_the_assistant_text(server, model, anthropic_client):
+    expected, prompt = prefill_reference(model, PREFILL, 12)
+    message = anthropic_client.messages.create(model="m", max_tokens=12, messages=PREFILL, extra_body=GREEDY)
+    assert [b.type for b in message.content] == ["text"] and message.content[0].text == expected
+    assert message.stop_reason == "max_tokens" and message.usage.output_tokens == 12
+    with anthropic_client.messages.stream(model="m", max_tokens=12, messages=PREFILL, extra_body=GREEDY) as events:
+        streamed, final = "".join(events.text_stream), events.get_final_message()
+    assert streamed == expected and final.content[0].text == expected
+    usage = final.usage  # the second request read the first's prompt from the cache
+    assert usage.cache_read_input_tokens == len(prompt) - 1 and usage.input_tokens == 1
+    stop = first_visible(expected)
+    cut = anthropic_client.messages.create(model="m", max_tokens=12, messages=PREFILL, stop_sequences=[stop],
+                                           extra_body=GREEDY)
+    assert cut.content[0].text == expected[:expected.index(stop)]
+    assert cut.stop_reason == "stop_sequence" and cut.stop_sequence == stop
+
+
+@pytest.mark.parametrize("content, why", [("The answer is ", "trailing whitespace"),
+                                          ("The answer is", "thinking")])
+def test_messages_prefill_refused_where_anthropic_refuses_it(server, content, why):
+    thinking = {"thinking": {"type": "enabled", "budget_tokens": 1024}} if why == "thinking" else {}
+    reply = request(server, "POST", "/v1/messages", {"max_tokens": 2000, **thinking, "messages": [
+        *HELLO, {"role": "assistant", "content": [{"type": "text", "text": content}]}]})
+    assert why in assert_anthropic_error(reply, 400, "invalid_request_error")["message"]
+
+
+def test_chat_prefill_continues_the_last_assistant_message(server, model, openai_client):
+    expected, _ = prefill_reference(model, PREFILL, 12)
+    reply = openai_client.chat.completions.create(model="tiny", messages=PREFILL, max_tokens=12, temperature=0)
+    assert reply.choices[0].message.content == expected and reply.choices[0].finish_reason == "length"
+    chunks = openai_client.chat.completions.create(model="tiny", messages=PREFILL, max_tokens=12, temperature=0,
+                                                   stream=True, extra_body={"continue_final_message": True})
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    stop = first_visible(expected)
+    cut = openai_client.chat.completions.create(model="tiny", messages=PREFILL, max_tokens=12, temperature=0,
+                                                stop=[stop])
+    assert cut.choices[0].message.content == expected[:expected.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    fresh = openai_client.chat.completions.create(model="tiny", messages=PREFILL, max_tokens=12, temperature=0,
+                                                  extra_body={"add_generation_prompt": True})
+    assert fresh.choices[0].message.content == mlx_reference(model, chat_prompt(model, PREFILL), 12)
+    refused = request(server, "POST", "/v1/chat/completions", {"messages": HELLO, "continue_final_message": True})
+    assert "last assistant message" in assert_openai_error(refused, 400, "continue_final_message")["message"]
+
+
+def test_responses_prefill_continues_the_last_assistant_message(server, model, openai_client):
+    expected, _ = prefill_reference(model, PREFILL, 12)
+    response = openai_client.responses.create(model="tiny", input=PREFILL, max_output_tokens=12, temperature=0)
+    assert response.output_text == expected and response.incomplete_details.reason == "max_output_tokens"
+
+
+def test_prefill_cuts_each_family_template_where_transformers_does(family_server):
+    """The prompt of a prefill on real templates (thinking ones too) is as long as transformers'
+    continue_final_message makes it: cut right after the text, no end of turn."""
+    _, _, server, model = family_server
+    messages = [{"role": "user", "content": "What now?"}, {"role": "assistant", "content": "The answer is"}]
+    counted = request(server, "POST", "/v1/messages/count_tokens", {"messages": messages})
+    assert counted.status == 200, counted.raw
+    expected = model.tokenizer.apply_chat_template(messages, continue_final_message=True, enable_thinking=False)
+    assert counted.json()["input_tokens"] == len(expected)
+    assert model.tokenizer.decode(expected).endswith("The answer is")
+
+
+def test_prefill_refused_where_the_template_drops_the_assistant_text(model, model_dir, tmp_path):
+    template = "{% for m in messages %}{% if m.role != 'assistant' %}{{ m.content }}\n{% endif %}{% endfor %}"
+    folder = with_chat_template(model_dir, tmp_path / "model", template)
+    with running_server(lem_serve.load_model(lem_serve.Settings(model_path=str(folder))), folder) as srv:
+        reply = request(srv, "POST", "/v1/messages", {"max_tokens": 5, "messages": PREFILL})
+        assert "cannot be continued" in assert_anthropic_error(reply, 400, "invalid_request_error")["message"]
+        assert request(srv, "POST", "/v1/messages", {"max_tokens": 5, "messages": HELLO}).status == 200
 
 
 # ---------------------------------------------------------------------------
@@ -6100,9 +6190,10 @@ def test_continue_extends_the_same_message(chat):
     after = conversation_in(page)["messages"]
     assert len(after) == 2 and after[1]["id"] == before["id"]
     assert after[1]["content"].startswith(before["content"]) and len(after[1]["content"]) > len(before["content"])
-    sent = posts[0]["messages"]
-    assert sent[1] == {"role": "assistant", "content": page.evaluate("(t) => window.lemChat.stripThink(t)", before["content"])}
-    assert sent[-1]["role"] == "user"
+    sent = posts[0]["messages"]  # the cut reply comes last, as it stands: the server continues it (no "continue" turn)
+    assert [m["role"] for m in sent] == ["user", "assistant"] and sent[0]["content"] == "Write a lot"
+    assert sent[1] == {"role": "assistant", "content": page.evaluate("(t) => window.lemChat.answerOf(t)", before["content"])}
+    assert sent[1]["content"] and after[1]["content"].startswith(sent[1]["content"])
     assert page.locator("article.msg").count() == 2
     chat.check_clean()
 
