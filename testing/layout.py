@@ -70,16 +70,17 @@ SPEC: list[tuple[str, list[str]]] = [
         "QUANTIFIER", "RegexParser", "ANYTHING", "lookaheads", "Regex", "regex_for",
         "ANY_TEXT", "_digits", "int_range", "_fraction", "_magnitude", "number_bound",
         "Cache", "_track", "Piece", "Literals", "Leaf", "_leaf_after", "number_leaf",
-        "Union", "union", "ValueStart", "VALUE", "Object", "Array", "json_start",
+        "Union", "first_text", "union", "ValueStart", "VALUE", "Frame", "Container", "Object", "Array",
+        "json_start",
         "json_advance", "json_complete", "json_closing_text", "_step", "_pop", "_settle",
         "_closing", "SCHEMA_KEYWORDS", "SCHEMA_REFUSED", "KEYWORD_TYPES",
         "re:_(OCTET|H16|YEAR|DATE|TIME|LABEL|HOST|PCHAR|DAYS|HOURS)", "FORMATS",
         "_RELATIVE", "HOSTNAME_MAX_LENGTH", "ANY_STRING", "ANY_NUMBER", "BOOLEAN", "NULL",
         "any_value", "ANY_VALUE", "ANY_OBJECT", "SchemaCompiler", "accepts_text",
-        "_is_number", "_format", "_names", "_as_list", "JSON_TYPES", "json_type",
-        "_canonical", "compile_schema", "Constraint", "ToolCallRule", "tool_call_rule",
-        "arguments_constraint", "TokenTable", "token_texts", "_TOKEN_TABLES",
-        "_CONSTRAINTS", "token_table", "JsonMasks", "commitment", "json_masks",
+        "_is_number", "_format", "_names", "_as_list", "_kinds", "JSON_TYPES", "json_type",
+        "_canonical", "compile_schema", "Constraint", "JSON_OBJECT", "ToolCallRule", "tool_call_rule",
+        "arguments_constraint", "schema_constraint", "TokenTable", "token_texts", "_TOKEN_TABLES",
+        "_CONSTRAINTS", "token_table", "JsonMasks", "masked", "commitment", "json_constraint",
         "JsonConstraint",
     ]),
     ("Request: every body parsed once into the one request type", [
@@ -87,7 +88,7 @@ SPEC: list[tuple[str, list[str]]] = [
         "UNSUPPORTED_FIELDS", "GenerationRequest", "decode_json_body", "run_checks",
         "template_args", "logprobs_wanted", "sampling_fields", "tool_arguments",
         "output_fields", "parse_tool", "parse_tool_choice", "parse_response_format",
-        "MEDIA_PARTS", "chat_window", "BLOCK_SEPARATOR", "EMBEDDING_FORMATS",
+        "MEDIA_PARTS", "chat_window", "EMBEDDING_FORMATS",
         "EMBEDDING_CHECKS", "INPUT_RULE", "EmbeddingRequest", "parse_embedding_request",
         "embedding_input",
     ]),
@@ -99,7 +100,8 @@ SPEC: list[tuple[str, list[str]]] = [
         "mistral_call_id", "CHAT_FORMATS", "chat_format_of", "_chat_format",
         "template_messages", "call_with_text_arguments", "nine_character_ids",
         "machine_memory", "weights_bytes", "kv_token_bytes", "activation_bytes",
-        "MemoryPlan", "plan_memory", "render_prompt", "BILLING_HEADER", "BILLING_NONCES",
+        "MemoryPlan", "plan_memory", "render_prompt", "PREFILL_MARK", "prefill_prompt",
+        "BILLING_HEADER", "BILLING_NONCES",
         "neutralize_billing_header", "completion_prompt", "check_tool_support",
         "call_opening", "PROMPT_PARAMS", "fit_to_context", "model_identity",
         "local_folder", "file_digest", "fit_to_memory", "kv_reservation",
@@ -107,7 +109,7 @@ SPEC: list[tuple[str, list[str]]] = [
         "hidden_state_model", "sentence_transformers_config", "pooling_mode",
         "read_json_file", "embedding_inputs", "EmbeddingJob", "embedding_batches",
         "embed_rows", "pool", "Sampling", "make_sampling", "answer_constraint",
-        "json_constraint", "literal_tokens", "ToolCallConstraint", "make_token_sampler",
+        "literal_tokens", "ToolCallConstraint", "make_token_sampler",
         "openai_penalties", "token_logprobs", "token_bytes", "TextStream",
         "partial_marker_length", "StopScanner", "ReasoningSplitter", "reasoning_splitter",
         "think_opened", "kmp_fallbacks",
@@ -115,8 +117,8 @@ SPEC: list[tuple[str, list[str]]] = [
     # The group sits below the engine that drives it (Batch and Engine call it), so
     # a single-process reader skips one fenced section and everything calls upward.
     ("Group: ranks of an mlx.launch group (fenced: a single process never enters it)", [
-        "join_group", "Insert", "Remove", "Keep",
-        "GroupFailure", "GroupLink", "token_check", "rank0_address", "Lifelines",
+        "Insert", "Remove", "Keep", "GroupFailure", "GroupLink", "token_check",
+        "rank0_address", "Lifelines", "join_group",
     ]),
     ("Engine: one thread that owns MLX, continuous batching, the prompt cache", [
         "Job", "Sequence", "common_prefix", "cache_length", "cut_cache", "cache_nbytes",
@@ -124,19 +126,19 @@ SPEC: list[tuple[str, list[str]]] = [
         "CacheParts", "CacheSlice", "SoloSequence", "SoloBatch", "KVLedger", "Batch",
         "Engine",
     ]),
-    ("Dialects: shared writers (usage, logprobs, tool-call scanners, SSE)", [
-        "usage_of", "TextOffsets", "logprobs_object", "ToolCallScanner", "HARMONY_ENDS",
+    ("Dialects: what they share (block separator, usage, logprobs, tool-call scanners, SSE)", [
+        "BLOCK_SEPARATOR", "usage_of", "TextOffsets", "logprobs_object", "ToolCallScanner", "HARMONY_ENDS",
         "HARMONY_HEADS", "HarmonyScanner", "openai_tool_call", "tool_scanner",
         "sse_event", "SSE_KEEPALIVE", "SSE_DONE", "new_id", "Writer",
     ]),
     ("Dialects: OpenAI chat/completions (/v1/chat/completions, /v1/completions)", [
-        "CHAT_ROLES", "CHAT_CHECKS", "COMPLETION_CHECKS", "parse_generation_request",
+        "CHAT_ROLES", "CHAT_CHECKS", "COMPLETION_CHECKS", "parse_generation_request", "chat_prefill",
         "chat_role", "parse_message", "parse_tool_calls", "parse_content", "parse_prompt",
         "ChatWriter", "ChoicesWriter",
     ]),
     ("Dialects: Anthropic messages (/v1/messages)", [
         "MESSAGES_CHECKS", "ANTHROPIC_ROLES", "REPLAYED_BLOCKS", "THINKING_ON",
-        "parse_messages_request", "anthropic_served", "anthropic_thinking",
+        "parse_messages_request", "anthropic_prefill", "anthropic_served", "anthropic_thinking",
         "anthropic_system", "anthropic_message", "document_text", "anthropic_tool_use",
         "anthropic_tool_result", "tool_result_part", "anthropic_tool_choice",
         "dialect_tools", "anthropic_usage", "tool_use_block", "SIGNATURE_KEY",
@@ -480,12 +482,16 @@ def match_spec(chunks: list[Chunk]):
 
 def layout_paragraph() -> list[str]:
     """The module docstring's layout paragraph, written from SPEC's titles."""
-    names = []
+    names, dialects = [], []
     for title, _ in SPEC:
-        short = title.split(":")[0] if not title.startswith("Dialects: ") else title
-        if short.startswith("Dialects: "):
-            short = "dialect: " + title[len("Dialects: "):].split(" (")[0]
-        names.append(short[0].lower() + short[1:] if not short[:4].isupper() else short)
+        if title.startswith("Dialects: "):
+            if not dialects:
+                names.append("")  # where the dialects go
+            dialects.append(title[len("Dialects: "):].split(" (")[0])
+        else:
+            short = title.split(":")[0]
+            names.append(short if short.isupper() or short.startswith("CLI") else short[0].lower() + short[1:])
+    names = [n or f"dialects, one subsection each ({'; '.join(dialects)})" for n in names]
     words = LAYOUT_INTRO + " " + "; ".join(names) + "."
     out, line = [], ""
     for word in words.split(" "):
