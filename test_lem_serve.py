@@ -3637,6 +3637,14 @@ def test_responses_prefill_continues_the_last_assistant_message(server, model, o
     assert response.output_text == expected and response.incomplete_details.reason == "max_output_tokens"
 
 
+def test_prefill_of_a_reply_cut_while_thinking_goes_on_thinking(thinking_server):
+    """A reply with only reasoning (cut while thinking) is continued inside its reasoning, however long it
+    is: the thinking parrot says the rest of THINKING after its last token "Plan", then its answer."""
+    cut = {"role": "assistant", "content": "", "reasoning_content": "filler words " * 30 + "\nPlan"}
+    message = post(thinking_server, "chat", messages=[*HELLO, cut], max_tokens=50)["choices"][0]["message"]
+    assert message["reasoning_content"] == THINKING[len("Plan"):] and message["content"] == ANSWER
+
+
 def test_prefill_cuts_each_family_template_where_transformers_does(family_server):
     """The prompt of a prefill on real templates (thinking ones too) is as long as transformers'
     continue_final_message makes it: cut right after the text, no end of turn."""
