@@ -6083,6 +6083,20 @@ def test_continue_extends_the_same_message(chat):
     chat.check_clean()
 
 
+def test_continue_sends_a_reply_cut_while_thinking_with_its_reasoning(chat):
+    """Continue on a reasoning-only reply sends it with its reasoning (the server goes on thinking where
+    the template renders reasoning; the tiny model's drops it, so it answers) into the same message."""
+    page = chat.page
+    chat.seed([stored("c1", "Thinking", said("user", "Think hard"),
+                      said("assistant", "", reasoning="Only reasoning, cut", finishReason="length"))], current="c1")
+    reply = chat.reply()
+    posts = chat_posts(page, lambda: (reply.get_by_role("button", name="Continue").click(), chat.wait_reply("done")))
+    assert posts[0]["messages"][-1] == {"role": "assistant", "content": "", "reasoning_content": "Only reasoning, cut"}
+    (message,) = conversation_in(page)["messages"][1:]
+    assert message["reasoning"] == "Only reasoning, cut" and message["content"]
+    chat.check_clean()
+
+
 def test_an_attached_file_goes_into_the_request(chat, tmp_path):
     page = chat.page
     source = tmp_path / "tool.py"
