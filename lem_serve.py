@@ -271,8 +271,16 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    """The command line; names and defaults are part of the contract."""
+    """The command line; names and defaults are part of the contract (--help lists them in this order)."""
     p = OneLineArgumentParser(prog="lem_serve.py", description=__doc__.splitlines()[0])
+    add_serving_flags(p)
+    add_memory_flags(p)
+    add_model_flags(p)
+    return p
+
+
+def add_serving_flags(p: argparse.ArgumentParser) -> None:
+    """Flags for what is served and to whom: the model, the socket, request limits, the key."""
     p.add_argument("--model-path", required=True, help="local MLX/Hugging Face model folder, or a Hub repo id")
     p.add_argument("--bind", default=DEFAULT_BIND, help="HOST:PORT to listen on (default %(default)s)")
     p.add_argument("--threads", type=_at_least(0), default=DEFAULT_THREADS, help="CPU threads for numeric libraries, 0 = all")
@@ -286,6 +294,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-context", type=_at_least(0), default=DEFAULT_MAX_CONTEXT, help="chat messages kept (sliding window), 0 = all")
     p.add_argument("--api-key", default=os.environ.get("LEM_API_KEY") or None, help="require 'Authorization: Bearer KEY' on /v1/* and /metrics (default: env LEM_API_KEY)")
     p.add_argument("--model-name", default="", help="model id shown to clients (default: the model folder's name)")
+
+
+def add_memory_flags(p: argparse.ArgumentParser) -> None:
+    """Flags for memory (weights, KV caches, the prompt cache in memory and on disk), logs and origins."""
     p.add_argument("--prompt-cache-bytes", type=parse_bytes_or_auto, default=None,
                    help="bytes of KV cache kept for prompt-prefix reuse, e.g. 512M or 2G; 0 = off; default auto: "
                         "the memory left after the weights and a reserve for the running batch")
@@ -299,6 +311,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--allowed-origins", default=DEFAULT_ALLOWED_ORIGINS,
                    help="comma-separated browser origins (e.g. http://localhost:3000) allowed to call this server "
                         "cross-origin, or * for any; default: none (cross-origin browser requests get 403)")
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    """Flags for how the model runs: sampling defaults, templates, adapters, drafts, KV bits, embeddings."""
     p.add_argument("--temp", type=_between(0, 2), help="default temperature, 0 to 2 (default: the model's "
                                                          "generation_config.json, else 1)")
     p.add_argument("--top-p", type=_between(0, 1), help="default top_p, 0 to 1 (default: generation_config.json, else 1)")
@@ -334,7 +350,6 @@ def build_arg_parser() -> argparse.ArgumentParser:
                    help="bytes those kept responses may hold in all, e.g. 64M; the oldest go first (default 64M)")
     p.add_argument("--pipeline", action="store_true",
                    help="under mlx.launch: shard the model by layers (pipeline parallel) instead of within each layer")
-    return p
 
 
 # Chat template arguments the server itself sets; a client may not (chat_template would let it run its own template).
@@ -491,11 +506,16 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type,
                           "param": self.param, "code": self.code}}
 
-    def anthropic_body(self) -> dict:
-        """The JSON body Anthropic clients expect; the type follows from the status."""
+    def anthropic_error(self) -> dict:
+        """Anthropic's error object {"type", "message"} (a stream's error event carries it alone);
+        the type follows from the status."""
         fallback = "invalid_request_error" if self.status < 500 else "api_error"
         kind = ANTHROPIC_ERROR_TYPES.get(self.status, fallback)
-        return {"type": "error", "error": {"type": kind, "message": self.message}}
+        return {"type": kind, "message": self.message}
+
+    def anthropic_body(self, request_id: str | None) -> dict:
+        """The JSON body Anthropic clients expect: the envelope, its error object and the request's id."""
+        return {"type": "error", "error": self.anthropic_error(), "request_id": request_id}
 
 
 def invalid(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -504,6 +524,7 @@ def invalid(message: str, param: str | None = None, code: str | None = None) -> 
 
 
 def server_busy(retry_after: int = RETRY_AFTER_SECONDS, waited: float = 0) -> APIError:
+    """The 429 for a request that found no slot and KV memory in time; Retry-After says when to retry."""
     wait = f" within {waited:g} s (--queue-timeout)" if waited else ""
     return APIError(HTTPStatus.TOO_MANY_REQUESTS, "rate_limit_error",
                     f"server busy: no generation slot and memory for this request came free{wait}, retry shortly",
@@ -511,16 +532,19 @@ def server_busy(retry_after: int = RETRY_AFTER_SECONDS, waited: float = 0) -> AP
 
 
 def request_timed_out(seconds: float) -> APIError:
+    """The 504 for a request that ran past the server's --timeout (prompt included)."""
     return APIError(HTTPStatus.GATEWAY_TIMEOUT, "timeout_error",
                     f"request took longer than the server's {seconds:g} s limit", code="timeout")
 
 
 def engine_unavailable() -> APIError:
+    """The 503 once the engine thread has died: every later request gets it until a restart."""
     return APIError(HTTPStatus.SERVICE_UNAVAILABLE, "server_error",
                     "the generation engine has stopped; restart the server", code="engine_unavailable")
 
 
 def internal_error() -> APIError:
+    """The 500 for an unexpected failure while generating; the details go to the log, not the client."""
     return APIError(HTTPStatus.INTERNAL_SERVER_ERROR, "server_error",
                     "internal error while generating; see the server log", code="internal_error")
 
@@ -3921,6 +3945,7 @@ class MemoryPlan:
 
     @property
     def kv_bytes(self) -> int:
+        """Bytes left for KV caches (batch and prompt cache) once the weights are in; never negative."""
         return max(self.memory_bytes - self.weights_bytes, 0)
 
     def tokens(self, nbytes: int) -> int:
@@ -4891,6 +4916,7 @@ class Job:
 
     @property
     def prompt_tokens(self) -> int:
+        """The prompt's length in tokens, as usage reports it."""
         return len(self.prompt)
 
     def should_stop(self) -> bool:
@@ -4965,6 +4991,7 @@ def cut_cache(cache: list, tokens: int) -> list | None:
 
 
 def cache_nbytes(cache: list) -> int:
+    """Bytes a model's per-layer KV cache holds (the sum over its layers)."""
     return sum(c.nbytes for c in cache)
 
 
@@ -5061,6 +5088,7 @@ class PromptCache:
         return len(self.entries)
 
     def stats(self) -> dict:
+        """The cache's counters for /healthz and /metrics: entries, bytes, tokens, hits, misses, evictions, trims."""
         return {"prompt_cache_entries": len(self.entries), "prompt_cache_bytes": self.nbytes,
                 "prompt_cache_tokens": sum(len(e.tokens) for e in self.entries.values()),
                 "prompt_cache_hits": self.hits, "prompt_cache_misses": self.misses,
@@ -5339,6 +5367,7 @@ class SoloBatch:
         return {sequence.uid: (cache, tokens)} if return_prompt_caches else {}
 
     def close(self) -> None:
+        """Forget every waiting and current sequence; the engine calls it when it stops."""
         self.waiting, self.current = [], None
 
     def _start(self, uid: int, prompt: list[int], max_tokens: int, cache: list | None, prefix: list[int],
@@ -5704,6 +5733,7 @@ class Batch:
         return bool(flags & GroupLink.STEP), bool(flags & GroupLink.SHUTDOWN)
 
     def close(self) -> None:
+        """Close mlx_lm's BatchGenerator; the engine calls it when it stops, and the batch is not used after."""
         self.generator.close()
 
     def _replay(self, op: Any) -> None:
@@ -5759,6 +5789,7 @@ class KVLedger:
             return True
 
     def release(self, nbytes: int) -> None:
+        """Give back nbytes that reserve() granted, when the sequence that held them ends (exactly once)."""
         with self.lock:
             self.reserved -= nbytes
 
@@ -5812,17 +5843,21 @@ class Engine:
 
     @property
     def rank(self) -> int:
+        """This process's rank in an mlx.launch group; 0 when it serves alone."""
         return self.link.rank if self.link else 0
 
     @property
     def world_size(self) -> int:
+        """Processes in the group; 1 when it serves alone."""
         return self.link.size if self.link else 1
 
     def start(self) -> None:
+        """Start the engine thread; call once, after the model is loaded."""
         self.thread.start()
 
     @property
     def alive(self) -> bool:
+        """Whether the engine thread runs and has not failed (/healthz answers 503 once it is not)."""
         return self.thread.is_alive() and self.failure is None
 
     def stats(self) -> dict:
@@ -6506,9 +6541,11 @@ class Writer:
         raise NotImplementedError
 
     def text(self, text: str, logprobs: list[dict]) -> bytes:
+        """SSE bytes for text the model generated (with its tokens' logprobs, when asked); subclasses write it."""
         raise NotImplementedError
 
     def tool_calls(self, calls: list[dict]) -> bytes:
+        """SSE bytes for complete tool calls, in the dialect's shapes; subclasses write them."""
         raise NotImplementedError
 
     def finish(self, reason: str) -> bytes:
@@ -6520,6 +6557,7 @@ class Writer:
         raise NotImplementedError
 
     def body(self, text: str, calls: list[dict], reason: str, logprobs: list[dict], reasoning: str) -> dict:
+        """The non-streaming JSON response from the text, tool calls, finish reason, logprobs and reasoning."""
         raise NotImplementedError
 
 
@@ -6576,6 +6614,7 @@ class ChatWriter(Writer):
         return (self._chunk(None, usage=usage_of(self.job)) if self.request.include_usage else b"") + SSE_DONE
 
     def failure(self, error: APIError) -> bytes:
+        """A failure after the stream's headers: OpenAI's error object as one event, then [DONE]."""
         return sse_event(error.body()) + SSE_DONE
 
     def body(self, text: str, calls: list[dict], reason: str, logprobs: list[dict], reasoning: str) -> dict:
@@ -6609,17 +6648,21 @@ class ChoicesWriter(Writer):
         self.finished = 0
 
     def opening(self) -> bytes:
+        """Every choice's opening, in choice order."""
         return b"".join(writer.opening() for writer in self.writers)
 
     def event(self, kind: str, value: str, logprobs: list[dict] = (), choice: int = 0) -> bytes:
+        """The event routed to its choice's writer; the stream's end goes out after the last choice finishes."""
         out = self.writers[choice].event(kind, value, logprobs)
         self.finished += kind == "finish"
         return out + (self.writers[0].ending() if kind == "finish" and self.finished == len(self.writers) else b"")
 
     def failure(self, error: APIError) -> bytes:
+        """A failure ends the whole stream once, through the first choice's writer."""
         return self.writers[0].failure(error)
 
     def reply(self, results: list[tuple[str, str, list[dict], str]]) -> dict:
+        """The non-streaming body: each choice written by its own writer, merged into one choices list."""
         bodies = [writer.reply([result]) for writer, result in zip(self.writers, results)]
         return {**bodies[0], "choices": [body["choices"][0] for body in bodies]}
 
@@ -6704,19 +6747,23 @@ class MessagesWriter(Writer):
         return self._event("content_block_delta", index=self.blocks - 1, delta=delta)
 
     def opening(self) -> bytes:
+        """message_start (with the prompt's usage), then a ping so the SDK sees the stream alive."""
         return self._event("message_start", message=self._message([], None, None)) + self.keepalive
 
     def reasoning(self, text: str) -> bytes:
+        """A thinking block's delta; opens the block first when another one is open."""
         opening = b"" if self.open_block == "thinking" else self._start({"type": "thinking", "thinking": "",
                                                                           "signature": ""})
         self.thought = text if opening else self.thought + text
         return opening + self._delta({"type": "thinking_delta", "thinking": text})
 
     def text(self, text: str, logprobs: list[dict]) -> bytes:
+        """A text block's delta; opens the block first when another one is open."""
         opening = b"" if self.open_block == "text" else self._start({"type": "text", "text": ""})
         return opening + self._delta({"type": "text_delta", "text": text})
 
     def tool_calls(self, calls: list[dict]) -> bytes:
+        """One tool_use block per call, its whole input as one input_json_delta, each block closed."""
         out = []
         for block in map(tool_use_block, calls):
             out.append(self._start({**block, "input": {}}))
@@ -6725,15 +6772,18 @@ class MessagesWriter(Writer):
         return b"".join(out) + self._stop()
 
     def finish(self, reason: str) -> bytes:
+        """Closes the open block, then message_delta (stop reason, usage) and message_stop."""
         stop_reason, stop_sequence = self._stop_reason(reason, self.calls_sent > 0)
         return (self._stop() + self._event("message_delta", usage=anthropic_usage(self.job),
                                            delta={"stop_reason": stop_reason, "stop_sequence": stop_sequence})
                 + self._event("message_stop"))
 
     def failure(self, error: APIError) -> bytes:
-        return self._event("error", error=error.anthropic_body()["error"])
+        """A failure after the headers: Anthropic's error event, with the same error object as a 4xx/5xx body."""
+        return self._event("error", error=error.anthropic_error())
 
     def body(self, text: str, calls: list[dict], reason: str, logprobs: list[dict], reasoning: str) -> dict:
+        """The non-streaming message: thinking (signed), text and tool_use blocks, stop reason and usage."""
         content = [{"type": "thinking", "thinking": reasoning, "signature": thinking_signature(reasoning)}] \
             if reasoning else []
         content += [{"type": "text", "text": text}] if text.strip() or (text and not calls) else []
@@ -6762,6 +6812,7 @@ def responses_usage(job: Job) -> dict:
 
 
 def output_text_part(text: str) -> dict:
+    """A Responses output_text content part holding text (no annotations or logprobs)."""
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
 
@@ -6825,10 +6876,12 @@ class ResponsesWriter(Writer):
         return sse_event({"type": kind, "sequence_number": self.sequence - 1, **fields}, kind)
 
     def opening(self) -> bytes:
+        """response.created and response.in_progress, both with the response still in progress."""
         response = self._response("in_progress", [])
         return self._event("response.created", response=response) + self._event("response.in_progress", response=response)
 
     def reasoning(self, text: str) -> bytes:
+        """A reasoning item's text delta; adds the item first when none is open."""
         out = b""
         if self.thought is None:
             self.thought, self.thought_text = reasoning_item("", "in_progress"), ""
@@ -6848,6 +6901,7 @@ class ResponsesWriter(Writer):
                 + self._event("response.output_item.done", output_index=where["output_index"], item=item))
 
     def text(self, text: str, logprobs: list[dict]) -> bytes:
+        """An output_text delta; closes open reasoning and adds the message item and part first."""
         out = self._close_reasoning()
         if self.message is None:
             self.message, self.message_text = message_item("", "in_progress"), ""
@@ -6871,6 +6925,7 @@ class ResponsesWriter(Writer):
                 + self._event("response.output_item.done", output_index=where["output_index"], item=item))
 
     def tool_calls(self, calls: list[dict]) -> bytes:
+        """Closes open items, then each call as a function_call (or custom_tool_call) item, added, argued and done."""
         out = [self._close_reasoning(), self._close_message()]
         for item in (function_call_item(call, self.request.tool_kinds) for call in calls):
             where = {"item_id": item["id"], "output_index": len(self.output)}
@@ -6885,15 +6940,18 @@ class ResponsesWriter(Writer):
         return b"".join(out)
 
     def finish(self, reason: str) -> bytes:
+        """Closes open items, then response.completed (or response.incomplete when cut by max_output_tokens)."""
         status = "incomplete" if reason == "length" else "completed"
         out = self._close_reasoning(status) + self._close_message(status)
         self.final = self._response(status, self.output)
         return out + self._event(f"response.{status}", response=self.final)
 
     def failure(self, error: APIError) -> bytes:
+        """A failure after the headers: response.failed, holding the output so far and the error."""
         return self._event("response.failed", response=self._response("failed", self.output, response_error(error)))
 
     def body(self, text: str, calls: list[dict], reason: str, logprobs: list[dict], reasoning: str) -> dict:
+        """The non-streaming response: reasoning, message and call items; kept in self.final for the store."""
         status = "incomplete" if reason == "length" else "completed"
         shows_text = bool(text.strip() or (text and not calls))
         cut = "incomplete" if status == "incomplete" and not calls else "completed"  # the last item is the one cut
@@ -7077,6 +7135,7 @@ class Metrics:
         self.drops = dict.fromkeys(self.DROP_REASONS, 0)
 
     def record_request(self, endpoint: str, status: str, seconds: float) -> None:
+        """Count one answered request by endpoint and status, and observe its duration."""
         with self.lock:
             self.requests[endpoint, status] = self.requests.get((endpoint, status), 0) + 1
             self.durations.setdefault(endpoint, Histogram()).observe(seconds)
@@ -7098,10 +7157,12 @@ class Metrics:
             self.embedding_tokens += tokens
 
     def record_rejection(self) -> None:
+        """Count one request the admission queue refused (its 429)."""
         with self.lock:
             self.gate_rejections += 1
 
     def record_drop(self, reason: str) -> None:
+        """Count one exchange that ended without a full response, by reason (client_gone, write_stall, ...)."""
         with self.lock:
             self.drops[reason] += 1
 
@@ -7165,14 +7226,17 @@ class DeadlineReader(io.RawIOBase):
         self.timed_out = False     # the last start()'s deadline (or a stall) was hit
 
     def start(self, seconds: float) -> None:
+        """Begin a read window: reads fail with TimeoutError once `seconds` from now have passed."""
         self.deadline = time.monotonic() + seconds
         self.received = 0
         self.timed_out = False
 
     def readable(self) -> bool:
+        """Always readable (io.RawIOBase asks)."""
         return True
 
     def readinto(self, buffer: Any) -> int:
+        """Read into buffer, waiting at most until the deadline; TimeoutError when it passes."""
         wait = SOCKET_TIMEOUT
         if self.deadline is not None:
             wait = min(wait, self.deadline - time.monotonic())
@@ -7270,6 +7334,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return SOCKET_TIMEOUT
 
     def setup(self) -> None:
+        """http.server's setup, with rfile replaced by a reader that enforces the header and body deadlines."""
         super().setup()
         self.rfile.close()  # replaced by a reader that enforces HEADER_TIMEOUT and BODY_TIMEOUT
         self.reader = DeadlineReader(self.connection)
@@ -7286,18 +7351,23 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.server.metrics.record_drop("header_timeout")
 
     def do_GET(self) -> None:
+        """Route a GET by GET_ROUTES."""
         self._dispatch(self.GET_ROUTES)
 
     def do_POST(self) -> None:
+        """Route a POST by POST_ROUTES."""
         self._dispatch(self.POST_ROUTES)
 
     def do_HEAD(self) -> None:
+        """Route a HEAD as its GET (the body is not written)."""
         self._dispatch(self.GET_ROUTES)
 
     def do_OPTIONS(self) -> None:
+        """Answer a CORS preflight for a known path."""
         self._dispatch(self.PREFLIGHT_ROUTES)
 
     def do_PUT(self) -> None:
+        """No route takes PUT: a known path answers 405 with Allow, an unknown one 404."""
         self._dispatch({})
 
     do_DELETE = do_PATCH = do_PUT
@@ -7319,7 +7389,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         with self.server.exchange():
             try:
                 if self.server.stopping:
-                    self.close_connection = True
+                    self._close_after_response()
                 path = self.route_path
                 self._check_host()
                 self._check_origin()
@@ -7332,13 +7402,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
             except APIError as exc:
                 self._send_error(exc)
             except ClientGone as exc:
-                self.close_connection = True
+                self._close_after_response()
                 self.server.metrics.record_drop(exc.args[0] if exc.args else "client_gone")
             except TimeoutError:  # a response write stalled past SOCKET_TIMEOUT
-                self.close_connection = True
+                self._close_after_response()
                 self.server.metrics.record_drop("write_stall")
             except (BrokenPipeError, ConnectionResetError):
-                self.close_connection = True
+                self._close_after_response()
                 self.server.metrics.record_drop("client_gone")
             except Exception as exc:
                 log.error("unhandled error on %s %s: %r", self.command, self.path, exc, exc_info=exc)
@@ -7428,7 +7498,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.request_version == "HTTP/0.9":  # http.server would then omit the status line and headers
             self.request_version = "HTTP/1.0"
         status = HTTPStatus(code)
-        self.close_connection = True
+        self._close_after_response()
         self.body_read = False
         error = APIError(status, "invalid_request_error", message or status.phrase,
                          code=status.phrase.lower().replace(" ", "_").replace("-", "_"))
@@ -7440,18 +7510,24 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def _send_error(self, error: APIError) -> None:
         if self.status_sent is not None:  # a response is under way: just end it
-            self.close_connection = True
+            self._close_after_response()
             return
-        # The unread body of a refused request would be parsed as the next request.
-        if not self.body_read:
-            self.close_connection = True
+        self._close_after_response(unless_body_read=True)
         self._send_json(self._error_body(error), error.status, error.headers)
+
+    def _close_after_response(self, unless_body_read: bool = False) -> None:
+        """The one place that ends this connection after the response, for any of: the server is
+        stopping; the client went away or a write stalled; http.server refused the request; a response
+        broke off; a stream (no length: its end is the connection's end); or, with unless_body_read,
+        only when the request's body was left unread, since it would be parsed as the next request."""
+        if not (unless_body_read and self.body_read):
+            self.close_connection = True
 
     def _error_body(self, error: APIError) -> dict:
         """The error in the envelope of the API that was called: Anthropic's under /v1/messages (and on
         /v1/models when the client sent anthropic-version), else OpenAI's."""
         if self._anthropic():
-            return {**error.anthropic_body(), "request_id": getattr(self, "request_id", None)}
+            return error.anthropic_body(getattr(self, "request_id", None))
         return error.body()
 
     def _anthropic(self) -> bool:
@@ -7464,8 +7540,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     # -- plain responses ----------------------------------------------------
 
     def _send_bytes(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
-        if not self.body_read:
-            self.close_connection = True
+        self._close_after_response(unless_body_read=True)
         self.send_response(status)
         self.status_sent = int(status)
         self.send_header("Content-Type", content_type)
@@ -7501,19 +7576,23 @@ class Handler(http.server.BaseHTTPRequestHandler):
     # -- GET routes ---------------------------------------------------------
 
     def route_page(self) -> None:
+        """GET /: the chat page, under PAGE_CSP."""
         self._send_bytes(HTTPStatus.OK, self.server.page_html, "text/html; charset=utf-8",
                          {"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-cache"})
 
     def route_chat_js(self) -> None:
+        """GET /chat.js: the page's script."""
         self._send_bytes(HTTPStatus.OK, self.server.chat_js, "text/javascript; charset=utf-8",
                          {"Cache-Control": "no-cache"})
 
     def route_healthz(self) -> None:
+        """GET /healthz: liveness and load; 503 once the engine has died."""
         health = self.server.health()
         ok = health["status"] == "ok"
         self._send_json(health, HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE)
 
     def route_metrics(self) -> None:
+        """GET /metrics: Prometheus text, never cached."""
         self._send_bytes(HTTPStatus.OK, self.server.metrics_text().encode(), "text/plain; version=0.0.4; charset=utf-8",
                          {"Cache-Control": "no-store"})
 
@@ -7535,7 +7614,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Access-Control-Allow-Headers", asked if plain else "Authorization, Content-Type, X-Api-Key")
             self.send_header("Access-Control-Max-Age", str(CORS_MAX_AGE_SECONDS))
         if not self.body_read:
-            self.close_connection = True
+            self._close_after_response()
             self.send_header("Connection", "close")
         self.end_headers()
 
@@ -7573,15 +7652,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
     # -- POST routes --------------------------------------------------------
 
     def route_chat(self) -> None:
+        """POST /v1/chat/completions: parse, then generate (streaming or not)."""
         self._generate(parse_generation_request("chat", self._read_json(), self.server.settings))
 
     def route_completions(self) -> None:
+        """POST /v1/completions: parse, then generate (streaming or not)."""
         self._generate(parse_generation_request("completions", self._read_json(), self.server.settings))
 
     def route_messages(self) -> None:
+        """POST /v1/messages: Anthropic's body parsed into the one request type, then generated."""
         self._generate(parse_messages_request(self._read_json(), self.server.settings))
 
     def route_responses(self) -> None:
+        """POST /v1/responses: a stored previous_response_id's conversation comes first, then generate."""
         body = self._read_json()
         previous = None
         if isinstance(body.get("previous_response_id"), str):
@@ -7798,7 +7881,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._send_common_headers()
         # No length is known ahead, so the end of the stream is the end of the connection.
         self.send_header("Connection", "close")
-        self.close_connection = True
+        self._close_after_response()
         self.end_headers()
         self.wfile.flush()
 
@@ -7821,9 +7904,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         # http.server's own lines (bad request lines, timeouts) go to debug;
         # every answered request gets one line from _log_request instead.
+        """http.server's own lines (bad request lines, timeouts) at debug level."""
         log.debug("%s " + format, self.address_string(), *args)
 
     def log_request(self, code: Any = "-", size: Any = "-") -> None:
+        """Nothing: every answered request gets one line from _log_request instead."""
         pass
 
     def _record_request(self) -> None:
@@ -7887,6 +7972,7 @@ class LemServer(http.server.ThreadingHTTPServer):
 
     @property
     def url(self) -> str:
+        """The base URL clients use, with an IPv6 host in brackets."""
         host, port = self.server_address[:2]
         return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
 
@@ -7985,6 +8071,7 @@ class LemServer(http.server.ThreadingHTTPServer):
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
+        """Serve one connection on its thread, then count it closed, whatever happened."""
         try:
             super().process_request_thread(request, client_address)
         finally:
@@ -8093,6 +8180,7 @@ class ResponseStore:
         self.lock = threading.Lock()
 
     def put(self, response: dict, conversation: list[dict]) -> None:
+        """Keep a response and its conversation (store: true) within the count and byte bounds, oldest out first."""
         entry = {"response": response, "conversation": conversation}
         size = len(json.dumps(entry, ensure_ascii=False).encode())
         if self.max_count == 0 or size > self.max_bytes:
@@ -8134,6 +8222,7 @@ class AdmissionQueue:
 
     @property
     def waiting(self) -> int:
+        """How many requests wait for a slot now."""
         return len(self.line)
 
     def enter(self, slots: int, kv_bytes: int, timeout: float, gone: Callable[[], bool]) -> None:

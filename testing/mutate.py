@@ -230,7 +230,7 @@ MUTATIONS = [
              ("test_nginx_replica_stopped_mid_stream_finishes_it_while_new_requests_go_elsewhere",)),
     # The agents' dialects (issue 12).
     Mutation("anthropic-errors-in-openai-envelope", "errors on /v1/messages come in OpenAI's envelope",
-             (("        if self._anthropic():\n            return {**error.anthropic_body(), \"request_id\": getattr(self, \"request_id\", None)}\n",
+             (("        if self._anthropic():\n            return error.anthropic_body(getattr(self, \"request_id\", None))\n",
                ""),),
              ("test_bad_messages_bodies_are_anthropic_400s", "test_errors_before_the_route_come_in_the_callers_envelope")),
     Mutation("x-api-key-ignored", "the API key is taken only as a Bearer token, so Claude Code is refused",
@@ -267,7 +267,7 @@ MUTATIONS = [
                '    if kind == "tool" and isinstance(choice.get("name"), str):\n        return "auto"'),),
              ("test_messages_forced_tool_use_round_trip",)),
     Mutation("dialect-error-event-missing", "an Anthropic stream that fails after its headers just ends",
-             (('        return self._event("error", error=error.anthropic_body()["error"])', '        return b""'),),
+             (('        return self._event("error", error=error.anthropic_error())', '        return b""'),),
              ("test_dialect_stream_past_the_deadline_ends_with_an_error_event",)),
     Mutation("prompt-too-long-worded-otherwise", "a prompt that does not fit is not worded as Anthropic words it",
              (('raise invalid(f"prompt is too long: {prompt_tokens} tokens > {limit - 1} maximum',
