@@ -78,7 +78,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, Callable, Iterator, NoReturn
+from typing import Any, Callable, Iterator, NamedTuple, NoReturn
 
 # MLX is imported inside the engine functions, not here: --threads must reach
 # the numeric libraries' thread pools through the environment before MLX loads.
@@ -1281,6 +1281,11 @@ class Union(Piece):
         return self._alternatives
 
 
+def first_text(node: Piece, forbidden: frozenset) -> str | None:
+    """A shortest complete text of `node` that is not forbidden; None when every one is."""
+    return min((t for alt in node.alternatives if (t := alt.first(forbidden)) is not None), key=len, default=None)
+
+
 def union(alternatives: list) -> Piece | None:
     """The union of the satisfiable alternatives (None stands for one that is not): None, one piece, or a Union."""
     alternatives = [a for a in alternatives if a is not None]
@@ -1305,26 +1310,49 @@ class ValueStart(Piece):
         _, node, _, ex = frame
         if ex is None:
             return node.min_text
-        return min((t for alt in node.alternatives if (t := alt.first(ex[0])) is not None), key=len)
+        return first_text(node, ex[0])
 
 
 VALUE = ValueStart()
 
 
-class Object(Piece):
+class Frame(NamedTuple):
+    """An object's or array's frame (see Container, Object and Array)."""
+
+    piece: Any
+    phase: str         # open (after "{" or "["), comma, key (a key leaf is on top), colon (a key written), value
+    at: int            # the next declared property or item (see Object and Array)
+    count: int         # properties written, kept only when min/maxProperties ask
+    seen: frozenset    # texts that may not repeat: extra keys written, uniqueItems' items
+    spaces: int        # whitespace since the last token
+
+
+class Container(Piece):
+    """A JSON object or array: its brackets and the whitespace between its tokens; the rest is `inner`'s."""
+
+    brackets = "{}"
+
+    def begin(self, ch: str, ex: tuple | None) -> list:
+        return [(Frame(self, "open", 0, 0, frozenset(), 0),)] if ch == self.brackets[0] else []
+
+    def step(self, frame: Frame, ch: str) -> list:
+        if ch in JSON_WHITESPACE and frame.phase != "key":
+            return [(frame._replace(spaces=frame.spaces + 1),)] if frame.spaces < JSON_MAX_WHITESPACE else []
+        if ch == self.brackets[1] and frame.phase in ("open", "value"):
+            return [()] if self.may_close(frame) else []
+        return self.inner(frame._replace(spaces=0), ch)
+
+
+class Object(Container):
     """A JSON object: declared properties in their order, each at most once, then extra keys.
 
     props: (name, node, required) triples. Other keys are `key` leaves
     (propertyNames; None: no other keys), never a declared or `banned` name
     nor one already written; an extra key's value is values[matched], matched
     being the indices of the `patterns` (patternProperties) that match the key
-    ((): additionalProperties). Frame: (piece, phase, index, count, seen,
-    whitespace); phase is open (after "{"), comma, key (a key leaf is on top),
-    colon (a key written) or value (after a value); index is the first
-    declared property still allowed (in "colon": the chosen one, or
-    len(props) + j for the extra key whose value is node j); count is
-    properties written (kept only when min/maxProperties ask); seen holds the
-    extra keys written, so that none repeats.
+    ((): additionalProperties). In a Frame, `at` is the first declared
+    property still allowed (in "colon": the chosen one, or len(props) + j for
+    the extra key whose value is node j); `seen` holds the extra keys written.
     """
 
     def __init__(self, props: tuple, extras: Piece | None = None, min_props: int = 0, max_props: int | None = None,
@@ -1344,23 +1372,15 @@ class Object(Piece):
             raise ValueError("no object has these properties within minProperties/maxProperties")
         self.min_text = "{" + tail
 
-    def begin(self, ch: str, ex: tuple | None) -> list:
-        return [((self, "open", 0, 0, frozenset(), 0),)] if ch == "{" else []
-
-    def step(self, frame: tuple, ch: str) -> list:
-        _, phase, index, count, seen, spaces = frame
-        if ch in JSON_WHITESPACE and phase != "key":
-            return [((self, phase, index, count, seen, spaces + 1),)] if spaces < JSON_MAX_WHITESPACE else []
-        if ch == "}" and phase in ("open", "value") and self._may_close(index, count):
-            return [()]
+    def inner(self, frame: Frame, ch: str) -> list:
+        _, phase, index, count, seen, _ = frame
         if ch == "," and phase == "value" and any(self._choices(index, count)):
-            return [((self, "comma", index, count, seen, 0),)]
+            return [(frame._replace(phase="comma"),)]
         if ch == '"' and phase in ("open", "comma"):
-            keying = (self, "key", index, count, seen, 0)
-            return [(keying, key) for key in self._key_frames(index, count, seen)]
+            return [(frame._replace(phase="key"), key) for key in self._key_frames(index, count, seen)]
         if ch == ":" and phase == "colon":
             node, nxt = self._value(index)
-            return [((self, "value", nxt, count + self.counts, seen, 0), (VALUE, node, 0, None))]
+            return [(Frame(self, "value", nxt, count + self.counts, seen, 0), (VALUE, node, 0, None))]
         return []
 
     def _value(self, index: int) -> tuple:
@@ -1369,15 +1389,15 @@ class Object(Piece):
             return self.props[index][1], index + 1
         return self.values[self.slots[index - len(self.props)]], len(self.props)
 
-    def child_done(self, frame: tuple, child: tuple) -> tuple | None:
-        _, phase, index, count, seen, _ = frame
-        if phase != "key":
+    def child_done(self, frame: Frame, child: tuple) -> Frame | None:
+        if frame.phase != "key":
             return frame
         text = child[-1]
         if child[0] is self.key:
             slot = self._slot(text)
-            return None if slot is None else (self, "colon", len(self.props) + slot, count, seen | {text}, 0)
-        return (self, "colon", self.keys[text], count, seen, 0)
+            return None if slot is None else frame._replace(phase="colon", at=len(self.props) + slot,
+                                                            seen=frame.seen | {text})
+        return frame._replace(phase="colon", at=self.keys[text])
 
     def _slot(self, text: str) -> int | None:
         """Which value node an extra key's text (quoted, unescaped) takes; None: no value may follow it."""
@@ -1385,8 +1405,8 @@ class Object(Piece):
         node = self.values.get(matched)
         return None if node is None else self.slots.index(matched)
 
-    def _may_close(self, index: int, count: int) -> bool:
-        return self.required_from[index] == 0 and (not self.counts or count >= self.min_props)
+    def may_close(self, frame: Frame) -> bool:
+        return self.required_from[frame.at] == 0 and (not self.counts or frame.count >= self.min_props)
 
     def _choices(self, index: int, count: int) -> tuple[tuple[int, ...], bool]:
         """(declared properties that may come next, whether an extra key may), leaving room for min/maxProperties."""
@@ -1438,14 +1458,16 @@ class Object(Piece):
         return "".join(parts) + "}"
 
 
-class Array(Piece):
+class Array(Container):
     """A JSON array: `prefix` items (tuples) then `items` ones (None: no more), within min/max_items.
 
     With `unique`, items are leaves (checked at compile time) under an
-    exclusion of the texts already written. Frame: (piece, phase, count, seen,
-    whitespace); phase is open or value; count is items begun (capped once
-    it no longer matters, so long arrays reuse masks).
+    exclusion of the texts already written (a Frame's `seen`). In a Frame,
+    phase is open or value, and `at` is the items begun (capped once it no
+    longer matters, so long arrays reuse masks).
     """
+
+    brackets = "[]"
 
     def __init__(self, prefix: tuple, items: Piece | None, min_items: int = 0, max_items: int | None = None,
                  unique: bool = False):
@@ -1459,25 +1481,21 @@ class Array(Piece):
             raise ValueError("no array has these items within minItems/maxItems (and uniqueItems)")
         self.min_text = "[" + tail
 
-    def begin(self, ch: str, ex: tuple | None) -> list:
-        return [((self, "open", 0, frozenset(), 0),)] if ch == "[" else []
+    def may_close(self, frame: Frame) -> bool:
+        return frame.at >= self.min_items
 
-    def step(self, frame: tuple, ch: str) -> list:
-        _, phase, count, seen, spaces = frame
-        if ch in JSON_WHITESPACE:
-            return [((self, phase, count, seen, spaces + 1),)] if spaces < JSON_MAX_WHITESPACE else []
-        if ch == "]":
-            return [()] if count >= self.min_items else []
+    def inner(self, frame: Frame, ch: str) -> list:
+        _, phase, count, _, seen, _ = frame
         if (phase == "value" and ch != ",") or not self._more(count):
             return []
-        after = (self, "value", count + 1 if self.cap is None else min(count + 1, self.cap), seen, 0)
+        after = frame._replace(phase="value", at=count + 1 if self.cap is None else min(count + 1, self.cap))
         item = (VALUE, self._node(count), 0, (seen, True) if self.unique else None)
         if phase == "open":  # the first item begins with `ch`
             return [(after,) + frames for frames in VALUE.step(item[:2] + (JSON_MAX_WHITESPACE,) + item[3:], ch)]
         return [(after, item)] if not self.unique or self._left(count, seen) else []
 
-    def child_done(self, frame: tuple, child: tuple) -> tuple:
-        return frame[:3] + (frame[3] | {child[-1]},) + frame[4:] if self.unique else frame
+    def child_done(self, frame: Frame, child: tuple) -> Frame:
+        return frame._replace(seen=frame.seen | {child[-1]}) if self.unique else frame
 
     def _node(self, index: int) -> Piece:
         return self.prefix[index] if index < len(self.prefix) else self.items
@@ -1487,11 +1505,10 @@ class Array(Piece):
 
     def _left(self, count: int, seen: frozenset) -> bool:
         """uniqueItems: whether an item not written yet is left for position `count`."""
-        return any(a.first(seen) is not None for a in self._node(count).alternatives)
+        return first_text(self._node(count), seen) is not None
 
-    def finish(self, frame: tuple) -> str:
-        _, phase, count, seen, _ = frame
-        return self._tail(count, seen, "," if phase == "value" else "")
+    def finish(self, frame: Frame) -> str:
+        return self._tail(frame.at, frame.seen, "," if frame.phase == "value" else "")
 
     def _tail(self, count: int, seen: frozenset, sep: str) -> str | None:
         parts = []
@@ -1499,8 +1516,7 @@ class Array(Piece):
             node = self._node(count)
             if node is None:
                 return None
-            text = node.min_text if not self.unique else min(
-                (t for alt in node.alternatives if (t := alt.first(seen)) is not None), key=len, default=None)
+            text = first_text(node, seen) if self.unique else node.min_text
             if text is None:
                 return None
             parts.append(sep + text)
@@ -1590,17 +1606,18 @@ SCHEMA_KEYWORDS = {
     "minLength", "maxLength", "pattern", "format",
     "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf",
     "not", "if", "then", "else", "patternProperties", "propertyNames", "dependencies", "dependentRequired",
-    "dependentSchemas", "!enum", "!pattern",   # the last two: what `not` leaves (values, patterns excluded)
+    "dependentSchemas", "contains", "minContains", "maxContains", "!enum", "!pattern",   # the last two: what `not` leaves (values, patterns excluded)
 }
 # Keywords that constrain and are not enforced: a 400 naming them. Any other keyword
 # (annotations, extensions such as x-*, misspellings) is ignored, as validators do.
-SCHEMA_REFUSED = {"contains", "unevaluatedProperties", "unevaluatedItems",
+SCHEMA_REFUSED = {"unevaluatedProperties", "unevaluatedItems",
                   "$dynamicRef", "$recursiveRef", "extends", "disallow", "divisibleBy"}
 # Keywords that say which type they constrain, for schemas without "type".
 KEYWORD_TYPES = {"object": {"properties", "required", "additionalProperties", "minProperties", "maxProperties",
                             "patternProperties", "propertyNames", "dependencies", "dependentRequired",
                             "dependentSchemas"},
-                 "array": {"items", "prefixItems", "additionalItems", "minItems", "maxItems", "uniqueItems"},
+                 "array": {"items", "prefixItems", "additionalItems", "minItems", "maxItems", "uniqueItems",
+                           "contains", "minContains", "maxContains"},
                  "string": {"minLength", "maxLength", "pattern", "format", "!pattern"},
                  "number": {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"}}
 _OCTET = r"(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
@@ -1706,10 +1723,8 @@ class SchemaCompiler:
             for part in constraints["allOf"]:
                 merged = self.merge(merged, part)
             return self.compile(merged, refs - hops, depth)
-        if "anyOf" in constraints:
-            return self.any_of(constraints, "anyOf", refs, depth)
-        if "oneOf" in constraints:
-            return self.one_of(constraints, refs, depth)
+        if "anyOf" in constraints or "oneOf" in constraints:
+            return self.any_of(constraints, "anyOf" if "anyOf" in constraints else "oneOf", refs, depth)
         handled, branches = self.branches(constraints)
         rest = {k: v for k, v in constraints.items() if k not in handled}
         if branches is not None:
@@ -1738,9 +1753,14 @@ class SchemaCompiler:
         raise self.fail(f"unknown JSON Schema type {json.dumps(kind)[:40]}")
 
     def resolve(self, ref: Any) -> Any:
-        """The schema a local JSON pointer ("#", "#/$defs/Name", "#/definitions/...") names."""
+        """The schema a local JSON pointer ("#", "#/$defs/Name", "#/definitions/...") or anchor ("#name") names."""
         if not isinstance(ref, str) or not ref.startswith("#"):
             raise self.fail(f"only local $ref such as '#/$defs/Name' is supported, got {json.dumps(ref)[:60]}")
+        if ref[1:2] not in ("", "/"):
+            target = self.anchor(ref[1:], self.root)
+            if target is None:
+                raise self.fail(f"$ref {ref!r} points at nothing")
+            return target
         target = self.root
         for part in ref[1:].split("/")[1:] if ref != "#" else []:
             part = part.replace("~1", "/").replace("~0", "~")
@@ -1748,6 +1768,15 @@ class SchemaCompiler:
             if target is None:
                 raise self.fail(f"$ref {ref!r} points at nothing")
         return target
+
+    def anchor(self, name: str, node: Any) -> Any:
+        """The subschema under `node` whose $anchor is `name` (draft-06/07: whose $id or id is "#name"), or None."""
+        if isinstance(node, dict) and (node.get("$anchor") == name or "#" + name in (node.get("$id"), node.get("id"))):
+            return node
+        for child in node.values() if isinstance(node, dict) else node if isinstance(node, list) else ():
+            if (found := self.anchor(name, child)) is not None:
+                return found
+        return None
 
     def list_of(self, schema: dict, word: str) -> list:
         value = schema[word]
@@ -1790,8 +1819,7 @@ class SchemaCompiler:
         if words == {"$ref"}:
             return self.negate(self.resolve(schema["$ref"]), hops + 1)
         if words == {"type"}:
-            kinds = {k for k in _as_list(schema["type"]) if isinstance(k, str)}
-            kinds |= {"integer"} if "number" in kinds else set()
+            kinds = _kinds(schema["type"])
             return [{"type": [k for k in JSON_TYPES if k not in kinds and (k != "number" or "integer" not in kinds)]}]
         if words <= {"enum", "const"}:
             return [{"!enum": schema["enum"] if "enum" in schema else [schema["const"]]}]
@@ -1811,23 +1839,25 @@ class SchemaCompiler:
         raise self.fail(f"JSON Schema keyword 'not' is enforced only over type, enum, const, pattern, required, "
                         f"properties, anyOf and allOf, not {sorted(words)[:3]}")
 
-    def one_of(self, schema: dict, refs: int, depth: int) -> Piece | None:
-        """oneOf: each branch narrowed so that no value it produces matches another (else a 400).
+    def any_of(self, schema: dict, word: str, refs: int, depth: int) -> Piece | None:
+        """anyOf and oneOf: the union of the branches, the rest of `schema` merged into each.
 
-        A branch this server cannot enforce is left out: the others are narrowed against it all the same.
+        oneOf's branches are first narrowed so that no value one produces matches another (else a 400).
+        A branch this server cannot enforce is left out while another remains: output that matches one
+        still matches anyOf, and oneOf's other branches were narrowed against it all the same.
         """
-        base = {k: v for k, v in schema.items() if k != "oneOf"}
-        parts = [self.merge(base, alt) if base else alt for alt in self.list_of(schema, "oneOf")]
+        base, one = {k: v for k, v in schema.items() if k != word}, word == "oneOf"
+        parts = [self.merge(base, alt) if base and one else alt for alt in self.list_of(schema, word)]
         alternatives, errors = [], []
         for i, part in enumerate(parts):
             try:
-                narrowed = part
-                for j, other in enumerate(parts):
+                narrowed = self.merge(base, part) if base and not one else part
+                for j, other in enumerate(parts if one else ()):
                     narrowed = narrowed if i == j else self.exclude(narrowed, other, i, j)
                 alternatives.append(self.compile(narrowed, refs, depth))
             except APIError as exc:
                 errors.append(exc)
-                if "oneOf" in exc.message:
+                if one and "oneOf" in exc.message:
                     raise
         if errors and not any(a is not None for a in alternatives):
             raise errors[0]
@@ -1880,11 +1910,9 @@ class SchemaCompiler:
             values = schema["enum"] if "enum" in schema else [schema["const"]]
             return {json_type(v) for v in values} if isinstance(values, list) else None
         if "type" in schema:
-            kinds = {k for k in _as_list(schema["type"]) if isinstance(k, str)}
-            return kinds | {"integer"} if "number" in kinds else kinds
+            return _kinds(schema["type"])
         if produced and not {"anyOf", "oneOf", "not", "if"} & set(schema):
-            inferred = {k for k, words in KEYWORD_TYPES.items() if words & set(schema)}
-            return (inferred | {"integer"} if "number" in inferred else inferred) or None
+            return _kinds([k for k, words in KEYWORD_TYPES.items() if words & set(schema)]) or None
         return None
 
     def disjoint(self, part: dict, other: dict, hops: int = 0) -> bool:
@@ -1938,20 +1966,6 @@ class SchemaCompiler:
         extra = schema.get("additionalProperties", None if schema.get("properties") else True)
         return extra in (None, False) and not schema.get("patternProperties")
 
-    def any_of(self, schema: dict, word: str, refs: int, depth: int) -> Piece | None:
-        """anyOf: alternatives this server cannot enforce are left out while another remains (output
-        that matches one still matches anyOf)."""
-        base = {k: v for k, v in schema.items() if k != word}
-        alternatives, errors = [], []
-        for alt in self.list_of(schema, word):
-            try:
-                alternatives.append(self.compile(self.merge(base, alt) if base else alt, refs, depth))
-            except APIError as exc:
-                errors.append(exc)
-        if errors and not any(a is not None for a in alternatives):
-            raise errors[0]
-        return union(alternatives)
-
     def merge(self, a: dict, b: Any, hops: int = 0) -> dict:
         """allOf: one schema with the constraints of both; False when none (what cannot be merged is a 400)."""
         if b is True or b == {} or a is False or b is False:
@@ -1984,8 +1998,8 @@ class SchemaCompiler:
             return {**mine, **{k: {"allOf": [mine[k], v]} if k in mine else v for k, v in value.items()}}
         if key == "required" and isinstance(mine, list) and isinstance(value, list):
             return list(dict.fromkeys(mine + value))
-        if key in ("minimum", "minLength", "minItems", "minProperties", "maximum", "maxLength", "maxItems",
-                   "maxProperties") and _is_number(mine) and _is_number(value):
+        if key in ("minimum", "minLength", "minItems", "minProperties", "minContains", "maximum", "maxLength",
+                   "maxItems", "maxProperties", "maxContains") and _is_number(mine) and _is_number(value):
             return (max if key.startswith("min") else min)(mine, value)
         if key == "type":
             mine, value = _as_list(mine), _as_list(value)
@@ -2176,6 +2190,8 @@ class SchemaCompiler:
         if not isinstance(prefix, list):
             raise self.fail("'prefixItems' must be a list of schemas")
         low, high = self.count(schema, "minItems") or 0, self.count(schema, "maxItems")
+        if "contains" in schema:
+            prefix, items, low = self.contains(schema, prefix, items, low)
         nodes = []
         for sub in prefix:
             node = self.compile(sub, refs, depth + 1)
@@ -2187,31 +2203,39 @@ class SchemaCompiler:
             items = True if not prefix or low > len(prefix) else False
         rest = self.compile(items, refs, depth + 1)
         unique = schema.get("uniqueItems") is True
-        if unique and low <= 1 and not all(self.by_text(n) for n in nodes + [rest] if n is not None):
+        leaves = [n and self.unique_leaf(n) for n in nodes + [rest]] if unique else []
+        if unique and False not in leaves:
+            nodes, rest = leaves[:-1], leaves[-1]
+        elif unique and low <= 1:
             unique, high = False, 1 if high is None else min(high, 1)   # one item is unique whatever it is
-        if unique:
-            nodes, rest = [self.unique_leaf(n) for n in nodes], rest and self.unique_leaf(rest)
+        elif unique:
+            raise self.fail("'uniqueItems' is enforced for items that are strings, integers, or "
+                            "enum/const/boolean/null values")
         try:
             return Array(tuple(nodes), rest, low, high, unique)
         except ValueError as exc:
             raise self.fail(str(exc)) from None
 
-    @staticmethod
-    def by_text(node: Piece) -> bool:
-        """Whether equal values of `node` are equal texts (so uniqueItems can compare what was written)."""
-        alternatives = node.alternatives
-        return all(isinstance(a, Literals) for a in alternatives) or len(alternatives) == 1 and \
-            isinstance(node, Leaf) and node.by_text
+    def contains(self, schema: dict, prefix: list, items: Any, low: int) -> tuple[list, Any, int]:
+        """contains: the first minContains items match it and, under maxContains, no other item does (its
+        negation must be enforceable, see negate()). Returns (prefix items, other items, minItems)."""
+        least, most = self.count(schema, "minContains"), self.count(schema, "maxContains")
+        least = 1 if least is None else least
+        if most is not None and most < least:
+            raise self.fail("'maxContains' is below 'minContains'")
+        other, must = True if items is None else items, schema["contains"]
+        slots = [prefix[i] if i < len(prefix) else other for i in range(max(least, len(prefix)))]
+        held = [{"allOf": [slot, must if i < least else {"not": must}]} if i < least or most is not None else slot
+                for i, slot in enumerate(slots)]
+        return held, other if most is None else {"allOf": [other, {"not": must}]}, max(low, least)
 
-    def unique_leaf(self, node: Piece) -> Piece:
-        """uniqueItems: items must be values whose JSON text is their identity (see Array)."""
+    @staticmethod
+    def unique_leaf(node: Piece) -> Piece | bool:
+        """uniqueItems: `node` as one leaf whose values' JSON texts are their identity (see Array); False if none."""
         alternatives = node.alternatives
         if all(isinstance(a, Literals) for a in alternatives):
             return Literals(t for a in alternatives for t in a.texts)
-        if len(alternatives) == 1 and isinstance(node, Leaf) and node.by_text:
-            return node
-        raise self.fail("'uniqueItems' is enforced for items that are strings, integers, or enum/const/boolean/null "
-                        "values")
+        return node if len(alternatives) == 1 and isinstance(node, Leaf) and node.by_text else False
 
 
 def accepts_text(node: Piece, text: str) -> bool:
@@ -2236,6 +2260,12 @@ def _names(schema: dict) -> list:
 
 def _as_list(value: Any) -> list:
     return value if isinstance(value, list) else [value]
+
+
+def _kinds(value: Any) -> set:
+    """The type names in a `type` value, and integer where number is (a kind of number)."""
+    kinds = {k for k in _as_list(value) if isinstance(k, str)}
+    return kinds | {"integer"} if "number" in kinds else kinds
 
 
 JSON_TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
@@ -2274,6 +2304,9 @@ class Constraint:
     key: str                  # canonical JSON of the schema: equal keys share cached token masks
 
 
+JSON_OBJECT = Constraint(ANY_OBJECT, "json_object")   # response_format json_object, and a lazy call's arguments
+
+
 @dataclass(frozen=True)
 class ToolCallRule:
     """Tool calls whose arguments the engine holds to a schema, written in the model's own call syntax.
@@ -2296,15 +2329,19 @@ def tool_call_rule(tools: tuple[dict, ...], forced: list[str], choice: str) -> T
                                   if t["function"]["name"] == name), forced=True)
     if choice != "auto" or not any(t["function"].get("strict") is True for t in tools):
         return None
-    free = Constraint(ANY_OBJECT, "json_object")
+    free = JSON_OBJECT
     return ToolCallRule(tuple((t["function"]["name"], arguments_constraint(t) if t["function"].get("strict") is True
                                else free) for t in tools), forced=False)
 
 
 def arguments_constraint(tool: dict) -> Constraint:
     """A function tool's arguments as a constraint: its parameters schema (a 400 naming 'tools' if unenforceable)."""
-    schema = tool["function"].get("parameters") or {"type": "object"}
-    return Constraint(compile_schema(schema, schema, "tools"), json.dumps(schema, sort_keys=True))
+    return schema_constraint(tool["function"].get("parameters") or {"type": "object"}, "tools")
+
+
+def schema_constraint(schema: Any, param: str) -> Constraint:
+    """A JSON Schema as a constraint (compile_schema: a 400 naming `param` if it cannot be enforced)."""
+    return Constraint(compile_schema(schema, schema, param), json.dumps(schema, sort_keys=True))
 
 
 # -- JSON-constrained decoding: the automaton lifted to tokens
@@ -2375,16 +2412,13 @@ def token_texts(tokenizer: Any, size: int) -> list[str | None]:
             else None for token, text in enumerate(decoded)]
 
 
-_TOKEN_TABLES: dict[int, tuple[Any, TokenTable]] = {}
+_TOKEN_TABLES = Cache(4)   # by tokenizer id; an entry holds its tokenizer, so the id stays that tokenizer's
 _CONSTRAINTS = Cache(JSON_CONSTRAINT_CACHE)
 
 
 def token_table(tokenizer: Any) -> TokenTable:
     """The tokenizer's TokenTable, built on first use (about a second for 50k tokens)."""
-    entry = _TOKEN_TABLES.get(id(tokenizer))
-    if entry is None:
-        entry = _TOKEN_TABLES[id(tokenizer)] = (tokenizer, TokenTable(tokenizer))
-    return entry[1]
+    return _TOKEN_TABLES.get_or(id(tokenizer), lambda: (tokenizer, TokenTable(tokenizer)))[1]
 
 
 class JsonMasks:
@@ -2472,6 +2506,12 @@ class JsonMasks:
                     todo.append((child, after))
         return ids
 
+def masked(logits: Any, mask: Any) -> Any:
+    """`logits` with -inf wherever the boolean `mask` is false."""
+    import mlx.core as mx
+    return mx.where(mask, logits, mx.array(-math.inf, dtype=logits.dtype))
+
+
 def commitment(start: tuple) -> int:
     """The most one token can add to the closing text, in characters (so in tokens at most).
 
@@ -2497,9 +2537,12 @@ def commitment(start: tuple) -> int:
     return 2 * most
 
 
-def json_masks(tokenizer: Any, key: tuple, start: tuple) -> JsonMasks:
-    """The shared, cached masks for a constraint: requests with the same schema reuse them."""
-    return _CONSTRAINTS.get_or((id(tokenizer),) + key, lambda: JsonMasks(token_table(tokenizer), start))
+def json_constraint(constraint: Constraint, tokenizer: Any, budget: int) -> JsonConstraint:
+    """The logits processor that forces the constraint's JSON within `budget` tokens. Its masks are shared:
+    requests with the same schema reuse them."""
+    masks = _CONSTRAINTS.get_or((id(tokenizer), constraint.key), lambda: JsonMasks(
+        token_table(tokenizer), json_start(constraint.node)))
+    return JsonConstraint(masks, budget)
 
 
 class JsonConstraint:
@@ -2522,7 +2565,6 @@ class JsonConstraint:
         self.plan: list[int] | None = None   # the closing tokens still to come, once closing
 
     def __call__(self, tokens: Any, logits: Any) -> Any:
-        import mlx.core as mx
         if self.started:
             self._advance(int(tokens[-1].item()))
         self.started = True
@@ -2531,9 +2573,8 @@ class JsonConstraint:
             plan = self.masks.closing(self.state)
             if plan is not None and len(plan) + 1 + self.masks.slack >= self.left:
                 self.plan = plan
-        mask = self._mask(width)
         self.left -= 1
-        return mx.where(mask, logits, mx.array(-math.inf, dtype=logits.dtype))
+        return masked(logits, self._mask(width))
 
     def _mask(self, width: int) -> Any:
         if self.state and self.plan:
@@ -2949,13 +2990,12 @@ def parse_response_format(value: dict | None, param: str = "response_format") ->
     if kind == "text":
         return None
     if kind == "json_object":
-        return Constraint(ANY_OBJECT, "json_object")
+        return JSON_OBJECT
     spec = value.get("json_schema")
     if kind != "json_schema" or not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
         raise invalid(f"'{param}' must be {{\"type\": \"text\"}}, {{\"type\": \"json_object\"}} or "
                       "{\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., \"schema\": {...}}}", param)
-    schema = spec["schema"]
-    return Constraint(compile_schema(schema, schema, param), json.dumps(schema, sort_keys=True))
+    return schema_constraint(spec["schema"], param)
 
 
 def chat_window(messages: tuple[dict, ...], keep: int) -> tuple[tuple[dict, ...], int]:
@@ -4469,16 +4509,9 @@ def answer_constraint(request: GenerationRequest, model: Model, budget: int, pro
     form = chat_format_of(model.tokenizer) if chat else None
     header, thinking = (form.answer if form else ""), chat and think_opened(model.tokenizer, prompt, request.prefill)
     if not header and not thinking:
-        return json_constraint(request.constraint, model, budget)
+        return json_constraint(request.constraint, model.tokenizer, budget)
     rule = ToolCallRule((("", request.constraint),), forced=True)
     return ToolCallConstraint(rule, model, budget, thinking, write=lambda _name: (header, ""))
-
-
-def json_constraint(constraint: Constraint, model: Model, budget: int) -> Callable[[Any, Any], Any]:
-    """The logits processor that forces the constraint's JSON."""
-    tokenizer = model.tokenizer
-    masks = json_masks(tokenizer, (constraint.key,), json_start(constraint.node))
-    return JsonConstraint(masks, budget)
 
 
 def literal_tokens(tokenizer: Any, text: str) -> list[int]:
@@ -4582,20 +4615,20 @@ class ToolCallConstraint:
         import mlx.core as mx
         if self.arguments is None:
             constraint = dict(self.rule.calls)[self.chosen]
-            self.arguments = json_constraint(constraint, self.model, max(self.left + 1 - len(self.tail_ids), 1))
-        masked = self.arguments(tokens, logits)
-        allowed = masked > -math.inf
+            budget = max(self.left + 1 - len(self.tail_ids), 1)
+            self.arguments = json_constraint(constraint, self.model.tokenizer, budget)
+        held = self.arguments(tokens, logits)
+        allowed = held > -math.inf
         eos = JsonMasks.ids_mask(self.eos, logits.shape[-1])
         self.complete = bool(mx.any(allowed & eos).item())
         if not self.complete:
-            return masked
+            return held
         if not self.tail_ids:   # the call ends with its arguments
             if self.rule.forced:
-                return masked
+                return held
             self._free()
             return logits
-        first = JsonMasks.ids_mask(self.tail_ids[:1], logits.shape[-1])
-        return mx.where((allowed & ~eos) | first, logits, mx.array(-math.inf, dtype=logits.dtype))
+        return masked(logits, (allowed & ~eos) | JsonMasks.ids_mask(self.tail_ids[:1], logits.shape[-1]))
 
     def _advance(self, token: int) -> None:
         """Follow the token just sampled."""
@@ -4632,15 +4665,11 @@ class ToolCallConstraint:
 
     @staticmethod
     def _only(logits: Any, ids: set[int]) -> Any:
-        import mlx.core as mx
-        mask = JsonMasks.ids_mask(sorted(ids), logits.shape[-1])
-        return mx.where(mask, logits, mx.array(-math.inf, dtype=logits.dtype))
+        return masked(logits, JsonMasks.ids_mask(sorted(ids), logits.shape[-1]))
 
     @staticmethod
     def _without(logits: Any, ids: list[int]) -> Any:
-        import mlx.core as mx
-        mask = JsonMasks.ids_mask(ids, logits.shape[-1])
-        return mx.where(mask, mx.array(-math.inf, dtype=logits.dtype), logits)
+        return masked(logits, ~JsonMasks.ids_mask(ids, logits.shape[-1]))
 
 
 def make_token_sampler(request: GenerationRequest) -> Callable[[Any], Any]:

@@ -1207,7 +1207,7 @@ def test_counted_strings_reuse_cached_masks(model, schema):
 
 @pytest.mark.parametrize("schema,words", [
     ({"type": "object", "not": {}}, "no JSON value"),
-    ({"type": "array", "contains": {"type": "integer"}}, "'contains'"),
+    ({"type": "array", "unevaluatedItems": False}, "'unevaluatedItems'"),
     ({"type": "object", "unevaluatedProperties": False}, "'unevaluatedProperties'"),
     ({"type": "string", "pattern": "(?<=a)b"}, "lookbehind"),
     ({"type": "string", "pattern": "^((?!ab).)*$"}, "lookahead"),
@@ -1364,6 +1364,12 @@ NEW_KEYWORD_CASES = {
     "uniqueItems of objects": ({"type": "array", "items": {"type": "object", "properties": {"a": {"type": "integer"}}},
                                 "uniqueItems": True}, ['[{"a":1}]', "[]"], ['[{"a":1},{"a":2}]']),
     "oneOf by type": ({"oneOf": [{"type": "string"}, {"type": ["integer", "null"]}]}, ['"a"', "1", "null"], ["1.5", "true"]),
+    "contains": ({"type": "array", "contains": {"const": "x"}}, ['["x"]', '["x",1]'], ["[]", "[1]"]),
+    "minContains/maxContains": ({"type": "array", "items": {"type": ["integer", "string"]}, "contains": {"type": "integer"},
+                                 "minContains": 2, "maxContains": 3}, ["[1,2]", '[1,2,"a"]'], ["[]", "[1]", '["a","b"]']),
+    "$ref to an $anchor": ({"$defs": {"n": {"$anchor": "num", "type": "integer"}, "o": {"$anchor": "old", "type": "string"}},
+                            "type": "array", "prefixItems": [{"$ref": "#num"}, {"$ref": "#old"}], "minItems": 2,
+                            "items": False}, ['[1,"a"]'], ['["a",1]', '[1,2]']),
 }
 
 

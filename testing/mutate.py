@@ -379,8 +379,8 @@ MUTATIONS = [
                "        refused = sorted(set(schema) - SCHEMA_KEYWORDS - {'title', 'description', '$schema', '$defs'})"),),
              ("test_new_keywords_are_enforced_and_every_walk_validates",)),
     Mutation("json-extra-keys-repeat", "an extra key may be written twice in one object",
-             (("return None if slot is None else (self, \"colon\", len(self.props) + slot, count, seen | {text}, 0)",
-               "return None if slot is None else (self, \"colon\", len(self.props) + slot, count, seen, 0)"),),
+             (("                                                            seen=frame.seen | {text})",
+               "                                                            seen=frame.seen)"),),
              ("test_new_keywords_are_enforced_and_every_walk_validates",)),
     Mutation("json-lookahead-ignored", "a leading lookahead is parsed and then ignored",
              (("            looks.append(((\"seq\", [(\"anchor\", \"^\"), body, ANYTHING]), not positive))",
@@ -394,8 +394,8 @@ MUTATIONS = [
                "            pass"),),
              ("test_new_keywords_are_enforced_and_every_walk_validates",)),
     Mutation("json-malformed-type-crashes", "a oneOf branch whose type is not a name crashes the compiler (a 500)",
-             (("            kinds = {k for k in _as_list(schema[\"type\"]) if isinstance(k, str)}\n"
-               "            return kinds", "            kinds = set(_as_list(schema[\"type\"]))\n            return kinds"),),
+             (("    kinds = {k for k in _as_list(value) if isinstance(k, str)}",
+               "    kinds = set(_as_list(value))"),),
              ("test_malformed_schemas_are_answered_never_a_5xx",)),
     Mutation("json-closing-key-too-short", "an excluded key leaf looks for a closing text only 32 characters deep, so a "
              "pattern key longer than that cannot close (a 500 mid-stream)",
@@ -405,6 +405,13 @@ MUTATIONS = [
     Mutation("json-multipleof-float-steps", "multipleOf 0.01 allows 7.77, which validators' float division refuses",
              (("            if integer or exact.denominator == 1 or Fraction(float(exact)) != exact:",
                "            if integer or exact.denominator == 1:"),),
+             ("test_new_keywords_are_enforced_and_every_walk_validates",)),
+    Mutation("json-contains-ignored", "contains / minContains / maxContains constrain nothing",
+             (("        if \"contains\" in schema:\n            prefix, items, low = self.contains(",
+               "        if False:\n            prefix, items, low = self.contains("),),
+             ("test_new_keywords_are_enforced_and_every_walk_validates",)),
+    Mutation("json-anchor-as-root", "a $ref to an $anchor (\"#name\") is read as the root schema",
+             (("        if ref[1:2] not in (\"\", \"/\"):", "        if False:"),),
              ("test_new_keywords_are_enforced_and_every_walk_validates",)),
     # Issue 21: the prompt cache's budget, the admission queue, memory.
     Mutation("prompt-cache-drops-whole", "an entry larger than the prompt cache's budget is dropped, not cut to "
