@@ -678,17 +678,27 @@ def apply(mutation: Mutation, source: str) -> str:
     return source
 
 
+def test_file_of(folder: Path, test: str) -> str:
+    """The test file (relative to folder) that defines `test` (a name, maybe with [params]):
+    test_lem_serve.py, or one of testing/test_*.py once the tests are split by surface."""
+    name = test.split("[")[0]
+    for path in [folder / "test_lem_serve.py", *sorted((folder / "testing").glob("test_*.py"))]:
+        if f"def {name}(" in path.read_text(encoding="utf-8"):
+            return path.relative_to(folder).as_posix()
+    return "test_lem_serve.py"
+
+
 def run_tests(folder: Path, tests: tuple[str, ...]) -> tuple[int, str]:
     """Run the named tests in `folder`; return pytest's exit code and the first failing test, if any."""
     command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-               *(f"test_lem_serve.py::{t}" for t in tests)]
+               *(f"{test_file_of(folder, t)}::{t}" for t in tests)]
     try:
         out = subprocess.run(command, cwd=folder, capture_output=True, text=True, timeout=RUN_TIMEOUT)
     except subprocess.TimeoutExpired:
         return -1, f"timed out after {RUN_TIMEOUT} s"
     failed = next((line[len("FAILED "):].split(" - ")[0] for line in out.stdout.splitlines()
                    if line.startswith("FAILED ")), "")
-    return out.returncode, failed.removeprefix("test_lem_serve.py::") or out.stdout.strip().splitlines()[-1:][0]
+    return out.returncode, failed.split("::", 1)[-1] or out.stdout.strip().splitlines()[-1:][0]
 
 
 def run_mutation(mutation: Mutation) -> tuple[str, str]:
