@@ -4056,12 +4056,11 @@ def render_prompt(request: GenerationRequest, model: Model) -> tuple[list[int], 
         return tokenizer.encode(text + (f" {messages[-1]['content']}" if request.prefill else "")), dropped
     tools = check_tool_support(request, tokenizer)
     template = getattr(tokenizer, "chat_template", None)
-    if request.prefill:
-        messages[-1] = {**messages[-1], "content": messages[-1]["content"] + PREFILL_MARK}
-    messages = template_messages(messages, template if isinstance(template, str) else "")
+    template = template if isinstance(template, str) else ""
     try:
         if request.prefill:
-            return prefill_prompt(tokenizer, messages, tools, request.template_args), dropped
+            return prefill_prompt(tokenizer, messages, tools, request.template_args, template), dropped
+        messages = template_messages(messages, template)
         return list(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
                                                   tokenize=True, **request.template_args)), dropped
     except APIError:
@@ -4077,17 +4076,25 @@ def render_prompt(request: GenerationRequest, model: Model) -> tuple[list[int], 
 PREFILL_MARK = "\u2060<lem-serve:prefill-end>\u2060"
 
 
-def prefill_prompt(tokenizer: Any, messages: list[dict], tools: list[dict] | None, args: dict) -> list[int]:
-    """The token ids of `messages` rendered without a generation prompt, cut at PREFILL_MARK (ending the
-    last message's content), so that the reply continues that text; a 400 when the template drops it.
+def prefill_prompt(tokenizer: Any, messages: list[dict], tools: list[dict] | None, args: dict,
+                   template: str) -> list[int]:
+    """The token ids of `messages` rendered without a generation prompt, cut at PREFILL_MARK (put after the
+    last message's text), so that the reply continues that text; a 400 when the template drops it.
 
-    Encoded as apply_chat_template(tokenize=True) encodes: no special tokens added.
+    A reply with reasoning and no text yet (cut while thinking) goes on
+    thinking where the template renders its reasoning; where it does not,
+    it answers after it. Encoded as apply_chat_template(tokenize=True)
+    encodes: no special tokens added.
     """
-    text = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=False, tokenize=False, **args)
-    if text.count(PREFILL_MARK) != 1:
-        raise invalid("this model's chat template does not render the last assistant message's text as sent, "
-                      "so it cannot be continued; end with a user message", f"messages[{len(messages) - 1}]")
-    return tokenizer.encode(text[:text.index(PREFILL_MARK)], add_special_tokens=False)
+    last = messages[-1]
+    fields = ("reasoning_content", "content") if last.get("reasoning_content") and not last["content"] else ("content",)
+    for field in fields:
+        marked = template_messages(messages[:-1] + [{**last, field: last[field] + PREFILL_MARK}], template)
+        text = tokenizer.apply_chat_template(marked, tools=tools, add_generation_prompt=False, tokenize=False, **args)
+        if text.count(PREFILL_MARK) == 1:
+            return tokenizer.encode(text[:text.index(PREFILL_MARK)], add_special_tokens=False)
+    raise invalid("this model's chat template does not render the last assistant message's text as sent, "
+                  "so it cannot be continued; end with a user message", f"messages[{len(messages) - 1}]")
 
 
 # Claude Code (2.1.x) opens its system prompt with a line whose cch= value (and cc_version's suffix) are hashes
@@ -4507,7 +4514,7 @@ def make_sampling(request: GenerationRequest, model: Model, budget: int | None =
         processors.append(answer_constraint(request, model, budget or request.max_tokens, prompt))
     elif request.tool_rule is not None:
         processors.append(ToolCallConstraint(request.tool_rule, model, budget or request.max_tokens,
-                                             think_opened(model.tokenizer, prompt)))
+                                             think_opened(model.tokenizer, prompt, request.prefill)))
     return Sampling(make_token_sampler(request), processors)
 
 
@@ -4516,7 +4523,7 @@ def answer_constraint(request: GenerationRequest, model: Model, budget: int, pro
     chat template opened and behind the format's answer header (ChatFormat.answer: harmony's final channel)."""
     chat = request.endpoint != "completions"
     form = chat_format_of(model.tokenizer) if chat else None
-    header, thinking = (form.answer if form else ""), chat and think_opened(model.tokenizer, prompt)
+    header, thinking = (form.answer if form else ""), chat and think_opened(model.tokenizer, prompt, request.prefill)
     if not header and not thinking:
         return json_constraint(request.constraint, model.tokenizer, budget)
     rule = ToolCallRule((("", request.constraint),), forced=True)
@@ -4901,14 +4908,15 @@ def reasoning_splitter(request: GenerationRequest, model: Model, prompt: list[in
     tokenizer = model.tokenizer
     if not request.split_reasoning or not getattr(tokenizer, "has_thinking", False):
         return None
-    return ReasoningSplitter(tokenizer.think_start, tokenizer.think_end, inside=think_opened(tokenizer, prompt))
+    return ReasoningSplitter(tokenizer.think_start, tokenizer.think_end, inside=think_opened(tokenizer, prompt, request.prefill))
 
 
-def think_opened(tokenizer: Any, prompt: list[int]) -> bool:
-    """Whether the prompt ends inside a thinking block the template opened (DeepSeek-R1, Qwen3)."""
+def think_opened(tokenizer: Any, prompt: list[int], prefill: bool = False) -> bool:
+    """Whether the prompt ends inside a thinking block the template opened (DeepSeek-R1, Qwen3), or, for
+    a `prefill`, inside the reasoning it continues (which may be long: the whole prompt is searched)."""
     if not prompt or not getattr(tokenizer, "has_thinking", False):
         return False
-    tail = max(len(prompt) - REASONING_PROMPT_TAIL, 0)  # a block the template opened is at the very end
+    tail = 0 if prefill else max(len(prompt) - REASONING_PROMPT_TAIL, 0)  # a block the template opened is at the end
     return tokenizer.rfind_think_start(prompt, start=tail) > tokenizer.rfind_think_end(prompt, start=tail)
 
 
