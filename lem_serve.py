@@ -6292,6 +6292,38 @@ def logprobs_object(endpoint: str, entries: list[dict] | None, offsets: TextOffs
             "text_offset": [offsets.next(e["bytes"]) for e in entries]}
 
 
+class HeldTextScanner:
+    """The streaming loop the reply scanners share: text arrives in `held`, `_step` takes one piece
+    of it at a time (False once the rest must wait for more text), `_finish` takes what is left
+    once generation ends. Pieces are ("text" | "reasoning", str), ("calls", [OpenAI-shaped calls])
+    and, when live, a streamed call's ("call_start", {"id", "name"}) and ("call_args", str) before
+    its "calls".
+    """
+
+    held: str
+
+    def feed(self, text: str) -> list[tuple[str, Any]]:
+        """The pieces safe to emit, in order."""
+        self.held += text
+        out: list[tuple[str, Any]] = []
+        while self._step(out):
+            pass
+        return out
+
+    def flush(self) -> list[tuple[str, Any]]:
+        """What is still held once generation ends."""
+        out: list[tuple[str, Any]] = []
+        self._finish(out)
+        self.held = ""
+        return out
+
+    def _step(self, out: list) -> bool:
+        raise NotImplementedError
+
+    def _finish(self, out: list) -> None:
+        raise NotImplementedError
+
+
 class CallStreamer:
     """A streamed call's arguments, handed out as the model writes them.
 
@@ -6362,7 +6394,7 @@ class CallStreamer:
         return settled + calls[len(self.streamed):]
 
 
-class ToolCallScanner:
+class ToolCallScanner(HeldTextScanner):
     """Splits a chat reply into content and tool calls, as the text streams in.
 
     Text from one of the format's start markers to its end marker is a call,
@@ -6386,24 +6418,13 @@ class ToolCallScanner:
         self.live = False                # stream arguments as they come
         self.streamer: CallStreamer | None = None   # the open call's, when live
 
-    def feed(self, text: str) -> list[tuple[str, Any]]:
-        """The pieces safe to emit, in order: ("text", str), ("calls", [calls in OpenAI's shape]) and,
-        when live, a streamed call's ("call_start", {"id", "name"}) and ("call_args", str) before its "calls"."""
-        self.held += text
-        out: list[tuple[str, Any]] = []
-        while self._step(out):
-            pass
-        return out
-
-    def flush(self) -> list[tuple[str, Any]]:
-        """What is still held once generation ends: a call without its end marker is parsed if it can be."""
-        out: list[tuple[str, Any]] = []
+    def _finish(self, out: list) -> None:
+        """A call without its end marker is parsed if it can be; other held text is content."""
         if self.opened is not None:
             self._close(out, self.held, "")
         elif self.held.strip():
             out.append(("text", self.held.lstrip() if self.fresh else self.held))
-        self.held, self.opened = "", None
-        return out
+        self.opened = None
 
     def _step(self, out: list) -> bool:
         """Take one marker's worth of the held text; False once the rest must wait for more."""
@@ -6492,7 +6513,7 @@ HARMONY_HEADS = ("<|channel|>", "<|start|>")                        # what a mes
 HARMONY_HEAD = re.compile(r"\s*(?=\{)")   # a call's body is its arguments; its name is in the header
 
 
-class HarmonyScanner:
+class HarmonyScanner(HeldTextScanner):
     """Reads OpenAI's harmony format (gpt-oss) as it streams: channel `analysis` is reasoning, `final`
     text, `commentary` addressed `to=functions.NAME` a call to NAME (its body the JSON arguments), and
     `commentary` to no one (a preamble) text. A reply that opens with no channel header is text.
@@ -6508,22 +6529,11 @@ class HarmonyScanner:
         self.live = False               # stream a call's arguments as they come
         self.streamer: CallStreamer | None = None   # the open call's, when live
 
-    def feed(self, text: str) -> list[tuple[str, Any]]:
-        """The pieces safe to emit: ("reasoning", str), ("text", str), ("calls", [calls in OpenAI's shape])."""
-        self.held += text
-        out: list[tuple[str, Any]] = []
-        while self._step(out):
-            pass
-        return out
-
-    def flush(self) -> list[tuple[str, Any]]:
+    def _finish(self, out: list) -> None:
         """Whatever message is open ends with the reply (its <|call|> or <|return|> is not text)."""
-        out: list[tuple[str, Any]] = []
         if self.kind is not None:
             self._body(out, self.held)
             self._close(out)
-        self.held = ""
-        return out
 
     def _step(self, out: list) -> bool:
         if self.kind is None:
