@@ -2701,6 +2701,7 @@ class GenerationRequest:
     tools: tuple[dict, ...] = ()                 # chat-like: OpenAI tool definitions, for the chat template
     tool_choice: str = "none"                    # none, auto or required (a named function is required + tool_rule)
     tool_rule: ToolCallRule | None = None        # tool calls held to their schemas: forced, or lazy for strict tools
+    one_call: bool = False                       # at most one tool call (parallel_tool_calls false): others dropped
     max_context: int = 0                         # chat: messages kept by the window (chat_window); 0 = all
     template_args: dict = dataclasses.field(default_factory=dict)  # chat: extra chat template arguments
     prefill: bool = False                        # chat: the reply continues the last (assistant) message's text
@@ -2951,7 +2952,7 @@ def output_fields(endpoint: str, body: dict, format_param: str = "response_forma
         raise invalid(f"'{format_param}' and a required 'tool_choice' cannot both constrain the output",
                       format_param)
     return {"constraint": constraint, "tools": tools, "tool_choice": choice,
-            "tool_rule": tool_call_rule(tools, forced, choice)}
+            "tool_rule": tool_call_rule(tools, forced, choice), "one_call": body.get("parallel_tool_calls") is False}
 
 
 def parse_tool(tool: Any, index: int) -> dict:
@@ -3068,8 +3069,9 @@ def parse_messages_request(body: dict, settings: Settings, counting: bool = Fals
     prefill = messages[-1]["role"] == "assistant"
     if prefill:
         anthropic_prefill(messages[-1], body, f"messages[{len(body['messages']) - 1}]")
-    fields = {"tools": dialect_tools(tools, "input_schema", anthropic_served),
-              "tool_choice": anthropic_tool_choice(body.get("tool_choice"))}
+    choice = body.get("tool_choice")
+    fields = {"tools": dialect_tools(tools, "input_schema", anthropic_served), "tool_choice": anthropic_tool_choice(choice),
+              "parallel_tool_calls": not (isinstance(choice, dict) and choice.get("disable_parallel_tool_use") is True)}
     thinking = anthropic_thinking(body.get("thinking"), body.get("max_tokens"))
     return GenerationRequest(
         endpoint="messages", messages=tuple(messages), prefill=prefill, stream=bool(body.get("stream")),
@@ -3321,7 +3323,8 @@ def parse_responses_request(body: dict, settings: Settings, previous: list[dict]
     messages = [{"role": "system", "content": body["instructions"]}] if body.get("instructions") else []
     messages += (previous or []) + responses_input(body["input"], kinds)
     fields = {"tools": tools, "tool_choice": responses_tool_choice(body.get("tool_choice"), kinds),
-              "response_format": responses_format((body.get("text") or {}).get("format"))}
+              "response_format": responses_format((body.get("text") or {}).get("format")),
+              "parallel_tool_calls": body.get("parallel_tool_calls")}
     effort = (body.get("reasoning") or {}).get("effort")
     args = {"reasoning_effort": effort} if isinstance(effort, str) else {}
     last = messages[-1] if messages else {}
@@ -6620,6 +6623,8 @@ class Writer:
         self.calls_sent = 0      # tool calls streamed so far (started)
         self.live_call: dict | None = None   # the call being streamed: {"id", "name", "sent"}
         self.closed: set[str] = set()        # ids of the calls streamed to their end
+        self.first_call: str | None = None   # the id of the reply's first call (one_call keeps only it)
+        self.dropping = False                # a call after the first is streaming: one_call drops it
 
     def event(self, kind: str, value: str, logprobs: list[dict] = (), choice: int = 0) -> bytes:
         """The bytes one engine event becomes: reasoning, text, tool calls (via the scanner), at the end the finish.
@@ -6631,7 +6636,7 @@ class Writer:
         pieces = [("text", value)] if kind == "text" else []
         if self.scanner is not None:
             self.scanner.live = True   # a stream: arguments go out as they come
-            pieces = self.scanner.feed(value) if kind == "text" else self.scanner.flush()
+            pieces = self._one_call(self.scanner.feed(value) if kind == "text" else self.scanner.flush())
         out, logprobs = [], list(logprobs)
         for piece, content in pieces:
             if piece == "reasoning":
@@ -6658,11 +6663,28 @@ class Writer:
         calls = []
         if self.scanner is not None:
             parts = {"text": [], "reasoning": [reasoning], "calls": []}
-            for piece, content in self.scanner.feed(text) + self.scanner.flush():
+            for piece, content in self._one_call(self.scanner.feed(text) + self.scanner.flush()):
                 parts[piece] += content if piece == "calls" else [content]
             text, calls = "".join(parts["text"]), parts["calls"]
             reasoning = "".join(parts["reasoning"]) if self.request.show_reasoning else ""
         return self.body(text, calls, reason, logprobs, reasoning)
+
+    def _one_call(self, pieces: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+        """The scanner's pieces, where the request allows one tool call (parallel_tool_calls false,
+        disable_parallel_tool_use), without any call after the first; all of them otherwise."""
+        if not self.request.one_call:
+            return pieces
+        kept = []
+        for piece, content in pieces:
+            if piece == "call_start":
+                self.first_call = self.first_call or content["id"]
+                self.dropping = content["id"] != self.first_call
+            elif piece == "calls":
+                self.first_call = self.first_call or content[0]["id"]
+                content = [call for call in content if call["id"] == self.first_call]
+            if not (self.dropping and piece in ("call_start", "call_args")) and content != []:
+                kept.append((piece, content))
+        return kept
 
     def _call_start(self, call: dict) -> bytes:
         """Open a streamed call ({"id", "name"}); one still open (its arguments complete) ends as sent."""

@@ -4325,6 +4325,25 @@ def test_sdks_stream_tool_arguments_incrementally(write_server):
     assert json.loads(call.function.arguments) == WRITE_ARGS
 
 
+@pytest.mark.parametrize("family_server", ["qwen3"], indirect=True)
+@pytest.mark.parametrize("endpoint", ["chat", "messages", "responses"])
+def test_one_tool_call_when_parallel_calls_are_off(family_server, endpoint):
+    """parallel_tool_calls false (chat, responses) or tool_choice.disable_parallel_tool_use (messages): a model
+    that writes two calls gets its first through, streamed and not; the second is dropped. Allowed, both come."""
+    name, kinds, server, _ = family_server
+    body = family_body(endpoint, kinds.index("parallel"))
+    single = ({"tool_choice": {"type": "auto", "disable_parallel_tool_use": True}} if endpoint == "messages"
+              else {"parallel_tool_calls": False})
+    both = FAMILY_EXPECTED["parallel"][2]
+    assert reply_parts(endpoint, request(server, "POST", path_of(endpoint), body).json())[2] == both
+    payload = request(server, "POST", path_of(endpoint), {**body, **single}).json()
+    assert reply_parts(endpoint, payload)[2] == both[:1], payload
+    events = stream(server, endpoint, **body, **single)
+    assert streamed_parts(endpoint, events)[2] == both[:1]
+    if endpoint == "responses":
+        assert payload["parallel_tool_calls"] is False
+
+
 # Every shape test_sdk_types_strictly_for_every_shape_sent validates: 19 anthropic, 32 openai.
 ANTHROPIC_CHECKLIST = {f"anthropic:{name}" for name in (
     "message:text", "message:thinking+text", "message:tool_use", "message_start", "message_delta", "message_stop",
