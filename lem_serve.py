@@ -2708,6 +2708,7 @@ class GenerationRequest:
     split_reasoning: bool = False                # a thinking model's reasoning leaves the text (ReasoningSplitter)
     n: int = 1                                   # choices, decoded together, each in a slot of its own
     show_reasoning: bool = True                  # reasoning reaches the client (the dialects: when asked for)
+    thinking_budget: int = 0                     # reasoning tokens before the server closes the block; 0: no limit
     echo: dict = dataclasses.field(default_factory=dict)        # request fields a dialect's reply repeats back
     tool_kinds: dict = dataclasses.field(default_factory=dict)  # Responses: rendered tool name -> its kind and namespace
 
@@ -3080,6 +3081,7 @@ def parse_messages_request(body: dict, settings: Settings, counting: bool = Fals
         template_args=template_args({"chat_template_kwargs": None if thinking else {"enable_thinking": False}},
                                     settings),
         split_reasoning=settings.reasoning_format != "none", show_reasoning=thinking,
+        thinking_budget=body["thinking"].get("budget_tokens") or 0 if thinking else 0,
         **output_fields("messages", fields),
         **sampling_fields({field: body.get(field) for field in ("temperature", "top_p", "top_k")}, settings.sampling))
 
@@ -4506,12 +4508,46 @@ def make_sampling(request: GenerationRequest, model: Model, budget: int | None =
         repetition_penalty=request.repetition_penalty if request.repetition_penalty != 1 else None)
     if request.presence_penalty or request.frequency_penalty:
         processors.append(openai_penalties(request.presence_penalty, request.frequency_penalty))
+    if request.thinking_budget and getattr(model.tokenizer, "has_thinking", False):
+        processors.append(ThinkingBudget(model.tokenizer, request.thinking_budget, think_opened(model.tokenizer, prompt)))
     if request.constraint is not None:  # last: it masks what the others produced
         processors.append(answer_constraint(request, model, budget or request.max_tokens, prompt))
     elif request.tool_rule is not None:
         processors.append(ToolCallConstraint(request.tool_rule, model, budget or request.max_tokens,
                                              think_opened(model.tokenizer, prompt)))
     return Sampling(make_token_sampler(request), processors)
+
+
+class ThinkingBudget:
+    """A logits processor that closes the reasoning once it has used `budget` tokens (Anthropic's
+    thinking.budget_tokens): the think-end marker's tokens are forced then, and the reply goes on
+    after it. Every thinking block of the reply counts against the one budget."""
+
+    stateful = True   # follows the tokens sampled so far, one call per token
+
+    def __init__(self, tokenizer: Any, budget: int, thinking: bool):
+        self.start, self.end = list(tokenizer.think_start_tokens), list(tokenizer.think_end_tokens)
+        self.budget, self.thinking, self.used = budget, thinking, 0
+        self.recent: list[int] = []   # the last tokens, where the markers are looked for
+        self.forcing = 0              # how many of the end marker's tokens were forced so far
+        self.started = False
+
+    def __call__(self, tokens: Any, logits: Any) -> Any:
+        if self.started:
+            self._advance(int(tokens[-1].item()))
+        self.started = True
+        if self.thinking and (self.forcing or self.used >= self.budget):
+            self.forcing += 1
+            return masked(logits, JsonMasks.ids_mask([self.end[self.forcing - 1]], logits.shape[-1]))
+        return logits
+
+    def _advance(self, token: int) -> None:
+        self.recent = (self.recent + [token])[-max(len(self.start), len(self.end)):]
+        self.used += self.thinking
+        if self.thinking and self.recent[-len(self.end):] == self.end:
+            self.thinking, self.forcing = False, 0
+        elif not self.thinking and self.recent[-len(self.start):] == self.start:
+            self.thinking = True
 
 
 def answer_constraint(request: GenerationRequest, model: Model, budget: int, prompt: list[int]) -> Callable:

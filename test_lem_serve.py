@@ -4234,6 +4234,7 @@ WRITE_ARGS = {"path": "notes/todo.md", "content": "".join(f"- item {i}: check th
 WRITE_TOOL = {"name": "write_file", "description": "Write a file",
               "parameters": {"type": "object", "properties": {"path": {"type": "string"}, "content": {"type": "string"}},
                              "required": ["path", "content"]}}
+LONG_THOUGHT = "<think>\n" + "step " * 300 + "</think>\n\nParis."   # script 1 of write_server
 WRITE_SCRIPT = "I will write it.\n" + QWEN_CALL.format("write_file", json.dumps(WRITE_ARGS, separators=(",", ":")))
 
 
@@ -4242,7 +4243,7 @@ def write_server(tmp_path_factory):
     from testing.scripted_model import build_scripted_model
     template, keywords, _ = FAMILIES["qwen3"]
     path = build_scripted_model(tmp_path_factory.mktemp("write") / "qwen3", (TEMPLATES / template).read_text("utf-8"),
-                                [WRITE_SCRIPT], **keywords)
+                                [WRITE_SCRIPT, LONG_THOUGHT], **keywords)
     with running_server(lem_serve.load_model(lem_serve.Settings(model_path=str(path))), path) as srv:
         yield srv
 
@@ -4342,6 +4343,23 @@ def test_one_tool_call_when_parallel_calls_are_off(family_server, endpoint):
     assert streamed_parts(endpoint, events)[2] == both[:1]
     if endpoint == "responses":
         assert payload["parallel_tool_calls"] is False
+
+
+def test_thinking_budget_closes_the_reasoning(write_server):
+    """thinking.budget_tokens: a model that would think for 300 words (about 1200 tokens) has its thinking block
+    closed once it used the budget (the reply goes on as text); with a larger budget it thinks to its own end."""
+    from testing.scripted_model import trigger
+    ask = [{"role": "user", "content": f"Think. {trigger(1)}"}]
+    for budget, cut in ((1024, True), (1900, False)):
+        reply = request(write_server, "POST", "/v1/messages", {"messages": ask, "max_tokens": 2000,
+                                                               "thinking": {"type": "enabled", "budget_tokens": budget}})
+        content = reply.json()["content"]
+        (thought,) = [b["thinking"] for b in content if b["type"] == "thinking"]
+        text = "".join(b["text"] for b in content if b["type"] == "text")
+        if cut:
+            assert 0 < thought.count("step") < 300 and text.lstrip().startswith("step"), (thought[-80:], text[:80])
+        else:
+            assert thought.count("step") == 300 and text == "Paris."
 
 
 # Every shape test_sdk_types_strictly_for_every_shape_sent validates: 19 anthropic, 32 openai.
