@@ -4061,12 +4061,11 @@ def render_prompt(request: GenerationRequest, model: Model) -> tuple[list[int], 
         return tokenizer.encode(text + (f" {messages[-1]['content']}" if request.prefill else "")), dropped
     tools = check_tool_support(request, tokenizer)
     template = getattr(tokenizer, "chat_template", None)
-    if request.prefill:
-        messages[-1] = {**messages[-1], "content": messages[-1]["content"] + PREFILL_MARK}
-    messages = template_messages(messages, template if isinstance(template, str) else "")
+    template = template if isinstance(template, str) else ""
     try:
         if request.prefill:
-            return prefill_prompt(tokenizer, messages, tools, request.template_args), dropped
+            return prefill_prompt(tokenizer, messages, tools, request.template_args, template), dropped
+        messages = template_messages(messages, template)
         return list(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
                                                   tokenize=True, **request.template_args)), dropped
     except APIError:
@@ -4082,17 +4081,25 @@ def render_prompt(request: GenerationRequest, model: Model) -> tuple[list[int], 
 PREFILL_MARK = "\u2060<lem-serve:prefill-end>\u2060"
 
 
-def prefill_prompt(tokenizer: Any, messages: list[dict], tools: list[dict] | None, args: dict) -> list[int]:
-    """The token ids of `messages` rendered without a generation prompt, cut at PREFILL_MARK (ending the
-    last message's content), so that the reply continues that text; a 400 when the template drops it.
+def prefill_prompt(tokenizer: Any, messages: list[dict], tools: list[dict] | None, args: dict,
+                   template: str) -> list[int]:
+    """The token ids of `messages` rendered without a generation prompt, cut at PREFILL_MARK (put after the
+    last message's text), so that the reply continues that text; a 400 when the template drops it.
 
-    Encoded as apply_chat_template(tokenize=True) encodes: no special tokens added.
+    A reply with reasoning and no text yet (cut while thinking) goes on
+    thinking where the template renders its reasoning; where it does not,
+    it answers after it. Encoded as apply_chat_template(tokenize=True)
+    encodes: no special tokens added.
     """
-    text = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=False, tokenize=False, **args)
-    if text.count(PREFILL_MARK) != 1:
-        raise invalid("this model's chat template does not render the last assistant message's text as sent, "
-                      "so it cannot be continued; end with a user message", f"messages[{len(messages) - 1}]")
-    return tokenizer.encode(text[:text.index(PREFILL_MARK)], add_special_tokens=False)
+    last = messages[-1]
+    fields = ("reasoning_content", "content") if last.get("reasoning_content") and not last["content"] else ("content",)
+    for field in fields:
+        marked = template_messages(messages[:-1] + [{**last, field: last[field] + PREFILL_MARK}], template)
+        text = tokenizer.apply_chat_template(marked, tools=tools, add_generation_prompt=False, tokenize=False, **args)
+        if text.count(PREFILL_MARK) == 1:
+            return tokenizer.encode(text[:text.index(PREFILL_MARK)], add_special_tokens=False)
+    raise invalid("this model's chat template does not render the last assistant message's text as sent, "
+                  "so it cannot be continued; end with a user message", f"messages[{len(messages) - 1}]")
 
 
 # Claude Code (2.1.x) opens its system prompt with a line whose cch= value (and cc_version's suffix) are hashes
@@ -4514,7 +4521,7 @@ def make_sampling(request: GenerationRequest, model: Model, budget: int | None =
         processors.append(answer_constraint(request, model, budget or request.max_tokens, prompt))
     elif request.tool_rule is not None:
         processors.append(ToolCallConstraint(request.tool_rule, model, budget or request.max_tokens,
-                                             think_opened(model.tokenizer, prompt)))
+                                             think_opened(model.tokenizer, prompt, request.prefill)))
     return Sampling(make_token_sampler(request), processors)
 
 
@@ -4555,7 +4562,7 @@ def answer_constraint(request: GenerationRequest, model: Model, budget: int, pro
     chat template opened and behind the format's answer header (ChatFormat.answer: harmony's final channel)."""
     chat = request.endpoint != "completions"
     form = chat_format_of(model.tokenizer) if chat else None
-    header, thinking = (form.answer if form else ""), chat and think_opened(model.tokenizer, prompt)
+    header, thinking = (form.answer if form else ""), chat and think_opened(model.tokenizer, prompt, request.prefill)
     if not header and not thinking:
         return json_constraint(request.constraint, model.tokenizer, budget)
     rule = ToolCallRule((("", request.constraint),), forced=True)
@@ -4940,14 +4947,15 @@ def reasoning_splitter(request: GenerationRequest, model: Model, prompt: list[in
     tokenizer = model.tokenizer
     if not request.split_reasoning or not getattr(tokenizer, "has_thinking", False):
         return None
-    return ReasoningSplitter(tokenizer.think_start, tokenizer.think_end, inside=think_opened(tokenizer, prompt))
+    return ReasoningSplitter(tokenizer.think_start, tokenizer.think_end, inside=think_opened(tokenizer, prompt, request.prefill))
 
 
-def think_opened(tokenizer: Any, prompt: list[int]) -> bool:
-    """Whether the prompt ends inside a thinking block the template opened (DeepSeek-R1, Qwen3)."""
+def think_opened(tokenizer: Any, prompt: list[int], prefill: bool = False) -> bool:
+    """Whether the prompt ends inside a thinking block the template opened (DeepSeek-R1, Qwen3), or, for
+    a `prefill`, inside the reasoning it continues (which may be long: the whole prompt is searched)."""
     if not prompt or not getattr(tokenizer, "has_thinking", False):
         return False
-    tail = max(len(prompt) - REASONING_PROMPT_TAIL, 0)  # a block the template opened is at the very end
+    tail = 0 if prefill else max(len(prompt) - REASONING_PROMPT_TAIL, 0)  # a block the template opened is at the end
     return tokenizer.rfind_think_start(prompt, start=tail) > tokenizer.rfind_think_end(prompt, start=tail)
 
 
@@ -6323,6 +6331,38 @@ def logprobs_object(endpoint: str, entries: list[dict] | None, offsets: TextOffs
             "text_offset": [offsets.next(e["bytes"]) for e in entries]}
 
 
+class HeldTextScanner:
+    """The streaming loop the reply scanners share: text arrives in `held`, `_step` takes one piece
+    of it at a time (False once the rest must wait for more text), `_finish` takes what is left
+    once generation ends. Pieces are ("text" | "reasoning", str), ("calls", [OpenAI-shaped calls])
+    and, when live, a streamed call's ("call_start", {"id", "name"}) and ("call_args", str) before
+    its "calls".
+    """
+
+    held: str
+
+    def feed(self, text: str) -> list[tuple[str, Any]]:
+        """The pieces safe to emit, in order."""
+        self.held += text
+        out: list[tuple[str, Any]] = []
+        while self._step(out):
+            pass
+        return out
+
+    def flush(self) -> list[tuple[str, Any]]:
+        """What is still held once generation ends."""
+        out: list[tuple[str, Any]] = []
+        self._finish(out)
+        self.held = ""
+        return out
+
+    def _step(self, out: list) -> bool:
+        raise NotImplementedError
+
+    def _finish(self, out: list) -> None:
+        raise NotImplementedError
+
+
 class CallStreamer:
     """A streamed call's arguments, handed out as the model writes them.
 
@@ -6393,7 +6433,7 @@ class CallStreamer:
         return settled + calls[len(self.streamed):]
 
 
-class ToolCallScanner:
+class ToolCallScanner(HeldTextScanner):
     """Splits a chat reply into content and tool calls, as the text streams in.
 
     Text from one of the format's start markers to its end marker is a call,
@@ -6417,24 +6457,13 @@ class ToolCallScanner:
         self.live = False                # stream arguments as they come
         self.streamer: CallStreamer | None = None   # the open call's, when live
 
-    def feed(self, text: str) -> list[tuple[str, Any]]:
-        """The pieces safe to emit, in order: ("text", str), ("calls", [calls in OpenAI's shape]) and,
-        when live, a streamed call's ("call_start", {"id", "name"}) and ("call_args", str) before its "calls"."""
-        self.held += text
-        out: list[tuple[str, Any]] = []
-        while self._step(out):
-            pass
-        return out
-
-    def flush(self) -> list[tuple[str, Any]]:
-        """What is still held once generation ends: a call without its end marker is parsed if it can be."""
-        out: list[tuple[str, Any]] = []
+    def _finish(self, out: list) -> None:
+        """A call without its end marker is parsed if it can be; other held text is content."""
         if self.opened is not None:
             self._close(out, self.held, "")
         elif self.held.strip():
             out.append(("text", self.held.lstrip() if self.fresh else self.held))
-        self.held, self.opened = "", None
-        return out
+        self.opened = None
 
     def _step(self, out: list) -> bool:
         """Take one marker's worth of the held text; False once the rest must wait for more."""
@@ -6523,7 +6552,7 @@ HARMONY_HEADS = ("<|channel|>", "<|start|>")                        # what a mes
 HARMONY_HEAD = re.compile(r"\s*(?=\{)")   # a call's body is its arguments; its name is in the header
 
 
-class HarmonyScanner:
+class HarmonyScanner(HeldTextScanner):
     """Reads OpenAI's harmony format (gpt-oss) as it streams: channel `analysis` is reasoning, `final`
     text, `commentary` addressed `to=functions.NAME` a call to NAME (its body the JSON arguments), and
     `commentary` to no one (a preamble) text. A reply that opens with no channel header is text.
@@ -6539,22 +6568,11 @@ class HarmonyScanner:
         self.live = False               # stream a call's arguments as they come
         self.streamer: CallStreamer | None = None   # the open call's, when live
 
-    def feed(self, text: str) -> list[tuple[str, Any]]:
-        """The pieces safe to emit: ("reasoning", str), ("text", str), ("calls", [calls in OpenAI's shape])."""
-        self.held += text
-        out: list[tuple[str, Any]] = []
-        while self._step(out):
-            pass
-        return out
-
-    def flush(self) -> list[tuple[str, Any]]:
+    def _finish(self, out: list) -> None:
         """Whatever message is open ends with the reply (its <|call|> or <|return|> is not text)."""
-        out: list[tuple[str, Any]] = []
         if self.kind is not None:
             self._body(out, self.held)
             self._close(out)
-        self.held = ""
-        return out
 
     def _step(self, out: list) -> bool:
         if self.kind is None:

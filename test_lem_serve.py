@@ -3667,6 +3667,14 @@ def test_responses_prefill_continues_the_last_assistant_message(server, model, o
     assert response.output_text == expected and response.incomplete_details.reason == "max_output_tokens"
 
 
+def test_prefill_of_a_reply_cut_while_thinking_goes_on_thinking(thinking_server):
+    """A reply with only reasoning (cut while thinking) is continued inside its reasoning, however long it
+    is: the thinking parrot says the rest of THINKING after its last token "Plan", then its answer."""
+    cut = {"role": "assistant", "content": "", "reasoning_content": "filler words " * 30 + "\nPlan"}
+    message = post(thinking_server, "chat", messages=[*HELLO, cut], max_tokens=50)["choices"][0]["message"]
+    assert message["reasoning_content"] == THINKING[len("Plan"):] and message["content"] == ANSWER
+
+
 def test_prefill_cuts_each_family_template_where_transformers_does(family_server):
     """The prompt of a prefill on real templates (thinking ones too) is as long as transformers'
     continue_final_message makes it: cut right after the text, no end of turn."""
@@ -6238,6 +6246,20 @@ def test_continue_extends_the_same_message(chat):
     assert sent[1] == {"role": "assistant", "content": page.evaluate("(t) => window.lemChat.answerOf(t)", before["content"])}
     assert sent[1]["content"] and after[1]["content"].startswith(sent[1]["content"])
     assert page.locator("article.msg").count() == 2
+    chat.check_clean()
+
+
+def test_continue_sends_a_reply_cut_while_thinking_with_its_reasoning(chat):
+    """Continue on a reasoning-only reply sends it with its reasoning (the server goes on thinking where
+    the template renders reasoning; the tiny model's drops it, so it answers) into the same message."""
+    page = chat.page
+    chat.seed([stored("c1", "Thinking", said("user", "Think hard"),
+                      said("assistant", "", reasoning="Only reasoning, cut", finishReason="length"))], current="c1")
+    reply = chat.reply()
+    posts = chat_posts(page, lambda: (reply.get_by_role("button", name="Continue").click(), chat.wait_reply("done")))
+    assert posts[0]["messages"][-1] == {"role": "assistant", "content": "", "reasoning_content": "Only reasoning, cut"}
+    (message,) = conversation_in(page)["messages"][1:]
+    assert message["reasoning"] == "Only reasoning, cut" and message["content"]
     chat.check_clean()
 
 

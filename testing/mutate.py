@@ -619,6 +619,9 @@ MUTATIONS = [
                                              "instead of ending the request with it",
              (("    request.messages.push(cut);", "    request.messages.push(cut, { role: \"user\", content: \"Continue.\" });"),),
              ("test_continue_extends_the_same_message",), target="chat.js"),
+    Mutation("continue-drops-reasoning", "Continue sends a reply cut while thinking without its reasoning",
+             (("    if (msg.reasoning) cut.reasoning_content = msg.reasoning;\n", ""),),
+             ("test_continue_sends_a_reply_cut_while_thinking_with_its_reasoning",), target="chat.js"),
     Mutation("attachment-not-sent", "an attached file shows as a chip but is left out of the message",
              (("    for (const file of attachments) parts.push(attachmentBlock(file));", ""),),
              ("test_an_attached_file_goes_into_the_request",), target="chat.js"),
@@ -654,8 +657,8 @@ MUTATIONS = [
              ("test_two_tabs_on_one_chat_keep_both_replies_and_escape_stops",), target="chat.js"),
     # Assistant prefill (issue 25's Continue, in the server).
     Mutation("prefill-keeps-end-of-turn", "a continued assistant message is rendered whole, its end of turn included",
-             (("    return tokenizer.encode(text[:text.index(PREFILL_MARK)], add_special_tokens=False)",
-               "    return tokenizer.encode(text.replace(PREFILL_MARK, \"\"), add_special_tokens=False)"),),
+             (("            return tokenizer.encode(text[:text.index(PREFILL_MARK)], add_special_tokens=False)",
+               "            return tokenizer.encode(text.replace(PREFILL_MARK, \"\"), add_special_tokens=False)"),),
              ("test_messages_prefill_continues_the_assistant_text",
               "test_chat_prefill_continues_the_last_assistant_message",
               "test_responses_prefill_continues_the_last_assistant_message")),
@@ -672,8 +675,15 @@ MUTATIONS = [
              (("    if ((body.get(\"thinking\") or {}).get(\"type\")) in THINKING_ON:", "    if False:"),),
              ("test_messages_prefill_refused_where_anthropic_refuses_it",)),
     Mutation("prefill-mark-unchecked", "a template that drops the assistant text gets a generic template error",
-             (("    if text.count(PREFILL_MARK) != 1:", "    if False:"),),
+             (("        if text.count(PREFILL_MARK) == 1:", "        if True:"),),
              ("test_prefill_refused_where_the_template_drops_the_assistant_text",)),
+    Mutation("prefill-thinking-tail-only", "a prefill cut while thinking is read as an answer when its reasoning "
+                                           "began before the prompt's last REASONING_PROMPT_TAIL tokens",
+             (("    tail = 0 if prefill else max(", "    tail = max("),),
+             ("test_prefill_of_a_reply_cut_while_thinking_goes_on_thinking",)),
+    Mutation("prefill-reasoning-answered", "a reply with only reasoning is continued after its reasoning (an answer)",
+             (('    fields = ("reasoning_content", "content") if', '    fields = ("content",) if'),),
+             ("test_prefill_of_a_reply_cut_while_thinking_goes_on_thinking",)),
 ]
 
 
