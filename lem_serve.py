@@ -2701,12 +2701,14 @@ class GenerationRequest:
     tools: tuple[dict, ...] = ()                 # chat-like: OpenAI tool definitions, for the chat template
     tool_choice: str = "none"                    # none, auto or required (a named function is required + tool_rule)
     tool_rule: ToolCallRule | None = None        # tool calls held to their schemas: forced, or lazy for strict tools
+    one_call: bool = False                       # at most one tool call (parallel_tool_calls false): others dropped
     max_context: int = 0                         # chat: messages kept by the window (chat_window); 0 = all
     template_args: dict = dataclasses.field(default_factory=dict)  # chat: extra chat template arguments
     prefill: bool = False                        # chat: the reply continues the last (assistant) message's text
     split_reasoning: bool = False                # a thinking model's reasoning leaves the text (ReasoningSplitter)
     n: int = 1                                   # choices, decoded together, each in a slot of its own
     show_reasoning: bool = True                  # reasoning reaches the client (the dialects: when asked for)
+    thinking_budget: int = 0                     # reasoning tokens before the server closes the block; 0: no limit
     echo: dict = dataclasses.field(default_factory=dict)        # request fields a dialect's reply repeats back
     tool_kinds: dict = dataclasses.field(default_factory=dict)  # Responses: rendered tool name -> its kind and namespace
 
@@ -2951,7 +2953,7 @@ def output_fields(endpoint: str, body: dict, format_param: str = "response_forma
         raise invalid(f"'{format_param}' and a required 'tool_choice' cannot both constrain the output",
                       format_param)
     return {"constraint": constraint, "tools": tools, "tool_choice": choice,
-            "tool_rule": tool_call_rule(tools, forced, choice)}
+            "tool_rule": tool_call_rule(tools, forced, choice), "one_call": body.get("parallel_tool_calls") is False}
 
 
 def parse_tool(tool: Any, index: int) -> dict:
@@ -3068,8 +3070,9 @@ def parse_messages_request(body: dict, settings: Settings, counting: bool = Fals
     prefill = messages[-1]["role"] == "assistant"
     if prefill:
         anthropic_prefill(messages[-1], body, f"messages[{len(body['messages']) - 1}]")
-    fields = {"tools": dialect_tools(tools, "input_schema", anthropic_served),
-              "tool_choice": anthropic_tool_choice(body.get("tool_choice"))}
+    choice = body.get("tool_choice")
+    fields = {"tools": dialect_tools(tools, "input_schema", anthropic_served), "tool_choice": anthropic_tool_choice(choice),
+              "parallel_tool_calls": not (isinstance(choice, dict) and choice.get("disable_parallel_tool_use") is True)}
     thinking = anthropic_thinking(body.get("thinking"), body.get("max_tokens"))
     return GenerationRequest(
         endpoint="messages", messages=tuple(messages), prefill=prefill, stream=bool(body.get("stream")),
@@ -3078,6 +3081,7 @@ def parse_messages_request(body: dict, settings: Settings, counting: bool = Fals
         template_args=template_args({"chat_template_kwargs": None if thinking else {"enable_thinking": False}},
                                     settings),
         split_reasoning=settings.reasoning_format != "none", show_reasoning=thinking,
+        thinking_budget=body["thinking"].get("budget_tokens") or 0 if thinking else 0,
         **output_fields("messages", fields),
         **sampling_fields({field: body.get(field) for field in ("temperature", "top_p", "top_k")}, settings.sampling))
 
@@ -3321,7 +3325,8 @@ def parse_responses_request(body: dict, settings: Settings, previous: list[dict]
     messages = [{"role": "system", "content": body["instructions"]}] if body.get("instructions") else []
     messages += (previous or []) + responses_input(body["input"], kinds)
     fields = {"tools": tools, "tool_choice": responses_tool_choice(body.get("tool_choice"), kinds),
-              "response_format": responses_format((body.get("text") or {}).get("format"))}
+              "response_format": responses_format((body.get("text") or {}).get("format")),
+              "parallel_tool_calls": body.get("parallel_tool_calls")}
     effort = (body.get("reasoning") or {}).get("effort")
     args = {"reasoning_effort": effort} if isinstance(effort, str) else {}
     last = messages[-1] if messages else {}
@@ -4510,12 +4515,46 @@ def make_sampling(request: GenerationRequest, model: Model, budget: int | None =
         repetition_penalty=request.repetition_penalty if request.repetition_penalty != 1 else None)
     if request.presence_penalty or request.frequency_penalty:
         processors.append(openai_penalties(request.presence_penalty, request.frequency_penalty))
+    if request.thinking_budget and getattr(model.tokenizer, "has_thinking", False):
+        processors.append(ThinkingBudget(model.tokenizer, request.thinking_budget, think_opened(model.tokenizer, prompt)))
     if request.constraint is not None:  # last: it masks what the others produced
         processors.append(answer_constraint(request, model, budget or request.max_tokens, prompt))
     elif request.tool_rule is not None:
         processors.append(ToolCallConstraint(request.tool_rule, model, budget or request.max_tokens,
                                              think_opened(model.tokenizer, prompt, request.prefill)))
     return Sampling(make_token_sampler(request), processors)
+
+
+class ThinkingBudget:
+    """A logits processor that closes the reasoning once it has used `budget` tokens (Anthropic's
+    thinking.budget_tokens): the think-end marker's tokens are forced then, and the reply goes on
+    after it. Every thinking block of the reply counts against the one budget."""
+
+    stateful = True   # follows the tokens sampled so far, one call per token
+
+    def __init__(self, tokenizer: Any, budget: int, thinking: bool):
+        self.start, self.end = list(tokenizer.think_start_tokens), list(tokenizer.think_end_tokens)
+        self.budget, self.thinking, self.used = budget, thinking, 0
+        self.recent: list[int] = []   # the last tokens, where the markers are looked for
+        self.forcing = 0              # how many of the end marker's tokens were forced so far
+        self.started = False
+
+    def __call__(self, tokens: Any, logits: Any) -> Any:
+        if self.started:
+            self._advance(int(tokens[-1].item()))
+        self.started = True
+        if self.thinking and (self.forcing or self.used >= self.budget):
+            self.forcing += 1
+            return masked(logits, JsonMasks.ids_mask([self.end[self.forcing - 1]], logits.shape[-1]))
+        return logits
+
+    def _advance(self, token: int) -> None:
+        self.recent = (self.recent + [token])[-max(len(self.start), len(self.end)):]
+        self.used += self.thinking
+        if self.thinking and self.recent[-len(self.end):] == self.end:
+            self.thinking, self.forcing = False, 0
+        elif not self.thinking and self.recent[-len(self.start):] == self.start:
+            self.thinking = True
 
 
 def answer_constraint(request: GenerationRequest, model: Model, budget: int, prompt: list[int]) -> Callable:
@@ -6638,6 +6677,8 @@ class Writer:
         self.calls_sent = 0      # tool calls streamed so far (started)
         self.live_call: dict | None = None   # the call being streamed: {"id", "name", "sent"}
         self.closed: set[str] = set()        # ids of the calls streamed to their end
+        self.first_call: str | None = None   # the id of the reply's first call (one_call keeps only it)
+        self.dropping = False                # a call after the first is streaming: one_call drops it
 
     def event(self, kind: str, value: str, logprobs: list[dict] = (), choice: int = 0) -> bytes:
         """The bytes one engine event becomes: reasoning, text, tool calls (via the scanner), at the end the finish.
@@ -6649,7 +6690,7 @@ class Writer:
         pieces = [("text", value)] if kind == "text" else []
         if self.scanner is not None:
             self.scanner.live = True   # a stream: arguments go out as they come
-            pieces = self.scanner.feed(value) if kind == "text" else self.scanner.flush()
+            pieces = self._one_call(self.scanner.feed(value) if kind == "text" else self.scanner.flush())
         out, logprobs = [], list(logprobs)
         for piece, content in pieces:
             if piece == "reasoning":
@@ -6676,11 +6717,28 @@ class Writer:
         calls = []
         if self.scanner is not None:
             parts = {"text": [], "reasoning": [reasoning], "calls": []}
-            for piece, content in self.scanner.feed(text) + self.scanner.flush():
+            for piece, content in self._one_call(self.scanner.feed(text) + self.scanner.flush()):
                 parts[piece] += content if piece == "calls" else [content]
             text, calls = "".join(parts["text"]), parts["calls"]
             reasoning = "".join(parts["reasoning"]) if self.request.show_reasoning else ""
         return self.body(text, calls, reason, logprobs, reasoning)
+
+    def _one_call(self, pieces: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+        """The scanner's pieces, where the request allows one tool call (parallel_tool_calls false,
+        disable_parallel_tool_use), without any call after the first; all of them otherwise."""
+        if not self.request.one_call:
+            return pieces
+        kept = []
+        for piece, content in pieces:
+            if piece == "call_start":
+                self.first_call = self.first_call or content["id"]
+                self.dropping = content["id"] != self.first_call
+            elif piece == "calls":
+                self.first_call = self.first_call or content[0]["id"]
+                content = [call for call in content if call["id"] == self.first_call]
+            if not (self.dropping and piece in ("call_start", "call_args")) and content != []:
+                kept.append((piece, content))
+        return kept
 
     def _call_start(self, call: dict) -> bytes:
         """Open a streamed call ({"id", "name"}); one still open (its arguments complete) ends as sent."""
