@@ -3071,7 +3071,8 @@ def parse_messages_request(body: dict, settings: Settings, counting: bool = Fals
     if prefill:
         anthropic_prefill(messages[-1], body, f"messages[{len(body['messages']) - 1}]")
     choice = body.get("tool_choice")
-    fields = {"tools": dialect_tools(tools, "input_schema", anthropic_served), "tool_choice": anthropic_tool_choice(choice),
+    fields = {"tools": dialect_tools(tools, "input_schema", anthropic_served),
+              "tool_choice": anthropic_tool_choice(choice),
               "parallel_tool_calls": not (isinstance(choice, dict) and choice.get("disable_parallel_tool_use") is True)}
     thinking = anthropic_thinking(body.get("thinking"), body.get("max_tokens"))
     return GenerationRequest(
@@ -3760,7 +3761,8 @@ class ChatFormat:
 
 
 # A call written as a JSON object {"name": ..., "arguments" (or Llama's "parameters"): {...}}, one of a list.
-JSON_CALL_HEAD = re.compile(r'[\s\[\];,}]*\{\s*"name"\s*:\s*"(?P<name>[^"\\]+)"\s*,\s*"(?:arguments|parameters)"\s*:\s*(?=\{)')
+JSON_CALL_HEAD = re.compile(r'[\s\[\];,}]*\{\s*"name"\s*:\s*"(?P<name>[^"\\]+)"\s*,'
+                            r'\s*"(?:arguments|parameters)"\s*:\s*(?=\{)')
 
 
 def json_objects(text: str) -> list[Any]:
@@ -3806,7 +3808,8 @@ def parse_deepseek_calls(body: str, tools: Any = None) -> list[dict]:
 
 MISTRAL_CALL = re.compile(r"\s*([\w.-]+)(?:\[CALL_ID\](\w+))?\[ARGS\]")
 MISTRAL_HEAD = re.compile(r"\s*(?P<name>[\w.-]+)(?:\[CALL_ID\](?P<id>\w+))?\[ARGS\]\s*(?=\{)")
-DEEPSEEK_R1_HEAD = re.compile(r"(?:\s|```|<｜tool▁call▁end｜>)*<｜tool▁call▁begin｜>\w+<｜tool▁sep｜>(?P<name>[^\n<]+)\n```(?:json)?\n\s*(?=\{)")
+DEEPSEEK_R1_HEAD = re.compile(r"(?:\s|```|<｜tool▁call▁end｜>)*<｜tool▁call▁begin｜>\w+<｜tool▁sep｜>"
+                              r"(?P<name>[^\n<]+)\n```(?:json)?\n\s*(?=\{)")
 DEEPSEEK_HEAD = re.compile(r"(?:\s|<｜tool▁call▁end｜>)*<｜tool▁call▁begin｜>(?P<name>[^<]+?)<｜tool▁sep｜>\s*(?=\{)")
 
 
@@ -4516,7 +4519,8 @@ def make_sampling(request: GenerationRequest, model: Model, budget: int | None =
     if request.presence_penalty or request.frequency_penalty:
         processors.append(openai_penalties(request.presence_penalty, request.frequency_penalty))
     if request.thinking_budget and getattr(model.tokenizer, "has_thinking", False):
-        processors.append(ThinkingBudget(model.tokenizer, request.thinking_budget, think_opened(model.tokenizer, prompt)))
+        opened = think_opened(model.tokenizer, prompt)
+        processors.append(ThinkingBudget(model.tokenizer, request.thinking_budget, opened))
     if request.constraint is not None:  # last: it masks what the others produced
         processors.append(answer_constraint(request, model, budget or request.max_tokens, prompt))
     elif request.tool_rule is not None:
@@ -7191,7 +7195,8 @@ class ResponsesWriter(Writer):
         """A function_call item opens (in progress); a custom tool's call waits for its end (its input is
         raw text, not the JSON the model writes)."""
         out = self._close_reasoning() + self._close_message()
-        item = function_call_item({"id": call_id, "function": {"name": name, "arguments": "{}"}}, self.request.tool_kinds)
+        item = function_call_item({"id": call_id, "function": {"name": name, "arguments": "{}"}},
+                                  self.request.tool_kinds)
         self.live_item = {**item, "status": "in_progress", "arguments": ""} if item["type"] == "function_call" else None
         if self.live_item is None:
             return out
@@ -7211,7 +7216,8 @@ class ResponsesWriter(Writer):
         item["id"] = where["item_id"]
         out = []
         if live is None:   # a custom tool's call, whole
-            out += [self._event("response.output_item.added", output_index=where["output_index"], item={**item, "input": ""}),
+            out += [self._event("response.output_item.added", output_index=where["output_index"],
+                                item={**item, "input": ""}),
                     self._event("response.custom_tool_call_input.delta", **where, delta=item["input"]),
                     self._event("response.custom_tool_call_input.done", **where, input=item["input"])]
         else:

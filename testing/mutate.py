@@ -504,8 +504,8 @@ MUTATIONS = [
                "        elif not self.rule.forced and self.recent.endswith(self.opening):\n")),
              ("test_strict_tool_marker_inside_reasoning_stays_reasoning",)),
     Mutation("forced-call-arguments-cut", "the call's tail is forced before its arguments' constraint says they are whole",
-             (("        if not self.complete:\n            return masked\n",
-               "        if not self.complete and self.left > 30:\n            return masked\n"),),
+             (("        if not self.complete:\n            return held\n",
+               "        if not self.complete and self.left > 30:\n            return held\n"),),
              ("test_forced_call_succeeds_for_every_seed",)),
     Mutation("structured-output-inside-reasoning", "response_format's JSON starts at the first token, inside the "
                                                    "thinking block the template opened",
