@@ -2701,12 +2701,14 @@ class GenerationRequest:
     tools: tuple[dict, ...] = ()                 # chat-like: OpenAI tool definitions, for the chat template
     tool_choice: str = "none"                    # none, auto or required (a named function is required + tool_rule)
     tool_rule: ToolCallRule | None = None        # tool calls held to their schemas: forced, or lazy for strict tools
+    one_call: bool = False                       # at most one tool call (parallel_tool_calls false): others dropped
     max_context: int = 0                         # chat: messages kept by the window (chat_window); 0 = all
     template_args: dict = dataclasses.field(default_factory=dict)  # chat: extra chat template arguments
     prefill: bool = False                        # chat: the reply continues the last (assistant) message's text
     split_reasoning: bool = False                # a thinking model's reasoning leaves the text (ReasoningSplitter)
     n: int = 1                                   # choices, decoded together, each in a slot of its own
     show_reasoning: bool = True                  # reasoning reaches the client (the dialects: when asked for)
+    thinking_budget: int = 0                     # reasoning tokens before the server closes the block; 0: no limit
     echo: dict = dataclasses.field(default_factory=dict)        # request fields a dialect's reply repeats back
     tool_kinds: dict = dataclasses.field(default_factory=dict)  # Responses: rendered tool name -> its kind and namespace
 
@@ -2951,7 +2953,7 @@ def output_fields(endpoint: str, body: dict, format_param: str = "response_forma
         raise invalid(f"'{format_param}' and a required 'tool_choice' cannot both constrain the output",
                       format_param)
     return {"constraint": constraint, "tools": tools, "tool_choice": choice,
-            "tool_rule": tool_call_rule(tools, forced, choice)}
+            "tool_rule": tool_call_rule(tools, forced, choice), "one_call": body.get("parallel_tool_calls") is False}
 
 
 def parse_tool(tool: Any, index: int) -> dict:
@@ -3068,8 +3070,10 @@ def parse_messages_request(body: dict, settings: Settings, counting: bool = Fals
     prefill = messages[-1]["role"] == "assistant"
     if prefill:
         anthropic_prefill(messages[-1], body, f"messages[{len(body['messages']) - 1}]")
+    choice = body.get("tool_choice")
     fields = {"tools": dialect_tools(tools, "input_schema", anthropic_served),
-              "tool_choice": anthropic_tool_choice(body.get("tool_choice"))}
+              "tool_choice": anthropic_tool_choice(choice),
+              "parallel_tool_calls": not (isinstance(choice, dict) and choice.get("disable_parallel_tool_use") is True)}
     thinking = anthropic_thinking(body.get("thinking"), body.get("max_tokens"))
     return GenerationRequest(
         endpoint="messages", messages=tuple(messages), prefill=prefill, stream=bool(body.get("stream")),
@@ -3078,6 +3082,7 @@ def parse_messages_request(body: dict, settings: Settings, counting: bool = Fals
         template_args=template_args({"chat_template_kwargs": None if thinking else {"enable_thinking": False}},
                                     settings),
         split_reasoning=settings.reasoning_format != "none", show_reasoning=thinking,
+        thinking_budget=body["thinking"].get("budget_tokens") or 0 if thinking else 0,
         **output_fields("messages", fields),
         **sampling_fields({field: body.get(field) for field in ("temperature", "top_p", "top_k")}, settings.sampling))
 
@@ -3321,7 +3326,8 @@ def parse_responses_request(body: dict, settings: Settings, previous: list[dict]
     messages = [{"role": "system", "content": body["instructions"]}] if body.get("instructions") else []
     messages += (previous or []) + responses_input(body["input"], kinds)
     fields = {"tools": tools, "tool_choice": responses_tool_choice(body.get("tool_choice"), kinds),
-              "response_format": responses_format((body.get("text") or {}).get("format"))}
+              "response_format": responses_format((body.get("text") or {}).get("format")),
+              "parallel_tool_calls": body.get("parallel_tool_calls")}
     effort = (body.get("reasoning") or {}).get("effort")
     args = {"reasoning_effort": effort} if isinstance(effort, str) else {}
     last = messages[-1] if messages else {}
@@ -3737,6 +3743,10 @@ class ChatFormat:
     `harmony`: OpenAI's channel format (gpt-oss), read by HarmonyScanner.
     `answer`: the text that opens the final answer, where the format marks
     it (harmony's final channel): constrained JSON output is written after it.
+    `heads`: how a call's head reads from where the last call's arguments
+    ended (what may come between, the name in group "name", an id in group
+    "id"), up to the "{" its arguments start with: a streamed reply sends
+    the arguments as the model writes them (CallStreamer).
     """
 
     name: str
@@ -3747,6 +3757,12 @@ class ChatFormat:
     leading: tuple[str, ...] = ()
     harmony: bool = False
     answer: str = ""
+    heads: tuple[re.Pattern, ...] = ()
+
+
+# A call written as a JSON object {"name": ..., "arguments" (or Llama's "parameters"): {...}}, one of a list.
+JSON_CALL_HEAD = re.compile(r'[\s\[\];,}]*\{\s*"name"\s*:\s*"(?P<name>[^"\\]+)"\s*,'
+                            r'\s*"(?:arguments|parameters)"\s*:\s*(?=\{)')
 
 
 def json_objects(text: str) -> list[Any]:
@@ -3791,6 +3807,10 @@ def parse_deepseek_calls(body: str, tools: Any = None) -> list[dict]:
 
 
 MISTRAL_CALL = re.compile(r"\s*([\w.-]+)(?:\[CALL_ID\](\w+))?\[ARGS\]")
+MISTRAL_HEAD = re.compile(r"\s*(?P<name>[\w.-]+)(?:\[CALL_ID\](?P<id>\w+))?\[ARGS\]\s*(?=\{)")
+DEEPSEEK_R1_HEAD = re.compile(r"(?:\s|```|<｜tool▁call▁end｜>)*<｜tool▁call▁begin｜>\w+<｜tool▁sep｜>"
+                              r"(?P<name>[^\n<]+)\n```(?:json)?\n\s*(?=\{)")
+DEEPSEEK_HEAD = re.compile(r"(?:\s|<｜tool▁call▁end｜>)*<｜tool▁call▁begin｜>(?P<name>[^<]+?)<｜tool▁sep｜>\s*(?=\{)")
 
 
 def parse_mistral_call(body: str, tools: Any = None) -> Any:
@@ -3819,23 +3839,26 @@ CHAT_FORMATS: tuple[tuple[tuple[str, ...], ChatFormat], ...] = (
         write=lambda name: (f"<|channel|>commentary to=functions.{name} <|constrain|>json<|message|>", "<|call|>"))),
     (("<｜tool▁calls▁begin｜>", "```json"), ChatFormat(
         "deepseek-r1", starts=("<｜tool▁calls▁begin｜>",), end="<｜tool▁calls▁end｜>", parse=parse_deepseek_calls,
+        heads=(DEEPSEEK_R1_HEAD,),
         write=lambda name: (f"<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>{name}\n```json\n",
                             "\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>"))),
     (("<｜tool▁calls▁begin｜>",), ChatFormat(
         "deepseek-v3.1", starts=("<｜tool▁calls▁begin｜>",), end="<｜tool▁calls▁end｜>", parse=parse_deepseek_calls,
+        heads=(DEEPSEEK_HEAD,),
         write=lambda name: (f"<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>{name}<｜tool▁sep｜>",
                             "<｜tool▁call▁end｜><｜tool▁calls▁end｜>"))),
     (("[TOOL_CALLS]", "[CALL_ID]"), ChatFormat(
-        "mistral-3.2", starts=("[TOOL_CALLS]",), parse=parse_mistral_call,
+        "mistral-3.2", starts=("[TOOL_CALLS]",), parse=parse_mistral_call, heads=(MISTRAL_HEAD, JSON_CALL_HEAD),
         write=lambda name: (f"[TOOL_CALLS]{name}[CALL_ID]{mistral_call_id()}[ARGS]", ""))),
     (("[TOOL_CALLS]",), ChatFormat(
-        "mistral", starts=("[TOOL_CALLS]",), parse=parse_mistral_call,
+        "mistral", starts=("[TOOL_CALLS]",), parse=parse_mistral_call, heads=(MISTRAL_HEAD, JSON_CALL_HEAD),
         write=lambda name: (f"[TOOL_CALLS]{name}[ARGS]", ""))),
     (("<TOOLCALL>[",), ChatFormat(
         "nemotron", starts=("<TOOLCALL>",), end="</TOOLCALL>", parse=parse_mistral_call,   # a JSON list of calls
+        heads=(JSON_CALL_HEAD,),
         write=lambda name: (f'<TOOLCALL>[{{"name": {json.dumps(name)}, "arguments": ', "}]</TOOLCALL>"))),
     (('{"name": function name, "parameters"',), ChatFormat(
-        "llama3", starts=("<|python_tag|>",), leading=("{",), parse=parse_llama_calls,
+        "llama3", starts=("<|python_tag|>",), leading=("{",), parse=parse_llama_calls, heads=(JSON_CALL_HEAD,),
         write=lambda name: (f'{{"name": {json.dumps(name)}, "parameters": ', "}"))),
 )
 
@@ -3856,7 +3879,8 @@ def _chat_format(template: str, start: str | None, end: str | None, parser: Any)
         return None
     hermes = getattr(parser, "__module__", "") == "mlx_lm.tool_parsers.json_tools"  # Qwen's <tool_call>{JSON}
     write = (lambda name: (f'{start}\n{{"name": {json.dumps(name)}, "arguments": ', f"}}\n{end}")) if hermes else None
-    return ChatFormat(parser.__module__.rpartition(".")[2], starts=(start,), end=end or "", parse=parser, write=write)
+    return ChatFormat(parser.__module__.rpartition(".")[2], starts=(start,), end=end or "", parse=parser, write=write,
+                      heads=(JSON_CALL_HEAD,) if hermes else ())
 
 
 def template_messages(messages: list[dict], template: str) -> list[dict]:
@@ -4040,12 +4064,11 @@ def render_prompt(request: GenerationRequest, model: Model) -> tuple[list[int], 
         return tokenizer.encode(text + (f" {messages[-1]['content']}" if request.prefill else "")), dropped
     tools = check_tool_support(request, tokenizer)
     template = getattr(tokenizer, "chat_template", None)
-    if request.prefill:
-        messages[-1] = {**messages[-1], "content": messages[-1]["content"] + PREFILL_MARK}
-    messages = template_messages(messages, template if isinstance(template, str) else "")
+    template = template if isinstance(template, str) else ""
     try:
         if request.prefill:
-            return prefill_prompt(tokenizer, messages, tools, request.template_args), dropped
+            return prefill_prompt(tokenizer, messages, tools, request.template_args, template), dropped
+        messages = template_messages(messages, template)
         return list(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
                                                   tokenize=True, **request.template_args)), dropped
     except APIError:
@@ -4061,17 +4084,25 @@ def render_prompt(request: GenerationRequest, model: Model) -> tuple[list[int], 
 PREFILL_MARK = "\u2060<lem-serve:prefill-end>\u2060"
 
 
-def prefill_prompt(tokenizer: Any, messages: list[dict], tools: list[dict] | None, args: dict) -> list[int]:
-    """The token ids of `messages` rendered without a generation prompt, cut at PREFILL_MARK (ending the
-    last message's content), so that the reply continues that text; a 400 when the template drops it.
+def prefill_prompt(tokenizer: Any, messages: list[dict], tools: list[dict] | None, args: dict,
+                   template: str) -> list[int]:
+    """The token ids of `messages` rendered without a generation prompt, cut at PREFILL_MARK (put after the
+    last message's text), so that the reply continues that text; a 400 when the template drops it.
 
-    Encoded as apply_chat_template(tokenize=True) encodes: no special tokens added.
+    A reply with reasoning and no text yet (cut while thinking) goes on
+    thinking where the template renders its reasoning; where it does not,
+    it answers after it. Encoded as apply_chat_template(tokenize=True)
+    encodes: no special tokens added.
     """
-    text = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=False, tokenize=False, **args)
-    if text.count(PREFILL_MARK) != 1:
-        raise invalid("this model's chat template does not render the last assistant message's text as sent, "
-                      "so it cannot be continued; end with a user message", f"messages[{len(messages) - 1}]")
-    return tokenizer.encode(text[:text.index(PREFILL_MARK)], add_special_tokens=False)
+    last = messages[-1]
+    fields = ("reasoning_content", "content") if last.get("reasoning_content") and not last["content"] else ("content",)
+    for field in fields:
+        marked = template_messages(messages[:-1] + [{**last, field: last[field] + PREFILL_MARK}], template)
+        text = tokenizer.apply_chat_template(marked, tools=tools, add_generation_prompt=False, tokenize=False, **args)
+        if text.count(PREFILL_MARK) == 1:
+            return tokenizer.encode(text[:text.index(PREFILL_MARK)], add_special_tokens=False)
+    raise invalid("this model's chat template does not render the last assistant message's text as sent, "
+                  "so it cannot be continued; end with a user message", f"messages[{len(messages) - 1}]")
 
 
 # Claude Code (2.1.x) opens its system prompt with a line whose cch= value (and cc_version's suffix) are hashes
@@ -4487,12 +4518,47 @@ def make_sampling(request: GenerationRequest, model: Model, budget: int | None =
         repetition_penalty=request.repetition_penalty if request.repetition_penalty != 1 else None)
     if request.presence_penalty or request.frequency_penalty:
         processors.append(openai_penalties(request.presence_penalty, request.frequency_penalty))
+    if request.thinking_budget and getattr(model.tokenizer, "has_thinking", False):
+        opened = think_opened(model.tokenizer, prompt)
+        processors.append(ThinkingBudget(model.tokenizer, request.thinking_budget, opened))
     if request.constraint is not None:  # last: it masks what the others produced
         processors.append(answer_constraint(request, model, budget or request.max_tokens, prompt))
     elif request.tool_rule is not None:
         processors.append(ToolCallConstraint(request.tool_rule, model, budget or request.max_tokens,
-                                             think_opened(model.tokenizer, prompt)))
+                                             think_opened(model.tokenizer, prompt, request.prefill)))
     return Sampling(make_token_sampler(request), processors)
+
+
+class ThinkingBudget:
+    """A logits processor that closes the reasoning once it has used `budget` tokens (Anthropic's
+    thinking.budget_tokens): the think-end marker's tokens are forced then, and the reply goes on
+    after it. Every thinking block of the reply counts against the one budget."""
+
+    stateful = True   # follows the tokens sampled so far, one call per token
+
+    def __init__(self, tokenizer: Any, budget: int, thinking: bool):
+        self.start, self.end = list(tokenizer.think_start_tokens), list(tokenizer.think_end_tokens)
+        self.budget, self.thinking, self.used = budget, thinking, 0
+        self.recent: list[int] = []   # the last tokens, where the markers are looked for
+        self.forcing = 0              # how many of the end marker's tokens were forced so far
+        self.started = False
+
+    def __call__(self, tokens: Any, logits: Any) -> Any:
+        if self.started:
+            self._advance(int(tokens[-1].item()))
+        self.started = True
+        if self.thinking and (self.forcing or self.used >= self.budget):
+            self.forcing += 1
+            return masked(logits, JsonMasks.ids_mask([self.end[self.forcing - 1]], logits.shape[-1]))
+        return logits
+
+    def _advance(self, token: int) -> None:
+        self.recent = (self.recent + [token])[-max(len(self.start), len(self.end)):]
+        self.used += self.thinking
+        if self.thinking and self.recent[-len(self.end):] == self.end:
+            self.thinking, self.forcing = False, 0
+        elif not self.thinking and self.recent[-len(self.start):] == self.start:
+            self.thinking = True
 
 
 def answer_constraint(request: GenerationRequest, model: Model, budget: int, prompt: list[int]) -> Callable:
@@ -4500,7 +4566,7 @@ def answer_constraint(request: GenerationRequest, model: Model, budget: int, pro
     chat template opened and behind the format's answer header (ChatFormat.answer: harmony's final channel)."""
     chat = request.endpoint != "completions"
     form = chat_format_of(model.tokenizer) if chat else None
-    header, thinking = (form.answer if form else ""), chat and think_opened(model.tokenizer, prompt)
+    header, thinking = (form.answer if form else ""), chat and think_opened(model.tokenizer, prompt, request.prefill)
     if not header and not thinking:
         return json_constraint(request.constraint, model.tokenizer, budget)
     rule = ToolCallRule((("", request.constraint),), forced=True)
@@ -4885,14 +4951,15 @@ def reasoning_splitter(request: GenerationRequest, model: Model, prompt: list[in
     tokenizer = model.tokenizer
     if not request.split_reasoning or not getattr(tokenizer, "has_thinking", False):
         return None
-    return ReasoningSplitter(tokenizer.think_start, tokenizer.think_end, inside=think_opened(tokenizer, prompt))
+    return ReasoningSplitter(tokenizer.think_start, tokenizer.think_end, inside=think_opened(tokenizer, prompt, request.prefill))
 
 
-def think_opened(tokenizer: Any, prompt: list[int]) -> bool:
-    """Whether the prompt ends inside a thinking block the template opened (DeepSeek-R1, Qwen3)."""
+def think_opened(tokenizer: Any, prompt: list[int], prefill: bool = False) -> bool:
+    """Whether the prompt ends inside a thinking block the template opened (DeepSeek-R1, Qwen3), or, for
+    a `prefill`, inside the reasoning it continues (which may be long: the whole prompt is searched)."""
     if not prompt or not getattr(tokenizer, "has_thinking", False):
         return False
-    tail = max(len(prompt) - REASONING_PROMPT_TAIL, 0)  # a block the template opened is at the very end
+    tail = 0 if prefill else max(len(prompt) - REASONING_PROMPT_TAIL, 0)  # a block the template opened is at the end
     return tokenizer.rfind_think_start(prompt, start=tail) > tokenizer.rfind_think_end(prompt, start=tail)
 
 
@@ -6268,7 +6335,109 @@ def logprobs_object(endpoint: str, entries: list[dict] | None, offsets: TextOffs
             "text_offset": [offsets.next(e["bytes"]) for e in entries]}
 
 
-class ToolCallScanner:
+class HeldTextScanner:
+    """The streaming loop the reply scanners share: text arrives in `held`, `_step` takes one piece
+    of it at a time (False once the rest must wait for more text), `_finish` takes what is left
+    once generation ends. Pieces are ("text" | "reasoning", str), ("calls", [OpenAI-shaped calls])
+    and, when live, a streamed call's ("call_start", {"id", "name"}) and ("call_args", str) before
+    its "calls".
+    """
+
+    held: str
+
+    def feed(self, text: str) -> list[tuple[str, Any]]:
+        """The pieces safe to emit, in order."""
+        self.held += text
+        out: list[tuple[str, Any]] = []
+        while self._step(out):
+            pass
+        return out
+
+    def flush(self) -> list[tuple[str, Any]]:
+        """What is still held once generation ends."""
+        out: list[tuple[str, Any]] = []
+        self._finish(out)
+        self.held = ""
+        return out
+
+    def _step(self, out: list) -> bool:
+        raise NotImplementedError
+
+    def _finish(self, out: list) -> None:
+        raise NotImplementedError
+
+
+class CallStreamer:
+    """A streamed call's arguments, handed out as the model writes them.
+
+    Fed the open call's text as it grows (only text that cannot hold an end
+    marker), it finds each call's head (ChatFormat.heads: its name, and
+    that its arguments open with "{"), then yields ("call_start", {"id",
+    "name"}) and ("call_args", piece) events, the pieces the JSON object's
+    text from its "{" to the matching "}" exactly, nothing around it.
+    Arguments that do not open with "{" (a string to be wrapped) are never
+    streamed: such a call comes whole when it closes. `settle` makes the
+    parsed calls agree with what was streamed: same ids, and the streamed
+    text as the final arguments wherever it decodes to the same object.
+    """
+
+    def __init__(self, heads: tuple[re.Pattern, ...], name: str = ""):
+        self.heads, self.name = heads, name   # `name`: the call's, where the heads have no "name" group
+        self.at = 0                        # how far the call's text was read
+        self.streamed: list[dict] = []     # {"id", "name", "raw", "done"} per call streamed
+        self.depth, self.quoted, self.escaped = 0, False, False
+
+    def feed(self, out: list, text: str) -> None:
+        """Read the call's text so far (a longer prefix each time); add the events it makes to `out`."""
+        while self.at < len(text):
+            if not self.streamed or self.streamed[-1]["done"]:
+                head = next((m for m in (h.match(text, self.at) for h in self.heads) if m), None)
+                if head is None:
+                    return
+                groups = head.groupdict()
+                call = {"id": groups.get("id") or new_id("call_"), "name": groups.get("name", self.name).strip(),
+                        "raw": "", "done": False}
+                self.streamed.append(call)
+                self.at, self.depth = head.end(), 0
+                out.append(("call_start", {"id": call["id"], "name": call["name"]}))
+            self._arguments(out, text)
+
+    def _arguments(self, out: list, text: str) -> None:
+        """Take the arguments' characters up to their closing brace (or the text's end)."""
+        start, at = self.at, self.at
+        while at < len(text) and not self.streamed[-1]["done"]:
+            ch = text[at]
+            if self.escaped:
+                self.escaped = False
+            elif self.quoted:
+                self.escaped, self.quoted = ch == "\\", ch != '"'
+            else:
+                self.quoted = ch == '"'
+                self.depth += (ch in "{[") - (ch in "}]")
+                self.streamed[-1]["done"] = self.depth == 0
+            at += 1
+        self.at = at
+        if at > start:
+            self.streamed[-1]["raw"] += text[start:at]
+            out.append(("call_args", text[start:at]))
+
+    def settle(self, calls: list[dict], tools: list[dict]) -> list[dict]:
+        """The parsed calls (OpenAI's shape) under the streamed ids and text; a streamed call the parser
+        missed (cut off, say) keeps what was streamed, wrapped by openai_tool_call if it is no object."""
+        settled = []
+        for i, sent in enumerate(self.streamed):
+            call = calls[i] if i < len(calls) else openai_tool_call(
+                {"name": sent["name"], "arguments": sent["raw"]}, tools)
+            try:
+                same = json.loads(sent["raw"]) == json.loads(call["function"]["arguments"])
+            except ValueError:
+                same = False
+            function = {**call["function"], "arguments": sent["raw"]} if same else call["function"]
+            settled.append({**call, "id": sent["id"], "function": function})
+        return settled + calls[len(self.streamed):]
+
+
+class ToolCallScanner(HeldTextScanner):
     """Splits a chat reply into content and tool calls, as the text streams in.
 
     Text from one of the format's start markers to its end marker is a call,
@@ -6279,7 +6448,8 @@ class ToolCallScanner:
     call that does not parse is passed on as content rather than lost. In a
     format whose calls carry JSON arguments (ChatFormat.write), a marker
     inside one of their strings (a command that prints "</tool_call>") is
-    part of the call, not its end.
+    part of the call, not its end. `live` (a stream) also sends a call's
+    arguments as they come, where the format has heads (CallStreamer).
     """
 
     def __init__(self, form: ChatFormat, tools: list[dict]):
@@ -6288,24 +6458,16 @@ class ToolCallScanner:
         self.opened: str | None = None   # the start marker of the call being read, if one is open
         self.fresh = True                # no text of the reply out yet: a leading marker may open a call
         self.scanned, self.quoted, self.escaped = 0, False, False   # how far the open call was read
+        self.live = False                # stream arguments as they come
+        self.streamer: CallStreamer | None = None   # the open call's, when live
 
-    def feed(self, text: str) -> list[tuple[str, Any]]:
-        """The pieces safe to emit, in order: ("text", str) and ("calls", [calls in OpenAI's shape])."""
-        self.held += text
-        out: list[tuple[str, Any]] = []
-        while self._step(out):
-            pass
-        return out
-
-    def flush(self) -> list[tuple[str, Any]]:
-        """What is still held once generation ends: a call without its end marker is parsed if it can be."""
-        out: list[tuple[str, Any]] = []
+    def _finish(self, out: list) -> None:
+        """A call without its end marker is parsed if it can be; other held text is content."""
         if self.opened is not None:
             self._close(out, self.held, "")
         elif self.held.strip():
             out.append(("text", self.held.lstrip() if self.fresh else self.held))
-        self.held, self.opened = "", None
-        return out
+        self.opened = None
 
     def _step(self, out: list) -> bool:
         """Take one marker's worth of the held text; False once the rest must wait for more."""
@@ -6326,6 +6488,9 @@ class ToolCallScanner:
             self.opened = marker if at >= 0 else None
             return at >= 0
         at = self._end_at((form.end,) if form.end else form.starts)
+        if self.live and form.heads and form.write is not None:
+            self.streamer = self.streamer or CallStreamer(form.heads)
+            self.streamer.feed(out, self.held[:at] if at >= 0 else self.held[:self.scanned])
         if at < 0:
             return False
         self._close(out, self.held[:at], form.end)
@@ -6367,6 +6532,9 @@ class ToolCallScanner:
         """End the open call (at `end`): its calls, or its text as content when it does not parse."""
         marker, self.opened = self.opened, None
         calls = self._parse(body)
+        if self.streamer is not None and self.streamer.streamed:
+            calls = self.streamer.settle(calls, self.tools)
+        self.streamer = None
         if calls:
             out.append(("calls", calls))
             self.fresh = True   # blanks after a call are not content
@@ -6385,9 +6553,10 @@ class ToolCallScanner:
 
 HARMONY_ENDS = ("<|end|>", "<|call|>", "<|return|>", "<|start|>")  # what ends a message's body
 HARMONY_HEADS = ("<|channel|>", "<|start|>")                        # what a message's header starts with
+HARMONY_HEAD = re.compile(r"\s*(?=\{)")   # a call's body is its arguments; its name is in the header
 
 
-class HarmonyScanner:
+class HarmonyScanner(HeldTextScanner):
     """Reads OpenAI's harmony format (gpt-oss) as it streams: channel `analysis` is reasoning, `final`
     text, `commentary` addressed `to=functions.NAME` a call to NAME (its body the JSON arguments), and
     `commentary` to no one (a preamble) text. A reply that opens with no channel header is text.
@@ -6400,23 +6569,14 @@ class HarmonyScanner:
         self.name = ""                  # the open call's function name
         self.body = ""                  # the open call's arguments so far
         self.started = False            # a header or text came
+        self.live = False               # stream a call's arguments as they come
+        self.streamer: CallStreamer | None = None   # the open call's, when live
 
-    def feed(self, text: str) -> list[tuple[str, Any]]:
-        """The pieces safe to emit: ("reasoning", str), ("text", str), ("calls", [calls in OpenAI's shape])."""
-        self.held += text
-        out: list[tuple[str, Any]] = []
-        while self._step(out):
-            pass
-        return out
-
-    def flush(self) -> list[tuple[str, Any]]:
+    def _finish(self, out: list) -> None:
         """Whatever message is open ends with the reply (its <|call|> or <|return|> is not text)."""
-        out: list[tuple[str, Any]] = []
         if self.kind is not None:
             self._body(out, self.held)
             self._close(out)
-        self.held = ""
-        return out
 
     def _step(self, out: list) -> bool:
         if self.kind is None:
@@ -6444,19 +6604,23 @@ class HarmonyScanner:
         self.started, self.body = True, ""
         if recipient:
             self.kind, self.name = "call", recipient[1]
+            self.streamer = CallStreamer((HARMONY_HEAD,), self.name) if self.live else None
         else:
             self.kind = "reasoning" if channel and channel[1] == "analysis" else "text"
 
     def _body(self, out: list, text: str) -> None:
         if self.kind == "call":
             self.body += text
+            if self.streamer is not None:
+                self.streamer.feed(out, self.body)
         elif text:
             out.append((self.kind, text))
 
     def _close(self, out: list) -> None:
         if self.kind == "call":
-            out.append(("calls", [openai_tool_call({"name": self.name, "arguments": self.body.strip()}, self.tools)]))
-        self.kind = None
+            calls = [openai_tool_call({"name": self.name, "arguments": self.body.strip()}, self.tools)]
+            out.append(("calls", self.streamer.settle(calls, self.tools) if self.streamer else calls))
+        self.kind, self.streamer = None, None
 
 
 def openai_tool_call(call: dict, tools: list[dict] = ()) -> dict:
@@ -6502,8 +6666,10 @@ class Writer:
     endpoint, and both talk to a Writer; each API is one subclass. Engine
     events go through `event` (streaming) or the whole text through `reply`
     (not streaming); both split tool calls out with the request's
-    ToolCallScanner, then call the subclass's `text`, `tool_calls` and
-    `finish` (which return SSE bytes) or `body` (which returns the JSON).
+    ToolCallScanner, then call the subclass's `text`, `call_start`,
+    `call_args`, `call_end` and `finish` (which return SSE bytes) or `body`
+    (which returns the JSON). A call streams as its start, pieces of its
+    arguments (whose concatenation is its final arguments), its end.
     """
 
     keepalive = SSE_KEEPALIVE   # what a stream sends after KEEPALIVE_SECONDS of silence
@@ -6512,7 +6678,11 @@ class Writer:
     def __init__(self, job: Job, model: str, scanner: ToolCallScanner | None):
         self.job, self.request, self.model, self.scanner = job, job.request, model, scanner
         self.created = int(time.time())
-        self.calls_sent = 0      # tool calls streamed so far
+        self.calls_sent = 0      # tool calls streamed so far (started)
+        self.live_call: dict | None = None   # the call being streamed: {"id", "name", "sent"}
+        self.closed: set[str] = set()        # ids of the calls streamed to their end
+        self.first_call: str | None = None   # the id of the reply's first call (one_call keeps only it)
+        self.dropping = False                # a call after the first is streaming: one_call drops it
 
     def event(self, kind: str, value: str, logprobs: list[dict] = (), choice: int = 0) -> bytes:
         """The bytes one engine event becomes: reasoning, text, tool calls (via the scanner), at the end the finish.
@@ -6523,7 +6693,8 @@ class Writer:
             return self.reasoning(value) if self.request.show_reasoning else b""
         pieces = [("text", value)] if kind == "text" else []
         if self.scanner is not None:
-            pieces = self.scanner.feed(value) if kind == "text" else self.scanner.flush()
+            self.scanner.live = True   # a stream: arguments go out as they come
+            pieces = self._one_call(self.scanner.feed(value) if kind == "text" else self.scanner.flush())
         out, logprobs = [], list(logprobs)
         for piece, content in pieces:
             if piece == "reasoning":
@@ -6531,9 +6702,12 @@ class Writer:
             elif piece == "text" and (content or logprobs):
                 out.append(self.text(content, logprobs))
                 logprobs = []   # a token's logprobs go with the first text it ends in
-            else:
-                out.append(self.tool_calls(content))
-                self.calls_sent += len(content)
+            elif piece == "call_start":
+                out.append(self._call_start(content))
+            elif piece == "call_args":
+                out.append(self._call_args(content))
+            elif piece == "calls":
+                out.append(self._calls(content))
         if logprobs:
             out.append(self.text("", logprobs))
         if kind != "text":
@@ -6547,11 +6721,61 @@ class Writer:
         calls = []
         if self.scanner is not None:
             parts = {"text": [], "reasoning": [reasoning], "calls": []}
-            for piece, content in self.scanner.feed(text) + self.scanner.flush():
+            for piece, content in self._one_call(self.scanner.feed(text) + self.scanner.flush()):
                 parts[piece] += content if piece == "calls" else [content]
             text, calls = "".join(parts["text"]), parts["calls"]
             reasoning = "".join(parts["reasoning"]) if self.request.show_reasoning else ""
         return self.body(text, calls, reason, logprobs, reasoning)
+
+    def _one_call(self, pieces: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+        """The scanner's pieces, where the request allows one tool call (parallel_tool_calls false,
+        disable_parallel_tool_use), without any call after the first; all of them otherwise."""
+        if not self.request.one_call:
+            return pieces
+        kept = []
+        for piece, content in pieces:
+            if piece == "call_start":
+                self.first_call = self.first_call or content["id"]
+                self.dropping = content["id"] != self.first_call
+            elif piece == "calls":
+                self.first_call = self.first_call or content[0]["id"]
+                content = [call for call in content if call["id"] == self.first_call]
+            if not (self.dropping and piece in ("call_start", "call_args")) and content != []:
+                kept.append((piece, content))
+        return kept
+
+    def _call_start(self, call: dict) -> bytes:
+        """Open a streamed call ({"id", "name"}); one still open (its arguments complete) ends as sent."""
+        out = b""
+        if self.live_call is not None:
+            live = self.live_call
+            out = self._call_end({"id": live["id"], "type": "function",
+                                  "function": {"name": live["name"], "arguments": live["sent"]}})
+        self.live_call = {**call, "sent": ""}
+        self.calls_sent += 1
+        return out + self.call_start(call["id"], call["name"])
+
+    def _call_args(self, text: str) -> bytes:
+        self.live_call["sent"] += text
+        return self.call_args(text)
+
+    def _call_end(self, call: dict) -> bytes:
+        self.closed.add(call["id"])
+        self.live_call = None
+        return self.call_end(call)
+
+    def _calls(self, calls: list[dict]) -> bytes:
+        """Finish the calls the scanner closed: a streamed one gets the rest of its arguments, others
+        stream whole. (Arguments that differ from what was streamed, a cut-off call's, keep what was sent.)"""
+        out = []
+        for call in (c for c in calls if c["id"] not in self.closed):
+            if self.live_call is None or self.live_call["id"] != call["id"]:
+                out.append(self._call_start({"id": call["id"], "name": call["function"]["name"]}))
+            arguments, sent = call["function"]["arguments"], self.live_call["sent"]
+            if arguments.startswith(sent) and arguments != sent:
+                out.append(self._call_args(arguments[len(sent):]))
+            out.append(self._call_end(call))
+        return b"".join(out)
 
     def opening(self) -> bytes:
         """What a stream starts with, before any generated text."""
@@ -6565,8 +6789,16 @@ class Writer:
         """SSE bytes for text the model generated (with its tokens' logprobs, when asked); subclasses write it."""
         raise NotImplementedError
 
-    def tool_calls(self, calls: list[dict]) -> bytes:
-        """SSE bytes for complete tool calls, in the dialect's shapes; subclasses write them."""
+    def call_start(self, call_id: str, name: str) -> bytes:
+        """A tool call opens: its id and function name."""
+        raise NotImplementedError
+
+    def call_args(self, text: str) -> bytes:
+        """A piece of the open call's arguments (JSON text)."""
+        raise NotImplementedError
+
+    def call_end(self, call: dict) -> bytes:
+        """The open call ends; `call` is the whole call in OpenAI's shape."""
         raise NotImplementedError
 
     def finish(self, reason: str) -> bytes:
@@ -6619,10 +6851,20 @@ class ChatWriter(Writer):
         lp = logprobs_object(self.request.endpoint, logprobs, self.offsets) if wanted else None
         return self._chunk(self._choice({"content": text}, text, lp))
 
-    def tool_calls(self, calls: list[dict]) -> bytes:
-        """A chat chunk carrying whole tool calls, numbered in the order they came."""
-        deltas = [{"index": self.calls_sent + i, **call} for i, call in enumerate(calls)]
-        return self._chunk(self._choice({"tool_calls": deltas}))
+    def call_start(self, call_id: str, name: str) -> bytes:
+        """A chunk opening a tool call (numbered in the order they came): id, name, no arguments yet."""
+        delta = {"index": self.calls_sent - 1, "id": call_id, "type": "function",
+                 "function": {"name": name, "arguments": ""}}
+        return self._chunk(self._choice({"tool_calls": [delta]}))
+
+    def call_args(self, text: str) -> bytes:
+        """A chunk carrying a piece of the open call's arguments."""
+        return self._chunk(self._choice({"tool_calls": [{"index": self.calls_sent - 1,
+                                                         "function": {"arguments": text}}]}))
+
+    def call_end(self, call: dict) -> bytes:
+        """Nothing: a chat stream has no event for a call's end."""
+        return b""
 
     def finish(self, reason: str) -> bytes:
         """The finish chunk (a reply that made tool calls finishes as "tool_calls"), usage when asked, [DONE]."""
@@ -6783,14 +7025,17 @@ class MessagesWriter(Writer):
         opening = b"" if self.open_block == "text" else self._start({"type": "text", "text": ""})
         return opening + self._delta({"type": "text_delta", "text": text})
 
-    def tool_calls(self, calls: list[dict]) -> bytes:
-        """One tool_use block per call, its whole input as one input_json_delta, each block closed."""
-        out = []
-        for block in map(tool_use_block, calls):
-            out.append(self._start({**block, "input": {}}))
-            out.append(self._delta({"type": "input_json_delta",
-                                    "partial_json": json.dumps(block["input"], ensure_ascii=False)}))
-        return b"".join(out) + self._stop()
+    def call_start(self, call_id: str, name: str) -> bytes:
+        """A tool_use block opens, its input empty: it comes as input_json_delta pieces."""
+        return self._start({"type": "tool_use", "id": call_id, "name": name, "input": {}})
+
+    def call_args(self, text: str) -> bytes:
+        """A piece of the tool_use block's input, as the model writes it."""
+        return self._delta({"type": "input_json_delta", "partial_json": text})
+
+    def call_end(self, call: dict) -> bytes:
+        """The tool_use block closes."""
+        return self._stop()
 
     def finish(self, reason: str) -> bytes:
         """Closes the open block, then message_delta (stop reason, usage) and message_stop."""
@@ -6890,6 +7135,7 @@ class ResponsesWriter(Writer):
         self.message_text = ""
         self.thought: dict | None = None     # the reasoning item being streamed, if one is open
         self.thought_text = ""
+        self.live_item: dict | None = None   # the function_call item being streamed, if one is open
         self.final: dict | None = None       # the response once it completed or ran out of budget
 
     def _event(self, kind: str, **fields: Any) -> bytes:
@@ -6945,20 +7191,39 @@ class ResponsesWriter(Writer):
                 + self._event("response.content_part.done", **where, part=part)
                 + self._event("response.output_item.done", output_index=where["output_index"], item=item))
 
-    def tool_calls(self, calls: list[dict]) -> bytes:
-        """Closes open items, then each call as a function_call (or custom_tool_call) item, added, argued and done."""
-        out = [self._close_reasoning(), self._close_message()]
-        for item in (function_call_item(call, self.request.tool_kinds) for call in calls):
-            where = {"item_id": item["id"], "output_index": len(self.output)}
-            custom = item["type"] == "custom_tool_call"
-            field, stem = ("input", "custom_tool_call_input") if custom else ("arguments", "function_call_arguments")
-            added = {**item, field: ""} if custom else {**item, "status": "in_progress", field: ""}
-            out += [self._event("response.output_item.added", output_index=where["output_index"], item=added),
-                    self._event(f"response.{stem}.delta", **where, delta=item[field]),
-                    self._event(f"response.{stem}.done", **where, **{field: item[field]}),
-                    self._event("response.output_item.done", output_index=where["output_index"], item=item)]
-            self.output.append(item)
-        return b"".join(out)
+    def call_start(self, call_id: str, name: str) -> bytes:
+        """A function_call item opens (in progress); a custom tool's call waits for its end (its input is
+        raw text, not the JSON the model writes)."""
+        out = self._close_reasoning() + self._close_message()
+        item = function_call_item({"id": call_id, "function": {"name": name, "arguments": "{}"}},
+                                  self.request.tool_kinds)
+        self.live_item = {**item, "status": "in_progress", "arguments": ""} if item["type"] == "function_call" else None
+        if self.live_item is None:
+            return out
+        return out + self._event("response.output_item.added", output_index=len(self.output), item=self.live_item)
+
+    def call_args(self, text: str) -> bytes:
+        """A function_call_arguments.delta of the open item (nothing for a custom tool's call)."""
+        if self.live_item is None:
+            return b""
+        return self._event("response.function_call_arguments.delta", item_id=self.live_item["id"],
+                           output_index=len(self.output), delta=text)
+
+    def call_end(self, call: dict) -> bytes:
+        """The call's item done (function_call_arguments.done first); a custom tool's call, whole."""
+        item, live, self.live_item = function_call_item(call, self.request.tool_kinds), self.live_item, None
+        where = {"item_id": live["id"] if live else item["id"], "output_index": len(self.output)}
+        item["id"] = where["item_id"]
+        out = []
+        if live is None:   # a custom tool's call, whole
+            out += [self._event("response.output_item.added", output_index=where["output_index"],
+                                item={**item, "input": ""}),
+                    self._event("response.custom_tool_call_input.delta", **where, delta=item["input"]),
+                    self._event("response.custom_tool_call_input.done", **where, input=item["input"])]
+        else:
+            out.append(self._event("response.function_call_arguments.done", **where, arguments=item["arguments"]))
+        self.output.append(item)
+        return b"".join(out) + self._event("response.output_item.done", output_index=where["output_index"], item=item)
 
     def finish(self, reason: str) -> bytes:
         """Closes open items, then response.completed (or response.incomplete when cut by max_output_tokens)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import functools
 import gc
 import http.client
 import importlib
@@ -1275,9 +1276,10 @@ def test_required_tool_call_streams_as_delta_tool_calls(openai_client):
             model="tiny", messages=ASK_WEATHER, tools=[WEATHER, ADD], tool_choice="required", max_tokens=120,
             temperature=1.0, seed=seed, stream=True))
         calls = [c for chunk in chunks if chunk.choices for c in chunk.choices[0].delta.tool_calls or []]
-        assert len(calls) == 1 and calls[0].index == 0 and calls[0].function.name in ("get_weather", "add")
+        assert {c.index for c in calls} == {0} and calls[0].function.name in ("get_weather", "add")
+        assert calls[0].id and not any(c.id or c.function.name for c in calls[1:])   # name and id come once, first
         schema = (WEATHER if calls[0].function.name == "get_weather" else ADD)["function"]["parameters"]
-        assert_valid(calls[0].function.arguments, schema)
+        assert_valid("".join(c.function.arguments or "" for c in calls), schema)
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
         assert not "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 
@@ -3120,33 +3122,53 @@ def test_a_template_that_fails_to_render_is_a_400_naming_its_error(family_server
     assert "You have passed a message containing <|channel|> tags in the content field" in error["message"]
 
 
-def scan_family_text(name: str, text: str, pieces: list[str]) -> tuple[str, str, list]:
-    """(content, reasoning, calls) of a family's reply text fed to its scanner in `pieces`."""
+def scan_family_text(name: str, text: str, pieces: list[str], live: bool = False) -> tuple[str, str, list]:
+    """(content, reasoning, calls) of a family's reply text fed to its scanner in `pieces`; `live` (as a stream
+    scans) also checks that each streamed call's argument pieces add up to its final arguments exactly."""
     template, _, _ = FAMILIES[name]
     parser = importlib.import_module(f"mlx_lm.tool_parsers.{'kimi_k2' if name == 'kimi-k2' else 'json_tools'}")
     form = lem_serve._chat_format((TEMPLATES / template).read_text("utf-8"), parser.tool_call_start,
                                   parser.tool_call_end, parser.parse_tool_call)  # what mlx_lm infers for the rest
     tools = [{"type": "function", "function": t} for t in FAMILY_TOOLS]
     scanner = lem_serve.HarmonyScanner(tools) if form.harmony else lem_serve.ToolCallScanner(form, tools)
+    scanner.live = live
     out = [piece for chunk in pieces for piece in scanner.feed(chunk)] + scanner.flush()
+    if live:
+        assert_streamed_arguments_add_up(out, every=bool(form.heads or form.harmony))
     calls = [(c["function"]["name"], json.loads(c["function"]["arguments"])) for k, v in out if k == "calls" for c in v]
     return ("".join(v for k, v in out if k == "text"), "".join(v for k, v in out if k == "reasoning"), calls)
 
 
+def assert_streamed_arguments_add_up(pieces: list[tuple], every: bool = True) -> None:
+    """Each call_start's call_args pieces, joined, are the arguments its call ends with (same id); with
+    `every`, each call was streamed so."""
+    sent, live = {}, None
+    for kind, value in pieces:
+        if kind == "call_start":
+            live = value["id"]
+            sent[live] = ""
+        elif kind == "call_args":
+            sent[live] += value
+    ended = {c["id"]: c["function"]["arguments"] for kind, value in pieces if kind == "calls" for c in value}
+    assert {i: ended.get(i) for i in sent} == sent, (sent, ended)
+    assert not every or set(sent) == set(ended), (sent, ended)
+
+
+@pytest.mark.parametrize("live", [False, True])
 @pytest.mark.parametrize("name", list(FAMILIES))
-def test_family_markers_split_anywhere_never_reach_content(name):
+def test_family_markers_split_anywhere_never_reach_content(name, live):
     """Every script cut into pieces at every character (as a tokenizer whose markers are several tokens
     would stream it) scans to what it scans to whole: no marker leaks, no call is lost."""
     _, _, scripts = FAMILIES[name]
     for kind, text in scripts.items():
         text = text.split("</think>", 1)[-1]   # the engine's ReasoningSplitter takes a think block first
-        whole = scan_family_text(name, text, [text])
+        whole = scan_family_text(name, text, [text], live)
         content, reasoning, calls = whole
         if kind.endswith("call") or kind == "parallel":
             assert calls == FAMILY_EXPECTED[kind][2] and not content.strip(), (name, kind, whole)
         for cut in range(1, len(text)):
-            assert scan_family_text(name, text, [text[:cut], text[cut:]]) == whole, (name, kind, cut)
-        assert scan_family_text(name, text, list(text)) == whole, (name, kind)
+            assert scan_family_text(name, text, [text[:cut], text[cut:]], live) == whole, (name, kind, cut)
+        assert scan_family_text(name, text, list(text), live) == whole, (name, kind)
 
 
 # ---------------------------------------------------------------------------
@@ -3399,12 +3421,14 @@ def test_responses_required_function_call_streams_arguments(openai_client):
     events = list(openai_client.responses.create(model="tiny", input=ASK_WEATHER, tools=tools, tool_choice="required",
                                                  max_output_tokens=120, temperature=1.0, stream=True))
     kinds = [event.type for event in events]
-    assert kinds[-5:] == ["response.output_item.added", "response.function_call_arguments.delta",
-                          "response.function_call_arguments.done", "response.output_item.done", "response.completed"]
+    added = kinds.index("response.output_item.added", kinds.index("response.in_progress"))
+    deltas = [e.delta for e in events[added + 1:-3]]   # the forced call's arguments, streamed as they are written
+    assert kinds[added + 1:] == ["response.function_call_arguments.delta"] * len(deltas) + [
+        "response.function_call_arguments.done", "response.output_item.done", "response.completed"] and deltas
     assert "response.output_text.delta" not in kinds
     done = events[-3]
     (call,) = events[-1].response.output
-    assert done.arguments == call.arguments and done.item_id == call.id
+    assert done.arguments == call.arguments == "".join(deltas) and done.item_id == call.id
     schema = (WEATHER if call.name == "get_weather" else ADD)["function"]["parameters"]
     assert_valid(call.arguments, schema)
 
@@ -3643,6 +3667,14 @@ def test_responses_prefill_continues_the_last_assistant_message(server, model, o
     assert response.output_text == expected and response.incomplete_details.reason == "max_output_tokens"
 
 
+def test_prefill_of_a_reply_cut_while_thinking_goes_on_thinking(thinking_server):
+    """A reply with only reasoning (cut while thinking) is continued inside its reasoning, however long it
+    is: the thinking parrot says the rest of THINKING after its last token "Plan", then its answer."""
+    cut = {"role": "assistant", "content": "", "reasoning_content": "filler words " * 30 + "\nPlan"}
+    message = post(thinking_server, "chat", messages=[*HELLO, cut], max_tokens=50)["choices"][0]["message"]
+    assert message["reasoning_content"] == THINKING[len("Plan"):] and message["content"] == ANSWER
+
+
 def test_prefill_cuts_each_family_template_where_transformers_does(family_server):
     """The prompt of a prefill on real templates (thinking ones too) is as long as transformers'
     continue_final_message makes it: cut right after the text, no end of turn."""
@@ -3694,8 +3726,9 @@ def slip_server(tmp_path_factory):
         yield srv
 
 
+@functools.lru_cache(maxsize=None)
 def sdk_type(kind):
-    """A pydantic validator for an SDK type (a model class or a union of them)."""
+    """A pydantic validator for an SDK type (a model class or a union of them), built once per type."""
     pydantic = pytest.importorskip("pydantic")
     return pydantic.TypeAdapter(kind)
 
@@ -4200,6 +4233,141 @@ def test_sdk_types_strictly_for_every_shape_sent(server, thinking_server, slip_s
     codex |= {"openai:chat.completion", "openai:chat.completion.chunk", "openai:model"}
     assert claude == ANTHROPIC_CHECKLIST, claude ^ ANTHROPIC_CHECKLIST
     assert codex == OPENAI_CHECKLIST, codex ^ OPENAI_CHECKLIST
+
+
+# A long tool call (a Write of a file), in Qwen's format after a line of text: its arguments must stream
+# as the model writes them (issue 23 item 5), not arrive in one piece when the call closes. Written compact,
+# so the final arguments equal the streamed pieces only if they are the model's text, not re-encoded JSON.
+WRITE_ARGS = {"path": "notes/todo.md", "content": "".join(f"- item {i}: check the {i}th box\n" for i in range(24))}
+WRITE_TOOL = {"name": "write_file", "description": "Write a file",
+              "parameters": {"type": "object", "properties": {"path": {"type": "string"}, "content": {"type": "string"}},
+                             "required": ["path", "content"]}}
+LONG_THOUGHT = "<think>\n" + "step " * 300 + "</think>\n\nParis."   # script 1 of write_server
+WRITE_SCRIPT = "I will write it.\n" + QWEN_CALL.format("write_file", json.dumps(WRITE_ARGS, separators=(",", ":")))
+
+
+@pytest.fixture(scope="module")
+def write_server(tmp_path_factory):
+    from testing.scripted_model import build_scripted_model
+    template, keywords, _ = FAMILIES["qwen3"]
+    path = build_scripted_model(tmp_path_factory.mktemp("write") / "qwen3", (TEMPLATES / template).read_text("utf-8"),
+                                [WRITE_SCRIPT, LONG_THOUGHT], **keywords)
+    with running_server(lem_serve.load_model(lem_serve.Settings(model_path=str(path))), path) as srv:
+        yield srv
+
+
+def write_request(endpoint: str) -> dict:
+    """The request whose reply is WRITE_SCRIPT, the write_file tool offered in the endpoint's shape."""
+    from testing.scripted_model import trigger
+    tool = {"chat": {"type": "function", "function": WRITE_TOOL}, "responses": {"type": "function", **WRITE_TOOL},
+            "messages": {"name": WRITE_TOOL["name"], "description": WRITE_TOOL["description"],
+                         "input_schema": WRITE_TOOL["parameters"]}}[endpoint]
+    thinking = {"thinking": {"type": "enabled", "budget_tokens": 1024}} if endpoint == "messages" else {}
+    ask = {"input" if endpoint == "responses" else "messages": [{"role": "user", "content": f"Write it. {trigger(0)}"}]}
+    return body_for(endpoint, max_tokens=2000, tools=[tool], **ask, **thinking)   # (Qwen3's template renders the same tail with thinking on)
+
+
+def argument_deltas_before_close(endpoint: str, events: list[dict]) -> tuple[list[str], str]:
+    """(the call's argument pieces sent before its closing event, its final arguments) from a raw stream."""
+    pieces, final = [], None
+    for event in events:
+        if endpoint == "messages":
+            if event["type"] == "content_block_delta" and event["delta"]["type"] == "input_json_delta":
+                pieces.append(event["delta"]["partial_json"])
+            if event["type"] == "content_block_stop" and pieces and final is None:
+                final = "".join(pieces)   # Anthropic's final input is what its deltas add up to
+        elif endpoint == "responses":
+            if event["type"] == "response.function_call_arguments.delta":
+                pieces.append(event["delta"])
+            if event["type"] == "response.function_call_arguments.done":
+                final = event["arguments"]
+                break
+        else:
+            for call in (event["choices"][0]["delta"].get("tool_calls") or []) if event.get("choices") else []:
+                pieces += [call["function"]["arguments"]] if call["function"].get("arguments") else []
+            if event.get("choices") and event["choices"][0]["finish_reason"]:
+                final = "".join(pieces)
+                break
+    return pieces, final
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "messages", "responses"])
+def test_tool_arguments_stream_as_the_model_writes_them(write_server, endpoint):
+    """Raw SSE: the write_file call opens with its name, its arguments come in many pieces before it
+    closes, the pieces add up to the final arguments exactly, and no marker shows anywhere."""
+    body = write_request(endpoint)
+    events = [e for e in sse_payloads(request(write_server, "POST", path_of(endpoint), {**body, "stream": True}).raw)]
+    pieces, final = argument_deltas_before_close(endpoint, events)
+    assert len(pieces) > 10 and final == "".join(pieces), (endpoint, pieces[:3], final)
+    assert json.loads(final) == WRITE_ARGS
+    content, _, calls = streamed_parts(endpoint, events)
+    assert (content.strip(), calls) == ("I will write it.", [("write_file", WRITE_ARGS)])
+    shown = json.dumps(events)
+    assert not [m for m in FAMILY_MARKERS if m in shown], shown[:500]
+    assert reply_parts(endpoint, request(write_server, "POST", path_of(endpoint), body).json())[2] == calls
+
+
+def test_sdks_stream_tool_arguments_incrementally(write_server):
+    """Through the anthropic and openai SDKs (every event strictly typed): several argument deltas, whose
+    accumulation the SDK's own stream helpers turn into the exact final arguments."""
+    anthropic, openai = pytest.importorskip("anthropic"), pytest.importorskip("openai")
+    events = anthropic_stream_events(write_server, **write_request("messages"))
+    assert sum(e["type"] == "content_block_delta" and e["delta"]["type"] == "input_json_delta" for e in events) > 10
+    claude = anthropic.Anthropic(base_url=write_server.url, api_key="unused", max_retries=0, timeout=60)
+    with claude.messages.stream(model="m", **write_request("messages")) as flow:
+        deltas = [e.partial_json for e in flow if e.type == "input_json"]
+        message = flow.get_final_message()
+    assert len(deltas) > 10 and [b.input for b in message.content if b.type == "tool_use"] == [WRITE_ARGS]
+    events = responses_stream_events(write_server, **write_request("responses"))
+    assert sum(e["type"] == "response.function_call_arguments.delta" for e in events) > 10
+    client = openai.OpenAI(base_url=write_server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    with client.responses.stream(model="m", **write_request("responses")) as flow:
+        deltas = [e.delta for e in flow if e.type == "response.function_call_arguments.delta"]
+        response = flow.get_final_response()
+    (call,) = [item for item in response.output if item.type == "function_call"]
+    assert len(deltas) > 10 and call.arguments == "".join(deltas) and json.loads(call.arguments) == WRITE_ARGS
+    with client.chat.completions.stream(model="m", **write_request("chat")) as flow:
+        deltas = [e.arguments_delta for e in flow if e.type == "tool_calls.function.arguments.delta"]
+        completion = flow.get_final_completion()
+    (call,) = completion.choices[0].message.tool_calls
+    assert len(deltas) > 10 and call.function.arguments == "".join(deltas)
+    assert json.loads(call.function.arguments) == WRITE_ARGS
+
+
+@pytest.mark.parametrize("family_server", ["qwen3"], indirect=True)
+@pytest.mark.parametrize("endpoint", ["chat", "messages", "responses"])
+def test_one_tool_call_when_parallel_calls_are_off(family_server, endpoint):
+    """parallel_tool_calls false (chat, responses) or tool_choice.disable_parallel_tool_use (messages): a model
+    that writes two calls gets its first through, streamed and not; the second is dropped. Allowed, both come."""
+    name, kinds, server, _ = family_server
+    body = family_body(endpoint, kinds.index("parallel"))
+    single = ({"tool_choice": {"type": "auto", "disable_parallel_tool_use": True}} if endpoint == "messages"
+              else {"parallel_tool_calls": False})
+    both = FAMILY_EXPECTED["parallel"][2]
+    assert reply_parts(endpoint, request(server, "POST", path_of(endpoint), body).json())[2] == both
+    payload = request(server, "POST", path_of(endpoint), {**body, **single}).json()
+    assert reply_parts(endpoint, payload)[2] == both[:1], payload
+    events = stream(server, endpoint, **body, **single)
+    assert streamed_parts(endpoint, events)[2] == both[:1]
+    if endpoint == "responses":
+        assert payload["parallel_tool_calls"] is False
+
+
+def test_thinking_budget_closes_the_reasoning(write_server):
+    """thinking.budget_tokens: a model that would think for 300 words (about 1200 tokens) has its thinking block
+    closed once it used the budget (the reply goes on as text); with a larger budget it thinks to its own end."""
+    from testing.scripted_model import trigger
+    ask = [{"role": "user", "content": f"Think. {trigger(1)}"}]
+    for budget, cut in ((1024, True), (1900, False)):
+        reply = request(write_server, "POST", "/v1/messages", {"messages": ask, "max_tokens": 2000,
+                                                               "thinking": {"type": "enabled", "budget_tokens": budget}})
+        content = reply.json()["content"]
+        (thought,) = [b["thinking"] for b in content if b["type"] == "thinking"]
+        text = "".join(b["text"] for b in content if b["type"] == "text")
+        if cut:
+            assert 0 < thought.count("step") < 300 and text.lstrip().startswith("step"), (thought[-80:], text[:80])
+        else:
+            assert thought.count("step") == 300 and text == "Paris."
 
 
 # Every shape test_sdk_types_strictly_for_every_shape_sent validates: 19 anthropic, 32 openai.
@@ -6078,6 +6246,20 @@ def test_continue_extends_the_same_message(chat):
     assert sent[1] == {"role": "assistant", "content": page.evaluate("(t) => window.lemChat.answerOf(t)", before["content"])}
     assert sent[1]["content"] and after[1]["content"].startswith(sent[1]["content"])
     assert page.locator("article.msg").count() == 2
+    chat.check_clean()
+
+
+def test_continue_sends_a_reply_cut_while_thinking_with_its_reasoning(chat):
+    """Continue on a reasoning-only reply sends it with its reasoning (the server goes on thinking where
+    the template renders reasoning; the tiny model's drops it, so it answers) into the same message."""
+    page = chat.page
+    chat.seed([stored("c1", "Thinking", said("user", "Think hard"),
+                      said("assistant", "", reasoning="Only reasoning, cut", finishReason="length"))], current="c1")
+    reply = chat.reply()
+    posts = chat_posts(page, lambda: (reply.get_by_role("button", name="Continue").click(), chat.wait_reply("done")))
+    assert posts[0]["messages"][-1] == {"role": "assistant", "content": "", "reasoning_content": "Only reasoning, cut"}
+    (message,) = conversation_in(page)["messages"][1:]
+    assert message["reasoning"] == "Only reasoning, cut" and message["content"]
     chat.check_clean()
 
 

@@ -88,7 +88,7 @@ SPEC: list[tuple[str, list[str]]] = [
         "UNSUPPORTED_FIELDS", "GenerationRequest", "decode_json_body", "run_checks",
         "template_args", "logprobs_wanted", "sampling_fields", "tool_arguments",
         "output_fields", "parse_tool", "parse_tool_choice", "parse_response_format",
-        "MEDIA_PARTS", "chat_window", "BLOCK_SEPARATOR", "EMBEDDING_FORMATS",
+        "MEDIA_PARTS", "chat_window", "EMBEDDING_FORMATS",
         "EMBEDDING_CHECKS", "INPUT_RULE", "EmbeddingRequest", "parse_embedding_request",
         "embedding_input",
     ]),
@@ -100,7 +100,8 @@ SPEC: list[tuple[str, list[str]]] = [
         "mistral_call_id", "CHAT_FORMATS", "chat_format_of", "_chat_format",
         "template_messages", "call_with_text_arguments", "nine_character_ids",
         "machine_memory", "weights_bytes", "kv_token_bytes", "activation_bytes",
-        "MemoryPlan", "plan_memory", "render_prompt", "BILLING_HEADER", "BILLING_NONCES",
+        "MemoryPlan", "plan_memory", "render_prompt", "PREFILL_MARK", "prefill_prompt",
+        "BILLING_HEADER", "BILLING_NONCES",
         "neutralize_billing_header", "completion_prompt", "check_tool_support",
         "call_opening", "PROMPT_PARAMS", "fit_to_context", "model_identity",
         "local_folder", "file_digest", "fit_to_memory", "kv_reservation",
@@ -116,8 +117,8 @@ SPEC: list[tuple[str, list[str]]] = [
     # The group sits below the engine that drives it (Batch and Engine call it), so
     # a single-process reader skips one fenced section and everything calls upward.
     ("Group: ranks of an mlx.launch group (fenced: a single process never enters it)", [
-        "join_group", "Insert", "Remove", "Keep",
-        "GroupFailure", "GroupLink", "token_check", "rank0_address", "Lifelines",
+        "Insert", "Remove", "Keep", "GroupFailure", "GroupLink", "token_check",
+        "rank0_address", "Lifelines", "join_group",
     ]),
     ("Engine: one thread that owns MLX, continuous batching, the prompt cache", [
         "Job", "Sequence", "common_prefix", "cache_length", "cut_cache", "cache_nbytes",
@@ -125,19 +126,19 @@ SPEC: list[tuple[str, list[str]]] = [
         "CacheParts", "CacheSlice", "SoloSequence", "SoloBatch", "KVLedger", "Batch",
         "Engine",
     ]),
-    ("Dialects: shared writers (usage, logprobs, tool-call scanners, SSE)", [
-        "usage_of", "TextOffsets", "logprobs_object", "ToolCallScanner", "HARMONY_ENDS",
+    ("Dialects: what they share (block separator, usage, logprobs, tool-call scanners, SSE)", [
+        "BLOCK_SEPARATOR", "usage_of", "TextOffsets", "logprobs_object", "HeldTextScanner", "ToolCallScanner", "HARMONY_ENDS",
         "HARMONY_HEADS", "HarmonyScanner", "openai_tool_call", "tool_scanner",
         "sse_event", "SSE_KEEPALIVE", "SSE_DONE", "new_id", "Writer",
     ]),
     ("Dialects: OpenAI chat/completions (/v1/chat/completions, /v1/completions)", [
-        "CHAT_ROLES", "CHAT_CHECKS", "COMPLETION_CHECKS", "parse_generation_request",
+        "CHAT_ROLES", "CHAT_CHECKS", "COMPLETION_CHECKS", "parse_generation_request", "chat_prefill",
         "chat_role", "parse_message", "parse_tool_calls", "parse_content", "parse_prompt",
         "ChatWriter", "ChoicesWriter",
     ]),
     ("Dialects: Anthropic messages (/v1/messages)", [
         "MESSAGES_CHECKS", "ANTHROPIC_ROLES", "REPLAYED_BLOCKS", "THINKING_ON",
-        "parse_messages_request", "anthropic_served", "anthropic_thinking",
+        "parse_messages_request", "anthropic_prefill", "anthropic_served", "anthropic_thinking",
         "anthropic_system", "anthropic_message", "document_text", "anthropic_tool_use",
         "anthropic_tool_result", "tool_result_part", "anthropic_tool_choice",
         "dialect_tools", "anthropic_usage", "tool_use_block", "SIGNATURE_KEY",
@@ -481,12 +482,16 @@ def match_spec(chunks: list[Chunk]):
 
 def layout_paragraph() -> list[str]:
     """The module docstring's layout paragraph, written from SPEC's titles."""
-    names = []
+    names, dialects = [], []
     for title, _ in SPEC:
-        short = title.split(":")[0] if not title.startswith("Dialects: ") else title
-        if short.startswith("Dialects: "):
-            short = "dialect: " + title[len("Dialects: "):].split(" (")[0]
-        names.append(short[0].lower() + short[1:] if not short[:4].isupper() else short)
+        if title.startswith("Dialects: "):
+            if not dialects:
+                names.append("")  # where the dialects go
+            dialects.append(title[len("Dialects: "):].split(" (")[0])
+        else:
+            short = title.split(":")[0]
+            names.append(short if short.isupper() or short.startswith("CLI") else short[0].lower() + short[1:])
+    names = [n or f"dialects, one subsection each ({'; '.join(dialects)})" for n in names]
     words = LAYOUT_INTRO + " " + "; ".join(names) + "."
     out, line = [], ""
     for word in words.split(" "):

@@ -504,8 +504,8 @@ MUTATIONS = [
                "        elif not self.rule.forced and self.recent.endswith(self.opening):\n")),
              ("test_strict_tool_marker_inside_reasoning_stays_reasoning",)),
     Mutation("forced-call-arguments-cut", "the call's tail is forced before its arguments' constraint says they are whole",
-             (("        if not self.complete:\n            return masked\n",
-               "        if not self.complete and self.left > 30:\n            return masked\n"),),
+             (("        if not self.complete:\n            return held\n",
+               "        if not self.complete and self.left > 30:\n            return held\n"),),
              ("test_forced_call_succeeds_for_every_seed",)),
     Mutation("structured-output-inside-reasoning", "response_format's JSON starts at the first token, inside the "
                                                    "thinking block the template opened",
@@ -619,19 +619,46 @@ MUTATIONS = [
                                              "instead of ending the request with it",
              (("    request.messages.push(cut);", "    request.messages.push(cut, { role: \"user\", content: \"Continue.\" });"),),
              ("test_continue_extends_the_same_message",), target="chat.js"),
+    Mutation("continue-drops-reasoning", "Continue sends a reply cut while thinking without its reasoning",
+             (("    if (msg.reasoning) cut.reasoning_content = msg.reasoning;\n", ""),),
+             ("test_continue_sends_a_reply_cut_while_thinking_with_its_reasoning",), target="chat.js"),
     Mutation("attachment-not-sent", "an attached file shows as a chip but is left out of the message",
              (("    for (const file of attachments) parts.push(attachmentBlock(file));", ""),),
              ("test_an_attached_file_goes_into_the_request",), target="chat.js"),
     Mutation("settings-shared-by-all-chats", "a chat's settings are the global ones",
              (("    return { ...state.settings, ...(conv && conv.settings) };", "    return { ...state.settings };"),),
              ("test_settings_differ_per_chat_and_new_chats_take_the_defaults",), target="chat.js"),
+    # Issue 23 item 5: tool-call arguments stream as the model writes them.
+    Mutation("tool-arguments-held-to-close", "a streamed tool call's arguments are held until the call closes",
+             (("            self.scanner.live = True   # a stream: arguments go out as they come\n",
+               "            self.scanner.live = False\n"),),
+             ("test_tool_arguments_stream_as_the_model_writes_them", "test_sdks_stream_tool_arguments_incrementally")),
+    Mutation("streamed-arguments-reencoded", "a streamed call ends with its arguments re-encoded, not the text streamed",
+             (('            function = {**call["function"], "arguments": sent["raw"]} if same else call["function"]\n',
+               '            function = call["function"]\n'),),
+             ("test_tool_arguments_stream_as_the_model_writes_them", "test_sdks_stream_tool_arguments_incrementally")),
+    Mutation("call-tail-streamed-as-arguments", "a call's arguments stream past their closing brace (the call's tail)",
+             (('                self.streamed[-1]["done"] = self.depth == 0\n',
+               '                self.streamed[-1]["done"] = False\n'),),
+             ("test_tool_arguments_stream_as_the_model_writes_them",
+              "test_family_markers_split_anywhere_never_reach_content")),
+    Mutation("parallel-calls-not-limited", "parallel_tool_calls false lets every tool call through",
+             (('"one_call": body.get("parallel_tool_calls") is False}', '"one_call": False}'),),
+             ("test_one_tool_call_when_parallel_calls_are_off",)),
+    Mutation("disable-parallel-tool-use-ignored", "Anthropic's disable_parallel_tool_use is not read",
+             (('choice.get("disable_parallel_tool_use") is True', 'choice.get("disable_parallel") is True'),),
+             ("test_one_tool_call_when_parallel_calls_are_off",)),
+    Mutation("thinking-budget-ignored", "thinking.budget_tokens never closes the reasoning",
+             (('    if request.thinking_budget and getattr(model.tokenizer, "has_thinking", False):',
+               '    if False:'),),
+             ("test_thinking_budget_closes_the_reasoning",)),
     Mutation("escape-does-not-stop", "Escape leaves the reply streaming",
              (("      stopGenerating(conv);\n    }\n  }\n", "    }\n  }\n"),),
              ("test_two_tabs_on_one_chat_keep_both_replies_and_escape_stops",), target="chat.js"),
     # Assistant prefill (issue 25's Continue, in the server).
     Mutation("prefill-keeps-end-of-turn", "a continued assistant message is rendered whole, its end of turn included",
-             (("    return tokenizer.encode(text[:text.index(PREFILL_MARK)], add_special_tokens=False)",
-               "    return tokenizer.encode(text.replace(PREFILL_MARK, \"\"), add_special_tokens=False)"),),
+             (("            return tokenizer.encode(text[:text.index(PREFILL_MARK)], add_special_tokens=False)",
+               "            return tokenizer.encode(text.replace(PREFILL_MARK, \"\"), add_special_tokens=False)"),),
              ("test_messages_prefill_continues_the_assistant_text",
               "test_chat_prefill_continues_the_last_assistant_message",
               "test_responses_prefill_continues_the_last_assistant_message")),
@@ -648,8 +675,15 @@ MUTATIONS = [
              (("    if ((body.get(\"thinking\") or {}).get(\"type\")) in THINKING_ON:", "    if False:"),),
              ("test_messages_prefill_refused_where_anthropic_refuses_it",)),
     Mutation("prefill-mark-unchecked", "a template that drops the assistant text gets a generic template error",
-             (("    if text.count(PREFILL_MARK) != 1:", "    if False:"),),
+             (("        if text.count(PREFILL_MARK) == 1:", "        if True:"),),
              ("test_prefill_refused_where_the_template_drops_the_assistant_text",)),
+    Mutation("prefill-thinking-tail-only", "a prefill cut while thinking is read as an answer when its reasoning "
+                                           "began before the prompt's last REASONING_PROMPT_TAIL tokens",
+             (("    tail = 0 if prefill else max(", "    tail = max("),),
+             ("test_prefill_of_a_reply_cut_while_thinking_goes_on_thinking",)),
+    Mutation("prefill-reasoning-answered", "a reply with only reasoning is continued after its reasoning (an answer)",
+             (('    fields = ("reasoning_content", "content") if', '    fields = ("content",) if'),),
+             ("test_prefill_of_a_reply_cut_while_thinking_goes_on_thinking",)),
 ]
 
 
@@ -668,17 +702,27 @@ def apply(mutation: Mutation, source: str) -> str:
     return source
 
 
+def test_file_of(folder: Path, test: str) -> str:
+    """The test file (relative to folder) that defines `test` (a name, maybe with [params]):
+    test_lem_serve.py, or one of testing/test_*.py once the tests are split by surface."""
+    name = test.split("[")[0]
+    for path in [folder / "test_lem_serve.py", *sorted((folder / "testing").glob("test_*.py"))]:
+        if f"def {name}(" in path.read_text(encoding="utf-8"):
+            return path.relative_to(folder).as_posix()
+    return "test_lem_serve.py"
+
+
 def run_tests(folder: Path, tests: tuple[str, ...]) -> tuple[int, str]:
     """Run the named tests in `folder`; return pytest's exit code and the first failing test, if any."""
     command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-               *(f"test_lem_serve.py::{t}" for t in tests)]
+               *(f"{test_file_of(folder, t)}::{t}" for t in tests)]
     try:
         out = subprocess.run(command, cwd=folder, capture_output=True, text=True, timeout=RUN_TIMEOUT)
     except subprocess.TimeoutExpired:
         return -1, f"timed out after {RUN_TIMEOUT} s"
     failed = next((line[len("FAILED "):].split(" - ")[0] for line in out.stdout.splitlines()
                    if line.startswith("FAILED ")), "")
-    return out.returncode, failed.removeprefix("test_lem_serve.py::") or out.stdout.strip().splitlines()[-1:][0]
+    return out.returncode, failed.split("::", 1)[-1] or out.stdout.strip().splitlines()[-1:][0]
 
 
 def run_mutation(mutation: Mutation) -> tuple[str, str]:

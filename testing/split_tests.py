@@ -19,6 +19,7 @@ import argparse
 import ast
 import collections
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -67,9 +68,18 @@ class Chunk:
         self.node, self.text, self.section, self.home = node, text, section, home
         self.dest = home
         self.name = getattr(node, "name", None)
+        self.names = {self.name} if self.name else set()
         if isinstance(node, (ast.Assign, ast.AnnAssign)):
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            self.name = next((t.id for t in targets if isinstance(t, ast.Name)), None)
+            self.names = {n.id for t in targets for n in ast.walk(t)
+                          if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+            self.name = min(self.names) if self.names else None
+        self.base = None  # the name a nameless statement changes: X in X[k] = v, X.attr = v, X.update(...)
+        target = node.targets[0] if isinstance(node, ast.Assign) else getattr(node, "value", None)
+        while isinstance(target, (ast.Subscript, ast.Attribute, ast.Call)) and not self.names:
+            target = target.func if isinstance(target, ast.Call) else target.value
+            if isinstance(target, ast.Name):
+                self.base = target.id
         self.is_test = bool(self.name) and (self.name.startswith("test_") or
                                            (isinstance(node, ast.ClassDef) and self.name.startswith("Test")))
         self.is_fixture = any("fixture" in ast.unparse(d) for d in getattr(node, "decorator_list", []))
@@ -112,11 +122,14 @@ def place(chunks: list[Chunk]) -> None:
             chunk.dest = CONFTEST if chunk.home in (CONFTEST, CHECKS) else chunk.home
         elif not chunk.is_test and chunk.home == CONFTEST:
             chunk.dest = CHECKS
-    defined = {c.name: c for c in chunks if c.name and not c.is_test}
+    defined = {name: c for c in chunks if not c.is_test for name in c.names}
     changed = True
     while changed:
         changed = False
         for chunk in chunks:
+            owner = defined.get(chunk.base)
+            if owner is not None and chunk.dest != owner.dest:  # a change to X goes where X is defined
+                chunk.dest, changed = owner.dest, True
             for name in chunk.loads | chunk.params | chunk.strings:
                 target = defined.get(name)
                 if target is None or target is chunk or target.dest == chunk.dest:
@@ -240,25 +253,37 @@ def update_command(root: Path) -> None:
                 print(f"test command updated in {rel}")
 
 
+def collected(root: Path, paths: list[str]) -> list[str]:
+    """The test names (without their file) that pytest collects from paths under root, sorted."""
+    run = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                          *paths], cwd=root, capture_output=True, text=True)
+    names = sorted(line.split("::", 1)[1] for line in run.stdout.splitlines() if "::" in line)
+    if run.returncode or not names:
+        raise SystemExit(f"pytest could not collect {paths}:\n{run.stdout[-3000:]}{run.stderr[-2000:]}")
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
     """Split the tests under --root (default: this repository)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--root", default=str(Path(__file__).resolve().parent.parent))
+    parser.add_argument("--verify", action="store_true",
+                        help="collect the tests before and after; fail unless the same names are collected")
     args = parser.parse_args(argv)
     root = Path(args.root)
     if (root / CONFTEST).exists() or (root / CHECKS).exists():
         raise SystemExit(f"{CONFTEST} or {CHECKS} already exists: the tests are split already")
     source = (root / CORE).read_text()
+    before = collected(root, [CORE]) if args.verify else None
     docstring, imports, chunks = read(source)
     unknown = sorted({c.section for c in chunks if c.home == CORE} - {""})
     print("sections kept in test_lem_serve.py: " + "; ".join(unknown))
     place(chunks)
-    checks_names = {c.name for c in chunks if c.dest == CHECKS and c.name}
+    checks_names = {name for c in chunks if c.dest == CHECKS for name in c.names}
     outputs = {dest: render(dest, DOCSTRINGS[dest], imports, chunks, checks_names)
                for dest in FILE_ORDER}
-    before = statements([source], False)
-    after = statements(list(outputs.values()), True)
-    assert before == after, f"statements changed: lost {list(before - after)[:2]}, gained {list(after - before)[:2]}"
+    kept, now = statements([source], False), statements(list(outputs.values()), True)
+    assert kept == now, f"statements changed: lost {list(kept - now)[:2]}, gained {list(now - kept)[:2]}"
     for dest, text in outputs.items():
         (root / dest).write_text(text)
         tests = sum(1 for c in chunks if c.dest == dest and c.is_test)
@@ -267,6 +292,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{dest}: {len(text.splitlines())} lines, {tests} tests"
               + (f"; moved in: {', '.join(others)}" if others else ""))
     update_command(root)
+    if before is not None:
+        after = collected(root, [CORE, "testing/"])
+        if after != before:
+            lost, gained = sorted(set(before) - set(after)), sorted(set(after) - set(before))
+            raise SystemExit(f"collected {len(after)} tests, was {len(before)}: lost {lost[:5]}, gained {gained[:5]}")
+        print(f"verified: the same {len(after)} tests are collected, by the same names")
     return 0
 
 
