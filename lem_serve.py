@@ -5391,8 +5391,9 @@ class GroupLink:
 
     When every rank has a lifeline (Lifelines), the shares travel on them
     instead: rank 0 writes one frame (the same header, then the payload) to
-    each lifeline and goes on, and the other ranks read theirs, blocking while
-    the group is idle; a rank's stop vote is one byte back. No collective
+    each lifeline and goes on, and each other rank's engine reads its own,
+    blocking while the group is idle (EOF: rank 0 has died); a rank's stop
+    vote is one byte back. No collective
     runs between two steps, so the next step's work, which BatchGenerator
     starts before it returns a step's tokens, is not waited for in between
     (a collective on the model's stream would wait for it), and rank 0's
@@ -5418,8 +5419,6 @@ class GroupLink:
         self.rung = threading.Semaphore(0)          # not rank 0: doorbells received and not yet answered
         self.idle = False                           # the last share asked for no step
         self.framed = False                         # every rank has a lifeline: shares travel on them
-        self.frames: queue.Queue = queue.Queue()    # not rank 0, framed: (flags, check, payload); None: lost
-        self.pending = bytearray()                  # not rank 0, framed: bytes of a frame still coming in
         self.votes: set[int] = set()                # rank 0, framed: ranks that voted to stop
         self.vote_sent = False
 
@@ -5432,26 +5431,12 @@ class GroupLink:
         self.framed = agreed == self.size
 
     def received(self, rank: int, data: bytes) -> None:
-        """Bytes came in on the lifeline to `rank`: votes (at rank 0), frames or doorbells (elsewhere)."""
+        """Bytes came in on the lifeline to `rank`: votes (at rank 0) or doorbells (elsewhere)."""
         if self.rank == 0:
             if self.VOTE in data:
                 self.votes.add(rank)
-            return
-        if not self.framed:
+        else:
             self.heard(len(data))
-            return
-        self.pending += data
-        while len(self.pending) >= self.FRAME.size:
-            size, flags, check = self.FRAME.unpack_from(self.pending)
-            if len(self.pending) < self.FRAME.size + size:
-                return
-            payload = bytes(self.pending[self.FRAME.size:self.FRAME.size + size])
-            del self.pending[:self.FRAME.size + size]
-            self.frames.put((flags, check, payload))
-
-    def lost(self) -> None:
-        """A lifeline broke: a rank waiting for a frame gives up."""
-        self.frames.put(None)
 
     def ring(self) -> None:
         """Rank 0: tell every rank with a lifeline that a share is coming."""
@@ -5503,11 +5488,21 @@ class GroupLink:
             with contextlib.suppress(OSError):  # a lost rank 0: its lifeline's watcher says so
                 self.bells[0].sendall(self.VOTE)
             self.vote_sent = True
-        frame = self.frames.get()
-        if frame is None:
-            raise GroupFailure("rank 0's lifeline closed")
-        flags, check, payload = frame
-        return (pickle.loads(payload) if payload else []), flags, 0, check
+        size, flags, check = self.FRAME.unpack(self._read(self.FRAME.size))
+        return (pickle.loads(self._read(size)) if size else []), flags, 0, check
+
+    def _read(self, count: int) -> bytes:
+        """Not rank 0, framed: the next `count` bytes from rank 0's lifeline, waiting for them."""
+        data = bytearray()
+        while len(data) < count:
+            try:
+                piece = self.bells[0].recv(count - len(data))
+            except OSError:
+                piece = b""
+            if not piece:
+                raise GroupFailure("rank 0's process has ended (its lifeline closed)")
+            data += piece
+        return bytes(data)
 
 
 def token_check(responses: list) -> int:
@@ -5567,7 +5562,6 @@ class Lifelines:
                 except OSError:
                     data = b""
                 if not data:
-                    self.link.lost()
                     return f"rank {ranks[sock]}'s process has ended (its lifeline closed)"
                 self.link.received(ranks[sock], data)
         return None
@@ -5592,6 +5586,7 @@ class Lifelines:
             rank = int(hello[2]) if hello[:2] == ["lem-serve", "rank"] and hello[2:3] and hello[2].isdigit() else 0
             if 0 < rank < self.link.size:
                 conn.settimeout(None)
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # shares are small writes: no Nagle delay
                 self.sockets[rank] = conn
             else:
                 conn.close()
@@ -5604,6 +5599,7 @@ class Lifelines:
             conn = socket.create_connection((host, port), timeout=LIFELINE_SECONDS)
             conn.sendall(b"lem-serve rank %d\n" % self.link.rank)
             conn.settimeout(None)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.sockets[0] = conn
         except OSError as exc:
             log.warning("no lifeline to rank 0 (%s): its death is noticed only after --timeout", exc)
@@ -5916,7 +5912,9 @@ class Engine:
         self.link.use_lifelines(lifelines.sockets)
         self.progress_at = time.monotonic()
         threading.Thread(target=self._watch_progress, name="lem-watchdog", daemon=True).start()
-        threading.Thread(target=self._watch_lifelines, args=(lifelines,), name="lem-lifelines", daemon=True).start()
+        if self.rank == 0 or not self.link.framed:  # framed, another rank's engine reads its lifeline itself
+            threading.Thread(target=self._watch_lifelines, args=(lifelines,), name="lem-lifelines",
+                             daemon=True).start()
 
     def _watch_progress(self) -> None:
         """A step or sync lasting past stall_seconds (--timeout) means a rank has died or stalled."""

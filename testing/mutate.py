@@ -449,8 +449,10 @@ MUTATIONS = [
     Mutation("idle-rank-spins", "an idle rank polls for rank 0's next share (inside the collective, or on its "
              "lifeline's frames) instead of blocking",
              (("        elif self.idle and self.bells:\n            self.rung.acquire()\n", ""),
-              ("        frame = self.frames.get()\n",
-               "        while self.frames.empty():\n            pass\n        frame = self.frames.get()\n")),
+              ("                piece = self.bells[0].recv(count - len(data))\n",
+               "                self.bells[0].setblocking(False)\n                while True:\n"
+               "                    with contextlib.suppress(BlockingIOError):\n"
+               "                        piece = self.bells[0].recv(count - len(data))\n                        break\n")),
              ("test_idle_ranks_block_instead_of_polling",)),
     Mutation("group-vote-not-sent", "rank 1's stop vote never reaches rank 0 when shares travel on the lifelines",
              (("                self.bells[0].sendall(self.VOTE)\n", "                pass\n"),),
