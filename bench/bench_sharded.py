@@ -147,7 +147,8 @@ def share_worker() -> None:
     }
     lifelines = lem_serve.Lifelines(link)  # as the engine does: then shares travel on them
     link.use_lifelines(lifelines.sockets)
-    threading.Thread(target=lifelines.wait_for_loss, daemon=True).start()
+    if leader:  # rank 0 watches its lifelines for votes; the others' engines read theirs themselves
+        threading.Thread(target=lifelines.wait_for_loss, daemon=True).start()
     if link.framed:  # rank 0 only writes; the others read every frame, so the counts match
         result["share on the lifelines, no ops"] = timed(lambda: link.share([], link.STEP, 0, stream))
         result["share on the lifelines, one Insert"] = timed(lambda: link.share(insert if leader else [], link.STEP,
