@@ -447,9 +447,14 @@ if (typeof window === "undefined" && typeof self !== "undefined" && "clients" in
     }
   }
 
+  // A reply's text without its inline reasoning (<think> blocks), untrimmed.
+  function answerOf(text) {
+    return splitThink(text).filter((p) => !p.think).map((p) => p.text).join("");
+  }
+
   // Reasoning is not sent back to the model in later turns.
   function stripThink(text) {
-    return splitThink(text).filter((p) => !p.think).map((p) => p.text).join("").trim();
+    return answerOf(text).trim();
   }
 
   // =========================================================================
@@ -2467,16 +2472,17 @@ if (typeof window === "undefined" && typeof self !== "undefined" && "clients" in
     if (focused && !ui.stop.hidden) ui.stop.focus(); // its button is gone: focus goes to the way to stop it
   }
 
-  // Continue a reply cut by max tokens: the model gets the conversation up to
-  // and including it, then a short request to go on; what it writes is
-  // appended to the same message. (The chat API takes no prefilled reply, so
-  // the request says so in words.)
-  const CONTINUE_PROMPT = "Continue exactly where your last reply stopped, without repeating anything.";
+  // Continue a reply cut by max tokens: the conversation is sent ending in the
+  // reply itself, which the server continues (a prefill: its text exactly as
+  // it stands, with its reasoning); what it writes is appended to the same
+  // message.
   function continueReply(conv, msg) {
     if (!conv || !msg || msg.role !== "assistant" || runOf(conv)) return;
-    const request = buildMessages(conv, conv.messages.indexOf(msg) + 1);
-    request.messages.push({ role: "user", content: CONTINUE_PROMPT });
-    request.sources.push([]);
+    const request = buildMessages(conv, conv.messages.indexOf(msg));
+    const cut = { role: "assistant", content: answerOf(msg.content) };
+    if (msg.reasoning) cut.reasoning_content = msg.reasoning;
+    request.messages.push(cut);
+    request.sources.push([msg.id]);
     delete msg.finishReason;
     msg.status = "streaming";
     markDirty(conv);
@@ -3360,12 +3366,12 @@ if (typeof window === "undefined" && typeof self !== "undefined" && "clients" in
       storageWarning: "storage-warning", storageWarningText: "storage-warning-text", storageExport: "storage-export",
       storageRetry: "storage-retry", exportAll: "export-all", importChats: "import-chats", importFile: "import-file",
       settingsExport: "settings-export", toast: "toast", toastText: "toast-text", toastUndo: "toast-undo", toastClose: "toast-close",
-      renameDialog: "rename-dialog", renameInput: "rename-input", renameSave: "rename-save", renameCancel: "rename-cancel",
+      renameDialog: "rename-dialog", renameForm: "rename-form", renameInput: "rename-input", renameCancel: "rename-cancel",
       settingsDialog: "settings-dialog", setSystem: "set-system", setTemperature: "set-temperature",
       setMaxTokens: "set-max-tokens", maxTokensHint: "set-max-tokens-hint", setApiKey: "set-api-key",
       thinkingField: "thinking-field", setThinking: "set-thinking",
       settingsDone: "settings-done", clearHistory: "clear-history", keyDialog: "key-dialog",
-      keyInput: "key-input", keyError: "key-error", keySave: "key-save", keyCancel: "key-cancel",
+      keyForm: "key-form", keyInput: "key-input", keyError: "key-error", keyCancel: "key-cancel",
       main: "main", attachButton: "attach", attachFile: "attach-file", attachments: "attachments",
       conflict: "conflict-note", conflictText: "conflict-text", conflictClose: "conflict-close",
       helpDialog: "help-dialog", helpClose: "help-close", openHelp: "open-help",
@@ -3424,11 +3430,16 @@ if (typeof window === "undefined" && typeof self !== "undefined" && "clients" in
       for (const id of store.failed.keys()) store.dirty.add(id);
       flush();
     });
-    ui.renameSave.addEventListener("click", saveRename);
+    onSubmit(ui.renameForm, saveRename); // the Save button or Enter in the title
     ui.renameCancel.addEventListener("click", () => ui.renameDialog.close());
-    ui.renameInput.addEventListener("keydown", (e) => { if (e.key === "Enter") { e.preventDefault(); saveRename(); } });
     ui.renameDialog.addEventListener("close", () => { if (renaming && renaming.opener && renaming.opener.isConnected) renaming.opener.focus(); renaming = null; });
     if (store.channel) store.channel.addEventListener("message", onStoreMessage);
+  }
+
+  // A dialog's form: its submit button or Enter in a field runs `action`
+  // (the page stays: nothing is posted anywhere).
+  function onSubmit(form, action) {
+    form.addEventListener("submit", (event) => { event.preventDefault(); action(); });
   }
 
   function wireDialogs() {
@@ -3441,9 +3452,8 @@ if (typeof window === "undefined" && typeof self !== "undefined" && "clients" in
     ui.settingsDone.addEventListener("click", () => { saveSettingsFromForm(true); ui.settingsDialog.close(); });
     ui.settingsDialog.addEventListener("close", () => saveSettingsFromForm(true));
     ui.clearHistory.addEventListener("click", clearHistory);
-    ui.keySave.addEventListener("click", saveKeyAndRetry);
+    onSubmit(ui.keyForm, saveKeyAndRetry);
     ui.keyCancel.addEventListener("click", () => ui.keyDialog.close());
-    ui.keyInput.addEventListener("keydown", (e) => { if (e.key === "Enter") { e.preventDefault(); saveKeyAndRetry(); } });
     ui.makeDefault.addEventListener("click", makeDefaults);
     ui.openHelp.addEventListener("click", () => ui.helpDialog.showModal());
     ui.helpClose.addEventListener("click", () => ui.helpDialog.close());
@@ -3556,7 +3566,7 @@ if (typeof window === "undefined" && typeof self !== "undefined" && "clients" in
   }
 
   // Exposed for tests and for the curious; renderMarkdown is pure.
-  window.lemChat = { renderMarkdown, renderStreaming, newStreamView, splitThink, stripThink, state, timing,
+  window.lemChat = { renderMarkdown, renderStreaming, newStreamView, splitThink, stripThink, answerOf, state, timing,
     stop: stopGenerating };
 
   // The offline copy (see the top of this file): only where the browser allows service workers.

@@ -79,7 +79,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, Callable, Iterator, NoReturn
+from typing import Any, Callable, Iterator, NamedTuple, NoReturn
 
 # MLX is imported inside the engine functions, not here: --threads must reach
 # the numeric libraries' thread pools through the environment before MLX loads.
@@ -272,8 +272,16 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    """The command line; names and defaults are part of the contract."""
+    """The command line; names and defaults are part of the contract (--help lists them in this order)."""
     p = OneLineArgumentParser(prog="lem_serve.py", description=__doc__.splitlines()[0])
+    add_serving_flags(p)
+    add_memory_flags(p)
+    add_model_flags(p)
+    return p
+
+
+def add_serving_flags(p: argparse.ArgumentParser) -> None:
+    """Flags for what is served and to whom: the model, the socket, request limits, the key."""
     p.add_argument("--model-path", required=True, help="local MLX/Hugging Face model folder, or a Hub repo id")
     p.add_argument("--bind", default=DEFAULT_BIND, help="HOST:PORT to listen on (default %(default)s)")
     p.add_argument("--threads", type=_at_least(0), default=DEFAULT_THREADS, help="CPU threads for numeric libraries, 0 = all")
@@ -287,6 +295,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-context", type=_at_least(0), default=DEFAULT_MAX_CONTEXT, help="chat messages kept (sliding window), 0 = all")
     p.add_argument("--api-key", default=os.environ.get("LEM_API_KEY") or None, help="require 'Authorization: Bearer KEY' on /v1/* and /metrics (default: env LEM_API_KEY)")
     p.add_argument("--model-name", default="", help="model id shown to clients (default: the model folder's name)")
+
+
+def add_memory_flags(p: argparse.ArgumentParser) -> None:
+    """Flags for memory (weights, KV caches, the prompt cache in memory and on disk), logs and origins."""
     p.add_argument("--prompt-cache-bytes", type=parse_bytes_or_auto, default=None,
                    help="bytes of KV cache kept for prompt-prefix reuse, e.g. 512M or 2G; 0 = off; default auto: "
                         "the memory left after the weights and a reserve for the running batch")
@@ -300,6 +312,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--allowed-origins", default=DEFAULT_ALLOWED_ORIGINS,
                    help="comma-separated browser origins (e.g. http://localhost:3000) allowed to call this server "
                         "cross-origin, or * for any; default: none (cross-origin browser requests get 403)")
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    """Flags for how the model runs: sampling defaults, templates, adapters, drafts, KV bits, embeddings."""
     p.add_argument("--temp", type=_between(0, 2), help="default temperature, 0 to 2 (default: the model's "
                                                          "generation_config.json, else 1)")
     p.add_argument("--top-p", type=_between(0, 1), help="default top_p, 0 to 1 (default: generation_config.json, else 1)")
@@ -335,7 +351,6 @@ def build_arg_parser() -> argparse.ArgumentParser:
                    help="bytes those kept responses may hold in all, e.g. 64M; the oldest go first (default 64M)")
     p.add_argument("--pipeline", action="store_true",
                    help="under mlx.launch: shard the model by layers (pipeline parallel) instead of within each layer")
-    return p
 
 
 # Chat template arguments the server itself sets; a client may not (chat_template would let it run its own template).
@@ -492,11 +507,16 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type,
                           "param": self.param, "code": self.code}}
 
-    def anthropic_body(self) -> dict:
-        """The JSON body Anthropic clients expect; the type follows from the status."""
+    def anthropic_error(self) -> dict:
+        """Anthropic's error object {"type", "message"} (a stream's error event carries it alone);
+        the type follows from the status."""
         fallback = "invalid_request_error" if self.status < 500 else "api_error"
         kind = ANTHROPIC_ERROR_TYPES.get(self.status, fallback)
-        return {"type": "error", "error": {"type": kind, "message": self.message}}
+        return {"type": kind, "message": self.message}
+
+    def anthropic_body(self, request_id: str | None) -> dict:
+        """The JSON body Anthropic clients expect: the envelope, its error object and the request's id."""
+        return {"type": "error", "error": self.anthropic_error(), "request_id": request_id}
 
 
 def invalid(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -505,6 +525,7 @@ def invalid(message: str, param: str | None = None, code: str | None = None) -> 
 
 
 def server_busy(retry_after: int = RETRY_AFTER_SECONDS, waited: float = 0) -> APIError:
+    """The 429 for a request that found no slot and KV memory in time; Retry-After says when to retry."""
     wait = f" within {waited:g} s (--queue-timeout)" if waited else ""
     return APIError(HTTPStatus.TOO_MANY_REQUESTS, "rate_limit_error",
                     f"server busy: no generation slot and memory for this request came free{wait}, retry shortly",
@@ -512,16 +533,19 @@ def server_busy(retry_after: int = RETRY_AFTER_SECONDS, waited: float = 0) -> AP
 
 
 def request_timed_out(seconds: float) -> APIError:
+    """The 504 for a request that ran past the server's --timeout (prompt included)."""
     return APIError(HTTPStatus.GATEWAY_TIMEOUT, "timeout_error",
                     f"request took longer than the server's {seconds:g} s limit", code="timeout")
 
 
 def engine_unavailable() -> APIError:
+    """The 503 once the engine thread has died: every later request gets it until a restart."""
     return APIError(HTTPStatus.SERVICE_UNAVAILABLE, "server_error",
                     "the generation engine has stopped; restart the server", code="engine_unavailable")
 
 
 def internal_error() -> APIError:
+    """The 500 for an unexpected failure while generating; the details go to the log, not the client."""
     return APIError(HTTPStatus.INTERNAL_SERVER_ERROR, "server_error",
                     "internal error while generating; see the server log", code="internal_error")
 
@@ -1258,6 +1282,11 @@ class Union(Piece):
         return self._alternatives
 
 
+def first_text(node: Piece, forbidden: frozenset) -> str | None:
+    """A shortest complete text of `node` that is not forbidden; None when every one is."""
+    return min((t for alt in node.alternatives if (t := alt.first(forbidden)) is not None), key=len, default=None)
+
+
 def union(alternatives: list) -> Piece | None:
     """The union of the satisfiable alternatives (None stands for one that is not): None, one piece, or a Union."""
     alternatives = [a for a in alternatives if a is not None]
@@ -1282,26 +1311,49 @@ class ValueStart(Piece):
         _, node, _, ex = frame
         if ex is None:
             return node.min_text
-        return min((t for alt in node.alternatives if (t := alt.first(ex[0])) is not None), key=len)
+        return first_text(node, ex[0])
 
 
 VALUE = ValueStart()
 
 
-class Object(Piece):
+class Frame(NamedTuple):
+    """An object's or array's frame (see Container, Object and Array)."""
+
+    piece: Any
+    phase: str         # open (after "{" or "["), comma, key (a key leaf is on top), colon (a key written), value
+    at: int            # the next declared property or item (see Object and Array)
+    count: int         # properties written, kept only when min/maxProperties ask
+    seen: frozenset    # texts that may not repeat: extra keys written, uniqueItems' items
+    spaces: int        # whitespace since the last token
+
+
+class Container(Piece):
+    """A JSON object or array: its brackets and the whitespace between its tokens; the rest is `inner`'s."""
+
+    brackets = "{}"
+
+    def begin(self, ch: str, ex: tuple | None) -> list:
+        return [(Frame(self, "open", 0, 0, frozenset(), 0),)] if ch == self.brackets[0] else []
+
+    def step(self, frame: Frame, ch: str) -> list:
+        if ch in JSON_WHITESPACE and frame.phase != "key":
+            return [(frame._replace(spaces=frame.spaces + 1),)] if frame.spaces < JSON_MAX_WHITESPACE else []
+        if ch == self.brackets[1] and frame.phase in ("open", "value"):
+            return [()] if self.may_close(frame) else []
+        return self.inner(frame._replace(spaces=0), ch)
+
+
+class Object(Container):
     """A JSON object: declared properties in their order, each at most once, then extra keys.
 
     props: (name, node, required) triples. Other keys are `key` leaves
     (propertyNames; None: no other keys), never a declared or `banned` name
     nor one already written; an extra key's value is values[matched], matched
     being the indices of the `patterns` (patternProperties) that match the key
-    ((): additionalProperties). Frame: (piece, phase, index, count, seen,
-    whitespace); phase is open (after "{"), comma, key (a key leaf is on top),
-    colon (a key written) or value (after a value); index is the first
-    declared property still allowed (in "colon": the chosen one, or
-    len(props) + j for the extra key whose value is node j); count is
-    properties written (kept only when min/maxProperties ask); seen holds the
-    extra keys written, so that none repeats.
+    ((): additionalProperties). In a Frame, `at` is the first declared
+    property still allowed (in "colon": the chosen one, or len(props) + j for
+    the extra key whose value is node j); `seen` holds the extra keys written.
     """
 
     def __init__(self, props: tuple, extras: Piece | None = None, min_props: int = 0, max_props: int | None = None,
@@ -1321,23 +1373,15 @@ class Object(Piece):
             raise ValueError("no object has these properties within minProperties/maxProperties")
         self.min_text = "{" + tail
 
-    def begin(self, ch: str, ex: tuple | None) -> list:
-        return [((self, "open", 0, 0, frozenset(), 0),)] if ch == "{" else []
-
-    def step(self, frame: tuple, ch: str) -> list:
-        _, phase, index, count, seen, spaces = frame
-        if ch in JSON_WHITESPACE and phase != "key":
-            return [((self, phase, index, count, seen, spaces + 1),)] if spaces < JSON_MAX_WHITESPACE else []
-        if ch == "}" and phase in ("open", "value") and self._may_close(index, count):
-            return [()]
+    def inner(self, frame: Frame, ch: str) -> list:
+        _, phase, index, count, seen, _ = frame
         if ch == "," and phase == "value" and any(self._choices(index, count)):
-            return [((self, "comma", index, count, seen, 0),)]
+            return [(frame._replace(phase="comma"),)]
         if ch == '"' and phase in ("open", "comma"):
-            keying = (self, "key", index, count, seen, 0)
-            return [(keying, key) for key in self._key_frames(index, count, seen)]
+            return [(frame._replace(phase="key"), key) for key in self._key_frames(index, count, seen)]
         if ch == ":" and phase == "colon":
             node, nxt = self._value(index)
-            return [((self, "value", nxt, count + self.counts, seen, 0), (VALUE, node, 0, None))]
+            return [(Frame(self, "value", nxt, count + self.counts, seen, 0), (VALUE, node, 0, None))]
         return []
 
     def _value(self, index: int) -> tuple:
@@ -1346,15 +1390,15 @@ class Object(Piece):
             return self.props[index][1], index + 1
         return self.values[self.slots[index - len(self.props)]], len(self.props)
 
-    def child_done(self, frame: tuple, child: tuple) -> tuple | None:
-        _, phase, index, count, seen, _ = frame
-        if phase != "key":
+    def child_done(self, frame: Frame, child: tuple) -> Frame | None:
+        if frame.phase != "key":
             return frame
         text = child[-1]
         if child[0] is self.key:
             slot = self._slot(text)
-            return None if slot is None else (self, "colon", len(self.props) + slot, count, seen | {text}, 0)
-        return (self, "colon", self.keys[text], count, seen, 0)
+            return None if slot is None else frame._replace(phase="colon", at=len(self.props) + slot,
+                                                            seen=frame.seen | {text})
+        return frame._replace(phase="colon", at=self.keys[text])
 
     def _slot(self, text: str) -> int | None:
         """Which value node an extra key's text (quoted, unescaped) takes; None: no value may follow it."""
@@ -1362,8 +1406,8 @@ class Object(Piece):
         node = self.values.get(matched)
         return None if node is None else self.slots.index(matched)
 
-    def _may_close(self, index: int, count: int) -> bool:
-        return self.required_from[index] == 0 and (not self.counts or count >= self.min_props)
+    def may_close(self, frame: Frame) -> bool:
+        return self.required_from[frame.at] == 0 and (not self.counts or frame.count >= self.min_props)
 
     def _choices(self, index: int, count: int) -> tuple[tuple[int, ...], bool]:
         """(declared properties that may come next, whether an extra key may), leaving room for min/maxProperties."""
@@ -1415,14 +1459,16 @@ class Object(Piece):
         return "".join(parts) + "}"
 
 
-class Array(Piece):
+class Array(Container):
     """A JSON array: `prefix` items (tuples) then `items` ones (None: no more), within min/max_items.
 
     With `unique`, items are leaves (checked at compile time) under an
-    exclusion of the texts already written. Frame: (piece, phase, count, seen,
-    whitespace); phase is open or value; count is items begun (capped once
-    it no longer matters, so long arrays reuse masks).
+    exclusion of the texts already written (a Frame's `seen`). In a Frame,
+    phase is open or value, and `at` is the items begun (capped once it no
+    longer matters, so long arrays reuse masks).
     """
+
+    brackets = "[]"
 
     def __init__(self, prefix: tuple, items: Piece | None, min_items: int = 0, max_items: int | None = None,
                  unique: bool = False):
@@ -1436,25 +1482,21 @@ class Array(Piece):
             raise ValueError("no array has these items within minItems/maxItems (and uniqueItems)")
         self.min_text = "[" + tail
 
-    def begin(self, ch: str, ex: tuple | None) -> list:
-        return [((self, "open", 0, frozenset(), 0),)] if ch == "[" else []
+    def may_close(self, frame: Frame) -> bool:
+        return frame.at >= self.min_items
 
-    def step(self, frame: tuple, ch: str) -> list:
-        _, phase, count, seen, spaces = frame
-        if ch in JSON_WHITESPACE:
-            return [((self, phase, count, seen, spaces + 1),)] if spaces < JSON_MAX_WHITESPACE else []
-        if ch == "]":
-            return [()] if count >= self.min_items else []
+    def inner(self, frame: Frame, ch: str) -> list:
+        _, phase, count, _, seen, _ = frame
         if (phase == "value" and ch != ",") or not self._more(count):
             return []
-        after = (self, "value", count + 1 if self.cap is None else min(count + 1, self.cap), seen, 0)
+        after = frame._replace(phase="value", at=count + 1 if self.cap is None else min(count + 1, self.cap))
         item = (VALUE, self._node(count), 0, (seen, True) if self.unique else None)
         if phase == "open":  # the first item begins with `ch`
             return [(after,) + frames for frames in VALUE.step(item[:2] + (JSON_MAX_WHITESPACE,) + item[3:], ch)]
         return [(after, item)] if not self.unique or self._left(count, seen) else []
 
-    def child_done(self, frame: tuple, child: tuple) -> tuple:
-        return frame[:3] + (frame[3] | {child[-1]},) + frame[4:] if self.unique else frame
+    def child_done(self, frame: Frame, child: tuple) -> Frame:
+        return frame._replace(seen=frame.seen | {child[-1]}) if self.unique else frame
 
     def _node(self, index: int) -> Piece:
         return self.prefix[index] if index < len(self.prefix) else self.items
@@ -1464,11 +1506,10 @@ class Array(Piece):
 
     def _left(self, count: int, seen: frozenset) -> bool:
         """uniqueItems: whether an item not written yet is left for position `count`."""
-        return any(a.first(seen) is not None for a in self._node(count).alternatives)
+        return first_text(self._node(count), seen) is not None
 
-    def finish(self, frame: tuple) -> str:
-        _, phase, count, seen, _ = frame
-        return self._tail(count, seen, "," if phase == "value" else "")
+    def finish(self, frame: Frame) -> str:
+        return self._tail(frame.at, frame.seen, "," if frame.phase == "value" else "")
 
     def _tail(self, count: int, seen: frozenset, sep: str) -> str | None:
         parts = []
@@ -1476,8 +1517,7 @@ class Array(Piece):
             node = self._node(count)
             if node is None:
                 return None
-            text = node.min_text if not self.unique else min(
-                (t for alt in node.alternatives if (t := alt.first(seen)) is not None), key=len, default=None)
+            text = first_text(node, seen) if self.unique else node.min_text
             if text is None:
                 return None
             parts.append(sep + text)
@@ -1567,17 +1607,18 @@ SCHEMA_KEYWORDS = {
     "minLength", "maxLength", "pattern", "format",
     "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf",
     "not", "if", "then", "else", "patternProperties", "propertyNames", "dependencies", "dependentRequired",
-    "dependentSchemas", "!enum", "!pattern",   # the last two: what `not` leaves (values, patterns excluded)
+    "dependentSchemas", "contains", "minContains", "maxContains", "!enum", "!pattern",   # the last two: what `not` leaves (values, patterns excluded)
 }
 # Keywords that constrain and are not enforced: a 400 naming them. Any other keyword
 # (annotations, extensions such as x-*, misspellings) is ignored, as validators do.
-SCHEMA_REFUSED = {"contains", "unevaluatedProperties", "unevaluatedItems",
+SCHEMA_REFUSED = {"unevaluatedProperties", "unevaluatedItems",
                   "$dynamicRef", "$recursiveRef", "extends", "disallow", "divisibleBy"}
 # Keywords that say which type they constrain, for schemas without "type".
 KEYWORD_TYPES = {"object": {"properties", "required", "additionalProperties", "minProperties", "maxProperties",
                             "patternProperties", "propertyNames", "dependencies", "dependentRequired",
                             "dependentSchemas"},
-                 "array": {"items", "prefixItems", "additionalItems", "minItems", "maxItems", "uniqueItems"},
+                 "array": {"items", "prefixItems", "additionalItems", "minItems", "maxItems", "uniqueItems",
+                           "contains", "minContains", "maxContains"},
                  "string": {"minLength", "maxLength", "pattern", "format", "!pattern"},
                  "number": {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"}}
 _OCTET = r"(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
@@ -1683,10 +1724,8 @@ class SchemaCompiler:
             for part in constraints["allOf"]:
                 merged = self.merge(merged, part)
             return self.compile(merged, refs - hops, depth)
-        if "anyOf" in constraints:
-            return self.any_of(constraints, "anyOf", refs, depth)
-        if "oneOf" in constraints:
-            return self.one_of(constraints, refs, depth)
+        if "anyOf" in constraints or "oneOf" in constraints:
+            return self.any_of(constraints, "anyOf" if "anyOf" in constraints else "oneOf", refs, depth)
         handled, branches = self.branches(constraints)
         rest = {k: v for k, v in constraints.items() if k not in handled}
         if branches is not None:
@@ -1715,9 +1754,14 @@ class SchemaCompiler:
         raise self.fail(f"unknown JSON Schema type {json.dumps(kind)[:40]}")
 
     def resolve(self, ref: Any) -> Any:
-        """The schema a local JSON pointer ("#", "#/$defs/Name", "#/definitions/...") names."""
+        """The schema a local JSON pointer ("#", "#/$defs/Name", "#/definitions/...") or anchor ("#name") names."""
         if not isinstance(ref, str) or not ref.startswith("#"):
             raise self.fail(f"only local $ref such as '#/$defs/Name' is supported, got {json.dumps(ref)[:60]}")
+        if ref[1:2] not in ("", "/"):
+            target = self.anchor(ref[1:], self.root)
+            if target is None:
+                raise self.fail(f"$ref {ref!r} points at nothing")
+            return target
         target = self.root
         for part in ref[1:].split("/")[1:] if ref != "#" else []:
             part = part.replace("~1", "/").replace("~0", "~")
@@ -1725,6 +1769,15 @@ class SchemaCompiler:
             if target is None:
                 raise self.fail(f"$ref {ref!r} points at nothing")
         return target
+
+    def anchor(self, name: str, node: Any) -> Any:
+        """The subschema under `node` whose $anchor is `name` (draft-06/07: whose $id or id is "#name"), or None."""
+        if isinstance(node, dict) and (node.get("$anchor") == name or "#" + name in (node.get("$id"), node.get("id"))):
+            return node
+        for child in node.values() if isinstance(node, dict) else node if isinstance(node, list) else ():
+            if (found := self.anchor(name, child)) is not None:
+                return found
+        return None
 
     def list_of(self, schema: dict, word: str) -> list:
         value = schema[word]
@@ -1767,8 +1820,7 @@ class SchemaCompiler:
         if words == {"$ref"}:
             return self.negate(self.resolve(schema["$ref"]), hops + 1)
         if words == {"type"}:
-            kinds = {k for k in _as_list(schema["type"]) if isinstance(k, str)}
-            kinds |= {"integer"} if "number" in kinds else set()
+            kinds = _kinds(schema["type"])
             return [{"type": [k for k in JSON_TYPES if k not in kinds and (k != "number" or "integer" not in kinds)]}]
         if words <= {"enum", "const"}:
             return [{"!enum": schema["enum"] if "enum" in schema else [schema["const"]]}]
@@ -1788,23 +1840,25 @@ class SchemaCompiler:
         raise self.fail(f"JSON Schema keyword 'not' is enforced only over type, enum, const, pattern, required, "
                         f"properties, anyOf and allOf, not {sorted(words)[:3]}")
 
-    def one_of(self, schema: dict, refs: int, depth: int) -> Piece | None:
-        """oneOf: each branch narrowed so that no value it produces matches another (else a 400).
+    def any_of(self, schema: dict, word: str, refs: int, depth: int) -> Piece | None:
+        """anyOf and oneOf: the union of the branches, the rest of `schema` merged into each.
 
-        A branch this server cannot enforce is left out: the others are narrowed against it all the same.
+        oneOf's branches are first narrowed so that no value one produces matches another (else a 400).
+        A branch this server cannot enforce is left out while another remains: output that matches one
+        still matches anyOf, and oneOf's other branches were narrowed against it all the same.
         """
-        base = {k: v for k, v in schema.items() if k != "oneOf"}
-        parts = [self.merge(base, alt) if base else alt for alt in self.list_of(schema, "oneOf")]
+        base, one = {k: v for k, v in schema.items() if k != word}, word == "oneOf"
+        parts = [self.merge(base, alt) if base and one else alt for alt in self.list_of(schema, word)]
         alternatives, errors = [], []
         for i, part in enumerate(parts):
             try:
-                narrowed = part
-                for j, other in enumerate(parts):
+                narrowed = self.merge(base, part) if base and not one else part
+                for j, other in enumerate(parts if one else ()):
                     narrowed = narrowed if i == j else self.exclude(narrowed, other, i, j)
                 alternatives.append(self.compile(narrowed, refs, depth))
             except APIError as exc:
                 errors.append(exc)
-                if "oneOf" in exc.message:
+                if one and "oneOf" in exc.message:
                     raise
         if errors and not any(a is not None for a in alternatives):
             raise errors[0]
@@ -1857,11 +1911,9 @@ class SchemaCompiler:
             values = schema["enum"] if "enum" in schema else [schema["const"]]
             return {json_type(v) for v in values} if isinstance(values, list) else None
         if "type" in schema:
-            kinds = {k for k in _as_list(schema["type"]) if isinstance(k, str)}
-            return kinds | {"integer"} if "number" in kinds else kinds
+            return _kinds(schema["type"])
         if produced and not {"anyOf", "oneOf", "not", "if"} & set(schema):
-            inferred = {k for k, words in KEYWORD_TYPES.items() if words & set(schema)}
-            return (inferred | {"integer"} if "number" in inferred else inferred) or None
+            return _kinds([k for k, words in KEYWORD_TYPES.items() if words & set(schema)]) or None
         return None
 
     def disjoint(self, part: dict, other: dict, hops: int = 0) -> bool:
@@ -1915,20 +1967,6 @@ class SchemaCompiler:
         extra = schema.get("additionalProperties", None if schema.get("properties") else True)
         return extra in (None, False) and not schema.get("patternProperties")
 
-    def any_of(self, schema: dict, word: str, refs: int, depth: int) -> Piece | None:
-        """anyOf: alternatives this server cannot enforce are left out while another remains (output
-        that matches one still matches anyOf)."""
-        base = {k: v for k, v in schema.items() if k != word}
-        alternatives, errors = [], []
-        for alt in self.list_of(schema, word):
-            try:
-                alternatives.append(self.compile(self.merge(base, alt) if base else alt, refs, depth))
-            except APIError as exc:
-                errors.append(exc)
-        if errors and not any(a is not None for a in alternatives):
-            raise errors[0]
-        return union(alternatives)
-
     def merge(self, a: dict, b: Any, hops: int = 0) -> dict:
         """allOf: one schema with the constraints of both; False when none (what cannot be merged is a 400)."""
         if b is True or b == {} or a is False or b is False:
@@ -1961,8 +1999,8 @@ class SchemaCompiler:
             return {**mine, **{k: {"allOf": [mine[k], v]} if k in mine else v for k, v in value.items()}}
         if key == "required" and isinstance(mine, list) and isinstance(value, list):
             return list(dict.fromkeys(mine + value))
-        if key in ("minimum", "minLength", "minItems", "minProperties", "maximum", "maxLength", "maxItems",
-                   "maxProperties") and _is_number(mine) and _is_number(value):
+        if key in ("minimum", "minLength", "minItems", "minProperties", "minContains", "maximum", "maxLength",
+                   "maxItems", "maxProperties", "maxContains") and _is_number(mine) and _is_number(value):
             return (max if key.startswith("min") else min)(mine, value)
         if key == "type":
             mine, value = _as_list(mine), _as_list(value)
@@ -2153,6 +2191,8 @@ class SchemaCompiler:
         if not isinstance(prefix, list):
             raise self.fail("'prefixItems' must be a list of schemas")
         low, high = self.count(schema, "minItems") or 0, self.count(schema, "maxItems")
+        if "contains" in schema:
+            prefix, items, low = self.contains(schema, prefix, items, low)
         nodes = []
         for sub in prefix:
             node = self.compile(sub, refs, depth + 1)
@@ -2164,31 +2204,39 @@ class SchemaCompiler:
             items = True if not prefix or low > len(prefix) else False
         rest = self.compile(items, refs, depth + 1)
         unique = schema.get("uniqueItems") is True
-        if unique and low <= 1 and not all(self.by_text(n) for n in nodes + [rest] if n is not None):
+        leaves = [n and self.unique_leaf(n) for n in nodes + [rest]] if unique else []
+        if unique and False not in leaves:
+            nodes, rest = leaves[:-1], leaves[-1]
+        elif unique and low <= 1:
             unique, high = False, 1 if high is None else min(high, 1)   # one item is unique whatever it is
-        if unique:
-            nodes, rest = [self.unique_leaf(n) for n in nodes], rest and self.unique_leaf(rest)
+        elif unique:
+            raise self.fail("'uniqueItems' is enforced for items that are strings, integers, or "
+                            "enum/const/boolean/null values")
         try:
             return Array(tuple(nodes), rest, low, high, unique)
         except ValueError as exc:
             raise self.fail(str(exc)) from None
 
-    @staticmethod
-    def by_text(node: Piece) -> bool:
-        """Whether equal values of `node` are equal texts (so uniqueItems can compare what was written)."""
-        alternatives = node.alternatives
-        return all(isinstance(a, Literals) for a in alternatives) or len(alternatives) == 1 and \
-            isinstance(node, Leaf) and node.by_text
+    def contains(self, schema: dict, prefix: list, items: Any, low: int) -> tuple[list, Any, int]:
+        """contains: the first minContains items match it and, under maxContains, no other item does (its
+        negation must be enforceable, see negate()). Returns (prefix items, other items, minItems)."""
+        least, most = self.count(schema, "minContains"), self.count(schema, "maxContains")
+        least = 1 if least is None else least
+        if most is not None and most < least:
+            raise self.fail("'maxContains' is below 'minContains'")
+        other, must = True if items is None else items, schema["contains"]
+        slots = [prefix[i] if i < len(prefix) else other for i in range(max(least, len(prefix)))]
+        held = [{"allOf": [slot, must if i < least else {"not": must}]} if i < least or most is not None else slot
+                for i, slot in enumerate(slots)]
+        return held, other if most is None else {"allOf": [other, {"not": must}]}, max(low, least)
 
-    def unique_leaf(self, node: Piece) -> Piece:
-        """uniqueItems: items must be values whose JSON text is their identity (see Array)."""
+    @staticmethod
+    def unique_leaf(node: Piece) -> Piece | bool:
+        """uniqueItems: `node` as one leaf whose values' JSON texts are their identity (see Array); False if none."""
         alternatives = node.alternatives
         if all(isinstance(a, Literals) for a in alternatives):
             return Literals(t for a in alternatives for t in a.texts)
-        if len(alternatives) == 1 and isinstance(node, Leaf) and node.by_text:
-            return node
-        raise self.fail("'uniqueItems' is enforced for items that are strings, integers, or enum/const/boolean/null "
-                        "values")
+        return node if len(alternatives) == 1 and isinstance(node, Leaf) and node.by_text else False
 
 
 def accepts_text(node: Piece, text: str) -> bool:
@@ -2213,6 +2261,12 @@ def _names(schema: dict) -> list:
 
 def _as_list(value: Any) -> list:
     return value if isinstance(value, list) else [value]
+
+
+def _kinds(value: Any) -> set:
+    """The type names in a `type` value, and integer where number is (a kind of number)."""
+    kinds = {k for k in _as_list(value) if isinstance(k, str)}
+    return kinds | {"integer"} if "number" in kinds else kinds
 
 
 JSON_TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
@@ -2251,6 +2305,9 @@ class Constraint:
     key: str                  # canonical JSON of the schema: equal keys share cached token masks
 
 
+JSON_OBJECT = Constraint(ANY_OBJECT, "json_object")   # response_format json_object, and a lazy call's arguments
+
+
 @dataclass(frozen=True)
 class ToolCallRule:
     """Tool calls whose arguments the engine holds to a schema, written in the model's own call syntax.
@@ -2273,15 +2330,19 @@ def tool_call_rule(tools: tuple[dict, ...], forced: list[str], choice: str) -> T
                                   if t["function"]["name"] == name), forced=True)
     if choice != "auto" or not any(t["function"].get("strict") is True for t in tools):
         return None
-    free = Constraint(ANY_OBJECT, "json_object")
+    free = JSON_OBJECT
     return ToolCallRule(tuple((t["function"]["name"], arguments_constraint(t) if t["function"].get("strict") is True
                                else free) for t in tools), forced=False)
 
 
 def arguments_constraint(tool: dict) -> Constraint:
     """A function tool's arguments as a constraint: its parameters schema (a 400 naming 'tools' if unenforceable)."""
-    schema = tool["function"].get("parameters") or {"type": "object"}
-    return Constraint(compile_schema(schema, schema, "tools"), json.dumps(schema, sort_keys=True))
+    return schema_constraint(tool["function"].get("parameters") or {"type": "object"}, "tools")
+
+
+def schema_constraint(schema: Any, param: str) -> Constraint:
+    """A JSON Schema as a constraint (compile_schema: a 400 naming `param` if it cannot be enforced)."""
+    return Constraint(compile_schema(schema, schema, param), json.dumps(schema, sort_keys=True))
 
 
 # -- JSON-constrained decoding: the automaton lifted to tokens
@@ -2352,16 +2413,13 @@ def token_texts(tokenizer: Any, size: int) -> list[str | None]:
             else None for token, text in enumerate(decoded)]
 
 
-_TOKEN_TABLES: dict[int, tuple[Any, TokenTable]] = {}
+_TOKEN_TABLES = Cache(4)   # by tokenizer id; an entry holds its tokenizer, so the id stays that tokenizer's
 _CONSTRAINTS = Cache(JSON_CONSTRAINT_CACHE)
 
 
 def token_table(tokenizer: Any) -> TokenTable:
     """The tokenizer's TokenTable, built on first use (about a second for 50k tokens)."""
-    entry = _TOKEN_TABLES.get(id(tokenizer))
-    if entry is None:
-        entry = _TOKEN_TABLES[id(tokenizer)] = (tokenizer, TokenTable(tokenizer))
-    return entry[1]
+    return _TOKEN_TABLES.get_or(id(tokenizer), lambda: (tokenizer, TokenTable(tokenizer)))[1]
 
 
 class JsonMasks:
@@ -2449,6 +2507,12 @@ class JsonMasks:
                     todo.append((child, after))
         return ids
 
+def masked(logits: Any, mask: Any) -> Any:
+    """`logits` with -inf wherever the boolean `mask` is false."""
+    import mlx.core as mx
+    return mx.where(mask, logits, mx.array(-math.inf, dtype=logits.dtype))
+
+
 def commitment(start: tuple) -> int:
     """The most one token can add to the closing text, in characters (so in tokens at most).
 
@@ -2474,9 +2538,12 @@ def commitment(start: tuple) -> int:
     return 2 * most
 
 
-def json_masks(tokenizer: Any, key: tuple, start: tuple) -> JsonMasks:
-    """The shared, cached masks for a constraint: requests with the same schema reuse them."""
-    return _CONSTRAINTS.get_or((id(tokenizer),) + key, lambda: JsonMasks(token_table(tokenizer), start))
+def json_constraint(constraint: Constraint, tokenizer: Any, budget: int) -> JsonConstraint:
+    """The logits processor that forces the constraint's JSON within `budget` tokens. Its masks are shared:
+    requests with the same schema reuse them."""
+    masks = _CONSTRAINTS.get_or((id(tokenizer), constraint.key), lambda: JsonMasks(
+        token_table(tokenizer), json_start(constraint.node)))
+    return JsonConstraint(masks, budget)
 
 
 class JsonConstraint:
@@ -2499,7 +2566,6 @@ class JsonConstraint:
         self.plan: list[int] | None = None   # the closing tokens still to come, once closing
 
     def __call__(self, tokens: Any, logits: Any) -> Any:
-        import mlx.core as mx
         if self.started:
             self._advance(int(tokens[-1].item()))
         self.started = True
@@ -2508,9 +2574,8 @@ class JsonConstraint:
             plan = self.masks.closing(self.state)
             if plan is not None and len(plan) + 1 + self.masks.slack >= self.left:
                 self.plan = plan
-        mask = self._mask(width)
         self.left -= 1
-        return mx.where(mask, logits, mx.array(-math.inf, dtype=logits.dtype))
+        return masked(logits, self._mask(width))
 
     def _mask(self, width: int) -> Any:
         if self.state and self.plan:
@@ -2582,6 +2647,8 @@ CHAT_CHECKS = COMMON_CHECKS + (
     Check("logprobs", (bool,), "a boolean"),
     Check("tools", (list,), 'a list of {"type": "function", "function": {"name": ..., "parameters": {...}}} objects'),
     Check("tool_choice", (str, dict), '"none", "auto", "required" or {"type": "function", "function": {"name": ...}}'),
+    Check("continue_final_message", (bool,), "a boolean"),
+    Check("add_generation_prompt", (bool,), "a boolean"),
     Check("top_logprobs", (int,), f"an integer between 0 and {MAX_TOP_LOGPROBS_CHAT}",
           lambda v: 0 <= v <= MAX_TOP_LOGPROBS_CHAT),
     Check("chat_template_kwargs", (dict,), "an object of chat template arguments, such as {\"enable_thinking\": false}",
@@ -2637,6 +2704,7 @@ class GenerationRequest:
     tool_rule: ToolCallRule | None = None        # tool calls held to their schemas: forced, or lazy for strict tools
     max_context: int = 0                         # chat: messages kept by the window (chat_window); 0 = all
     template_args: dict = dataclasses.field(default_factory=dict)  # chat: extra chat template arguments
+    prefill: bool = False                        # chat: the reply continues the last (assistant) message's text
     split_reasoning: bool = False                # a thinking model's reasoning leaves the text (ReasoningSplitter)
     n: int = 1                                   # choices, decoded together, each in a slot of its own
     show_reasoning: bool = True                  # reasoning reaches the client (the dialects: when asked for)
@@ -2678,7 +2746,8 @@ def parse_generation_request(endpoint: str, body: dict, settings: Settings) -> G
     if endpoint == "chat":
         if "messages" not in body or body["messages"] is None:
             raise invalid("'messages' is required", "messages")
-        fields = {"messages": tuple(parse_message(m, i) for i, m in enumerate(body["messages"])),
+        messages = tuple(parse_message(m, i) for i, m in enumerate(body["messages"]))
+        fields = {"messages": messages, "prefill": chat_prefill(body, messages),
                   "max_context": settings.max_context, "template_args": template_args(body, settings),
                   "split_reasoning": settings.reasoning_format != "none"}
     else:
@@ -2704,6 +2773,25 @@ def parse_generation_request(endpoint: str, body: dict, settings: Settings) -> G
         **output_fields(endpoint, body),
         **sampling_fields(body, settings.sampling),
     )
+
+
+def chat_prefill(body: dict, messages: tuple[dict, ...]) -> bool:
+    """Whether a chat request continues its last message: one from the assistant (llama-server's rule).
+
+    vLLM's fields choose too: continue_final_message true asks for it (and
+    needs such a message), add_generation_prompt true or
+    continue_final_message false ask for a new reply after it instead.
+    """
+    wanted, fresh = body.get("continue_final_message"), body.get("add_generation_prompt")
+    if wanted and fresh:
+        raise invalid("'continue_final_message' and 'add_generation_prompt' cannot both be true",
+                      "continue_final_message")
+    last = messages[-1] if messages else {}
+    continuable = last.get("role") == "assistant" and not last.get("tool_calls")
+    if wanted and not continuable:
+        raise invalid("'continue_final_message' needs a last assistant message without tool calls",
+                      "continue_final_message")
+    return continuable and wanted is not False and not fresh
 
 
 def template_args(body: dict, settings: Settings) -> dict:
@@ -2903,13 +2991,12 @@ def parse_response_format(value: dict | None, param: str = "response_format") ->
     if kind == "text":
         return None
     if kind == "json_object":
-        return Constraint(ANY_OBJECT, "json_object")
+        return JSON_OBJECT
     spec = value.get("json_schema")
     if kind != "json_schema" or not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
         raise invalid(f"'{param}' must be {{\"type\": \"text\"}}, {{\"type\": \"json_object\"}} or "
                       "{\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., \"schema\": {...}}}", param)
-    schema = spec["schema"]
-    return Constraint(compile_schema(schema, schema, param), json.dumps(schema, sort_keys=True))
+    return schema_constraint(spec["schema"], param)
 
 
 def chat_window(messages: tuple[dict, ...], keep: int) -> tuple[tuple[dict, ...], int]:
@@ -2979,14 +3066,14 @@ def parse_messages_request(body: dict, settings: Settings, counting: bool = Fals
     messages, seen_calls = anthropic_system(body.get("system")), set()
     for i, message in enumerate(body["messages"]):
         messages += anthropic_message(message, i, seen_calls, catalog)
-    if messages[-1]["role"] == "assistant":
-        raise invalid("a last assistant message (a prefilled reply) is not supported; end with a user message",
-                      f"messages[{len(body['messages']) - 1}]")
+    prefill = messages[-1]["role"] == "assistant"
+    if prefill:
+        anthropic_prefill(messages[-1], body, f"messages[{len(body['messages']) - 1}]")
     fields = {"tools": dialect_tools(tools, "input_schema", anthropic_served),
               "tool_choice": anthropic_tool_choice(body.get("tool_choice"))}
     thinking = anthropic_thinking(body.get("thinking"), body.get("max_tokens"))
     return GenerationRequest(
-        endpoint="messages", messages=tuple(messages), stream=bool(body.get("stream")),
+        endpoint="messages", messages=tuple(messages), prefill=prefill, stream=bool(body.get("stream")),
         max_tokens=min(body.get("max_tokens") or settings.max_tokens, settings.max_tokens),
         stop=tuple(body.get("stop_sequences") or ()),
         template_args=template_args({"chat_template_kwargs": None if thinking else {"enable_thinking": False}},
@@ -2994,6 +3081,18 @@ def parse_messages_request(body: dict, settings: Settings, counting: bool = Fals
         split_reasoning=settings.reasoning_format != "none", show_reasoning=thinking,
         **output_fields("messages", fields),
         **sampling_fields({field: body.get(field) for field in ("temperature", "top_p", "top_k")}, settings.sampling))
+
+
+def anthropic_prefill(last: dict, body: dict, param: str) -> None:
+    """Refuse a prefill (a last assistant message) that Anthropic's API refuses: with tool use, with
+    thinking on, or ending in whitespace; the reply continues its text and holds only what follows."""
+    if last.get("tool_calls"):
+        raise invalid("a final assistant message with tool_use blocks needs their tool_result; a prefill "
+                      "is text only", param)
+    if ((body.get("thinking") or {}).get("type")) in THINKING_ON:
+        raise invalid("a prefilled final assistant message is not supported with thinking on", param)
+    if last["content"] != last["content"].rstrip():
+        raise invalid("final assistant content cannot end with trailing whitespace", param)
 
 
 def anthropic_served(tool: dict) -> bool:
@@ -3226,10 +3325,12 @@ def parse_responses_request(body: dict, settings: Settings, previous: list[dict]
               "response_format": responses_format((body.get("text") or {}).get("format"))}
     effort = (body.get("reasoning") or {}).get("effort")
     args = {"reasoning_effort": effort} if isinstance(effort, str) else {}
+    last = messages[-1] if messages else {}
     if effort == "none":  # asked not to reason: templates that can switch thinking off do
         args["chat_template_kwargs"] = {"enable_thinking": False}
     return GenerationRequest(
         endpoint="responses", messages=tuple(messages), stream=bool(body.get("stream")),
+        prefill=last.get("role") == "assistant" and not last.get("tool_calls"),
         max_tokens=min(body.get("max_output_tokens") or settings.max_tokens, settings.max_tokens),
         template_args=template_args(args, settings), split_reasoning=settings.reasoning_format != "none",
         show_reasoning=effort != "none", echo=responses_echo(body), tool_kinds=kinds,
@@ -3637,6 +3738,10 @@ class ChatFormat:
     `harmony`: OpenAI's channel format (gpt-oss), read by HarmonyScanner.
     `answer`: the text that opens the final answer, where the format marks
     it (harmony's final channel): constrained JSON output is written after it.
+    `heads`: how a call's head reads from where the last call's arguments
+    ended (what may come between, the name in group "name", an id in group
+    "id"), up to the "{" its arguments start with: a streamed reply sends
+    the arguments as the model writes them (CallStreamer).
     """
 
     name: str
@@ -3647,6 +3752,11 @@ class ChatFormat:
     leading: tuple[str, ...] = ()
     harmony: bool = False
     answer: str = ""
+    heads: tuple[re.Pattern, ...] = ()
+
+
+# A call written as a JSON object {"name": ..., "arguments" (or Llama's "parameters"): {...}}, one of a list.
+JSON_CALL_HEAD = re.compile(r'[\s\[\];,}]*\{\s*"name"\s*:\s*"(?P<name>[^"\\]+)"\s*,\s*"(?:arguments|parameters)"\s*:\s*(?=\{)')
 
 
 def json_objects(text: str) -> list[Any]:
@@ -3691,6 +3801,9 @@ def parse_deepseek_calls(body: str, tools: Any = None) -> list[dict]:
 
 
 MISTRAL_CALL = re.compile(r"\s*([\w.-]+)(?:\[CALL_ID\](\w+))?\[ARGS\]")
+MISTRAL_HEAD = re.compile(r"\s*(?P<name>[\w.-]+)(?:\[CALL_ID\](?P<id>\w+))?\[ARGS\]\s*(?=\{)")
+DEEPSEEK_R1_HEAD = re.compile(r"(?:\s|```|<｜tool▁call▁end｜>)*<｜tool▁call▁begin｜>\w+<｜tool▁sep｜>(?P<name>[^\n<]+)\n```(?:json)?\n\s*(?=\{)")
+DEEPSEEK_HEAD = re.compile(r"(?:\s|<｜tool▁call▁end｜>)*<｜tool▁call▁begin｜>(?P<name>[^<]+?)<｜tool▁sep｜>\s*(?=\{)")
 
 
 def parse_mistral_call(body: str, tools: Any = None) -> Any:
@@ -3719,23 +3832,26 @@ CHAT_FORMATS: tuple[tuple[tuple[str, ...], ChatFormat], ...] = (
         write=lambda name: (f"<|channel|>commentary to=functions.{name} <|constrain|>json<|message|>", "<|call|>"))),
     (("<｜tool▁calls▁begin｜>", "```json"), ChatFormat(
         "deepseek-r1", starts=("<｜tool▁calls▁begin｜>",), end="<｜tool▁calls▁end｜>", parse=parse_deepseek_calls,
+        heads=(DEEPSEEK_R1_HEAD,),
         write=lambda name: (f"<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>{name}\n```json\n",
                             "\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>"))),
     (("<｜tool▁calls▁begin｜>",), ChatFormat(
         "deepseek-v3.1", starts=("<｜tool▁calls▁begin｜>",), end="<｜tool▁calls▁end｜>", parse=parse_deepseek_calls,
+        heads=(DEEPSEEK_HEAD,),
         write=lambda name: (f"<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>{name}<｜tool▁sep｜>",
                             "<｜tool▁call▁end｜><｜tool▁calls▁end｜>"))),
     (("[TOOL_CALLS]", "[CALL_ID]"), ChatFormat(
-        "mistral-3.2", starts=("[TOOL_CALLS]",), parse=parse_mistral_call,
+        "mistral-3.2", starts=("[TOOL_CALLS]",), parse=parse_mistral_call, heads=(MISTRAL_HEAD, JSON_CALL_HEAD),
         write=lambda name: (f"[TOOL_CALLS]{name}[CALL_ID]{mistral_call_id()}[ARGS]", ""))),
     (("[TOOL_CALLS]",), ChatFormat(
-        "mistral", starts=("[TOOL_CALLS]",), parse=parse_mistral_call,
+        "mistral", starts=("[TOOL_CALLS]",), parse=parse_mistral_call, heads=(MISTRAL_HEAD, JSON_CALL_HEAD),
         write=lambda name: (f"[TOOL_CALLS]{name}[ARGS]", ""))),
     (("<TOOLCALL>[",), ChatFormat(
         "nemotron", starts=("<TOOLCALL>",), end="</TOOLCALL>", parse=parse_mistral_call,   # a JSON list of calls
+        heads=(JSON_CALL_HEAD,),
         write=lambda name: (f'<TOOLCALL>[{{"name": {json.dumps(name)}, "arguments": ', "}]</TOOLCALL>"))),
     (('{"name": function name, "parameters"',), ChatFormat(
-        "llama3", starts=("<|python_tag|>",), leading=("{",), parse=parse_llama_calls,
+        "llama3", starts=("<|python_tag|>",), leading=("{",), parse=parse_llama_calls, heads=(JSON_CALL_HEAD,),
         write=lambda name: (f'{{"name": {json.dumps(name)}, "parameters": ', "}"))),
 )
 
@@ -3756,7 +3872,8 @@ def _chat_format(template: str, start: str | None, end: str | None, parser: Any)
         return None
     hermes = getattr(parser, "__module__", "") == "mlx_lm.tool_parsers.json_tools"  # Qwen's <tool_call>{JSON}
     write = (lambda name: (f'{start}\n{{"name": {json.dumps(name)}, "arguments": ', f"}}\n{end}")) if hermes else None
-    return ChatFormat(parser.__module__.rpartition(".")[2], starts=(start,), end=end or "", parse=parser, write=write)
+    return ChatFormat(parser.__module__.rpartition(".")[2], starts=(start,), end=end or "", parse=parser, write=write,
+                      heads=(JSON_CALL_HEAD,) if hermes else ())
 
 
 def template_messages(messages: list[dict], template: str) -> list[dict]:
@@ -3885,6 +4002,7 @@ class MemoryPlan:
 
     @property
     def kv_bytes(self) -> int:
+        """Bytes left for KV caches (batch and prompt cache) once the weights are in; never negative."""
         return max(self.memory_bytes - self.weights_bytes, 0)
 
     def tokens(self, nbytes: int) -> int:
@@ -3934,18 +4052,50 @@ def render_prompt(request: GenerationRequest, model: Model) -> tuple[list[int], 
     kept, dropped = chat_window(request.messages, request.max_context)
     messages = neutralize_billing_header([dict(m) for m in kept])
     if not getattr(tokenizer, "has_chat_template", False):
-        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-        return tokenizer.encode(text), dropped
+        turns = messages[:-1] if request.prefill else messages
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in turns) + "assistant:"
+        return tokenizer.encode(text + (f" {messages[-1]['content']}" if request.prefill else "")), dropped
     tools = check_tool_support(request, tokenizer)
     template = getattr(tokenizer, "chat_template", None)
-    messages = template_messages(messages, template if isinstance(template, str) else "")
+    template = template if isinstance(template, str) else ""
     try:
+        if request.prefill:
+            return prefill_prompt(tokenizer, messages, tools, request.template_args, template), dropped
+        messages = template_messages(messages, template)
         return list(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
                                                   tokenize=True, **request.template_args)), dropped
+    except APIError:
+        raise
     except Exception as exc:  # the template rejected the conversation (roles, order)
         window = (f" (the --max-context {request.max_context} window left out the first {dropped} "
                   f"messages; raise it or send fewer)" if dropped else "")
         raise invalid(f"the model's chat template rejected these messages{window}: {exc}", "messages") from None
+
+
+# Put after a continued assistant message's text: the prompt is the rendered conversation up to it, so the
+# template's end of turn (and whatever it does after the text) is cut off, wherever the template puts the text.
+PREFILL_MARK = "\u2060<lem-serve:prefill-end>\u2060"
+
+
+def prefill_prompt(tokenizer: Any, messages: list[dict], tools: list[dict] | None, args: dict,
+                   template: str) -> list[int]:
+    """The token ids of `messages` rendered without a generation prompt, cut at PREFILL_MARK (put after the
+    last message's text), so that the reply continues that text; a 400 when the template drops it.
+
+    A reply with reasoning and no text yet (cut while thinking) goes on
+    thinking where the template renders its reasoning; where it does not,
+    it answers after it. Encoded as apply_chat_template(tokenize=True)
+    encodes: no special tokens added.
+    """
+    last = messages[-1]
+    fields = ("reasoning_content", "content") if last.get("reasoning_content") and not last["content"] else ("content",)
+    for field in fields:
+        marked = template_messages(messages[:-1] + [{**last, field: last[field] + PREFILL_MARK}], template)
+        text = tokenizer.apply_chat_template(marked, tools=tools, add_generation_prompt=False, tokenize=False, **args)
+        if text.count(PREFILL_MARK) == 1:
+            return tokenizer.encode(text[:text.index(PREFILL_MARK)], add_special_tokens=False)
+    raise invalid("this model's chat template does not render the last assistant message's text as sent, "
+                  "so it cannot be continued; end with a user message", f"messages[{len(messages) - 1}]")
 
 
 # Claude Code (2.1.x) opens its system prompt with a line whose cch= value (and cc_version's suffix) are hashes
@@ -4365,7 +4515,7 @@ def make_sampling(request: GenerationRequest, model: Model, budget: int | None =
         processors.append(answer_constraint(request, model, budget or request.max_tokens, prompt))
     elif request.tool_rule is not None:
         processors.append(ToolCallConstraint(request.tool_rule, model, budget or request.max_tokens,
-                                             think_opened(model.tokenizer, prompt)))
+                                             think_opened(model.tokenizer, prompt, request.prefill)))
     return Sampling(make_token_sampler(request), processors)
 
 
@@ -4374,18 +4524,11 @@ def answer_constraint(request: GenerationRequest, model: Model, budget: int, pro
     chat template opened and behind the format's answer header (ChatFormat.answer: harmony's final channel)."""
     chat = request.endpoint != "completions"
     form = chat_format_of(model.tokenizer) if chat else None
-    header, thinking = (form.answer if form else ""), chat and think_opened(model.tokenizer, prompt)
+    header, thinking = (form.answer if form else ""), chat and think_opened(model.tokenizer, prompt, request.prefill)
     if not header and not thinking:
-        return json_constraint(request.constraint, model, budget)
+        return json_constraint(request.constraint, model.tokenizer, budget)
     rule = ToolCallRule((("", request.constraint),), forced=True)
     return ToolCallConstraint(rule, model, budget, thinking, write=lambda _name: (header, ""))
-
-
-def json_constraint(constraint: Constraint, model: Model, budget: int) -> Callable[[Any, Any], Any]:
-    """The logits processor that forces the constraint's JSON."""
-    tokenizer = model.tokenizer
-    masks = json_masks(tokenizer, (constraint.key,), json_start(constraint.node))
-    return JsonConstraint(masks, budget)
 
 
 def literal_tokens(tokenizer: Any, text: str) -> list[int]:
@@ -4489,20 +4632,20 @@ class ToolCallConstraint:
         import mlx.core as mx
         if self.arguments is None:
             constraint = dict(self.rule.calls)[self.chosen]
-            self.arguments = json_constraint(constraint, self.model, max(self.left + 1 - len(self.tail_ids), 1))
-        masked = self.arguments(tokens, logits)
-        allowed = masked > -math.inf
+            budget = max(self.left + 1 - len(self.tail_ids), 1)
+            self.arguments = json_constraint(constraint, self.model.tokenizer, budget)
+        held = self.arguments(tokens, logits)
+        allowed = held > -math.inf
         eos = JsonMasks.ids_mask(self.eos, logits.shape[-1])
         self.complete = bool(mx.any(allowed & eos).item())
         if not self.complete:
-            return masked
+            return held
         if not self.tail_ids:   # the call ends with its arguments
             if self.rule.forced:
-                return masked
+                return held
             self._free()
             return logits
-        first = JsonMasks.ids_mask(self.tail_ids[:1], logits.shape[-1])
-        return mx.where((allowed & ~eos) | first, logits, mx.array(-math.inf, dtype=logits.dtype))
+        return masked(logits, (allowed & ~eos) | JsonMasks.ids_mask(self.tail_ids[:1], logits.shape[-1]))
 
     def _advance(self, token: int) -> None:
         """Follow the token just sampled."""
@@ -4539,15 +4682,11 @@ class ToolCallConstraint:
 
     @staticmethod
     def _only(logits: Any, ids: set[int]) -> Any:
-        import mlx.core as mx
-        mask = JsonMasks.ids_mask(sorted(ids), logits.shape[-1])
-        return mx.where(mask, logits, mx.array(-math.inf, dtype=logits.dtype))
+        return masked(logits, JsonMasks.ids_mask(sorted(ids), logits.shape[-1]))
 
     @staticmethod
     def _without(logits: Any, ids: list[int]) -> Any:
-        import mlx.core as mx
-        mask = JsonMasks.ids_mask(ids, logits.shape[-1])
-        return mx.where(mask, mx.array(-math.inf, dtype=logits.dtype), logits)
+        return masked(logits, ~JsonMasks.ids_mask(ids, logits.shape[-1]))
 
 
 def make_token_sampler(request: GenerationRequest) -> Callable[[Any], Any]:
@@ -4770,14 +4909,15 @@ def reasoning_splitter(request: GenerationRequest, model: Model, prompt: list[in
     tokenizer = model.tokenizer
     if not request.split_reasoning or not getattr(tokenizer, "has_thinking", False):
         return None
-    return ReasoningSplitter(tokenizer.think_start, tokenizer.think_end, inside=think_opened(tokenizer, prompt))
+    return ReasoningSplitter(tokenizer.think_start, tokenizer.think_end, inside=think_opened(tokenizer, prompt, request.prefill))
 
 
-def think_opened(tokenizer: Any, prompt: list[int]) -> bool:
-    """Whether the prompt ends inside a thinking block the template opened (DeepSeek-R1, Qwen3)."""
+def think_opened(tokenizer: Any, prompt: list[int], prefill: bool = False) -> bool:
+    """Whether the prompt ends inside a thinking block the template opened (DeepSeek-R1, Qwen3), or, for
+    a `prefill`, inside the reasoning it continues (which may be long: the whole prompt is searched)."""
     if not prompt or not getattr(tokenizer, "has_thinking", False):
         return False
-    tail = max(len(prompt) - REASONING_PROMPT_TAIL, 0)  # a block the template opened is at the very end
+    tail = 0 if prefill else max(len(prompt) - REASONING_PROMPT_TAIL, 0)  # a block the template opened is at the end
     return tokenizer.rfind_think_start(prompt, start=tail) > tokenizer.rfind_think_end(prompt, start=tail)
 
 
@@ -4822,6 +4962,7 @@ class Job:
 
     @property
     def prompt_tokens(self) -> int:
+        """The prompt's length in tokens, as usage reports it."""
         return len(self.prompt)
 
     def should_stop(self) -> bool:
@@ -4896,6 +5037,7 @@ def cut_cache(cache: list, tokens: int) -> list | None:
 
 
 def cache_nbytes(cache: list) -> int:
+    """Bytes a model's per-layer KV cache holds (the sum over its layers)."""
     return sum(c.nbytes for c in cache)
 
 
@@ -4992,6 +5134,7 @@ class PromptCache:
         return len(self.entries)
 
     def stats(self) -> dict:
+        """The cache's counters for /healthz and /metrics: entries, bytes, tokens, hits, misses, evictions, trims."""
         return {"prompt_cache_entries": len(self.entries), "prompt_cache_bytes": self.nbytes,
                 "prompt_cache_tokens": sum(len(e.tokens) for e in self.entries.values()),
                 "prompt_cache_hits": self.hits, "prompt_cache_misses": self.misses,
@@ -5270,6 +5413,7 @@ class SoloBatch:
         return {sequence.uid: (cache, tokens)} if return_prompt_caches else {}
 
     def close(self) -> None:
+        """Forget every waiting and current sequence; the engine calls it when it stops."""
         self.waiting, self.current = [], None
 
     def _start(self, uid: int, prompt: list[int], max_tokens: int, cache: list | None, prefix: list[int],
@@ -5702,6 +5846,7 @@ class Batch:
         return bool(flags & GroupLink.STEP), bool(flags & GroupLink.SHUTDOWN)
 
     def close(self) -> None:
+        """Close mlx_lm's BatchGenerator; the engine calls it when it stops, and the batch is not used after."""
         self.generator.close()
 
     def _replay(self, op: Any) -> None:
@@ -5757,6 +5902,7 @@ class KVLedger:
             return True
 
     def release(self, nbytes: int) -> None:
+        """Give back nbytes that reserve() granted, when the sequence that held them ends (exactly once)."""
         with self.lock:
             self.reserved -= nbytes
 
@@ -5810,17 +5956,21 @@ class Engine:
 
     @property
     def rank(self) -> int:
+        """This process's rank in an mlx.launch group; 0 when it serves alone."""
         return self.link.rank if self.link else 0
 
     @property
     def world_size(self) -> int:
+        """Processes in the group; 1 when it serves alone."""
         return self.link.size if self.link else 1
 
     def start(self) -> None:
+        """Start the engine thread; call once, after the model is loaded."""
         self.thread.start()
 
     @property
     def alive(self) -> bool:
+        """Whether the engine thread runs and has not failed (/healthz answers 503 once it is not)."""
         return self.thread.is_alive() and self.failure is None
 
     def stats(self) -> dict:
@@ -6212,6 +6362,76 @@ def logprobs_object(endpoint: str, entries: list[dict] | None, offsets: TextOffs
             "text_offset": [offsets.next(e["bytes"]) for e in entries]}
 
 
+class CallStreamer:
+    """A streamed call's arguments, handed out as the model writes them.
+
+    Fed the open call's text as it grows (only text that cannot hold an end
+    marker), it finds each call's head (ChatFormat.heads: its name, and
+    that its arguments open with "{"), then yields ("call_start", {"id",
+    "name"}) and ("call_args", piece) events, the pieces the JSON object's
+    text from its "{" to the matching "}" exactly, nothing around it.
+    Arguments that do not open with "{" (a string to be wrapped) are never
+    streamed: such a call comes whole when it closes. `settle` makes the
+    parsed calls agree with what was streamed: same ids, and the streamed
+    text as the final arguments wherever it decodes to the same object.
+    """
+
+    def __init__(self, heads: tuple[re.Pattern, ...], name: str = ""):
+        self.heads, self.name = heads, name   # `name`: the call's, where the heads have no "name" group
+        self.at = 0                        # how far the call's text was read
+        self.streamed: list[dict] = []     # {"id", "name", "raw", "done"} per call streamed
+        self.depth, self.quoted, self.escaped = 0, False, False
+
+    def feed(self, out: list, text: str) -> None:
+        """Read the call's text so far (a longer prefix each time); add the events it makes to `out`."""
+        while self.at < len(text):
+            if not self.streamed or self.streamed[-1]["done"]:
+                head = next((m for m in (h.match(text, self.at) for h in self.heads) if m), None)
+                if head is None:
+                    return
+                groups = head.groupdict()
+                call = {"id": groups.get("id") or new_id("call_"), "name": groups.get("name", self.name).strip(),
+                        "raw": "", "done": False}
+                self.streamed.append(call)
+                self.at, self.depth = head.end(), 0
+                out.append(("call_start", {"id": call["id"], "name": call["name"]}))
+            self._arguments(out, text)
+
+    def _arguments(self, out: list, text: str) -> None:
+        """Take the arguments' characters up to their closing brace (or the text's end)."""
+        start, at = self.at, self.at
+        while at < len(text) and not self.streamed[-1]["done"]:
+            ch = text[at]
+            if self.escaped:
+                self.escaped = False
+            elif self.quoted:
+                self.escaped, self.quoted = ch == "\\", ch != '"'
+            else:
+                self.quoted = ch == '"'
+                self.depth += (ch in "{[") - (ch in "}]")
+                self.streamed[-1]["done"] = self.depth == 0
+            at += 1
+        self.at = at
+        if at > start:
+            self.streamed[-1]["raw"] += text[start:at]
+            out.append(("call_args", text[start:at]))
+
+    def settle(self, calls: list[dict], tools: list[dict]) -> list[dict]:
+        """The parsed calls (OpenAI's shape) under the streamed ids and text; a streamed call the parser
+        missed (cut off, say) keeps what was streamed, wrapped by openai_tool_call if it is no object."""
+        settled = []
+        for i, sent in enumerate(self.streamed):
+            call = calls[i] if i < len(calls) else openai_tool_call(
+                {"name": sent["name"], "arguments": sent["raw"]}, tools)
+            try:
+                same = json.loads(sent["raw"]) == json.loads(call["function"]["arguments"])
+            except ValueError:
+                same = False
+            function = {**call["function"], "arguments": sent["raw"]} if same else call["function"]
+            settled.append({**call, "id": sent["id"], "function": function})
+        return settled + calls[len(self.streamed):]
+
+
 class ToolCallScanner:
     """Splits a chat reply into content and tool calls, as the text streams in.
 
@@ -6223,7 +6443,8 @@ class ToolCallScanner:
     call that does not parse is passed on as content rather than lost. In a
     format whose calls carry JSON arguments (ChatFormat.write), a marker
     inside one of their strings (a command that prints "</tool_call>") is
-    part of the call, not its end.
+    part of the call, not its end. `live` (a stream) also sends a call's
+    arguments as they come, where the format has heads (CallStreamer).
     """
 
     def __init__(self, form: ChatFormat, tools: list[dict]):
@@ -6232,9 +6453,12 @@ class ToolCallScanner:
         self.opened: str | None = None   # the start marker of the call being read, if one is open
         self.fresh = True                # no text of the reply out yet: a leading marker may open a call
         self.scanned, self.quoted, self.escaped = 0, False, False   # how far the open call was read
+        self.live = False                # stream arguments as they come
+        self.streamer: CallStreamer | None = None   # the open call's, when live
 
     def feed(self, text: str) -> list[tuple[str, Any]]:
-        """The pieces safe to emit, in order: ("text", str) and ("calls", [calls in OpenAI's shape])."""
+        """The pieces safe to emit, in order: ("text", str), ("calls", [calls in OpenAI's shape]) and,
+        when live, a streamed call's ("call_start", {"id", "name"}) and ("call_args", str) before its "calls"."""
         self.held += text
         out: list[tuple[str, Any]] = []
         while self._step(out):
@@ -6270,6 +6494,9 @@ class ToolCallScanner:
             self.opened = marker if at >= 0 else None
             return at >= 0
         at = self._end_at((form.end,) if form.end else form.starts)
+        if self.live and form.heads and form.write is not None:
+            self.streamer = self.streamer or CallStreamer(form.heads)
+            self.streamer.feed(out, self.held[:at] if at >= 0 else self.held[:self.scanned])
         if at < 0:
             return False
         self._close(out, self.held[:at], form.end)
@@ -6311,6 +6538,9 @@ class ToolCallScanner:
         """End the open call (at `end`): its calls, or its text as content when it does not parse."""
         marker, self.opened = self.opened, None
         calls = self._parse(body)
+        if self.streamer is not None and self.streamer.streamed:
+            calls = self.streamer.settle(calls, self.tools)
+        self.streamer = None
         if calls:
             out.append(("calls", calls))
             self.fresh = True   # blanks after a call are not content
@@ -6329,6 +6559,7 @@ class ToolCallScanner:
 
 HARMONY_ENDS = ("<|end|>", "<|call|>", "<|return|>", "<|start|>")  # what ends a message's body
 HARMONY_HEADS = ("<|channel|>", "<|start|>")                        # what a message's header starts with
+HARMONY_HEAD = re.compile(r"\s*(?=\{)")   # a call's body is its arguments; its name is in the header
 
 
 class HarmonyScanner:
@@ -6344,6 +6575,8 @@ class HarmonyScanner:
         self.name = ""                  # the open call's function name
         self.body = ""                  # the open call's arguments so far
         self.started = False            # a header or text came
+        self.live = False               # stream a call's arguments as they come
+        self.streamer: CallStreamer | None = None   # the open call's, when live
 
     def feed(self, text: str) -> list[tuple[str, Any]]:
         """The pieces safe to emit: ("reasoning", str), ("text", str), ("calls", [calls in OpenAI's shape])."""
@@ -6388,19 +6621,23 @@ class HarmonyScanner:
         self.started, self.body = True, ""
         if recipient:
             self.kind, self.name = "call", recipient[1]
+            self.streamer = CallStreamer((HARMONY_HEAD,), self.name) if self.live else None
         else:
             self.kind = "reasoning" if channel and channel[1] == "analysis" else "text"
 
     def _body(self, out: list, text: str) -> None:
         if self.kind == "call":
             self.body += text
+            if self.streamer is not None:
+                self.streamer.feed(out, self.body)
         elif text:
             out.append((self.kind, text))
 
     def _close(self, out: list) -> None:
         if self.kind == "call":
-            out.append(("calls", [openai_tool_call({"name": self.name, "arguments": self.body.strip()}, self.tools)]))
-        self.kind = None
+            calls = [openai_tool_call({"name": self.name, "arguments": self.body.strip()}, self.tools)]
+            out.append(("calls", self.streamer.settle(calls, self.tools) if self.streamer else calls))
+        self.kind, self.streamer = None, None
 
 
 def openai_tool_call(call: dict, tools: list[dict] = ()) -> dict:
@@ -6446,8 +6683,10 @@ class Writer:
     endpoint, and both talk to a Writer; each API is one subclass. Engine
     events go through `event` (streaming) or the whole text through `reply`
     (not streaming); both split tool calls out with the request's
-    ToolCallScanner, then call the subclass's `text`, `tool_calls` and
-    `finish` (which return SSE bytes) or `body` (which returns the JSON).
+    ToolCallScanner, then call the subclass's `text`, `call_start`,
+    `call_args`, `call_end` and `finish` (which return SSE bytes) or `body`
+    (which returns the JSON). A call streams as its start, pieces of its
+    arguments (whose concatenation is its final arguments), its end.
     """
 
     keepalive = SSE_KEEPALIVE   # what a stream sends after KEEPALIVE_SECONDS of silence
@@ -6456,7 +6695,9 @@ class Writer:
     def __init__(self, job: Job, model: str, scanner: ToolCallScanner | None):
         self.job, self.request, self.model, self.scanner = job, job.request, model, scanner
         self.created = int(time.time())
-        self.calls_sent = 0      # tool calls streamed so far
+        self.calls_sent = 0      # tool calls streamed so far (started)
+        self.live_call: dict | None = None   # the call being streamed: {"id", "name", "sent"}
+        self.closed: set[str] = set()        # ids of the calls streamed to their end
 
     def event(self, kind: str, value: str, logprobs: list[dict] = (), choice: int = 0) -> bytes:
         """The bytes one engine event becomes: reasoning, text, tool calls (via the scanner), at the end the finish.
@@ -6467,6 +6708,7 @@ class Writer:
             return self.reasoning(value) if self.request.show_reasoning else b""
         pieces = [("text", value)] if kind == "text" else []
         if self.scanner is not None:
+            self.scanner.live = True   # a stream: arguments go out as they come
             pieces = self.scanner.feed(value) if kind == "text" else self.scanner.flush()
         out, logprobs = [], list(logprobs)
         for piece, content in pieces:
@@ -6475,9 +6717,12 @@ class Writer:
             elif piece == "text" and (content or logprobs):
                 out.append(self.text(content, logprobs))
                 logprobs = []   # a token's logprobs go with the first text it ends in
-            else:
-                out.append(self.tool_calls(content))
-                self.calls_sent += len(content)
+            elif piece == "call_start":
+                out.append(self._call_start(content))
+            elif piece == "call_args":
+                out.append(self._call_args(content))
+            elif piece == "calls":
+                out.append(self._calls(content))
         if logprobs:
             out.append(self.text("", logprobs))
         if kind != "text":
@@ -6497,6 +6742,39 @@ class Writer:
             reasoning = "".join(parts["reasoning"]) if self.request.show_reasoning else ""
         return self.body(text, calls, reason, logprobs, reasoning)
 
+    def _call_start(self, call: dict) -> bytes:
+        """Open a streamed call ({"id", "name"}); one still open (its arguments complete) ends as sent."""
+        out = b""
+        if self.live_call is not None:
+            live = self.live_call
+            out = self._call_end({"id": live["id"], "type": "function",
+                                  "function": {"name": live["name"], "arguments": live["sent"]}})
+        self.live_call = {**call, "sent": ""}
+        self.calls_sent += 1
+        return out + self.call_start(call["id"], call["name"])
+
+    def _call_args(self, text: str) -> bytes:
+        self.live_call["sent"] += text
+        return self.call_args(text)
+
+    def _call_end(self, call: dict) -> bytes:
+        self.closed.add(call["id"])
+        self.live_call = None
+        return self.call_end(call)
+
+    def _calls(self, calls: list[dict]) -> bytes:
+        """Finish the calls the scanner closed: a streamed one gets the rest of its arguments, others
+        stream whole. (Arguments that differ from what was streamed, a cut-off call's, keep what was sent.)"""
+        out = []
+        for call in (c for c in calls if c["id"] not in self.closed):
+            if self.live_call is None or self.live_call["id"] != call["id"]:
+                out.append(self._call_start({"id": call["id"], "name": call["function"]["name"]}))
+            arguments, sent = call["function"]["arguments"], self.live_call["sent"]
+            if arguments.startswith(sent) and arguments != sent:
+                out.append(self._call_args(arguments[len(sent):]))
+            out.append(self._call_end(call))
+        return b"".join(out)
+
     def opening(self) -> bytes:
         """What a stream starts with, before any generated text."""
         return b""
@@ -6506,9 +6784,19 @@ class Writer:
         raise NotImplementedError
 
     def text(self, text: str, logprobs: list[dict]) -> bytes:
+        """SSE bytes for text the model generated (with its tokens' logprobs, when asked); subclasses write it."""
         raise NotImplementedError
 
-    def tool_calls(self, calls: list[dict]) -> bytes:
+    def call_start(self, call_id: str, name: str) -> bytes:
+        """A tool call opens: its id and function name."""
+        raise NotImplementedError
+
+    def call_args(self, text: str) -> bytes:
+        """A piece of the open call's arguments (JSON text)."""
+        raise NotImplementedError
+
+    def call_end(self, call: dict) -> bytes:
+        """The open call ends; `call` is the whole call in OpenAI's shape."""
         raise NotImplementedError
 
     def finish(self, reason: str) -> bytes:
@@ -6520,6 +6808,7 @@ class Writer:
         raise NotImplementedError
 
     def body(self, text: str, calls: list[dict], reason: str, logprobs: list[dict], reasoning: str) -> dict:
+        """The non-streaming JSON response from the text, tool calls, finish reason, logprobs and reasoning."""
         raise NotImplementedError
 
 
@@ -6560,10 +6849,20 @@ class ChatWriter(Writer):
         lp = logprobs_object(self.request.endpoint, logprobs, self.offsets) if wanted else None
         return self._chunk(self._choice({"content": text}, text, lp))
 
-    def tool_calls(self, calls: list[dict]) -> bytes:
-        """A chat chunk carrying whole tool calls, numbered in the order they came."""
-        deltas = [{"index": self.calls_sent + i, **call} for i, call in enumerate(calls)]
-        return self._chunk(self._choice({"tool_calls": deltas}))
+    def call_start(self, call_id: str, name: str) -> bytes:
+        """A chunk opening a tool call (numbered in the order they came): id, name, no arguments yet."""
+        delta = {"index": self.calls_sent - 1, "id": call_id, "type": "function",
+                 "function": {"name": name, "arguments": ""}}
+        return self._chunk(self._choice({"tool_calls": [delta]}))
+
+    def call_args(self, text: str) -> bytes:
+        """A chunk carrying a piece of the open call's arguments."""
+        return self._chunk(self._choice({"tool_calls": [{"index": self.calls_sent - 1,
+                                                         "function": {"arguments": text}}]}))
+
+    def call_end(self, call: dict) -> bytes:
+        """Nothing: a chat stream has no event for a call's end."""
+        return b""
 
     def finish(self, reason: str) -> bytes:
         """The finish chunk (a reply that made tool calls finishes as "tool_calls"), usage when asked, [DONE]."""
@@ -6576,6 +6875,7 @@ class ChatWriter(Writer):
         return (self._chunk(None, usage=usage_of(self.job)) if self.request.include_usage else b"") + SSE_DONE
 
     def failure(self, error: APIError) -> bytes:
+        """A failure after the stream's headers: OpenAI's error object as one event, then [DONE]."""
         return sse_event(error.body()) + SSE_DONE
 
     def body(self, text: str, calls: list[dict], reason: str, logprobs: list[dict], reasoning: str) -> dict:
@@ -6609,17 +6909,21 @@ class ChoicesWriter(Writer):
         self.finished = 0
 
     def opening(self) -> bytes:
+        """Every choice's opening, in choice order."""
         return b"".join(writer.opening() for writer in self.writers)
 
     def event(self, kind: str, value: str, logprobs: list[dict] = (), choice: int = 0) -> bytes:
+        """The event routed to its choice's writer; the stream's end goes out after the last choice finishes."""
         out = self.writers[choice].event(kind, value, logprobs)
         self.finished += kind == "finish"
         return out + (self.writers[0].ending() if kind == "finish" and self.finished == len(self.writers) else b"")
 
     def failure(self, error: APIError) -> bytes:
+        """A failure ends the whole stream once, through the first choice's writer."""
         return self.writers[0].failure(error)
 
     def reply(self, results: list[tuple[str, str, list[dict], str]]) -> dict:
+        """The non-streaming body: each choice written by its own writer, merged into one choices list."""
         bodies = [writer.reply([result]) for writer, result in zip(self.writers, results)]
         return {**bodies[0], "choices": [body["choices"][0] for body in bodies]}
 
@@ -6704,36 +7008,46 @@ class MessagesWriter(Writer):
         return self._event("content_block_delta", index=self.blocks - 1, delta=delta)
 
     def opening(self) -> bytes:
+        """message_start (with the prompt's usage), then a ping so the SDK sees the stream alive."""
         return self._event("message_start", message=self._message([], None, None)) + self.keepalive
 
     def reasoning(self, text: str) -> bytes:
+        """A thinking block's delta; opens the block first when another one is open."""
         opening = b"" if self.open_block == "thinking" else self._start({"type": "thinking", "thinking": "",
                                                                           "signature": ""})
         self.thought = text if opening else self.thought + text
         return opening + self._delta({"type": "thinking_delta", "thinking": text})
 
     def text(self, text: str, logprobs: list[dict]) -> bytes:
+        """A text block's delta; opens the block first when another one is open."""
         opening = b"" if self.open_block == "text" else self._start({"type": "text", "text": ""})
         return opening + self._delta({"type": "text_delta", "text": text})
 
-    def tool_calls(self, calls: list[dict]) -> bytes:
-        out = []
-        for block in map(tool_use_block, calls):
-            out.append(self._start({**block, "input": {}}))
-            out.append(self._delta({"type": "input_json_delta",
-                                    "partial_json": json.dumps(block["input"], ensure_ascii=False)}))
-        return b"".join(out) + self._stop()
+    def call_start(self, call_id: str, name: str) -> bytes:
+        """A tool_use block opens, its input empty: it comes as input_json_delta pieces."""
+        return self._start({"type": "tool_use", "id": call_id, "name": name, "input": {}})
+
+    def call_args(self, text: str) -> bytes:
+        """A piece of the tool_use block's input, as the model writes it."""
+        return self._delta({"type": "input_json_delta", "partial_json": text})
+
+    def call_end(self, call: dict) -> bytes:
+        """The tool_use block closes."""
+        return self._stop()
 
     def finish(self, reason: str) -> bytes:
+        """Closes the open block, then message_delta (stop reason, usage) and message_stop."""
         stop_reason, stop_sequence = self._stop_reason(reason, self.calls_sent > 0)
         return (self._stop() + self._event("message_delta", usage=anthropic_usage(self.job),
                                            delta={"stop_reason": stop_reason, "stop_sequence": stop_sequence})
                 + self._event("message_stop"))
 
     def failure(self, error: APIError) -> bytes:
-        return self._event("error", error=error.anthropic_body()["error"])
+        """A failure after the headers: Anthropic's error event, with the same error object as a 4xx/5xx body."""
+        return self._event("error", error=error.anthropic_error())
 
     def body(self, text: str, calls: list[dict], reason: str, logprobs: list[dict], reasoning: str) -> dict:
+        """The non-streaming message: thinking (signed), text and tool_use blocks, stop reason and usage."""
         content = [{"type": "thinking", "thinking": reasoning, "signature": thinking_signature(reasoning)}] \
             if reasoning else []
         content += [{"type": "text", "text": text}] if text.strip() or (text and not calls) else []
@@ -6762,6 +7076,7 @@ def responses_usage(job: Job) -> dict:
 
 
 def output_text_part(text: str) -> dict:
+    """A Responses output_text content part holding text (no annotations or logprobs)."""
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
 
@@ -6818,6 +7133,7 @@ class ResponsesWriter(Writer):
         self.message_text = ""
         self.thought: dict | None = None     # the reasoning item being streamed, if one is open
         self.thought_text = ""
+        self.live_item: dict | None = None   # the function_call item being streamed, if one is open
         self.final: dict | None = None       # the response once it completed or ran out of budget
 
     def _event(self, kind: str, **fields: Any) -> bytes:
@@ -6825,10 +7141,12 @@ class ResponsesWriter(Writer):
         return sse_event({"type": kind, "sequence_number": self.sequence - 1, **fields}, kind)
 
     def opening(self) -> bytes:
+        """response.created and response.in_progress, both with the response still in progress."""
         response = self._response("in_progress", [])
         return self._event("response.created", response=response) + self._event("response.in_progress", response=response)
 
     def reasoning(self, text: str) -> bytes:
+        """A reasoning item's text delta; adds the item first when none is open."""
         out = b""
         if self.thought is None:
             self.thought, self.thought_text = reasoning_item("", "in_progress"), ""
@@ -6848,6 +7166,7 @@ class ResponsesWriter(Writer):
                 + self._event("response.output_item.done", output_index=where["output_index"], item=item))
 
     def text(self, text: str, logprobs: list[dict]) -> bytes:
+        """An output_text delta; closes open reasoning and adds the message item and part first."""
         out = self._close_reasoning()
         if self.message is None:
             self.message, self.message_text = message_item("", "in_progress"), ""
@@ -6870,30 +7189,51 @@ class ResponsesWriter(Writer):
                 + self._event("response.content_part.done", **where, part=part)
                 + self._event("response.output_item.done", output_index=where["output_index"], item=item))
 
-    def tool_calls(self, calls: list[dict]) -> bytes:
-        out = [self._close_reasoning(), self._close_message()]
-        for item in (function_call_item(call, self.request.tool_kinds) for call in calls):
-            where = {"item_id": item["id"], "output_index": len(self.output)}
-            custom = item["type"] == "custom_tool_call"
-            field, stem = ("input", "custom_tool_call_input") if custom else ("arguments", "function_call_arguments")
-            added = {**item, field: ""} if custom else {**item, "status": "in_progress", field: ""}
-            out += [self._event("response.output_item.added", output_index=where["output_index"], item=added),
-                    self._event(f"response.{stem}.delta", **where, delta=item[field]),
-                    self._event(f"response.{stem}.done", **where, **{field: item[field]}),
-                    self._event("response.output_item.done", output_index=where["output_index"], item=item)]
-            self.output.append(item)
-        return b"".join(out)
+    def call_start(self, call_id: str, name: str) -> bytes:
+        """A function_call item opens (in progress); a custom tool's call waits for its end (its input is
+        raw text, not the JSON the model writes)."""
+        out = self._close_reasoning() + self._close_message()
+        item = function_call_item({"id": call_id, "function": {"name": name, "arguments": "{}"}}, self.request.tool_kinds)
+        self.live_item = {**item, "status": "in_progress", "arguments": ""} if item["type"] == "function_call" else None
+        if self.live_item is None:
+            return out
+        return out + self._event("response.output_item.added", output_index=len(self.output), item=self.live_item)
+
+    def call_args(self, text: str) -> bytes:
+        """A function_call_arguments.delta of the open item (nothing for a custom tool's call)."""
+        if self.live_item is None:
+            return b""
+        return self._event("response.function_call_arguments.delta", item_id=self.live_item["id"],
+                           output_index=len(self.output), delta=text)
+
+    def call_end(self, call: dict) -> bytes:
+        """The call's item done (function_call_arguments.done first); a custom tool's call, whole."""
+        item, live, self.live_item = function_call_item(call, self.request.tool_kinds), self.live_item, None
+        where = {"item_id": live["id"] if live else item["id"], "output_index": len(self.output)}
+        item["id"] = where["item_id"]
+        out = []
+        if live is None:   # a custom tool's call, whole
+            out += [self._event("response.output_item.added", output_index=where["output_index"], item={**item, "input": ""}),
+                    self._event("response.custom_tool_call_input.delta", **where, delta=item["input"]),
+                    self._event("response.custom_tool_call_input.done", **where, input=item["input"])]
+        else:
+            out.append(self._event("response.function_call_arguments.done", **where, arguments=item["arguments"]))
+        self.output.append(item)
+        return b"".join(out) + self._event("response.output_item.done", output_index=where["output_index"], item=item)
 
     def finish(self, reason: str) -> bytes:
+        """Closes open items, then response.completed (or response.incomplete when cut by max_output_tokens)."""
         status = "incomplete" if reason == "length" else "completed"
         out = self._close_reasoning(status) + self._close_message(status)
         self.final = self._response(status, self.output)
         return out + self._event(f"response.{status}", response=self.final)
 
     def failure(self, error: APIError) -> bytes:
+        """A failure after the headers: response.failed, holding the output so far and the error."""
         return self._event("response.failed", response=self._response("failed", self.output, response_error(error)))
 
     def body(self, text: str, calls: list[dict], reason: str, logprobs: list[dict], reasoning: str) -> dict:
+        """The non-streaming response: reasoning, message and call items; kept in self.final for the store."""
         status = "incomplete" if reason == "length" else "completed"
         shows_text = bool(text.strip() or (text and not calls))
         cut = "incomplete" if status == "incomplete" and not calls else "completed"  # the last item is the one cut
@@ -7077,6 +7417,7 @@ class Metrics:
         self.drops = dict.fromkeys(self.DROP_REASONS, 0)
 
     def record_request(self, endpoint: str, status: str, seconds: float) -> None:
+        """Count one answered request by endpoint and status, and observe its duration."""
         with self.lock:
             self.requests[endpoint, status] = self.requests.get((endpoint, status), 0) + 1
             self.durations.setdefault(endpoint, Histogram()).observe(seconds)
@@ -7098,10 +7439,12 @@ class Metrics:
             self.embedding_tokens += tokens
 
     def record_rejection(self) -> None:
+        """Count one request the admission queue refused (its 429)."""
         with self.lock:
             self.gate_rejections += 1
 
     def record_drop(self, reason: str) -> None:
+        """Count one exchange that ended without a full response, by reason (client_gone, write_stall, ...)."""
         with self.lock:
             self.drops[reason] += 1
 
@@ -7165,14 +7508,17 @@ class DeadlineReader(io.RawIOBase):
         self.timed_out = False     # the last start()'s deadline (or a stall) was hit
 
     def start(self, seconds: float) -> None:
+        """Begin a read window: reads fail with TimeoutError once `seconds` from now have passed."""
         self.deadline = time.monotonic() + seconds
         self.received = 0
         self.timed_out = False
 
     def readable(self) -> bool:
+        """Always readable (io.RawIOBase asks)."""
         return True
 
     def readinto(self, buffer: Any) -> int:
+        """Read into buffer, waiting at most until the deadline; TimeoutError when it passes."""
         wait = SOCKET_TIMEOUT
         if self.deadline is not None:
             wait = min(wait, self.deadline - time.monotonic())
@@ -7270,6 +7616,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return SOCKET_TIMEOUT
 
     def setup(self) -> None:
+        """http.server's setup, with rfile replaced by a reader that enforces the header and body deadlines."""
         super().setup()
         self.rfile.close()  # replaced by a reader that enforces HEADER_TIMEOUT and BODY_TIMEOUT
         self.reader = DeadlineReader(self.connection)
@@ -7286,18 +7633,23 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.server.metrics.record_drop("header_timeout")
 
     def do_GET(self) -> None:
+        """Route a GET by GET_ROUTES."""
         self._dispatch(self.GET_ROUTES)
 
     def do_POST(self) -> None:
+        """Route a POST by POST_ROUTES."""
         self._dispatch(self.POST_ROUTES)
 
     def do_HEAD(self) -> None:
+        """Route a HEAD as its GET (the body is not written)."""
         self._dispatch(self.GET_ROUTES)
 
     def do_OPTIONS(self) -> None:
+        """Answer a CORS preflight for a known path."""
         self._dispatch(self.PREFLIGHT_ROUTES)
 
     def do_PUT(self) -> None:
+        """No route takes PUT: a known path answers 405 with Allow, an unknown one 404."""
         self._dispatch({})
 
     do_DELETE = do_PATCH = do_PUT
@@ -7319,7 +7671,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         with self.server.exchange():
             try:
                 if self.server.stopping:
-                    self.close_connection = True
+                    self._close_after_response()
                 path = self.route_path
                 self._check_host()
                 self._check_origin()
@@ -7332,13 +7684,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
             except APIError as exc:
                 self._send_error(exc)
             except ClientGone as exc:
-                self.close_connection = True
+                self._close_after_response()
                 self.server.metrics.record_drop(exc.args[0] if exc.args else "client_gone")
             except TimeoutError:  # a response write stalled past SOCKET_TIMEOUT
-                self.close_connection = True
+                self._close_after_response()
                 self.server.metrics.record_drop("write_stall")
             except (BrokenPipeError, ConnectionResetError):
-                self.close_connection = True
+                self._close_after_response()
                 self.server.metrics.record_drop("client_gone")
             except Exception as exc:
                 log.error("unhandled error on %s %s: %r", self.command, self.path, exc, exc_info=exc)
@@ -7428,7 +7780,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.request_version == "HTTP/0.9":  # http.server would then omit the status line and headers
             self.request_version = "HTTP/1.0"
         status = HTTPStatus(code)
-        self.close_connection = True
+        self._close_after_response()
         self.body_read = False
         error = APIError(status, "invalid_request_error", message or status.phrase,
                          code=status.phrase.lower().replace(" ", "_").replace("-", "_"))
@@ -7440,18 +7792,24 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def _send_error(self, error: APIError) -> None:
         if self.status_sent is not None:  # a response is under way: just end it
-            self.close_connection = True
+            self._close_after_response()
             return
-        # The unread body of a refused request would be parsed as the next request.
-        if not self.body_read:
-            self.close_connection = True
+        self._close_after_response(unless_body_read=True)
         self._send_json(self._error_body(error), error.status, error.headers)
+
+    def _close_after_response(self, unless_body_read: bool = False) -> None:
+        """The one place that ends this connection after the response, for any of: the server is
+        stopping; the client went away or a write stalled; http.server refused the request; a response
+        broke off; a stream (no length: its end is the connection's end); or, with unless_body_read,
+        only when the request's body was left unread, since it would be parsed as the next request."""
+        if not (unless_body_read and self.body_read):
+            self.close_connection = True
 
     def _error_body(self, error: APIError) -> dict:
         """The error in the envelope of the API that was called: Anthropic's under /v1/messages (and on
         /v1/models when the client sent anthropic-version), else OpenAI's."""
         if self._anthropic():
-            return {**error.anthropic_body(), "request_id": getattr(self, "request_id", None)}
+            return error.anthropic_body(getattr(self, "request_id", None))
         return error.body()
 
     def _anthropic(self) -> bool:
@@ -7464,8 +7822,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     # -- plain responses ----------------------------------------------------
 
     def _send_bytes(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
-        if not self.body_read:
-            self.close_connection = True
+        self._close_after_response(unless_body_read=True)
         self.send_response(status)
         self.status_sent = int(status)
         self.send_header("Content-Type", content_type)
@@ -7501,19 +7858,23 @@ class Handler(http.server.BaseHTTPRequestHandler):
     # -- GET routes ---------------------------------------------------------
 
     def route_page(self) -> None:
+        """GET /: the chat page, under PAGE_CSP."""
         self._send_bytes(HTTPStatus.OK, self.server.page_html, "text/html; charset=utf-8",
                          {"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-cache"})
 
     def route_chat_js(self) -> None:
+        """GET /chat.js: the page's script."""
         self._send_bytes(HTTPStatus.OK, self.server.chat_js, "text/javascript; charset=utf-8",
                          {"Cache-Control": "no-cache"})
 
     def route_healthz(self) -> None:
+        """GET /healthz: liveness and load; 503 once the engine has died."""
         health = self.server.health()
         ok = health["status"] == "ok"
         self._send_json(health, HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE)
 
     def route_metrics(self) -> None:
+        """GET /metrics: Prometheus text, never cached."""
         self._send_bytes(HTTPStatus.OK, self.server.metrics_text().encode(), "text/plain; version=0.0.4; charset=utf-8",
                          {"Cache-Control": "no-store"})
 
@@ -7535,7 +7896,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Access-Control-Allow-Headers", asked if plain else "Authorization, Content-Type, X-Api-Key")
             self.send_header("Access-Control-Max-Age", str(CORS_MAX_AGE_SECONDS))
         if not self.body_read:
-            self.close_connection = True
+            self._close_after_response()
             self.send_header("Connection", "close")
         self.end_headers()
 
@@ -7573,15 +7934,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
     # -- POST routes --------------------------------------------------------
 
     def route_chat(self) -> None:
+        """POST /v1/chat/completions: parse, then generate (streaming or not)."""
         self._generate(parse_generation_request("chat", self._read_json(), self.server.settings))
 
     def route_completions(self) -> None:
+        """POST /v1/completions: parse, then generate (streaming or not)."""
         self._generate(parse_generation_request("completions", self._read_json(), self.server.settings))
 
     def route_messages(self) -> None:
+        """POST /v1/messages: Anthropic's body parsed into the one request type, then generated."""
         self._generate(parse_messages_request(self._read_json(), self.server.settings))
 
     def route_responses(self) -> None:
+        """POST /v1/responses: a stored previous_response_id's conversation comes first, then generate."""
         body = self._read_json()
         previous = None
         if isinstance(body.get("previous_response_id"), str):
@@ -7798,7 +8163,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._send_common_headers()
         # No length is known ahead, so the end of the stream is the end of the connection.
         self.send_header("Connection", "close")
-        self.close_connection = True
+        self._close_after_response()
         self.end_headers()
         self.wfile.flush()
 
@@ -7821,9 +8186,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         # http.server's own lines (bad request lines, timeouts) go to debug;
         # every answered request gets one line from _log_request instead.
+        """http.server's own lines (bad request lines, timeouts) at debug level."""
         log.debug("%s " + format, self.address_string(), *args)
 
     def log_request(self, code: Any = "-", size: Any = "-") -> None:
+        """Nothing: every answered request gets one line from _log_request instead."""
         pass
 
     def _record_request(self) -> None:
@@ -7887,6 +8254,7 @@ class LemServer(http.server.ThreadingHTTPServer):
 
     @property
     def url(self) -> str:
+        """The base URL clients use, with an IPv6 host in brackets."""
         host, port = self.server_address[:2]
         return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
 
@@ -7985,6 +8353,7 @@ class LemServer(http.server.ThreadingHTTPServer):
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
+        """Serve one connection on its thread, then count it closed, whatever happened."""
         try:
             super().process_request_thread(request, client_address)
         finally:
@@ -8093,6 +8462,7 @@ class ResponseStore:
         self.lock = threading.Lock()
 
     def put(self, response: dict, conversation: list[dict]) -> None:
+        """Keep a response and its conversation (store: true) within the count and byte bounds, oldest out first."""
         entry = {"response": response, "conversation": conversation}
         size = len(json.dumps(entry, ensure_ascii=False).encode())
         if self.max_count == 0 or size > self.max_bytes:
@@ -8134,6 +8504,7 @@ class AdmissionQueue:
 
     @property
     def waiting(self) -> int:
+        """How many requests wait for a slot now."""
         return len(self.line)
 
     def enter(self, slots: int, kv_bytes: int, timeout: float, gone: Callable[[], bool]) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import functools
 import gc
 import http.client
 import importlib
@@ -1207,7 +1208,7 @@ def test_counted_strings_reuse_cached_masks(model, schema):
 
 @pytest.mark.parametrize("schema,words", [
     ({"type": "object", "not": {}}, "no JSON value"),
-    ({"type": "array", "contains": {"type": "integer"}}, "'contains'"),
+    ({"type": "array", "unevaluatedItems": False}, "'unevaluatedItems'"),
     ({"type": "object", "unevaluatedProperties": False}, "'unevaluatedProperties'"),
     ({"type": "string", "pattern": "(?<=a)b"}, "lookbehind"),
     ({"type": "string", "pattern": "^((?!ab).)*$"}, "lookahead"),
@@ -1275,9 +1276,10 @@ def test_required_tool_call_streams_as_delta_tool_calls(openai_client):
             model="tiny", messages=ASK_WEATHER, tools=[WEATHER, ADD], tool_choice="required", max_tokens=120,
             temperature=1.0, seed=seed, stream=True))
         calls = [c for chunk in chunks if chunk.choices for c in chunk.choices[0].delta.tool_calls or []]
-        assert len(calls) == 1 and calls[0].index == 0 and calls[0].function.name in ("get_weather", "add")
+        assert {c.index for c in calls} == {0} and calls[0].function.name in ("get_weather", "add")
+        assert calls[0].id and not any(c.id or c.function.name for c in calls[1:])   # name and id come once, first
         schema = (WEATHER if calls[0].function.name == "get_weather" else ADD)["function"]["parameters"]
-        assert_valid(calls[0].function.arguments, schema)
+        assert_valid("".join(c.function.arguments or "" for c in calls), schema)
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
         assert not "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 
@@ -1364,6 +1366,12 @@ NEW_KEYWORD_CASES = {
     "uniqueItems of objects": ({"type": "array", "items": {"type": "object", "properties": {"a": {"type": "integer"}}},
                                 "uniqueItems": True}, ['[{"a":1}]', "[]"], ['[{"a":1},{"a":2}]']),
     "oneOf by type": ({"oneOf": [{"type": "string"}, {"type": ["integer", "null"]}]}, ['"a"', "1", "null"], ["1.5", "true"]),
+    "contains": ({"type": "array", "contains": {"const": "x"}}, ['["x"]', '["x",1]'], ["[]", "[1]"]),
+    "minContains/maxContains": ({"type": "array", "items": {"type": ["integer", "string"]}, "contains": {"type": "integer"},
+                                 "minContains": 2, "maxContains": 3}, ["[1,2]", '[1,2,"a"]'], ["[]", "[1]", '["a","b"]']),
+    "$ref to an $anchor": ({"$defs": {"n": {"$anchor": "num", "type": "integer"}, "o": {"$anchor": "old", "type": "string"}},
+                            "type": "array", "prefixItems": [{"$ref": "#num"}, {"$ref": "#old"}], "minItems": 2,
+                            "items": False}, ['[1,"a"]'], ['["a",1]', '[1,2]']),
 }
 
 
@@ -3114,33 +3122,53 @@ def test_a_template_that_fails_to_render_is_a_400_naming_its_error(family_server
     assert "You have passed a message containing <|channel|> tags in the content field" in error["message"]
 
 
-def scan_family_text(name: str, text: str, pieces: list[str]) -> tuple[str, str, list]:
-    """(content, reasoning, calls) of a family's reply text fed to its scanner in `pieces`."""
+def scan_family_text(name: str, text: str, pieces: list[str], live: bool = False) -> tuple[str, str, list]:
+    """(content, reasoning, calls) of a family's reply text fed to its scanner in `pieces`; `live` (as a stream
+    scans) also checks that each streamed call's argument pieces add up to its final arguments exactly."""
     template, _, _ = FAMILIES[name]
     parser = importlib.import_module(f"mlx_lm.tool_parsers.{'kimi_k2' if name == 'kimi-k2' else 'json_tools'}")
     form = lem_serve._chat_format((TEMPLATES / template).read_text("utf-8"), parser.tool_call_start,
                                   parser.tool_call_end, parser.parse_tool_call)  # what mlx_lm infers for the rest
     tools = [{"type": "function", "function": t} for t in FAMILY_TOOLS]
     scanner = lem_serve.HarmonyScanner(tools) if form.harmony else lem_serve.ToolCallScanner(form, tools)
+    scanner.live = live
     out = [piece for chunk in pieces for piece in scanner.feed(chunk)] + scanner.flush()
+    if live:
+        assert_streamed_arguments_add_up(out, every=bool(form.heads or form.harmony))
     calls = [(c["function"]["name"], json.loads(c["function"]["arguments"])) for k, v in out if k == "calls" for c in v]
     return ("".join(v for k, v in out if k == "text"), "".join(v for k, v in out if k == "reasoning"), calls)
 
 
+def assert_streamed_arguments_add_up(pieces: list[tuple], every: bool = True) -> None:
+    """Each call_start's call_args pieces, joined, are the arguments its call ends with (same id); with
+    `every`, each call was streamed so."""
+    sent, live = {}, None
+    for kind, value in pieces:
+        if kind == "call_start":
+            live = value["id"]
+            sent[live] = ""
+        elif kind == "call_args":
+            sent[live] += value
+    ended = {c["id"]: c["function"]["arguments"] for kind, value in pieces if kind == "calls" for c in value}
+    assert {i: ended.get(i) for i in sent} == sent, (sent, ended)
+    assert not every or set(sent) == set(ended), (sent, ended)
+
+
+@pytest.mark.parametrize("live", [False, True])
 @pytest.mark.parametrize("name", list(FAMILIES))
-def test_family_markers_split_anywhere_never_reach_content(name):
+def test_family_markers_split_anywhere_never_reach_content(name, live):
     """Every script cut into pieces at every character (as a tokenizer whose markers are several tokens
     would stream it) scans to what it scans to whole: no marker leaks, no call is lost."""
     _, _, scripts = FAMILIES[name]
     for kind, text in scripts.items():
         text = text.split("</think>", 1)[-1]   # the engine's ReasoningSplitter takes a think block first
-        whole = scan_family_text(name, text, [text])
+        whole = scan_family_text(name, text, [text], live)
         content, reasoning, calls = whole
         if kind.endswith("call") or kind == "parallel":
             assert calls == FAMILY_EXPECTED[kind][2] and not content.strip(), (name, kind, whole)
         for cut in range(1, len(text)):
-            assert scan_family_text(name, text, [text[:cut], text[cut:]]) == whole, (name, kind, cut)
-        assert scan_family_text(name, text, list(text)) == whole, (name, kind)
+            assert scan_family_text(name, text, [text[:cut], text[cut:]], live) == whole, (name, kind, cut)
+        assert scan_family_text(name, text, list(text), live) == whole, (name, kind)
 
 
 # ---------------------------------------------------------------------------
@@ -3393,12 +3421,14 @@ def test_responses_required_function_call_streams_arguments(openai_client):
     events = list(openai_client.responses.create(model="tiny", input=ASK_WEATHER, tools=tools, tool_choice="required",
                                                  max_output_tokens=120, temperature=1.0, stream=True))
     kinds = [event.type for event in events]
-    assert kinds[-5:] == ["response.output_item.added", "response.function_call_arguments.delta",
-                          "response.function_call_arguments.done", "response.output_item.done", "response.completed"]
+    added = kinds.index("response.output_item.added", kinds.index("response.in_progress"))
+    deltas = [e.delta for e in events[added + 1:-3]]   # the forced call's arguments, streamed as they are written
+    assert kinds[added + 1:] == ["response.function_call_arguments.delta"] * len(deltas) + [
+        "response.function_call_arguments.done", "response.output_item.done", "response.completed"] and deltas
     assert "response.output_text.delta" not in kinds
     done = events[-3]
     (call,) = events[-1].response.output
-    assert done.arguments == call.arguments and done.item_id == call.id
+    assert done.arguments == call.arguments == "".join(deltas) and done.item_id == call.id
     schema = (WEATHER if call.name == "get_weather" else ADD)["function"]["parameters"]
     assert_valid(call.arguments, schema)
 
@@ -3426,7 +3456,7 @@ BAD_MESSAGES_BODIES = [
     ("tool_use from the user", {"max_tokens": 5, "messages": [{"role": "user", "content": [
         {"type": "tool_use", "id": "t", "name": "f", "input": {}}]}]}),
     ("tool_result without id", {"max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "tool_result"}]}]}),
-    ("prefilled reply", {"max_tokens": 5, "messages": [*HELLO, {"role": "assistant", "content": "Sure,"}]}),
+    ("prefill ending in a space", {"max_tokens": 5, "messages": [*HELLO, {"role": "assistant", "content": "Sure, "}]}),
     ("tool_choice without tools", {"max_tokens": 5, "messages": HELLO, "tool_choice": {"type": "any"}}),
     ("tool_choice unknown tool", {"max_tokens": 5, "messages": HELLO, "tools": [as_anthropic_tool(ADD)],
                                   "tool_choice": {"type": "tool", "name": "nope"}}),
@@ -3568,6 +3598,104 @@ def test_metrics_count_the_dialects_per_endpoint(make_server):
     assert samples["lem_cached_prompt_tokens_total", ""] >= 2 * cached  # each second request read its first's prefix
 
 
+PREFILL = [*HELLO, {"role": "assistant", "content": "The answer is"}]  # a reply to continue (a prefill)
+
+
+def prefill_reference(model, messages: list[dict], max_tokens: int) -> tuple[str, list[int]]:
+    """What mlx_lm.generate writes after the conversation rendered up to the end of its last (assistant) text,
+    found as transformers' continue_final_message finds it; and that prompt's tokens."""
+    import mlx_lm
+    text = model.tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
+    last = messages[-1]["content"]
+    cut = text[:text.rindex(last) + len(last)]
+    return mlx_lm.generate(model.model, model.tokenizer, cut, max_tokens=max_tokens), model.tokenizer.encode(cut)
+
+
+def first_visible(text: str) -> str:
+    """The first non-space character of the second half of `text` (a stop sequence that cuts it there)."""
+    return next(c for c in text[len(text) // 2:] if not c.isspace())
+
+
+def test_messages_prefill_continues_the_assistant_text(server, model, anthropic_client):
+    expected, prompt = prefill_reference(model, PREFILL, 12)
+    message = anthropic_client.messages.create(model="m", max_tokens=12, messages=PREFILL, extra_body=GREEDY)
+    assert [b.type for b in message.content] == ["text"] and message.content[0].text == expected
+    assert message.stop_reason == "max_tokens" and message.usage.output_tokens == 12
+    with anthropic_client.messages.stream(model="m", max_tokens=12, messages=PREFILL, extra_body=GREEDY) as events:
+        streamed, final = "".join(events.text_stream), events.get_final_message()
+    assert streamed == expected and final.content[0].text == expected
+    usage = final.usage  # the second request read the first's prompt from the cache
+    assert usage.cache_read_input_tokens == len(prompt) - 1 and usage.input_tokens == 1
+    stop = first_visible(expected)
+    cut = anthropic_client.messages.create(model="m", max_tokens=12, messages=PREFILL, stop_sequences=[stop],
+                                           extra_body=GREEDY)
+    assert cut.content[0].text == expected[:expected.index(stop)]
+    assert cut.stop_reason == "stop_sequence" and cut.stop_sequence == stop
+
+
+@pytest.mark.parametrize("content, why", [("The answer is ", "trailing whitespace"),
+                                          ("The answer is", "thinking")])
+def test_messages_prefill_refused_where_anthropic_refuses_it(server, content, why):
+    thinking = {"thinking": {"type": "enabled", "budget_tokens": 1024}} if why == "thinking" else {}
+    reply = request(server, "POST", "/v1/messages", {"max_tokens": 2000, **thinking, "messages": [
+        *HELLO, {"role": "assistant", "content": [{"type": "text", "text": content}]}]})
+    assert why in assert_anthropic_error(reply, 400, "invalid_request_error")["message"]
+
+
+def test_chat_prefill_continues_the_last_assistant_message(server, model, openai_client):
+    expected, _ = prefill_reference(model, PREFILL, 12)
+    reply = openai_client.chat.completions.create(model="tiny", messages=PREFILL, max_tokens=12, temperature=0)
+    assert reply.choices[0].message.content == expected and reply.choices[0].finish_reason == "length"
+    chunks = openai_client.chat.completions.create(model="tiny", messages=PREFILL, max_tokens=12, temperature=0,
+                                                   stream=True, extra_body={"continue_final_message": True})
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    stop = first_visible(expected)
+    cut = openai_client.chat.completions.create(model="tiny", messages=PREFILL, max_tokens=12, temperature=0,
+                                                stop=[stop])
+    assert cut.choices[0].message.content == expected[:expected.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    fresh = openai_client.chat.completions.create(model="tiny", messages=PREFILL, max_tokens=12, temperature=0,
+                                                  extra_body={"add_generation_prompt": True})
+    assert fresh.choices[0].message.content == mlx_reference(model, chat_prompt(model, PREFILL), 12)
+    refused = request(server, "POST", "/v1/chat/completions", {"messages": HELLO, "continue_final_message": True})
+    assert "last assistant message" in assert_openai_error(refused, 400, "continue_final_message")["message"]
+
+
+def test_responses_prefill_continues_the_last_assistant_message(server, model, openai_client):
+    expected, _ = prefill_reference(model, PREFILL, 12)
+    response = openai_client.responses.create(model="tiny", input=PREFILL, max_output_tokens=12, temperature=0)
+    assert response.output_text == expected and response.incomplete_details.reason == "max_output_tokens"
+
+
+def test_prefill_of_a_reply_cut_while_thinking_goes_on_thinking(thinking_server):
+    """A reply with only reasoning (cut while thinking) is continued inside its reasoning, however long it
+    is: the thinking parrot says the rest of THINKING after its last token "Plan", then its answer."""
+    cut = {"role": "assistant", "content": "", "reasoning_content": "filler words " * 30 + "\nPlan"}
+    message = post(thinking_server, "chat", messages=[*HELLO, cut], max_tokens=50)["choices"][0]["message"]
+    assert message["reasoning_content"] == THINKING[len("Plan"):] and message["content"] == ANSWER
+
+
+def test_prefill_cuts_each_family_template_where_transformers_does(family_server):
+    """The prompt of a prefill on real templates (thinking ones too) is as long as transformers'
+    continue_final_message makes it: cut right after the text, no end of turn."""
+    _, _, server, model = family_server
+    messages = [{"role": "user", "content": "What now?"}, {"role": "assistant", "content": "The answer is"}]
+    counted = request(server, "POST", "/v1/messages/count_tokens", {"messages": messages})
+    assert counted.status == 200, counted.raw
+    expected = model.tokenizer.apply_chat_template(messages, continue_final_message=True, enable_thinking=False)
+    assert counted.json()["input_tokens"] == len(expected)
+    assert model.tokenizer.decode(expected).endswith("The answer is")
+
+
+def test_prefill_refused_where_the_template_drops_the_assistant_text(model, model_dir, tmp_path):
+    template = "{% for m in messages %}{% if m.role != 'assistant' %}{{ m.content }}\n{% endif %}{% endfor %}"
+    folder = with_chat_template(model_dir, tmp_path / "model", template)
+    with running_server(lem_serve.load_model(lem_serve.Settings(model_path=str(folder))), folder) as srv:
+        reply = request(srv, "POST", "/v1/messages", {"max_tokens": 5, "messages": PREFILL})
+        assert "cannot be continued" in assert_anthropic_error(reply, 400, "invalid_request_error")["message"]
+        assert request(srv, "POST", "/v1/messages", {"max_tokens": 5, "messages": HELLO}).status == 200
+
+
 # ---------------------------------------------------------------------------
 # Agent fidelity: the API contracts the SDKs and the agents rely on (issue 23)
 # ---------------------------------------------------------------------------
@@ -3598,8 +3726,9 @@ def slip_server(tmp_path_factory):
         yield srv
 
 
+@functools.lru_cache(maxsize=None)
 def sdk_type(kind):
-    """A pydantic validator for an SDK type (a model class or a union of them)."""
+    """A pydantic validator for an SDK type (a model class or a union of them), built once per type."""
     pydantic = pytest.importorskip("pydantic")
     return pydantic.TypeAdapter(kind)
 
@@ -4104,6 +4233,104 @@ def test_sdk_types_strictly_for_every_shape_sent(server, thinking_server, slip_s
     codex |= {"openai:chat.completion", "openai:chat.completion.chunk", "openai:model"}
     assert claude == ANTHROPIC_CHECKLIST, claude ^ ANTHROPIC_CHECKLIST
     assert codex == OPENAI_CHECKLIST, codex ^ OPENAI_CHECKLIST
+
+
+# A long tool call (a Write of a file), in Qwen's format after a line of text: its arguments must stream
+# as the model writes them (issue 23 item 5), not arrive in one piece when the call closes. Written compact,
+# so the final arguments equal the streamed pieces only if they are the model's text, not re-encoded JSON.
+WRITE_ARGS = {"path": "notes/todo.md", "content": "".join(f"- item {i}: check the {i}th box\n" for i in range(24))}
+WRITE_TOOL = {"name": "write_file", "description": "Write a file",
+              "parameters": {"type": "object", "properties": {"path": {"type": "string"}, "content": {"type": "string"}},
+                             "required": ["path", "content"]}}
+WRITE_SCRIPT = "I will write it.\n" + QWEN_CALL.format("write_file", json.dumps(WRITE_ARGS, separators=(",", ":")))
+
+
+@pytest.fixture(scope="module")
+def write_server(tmp_path_factory):
+    from testing.scripted_model import build_scripted_model
+    template, keywords, _ = FAMILIES["qwen3"]
+    path = build_scripted_model(tmp_path_factory.mktemp("write") / "qwen3", (TEMPLATES / template).read_text("utf-8"),
+                                [WRITE_SCRIPT], **keywords)
+    with running_server(lem_serve.load_model(lem_serve.Settings(model_path=str(path))), path) as srv:
+        yield srv
+
+
+def write_request(endpoint: str) -> dict:
+    """The request whose reply is WRITE_SCRIPT, the write_file tool offered in the endpoint's shape."""
+    from testing.scripted_model import trigger
+    tool = {"chat": {"type": "function", "function": WRITE_TOOL}, "responses": {"type": "function", **WRITE_TOOL},
+            "messages": {"name": WRITE_TOOL["name"], "description": WRITE_TOOL["description"],
+                         "input_schema": WRITE_TOOL["parameters"]}}[endpoint]
+    thinking = {"thinking": {"type": "enabled", "budget_tokens": 1024}} if endpoint == "messages" else {}
+    ask = {"input" if endpoint == "responses" else "messages": [{"role": "user", "content": f"Write it. {trigger(0)}"}]}
+    return body_for(endpoint, max_tokens=2000, tools=[tool], **ask, **thinking)   # (Qwen3's template renders the same tail with thinking on)
+
+
+def argument_deltas_before_close(endpoint: str, events: list[dict]) -> tuple[list[str], str]:
+    """(the call's argument pieces sent before its closing event, its final arguments) from a raw stream."""
+    pieces, final = [], None
+    for event in events:
+        if endpoint == "messages":
+            if event["type"] == "content_block_delta" and event["delta"]["type"] == "input_json_delta":
+                pieces.append(event["delta"]["partial_json"])
+            if event["type"] == "content_block_stop" and pieces and final is None:
+                final = "".join(pieces)   # Anthropic's final input is what its deltas add up to
+        elif endpoint == "responses":
+            if event["type"] == "response.function_call_arguments.delta":
+                pieces.append(event["delta"])
+            if event["type"] == "response.function_call_arguments.done":
+                final = event["arguments"]
+                break
+        else:
+            for call in (event["choices"][0]["delta"].get("tool_calls") or []) if event.get("choices") else []:
+                pieces += [call["function"]["arguments"]] if call["function"].get("arguments") else []
+            if event.get("choices") and event["choices"][0]["finish_reason"]:
+                final = "".join(pieces)
+                break
+    return pieces, final
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "messages", "responses"])
+def test_tool_arguments_stream_as_the_model_writes_them(write_server, endpoint):
+    """Raw SSE: the write_file call opens with its name, its arguments come in many pieces before it
+    closes, the pieces add up to the final arguments exactly, and no marker shows anywhere."""
+    body = write_request(endpoint)
+    events = [e for e in sse_payloads(request(write_server, "POST", path_of(endpoint), {**body, "stream": True}).raw)]
+    pieces, final = argument_deltas_before_close(endpoint, events)
+    assert len(pieces) > 10 and final == "".join(pieces), (endpoint, pieces[:3], final)
+    assert json.loads(final) == WRITE_ARGS
+    content, _, calls = streamed_parts(endpoint, events)
+    assert (content.strip(), calls) == ("I will write it.", [("write_file", WRITE_ARGS)])
+    shown = json.dumps(events)
+    assert not [m for m in FAMILY_MARKERS if m in shown], shown[:500]
+    assert reply_parts(endpoint, request(write_server, "POST", path_of(endpoint), body).json())[2] == calls
+
+
+def test_sdks_stream_tool_arguments_incrementally(write_server):
+    """Through the anthropic and openai SDKs (every event strictly typed): several argument deltas, whose
+    accumulation the SDK's own stream helpers turn into the exact final arguments."""
+    anthropic, openai = pytest.importorskip("anthropic"), pytest.importorskip("openai")
+    events = anthropic_stream_events(write_server, **write_request("messages"))
+    assert sum(e["type"] == "content_block_delta" and e["delta"]["type"] == "input_json_delta" for e in events) > 10
+    claude = anthropic.Anthropic(base_url=write_server.url, api_key="unused", max_retries=0, timeout=60)
+    with claude.messages.stream(model="m", **write_request("messages")) as flow:
+        deltas = [e.partial_json for e in flow if e.type == "input_json"]
+        message = flow.get_final_message()
+    assert len(deltas) > 10 and [b.input for b in message.content if b.type == "tool_use"] == [WRITE_ARGS]
+    events = responses_stream_events(write_server, **write_request("responses"))
+    assert sum(e["type"] == "response.function_call_arguments.delta" for e in events) > 10
+    client = openai.OpenAI(base_url=write_server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    with client.responses.stream(model="m", **write_request("responses")) as flow:
+        deltas = [e.delta for e in flow if e.type == "response.function_call_arguments.delta"]
+        response = flow.get_final_response()
+    (call,) = [item for item in response.output if item.type == "function_call"]
+    assert len(deltas) > 10 and call.arguments == "".join(deltas) and json.loads(call.arguments) == WRITE_ARGS
+    with client.chat.completions.stream(model="m", **write_request("chat")) as flow:
+        deltas = [e.arguments_delta for e in flow if e.type == "tool_calls.function.arguments.delta"]
+        completion = flow.get_final_completion()
+    (call,) = completion.choices[0].message.tool_calls
+    assert len(deltas) > 10 and call.function.arguments == "".join(deltas)
+    assert json.loads(call.function.arguments) == WRITE_ARGS
 
 
 # Every shape test_sdk_types_strictly_for_every_shape_sent validates: 19 anthropic, 32 openai.
@@ -5997,10 +6224,25 @@ def test_continue_extends_the_same_message(chat):
     after = conversation_in(page)["messages"]
     assert len(after) == 2 and after[1]["id"] == before["id"]
     assert after[1]["content"].startswith(before["content"]) and len(after[1]["content"]) > len(before["content"])
-    sent = posts[0]["messages"]
-    assert sent[1] == {"role": "assistant", "content": page.evaluate("(t) => window.lemChat.stripThink(t)", before["content"])}
-    assert sent[-1]["role"] == "user"
+    sent = posts[0]["messages"]  # the cut reply comes last, as it stands: the server continues it (no "continue" turn)
+    assert [m["role"] for m in sent] == ["user", "assistant"] and sent[0]["content"] == "Write a lot"
+    assert sent[1] == {"role": "assistant", "content": page.evaluate("(t) => window.lemChat.answerOf(t)", before["content"])}
+    assert sent[1]["content"] and after[1]["content"].startswith(sent[1]["content"])
     assert page.locator("article.msg").count() == 2
+    chat.check_clean()
+
+
+def test_continue_sends_a_reply_cut_while_thinking_with_its_reasoning(chat):
+    """Continue on a reasoning-only reply sends it with its reasoning (the server goes on thinking where
+    the template renders reasoning; the tiny model's drops it, so it answers) into the same message."""
+    page = chat.page
+    chat.seed([stored("c1", "Thinking", said("user", "Think hard"),
+                      said("assistant", "", reasoning="Only reasoning, cut", finishReason="length"))], current="c1")
+    reply = chat.reply()
+    posts = chat_posts(page, lambda: (reply.get_by_role("button", name="Continue").click(), chat.wait_reply("done")))
+    assert posts[0]["messages"][-1] == {"role": "assistant", "content": "", "reasoning_content": "Only reasoning, cut"}
+    (message,) = conversation_in(page)["messages"][1:]
+    assert message["reasoning"] == "Only reasoning, cut" and message["content"]
     chat.check_clean()
 
 

@@ -688,9 +688,8 @@ def mask_cost(model_path: Path) -> dict:
     constraint = lem_serve.parse_response_format({"type": "json_schema",
                                                   "json_schema": {"name": "person", "schema": person_schema()}})
     ids = tokenizer.encode(json.dumps(PERSON_ANSWER, indent=2), add_special_tokens=False) + table.eos[:1]
-    model = lem_serve.Model(None, tokenizer, None, table.size)
     for run in ("cold", "warm"):
-        processor = lem_serve.json_constraint(constraint, model, 10 * len(ids))
+        processor = lem_serve.json_constraint(constraint, tokenizer, 10 * len(ids))
         logits, steps = mx.zeros((1, table.size)), []
         for previous, token in zip([0] + ids, ids):
             begun = time.perf_counter()

@@ -31,7 +31,7 @@ Run it (from the repository root, venv active):
 
 Results go to bench/results/sharded.json and .md, and (not with --quick) to
 bench/RESULTS-sharded.md. This machine has 2 cores shared by both ranks and
-their loopback socket; read the ratios, and see README "Serving more users"
+their loopback socket; read the ratios, and see deploy/README.md "What to expect"
 for what to expect from Macs linked by Thunderbolt.
 """
 

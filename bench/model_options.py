@@ -10,7 +10,7 @@ Both servers get the same flags and the same greedy chat prompts:
    accepted, so the row shows what the mechanism costs and saves at best) and
    a random model of the tiny shape with the same tokenizer ("disagreeing":
    almost nothing is accepted, the worst case). Random-weight models have no
-   honest "small draft of a big model" pair; see the README for what to
+   honest "small draft of a big model" pair; see bench/README.md for what to
    expect with real ones.
 2. Quantized KV cache (``--kv-bits 8`` and ``4``, ``--quantized-kv-start 0``)
    against full precision: KV bytes per token of context, read from

@@ -230,7 +230,7 @@ MUTATIONS = [
              ("test_nginx_replica_stopped_mid_stream_finishes_it_while_new_requests_go_elsewhere",)),
     # The agents' dialects (issue 12).
     Mutation("anthropic-errors-in-openai-envelope", "errors on /v1/messages come in OpenAI's envelope",
-             (("        if self._anthropic():\n            return {**error.anthropic_body(), \"request_id\": getattr(self, \"request_id\", None)}\n",
+             (("        if self._anthropic():\n            return error.anthropic_body(getattr(self, \"request_id\", None))\n",
                ""),),
              ("test_bad_messages_bodies_are_anthropic_400s", "test_errors_before_the_route_come_in_the_callers_envelope")),
     Mutation("x-api-key-ignored", "the API key is taken only as a Bearer token, so Claude Code is refused",
@@ -267,7 +267,7 @@ MUTATIONS = [
                '    if kind == "tool" and isinstance(choice.get("name"), str):\n        return "auto"'),),
              ("test_messages_forced_tool_use_round_trip",)),
     Mutation("dialect-error-event-missing", "an Anthropic stream that fails after its headers just ends",
-             (('        return self._event("error", error=error.anthropic_body()["error"])', '        return b""'),),
+             (('        return self._event("error", error=error.anthropic_error())', '        return b""'),),
              ("test_dialect_stream_past_the_deadline_ends_with_an_error_event",)),
     Mutation("prompt-too-long-worded-otherwise", "a prompt that does not fit is not worded as Anthropic words it",
              (('raise invalid(f"prompt is too long: {prompt_tokens} tokens > {limit - 1} maximum',
@@ -379,8 +379,8 @@ MUTATIONS = [
                "        refused = sorted(set(schema) - SCHEMA_KEYWORDS - {'title', 'description', '$schema', '$defs'})"),),
              ("test_new_keywords_are_enforced_and_every_walk_validates",)),
     Mutation("json-extra-keys-repeat", "an extra key may be written twice in one object",
-             (("return None if slot is None else (self, \"colon\", len(self.props) + slot, count, seen | {text}, 0)",
-               "return None if slot is None else (self, \"colon\", len(self.props) + slot, count, seen, 0)"),),
+             (("                                                            seen=frame.seen | {text})",
+               "                                                            seen=frame.seen)"),),
              ("test_new_keywords_are_enforced_and_every_walk_validates",)),
     Mutation("json-lookahead-ignored", "a leading lookahead is parsed and then ignored",
              (("            looks.append(((\"seq\", [(\"anchor\", \"^\"), body, ANYTHING]), not positive))",
@@ -394,8 +394,8 @@ MUTATIONS = [
                "            pass"),),
              ("test_new_keywords_are_enforced_and_every_walk_validates",)),
     Mutation("json-malformed-type-crashes", "a oneOf branch whose type is not a name crashes the compiler (a 500)",
-             (("            kinds = {k for k in _as_list(schema[\"type\"]) if isinstance(k, str)}\n"
-               "            return kinds", "            kinds = set(_as_list(schema[\"type\"]))\n            return kinds"),),
+             (("    kinds = {k for k in _as_list(value) if isinstance(k, str)}",
+               "    kinds = set(_as_list(value))"),),
              ("test_malformed_schemas_are_answered_never_a_5xx",)),
     Mutation("json-closing-key-too-short", "an excluded key leaf looks for a closing text only 32 characters deep, so a "
              "pattern key longer than that cannot close (a 500 mid-stream)",
@@ -405,6 +405,13 @@ MUTATIONS = [
     Mutation("json-multipleof-float-steps", "multipleOf 0.01 allows 7.77, which validators' float division refuses",
              (("            if integer or exact.denominator == 1 or Fraction(float(exact)) != exact:",
                "            if integer or exact.denominator == 1:"),),
+             ("test_new_keywords_are_enforced_and_every_walk_validates",)),
+    Mutation("json-contains-ignored", "contains / minContains / maxContains constrain nothing",
+             (("        if \"contains\" in schema:\n            prefix, items, low = self.contains(",
+               "        if False:\n            prefix, items, low = self.contains("),),
+             ("test_new_keywords_are_enforced_and_every_walk_validates",)),
+    Mutation("json-anchor-as-root", "a $ref to an $anchor (\"#name\") is read as the root schema",
+             (("        if ref[1:2] not in (\"\", \"/\"):", "        if False:"),),
              ("test_new_keywords_are_enforced_and_every_walk_validates",)),
     # Issue 21: the prompt cache's budget, the admission queue, memory.
     Mutation("prompt-cache-drops-whole", "an entry larger than the prompt cache's budget is dropped, not cut to "
@@ -616,15 +623,65 @@ MUTATIONS = [
              (("    delete msg.finishReason;\n    msg.status = \"streaming\";",
                "    delete msg.finishReason;\n    msg.content = \"\";\n    msg.status = \"streaming\";"),),
              ("test_continue_extends_the_same_message",), target="chat.js"),
+    Mutation("continue-asks-in-a-user-turn", "Continue sends a \"continue\" user turn after the cut reply "
+                                             "instead of ending the request with it",
+             (("    request.messages.push(cut);", "    request.messages.push(cut, { role: \"user\", content: \"Continue.\" });"),),
+             ("test_continue_extends_the_same_message",), target="chat.js"),
+    Mutation("continue-drops-reasoning", "Continue sends a reply cut while thinking without its reasoning",
+             (("    if (msg.reasoning) cut.reasoning_content = msg.reasoning;\n", ""),),
+             ("test_continue_sends_a_reply_cut_while_thinking_with_its_reasoning",), target="chat.js"),
     Mutation("attachment-not-sent", "an attached file shows as a chip but is left out of the message",
              (("    for (const file of attachments) parts.push(attachmentBlock(file));", ""),),
              ("test_an_attached_file_goes_into_the_request",), target="chat.js"),
     Mutation("settings-shared-by-all-chats", "a chat's settings are the global ones",
              (("    return { ...state.settings, ...(conv && conv.settings) };", "    return { ...state.settings };"),),
              ("test_settings_differ_per_chat_and_new_chats_take_the_defaults",), target="chat.js"),
+    # Issue 23 item 5: tool-call arguments stream as the model writes them.
+    Mutation("tool-arguments-held-to-close", "a streamed tool call's arguments are held until the call closes",
+             (("            self.scanner.live = True   # a stream: arguments go out as they come\n",
+               "            self.scanner.live = False\n"),),
+             ("test_tool_arguments_stream_as_the_model_writes_them", "test_sdks_stream_tool_arguments_incrementally")),
+    Mutation("streamed-arguments-reencoded", "a streamed call ends with its arguments re-encoded, not the text streamed",
+             (('            function = {**call["function"], "arguments": sent["raw"]} if same else call["function"]\n',
+               '            function = call["function"]\n'),),
+             ("test_tool_arguments_stream_as_the_model_writes_them", "test_sdks_stream_tool_arguments_incrementally")),
+    Mutation("call-tail-streamed-as-arguments", "a call's arguments stream past their closing brace (the call's tail)",
+             (('                self.streamed[-1]["done"] = self.depth == 0\n',
+               '                self.streamed[-1]["done"] = False\n'),),
+             ("test_tool_arguments_stream_as_the_model_writes_them",
+              "test_family_markers_split_anywhere_never_reach_content")),
     Mutation("escape-does-not-stop", "Escape leaves the reply streaming",
              (("      stopGenerating(conv);\n    }\n  }\n", "    }\n  }\n"),),
              ("test_two_tabs_on_one_chat_keep_both_replies_and_escape_stops",), target="chat.js"),
+    # Assistant prefill (issue 25's Continue, in the server).
+    Mutation("prefill-keeps-end-of-turn", "a continued assistant message is rendered whole, its end of turn included",
+             (("            return tokenizer.encode(text[:text.index(PREFILL_MARK)], add_special_tokens=False)",
+               "            return tokenizer.encode(text.replace(PREFILL_MARK, \"\"), add_special_tokens=False)"),),
+             ("test_messages_prefill_continues_the_assistant_text",
+              "test_chat_prefill_continues_the_last_assistant_message",
+              "test_responses_prefill_continues_the_last_assistant_message")),
+    Mutation("chat-prefill-ignored", "a chat request ending in an assistant message gets a new reply after it",
+             (("    return continuable and wanted is not False and not fresh", "    return False"),),
+             ("test_chat_prefill_continues_the_last_assistant_message",)),
+    Mutation("responses-prefill-ignored", "Responses input ending in an assistant message gets a new reply after it",
+             (("        prefill=last.get(\"role\") == \"assistant\" and not last.get(\"tool_calls\"),", ""),),
+             ("test_responses_prefill_continues_the_last_assistant_message",)),
+    Mutation("prefill-whitespace-accepted", "an Anthropic prefill ending in whitespace is continued, not refused",
+             (("    if last[\"content\"] != last[\"content\"].rstrip():", "    if False:"),),
+             ("test_messages_prefill_refused_where_anthropic_refuses_it", "test_bad_messages_bodies_are_anthropic_400s")),
+    Mutation("prefill-thinking-accepted", "an Anthropic prefill with thinking on is continued, not refused",
+             (("    if ((body.get(\"thinking\") or {}).get(\"type\")) in THINKING_ON:", "    if False:"),),
+             ("test_messages_prefill_refused_where_anthropic_refuses_it",)),
+    Mutation("prefill-mark-unchecked", "a template that drops the assistant text gets a generic template error",
+             (("        if text.count(PREFILL_MARK) == 1:", "        if True:"),),
+             ("test_prefill_refused_where_the_template_drops_the_assistant_text",)),
+    Mutation("prefill-thinking-tail-only", "a prefill cut while thinking is read as an answer when its reasoning "
+                                           "began before the prompt's last REASONING_PROMPT_TAIL tokens",
+             (("    tail = 0 if prefill else max(", "    tail = max("),),
+             ("test_prefill_of_a_reply_cut_while_thinking_goes_on_thinking",)),
+    Mutation("prefill-reasoning-answered", "a reply with only reasoning is continued after its reasoning (an answer)",
+             (('    fields = ("reasoning_content", "content") if', '    fields = ("content",) if'),),
+             ("test_prefill_of_a_reply_cut_while_thinking_goes_on_thinking",)),
 ]
 
 
@@ -643,17 +700,27 @@ def apply(mutation: Mutation, source: str) -> str:
     return source
 
 
+def test_file_of(folder: Path, test: str) -> str:
+    """The test file (relative to folder) that defines `test` (a name, maybe with [params]):
+    test_lem_serve.py, or one of testing/test_*.py once the tests are split by surface."""
+    name = test.split("[")[0]
+    for path in [folder / "test_lem_serve.py", *sorted((folder / "testing").glob("test_*.py"))]:
+        if f"def {name}(" in path.read_text(encoding="utf-8"):
+            return path.relative_to(folder).as_posix()
+    return "test_lem_serve.py"
+
+
 def run_tests(folder: Path, tests: tuple[str, ...]) -> tuple[int, str]:
     """Run the named tests in `folder`; return pytest's exit code and the first failing test, if any."""
     command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-               *(f"test_lem_serve.py::{t}" for t in tests)]
+               *(f"{test_file_of(folder, t)}::{t}" for t in tests)]
     try:
         out = subprocess.run(command, cwd=folder, capture_output=True, text=True, timeout=RUN_TIMEOUT)
     except subprocess.TimeoutExpired:
         return -1, f"timed out after {RUN_TIMEOUT} s"
     failed = next((line[len("FAILED "):].split(" - ")[0] for line in out.stdout.splitlines()
                    if line.startswith("FAILED ")), "")
-    return out.returncode, failed.removeprefix("test_lem_serve.py::") or out.stdout.strip().splitlines()[-1:][0]
+    return out.returncode, failed.split("::", 1)[-1] or out.stdout.strip().splitlines()[-1:][0]
 
 
 def run_mutation(mutation: Mutation) -> tuple[str, str]:
