@@ -2702,12 +2702,14 @@ class GenerationRequest:
     tools: tuple[dict, ...] = ()                 # chat-like: OpenAI tool definitions, for the chat template
     tool_choice: str = "none"                    # none, auto or required (a named function is required + tool_rule)
     tool_rule: ToolCallRule | None = None        # tool calls held to their schemas: forced, or lazy for strict tools
+    one_call: bool = False                       # at most one tool call (parallel_tool_calls false): others dropped
     max_context: int = 0                         # chat: messages kept by the window (chat_window); 0 = all
     template_args: dict = dataclasses.field(default_factory=dict)  # chat: extra chat template arguments
     prefill: bool = False                        # chat: the reply continues the last (assistant) message's text
     split_reasoning: bool = False                # a thinking model's reasoning leaves the text (ReasoningSplitter)
     n: int = 1                                   # choices, decoded together, each in a slot of its own
     show_reasoning: bool = True                  # reasoning reaches the client (the dialects: when asked for)
+    thinking_budget: int = 0                     # reasoning tokens before the server closes the block; 0: no limit
     echo: dict = dataclasses.field(default_factory=dict)        # request fields a dialect's reply repeats back
     tool_kinds: dict = dataclasses.field(default_factory=dict)  # Responses: rendered tool name -> its kind and namespace
 
@@ -2952,7 +2954,7 @@ def output_fields(endpoint: str, body: dict, format_param: str = "response_forma
         raise invalid(f"'{format_param}' and a required 'tool_choice' cannot both constrain the output",
                       format_param)
     return {"constraint": constraint, "tools": tools, "tool_choice": choice,
-            "tool_rule": tool_call_rule(tools, forced, choice)}
+            "tool_rule": tool_call_rule(tools, forced, choice), "one_call": body.get("parallel_tool_calls") is False}
 
 
 def parse_tool(tool: Any, index: int) -> dict:
@@ -3069,8 +3071,10 @@ def parse_messages_request(body: dict, settings: Settings, counting: bool = Fals
     prefill = messages[-1]["role"] == "assistant"
     if prefill:
         anthropic_prefill(messages[-1], body, f"messages[{len(body['messages']) - 1}]")
+    choice = body.get("tool_choice")
     fields = {"tools": dialect_tools(tools, "input_schema", anthropic_served),
-              "tool_choice": anthropic_tool_choice(body.get("tool_choice"))}
+              "tool_choice": anthropic_tool_choice(choice),
+              "parallel_tool_calls": not (isinstance(choice, dict) and choice.get("disable_parallel_tool_use") is True)}
     thinking = anthropic_thinking(body.get("thinking"), body.get("max_tokens"))
     return GenerationRequest(
         endpoint="messages", messages=tuple(messages), prefill=prefill, stream=bool(body.get("stream")),
@@ -3079,6 +3083,7 @@ def parse_messages_request(body: dict, settings: Settings, counting: bool = Fals
         template_args=template_args({"chat_template_kwargs": None if thinking else {"enable_thinking": False}},
                                     settings),
         split_reasoning=settings.reasoning_format != "none", show_reasoning=thinking,
+        thinking_budget=body["thinking"].get("budget_tokens") or 0 if thinking else 0,
         **output_fields("messages", fields),
         **sampling_fields({field: body.get(field) for field in ("temperature", "top_p", "top_k")}, settings.sampling))
 
@@ -3322,7 +3327,8 @@ def parse_responses_request(body: dict, settings: Settings, previous: list[dict]
     messages = [{"role": "system", "content": body["instructions"]}] if body.get("instructions") else []
     messages += (previous or []) + responses_input(body["input"], kinds)
     fields = {"tools": tools, "tool_choice": responses_tool_choice(body.get("tool_choice"), kinds),
-              "response_format": responses_format((body.get("text") or {}).get("format"))}
+              "response_format": responses_format((body.get("text") or {}).get("format")),
+              "parallel_tool_calls": body.get("parallel_tool_calls")}
     effort = (body.get("reasoning") or {}).get("effort")
     args = {"reasoning_effort": effort} if isinstance(effort, str) else {}
     last = messages[-1] if messages else {}
@@ -3756,7 +3762,8 @@ class ChatFormat:
 
 
 # A call written as a JSON object {"name": ..., "arguments" (or Llama's "parameters"): {...}}, one of a list.
-JSON_CALL_HEAD = re.compile(r'[\s\[\];,}]*\{\s*"name"\s*:\s*"(?P<name>[^"\\]+)"\s*,\s*"(?:arguments|parameters)"\s*:\s*(?=\{)')
+JSON_CALL_HEAD = re.compile(r'[\s\[\];,}]*\{\s*"name"\s*:\s*"(?P<name>[^"\\]+)"\s*,'
+                            r'\s*"(?:arguments|parameters)"\s*:\s*(?=\{)')
 
 
 def json_objects(text: str) -> list[Any]:
@@ -3802,7 +3809,8 @@ def parse_deepseek_calls(body: str, tools: Any = None) -> list[dict]:
 
 MISTRAL_CALL = re.compile(r"\s*([\w.-]+)(?:\[CALL_ID\](\w+))?\[ARGS\]")
 MISTRAL_HEAD = re.compile(r"\s*(?P<name>[\w.-]+)(?:\[CALL_ID\](?P<id>\w+))?\[ARGS\]\s*(?=\{)")
-DEEPSEEK_R1_HEAD = re.compile(r"(?:\s|```|<｜tool▁call▁end｜>)*<｜tool▁call▁begin｜>\w+<｜tool▁sep｜>(?P<name>[^\n<]+)\n```(?:json)?\n\s*(?=\{)")
+DEEPSEEK_R1_HEAD = re.compile(r"(?:\s|```|<｜tool▁call▁end｜>)*<｜tool▁call▁begin｜>\w+<｜tool▁sep｜>"
+                              r"(?P<name>[^\n<]+)\n```(?:json)?\n\s*(?=\{)")
 DEEPSEEK_HEAD = re.compile(r"(?:\s|<｜tool▁call▁end｜>)*<｜tool▁call▁begin｜>(?P<name>[^<]+?)<｜tool▁sep｜>\s*(?=\{)")
 
 
@@ -4511,12 +4519,47 @@ def make_sampling(request: GenerationRequest, model: Model, budget: int | None =
         repetition_penalty=request.repetition_penalty if request.repetition_penalty != 1 else None)
     if request.presence_penalty or request.frequency_penalty:
         processors.append(openai_penalties(request.presence_penalty, request.frequency_penalty))
+    if request.thinking_budget and getattr(model.tokenizer, "has_thinking", False):
+        opened = think_opened(model.tokenizer, prompt)
+        processors.append(ThinkingBudget(model.tokenizer, request.thinking_budget, opened))
     if request.constraint is not None:  # last: it masks what the others produced
         processors.append(answer_constraint(request, model, budget or request.max_tokens, prompt))
     elif request.tool_rule is not None:
         processors.append(ToolCallConstraint(request.tool_rule, model, budget or request.max_tokens,
                                              think_opened(model.tokenizer, prompt, request.prefill)))
     return Sampling(make_token_sampler(request), processors)
+
+
+class ThinkingBudget:
+    """A logits processor that closes the reasoning once it has used `budget` tokens (Anthropic's
+    thinking.budget_tokens): the think-end marker's tokens are forced then, and the reply goes on
+    after it. Every thinking block of the reply counts against the one budget."""
+
+    stateful = True   # follows the tokens sampled so far, one call per token
+
+    def __init__(self, tokenizer: Any, budget: int, thinking: bool):
+        self.start, self.end = list(tokenizer.think_start_tokens), list(tokenizer.think_end_tokens)
+        self.budget, self.thinking, self.used = budget, thinking, 0
+        self.recent: list[int] = []   # the last tokens, where the markers are looked for
+        self.forcing = 0              # how many of the end marker's tokens were forced so far
+        self.started = False
+
+    def __call__(self, tokens: Any, logits: Any) -> Any:
+        if self.started:
+            self._advance(int(tokens[-1].item()))
+        self.started = True
+        if self.thinking and (self.forcing or self.used >= self.budget):
+            self.forcing += 1
+            return masked(logits, JsonMasks.ids_mask([self.end[self.forcing - 1]], logits.shape[-1]))
+        return logits
+
+    def _advance(self, token: int) -> None:
+        self.recent = (self.recent + [token])[-max(len(self.start), len(self.end)):]
+        self.used += self.thinking
+        if self.thinking and self.recent[-len(self.end):] == self.end:
+            self.thinking, self.forcing = False, 0
+        elif not self.thinking and self.recent[-len(self.start):] == self.start:
+            self.thinking = True
 
 
 def answer_constraint(request: GenerationRequest, model: Model, budget: int, prompt: list[int]) -> Callable:
@@ -6362,6 +6405,38 @@ def logprobs_object(endpoint: str, entries: list[dict] | None, offsets: TextOffs
             "text_offset": [offsets.next(e["bytes"]) for e in entries]}
 
 
+class HeldTextScanner:
+    """The streaming loop the reply scanners share: text arrives in `held`, `_step` takes one piece
+    of it at a time (False once the rest must wait for more text), `_finish` takes what is left
+    once generation ends. Pieces are ("text" | "reasoning", str), ("calls", [OpenAI-shaped calls])
+    and, when live, a streamed call's ("call_start", {"id", "name"}) and ("call_args", str) before
+    its "calls".
+    """
+
+    held: str
+
+    def feed(self, text: str) -> list[tuple[str, Any]]:
+        """The pieces safe to emit, in order."""
+        self.held += text
+        out: list[tuple[str, Any]] = []
+        while self._step(out):
+            pass
+        return out
+
+    def flush(self) -> list[tuple[str, Any]]:
+        """What is still held once generation ends."""
+        out: list[tuple[str, Any]] = []
+        self._finish(out)
+        self.held = ""
+        return out
+
+    def _step(self, out: list) -> bool:
+        raise NotImplementedError
+
+    def _finish(self, out: list) -> None:
+        raise NotImplementedError
+
+
 class CallStreamer:
     """A streamed call's arguments, handed out as the model writes them.
 
@@ -6432,7 +6507,7 @@ class CallStreamer:
         return settled + calls[len(self.streamed):]
 
 
-class ToolCallScanner:
+class ToolCallScanner(HeldTextScanner):
     """Splits a chat reply into content and tool calls, as the text streams in.
 
     Text from one of the format's start markers to its end marker is a call,
@@ -6456,24 +6531,13 @@ class ToolCallScanner:
         self.live = False                # stream arguments as they come
         self.streamer: CallStreamer | None = None   # the open call's, when live
 
-    def feed(self, text: str) -> list[tuple[str, Any]]:
-        """The pieces safe to emit, in order: ("text", str), ("calls", [calls in OpenAI's shape]) and,
-        when live, a streamed call's ("call_start", {"id", "name"}) and ("call_args", str) before its "calls"."""
-        self.held += text
-        out: list[tuple[str, Any]] = []
-        while self._step(out):
-            pass
-        return out
-
-    def flush(self) -> list[tuple[str, Any]]:
-        """What is still held once generation ends: a call without its end marker is parsed if it can be."""
-        out: list[tuple[str, Any]] = []
+    def _finish(self, out: list) -> None:
+        """A call without its end marker is parsed if it can be; other held text is content."""
         if self.opened is not None:
             self._close(out, self.held, "")
         elif self.held.strip():
             out.append(("text", self.held.lstrip() if self.fresh else self.held))
-        self.held, self.opened = "", None
-        return out
+        self.opened = None
 
     def _step(self, out: list) -> bool:
         """Take one marker's worth of the held text; False once the rest must wait for more."""
@@ -6562,7 +6626,7 @@ HARMONY_HEADS = ("<|channel|>", "<|start|>")                        # what a mes
 HARMONY_HEAD = re.compile(r"\s*(?=\{)")   # a call's body is its arguments; its name is in the header
 
 
-class HarmonyScanner:
+class HarmonyScanner(HeldTextScanner):
     """Reads OpenAI's harmony format (gpt-oss) as it streams: channel `analysis` is reasoning, `final`
     text, `commentary` addressed `to=functions.NAME` a call to NAME (its body the JSON arguments), and
     `commentary` to no one (a preamble) text. A reply that opens with no channel header is text.
@@ -6578,22 +6642,11 @@ class HarmonyScanner:
         self.live = False               # stream a call's arguments as they come
         self.streamer: CallStreamer | None = None   # the open call's, when live
 
-    def feed(self, text: str) -> list[tuple[str, Any]]:
-        """The pieces safe to emit: ("reasoning", str), ("text", str), ("calls", [calls in OpenAI's shape])."""
-        self.held += text
-        out: list[tuple[str, Any]] = []
-        while self._step(out):
-            pass
-        return out
-
-    def flush(self) -> list[tuple[str, Any]]:
+    def _finish(self, out: list) -> None:
         """Whatever message is open ends with the reply (its <|call|> or <|return|> is not text)."""
-        out: list[tuple[str, Any]] = []
         if self.kind is not None:
             self._body(out, self.held)
             self._close(out)
-        self.held = ""
-        return out
 
     def _step(self, out: list) -> bool:
         if self.kind is None:
@@ -6698,6 +6751,8 @@ class Writer:
         self.calls_sent = 0      # tool calls streamed so far (started)
         self.live_call: dict | None = None   # the call being streamed: {"id", "name", "sent"}
         self.closed: set[str] = set()        # ids of the calls streamed to their end
+        self.first_call: str | None = None   # the id of the reply's first call (one_call keeps only it)
+        self.dropping = False                # a call after the first is streaming: one_call drops it
 
     def event(self, kind: str, value: str, logprobs: list[dict] = (), choice: int = 0) -> bytes:
         """The bytes one engine event becomes: reasoning, text, tool calls (via the scanner), at the end the finish.
@@ -6709,7 +6764,7 @@ class Writer:
         pieces = [("text", value)] if kind == "text" else []
         if self.scanner is not None:
             self.scanner.live = True   # a stream: arguments go out as they come
-            pieces = self.scanner.feed(value) if kind == "text" else self.scanner.flush()
+            pieces = self._one_call(self.scanner.feed(value) if kind == "text" else self.scanner.flush())
         out, logprobs = [], list(logprobs)
         for piece, content in pieces:
             if piece == "reasoning":
@@ -6736,11 +6791,28 @@ class Writer:
         calls = []
         if self.scanner is not None:
             parts = {"text": [], "reasoning": [reasoning], "calls": []}
-            for piece, content in self.scanner.feed(text) + self.scanner.flush():
+            for piece, content in self._one_call(self.scanner.feed(text) + self.scanner.flush()):
                 parts[piece] += content if piece == "calls" else [content]
             text, calls = "".join(parts["text"]), parts["calls"]
             reasoning = "".join(parts["reasoning"]) if self.request.show_reasoning else ""
         return self.body(text, calls, reason, logprobs, reasoning)
+
+    def _one_call(self, pieces: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+        """The scanner's pieces, where the request allows one tool call (parallel_tool_calls false,
+        disable_parallel_tool_use), without any call after the first; all of them otherwise."""
+        if not self.request.one_call:
+            return pieces
+        kept = []
+        for piece, content in pieces:
+            if piece == "call_start":
+                self.first_call = self.first_call or content["id"]
+                self.dropping = content["id"] != self.first_call
+            elif piece == "calls":
+                self.first_call = self.first_call or content[0]["id"]
+                content = [call for call in content if call["id"] == self.first_call]
+            if not (self.dropping and piece in ("call_start", "call_args")) and content != []:
+                kept.append((piece, content))
+        return kept
 
     def _call_start(self, call: dict) -> bytes:
         """Open a streamed call ({"id", "name"}); one still open (its arguments complete) ends as sent."""
@@ -7193,7 +7265,8 @@ class ResponsesWriter(Writer):
         """A function_call item opens (in progress); a custom tool's call waits for its end (its input is
         raw text, not the JSON the model writes)."""
         out = self._close_reasoning() + self._close_message()
-        item = function_call_item({"id": call_id, "function": {"name": name, "arguments": "{}"}}, self.request.tool_kinds)
+        item = function_call_item({"id": call_id, "function": {"name": name, "arguments": "{}"}},
+                                  self.request.tool_kinds)
         self.live_item = {**item, "status": "in_progress", "arguments": ""} if item["type"] == "function_call" else None
         if self.live_item is None:
             return out
@@ -7213,7 +7286,8 @@ class ResponsesWriter(Writer):
         item["id"] = where["item_id"]
         out = []
         if live is None:   # a custom tool's call, whole
-            out += [self._event("response.output_item.added", output_index=where["output_index"], item={**item, "input": ""}),
+            out += [self._event("response.output_item.added", output_index=where["output_index"],
+                                item={**item, "input": ""}),
                     self._event("response.custom_tool_call_input.delta", **where, delta=item["input"]),
                     self._event("response.custom_tool_call_input.done", **where, input=item["input"])]
         else:

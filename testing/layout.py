@@ -127,7 +127,7 @@ SPEC: list[tuple[str, list[str]]] = [
         "Engine",
     ]),
     ("Dialects: what they share (block separator, usage, logprobs, tool-call scanners, SSE)", [
-        "BLOCK_SEPARATOR", "usage_of", "TextOffsets", "logprobs_object", "ToolCallScanner", "HARMONY_ENDS",
+        "BLOCK_SEPARATOR", "usage_of", "TextOffsets", "logprobs_object", "HeldTextScanner", "ToolCallScanner", "HARMONY_ENDS",
         "HARMONY_HEADS", "HarmonyScanner", "openai_tool_call", "tool_scanner",
         "sse_event", "SSE_KEEPALIVE", "SSE_DONE", "new_id", "Writer",
     ]),
