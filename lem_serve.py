@@ -68,6 +68,7 @@ import secrets
 import select
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
@@ -2701,12 +2702,14 @@ class GenerationRequest:
     tools: tuple[dict, ...] = ()                 # chat-like: OpenAI tool definitions, for the chat template
     tool_choice: str = "none"                    # none, auto or required (a named function is required + tool_rule)
     tool_rule: ToolCallRule | None = None        # tool calls held to their schemas: forced, or lazy for strict tools
+    one_call: bool = False                       # at most one tool call (parallel_tool_calls false): others dropped
     max_context: int = 0                         # chat: messages kept by the window (chat_window); 0 = all
     template_args: dict = dataclasses.field(default_factory=dict)  # chat: extra chat template arguments
     prefill: bool = False                        # chat: the reply continues the last (assistant) message's text
     split_reasoning: bool = False                # a thinking model's reasoning leaves the text (ReasoningSplitter)
     n: int = 1                                   # choices, decoded together, each in a slot of its own
     show_reasoning: bool = True                  # reasoning reaches the client (the dialects: when asked for)
+    thinking_budget: int = 0                     # reasoning tokens before the server closes the block; 0: no limit
     echo: dict = dataclasses.field(default_factory=dict)        # request fields a dialect's reply repeats back
     tool_kinds: dict = dataclasses.field(default_factory=dict)  # Responses: rendered tool name -> its kind and namespace
 
@@ -2951,7 +2954,7 @@ def output_fields(endpoint: str, body: dict, format_param: str = "response_forma
         raise invalid(f"'{format_param}' and a required 'tool_choice' cannot both constrain the output",
                       format_param)
     return {"constraint": constraint, "tools": tools, "tool_choice": choice,
-            "tool_rule": tool_call_rule(tools, forced, choice)}
+            "tool_rule": tool_call_rule(tools, forced, choice), "one_call": body.get("parallel_tool_calls") is False}
 
 
 def parse_tool(tool: Any, index: int) -> dict:
@@ -3068,8 +3071,10 @@ def parse_messages_request(body: dict, settings: Settings, counting: bool = Fals
     prefill = messages[-1]["role"] == "assistant"
     if prefill:
         anthropic_prefill(messages[-1], body, f"messages[{len(body['messages']) - 1}]")
+    choice = body.get("tool_choice")
     fields = {"tools": dialect_tools(tools, "input_schema", anthropic_served),
-              "tool_choice": anthropic_tool_choice(body.get("tool_choice"))}
+              "tool_choice": anthropic_tool_choice(choice),
+              "parallel_tool_calls": not (isinstance(choice, dict) and choice.get("disable_parallel_tool_use") is True)}
     thinking = anthropic_thinking(body.get("thinking"), body.get("max_tokens"))
     return GenerationRequest(
         endpoint="messages", messages=tuple(messages), prefill=prefill, stream=bool(body.get("stream")),
@@ -3078,6 +3083,7 @@ def parse_messages_request(body: dict, settings: Settings, counting: bool = Fals
         template_args=template_args({"chat_template_kwargs": None if thinking else {"enable_thinking": False}},
                                     settings),
         split_reasoning=settings.reasoning_format != "none", show_reasoning=thinking,
+        thinking_budget=body["thinking"].get("budget_tokens") or 0 if thinking else 0,
         **output_fields("messages", fields),
         **sampling_fields({field: body.get(field) for field in ("temperature", "top_p", "top_k")}, settings.sampling))
 
@@ -3321,7 +3327,8 @@ def parse_responses_request(body: dict, settings: Settings, previous: list[dict]
     messages = [{"role": "system", "content": body["instructions"]}] if body.get("instructions") else []
     messages += (previous or []) + responses_input(body["input"], kinds)
     fields = {"tools": tools, "tool_choice": responses_tool_choice(body.get("tool_choice"), kinds),
-              "response_format": responses_format((body.get("text") or {}).get("format"))}
+              "response_format": responses_format((body.get("text") or {}).get("format")),
+              "parallel_tool_calls": body.get("parallel_tool_calls")}
     effort = (body.get("reasoning") or {}).get("effort")
     args = {"reasoning_effort": effort} if isinstance(effort, str) else {}
     last = messages[-1] if messages else {}
@@ -3755,7 +3762,8 @@ class ChatFormat:
 
 
 # A call written as a JSON object {"name": ..., "arguments" (or Llama's "parameters"): {...}}, one of a list.
-JSON_CALL_HEAD = re.compile(r'[\s\[\];,}]*\{\s*"name"\s*:\s*"(?P<name>[^"\\]+)"\s*,\s*"(?:arguments|parameters)"\s*:\s*(?=\{)')
+JSON_CALL_HEAD = re.compile(r'[\s\[\];,}]*\{\s*"name"\s*:\s*"(?P<name>[^"\\]+)"\s*,'
+                            r'\s*"(?:arguments|parameters)"\s*:\s*(?=\{)')
 
 
 def json_objects(text: str) -> list[Any]:
@@ -3801,7 +3809,8 @@ def parse_deepseek_calls(body: str, tools: Any = None) -> list[dict]:
 
 MISTRAL_CALL = re.compile(r"\s*([\w.-]+)(?:\[CALL_ID\](\w+))?\[ARGS\]")
 MISTRAL_HEAD = re.compile(r"\s*(?P<name>[\w.-]+)(?:\[CALL_ID\](?P<id>\w+))?\[ARGS\]\s*(?=\{)")
-DEEPSEEK_R1_HEAD = re.compile(r"(?:\s|```|<｜tool▁call▁end｜>)*<｜tool▁call▁begin｜>\w+<｜tool▁sep｜>(?P<name>[^\n<]+)\n```(?:json)?\n\s*(?=\{)")
+DEEPSEEK_R1_HEAD = re.compile(r"(?:\s|```|<｜tool▁call▁end｜>)*<｜tool▁call▁begin｜>\w+<｜tool▁sep｜>"
+                              r"(?P<name>[^\n<]+)\n```(?:json)?\n\s*(?=\{)")
 DEEPSEEK_HEAD = re.compile(r"(?:\s|<｜tool▁call▁end｜>)*<｜tool▁call▁begin｜>(?P<name>[^<]+?)<｜tool▁sep｜>\s*(?=\{)")
 
 
@@ -4510,12 +4519,47 @@ def make_sampling(request: GenerationRequest, model: Model, budget: int | None =
         repetition_penalty=request.repetition_penalty if request.repetition_penalty != 1 else None)
     if request.presence_penalty or request.frequency_penalty:
         processors.append(openai_penalties(request.presence_penalty, request.frequency_penalty))
+    if request.thinking_budget and getattr(model.tokenizer, "has_thinking", False):
+        opened = think_opened(model.tokenizer, prompt)
+        processors.append(ThinkingBudget(model.tokenizer, request.thinking_budget, opened))
     if request.constraint is not None:  # last: it masks what the others produced
         processors.append(answer_constraint(request, model, budget or request.max_tokens, prompt))
     elif request.tool_rule is not None:
         processors.append(ToolCallConstraint(request.tool_rule, model, budget or request.max_tokens,
                                              think_opened(model.tokenizer, prompt, request.prefill)))
     return Sampling(make_token_sampler(request), processors)
+
+
+class ThinkingBudget:
+    """A logits processor that closes the reasoning once it has used `budget` tokens (Anthropic's
+    thinking.budget_tokens): the think-end marker's tokens are forced then, and the reply goes on
+    after it. Every thinking block of the reply counts against the one budget."""
+
+    stateful = True   # follows the tokens sampled so far, one call per token
+
+    def __init__(self, tokenizer: Any, budget: int, thinking: bool):
+        self.start, self.end = list(tokenizer.think_start_tokens), list(tokenizer.think_end_tokens)
+        self.budget, self.thinking, self.used = budget, thinking, 0
+        self.recent: list[int] = []   # the last tokens, where the markers are looked for
+        self.forcing = 0              # how many of the end marker's tokens were forced so far
+        self.started = False
+
+    def __call__(self, tokens: Any, logits: Any) -> Any:
+        if self.started:
+            self._advance(int(tokens[-1].item()))
+        self.started = True
+        if self.thinking and (self.forcing or self.used >= self.budget):
+            self.forcing += 1
+            return masked(logits, JsonMasks.ids_mask([self.end[self.forcing - 1]], logits.shape[-1]))
+        return logits
+
+    def _advance(self, token: int) -> None:
+        self.recent = (self.recent + [token])[-max(len(self.start), len(self.end)):]
+        self.used += self.thinking
+        if self.thinking and self.recent[-len(self.end):] == self.end:
+            self.thinking, self.forcing = False, 0
+        elif not self.thinking and self.recent[-len(self.start):] == self.start:
+            self.thinking = True
 
 
 def answer_constraint(request: GenerationRequest, model: Model, budget: int, prompt: list[int]) -> Callable:
@@ -5562,13 +5606,27 @@ class GroupLink:
     each other: their link must be private (Thunderbolt, a private network),
     as mx.distributed's own traffic must be.
 
-    While the group is idle (the last share asked for no step), a rank
-    waiting in a collective would spin (MLX's backends poll), so rank 0 rings
-    a doorbell, a byte on each lifeline, before the next share, and a rank
-    with a lifeline blocks on it until then instead.
+    When every rank has a lifeline (Lifelines), the shares travel on them
+    instead: rank 0 writes one frame (the same header, then the payload) to
+    each lifeline and goes on, and each other rank's engine reads its own,
+    blocking while the group is idle (EOF: rank 0 has died); a rank's stop
+    vote is one byte back. No collective
+    runs between two steps, so the next step's work, which BatchGenerator
+    starts before it returns a step's tokens, is not waited for in between
+    (a collective on the model's stream would wait for it), and rank 0's
+    per-step bookkeeping overlaps it, as in one process. The model's own
+    collectives keep the ranks in step: rank 0 is at most one share ahead.
+
+    Without lifelines everywhere, the shares are all_sums; then, while the
+    group is idle (the last share asked for no step), a rank waiting in a
+    collective would spin (MLX's backends poll), so rank 0 rings a doorbell,
+    a byte on each lifeline, before the next share, and a rank with a
+    lifeline blocks on it until then instead.
     """
 
     STEP, SHUTDOWN = 1, 2
+    FRAME = struct.Struct("<Iii")   # a share on a lifeline: payload bytes, flags, token check
+    VOTE = b"S"                     # another rank to rank 0, on its lifeline: a signal asked it to stop
 
     def __init__(self, group: Any):
         self.group = group
@@ -5577,6 +5635,25 @@ class GroupLink:
         self.bells: dict[int, socket.socket] = {}   # lifelines (Lifelines.sockets), which carry the doorbells
         self.rung = threading.Semaphore(0)          # not rank 0: doorbells received and not yet answered
         self.idle = False                           # the last share asked for no step
+        self.framed = False                         # every rank has a lifeline: shares travel on them
+        self.votes: set[int] = set()                # rank 0, framed: ranks that voted to stop
+        self.vote_sent = False
+
+    def use_lifelines(self, sockets: dict[int, socket.socket]) -> None:
+        """Take the lifelines; if every rank has its own (agreed in one all_sum), shares travel on them."""
+        import mlx.core as mx
+        self.bells = sockets
+        complete = len(sockets) == (self.size - 1 if self.rank == 0 else 1)
+        agreed = mx.distributed.all_sum(mx.array([int(complete)]), group=self.group).item()
+        self.framed = agreed == self.size
+
+    def received(self, rank: int, data: bytes) -> None:
+        """Bytes came in on the lifeline to `rank`: votes (at rank 0) or doorbells (elsewhere)."""
+        if self.rank == 0:
+            if self.VOTE in data:
+                self.votes.add(rank)
+        else:
+            self.heard(len(data))
 
     def ring(self) -> None:
         """Rank 0: tell every rank with a lifeline that a share is coming."""
@@ -5596,6 +5673,8 @@ class GroupLink:
         payload = pickle.dumps(ops, protocol=pickle.HIGHEST_PROTOCOL) if leader and ops else b""
         if len(payload) >= 2**31:
             raise GroupFailure(f"one step's changes take {len(payload)} bytes, over the 2 GiB a step can send")
+        if self.framed:
+            return self._share_framed(ops, payload, flags, check)
         header = [len(payload), flags, 0, check] if leader else [0, 0, int(self.stop_voted), 0]
         if self.idle and leader:  # the others may be blocked on their lifelines: wake them
             self.ring()
@@ -5611,6 +5690,36 @@ class GroupLink:
             data = mx.distributed.all_sum(data, group=self.group)
             mx.eval(data)
         return (ops if leader else pickle.loads(memoryview(data))), flags, votes, check
+
+    def _share_framed(self, ops: list, payload: bytes, flags: int, check: int) -> tuple[list, int, int, int]:
+        """share() on the lifelines: rank 0 writes its frame and goes on; the others wait for theirs."""
+        if self.rank == 0:
+            frame = self.FRAME.pack(len(payload), flags, check) + payload
+            for rank, sock in list(self.bells.items()):
+                try:
+                    sock.sendall(frame)
+                except OSError as exc:
+                    raise GroupFailure(f"rank {rank}'s lifeline failed: {exc}") from None
+            return ops, flags, len(self.votes), check
+        if self.stop_voted and not self.vote_sent:
+            with contextlib.suppress(OSError):  # a lost rank 0: its lifeline's watcher says so
+                self.bells[0].sendall(self.VOTE)
+            self.vote_sent = True
+        size, flags, check = self.FRAME.unpack(self._read(self.FRAME.size))
+        return (pickle.loads(self._read(size)) if size else []), flags, 0, check
+
+    def _read(self, count: int) -> bytes:
+        """Not rank 0, framed: the next `count` bytes from rank 0's lifeline, waiting for them."""
+        data = bytearray()
+        while len(data) < count:
+            try:
+                piece = self.bells[0].recv(count - len(data))
+            except OSError:
+                piece = b""
+            if not piece:
+                raise GroupFailure("rank 0's process has ended (its lifeline closed)")
+            data += piece
+        return bytes(data)
 
 
 def token_check(responses: list) -> int:
@@ -5659,7 +5768,7 @@ class Lifelines:
     def wait_for_loss(self) -> str | None:
         """Block until a lifeline breaks and say whose process ended; None at once when there are none.
 
-        Bytes that come in meanwhile are rank 0's doorbells (GroupLink.ring).
+        Bytes that come in meanwhile go to GroupLink.received (shares, votes, doorbells).
         """
         ranks = {sock: rank for rank, sock in self.sockets.items()}
         while ranks:
@@ -5671,7 +5780,7 @@ class Lifelines:
                     data = b""
                 if not data:
                     return f"rank {ranks[sock]}'s process has ended (its lifeline closed)"
-                self.link.heard(len(data))
+                self.link.received(ranks[sock], data)
         return None
 
     def _listen(self, host: str) -> socket.socket | None:
@@ -5694,6 +5803,7 @@ class Lifelines:
             rank = int(hello[2]) if hello[:2] == ["lem-serve", "rank"] and hello[2:3] and hello[2].isdigit() else 0
             if 0 < rank < self.link.size:
                 conn.settimeout(None)
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # shares are small writes: no Nagle delay
                 self.sockets[rank] = conn
             else:
                 conn.close()
@@ -5706,6 +5816,7 @@ class Lifelines:
             conn = socket.create_connection((host, port), timeout=LIFELINE_SECONDS)
             conn.sendall(b"lem-serve rank %d\n" % self.link.rank)
             conn.settimeout(None)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.sockets[0] = conn
         except OSError as exc:
             log.warning("no lifeline to rank 0 (%s): its death is noticed only after --timeout", exc)
@@ -6021,10 +6132,12 @@ class Engine:
         wakes main(), which exits non-zero.
         """
         lifelines = Lifelines(self.link)
-        self.link.bells = lifelines.sockets
+        self.link.use_lifelines(lifelines.sockets)
         self.progress_at = time.monotonic()
         threading.Thread(target=self._watch_progress, name="lem-watchdog", daemon=True).start()
-        threading.Thread(target=self._watch_lifelines, args=(lifelines,), name="lem-lifelines", daemon=True).start()
+        if self.rank == 0 or not self.link.framed:  # framed, another rank's engine reads its lifeline itself
+            threading.Thread(target=self._watch_lifelines, args=(lifelines,), name="lem-lifelines",
+                             daemon=True).start()
 
     def _watch_progress(self) -> None:
         """A step or sync lasting past stall_seconds (--timeout) means a rank has died or stalled."""
@@ -6674,6 +6787,8 @@ class Writer:
         self.calls_sent = 0      # tool calls streamed so far (started)
         self.live_call: dict | None = None   # the call being streamed: {"id", "name", "sent"}
         self.closed: set[str] = set()        # ids of the calls streamed to their end
+        self.first_call: str | None = None   # the id of the reply's first call (one_call keeps only it)
+        self.dropping = False                # a call after the first is streaming: one_call drops it
 
     def event(self, kind: str, value: str, logprobs: list[dict] = (), choice: int = 0) -> bytes:
         """The bytes one engine event becomes: reasoning, text, tool calls (via the scanner), at the end the finish.
@@ -6685,7 +6800,7 @@ class Writer:
         pieces = [("text", value)] if kind == "text" else []
         if self.scanner is not None:
             self.scanner.live = True   # a stream: arguments go out as they come
-            pieces = self.scanner.feed(value) if kind == "text" else self.scanner.flush()
+            pieces = self._one_call(self.scanner.feed(value) if kind == "text" else self.scanner.flush())
         out, logprobs = [], list(logprobs)
         for piece, content in pieces:
             if piece == "reasoning":
@@ -6712,11 +6827,28 @@ class Writer:
         calls = []
         if self.scanner is not None:
             parts = {"text": [], "reasoning": [reasoning], "calls": []}
-            for piece, content in self.scanner.feed(text) + self.scanner.flush():
+            for piece, content in self._one_call(self.scanner.feed(text) + self.scanner.flush()):
                 parts[piece] += content if piece == "calls" else [content]
             text, calls = "".join(parts["text"]), parts["calls"]
             reasoning = "".join(parts["reasoning"]) if self.request.show_reasoning else ""
         return self.body(text, calls, reason, logprobs, reasoning)
+
+    def _one_call(self, pieces: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+        """The scanner's pieces, where the request allows one tool call (parallel_tool_calls false,
+        disable_parallel_tool_use), without any call after the first; all of them otherwise."""
+        if not self.request.one_call:
+            return pieces
+        kept = []
+        for piece, content in pieces:
+            if piece == "call_start":
+                self.first_call = self.first_call or content["id"]
+                self.dropping = content["id"] != self.first_call
+            elif piece == "calls":
+                self.first_call = self.first_call or content[0]["id"]
+                content = [call for call in content if call["id"] == self.first_call]
+            if not (self.dropping and piece in ("call_start", "call_args")) and content != []:
+                kept.append((piece, content))
+        return kept
 
     def _call_start(self, call: dict) -> bytes:
         """Open a streamed call ({"id", "name"}); one still open (its arguments complete) ends as sent."""
@@ -7169,7 +7301,8 @@ class ResponsesWriter(Writer):
         """A function_call item opens (in progress); a custom tool's call waits for its end (its input is
         raw text, not the JSON the model writes)."""
         out = self._close_reasoning() + self._close_message()
-        item = function_call_item({"id": call_id, "function": {"name": name, "arguments": "{}"}}, self.request.tool_kinds)
+        item = function_call_item({"id": call_id, "function": {"name": name, "arguments": "{}"}},
+                                  self.request.tool_kinds)
         self.live_item = {**item, "status": "in_progress", "arguments": ""} if item["type"] == "function_call" else None
         if self.live_item is None:
             return out
@@ -7189,7 +7322,8 @@ class ResponsesWriter(Writer):
         item["id"] = where["item_id"]
         out = []
         if live is None:   # a custom tool's call, whole
-            out += [self._event("response.output_item.added", output_index=where["output_index"], item={**item, "input": ""}),
+            out += [self._event("response.output_item.added", output_index=where["output_index"],
+                                item={**item, "input": ""}),
                     self._event("response.custom_tool_call_input.delta", **where, delta=item["input"]),
                     self._event("response.custom_tool_call_input.done", **where, input=item["input"])]
         else:

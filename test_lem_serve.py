@@ -4255,6 +4255,7 @@ WRITE_ARGS = {"path": "notes/todo.md", "content": "".join(f"- item {i}: check th
 WRITE_TOOL = {"name": "write_file", "description": "Write a file",
               "parameters": {"type": "object", "properties": {"path": {"type": "string"}, "content": {"type": "string"}},
                              "required": ["path", "content"]}}
+LONG_THOUGHT = "<think>\n" + "step " * 300 + "</think>\n\nParis."   # script 1 of write_server
 WRITE_SCRIPT = "I will write it.\n" + QWEN_CALL.format("write_file", json.dumps(WRITE_ARGS, separators=(",", ":")))
 
 
@@ -4263,7 +4264,7 @@ def write_server(tmp_path_factory):
     from testing.scripted_model import build_scripted_model
     template, keywords, _ = FAMILIES["qwen3"]
     path = build_scripted_model(tmp_path_factory.mktemp("write") / "qwen3", (TEMPLATES / template).read_text("utf-8"),
-                                [WRITE_SCRIPT], **keywords)
+                                [WRITE_SCRIPT, LONG_THOUGHT], **keywords)
     with running_server(lem_serve.load_model(lem_serve.Settings(model_path=str(path))), path) as srv:
         yield srv
 
@@ -4346,6 +4347,42 @@ def test_sdks_stream_tool_arguments_incrementally(write_server):
     assert json.loads(call.function.arguments) == WRITE_ARGS
 
 
+@pytest.mark.parametrize("family_server", ["qwen3"], indirect=True)
+@pytest.mark.parametrize("endpoint", ["chat", "messages", "responses"])
+def test_one_tool_call_when_parallel_calls_are_off(family_server, endpoint):
+    """parallel_tool_calls false (chat, responses) or tool_choice.disable_parallel_tool_use (messages): a model
+    that writes two calls gets its first through, streamed and not; the second is dropped. Allowed, both come."""
+    name, kinds, server, _ = family_server
+    body = family_body(endpoint, kinds.index("parallel"))
+    single = ({"tool_choice": {"type": "auto", "disable_parallel_tool_use": True}} if endpoint == "messages"
+              else {"parallel_tool_calls": False})
+    both = FAMILY_EXPECTED["parallel"][2]
+    assert reply_parts(endpoint, request(server, "POST", path_of(endpoint), body).json())[2] == both
+    payload = request(server, "POST", path_of(endpoint), {**body, **single}).json()
+    assert reply_parts(endpoint, payload)[2] == both[:1], payload
+    events = stream(server, endpoint, **body, **single)
+    assert streamed_parts(endpoint, events)[2] == both[:1]
+    if endpoint == "responses":
+        assert payload["parallel_tool_calls"] is False
+
+
+def test_thinking_budget_closes_the_reasoning(write_server):
+    """thinking.budget_tokens: a model that would think for 300 words (about 1200 tokens) has its thinking block
+    closed once it used the budget (the reply goes on as text); with a larger budget it thinks to its own end."""
+    from testing.scripted_model import trigger
+    ask = [{"role": "user", "content": f"Think. {trigger(1)}"}]
+    for budget, cut in ((1024, True), (1900, False)):
+        reply = request(write_server, "POST", "/v1/messages", {"messages": ask, "max_tokens": 2000,
+                                                               "thinking": {"type": "enabled", "budget_tokens": budget}})
+        content = reply.json()["content"]
+        (thought,) = [b["thinking"] for b in content if b["type"] == "thinking"]
+        text = "".join(b["text"] for b in content if b["type"] == "text")
+        if cut:
+            assert 0 < thought.count("step") < 300 and text.lstrip().startswith("step"), (thought[-80:], text[:80])
+        else:
+            assert thought.count("step") == 300 and text == "Paris."
+
+
 # Every shape test_sdk_types_strictly_for_every_shape_sent validates: 19 anthropic, 32 openai.
 ANTHROPIC_CHECKLIST = {f"anthropic:{name}" for name in (
     "message:text", "message:thinking+text", "message:tool_use", "message_start", "message_delta", "message_stop",
@@ -4422,10 +4459,30 @@ def agent_server(agent_model_dir, monkeypatch):
         return real_event(self, kind, value, *extra)
 
     monkeypatch.setattr(lem_serve.Writer, "event", recording)
+    if os.environ.get("LEM_CAPTURE_DIR"):
+        capture_first_requests(monkeypatch, Path(os.environ["LEM_CAPTURE_DIR"]))
     model = lem_serve.load_model(lem_serve.Settings(model_path=str(agent_model_dir)))
     with running_server(model, agent_model_dir, max_tokens=AGENT_MAX_TOKENS, timeout=AGENT_TIMEOUT,
                         max_requests=2, api_key=AGENT_KEY) as srv:
         yield srv, replies
+
+
+def capture_first_requests(monkeypatch, folder: Path) -> None:
+    """Save the first body each agent POSTs to an endpoint, as FOLDER/<endpoint>.json (bench/agent_session.py replays them).
+
+    Set LEM_CAPTURE_DIR to capture; the bodies are saved as read, before the server parses them.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    real_read = lem_serve.Handler._read_body
+
+    def reading(self):
+        body = real_read(self)
+        name = self.path.split("?")[0].strip("/").replace("/", "-") + ".json"
+        if self.command == "POST" and not (folder / name).exists():
+            (folder / name).write_bytes(body)
+        return body
+
+    monkeypatch.setattr(lem_serve.Handler, "_read_body", reading)
 
 
 def run_agent(argv: list, cwd: Path, env: dict) -> subprocess.CompletedProcess:
