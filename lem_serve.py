@@ -68,6 +68,7 @@ import secrets
 import select
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
@@ -5575,13 +5576,27 @@ class GroupLink:
     each other: their link must be private (Thunderbolt, a private network),
     as mx.distributed's own traffic must be.
 
-    While the group is idle (the last share asked for no step), a rank
-    waiting in a collective would spin (MLX's backends poll), so rank 0 rings
-    a doorbell, a byte on each lifeline, before the next share, and a rank
-    with a lifeline blocks on it until then instead.
+    When every rank has a lifeline (Lifelines), the shares travel on them
+    instead: rank 0 writes one frame (the same header, then the payload) to
+    each lifeline and goes on, and each other rank's engine reads its own,
+    blocking while the group is idle (EOF: rank 0 has died); a rank's stop
+    vote is one byte back. No collective
+    runs between two steps, so the next step's work, which BatchGenerator
+    starts before it returns a step's tokens, is not waited for in between
+    (a collective on the model's stream would wait for it), and rank 0's
+    per-step bookkeeping overlaps it, as in one process. The model's own
+    collectives keep the ranks in step: rank 0 is at most one share ahead.
+
+    Without lifelines everywhere, the shares are all_sums; then, while the
+    group is idle (the last share asked for no step), a rank waiting in a
+    collective would spin (MLX's backends poll), so rank 0 rings a doorbell,
+    a byte on each lifeline, before the next share, and a rank with a
+    lifeline blocks on it until then instead.
     """
 
     STEP, SHUTDOWN = 1, 2
+    FRAME = struct.Struct("<Iii")   # a share on a lifeline: payload bytes, flags, token check
+    VOTE = b"S"                     # another rank to rank 0, on its lifeline: a signal asked it to stop
 
     def __init__(self, group: Any):
         self.group = group
@@ -5590,6 +5605,25 @@ class GroupLink:
         self.bells: dict[int, socket.socket] = {}   # lifelines (Lifelines.sockets), which carry the doorbells
         self.rung = threading.Semaphore(0)          # not rank 0: doorbells received and not yet answered
         self.idle = False                           # the last share asked for no step
+        self.framed = False                         # every rank has a lifeline: shares travel on them
+        self.votes: set[int] = set()                # rank 0, framed: ranks that voted to stop
+        self.vote_sent = False
+
+    def use_lifelines(self, sockets: dict[int, socket.socket]) -> None:
+        """Take the lifelines; if every rank has its own (agreed in one all_sum), shares travel on them."""
+        import mlx.core as mx
+        self.bells = sockets
+        complete = len(sockets) == (self.size - 1 if self.rank == 0 else 1)
+        agreed = mx.distributed.all_sum(mx.array([int(complete)]), group=self.group).item()
+        self.framed = agreed == self.size
+
+    def received(self, rank: int, data: bytes) -> None:
+        """Bytes came in on the lifeline to `rank`: votes (at rank 0) or doorbells (elsewhere)."""
+        if self.rank == 0:
+            if self.VOTE in data:
+                self.votes.add(rank)
+        else:
+            self.heard(len(data))
 
     def ring(self) -> None:
         """Rank 0: tell every rank with a lifeline that a share is coming."""
@@ -5609,6 +5643,8 @@ class GroupLink:
         payload = pickle.dumps(ops, protocol=pickle.HIGHEST_PROTOCOL) if leader and ops else b""
         if len(payload) >= 2**31:
             raise GroupFailure(f"one step's changes take {len(payload)} bytes, over the 2 GiB a step can send")
+        if self.framed:
+            return self._share_framed(ops, payload, flags, check)
         header = [len(payload), flags, 0, check] if leader else [0, 0, int(self.stop_voted), 0]
         if self.idle and leader:  # the others may be blocked on their lifelines: wake them
             self.ring()
@@ -5624,6 +5660,36 @@ class GroupLink:
             data = mx.distributed.all_sum(data, group=self.group)
             mx.eval(data)
         return (ops if leader else pickle.loads(memoryview(data))), flags, votes, check
+
+    def _share_framed(self, ops: list, payload: bytes, flags: int, check: int) -> tuple[list, int, int, int]:
+        """share() on the lifelines: rank 0 writes its frame and goes on; the others wait for theirs."""
+        if self.rank == 0:
+            frame = self.FRAME.pack(len(payload), flags, check) + payload
+            for rank, sock in list(self.bells.items()):
+                try:
+                    sock.sendall(frame)
+                except OSError as exc:
+                    raise GroupFailure(f"rank {rank}'s lifeline failed: {exc}") from None
+            return ops, flags, len(self.votes), check
+        if self.stop_voted and not self.vote_sent:
+            with contextlib.suppress(OSError):  # a lost rank 0: its lifeline's watcher says so
+                self.bells[0].sendall(self.VOTE)
+            self.vote_sent = True
+        size, flags, check = self.FRAME.unpack(self._read(self.FRAME.size))
+        return (pickle.loads(self._read(size)) if size else []), flags, 0, check
+
+    def _read(self, count: int) -> bytes:
+        """Not rank 0, framed: the next `count` bytes from rank 0's lifeline, waiting for them."""
+        data = bytearray()
+        while len(data) < count:
+            try:
+                piece = self.bells[0].recv(count - len(data))
+            except OSError:
+                piece = b""
+            if not piece:
+                raise GroupFailure("rank 0's process has ended (its lifeline closed)")
+            data += piece
+        return bytes(data)
 
 
 def token_check(responses: list) -> int:
@@ -5672,7 +5738,7 @@ class Lifelines:
     def wait_for_loss(self) -> str | None:
         """Block until a lifeline breaks and say whose process ended; None at once when there are none.
 
-        Bytes that come in meanwhile are rank 0's doorbells (GroupLink.ring).
+        Bytes that come in meanwhile go to GroupLink.received (shares, votes, doorbells).
         """
         ranks = {sock: rank for rank, sock in self.sockets.items()}
         while ranks:
@@ -5684,7 +5750,7 @@ class Lifelines:
                     data = b""
                 if not data:
                     return f"rank {ranks[sock]}'s process has ended (its lifeline closed)"
-                self.link.heard(len(data))
+                self.link.received(ranks[sock], data)
         return None
 
     def _listen(self, host: str) -> socket.socket | None:
@@ -5707,6 +5773,7 @@ class Lifelines:
             rank = int(hello[2]) if hello[:2] == ["lem-serve", "rank"] and hello[2:3] and hello[2].isdigit() else 0
             if 0 < rank < self.link.size:
                 conn.settimeout(None)
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # shares are small writes: no Nagle delay
                 self.sockets[rank] = conn
             else:
                 conn.close()
@@ -5719,6 +5786,7 @@ class Lifelines:
             conn = socket.create_connection((host, port), timeout=LIFELINE_SECONDS)
             conn.sendall(b"lem-serve rank %d\n" % self.link.rank)
             conn.settimeout(None)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.sockets[0] = conn
         except OSError as exc:
             log.warning("no lifeline to rank 0 (%s): its death is noticed only after --timeout", exc)
@@ -6034,10 +6102,12 @@ class Engine:
         wakes main(), which exits non-zero.
         """
         lifelines = Lifelines(self.link)
-        self.link.bells = lifelines.sockets
+        self.link.use_lifelines(lifelines.sockets)
         self.progress_at = time.monotonic()
         threading.Thread(target=self._watch_progress, name="lem-watchdog", daemon=True).start()
-        threading.Thread(target=self._watch_lifelines, args=(lifelines,), name="lem-lifelines", daemon=True).start()
+        if self.rank == 0 or not self.link.framed:  # framed, another rank's engine reads its lifeline itself
+            threading.Thread(target=self._watch_lifelines, args=(lifelines,), name="lem-lifelines",
+                             daemon=True).start()
 
     def _watch_progress(self) -> None:
         """A step or sync lasting past stall_seconds (--timeout) means a rank has died or stalled."""

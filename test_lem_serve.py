@@ -4446,10 +4446,30 @@ def agent_server(agent_model_dir, monkeypatch):
         return real_event(self, kind, value, *extra)
 
     monkeypatch.setattr(lem_serve.Writer, "event", recording)
+    if os.environ.get("LEM_CAPTURE_DIR"):
+        capture_first_requests(monkeypatch, Path(os.environ["LEM_CAPTURE_DIR"]))
     model = lem_serve.load_model(lem_serve.Settings(model_path=str(agent_model_dir)))
     with running_server(model, agent_model_dir, max_tokens=AGENT_MAX_TOKENS, timeout=AGENT_TIMEOUT,
                         max_requests=2, api_key=AGENT_KEY) as srv:
         yield srv, replies
+
+
+def capture_first_requests(monkeypatch, folder: Path) -> None:
+    """Save the first body each agent POSTs to an endpoint, as FOLDER/<endpoint>.json (bench/agent_session.py replays them).
+
+    Set LEM_CAPTURE_DIR to capture; the bodies are saved as read, before the server parses them.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    real_read = lem_serve.Handler._read_body
+
+    def reading(self):
+        body = real_read(self)
+        name = self.path.split("?")[0].strip("/").replace("/", "-") + ".json"
+        if self.command == "POST" and not (folder / name).exists():
+            (folder / name).write_bytes(body)
+        return body
+
+    monkeypatch.setattr(lem_serve.Handler, "_read_body", reading)
 
 
 def run_agent(argv: list, cwd: Path, env: dict) -> subprocess.CompletedProcess:

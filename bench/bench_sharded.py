@@ -20,7 +20,9 @@ model folder, greedy, chat template applied:
 3. The cost of one engine step's sync when nothing changed: rank 0's
    ``GroupLink.share`` of no ops (one all_sum of 16 bytes), against a bare
    all_sum of the same 16 bytes, and the share of one Insert op carrying a
-   1,000-token prompt. Median microseconds over 500 calls after a warm-up.
+   1,000-token prompt; then the same two shares on the lifelines (what the
+   engine uses when every rank has one: a write on rank 0). Median
+   microseconds over 500 calls after a warm-up.
 
 Run it (from the repository root, venv active):
 
@@ -44,6 +46,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -142,6 +145,15 @@ def share_worker() -> None:
         "share, no ops": timed(lambda: link.share([], link.STEP, 0, stream)),
         "share, one Insert (1,000 tokens)": timed(lambda: link.share(insert if leader else [], link.STEP, 0, stream)),
     }
+    lifelines = lem_serve.Lifelines(link)  # as the engine does: then shares travel on them
+    link.use_lifelines(lifelines.sockets)
+    if leader:  # rank 0 watches its lifelines for votes; the others' engines read theirs themselves
+        threading.Thread(target=lifelines.wait_for_loss, daemon=True).start()
+    if link.framed:  # rank 0 only writes; the others read every frame, so the counts match
+        result["share on the lifelines, no ops"] = timed(lambda: link.share([], link.STEP, 0, stream))
+        result["share on the lifelines, one Insert"] = timed(lambda: link.share(insert if leader else [], link.STEP,
+                                                                                0, stream))
+        mx.eval(mx.distributed.all_sum(mx.array([0]), group=group))  # both done before rank 0 exits
     if leader:
         result["insert payload bytes"] = len(__import__("pickle").dumps(insert))
         print("RESULT " + json.dumps(result), flush=True)

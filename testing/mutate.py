@@ -453,9 +453,17 @@ MUTATIONS = [
     Mutation("saved-cache-identity-unchecked", "a saved KV cache of another model (or other settings) is loaded",
              (('            if metadata.get("identity") != self.identity:\n', "            if False:\n"),),
              ("test_saved_caches_that_are_corrupt_truncated_or_foreign_are_skipped",)),
-    Mutation("idle-rank-spins", "an idle rank waits for rank 0 inside the collective, polling, not on its lifeline",
-             (("        elif self.idle and self.bells:\n            self.rung.acquire()\n", ""),),
+    Mutation("idle-rank-spins", "an idle rank polls for rank 0's next share (inside the collective, or on its "
+             "lifeline's frames) instead of blocking",
+             (("        elif self.idle and self.bells:\n            self.rung.acquire()\n", ""),
+              ("                piece = self.bells[0].recv(count - len(data))\n",
+               "                self.bells[0].setblocking(False)\n                while True:\n"
+               "                    with contextlib.suppress(BlockingIOError):\n"
+               "                        piece = self.bells[0].recv(count - len(data))\n                        break\n")),
              ("test_idle_ranks_block_instead_of_polling",)),
+    Mutation("group-vote-not-sent", "rank 1's stop vote never reaches rank 0 when shares travel on the lifelines",
+             (("                self.bells[0].sendall(self.VOTE)\n", "                pass\n"),),
+             ("test_sigterm_drains_the_group_and_it_exits",)),
     Mutation("hub-identity-by-name", "a Hub model's saved caches are keyed to its repo id, not its files: a new "
                                      "revision reuses the old one's KV",
              (("        folder = local_folder(name)\n",
