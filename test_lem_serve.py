@@ -3865,7 +3865,7 @@ def test_tool_arguments_that_are_no_json_object_are_wrapped_and_replay(slip_serv
         assert json.loads(call["function"]["arguments"]) == arguments
         streamed = [d for e in stream(slip_server, "chat", tools=[tool]) if isinstance(e, dict) and e.get("choices")
                     for d in e["choices"][0]["delta"].get("tool_calls") or []]
-        assert json.loads(streamed[0]["function"]["arguments"]) == arguments
+        assert json.loads("".join(d["function"].get("arguments") or "" for d in streamed)) == arguments
     response = post(slip_server, "responses", tools=[as_responses_tool(ADD)])
     (item,) = response["output"]
     assert json.loads(item["arguments"]) == wrapped
@@ -4646,8 +4646,9 @@ def test_forced_call_string_holding_the_end_marker_stays_one_call(server):
     (command,) = assert_one_valid_call("chat", post(server, "chat", **fields), [ECHO]).values()
     assert command.startswith("echo </tool_call>")
     events = stream(server, "chat", **fields)
-    (call,) = [c for e in events if isinstance(e, dict) and e.get("choices") for c in e["choices"][0]["delta"].get("tool_calls") or []]
-    assert json.loads(call["function"]["arguments"]) == {"command": command}
+    deltas = [c for e in events if isinstance(e, dict) and e.get("choices") for c in e["choices"][0]["delta"].get("tool_calls") or []]
+    assert {d["index"] for d in deltas} == {0}   # one call, its arguments in pieces
+    assert json.loads("".join(d["function"].get("arguments") or "" for d in deltas)) == {"command": command}
     assert not streamed_text("chat", events)
 
 
