@@ -4964,6 +4964,35 @@ def think_opened(tokenizer: Any, prompt: list[int], prefill: bool = False) -> bo
     return tokenizer.rfind_think_start(prompt, start=tail) > tokenizer.rfind_think_end(prompt, start=tail)
 
 
+HARMONY_ENDS = ("<|end|>", "<|call|>", "<|return|>", "<|start|>")  # what ends a message's body
+HARMONY_HEADS = ("<|channel|>", "<|start|>")                        # what a message's header starts with
+
+
+class HarmonyChannels:
+    """Which of a harmony reply's (gpt-oss) tokens are reasoning, for usage: those inside an `analysis`
+    message, from its <|message|> to its end marker (both counted, as a thinking block's markers are).
+    The split itself is HarmonyScanner's, in the dialects; this only follows the channel."""
+
+    def __init__(self):
+        self.header, self.inside = "", False   # the header read since the last message ended
+
+    def feed(self, text: str) -> None:
+        """Follow one token's text."""
+        for piece in re.split(r"(<\|[a-z]+\|>)", text):
+            if piece in HARMONY_ENDS:
+                self.header, self.inside = piece, False
+            elif piece == "<|message|>" and not self.inside:
+                self.inside = "<|channel|>analysis" in self.header.replace(" ", "")
+            elif not self.inside:
+                self.header += piece
+
+
+def harmony_channels(request: GenerationRequest, model: Model) -> HarmonyChannels | None:
+    """The channel follower for a chat reply of a harmony model, else None."""
+    form = chat_format_of(model.tokenizer) if request.endpoint != "completions" else None
+    return HarmonyChannels() if form is not None and form.harmony else None
+
+
 def kmp_fallbacks(pattern: str) -> list[int]:
     """KMP's failure function: for each prefix, the length of its longest proper border."""
     fallback, border = [0] * len(pattern), 0
@@ -5021,6 +5050,7 @@ class Sequence:
     text: TextStream
     stops: StopScanner
     reasoning: ReasoningSplitter | None = None
+    channels: HarmonyChannels | None = None    # a harmony reply's, to count its reasoning tokens
     choice: int = 0                            # its index among the request's n choices
     logprobs: list = dataclasses.field(default_factory=list)  # entries of tokens whose text is not out yet
 
@@ -6216,7 +6246,8 @@ class Engine:
                 return
             trim_space = job.request.endpoint != "completions"
             self.running[uid] = Sequence(job, TextStream(self.model, trim_space), StopScanner(job.request.stop),
-                                         reasoning_splitter(job.request, self.model, job.prompt), choice=i)
+                                         reasoning_splitter(job.request, self.model, job.prompt),
+                                         harmony_channels(job.request, self.model), choice=i)
 
     def _start(self, job: Job, max_tokens: int, request: GenerationRequest, measure: bool = True) -> int | None:
         """Insert one sequence of `job` into the batch; its uid, or None after reporting the failure.
@@ -6298,14 +6329,21 @@ class Engine:
             sequence.logprobs.append(token_logprobs(self.model, response.token, response.logprobs,
                                                    job.request.logprobs))
         text = sequence.text.add(response.token)
-        thinking = sequence.reasoning is not None and sequence.reasoning.inside
+        thinking = self._thinking(sequence)
         if response.finish_reason == "length":
             reason = self._flush(sequence, "length", text)
         else:
             reason = "stop" if self._route(sequence, text) else None
+        if sequence.channels is not None:
+            sequence.channels.feed(text)
         # A token counts as reasoning if it began or ended inside the block (so do both markers).
-        job.reasoning_tokens += thinking or (sequence.reasoning is not None and sequence.reasoning.inside)
+        job.reasoning_tokens += thinking or self._thinking(sequence)
         return reason
+
+    @staticmethod
+    def _thinking(sequence: Sequence) -> bool:
+        """Whether the sequence's text is inside reasoning now (a thinking block, harmony's analysis)."""
+        return any(part is not None and part.inside for part in (sequence.reasoning, sequence.channels))
 
     @staticmethod
     def _route(sequence: Sequence, text: str, final: bool = False) -> bool:
@@ -6621,8 +6659,6 @@ class ToolCallScanner(HeldTextScanner):
                 if isinstance(call, dict) and isinstance(call.get("name"), str)]
 
 
-HARMONY_ENDS = ("<|end|>", "<|call|>", "<|return|>", "<|start|>")  # what ends a message's body
-HARMONY_HEADS = ("<|channel|>", "<|start|>")                        # what a message's header starts with
 HARMONY_HEAD = re.compile(r"\s*(?=\{)")   # a call's body is its arguments; its name is in the header
 
 

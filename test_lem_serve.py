@@ -3023,6 +3023,19 @@ def test_family_replies_split_into_content_reasoning_and_calls(family_server, en
                             f"{name} {kind} {endpoint} streamed")
 
 
+@pytest.mark.parametrize("endpoint", ["chat", "responses"])
+def test_gpt_oss_analysis_tokens_count_as_reasoning(family_server, endpoint):
+    name, kinds, server, model = family_server
+    if name != "gpt-oss":
+        pytest.skip("harmony's channels only")
+    # The analysis message's body and both its markers, as a thinking block's markers count.
+    thought = len(model.tokenizer.encode("<|message|>Let me think.<|end|>", add_special_tokens=False))
+    for kind, expected in (("reasoning", thought), ("plain", 0)):
+        usage = request(server, "POST", path_of(endpoint), family_body(endpoint, kinds.index(kind))).json()["usage"]
+        details = usage["completion_tokens_details" if endpoint == "chat" else "output_tokens_details"]
+        assert details["reasoning_tokens"] == expected, (kind, usage)
+
+
 # An agent's turn in the middle of a tool loop, as chat sends it: the template renders this turn's reasoning.
 AGENT_SYSTEM, AGENT_QUESTION, AGENT_THOUGHT, AGENT_RESULT = (
     "You are a careful agent.", "What is the weather in Paris?", "I should look it up.", "Sunny, 21 C.")

@@ -112,7 +112,7 @@ SPEC: list[tuple[str, list[str]]] = [
         "literal_tokens", "ToolCallConstraint", "make_token_sampler",
         "openai_penalties", "token_logprobs", "token_bytes", "TextStream",
         "partial_marker_length", "StopScanner", "ReasoningSplitter", "reasoning_splitter",
-        "think_opened", "kmp_fallbacks",
+        "think_opened", "HARMONY_ENDS", "HARMONY_HEADS", "HarmonyChannels", "harmony_channels", "kmp_fallbacks",
     ]),
     # The group sits below the engine that drives it (Batch and Engine call it), so
     # a single-process reader skips one fenced section and everything calls upward.
@@ -127,8 +127,7 @@ SPEC: list[tuple[str, list[str]]] = [
         "Engine",
     ]),
     ("Dialects: what they share (block separator, usage, logprobs, tool-call scanners, SSE)", [
-        "BLOCK_SEPARATOR", "usage_of", "TextOffsets", "logprobs_object", "HeldTextScanner", "ToolCallScanner", "HARMONY_ENDS",
-        "HARMONY_HEADS", "HarmonyScanner", "openai_tool_call", "tool_scanner",
+        "BLOCK_SEPARATOR", "usage_of", "TextOffsets", "logprobs_object", "HeldTextScanner", "ToolCallScanner", "HarmonyScanner", "openai_tool_call", "tool_scanner",
         "sse_event", "SSE_KEEPALIVE", "SSE_DONE", "new_id", "Writer",
     ]),
     ("Dialects: OpenAI chat/completions (/v1/chat/completions, /v1/completions)", [

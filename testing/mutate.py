@@ -591,6 +591,10 @@ MUTATIONS = [
     Mutation("deepseek-arguments-as-objects", "DeepSeek's templates get a call's arguments as an object (a 400)",
              (("""        if message.get("tool_calls") and re.search(""", """        if False and re.search("""),),
              ("test_family_prompt_is_the_templates_own_rendering",)),
+    Mutation("harmony-reasoning-uncounted", "gpt-oss's analysis tokens are counted as 0 reasoning tokens in usage",
+             (("    return HarmonyChannels() if form is not None and form.harmony else None",
+               "    return None"),),
+             ("test_gpt_oss_analysis_tokens_count_as_reasoning",)),
     # Issue 25: the chat page for a working day (edits in chat.js).
     Mutation("tabs-last-writer-wins", "a tab writes its whole copy of a chat over the stored one: "
                                       "a reply streaming in another tab loses the other tab's turn",
