@@ -1161,18 +1161,16 @@ class Leaf(Piece):
         return self.complete(dfa, count) is not None
 
     def complete(self, dfa: frozenset, count: int) -> str | None:
-        """A shortest text (decoded) that completes the string from `dfa` after `count` characters."""
-        return self.completions.get_or((dfa, min(count, self.min_len), self.limit - count),
-                                       lambda: self._complete(dfa, count))
-
-    def _complete(self, dfa: frozenset, count: int) -> str | None:
-        layer = {dfa: ""}  # breadth first up to min_len, then the shortest way to a match
-        for _ in range(max(self.min_len - count, 0)):
-            layer = {nxt: text + ch for state, text in layer.items() for cid, ch in self.regex.reps.items()
-                     if (nxt := self.regex._move(state, cid)) is not None}
-        tails = [text + tail for state, text in layer.items() if (tail := self.regex.shortest(state)) is not None]
-        best = min(tails, key=len, default=None)
-        return best if best is not None and count + len(best) <= self.limit else None
+        """A shortest text (decoded) that completes the string from `dfa` after `count` characters (cached)."""
+        def search() -> str | None:
+            layer = {dfa: ""}  # breadth first up to min_len, then the shortest way to a match
+            for _ in range(max(self.min_len - count, 0)):
+                layer = {nxt: text + ch for state, text in layer.items() for cid, ch in self.regex.reps.items()
+                         if (nxt := self.regex._move(state, cid)) is not None}
+            best = min((text + tail for state, text in layer.items()
+                        if (tail := self.regex.shortest(state)) is not None), key=len, default=None)
+            return best if best is not None and count + len(best) <= self.limit else None
+        return self.completions.get_or((dfa, min(count, self.min_len), self.limit - count), search)
 
     def done(self, frame: tuple) -> bool:
         _, dfa, count, escape, ex, text = frame
@@ -1189,7 +1187,7 @@ class Leaf(Piece):
         if escape:  # end the escape: the first letter that fits, or \\u0000-style zeros
             tail = self._escapes(dfa, count)[0] if escape == "\\" else ""
             tail += "0" * (5 - len(escape)) if tail in ("", "u") else ""
-            return tail + self.finish(_leaf_after(frame, tail))
+            return tail + self.finish(json_advance(((frame,),), tail)[0][-1])
         if ex is not None:
             tail = self._fresh(dfa, count, text, ex[0])
             return None if tail is None else tail + '"'
@@ -1241,16 +1239,6 @@ class Leaf(Piece):
         _, dfa, count, escape, ex, text = frame
         room = self.limit - count
         return (self, dfa, min(count, self.min_len), min(room, reach + len(self.regex.edges)), escape, ex, text)
-
-
-def _leaf_after(frame: tuple, text: str) -> tuple | None:
-    """A leaf frame after `text` (it must stay inside the value), or None."""
-    for ch in text:
-        outcomes = [o for o in frame[0].step(frame, ch) if o is not REFEED]
-        if not outcomes:
-            return None
-        frame = outcomes[0][0]
-    return frame
 
 
 def number_leaf(integer: bool, low: Fraction | None = None, high: Fraction | None = None, low_open: bool = False,
