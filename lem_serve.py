@@ -1475,7 +1475,7 @@ class Array(Container):
         item = (VALUE, self._node(count), 0, (seen, True) if self.unique else None)
         if phase == "open":  # the first item begins with `ch`
             return [(after,) + frames for frames in VALUE.step(item[:2] + (JSON_MAX_WHITESPACE,) + item[3:], ch)]
-        return [(after, item)] if not self.unique or self._left(count, seen) else []
+        return [(after, item)] if not self.unique or first_text(self._node(count), seen) is not None else []
 
     def child_done(self, frame: Frame, child: tuple) -> Frame:
         return frame._replace(seen=frame.seen | {child[-1]}) if self.unique else frame
@@ -1485,10 +1485,6 @@ class Array(Container):
 
     def _more(self, count: int) -> bool:
         return (self.max_items is None or count < self.max_items) and (count < len(self.prefix) or self.items is not None)
-
-    def _left(self, count: int, seen: frozenset) -> bool:
-        """uniqueItems: whether an item not written yet is left for position `count`."""
-        return first_text(self._node(count), seen) is not None
 
     def finish(self, frame: Frame) -> str:
         return self._tail(frame.at, frame.seen, "," if frame.phase == "value" else "")
@@ -1915,12 +1911,14 @@ class SchemaCompiler:
         if not isinstance(props, dict) or not isinstance(theirs, dict):
             return False
         closed = other.get("additionalProperties", True) is False and "patternProperties" not in other
+        shut = part.get("additionalProperties", None if props else True) in (None, False) and \
+            not part.get("patternProperties")   # this server writes no key beyond part's properties
         for name in _names(part):  # written: other must refuse it or its value
             if self.flat(theirs.get(name)) is False or closed and name not in theirs or \
                     name in theirs and name in props and self.disjoint(props[name], theirs[name], hops + 1):
                 return True
         for name in _names(other):  # other needs it: never written, or written with a value other refuses
-            if self.flat(props.get(name)) is False or name not in props and self.closed(part) or \
+            if self.flat(props.get(name)) is False or name not in props and shut or \
                     name in props and name in theirs and self.disjoint(props[name], theirs[name], hops + 1):
                 return True
         return False
@@ -1937,12 +1935,6 @@ class SchemaCompiler:
         except ValueError:
             return True
         return False
-
-    @staticmethod
-    def closed(schema: dict) -> bool:
-        """Whether this server writes no key beyond `properties` for `schema`."""
-        extra = schema.get("additionalProperties", None if schema.get("properties") else True)
-        return extra in (None, False) and not schema.get("patternProperties")
 
     def merge(self, a: dict, b: Any, hops: int = 0) -> dict:
         """allOf: one schema with the constraints of both; False when none (what cannot be merged is a 400)."""
