@@ -2912,6 +2912,16 @@ FAMILIES["glm-4.6"] = ("zai-org-GLM-4.6.jinja", {
     "plain": "\n<think></think>\nHello there.", "reasoning": "\n<think>Let me think.</think>\nParis.",
     "call": "\n<think></think>\n" + GLM_WEATHER, "parallel": "\n<think></think>\n" + GLM_WEATHER + "\n" + GLM_TIME,
     "reasoning_call": "\n<think>Let me think.</think>\n" + GLM_WEATHER})
+MINIMAX_CALL = '<invoke name="{}">\n<parameter name="{}">{}</parameter>\n</invoke>\n'
+MINIMAX_WEATHER, MINIMAX_TIME = MINIMAX_CALL.format("get_weather", "city", "Paris"), MINIMAX_CALL.format(
+    "get_time", "zone", "CET")
+FAMILIES["minimax-m2"] = ("unsloth-MiniMax-M2.jinja", {
+    "tokens": ("]~!b[", "]~b]", "<think>", "</think>", "<minimax:tool_call>", "</minimax:tool_call>"),
+    "end": "[e~["}, {
+    "plain": "\n</think>\n\nHello there.", "reasoning": "Let me think.\n</think>\n\nParis.",
+    "call": "\n</think>\n\n<minimax:tool_call>\n" + MINIMAX_WEATHER + "</minimax:tool_call>",
+    "parallel": "\n</think>\n\n<minimax:tool_call>\n" + MINIMAX_WEATHER + MINIMAX_TIME + "</minimax:tool_call>",
+    "reasoning_call": "Let me think.\n</think>\n\n<minimax:tool_call>\n" + MINIMAX_WEATHER + "</minimax:tool_call>"})
 FAMILY_TOOLS = [{"name": "get_weather", "description": "The weather in a city",
                  "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}},
                 {"name": "get_time", "description": "The time in a zone",
@@ -3144,7 +3154,7 @@ def test_a_template_that_fails_to_render_is_a_400_naming_its_error(family_server
     assert "You have passed a message containing <|channel|> tags in the content field" in error["message"]
 
 
-MLX_PARSERS = {"kimi-k2": "kimi_k2", "glm-4.6": "glm47"}   # the parser mlx_lm infers, where not json_tools
+MLX_PARSERS = {"kimi-k2": "kimi_k2", "glm-4.6": "glm47", "minimax-m2": "minimax_m2"}   # the parser mlx_lm infers, where not json_tools
 
 
 def scan_family_text(name: str, text: str, pieces: list[str], live: bool = False) -> tuple[str, str, list]:
