@@ -2903,6 +2903,25 @@ FAMILIES["nemotron-nano-v2"] = ("NVIDIA-Nemotron-Nano-v2.jinja", {
     "parallel": "</think>\n<TOOLCALL>[" + family_calls(NEMOTRON_CALL, ", ", WEATHER_CALL, TIME_CALL) + "]</TOOLCALL>",
     "reasoning_call": "Let me think.\n</think>\n<TOOLCALL>[" + family_calls(NEMOTRON_CALL, "", WEATHER_CALL)
                       + "]</TOOLCALL>"})
+GLM_CALL = "<tool_call>{}\n<arg_key>{}</arg_key>\n<arg_value>{}</arg_value>\n</tool_call>"
+GLM_WEATHER, GLM_TIME = GLM_CALL.format("get_weather", "city", "Paris"), GLM_CALL.format("get_time", "zone", "CET")
+FAMILIES["glm-4.6"] = ("zai-org-GLM-4.6.jinja", {
+    "tokens": ("[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<think>", "</think>", "<tool_call>",
+               "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>"),
+    "end": "<|endoftext|>", "eos": ("<|user|>", "<|observation|>")}, {
+    "plain": "\n<think></think>\nHello there.", "reasoning": "\n<think>Let me think.</think>\nParis.",
+    "call": "\n<think></think>\n" + GLM_WEATHER, "parallel": "\n<think></think>\n" + GLM_WEATHER + "\n" + GLM_TIME,
+    "reasoning_call": "\n<think>Let me think.</think>\n" + GLM_WEATHER})
+MINIMAX_CALL = '<invoke name="{}">\n<parameter name="{}">{}</parameter>\n</invoke>\n'
+MINIMAX_WEATHER, MINIMAX_TIME = MINIMAX_CALL.format("get_weather", "city", "Paris"), MINIMAX_CALL.format(
+    "get_time", "zone", "CET")
+FAMILIES["minimax-m2"] = ("unsloth-MiniMax-M2.jinja", {
+    "tokens": ("]~!b[", "]~b]", "<think>", "</think>", "<minimax:tool_call>", "</minimax:tool_call>"),
+    "end": "[e~["}, {
+    "plain": "\n</think>\n\nHello there.", "reasoning": "Let me think.\n</think>\n\nParis.",
+    "call": "\n</think>\n\n<minimax:tool_call>\n" + MINIMAX_WEATHER + "</minimax:tool_call>",
+    "parallel": "\n</think>\n\n<minimax:tool_call>\n" + MINIMAX_WEATHER + MINIMAX_TIME + "</minimax:tool_call>",
+    "reasoning_call": "Let me think.\n</think>\n\n<minimax:tool_call>\n" + MINIMAX_WEATHER + "</minimax:tool_call>"})
 FAMILY_TOOLS = [{"name": "get_weather", "description": "The weather in a city",
                  "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}},
                 {"name": "get_time", "description": "The time in a zone",
@@ -3135,11 +3154,14 @@ def test_a_template_that_fails_to_render_is_a_400_naming_its_error(family_server
     assert "You have passed a message containing <|channel|> tags in the content field" in error["message"]
 
 
+MLX_PARSERS = {"kimi-k2": "kimi_k2", "glm-4.6": "glm47", "minimax-m2": "minimax_m2"}   # the parser mlx_lm infers, where not json_tools
+
+
 def scan_family_text(name: str, text: str, pieces: list[str], live: bool = False) -> tuple[str, str, list]:
     """(content, reasoning, calls) of a family's reply text fed to its scanner in `pieces`; `live` (as a stream
     scans) also checks that each streamed call's argument pieces add up to its final arguments exactly."""
     template, _, _ = FAMILIES[name]
-    parser = importlib.import_module(f"mlx_lm.tool_parsers.{'kimi_k2' if name == 'kimi-k2' else 'json_tools'}")
+    parser = importlib.import_module(f"mlx_lm.tool_parsers.{MLX_PARSERS.get(name, 'json_tools')}")
     form = lem_serve._chat_format((TEMPLATES / template).read_text("utf-8"), parser.tool_call_start,
                                   parser.tool_call_end, parser.parse_tool_call)  # what mlx_lm infers for the rest
     tools = [{"type": "function", "function": t} for t in FAMILY_TOOLS]
