@@ -1293,9 +1293,7 @@ class ValueStart(Piece):
 
     def finish(self, frame: tuple) -> str:
         _, node, _, ex = frame
-        if ex is None:
-            return node.min_text
-        return first_text(node, ex[0])
+        return node.min_text if ex is None else first_text(node, ex[0])
 
 
 VALUE = ValueStart()
@@ -1913,13 +1911,11 @@ class SchemaCompiler:
         closed = other.get("additionalProperties", True) is False and "patternProperties" not in other
         shut = part.get("additionalProperties", None if props else True) in (None, False) and \
             not part.get("patternProperties")   # this server writes no key beyond part's properties
-        for name in _names(part):  # written: other must refuse it or its value
-            if self.flat(theirs.get(name)) is False or closed and name not in theirs or \
-                    name in theirs and name in props and self.disjoint(props[name], theirs[name], hops + 1):
-                return True
-        for name in _names(other):  # other needs it: never written, or written with a value other refuses
-            if self.flat(props.get(name)) is False or name not in props and shut or \
-                    name in props and name in theirs and self.disjoint(props[name], theirs[name], hops + 1):
+        # Apart when part writes a name other refuses, other needs one part never writes, or values differ.
+        for name in dict.fromkeys(_names(part) + _names(other)):
+            if name in _names(part) and (self.flat(theirs.get(name)) is False or closed and name not in theirs) \
+                    or name in _names(other) and (self.flat(props.get(name)) is False or name not in props and shut) \
+                    or name in theirs and name in props and self.disjoint(props[name], theirs[name], hops + 1):
                 return True
         return False
 
