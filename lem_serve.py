@@ -1337,10 +1337,9 @@ class Object(Container):
     extra keys written.
     """
 
-    def __init__(self, props: tuple, extras: Piece | None = None, min_props: int = 0, max_props: int | None = None,
-                 key: Piece | None = None, banned: tuple = (), patterns: tuple = (), values: dict | None = None):
-        self.props = props
-        self.values = values if values is not None else {(): extras} if extras is not None else {}
+    def __init__(self, props: tuple, values: dict, min_props: int = 0, max_props: int | None = None,
+                 key: Piece | None = None, banned: tuple = (), patterns: tuple = ()):
+        self.props, self.values = props, values
         self.key = (key or ANY_STRING) if self.values else None
         self.patterns, self.slots = patterns, list(self.values)
         self.keys = {json.dumps(name, ensure_ascii=False): i for i, (name, _, _) in enumerate(props)}
@@ -1646,11 +1645,11 @@ def any_value(depth: int) -> Piece:
     if depth == 0:
         return Union(scalars)
     inner = any_value(depth - 1)
-    return Union(scalars + [Object((), extras=inner), Array((), inner)])
+    return Union(scalars + [Object((), {(): inner}), Array((), inner)])
 
 
 ANY_VALUE = any_value(JSON_MAX_NESTING)
-ANY_OBJECT = Object((), extras=any_value(JSON_MAX_NESTING - 1))
+ANY_OBJECT = Object((), {(): any_value(JSON_MAX_NESTING - 1)})
 
 
 class SchemaCompiler:
@@ -2102,9 +2101,8 @@ class SchemaCompiler:
         values = self.pattern_values(patterns, regexes, extra, refs, depth)
         key = self.extra_key(names or ANY_STRING, list(patterns), regexes, extra)
         try:
-            return Object(tuple(props), None, self.count(schema, "minProperties") or 0,
-                          self.count(schema, "maxProperties"), key, tuple(banned), tuple(regexes),
-                          values if key is not None else {})
+            return Object(tuple(props), values if key is not None else {}, self.count(schema, "minProperties") or 0,
+                          self.count(schema, "maxProperties"), key, tuple(banned), tuple(regexes))
         except ValueError as exc:
             raise self.fail(str(exc)) from None
 
