@@ -77,7 +77,7 @@ def hold_request_open(server) -> socket.socket:
     before = metric(scrape(server), "lem_in_flight_requests")
     sock = socket.create_connection(server.server_address[:2], timeout=60)
     sock.sendall(post_bytes("/v1/completions", HELD_BODY)[:-len(HELD_BODY) + 1])
-    assert wait_until(lambda: metric(scrape(server), "lem_in_flight_requests") > before, timeout=30)
+    assert wait_until(lambda: metric(scrape(server), "lem_in_flight_requests") > before)
     return sock
 
 
@@ -166,7 +166,7 @@ def test_sharded_client_leaving_mid_stream_stops_generation(sharded):
     conn, response = open_stream(sharded, "completions", prompt=PROMPTS[1], max_tokens=UNENDING)
     read_first_text_event(response)
     hang_up(conn, response)
-    assert wait_until(lambda: health(sharded)["active_requests"] == 0, timeout=30)
+    assert wait_until(lambda: health(sharded)["active_requests"] == 0)
 
     assert tokens_stop_growing(sharded)
     assert post(sharded, "completions", max_tokens=3)["usage"]["completion_tokens"] == 3
@@ -227,7 +227,7 @@ def test_sigterm_drains_the_group_and_it_exits(long_model_dir, who):
             os.kill(ranks[1], signal.SIGTERM)
         rest = events_within(response, 120)
         assert rest[-1] == "[DONE]" and final_choice(rest)["finish_reason"] == "length"
-        assert wait_until(lambda: not any(alive(pid) for pid in ranks), timeout=60), group.output()[-3000:]
+        assert wait_until(lambda: not any(alive(pid) for pid in ranks)), group.output()[-3000:]
         if who == "rank 1 alone":
             assert group.process.wait(timeout=30) == 0
             out = group.output()
@@ -332,7 +332,7 @@ def nginx_in_front(nginx: str, replicas: list[str], folder: Path):
                 socket.create_connection(front.server_address, timeout=1).close()
                 return True
             return process.poll() is not None
-        assert wait_until(up, timeout=30) and process.poll() is None, (folder / "error.log").read_text()
+        assert wait_until(up) and process.poll() is None, (folder / "error.log").read_text()
         yield front
     finally:
         process.terminate()
@@ -363,7 +363,7 @@ def test_nginx_spreads_requests_over_replicas_and_hides_their_429s(nginx_binary,
         assert [health(at(r))["active_requests"] for r in (a, b)] == [1, 1]
         for conn, response in streams:
             hang_up(conn, response)
-        assert wait_until(lambda: [health(at(r))["active_requests"] for r in (a, b)] == [0, 0], timeout=30)
+        assert wait_until(lambda: [health(at(r))["active_requests"] for r in (a, b)] == [0, 0])
         # A replica kept busy by a client nginx does not see answers 429, which nginx retries on the other.
         conn, response = open_stream(at(a), "completions", prompt=PROMPTS[2], max_tokens=UNENDING)
         read_first_text_event(response)
