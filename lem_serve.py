@@ -561,26 +561,20 @@ class ClientGone(Exception):
 
 # -- JSON Schema, compiled to a character automaton ----------------------------
 #
-# compile_schema() turns a schema into a graph of pieces: Literals (enum,
-# const, true/false/null, object keys), Leaf (a Regex: over a string's decoded
-# characters, with lengths, or over a number's text, its bounds and multipleOf
-# compiled to regular expressions), Object, Array and Union (anyOf).
-# json_advance() runs the graph over text as a pushdown automaton. A state is a
-# tuple of stacks, one per live anyOf branch; a stack is a tuple of frames,
-# innermost last; a frame is a tuple whose first item is its piece. Everything
-# hashes, so token masks are cached per state (JsonMasks). For its frames, each piece answers
-#   step(frame, ch) -> frame tuples that replace it (() pops it), or REFEED:
-#                      the value was complete before `ch`, which goes to the parent;
+# compile_schema() turns a schema into a graph of pieces: Literals (enum, const, true/false/null, keys),
+# Leaf (a Regex over a string's decoded characters with lengths, or over a number's text: bounds and
+# multipleOf compiled to regular expressions), Object and Array (Container), Union (anyOf).
+# json_advance() runs the graph over text as a pushdown automaton. A state is a tuple of stacks, one per
+# live anyOf branch; a stack is a tuple of frames, innermost last, each starting with its piece; all of
+# it hashes, so token masks are cached per state (JsonMasks). For its frames, each piece answers
+#   step(frame, ch) -> frame tuples that replace it (() pops it), or REFEED: the value was complete
+#                      before `ch`, which goes to the parent;
 #   done(frame)     -> whether the value is complete;
 #   finish(frame)   -> a short text that completes it (closing in time for max_tokens);
-# and each piece has min_text, a shortest complete value of its own. A leaf
-# (Literals, Leaf) is always a top frame; its frame ends with (ex,
-# text): an exclusion (forbidden texts, whether to keep all of the text) for
-# uniqueItems and extra object keys, and its raw JSON text so far.
-#
-# Whitespace: up to JSON_MAX_WHITESPACE characters wherever JSON allows them
-# (newlines and indentation as models write them), so output stays finite.
-# Recursive $refs are unrolled SCHEMA_MAX_REFS deep; there the branch ends.
+# and has min_text, a shortest complete value. A leaf (Literals, Leaf) is always a top frame; its frame
+# ends with (ex, text): an exclusion (forbidden texts, whether to keep all of the text) for uniqueItems
+# and extra keys, and its raw JSON text so far. Whitespace: at most JSON_MAX_WHITESPACE characters
+# between tokens, so output stays finite. Recursive $refs are unrolled SCHEMA_MAX_REFS deep.
 
 JSON_WHITESPACE = " \t\n\r"
 JSON_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
@@ -757,13 +751,11 @@ def lookaheads(tree: tuple, search: bool) -> tuple[tuple, list]:
 class Regex:
     """Regular expressions that must all match, as one lazily built DFA over character classes.
 
-    `parts` are (pattern, search) pairs: a searched pattern may match anywhere
-    (JSON Schema's `pattern`), else it must match the whole text (formats).
-    States are frozensets of NFA states, ~s standing for state s reached
-    through a '$' (it takes no more characters); None is dead. Leading
-    lookaheads are more parts, negated for (?!...). Characters are mapped
-    to class ids (the sets they belong to), so the DFA and the vocabulary's
-    class trie (TokenTable.class_trie) work on ids.
+    `parts` are (pattern, search[, negated]): a searched pattern may match anywhere (JSON Schema's
+    `pattern`), else it must match the whole text (formats). States are frozensets of NFA states, ~s
+    standing for s reached through a '$' (no more characters); None is dead. Leading lookaheads are more
+    parts, negated for (?!...). Characters map to class ids (the sets they belong to), so the DFA and the
+    vocabulary's class trie (TokenTable.class_trie) work on ids.
     """
 
     def __init__(self, parts: tuple):
@@ -792,13 +784,10 @@ class Regex:
         if self.shortest(self.start) is None:
             raise ValueError("the pattern matches nothing")
 
-    def __getstate__(self) -> dict:
-        # Sharded, a request's constraint travels pickled to the other ranks (see GroupLink):
-        # the lock stays behind and the caches (moves, tails) are rebuilt there as needed.
-        return {**self.__dict__, "lock": None, "moves": {}, "tails": {}}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, lock=threading.Lock())
+    def __reduce__(self) -> tuple:
+        # Sharded, a request's constraint travels pickled to the other ranks (see GroupLink): there
+        # shared_regex() rebuilds (or finds) the same regex, so `is ANY_TEXT` holds on every rank.
+        return shared_regex, (self.source,)
 
     def _new(self) -> int:
         if len(self.edges) >= REGEX_MAX_STATES:
@@ -942,15 +931,16 @@ class Regex:
             self.tails[state] = None if found is None else "".join(reversed(path))
         return self.tails[state]
 
-    def distance(self, state: frozenset) -> float:
-        tail = self.shortest(state)
-        return math.inf if tail is None else len(tail)
-
 
 @functools.lru_cache(maxsize=256)
+def shared_regex(parts: tuple) -> Regex:
+    """The compiled Regex for `parts`, shared across requests (and, unpickled, across ranks)."""
+    return Regex(parts)
+
+
 def regex_for(pattern: str | tuple, search: bool = True, also: tuple = ()) -> Regex:
-    """The compiled Regex for a pattern (and the (pattern, search) pairs `also`), shared across requests."""
-    return Regex(((pattern, search),) + also)
+    """The shared Regex for a pattern (and the (pattern, search) pairs `also`)."""
+    return shared_regex(((pattern, search),) + also)
 
 
 ANY_TEXT = regex_for("")   # an empty pattern matches every string
@@ -1014,19 +1004,29 @@ def number_bound(x: Fraction, strict: bool, least: bool) -> str | None:
 
 
 class Cache(dict):
-    """A dict of at most `limit` entries, the oldest dropped first: every cache of this section."""
+    """A dict of at most `limit` entries, the oldest dropped first: every cache of this section.
+
+    Shared by handler threads and the engine: the eviction and insertion hold a lock (two threads evicting
+    the same oldest key must not fail); `make` runs outside it, so a miss may be made twice.
+    """
 
     def __init__(self, limit: int):
         super().__init__()
-        self.limit = limit
+        self.limit, self.lock = limit, threading.Lock()
+
+    def __reduce__(self) -> tuple:
+        return Cache, (self.limit,)   # pickled (to other ranks, see GroupLink) empty, without the lock
 
     def get_or(self, key: Any, make: Callable[[], Any]) -> Any:
         """The value under `key`, made and kept if missing."""
-        if key not in self:
-            if len(self) >= self.limit:
-                self.pop(next(iter(self)), None)
-            self[key] = make()
-        return self[key]
+        value = self.get(key, self)
+        if value is self:
+            value = make()
+            with self.lock:
+                while self and len(self) >= self.limit:
+                    self.pop(next(iter(self)), None)
+                self[key] = value
+        return value
 
 
 def _track(ex: tuple | None, text: str | None, ch: str) -> str | None:
@@ -1043,8 +1043,9 @@ class Piece:
 
     min_text = ""
 
-    @property
+    @functools.cached_property
     def alternatives(self) -> tuple:
+        """The pieces a value of this one may be (a Union's own list)."""
         return (self,)
 
     def done(self, frame: tuple) -> bool:
@@ -1092,10 +1093,9 @@ class Leaf(Piece):
     """A value whose text matches `regex` with min_len to max_len characters: a JSON string (`quoted`:
     the regex runs over its decoded characters, pattern, format and lengths) or a number (its raw text).
 
-    Frame: (piece, dfa state, characters so far, escape, ex, text); escape is
-    "" (none), "\\" (after a backslash), "u" plus hex digits so far, or '"'
-    once closed. Strings under an exclusion take no escapes (their raw text is
-    their value). Integers and strings have one spelling each (`by_text`).
+    Frame: (piece, dfa state, characters so far, escape, ex, text); escape is "" (none), "\\" (after a
+    backslash), "u" plus hex digits so far, or '"' once closed. Strings under an exclusion take no escapes
+    (their raw text is their value). Integers and strings have one spelling each (`by_text`).
     """
 
     def __init__(self, regex: Regex, min_len: int = 0, max_len: int | None = None, quoted: bool = True,
@@ -1158,22 +1158,20 @@ class Leaf(Piece):
     def viable(self, dfa: frozenset, count: int) -> bool:
         """Whether a string at `dfa` after `count` characters can still be completed."""
         if count >= self.min_len:
-            return count + self.regex.distance(dfa) <= self.limit and self.regex.shortest(dfa) is not None
+            return (tail := self.regex.shortest(dfa)) is not None and count + len(tail) <= self.limit
         return self.complete(dfa, count) is not None
 
     def complete(self, dfa: frozenset, count: int) -> str | None:
-        """A shortest text (decoded) that completes the string from `dfa` after `count` characters."""
-        return self.completions.get_or((dfa, min(count, self.min_len), self.limit - count),
-                                       lambda: self._complete(dfa, count))
-
-    def _complete(self, dfa: frozenset, count: int) -> str | None:
-        layer = {dfa: ""}  # breadth first up to min_len, then the shortest way to a match
-        for _ in range(max(self.min_len - count, 0)):
-            layer = {nxt: text + ch for state, text in layer.items() for cid, ch in self.regex.reps.items()
-                     if (nxt := self.regex._move(state, cid)) is not None}
-        tails = [text + tail for state, text in layer.items() if (tail := self.regex.shortest(state)) is not None]
-        best = min(tails, key=len, default=None)
-        return best if best is not None and count + len(best) <= self.limit else None
+        """A shortest text (decoded) that completes the string from `dfa` after `count` characters (cached)."""
+        def search() -> str | None:
+            layer = {dfa: ""}  # breadth first up to min_len, then the shortest way to a match
+            for _ in range(max(self.min_len - count, 0)):
+                layer = {nxt: text + ch for state, text in layer.items() for cid, ch in self.regex.reps.items()
+                         if (nxt := self.regex._move(state, cid)) is not None}
+            best = min((text + tail for state, text in layer.items()
+                        if (tail := self.regex.shortest(state)) is not None), key=len, default=None)
+            return best if best is not None and count + len(best) <= self.limit else None
+        return self.completions.get_or((dfa, min(count, self.min_len), self.limit - count), search)
 
     def done(self, frame: tuple) -> bool:
         _, dfa, count, escape, ex, text = frame
@@ -1190,7 +1188,7 @@ class Leaf(Piece):
         if escape:  # end the escape: the first letter that fits, or \\u0000-style zeros
             tail = self._escapes(dfa, count)[0] if escape == "\\" else ""
             tail += "0" * (5 - len(escape)) if tail in ("", "u") else ""
-            return tail + self.finish(_leaf_after(frame, tail))
+            return tail + self.finish(json_advance(((frame,),), tail)[0][-1])
         if ex is not None:
             tail = self._fresh(dfa, count, text, ex[0])
             return None if tail is None else tail + '"'
@@ -1244,16 +1242,6 @@ class Leaf(Piece):
         return (self, dfa, min(count, self.min_len), min(room, reach + len(self.regex.edges)), escape, ex, text)
 
 
-def _leaf_after(frame: tuple, text: str) -> tuple | None:
-    """A leaf frame after `text` (it must stay inside the value), or None."""
-    for ch in text:
-        outcomes = [o for o in frame[0].step(frame, ch) if o is not REFEED]
-        if not outcomes:
-            return None
-        frame = outcomes[0][0]
-    return frame
-
-
 def number_leaf(integer: bool, low: Fraction | None = None, high: Fraction | None = None, low_open: bool = False,
                 high_open: bool = False, step: int = 1, scale: int = 0, excluded: tuple = ()) -> Leaf:
     """A JSON number as a regex leaf: integer or decimal, within bounds, a multiple of step * 10**-scale,
@@ -1275,12 +1263,8 @@ class Union(Piece):
     """anyOf (and oneOf, type lists): a value matching any of the alternatives."""
 
     def __init__(self, alternatives):
-        self._alternatives = tuple(a for alt in alternatives for a in alt.alternatives)
-        self.min_text = min((a.min_text for a in self._alternatives), key=len)
-
-    @property
-    def alternatives(self) -> tuple:
-        return self._alternatives
+        self.alternatives = tuple(a for alt in alternatives for a in alt.alternatives)
+        self.min_text = min((a.min_text for a in self.alternatives), key=len)
 
 
 def first_text(node: Piece, forbidden: frozenset) -> str | None:
@@ -1348,13 +1332,12 @@ class Container(Piece):
 class Object(Container):
     """A JSON object: declared properties in their order, each at most once, then extra keys.
 
-    props: (name, node, required) triples. Other keys are `key` leaves
-    (propertyNames; None: no other keys), never a declared or `banned` name
-    nor one already written; an extra key's value is values[matched], matched
-    being the indices of the `patterns` (patternProperties) that match the key
-    ((): additionalProperties). In a Frame, `at` is the first declared
-    property still allowed (in "colon": the chosen one, or len(props) + j for
-    the extra key whose value is node j); `seen` holds the extra keys written.
+    props: (name, node, required) triples. Other keys are `key` leaves (propertyNames; None: no other
+    keys), never a declared or `banned` name nor one already written; an extra key's value is
+    values[matched], matched being the indices of the `patterns` (patternProperties) that match the key
+    ((): additionalProperties). In a Frame, `at` is the first declared property still allowed (in
+    "colon": the chosen one, or len(props) + j for the extra key whose value is node j); `seen` holds the
+    extra keys written.
     """
 
     def __init__(self, props: tuple, extras: Piece | None = None, min_props: int = 0, max_props: int | None = None,
@@ -1463,10 +1446,9 @@ class Object(Container):
 class Array(Container):
     """A JSON array: `prefix` items (tuples) then `items` ones (None: no more), within min/max_items.
 
-    With `unique`, items are leaves (checked at compile time) under an
-    exclusion of the texts already written (a Frame's `seen`). In a Frame,
-    phase is open or value, and `at` is the items begun (capped once it no
-    longer matters, so long arrays reuse masks).
+    With `unique`, items are leaves (checked at compile time) under an exclusion of the texts already
+    written (a Frame's `seen`). In a Frame, phase is open or value, and `at` is the items begun (capped
+    once it no longer matters, so long arrays reuse masks).
     """
 
     brackets = "[]"
@@ -1494,7 +1476,7 @@ class Array(Container):
         item = (VALUE, self._node(count), 0, (seen, True) if self.unique else None)
         if phase == "open":  # the first item begins with `ch`
             return [(after,) + frames for frames in VALUE.step(item[:2] + (JSON_MAX_WHITESPACE,) + item[3:], ch)]
-        return [(after, item)] if not self.unique or self._left(count, seen) else []
+        return [(after, item)] if not self.unique or first_text(self._node(count), seen) is not None else []
 
     def child_done(self, frame: Frame, child: tuple) -> Frame:
         return frame._replace(seen=frame.seen | {child[-1]}) if self.unique else frame
@@ -1504,10 +1486,6 @@ class Array(Container):
 
     def _more(self, count: int) -> bool:
         return (self.max_items is None or count < self.max_items) and (count < len(self.prefix) or self.items is not None)
-
-    def _left(self, count: int, seen: frozenset) -> bool:
-        """uniqueItems: whether an item not written yet is left for position `count`."""
-        return first_text(self._node(count), seen) is not None
 
     def finish(self, frame: Frame) -> str:
         return self._tail(frame.at, frame.seen, "," if frame.phase == "value" else "")
@@ -1681,9 +1659,8 @@ ANY_OBJECT = Object((), extras=any_value(JSON_MAX_NESTING - 1))
 class SchemaCompiler:
     """Compiles one JSON Schema into pieces, or raises a 400 naming what it cannot enforce.
 
-    compile() returns None for a schema no value satisfies (false, or a $ref
-    recursion cut at SCHEMA_MAX_REFS): optional properties, array items and
-    anyOf alternatives that need one are left out.
+    compile() returns None for a schema no value satisfies (false, or a $ref recursion cut at
+    SCHEMA_MAX_REFS): optional properties, array items and anyOf alternatives that need one are left out.
     """
 
     def __init__(self, root: dict, param: str):
@@ -1741,18 +1718,14 @@ class SchemaCompiler:
         return self.typed(constraints, kinds, refs, depth)
 
     def typed(self, schema: dict, kind: Any, refs: int, depth: int) -> Piece | None:
-        if kind == "string":
-            return self.string(schema)
-        if kind in ("integer", "number"):
-            return self.number(schema, kind == "integer")
+        """The piece for one `type` (a 400 for an unknown one)."""
         if kind in ("boolean", "null"):
             return self.literals({"enum": [True, False] if kind == "boolean" else [None],
                                   "!enum": schema.get("!enum", [])}, refs, depth)
-        if kind == "object":
-            return self.object(schema, refs, depth)
-        if kind == "array":
-            return self.array(schema, refs, depth)
-        raise self.fail(f"unknown JSON Schema type {json.dumps(kind)[:40]}")
+        if kind not in ("string", "integer", "number", "object", "array"):
+            raise self.fail(f"unknown JSON Schema type {json.dumps(kind)[:40]}")
+        return self.string(schema) if kind == "string" else self.number(schema, kind == "integer") \
+            if kind in ("integer", "number") else getattr(self, kind)(schema, refs, depth)
 
     def resolve(self, ref: Any) -> Any:
         """The schema a local JSON pointer ("#", "#/$defs/Name", "#/definitions/...") or anchor ("#name") names."""
@@ -1939,12 +1912,14 @@ class SchemaCompiler:
         if not isinstance(props, dict) or not isinstance(theirs, dict):
             return False
         closed = other.get("additionalProperties", True) is False and "patternProperties" not in other
+        shut = part.get("additionalProperties", None if props else True) in (None, False) and \
+            not part.get("patternProperties")   # this server writes no key beyond part's properties
         for name in _names(part):  # written: other must refuse it or its value
             if self.flat(theirs.get(name)) is False or closed and name not in theirs or \
                     name in theirs and name in props and self.disjoint(props[name], theirs[name], hops + 1):
                 return True
         for name in _names(other):  # other needs it: never written, or written with a value other refuses
-            if self.flat(props.get(name)) is False or name not in props and self.closed(part) or \
+            if self.flat(props.get(name)) is False or name not in props and shut or \
                     name in props and name in theirs and self.disjoint(props[name], theirs[name], hops + 1):
                 return True
         return False
@@ -1961,12 +1936,6 @@ class SchemaCompiler:
         except ValueError:
             return True
         return False
-
-    @staticmethod
-    def closed(schema: dict) -> bool:
-        """Whether this server writes no key beyond `properties` for `schema`."""
-        extra = schema.get("additionalProperties", None if schema.get("properties") else True)
-        return extra in (None, False) and not schema.get("patternProperties")
 
     def merge(self, a: dict, b: Any, hops: int = 0) -> dict:
         """allOf: one schema with the constraints of both; False when none (what cannot be merged is a 400)."""
@@ -2313,11 +2282,10 @@ JSON_OBJECT = Constraint(ANY_OBJECT, "json_object")   # response_format json_obj
 class ToolCallRule:
     """Tool calls whose arguments the engine holds to a schema, written in the model's own call syntax.
 
-    forced (tool_choice "required" or a named function): the reply is one
-    call, among `calls`. Lazy (a tool with "strict": true under "auto"):
-    text stays free until the model opens a call; from its start marker on,
-    the call names one of `calls` and its arguments follow that tool's
-    constraint (a strict tool's schema; any JSON object for the others).
+    forced (tool_choice "required" or a named function): the reply is one call, among `calls`. Lazy (a
+    tool with "strict": true under "auto"): text stays free until the model opens a call; from its start
+    marker on, the call names one of `calls` and its arguments follow that tool's constraint (a strict
+    tool's schema; any JSON object for the others).
     """
 
     calls: tuple[tuple[str, Constraint], ...]   # (tool name, its arguments' constraint)
@@ -2331,9 +2299,8 @@ def tool_call_rule(tools: tuple[dict, ...], forced: list[str], choice: str) -> T
                                   if t["function"]["name"] == name), forced=True)
     if choice != "auto" or not any(t["function"].get("strict") is True for t in tools):
         return None
-    free = JSON_OBJECT
     return ToolCallRule(tuple((t["function"]["name"], arguments_constraint(t) if t["function"].get("strict") is True
-                               else free) for t in tools), forced=False)
+                               else JSON_OBJECT) for t in tools), forced=False)
 
 
 def arguments_constraint(tool: dict) -> Constraint:
@@ -2348,19 +2315,16 @@ def schema_constraint(schema: Any, param: str) -> Constraint:
 
 # -- JSON-constrained decoding: the automaton lifted to tokens
 #
-# A token may follow a state when the automaton takes its whole text. Masks are
-# built by walking a trie of the vocabulary's token texts, and inside strings by
-# a trie of class ids of the plain tokens (those of ordinary characters) for the
-# string's regex, so a length or a pattern does not mean a walk of every token.
-# Masks are cached per state, with string lengths reduced to what can matter
-# within one token (Leaf.key), so long strings reuse them.
+# A token may follow a state when the automaton takes its whole text. Masks walk a trie of the token
+# texts, and inside strings a trie of the plain tokens over the string regex's class ids, so a length
+# or a pattern is not a walk of every token. Masks are cached per state, string lengths reduced to
+# what can matter within one token (Leaf.key), so long strings reuse them.
 
 class TokenTable:
     """A vocabulary's token texts, indexed for constrained decoding; one per tokenizer.
 
-    Special tokens (end of sequence included) and tokens that decode to part
-    of a character are left out, so constrained text is made of whole
-    characters and never of control tokens.
+    Special tokens (end of sequence included) and tokens that decode to part of a character are left
+    out, so constrained text is made of whole characters and never of control tokens.
     """
 
     def __init__(self, tokenizer: Any):
@@ -2518,9 +2482,8 @@ def masked(logits: Any, mask: Any) -> Any:
 def commitment(start: tuple) -> int:
     """The most one token can add to the closing text, in characters (so in tokens at most).
 
-    A token that writes a key, opens an array item or picks an anyOf branch
-    commits the output to that value's shortest text; JsonConstraint starts
-    closing this much early, so no such step can leave too few tokens.
+    A token that writes a key, opens an array item or picks an anyOf branch commits the output to that
+    value's shortest text; JsonConstraint starts closing this much early, so no such step leaves too few.
     """
     todo = [frame[1] for stack in start for frame in stack if frame[0] is VALUE]
     seen, most = set(), 0
@@ -2551,11 +2514,10 @@ def json_constraint(constraint: Constraint, tokenizer: Any, budget: int) -> Json
 class JsonConstraint:
     """A logits processor that only lets through tokens keeping the output valid JSON.
 
-    Called once per generated token (mlx_lm's convention). It tracks the
-    automaton state from the tokens sampled so far; when the tokens left are
-    just enough to spell the shortest closing text, it spells it, so the output
-    is complete JSON whenever max_tokens allows that at all. Once the JSON is
-    complete only end-of-sequence tokens remain.
+    Called once per generated token (mlx_lm's convention), it tracks the automaton state from the
+    tokens sampled so far; when the tokens left just suffice to spell the shortest closing text, it
+    spells it, so the output is complete JSON whenever max_tokens allows. Once the JSON is complete only
+    end-of-sequence tokens remain.
     """
 
     stateful = True   # follows the tokens sampled so far, one call per token

@@ -67,9 +67,9 @@ SPEC: list[tuple[str, list[str]]] = [
     ("Structured output: JSON Schema compiled to a character automaton, lifted to token masks", [
         "JSON_WHITESPACE", "JSON_ESCAPES", "HEX_DIGITS", "REFEED", "CHAR_PREDICATES",
         "in_charset", "charset", "negate", "ANY_CHAR", "SHORTHANDS", "REGEX_ESCAPES", "DOT",
-        "QUANTIFIER", "RegexParser", "ANYTHING", "lookaheads", "Regex", "regex_for",
+        "QUANTIFIER", "RegexParser", "ANYTHING", "lookaheads", "Regex", "shared_regex", "regex_for",
         "ANY_TEXT", "_digits", "int_range", "_fraction", "_magnitude", "number_bound",
-        "Cache", "_track", "Piece", "Literals", "Leaf", "_leaf_after", "number_leaf",
+        "Cache", "_track", "Piece", "Literals", "Leaf", "number_leaf",
         "Union", "first_text", "union", "ValueStart", "VALUE", "Frame", "Container", "Object", "Array",
         "json_start",
         "json_advance", "json_complete", "json_closing_text", "_step", "_pop", "_settle",
