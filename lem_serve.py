@@ -31,11 +31,11 @@ TLS. On loopback it answers only to loopback Host names (DNS rebinding);
 browser pages from other origins are refused unless --allowed-origins lists
 them. It never reads a file from disk on a client's behalf.
 
-Layout, each section calling only the ones above it:
-settings and CLI; errors; structured output (JSON Schema compiled to an
-automaton and token masks); request parsing and validation; the generation
-engine (one thread that owns MLX); SSE/JSON writers; metrics; the HTTP
-handler; the server class and main().
+Layout, each section calling only the ones above it: defaults; settings and
+CLI; errors; structured output; request; prompt and sampling; group; engine;
+dialects, one subsection each (what they share; OpenAI chat/completions;
+Anthropic messages; OpenAI Responses; models, embeddings, and each endpoint's
+writer); metrics; handler; server and main().
 """
 
 from __future__ import annotations
@@ -86,8 +86,9 @@ from typing import Any, Callable, Iterator, NamedTuple, NoReturn
 
 __version__ = "0.1.0"
 
+
 # ---------------------------------------------------------------------------
-# Defaults: every tunable in one place.
+# Defaults: every tunable in one place
 # ---------------------------------------------------------------------------
 
 DEFAULT_BIND = "127.0.0.1:8090"   # HOST:PORT to listen on; loopback unless asked
@@ -271,15 +272,6 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see --help)\n")
 
 
-def build_arg_parser() -> argparse.ArgumentParser:
-    """The command line; names and defaults are part of the contract (--help lists them in this order)."""
-    p = OneLineArgumentParser(prog="lem_serve.py", description=__doc__.splitlines()[0])
-    add_serving_flags(p)
-    add_memory_flags(p)
-    add_model_flags(p)
-    return p
-
-
 def add_serving_flags(p: argparse.ArgumentParser) -> None:
     """Flags for what is served and to whom: the model, the socket, request limits, the key."""
     p.add_argument("--model-path", required=True, help="local MLX/Hugging Face model folder, or a Hub repo id")
@@ -351,6 +343,15 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="bytes those kept responses may hold in all, e.g. 64M; the oldest go first (default 64M)")
     p.add_argument("--pipeline", action="store_true",
                    help="under mlx.launch: shard the model by layers (pipeline parallel) instead of within each layer")
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    """The command line; names and defaults are part of the contract (--help lists them in this order)."""
+    p = OneLineArgumentParser(prog="lem_serve.py", description=__doc__.splitlines()[0])
+    add_serving_flags(p)
+    add_memory_flags(p)
+    add_model_flags(p)
+    return p
 
 
 # Chat template arguments the server itself sets; a client may not (chat_template would let it run its own template).
@@ -2465,6 +2466,7 @@ class JsonMasks:
                     todo.append((child, after))
         return ids
 
+
 def masked(logits: Any, mask: Any) -> Any:
     """`logits` with -inf wherever the boolean `mask` is false."""
     import mlx.core as mx
@@ -2548,11 +2550,8 @@ class JsonConstraint:
 
 
 # ---------------------------------------------------------------------------
-# Request parsing and validation
+# Request: every body parsed once into the one request type
 # ---------------------------------------------------------------------------
-
-CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
-
 
 @dataclass(frozen=True)
 class Check:
@@ -2598,24 +2597,11 @@ COMMON_CHECKS = (
     Check("logit_bias", (dict,), "an object mapping token ids to numbers between -100 and 100", _is_logit_bias),
     Check("response_format", (dict,), 'an object such as {"type": "json_object"}'),
 )
-CHAT_CHECKS = COMMON_CHECKS + (
-    Check("messages", (list,), "a non-empty list of messages", lambda v: len(v) > 0),
-    Check("logprobs", (bool,), "a boolean"),
-    Check("tools", (list,), 'a list of {"type": "function", "function": {"name": ..., "parameters": {...}}} objects'),
-    Check("tool_choice", (str, dict), '"none", "auto", "required" or {"type": "function", "function": {"name": ...}}'),
-    Check("continue_final_message", (bool,), "a boolean"),
-    Check("add_generation_prompt", (bool,), "a boolean"),
-    Check("top_logprobs", (int,), f"an integer between 0 and {MAX_TOP_LOGPROBS_CHAT}",
-          lambda v: 0 <= v <= MAX_TOP_LOGPROBS_CHAT),
-    Check("chat_template_kwargs", (dict,), "an object of chat template arguments, such as {\"enable_thinking\": false}",
-          lambda v: not set(v) & TEMPLATE_RESERVED),
-    Check("reasoning_effort", (str,), "a string such as \"low\", \"medium\" or \"high\""),
-)
-COMPLETION_CHECKS = COMMON_CHECKS + (
-    Check("prompt", (str, list), "a string, a list holding one string, or a list of token ids"),
-    Check("logprobs", (int,), f"an integer between 0 and {MAX_LOGPROBS_COMPLETIONS}",
-          lambda v: 0 <= v <= MAX_LOGPROBS_COMPLETIONS),
-)
+
+
+def common_checks(*fields: str) -> tuple[Check, ...]:
+    """The rows of COMMON_CHECKS for these fields: a field the dialects share means the same there."""
+    return tuple(check for check in COMMON_CHECKS if check.field in fields)
 
 # Known fields that would change the result and are not implemented yet:
 # refused by name rather than silently ignored. The value shown is the one
@@ -2698,60 +2684,6 @@ def run_checks(body: dict, checks: tuple[Check, ...]) -> None:
             raise invalid(f"'{field}' is not supported by this server", field, "unsupported_parameter")
 
 
-def parse_generation_request(endpoint: str, body: dict, settings: Settings) -> GenerationRequest:
-    """Validate a decoded body for `endpoint` ("chat" or "completions")."""
-    run_checks(body, CHAT_CHECKS if endpoint == "chat" else COMPLETION_CHECKS)
-    if endpoint == "chat":
-        if "messages" not in body or body["messages"] is None:
-            raise invalid("'messages' is required", "messages")
-        messages = tuple(parse_message(m, i) for i, m in enumerate(body["messages"]))
-        fields = {"messages": messages, "prefill": chat_prefill(body, messages),
-                  "max_context": settings.max_context, "template_args": template_args(body, settings),
-                  "split_reasoning": settings.reasoning_format != "none"}
-    else:
-        if body.get("prompt") is None:
-            raise invalid("'prompt' is required", "prompt")
-        fields = {"prompt": parse_prompt(body["prompt"])}
-    asked = body.get("max_completion_tokens") or body.get("max_tokens")
-    if asked is not None and asked > settings.max_tokens:
-        raise invalid(f"'max_tokens' is {asked}, above this server's limit of {settings.max_tokens}", "max_tokens")
-    stop = body.get("stop") or ()
-    options = body.get("stream_options") or {}
-    n = body.get("n") or 1
-    if n > settings.max_requests:
-        raise invalid(f"'n' is {n}; each choice takes a generation slot and this server has "
-                      f"{settings.max_requests} (--max-requests)", "n")
-    return GenerationRequest(
-        endpoint=endpoint, **fields, n=n,
-        stream=bool(body.get("stream")),
-        include_usage=bool(options.get("include_usage")),
-        max_tokens=asked or settings.max_tokens, max_tokens_given=asked is not None,
-        stop=(stop,) if isinstance(stop, str) else tuple(stop),
-        logprobs=logprobs_wanted(endpoint, body),
-        **output_fields(endpoint, body),
-        **sampling_fields(body, settings.sampling),
-    )
-
-
-def chat_prefill(body: dict, messages: tuple[dict, ...]) -> bool:
-    """Whether a chat request continues its last message: one from the assistant (llama-server's rule).
-
-    vLLM's fields choose too: continue_final_message true asks for it (and
-    needs such a message), add_generation_prompt true or
-    continue_final_message false ask for a new reply after it instead.
-    """
-    wanted, fresh = body.get("continue_final_message"), body.get("add_generation_prompt")
-    if wanted and fresh:
-        raise invalid("'continue_final_message' and 'add_generation_prompt' cannot both be true",
-                      "continue_final_message")
-    last = messages[-1] if messages else {}
-    continuable = last.get("role") == "assistant" and not last.get("tool_calls")
-    if wanted and not continuable:
-        raise invalid("'continue_final_message' needs a last assistant message without tool calls",
-                      "continue_final_message")
-    return continuable and wanted is not False and not fresh
-
-
 def template_args(body: dict, settings: Settings) -> dict:
     """Chat template arguments: --chat-template-args, then chat_template_kwargs, then reasoning_effort."""
     args = {**settings.chat_template_args, **(body.get("chat_template_kwargs") or {})}
@@ -2789,54 +2721,6 @@ def sampling_fields(body: dict, defaults: dict) -> dict:
             "logit_bias": tuple(sorted((int(k), float(v)) for k, v in bias.items()))}
 
 
-def chat_role(role: str) -> str:
-    """A message's role as the chat template takes it: OpenAI's "developer" is the system role."""
-    return "system" if role == "developer" else role
-
-
-def parse_message(message: Any, index: int) -> dict:
-    """Normalise one chat message to {"role", "content"[, "name", ...]}."""
-    param = f"messages[{index}]"
-    if not isinstance(message, dict):
-        raise invalid(f"{param} must be an object with 'role' and 'content'", param)
-    role = message.get("role")
-    if role not in CHAT_ROLES:
-        raise invalid(f"{param}.role must be one of {', '.join(CHAT_ROLES)}, got {json.dumps(role)}", f"{param}.role")
-    normal = {"role": chat_role(role),
-              "content": parse_content(message.get("content"), f"{param}.content",
-                                       optional=role == "assistant" and bool(message.get("tool_calls")))}
-    for key in ("name", "tool_call_id"):
-        if message.get(key) is not None:
-            normal[key] = message[key]
-    reasoning = message.get("reasoning_content", message.get("reasoning"))
-    if role == "assistant" and reasoning is not None:  # sent back with its reasoning: templates that render it get it
-        normal["reasoning_content"] = parse_content(reasoning, f"{param}.reasoning_content")
-    if message.get("tool_calls"):
-        normal["tool_calls"] = parse_tool_calls(message["tool_calls"], f"{param}.tool_calls")
-    return normal
-
-
-def parse_tool_calls(calls: Any, param: str) -> list[dict]:
-    """An assistant message's tool_calls, arguments decoded to objects.
-
-    OpenAI sends arguments as a JSON string; chat templates (Qwen's, say)
-    write them with `tojson`, which would quote a string a second time.
-    """
-    if not isinstance(calls, list):
-        raise invalid(f"'{param}' must be a list of tool calls", param)
-    out = []
-    for i, call in enumerate(calls):
-        function = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-            raise invalid(f"'{param}[{i}]' must be {{\"type\": \"function\", \"function\": {{\"name\", "
-                          f"\"arguments\"}}}}", param)
-        # Replayed history is taken as sent: arguments that are no JSON object (a model's own slip, sent
-        # back by the agent) are wrapped as the server wraps them on the way out, never a 400.
-        arguments = tool_arguments(function.get("arguments") or "{}")
-        out.append({**call, "function": {**function, "arguments": arguments}})
-    return out
-
-
 def tool_arguments(value: Any, schema: dict | None = None) -> dict:
     """A tool call's arguments as a JSON object, whatever a model or a client wrote.
 
@@ -2855,46 +2739,6 @@ def tool_arguments(value: Any, schema: dict | None = None) -> dict:
         return parsed
     names = list((schema or {}).get("properties") or {}) if isinstance(schema, dict) else []
     return {names[0] if len(names) == 1 else RAW_ARGUMENTS_KEY: parsed}
-
-
-MEDIA_PARTS = ("image_url", "input_image", "input_audio", "input_file", "file", "image", "document")
-
-
-def parse_content(content: Any, param: str, optional: bool = False, text_types: tuple[str, ...] = ("text",),
-                  separator: str = "") -> str:
-    """A message's content as text: a string, or a list of text parts joined by `separator`.
-
-    `text_types` are the part types that carry text in the calling API
-    (chat's "text"; the Responses API's "input_text" and "output_text").
-    """
-    if content is None and optional:
-        return ""
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise invalid(f"{param} must be a string or a list of content parts", param)
-    texts = []
-    for i, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind not in text_types:
-            if kind in MEDIA_PARTS:
-                raise invalid(f"{param}[{i}] is a part of type {kind!r}; this server serves text models only", param)
-            raise invalid(f"{param}[{i}] must be a {{\"type\": \"{text_types[0]}\", \"text\": ...}} part", param)
-        if not isinstance(part.get("text"), str):
-            raise invalid(f"{param}[{i}].text must be a string", param)
-        texts.append(part["text"])
-    return separator.join(texts)
-
-
-def parse_prompt(prompt: Any) -> str | tuple[int, ...]:
-    """A completions prompt: a string, [string], or a list of token ids."""
-    if isinstance(prompt, str):
-        return prompt
-    if len(prompt) == 1 and isinstance(prompt[0], str):
-        return prompt[0]
-    if prompt and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt):
-        return tuple(prompt)
-    raise invalid("'prompt' must be a string, a list holding one string, or a non-empty list of token ids", "prompt")
 
 
 def output_fields(endpoint: str, body: dict, format_param: str = "response_format") -> dict:
@@ -2957,6 +2801,9 @@ def parse_response_format(value: dict | None, param: str = "response_format") ->
     return schema_constraint(spec["schema"], param)
 
 
+MEDIA_PARTS = ("image_url", "input_image", "input_audio", "input_file", "file", "image", "document")
+
+
 def chat_window(messages: tuple[dict, ...], keep: int) -> tuple[tuple[dict, ...], int]:
     """(the messages the model sees under a window of `keep`, how many were left out).
 
@@ -2978,481 +2825,6 @@ def chat_window(messages: tuple[dict, ...], keep: int) -> tuple[tuple[dict, ...]
     first = next((n for n in turns if len(others) - n <= keep), turns[-1])
     start = others[first]
     return tuple(m for i, m in enumerate(messages) if i >= start or m["role"] == "system"), first
-
-
-# -- The agents' dialects: Anthropic Messages and OpenAI Responses -----------------
-#
-# Each dialect is one parser that builds the GenerationRequest chat builds:
-# normalised chat messages and OpenAI-shaped tools and tool_choice, then the
-# same output_fields() and sampling_fields(). Agents manage their own context
-# (Claude Code compacts it), so the chat window never cuts these conversations
-# (max_context stays 0), and a max_tokens above the server's limit is clamped,
-# not refused: agents ask for large ceilings (Claude Code sends 32000 or more).
-
-BLOCK_SEPARATOR = "\n"   # between the text blocks of one Anthropic message or Responses item: separate units
-
-def common_checks(*fields: str) -> tuple[Check, ...]:
-    """The rows of COMMON_CHECKS for these fields: a field the dialects share means the same there."""
-    return tuple(check for check in COMMON_CHECKS if check.field in fields)
-
-
-MESSAGES_CHECKS = common_checks("model", "stream", "max_tokens", "top_p", "top_k") + (
-    Check("messages", (list,), "a non-empty list of messages", lambda v: len(v) > 0),
-    Check("system", (str, list), "a string or a list of text blocks"),
-    Check("stop_sequences", (list,), f"a list of up to {MAX_STOP_SEQUENCES} strings, each 1 to {MAX_STOP_CHARS} "
-          "characters long", lambda v: len(v) <= MAX_STOP_SEQUENCES and all(
-              isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in v)),
-    Check("temperature", (int, float), "a number between 0 and 1", lambda v: 0 <= v <= 1),  # Anthropic's range
-    Check("tools", (list,), 'a list of {"name": ..., "input_schema": {...}} objects'),
-    Check("tool_choice", (dict,), '{"type": "auto"}, {"type": "any"}, {"type": "tool", "name": ...} or {"type": "none"}'),
-    Check("thinking", (dict,), '{"type": "enabled", "budget_tokens": N}, {"type": "adaptive"} or {"type": "disabled"}'),
-)
-ANTHROPIC_ROLES = ("user", "assistant", "system")   # Claude Code sends "system" messages mid-conversation
-REPLAYED_BLOCKS = ("thinking", "redacted_thinking")  # earlier reasoning sent back: thinking reaches the template
-THINKING_ON = ("enabled", "adaptive")                # thinking types that ask for thinking blocks
-
-
-def parse_messages_request(body: dict, settings: Settings, counting: bool = False) -> GenerationRequest:
-    """Validate an Anthropic /v1/messages body; for count_tokens (`counting`) max_tokens may be absent."""
-    run_checks(body, MESSAGES_CHECKS)
-    if body.get("messages") is None:
-        raise invalid("'messages' is required", "messages")
-    if body.get("max_tokens") is None and not counting:
-        raise invalid("'max_tokens' is required", "max_tokens")
-    tools = body.get("tools") or []
-    catalog = {t["function"]["name"]: t for t in dialect_tools(tools, "input_schema", anthropic_served, deferred=True)}
-    messages, seen_calls = anthropic_system(body.get("system")), set()
-    for i, message in enumerate(body["messages"]):
-        messages += anthropic_message(message, i, seen_calls, catalog)
-    prefill = messages[-1]["role"] == "assistant"
-    if prefill:
-        anthropic_prefill(messages[-1], body, f"messages[{len(body['messages']) - 1}]")
-    choice = body.get("tool_choice")
-    fields = {"tools": dialect_tools(tools, "input_schema", anthropic_served),
-              "tool_choice": anthropic_tool_choice(choice),
-              "parallel_tool_calls": not (isinstance(choice, dict) and choice.get("disable_parallel_tool_use") is True)}
-    thinking = anthropic_thinking(body.get("thinking"), body.get("max_tokens"))
-    return GenerationRequest(
-        endpoint="messages", messages=tuple(messages), prefill=prefill, stream=bool(body.get("stream")),
-        max_tokens=min(body.get("max_tokens") or settings.max_tokens, settings.max_tokens),
-        stop=tuple(body.get("stop_sequences") or ()),
-        template_args=template_args({"chat_template_kwargs": None if thinking else {"enable_thinking": False}},
-                                    settings),
-        split_reasoning=settings.reasoning_format != "none", show_reasoning=thinking,
-        thinking_budget=body["thinking"].get("budget_tokens") or 0 if thinking else 0,
-        **output_fields("messages", fields),
-        **sampling_fields({field: body.get(field) for field in ("temperature", "top_p", "top_k")}, settings.sampling))
-
-
-def anthropic_prefill(last: dict, body: dict, param: str) -> None:
-    """Refuse a prefill (a last assistant message) that Anthropic's API refuses: with tool use, with
-    thinking on, or ending in whitespace; the reply continues its text and holds only what follows."""
-    if last.get("tool_calls"):
-        raise invalid("a final assistant message with tool_use blocks needs their tool_result; a prefill "
-                      "is text only", param)
-    if ((body.get("thinking") or {}).get("type")) in THINKING_ON:
-        raise invalid("a prefilled final assistant message is not supported with thinking on", param)
-    if last["content"] != last["content"].rstrip():
-        raise invalid("final assistant content cannot end with trailing whitespace", param)
-
-
-def anthropic_served(tool: dict) -> bool:
-    """Anthropic's client tools (no type, or "custom"); server tools (web search...) are the API's own."""
-    return tool.get("type") in (None, "custom")
-
-
-def anthropic_thinking(thinking: dict | None, max_tokens: int | None) -> bool:
-    """Whether the request asked for thinking blocks; a budget Anthropic would refuse is a 400.
-
-    Absent or {"type": "disabled"}: no thinking (the template is asked not to
-    think, and what a model thinks anyway is not shown). {"type": "enabled"}
-    needs budget_tokens >= THINKING_MIN_BUDGET and below max_tokens.
-    """
-    kind = (thinking or {}).get("type")
-    if kind in (None, "disabled"):
-        return False
-    if kind not in THINKING_ON:
-        raise invalid("'thinking.type' must be \"enabled\", \"adaptive\" or \"disabled\"", "thinking.type")
-    budget = thinking.get("budget_tokens")
-    if kind == "enabled":
-        if not isinstance(budget, int) or isinstance(budget, bool) or budget < THINKING_MIN_BUDGET:
-            raise invalid(f"'thinking.budget_tokens' must be an integer >= {THINKING_MIN_BUDGET}",
-                          "thinking.budget_tokens")
-        if max_tokens is not None and budget >= max_tokens:
-            raise invalid(f"'max_tokens' must be greater than 'thinking.budget_tokens' ({budget})", "max_tokens")
-    return True
-
-
-def anthropic_system(system: str | list | None) -> list[dict]:
-    """The top-level system prompt (a string or text blocks) as a leading system message, if there is one."""
-    if not system:
-        return []
-    return [{"role": "system", "content": parse_content(system, "system", separator=BLOCK_SEPARATOR)}]
-
-
-def anthropic_message(message: Any, index: int, seen_calls: set, catalog: dict[str, dict]) -> list[dict]:
-    """One Anthropic message as chat messages: its tool_result blocks as "tool" messages, then the rest.
-
-    Text blocks (and documents with a text source) are joined; an
-    assistant's tool_use blocks become its tool_calls, their ids added to
-    `seen_calls`, which a tool_result must answer; replayed thinking blocks
-    its reasoning_content; images and other documents are refused (text models only).
-    `catalog` holds every declared tool by name, for tool_reference blocks.
-    """
-    param = f"messages[{index}]"
-    if not isinstance(message, dict) or message.get("role") not in ANTHROPIC_ROLES:
-        raise invalid(f"{param} must be an object with 'role' (user or assistant) and 'content'", param)
-    role, content = message["role"], message.get("content")
-    if isinstance(content, str):
-        return [{"role": role, "content": content}]
-    if not isinstance(content, list):
-        raise invalid(f"{param}.content must be a string or a list of content blocks", f"{param}.content")
-    texts, calls, results, thoughts = [], [], [], []
-    for i, block in enumerate(content):
-        where = f"{param}.content[{i}]"
-        kind = block.get("type") if isinstance(block, dict) else None
-        if kind == "text" and isinstance(block.get("text"), str):
-            texts.append(block["text"])
-        elif kind == "document" and document_text(block) is not None:
-            texts.append(document_text(block))
-        elif kind == "tool_use" and role == "assistant":
-            calls.append(anthropic_tool_use(block, where))
-            seen_calls.add(calls[-1]["id"])
-        elif kind == "tool_result" and role == "user":
-            results.append(anthropic_tool_result(block, where, seen_calls, catalog))
-        elif kind == "thinking" and role == "assistant" and isinstance(block.get("thinking"), str):
-            thoughts.append(block["thinking"])
-        elif kind in MEDIA_PARTS:
-            raise invalid(f"{where} is a block of type {kind!r}; this server serves text models only (a document "
-                          "needs a text source)", where)
-        elif kind not in REPLAYED_BLOCKS:
-            raise invalid(f"{where}: a {role} message cannot hold a {json.dumps(kind)[:40]} block; this server takes "
-                          "text, document (text source), tool_use (assistant), tool_result (user), thinking and "
-                          "redacted_thinking", where)
-    rest = {"role": role, "content": BLOCK_SEPARATOR.join(texts)}
-    if thoughts:   # replayed reasoning: templates that render it get it, as from chat's reasoning_content
-        rest["reasoning_content"] = "\n\n".join(thoughts)
-    if calls:
-        rest["tool_calls"] = calls
-    return results + ([rest] if texts or calls or not results else [])
-
-
-def document_text(block: dict) -> str | None:
-    """A document block's text when its source is plain text ("text") or text blocks ("content"), else None."""
-    source = block.get("source") if isinstance(block.get("source"), dict) else {}
-    if source.get("type") == "text" and isinstance(source.get("data"), str):
-        text = source["data"]
-    elif source.get("type") == "content" and isinstance(source.get("content"), (str, list)):
-        try:
-            text = parse_content(source["content"], "source.content", separator=BLOCK_SEPARATOR)
-        except APIError:
-            return None
-    else:
-        return None
-    title = block.get("title")
-    return f"{title}\n{text}" if isinstance(title, str) and title else text
-
-
-def anthropic_tool_use(block: dict, param: str) -> dict:
-    """An assistant's tool_use block as an OpenAI tool call, arguments as an object (for the chat template)."""
-    if not isinstance(block.get("name"), str) or not isinstance(block.get("id"), str):
-        raise invalid(f"{param} must be {{\"type\": \"tool_use\", \"id\": ..., \"name\": ..., \"input\": {{...}}}}", param)
-    return {"id": block["id"], "type": "function",
-            "function": {"name": block["name"], "arguments": tool_arguments(block.get("input") or {})}}
-
-
-def anthropic_tool_result(block: dict, param: str, seen_calls: set, catalog: dict[str, dict]) -> dict:
-    """A user's tool_result block as a "tool" message; a failed call's result says it is an error.
-
-    It must answer a tool_use sent earlier, as Anthropic requires. Its
-    tool_reference blocks (Claude Code's ToolSearch loading a deferred tool)
-    become the referenced tool's definition, as text where the result stands.
-    """
-    if not isinstance(block.get("tool_use_id"), str):
-        raise invalid(f"{param}.tool_use_id must be a string", param)
-    if block["tool_use_id"] not in seen_calls:
-        raise invalid(f"{param}.tool_use_id {block['tool_use_id'][:80]!r} answers no tool_use block of an earlier "
-                      "assistant message", f"{param}.tool_use_id")
-    content = block.get("content")
-    if isinstance(content, list):
-        content = [tool_result_part(part, catalog, f"{param}.content[{i}]") for i, part in enumerate(content)]
-    text = "" if content is None else parse_content(content, f"{param}.content", separator=BLOCK_SEPARATOR)
-    return {"role": "tool", "tool_call_id": block["tool_use_id"],
-            "content": f"Error: {text}" if block.get("is_error") else text}
-
-
-def tool_result_part(part: Any, catalog: dict[str, dict], param: str) -> Any:
-    """A tool_result's block as a text block where it holds text: a tool_reference becomes the definition
-    of the tool it names, a document its text; other blocks are left for parse_content to judge."""
-    kind = part.get("type") if isinstance(part, dict) else None
-    if kind == "document" and document_text(part) is not None:
-        return {"type": "text", "text": document_text(part)}
-    if kind != "tool_reference":
-        return part
-    tool = catalog.get(part.get("tool_name"))
-    if tool is None:
-        raise invalid(f"{param} references tool {json.dumps(part.get('tool_name'))[:80]}, which 'tools' does not "
-                      "declare", param)
-    return {"type": "text", "text": "Tool loaded: " + json.dumps(tool["function"], ensure_ascii=False)}
-
-
-def anthropic_tool_choice(choice: dict | None) -> str | dict | None:
-    """Anthropic's tool_choice in chat's terms: auto, any (= required), tool (one named function), none."""
-    kind = None if choice is None else choice.get("type")
-    if kind in (None, "auto", "none"):
-        return kind
-    if kind == "any":
-        return "required"
-    if kind == "tool" and isinstance(choice.get("name"), str):
-        return {"type": "function", "function": {"name": choice["name"]}}
-    raise invalid("'tool_choice' must be {\"type\": \"auto\"}, {\"type\": \"any\"}, {\"type\": \"tool\", \"name\": ...} "
-                  "or {\"type\": \"none\"}", "tool_choice")
-
-
-def dialect_tools(tools: list, schema_field: str, served: Callable[[dict], bool], deferred: bool = False) -> list[dict]:
-    """A dialect's tool list as OpenAI function tools.
-
-    Tools that `served` turns down (hosted web search, shells: things a
-    local model cannot run) are skipped, not refused: agents send them on
-    every request. Each kept tool has a name and, under `schema_field`, a
-    JSON Schema for its arguments. Tools marked defer_loading are left out
-    unless `deferred` (they reach the model through a tool_reference).
-    """
-    out = []
-    for i, tool in enumerate(tools):
-        param = f"tools[{i}]"
-        if not isinstance(tool, dict):
-            raise invalid(f"'{param}' must be an object", param)
-        if not served(tool) or (tool.get("defer_loading") is True and not deferred):
-            continue
-        if not isinstance(tool.get("name"), str) or not tool["name"]:
-            raise invalid(f"'{param}.name' must be a non-empty string", f"{param}.name")
-        schema = tool.get(schema_field)
-        if schema is not None and not isinstance(schema, dict):
-            raise invalid(f"'{param}.{schema_field}' must be a JSON Schema object", f"{param}.{schema_field}")
-        function = {"name": tool["name"], "parameters": schema or {"type": "object", "properties": {}}}
-        if isinstance(tool.get("description"), str):
-            function["description"] = tool["description"]
-        if tool.get("strict") is True:  # both dialects mark a tool strict as chat does (ToolCallRule)
-            function["strict"] = True
-        out.append({"type": "function", "function": function})
-    return out
-
-
-RESPONSES_CHECKS = common_checks("model", "stream", "temperature", "top_p") + (
-    Check("input", (str, list), "a string or a non-empty list of input items",
-          lambda v: isinstance(v, str) or len(v) > 0),
-    Check("instructions", (str,), "a string"),
-    Check("max_output_tokens", (int,), "an integer >= 1", lambda v: v >= 1),
-    Check("tools", (list,), 'a list of tools such as {"type": "function", "name": ..., "parameters": {...}}'),
-    Check("tool_choice", (str, dict), '"none", "auto", "required" or {"type": "function", "name": ...}'),
-    Check("parallel_tool_calls", (bool,), "a boolean"),
-    Check("text", (dict,), 'an object such as {"format": {"type": "text"}}'),
-    Check("metadata", (dict,), "an object of up to 16 string values",
-          lambda v: len(v) <= 16 and all(isinstance(x, str) for x in v.values())),
-    Check("store", (bool,), "a boolean"),
-    Check("previous_response_id", (str,), "the id of a response made with store: true"),
-    Check("reasoning", (dict,), 'an object such as {"effort": "low"}'),
-)
-# Fields that need state this server does not keep: refused by name.
-STATEFUL_FIELDS = {"conversation": None, "background": False}
-RESPONSES_ROLES = ("user", "assistant", "system", "developer")
-RESPONSES_TEXT_PARTS = ("input_text", "output_text", "text")
-# Tools the API runs itself: a local model cannot, so they are left out of the prompt (and named once in the log).
-HOSTED_TOOLS = ("web_search", "web_search_preview", "web_search_2025_08_26", "web_search_preview_2025_03_11",
-                "file_search", "computer_use_preview", "computer", "code_interpreter", "image_generation", "mcp",
-                "local_shell", "shell", "apply_patch", "tool_search")
-CUSTOM_TOOL_PARAMETERS = {"type": "object", "properties": {RAW_ARGUMENTS_KEY: {"type": "string"}},
-                          "required": [RAW_ARGUMENTS_KEY]}  # a freeform tool, rendered as a function of one string
-NAMESPACE_SEPARATOR = "__"   # a namespace's tool is rendered as NAMESPACE__NAME
-_hosted_logged: set = set()  # hosted tool types already named in the log
-
-
-def parse_responses_request(body: dict, settings: Settings, previous: list[dict] | None = None) -> GenerationRequest:
-    """Validate an OpenAI /v1/responses body. `previous` is the conversation of previous_response_id
-    (the handler looks it up in the store), else the whole conversation is in `input`."""
-    run_checks(body, RESPONSES_CHECKS)
-    for field, harmless in STATEFUL_FIELDS.items():
-        if body.get(field) not in (None, harmless):
-            raise invalid(f"'{field}' is not supported: this server keeps no conversations or background jobs; "
-                          "send the conversation in 'input' or chain responses with previous_response_id", field,
-                          "unsupported_parameter")
-    if body.get("input") is None:
-        raise invalid("'input' is required", "input")
-    tools, kinds = responses_tools(body.get("tools") or [])
-    messages = [{"role": "system", "content": body["instructions"]}] if body.get("instructions") else []
-    messages += (previous or []) + responses_input(body["input"], kinds)
-    fields = {"tools": tools, "tool_choice": responses_tool_choice(body.get("tool_choice"), kinds),
-              "response_format": responses_format((body.get("text") or {}).get("format")),
-              "parallel_tool_calls": body.get("parallel_tool_calls")}
-    effort = (body.get("reasoning") or {}).get("effort")
-    args = {"reasoning_effort": effort} if isinstance(effort, str) else {}
-    last = messages[-1] if messages else {}
-    if effort == "none":  # asked not to reason: templates that can switch thinking off do
-        args["chat_template_kwargs"] = {"enable_thinking": False}
-    return GenerationRequest(
-        endpoint="responses", messages=tuple(messages), stream=bool(body.get("stream")),
-        prefill=last.get("role") == "assistant" and not last.get("tool_calls"),
-        max_tokens=min(body.get("max_output_tokens") or settings.max_tokens, settings.max_tokens),
-        template_args=template_args(args, settings), split_reasoning=settings.reasoning_format != "none",
-        show_reasoning=effort != "none", echo=responses_echo(body), tool_kinds=kinds,
-        **output_fields("responses", fields, "text.format"),
-        **sampling_fields({field: body.get(field) for field in ("temperature", "top_p")}, settings.sampling))
-
-
-def responses_echo(body: dict) -> dict:
-    """What the response object repeats of the request, as OpenAI's does."""
-    text = body.get("text") if isinstance(body.get("text"), dict) else {}
-    return {"instructions": body.get("instructions"), "metadata": body.get("metadata") or {},
-            "text": {"format": text.get("format") or {"type": "text"}, "verbosity": text.get("verbosity") or "medium"},
-            "tool_choice": body.get("tool_choice") or "auto", "parallel_tool_calls": body.get("parallel_tool_calls",
-                                                                                             True) is not False,
-            "store": body.get("store") is not False, "previous_response_id": body.get("previous_response_id"),
-            "tools": [t for t in body.get("tools") or [] if isinstance(t, dict)],
-            "reasoning": body.get("reasoning")}
-
-
-def responses_tools(tools: list) -> tuple[list[dict], dict]:
-    """The Responses tools as function tools, and each rendered name's kind and namespace.
-
-    function tools are kept; custom (freeform) tools become functions of one
-    string; a namespace's tools are flattened to NAMESPACE__NAME; hosted
-    tools (web search, file search, computer use...) are left out and named
-    once in the log.
-    """
-    out, kinds = [], {}
-    for i, tool in enumerate(tools):
-        kind = tool.get("type") if isinstance(tool, dict) else None
-        group = tool.get("tools") if kind == "namespace" else [tool]
-        if kind == "namespace" and not (isinstance(group, list) and isinstance(tool.get("name"), str)):
-            raise invalid(f"'tools[{i}]' must be {{\"type\": \"namespace\", \"name\": ..., \"tools\": [...]}}",
-                          f"tools[{i}]")
-        for j, member in enumerate(group):
-            param = f"tools[{i}]" + (f".tools[{j}]" if kind == "namespace" else "")
-            member_kind = member.get("type") if isinstance(member, dict) else None
-            if member_kind not in ("function", "custom"):
-                if member_kind in HOSTED_TOOLS and member_kind not in _hosted_logged:
-                    _hosted_logged.add(member_kind)
-                    log.info("tools of type %r are run by OpenAI's servers, not this one: left out of the prompt",
-                             member_kind)
-                elif not isinstance(member, dict):
-                    raise invalid(f"'{param}' must be an object", param)
-                continue
-            schema = CUSTOM_TOOL_PARAMETERS if member_kind == "custom" else member.get("parameters")
-            # No tool_search here to load a deferred tool later: every tool is rendered from the start.
-            (function,) = dialect_tools([{**member, "parameters": schema}], "parameters", lambda t: True, deferred=True)
-            name = function["function"]["name"]
-            rendered = f"{tool['name']}{NAMESPACE_SEPARATOR}{name}" if kind == "namespace" else name
-            function["function"]["name"] = rendered
-            kinds[rendered] = {"kind": member_kind, "name": name, "namespace": tool["name"] if kind == "namespace"
-                               else None}
-            out.append(function)
-    return out, kinds
-
-
-def responses_input(items: str | list, kinds: dict | None = None) -> list[dict]:
-    """Input items as chat messages: messages, function and custom tool calls (joined to their assistant
-    turn), their outputs. Reasoning items sent back become the next assistant turn's reasoning_content; other kinds are refused."""
-    if isinstance(items, str):
-        return [{"role": "user", "content": items}]
-    messages: list[dict] = []
-    thoughts: list[str] = []   # reasoning items not yet given to an assistant turn
-    for i, item in enumerate(items):
-        param = f"input[{i}]"
-        kind = item.get("type", "message") if isinstance(item, dict) else None
-        if kind == "message":
-            messages.append(responses_message(item, param))
-        elif kind in ("function_call", "custom_tool_call"):
-            call = responses_call(item, param, kind)
-            if messages and messages[-1]["role"] == "assistant":
-                messages[-1]["tool_calls"] = messages[-1].get("tool_calls", []) + [call]
-            else:
-                messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
-        elif kind == "reasoning":
-            thoughts.append(reasoning_item_text(item))
-        elif kind in ("function_call_output", "custom_tool_call_output"):
-            messages.append(responses_call_output(item, param))
-        else:
-            raise invalid(f"{param} is a {json.dumps(kind)[:40]} item; this server takes message, function_call, "
-                          "custom_tool_call, their outputs, and reasoning items", param)
-        if thoughts and kind != "reasoning" and messages[-1]["role"] == "assistant":
-            messages[-1].setdefault("reasoning_content", "\n\n".join(thoughts))
-            thoughts = []
-    return messages
-
-
-def reasoning_item_text(item: dict) -> str:
-    """A reasoning item's text: its reasoning_text parts, else its summary (encrypted content is not ours to read)."""
-    def texts(parts: Any, kind: str) -> list[str]:
-        return [p["text"] for p in parts or () if isinstance(p, dict) and p.get("type") == kind
-                and isinstance(p.get("text"), str)]
-    return "\n\n".join(texts(item.get("content"), "reasoning_text") or texts(item.get("summary"), "summary_text"))
-
-
-def responses_call(item: dict, param: str, kind: str) -> dict:
-    """A replayed function_call or custom_tool_call item as a chat tool call, named as the tools render it."""
-    name = item.get("name")
-    if isinstance(name, str) and isinstance(item.get("namespace"), str):
-        name = f"{item['namespace']}{NAMESPACE_SEPARATOR}{name}"
-    arguments = item.get("arguments")
-    if kind == "custom_tool_call":
-        arguments = {RAW_ARGUMENTS_KEY: item.get("input") if isinstance(item.get("input"), str) else ""}
-    return parse_tool_calls([{"id": item.get("call_id"), "type": "function", "function": {
-        "name": name, "arguments": arguments}}], param)[0]
-
-
-def responses_message(item: dict, param: str) -> dict:
-    """A message item; a developer message is a system message, as in chat."""
-    role = item.get("role")
-    if role not in RESPONSES_ROLES:
-        raise invalid(f"{param}.role must be one of {', '.join(RESPONSES_ROLES)}, got {json.dumps(role)[:40]}",
-                      f"{param}.role")
-    content = parse_content(item.get("content"), f"{param}.content", text_types=RESPONSES_TEXT_PARTS,
-                            separator=BLOCK_SEPARATOR)
-    return {"role": chat_role(role), "content": content}
-
-
-def responses_call_output(item: dict, param: str) -> dict:
-    """A function_call_output (or custom_tool_call_output) item as a "tool" message answering its call_id."""
-    if not isinstance(item.get("call_id"), str):
-        raise invalid(f"{param}.call_id must be a string", f"{param}.call_id")
-    output = item.get("output")
-    text = parse_content("" if output is None else output, f"{param}.output", text_types=RESPONSES_TEXT_PARTS,
-                         separator=BLOCK_SEPARATOR)
-    return {"role": "tool", "tool_call_id": item["call_id"], "content": text}
-
-
-def responses_tool_choice(choice: str | dict | None, kinds: dict) -> str | dict | None:
-    """The Responses tool_choice in chat's terms ({"type": "function" or "custom", "name"} names one tool).
-
-    Forcing a hosted tool, which this server cannot run, is a 400 naming it.
-    """
-    if choice is None or choice in ("none", "auto", "required"):
-        return choice
-    kind = choice.get("type") if isinstance(choice, dict) else None
-    if kind in HOSTED_TOOLS:
-        raise invalid(f"'tool_choice' forces the hosted tool {kind!r}, which OpenAI's servers run and this server "
-                      "cannot; offer it without forcing it", "tool_choice")
-    if kind in ("function", "custom") and isinstance(choice.get("name"), str):
-        name = choice["name"]
-        if isinstance(choice.get("namespace"), str):
-            name = f"{choice['namespace']}{NAMESPACE_SEPARATOR}{name}"
-        return {"type": "function", "function": {"name": name}}
-    raise invalid("'tool_choice' must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", \"name\": ...}",
-                  "tool_choice")
-
-
-def responses_format(value: Any) -> dict | None:
-    """text.format in chat's response_format shape: text, json_object or json_schema (name and schema inline)."""
-    if value is None:
-        return None
-    kind = value.get("type") if isinstance(value, dict) else None
-    if kind in ("text", "json_object"):
-        return {"type": kind}
-    if kind == "json_schema" and isinstance(value.get("schema"), dict):
-        return {"type": "json_schema", "json_schema": {"name": value.get("name"), "schema": value["schema"]}}
-    raise invalid("'text.format' must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
-                  "{\"type\": \"json_schema\", \"name\": ..., \"schema\": {...}}", "text.format")
 
 
 # -- /v1/embeddings: OpenAI's shapes, checked before any model is involved
@@ -3511,7 +2883,7 @@ def embedding_input(value: Any) -> tuple[str | tuple[int, ...], ...]:
 
 
 # ---------------------------------------------------------------------------
-# The generation engine: one thread that owns MLX
+# Prompt and sampling: models, chat templates, tool-call and reasoning parsers, the window
 # ---------------------------------------------------------------------------
 
 @dataclass
@@ -3618,17 +2990,6 @@ def recommended_sampling(folder: Path) -> dict:
         elif value is not None:
             log.warning("generation_config.json: ignoring %s=%r (out of range)", name, value)
     return found
-
-
-def join_group(settings: Settings) -> Any:
-    """This process's mx.distributed group when mlx.launch started several; None when it runs alone.
-
-    Call before anything else imports MLX (it honours --threads first).
-    """
-    apply_thread_cap(settings.threads)
-    import mlx.core as mx
-    group = mx.distributed.init()
-    return group if group.size() > 1 else None
 
 
 def vocab_size_of(model: Any, tokenizer: Any) -> int:
@@ -4960,7 +4321,614 @@ def kmp_fallbacks(pattern: str) -> list[int]:
     return fallback
 
 
+def new_id(prefix: str) -> str:
+    """A fresh id for a response or an item, in the API's style ("chatcmpl-...", "msg_...")."""
+    return f"{prefix}{uuid.uuid4().hex[:24]}"
 
+
+def openai_tool_call(call: dict, tools: list[dict] = ()) -> dict:
+    """A parsed call ({"name", "arguments"}) in OpenAI's tool_calls shape: arguments as the JSON text of an
+    object, repaired or wrapped by tool_arguments when the model wrote something else."""
+    schema = next((t["function"].get("parameters") for t in tools if t["function"]["name"] == call["name"]), None)
+    arguments = json.dumps(tool_arguments(call.get("arguments", {}), schema), ensure_ascii=False)
+    return {"id": call.get("id") or f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": call["name"], "arguments": arguments}}
+
+
+class HeldTextScanner:
+    """The streaming loop the reply scanners share: text arrives in `held`, `_step` takes one piece
+    of it at a time (False once the rest must wait for more text), `_finish` takes what is left
+    once generation ends. Pieces are ("text" | "reasoning", str), ("calls", [OpenAI-shaped calls])
+    and, when live, a streamed call's ("call_start", {"id", "name"}) and ("call_args", str) before
+    its "calls".
+    """
+
+    held: str
+
+    def feed(self, text: str) -> list[tuple[str, Any]]:
+        """The pieces safe to emit, in order."""
+        self.held += text
+        out: list[tuple[str, Any]] = []
+        while self._step(out):
+            pass
+        return out
+
+    def flush(self) -> list[tuple[str, Any]]:
+        """What is still held once generation ends."""
+        out: list[tuple[str, Any]] = []
+        self._finish(out)
+        self.held = ""
+        return out
+
+    def _step(self, out: list) -> bool:
+        raise NotImplementedError
+
+    def _finish(self, out: list) -> None:
+        raise NotImplementedError
+
+
+class CallStreamer:
+    """A streamed call's arguments, handed out as the model writes them.
+
+    Fed the open call's text as it grows (only text that cannot hold an end
+    marker), it finds each call's head (ChatFormat.heads: its name, and
+    that its arguments open with "{"), then yields ("call_start", {"id",
+    "name"}) and ("call_args", piece) events, the pieces the JSON object's
+    text from its "{" to the matching "}" exactly, nothing around it.
+    Arguments that do not open with "{" (a string to be wrapped) are never
+    streamed: such a call comes whole when it closes. `settle` makes the
+    parsed calls agree with what was streamed: same ids, and the streamed
+    text as the final arguments wherever it decodes to the same object.
+    """
+
+    def __init__(self, heads: tuple[re.Pattern, ...], name: str = ""):
+        self.heads, self.name = heads, name   # `name`: the call's, where the heads have no "name" group
+        self.at = 0                        # how far the call's text was read
+        self.streamed: list[dict] = []     # {"id", "name", "raw", "done"} per call streamed
+        self.depth, self.quoted, self.escaped = 0, False, False
+
+    def feed(self, out: list, text: str) -> None:
+        """Read the call's text so far (a longer prefix each time); add the events it makes to `out`."""
+        while self.at < len(text):
+            if not self.streamed or self.streamed[-1]["done"]:
+                head = next((m for m in (h.match(text, self.at) for h in self.heads) if m), None)
+                if head is None:
+                    return
+                groups = head.groupdict()
+                call = {"id": groups.get("id") or new_id("call_"), "name": groups.get("name", self.name).strip(),
+                        "raw": "", "done": False}
+                self.streamed.append(call)
+                self.at, self.depth = head.end(), 0
+                out.append(("call_start", {"id": call["id"], "name": call["name"]}))
+            self._arguments(out, text)
+
+    def _arguments(self, out: list, text: str) -> None:
+        """Take the arguments' characters up to their closing brace (or the text's end)."""
+        start, at = self.at, self.at
+        while at < len(text) and not self.streamed[-1]["done"]:
+            ch = text[at]
+            if self.escaped:
+                self.escaped = False
+            elif self.quoted:
+                self.escaped, self.quoted = ch == "\\", ch != '"'
+            else:
+                self.quoted = ch == '"'
+                self.depth += (ch in "{[") - (ch in "}]")
+                self.streamed[-1]["done"] = self.depth == 0
+            at += 1
+        self.at = at
+        if at > start:
+            self.streamed[-1]["raw"] += text[start:at]
+            out.append(("call_args", text[start:at]))
+
+    def settle(self, calls: list[dict], tools: list[dict]) -> list[dict]:
+        """The parsed calls (OpenAI's shape) under the streamed ids and text; a streamed call the parser
+        missed (cut off, say) keeps what was streamed, wrapped by openai_tool_call if it is no object."""
+        settled = []
+        for i, sent in enumerate(self.streamed):
+            call = calls[i] if i < len(calls) else openai_tool_call(
+                {"name": sent["name"], "arguments": sent["raw"]}, tools)
+            try:
+                same = json.loads(sent["raw"]) == json.loads(call["function"]["arguments"])
+            except ValueError:
+                same = False
+            function = {**call["function"], "arguments": sent["raw"]} if same else call["function"]
+            settled.append({**call, "id": sent["id"], "function": function})
+        return settled + calls[len(self.streamed):]
+
+
+class ToolCallScanner(HeldTextScanner):
+    """Splits a chat reply into content and tool calls, as the text streams in.
+
+    Text from one of the format's start markers to its end marker is a call,
+    parsed with the format's parser (mlx_lm's where it reads the family
+    right); a format without an end marker runs a call to the next start or
+    the reply's end. Text that might be the start of a marker is held back,
+    so a streaming client never sees half of one; blanks around calls go. A
+    call that does not parse is passed on as content rather than lost. In a
+    format whose calls carry JSON arguments (ChatFormat.write), a marker
+    inside one of their strings (a command that prints "</tool_call>") is
+    part of the call, not its end. `live` (a stream) also sends a call's
+    arguments as they come, where the format has heads (CallStreamer).
+    """
+
+    def __init__(self, form: ChatFormat, tools: list[dict]):
+        self.form, self.tools = form, tools
+        self.held = ""
+        self.opened: str | None = None   # the start marker of the call being read, if one is open
+        self.fresh = True                # no text of the reply out yet: a leading marker may open a call
+        self.scanned, self.quoted, self.escaped = 0, False, False   # how far the open call was read
+        self.live = False                # stream arguments as they come
+        self.streamer: CallStreamer | None = None   # the open call's, when live
+
+    def _finish(self, out: list) -> None:
+        """A call without its end marker is parsed if it can be; other held text is content."""
+        if self.opened is not None:
+            self._close(out, self.held, "")
+        elif self.held.strip():
+            out.append(("text", self.held.lstrip() if self.fresh else self.held))
+        self.opened = None
+
+    def _step(self, out: list) -> bool:
+        """Take one marker's worth of the held text; False once the rest must wait for more."""
+        form = self.form
+        if self.opened is None:
+            self.scanned, self.quoted, self.escaped = 0, False, False
+            head = self.held.lstrip() if self.fresh else self.held
+            lead = next((m for m in form.leading if head.startswith(m)), None) if self.fresh else None
+            if lead is not None:
+                self.held, self.opened = head, ""
+                return True
+            at, marker = min(((self.held.find(m), m) for m in form.starts if m in self.held), default=(-1, ""))
+            hold = partial_marker_length(self.held, form.starts + (form.leading if self.fresh else ()))
+            if self.fresh and (not head or any(m.startswith(head) for m in form.leading)):
+                return False
+            self._text(out, self.held[:at] if at >= 0 else self.held[:len(self.held) - hold])
+            self.held = self.held[at + len(marker):] if at >= 0 else self.held[len(self.held) - hold:]
+            self.opened = marker if at >= 0 else None
+            return at >= 0
+        at = self._end_at((form.end,) if form.end else form.starts)
+        if self.live and form.heads and form.write is not None:
+            self.streamer = self.streamer or CallStreamer(form.heads)
+            self.streamer.feed(out, self.held[:at] if at >= 0 else self.held[:self.scanned])
+        if at < 0:
+            return False
+        self._close(out, self.held[:at], form.end)
+        self.held = self.held[at + len(form.end):]
+        return True
+
+    def _end_at(self, ends: tuple[str, ...]) -> int:
+        """Where the open call ends in the held text: at one of `ends`, outside JSON strings if
+        the format writes JSON arguments; -1 if not yet."""
+        held = self.held
+        if self.form.write is None:
+            return min((held.find(m) for m in ends if m in held), default=-1)
+        at, longest = self.scanned, max(map(len, ends), default=0)
+        while at < len(held):
+            ch = held[at]
+            if self.escaped:
+                self.escaped = False
+            elif self.quoted:
+                self.escaped, self.quoted = ch == "\\", ch != '"'
+            elif any(held.startswith(m, at) for m in ends):
+                break
+            elif len(held) - at < longest and any(m.startswith(held[at:]) for m in ends):
+                self.scanned = at
+                return -1   # maybe a marker: wait for more text
+            else:
+                self.quoted = ch == '"'
+            at += 1
+        self.scanned = at
+        return at if at < len(held) else -1
+
+    def _text(self, out: list, text: str) -> None:
+        if self.fresh:
+            text = text.lstrip()
+            self.fresh = not text
+        if text:
+            out.append(("text", text))
+
+    def _close(self, out: list, body: str, end: str) -> None:
+        """End the open call (at `end`): its calls, or its text as content when it does not parse."""
+        marker, self.opened = self.opened, None
+        calls = self._parse(body)
+        if self.streamer is not None and self.streamer.streamed:
+            calls = self.streamer.settle(calls, self.tools)
+        self.streamer = None
+        if calls:
+            out.append(("calls", calls))
+            self.fresh = True   # blanks after a call are not content
+        else:
+            self._text(out, f"{marker}{body}{end}")
+
+    def _parse(self, body: str) -> list[dict]:
+        try:
+            parsed = self.form.parse(body, self.tools)
+        except Exception as exc:  # parsers raise what they like on malformed calls
+            log.warning("could not parse a tool call (%r): %r", exc, body[:200])
+            return []
+        return [openai_tool_call(call, self.tools) for call in (parsed if isinstance(parsed, list) else [parsed])
+                if isinstance(call, dict) and isinstance(call.get("name"), str)]
+
+
+HARMONY_HEAD = re.compile(r"\s*(?=\{)")   # a call's body is its arguments; its name is in the header
+
+
+class HarmonyScanner(HeldTextScanner):
+    """Reads OpenAI's harmony format (gpt-oss) as it streams: channel `analysis` is reasoning, `final`
+    text, `commentary` addressed `to=functions.NAME` a call to NAME (its body the JSON arguments), and
+    `commentary` to no one (a preamble) text. A reply that opens with no channel header is text.
+    """
+
+    def __init__(self, tools: list[dict]):
+        self.tools = tools
+        self.held = ""
+        self.kind: str | None = None    # the open message's kind: "reasoning", "text", "call"; None: in a header
+        self.name = ""                  # the open call's function name
+        self.body = ""                  # the open call's arguments so far
+        self.started = False            # a header or text came
+        self.live = False               # stream a call's arguments as they come
+        self.streamer: CallStreamer | None = None   # the open call's, when live
+
+    def _finish(self, out: list) -> None:
+        """Whatever message is open ends with the reply (its <|call|> or <|return|> is not text)."""
+        if self.kind is not None:
+            self._body(out, self.held)
+            self._close(out)
+
+    def _step(self, out: list) -> bool:
+        if self.kind is None:
+            if not self.started and self.held and not any(
+                    h.startswith(self.held[:len(h)]) for h in HARMONY_HEADS):
+                self.kind, self.started = "text", True   # no header: a plain reply
+                return True
+            at = self.held.find("<|message|>")
+            if at < 0:
+                return False
+            self._open(self.held[:at])
+            self.held = self.held[at + len("<|message|>"):]
+            return True
+        at, marker = min(((self.held.find(m), m) for m in HARMONY_ENDS if m in self.held), default=(-1, ""))
+        hold = 0 if at >= 0 else partial_marker_length(self.held, HARMONY_ENDS)
+        self._body(out, self.held[:at] if at >= 0 else self.held[:len(self.held) - hold])
+        self.held = self.held[at + len(marker) * (marker != "<|start|>"):] if at >= 0 else self.held[len(self.held) - hold:]
+        if at >= 0:
+            self._close(out)
+        return at >= 0
+
+    def _open(self, header: str) -> None:
+        channel = re.search(r"<\|channel\|>\s*(\w+)", header)
+        recipient = re.search(r"to=functions\.([^\s<]+)", header)
+        self.started, self.body = True, ""
+        if recipient:
+            self.kind, self.name = "call", recipient[1]
+            self.streamer = CallStreamer((HARMONY_HEAD,), self.name) if self.live else None
+        else:
+            self.kind = "reasoning" if channel and channel[1] == "analysis" else "text"
+
+    def _body(self, out: list, text: str) -> None:
+        if self.kind == "call":
+            self.body += text
+            if self.streamer is not None:
+                self.streamer.feed(out, self.body)
+        elif text:
+            out.append((self.kind, text))
+
+    def _close(self, out: list) -> None:
+        if self.kind == "call":
+            calls = [openai_tool_call({"name": self.name, "arguments": self.body.strip()}, self.tools)]
+            out.append(("calls", self.streamer.settle(calls, self.tools) if self.streamer else calls))
+        self.kind, self.streamer = None, None
+
+
+def tool_scanner(request: GenerationRequest, tokenizer: Any) -> ToolCallScanner | HarmonyScanner | None:
+    """The scanner for a chat reply: calls when tools were offered; harmony's channels always (but raw)."""
+    if request.endpoint == "completions":
+        return None
+    form = chat_format_of(tokenizer)
+    tools = list(request.tools) if request.tools and request.tool_choice != "none" else []
+    if form is not None and form.harmony and request.split_reasoning:
+        return HarmonyScanner(tools)
+    return ToolCallScanner(form, tools) if form is not None and tools and not form.harmony else None
+
+
+# ---------------------------------------------------------------------------
+# Group: ranks of an mlx.launch group (fenced: a single process never enters it)
+# ---------------------------------------------------------------------------
+
+# -- one model over several machines ---------------------------------------------
+#
+# Under mlx.launch every rank holds a shard of the model, and every model call
+# is a collective: all ranks must run the same BatchGenerator steps on the same
+# sequences. Rank 0, which alone speaks HTTP, runs each change to its batch
+# and records it as an op; before each step it sends the ops to the other
+# ranks, which replay them in the same order. One process runs the same code
+# with nothing to send.
+
+@dataclass(frozen=True)
+class Insert:
+    """Op: start sequence `uid` on `prompt`, its first `cached` tokens from the prompt cache.
+
+    `entries`: what the prompt cache held after rank 0 made room for the
+    running batch, just before its fetch.
+    """
+
+    uid: int
+    prompt: list[int]
+    cached: int
+    max_tokens: int
+    request: GenerationRequest   # the sampling settings; rank 0 has filled in the seed
+    entries: int | None = None
+
+
+@dataclass(frozen=True)
+class Remove:
+    """Op: drop sequences before they finished (stop string, cancelled, timed out, client gone)."""
+
+    uids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Keep:
+    """Op: put the KV cache sequence `uid` left behind into the prompt cache, which then holds `entries`.
+
+    `kept`: the tokens of it kept (fewer when it was cut to fit; 0: none).
+    """
+
+    uid: int
+    entries: int
+    kept: int
+
+
+class GroupFailure(RuntimeError):
+    """The ranks of a group can no longer run in step: one died, stalled or diverged."""
+
+
+class GroupLink:
+    """Rank 0's channel to the other ranks of an mlx.launch group, over mx.distributed.
+
+    Every rank calls `share` once per engine loop, on the stream the model's
+    own collectives use, so both stay in one order. Rank 0 sends the ops it
+    ran since the last call, its flags (STEP: one batch step follows;
+    SHUTDOWN: the group stops) and a check of the tokens its last step
+    sampled; the others receive them and, in the same collective, tell rank
+    0 whether a signal asked them to stop. It is all_sum throughout, the
+    others adding zeros: a header of four int32 (payload bytes, flags, stop
+    votes, token check), then the pickled ops when there are any, so a step
+    in which nothing changed costs one all_sum of 16 bytes. The ranks trust
+    each other: their link must be private (Thunderbolt, a private network),
+    as mx.distributed's own traffic must be.
+
+    When every rank has a lifeline (Lifelines), the shares travel on them
+    instead: rank 0 writes one frame (the same header, then the payload) to
+    each lifeline and goes on, and each other rank's engine reads its own,
+    blocking while the group is idle (EOF: rank 0 has died); a rank's stop
+    vote is one byte back. No collective
+    runs between two steps, so the next step's work, which BatchGenerator
+    starts before it returns a step's tokens, is not waited for in between
+    (a collective on the model's stream would wait for it), and rank 0's
+    per-step bookkeeping overlaps it, as in one process. The model's own
+    collectives keep the ranks in step: rank 0 is at most one share ahead.
+
+    Without lifelines everywhere, the shares are all_sums; then, while the
+    group is idle (the last share asked for no step), a rank waiting in a
+    collective would spin (MLX's backends poll), so rank 0 rings a doorbell,
+    a byte on each lifeline, before the next share, and a rank with a
+    lifeline blocks on it until then instead.
+    """
+
+    STEP, SHUTDOWN = 1, 2
+    FRAME = struct.Struct("<Iii")   # a share on a lifeline: payload bytes, flags, token check
+    VOTE = b"S"                     # another rank to rank 0, on its lifeline: a signal asked it to stop
+
+    def __init__(self, group: Any):
+        self.group = group
+        self.rank, self.size = group.rank(), group.size()
+        self.stop_voted = False   # not rank 0: a signal asked this rank to stop
+        self.bells: dict[int, socket.socket] = {}   # lifelines (Lifelines.sockets), which carry the doorbells
+        self.rung = threading.Semaphore(0)          # not rank 0: doorbells received and not yet answered
+        self.idle = False                           # the last share asked for no step
+        self.framed = False                         # every rank has a lifeline: shares travel on them
+        self.votes: set[int] = set()                # rank 0, framed: ranks that voted to stop
+        self.vote_sent = False
+
+    def use_lifelines(self, sockets: dict[int, socket.socket]) -> None:
+        """Take the lifelines; if every rank has its own (agreed in one all_sum), shares travel on them."""
+        import mlx.core as mx
+        self.bells = sockets
+        complete = len(sockets) == (self.size - 1 if self.rank == 0 else 1)
+        agreed = mx.distributed.all_sum(mx.array([int(complete)]), group=self.group).item()
+        self.framed = agreed == self.size
+
+    def received(self, rank: int, data: bytes) -> None:
+        """Bytes came in on the lifeline to `rank`: votes (at rank 0) or doorbells (elsewhere)."""
+        if self.rank == 0:
+            if self.VOTE in data:
+                self.votes.add(rank)
+        else:
+            self.heard(len(data))
+
+    def ring(self) -> None:
+        """Rank 0: tell every rank with a lifeline that a share is coming."""
+        for sock in list(self.bells.values()):
+            with contextlib.suppress(OSError):  # a lost rank: its lifeline's watcher says so
+                sock.sendall(b"\x01")
+
+    def heard(self, count: int) -> None:
+        """Another rank: `count` doorbells came in on the lifeline."""
+        for _ in range(count):
+            self.rung.release()
+
+    def share(self, ops: list, flags: int, check: int, stream: Any) -> tuple[list, int, int, int]:
+        """(ops, flags, token check) as rank 0 sent them, with how many other ranks vote to stop."""
+        import mlx.core as mx
+        leader = self.rank == 0
+        payload = pickle.dumps(ops, protocol=pickle.HIGHEST_PROTOCOL) if leader and ops else b""
+        if len(payload) >= 2**31:
+            raise GroupFailure(f"one step's changes take {len(payload)} bytes, over the 2 GiB a step can send")
+        if self.framed:
+            return self._share_framed(ops, payload, flags, check)
+        header = [len(payload), flags, 0, check] if leader else [0, 0, int(self.stop_voted), 0]
+        if self.idle and leader:  # the others may be blocked on their lifelines: wake them
+            self.ring()
+        elif self.idle and self.bells:
+            self.rung.acquire()
+        with mx.stream(stream):
+            size, flags, votes, check = mx.distributed.all_sum(
+                mx.array(header, dtype=mx.int32), group=self.group).tolist()
+            self.idle = not flags & (self.STEP | self.SHUTDOWN)
+            if not size:
+                return [], flags, votes, check
+            data = mx.array(payload) if leader else mx.zeros((size,), dtype=mx.uint8)
+            data = mx.distributed.all_sum(data, group=self.group)
+            mx.eval(data)
+        return (ops if leader else pickle.loads(memoryview(data))), flags, votes, check
+
+    def _share_framed(self, ops: list, payload: bytes, flags: int, check: int) -> tuple[list, int, int, int]:
+        """share() on the lifelines: rank 0 writes its frame and goes on; the others wait for theirs."""
+        if self.rank == 0:
+            frame = self.FRAME.pack(len(payload), flags, check) + payload
+            for rank, sock in list(self.bells.items()):
+                try:
+                    sock.sendall(frame)
+                except OSError as exc:
+                    raise GroupFailure(f"rank {rank}'s lifeline failed: {exc}") from None
+            return ops, flags, len(self.votes), check
+        if self.stop_voted and not self.vote_sent:
+            with contextlib.suppress(OSError):  # a lost rank 0: its lifeline's watcher says so
+                self.bells[0].sendall(self.VOTE)
+            self.vote_sent = True
+        size, flags, check = self.FRAME.unpack(self._read(self.FRAME.size))
+        return (pickle.loads(self._read(size)) if size else []), flags, 0, check
+
+    def _read(self, count: int) -> bytes:
+        """Not rank 0, framed: the next `count` bytes from rank 0's lifeline, waiting for them."""
+        data = bytearray()
+        while len(data) < count:
+            try:
+                piece = self.bells[0].recv(count - len(data))
+            except OSError:
+                piece = b""
+            if not piece:
+                raise GroupFailure("rank 0's process has ended (its lifeline closed)")
+            data += piece
+        return bytes(data)
+
+
+def token_check(responses: list) -> int:
+    """A short digest of the tokens one batch step sampled, for the ranks to compare."""
+    return sum(r.uid * 1_000_003 + r.token for r in responses) % 2**31
+
+
+def rank0_address() -> str | None:
+    """Rank 0's IP address as mlx.launch gave it to the ring (MLX_HOSTFILE) or jaccl backend; None if unknown."""
+    coordinator = os.environ.get("MLX_JACCL_COORDINATOR", "")
+    if coordinator:
+        return coordinator.rpartition(":")[0].strip("[]") or None
+    try:
+        with open(os.environ["MLX_HOSTFILE"], encoding="utf-8") as hostfile:
+            return json.load(hostfile)[0][0].rpartition(":")[0].strip("[]") or None
+    except (KeyError, OSError, ValueError, IndexError, TypeError, AttributeError):
+        return None
+
+
+class Lifelines:
+    """An idle TCP connection between rank 0 and each other rank: EOF says a rank's process has ended.
+
+    MLX does not always report a lost peer: a collective can wait forever
+    after the other process has died (mlx#3862, mlx#4278). However a process
+    ends, the operating system closes its sockets, so the other end of its
+    lifeline reads EOF at once. Rank 0 listens on its address from
+    mlx.launch's host list, on a port it shares in one all_sum at start, and
+    each other rank connects and names itself. Best effort: a rank that
+    cannot connect (a firewall) goes without, and the watchdog still covers it.
+    """
+
+    def __init__(self, link: GroupLink):
+        import mlx.core as mx
+        self.link = link
+        self.sockets: dict[int, socket.socket] = {}   # the other end's rank -> its lifeline
+        host = rank0_address()
+        listener = self._listen(host) if link.rank == 0 and host else None
+        port = listener.getsockname()[1] if listener else 0
+        port = int(mx.distributed.all_sum(mx.array([port]), group=link.group).item())
+        if listener is not None:
+            with listener:
+                self._accept(listener)
+        elif link.rank != 0 and port and host:
+            self._connect(host, port)
+
+    def wait_for_loss(self) -> str | None:
+        """Block until a lifeline breaks and say whose process ended; None at once when there are none.
+
+        Bytes that come in meanwhile go to GroupLink.received (shares, votes, doorbells).
+        """
+        ranks = {sock: rank for rank, sock in self.sockets.items()}
+        while ranks:
+            readable, _, _ = select.select(list(ranks), [], [])
+            for sock in readable:
+                try:
+                    data = sock.recv(4096)
+                except OSError:
+                    data = b""
+                if not data:
+                    return f"rank {ranks[sock]}'s process has ended (its lifeline closed)"
+                self.link.received(ranks[sock], data)
+        return None
+
+    def _listen(self, host: str) -> socket.socket | None:
+        try:
+            return socket.create_server((host, 0), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+        except OSError as exc:
+            log.warning("no lifelines (cannot listen on %s: %s): a dead rank is noticed only after --timeout", host, exc)
+            return None
+
+    def _accept(self, listener: socket.socket) -> None:
+        deadline = time.monotonic() + LIFELINE_SECONDS
+        while len(self.sockets) < self.link.size - 1 and (left := deadline - time.monotonic()) > 0:
+            listener.settimeout(left)
+            try:
+                conn, _address = listener.accept()
+                conn.settimeout(left)
+                hello = conn.recv(64).decode("ascii", "replace").split()
+            except OSError:
+                continue
+            rank = int(hello[2]) if hello[:2] == ["lem-serve", "rank"] and hello[2:3] and hello[2].isdigit() else 0
+            if 0 < rank < self.link.size:
+                conn.settimeout(None)
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # shares are small writes: no Nagle delay
+                self.sockets[rank] = conn
+            else:
+                conn.close()
+        missing = sorted(set(range(1, self.link.size)) - set(self.sockets))
+        if missing:
+            log.warning("no lifeline from rank(s) %s: their death is noticed only after --timeout", missing)
+
+    def _connect(self, host: str, port: int) -> None:
+        try:
+            conn = socket.create_connection((host, port), timeout=LIFELINE_SECONDS)
+            conn.sendall(b"lem-serve rank %d\n" % self.link.rank)
+            conn.settimeout(None)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.sockets[0] = conn
+        except OSError as exc:
+            log.warning("no lifeline to rank 0 (%s): its death is noticed only after --timeout", exc)
+
+
+def join_group(settings: Settings) -> Any:
+    """This process's mx.distributed group when mlx.launch started several; None when it runs alone.
+
+    Call before anything else imports MLX (it honours --threads first).
+    """
+    apply_thread_cap(settings.threads)
+    import mlx.core as mx
+    group = mx.distributed.init()
+    return group if group.size() > 1 else None
+
+
+# ---------------------------------------------------------------------------
+# Engine: one thread that owns MLX, continuous batching, the prompt cache
+# ---------------------------------------------------------------------------
 
 @dataclass(eq=False)
 class Job:
@@ -5499,283 +5467,36 @@ class SoloBatch:
             if part and part[0].offset > kept:
                 trim_prompt_cache(part, part[0].offset - kept)
         return tokens[:kept], list(sequence.cache)
-# -- one model over several machines ---------------------------------------------
-#
-# Under mlx.launch every rank holds a shard of the model, and every model call
-# is a collective: all ranks must run the same BatchGenerator steps on the same
-# sequences. Rank 0, which alone speaks HTTP, runs each change to its batch
-# and records it as an op; before each step it sends the ops to the other
-# ranks, which replay them in the same order. One process runs the same code
-# with nothing to send.
 
-@dataclass(frozen=True)
-class Insert:
-    """Op: start sequence `uid` on `prompt`, its first `cached` tokens from the prompt cache.
 
-    `entries`: what the prompt cache held after rank 0 made room for the
-    running batch, just before its fetch.
+class KVLedger:
+    """KV memory and the part of it admitted requests have reserved (their worst case); thread-safe.
+
+    The admission queue reserves before a request joins the batch and gives
+    back when it leaves; the engine holds the prompt cache to what is left.
     """
 
-    uid: int
-    prompt: list[int]
-    cached: int
-    max_tokens: int
-    request: GenerationRequest   # the sampling settings; rank 0 has filled in the seed
-    entries: int | None = None
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.reserved = 0
+        self.lock = threading.Lock()
 
+    def reserve(self, nbytes: int) -> bool:
+        """Reserve `nbytes` if they fit beside the reservations held; True when they did."""
+        with self.lock:
+            if self.reserved + nbytes > self.limit:
+                return False
+            self.reserved += nbytes
+            return True
 
-@dataclass(frozen=True)
-class Remove:
-    """Op: drop sequences before they finished (stop string, cancelled, timed out, client gone)."""
+    def release(self, nbytes: int) -> None:
+        """Give back nbytes that reserve() granted, when the sequence that held them ends (exactly once)."""
+        with self.lock:
+            self.reserved -= nbytes
 
-    uids: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class Keep:
-    """Op: put the KV cache sequence `uid` left behind into the prompt cache, which then holds `entries`.
-
-    `kept`: the tokens of it kept (fewer when it was cut to fit; 0: none).
-    """
-
-    uid: int
-    entries: int
-    kept: int
-
-
-class GroupFailure(RuntimeError):
-    """The ranks of a group can no longer run in step: one died, stalled or diverged."""
-
-
-class GroupLink:
-    """Rank 0's channel to the other ranks of an mlx.launch group, over mx.distributed.
-
-    Every rank calls `share` once per engine loop, on the stream the model's
-    own collectives use, so both stay in one order. Rank 0 sends the ops it
-    ran since the last call, its flags (STEP: one batch step follows;
-    SHUTDOWN: the group stops) and a check of the tokens its last step
-    sampled; the others receive them and, in the same collective, tell rank
-    0 whether a signal asked them to stop. It is all_sum throughout, the
-    others adding zeros: a header of four int32 (payload bytes, flags, stop
-    votes, token check), then the pickled ops when there are any, so a step
-    in which nothing changed costs one all_sum of 16 bytes. The ranks trust
-    each other: their link must be private (Thunderbolt, a private network),
-    as mx.distributed's own traffic must be.
-
-    When every rank has a lifeline (Lifelines), the shares travel on them
-    instead: rank 0 writes one frame (the same header, then the payload) to
-    each lifeline and goes on, and each other rank's engine reads its own,
-    blocking while the group is idle (EOF: rank 0 has died); a rank's stop
-    vote is one byte back. No collective
-    runs between two steps, so the next step's work, which BatchGenerator
-    starts before it returns a step's tokens, is not waited for in between
-    (a collective on the model's stream would wait for it), and rank 0's
-    per-step bookkeeping overlaps it, as in one process. The model's own
-    collectives keep the ranks in step: rank 0 is at most one share ahead.
-
-    Without lifelines everywhere, the shares are all_sums; then, while the
-    group is idle (the last share asked for no step), a rank waiting in a
-    collective would spin (MLX's backends poll), so rank 0 rings a doorbell,
-    a byte on each lifeline, before the next share, and a rank with a
-    lifeline blocks on it until then instead.
-    """
-
-    STEP, SHUTDOWN = 1, 2
-    FRAME = struct.Struct("<Iii")   # a share on a lifeline: payload bytes, flags, token check
-    VOTE = b"S"                     # another rank to rank 0, on its lifeline: a signal asked it to stop
-
-    def __init__(self, group: Any):
-        self.group = group
-        self.rank, self.size = group.rank(), group.size()
-        self.stop_voted = False   # not rank 0: a signal asked this rank to stop
-        self.bells: dict[int, socket.socket] = {}   # lifelines (Lifelines.sockets), which carry the doorbells
-        self.rung = threading.Semaphore(0)          # not rank 0: doorbells received and not yet answered
-        self.idle = False                           # the last share asked for no step
-        self.framed = False                         # every rank has a lifeline: shares travel on them
-        self.votes: set[int] = set()                # rank 0, framed: ranks that voted to stop
-        self.vote_sent = False
-
-    def use_lifelines(self, sockets: dict[int, socket.socket]) -> None:
-        """Take the lifelines; if every rank has its own (agreed in one all_sum), shares travel on them."""
-        import mlx.core as mx
-        self.bells = sockets
-        complete = len(sockets) == (self.size - 1 if self.rank == 0 else 1)
-        agreed = mx.distributed.all_sum(mx.array([int(complete)]), group=self.group).item()
-        self.framed = agreed == self.size
-
-    def received(self, rank: int, data: bytes) -> None:
-        """Bytes came in on the lifeline to `rank`: votes (at rank 0) or doorbells (elsewhere)."""
-        if self.rank == 0:
-            if self.VOTE in data:
-                self.votes.add(rank)
-        else:
-            self.heard(len(data))
-
-    def ring(self) -> None:
-        """Rank 0: tell every rank with a lifeline that a share is coming."""
-        for sock in list(self.bells.values()):
-            with contextlib.suppress(OSError):  # a lost rank: its lifeline's watcher says so
-                sock.sendall(b"\x01")
-
-    def heard(self, count: int) -> None:
-        """Another rank: `count` doorbells came in on the lifeline."""
-        for _ in range(count):
-            self.rung.release()
-
-    def share(self, ops: list, flags: int, check: int, stream: Any) -> tuple[list, int, int, int]:
-        """(ops, flags, token check) as rank 0 sent them, with how many other ranks vote to stop."""
-        import mlx.core as mx
-        leader = self.rank == 0
-        payload = pickle.dumps(ops, protocol=pickle.HIGHEST_PROTOCOL) if leader and ops else b""
-        if len(payload) >= 2**31:
-            raise GroupFailure(f"one step's changes take {len(payload)} bytes, over the 2 GiB a step can send")
-        if self.framed:
-            return self._share_framed(ops, payload, flags, check)
-        header = [len(payload), flags, 0, check] if leader else [0, 0, int(self.stop_voted), 0]
-        if self.idle and leader:  # the others may be blocked on their lifelines: wake them
-            self.ring()
-        elif self.idle and self.bells:
-            self.rung.acquire()
-        with mx.stream(stream):
-            size, flags, votes, check = mx.distributed.all_sum(
-                mx.array(header, dtype=mx.int32), group=self.group).tolist()
-            self.idle = not flags & (self.STEP | self.SHUTDOWN)
-            if not size:
-                return [], flags, votes, check
-            data = mx.array(payload) if leader else mx.zeros((size,), dtype=mx.uint8)
-            data = mx.distributed.all_sum(data, group=self.group)
-            mx.eval(data)
-        return (ops if leader else pickle.loads(memoryview(data))), flags, votes, check
-
-    def _share_framed(self, ops: list, payload: bytes, flags: int, check: int) -> tuple[list, int, int, int]:
-        """share() on the lifelines: rank 0 writes its frame and goes on; the others wait for theirs."""
-        if self.rank == 0:
-            frame = self.FRAME.pack(len(payload), flags, check) + payload
-            for rank, sock in list(self.bells.items()):
-                try:
-                    sock.sendall(frame)
-                except OSError as exc:
-                    raise GroupFailure(f"rank {rank}'s lifeline failed: {exc}") from None
-            return ops, flags, len(self.votes), check
-        if self.stop_voted and not self.vote_sent:
-            with contextlib.suppress(OSError):  # a lost rank 0: its lifeline's watcher says so
-                self.bells[0].sendall(self.VOTE)
-            self.vote_sent = True
-        size, flags, check = self.FRAME.unpack(self._read(self.FRAME.size))
-        return (pickle.loads(self._read(size)) if size else []), flags, 0, check
-
-    def _read(self, count: int) -> bytes:
-        """Not rank 0, framed: the next `count` bytes from rank 0's lifeline, waiting for them."""
-        data = bytearray()
-        while len(data) < count:
-            try:
-                piece = self.bells[0].recv(count - len(data))
-            except OSError:
-                piece = b""
-            if not piece:
-                raise GroupFailure("rank 0's process has ended (its lifeline closed)")
-            data += piece
-        return bytes(data)
-
-
-def token_check(responses: list) -> int:
-    """A short digest of the tokens one batch step sampled, for the ranks to compare."""
-    return sum(r.uid * 1_000_003 + r.token for r in responses) % 2**31
-
-
-def rank0_address() -> str | None:
-    """Rank 0's IP address as mlx.launch gave it to the ring (MLX_HOSTFILE) or jaccl backend; None if unknown."""
-    coordinator = os.environ.get("MLX_JACCL_COORDINATOR", "")
-    if coordinator:
-        return coordinator.rpartition(":")[0].strip("[]") or None
-    try:
-        with open(os.environ["MLX_HOSTFILE"], encoding="utf-8") as hostfile:
-            return json.load(hostfile)[0][0].rpartition(":")[0].strip("[]") or None
-    except (KeyError, OSError, ValueError, IndexError, TypeError, AttributeError):
-        return None
-
-
-class Lifelines:
-    """An idle TCP connection between rank 0 and each other rank: EOF says a rank's process has ended.
-
-    MLX does not always report a lost peer: a collective can wait forever
-    after the other process has died (mlx#3862, mlx#4278). However a process
-    ends, the operating system closes its sockets, so the other end of its
-    lifeline reads EOF at once. Rank 0 listens on its address from
-    mlx.launch's host list, on a port it shares in one all_sum at start, and
-    each other rank connects and names itself. Best effort: a rank that
-    cannot connect (a firewall) goes without, and the watchdog still covers it.
-    """
-
-    def __init__(self, link: GroupLink):
-        import mlx.core as mx
-        self.link = link
-        self.sockets: dict[int, socket.socket] = {}   # the other end's rank -> its lifeline
-        host = rank0_address()
-        listener = self._listen(host) if link.rank == 0 and host else None
-        port = listener.getsockname()[1] if listener else 0
-        port = int(mx.distributed.all_sum(mx.array([port]), group=link.group).item())
-        if listener is not None:
-            with listener:
-                self._accept(listener)
-        elif link.rank != 0 and port and host:
-            self._connect(host, port)
-
-    def wait_for_loss(self) -> str | None:
-        """Block until a lifeline breaks and say whose process ended; None at once when there are none.
-
-        Bytes that come in meanwhile go to GroupLink.received (shares, votes, doorbells).
-        """
-        ranks = {sock: rank for rank, sock in self.sockets.items()}
-        while ranks:
-            readable, _, _ = select.select(list(ranks), [], [])
-            for sock in readable:
-                try:
-                    data = sock.recv(4096)
-                except OSError:
-                    data = b""
-                if not data:
-                    return f"rank {ranks[sock]}'s process has ended (its lifeline closed)"
-                self.link.received(ranks[sock], data)
-        return None
-
-    def _listen(self, host: str) -> socket.socket | None:
-        try:
-            return socket.create_server((host, 0), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
-        except OSError as exc:
-            log.warning("no lifelines (cannot listen on %s: %s): a dead rank is noticed only after --timeout", host, exc)
-            return None
-
-    def _accept(self, listener: socket.socket) -> None:
-        deadline = time.monotonic() + LIFELINE_SECONDS
-        while len(self.sockets) < self.link.size - 1 and (left := deadline - time.monotonic()) > 0:
-            listener.settimeout(left)
-            try:
-                conn, _address = listener.accept()
-                conn.settimeout(left)
-                hello = conn.recv(64).decode("ascii", "replace").split()
-            except OSError:
-                continue
-            rank = int(hello[2]) if hello[:2] == ["lem-serve", "rank"] and hello[2:3] and hello[2].isdigit() else 0
-            if 0 < rank < self.link.size:
-                conn.settimeout(None)
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # shares are small writes: no Nagle delay
-                self.sockets[rank] = conn
-            else:
-                conn.close()
-        missing = sorted(set(range(1, self.link.size)) - set(self.sockets))
-        if missing:
-            log.warning("no lifeline from rank(s) %s: their death is noticed only after --timeout", missing)
-
-    def _connect(self, host: str, port: int) -> None:
-        try:
-            conn = socket.create_connection((host, port), timeout=LIFELINE_SECONDS)
-            conn.sendall(b"lem-serve rank %d\n" % self.link.rank)
-            conn.settimeout(None)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.sockets[0] = conn
-        except OSError as exc:
-            log.warning("no lifeline to rank 0 (%s): its death is noticed only after --timeout", exc)
+    def room(self) -> int:
+        """Bytes no request has reserved: what the prompt cache may hold now."""
+        return self.limit - self.reserved
 
 
 class Batch:
@@ -5908,36 +5629,6 @@ class Batch:
     def _record(self, op: Any) -> None:
         if self.records:
             self.ops.append(op)
-
-
-class KVLedger:
-    """KV memory and the part of it admitted requests have reserved (their worst case); thread-safe.
-
-    The admission queue reserves before a request joins the batch and gives
-    back when it leaves; the engine holds the prompt cache to what is left.
-    """
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.reserved = 0
-        self.lock = threading.Lock()
-
-    def reserve(self, nbytes: int) -> bool:
-        """Reserve `nbytes` if they fit beside the reservations held; True when they did."""
-        with self.lock:
-            if self.reserved + nbytes > self.limit:
-                return False
-            self.reserved += nbytes
-            return True
-
-    def release(self, nbytes: int) -> None:
-        """Give back nbytes that reserve() granted, when the sequence that held them ends (exactly once)."""
-        with self.lock:
-            self.reserved -= nbytes
-
-    def room(self) -> int:
-        """Bytes no request has reserved: what the prompt cache may hold now."""
-        return self.limit - self.reserved
 
 
 class Engine:
@@ -6352,8 +6043,20 @@ class Engine:
 
 
 # ---------------------------------------------------------------------------
-# SSE/JSON writers
+# Dialects: what they share (block separator, usage, logprobs, SSE)
 # ---------------------------------------------------------------------------
+
+# -- The agents' dialects: Anthropic Messages and OpenAI Responses -----------------
+#
+# Each dialect is one parser that builds the GenerationRequest chat builds:
+# normalised chat messages and OpenAI-shaped tools and tool_choice, then the
+# same output_fields() and sampling_fields(). Agents manage their own context
+# (Claude Code compacts it), so the chat window never cuts these conversations
+# (max_context stays 0), and a max_tokens above the server's limit is clamped,
+# not refused: agents ask for large ceilings (Claude Code sends 32000 or more).
+
+BLOCK_SEPARATOR = "\n"   # between the text blocks of one Anthropic message or Responses item: separate units
+
 
 def usage_of(job: Job) -> dict:
     """OpenAI's usage object for a finished job."""
@@ -6399,312 +6102,6 @@ def logprobs_object(endpoint: str, entries: list[dict] | None, offsets: TextOffs
             "text_offset": [offsets.next(e["bytes"]) for e in entries]}
 
 
-class HeldTextScanner:
-    """The streaming loop the reply scanners share: text arrives in `held`, `_step` takes one piece
-    of it at a time (False once the rest must wait for more text), `_finish` takes what is left
-    once generation ends. Pieces are ("text" | "reasoning", str), ("calls", [OpenAI-shaped calls])
-    and, when live, a streamed call's ("call_start", {"id", "name"}) and ("call_args", str) before
-    its "calls".
-    """
-
-    held: str
-
-    def feed(self, text: str) -> list[tuple[str, Any]]:
-        """The pieces safe to emit, in order."""
-        self.held += text
-        out: list[tuple[str, Any]] = []
-        while self._step(out):
-            pass
-        return out
-
-    def flush(self) -> list[tuple[str, Any]]:
-        """What is still held once generation ends."""
-        out: list[tuple[str, Any]] = []
-        self._finish(out)
-        self.held = ""
-        return out
-
-    def _step(self, out: list) -> bool:
-        raise NotImplementedError
-
-    def _finish(self, out: list) -> None:
-        raise NotImplementedError
-
-
-class CallStreamer:
-    """A streamed call's arguments, handed out as the model writes them.
-
-    Fed the open call's text as it grows (only text that cannot hold an end
-    marker), it finds each call's head (ChatFormat.heads: its name, and
-    that its arguments open with "{"), then yields ("call_start", {"id",
-    "name"}) and ("call_args", piece) events, the pieces the JSON object's
-    text from its "{" to the matching "}" exactly, nothing around it.
-    Arguments that do not open with "{" (a string to be wrapped) are never
-    streamed: such a call comes whole when it closes. `settle` makes the
-    parsed calls agree with what was streamed: same ids, and the streamed
-    text as the final arguments wherever it decodes to the same object.
-    """
-
-    def __init__(self, heads: tuple[re.Pattern, ...], name: str = ""):
-        self.heads, self.name = heads, name   # `name`: the call's, where the heads have no "name" group
-        self.at = 0                        # how far the call's text was read
-        self.streamed: list[dict] = []     # {"id", "name", "raw", "done"} per call streamed
-        self.depth, self.quoted, self.escaped = 0, False, False
-
-    def feed(self, out: list, text: str) -> None:
-        """Read the call's text so far (a longer prefix each time); add the events it makes to `out`."""
-        while self.at < len(text):
-            if not self.streamed or self.streamed[-1]["done"]:
-                head = next((m for m in (h.match(text, self.at) for h in self.heads) if m), None)
-                if head is None:
-                    return
-                groups = head.groupdict()
-                call = {"id": groups.get("id") or new_id("call_"), "name": groups.get("name", self.name).strip(),
-                        "raw": "", "done": False}
-                self.streamed.append(call)
-                self.at, self.depth = head.end(), 0
-                out.append(("call_start", {"id": call["id"], "name": call["name"]}))
-            self._arguments(out, text)
-
-    def _arguments(self, out: list, text: str) -> None:
-        """Take the arguments' characters up to their closing brace (or the text's end)."""
-        start, at = self.at, self.at
-        while at < len(text) and not self.streamed[-1]["done"]:
-            ch = text[at]
-            if self.escaped:
-                self.escaped = False
-            elif self.quoted:
-                self.escaped, self.quoted = ch == "\\", ch != '"'
-            else:
-                self.quoted = ch == '"'
-                self.depth += (ch in "{[") - (ch in "}]")
-                self.streamed[-1]["done"] = self.depth == 0
-            at += 1
-        self.at = at
-        if at > start:
-            self.streamed[-1]["raw"] += text[start:at]
-            out.append(("call_args", text[start:at]))
-
-    def settle(self, calls: list[dict], tools: list[dict]) -> list[dict]:
-        """The parsed calls (OpenAI's shape) under the streamed ids and text; a streamed call the parser
-        missed (cut off, say) keeps what was streamed, wrapped by openai_tool_call if it is no object."""
-        settled = []
-        for i, sent in enumerate(self.streamed):
-            call = calls[i] if i < len(calls) else openai_tool_call(
-                {"name": sent["name"], "arguments": sent["raw"]}, tools)
-            try:
-                same = json.loads(sent["raw"]) == json.loads(call["function"]["arguments"])
-            except ValueError:
-                same = False
-            function = {**call["function"], "arguments": sent["raw"]} if same else call["function"]
-            settled.append({**call, "id": sent["id"], "function": function})
-        return settled + calls[len(self.streamed):]
-
-
-class ToolCallScanner(HeldTextScanner):
-    """Splits a chat reply into content and tool calls, as the text streams in.
-
-    Text from one of the format's start markers to its end marker is a call,
-    parsed with the format's parser (mlx_lm's where it reads the family
-    right); a format without an end marker runs a call to the next start or
-    the reply's end. Text that might be the start of a marker is held back,
-    so a streaming client never sees half of one; blanks around calls go. A
-    call that does not parse is passed on as content rather than lost. In a
-    format whose calls carry JSON arguments (ChatFormat.write), a marker
-    inside one of their strings (a command that prints "</tool_call>") is
-    part of the call, not its end. `live` (a stream) also sends a call's
-    arguments as they come, where the format has heads (CallStreamer).
-    """
-
-    def __init__(self, form: ChatFormat, tools: list[dict]):
-        self.form, self.tools = form, tools
-        self.held = ""
-        self.opened: str | None = None   # the start marker of the call being read, if one is open
-        self.fresh = True                # no text of the reply out yet: a leading marker may open a call
-        self.scanned, self.quoted, self.escaped = 0, False, False   # how far the open call was read
-        self.live = False                # stream arguments as they come
-        self.streamer: CallStreamer | None = None   # the open call's, when live
-
-    def _finish(self, out: list) -> None:
-        """A call without its end marker is parsed if it can be; other held text is content."""
-        if self.opened is not None:
-            self._close(out, self.held, "")
-        elif self.held.strip():
-            out.append(("text", self.held.lstrip() if self.fresh else self.held))
-        self.opened = None
-
-    def _step(self, out: list) -> bool:
-        """Take one marker's worth of the held text; False once the rest must wait for more."""
-        form = self.form
-        if self.opened is None:
-            self.scanned, self.quoted, self.escaped = 0, False, False
-            head = self.held.lstrip() if self.fresh else self.held
-            lead = next((m for m in form.leading if head.startswith(m)), None) if self.fresh else None
-            if lead is not None:
-                self.held, self.opened = head, ""
-                return True
-            at, marker = min(((self.held.find(m), m) for m in form.starts if m in self.held), default=(-1, ""))
-            hold = partial_marker_length(self.held, form.starts + (form.leading if self.fresh else ()))
-            if self.fresh and (not head or any(m.startswith(head) for m in form.leading)):
-                return False
-            self._text(out, self.held[:at] if at >= 0 else self.held[:len(self.held) - hold])
-            self.held = self.held[at + len(marker):] if at >= 0 else self.held[len(self.held) - hold:]
-            self.opened = marker if at >= 0 else None
-            return at >= 0
-        at = self._end_at((form.end,) if form.end else form.starts)
-        if self.live and form.heads and form.write is not None:
-            self.streamer = self.streamer or CallStreamer(form.heads)
-            self.streamer.feed(out, self.held[:at] if at >= 0 else self.held[:self.scanned])
-        if at < 0:
-            return False
-        self._close(out, self.held[:at], form.end)
-        self.held = self.held[at + len(form.end):]
-        return True
-
-    def _end_at(self, ends: tuple[str, ...]) -> int:
-        """Where the open call ends in the held text: at one of `ends`, outside JSON strings if
-        the format writes JSON arguments; -1 if not yet."""
-        held = self.held
-        if self.form.write is None:
-            return min((held.find(m) for m in ends if m in held), default=-1)
-        at, longest = self.scanned, max(map(len, ends), default=0)
-        while at < len(held):
-            ch = held[at]
-            if self.escaped:
-                self.escaped = False
-            elif self.quoted:
-                self.escaped, self.quoted = ch == "\\", ch != '"'
-            elif any(held.startswith(m, at) for m in ends):
-                break
-            elif len(held) - at < longest and any(m.startswith(held[at:]) for m in ends):
-                self.scanned = at
-                return -1   # maybe a marker: wait for more text
-            else:
-                self.quoted = ch == '"'
-            at += 1
-        self.scanned = at
-        return at if at < len(held) else -1
-
-    def _text(self, out: list, text: str) -> None:
-        if self.fresh:
-            text = text.lstrip()
-            self.fresh = not text
-        if text:
-            out.append(("text", text))
-
-    def _close(self, out: list, body: str, end: str) -> None:
-        """End the open call (at `end`): its calls, or its text as content when it does not parse."""
-        marker, self.opened = self.opened, None
-        calls = self._parse(body)
-        if self.streamer is not None and self.streamer.streamed:
-            calls = self.streamer.settle(calls, self.tools)
-        self.streamer = None
-        if calls:
-            out.append(("calls", calls))
-            self.fresh = True   # blanks after a call are not content
-        else:
-            self._text(out, f"{marker}{body}{end}")
-
-    def _parse(self, body: str) -> list[dict]:
-        try:
-            parsed = self.form.parse(body, self.tools)
-        except Exception as exc:  # parsers raise what they like on malformed calls
-            log.warning("could not parse a tool call (%r): %r", exc, body[:200])
-            return []
-        return [openai_tool_call(call, self.tools) for call in (parsed if isinstance(parsed, list) else [parsed])
-                if isinstance(call, dict) and isinstance(call.get("name"), str)]
-
-
-HARMONY_HEAD = re.compile(r"\s*(?=\{)")   # a call's body is its arguments; its name is in the header
-
-
-class HarmonyScanner(HeldTextScanner):
-    """Reads OpenAI's harmony format (gpt-oss) as it streams: channel `analysis` is reasoning, `final`
-    text, `commentary` addressed `to=functions.NAME` a call to NAME (its body the JSON arguments), and
-    `commentary` to no one (a preamble) text. A reply that opens with no channel header is text.
-    """
-
-    def __init__(self, tools: list[dict]):
-        self.tools = tools
-        self.held = ""
-        self.kind: str | None = None    # the open message's kind: "reasoning", "text", "call"; None: in a header
-        self.name = ""                  # the open call's function name
-        self.body = ""                  # the open call's arguments so far
-        self.started = False            # a header or text came
-        self.live = False               # stream a call's arguments as they come
-        self.streamer: CallStreamer | None = None   # the open call's, when live
-
-    def _finish(self, out: list) -> None:
-        """Whatever message is open ends with the reply (its <|call|> or <|return|> is not text)."""
-        if self.kind is not None:
-            self._body(out, self.held)
-            self._close(out)
-
-    def _step(self, out: list) -> bool:
-        if self.kind is None:
-            if not self.started and self.held and not any(
-                    h.startswith(self.held[:len(h)]) for h in HARMONY_HEADS):
-                self.kind, self.started = "text", True   # no header: a plain reply
-                return True
-            at = self.held.find("<|message|>")
-            if at < 0:
-                return False
-            self._open(self.held[:at])
-            self.held = self.held[at + len("<|message|>"):]
-            return True
-        at, marker = min(((self.held.find(m), m) for m in HARMONY_ENDS if m in self.held), default=(-1, ""))
-        hold = 0 if at >= 0 else partial_marker_length(self.held, HARMONY_ENDS)
-        self._body(out, self.held[:at] if at >= 0 else self.held[:len(self.held) - hold])
-        self.held = self.held[at + len(marker) * (marker != "<|start|>"):] if at >= 0 else self.held[len(self.held) - hold:]
-        if at >= 0:
-            self._close(out)
-        return at >= 0
-
-    def _open(self, header: str) -> None:
-        channel = re.search(r"<\|channel\|>\s*(\w+)", header)
-        recipient = re.search(r"to=functions\.([^\s<]+)", header)
-        self.started, self.body = True, ""
-        if recipient:
-            self.kind, self.name = "call", recipient[1]
-            self.streamer = CallStreamer((HARMONY_HEAD,), self.name) if self.live else None
-        else:
-            self.kind = "reasoning" if channel and channel[1] == "analysis" else "text"
-
-    def _body(self, out: list, text: str) -> None:
-        if self.kind == "call":
-            self.body += text
-            if self.streamer is not None:
-                self.streamer.feed(out, self.body)
-        elif text:
-            out.append((self.kind, text))
-
-    def _close(self, out: list) -> None:
-        if self.kind == "call":
-            calls = [openai_tool_call({"name": self.name, "arguments": self.body.strip()}, self.tools)]
-            out.append(("calls", self.streamer.settle(calls, self.tools) if self.streamer else calls))
-        self.kind, self.streamer = None, None
-
-
-def openai_tool_call(call: dict, tools: list[dict] = ()) -> dict:
-    """A parsed call ({"name", "arguments"}) in OpenAI's tool_calls shape: arguments as the JSON text of an
-    object, repaired or wrapped by tool_arguments when the model wrote something else."""
-    schema = next((t["function"].get("parameters") for t in tools if t["function"]["name"] == call["name"]), None)
-    arguments = json.dumps(tool_arguments(call.get("arguments", {}), schema), ensure_ascii=False)
-    return {"id": call.get("id") or f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-            "function": {"name": call["name"], "arguments": arguments}}
-
-
-def tool_scanner(request: GenerationRequest, tokenizer: Any) -> ToolCallScanner | HarmonyScanner | None:
-    """The scanner for a chat reply: calls when tools were offered; harmony's channels always (but raw)."""
-    if request.endpoint == "completions":
-        return None
-    form = chat_format_of(tokenizer)
-    tools = list(request.tools) if request.tools and request.tool_choice != "none" else []
-    if form is not None and form.harmony and request.split_reasoning:
-        return HarmonyScanner(tools)
-    return ToolCallScanner(form, tools) if form is not None and tools and not form.harmony else None
-
-
 def sse_event(payload: dict | str, event: str | None = None) -> bytes:
     """One Server-Sent Event carrying JSON (or the literal [DONE]), named `event` when given."""
     data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
@@ -6714,11 +6111,6 @@ def sse_event(payload: dict | str, event: str | None = None) -> bytes:
 
 SSE_KEEPALIVE = b": keepalive\n\n"
 SSE_DONE = sse_event("[DONE]")
-
-
-def new_id(prefix: str) -> str:
-    """A fresh id for a response or an item, in the API's style ("chatcmpl-...", "msg_...")."""
-    return f"{prefix}{uuid.uuid4().hex[:24]}"
 
 
 class Writer:
@@ -6876,6 +6268,170 @@ class Writer:
         raise NotImplementedError
 
 
+# ---------------------------------------------------------------------------
+# Dialects: OpenAI chat/completions (/v1/chat/completions, /v1/completions)
+# ---------------------------------------------------------------------------
+
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+CHAT_CHECKS = COMMON_CHECKS + (
+    Check("messages", (list,), "a non-empty list of messages", lambda v: len(v) > 0),
+    Check("logprobs", (bool,), "a boolean"),
+    Check("tools", (list,), 'a list of {"type": "function", "function": {"name": ..., "parameters": {...}}} objects'),
+    Check("tool_choice", (str, dict), '"none", "auto", "required" or {"type": "function", "function": {"name": ...}}'),
+    Check("continue_final_message", (bool,), "a boolean"),
+    Check("add_generation_prompt", (bool,), "a boolean"),
+    Check("top_logprobs", (int,), f"an integer between 0 and {MAX_TOP_LOGPROBS_CHAT}",
+          lambda v: 0 <= v <= MAX_TOP_LOGPROBS_CHAT),
+    Check("chat_template_kwargs", (dict,), "an object of chat template arguments, such as {\"enable_thinking\": false}",
+          lambda v: not set(v) & TEMPLATE_RESERVED),
+    Check("reasoning_effort", (str,), "a string such as \"low\", \"medium\" or \"high\""),
+)
+COMPLETION_CHECKS = COMMON_CHECKS + (
+    Check("prompt", (str, list), "a string, a list holding one string, or a list of token ids"),
+    Check("logprobs", (int,), f"an integer between 0 and {MAX_LOGPROBS_COMPLETIONS}",
+          lambda v: 0 <= v <= MAX_LOGPROBS_COMPLETIONS),
+)
+
+
+def parse_generation_request(endpoint: str, body: dict, settings: Settings) -> GenerationRequest:
+    """Validate a decoded body for `endpoint` ("chat" or "completions")."""
+    run_checks(body, CHAT_CHECKS if endpoint == "chat" else COMPLETION_CHECKS)
+    if endpoint == "chat":
+        if "messages" not in body or body["messages"] is None:
+            raise invalid("'messages' is required", "messages")
+        messages = tuple(parse_message(m, i) for i, m in enumerate(body["messages"]))
+        fields = {"messages": messages, "prefill": chat_prefill(body, messages),
+                  "max_context": settings.max_context, "template_args": template_args(body, settings),
+                  "split_reasoning": settings.reasoning_format != "none"}
+    else:
+        if body.get("prompt") is None:
+            raise invalid("'prompt' is required", "prompt")
+        fields = {"prompt": parse_prompt(body["prompt"])}
+    asked = body.get("max_completion_tokens") or body.get("max_tokens")
+    if asked is not None and asked > settings.max_tokens:
+        raise invalid(f"'max_tokens' is {asked}, above this server's limit of {settings.max_tokens}", "max_tokens")
+    stop = body.get("stop") or ()
+    options = body.get("stream_options") or {}
+    n = body.get("n") or 1
+    if n > settings.max_requests:
+        raise invalid(f"'n' is {n}; each choice takes a generation slot and this server has "
+                      f"{settings.max_requests} (--max-requests)", "n")
+    return GenerationRequest(
+        endpoint=endpoint, **fields, n=n,
+        stream=bool(body.get("stream")),
+        include_usage=bool(options.get("include_usage")),
+        max_tokens=asked or settings.max_tokens, max_tokens_given=asked is not None,
+        stop=(stop,) if isinstance(stop, str) else tuple(stop),
+        logprobs=logprobs_wanted(endpoint, body),
+        **output_fields(endpoint, body),
+        **sampling_fields(body, settings.sampling),
+    )
+
+
+def chat_prefill(body: dict, messages: tuple[dict, ...]) -> bool:
+    """Whether a chat request continues its last message: one from the assistant (llama-server's rule).
+
+    vLLM's fields choose too: continue_final_message true asks for it (and
+    needs such a message), add_generation_prompt true or
+    continue_final_message false ask for a new reply after it instead.
+    """
+    wanted, fresh = body.get("continue_final_message"), body.get("add_generation_prompt")
+    if wanted and fresh:
+        raise invalid("'continue_final_message' and 'add_generation_prompt' cannot both be true",
+                      "continue_final_message")
+    last = messages[-1] if messages else {}
+    continuable = last.get("role") == "assistant" and not last.get("tool_calls")
+    if wanted and not continuable:
+        raise invalid("'continue_final_message' needs a last assistant message without tool calls",
+                      "continue_final_message")
+    return continuable and wanted is not False and not fresh
+
+
+def chat_role(role: str) -> str:
+    """A message's role as the chat template takes it: OpenAI's "developer" is the system role."""
+    return "system" if role == "developer" else role
+
+
+def parse_message(message: Any, index: int) -> dict:
+    """Normalise one chat message to {"role", "content"[, "name", ...]}."""
+    param = f"messages[{index}]"
+    if not isinstance(message, dict):
+        raise invalid(f"{param} must be an object with 'role' and 'content'", param)
+    role = message.get("role")
+    if role not in CHAT_ROLES:
+        raise invalid(f"{param}.role must be one of {', '.join(CHAT_ROLES)}, got {json.dumps(role)}", f"{param}.role")
+    normal = {"role": chat_role(role),
+              "content": parse_content(message.get("content"), f"{param}.content",
+                                       optional=role == "assistant" and bool(message.get("tool_calls")))}
+    for key in ("name", "tool_call_id"):
+        if message.get(key) is not None:
+            normal[key] = message[key]
+    reasoning = message.get("reasoning_content", message.get("reasoning"))
+    if role == "assistant" and reasoning is not None:  # sent back with its reasoning: templates that render it get it
+        normal["reasoning_content"] = parse_content(reasoning, f"{param}.reasoning_content")
+    if message.get("tool_calls"):
+        normal["tool_calls"] = parse_tool_calls(message["tool_calls"], f"{param}.tool_calls")
+    return normal
+
+
+def parse_tool_calls(calls: Any, param: str) -> list[dict]:
+    """An assistant message's tool_calls, arguments decoded to objects.
+
+    OpenAI sends arguments as a JSON string; chat templates (Qwen's, say)
+    write them with `tojson`, which would quote a string a second time.
+    """
+    if not isinstance(calls, list):
+        raise invalid(f"'{param}' must be a list of tool calls", param)
+    out = []
+    for i, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise invalid(f"'{param}[{i}]' must be {{\"type\": \"function\", \"function\": {{\"name\", "
+                          f"\"arguments\"}}}}", param)
+        # Replayed history is taken as sent: arguments that are no JSON object (a model's own slip, sent
+        # back by the agent) are wrapped as the server wraps them on the way out, never a 400.
+        arguments = tool_arguments(function.get("arguments") or "{}")
+        out.append({**call, "function": {**function, "arguments": arguments}})
+    return out
+
+
+def parse_content(content: Any, param: str, optional: bool = False, text_types: tuple[str, ...] = ("text",),
+                  separator: str = "") -> str:
+    """A message's content as text: a string, or a list of text parts joined by `separator`.
+
+    `text_types` are the part types that carry text in the calling API
+    (chat's "text"; the Responses API's "input_text" and "output_text").
+    """
+    if content is None and optional:
+        return ""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise invalid(f"{param} must be a string or a list of content parts", param)
+    texts = []
+    for i, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in text_types:
+            if kind in MEDIA_PARTS:
+                raise invalid(f"{param}[{i}] is a part of type {kind!r}; this server serves text models only", param)
+            raise invalid(f"{param}[{i}] must be a {{\"type\": \"{text_types[0]}\", \"text\": ...}} part", param)
+        if not isinstance(part.get("text"), str):
+            raise invalid(f"{param}[{i}].text must be a string", param)
+        texts.append(part["text"])
+    return separator.join(texts)
+
+
+def parse_prompt(prompt: Any) -> str | tuple[int, ...]:
+    """A completions prompt: a string, [string], or a list of token ids."""
+    if isinstance(prompt, str):
+        return prompt
+    if len(prompt) == 1 and isinstance(prompt[0], str):
+        return prompt[0]
+    if prompt and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt):
+        return tuple(prompt)
+    raise invalid("'prompt' must be a string, a list holding one string, or a non-empty list of token ids", "prompt")
+
+
 class ChatWriter(Writer):
     """OpenAI's /v1/chat/completions and /v1/completions: a choice; a stream of data-only chunks and [DONE]."""
 
@@ -6992,14 +6548,251 @@ class ChoicesWriter(Writer):
         return {**bodies[0], "choices": [body["choices"][0] for body in bodies]}
 
 
-def writer_for(job: Job, model_name: str, tokenizer: Any) -> Writer:
-    """The Writer for a job's API; for n > 1 choices (chat, completions), a ChoicesWriter."""
-    request = job.request
-    if request.n == 1:
-        return WRITERS[request.endpoint](job, model_name, tool_scanner(request, tokenizer))
-    first = ChatWriter(job, model_name, tool_scanner(request, tokenizer), ends=False)
-    return ChoicesWriter([first] + [ChatWriter(job, model_name, tool_scanner(request, tokenizer), index=i,
-                                               head=first.head, ends=False) for i in range(1, request.n)])
+# ---------------------------------------------------------------------------
+# Dialects: Anthropic messages (/v1/messages)
+# ---------------------------------------------------------------------------
+
+MESSAGES_CHECKS = common_checks("model", "stream", "max_tokens", "top_p", "top_k") + (
+    Check("messages", (list,), "a non-empty list of messages", lambda v: len(v) > 0),
+    Check("system", (str, list), "a string or a list of text blocks"),
+    Check("stop_sequences", (list,), f"a list of up to {MAX_STOP_SEQUENCES} strings, each 1 to {MAX_STOP_CHARS} "
+          "characters long", lambda v: len(v) <= MAX_STOP_SEQUENCES and all(
+              isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in v)),
+    Check("temperature", (int, float), "a number between 0 and 1", lambda v: 0 <= v <= 1),  # Anthropic's range
+    Check("tools", (list,), 'a list of {"name": ..., "input_schema": {...}} objects'),
+    Check("tool_choice", (dict,), '{"type": "auto"}, {"type": "any"}, {"type": "tool", "name": ...} or {"type": "none"}'),
+    Check("thinking", (dict,), '{"type": "enabled", "budget_tokens": N}, {"type": "adaptive"} or {"type": "disabled"}'),
+)
+ANTHROPIC_ROLES = ("user", "assistant", "system")   # Claude Code sends "system" messages mid-conversation
+REPLAYED_BLOCKS = ("thinking", "redacted_thinking")  # earlier reasoning sent back: thinking reaches the template
+THINKING_ON = ("enabled", "adaptive")                # thinking types that ask for thinking blocks
+
+
+def parse_messages_request(body: dict, settings: Settings, counting: bool = False) -> GenerationRequest:
+    """Validate an Anthropic /v1/messages body; for count_tokens (`counting`) max_tokens may be absent."""
+    run_checks(body, MESSAGES_CHECKS)
+    if body.get("messages") is None:
+        raise invalid("'messages' is required", "messages")
+    if body.get("max_tokens") is None and not counting:
+        raise invalid("'max_tokens' is required", "max_tokens")
+    tools = body.get("tools") or []
+    catalog = {t["function"]["name"]: t for t in dialect_tools(tools, "input_schema", anthropic_served, deferred=True)}
+    messages, seen_calls = anthropic_system(body.get("system")), set()
+    for i, message in enumerate(body["messages"]):
+        messages += anthropic_message(message, i, seen_calls, catalog)
+    prefill = messages[-1]["role"] == "assistant"
+    if prefill:
+        anthropic_prefill(messages[-1], body, f"messages[{len(body['messages']) - 1}]")
+    choice = body.get("tool_choice")
+    fields = {"tools": dialect_tools(tools, "input_schema", anthropic_served),
+              "tool_choice": anthropic_tool_choice(choice),
+              "parallel_tool_calls": not (isinstance(choice, dict) and choice.get("disable_parallel_tool_use") is True)}
+    thinking = anthropic_thinking(body.get("thinking"), body.get("max_tokens"))
+    return GenerationRequest(
+        endpoint="messages", messages=tuple(messages), prefill=prefill, stream=bool(body.get("stream")),
+        max_tokens=min(body.get("max_tokens") or settings.max_tokens, settings.max_tokens),
+        stop=tuple(body.get("stop_sequences") or ()),
+        template_args=template_args({"chat_template_kwargs": None if thinking else {"enable_thinking": False}},
+                                    settings),
+        split_reasoning=settings.reasoning_format != "none", show_reasoning=thinking,
+        thinking_budget=body["thinking"].get("budget_tokens") or 0 if thinking else 0,
+        **output_fields("messages", fields),
+        **sampling_fields({field: body.get(field) for field in ("temperature", "top_p", "top_k")}, settings.sampling))
+
+
+def anthropic_prefill(last: dict, body: dict, param: str) -> None:
+    """Refuse a prefill (a last assistant message) that Anthropic's API refuses: with tool use, with
+    thinking on, or ending in whitespace; the reply continues its text and holds only what follows."""
+    if last.get("tool_calls"):
+        raise invalid("a final assistant message with tool_use blocks needs their tool_result; a prefill "
+                      "is text only", param)
+    if ((body.get("thinking") or {}).get("type")) in THINKING_ON:
+        raise invalid("a prefilled final assistant message is not supported with thinking on", param)
+    if last["content"] != last["content"].rstrip():
+        raise invalid("final assistant content cannot end with trailing whitespace", param)
+
+
+def anthropic_served(tool: dict) -> bool:
+    """Anthropic's client tools (no type, or "custom"); server tools (web search...) are the API's own."""
+    return tool.get("type") in (None, "custom")
+
+
+def anthropic_thinking(thinking: dict | None, max_tokens: int | None) -> bool:
+    """Whether the request asked for thinking blocks; a budget Anthropic would refuse is a 400.
+
+    Absent or {"type": "disabled"}: no thinking (the template is asked not to
+    think, and what a model thinks anyway is not shown). {"type": "enabled"}
+    needs budget_tokens >= THINKING_MIN_BUDGET and below max_tokens.
+    """
+    kind = (thinking or {}).get("type")
+    if kind in (None, "disabled"):
+        return False
+    if kind not in THINKING_ON:
+        raise invalid("'thinking.type' must be \"enabled\", \"adaptive\" or \"disabled\"", "thinking.type")
+    budget = thinking.get("budget_tokens")
+    if kind == "enabled":
+        if not isinstance(budget, int) or isinstance(budget, bool) or budget < THINKING_MIN_BUDGET:
+            raise invalid(f"'thinking.budget_tokens' must be an integer >= {THINKING_MIN_BUDGET}",
+                          "thinking.budget_tokens")
+        if max_tokens is not None and budget >= max_tokens:
+            raise invalid(f"'max_tokens' must be greater than 'thinking.budget_tokens' ({budget})", "max_tokens")
+    return True
+
+
+def anthropic_system(system: str | list | None) -> list[dict]:
+    """The top-level system prompt (a string or text blocks) as a leading system message, if there is one."""
+    if not system:
+        return []
+    return [{"role": "system", "content": parse_content(system, "system", separator=BLOCK_SEPARATOR)}]
+
+
+def anthropic_message(message: Any, index: int, seen_calls: set, catalog: dict[str, dict]) -> list[dict]:
+    """One Anthropic message as chat messages: its tool_result blocks as "tool" messages, then the rest.
+
+    Text blocks (and documents with a text source) are joined; an
+    assistant's tool_use blocks become its tool_calls, their ids added to
+    `seen_calls`, which a tool_result must answer; replayed thinking blocks
+    its reasoning_content; images and other documents are refused (text models only).
+    `catalog` holds every declared tool by name, for tool_reference blocks.
+    """
+    param = f"messages[{index}]"
+    if not isinstance(message, dict) or message.get("role") not in ANTHROPIC_ROLES:
+        raise invalid(f"{param} must be an object with 'role' (user or assistant) and 'content'", param)
+    role, content = message["role"], message.get("content")
+    if isinstance(content, str):
+        return [{"role": role, "content": content}]
+    if not isinstance(content, list):
+        raise invalid(f"{param}.content must be a string or a list of content blocks", f"{param}.content")
+    texts, calls, results, thoughts = [], [], [], []
+    for i, block in enumerate(content):
+        where = f"{param}.content[{i}]"
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "text" and isinstance(block.get("text"), str):
+            texts.append(block["text"])
+        elif kind == "document" and document_text(block) is not None:
+            texts.append(document_text(block))
+        elif kind == "tool_use" and role == "assistant":
+            calls.append(anthropic_tool_use(block, where))
+            seen_calls.add(calls[-1]["id"])
+        elif kind == "tool_result" and role == "user":
+            results.append(anthropic_tool_result(block, where, seen_calls, catalog))
+        elif kind == "thinking" and role == "assistant" and isinstance(block.get("thinking"), str):
+            thoughts.append(block["thinking"])
+        elif kind in MEDIA_PARTS:
+            raise invalid(f"{where} is a block of type {kind!r}; this server serves text models only (a document "
+                          "needs a text source)", where)
+        elif kind not in REPLAYED_BLOCKS:
+            raise invalid(f"{where}: a {role} message cannot hold a {json.dumps(kind)[:40]} block; this server takes "
+                          "text, document (text source), tool_use (assistant), tool_result (user), thinking and "
+                          "redacted_thinking", where)
+    rest = {"role": role, "content": BLOCK_SEPARATOR.join(texts)}
+    if thoughts:   # replayed reasoning: templates that render it get it, as from chat's reasoning_content
+        rest["reasoning_content"] = "\n\n".join(thoughts)
+    if calls:
+        rest["tool_calls"] = calls
+    return results + ([rest] if texts or calls or not results else [])
+
+
+def document_text(block: dict) -> str | None:
+    """A document block's text when its source is plain text ("text") or text blocks ("content"), else None."""
+    source = block.get("source") if isinstance(block.get("source"), dict) else {}
+    if source.get("type") == "text" and isinstance(source.get("data"), str):
+        text = source["data"]
+    elif source.get("type") == "content" and isinstance(source.get("content"), (str, list)):
+        try:
+            text = parse_content(source["content"], "source.content", separator=BLOCK_SEPARATOR)
+        except APIError:
+            return None
+    else:
+        return None
+    title = block.get("title")
+    return f"{title}\n{text}" if isinstance(title, str) and title else text
+
+
+def anthropic_tool_use(block: dict, param: str) -> dict:
+    """An assistant's tool_use block as an OpenAI tool call, arguments as an object (for the chat template)."""
+    if not isinstance(block.get("name"), str) or not isinstance(block.get("id"), str):
+        raise invalid(f"{param} must be {{\"type\": \"tool_use\", \"id\": ..., \"name\": ..., \"input\": {{...}}}}", param)
+    return {"id": block["id"], "type": "function",
+            "function": {"name": block["name"], "arguments": tool_arguments(block.get("input") or {})}}
+
+
+def anthropic_tool_result(block: dict, param: str, seen_calls: set, catalog: dict[str, dict]) -> dict:
+    """A user's tool_result block as a "tool" message; a failed call's result says it is an error.
+
+    It must answer a tool_use sent earlier, as Anthropic requires. Its
+    tool_reference blocks (Claude Code's ToolSearch loading a deferred tool)
+    become the referenced tool's definition, as text where the result stands.
+    """
+    if not isinstance(block.get("tool_use_id"), str):
+        raise invalid(f"{param}.tool_use_id must be a string", param)
+    if block["tool_use_id"] not in seen_calls:
+        raise invalid(f"{param}.tool_use_id {block['tool_use_id'][:80]!r} answers no tool_use block of an earlier "
+                      "assistant message", f"{param}.tool_use_id")
+    content = block.get("content")
+    if isinstance(content, list):
+        content = [tool_result_part(part, catalog, f"{param}.content[{i}]") for i, part in enumerate(content)]
+    text = "" if content is None else parse_content(content, f"{param}.content", separator=BLOCK_SEPARATOR)
+    return {"role": "tool", "tool_call_id": block["tool_use_id"],
+            "content": f"Error: {text}" if block.get("is_error") else text}
+
+
+def tool_result_part(part: Any, catalog: dict[str, dict], param: str) -> Any:
+    """A tool_result's block as a text block where it holds text: a tool_reference becomes the definition
+    of the tool it names, a document its text; other blocks are left for parse_content to judge."""
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "document" and document_text(part) is not None:
+        return {"type": "text", "text": document_text(part)}
+    if kind != "tool_reference":
+        return part
+    tool = catalog.get(part.get("tool_name"))
+    if tool is None:
+        raise invalid(f"{param} references tool {json.dumps(part.get('tool_name'))[:80]}, which 'tools' does not "
+                      "declare", param)
+    return {"type": "text", "text": "Tool loaded: " + json.dumps(tool["function"], ensure_ascii=False)}
+
+
+def anthropic_tool_choice(choice: dict | None) -> str | dict | None:
+    """Anthropic's tool_choice in chat's terms: auto, any (= required), tool (one named function), none."""
+    kind = None if choice is None else choice.get("type")
+    if kind in (None, "auto", "none"):
+        return kind
+    if kind == "any":
+        return "required"
+    if kind == "tool" and isinstance(choice.get("name"), str):
+        return {"type": "function", "function": {"name": choice["name"]}}
+    raise invalid("'tool_choice' must be {\"type\": \"auto\"}, {\"type\": \"any\"}, {\"type\": \"tool\", \"name\": ...} "
+                  "or {\"type\": \"none\"}", "tool_choice")
+
+
+def dialect_tools(tools: list, schema_field: str, served: Callable[[dict], bool], deferred: bool = False) -> list[dict]:
+    """A dialect's tool list as OpenAI function tools.
+
+    Tools that `served` turns down (hosted web search, shells: things a
+    local model cannot run) are skipped, not refused: agents send them on
+    every request. Each kept tool has a name and, under `schema_field`, a
+    JSON Schema for its arguments. Tools marked defer_loading are left out
+    unless `deferred` (they reach the model through a tool_reference).
+    """
+    out = []
+    for i, tool in enumerate(tools):
+        param = f"tools[{i}]"
+        if not isinstance(tool, dict):
+            raise invalid(f"'{param}' must be an object", param)
+        if not served(tool) or (tool.get("defer_loading") is True and not deferred):
+            continue
+        if not isinstance(tool.get("name"), str) or not tool["name"]:
+            raise invalid(f"'{param}.name' must be a non-empty string", f"{param}.name")
+        schema = tool.get(schema_field)
+        if schema is not None and not isinstance(schema, dict):
+            raise invalid(f"'{param}.{schema_field}' must be a JSON Schema object", f"{param}.{schema_field}")
+        function = {"name": tool["name"], "parameters": schema or {"type": "object", "properties": {}}}
+        if isinstance(tool.get("description"), str):
+            function["description"] = tool["description"]
+        if tool.get("strict") is True:  # both dialects mark a tool strict as chat does (ToolCallRule)
+            function["strict"] = True
+        out.append({"type": "function", "function": function})
+    return out
 
 
 def anthropic_usage(job: Job) -> dict:
@@ -7129,6 +6922,226 @@ class MessagesWriter(Writer):
         if self.job.stop_string is not None:
             return "stop_sequence", self.job.stop_string
         return ("tool_use" if called else "end_turn"), None
+
+
+# ---------------------------------------------------------------------------
+# Dialects: OpenAI Responses (/v1/responses)
+# ---------------------------------------------------------------------------
+
+RESPONSES_CHECKS = common_checks("model", "stream", "temperature", "top_p") + (
+    Check("input", (str, list), "a string or a non-empty list of input items",
+          lambda v: isinstance(v, str) or len(v) > 0),
+    Check("instructions", (str,), "a string"),
+    Check("max_output_tokens", (int,), "an integer >= 1", lambda v: v >= 1),
+    Check("tools", (list,), 'a list of tools such as {"type": "function", "name": ..., "parameters": {...}}'),
+    Check("tool_choice", (str, dict), '"none", "auto", "required" or {"type": "function", "name": ...}'),
+    Check("parallel_tool_calls", (bool,), "a boolean"),
+    Check("text", (dict,), 'an object such as {"format": {"type": "text"}}'),
+    Check("metadata", (dict,), "an object of up to 16 string values",
+          lambda v: len(v) <= 16 and all(isinstance(x, str) for x in v.values())),
+    Check("store", (bool,), "a boolean"),
+    Check("previous_response_id", (str,), "the id of a response made with store: true"),
+    Check("reasoning", (dict,), 'an object such as {"effort": "low"}'),
+)
+# Fields that need state this server does not keep: refused by name.
+STATEFUL_FIELDS = {"conversation": None, "background": False}
+RESPONSES_ROLES = ("user", "assistant", "system", "developer")
+RESPONSES_TEXT_PARTS = ("input_text", "output_text", "text")
+# Tools the API runs itself: a local model cannot, so they are left out of the prompt (and named once in the log).
+HOSTED_TOOLS = ("web_search", "web_search_preview", "web_search_2025_08_26", "web_search_preview_2025_03_11",
+                "file_search", "computer_use_preview", "computer", "code_interpreter", "image_generation", "mcp",
+                "local_shell", "shell", "apply_patch", "tool_search")
+CUSTOM_TOOL_PARAMETERS = {"type": "object", "properties": {RAW_ARGUMENTS_KEY: {"type": "string"}},
+                          "required": [RAW_ARGUMENTS_KEY]}  # a freeform tool, rendered as a function of one string
+NAMESPACE_SEPARATOR = "__"   # a namespace's tool is rendered as NAMESPACE__NAME
+_hosted_logged: set = set()  # hosted tool types already named in the log
+
+
+def parse_responses_request(body: dict, settings: Settings, previous: list[dict] | None = None) -> GenerationRequest:
+    """Validate an OpenAI /v1/responses body. `previous` is the conversation of previous_response_id
+    (the handler looks it up in the store), else the whole conversation is in `input`."""
+    run_checks(body, RESPONSES_CHECKS)
+    for field, harmless in STATEFUL_FIELDS.items():
+        if body.get(field) not in (None, harmless):
+            raise invalid(f"'{field}' is not supported: this server keeps no conversations or background jobs; "
+                          "send the conversation in 'input' or chain responses with previous_response_id", field,
+                          "unsupported_parameter")
+    if body.get("input") is None:
+        raise invalid("'input' is required", "input")
+    tools, kinds = responses_tools(body.get("tools") or [])
+    messages = [{"role": "system", "content": body["instructions"]}] if body.get("instructions") else []
+    messages += (previous or []) + responses_input(body["input"], kinds)
+    fields = {"tools": tools, "tool_choice": responses_tool_choice(body.get("tool_choice"), kinds),
+              "response_format": responses_format((body.get("text") or {}).get("format")),
+              "parallel_tool_calls": body.get("parallel_tool_calls")}
+    effort = (body.get("reasoning") or {}).get("effort")
+    args = {"reasoning_effort": effort} if isinstance(effort, str) else {}
+    last = messages[-1] if messages else {}
+    if effort == "none":  # asked not to reason: templates that can switch thinking off do
+        args["chat_template_kwargs"] = {"enable_thinking": False}
+    return GenerationRequest(
+        endpoint="responses", messages=tuple(messages), stream=bool(body.get("stream")),
+        prefill=last.get("role") == "assistant" and not last.get("tool_calls"),
+        max_tokens=min(body.get("max_output_tokens") or settings.max_tokens, settings.max_tokens),
+        template_args=template_args(args, settings), split_reasoning=settings.reasoning_format != "none",
+        show_reasoning=effort != "none", echo=responses_echo(body), tool_kinds=kinds,
+        **output_fields("responses", fields, "text.format"),
+        **sampling_fields({field: body.get(field) for field in ("temperature", "top_p")}, settings.sampling))
+
+
+def responses_echo(body: dict) -> dict:
+    """What the response object repeats of the request, as OpenAI's does."""
+    text = body.get("text") if isinstance(body.get("text"), dict) else {}
+    return {"instructions": body.get("instructions"), "metadata": body.get("metadata") or {},
+            "text": {"format": text.get("format") or {"type": "text"}, "verbosity": text.get("verbosity") or "medium"},
+            "tool_choice": body.get("tool_choice") or "auto", "parallel_tool_calls": body.get("parallel_tool_calls",
+                                                                                             True) is not False,
+            "store": body.get("store") is not False, "previous_response_id": body.get("previous_response_id"),
+            "tools": [t for t in body.get("tools") or [] if isinstance(t, dict)],
+            "reasoning": body.get("reasoning")}
+
+
+def responses_tools(tools: list) -> tuple[list[dict], dict]:
+    """The Responses tools as function tools, and each rendered name's kind and namespace.
+
+    function tools are kept; custom (freeform) tools become functions of one
+    string; a namespace's tools are flattened to NAMESPACE__NAME; hosted
+    tools (web search, file search, computer use...) are left out and named
+    once in the log.
+    """
+    out, kinds = [], {}
+    for i, tool in enumerate(tools):
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        group = tool.get("tools") if kind == "namespace" else [tool]
+        if kind == "namespace" and not (isinstance(group, list) and isinstance(tool.get("name"), str)):
+            raise invalid(f"'tools[{i}]' must be {{\"type\": \"namespace\", \"name\": ..., \"tools\": [...]}}",
+                          f"tools[{i}]")
+        for j, member in enumerate(group):
+            param = f"tools[{i}]" + (f".tools[{j}]" if kind == "namespace" else "")
+            member_kind = member.get("type") if isinstance(member, dict) else None
+            if member_kind not in ("function", "custom"):
+                if member_kind in HOSTED_TOOLS and member_kind not in _hosted_logged:
+                    _hosted_logged.add(member_kind)
+                    log.info("tools of type %r are run by OpenAI's servers, not this one: left out of the prompt",
+                             member_kind)
+                elif not isinstance(member, dict):
+                    raise invalid(f"'{param}' must be an object", param)
+                continue
+            schema = CUSTOM_TOOL_PARAMETERS if member_kind == "custom" else member.get("parameters")
+            # No tool_search here to load a deferred tool later: every tool is rendered from the start.
+            (function,) = dialect_tools([{**member, "parameters": schema}], "parameters", lambda t: True, deferred=True)
+            name = function["function"]["name"]
+            rendered = f"{tool['name']}{NAMESPACE_SEPARATOR}{name}" if kind == "namespace" else name
+            function["function"]["name"] = rendered
+            kinds[rendered] = {"kind": member_kind, "name": name, "namespace": tool["name"] if kind == "namespace"
+                               else None}
+            out.append(function)
+    return out, kinds
+
+
+def responses_input(items: str | list, kinds: dict | None = None) -> list[dict]:
+    """Input items as chat messages: messages, function and custom tool calls (joined to their assistant
+    turn), their outputs. Reasoning items sent back become the next assistant turn's reasoning_content; other kinds are refused."""
+    if isinstance(items, str):
+        return [{"role": "user", "content": items}]
+    messages: list[dict] = []
+    thoughts: list[str] = []   # reasoning items not yet given to an assistant turn
+    for i, item in enumerate(items):
+        param = f"input[{i}]"
+        kind = item.get("type", "message") if isinstance(item, dict) else None
+        if kind == "message":
+            messages.append(responses_message(item, param))
+        elif kind in ("function_call", "custom_tool_call"):
+            call = responses_call(item, param, kind)
+            if messages and messages[-1]["role"] == "assistant":
+                messages[-1]["tool_calls"] = messages[-1].get("tool_calls", []) + [call]
+            else:
+                messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
+        elif kind == "reasoning":
+            thoughts.append(reasoning_item_text(item))
+        elif kind in ("function_call_output", "custom_tool_call_output"):
+            messages.append(responses_call_output(item, param))
+        else:
+            raise invalid(f"{param} is a {json.dumps(kind)[:40]} item; this server takes message, function_call, "
+                          "custom_tool_call, their outputs, and reasoning items", param)
+        if thoughts and kind != "reasoning" and messages[-1]["role"] == "assistant":
+            messages[-1].setdefault("reasoning_content", "\n\n".join(thoughts))
+            thoughts = []
+    return messages
+
+
+def reasoning_item_text(item: dict) -> str:
+    """A reasoning item's text: its reasoning_text parts, else its summary (encrypted content is not ours to read)."""
+    def texts(parts: Any, kind: str) -> list[str]:
+        return [p["text"] for p in parts or () if isinstance(p, dict) and p.get("type") == kind
+                and isinstance(p.get("text"), str)]
+    return "\n\n".join(texts(item.get("content"), "reasoning_text") or texts(item.get("summary"), "summary_text"))
+
+
+def responses_call(item: dict, param: str, kind: str) -> dict:
+    """A replayed function_call or custom_tool_call item as a chat tool call, named as the tools render it."""
+    name = item.get("name")
+    if isinstance(name, str) and isinstance(item.get("namespace"), str):
+        name = f"{item['namespace']}{NAMESPACE_SEPARATOR}{name}"
+    arguments = item.get("arguments")
+    if kind == "custom_tool_call":
+        arguments = {RAW_ARGUMENTS_KEY: item.get("input") if isinstance(item.get("input"), str) else ""}
+    return parse_tool_calls([{"id": item.get("call_id"), "type": "function", "function": {
+        "name": name, "arguments": arguments}}], param)[0]
+
+
+def responses_message(item: dict, param: str) -> dict:
+    """A message item; a developer message is a system message, as in chat."""
+    role = item.get("role")
+    if role not in RESPONSES_ROLES:
+        raise invalid(f"{param}.role must be one of {', '.join(RESPONSES_ROLES)}, got {json.dumps(role)[:40]}",
+                      f"{param}.role")
+    content = parse_content(item.get("content"), f"{param}.content", text_types=RESPONSES_TEXT_PARTS,
+                            separator=BLOCK_SEPARATOR)
+    return {"role": chat_role(role), "content": content}
+
+
+def responses_call_output(item: dict, param: str) -> dict:
+    """A function_call_output (or custom_tool_call_output) item as a "tool" message answering its call_id."""
+    if not isinstance(item.get("call_id"), str):
+        raise invalid(f"{param}.call_id must be a string", f"{param}.call_id")
+    output = item.get("output")
+    text = parse_content("" if output is None else output, f"{param}.output", text_types=RESPONSES_TEXT_PARTS,
+                         separator=BLOCK_SEPARATOR)
+    return {"role": "tool", "tool_call_id": item["call_id"], "content": text}
+
+
+def responses_tool_choice(choice: str | dict | None, kinds: dict) -> str | dict | None:
+    """The Responses tool_choice in chat's terms ({"type": "function" or "custom", "name"} names one tool).
+
+    Forcing a hosted tool, which this server cannot run, is a 400 naming it.
+    """
+    if choice is None or choice in ("none", "auto", "required"):
+        return choice
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    if kind in HOSTED_TOOLS:
+        raise invalid(f"'tool_choice' forces the hosted tool {kind!r}, which OpenAI's servers run and this server "
+                      "cannot; offer it without forcing it", "tool_choice")
+    if kind in ("function", "custom") and isinstance(choice.get("name"), str):
+        name = choice["name"]
+        if isinstance(choice.get("namespace"), str):
+            name = f"{choice['namespace']}{NAMESPACE_SEPARATOR}{name}"
+        return {"type": "function", "function": {"name": name}}
+    raise invalid("'tool_choice' must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", \"name\": ...}",
+                  "tool_choice")
+
+
+def responses_format(value: Any) -> dict | None:
+    """text.format in chat's response_format shape: text, json_object or json_schema (name and schema inline)."""
+    if value is None:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind in ("text", "json_object"):
+        return {"type": kind}
+    if kind == "json_schema" and isinstance(value.get("schema"), dict):
+        return {"type": "json_schema", "json_schema": {"name": value.get("name"), "schema": value["schema"]}}
+    raise invalid("'text.format' must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
+                  "{\"type\": \"json_schema\", \"name\": ..., \"schema\": {...}}", "text.format")
 
 
 def responses_usage(job: Job) -> dict:
@@ -7334,6 +7347,48 @@ def responses_conversation(request: GenerationRequest, response: dict) -> list[d
     return messages + responses_input(response["output"], request.tool_kinds)
 
 
+class ResponseStore:
+    """The /v1/responses made with store: true, newest kept, bounded by count and by bytes of JSON.
+
+    Each entry is the response object (for GET /v1/responses/ID) and the
+    conversation it ended (for previous_response_id). What no longer fits
+    is evicted oldest first; a response too big for the whole budget is not kept.
+    """
+
+    def __init__(self, max_count: int, max_bytes: int):
+        self.max_count, self.max_bytes = max_count, max_bytes
+        self.entries: dict[str, tuple[dict, int]] = {}   # id -> (entry, size), oldest first
+        self.bytes = 0
+        self.lock = threading.Lock()
+
+    def put(self, response: dict, conversation: list[dict]) -> None:
+        """Keep a response and its conversation (store: true) within the count and byte bounds, oldest out first."""
+        entry = {"response": response, "conversation": conversation}
+        size = len(json.dumps(entry, ensure_ascii=False).encode())
+        if self.max_count == 0 or size > self.max_bytes:
+            return
+        with self.lock:
+            self.entries[response["id"]] = (entry, size)
+            self.bytes += size
+            while len(self.entries) > self.max_count or self.bytes > self.max_bytes:
+                self.bytes -= self.entries.pop(next(iter(self.entries)))[1]   # the oldest
+
+    def get(self, response_id: str, param: str | None = None) -> dict:
+        """The entry kept for `response_id`; a 404 in OpenAI's envelope when it is unknown or was evicted."""
+        with self.lock:
+            kept = self.entries.get(response_id)
+        if kept is None:
+            raise APIError(HTTPStatus.NOT_FOUND, "invalid_request_error",
+                           f"no response with id {response_id[:100]!r} is kept here: it was made with store: false, "
+                           "evicted (--response-store-count, --response-store-bytes) or never existed", param,
+                           "response_not_found")
+        return kept[0]
+
+
+# ---------------------------------------------------------------------------
+# Dialects: models, embeddings, and each endpoint's writer
+# ---------------------------------------------------------------------------
+
 def model_capabilities(model: Any) -> tuple[bool, bool]:
     """(whether the model thinks, whether it calls tools), as its chat template and tokenizer tell."""
     tokenizer = model.tokenizer
@@ -7361,10 +7416,6 @@ def anthropic_model_info(settings: Settings, context: int, reasons: bool, tools:
             "capabilities": capabilities}
 
 
-WRITERS: dict[str, type[Writer]] = {"chat": ChatWriter, "completions": ChatWriter,
-                                    "messages": MessagesWriter, "responses": ResponsesWriter}
-
-
 def embeddings_reply(vectors: list[list[float]], request: EmbeddingRequest, model_name: str, tokens: int) -> dict:
     """OpenAI's embeddings list: one entry per input, indexed in input order."""
     return {"object": "list", "model": model_name,
@@ -7381,6 +7432,20 @@ def encode_embedding(vector: list[float], encoding_format: str) -> list[float] |
     if sys.byteorder == "big":
         packed.byteswap()
     return base64.b64encode(packed.tobytes()).decode("ascii")
+
+
+WRITERS: dict[str, type[Writer]] = {"chat": ChatWriter, "completions": ChatWriter,
+                                    "messages": MessagesWriter, "responses": ResponsesWriter}
+
+
+def writer_for(job: Job, model_name: str, tokenizer: Any) -> Writer:
+    """The Writer for a job's API; for n > 1 choices (chat, completions), a ChoicesWriter."""
+    request = job.request
+    if request.n == 1:
+        return WRITERS[request.endpoint](job, model_name, tool_scanner(request, tokenizer))
+    first = ChatWriter(job, model_name, tool_scanner(request, tokenizer), ends=False)
+    return ChoicesWriter([first] + [ChatWriter(job, model_name, tool_scanner(request, tokenizer), index=i,
+                                               head=first.head, ends=False) for i in range(1, request.n)])
 
 
 # ---------------------------------------------------------------------------
@@ -7543,7 +7608,7 @@ class Metrics:
 
 
 # ---------------------------------------------------------------------------
-# The HTTP handler
+# Handler: the HTTP handler
 # ---------------------------------------------------------------------------
 
 def client_gone(sock: socket.socket) -> bool:
@@ -8272,7 +8337,7 @@ PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inl
 
 
 # ---------------------------------------------------------------------------
-# The server class and main()
+# Server and main()
 # ---------------------------------------------------------------------------
 
 class LemServer(http.server.ThreadingHTTPServer):
@@ -8511,44 +8576,6 @@ class LemServer(http.server.ThreadingHTTPServer):
         with self.idle:
             # A request holding a slot is in flight too, so this also waits for every slot.
             return self.idle.wait_for(lambda: self.in_flight == 0, timeout=grace)
-
-
-class ResponseStore:
-    """The /v1/responses made with store: true, newest kept, bounded by count and by bytes of JSON.
-
-    Each entry is the response object (for GET /v1/responses/ID) and the
-    conversation it ended (for previous_response_id). What no longer fits
-    is evicted oldest first; a response too big for the whole budget is not kept.
-    """
-
-    def __init__(self, max_count: int, max_bytes: int):
-        self.max_count, self.max_bytes = max_count, max_bytes
-        self.entries: dict[str, tuple[dict, int]] = {}   # id -> (entry, size), oldest first
-        self.bytes = 0
-        self.lock = threading.Lock()
-
-    def put(self, response: dict, conversation: list[dict]) -> None:
-        """Keep a response and its conversation (store: true) within the count and byte bounds, oldest out first."""
-        entry = {"response": response, "conversation": conversation}
-        size = len(json.dumps(entry, ensure_ascii=False).encode())
-        if self.max_count == 0 or size > self.max_bytes:
-            return
-        with self.lock:
-            self.entries[response["id"]] = (entry, size)
-            self.bytes += size
-            while len(self.entries) > self.max_count or self.bytes > self.max_bytes:
-                self.bytes -= self.entries.pop(next(iter(self.entries)))[1]   # the oldest
-
-    def get(self, response_id: str, param: str | None = None) -> dict:
-        """The entry kept for `response_id`; a 404 in OpenAI's envelope when it is unknown or was evicted."""
-        with self.lock:
-            kept = self.entries.get(response_id)
-        if kept is None:
-            raise APIError(HTTPStatus.NOT_FOUND, "invalid_request_error",
-                           f"no response with id {response_id[:100]!r} is kept here: it was made with store: false, "
-                           "evicted (--response-store-count, --response-store-bytes) or never existed", param,
-                           "response_not_found")
-        return kept[0]
 
 
 class AdmissionQueue:

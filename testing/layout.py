@@ -113,6 +113,7 @@ SPEC: list[tuple[str, list[str]]] = [
         "openai_penalties", "token_logprobs", "token_bytes", "TextStream",
         "partial_marker_length", "StopScanner", "ReasoningSplitter", "reasoning_splitter",
         "think_opened", "HARMONY_ENDS", "HARMONY_HEADS", "HarmonyChannels", "harmony_channels", "kmp_fallbacks",
+        "new_id", "openai_tool_call", "HeldTextScanner", "ToolCallScanner", "HarmonyScanner", "tool_scanner",
     ]),
     # The group sits below the engine that drives it (Batch and Engine call it), so
     # a single-process reader skips one fenced section and everything calls upward.
@@ -126,9 +127,9 @@ SPEC: list[tuple[str, list[str]]] = [
         "CacheParts", "CacheSlice", "SoloSequence", "SoloBatch", "KVLedger", "Batch",
         "Engine",
     ]),
-    ("Dialects: what they share (block separator, usage, logprobs, tool-call scanners, SSE)", [
-        "BLOCK_SEPARATOR", "usage_of", "TextOffsets", "logprobs_object", "HeldTextScanner", "ToolCallScanner", "HarmonyScanner", "openai_tool_call", "tool_scanner",
-        "sse_event", "SSE_KEEPALIVE", "SSE_DONE", "new_id", "Writer",
+    ("Dialects: what they share (block separator, usage, logprobs, SSE)", [
+        "BLOCK_SEPARATOR", "usage_of", "TextOffsets", "logprobs_object",
+        "sse_event", "SSE_KEEPALIVE", "SSE_DONE", "Writer",
     ]),
     ("Dialects: OpenAI chat/completions (/v1/chat/completions, /v1/completions)", [
         "CHAT_ROLES", "CHAT_CHECKS", "COMPLETION_CHECKS", "parse_generation_request", "chat_prefill",
