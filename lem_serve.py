@@ -1294,9 +1294,7 @@ class ValueStart(Piece):
 
     def finish(self, frame: tuple) -> str:
         _, node, _, ex = frame
-        if ex is None:
-            return node.min_text
-        return first_text(node, ex[0])
+        return node.min_text if ex is None else first_text(node, ex[0])
 
 
 VALUE = ValueStart()
@@ -1340,10 +1338,9 @@ class Object(Container):
     extra keys written.
     """
 
-    def __init__(self, props: tuple, extras: Piece | None = None, min_props: int = 0, max_props: int | None = None,
-                 key: Piece | None = None, banned: tuple = (), patterns: tuple = (), values: dict | None = None):
-        self.props = props
-        self.values = values if values is not None else {(): extras} if extras is not None else {}
+    def __init__(self, props: tuple, values: dict, min_props: int = 0, max_props: int | None = None,
+                 key: Piece | None = None, banned: tuple = (), patterns: tuple = ()):
+        self.props, self.values = props, values
         self.key = (key or ANY_STRING) if self.values else None
         self.patterns, self.slots = patterns, list(self.values)
         self.keys = {json.dumps(name, ensure_ascii=False): i for i, (name, _, _) in enumerate(props)}
@@ -1649,11 +1646,11 @@ def any_value(depth: int) -> Piece:
     if depth == 0:
         return Union(scalars)
     inner = any_value(depth - 1)
-    return Union(scalars + [Object((), extras=inner), Array((), inner)])
+    return Union(scalars + [Object((), {(): inner}), Array((), inner)])
 
 
 ANY_VALUE = any_value(JSON_MAX_NESTING)
-ANY_OBJECT = Object((), extras=any_value(JSON_MAX_NESTING - 1))
+ANY_OBJECT = Object((), {(): any_value(JSON_MAX_NESTING - 1)})
 
 
 class SchemaCompiler:
@@ -1914,13 +1911,11 @@ class SchemaCompiler:
         closed = other.get("additionalProperties", True) is False and "patternProperties" not in other
         shut = part.get("additionalProperties", None if props else True) in (None, False) and \
             not part.get("patternProperties")   # this server writes no key beyond part's properties
-        for name in _names(part):  # written: other must refuse it or its value
-            if self.flat(theirs.get(name)) is False or closed and name not in theirs or \
-                    name in theirs and name in props and self.disjoint(props[name], theirs[name], hops + 1):
-                return True
-        for name in _names(other):  # other needs it: never written, or written with a value other refuses
-            if self.flat(props.get(name)) is False or name not in props and shut or \
-                    name in props and name in theirs and self.disjoint(props[name], theirs[name], hops + 1):
+        # Apart when part writes a name other refuses, other needs one part never writes, or values differ.
+        for name in dict.fromkeys(_names(part) + _names(other)):
+            if name in _names(part) and (self.flat(theirs.get(name)) is False or closed and name not in theirs) \
+                    or name in _names(other) and (self.flat(props.get(name)) is False or name not in props and shut) \
+                    or name in theirs and name in props and self.disjoint(props[name], theirs[name], hops + 1):
                 return True
         return False
 
@@ -2107,9 +2102,8 @@ class SchemaCompiler:
         values = self.pattern_values(patterns, regexes, extra, refs, depth)
         key = self.extra_key(names or ANY_STRING, list(patterns), regexes, extra)
         try:
-            return Object(tuple(props), None, self.count(schema, "minProperties") or 0,
-                          self.count(schema, "maxProperties"), key, tuple(banned), tuple(regexes),
-                          values if key is not None else {})
+            return Object(tuple(props), values if key is not None else {}, self.count(schema, "minProperties") or 0,
+                          self.count(schema, "maxProperties"), key, tuple(banned), tuple(regexes))
         except ValueError as exc:
             raise self.fail(str(exc)) from None
 
