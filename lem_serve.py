@@ -2272,36 +2272,6 @@ class Constraint:
 JSON_OBJECT = Constraint(ANY_OBJECT, "json_object")   # response_format json_object, and a lazy call's arguments
 
 
-@dataclass(frozen=True)
-class ToolCallRule:
-    """Tool calls whose arguments the engine holds to a schema, written in the model's own call syntax.
-
-    forced (tool_choice "required" or a named function): the reply is one call, among `calls`. Lazy (a
-    tool with "strict": true under "auto"): text stays free until the model opens a call; from its start
-    marker on, the call names one of `calls` and its arguments follow that tool's constraint (a strict
-    tool's schema; any JSON object for the others).
-    """
-
-    calls: tuple[tuple[str, Constraint], ...]   # (tool name, its arguments' constraint)
-    forced: bool
-
-
-def tool_call_rule(tools: tuple[dict, ...], forced: list[str], choice: str) -> ToolCallRule | None:
-    """The rule for a request's tools: forced among `forced`, lazy when some tool is strict, else None."""
-    if forced:
-        return ToolCallRule(tuple((name, arguments_constraint(t)) for name in forced for t in tools
-                                  if t["function"]["name"] == name), forced=True)
-    if choice != "auto" or not any(t["function"].get("strict") is True for t in tools):
-        return None
-    return ToolCallRule(tuple((t["function"]["name"], arguments_constraint(t) if t["function"].get("strict") is True
-                               else JSON_OBJECT) for t in tools), forced=False)
-
-
-def arguments_constraint(tool: dict) -> Constraint:
-    """A function tool's arguments as a constraint: its parameters schema (a 400 naming 'tools' if unenforceable)."""
-    return schema_constraint(tool["function"].get("parameters") or {"type": "object"}, "tools")
-
-
 def schema_constraint(schema: Any, param: str) -> Constraint:
     """A JSON Schema as a constraint (compile_schema: a 400 naming `param` if it cannot be enforced)."""
     return Constraint(compile_schema(schema, schema, param), json.dumps(schema, sort_keys=True))
@@ -2552,6 +2522,36 @@ class JsonConstraint:
 # ---------------------------------------------------------------------------
 # Request: every body parsed once into the one request type
 # ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ToolCallRule:
+    """Tool calls whose arguments the engine holds to a schema, written in the model's own call syntax.
+
+    forced (tool_choice "required" or a named function): the reply is one call, among `calls`. Lazy (a
+    tool with "strict": true under "auto"): text stays free until the model opens a call; from its start
+    marker on, the call names one of `calls` and its arguments follow that tool's constraint (a strict
+    tool's schema; any JSON object for the others).
+    """
+
+    calls: tuple[tuple[str, Constraint], ...]   # (tool name, its arguments' constraint)
+    forced: bool
+
+
+def tool_call_rule(tools: tuple[dict, ...], forced: list[str], choice: str) -> ToolCallRule | None:
+    """The rule for a request's tools: forced among `forced`, lazy when some tool is strict, else None."""
+    if forced:
+        return ToolCallRule(tuple((name, arguments_constraint(t)) for name in forced for t in tools
+                                  if t["function"]["name"] == name), forced=True)
+    if choice != "auto" or not any(t["function"].get("strict") is True for t in tools):
+        return None
+    return ToolCallRule(tuple((t["function"]["name"], arguments_constraint(t) if t["function"].get("strict") is True
+                               else JSON_OBJECT) for t in tools), forced=False)
+
+
+def arguments_constraint(tool: dict) -> Constraint:
+    """A function tool's arguments as a constraint: its parameters schema (a 400 naming 'tools' if unenforceable)."""
+    return schema_constraint(tool["function"].get("parameters") or {"type": "object"}, "tools")
+
 
 @dataclass(frozen=True)
 class Check:
