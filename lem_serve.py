@@ -1003,6 +1003,23 @@ def number_bound(x: Fraction, strict: bool, least: bool) -> str | None:
     return f"-{_magnitude(-x, strict, True)}" if x < 0 or x == 0 and strict else f"(-{free}|{_magnitude(x, strict, False)})"
 
 
+def number_regex(integer: bool, low: Fraction | None = None, high: Fraction | None = None, low_open: bool = False,
+                 high_open: bool = False, step: int = 1, scale: int = 0, excluded: tuple = ()) -> Regex:
+    """A JSON number's text as a Regex: integer or decimal, within bounds, a multiple of step * 10**-scale,
+    none of the `excluded` patterns. Bounded numbers are written without exponent."""
+    digits = JSON_MAX_DIGITS - 1
+    syntax = rf"0|-?[1-9]\d{{0,{digits}}}" if integer else rf"-?(0|[1-9]\d{{0,{digits}}})(\.\d{{1,{digits + 1}}})?"
+    bounds = [number_bound(x, is_open, least) for x, is_open, least in ((low, low_open, True), (high, high_open, False))
+              if x is not None]
+    parts = [(bound or "[^\\s\\S]", False) for bound in bounds] + [(pattern, False, True) for pattern in excluded]
+    if step > 1 or scale:
+        minus = ("rep", ("chars", charset([(45, 45)])), 0, 1)
+        parts.append((("alt", (("seq", (minus, ("mod", step, scale))),)), False))
+    if not parts and not integer:
+        syntax += r"([eE][+-]?\d{1,2})?"
+    return regex_for(syntax, False, tuple(parts))
+
+
 class Cache(dict):
     """A dict of at most `limit` entries, the oldest dropped first: every cache of this section.
 
@@ -1242,21 +1259,9 @@ class Leaf(Piece):
         return (self, dfa, min(count, self.min_len), min(room, reach + len(self.regex.edges)), escape, ex, text)
 
 
-def number_leaf(integer: bool, low: Fraction | None = None, high: Fraction | None = None, low_open: bool = False,
-                high_open: bool = False, step: int = 1, scale: int = 0, excluded: tuple = ()) -> Leaf:
-    """A JSON number as a regex leaf: integer or decimal, within bounds, a multiple of step * 10**-scale,
-    none of the `excluded` patterns. Bounded numbers are written without exponent."""
-    digits = JSON_MAX_DIGITS - 1
-    syntax = rf"0|-?[1-9]\d{{0,{digits}}}" if integer else rf"-?(0|[1-9]\d{{0,{digits}}})(\.\d{{1,{digits + 1}}})?"
-    bounds = [number_bound(x, is_open, least) for x, is_open, least in ((low, low_open, True), (high, high_open, False))
-              if x is not None]
-    parts = [(bound or "[^\\s\\S]", False) for bound in bounds] + [(pattern, False, True) for pattern in excluded]
-    if step > 1 or scale:
-        minus = ("rep", ("chars", charset([(45, 45)])), 0, 1)
-        parts.append((("alt", (("seq", (minus, ("mod", step, scale))),)), False))
-    if not parts and not integer:
-        syntax += r"([eE][+-]?\d{1,2})?"
-    return Leaf(regex_for(syntax, False, tuple(parts)), quoted=False, by_text=integer)
+def number_leaf(integer: bool, *bounds: Any, **options: Any) -> Leaf:
+    """A JSON number as a Leaf over its raw text (see number_regex); integers have one spelling each."""
+    return Leaf(number_regex(integer, *bounds, **options), quoted=False, by_text=integer)
 
 
 class Union(Piece):

@@ -68,7 +68,7 @@ SPEC: list[tuple[str, list[str]]] = [
         "JSON_WHITESPACE", "JSON_ESCAPES", "HEX_DIGITS", "REFEED", "CHAR_PREDICATES",
         "in_charset", "charset", "negate", "ANY_CHAR", "SHORTHANDS", "REGEX_ESCAPES", "DOT",
         "QUANTIFIER", "RegexParser", "ANYTHING", "lookaheads", "Regex", "shared_regex", "regex_for",
-        "ANY_TEXT", "_digits", "int_range", "_fraction", "_magnitude", "number_bound",
+        "ANY_TEXT", "_digits", "int_range", "_fraction", "_magnitude", "number_bound", "number_regex",
         "Cache", "_track", "Piece", "Literals", "Leaf", "number_leaf",
         "Union", "first_text", "union", "ValueStart", "VALUE", "Frame", "Container", "Object", "Array",
         "json_start",
