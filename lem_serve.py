@@ -1581,19 +1581,17 @@ def _closing(stack: tuple) -> str | None:
 
 # -- JSON Schema keywords -------------------------------------------------------
 
-# The keywords enforced (with KEYWORD_TYPES'). "!enum" and "!pattern" are what `not` leaves: values and
-# patterns excluded.
 SCHEMA_KEYWORDS = {"type", "enum", "const", "!enum", "anyOf", "oneOf", "allOf", "$ref", "not", "if", "then", "else"}
 # Keywords that constrain and are not enforced: a 400 naming them. Any other keyword
 # (annotations, extensions such as x-*, misspellings) is ignored, as validators do.
-SCHEMA_REFUSED = {"unevaluatedProperties", "unevaluatedItems",
-                  "$dynamicRef", "$recursiveRef", "extends", "disallow", "divisibleBy"}
-# Keywords that say which type they constrain, for schemas without "type".
+SCHEMA_REFUSED = {"unevaluatedProperties", "unevaluatedItems", "$dynamicRef", "$recursiveRef", "extends", "disallow",
+                  "divisibleBy"}
+# The other keywords enforced, by the type they constrain (for schemas without "type"). "!enum" and
+# "!pattern" are what `not` leaves: values and patterns excluded.
 KEYWORD_TYPES = {"object": {"properties", "required", "additionalProperties", "minProperties", "maxProperties",
-                            "patternProperties", "propertyNames", "dependencies", "dependentRequired",
-                            "dependentSchemas"},
-                 "array": {"items", "prefixItems", "additionalItems", "minItems", "maxItems", "uniqueItems",
-                           "contains", "minContains", "maxContains"},
+                            "patternProperties", "propertyNames", "dependencies", "dependentRequired", "dependentSchemas"},
+                 "array": {"items", "prefixItems", "additionalItems", "minItems", "maxItems", "uniqueItems", "contains",
+                           "minContains", "maxContains"},
                  "string": {"minLength", "maxLength", "pattern", "format", "!pattern"},
                  "number": {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"}}
 SCHEMA_KEYWORDS |= set().union(*KEYWORD_TYPES.values())
@@ -1652,16 +1650,14 @@ def _kinds(value: Any) -> set:
 
 def json_type(value: Any) -> str:
     """A JSON value's type by JSON Schema's names (an integral number is an integer)."""
-    if isinstance(value, bool) or value is None:
-        return "boolean" if value is not None else "null"
-    if isinstance(value, (int, float)):
+    if _is_number(value):
         return "integer" if float(value).is_integer() else "number"
-    return {dict: "object", list: "array", str: "string"}[type(value)]
+    return {bool: "boolean", type(None): "null", dict: "object", list: "array", str: "string"}[type(value)]
 
 
-def _names(schema: Any) -> list:
+def _names(schema: dict) -> list:
     """A schema's required names ([] unless `required` is a list of strings)."""
-    names = schema.get("required") if isinstance(schema, dict) else None
+    names = schema.get("required")
     return names if isinstance(names, list) and all(isinstance(n, str) for n in names) else []
 
 
@@ -1672,34 +1668,25 @@ def _values(schema: dict) -> list | None:
 
 
 def _string_parts(schema: dict) -> list:
-    """A string schema's pattern(s), format and exclusions as Regex parts (all hold), a positive one first."""
+    """A string schema's patterns, format and exclusions as Regex parts (all hold), a positive one first."""
     parts = [(p, True) for p in _as_list(schema.get("pattern", [])) if isinstance(p, str)]
-    form = schema.get("format") if isinstance(schema.get("format"), str) else None
-    parts += [(FORMATS[form], False)] if form in FORMATS else []
+    form = schema.get("format")
+    parts += [(FORMATS[form], False)] if isinstance(form, str) and form in FORMATS else []
     parts += [(p, True, True) for p in schema.get("!pattern", [])]
     excluded = [re.escape(v) for v in schema.get("!enum", []) if isinstance(v, str)]
     parts += [("|".join(excluded), False, True)] if excluded else []
     return parts if parts and len(parts[0]) == 2 else [("", True)] + parts
 
 
-def _without(schema: dict, *words: str) -> dict:
-    return {k: v for k, v in schema.items() if k not in words}
+def _held(one: dict, other: dict) -> dict:
+    """allOf: a copy of `one` with the properties only it declares held to other's additionalProperties."""
+    extra, mine, theirs = other.get("additionalProperties", True), one.get("properties"), other.get("properties")
+    if extra is True or not isinstance(mine, dict) or other.get("patternProperties") or not isinstance(theirs or {}, dict):
+        return dict(one)
+    return {**one, "properties": {k: v if k in (theirs or {}) else {"allOf": [v, extra]} for k, v in mine.items()}}
 
 
-def _nodes(value: Any) -> Iterator:
-    """`value` and every value under it, depth first."""
-    yield value
-    for child in value.values() if isinstance(value, dict) else value if isinstance(value, list) else ():
-        yield from _nodes(child)
-
-
-def _product(one: list, other: list) -> list | None:
-    """allOf of two anyOf (or oneOf) lists: one alternative per pair; None when there are too many."""
-    pairs = [{"allOf": [a, b]} for a in one for b in other]
-    return pairs if len(pairs) <= SCHEMA_MAX_BRANCHES else None
-
-
-# allOf: how two different values of one keyword combine (False: no value fits; None or an error: they cannot).
+# allOf: how two different values of a keyword combine (False: no value fits; None or an error: they cannot).
 SCHEMA_MERGE = {
     "type": lambda a, b: [k for k in JSON_TYPES if k in _kinds(a) & _kinds(b) and not
                           (k == "integer" and "number" in _kinds(a) & _kinds(b))] or False,
@@ -1708,7 +1695,8 @@ SCHEMA_MERGE = {
     "pattern": lambda a, b: _as_list(a) + _as_list(b),   # several patterns: all must match
     "not": lambda a, b: {"anyOf": [a, b]},
     "properties": lambda a, b: {**a, **{k: {"allOf": [a[k], v]} if k in a else v for k, v in b.items()}},
-    **dict.fromkeys(("anyOf", "oneOf"), _product),
+    **dict.fromkeys(("anyOf", "oneOf"), lambda a, b: None if len(a) * len(b) > SCHEMA_MAX_BRANCHES else
+                    [{"allOf": [x, y]} for x in a for y in b]),   # one alternative per pair, a few at most
     **dict.fromkeys(("!enum", "!pattern", "allOf"), lambda a, b: a + b),
     **dict.fromkeys(("minimum", "minLength", "minItems", "minProperties", "minContains"), max),
     **dict.fromkeys(("maximum", "maxLength", "maxItems", "maxProperties", "maxContains"), min),
@@ -1717,15 +1705,6 @@ SCHEMA_MERGE = {
     **dict.fromkeys(("dependencies", "dependentRequired", "dependentSchemas", "patternProperties"),
                     lambda a, b: None if a.keys() & b.keys() else {**a, **b}),
 }
-
-
-def _held(one: dict, other: dict) -> dict:
-    """allOf: `one` with the properties only it declares held to other's additionalProperties."""
-    extra, mine, theirs = other.get("additionalProperties", True), one.get("properties"), other.get("properties")
-    if extra is True or not isinstance(mine, dict) or other.get("patternProperties") or \
-            not isinstance(theirs or {}, dict):
-        return one
-    return {**one, "properties": {k: v if k in (theirs or {}) else {"allOf": [v, extra]} for k, v in mine.items()}}
 
 
 def accepts_text(node: Piece, text: str) -> bool:
@@ -1759,10 +1738,10 @@ ANY_OBJECT = Object((), {(): any_value(JSON_MAX_NESTING - 1)})
 class SchemaCompiler:
     """Compiles one JSON Schema into pieces, or raises a 400 naming what it cannot enforce.
 
-    compile() returns None for a schema no value satisfies (false, or a $ref recursion cut at
-    SCHEMA_MAX_REFS): optional properties, array items and anyOf alternatives that need one are left out.
-    A schema is first made flat (its $ref and allOf merged in), then anyOf/oneOf, not, if/then/else and
-    dependencies become alternatives, and what is left compiles by its type.
+    A schema is made flat (its $ref and allOf merged in); anyOf/oneOf, not, if/then/else and dependencies
+    become alternatives; the rest compiles by type. compile() returns None for a schema no value satisfies
+    (false, a $ref recursion cut at SCHEMA_MAX_REFS): optional properties, items and alternatives that need
+    one are left out.
     """
 
     def __init__(self, root: dict, param: str):
@@ -1776,31 +1755,27 @@ class SchemaCompiler:
         """The piece for `schema`, None when no value satisfies it; `refs`: $ref hops left on this path."""
         if depth > SCHEMA_MAX_DEPTH:
             raise self.fail(f"the schema nests deeper than {SCHEMA_MAX_DEPTH} levels")
-        schema, refs = self.flat(schema, refs)
-        if schema is False:
-            return None
-        if (id(schema), refs) not in self.memo:
-            self.memo[id(schema), refs] = (schema, self._compile(schema, refs, depth))
+        if (id(schema), refs) not in self.memo:   # memo by the schema and by its flat form: shared $ref targets
+            flat, left = self.flat(schema, refs)
+            if (id(flat), left) not in self.memo:
+                try:
+                    self.memo[id(flat), left] = (flat, None if flat is False else self._compile(flat, left, depth))
+                except ValueError as exc:   # the pieces' own: no object, array or string fits
+                    raise self.fail(str(exc)) from None
+            self.memo[id(schema), refs] = (schema, self.memo[id(flat), left][1])
         return self.memo[id(schema), refs][1]
 
     def flat(self, schema: Any, refs: int = SCHEMA_MAX_REFS) -> tuple[Any, int]:
-        """(`schema` with its top-level $ref and allOf merged in, the $ref hops left): False when no value fits,
-        or when a recursion has used up its hops. Used alike by compile, not and oneOf's analysis."""
-        if isinstance(schema, bool):
-            return schema and {}, refs
-        if not isinstance(schema, dict):
+        """(`schema` with its top-level $ref and allOf merged in, $ref hops left): False when no value fits or a
+        recursion has used up its hops. compile, not and oneOf's analysis all see schemas through it."""
+        if not isinstance(schema, (bool, dict)):
             raise self.fail(f"a JSON Schema must be an object, got {json.dumps(schema)[:60]}")
-        if "$ref" not in schema and "allOf" not in schema:
-            return schema, refs
-        refs -= "$ref" in schema
-        parts = ([self.resolve(schema["$ref"])] if "$ref" in schema else []) + \
-            (self.list_of(schema, "allOf") if "allOf" in schema else [])
-        out = {k: v for k, v in schema.items() if k in SCHEMA_KEYWORDS | SCHEMA_REFUSED and k not in ("$ref", "allOf")}
-        if refs < 0:
-            return False, refs
-        left = refs
-        for part in parts:
-            part, hops = self.flat(part, refs)
+        refs -= isinstance(schema, dict) and "$ref" in schema
+        if isinstance(schema, bool) or refs < 0 or not {"$ref", "allOf"} & schema.keys():
+            return ({} if schema is True else schema) if refs >= 0 else False, refs
+        out, left = {k: v for k, v in schema.items() if k in SCHEMA_KEYWORDS or k in SCHEMA_REFUSED}, refs
+        parts = [self.resolve(out.pop("$ref"))] if "$ref" in out else []
+        for part, hops in (self.flat(part, refs) for part in parts + self.list_of(out.pop("allOf", [{}]), "allOf")):
             out, left = self.merge(out, part), min(left, hops)
         return out, left
 
@@ -1809,35 +1784,37 @@ class SchemaCompiler:
         $anchor, or draft-06/07's $id or id "#name") names."""
         if not isinstance(ref, str) or not ref.startswith("#"):
             raise self.fail(f"only local $ref such as '#/$defs/Name' is supported, got {json.dumps(ref)[:60]}")
-        target = self.root
+        target, todo = self.root, [self.root]
         if ref[1:2] not in ("", "/"):
-            target = next((node for node in _nodes(self.root) if isinstance(node, dict) and (
-                node.get("$anchor") == ref[1:] or ref in (node.get("$id"), node.get("id")))), None)
+            while todo and (target := todo.pop()) is not None:   # depth first: the first subschema it names
+                if isinstance(target, dict) and (target.get("$anchor") == ref[1:] or ref in (target.get("$id"),
+                                                                                             target.get("id"))):
+                    break
+                todo += reversed(target.values() if isinstance(target, dict) else target if isinstance(target, list)
+                                 else [])
+            else:
+                target = None
         for part in ref[1:].split("/")[1:] if ref[1:2] == "/" else []:
-            part = part.replace("~1", "/").replace("~0", "~")
-            target = target.get(part) if isinstance(target, dict) else None
+            target = target.get(part.replace("~1", "/").replace("~0", "~")) if isinstance(target, dict) else None
         if target is None:
             raise self.fail(f"$ref {ref!r} points at nothing")
         return target
 
-    def list_of(self, schema: dict, word: str) -> list:
-        value = schema[word]
+    def list_of(self, value: Any, word: str) -> list:
         if not isinstance(value, list) or not value:
             raise self.fail(f"'{word}' must be a non-empty list")
         return value
 
     def merge(self, a: Any, b: Any) -> Any:
-        """allOf: one schema with the constraints of both (False when none fits; see SCHEMA_MERGE), or a 400.
-        A $ref in `b` is left to flat()."""
-        if a is False or b is False or b is True or b == {}:
-            return a if b is not False else False
-        if a is True or a == {}:
-            return b
+        """allOf: one schema with the constraints of both (False: no value fits; see SCHEMA_MERGE), or a 400.
+        A $ref in `b` is left for flat()."""
+        if a is False or b is False or b is True or b == {} or a is True or a == {}:
+            return False if a is False or b is False else a if b is True or b == {} else b
         if not isinstance(a, dict) or not isinstance(b, dict):
             raise self.fail("allOf parts must be schemas (objects)")
         if "$ref" in b:
             return {**a, "allOf": [*a.get("allOf", []), b]}
-        out = dict(_held(a, b))
+        out = _held(a, b)
         for key, value in _held(b, a).items():
             if key in out and key in SCHEMA_KEYWORDS and _canonical(out[key]) != _canonical(value):
                 try:
@@ -1852,45 +1829,44 @@ class SchemaCompiler:
         return out
 
     def rewrite(self, schema: dict) -> dict | None:
-        """not, if/then/else or dependencies as anyOf, merged with the rest of `schema`; None when it has none."""
-        if "not" in schema:
-            return self.merge(_without(schema, "not"), {"anyOf": self.negate(schema["not"])})
-        if "if" in schema:
-            cases = [{"allOf": [schema["if"], schema.get("then", {})]},
-                     {"allOf": [{"not": schema["if"]}, schema.get("else", {})]}]
-            return self.merge(_without(schema, "if", "then", "else"), {"anyOf": cases})
+        """not, if/then/else or dependencies (one at a time) as anyOf, merged with the rest; None when none."""
         words = ("dependencies", "dependentRequired", "dependentSchemas")
-        needs = [(name, need) for word in words if isinstance(schema.get(word), dict) for name, need in schema[word].items()]
-        return self.merge(_without(schema, *words), {"allOf": [  # each key absent, or present with what it needs
-            {"anyOf": [{"properties": {name: False}}, {"allOf": [{"required": [name]}, {"required": need}
-                                                                 if isinstance(need, list) else need]}]}
-            for name, need in needs]}) if needs else None
+        needs = [(k, need) for word in words if isinstance(schema.get(word), dict) for k, need in schema[word].items()]
+        if "not" in schema:
+            words, cases = ("not",), self.negate(schema["not"])
+        elif "if" in schema:
+            words, cases = ("if", "then", "else"), [{"allOf": [schema["if"], schema.get("then", {})]},
+                                                    {"allOf": [{"not": schema["if"]}, schema.get("else", {})]}]
+        else:  # each key absent, or present with what it needs
+            cases = [{"allOf": [{"anyOf": [{"properties": {k: False}}, {"allOf": [{"required": [k]}, {"required": need}
+                     if isinstance(need, list) else need]}]} for k, need in needs]}] if needs else None
+        return None if cases is None else self.merge({k: v for k, v in schema.items() if k not in words}, {"anyOf": cases})
 
     def negate(self, schema: Any, hops: int = 0) -> list:
         """`not`: alternatives, any of which makes a value fail `schema` (what cannot be negated is a 400).
-
-        A schema holds when each of its keywords does, so it fails when one of them fails."""
+        A schema holds when each of its keywords does: it fails when one of them fails."""
         if isinstance(schema, bool):
-            return [False] if schema else [{}]
+            return [{}] if schema is False else [False]
         if not isinstance(schema, dict) or hops > SCHEMA_MAX_DEPTH:
             raise self.fail("JSON Schema keyword 'not' must hold a schema")
         out = []
         for word, value in schema.items():
             if word in ("$ref", "allOf"):
-                parts = [self.resolve(value)] if word == "$ref" else self.list_of(schema, word)
+                parts = [self.resolve(value)] if word == "$ref" else self.list_of(value, word)
                 out += [alt for part in parts for alt in self.negate(part, hops + 1)]
             elif word in ("anyOf", "oneOf"):   # none of them: each part fails
-                out.append({"allOf": [{"anyOf": self.negate(part, hops + 1)} for part in self.list_of(schema, word)]})
+                out.append({"allOf": [{"anyOf": self.negate(part, hops + 1)} for part in self.list_of(value, word)]})
             elif word == "type":
                 kinds = _kinds(value)
                 out.append({"type": [k for k in JSON_TYPES if k not in kinds and (k != "number" or "integer" not in kinds)]})
             elif word in ("enum", "const"):
-                out.append({"!enum": self.list_of(schema, word) if word == "enum" else [value]})
+                out.append({"!enum": self.list_of(value, word) if word == "enum" else [value]})
             elif word == "pattern" and isinstance(value, str):
                 out.append({"!pattern": [value]})
-            elif word in ("required", "properties") and isinstance(value, (dict if word == "properties" else list)):
-                out += [{"properties": {name: False}} for name in _names(schema)] if word == "required" else \
-                    [{"required": [name], "properties": {name: {"not": sub}}} for name, sub in value.items()]
+            elif word == "required" and isinstance(value, list):
+                out += [{"properties": {name: False}} for name in _names(schema)]
+            elif word == "properties" and isinstance(value, dict):
+                out += [{"required": [name], "properties": {name: {"not": sub}}} for name, sub in value.items()]
             elif word in SCHEMA_KEYWORDS:
                 raise self.fail(f"JSON Schema keyword 'not' is enforced only over type, enum, const, pattern, "
                                 f"required, properties, anyOf and allOf, not {word!r}")
@@ -1901,34 +1877,27 @@ class SchemaCompiler:
         if refused:
             raise self.fail(f"JSON Schema keyword {refused[0]!r} is not supported (the README lists those enforced)")
         schema = {k: v for k, v in schema.items() if k in SCHEMA_KEYWORDS}
-        for word in ("anyOf", "oneOf"):
-            if word in schema:
-                return self.any_of(schema, word, refs, depth)
+        if "anyOf" in schema or "oneOf" in schema:
+            return self.any_of(schema, "anyOf" if "anyOf" in schema else "oneOf", refs, depth)
         if (rewritten := self.rewrite(schema)) is not None:
             return self.compile(rewritten, refs, depth)
-        if "enum" in schema or "const" in schema:
+        if "enum" in schema or "const" in schema or schema.get("type") in ("boolean", "null"):
             return self.literals(schema, refs, depth)
         kind = schema.get("type", [k for k, words in KEYWORD_TYPES.items() if words & set(schema)])
         if isinstance(kind, list):
             return union([self.compile({**schema, "type": k}, refs, depth) for k in kind]) if kind else ANY_VALUE
-        if kind in ("boolean", "null"):
-            return self.literals({"enum": [True, False] if kind == "boolean" else [None],
-                                  "!enum": schema.get("!enum", [])}, refs, depth)
-        if kind in ("integer", "number"):
-            return self.number(schema, kind == "integer")
-        if kind not in ("string", "object", "array"):
+        if kind not in ("string", "integer", "number", "object", "array"):
             raise self.fail(f"unknown JSON Schema type {json.dumps(kind)[:40]}")
-        return self.string(schema) if kind == "string" else getattr(self, kind)(schema, refs, depth)
+        return self.number(schema, kind == "integer") if kind in ("integer", "number") else \
+            getattr(self, kind)(schema, refs, depth)
 
     def any_of(self, schema: dict, word: str, refs: int, depth: int) -> Piece | None:
-        """anyOf and oneOf: the union of the branches, the rest of `schema` merged into each.
-
-        oneOf's branches are first narrowed so that no value one produces matches another (else a 400).
-        A branch this server cannot enforce is left out while another remains: output that matches one
-        still matches anyOf, and oneOf's other branches were narrowed against it all the same.
+        """anyOf and oneOf: the union of the branches, the rest of `schema` merged into each. oneOf's branches
+        are first narrowed so that no value one produces matches another (else a 400). A branch this server
+        cannot enforce is left out while another remains (oneOf's others were narrowed against it all the same).
         """
-        base, one = _without(schema, word), word == "oneOf"
-        parts = [self.merge(base, alt) if one else alt for alt in self.list_of(schema, word)]
+        base, one = {k: v for k, v in schema.items() if k != word}, word == "oneOf"
+        parts = [self.merge(base, alt) if one else alt for alt in self.list_of(schema[word], word)]
         alternatives, errors = [], []
         for i, part in enumerate(parts):
             try:
@@ -1957,73 +1926,64 @@ class SchemaCompiler:
                         "output match exactly one (give them a distinguishing key, type or const)")
 
     def narrowings(self, part: dict, other: dict) -> Iterator[dict]:
-        """Schemas to merge into `part` (a oneOf branch) so that it fails `other`, cheapest first: a type, a
-        pattern, a key other requires left out, a key both declare required, a key's value negated."""
+        """Schemas to merge into `part` so that it fails `other`, cheapest first: a type, a pattern, a key other
+        requires left out, a key both declare required, a key other requires given a value other refuses."""
         mine, theirs = self.types(part, True), self.types(other, False)
         if mine is not None and theirs is not None and mine - theirs:
             yield {"type": sorted(mine - theirs)}
         if mine == {"string"} and (first := _string_parts(other)[0])[0]:
             yield {"!pattern": [first[0] if first[1] else f"^(?:{first[0]})$"]}
-        props, theirs = self.properties(part), self.properties(other)
+        props, theirs = self.declared(part), self.declared(other)
         yield from ({"properties": {name: False}} for name in _names(other) if name not in _names(part))
-        yield from ({"required": [name]} for name in set(props) & set(theirs))
-        for name in set(_names(other)) & set(theirs):  # last: it may leave the branch nothing to write
+        yield from ({"required": [name]} for name in props if name in theirs)
+        for name in [name for name in _names(other) if name in theirs]:  # last: it may leave part nothing to write
             with contextlib.suppress(APIError):
                 yield {"properties": {name: {"not": theirs[name]}}} if self.negate(theirs[name]) else {}
 
-    @staticmethod
-    def properties(schema: dict) -> dict:
-        """A schema's declared properties ({} when none, or not an object)."""
-        props = schema.get("properties")
-        return props if isinstance(props, dict) else {}
-
-    def written(self, schema: dict, name: str, produced: bool) -> Any:
-        """The schema a value of key `name` is held to (True when a pattern might be); `produced`: as this
-        server writes it, with no key beyond the declared ones unless additionalProperties says so."""
-        props = self.properties(schema)
-        if name in props or schema.get("patternProperties"):
-            return props.get(name, True)
-        return schema.get("additionalProperties", not (produced and props))
+    def declared(self, schema: dict, name: str | None = None, produced: bool = False) -> Any:
+        """A schema's properties ({} if none); with `name`, the schema a value of that key is held to (True where
+        a pattern may be), `produced`: as this server writes it (no undeclared key unless additionalProperties)."""
+        props = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+        if name is None or name in props or schema.get("patternProperties"):
+            return props if name is None else props.get(name, True)
+        return schema.get("additionalProperties", not (produced and props) or name in _names(schema))
 
     def types(self, schema: dict, produced: bool) -> set | None:
         """The JSON types of values `schema` lets through; `produced`: of the values this server writes for it."""
-        if (values := _values(schema)) is not None:
-            return {json_type(v) for v in values}
-        if "type" in schema:
-            return _kinds(schema["type"])
+        if (values := _values(schema)) is not None or "type" in schema:
+            return {json_type(v) for v in values} if values is not None else _kinds(schema["type"])
         if produced and not {"anyOf", "oneOf", "not", "if"} & set(schema):
             return _kinds([k for k, words in KEYWORD_TYPES.items() if words & set(schema)]) or None
         return None
 
     def disjoint(self, part: Any, other: Any, hops: int = 0) -> bool:
-        """True when no value this server writes for `part` satisfies `other`: their types or values differ,
-        part negates other, their strings' patterns cannot meet, or a key one requires the other refuses."""
+        """True when no value this server writes for `part` satisfies `other`: their types or values differ, part
+        negates other, no string matches both, or a key that one of them requires cannot be in both."""
         part, other = self.flat(part)[0], self.flat(other)[0]
-        if part is False or other is False:
-            return True
-        if hops > SCHEMA_MAX_DEPTH:
-            return False
-        mine, values, allowed = self.types(part, True), _values(part), _values(other)
-        if mine is not None and (theirs := self.types(other, False)) is not None and not mine & theirs or \
-                values is not None and allowed is not None and not any(v == w for v in values for w in allowed):
+        if part is False or other is False or hops > SCHEMA_MAX_DEPTH:
+            return part is False or other is False
+        mine, theirs, values, allowed = self.types(part, True), self.types(other, False), _values(part), _values(other)
+        if mine is not None and theirs is not None and not mine & theirs or values is not None and allowed is not None \
+                and not any(v == w for v in values for w in allowed):
             return True
         if "not" in part and _canonical(self.flat(part["not"])[0]) == _canonical(other):
             return True
         if mine == {"string"}:
-            with contextlib.suppress(ValueError):
-                shared_regex(tuple(_string_parts(part) + _string_parts(other)))
-                return False
+            with contextlib.suppress(ValueError):   # a Regex that matches nothing is a ValueError
+                return shared_regex(tuple(_string_parts(part) + _string_parts(other))) is None
             return True
-        return mine in (None, {"object"}) and any(self.disjoint(self.written(part, name, True), self.written(
-            other, name, False), hops + 1) for name in dict.fromkeys(_names(part) + _names(other)))
+        return mine in (None, {"object"}) and any(self.disjoint(self.declared(part, name, True), self.declared(
+            other, name), hops + 1) for name in dict.fromkeys(_names(part) + _names(other)))
 
     def literals(self, schema: dict, refs: int, depth: int) -> Literals | None:
-        """enum/const: the listed values that also fit the rest of the schema."""
-        values = [v for v in (self.list_of(schema, "enum") if "enum" in schema else [schema["const"]])
-                  if ("const" not in schema or _canonical(v) == _canonical(schema["const"]))
-                  and not any(v == w and json_type(v) == json_type(w) for w in schema.get("!enum", []))]
+        """enum/const (or true/false, null): the listed values that also fit the rest of the schema."""
+        given = "enum" in schema or "const" in schema
+        values = (self.list_of(schema["enum"], "enum") if "enum" in schema else [schema["const"]]) if given else \
+            [True, False] if schema["type"] == "boolean" else [None]
+        values = [v for v in values if ("const" not in schema or _canonical(v) == _canonical(schema["const"])) and
+                  not any(v == w and json_type(v) == json_type(w) for w in schema.get("!enum", []))]
         texts = [json.dumps(v, ensure_ascii=False, separators=(",", ":")) for v in values]
-        rest = _without(schema, "enum", "const", "!enum")
+        rest = {k: v for k, v in schema.items() if k not in ("enum", "const", "!enum")} if given else {}
         node = self.compile(rest, refs, depth) if rest else None
         texts = [t for t in texts if not rest or node is not None and accepts_text(node, t)]
         return Literals(texts) if texts else None
@@ -2034,7 +1994,8 @@ class SchemaCompiler:
             raise self.fail(f"{word!r} must be a non-negative integer")
         return None if value is None else int(value)
 
-    def string(self, schema: dict) -> Leaf:
+    def string(self, schema: dict, refs: int, depth: int) -> Leaf:
+        """A string matching its patterns, format and lengths, none of the values `not` excludes."""
         low, high, form = self.count(schema, "minLength") or 0, self.count(schema, "maxLength"), schema.get("format")
         if not all(isinstance(p, str) for p in _as_list(schema.get("pattern", []))):
             raise self.fail("'pattern' must be a string")
@@ -2062,9 +2023,7 @@ class SchemaCompiler:
         return tighter(values, key=lambda pair: (pair[0], pair[1] == (tighter is max))) if values else (None, False)
 
     def number(self, schema: dict, integer: bool) -> Leaf:
-        """A number or integer within its bounds, a multiple of multipleOf, none of the values `not` excludes."""
-        low, low_open = self.bound(schema, "minimum", "exclusiveMinimum", max)
-        high, high_open = self.bound(schema, "maximum", "exclusiveMaximum", min)
+        """A number within its bounds, a multiple of multipleOf, none of the values `not` excludes."""
         step, scale, multiple = 1, 0, schema.get("multipleOf")
         if multiple is not None:
             if not _is_number(multiple) or multiple <= 0 or not math.isfinite(multiple):
@@ -2079,9 +2038,11 @@ class SchemaCompiler:
                 step = int(exact * 10 ** scale)
         excluded = [v for v in schema.get("!enum", []) if _is_number(v)]
         if any("e" in repr(v).lower() for v in excluded):
-            raise self.fail(f"'not' excludes {excluded!r}, numbers this server cannot exclude")
+            raise self.fail(f"'not' excludes one of {excluded!r}, a number this server cannot exclude")
         excluded = ["-?" * (v == 0) + re.escape(str(int(v))) + r"(\.0+)?" if float(v).is_integer()
                     else re.escape(repr(v)) + "0*" for v in excluded]   # every way this server writes it: 3, 3.0...
+        (low, low_open), (high, high_open) = self.bound(schema, "minimum", "exclusiveMinimum", max), \
+            self.bound(schema, "maximum", "exclusiveMaximum", min)
         try:
             return number_leaf(integer, low, high, low_open, high_open, step, scale, tuple(excluded))
         except ValueError:
@@ -2089,50 +2050,43 @@ class SchemaCompiler:
                             f"writes one as a regular expression of at most {REGEX_MAX_STATES} states)") from None
 
     def object(self, schema: dict, refs: int, depth: int) -> Piece | None:
-        """properties in their order, then other keys: those patternProperties or additionalProperties allow.
-
-        Without additionalProperties, this server writes no key beyond properties, patternProperties
-        and required (whose undeclared names take any value). Keys are held to propertyNames.
-        """
+        """properties in their order, then other keys: those patternProperties or additionalProperties allow, held
+        to propertyNames. Without additionalProperties, this server writes no key beyond properties,
+        patternProperties and required (whose undeclared names take any value)."""
         properties, patterns = schema.get("properties", {}), schema.get("patternProperties", {})
         required = schema.get("required", [])
         if not isinstance(properties, dict) or not isinstance(patterns, dict) or _names(schema) != required:
             raise self.fail("'properties' and 'patternProperties' must be objects and 'required' a list of names")
         if len(patterns) > 6:
             raise self.fail("more than 6 'patternProperties' patterns")
-        extra = schema.get("additionalProperties", None if properties or patterns else True)
         try:
             regexes = [regex_for(p) for p in patterns]
         except ValueError as exc:
             raise self.fail(f"'patternProperties': {exc}") from None
-        names = self.keys(schema.get("propertyNames", True), [], depth)
-        props, banned = [], []
+        extra = schema.get("additionalProperties", None if properties or patterns else True)
+        names, props, banned = self.keys(schema.get("propertyNames", True), [], depth), [], []
         for name in dict.fromkeys([*properties, *required]):
             matched = [sub for p, sub in zip(regexes, patterns.values()) if p.matches(name)]
-            own = properties.get(name, True if extra is None else extra)
-            node = self.compile({"allOf": [own, *matched]}, refs, depth + 1) if names is ANY_STRING or \
-                names is not None and accepts_text(names, json.dumps(name)) else None
+            node = self.compile({"allOf": [properties.get(name, True if extra is None else extra), *matched]}, refs,
+                                depth + 1) if names is ANY_STRING or names and accepts_text(names, json.dumps(name)) else None
             if node is None and name in required:
                 return None
             props.append((name, node, name in required)) if node is not None else banned.append(name)
-        # Other keys: by the patterns they match, additionalProperties' value (()) or patternProperties' (indices).
+        # An other key's value: by the patterns it matches (indices), or additionalProperties' (()).
         values = {} if extra in (None, False) else {(): self.compile(extra, refs, depth + 1)}
-        for chosen in itertools.chain(*(itertools.combinations(range(len(regexes)), n) for n in range(1, 7))):
+        for chosen in itertools.chain(*(itertools.combinations(range(len(regexes)), n + 1) for n in range(6))):
             with contextlib.suppress(ValueError):  # when one key can match them all
                 if len(chosen) == 1 or chosen[:-1] in values:
                     shared_regex(tuple((list(patterns)[i], True) for i in chosen))
                     values[chosen] = self.compile({"allOf": [list(patterns.values())[i] for i in chosen]}, refs,
                                                   depth + 1)
-        key = self.keys(schema.get("propertyNames", True), list(patterns) if extra in (None, False) else [], depth)
-        try:
-            return Object(tuple(props), {k: v for k, v in values.items() if v is not None} if key else {},
-                          self.count(schema, "minProperties") or 0, self.count(schema, "maxProperties"), key,
-                          tuple(banned), tuple(regexes))
-        except ValueError as exc:
-            raise self.fail(str(exc)) from None
+        key = self.keys(schema.get("propertyNames", True), list(patterns) * (extra in (None, False)), depth)
+        return Object(tuple(props), {k: v for k, v in values.items() if v is not None} if key else {},
+                      self.count(schema, "minProperties") or 0, self.count(schema, "maxProperties"), key,
+                      tuple(banned), tuple(regexes))
 
     def keys(self, names: Any, patterns: list, depth: int) -> Piece | None:
-        """The key leaf of propertyNames (and one of `patterns`): ANY_STRING when they allow any, None if none."""
+        """The key leaf for propertyNames and one of `patterns`: ANY_STRING when they allow any, None if none."""
         if names in (True, {}) and not patterns:
             return ANY_STRING
         either = [{"pattern": "|".join(f"(?:{p})" for p in patterns)}] if patterns else []
@@ -2154,21 +2108,17 @@ class SchemaCompiler:
         nodes = list(itertools.takewhile(lambda n: n is not None, (self.compile(s, refs, depth + 1) for s in prefix)))
         if len(nodes) < len(prefix):  # no value fits the next position: the array ends before it
             high, items = len(nodes) if high is None else min(high, len(nodes)), False
-        rest = self.compile(True if items is None and (not prefix or low > len(prefix)) else items or False,
-                            refs, depth + 1)
+        rest = self.compile(items if items is not None else not prefix or low > len(prefix), refs, depth + 1)
         unique = schema.get("uniqueItems") is True
         leaves = [_unique_leaf(n) for n in nodes + [rest]] if unique else []
         if unique and False not in leaves:
             nodes, rest = leaves[:-1], leaves[-1]
-        elif unique and low <= 1:
-            unique, high = False, 1 if high is None else min(high, 1)   # one item is unique whatever it is
-        elif unique:
+        elif unique and low > 1:
             raise self.fail("'uniqueItems' is enforced for items that are strings, integers, or "
                             "enum/const/boolean/null values")
-        try:
-            return Array(tuple(nodes), rest, low, high, unique)
-        except ValueError as exc:
-            raise self.fail(str(exc)) from None
+        elif unique:
+            unique, high = False, 1 if high is None else min(high, 1)   # one item is unique whatever it is
+        return Array(tuple(nodes), rest, low, high, unique)
 
     def contains(self, schema: dict, prefix: list, items: Any, low: int) -> tuple[list, Any, int]:
         """contains: the first minContains items match it and, under maxContains, no other item does (its
