@@ -1589,7 +1589,8 @@ SCHEMA_REFUSED = {"unevaluatedProperties", "unevaluatedItems", "$dynamicRef", "$
 # The other keywords enforced, by the type they constrain (for schemas without "type"). "!enum" and
 # "!pattern" are what `not` leaves: values and patterns excluded.
 KEYWORD_TYPES = {"object": {"properties", "required", "additionalProperties", "minProperties", "maxProperties",
-                            "patternProperties", "propertyNames", "dependencies", "dependentRequired", "dependentSchemas"},
+                            "patternProperties", "propertyNames", "dependencies", "dependentRequired",
+                            "dependentSchemas"},
                  "array": {"items", "prefixItems", "additionalItems", "minItems", "maxItems", "uniqueItems", "contains",
                            "minContains", "maxContains"},
                  "string": {"minLength", "maxLength", "pattern", "format", "!pattern"},
@@ -1619,7 +1620,8 @@ FORMATS = {
     "uuid": r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
     "ipv4": rf"{_OCTET}(\.{_OCTET}){{3}}",
     "ipv6": "|".join([rf"({_H16}:){{7}}{_H16}", rf"({_H16}:){{1,7}}:", rf"({_H16}:){{1,6}}:{_H16}"]
-                     + [rf"({_H16}:){{1,{n}}}(:{_H16}){{1,{7 - n}}}" for n in range(1, 6)] + [rf":((:{_H16}){{1,7}}|:)"]),
+                     + [rf"({_H16}:){{1,{n}}}(:{_H16}){{1,{7 - n}}}" for n in range(1, 6)]
+                     + [rf":((:{_H16}){{1,7}}|:)"]),
     "hostname": rf"({_LABEL}\.)*[A-Za-z]([A-Za-z0-9-]{{0,61}}[A-Za-z0-9])?",
     "idn-hostname": r"([A-Za-z0-9]{1,20}(-[A-Za-z0-9]{1,20}){0,2}\.)*[A-Za-z]{1,20}",
     "json-pointer": r"(/([^~/]|~[01])*)*", "relative-json-pointer": r"(0|[1-9]\d*)(#|(/([^~/]|~[01])*)*)",
@@ -1643,7 +1645,6 @@ def _canonical(value: Any) -> str:
 
 
 def _kinds(value: Any) -> set:
-    """The type names in a `type` value, and integer where number is (a kind of number)."""
     kinds = {k for k in _as_list(value) if isinstance(k, str)}
     return kinds | {"integer"} if "number" in kinds else kinds
 
@@ -1656,13 +1657,11 @@ def json_type(value: Any) -> str:
 
 
 def _names(schema: dict) -> list:
-    """A schema's required names ([] unless `required` is a list of strings)."""
     names = schema.get("required")
     return names if isinstance(names, list) and all(isinstance(n, str) for n in names) else []
 
 
 def _values(schema: dict) -> list | None:
-    """The values enum or const allows (None: no such list)."""
     values = schema["enum"] if "enum" in schema else [schema["const"]] if "const" in schema else None
     return values if isinstance(values, list) else None
 
@@ -1681,7 +1680,8 @@ def _string_parts(schema: dict) -> list:
 def _held(one: dict, other: dict) -> dict:
     """allOf: a copy of `one` with the properties only it declares held to other's additionalProperties."""
     extra, mine, theirs = other.get("additionalProperties", True), one.get("properties"), other.get("properties")
-    if extra is True or not isinstance(mine, dict) or other.get("patternProperties") or not isinstance(theirs or {}, dict):
+    if extra is True or not isinstance(mine, dict) or other.get("patternProperties") or \
+            not isinstance(theirs or {}, dict):
         return dict(one)
     return {**one, "properties": {k: v if k in (theirs or {}) else {"allOf": [v, extra]} for k, v in mine.items()}}
 
@@ -1736,12 +1736,9 @@ ANY_OBJECT = Object((), {(): any_value(JSON_MAX_NESTING - 1)})
 
 
 class SchemaCompiler:
-    """Compiles one JSON Schema into pieces, or raises a 400 naming what it cannot enforce.
-
-    A schema is made flat (its $ref and allOf merged in); anyOf/oneOf, not, if/then/else and dependencies
-    become alternatives; the rest compiles by type. compile() returns None for a schema no value satisfies
-    (false, a $ref recursion cut at SCHEMA_MAX_REFS): optional properties, items and alternatives that need
-    one are left out.
+    """One JSON Schema to pieces, or a 400 naming what cannot be enforced: made flat ($ref and allOf merged in),
+    anyOf/oneOf, not, if/then/else and dependencies as alternatives, the rest by type. None stands for no value
+    (false, a $ref recursion cut at SCHEMA_MAX_REFS): properties, items and alternatives needing one are left out.
     """
 
     def __init__(self, root: dict, param: str):
@@ -1785,15 +1782,11 @@ class SchemaCompiler:
         if not isinstance(ref, str) or not ref.startswith("#"):
             raise self.fail(f"only local $ref such as '#/$defs/Name' is supported, got {json.dumps(ref)[:60]}")
         target, todo = self.root, [self.root]
-        if ref[1:2] not in ("", "/"):
-            while todo and (target := todo.pop()) is not None:   # depth first: the first subschema it names
-                if isinstance(target, dict) and (target.get("$anchor") == ref[1:] or ref in (target.get("$id"),
-                                                                                             target.get("id"))):
-                    break
-                todo += reversed(target.values() if isinstance(target, dict) else target if isinstance(target, list)
-                                 else [])
-            else:
-                target = None
+        while ref[1:2] not in ("", "/") and todo:  # an anchor: the first subschema naming it, depth first
+            node = todo.pop()
+            found = isinstance(node, dict) and ref in (node.get("$id"), node.get("id"), f"#{node.get('$anchor', '')}")
+            todo, target = ([], node) if found else (todo + list(reversed(
+                node.values() if isinstance(node, dict) else node if isinstance(node, list) else [])), None)
         for part in ref[1:].split("/")[1:] if ref[1:2] == "/" else []:
             target = target.get(part.replace("~1", "/").replace("~0", "~")) if isinstance(target, dict) else None
         if target is None:
@@ -1840,7 +1833,8 @@ class SchemaCompiler:
         else:  # each key absent, or present with what it needs
             cases = [{"allOf": [{"anyOf": [{"properties": {k: False}}, {"allOf": [{"required": [k]}, {"required": need}
                      if isinstance(need, list) else need]}]} for k, need in needs]}] if needs else None
-        return None if cases is None else self.merge({k: v for k, v in schema.items() if k not in words}, {"anyOf": cases})
+        rest = {k: v for k, v in schema.items() if k not in words}
+        return None if cases is None else self.merge(rest, {"anyOf": cases})
 
     def negate(self, schema: Any, hops: int = 0) -> list:
         """`not`: alternatives, any of which makes a value fail `schema` (what cannot be negated is a 400).
@@ -1858,7 +1852,8 @@ class SchemaCompiler:
                 out.append({"allOf": [{"anyOf": self.negate(part, hops + 1)} for part in self.list_of(value, word)]})
             elif word == "type":
                 kinds = _kinds(value)
-                out.append({"type": [k for k in JSON_TYPES if k not in kinds and (k != "number" or "integer" not in kinds)]})
+                out.append({"type": [k for k in JSON_TYPES if k not in kinds
+                                     and not (k == "number" and "integer" in kinds)]})
             elif word in ("enum", "const"):
                 out.append({"!enum": self.list_of(value, word) if word == "enum" else [value]})
             elif word == "pattern" and isinstance(value, str):
@@ -1892,10 +1887,8 @@ class SchemaCompiler:
             getattr(self, kind)(schema, refs, depth)
 
     def any_of(self, schema: dict, word: str, refs: int, depth: int) -> Piece | None:
-        """anyOf and oneOf: the union of the branches, the rest of `schema` merged into each. oneOf's branches
-        are first narrowed so that no value one produces matches another (else a 400). A branch this server
-        cannot enforce is left out while another remains (oneOf's others were narrowed against it all the same).
-        """
+        """anyOf/oneOf: the union of the branches, each with the rest of `schema`, oneOf's narrowed so that no value
+        one produces matches another (else a 400). A branch that cannot be enforced is left out if another stays."""
         base, one = {k: v for k, v in schema.items() if k != word}, word == "oneOf"
         parts = [self.merge(base, alt) if one else alt for alt in self.list_of(schema[word], word)]
         alternatives, errors = [], []
@@ -2067,8 +2060,9 @@ class SchemaCompiler:
         names, props, banned = self.keys(schema.get("propertyNames", True), [], depth), [], []
         for name in dict.fromkeys([*properties, *required]):
             matched = [sub for p, sub in zip(regexes, patterns.values()) if p.matches(name)]
+            named = names is ANY_STRING or names is not None and accepts_text(names, json.dumps(name))
             node = self.compile({"allOf": [properties.get(name, True if extra is None else extra), *matched]}, refs,
-                                depth + 1) if names is ANY_STRING or names and accepts_text(names, json.dumps(name)) else None
+                                depth + 1) if named else None
             if node is None and name in required:
                 return None
             props.append((name, node, name in required)) if node is not None else banned.append(name)
