@@ -1844,6 +1844,18 @@ def test_idle_ranks_block_instead_of_polling(long_model_dir):
         assert post(group, "completions", max_tokens=4)["usage"]["completion_tokens"] == 4  # and wakes up
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads each thread's nice value in /proc")
+def test_busy_polling_launcher_is_reniced_below_the_ranks(long_model_dir):
+    """mlx.launch's relay threads busy-poll; the ranks lower every one of them to nice 19, not themselves."""
+    with ServedGroup(long_model_dir) as group:
+        group.wait_ready()
+        launcher = group.process.pid
+        threads = [int(t) for t in os.listdir(f"/proc/{launcher}/task")]
+        assert len(threads) >= 3   # its main loop and one relay thread per rank
+        assert {os.getpriority(os.PRIO_PROCESS, t) for t in threads} == {19}
+        assert {os.getpriority(os.PRIO_PROCESS, group.rank_pid(r)) for r in (0, 1)} == {0}
+
+
 def test_two_codex_runs_and_a_claude_run_at_once_get_no_429_on_default_admission(agent_model_dir, tmp_path):
     claude, codex = agent_cli("claude"), agent_cli("codex")
     model = lem_serve.load_model(lem_serve.Settings(model_path=str(agent_model_dir)))
