@@ -14,7 +14,7 @@ model folder, greedy, chat template applied:
      ranks once more with its mlx.launch reniced as lem-serve's ranks renice
      theirs (quiet_launcher: the launcher's relay threads busy-poll), so the
      sharded ratio can be read like for like too.
-   All four are started, then measured in turns, repetition by repetition,
+   All five are started, then measured in turns, repetition by repetition,
    each resumed (SIGCONT) for its turn while the others stay paused
    (SIGSTOP): an idle group is not idle here (mlx.launch's I/O loop and the
    ring backend's wait spin; the script reports how much CPU they take).
