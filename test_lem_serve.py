@@ -801,7 +801,11 @@ KEYWORD_CASES = {
 
 @pytest.mark.parametrize("case", list(KEYWORD_CASES))
 def test_each_keyword_is_enforced(case):
-    schema, good, bad = KEYWORD_CASES[case]
+    assert_takes_exactly(*KEYWORD_CASES[case])
+
+
+def assert_takes_exactly(schema: dict, good: list, bad: list) -> None:
+    """The automaton takes each good text (which the validator also accepts) and refuses each bad one."""
     for text in good:
         assert accepts(schema, text), text
         assert not validation_errors(json.loads(text), schema), text   # the cases themselves are right
@@ -1012,11 +1016,7 @@ NEW_KEYWORD_CASES = {
 @pytest.mark.parametrize("case", list(NEW_KEYWORD_CASES))
 def test_new_keywords_are_enforced_and_every_walk_validates(case):
     schema, good, bad = NEW_KEYWORD_CASES[case]
-    for text in good:
-        assert accepts(schema, text), text
-        assert not validation_errors(json.loads(text), schema), text   # the cases themselves are right
-    for text in bad:
-        assert not accepts(schema, text), text
+    assert_takes_exactly(schema, good, bad)
     for text in random_outputs(schema, random.Random(case), 12):
         assert_valid(text, schema)
 
@@ -1842,6 +1842,18 @@ def test_idle_ranks_block_instead_of_polling(long_model_dir):
         used = (cpu_seconds(rank1) - before) / (time.monotonic() - started)
         assert used <= 0.05, f"an idle rank 1 used {used:.2f} of a core"  # spinning in a collective: ~0.3-1
         assert post(group, "completions", max_tokens=4)["usage"]["completion_tokens"] == 4  # and wakes up
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads each thread's nice value in /proc")
+def test_busy_polling_launcher_is_reniced_below_the_ranks(long_model_dir):
+    """mlx.launch's relay threads busy-poll; the ranks lower every one of them to nice 19, not themselves."""
+    with ServedGroup(long_model_dir) as group:
+        group.wait_ready()
+        launcher = group.process.pid
+        threads = [int(t) for t in os.listdir(f"/proc/{launcher}/task")]
+        assert len(threads) >= 3   # its main loop and one relay thread per rank
+        assert {os.getpriority(os.PRIO_PROCESS, t) for t in threads} == {19}
+        assert {os.getpriority(os.PRIO_PROCESS, group.rank_pid(r)) for r in (0, 1)} == {0}
 
 
 def test_two_codex_runs_and_a_claude_run_at_once_get_no_429_on_default_admission(agent_model_dir, tmp_path):

@@ -461,6 +461,11 @@ MUTATIONS = [
                "                    with contextlib.suppress(BlockingIOError):\n"
                "                        piece = self.bells[0].recv(count - len(data))\n                        break\n")),
              ("test_idle_ranks_block_instead_of_polling",)),
+    Mutation("launcher-main-thread-only", "only mlx.launch's main thread is reniced (Linux nice is per thread): "
+             "its busy relay threads keep competing with the ranks",
+             (("        for thread in threads:\n            os.setpriority(os.PRIO_PROCESS, thread, 19)\n",
+               "        for thread in threads[:1]:\n            os.setpriority(os.PRIO_PROCESS, thread, 19)\n"),),
+             ("test_busy_polling_launcher_is_reniced_below_the_ranks",)),
     Mutation("group-vote-not-sent", "rank 1's stop vote never reaches rank 0 when shares travel on the lifelines",
              (("                self.bells[0].sendall(self.VOTE)\n", "                pass\n"),),
              ("test_sigterm_drains_the_group_and_it_exits",)),
