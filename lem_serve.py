@@ -3150,6 +3150,28 @@ def parse_mistral_call(body: str, tools: Any = None) -> Any:
     return {**call, "id": match[2]} if match[2] else call
 
 
+GEMMA_CALL = re.compile(r"\s*call:(?P<name>[^{\s]+)(?P<arguments>\{.*\})\s*", re.S)
+GEMMA_STRING = re.compile(r'<\|"\|>(.*?)<\|"\|>', re.S)                   # Gemma 4 quotes strings so
+GEMMA_KEY = re.compile(r'([{,]\s*)([^\s{}\[\],:"][^{}\[\],:"]*?)\s*:')    # and leaves keys bare
+
+
+def parse_gemma_call(body: str, tools: Any = None) -> dict:
+    """Gemma 4: `call:NAME{key:value,...}`, strings between <|"|> marks, keys bare. mlx_lm's parser
+    takes only \\w+ keys and [\\w-]+ names, so a key such as "file-path" or a name such as
+    "files.read" loses the call; here a key is whatever comes before its colon."""
+    match = GEMMA_CALL.fullmatch(body)
+    if match is None:
+        raise ValueError(f"not a Gemma tool call: {body[:200]!r}")
+    strings: list[str] = []
+
+    def hold(found: re.Match) -> str:
+        strings.append(found[1])
+        return f'"\x00{len(strings) - 1}"'
+    text = GEMMA_KEY.sub(lambda m: f"{m[1]}{json.dumps(m[2])}:", GEMMA_STRING.sub(hold, match["arguments"]))
+    text = re.sub(r'"\x00(\d+)"', lambda m: json.dumps(strings[int(m[1])], ensure_ascii=False), text)
+    return {"name": match["name"], "arguments": json.loads(text)}
+
+
 def mistral_call_id() -> str:
     """A call id as Mistral Small 3.2's template demands: nine letters and digits."""
     return uuid.uuid4().hex[:9]
@@ -3181,6 +3203,8 @@ CHAT_FORMATS: tuple[tuple[tuple[str, ...], ChatFormat], ...] = (
         "nemotron", starts=("<TOOLCALL>",), end="</TOOLCALL>", parse=parse_mistral_call,   # a JSON list of calls
         heads=(JSON_CALL_HEAD,),
         write=lambda name: (f'<TOOLCALL>[{{"name": {json.dumps(name)}, "arguments": ', "}]</TOOLCALL>"))),
+    (("<|tool_call>call:",), ChatFormat(
+        "gemma4", starts=("<|tool_call>",), end="<tool_call|>", parse=parse_gemma_call)),
     (('{"name": function name, "parameters"',), ChatFormat(
         "llama3", starts=("<|python_tag|>",), leading=("{",), parse=parse_llama_calls, heads=(JSON_CALL_HEAD,),
         write=lambda name: (f'{{"name": {json.dumps(name)}, "parameters": ', "}"))),

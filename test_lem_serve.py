@@ -2541,16 +2541,15 @@ def test_a_template_that_fails_to_render_is_a_400_naming_its_error(family_server
     error = assert_openai_error(request(server, "POST", path_of("chat"), {"messages": messages}), 400, "messages")
     assert "You have passed a message containing <|channel|> tags in the content field" in error["message"]
 
-MLX_PARSERS = {"kimi-k2": "kimi_k2", "glm-4.6": "glm47", "minimax-m2": "minimax_m2"}   # the parser mlx_lm infers, where not json_tools
-
-
 def scan_family_text(name: str, text: str, pieces: list[str], live: bool = False) -> tuple[str, str, list]:
     """(content, reasoning, calls) of a family's reply text fed to its scanner in `pieces`; `live` (as a stream
     scans) also checks that each streamed call's argument pieces add up to its final arguments exactly."""
-    template, _, _ = FAMILIES[name]
-    parser = importlib.import_module(f"mlx_lm.tool_parsers.{MLX_PARSERS.get(name, 'json_tools')}")
-    form = lem_serve._chat_format((TEMPLATES / template).read_text("utf-8"), parser.tool_call_start,
-                                  parser.tool_call_end, parser.parse_tool_call)  # what mlx_lm infers for the rest
+    from mlx_lm.tokenizer_utils import _infer_tool_parser
+    template = (TEMPLATES / FAMILIES[name][0]).read_text("utf-8")
+    inferred = _infer_tool_parser(types.SimpleNamespace(chat_template=template, get_vocab=dict))
+    parser = importlib.import_module(f"mlx_lm.tool_parsers.{inferred or 'json_tools'}")
+    form = lem_serve._chat_format(template, parser.tool_call_start, parser.tool_call_end,
+                                  parser.parse_tool_call)  # the table's, else what mlx_lm infers
     tools = [{"type": "function", "function": t} for t in FAMILY_TOOLS]
     scanner = lem_serve.HarmonyScanner(tools) if form.harmony else lem_serve.ToolCallScanner(form, tools)
     scanner.live = live
@@ -2583,7 +2582,7 @@ def test_family_markers_split_anywhere_never_reach_content(name, live):
     would stream it) scans to what it scans to whole: no marker leaks, no call is lost."""
     _, _, scripts = FAMILIES[name]
     for kind, text in scripts.items():
-        text = text.split("</think>", 1)[-1]   # the engine's ReasoningSplitter takes a think block first
+        text = re.split(r"</think>|<channel\|>", text, maxsplit=1)[-1]   # the ReasoningSplitter takes a think block first
         whole = scan_family_text(name, text, [text], live)
         content, reasoning, calls = whole
         if kind.endswith("call") or kind == "parallel":

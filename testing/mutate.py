@@ -600,6 +600,11 @@ MUTATIONS = [
              (("    return HarmonyChannels() if form is not None and form.harmony else None",
                "    return None"),),
              ("test_gpt_oss_analysis_tokens_count_as_reasoning",)),
+    Mutation("gemma-word-keys-only", "Gemma 4 calls are read by mlx_lm's parser, which takes only \\w+ keys and "
+                                     "[\\w-]+ names: a call to files.read or with a file-path key is lost",
+             (('    (("<|tool_call>call:",), ChatFormat(', '    (("<|tool_call>call:" * 2,), ChatFormat('),),
+             ("test_family_replies_split_into_content_reasoning_and_calls",
+              "test_family_markers_split_anywhere_never_reach_content")),
     # Issue 25: the chat page for a working day (edits in chat.js).
     Mutation("tabs-last-writer-wins", "a tab writes its whole copy of a chat over the stored one: "
                                       "a reply streaming in another tab loses the other tab's turn",
