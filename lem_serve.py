@@ -3240,8 +3240,11 @@ def template_messages(messages: list[dict], template: str) -> list[dict]:
     prompt, developer message, then user), as peers do; one that demands
     nine-character call ids (Mistral Small 3.2) gets each id mapped to one;
     one that joins a call's arguments to strings (DeepSeek's) gets them as
-    JSON text.
+    JSON text; one that reads tool results only as `tool_responses` on the
+    calling message (Gemma 4's first template) gets them so.
     """
+    if "tool_responses" in template and "tool_call_id" not in template:
+        messages = tool_results_folded(messages)
     out: list[dict] = []
     for message in messages:
         message = dict(message)
@@ -3258,6 +3261,27 @@ def template_messages(messages: list[dict], template: str) -> list[dict]:
             out[-1] = {**out[-1], "content": f"{out[-1]['content']}\n\n{message['content']}"}
             continue
         out.append(message)
+    return out
+
+
+def tool_results_folded(messages: list[dict]) -> list[dict]:
+    """Tool results as Gemma 4's first template reads them: each a `tool_responses` entry ({"name",
+    "response"}) on the assistant message whose calls it answers, and the reply after them that same
+    message's content (the model's turn goes on after a result), as Google's prompt-formatting guide
+    shows it and llama.cpp sends it. Fed as role "tool" it would render as a turn of its own."""
+    out: list[dict] = []
+    for message in messages:
+        last = out[-1] if out else {}
+        if message["role"] == "tool" and last.get("tool_calls"):
+            calls, answered = last["tool_calls"], last.get("tool_responses", [])
+            name = next((c["function"]["name"] for c in calls if c.get("id") == message.get("tool_call_id")),
+                        calls[min(len(answered), len(calls) - 1)]["function"]["name"])
+            out[-1] = {**last, "tool_responses": [*answered, {"name": name, "response": message["content"]}]}
+        elif (message["role"] == "assistant" and last.get("tool_responses") and not message.get("tool_calls")
+              and not last.get("content")):
+            out[-1] = {**last, "content": message["content"]}
+        else:
+            out.append(message)
     return out
 
 

@@ -2485,6 +2485,8 @@ def template_rendering(name: str, model: lem_serve.Model) -> list[int]:
     messages[2]["content"] = ""   # transformers drops a null content, which DeepSeek's templates then miss
     if name == "gpt-oss":
         messages[2]["thinking"] = messages[2].pop("reasoning_content")
+    if name == "gemma-4-april":   # the result on the calling message, as Google's prompt-formatting guide shows it
+        messages[2:] = [{**messages[2], "tool_responses": [{"name": "get_weather", "response": AGENT_RESULT}]}]
     tools = [{"type": "function", "function": t} for t in FAMILY_TOOLS]
     return list(model.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True))
 
@@ -2500,6 +2502,24 @@ def test_family_prompt_is_the_templates_own_rendering(family_server, endpoint):
         "cache_read_input_tokens", 0) + usage.get("cache_creation_input_tokens", 0) if endpoint == "messages" \
         else usage["input_tokens"]
     assert prompt == expected, (name, endpoint)
+
+
+@pytest.mark.parametrize("family_server", ["gemma-4-april"], indirect=True)
+def test_gemma_4_first_template_gets_tool_results_on_the_calling_turn(family_server):
+    """Gemma 4's first template reads results only as `tool_responses`: a result and the answer after it reach
+    it on the calling message (one model turn, as Google's guide shows), not as turns of their own."""
+    _, _, server, model = family_server
+    answer, thanks = {"role": "assistant", "content": "Sunny."}, {"role": "user", "content": "Thanks."}
+    expected = agent_chat_messages(WEATHER_ARGS)[:3] + [thanks]
+    expected[2] = {**expected[2], "content": "Sunny.",
+                   "tool_responses": [{"name": "get_weather", "response": AGENT_RESULT}]}
+    tools = [{"type": "function", "function": t} for t in FAMILY_TOOLS]
+    want = model.tokenizer.apply_chat_template(expected, tools=tools, add_generation_prompt=True, tokenize=True)
+    body = {"messages": agent_chat_messages(json.dumps(WEATHER_ARGS)) + [answer, thanks], "max_tokens": 1,
+            "tools": dialect_tools_for("chat")}
+    reply = request(server, "POST", path_of("chat"), body)
+    assert reply.status == 200, reply.json()
+    assert reply.json()["usage"]["prompt_tokens"] == len(want)
 
 
 @pytest.mark.parametrize("family_server", ["gpt-oss"], indirect=True)

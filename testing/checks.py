@@ -552,6 +552,9 @@ FAMILIES["gemma-4"] = ("google-gemma-4-31B-it.jinja", {
     "parallel": GEMMA_WEATHER + GEMMA_TIME, "reasoning_call": "<|channel>thought\nLet me think.<channel|>" + GEMMA_WEATHER,
     "odd_call": '<|tool_call>call:files.read{file-path:<|"|>a, b<|"|>,opts:{dry-run:true}}<tool_call|>'})
 
+# Gemma 4's template as first released: it reads tool results only as `tool_responses` on the calling message.
+FAMILIES["gemma-4-april"] = ("google-gemma-4-31B-it-2026-04-02.jinja", *FAMILIES["gemma-4"][1:])
+
 # A call whose name and keys are not \w+ (mlx_lm's Gemma 4 parser loses it), in the families that write one.
 FAMILY_EXPECTED["odd_call"] = ("", "", [("files.read", {"file-path": "a, b", "opts": {"dry-run": True}})])
 

@@ -605,6 +605,17 @@ MUTATIONS = [
              (('    (("<|tool_call>call:",), ChatFormat(', '    (("<|tool_call>call:" * 2,), ChatFormat('),),
              ("test_family_replies_split_into_content_reasoning_and_calls",
               "test_family_markers_split_anywhere_never_reach_content")),
+    Mutation("gemma-tool-results-unfolded", "Gemma 4's first template gets tool results as role \"tool\" messages, "
+                                            "which it renders as turns of their own",
+             (('    if "tool_responses" in template and "tool_call_id" not in template:',
+               '    if False:'),),
+             ("test_family_prompt_is_the_templates_own_rendering",
+              "test_gemma_4_first_template_gets_tool_results_on_the_calling_turn")),
+    Mutation("gemma-answer-own-turn", "after a tool result, the answer reaches Gemma 4's first template as a model "
+                                      "turn of its own (the calling turn is never closed)",
+             (('        elif (message["role"] == "assistant" and last.get("tool_responses")',
+               '        elif (False and last.get("tool_responses")'),),
+             ("test_gemma_4_first_template_gets_tool_results_on_the_calling_turn",)),
     # Issue 25: the chat page for a working day (edits in chat.js).
     Mutation("tabs-last-writer-wins", "a tab writes its whole copy of a chat over the stored one: "
                                       "a reply streaming in another tab loses the other tab's turn",
