@@ -529,14 +529,24 @@ FAMILIES["glm-4.7"] = ("zai-org-GLM-4.7-Flash.jinja", {
     "tokens": FAMILIES["glm-4.6"][1]["tokens"] + ("<|observation|>", "<tool_response>", "</tool_response>"),
     "end": "<|endoftext|>", "eos": ("<|user|>", "<|observation|>")}, {
     "plain": "</think>Hello there.", "reasoning": "Let me think.</think>Paris.", "call": "</think>" + GLM47_WEATHER,
-    "parallel": "</think>" + GLM47_WEATHER + GLM47_TIME, "reasoning_call": "Let me think.</think>" + GLM47_WEATHER})
+    "parallel": "</think>" + GLM47_WEATHER + GLM47_TIME, "reasoning_call": "Let me think.</think>" + GLM47_WEATHER,
+    "typed_call": "</think><tool_call>get_forecast<arg_key>city</arg_key><arg_value>Paris</arg_value><arg_key>days"
+                  '</arg_key><arg_value>3</arg_value><arg_key>hourly</arg_key><arg_value>true</arg_value><arg_key>tags'
+                  '</arg_key><arg_value>["a", "b"]</arg_value></tool_call>'})
 
 CODER_CALL = "<tool_call>\n<function={}>\n<parameter={}>\n{}\n</parameter>\n</function>\n</tool_call>"
+
+# A call whose arguments are not all strings: families that write values as bare text (XML-like, Gemma's) read
+# them back by the tool's schema.
+FORECAST_ARGS = {"city": "Paris", "days": 3, "hourly": True, "tags": ["a", "b"]}
 
 FAMILIES["qwen3-coder"] = ("Qwen-Qwen3-Coder-30B-A3B-Instruct.jinja", {
     "tokens": ("<|im_start|>", "<tool_call>", "</tool_call>"), "end": "<|im_end|>"}, {
     "plain": "Hello there.", "call": CODER_CALL.format("get_weather", "city", "Paris"),
-    "parallel": CODER_CALL.format("get_weather", "city", "Paris") + "\n" + CODER_CALL.format("get_time", "zone", "CET")})
+    "parallel": CODER_CALL.format("get_weather", "city", "Paris") + "\n" + CODER_CALL.format("get_time", "zone", "CET"),
+    "typed_call": "<tool_call>\n<function=get_forecast>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n3\n"
+                  "</parameter>\n<parameter=hourly>\ntrue\n</parameter>\n<parameter=tags>\n[\"a\", \"b\"]\n</parameter>\n"
+                  "</function>\n</tool_call>"})
 
 GEMMA_CALL = '<|tool_call>call:{}{{{}:<|"|>{}<|"|>}}<tool_call|>'
 
@@ -550,18 +560,26 @@ FAMILIES["gemma-4"] = ("google-gemma-4-31B-it.jinja", {
     "end": "<turn|>", "eos": ("<|tool_response>",), "bos": "<bos>", "template_args": {"enable_thinking": True}}, {
     "plain": "Hello there.", "reasoning": "<|channel>thought\nLet me think.<channel|>Paris.", "call": GEMMA_WEATHER,
     "parallel": GEMMA_WEATHER + GEMMA_TIME, "reasoning_call": "<|channel>thought\nLet me think.<channel|>" + GEMMA_WEATHER,
-    "odd_call": '<|tool_call>call:files.read{file-path:<|"|>a, b<|"|>,opts:{dry-run:true}}<tool_call|>'})
+    "odd_call": '<|tool_call>call:files.read{file-path:<|"|>a, b<|"|>,opts:{dry-run:true}}<tool_call|>',
+    "typed_call": '<|tool_call>call:get_forecast{city:<|"|>Paris<|"|>,days:3,hourly:true,tags:[<|"|>a<|"|>,<|"|>b<|"|>]}'
+                  '<tool_call|>'})
 
 # Gemma 4's template as first released: it reads tool results only as `tool_responses` on the calling message.
 FAMILIES["gemma-4-april"] = ("google-gemma-4-31B-it-2026-04-02.jinja", *FAMILIES["gemma-4"][1:])
 
 # A call whose name and keys are not \w+ (mlx_lm's Gemma 4 parser loses it), in the families that write one.
+FAMILY_EXPECTED["typed_call"] = ("", "", [("get_forecast", FORECAST_ARGS)])
+
 FAMILY_EXPECTED["odd_call"] = ("", "", [("files.read", {"file-path": "a, b", "opts": {"dry-run": True}})])
 
 FAMILY_TOOLS = [{"name": "get_weather", "description": "The weather in a city",
                  "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}},
                 {"name": "get_time", "description": "The time in a zone",
-                 "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}, "required": ["zone"]}}]
+                 "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}, "required": ["zone"]}},
+                {"name": "get_forecast", "description": "The forecast for a city", "parameters": {
+                    "type": "object", "required": ["city"], "properties": {
+                        "city": {"type": "string"}, "days": {"type": "integer"}, "hourly": {"type": "boolean"},
+                        "tags": {"type": "array", "items": {"type": "string"}}}}}]
 
 
 def dialect_tools_for(endpoint: str) -> list[dict]:

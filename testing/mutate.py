@@ -616,6 +616,10 @@ MUTATIONS = [
              (('        elif (message["role"] == "assistant" and last.get("tool_responses")',
                '        elif (False and last.get("tool_responses")'),),
              ("test_gemma_4_first_template_gets_tool_results_on_the_calling_turn",)),
+    Mutation("call-parsed-without-tools", "a call is parsed without the request's tools, so a value written as bare "
+                                          "text (Qwen3-Coder's 3, true) is not read by the tool's schema",
+             (("            parsed = self.form.parse(body, self.tools)", "            parsed = self.form.parse(body, None)"),),
+             ("test_family_replies_split_into_content_reasoning_and_calls",)),
     # Issue 25: the chat page for a working day (edits in chat.js).
     Mutation("tabs-last-writer-wins", "a tab writes its whole copy of a chat over the stored one: "
                                       "a reply streaming in another tab loses the other tab's turn",
