@@ -69,6 +69,7 @@ import select
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -3080,6 +3081,28 @@ def parse_mistral_call(body: str, tools: Any = None) -> Any:
     return {**call, "id": match[2]} if match[2] else call
 
 
+GEMMA_CALL = re.compile(r"\s*call:(?P<name>[^{\s]+)(?P<arguments>\{.*\})\s*", re.S)
+GEMMA_STRING = re.compile(r'<\|"\|>(.*?)<\|"\|>', re.S)                   # Gemma 4 quotes strings so
+GEMMA_KEY = re.compile(r'([{,]\s*)([^\s{}\[\],:"][^{}\[\],:"]*?)\s*:')    # and leaves keys bare
+
+
+def parse_gemma_call(body: str, tools: Any = None) -> dict:
+    """Gemma 4: `call:NAME{key:value,...}`, strings between <|"|> marks, keys bare. mlx_lm's parser
+    takes only \\w+ keys and [\\w-]+ names, so a key such as "file-path" or a name such as
+    "files.read" loses the call; here a key is whatever comes before its colon."""
+    match = GEMMA_CALL.fullmatch(body)
+    if match is None:
+        raise ValueError(f"not a Gemma tool call: {body[:200]!r}")
+    strings: list[str] = []
+
+    def hold(found: re.Match) -> str:
+        strings.append(found[1])
+        return f'"\x00{len(strings) - 1}"'
+    text = GEMMA_KEY.sub(lambda m: f"{m[1]}{json.dumps(m[2])}:", GEMMA_STRING.sub(hold, match["arguments"]))
+    text = re.sub(r'"\x00(\d+)"', lambda m: json.dumps(strings[int(m[1])], ensure_ascii=False), text)
+    return {"name": match["name"], "arguments": json.loads(text)}
+
+
 def mistral_call_id() -> str:
     """A call id as Mistral Small 3.2's template demands: nine letters and digits."""
     return uuid.uuid4().hex[:9]
@@ -3111,6 +3134,8 @@ CHAT_FORMATS: tuple[tuple[tuple[str, ...], ChatFormat], ...] = (
         "nemotron", starts=("<TOOLCALL>",), end="</TOOLCALL>", parse=parse_mistral_call,   # a JSON list of calls
         heads=(JSON_CALL_HEAD,),
         write=lambda name: (f'<TOOLCALL>[{{"name": {json.dumps(name)}, "arguments": ', "}]</TOOLCALL>"))),
+    (("<|tool_call>call:",), ChatFormat(
+        "gemma4", starts=("<|tool_call>",), end="<tool_call|>", parse=parse_gemma_call)),
     (('{"name": function name, "parameters"',), ChatFormat(
         "llama3", starts=("<|python_tag|>",), leading=("{",), parse=parse_llama_calls, heads=(JSON_CALL_HEAD,),
         write=lambda name: (f'{{"name": {json.dumps(name)}, "parameters": ', "}"))),
@@ -3146,8 +3171,11 @@ def template_messages(messages: list[dict], template: str) -> list[dict]:
     prompt, developer message, then user), as peers do; one that demands
     nine-character call ids (Mistral Small 3.2) gets each id mapped to one;
     one that joins a call's arguments to strings (DeepSeek's) gets them as
-    JSON text.
+    JSON text; one that reads tool results only as `tool_responses` on the
+    calling message (Gemma 4's first template) gets them so.
     """
+    if "tool_responses" in template and "tool_call_id" not in template:
+        messages = tool_results_folded(messages)
     out: list[dict] = []
     for message in messages:
         message = dict(message)
@@ -3164,6 +3192,27 @@ def template_messages(messages: list[dict], template: str) -> list[dict]:
             out[-1] = {**out[-1], "content": f"{out[-1]['content']}\n\n{message['content']}"}
             continue
         out.append(message)
+    return out
+
+
+def tool_results_folded(messages: list[dict]) -> list[dict]:
+    """Tool results as Gemma 4's first template reads them: each a `tool_responses` entry ({"name",
+    "response"}) on the assistant message whose calls it answers, and the reply after them that same
+    message's content (the model's turn goes on after a result), as Google's prompt-formatting guide
+    shows it and llama.cpp sends it. Fed as role "tool" it would render as a turn of its own."""
+    out: list[dict] = []
+    for message in messages:
+        last = out[-1] if out else {}
+        if message["role"] == "tool" and last.get("tool_calls"):
+            calls, answered = last["tool_calls"], last.get("tool_responses", [])
+            name = next((c["function"]["name"] for c in calls if c.get("id") == message.get("tool_call_id")),
+                        calls[min(len(answered), len(calls) - 1)]["function"]["name"])
+            out[-1] = {**last, "tool_responses": [*answered, {"name": name, "response": message["content"]}]}
+        elif (message["role"] == "assistant" and last.get("tool_responses") and not message.get("tool_calls")
+              and not last.get("content")):
+            out[-1] = {**last, "content": message["content"]}
+        else:
+            out.append(message)
     return out
 
 
@@ -4860,6 +4909,34 @@ def join_group(settings: Settings) -> Any:
     import mlx.core as mx
     group = mx.distributed.init()
     return group if group.size() > 1 else None
+
+
+def quiet_launcher(pid: int) -> bool:
+    """Lower the CPU priority of our parent when it is mlx.launch (nice 19); True when it was.
+
+    mlx.launch's output relay busy-polls: it selects its ranks' stdin pipes for writing, which are always
+    writable, and its own stdin at end of file, so an idle 2-rank group burns 1-1.7 cores in the launcher
+    (mlx 0.32). On a laptop-sized core count that is time the ranks' decode loses. Nice 19 leaves it the
+    idle cycles only; a user's process may always lower its own processes' priority. Threads are
+    reniced one by one on Linux (where nice is per thread); elsewhere the process's value covers them.
+    """
+    try:
+        if sys.platform.startswith("linux"):
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                command = f.read().replace(b"\0", b" ").decode(errors="replace")
+            threads = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+        else:
+            command = subprocess.run(["ps", "-o", "command=", "-p", str(pid)], capture_output=True, text=True,
+                                     timeout=5).stdout
+            threads = [pid]
+        if "mlx.launch" not in command and "_distributed_utils/launch" not in command:
+            return False
+        for thread in threads:
+            os.setpriority(os.PRIO_PROCESS, thread, 19)
+    except (OSError, subprocess.SubprocessError):
+        return False   # gone, or not ours to renice: only speed is at stake
+    logging.info("mlx.launch (pid %d) busy-polls its ranks' pipes; its priority is lowered to nice 19", pid)
+    return True
 
 
 # ---------------------------------------------------------------------------
@@ -8647,6 +8724,8 @@ def main(argv: list[str] | None = None) -> int:
     rank, size = (group.rank(), group.size()) if group is not None else (0, 1)
     where = f"rank {rank}/{size} " if group is not None else ""
     logging.basicConfig(level=settings.log_level.upper(), format=f"%(asctime)s {where}%(levelname)s %(message)s")
+    if group is not None:
+        quiet_launcher(os.getppid())
     if settings.pipeline and group is None:
         print("lem_serve: --pipeline shards the model over the processes of an mlx.launch group; "
               "this one runs alone", file=sys.stderr)

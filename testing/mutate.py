@@ -459,6 +459,11 @@ MUTATIONS = [
                "                    with contextlib.suppress(BlockingIOError):\n"
                "                        piece = self.bells[0].recv(count - len(data))\n                        break\n")),
              ("test_idle_ranks_block_instead_of_polling",)),
+    Mutation("launcher-main-thread-only", "only mlx.launch's main thread is reniced (Linux nice is per thread): "
+             "its busy relay threads keep competing with the ranks",
+             (("        for thread in threads:\n            os.setpriority(os.PRIO_PROCESS, thread, 19)\n",
+               "        for thread in threads[:1]:\n            os.setpriority(os.PRIO_PROCESS, thread, 19)\n"),),
+             ("test_busy_polling_launcher_is_reniced_below_the_ranks",)),
     Mutation("group-vote-not-sent", "rank 1's stop vote never reaches rank 0 when shares travel on the lifelines",
              (("                self.bells[0].sendall(self.VOTE)\n", "                pass\n"),),
              ("test_sigterm_drains_the_group_and_it_exits",)),
@@ -593,6 +598,26 @@ MUTATIONS = [
              (("    return HarmonyChannels() if form is not None and form.harmony else None",
                "    return None"),),
              ("test_gpt_oss_analysis_tokens_count_as_reasoning",)),
+    Mutation("gemma-word-keys-only", "Gemma 4 calls are read by mlx_lm's parser, which takes only \\w+ keys and "
+                                     "[\\w-]+ names: a call to files.read or with a file-path key is lost",
+             (('    (("<|tool_call>call:",), ChatFormat(', '    (("<|tool_call>call:" * 2,), ChatFormat('),),
+             ("test_family_replies_split_into_content_reasoning_and_calls",
+              "test_family_markers_split_anywhere_never_reach_content")),
+    Mutation("gemma-tool-results-unfolded", "Gemma 4's first template gets tool results as role \"tool\" messages, "
+                                            "which it renders as turns of their own",
+             (('    if "tool_responses" in template and "tool_call_id" not in template:',
+               '    if False:'),),
+             ("test_family_prompt_is_the_templates_own_rendering",
+              "test_gemma_4_first_template_gets_tool_results_on_the_calling_turn")),
+    Mutation("gemma-answer-own-turn", "after a tool result, the answer reaches Gemma 4's first template as a model "
+                                      "turn of its own (the calling turn is never closed)",
+             (('        elif (message["role"] == "assistant" and last.get("tool_responses")',
+               '        elif (False and last.get("tool_responses")'),),
+             ("test_gemma_4_first_template_gets_tool_results_on_the_calling_turn",)),
+    Mutation("call-parsed-without-tools", "a call is parsed without the request's tools, so a value written as bare "
+                                          "text (Qwen3-Coder's 3, true) is not read by the tool's schema",
+             (("            parsed = self.form.parse(body, self.tools)", "            parsed = self.form.parse(body, None)"),),
+             ("test_family_replies_split_into_content_reasoning_and_calls",)),
     # Issue 25: the chat page for a working day (edits in chat.js).
     Mutation("tabs-last-writer-wins", "a tab writes its whole copy of a chat over the stored one: "
                                       "a reply streaming in another tab loses the other tab's turn",
