@@ -1023,8 +1023,8 @@ def number_regex(integer: bool, low: Fraction | None = None, high: Fraction | No
 class Cache(dict):
     """A dict of at most `limit` entries, the oldest dropped first: every cache of this section.
 
-    Shared by handler threads and the engine: the eviction and insertion hold a lock (two threads evicting
-    the same oldest key must not fail); `make` runs outside it, so a miss may be made twice.
+    Shared by handler threads and the engine: eviction and insertion hold a lock (two threads evicting the
+    same oldest key must not fail); `make` runs outside it, so a miss may be made twice.
     """
 
     def __init__(self, limit: int):
@@ -1047,10 +1047,10 @@ class Cache(dict):
 
 
 class Piece:
-    """A compiled schema node, compared by identity; `children` are the nodes its values hold."""
+    """A compiled schema node, compared by identity. `slack`: the longest text one token can commit the
+    output to inside its values (a key, or a value's shortest text; see JsonConstraint)."""
 
-    min_text = ""
-    children: tuple = ()
+    min_text, slack = "", 0
 
     @functools.cached_property
     def alternatives(self) -> tuple:
@@ -1062,7 +1062,7 @@ class Piece:
         return self.step(self.frame(ex), ch)
 
     def done(self, frame: tuple) -> bool:
-        """Whether the value is complete."""
+        """Whether the frame's value is complete."""
         return False
 
     def child_done(self, frame: tuple, child: tuple) -> tuple | None:
@@ -1076,7 +1076,8 @@ class Cursor(NamedTuple):
     piece: Any
     dfa: Any                   # the regex state
     count: int                 # characters of the value so far
-    escape: str                # "" (none), "\\" (after a backslash), "u" and hex digits, '"' closed, "^" before it
+    escape: str                # "^" before the opening quote, "" none, "\\" after a backslash, "u" and hex digits,
+                               # '"' closed
     ex: frozenset | None       # the texts it may not be (None: no exclusion)
     text: str | None           # its raw text so far, kept under an exclusion (always for Literals)
 
@@ -1097,13 +1098,11 @@ class Literals(Piece):
         return Cursor(self, None, 0, "", ex, "")
 
     def _left(self, frame: Cursor) -> Iterator[str]:
-        """The texts the frame may still become."""
         return (t for t in self.texts if t.startswith(frame.text) and (frame.ex is None or t not in frame.ex))
 
     def step(self, frame: Cursor, ch: str) -> list:
         """The frames after `ch` (REFEED when complete before it)."""
-        after = frame.add(ch)
-        return [REFEED] * self.done(frame) + [(after,)] * any(self._left(after))
+        return [REFEED] * self.done(frame) + [(frame.add(ch),)] * any(self._left(frame.add(ch)))
 
     def done(self, frame: Cursor) -> bool:
         return frame.text in self._left(frame)
@@ -1115,12 +1114,9 @@ class Literals(Piece):
 
 
 class Leaf(Piece):
-    """A value whose text matches `regex` with min_len to max_len characters: a JSON string (`quoted`:
-    the regex runs over its decoded characters: pattern, format and lengths) or a number (its raw text).
-
-    Strings under an exclusion take no escapes (their raw text is their value). Integers and strings have
-    one spelling each (`by_text`).
-    """
+    """A value whose text matches `regex` with min_len to max_len characters: a JSON string (`quoted`: the
+    regex runs over its decoded characters) or a number (its raw text). Strings under an exclusion take no
+    escapes (their raw text is their value). Integers and strings have one spelling each (`by_text`)."""
 
     def __init__(self, regex: Regex, min_len: int = 0, max_len: int | None = None, quoted: bool = True,
                  by_text: bool = True):
@@ -1136,32 +1132,28 @@ class Leaf(Piece):
         return Cursor(self, self.regex.start, 0, "^" * self.quoted, ex, None if ex is None else "")
 
     def step(self, frame: Cursor, ch: str) -> list:
-        """The frames after `ch` (REFEED when complete before it)."""
-        escape = frame.escape
-        if not self.quoted:  # a number: complete whenever the regex accepts; `ch` may go to the parent
-            return [REFEED] * self.done(frame) + self._take(frame, ch, ch)
-        if escape in ('"', "^"):
-            return [REFEED] if escape == '"' else [(frame.add(ch, escape=""),)] * (ch == '"')
+        """The frames after `ch` (REFEED when complete before it: a number when the regex accepts)."""
+        escape, ex = frame.escape, frame.ex
+        if not self.quoted or escape == '"':
+            return [REFEED] * self.done(frame) + (self._take(frame, ch, ch) if escape == "" else [])
+        if escape == "^":
+            return [(frame.add(ch, escape=""),)] * (ch == '"')
         if escape == "":
             if ch == '"':
-                closes = frame.count >= self.min_len and self.regex.accepts(frame.dfa)
-                return [(frame.add(ch, escape='"'),)] * (closes and (frame.ex is None or frame.text + ch not in frame.ex))
+                ends = frame.count >= self.min_len and self.regex.accepts(frame.dfa)
+                return [(frame.add(ch, escape='"'),)] * (ends and (ex is None or frame.text + ch not in ex))
             if ch == "\\":
-                return [(frame._replace(escape="\\"),)] if frame.ex is None and self._escapes(frame) else []
-            decoded = None if ch < " " else ch
-        elif escape == "\\":
-            if ch not in self._escapes(frame):
-                return []
-            if ch == "u":
-                return [(frame._replace(escape="u"),)]
-            decoded = JSON_ESCAPES[ch]
-        elif ch not in HEX_DIGITS or escape in ("ud", "uD") and ch in "89abcdefABCDEF":  # no surrogates
+                return [(frame._replace(escape="\\"),)] * (ex is None and bool(self._escapes(frame)))
+            return self._take(frame, ch, None if ch < " " else ch)
+        if escape == "\\":
+            if ch not in self._escapes(frame) or ch == "u":
+                return [(frame._replace(escape="u"),)] * (ch == "u" and ch in self._escapes(frame))
+            return self._take(frame, ch, JSON_ESCAPES[ch])
+        if ch not in HEX_DIGITS or escape in ("ud", "uD") and ch in "89abcdefABCDEF":  # no surrogates
             return []
-        elif len(escape) < 4:
+        if len(escape) < 4:
             return [(frame._replace(escape=escape + ch),)]
-        else:
-            decoded = chr(int(escape[1:] + ch, 16))
-        return self._take(frame, ch, decoded)
+        return self._take(frame, ch, chr(int(escape[1:] + ch, 16)))
 
     def _take(self, frame: Cursor, ch: str, decoded: str | None) -> list:
         """The frame after one more (decoded) character, if the value can still be completed."""
@@ -1174,31 +1166,28 @@ class Leaf(Piece):
         return [(after,)]
 
     def _escapes(self, frame: Cursor) -> str:
-        """The letters that may follow a backslash here: those whose character fits; \\u only where any character does."""
+        """The letters that may follow a backslash here: those whose character fits; \\u only where any may."""
         letters = "".join(k for k, c in JSON_ESCAPES.items()
                           if (nxt := self.regex.move(frame.dfa, c)) and self.complete(nxt, frame.count + 1) is not None)
         return letters + "u" * (self.regex is ANY_TEXT and frame.count < self.limit)
 
     def complete(self, dfa: frozenset, count: int) -> str | None:
         """A shortest text (decoded) that completes the value from `dfa` after `count` characters, or None."""
-        best = self.regex.shortest(dfa) if count >= self.min_len else \
-            self.completions.get_or((dfa, count), lambda: self._padded(dfa, count))
+        def padded() -> str | None:   # breadth first up to min_len, then the shortest way to a match
+            layer = {dfa: ""}
+            for _ in range(self.min_len - count):
+                layer = {nxt: text + ch for state, text in layer.items() for cid, ch in self.regex.reps.items()
+                         if (nxt := self.regex._move(state, cid)) is not None}
+            tails = (text + tail for state, text in layer.items() if (tail := self.regex.shortest(state)) is not None)
+            return min(tails, key=len, default=None)
+        best = self.regex.shortest(dfa) if count >= self.min_len else self.completions.get_or((dfa, count), padded)
         return best if best is not None and count + len(best) <= self.limit else None
-
-    def _padded(self, dfa: frozenset, count: int) -> str | None:
-        """A shortest text to a match from `dfa` that reaches min_len: breadth first to it, then shortest()."""
-        layer = {dfa: ""}
-        for _ in range(self.min_len - count):
-            layer = {nxt: text + ch for state, text in layer.items() for cid, ch in self.regex.reps.items()
-                     if (nxt := self.regex._move(state, cid)) is not None}
-        return min((text + tail for state, text in layer.items() if (tail := self.regex.shortest(state)) is not None),
-                   key=len, default=None)
 
     def done(self, frame: Cursor) -> bool:
         if self.quoted:
             return frame.escape == '"'
-        closes = frame.count >= self.min_len and self.regex.accepts(frame.dfa)
-        return closes and (frame.ex is None or frame.text not in frame.ex)
+        ends = frame.count >= self.min_len and self.regex.accepts(frame.dfa)
+        return ends and (frame.ex is None or frame.text not in frame.ex)
 
     def finish(self, frame: Cursor) -> str | None:
         """A shortest text that completes the value; None when every one is excluded."""
@@ -1237,7 +1226,7 @@ class Leaf(Piece):
         return None
 
     def move_class(self, at: tuple, key: str) -> tuple | None:
-        """(dfa, count) after a character of class id ord(`key`) from `at`, if the value can still be completed."""
+        """(dfa, count) after a character of class id ord(`key`), if the value can still be completed."""
         nxt = self.regex._move(at[0], ord(key))
         return (nxt, at[1] + 1) if nxt is not None and self.complete(nxt, at[1] + 1) is not None else None
 
@@ -1252,12 +1241,18 @@ def number_leaf(integer: bool, *bounds: Any, **options: Any) -> Leaf:
     return Leaf(number_regex(integer, *bounds, **options), quoted=False, by_text=integer)
 
 
+def _slack(nodes: Any, keys: Any = ()) -> int:
+    """The slack of a piece whose values hold `nodes` and write `keys` (see Piece)."""
+    return max([0] + [len(key) + 2 for key in keys] + [max(n.slack, len(n.min_text) + 1) for n in nodes])
+
+
 class Union(Piece):
     """anyOf (and oneOf, type lists): a value matching any of the alternatives."""
 
     def __init__(self, alternatives):
-        self.alternatives = self.children = tuple(a for alt in alternatives for a in alt.alternatives)
+        self.alternatives = tuple(a for alt in alternatives for a in alt.alternatives)
         self.min_text = min((a.min_text for a in self.alternatives), key=len)
+        self.slack = _slack(self.alternatives)
 
 
 def first_text(node: Piece, forbidden: frozenset) -> str | None:
@@ -1272,43 +1267,13 @@ def union(alternatives: list) -> Piece | None:
     return Union(alternatives) if len(alternatives) > 1 else alternatives[0] if alternatives else None
 
 
-def begin_value(node: Piece, ch: str, ex: frozenset | None) -> list:
-    """The frames of a value of `node` that starts with `ch` (under the exclusion `ex`)."""
-    return [frames for alt in node.alternatives for frames in alt.begin(ch, ex)]
-
-
-class Start(NamedTuple):
-    """The frame of a value not begun: its whitespace so far, then the first character of one alternative."""
-
-    piece: Any                 # VALUE
-    node: Piece
-    spaces: int
-    ex: frozenset | None
-
-
-class ValueStart(Piece):
-    """The start of a value (see Start)."""
-
-    def step(self, frame: Start, ch: str) -> list:
-        """The frames after `ch`."""
-        if ch in JSON_WHITESPACE:
-            return [(frame._replace(spaces=frame.spaces + 1),)] if frame.spaces < JSON_MAX_WHITESPACE else []
-        return begin_value(frame.node, ch, frame.ex)
-
-    def finish(self, frame: Start) -> str | None:
-        """A shortest value (not excluded)."""
-        return frame.node.min_text if frame.ex is None else first_text(frame.node, frame.ex)
-
-
-VALUE = ValueStart()
-
-
 class Frame(NamedTuple):
     """A container's frame (see Container)."""
 
     piece: Any
-    phase: str         # open (after "{" or "["), comma, key (a key leaf on top), colon (a key written), value
-    at: int            # the next slot (in "colon": the key's, or len(slots) + j for extra value j)
+    phase: str         # open (after "{" or "["), comma, key (a key leaf on top), colon (a key written), item
+                       # (a value may begin), value (after one)
+    at: int            # the next slot (in colon and item: the key's, or len(slots) + j for extra value j)
     count: int         # members written, capped where more no longer matters
     seen: frozenset    # texts that may not repeat: extra keys written, unique items
     spaces: int        # whitespace since the last token
@@ -1316,13 +1281,12 @@ class Frame(NamedTuple):
 
 class Container(Piece):
     """A JSON object or array: `slots` (name, node, required) in their order, then extra members, from
-    `low` to `high` members. An array's names are None and its slots come all, in order, until it
-    closes; an object's slots come each at most once, the required ones not skipped.
-
-    Extra members take values[matched] (none: no extra members). An array's matched is (); an object's
-    extra keys are `key` leaves, never a slot's or a `banned` name nor one already written, and matched
-    is the indices of the `patterns` (patternProperties) that match the key ((): additionalProperties).
-    A `unique` array's items are leaves, under an exclusion of the texts already written.
+    `low` to `high` members. An object may skip a slot not required; an array's slots (names None) come
+    all, in order, until it closes. Extra members take values[matched] (none: no extra members); an
+    array's matched is (); an object's extra keys are `key` leaves, never a slot's or a `banned` name
+    nor one already written, and matched is the indices of the `patterns` (patternProperties) that match
+    the key ((): additionalProperties). A `unique` array's items are leaves, under an exclusion of the
+    texts already written. Without brackets, the one value of a document (see json_start).
     """
 
     def __init__(self, brackets: str, slots: tuple, values: dict, low: int = 0, high: int | None = None,
@@ -1335,42 +1299,45 @@ class Container(Piece):
         self.forbidden = frozenset(self.keys) | {json.dumps(name, ensure_ascii=False) for name in banned}
         self.required_from = [sum(req for _, _, req in slots[j:]) for j in range(len(slots) + 1)]
         self.fixed = [req or not self.keyed for _, _, req in slots]   # slots that may not be skipped
-        self.cap = low if high is None else high
-        self.children = tuple(node for _, node, _ in slots) + tuple(values.values())
-        self.key_pieces = Cache(JSON_MASK_CACHE_STATES)
+        self.cap, self.key_pieces = low if high is None else high, Cache(JSON_MASK_CACHE_STATES)
         tail = self._tail(0, 0, frozenset(), "", False)
         if tail is None:
             raise ValueError("no object has these properties within minProperties/maxProperties" if self.keyed
                              else "no array has these items within minItems/maxItems (and uniqueItems)")
-        self.min_text = brackets[0] + tail
+        self.min_text = brackets[:1] + tail
+        self.slack = _slack([node for _, node, _ in slots] + list(values.values()), self.keys)
 
     def begin(self, ch: str, ex: frozenset | None) -> list:
         """An open frame if `ch` is the opening bracket."""
-        return [(Frame(self, "open", 0, 0, frozenset(), 0),)] if ch == self.brackets[0] else []
+        return [(Frame(self, "open", 0, 0, frozenset(), 0),)] if ch == self.brackets[:1] else []
 
     def step(self, frame: Frame, ch: str) -> list:
         """The frames after `ch`: whitespace and the closing bracket here, the rest in inner()."""
-        if ch in JSON_WHITESPACE and frame.phase != "key":
+        if ch in JSON_WHITESPACE and frame.phase != "key" and (self.brackets or frame.phase == "open"):
             return [(frame._replace(spaces=frame.spaces + 1),)] if frame.spaces < JSON_MAX_WHITESPACE else []
-        if ch == self.brackets[1] and frame.phase in ("open", "value"):
+        if ch == self.brackets[1:] and frame.phase in ("open", "value"):
             return [()] if self.required_from[frame.at] == 0 and frame.count >= self.low else []
         return self.inner(frame._replace(spaces=0), ch)
 
     def inner(self, frame: Frame, ch: str) -> list:
-        """The frames after a comma, a key's quote, a colon, or an array item's first character."""
-        phase, count = frame.phase, min(frame.count + 1, self.cap)
+        """The frames after a comma, a key's quote, a colon, or a value's first character."""
+        phase = frame.phase
         if ch == "," and phase == "value":
             return [(frame._replace(phase="comma"),)] if self._more(frame) else []
-        if ch == '"' and phase in ("open", "comma") and self.keyed:
-            return [(frame._replace(phase="key"), key) for key in self._key_frames(frame)]
         if ch == ":" and phase == "colon":
-            node, at = self._member(frame.at)
-            return [(frame._replace(phase="value", at=at, count=count), Start(VALUE, node, 0, None))]
-        if phase in ("open", "comma") and not self.keyed and any(slots := self._choices(frame.at, frame.count)):
-            node, at = self._member(slots[0][0] if slots[0] else len(self.slots))
-            after = frame._replace(phase="value", at=at, count=count)
-            return [(after,) + frames for frames in begin_value(node, ch, frame.seen if self.unique else None)]
-        return []
+            return [(frame._replace(phase="item"),)]
+        if phase in ("open", "comma") and self.keyed:
+            return [(frame._replace(phase="key"), key) for key in self._key_frames(frame)] if ch == '"' else []
+        slots, extra = ((frame.at,), False) if phase == "item" else self._choices(frame.at, frame.count)
+        if phase not in ("open", "comma", "item") or not (slots or extra):
+            return []
+        node, at = self._member(slots[0] if slots else len(self.slots))
+        after = frame._replace(phase="value", at=at, count=min(frame.count + 1, self.cap))
+        ex = frame.seen if self.unique else None
+        return [(after,) + frames for alt in node.alternatives for frames in alt.begin(ch, ex)]
+
+    def done(self, frame: Frame) -> bool:
+        return not self.brackets and frame.phase == "value"
 
     def _member(self, at: int) -> tuple:
         """(the value's node, the next slot) for slot `at`, or extra value at - len(slots)."""
@@ -1423,9 +1390,10 @@ class Container(Piece):
 
     def finish(self, frame: Frame) -> str | None:
         """The shortest text that closes the container from `frame`."""
-        if frame.phase == "colon":
+        if frame.phase in ("colon", "item"):
             node, at = self._member(frame.at)
-            return ":" + node.min_text + self._tail(at, min(frame.count + 1, self.cap), frame.seen, ",", False)
+            tail = self._tail(at, min(frame.count + 1, self.cap), frame.seen, ",", False)
+            return ":" * (frame.phase == "colon") + node.min_text + tail
         return self._tail(frame.at, frame.count, frame.seen, "," * (frame.phase == "value"), frame.phase == "comma")
 
     def _tail(self, at: int, count: int, seen: frozenset, sep: str, must: bool) -> str | None:
@@ -1452,7 +1420,7 @@ class Container(Piece):
                 return None
             parts.append(sep + key + value)
             sep, must, count, seen = ",", False, min(count + 1, self.cap), seen | {value} if self.unique else seen
-        return "".join(parts) + self.brackets[1]
+        return "".join(parts) + self.brackets[1:]
 
 
 class Object(Container):
@@ -1467,14 +1435,16 @@ class Array(Container):
     """A JSON array: `prefix` items (nodes) then `items` ones (None: no more), min_items to max_items."""
 
     def __init__(self, prefix: tuple, items: Piece | None, min_items: int = 0, max_items: int | None = None,
-                 unique: bool = False):
+                 unique: bool = False, brackets: str = "[]"):
         slots = tuple((None, node, False) for node in prefix)
-        super().__init__("[]", slots, {} if items is None else {(): items}, min_items, max_items, unique=unique)
+        super().__init__(brackets, slots, {} if items is None else {(): items}, min_items, max_items, unique=unique)
 
 
 def json_start(node: Piece, prefix: str = "", suffix: str = "") -> tuple:
     """The automaton's start state: `prefix`, a JSON value for `node`, then `suffix`."""
-    stack = (Literals((suffix,)).frame(),) * bool(suffix) + (Start(VALUE, node, 0, None),)
+    root = Array((node,), None, 1, 1, brackets="")
+    root.slack = node.slack   # what the document commits to is its value's
+    stack = (Literals((suffix,)).frame(),) * bool(suffix) + (Frame(root, "open", 0, 0, frozenset(), 0),)
     return (stack + (Literals((prefix,)).frame(),) * bool(prefix),)
 
 
@@ -2329,7 +2299,10 @@ class JsonMasks:
     """Which tokens may come next in each automaton state of one constraint (cached)."""
 
     def __init__(self, table: TokenTable, start: tuple):
-        self.table, self.start, self.slack = table, start, commitment(start)
+        self.table, self.start = table, start
+        # JsonConstraint starts closing this many tokens early: a token that writes a key, opens an item or
+        # picks an anyOf branch commits the output to that text (see Piece.slack; a token is >= 1 character).
+        self.slack = 2 * max((frame[0].slack for stack in start for frame in stack if isinstance(frame, Frame)), default=0)
         self.masks, self.closings, self.plains = (Cache(JSON_MASK_CACHE_STATES) for _ in range(3))
 
     def key(self, state: tuple) -> tuple:
@@ -2391,24 +2364,6 @@ def masked(logits: Any, mask: Any) -> Any:
     """`logits` with -inf wherever the boolean `mask` is false."""
     import mlx.core as mx
     return mx.where(mask, logits, mx.array(-math.inf, dtype=logits.dtype))
-
-
-def commitment(start: tuple) -> int:
-    """The most one token can add to the closing text, in characters (so in tokens at most).
-
-    A token that writes a key, opens an array item or picks an anyOf branch commits the output to that
-    value's shortest text; JsonConstraint starts closing this much early, so no such step leaves too few.
-    """
-    todo = [frame[1] for stack in start for frame in stack if frame[0] is VALUE]
-    seen, most = set(), 0
-    while todo:
-        piece = todo.pop()
-        if id(piece) not in seen:
-            seen.add(id(piece))
-            keys = [len(key) + 2 for key in getattr(piece, "keys", ())]
-            most = max([most] + keys + [len(child.min_text) + 1 for child in piece.children])
-            todo += piece.children
-    return 2 * most
 
 
 def json_constraint(constraint: Constraint, tokenizer: Any, budget: int) -> JsonConstraint:
