@@ -1021,11 +1021,8 @@ def number_regex(integer: bool, low: Fraction | None = None, high: Fraction | No
 
 
 class Cache(dict):
-    """A dict of at most `limit` entries, the oldest dropped first: every cache of this section.
-
-    Shared by handler threads and the engine: eviction and insertion hold a lock (two threads evicting the
-    same oldest key must not fail); `make` runs outside it, so a miss may be made twice.
-    """
+    """At most `limit` entries, the oldest out first: every cache of this section. Handler threads and the
+    engine share them: eviction and insertion hold a lock; `make` runs outside it (a miss may be made twice)."""
 
     def __init__(self, limit: int):
         super().__init__()
@@ -1047,23 +1044,18 @@ class Cache(dict):
 
 
 class Piece:
-    """A compiled schema node, compared by identity. `slack`: the longest text one token can commit the
-    output to inside its values (a key, or a value's shortest text; see JsonConstraint)."""
+    """A compiled schema node, compared by identity. `alternatives`: the pieces its value may be (a Union's
+    list); `slack`: the longest text one token can commit the output to inside it (a key, a value's min_text)."""
 
     min_text, slack = "", 0
 
     @functools.cached_property
     def alternatives(self) -> tuple:
-        """The pieces a value of this one may be (a Union's own list)."""
         return (self,)
 
     def begin(self, ch: str, ex: frozenset | None) -> list:
         """The frames of a value that starts with `ch`, under the exclusion `ex` (leaves only)."""
         return self.step(self.frame(ex), ch)
-
-    def done(self, frame: tuple) -> bool:
-        """Whether the frame's value is complete."""
-        return False
 
     def child_done(self, frame: tuple, child: tuple) -> tuple | None:
         """This frame once its child value `child` is complete; None to refuse it."""
@@ -1076,14 +1068,15 @@ class Cursor(NamedTuple):
     piece: Any
     dfa: Any                   # the regex state
     count: int                 # characters of the value so far
-    escape: str                # "^" before the opening quote, "" none, "\\" after a backslash, "u" and hex digits,
-                               # '"' closed
+    escape: str                # "^" before the opening quote, "" none, "\\" after a backslash, "u" + hex digits, '"'
     ex: frozenset | None       # the texts it may not be (None: no exclusion)
     text: str | None           # its raw text so far, kept under an exclusion (always for Literals)
 
-    def add(self, ch: str, **changes: Any) -> Cursor:
-        """The frame after raw character `ch`, with `changes`."""
-        return self._replace(text=None if self.text is None else self.text + ch, **changes)
+    def add(self, ch: str, escape: str | None = None, dfa: Any = None) -> Cursor:
+        """The frame after raw character `ch`: in `escape` if given, one character further at `dfa` if given."""
+        text = None if self.text is None else self.text + ch
+        return Cursor(self.piece, self.dfa if dfa is None else dfa, self.count + (dfa is not None),
+                      self.escape if escape is None else escape, self.ex, text)
 
 
 class Literals(Piece):
@@ -1102,7 +1095,8 @@ class Literals(Piece):
 
     def step(self, frame: Cursor, ch: str) -> list:
         """The frames after `ch` (REFEED when complete before it)."""
-        return [REFEED] * self.done(frame) + [(frame.add(ch),)] * any(self._left(frame.add(ch)))
+        after = frame.add(ch)
+        return [REFEED] * self.done(frame) + [(after,)] * any(self._left(after))
 
     def done(self, frame: Cursor) -> bool:
         return frame.text in self._left(frame)
@@ -1121,8 +1115,7 @@ class Leaf(Piece):
     def __init__(self, regex: Regex, min_len: int = 0, max_len: int | None = None, quoted: bool = True,
                  by_text: bool = True):
         self.regex, self.min_len, self.max_len, self.quoted, self.by_text = regex, min_len, max_len, quoted, by_text
-        self.limit = math.inf if max_len is None else max_len
-        self.completions = Cache(JSON_MASK_CACHE_STATES)
+        self.limit, self.completions = math.inf if max_len is None else max_len, Cache(JSON_MASK_CACHE_STATES)
         if self.complete(regex.start, 0) is None:
             raise ValueError("no string has both this pattern or format and these lengths")
         self.min_text = self.finish(self.frame())
@@ -1132,18 +1125,18 @@ class Leaf(Piece):
         return Cursor(self, self.regex.start, 0, "^" * self.quoted, ex, None if ex is None else "")
 
     def step(self, frame: Cursor, ch: str) -> list:
-        """The frames after `ch` (REFEED when complete before it: a number when the regex accepts)."""
+        """The frames after `ch` (REFEED when complete before it: a number whenever the regex accepts)."""
         escape, ex = frame.escape, frame.ex
         if not self.quoted or escape == '"':
             return [REFEED] * self.done(frame) + (self._take(frame, ch, ch) if escape == "" else [])
         if escape == "^":
-            return [(frame.add(ch, escape=""),)] * (ch == '"')
+            return [(frame.add(ch, ""),)] if ch == '"' else []
+        if escape == "" and ch == '"':
+            ends = frame.count >= self.min_len and self.regex.accepts(frame.dfa)
+            return [(frame.add(ch, '"'),)] * (ends and (ex is None or frame.text + ch not in ex))
+        if escape == "" and ch == "\\":
+            return [(frame._replace(escape="\\"),)] * (ex is None and bool(self._escapes(frame)))
         if escape == "":
-            if ch == '"':
-                ends = frame.count >= self.min_len and self.regex.accepts(frame.dfa)
-                return [(frame.add(ch, escape='"'),)] * (ends and (ex is None or frame.text + ch not in ex))
-            if ch == "\\":
-                return [(frame._replace(escape="\\"),)] * (ex is None and bool(self._escapes(frame)))
             return self._take(frame, ch, None if ch < " " else ch)
         if escape == "\\":
             if ch not in self._escapes(frame) or ch == "u":
@@ -1160,7 +1153,7 @@ class Leaf(Piece):
         dfa = None if decoded is None else self.regex.move(frame.dfa, decoded)
         if dfa is None or self.complete(dfa, frame.count + 1) is None:
             return []
-        after = frame.add(ch, dfa=dfa, count=frame.count + 1, escape="")
+        after = frame.add(ch, "", dfa)
         if after.text is not None and any(f.startswith(after.text) for f in after.ex) and self._fresh(after) is None:
             return []  # every way to close it is forbidden
         return [(after,)]
@@ -1242,7 +1235,6 @@ def number_leaf(integer: bool, *bounds: Any, **options: Any) -> Leaf:
 
 
 def _slack(nodes: Any, keys: Any = ()) -> int:
-    """The slack of a piece whose values hold `nodes` and write `keys` (see Piece)."""
     return max([0] + [len(key) + 2 for key in keys] + [max(n.slack, len(n.min_text) + 1) for n in nodes])
 
 
@@ -1280,17 +1272,15 @@ class Frame(NamedTuple):
 
 
 class Container(Piece):
-    """A JSON object or array: `slots` (name, node, required) in their order, then extra members, from
-    `low` to `high` members. An object may skip a slot not required; an array's slots (names None) come
-    all, in order, until it closes. Extra members take values[matched] (none: no extra members); an
-    array's matched is (); an object's extra keys are `key` leaves, never a slot's or a `banned` name
-    nor one already written, and matched is the indices of the `patterns` (patternProperties) that match
-    the key ((): additionalProperties). A `unique` array's items are leaves, under an exclusion of the
-    texts already written. Without brackets, the one value of a document (see json_start).
-    """
+    """A JSON object: `slots` (name, node, required) in their order, each at most once, then extra members;
+    `low` to `high` members. Extra keys are `key` leaves, never a slot's or a `banned` name nor one written
+    before; their value is values[matched], matched being the indices of the `patterns` (patternProperties)
+    that match the key ((): additionalProperties; values empty: no extra keys). As an array (see Array),
+    names are None, slots come all in order, extra items take values[()], and `unique` items are leaves under
+    an exclusion of those written before. Without brackets: a document's one value (see json_start)."""
 
-    def __init__(self, brackets: str, slots: tuple, values: dict, low: int = 0, high: int | None = None,
-                 key: Piece | None = None, banned: tuple = (), patterns: tuple = (), unique: bool = False):
+    def __init__(self, slots: tuple, values: dict, low: int = 0, high: int | None = None, key: Piece | None = None,
+                 banned: tuple = (), patterns: tuple = (), unique: bool = False, brackets: str = "{}"):
         self.brackets, self.slots, self.values, self.low, self.high = brackets, slots, values, low, high
         self.keyed, self.patterns, self.unique, self.extras = brackets == "{}", patterns, unique, list(values)
         self.key = (key or ANY_STRING) if self.keyed and values else None
@@ -1299,7 +1289,7 @@ class Container(Piece):
         self.forbidden = frozenset(self.keys) | {json.dumps(name, ensure_ascii=False) for name in banned}
         self.required_from = [sum(req for _, _, req in slots[j:]) for j in range(len(slots) + 1)]
         self.fixed = [req or not self.keyed for _, _, req in slots]   # slots that may not be skipped
-        self.cap, self.key_pieces = low if high is None else high, Cache(JSON_MASK_CACHE_STATES)
+        self.cap, self.memo = low if high is None else high, Cache(JSON_MASK_CACHE_STATES)   # key pieces, choices
         tail = self._tail(0, 0, frozenset(), "", False)
         if tail is None:
             raise ValueError("no object has these properties within minProperties/maxProperties" if self.keyed
@@ -1312,29 +1302,35 @@ class Container(Piece):
         return [(Frame(self, "open", 0, 0, frozenset(), 0),)] if ch == self.brackets[:1] else []
 
     def step(self, frame: Frame, ch: str) -> list:
-        """The frames after `ch`: whitespace and the closing bracket here, the rest in inner()."""
-        if ch in JSON_WHITESPACE and frame.phase != "key" and (self.brackets or frame.phase == "open"):
-            return [(frame._replace(spaces=frame.spaces + 1),)] if frame.spaces < JSON_MAX_WHITESPACE else []
-        if ch == self.brackets[1:] and frame.phase in ("open", "value"):
-            return [()] if self.required_from[frame.at] == 0 and frame.count >= self.low else []
-        return self.inner(frame._replace(spaces=0), ch)
-
-    def inner(self, frame: Frame, ch: str) -> list:
-        """The frames after a comma, a key's quote, a colon, or a value's first character."""
-        phase = frame.phase
-        if ch == "," and phase == "value":
-            return [(frame._replace(phase="comma"),)] if self._more(frame) else []
+        """The frames after `ch`: whitespace, a value's first character, brackets, commas, colons, a key's quote."""
+        _, phase, at, count, seen, spaces = frame
+        if ch in JSON_WHITESPACE and phase != "key" and (self.brackets or phase != "value"):
+            return [(Frame(self, phase, at, count, seen, spaces + 1),)] if spaces < JSON_MAX_WHITESPACE else []
+        if phase == "item" or phase in ("open", "comma") and not self.keyed and ch != self.brackets[1:]:
+            slots, extra = ((at,), False) if phase == "item" else self._choices(at, count)
+            node, nxt = self._member(slots[0] if slots else len(self.slots)) if slots or extra else (None, 0)
+            ex = seen if self.unique else None
+            frames = [f for alt in node.alternatives for f in alt.begin(ch, ex)] if node else []
+            if not frames:
+                return frames
+            after = Frame(self, "value", nxt, min(count + 1, self.cap), seen, 0)
+            return [(after,) + f for f in frames]
+        if ch == self.brackets[1:] and phase in ("open", "value"):
+            return [()] if self.required_from[at] == 0 and count >= self.low else []
         if ch == ":" and phase == "colon":
-            return [(frame._replace(phase="item"),)]
-        if phase in ("open", "comma") and self.keyed:
-            return [(frame._replace(phase="key"), key) for key in self._key_frames(frame)] if ch == '"' else []
-        slots, extra = ((frame.at,), False) if phase == "item" else self._choices(frame.at, frame.count)
-        if phase not in ("open", "comma", "item") or not (slots or extra):
+            return [(Frame(self, "item", at, count, seen, 0),)]
+        if not (ch == "," and phase == "value" or ch == '"' and phase in ("open", "comma")):
             return []
-        node, at = self._member(slots[0] if slots else len(self.slots))
-        after = frame._replace(phase="value", at=at, count=min(frame.count + 1, self.cap))
-        ex = frame.seen if self.unique else None
-        return [(after,) + frames for alt in node.alternatives for frames in alt.begin(ch, ex)]
+        slots, extra = self._choices(at, count)
+        if ch == ",":
+            nodes = [self._member(j)[0] for j in slots + (len(self.slots),) * extra]
+            more = any(not self.unique or first_text(node, seen) is not None for node in nodes)
+            return [(Frame(self, "comma", at, count, seen, 0),)] * more
+        keys = [(self.key, self.forbidden | seen)] * extra   # a declared name or an extra key, after its quote
+        if slots:
+            keys.insert(0, (self.memo.get_or((slots,), lambda: Literals(self.names[j] for j in slots)), None))
+        frame = Frame(self, "key", at, count, seen, 0)
+        return [(frame, f[0]) for piece, ex in keys for f in piece.begin(ch, ex) if f is not REFEED]
 
     def done(self, frame: Frame) -> bool:
         return not self.brackets and frame.phase == "value"
@@ -1346,7 +1342,11 @@ class Container(Piece):
         return self.values[self.extras[at - len(self.slots)]], len(self.slots)
 
     def _choices(self, at: int, count: int) -> tuple[tuple[int, ...], bool]:
-        """(slots that may come next, whether an extra member may), leaving room for low and high."""
+        """(slots that may come next, whether an extra member may), leaving room for low and high (cached)."""
+        got = self.memo.get((at, count))
+        return got if got is not None else self.memo.get_or((at, count), lambda: self._choose(at, count))
+
+    def _choose(self, at: int, count: int) -> tuple[tuple[int, ...], bool]:
         if self.high is not None and count >= self.high:
             return (), False
         chosen = []
@@ -1357,21 +1357,6 @@ class Container(Piece):
             if self.fixed[j]:
                 break
         return tuple(chosen), bool(self.extras) and not any(self.fixed[at:])
-
-    def _more(self, frame: Frame) -> bool:
-        """Whether another member may follow (in a unique array, one not yet written)."""
-        slots, extra = self._choices(frame.at, frame.count)
-        if not self.unique:
-            return bool(slots or extra)
-        return any(first_text(self._member(j)[0], frame.seen) is not None for j in slots + (len(self.slots),) * extra)
-
-    def _key_frames(self, frame: Frame) -> list[tuple]:
-        """The key leaves' frames after the opening quote: declared names, then extra keys."""
-        declared, extra = self._choices(frame.at, frame.count)
-        pieces = [(self.key, self.forbidden | frame.seen)] * extra
-        if declared:
-            pieces.insert(0, (self.key_pieces.get_or(declared, lambda: Literals(self.names[j] for j in declared)), None))
-        return [frames[0] for piece, ex in pieces for frames in piece.begin('"', ex) if frames is not REFEED]
 
     def child_done(self, frame: Frame, child: tuple) -> Frame | None:
         """A key written: its slot, or an extra key's value (None: no value may follow it); an item: seen."""
@@ -1423,28 +1408,23 @@ class Container(Piece):
         return "".join(parts) + self.brackets[1:]
 
 
-class Object(Container):
-    """A JSON object: props (name, node, required) in their order, each at most once, then extra keys."""
-
-    def __init__(self, props: tuple, values: dict, min_props: int = 0, max_props: int | None = None,
-                 key: Piece | None = None, banned: tuple = (), patterns: tuple = ()):
-        super().__init__("{}", props, values, min_props, max_props, key, banned, patterns)
+Object = Container   # Object(props, values, min_props, max_props, key, banned, patterns)
 
 
-class Array(Container):
+def Array(prefix: tuple, items: Piece | None, min_items: int = 0, max_items: int | None = None,
+          unique: bool = False, brackets: str = "[]") -> Container:
     """A JSON array: `prefix` items (nodes) then `items` ones (None: no more), min_items to max_items."""
+    return Container(tuple((None, node, False) for node in prefix), {} if items is None else {(): items},
+                     min_items, max_items, unique=unique, brackets=brackets)
 
-    def __init__(self, prefix: tuple, items: Piece | None, min_items: int = 0, max_items: int | None = None,
-                 unique: bool = False, brackets: str = "[]"):
-        slots = tuple((None, node, False) for node in prefix)
-        super().__init__(brackets, slots, {} if items is None else {(): items}, min_items, max_items, unique=unique)
+
+_DOCUMENTS = Cache(JSON_MASK_CACHE_STATES)   # by node id: (the node, a bracketless array of it: a document)
 
 
 def json_start(node: Piece, prefix: str = "", suffix: str = "") -> tuple:
     """The automaton's start state: `prefix`, a JSON value for `node`, then `suffix`."""
-    root = Array((node,), None, 1, 1, brackets="")
-    root.slack = node.slack   # what the document commits to is its value's
-    stack = (Literals((suffix,)).frame(),) * bool(suffix) + (Frame(root, "open", 0, 0, frozenset(), 0),)
+    root = _DOCUMENTS.get_or(id(node), lambda: (node, Array((node,), None, 1, 1, brackets="")))[1]
+    stack = (Literals((suffix,)).frame(),) * bool(suffix) + (Frame(root, "item", 0, 0, frozenset(), 0),)
     return (stack + (Literals((prefix,)).frame(),) * bool(prefix),)
 
 
@@ -1464,22 +1444,17 @@ def json_complete(state: tuple) -> bool:
 
 def json_closing_text(state: tuple) -> str | None:
     """A shortest way (by the pieces' finish texts) to complete the text from `state`."""
-    texts = [text for stack in state if (text := _closing(stack)) is not None]
-    return min(texts, key=len, default=None)
+    return min([text for text in map(_closing, state) if text is not None], key=len, default=None)
 
 
 def _step(stack: tuple, ch: str) -> list[tuple]:
     """The stacks that can follow `stack` on character `ch` (none: it cannot)."""
-    if not stack:
-        return []
-    top, rest = stack[-1], stack[:-1]
     out = []
-    for frames in top[0].step(top, ch):
-        if frames is REFEED:
-            parent = _pop(rest, top)
-            out += _step(parent, ch) if parent else []
-        else:
-            out.append(rest + frames)
+    for frames in stack[-1][0].step(stack[-1], ch) if stack else ():
+        if frames is not REFEED:
+            out.append(stack[:-1] + frames)
+        elif parent := _pop(stack[:-1], stack[-1]):
+            out += _step(parent, ch)
     return out
 
 
@@ -2217,10 +2192,10 @@ def schema_constraint(schema: Any, param: str) -> Constraint:
 
 # -- JSON-constrained decoding: the automaton lifted to tokens
 #
-# A token may follow a state when the automaton takes its whole text. Masks walk a trie of the token
-# texts, and inside strings a trie of the plain tokens over the string regex's class ids, so a length
-# or a pattern is not a walk of every token. Masks are cached per state, string lengths reduced to
-# what can matter within one token (Leaf.key), so long strings reuse them.
+# A token may follow a state when the automaton takes its whole text. Masks walk a trie of the token texts,
+# and inside strings a trie of the plain tokens over the string regex's class ids, so a length or a pattern
+# is not a walk of every token. Masks are cached per state, a string's count reduced to what can matter
+# within one token (Leaf.key), so long strings reuse them.
 
 def token_trie(pairs: Any) -> dict:
     """A trie of (key, token ids) pairs: char -> child; "" -> the ids whose key ends there."""
@@ -2246,12 +2221,9 @@ def trie_walk(node: dict, state: Any, move: Callable) -> list[int]:
 
 
 class TokenTable:
-    """A vocabulary's token texts, indexed for constrained decoding; one per tokenizer.
-
-    Special tokens (end of sequence included) and tokens that decode to part of a character are left
-    out, so constrained text is made of whole characters and never of control tokens. `plain` tokens
-    hold only ordinary string characters (no quote, backslash or control); the others are `marked`.
-    """
+    """A vocabulary's token texts, indexed for constrained decoding; one per tokenizer. Special tokens and
+    tokens that decode to part of a character are left out, so constrained text is whole characters and no
+    control tokens. `plain` tokens hold only ordinary string characters; the others are `marked`."""
 
     def __init__(self, tokenizer: Any):
         self.size, self.eos = len(tokenizer), sorted(tokenizer.eos_token_ids)
@@ -2296,13 +2268,14 @@ def token_table(tokenizer: Any) -> TokenTable:
 
 
 class JsonMasks:
-    """Which tokens may come next in each automaton state of one constraint (cached)."""
+    """Which tokens may come next in each automaton state of one constraint, and how to close (cached).
+    `slack`: a token that writes a key, opens an item or picks an anyOf branch commits the output to that
+    text (Piece.slack), so JsonConstraint starts closing this many tokens early."""
 
     def __init__(self, table: TokenTable, start: tuple):
         self.table, self.start = table, start
-        # JsonConstraint starts closing this many tokens early: a token that writes a key, opens an item or
-        # picks an anyOf branch commits the output to that text (see Piece.slack; a token is >= 1 character).
-        self.slack = 2 * max((frame[0].slack for stack in start for frame in stack if isinstance(frame, Frame)), default=0)
+        value = next(frame[0].slots[0][1] for stack in start for frame in stack if isinstance(frame, Frame))
+        self.slack = 2 * value.slack   # the document's value, first frame of json_start's state
         self.masks, self.closings, self.plains = (Cache(JSON_MASK_CACHE_STATES) for _ in range(3))
 
     def key(self, state: tuple) -> tuple:
@@ -2319,30 +2292,29 @@ class JsonMasks:
         return self.closings.get_or(self.key(state), lambda: self._spell(json_closing_text(state)))
 
     def _spell(self, text: str | None) -> list[int] | None:
-        ids, at = [], 0
-        while text is not None and at < len(text):
+        ids = []
+        while text:  # the longest token that starts the rest
             node, best = self.table.trie, None
-            for end in range(at, len(text)):
-                node = node.get(text[end])
-                if node is None:
+            for end, ch in enumerate(text):
+                if (node := node.get(ch)) is None:
                     break
                 best = (node[""][0], end + 1) if node.get("") else best
             if best is None:
                 return None  # no token spells the next character
             ids.append(best[0])
-            at = best[1]
+            text = text[best[1]:]
         return None if text is None else ids
 
     def _build(self, state: tuple, width: int) -> Any:
         table, ids, walk, plain = self.table, [], [], self.ids_mask([], width)
         for stack in state:
             top = stack[-1] if stack else None
-            if top is not None and isinstance(top[0], Leaf) and top.piece.quoted and top.escape == "" and (
-                    top.ex is None or top.piece.max_len is None and top.piece.regex is ANY_TEXT):
+            leaf = top[0] if top is not None and isinstance(top[0], Leaf) and top[0].quoted else None
+            if leaf and top.escape == "" and (top.ex is None or leaf.max_len is None and leaf.regex is ANY_TEXT):
                 # Inside a string, a plain token cannot leave it: its fate is the regex's and the
-                # length's alone (Leaf.move_class over the class trie); only the others need a walk.
-                plain = plain | self.plains.get_or(top.piece.key(top, table.reach)[:3], lambda: self.ids_mask(
-                    trie_walk(table.class_trie(top.piece.regex), (top.dfa, top.count), top.piece.move_class), table.size))
+                # length's alone (a walk of the class trie); only the other tokens need a walk.
+                plain = plain | self.plains.get_or(leaf.key(top, table.reach)[:3], lambda: self.ids_mask(trie_walk(
+                    table.class_trie(leaf.regex), (top.dfa, top.count), leaf.move_class), table.size))
                 ids += [t for t, text in table.marked if json_advance((stack,), text)]
             else:
                 walk.append(stack)
@@ -2375,21 +2347,15 @@ def json_constraint(constraint: Constraint, tokenizer: Any, budget: int) -> Json
 
 
 class JsonConstraint:
-    """A logits processor that only lets through tokens keeping the output valid JSON.
-
-    Called once per generated token (mlx_lm's convention), it tracks the automaton state from the
-    tokens sampled so far; when the tokens left just suffice to spell the shortest closing text, it
-    spells it, so the output is complete JSON whenever max_tokens allows. Once the JSON is complete only
-    end-of-sequence tokens remain.
-    """
+    """A logits processor (one call per generated token, mlx_lm's convention) that lets through only tokens
+    keeping the output valid JSON. When the tokens left just suffice to spell the shortest closing text, it
+    spells it, so the output is complete whenever max_tokens allows; then only end-of-sequence remains."""
 
     stateful = True   # follows the tokens sampled so far, one call per token
 
     def __init__(self, masks: JsonMasks, budget: int):
-        self.masks, self.state = masks, masks.start
-        self.left = budget           # tokens still to be sampled, this one included
-        self.started = False
-        self.plan: list[int] | None = None   # the closing tokens still to come, once closing
+        self.masks, self.state, self.left = masks, masks.start, budget   # left: tokens still to sample, this one too
+        self.started, self.plan = False, None   # plan: the closing tokens still to come, once closing
 
     def __call__(self, tokens: Any, logits: Any) -> Any:
         texts, width = self.masks.table.texts, logits.shape[-1]
