@@ -1263,8 +1263,7 @@ class Frame(NamedTuple):
     """A container's frame (see Container)."""
 
     piece: Any
-    phase: str         # open (after "{" or "["), comma, key (a key leaf on top), colon (a key written), item
-                       # (a value may begin), value (after one)
+    phase: str         # open, comma, key (a key leaf on top), colon (a key written), item (a value may begin), value
     at: int            # the next slot (in colon and item: the key's, or len(slots) + j for extra value j)
     count: int         # members written, capped where more no longer matters
     seen: frozenset    # texts that may not repeat: extra keys written, unique items
@@ -2269,13 +2268,11 @@ def token_table(tokenizer: Any) -> TokenTable:
 
 class JsonMasks:
     """Which tokens may come next in each automaton state of one constraint, and how to close (cached).
-    `slack`: a token that writes a key, opens an item or picks an anyOf branch commits the output to that
-    text (Piece.slack), so JsonConstraint starts closing this many tokens early."""
+    JsonConstraint starts closing `slack` tokens early: a token may commit the output to that much (Piece.slack)."""
 
     def __init__(self, table: TokenTable, start: tuple):
-        self.table, self.start = table, start
         value = next(frame[0].slots[0][1] for stack in start for frame in stack if isinstance(frame, Frame))
-        self.slack = 2 * value.slack   # the document's value, first frame of json_start's state
+        self.table, self.start, self.slack = table, start, 2 * value.slack   # the document's value (json_start)
         self.masks, self.closings, self.plains = (Cache(JSON_MASK_CACHE_STATES) for _ in range(3))
 
     def key(self, state: tuple) -> tuple:
@@ -2339,8 +2336,7 @@ def masked(logits: Any, mask: Any) -> Any:
 
 
 def json_constraint(constraint: Constraint, tokenizer: Any, budget: int) -> JsonConstraint:
-    """The logits processor that forces the constraint's JSON within `budget` tokens. Its masks are shared:
-    requests with the same schema reuse them."""
+    """The logits processor that forces the constraint's JSON within `budget` tokens (masks shared per schema)."""
     masks = _CONSTRAINTS.get_or((id(tokenizer), constraint.key), lambda: JsonMasks(
         token_table(tokenizer), json_start(constraint.node)))
     return JsonConstraint(masks, budget)
