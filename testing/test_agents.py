@@ -1514,10 +1514,6 @@ def test_forced_call_in_each_familys_own_syntax(family_base, tmp_path, template)
     form = lem_serve.chat_format_of(model.tokenizer)
     tools = [described(SHELL), described(ADD)]
     with running_server(model, folder) as srv:
-        if form.write is None:  # no JSON form of a call (Kimi-K2's): forcing one is refused, by name
-            reply = request(srv, "POST", "/v1/chat/completions", body_for("chat", tools=tools, tool_choice="required"))
-            assert form.name in assert_openai_error(reply, 400, "tool_choice")["message"]
-            return
         for endpoint in ("chat", "messages", "responses"):
             for seed in range(2):
                 fields = forced_call_body(endpoint, tools, None if seed else "shell")
@@ -1536,10 +1532,61 @@ def test_forced_call_in_each_familys_own_syntax(family_base, tmp_path, template)
         echo = described({"function": {**ECHO["function"], "parameters": {
             **ECHO["function"]["parameters"],
             "properties": {"command": {"type": "string", "pattern": "^echo " + re.escape(marker)}}}}})
-        reply = post(srv, "chat", messages=ASK_WEATHER, tools=[echo], tool_choice="required", max_tokens=200,
-                     temperature=1.0, seed=0)
-        (command,) = assert_one_valid_call("chat", reply, [echo]).values()
+        fields = dict(messages=ASK_WEATHER, tools=[echo], tool_choice="required", max_tokens=200, temperature=1.0, seed=0)
+        if form.pairs:   # a raw string value ends at the marker: holding it is refused, saying why
+            reply = request(srv, "POST", "/v1/chat/completions", body_for("chat", **fields))
+            message = assert_openai_error(reply, 400, "tools")["message"]
+            assert "'command' cannot be enforced: its values would hold" in message and marker in message, message
+            return
+        (command,) = assert_one_valid_call("chat", post(srv, "chat", **fields), [echo]).values()
         assert command.startswith("echo " + marker)
+
+
+# A tool whose arguments are every kind a key/value call writes: raw strings (lengths, enum, pattern), numbers,
+# booleans, and JSON text for arrays and objects; some optional.
+PLAN = described({"function": {"name": "plan", "parameters": {
+    "type": "object", "required": ["title", "mode", "count", "tags", "code"], "properties": {
+        "title": {"type": "string", "minLength": 1, "maxLength": 12}, "mode": {"type": "string", "enum": ["fast", "slow"]},
+        "count": {"type": "integer", "minimum": 1, "maximum": 9}, "ratio": {"type": "number", "maximum": 1},
+        "dry": {"type": "boolean"}, "tags": {"type": "array", "items": {"type": "string", "maxLength": 4}, "maxItems": 2},
+        "where": {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"],
+                  "additionalProperties": False},
+        "code": {"type": "string", "pattern": "^[A-Z]{3}$"}}}}})
+
+# How each family opens a forced call to `plan`, as its template writes calls.
+FORCED_HEADS = {"zai-org-GLM-4.6.jinja": "<tool_call>plan\n<arg_key>title</arg_key>\n<arg_value>",
+                "unsloth-MiniMax-M2.jinja": '<minimax:tool_call>\n<invoke name="plan">\n<parameter name="title">',
+                "moonshotai-Kimi-K2.jinja": "<|tool_calls_section_begin|><|tool_call_begin|>functions.plan:0"
+                                            "<|tool_call_argument_begin|>"}
+
+
+@pytest.mark.parametrize("template", sorted(FORCED_HEADS))
+def test_forced_call_holds_every_argument_in_the_familys_own_syntax(family_base, tmp_path, template):
+    folder = with_chat_template(family_base, tmp_path / "model", (ROOT / "testing" / "templates" / template).read_text())
+    schema = PLAN["function"]["parameters"]
+    with running_server(lem_serve.load_model(lem_serve.Settings(model_path=str(folder))), folder) as srv:
+        for endpoint in ("chat", "messages", "responses"):
+            for seed in range(2):
+                fields = dict(dialect_messages(endpoint, ASK_WEATHER), max_tokens=400, temperature=1.0, seed=seed,
+                              **forced_call_body(endpoint, [PLAN], "plan" if seed else None))
+                reply = post(srv, endpoint, **fields, **({"logprobs": True} if endpoint == "chat" else {}))
+                assert_one_valid_call(endpoint, reply, [PLAN])
+                if endpoint == "chat":   # written as the family writes calls, from its first token
+                    written = "".join(entry["token"] for entry in reply["choices"][0]["logprobs"]["content"])
+                    assert written.startswith(FORCED_HEADS[template]), written
+                content, _, calls = streamed_parts(endpoint, stream(srv, endpoint, **fields))
+                assert not content and [name for name, _ in calls] == ["plan"], (content, calls)
+                assert_valid(json.dumps(calls[0][1]), schema)
+        if template.startswith("moonshotai"):
+            return   # JSON arguments: any schema the server enforces
+        for broken, why in (({**schema, "minProperties": 6}, "its parameters use minProperties"),
+                            ({**schema, "properties": {**schema["properties"], "title": {"type": "string", "pattern": "^ "}}},
+                             "'title' cannot be enforced: its values would hold")):
+            tool = {"type": "function", "function": {**PLAN["function"], "parameters": broken}}
+            reply = request(srv, "POST", "/v1/chat/completions", body_for("chat", tools=[tool], tool_choice="required"))
+            assert why in assert_openai_error(reply, 400, "tools")["message"]
+        strict = {"type": "function", "function": {**PLAN["function"], "strict": True}}   # lazy: held once opened
+        assert post(srv, "chat", messages=ASK_WEATHER, tools=[strict], max_tokens=8)["choices"]
 
 
 def test_structured_output_follows_the_reasoning(think_tools_server):
