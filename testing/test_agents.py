@@ -19,7 +19,7 @@ import pytest
 
 import lem_serve
 from testing.tiny_model import (CHAT_TEMPLATE, THINK_END, THINK_START, THINKING_TEMPLATE,
-                                build_parrot_model, build_tiny_model, with_chat_template,
+                                TOOL_TOKENS, build_parrot_model, build_tiny_model, with_chat_template,
                                 with_context_length)
 
 from testing.checks import (
@@ -1542,16 +1542,16 @@ def test_forced_call_in_each_familys_own_syntax(family_base, tmp_path, template)
         assert command.startswith("echo " + marker)
 
 
-# A tool whose arguments are every kind a key/value call writes: raw strings (lengths, enum, pattern), numbers,
-# booleans, and JSON text for arrays and objects; some optional.
+# A tool whose arguments are every kind a key/value call writes: raw strings (lengths, enum, pattern, free: it
+# ends only when the constraint ends it), numbers, booleans, and JSON text for arrays and objects; some optional.
 PLAN = described({"function": {"name": "plan", "parameters": {
-    "type": "object", "required": ["title", "mode", "count", "tags", "code"], "properties": {
+    "type": "object", "required": ["title", "mode", "count", "tags", "code", "note"], "properties": {
         "title": {"type": "string", "minLength": 1, "maxLength": 12}, "mode": {"type": "string", "enum": ["fast", "slow"]},
         "count": {"type": "integer", "minimum": 1, "maximum": 9}, "ratio": {"type": "number", "maximum": 1},
         "dry": {"type": "boolean"}, "tags": {"type": "array", "items": {"type": "string", "maxLength": 4}, "maxItems": 2},
         "where": {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"],
                   "additionalProperties": False},
-        "code": {"type": "string", "pattern": "^[A-Z]{3}$"}}}}})
+        "code": {"type": "string", "pattern": "^[A-Z]{3}$"}, "note": {"type": "string"}}}}})
 
 # How each family opens a forced call to `plan`, as its template writes calls.
 FORCED_HEADS = {"zai-org-GLM-4.6.jinja": "<tool_call>plan\n<arg_key>title</arg_key>\n<arg_value>",
@@ -1561,8 +1561,11 @@ FORCED_HEADS = {"zai-org-GLM-4.6.jinja": "<tool_call>plan\n<arg_key>title</arg_k
 
 
 @pytest.mark.parametrize("template", sorted(FORCED_HEADS))
-def test_forced_call_holds_every_argument_in_the_familys_own_syntax(family_base, tmp_path, template):
-    folder = with_chat_template(family_base, tmp_path / "model", (ROOT / "testing" / "templates" / template).read_text())
+def test_forced_call_holds_every_argument_in_the_familys_own_syntax(tmp_path, template):
+    name = next(name for name, (file, _, _) in FAMILIES.items() if file == template)
+    markers = tuple(t for t in FAMILIES[name][1]["tokens"] if "think" not in t)   # each one token, as in the family
+    base = build_tiny_model(tmp_path / "base", extra_tokens=tuple(t for t in markers if t not in TOOL_TOKENS))
+    folder = with_chat_template(base, tmp_path / "model", (ROOT / "testing" / "templates" / template).read_text())
     schema = PLAN["function"]["parameters"]
     with running_server(lem_serve.load_model(lem_serve.Settings(model_path=str(folder))), folder) as srv:
         for endpoint in ("chat", "messages", "responses"):
@@ -1571,9 +1574,10 @@ def test_forced_call_holds_every_argument_in_the_familys_own_syntax(family_base,
                               **forced_call_body(endpoint, [PLAN], "plan" if seed else None))
                 reply = post(srv, endpoint, **fields, **({"logprobs": True} if endpoint == "chat" else {}))
                 assert_one_valid_call(endpoint, reply, [PLAN])
-                if endpoint == "chat":   # written as the family writes calls, from its first token
-                    written = "".join(entry["token"] for entry in reply["choices"][0]["logprobs"]["content"])
-                    assert written.startswith(FORCED_HEADS[template]), written
+                if endpoint == "chat":   # written as the family writes calls, from its first token, markers as theirs
+                    written = [entry["token"] for entry in reply["choices"][0]["logprobs"]["content"]]
+                    assert "".join(written).startswith(FORCED_HEADS[template]), written
+                    assert {t for t in markers if t in FORCED_HEADS[template]} <= set(written), written
                 content, _, calls = streamed_parts(endpoint, stream(srv, endpoint, **fields))
                 assert not content and [name for name, _ in calls] == ["plan"], (content, calls)
                 assert_valid(json.dumps(calls[0][1]), schema)
