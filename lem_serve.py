@@ -3035,10 +3035,11 @@ class PairSyntax:
     """How a family writes a call whose arguments are key/value pairs rather than one JSON object.
 
     A call reads `head` ({name} filled in), then for each argument `key` ({key} filled in), its value and
-    `after`, then `tail`. A value is raw text where `raw(schema)` says the family's parser keeps it as a
-    string, else its JSON text, which that parser reads back as itself where `json(schema)` holds. A raw
-    value holds none of `closers` (they would end it, or the call, early), no blank at either end (the
-    parsers strip them), and is none of `reserved` (texts, in any case, that its parser reads otherwise).
+    `after`, `sep` between arguments, then `tail`. A value is raw text (between `quote`s) where `raw(schema)`
+    says the family's parser keeps it as a string, else its JSON text, which that parser reads back as
+    itself where `json(schema)` holds. A raw value holds none of `closers` (they would end it, or the call,
+    early), no blank at either end (parsers strip them), and is none of `reserved` (texts, in any case,
+    that its parser reads otherwise).
     """
 
     head: str
@@ -3049,6 +3050,9 @@ class PairSyntax:
     raw: Callable[[dict], bool]
     json: Callable[[dict], bool] = lambda schema: True
     reserved: tuple[str, ...] = ()
+    sep: str = ""
+    quote: str = ""
+    sign: str = ""          # what the chat template contains where this is its family's syntax (one parser, two)
 
 
 @dataclass(frozen=True)
@@ -3056,7 +3060,7 @@ class PairPlan:
     """One tool's call in a PairSyntax: its head, its arguments in order with their values' constraints, its tail."""
 
     head: str
-    params: tuple[tuple[str, Constraint, bool], ...]   # (the text opening its value, the value's constraint, required)
+    params: tuple[tuple[str, Constraint, bool, str], ...]   # (text before the value, its constraint, required, after)
     tail: str
 
 
@@ -3068,20 +3072,33 @@ def minimax_types(schema: dict) -> set[str]:
 
 
 GLM_PAIRS = PairSyntax("<tool_call>{name}\n", "<arg_key>{key}</arg_key>\n<arg_value>", "</arg_value>\n",
-                       "</tool_call>", ("</arg_value>", "</tool_call>"), raw=lambda schema: schema.get("type") == "string")
+                       "</tool_call>", ("</arg_value>", "</tool_call>"),
+                       raw=lambda schema: schema.get("type") == "string")   # its parser's own test
+GLM47_PAIRS = dataclasses.replace(GLM_PAIRS, head="<tool_call>{name}", key="<arg_key>{key}</arg_key><arg_value>",
+                                  after="</arg_value>", sign="</arg_key><arg_value>")   # GLM-4.7: no newlines
 MINIMAX_PAIRS = PairSyntax(
     '<minimax:tool_call>\n<invoke name="{name}">\n', '<parameter name="{key}">', "</parameter>\n",
     "</invoke>\n</minimax:tool_call>", ("</parameter>", "</invoke>", "</minimax:tool_call>"),
     raw=lambda schema: minimax_types(schema) == {"string"},
     json=lambda schema: "string" not in minimax_types(schema) and len(minimax_types(schema) - {"null"}) <= 1,
     reserved=("null",))
+QWEN3_CODER_PAIRS = PairSyntax(
+    "<tool_call>\n<function={name}>\n", "<parameter={key}>\n", "\n</parameter>\n", "</function>\n</tool_call>",
+    ("</parameter>", "</function>", "</tool_call>"), raw=lambda schema: schema.get("type") == "string",
+    json=lambda schema: schema.get("type") in ("integer", "number", "boolean", "object", "array"), reserved=("null",))
+# Gemma 4's parser (parse_gemma_call) quotes bare keys anywhere in the text: JSON values only where they hold no string.
+GEMMA_PAIRS = PairSyntax("<|tool_call>call:{name}{{", "{key}:", "", "}<tool_call|>", ('<|"|>', "<tool_call|>"),
+                         raw=lambda schema: schema.get("type") == "string",
+                         json=lambda schema: schema.get("type") in ("integer", "number", "boolean"), sep=",",
+                         quote='<|"|>')
 # Parameters schemas a PairPlan enforces: properties, required and what does not constrain.
 PAIR_SCHEMA_KEYS = {"type", "properties", "required", "additionalProperties", "title", "description", "$schema",
                     "$id", "$defs", "definitions", "default", "examples", "$comment"}
 # What Python's str.strip() takes off (the parsers strip raw values): a raw value neither starts nor ends with it.
 STRIPPED = "[\\t-\\r\\x1c-\\x20\\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]"
 
-ANY_CHARACTERS = "(?:.|[\\n\\r\\u2028\\u2029])*"   # any text: [\s\S] misses blanks only one of ECMAScript and Python has
+# Any text ([\s\S] would miss the blanks only one of ECMAScript and Python has).
+ANY_CHARACTERS = "(?:.|[\\n\\r\\u2028\\u2029])*"
 
 
 def pair_plan(syntax: PairSyntax, name: str, schema: dict) -> PairPlan:
@@ -3100,9 +3117,11 @@ def pair_plan(syntax: PairSyntax, name: str, schema: dict) -> PairPlan:
     for key in list(properties) + [key for key in required if key not in properties]:
         value = properties.get(key, schema.get("additionalProperties", {}))
         try:
-            if re.search(r'[<>"\s]', key) or not isinstance(value, dict):
+            if re.search(r'[<>"\s{}\[\],:]', key) or not isinstance(value, dict):
                 raise ValueError("its name or its schema cannot be written in this syntax")
-            params.append((syntax.key.format(key=key), pair_value(syntax, value, schema), key in required))
+            quote = syntax.quote if syntax.raw(value) else ""
+            params.append((syntax.key.format(key=key) + quote, pair_value(syntax, value, schema), key in required,
+                           quote + syntax.after))
         except (ValueError, APIError) as exc:   # compile_schema's 400 names the schema's own problem
             if key in required:
                 raise ValueError(f"its parameter {key!r} cannot be enforced: {exc}") from None
@@ -3268,7 +3287,7 @@ CHAT_FORMATS: tuple[tuple[tuple[str, ...], ChatFormat], ...] = (
         heads=(JSON_CALL_HEAD,),
         write=lambda name: (f'<TOOLCALL>[{{"name": {json.dumps(name)}, "arguments": ', "}]</TOOLCALL>"))),
     (("<|tool_call>call:",), ChatFormat(
-        "gemma4", starts=("<|tool_call>",), end="<tool_call|>", parse=parse_gemma_call)),
+        "gemma4", starts=("<|tool_call>",), end="<tool_call|>", parse=parse_gemma_call, pairs=GEMMA_PAIRS)),
     (('{"name": function name, "parameters"',), ChatFormat(
         "llama3", starts=("<|python_tag|>",), leading=("{",), parse=parse_llama_calls, heads=(JSON_CALL_HEAD,),
         write=lambda name: (f'{{"name": {json.dumps(name)}, "parameters": ', "}"))),
@@ -3282,17 +3301,19 @@ def chat_format_of(tokenizer: Any) -> ChatFormat | None:
                         getattr(tokenizer, "tool_call_end", None), getattr(tokenizer, "tool_parser", None))
 
 
-KIMI_HEAD = re.compile(r"(?:\s|<\|tool_call_end\|>)*<\|tool_call_begin\|>\s*(?P<id>(?:functions\.)?(?P<name>[^<]+?):\d+)"
-                       r"\s*<\|tool_call_argument_begin\|>\s*(?=\{)")
+KIMI_HEAD = re.compile(r"(?:\s|<\|tool_call_end\|>)*<\|tool_call_begin\|>\s*"
+                       r"(?P<id>(?:functions\.)?(?P<name>[^<]+?):\d+)\s*<\|tool_call_argument_begin\|>\s*(?=\{)")
 # How the families mlx_lm parses write a forced call, by the parser's module: JSON arguments as
-# (write(start marker, end marker, name) -> (before, after), heads), or key/value pairs as a PairSyntax.
+# (write(start marker, end marker, name) -> (before, after), heads), key/value pairs as the first PairSyntax
+# whose sign the template contains.
 MLX_CALLS = {
     "json_tools": (lambda start, end, name: (f'{start}\n{{"name": {json.dumps(name)}, "arguments": ', f"}}\n{end}"),
                    (JSON_CALL_HEAD,)),   # Qwen's <tool_call>{JSON}
     "kimi_k2": (lambda start, end, name: (f"{start}<|tool_call_begin|>functions.{name}:0<|tool_call_argument_begin|>",
                                           f"<|tool_call_end|>{end}"), (KIMI_HEAD,)),
-    "glm47": GLM_PAIRS,
-    "minimax_m2": MINIMAX_PAIRS,
+    "glm47": (GLM47_PAIRS, GLM_PAIRS),
+    "minimax_m2": (MINIMAX_PAIRS,),
+    "qwen3_coder": (QWEN3_CODER_PAIRS,),
 }
 
 
@@ -3304,9 +3325,10 @@ def _chat_format(template: str, start: str | None, end: str | None, parser: Any)
     if not start or parser is None:
         return None
     name = getattr(parser, "__module__", "").rpartition(".")[2]
-    calls = MLX_CALLS.get(name)
-    if isinstance(calls, PairSyntax) or calls is None:
-        return ChatFormat(name, starts=(start,), end=end or "", parse=parser, pairs=calls)
+    calls = MLX_CALLS.get(name, ())
+    if not calls or isinstance(calls[0], PairSyntax):
+        pairs = next((syntax for syntax in calls if syntax.sign in template), None)
+        return ChatFormat(name, starts=(start,), end=end or "", parse=parser, pairs=pairs)
     write, heads = calls
     return ChatFormat(name, starts=(start,), end=end or "", parse=parser, heads=heads,
                       write=lambda tool: write(start, end or "", tool))
@@ -4040,6 +4062,12 @@ def literal_tokens(tokenizer: Any, text: str) -> list[int]:
     return ids
 
 
+@functools.lru_cache(maxsize=4)
+def blank_led(table: TokenTable) -> list[int]:
+    """The tokens whose text starts with JSON whitespace."""
+    return [token for token, text in enumerate(table.texts) if text and text[0] in JSON_WHITESPACE]
+
+
 class ToolCallConstraint:
     """A logits processor that writes tool calls in the model's own syntax, arguments held to their schemas.
 
@@ -4153,10 +4181,10 @@ class ToolCallConstraint:
     def _options(self, at: int) -> dict[Any, list[int]]:
         """After argument `at` (-1: none yet), the texts that may come next: a later argument's key, up to the
         first required one, or the tail once none is left; those the budget cannot finish are dropped."""
-        params, after = self.plan.params, self.pairs.after if at >= 0 else ""
+        params, after = self.plan.params, self.plan.params[at][3] if at >= 0 else ""
         options: dict[Any, list[int]] = {}
         for index in range(at + 1, len(params)):
-            options[index] = self._spell(after + params[index][0])
+            options[index] = self._spell(after + self.pairs.sep * (at >= 0) + params[index][0])
             if params[index][2]:
                 break
         else:
@@ -4170,9 +4198,11 @@ class ToolCallConstraint:
 
     def _rest(self, plan: PairPlan, at: int) -> int:
         """The fewest tokens that end a call after argument `at`: the required arguments left, then the tail."""
-        keys = [key for key, _, required in plan.params[at + 1:] if required]
-        values = sum(len(value.node.min_text) + 1 for _, value, required in plan.params[at + 1:] if required)
-        return sum(len(self._spell(self.pairs.after + text)) for text in keys + [plan.tail]) + values
+        texts = [plan.params[at][3] + self.pairs.sep] * (at >= 0) + [
+            text for before, _, required, after in plan.params[at + 1:] if required
+            for text in (before, after + self.pairs.sep)] + [plan.tail]
+        values = sum(len(value.node.min_text) + 1 for _, value, required, _ in plan.params[at + 1:] if required)
+        return sum(len(self._spell(text)) for text in texts) + values
 
     def __call__(self, tokens: Any, logits: Any) -> Any:
         if self.started:
@@ -4191,9 +4221,12 @@ class ToolCallConstraint:
 
     def _arguments(self, tokens: Any, logits: Any) -> Any:
         import mlx.core as mx
-        if self.arguments is None:
+        first = self.arguments is None
+        if first:
             self.arguments = json_constraint(self.value, self.model.tokenizer, max(self.left + 1 - self.after, 1))
         held = self.arguments(tokens, logits)
+        if first and self.plan is not None:   # JSON lets blanks lead a value; key/value parsers keep them
+            held = masked(held, ~JsonMasks.ids_mask(blank_led(token_table(self.model.tokenizer)), logits.shape[-1]))
         allowed = held > -math.inf
         eos = JsonMasks.ids_mask(self.eos, logits.shape[-1])
         self.complete = bool(mx.any(allowed & eos).item())
@@ -4218,7 +4251,8 @@ class ToolCallConstraint:
         if self.phase == "arguments" and self.complete and any(ids[0] == token for ids in self.next.values()):
             self.phase, self.heads, self.matched = "head", self.next, 0
         if self.phase == "head":
-            self.heads = {k: ids for k, ids in self.heads.items() if len(ids) > self.matched and ids[self.matched] == token}
+            self.heads = {k: ids for k, ids in self.heads.items()
+                          if len(ids) > self.matched and ids[self.matched] == token}
             self.matched += 1
             done = [k for k, ids in self.heads.items() if len(ids) == self.matched]
             if done:
