@@ -81,6 +81,11 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple, NoReturn
 
+try:
+    from re import _parser as sre_parse   # the stdlib's regex parser (Python 3.11+)
+except ImportError:   # before 3.11 (this file still runs far enough there to say it needs 3.11)
+    import sre_parse
+
 # MLX is imported inside the engine functions, not here: --threads must reach
 # the numeric libraries' thread pools through the environment before MLX loads.
 
@@ -582,170 +587,88 @@ HEX_DIGITS = "0123456789abcdefABCDEF"
 REFEED = "refeed"
 
 
-# A character set is (negated, ((lo, hi) code point ranges), parts); a part is
-# a nested set or the name of a predicate below.
-CHAR_PREDICATES = {"decimal": str.isdecimal, "word": lambda c: c.isalnum() or c == "_",
-                   "space": lambda c: c.isspace() or c == "\ufeff"}
+# Patterns are ECMAScript's (JSON Schema's dialect): python_syntax() checks and rewrites one for re's own
+# parser, whose tree (re._parser, sre_parse before 3.11) Regex builds into a lazy DFA.
+ESCAPE = r"\\(?:x[\da-fA-F]{2}|u[\da-fA-F]{4}|0\d?|.?)"
+ECMA_TOKEN = re.compile(rf"(\[\^?\]?)((?:\\.|[^\\\]])*)\]|{ESCAPE}|\(\?(?:<(?=[A-Za-z_]\w*>)|[:=!])?|\{{,|.", re.S)
+CLASS_TOKEN = re.compile(rf"{ESCAPE}|.", re.S)
+GOOD_ESCAPE = re.compile(r"\\([dDwWsSbtnvfr0]|x..|u....|[^\dA-Za-z])", re.S)   # what both dialects read alike
+SHORT_ESCAPES = ("\\d", "\\D", "\\w", "\\W", "\\s", "\\S")
 
 
-def in_charset(charset: tuple, ch: str) -> bool:
-    negated, ranges, parts = charset
-    code = ord(ch)
-    hit = (any(lo <= code <= hi for lo, hi in ranges)
-           or any(CHAR_PREDICATES[p](ch) if isinstance(p, str) else in_charset(p, ch) for p in parts))
-    return hit != negated
+def python_syntax(pattern: str) -> str:
+    """`pattern` in re's syntax, meaning what ECMAScript means ((?<name>...) as (?P<name>...), "{," a literal).
+    Raises ValueError naming what we do not support: escapes that ECMAScript lacks or reads otherwise
+    (backreferences, \\b, \\A, \\a), lookbehind and inline flags."""
+    out = []
+    for token in ECMA_TOKEN.finditer(pattern):
+        text = token[0]
+        if token[1] is not None:
+            text = token[1] + python_class(token[2]) + "]"
+        elif text == "(?":
+            raise ValueError("lookbehind (?<=...) and inline flags (?...) are not supported")
+        elif text == "\\b" or text[0] == "\\" and not GOOD_ESCAPE.fullmatch(text):
+            raise ValueError(f"the escape {text} is not supported")
+        out.append({"(?<": "(?P<", "{,": "\\{,"}.get(text, text))
+    return "".join(out)
+
+
+def python_class(body: str) -> str:
+    """A class's body in re's syntax: a "-" between two characters is a range, any other character a literal
+    (re reads "[[", "&&", "--" as set syntax, and a "-" beside \\d \\w \\s as a bad range)."""
+    raw = CLASS_TOKEN.findall(body)
+    if bad := [text for text in raw if text[0] == "\\" and not GOOD_ESCAPE.fullmatch(text)]:
+        raise ValueError(f"the escape {bad[0]} is not supported")
+    out, i = [text if text[0] == "\\" else re.escape(text) for text in raw], 1
+    while i < len(raw) - 1:
+        ranged = raw[i] == "-" and raw[i - 1] not in SHORT_ESCAPES and raw[i + 1] not in SHORT_ESCAPES
+        out[i] = "-" if ranged else out[i]
+        i += 3 if ranged else 1
+    return "".join(out)
 
 
 def charset(ranges=(), parts=(), negated=False) -> tuple:
+    """A set of characters: (lo, hi) code point ranges and parts (nested sets or predicates), maybe negated."""
     return (negated, tuple(ranges), tuple(parts))
 
 
-def negate(cs: tuple) -> tuple:
-    return (not cs[0], cs[1], cs[2])
+def in_charset(cs: tuple, ch: str) -> bool:
+    """Whether `ch` is in the set `cs`."""
+    negated, ranges, parts = cs
+    hit = any(lo <= ord(ch) <= hi for lo, hi in ranges) or any(
+        in_charset(p, ch) if isinstance(p, tuple) else p(ch) for p in parts)
+    return hit != negated
 
 
-ANY_CHAR = charset(negated=True)
-# \d \w \s as (narrow, wide): narrow holds only what both ECMAScript (JSON
-# Schema's dialect) and Python's re (which validators run) match, wide all that
-# either may. Classes use narrow, [^...] uses wide: output satisfies both.
-SHORTHANDS = {"d": (charset([(48, 57)]), charset(parts=["decimal"])),
-              "w": (charset([(48, 57), (65, 90), (95, 95), (97, 122)]), charset(parts=["word"])),
-              "s": (charset([(9, 13), (32, 32)]), charset(parts=["space"]))}
-SHORTHANDS.update({k.upper(): (negate(wide), negate(narrow)) for k, (narrow, wide) in list(SHORTHANDS.items())})
-REGEX_ESCAPES = {"t": 9, "n": 10, "v": 11, "f": 12, "r": 13, "0": 0}
 DOT = charset([(10, 10), (13, 13), (0x2028, 0x2029)], negated=True)   # ECMAScript's '.'
-QUANTIFIER = re.compile(r"([*+?])|\{(\d+)(,(\d*))?\}")
+# \d \w \s: (the ASCII ranges, a predicate). The narrow set (ASCII) holds only what both ECMAScript and Python's
+# re (which validators run) match, the wide one (predicate) all that either may. Classes take narrow sets,
+# [^...] wide ones, so output satisfies both.
+SHORTHANDS = {"DIGIT": ([(48, 57)], str.isdecimal),
+              "WORD": ([(48, 57), (65, 90), (95, 95), (97, 122)], lambda c: c.isalnum() or c == "_"),
+              "SPACE": ([(9, 13), (32, 32)], lambda c: c.isspace() or c == "\ufeff")}
+ANYTHING = (sre_parse.MAX_REPEAT, (0, sre_parse.MAXREPEAT, [(sre_parse.IN, [(sre_parse.NEGATE, None)])]))
+LOOKAHEAD_ONLY = "lookahead is supported only right after a leading '^' (and (?=...) at the end)"
 
 
-class RegexParser:
-    """A recursive-descent parser for the regular expressions JSON Schemas use.
-
-    Tree nodes: ("chars", charset), ("seq", [...]), ("alt", [...]),
-    ("rep", node, min, max or None), ("anchor", "^" or "$"). Raises ValueError
-    naming what it does not support (lookaround, backreferences, \b, flags).
-    """
-
-    def __init__(self, text: str):
-        self.text, self.pos = text, 0
-
-    def parse(self) -> tuple:
-        tree = self.alternation()
-        if self.pos < len(self.text):
-            raise ValueError(f"unbalanced ')' at {self.pos}")
-        return tree
-
-    def take(self, chars: str) -> bool:
-        found = self.text[self.pos:self.pos + 1] in tuple(chars)
-        self.pos += found
-        return found
-
-    def alternation(self) -> tuple:
-        branches = [self.sequence()]
-        while self.take("|"):
-            branches.append(self.sequence())
-        return ("alt", branches)
-
-    def sequence(self) -> tuple:
-        items = []
-        while self.text[self.pos:self.pos + 1] not in ("", "|", ")"):
-            item = self.atom()
-            while match := QUANTIFIER.match(self.text, self.pos):
-                if item[0] == "anchor":
-                    raise ValueError("a quantifier after an anchor")
-                self.pos = match.end()
-                self.take("?")  # a lazy quantifier matches the same strings
-                low, high = {"*": (0, None), "+": (1, None), "?": (0, 1)}.get(match[1]) or \
-                    (int(match[2]), int(match[2]) if match[3] is None else int(match[4]) if match[4] else None)
-                if high is not None and high < low:
-                    raise ValueError(f"{match[0]} has its bounds reversed")
-                item = ("rep", item, low, high)
-            items.append(item)
-        return ("seq", items)
-
-    def atom(self) -> tuple:
-        ch = self.text[self.pos]
-        self.pos += 1
-        if ch == "(":
-            group = re.match(r"\?:|\?<[A-Za-z_]\w*>|\?=|\?!", self.text[self.pos:])  # (?:...), named, lookahead
-            self.pos += group.end() if group else 0
-            if self.text.startswith("?", self.pos):
-                raise ValueError("lookbehind (?<=...) and inline flags (?...) are not supported")
-            tree = self.alternation()
-            if not self.take(")"):
-                raise ValueError("unbalanced '('")
-            return ("look", group[0] == "?=", tree) if group and group[0] in ("?=", "?!") else tree
-        if ch in "^$":
-            return ("anchor", ch)
-        if ch in "*+?" or QUANTIFIER.match(self.text, self.pos - 1):
-            raise ValueError(f"nothing to repeat at {self.pos - 1}")
-        return ("chars", DOT if ch == "." else self.bracket() if ch == "[" else self.item(ch, narrow=True))
-
-    def item(self, ch: str, narrow: bool) -> tuple:
-        """One character or escape (already taken: `ch`) as a set: narrow or wide shorthands (see SHORTHANDS)."""
-        if ch != "\\":
-            return charset([(ord(ch), ord(ch))])
-        ch = self.text[self.pos:self.pos + 1]
-        self.pos += 1
-        if ch in SHORTHANDS:
-            return SHORTHANDS[ch][0 if narrow else 1]
-        hexes = re.match({"x": "[0-9a-fA-F]{2}", "u": "[0-9a-fA-F]{4}"}.get(ch, "^$"), self.text[self.pos:])
-        if hexes and hexes.end():
-            self.pos += hexes.end()
-            code = int(hexes[0], 16)
-        elif ch in REGEX_ESCAPES or not (ch == "" or ch.isalnum()):
-            code = REGEX_ESCAPES.get(ch, ord(ch or "\0"))
-        else:
-            raise ValueError(f"the escape \\{ch} is not supported")
-        return charset([(code, code)])
-
-    def bracket(self) -> tuple:
-        """A class [...], its "[" taken; [^...] takes wide shorthands. A "]" first is a literal, as in Python."""
-        negated = self.take("^")
-        ranges, parts = [], []
-        while not ((ranges or parts) and self.take("]")):
-            if self.pos >= len(self.text):
-                raise ValueError("unbalanced '['")
-            low = self.member(negated)
-            if isinstance(low, tuple):
-                parts.append(low)
-                continue
-            high = low
-            if self.text[self.pos:self.pos + 1] == "-" and self.text[self.pos + 1:self.pos + 2] not in ("]", ""):
-                self.pos += 1
-                high = self.member(negated)
-                if isinstance(high, tuple) or high < low:
-                    raise ValueError("a bad range in a character class")
-            ranges.append((low, high))
-        return charset(ranges, parts, negated)
-
-    def member(self, negated: bool) -> int | tuple:
-        """A code point, or a shorthand's set, inside [...] (where \\b is a backspace)."""
-        ch = self.text[self.pos]
-        self.pos += 1
-        if ch == "\\" and self.take("b"):
-            return 8
-        cs = self.item(ch, narrow=not negated)
-        return cs[1][0][0] if not cs[0] and not cs[2] and cs[1][0][0] == cs[1][0][1] else cs
-
-
-ANYTHING = ("rep", ("chars", ANY_CHAR), 0, None)
-
-
-def lookaheads(tree: tuple, search: bool) -> tuple[tuple, list]:
-    """(the tree, [(lookahead tree, negated)]): lookaheads right after a leading '^' are parts the whole
-    text must (or, negated, must not) start with; a (?=...) ending an unanchored pattern is part of it."""
-    looks = []
-    if len(tree[1]) == 1:
-        items = list(tree[1][0][1])
-        while items[:1] == [("anchor", "^")] and items[1:2] and items[1][0] == "look":
-            _, positive, body = items.pop(1)
-            looks.append((("seq", [("anchor", "^"), body, ANYTHING]), not positive))
-        if search and items and items[-1][0] == "look" and items[-1][1]:
-            items[-1] = items[-1][2]
-        tree = ("alt", [("seq", items)])
-    if "'look'" in repr(tree):
-        raise ValueError("lookahead is supported only right after a leading '^' (and (?=...) at the end)")
-    return tree, looks
+def regex_items(pattern: str | tuple, search: bool, negated: bool) -> list[tuple[list, bool]]:
+    """(re's parse items, negated) for one part: the pattern (anywhere in the text if searched), then its
+    leading lookaheads as parts the whole text must (or must not) start with. A (step, scale) multiple passes."""
+    if not isinstance(pattern, str):
+        return [([("multiples", pattern)], negated)]
+    try:
+        items = list(sre_parse.parse(python_syntax(pattern)))
+    except (re.error, OverflowError) as exc:
+        raise ValueError(str(exc)) from None
+    looks, start = [], (sre_parse.AT, sre_parse.AT_BEGINNING)
+    while items[:1] == [start] and items[1:2] and items[1][0] in (sre_parse.ASSERT, sre_parse.ASSERT_NOT):
+        op, (_, body) = items.pop(1)
+        looks.append(([start, *body, ANYTHING], op is sre_parse.ASSERT_NOT))
+    if search and items and items[-1][0] is sre_parse.ASSERT:   # a trailing (?=...): part of what is searched
+        items[-1] = (sre_parse.SUBPATTERN, (None, 0, 0, items[-1][1][1]))
+    if looks and negated:
+        raise ValueError("a lookahead inside 'not' is not supported")
+    return [([ANYTHING, *items, ANYTHING] if search else items, negated)] + looks
 
 
 class Regex:
@@ -762,16 +685,13 @@ class Regex:
         self.source = parts
         self.edges: list[list[tuple[Any, int]]] = []  # per NFA state: (charset index, None, "^" or "$"; target)
         self.charset_index: dict[tuple, int] = {}
-        self.parts: list[tuple[int, int, int, bool]] = []   # (first state, last state, final, negated)
+        built = []   # (first state, last state, negated)
         for pattern, search, *negated in parts:   # (pattern, search[, negated: must not match])
-            tree, looks = lookaheads(RegexParser(pattern).parse() if isinstance(pattern, str) else pattern, search)
-            if negated and looks:
-                raise ValueError("a lookahead inside 'not' is not supported")
-            for part, negated in [((("seq", [ANYTHING, tree, ANYTHING]) if search else tree), negated == [True])] + looks:
+            for items, negated in regex_items(pattern, search, negated == [True]):
                 first = self._new()
-                self.parts.append((first, self._build(part, first), negated))
-        ends = [part[0] for part in self.parts[1:]] + [len(self.edges)]
-        self.parts = [(first, final, end, negated) for (first, final, negated), end in zip(self.parts, ends)]
+                built.append((first, self._build(items, first), negated))
+        ends = [first for first, _, _ in built[1:]] + [len(self.edges)]
+        self.parts = [(first, final, end, negated) for (first, final, negated), end in zip(built, ends)]
         self.charsets = tuple(self.charset_index)
         self.start = self._closure({p[0] for p in self.parts}, True)
         self.class_ids: dict[str, int] = {}
@@ -789,58 +709,76 @@ class Regex:
         # shared_regex() rebuilds (or finds) the same regex, so `is ANY_TEXT` holds on every rank.
         return shared_regex, (self.source,)
 
-    def _new(self) -> int:
+    def _new(self, state: int | None = None, key: Any = None) -> int:
+        """A new NFA state, with an edge (`key`: a charset index, None, "^" or "$") from `state` if given."""
         if len(self.edges) >= REGEX_MAX_STATES:
             raise ValueError(f"the pattern is too large (over {REGEX_MAX_STATES} states once repeats are expanded)")
         self.edges.append([])
+        if state is not None:
+            self.edges[state].append((key, len(self.edges) - 1))
         return len(self.edges) - 1
 
-    def _build(self, tree: tuple, state: int) -> int:
-        kind = tree[0]
-        if kind == "anchor":
-            end = self._new()
-            self.edges[state].append((tree[1], end))
-            return end
-        if kind == "chars":
-            end = self._new()
-            self.edges[state].append((self.charset_index.setdefault(tree[1], len(self.charset_index)), end))
-            return end
-        if kind == "mod":
-            return self._multiples(state, *tree[1:])
-        if kind == "seq":
-            for item in tree[1]:
-                state = self._build(item, state)
-            return state
-        if kind == "alt":
-            end = self._new()
-            for branch in tree[1]:
-                self.edges[self._build(branch, state)].append((None, end))
-            return end
-        _, item, low, high = tree
-        for _ in range(low):
-            state = self._build(item, state)
-        if high is None:
-            loop = self._new()
-            self.edges[state].append((None, loop))
-            self.edges[self._build(item, loop)].append((None, loop))
-            return loop
-        ends = [state]
-        for _ in range(high - low):
-            ends.append(self._build(item, ends[-1]))
+    def _join(self, states: list[int]) -> int:
         end = self._new()
-        for state in ends:
+        for state in states:
             self.edges[state].append((None, end))
         return end
 
+    def _build(self, items: list, state: int) -> int:
+        """The NFA for re's parse `items` from `state`; returns its final state."""
+        for op, arg in items:
+            if op in (sre_parse.LITERAL, sre_parse.NOT_LITERAL, sre_parse.ANY, sre_parse.IN):
+                state = self._new(state, self._charset(op, arg))
+            elif op is sre_parse.AT and arg in (sre_parse.AT_BEGINNING, sre_parse.AT_END):
+                state = self._new(state, "^" if arg is sre_parse.AT_BEGINNING else "$")
+            elif op is sre_parse.SUBPATTERN:
+                state = self._build(arg[-1], state)
+            elif op is sre_parse.BRANCH:
+                state = self._join([self._build(branch, state) for branch in arg[1]])
+            elif op in (sre_parse.MAX_REPEAT, sre_parse.MIN_REPEAT):   # lazy or not, the same strings
+                low, high, item = arg
+                for _ in range(low):
+                    state = self._build(item, state)
+                if high == sre_parse.MAXREPEAT:
+                    state = self._join([state])
+                    self.edges[self._build(item, state)].append((None, state))
+                else:
+                    ends = [state]
+                    for _ in range(high - low):
+                        ends.append(self._build(item, ends[-1]))
+                    state = self._join(ends)
+            elif op == "multiples":
+                state = self._multiples(state, *arg)
+            else:
+                raise ValueError(LOOKAHEAD_ONLY if op in (sre_parse.ASSERT, sre_parse.ASSERT_NOT)
+                                 else f"{str(op).lower()} is not supported")
+        return state
+
+    def _charset(self, op: Any, arg: Any) -> int:
+        """The index of the set of characters one LITERAL, NOT_LITERAL, ANY or IN item matches."""
+        if op is sre_parse.IN:
+            negated = arg[:1] == [(sre_parse.NEGATE, None)]
+            ranges = [(a, a) if o is sre_parse.LITERAL else a for o, a in arg if o in (sre_parse.LITERAL, sre_parse.RANGE)]
+            parts = []
+            for o, a in arg:   # \D, \W, \S: what is outside the other width
+                if o is sre_parse.CATEGORY:
+                    ascii, test = SHORTHANDS[a.name.rsplit("_", 1)[1]]
+                    wide = negated != ("_NOT_" in a.name)
+                    parts.append(charset(() if wide else ascii, [test] if wide else (), "_NOT_" in a.name))
+            cs = charset(ranges, parts, negated)
+        else:
+            cs = DOT if op is sre_parse.ANY else charset([(arg, arg)], negated=op is sre_parse.NOT_LITERAL)
+        return self.charset_index.setdefault(cs, len(self.charset_index))
+
     def _multiples(self, state: int, step: int, scale: int) -> int:
-        """Unsigned decimals that are multiples of step * 10**-scale: the remainder of their digits, as states."""
+        """Decimals, maybe negative, that are multiples of step * 10**-scale: the remainder of their digits, as states."""
         whole, end = [self._new() for _ in range(step)], self._new()
         frac = [[self._new() for _ in range(step)] for _ in range(scale + 2)]   # by fraction digits, capped
-        digit = [self.charset_index.setdefault(charset([(48 + d, 48 + d)]), len(self.charset_index)) for d in range(10)]
-        dot = self.charset_index.setdefault(charset([(46, 46)]), len(self.charset_index))
-        self.edges[state].append((None, whole[0]))
+        digit = [self._charset(sre_parse.LITERAL, 48 + d) for d in range(10)]
+        self.edges[state] += [(None, whole[0]), (self._charset(sre_parse.LITERAL, 45), whole[0])]
         for r in range(step):
-            self.edges[whole[r]] += [(digit[d], whole[(10 * r + d) % step]) for d in range(10)] + [(dot, frac[0][r])]
+            self.edges[whole[r]] += [(digit[d], whole[(10 * r + d) % step]) for d in range(10)]
+            self.edges[whole[r]] += [(self._charset(sre_parse.LITERAL, 46), frac[0][r])]
             self.edges[whole[r]] += [(None, end)] * (r * 10 ** scale % step == 0)
             for j in range(scale + 2):  # past `scale` fraction digits, only zeros
                 self.edges[frac[j][r]] += [(None, end)] * (j > 0 and r * 10 ** max(scale - j, 0) % step == 0)
@@ -1013,8 +951,7 @@ def number_regex(integer: bool, low: Fraction | None = None, high: Fraction | No
               if x is not None]
     parts = [(bound or "[^\\s\\S]", False) for bound in bounds] + [(pattern, False, True) for pattern in excluded]
     if step > 1 or scale:
-        minus = ("rep", ("chars", charset([(45, 45)])), 0, 1)
-        parts.append((("alt", (("seq", (minus, ("mod", step, scale))),)), False))
+        parts.append(((step, scale), False))
     if not parts and not integer:
         syntax += r"([eE][+-]?\d{1,2})?"
     return regex_for(syntax, False, tuple(parts))
