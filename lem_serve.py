@@ -589,41 +589,32 @@ REFEED = "refeed"
 
 # Patterns are ECMAScript's (JSON Schema's dialect): python_syntax() checks and rewrites one for re's own
 # parser, whose tree (re._parser, sre_parse before 3.11) Regex builds into a lazy DFA.
-ESCAPE = r"\\(?:x[\da-fA-F]{2}|u[\da-fA-F]{4}|0\d?|.?)"
-ECMA_TOKEN = re.compile(rf"(\[\^?\]?)((?:\\.|[^\\\]])*)\]|{ESCAPE}|\(\?(?:<(?=[A-Za-z_]\w*>)|[:=!])?|\{{,|.", re.S)
-CLASS_TOKEN = re.compile(rf"{ESCAPE}|.", re.S)
+ESCAPE = r"\\(?:x[\da-fA-F]{2}|u[\da-fA-F]{4}|0\d?|.|$)"
 GOOD_ESCAPE = re.compile(r"\\([dDwWsSbtnvfr0]|x..|u....|[^\dA-Za-z])", re.S)   # what both dialects read alike
-SHORT_ESCAPES = ("\\d", "\\D", "\\w", "\\W", "\\s", "\\S")
+ECMA_TOKEN = re.compile(rf"(\[\^?\]?)((?:\\.|[^\\\]])*)\]|{ESCAPE}|\(\?(?:<(?=[A-Za-z_]\w*>)|[:=!])?|\{{,|.", re.S)
+CLASS_ITEM = re.compile(rf"({ESCAPE}|[^\\])-({ESCAPE}|[^\\])|{ESCAPE}|.", re.S)   # a range or one character
+REFUSED_TOKENS = {"(?": "lookbehind (?<=...) and inline flags (?...) are not supported", "[": "unbalanced '['",
+                  "\\b": "the escape \\b is not supported"}
+SHORT_ESCAPES = {"\\d", "\\D", "\\w", "\\W", "\\s", "\\S"}
 
 
 def python_syntax(pattern: str) -> str:
-    """`pattern` in re's syntax, meaning what ECMAScript means ((?<name>...) as (?P<name>...), "{," a literal).
-    Raises ValueError naming what we do not support: escapes that ECMAScript lacks or reads otherwise
-    (backreferences, \\b, \\A, \\a), lookbehind and inline flags."""
+    """`pattern` in re's syntax, meaning what ECMAScript means: (?<name>...) as (?P<name>...), "{," a literal, in a
+    class a "-" beside \\d \\w \\s a literal and every other character escaped (re reads "[[", "&&", "--" as
+    future set syntax). Raises ValueError naming what we do not support: escapes that ECMAScript lacks or reads
+    otherwise (backreferences, \\b, \\A, \\a), lookbehind and inline flags."""
+    if bad := [text for text in re.findall(ESCAPE, pattern, re.S) if not GOOD_ESCAPE.fullmatch(text)]:
+        raise ValueError(f"the escape {bad[0]} is not supported")
     out = []
     for token in ECMA_TOKEN.finditer(pattern):
-        text = token[0]
-        if token[1] is not None:
-            text = token[1] + python_class(token[2]) + "]"
-        elif text == "(?":
-            raise ValueError("lookbehind (?<=...) and inline flags (?...) are not supported")
-        elif text == "\\b" or text[0] == "\\" and not GOOD_ESCAPE.fullmatch(text):
-            raise ValueError(f"the escape {text} is not supported")
-        out.append({"(?<": "(?P<", "{,": "\\{,"}.get(text, text))
-    return "".join(out)
-
-
-def python_class(body: str) -> str:
-    """A class's body in re's syntax: a "-" between two characters is a range, any other character a literal
-    (re reads "[[", "&&", "--" as set syntax, and a "-" beside \\d \\w \\s as a bad range)."""
-    raw = CLASS_TOKEN.findall(body)
-    if bad := [text for text in raw if text[0] == "\\" and not GOOD_ESCAPE.fullmatch(text)]:
-        raise ValueError(f"the escape {bad[0]} is not supported")
-    out, i = [text if text[0] == "\\" else re.escape(text) for text in raw], 1
-    while i < len(raw) - 1:
-        ranged = raw[i] == "-" and raw[i - 1] not in SHORT_ESCAPES and raw[i + 1] not in SHORT_ESCAPES
-        out[i] = "-" if ranged else out[i]
-        i += 3 if ranged else 1
+        if token[0] in REFUSED_TOKENS:
+            raise ValueError(REFUSED_TOKENS[token[0]])
+        out.append({"(?<": "(?P<", "{,": "\\{,"}.get(token[0], token[0]) if token[1] is None else token[1])
+        for item in CLASS_ITEM.finditer(token[2] or ""):
+            ends = [item[1], item[2]] if item[1] else [item[0]]
+            dash = "\\-" if SHORT_ESCAPES.intersection(ends) else "-"
+            out.append(dash.join(end if end[0] == "\\" else re.escape(end) for end in ends))
+        out.append("]" * (token[1] is not None))
     return "".join(out)
 
 
@@ -709,44 +700,38 @@ class Regex:
         # shared_regex() rebuilds (or finds) the same regex, so `is ANY_TEXT` holds on every rank.
         return shared_regex, (self.source,)
 
-    def _new(self, state: int | None = None, key: Any = None) -> int:
-        """A new NFA state, with an edge (`key`: a charset index, None, "^" or "$") from `state` if given."""
+    def _new(self, sources: list[int] = (), key: Any = None) -> int:
+        """A new NFA state, with edges (`key`: a charset index, None, "^" or "$") from `sources` to it."""
         if len(self.edges) >= REGEX_MAX_STATES:
             raise ValueError(f"the pattern is too large (over {REGEX_MAX_STATES} states once repeats are expanded)")
         self.edges.append([])
-        if state is not None:
+        for state in sources:
             self.edges[state].append((key, len(self.edges) - 1))
         return len(self.edges) - 1
-
-    def _join(self, states: list[int]) -> int:
-        end = self._new()
-        for state in states:
-            self.edges[state].append((None, end))
-        return end
 
     def _build(self, items: list, state: int) -> int:
         """The NFA for re's parse `items` from `state`; returns its final state."""
         for op, arg in items:
             if op in (sre_parse.LITERAL, sre_parse.NOT_LITERAL, sre_parse.ANY, sre_parse.IN):
-                state = self._new(state, self._charset(op, arg))
+                state = self._new([state], self._charset(op, arg))
             elif op is sre_parse.AT and arg in (sre_parse.AT_BEGINNING, sre_parse.AT_END):
-                state = self._new(state, "^" if arg is sre_parse.AT_BEGINNING else "$")
+                state = self._new([state], "^" if arg is sre_parse.AT_BEGINNING else "$")
             elif op is sre_parse.SUBPATTERN:
                 state = self._build(arg[-1], state)
             elif op is sre_parse.BRANCH:
-                state = self._join([self._build(branch, state) for branch in arg[1]])
+                state = self._new([self._build(branch, state) for branch in arg[1]])
             elif op in (sre_parse.MAX_REPEAT, sre_parse.MIN_REPEAT):   # lazy or not, the same strings
                 low, high, item = arg
                 for _ in range(low):
                     state = self._build(item, state)
                 if high == sre_parse.MAXREPEAT:
-                    state = self._join([state])
+                    state = self._new([state])
                     self.edges[self._build(item, state)].append((None, state))
                 else:
                     ends = [state]
                     for _ in range(high - low):
                         ends.append(self._build(item, ends[-1]))
-                    state = self._join(ends)
+                    state = self._new(ends)
             elif op == "multiples":
                 state = self._multiples(state, *arg)
             else:
@@ -852,21 +837,15 @@ class Regex:
     def shortest(self, state: frozenset) -> str | None:
         """A shortest text that takes `state` to a match (breadth first over class representatives)."""
         if state not in self.tails:
-            parents, queue, found = {state: None}, [state], None
-            for current in queue:
+            seen, queue, self.tails[state] = {state}, [(state, "")], None
+            for current, text in queue:
                 if self.accepts(current):
-                    found = current
+                    self.tails[state] = text
                     break
                 for cid, ch in self.reps.items():
-                    nxt = self._move(current, cid)
-                    if nxt is not None and nxt not in parents:
-                        parents[nxt] = (current, ch)
-                        queue.append(nxt)
-            path = []
-            while found is not None and parents[found] is not None:
-                found, ch = parents[found]
-                path.append(ch)
-            self.tails[state] = None if found is None else "".join(reversed(path))
+                    if (nxt := self._move(current, cid)) is not None and nxt not in seen:
+                        seen.add(nxt)
+                        queue.append((nxt, text + ch))
         return self.tails[state]
 
 
