@@ -863,54 +863,38 @@ def regex_for(pattern: str | tuple, search: bool = True, also: tuple = ()) -> Re
 ANY_TEXT = regex_for("")   # an empty pattern matches every string
 
 
-# Numbers as regular expressions: a bounded number is the JSON number syntax intersected with
-# one expression for its minimum, one for its maximum and one for multipleOf (Regex parts), built
-# digit by digit as llama.cpp's json-schema-to-grammar does for integer bounds. Fraction digits
-# compare as strings: 0.25 < 0.3 as "25" < "3".
+# Numbers as regular expressions: a bounded number is the JSON number syntax intersected with one expression
+# for its minimum, one for its maximum and one for multipleOf (Regex parts), built digit by digit as llama.cpp's
+# json-schema-to-grammar does for integer bounds. Fraction digits compare as strings: 0.25 < 0.3 as "25" < "3".
+# A bound may let leading zeros pass: the syntax refuses them.
 
-def _digits(lo: str, hi: str) -> str:
-    """Digit strings as long as lo (and hi), from lo to hi."""
-    if lo.strip("0") == "" and hi.strip("9") == "":
-        return f"\\d{{{len(lo)}}}" if lo else ""
-    if lo[:1] == hi[:1]:
-        return lo[:1] + (_digits(lo[1:], hi[1:]) if lo else "")
-    rest = len(lo) - 1
-    middle = [f"[{int(lo[0]) + 1}-{int(hi[0]) - 1}]\\d{{{rest}}}"] if int(hi[0]) - int(lo[0]) > 1 else []
-    return f"({lo[0]}{_digits(lo[1:], '9' * rest)}|{'|'.join(middle + [hi[0] + _digits('0' * rest, hi[1:])])})"
-
-
-def int_range(lo: int, hi: int | None) -> str | None:
-    """Unsigned integers (no leading zero, JSON_MAX_DIGITS digits at most) from lo to hi (None: any); None if none."""
-    hi = 10 ** JSON_MAX_DIGITS - 1 if hi is None else min(hi, 10 ** JSON_MAX_DIGITS - 1)
-    parts = [_digits(str(max(lo, 10 ** (w - 1) * (w > 1))), str(min(hi, 10 ** w - 1)))
-             for w in range(len(str(lo)), len(str(hi)) + 1) if max(lo, 10 ** (w - 1) * (w > 1)) <= min(hi, 10 ** w - 1)]
-    return f"({'|'.join(parts)})" if parts else None
-
-
-def _fraction(f: str, strict: bool, least: bool) -> str | None:
-    """Digit strings d (maybe empty) with 0.d >= 0.f (least) or <= 0.f, strictly if asked; None if none."""
-    if not f:
+def _digits(t: str, k: int, strict: bool, least: bool) -> str | None:
+    """Unsigned number tails with k integer digits to go (k < 0: in the fraction), digit by digit >= t (least)
+    or <= t, strictly if asked (t: k integer digits, then fraction digits); None if none."""
+    if k == 0:
+        rest = _digits(t, -1, strict, least)
+        return rest and f"(\\.{rest})" + "?" * (not least or not t and not strict)
+    if not t:
         return ("\\d*[1-9]\\d*" if strict else "\\d*") if least else (None if strict else "0*")
-    first, deeper = int(f[0]), _fraction(f[1:], strict, least)
-    alts = [f"[{first + 1}-9]\\d*"] * (least and first < 9) + [f"[0-{first - 1}]\\d*"] * (not least and first > 0)
-    alts += [""] * (not least) + ([f[0] + f"({deeper})"] if deeper is not None else [])
+    first, deeper, tail = int(t[0]), _digits(t[1:], k - 1, strict, least), f"\\d{{{k - 1}}}(\\.\\d+)?" if k > 0 else "\\d*"
+    alts = [f"[{first + 1}-9]{tail}"] * (least and first < 9) + [f"[0-{first - 1}]{tail}"] * (not least and first > 0)
+    alts += [""] * (not least and k < 0) + ([t[0] + deeper] if deeper is not None else [])
     return f"({'|'.join(alts)})" if alts else None
 
 
 def _magnitude(x: Fraction, strict: bool, least: bool) -> str | None:
     """Unsigned decimals >= x (least) or <= x, strictly if asked; x >= 0 with at most JSON_MAX_DIGITS decimals."""
-    whole = math.floor(x)
-    digits = str(int((x - whole) * 10 ** JSON_MAX_DIGITS)).rjust(JSON_MAX_DIGITS, "0").rstrip("0")
-    fraction = _fraction(digits, strict, least)
-    same = None if fraction is None else f"{whole}(\\.{fraction})" + "?" * (not least or not digits and not strict)
-    other = int_range(whole + 1, None) if least else (int_range(0, whole - 1) if whole else None)
-    parts = [p for p in (same, other and other + "(\\.\\d+)?") if p]
+    whole = str(math.floor(x))
+    digits = str(int((x - math.floor(x)) * 10 ** JSON_MAX_DIGITS)).rjust(JSON_MAX_DIGITS, "0").rstrip("0")
+    other = f"[1-9]\\d{{{len(whole)},}}" if least else f"\\d{{1,{len(whole) - 1}}}" if len(whole) > 1 else None
+    parts = [p for p in (_digits(whole + digits, len(whole), strict, least), other and other + "(\\.\\d+)?") if p]
     return f"({'|'.join(parts)})" if parts else None
 
 
 def number_bound(x: Fraction, strict: bool, least: bool) -> str | None:
     """Decimals >= x (least) or <= x, strictly if asked (rounded inward to JSON_MAX_DIGITS decimals)."""
-    unit = 10 ** JSON_MAX_DIGITS
+    unit = 10 ** JSON_MAX_DIGITS   # also past the largest number the syntax allows
+    x = min(max(x, -unit), unit)
     kept = Fraction(math.ceil(x * unit) if least else math.floor(x * unit), unit)
     strict, x = strict and kept == x, kept
     free = "(0|[1-9]\\d*)(\\.\\d+)?"
