@@ -82,9 +82,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple, NoReturn
 
 try:
-    from re import _parser as sre_parse   # the stdlib's regex parser (Python 3.11+)
+    from re import _parser as sre   # the stdlib's regex parser (Python 3.11+)
 except ImportError:   # before 3.11 (this file still runs far enough there to say it needs 3.11)
-    import sre_parse
+    import sre_parse as sre
 
 # MLX is imported inside the engine functions, not here: --threads must reach
 # the numeric libraries' thread pools through the environment before MLX loads.
@@ -587,8 +587,8 @@ HEX_DIGITS = "0123456789abcdefABCDEF"
 REFEED = "refeed"
 
 
-# Patterns are ECMAScript's (JSON Schema's dialect): python_syntax() checks and rewrites one for re's own
-# parser, whose tree (re._parser, sre_parse before 3.11) Regex builds into a lazy DFA.
+# Patterns are ECMAScript's (JSON Schema's dialect); python_syntax() checks one and rewrites it for re's own
+# parser (sre), whose tree Regex builds into an NFA and then, lazily, a DFA.
 ESCAPE = r"\\(?:x[\da-fA-F]{2}|u[\da-fA-F]{4}|0\d?|.|$)"
 GOOD_ESCAPE = re.compile(r"\\([dDwWsSbtnvfr0]|x..|u....|[^\dA-Za-z])", re.S)   # what both dialects read alike
 ECMA_TOKEN = re.compile(rf"(\[\^?\]?)((?:\\.|[^\\\]])*)\]|{ESCAPE}|\(\?(?:<(?=[A-Za-z_]\w*>)|[:=!])?|\{{,|.", re.S)
@@ -618,28 +618,14 @@ def python_syntax(pattern: str) -> str:
     return "".join(out)
 
 
-def charset(ranges=(), parts=(), negated=False) -> tuple:
-    """A set of characters: (lo, hi) code point ranges and parts (nested sets or predicates), maybe negated."""
-    return (negated, tuple(ranges), tuple(parts))
-
-
-def in_charset(cs: tuple, ch: str) -> bool:
-    """Whether `ch` is in the set `cs`."""
-    negated, ranges, parts = cs
-    hit = any(lo <= ord(ch) <= hi for lo, hi in ranges) or any(
-        in_charset(p, ch) if isinstance(p, tuple) else p(ch) for p in parts)
-    return hit != negated
-
-
-DOT = charset([(10, 10), (13, 13), (0x2028, 0x2029)], negated=True)   # ECMAScript's '.'
-# \d \w \s: (the ASCII ranges, a predicate). The narrow set (ASCII) holds only what both ECMAScript and Python's
-# re (which validators run) match, the wide one (predicate) all that either may. Classes take narrow sets,
-# [^...] wide ones, so output satisfies both.
-SHORTHANDS = {"DIGIT": ([(48, 57)], str.isdecimal),
-              "WORD": ([(48, 57), (65, 90), (95, 95), (97, 122)], lambda c: c.isalnum() or c == "_"),
-              "SPACE": ([(9, 13), (32, 32)], lambda c: c.isspace() or c == "\ufeff")}
-ANYTHING = (sre_parse.MAX_REPEAT, (0, sre_parse.MAXREPEAT, [(sre_parse.IN, [(sre_parse.NEGATE, None)])]))
-LOOKAHEAD_ONLY = "lookahead is supported only right after a leading '^' (and (?=...) at the end)"
+# A set of characters: (negated, (lo, hi) code point ranges, predicates). \d \w \s are (narrow, wide) classes of re:
+# narrow holds what both ECMAScript and re (which validators run) match, wide all that either may. Classes take
+# narrow ones, [^...] wide ones, so output satisfies both.
+DOT = (True, ((10, 10), (13, 13), (0x2028, 0x2029)), ())   # ECMAScript's '.'
+SHORTHANDS = {"DIGIT": ("0-9", "\\d"), "WORD": ("0-9A-Za-z_", "\\w"), "SPACE": ("\\t-\\r ", "\\s\\ufeff")}
+SAMPLE_CODES = [*range(48, 58), *range(97, 123), *range(65, 91), *range(32, 127), *range(0, 32), *range(127, 0x250),
+                0x660, 0x2028, 0x2029, 0x3000, 0xfeff, 0x4e00, 0x1f600]
+ANYTHING = (sre.MAX_REPEAT, (0, sre.MAXREPEAT, [(sre.IN, [(sre.NEGATE, None)])]))
 
 
 def regex_items(pattern: str | tuple, search: bool, negated: bool) -> list[tuple[list, bool]]:
@@ -648,15 +634,15 @@ def regex_items(pattern: str | tuple, search: bool, negated: bool) -> list[tuple
     if not isinstance(pattern, str):
         return [([("multiples", pattern)], negated)]
     try:
-        items = list(sre_parse.parse(python_syntax(pattern)))
+        items = list(sre.parse(python_syntax(pattern)))
     except (re.error, OverflowError) as exc:
         raise ValueError(str(exc)) from None
-    looks, start = [], (sre_parse.AT, sre_parse.AT_BEGINNING)
-    while items[:1] == [start] and items[1:2] and items[1][0] in (sre_parse.ASSERT, sre_parse.ASSERT_NOT):
+    looks, start = [], (sre.AT, sre.AT_BEGINNING)
+    while items[:1] == [start] and items[1:2] and items[1][0] in (sre.ASSERT, sre.ASSERT_NOT):
         op, (_, body) = items.pop(1)
-        looks.append(([start, *body, ANYTHING], op is sre_parse.ASSERT_NOT))
-    if search and items and items[-1][0] is sre_parse.ASSERT:   # a trailing (?=...): part of what is searched
-        items[-1] = (sre_parse.SUBPATTERN, (None, 0, 0, items[-1][1][1]))
+        looks.append(([start, *body, ANYTHING], op is sre.ASSERT_NOT))
+    if search and items and items[-1][0] is sre.ASSERT:   # a trailing (?=...): part of what is searched
+        items[-1] = (sre.SUBPATTERN, (None, 0, 0, items[-1][1][1]))
     if looks and negated:
         raise ValueError("a lookahead inside 'not' is not supported")
     return [([ANYTHING, *items, ANYTHING] if search else items, negated)] + looks
@@ -665,43 +651,39 @@ def regex_items(pattern: str | tuple, search: bool, negated: bool) -> list[tuple
 class Regex:
     """Regular expressions that must all match, as one lazily built DFA over character classes.
 
-    `parts` are (pattern, search[, negated]): a searched pattern may match anywhere (JSON Schema's
-    `pattern`), else it must match the whole text (formats). States are frozensets of NFA states, ~s
-    standing for s reached through a '$' (no more characters); None is dead. Leading lookaheads are more
-    parts, negated for (?!...). Characters map to class ids (the sets they belong to), so the DFA and the
-    vocabulary's class trie (TokenTable.class_trie) work on ids.
-    """
+    `parts` are (pattern, search[, negated]): a searched pattern may match anywhere (JSON Schema's `pattern`), else
+    it must match the whole text (formats). States are frozensets of NFA states, ~s standing for s reached through
+    a '$' (no more characters); None is dead. Characters map to class ids (the sets they belong to), so the DFA
+    and the vocabulary's class trie (TokenTable.class_trie) work on ids."""
 
     def __init__(self, parts: tuple):
-        self.source = parts
-        self.edges: list[list[tuple[Any, int]]] = []  # per NFA state: (charset index, None, "^" or "$"; target)
-        self.charset_index: dict[tuple, int] = {}
+        self.source, self.edges, self.charset_index = parts, [], {}   # edges: per NFA state, (key, target)
         built = []   # (first state, last state, negated)
         for pattern, search, *negated in parts:   # (pattern, search[, negated: must not match])
             for items, negated in regex_items(pattern, search, negated == [True]):
                 first = self._new()
                 built.append((first, self._build(items, first), negated))
-        ends = [first for first, _, _ in built[1:]] + [len(self.edges)]
+        ends = [first for first, _, _ in built[1:]] + [len(self.edges)]   # a part's states: first to end
         self.parts = [(first, final, end, negated) for (first, final, negated), end in zip(built, ends)]
-        self.charsets = tuple(self.charset_index)
+        self.charsets, self.lock = tuple(self.charset_index), threading.Lock()
         self.start = self._closure({p[0] for p in self.parts}, True)
-        self.class_ids: dict[str, int] = {}
-        self.class_sigs: dict[int, int] = {}   # signature (bit i: in charset i) -> class id
-        self.sigs: list[int] = []              # class id -> signature
-        self.lock = threading.Lock()
-        self.moves: dict[tuple, frozenset | None] = {}
-        self.tails: dict[frozenset, str | None] = {}
-        self.reps = self._representatives()
+        # char -> class id; signature (bit i: in charset i) -> class id; class id -> signature
+        self.class_ids, self.class_sigs, self.sigs = {}, {}, []
+        self.moves, self.tails = {}, {}   # (state, class id) -> state; state -> shortest() (both caches)
+        self.reps = {}   # class id -> a character of it, from a sample covering every set's edges
+        edges = [c for _, ranges, _ in self.charsets for lo, hi in ranges for c in (lo - 1, lo, hi, hi + 1)]
+        for code in SAMPLE_CODES + edges:
+            if 0 <= code <= 0x10ffff and not 0xd800 <= code <= 0xdfff:
+                self.reps.setdefault(self.class_id(chr(code)), chr(code))
         if self.shortest(self.start) is None:
             raise ValueError("the pattern matches nothing")
 
     def __reduce__(self) -> tuple:
-        # Sharded, a request's constraint travels pickled to the other ranks (see GroupLink): there
-        # shared_regex() rebuilds (or finds) the same regex, so `is ANY_TEXT` holds on every rank.
+        # A constraint travels pickled to the other ranks (GroupLink): `is ANY_TEXT` holds there too.
         return shared_regex, (self.source,)
 
     def _new(self, sources: list[int] = (), key: Any = None) -> int:
-        """A new NFA state, with edges (`key`: a charset index, None, "^" or "$") from `sources` to it."""
+        """A new NFA state, with edges from `sources` to it (`key`: a charset index, None, "^" or "$")."""
         if len(self.edges) >= REGEX_MAX_STATES:
             raise ValueError(f"the pattern is too large (over {REGEX_MAX_STATES} states once repeats are expanded)")
         self.edges.append([])
@@ -712,58 +694,52 @@ class Regex:
     def _build(self, items: list, state: int) -> int:
         """The NFA for re's parse `items` from `state`; returns its final state."""
         for op, arg in items:
-            if op in (sre_parse.LITERAL, sre_parse.NOT_LITERAL, sre_parse.ANY, sre_parse.IN):
+            if op in (sre.LITERAL, sre.NOT_LITERAL, sre.ANY, sre.IN):
                 state = self._new([state], self._charset(op, arg))
-            elif op is sre_parse.AT and arg in (sre_parse.AT_BEGINNING, sre_parse.AT_END):
-                state = self._new([state], "^" if arg is sre_parse.AT_BEGINNING else "$")
-            elif op is sre_parse.SUBPATTERN:
+            elif op is sre.AT and arg in (sre.AT_BEGINNING, sre.AT_END):
+                state = self._new([state], "^" if arg is sre.AT_BEGINNING else "$")
+            elif op is sre.SUBPATTERN:
                 state = self._build(arg[-1], state)
-            elif op is sre_parse.BRANCH:
+            elif op is sre.BRANCH:
                 state = self._new([self._build(branch, state) for branch in arg[1]])
-            elif op in (sre_parse.MAX_REPEAT, sre_parse.MIN_REPEAT):   # lazy or not, the same strings
+            elif op in (sre.MAX_REPEAT, sre.MIN_REPEAT):   # lazy or not, the same strings
                 low, high, item = arg
-                for _ in range(low):
+                ends = [state] * (low == 0)
+                for copy in range(1, (low if high == sre.MAXREPEAT else high) + 1):
                     state = self._build(item, state)
-                if high == sre_parse.MAXREPEAT:
-                    state = self._new([state])
+                    ends += [state] * (copy >= low)
+                state = self._new(ends)
+                if high == sre.MAXREPEAT:
                     self.edges[self._build(item, state)].append((None, state))
-                else:
-                    ends = [state]
-                    for _ in range(high - low):
-                        ends.append(self._build(item, ends[-1]))
-                    state = self._new(ends)
             elif op == "multiples":
                 state = self._multiples(state, *arg)
             else:
-                raise ValueError(LOOKAHEAD_ONLY if op in (sre_parse.ASSERT, sre_parse.ASSERT_NOT)
-                                 else f"{str(op).lower()} is not supported")
+                raise ValueError("lookahead is supported only right after a leading '^' (and (?=...) at the end)"
+                                 if op in (sre.ASSERT, sre.ASSERT_NOT) else f"{op} is not supported")
         return state
 
     def _charset(self, op: Any, arg: Any) -> int:
         """The index of the set of characters one LITERAL, NOT_LITERAL, ANY or IN item matches."""
-        if op is sre_parse.IN:
-            negated = arg[:1] == [(sre_parse.NEGATE, None)]
-            ranges = [(a, a) if o is sre_parse.LITERAL else a for o, a in arg if o in (sre_parse.LITERAL, sre_parse.RANGE)]
-            parts = []
-            for o, a in arg:   # \D, \W, \S: what is outside the other width
-                if o is sre_parse.CATEGORY:
-                    ascii, test = SHORTHANDS[a.name.rsplit("_", 1)[1]]
-                    wide = negated != ("_NOT_" in a.name)
-                    parts.append(charset(() if wide else ascii, [test] if wide else (), "_NOT_" in a.name))
-            cs = charset(ranges, parts, negated)
-        else:
-            cs = DOT if op is sre_parse.ANY else charset([(arg, arg)], negated=op is sre_parse.NOT_LITERAL)
-        return self.charset_index.setdefault(cs, len(self.charset_index))
+        if op is not sre.IN:
+            cs = DOT if op is sre.ANY else (op is sre.NOT_LITERAL, ((arg, arg),), ())
+            return self.charset_index.setdefault(cs, len(self.charset_index))
+        negated, ranges, parts = arg[:1] == [(sre.NEGATE, None)], [], []
+        for kind, value in arg:
+            if kind is sre.CATEGORY:   # \D is what is not \d of the other width
+                no, pair = "_NOT_" in value.name, SHORTHANDS[value.name.split("_")[-1]]
+                parts.append(re.compile(f"[{'^' * no}{pair[negated != no]}]").fullmatch)
+            elif kind in (sre.LITERAL, sre.RANGE):
+                ranges.append((value, value) if kind is sre.LITERAL else value)
+        return self.charset_index.setdefault((negated, tuple(ranges), tuple(parts)), len(self.charset_index))
 
     def _multiples(self, state: int, step: int, scale: int) -> int:
-        """Decimals, maybe negative, that are multiples of step * 10**-scale: the remainder of their digits, as states."""
+        """Decimals (maybe negative) that are multiples of step * 10**-scale: their digits' remainder as states."""
         whole, end = [self._new() for _ in range(step)], self._new()
         frac = [[self._new() for _ in range(step)] for _ in range(scale + 2)]   # by fraction digits, capped
-        digit = [self._charset(sre_parse.LITERAL, 48 + d) for d in range(10)]
-        self.edges[state] += [(None, whole[0]), (self._charset(sre_parse.LITERAL, 45), whole[0])]
+        digit, dot = [self._charset(sre.LITERAL, c) for c in range(48, 58)], self._charset(sre.LITERAL, 46)
+        self.edges[state] += [(None, whole[0]), (self._charset(sre.LITERAL, 45), whole[0])]
         for r in range(step):
-            self.edges[whole[r]] += [(digit[d], whole[(10 * r + d) % step]) for d in range(10)]
-            self.edges[whole[r]] += [(self._charset(sre_parse.LITERAL, 46), frac[0][r])]
+            self.edges[whole[r]] += [(digit[d], whole[(10 * r + d) % step]) for d in range(10)] + [(dot, frac[0][r])]
             self.edges[whole[r]] += [(None, end)] * (r * 10 ** scale % step == 0)
             for j in range(scale + 2):  # past `scale` fraction digits, only zeros
                 self.edges[frac[j][r]] += [(None, end)] * (j > 0 and r * 10 ** max(scale - j, 0) % step == 0)
@@ -776,11 +752,10 @@ class Regex:
         todo, seen = [(s, False) for s in states], set(states)
         while todo:
             state, ended = todo.pop()
-            for index, target in self.edges[state]:
-                passes = index is None or index == "$" or (index == "^" and at_start)
-                ended_here = ended or index == "$"
+            for key, target in self.edges[state]:
+                ended_here = ended or key == "$"
                 mark = ~target if ended_here else target
-                if passes and mark not in seen and target not in seen:
+                if (key in (None, "$") or key == "^" and at_start) and mark not in seen and target not in seen:
                     seen.add(mark)
                     todo.append((target, ended_here))
         return frozenset(s for s in seen if s >= 0 or ~s not in seen)
@@ -789,24 +764,13 @@ class Regex:
         """The id of the class of characters that behave like `ch` everywhere in this regex."""
         cid = self.class_ids.get(ch)
         if cid is None:
-            sig = sum(1 << i for i, cs in enumerate(self.charsets) if in_charset(cs, ch))
+            sig = sum(1 << i for i, (negated, ranges, parts) in enumerate(self.charsets)
+                      if (any(lo <= ord(ch) <= hi for lo, hi in ranges) or any(p(ch) for p in parts)) != negated)
             with self.lock:  # shared across requests: handler threads (enum checks) and the engine
                 cid = self.class_ids[ch] = self.class_sigs.setdefault(sig, len(self.class_sigs))
                 if cid == len(self.sigs):
                     self.sigs.append(sig)
         return cid
-
-    def _representatives(self) -> dict[int, str]:
-        """One character per class seen in a sample covering every set's edges: class id -> char."""
-        codes = [*range(48, 58), *range(97, 123), *range(65, 91), *range(32, 127), *range(0, 32), *range(127, 0x250),
-                 0x660, 0x2028, 0x2029, 0x3000, 0xfeff, 0x4e00, 0x1f600]
-        for negated, ranges, parts in self.charsets:
-            codes += [c for lo, hi in ranges for c in (lo - 1, lo, hi, hi + 1) if 0 <= c <= 0x10ffff]
-        reps: dict[int, str] = {}
-        for code in codes:
-            if not 0xd800 <= code <= 0xdfff:
-                reps.setdefault(self.class_id(chr(code)), chr(code))
-        return reps
 
     def _move(self, state: frozenset, cid: int) -> frozenset | None:
         key = (state, cid)
@@ -832,20 +796,22 @@ class Regex:
         return self.accepts(state)
 
     def accepts(self, state: frozenset) -> bool:
+        """Whether `state` ends a match."""
         return all((final in state or ~final in state) != negated for _, final, _, negated in self.parts)
 
     def shortest(self, state: frozenset) -> str | None:
         """A shortest text that takes `state` to a match (breadth first over class representatives)."""
         if state not in self.tails:
-            seen, queue, self.tails[state] = {state}, [(state, "")], None
+            seen, queue, found = {state}, [(state, "")], None
             for current, text in queue:
                 if self.accepts(current):
-                    self.tails[state] = text
+                    found = text
                     break
                 for cid, ch in self.reps.items():
                     if (nxt := self._move(current, cid)) is not None and nxt not in seen:
                         seen.add(nxt)
                         queue.append((nxt, text + ch))
+            self.tails[state] = found
         return self.tails[state]
 
 
@@ -863,10 +829,9 @@ def regex_for(pattern: str | tuple, search: bool = True, also: tuple = ()) -> Re
 ANY_TEXT = regex_for("")   # an empty pattern matches every string
 
 
-# Numbers as regular expressions: a bounded number is the JSON number syntax intersected with one expression
-# for its minimum, one for its maximum and one for multipleOf (Regex parts), built digit by digit as llama.cpp's
-# json-schema-to-grammar does for integer bounds. Fraction digits compare as strings: 0.25 < 0.3 as "25" < "3".
-# A bound may let leading zeros pass: the syntax refuses them.
+# Numbers as regular expressions: the JSON number syntax intersected with one expression for the minimum, one for
+# the maximum (built digit by digit, as llama.cpp's json-schema-to-grammar does; leading zeros may pass, the syntax
+# refuses them) and one for multipleOf. Fraction digits compare as strings: 0.25 < 0.3 as "25" < "3".
 
 def _digits(t: str, k: int, strict: bool, least: bool) -> str | None:
     """Unsigned number tails with k integer digits to go (k < 0: in the fraction), digit by digit >= t (least)
@@ -876,7 +841,8 @@ def _digits(t: str, k: int, strict: bool, least: bool) -> str | None:
         return rest and f"(\\.{rest})" + "?" * (not least or not t and not strict)
     if not t:
         return ("\\d*[1-9]\\d*" if strict else "\\d*") if least else (None if strict else "0*")
-    first, deeper, tail = int(t[0]), _digits(t[1:], k - 1, strict, least), f"\\d{{{k - 1}}}(\\.\\d+)?" if k > 0 else "\\d*"
+    first, deeper = int(t[0]), _digits(t[1:], k - 1, strict, least)
+    tail = f"\\d{{{k - 1}}}(\\.\\d+)?" if k > 0 else "\\d*"
     alts = [f"[{first + 1}-9]{tail}"] * (least and first < 9) + [f"[0-{first - 1}]{tail}"] * (not least and first > 0)
     alts += [""] * (not least and k < 0) + ([t[0] + deeper] if deeper is not None else [])
     return f"({'|'.join(alts)})" if alts else None
@@ -891,17 +857,15 @@ def _magnitude(x: Fraction, strict: bool, least: bool) -> str | None:
     return f"({'|'.join(parts)})" if parts else None
 
 
-def number_bound(x: Fraction, strict: bool, least: bool) -> str | None:
+def number_bound(x: Fraction, strict: bool, least: bool) -> str:
     """Decimals >= x (least) or <= x, strictly if asked (rounded inward to JSON_MAX_DIGITS decimals)."""
-    unit = 10 ** JSON_MAX_DIGITS   # also past the largest number the syntax allows
-    x = min(max(x, -unit), unit)
-    kept = Fraction(math.ceil(x * unit) if least else math.floor(x * unit), unit)
+    unit, sign = 10 ** JSON_MAX_DIGITS, "" if least else "-"   # y <= x as -y >= -x
+    x = min(max(x if least else -x, -unit), unit)   # also past the largest number the syntax allows
+    kept = Fraction(math.ceil(x * unit), unit)
     strict, x = strict and kept == x, kept
-    free = "(0|[1-9]\\d*)(\\.\\d+)?"
-    if least:
-        return _magnitude(x, strict, True) if x > 0 or x == 0 and strict else \
-            f"({free}|-{_magnitude(-x, strict, False)})"
-    return f"-{_magnitude(-x, strict, True)}" if x < 0 or x == 0 and strict else f"(-{free}|{_magnitude(x, strict, False)})"
+    if x > 0 or x == 0 and strict:
+        return sign + _magnitude(x, strict, True)
+    return f"({sign}\\d+(\\.\\d+)?|{'-' * least}{_magnitude(-x, strict, False)})"
 
 
 def number_regex(integer: bool, low: Fraction | None = None, high: Fraction | None = None, low_open: bool = False,
@@ -910,11 +874,9 @@ def number_regex(integer: bool, low: Fraction | None = None, high: Fraction | No
     none of the `excluded` patterns. Bounded numbers are written without exponent."""
     digits = JSON_MAX_DIGITS - 1
     syntax = rf"0|-?[1-9]\d{{0,{digits}}}" if integer else rf"-?(0|[1-9]\d{{0,{digits}}})(\.\d{{1,{digits + 1}}})?"
-    bounds = [number_bound(x, is_open, least) for x, is_open, least in ((low, low_open, True), (high, high_open, False))
-              if x is not None]
-    parts = [(bound or "[^\\s\\S]", False) for bound in bounds] + [(pattern, False, True) for pattern in excluded]
-    if step > 1 or scale:
-        parts.append(((step, scale), False))
+    parts = [(number_bound(x, is_open, least), False)
+             for x, is_open, least in ((low, low_open, True), (high, high_open, False)) if x is not None]
+    parts += [(pattern, False, True) for pattern in excluded] + [((step, scale), False)] * (step > 1 or scale > 0)
     if not parts and not integer:
         syntax += r"([eE][+-]?\d{1,2})?"
     return regex_for(syntax, False, tuple(parts))
