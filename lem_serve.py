@@ -4217,7 +4217,9 @@ class ReasoningSplitter:
     What lies between the model's think_start and think_end markers is
     reasoning; the markers themselves go. A reply whose prompt opened the
     block (DeepSeek-R1, Qwen3) starts inside it, and a block still open at
-    the end stays reasoning. Whitespace at the start of each part is dropped:
+    the end stays reasoning. An end marker outside reasoning, with no start
+    before it, is dropped (Gemma 4 may close a thought it never opened at the
+    end of its answer). Whitespace at the start of each part is dropped:
     models write "</think>\\n\\n" before the answer. Text that might be the
     start of a marker is held back until the next piece shows whether it is.
     """
@@ -4232,14 +4234,22 @@ class ReasoningSplitter:
         """The (kind, text) pieces safe to emit, kind "reasoning" or "text"; `final` flushes."""
         self.held += text
         out: list[tuple[str, str]] = []
-        while (at := self.held.find(self.markers[self.inside])) >= 0:
+        while (found := self._next_marker()) is not None:
+            at, marker = found
             self._take(out, self.held[:at])
-            self.held = self.held[at + len(self.markers[self.inside]):]
-            self.inside, self.fresh = not self.inside, True
-        keep = 0 if final else partial_marker_length(self.held, (self.markers[self.inside],))
+            self.held = self.held[at + len(marker):]
+            if marker == self.markers[self.inside]:   # else a stray end marker, dropped
+                self.inside, self.fresh = not self.inside, True
+        keep = 0 if final else partial_marker_length(self.held, self.markers[self.inside:])
         self._take(out, self.held[:len(self.held) - keep])
         self.held = self.held[len(self.held) - keep:]
         return out
+
+    def _next_marker(self) -> tuple[int, str] | None:
+        """(where, which) of the first marker in the held text that matters: the one that switches, or
+        outside reasoning an end marker; None if neither is there."""
+        found = [(at, m) for m in self.markers[self.inside:] if (at := self.held.find(m)) >= 0]
+        return min(found) if found else None
 
     def _take(self, out: list, text: str) -> None:
         if self.fresh:

@@ -561,6 +561,7 @@ FAMILIES["gemma-4"] = ("google-gemma-4-31B-it.jinja", {
     "plain": "Hello there.", "reasoning": "<|channel>thought\nLet me think.<channel|>Paris.", "call": GEMMA_WEATHER,
     "parallel": GEMMA_WEATHER + GEMMA_TIME, "reasoning_call": "<|channel>thought\nLet me think.<channel|>" + GEMMA_WEATHER,
     "odd_call": '<|tool_call>call:files.read{file-path:<|"|>a, b<|"|>,opts:{dry-run:true}}<tool_call|>',
+    "stray_end": "Paris.<|channel>thought\n<channel|><channel|>",   # as llama.cpp saw Gemma 4 end some answers
     "typed_call": '<|tool_call>call:get_forecast{city:<|"|>Paris<|"|>,days:3,hourly:true,tags:[<|"|>a<|"|>,<|"|>b<|"|>]}'
                   '<tool_call|>'})
 
@@ -568,6 +569,8 @@ FAMILIES["gemma-4"] = ("google-gemma-4-31B-it.jinja", {
 FAMILIES["gemma-4-april"] = ("google-gemma-4-31B-it-2026-04-02.jinja", *FAMILIES["gemma-4"][1:])
 
 # A call whose name and keys are not \w+ (mlx_lm's Gemma 4 parser loses it), in the families that write one.
+FAMILY_EXPECTED["stray_end"] = ("Paris.", "", [])   # a thought closed that was never opened: no marker shown
+
 FAMILY_EXPECTED["typed_call"] = ("", "", [("get_forecast", FORECAST_ARGS)])
 
 FAMILY_EXPECTED["odd_call"] = ("", "", [("files.read", {"file-path": "a, b", "opts": {"dry-run": True}})])

@@ -618,6 +618,11 @@ MUTATIONS = [
                                           "text (Qwen3-Coder's 3, true) is not read by the tool's schema",
              (("            parsed = self.form.parse(body, self.tools)", "            parsed = self.form.parse(body, None)"),),
              ("test_family_replies_split_into_content_reasoning_and_calls",)),
+    Mutation("stray-think-end-shown", "an end-of-reasoning marker with no start (Gemma 4's trailing <channel|>) "
+                                      "reaches the answer",
+             (("        found = [(at, m) for m in self.markers[self.inside:] if (at := self.held.find(m)) >= 0]",
+               "        found = [(at, m) for m in self.markers[self.inside:][:1] if (at := self.held.find(m)) >= 0]"),),
+             ("test_family_replies_split_into_content_reasoning_and_calls",)),
     # Issue 25: the chat page for a working day (edits in chat.js).
     Mutation("tabs-last-writer-wins", "a tab writes its whole copy of a chat over the stored one: "
                                       "a reply streaming in another tab loses the other tab's turn",
