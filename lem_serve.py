@@ -3372,14 +3372,24 @@ def render_prompt(request: GenerationRequest, model: Model) -> tuple[list[int], 
         if request.prefill:
             return prefill_prompt(tokenizer, messages, tools, request.template_args, template), dropped
         messages = template_messages(messages, template)
-        return list(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
-                                                  tokenize=True, **request.template_args)), dropped
+        ids = list(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True,
+                                                 **request.template_args))
+        return with_model_turn(ids, tokenizer, template), dropped
     except APIError:
         raise
     except Exception as exc:  # the template rejected the conversation (roles, order)
         window = (f" (the --max-context {request.max_context} window left out the first {dropped} "
                   f"messages; raise it or send fewer)" if dropped else "")
         raise invalid(f"the model's chat template rejected these messages{window}: {exc}", "messages") from None
+
+
+def with_model_turn(ids: list[int], tokenizer: Any, template: str) -> list[int]:
+    """The prompt with Gemma 4's model-turn header added where its templates leave it out: after tool
+    results whose calling message also had text, that text closes the turn (<turn|>) and no generation
+    prompt follows, so the reply would start outside any turn. llama.cpp adds the header too."""
+    if "<|turn>model\\n" not in template or not tokenizer.decode(ids[-4:]).endswith("<turn|>\n"):
+        return ids
+    return ids + tokenizer.encode("<|turn>model\n", add_special_tokens=False)
 
 
 # Put after a continued assistant message's text: the prompt is the rendered conversation up to it, so the

@@ -616,13 +616,18 @@ MUTATIONS = [
              ("test_gemma_4_first_template_gets_tool_results_on_the_calling_turn",)),
     Mutation("call-parsed-without-tools", "a call is parsed without the request's tools, so a value written as bare "
                                           "text (Qwen3-Coder's 3, true) is not read by the tool's schema",
-             (("            parsed = self.form.parse(body, self.tools)", "            parsed = self.form.parse(body, None)"),),
+             (("            parsed = self.form.parse(body, self.tools)",
+               "            parsed = self.form.parse(body, None)"),),
              ("test_family_replies_split_into_content_reasoning_and_calls",)),
     Mutation("stray-think-end-shown", "an end-of-reasoning marker with no start (Gemma 4's trailing <channel|>) "
                                       "reaches the answer",
              (("        found = [(at, m) for m in self.markers[self.inside:] if (at := self.held.find(m)) >= 0]",
                "        found = [(at, m) for m in self.markers[self.inside:][:1] if (at := self.held.find(m)) >= 0]"),),
              ("test_family_replies_split_into_content_reasoning_and_calls",)),
+    Mutation("gemma-model-turn-missing", "after a call with text and its result, Gemma 4's prompt ends with the turn "
+                                         "closed and no model-turn header",
+             (('    if "<|turn>model\\\\n" not in template or', '    if True or'),),
+             ("test_gemma_4_reply_after_a_call_with_text_gets_its_own_turn",)),
     # Issue 25: the chat page for a working day (edits in chat.js).
     Mutation("tabs-last-writer-wins", "a tab writes its whole copy of a chat over the stored one: "
                                       "a reply streaming in another tab loses the other tab's turn",
