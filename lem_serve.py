@@ -69,6 +69,7 @@ import select
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -568,18 +569,17 @@ class ClientGone(Exception):
 #
 # compile_schema() turns a schema into a graph of pieces: Literals (enum, const, true/false/null, keys),
 # Leaf (a Regex over a string's decoded characters with lengths, or over a number's text: bounds and
-# multipleOf compiled to regular expressions), Object and Array (Container), Union (anyOf).
+# multipleOf compiled to regular expressions), Container (Object, Array) and Union (anyOf).
 # json_advance() runs the graph over text as a pushdown automaton. A state is a tuple of stacks, one per
-# live anyOf branch; a stack is a tuple of frames, innermost last, each starting with its piece; all of
-# it hashes, so token masks are cached per state (JsonMasks). For its frames, each piece answers
+# live anyOf branch; a stack is a tuple of frames (NamedTuples starting with their piece), innermost
+# last; all of it hashes, so token masks are cached per state (JsonMasks). For its frames, a piece has
 #   step(frame, ch) -> frame tuples that replace it (() pops it), or REFEED: the value was complete
 #                      before `ch`, which goes to the parent;
-#   done(frame)     -> whether the value is complete;
-#   finish(frame)   -> a short text that completes it (closing in time for max_tokens);
-# and has min_text, a shortest complete value. A leaf (Literals, Leaf) is always a top frame; its frame
-# ends with (ex, text): an exclusion (forbidden texts, whether to keep all of the text) for uniqueItems
-# and extra keys, and its raw JSON text so far. Whitespace: at most JSON_MAX_WHITESPACE characters
-# between tokens, so output stays finite. Recursive $refs are unrolled SCHEMA_MAX_REFS deep.
+#   done(frame)     -> whether the value is complete;  finish(frame) -> a short text that completes it;
+# and min_text, a shortest value. A leaf (Literals, Leaf) is always a top frame; under an exclusion (the
+# texts it may not be: uniqueItems, extra keys) it keeps its raw text. Whitespace: at most
+# JSON_MAX_WHITESPACE characters between tokens, so output stays finite. Recursive $refs are unrolled
+# SCHEMA_MAX_REFS deep.
 
 JSON_WHITESPACE = " \t\n\r"
 JSON_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
@@ -908,26 +908,23 @@ class Cache(dict):
         return value
 
 
-def _track(ex: tuple | None, text: str | None, ch: str) -> str | None:
-    """A leaf's raw text after `ch`, under an exclusion: whole when recording, else only while it could become a forbidden text."""
-    if ex is None or text is None:
-        return text
-    text += ch
-    forbidden, record = ex
-    return text if record or any(f.startswith(text) for f in forbidden) else None
-
-
 class Piece:
-    """A compiled schema node; compared by identity."""
+    """A compiled schema node, compared by identity; `children` are the nodes its values hold."""
 
     min_text = ""
+    children: tuple = ()
 
     @functools.cached_property
     def alternatives(self) -> tuple:
         """The pieces a value of this one may be (a Union's own list)."""
         return (self,)
 
+    def begin(self, ch: str, ex: frozenset | None) -> list:
+        """The frames of a value that starts with `ch`, under the exclusion `ex` (leaves only)."""
+        return self.step(self.frame(ex), ch)
+
     def done(self, frame: tuple) -> bool:
+        """Whether the value is complete."""
         return False
 
     def child_done(self, frame: tuple, child: tuple) -> tuple | None:
@@ -935,46 +932,56 @@ class Piece:
         return frame
 
 
-class Literals(Piece):
-    """One of a fixed set of JSON texts: enum, const, true/false/null, object keys, tool-call markers.
+class Cursor(NamedTuple):
+    """A leaf's frame (Literals use only ex and text)."""
 
-    Frame: (piece, ex, typed).
-    """
+    piece: Any
+    dfa: Any                   # the regex state
+    count: int                 # characters of the value so far
+    escape: str                # "" (none), "\\" (after a backslash), "u" and hex digits, '"' closed, "^" before it
+    ex: frozenset | None       # the texts it may not be (None: no exclusion)
+    text: str | None           # its raw text so far, kept under an exclusion (always for Literals)
+
+    def add(self, ch: str, **changes: Any) -> Cursor:
+        """The frame after raw character `ch`, with `changes`."""
+        return self._replace(text=None if self.text is None else self.text + ch, **changes)
+
+
+class Literals(Piece):
+    """One of a fixed set of JSON texts: enum, const, true/false/null, object keys, tool-call markers."""
 
     def __init__(self, texts):
         self.texts = tuple(dict.fromkeys(texts))
         self.min_text = min(self.texts, key=len)
 
-    def begin(self, ch: str, ex: tuple | None) -> list:
-        return self.step((self, ex, ""), ch)
+    def frame(self, ex: frozenset | None = None) -> Cursor:
+        """The frame before the first character."""
+        return Cursor(self, None, 0, "", ex, "")
 
-    def step(self, frame: tuple, ch: str) -> list:
-        _, ex, typed = frame
-        out = [REFEED] if self.done(frame) else []
-        typed += ch
-        if any(t.startswith(typed) and (ex is None or t not in ex[0]) for t in self.texts):
-            out.append(((self, ex, typed),))
-        return out
+    def _left(self, frame: Cursor) -> Iterator[str]:
+        """The texts the frame may still become."""
+        return (t for t in self.texts if t.startswith(frame.text) and (frame.ex is None or t not in frame.ex))
 
-    def done(self, frame: tuple) -> bool:
-        _, ex, typed = frame
-        return typed in self.texts and (ex is None or typed not in ex[0])
+    def step(self, frame: Cursor, ch: str) -> list:
+        """The frames after `ch` (REFEED when complete before it)."""
+        after = frame.add(ch)
+        return [REFEED] * self.done(frame) + [(after,)] * any(self._left(after))
 
-    def finish(self, frame: tuple) -> str:
-        _, ex, typed = frame
-        return min((t for t in self.texts if t.startswith(typed) and (ex is None or t not in ex[0])), key=len)[len(typed):]
+    def done(self, frame: Cursor) -> bool:
+        return frame.text in self._left(frame)
 
-    def first(self, forbidden: frozenset) -> str | None:
-        return min((t for t in self.texts if t not in forbidden), key=len, default=None)
+    def finish(self, frame: Cursor) -> str | None:
+        """The rest of a shortest text the frame may become; None when every one is excluded."""
+        best = min(self._left(frame), key=len, default=None)
+        return None if best is None else best[len(frame.text):]
 
 
 class Leaf(Piece):
     """A value whose text matches `regex` with min_len to max_len characters: a JSON string (`quoted`:
-    the regex runs over its decoded characters, pattern, format and lengths) or a number (its raw text).
+    the regex runs over its decoded characters: pattern, format and lengths) or a number (its raw text).
 
-    Frame: (piece, dfa state, characters so far, escape, ex, text); escape is "" (none), "\\" (after a
-    backslash), "u" plus hex digits so far, or '"' once closed. Strings under an exclusion take no escapes
-    (their raw text is their value). Integers and strings have one spelling each (`by_text`).
+    Strings under an exclusion take no escapes (their raw text is their value). Integers and strings have
+    one spelling each (`by_text`).
     """
 
     def __init__(self, regex: Regex, min_len: int = 0, max_len: int | None = None, quoted: bool = True,
@@ -982,143 +989,124 @@ class Leaf(Piece):
         self.regex, self.min_len, self.max_len, self.quoted, self.by_text = regex, min_len, max_len, quoted, by_text
         self.limit = math.inf if max_len is None else max_len
         self.completions = Cache(JSON_MASK_CACHE_STATES)
-        content = self.complete(regex.start, 0)
-        if content is None:
+        if self.complete(regex.start, 0) is None:
             raise ValueError("no string has both this pattern or format and these lengths")
-        self.min_text = json.dumps(content, ensure_ascii=False) if quoted else content
+        self.min_text = self.finish(self.frame())
 
-    def begin(self, ch: str, ex: tuple | None) -> list:
-        if not self.quoted:
-            return self.step((self, self.regex.start, 0, "", ex, None if ex is None else ""), ch)
-        return [((self, self.regex.start, 0, "", ex, None if ex is None else '"'),)] if ch == '"' else []
+    def frame(self, ex: frozenset | None = None) -> Cursor:
+        """The frame before the first character (a string's: before its opening quote)."""
+        return Cursor(self, self.regex.start, 0, "^" * self.quoted, ex, None if ex is None else "")
 
-    def step(self, frame: tuple, ch: str) -> list:
-        _, dfa, count, escape, ex, text = frame
+    def step(self, frame: Cursor, ch: str) -> list:
+        """The frames after `ch` (REFEED when complete before it)."""
+        escape = frame.escape
         if not self.quoted:  # a number: complete whenever the regex accepts; `ch` may go to the parent
-            return [REFEED] * self.done(frame) + self._take(dfa, count, ex, text, ch, ch)
-        if escape == '"':
-            return [REFEED]
+            return [REFEED] * self.done(frame) + self._take(frame, ch, ch)
+        if escape in ('"', "^"):
+            return [REFEED] if escape == '"' else [(frame.add(ch, escape=""),)] * (ch == '"')
         if escape == "":
             if ch == '"':
-                closed = (self, dfa, count, '"', ex, _track(ex, text, ch))
-                return [(closed,)] if count >= self.min_len and self.regex.accepts(dfa) and self.done(closed) else []
+                closes = frame.count >= self.min_len and self.regex.accepts(frame.dfa)
+                return [(frame.add(ch, escape='"'),)] * (closes and (frame.ex is None or frame.text + ch not in frame.ex))
             if ch == "\\":
-                return [((self, dfa, count, "\\", ex, text),)] if ex is None and self._escapes(dfa, count) else []
+                return [(frame._replace(escape="\\"),)] if frame.ex is None and self._escapes(frame) else []
             decoded = None if ch < " " else ch
         elif escape == "\\":
-            if ch not in self._escapes(dfa, count):
+            if ch not in self._escapes(frame):
                 return []
             if ch == "u":
-                return [((self, dfa, count, "u", ex, text),)]
+                return [(frame._replace(escape="u"),)]
             decoded = JSON_ESCAPES[ch]
         elif ch not in HEX_DIGITS or escape in ("ud", "uD") and ch in "89abcdefABCDEF":  # no surrogates
             return []
         elif len(escape) < 4:
-            return [((self, dfa, count, escape + ch, ex, text),)]
+            return [(frame._replace(escape=escape + ch),)]
         else:
             decoded = chr(int(escape[1:] + ch, 16))
-        return self._take(dfa, count, ex, text, ch, decoded)
+        return self._take(frame, ch, decoded)
 
-    def _take(self, dfa: frozenset, count: int, ex: tuple | None, text: str | None, ch: str, decoded: str | None) -> list:
+    def _take(self, frame: Cursor, ch: str, decoded: str | None) -> list:
         """The frame after one more (decoded) character, if the value can still be completed."""
-        dfa = None if decoded is None else self.regex.move(dfa, decoded)
-        if dfa is None or not self.viable(dfa, count + 1):
+        dfa = None if decoded is None else self.regex.move(frame.dfa, decoded)
+        if dfa is None or self.complete(dfa, frame.count + 1) is None:
             return []
-        text = _track(ex, text, ch)
-        if text is not None and any(f.startswith(text) for f in ex[0]) and self._fresh(dfa, count + 1, text, ex[0]) is None:
+        after = frame.add(ch, dfa=dfa, count=frame.count + 1, escape="")
+        if after.text is not None and any(f.startswith(after.text) for f in after.ex) and self._fresh(after) is None:
             return []  # every way to close it is forbidden
-        return [((self, dfa, count + 1, "", ex, text),)]
+        return [(after,)]
 
-    def _escapes(self, dfa: frozenset, count: int) -> str:
+    def _escapes(self, frame: Cursor) -> str:
         """The letters that may follow a backslash here: those whose character fits; \\u only where any character does."""
-        letters = "".join(k for k, c in JSON_ESCAPES.items() if (nxt := self.regex.move(dfa, c)) and self.viable(nxt, count + 1))
-        return letters + "u" if self.regex is ANY_TEXT and count < self.limit else letters
-
-    def viable(self, dfa: frozenset, count: int) -> bool:
-        """Whether a string at `dfa` after `count` characters can still be completed."""
-        if count >= self.min_len:
-            return (tail := self.regex.shortest(dfa)) is not None and count + len(tail) <= self.limit
-        return self.complete(dfa, count) is not None
+        letters = "".join(k for k, c in JSON_ESCAPES.items()
+                          if (nxt := self.regex.move(frame.dfa, c)) and self.complete(nxt, frame.count + 1) is not None)
+        return letters + "u" * (self.regex is ANY_TEXT and frame.count < self.limit)
 
     def complete(self, dfa: frozenset, count: int) -> str | None:
-        """A shortest text (decoded) that completes the string from `dfa` after `count` characters (cached)."""
-        def search() -> str | None:
-            layer = {dfa: ""}  # breadth first up to min_len, then the shortest way to a match
-            for _ in range(max(self.min_len - count, 0)):
-                layer = {nxt: text + ch for state, text in layer.items() for cid, ch in self.regex.reps.items()
-                         if (nxt := self.regex._move(state, cid)) is not None}
-            best = min((text + tail for state, text in layer.items()
-                        if (tail := self.regex.shortest(state)) is not None), key=len, default=None)
-            return best if best is not None and count + len(best) <= self.limit else None
-        return self.completions.get_or((dfa, min(count, self.min_len), self.limit - count), search)
+        """A shortest text (decoded) that completes the value from `dfa` after `count` characters, or None."""
+        best = self.regex.shortest(dfa) if count >= self.min_len else \
+            self.completions.get_or((dfa, count), lambda: self._padded(dfa, count))
+        return best if best is not None and count + len(best) <= self.limit else None
 
-    def done(self, frame: tuple) -> bool:
-        _, dfa, count, escape, ex, text = frame
-        if escape == '"' or not self.quoted and count >= self.min_len and self.regex.accepts(dfa):
-            return ex is None or text is None or text not in ex[0]
-        return False
+    def _padded(self, dfa: frozenset, count: int) -> str | None:
+        """A shortest text to a match from `dfa` that reaches min_len: breadth first to it, then shortest()."""
+        layer = {dfa: ""}
+        for _ in range(self.min_len - count):
+            layer = {nxt: text + ch for state, text in layer.items() for cid, ch in self.regex.reps.items()
+                     if (nxt := self.regex._move(state, cid)) is not None}
+        return min((text + tail for state, text in layer.items() if (tail := self.regex.shortest(state)) is not None),
+                   key=len, default=None)
 
-    def finish(self, frame: tuple) -> str:
-        _, dfa, count, escape, ex, text = frame
-        if escape == '"' or not self.quoted and self.done(frame):
+    def done(self, frame: Cursor) -> bool:
+        if self.quoted:
+            return frame.escape == '"'
+        closes = frame.count >= self.min_len and self.regex.accepts(frame.dfa)
+        return closes and (frame.ex is None or frame.text not in frame.ex)
+
+    def finish(self, frame: Cursor) -> str | None:
+        """A shortest text that completes the value; None when every one is excluded."""
+        if self.done(frame):
             return ""
-        if not self.quoted:
-            return self._fresh(dfa, count, text, ex[0]) if ex is not None else self.complete(dfa, count)
-        if escape:  # end the escape: the first letter that fits, or \\u0000-style zeros
-            tail = self._escapes(dfa, count)[0] if escape == "\\" else ""
-            tail += "0" * (5 - len(escape)) if tail in ("", "u") else ""
-            return tail + self.finish(json_advance(((frame,),), tail)[0][-1])
-        if ex is not None:
-            tail = self._fresh(dfa, count, text, ex[0])
-            return None if tail is None else tail + '"'
-        return json.dumps(self.complete(dfa, count), ensure_ascii=False)[1:]
+        if frame.escape:  # open the string, or end the escape: the first letter that fits, or \\u0000-style zeros
+            tail = '"' if frame.escape == "^" else self._escapes(frame)[0] if frame.escape == "\\" else ""
+            tail += "0" * (5 - len(frame.escape)) if tail in ("", "u") else ""
+            for ch in tail:
+                frame = self.step(frame, ch)[0][0]
+            rest = self.finish(frame)
+            return None if rest is None else tail + rest
+        if frame.ex is not None:
+            tail = self._fresh(frame)
+            return None if tail is None else tail + '"' * self.quoted
+        content = self.complete(frame.dfa, frame.count)
+        return json.dumps(content, ensure_ascii=False)[1:] if self.quoted else content
 
-    def _fresh(self, dfa: frozenset, count: int, text: str | None, forbidden: frozenset) -> str | None:
-        """Characters (no escapes) that close an excluded string on a text not forbidden: shortest first."""
+    def _fresh(self, frame: Cursor) -> str | None:
+        """Characters (no escapes) that close an excluded value on a text not forbidden: shortest first."""
+        dfa, count = frame.dfa, frame.count
         layer = {dfa: [""]}
         reach = max(self.min_len - count, len(self.regex.shortest(dfa) or "")) + 32   # a few past the shortest
         for size in range(int(min(self.limit - count, reach)) + 1):
             for state, tails in layer.items():
                 for tail in tails if count + size >= self.min_len and self.regex.accepts(state) else ():
-                    if text is None or text + tail + '"' * self.quoted not in forbidden:
+                    if frame.text + tail + '"' * self.quoted not in frame.ex:
                         return tail
             nxt: dict = {}
             for state, tails in layer.items():
                 for cid, ch in self.regex.reps.items():
                     if (ch >= " " and ch not in '"\\' or not self.quoted) and (after := self.regex._move(state, cid)):
                         kept = nxt.setdefault(after, [])
-                        kept += [t + ch for t in tails[:len(forbidden) + 1 - len(kept)]]
+                        kept += [t + ch for t in tails[:len(frame.ex) + 1 - len(kept)]]
             layer = nxt
         return None
 
-    def first(self, forbidden: frozenset) -> str | None:
-        """A shortest complete text, quotes included, that is not forbidden."""
-        quote = '"' * self.quoted
-        tail = self._fresh(self.regex.start, 0, quote, forbidden)
-        return None if tail is None else quote + tail + quote
+    def move_class(self, at: tuple, key: str) -> tuple | None:
+        """(dfa, count) after a character of class id ord(`key`) from `at`, if the value can still be completed."""
+        nxt = self.regex._move(at[0], ord(key))
+        return (nxt, at[1] + 1) if nxt is not None and self.complete(nxt, at[1] + 1) is not None else None
 
-    def plain_tokens(self, frame: tuple, trie: dict) -> list[int]:
-        """Token ids of ordinary characters (no quote, backslash or control) that fit here.
-
-        `trie` is the vocabulary's plain tokens as a trie over this regex's class ids.
-        """
-        _, dfa, count, _, _, _ = frame
-        ids, todo = [], [(trie, dfa, count)]
-        while todo:
-            node, state, count = todo.pop()
-            for key, child in node.items():
-                if key:
-                    nxt = self.regex._move(state, ord(key))
-                    if nxt is not None and self.viable(nxt, count + 1):
-                        ids.extend(child.get("", ()))
-                        todo.append((child, nxt, count + 1))
-        return ids
-
-    def key(self, frame: tuple, reach: int) -> tuple:
+    def key(self, frame: Cursor, reach: int) -> tuple:
         """The frame with its count reduced to what can matter within `reach` characters (mask caching)."""
-        _, dfa, count, escape, ex, text = frame
-        room = self.limit - count
-        return (self, dfa, min(count, self.min_len), min(room, reach + len(self.regex.edges)), escape, ex, text)
+        room = self.limit - frame.count
+        return frame._replace(count=(min(frame.count, self.min_len), min(room, reach + len(self.regex.edges))))
 
 
 def number_leaf(integer: bool, *bounds: Any, **options: Any) -> Leaf:
@@ -1130,250 +1118,226 @@ class Union(Piece):
     """anyOf (and oneOf, type lists): a value matching any of the alternatives."""
 
     def __init__(self, alternatives):
-        self.alternatives = tuple(a for alt in alternatives for a in alt.alternatives)
+        self.alternatives = self.children = tuple(a for alt in alternatives for a in alt.alternatives)
         self.min_text = min((a.min_text for a in self.alternatives), key=len)
 
 
 def first_text(node: Piece, forbidden: frozenset) -> str | None:
-    """A shortest complete text of `node` that is not forbidden; None when every one is."""
-    return min((t for alt in node.alternatives if (t := alt.first(forbidden)) is not None), key=len, default=None)
+    """A shortest complete text of `node` (a leaf or a union of them) that is not forbidden; None if none."""
+    texts = (alt.finish(alt.frame(forbidden)) for alt in node.alternatives)
+    return min((t for t in texts if t is not None), key=len, default=None)
 
 
 def union(alternatives: list) -> Piece | None:
     """The union of the satisfiable alternatives (None stands for one that is not): None, one piece, or a Union."""
     alternatives = [a for a in alternatives if a is not None]
-    if len(alternatives) <= 1:
-        return alternatives[0] if alternatives else None
-    return Union(alternatives)
+    return Union(alternatives) if len(alternatives) > 1 else alternatives[0] if alternatives else None
+
+
+def begin_value(node: Piece, ch: str, ex: frozenset | None) -> list:
+    """The frames of a value of `node` that starts with `ch` (under the exclusion `ex`)."""
+    return [frames for alt in node.alternatives for frames in alt.begin(ch, ex)]
+
+
+class Start(NamedTuple):
+    """The frame of a value not begun: its whitespace so far, then the first character of one alternative."""
+
+    piece: Any                 # VALUE
+    node: Piece
+    spaces: int
+    ex: frozenset | None
 
 
 class ValueStart(Piece):
-    """The start of a value: whitespace, then the first character of one alternative.
+    """The start of a value (see Start)."""
 
-    Frame: (VALUE, node, whitespace so far, ex).
-    """
-
-    def step(self, frame: tuple, ch: str) -> list:
-        _, node, spaces, ex = frame
+    def step(self, frame: Start, ch: str) -> list:
+        """The frames after `ch`."""
         if ch in JSON_WHITESPACE:
-            return [((self, node, spaces + 1, ex),)] if spaces < JSON_MAX_WHITESPACE else []
-        return [o for alt in node.alternatives for o in alt.begin(ch, ex)]
+            return [(frame._replace(spaces=frame.spaces + 1),)] if frame.spaces < JSON_MAX_WHITESPACE else []
+        return begin_value(frame.node, ch, frame.ex)
 
-    def finish(self, frame: tuple) -> str:
-        _, node, _, ex = frame
-        return node.min_text if ex is None else first_text(node, ex[0])
+    def finish(self, frame: Start) -> str | None:
+        """A shortest value (not excluded)."""
+        return frame.node.min_text if frame.ex is None else first_text(frame.node, frame.ex)
 
 
 VALUE = ValueStart()
 
 
 class Frame(NamedTuple):
-    """An object's or array's frame (see Container, Object and Array)."""
+    """A container's frame (see Container)."""
 
     piece: Any
-    phase: str         # open (after "{" or "["), comma, key (a key leaf is on top), colon (a key written), value
-    at: int            # the next declared property or item (see Object and Array)
-    count: int         # properties written, kept only when min/maxProperties ask
-    seen: frozenset    # texts that may not repeat: extra keys written, uniqueItems' items
+    phase: str         # open (after "{" or "["), comma, key (a key leaf on top), colon (a key written), value
+    at: int            # the next slot (in "colon": the key's, or len(slots) + j for extra value j)
+    count: int         # members written, capped where more no longer matters
+    seen: frozenset    # texts that may not repeat: extra keys written, unique items
     spaces: int        # whitespace since the last token
 
 
 class Container(Piece):
-    """A JSON object or array: its brackets and the whitespace between its tokens; the rest is `inner`'s."""
+    """A JSON object or array: `slots` (name, node, required) in their order, then extra members, from
+    `low` to `high` members. An array's names are None and its slots come all, in order, until it
+    closes; an object's slots come each at most once, the required ones not skipped.
 
-    brackets = "{}"
+    Extra members take values[matched] (none: no extra members). An array's matched is (); an object's
+    extra keys are `key` leaves, never a slot's or a `banned` name nor one already written, and matched
+    is the indices of the `patterns` (patternProperties) that match the key ((): additionalProperties).
+    A `unique` array's items are leaves, under an exclusion of the texts already written.
+    """
 
-    def begin(self, ch: str, ex: tuple | None) -> list:
+    def __init__(self, brackets: str, slots: tuple, values: dict, low: int = 0, high: int | None = None,
+                 key: Piece | None = None, banned: tuple = (), patterns: tuple = (), unique: bool = False):
+        self.brackets, self.slots, self.values, self.low, self.high = brackets, slots, values, low, high
+        self.keyed, self.patterns, self.unique, self.extras = brackets == "{}", patterns, unique, list(values)
+        self.key = (key or ANY_STRING) if self.keyed and values else None
+        self.names = [json.dumps(name, ensure_ascii=False) for name, _, _ in slots] if self.keyed else []
+        self.keys = {name: j for j, name in enumerate(self.names)}
+        self.forbidden = frozenset(self.keys) | {json.dumps(name, ensure_ascii=False) for name in banned}
+        self.required_from = [sum(req for _, _, req in slots[j:]) for j in range(len(slots) + 1)]
+        self.fixed = [req or not self.keyed for _, _, req in slots]   # slots that may not be skipped
+        self.cap = low if high is None else high
+        self.children = tuple(node for _, node, _ in slots) + tuple(values.values())
+        self.key_pieces = Cache(JSON_MASK_CACHE_STATES)
+        tail = self._tail(0, 0, frozenset(), "", False)
+        if tail is None:
+            raise ValueError("no object has these properties within minProperties/maxProperties" if self.keyed
+                             else "no array has these items within minItems/maxItems (and uniqueItems)")
+        self.min_text = brackets[0] + tail
+
+    def begin(self, ch: str, ex: frozenset | None) -> list:
+        """An open frame if `ch` is the opening bracket."""
         return [(Frame(self, "open", 0, 0, frozenset(), 0),)] if ch == self.brackets[0] else []
 
     def step(self, frame: Frame, ch: str) -> list:
+        """The frames after `ch`: whitespace and the closing bracket here, the rest in inner()."""
         if ch in JSON_WHITESPACE and frame.phase != "key":
             return [(frame._replace(spaces=frame.spaces + 1),)] if frame.spaces < JSON_MAX_WHITESPACE else []
         if ch == self.brackets[1] and frame.phase in ("open", "value"):
-            return [()] if self.may_close(frame) else []
+            return [()] if self.required_from[frame.at] == 0 and frame.count >= self.low else []
         return self.inner(frame._replace(spaces=0), ch)
+
+    def inner(self, frame: Frame, ch: str) -> list:
+        """The frames after a comma, a key's quote, a colon, or an array item's first character."""
+        phase, count = frame.phase, min(frame.count + 1, self.cap)
+        if ch == "," and phase == "value":
+            return [(frame._replace(phase="comma"),)] if self._more(frame) else []
+        if ch == '"' and phase in ("open", "comma") and self.keyed:
+            return [(frame._replace(phase="key"), key) for key in self._key_frames(frame)]
+        if ch == ":" and phase == "colon":
+            node, at = self._member(frame.at)
+            return [(frame._replace(phase="value", at=at, count=count), Start(VALUE, node, 0, None))]
+        if phase in ("open", "comma") and not self.keyed and any(slots := self._choices(frame.at, frame.count)):
+            node, at = self._member(slots[0][0] if slots[0] else len(self.slots))
+            after = frame._replace(phase="value", at=at, count=count)
+            return [(after,) + frames for frames in begin_value(node, ch, frame.seen if self.unique else None)]
+        return []
+
+    def _member(self, at: int) -> tuple:
+        """(the value's node, the next slot) for slot `at`, or extra value at - len(slots)."""
+        if at < len(self.slots):
+            return self.slots[at][1], at + 1
+        return self.values[self.extras[at - len(self.slots)]], len(self.slots)
+
+    def _choices(self, at: int, count: int) -> tuple[tuple[int, ...], bool]:
+        """(slots that may come next, whether an extra member may), leaving room for low and high."""
+        if self.high is not None and count >= self.high:
+            return (), False
+        chosen = []
+        for j in range(at, len(self.slots)):
+            if (self.high is None or count + 1 + self.required_from[j + 1] <= self.high) and \
+                    (self.extras or len(self.slots) - j - 1 >= self.low - count - 1):
+                chosen.append(j)
+            if self.fixed[j]:
+                break
+        return tuple(chosen), bool(self.extras) and not any(self.fixed[at:])
+
+    def _more(self, frame: Frame) -> bool:
+        """Whether another member may follow (in a unique array, one not yet written)."""
+        slots, extra = self._choices(frame.at, frame.count)
+        if not self.unique:
+            return bool(slots or extra)
+        return any(first_text(self._member(j)[0], frame.seen) is not None for j in slots + (len(self.slots),) * extra)
+
+    def _key_frames(self, frame: Frame) -> list[tuple]:
+        """The key leaves' frames after the opening quote: declared names, then extra keys."""
+        declared, extra = self._choices(frame.at, frame.count)
+        pieces = [(self.key, self.forbidden | frame.seen)] * extra
+        if declared:
+            pieces.insert(0, (self.key_pieces.get_or(declared, lambda: Literals(self.names[j] for j in declared)), None))
+        return [frames[0] for piece, ex in pieces for frames in piece.begin('"', ex) if frames is not REFEED]
+
+    def child_done(self, frame: Frame, child: tuple) -> Frame | None:
+        """A key written: its slot, or an extra key's value (None: no value may follow it); an item: seen."""
+        if frame.phase != "key":
+            return frame._replace(seen=frame.seen | {child.text}) if self.unique else frame
+        if child.piece is not self.key:
+            return frame._replace(phase="colon", at=self.keys[child.text])
+        slot = self._slot(child.text)
+        return None if slot is None else frame._replace(phase="colon", at=len(self.slots) + slot,
+                                                        seen=frame.seen | {child.text})
+
+    def _slot(self, text: str) -> int | None:
+        """Which extra value an extra key's text (quoted, unescaped) takes; None: no value may follow it."""
+        matched = tuple(i for i, regex in enumerate(self.patterns) if regex.matches(text[1:-1]))
+        return self.extras.index(matched) if matched in self.values else None
+
+    def finish(self, frame: Frame) -> str | None:
+        """The shortest text that closes the container from `frame`."""
+        if frame.phase == "colon":
+            node, at = self._member(frame.at)
+            return ":" + node.min_text + self._tail(at, min(frame.count + 1, self.cap), frame.seen, ",", False)
+        return self._tail(frame.at, frame.count, frame.seen, "," * (frame.phase == "value"), frame.phase == "comma")
+
+    def _tail(self, at: int, count: int, seen: frozenset, sep: str, must: bool) -> str | None:
+        """The shortest text that ends the container: the members it still needs, then its bracket."""
+        parts = []
+        while must or self.required_from[at] or count < self.low:
+            declared, extra = self._choices(at, count)
+            key = ""
+            if declared and (self.fixed[declared[-1]] or not extra):
+                j = declared[-1] if self.fixed[declared[-1]] else declared[0]
+                key = self.names[j] + ":" if self.keyed else ""
+            elif extra and self.keyed:
+                key = first_text(self.key, self.forbidden | seen)
+                if key is None or (slot := self._slot(key)) is None:
+                    return None
+                j, seen, key = len(self.slots) + slot, seen | {key}, key + ":"
+            elif extra:
+                j = len(self.slots)
+            else:
+                return None
+            node, at = self._member(j)
+            value = first_text(node, seen) if self.unique else node.min_text
+            if value is None:
+                return None
+            parts.append(sep + key + value)
+            sep, must, count, seen = ",", False, min(count + 1, self.cap), seen | {value} if self.unique else seen
+        return "".join(parts) + self.brackets[1]
 
 
 class Object(Container):
-    """A JSON object: declared properties in their order, each at most once, then extra keys.
-
-    props: (name, node, required) triples. Other keys are `key` leaves (propertyNames; None: no other
-    keys), never a declared or `banned` name nor one already written; an extra key's value is
-    values[matched], matched being the indices of the `patterns` (patternProperties) that match the key
-    ((): additionalProperties). In a Frame, `at` is the first declared property still allowed (in
-    "colon": the chosen one, or len(props) + j for the extra key whose value is node j); `seen` holds the
-    extra keys written.
-    """
+    """A JSON object: props (name, node, required) in their order, each at most once, then extra keys."""
 
     def __init__(self, props: tuple, values: dict, min_props: int = 0, max_props: int | None = None,
                  key: Piece | None = None, banned: tuple = (), patterns: tuple = ()):
-        self.props, self.values = props, values
-        self.key = (key or ANY_STRING) if self.values else None
-        self.patterns, self.slots = patterns, list(self.values)
-        self.keys = {json.dumps(name, ensure_ascii=False): i for i, (name, _, _) in enumerate(props)}
-        self.forbidden = frozenset(self.keys) | {json.dumps(name, ensure_ascii=False) for name in banned}
-        self.min_props, self.max_props = min_props, max_props
-        self.required_from = [sum(req for _, _, req in props[i:]) for i in range(len(props) + 1)]
-        self.counts = min_props > 0 or max_props is not None
-        self.key_pieces: dict[tuple, Literals] = {}
-        tail = self._tail(0, 0, frozenset(), "", False)
-        if tail is None:
-            raise ValueError("no object has these properties within minProperties/maxProperties")
-        self.min_text = "{" + tail
-
-    def inner(self, frame: Frame, ch: str) -> list:
-        _, phase, index, count, seen, _ = frame
-        if ch == "," and phase == "value" and any(self._choices(index, count)):
-            return [(frame._replace(phase="comma"),)]
-        if ch == '"' and phase in ("open", "comma"):
-            return [(frame._replace(phase="key"), key) for key in self._key_frames(index, count, seen)]
-        if ch == ":" and phase == "colon":
-            node, nxt = self._value(index)
-            return [(Frame(self, "value", nxt, count + self.counts, seen, 0), (VALUE, node, 0, None))]
-        return []
-
-    def _value(self, index: int) -> tuple:
-        """(the value's node, the next index) once key `index` (see the frame) is written."""
-        if index < len(self.props):
-            return self.props[index][1], index + 1
-        return self.values[self.slots[index - len(self.props)]], len(self.props)
-
-    def child_done(self, frame: Frame, child: tuple) -> Frame | None:
-        if frame.phase != "key":
-            return frame
-        text = child[-1]
-        if child[0] is self.key:
-            slot = self._slot(text)
-            return None if slot is None else frame._replace(phase="colon", at=len(self.props) + slot,
-                                                            seen=frame.seen | {text})
-        return frame._replace(phase="colon", at=self.keys[text])
-
-    def _slot(self, text: str) -> int | None:
-        """Which value node an extra key's text (quoted, unescaped) takes; None: no value may follow it."""
-        matched = tuple(i for i, regex in enumerate(self.patterns) if regex.matches(text[1:-1]))
-        node = self.values.get(matched)
-        return None if node is None else self.slots.index(matched)
-
-    def may_close(self, frame: Frame) -> bool:
-        return self.required_from[frame.at] == 0 and (not self.counts or frame.count >= self.min_props)
-
-    def _choices(self, index: int, count: int) -> tuple[tuple[int, ...], bool]:
-        """(declared properties that may come next, whether an extra key may), leaving room for min/maxProperties."""
-        if self.max_props is not None and count >= self.max_props:
-            return (), False
-        chosen, need = [], self.min_props - count - 1
-        for j in range(index, len(self.props)):
-            fits = self.max_props is None or count + 1 + self.required_from[j + 1] <= self.max_props
-            if fits and (self.key is not None or len(self.props) - j - 1 >= need or not self.counts):
-                chosen.append(j)
-            if self.props[j][2]:
-                break
-        return tuple(chosen), self.key is not None and self.required_from[index] == 0
-
-    def _key_frames(self, index: int, count: int, seen: frozenset) -> list[tuple]:
-        declared, extra = self._choices(index, count)
-        frames = []
-        if declared:
-            piece = self.key_pieces.get(declared)
-            if piece is None:
-                piece = self.key_pieces[declared] = Literals(json.dumps(self.props[j][0], ensure_ascii=False)
-                                                             for j in declared)
-            frames.append((piece, None, '"'))
-        if extra:
-            frames += [f[0] for f in self.key.begin('"', (self.forbidden | seen, True)) if f is not REFEED]
-        return frames
-
-    def finish(self, frame: tuple) -> str:
-        _, phase, index, count, seen, _ = frame
-        if phase == "colon":
-            node, nxt = self._value(index)
-            return ":" + node.min_text + self._tail(nxt, count + self.counts, seen, ",", False)
-        return self._tail(index, count, seen, "," if phase == "value" else "", phase == "comma")
-
-    def _tail(self, index: int, count: int, seen: frozenset, sep: str, must: bool) -> str | None:
-        """The shortest text that ends the object: required properties, more if minProperties asks, "}"."""
-        parts = []
-        while must or self.required_from[index] or (self.counts and count < self.min_props):
-            declared, extra = self._choices(index, count)
-            if declared and (self.props[declared[-1]][2] or not extra):
-                j = declared[-1] if self.props[declared[-1]][2] else declared[0]
-                key, node, index = json.dumps(self.props[j][0], ensure_ascii=False), self.props[j][1], j + 1
-            elif extra and (key := self.key.first(self.forbidden | seen)) is not None and self._slot(key) is not None:
-                node, index, seen = self.values[self.slots[self._slot(key)]], len(self.props), seen | {key}
-            else:
-                return None
-            parts.append(sep + key + ":" + node.min_text)
-            sep, must, count = ",", False, count + 1
-        return "".join(parts) + "}"
+        super().__init__("{}", props, values, min_props, max_props, key, banned, patterns)
 
 
 class Array(Container):
-    """A JSON array: `prefix` items (tuples) then `items` ones (None: no more), within min/max_items.
-
-    With `unique`, items are leaves (checked at compile time) under an exclusion of the texts already
-    written (a Frame's `seen`). In a Frame, phase is open or value, and `at` is the items begun (capped
-    once it no longer matters, so long arrays reuse masks).
-    """
-
-    brackets = "[]"
+    """A JSON array: `prefix` items (nodes) then `items` ones (None: no more), min_items to max_items."""
 
     def __init__(self, prefix: tuple, items: Piece | None, min_items: int = 0, max_items: int | None = None,
                  unique: bool = False):
-        self.prefix, self.items, self.unique = prefix, items, unique
-        if items is None:
-            max_items = len(prefix) if max_items is None else min(max_items, len(prefix))
-        self.min_items, self.max_items = min_items, max_items
-        self.cap = max(len(prefix), min_items) if max_items is None else None
-        tail = self._tail(0, frozenset(), "")
-        if tail is None:
-            raise ValueError("no array has these items within minItems/maxItems (and uniqueItems)")
-        self.min_text = "[" + tail
-
-    def may_close(self, frame: Frame) -> bool:
-        return frame.at >= self.min_items
-
-    def inner(self, frame: Frame, ch: str) -> list:
-        _, phase, count, _, seen, _ = frame
-        if (phase == "value" and ch != ",") or not self._more(count):
-            return []
-        after = frame._replace(phase="value", at=count + 1 if self.cap is None else min(count + 1, self.cap))
-        item = (VALUE, self._node(count), 0, (seen, True) if self.unique else None)
-        if phase == "open":  # the first item begins with `ch`
-            return [(after,) + frames for frames in VALUE.step(item[:2] + (JSON_MAX_WHITESPACE,) + item[3:], ch)]
-        return [(after, item)] if not self.unique or first_text(self._node(count), seen) is not None else []
-
-    def child_done(self, frame: Frame, child: tuple) -> Frame:
-        return frame._replace(seen=frame.seen | {child[-1]}) if self.unique else frame
-
-    def _node(self, index: int) -> Piece:
-        return self.prefix[index] if index < len(self.prefix) else self.items
-
-    def _more(self, count: int) -> bool:
-        return (self.max_items is None or count < self.max_items) and (count < len(self.prefix) or self.items is not None)
-
-    def finish(self, frame: Frame) -> str:
-        return self._tail(frame.at, frame.seen, "," if frame.phase == "value" else "")
-
-    def _tail(self, count: int, seen: frozenset, sep: str) -> str | None:
-        parts = []
-        while count < self.min_items:
-            node = self._node(count)
-            if node is None:
-                return None
-            text = first_text(node, seen) if self.unique else node.min_text
-            if text is None:
-                return None
-            parts.append(sep + text)
-            sep, seen, count = ",", seen | {text}, count + 1
-        return "".join(parts) + "]"
+        slots = tuple((None, node, False) for node in prefix)
+        super().__init__("[]", slots, {} if items is None else {(): items}, min_items, max_items, unique=unique)
 
 
 def json_start(node: Piece, prefix: str = "", suffix: str = "") -> tuple:
     """The automaton's start state: `prefix`, a JSON value for `node`, then `suffix`."""
-    stack = ((Literals((suffix,)), None, ""),) if suffix else ()
-    stack += ((VALUE, node, 0, None),)
-    stack += ((Literals((prefix,)), None, ""),) if prefix else ()
-    return (stack,)
+    stack = (Literals((suffix,)).frame(),) * bool(suffix) + (Start(VALUE, node, 0, None),)
+    return (stack + (Literals((prefix,)).frame(),) * bool(prefix),)
 
 
 def json_advance(state: tuple, text: str) -> tuple:
@@ -1429,8 +1393,7 @@ def _settle(stack: tuple | None) -> tuple | None:
 def _closing(stack: tuple) -> str | None:
     """Finish the top frame, settle, repeat: each finish text is checked by the automaton itself."""
     texts = []
-    stack = _settle(stack)
-    while stack:
+    while stack := _settle(stack):
         text = stack[-1][0].finish(stack[-1])
         after = [] if text is None else [s for s in map(_settle, json_advance((stack,), text))
                                          if s is not None and len(s) < len(stack)]
@@ -2151,51 +2114,57 @@ def schema_constraint(schema: Any, param: str) -> Constraint:
 # or a pattern is not a walk of every token. Masks are cached per state, string lengths reduced to
 # what can matter within one token (Leaf.key), so long strings reuse them.
 
+def token_trie(pairs: Any) -> dict:
+    """A trie of (key, token ids) pairs: char -> child; "" -> the ids whose key ends there."""
+    root: dict = {}
+    for key, ids in pairs:
+        node = root
+        for ch in key:
+            node = node.setdefault(ch, {})
+        node.setdefault("", []).extend(ids)
+    return root
+
+
+def trie_walk(node: dict, state: Any, move: Callable) -> list[int]:
+    """The ids of the trie's keys that `move(state, char)` takes whole, depth first (a falsy state is dead)."""
+    ids, todo = [], [(node, state)]
+    while todo:
+        node, state = todo.pop()
+        for ch, child in node.items():
+            if ch and (after := move(state, ch)):
+                ids.extend(child.get("", ()))
+                todo.append((child, after))
+    return ids
+
+
 class TokenTable:
     """A vocabulary's token texts, indexed for constrained decoding; one per tokenizer.
 
     Special tokens (end of sequence included) and tokens that decode to part of a character are left
-    out, so constrained text is made of whole characters and never of control tokens.
+    out, so constrained text is made of whole characters and never of control tokens. `plain` tokens
+    hold only ordinary string characters (no quote, backslash or control); the others are `marked`.
     """
 
     def __init__(self, tokenizer: Any):
-        self.size = len(tokenizer)
-        self.eos = sorted(tokenizer.eos_token_ids)
+        self.size, self.eos = len(tokenizer), sorted(tokenizer.eos_token_ids)
         self.texts = token_texts(tokenizer, self.size)
-        self.trie: dict = {}                       # char -> child; "" -> ids ending here
-        self.plain: list[int] = []                 # tokens that are only ordinary string characters
-        self.marked: list[tuple[int, str]] = []    # every other usable token, with its text
-        for token, text in enumerate(self.texts):
-            if not text:
-                continue
-            node = self.trie
-            for ch in text:
-                node = node.setdefault(ch, {})
-            node.setdefault("", []).append(token)
-            if all(ch >= " " and ch not in '"\\' for ch in text):
-                self.plain.append(token)
-            else:
-                self.marked.append((token, text))
+        usable = [(text, token) for token, text in enumerate(self.texts) if text]
+        self.trie = token_trie((text, [token]) for text, token in usable)
+        is_plain = [all(ch >= " " and ch not in '"\\' for ch in text) for text, _ in usable]
+        self.plain = [pair for pair, plain in zip(usable, is_plain) if plain]
+        self.marked = [(token, text) for (text, token), plain in zip(usable, is_plain) if not plain]
         self.reach = max(map(len, filter(None, self.texts)), default=1)   # the longest token, in characters
-        self.plain_chars = sorted({ch for token in self.plain for ch in self.texts[token]})
+        self.plain_chars = sorted({ch for text, _ in self.plain for ch in text})
         self.class_tries = Cache(JSON_CONSTRAINT_CACHE * 4)
 
     def class_trie(self, regex: Regex) -> dict:
-        """The plain tokens as a trie over `regex`'s class ids (chr(id) -> child; "" -> ids); cached."""
-        return self.class_tries.get_or(regex, lambda: self._class_trie(regex))
-
-    def _class_trie(self, regex: Regex) -> dict:
-        classes = str.maketrans({ch: chr(regex.class_id(ch)) for ch in self.plain_chars})
-        groups: dict[str, list[int]] = {}
-        for token in self.plain:
-            groups.setdefault(self.texts[token].translate(classes), []).append(token)
-        trie: dict = {}
-        for key, tokens in groups.items():
-            node = trie
-            for ch in key:
-                node = node.setdefault(ch, {})
-            node.setdefault("", []).extend(tokens)
-        return trie
+        """The plain tokens as a trie over `regex`'s class ids (chr(id) for each character); cached."""
+        def build() -> dict:
+            classes, groups = str.maketrans({ch: chr(regex.class_id(ch)) for ch in self.plain_chars}), {}
+            for text, token in self.plain:
+                groups.setdefault(text.translate(classes), []).append(token)
+            return token_trie(groups.items())
+        return self.class_tries.get_or(regex, build)
 
 
 def token_texts(tokenizer: Any, size: int) -> list[str | None]:
@@ -2222,9 +2191,7 @@ class JsonMasks:
     """Which tokens may come next in each automaton state of one constraint (cached)."""
 
     def __init__(self, table: TokenTable, start: tuple):
-        self.table = table
-        self.start = start
-        self.slack = commitment(start)
+        self.table, self.start, self.slack = table, start, commitment(start)
         self.masks, self.closings, self.plains = (Cache(JSON_MASK_CACHE_STATES) for _ in range(3))
 
     def key(self, state: tuple) -> tuple:
@@ -2242,45 +2209,34 @@ class JsonMasks:
 
     def _spell(self, text: str | None) -> list[int] | None:
         ids, at = [], 0
-        if text is None:
-            return None
-        while at < len(text):
+        while text is not None and at < len(text):
             node, best = self.table.trie, None
             for end in range(at, len(text)):
                 node = node.get(text[end])
                 if node is None:
                     break
-                if node.get(""):
-                    best = (node[""][0], end + 1)
+                best = (node[""][0], end + 1) if node.get("") else best
             if best is None:
                 return None  # no token spells the next character
             ids.append(best[0])
             at = best[1]
-        return ids
+        return None if text is None else ids
 
     def _build(self, state: tuple, width: int) -> Any:
-        import mlx.core as mx
-        table, ids, walk, plain = self.table, [], [], mx.zeros((width,), dtype=mx.bool_)
+        table, ids, walk, plain = self.table, [], [], self.ids_mask([], width)
         for stack in state:
             top = stack[-1] if stack else None
-            if top is not None and isinstance(top[0], Leaf) and top[0].quoted and top[3] == "" and (
-                    top[4] is None or top[0].max_len is None and top[0].regex is ANY_TEXT):
-                # Inside a string, a plain token cannot leave it: its fate is the regex's and
-                # the length's alone (Leaf.plain_tokens); only the other tokens need a walk.
-                plain = plain | self._plain(top)
+            if top is not None and isinstance(top[0], Leaf) and top.piece.quoted and top.escape == "" and (
+                    top.ex is None or top.piece.max_len is None and top.piece.regex is ANY_TEXT):
+                # Inside a string, a plain token cannot leave it: its fate is the regex's and the
+                # length's alone (Leaf.move_class over the class trie); only the others need a walk.
+                plain = plain | self.plains.get_or(top.piece.key(top, table.reach)[:3], lambda: self.ids_mask(
+                    trie_walk(table.class_trie(top.piece.regex), (top.dfa, top.count), top.piece.move_class), table.size))
                 ids += [t for t, text in table.marked if json_advance((stack,), text)]
             else:
                 walk.append(stack)
-        if walk:
-            ids += self._walk(tuple(walk))
-        if json_complete(state):
-            ids += table.eos
-        return plain | self.ids_mask(ids, width)
-
-    def _plain(self, frame: tuple) -> Any:
-        """The mask of plain tokens for a string Leaf frame, cached by its regex state and length."""
-        return self.plains.get_or(frame[0].key(frame, self.table.reach)[:4], lambda: self.ids_mask(
-            frame[0].plain_tokens(frame, self.table.class_trie(frame[0].regex)), self.table.size))
+        ids += trie_walk(table.trie, tuple(walk), json_advance) if walk else []
+        return plain | self.ids_mask(ids + table.eos * json_complete(state), width)
 
     @staticmethod
     def ids_mask(ids: list[int], width: int) -> Any:
@@ -2291,17 +2247,6 @@ class JsonMasks:
         if ids:
             mask[mx.array(ids)] = True
         return mask
-
-    def _walk(self, state: tuple) -> list[int]:
-        """Depth-first over the token trie, following only characters the automaton takes."""
-        ids, todo = [], [(self.table.trie, state)]
-        while todo:
-            node, at = todo.pop()
-            for ch, child in node.items():
-                if ch and (after := json_advance(at, ch)):
-                    ids.extend(child.get("", ()))
-                    todo.append((child, after))
-        return ids
 
 
 def masked(logits: Any, mask: Any) -> Any:
@@ -2320,17 +2265,11 @@ def commitment(start: tuple) -> int:
     seen, most = set(), 0
     while todo:
         piece = todo.pop()
-        if id(piece) in seen:
-            continue
-        seen.add(id(piece))
-        children = list(piece.alternatives) if isinstance(piece, Union) else []
-        if isinstance(piece, Object):
-            children = [node for _, node, _ in piece.props] + [n for n in piece.values.values() if n is not None]
-            most = max([most] + [len(key) + 2 for key in piece.keys])
-        elif isinstance(piece, Array):
-            children = list(piece.prefix) + [piece.items] * (piece.items is not None)
-        most = max([most] + [len(child.min_text) + 1 for child in children])
-        todo += children
+        if id(piece) not in seen:
+            seen.add(id(piece))
+            keys = [len(key) + 2 for key in getattr(piece, "keys", ())]
+            most = max([most] + keys + [len(child.min_text) + 1 for child in piece.children])
+            todo += piece.children
     return 2 * most
 
 
@@ -2354,36 +2293,29 @@ class JsonConstraint:
     stateful = True   # follows the tokens sampled so far, one call per token
 
     def __init__(self, masks: JsonMasks, budget: int):
-        self.masks = masks
-        self.state = masks.start
+        self.masks, self.state = masks, masks.start
         self.left = budget           # tokens still to be sampled, this one included
         self.started = False
         self.plan: list[int] | None = None   # the closing tokens still to come, once closing
 
     def __call__(self, tokens: Any, logits: Any) -> Any:
+        texts, width = self.masks.table.texts, logits.shape[-1]
         if self.started:
-            self._advance(int(tokens[-1].item()))
+            token = int(tokens[-1].item())
+            text = texts[token] if token < len(texts) else None
+            self.state = json_advance(self.state, text) if text else ()
+            self.plan = self.plan and self.plan[1:]
         self.started = True
-        width = logits.shape[-1]
         if self.plan is None and not json_complete(self.state):
             plan = self.masks.closing(self.state)
             if plan is not None and len(plan) + 1 + self.masks.slack >= self.left:
                 self.plan = plan
         self.left -= 1
-        return masked(logits, self._mask(width))
-
-    def _mask(self, width: int) -> Any:
         if self.state and self.plan:
-            return self.masks.ids_mask(self.plan[:1], width)
+            return masked(logits, self.masks.ids_mask(self.plan[:1], width))
         if self.state and self.plan is None:
-            return self.masks.allowed(self.state, width)
-        return self.masks.ids_mask(self.masks.table.eos, width)  # closed, finished or dead: only the end remains
-
-    def _advance(self, token: int) -> None:
-        text = self.masks.table.texts[token] if token < len(self.masks.table.texts) else None
-        self.state = json_advance(self.state, text) if text else ()
-        if self.plan:
-            self.plan = self.plan[1:]
+            return masked(logits, self.masks.allowed(self.state, width))
+        return masked(logits, self.masks.ids_mask(self.masks.table.eos, width))  # closed, finished or dead
 
 
 # ---------------------------------------------------------------------------
@@ -3011,6 +2943,28 @@ def parse_mistral_call(body: str, tools: Any = None) -> Any:
     return {**call, "id": match[2]} if match[2] else call
 
 
+GEMMA_CALL = re.compile(r"\s*call:(?P<name>[^{\s]+)(?P<arguments>\{.*\})\s*", re.S)
+GEMMA_STRING = re.compile(r'<\|"\|>(.*?)<\|"\|>', re.S)                   # Gemma 4 quotes strings so
+GEMMA_KEY = re.compile(r'([{,]\s*)([^\s{}\[\],:"][^{}\[\],:"]*?)\s*:')    # and leaves keys bare
+
+
+def parse_gemma_call(body: str, tools: Any = None) -> dict:
+    """Gemma 4: `call:NAME{key:value,...}`, strings between <|"|> marks, keys bare. mlx_lm's parser
+    takes only \\w+ keys and [\\w-]+ names, so a key such as "file-path" or a name such as
+    "files.read" loses the call; here a key is whatever comes before its colon."""
+    match = GEMMA_CALL.fullmatch(body)
+    if match is None:
+        raise ValueError(f"not a Gemma tool call: {body[:200]!r}")
+    strings: list[str] = []
+
+    def hold(found: re.Match) -> str:
+        strings.append(found[1])
+        return f'"\x00{len(strings) - 1}"'
+    text = GEMMA_KEY.sub(lambda m: f"{m[1]}{json.dumps(m[2])}:", GEMMA_STRING.sub(hold, match["arguments"]))
+    text = re.sub(r'"\x00(\d+)"', lambda m: json.dumps(strings[int(m[1])], ensure_ascii=False), text)
+    return {"name": match["name"], "arguments": json.loads(text)}
+
+
 def mistral_call_id() -> str:
     """A call id as Mistral Small 3.2's template demands: nine letters and digits."""
     return uuid.uuid4().hex[:9]
@@ -3042,6 +2996,8 @@ CHAT_FORMATS: tuple[tuple[tuple[str, ...], ChatFormat], ...] = (
         "nemotron", starts=("<TOOLCALL>",), end="</TOOLCALL>", parse=parse_mistral_call,   # a JSON list of calls
         heads=(JSON_CALL_HEAD,),
         write=lambda name: (f'<TOOLCALL>[{{"name": {json.dumps(name)}, "arguments": ', "}]</TOOLCALL>"))),
+    (("<|tool_call>call:",), ChatFormat(
+        "gemma4", starts=("<|tool_call>",), end="<tool_call|>", parse=parse_gemma_call)),
     (('{"name": function name, "parameters"',), ChatFormat(
         "llama3", starts=("<|python_tag|>",), leading=("{",), parse=parse_llama_calls, heads=(JSON_CALL_HEAD,),
         write=lambda name: (f'{{"name": {json.dumps(name)}, "parameters": ', "}"))),
@@ -3077,8 +3033,11 @@ def template_messages(messages: list[dict], template: str) -> list[dict]:
     prompt, developer message, then user), as peers do; one that demands
     nine-character call ids (Mistral Small 3.2) gets each id mapped to one;
     one that joins a call's arguments to strings (DeepSeek's) gets them as
-    JSON text.
+    JSON text; one that reads tool results only as `tool_responses` on the
+    calling message (Gemma 4's first template) gets them so.
     """
+    if "tool_responses" in template and "tool_call_id" not in template:
+        messages = tool_results_folded(messages)
     out: list[dict] = []
     for message in messages:
         message = dict(message)
@@ -3095,6 +3054,27 @@ def template_messages(messages: list[dict], template: str) -> list[dict]:
             out[-1] = {**out[-1], "content": f"{out[-1]['content']}\n\n{message['content']}"}
             continue
         out.append(message)
+    return out
+
+
+def tool_results_folded(messages: list[dict]) -> list[dict]:
+    """Tool results as Gemma 4's first template reads them: each a `tool_responses` entry ({"name",
+    "response"}) on the assistant message whose calls it answers, and the reply after them that same
+    message's content (the model's turn goes on after a result), as Google's prompt-formatting guide
+    shows it and llama.cpp sends it. Fed as role "tool" it would render as a turn of its own."""
+    out: list[dict] = []
+    for message in messages:
+        last = out[-1] if out else {}
+        if message["role"] == "tool" and last.get("tool_calls"):
+            calls, answered = last["tool_calls"], last.get("tool_responses", [])
+            name = next((c["function"]["name"] for c in calls if c.get("id") == message.get("tool_call_id")),
+                        calls[min(len(answered), len(calls) - 1)]["function"]["name"])
+            out[-1] = {**last, "tool_responses": [*answered, {"name": name, "response": message["content"]}]}
+        elif (message["role"] == "assistant" and last.get("tool_responses") and not message.get("tool_calls")
+              and not last.get("content")):
+            out[-1] = {**last, "content": message["content"]}
+        else:
+            out.append(message)
     return out
 
 
@@ -3254,14 +3234,24 @@ def render_prompt(request: GenerationRequest, model: Model) -> tuple[list[int], 
         if request.prefill:
             return prefill_prompt(tokenizer, messages, tools, request.template_args, template), dropped
         messages = template_messages(messages, template)
-        return list(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
-                                                  tokenize=True, **request.template_args)), dropped
+        ids = list(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True,
+                                                 **request.template_args))
+        return with_model_turn(ids, tokenizer, template), dropped
     except APIError:
         raise
     except Exception as exc:  # the template rejected the conversation (roles, order)
         window = (f" (the --max-context {request.max_context} window left out the first {dropped} "
                   f"messages; raise it or send fewer)" if dropped else "")
         raise invalid(f"the model's chat template rejected these messages{window}: {exc}", "messages") from None
+
+
+def with_model_turn(ids: list[int], tokenizer: Any, template: str) -> list[int]:
+    """The prompt with Gemma 4's model-turn header added where its templates leave it out: after tool
+    results whose calling message also had text, that text closes the turn (<turn|>) and no generation
+    prompt follows, so the reply would start outside any turn. llama.cpp adds the header too."""
+    if "<|turn>model\\n" not in template or not tokenizer.decode(ids[-4:]).endswith("<turn|>\n"):
+        return ids
+    return ids + tokenizer.encode("<|turn>model\n", add_special_tokens=False)
 
 
 # Put after a continued assistant message's text: the prompt is the rendered conversation up to it, so the
@@ -4099,7 +4089,9 @@ class ReasoningSplitter:
     What lies between the model's think_start and think_end markers is
     reasoning; the markers themselves go. A reply whose prompt opened the
     block (DeepSeek-R1, Qwen3) starts inside it, and a block still open at
-    the end stays reasoning. Whitespace at the start of each part is dropped:
+    the end stays reasoning. An end marker outside reasoning, with no start
+    before it, is dropped (Gemma 4 may close a thought it never opened at the
+    end of its answer). Whitespace at the start of each part is dropped:
     models write "</think>\\n\\n" before the answer. Text that might be the
     start of a marker is held back until the next piece shows whether it is.
     """
@@ -4114,14 +4106,22 @@ class ReasoningSplitter:
         """The (kind, text) pieces safe to emit, kind "reasoning" or "text"; `final` flushes."""
         self.held += text
         out: list[tuple[str, str]] = []
-        while (at := self.held.find(self.markers[self.inside])) >= 0:
+        while (found := self._next_marker()) is not None:
+            at, marker = found
             self._take(out, self.held[:at])
-            self.held = self.held[at + len(self.markers[self.inside]):]
-            self.inside, self.fresh = not self.inside, True
-        keep = 0 if final else partial_marker_length(self.held, (self.markers[self.inside],))
+            self.held = self.held[at + len(marker):]
+            if marker == self.markers[self.inside]:   # else a stray end marker, dropped
+                self.inside, self.fresh = not self.inside, True
+        keep = 0 if final else partial_marker_length(self.held, self.markers[self.inside:])
         self._take(out, self.held[:len(self.held) - keep])
         self.held = self.held[len(self.held) - keep:]
         return out
+
+    def _next_marker(self) -> tuple[int, str] | None:
+        """(where, which) of the first marker in the held text that matters: the one that switches, or
+        outside reasoning an end marker; None if neither is there."""
+        found = [(at, m) for m in self.markers[self.inside:] if (at := self.held.find(m)) >= 0]
+        return min(found) if found else None
 
     def _take(self, out: list, text: str) -> None:
         if self.fresh:
@@ -4791,6 +4791,34 @@ def join_group(settings: Settings) -> Any:
     import mlx.core as mx
     group = mx.distributed.init()
     return group if group.size() > 1 else None
+
+
+def quiet_launcher(pid: int) -> bool:
+    """Lower the CPU priority of our parent when it is mlx.launch (nice 19); True when it was.
+
+    mlx.launch's output relay busy-polls: it selects its ranks' stdin pipes for writing, which are always
+    writable, and its own stdin at end of file, so an idle 2-rank group burns 1-1.7 cores in the launcher
+    (mlx 0.32). On a laptop-sized core count that is time the ranks' decode loses. Nice 19 leaves it the
+    idle cycles only; a user's process may always lower its own processes' priority. Threads are
+    reniced one by one on Linux (where nice is per thread); elsewhere the process's value covers them.
+    """
+    try:
+        if sys.platform.startswith("linux"):
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                command = f.read().replace(b"\0", b" ").decode(errors="replace")
+            threads = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+        else:
+            command = subprocess.run(["ps", "-o", "command=", "-p", str(pid)], capture_output=True, text=True,
+                                     timeout=5).stdout
+            threads = [pid]
+        if "mlx.launch" not in command and "_distributed_utils/launch" not in command:
+            return False
+        for thread in threads:
+            os.setpriority(os.PRIO_PROCESS, thread, 19)
+    except (OSError, subprocess.SubprocessError):
+        return False   # gone, or not ours to renice: only speed is at stake
+    logging.info("mlx.launch (pid %d) busy-polls its ranks' pipes; its priority is lowered to nice 19", pid)
+    return True
 
 
 # ---------------------------------------------------------------------------
@@ -8578,6 +8606,8 @@ def main(argv: list[str] | None = None) -> int:
     rank, size = (group.rank(), group.size()) if group is not None else (0, 1)
     where = f"rank {rank}/{size} " if group is not None else ""
     logging.basicConfig(level=settings.log_level.upper(), format=f"%(asctime)s {where}%(levelname)s %(message)s")
+    if group is not None:
+        quiet_launcher(os.getppid())
     if settings.pipeline and group is None:
         print("lem_serve: --pipeline shards the model over the processes of an mlx.launch group; "
               "this one runs alone", file=sys.stderr)

@@ -118,7 +118,7 @@ SPEC: list[tuple[str, list[str]]] = [
     # a single-process reader skips one fenced section and everything calls upward.
     ("Group: ranks of an mlx.launch group (fenced: a single process never enters it)", [
         "Insert", "Remove", "Keep", "GroupFailure", "GroupLink", "token_check",
-        "rank0_address", "Lifelines", "join_group",
+        "rank0_address", "Lifelines", "join_group", "quiet_launcher",
     ]),
     ("Engine: one thread that owns MLX, continuous batching, the prompt cache", [
         "Job", "Sequence", "common_prefix", "cache_length", "cut_cache", "cache_nbytes",

@@ -154,13 +154,11 @@ MUTATIONS = [
     # Issue 14: structured output.
     Mutation("json-mask-cache-by-count", "a string's mask is cached under its exact length, so every character "
              "of a bounded string is a cold mask",
-             (("min(count, self.min_len), min(room, reach + len(self.regex.edges)), escape", "count, room, escape"),),
+             (("count=(min(frame.count, self.min_len), min(room, reach + len(self.regex.edges))))",
+               "count=(frame.count, room))"),),
              ("test_counted_strings_reuse_cached_masks",)),
     Mutation("json-unique-literals-repeat", "an enum item of a uniqueItems array may repeat one already written",
-             (("        if any(t.startswith(typed) and (ex is None or t not in ex[0]) for t in self.texts):",
-               "        if any(t.startswith(typed) for t in self.texts):"),
-              ("        return typed in self.texts and (ex is None or typed not in ex[0])",
-               "        return typed in self.texts")),
+             (("t.startswith(frame.text) and (frame.ex is None or t not in frame.ex))", "t.startswith(frame.text))"),),
              ("test_each_keyword_is_enforced",)),
     Mutation("json-bounds-feasibility-off", "a bounded number's maximum is left out of its regular expression",
              (("for x, is_open, least in ((low, low_open, True), (high, high_open, False))",
@@ -182,11 +180,11 @@ MUTATIONS = [
              "FORMATS[form], False) if form in FORMATS else ANY_TEXT, low, high)", "            return Leaf(ANY_TEXT, "
              "low, high)"),), ("test_pydantic_and_zod_schemas_always_validate",)),
     Mutation("json-extra-keys-repeat-declared", "an extra key may repeat a declared property's name",
-             (("self.key.begin('\"', (self.forbidden | seen, True))", "self.key.begin('\"', (seen, True))"),),
+             (("pieces = [(self.key, self.forbidden | frame.seen)] * extra", "pieces = [(self.key, frame.seen)] * extra"),),
              ("test_each_keyword_is_enforced",)),
     Mutation("json-anyof-first-only", "anyOf keeps only its first alternative",
-             (("        return [o for alt in node.alternatives for o in alt.begin(ch, ex)]",
-               "        return [o for alt in node.alternatives[:1] for o in alt.begin(ch, ex)]"),),
+             (("    return [frames for alt in node.alternatives for frames in alt.begin(ch, ex)]",
+               "    return [frames for alt in node.alternatives[:1] for frames in alt.begin(ch, ex)]"),),
              ("test_each_keyword_is_enforced",)),
     Mutation("json-single-space-only", "between JSON tokens only one space, as before issue 14: SmolLM2 writes "
              "other content", (('JSON_WHITESPACE = " \\t\\n\\r"', 'JSON_WHITESPACE = " "'),
@@ -379,8 +377,8 @@ MUTATIONS = [
                "        refused = sorted(set(schema) - SCHEMA_KEYWORDS - {'title', 'description', '$schema', '$defs'})"),),
              ("test_new_keywords_are_enforced_and_every_walk_validates",)),
     Mutation("json-extra-keys-repeat", "an extra key may be written twice in one object",
-             (("                                                            seen=frame.seen | {text})",
-               "                                                            seen=frame.seen)"),),
+             (("                                                        seen=frame.seen | {child.text})",
+               "                                                        seen=frame.seen)"),),
              ("test_new_keywords_are_enforced_and_every_walk_validates",)),
     Mutation("json-lookahead-ignored", "a leading lookahead is parsed and then ignored",
              (("        looks.append(([start, *body, ANYTHING], op is sre.ASSERT_NOT))",
@@ -461,6 +459,11 @@ MUTATIONS = [
                "                    with contextlib.suppress(BlockingIOError):\n"
                "                        piece = self.bells[0].recv(count - len(data))\n                        break\n")),
              ("test_idle_ranks_block_instead_of_polling",)),
+    Mutation("launcher-main-thread-only", "only mlx.launch's main thread is reniced (Linux nice is per thread): "
+             "its busy relay threads keep competing with the ranks",
+             (("        for thread in threads:\n            os.setpriority(os.PRIO_PROCESS, thread, 19)\n",
+               "        for thread in threads[:1]:\n            os.setpriority(os.PRIO_PROCESS, thread, 19)\n"),),
+             ("test_busy_polling_launcher_is_reniced_below_the_ranks",)),
     Mutation("group-vote-not-sent", "rank 1's stop vote never reaches rank 0 when shares travel on the lifelines",
              (("                self.bells[0].sendall(self.VOTE)\n", "                pass\n"),),
              ("test_sigterm_drains_the_group_and_it_exits",)),
@@ -595,6 +598,36 @@ MUTATIONS = [
              (("    return HarmonyChannels() if form is not None and form.harmony else None",
                "    return None"),),
              ("test_gpt_oss_analysis_tokens_count_as_reasoning",)),
+    Mutation("gemma-word-keys-only", "Gemma 4 calls are read by mlx_lm's parser, which takes only \\w+ keys and "
+                                     "[\\w-]+ names: a call to files.read or with a file-path key is lost",
+             (('    (("<|tool_call>call:",), ChatFormat(', '    (("<|tool_call>call:" * 2,), ChatFormat('),),
+             ("test_family_replies_split_into_content_reasoning_and_calls",
+              "test_family_markers_split_anywhere_never_reach_content")),
+    Mutation("gemma-tool-results-unfolded", "Gemma 4's first template gets tool results as role \"tool\" messages, "
+                                            "which it renders as turns of their own",
+             (('    if "tool_responses" in template and "tool_call_id" not in template:',
+               '    if False:'),),
+             ("test_family_prompt_is_the_templates_own_rendering",
+              "test_gemma_4_first_template_gets_tool_results_on_the_calling_turn")),
+    Mutation("gemma-answer-own-turn", "after a tool result, the answer reaches Gemma 4's first template as a model "
+                                      "turn of its own (the calling turn is never closed)",
+             (('        elif (message["role"] == "assistant" and last.get("tool_responses")',
+               '        elif (False and last.get("tool_responses")'),),
+             ("test_gemma_4_first_template_gets_tool_results_on_the_calling_turn",)),
+    Mutation("call-parsed-without-tools", "a call is parsed without the request's tools, so a value written as bare "
+                                          "text (Qwen3-Coder's 3, true) is not read by the tool's schema",
+             (("            parsed = self.form.parse(body, self.tools)",
+               "            parsed = self.form.parse(body, None)"),),
+             ("test_family_replies_split_into_content_reasoning_and_calls",)),
+    Mutation("stray-think-end-shown", "an end-of-reasoning marker with no start (Gemma 4's trailing <channel|>) "
+                                      "reaches the answer",
+             (("        found = [(at, m) for m in self.markers[self.inside:] if (at := self.held.find(m)) >= 0]",
+               "        found = [(at, m) for m in self.markers[self.inside:][:1] if (at := self.held.find(m)) >= 0]"),),
+             ("test_family_replies_split_into_content_reasoning_and_calls",)),
+    Mutation("gemma-model-turn-missing", "after a call with text and its result, Gemma 4's prompt ends with the turn "
+                                         "closed and no model-turn header",
+             (('    if "<|turn>model\\\\n" not in template or', '    if True or'),),
+             ("test_gemma_4_reply_after_a_call_with_text_gets_its_own_turn",)),
     # Issue 25: the chat page for a working day (edits in chat.js).
     Mutation("tabs-last-writer-wins", "a tab writes its whole copy of a chat over the stored one: "
                                       "a reply streaming in another tab loses the other tab's turn",
