@@ -667,8 +667,7 @@ class Regex:
         self.parts = [(first, final, end, negated) for (first, final, negated), end in zip(built, ends)]
         self.charsets, self.lock = tuple(self.charset_index), threading.Lock()
         self.start = self._closure({p[0] for p in self.parts}, True)
-        # char -> class id; signature (bit i: in charset i) -> class id; class id -> signature
-        self.class_ids, self.class_sigs, self.sigs = {}, {}, []
+        self.class_ids, self.class_sigs, self.sigs = {}, {}, []   # char -> id, signature (bit i: in set i) -> id
         self.moves, self.tails = {}, {}   # (state, class id) -> state; state -> shortest() (both caches)
         self.reps = {}   # class id -> a character of it, from a sample covering every set's edges
         edges = [c for _, ranges, _ in self.charsets for lo, hi in ranges for c in (lo - 1, lo, hi, hi + 1)]
