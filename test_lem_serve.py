@@ -1020,6 +1020,22 @@ def test_new_keywords_are_enforced_and_every_walk_validates(case):
     for text in random_outputs(schema, random.Random(case), 12):
         assert_valid(text, schema)
 
+# (pattern, texts it must take, texts it must refuse): ECMAScript, JSON Schema's dialect, where Python's re
+# (whose parser reads patterns) means otherwise or refuses.
+ECMASCRIPT_PATTERNS = [
+    ("^(?<word>[\\w-.]+)$", ['"a-b.c_"'], ['"a b"', '""']),   # a named group; a "-" beside \w is a literal
+    ("^x{,2}[.-\\d]$", ['"x{,2}-"', '"x{,2}5"'], ['"xx-"', '"x{,2}/"']),   # "{," is no quantifier, ".-\d" no range
+]
+
+
+@pytest.mark.parametrize("pattern,good,bad", ECMASCRIPT_PATTERNS)
+def test_patterns_are_read_as_ecmascript(pattern, good, bad):
+    schema = {"type": "string", "pattern": pattern}
+    for text in good:
+        assert accepts(schema, text), text
+    for text in bad:
+        assert not accepts(schema, text), text
+
 ONEOF_CAN_OVERLAP = {"oneOf": [{"type": "object", "properties": {"a": {"type": "integer"}}},   # {} matches both
                                {"type": "object", "properties": {"b": {"type": "integer"}}}]}
 
