@@ -82,6 +82,11 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple, NoReturn
 
+try:
+    from re import _parser as sre   # the stdlib's regex parser (Python 3.11+)
+except ImportError:   # before 3.11 (this file still runs far enough there to say it needs 3.11)
+    import sre_parse as sre
+
 # MLX is imported inside the engine functions, not here: --threads must reach
 # the numeric libraries' thread pools through the environment before MLX loads.
 
@@ -582,263 +587,156 @@ HEX_DIGITS = "0123456789abcdefABCDEF"
 REFEED = "refeed"
 
 
-# A character set is (negated, ((lo, hi) code point ranges), parts); a part is
-# a nested set or the name of a predicate below.
-CHAR_PREDICATES = {"decimal": str.isdecimal, "word": lambda c: c.isalnum() or c == "_",
-                   "space": lambda c: c.isspace() or c == "\ufeff"}
+# Patterns are ECMAScript's (JSON Schema's dialect); python_syntax() checks one and rewrites it for re's own
+# parser (sre), whose tree Regex builds into an NFA and then, lazily, a DFA.
+ESCAPE = r"\\(?:x[\da-fA-F]{2}|u[\da-fA-F]{4}|0\d?|.|$)"
+GOOD_ESCAPE = re.compile(r"\\([dDwWsSbtnvfr0]|x..|u....|[^\dA-Za-z])", re.S)   # what both dialects read alike
+ECMA_TOKEN = re.compile(rf"(\[\^?\]?)((?:\\.|[^\\\]])*)\]|{ESCAPE}|\(\?(?:<(?=[A-Za-z_]\w*>)|[:=!])?|\{{,|.", re.S)
+CLASS_ITEM = re.compile(rf"({ESCAPE}|[^\\])-({ESCAPE}|[^\\])|{ESCAPE}|.", re.S)   # a range or one character
+REFUSED_TOKENS = {"(?": "lookbehind (?<=...) and inline flags (?...) are not supported", "[": "unbalanced '['",
+                  "\\b": "the escape \\b is not supported"}
+SHORT_ESCAPES = {"\\d", "\\D", "\\w", "\\W", "\\s", "\\S"}
 
 
-def in_charset(charset: tuple, ch: str) -> bool:
-    negated, ranges, parts = charset
-    code = ord(ch)
-    hit = (any(lo <= code <= hi for lo, hi in ranges)
-           or any(CHAR_PREDICATES[p](ch) if isinstance(p, str) else in_charset(p, ch) for p in parts))
-    return hit != negated
+def python_syntax(pattern: str) -> str:
+    """`pattern` in re's syntax, meaning what ECMAScript means: (?<name>...) as (?P<name>...), "{," a literal, in a
+    class a "-" beside \\d \\w \\s a literal and every other character escaped (re reads "[[", "&&", "--" as
+    future set syntax). Raises ValueError naming what we do not support: escapes that ECMAScript lacks or reads
+    otherwise (backreferences, \\b, \\A, \\a), lookbehind and inline flags."""
+    if bad := [text for text in re.findall(ESCAPE, pattern, re.S) if not GOOD_ESCAPE.fullmatch(text)]:
+        raise ValueError(f"the escape {bad[0]} is not supported")
+    out = []
+    for token in ECMA_TOKEN.finditer(pattern):
+        if token[0] in REFUSED_TOKENS:
+            raise ValueError(REFUSED_TOKENS[token[0]])
+        out.append({"(?<": "(?P<", "{,": "\\{,"}.get(token[0], token[0]) if token[1] is None else token[1])
+        for item in CLASS_ITEM.finditer(token[2] or ""):
+            ends = [item[1], item[2]] if item[1] else [item[0]]
+            dash = "\\-" if SHORT_ESCAPES.intersection(ends) else "-"
+            out.append(dash.join(end if end[0] == "\\" else re.escape(end) for end in ends))
+        out.append("]" * (token[1] is not None))
+    return "".join(out)
 
 
-def charset(ranges=(), parts=(), negated=False) -> tuple:
-    return (negated, tuple(ranges), tuple(parts))
+# A set of characters: (negated, (lo, hi) code point ranges, predicates). \d \w \s are (narrow, wide) classes of re:
+# narrow holds what both ECMAScript and re (which validators run) match, wide all that either may. Classes take
+# narrow ones, [^...] wide ones, so output satisfies both.
+DOT = (True, ((10, 10), (13, 13), (0x2028, 0x2029)), ())   # ECMAScript's '.'
+SHORTHANDS = {"DIGIT": ("0-9", "\\d"), "WORD": ("0-9A-Za-z_", "\\w"), "SPACE": ("\\t-\\r ", "\\s\\ufeff")}
+SAMPLE_CODES = [*range(48, 58), *range(97, 123), *range(65, 91), *range(32, 127), *range(0, 32), *range(127, 0x250),
+                0x660, 0x2028, 0x2029, 0x3000, 0xfeff, 0x4e00, 0x1f600]
+ANYTHING = (sre.MAX_REPEAT, (0, sre.MAXREPEAT, [(sre.IN, [(sre.NEGATE, None)])]))
 
 
-def negate(cs: tuple) -> tuple:
-    return (not cs[0], cs[1], cs[2])
-
-
-ANY_CHAR = charset(negated=True)
-# \d \w \s as (narrow, wide): narrow holds only what both ECMAScript (JSON
-# Schema's dialect) and Python's re (which validators run) match, wide all that
-# either may. Classes use narrow, [^...] uses wide: output satisfies both.
-SHORTHANDS = {"d": (charset([(48, 57)]), charset(parts=["decimal"])),
-              "w": (charset([(48, 57), (65, 90), (95, 95), (97, 122)]), charset(parts=["word"])),
-              "s": (charset([(9, 13), (32, 32)]), charset(parts=["space"]))}
-SHORTHANDS.update({k.upper(): (negate(wide), negate(narrow)) for k, (narrow, wide) in list(SHORTHANDS.items())})
-REGEX_ESCAPES = {"t": 9, "n": 10, "v": 11, "f": 12, "r": 13, "0": 0}
-DOT = charset([(10, 10), (13, 13), (0x2028, 0x2029)], negated=True)   # ECMAScript's '.'
-QUANTIFIER = re.compile(r"([*+?])|\{(\d+)(,(\d*))?\}")
-
-
-class RegexParser:
-    """A recursive-descent parser for the regular expressions JSON Schemas use.
-
-    Tree nodes: ("chars", charset), ("seq", [...]), ("alt", [...]),
-    ("rep", node, min, max or None), ("anchor", "^" or "$"). Raises ValueError
-    naming what it does not support (lookaround, backreferences, \b, flags).
-    """
-
-    def __init__(self, text: str):
-        self.text, self.pos = text, 0
-
-    def parse(self) -> tuple:
-        tree = self.alternation()
-        if self.pos < len(self.text):
-            raise ValueError(f"unbalanced ')' at {self.pos}")
-        return tree
-
-    def take(self, chars: str) -> bool:
-        found = self.text[self.pos:self.pos + 1] in tuple(chars)
-        self.pos += found
-        return found
-
-    def alternation(self) -> tuple:
-        branches = [self.sequence()]
-        while self.take("|"):
-            branches.append(self.sequence())
-        return ("alt", branches)
-
-    def sequence(self) -> tuple:
-        items = []
-        while self.text[self.pos:self.pos + 1] not in ("", "|", ")"):
-            item = self.atom()
-            while match := QUANTIFIER.match(self.text, self.pos):
-                if item[0] == "anchor":
-                    raise ValueError("a quantifier after an anchor")
-                self.pos = match.end()
-                self.take("?")  # a lazy quantifier matches the same strings
-                low, high = {"*": (0, None), "+": (1, None), "?": (0, 1)}.get(match[1]) or \
-                    (int(match[2]), int(match[2]) if match[3] is None else int(match[4]) if match[4] else None)
-                if high is not None and high < low:
-                    raise ValueError(f"{match[0]} has its bounds reversed")
-                item = ("rep", item, low, high)
-            items.append(item)
-        return ("seq", items)
-
-    def atom(self) -> tuple:
-        ch = self.text[self.pos]
-        self.pos += 1
-        if ch == "(":
-            group = re.match(r"\?:|\?<[A-Za-z_]\w*>|\?=|\?!", self.text[self.pos:])  # (?:...), named, lookahead
-            self.pos += group.end() if group else 0
-            if self.text.startswith("?", self.pos):
-                raise ValueError("lookbehind (?<=...) and inline flags (?...) are not supported")
-            tree = self.alternation()
-            if not self.take(")"):
-                raise ValueError("unbalanced '('")
-            return ("look", group[0] == "?=", tree) if group and group[0] in ("?=", "?!") else tree
-        if ch in "^$":
-            return ("anchor", ch)
-        if ch in "*+?" or QUANTIFIER.match(self.text, self.pos - 1):
-            raise ValueError(f"nothing to repeat at {self.pos - 1}")
-        return ("chars", DOT if ch == "." else self.bracket() if ch == "[" else self.item(ch, narrow=True))
-
-    def item(self, ch: str, narrow: bool) -> tuple:
-        """One character or escape (already taken: `ch`) as a set: narrow or wide shorthands (see SHORTHANDS)."""
-        if ch != "\\":
-            return charset([(ord(ch), ord(ch))])
-        ch = self.text[self.pos:self.pos + 1]
-        self.pos += 1
-        if ch in SHORTHANDS:
-            return SHORTHANDS[ch][0 if narrow else 1]
-        hexes = re.match({"x": "[0-9a-fA-F]{2}", "u": "[0-9a-fA-F]{4}"}.get(ch, "^$"), self.text[self.pos:])
-        if hexes and hexes.end():
-            self.pos += hexes.end()
-            code = int(hexes[0], 16)
-        elif ch in REGEX_ESCAPES or not (ch == "" or ch.isalnum()):
-            code = REGEX_ESCAPES.get(ch, ord(ch or "\0"))
-        else:
-            raise ValueError(f"the escape \\{ch} is not supported")
-        return charset([(code, code)])
-
-    def bracket(self) -> tuple:
-        """A class [...], its "[" taken; [^...] takes wide shorthands. A "]" first is a literal, as in Python."""
-        negated = self.take("^")
-        ranges, parts = [], []
-        while not ((ranges or parts) and self.take("]")):
-            if self.pos >= len(self.text):
-                raise ValueError("unbalanced '['")
-            low = self.member(negated)
-            if isinstance(low, tuple):
-                parts.append(low)
-                continue
-            high = low
-            if self.text[self.pos:self.pos + 1] == "-" and self.text[self.pos + 1:self.pos + 2] not in ("]", ""):
-                self.pos += 1
-                high = self.member(negated)
-                if isinstance(high, tuple) or high < low:
-                    raise ValueError("a bad range in a character class")
-            ranges.append((low, high))
-        return charset(ranges, parts, negated)
-
-    def member(self, negated: bool) -> int | tuple:
-        """A code point, or a shorthand's set, inside [...] (where \\b is a backspace)."""
-        ch = self.text[self.pos]
-        self.pos += 1
-        if ch == "\\" and self.take("b"):
-            return 8
-        cs = self.item(ch, narrow=not negated)
-        return cs[1][0][0] if not cs[0] and not cs[2] and cs[1][0][0] == cs[1][0][1] else cs
-
-
-ANYTHING = ("rep", ("chars", ANY_CHAR), 0, None)
-
-
-def lookaheads(tree: tuple, search: bool) -> tuple[tuple, list]:
-    """(the tree, [(lookahead tree, negated)]): lookaheads right after a leading '^' are parts the whole
-    text must (or, negated, must not) start with; a (?=...) ending an unanchored pattern is part of it."""
-    looks = []
-    if len(tree[1]) == 1:
-        items = list(tree[1][0][1])
-        while items[:1] == [("anchor", "^")] and items[1:2] and items[1][0] == "look":
-            _, positive, body = items.pop(1)
-            looks.append((("seq", [("anchor", "^"), body, ANYTHING]), not positive))
-        if search and items and items[-1][0] == "look" and items[-1][1]:
-            items[-1] = items[-1][2]
-        tree = ("alt", [("seq", items)])
-    if "'look'" in repr(tree):
-        raise ValueError("lookahead is supported only right after a leading '^' (and (?=...) at the end)")
-    return tree, looks
+def regex_items(pattern: str | tuple, search: bool, negated: bool) -> list[tuple[list, bool]]:
+    """(re's parse items, negated) for one part: the pattern (anywhere in the text if searched), then its
+    leading lookaheads as parts the whole text must (or must not) start with. A (step, scale) multiple passes."""
+    if not isinstance(pattern, str):
+        return [([("multiples", pattern)], negated)]
+    try:
+        items = list(sre.parse(python_syntax(pattern)))
+    except (re.error, OverflowError) as exc:
+        raise ValueError(str(exc)) from None
+    looks, start = [], (sre.AT, sre.AT_BEGINNING)
+    while items[:1] == [start] and items[1:2] and items[1][0] in (sre.ASSERT, sre.ASSERT_NOT):
+        op, (_, body) = items.pop(1)
+        looks.append(([start, *body, ANYTHING], op is sre.ASSERT_NOT))
+    if search and items and items[-1][0] is sre.ASSERT:   # a trailing (?=...): part of what is searched
+        items[-1] = (sre.SUBPATTERN, (None, 0, 0, items[-1][1][1]))
+    if looks and negated:
+        raise ValueError("a lookahead inside 'not' is not supported")
+    return [([ANYTHING, *items, ANYTHING] if search else items, negated)] + looks
 
 
 class Regex:
     """Regular expressions that must all match, as one lazily built DFA over character classes.
 
-    `parts` are (pattern, search[, negated]): a searched pattern may match anywhere (JSON Schema's
-    `pattern`), else it must match the whole text (formats). States are frozensets of NFA states, ~s
-    standing for s reached through a '$' (no more characters); None is dead. Leading lookaheads are more
-    parts, negated for (?!...). Characters map to class ids (the sets they belong to), so the DFA and the
-    vocabulary's class trie (TokenTable.class_trie) work on ids.
-    """
+    `parts` are (pattern, search[, negated]): a searched pattern may match anywhere (JSON Schema's `pattern`), else
+    it must match the whole text (formats). States are frozensets of NFA states, ~s standing for s reached through
+    a '$' (no more characters); None is dead. Characters map to class ids (the sets they belong to), so the DFA
+    and the vocabulary's class trie (TokenTable.class_trie) work on ids."""
 
     def __init__(self, parts: tuple):
-        self.source = parts
-        self.edges: list[list[tuple[Any, int]]] = []  # per NFA state: (charset index, None, "^" or "$"; target)
-        self.charset_index: dict[tuple, int] = {}
-        self.parts: list[tuple[int, int, int, bool]] = []   # (first state, last state, final, negated)
+        self.source, self.edges, self.charset_index = parts, [], {}   # edges: per NFA state, (key, target)
+        built = []   # (first state, last state, negated)
         for pattern, search, *negated in parts:   # (pattern, search[, negated: must not match])
-            tree, looks = lookaheads(RegexParser(pattern).parse() if isinstance(pattern, str) else pattern, search)
-            if negated and looks:
-                raise ValueError("a lookahead inside 'not' is not supported")
-            for part, negated in [((("seq", [ANYTHING, tree, ANYTHING]) if search else tree), negated == [True])] + looks:
+            for items, negated in regex_items(pattern, search, negated == [True]):
                 first = self._new()
-                self.parts.append((first, self._build(part, first), negated))
-        ends = [part[0] for part in self.parts[1:]] + [len(self.edges)]
-        self.parts = [(first, final, end, negated) for (first, final, negated), end in zip(self.parts, ends)]
-        self.charsets = tuple(self.charset_index)
+                built.append((first, self._build(items, first), negated))
+        ends = [first for first, _, _ in built[1:]] + [len(self.edges)]   # a part's states: first to end
+        self.parts = [(first, final, end, negated) for (first, final, negated), end in zip(built, ends)]
+        self.charsets, self.lock = tuple(self.charset_index), threading.Lock()
         self.start = self._closure({p[0] for p in self.parts}, True)
-        self.class_ids: dict[str, int] = {}
-        self.class_sigs: dict[int, int] = {}   # signature (bit i: in charset i) -> class id
-        self.sigs: list[int] = []              # class id -> signature
-        self.lock = threading.Lock()
-        self.moves: dict[tuple, frozenset | None] = {}
-        self.tails: dict[frozenset, str | None] = {}
-        self.reps = self._representatives()
+        self.class_ids, self.class_sigs, self.sigs = {}, {}, []   # char -> id, signature (bit i: in set i) -> id
+        self.moves, self.tails = {}, {}   # (state, class id) -> state; state -> shortest() (both caches)
+        self.reps = {}   # class id -> a character of it, from a sample covering every set's edges
+        edges = [c for _, ranges, _ in self.charsets for lo, hi in ranges for c in (lo - 1, lo, hi, hi + 1)]
+        for code in SAMPLE_CODES + edges:
+            if 0 <= code <= 0x10ffff and not 0xd800 <= code <= 0xdfff:
+                self.reps.setdefault(self.class_id(chr(code)), chr(code))
         if self.shortest(self.start) is None:
             raise ValueError("the pattern matches nothing")
 
     def __reduce__(self) -> tuple:
-        # Sharded, a request's constraint travels pickled to the other ranks (see GroupLink): there
-        # shared_regex() rebuilds (or finds) the same regex, so `is ANY_TEXT` holds on every rank.
+        # A constraint travels pickled to the other ranks (GroupLink): `is ANY_TEXT` holds there too.
         return shared_regex, (self.source,)
 
-    def _new(self) -> int:
+    def _new(self, sources: list[int] = (), key: Any = None) -> int:
+        """A new NFA state, with edges from `sources` to it (`key`: a charset index, None, "^" or "$")."""
         if len(self.edges) >= REGEX_MAX_STATES:
             raise ValueError(f"the pattern is too large (over {REGEX_MAX_STATES} states once repeats are expanded)")
         self.edges.append([])
+        for state in sources:
+            self.edges[state].append((key, len(self.edges) - 1))
         return len(self.edges) - 1
 
-    def _build(self, tree: tuple, state: int) -> int:
-        kind = tree[0]
-        if kind == "anchor":
-            end = self._new()
-            self.edges[state].append((tree[1], end))
-            return end
-        if kind == "chars":
-            end = self._new()
-            self.edges[state].append((self.charset_index.setdefault(tree[1], len(self.charset_index)), end))
-            return end
-        if kind == "mod":
-            return self._multiples(state, *tree[1:])
-        if kind == "seq":
-            for item in tree[1]:
-                state = self._build(item, state)
-            return state
-        if kind == "alt":
-            end = self._new()
-            for branch in tree[1]:
-                self.edges[self._build(branch, state)].append((None, end))
-            return end
-        _, item, low, high = tree
-        for _ in range(low):
-            state = self._build(item, state)
-        if high is None:
-            loop = self._new()
-            self.edges[state].append((None, loop))
-            self.edges[self._build(item, loop)].append((None, loop))
-            return loop
-        ends = [state]
-        for _ in range(high - low):
-            ends.append(self._build(item, ends[-1]))
-        end = self._new()
-        for state in ends:
-            self.edges[state].append((None, end))
-        return end
+    def _build(self, items: list, state: int) -> int:
+        """The NFA for re's parse `items` from `state`; returns its final state."""
+        for op, arg in items:
+            if op in (sre.LITERAL, sre.NOT_LITERAL, sre.ANY, sre.IN):
+                state = self._new([state], self._charset(op, arg))
+            elif op is sre.AT and arg in (sre.AT_BEGINNING, sre.AT_END):
+                state = self._new([state], "^" if arg is sre.AT_BEGINNING else "$")
+            elif op is sre.SUBPATTERN:
+                state = self._build(arg[-1], state)
+            elif op is sre.BRANCH:
+                state = self._new([self._build(branch, state) for branch in arg[1]])
+            elif op in (sre.MAX_REPEAT, sre.MIN_REPEAT):   # lazy or not, the same strings
+                low, high, item = arg
+                ends = [state] * (low == 0)
+                for copy in range(1, (low if high == sre.MAXREPEAT else high) + 1):
+                    state = self._build(item, state)
+                    ends += [state] * (copy >= low)
+                state = self._new(ends)
+                if high == sre.MAXREPEAT:
+                    self.edges[self._build(item, state)].append((None, state))
+            elif op == "multiples":
+                state = self._multiples(state, *arg)
+            else:
+                raise ValueError("lookahead is supported only right after a leading '^' (and (?=...) at the end)"
+                                 if op in (sre.ASSERT, sre.ASSERT_NOT) else f"{op} is not supported")
+        return state
+
+    def _charset(self, op: Any, arg: Any) -> int:
+        """The index of the set of characters one LITERAL, NOT_LITERAL, ANY or IN item matches."""
+        if op is not sre.IN:
+            cs = DOT if op is sre.ANY else (op is sre.NOT_LITERAL, ((arg, arg),), ())
+            return self.charset_index.setdefault(cs, len(self.charset_index))
+        negated, ranges, parts = arg[:1] == [(sre.NEGATE, None)], [], []
+        for kind, value in arg:
+            if kind is sre.CATEGORY:   # \D is what is not \d of the other width
+                no, pair = "_NOT_" in value.name, SHORTHANDS[value.name.split("_")[-1]]
+                parts.append(re.compile(f"[{'^' * no}{pair[negated != no]}]").fullmatch)
+            elif kind in (sre.LITERAL, sre.RANGE):
+                ranges.append((value, value) if kind is sre.LITERAL else value)
+        return self.charset_index.setdefault((negated, tuple(ranges), tuple(parts)), len(self.charset_index))
 
     def _multiples(self, state: int, step: int, scale: int) -> int:
-        """Unsigned decimals that are multiples of step * 10**-scale: the remainder of their digits, as states."""
+        """Decimals (maybe negative) that are multiples of step * 10**-scale: their digits' remainder as states."""
         whole, end = [self._new() for _ in range(step)], self._new()
         frac = [[self._new() for _ in range(step)] for _ in range(scale + 2)]   # by fraction digits, capped
-        digit = [self.charset_index.setdefault(charset([(48 + d, 48 + d)]), len(self.charset_index)) for d in range(10)]
-        dot = self.charset_index.setdefault(charset([(46, 46)]), len(self.charset_index))
-        self.edges[state].append((None, whole[0]))
+        digit, dot = [self._charset(sre.LITERAL, c) for c in range(48, 58)], self._charset(sre.LITERAL, 46)
+        self.edges[state] += [(None, whole[0]), (self._charset(sre.LITERAL, 45), whole[0])]
         for r in range(step):
             self.edges[whole[r]] += [(digit[d], whole[(10 * r + d) % step]) for d in range(10)] + [(dot, frac[0][r])]
             self.edges[whole[r]] += [(None, end)] * (r * 10 ** scale % step == 0)
@@ -853,11 +751,10 @@ class Regex:
         todo, seen = [(s, False) for s in states], set(states)
         while todo:
             state, ended = todo.pop()
-            for index, target in self.edges[state]:
-                passes = index is None or index == "$" or (index == "^" and at_start)
-                ended_here = ended or index == "$"
+            for key, target in self.edges[state]:
+                ended_here = ended or key == "$"
                 mark = ~target if ended_here else target
-                if passes and mark not in seen and target not in seen:
+                if (key in (None, "$") or key == "^" and at_start) and mark not in seen and target not in seen:
                     seen.add(mark)
                     todo.append((target, ended_here))
         return frozenset(s for s in seen if s >= 0 or ~s not in seen)
@@ -866,24 +763,13 @@ class Regex:
         """The id of the class of characters that behave like `ch` everywhere in this regex."""
         cid = self.class_ids.get(ch)
         if cid is None:
-            sig = sum(1 << i for i, cs in enumerate(self.charsets) if in_charset(cs, ch))
+            sig = sum(1 << i for i, (negated, ranges, parts) in enumerate(self.charsets)
+                      if (any(lo <= ord(ch) <= hi for lo, hi in ranges) or any(p(ch) for p in parts)) != negated)
             with self.lock:  # shared across requests: handler threads (enum checks) and the engine
                 cid = self.class_ids[ch] = self.class_sigs.setdefault(sig, len(self.class_sigs))
                 if cid == len(self.sigs):
                     self.sigs.append(sig)
         return cid
-
-    def _representatives(self) -> dict[int, str]:
-        """One character per class seen in a sample covering every set's edges: class id -> char."""
-        codes = [*range(48, 58), *range(97, 123), *range(65, 91), *range(32, 127), *range(0, 32), *range(127, 0x250),
-                 0x660, 0x2028, 0x2029, 0x3000, 0xfeff, 0x4e00, 0x1f600]
-        for negated, ranges, parts in self.charsets:
-            codes += [c for lo, hi in ranges for c in (lo - 1, lo, hi, hi + 1) if 0 <= c <= 0x10ffff]
-        reps: dict[int, str] = {}
-        for code in codes:
-            if not 0xd800 <= code <= 0xdfff:
-                reps.setdefault(self.class_id(chr(code)), chr(code))
-        return reps
 
     def _move(self, state: frozenset, cid: int) -> frozenset | None:
         key = (state, cid)
@@ -909,26 +795,22 @@ class Regex:
         return self.accepts(state)
 
     def accepts(self, state: frozenset) -> bool:
+        """Whether `state` ends a match."""
         return all((final in state or ~final in state) != negated for _, final, _, negated in self.parts)
 
     def shortest(self, state: frozenset) -> str | None:
         """A shortest text that takes `state` to a match (breadth first over class representatives)."""
         if state not in self.tails:
-            parents, queue, found = {state: None}, [state], None
-            for current in queue:
+            seen, queue, found = {state}, [(state, "")], None
+            for current, text in queue:
                 if self.accepts(current):
-                    found = current
+                    found = text
                     break
                 for cid, ch in self.reps.items():
-                    nxt = self._move(current, cid)
-                    if nxt is not None and nxt not in parents:
-                        parents[nxt] = (current, ch)
-                        queue.append(nxt)
-            path = []
-            while found is not None and parents[found] is not None:
-                found, ch = parents[found]
-                path.append(ch)
-            self.tails[state] = None if found is None else "".join(reversed(path))
+                    if (nxt := self._move(current, cid)) is not None and nxt not in seen:
+                        seen.add(nxt)
+                        queue.append((nxt, text + ch))
+            self.tails[state] = found
         return self.tails[state]
 
 
@@ -946,61 +828,43 @@ def regex_for(pattern: str | tuple, search: bool = True, also: tuple = ()) -> Re
 ANY_TEXT = regex_for("")   # an empty pattern matches every string
 
 
-# Numbers as regular expressions: a bounded number is the JSON number syntax intersected with
-# one expression for its minimum, one for its maximum and one for multipleOf (Regex parts), built
-# digit by digit as llama.cpp's json-schema-to-grammar does for integer bounds. Fraction digits
-# compare as strings: 0.25 < 0.3 as "25" < "3".
+# Numbers as regular expressions: the JSON number syntax intersected with one expression for the minimum, one for
+# the maximum (built digit by digit, as llama.cpp's json-schema-to-grammar does; leading zeros may pass, the syntax
+# refuses them) and one for multipleOf. Fraction digits compare as strings: 0.25 < 0.3 as "25" < "3".
 
-def _digits(lo: str, hi: str) -> str:
-    """Digit strings as long as lo (and hi), from lo to hi."""
-    if lo.strip("0") == "" and hi.strip("9") == "":
-        return f"\\d{{{len(lo)}}}" if lo else ""
-    if lo[:1] == hi[:1]:
-        return lo[:1] + (_digits(lo[1:], hi[1:]) if lo else "")
-    rest = len(lo) - 1
-    middle = [f"[{int(lo[0]) + 1}-{int(hi[0]) - 1}]\\d{{{rest}}}"] if int(hi[0]) - int(lo[0]) > 1 else []
-    return f"({lo[0]}{_digits(lo[1:], '9' * rest)}|{'|'.join(middle + [hi[0] + _digits('0' * rest, hi[1:])])})"
-
-
-def int_range(lo: int, hi: int | None) -> str | None:
-    """Unsigned integers (no leading zero, JSON_MAX_DIGITS digits at most) from lo to hi (None: any); None if none."""
-    hi = 10 ** JSON_MAX_DIGITS - 1 if hi is None else min(hi, 10 ** JSON_MAX_DIGITS - 1)
-    parts = [_digits(str(max(lo, 10 ** (w - 1) * (w > 1))), str(min(hi, 10 ** w - 1)))
-             for w in range(len(str(lo)), len(str(hi)) + 1) if max(lo, 10 ** (w - 1) * (w > 1)) <= min(hi, 10 ** w - 1)]
-    return f"({'|'.join(parts)})" if parts else None
-
-
-def _fraction(f: str, strict: bool, least: bool) -> str | None:
-    """Digit strings d (maybe empty) with 0.d >= 0.f (least) or <= 0.f, strictly if asked; None if none."""
-    if not f:
+def _digits(t: str, k: int, strict: bool, least: bool) -> str | None:
+    """Unsigned number tails with k integer digits to go (k < 0: in the fraction), digit by digit >= t (least)
+    or <= t, strictly if asked (t: k integer digits, then fraction digits); None if none."""
+    if k == 0:
+        rest = _digits(t, -1, strict, least)
+        return rest and f"(\\.{rest})" + "?" * (not least or not t and not strict)
+    if not t:
         return ("\\d*[1-9]\\d*" if strict else "\\d*") if least else (None if strict else "0*")
-    first, deeper = int(f[0]), _fraction(f[1:], strict, least)
-    alts = [f"[{first + 1}-9]\\d*"] * (least and first < 9) + [f"[0-{first - 1}]\\d*"] * (not least and first > 0)
-    alts += [""] * (not least) + ([f[0] + f"({deeper})"] if deeper is not None else [])
+    first, deeper = int(t[0]), _digits(t[1:], k - 1, strict, least)
+    tail = f"\\d{{{k - 1}}}(\\.\\d+)?" if k > 0 else "\\d*"
+    alts = [f"[{first + 1}-9]{tail}"] * (least and first < 9) + [f"[0-{first - 1}]{tail}"] * (not least and first > 0)
+    alts += [""] * (not least and k < 0) + ([t[0] + deeper] if deeper is not None else [])
     return f"({'|'.join(alts)})" if alts else None
 
 
 def _magnitude(x: Fraction, strict: bool, least: bool) -> str | None:
     """Unsigned decimals >= x (least) or <= x, strictly if asked; x >= 0 with at most JSON_MAX_DIGITS decimals."""
-    whole = math.floor(x)
-    digits = str(int((x - whole) * 10 ** JSON_MAX_DIGITS)).rjust(JSON_MAX_DIGITS, "0").rstrip("0")
-    fraction = _fraction(digits, strict, least)
-    same = None if fraction is None else f"{whole}(\\.{fraction})" + "?" * (not least or not digits and not strict)
-    other = int_range(whole + 1, None) if least else (int_range(0, whole - 1) if whole else None)
-    parts = [p for p in (same, other and other + "(\\.\\d+)?") if p]
+    whole = str(math.floor(x))
+    digits = str(int((x - math.floor(x)) * 10 ** JSON_MAX_DIGITS)).rjust(JSON_MAX_DIGITS, "0").rstrip("0")
+    other = f"[1-9]\\d{{{len(whole)},}}" if least else f"\\d{{1,{len(whole) - 1}}}" if len(whole) > 1 else None
+    parts = [p for p in (_digits(whole + digits, len(whole), strict, least), other and other + "(\\.\\d+)?") if p]
     return f"({'|'.join(parts)})" if parts else None
 
 
-def number_bound(x: Fraction, strict: bool, least: bool) -> str | None:
+def number_bound(x: Fraction, strict: bool, least: bool) -> str:
     """Decimals >= x (least) or <= x, strictly if asked (rounded inward to JSON_MAX_DIGITS decimals)."""
-    unit = 10 ** JSON_MAX_DIGITS
-    kept = Fraction(math.ceil(x * unit) if least else math.floor(x * unit), unit)
+    unit, sign = 10 ** JSON_MAX_DIGITS, "" if least else "-"   # y <= x as -y >= -x
+    x = min(max(x if least else -x, -unit), unit)   # also past the largest number the syntax allows
+    kept = Fraction(math.ceil(x * unit), unit)
     strict, x = strict and kept == x, kept
-    free = "(0|[1-9]\\d*)(\\.\\d+)?"
-    if least:
-        return _magnitude(x, strict, True) if x > 0 or x == 0 and strict else \
-            f"({free}|-{_magnitude(-x, strict, False)})"
-    return f"-{_magnitude(-x, strict, True)}" if x < 0 or x == 0 and strict else f"(-{free}|{_magnitude(x, strict, False)})"
+    if x > 0 or x == 0 and strict:
+        return sign + _magnitude(x, strict, True)
+    return f"({sign}\\d+(\\.\\d+)?|{'-' * least}{_magnitude(-x, strict, False)})"
 
 
 def number_regex(integer: bool, low: Fraction | None = None, high: Fraction | None = None, low_open: bool = False,
@@ -1009,12 +873,9 @@ def number_regex(integer: bool, low: Fraction | None = None, high: Fraction | No
     none of the `excluded` patterns. Bounded numbers are written without exponent."""
     digits = JSON_MAX_DIGITS - 1
     syntax = rf"0|-?[1-9]\d{{0,{digits}}}" if integer else rf"-?(0|[1-9]\d{{0,{digits}}})(\.\d{{1,{digits + 1}}})?"
-    bounds = [number_bound(x, is_open, least) for x, is_open, least in ((low, low_open, True), (high, high_open, False))
-              if x is not None]
-    parts = [(bound or "[^\\s\\S]", False) for bound in bounds] + [(pattern, False, True) for pattern in excluded]
-    if step > 1 or scale:
-        minus = ("rep", ("chars", charset([(45, 45)])), 0, 1)
-        parts.append((("alt", (("seq", (minus, ("mod", step, scale))),)), False))
+    parts = [(number_bound(x, is_open, least), False)
+             for x, is_open, least in ((low, low_open, True), (high, high_open, False)) if x is not None]
+    parts += [(pattern, False, True) for pattern in excluded] + [((step, scale), False)] * (step > 1 or scale > 0)
     if not parts and not integer:
         syntax += r"([eE][+-]?\d{1,2})?"
     return regex_for(syntax, False, tuple(parts))
@@ -3544,14 +3405,24 @@ def render_prompt(request: GenerationRequest, model: Model) -> tuple[list[int], 
         if request.prefill:
             return prefill_prompt(tokenizer, messages, tools, request.template_args, template), dropped
         messages = template_messages(messages, template)
-        return list(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
-                                                  tokenize=True, **request.template_args)), dropped
+        ids = list(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True,
+                                                 **request.template_args))
+        return with_model_turn(ids, tokenizer, template), dropped
     except APIError:
         raise
     except Exception as exc:  # the template rejected the conversation (roles, order)
         window = (f" (the --max-context {request.max_context} window left out the first {dropped} "
                   f"messages; raise it or send fewer)" if dropped else "")
         raise invalid(f"the model's chat template rejected these messages{window}: {exc}", "messages") from None
+
+
+def with_model_turn(ids: list[int], tokenizer: Any, template: str) -> list[int]:
+    """The prompt with Gemma 4's model-turn header added where its templates leave it out: after tool
+    results whose calling message also had text, that text closes the turn (<turn|>) and no generation
+    prompt follows, so the reply would start outside any turn. llama.cpp adds the header too."""
+    if "<|turn>model\\n" not in template or not tokenizer.decode(ids[-4:]).endswith("<turn|>\n"):
+        return ids
+    return ids + tokenizer.encode("<|turn>model\n", add_special_tokens=False)
 
 
 # Put after a continued assistant message's text: the prompt is the rendered conversation up to it, so the
@@ -4466,7 +4337,9 @@ class ReasoningSplitter:
     What lies between the model's think_start and think_end markers is
     reasoning; the markers themselves go. A reply whose prompt opened the
     block (DeepSeek-R1, Qwen3) starts inside it, and a block still open at
-    the end stays reasoning. Whitespace at the start of each part is dropped:
+    the end stays reasoning. An end marker outside reasoning, with no start
+    before it, is dropped (Gemma 4 may close a thought it never opened at the
+    end of its answer). Whitespace at the start of each part is dropped:
     models write "</think>\\n\\n" before the answer. Text that might be the
     start of a marker is held back until the next piece shows whether it is.
     """
@@ -4481,14 +4354,22 @@ class ReasoningSplitter:
         """The (kind, text) pieces safe to emit, kind "reasoning" or "text"; `final` flushes."""
         self.held += text
         out: list[tuple[str, str]] = []
-        while (at := self.held.find(self.markers[self.inside])) >= 0:
+        while (found := self._next_marker()) is not None:
+            at, marker = found
             self._take(out, self.held[:at])
-            self.held = self.held[at + len(self.markers[self.inside]):]
-            self.inside, self.fresh = not self.inside, True
-        keep = 0 if final else partial_marker_length(self.held, (self.markers[self.inside],))
+            self.held = self.held[at + len(marker):]
+            if marker == self.markers[self.inside]:   # else a stray end marker, dropped
+                self.inside, self.fresh = not self.inside, True
+        keep = 0 if final else partial_marker_length(self.held, self.markers[self.inside:])
         self._take(out, self.held[:len(self.held) - keep])
         self.held = self.held[len(self.held) - keep:]
         return out
+
+    def _next_marker(self) -> tuple[int, str] | None:
+        """(where, which) of the first marker in the held text that matters: the one that switches, or
+        outside reasoning an end marker; None if neither is there."""
+        found = [(at, m) for m in self.markers[self.inside:] if (at := self.held.find(m)) >= 0]
+        return min(found) if found else None
 
     def _take(self, out: list, text: str) -> None:
         if self.fresh:

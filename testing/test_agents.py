@@ -1201,7 +1201,8 @@ def test_sdks_stream_tool_arguments_incrementally(write_server):
     assert json.loads(call.function.arguments) == WRITE_ARGS
 
 
-@pytest.mark.parametrize("family_server", ["qwen3"], indirect=True)
+@pytest.mark.parametrize("family_server", ["qwen3", "gemma-4", "kimi-k2-thinking", "glm-4.7", "qwen3-coder"],
+                         indirect=True)
 @pytest.mark.parametrize("endpoint", ["chat", "messages", "responses"])
 def test_one_tool_call_when_parallel_calls_are_off(family_server, endpoint):
     """parallel_tool_calls false (chat, responses) or tool_choice.disable_parallel_tool_use (messages): a model
