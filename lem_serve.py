@@ -82,6 +82,11 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple, NoReturn
 
+try:
+    from re import _parser as sre   # the stdlib's regex parser (Python 3.11+)
+except ImportError:   # before 3.11 (this file still runs far enough there to say it needs 3.11)
+    import sre_parse as sre
+
 # MLX is imported inside the engine functions, not here: --threads must reach
 # the numeric libraries' thread pools through the environment before MLX loads.
 
@@ -582,263 +587,156 @@ HEX_DIGITS = "0123456789abcdefABCDEF"
 REFEED = "refeed"
 
 
-# A character set is (negated, ((lo, hi) code point ranges), parts); a part is
-# a nested set or the name of a predicate below.
-CHAR_PREDICATES = {"decimal": str.isdecimal, "word": lambda c: c.isalnum() or c == "_",
-                   "space": lambda c: c.isspace() or c == "\ufeff"}
+# Patterns are ECMAScript's (JSON Schema's dialect); python_syntax() checks one and rewrites it for re's own
+# parser (sre), whose tree Regex builds into an NFA and then, lazily, a DFA.
+ESCAPE = r"\\(?:x[\da-fA-F]{2}|u[\da-fA-F]{4}|0\d?|.|$)"
+GOOD_ESCAPE = re.compile(r"\\([dDwWsSbtnvfr0]|x..|u....|[^\dA-Za-z])", re.S)   # what both dialects read alike
+ECMA_TOKEN = re.compile(rf"(\[\^?\]?)((?:\\.|[^\\\]])*)\]|{ESCAPE}|\(\?(?:<(?=[A-Za-z_]\w*>)|[:=!])?|\{{,|.", re.S)
+CLASS_ITEM = re.compile(rf"({ESCAPE}|[^\\])-({ESCAPE}|[^\\])|{ESCAPE}|.", re.S)   # a range or one character
+REFUSED_TOKENS = {"(?": "lookbehind (?<=...) and inline flags (?...) are not supported", "[": "unbalanced '['",
+                  "\\b": "the escape \\b is not supported"}
+SHORT_ESCAPES = {"\\d", "\\D", "\\w", "\\W", "\\s", "\\S"}
 
 
-def in_charset(charset: tuple, ch: str) -> bool:
-    negated, ranges, parts = charset
-    code = ord(ch)
-    hit = (any(lo <= code <= hi for lo, hi in ranges)
-           or any(CHAR_PREDICATES[p](ch) if isinstance(p, str) else in_charset(p, ch) for p in parts))
-    return hit != negated
+def python_syntax(pattern: str) -> str:
+    """`pattern` in re's syntax, meaning what ECMAScript means: (?<name>...) as (?P<name>...), "{," a literal, in a
+    class a "-" beside \\d \\w \\s a literal and every other character escaped (re reads "[[", "&&", "--" as
+    future set syntax). Raises ValueError naming what we do not support: escapes that ECMAScript lacks or reads
+    otherwise (backreferences, \\b, \\A, \\a), lookbehind and inline flags."""
+    if bad := [text for text in re.findall(ESCAPE, pattern, re.S) if not GOOD_ESCAPE.fullmatch(text)]:
+        raise ValueError(f"the escape {bad[0]} is not supported")
+    out = []
+    for token in ECMA_TOKEN.finditer(pattern):
+        if token[0] in REFUSED_TOKENS:
+            raise ValueError(REFUSED_TOKENS[token[0]])
+        out.append({"(?<": "(?P<", "{,": "\\{,"}.get(token[0], token[0]) if token[1] is None else token[1])
+        for item in CLASS_ITEM.finditer(token[2] or ""):
+            ends = [item[1], item[2]] if item[1] else [item[0]]
+            dash = "\\-" if SHORT_ESCAPES.intersection(ends) else "-"
+            out.append(dash.join(end if end[0] == "\\" else re.escape(end) for end in ends))
+        out.append("]" * (token[1] is not None))
+    return "".join(out)
 
 
-def charset(ranges=(), parts=(), negated=False) -> tuple:
-    return (negated, tuple(ranges), tuple(parts))
+# A set of characters: (negated, (lo, hi) code point ranges, predicates). \d \w \s are (narrow, wide) classes of re:
+# narrow holds what both ECMAScript and re (which validators run) match, wide all that either may. Classes take
+# narrow ones, [^...] wide ones, so output satisfies both.
+DOT = (True, ((10, 10), (13, 13), (0x2028, 0x2029)), ())   # ECMAScript's '.'
+SHORTHANDS = {"DIGIT": ("0-9", "\\d"), "WORD": ("0-9A-Za-z_", "\\w"), "SPACE": ("\\t-\\r ", "\\s\\ufeff")}
+SAMPLE_CODES = [*range(48, 58), *range(97, 123), *range(65, 91), *range(32, 127), *range(0, 32), *range(127, 0x250),
+                0x660, 0x2028, 0x2029, 0x3000, 0xfeff, 0x4e00, 0x1f600]
+ANYTHING = (sre.MAX_REPEAT, (0, sre.MAXREPEAT, [(sre.IN, [(sre.NEGATE, None)])]))
 
 
-def negate(cs: tuple) -> tuple:
-    return (not cs[0], cs[1], cs[2])
-
-
-ANY_CHAR = charset(negated=True)
-# \d \w \s as (narrow, wide): narrow holds only what both ECMAScript (JSON
-# Schema's dialect) and Python's re (which validators run) match, wide all that
-# either may. Classes use narrow, [^...] uses wide: output satisfies both.
-SHORTHANDS = {"d": (charset([(48, 57)]), charset(parts=["decimal"])),
-              "w": (charset([(48, 57), (65, 90), (95, 95), (97, 122)]), charset(parts=["word"])),
-              "s": (charset([(9, 13), (32, 32)]), charset(parts=["space"]))}
-SHORTHANDS.update({k.upper(): (negate(wide), negate(narrow)) for k, (narrow, wide) in list(SHORTHANDS.items())})
-REGEX_ESCAPES = {"t": 9, "n": 10, "v": 11, "f": 12, "r": 13, "0": 0}
-DOT = charset([(10, 10), (13, 13), (0x2028, 0x2029)], negated=True)   # ECMAScript's '.'
-QUANTIFIER = re.compile(r"([*+?])|\{(\d+)(,(\d*))?\}")
-
-
-class RegexParser:
-    """A recursive-descent parser for the regular expressions JSON Schemas use.
-
-    Tree nodes: ("chars", charset), ("seq", [...]), ("alt", [...]),
-    ("rep", node, min, max or None), ("anchor", "^" or "$"). Raises ValueError
-    naming what it does not support (lookaround, backreferences, \b, flags).
-    """
-
-    def __init__(self, text: str):
-        self.text, self.pos = text, 0
-
-    def parse(self) -> tuple:
-        tree = self.alternation()
-        if self.pos < len(self.text):
-            raise ValueError(f"unbalanced ')' at {self.pos}")
-        return tree
-
-    def take(self, chars: str) -> bool:
-        found = self.text[self.pos:self.pos + 1] in tuple(chars)
-        self.pos += found
-        return found
-
-    def alternation(self) -> tuple:
-        branches = [self.sequence()]
-        while self.take("|"):
-            branches.append(self.sequence())
-        return ("alt", branches)
-
-    def sequence(self) -> tuple:
-        items = []
-        while self.text[self.pos:self.pos + 1] not in ("", "|", ")"):
-            item = self.atom()
-            while match := QUANTIFIER.match(self.text, self.pos):
-                if item[0] == "anchor":
-                    raise ValueError("a quantifier after an anchor")
-                self.pos = match.end()
-                self.take("?")  # a lazy quantifier matches the same strings
-                low, high = {"*": (0, None), "+": (1, None), "?": (0, 1)}.get(match[1]) or \
-                    (int(match[2]), int(match[2]) if match[3] is None else int(match[4]) if match[4] else None)
-                if high is not None and high < low:
-                    raise ValueError(f"{match[0]} has its bounds reversed")
-                item = ("rep", item, low, high)
-            items.append(item)
-        return ("seq", items)
-
-    def atom(self) -> tuple:
-        ch = self.text[self.pos]
-        self.pos += 1
-        if ch == "(":
-            group = re.match(r"\?:|\?<[A-Za-z_]\w*>|\?=|\?!", self.text[self.pos:])  # (?:...), named, lookahead
-            self.pos += group.end() if group else 0
-            if self.text.startswith("?", self.pos):
-                raise ValueError("lookbehind (?<=...) and inline flags (?...) are not supported")
-            tree = self.alternation()
-            if not self.take(")"):
-                raise ValueError("unbalanced '('")
-            return ("look", group[0] == "?=", tree) if group and group[0] in ("?=", "?!") else tree
-        if ch in "^$":
-            return ("anchor", ch)
-        if ch in "*+?" or QUANTIFIER.match(self.text, self.pos - 1):
-            raise ValueError(f"nothing to repeat at {self.pos - 1}")
-        return ("chars", DOT if ch == "." else self.bracket() if ch == "[" else self.item(ch, narrow=True))
-
-    def item(self, ch: str, narrow: bool) -> tuple:
-        """One character or escape (already taken: `ch`) as a set: narrow or wide shorthands (see SHORTHANDS)."""
-        if ch != "\\":
-            return charset([(ord(ch), ord(ch))])
-        ch = self.text[self.pos:self.pos + 1]
-        self.pos += 1
-        if ch in SHORTHANDS:
-            return SHORTHANDS[ch][0 if narrow else 1]
-        hexes = re.match({"x": "[0-9a-fA-F]{2}", "u": "[0-9a-fA-F]{4}"}.get(ch, "^$"), self.text[self.pos:])
-        if hexes and hexes.end():
-            self.pos += hexes.end()
-            code = int(hexes[0], 16)
-        elif ch in REGEX_ESCAPES or not (ch == "" or ch.isalnum()):
-            code = REGEX_ESCAPES.get(ch, ord(ch or "\0"))
-        else:
-            raise ValueError(f"the escape \\{ch} is not supported")
-        return charset([(code, code)])
-
-    def bracket(self) -> tuple:
-        """A class [...], its "[" taken; [^...] takes wide shorthands. A "]" first is a literal, as in Python."""
-        negated = self.take("^")
-        ranges, parts = [], []
-        while not ((ranges or parts) and self.take("]")):
-            if self.pos >= len(self.text):
-                raise ValueError("unbalanced '['")
-            low = self.member(negated)
-            if isinstance(low, tuple):
-                parts.append(low)
-                continue
-            high = low
-            if self.text[self.pos:self.pos + 1] == "-" and self.text[self.pos + 1:self.pos + 2] not in ("]", ""):
-                self.pos += 1
-                high = self.member(negated)
-                if isinstance(high, tuple) or high < low:
-                    raise ValueError("a bad range in a character class")
-            ranges.append((low, high))
-        return charset(ranges, parts, negated)
-
-    def member(self, negated: bool) -> int | tuple:
-        """A code point, or a shorthand's set, inside [...] (where \\b is a backspace)."""
-        ch = self.text[self.pos]
-        self.pos += 1
-        if ch == "\\" and self.take("b"):
-            return 8
-        cs = self.item(ch, narrow=not negated)
-        return cs[1][0][0] if not cs[0] and not cs[2] and cs[1][0][0] == cs[1][0][1] else cs
-
-
-ANYTHING = ("rep", ("chars", ANY_CHAR), 0, None)
-
-
-def lookaheads(tree: tuple, search: bool) -> tuple[tuple, list]:
-    """(the tree, [(lookahead tree, negated)]): lookaheads right after a leading '^' are parts the whole
-    text must (or, negated, must not) start with; a (?=...) ending an unanchored pattern is part of it."""
-    looks = []
-    if len(tree[1]) == 1:
-        items = list(tree[1][0][1])
-        while items[:1] == [("anchor", "^")] and items[1:2] and items[1][0] == "look":
-            _, positive, body = items.pop(1)
-            looks.append((("seq", [("anchor", "^"), body, ANYTHING]), not positive))
-        if search and items and items[-1][0] == "look" and items[-1][1]:
-            items[-1] = items[-1][2]
-        tree = ("alt", [("seq", items)])
-    if "'look'" in repr(tree):
-        raise ValueError("lookahead is supported only right after a leading '^' (and (?=...) at the end)")
-    return tree, looks
+def regex_items(pattern: str | tuple, search: bool, negated: bool) -> list[tuple[list, bool]]:
+    """(re's parse items, negated) for one part: the pattern (anywhere in the text if searched), then its
+    leading lookaheads as parts the whole text must (or must not) start with. A (step, scale) multiple passes."""
+    if not isinstance(pattern, str):
+        return [([("multiples", pattern)], negated)]
+    try:
+        items = list(sre.parse(python_syntax(pattern)))
+    except (re.error, OverflowError) as exc:
+        raise ValueError(str(exc)) from None
+    looks, start = [], (sre.AT, sre.AT_BEGINNING)
+    while items[:1] == [start] and items[1:2] and items[1][0] in (sre.ASSERT, sre.ASSERT_NOT):
+        op, (_, body) = items.pop(1)
+        looks.append(([start, *body, ANYTHING], op is sre.ASSERT_NOT))
+    if search and items and items[-1][0] is sre.ASSERT:   # a trailing (?=...): part of what is searched
+        items[-1] = (sre.SUBPATTERN, (None, 0, 0, items[-1][1][1]))
+    if looks and negated:
+        raise ValueError("a lookahead inside 'not' is not supported")
+    return [([ANYTHING, *items, ANYTHING] if search else items, negated)] + looks
 
 
 class Regex:
     """Regular expressions that must all match, as one lazily built DFA over character classes.
 
-    `parts` are (pattern, search[, negated]): a searched pattern may match anywhere (JSON Schema's
-    `pattern`), else it must match the whole text (formats). States are frozensets of NFA states, ~s
-    standing for s reached through a '$' (no more characters); None is dead. Leading lookaheads are more
-    parts, negated for (?!...). Characters map to class ids (the sets they belong to), so the DFA and the
-    vocabulary's class trie (TokenTable.class_trie) work on ids.
-    """
+    `parts` are (pattern, search[, negated]): a searched pattern may match anywhere (JSON Schema's `pattern`), else
+    it must match the whole text (formats). States are frozensets of NFA states, ~s standing for s reached through
+    a '$' (no more characters); None is dead. Characters map to class ids (the sets they belong to), so the DFA
+    and the vocabulary's class trie (TokenTable.class_trie) work on ids."""
 
     def __init__(self, parts: tuple):
-        self.source = parts
-        self.edges: list[list[tuple[Any, int]]] = []  # per NFA state: (charset index, None, "^" or "$"; target)
-        self.charset_index: dict[tuple, int] = {}
-        self.parts: list[tuple[int, int, int, bool]] = []   # (first state, last state, final, negated)
+        self.source, self.edges, self.charset_index = parts, [], {}   # edges: per NFA state, (key, target)
+        built = []   # (first state, last state, negated)
         for pattern, search, *negated in parts:   # (pattern, search[, negated: must not match])
-            tree, looks = lookaheads(RegexParser(pattern).parse() if isinstance(pattern, str) else pattern, search)
-            if negated and looks:
-                raise ValueError("a lookahead inside 'not' is not supported")
-            for part, negated in [((("seq", [ANYTHING, tree, ANYTHING]) if search else tree), negated == [True])] + looks:
+            for items, negated in regex_items(pattern, search, negated == [True]):
                 first = self._new()
-                self.parts.append((first, self._build(part, first), negated))
-        ends = [part[0] for part in self.parts[1:]] + [len(self.edges)]
-        self.parts = [(first, final, end, negated) for (first, final, negated), end in zip(self.parts, ends)]
-        self.charsets = tuple(self.charset_index)
+                built.append((first, self._build(items, first), negated))
+        ends = [first for first, _, _ in built[1:]] + [len(self.edges)]   # a part's states: first to end
+        self.parts = [(first, final, end, negated) for (first, final, negated), end in zip(built, ends)]
+        self.charsets, self.lock = tuple(self.charset_index), threading.Lock()
         self.start = self._closure({p[0] for p in self.parts}, True)
-        self.class_ids: dict[str, int] = {}
-        self.class_sigs: dict[int, int] = {}   # signature (bit i: in charset i) -> class id
-        self.sigs: list[int] = []              # class id -> signature
-        self.lock = threading.Lock()
-        self.moves: dict[tuple, frozenset | None] = {}
-        self.tails: dict[frozenset, str | None] = {}
-        self.reps = self._representatives()
+        self.class_ids, self.class_sigs, self.sigs = {}, {}, []   # char -> id, signature (bit i: in set i) -> id
+        self.moves, self.tails = {}, {}   # (state, class id) -> state; state -> shortest() (both caches)
+        self.reps = {}   # class id -> a character of it, from a sample covering every set's edges
+        edges = [c for _, ranges, _ in self.charsets for lo, hi in ranges for c in (lo - 1, lo, hi, hi + 1)]
+        for code in SAMPLE_CODES + edges:
+            if 0 <= code <= 0x10ffff and not 0xd800 <= code <= 0xdfff:
+                self.reps.setdefault(self.class_id(chr(code)), chr(code))
         if self.shortest(self.start) is None:
             raise ValueError("the pattern matches nothing")
 
     def __reduce__(self) -> tuple:
-        # Sharded, a request's constraint travels pickled to the other ranks (see GroupLink): there
-        # shared_regex() rebuilds (or finds) the same regex, so `is ANY_TEXT` holds on every rank.
+        # A constraint travels pickled to the other ranks (GroupLink): `is ANY_TEXT` holds there too.
         return shared_regex, (self.source,)
 
-    def _new(self) -> int:
+    def _new(self, sources: list[int] = (), key: Any = None) -> int:
+        """A new NFA state, with edges from `sources` to it (`key`: a charset index, None, "^" or "$")."""
         if len(self.edges) >= REGEX_MAX_STATES:
             raise ValueError(f"the pattern is too large (over {REGEX_MAX_STATES} states once repeats are expanded)")
         self.edges.append([])
+        for state in sources:
+            self.edges[state].append((key, len(self.edges) - 1))
         return len(self.edges) - 1
 
-    def _build(self, tree: tuple, state: int) -> int:
-        kind = tree[0]
-        if kind == "anchor":
-            end = self._new()
-            self.edges[state].append((tree[1], end))
-            return end
-        if kind == "chars":
-            end = self._new()
-            self.edges[state].append((self.charset_index.setdefault(tree[1], len(self.charset_index)), end))
-            return end
-        if kind == "mod":
-            return self._multiples(state, *tree[1:])
-        if kind == "seq":
-            for item in tree[1]:
-                state = self._build(item, state)
-            return state
-        if kind == "alt":
-            end = self._new()
-            for branch in tree[1]:
-                self.edges[self._build(branch, state)].append((None, end))
-            return end
-        _, item, low, high = tree
-        for _ in range(low):
-            state = self._build(item, state)
-        if high is None:
-            loop = self._new()
-            self.edges[state].append((None, loop))
-            self.edges[self._build(item, loop)].append((None, loop))
-            return loop
-        ends = [state]
-        for _ in range(high - low):
-            ends.append(self._build(item, ends[-1]))
-        end = self._new()
-        for state in ends:
-            self.edges[state].append((None, end))
-        return end
+    def _build(self, items: list, state: int) -> int:
+        """The NFA for re's parse `items` from `state`; returns its final state."""
+        for op, arg in items:
+            if op in (sre.LITERAL, sre.NOT_LITERAL, sre.ANY, sre.IN):
+                state = self._new([state], self._charset(op, arg))
+            elif op is sre.AT and arg in (sre.AT_BEGINNING, sre.AT_END):
+                state = self._new([state], "^" if arg is sre.AT_BEGINNING else "$")
+            elif op is sre.SUBPATTERN:
+                state = self._build(arg[-1], state)
+            elif op is sre.BRANCH:
+                state = self._new([self._build(branch, state) for branch in arg[1]])
+            elif op in (sre.MAX_REPEAT, sre.MIN_REPEAT):   # lazy or not, the same strings
+                low, high, item = arg
+                ends = [state] * (low == 0)
+                for copy in range(1, (low if high == sre.MAXREPEAT else high) + 1):
+                    state = self._build(item, state)
+                    ends += [state] * (copy >= low)
+                state = self._new(ends)
+                if high == sre.MAXREPEAT:
+                    self.edges[self._build(item, state)].append((None, state))
+            elif op == "multiples":
+                state = self._multiples(state, *arg)
+            else:
+                raise ValueError("lookahead is supported only right after a leading '^' (and (?=...) at the end)"
+                                 if op in (sre.ASSERT, sre.ASSERT_NOT) else f"{op} is not supported")
+        return state
+
+    def _charset(self, op: Any, arg: Any) -> int:
+        """The index of the set of characters one LITERAL, NOT_LITERAL, ANY or IN item matches."""
+        if op is not sre.IN:
+            cs = DOT if op is sre.ANY else (op is sre.NOT_LITERAL, ((arg, arg),), ())
+            return self.charset_index.setdefault(cs, len(self.charset_index))
+        negated, ranges, parts = arg[:1] == [(sre.NEGATE, None)], [], []
+        for kind, value in arg:
+            if kind is sre.CATEGORY:   # \D is what is not \d of the other width
+                no, pair = "_NOT_" in value.name, SHORTHANDS[value.name.split("_")[-1]]
+                parts.append(re.compile(f"[{'^' * no}{pair[negated != no]}]").fullmatch)
+            elif kind in (sre.LITERAL, sre.RANGE):
+                ranges.append((value, value) if kind is sre.LITERAL else value)
+        return self.charset_index.setdefault((negated, tuple(ranges), tuple(parts)), len(self.charset_index))
 
     def _multiples(self, state: int, step: int, scale: int) -> int:
-        """Unsigned decimals that are multiples of step * 10**-scale: the remainder of their digits, as states."""
+        """Decimals (maybe negative) that are multiples of step * 10**-scale: their digits' remainder as states."""
         whole, end = [self._new() for _ in range(step)], self._new()
         frac = [[self._new() for _ in range(step)] for _ in range(scale + 2)]   # by fraction digits, capped
-        digit = [self.charset_index.setdefault(charset([(48 + d, 48 + d)]), len(self.charset_index)) for d in range(10)]
-        dot = self.charset_index.setdefault(charset([(46, 46)]), len(self.charset_index))
-        self.edges[state].append((None, whole[0]))
+        digit, dot = [self._charset(sre.LITERAL, c) for c in range(48, 58)], self._charset(sre.LITERAL, 46)
+        self.edges[state] += [(None, whole[0]), (self._charset(sre.LITERAL, 45), whole[0])]
         for r in range(step):
             self.edges[whole[r]] += [(digit[d], whole[(10 * r + d) % step]) for d in range(10)] + [(dot, frac[0][r])]
             self.edges[whole[r]] += [(None, end)] * (r * 10 ** scale % step == 0)
@@ -853,11 +751,10 @@ class Regex:
         todo, seen = [(s, False) for s in states], set(states)
         while todo:
             state, ended = todo.pop()
-            for index, target in self.edges[state]:
-                passes = index is None or index == "$" or (index == "^" and at_start)
-                ended_here = ended or index == "$"
+            for key, target in self.edges[state]:
+                ended_here = ended or key == "$"
                 mark = ~target if ended_here else target
-                if passes and mark not in seen and target not in seen:
+                if (key in (None, "$") or key == "^" and at_start) and mark not in seen and target not in seen:
                     seen.add(mark)
                     todo.append((target, ended_here))
         return frozenset(s for s in seen if s >= 0 or ~s not in seen)
@@ -866,24 +763,13 @@ class Regex:
         """The id of the class of characters that behave like `ch` everywhere in this regex."""
         cid = self.class_ids.get(ch)
         if cid is None:
-            sig = sum(1 << i for i, cs in enumerate(self.charsets) if in_charset(cs, ch))
+            sig = sum(1 << i for i, (negated, ranges, parts) in enumerate(self.charsets)
+                      if (any(lo <= ord(ch) <= hi for lo, hi in ranges) or any(p(ch) for p in parts)) != negated)
             with self.lock:  # shared across requests: handler threads (enum checks) and the engine
                 cid = self.class_ids[ch] = self.class_sigs.setdefault(sig, len(self.class_sigs))
                 if cid == len(self.sigs):
                     self.sigs.append(sig)
         return cid
-
-    def _representatives(self) -> dict[int, str]:
-        """One character per class seen in a sample covering every set's edges: class id -> char."""
-        codes = [*range(48, 58), *range(97, 123), *range(65, 91), *range(32, 127), *range(0, 32), *range(127, 0x250),
-                 0x660, 0x2028, 0x2029, 0x3000, 0xfeff, 0x4e00, 0x1f600]
-        for negated, ranges, parts in self.charsets:
-            codes += [c for lo, hi in ranges for c in (lo - 1, lo, hi, hi + 1) if 0 <= c <= 0x10ffff]
-        reps: dict[int, str] = {}
-        for code in codes:
-            if not 0xd800 <= code <= 0xdfff:
-                reps.setdefault(self.class_id(chr(code)), chr(code))
-        return reps
 
     def _move(self, state: frozenset, cid: int) -> frozenset | None:
         key = (state, cid)
@@ -909,26 +795,22 @@ class Regex:
         return self.accepts(state)
 
     def accepts(self, state: frozenset) -> bool:
+        """Whether `state` ends a match."""
         return all((final in state or ~final in state) != negated for _, final, _, negated in self.parts)
 
     def shortest(self, state: frozenset) -> str | None:
         """A shortest text that takes `state` to a match (breadth first over class representatives)."""
         if state not in self.tails:
-            parents, queue, found = {state: None}, [state], None
-            for current in queue:
+            seen, queue, found = {state}, [(state, "")], None
+            for current, text in queue:
                 if self.accepts(current):
-                    found = current
+                    found = text
                     break
                 for cid, ch in self.reps.items():
-                    nxt = self._move(current, cid)
-                    if nxt is not None and nxt not in parents:
-                        parents[nxt] = (current, ch)
-                        queue.append(nxt)
-            path = []
-            while found is not None and parents[found] is not None:
-                found, ch = parents[found]
-                path.append(ch)
-            self.tails[state] = None if found is None else "".join(reversed(path))
+                    if (nxt := self._move(current, cid)) is not None and nxt not in seen:
+                        seen.add(nxt)
+                        queue.append((nxt, text + ch))
+            self.tails[state] = found
         return self.tails[state]
 
 
@@ -946,61 +828,43 @@ def regex_for(pattern: str | tuple, search: bool = True, also: tuple = ()) -> Re
 ANY_TEXT = regex_for("")   # an empty pattern matches every string
 
 
-# Numbers as regular expressions: a bounded number is the JSON number syntax intersected with
-# one expression for its minimum, one for its maximum and one for multipleOf (Regex parts), built
-# digit by digit as llama.cpp's json-schema-to-grammar does for integer bounds. Fraction digits
-# compare as strings: 0.25 < 0.3 as "25" < "3".
+# Numbers as regular expressions: the JSON number syntax intersected with one expression for the minimum, one for
+# the maximum (built digit by digit, as llama.cpp's json-schema-to-grammar does; leading zeros may pass, the syntax
+# refuses them) and one for multipleOf. Fraction digits compare as strings: 0.25 < 0.3 as "25" < "3".
 
-def _digits(lo: str, hi: str) -> str:
-    """Digit strings as long as lo (and hi), from lo to hi."""
-    if lo.strip("0") == "" and hi.strip("9") == "":
-        return f"\\d{{{len(lo)}}}" if lo else ""
-    if lo[:1] == hi[:1]:
-        return lo[:1] + (_digits(lo[1:], hi[1:]) if lo else "")
-    rest = len(lo) - 1
-    middle = [f"[{int(lo[0]) + 1}-{int(hi[0]) - 1}]\\d{{{rest}}}"] if int(hi[0]) - int(lo[0]) > 1 else []
-    return f"({lo[0]}{_digits(lo[1:], '9' * rest)}|{'|'.join(middle + [hi[0] + _digits('0' * rest, hi[1:])])})"
-
-
-def int_range(lo: int, hi: int | None) -> str | None:
-    """Unsigned integers (no leading zero, JSON_MAX_DIGITS digits at most) from lo to hi (None: any); None if none."""
-    hi = 10 ** JSON_MAX_DIGITS - 1 if hi is None else min(hi, 10 ** JSON_MAX_DIGITS - 1)
-    parts = [_digits(str(max(lo, 10 ** (w - 1) * (w > 1))), str(min(hi, 10 ** w - 1)))
-             for w in range(len(str(lo)), len(str(hi)) + 1) if max(lo, 10 ** (w - 1) * (w > 1)) <= min(hi, 10 ** w - 1)]
-    return f"({'|'.join(parts)})" if parts else None
-
-
-def _fraction(f: str, strict: bool, least: bool) -> str | None:
-    """Digit strings d (maybe empty) with 0.d >= 0.f (least) or <= 0.f, strictly if asked; None if none."""
-    if not f:
+def _digits(t: str, k: int, strict: bool, least: bool) -> str | None:
+    """Unsigned number tails with k integer digits to go (k < 0: in the fraction), digit by digit >= t (least)
+    or <= t, strictly if asked (t: k integer digits, then fraction digits); None if none."""
+    if k == 0:
+        rest = _digits(t, -1, strict, least)
+        return rest and f"(\\.{rest})" + "?" * (not least or not t and not strict)
+    if not t:
         return ("\\d*[1-9]\\d*" if strict else "\\d*") if least else (None if strict else "0*")
-    first, deeper = int(f[0]), _fraction(f[1:], strict, least)
-    alts = [f"[{first + 1}-9]\\d*"] * (least and first < 9) + [f"[0-{first - 1}]\\d*"] * (not least and first > 0)
-    alts += [""] * (not least) + ([f[0] + f"({deeper})"] if deeper is not None else [])
+    first, deeper = int(t[0]), _digits(t[1:], k - 1, strict, least)
+    tail = f"\\d{{{k - 1}}}(\\.\\d+)?" if k > 0 else "\\d*"
+    alts = [f"[{first + 1}-9]{tail}"] * (least and first < 9) + [f"[0-{first - 1}]{tail}"] * (not least and first > 0)
+    alts += [""] * (not least and k < 0) + ([t[0] + deeper] if deeper is not None else [])
     return f"({'|'.join(alts)})" if alts else None
 
 
 def _magnitude(x: Fraction, strict: bool, least: bool) -> str | None:
     """Unsigned decimals >= x (least) or <= x, strictly if asked; x >= 0 with at most JSON_MAX_DIGITS decimals."""
-    whole = math.floor(x)
-    digits = str(int((x - whole) * 10 ** JSON_MAX_DIGITS)).rjust(JSON_MAX_DIGITS, "0").rstrip("0")
-    fraction = _fraction(digits, strict, least)
-    same = None if fraction is None else f"{whole}(\\.{fraction})" + "?" * (not least or not digits and not strict)
-    other = int_range(whole + 1, None) if least else (int_range(0, whole - 1) if whole else None)
-    parts = [p for p in (same, other and other + "(\\.\\d+)?") if p]
+    whole = str(math.floor(x))
+    digits = str(int((x - math.floor(x)) * 10 ** JSON_MAX_DIGITS)).rjust(JSON_MAX_DIGITS, "0").rstrip("0")
+    other = f"[1-9]\\d{{{len(whole)},}}" if least else f"\\d{{1,{len(whole) - 1}}}" if len(whole) > 1 else None
+    parts = [p for p in (_digits(whole + digits, len(whole), strict, least), other and other + "(\\.\\d+)?") if p]
     return f"({'|'.join(parts)})" if parts else None
 
 
-def number_bound(x: Fraction, strict: bool, least: bool) -> str | None:
+def number_bound(x: Fraction, strict: bool, least: bool) -> str:
     """Decimals >= x (least) or <= x, strictly if asked (rounded inward to JSON_MAX_DIGITS decimals)."""
-    unit = 10 ** JSON_MAX_DIGITS
-    kept = Fraction(math.ceil(x * unit) if least else math.floor(x * unit), unit)
+    unit, sign = 10 ** JSON_MAX_DIGITS, "" if least else "-"   # y <= x as -y >= -x
+    x = min(max(x if least else -x, -unit), unit)   # also past the largest number the syntax allows
+    kept = Fraction(math.ceil(x * unit), unit)
     strict, x = strict and kept == x, kept
-    free = "(0|[1-9]\\d*)(\\.\\d+)?"
-    if least:
-        return _magnitude(x, strict, True) if x > 0 or x == 0 and strict else \
-            f"({free}|-{_magnitude(-x, strict, False)})"
-    return f"-{_magnitude(-x, strict, True)}" if x < 0 or x == 0 and strict else f"(-{free}|{_magnitude(x, strict, False)})"
+    if x > 0 or x == 0 and strict:
+        return sign + _magnitude(x, strict, True)
+    return f"({sign}\\d+(\\.\\d+)?|{'-' * least}{_magnitude(-x, strict, False)})"
 
 
 def number_regex(integer: bool, low: Fraction | None = None, high: Fraction | None = None, low_open: bool = False,
@@ -1009,12 +873,9 @@ def number_regex(integer: bool, low: Fraction | None = None, high: Fraction | No
     none of the `excluded` patterns. Bounded numbers are written without exponent."""
     digits = JSON_MAX_DIGITS - 1
     syntax = rf"0|-?[1-9]\d{{0,{digits}}}" if integer else rf"-?(0|[1-9]\d{{0,{digits}}})(\.\d{{1,{digits + 1}}})?"
-    bounds = [number_bound(x, is_open, least) for x, is_open, least in ((low, low_open, True), (high, high_open, False))
-              if x is not None]
-    parts = [(bound or "[^\\s\\S]", False) for bound in bounds] + [(pattern, False, True) for pattern in excluded]
-    if step > 1 or scale:
-        minus = ("rep", ("chars", charset([(45, 45)])), 0, 1)
-        parts.append((("alt", (("seq", (minus, ("mod", step, scale))),)), False))
+    parts = [(number_bound(x, is_open, least), False)
+             for x, is_open, least in ((low, low_open, True), (high, high_open, False)) if x is not None]
+    parts += [(pattern, False, True) for pattern in excluded] + [((step, scale), False)] * (step > 1 or scale > 0)
     if not parts and not integer:
         syntax += r"([eE][+-]?\d{1,2})?"
     return regex_for(syntax, False, tuple(parts))
@@ -2389,22 +2250,34 @@ class ToolCallRule:
 
     calls: tuple[tuple[str, Constraint], ...]   # (tool name, its arguments' constraint)
     forced: bool
+    # (tool name, its parameters schema; None: not held to it), for formats whose arguments are not one JSON
+    # object (ChatFormat.pairs): these hold each argument's value to its own schema instead.
+    schemas: tuple[tuple[str, dict | None], ...] = ()
+
+
+def parameters_of(tool: dict) -> dict:
+    """A function tool's parameters schema (an object of any properties when it has none)."""
+    return tool["function"].get("parameters") or {"type": "object"}
 
 
 def tool_call_rule(tools: tuple[dict, ...], forced: list[str], choice: str) -> ToolCallRule | None:
     """The rule for a request's tools: forced among `forced`, lazy when some tool is strict, else None."""
     if forced:
-        return ToolCallRule(tuple((name, arguments_constraint(t)) for name in forced for t in tools
-                                  if t["function"]["name"] == name), forced=True)
+        chosen = [t for name in forced for t in tools if t["function"]["name"] == name]
+        return ToolCallRule(tuple((t["function"]["name"], arguments_constraint(t)) for t in chosen), forced=True,
+                            schemas=tuple((t["function"]["name"], parameters_of(t)) for t in chosen))
     if choice != "auto" or not any(t["function"].get("strict") is True for t in tools):
         return None
-    return ToolCallRule(tuple((t["function"]["name"], arguments_constraint(t) if t["function"].get("strict") is True
-                               else JSON_OBJECT) for t in tools), forced=False)
+    strict = [t["function"].get("strict") is True for t in tools]
+    return ToolCallRule(tuple((t["function"]["name"], arguments_constraint(t) if held else JSON_OBJECT)
+                              for t, held in zip(tools, strict)), forced=False,
+                        schemas=tuple((t["function"]["name"], parameters_of(t) if held else None)
+                                      for t, held in zip(tools, strict)))
 
 
 def arguments_constraint(tool: dict) -> Constraint:
     """A function tool's arguments as a constraint: its parameters schema (a 400 naming 'tools' if unenforceable)."""
-    return schema_constraint(tool["function"].get("parameters") or {"type": "object"}, "tools")
+    return schema_constraint(parameters_of(tool), "tools")
 
 
 @dataclass(frozen=True)
@@ -2918,7 +2791,9 @@ class ChatFormat:
     `heads`: how a call's head reads from where the last call's arguments
     ended (what may come between, the name in group "name", an id in group
     "id"), up to the "{" its arguments start with: a streamed reply sends
-    the arguments as the model writes them (CallStreamer).
+    the arguments as the model writes them (CallStreamer). `pairs`: how a
+    family whose arguments are key/value pairs, not one JSON object, writes
+    a call (GLM, MiniMax); such a format has no `write`.
     """
 
     name: str
@@ -2930,6 +2805,144 @@ class ChatFormat:
     harmony: bool = False
     answer: str = ""
     heads: tuple[re.Pattern, ...] = ()
+    pairs: "PairSyntax | None" = None
+
+
+@dataclass(frozen=True)
+class PairSyntax:
+    """How a family writes a call whose arguments are key/value pairs rather than one JSON object.
+
+    A call reads `head` ({name} filled in), then for each argument `key` ({key} filled in), its value and
+    `after`, `sep` between arguments, then `tail`. A value is raw text (between `quote`s) where `raw(schema)`
+    says the family's parser keeps it as a string, else its JSON text, which that parser reads back as
+    itself where `json(schema)` holds. A raw value holds none of `closers` (they would end it, or the call,
+    early), no blank at either end (parsers strip them), and is none of `reserved` (texts, in any case,
+    that its parser reads otherwise).
+    """
+
+    head: str
+    key: str
+    after: str
+    tail: str
+    closers: tuple[str, ...]
+    raw: Callable[[dict], bool]
+    json: Callable[[dict], bool] = lambda schema: True
+    reserved: tuple[str, ...] = ()
+    sep: str = ""
+    quote: str = ""
+    sign: str = ""          # what the chat template contains where this is its family's syntax (one parser, two)
+
+
+@dataclass(frozen=True)
+class PairPlan:
+    """One tool's call in a PairSyntax: its head, its arguments in order with their values' constraints, its tail."""
+
+    head: str
+    params: tuple[tuple[str, Constraint, bool, str], ...]   # (text before the value, its constraint, required, after)
+    tail: str
+
+
+# A property's value schema as each family's parser decides how to read the value's text.
+def minimax_types(schema: dict) -> set[str]:
+    """The types MiniMax-M2's parser reads a parameter's value as (its own rule: type, enum, anyOf...)."""
+    from mlx_lm.tool_parsers.minimax_m2 import _extract_types_from_schema
+    return set(_extract_types_from_schema(schema))
+
+
+GLM_PAIRS = PairSyntax("<tool_call>{name}\n", "<arg_key>{key}</arg_key>\n<arg_value>", "</arg_value>\n",
+                       "</tool_call>", ("</arg_value>", "</tool_call>"),
+                       raw=lambda schema: schema.get("type") == "string")   # its parser's own test
+GLM47_PAIRS = dataclasses.replace(GLM_PAIRS, head="<tool_call>{name}", key="<arg_key>{key}</arg_key><arg_value>",
+                                  after="</arg_value>", sign="</arg_key><arg_value>")   # GLM-4.7: no newlines
+MINIMAX_PAIRS = PairSyntax(
+    '<minimax:tool_call>\n<invoke name="{name}">\n', '<parameter name="{key}">', "</parameter>\n",
+    "</invoke>\n</minimax:tool_call>", ("</parameter>", "</invoke>", "</minimax:tool_call>"),
+    raw=lambda schema: minimax_types(schema) == {"string"},
+    json=lambda schema: "string" not in minimax_types(schema) and len(minimax_types(schema) - {"null"}) <= 1,
+    reserved=("null",))
+QWEN3_CODER_PAIRS = PairSyntax(
+    "<tool_call>\n<function={name}>\n", "<parameter={key}>\n", "\n</parameter>\n", "</function>\n</tool_call>",
+    ("</parameter>", "</function>", "</tool_call>"), raw=lambda schema: schema.get("type") == "string",
+    json=lambda schema: schema.get("type") in ("integer", "number", "boolean", "object", "array"), reserved=("null",))
+# Gemma 4's parser (parse_gemma_call) quotes bare keys anywhere in the text: JSON values only where they hold no string.
+GEMMA_PAIRS = PairSyntax("<|tool_call>call:{name}{{", "{key}:", "", "}<tool_call|>", ('<|"|>', "<tool_call|>"),
+                         raw=lambda schema: schema.get("type") == "string",
+                         json=lambda schema: schema.get("type") in ("integer", "number", "boolean"), sep=",",
+                         quote='<|"|>')
+# Parameters schemas a PairPlan enforces: properties, required and what does not constrain.
+PAIR_SCHEMA_KEYS = {"type", "properties", "required", "additionalProperties", "title", "description", "$schema",
+                    "$id", "$defs", "definitions", "default", "examples", "$comment"}
+# What Python's str.strip() takes off (the parsers strip raw values): a raw value neither starts nor ends with it.
+STRIPPED = "[\\t-\\r\\x1c-\\x20\\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]"
+
+# Any text ([\s\S] would miss the blanks only one of ECMAScript and Python has).
+ANY_CHARACTERS = "(?:.|[\\n\\r\\u2028\\u2029])*"
+
+
+def pair_plan(syntax: PairSyntax, name: str, schema: dict) -> PairPlan:
+    """A tool's call in `syntax`, each argument held to its property's schema; ValueError naming what cannot be.
+
+    Arguments come in the schema's order, the required ones always; an optional one whose value the
+    family cannot write is left out, a required one is the error.
+    """
+    extra = sorted(set(schema) - PAIR_SCHEMA_KEYS)
+    if extra or schema.get("type", "object") != "object":
+        raise ValueError(f"its parameters use {', '.join(extra) or 'a type other than object'}, which key/value "
+                         "arguments cannot hold to")
+    properties = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+    required = [key for key in schema.get("required") or () if isinstance(key, str)]
+    params = []
+    for key in list(properties) + [key for key in required if key not in properties]:
+        value = properties.get(key, schema.get("additionalProperties", {}))
+        try:
+            if re.search(r'[<>"\s{}\[\],:]', key) or not isinstance(value, dict):
+                raise ValueError("its name or its schema cannot be written in this syntax")
+            quote = syntax.quote if syntax.raw(value) else ""
+            params.append((syntax.key.format(key=key) + quote, pair_value(syntax, value, schema), key in required,
+                           quote + syntax.after))
+        except (ValueError, APIError) as exc:   # compile_schema's 400 names the schema's own problem
+            if key in required:
+                raise ValueError(f"its parameter {key!r} cannot be enforced: {exc}") from None
+    return PairPlan(syntax.head.format(name=name), tuple(params), syntax.tail)
+
+
+def pair_value(syntax: PairSyntax, schema: dict, root: dict) -> Constraint:
+    """One argument's value in `syntax`: raw text or JSON text matching `schema` (ValueError if it cannot be)."""
+    node = compile_schema(schema, root, "tools")
+    key = json.dumps([syntax.closers, syntax.raw(schema), schema, root.get("$defs"), root.get("definitions")],
+                     sort_keys=True)
+    if not syntax.raw(schema):
+        if not syntax.json(schema):
+            raise ValueError("its parser reads this schema's values by a rule of its own")
+        return Constraint(node, key)
+    if isinstance(node, Literals):
+        texts = [text for text in map(json.loads, node.texts) if isinstance(text, str) and raw_text_fits(syntax, text)]
+        if not texts:
+            raise ValueError("none of its values can be written raw")
+        return Constraint(Literals(texts), key)
+    if not isinstance(node, Leaf) or not node.quoted:
+        raise ValueError("its values cannot be written as raw text")
+    banned = tuple((re.escape(closer), True, True) for closer in syntax.closers) + tuple(
+        ("".join(f"[{ch.lower()}{ch.upper()}]" for ch in word), False, True) for word in syntax.reserved)
+    edges = (f"{STRIPPED}{ANY_CHARACTERS}|{ANY_CHARACTERS}{STRIPPED}", False, True)
+    try:
+        return Constraint(Leaf(shared_regex(node.regex.source + banned + (edges,)), node.min_len, node.max_len,
+                               quoted=False), key)
+    except ValueError:
+        raise ValueError(f"its values would hold {' or '.join(syntax.closers)}, which end a raw value, or start "
+                         "or end with a blank, which the parser strips") from None
+
+
+@functools.lru_cache(maxsize=64)
+def cached_pair_plan(syntax: PairSyntax, name: str, schema: str) -> PairPlan:
+    """pair_plan for a schema given as its canonical JSON text, kept: the request checks it, the engine runs it."""
+    return pair_plan(syntax, name, json.loads(schema))
+
+
+def raw_text_fits(syntax: PairSyntax, text: str) -> bool:
+    """Whether `text`, written raw, reads back as itself."""
+    return (text == text.strip() and not any(closer in text for closer in syntax.closers)
+            and text.lower() not in syntax.reserved)
 
 
 # A call written as a JSON object {"name": ..., "arguments" (or Llama's "parameters"): {...}}, one of a list.
@@ -3052,7 +3065,7 @@ CHAT_FORMATS: tuple[tuple[tuple[str, ...], ChatFormat], ...] = (
         heads=(JSON_CALL_HEAD,),
         write=lambda name: (f'<TOOLCALL>[{{"name": {json.dumps(name)}, "arguments": ', "}]</TOOLCALL>"))),
     (("<|tool_call>call:",), ChatFormat(
-        "gemma4", starts=("<|tool_call>",), end="<tool_call|>", parse=parse_gemma_call)),
+        "gemma4", starts=("<|tool_call>",), end="<tool_call|>", parse=parse_gemma_call, pairs=GEMMA_PAIRS)),
     (('{"name": function name, "parameters"',), ChatFormat(
         "llama3", starts=("<|python_tag|>",), leading=("{",), parse=parse_llama_calls, heads=(JSON_CALL_HEAD,),
         write=lambda name: (f'{{"name": {json.dumps(name)}, "parameters": ', "}"))),
@@ -3066,6 +3079,22 @@ def chat_format_of(tokenizer: Any) -> ChatFormat | None:
                         getattr(tokenizer, "tool_call_end", None), getattr(tokenizer, "tool_parser", None))
 
 
+KIMI_HEAD = re.compile(r"(?:\s|<\|tool_call_end\|>)*<\|tool_call_begin\|>\s*"
+                       r"(?P<id>(?:functions\.)?(?P<name>[^<]+?):\d+)\s*<\|tool_call_argument_begin\|>\s*(?=\{)")
+# How the families mlx_lm parses write a forced call, by the parser's module: JSON arguments as
+# (write(start marker, end marker, name) -> (before, after), heads), key/value pairs as the first PairSyntax
+# whose sign the template contains.
+MLX_CALLS = {
+    "json_tools": (lambda start, end, name: (f'{start}\n{{"name": {json.dumps(name)}, "arguments": ', f"}}\n{end}"),
+                   (JSON_CALL_HEAD,)),   # Qwen's <tool_call>{JSON}
+    "kimi_k2": (lambda start, end, name: (f"{start}<|tool_call_begin|>functions.{name}:0<|tool_call_argument_begin|>",
+                                          f"<|tool_call_end|>{end}"), (KIMI_HEAD,)),
+    "glm47": (GLM47_PAIRS, GLM_PAIRS),
+    "minimax_m2": (MINIMAX_PAIRS,),
+    "qwen3_coder": (QWEN3_CODER_PAIRS,),
+}
+
+
 @functools.lru_cache(maxsize=16)
 def _chat_format(template: str, start: str | None, end: str | None, parser: Any) -> ChatFormat | None:
     for signs, found in CHAT_FORMATS:
@@ -3073,10 +3102,14 @@ def _chat_format(template: str, start: str | None, end: str | None, parser: Any)
             return found
     if not start or parser is None:
         return None
-    hermes = getattr(parser, "__module__", "") == "mlx_lm.tool_parsers.json_tools"  # Qwen's <tool_call>{JSON}
-    write = (lambda name: (f'{start}\n{{"name": {json.dumps(name)}, "arguments": ', f"}}\n{end}")) if hermes else None
-    return ChatFormat(parser.__module__.rpartition(".")[2], starts=(start,), end=end or "", parse=parser, write=write,
-                      heads=(JSON_CALL_HEAD,) if hermes else ())
+    name = getattr(parser, "__module__", "").rpartition(".")[2]
+    calls = MLX_CALLS.get(name, ())
+    if not calls or isinstance(calls[0], PairSyntax):
+        pairs = next((syntax for syntax in calls if syntax.sign in template), None)
+        return ChatFormat(name, starts=(start,), end=end or "", parse=parser, pairs=pairs)
+    write, heads = calls
+    return ChatFormat(name, starts=(start,), end=end or "", parse=parser, heads=heads,
+                      write=lambda tool: write(start, end or "", tool))
 
 
 def template_messages(messages: list[dict], template: str) -> list[dict]:
@@ -3289,14 +3322,24 @@ def render_prompt(request: GenerationRequest, model: Model) -> tuple[list[int], 
         if request.prefill:
             return prefill_prompt(tokenizer, messages, tools, request.template_args, template), dropped
         messages = template_messages(messages, template)
-        return list(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
-                                                  tokenize=True, **request.template_args)), dropped
+        ids = list(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True,
+                                                 **request.template_args))
+        return with_model_turn(ids, tokenizer, template), dropped
     except APIError:
         raise
     except Exception as exc:  # the template rejected the conversation (roles, order)
         window = (f" (the --max-context {request.max_context} window left out the first {dropped} "
                   f"messages; raise it or send fewer)" if dropped else "")
         raise invalid(f"the model's chat template rejected these messages{window}: {exc}", "messages") from None
+
+
+def with_model_turn(ids: list[int], tokenizer: Any, template: str) -> list[int]:
+    """The prompt with Gemma 4's model-turn header added where its templates leave it out: after tool
+    results whose calling message also had text, that text closes the turn (<turn|>) and no generation
+    prompt follows, so the reply would start outside any turn. llama.cpp adds the header too."""
+    if "<|turn>model\\n" not in template or not tokenizer.decode(ids[-4:]).endswith("<turn|>\n"):
+        return ids
+    return ids + tokenizer.encode("<|turn>model\n", add_special_tokens=False)
 
 
 # Put after a continued assistant message's text: the prompt is the rendered conversation up to it, so the
@@ -3377,16 +3420,22 @@ def check_tool_support(request: GenerationRequest, tokenizer: Any) -> list[dict]
     if form is None:
         raise invalid("this model has no tool-call format that the server can parse; send no 'tools'", "tools")
     rule = request.tool_rule
-    if rule is not None and form.write is None:
+    if rule is not None and form.write is None and form.pairs is None:
         what, param = ("a required 'tool_choice'", "tool_choice") if rule.forced else ("a strict tool", "tools")
         raise invalid(f"{what} needs a model whose tool-call format the server can write (the README lists them); "
                       f"this model's calls are {form.name}'s", param)
+    for name, schema in rule.schemas if rule is not None and form.pairs is not None else ():
+        try:
+            cached_pair_plan(form.pairs, name, json.dumps(schema)) if schema is not None else None
+        except ValueError as exc:
+            raise invalid(f"the tool {name!r} cannot be held to its schema in {form.name}'s call syntax, whose "
+                          f"arguments are key/value pairs: {exc}", "tools") from None
     return list(request.tools)
 
 
 def call_opening(form: ChatFormat) -> str:
     """The text that opens every call of `form`: its start marker, else what comes before the tool's name."""
-    before = form.write("lem_probe")[0]
+    before = form.write("lem_probe")[0] if form.write else form.pairs.head.format(name="lem_probe")
     marker = next((m for m in form.starts if before.startswith(m)), None)
     return marker if marker is not None else before[:before.index("lem_probe")].rstrip('"')
 
@@ -3801,16 +3850,22 @@ def literal_tokens(tokenizer: Any, text: str) -> list[int]:
     return ids
 
 
+@functools.lru_cache(maxsize=4)
+def blank_led(table: TokenTable) -> list[int]:
+    """The tokens whose text starts with JSON whitespace."""
+    return [token for token, text in enumerate(table.texts) if text and text[0] in JSON_WHITESPACE]
+
+
 class ToolCallConstraint:
     """A logits processor that writes tool calls in the model's own syntax, arguments held to their schemas.
 
-    Composed over json_constraint(), whose internals it does not see: it
-    forces a call's opening text as the chat format writes it (ChatFormat.write,
-    the tool's name chosen among the rule's), then runs the chosen tool's
-    arguments constraint, then forces the text after them (the tail). The arguments end when their
-    constraint is complete, which it says by allowing only end-of-sequence:
-    that token is swapped for the tail's first. So a string argument holding
-    the end marker cannot end the call.
+    Composed over json_constraint(), whose internals it does not see, it alternates two phases: a head,
+    where the tokens of one of a few literal texts are forced (a call's opening as the chat format writes
+    it, ChatFormat.write, the tool's name chosen among the rule's; an argument's key; the call's tail),
+    and a value, run by a constraint (the chosen tool's arguments; in a key/value format, ChatFormat.pairs,
+    one argument's value, raw text or JSON by its own schema: PairPlan). A value ends when its constraint
+    is complete, which it says by allowing end-of-sequence: that token is swapped for the first tokens of
+    the texts that may follow. So a string argument holding the end marker cannot end the call.
 
     Forced: the reply is one call. When the prompt opened a thinking block,
     the reasoning stays free (never ended by end-of-sequence) until the model
@@ -3829,54 +3884,118 @@ class ToolCallConstraint:
         tokenizer = model.tokenizer
         self.rule, self.model, form = rule, model, chat_format_of(tokenizer)
         self.write = write or form.write    # how a call (or, for response_format, the answer) is written
+        self.pairs = None if write else form.pairs   # a key/value format: each held tool's PairPlan
+        self.plans = {name: cached_pair_plan(self.pairs, name, json.dumps(schema))
+                      for name, schema in rule.schemas if schema is not None} if self.pairs else {}
         self.opening = "" if rule.forced else call_opening(form)  # what a lazy constraint waits for
         self.eos = sorted(tokenizer.eos_token_ids)
         self.think = (tokenizer.think_start, tokenizer.think_end) if getattr(tokenizer, "has_thinking", False) else None
         self.thinking = thinking and self.think is not None   # now inside a thinking block
-        self.tail_ids: list[int] = []       # the chosen call's tail, as token ids
         self.left = budget                  # tokens still to be sampled, this one included
         self.reserve = 0                    # forced, while thinking: the tokens left when the block is closed
         self.recent = ""                    # the free text's last characters, where markers are looked for
-        self.phase = "free"                 # free, head, arguments, tail or done
-        self.heads: dict[str, list[int]] = {}   # head phase: each tool's opening tokens still possible
-        self.tails: dict[str, list[int]] = {}   # head phase: each tool's tail tokens
-        self.matched = 0                    # head and tail phases: tokens of it written so far
-        self.arguments: Any = None          # arguments phase: the chosen tool's JSON constraint
-        self.chosen = ""                    # arguments phase: the tool being called
-        self.complete = False               # arguments phase: the JSON is whole (the tail may start)
+        self.phase = "free"                 # free, head, arguments or done
+        self.heads: dict[Any, list[int]] = {}   # head phase: each text's tokens, while still possible
+        self.tails: dict[str, list[int]] = {}   # each tool's tail tokens (JSON arguments)
+        self.matched = 0                    # head phase: tokens of it written so far
+        self.next: dict[Any, list[int]] = {}    # arguments phase, once the value is whole: the texts that may follow
+        self.at: int | str = ""             # arguments phase: whose value it is (an argument's index, or a tool)
+        self.spelled: dict[str, list[int]] = {}   # texts' token ids, as literal_tokens spells them
+        self.plan: PairPlan | None = None   # the chosen tool's, in a key/value format
+        self.value: Constraint | None = None    # arguments phase: the value's constraint
+        self.after = 0                      # arguments phase: the tokens the call needs after the value
+        self.arguments: Any = None          # arguments phase: the value's JSON constraint, once started
+        self.complete = False               # arguments phase: the value is whole (what follows may start)
         self.started = False
         if rule.forced and not self.thinking:
             self._open("")
         elif rule.forced:   # the call's own tokens, then the rest shared between reasoning and arguments
-            fixed = max(len(head) + len(tail) for head, tail in self._calls(self.think[1] + "\n\n").values())
+            fixed = max(len(head) + len(tail) + (self._rest(self.plans[name], -1) if name in self.plans else 0)
+                        for name, (head, tail) in self._calls(self.think[1] + "\n\n").items())
             self.reserve = fixed + int((budget - fixed) * (1 - FORCED_CALL_THINKING_SHARE))
+
+    def _spell(self, text: str) -> list[int]:
+        if text not in self.spelled:
+            self.spelled[text] = literal_tokens(self.model.tokenizer, text) if text else []
+        return self.spelled[text]
+
+    def _calls(self, lead: str, skip: int = 0) -> dict[str, tuple[list[int], list[int]]]:
+        """Each tool's (opening after `lead`, tail) as token ids (a key/value call's tail comes with its arguments)."""
+        calls = {}
+        for name, _ in self.rule.calls:
+            before, after = (self.pairs.head.format(name=name), "") if self.pairs else self.write(name)
+            calls[name] = (self._spell(lead + before[skip:]), self._spell(after))
+        return calls
 
     def _open(self, lead: str, skip: int = 0) -> None:
         """Enter the head phase: `lead`, then each tool's opening less its first `skip` characters, to choose among."""
         calls = self._calls(lead, skip)
-        self.heads = {name: head for name, (head, _) in calls.items()}
         self.tails = {name: tail for name, (_, tail) in calls.items()}
-        self.phase, self.matched = "head", 0
-        done = [name for name, head in self.heads.items() if not head]
+        self._offer({name: head for name, (head, _) in calls.items()})
+
+    def _offer(self, options: dict[Any, list[int]]) -> None:
+        self.heads, self.phase, self.matched = options, "head", 0
+        done = [key for key, head in options.items() if not head]
         if done:   # nothing to write before the JSON (response_format's plain answer)
             self._choose(done[0])
 
-    def _choose(self, name: str) -> None:
-        """Enter the arguments phase for the call to `name`, its opening written."""
-        self.phase, self.chosen, self.arguments, self.complete = "arguments", name, None, False
-        self.tail_ids = self.tails[name]
+    def _choose(self, key: Any) -> None:
+        """Go on once the text `key` stands for is written: a tool's opening, an argument's key (its index) or
+        the tail (None)."""
+        if key is None:
+            self._free() if not self.rule.forced else setattr(self, "phase", "done")
+        elif isinstance(key, int):
+            self._value(self.plan.params[key][1], key, self._rest(self.plan, key))
+        elif not self.pairs:
+            self._value(dict(self.rule.calls)[key], key, len(self.tails[key]))
+        elif key in self.plans:
+            self.plan = self.plans[key]
+            self._offer(self._options(-1))
+        else:   # a tool not held to its schema (lazy): its arguments are the model's own
+            self._free()
 
-    def _calls(self, lead: str, skip: int = 0) -> dict[str, tuple[list[int], list[int]]]:
-        """Each tool's (opening after `lead`, tail) as token ids."""
-        spell = functools.partial(literal_tokens, self.model.tokenizer)
-        return {name: (spell(lead + before[skip:]), spell(after) if after else [])
-                for name, _ in self.rule.calls for before, after in [self.write(name)]}
+    def _value(self, value: Constraint, at: int | str, cost: int) -> None:
+        """Enter the arguments phase: `value` (argument `at`, or tool `at`'s JSON arguments), then what may follow
+        it, which takes `cost` tokens at least to end the call."""
+        self.phase, self.value, self.at, self.after = "arguments", value, at, cost
+        self.arguments, self.complete = None, False
+
+    def _following(self) -> dict[Any, list[int]]:
+        """The texts that may follow the value now: the tool's tail (JSON), or _options (key/value)."""
+        if isinstance(self.at, int):
+            return self._options(self.at)
+        return {None: self.tails[self.at]} if self.tails.get(self.at) else {}
+
+    def _options(self, at: int) -> dict[Any, list[int]]:
+        """After argument `at` (-1: none yet), the texts that may come next: a later argument's key, up to the
+        first required one, or the tail once none is left; those the budget cannot finish are dropped."""
+        params, after = self.plan.params, self.plan.params[at][3] if at >= 0 else ""
+        options: dict[Any, list[int]] = {}
+        for index in range(at + 1, len(params)):
+            options[index] = self._spell(after + self.pairs.sep * (at >= 0) + params[index][0])
+            if params[index][2]:
+                break
+        else:
+            options[None] = self._spell(after + self.plan.tail)
+        fits = {key: ids for key, ids in options.items() if key is None or len(ids) + self._least(key) < self.left}
+        return fits or dict(list(options.items())[-1:])   # out of room: the way to the end that takes least
+
+    def _least(self, index: int) -> int:
+        """The fewest tokens argument `index`'s value and what must follow it take."""
+        return len(self.plan.params[index][1].node.min_text) + 1 + self._rest(self.plan, index)
+
+    def _rest(self, plan: PairPlan, at: int) -> int:
+        """The fewest tokens that end a call after argument `at`: the required arguments left, then the tail."""
+        texts = [plan.params[at][3] + self.pairs.sep] * (at >= 0) + [
+            text for before, _, required, after in plan.params[at + 1:] if required
+            for text in (before, after + self.pairs.sep)] + [plan.tail]
+        values = sum(len(value.node.min_text) + 1 for _, value, required, _ in plan.params[at + 1:] if required)
+        return sum(len(self._spell(text)) for text in texts) + values
 
     def __call__(self, tokens: Any, logits: Any) -> Any:
         if self.started:
             self._advance(int(tokens[-1].item()))
         self.started = True
-        width = logits.shape[-1]
         if self.phase == "free" and self.rule.forced and self.left <= self.reserve:
             self._open(self.think[1] + "\n\n")   # the reasoning had its share: close it
         self.left -= 1
@@ -3886,45 +4005,46 @@ class ToolCallConstraint:
             return self._only(logits, {ids[self.matched] for ids in self.heads.values()})
         if self.phase == "arguments":
             return self._arguments(tokens, logits)
-        if self.phase == "tail":
-            return self._only(logits, {self.tail_ids[self.matched]})
         return self._only(logits, set(self.eos))  # done with the forced call
 
     def _arguments(self, tokens: Any, logits: Any) -> Any:
         import mlx.core as mx
-        if self.arguments is None:
-            constraint = dict(self.rule.calls)[self.chosen]
-            budget = max(self.left + 1 - len(self.tail_ids), 1)
-            self.arguments = json_constraint(constraint, self.model.tokenizer, budget)
+        first = self.arguments is None
+        if first:
+            self.arguments = json_constraint(self.value, self.model.tokenizer, max(self.left + 1 - self.after, 1))
         held = self.arguments(tokens, logits)
+        if first and self.plan is not None:   # JSON lets blanks lead a value; key/value parsers keep them
+            held = masked(held, ~JsonMasks.ids_mask(blank_led(token_table(self.model.tokenizer)), logits.shape[-1]))
         allowed = held > -math.inf
         eos = JsonMasks.ids_mask(self.eos, logits.shape[-1])
         self.complete = bool(mx.any(allowed & eos).item())
         if not self.complete:
             return held
-        if not self.tail_ids:   # the call ends with its arguments
+        self.next = self._following()
+        if not self.next:   # the call ends with its arguments
             if self.rule.forced:
                 return held
             self._free()
             return logits
-        return masked(logits, (allowed & ~eos) | JsonMasks.ids_mask(self.tail_ids[:1], logits.shape[-1]))
+        firsts = JsonMasks.ids_mask(sorted({ids[0] for ids in self.next.values()}), logits.shape[-1])
+        if self.left <= self.after:   # a value that could go on (raw text, a number) ends while the call still can
+            return masked(logits, firsts)
+        return masked(logits, (allowed & ~eos) | firsts)
 
     def _advance(self, token: int) -> None:
         """Follow the token just sampled."""
         if self.phase == "free":
             self._watch(token_bytes(self.model, token).decode("utf-8", "ignore"))
-        elif self.phase == "head":
-            self.heads = {n: ids for n, ids in self.heads.items() if len(ids) > self.matched and ids[self.matched] == token}
+            return
+        if self.phase == "arguments" and self.complete and any(ids[0] == token for ids in self.next.values()):
+            self.phase, self.heads, self.matched = "head", self.next, 0
+        if self.phase == "head":
+            self.heads = {k: ids for k, ids in self.heads.items()
+                          if len(ids) > self.matched and ids[self.matched] == token}
             self.matched += 1
-            done = [n for n, ids in self.heads.items() if len(ids) == self.matched]
+            done = [k for k, ids in self.heads.items() if len(ids) == self.matched]
             if done:
                 self._choose(done[0])
-        elif self.phase == "arguments" and self.complete and self.tail_ids and token == self.tail_ids[0]:
-            self.phase, self.matched = "tail", 1
-        elif self.phase == "tail":
-            self.matched += 1
-        if self.phase == "tail" and self.matched == len(self.tail_ids):
-            self._free() if not self.rule.forced else setattr(self, "phase", "done")
 
     def _watch(self, text: str) -> None:
         """Free text: look for the end of reasoning (forced) or a call's start outside reasoning (lazy)."""
@@ -4134,7 +4254,9 @@ class ReasoningSplitter:
     What lies between the model's think_start and think_end markers is
     reasoning; the markers themselves go. A reply whose prompt opened the
     block (DeepSeek-R1, Qwen3) starts inside it, and a block still open at
-    the end stays reasoning. Whitespace at the start of each part is dropped:
+    the end stays reasoning. An end marker outside reasoning, with no start
+    before it, is dropped (Gemma 4 may close a thought it never opened at the
+    end of its answer). Whitespace at the start of each part is dropped:
     models write "</think>\\n\\n" before the answer. Text that might be the
     start of a marker is held back until the next piece shows whether it is.
     """
@@ -4149,14 +4271,22 @@ class ReasoningSplitter:
         """The (kind, text) pieces safe to emit, kind "reasoning" or "text"; `final` flushes."""
         self.held += text
         out: list[tuple[str, str]] = []
-        while (at := self.held.find(self.markers[self.inside])) >= 0:
+        while (found := self._next_marker()) is not None:
+            at, marker = found
             self._take(out, self.held[:at])
-            self.held = self.held[at + len(self.markers[self.inside]):]
-            self.inside, self.fresh = not self.inside, True
-        keep = 0 if final else partial_marker_length(self.held, (self.markers[self.inside],))
+            self.held = self.held[at + len(marker):]
+            if marker == self.markers[self.inside]:   # else a stray end marker, dropped
+                self.inside, self.fresh = not self.inside, True
+        keep = 0 if final else partial_marker_length(self.held, self.markers[self.inside:])
         self._take(out, self.held[:len(self.held) - keep])
         self.held = self.held[len(self.held) - keep:]
         return out
+
+    def _next_marker(self) -> tuple[int, str] | None:
+        """(where, which) of the first marker in the held text that matters: the one that switches, or
+        outside reasoning an end marker; None if neither is there."""
+        found = [(at, m) for m in self.markers[self.inside:] if (at := self.held.find(m)) >= 0]
+        return min(found) if found else None
 
     def _take(self, out: list, text: str) -> None:
         if self.fresh:

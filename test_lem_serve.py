@@ -1020,6 +1020,22 @@ def test_new_keywords_are_enforced_and_every_walk_validates(case):
     for text in random_outputs(schema, random.Random(case), 12):
         assert_valid(text, schema)
 
+# (pattern, texts it must take, texts it must refuse): ECMAScript, JSON Schema's dialect, where Python's re
+# (whose parser reads patterns) means otherwise or refuses.
+ECMASCRIPT_PATTERNS = [
+    ("^(?<word>[\\w-.]+)$", ['"a-b.c_"'], ['"a b"', '""']),   # a named group; a "-" beside \w is a literal
+    ("^x{,2}[.-\\d]$", ['"x{,2}-"', '"x{,2}5"'], ['"xx-"', '"x{,2}/"']),   # "{," is no quantifier, ".-\d" no range
+]
+
+
+@pytest.mark.parametrize("pattern,good,bad", ECMASCRIPT_PATTERNS)
+def test_patterns_are_read_as_ecmascript(pattern, good, bad):
+    schema = {"type": "string", "pattern": pattern}
+    for text in good:
+        assert accepts(schema, text), text
+    for text in bad:
+        assert not accepts(schema, text), text
+
 ONEOF_CAN_OVERLAP = {"oneOf": [{"type": "object", "properties": {"a": {"type": "integer"}}},   # {} matches both
                                {"type": "object", "properties": {"b": {"type": "integer"}}}]}
 
@@ -2522,6 +2538,28 @@ def test_gemma_4_first_template_gets_tool_results_on_the_calling_turn(family_ser
     assert reply.json()["usage"]["prompt_tokens"] == len(want)
 
 
+@pytest.mark.parametrize("family_server", ["gemma-4", "gemma-4-april"], indirect=True)
+def test_gemma_4_reply_after_a_call_with_text_gets_its_own_turn(family_server):
+    """A call whose message also had text, then its result: Gemma 4's templates close the turn after that
+    text and add no generation prompt; the server's prompt is theirs plus the model-turn header."""
+    name, _, server, model = family_server
+    messages = agent_chat_messages(WEATHER_ARGS)
+    messages[2]["content"] = "Let me check."
+    if name == "gemma-4-april":
+        messages[2:] = [{**messages[2], "tool_responses": [{"name": "get_weather", "response": AGENT_RESULT}]}]
+    tools = [{"type": "function", "function": t} for t in FAMILY_TOOLS]
+    text = model.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
+    assert text.endswith("Let me check.<turn|>\n"), text[-200:]   # the templates' own gap
+    header = model.tokenizer.encode("<|turn>model\n", add_special_tokens=False)
+    body = {"messages": agent_chat_messages(json.dumps(WEATHER_ARGS)), "max_tokens": 1,
+            "tools": dialect_tools_for("chat")}
+    body["messages"][2]["content"] = "Let me check."
+    reply = request(server, "POST", path_of("chat"), body)
+    assert reply.status == 200, reply.json()
+    own = model.tokenizer.encode(text, add_special_tokens=False)
+    assert reply.json()["usage"]["prompt_tokens"] == len(own) + len(header)
+
+
 @pytest.mark.parametrize("family_server", ["gpt-oss"], indirect=True)
 def test_codex_is_served_by_a_gpt_oss_model(family_server, tmp_path):
     """Codex's real requests (tools, custom tools, hosted tools, developer message) to a harmony model: no 400,
@@ -2602,7 +2640,7 @@ def test_family_markers_split_anywhere_never_reach_content(name, live):
     would stream it) scans to what it scans to whole: no marker leaks, no call is lost."""
     _, _, scripts = FAMILIES[name]
     for kind, text in scripts.items():
-        text = re.split(r"</think>|<channel\|>", text, maxsplit=1)[-1]   # the ReasoningSplitter takes a think block first
+        text = re.split(r"</think>|<channel\|>", text, maxsplit=1)[-1]   # the ReasoningSplitter's part
         whole = scan_family_text(name, text, [text], live)
         content, reasoning, calls = whole
         if kind.endswith("call") or kind == "parallel":
