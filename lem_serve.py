@@ -2327,22 +2327,34 @@ class ToolCallRule:
 
     calls: tuple[tuple[str, Constraint], ...]   # (tool name, its arguments' constraint)
     forced: bool
+    # (tool name, its parameters schema; None: not held to it), for formats whose arguments are not one JSON
+    # object (ChatFormat.pairs): these hold each argument's value to its own schema instead.
+    schemas: tuple[tuple[str, dict | None], ...] = ()
+
+
+def parameters_of(tool: dict) -> dict:
+    """A function tool's parameters schema (an object of any properties when it has none)."""
+    return tool["function"].get("parameters") or {"type": "object"}
 
 
 def tool_call_rule(tools: tuple[dict, ...], forced: list[str], choice: str) -> ToolCallRule | None:
     """The rule for a request's tools: forced among `forced`, lazy when some tool is strict, else None."""
     if forced:
-        return ToolCallRule(tuple((name, arguments_constraint(t)) for name in forced for t in tools
-                                  if t["function"]["name"] == name), forced=True)
+        chosen = [t for name in forced for t in tools if t["function"]["name"] == name]
+        return ToolCallRule(tuple((t["function"]["name"], arguments_constraint(t)) for t in chosen), forced=True,
+                            schemas=tuple((t["function"]["name"], parameters_of(t)) for t in chosen))
     if choice != "auto" or not any(t["function"].get("strict") is True for t in tools):
         return None
-    return ToolCallRule(tuple((t["function"]["name"], arguments_constraint(t) if t["function"].get("strict") is True
-                               else JSON_OBJECT) for t in tools), forced=False)
+    strict = [t["function"].get("strict") is True for t in tools]
+    return ToolCallRule(tuple((t["function"]["name"], arguments_constraint(t) if held else JSON_OBJECT)
+                              for t, held in zip(tools, strict)), forced=False,
+                        schemas=tuple((t["function"]["name"], parameters_of(t) if held else None)
+                                      for t, held in zip(tools, strict)))
 
 
 def arguments_constraint(tool: dict) -> Constraint:
     """A function tool's arguments as a constraint: its parameters schema (a 400 naming 'tools' if unenforceable)."""
-    return schema_constraint(tool["function"].get("parameters") or {"type": "object"}, "tools")
+    return schema_constraint(parameters_of(tool), "tools")
 
 
 @dataclass(frozen=True)
@@ -2856,7 +2868,9 @@ class ChatFormat:
     `heads`: how a call's head reads from where the last call's arguments
     ended (what may come between, the name in group "name", an id in group
     "id"), up to the "{" its arguments start with: a streamed reply sends
-    the arguments as the model writes them (CallStreamer).
+    the arguments as the model writes them (CallStreamer). `pairs`: how a
+    family whose arguments are key/value pairs, not one JSON object, writes
+    a call (GLM, MiniMax); such a format has no `write`.
     """
 
     name: str
@@ -2868,6 +2882,144 @@ class ChatFormat:
     harmony: bool = False
     answer: str = ""
     heads: tuple[re.Pattern, ...] = ()
+    pairs: "PairSyntax | None" = None
+
+
+@dataclass(frozen=True)
+class PairSyntax:
+    """How a family writes a call whose arguments are key/value pairs rather than one JSON object.
+
+    A call reads `head` ({name} filled in), then for each argument `key` ({key} filled in), its value and
+    `after`, `sep` between arguments, then `tail`. A value is raw text (between `quote`s) where `raw(schema)`
+    says the family's parser keeps it as a string, else its JSON text, which that parser reads back as
+    itself where `json(schema)` holds. A raw value holds none of `closers` (they would end it, or the call,
+    early), no blank at either end (parsers strip them), and is none of `reserved` (texts, in any case,
+    that its parser reads otherwise).
+    """
+
+    head: str
+    key: str
+    after: str
+    tail: str
+    closers: tuple[str, ...]
+    raw: Callable[[dict], bool]
+    json: Callable[[dict], bool] = lambda schema: True
+    reserved: tuple[str, ...] = ()
+    sep: str = ""
+    quote: str = ""
+    sign: str = ""          # what the chat template contains where this is its family's syntax (one parser, two)
+
+
+@dataclass(frozen=True)
+class PairPlan:
+    """One tool's call in a PairSyntax: its head, its arguments in order with their values' constraints, its tail."""
+
+    head: str
+    params: tuple[tuple[str, Constraint, bool, str], ...]   # (text before the value, its constraint, required, after)
+    tail: str
+
+
+# A property's value schema as each family's parser decides how to read the value's text.
+def minimax_types(schema: dict) -> set[str]:
+    """The types MiniMax-M2's parser reads a parameter's value as (its own rule: type, enum, anyOf...)."""
+    from mlx_lm.tool_parsers.minimax_m2 import _extract_types_from_schema
+    return set(_extract_types_from_schema(schema))
+
+
+GLM_PAIRS = PairSyntax("<tool_call>{name}\n", "<arg_key>{key}</arg_key>\n<arg_value>", "</arg_value>\n",
+                       "</tool_call>", ("</arg_value>", "</tool_call>"),
+                       raw=lambda schema: schema.get("type") == "string")   # its parser's own test
+GLM47_PAIRS = dataclasses.replace(GLM_PAIRS, head="<tool_call>{name}", key="<arg_key>{key}</arg_key><arg_value>",
+                                  after="</arg_value>", sign="</arg_key><arg_value>")   # GLM-4.7: no newlines
+MINIMAX_PAIRS = PairSyntax(
+    '<minimax:tool_call>\n<invoke name="{name}">\n', '<parameter name="{key}">', "</parameter>\n",
+    "</invoke>\n</minimax:tool_call>", ("</parameter>", "</invoke>", "</minimax:tool_call>"),
+    raw=lambda schema: minimax_types(schema) == {"string"},
+    json=lambda schema: "string" not in minimax_types(schema) and len(minimax_types(schema) - {"null"}) <= 1,
+    reserved=("null",))
+QWEN3_CODER_PAIRS = PairSyntax(
+    "<tool_call>\n<function={name}>\n", "<parameter={key}>\n", "\n</parameter>\n", "</function>\n</tool_call>",
+    ("</parameter>", "</function>", "</tool_call>"), raw=lambda schema: schema.get("type") == "string",
+    json=lambda schema: schema.get("type") in ("integer", "number", "boolean", "object", "array"), reserved=("null",))
+# Gemma 4's parser (parse_gemma_call) quotes bare keys anywhere in the text: JSON values only where they hold no string.
+GEMMA_PAIRS = PairSyntax("<|tool_call>call:{name}{{", "{key}:", "", "}<tool_call|>", ('<|"|>', "<tool_call|>"),
+                         raw=lambda schema: schema.get("type") == "string",
+                         json=lambda schema: schema.get("type") in ("integer", "number", "boolean"), sep=",",
+                         quote='<|"|>')
+# Parameters schemas a PairPlan enforces: properties, required and what does not constrain.
+PAIR_SCHEMA_KEYS = {"type", "properties", "required", "additionalProperties", "title", "description", "$schema",
+                    "$id", "$defs", "definitions", "default", "examples", "$comment"}
+# What Python's str.strip() takes off (the parsers strip raw values): a raw value neither starts nor ends with it.
+STRIPPED = "[\\t-\\r\\x1c-\\x20\\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]"
+
+# Any text ([\s\S] would miss the blanks only one of ECMAScript and Python has).
+ANY_CHARACTERS = "(?:.|[\\n\\r\\u2028\\u2029])*"
+
+
+def pair_plan(syntax: PairSyntax, name: str, schema: dict) -> PairPlan:
+    """A tool's call in `syntax`, each argument held to its property's schema; ValueError naming what cannot be.
+
+    Arguments come in the schema's order, the required ones always; an optional one whose value the
+    family cannot write is left out, a required one is the error.
+    """
+    extra = sorted(set(schema) - PAIR_SCHEMA_KEYS)
+    if extra or schema.get("type", "object") != "object":
+        raise ValueError(f"its parameters use {', '.join(extra) or 'a type other than object'}, which key/value "
+                         "arguments cannot hold to")
+    properties = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+    required = [key for key in schema.get("required") or () if isinstance(key, str)]
+    params = []
+    for key in list(properties) + [key for key in required if key not in properties]:
+        value = properties.get(key, schema.get("additionalProperties", {}))
+        try:
+            if re.search(r'[<>"\s{}\[\],:]', key) or not isinstance(value, dict):
+                raise ValueError("its name or its schema cannot be written in this syntax")
+            quote = syntax.quote if syntax.raw(value) else ""
+            params.append((syntax.key.format(key=key) + quote, pair_value(syntax, value, schema), key in required,
+                           quote + syntax.after))
+        except (ValueError, APIError) as exc:   # compile_schema's 400 names the schema's own problem
+            if key in required:
+                raise ValueError(f"its parameter {key!r} cannot be enforced: {exc}") from None
+    return PairPlan(syntax.head.format(name=name), tuple(params), syntax.tail)
+
+
+def pair_value(syntax: PairSyntax, schema: dict, root: dict) -> Constraint:
+    """One argument's value in `syntax`: raw text or JSON text matching `schema` (ValueError if it cannot be)."""
+    node = compile_schema(schema, root, "tools")
+    key = json.dumps([syntax.closers, syntax.raw(schema), schema, root.get("$defs"), root.get("definitions")],
+                     sort_keys=True)
+    if not syntax.raw(schema):
+        if not syntax.json(schema):
+            raise ValueError("its parser reads this schema's values by a rule of its own")
+        return Constraint(node, key)
+    if isinstance(node, Literals):
+        texts = [text for text in map(json.loads, node.texts) if isinstance(text, str) and raw_text_fits(syntax, text)]
+        if not texts:
+            raise ValueError("none of its values can be written raw")
+        return Constraint(Literals(texts), key)
+    if not isinstance(node, Leaf) or not node.quoted:
+        raise ValueError("its values cannot be written as raw text")
+    banned = tuple((re.escape(closer), True, True) for closer in syntax.closers) + tuple(
+        ("".join(f"[{ch.lower()}{ch.upper()}]" for ch in word), False, True) for word in syntax.reserved)
+    edges = (f"{STRIPPED}{ANY_CHARACTERS}|{ANY_CHARACTERS}{STRIPPED}", False, True)
+    try:
+        return Constraint(Leaf(shared_regex(node.regex.source + banned + (edges,)), node.min_len, node.max_len,
+                               quoted=False), key)
+    except ValueError:
+        raise ValueError(f"its values would hold {' or '.join(syntax.closers)}, which end a raw value, or start "
+                         "or end with a blank, which the parser strips") from None
+
+
+@functools.lru_cache(maxsize=64)
+def cached_pair_plan(syntax: PairSyntax, name: str, schema: str) -> PairPlan:
+    """pair_plan for a schema given as its canonical JSON text, kept: the request checks it, the engine runs it."""
+    return pair_plan(syntax, name, json.loads(schema))
+
+
+def raw_text_fits(syntax: PairSyntax, text: str) -> bool:
+    """Whether `text`, written raw, reads back as itself."""
+    return (text == text.strip() and not any(closer in text for closer in syntax.closers)
+            and text.lower() not in syntax.reserved)
 
 
 # A call written as a JSON object {"name": ..., "arguments" (or Llama's "parameters"): {...}}, one of a list.
@@ -2990,7 +3142,7 @@ CHAT_FORMATS: tuple[tuple[tuple[str, ...], ChatFormat], ...] = (
         heads=(JSON_CALL_HEAD,),
         write=lambda name: (f'<TOOLCALL>[{{"name": {json.dumps(name)}, "arguments": ', "}]</TOOLCALL>"))),
     (("<|tool_call>call:",), ChatFormat(
-        "gemma4", starts=("<|tool_call>",), end="<tool_call|>", parse=parse_gemma_call)),
+        "gemma4", starts=("<|tool_call>",), end="<tool_call|>", parse=parse_gemma_call, pairs=GEMMA_PAIRS)),
     (('{"name": function name, "parameters"',), ChatFormat(
         "llama3", starts=("<|python_tag|>",), leading=("{",), parse=parse_llama_calls, heads=(JSON_CALL_HEAD,),
         write=lambda name: (f'{{"name": {json.dumps(name)}, "parameters": ', "}"))),
@@ -3004,6 +3156,22 @@ def chat_format_of(tokenizer: Any) -> ChatFormat | None:
                         getattr(tokenizer, "tool_call_end", None), getattr(tokenizer, "tool_parser", None))
 
 
+KIMI_HEAD = re.compile(r"(?:\s|<\|tool_call_end\|>)*<\|tool_call_begin\|>\s*"
+                       r"(?P<id>(?:functions\.)?(?P<name>[^<]+?):\d+)\s*<\|tool_call_argument_begin\|>\s*(?=\{)")
+# How the families mlx_lm parses write a forced call, by the parser's module: JSON arguments as
+# (write(start marker, end marker, name) -> (before, after), heads), key/value pairs as the first PairSyntax
+# whose sign the template contains.
+MLX_CALLS = {
+    "json_tools": (lambda start, end, name: (f'{start}\n{{"name": {json.dumps(name)}, "arguments": ', f"}}\n{end}"),
+                   (JSON_CALL_HEAD,)),   # Qwen's <tool_call>{JSON}
+    "kimi_k2": (lambda start, end, name: (f"{start}<|tool_call_begin|>functions.{name}:0<|tool_call_argument_begin|>",
+                                          f"<|tool_call_end|>{end}"), (KIMI_HEAD,)),
+    "glm47": (GLM47_PAIRS, GLM_PAIRS),
+    "minimax_m2": (MINIMAX_PAIRS,),
+    "qwen3_coder": (QWEN3_CODER_PAIRS,),
+}
+
+
 @functools.lru_cache(maxsize=16)
 def _chat_format(template: str, start: str | None, end: str | None, parser: Any) -> ChatFormat | None:
     for signs, found in CHAT_FORMATS:
@@ -3011,10 +3179,14 @@ def _chat_format(template: str, start: str | None, end: str | None, parser: Any)
             return found
     if not start or parser is None:
         return None
-    hermes = getattr(parser, "__module__", "") == "mlx_lm.tool_parsers.json_tools"  # Qwen's <tool_call>{JSON}
-    write = (lambda name: (f'{start}\n{{"name": {json.dumps(name)}, "arguments": ', f"}}\n{end}")) if hermes else None
-    return ChatFormat(parser.__module__.rpartition(".")[2], starts=(start,), end=end or "", parse=parser, write=write,
-                      heads=(JSON_CALL_HEAD,) if hermes else ())
+    name = getattr(parser, "__module__", "").rpartition(".")[2]
+    calls = MLX_CALLS.get(name, ())
+    if not calls or isinstance(calls[0], PairSyntax):
+        pairs = next((syntax for syntax in calls if syntax.sign in template), None)
+        return ChatFormat(name, starts=(start,), end=end or "", parse=parser, pairs=pairs)
+    write, heads = calls
+    return ChatFormat(name, starts=(start,), end=end or "", parse=parser, heads=heads,
+                      write=lambda tool: write(start, end or "", tool))
 
 
 def template_messages(messages: list[dict], template: str) -> list[dict]:
@@ -3325,16 +3497,22 @@ def check_tool_support(request: GenerationRequest, tokenizer: Any) -> list[dict]
     if form is None:
         raise invalid("this model has no tool-call format that the server can parse; send no 'tools'", "tools")
     rule = request.tool_rule
-    if rule is not None and form.write is None:
+    if rule is not None and form.write is None and form.pairs is None:
         what, param = ("a required 'tool_choice'", "tool_choice") if rule.forced else ("a strict tool", "tools")
         raise invalid(f"{what} needs a model whose tool-call format the server can write (the README lists them); "
                       f"this model's calls are {form.name}'s", param)
+    for name, schema in rule.schemas if rule is not None and form.pairs is not None else ():
+        try:
+            cached_pair_plan(form.pairs, name, json.dumps(schema)) if schema is not None else None
+        except ValueError as exc:
+            raise invalid(f"the tool {name!r} cannot be held to its schema in {form.name}'s call syntax, whose "
+                          f"arguments are key/value pairs: {exc}", "tools") from None
     return list(request.tools)
 
 
 def call_opening(form: ChatFormat) -> str:
     """The text that opens every call of `form`: its start marker, else what comes before the tool's name."""
-    before = form.write("lem_probe")[0]
+    before = form.write("lem_probe")[0] if form.write else form.pairs.head.format(name="lem_probe")
     marker = next((m for m in form.starts if before.startswith(m)), None)
     return marker if marker is not None else before[:before.index("lem_probe")].rstrip('"')
 
@@ -3749,16 +3927,22 @@ def literal_tokens(tokenizer: Any, text: str) -> list[int]:
     return ids
 
 
+@functools.lru_cache(maxsize=4)
+def blank_led(table: TokenTable) -> list[int]:
+    """The tokens whose text starts with JSON whitespace."""
+    return [token for token, text in enumerate(table.texts) if text and text[0] in JSON_WHITESPACE]
+
+
 class ToolCallConstraint:
     """A logits processor that writes tool calls in the model's own syntax, arguments held to their schemas.
 
-    Composed over json_constraint(), whose internals it does not see: it
-    forces a call's opening text as the chat format writes it (ChatFormat.write,
-    the tool's name chosen among the rule's), then runs the chosen tool's
-    arguments constraint, then forces the text after them (the tail). The arguments end when their
-    constraint is complete, which it says by allowing only end-of-sequence:
-    that token is swapped for the tail's first. So a string argument holding
-    the end marker cannot end the call.
+    Composed over json_constraint(), whose internals it does not see, it alternates two phases: a head,
+    where the tokens of one of a few literal texts are forced (a call's opening as the chat format writes
+    it, ChatFormat.write, the tool's name chosen among the rule's; an argument's key; the call's tail),
+    and a value, run by a constraint (the chosen tool's arguments; in a key/value format, ChatFormat.pairs,
+    one argument's value, raw text or JSON by its own schema: PairPlan). A value ends when its constraint
+    is complete, which it says by allowing end-of-sequence: that token is swapped for the first tokens of
+    the texts that may follow. So a string argument holding the end marker cannot end the call.
 
     Forced: the reply is one call. When the prompt opened a thinking block,
     the reasoning stays free (never ended by end-of-sequence) until the model
@@ -3777,54 +3961,118 @@ class ToolCallConstraint:
         tokenizer = model.tokenizer
         self.rule, self.model, form = rule, model, chat_format_of(tokenizer)
         self.write = write or form.write    # how a call (or, for response_format, the answer) is written
+        self.pairs = None if write else form.pairs   # a key/value format: each held tool's PairPlan
+        self.plans = {name: cached_pair_plan(self.pairs, name, json.dumps(schema))
+                      for name, schema in rule.schemas if schema is not None} if self.pairs else {}
         self.opening = "" if rule.forced else call_opening(form)  # what a lazy constraint waits for
         self.eos = sorted(tokenizer.eos_token_ids)
         self.think = (tokenizer.think_start, tokenizer.think_end) if getattr(tokenizer, "has_thinking", False) else None
         self.thinking = thinking and self.think is not None   # now inside a thinking block
-        self.tail_ids: list[int] = []       # the chosen call's tail, as token ids
         self.left = budget                  # tokens still to be sampled, this one included
         self.reserve = 0                    # forced, while thinking: the tokens left when the block is closed
         self.recent = ""                    # the free text's last characters, where markers are looked for
-        self.phase = "free"                 # free, head, arguments, tail or done
-        self.heads: dict[str, list[int]] = {}   # head phase: each tool's opening tokens still possible
-        self.tails: dict[str, list[int]] = {}   # head phase: each tool's tail tokens
-        self.matched = 0                    # head and tail phases: tokens of it written so far
-        self.arguments: Any = None          # arguments phase: the chosen tool's JSON constraint
-        self.chosen = ""                    # arguments phase: the tool being called
-        self.complete = False               # arguments phase: the JSON is whole (the tail may start)
+        self.phase = "free"                 # free, head, arguments or done
+        self.heads: dict[Any, list[int]] = {}   # head phase: each text's tokens, while still possible
+        self.tails: dict[str, list[int]] = {}   # each tool's tail tokens (JSON arguments)
+        self.matched = 0                    # head phase: tokens of it written so far
+        self.next: dict[Any, list[int]] = {}    # arguments phase, once the value is whole: the texts that may follow
+        self.at: int | str = ""             # arguments phase: whose value it is (an argument's index, or a tool)
+        self.spelled: dict[str, list[int]] = {}   # texts' token ids, as literal_tokens spells them
+        self.plan: PairPlan | None = None   # the chosen tool's, in a key/value format
+        self.value: Constraint | None = None    # arguments phase: the value's constraint
+        self.after = 0                      # arguments phase: the tokens the call needs after the value
+        self.arguments: Any = None          # arguments phase: the value's JSON constraint, once started
+        self.complete = False               # arguments phase: the value is whole (what follows may start)
         self.started = False
         if rule.forced and not self.thinking:
             self._open("")
         elif rule.forced:   # the call's own tokens, then the rest shared between reasoning and arguments
-            fixed = max(len(head) + len(tail) for head, tail in self._calls(self.think[1] + "\n\n").values())
+            fixed = max(len(head) + len(tail) + (self._rest(self.plans[name], -1) if name in self.plans else 0)
+                        for name, (head, tail) in self._calls(self.think[1] + "\n\n").items())
             self.reserve = fixed + int((budget - fixed) * (1 - FORCED_CALL_THINKING_SHARE))
+
+    def _spell(self, text: str) -> list[int]:
+        if text not in self.spelled:
+            self.spelled[text] = literal_tokens(self.model.tokenizer, text) if text else []
+        return self.spelled[text]
+
+    def _calls(self, lead: str, skip: int = 0) -> dict[str, tuple[list[int], list[int]]]:
+        """Each tool's (opening after `lead`, tail) as token ids (a key/value call's tail comes with its arguments)."""
+        calls = {}
+        for name, _ in self.rule.calls:
+            before, after = (self.pairs.head.format(name=name), "") if self.pairs else self.write(name)
+            calls[name] = (self._spell(lead + before[skip:]), self._spell(after))
+        return calls
 
     def _open(self, lead: str, skip: int = 0) -> None:
         """Enter the head phase: `lead`, then each tool's opening less its first `skip` characters, to choose among."""
         calls = self._calls(lead, skip)
-        self.heads = {name: head for name, (head, _) in calls.items()}
         self.tails = {name: tail for name, (_, tail) in calls.items()}
-        self.phase, self.matched = "head", 0
-        done = [name for name, head in self.heads.items() if not head]
+        self._offer({name: head for name, (head, _) in calls.items()})
+
+    def _offer(self, options: dict[Any, list[int]]) -> None:
+        self.heads, self.phase, self.matched = options, "head", 0
+        done = [key for key, head in options.items() if not head]
         if done:   # nothing to write before the JSON (response_format's plain answer)
             self._choose(done[0])
 
-    def _choose(self, name: str) -> None:
-        """Enter the arguments phase for the call to `name`, its opening written."""
-        self.phase, self.chosen, self.arguments, self.complete = "arguments", name, None, False
-        self.tail_ids = self.tails[name]
+    def _choose(self, key: Any) -> None:
+        """Go on once the text `key` stands for is written: a tool's opening, an argument's key (its index) or
+        the tail (None)."""
+        if key is None:
+            self._free() if not self.rule.forced else setattr(self, "phase", "done")
+        elif isinstance(key, int):
+            self._value(self.plan.params[key][1], key, self._rest(self.plan, key))
+        elif not self.pairs:
+            self._value(dict(self.rule.calls)[key], key, len(self.tails[key]))
+        elif key in self.plans:
+            self.plan = self.plans[key]
+            self._offer(self._options(-1))
+        else:   # a tool not held to its schema (lazy): its arguments are the model's own
+            self._free()
 
-    def _calls(self, lead: str, skip: int = 0) -> dict[str, tuple[list[int], list[int]]]:
-        """Each tool's (opening after `lead`, tail) as token ids."""
-        spell = functools.partial(literal_tokens, self.model.tokenizer)
-        return {name: (spell(lead + before[skip:]), spell(after) if after else [])
-                for name, _ in self.rule.calls for before, after in [self.write(name)]}
+    def _value(self, value: Constraint, at: int | str, cost: int) -> None:
+        """Enter the arguments phase: `value` (argument `at`, or tool `at`'s JSON arguments), then what may follow
+        it, which takes `cost` tokens at least to end the call."""
+        self.phase, self.value, self.at, self.after = "arguments", value, at, cost
+        self.arguments, self.complete = None, False
+
+    def _following(self) -> dict[Any, list[int]]:
+        """The texts that may follow the value now: the tool's tail (JSON), or _options (key/value)."""
+        if isinstance(self.at, int):
+            return self._options(self.at)
+        return {None: self.tails[self.at]} if self.tails.get(self.at) else {}
+
+    def _options(self, at: int) -> dict[Any, list[int]]:
+        """After argument `at` (-1: none yet), the texts that may come next: a later argument's key, up to the
+        first required one, or the tail once none is left; those the budget cannot finish are dropped."""
+        params, after = self.plan.params, self.plan.params[at][3] if at >= 0 else ""
+        options: dict[Any, list[int]] = {}
+        for index in range(at + 1, len(params)):
+            options[index] = self._spell(after + self.pairs.sep * (at >= 0) + params[index][0])
+            if params[index][2]:
+                break
+        else:
+            options[None] = self._spell(after + self.plan.tail)
+        fits = {key: ids for key, ids in options.items() if key is None or len(ids) + self._least(key) < self.left}
+        return fits or dict(list(options.items())[-1:])   # out of room: the way to the end that takes least
+
+    def _least(self, index: int) -> int:
+        """The fewest tokens argument `index`'s value and what must follow it take."""
+        return len(self.plan.params[index][1].node.min_text) + 1 + self._rest(self.plan, index)
+
+    def _rest(self, plan: PairPlan, at: int) -> int:
+        """The fewest tokens that end a call after argument `at`: the required arguments left, then the tail."""
+        texts = [plan.params[at][3] + self.pairs.sep] * (at >= 0) + [
+            text for before, _, required, after in plan.params[at + 1:] if required
+            for text in (before, after + self.pairs.sep)] + [plan.tail]
+        values = sum(len(value.node.min_text) + 1 for _, value, required, _ in plan.params[at + 1:] if required)
+        return sum(len(self._spell(text)) for text in texts) + values
 
     def __call__(self, tokens: Any, logits: Any) -> Any:
         if self.started:
             self._advance(int(tokens[-1].item()))
         self.started = True
-        width = logits.shape[-1]
         if self.phase == "free" and self.rule.forced and self.left <= self.reserve:
             self._open(self.think[1] + "\n\n")   # the reasoning had its share: close it
         self.left -= 1
@@ -3834,45 +4082,46 @@ class ToolCallConstraint:
             return self._only(logits, {ids[self.matched] for ids in self.heads.values()})
         if self.phase == "arguments":
             return self._arguments(tokens, logits)
-        if self.phase == "tail":
-            return self._only(logits, {self.tail_ids[self.matched]})
         return self._only(logits, set(self.eos))  # done with the forced call
 
     def _arguments(self, tokens: Any, logits: Any) -> Any:
         import mlx.core as mx
-        if self.arguments is None:
-            constraint = dict(self.rule.calls)[self.chosen]
-            budget = max(self.left + 1 - len(self.tail_ids), 1)
-            self.arguments = json_constraint(constraint, self.model.tokenizer, budget)
+        first = self.arguments is None
+        if first:
+            self.arguments = json_constraint(self.value, self.model.tokenizer, max(self.left + 1 - self.after, 1))
         held = self.arguments(tokens, logits)
+        if first and self.plan is not None:   # JSON lets blanks lead a value; key/value parsers keep them
+            held = masked(held, ~JsonMasks.ids_mask(blank_led(token_table(self.model.tokenizer)), logits.shape[-1]))
         allowed = held > -math.inf
         eos = JsonMasks.ids_mask(self.eos, logits.shape[-1])
         self.complete = bool(mx.any(allowed & eos).item())
         if not self.complete:
             return held
-        if not self.tail_ids:   # the call ends with its arguments
+        self.next = self._following()
+        if not self.next:   # the call ends with its arguments
             if self.rule.forced:
                 return held
             self._free()
             return logits
-        return masked(logits, (allowed & ~eos) | JsonMasks.ids_mask(self.tail_ids[:1], logits.shape[-1]))
+        firsts = JsonMasks.ids_mask(sorted({ids[0] for ids in self.next.values()}), logits.shape[-1])
+        if self.left <= self.after:   # a value that could go on (raw text, a number) ends while the call still can
+            return masked(logits, firsts)
+        return masked(logits, (allowed & ~eos) | firsts)
 
     def _advance(self, token: int) -> None:
         """Follow the token just sampled."""
         if self.phase == "free":
             self._watch(token_bytes(self.model, token).decode("utf-8", "ignore"))
-        elif self.phase == "head":
-            self.heads = {n: ids for n, ids in self.heads.items() if len(ids) > self.matched and ids[self.matched] == token}
+            return
+        if self.phase == "arguments" and self.complete and any(ids[0] == token for ids in self.next.values()):
+            self.phase, self.heads, self.matched = "head", self.next, 0
+        if self.phase == "head":
+            self.heads = {k: ids for k, ids in self.heads.items()
+                          if len(ids) > self.matched and ids[self.matched] == token}
             self.matched += 1
-            done = [n for n, ids in self.heads.items() if len(ids) == self.matched]
+            done = [k for k, ids in self.heads.items() if len(ids) == self.matched]
             if done:
                 self._choose(done[0])
-        elif self.phase == "arguments" and self.complete and self.tail_ids and token == self.tail_ids[0]:
-            self.phase, self.matched = "tail", 1
-        elif self.phase == "tail":
-            self.matched += 1
-        if self.phase == "tail" and self.matched == len(self.tail_ids):
-            self._free() if not self.rule.forced else setattr(self, "phase", "done")
 
     def _watch(self, text: str) -> None:
         """Free text: look for the end of reasoning (forced) or a call's start outside reasoning (lazy)."""
