@@ -748,15 +748,14 @@ class Regex:
 
     def _closure(self, states: set, at_start: bool = False) -> frozenset:
         """States reached without a character: '^' only at the start; after '$' (as ~s) nothing more may come."""
-        todo, seen = [(s, False) for s in states], set(states)
+        todo, seen = list(states), set(states)
         while todo:
-            state, ended = todo.pop()
-            for key, target in self.edges[state]:
-                ended_here = ended or key == "$"
-                mark = ~target if ended_here else target
-                if (key in (None, "$") or key == "^" and at_start) and mark not in seen and target not in seen:
-                    seen.add(mark)
-                    todo.append((target, ended_here))
+            mark = todo.pop()
+            for key, target in self.edges[max(mark, ~mark)]:
+                nxt = ~target if mark < 0 or key == "$" else target
+                if (key in (None, "$") or key == "^" and at_start) and nxt not in seen and target not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
         return frozenset(s for s in seen if s >= 0 or ~s not in seen)
 
     def class_id(self, ch: str) -> int:
@@ -847,24 +846,19 @@ def _digits(t: str, k: int, strict: bool, least: bool) -> str | None:
     return f"({'|'.join(alts)})" if alts else None
 
 
-def _magnitude(x: Fraction, strict: bool, least: bool) -> str | None:
-    """Unsigned decimals >= x (least) or <= x, strictly if asked; x >= 0 with at most JSON_MAX_DIGITS decimals."""
-    whole = str(math.floor(x))
-    digits = str(int((x - math.floor(x)) * 10 ** JSON_MAX_DIGITS)).rjust(JSON_MAX_DIGITS, "0").rstrip("0")
-    other = f"[1-9]\\d{{{len(whole)},}}" if least else f"\\d{{1,{len(whole) - 1}}}" if len(whole) > 1 else None
-    parts = [p for p in (_digits(whole + digits, len(whole), strict, least), other and other + "(\\.\\d+)?") if p]
-    return f"({'|'.join(parts)})" if parts else None
-
-
 def number_bound(x: Fraction, strict: bool, least: bool) -> str:
     """Decimals >= x (least) or <= x, strictly if asked (rounded inward to JSON_MAX_DIGITS decimals)."""
     unit, sign = 10 ** JSON_MAX_DIGITS, "" if least else "-"   # y <= x as -y >= -x
     x = min(max(x if least else -x, -unit), unit)   # also past the largest number the syntax allows
     kept = Fraction(math.ceil(x * unit), unit)
     strict, x = strict and kept == x, kept
-    if x > 0 or x == 0 and strict:
-        return sign + _magnitude(x, strict, True)
-    return f"({sign}\\d+(\\.\\d+)?|{'-' * least}{_magnitude(-x, strict, False)})"
+    up = x > 0 or x == 0 and strict   # then y >= x, else y >= 0 or -y with y <= -x: compare magnitudes
+    whole, fraction = divmod(int(abs(x) * unit), unit)
+    k = len(str(whole))   # integer digits; then fewer (up: more) of them are all less (up: greater)
+    other = f"[1-9]\\d{{{k},}}(\\.\\d+)?" if up else f"\\d{{1,{k - 1}}}(\\.\\d+)?" if k > 1 else None
+    digits = str(whole) + str(fraction).rjust(JSON_MAX_DIGITS, "0").rstrip("0")
+    magnitude = "|".join(filter(None, (_digits(digits, k, strict, up), other)))
+    return f"{sign}({magnitude})" if up else f"({sign}\\d+(\\.\\d+)?|{'-' * least}({magnitude}))"
 
 
 def number_regex(integer: bool, low: Fraction | None = None, high: Fraction | None = None, low_open: bool = False,
