@@ -2927,6 +2927,12 @@ def minimax_types(schema: dict) -> set[str]:
     return set(_extract_types_from_schema(schema))
 
 
+def untyped_strings(schema: dict) -> bool:
+    """Whether a schema with no type allows only strings (by enum or const): Qwen3-Coder keeps such values as text."""
+    values = schema.get("enum", [schema["const"]] if "const" in schema else None)
+    return "type" not in schema and isinstance(values, list) and all(isinstance(v, str) for v in values)
+
+
 GLM_PAIRS = PairSyntax("<tool_call>{name}\n", "<arg_key>{key}</arg_key>\n<arg_value>", "</arg_value>\n",
                        "</tool_call>", ("</arg_value>", "</tool_call>"),
                        raw=lambda schema: schema.get("type") == "string")   # its parser's own test
@@ -2940,11 +2946,12 @@ MINIMAX_PAIRS = PairSyntax(
     reserved=("null",))
 QWEN3_CODER_PAIRS = PairSyntax(
     "<tool_call>\n<function={name}>\n", "<parameter={key}>\n", "\n</parameter>\n", "</function>\n</tool_call>",
-    ("</parameter>", "</function>", "</tool_call>"), raw=lambda schema: schema.get("type") == "string",
+    ("</parameter>", "</function>", "</tool_call>"),
+    raw=lambda schema: schema.get("type") == "string" or untyped_strings(schema),
     json=lambda schema: schema.get("type") in ("integer", "number", "boolean", "object", "array"), reserved=("null",))
 # Gemma 4's parser (parse_gemma_call) quotes bare keys anywhere in the text: JSON values only where they hold no string.
 GEMMA_PAIRS = PairSyntax("<|tool_call>call:{name}{{", "{key}:", "", "}<tool_call|>", ('<|"|>', "<tool_call|>"),
-                         raw=lambda schema: schema.get("type") == "string",
+                         raw=lambda schema: schema.get("type") == "string" or untyped_strings(schema),
                          json=lambda schema: schema.get("type") in ("integer", "number", "boolean"), sep=",",
                          quote='<|"|>')
 # Parameters schemas a PairPlan enforces: properties, required and what does not constrain.

@@ -671,6 +671,11 @@ MUTATIONS = [
     Mutation("glm47-written-as-glm46", "GLM-4.7's calls are written with GLM-4.6's newlines, not as its template writes them",
              (('    "glm47": (GLM47_PAIRS, GLM_PAIRS),', '    "glm47": (GLM_PAIRS,),'),),
              ("test_forced_call_holds_every_argument_in_the_familys_own_syntax",)),
+    Mutation("pair-lazy-opening-missed", "a strict tool in a key/value family is never held: its call's opening "
+                                         "is not the family's start marker",
+             (('    before = form.write("lem_probe")[0] if form.write else form.pairs.head.format(name="lem_probe")',
+               '    before = form.write("lem_probe")[0] if form.write else "<lem-never>"'),),
+             ("test_strict_tool_in_key_value_syntax_follows_the_schema_once_the_call_opens",)),
     Mutation("kimi-call-unwritten", "Kimi-K2's calls (JSON arguments between special tokens) cannot be forced",
              (('    "kimi_k2": (lambda start, end, name:', '    "kimi_k2_off": (lambda start, end, name:'),),
              ("test_forced_call_in_each_familys_own_syntax", "test_forced_call_holds_every_argument_in_the_familys_own_syntax")),
