@@ -591,7 +591,7 @@ REFEED = "refeed"
 # parser (sre), whose tree Regex builds into an NFA and then, lazily, a DFA.
 ESCAPE = r"\\(?:x[\da-fA-F]{2}|u[\da-fA-F]{4}|0\d?|.|$)"
 GOOD_ESCAPE = re.compile(r"\\([dDwWsSbtnvfr0]|x..|u....|[^\dA-Za-z])", re.S)   # what both dialects read alike
-ECMA_TOKEN = re.compile(rf"(\[\^?\]?)((?:\\.|[^\\\]])*)\]|{ESCAPE}|\(\?(?:<(?=[A-Za-z_]\w*>)|[:=!])?|\{{,|.", re.S)
+ECMA_TOKEN = re.compile(rf"(\[\^?\]?)((?:\\.|[^\\\]])*)\]|{ESCAPE}|\(\?(?:<[\w$]+>|[:=!])?|\{{,|.", re.S)
 CLASS_ITEM = re.compile(rf"({ESCAPE}|[^\\])-({ESCAPE}|[^\\])|{ESCAPE}|.", re.S)   # a range or one character
 REFUSED_TOKENS = {"(?": "lookbehind (?<=...) and inline flags (?...) are not supported", "[": "unbalanced '['",
                   "\\b": "the escape \\b is not supported"}
@@ -599,7 +599,7 @@ SHORT_ESCAPES = {"\\d", "\\D", "\\w", "\\W", "\\s", "\\S"}
 
 
 def python_syntax(pattern: str) -> str:
-    """`pattern` in re's syntax, meaning what ECMAScript means: (?<name>...) as (?P<name>...), "{," a literal, in a
+    """`pattern` in re's syntax, meaning what ECMAScript means: (?<name>...) as (...), "{," a literal, in a
     class a "-" beside \\d \\w \\s a literal and every other character escaped (re reads "[[", "&&", "--" as
     future set syntax). Raises ValueError naming what we do not support: escapes that ECMAScript lacks or reads
     otherwise (backreferences, \\b, \\A, \\a), lookbehind and inline flags."""
@@ -609,7 +609,8 @@ def python_syntax(pattern: str) -> str:
     for token in ECMA_TOKEN.finditer(pattern):
         if token[0] in REFUSED_TOKENS:
             raise ValueError(REFUSED_TOKENS[token[0]])
-        out.append({"(?<": "(?P<", "{,": "\\{,"}.get(token[0], token[0]) if token[1] is None else token[1])
+        text = "(" if token[0].startswith("(?<") else "\\{," if token[0] == "{," else token[0]   # names may repeat
+        out.append(token[1] or text)
         for item in CLASS_ITEM.finditer(token[2] or ""):
             ends = [item[1], item[2]] if item[1] else [item[0]]
             dash = "\\-" if SHORT_ESCAPES.intersection(ends) else "-"
