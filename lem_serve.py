@@ -591,7 +591,7 @@ REFEED = "refeed"
 # parser (sre), whose tree Regex builds into an NFA and then, lazily, a DFA.
 ESCAPE = r"\\(?:x[\da-fA-F]{2}|u[\da-fA-F]{4}|0\d?|.|$)"
 GOOD_ESCAPE = re.compile(r"\\([dDwWsSbtnvfr0]|x..|u....|[^\dA-Za-z])", re.S)   # what both dialects read alike
-ECMA_TOKEN = re.compile(rf"(\[\^?\]?)((?:\\.|[^\\\]])*)\]|{ESCAPE}|\(\?(?:<(?=[A-Za-z_]\w*>)|[:=!])?|\{{,|.", re.S)
+ECMA_TOKEN = re.compile(rf"(\[\^?\]?)((?:\\.|[^\\\]])*)\]|{ESCAPE}|\(\?(?:<[\w$]+>|[:=!])?|\{{,|.", re.S)
 CLASS_ITEM = re.compile(rf"({ESCAPE}|[^\\])-({ESCAPE}|[^\\])|{ESCAPE}|.", re.S)   # a range or one character
 REFUSED_TOKENS = {"(?": "lookbehind (?<=...) and inline flags (?...) are not supported", "[": "unbalanced '['",
                   "\\b": "the escape \\b is not supported"}
@@ -599,7 +599,7 @@ SHORT_ESCAPES = {"\\d", "\\D", "\\w", "\\W", "\\s", "\\S"}
 
 
 def python_syntax(pattern: str) -> str:
-    """`pattern` in re's syntax, meaning what ECMAScript means: (?<name>...) as (?P<name>...), "{," a literal, in a
+    """`pattern` in re's syntax, meaning what ECMAScript means: (?<name>...) as (...), "{," a literal, in a
     class a "-" beside \\d \\w \\s a literal and every other character escaped (re reads "[[", "&&", "--" as
     future set syntax). Raises ValueError naming what we do not support: escapes that ECMAScript lacks or reads
     otherwise (backreferences, \\b, \\A, \\a), lookbehind and inline flags."""
@@ -609,7 +609,8 @@ def python_syntax(pattern: str) -> str:
     for token in ECMA_TOKEN.finditer(pattern):
         if token[0] in REFUSED_TOKENS:
             raise ValueError(REFUSED_TOKENS[token[0]])
-        out.append({"(?<": "(?P<", "{,": "\\{,"}.get(token[0], token[0]) if token[1] is None else token[1])
+        text = "(" if token[0].startswith("(?<") else "\\{," if token[0] == "{," else token[0]   # names may repeat
+        out.append(token[1] or text)
         for item in CLASS_ITEM.finditer(token[2] or ""):
             ends = [item[1], item[2]] if item[1] else [item[0]]
             dash = "\\-" if SHORT_ESCAPES.intersection(ends) else "-"
@@ -748,15 +749,14 @@ class Regex:
 
     def _closure(self, states: set, at_start: bool = False) -> frozenset:
         """States reached without a character: '^' only at the start; after '$' (as ~s) nothing more may come."""
-        todo, seen = [(s, False) for s in states], set(states)
+        todo, seen = list(states), set(states)
         while todo:
-            state, ended = todo.pop()
-            for key, target in self.edges[state]:
-                ended_here = ended or key == "$"
-                mark = ~target if ended_here else target
-                if (key in (None, "$") or key == "^" and at_start) and mark not in seen and target not in seen:
-                    seen.add(mark)
-                    todo.append((target, ended_here))
+            mark = todo.pop()
+            for key, target in self.edges[max(mark, ~mark)]:
+                nxt = ~target if mark < 0 or key == "$" else target
+                if (key in (None, "$") or key == "^" and at_start) and nxt not in seen and target not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
         return frozenset(s for s in seen if s >= 0 or ~s not in seen)
 
     def class_id(self, ch: str) -> int:
@@ -847,24 +847,19 @@ def _digits(t: str, k: int, strict: bool, least: bool) -> str | None:
     return f"({'|'.join(alts)})" if alts else None
 
 
-def _magnitude(x: Fraction, strict: bool, least: bool) -> str | None:
-    """Unsigned decimals >= x (least) or <= x, strictly if asked; x >= 0 with at most JSON_MAX_DIGITS decimals."""
-    whole = str(math.floor(x))
-    digits = str(int((x - math.floor(x)) * 10 ** JSON_MAX_DIGITS)).rjust(JSON_MAX_DIGITS, "0").rstrip("0")
-    other = f"[1-9]\\d{{{len(whole)},}}" if least else f"\\d{{1,{len(whole) - 1}}}" if len(whole) > 1 else None
-    parts = [p for p in (_digits(whole + digits, len(whole), strict, least), other and other + "(\\.\\d+)?") if p]
-    return f"({'|'.join(parts)})" if parts else None
-
-
 def number_bound(x: Fraction, strict: bool, least: bool) -> str:
     """Decimals >= x (least) or <= x, strictly if asked (rounded inward to JSON_MAX_DIGITS decimals)."""
     unit, sign = 10 ** JSON_MAX_DIGITS, "" if least else "-"   # y <= x as -y >= -x
     x = min(max(x if least else -x, -unit), unit)   # also past the largest number the syntax allows
     kept = Fraction(math.ceil(x * unit), unit)
     strict, x = strict and kept == x, kept
-    if x > 0 or x == 0 and strict:
-        return sign + _magnitude(x, strict, True)
-    return f"({sign}\\d+(\\.\\d+)?|{'-' * least}{_magnitude(-x, strict, False)})"
+    up = x > 0 or x == 0 and strict   # then y >= x, else y >= 0 or -y with y <= -x: compare magnitudes
+    whole, fraction = divmod(int(abs(x) * unit), unit)
+    k = len(str(whole))   # integer digits; then fewer (up: more) of them are all less (up: greater)
+    other = f"[1-9]\\d{{{k},}}(\\.\\d+)?" if up else f"\\d{{1,{k - 1}}}(\\.\\d+)?" if k > 1 else None
+    digits = str(whole) + str(fraction).rjust(JSON_MAX_DIGITS, "0").rstrip("0")
+    magnitude = "|".join(filter(None, (_digits(digits, k, strict, up), other)))
+    return f"{sign}({magnitude})" if up else f"({sign}\\d+(\\.\\d+)?|{'-' * least}({magnitude}))"
 
 
 def number_regex(integer: bool, low: Fraction | None = None, high: Fraction | None = None, low_open: bool = False,
@@ -2849,6 +2844,12 @@ def minimax_types(schema: dict) -> set[str]:
     return set(_extract_types_from_schema(schema))
 
 
+def untyped_strings(schema: dict) -> bool:
+    """Whether a schema with no type allows only strings (by enum or const): Qwen3-Coder keeps such values as text."""
+    values = schema.get("enum", [schema["const"]] if "const" in schema else None)
+    return "type" not in schema and isinstance(values, list) and all(isinstance(v, str) for v in values)
+
+
 GLM_PAIRS = PairSyntax("<tool_call>{name}\n", "<arg_key>{key}</arg_key>\n<arg_value>", "</arg_value>\n",
                        "</tool_call>", ("</arg_value>", "</tool_call>"),
                        raw=lambda schema: schema.get("type") == "string")   # its parser's own test
@@ -2862,11 +2863,12 @@ MINIMAX_PAIRS = PairSyntax(
     reserved=("null",))
 QWEN3_CODER_PAIRS = PairSyntax(
     "<tool_call>\n<function={name}>\n", "<parameter={key}>\n", "\n</parameter>\n", "</function>\n</tool_call>",
-    ("</parameter>", "</function>", "</tool_call>"), raw=lambda schema: schema.get("type") == "string",
+    ("</parameter>", "</function>", "</tool_call>"),
+    raw=lambda schema: schema.get("type") == "string" or untyped_strings(schema),
     json=lambda schema: schema.get("type") in ("integer", "number", "boolean", "object", "array"), reserved=("null",))
 # Gemma 4's parser (parse_gemma_call) quotes bare keys anywhere in the text: JSON values only where they hold no string.
 GEMMA_PAIRS = PairSyntax("<|tool_call>call:{name}{{", "{key}:", "", "}<tool_call|>", ('<|"|>', "<tool_call|>"),
-                         raw=lambda schema: schema.get("type") == "string",
+                         raw=lambda schema: schema.get("type") == "string" or untyped_strings(schema),
                          json=lambda schema: schema.get("type") in ("integer", "number", "boolean"), sep=",",
                          quote='<|"|>')
 # Parameters schemas a PairPlan enforces: properties, required and what does not constrain.

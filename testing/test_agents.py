@@ -1517,6 +1517,22 @@ def test_strict_tool_arguments_follow_the_schema_once_the_call_opens(lazy_parrot
     assert calls_and_text(endpoint, loose) == ([], LAZY_TEXT + LAZY_BAD_CALL)  # not strict: the model's own text
 
 
+# (The parrot's script follows the prompt's last "\n": GLM's prompts end in <think></think> instead.)
+@pytest.mark.parametrize("template, start, end", [
+    ("Qwen-Qwen3-Coder-30B-A3B-Instruct.jinja", "<tool_call>", "</tool_call>"),
+    ("unsloth-MiniMax-M2.jinja", "<minimax:tool_call>", "</minimax:tool_call>")])
+def test_strict_tool_in_key_value_syntax_follows_the_schema_once_the_call_opens(tmp_path, template, start, end):
+    markers = tuple(m for m in (start, end) if m not in TOOL_TOKENS)
+    parrot = build_parrot_model(tmp_path / "lazy", LAZY_TEXT + start + "{bad}" + end, extra_tokens=markers)
+    folder = with_chat_template(parrot, tmp_path / "model", (ROOT / "testing" / "templates" / template).read_text())
+    with running_server(lem_serve.load_model(lem_serve.Settings(model_path=str(folder))), folder) as srv:
+        for endpoint in ("chat", "messages", "responses"):
+            fields = dict(dialect_messages(endpoint, ASK_WEATHER), max_tokens=80, temperature=0)
+            calls, text = calls_and_text(endpoint, post(srv, endpoint, tools=[strict_tool(endpoint, True)], **fields))
+            assert text == LAZY_TEXT and len(calls) == 1 and calls[0][0] == "get_weather", (text, calls)
+            assert_valid(json.dumps(calls[0][1]), CITY["function"]["parameters"])
+
+
 def test_strict_tool_marker_inside_reasoning_stays_reasoning(thinking_server):
     message = post(thinking_server, "chat", messages=HELLO, max_tokens=50, tools=[CITY])["choices"][0]["message"]
     assert message["content"] == ANSWER and "tool_calls" not in message
