@@ -672,6 +672,10 @@ MUTATIONS = [
              (('    before = form.write("lem_probe")[0] if form.write else form.pairs.head.format(name="lem_probe")',
                '    before = form.write("lem_probe")[0] if form.write else "<lem-never>"'),),
              ("test_strict_tool_in_key_value_syntax_follows_the_schema_once_the_call_opens",)),
+    Mutation("pair-nullable-string-refused", "a string-or-null argument (Pydantic's Optional[str]) cannot be "
+                                             "written in MiniMax-M2's or Gemma 4's syntax",
+             (("    if syntax.nullable and isinstance(string, dict)", "    if False and isinstance(string, dict)"),),
+             ("test_forced_call_holds_every_argument_in_the_familys_own_syntax",)),
     Mutation("kimi-call-unwritten", "Kimi-K2's calls (JSON arguments between special tokens) cannot be forced",
              (('    "kimi_k2": (lambda start, end, name:', '    "kimi_k2_off": (lambda start, end, name:'),),
              ("test_forced_call_in_each_familys_own_syntax", "test_forced_call_holds_every_argument_in_the_familys_own_syntax")),
