@@ -591,7 +591,7 @@ REFEED = "refeed"
 # parser (sre), whose tree Regex builds into an NFA and then, lazily, a DFA.
 ESCAPE = r"\\(?:x[\da-fA-F]{2}|u[\da-fA-F]{4}|0\d?|.|$)"
 GOOD_ESCAPE = re.compile(r"\\([dDwWsSbtnvfr0]|x..|u....|[^\dA-Za-z])", re.S)   # what both dialects read alike
-ECMA_TOKEN = re.compile(rf"(\[\^?\]?)((?:\\.|[^\\\]])*)\]|{ESCAPE}|\(\?(?:<(?=[A-Za-z_]\w*>)|[:=!])?|\{{,|.", re.S)
+ECMA_TOKEN = re.compile(rf"(\[\^?\]?)((?:\\.|[^\\\]])*)\]|{ESCAPE}|\(\?(?:<[\w$]+>|[:=!])?|\{{,|.", re.S)
 CLASS_ITEM = re.compile(rf"({ESCAPE}|[^\\])-({ESCAPE}|[^\\])|{ESCAPE}|.", re.S)   # a range or one character
 REFUSED_TOKENS = {"(?": "lookbehind (?<=...) and inline flags (?...) are not supported", "[": "unbalanced '['",
                   "\\b": "the escape \\b is not supported"}
@@ -599,7 +599,7 @@ SHORT_ESCAPES = {"\\d", "\\D", "\\w", "\\W", "\\s", "\\S"}
 
 
 def python_syntax(pattern: str) -> str:
-    """`pattern` in re's syntax, meaning what ECMAScript means: (?<name>...) as (?P<name>...), "{," a literal, in a
+    """`pattern` in re's syntax, meaning what ECMAScript means: (?<name>...) as (...), "{," a literal, in a
     class a "-" beside \\d \\w \\s a literal and every other character escaped (re reads "[[", "&&", "--" as
     future set syntax). Raises ValueError naming what we do not support: escapes that ECMAScript lacks or reads
     otherwise (backreferences, \\b, \\A, \\a), lookbehind and inline flags."""
@@ -609,7 +609,8 @@ def python_syntax(pattern: str) -> str:
     for token in ECMA_TOKEN.finditer(pattern):
         if token[0] in REFUSED_TOKENS:
             raise ValueError(REFUSED_TOKENS[token[0]])
-        out.append({"(?<": "(?P<", "{,": "\\{,"}.get(token[0], token[0]) if token[1] is None else token[1])
+        text = "(" if token[0].startswith("(?<") else "\\{," if token[0] == "{," else token[0]   # names may repeat
+        out.append(token[1] or text)
         for item in CLASS_ITEM.finditer(token[2] or ""):
             ends = [item[1], item[2]] if item[1] else [item[0]]
             dash = "\\-" if SHORT_ESCAPES.intersection(ends) else "-"
@@ -876,11 +877,8 @@ def number_regex(integer: bool, low: Fraction | None = None, high: Fraction | No
 
 
 class Cache(dict):
-    """A dict of at most `limit` entries, the oldest dropped first: every cache of this section.
-
-    Shared by handler threads and the engine: the eviction and insertion hold a lock (two threads evicting
-    the same oldest key must not fail); `make` runs outside it, so a miss may be made twice.
-    """
+    """At most `limit` entries, the oldest out first: every cache of this section. Handler threads and the
+    engine share them: eviction and insertion hold a lock; `make` runs outside it (a miss may be made twice)."""
 
     def __init__(self, limit: int):
         super().__init__()
@@ -902,23 +900,18 @@ class Cache(dict):
 
 
 class Piece:
-    """A compiled schema node, compared by identity; `children` are the nodes its values hold."""
+    """A compiled schema node, compared by identity. `alternatives`: the pieces its value may be (a Union's
+    list); `slack`: the longest text one token can commit the output to inside it (a key, a value's min_text)."""
 
-    min_text = ""
-    children: tuple = ()
+    min_text, slack = "", 0
 
     @functools.cached_property
     def alternatives(self) -> tuple:
-        """The pieces a value of this one may be (a Union's own list)."""
         return (self,)
 
     def begin(self, ch: str, ex: frozenset | None) -> list:
         """The frames of a value that starts with `ch`, under the exclusion `ex` (leaves only)."""
         return self.step(self.frame(ex), ch)
-
-    def done(self, frame: tuple) -> bool:
-        """Whether the value is complete."""
-        return False
 
     def child_done(self, frame: tuple, child: tuple) -> tuple | None:
         """This frame once its child value `child` is complete; None to refuse it."""
@@ -931,13 +924,15 @@ class Cursor(NamedTuple):
     piece: Any
     dfa: Any                   # the regex state
     count: int                 # characters of the value so far
-    escape: str                # "" (none), "\\" (after a backslash), "u" and hex digits, '"' closed, "^" before it
+    escape: str                # "^" before the opening quote, "" none, "\\" after a backslash, "u" + hex digits, '"'
     ex: frozenset | None       # the texts it may not be (None: no exclusion)
     text: str | None           # its raw text so far, kept under an exclusion (always for Literals)
 
-    def add(self, ch: str, **changes: Any) -> Cursor:
-        """The frame after raw character `ch`, with `changes`."""
-        return self._replace(text=None if self.text is None else self.text + ch, **changes)
+    def add(self, ch: str, escape: str | None = None, dfa: Any = None) -> Cursor:
+        """The frame after raw character `ch`: in `escape` if given, one character further at `dfa` if given."""
+        text = None if self.text is None else self.text + ch
+        return Cursor(self.piece, self.dfa if dfa is None else dfa, self.count + (dfa is not None),
+                      self.escape if escape is None else escape, self.ex, text)
 
 
 class Literals(Piece):
@@ -952,7 +947,6 @@ class Literals(Piece):
         return Cursor(self, None, 0, "", ex, "")
 
     def _left(self, frame: Cursor) -> Iterator[str]:
-        """The texts the frame may still become."""
         return (t for t in self.texts if t.startswith(frame.text) and (frame.ex is None or t not in frame.ex))
 
     def step(self, frame: Cursor, ch: str) -> list:
@@ -970,18 +964,14 @@ class Literals(Piece):
 
 
 class Leaf(Piece):
-    """A value whose text matches `regex` with min_len to max_len characters: a JSON string (`quoted`:
-    the regex runs over its decoded characters: pattern, format and lengths) or a number (its raw text).
-
-    Strings under an exclusion take no escapes (their raw text is their value). Integers and strings have
-    one spelling each (`by_text`).
-    """
+    """A value whose text matches `regex` with min_len to max_len characters: a JSON string (`quoted`: the
+    regex runs over its decoded characters) or a number (its raw text). Strings under an exclusion take no
+    escapes (their raw text is their value). Integers and strings have one spelling each (`by_text`)."""
 
     def __init__(self, regex: Regex, min_len: int = 0, max_len: int | None = None, quoted: bool = True,
                  by_text: bool = True):
         self.regex, self.min_len, self.max_len, self.quoted, self.by_text = regex, min_len, max_len, quoted, by_text
-        self.limit = math.inf if max_len is None else max_len
-        self.completions = Cache(JSON_MASK_CACHE_STATES)
+        self.limit, self.completions = math.inf if max_len is None else max_len, Cache(JSON_MASK_CACHE_STATES)
         if self.complete(regex.start, 0) is None:
             raise ValueError("no string has both this pattern or format and these lengths")
         self.min_text = self.finish(self.frame())
@@ -991,69 +981,62 @@ class Leaf(Piece):
         return Cursor(self, self.regex.start, 0, "^" * self.quoted, ex, None if ex is None else "")
 
     def step(self, frame: Cursor, ch: str) -> list:
-        """The frames after `ch` (REFEED when complete before it)."""
-        escape = frame.escape
-        if not self.quoted:  # a number: complete whenever the regex accepts; `ch` may go to the parent
-            return [REFEED] * self.done(frame) + self._take(frame, ch, ch)
-        if escape in ('"', "^"):
-            return [REFEED] if escape == '"' else [(frame.add(ch, escape=""),)] * (ch == '"')
+        """The frames after `ch` (REFEED when complete before it: a number whenever the regex accepts)."""
+        escape, ex = frame.escape, frame.ex
+        if not self.quoted or escape == '"':
+            return [REFEED] * self.done(frame) + (self._take(frame, ch, ch) if escape == "" else [])
+        if escape == "^":
+            return [(frame.add(ch, ""),)] if ch == '"' else []
+        if escape == "" and ch == '"':
+            ends = frame.count >= self.min_len and self.regex.accepts(frame.dfa)
+            return [(frame.add(ch, '"'),)] * (ends and (ex is None or frame.text + ch not in ex))
+        if escape == "" and ch == "\\":
+            return [(frame._replace(escape="\\"),)] * (ex is None and bool(self._escapes(frame)))
         if escape == "":
-            if ch == '"':
-                closes = frame.count >= self.min_len and self.regex.accepts(frame.dfa)
-                return [(frame.add(ch, escape='"'),)] * (closes and (frame.ex is None or frame.text + ch not in frame.ex))
-            if ch == "\\":
-                return [(frame._replace(escape="\\"),)] if frame.ex is None and self._escapes(frame) else []
-            decoded = None if ch < " " else ch
-        elif escape == "\\":
-            if ch not in self._escapes(frame):
-                return []
-            if ch == "u":
-                return [(frame._replace(escape="u"),)]
-            decoded = JSON_ESCAPES[ch]
-        elif ch not in HEX_DIGITS or escape in ("ud", "uD") and ch in "89abcdefABCDEF":  # no surrogates
+            return self._take(frame, ch, None if ch < " " else ch)
+        if escape == "\\":
+            if ch not in self._escapes(frame) or ch == "u":
+                return [(frame._replace(escape="u"),)] * (ch == "u" and ch in self._escapes(frame))
+            return self._take(frame, ch, JSON_ESCAPES[ch])
+        if ch not in HEX_DIGITS or escape in ("ud", "uD") and ch in "89abcdefABCDEF":  # no surrogates
             return []
-        elif len(escape) < 4:
+        if len(escape) < 4:
             return [(frame._replace(escape=escape + ch),)]
-        else:
-            decoded = chr(int(escape[1:] + ch, 16))
-        return self._take(frame, ch, decoded)
+        return self._take(frame, ch, chr(int(escape[1:] + ch, 16)))
 
     def _take(self, frame: Cursor, ch: str, decoded: str | None) -> list:
         """The frame after one more (decoded) character, if the value can still be completed."""
         dfa = None if decoded is None else self.regex.move(frame.dfa, decoded)
         if dfa is None or self.complete(dfa, frame.count + 1) is None:
             return []
-        after = frame.add(ch, dfa=dfa, count=frame.count + 1, escape="")
+        after = frame.add(ch, "", dfa)
         if after.text is not None and any(f.startswith(after.text) for f in after.ex) and self._fresh(after) is None:
             return []  # every way to close it is forbidden
         return [(after,)]
 
     def _escapes(self, frame: Cursor) -> str:
-        """The letters that may follow a backslash here: those whose character fits; \\u only where any character does."""
+        """The letters that may follow a backslash here: those whose character fits; \\u only where any may."""
         letters = "".join(k for k, c in JSON_ESCAPES.items()
                           if (nxt := self.regex.move(frame.dfa, c)) and self.complete(nxt, frame.count + 1) is not None)
         return letters + "u" * (self.regex is ANY_TEXT and frame.count < self.limit)
 
     def complete(self, dfa: frozenset, count: int) -> str | None:
         """A shortest text (decoded) that completes the value from `dfa` after `count` characters, or None."""
-        best = self.regex.shortest(dfa) if count >= self.min_len else \
-            self.completions.get_or((dfa, count), lambda: self._padded(dfa, count))
+        def padded() -> str | None:   # breadth first up to min_len, then the shortest way to a match
+            layer = {dfa: ""}
+            for _ in range(self.min_len - count):
+                layer = {nxt: text + ch for state, text in layer.items() for cid, ch in self.regex.reps.items()
+                         if (nxt := self.regex._move(state, cid)) is not None}
+            tails = (text + tail for state, text in layer.items() if (tail := self.regex.shortest(state)) is not None)
+            return min(tails, key=len, default=None)
+        best = self.regex.shortest(dfa) if count >= self.min_len else self.completions.get_or((dfa, count), padded)
         return best if best is not None and count + len(best) <= self.limit else None
-
-    def _padded(self, dfa: frozenset, count: int) -> str | None:
-        """A shortest text to a match from `dfa` that reaches min_len: breadth first to it, then shortest()."""
-        layer = {dfa: ""}
-        for _ in range(self.min_len - count):
-            layer = {nxt: text + ch for state, text in layer.items() for cid, ch in self.regex.reps.items()
-                     if (nxt := self.regex._move(state, cid)) is not None}
-        return min((text + tail for state, text in layer.items() if (tail := self.regex.shortest(state)) is not None),
-                   key=len, default=None)
 
     def done(self, frame: Cursor) -> bool:
         if self.quoted:
             return frame.escape == '"'
-        closes = frame.count >= self.min_len and self.regex.accepts(frame.dfa)
-        return closes and (frame.ex is None or frame.text not in frame.ex)
+        ends = frame.count >= self.min_len and self.regex.accepts(frame.dfa)
+        return ends and (frame.ex is None or frame.text not in frame.ex)
 
     def finish(self, frame: Cursor) -> str | None:
         """A shortest text that completes the value; None when every one is excluded."""
@@ -1092,7 +1075,7 @@ class Leaf(Piece):
         return None
 
     def move_class(self, at: tuple, key: str) -> tuple | None:
-        """(dfa, count) after a character of class id ord(`key`) from `at`, if the value can still be completed."""
+        """(dfa, count) after a character of class id ord(`key`), if the value can still be completed."""
         nxt = self.regex._move(at[0], ord(key))
         return (nxt, at[1] + 1) if nxt is not None and self.complete(nxt, at[1] + 1) is not None else None
 
@@ -1107,12 +1090,17 @@ def number_leaf(integer: bool, *bounds: Any, **options: Any) -> Leaf:
     return Leaf(number_regex(integer, *bounds, **options), quoted=False, by_text=integer)
 
 
+def _slack(nodes: Any, keys: Any = ()) -> int:
+    return max([0] + [len(key) + 2 for key in keys] + [max(n.slack, len(n.min_text) + 1) for n in nodes])
+
+
 class Union(Piece):
     """anyOf (and oneOf, type lists): a value matching any of the alternatives."""
 
     def __init__(self, alternatives):
-        self.alternatives = self.children = tuple(a for alt in alternatives for a in alt.alternatives)
+        self.alternatives = tuple(a for alt in alternatives for a in alt.alternatives)
         self.min_text = min((a.min_text for a in self.alternatives), key=len)
+        self.slack = _slack(self.alternatives)
 
 
 def first_text(node: Piece, forbidden: frozenset) -> str | None:
@@ -1127,61 +1115,27 @@ def union(alternatives: list) -> Piece | None:
     return Union(alternatives) if len(alternatives) > 1 else alternatives[0] if alternatives else None
 
 
-def begin_value(node: Piece, ch: str, ex: frozenset | None) -> list:
-    """The frames of a value of `node` that starts with `ch` (under the exclusion `ex`)."""
-    return [frames for alt in node.alternatives for frames in alt.begin(ch, ex)]
-
-
-class Start(NamedTuple):
-    """The frame of a value not begun: its whitespace so far, then the first character of one alternative."""
-
-    piece: Any                 # VALUE
-    node: Piece
-    spaces: int
-    ex: frozenset | None
-
-
-class ValueStart(Piece):
-    """The start of a value (see Start)."""
-
-    def step(self, frame: Start, ch: str) -> list:
-        """The frames after `ch`."""
-        if ch in JSON_WHITESPACE:
-            return [(frame._replace(spaces=frame.spaces + 1),)] if frame.spaces < JSON_MAX_WHITESPACE else []
-        return begin_value(frame.node, ch, frame.ex)
-
-    def finish(self, frame: Start) -> str | None:
-        """A shortest value (not excluded)."""
-        return frame.node.min_text if frame.ex is None else first_text(frame.node, frame.ex)
-
-
-VALUE = ValueStart()
-
-
 class Frame(NamedTuple):
     """A container's frame (see Container)."""
 
     piece: Any
-    phase: str         # open (after "{" or "["), comma, key (a key leaf on top), colon (a key written), value
-    at: int            # the next slot (in "colon": the key's, or len(slots) + j for extra value j)
+    phase: str         # open, comma, key (a key leaf on top), colon (a key written), item (a value may begin), value
+    at: int            # the next slot (in colon and item: the key's, or len(slots) + j for extra value j)
     count: int         # members written, capped where more no longer matters
     seen: frozenset    # texts that may not repeat: extra keys written, unique items
     spaces: int        # whitespace since the last token
 
 
 class Container(Piece):
-    """A JSON object or array: `slots` (name, node, required) in their order, then extra members, from
-    `low` to `high` members. An array's names are None and its slots come all, in order, until it
-    closes; an object's slots come each at most once, the required ones not skipped.
+    """A JSON object: `slots` (name, node, required) in their order, each at most once, then extra members;
+    `low` to `high` members. Extra keys are `key` leaves, never a slot's or a `banned` name nor one written
+    before; their value is values[matched], matched being the indices of the `patterns` (patternProperties)
+    that match the key ((): additionalProperties; values empty: no extra keys). As an array (see Array),
+    names are None, slots come all in order, extra items take values[()], and `unique` items are leaves under
+    an exclusion of those written before. Without brackets: a document's one value (see json_start)."""
 
-    Extra members take values[matched] (none: no extra members). An array's matched is (); an object's
-    extra keys are `key` leaves, never a slot's or a `banned` name nor one already written, and matched
-    is the indices of the `patterns` (patternProperties) that match the key ((): additionalProperties).
-    A `unique` array's items are leaves, under an exclusion of the texts already written.
-    """
-
-    def __init__(self, brackets: str, slots: tuple, values: dict, low: int = 0, high: int | None = None,
-                 key: Piece | None = None, banned: tuple = (), patterns: tuple = (), unique: bool = False):
+    def __init__(self, slots: tuple, values: dict, low: int = 0, high: int | None = None, key: Piece | None = None,
+                 banned: tuple = (), patterns: tuple = (), unique: bool = False, brackets: str = "{}"):
         self.brackets, self.slots, self.values, self.low, self.high = brackets, slots, values, low, high
         self.keyed, self.patterns, self.unique, self.extras = brackets == "{}", patterns, unique, list(values)
         self.key = (key or ANY_STRING) if self.keyed and values else None
@@ -1190,42 +1144,51 @@ class Container(Piece):
         self.forbidden = frozenset(self.keys) | {json.dumps(name, ensure_ascii=False) for name in banned}
         self.required_from = [sum(req for _, _, req in slots[j:]) for j in range(len(slots) + 1)]
         self.fixed = [req or not self.keyed for _, _, req in slots]   # slots that may not be skipped
-        self.cap = low if high is None else high
-        self.children = tuple(node for _, node, _ in slots) + tuple(values.values())
-        self.key_pieces = Cache(JSON_MASK_CACHE_STATES)
+        self.cap, self.memo = low if high is None else high, Cache(JSON_MASK_CACHE_STATES)   # key pieces, choices
         tail = self._tail(0, 0, frozenset(), "", False)
         if tail is None:
             raise ValueError("no object has these properties within minProperties/maxProperties" if self.keyed
                              else "no array has these items within minItems/maxItems (and uniqueItems)")
-        self.min_text = brackets[0] + tail
+        self.min_text = brackets[:1] + tail
+        self.slack = _slack([node for _, node, _ in slots] + list(values.values()), self.keys)
 
     def begin(self, ch: str, ex: frozenset | None) -> list:
         """An open frame if `ch` is the opening bracket."""
-        return [(Frame(self, "open", 0, 0, frozenset(), 0),)] if ch == self.brackets[0] else []
+        return [(Frame(self, "open", 0, 0, frozenset(), 0),)] if ch == self.brackets[:1] else []
 
     def step(self, frame: Frame, ch: str) -> list:
-        """The frames after `ch`: whitespace and the closing bracket here, the rest in inner()."""
-        if ch in JSON_WHITESPACE and frame.phase != "key":
-            return [(frame._replace(spaces=frame.spaces + 1),)] if frame.spaces < JSON_MAX_WHITESPACE else []
-        if ch == self.brackets[1] and frame.phase in ("open", "value"):
-            return [()] if self.required_from[frame.at] == 0 and frame.count >= self.low else []
-        return self.inner(frame._replace(spaces=0), ch)
-
-    def inner(self, frame: Frame, ch: str) -> list:
-        """The frames after a comma, a key's quote, a colon, or an array item's first character."""
-        phase, count = frame.phase, min(frame.count + 1, self.cap)
-        if ch == "," and phase == "value":
-            return [(frame._replace(phase="comma"),)] if self._more(frame) else []
-        if ch == '"' and phase in ("open", "comma") and self.keyed:
-            return [(frame._replace(phase="key"), key) for key in self._key_frames(frame)]
+        """The frames after `ch`: whitespace, a value's first character, brackets, commas, colons, a key's quote."""
+        _, phase, at, count, seen, spaces = frame
+        if ch in JSON_WHITESPACE and phase != "key" and (self.brackets or phase != "value"):
+            return [(Frame(self, phase, at, count, seen, spaces + 1),)] if spaces < JSON_MAX_WHITESPACE else []
+        if phase == "item" or phase in ("open", "comma") and not self.keyed and ch != self.brackets[1:]:
+            slots, extra = ((at,), False) if phase == "item" else self._choices(at, count)
+            node, nxt = self._member(slots[0] if slots else len(self.slots)) if slots or extra else (None, 0)
+            ex = seen if self.unique else None
+            frames = [f for alt in node.alternatives for f in alt.begin(ch, ex)] if node else []
+            if not frames:
+                return frames
+            after = Frame(self, "value", nxt, min(count + 1, self.cap), seen, 0)
+            return [(after,) + f for f in frames]
+        if ch == self.brackets[1:] and phase in ("open", "value"):
+            return [()] if self.required_from[at] == 0 and count >= self.low else []
         if ch == ":" and phase == "colon":
-            node, at = self._member(frame.at)
-            return [(frame._replace(phase="value", at=at, count=count), Start(VALUE, node, 0, None))]
-        if phase in ("open", "comma") and not self.keyed and any(slots := self._choices(frame.at, frame.count)):
-            node, at = self._member(slots[0][0] if slots[0] else len(self.slots))
-            after = frame._replace(phase="value", at=at, count=count)
-            return [(after,) + frames for frames in begin_value(node, ch, frame.seen if self.unique else None)]
-        return []
+            return [(Frame(self, "item", at, count, seen, 0),)]
+        if not (ch == "," and phase == "value" or ch == '"' and phase in ("open", "comma")):
+            return []
+        slots, extra = self._choices(at, count)
+        if ch == ",":
+            nodes = [self._member(j)[0] for j in slots + (len(self.slots),) * extra]
+            more = any(not self.unique or first_text(node, seen) is not None for node in nodes)
+            return [(Frame(self, "comma", at, count, seen, 0),)] * more
+        keys = [(self.key, self.forbidden | seen)] * extra   # a declared name or an extra key, after its quote
+        if slots:
+            keys.insert(0, (self.memo.get_or((slots,), lambda: Literals(self.names[j] for j in slots)), None))
+        frame = Frame(self, "key", at, count, seen, 0)
+        return [(frame, f[0]) for piece, ex in keys for f in piece.begin(ch, ex) if f is not REFEED]
+
+    def done(self, frame: Frame) -> bool:
+        return not self.brackets and frame.phase == "value"
 
     def _member(self, at: int) -> tuple:
         """(the value's node, the next slot) for slot `at`, or extra value at - len(slots)."""
@@ -1234,7 +1197,11 @@ class Container(Piece):
         return self.values[self.extras[at - len(self.slots)]], len(self.slots)
 
     def _choices(self, at: int, count: int) -> tuple[tuple[int, ...], bool]:
-        """(slots that may come next, whether an extra member may), leaving room for low and high."""
+        """(slots that may come next, whether an extra member may), leaving room for low and high (cached)."""
+        got = self.memo.get((at, count))
+        return got if got is not None else self.memo.get_or((at, count), lambda: self._choose(at, count))
+
+    def _choose(self, at: int, count: int) -> tuple[tuple[int, ...], bool]:
         if self.high is not None and count >= self.high:
             return (), False
         chosen = []
@@ -1245,21 +1212,6 @@ class Container(Piece):
             if self.fixed[j]:
                 break
         return tuple(chosen), bool(self.extras) and not any(self.fixed[at:])
-
-    def _more(self, frame: Frame) -> bool:
-        """Whether another member may follow (in a unique array, one not yet written)."""
-        slots, extra = self._choices(frame.at, frame.count)
-        if not self.unique:
-            return bool(slots or extra)
-        return any(first_text(self._member(j)[0], frame.seen) is not None for j in slots + (len(self.slots),) * extra)
-
-    def _key_frames(self, frame: Frame) -> list[tuple]:
-        """The key leaves' frames after the opening quote: declared names, then extra keys."""
-        declared, extra = self._choices(frame.at, frame.count)
-        pieces = [(self.key, self.forbidden | frame.seen)] * extra
-        if declared:
-            pieces.insert(0, (self.key_pieces.get_or(declared, lambda: Literals(self.names[j] for j in declared)), None))
-        return [frames[0] for piece, ex in pieces for frames in piece.begin('"', ex) if frames is not REFEED]
 
     def child_done(self, frame: Frame, child: tuple) -> Frame | None:
         """A key written: its slot, or an extra key's value (None: no value may follow it); an item: seen."""
@@ -1278,9 +1230,10 @@ class Container(Piece):
 
     def finish(self, frame: Frame) -> str | None:
         """The shortest text that closes the container from `frame`."""
-        if frame.phase == "colon":
+        if frame.phase in ("colon", "item"):
             node, at = self._member(frame.at)
-            return ":" + node.min_text + self._tail(at, min(frame.count + 1, self.cap), frame.seen, ",", False)
+            tail = self._tail(at, min(frame.count + 1, self.cap), frame.seen, ",", False)
+            return ":" * (frame.phase == "colon") + node.min_text + tail
         return self._tail(frame.at, frame.count, frame.seen, "," * (frame.phase == "value"), frame.phase == "comma")
 
     def _tail(self, at: int, count: int, seen: frozenset, sep: str, must: bool) -> str | None:
@@ -1307,29 +1260,26 @@ class Container(Piece):
                 return None
             parts.append(sep + key + value)
             sep, must, count, seen = ",", False, min(count + 1, self.cap), seen | {value} if self.unique else seen
-        return "".join(parts) + self.brackets[1]
+        return "".join(parts) + self.brackets[1:]
 
 
-class Object(Container):
-    """A JSON object: props (name, node, required) in their order, each at most once, then extra keys."""
-
-    def __init__(self, props: tuple, values: dict, min_props: int = 0, max_props: int | None = None,
-                 key: Piece | None = None, banned: tuple = (), patterns: tuple = ()):
-        super().__init__("{}", props, values, min_props, max_props, key, banned, patterns)
+Object = Container   # Object(props, values, min_props, max_props, key, banned, patterns)
 
 
-class Array(Container):
+def Array(prefix: tuple, items: Piece | None, min_items: int = 0, max_items: int | None = None,
+          unique: bool = False, brackets: str = "[]") -> Container:
     """A JSON array: `prefix` items (nodes) then `items` ones (None: no more), min_items to max_items."""
+    return Container(tuple((None, node, False) for node in prefix), {} if items is None else {(): items},
+                     min_items, max_items, unique=unique, brackets=brackets)
 
-    def __init__(self, prefix: tuple, items: Piece | None, min_items: int = 0, max_items: int | None = None,
-                 unique: bool = False):
-        slots = tuple((None, node, False) for node in prefix)
-        super().__init__("[]", slots, {} if items is None else {(): items}, min_items, max_items, unique=unique)
+
+_DOCUMENTS = Cache(JSON_MASK_CACHE_STATES)   # by node id: (the node, a bracketless array of it: a document)
 
 
 def json_start(node: Piece, prefix: str = "", suffix: str = "") -> tuple:
     """The automaton's start state: `prefix`, a JSON value for `node`, then `suffix`."""
-    stack = (Literals((suffix,)).frame(),) * bool(suffix) + (Start(VALUE, node, 0, None),)
+    root = _DOCUMENTS.get_or(id(node), lambda: (node, Array((node,), None, 1, 1, brackets="")))[1]
+    stack = (Literals((suffix,)).frame(),) * bool(suffix) + (Frame(root, "item", 0, 0, frozenset(), 0),)
     return (stack + (Literals((prefix,)).frame(),) * bool(prefix),)
 
 
@@ -1349,22 +1299,17 @@ def json_complete(state: tuple) -> bool:
 
 def json_closing_text(state: tuple) -> str | None:
     """A shortest way (by the pieces' finish texts) to complete the text from `state`."""
-    texts = [text for stack in state if (text := _closing(stack)) is not None]
-    return min(texts, key=len, default=None)
+    return min([text for text in map(_closing, state) if text is not None], key=len, default=None)
 
 
 def _step(stack: tuple, ch: str) -> list[tuple]:
     """The stacks that can follow `stack` on character `ch` (none: it cannot)."""
-    if not stack:
-        return []
-    top, rest = stack[-1], stack[:-1]
     out = []
-    for frames in top[0].step(top, ch):
-        if frames is REFEED:
-            parent = _pop(rest, top)
-            out += _step(parent, ch) if parent else []
-        else:
-            out.append(rest + frames)
+    for frames in stack[-1][0].step(stack[-1], ch) if stack else ():
+        if frames is not REFEED:
+            out.append(stack[:-1] + frames)
+        elif parent := _pop(stack[:-1], stack[-1]):
+            out += _step(parent, ch)
     return out
 
 
@@ -2102,10 +2047,10 @@ def schema_constraint(schema: Any, param: str) -> Constraint:
 
 # -- JSON-constrained decoding: the automaton lifted to tokens
 #
-# A token may follow a state when the automaton takes its whole text. Masks walk a trie of the token
-# texts, and inside strings a trie of the plain tokens over the string regex's class ids, so a length
-# or a pattern is not a walk of every token. Masks are cached per state, string lengths reduced to
-# what can matter within one token (Leaf.key), so long strings reuse them.
+# A token may follow a state when the automaton takes its whole text. Masks walk a trie of the token texts,
+# and inside strings a trie of the plain tokens over the string regex's class ids, so a length or a pattern
+# is not a walk of every token. Masks are cached per state, a string's count reduced to what can matter
+# within one token (Leaf.key), so long strings reuse them.
 
 def token_trie(pairs: Any) -> dict:
     """A trie of (key, token ids) pairs: char -> child; "" -> the ids whose key ends there."""
@@ -2131,12 +2076,9 @@ def trie_walk(node: dict, state: Any, move: Callable) -> list[int]:
 
 
 class TokenTable:
-    """A vocabulary's token texts, indexed for constrained decoding; one per tokenizer.
-
-    Special tokens (end of sequence included) and tokens that decode to part of a character are left
-    out, so constrained text is made of whole characters and never of control tokens. `plain` tokens
-    hold only ordinary string characters (no quote, backslash or control); the others are `marked`.
-    """
+    """A vocabulary's token texts, indexed for constrained decoding; one per tokenizer. Special tokens and
+    tokens that decode to part of a character are left out, so constrained text is whole characters and no
+    control tokens. `plain` tokens hold only ordinary string characters; the others are `marked`."""
 
     def __init__(self, tokenizer: Any):
         self.size, self.eos = len(tokenizer), sorted(tokenizer.eos_token_ids)
@@ -2181,10 +2123,12 @@ def token_table(tokenizer: Any) -> TokenTable:
 
 
 class JsonMasks:
-    """Which tokens may come next in each automaton state of one constraint (cached)."""
+    """Which tokens may come next in each automaton state of one constraint, and how to close (cached).
+    JsonConstraint starts closing `slack` tokens early: a token may commit the output to that much (Piece.slack)."""
 
     def __init__(self, table: TokenTable, start: tuple):
-        self.table, self.start, self.slack = table, start, commitment(start)
+        value = next(frame[0].slots[0][1] for stack in start for frame in stack if isinstance(frame, Frame))
+        self.table, self.start, self.slack = table, start, 2 * value.slack   # the document's value (json_start)
         self.masks, self.closings, self.plains = (Cache(JSON_MASK_CACHE_STATES) for _ in range(3))
 
     def key(self, state: tuple) -> tuple:
@@ -2201,30 +2145,29 @@ class JsonMasks:
         return self.closings.get_or(self.key(state), lambda: self._spell(json_closing_text(state)))
 
     def _spell(self, text: str | None) -> list[int] | None:
-        ids, at = [], 0
-        while text is not None and at < len(text):
+        ids = []
+        while text:  # the longest token that starts the rest
             node, best = self.table.trie, None
-            for end in range(at, len(text)):
-                node = node.get(text[end])
-                if node is None:
+            for end, ch in enumerate(text):
+                if (node := node.get(ch)) is None:
                     break
                 best = (node[""][0], end + 1) if node.get("") else best
             if best is None:
                 return None  # no token spells the next character
             ids.append(best[0])
-            at = best[1]
+            text = text[best[1]:]
         return None if text is None else ids
 
     def _build(self, state: tuple, width: int) -> Any:
         table, ids, walk, plain = self.table, [], [], self.ids_mask([], width)
         for stack in state:
             top = stack[-1] if stack else None
-            if top is not None and isinstance(top[0], Leaf) and top.piece.quoted and top.escape == "" and (
-                    top.ex is None or top.piece.max_len is None and top.piece.regex is ANY_TEXT):
+            leaf = top[0] if top is not None and isinstance(top[0], Leaf) and top[0].quoted else None
+            if leaf and top.escape == "" and (top.ex is None or leaf.max_len is None and leaf.regex is ANY_TEXT):
                 # Inside a string, a plain token cannot leave it: its fate is the regex's and the
-                # length's alone (Leaf.move_class over the class trie); only the others need a walk.
-                plain = plain | self.plains.get_or(top.piece.key(top, table.reach)[:3], lambda: self.ids_mask(
-                    trie_walk(table.class_trie(top.piece.regex), (top.dfa, top.count), top.piece.move_class), table.size))
+                # length's alone (a walk of the class trie); only the other tokens need a walk.
+                plain = plain | self.plains.get_or(leaf.key(top, table.reach)[:3], lambda: self.ids_mask(trie_walk(
+                    table.class_trie(leaf.regex), (top.dfa, top.count), leaf.move_class), table.size))
                 ids += [t for t, text in table.marked if json_advance((stack,), text)]
             else:
                 walk.append(stack)
@@ -2248,48 +2191,23 @@ def masked(logits: Any, mask: Any) -> Any:
     return mx.where(mask, logits, mx.array(-math.inf, dtype=logits.dtype))
 
 
-def commitment(start: tuple) -> int:
-    """The most one token can add to the closing text, in characters (so in tokens at most).
-
-    A token that writes a key, opens an array item or picks an anyOf branch commits the output to that
-    value's shortest text; JsonConstraint starts closing this much early, so no such step leaves too few.
-    """
-    todo = [frame[1] for stack in start for frame in stack if frame[0] is VALUE]
-    seen, most = set(), 0
-    while todo:
-        piece = todo.pop()
-        if id(piece) not in seen:
-            seen.add(id(piece))
-            keys = [len(key) + 2 for key in getattr(piece, "keys", ())]
-            most = max([most] + keys + [len(child.min_text) + 1 for child in piece.children])
-            todo += piece.children
-    return 2 * most
-
-
 def json_constraint(constraint: Constraint, tokenizer: Any, budget: int) -> JsonConstraint:
-    """The logits processor that forces the constraint's JSON within `budget` tokens. Its masks are shared:
-    requests with the same schema reuse them."""
+    """The logits processor that forces the constraint's JSON within `budget` tokens (masks shared per schema)."""
     masks = _CONSTRAINTS.get_or((id(tokenizer), constraint.key), lambda: JsonMasks(
         token_table(tokenizer), json_start(constraint.node)))
     return JsonConstraint(masks, budget)
 
 
 class JsonConstraint:
-    """A logits processor that only lets through tokens keeping the output valid JSON.
-
-    Called once per generated token (mlx_lm's convention), it tracks the automaton state from the
-    tokens sampled so far; when the tokens left just suffice to spell the shortest closing text, it
-    spells it, so the output is complete JSON whenever max_tokens allows. Once the JSON is complete only
-    end-of-sequence tokens remain.
-    """
+    """A logits processor (one call per generated token, mlx_lm's convention) that lets through only tokens
+    keeping the output valid JSON. When the tokens left just suffice to spell the shortest closing text, it
+    spells it, so the output is complete whenever max_tokens allows; then only end-of-sequence remains."""
 
     stateful = True   # follows the tokens sampled so far, one call per token
 
     def __init__(self, masks: JsonMasks, budget: int):
-        self.masks, self.state = masks, masks.start
-        self.left = budget           # tokens still to be sampled, this one included
-        self.started = False
-        self.plan: list[int] | None = None   # the closing tokens still to come, once closing
+        self.masks, self.state, self.left = masks, masks.start, budget   # left: tokens still to sample, this one too
+        self.started, self.plan = False, None   # plan: the closing tokens still to come, once closing
 
     def __call__(self, tokens: Any, logits: Any) -> Any:
         texts, width = self.masks.table.texts, logits.shape[-1]

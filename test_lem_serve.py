@@ -1023,7 +1023,7 @@ def test_new_keywords_are_enforced_and_every_walk_validates(case):
 # (pattern, texts it must take, texts it must refuse): ECMAScript, JSON Schema's dialect, where Python's re
 # (whose parser reads patterns) means otherwise or refuses.
 ECMASCRIPT_PATTERNS = [
-    ("^(?<word>[\\w-.]+)$", ['"a-b.c_"'], ['"a b"', '""']),   # a named group; a "-" beside \w is a literal
+    ("^(?<w>[\\w-.]+)$|^(?<w>\\d)!$", ['"a-b.c_"', '"1!"'], ['"a b"', '"a!"']),   # named groups; "-" beside \w
     ("^x{,2}[.-\\d]$", ['"x{,2}-"', '"x{,2}5"'], ['"xx-"', '"x{,2}/"']),   # "{," is no quantifier, ".-\d" no range
 ]
 

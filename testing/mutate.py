@@ -174,17 +174,18 @@ MUTATIONS = [
              "commits to a large value leaves too few tokens",
              (("len(plan) + 1 + self.masks.slack >= self.left", "len(plan) + 1 >= self.left"),),
              ("test_pydantic_and_zod_schemas_always_validate",)),
-    Mutation("json-max-length-ignored", "maxLength is not enforced", (("        self.limit = math.inf if max_len is None "
-             "else max_len", "        self.limit = math.inf"),), ("test_pydantic_and_zod_schemas_always_validate",)),
+    Mutation("json-max-length-ignored", "maxLength is not enforced", (("self.limit, self.completions = math.inf if "
+             "max_len is None else max_len, Cache(", "self.limit, self.completions = math.inf, Cache("),),
+             ("test_pydantic_and_zod_schemas_always_validate",)),
     Mutation("json-formats-ignored", "format is an annotation: any string", (("            return Leaf(regex_for("
              "FORMATS[form], False) if form in FORMATS else ANY_TEXT, low, high)", "            return Leaf(ANY_TEXT, "
              "low, high)"),), ("test_pydantic_and_zod_schemas_always_validate",)),
     Mutation("json-extra-keys-repeat-declared", "an extra key may repeat a declared property's name",
-             (("pieces = [(self.key, self.forbidden | frame.seen)] * extra", "pieces = [(self.key, frame.seen)] * extra"),),
+             (("keys = [(self.key, self.forbidden | seen)] * extra", "keys = [(self.key, seen)] * extra"),),
              ("test_each_keyword_is_enforced",)),
     Mutation("json-anyof-first-only", "anyOf keeps only its first alternative",
-             (("    return [frames for alt in node.alternatives for frames in alt.begin(ch, ex)]",
-               "    return [frames for alt in node.alternatives[:1] for frames in alt.begin(ch, ex)]"),),
+             (("frames = [f for alt in node.alternatives for f in alt.begin(",
+               "frames = [f for alt in node.alternatives[:1] for f in alt.begin("),),
              ("test_each_keyword_is_enforced",)),
     Mutation("json-single-space-only", "between JSON tokens only one space, as before issue 14: SmolLM2 writes "
              "other content", (('JSON_WHITESPACE = " \\t\\n\\r"', 'JSON_WHITESPACE = " "'),
@@ -388,7 +389,11 @@ MUTATIONS = [
              (('            dash = "\\\\-" if SHORT_ESCAPES.intersection(ends) else "-"', '            dash = "-"'),),
              ("test_patterns_are_read_as_ecmascript",)),
     Mutation("regex-brace-comma-quantifier", "'{,' is left to re, which reads x{,2} as up to two x",
-             (('{"(?<": "(?P<", "{,": "\\\\{,"}', '{"(?<": "(?P<"}'),),
+             (('else "\\\\{," if token[0] == "{," else token[0]', 'else token[0]'),),
+             ("test_patterns_are_read_as_ecmascript",)),
+    Mutation("regex-named-groups-kept", "(?<name>...) goes to re as (?P<name>...), which refuses a name used twice",
+             (('        text = "(" if token[0].startswith("(?<") else',
+               '        text = "(?P<" + token[0][3:] if token[0].startswith("(?<") else'),),
              ("test_patterns_are_read_as_ecmascript",)),
     Mutation("json-dollar-anchor-ignored", "a '$' inside a pattern does not end the match",
              (("                nxt = ~target if mark < 0 or key == \"$\" else target",
