@@ -2941,8 +2941,9 @@ def pair_value(syntax: PairSyntax, raw: bool, schema: dict, root: dict) -> Const
         ("".join(f"[{ch.lower()}{ch.upper()}]" for ch in word), False, True) for word in syntax.reserved)
     edges = (f"{STRIPPED}{ANY_CHARACTERS}|{ANY_CHARACTERS}{STRIPPED}", False, True)
     try:
-        return Constraint(Leaf(shared_regex(node.regex.source + banned + (edges,)), node.min_len, node.max_len,
-                               quoted=False), key)
+        # At least one character: json_start cannot begin a value that may be empty (Container.step).
+        return Constraint(Leaf(shared_regex(node.regex.source + banned + (edges,)), max(node.min_len, 1),
+                               node.max_len, quoted=False), key)
     except ValueError:
         raise ValueError(f"its values would hold {' or '.join(syntax.closers)}, which end a raw value, or start "
                          "or end with a blank, which the parser strips") from None
@@ -2955,8 +2956,8 @@ def cached_pair_plan(syntax: PairSyntax, name: str, schema: str) -> PairPlan:
 
 
 def raw_text_fits(syntax: PairSyntax, text: str) -> bool:
-    """Whether `text`, written raw, reads back as itself."""
-    return (text == text.strip() and not any(closer in text for closer in syntax.closers)
+    """Whether `text`, written raw, reads back as itself (and is not empty: see pair_value)."""
+    return (bool(text) and text == text.strip() and not any(closer in text for closer in syntax.closers)
             and text.lower() not in syntax.reserved)
 
 
