@@ -2822,6 +2822,7 @@ class PairSyntax:
     sep: str = ""
     quote: str = ""
     sign: str = ""          # what the chat template contains where this is its family's syntax (one parser, two)
+    nullable: bool = False  # a string-or-null value is written raw (its parser reads the text as one of them)
 
 
 @dataclass(frozen=True)
@@ -2856,7 +2857,7 @@ MINIMAX_PAIRS = PairSyntax(
     "</invoke>\n</minimax:tool_call>", ("</parameter>", "</invoke>", "</minimax:tool_call>"),
     raw=lambda schema: minimax_types(schema) == {"string"},
     json=lambda schema: "string" not in minimax_types(schema) and len(minimax_types(schema) - {"null"}) <= 1,
-    reserved=("null",))
+    reserved=("null",), nullable=True)
 QWEN3_CODER_PAIRS = PairSyntax(
     "<tool_call>\n<function={name}>\n", "<parameter={key}>\n", "\n</parameter>\n", "</function>\n</tool_call>",
     ("</parameter>", "</function>", "</tool_call>"),
@@ -2866,7 +2867,7 @@ QWEN3_CODER_PAIRS = PairSyntax(
 GEMMA_PAIRS = PairSyntax("<|tool_call>call:{name}{{", "{key}:", "", "}<tool_call|>", ('<|"|>', "<tool_call|>"),
                          raw=lambda schema: schema.get("type") == "string" or untyped_strings(schema),
                          json=lambda schema: schema.get("type") in ("integer", "number", "boolean"), sep=",",
-                         quote='<|"|>')
+                         quote='<|"|>', nullable=True)
 # Parameters schemas a PairPlan enforces: properties, required and what does not constrain.
 PAIR_SCHEMA_KEYS = {"type", "properties", "required", "additionalProperties", "title", "description", "$schema",
                     "$id", "$defs", "definitions", "default", "examples", "$comment"}
@@ -2895,23 +2896,35 @@ def pair_plan(syntax: PairSyntax, name: str, schema: dict) -> PairPlan:
         try:
             if re.search(r'[<>"\s{}\[\],:]', key) or not isinstance(value, dict):
                 raise ValueError("its name or its schema cannot be written in this syntax")
-            quote = syntax.quote if syntax.raw(value) else ""
-            params.append((syntax.key.format(key=key) + quote, pair_value(syntax, value, schema), key in required,
-                           quote + syntax.after))
+            raw, written = written_as(syntax, value)
+            quote = syntax.quote * raw
+            params.append((syntax.key.format(key=key) + quote, pair_value(syntax, raw, written, schema),
+                           key in required, quote + syntax.after))
         except (ValueError, APIError) as exc:   # compile_schema's 400 names the schema's own problem
             if key in required:
                 raise ValueError(f"its parameter {key!r} cannot be enforced: {exc}") from None
     return PairPlan(syntax.head.format(name=name), tuple(params), syntax.tail)
 
 
-def pair_value(syntax: PairSyntax, schema: dict, root: dict) -> Constraint:
+def written_as(syntax: PairSyntax, schema: dict) -> tuple[bool, dict]:
+    """(raw, the schema the value's text follows): how `syntax` writes a value of `schema`; ValueError if it cannot."""
+    if syntax.raw(schema) or syntax.json(schema):
+        return syntax.raw(schema), schema
+    branches, types = schema.get("anyOf", schema.get("oneOf")), schema.get("type")
+    if isinstance(branches, list) and len(branches) == 2 and {"type": "null"} in branches:
+        string = branches[1 - branches.index({"type": "null"})]   # Pydantic's Optional[str]
+    else:
+        string = {**schema, "type": "string"} if isinstance(types, list) and sorted(types) == ["null", "string"] else {}
+    if syntax.nullable and isinstance(string, dict) and string.get("type") == "string":
+        return True, string   # its parser reads null (MiniMax), or any text as a string (Gemma)
+    raise ValueError("its parser reads this schema's values by a rule of its own")
+
+
+def pair_value(syntax: PairSyntax, raw: bool, schema: dict, root: dict) -> Constraint:
     """One argument's value in `syntax`: raw text or JSON text matching `schema` (ValueError if it cannot be)."""
     node = compile_schema(schema, root, "tools")
-    key = json.dumps([syntax.closers, syntax.raw(schema), schema, root.get("$defs"), root.get("definitions")],
-                     sort_keys=True)
-    if not syntax.raw(schema):
-        if not syntax.json(schema):
-            raise ValueError("its parser reads this schema's values by a rule of its own")
+    key = json.dumps([syntax.closers, raw, schema, root.get("$defs"), root.get("definitions")], sort_keys=True)
+    if not raw:
         return Constraint(node, key)
     if isinstance(node, Literals):
         texts = [text for text in map(json.loads, node.texts) if isinstance(text, str) and raw_text_fits(syntax, text)]
@@ -2924,8 +2937,9 @@ def pair_value(syntax: PairSyntax, schema: dict, root: dict) -> Constraint:
         ("".join(f"[{ch.lower()}{ch.upper()}]" for ch in word), False, True) for word in syntax.reserved)
     edges = (f"{STRIPPED}{ANY_CHARACTERS}|{ANY_CHARACTERS}{STRIPPED}", False, True)
     try:
-        return Constraint(Leaf(shared_regex(node.regex.source + banned + (edges,)), node.min_len, node.max_len,
-                               quoted=False), key)
+        # At least one character: json_start cannot begin a value that may be empty (Container.step).
+        return Constraint(Leaf(shared_regex(node.regex.source + banned + (edges,)), max(node.min_len, 1),
+                               node.max_len, quoted=False), key)
     except ValueError:
         raise ValueError(f"its values would hold {' or '.join(syntax.closers)}, which end a raw value, or start "
                          "or end with a blank, which the parser strips") from None
@@ -2938,8 +2952,8 @@ def cached_pair_plan(syntax: PairSyntax, name: str, schema: str) -> PairPlan:
 
 
 def raw_text_fits(syntax: PairSyntax, text: str) -> bool:
-    """Whether `text`, written raw, reads back as itself."""
-    return (text == text.strip() and not any(closer in text for closer in syntax.closers)
+    """Whether `text`, written raw, reads back as itself (and is not empty: see pair_value)."""
+    return (bool(text) and text == text.strip() and not any(closer in text for closer in syntax.closers)
             and text.lower() not in syntax.reserved)
 
 

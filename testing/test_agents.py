@@ -1590,22 +1590,25 @@ def test_forced_call_in_each_familys_own_syntax(family_base, tmp_path, template)
 
 
 # A tool whose arguments are every kind a key/value call writes: raw strings (lengths, enum, pattern, free: it
-# ends only when the constraint ends it), numbers, booleans, and JSON text for arrays and objects; some optional.
+# ends only when the constraint ends it; string or null, as Pydantic writes Optional[str]), numbers, booleans,
+# and JSON text for arrays and objects; some optional.
 PLAN = described({"function": {"name": "plan", "parameters": {
-    "type": "object", "required": ["title", "mode", "count", "tags", "code", "note"], "properties": {
+    "type": "object", "required": ["title", "mode", "count", "tags", "code", "note", "label"], "properties": {
         "title": {"type": "string", "minLength": 1, "maxLength": 12}, "mode": {"type": "string", "enum": ["fast", "slow"]},
         "count": {"type": "integer", "minimum": 1, "maximum": 9}, "ratio": {"type": "number", "maximum": 1},
         "dry": {"type": "boolean"}, "tags": {"type": "array", "items": {"type": "string", "maxLength": 4}, "maxItems": 2},
         "where": {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"],
                   "additionalProperties": False},
-        "code": {"type": "string", "pattern": "^[A-Z]{3}$"}, "note": {"type": "string"}}}}})
+        "code": {"type": "string", "pattern": "^[A-Z]{3}$"}, "note": {"type": "string"},
+        "label": {"anyOf": [{"type": "string", "maxLength": 8}, {"type": "null"}], "default": None}}}}})
 
 # How each family opens a forced call to `plan`, as its template writes calls; the arguments it cannot hold
-# to their schemas (Gemma 4's parser rewrites text inside JSON values, so it gets none: they are optional).
+# to their schemas (Gemma 4's parser rewrites text inside JSON values, so it gets none), made optional.
 FORCED_HEADS = {"zai-org-GLM-4.6.jinja": ("<tool_call>plan\n<arg_key>title</arg_key>\n<arg_value>", ()),
                 "zai-org-GLM-4.7-Flash.jinja": ("<tool_call>plan<arg_key>title</arg_key><arg_value>", ()),
                 "unsloth-MiniMax-M2.jinja": ('<minimax:tool_call>\n<invoke name="plan">\n<parameter name="title">', ()),
-                "Qwen-Qwen3-Coder-30B-A3B-Instruct.jinja": ("<tool_call>\n<function=plan>\n<parameter=title>\n", ()),
+                "Qwen-Qwen3-Coder-30B-A3B-Instruct.jinja": ("<tool_call>\n<function=plan>\n<parameter=title>\n",
+                                                            ("label",)),   # an untyped value: its parser guesses
                 "google-gemma-4-31B-it.jinja": ('<|tool_call>call:plan{title:<|"|>', ("tags", "where")),
                 "moonshotai-Kimi-K2.jinja": ("<|tool_calls_section_begin|><|tool_call_begin|>functions.plan:0"
                                              "<|tool_call_argument_begin|>", ())}
