@@ -946,21 +946,21 @@ class Literals(Piece):
         """The frame before the first character."""
         return Cursor(self, None, 0, "", ex, "")
 
-    def _left(self, frame: Cursor) -> Iterator[str]:
-        return (t for t in self.texts if t.startswith(frame.text) and (frame.ex is None or t not in frame.ex))
-
     def step(self, frame: Cursor, ch: str) -> list:
         """The frames after `ch` (REFEED when complete before it)."""
-        after = frame.add(ch)
-        return [REFEED] * self.done(frame) + [(after,)] * any(self._left(after))
+        text, ex = frame.text + ch, frame.ex
+        out = [REFEED] * self.done(frame)
+        if any(t.startswith(text) and (ex is None or t not in ex) for t in self.texts):
+            out.append((Cursor(self, None, 0, "", ex, text),))
+        return out
 
     def done(self, frame: Cursor) -> bool:
-        return frame.text in self._left(frame)
+        return frame.text in self.texts and (frame.ex is None or frame.text not in frame.ex)
 
     def finish(self, frame: Cursor) -> str | None:
         """The rest of a shortest text the frame may become; None when every one is excluded."""
-        best = min(self._left(frame), key=len, default=None)
-        return None if best is None else best[len(frame.text):]
+        texts = [t for t in self.texts if t.startswith(frame.text) and (frame.ex is None or t not in frame.ex)]
+        return min(texts, key=len)[len(frame.text):] if texts else None
 
 
 class Leaf(Piece):
@@ -1144,7 +1144,7 @@ class Container(Piece):
         self.forbidden = frozenset(self.keys) | {json.dumps(name, ensure_ascii=False) for name in banned}
         self.required_from = [sum(req for _, _, req in slots[j:]) for j in range(len(slots) + 1)]
         self.fixed = [req or not self.keyed for _, _, req in slots]   # slots that may not be skipped
-        self.cap, self.memo = low if high is None else high, Cache(JSON_MASK_CACHE_STATES)   # key pieces, choices
+        self.cap, self.memo = low if high is None else high, Cache(JSON_MASK_CACHE_STATES)   # key pieces
         tail = self._tail(0, 0, frozenset(), "", False)
         if tail is None:
             raise ValueError("no object has these properties within minProperties/maxProperties" if self.keyed
@@ -1183,7 +1183,7 @@ class Container(Piece):
             return [(Frame(self, "comma", at, count, seen, 0),)] * more
         keys = [(self.key, self.forbidden | seen)] * extra   # a declared name or an extra key, after its quote
         if slots:
-            keys.insert(0, (self.memo.get_or((slots,), lambda: Literals(self.names[j] for j in slots)), None))
+            keys.insert(0, (self.memo.get_or(slots, lambda: Literals(self.names[j] for j in slots)), None))
         frame = Frame(self, "key", at, count, seen, 0)
         return [(frame, f[0]) for piece, ex in keys for f in piece.begin(ch, ex) if f is not REFEED]
 
@@ -1197,11 +1197,7 @@ class Container(Piece):
         return self.values[self.extras[at - len(self.slots)]], len(self.slots)
 
     def _choices(self, at: int, count: int) -> tuple[tuple[int, ...], bool]:
-        """(slots that may come next, whether an extra member may), leaving room for low and high (cached)."""
-        got = self.memo.get((at, count))
-        return got if got is not None else self.memo.get_or((at, count), lambda: self._choose(at, count))
-
-    def _choose(self, at: int, count: int) -> tuple[tuple[int, ...], bool]:
+        """(slots that may come next, whether an extra member may), leaving room for low and high."""
         if self.high is not None and count >= self.high:
             return (), False
         chosen = []
