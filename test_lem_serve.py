@@ -801,7 +801,11 @@ KEYWORD_CASES = {
 
 @pytest.mark.parametrize("case", list(KEYWORD_CASES))
 def test_each_keyword_is_enforced(case):
-    schema, good, bad = KEYWORD_CASES[case]
+    assert_takes_exactly(*KEYWORD_CASES[case])
+
+
+def assert_takes_exactly(schema: dict, good: list, bad: list) -> None:
+    """The automaton takes each good text (which the validator also accepts) and refuses each bad one."""
     for text in good:
         assert accepts(schema, text), text
         assert not validation_errors(json.loads(text), schema), text   # the cases themselves are right
@@ -1012,13 +1016,25 @@ NEW_KEYWORD_CASES = {
 @pytest.mark.parametrize("case", list(NEW_KEYWORD_CASES))
 def test_new_keywords_are_enforced_and_every_walk_validates(case):
     schema, good, bad = NEW_KEYWORD_CASES[case]
-    for text in good:
-        assert accepts(schema, text), text
-        assert not validation_errors(json.loads(text), schema), text   # the cases themselves are right
-    for text in bad:
-        assert not accepts(schema, text), text
+    assert_takes_exactly(schema, good, bad)
     for text in random_outputs(schema, random.Random(case), 12):
         assert_valid(text, schema)
+
+# (pattern, texts it must take, texts it must refuse): ECMAScript, JSON Schema's dialect, where Python's re
+# (whose parser reads patterns) means otherwise or refuses.
+ECMASCRIPT_PATTERNS = [
+    ("^(?<w>[\\w-.]+)$|^(?<w>\\d)!$", ['"a-b.c_"', '"1!"'], ['"a b"', '"a!"']),   # named groups; "-" beside \w
+    ("^x{,2}[.-\\d]$", ['"x{,2}-"', '"x{,2}5"'], ['"xx-"', '"x{,2}/"']),   # "{," is no quantifier, ".-\d" no range
+]
+
+
+@pytest.mark.parametrize("pattern,good,bad", ECMASCRIPT_PATTERNS)
+def test_patterns_are_read_as_ecmascript(pattern, good, bad):
+    schema = {"type": "string", "pattern": pattern}
+    for text in good:
+        assert accepts(schema, text), text
+    for text in bad:
+        assert not accepts(schema, text), text
 
 ONEOF_CAN_OVERLAP = {"oneOf": [{"type": "object", "properties": {"a": {"type": "integer"}}},   # {} matches both
                                {"type": "object", "properties": {"b": {"type": "integer"}}}]}
@@ -1844,6 +1860,18 @@ def test_idle_ranks_block_instead_of_polling(long_model_dir):
         assert post(group, "completions", max_tokens=4)["usage"]["completion_tokens"] == 4  # and wakes up
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads each thread's nice value in /proc")
+def test_busy_polling_launcher_is_reniced_below_the_ranks(long_model_dir):
+    """mlx.launch's relay threads busy-poll; the ranks lower every one of them to nice 19, not themselves."""
+    with ServedGroup(long_model_dir) as group:
+        group.wait_ready()
+        launcher = group.process.pid
+        threads = [int(t) for t in os.listdir(f"/proc/{launcher}/task")]
+        assert len(threads) >= 3   # its main loop and one relay thread per rank
+        assert {os.getpriority(os.PRIO_PROCESS, t) for t in threads} == {19}
+        assert {os.getpriority(os.PRIO_PROCESS, group.rank_pid(r)) for r in (0, 1)} == {0}
+
+
 def test_two_codex_runs_and_a_claude_run_at_once_get_no_429_on_default_admission(agent_model_dir, tmp_path):
     claude, codex = agent_cli("claude"), agent_cli("codex")
     model = lem_serve.load_model(lem_serve.Settings(model_path=str(agent_model_dir)))
@@ -2473,6 +2501,8 @@ def template_rendering(name: str, model: lem_serve.Model) -> list[int]:
     messages[2]["content"] = ""   # transformers drops a null content, which DeepSeek's templates then miss
     if name == "gpt-oss":
         messages[2]["thinking"] = messages[2].pop("reasoning_content")
+    if name == "gemma-4-april":   # the result on the calling message, as Google's prompt-formatting guide shows it
+        messages[2:] = [{**messages[2], "tool_responses": [{"name": "get_weather", "response": AGENT_RESULT}]}]
     tools = [{"type": "function", "function": t} for t in FAMILY_TOOLS]
     return list(model.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True))
 
@@ -2488,6 +2518,46 @@ def test_family_prompt_is_the_templates_own_rendering(family_server, endpoint):
         "cache_read_input_tokens", 0) + usage.get("cache_creation_input_tokens", 0) if endpoint == "messages" \
         else usage["input_tokens"]
     assert prompt == expected, (name, endpoint)
+
+
+@pytest.mark.parametrize("family_server", ["gemma-4-april"], indirect=True)
+def test_gemma_4_first_template_gets_tool_results_on_the_calling_turn(family_server):
+    """Gemma 4's first template reads results only as `tool_responses`: a result and the answer after it reach
+    it on the calling message (one model turn, as Google's guide shows), not as turns of their own."""
+    _, _, server, model = family_server
+    answer, thanks = {"role": "assistant", "content": "Sunny."}, {"role": "user", "content": "Thanks."}
+    expected = agent_chat_messages(WEATHER_ARGS)[:3] + [thanks]
+    expected[2] = {**expected[2], "content": "Sunny.",
+                   "tool_responses": [{"name": "get_weather", "response": AGENT_RESULT}]}
+    tools = [{"type": "function", "function": t} for t in FAMILY_TOOLS]
+    want = model.tokenizer.apply_chat_template(expected, tools=tools, add_generation_prompt=True, tokenize=True)
+    body = {"messages": agent_chat_messages(json.dumps(WEATHER_ARGS)) + [answer, thanks], "max_tokens": 1,
+            "tools": dialect_tools_for("chat")}
+    reply = request(server, "POST", path_of("chat"), body)
+    assert reply.status == 200, reply.json()
+    assert reply.json()["usage"]["prompt_tokens"] == len(want)
+
+
+@pytest.mark.parametrize("family_server", ["gemma-4", "gemma-4-april"], indirect=True)
+def test_gemma_4_reply_after_a_call_with_text_gets_its_own_turn(family_server):
+    """A call whose message also had text, then its result: Gemma 4's templates close the turn after that
+    text and add no generation prompt; the server's prompt is theirs plus the model-turn header."""
+    name, _, server, model = family_server
+    messages = agent_chat_messages(WEATHER_ARGS)
+    messages[2]["content"] = "Let me check."
+    if name == "gemma-4-april":
+        messages[2:] = [{**messages[2], "tool_responses": [{"name": "get_weather", "response": AGENT_RESULT}]}]
+    tools = [{"type": "function", "function": t} for t in FAMILY_TOOLS]
+    text = model.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
+    assert text.endswith("Let me check.<turn|>\n"), text[-200:]   # the templates' own gap
+    header = model.tokenizer.encode("<|turn>model\n", add_special_tokens=False)
+    body = {"messages": agent_chat_messages(json.dumps(WEATHER_ARGS)), "max_tokens": 1,
+            "tools": dialect_tools_for("chat")}
+    body["messages"][2]["content"] = "Let me check."
+    reply = request(server, "POST", path_of("chat"), body)
+    assert reply.status == 200, reply.json()
+    own = model.tokenizer.encode(text, add_special_tokens=False)
+    assert reply.json()["usage"]["prompt_tokens"] == len(own) + len(header)
 
 
 @pytest.mark.parametrize("family_server", ["gpt-oss"], indirect=True)
@@ -2529,16 +2599,15 @@ def test_a_template_that_fails_to_render_is_a_400_naming_its_error(family_server
     error = assert_openai_error(request(server, "POST", path_of("chat"), {"messages": messages}), 400, "messages")
     assert "You have passed a message containing <|channel|> tags in the content field" in error["message"]
 
-MLX_PARSERS = {"kimi-k2": "kimi_k2", "glm-4.6": "glm47", "minimax-m2": "minimax_m2"}   # the parser mlx_lm infers, where not json_tools
-
-
 def scan_family_text(name: str, text: str, pieces: list[str], live: bool = False) -> tuple[str, str, list]:
     """(content, reasoning, calls) of a family's reply text fed to its scanner in `pieces`; `live` (as a stream
     scans) also checks that each streamed call's argument pieces add up to its final arguments exactly."""
-    template, _, _ = FAMILIES[name]
-    parser = importlib.import_module(f"mlx_lm.tool_parsers.{MLX_PARSERS.get(name, 'json_tools')}")
-    form = lem_serve._chat_format((TEMPLATES / template).read_text("utf-8"), parser.tool_call_start,
-                                  parser.tool_call_end, parser.parse_tool_call)  # what mlx_lm infers for the rest
+    from mlx_lm.tokenizer_utils import _infer_tool_parser
+    template = (TEMPLATES / FAMILIES[name][0]).read_text("utf-8")
+    inferred = _infer_tool_parser(types.SimpleNamespace(chat_template=template, get_vocab=dict))
+    parser = importlib.import_module(f"mlx_lm.tool_parsers.{inferred or 'json_tools'}")
+    form = lem_serve._chat_format(template, parser.tool_call_start, parser.tool_call_end,
+                                  parser.parse_tool_call)  # the table's, else what mlx_lm infers
     tools = [{"type": "function", "function": t} for t in FAMILY_TOOLS]
     scanner = lem_serve.HarmonyScanner(tools) if form.harmony else lem_serve.ToolCallScanner(form, tools)
     scanner.live = live
@@ -2571,7 +2640,7 @@ def test_family_markers_split_anywhere_never_reach_content(name, live):
     would stream it) scans to what it scans to whole: no marker leaks, no call is lost."""
     _, _, scripts = FAMILIES[name]
     for kind, text in scripts.items():
-        text = text.split("</think>", 1)[-1]   # the engine's ReasoningSplitter takes a think block first
+        text = re.split(r"</think>|<channel\|>", text, maxsplit=1)[-1]   # the ReasoningSplitter's part
         whole = scan_family_text(name, text, [text], live)
         content, reasoning, calls = whole
         if kind.endswith("call") or kind == "parallel":

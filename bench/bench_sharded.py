@@ -10,8 +10,11 @@ model folder, greedy, chat template applied:
    * lem-serve over two ranks (tensor parallel; rank 0 serves HTTP),
    * raw mlx_lm ``stream_generate``, one process (bench.py's raw worker) and
      sharded over two ranks (``sharded_load``), no server: the ratio lem/raw
-     of each shows what lem-serve adds on top, sharded or not.
-   All four are started, then measured in turns, repetition by repetition,
+     of each shows what lem-serve adds on top, sharded or not; and raw over two
+     ranks once more with its mlx.launch reniced as lem-serve's ranks renice
+     theirs (quiet_launcher: the launcher's relay threads busy-poll), so the
+     sharded ratio can be read like for like too.
+   All five are started, then measured in turns, repetition by repetition,
    each resumed (SIGCONT) for its turn while the others stay paused
    (SIGSTOP): an idle group is not idle here (mlx.launch's I/O loop and the
    ring backend's wait spin; the script reports how much CPU they take).
@@ -61,6 +64,7 @@ ROOT = bench.ROOT
 RESULTS = bench.RESULTS
 ONE, GROUP = "lem-serve, 1 process", "lem-serve, 2 ranks"
 RAW1, RAW2 = "raw mlx_lm, 1 process", "raw mlx_lm, 2 ranks"
+RAW2N = "raw mlx_lm, 2 ranks, launcher reniced"   # raw given lem-serve's quiet_launcher(), for a like-for-like ratio
 SHARE_CALLS = 500
 
 
@@ -94,19 +98,24 @@ class RawGroupWorker(bench.RawWorker):
     and generate together; only rank 0 answers on stdout.
     """
 
-    def __init__(self, model: Path, tag: str):
+    def __init__(self, model: Path, tag: str, renice: bool = False):
         super().__init__(model, tag)
-        self.name = RAW2
+        self.name = RAW2N if renice else RAW2
         self.argv = [launcher(), "-n", "2", "--backend", "ring", "--starting-port", str(free_port_run(2)),
                      "--python", sys.executable, str(Path(__file__).resolve()), "--raw-worker", str(model)]
-        self.log_path = RESULTS / "logs" / f"{tag}-raw-2-ranks.log"
+        self.argv += ["--renice"] if renice else []
+        self.log_path = RESULTS / "logs" / f"{tag}-raw-2-ranks{'-reniced' * renice}.log"
 
 
-def raw_worker(model_path: str) -> None:
-    """One rank of the sharded raw worker: bench.raw_worker's protocol, the model from sharded_load."""
+def raw_worker(model_path: str, renice: bool) -> None:
+    """One rank of the sharded raw worker: bench.raw_worker's protocol, the model from sharded_load;
+    with `renice`, mlx.launch is reniced as lem-serve's ranks do it (lem_serve.quiet_launcher)."""
     import mlx.core as mx
     from mlx_lm.utils import sharded_load
     group = mx.distributed.init()
+    if renice:
+        import lem_serve
+        lem_serve.quiet_launcher(os.getppid())
     model, tokenizer = sharded_load(model_path, tensor_group=group)
     out = sys.stdout if group.rank() == 0 else open(os.devnull, "w")
     sys.stdout = sys.stderr
@@ -232,12 +241,13 @@ def bench_model(name: str, quick: bool) -> dict:
         tokens, reps = (32, 2) if quick else (64, 3)
     result = {"model": bench.model_label(name, path), "tokens": tokens, "reps": reps}
     processes = {ONE: bench.lem_server(path, f"{name}-sharded", 4), RAW1: bench.RawWorker(path, name),
-                 GROUP: group_server(path, name, 4), RAW2: RawGroupWorker(path, name)}
+                 GROUP: group_server(path, name, 4), RAW2: RawGroupWorker(path, name),
+                 RAW2N: RawGroupWorker(path, name, renice=True)}
     try:
         for process in processes.values():
             process.start()
             os.killpg(process.proc.pid, signal.SIGSTOP)
-        systems = {system: (process, process.stream if system in (RAW1, RAW2) else
+        systems = {system: (process, process.stream if system in (RAW1, RAW2, RAW2N) else
                             lambda m, t, port=process.port: bench.stream_chat(port, m, t))
                    for system, process in processes.items()}
         bench.progress(f"{name}: single stream, {reps} repetitions of {tokens} tokens")
@@ -269,12 +279,14 @@ def markdown(report: dict) -> str:
         lines += [f"#### {result['model']}", "",
                   f"Single stream, {result['tokens']} tokens, medians of {result['reps']}:", "",
                   "| system | decode tok/s | TTFT |", "|---|---:|---:|"]
-        for name in (ONE, GROUP, RAW1, RAW2):
+        for name in (ONE, GROUP, RAW1, RAW2, RAW2N):
             lines.append(f"| {name} | {bench.fmt(single[name]['decode_tps'])} | {bench.fmt_ms(single[name]['ttft'])} |")
         tps = {name: single[name]["decode_tps"] for name in single}
         lines += ["", f"**2 ranks / 1 process: {bench.fmt_ratio(bench.ratio(tps[GROUP], tps[ONE]))} decode; "
                   f"lem/raw: {bench.fmt_ratio(bench.ratio(tps[ONE], tps[RAW1]))} in one process, "
-                  f"{bench.fmt_ratio(bench.ratio(tps[GROUP], tps[RAW2]))} over two ranks.**", "",
+                  f"{bench.fmt_ratio(bench.ratio(tps[GROUP], tps[RAW2]))} over two ranks "
+                  f"({bench.fmt_ratio(bench.ratio(tps[GROUP], tps[RAW2N]))} against raw with its launcher reniced too).**",
+                  "",
                   "4 concurrent streams: aggregate tok/s, TTFT p50:", "", "| system | tok/s | TTFT p50 |", "|---|---:|---:|"]
         for name in (ONE, GROUP):
             lines.append(f"| {name} | {bench.fmt(conc[name]['tps'])} | {bench.fmt_ms(conc[name]['ttft_p50'])} |")
@@ -288,9 +300,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny model only, fewer repetitions")
     parser.add_argument("--raw-worker", metavar="MODEL", help=argparse.SUPPRESS)
     parser.add_argument("--share-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--renice", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.raw_worker:
-        raw_worker(args.raw_worker)
+        raw_worker(args.raw_worker, args.renice)
     if args.share_worker:
         share_worker()
     env = bench.environment()

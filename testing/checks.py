@@ -510,10 +510,82 @@ FAMILIES["minimax-m2"] = ("unsloth-MiniMax-M2.jinja", {
     "parallel": "\n</think>\n\n<minimax:tool_call>\n" + MINIMAX_WEATHER + MINIMAX_TIME + "</minimax:tool_call>",
     "reasoning_call": "Let me think.\n</think>\n\n<minimax:tool_call>\n" + MINIMAX_WEATHER + "</minimax:tool_call>"})
 
+KIMI_THINKING_CALLS = "<|tool_calls_section_begin|>" + "".join(
+    KIMI_CALL.replace(":0", f":{i}").format(name, json.dumps(args)) for i, (name, args) in enumerate(
+        (WEATHER_CALL, TIME_CALL))) + "<|tool_calls_section_end|>"
+
+FAMILIES["kimi-k2-thinking"] = ("moonshotai-Kimi-K2-Thinking.jinja", {
+    "tokens": FAMILIES["kimi-k2"][1]["tokens"] + ("<think>", "</think>"), "end": "<|im_end|>"}, {
+    "plain": "<think></think>Hello there.", "reasoning": "<think>Let me think.</think>Paris.",
+    "call": "<think></think>" + FAMILIES["kimi-k2"][2]["call"], "parallel": "<think></think>" + KIMI_THINKING_CALLS,
+    "reasoning_call": "<think>Let me think.</think>" + FAMILIES["kimi-k2"][2]["call"]})
+
+GLM47_CALL = "<tool_call>{}<arg_key>{}</arg_key><arg_value>{}</arg_value></tool_call>"
+
+GLM47_WEATHER, GLM47_TIME = (GLM47_CALL.format("get_weather", "city", "Paris"),
+                              GLM47_CALL.format("get_time", "zone", "CET"))
+
+# The generation prompt opens the think block (<|assistant|><think>): every reply starts inside it.
+FAMILIES["glm-4.7"] = ("zai-org-GLM-4.7-Flash.jinja", {
+    "tokens": FAMILIES["glm-4.6"][1]["tokens"] + ("<|observation|>", "<tool_response>", "</tool_response>"),
+    "end": "<|endoftext|>", "eos": ("<|user|>", "<|observation|>")}, {
+    "plain": "</think>Hello there.", "reasoning": "Let me think.</think>Paris.", "call": "</think>" + GLM47_WEATHER,
+    "parallel": "</think>" + GLM47_WEATHER + GLM47_TIME, "reasoning_call": "Let me think.</think>" + GLM47_WEATHER,
+    "typed_call": "</think><tool_call>get_forecast<arg_key>city</arg_key><arg_value>Paris</arg_value><arg_key>days"
+                  '</arg_key><arg_value>3</arg_value><arg_key>hourly</arg_key><arg_value>true</arg_value><arg_key>tags'
+                  '</arg_key><arg_value>["a", "b"]</arg_value></tool_call>'})
+
+CODER_CALL = "<tool_call>\n<function={}>\n<parameter={}>\n{}\n</parameter>\n</function>\n</tool_call>"
+
+# A call whose arguments are not all strings: families that write values as bare text (XML-like, Gemma's) read
+# them back by the tool's schema.
+FORECAST_ARGS = {"city": "Paris", "days": 3, "hourly": True, "tags": ["a", "b"]}
+
+FAMILIES["qwen3-coder"] = ("Qwen-Qwen3-Coder-30B-A3B-Instruct.jinja", {
+    "tokens": ("<|im_start|>", "<tool_call>", "</tool_call>"), "end": "<|im_end|>"}, {
+    "plain": "Hello there.", "call": CODER_CALL.format("get_weather", "city", "Paris"),
+    "parallel": CODER_CALL.format("get_weather", "city", "Paris") + "\n" + CODER_CALL.format("get_time", "zone", "CET"),
+    "typed_call": "<tool_call>\n<function=get_forecast>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>"
+                  "\n3\n</parameter>\n<parameter=hourly>\ntrue\n</parameter>\n<parameter=tags>\n[\"a\", \"b\"]"
+                  "\n</parameter>\n</function>\n</tool_call>"})
+
+GEMMA_CALL = '<|tool_call>call:{}{{{}:<|"|>{}<|"|>}}<tool_call|>'
+
+GEMMA_WEATHER, GEMMA_TIME = (GEMMA_CALL.format("get_weather", "city", "Paris"),
+                              GEMMA_CALL.format("get_time", "zone", "CET"))
+
+# Thinking on (mlx_lm turns it on where the vocabulary has the markers): <|think|> in the system turn, and
+# the reply opens its own thought channel.
+FAMILIES["gemma-4"] = ("google-gemma-4-31B-it.jinja", {
+    "tokens": ("<|turn>", "<|think|>", "<|channel>", "<channel|>", "<|tool>", "<tool|>", "<|tool_call>", "<tool_call|>",
+               "<|tool_response>", "<tool_response|>", '<|"|>'),
+    "end": "<turn|>", "eos": ("<|tool_response>",), "bos": "<bos>", "template_args": {"enable_thinking": True}}, {
+    "plain": "Hello there.", "reasoning": "<|channel>thought\nLet me think.<channel|>Paris.", "call": GEMMA_WEATHER,
+    "parallel": GEMMA_WEATHER + GEMMA_TIME,
+    "reasoning_call": "<|channel>thought\nLet me think.<channel|>" + GEMMA_WEATHER,
+    "odd_call": '<|tool_call>call:files.read{file-path:<|"|>a, b<|"|>,opts:{dry-run:true}}<tool_call|>',
+    "stray_end": "Paris.<|channel>thought\n<channel|><channel|>",   # as llama.cpp saw Gemma 4 end some answers
+    "typed_call": '<|tool_call>call:get_forecast{city:<|"|>Paris<|"|>,days:3,hourly:true,'
+                  'tags:[<|"|>a<|"|>,<|"|>b<|"|>]}<tool_call|>'})
+
+# Gemma 4's template as first released: it reads tool results only as `tool_responses` on the calling message.
+FAMILIES["gemma-4-april"] = ("google-gemma-4-31B-it-2026-04-02.jinja", *FAMILIES["gemma-4"][1:])
+
+# A call whose name and keys are not \w+ (mlx_lm's Gemma 4 parser loses it), in the families that write one.
+FAMILY_EXPECTED["stray_end"] = ("Paris.", "", [])   # a thought closed that was never opened: no marker shown
+
+FAMILY_EXPECTED["typed_call"] = ("", "", [("get_forecast", FORECAST_ARGS)])
+
+FAMILY_EXPECTED["odd_call"] = ("", "", [("files.read", {"file-path": "a, b", "opts": {"dry-run": True}})])
+
 FAMILY_TOOLS = [{"name": "get_weather", "description": "The weather in a city",
                  "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}},
                 {"name": "get_time", "description": "The time in a zone",
-                 "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}, "required": ["zone"]}}]
+                 "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}, "required": ["zone"]}},
+                {"name": "get_forecast", "description": "The forecast for a city", "parameters": {
+                    "type": "object", "required": ["city"], "properties": {
+                        "city": {"type": "string"}, "days": {"type": "integer"}, "hourly": {"type": "boolean"},
+                        "tags": {"type": "array", "items": {"type": "string"}}}}}]
 
 
 def dialect_tools_for(endpoint: str) -> list[dict]:
@@ -591,8 +663,8 @@ def streamed_parts(endpoint: str, events: list) -> tuple[str, str, list]:
 
 FAMILY_MARKERS = ("<think>", "</think>", "<tool_call>", "</tool_call>", "<|channel|>", "<|message|>", "<|end|>",
                   "<|start|>", "<|call|>", "<|python_tag|>", "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]", "｜", "analysis",
-                  "<|tool_call", "<|tool_calls_section", "TOOLCALL",
-                  "commentary")
+                  "<|tool_call", "<|tool_calls_section", "TOOLCALL", "commentary", "<arg_", "<function=",
+                  "<parameter=", "tool_call>", "tool_call|>", "<|channel>", "<channel|>", '<|"|>', "call:", "<|turn>")
 
 
 # ---------------------------------------------------------------------------

@@ -65,10 +65,10 @@ SPEC: list[tuple[str, list[str]]] = [
         "engine_unavailable", "internal_error", "ClientGone",
     ]),
     ("Structured output: JSON Schema compiled to a character automaton, lifted to token masks", [
-        "JSON_WHITESPACE", "JSON_ESCAPES", "HEX_DIGITS", "REFEED", "CHAR_PREDICATES",
-        "in_charset", "charset", "negate", "ANY_CHAR", "SHORTHANDS", "REGEX_ESCAPES", "DOT",
-        "QUANTIFIER", "RegexParser", "ANYTHING", "lookaheads", "Regex", "shared_regex", "regex_for",
-        "ANY_TEXT", "_digits", "int_range", "_fraction", "_magnitude", "number_bound", "number_regex",
+        "JSON_WHITESPACE", "JSON_ESCAPES", "HEX_DIGITS", "REFEED", "ESCAPE", "GOOD_ESCAPE", "ECMA_TOKEN",
+        "CLASS_ITEM", "REFUSED_TOKENS", "SHORT_ESCAPES", "python_syntax", "DOT", "SHORTHANDS", "SAMPLE_CODES",
+        "ANYTHING", "regex_items", "Regex", "shared_regex", "regex_for",
+        "ANY_TEXT", "_digits", "_magnitude", "number_bound", "number_regex",
         "Cache", "_track", "Piece", "Literals", "Leaf", "number_leaf",
         "Union", "first_text", "union", "ValueStart", "VALUE", "Frame", "Container", "Object", "Array",
         "json_start",
@@ -118,7 +118,7 @@ SPEC: list[tuple[str, list[str]]] = [
     # a single-process reader skips one fenced section and everything calls upward.
     ("Group: ranks of an mlx.launch group (fenced: a single process never enters it)", [
         "Insert", "Remove", "Keep", "GroupFailure", "GroupLink", "token_check",
-        "rank0_address", "Lifelines", "join_group",
+        "rank0_address", "Lifelines", "join_group", "quiet_launcher",
     ]),
     ("Engine: one thread that owns MLX, continuous batching, the prompt cache", [
         "Job", "Sequence", "common_prefix", "cache_length", "cut_cache", "cache_nbytes",

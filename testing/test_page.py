@@ -44,6 +44,21 @@ def open_chat(browser):
 
 
 @contextlib.contextmanager
+def streaming_from_own_process(open_chat, model_dir: Path):
+    """A chat whose reply is streaming (three chunks in) from a server in its own process, for tests
+    that kill, freeze or reload under it; (process, chat); the process is resumed and killed after."""
+    process, address = start_process(model_dir, "--max-tokens", str(LONG_BUDGET))
+    try:
+        chat = open_chat(f"http://{address}", max_tokens=LONG_BUDGET)
+        chat.send("Keep going")
+        chat.wait_chunks(3)
+        yield process, chat
+    finally:
+        process.send_signal(signal.SIGCONT)
+        process.kill()
+
+
+@contextlib.contextmanager
 def slot_held(base: str):
     """Hold a server's generation slot with a never-ending stream from another client."""
     host, port = base.removeprefix("http://").rsplit(":", 1)
@@ -397,20 +412,13 @@ def test_timeout_is_shown(open_chat, make_long_server):
 
 
 def test_dropped_connection_is_shown(open_chat, long_model_dir):
-    process, address = start_process(long_model_dir, "--max-tokens", str(LONG_BUDGET))
-    chat = open_chat(f"http://{address}", max_tokens=LONG_BUDGET)
-    page = chat.page
-    try:
-        chat.send("Keep going")
-        chat.wait_chunks(3)
+    with streaming_from_own_process(open_chat, long_model_dir) as (process, chat):
         process.kill()  # the server dies abruptly, as a crashed one would
         error = chat.wait_reply("error").locator(".msg-error")
         assert error.get_attribute("data-kind") == "dropped"
         assert "connection" in error.inner_text().lower()
-        page.wait_for_selector("#health[data-state='offline']")
+        chat.page.wait_for_selector("#health[data-state='offline']")
         chat.check_clean()
-    finally:
-        process.kill()
 
 
 def test_controls_are_labelled_and_keyboard_usable(chat):
@@ -878,12 +886,8 @@ def test_reduced_motion_stills_the_cursor_and_the_drawer(open_chat, base_url):
 def test_honest_states_reload_mid_reply_and_a_frozen_server(open_chat, long_model_dir):
     """A reply cut by a reload says "Interrupted", not "connection lost"; a server that stops
     answering is named within seconds, and given up on, instead of "Generating…" for minutes."""
-    process, address = start_process(long_model_dir, "--max-tokens", str(LONG_BUDGET))
-    chat = open_chat(f"http://{address}", max_tokens=LONG_BUDGET)
-    page = chat.page
-    try:
-        chat.send("Keep going")
-        chat.wait_chunks(3)
+    with streaming_from_own_process(open_chat, long_model_dir) as (process, chat):
+        page = chat.page
         chat.reload()
         reply = chat.wait_reply("interrupted")
         assert reply.locator(".msg-note").inner_text().startswith("Interrupted")
@@ -899,9 +903,7 @@ def test_honest_states_reload_mid_reply_and_a_frozen_server(open_chat, long_mode
         assert error.get_attribute("data-kind") == "timeout" and "No data from the server for 8 s" in error.inner_text()
         page.locator("#health .health-text", has_text="Not responding").wait_for(timeout=20_000)
         chat.check_clean()
-    finally:
-        process.send_signal(signal.SIGCONT)
-        process.kill()
+
 
 STREAMING_SAMPLE = """<think>First a plan.
 
