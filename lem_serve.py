@@ -1486,8 +1486,8 @@ NULL = Literals(("null",))
 
 def any_value(depth: int) -> Piece:
     """Any JSON value, arrays and objects nested at most `depth` deep."""
-    inner = any_value(depth - 1) if depth else None
-    return Union([ANY_STRING, ANY_NUMBER, BOOLEAN, NULL] + [Object((), {(): inner}), Array((), inner)] * bool(depth))
+    inner = [any_value(depth - 1)] if depth else []
+    return Union([ANY_STRING, ANY_NUMBER, BOOLEAN, NULL] + [c for n in inner for c in (Object((), {(): n}), Array((), n))])
 
 
 ANY_VALUE = any_value(JSON_MAX_NESTING)
