@@ -4266,9 +4266,9 @@ class ReasoningSplitter:
     What lies between the model's think_start and think_end markers is
     reasoning; the markers themselves go. A reply whose prompt opened the
     block (DeepSeek-R1, Qwen3) starts inside it, and a block still open at
-    the end stays reasoning. An end marker outside reasoning, with no start
-    before it, is dropped (Gemma 4 may close a thought it never opened at the
-    end of its answer). Whitespace at the start of each part is dropped:
+    the end stays reasoning. An end marker outside reasoning that ends the
+    reply (Gemma 4 may close a thought it never opened there) is dropped; one
+    that text follows is text (an answer may quote "</think>"). Whitespace at the start of each part is dropped:
     models write "</think>\\n\\n" before the answer. Text that might be the
     start of a marker is held back until the next piece shows whether it is.
     """
@@ -4283,13 +4283,20 @@ class ReasoningSplitter:
         """The (kind, text) pieces safe to emit, kind "reasoning" or "text"; `final` flushes."""
         self.held += text
         out: list[tuple[str, str]] = []
+        keep = None
         while (found := self._next_marker()) is not None:
             at, marker = found
-            self._take(out, self.held[:at])
-            self.held = self.held[at + len(marker):]
-            if marker == self.markers[self.inside]:   # else a stray end marker, dropped
+            rest = self.held[at + len(marker):]
+            stray = marker != self.markers[self.inside]
+            if stray and not rest.strip() and not final:
+                keep = len(self.held) - at   # held: dropped if the reply ends here, shown if text follows
+                break
+            self._take(out, self.held[:at + len(marker) * (stray and bool(rest.strip()))])
+            self.held = rest
+            if not stray:
                 self.inside, self.fresh = not self.inside, True
-        keep = 0 if final else partial_marker_length(self.held, self.markers[self.inside:])
+        if keep is None:
+            keep = 0 if final else partial_marker_length(self.held, self.markers[self.inside:])
         self._take(out, self.held[:len(self.held) - keep])
         self.held = self.held[len(self.held) - keep:]
         return out
@@ -4982,13 +4989,14 @@ def quiet_launcher(pid: int) -> bool:
     try:
         if sys.platform.startswith("linux"):
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                command = f.read().replace(b"\0", b" ").decode(errors="replace")
+                command = f.read().decode(errors="replace").split("\0")
             threads = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
         else:
             command = subprocess.run(["ps", "-o", "command=", "-p", str(pid)], capture_output=True, text=True,
-                                     timeout=5).stdout
+                                     timeout=5).stdout.split()
             threads = [pid]
-        if "mlx.launch" not in command and "_distributed_utils/launch" not in command:
+        if not any(os.path.basename(arg) == "mlx.launch" or arg.endswith("_distributed_utils/launch.py")
+                   or arg == "mlx._distributed_utils.launch" for arg in command[:3]):   # the program, not its arguments
             return False
         for thread in threads:
             os.setpriority(os.PRIO_PROCESS, thread, 19)

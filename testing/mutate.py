@@ -634,6 +634,11 @@ MUTATIONS = [
              (("            parsed = self.form.parse(body, self.tools)",
                "            parsed = self.form.parse(body, None)"),),
              ("test_family_replies_split_into_content_reasoning_and_calls",)),
+    Mutation("quoted-think-end-dropped", "an end-of-reasoning marker that text follows (an answer quoting "
+                                         "\"</think>\") is dropped from the answer",
+             (("            self._take(out, self.held[:at + len(marker) * (stray and bool(rest.strip()))])",
+               "            self._take(out, self.held[:at])"),),
+             ("test_family_replies_split_into_content_reasoning_and_calls",)),
     Mutation("stray-think-end-shown", "an end-of-reasoning marker with no start (Gemma 4's trailing <channel|>) "
                                       "reaches the answer",
              (("        found = [(at, m) for m in self.markers[self.inside:] if (at := self.held.find(m)) >= 0]",
