@@ -1344,27 +1344,21 @@ def _closing(stack: tuple) -> str | None:
 
 # -- JSON Schema keywords -------------------------------------------------------
 
-SCHEMA_KEYWORDS = {
-    "type", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "$defs", "definitions",
-    "properties", "required", "additionalProperties", "minProperties", "maxProperties",
-    "items", "prefixItems", "additionalItems", "minItems", "maxItems", "uniqueItems",
-    "minLength", "maxLength", "pattern", "format",
-    "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf",
-    "not", "if", "then", "else", "patternProperties", "propertyNames", "dependencies", "dependentRequired",
-    "dependentSchemas", "contains", "minContains", "maxContains", "!enum", "!pattern",   # the last two: what `not` leaves (values, patterns excluded)
-}
+SCHEMA_KEYWORDS = {"type", "enum", "const", "!enum", "anyOf", "oneOf", "allOf", "$ref", "not", "if", "then", "else"}
 # Keywords that constrain and are not enforced: a 400 naming them. Any other keyword
 # (annotations, extensions such as x-*, misspellings) is ignored, as validators do.
-SCHEMA_REFUSED = {"unevaluatedProperties", "unevaluatedItems",
-                  "$dynamicRef", "$recursiveRef", "extends", "disallow", "divisibleBy"}
-# Keywords that say which type they constrain, for schemas without "type".
+SCHEMA_REFUSED = {"unevaluatedProperties", "unevaluatedItems", "$dynamicRef", "$recursiveRef", "extends", "disallow",
+                  "divisibleBy"}
+# The other keywords enforced, by the type they constrain (for schemas without "type"). "!enum" and
+# "!pattern" are what `not` leaves: values and patterns excluded.
 KEYWORD_TYPES = {"object": {"properties", "required", "additionalProperties", "minProperties", "maxProperties",
                             "patternProperties", "propertyNames", "dependencies", "dependentRequired",
                             "dependentSchemas"},
-                 "array": {"items", "prefixItems", "additionalItems", "minItems", "maxItems", "uniqueItems",
-                           "contains", "minContains", "maxContains"},
+                 "array": {"items", "prefixItems", "additionalItems", "minItems", "maxItems", "uniqueItems", "contains",
+                           "minContains", "maxContains"},
                  "string": {"minLength", "maxLength", "pattern", "format", "!pattern"},
                  "number": {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"}}
+SCHEMA_KEYWORDS |= set().union(*KEYWORD_TYPES.values())
 _OCTET = r"(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 _H16 = r"[0-9A-Fa-f]{1,4}"
 _YEAR = r"([1-9]\d{3}|0[1-9]\d\d|00[1-9]\d|000[1-9])"
@@ -1372,35 +1366,121 @@ _DATE = (rf"({_YEAR}-((0[13578]|1[02])-(0[1-9]|[12]\d|3[01])|(0[469]|11)-(0[1-9]
          r"|(\d\d(0[48]|[2468][048]|[13579][26])|(0[48]|[2468][048]|[13579][26])00)-02-29)")
 _TIME = r"([01]\d|2[0-3]):[0-5]\d:[0-5]\d(\.\d{1,9})?(Z|[+-]([01]\d|2[0-3]):[0-5]\d)"
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_HOST = rf"({_LABEL}\.)*[A-Za-z]([A-Za-z0-9-]{{0,61}}[A-Za-z0-9])?"
 _PCHAR = r"([A-Za-z0-9._~!$&'()*+,;=:@-]|%[0-9A-Fa-f]{2})"
-_DAYS = r"(\d+Y(\d+M)?(\d+D)?|\d+M(\d+D)?|\d+D)"
 _HOURS = r"T(\d+H(\d+M)?(\d+(\.\d+)?S)?|\d+M(\d+(\.\d+)?S)?|\d+(\.\d+)?S)"
-# `format` values enforced, each as a regular expression matched in full.
+_TAIL = rf"(\?({_PCHAR}|[/?])*)?(#({_PCHAR}|[/?])*)?"   # a URI's query and fragment
+_URI = rf"[A-Za-z][A-Za-z0-9+.-]*://([A-Za-z0-9._~!$&'()*+,;=-]|%[0-9A-Fa-f]{{2}})*(:\d{{1,5}})?(/{_PCHAR}*)*{_TAIL}"
+# A relative reference has no scheme and does not start with "//" (which would make an authority of it).
+_RELATIVE = rf"(/({_PCHAR}+(/{_PCHAR}*)*)?|([A-Za-z0-9._~!$&'()*+,;=@-]|%[0-9A-Fa-f]{{2}})+(/{_PCHAR}*)*)?{_TAIL}"
+_EMAIL = rf"[A-Za-z0-9_%+-]+(\.[A-Za-z0-9_%+-]+)*@({_LABEL}\.)+[A-Za-z]{{2,63}}"
+# `format` values enforced, each as a regular expression matched in full (IRIs and internationalised
+# addresses by their ASCII subsets).
 FORMATS = {
     "date": _DATE, "time": _TIME, "date-time": f"{_DATE}T{_TIME}",
-    "duration": rf"P({_DAYS}({_HOURS})?|{_HOURS}|\d+W)",
-    "email": rf"[A-Za-z0-9_%+-]+(\.[A-Za-z0-9_%+-]+)*@({_LABEL}\.)+[A-Za-z]{{2,63}}",
+    "duration": rf"P((\d+Y(\d+M)?(\d+D)?|\d+M(\d+D)?|\d+D)({_HOURS})?|{_HOURS}|\d+W)",
+    "email": _EMAIL, "idn-email": _EMAIL, "uri": _URI, "iri": _URI,
+    "uri-reference": f"{_URI}|{_RELATIVE}", "iri-reference": f"{_URI}|{_RELATIVE}",
     "uuid": r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
     "ipv4": rf"{_OCTET}(\.{_OCTET}){{3}}",
     "ipv6": "|".join([rf"({_H16}:){{7}}{_H16}", rf"({_H16}:){{1,7}}:", rf"({_H16}:){{1,6}}:{_H16}"]
                      + [rf"({_H16}:){{1,{n}}}(:{_H16}){{1,{7 - n}}}" for n in range(1, 6)]
                      + [rf":((:{_H16}){{1,7}}|:)"]),
-    "hostname": _HOST,
-    "uri": rf"[A-Za-z][A-Za-z0-9+.-]*://([A-Za-z0-9._~!$&'()*+,;=-]|%[0-9A-Fa-f]{{2}})*(:\d{{1,5}})?"
-           rf"(/{_PCHAR}*)*(\?({_PCHAR}|[/?])*)?(#({_PCHAR}|[/?])*)?",
+    "hostname": rf"({_LABEL}\.)*[A-Za-z]([A-Za-z0-9-]{{0,61}}[A-Za-z0-9])?",
+    "idn-hostname": r"([A-Za-z0-9]{1,20}(-[A-Za-z0-9]{1,20}){0,2}\.)*[A-Za-z]{1,20}",
     "json-pointer": r"(/([^~/]|~[01])*)*", "relative-json-pointer": r"(0|[1-9]\d*)(#|(/([^~/]|~[01])*)*)",
     "regex": r"\^?[^\\\[\](){}*+?|^$]*\$?",   # a literal text: every such string compiles
     "uri-template": r"([A-Za-z0-9._~!$&'()*+,;=:@/?#-]|%[0-9A-Fa-f]{2}|\{[A-Za-z0-9_]+(,[A-Za-z0-9_]+)*\})*",
-    "idn-hostname": r"([A-Za-z0-9]{1,20}(-[A-Za-z0-9]{1,20}){0,2}\.)*[A-Za-z]{1,20}",
 }
-# The ASCII subsets: an IRI's, an internationalised address's. A relative reference has no
-# scheme and does not start with "//" (which would make an authority of it).
-_RELATIVE = (rf"(/({_PCHAR}+(/{_PCHAR}*)*)?|([A-Za-z0-9._~!$&'()*+,;=@-]|%[0-9A-Fa-f]{{2}})+(/{_PCHAR}*)*)?"
-             rf"(\?({_PCHAR}|[/?])*)?(#({_PCHAR}|[/?])*)?")
-FORMATS.update({"iri": FORMATS["uri"], "idn-email": FORMATS["email"], "uri-reference": f"{FORMATS['uri']}|{_RELATIVE}"})
-FORMATS["iri-reference"] = FORMATS["uri-reference"]
 HOSTNAME_MAX_LENGTH = 253
+JSON_TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _as_list(value: Any) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def _kinds(value: Any) -> set:
+    kinds = {k for k in _as_list(value) if isinstance(k, str)}
+    return kinds | {"integer"} if "number" in kinds else kinds
+
+
+def json_type(value: Any) -> str:
+    """A JSON value's type by JSON Schema's names (an integral number is an integer)."""
+    if _is_number(value):
+        return "integer" if float(value).is_integer() else "number"
+    return {bool: "boolean", type(None): "null", dict: "object", list: "array", str: "string"}[type(value)]
+
+
+def _names(schema: dict) -> list:
+    names = schema.get("required")
+    return names if isinstance(names, list) and all(isinstance(n, str) for n in names) else []
+
+
+def _values(schema: dict) -> list | None:
+    values = schema["enum"] if "enum" in schema else [schema["const"]] if "const" in schema else None
+    return values if isinstance(values, list) else None
+
+
+def _string_parts(schema: dict) -> list:
+    """A string schema's patterns, format and exclusions as Regex parts (all hold), a positive one first."""
+    parts = [(p, True) for p in _as_list(schema.get("pattern", [])) if isinstance(p, str)]
+    form = schema.get("format")
+    parts += [(FORMATS[form], False)] if isinstance(form, str) and form in FORMATS else []
+    parts += [(p, True, True) for p in schema.get("!pattern", [])]
+    excluded = [re.escape(v) for v in schema.get("!enum", []) if isinstance(v, str)]
+    parts += [("|".join(excluded), False, True)] if excluded else []
+    return parts if parts and len(parts[0]) == 2 else [("", True)] + parts
+
+
+def _held(one: dict, other: dict) -> dict:
+    """allOf: a copy of `one` with the properties only it declares held to other's additionalProperties."""
+    extra, mine, theirs = other.get("additionalProperties", True), one.get("properties"), other.get("properties")
+    if extra is True or not isinstance(mine, dict) or other.get("patternProperties") or \
+            not isinstance(theirs or {}, dict):
+        return dict(one)
+    return {**one, "properties": {k: v if k in (theirs or {}) else {"allOf": [v, extra]} for k, v in mine.items()}}
+
+
+# allOf: how two different values of a keyword combine (False: no value fits; None or an error: they cannot).
+SCHEMA_MERGE = {
+    "type": lambda a, b: [k for k in JSON_TYPES if k in _kinds(a) & _kinds(b) and not
+                          (k == "integer" and "number" in _kinds(a) & _kinds(b))] or False,
+    "enum": lambda a, b: [v for v in a if _canonical(v) in set(map(_canonical, b))] or False,
+    "required": lambda a, b: list(dict.fromkeys(a + b)),
+    "pattern": lambda a, b: _as_list(a) + _as_list(b),   # several patterns: all must match
+    "not": lambda a, b: {"anyOf": [a, b]},
+    "properties": lambda a, b: {**a, **{k: {"allOf": [a[k], v]} if k in a else v for k, v in b.items()}},
+    **dict.fromkeys(("anyOf", "oneOf"), lambda a, b: None if len(a) * len(b) > SCHEMA_MAX_BRANCHES else
+                    [{"allOf": [x, y]} for x in a for y in b]),   # one alternative per pair, a few at most
+    **dict.fromkeys(("!enum", "!pattern", "allOf"), lambda a, b: a + b),
+    **dict.fromkeys(("minimum", "minLength", "minItems", "minProperties", "minContains"), max),
+    **dict.fromkeys(("maximum", "maxLength", "maxItems", "maxProperties", "maxContains"), min),
+    **dict.fromkeys(("items", "additionalItems", "additionalProperties", "propertyNames"),
+                    lambda a, b: {"allOf": [a, b]}),
+    **dict.fromkeys(("dependencies", "dependentRequired", "dependentSchemas", "patternProperties"),
+                    lambda a, b: None if a.keys() & b.keys() else {**a, **b}),
+}
+
+
+def accepts_text(node: Piece, text: str) -> bool:
+    """Whether the automaton for `node` takes `text` as a whole value."""
+    return json_complete(json_advance(json_start(node), text))
+
+
+def _unique_leaf(node: Piece | None) -> Piece | bool | None:
+    """uniqueItems: `node` as one leaf whose values' JSON texts are their identity (see Array); False if none."""
+    if node is None or all(isinstance(a, Literals) for a in node.alternatives):
+        return node and Literals(t for a in node.alternatives for t in a.texts)
+    return node if isinstance(node, Leaf) and node.by_text else False
+
 
 ANY_STRING = Leaf(ANY_TEXT)
 ANY_NUMBER = number_leaf(False)
@@ -1410,11 +1490,8 @@ NULL = Literals(("null",))
 
 def any_value(depth: int) -> Piece:
     """Any JSON value, arrays and objects nested at most `depth` deep."""
-    scalars = [ANY_STRING, ANY_NUMBER, BOOLEAN, NULL]
-    if depth == 0:
-        return Union(scalars)
-    inner = any_value(depth - 1)
-    return Union(scalars + [Object((), {(): inner}), Array((), inner)])
+    inner = [any_value(depth - 1)] if depth else []
+    return Union([ANY_STRING, ANY_NUMBER, BOOLEAN, NULL] + [c for n in inner for c in (Object((), {(): n}), Array((), n))])
 
 
 ANY_VALUE = any_value(JSON_MAX_NESTING)
@@ -1422,10 +1499,9 @@ ANY_OBJECT = Object((), {(): any_value(JSON_MAX_NESTING - 1)})
 
 
 class SchemaCompiler:
-    """Compiles one JSON Schema into pieces, or raises a 400 naming what it cannot enforce.
-
-    compile() returns None for a schema no value satisfies (false, or a $ref recursion cut at
-    SCHEMA_MAX_REFS): optional properties, array items and anyOf alternatives that need one are left out.
+    """One JSON Schema to pieces, or a 400 naming what cannot be enforced: made flat ($ref and allOf merged in),
+    anyOf/oneOf, not, if/then/else and dependencies as alternatives, the rest by type. None stands for no value
+    (false, a $ref recursion cut at SCHEMA_MAX_REFS): properties, items and alternatives needing one are left out.
     """
 
     def __init__(self, root: dict, param: str):
@@ -1436,162 +1512,152 @@ class SchemaCompiler:
         return invalid(f"'{self.param}': {message}", self.param)
 
     def compile(self, schema: Any, refs: int = SCHEMA_MAX_REFS, depth: int = 0) -> Piece | None:
-        if schema is True or schema == {}:
-            return ANY_VALUE
-        if schema is False:
-            return None
-        if not isinstance(schema, dict):
-            raise self.fail(f"a JSON Schema must be an object, got {json.dumps(schema)[:60]}")
+        """The piece for `schema`, None when no value satisfies it; `refs`: $ref hops left on this path."""
         if depth > SCHEMA_MAX_DEPTH:
             raise self.fail(f"the schema nests deeper than {SCHEMA_MAX_DEPTH} levels")
-        refused = sorted(set(schema) & SCHEMA_REFUSED)
-        if refused:
-            raise self.fail(f"JSON Schema keyword {refused[0]!r} is not supported (the README lists those enforced)")
-        key = (id(schema), refs)
-        if key not in self.memo:
-            self.memo[key] = (schema, self._compile(schema, refs, depth))
-        return self.memo[key][1]
+        if (id(schema), refs) not in self.memo:   # memo by the schema and by its flat form: shared $ref targets
+            flat, left = self.flat(schema, refs)
+            if (id(flat), left) not in self.memo:
+                try:
+                    self.memo[id(flat), left] = (flat, None if flat is False else self._compile(flat, left, depth))
+                except ValueError as exc:   # the pieces' own: no object, array or string fits
+                    raise self.fail(str(exc)) from None
+            self.memo[id(schema), refs] = (schema, self.memo[id(flat), left][1])
+        return self.memo[id(schema), refs][1]
 
-    def _compile(self, schema: dict, refs: int, depth: int) -> Piece | None:
-        constraints = {k: v for k, v in schema.items() if k in SCHEMA_KEYWORDS and k not in ("$defs", "definitions")}
-        if "$ref" in constraints:
-            if refs == 0:
-                return None
-            target = self.resolve(constraints.pop("$ref"))
-            return self.compile({"allOf": [target, constraints]} if constraints else target, refs - 1, depth)
-        if "allOf" in constraints:
-            merged = {k: v for k, v in constraints.items() if k != "allOf"}
-            hops = any(isinstance(part, dict) and "$ref" in part for part in self.list_of(constraints, "allOf"))
-            if refs - hops < 0:  # a $ref merged in is a hop like any other
-                return None
-            for part in constraints["allOf"]:
-                merged = self.merge(merged, part)
-            return self.compile(merged, refs - hops, depth)
-        if "anyOf" in constraints or "oneOf" in constraints:
-            return self.any_of(constraints, "anyOf" if "anyOf" in constraints else "oneOf", refs, depth)
-        handled, branches = self.branches(constraints)
-        rest = {k: v for k, v in constraints.items() if k not in handled}
-        if branches is not None:
-            return union([self.compile(self.merge(rest, b), refs, depth) for b in branches if b is not False])
-        if "enum" in constraints or "const" in constraints:
-            return self.literals(constraints, refs, depth)
-        kinds = constraints.get("type", [k for k, words in KEYWORD_TYPES.items() if words & set(constraints)])
-        if isinstance(kinds, list):
-            if not kinds:
-                return ANY_VALUE
-            return union([self.compile({**constraints, "type": k}, refs, depth) for k in kinds])
-        return self.typed(constraints, kinds, refs, depth)
-
-    def typed(self, schema: dict, kind: Any, refs: int, depth: int) -> Piece | None:
-        """The piece for one `type` (a 400 for an unknown one)."""
-        if kind in ("boolean", "null"):
-            return self.literals({"enum": [True, False] if kind == "boolean" else [None],
-                                  "!enum": schema.get("!enum", [])}, refs, depth)
-        if kind not in ("string", "integer", "number", "object", "array"):
-            raise self.fail(f"unknown JSON Schema type {json.dumps(kind)[:40]}")
-        return self.string(schema) if kind == "string" else self.number(schema, kind == "integer") \
-            if kind in ("integer", "number") else getattr(self, kind)(schema, refs, depth)
+    def flat(self, schema: Any, refs: int = SCHEMA_MAX_REFS) -> tuple[Any, int]:
+        """(`schema` with its top-level $ref and allOf merged in, $ref hops left): False when no value fits or a
+        recursion has used up its hops. compile, not and oneOf's analysis all see schemas through it."""
+        if not isinstance(schema, (bool, dict)):
+            raise self.fail(f"a JSON Schema must be an object, got {json.dumps(schema)[:60]}")
+        refs -= isinstance(schema, dict) and "$ref" in schema
+        if isinstance(schema, bool) or refs < 0 or not {"$ref", "allOf"} & schema.keys():
+            return ({} if schema is True else schema) if refs >= 0 else False, refs
+        out, left = {k: v for k, v in schema.items() if k in SCHEMA_KEYWORDS or k in SCHEMA_REFUSED}, refs
+        parts = [self.resolve(out.pop("$ref"))] if "$ref" in out else []
+        for part, hops in (self.flat(part, refs) for part in parts + self.list_of(out.pop("allOf", [{}]), "allOf")):
+            out, left = self.merge(out, part), min(left, hops)
+        return out, left
 
     def resolve(self, ref: Any) -> Any:
-        """The schema a local JSON pointer ("#", "#/$defs/Name", "#/definitions/...") or anchor ("#name") names."""
+        """The schema a local JSON pointer ("#", "#/$defs/Name", "#/definitions/...") or anchor ("#name": its
+        $anchor, or draft-06/07's $id or id "#name") names."""
         if not isinstance(ref, str) or not ref.startswith("#"):
             raise self.fail(f"only local $ref such as '#/$defs/Name' is supported, got {json.dumps(ref)[:60]}")
-        if ref[1:2] not in ("", "/"):
-            target = self.anchor(ref[1:], self.root)
-            if target is None:
-                raise self.fail(f"$ref {ref!r} points at nothing")
-            return target
-        target = self.root
-        for part in ref[1:].split("/")[1:] if ref != "#" else []:
-            part = part.replace("~1", "/").replace("~0", "~")
-            target = target.get(part) if isinstance(target, dict) else None
-            if target is None:
-                raise self.fail(f"$ref {ref!r} points at nothing")
+        target, todo = self.root, [self.root]
+        while ref[1:2] not in ("", "/") and todo:  # an anchor: the first subschema naming it, depth first
+            node = todo.pop()
+            found = isinstance(node, dict) and ref in (node.get("$id"), node.get("id"), f"#{node.get('$anchor', '')}")
+            todo, target = ([], node) if found else (todo + list(reversed(
+                node.values() if isinstance(node, dict) else node if isinstance(node, list) else [])), None)
+        for part in ref[1:].split("/")[1:] if ref[1:2] == "/" else []:
+            target = target.get(part.replace("~1", "/").replace("~0", "~")) if isinstance(target, dict) else None
+        if target is None:
+            raise self.fail(f"$ref {ref!r} points at nothing")
         return target
 
-    def anchor(self, name: str, node: Any) -> Any:
-        """The subschema under `node` whose $anchor is `name` (draft-06/07: whose $id or id is "#name"), or None."""
-        if isinstance(node, dict) and (node.get("$anchor") == name or "#" + name in (node.get("$id"), node.get("id"))):
-            return node
-        for child in node.values() if isinstance(node, dict) else node if isinstance(node, list) else ():
-            if (found := self.anchor(name, child)) is not None:
-                return found
-        return None
-
-    def list_of(self, schema: dict, word: str) -> list:
-        value = schema[word]
+    def list_of(self, value: Any, word: str) -> list:
         if not isinstance(value, list) or not value:
             raise self.fail(f"'{word}' must be a non-empty list")
         return value
 
-    def branches(self, schema: dict) -> tuple[tuple, list | None]:
-        """(keywords handled, alternatives to merge into the rest): one of not, if/then/else, dependencies."""
-        if "not" in schema:
-            return ("not",), self.negate(schema["not"])
-        if "if" in schema:
-            then, orelse = schema.get("then", {}), schema.get("else", {})
-            return ("if", "then", "else"), [{"allOf": [schema["if"], then]}] + [
-                {"allOf": [n, orelse]} for n in self.negate(schema["if"])]
+    def merge(self, a: Any, b: Any) -> Any:
+        """allOf: one schema with the constraints of both (False: no value fits; see SCHEMA_MERGE), or a 400.
+        A $ref in `b` is left for flat()."""
+        if a is False or b is False or b is True or b == {} or a is True or a == {}:
+            return False if a is False or b is False else a if b is True or b == {} else b
+        if not isinstance(a, dict) or not isinstance(b, dict):
+            raise self.fail("allOf parts must be schemas (objects)")
+        if "$ref" in b:
+            return {**a, "allOf": [*a.get("allOf", []), b]}
+        out = _held(a, b)
+        for key, value in _held(b, a).items():
+            if key in out and key in SCHEMA_KEYWORDS and _canonical(out[key]) != _canonical(value):
+                try:
+                    value = SCHEMA_MERGE[key](out[key], value)
+                except (KeyError, TypeError, AttributeError):
+                    value = None
+                if value is None:
+                    raise self.fail(f"allOf parts with different {key!r} cannot be merged")
+                if value is False:
+                    return False
+            out[key] = value
+        return out
+
+    def rewrite(self, schema: dict) -> dict | None:
+        """not, if/then/else or dependencies (one at a time) as anyOf, merged with the rest; None when none."""
         words = ("dependencies", "dependentRequired", "dependentSchemas")
-        deps = {}
-        for word in words:
-            deps.update(schema.get(word) if isinstance(schema.get(word), dict) else {})
-        if not deps:
-            return (), None
-        out = [{}]
-        for name, need in deps.items():  # each: the key absent, or present with what it needs
-            need = {"required": need} if isinstance(need, list) else need
-            out = [alt for branch in out for alt in ({"allOf": [branch, {"properties": {name: False}}]},
-                                                    {"allOf": [branch, {"required": [name]}, need]})]
-            if len(out) > SCHEMA_MAX_BRANCHES:
-                raise self.fail(f"more than {SCHEMA_MAX_BRANCHES} combinations of dependencies")
-        return words, out
+        needs = [(k, need) for word in words if isinstance(schema.get(word), dict) for k, need in schema[word].items()]
+        if "not" in schema:
+            words, cases = ("not",), self.negate(schema["not"])
+        elif "if" in schema:
+            words, cases = ("if", "then", "else"), [{"allOf": [schema["if"], schema.get("then", {})]},
+                                                    {"allOf": [{"not": schema["if"]}, schema.get("else", {})]}]
+        else:  # each key absent, or present with what it needs
+            cases = [{"allOf": [{"anyOf": [{"properties": {k: False}}, {"allOf": [{"required": [k]}, {"required": need}
+                     if isinstance(need, list) else need]}]} for k, need in needs]}] if needs else None
+        rest = {k: v for k, v in schema.items() if k not in words}
+        return None if cases is None else self.merge(rest, {"anyOf": cases})
 
     def negate(self, schema: Any, hops: int = 0) -> list:
-        """`not`: alternatives, any of which makes a value fail `schema` (what cannot be negated is a 400)."""
-        if schema is True or schema == {}:
-            return [False]
-        if schema is False:
-            return [{}]
+        """`not`: alternatives, any of which makes a value fail `schema` (what cannot be negated is a 400).
+        A schema holds when each of its keywords does: it fails when one of them fails."""
+        if isinstance(schema, bool):
+            return [{}] if schema is False else [False]
         if not isinstance(schema, dict) or hops > SCHEMA_MAX_DEPTH:
             raise self.fail("JSON Schema keyword 'not' must hold a schema")
-        words = set(schema) & SCHEMA_KEYWORDS
-        if words == {"$ref"}:
-            return self.negate(self.resolve(schema["$ref"]), hops + 1)
-        if words == {"type"}:
-            kinds = _kinds(schema["type"])
-            return [{"type": [k for k in JSON_TYPES if k not in kinds and (k != "number" or "integer" not in kinds)]}]
-        if words <= {"enum", "const"}:
-            return [{"!enum": schema["enum"] if "enum" in schema else [schema["const"]]}]
-        if words == {"pattern"} and isinstance(schema["pattern"], str):
-            return [{"!pattern": [schema["pattern"]]}]
-        if words <= {"required", "properties"} and isinstance(schema.get("properties", {}), dict):
-            absent = [{"properties": {name: False}} for name in schema.get("required", [])]
-            return absent + [{"required": [name], "properties": {name: {"anyOf": self.negate(sub, hops + 1)}}}
-                             for name, sub in schema.get("properties", {}).items()]
-        if words in ({"anyOf"}, {"oneOf"}) and all(isinstance(p, dict) for p in self.list_of(schema, *words)):
-            out = [{}]  # none of them: every part negated
-            for part in schema[next(iter(words))]:
-                out = [{"allOf": [a, b]} for a in out for b in self.negate(part, hops + 1)][:SCHEMA_MAX_BRANCHES + 1]
-            return out
-        if words == {"allOf"}:
-            return [alt for part in self.list_of(schema, "allOf") for alt in self.negate(part, hops + 1)]
-        raise self.fail(f"JSON Schema keyword 'not' is enforced only over type, enum, const, pattern, required, "
-                        f"properties, anyOf and allOf, not {sorted(words)[:3]}")
+        out = []
+        for word, value in schema.items():
+            if word in ("$ref", "allOf"):
+                parts = [self.resolve(value)] if word == "$ref" else self.list_of(value, word)
+                out += [alt for part in parts for alt in self.negate(part, hops + 1)]
+            elif word in ("anyOf", "oneOf"):   # none of them: each part fails
+                out.append({"allOf": [{"anyOf": self.negate(part, hops + 1)} for part in self.list_of(value, word)]})
+            elif word == "type":
+                kinds = _kinds(value)
+                out.append({"type": [k for k in JSON_TYPES if k not in kinds
+                                     and not (k == "number" and "integer" in kinds)]})
+            elif word in ("enum", "const"):
+                out.append({"!enum": self.list_of(value, word) if word == "enum" else [value]})
+            elif word == "pattern" and isinstance(value, str):
+                out.append({"!pattern": [value]})
+            elif word == "required" and isinstance(value, list):
+                out += [{"properties": {name: False}} for name in _names(schema)]
+            elif word == "properties" and isinstance(value, dict):
+                out += [{"required": [name], "properties": {name: {"not": sub}}} for name, sub in value.items()]
+            elif word in SCHEMA_KEYWORDS:
+                raise self.fail(f"JSON Schema keyword 'not' is enforced only over type, enum, const, pattern, "
+                                f"required, properties, anyOf and allOf, not {word!r}")
+        return out or [False]
+
+    def _compile(self, schema: dict, refs: int, depth: int) -> Piece | None:
+        refused = sorted(set(schema) & SCHEMA_REFUSED)
+        if refused:
+            raise self.fail(f"JSON Schema keyword {refused[0]!r} is not supported (the README lists those enforced)")
+        schema = {k: v for k, v in schema.items() if k in SCHEMA_KEYWORDS}
+        if "anyOf" in schema or "oneOf" in schema:
+            return self.any_of(schema, "anyOf" if "anyOf" in schema else "oneOf", refs, depth)
+        if (rewritten := self.rewrite(schema)) is not None:
+            return self.compile(rewritten, refs, depth)
+        if "enum" in schema or "const" in schema or schema.get("type") in ("boolean", "null"):
+            return self.literals(schema, refs, depth)
+        kind = schema.get("type", [k for k, words in KEYWORD_TYPES.items() if words & set(schema)])
+        if isinstance(kind, list):
+            return union([self.compile({**schema, "type": k}, refs, depth) for k in kind]) if kind else ANY_VALUE
+        if kind not in ("string", "integer", "number", "object", "array"):
+            raise self.fail(f"unknown JSON Schema type {json.dumps(kind)[:40]}")
+        return self.number(schema, kind == "integer") if kind in ("integer", "number") else \
+            getattr(self, kind)(schema, refs, depth)
 
     def any_of(self, schema: dict, word: str, refs: int, depth: int) -> Piece | None:
-        """anyOf and oneOf: the union of the branches, the rest of `schema` merged into each.
-
-        oneOf's branches are first narrowed so that no value one produces matches another (else a 400).
-        A branch this server cannot enforce is left out while another remains: output that matches one
-        still matches anyOf, and oneOf's other branches were narrowed against it all the same.
-        """
+        """anyOf/oneOf: the union of the branches, each with the rest of `schema`, oneOf's narrowed so that no value
+        one produces matches another (else a 400). A branch that cannot be enforced is left out if another stays."""
         base, one = {k: v for k, v in schema.items() if k != word}, word == "oneOf"
-        parts = [self.merge(base, alt) if base and one else alt for alt in self.list_of(schema, word)]
+        parts = [self.merge(base, alt) if one else alt for alt in self.list_of(schema[word], word)]
         alternatives, errors = [], []
         for i, part in enumerate(parts):
             try:
-                narrowed = self.merge(base, part) if base and not one else part
+                narrowed = part if one else self.merge(base, part)
                 for j, other in enumerate(parts if one else ()):
                     narrowed = narrowed if i == j else self.exclude(narrowed, other, i, j)
                 alternatives.append(self.compile(narrowed, refs, depth))
@@ -1605,7 +1671,7 @@ class SchemaCompiler:
 
     def exclude(self, part: Any, other: Any, i: int, j: int) -> Any:
         """`part` narrowed so that nothing it produces satisfies `other` (oneOf branches i and j), or a 400."""
-        part, other = self.flat(part), self.flat(other)
+        part, other = self.flat(part)[0], self.flat(other)[0]
         if part is False or other is False or self.disjoint(part, other):
             return part
         for patch in self.narrowings(part, other):
@@ -1616,187 +1682,87 @@ class SchemaCompiler:
                         "output match exactly one (give them a distinguishing key, type or const)")
 
     def narrowings(self, part: dict, other: dict) -> Iterator[dict]:
-        """Schemas to merge into `part` (a oneOf branch) so that it fails `other`, each checked by disjoint()."""
+        """Schemas to merge into `part` so that it fails `other`, cheapest first: a type, a pattern, a key other
+        requires left out, a key both declare required, a key other requires given a value other refuses."""
         mine, theirs = self.types(part, True), self.types(other, False)
         if mine is not None and theirs is not None and mine - theirs:
             yield {"type": sorted(mine - theirs)}
-        if mine == {"string"} and (isinstance(other.get("pattern"), str) or _format(other) in FORMATS):
-            yield {"!pattern": [other["pattern"] if isinstance(other.get("pattern"), str)
-                                else f"^(?:{FORMATS[_format(other)]})$"]}
-        props, theirs = part.get("properties") or {}, other.get("properties") or {}
+        if mine == {"string"} and (first := _string_parts(other)[0])[0]:
+            yield {"!pattern": [first[0] if first[1] else f"^(?:{first[0]})$"]}
+        props, theirs = self.declared(part), self.declared(other)
         yield from ({"properties": {name: False}} for name in _names(other) if name not in _names(part))
-        if isinstance(props, dict) and isinstance(theirs, dict):
-            yield from ({"required": [name]} for name in set(props) & set(theirs))
-            for name in set(_names(other)) & set(theirs):  # last: it may leave the branch nothing to write
-                with contextlib.suppress(APIError, AttributeError, TypeError):
-                    yield {"properties": {name: {"not": theirs[name]}}} if self.negate(theirs[name]) else {}
+        yield from ({"required": [name]} for name in props if name in theirs)
+        for name in [name for name in _names(other) if name in theirs]:  # last: it may leave part nothing to write
+            with contextlib.suppress(APIError):
+                yield {"properties": {name: {"not": theirs[name]}}} if self.negate(theirs[name]) else {}
 
-    def flat(self, schema: Any, hops: int = 0) -> Any:
-        """The schema with its top-level $ref and allOf merged in (for oneOf's analysis)."""
-        lists = {w: schema[w] for w in ("allOf", "anyOf", "oneOf") if isinstance(schema, dict)
-                 and isinstance(schema.get(w), list) and (w == "allOf" or len(schema[w]) == 1)}  # one branch: allOf
-        if isinstance(schema, dict) and ("$ref" in schema or lists) and hops <= SCHEMA_MAX_DEPTH:
-            merged = {k: v for k, v in schema.items() if k != "$ref" and k not in lists}
-            for part in ([self.resolve(schema["$ref"])] if "$ref" in schema else []) + sum(lists.values(), []):
-                if part is False:
-                    return False
-                merged = self.merge(merged, part)
-            return self.flat(merged, hops + 1)
-        return {} if schema is True else schema
+    def declared(self, schema: dict, name: str | None = None, produced: bool = False) -> Any:
+        """A schema's properties ({} if none); with `name`, the schema a value of that key is held to (True where
+        a pattern may be), `produced`: as this server writes it (no undeclared key unless additionalProperties)."""
+        props = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+        if name is None or name in props or schema.get("patternProperties"):
+            return props if name is None else props.get(name, True)
+        return schema.get("additionalProperties", not (produced and props) or name in _names(schema))
 
     def types(self, schema: dict, produced: bool) -> set | None:
         """The JSON types of values `schema` lets through; `produced`: of the values this server writes for it."""
-        if "enum" in schema or "const" in schema:
-            values = schema["enum"] if "enum" in schema else [schema["const"]]
-            return {json_type(v) for v in values} if isinstance(values, list) else None
-        if "type" in schema:
-            return _kinds(schema["type"])
+        if (values := _values(schema)) is not None or "type" in schema:
+            return {json_type(v) for v in values} if values is not None else _kinds(schema["type"])
         if produced and not {"anyOf", "oneOf", "not", "if"} & set(schema):
             return _kinds([k for k, words in KEYWORD_TYPES.items() if words & set(schema)]) or None
         return None
 
-    def disjoint(self, part: dict, other: dict, hops: int = 0) -> bool:
-        """True when no value this server writes for `part` satisfies `other`."""
-        part, other = self.flat(part), self.flat(other)
-        if part is False or other is False:
+    def disjoint(self, part: Any, other: Any, hops: int = 0) -> bool:
+        """True when no value this server writes for `part` satisfies `other`: their types or values differ, part
+        negates other, no string matches both, or a key that one of them requires cannot be in both."""
+        part, other = self.flat(part)[0], self.flat(other)[0]
+        if part is False or other is False or hops > SCHEMA_MAX_DEPTH:
+            return part is False or other is False
+        mine, theirs, values, allowed = self.types(part, True), self.types(other, False), _values(part), _values(other)
+        if mine is not None and theirs is not None and not mine & theirs or values is not None and allowed is not None \
+                and not any(v == w for v in values for w in allowed):
             return True
-        if not isinstance(part, dict) or not isinstance(other, dict) or hops > SCHEMA_MAX_DEPTH:
-            return False
-        mine, theirs = self.types(part, True), self.types(other, False)
-        if mine is not None and theirs is not None and not mine & theirs:
+        if "not" in part and _canonical(self.flat(part["not"])[0]) == _canonical(other):
             return True
-        values = part.get("enum", [part["const"]] if "const" in part else None)
-        allowed = other.get("enum", [other["const"]] if "const" in other else None)
-        if isinstance(values, list) and isinstance(allowed, list) and not any(v == w for v in values for w in allowed):
+        if mine == {"string"}:
+            with contextlib.suppress(ValueError):   # a Regex that matches nothing is a ValueError
+                return shared_regex(tuple(_string_parts(part) + _string_parts(other))) is None
             return True
-        if "not" in part and _canonical(part["not"]) == _canonical(other):
-            return True
-        if mine == {"string"} and self.strings_apart(part, other):
-            return True
-        props, theirs = part.get("properties") or {}, other.get("properties") or {}
-        if not isinstance(props, dict) or not isinstance(theirs, dict):
-            return False
-        closed = other.get("additionalProperties", True) is False and "patternProperties" not in other
-        shut = part.get("additionalProperties", None if props else True) in (None, False) and \
-            not part.get("patternProperties")   # this server writes no key beyond part's properties
-        # Apart when part writes a name other refuses, other needs one part never writes, or values differ.
-        for name in dict.fromkeys(_names(part) + _names(other)):
-            if name in _names(part) and (self.flat(theirs.get(name)) is False or closed and name not in theirs) \
-                    or name in _names(other) and (self.flat(props.get(name)) is False or name not in props and shut) \
-                    or name in theirs and name in props and self.disjoint(props[name], theirs[name], hops + 1):
-                return True
-        return False
+        return mine in (None, {"object"}) and any(self.disjoint(self.declared(part, name, True), self.declared(
+            other, name), hops + 1) for name in dict.fromkeys(_names(part) + _names(other)))
 
-    @staticmethod
-    def strings_apart(part: dict, other: dict) -> bool:
-        """Whether no string this server writes for `part` matches other's pattern and format."""
-        parts = [(p, True, True) for p in part.get("!pattern", [])]
-        for schema in (part, other):
-            parts += [(schema["pattern"], True)] if isinstance(schema.get("pattern"), str) else []
-            parts += [(FORMATS[_format(schema)], False)] if _format(schema) in FORMATS else []
-        try:
-            regex_for("", True, tuple(parts))
-        except ValueError:
-            return True
-        return False
-
-    def merge(self, a: dict, b: Any, hops: int = 0) -> dict:
-        """allOf: one schema with the constraints of both; False when none (what cannot be merged is a 400)."""
-        if b is True or b == {} or a is False or b is False:
-            return False if b is False else a
-        if not isinstance(b, dict):
-            raise self.fail("allOf parts must be schemas (objects)")
-        if "$ref" in b:
-            if hops > SCHEMA_MAX_DEPTH:
-                raise self.fail(f"allOf refers to itself through $ref more than {SCHEMA_MAX_DEPTH} times")
-            rest = {k: v for k, v in b.items() if k != "$ref"}
-            return self.merge(self.merge(a, self.resolve(b["$ref"]), hops + 1), rest, hops + 1)
-        a, b = self.closed_to(a, b), self.closed_to(b, a)
-        out = dict(a)
-        for key, value in b.items():
-            out[key] = value if key not in out or key not in SCHEMA_KEYWORDS else self.both(key, out[key], value)
-            if out[key] is False and key == "type":
-                return False
-        return out
-
-    def both(self, key: str, mine: Any, value: Any) -> Any:
-        """allOf: one value of `key` that holds what both parts' values hold (False: no type in common)."""
-        if key == "not":
-            return {"anyOf": [mine, value]}
-        if key in ("!enum", "!pattern", "allOf"):
-            return mine + value
-        if key in ("$defs", "definitions") or key in ("dependencies", "dependentRequired", "dependentSchemas",
-                                                       "patternProperties") and not set(mine) & set(value):
-            return {**mine, **value}
-        if key == "properties" and isinstance(mine, dict) and isinstance(value, dict):
-            return {**mine, **{k: {"allOf": [mine[k], v]} if k in mine else v for k, v in value.items()}}
-        if key == "required" and isinstance(mine, list) and isinstance(value, list):
-            return list(dict.fromkeys(mine + value))
-        if key in ("minimum", "minLength", "minItems", "minProperties", "minContains", "maximum", "maxLength",
-                   "maxItems", "maxProperties", "maxContains") and _is_number(mine) and _is_number(value):
-            return (max if key.startswith("min") else min)(mine, value)
-        if key == "type":
-            mine, value = _as_list(mine), _as_list(value)
-            kinds = [k for k in mine if k in value]  # and integer, a kind of number
-            if "integer" not in kinds and ("integer" in mine and "number" in value or
-                                           "number" in mine and "integer" in value):
-                kinds.append("integer")
-            return kinds or False
-        if key == "enum" and isinstance(mine, list) and isinstance(value, list):
-            return [v for v in mine if _canonical(v) in {_canonical(w) for w in value}]
-        if key in ("items", "additionalItems", "additionalProperties", "propertyNames") and \
-                not isinstance(mine, list) and not isinstance(value, list):
-            return {"allOf": [mine, value]}
-        if _canonical(mine) != _canonical(value):
-            raise self.fail(f"allOf parts with different {key!r} cannot be merged")
-        return mine
-
-    @staticmethod
-    def closed_to(one: dict, other: dict) -> dict:
-        """allOf: `one` with the properties only `other` declares held to other's additionalProperties."""
-        extra = other.get("additionalProperties", True)
-        mine, theirs = one.get("properties"), other.get("properties") or {}
-        if extra is True or not isinstance(mine, dict) or other.get("patternProperties") or not isinstance(theirs, dict):
-            return one
-        return {**one, "properties": {k: v if k in theirs else {"allOf": [v, extra]} for k, v in mine.items()}}
-
-    def literals(self, schema: dict, refs: int, depth: int) -> Literals:
-        """enum/const: the listed values that also fit the rest of the schema."""
-        values = self.list_of(schema, "enum") if "enum" in schema else [schema["const"]]
-        if "const" in schema:
-            values = [v for v in values if _canonical(v) == _canonical(schema["const"])]
-        values = [v for v in values if not any(v == w and json_type(v) == json_type(w) for w in schema.get("!enum", []))]
+    def literals(self, schema: dict, refs: int, depth: int) -> Literals | None:
+        """enum/const (or true/false, null): the listed values that also fit the rest of the schema."""
+        given = "enum" in schema or "const" in schema
+        values = (self.list_of(schema["enum"], "enum") if "enum" in schema else [schema["const"]]) if given else \
+            [True, False] if schema["type"] == "boolean" else [None]
+        values = [v for v in values if ("const" not in schema or _canonical(v) == _canonical(schema["const"])) and
+                  not any(v == w and json_type(v) == json_type(w) for w in schema.get("!enum", []))]
         texts = [json.dumps(v, ensure_ascii=False, separators=(",", ":")) for v in values]
-        rest = {k: v for k, v in schema.items() if k not in ("enum", "const", "!enum")}
-        if rest:
-            node = self.compile(rest, refs, depth)
-            texts = [t for t in texts if node is not None and accepts_text(node, t)]
+        rest = {k: v for k, v in schema.items() if k not in ("enum", "const", "!enum")} if given else {}
+        node = self.compile(rest, refs, depth) if rest else None
+        texts = [t for t in texts if not rest or node is not None and accepts_text(node, t)]
         return Literals(texts) if texts else None
 
     def count(self, schema: dict, word: str) -> int | None:
         value = schema.get(word)
-        if value is not None and (not _is_number(value) or value < 0 or value != int(value)):
+        if value is not None and not (_is_number(value) and value >= 0 and value % 1 == 0):
             raise self.fail(f"{word!r} must be a non-negative integer")
         return None if value is None else int(value)
 
-    def string(self, schema: dict) -> Leaf:
-        low, high = self.count(schema, "minLength") or 0, self.count(schema, "maxLength")
-        form, pattern = _format(schema), schema.get("pattern")
-        if pattern is not None and not isinstance(pattern, str):
+    def string(self, schema: dict, refs: int, depth: int) -> Leaf:
+        """A string matching its patterns, format and lengths, none of the values `not` excludes."""
+        low, high, form = self.count(schema, "minLength") or 0, self.count(schema, "maxLength"), schema.get("format")
+        if not all(isinstance(p, str) for p in _as_list(schema.get("pattern", []))):
             raise self.fail("'pattern' must be a string")
         if form in ("hostname", "idn-hostname"):
-            high = min(high if high is not None else HOSTNAME_MAX_LENGTH, HOSTNAME_MAX_LENGTH)
-        parts = [(FORMATS[form], False)] if form in FORMATS else []   # all hold
-        parts += [(p, True, True) for p in schema.get("!pattern", [])]
-        excluded = [re.escape(v) for v in schema.get("!enum", []) if isinstance(v, str)]
-        parts += [("|".join(excluded), False, True)] if excluded else []
+            high = min(HOSTNAME_MAX_LENGTH if high is None else high, HOSTNAME_MAX_LENGTH)
+        parts = tuple(_string_parts(schema))
         try:
-            if pattern is not None or len(parts) > 1 or parts and form not in FORMATS:
-                return Leaf(regex_for(pattern or "", True, tuple(parts)), low, high)
-            return Leaf(regex_for(FORMATS[form], False) if form in FORMATS else ANY_TEXT, low, high)
+            return Leaf(ANY_TEXT if parts == (("", True),) else shared_regex(parts), low, high)
         except ValueError as exc:
-            what = f"'pattern' {pattern!r}" if pattern is not None else f"'format' {form!r}" if form in FORMATS \
-                else "'minLength'/'maxLength'"
+            what = f"'pattern' {schema['pattern']!r}" if "pattern" in schema else f"'format' {form!r}" \
+                if isinstance(form, str) and form in FORMATS else "'minLength'/'maxLength'"
             raise self.fail(f"{what}: {exc}") from None
 
     def bound(self, schema: dict, inclusive: str, exclusive: str, tighter: Callable) -> tuple:
@@ -1813,8 +1779,7 @@ class SchemaCompiler:
         return tighter(values, key=lambda pair: (pair[0], pair[1] == (tighter is max))) if values else (None, False)
 
     def number(self, schema: dict, integer: bool) -> Leaf:
-        low, low_open = self.bound(schema, "minimum", "exclusiveMinimum", max)
-        high, high_open = self.bound(schema, "maximum", "exclusiveMaximum", min)
+        """A number within its bounds, a multiple of multipleOf, none of the values `not` excludes."""
         step, scale, multiple = 1, 0, schema.get("multipleOf")
         if multiple is not None:
             if not _is_number(multiple) or multiple <= 0 or not math.isfinite(multiple):
@@ -1827,14 +1792,13 @@ class SchemaCompiler:
             else:
                 scale = next(k for k in range(JSON_MAX_DIGITS + 1) if (exact * 10 ** k).denominator == 1)
                 step = int(exact * 10 ** scale)
-        excluded = []
-        for value in schema.get("!enum", []):
-            if _is_number(value) and "e" in repr(value).lower():
-                raise self.fail(f"'not' excludes {value!r}, a number this server cannot exclude")
-            if _is_number(value):  # every way this server writes it: 3, 3.0, 3.00...
-                integral = float(value).is_integer()
-                excluded.append("-?" * (value == 0) + re.escape(str(int(value))) + r"(\.0+)?" if integral
-                                else re.escape(repr(value)) + "0*")
+        excluded = [v for v in schema.get("!enum", []) if _is_number(v)]
+        if any("e" in repr(v).lower() for v in excluded):
+            raise self.fail(f"'not' excludes one of {excluded!r}, a number this server cannot exclude")
+        excluded = ["-?" * (v == 0) + re.escape(str(int(v))) + r"(\.0+)?" if float(v).is_integer()
+                    else re.escape(repr(v)) + "0*" for v in excluded]   # every way this server writes it: 3, 3.0...
+        (low, low_open), (high, high_open) = self.bound(schema, "minimum", "exclusiveMinimum", max), \
+            self.bound(schema, "maximum", "exclusiveMaximum", min)
         try:
             return number_leaf(integer, low, high, low_open, high_open, step, scale, tuple(excluded))
         except ValueError:
@@ -1842,81 +1806,54 @@ class SchemaCompiler:
                             f"writes one as a regular expression of at most {REGEX_MAX_STATES} states)") from None
 
     def object(self, schema: dict, refs: int, depth: int) -> Piece | None:
-        """properties in their order, then other keys: those patternProperties or additionalProperties allow.
-
-        Without additionalProperties, this server writes no key beyond properties, patternProperties
-        and required (whose undeclared names take any value).
-        """
-        properties, required = schema.get("properties", {}), schema.get("required", [])
-        patterns = schema.get("patternProperties", {})
-        if not isinstance(properties, dict) or not isinstance(required, list) or not isinstance(patterns, dict) or \
-                not all(isinstance(name, str) for name in required):
+        """properties in their order, then other keys: those patternProperties or additionalProperties allow, held
+        to propertyNames. Without additionalProperties, this server writes no key beyond properties,
+        patternProperties and required (whose undeclared names take any value)."""
+        properties, patterns = schema.get("properties", {}), schema.get("patternProperties", {})
+        required = schema.get("required", [])
+        if not isinstance(properties, dict) or not isinstance(patterns, dict) or _names(schema) != required:
             raise self.fail("'properties' and 'patternProperties' must be objects and 'required' a list of names")
-        extra = schema.get("additionalProperties", None if properties or patterns else True)
+        if len(patterns) > 6:
+            raise self.fail("more than 6 'patternProperties' patterns")
         try:
             regexes = [regex_for(p) for p in patterns]
-            names = self.property_names(schema.get("propertyNames"), refs, depth)
         except ValueError as exc:
             raise self.fail(f"'patternProperties': {exc}") from None
-        props, banned = [], []
+        extra = schema.get("additionalProperties", None if properties or patterns else True)
+        names, props, banned = self.keys(schema.get("propertyNames", True), [], depth), [], []
         for name in dict.fromkeys([*properties, *required]):
             matched = [sub for p, sub in zip(regexes, patterns.values()) if p.matches(name)]
-            own = properties.get(name, True if extra is None else extra)
-            node = None if names and not accepts_text(names, json.dumps(name)) else \
-                self.compile({"allOf": [own, *matched]} if matched else own, refs, depth + 1)
+            named = names is ANY_STRING or names is not None and accepts_text(names, json.dumps(name))
+            node = self.compile({"allOf": [properties.get(name, True if extra is None else extra), *matched]}, refs,
+                                depth + 1) if named else None
             if node is None and name in required:
                 return None
             props.append((name, node, name in required)) if node is not None else banned.append(name)
-        values = self.pattern_values(patterns, regexes, extra, refs, depth)
-        key = self.extra_key(names or ANY_STRING, list(patterns), regexes, extra)
-        try:
-            return Object(tuple(props), values if key is not None else {}, self.count(schema, "minProperties") or 0,
-                          self.count(schema, "maxProperties"), key, tuple(banned), tuple(regexes))
-        except ValueError as exc:
-            raise self.fail(str(exc)) from None
-
-    def extra_key(self, key: Piece, patterns: list, regexes: list, extra: Any) -> Piece | None:
-        """The leaf other keys are written with: propertyNames', and a pattern's unless additionalProperties
-        allows any (None: no other key)."""
-        if not regexes or extra not in (None, False):
-            return key
-        if isinstance(key, Literals):
-            texts = [t for t in key.texts if any(r.matches(json.loads(t)) for r in regexes)]
-            return Literals(texts) if texts else None
-        try:
-            return Leaf(regex_for("|".join(f"(?:{p})" for p in patterns), True, key.regex.source), key.min_len,
-                        key.max_len)
-        except ValueError as exc:
-            raise self.fail(f"'patternProperties'/'propertyNames': {exc}") from None
-
-    def pattern_values(self, patterns_of: dict, regexes: list, extra: Any, refs: int, depth: int) -> dict:
-        """An extra key's value node by the patterns it matches (a tuple of indices; (): additionalProperties)."""
+        # An other key's value: by the patterns it matches (indices), or additionalProperties' (()).
         values = {} if extra in (None, False) else {(): self.compile(extra, refs, depth + 1)}
-        if len(regexes) > 6:
-            raise self.fail("more than 6 'patternProperties' patterns")
-        for size in range(1, len(regexes) + 1):
-            for chosen in itertools.combinations(range(len(regexes)), size):
-                if size > 1 and chosen[:-1] not in values:
-                    continue
-                try:  # can one key match all of them?
-                    regex_for("", True, tuple((list(patterns_of)[i], True) for i in chosen))
-                except ValueError:
-                    continue
-                values[chosen] = self.compile({"allOf": [list(patterns_of.values())[i] for i in chosen]}, refs, depth + 1)
-        return {k: v for k, v in values.items() if v is not None}
+        for chosen in itertools.chain(*(itertools.combinations(range(len(regexes)), n + 1) for n in range(6))):
+            with contextlib.suppress(ValueError):  # when one key can match them all
+                if len(chosen) == 1 or chosen[:-1] in values:
+                    shared_regex(tuple((list(patterns)[i], True) for i in chosen))
+                    values[chosen] = self.compile({"allOf": [list(patterns.values())[i] for i in chosen]}, refs,
+                                                  depth + 1)
+        key = self.keys(schema.get("propertyNames", True), list(patterns) * (extra in (None, False)), depth)
+        return Object(tuple(props), {k: v for k, v in values.items() if v is not None} if key else {},
+                      self.count(schema, "minProperties") or 0, self.count(schema, "maxProperties"), key,
+                      tuple(banned), tuple(regexes))
 
-    def property_names(self, names: Any, refs: int, depth: int) -> Piece | None:
-        """propertyNames as a key leaf (a string or enum piece), None when absent."""
-        if names in (None, True, {}):
-            return None
-        node = self.compile(names if names is False else {"type": "string", **names}, refs, depth + 1)
+    def keys(self, names: Any, patterns: list, depth: int) -> Piece | None:
+        """The key leaf for propertyNames and one of `patterns`: ANY_STRING when they allow any, None if none."""
+        if names in (True, {}) and not patterns:
+            return ANY_STRING
+        either = [{"pattern": "|".join(f"(?:{p})" for p in patterns)}] if patterns else []
+        node = self.compile({"allOf": [{"type": "string"}, names, *either]}, SCHEMA_MAX_REFS, depth + 1)
         if node is not None and not isinstance(node, (Leaf, Literals)):
             raise self.fail("'propertyNames' is enforced as a string schema (pattern, lengths, format, enum)")
-        if node is None:
-            raise self.fail("'propertyNames' allows no name")
         return node
 
     def array(self, schema: dict, refs: int, depth: int) -> Piece | None:
+        """prefixItems (or a list of items) in their order, then items; contains and uniqueItems."""
         items, prefix = schema.get("items"), schema.get("prefixItems", [])
         if isinstance(items, list):  # draft-07 tuples: items as a list, then additionalItems
             prefix, items = items, schema.get("additionalItems")
@@ -1925,29 +1862,20 @@ class SchemaCompiler:
         low, high = self.count(schema, "minItems") or 0, self.count(schema, "maxItems")
         if "contains" in schema:
             prefix, items, low = self.contains(schema, prefix, items, low)
-        nodes = []
-        for sub in prefix:
-            node = self.compile(sub, refs, depth + 1)
-            if node is None:  # no value fits this position: the array ends before it
-                high, items = len(nodes) if high is None else min(high, len(nodes)), False
-                break
-            nodes.append(node)
-        if items is None:
-            items = True if not prefix or low > len(prefix) else False
-        rest = self.compile(items, refs, depth + 1)
+        nodes = list(itertools.takewhile(lambda n: n is not None, (self.compile(s, refs, depth + 1) for s in prefix)))
+        if len(nodes) < len(prefix):  # no value fits the next position: the array ends before it
+            high, items = len(nodes) if high is None else min(high, len(nodes)), False
+        rest = self.compile(items if items is not None else not prefix or low > len(prefix), refs, depth + 1)
         unique = schema.get("uniqueItems") is True
-        leaves = [n and self.unique_leaf(n) for n in nodes + [rest]] if unique else []
+        leaves = [_unique_leaf(n) for n in nodes + [rest]] if unique else []
         if unique and False not in leaves:
             nodes, rest = leaves[:-1], leaves[-1]
-        elif unique and low <= 1:
-            unique, high = False, 1 if high is None else min(high, 1)   # one item is unique whatever it is
-        elif unique:
+        elif unique and low > 1:
             raise self.fail("'uniqueItems' is enforced for items that are strings, integers, or "
                             "enum/const/boolean/null values")
-        try:
-            return Array(tuple(nodes), rest, low, high, unique)
-        except ValueError as exc:
-            raise self.fail(str(exc)) from None
+        elif unique:
+            unique, high = False, 1 if high is None else min(high, 1)   # one item is unique whatever it is
+        return Array(tuple(nodes), rest, low, high, unique)
 
     def contains(self, schema: dict, prefix: list, items: Any, low: int) -> tuple[list, Any, int]:
         """contains: the first minContains items match it and, under maxContains, no other item does (its
@@ -1961,60 +1889,6 @@ class SchemaCompiler:
         held = [{"allOf": [slot, must if i < least else {"not": must}]} if i < least or most is not None else slot
                 for i, slot in enumerate(slots)]
         return held, other if most is None else {"allOf": [other, {"not": must}]}, max(low, least)
-
-    @staticmethod
-    def unique_leaf(node: Piece) -> Piece | bool:
-        """uniqueItems: `node` as one leaf whose values' JSON texts are their identity (see Array); False if none."""
-        alternatives = node.alternatives
-        if all(isinstance(a, Literals) for a in alternatives):
-            return Literals(t for a in alternatives for t in a.texts)
-        return node if len(alternatives) == 1 and isinstance(node, Leaf) and node.by_text else False
-
-
-def accepts_text(node: Piece, text: str) -> bool:
-    """Whether the automaton for `node` takes `text` as a whole value."""
-    return json_complete(json_advance(json_start(node), text))
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _format(schema: dict) -> str | None:
-    """A schema's format, when it is a string."""
-    return schema.get("format") if isinstance(schema.get("format"), str) else None
-
-
-def _names(schema: dict) -> list:
-    """A schema's required names (none when `required` is not a list)."""
-    required = schema.get("required") if isinstance(schema, dict) else None
-    return required if isinstance(required, list) else []
-
-
-def _as_list(value: Any) -> list:
-    return value if isinstance(value, list) else [value]
-
-
-def _kinds(value: Any) -> set:
-    """The type names in a `type` value, and integer where number is (a kind of number)."""
-    kinds = {k for k in _as_list(value) if isinstance(k, str)}
-    return kinds | {"integer"} if "number" in kinds else kinds
-
-
-JSON_TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
-
-
-def json_type(value: Any) -> str:
-    """A JSON value's type by JSON Schema's names (an integral number is an integer)."""
-    if isinstance(value, bool) or value is None:
-        return "boolean" if value is not None else "null"
-    if isinstance(value, (int, float)):
-        return "integer" if float(value).is_integer() else "number"
-    return {dict: "object", list: "array", str: "string"}[type(value)]
-
-
-def _canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True)
 
 
 def compile_schema(schema: Any, root: Any, param: str) -> Piece:
