@@ -135,6 +135,8 @@ SCHEMA_MAX_DEPTH = 64             # nesting a schema may have; more is a 400
 SCHEMA_MAX_REFS = 8               # $ref hops on one path; a recursive schema is unrolled this deep, then ends
 SCHEMA_MAX_BRANCHES = 16          # alternatives one not/if/dependencies keyword may expand into; more is a 400
 REGEX_MAX_STATES = 5000           # NFA states of one pattern or format once repeats are expanded; more is a 400
+REGEX_MAX_SEARCH = 10000          # DFA states one search for a shortest completion visits (at compile: past it a 400;
+                                  # while decoding: a state past it counts as dead, so output stays valid)
 JSON_MASK_CACHE_STATES = 1024     # token masks cached per constraint (vocab bytes each; one per state seen)
 JSON_CONSTRAINT_CACHE = 16        # compiled constraints kept across requests (same schema: warm masks)
 SOCKET_TIMEOUT = 30.0             # seconds a socket read or write may stall before the connection is dropped
@@ -594,22 +596,23 @@ GOOD_ESCAPE = re.compile(r"\\([dDwWsSbtnvfr0]|x..|u....|[^\dA-Za-z])", re.S)   #
 ECMA_TOKEN = re.compile(rf"(\[\^?\]?)((?:\\.|[^\\\]])*)\]|{ESCAPE}|\(\?(?:<[\w$]+>|[:=!])?|\{{,|.", re.S)
 CLASS_ITEM = re.compile(rf"({ESCAPE}|[^\\])-({ESCAPE}|[^\\])|{ESCAPE}|.", re.S)   # a range or one character
 REFUSED_TOKENS = {"(?": "lookbehind (?<=...) and inline flags (?...) are not supported", "[": "unbalanced '['",
-                  "\\b": "the escape \\b is not supported"}
+                  "\\b": "the escape \\b is not supported",
+                  "{,": "'{,' is a literal to ECMAScript but a repeat to Python's re (validators): write \\{, or {0,n}"}
 SHORT_ESCAPES = {"\\d", "\\D", "\\w", "\\W", "\\s", "\\S"}
 
 
 def python_syntax(pattern: str) -> str:
-    """`pattern` in re's syntax, meaning what ECMAScript means: (?<name>...) as (...), "{," a literal, in a
+    """`pattern` in re's syntax, meaning what ECMAScript means: (?<name>...) as (...), in a
     class a "-" beside \\d \\w \\s a literal and every other character escaped (re reads "[[", "&&", "--" as
     future set syntax). Raises ValueError naming what we do not support: escapes that ECMAScript lacks or reads
-    otherwise (backreferences, \\b, \\A, \\a), lookbehind and inline flags."""
+    otherwise (backreferences, \\b, \\A, \\a), "{," (which the two read apart), lookbehind and inline flags."""
     if bad := [text for text in re.findall(ESCAPE, pattern, re.S) if not GOOD_ESCAPE.fullmatch(text)]:
         raise ValueError(f"the escape {bad[0]} is not supported")
     out = []
     for token in ECMA_TOKEN.finditer(pattern):
         if token[0] in REFUSED_TOKENS:
             raise ValueError(REFUSED_TOKENS[token[0]])
-        text = "(" if token[0].startswith("(?<") else "\\{," if token[0] == "{," else token[0]   # names may repeat
+        text = "(" if token[0].startswith("(?<") else token[0]   # names may repeat
         out.append(token[1] or text)
         for item in CLASS_ITEM.finditer(token[2] or ""):
             ends = [item[1], item[2]] if item[1] else [item[0]]
@@ -621,8 +624,9 @@ def python_syntax(pattern: str) -> str:
 
 # A set of characters: (negated, (lo, hi) code point ranges, predicates). \d \w \s are (narrow, wide) classes of re:
 # narrow holds what both ECMAScript and re (which validators run) match, wide all that either may. Classes take
-# narrow ones, [^...] wide ones, so output satisfies both.
+# narrow ones, [^...] wide ones, so output satisfies both; in a part that must not match (not, (?!...)) the other way.
 DOT = (True, ((10, 10), (13, 13), (0x2028, 0x2029)), ())   # ECMAScript's '.'
+DOT_WIDE = (True, ((10, 10),), ())                          # what either dialect's '.' may match (re's)
 SHORTHANDS = {"DIGIT": ("0-9", "\\d"), "WORD": ("0-9A-Za-z_", "\\w"), "SPACE": ("\\t-\\r ", "\\s\\ufeff")}
 SAMPLE_CODES = [*range(48, 58), *range(97, 123), *range(65, 91), *range(32, 127), *range(0, 32), *range(127, 0x250),
                 0x660, 0x2028, 0x2029, 0x3000, 0xfeff, 0x4e00, 0x1f600]
@@ -662,7 +666,7 @@ class Regex:
         built = []   # (first state, last state, negated)
         for pattern, search, *negated in parts:   # (pattern, search[, negated: must not match])
             for items, negated in regex_items(pattern, search, negated == [True]):
-                first = self._new()
+                self.wide, first = negated, self._new()   # a part that must not match reads its sets widely
                 built.append((first, self._build(items, first), negated))
         ends = [first for first, _, _ in built[1:]] + [len(self.edges)]   # a part's states: first to end
         self.parts = [(first, final, end, negated) for (first, final, negated), end in zip(built, ends)]
@@ -676,7 +680,7 @@ class Regex:
             if 0 <= code <= 0x10ffff and not 0xd800 <= code <= 0xdfff:
                 self.reps.setdefault(self.class_id(chr(code)), chr(code))
         if self.shortest(self.start) is None:
-            raise ValueError("the pattern matches nothing")
+            raise ValueError(f"the pattern matches nothing, or only past {REGEX_MAX_SEARCH} states of its automaton")
 
     def __reduce__(self) -> tuple:
         # A constraint travels pickled to the other ranks (GroupLink): `is ANY_TEXT` holds there too.
@@ -721,13 +725,13 @@ class Regex:
     def _charset(self, op: Any, arg: Any) -> int:
         """The index of the set of characters one LITERAL, NOT_LITERAL, ANY or IN item matches."""
         if op is not sre.IN:
-            cs = DOT if op is sre.ANY else (op is sre.NOT_LITERAL, ((arg, arg),), ())
+            cs = (DOT_WIDE if self.wide else DOT) if op is sre.ANY else (op is sre.NOT_LITERAL, ((arg, arg),), ())
             return self.charset_index.setdefault(cs, len(self.charset_index))
         negated, ranges, parts = arg[:1] == [(sre.NEGATE, None)], [], []
         for kind, value in arg:
             if kind is sre.CATEGORY:   # \D is what is not \d of the other width
                 no, pair = "_NOT_" in value.name, SHORTHANDS[value.name.split("_")[-1]]
-                parts.append(re.compile(f"[{'^' * no}{pair[negated != no]}]").fullmatch)
+                parts.append(re.compile(f"[{'^' * no}{pair[(negated != no) != self.wide]}]").fullmatch)
             elif kind in (sre.LITERAL, sre.RANGE):
                 ranges.append((value, value) if kind is sre.LITERAL else value)
         return self.charset_index.setdefault((negated, tuple(ranges), tuple(parts)), len(self.charset_index))
@@ -803,8 +807,8 @@ class Regex:
         if state not in self.tails:
             seen, queue, found = {state}, [(state, "")], None
             for current, text in queue:
-                if self.accepts(current):
-                    found = text
+                if self.accepts(current) or len(seen) > REGEX_MAX_SEARCH:   # (a|b)*a(a|b){25}: 2**25 states
+                    found = text if self.accepts(current) else None
                     break
                 for cid, ch in self.reps.items():
                     if (nxt := self._move(current, cid)) is not None and nxt not in seen:
@@ -4140,9 +4144,9 @@ class ReasoningSplitter:
     What lies between the model's think_start and think_end markers is
     reasoning; the markers themselves go. A reply whose prompt opened the
     block (DeepSeek-R1, Qwen3) starts inside it, and a block still open at
-    the end stays reasoning. An end marker outside reasoning, with no start
-    before it, is dropped (Gemma 4 may close a thought it never opened at the
-    end of its answer). Whitespace at the start of each part is dropped:
+    the end stays reasoning. An end marker outside reasoning that ends the
+    reply (Gemma 4 may close a thought it never opened there) is dropped; one
+    that text follows is text (an answer may quote "</think>"). Whitespace at the start of each part is dropped:
     models write "</think>\\n\\n" before the answer. Text that might be the
     start of a marker is held back until the next piece shows whether it is.
     """
@@ -4157,13 +4161,20 @@ class ReasoningSplitter:
         """The (kind, text) pieces safe to emit, kind "reasoning" or "text"; `final` flushes."""
         self.held += text
         out: list[tuple[str, str]] = []
+        keep = None
         while (found := self._next_marker()) is not None:
             at, marker = found
-            self._take(out, self.held[:at])
-            self.held = self.held[at + len(marker):]
-            if marker == self.markers[self.inside]:   # else a stray end marker, dropped
+            rest = self.held[at + len(marker):]
+            stray = marker != self.markers[self.inside]
+            if stray and not rest.strip() and not final:
+                keep = len(self.held) - at   # held: dropped if the reply ends here, shown if text follows
+                break
+            self._take(out, self.held[:at + len(marker) * (stray and bool(rest.strip()))])
+            self.held = rest
+            if not stray:
                 self.inside, self.fresh = not self.inside, True
-        keep = 0 if final else partial_marker_length(self.held, self.markers[self.inside:])
+        if keep is None:
+            keep = 0 if final else partial_marker_length(self.held, self.markers[self.inside:])
         self._take(out, self.held[:len(self.held) - keep])
         self.held = self.held[len(self.held) - keep:]
         return out
@@ -4856,13 +4867,14 @@ def quiet_launcher(pid: int) -> bool:
     try:
         if sys.platform.startswith("linux"):
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                command = f.read().replace(b"\0", b" ").decode(errors="replace")
+                command = f.read().decode(errors="replace").split("\0")
             threads = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
         else:
             command = subprocess.run(["ps", "-o", "command=", "-p", str(pid)], capture_output=True, text=True,
-                                     timeout=5).stdout
+                                     timeout=5).stdout.split()
             threads = [pid]
-        if "mlx.launch" not in command and "_distributed_utils/launch" not in command:
+        if not any(os.path.basename(arg) == "mlx.launch" or arg.endswith("_distributed_utils/launch.py")
+                   or arg == "mlx._distributed_utils.launch" for arg in command[:3]):   # the program, not its arguments
             return False
         for thread in threads:
             os.setpriority(os.PRIO_PROCESS, thread, 19)

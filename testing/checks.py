@@ -425,7 +425,8 @@ FAMILIES = {
         "plain": "Hello there.", "reasoning": "<think>\nLet me think.\n</think>\n\nParis.",
         "call": family_calls(QWEN_CALL, "", WEATHER_CALL),
         "parallel": family_calls(QWEN_CALL, "\n", WEATHER_CALL, TIME_CALL),
-        "reasoning_call": "<think>\nLet me think.\n</think>\n\n" + family_calls(QWEN_CALL, "", WEATHER_CALL)}),
+        "reasoning_call": "<think>\nLet me think.\n</think>\n\n" + family_calls(QWEN_CALL, "", WEATHER_CALL),
+        "quoted_end": "<think>\nLet me think.\n</think>\n\nSplit the reply on </think> once."}),
     "gpt-oss": ("openai-gpt-oss-120b.jinja", {
         "tokens": ("<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|constrain|>"), "end": "<|return|>",
         "eos": ("<|call|>",)}, {
@@ -572,6 +573,7 @@ FAMILIES["gemma-4"] = ("google-gemma-4-31B-it.jinja", {
 FAMILIES["gemma-4-april"] = ("google-gemma-4-31B-it-2026-04-02.jinja", *FAMILIES["gemma-4"][1:])
 
 # A call whose name and keys are not \w+ (mlx_lm's Gemma 4 parser loses it), in the families that write one.
+FAMILY_EXPECTED["quoted_end"] = ("Split the reply on </think> once.", "Let me think.", [])   # an answer may quote it
 FAMILY_EXPECTED["stray_end"] = ("Paris.", "", [])   # a thought closed that was never opened: no marker shown
 
 FAMILY_EXPECTED["typed_call"] = ("", "", [("get_forecast", FORECAST_ARGS)])

@@ -391,9 +391,14 @@ MUTATIONS = [
     Mutation("regex-dash-beside-shorthand-ranges", "a '-' beside \\d \\w \\s in a class is left a range (re refuses it)",
              (('            dash = "\\\\-" if SHORT_ESCAPES.intersection(ends) else "-"', '            dash = "-"'),),
              ("test_patterns_are_read_as_ecmascript",)),
-    Mutation("regex-brace-comma-quantifier", "'{,' is left to re, which reads x{,2} as up to two x",
-             (('else "\\\\{," if token[0] == "{," else token[0]', 'else token[0]'),),
-             ("test_patterns_are_read_as_ecmascript",)),
+    Mutation("regex-brace-comma-quantifier", "'{,' is left to re, which reads x{,2} as up to two x (ECMAScript: "
+             "a literal), so output and validator disagree",
+             (("                  \"{,\": \"'{,' is a literal", "                  \"{,,\": \"'{,' is a literal"),),
+             ("test_unenforceable_schemas_are_400_naming_the_keyword",)),
+    Mutation("regex-negated-parts-read-narrowly", "a pattern that must not match (not, (?!...)) reads \\d \\w \\s and "
+             "'.' narrowly, so output re would match slips through",
+             (("                self.wide, first = negated, self._new()", "                self.wide, first = False, self._new()"),),
+             ("test_new_keywords_are_enforced_and_every_walk_validates",)),
     Mutation("regex-named-groups-kept", "(?<name>...) goes to re as (?P<name>...), which refuses a name used twice",
              (('        text = "(" if token[0].startswith("(?<") else',
                '        text = "(?P<" + token[0][3:] if token[0].startswith("(?<") else'),),
@@ -632,6 +637,11 @@ MUTATIONS = [
                                           "text (Qwen3-Coder's 3, true) is not read by the tool's schema",
              (("            parsed = self.form.parse(body, self.tools)",
                "            parsed = self.form.parse(body, None)"),),
+             ("test_family_replies_split_into_content_reasoning_and_calls",)),
+    Mutation("quoted-think-end-dropped", "an end-of-reasoning marker that text follows (an answer quoting "
+                                         "\"</think>\") is dropped from the answer",
+             (("            self._take(out, self.held[:at + len(marker) * (stray and bool(rest.strip()))])",
+               "            self._take(out, self.held[:at])"),),
              ("test_family_replies_split_into_content_reasoning_and_calls",)),
     Mutation("stray-think-end-shown", "an end-of-reasoning marker with no start (Gemma 4's trailing <channel|>) "
                                       "reaches the answer",
