@@ -550,6 +550,18 @@ FAMILIES["qwen3-coder"] = ("Qwen-Qwen3-Coder-30B-A3B-Instruct.jinja", {
                   "\n3\n</parameter>\n<parameter=hourly>\ntrue\n</parameter>\n<parameter=tags>\n[\"a\", \"b\"]"
                   "\n</parameter>\n</function>\n</tool_call>"})
 
+# Nemotron 3 Nano writes Qwen3-Coder's calls (mlx_lm infers qwen3_coder), after a think block its generation
+# prompt opens (<think>\n): every reply starts inside it.
+NEMOTRON3_WEATHER, NEMOTRON3_TIME = (CODER_CALL.format("get_weather", "city", "Paris"),
+                                      CODER_CALL.format("get_time", "zone", "CET"))
+
+FAMILIES["nemotron-3-nano"] = ("NVIDIA-Nemotron-3-Nano-30B-A3B.jinja", {
+    "tokens": ("<|im_start|>", "<think>", "</think>", "<tool_call>", "</tool_call>"), "end": "<|im_end|>"}, {
+    "plain": "</think>\nHello there.", "reasoning": "Let me think.\n</think>\nParis.",
+    "call": "</think>\n" + NEMOTRON3_WEATHER, "parallel": "</think>\n" + NEMOTRON3_WEATHER + "\n" + NEMOTRON3_TIME,
+    "reasoning_call": "Let me think.\n</think>\n" + NEMOTRON3_WEATHER,
+    "typed_call": "</think>\n" + FAMILIES["qwen3-coder"][2]["typed_call"]})
+
 GEMMA_CALL = '<|tool_call>call:{}{{{}:<|"|>{}<|"|>}}<tool_call|>'
 
 GEMMA_WEATHER, GEMMA_TIME = (GEMMA_CALL.format("get_weather", "city", "Paris"),

@@ -1201,8 +1201,8 @@ def test_sdks_stream_tool_arguments_incrementally(write_server):
     assert json.loads(call.function.arguments) == WRITE_ARGS
 
 
-@pytest.mark.parametrize("family_server", ["qwen3", "gemma-4", "kimi-k2-thinking", "glm-4.7", "qwen3-coder"],
-                         indirect=True)
+@pytest.mark.parametrize("family_server", ["qwen3", "gemma-4", "kimi-k2-thinking", "glm-4.7", "qwen3-coder",
+                                          "nemotron-3-nano"], indirect=True)
 @pytest.mark.parametrize("endpoint", ["chat", "messages", "responses"])
 def test_one_tool_call_when_parallel_calls_are_off(family_server, endpoint):
     """parallel_tool_calls false (chat, responses) or tool_choice.disable_parallel_tool_use (messages): a model
@@ -1359,7 +1359,7 @@ def test_codex_answers_headless_and_its_second_run_reads_the_cache(agent_server,
 # (Claude Code's tools, Codex's shell and custom tools) and developer messages render without a 400, and the
 # answer Codex prints is the script's text alone, its reasoning apart. (Claude Code puts reminders after the
 # prompt in its user message, so the scripted model, which answers right after its trigger, says nothing.)
-AGENT_FAMILIES = ["gemma-4", "gemma-4-april", "kimi-k2-thinking", "glm-4.7", "qwen3-coder"]
+AGENT_FAMILIES = ["gemma-4", "gemma-4-april", "kimi-k2-thinking", "glm-4.7", "qwen3-coder", "nemotron-3-nano"]
 
 
 @pytest.mark.parametrize("family_server", AGENT_FAMILIES, indirect=True)
@@ -1609,6 +1609,8 @@ FORCED_HEADS = {"zai-org-GLM-4.6.jinja": ("<tool_call>plan\n<arg_key>title</arg_
                 "unsloth-MiniMax-M2.jinja": ('<minimax:tool_call>\n<invoke name="plan">\n<parameter name="title">', ()),
                 "Qwen-Qwen3-Coder-30B-A3B-Instruct.jinja": ("<tool_call>\n<function=plan>\n<parameter=title>\n",
                                                             ("label",)),   # an untyped value: its parser guesses
+                "NVIDIA-Nemotron-3-Nano-30B-A3B.jinja": ("<tool_call>\n<function=plan>\n<parameter=title>\n",
+                                                         ("label",)),   # Qwen3-Coder's parser
                 "google-gemma-4-31B-it.jinja": ('<|tool_call>call:plan{title:<|"|>', ("tags", "where")),
                 "moonshotai-Kimi-K2.jinja": ("<|tool_calls_section_begin|><|tool_call_begin|>functions.plan:0"
                                              "<|tool_call_argument_begin|>", ())}
