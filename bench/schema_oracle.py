@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import random
-import string
 import sys
 import time
 import traceback
@@ -23,35 +22,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import lem_serve  # noqa: E402
+from testing.checks import automaton_walks  # noqa: E402
 from testing.schemas import validation_errors  # noqa: E402
 
 SAMPLE = next((p / "shared" / "jsonschemabench" / "dev-sample.jsonl" for p in (ROOT.parent, ROOT.parent.parent)
                if (p / "shared" / "jsonschemabench").is_dir()), ROOT.parent / "shared" / "jsonschemabench" / "dev-sample.jsonl")
 BASE = Path(__file__).resolve().parent / "schema_oracle_baseline.json"
-ALPHABET = list('{}[],:" \n\t0123456789-.eE+\\@/_%~?#=&$é٣\u00a0') + list(string.ascii_letters)
-
-
-def walks(node, rng, count, steps=150):
-    start = lem_serve.json_start(node)
-    for _ in range(count):
-        state, text = start, ""
-        for _ in range(rng.randrange(steps)):
-            if lem_serve.json_complete(state) and rng.random() < 0.1:
-                break
-            options = [ch for ch in ALPHABET if lem_serve.json_advance(state, ch)]
-            if not options:
-                if not lem_serve.json_complete(state):
-                    yield text, "dead end"
-                break
-            ch = rng.choice(options)
-            state, text = lem_serve.json_advance(state, ch), text + ch
-        closing = lem_serve.json_closing_text(state)
-        if closing is None or not lem_serve.json_complete(lem_serve.json_advance(state, closing)):
-            yield text, "no closing"
-            continue
-        yield text + closing, None
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--write-baseline", action="store_true")
@@ -75,7 +51,7 @@ def main():
             traceback.print_exc()
             continue
         results[key] = "accepted"
-        for text, problem in walks(node, random.Random(i), args.walks):
+        for text, problem in automaton_walks(node, random.Random(i), args.walks):
             if problem is None:
                 try:
                     errs = validation_errors(json.loads(text), schema)

@@ -9,8 +9,10 @@ import contextlib
 import http.client
 import json
 import os
+import random
 import re
 import socket
+import string
 import subprocess
 import sys
 import threading
@@ -854,3 +856,33 @@ def answer(server, endpoint: str, fields: dict) -> dict:
             "tokens": reply["usage"]["completion_tokens"],
             "logprob tokens": [[e["token"]] + [t["token"] for t in e["top_logprobs"]] for e in logprobs],
             "logprobs": [e["logprob"] for e in logprobs]}
+
+
+# Characters a random walk through the automaton picks from: JSON's punctuation, digits, escapes, letters,
+# a non-ASCII letter, an Arabic-Indic digit and a no-break space (where ECMAScript and re disagree).
+WALK_ALPHABET = list('{}[],:" \n\t0123456789-.eE+\\@/_%~?#=&$é٣\u00a0') + list(string.ascii_letters)
+
+
+def automaton_walks(node: lem_serve.Piece, rng: random.Random, count: int, steps: int = 150):
+    """(text, problem) for `count` random walks through `node`'s automaton, each closed by its closing text:
+    what any sampler could write. `problem` is None, or says where the automaton left no way on."""
+    start = lem_serve.json_start(node)
+    for _ in range(count):
+        state, text, stuck = start, "", False
+        for _ in range(rng.randrange(steps)):
+            if lem_serve.json_complete(state) and rng.random() < 0.1:
+                break
+            options = [ch for ch in WALK_ALPHABET if lem_serve.json_advance(state, ch)]
+            if not options:
+                stuck = not lem_serve.json_complete(state)
+                break
+            ch = rng.choice(options)
+            state, text = lem_serve.json_advance(state, ch), text + ch
+        if stuck:
+            yield text, f"dead end after {text!r}"
+            continue
+        closing = lem_serve.json_closing_text(state)
+        if closing is None or not lem_serve.json_complete(lem_serve.json_advance(state, closing)):
+            yield text, f"no closing text after {text!r}"
+            continue
+        yield text + closing, None
