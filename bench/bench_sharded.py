@@ -75,7 +75,11 @@ def group_server(model: Path, tag: str, max_requests: int) -> bench.ServerProces
             "--python", sys.executable, str(ROOT / "lem_serve.py"), "--model-path", str(model),
             "--bind", f"127.0.0.1:{port}", "--max-requests", str(max_requests), "--max-context", "0",
             "--log-level", "warning"]
-    return bench.ServerProcess(GROUP, argv, "/healthz", RESULTS / "logs" / f"{tag}-lem-serve-2-ranks.log")
+    server = bench.ServerProcess(GROUP, argv, "/healthz", RESULTS / "logs" / f"{tag}-lem-serve-2-ranks.log")
+    # An open pipe on stdin, as the raw workers have (and a terminal gives): at end of file (/dev/null, the
+    # bench run without a terminal) mlx.launch's main loop busy-polls it, one more spinning thread than raw's.
+    server.stdin = subprocess.PIPE
+    return server
 
 
 def run_worker(ranks: int, *args: str) -> dict:
