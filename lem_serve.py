@@ -4861,11 +4861,11 @@ def quiet_launcher(pid: int) -> bool:
     mlx.launch's output relay busy-polls: it selects its ranks' stdin pipes for writing, which are always
     writable, and its own stdin at end of file, so an idle 2-rank group burns 1-1.7 cores in the launcher
     (mlx 0.32). On a laptop-sized core count that is time the ranks' decode loses. A user's process may
-    always lower its own processes' priority. Nice 19 is not enough on Linux: the scheduler lets a running
-    nice-19 thread finish its time slice before a waking rank thread gets the core, and a decode step wakes
-    the ranks' threads at every collective (bench/RESULTS-sharded.md). SCHED_IDLE threads give way at once
-    and get the idle cycles only. Each thread is set on its own on Linux (where nice and
-    policy are per thread); elsewhere the process's nice value covers them.
+    always lower its own processes' priority. Nice 19 is not enough on Linux: the scheduler may let a running
+    nice-19 thread keep the core to the end of its slice (EEVDF's run to parity) while a rank thread that a
+    collective woke waits, and a decode step wakes them at every layer (bench/RESULTS-sharded.md). A
+    SCHED_IDLE thread gives way at once. Each thread is set on its own on Linux (where nice and policy are
+    per thread); elsewhere the process's nice value covers them.
     """
     try:
         if sys.platform.startswith("linux"):

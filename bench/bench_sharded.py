@@ -12,8 +12,10 @@ model folder, greedy, chat template applied:
      sharded over two ranks (``sharded_load``), no server: the ratio lem/raw
      of each shows what lem-serve adds on top, sharded or not; and raw over two
      ranks once more with its mlx.launch reniced as lem-serve's ranks renice
-     theirs (quiet_launcher: the launcher's relay threads busy-poll), so the
-     sharded ratio can be read like for like too.
+     theirs (quiet_launcher: nice 19 and, on Linux, the idle class, since the
+     launcher's relay threads busy-poll), so the sharded ratio can be read
+     like for like too. Every group gets an open pipe on stdin (the raw
+     workers' requests; an unused one for lem-serve, as a terminal would be).
    All five are started, then measured in turns, repetition by repetition,
    each resumed (SIGCONT) for its turn while the others stay paused
    (SIGSTOP): an idle group is not idle here (mlx.launch's I/O loop and the
