@@ -574,14 +574,12 @@ class ClientGone(Exception):
 # multipleOf compiled to regular expressions), Container (Object, Array) and Union (anyOf).
 # json_advance() runs the graph over text as a pushdown automaton. A state is a tuple of stacks, one per
 # live anyOf branch; a stack is a tuple of frames (NamedTuples starting with their piece), innermost
-# last; all of it hashes, so token masks are cached per state (JsonMasks). For its frames, a piece has
-#   step(frame, ch) -> frame tuples that replace it (() pops it), or REFEED: the value was complete
-#                      before `ch`, which goes to the parent;
-#   done(frame)     -> whether the value is complete;  finish(frame) -> a short text that completes it;
-# and min_text, a shortest value. A leaf (Literals, Leaf) is always a top frame; under an exclusion (the
-# texts it may not be: uniqueItems, extra keys) it keeps its raw text. Whitespace: at most
-# JSON_MAX_WHITESPACE characters between tokens, so output stays finite. Recursive $refs are unrolled
-# SCHEMA_MAX_REFS deep.
+# last; all of it hashes, so token masks are cached per state (JsonMasks). A piece has frame(ex), the
+# frame before its value, under an exclusion `ex` (texts it may not be: uniqueItems, extra keys; a leaf then
+# keeps its raw text); step(frame, ch) -> frame tuples that replace it (() pops it; led by REFEED: pushed,
+# the new top takes `ch`); done(frame): complete (then its parent may take `ch`); finish(frame): a short
+# text that completes it; min_text, a shortest value. Whitespace: at most JSON_MAX_WHITESPACE characters
+# between tokens, so output stays finite. Recursive $refs are unrolled SCHEMA_MAX_REFS deep.
 
 JSON_WHITESPACE = " \t\n\r"
 JSON_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
@@ -913,10 +911,6 @@ class Piece:
     def alternatives(self) -> tuple:
         return (self,)
 
-    def begin(self, ch: str, ex: frozenset | None) -> list:
-        """The frames of a value that starts with `ch`, under the exclusion `ex` (leaves only)."""
-        return self.step(self.frame(ex), ch)
-
     def child_done(self, frame: tuple, child: tuple) -> tuple | None:
         """This frame once its child value `child` is complete; None to refuse it."""
         return frame
@@ -928,15 +922,14 @@ class Cursor(NamedTuple):
     piece: Any
     dfa: Any                   # the regex state
     count: int                 # characters of the value so far
-    escape: str                # "^" before the opening quote, "" none, "\\" after a backslash, "u" + hex digits, '"'
+    escape: str                # "^" before the opening quote, "" none, '"' closed, or an escape so far ("\\u12")
     ex: frozenset | None       # the texts it may not be (None: no exclusion)
     text: str | None           # its raw text so far, kept under an exclusion (always for Literals)
 
-    def add(self, ch: str, escape: str | None = None, dfa: Any = None) -> Cursor:
-        """The frame after raw character `ch`: in `escape` if given, one character further at `dfa` if given."""
-        text = None if self.text is None else self.text + ch
-        return Cursor(self.piece, self.dfa if dfa is None else dfa, self.count + (dfa is not None),
-                      self.escape if escape is None else escape, self.ex, text)
+    def add(self, ch: str, escape: str = "", dfa: Any = None) -> Cursor:
+        """The frame after raw character `ch`, in `escape`, one character further at `dfa` if given."""
+        return Cursor(self.piece, self.dfa if dfa is None else dfa, self.count + (dfa is not None), escape, self.ex,
+                      None if self.text is None else self.text + ch)
 
 
 class Literals(Piece):
@@ -950,27 +943,34 @@ class Literals(Piece):
         """The frame before the first character."""
         return Cursor(self, None, 0, "", ex, "")
 
+    def _open(self, text: str, ex: frozenset | None) -> Iterator[str]:
+        """The texts that begin with `text` and are not excluded."""
+        return (t for t in self.texts if t.startswith(text) and (ex is None or t not in ex))
+
     def step(self, frame: Cursor, ch: str) -> list:
-        """The frames after `ch` (REFEED when complete before it)."""
-        text, ex = frame.text + ch, frame.ex
-        out = [REFEED] * self.done(frame)
-        if any(t.startswith(text) and (ex is None or t not in ex) for t in self.texts):
-            out.append((Cursor(self, None, 0, "", ex, text),))
-        return out
+        """The frames after `ch`."""
+        return [(frame.add(ch),)] if any(self._open(frame.text + ch, frame.ex)) else []
 
     def done(self, frame: Cursor) -> bool:
         return frame.text in self.texts and (frame.ex is None or frame.text not in frame.ex)
 
     def finish(self, frame: Cursor) -> str | None:
         """The rest of a shortest text the frame may become; None when every one is excluded."""
-        texts = [t for t in self.texts if t.startswith(frame.text) and (frame.ex is None or t not in frame.ex)]
-        return min(texts, key=len)[len(frame.text):] if texts else None
+        best = min(self._open(frame.text, frame.ex), key=len, default=None)
+        return None if best is None else best[len(frame.text):]
+
+
+def is_plain(text: str) -> bool:
+    """Whether a JSON string holds `text` as it is: no quote, backslash or control character."""
+    return all(ch >= " " and ch not in '"\\' for ch in text)
 
 
 class Leaf(Piece):
     """A value whose text matches `regex` with min_len to max_len characters: a JSON string (`quoted`: the
     regex runs over its decoded characters) or a number (its raw text). Strings under an exclusion take no
     escapes (their raw text is their value). Integers and strings have one spelling each (`by_text`)."""
+
+    ESCAPE = re.compile(r'\\(["\\/bfnrt]|u(?![dD][89a-fA-F])[0-9a-fA-F]{0,4})?')   # so far; no surrogates
 
     def __init__(self, regex: Regex, min_len: int = 0, max_len: int | None = None, quoted: bool = True,
                  by_text: bool = True):
@@ -985,28 +985,22 @@ class Leaf(Piece):
         return Cursor(self, self.regex.start, 0, "^" * self.quoted, ex, None if ex is None else "")
 
     def step(self, frame: Cursor, ch: str) -> list:
-        """The frames after `ch` (REFEED when complete before it: a number whenever the regex accepts)."""
+        """The frames after `ch` (none once a string is closed)."""
         escape, ex = frame.escape, frame.ex
-        if not self.quoted or escape == '"':
-            return [REFEED] * self.done(frame) + (self._take(frame, ch, ch) if escape == "" else [])
         if escape == "^":
-            return [(frame.add(ch, ""),)] if ch == '"' else []
+            return [(frame.add(ch),)] if ch == '"' else []
+        if escape == "" and (not self.quoted or ch not in '"\\'):
+            return self._take(frame, ch, None if ch < " " and self.quoted else ch)
         if escape == "" and ch == '"':
             ends = frame.count >= self.min_len and self.regex.accepts(frame.dfa)
             return [(frame.add(ch, '"'),)] * (ends and (ex is None or frame.text + ch not in ex))
-        if escape == "" and ch == "\\":
-            return [(frame._replace(escape="\\"),)] * (ex is None and bool(self._escapes(frame)))
-        if escape == "":
-            return self._take(frame, ch, None if ch < " " else ch)
-        if escape == "\\":
-            if ch not in self._escapes(frame) or ch == "u":
-                return [(frame._replace(escape="u"),)] * (ch == "u" and ch in self._escapes(frame))
-            return self._take(frame, ch, JSON_ESCAPES[ch])
-        if ch not in HEX_DIGITS or escape in ("ud", "uD") and ch in "89abcdefABCDEF":  # no surrogates
+        escape += ch   # a backslash, then a letter whose character fits, or u and four hex digits
+        letters = self._escapes(frame) if ex is None and self.ESCAPE.fullmatch(escape) else ""
+        if not letters or escape[1:2] not in letters:
             return []
-        if len(escape) < 4:
-            return [(frame._replace(escape=escape + ch),)]
-        return self._take(frame, ch, chr(int(escape[1:] + ch, 16)))
+        if len(escape) == 6 or len(escape) == 2 and ch != "u":
+            return self._take(frame, ch, json.loads(f'"{escape}"'))
+        return [(frame._replace(escape=escape),)]
 
     def _take(self, frame: Cursor, ch: str, decoded: str | None) -> list:
         """The frame after one more (decoded) character, if the value can still be completed."""
@@ -1014,7 +1008,8 @@ class Leaf(Piece):
         if dfa is None or self.complete(dfa, frame.count + 1) is None:
             return []
         after = frame.add(ch, "", dfa)
-        if after.text is not None and any(f.startswith(after.text) for f in after.ex) and self._fresh(after) is None:
+        if after.ex and any(f.startswith(after.text) for f in after.ex) and \
+                self.complete(after.dfa, after.count, after.text, after.ex) is None:
             return []  # every way to close it is forbidden
         return [(after,)]
 
@@ -1024,17 +1019,35 @@ class Leaf(Piece):
                           if (nxt := self.regex.move(frame.dfa, c)) and self.complete(nxt, frame.count + 1) is not None)
         return letters + "u" * (self.regex is ANY_TEXT and frame.count < self.limit)
 
-    def complete(self, dfa: frozenset, count: int) -> str | None:
-        """A shortest text (decoded) that completes the value from `dfa` after `count` characters, or None."""
-        def padded() -> str | None:   # breadth first up to min_len, then the shortest way to a match
-            layer = {dfa: ""}
-            for _ in range(self.min_len - count):
-                layer = {nxt: text + ch for state, text in layer.items() for cid, ch in self.regex.reps.items()
-                         if (nxt := self.regex._move(state, cid)) is not None}
-            tails = (text + tail for state, text in layer.items() if (tail := self.regex.shortest(state)) is not None)
-            return min(tails, key=len, default=None)
-        best = self.regex.shortest(dfa) if count >= self.min_len else self.completions.get_or((dfa, count), padded)
-        return best if best is not None and count + len(best) <= self.limit else None
+    def complete(self, dfa: frozenset, count: int, text: str = "", ex: frozenset | None = None) -> str | None:
+        """A shortest text (decoded) that completes the value from `dfa` after `count` characters, or None; under
+        an exclusion `ex`, one of plain characters (no escapes) whose raw text (`text` + it) is not excluded."""
+        if ex is None and count >= self.min_len:
+            best = self.regex.shortest(dfa)
+            return best if best is not None and count + len(best) <= self.limit else None
+        return self.completions.get_or((dfa, count, text, ex), lambda: self._search(dfa, count, text, ex))
+
+    def _search(self, dfa: frozenset, count: int, text: str, ex: frozenset | None) -> str | None:
+        """complete() breadth first: to min_len characters, then on (a few past the shortest) to one not excluded."""
+        layer, keep, quote = {dfa: [""]}, 1 if ex is None else len(ex) + 1, '"' * self.quoted
+        reach = max(self.min_len - count, len(self.regex.shortest(dfa) or "")) + 32   # a few past the shortest
+        reach = self.min_len - count if ex is None else reach
+        plain = ex is not None and self.quoted   # a string's raw text is its value: no escapes
+        for size in range(int(min(self.limit - count, reach)) + 1):
+            ends = [t + end for state, tails in layer.items() if (end := self.regex.shortest(state)) is not None
+                    for t in tails if count + size >= self.min_len]
+            ends = [e for e in ends if count + len(e) <= self.limit and (ex is None or text + e + quote not in ex)]
+            ends = [e for e in ends if not plain or is_plain(e)]
+            if ends:
+                return min(ends, key=len)
+            nxt: dict = {}
+            for state, tails in layer.items():
+                for cid, ch in self.regex.reps.items():
+                    if (not plain or is_plain(ch)) and (after := self.regex._move(state, cid)) is not None:
+                        kept = nxt.setdefault(after, [])
+                        kept += [t + ch for t in tails[:keep - len(kept)]]
+            layer = nxt
+        return None
 
     def done(self, frame: Cursor) -> bool:
         if self.quoted:
@@ -1048,35 +1061,15 @@ class Leaf(Piece):
             return ""
         if frame.escape:  # open the string, or end the escape: the first letter that fits, or \\u0000-style zeros
             tail = '"' if frame.escape == "^" else self._escapes(frame)[0] if frame.escape == "\\" else ""
-            tail += "0" * (5 - len(frame.escape)) if tail in ("", "u") else ""
+            tail += "0" * (6 - len(frame.escape + tail)) if "u" in frame.escape + tail else ""
             for ch in tail:
                 frame = self.step(frame, ch)[0][0]
             rest = self.finish(frame)
             return None if rest is None else tail + rest
-        if frame.ex is not None:
-            tail = self._fresh(frame)
-            return None if tail is None else tail + '"' * self.quoted
-        content = self.complete(frame.dfa, frame.count)
+        content = self.complete(frame.dfa, frame.count, frame.text, frame.ex)
+        if content is None:
+            return None
         return json.dumps(content, ensure_ascii=False)[1:] if self.quoted else content
-
-    def _fresh(self, frame: Cursor) -> str | None:
-        """Characters (no escapes) that close an excluded value on a text not forbidden: shortest first."""
-        dfa, count = frame.dfa, frame.count
-        layer = {dfa: [""]}
-        reach = max(self.min_len - count, len(self.regex.shortest(dfa) or "")) + 32   # a few past the shortest
-        for size in range(int(min(self.limit - count, reach)) + 1):
-            for state, tails in layer.items():
-                for tail in tails if count + size >= self.min_len and self.regex.accepts(state) else ():
-                    if frame.text + tail + '"' * self.quoted not in frame.ex:
-                        return tail
-            nxt: dict = {}
-            for state, tails in layer.items():
-                for cid, ch in self.regex.reps.items():
-                    if (ch >= " " and ch not in '"\\' or not self.quoted) and (after := self.regex._move(state, cid)):
-                        kept = nxt.setdefault(after, [])
-                        kept += [t + ch for t in tails[:len(frame.ex) + 1 - len(kept)]]
-            layer = nxt
-        return None
 
     def move_class(self, at: tuple, key: str) -> tuple | None:
         """(dfa, count) after a character of class id ord(`key`), if the value can still be completed."""
@@ -1123,7 +1116,7 @@ class Frame(NamedTuple):
     """A container's frame (see Container)."""
 
     piece: Any
-    phase: str         # open, comma, key (a key leaf on top), colon (a key written), item (a value may begin), value
+    phase: str         # ^ (before it), open, comma, key (a key on top), colon (a key written), item, value
     at: int            # the next slot (in colon and item: the key's, or len(slots) + j for extra value j)
     count: int         # members written, capped where more no longer matters
     seen: frozenset    # texts that may not repeat: extra keys written, unique items
@@ -1156,24 +1149,23 @@ class Container(Piece):
         self.min_text = brackets[:1] + tail
         self.slack = _slack([node for _, node, _ in slots] + list(values.values()), self.keys)
 
-    def begin(self, ch: str, ex: frozenset | None) -> list:
-        """An open frame if `ch` is the opening bracket."""
-        return [(Frame(self, "open", 0, 0, frozenset(), 0),)] if ch == self.brackets[:1] else []
+    def frame(self, ex: frozenset | None = None) -> Frame:
+        """The frame before the opening bracket."""
+        return Frame(self, "^", 0, 0, frozenset(), 0)
 
     def step(self, frame: Frame, ch: str) -> list:
-        """The frames after `ch`: whitespace, a value's first character, brackets, commas, colons, a key's quote."""
+        """The frames after `ch`: brackets, whitespace, commas, colons; a key or a value pushed to take `ch`."""
         _, phase, at, count, seen, spaces = frame
-        if ch in JSON_WHITESPACE and phase != "key" and (self.brackets or phase != "value"):
-            return [(Frame(self, phase, at, count, seen, spaces + 1),)] if spaces < JSON_MAX_WHITESPACE else []
+        if phase == "^":
+            return [(frame._replace(phase="open"),)] if ch == self.brackets[:1] else []
+        if ch in JSON_WHITESPACE and (self.brackets or phase != "value"):
+            return [(frame._replace(spaces=spaces + 1),)] if spaces < JSON_MAX_WHITESPACE else []
         if phase == "item" or phase in ("open", "comma") and not self.keyed and ch != self.brackets[1:]:
-            slots, extra = ((at,), False) if phase == "item" else self._choices(at, count)
-            node, nxt = self._member(slots[0] if slots else len(self.slots)) if slots or extra else (None, 0)
-            ex = seen if self.unique else None
-            frames = [f for alt in node.alternatives for f in alt.begin(ch, ex)] if node else []
-            if not frames:
-                return frames
+            if phase != "item" and not any(self._choices(at, count)):
+                return []
+            node, nxt = self._member(at)
             after = Frame(self, "value", nxt, min(count + 1, self.cap), seen, 0)
-            return [(after,) + f for f in frames]
+            return [(REFEED, after, alt.frame(seen if self.unique else None)) for alt in node.alternatives]
         if ch == self.brackets[1:] and phase in ("open", "value"):
             return [()] if self.required_from[at] == 0 and count >= self.low else []
         if ch == ":" and phase == "colon":
@@ -1185,11 +1177,10 @@ class Container(Piece):
             nodes = [self._member(j)[0] for j in slots + (len(self.slots),) * extra]
             more = any(not self.unique or first_text(node, seen) is not None for node in nodes)
             return [(Frame(self, "comma", at, count, seen, 0),)] * more
-        keys = [(self.key, self.forbidden | seen)] * extra   # a declared name or an extra key, after its quote
+        keys = [(self.key, self.forbidden | seen)] * extra   # a declared name or an extra key
         if slots:
             keys.insert(0, (self.memo.get_or(slots, lambda: Literals(self.names[j] for j in slots)), None))
-        frame = Frame(self, "key", at, count, seen, 0)
-        return [(frame, f[0]) for piece, ex in keys for f in piece.begin(ch, ex) if f is not REFEED]
+        return [(REFEED, Frame(self, "key", at, count, seen, 0), piece.frame(ex)) for piece, ex in keys]
 
     def done(self, frame: Frame) -> bool:
         return not self.brackets and frame.phase == "value"
@@ -1241,18 +1232,16 @@ class Container(Piece):
         parts = []
         while must or self.required_from[at] or count < self.low:
             declared, extra = self._choices(at, count)
-            key = ""
-            if declared and (self.fixed[declared[-1]] or not extra):
+            key, j = "", at   # an array's next item; an object's required member, or its first optional one
+            if self.keyed and declared and (self.fixed[declared[-1]] or not extra):
                 j = declared[-1] if self.fixed[declared[-1]] else declared[0]
-                key = self.names[j] + ":" if self.keyed else ""
-            elif extra and self.keyed:
+                key = self.names[j] + ":"
+            elif self.keyed and extra:
                 key = first_text(self.key, self.forbidden | seen)
                 if key is None or (slot := self._slot(key)) is None:
                     return None
                 j, seen, key = len(self.slots) + slot, seen | {key}, key + ":"
-            elif extra:
-                j = len(self.slots)
-            else:
+            elif not (declared or extra):
                 return None
             node, at = self._member(j)
             value = first_text(node, seen) if self.unique else node.min_text
@@ -1303,13 +1292,18 @@ def json_closing_text(state: tuple) -> str | None:
 
 
 def _step(stack: tuple, ch: str) -> list[tuple]:
-    """The stacks that can follow `stack` on character `ch` (none: it cannot)."""
-    out = []
-    for frames in stack[-1][0].step(stack[-1], ch) if stack else ():
-        if frames is not REFEED:
+    """The stacks that can follow `stack` on character `ch` (none: it cannot): its top frame's (a frame pushed
+    takes `ch` in turn) and, once the top value is complete, its parent's."""
+    if not stack:
+        return []
+    top, out = stack[-1], []
+    for frames in top[0].step(top, ch):
+        if frames and frames[0] is REFEED:
+            out += _step(stack[:-1] + frames[1:], ch)
+        else:
             out.append(stack[:-1] + frames)
-        elif parent := _pop(stack[:-1], stack[-1]):
-            out += _step(parent, ch)
+    if top[0].done(top) and (parent := _pop(stack[:-1], top)):
+        out += _step(parent, ch)
     return out
 
 
@@ -1959,9 +1953,8 @@ class TokenTable:
         self.texts = token_texts(tokenizer, self.size)
         usable = [(text, token) for token, text in enumerate(self.texts) if text]
         self.trie = token_trie((text, [token]) for text, token in usable)
-        is_plain = [all(ch >= " " and ch not in '"\\' for ch in text) for text, _ in usable]
-        self.plain = [pair for pair, plain in zip(usable, is_plain) if plain]
-        self.marked = [(token, text) for (text, token), plain in zip(usable, is_plain) if not plain]
+        self.plain = [(text, token) for text, token in usable if is_plain(text)]
+        self.marked = [(token, text) for text, token in usable if not is_plain(text)]
         self.reach = max(map(len, filter(None, self.texts)), default=1)   # the longest token, in characters
         self.plain_chars = sorted({ch for text, _ in self.plain for ch in text})
         self.class_tries = Cache(JSON_CONSTRAINT_CACHE * 4)
