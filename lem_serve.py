@@ -891,8 +891,7 @@ class Cache(dict):
 
     def get_or(self, key: Any, make: Callable[[], Any]) -> Any:
         """The value under `key`, made and kept if missing."""
-        value = self.get(key, self)
-        if value is self:
+        if (value := self.get(key, self)) is self:
             value = make()
             with self.lock:
                 while self and len(self) >= self.limit:
@@ -915,21 +914,30 @@ class Piece:
         """This frame once its child value `child` is complete; None to refuse it."""
         return frame
 
+    @staticmethod
+    def slack_of(nodes: Any, keys: Any = ()) -> int:
+        """The slack of a piece holding `nodes` (and `keys`, JSON texts)."""
+        return max([0] + [len(key) + 2 for key in keys] + [max(n.slack, len(n.min_text) + 1) for n in nodes])
 
-class Cursor(NamedTuple):
-    """A leaf's frame (Literals use only ex and text)."""
+
+class Frame(NamedTuple):
+    """Where a piece's value is. A leaf's `at` is its regex state; its `phase` "^" before the opening quote, ""
+    inside, '"' closed, or an escape so far ("\\u12"). A container's `at` is its next slot (in colon and item: the
+    key's, or len(slots) + j for extra value j); its `phase` ^ (before it), open, comma, key (a key on top), colon
+    (a key written), item (a value may begin) or value."""
 
     piece: Any
-    dfa: Any                   # the regex state
-    count: int                 # characters of the value so far
-    escape: str                # "^" before the opening quote, "" none, '"' closed, or an escape so far ("\\u12")
-    ex: frozenset | None       # the texts it may not be (None: no exclusion)
-    text: str | None           # its raw text so far, kept under an exclusion (always for Literals)
+    phase: str
+    at: Any
+    count: int                   # a leaf's characters so far; a container's members, capped where more no longer matter
+    ex: frozenset | None         # texts a leaf may not be (None: no exclusion), a container's members may not repeat
+    spaces: int = 0              # a container's whitespace since the last token
+    text: str | None = None      # a leaf's raw text so far, kept under an exclusion (always for Literals)
 
-    def add(self, ch: str, escape: str = "", dfa: Any = None) -> Cursor:
-        """The frame after raw character `ch`, in `escape`, one character further at `dfa` if given."""
-        return Cursor(self.piece, self.dfa if dfa is None else dfa, self.count + (dfa is not None), escape, self.ex,
-                      None if self.text is None else self.text + ch)
+    def add(self, ch: str, phase: str = "", at: Any = None) -> Frame:
+        """A leaf's frame after raw character `ch`, in `phase`, one character further at regex state `at` if given."""
+        return Frame(self.piece, phase, self.at if at is None else at, self.count + (at is not None), self.ex, 0,
+                     None if self.text is None else self.text + ch)
 
 
 class Literals(Piece):
@@ -939,30 +947,25 @@ class Literals(Piece):
         self.texts = tuple(dict.fromkeys(texts))
         self.min_text = min(self.texts, key=len)
 
-    def frame(self, ex: frozenset | None = None) -> Cursor:
+    def frame(self, ex: frozenset | None = None) -> Frame:
         """The frame before the first character."""
-        return Cursor(self, None, 0, "", ex, "")
+        return Frame(self, "", None, 0, ex, 0, "")
 
     def _open(self, text: str, ex: frozenset | None) -> Iterator[str]:
         """The texts that begin with `text` and are not excluded."""
         return (t for t in self.texts if t.startswith(text) and (ex is None or t not in ex))
 
-    def step(self, frame: Cursor, ch: str) -> list:
+    def step(self, frame: Frame, ch: str) -> list:
         """The frames after `ch`."""
         return [(frame.add(ch),)] if any(self._open(frame.text + ch, frame.ex)) else []
 
-    def done(self, frame: Cursor) -> bool:
+    def done(self, frame: Frame) -> bool:
         return frame.text in self.texts and (frame.ex is None or frame.text not in frame.ex)
 
-    def finish(self, frame: Cursor) -> str | None:
+    def finish(self, frame: Frame) -> str | None:
         """The rest of a shortest text the frame may become; None when every one is excluded."""
         best = min(self._open(frame.text, frame.ex), key=len, default=None)
         return None if best is None else best[len(frame.text):]
-
-
-def is_plain(text: str) -> bool:
-    """Whether a JSON string holds `text` as it is: no quote, backslash or control character."""
-    return all(ch >= " " and ch not in '"\\' for ch in text)
 
 
 class Leaf(Piece):
@@ -971,6 +974,7 @@ class Leaf(Piece):
     escapes (their raw text is their value). Integers and strings have one spelling each (`by_text`)."""
 
     ESCAPE = re.compile(r'\\(["\\/bfnrt]|u(?![dD][89a-fA-F])[0-9a-fA-F]{0,4})?')   # so far; no surrogates
+    LETTERS = '"0' + "".join(JSON_ESCAPES) + "u"   # what may end a quote or escape, in the order finish() tries
 
     def __init__(self, regex: Regex, min_len: int = 0, max_len: int | None = None, quoted: bool = True,
                  by_text: bool = True):
@@ -980,44 +984,39 @@ class Leaf(Piece):
             raise ValueError("no string has both this pattern or format and these lengths")
         self.min_text = self.finish(self.frame())
 
-    def frame(self, ex: frozenset | None = None) -> Cursor:
-        """The frame before the first character (a string's: before its opening quote)."""
-        return Cursor(self, self.regex.start, 0, "^" * self.quoted, ex, None if ex is None else "")
+    @staticmethod
+    def plain(text: str) -> bool:
+        """Whether a JSON string holds `text` as it is: no quote, backslash or control character."""
+        return all(ch >= " " and ch not in '"\\' for ch in text)
 
-    def step(self, frame: Cursor, ch: str) -> list:
+    def frame(self, ex: frozenset | None = None) -> Frame:
+        """The frame before the first character (a string's: before its opening quote)."""
+        return Frame(self, "^" * self.quoted, self.regex.start, 0, ex, 0, None if ex is None else "")
+
+    def step(self, frame: Frame, ch: str) -> list:
         """The frames after `ch` (none once a string is closed)."""
-        escape, ex = frame.escape, frame.ex
+        escape = frame.phase
         if escape == "^":
             return [(frame.add(ch),)] if ch == '"' else []
         if escape == "" and (not self.quoted or ch not in '"\\'):
             return self._take(frame, ch, None if ch < " " and self.quoted else ch)
         if escape == "" and ch == '"':
-            ends = frame.count >= self.min_len and self.regex.accepts(frame.dfa)
-            return [(frame.add(ch, '"'),)] * (ends and (ex is None or frame.text + ch not in ex))
-        escape += ch   # a backslash, then a letter whose character fits, or u and four hex digits
-        letters = self._escapes(frame) if ex is None and self.ESCAPE.fullmatch(escape) else ""
-        if not letters or escape[1:2] not in letters:
+            return [(frame.add(ch, '"'),)] * self._ends(frame, ch)
+        escape += ch   # a backslash, then a letter whose character fits, or u (where any may) and four hex digits
+        inside, any_char = frame._replace(phase=escape), self.regex is ANY_TEXT and frame.count < self.limit
+        if frame.ex is not None or not self.ESCAPE.fullmatch(escape) or escape == "\\u" and not any_char:
             return []
         if len(escape) == 6 or len(escape) == 2 and ch != "u":
             return self._take(frame, ch, json.loads(f'"{escape}"'))
-        return [(frame._replace(escape=escape),)]
+        return [(inside,)] if escape != "\\" or any(self.step(inside, c) for c in self.LETTERS) else []
 
-    def _take(self, frame: Cursor, ch: str, decoded: str | None) -> list:
-        """The frame after one more (decoded) character, if the value can still be completed."""
-        dfa = None if decoded is None else self.regex.move(frame.dfa, decoded)
-        if dfa is None or self.complete(dfa, frame.count + 1) is None:
+    def _take(self, frame: Frame, ch: str, decoded: str | None) -> list:
+        """The frame after one more (decoded) character, if the value can still be completed (not excluded)."""
+        if decoded is None or (dfa := self.regex.move(frame.at, decoded)) is None:
             return []
         after = frame.add(ch, "", dfa)
-        if after.ex and any(f.startswith(after.text) for f in after.ex) and \
-                self.complete(after.dfa, after.count, after.text, after.ex) is None:
-            return []  # every way to close it is forbidden
-        return [(after,)]
-
-    def _escapes(self, frame: Cursor) -> str:
-        """The letters that may follow a backslash here: those whose character fits; \\u only where any may."""
-        letters = "".join(k for k, c in JSON_ESCAPES.items()
-                          if (nxt := self.regex.move(frame.dfa, c)) and self.complete(nxt, frame.count + 1) is not None)
-        return letters + "u" * (self.regex is ANY_TEXT and frame.count < self.limit)
+        ex = after.ex if after.ex and any(f.startswith(after.text) for f in after.ex) else None   # else none bites
+        return [(after,)] * (self.complete(dfa, after.count, after.text if ex else "", ex) is not None)
 
     def complete(self, dfa: frozenset, count: int, text: str = "", ex: frozenset | None = None) -> str | None:
         """A shortest text (decoded) that completes the value from `dfa` after `count` characters, or None; under
@@ -1031,52 +1030,46 @@ class Leaf(Piece):
         """complete() breadth first: to min_len characters, then on (a few past the shortest) to one not excluded."""
         layer, keep, quote = {dfa: [""]}, 1 if ex is None else len(ex) + 1, '"' * self.quoted
         reach = max(self.min_len - count, len(self.regex.shortest(dfa) or "")) + 32   # a few past the shortest
-        reach = self.min_len - count if ex is None else reach
-        plain = ex is not None and self.quoted   # a string's raw text is its value: no escapes
+        reach, plain = (self.min_len - count, False) if ex is None else (reach, self.quoted)   # plain: no escapes
         for size in range(int(min(self.limit - count, reach)) + 1):
             ends = [t + end for state, tails in layer.items() if (end := self.regex.shortest(state)) is not None
-                    for t in tails if count + size >= self.min_len]
-            ends = [e for e in ends if count + len(e) <= self.limit and (ex is None or text + e + quote not in ex)]
-            ends = [e for e in ends if not plain or is_plain(e)]
-            if ends:
+                    for t in tails if count + size >= self.min_len and count + len(t + end) <= self.limit]
+            if ends := [e for e in ends if ex is None or (not plain or self.plain(e)) and text + e + quote not in ex]:
                 return min(ends, key=len)
             nxt: dict = {}
             for state, tails in layer.items():
                 for cid, ch in self.regex.reps.items():
-                    if (not plain or is_plain(ch)) and (after := self.regex._move(state, cid)) is not None:
+                    if (not plain or self.plain(ch)) and (after := self.regex._move(state, cid)) is not None:
                         kept = nxt.setdefault(after, [])
                         kept += [t + ch for t in tails[:keep - len(kept)]]
             layer = nxt
         return None
 
-    def done(self, frame: Cursor) -> bool:
-        if self.quoted:
-            return frame.escape == '"'
-        ends = frame.count >= self.min_len and self.regex.accepts(frame.dfa)
-        return ends and (frame.ex is None or frame.text not in frame.ex)
+    def done(self, frame: Frame) -> bool:
+        return frame.phase == '"' if self.quoted else self._ends(frame)
 
-    def finish(self, frame: Cursor) -> str | None:
+    def _ends(self, frame: Frame, quote: str = "") -> bool:
+        """Whether the value may end here: long enough, matched, its raw text (closed by `quote`) not excluded."""
+        ends = frame.count >= self.min_len and self.regex.accepts(frame.at)
+        return ends and (frame.ex is None or frame.text + quote not in frame.ex)
+
+    def finish(self, frame: Frame) -> str | None:
         """A shortest text that completes the value; None when every one is excluded."""
         if self.done(frame):
             return ""
-        if frame.escape:  # open the string, or end the escape: the first letter that fits, or \\u0000-style zeros
-            tail = '"' if frame.escape == "^" else self._escapes(frame)[0] if frame.escape == "\\" else ""
-            tail += "0" * (6 - len(frame.escape + tail)) if "u" in frame.escape + tail else ""
-            for ch in tail:
-                frame = self.step(frame, ch)[0][0]
-            rest = self.finish(frame)
-            return None if rest is None else tail + rest
-        content = self.complete(frame.dfa, frame.count, frame.text, frame.ex)
-        if content is None:
-            return None
-        return json.dumps(content, ensure_ascii=False)[1:] if self.quoted else content
+        for ch in self.LETTERS if frame.phase else ():   # open the string, or go on with its escape
+            if frames := self.step(frame, ch):
+                rest = self.finish(frames[0][0])
+                return None if rest is None else ch + rest
+        content = self.complete(frame.at, frame.count, frame.text, frame.ex)
+        return None if content is None else json.dumps(content, ensure_ascii=False)[1:] if self.quoted else content
 
     def move_class(self, at: tuple, key: str) -> tuple | None:
         """(dfa, count) after a character of class id ord(`key`), if the value can still be completed."""
         nxt = self.regex._move(at[0], ord(key))
         return (nxt, at[1] + 1) if nxt is not None and self.complete(nxt, at[1] + 1) is not None else None
 
-    def key(self, frame: Cursor, reach: int) -> tuple:
+    def key(self, frame: Frame, reach: int) -> tuple:
         """The frame with its count reduced to what can matter within `reach` characters (mask caching)."""
         room = self.limit - frame.count
         return frame._replace(count=(min(frame.count, self.min_len), min(room, reach + len(self.regex.edges))))
@@ -1087,17 +1080,13 @@ def number_leaf(integer: bool, *bounds: Any, **options: Any) -> Leaf:
     return Leaf(number_regex(integer, *bounds, **options), quoted=False, by_text=integer)
 
 
-def _slack(nodes: Any, keys: Any = ()) -> int:
-    return max([0] + [len(key) + 2 for key in keys] + [max(n.slack, len(n.min_text) + 1) for n in nodes])
-
-
 class Union(Piece):
     """anyOf (and oneOf, type lists): a value matching any of the alternatives."""
 
     def __init__(self, alternatives):
         self.alternatives = tuple(a for alt in alternatives for a in alt.alternatives)
         self.min_text = min((a.min_text for a in self.alternatives), key=len)
-        self.slack = _slack(self.alternatives)
+        self.slack = self.slack_of(self.alternatives)
 
 
 def first_text(node: Piece, forbidden: frozenset) -> str | None:
@@ -1110,17 +1099,6 @@ def union(alternatives: list) -> Piece | None:
     """The union of the satisfiable alternatives (None stands for one that is not): None, one piece, or a Union."""
     alternatives = [a for a in alternatives if a is not None]
     return Union(alternatives) if len(alternatives) > 1 else alternatives[0] if alternatives else None
-
-
-class Frame(NamedTuple):
-    """A container's frame (see Container)."""
-
-    piece: Any
-    phase: str         # ^ (before it), open, comma, key (a key on top), colon (a key written), item, value
-    at: int            # the next slot (in colon and item: the key's, or len(slots) + j for extra value j)
-    count: int         # members written, capped where more no longer matters
-    seen: frozenset    # texts that may not repeat: extra keys written, unique items
-    spaces: int        # whitespace since the last token
 
 
 class Container(Piece):
@@ -1147,7 +1125,7 @@ class Container(Piece):
             raise ValueError("no object has these properties within minProperties/maxProperties" if self.keyed
                              else "no array has these items within minItems/maxItems (and uniqueItems)")
         self.min_text = brackets[:1] + tail
-        self.slack = _slack([node for _, node, _ in slots] + list(values.values()), self.keys)
+        self.slack = self.slack_of([node for _, node, _ in slots] + list(values.values()), self.keys)
 
     def frame(self, ex: frozenset | None = None) -> Frame:
         """The frame before the opening bracket."""
@@ -1155,7 +1133,7 @@ class Container(Piece):
 
     def step(self, frame: Frame, ch: str) -> list:
         """The frames after `ch`: brackets, whitespace, commas, colons; a key or a value pushed to take `ch`."""
-        _, phase, at, count, seen, spaces = frame
+        _, phase, at, count, seen, spaces, _ = frame
         if phase == "^":
             return [(frame._replace(phase="open"),)] if ch == self.brackets[:1] else []
         if ch in JSON_WHITESPACE and (self.brackets or phase != "value"):
@@ -1207,12 +1185,12 @@ class Container(Piece):
     def child_done(self, frame: Frame, child: tuple) -> Frame | None:
         """A key written: its slot, or an extra key's value (None: no value may follow it); an item: seen."""
         if frame.phase != "key":
-            return frame._replace(seen=frame.seen | {child.text}) if self.unique else frame
+            return frame._replace(ex=frame.ex | {child.text}) if self.unique else frame
         if child.piece is not self.key:
             return frame._replace(phase="colon", at=self.keys[child.text])
         slot = self._slot(child.text)
         return None if slot is None else frame._replace(phase="colon", at=len(self.slots) + slot,
-                                                        seen=frame.seen | {child.text})
+                                                        ex=frame.ex | {child.text})
 
     def _slot(self, text: str) -> int | None:
         """Which extra value an extra key's text (quoted, unescaped) takes; None: no value may follow it."""
@@ -1223,9 +1201,9 @@ class Container(Piece):
         """The shortest text that closes the container from `frame`."""
         if frame.phase in ("colon", "item"):
             node, at = self._member(frame.at)
-            tail = self._tail(at, min(frame.count + 1, self.cap), frame.seen, ",", False)
+            tail = self._tail(at, min(frame.count + 1, self.cap), frame.ex, ",", False)
             return ":" * (frame.phase == "colon") + node.min_text + tail
-        return self._tail(frame.at, frame.count, frame.seen, "," * (frame.phase == "value"), frame.phase == "comma")
+        return self._tail(frame.at, frame.count, frame.ex, "," * (frame.phase == "value"), frame.phase == "comma")
 
     def _tail(self, at: int, count: int, seen: frozenset, sep: str, must: bool) -> str | None:
         """The shortest text that ends the container: the members it still needs, then its bracket."""
@@ -1262,14 +1240,9 @@ def Array(prefix: tuple, items: Piece | None, min_items: int = 0, max_items: int
                      min_items, max_items, unique=unique, brackets=brackets)
 
 
-_DOCUMENTS = Cache(JSON_MASK_CACHE_STATES)   # by node id: (the node, a bracketless array of it: a document)
-
-
-def json_start(node: Piece, prefix: str = "", suffix: str = "") -> tuple:
-    """The automaton's start state: `prefix`, a JSON value for `node`, then `suffix`."""
-    root = _DOCUMENTS.get_or(id(node), lambda: (node, Array((node,), None, 1, 1, brackets="")))[1]
-    stack = (Literals((suffix,)).frame(),) * bool(suffix) + (Frame(root, "item", 0, 0, frozenset(), 0),)
-    return (stack + (Literals((prefix,)).frame(),) * bool(prefix),)
+def json_start(node: Piece) -> tuple:
+    """The automaton's start state: a document (a bracketless array) of one JSON value for `node`."""
+    return ((Frame(Array((node,), None, 1, 1, brackets=""), "item", 0, 0, frozenset()),),)
 
 
 def json_advance(state: tuple, text: str) -> tuple:
@@ -1281,21 +1254,9 @@ def json_advance(state: tuple, text: str) -> tuple:
     return state
 
 
-def json_complete(state: tuple) -> bool:
-    """True when the text so far is a whole match (a trailing number may still go on)."""
-    return any(_settle(stack) == () for stack in state)
-
-
-def json_closing_text(state: tuple) -> str | None:
-    """A shortest way (by the pieces' finish texts) to complete the text from `state`."""
-    return min([text for text in map(_closing, state) if text is not None], key=len, default=None)
-
-
 def _step(stack: tuple, ch: str) -> list[tuple]:
     """The stacks that can follow `stack` on character `ch` (none: it cannot): its top frame's (a frame pushed
     takes `ch` in turn) and, once the top value is complete, its parent's."""
-    if not stack:
-        return []
     top, out = stack[-1], []
     for frames in top[0].step(top, ch):
         if frames and frames[0] is REFEED:
@@ -1322,18 +1283,27 @@ def _settle(stack: tuple | None) -> tuple | None:
     return stack
 
 
-def _closing(stack: tuple) -> str | None:
-    """Finish the top frame, settle, repeat: each finish text is checked by the automaton itself."""
-    texts = []
-    while stack := _settle(stack):
-        text = stack[-1][0].finish(stack[-1])
-        after = [] if text is None else [s for s in map(_settle, json_advance((stack,), text))
-                                         if s is not None and len(s) < len(stack)]
-        if not after:
-            return None
-        texts.append(text)
-        stack = after[0]
-    return None if stack is None else "".join(texts)
+def json_complete(state: tuple) -> bool:
+    """True when the text so far is a whole match (a trailing number may still go on)."""
+    return any(_settle(stack) == () for stack in state)
+
+
+def json_closing_text(state: tuple) -> str | None:
+    """A shortest way to complete the text from `state`: for each stack, finish the top frame, settle, repeat,
+    each finish text checked by the automaton itself."""
+    closings = []
+    for stack in state:
+        texts = []
+        while stack := _settle(stack):
+            text = stack[-1][0].finish(stack[-1])
+            after = [] if text is None else [s for s in map(_settle, json_advance((stack,), text))
+                                             if s is not None and len(s) < len(stack)]
+            if not after:
+                break
+            texts.append(text)
+            stack = after[0]
+        closings += ["".join(texts)] * (stack == ())
+    return min(closings, key=len, default=None)
 
 
 # -- JSON Schema keywords -------------------------------------------------------
@@ -1953,19 +1923,17 @@ class TokenTable:
         self.texts = token_texts(tokenizer, self.size)
         usable = [(text, token) for token, text in enumerate(self.texts) if text]
         self.trie = token_trie((text, [token]) for text, token in usable)
-        self.plain = [(text, token) for text, token in usable if is_plain(text)]
-        self.marked = [(token, text) for text, token in usable if not is_plain(text)]
-        self.reach = max(map(len, filter(None, self.texts)), default=1)   # the longest token, in characters
+        self.plain = [(text, token) for text, token in usable if Leaf.plain(text)]
+        self.marked = [(token, text) for text, token in usable if not Leaf.plain(text)]
+        self.reach = max((len(text) for text, _ in usable), default=1)   # the longest token, in characters
         self.plain_chars = sorted({ch for text, _ in self.plain for ch in text})
         self.class_tries = Cache(JSON_CONSTRAINT_CACHE * 4)
 
     def class_trie(self, regex: Regex) -> dict:
         """The plain tokens as a trie over `regex`'s class ids (chr(id) for each character); cached."""
         def build() -> dict:
-            classes, groups = str.maketrans({ch: chr(regex.class_id(ch)) for ch in self.plain_chars}), {}
-            for text, token in self.plain:
-                groups.setdefault(text.translate(classes), []).append(token)
-            return token_trie(groups.items())
+            classes = str.maketrans({ch: chr(regex.class_id(ch)) for ch in self.plain_chars})
+            return token_trie((text.translate(classes), [token]) for text, token in self.plain)
         return self.class_tries.get_or(regex, build)
 
 
@@ -1994,8 +1962,7 @@ class JsonMasks:
     JsonConstraint starts closing `slack` tokens early: a token may commit the output to that much (Piece.slack)."""
 
     def __init__(self, table: TokenTable, start: tuple):
-        value = next(frame[0].slots[0][1] for stack in start for frame in stack if isinstance(frame, Frame))
-        self.table, self.start, self.slack = table, start, 2 * value.slack   # the document's value (json_start)
+        self.table, self.start, self.slack = table, start, 2 * start[0][0].piece.slots[0][1].slack   # its value's
         self.masks, self.closings, self.plains = (Cache(JSON_MASK_CACHE_STATES) for _ in range(3))
 
     def key(self, state: tuple) -> tuple:
@@ -2012,29 +1979,25 @@ class JsonMasks:
         return self.closings.get_or(self.key(state), lambda: self._spell(json_closing_text(state)))
 
     def _spell(self, text: str | None) -> list[int] | None:
-        ids = []
-        while text:  # the longest token that starts the rest
-            node, best = self.table.trie, None
-            for end, ch in enumerate(text):
-                if (node := node.get(ch)) is None:
-                    break
-                best = (node[""][0], end + 1) if node.get("") else best
-            if best is None:
+        ids, texts = [], self.table.texts
+        while text:  # the longest token that starts the rest (of equals, the lowest id)
+            fits = trie_walk(self.table.trie, (text,), lambda rest, ch: (rest[0][1:],) if rest[0][:1] == ch else None)
+            if not fits:
                 return None  # no token spells the next character
-            ids.append(best[0])
-            text = text[best[1]:]
+            ids.append(max(fits, key=lambda token: (len(texts[token]), -token)))
+            text = text[len(texts[ids[-1]]):]
         return None if text is None else ids
 
     def _build(self, state: tuple, width: int) -> Any:
         table, ids, walk, plain = self.table, [], [], self.ids_mask([], width)
         for stack in state:
-            top = stack[-1] if stack else None
-            leaf = top[0] if top is not None and isinstance(top[0], Leaf) and top[0].quoted else None
-            if leaf and top.escape == "" and (top.ex is None or leaf.max_len is None and leaf.regex is ANY_TEXT):
+            top = stack[-1]
+            leaf = top[0] if isinstance(top[0], Leaf) and top[0].quoted and top.phase == "" else None
+            if leaf and (top.ex is None or leaf.max_len is None and leaf.regex is ANY_TEXT):
                 # Inside a string, a plain token cannot leave it: its fate is the regex's and the
                 # length's alone (a walk of the class trie); only the other tokens need a walk.
-                plain = plain | self.plains.get_or(leaf.key(top, table.reach)[:3], lambda: self.ids_mask(trie_walk(
-                    table.class_trie(leaf.regex), (top.dfa, top.count), leaf.move_class), table.size))
+                plain = plain | self.plains.get_or(leaf.key(top, table.reach)[:4], lambda: self.ids_mask(trie_walk(
+                    table.class_trie(leaf.regex), (top.at, top.count), leaf.move_class), table.size))
                 ids += [t for t, text in table.marked if json_advance((stack,), text)]
             else:
                 walk.append(stack)
@@ -2077,23 +2040,20 @@ class JsonConstraint:
         self.started, self.plan = False, None   # plan: the closing tokens still to come, once closing
 
     def __call__(self, tokens: Any, logits: Any) -> Any:
-        texts, width = self.masks.table.texts, logits.shape[-1]
+        masks, width = self.masks, logits.shape[-1]
         if self.started:
             token = int(tokens[-1].item())
-            text = texts[token] if token < len(texts) else None
-            self.state = json_advance(self.state, text) if text else ()
-            self.plan = self.plan and self.plan[1:]
+            text = masks.table.texts[token] if token < len(masks.table.texts) else None
+            self.state, self.plan = json_advance(self.state, text) if text else (), self.plan and self.plan[1:]
         self.started = True
         if self.plan is None and not json_complete(self.state):
-            plan = self.masks.closing(self.state)
-            if plan is not None and len(plan) + 1 + self.masks.slack >= self.left:
-                self.plan = plan
+            plan = masks.closing(self.state)
+            self.plan = plan if plan is not None and len(plan) + 1 + masks.slack >= self.left else None
         self.left -= 1
-        if self.state and self.plan:
-            return masked(logits, self.masks.ids_mask(self.plan[:1], width))
-        if self.state and self.plan is None:
-            return masked(logits, self.masks.allowed(self.state, width))
-        return masked(logits, self.masks.ids_mask(self.masks.table.eos, width))  # closed, finished or dead
+        if not self.state or self.plan == []:   # dead, or closed: only end-of-sequence
+            return masked(logits, masks.ids_mask(masks.table.eos, width))
+        allowed = masks.allowed(self.state, width) if self.plan is None else masks.ids_mask(self.plan[:1], width)
+        return masked(logits, allowed)
 
 
 # ---------------------------------------------------------------------------
