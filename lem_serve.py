@@ -569,17 +569,14 @@ class ClientGone(Exception):
 
 # -- JSON Schema, compiled to a character automaton ----------------------------
 #
-# compile_schema() turns a schema into a graph of pieces: Literals (enum, const, true/false/null, keys),
-# Leaf (a Regex over a string's decoded characters with lengths, or over a number's text: bounds and
-# multipleOf compiled to regular expressions), Container (Object, Array) and Union (anyOf).
-# json_advance() runs the graph over text as a pushdown automaton. A state is a tuple of stacks, one per
-# live anyOf branch; a stack is a tuple of frames (NamedTuples starting with their piece), innermost
-# last; all of it hashes, so token masks are cached per state (JsonMasks). A piece has frame(ex), the
-# frame before its value, under an exclusion `ex` (texts it may not be: uniqueItems, extra keys; a leaf then
-# keeps its raw text); step(frame, ch) -> frame tuples that replace it (() pops it; led by REFEED: pushed,
-# the new top takes `ch`); done(frame): complete (then its parent may take `ch`); finish(frame): a short
-# text that completes it; min_text, a shortest value. Whitespace: at most JSON_MAX_WHITESPACE characters
-# between tokens, so output stays finite. Recursive $refs are unrolled SCHEMA_MAX_REFS deep.
+# compile_schema() turns a schema into pieces: Literals (enum, const, true/false/null, keys), Leaf (a Regex over
+# a string's decoded characters with lengths, or over a number's text), Container (objects, arrays) and Union
+# (anyOf). json_advance() runs them over text as a pushdown automaton: a state is a tuple of stacks, one per live
+# anyOf branch, of Frames (innermost last); it hashes, so token masks are cached per state. A piece has frame(ex),
+# its value's first frame under an exclusion `ex` (texts it may not be: unique items, extra keys); step(frame, ch)
+# -> frame tuples that replace it (() pops it; led by REFEED: pushed, the new top takes `ch`); done(frame): the
+# value is complete (its parent may take `ch`); finish(frame): a short text completing it; min_text, the shortest.
+# Whitespace: at most JSON_MAX_WHITESPACE characters between tokens. Recursive $refs unroll SCHEMA_MAX_REFS deep.
 
 JSON_WHITESPACE = " \t\n\r"
 JSON_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
@@ -921,10 +918,9 @@ class Piece:
 
 
 class Frame(NamedTuple):
-    """Where a piece's value is. A leaf's `at` is its regex state; its `phase` "^" before the opening quote, ""
-    inside, '"' closed, or an escape so far ("\\u12"). A container's `at` is its next slot (in colon and item: the
-    key's, or len(slots) + j for extra value j); its `phase` ^ (before it), open, comma, key (a key on top), colon
-    (a key written), item (a value may begin) or value."""
+    """Where a piece's value is: for a leaf, `at` its regex state, `phase` "^" (before the quote), "" (in it), '"'
+    (closed) or an escape so far ("\\u12"); for a container, `at` its next slot (in colon and item: the key's, or
+    len(slots) + j for extra value j), `phase` ^ (before it), open, comma, key (on top), colon, item or value."""
 
     piece: Any
     phase: str
@@ -969,9 +965,8 @@ class Literals(Piece):
 
 
 class Leaf(Piece):
-    """A value whose text matches `regex` with min_len to max_len characters: a JSON string (`quoted`: the
-    regex runs over its decoded characters) or a number (its raw text). Strings under an exclusion take no
-    escapes (their raw text is their value). Integers and strings have one spelling each (`by_text`)."""
+    """A value whose text matches `regex` with min_len to max_len characters: a JSON string (`quoted`: the regex runs
+    over its decoded characters; under an exclusion, no escapes) or a number (its raw text). `by_text`: one spelling."""
 
     ESCAPE = re.compile(r'\\(["\\/bfnrt]|u(?![dD][89a-fA-F])[0-9a-fA-F]{0,4})?')   # so far; no surrogates
     LETTERS = '"0' + "".join(JSON_ESCAPES) + "u"   # what may end a quote or escape, in the order finish() tries
@@ -1102,12 +1097,11 @@ def union(alternatives: list) -> Piece | None:
 
 
 class Container(Piece):
-    """A JSON object: `slots` (name, node, required) in their order, each at most once, then extra members;
-    `low` to `high` members. Extra keys are `key` leaves, never a slot's or a `banned` name nor one written
-    before; their value is values[matched], matched being the indices of the `patterns` (patternProperties)
-    that match the key ((): additionalProperties; values empty: no extra keys). As an array (see Array),
-    names are None, slots come all in order, extra items take values[()], and `unique` items are leaves under
-    an exclusion of those written before. Without brackets: a document's one value (see json_start)."""
+    """A JSON object: `slots` (name, node, required) in their order, each at most once, then extra members; `low`
+    to `high` members. Extra keys are `key` leaves, never a slot's or a `banned` name nor one written before; their
+    value is values[matched], matched: the indices of the `patterns` (patternProperties) that match the key ((): for
+    additionalProperties; values empty: no extra keys). An array (see Array): slots all in order, then items of
+    values[()], `unique` ones leaves under an exclusion of those before. Without brackets: a document (json_start)."""
 
     def __init__(self, slots: tuple, values: dict, low: int = 0, high: int | None = None, key: Piece | None = None,
                  banned: tuple = (), patterns: tuple = (), unique: bool = False, brackets: str = "{}"):
@@ -1115,17 +1109,17 @@ class Container(Piece):
         self.keyed, self.patterns, self.unique, self.extras = brackets == "{}", patterns, unique, list(values)
         self.key = (key or ANY_STRING) if self.keyed and values else None
         self.names = [json.dumps(name, ensure_ascii=False) for name, _, _ in slots] if self.keyed else []
-        self.keys = {name: j for j, name in enumerate(self.names)}
-        self.forbidden = frozenset(self.keys) | {json.dumps(name, ensure_ascii=False) for name in banned}
+        self.forbidden = frozenset(self.names) | {json.dumps(name, ensure_ascii=False) for name in banned}
         self.required_from = [sum(req for _, _, req in slots[j:]) for j in range(len(slots) + 1)]
         self.fixed = [req or not self.keyed for _, _, req in slots]   # slots that may not be skipped
         self.cap, self.memo = low if high is None else high, Cache(JSON_MASK_CACHE_STATES)   # key pieces
+        self.members = [node for _, node, _ in slots] + list(values.values())   # slot j's value, then extra ones
         tail = self._tail(0, 0, frozenset(), "", False)
         if tail is None:
             raise ValueError("no object has these properties within minProperties/maxProperties" if self.keyed
                              else "no array has these items within minItems/maxItems (and uniqueItems)")
         self.min_text = brackets[:1] + tail
-        self.slack = self.slack_of([node for _, node, _ in slots] + list(values.values()), self.keys)
+        self.slack = self.slack_of(self.members, self.names)
 
     def frame(self, ex: frozenset | None = None) -> Frame:
         """The frame before the opening bracket."""
@@ -1151,10 +1145,9 @@ class Container(Piece):
         if not (ch == "," and phase == "value" or ch == '"' and phase in ("open", "comma")):
             return []
         slots, extra = self._choices(at, count)
-        if ch == ",":
-            nodes = [self._member(j)[0] for j in slots + (len(self.slots),) * extra]
-            more = any(not self.unique or first_text(node, seen) is not None for node in nodes)
-            return [(Frame(self, "comma", at, count, seen, 0),)] * more
+        if ch == ",":   # if a member may follow (an array's next unique item: one not written yet)
+            more = (slots or extra) and (not self.unique or first_text(self._member(at)[0], seen) is not None)
+            return [(Frame(self, "comma", at, count, seen, 0),)] * bool(more)
         keys = [(self.key, self.forbidden | seen)] * extra   # a declared name or an extra key
         if slots:
             keys.insert(0, (self.memo.get_or(slots, lambda: Literals(self.names[j] for j in slots)), None))
@@ -1165,9 +1158,7 @@ class Container(Piece):
 
     def _member(self, at: int) -> tuple:
         """(the value's node, the next slot) for slot `at`, or extra value at - len(slots)."""
-        if at < len(self.slots):
-            return self.slots[at][1], at + 1
-        return self.values[self.extras[at - len(self.slots)]], len(self.slots)
+        return self.members[at], min(at + 1, len(self.slots))
 
     def _choices(self, at: int, count: int) -> tuple[tuple[int, ...], bool]:
         """(slots that may come next, whether an extra member may), leaving room for low and high."""
@@ -1187,7 +1178,7 @@ class Container(Piece):
         if frame.phase != "key":
             return frame._replace(ex=frame.ex | {child.text}) if self.unique else frame
         if child.piece is not self.key:
-            return frame._replace(phase="colon", at=self.keys[child.text])
+            return frame._replace(phase="colon", at=self.names.index(child.text))
         slot = self._slot(child.text)
         return None if slot is None else frame._replace(phase="colon", at=len(self.slots) + slot,
                                                         ex=frame.ex | {child.text})
@@ -1885,10 +1876,9 @@ def schema_constraint(schema: Any, param: str) -> Constraint:
 
 # -- JSON-constrained decoding: the automaton lifted to tokens
 #
-# A token may follow a state when the automaton takes its whole text. Masks walk a trie of the token texts,
-# and inside strings a trie of the plain tokens over the string regex's class ids, so a length or a pattern
-# is not a walk of every token. Masks are cached per state, a string's count reduced to what can matter
-# within one token (Leaf.key), so long strings reuse them.
+# A token may follow a state when the automaton takes its whole text. Masks walk a trie of the token texts, and
+# inside strings a trie of the plain tokens over the string regex's class ids; they are cached per state, a
+# string's count reduced to what can matter within one token (Leaf.key), so long strings reuse them.
 
 def token_trie(pairs: Any) -> dict:
     """A trie of (key, token ids) pairs: char -> child; "" -> the ids whose key ends there."""
@@ -1914,9 +1904,8 @@ def trie_walk(node: dict, state: Any, move: Callable) -> list[int]:
 
 
 class TokenTable:
-    """A vocabulary's token texts, indexed for constrained decoding; one per tokenizer. Special tokens and
-    tokens that decode to part of a character are left out, so constrained text is whole characters and no
-    control tokens. `plain` tokens hold only ordinary string characters; the others are `marked`."""
+    """A vocabulary's token texts indexed for constrained decoding, without special tokens and parts of characters.
+    `plain` tokens hold only ordinary string characters (Leaf.plain); the others are `marked`."""
 
     def __init__(self, tokenizer: Any):
         self.size, self.eos = len(tokenizer), sorted(tokenizer.eos_token_ids)
@@ -2008,11 +1997,9 @@ class JsonMasks:
     def ids_mask(ids: list[int], width: int) -> Any:
         """A boolean mask over `width` logits, true at `ids`."""
         import mlx.core as mx
-        mask = mx.zeros((width,), dtype=mx.bool_)
-        ids = [t for t in ids if t < width]
-        if ids:
-            mask[mx.array(ids)] = True
-        return mask
+        mask = mx.zeros((width + 1,), dtype=mx.bool_)   # one more, so the index list is never empty
+        mask[mx.array([t for t in ids if t < width] + [width])] = True
+        return mask[:width]
 
 
 def masked(logits: Any, mask: Any) -> Any:
@@ -2029,9 +2016,8 @@ def json_constraint(constraint: Constraint, tokenizer: Any, budget: int) -> Json
 
 
 class JsonConstraint:
-    """A logits processor (one call per generated token, mlx_lm's convention) that lets through only tokens
-    keeping the output valid JSON. When the tokens left just suffice to spell the shortest closing text, it
-    spells it, so the output is complete whenever max_tokens allows; then only end-of-sequence remains."""
+    """A logits processor (one call per token, mlx_lm's) that lets through only tokens keeping the output valid JSON.
+    When the tokens left just suffice to spell the shortest closing text, it spells it; then only end-of-sequence."""
 
     stateful = True   # follows the tokens sampled so far, one call per token
 
