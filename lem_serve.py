@@ -969,7 +969,7 @@ class Leaf(Piece):
     over its decoded characters; under an exclusion, no escapes) or a number (its raw text). `by_text`: one spelling."""
 
     ESCAPE = re.compile(r'\\(["\\/bfnrt]|u(?![dD][89a-fA-F])[0-9a-fA-F]{0,4})?')   # so far; no surrogates
-    LETTERS = '"0' + "".join(JSON_ESCAPES) + "u"   # what may end a quote or escape, in the order finish() tries
+    LETTERS = '"0"\\/bfnrtu'   # what may end a quote or go on with an escape, in the order finish() tries
 
     def __init__(self, regex: Regex, min_len: int = 0, max_len: int | None = None, quoted: bool = True,
                  by_text: bool = True):
@@ -996,7 +996,7 @@ class Leaf(Piece):
         if escape == "" and (not self.quoted or ch not in '"\\'):
             return self._take(frame, ch, None if ch < " " and self.quoted else ch)
         if escape == "" and ch == '"':
-            return [(frame.add(ch, '"'),)] * self._ends(frame, ch)
+            return [(frame.add(ch, '"'),)] * self.done(frame, ch)
         escape += ch   # a backslash, then a letter whose character fits, or u (where any may) and four hex digits
         inside, any_char = frame._replace(phase=escape), self.regex is ANY_TEXT and frame.count < self.limit
         if frame.ex is not None or not self.ESCAPE.fullmatch(escape) or escape == "\\u" and not any_char:
@@ -1040,11 +1040,10 @@ class Leaf(Piece):
             layer = nxt
         return None
 
-    def done(self, frame: Frame) -> bool:
-        return frame.phase == '"' if self.quoted else self._ends(frame)
-
-    def _ends(self, frame: Frame, quote: str = "") -> bool:
-        """Whether the value may end here: long enough, matched, its raw text (closed by `quote`) not excluded."""
+    def done(self, frame: Frame, quote: str = "") -> bool:
+        """Whether the value is complete; given a closing `quote`, whether it may come (length, match, exclusion)."""
+        if self.quoted and not quote:
+            return frame.phase == '"'
         ends = frame.count >= self.min_len and self.regex.accepts(frame.at)
         return ends and (frame.ex is None or frame.text + quote not in frame.ex)
 
@@ -1224,23 +1223,20 @@ class Container(Piece):
 Object = Container   # Object(props, values, min_props, max_props, key, banned, patterns)
 
 
-def Array(prefix: tuple, items: Piece | None, min_items: int = 0, max_items: int | None = None,
-          unique: bool = False, brackets: str = "[]") -> Container:
-    """A JSON array: `prefix` items (nodes) then `items` ones (None: no more), min_items to max_items."""
+def Array(prefix: tuple, items: Piece | None, min_items: int = 0, max_items: int | None = None, unique: bool = False):
+    """A JSON array (a Container): `prefix` items (nodes) then `items` ones (None: no more), min_items to max_items."""
     return Container(tuple((None, node, False) for node in prefix), {} if items is None else {(): items},
-                     min_items, max_items, unique=unique, brackets=brackets)
+                     min_items, max_items, unique=unique, brackets="[]")
 
 
 def json_start(node: Piece) -> tuple:
     """The automaton's start state: a document (a bracketless array) of one JSON value for `node`."""
-    return ((Frame(Array((node,), None, 1, 1, brackets=""), "item", 0, 0, frozenset()),),)
+    return ((Frame(Container(((None, node, False),), {}, 1, 1, brackets=""), "item", 0, 0, frozenset()),),)
 
 
 def json_advance(state: tuple, text: str) -> tuple:
     """The state after `text`; () once no stack can take it."""
     for ch in text:
-        if not state:
-            break
         state = tuple(dict.fromkeys(nxt for stack in state for nxt in _step(stack, ch)))
     return state
 
@@ -1880,29 +1876,6 @@ def schema_constraint(schema: Any, param: str) -> Constraint:
 # inside strings a trie of the plain tokens over the string regex's class ids; they are cached per state, a
 # string's count reduced to what can matter within one token (Leaf.key), so long strings reuse them.
 
-def token_trie(pairs: Any) -> dict:
-    """A trie of (key, token ids) pairs: char -> child; "" -> the ids whose key ends there."""
-    root: dict = {}
-    for key, ids in pairs:
-        node = root
-        for ch in key:
-            node = node.setdefault(ch, {})
-        node.setdefault("", []).extend(ids)
-    return root
-
-
-def trie_walk(node: dict, state: Any, move: Callable) -> list[int]:
-    """The ids of the trie's keys that `move(state, char)` takes whole, depth first (a falsy state is dead)."""
-    ids, todo = [], [(node, state)]
-    while todo:
-        node, state = todo.pop()
-        for ch, child in node.items():
-            if ch and (after := move(state, ch)):
-                ids.extend(child.get("", ()))
-                todo.append((child, after))
-    return ids
-
-
 class TokenTable:
     """A vocabulary's token texts indexed for constrained decoding, without special tokens and parts of characters.
     `plain` tokens hold only ordinary string characters (Leaf.plain); the others are `marked`."""
@@ -1911,24 +1884,47 @@ class TokenTable:
         self.size, self.eos = len(tokenizer), sorted(tokenizer.eos_token_ids)
         self.texts = token_texts(tokenizer, self.size)
         usable = [(text, token) for token, text in enumerate(self.texts) if text]
-        self.trie = token_trie((text, [token]) for text, token in usable)
+        self.tokens = self.trie((text, [token]) for text, token in usable)
         self.plain = [(text, token) for text, token in usable if Leaf.plain(text)]
         self.marked = [(token, text) for text, token in usable if not Leaf.plain(text)]
         self.reach = max((len(text) for text, _ in usable), default=1)   # the longest token, in characters
         self.plain_chars = sorted({ch for text, _ in self.plain for ch in text})
         self.class_tries = Cache(JSON_CONSTRAINT_CACHE * 4)
 
+    @staticmethod
+    def trie(pairs: Any) -> dict:
+        """A trie of (key, token ids) pairs: char -> child; "" -> the ids whose key ends there."""
+        root: dict = {}
+        for key, ids in pairs:
+            node = root
+            for ch in key:
+                node = node.setdefault(ch, {})
+            node.setdefault("", []).extend(ids)
+        return root
+
+    @staticmethod
+    def walk(node: dict, state: Any, move: Callable) -> list[int]:
+        """The ids of the trie's keys that `move(state, char)` takes whole, depth first (a falsy state is dead)."""
+        ids, todo = [], [(node, state)]
+        while todo:
+            node, state = todo.pop()
+            for ch, child in node.items():
+                if ch and (after := move(state, ch)):
+                    ids.extend(child.get("", ()))
+                    todo.append((child, after))
+        return ids
+
     def class_trie(self, regex: Regex) -> dict:
         """The plain tokens as a trie over `regex`'s class ids (chr(id) for each character); cached."""
         def build() -> dict:
             classes = str.maketrans({ch: chr(regex.class_id(ch)) for ch in self.plain_chars})
-            return token_trie((text.translate(classes), [token]) for text, token in self.plain)
+            return self.trie((text.translate(classes), [token]) for text, token in self.plain)
         return self.class_tries.get_or(regex, build)
 
 
 def token_texts(tokenizer: Any, size: int) -> list[str | None]:
-    """Each token id's text as it reads inside a sequence; None for unusable ones."""
-    # Decoded after an anchor token, so SentencePiece's leading space is kept.
+    """Each token id's text as it reads inside a sequence (after an anchor token: SentencePiece's leading space
+    kept); None for unusable ones."""
     anchor = tokenizer.encode("a", add_special_tokens=False)[-1]
     head = tokenizer.decode([anchor])
     special = set(getattr(tokenizer, "all_special_ids", ())) | set(tokenizer.eos_token_ids)
@@ -1968,13 +1964,13 @@ class JsonMasks:
         return self.closings.get_or(self.key(state), lambda: self._spell(json_closing_text(state)))
 
     def _spell(self, text: str | None) -> list[int] | None:
-        ids, texts = [], self.table.texts
+        ids, table = [], self.table
         while text:  # the longest token that starts the rest (of equals, the lowest id)
-            fits = trie_walk(self.table.trie, (text,), lambda rest, ch: (rest[0][1:],) if rest[0][:1] == ch else None)
+            fits = table.walk(table.tokens, (text,), lambda rest, ch: (rest[0][1:],) if rest[0][:1] == ch else None)
             if not fits:
                 return None  # no token spells the next character
-            ids.append(max(fits, key=lambda token: (len(texts[token]), -token)))
-            text = text[len(texts[ids[-1]]):]
+            ids.append(max(fits, key=lambda token: (len(table.texts[token]), -token)))
+            text = text[len(table.texts[ids[-1]]):]
         return None if text is None else ids
 
     def _build(self, state: tuple, width: int) -> Any:
@@ -1983,14 +1979,13 @@ class JsonMasks:
             top = stack[-1]
             leaf = top[0] if isinstance(top[0], Leaf) and top[0].quoted and top.phase == "" else None
             if leaf and (top.ex is None or leaf.max_len is None and leaf.regex is ANY_TEXT):
-                # Inside a string, a plain token cannot leave it: its fate is the regex's and the
-                # length's alone (a walk of the class trie); only the other tokens need a walk.
-                plain = plain | self.plains.get_or(leaf.key(top, table.reach)[:4], lambda: self.ids_mask(trie_walk(
+                # Inside a string a plain token stays there: the regex and the length alone decide it.
+                plain = plain | self.plains.get_or(leaf.key(top, table.reach)[:4], lambda: self.ids_mask(table.walk(
                     table.class_trie(leaf.regex), (top.at, top.count), leaf.move_class), table.size))
                 ids += [t for t, text in table.marked if json_advance((stack,), text)]
             else:
                 walk.append(stack)
-        ids += trie_walk(table.trie, tuple(walk), json_advance) if walk else []
+        ids += table.walk(table.tokens, tuple(walk), json_advance) if walk else []
         return plain | self.ids_mask(ids + table.eos * json_complete(state), width)
 
     @staticmethod

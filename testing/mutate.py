@@ -413,10 +413,11 @@ MUTATIONS = [
              (("    kinds = {k for k in _as_list(value) if isinstance(k, str)}",
                "    kinds = set(_as_list(value))"),),
              ("test_malformed_schemas_are_answered_never_a_5xx",)),
-    Mutation("json-closing-key-too-short", "an excluded key leaf looks for a closing text only 32 characters deep, so a "
-             "pattern key longer than that cannot close (a 500 mid-stream)",
+    Mutation("json-closing-key-too-short", "an excluded key leaf looks for a closing text only 32 characters deep, "
+             "among the texts it spells out whole, so a pattern key longer than that cannot close (a 500 mid-stream)",
              (("        reach = max(self.min_len - count, len(self.regex.shortest(dfa) or \"\")) + 32",
-               "        reach = 32"),),
+               "        reach = 32"),
+              ("if (end := self.regex.shortest(state)) is not None", "if (end := self.regex.shortest(state)) == \"\""),),
              ("test_new_keywords_are_enforced_and_every_walk_validates",)),
     Mutation("json-multipleof-float-steps", "multipleOf 0.01 allows 7.77, which validators' float division refuses",
              (("            if integer or exact.denominator == 1 or Fraction(float(exact)) != exact:",
