@@ -598,35 +598,33 @@ CLASS_ITEM = re.compile(rf"({ESCAPE}|[^\\])-({ESCAPE}|[^\\])|{ESCAPE}|.", re.S) 
 REFUSED_TOKENS = {"(?": "lookbehind (?<=...) and inline flags (?...) are not supported", "[": "unbalanced '['",
                   "\\b": "the escape \\b is not supported",
                   "{,": "'{,' is a literal to ECMAScript but a repeat to Python's re (validators): write \\{, or {0,n}"}
-SHORT_ESCAPES = {"\\d", "\\D", "\\w", "\\W", "\\s", "\\S"}
 
 
 def python_syntax(pattern: str) -> str:
-    """`pattern` in re's syntax, meaning what ECMAScript means: (?<name>...) as (...), in a
-    class a "-" beside \\d \\w \\s a literal and every other character escaped (re reads "[[", "&&", "--" as
-    future set syntax). Raises ValueError naming what we do not support: escapes that ECMAScript lacks or reads
-    otherwise (backreferences, \\b, \\A, \\a), "{," (which the two read apart), lookbehind and inline flags."""
+    """`pattern` in re's syntax, meaning what ECMAScript means: (?<name>...) as (...); in a class a "-" beside
+    \\d \\w \\s a literal and every other character escaped (re reads "[[", "&&", "--" as set syntax). A ValueError
+    names what we do not support: escapes that ECMAScript lacks or reads otherwise (backreferences, \\b, \\A,
+    \\a), "{," (which the two read apart), lookbehind and inline flags."""
     if bad := [text for text in re.findall(ESCAPE, pattern, re.S) if not GOOD_ESCAPE.fullmatch(text)]:
         raise ValueError(f"the escape {bad[0]} is not supported")
     out = []
     for token in ECMA_TOKEN.finditer(pattern):
         if token[0] in REFUSED_TOKENS:
             raise ValueError(REFUSED_TOKENS[token[0]])
-        text = "(" if token[0].startswith("(?<") else token[0]   # names may repeat
-        out.append(token[1] or text)
+        out.append(token[1] or ("(" if token[0].startswith("(?<") else token[0]))   # names may repeat
         for item in CLASS_ITEM.finditer(token[2] or ""):
             ends = [item[1], item[2]] if item[1] else [item[0]]
-            dash = "\\-" if SHORT_ESCAPES.intersection(ends) else "-"
+            dash = "\\-" if any(re.fullmatch(r"\\[dDwWsS]", end) for end in ends) else "-"
             out.append(dash.join(end if end[0] == "\\" else re.escape(end) for end in ends))
         out.append("]" * (token[1] is not None))
     return "".join(out)
 
 
-# A set of characters: (negated, (lo, hi) code point ranges, predicates). \d \w \s are (narrow, wide) classes of re:
-# narrow holds what both ECMAScript and re (which validators run) match, wide all that either may. Classes take
-# narrow ones, [^...] wide ones, so output satisfies both; in a part that must not match (not, (?!...)) the other way.
-DOT = (True, ((10, 10), (13, 13), (0x2028, 0x2029)), ())   # ECMAScript's '.'
-DOT_WIDE = (True, ((10, 10),), ())                          # what either dialect's '.' may match (re's)
+# A set of characters: re's items of a class. \d \w \s are (narrow, wide) classes of re: narrow holds what both
+# ECMAScript and re (which validators run) match, wide all that either may. Classes take narrow ones, [^...] wide
+# ones, so output satisfies both; in a part that must not match (not, (?!...)) the other way. The same for '.'.
+DOT = [(sre.NEGATE, None), *((sre.LITERAL, code) for code in (10, 13, 0x2028, 0x2029))]   # ECMAScript's
+DOT_WIDE = DOT[:2]                                                                         # re's
 SHORTHANDS = {"DIGIT": ("0-9", "\\d"), "WORD": ("0-9A-Za-z_", "\\w"), "SPACE": ("\\t-\\r ", "\\s\\ufeff")}
 SAMPLE_CODES = [*range(48, 58), *range(97, 123), *range(65, 91), *range(32, 127), *range(0, 32), *range(127, 0x250),
                 0x660, 0x2028, 0x2029, 0x3000, 0xfeff, 0x4e00, 0x1f600]
@@ -657,23 +655,19 @@ class Regex:
     """Regular expressions that must all match, as one lazily built DFA over character classes.
 
     `parts` are (pattern, search[, negated]): a searched pattern may match anywhere (JSON Schema's `pattern`), else
-    it must match the whole text (formats). States are frozensets of NFA states, ~s standing for s reached through
-    a '$' (no more characters); None is dead. Characters map to class ids (the sets they belong to), so the DFA
-    and the vocabulary's class trie (TokenTable.class_trie) work on ids."""
+    the whole text (formats). A state is a frozenset of NFA states, ~s for s reached through a '$' (no more
+    characters); None is dead. Characters map to class ids (the sets they are in): the DFA and the vocabulary's
+    class trie (TokenTable.class_trie) work on ids."""
 
     def __init__(self, parts: tuple):
-        self.source, self.edges, self.charset_index = parts, [], {}   # edges: per NFA state, (key, target)
-        built = []   # (first state, last state, negated)
+        self.source, self.edges, self.charsets, self.parts, self.owner = parts, [], {}, [], []
         for pattern, search, *negated in parts:   # (pattern, search[, negated: must not match])
             for items, negated in regex_items(pattern, search, negated == [True]):
                 self.wide, first = negated, self._new()   # a part that must not match reads its sets widely
-                built.append((first, self._build(items, first), negated))
-        ends = [first for first, _, _ in built[1:]] + [len(self.edges)]   # a part's states: first to end
-        self.parts = [(first, final, end, negated) for (first, final, negated), end in zip(built, ends)]
-        self.charsets, self.lock = tuple(self.charset_index), threading.Lock()
-        self.start = self._closure({p[0] for p in self.parts}, True)
-        self.class_ids, self.class_sigs, self.sigs = {}, {}, []   # char -> id, signature (bit i: in set i) -> id
-        self.moves, self.tails = {}, {}   # (state, class id) -> state; state -> shortest() (both caches)
+                self.parts.append((first, self._build(items, first), negated))
+        self.needed, self.lock = {i for i, part in enumerate(self.parts) if not part[2]}, threading.Lock()
+        self.start = self._closure({first for first, _, _ in self.parts}, True)
+        self.class_ids, self.sigs, self.moves, self.tails = {}, [], {}, {}   # char -> id -> signature; 2 caches
         self.reps = {}   # class id -> a character of it, from a sample covering every set's edges
         edges = [c for _, ranges, _ in self.charsets for lo, hi in ranges for c in (lo - 1, lo, hi, hi + 1)]
         for code in SAMPLE_CODES + edges:
@@ -687,12 +681,13 @@ class Regex:
         return shared_regex, (self.source,)
 
     def _new(self, sources: list[int] = (), key: Any = None) -> int:
-        """A new NFA state, with edges from `sources` to it (`key`: a charset index, None, "^" or "$")."""
+        """A new NFA state of the part being built, with edges from `sources` (`key`: a charset, None, "^", "$")."""
         if len(self.edges) >= REGEX_MAX_STATES:
             raise ValueError(f"the pattern is too large (over {REGEX_MAX_STATES} states once repeats are expanded)")
-        self.edges.append([])
         for state in sources:
-            self.edges[state].append((key, len(self.edges) - 1))
+            self.edges[state].append((key, len(self.edges)))
+        self.edges.append([])
+        self.owner.append(len(self.parts))
         return len(self.edges) - 1
 
     def _build(self, items: list, state: int) -> int:
@@ -723,18 +718,18 @@ class Regex:
         return state
 
     def _charset(self, op: Any, arg: Any) -> int:
-        """The index of the set of characters one LITERAL, NOT_LITERAL, ANY or IN item matches."""
-        if op is not sre.IN:
-            cs = (DOT_WIDE if self.wide else DOT) if op is sre.ANY else (op is sre.NOT_LITERAL, ((arg, arg),), ())
-            return self.charset_index.setdefault(cs, len(self.charset_index))
-        negated, ranges, parts = arg[:1] == [(sre.NEGATE, None)], [], []
-        for kind, value in arg:
-            if kind is sre.CATEGORY:   # \D is what is not \d of the other width
-                no, pair = "_NOT_" in value.name, SHORTHANDS[value.name.split("_")[-1]]
-                parts.append(re.compile(f"[{'^' * no}{pair[(negated != no) != self.wide]}]").fullmatch)
-            elif kind in (sre.LITERAL, sre.RANGE):
-                ranges.append((value, value) if kind is sre.LITERAL else value)
-        return self.charset_index.setdefault((negated, tuple(ranges), tuple(parts)), len(self.charset_index))
+        """The index of the set of characters one LITERAL, NOT_LITERAL, ANY or IN item matches: (negated, ranges,
+        tests); \\D is what is not \\d of the other width."""
+        if op is sre.ANY:
+            arg = DOT_WIDE if self.wide else DOT
+        elif op is not sre.IN:
+            arg = [(sre.NEGATE, None)] * (op is sre.NOT_LITERAL) + [(sre.LITERAL, arg)]
+        negated = arg[:1] == [(sre.NEGATE, None)]
+        ranges = tuple((v, v) if kind is sre.LITERAL else v for kind, v in arg if kind in (sre.LITERAL, sre.RANGE))
+        names = [(v.name.split("_")[-1], "_NOT_" in v.name) for kind, v in arg if kind is sre.CATEGORY]
+        tests = tuple(re.compile(f"[{'^' * no}{SHORTHANDS[name][(no != negated) != self.wide]}]").fullmatch
+                      for name, no in names)
+        return self.charsets.setdefault((negated, ranges, tests), len(self.charsets))
 
     def _multiples(self, state: int, step: int, scale: int) -> int:
         """Decimals (maybe negative) that are multiples of step * 10**-scale: their digits' remainder as states."""
@@ -765,25 +760,21 @@ class Regex:
 
     def class_id(self, ch: str) -> int:
         """The id of the class of characters that behave like `ch` everywhere in this regex."""
-        cid = self.class_ids.get(ch)
-        if cid is None:
-            sig = sum(1 << i for i, (negated, ranges, parts) in enumerate(self.charsets)
-                      if (any(lo <= ord(ch) <= hi for lo, hi in ranges) or any(p(ch) for p in parts)) != negated)
+        if ch not in self.class_ids:
+            sig = sum(1 << i for i, (negated, ranges, tests) in enumerate(self.charsets)
+                      if (any(lo <= ord(ch) <= hi for lo, hi in ranges) or any(t(ch) for t in tests)) != negated)
             with self.lock:  # shared across requests: handler threads (enum checks) and the engine
-                cid = self.class_ids[ch] = self.class_sigs.setdefault(sig, len(self.class_sigs))
-                if cid == len(self.sigs):
-                    self.sigs.append(sig)
-        return cid
+                self.sigs += [sig] * (sig not in self.sigs)
+                self.class_ids[ch] = self.sigs.index(sig)
+        return self.class_ids[ch]
 
     def _move(self, state: frozenset, cid: int) -> frozenset | None:
-        key = (state, cid)
-        if key not in self.moves:
-            sig = self.sigs[cid]
-            targets = {t for s in state if s >= 0 for index, t in self.edges[s]
-                       if isinstance(index, int) and sig >> index & 1}
-            alive = all(negated or any(first <= t < end for t in targets) for first, _, end, negated in self.parts)
-            self.moves[key] = self._closure(targets) if alive else None
-        return self.moves[key]
+        if (state, cid) not in self.moves:   # dead once a part that must match has no state left
+            targets = {t for s in state if s >= 0 for key, t in self.edges[s]
+                       if isinstance(key, int) and self.sigs[cid] >> key & 1}
+            alive = self.needed <= {self.owner[t] for t in targets}
+            self.moves[state, cid] = self._closure(targets) if alive else None
+        return self.moves[state, cid]
 
     def move(self, state: frozenset, ch: str) -> frozenset | None:
         """The state after `ch`; None when no match can follow."""
@@ -792,29 +783,25 @@ class Regex:
 
     def matches(self, text: str) -> bool:
         """Whether the whole of `text` is a match."""
-        state = self.start
-        for ch in text:
-            if (state := self.move(state, ch)) is None:
-                return False
-        return self.accepts(state)
+        state = functools.reduce(lambda s, ch: s if s is None else self.move(s, ch), text, self.start)
+        return state is not None and self.accepts(state)
 
     def accepts(self, state: frozenset) -> bool:
         """Whether `state` ends a match."""
-        return all((final in state or ~final in state) != negated for _, final, _, negated in self.parts)
+        return all((final in state or ~final in state) != negated for _, final, negated in self.parts)
 
     def shortest(self, state: frozenset) -> str | None:
         """A shortest text that takes `state` to a match (breadth first over class representatives)."""
         if state not in self.tails:
-            seen, queue, found = {state}, [(state, "")], None
+            seen, queue = {state}, [(state, "")]
             for current, text in queue:
                 if self.accepts(current) or len(seen) > REGEX_MAX_SEARCH:   # (a|b)*a(a|b){25}: 2**25 states
-                    found = text if self.accepts(current) else None
                     break
                 for cid, ch in self.reps.items():
                     if (nxt := self._move(current, cid)) is not None and nxt not in seen:
                         seen.add(nxt)
                         queue.append((nxt, text + ch))
-            self.tails[state] = found
+            self.tails[state] = text if self.accepts(current) else None
         return self.tails[state]
 
 
