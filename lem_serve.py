@@ -589,7 +589,7 @@ HEX_DIGITS = "0123456789abcdefABCDEF"
 REFEED = "refeed"
 
 
-# Patterns are ECMAScript's (JSON Schema's dialect); python_syntax() checks one and rewrites it for re's own
+# Patterns are ECMAScript's (JSON Schema's dialect); regex_items() checks one and rewrites it for re's own
 # parser (sre), whose tree Regex builds into an NFA and then, lazily, a DFA.
 ESCAPE = r"\\(?:x[\da-fA-F]{2}|u[\da-fA-F]{4}|0\d?|.|$)"
 GOOD_ESCAPE = re.compile(r"\\([dDwWsSbtnvfr0]|x..|u....|[^\dA-Za-z])", re.S)   # what both dialects read alike
@@ -600,11 +600,25 @@ REFUSED_TOKENS = {"(?": "lookbehind (?<=...) and inline flags (?...) are not sup
                   "{,": "'{,' is a literal to ECMAScript but a repeat to Python's re (validators): write \\{, or {0,n}"}
 
 
-def python_syntax(pattern: str) -> str:
-    """`pattern` in re's syntax, meaning what ECMAScript means: (?<name>...) as (...); in a class a "-" beside
-    \\d \\w \\s a literal and every other character escaped (re reads "[[", "&&", "--" as set syntax). A ValueError
-    names what we do not support: escapes that ECMAScript lacks or reads otherwise (backreferences, \\b, \\A,
-    \\a), "{," (which the two read apart), lookbehind and inline flags."""
+# A set of characters: re's items of a class. \d \w \s are (narrow, wide) classes of re: narrow holds what both
+# ECMAScript and re (which validators run) match, wide all that either may. Classes take narrow ones, [^...] wide
+# ones, so output satisfies both; in a part that must not match (not, (?!...)) the other way. The same for '.'.
+DOT = [(sre.NEGATE, None), *((sre.LITERAL, code) for code in (10, 13, 0x2028, 0x2029))]   # ECMAScript's; re's: [:2]
+SHORTHANDS = {"DIGIT": ("0-9", "\\d"), "WORD": ("0-9A-Za-z_", "\\w"), "SPACE": ("\\t-\\r ", "\\s\\ufeff")}
+SAMPLE_CODES = [*range(48, 58), *range(97, 123), *range(65, 91), *range(32, 127), *range(0, 32), *range(127, 0x250),
+                0x660, 0x2028, 0x2029, 0x3000, 0xfeff, 0x4e00, 0x1f600]
+ANYTHING = (sre.MAX_REPEAT, (0, sre.MAXREPEAT, [(sre.IN, [(sre.NEGATE, None)])]))
+
+
+def regex_items(pattern: str | tuple, search: bool, negated: bool) -> list[tuple[list, bool]]:
+    """(re's parse items, negated) for one part: the pattern (anywhere in the text if searched), then its leading
+    lookaheads as parts the whole text must (or must not) start with; a (step, scale) multiple passes. The pattern
+    goes to re's parser meaning what ECMAScript means: (?<name>...) as (...); in a class a "-" beside \\d \\w \\s a
+    literal and every other character escaped (re reads "[[", "&&", "--" as set syntax). A ValueError names what we
+    do not support: escapes ECMAScript lacks or reads otherwise (backreferences, \\b, \\A, \\a), "{," (which the
+    two read apart), lookbehind, inline flags, lookaheads elsewhere."""
+    if not isinstance(pattern, str):
+        return [([("multiples", pattern)], negated)]
     if bad := [text for text in re.findall(ESCAPE, pattern, re.S) if not GOOD_ESCAPE.fullmatch(text)]:
         raise ValueError(f"the escape {bad[0]} is not supported")
     out = []
@@ -617,27 +631,8 @@ def python_syntax(pattern: str) -> str:
             dash = "\\-" if any(re.fullmatch(r"\\[dDwWsS]", end) for end in ends) else "-"
             out.append(dash.join(end if end[0] == "\\" else re.escape(end) for end in ends))
         out.append("]" * (token[1] is not None))
-    return "".join(out)
-
-
-# A set of characters: re's items of a class. \d \w \s are (narrow, wide) classes of re: narrow holds what both
-# ECMAScript and re (which validators run) match, wide all that either may. Classes take narrow ones, [^...] wide
-# ones, so output satisfies both; in a part that must not match (not, (?!...)) the other way. The same for '.'.
-DOT = [(sre.NEGATE, None), *((sre.LITERAL, code) for code in (10, 13, 0x2028, 0x2029))]   # ECMAScript's
-DOT_WIDE = DOT[:2]                                                                         # re's
-SHORTHANDS = {"DIGIT": ("0-9", "\\d"), "WORD": ("0-9A-Za-z_", "\\w"), "SPACE": ("\\t-\\r ", "\\s\\ufeff")}
-SAMPLE_CODES = [*range(48, 58), *range(97, 123), *range(65, 91), *range(32, 127), *range(0, 32), *range(127, 0x250),
-                0x660, 0x2028, 0x2029, 0x3000, 0xfeff, 0x4e00, 0x1f600]
-ANYTHING = (sre.MAX_REPEAT, (0, sre.MAXREPEAT, [(sre.IN, [(sre.NEGATE, None)])]))
-
-
-def regex_items(pattern: str | tuple, search: bool, negated: bool) -> list[tuple[list, bool]]:
-    """(re's parse items, negated) for one part: the pattern (anywhere in the text if searched), then its
-    leading lookaheads as parts the whole text must (or must not) start with. A (step, scale) multiple passes."""
-    if not isinstance(pattern, str):
-        return [([("multiples", pattern)], negated)]
     try:
-        items = list(sre.parse(python_syntax(pattern)))
+        items = list(sre.parse("".join(out)))
     except (re.error, OverflowError) as exc:
         raise ValueError(str(exc)) from None
     looks, start = [], (sre.AT, sre.AT_BEGINNING)
@@ -652,12 +647,10 @@ def regex_items(pattern: str | tuple, search: bool, negated: bool) -> list[tuple
 
 
 class Regex:
-    """Regular expressions that must all match, as one lazily built DFA over character classes.
-
-    `parts` are (pattern, search[, negated]): a searched pattern may match anywhere (JSON Schema's `pattern`), else
-    the whole text (formats). A state is a frozenset of NFA states, ~s for s reached through a '$' (no more
-    characters); None is dead. Characters map to class ids (the sets they are in): the DFA and the vocabulary's
-    class trie (TokenTable.class_trie) work on ids."""
+    """Regular expressions that must all match, as one lazily built DFA over character classes. `parts` are
+    (pattern, search[, negated]): a searched pattern may match anywhere (JSON Schema's `pattern`), else the whole
+    text (formats). A state is a frozenset of NFA states, ~s for s reached through a '$' (no more characters); None
+    is dead. Characters map to class ids (the sets they are in), on which the DFA and TokenTable.class_trie work."""
 
     def __init__(self, parts: tuple):
         self.source, self.edges, self.charsets, self.parts, self.owner = parts, [], {}, [], []
@@ -665,7 +658,7 @@ class Regex:
             for items, negated in regex_items(pattern, search, negated == [True]):
                 self.wide, first = negated, self._new()   # a part that must not match reads its sets widely
                 self.parts.append((first, self._build(items, first), negated))
-        self.needed, self.lock = {i for i, part in enumerate(self.parts) if not part[2]}, threading.Lock()
+        self.needed = {i for i, part in enumerate(self.parts) if not part[2]}
         self.start = self._closure({first for first, _, _ in self.parts}, True)
         self.class_ids, self.sigs, self.moves, self.tails = {}, [], {}, {}   # char -> id -> signature; 2 caches
         self.reps = {}   # class id -> a character of it, from a sample covering every set's edges
@@ -718,10 +711,9 @@ class Regex:
         return state
 
     def _charset(self, op: Any, arg: Any) -> int:
-        """The index of the set of characters one LITERAL, NOT_LITERAL, ANY or IN item matches: (negated, ranges,
-        tests); \\D is what is not \\d of the other width."""
+        """The index of the set (negated, ranges, tests) one LITERAL, NOT_LITERAL, ANY or IN item matches."""
         if op is sre.ANY:
-            arg = DOT_WIDE if self.wide else DOT
+            arg = DOT[:2] if self.wide else DOT
         elif op is not sre.IN:
             arg = [(sre.NEGATE, None)] * (op is sre.NOT_LITERAL) + [(sre.LITERAL, arg)]
         negated = arg[:1] == [(sre.NEGATE, None)]
@@ -749,8 +741,7 @@ class Regex:
     def _closure(self, states: set, at_start: bool = False) -> frozenset:
         """States reached without a character: '^' only at the start; after '$' (as ~s) nothing more may come."""
         todo, seen = list(states), set(states)
-        while todo:
-            mark = todo.pop()
+        for mark in todo:
             for key, target in self.edges[max(mark, ~mark)]:
                 nxt = ~target if mark < 0 or key == "$" else target
                 if (key in (None, "$") or key == "^" and at_start) and nxt not in seen and target not in seen:
@@ -763,9 +754,8 @@ class Regex:
         if ch not in self.class_ids:
             sig = sum(1 << i for i, (negated, ranges, tests) in enumerate(self.charsets)
                       if (any(lo <= ord(ch) <= hi for lo, hi in ranges) or any(t(ch) for t in tests)) != negated)
-            with self.lock:  # shared across requests: handler threads (enum checks) and the engine
-                self.sigs += [sig] * (sig not in self.sigs)
-                self.class_ids[ch] = self.sigs.index(sig)
+            self.sigs += [sig] * (sig not in self.sigs)   # threads racing here may add a sig twice: index() takes one
+            self.class_ids[ch] = self.sigs.index(sig)
         return self.class_ids[ch]
 
     def _move(self, state: frozenset, cid: int) -> frozenset | None:
@@ -822,22 +812,6 @@ ANY_TEXT = regex_for("")   # an empty pattern matches every string
 # Numbers as regular expressions: the JSON number syntax intersected with one expression for the minimum, one for
 # the maximum (built digit by digit, as llama.cpp's json-schema-to-grammar does; leading zeros may pass, the syntax
 # refuses them) and one for multipleOf. Fraction digits compare as strings: 0.25 < 0.3 as "25" < "3".
-
-def _digits(t: str, k: int, strict: bool, least: bool) -> str | None:
-    """Unsigned number tails with k integer digits to go (k < 0: in the fraction), digit by digit >= t (least)
-    or <= t, strictly if asked (t: k integer digits, then fraction digits); None if none."""
-    if k == 0:
-        rest = _digits(t, -1, strict, least)
-        return rest and f"(\\.{rest})" + "?" * (not least or not t and not strict)
-    if not t:
-        return ("\\d*[1-9]\\d*" if strict else "\\d*") if least else (None if strict else "0*")
-    first, deeper = int(t[0]), _digits(t[1:], k - 1, strict, least)
-    tail = f"\\d{{{k - 1}}}(\\.\\d+)?" if k > 0 else "\\d*"
-    alts = [f"[{first + 1}-9]{tail}"] * (least and first < 9) + [f"[0-{first - 1}]{tail}"] * (not least and first > 0)
-    alts += [""] * (not least and k < 0) + ([t[0] + deeper] if deeper is not None else [])
-    return f"({'|'.join(alts)})" if alts else None
-
-
 def number_bound(x: Fraction, strict: bool, least: bool) -> str:
     """Decimals >= x (least) or <= x, strictly if asked (rounded inward to JSON_MAX_DIGITS decimals)."""
     unit, sign = 10 ** JSON_MAX_DIGITS, "" if least else "-"   # y <= x as -y >= -x
@@ -848,8 +822,19 @@ def number_bound(x: Fraction, strict: bool, least: bool) -> str:
     whole, fraction = divmod(int(abs(x) * unit), unit)
     k = len(str(whole))   # integer digits; then fewer (up: more) of them are all less (up: greater)
     other = f"[1-9]\\d{{{k},}}(\\.\\d+)?" if up else f"\\d{{1,{k - 1}}}(\\.\\d+)?" if k > 1 else None
-    digits = str(whole) + str(fraction).rjust(JSON_MAX_DIGITS, "0").rstrip("0")
-    magnitude = "|".join(filter(None, (_digits(digits, k, strict, up), other)))
+
+    def tails(t: str, k: int) -> str | None:   # k integer digits to go (k < 0: in the fraction), >= t (up) or <= t
+        if k == 0:
+            rest = tails(t, -1)
+            return rest and f"(\\.{rest})" + "?" * (not up or not t and not strict)
+        if not t:
+            return ("\\d*[1-9]\\d*" if strict else "\\d*") if up else (None if strict else "0*")
+        first, deeper, tail = int(t[0]), tails(t[1:], k - 1), f"\\d{{{k - 1}}}(\\.\\d+)?" if k > 0 else "\\d*"
+        alts = [f"[{first + 1}-9]{tail}"] * (up and first < 9) + [f"[0-{first - 1}]{tail}"] * (not up and first > 0)
+        alts += [""] * (not up and k < 0) + ([t[0] + deeper] if deeper is not None else [])
+        return f"({'|'.join(alts)})" if alts else None
+    magnitude = "|".join(filter(None, (tails(str(whole) + str(fraction).rjust(JSON_MAX_DIGITS, "0").rstrip("0"), k),
+                                       other)))
     return f"{sign}({magnitude})" if up else f"({sign}\\d+(\\.\\d+)?|{'-' * least}({magnitude}))"
 
 
