@@ -589,8 +589,10 @@ HEX_DIGITS = "0123456789abcdefABCDEF"
 REFEED = "refeed"
 
 
-# Patterns are ECMAScript's (JSON Schema's dialect); regex_items() checks one and rewrites it for re's own
-# parser (sre), whose tree Regex builds into an NFA and then, lazily, a DFA.
+# Patterns are ECMAScript's (JSON Schema's dialect): regex_items() checks one and rewrites it for re's parser (sre),
+# whose tree Regex builds into an NFA, then lazily a DFA. A set of characters is re's items of a class; \d \w \s '.'
+# are (narrow, wide) sets: narrow holds what both ECMAScript and re (which validators run) match, wide all that either
+# may. Classes take narrow ones, [^...] wide ones, so output satisfies both; parts that must not match, the other way.
 ESCAPE = r"\\(?:x[\da-fA-F]{2}|u[\da-fA-F]{4}|0\d?|.|$)"
 GOOD_ESCAPE = re.compile(r"\\([dDwWsSbtnvfr0]|x..|u....|[^\dA-Za-z])", re.S)   # what both dialects read alike
 ECMA_TOKEN = re.compile(rf"(\[\^?\]?)((?:\\.|[^\\\]])*)\]|{ESCAPE}|\(\?(?:<[\w$]+>|[:=!])?|\{{,|.", re.S)
@@ -598,11 +600,6 @@ CLASS_ITEM = re.compile(rf"({ESCAPE}|[^\\])-({ESCAPE}|[^\\])|{ESCAPE}|.", re.S) 
 REFUSED_TOKENS = {"(?": "lookbehind (?<=...) and inline flags (?...) are not supported", "[": "unbalanced '['",
                   "\\b": "the escape \\b is not supported",
                   "{,": "'{,' is a literal to ECMAScript but a repeat to Python's re (validators): write \\{, or {0,n}"}
-
-
-# A set of characters: re's items of a class. \d \w \s are (narrow, wide) classes of re: narrow holds what both
-# ECMAScript and re (which validators run) match, wide all that either may. Classes take narrow ones, [^...] wide
-# ones, so output satisfies both; in a part that must not match (not, (?!...)) the other way. The same for '.'.
 DOT = [(sre.NEGATE, None), *((sre.LITERAL, code) for code in (10, 13, 0x2028, 0x2029))]   # ECMAScript's; re's: [:2]
 SHORTHANDS = {"DIGIT": ("0-9", "\\d"), "WORD": ("0-9A-Za-z_", "\\w"), "SPACE": ("\\t-\\r ", "\\s\\ufeff")}
 SAMPLE_CODES = [*range(48, 58), *range(97, 123), *range(65, 91), *range(32, 127), *range(0, 32), *range(127, 0x250),
@@ -612,11 +609,10 @@ ANYTHING = (sre.MAX_REPEAT, (0, sre.MAXREPEAT, [(sre.IN, [(sre.NEGATE, None)])])
 
 def regex_items(pattern: str | tuple, search: bool, negated: bool) -> list[tuple[list, bool]]:
     """(re's parse items, negated) for one part: the pattern (anywhere in the text if searched), then its leading
-    lookaheads as parts the whole text must (or must not) start with; a (step, scale) multiple passes. The pattern
-    goes to re's parser meaning what ECMAScript means: (?<name>...) as (...); in a class a "-" beside \\d \\w \\s a
-    literal and every other character escaped (re reads "[[", "&&", "--" as set syntax). A ValueError names what we
-    do not support: escapes ECMAScript lacks or reads otherwise (backreferences, \\b, \\A, \\a), "{," (which the
-    two read apart), lookbehind, inline flags, lookaheads elsewhere."""
+    lookaheads as parts the whole text must (or must not) start with; a (step, scale) multiple passes. re reads
+    what ECMAScript means: (?<name>...) as (...), in a class "-" beside \\d \\w \\s and "[[", "&&", "--" literally. A
+    ValueError names what we do not support: escapes ECMAScript lacks or reads otherwise (backreferences, \\b, \\A,
+    \\a), "{," (which the two read apart), lookbehind, inline flags, lookaheads elsewhere."""
     if not isinstance(pattern, str):
         return [([("multiples", pattern)], negated)]
     if bad := [text for text in re.findall(ESCAPE, pattern, re.S) if not GOOD_ESCAPE.fullmatch(text)]:
@@ -636,13 +632,11 @@ def regex_items(pattern: str | tuple, search: bool, negated: bool) -> list[tuple
     except (re.error, OverflowError) as exc:
         raise ValueError(str(exc)) from None
     looks, start = [], (sre.AT, sre.AT_BEGINNING)
-    while items[:1] == [start] and items[1:2] and items[1][0] in (sre.ASSERT, sre.ASSERT_NOT):
+    while not negated and items[:1] == [start] and items[1:2] and items[1][0] in (sre.ASSERT, sre.ASSERT_NOT):
         op, (_, body) = items.pop(1)
         looks.append(([start, *body, ANYTHING], op is sre.ASSERT_NOT))
     if search and items and items[-1][0] is sre.ASSERT:   # a trailing (?=...): part of what is searched
         items[-1] = (sre.SUBPATTERN, (None, 0, 0, items[-1][1][1]))
-    if looks and negated:
-        raise ValueError("a lookahead inside 'not' is not supported")
     return [([ANYTHING, *items, ANYTHING] if search else items, negated)] + looks
 
 
@@ -658,19 +652,17 @@ class Regex:
             for items, negated in regex_items(pattern, search, negated == [True]):
                 self.wide, first = negated, self._new()   # a part that must not match reads its sets widely
                 self.parts.append((first, self._build(items, first), negated))
-        self.needed = {i for i, part in enumerate(self.parts) if not part[2]}
+        self.needed = {i for i, part in enumerate(self.parts) if not part[2]}   # the parts that must match
         self.start = self._closure({first for first, _, _ in self.parts}, True)
         self.class_ids, self.sigs, self.moves, self.tails = {}, [], {}, {}   # char -> id -> signature; 2 caches
-        self.reps = {}   # class id -> a character of it, from a sample covering every set's edges
         edges = [c for _, ranges, _ in self.charsets for lo, hi in ranges for c in (lo - 1, lo, hi, hi + 1)]
-        for code in SAMPLE_CODES + edges:
-            if 0 <= code <= 0x10ffff and not 0xd800 <= code <= 0xdfff:
-                self.reps.setdefault(self.class_id(chr(code)), chr(code))
+        self.reps = {}   # class id -> a character of it, the first in a sample covering every set's edges
+        for ch in [chr(c) for c in SAMPLE_CODES + edges if 0 <= c <= 0x10ffff and not 0xd800 <= c <= 0xdfff]:
+            self.reps.setdefault(self.class_id(ch), ch)
         if self.shortest(self.start) is None:
             raise ValueError(f"the pattern matches nothing, or only past {REGEX_MAX_SEARCH} states of its automaton")
 
-    def __reduce__(self) -> tuple:
-        # A constraint travels pickled to the other ranks (GroupLink): `is ANY_TEXT` holds there too.
+    def __reduce__(self) -> tuple:   # a constraint travels pickled to other ranks (GroupLink): `is ANY_TEXT` holds
         return shared_regex, (self.source,)
 
     def _new(self, sources: list[int] = (), key: Any = None) -> int:
@@ -706,7 +698,7 @@ class Regex:
             elif op == "multiples":
                 state = self._multiples(state, *arg)
             else:
-                raise ValueError("lookahead is supported only right after a leading '^' (and (?=...) at the end)"
+                raise ValueError("lookahead is supported after a leading '^' outside 'not', and (?=...) at the end"
                                  if op in (sre.ASSERT, sre.ASSERT_NOT) else f"{op} is not supported")
         return state
 
@@ -822,8 +814,8 @@ def number_bound(x: Fraction, strict: bool, least: bool) -> str:
     whole, fraction = divmod(int(abs(x) * unit), unit)
     k = len(str(whole))   # integer digits; then fewer (up: more) of them are all less (up: greater)
     other = f"[1-9]\\d{{{k},}}(\\.\\d+)?" if up else f"\\d{{1,{k - 1}}}(\\.\\d+)?" if k > 1 else None
-
-    def tails(t: str, k: int) -> str | None:   # k integer digits to go (k < 0: in the fraction), >= t (up) or <= t
+    def tails(t: str, k: int) -> str | None:
+        """Magnitudes' tails with k integer digits to go (k < 0: in the fraction), >= t (up) or <= t."""
         if k == 0:
             rest = tails(t, -1)
             return rest and f"(\\.{rest})" + "?" * (not up or not t and not strict)
@@ -847,9 +839,7 @@ def number_regex(integer: bool, low: Fraction | None = None, high: Fraction | No
     parts = [(number_bound(x, is_open, least), False)
              for x, is_open, least in ((low, low_open, True), (high, high_open, False)) if x is not None]
     parts += [(pattern, False, True) for pattern in excluded] + [((step, scale), False)] * (step > 1 or scale > 0)
-    if not parts and not integer:
-        syntax += r"([eE][+-]?\d{1,2})?"
-    return regex_for(syntax, False, tuple(parts))
+    return regex_for(syntax + r"([eE][+-]?\d{1,2})?" * (not parts and not integer), False, tuple(parts))
 
 
 class Cache(dict):
