@@ -7712,6 +7712,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.dispatched = True
         self.started = time.monotonic()
         self.status_sent = None
+        self.counted = False
         # A body that no route reads would be parsed as the next request: such a connection is not reused.
         self.body_read = (self.headers.get("Transfer-Encoding") is None
                           and self.headers.get("Content-Length", "0").strip() == "0")
@@ -7838,8 +7839,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         # The path is known only when the request line parsed (command set); else it may be the last request's.
         self.route_path = self.path.split("?", 1)[0] if self.command else ""
         self.request_id = new_id("req_")
-        self._send_json(self._error_body(error), status)
+        self.counted = True  # counted here, under "other", before the reply leaves
         self.server.metrics.record_request("other", str(int(status)), 0.0)
+        self._send_json(self._error_body(error), status)
 
     def _send_error(self, error: APIError) -> None:
         if self.status_sent is not None:  # a response is under way: just end it
@@ -7883,6 +7885,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_header(name, value)
         if self.close_connection:
             self.send_header("Connection", "close")
+        self._record_request()
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
@@ -7949,6 +7952,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if not self.body_read:
             self._close_after_response()
             self.send_header("Connection", "close")
+        self._record_request()
         self.end_headers()
 
     def route_models(self) -> None:
@@ -8198,9 +8202,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 if kind == "error":
                     raise value
                 open_stream(now=True)
+                if not slot.held:  # the last event: counted before it leaves, as a plain response is
+                    self._record_request()
                 write(writer.event(kind, value, *extra))
         except APIError as exc:  # headers are out: the error becomes an event
             self.status_sent = int(exc.status)
+            self._record_request()
             write(writer.failure(exc))
 
     def _start_stream(self, headers: dict[str, str]) -> None:
@@ -8245,6 +8252,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         pass
 
     def _record_request(self) -> None:
+        # Once per exchange, before a complete response's last byte leaves (a client that scrapes
+        # /metrics after reading its reply finds it counted); streams end with the connection, after this.
+        if self.counted:
+            return
+        self.counted = True
         path = self.route_path
         endpoint = path if path in self.PREFLIGHT_ROUTES else "other"  # raw paths would let clients mint series
         code = str(self.status_sent) if self.status_sent is not None else "499"
