@@ -589,10 +589,9 @@ HEX_DIGITS = "0123456789abcdefABCDEF"
 REFEED = "refeed"
 
 
-# Patterns are ECMAScript's (JSON Schema's dialect): regex_items() checks one and rewrites it for re's parser (sre),
-# whose tree Regex builds into an NFA, then lazily a DFA. A set of characters is re's items of a class; \d \w \s '.'
-# are (narrow, wide) sets: narrow holds what both ECMAScript and re (which validators run) match, wide all that either
-# may. Classes take narrow ones, [^...] wide ones, so output satisfies both; parts that must not match, the other way.
+# Patterns are ECMAScript's (JSON Schema's dialect), read by re's parser (sre), built into an NFA, then lazily a DFA.
+# \d \w \s '.' are (narrow, wide) sets: narrow holds what both ECMAScript and re (validators) match, wide what either
+# may. Classes take narrow ones, [^...] wide ones, so output satisfies both; parts that must not match, the reverse.
 ESCAPE = r"\\(?:x[\da-fA-F]{2}|u[\da-fA-F]{4}|0\d?|.|$)"
 GOOD_ESCAPE = re.compile(r"\\([dDwWsSbtnvfr0]|x..|u....|[^\dA-Za-z])", re.S)   # what both dialects read alike
 ECMA_TOKEN = re.compile(rf"(\[\^?\]?)((?:\\.|[^\\\]])*)\]|{ESCAPE}|\(\?(?:<[\w$]+>|[:=!])?|\{{,|.", re.S)
