@@ -589,10 +589,9 @@ HEX_DIGITS = "0123456789abcdefABCDEF"
 REFEED = "refeed"
 
 
-# Patterns are ECMAScript's (JSON Schema's dialect): regex_items() checks one and rewrites it for re's parser (sre),
-# whose tree Regex builds into an NFA, then lazily a DFA. A set of characters is re's items of a class; \d \w \s '.'
-# are (narrow, wide) sets: narrow holds what both ECMAScript and re (which validators run) match, wide all that either
-# may. Classes take narrow ones, [^...] wide ones, so output satisfies both; parts that must not match, the other way.
+# Patterns are ECMAScript's (JSON Schema's dialect), read by re's parser (sre), built into an NFA, then lazily a DFA.
+# \d \w \s '.' are (narrow, wide) sets: narrow holds what both ECMAScript and re (validators) match, wide what either
+# may. Classes take narrow ones, [^...] wide ones, so output satisfies both; parts that must not match, the reverse.
 ESCAPE = r"\\(?:x[\da-fA-F]{2}|u[\da-fA-F]{4}|0\d?|.|$)"
 GOOD_ESCAPE = re.compile(r"\\([dDwWsSbtnvfr0]|x..|u....|[^\dA-Za-z])", re.S)   # what both dialects read alike
 ECMA_TOKEN = re.compile(rf"(\[\^?\]?)((?:\\.|[^\\\]])*)\]|{ESCAPE}|\(\?(?:<[\w$]+>|[:=!])?|\{{,|.", re.S)
@@ -808,12 +807,11 @@ def number_bound(x: Fraction, strict: bool, least: bool) -> str:
     """Decimals >= x (least) or <= x, strictly if asked (rounded inward to JSON_MAX_DIGITS decimals)."""
     unit, sign = 10 ** JSON_MAX_DIGITS, "" if least else "-"   # y <= x as -y >= -x
     x = min(max(x if least else -x, -unit), unit)   # also past the largest number the syntax allows
-    kept = Fraction(math.ceil(x * unit), unit)
-    strict, x = strict and kept == x, kept
+    strict, x = strict and x * unit % 1 == 0, Fraction(math.ceil(x * unit), unit)   # strict only if x is kept
     up = x > 0 or x == 0 and strict   # then y >= x, else y >= 0 or -y with y <= -x: compare magnitudes
     whole, fraction = divmod(int(abs(x) * unit), unit)
-    k = len(str(whole))   # integer digits; then fewer (up: more) of them are all less (up: greater)
-    other = f"[1-9]\\d{{{k},}}(\\.\\d+)?" if up else f"\\d{{1,{k - 1}}}(\\.\\d+)?" if k > 1 else None
+    k, digits = len(str(whole)), str(whole) + str(fraction).rjust(JSON_MAX_DIGITS, "0").rstrip("0")
+    other = f"[1-9]\\d{{{k},}}(\\.\\d+)?" if up else f"\\d{{1,{k - 1}}}(\\.\\d+)?" if k > 1 else None   # other lengths
     def tails(t: str, k: int) -> str | None:
         """Magnitudes' tails with k integer digits to go (k < 0: in the fraction), >= t (up) or <= t."""
         if k == 0:
@@ -825,8 +823,7 @@ def number_bound(x: Fraction, strict: bool, least: bool) -> str:
         alts = [f"[{first + 1}-9]{tail}"] * (up and first < 9) + [f"[0-{first - 1}]{tail}"] * (not up and first > 0)
         alts += [""] * (not up and k < 0) + ([t[0] + deeper] if deeper is not None else [])
         return f"({'|'.join(alts)})" if alts else None
-    magnitude = "|".join(filter(None, (tails(str(whole) + str(fraction).rjust(JSON_MAX_DIGITS, "0").rstrip("0"), k),
-                                       other)))
+    magnitude = "|".join(filter(None, (tails(digits, k), other)))
     return f"{sign}({magnitude})" if up else f"({sign}\\d+(\\.\\d+)?|{'-' * least}({magnitude}))"
 
 
