@@ -589,8 +589,9 @@ HEX_DIGITS = "0123456789abcdefABCDEF"
 REFEED = "refeed"
 
 
-# Patterns are ECMAScript's (JSON Schema's dialect); python_syntax() checks one and rewrites it for re's own
-# parser (sre), whose tree Regex builds into an NFA and then, lazily, a DFA.
+# Patterns are ECMAScript's (JSON Schema's dialect), read by re's parser (sre), built into an NFA, then lazily a DFA.
+# \d \w \s '.' are (narrow, wide) sets: narrow holds what both ECMAScript and re (validators) match, wide what either
+# may. Classes take narrow ones, [^...] wide ones, so output satisfies both; parts that must not match, the reverse.
 ESCAPE = r"\\(?:x[\da-fA-F]{2}|u[\da-fA-F]{4}|0\d?|.|$)"
 GOOD_ESCAPE = re.compile(r"\\([dDwWsSbtnvfr0]|x..|u....|[^\dA-Za-z])", re.S)   # what both dialects read alike
 ECMA_TOKEN = re.compile(rf"(\[\^?\]?)((?:\\.|[^\\\]])*)\]|{ESCAPE}|\(\?(?:<[\w$]+>|[:=!])?|\{{,|.", re.S)
@@ -598,35 +599,7 @@ CLASS_ITEM = re.compile(rf"({ESCAPE}|[^\\])-({ESCAPE}|[^\\])|{ESCAPE}|.", re.S) 
 REFUSED_TOKENS = {"(?": "lookbehind (?<=...) and inline flags (?...) are not supported", "[": "unbalanced '['",
                   "\\b": "the escape \\b is not supported",
                   "{,": "'{,' is a literal to ECMAScript but a repeat to Python's re (validators): write \\{, or {0,n}"}
-SHORT_ESCAPES = {"\\d", "\\D", "\\w", "\\W", "\\s", "\\S"}
-
-
-def python_syntax(pattern: str) -> str:
-    """`pattern` in re's syntax, meaning what ECMAScript means: (?<name>...) as (...), in a
-    class a "-" beside \\d \\w \\s a literal and every other character escaped (re reads "[[", "&&", "--" as
-    future set syntax). Raises ValueError naming what we do not support: escapes that ECMAScript lacks or reads
-    otherwise (backreferences, \\b, \\A, \\a), "{," (which the two read apart), lookbehind and inline flags."""
-    if bad := [text for text in re.findall(ESCAPE, pattern, re.S) if not GOOD_ESCAPE.fullmatch(text)]:
-        raise ValueError(f"the escape {bad[0]} is not supported")
-    out = []
-    for token in ECMA_TOKEN.finditer(pattern):
-        if token[0] in REFUSED_TOKENS:
-            raise ValueError(REFUSED_TOKENS[token[0]])
-        text = "(" if token[0].startswith("(?<") else token[0]   # names may repeat
-        out.append(token[1] or text)
-        for item in CLASS_ITEM.finditer(token[2] or ""):
-            ends = [item[1], item[2]] if item[1] else [item[0]]
-            dash = "\\-" if SHORT_ESCAPES.intersection(ends) else "-"
-            out.append(dash.join(end if end[0] == "\\" else re.escape(end) for end in ends))
-        out.append("]" * (token[1] is not None))
-    return "".join(out)
-
-
-# A set of characters: (negated, (lo, hi) code point ranges, predicates). \d \w \s are (narrow, wide) classes of re:
-# narrow holds what both ECMAScript and re (which validators run) match, wide all that either may. Classes take
-# narrow ones, [^...] wide ones, so output satisfies both; in a part that must not match (not, (?!...)) the other way.
-DOT = (True, ((10, 10), (13, 13), (0x2028, 0x2029)), ())   # ECMAScript's '.'
-DOT_WIDE = (True, ((10, 10),), ())                          # what either dialect's '.' may match (re's)
+DOT = [(sre.NEGATE, None), *((sre.LITERAL, code) for code in (10, 13, 0x2028, 0x2029))]   # ECMAScript's; re's: [:2]
 SHORTHANDS = {"DIGIT": ("0-9", "\\d"), "WORD": ("0-9A-Za-z_", "\\w"), "SPACE": ("\\t-\\r ", "\\s\\ufeff")}
 SAMPLE_CODES = [*range(48, 58), *range(97, 123), *range(65, 91), *range(32, 127), *range(0, 32), *range(127, 0x250),
                 0x660, 0x2028, 0x2029, 0x3000, 0xfeff, 0x4e00, 0x1f600]
@@ -634,65 +607,71 @@ ANYTHING = (sre.MAX_REPEAT, (0, sre.MAXREPEAT, [(sre.IN, [(sre.NEGATE, None)])])
 
 
 def regex_items(pattern: str | tuple, search: bool, negated: bool) -> list[tuple[list, bool]]:
-    """(re's parse items, negated) for one part: the pattern (anywhere in the text if searched), then its
-    leading lookaheads as parts the whole text must (or must not) start with. A (step, scale) multiple passes."""
+    """(re's parse items, negated) for one part: the pattern (anywhere in the text if searched), then its leading
+    lookaheads as parts the whole text must (or must not) start with; a (step, scale) multiple passes. re reads
+    what ECMAScript means: (?<name>...) as (...), in a class "-" beside \\d \\w \\s and "[[", "&&", "--" literally. A
+    ValueError names what we do not support: escapes ECMAScript lacks or reads otherwise (backreferences, \\b, \\A,
+    \\a), "{," (which the two read apart), lookbehind, inline flags, lookaheads elsewhere."""
     if not isinstance(pattern, str):
         return [([("multiples", pattern)], negated)]
+    if bad := [text for text in re.findall(ESCAPE, pattern, re.S) if not GOOD_ESCAPE.fullmatch(text)]:
+        raise ValueError(f"the escape {bad[0]} is not supported")
+    out = []
+    for token in ECMA_TOKEN.finditer(pattern):
+        if token[0] in REFUSED_TOKENS:
+            raise ValueError(REFUSED_TOKENS[token[0]])
+        out.append(token[1] or ("(" if token[0].startswith("(?<") else token[0]))   # names may repeat
+        for item in CLASS_ITEM.finditer(token[2] or ""):
+            ends = [item[1], item[2]] if item[1] else [item[0]]
+            dash = "\\-" if any(re.fullmatch(r"\\[dDwWsS]", end) for end in ends) else "-"
+            out.append(dash.join(end if end[0] == "\\" else re.escape(end) for end in ends))
+        out.append("]" * (token[1] is not None))
     try:
-        items = list(sre.parse(python_syntax(pattern)))
+        items = list(sre.parse("".join(out)))
     except (re.error, OverflowError) as exc:
         raise ValueError(str(exc)) from None
     looks, start = [], (sre.AT, sre.AT_BEGINNING)
-    while items[:1] == [start] and items[1:2] and items[1][0] in (sre.ASSERT, sre.ASSERT_NOT):
+    while not negated and items[:1] == [start] and items[1:2] and items[1][0] in (sre.ASSERT, sre.ASSERT_NOT):
         op, (_, body) = items.pop(1)
         looks.append(([start, *body, ANYTHING], op is sre.ASSERT_NOT))
     if search and items and items[-1][0] is sre.ASSERT:   # a trailing (?=...): part of what is searched
         items[-1] = (sre.SUBPATTERN, (None, 0, 0, items[-1][1][1]))
-    if looks and negated:
-        raise ValueError("a lookahead inside 'not' is not supported")
     return [([ANYTHING, *items, ANYTHING] if search else items, negated)] + looks
 
 
 class Regex:
-    """Regular expressions that must all match, as one lazily built DFA over character classes.
-
-    `parts` are (pattern, search[, negated]): a searched pattern may match anywhere (JSON Schema's `pattern`), else
-    it must match the whole text (formats). States are frozensets of NFA states, ~s standing for s reached through
-    a '$' (no more characters); None is dead. Characters map to class ids (the sets they belong to), so the DFA
-    and the vocabulary's class trie (TokenTable.class_trie) work on ids."""
+    """Regular expressions that must all match, as one lazily built DFA over character classes. `parts` are
+    (pattern, search[, negated]): a searched pattern may match anywhere (JSON Schema's `pattern`), else the whole
+    text (formats). A state is a frozenset of NFA states, ~s for s reached through a '$' (no more characters); None
+    is dead. Characters map to class ids (the sets they are in), on which the DFA and TokenTable.class_trie work."""
 
     def __init__(self, parts: tuple):
-        self.source, self.edges, self.charset_index = parts, [], {}   # edges: per NFA state, (key, target)
-        built = []   # (first state, last state, negated)
+        self.source, self.edges, self.charsets, self.parts, self.owner = parts, [], {}, [], []
         for pattern, search, *negated in parts:   # (pattern, search[, negated: must not match])
             for items, negated in regex_items(pattern, search, negated == [True]):
                 self.wide, first = negated, self._new()   # a part that must not match reads its sets widely
-                built.append((first, self._build(items, first), negated))
-        ends = [first for first, _, _ in built[1:]] + [len(self.edges)]   # a part's states: first to end
-        self.parts = [(first, final, end, negated) for (first, final, negated), end in zip(built, ends)]
-        self.charsets, self.lock = tuple(self.charset_index), threading.Lock()
-        self.start = self._closure({p[0] for p in self.parts}, True)
-        self.class_ids, self.class_sigs, self.sigs = {}, {}, []   # char -> id, signature (bit i: in set i) -> id
-        self.moves, self.tails = {}, {}   # (state, class id) -> state; state -> shortest() (both caches)
-        self.reps = {}   # class id -> a character of it, from a sample covering every set's edges
+                self.parts.append((first, self._build(items, first), negated))
+        self.needed = {i for i, part in enumerate(self.parts) if not part[2]}   # the parts that must match
+        self.start = self._closure({first for first, _, _ in self.parts}, True)
+        self.class_ids, self.sigs, self.moves, self.tails = {}, [], {}, {}   # char -> id -> signature; 2 caches
         edges = [c for _, ranges, _ in self.charsets for lo, hi in ranges for c in (lo - 1, lo, hi, hi + 1)]
-        for code in SAMPLE_CODES + edges:
-            if 0 <= code <= 0x10ffff and not 0xd800 <= code <= 0xdfff:
-                self.reps.setdefault(self.class_id(chr(code)), chr(code))
+        self.reps = {}   # class id -> a character of it, the first in a sample covering every set's edges
+        for ch in [chr(c) for c in SAMPLE_CODES + edges if 0 <= c <= 0x10ffff and not 0xd800 <= c <= 0xdfff]:
+            self.reps.setdefault(self.class_id(ch), ch)
         if self.shortest(self.start) is None:
             raise ValueError(f"the pattern matches nothing, or only past {REGEX_MAX_SEARCH} states of its automaton")
 
-    def __reduce__(self) -> tuple:
-        # A constraint travels pickled to the other ranks (GroupLink): `is ANY_TEXT` holds there too.
+    def __reduce__(self) -> tuple:   # a constraint travels pickled to other ranks (GroupLink): `is ANY_TEXT` holds
         return shared_regex, (self.source,)
 
     def _new(self, sources: list[int] = (), key: Any = None) -> int:
-        """A new NFA state, with edges from `sources` to it (`key`: a charset index, None, "^" or "$")."""
+        """A new NFA state of the part being built, with edges from `sources` (`key`: a charset, None, "^", "$")."""
         if len(self.edges) >= REGEX_MAX_STATES:
             raise ValueError(f"the pattern is too large (over {REGEX_MAX_STATES} states once repeats are expanded)")
-        self.edges.append([])
         for state in sources:
-            self.edges[state].append((key, len(self.edges) - 1))
+            self.edges[state].append((key, len(self.edges)))
+        self.edges.append([])
+        self.owner.append(len(self.parts))
         return len(self.edges) - 1
 
     def _build(self, items: list, state: int) -> int:
@@ -718,23 +697,22 @@ class Regex:
             elif op == "multiples":
                 state = self._multiples(state, *arg)
             else:
-                raise ValueError("lookahead is supported only right after a leading '^' (and (?=...) at the end)"
+                raise ValueError("lookahead is supported after a leading '^' outside 'not', and (?=...) at the end"
                                  if op in (sre.ASSERT, sre.ASSERT_NOT) else f"{op} is not supported")
         return state
 
     def _charset(self, op: Any, arg: Any) -> int:
-        """The index of the set of characters one LITERAL, NOT_LITERAL, ANY or IN item matches."""
-        if op is not sre.IN:
-            cs = (DOT_WIDE if self.wide else DOT) if op is sre.ANY else (op is sre.NOT_LITERAL, ((arg, arg),), ())
-            return self.charset_index.setdefault(cs, len(self.charset_index))
-        negated, ranges, parts = arg[:1] == [(sre.NEGATE, None)], [], []
-        for kind, value in arg:
-            if kind is sre.CATEGORY:   # \D is what is not \d of the other width
-                no, pair = "_NOT_" in value.name, SHORTHANDS[value.name.split("_")[-1]]
-                parts.append(re.compile(f"[{'^' * no}{pair[(negated != no) != self.wide]}]").fullmatch)
-            elif kind in (sre.LITERAL, sre.RANGE):
-                ranges.append((value, value) if kind is sre.LITERAL else value)
-        return self.charset_index.setdefault((negated, tuple(ranges), tuple(parts)), len(self.charset_index))
+        """The index of the set (negated, ranges, tests) one LITERAL, NOT_LITERAL, ANY or IN item matches."""
+        if op is sre.ANY:
+            arg = DOT[:2] if self.wide else DOT
+        elif op is not sre.IN:
+            arg = [(sre.NEGATE, None)] * (op is sre.NOT_LITERAL) + [(sre.LITERAL, arg)]
+        negated = arg[:1] == [(sre.NEGATE, None)]
+        ranges = tuple((v, v) if kind is sre.LITERAL else v for kind, v in arg if kind in (sre.LITERAL, sre.RANGE))
+        names = [(v.name.split("_")[-1], "_NOT_" in v.name) for kind, v in arg if kind is sre.CATEGORY]
+        tests = tuple(re.compile(f"[{'^' * no}{SHORTHANDS[name][(no != negated) != self.wide]}]").fullmatch
+                      for name, no in names)
+        return self.charsets.setdefault((negated, ranges, tests), len(self.charsets))
 
     def _multiples(self, state: int, step: int, scale: int) -> int:
         """Decimals (maybe negative) that are multiples of step * 10**-scale: their digits' remainder as states."""
@@ -754,8 +732,7 @@ class Regex:
     def _closure(self, states: set, at_start: bool = False) -> frozenset:
         """States reached without a character: '^' only at the start; after '$' (as ~s) nothing more may come."""
         todo, seen = list(states), set(states)
-        while todo:
-            mark = todo.pop()
+        for mark in todo:
             for key, target in self.edges[max(mark, ~mark)]:
                 nxt = ~target if mark < 0 or key == "$" else target
                 if (key in (None, "$") or key == "^" and at_start) and nxt not in seen and target not in seen:
@@ -765,25 +742,20 @@ class Regex:
 
     def class_id(self, ch: str) -> int:
         """The id of the class of characters that behave like `ch` everywhere in this regex."""
-        cid = self.class_ids.get(ch)
-        if cid is None:
-            sig = sum(1 << i for i, (negated, ranges, parts) in enumerate(self.charsets)
-                      if (any(lo <= ord(ch) <= hi for lo, hi in ranges) or any(p(ch) for p in parts)) != negated)
-            with self.lock:  # shared across requests: handler threads (enum checks) and the engine
-                cid = self.class_ids[ch] = self.class_sigs.setdefault(sig, len(self.class_sigs))
-                if cid == len(self.sigs):
-                    self.sigs.append(sig)
-        return cid
+        if ch not in self.class_ids:
+            sig = sum(1 << i for i, (negated, ranges, tests) in enumerate(self.charsets)
+                      if (any(lo <= ord(ch) <= hi for lo, hi in ranges) or any(t(ch) for t in tests)) != negated)
+            self.sigs += [sig] * (sig not in self.sigs)   # threads racing here may add a sig twice: index() takes one
+            self.class_ids[ch] = self.sigs.index(sig)
+        return self.class_ids[ch]
 
     def _move(self, state: frozenset, cid: int) -> frozenset | None:
-        key = (state, cid)
-        if key not in self.moves:
-            sig = self.sigs[cid]
-            targets = {t for s in state if s >= 0 for index, t in self.edges[s]
-                       if isinstance(index, int) and sig >> index & 1}
-            alive = all(negated or any(first <= t < end for t in targets) for first, _, end, negated in self.parts)
-            self.moves[key] = self._closure(targets) if alive else None
-        return self.moves[key]
+        if (state, cid) not in self.moves:   # dead once a part that must match has no state left
+            targets = {t for s in state if s >= 0 for key, t in self.edges[s]
+                       if isinstance(key, int) and self.sigs[cid] >> key & 1}
+            alive = self.needed <= {self.owner[t] for t in targets}
+            self.moves[state, cid] = self._closure(targets) if alive else None
+        return self.moves[state, cid]
 
     def move(self, state: frozenset, ch: str) -> frozenset | None:
         """The state after `ch`; None when no match can follow."""
@@ -792,29 +764,25 @@ class Regex:
 
     def matches(self, text: str) -> bool:
         """Whether the whole of `text` is a match."""
-        state = self.start
-        for ch in text:
-            if (state := self.move(state, ch)) is None:
-                return False
-        return self.accepts(state)
+        state = functools.reduce(lambda s, ch: s if s is None else self.move(s, ch), text, self.start)
+        return state is not None and self.accepts(state)
 
     def accepts(self, state: frozenset) -> bool:
         """Whether `state` ends a match."""
-        return all((final in state or ~final in state) != negated for _, final, _, negated in self.parts)
+        return all((final in state or ~final in state) != negated for _, final, negated in self.parts)
 
     def shortest(self, state: frozenset) -> str | None:
         """A shortest text that takes `state` to a match (breadth first over class representatives)."""
         if state not in self.tails:
-            seen, queue, found = {state}, [(state, "")], None
+            seen, queue = {state}, [(state, "")]
             for current, text in queue:
                 if self.accepts(current) or len(seen) > REGEX_MAX_SEARCH:   # (a|b)*a(a|b){25}: 2**25 states
-                    found = text if self.accepts(current) else None
                     break
                 for cid, ch in self.reps.items():
                     if (nxt := self._move(current, cid)) is not None and nxt not in seen:
                         seen.add(nxt)
                         queue.append((nxt, text + ch))
-            self.tails[state] = found
+            self.tails[state] = text if self.accepts(current) else None
         return self.tails[state]
 
 
@@ -835,34 +803,27 @@ ANY_TEXT = regex_for("")   # an empty pattern matches every string
 # Numbers as regular expressions: the JSON number syntax intersected with one expression for the minimum, one for
 # the maximum (built digit by digit, as llama.cpp's json-schema-to-grammar does; leading zeros may pass, the syntax
 # refuses them) and one for multipleOf. Fraction digits compare as strings: 0.25 < 0.3 as "25" < "3".
-
-def _digits(t: str, k: int, strict: bool, least: bool) -> str | None:
-    """Unsigned number tails with k integer digits to go (k < 0: in the fraction), digit by digit >= t (least)
-    or <= t, strictly if asked (t: k integer digits, then fraction digits); None if none."""
-    if k == 0:
-        rest = _digits(t, -1, strict, least)
-        return rest and f"(\\.{rest})" + "?" * (not least or not t and not strict)
-    if not t:
-        return ("\\d*[1-9]\\d*" if strict else "\\d*") if least else (None if strict else "0*")
-    first, deeper = int(t[0]), _digits(t[1:], k - 1, strict, least)
-    tail = f"\\d{{{k - 1}}}(\\.\\d+)?" if k > 0 else "\\d*"
-    alts = [f"[{first + 1}-9]{tail}"] * (least and first < 9) + [f"[0-{first - 1}]{tail}"] * (not least and first > 0)
-    alts += [""] * (not least and k < 0) + ([t[0] + deeper] if deeper is not None else [])
-    return f"({'|'.join(alts)})" if alts else None
-
-
 def number_bound(x: Fraction, strict: bool, least: bool) -> str:
     """Decimals >= x (least) or <= x, strictly if asked (rounded inward to JSON_MAX_DIGITS decimals)."""
     unit, sign = 10 ** JSON_MAX_DIGITS, "" if least else "-"   # y <= x as -y >= -x
     x = min(max(x if least else -x, -unit), unit)   # also past the largest number the syntax allows
-    kept = Fraction(math.ceil(x * unit), unit)
-    strict, x = strict and kept == x, kept
+    strict, x = strict and x * unit % 1 == 0, Fraction(math.ceil(x * unit), unit)   # strict only if x is kept
     up = x > 0 or x == 0 and strict   # then y >= x, else y >= 0 or -y with y <= -x: compare magnitudes
     whole, fraction = divmod(int(abs(x) * unit), unit)
-    k = len(str(whole))   # integer digits; then fewer (up: more) of them are all less (up: greater)
-    other = f"[1-9]\\d{{{k},}}(\\.\\d+)?" if up else f"\\d{{1,{k - 1}}}(\\.\\d+)?" if k > 1 else None
-    digits = str(whole) + str(fraction).rjust(JSON_MAX_DIGITS, "0").rstrip("0")
-    magnitude = "|".join(filter(None, (_digits(digits, k, strict, up), other)))
+    k, digits = len(str(whole)), str(whole) + str(fraction).rjust(JSON_MAX_DIGITS, "0").rstrip("0")
+    other = f"[1-9]\\d{{{k},}}(\\.\\d+)?" if up else f"\\d{{1,{k - 1}}}(\\.\\d+)?" if k > 1 else None   # other lengths
+    def tails(t: str, k: int) -> str | None:
+        """Magnitudes' tails with k integer digits to go (k < 0: in the fraction), >= t (up) or <= t."""
+        if k == 0:
+            rest = tails(t, -1)
+            return rest and f"(\\.{rest})" + "?" * (not up or not t and not strict)
+        if not t:
+            return ("\\d*[1-9]\\d*" if strict else "\\d*") if up else (None if strict else "0*")
+        first, deeper, tail = int(t[0]), tails(t[1:], k - 1), f"\\d{{{k - 1}}}(\\.\\d+)?" if k > 0 else "\\d*"
+        alts = [f"[{first + 1}-9]{tail}"] * (up and first < 9) + [f"[0-{first - 1}]{tail}"] * (not up and first > 0)
+        alts += [""] * (not up and k < 0) + ([t[0] + deeper] if deeper is not None else [])
+        return f"({'|'.join(alts)})" if alts else None
+    magnitude = "|".join(filter(None, (tails(digits, k), other)))
     return f"{sign}({magnitude})" if up else f"({sign}\\d+(\\.\\d+)?|{'-' * least}({magnitude}))"
 
 
@@ -875,9 +836,7 @@ def number_regex(integer: bool, low: Fraction | None = None, high: Fraction | No
     parts = [(number_bound(x, is_open, least), False)
              for x, is_open, least in ((low, low_open, True), (high, high_open, False)) if x is not None]
     parts += [(pattern, False, True) for pattern in excluded] + [((step, scale), False)] * (step > 1 or scale > 0)
-    if not parts and not integer:
-        syntax += r"([eE][+-]?\d{1,2})?"
-    return regex_for(syntax, False, tuple(parts))
+    return regex_for(syntax + r"([eE][+-]?\d{1,2})?" * (not parts and not integer), False, tuple(parts))
 
 
 class Cache(dict):
@@ -7705,6 +7664,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.dispatched = True
         self.started = time.monotonic()
         self.status_sent = None
+        self.counted = False
         # A body that no route reads would be parsed as the next request: such a connection is not reused.
         self.body_read = (self.headers.get("Transfer-Encoding") is None
                           and self.headers.get("Content-Length", "0").strip() == "0")
@@ -7831,8 +7791,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         # The path is known only when the request line parsed (command set); else it may be the last request's.
         self.route_path = self.path.split("?", 1)[0] if self.command else ""
         self.request_id = new_id("req_")
-        self._send_json(self._error_body(error), status)
+        self.counted = True  # counted here, under "other", before the reply leaves
         self.server.metrics.record_request("other", str(int(status)), 0.0)
+        self._send_json(self._error_body(error), status)
 
     def _send_error(self, error: APIError) -> None:
         if self.status_sent is not None:  # a response is under way: just end it
@@ -7876,6 +7837,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_header(name, value)
         if self.close_connection:
             self.send_header("Connection", "close")
+        self._record_request()
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
@@ -7942,6 +7904,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if not self.body_read:
             self._close_after_response()
             self.send_header("Connection", "close")
+        self._record_request()
         self.end_headers()
 
     def route_models(self) -> None:
@@ -8191,9 +8154,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 if kind == "error":
                     raise value
                 open_stream(now=True)
+                if not slot.held:  # the last event: counted before it leaves, as a plain response is
+                    self._record_request()
                 write(writer.event(kind, value, *extra))
         except APIError as exc:  # headers are out: the error becomes an event
             self.status_sent = int(exc.status)
+            self._record_request()
             write(writer.failure(exc))
 
     def _start_stream(self, headers: dict[str, str]) -> None:
@@ -8238,6 +8204,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         pass
 
     def _record_request(self) -> None:
+        # Once per exchange, before a complete response's last byte leaves (a client that scrapes
+        # /metrics after reading its reply finds it counted); streams end with the connection, after this.
+        if self.counted:
+            return
+        self.counted = True
         path = self.route_path
         endpoint = path if path in self.PREFLIGHT_ROUTES else "other"  # raw paths would let clients mint series
         code = str(self.status_sent) if self.status_sent is not None else "499"
