@@ -1269,6 +1269,12 @@ KEYWORD_TYPES = {"object": {"properties", "required", "additionalProperties", "m
                  "string": {"minLength", "maxLength", "pattern", "format", "!pattern"},
                  "number": {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"}}
 SCHEMA_KEYWORDS |= set().union(*KEYWORD_TYPES.values())
+COUNTS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties", "minContains",
+          "maxContains")
+# `not` of a bound holds beyond it, within its type: minimum 5 as exclusiveMaximum 5, minLength 2 as maxLength 1.
+NEGATED_BOUNDS = {"minimum": "exclusiveMaximum", "maximum": "exclusiveMinimum", "minLength": "maxLength",
+                  "minItems": "maxItems", "minProperties": "maxProperties"}
+NEGATED_BOUNDS |= {v: k for k, v in NEGATED_BOUNDS.items()}
 _OCTET = r"(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 _H16 = r"[0-9A-Fa-f]{1,4}"
 _YEAR = r"([1-9]\d{3}|0[1-9]\d\d|00[1-9]\d|000[1-9])"
@@ -1292,9 +1298,8 @@ FORMATS = {
     "uri-reference": f"{_URI}|{_RELATIVE}", "iri-reference": f"{_URI}|{_RELATIVE}",
     "uuid": r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
     "ipv4": rf"{_OCTET}(\.{_OCTET}){{3}}",
-    "ipv6": "|".join([rf"({_H16}:){{7}}{_H16}", rf"({_H16}:){{1,7}}:", rf"({_H16}:){{1,6}}:{_H16}"]
-                     + [rf"({_H16}:){{1,{n}}}(:{_H16}){{1,{7 - n}}}" for n in range(1, 6)]
-                     + [rf":((:{_H16}){{1,7}}|:)"]),
+    "ipv6": "|".join([rf"({_H16}:){{7}}{_H16}", rf"({_H16}:){{1,7}}:", rf"({_H16}:){{1,6}}:{_H16}",
+                      rf":((:{_H16}){{1,7}}|:)"] + [rf"({_H16}:){{1,{n}}}(:{_H16}){{1,{7 - n}}}" for n in range(1, 6)]),
     "hostname": rf"({_LABEL}\.)*[A-Za-z]([A-Za-z0-9-]{{0,61}}[A-Za-z0-9])?",
     "idn-hostname": r"([A-Za-z0-9]{1,20}(-[A-Za-z0-9]{1,20}){0,2}\.)*[A-Za-z]{1,20}",
     "json-pointer": r"(/([^~/]|~[01])*)*", "relative-json-pointer": r"(0|[1-9]\d*)(#|(/([^~/]|~[01])*)*)",
@@ -1322,43 +1327,6 @@ def _kinds(value: Any) -> set:
     return kinds | {"integer"} if "number" in kinds else kinds
 
 
-def json_type(value: Any) -> str:
-    """A JSON value's type by JSON Schema's names (an integral number is an integer)."""
-    if _is_number(value):
-        return "integer" if float(value).is_integer() else "number"
-    return {bool: "boolean", type(None): "null", dict: "object", list: "array", str: "string"}[type(value)]
-
-
-def _names(schema: dict) -> list:
-    names = schema.get("required")
-    return names if isinstance(names, list) and all(isinstance(n, str) for n in names) else []
-
-
-def _values(schema: dict) -> list | None:
-    values = schema["enum"] if "enum" in schema else [schema["const"]] if "const" in schema else None
-    return values if isinstance(values, list) else None
-
-
-def _string_parts(schema: dict) -> list:
-    """A string schema's patterns, format and exclusions as Regex parts (all hold), a positive one first."""
-    parts = [(p, True) for p in _as_list(schema.get("pattern", [])) if isinstance(p, str)]
-    form = schema.get("format")
-    parts += [(FORMATS[form], False)] if isinstance(form, str) and form in FORMATS else []
-    parts += [(p, True, True) for p in schema.get("!pattern", [])]
-    excluded = [re.escape(v) for v in schema.get("!enum", []) if isinstance(v, str)]
-    parts += [("|".join(excluded), False, True)] if excluded else []
-    return parts if parts and len(parts[0]) == 2 else [("", True)] + parts
-
-
-def _held(one: dict, other: dict) -> dict:
-    """allOf: a copy of `one` with the properties only it declares held to other's additionalProperties."""
-    extra, mine, theirs = other.get("additionalProperties", True), one.get("properties"), other.get("properties")
-    if extra is True or not isinstance(mine, dict) or other.get("patternProperties") or \
-            not isinstance(theirs or {}, dict):
-        return dict(one)
-    return {**one, "properties": {k: v if k in (theirs or {}) else {"allOf": [v, extra]} for k, v in mine.items()}}
-
-
 # allOf: how two different values of a keyword combine (False: no value fits; None or an error: they cannot).
 SCHEMA_MERGE = {
     "type": lambda a, b: [k for k in JSON_TYPES if k in _kinds(a) & _kinds(b) and not
@@ -1371,12 +1339,24 @@ SCHEMA_MERGE = {
     **dict.fromkeys(("anyOf", "oneOf"), lambda a, b: None if len(a) * len(b) > SCHEMA_MAX_BRANCHES else
                     [{"allOf": [x, y]} for x in a for y in b]),   # one alternative per pair, a few at most
     **dict.fromkeys(("!enum", "!pattern", "allOf"), lambda a, b: a + b),
-    **dict.fromkeys(("minimum", "minLength", "minItems", "minProperties", "minContains"), max),
-    **dict.fromkeys(("maximum", "maxLength", "maxItems", "maxProperties", "maxContains"), min),
+    **{word: max if word.startswith("min") else min for word in ("minimum", "maximum", *COUNTS)},
     **dict.fromkeys(("items", "additionalItems", "additionalProperties", "propertyNames"),
                     lambda a, b: {"allOf": [a, b]}),
     **dict.fromkeys(("dependencies", "dependentRequired", "dependentSchemas", "patternProperties"),
                     lambda a, b: None if a.keys() & b.keys() else {**a, **b}),
+}
+# What a keyword's value must be where it is enforced (else a 400 naming it): (what, test).
+SCHEMA_VALUES = {
+    **dict.fromkeys(COUNTS, ("a non-negative integer", lambda v: _is_number(v) and v >= 0 and v % 1 == 0)),
+    **dict.fromkeys(("minimum", "maximum"), ("a number", lambda v: _is_number(v) and math.isfinite(v))),
+    **dict.fromkeys(("exclusiveMinimum", "exclusiveMaximum"),
+                    ("a number or a boolean", lambda v: isinstance(v, bool) or _is_number(v) and math.isfinite(v))),
+    "multipleOf": ("a positive number", lambda v: _is_number(v) and 0 < v < math.inf),
+    "pattern": ("a string", lambda v: all(isinstance(p, str) for p in _as_list(v))),
+    "properties": ("an object", lambda v: isinstance(v, dict)),
+    "patternProperties": ("an object of at most 6 patterns", lambda v: isinstance(v, dict) and len(v) <= 6),
+    "required": ("a list of names", lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v)),
+    "prefixItems": ("a list of schemas", lambda v: isinstance(v, list)),
 }
 
 
@@ -1385,41 +1365,67 @@ def accepts_text(node: Piece, text: str) -> bool:
     return json_complete(json_advance(json_start(node), text))
 
 
-def _unique_leaf(node: Piece | None) -> Piece | bool | None:
-    """uniqueItems: `node` as one leaf whose values' JSON texts are their identity (see Array); False if none."""
-    if node is None or all(isinstance(a, Literals) for a in node.alternatives):
-        return node and Literals(t for a in node.alternatives for t in a.texts)
-    return node if isinstance(node, Leaf) and node.by_text else False
-
-
-ANY_STRING = Leaf(ANY_TEXT)
-ANY_NUMBER = number_leaf(False)
-BOOLEAN = Literals(("true", "false"))
-NULL = Literals(("null",))
+ANY_STRING, ANY_NUMBER = Leaf(ANY_TEXT), number_leaf(False)
+BOOLEAN, NULL = Literals(("true", "false")), Literals(("null",))
 
 
 def any_value(depth: int) -> Piece:
     """Any JSON value, arrays and objects nested at most `depth` deep."""
     inner = [any_value(depth - 1)] if depth else []
-    return Union([ANY_STRING, ANY_NUMBER, BOOLEAN, NULL] + [c for n in inner for c in (Object((), {(): n}), Array((), n))])
+    containers = [c for n in inner for c in (Object((), {(): n}), Array((), n))]
+    return Union([ANY_STRING, ANY_NUMBER, BOOLEAN, NULL] + containers)
 
 
-ANY_VALUE = any_value(JSON_MAX_NESTING)
-ANY_OBJECT = Object((), {(): any_value(JSON_MAX_NESTING - 1)})
+ANY_VALUE, ANY_OBJECT = any_value(JSON_MAX_NESTING), Object((), {(): any_value(JSON_MAX_NESTING - 1)})
 
 
 class SchemaCompiler:
-    """One JSON Schema to pieces, or a 400 naming what cannot be enforced: made flat ($ref and allOf merged in),
-    anyOf/oneOf, not, if/then/else and dependencies as alternatives, the rest by type. None stands for no value
-    (false, a $ref recursion cut at SCHEMA_MAX_REFS): properties, items and alternatives needing one are left out.
-    """
+    """One JSON Schema to pieces or a 400 naming what cannot be enforced: flat ($ref, allOf), then alternatives
+    or a piece by type. None stands for no value (false, a $ref recursion cut at SCHEMA_MAX_REFS)."""
 
     def __init__(self, root: dict, param: str):
-        self.root, self.param = root, param
-        self.memo: dict[tuple, tuple] = {}
+        self.root, self.param, self.memo = root, param, {}   # memo: (id, $ref hops left) -> (schema, piece)
 
     def fail(self, message: str) -> APIError:
         return invalid(f"'{self.param}': {message}", self.param)
+
+    def _type(self, value: Any) -> str:
+        """A JSON value's type by JSON Schema's names (an integral number is an integer)."""
+        if _is_number(value):
+            return "integer" if float(value).is_integer() else "number"
+        return {bool: "boolean", type(None): "null", dict: "object", list: "array", str: "string"}[type(value)]
+
+    def _names(self, schema: dict) -> list:
+        names = schema.get("required")
+        return names if isinstance(names, list) and all(isinstance(n, str) for n in names) else []
+
+    def _values(self, schema: dict) -> list | None:
+        values = schema["enum"] if "enum" in schema else [schema["const"]] if "const" in schema else None
+        return values if isinstance(values, list) else None
+
+    def _string_parts(self, schema: dict) -> list:
+        """A string schema's patterns, format and exclusions as Regex parts (all hold), a positive one first."""
+        parts = [(p, True) for p in _as_list(schema.get("pattern", [])) if isinstance(p, str)]
+        form = schema.get("format")
+        parts += [(FORMATS[form], False)] if isinstance(form, str) and form in FORMATS else []
+        parts += [(p, True, True) for p in schema.get("!pattern", [])]
+        excluded = [re.escape(v) for v in schema.get("!enum", []) if isinstance(v, str)]
+        parts += [("|".join(excluded), False, True)] if excluded else []
+        return parts if parts and len(parts[0]) == 2 else [("", True)] + parts
+
+    def _held(self, one: dict, other: dict) -> dict:
+        """allOf: a copy of `one` with the properties only it declares held to other's additionalProperties."""
+        extra, mine, theirs = other.get("additionalProperties", True), one.get("properties"), other.get("properties")
+        if extra is True or not isinstance(mine, dict) or not isinstance(theirs or {}, dict) or \
+                other.get("patternProperties"):
+            return dict(one)
+        return {**one, "properties": {k: v if k in (theirs or {}) else {"allOf": [v, extra]} for k, v in mine.items()}}
+
+    def _unique_leaf(self, node: Piece | None) -> Piece | bool | None:
+        """uniqueItems: `node` as one leaf whose values' JSON texts are their identity (see Array); False if none."""
+        if node is None or all(isinstance(a, Literals) for a in node.alternatives):
+            return node and Literals(t for a in node.alternatives for t in a.texts)
+        return node if isinstance(node, Leaf) and node.by_text else False
 
     def compile(self, schema: Any, refs: int = SCHEMA_MAX_REFS, depth: int = 0) -> Piece | None:
         """The piece for `schema`, None when no value satisfies it; `refs`: $ref hops left on this path."""
@@ -1436,8 +1442,7 @@ class SchemaCompiler:
         return self.memo[id(schema), refs][1]
 
     def flat(self, schema: Any, refs: int = SCHEMA_MAX_REFS) -> tuple[Any, int]:
-        """(`schema` with its top-level $ref and allOf merged in, $ref hops left): False when no value fits or a
-        recursion has used up its hops. compile, not and oneOf's analysis all see schemas through it."""
+        """(`schema` with its top-level $ref and allOf merged in, or False when no value fits; $ref hops left)."""
         if not isinstance(schema, (bool, dict)):
             raise self.fail(f"a JSON Schema must be an object, got {json.dumps(schema)[:60]}")
         refs -= isinstance(schema, dict) and "$ref" in schema
@@ -1450,17 +1455,16 @@ class SchemaCompiler:
         return out, left
 
     def resolve(self, ref: Any) -> Any:
-        """The schema a local JSON pointer ("#", "#/$defs/Name", "#/definitions/...") or anchor ("#name": its
-        $anchor, or draft-06/07's $id or id "#name") names."""
+        """The subschema a local $ref names: a JSON pointer ("#/$defs/Name") or an anchor ($anchor, $id, id)."""
         if not isinstance(ref, str) or not ref.startswith("#"):
             raise self.fail(f"only local $ref such as '#/$defs/Name' is supported, got {json.dumps(ref)[:60]}")
-        target, todo = self.root, [self.root]
-        while ref[1:2] not in ("", "/") and todo:  # an anchor: the first subschema naming it, depth first
+        todo, target = [self.root], self.root if ref[1:2] in ("", "/") else None
+        while target is None and todo:   # an anchor: the first subschema naming it, depth first
             node = todo.pop()
-            found = isinstance(node, dict) and ref in (node.get("$id"), node.get("id"), f"#{node.get('$anchor', '')}")
-            todo, target = ([], node) if found else (todo + list(reversed(
-                node.values() if isinstance(node, dict) else node if isinstance(node, list) else [])), None)
-        for part in ref[1:].split("/")[1:] if ref[1:2] == "/" else []:
+            target = node if isinstance(node, dict) and ref in (node.get("$id"), node.get("id"),
+                                                                f"#{node.get('$anchor', '')}") else None
+            todo += reversed(node.values() if isinstance(node, dict) else node if isinstance(node, list) else [])
+        for part in ref[2:].split("/") if ref[1:2] == "/" else []:
             target = target.get(part.replace("~1", "/").replace("~0", "~")) if isinstance(target, dict) else None
         if target is None:
             raise self.fail(f"$ref {ref!r} points at nothing")
@@ -1472,16 +1476,15 @@ class SchemaCompiler:
         return value
 
     def merge(self, a: Any, b: Any) -> Any:
-        """allOf: one schema with the constraints of both (False: no value fits; see SCHEMA_MERGE), or a 400.
-        A $ref in `b` is left for flat()."""
+        """allOf: one schema holding both (False: none fits; see SCHEMA_MERGE) or a 400; b's $ref is left to flat()."""
         if a is False or b is False or b is True or b == {} or a is True or a == {}:
             return False if a is False or b is False else a if b is True or b == {} else b
         if not isinstance(a, dict) or not isinstance(b, dict):
             raise self.fail("allOf parts must be schemas (objects)")
         if "$ref" in b:
             return {**a, "allOf": [*a.get("allOf", []), b]}
-        out = _held(a, b)
-        for key, value in _held(b, a).items():
+        out = self._held(a, b)
+        for key, value in self._held(b, a).items():
             if key in out and key in SCHEMA_KEYWORDS and _canonical(out[key]) != _canonical(value):
                 try:
                     value = SCHEMA_MERGE[key](out[key], value)
@@ -1494,76 +1497,74 @@ class SchemaCompiler:
             out[key] = value
         return out
 
-    def rewrite(self, schema: dict) -> dict | None:
-        """not, if/then/else or dependencies (one at a time) as anyOf, merged with the rest; None when none."""
-        words = ("dependencies", "dependentRequired", "dependentSchemas")
+    def alternatives(self, schema: dict) -> tuple | None:
+        """(the rest, the cases, whether oneOf) of its anyOf, oneOf, not, if or dependencies; None if none."""
+        words = ["dependencies", "dependentRequired", "dependentSchemas"]
         needs = [(k, need) for word in words if isinstance(schema.get(word), dict) for k, need in schema[word].items()]
-        if "not" in schema:
-            words, cases = ("not",), self.negate(schema["not"])
+        if "anyOf" in schema or "oneOf" in schema:
+            words = ["anyOf" if "anyOf" in schema else "oneOf"]
+            cases = self.list_of(schema[words[0]], words[0])
+        elif "not" in schema:
+            words, cases = ["not"], self.negate(schema["not"])
         elif "if" in schema:
-            words, cases = ("if", "then", "else"), [{"allOf": [schema["if"], schema.get("then", {})]},
+            words, cases = ["if", "then", "else"], [{"allOf": [schema["if"], schema.get("then", {})]},
                                                     {"allOf": [{"not": schema["if"]}, schema.get("else", {})]}]
-        else:  # each key absent, or present with what it needs
+        elif needs:  # each key absent, or present with what it needs
             cases = [{"allOf": [{"anyOf": [{"properties": {k: False}}, {"allOf": [{"required": [k]}, {"required": need}
-                     if isinstance(need, list) else need]}]} for k, need in needs]}] if needs else None
-        rest = {k: v for k, v in schema.items() if k not in words}
-        return None if cases is None else self.merge(rest, {"anyOf": cases})
+                     if isinstance(need, list) else need]}]} for k, need in needs]}]
+        else:
+            return None
+        return {k: v for k, v in schema.items() if k not in words}, cases, words == ["oneOf"]
 
     def negate(self, schema: Any, hops: int = 0) -> list:
-        """`not`: alternatives, any of which makes a value fail `schema` (what cannot be negated is a 400).
-        A schema holds when each of its keywords does: it fails when one of them fails."""
-        if isinstance(schema, bool):
+        """`not`: alternatives, one of which a value takes to fail `schema` (one keyword failing), or a 400."""
+        schema, out = self.flat(schema)[0], []   # its $ref and allOf merged in
+        if schema is False or hops > SCHEMA_MAX_DEPTH:   # too deep: no alternative, which keeps output valid
             return [{}] if schema is False else [False]
-        if not isinstance(schema, dict) or hops > SCHEMA_MAX_DEPTH:
-            raise self.fail("JSON Schema keyword 'not' must hold a schema")
-        out = []
         for word, value in schema.items():
-            if word in ("$ref", "allOf"):
-                parts = [self.resolve(value)] if word == "$ref" else self.list_of(value, word)
-                out += [alt for part in parts for alt in self.negate(part, hops + 1)]
-            elif word in ("anyOf", "oneOf"):   # none of them: each part fails
+            if word in ("anyOf", "oneOf"):   # none of them: each part fails
                 out.append({"allOf": [{"anyOf": self.negate(part, hops + 1)} for part in self.list_of(value, word)]})
             elif word == "type":
-                kinds = _kinds(value)
-                out.append({"type": [k for k in JSON_TYPES if k not in kinds
-                                     and not (k == "number" and "integer" in kinds)]})
-            elif word in ("enum", "const"):
-                out.append({"!enum": self.list_of(value, word) if word == "enum" else [value]})
-            elif word == "pattern" and isinstance(value, str):
-                out.append({"!pattern": [value]})
+                out.append({"type": [k for k in JSON_TYPES if k not in _kinds(value)
+                                     and not (k == "number" and "integer" in _kinds(value))]})
+            elif word in ("enum", "const") or word == "pattern" and isinstance(value, str):
+                excluded = self.list_of(value, word) if word == "enum" else [value]
+                out.append({"!pattern" if word == "pattern" else "!enum": excluded})
             elif word == "required" and isinstance(value, list):
-                out += [{"properties": {name: False}} for name in _names(schema)]
+                out += [{"properties": {name: False}} for name in self._names(schema)]
             elif word == "properties" and isinstance(value, dict):
                 out += [{"required": [name], "properties": {name: {"not": sub}}} for name, sub in value.items()]
+            elif word in NEGATED_BOUNDS and _is_number(value):   # a count shifts by one: maxLength 1, not 2
+                kind = next(k for k, words in KEYWORD_TYPES.items() if word in words)
+                value += 0 if kind == "number" else 1 if word.startswith("max") else -1
+                out += [{"type": kind, NEGATED_BOUNDS[word]: value}] if kind == "number" or value >= 0 else []
             elif word in SCHEMA_KEYWORDS:
-                raise self.fail(f"JSON Schema keyword 'not' is enforced only over type, enum, const, pattern, "
-                                f"required, properties, anyOf and allOf, not {word!r}")
+                raise self.fail("JSON Schema keyword 'not' is enforced only over type, enum, const, pattern, required, "
+                                f"properties, bounds, lengths, anyOf and allOf, not {word!r}")
         return out or [False]
 
     def _compile(self, schema: dict, refs: int, depth: int) -> Piece | None:
-        refused = sorted(set(schema) & SCHEMA_REFUSED)
-        if refused:
-            raise self.fail(f"JSON Schema keyword {refused[0]!r} is not supported (the README lists those enforced)")
+        for word in sorted(schema.keys() & SCHEMA_REFUSED)[:1]:
+            raise self.fail(f"JSON Schema keyword {word!r} is not supported (the README lists those enforced)")
         schema = {k: v for k, v in schema.items() if k in SCHEMA_KEYWORDS}
-        if "anyOf" in schema or "oneOf" in schema:
-            return self.any_of(schema, "anyOf" if "anyOf" in schema else "oneOf", refs, depth)
-        if (rewritten := self.rewrite(schema)) is not None:
-            return self.compile(rewritten, refs, depth)
-        if "enum" in schema or "const" in schema or schema.get("type") in ("boolean", "null"):
-            return self.literals(schema, refs, depth)
+        if (split := self.alternatives(schema)) is not None:
+            return self.any_of(*split, refs, depth)
         kind = schema.get("type", [k for k, words in KEYWORD_TYPES.items() if words & set(schema)])
+        if "enum" in schema or "const" in schema or kind in ("boolean", "null"):
+            return self.literals(schema, refs, depth)
         if isinstance(kind, list):
             return union([self.compile({**schema, "type": k}, refs, depth) for k in kind]) if kind else ANY_VALUE
-        if kind not in ("string", "integer", "number", "object", "array"):
+        family = "number" if kind == "integer" else kind
+        if family not in ("string", "number", "object", "array"):
             raise self.fail(f"unknown JSON Schema type {json.dumps(kind)[:40]}")
-        return self.number(schema, kind == "integer") if kind in ("integer", "number") else \
-            getattr(self, kind)(schema, refs, depth)
+        for word in schema.keys() & KEYWORD_TYPES[family] & SCHEMA_VALUES.keys():   # the values its type enforces
+            if not SCHEMA_VALUES[word][1](schema[word]):
+                raise self.fail(f"{word!r} must be {SCHEMA_VALUES[word][0]}")
+        return getattr(self, family)({k: int(v) if k in COUNTS else v for k, v in schema.items()}, refs, depth)
 
-    def any_of(self, schema: dict, word: str, refs: int, depth: int) -> Piece | None:
-        """anyOf/oneOf: the union of the branches, each with the rest of `schema`, oneOf's narrowed so that no value
-        one produces matches another (else a 400). A branch that cannot be enforced is left out if another stays."""
-        base, one = {k: v for k, v in schema.items() if k != word}, word == "oneOf"
-        parts = [self.merge(base, alt) if one else alt for alt in self.list_of(schema[word], word)]
+    def any_of(self, base: dict, cases: list, one: bool, refs: int, depth: int) -> Piece | None:
+        """The union of `cases` with `base`, oneOf's (`one`) kept apart; a case that fails is left out (all: a 400)."""
+        parts = [self.merge(base, case) for case in cases] if one else cases
         alternatives, errors = [], []
         for i, part in enumerate(parts):
             try:
@@ -1575,16 +1576,14 @@ class SchemaCompiler:
                 errors.append(exc)
                 if one and "oneOf" in exc.message:
                     raise
-        if errors and not any(a is not None for a in alternatives):
+        if errors and union(alternatives) is None:
             raise errors[0]
         return union(alternatives)
 
     def exclude(self, part: Any, other: Any, i: int, j: int) -> Any:
         """`part` narrowed so that nothing it produces satisfies `other` (oneOf branches i and j), or a 400."""
         part, other = self.flat(part)[0], self.flat(other)[0]
-        if part is False or other is False or self.disjoint(part, other):
-            return part
-        for patch in self.narrowings(part, other):
+        for patch in self.narrowings(part, other) if part is not False and other is not False else [{}]:
             with contextlib.suppress(APIError):
                 if self.disjoint(narrowed := self.merge(part, patch), other):
                     return narrowed
@@ -1592,43 +1591,40 @@ class SchemaCompiler:
                         "output match exactly one (give them a distinguishing key, type or const)")
 
     def narrowings(self, part: dict, other: dict) -> Iterator[dict]:
-        """Schemas to merge into `part` so that it fails `other`, cheapest first: a type, a pattern, a key other
-        requires left out, a key both declare required, a key other requires given a value other refuses."""
+        """Patches making `part` fail `other`, cheapest first: none, a type, a pattern, then by a key other requires."""
         mine, theirs = self.types(part, True), self.types(other, False)
-        if mine is not None and theirs is not None and mine - theirs:
-            yield {"type": sorted(mine - theirs)}
-        if mine == {"string"} and (first := _string_parts(other)[0])[0]:
+        yield from [{}] + ([{"type": sorted(mine - theirs)}] if mine and theirs and mine - theirs else [])
+        if mine == {"string"} and (first := self._string_parts(other)[0])[0]:
             yield {"!pattern": [first[0] if first[1] else f"^(?:{first[0]})$"]}
         props, theirs = self.declared(part), self.declared(other)
-        yield from ({"properties": {name: False}} for name in _names(other) if name not in _names(part))
+        yield from ({"properties": {name: False}} for name in self._names(other) if name not in self._names(part))
         yield from ({"required": [name]} for name in props if name in theirs)
-        for name in [name for name in _names(other) if name in theirs]:  # last: it may leave part nothing to write
+        for name in [name for name in self._names(other) if name in theirs]:  # last: it may leave part nothing to write
             with contextlib.suppress(APIError):
                 yield {"properties": {name: {"not": theirs[name]}}} if self.negate(theirs[name]) else {}
 
     def declared(self, schema: dict, name: str | None = None, produced: bool = False) -> Any:
-        """A schema's properties ({} if none); with `name`, the schema a value of that key is held to (True where
-        a pattern may be), `produced`: as this server writes it (no undeclared key unless additionalProperties)."""
+        """properties ({} if none), or what `name`'s value is held to (True: a pattern may; `produced`: as written)."""
         props = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
         if name is None or name in props or schema.get("patternProperties"):
             return props if name is None else props.get(name, True)
-        return schema.get("additionalProperties", not (produced and props) or name in _names(schema))
+        return schema.get("additionalProperties", not (produced and props) or name in self._names(schema))
 
     def types(self, schema: dict, produced: bool) -> set | None:
         """The JSON types of values `schema` lets through; `produced`: of the values this server writes for it."""
-        if (values := _values(schema)) is not None or "type" in schema:
-            return {json_type(v) for v in values} if values is not None else _kinds(schema["type"])
+        if (values := self._values(schema)) is not None or "type" in schema:
+            return {self._type(v) for v in values} if values is not None else _kinds(schema["type"])
         if produced and not {"anyOf", "oneOf", "not", "if"} & set(schema):
             return _kinds([k for k, words in KEYWORD_TYPES.items() if words & set(schema)]) or None
         return None
 
     def disjoint(self, part: Any, other: Any, hops: int = 0) -> bool:
-        """True when no value this server writes for `part` satisfies `other`: their types or values differ, part
-        negates other, no string matches both, or a key that one of them requires cannot be in both."""
+        """Whether no value written for `part` satisfies `other`: by types, values, `not`, strings or required keys."""
         part, other = self.flat(part)[0], self.flat(other)[0]
         if part is False or other is False or hops > SCHEMA_MAX_DEPTH:
             return part is False or other is False
-        mine, theirs, values, allowed = self.types(part, True), self.types(other, False), _values(part), _values(other)
+        mine, theirs = self.types(part, True), self.types(other, False)
+        values, allowed = self._values(part), self._values(other)
         if mine is not None and theirs is not None and not mine & theirs or values is not None and allowed is not None \
                 and not any(v == w for v in values for w in allowed):
             return True
@@ -1636,10 +1632,10 @@ class SchemaCompiler:
             return True
         if mine == {"string"}:
             with contextlib.suppress(ValueError):   # a Regex that matches nothing is a ValueError
-                return shared_regex(tuple(_string_parts(part) + _string_parts(other))) is None
+                return shared_regex(tuple(self._string_parts(part) + self._string_parts(other))) is None
             return True
         return mine in (None, {"object"}) and any(self.disjoint(self.declared(part, name, True), self.declared(
-            other, name), hops + 1) for name in dict.fromkeys(_names(part) + _names(other)))
+            other, name), hops + 1) for name in dict.fromkeys(self._names(part) + self._names(other)))
 
     def literals(self, schema: dict, refs: int, depth: int) -> Literals | None:
         """enum/const (or true/false, null): the listed values that also fit the rest of the schema."""
@@ -1647,89 +1643,61 @@ class SchemaCompiler:
         values = (self.list_of(schema["enum"], "enum") if "enum" in schema else [schema["const"]]) if given else \
             [True, False] if schema["type"] == "boolean" else [None]
         values = [v for v in values if ("const" not in schema or _canonical(v) == _canonical(schema["const"])) and
-                  not any(v == w and json_type(v) == json_type(w) for w in schema.get("!enum", []))]
+                  not any(v == w and self._type(v) == self._type(w) for w in schema.get("!enum", []))]
         texts = [json.dumps(v, ensure_ascii=False, separators=(",", ":")) for v in values]
         rest = {k: v for k, v in schema.items() if k not in ("enum", "const", "!enum")} if given else {}
         node = self.compile(rest, refs, depth) if rest else None
         texts = [t for t in texts if not rest or node is not None and accepts_text(node, t)]
         return Literals(texts) if texts else None
 
-    def count(self, schema: dict, word: str) -> int | None:
-        value = schema.get(word)
-        if value is not None and not (_is_number(value) and value >= 0 and value % 1 == 0):
-            raise self.fail(f"{word!r} must be a non-negative integer")
-        return None if value is None else int(value)
-
     def string(self, schema: dict, refs: int, depth: int) -> Leaf:
         """A string matching its patterns, format and lengths, none of the values `not` excludes."""
-        low, high, form = self.count(schema, "minLength") or 0, self.count(schema, "maxLength"), schema.get("format")
-        if not all(isinstance(p, str) for p in _as_list(schema.get("pattern", []))):
-            raise self.fail("'pattern' must be a string")
+        high, form, parts = schema.get("maxLength"), schema.get("format"), tuple(self._string_parts(schema))
         if form in ("hostname", "idn-hostname"):
             high = min(HOSTNAME_MAX_LENGTH if high is None else high, HOSTNAME_MAX_LENGTH)
-        parts = tuple(_string_parts(schema))
         try:
-            return Leaf(ANY_TEXT if parts == (("", True),) else shared_regex(parts), low, high)
+            return Leaf(ANY_TEXT if parts == (("", True),) else shared_regex(parts), schema.get("minLength", 0), high)
         except ValueError as exc:
-            what = f"'pattern' {schema['pattern']!r}" if "pattern" in schema else f"'format' {form!r}" \
-                if isinstance(form, str) and form in FORMATS else "'minLength'/'maxLength'"
+            what = f"'pattern' {schema['pattern']!r}" if "pattern" in schema else "'format'/'minLength'/'maxLength'"
             raise self.fail(f"{what}: {exc}") from None
 
-    def bound(self, schema: dict, inclusive: str, exclusive: str, tighter: Callable) -> tuple:
-        """(bound as a Fraction or None, whether it is exclusive), from both keywords."""
-        values = []
-        for word, is_open in ((inclusive, False), (exclusive, True)):
-            value = schema.get(word)
-            if isinstance(value, bool) and word == exclusive:  # draft-04: exclusiveMinimum: true
-                values = [(v, value) for v, _ in values]
-            elif value is not None:
-                if not _is_number(value) or not math.isfinite(value):
-                    raise self.fail(f"{word!r} must be a number")
-                values.append((Fraction(repr(value)) if isinstance(value, float) else Fraction(value), is_open))
-        return tighter(values, key=lambda pair: (pair[0], pair[1] == (tighter is max))) if values else (None, False)
-
-    def number(self, schema: dict, integer: bool) -> Leaf:
-        """A number within its bounds, a multiple of multipleOf, none of the values `not` excludes."""
-        step, scale, multiple = 1, 0, schema.get("multipleOf")
-        if multiple is not None:
-            if not _is_number(multiple) or multiple <= 0 or not math.isfinite(multiple):
-                raise self.fail("'multipleOf' must be a positive number")
-            exact = Fraction(repr(multiple)) if isinstance(multiple, float) else Fraction(multiple)
-            # An integer is a multiple of p/q when p divides it. Validators divide floats: 7.77 / 0.01 is not
-            # whole to them, so a step a float cannot hold exactly (0.01, not 0.5) is served by integers.
-            if integer or exact.denominator == 1 or Fraction(float(exact)) != exact:
-                integer, step = True, exact.numerator
-            else:
-                scale = next(k for k in range(JSON_MAX_DIGITS + 1) if (exact * 10 ** k).denominator == 1)
-                step = int(exact * 10 ** scale)
+    def number(self, schema: dict, refs: int, depth: int) -> Leaf:
+        """A number (an integer if so typed) within its bounds, a multiple of multipleOf, none `not` excludes."""
+        exact, bounds = Fraction(str(schema.get("multipleOf", 1))), []
+        # An integer is a multiple of p/q when p divides it. Validators divide floats: 7.77 / 0.01 is not
+        # whole to them, so a step a float cannot hold exactly (0.01, not 0.5) is served by integers.
+        integer = schema["type"] == "integer" or "multipleOf" in schema and \
+            (exact.denominator == 1 or Fraction(float(exact)) != exact)
+        scale = 0 if integer else next(k for k in range(JSON_MAX_DIGITS + 1) if (exact * 10 ** k).denominator == 1)
+        for inclusive, exclusive, tighter in (("minimum", "exclusiveMinimum", max),
+                                              ("maximum", "exclusiveMaximum", min)):
+            draft4 = isinstance(schema.get(exclusive), bool)   # exclusiveMinimum: true makes minimum exclusive
+            found = [(Fraction(str(schema[word])), is_open) for word, is_open in
+                     [(inclusive, draft4 and schema[exclusive])] + [(exclusive, True)] * (not draft4) if word in schema]
+            bounds.append(tighter(found, key=lambda b: (b[0], b[1] == (tighter is max)), default=(None, False)))
         excluded = [v for v in schema.get("!enum", []) if _is_number(v)]
         if any("e" in repr(v).lower() for v in excluded):
             raise self.fail(f"'not' excludes one of {excluded!r}, a number this server cannot exclude")
         excluded = ["-?" * (v == 0) + re.escape(str(int(v))) + r"(\.0+)?" if float(v).is_integer()
                     else re.escape(repr(v)) + "0*" for v in excluded]   # every way this server writes it: 3, 3.0...
-        (low, low_open), (high, high_open) = self.bound(schema, "minimum", "exclusiveMinimum", max), \
-            self.bound(schema, "maximum", "exclusiveMaximum", min)
+        (low, low_open), (high, high_open) = bounds
         try:
-            return number_leaf(integer, low, high, low_open, high_open, step, scale, tuple(excluded))
+            return number_leaf(integer, low, high, low_open, high_open, exact.numerator if integer else
+                               int(exact * 10 ** scale), scale, tuple(excluded))
         except ValueError:
             raise self.fail("no number is within minimum/maximum and a multiple of multipleOf (and this server "
                             f"writes one as a regular expression of at most {REGEX_MAX_STATES} states)") from None
 
     def object(self, schema: dict, refs: int, depth: int) -> Piece | None:
-        """properties in their order, then other keys: those patternProperties or additionalProperties allow, held
-        to propertyNames. Without additionalProperties, this server writes no key beyond properties,
-        patternProperties and required (whose undeclared names take any value)."""
+        """properties in order, then keys that patternProperties or additionalProperties allow, under propertyNames
+        (without either, no key beyond properties and required, whose undeclared names take any value)."""
         properties, patterns = schema.get("properties", {}), schema.get("patternProperties", {})
-        required = schema.get("required", [])
-        if not isinstance(properties, dict) or not isinstance(patterns, dict) or _names(schema) != required:
-            raise self.fail("'properties' and 'patternProperties' must be objects and 'required' a list of names")
-        if len(patterns) > 6:
-            raise self.fail("more than 6 'patternProperties' patterns")
         try:
             regexes = [regex_for(p) for p in patterns]
         except ValueError as exc:
             raise self.fail(f"'patternProperties': {exc}") from None
-        extra = schema.get("additionalProperties", None if properties or patterns else True)
+        extra, required = schema.get("additionalProperties", None if properties or patterns else True), \
+            schema.get("required", [])
         names, props, banned = self.keys(schema.get("propertyNames", True), [], depth), [], []
         for name in dict.fromkeys([*properties, *required]):
             matched = [sub for p, sub in zip(regexes, patterns.values()) if p.matches(name)]
@@ -1740,17 +1708,15 @@ class SchemaCompiler:
                 return None
             props.append((name, node, name in required)) if node is not None else banned.append(name)
         # An other key's value: by the patterns it matches (indices), or additionalProperties' (()).
-        values = {} if extra in (None, False) else {(): self.compile(extra, refs, depth + 1)}
-        for chosen in itertools.chain(*(itertools.combinations(range(len(regexes)), n + 1) for n in range(6))):
+        values = {(): None if extra in (None, False) else self.compile(extra, refs, depth + 1)}
+        subs = list(patterns.items())
+        for chosen in itertools.chain(*(itertools.combinations(range(len(subs)), n + 1) for n in range(len(subs)))):
             with contextlib.suppress(ValueError):  # when one key can match them all
-                if len(chosen) == 1 or chosen[:-1] in values:
-                    shared_regex(tuple((list(patterns)[i], True) for i in chosen))
-                    values[chosen] = self.compile({"allOf": [list(patterns.values())[i] for i in chosen]}, refs,
-                                                  depth + 1)
+                if chosen[:-1] in values and shared_regex(tuple((subs[i][0], True) for i in chosen)):
+                    values[chosen] = self.compile({"allOf": [subs[i][1] for i in chosen]}, refs, depth + 1)
         key = self.keys(schema.get("propertyNames", True), list(patterns) * (extra in (None, False)), depth)
         return Object(tuple(props), {k: v for k, v in values.items() if v is not None} if key else {},
-                      self.count(schema, "minProperties") or 0, self.count(schema, "maxProperties"), key,
-                      tuple(banned), tuple(regexes))
+                      schema.get("minProperties", 0), schema.get("maxProperties"), key, tuple(banned), tuple(regexes))
 
     def keys(self, names: Any, patterns: list, depth: int) -> Piece | None:
         """The key leaf for propertyNames and one of `patterns`: ANY_STRING when they allow any, None if none."""
@@ -1767,38 +1733,27 @@ class SchemaCompiler:
         items, prefix = schema.get("items"), schema.get("prefixItems", [])
         if isinstance(items, list):  # draft-07 tuples: items as a list, then additionalItems
             prefix, items = items, schema.get("additionalItems")
-        if not isinstance(prefix, list):
-            raise self.fail("'prefixItems' must be a list of schemas")
-        low, high = self.count(schema, "minItems") or 0, self.count(schema, "maxItems")
-        if "contains" in schema:
-            prefix, items, low = self.contains(schema, prefix, items, low)
+        low, high = schema.get("minItems", 0), schema.get("maxItems")
+        if "contains" in schema:   # the first minContains items match it; under maxContains, no other item does
+            least, most, must = schema.get("minContains", 1), schema.get("maxContains"), schema["contains"]
+            if most is not None and most < least:
+                raise self.fail("'maxContains' is below 'minContains'")
+            other, slots = True if items is None else items, range(max(least, len(prefix)))
+            prefix = [{"allOf": [prefix[i] if i < len(prefix) else other, must if i < least else {"not": must}]}
+                      if i < least or most is not None else prefix[i] for i in slots]
+            items, low = other if most is None else {"allOf": [other, {"not": must}]}, max(low, least)
         nodes = list(itertools.takewhile(lambda n: n is not None, (self.compile(s, refs, depth + 1) for s in prefix)))
         if len(nodes) < len(prefix):  # no value fits the next position: the array ends before it
             high, items = len(nodes) if high is None else min(high, len(nodes)), False
         rest = self.compile(items if items is not None else not prefix or low > len(prefix), refs, depth + 1)
-        unique = schema.get("uniqueItems") is True
-        leaves = [_unique_leaf(n) for n in nodes + [rest]] if unique else []
-        if unique and False not in leaves:
-            nodes, rest = leaves[:-1], leaves[-1]
-        elif unique and low > 1:
-            raise self.fail("'uniqueItems' is enforced for items that are strings, integers, or "
-                            "enum/const/boolean/null values")
-        elif unique:
-            unique, high = False, 1 if high is None else min(high, 1)   # one item is unique whatever it is
-        return Array(tuple(nodes), rest, low, high, unique)
-
-    def contains(self, schema: dict, prefix: list, items: Any, low: int) -> tuple[list, Any, int]:
-        """contains: the first minContains items match it and, under maxContains, no other item does (its
-        negation must be enforceable, see negate()). Returns (prefix items, other items, minItems)."""
-        least, most = self.count(schema, "minContains"), self.count(schema, "maxContains")
-        least = 1 if least is None else least
-        if most is not None and most < least:
-            raise self.fail("'maxContains' is below 'minContains'")
-        other, must = True if items is None else items, schema["contains"]
-        slots = [prefix[i] if i < len(prefix) else other for i in range(max(least, len(prefix)))]
-        held = [{"allOf": [slot, must if i < least else {"not": must}]} if i < least or most is not None else slot
-                for i, slot in enumerate(slots)]
-        return held, other if most is None else {"allOf": [other, {"not": must}]}, max(low, least)
+        if schema.get("uniqueItems") is True:
+            leaves = [self._unique_leaf(n) for n in nodes + [rest]]
+            if False not in leaves:
+                return Array(tuple(leaves[:-1]), leaves[-1], low, high, True)
+            if low > 1:
+                raise self.fail("'uniqueItems' is enforced over strings, integers and enum/const/boolean/null items")
+            high = 1 if high is None else min(high, 1)   # one item is unique whatever it is
+        return Array(tuple(nodes), rest, low, high)
 
 
 def compile_schema(schema: Any, root: Any, param: str) -> Piece:
