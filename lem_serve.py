@@ -579,8 +579,6 @@ class ClientGone(Exception):
 # Whitespace: at most JSON_MAX_WHITESPACE characters between tokens. Recursive $refs unroll SCHEMA_MAX_REFS deep.
 
 JSON_WHITESPACE = " \t\n\r"
-JSON_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
-HEX_DIGITS = "0123456789abcdefABCDEF"
 REFEED = "refeed"
 
 
@@ -603,10 +601,9 @@ ANYTHING = (sre.MAX_REPEAT, (0, sre.MAXREPEAT, [(sre.IN, [(sre.NEGATE, None)])])
 
 def regex_items(pattern: str | tuple, search: bool, negated: bool) -> list[tuple[list, bool]]:
     """(re's parse items, negated) for one part: the pattern (anywhere in the text if searched), then its leading
-    lookaheads as parts the whole text must (or must not) start with; a (step, scale) multiple passes. re reads
-    what ECMAScript means: (?<name>...) as (...), in a class "-" beside \\d \\w \\s and "[[", "&&", "--" literally. A
-    ValueError names what we do not support: escapes ECMAScript lacks or reads otherwise (backreferences, \\b, \\A,
-    \\a), "{," (which the two read apart), lookbehind, inline flags, lookaheads elsewhere."""
+    lookaheads as parts the text must (not) start with; a (step, scale) multiple passes. re reads what ECMAScript
+    means ((?<name>...); in a class "-" beside \\d \\w \\s, "[[", "&&", "--"); a ValueError names what it cannot:
+    escapes ECMAScript lacks or reads otherwise (backreferences, \\b, \\A, \\a), "{,", lookbehind, inline flags."""
     if not isinstance(pattern, str):
         return [([("multiples", pattern)], negated)]
     if bad := [text for text in re.findall(ESCAPE, pattern, re.S) if not GOOD_ESCAPE.fullmatch(text)]:
