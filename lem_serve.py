@@ -1637,9 +1637,8 @@ class SchemaCompiler:
         props, theirs = self.declared(part), self.declared(other)
         yield from ({"properties": {name: False}} for name in self._names(other) if name not in self._names(part))
         yield from ({"required": [name]} for name in props if name in theirs)
-        for name in [name for name in self._names(other) if name in theirs]:  # last: it may leave part nothing to write
-            with contextlib.suppress(APIError):
-                yield {"properties": {name: {"not": theirs[name]}}} if self.negate(theirs[name]) else {}
+        # Last: it may leave part nothing to write (or, where `not` cannot hold theirs, fail to compile: left out).
+        yield from ({"properties": {name: {"not": theirs[name]}}} for name in self._names(other) if name in theirs)
 
     def declared(self, schema: dict, name: str | None = None, produced: bool = False) -> Any:
         """properties ({} if none), or what `name`'s value is held to (True: a pattern may; `produced`: as written)."""
