@@ -569,19 +569,14 @@ class ClientGone(Exception):
 
 # -- JSON Schema, compiled to a character automaton ----------------------------
 #
-# compile_schema() turns a schema into a graph of pieces: Literals (enum, const, true/false/null, keys),
-# Leaf (a Regex over a string's decoded characters with lengths, or over a number's text: bounds and
-# multipleOf compiled to regular expressions), Container (Object, Array) and Union (anyOf).
-# json_advance() runs the graph over text as a pushdown automaton. A state is a tuple of stacks, one per
-# live anyOf branch; a stack is a tuple of frames (NamedTuples starting with their piece), innermost
-# last; all of it hashes, so token masks are cached per state (JsonMasks). For its frames, a piece has
-#   step(frame, ch) -> frame tuples that replace it (() pops it), or REFEED: the value was complete
-#                      before `ch`, which goes to the parent;
-#   done(frame)     -> whether the value is complete;  finish(frame) -> a short text that completes it;
-# and min_text, a shortest value. A leaf (Literals, Leaf) is always a top frame; under an exclusion (the
-# texts it may not be: uniqueItems, extra keys) it keeps its raw text. Whitespace: at most
-# JSON_MAX_WHITESPACE characters between tokens, so output stays finite. Recursive $refs are unrolled
-# SCHEMA_MAX_REFS deep.
+# compile_schema() turns a schema into pieces: Literals (enum, const, true/false/null, keys), Leaf (a Regex over
+# a string's decoded characters with lengths, or over a number's text), Container (objects, arrays) and Union
+# (anyOf). json_advance() runs them over text as a pushdown automaton: a state is a tuple of stacks, one per live
+# anyOf branch, of Frames (innermost last); it hashes, so token masks are cached per state. A piece has frame(ex),
+# its value's first frame under an exclusion `ex` (texts it may not be: unique items, extra keys); step(frame, ch)
+# -> frame tuples that replace it (() pops it; led by REFEED: pushed, the new top takes `ch`); done(frame): the
+# value is complete (its parent may take `ch`); finish(frame): a short text completing it; min_text, the shortest.
+# Whitespace: at most JSON_MAX_WHITESPACE characters between tokens. Recursive $refs unroll SCHEMA_MAX_REFS deep.
 
 JSON_WHITESPACE = " \t\n\r"
 JSON_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
@@ -852,8 +847,7 @@ class Cache(dict):
 
     def get_or(self, key: Any, make: Callable[[], Any]) -> Any:
         """The value under `key`, made and kept if missing."""
-        value = self.get(key, self)
-        if value is self:
+        if (value := self.get(key, self)) is self:
             value = make()
             with self.lock:
                 while self and len(self) >= self.limit:
@@ -872,30 +866,33 @@ class Piece:
     def alternatives(self) -> tuple:
         return (self,)
 
-    def begin(self, ch: str, ex: frozenset | None) -> list:
-        """The frames of a value that starts with `ch`, under the exclusion `ex` (leaves only)."""
-        return self.step(self.frame(ex), ch)
-
     def child_done(self, frame: tuple, child: tuple) -> tuple | None:
         """This frame once its child value `child` is complete; None to refuse it."""
         return frame
 
+    @staticmethod
+    def slack_of(nodes: Any, keys: Any = ()) -> int:
+        """The slack of a piece holding `nodes` (and `keys`, JSON texts)."""
+        return max([0] + [len(key) + 2 for key in keys] + [max(n.slack, len(n.min_text) + 1) for n in nodes])
 
-class Cursor(NamedTuple):
-    """A leaf's frame (Literals use only ex and text)."""
+
+class Frame(NamedTuple):
+    """Where a piece's value is: for a leaf, `at` its regex state, `phase` "^" (before the quote), "" (in it), '"'
+    (closed) or an escape so far ("\\u12"); for a container, `at` its next slot (in colon and item: the key's, or
+    len(slots) + j for extra value j), `phase` ^ (before it), open, comma, key (on top), colon, item or value."""
 
     piece: Any
-    dfa: Any                   # the regex state
-    count: int                 # characters of the value so far
-    escape: str                # "^" before the opening quote, "" none, "\\" after a backslash, "u" + hex digits, '"'
-    ex: frozenset | None       # the texts it may not be (None: no exclusion)
-    text: str | None           # its raw text so far, kept under an exclusion (always for Literals)
+    phase: str
+    at: Any
+    count: int                   # a leaf's characters so far; a container's members, capped where more no longer matter
+    ex: frozenset | None         # texts a leaf may not be (None: no exclusion), a container's members may not repeat
+    spaces: int = 0              # a container's whitespace since the last token
+    text: str | None = None      # a leaf's raw text so far, kept under an exclusion (always for Literals)
 
-    def add(self, ch: str, escape: str | None = None, dfa: Any = None) -> Cursor:
-        """The frame after raw character `ch`: in `escape` if given, one character further at `dfa` if given."""
-        text = None if self.text is None else self.text + ch
-        return Cursor(self.piece, self.dfa if dfa is None else dfa, self.count + (dfa is not None),
-                      self.escape if escape is None else escape, self.ex, text)
+    def add(self, ch: str, phase: str = "", at: Any = None) -> Frame:
+        """A leaf's frame after raw character `ch`, in `phase`, one character further at regex state `at` if given."""
+        return Frame(self.piece, phase, self.at if at is None else at, self.count + (at is not None), self.ex, 0,
+                     None if self.text is None else self.text + ch)
 
 
 class Literals(Piece):
@@ -905,31 +902,33 @@ class Literals(Piece):
         self.texts = tuple(dict.fromkeys(texts))
         self.min_text = min(self.texts, key=len)
 
-    def frame(self, ex: frozenset | None = None) -> Cursor:
+    def frame(self, ex: frozenset | None = None) -> Frame:
         """The frame before the first character."""
-        return Cursor(self, None, 0, "", ex, "")
+        return Frame(self, "", None, 0, ex, 0, "")
 
-    def step(self, frame: Cursor, ch: str) -> list:
-        """The frames after `ch` (REFEED when complete before it)."""
-        text, ex = frame.text + ch, frame.ex
-        out = [REFEED] * self.done(frame)
-        if any(t.startswith(text) and (ex is None or t not in ex) for t in self.texts):
-            out.append((Cursor(self, None, 0, "", ex, text),))
-        return out
+    def _open(self, text: str, ex: frozenset | None) -> Iterator[str]:
+        """The texts that begin with `text` and are not excluded."""
+        return (t for t in self.texts if t.startswith(text) and (ex is None or t not in ex))
 
-    def done(self, frame: Cursor) -> bool:
+    def step(self, frame: Frame, ch: str) -> list:
+        """The frames after `ch`."""
+        return [(frame.add(ch),)] if any(self._open(frame.text + ch, frame.ex)) else []
+
+    def done(self, frame: Frame) -> bool:
         return frame.text in self.texts and (frame.ex is None or frame.text not in frame.ex)
 
-    def finish(self, frame: Cursor) -> str | None:
+    def finish(self, frame: Frame) -> str | None:
         """The rest of a shortest text the frame may become; None when every one is excluded."""
-        texts = [t for t in self.texts if t.startswith(frame.text) and (frame.ex is None or t not in frame.ex)]
-        return min(texts, key=len)[len(frame.text):] if texts else None
+        best = min(self._open(frame.text, frame.ex), key=len, default=None)
+        return None if best is None else best[len(frame.text):]
 
 
 class Leaf(Piece):
-    """A value whose text matches `regex` with min_len to max_len characters: a JSON string (`quoted`: the
-    regex runs over its decoded characters) or a number (its raw text). Strings under an exclusion take no
-    escapes (their raw text is their value). Integers and strings have one spelling each (`by_text`)."""
+    """A value whose text matches `regex` with min_len to max_len characters: a JSON string (`quoted`: the regex runs
+    over its decoded characters; under an exclusion, no escapes) or a number (its raw text). `by_text`: one spelling."""
+
+    ESCAPE = re.compile(r'\\(["\\/bfnrt]|u(?![dD][89a-fA-F])[0-9a-fA-F]{0,4})?')   # so far; no surrogates
+    LETTERS = '"0"\\/bfnrtu'   # what may end a quote or go on with an escape, in the order finish() tries
 
     def __init__(self, regex: Regex, min_len: int = 0, max_len: int | None = None, quoted: bool = True,
                  by_text: bool = True):
@@ -939,110 +938,91 @@ class Leaf(Piece):
             raise ValueError("no string has both this pattern or format and these lengths")
         self.min_text = self.finish(self.frame())
 
-    def frame(self, ex: frozenset | None = None) -> Cursor:
+    @staticmethod
+    def plain(text: str) -> bool:
+        """Whether a JSON string holds `text` as it is: no quote, backslash or control character."""
+        return all(ch >= " " and ch not in '"\\' for ch in text)
+
+    def frame(self, ex: frozenset | None = None) -> Frame:
         """The frame before the first character (a string's: before its opening quote)."""
-        return Cursor(self, self.regex.start, 0, "^" * self.quoted, ex, None if ex is None else "")
+        return Frame(self, "^" * self.quoted, self.regex.start, 0, ex, 0, None if ex is None else "")
 
-    def step(self, frame: Cursor, ch: str) -> list:
-        """The frames after `ch` (REFEED when complete before it: a number whenever the regex accepts)."""
-        escape, ex = frame.escape, frame.ex
-        if not self.quoted or escape == '"':
-            return [REFEED] * self.done(frame) + (self._take(frame, ch, ch) if escape == "" else [])
+    def step(self, frame: Frame, ch: str) -> list:
+        """The frames after `ch` (none once a string is closed)."""
+        escape = frame.phase
         if escape == "^":
-            return [(frame.add(ch, ""),)] if ch == '"' else []
+            return [(frame.add(ch),)] if ch == '"' else []
+        if escape == "" and (not self.quoted or ch not in '"\\'):
+            return self._take(frame, ch, None if ch < " " and self.quoted else ch)
         if escape == "" and ch == '"':
-            ends = frame.count >= self.min_len and self.regex.accepts(frame.dfa)
-            return [(frame.add(ch, '"'),)] * (ends and (ex is None or frame.text + ch not in ex))
-        if escape == "" and ch == "\\":
-            return [(frame._replace(escape="\\"),)] * (ex is None and bool(self._escapes(frame)))
-        if escape == "":
-            return self._take(frame, ch, None if ch < " " else ch)
-        if escape == "\\":
-            if ch not in self._escapes(frame) or ch == "u":
-                return [(frame._replace(escape="u"),)] * (ch == "u" and ch in self._escapes(frame))
-            return self._take(frame, ch, JSON_ESCAPES[ch])
-        if ch not in HEX_DIGITS or escape in ("ud", "uD") and ch in "89abcdefABCDEF":  # no surrogates
+            return [(frame.add(ch, '"'),)] * self.done(frame, ch)
+        escape += ch   # a backslash, then a letter whose character fits, or u (where any may) and four hex digits
+        inside, any_char = frame._replace(phase=escape), self.regex is ANY_TEXT and frame.count < self.limit
+        if frame.ex is not None or not self.ESCAPE.fullmatch(escape) or escape == "\\u" and not any_char:
             return []
-        if len(escape) < 4:
-            return [(frame._replace(escape=escape + ch),)]
-        return self._take(frame, ch, chr(int(escape[1:] + ch, 16)))
+        if len(escape) == 6 or len(escape) == 2 and ch != "u":
+            return self._take(frame, ch, json.loads(f'"{escape}"'))
+        return [(inside,)] if escape != "\\" or any(self.step(inside, c) for c in self.LETTERS) else []
 
-    def _take(self, frame: Cursor, ch: str, decoded: str | None) -> list:
-        """The frame after one more (decoded) character, if the value can still be completed."""
-        dfa = None if decoded is None else self.regex.move(frame.dfa, decoded)
-        if dfa is None or self.complete(dfa, frame.count + 1) is None:
+    def _take(self, frame: Frame, ch: str, decoded: str | None) -> list:
+        """The frame after one more (decoded) character, if the value can still be completed (not excluded)."""
+        if decoded is None or (dfa := self.regex.move(frame.at, decoded)) is None:
             return []
         after = frame.add(ch, "", dfa)
-        if after.text is not None and any(f.startswith(after.text) for f in after.ex) and self._fresh(after) is None:
-            return []  # every way to close it is forbidden
-        return [(after,)]
+        ex = after.ex if after.ex and any(f.startswith(after.text) for f in after.ex) else None   # else none bites
+        return [(after,)] * (self.complete(dfa, after.count, after.text if ex else "", ex) is not None)
 
-    def _escapes(self, frame: Cursor) -> str:
-        """The letters that may follow a backslash here: those whose character fits; \\u only where any may."""
-        letters = "".join(k for k, c in JSON_ESCAPES.items()
-                          if (nxt := self.regex.move(frame.dfa, c)) and self.complete(nxt, frame.count + 1) is not None)
-        return letters + "u" * (self.regex is ANY_TEXT and frame.count < self.limit)
+    def complete(self, dfa: frozenset, count: int, text: str = "", ex: frozenset | None = None) -> str | None:
+        """A shortest text (decoded) that completes the value from `dfa` after `count` characters, or None; under
+        an exclusion `ex`, one of plain characters (no escapes) whose raw text (`text` + it) is not excluded."""
+        if ex is None and count >= self.min_len:
+            best = self.regex.shortest(dfa)
+            return best if best is not None and count + len(best) <= self.limit else None
+        return self.completions.get_or((dfa, count, text, ex), lambda: self._search(dfa, count, text, ex))
 
-    def complete(self, dfa: frozenset, count: int) -> str | None:
-        """A shortest text (decoded) that completes the value from `dfa` after `count` characters, or None."""
-        def padded() -> str | None:   # breadth first up to min_len, then the shortest way to a match
-            layer = {dfa: ""}
-            for _ in range(self.min_len - count):
-                layer = {nxt: text + ch for state, text in layer.items() for cid, ch in self.regex.reps.items()
-                         if (nxt := self.regex._move(state, cid)) is not None}
-            tails = (text + tail for state, text in layer.items() if (tail := self.regex.shortest(state)) is not None)
-            return min(tails, key=len, default=None)
-        best = self.regex.shortest(dfa) if count >= self.min_len else self.completions.get_or((dfa, count), padded)
-        return best if best is not None and count + len(best) <= self.limit else None
-
-    def done(self, frame: Cursor) -> bool:
-        if self.quoted:
-            return frame.escape == '"'
-        ends = frame.count >= self.min_len and self.regex.accepts(frame.dfa)
-        return ends and (frame.ex is None or frame.text not in frame.ex)
-
-    def finish(self, frame: Cursor) -> str | None:
-        """A shortest text that completes the value; None when every one is excluded."""
-        if self.done(frame):
-            return ""
-        if frame.escape:  # open the string, or end the escape: the first letter that fits, or \\u0000-style zeros
-            tail = '"' if frame.escape == "^" else self._escapes(frame)[0] if frame.escape == "\\" else ""
-            tail += "0" * (5 - len(frame.escape)) if tail in ("", "u") else ""
-            for ch in tail:
-                frame = self.step(frame, ch)[0][0]
-            rest = self.finish(frame)
-            return None if rest is None else tail + rest
-        if frame.ex is not None:
-            tail = self._fresh(frame)
-            return None if tail is None else tail + '"' * self.quoted
-        content = self.complete(frame.dfa, frame.count)
-        return json.dumps(content, ensure_ascii=False)[1:] if self.quoted else content
-
-    def _fresh(self, frame: Cursor) -> str | None:
-        """Characters (no escapes) that close an excluded value on a text not forbidden: shortest first."""
-        dfa, count = frame.dfa, frame.count
-        layer = {dfa: [""]}
+    def _search(self, dfa: frozenset, count: int, text: str, ex: frozenset | None) -> str | None:
+        """complete() breadth first: to min_len characters, then on (a few past the shortest) to one not excluded."""
+        layer, keep, quote = {dfa: [""]}, 1 if ex is None else len(ex) + 1, '"' * self.quoted
         reach = max(self.min_len - count, len(self.regex.shortest(dfa) or "")) + 32   # a few past the shortest
+        reach, plain = (self.min_len - count, False) if ex is None else (reach, self.quoted)   # plain: no escapes
         for size in range(int(min(self.limit - count, reach)) + 1):
-            for state, tails in layer.items():
-                for tail in tails if count + size >= self.min_len and self.regex.accepts(state) else ():
-                    if frame.text + tail + '"' * self.quoted not in frame.ex:
-                        return tail
+            ends = [t + end for state, tails in layer.items() if (end := self.regex.shortest(state)) is not None
+                    for t in tails if count + size >= self.min_len and count + len(t + end) <= self.limit]
+            if ends := [e for e in ends if ex is None or (not plain or self.plain(e)) and text + e + quote not in ex]:
+                return min(ends, key=len)
             nxt: dict = {}
             for state, tails in layer.items():
                 for cid, ch in self.regex.reps.items():
-                    if (ch >= " " and ch not in '"\\' or not self.quoted) and (after := self.regex._move(state, cid)):
+                    if (not plain or self.plain(ch)) and (after := self.regex._move(state, cid)) is not None:
                         kept = nxt.setdefault(after, [])
-                        kept += [t + ch for t in tails[:len(frame.ex) + 1 - len(kept)]]
+                        kept += [t + ch for t in tails[:keep - len(kept)]]
             layer = nxt
         return None
+
+    def done(self, frame: Frame, quote: str = "") -> bool:
+        """Whether the value is complete; given a closing `quote`, whether it may come (length, match, exclusion)."""
+        if self.quoted and not quote:
+            return frame.phase == '"'
+        ends = frame.count >= self.min_len and self.regex.accepts(frame.at)
+        return ends and (frame.ex is None or frame.text + quote not in frame.ex)
+
+    def finish(self, frame: Frame) -> str | None:
+        """A shortest text that completes the value; None when every one is excluded."""
+        if self.done(frame):
+            return ""
+        for ch in self.LETTERS if frame.phase else ():   # open the string, or go on with its escape
+            if frames := self.step(frame, ch):
+                rest = self.finish(frames[0][0])
+                return None if rest is None else ch + rest
+        content = self.complete(frame.at, frame.count, frame.text, frame.ex)
+        return None if content is None else json.dumps(content, ensure_ascii=False)[1:] if self.quoted else content
 
     def move_class(self, at: tuple, key: str) -> tuple | None:
         """(dfa, count) after a character of class id ord(`key`), if the value can still be completed."""
         nxt = self.regex._move(at[0], ord(key))
         return (nxt, at[1] + 1) if nxt is not None and self.complete(nxt, at[1] + 1) is not None else None
 
-    def key(self, frame: Cursor, reach: int) -> tuple:
+    def key(self, frame: Frame, reach: int) -> tuple:
         """The frame with its count reduced to what can matter within `reach` characters (mask caching)."""
         room = self.limit - frame.count
         return frame._replace(count=(min(frame.count, self.min_len), min(room, reach + len(self.regex.edges))))
@@ -1053,17 +1033,13 @@ def number_leaf(integer: bool, *bounds: Any, **options: Any) -> Leaf:
     return Leaf(number_regex(integer, *bounds, **options), quoted=False, by_text=integer)
 
 
-def _slack(nodes: Any, keys: Any = ()) -> int:
-    return max([0] + [len(key) + 2 for key in keys] + [max(n.slack, len(n.min_text) + 1) for n in nodes])
-
-
 class Union(Piece):
     """anyOf (and oneOf, type lists): a value matching any of the alternatives."""
 
     def __init__(self, alternatives):
         self.alternatives = tuple(a for alt in alternatives for a in alt.alternatives)
         self.min_text = min((a.min_text for a in self.alternatives), key=len)
-        self.slack = _slack(self.alternatives)
+        self.slack = self.slack_of(self.alternatives)
 
 
 def first_text(node: Piece, forbidden: frozenset) -> str | None:
@@ -1078,24 +1054,12 @@ def union(alternatives: list) -> Piece | None:
     return Union(alternatives) if len(alternatives) > 1 else alternatives[0] if alternatives else None
 
 
-class Frame(NamedTuple):
-    """A container's frame (see Container)."""
-
-    piece: Any
-    phase: str         # open, comma, key (a key leaf on top), colon (a key written), item (a value may begin), value
-    at: int            # the next slot (in colon and item: the key's, or len(slots) + j for extra value j)
-    count: int         # members written, capped where more no longer matters
-    seen: frozenset    # texts that may not repeat: extra keys written, unique items
-    spaces: int        # whitespace since the last token
-
-
 class Container(Piece):
-    """A JSON object: `slots` (name, node, required) in their order, each at most once, then extra members;
-    `low` to `high` members. Extra keys are `key` leaves, never a slot's or a `banned` name nor one written
-    before; their value is values[matched], matched being the indices of the `patterns` (patternProperties)
-    that match the key ((): additionalProperties; values empty: no extra keys). As an array (see Array),
-    names are None, slots come all in order, extra items take values[()], and `unique` items are leaves under
-    an exclusion of those written before. Without brackets: a document's one value (see json_start)."""
+    """A JSON object: `slots` (name, node, required) in their order, each at most once, then extra members; `low`
+    to `high` members. Extra keys are `key` leaves, never a slot's or a `banned` name nor one written before; their
+    value is values[matched], matched: the indices of the `patterns` (patternProperties) that match the key ((): for
+    additionalProperties; values empty: no extra keys). An array (see Array): slots all in order, then items of
+    values[()], `unique` ones leaves under an exclusion of those before. Without brackets: a document (json_start)."""
 
     def __init__(self, slots: tuple, values: dict, low: int = 0, high: int | None = None, key: Piece | None = None,
                  banned: tuple = (), patterns: tuple = (), unique: bool = False, brackets: str = "{}"):
@@ -1103,36 +1067,35 @@ class Container(Piece):
         self.keyed, self.patterns, self.unique, self.extras = brackets == "{}", patterns, unique, list(values)
         self.key = (key or ANY_STRING) if self.keyed and values else None
         self.names = [json.dumps(name, ensure_ascii=False) for name, _, _ in slots] if self.keyed else []
-        self.keys = {name: j for j, name in enumerate(self.names)}
-        self.forbidden = frozenset(self.keys) | {json.dumps(name, ensure_ascii=False) for name in banned}
+        self.forbidden = frozenset(self.names) | {json.dumps(name, ensure_ascii=False) for name in banned}
         self.required_from = [sum(req for _, _, req in slots[j:]) for j in range(len(slots) + 1)]
         self.fixed = [req or not self.keyed for _, _, req in slots]   # slots that may not be skipped
         self.cap, self.memo = low if high is None else high, Cache(JSON_MASK_CACHE_STATES)   # key pieces
+        self.members = [node for _, node, _ in slots] + list(values.values())   # slot j's value, then extra ones
         tail = self._tail(0, 0, frozenset(), "", False)
         if tail is None:
             raise ValueError("no object has these properties within minProperties/maxProperties" if self.keyed
                              else "no array has these items within minItems/maxItems (and uniqueItems)")
         self.min_text = brackets[:1] + tail
-        self.slack = _slack([node for _, node, _ in slots] + list(values.values()), self.keys)
+        self.slack = self.slack_of(self.members, self.names)
 
-    def begin(self, ch: str, ex: frozenset | None) -> list:
-        """An open frame if `ch` is the opening bracket."""
-        return [(Frame(self, "open", 0, 0, frozenset(), 0),)] if ch == self.brackets[:1] else []
+    def frame(self, ex: frozenset | None = None) -> Frame:
+        """The frame before the opening bracket."""
+        return Frame(self, "^", 0, 0, frozenset(), 0)
 
     def step(self, frame: Frame, ch: str) -> list:
-        """The frames after `ch`: whitespace, a value's first character, brackets, commas, colons, a key's quote."""
-        _, phase, at, count, seen, spaces = frame
-        if ch in JSON_WHITESPACE and phase != "key" and (self.brackets or phase != "value"):
-            return [(Frame(self, phase, at, count, seen, spaces + 1),)] if spaces < JSON_MAX_WHITESPACE else []
+        """The frames after `ch`: brackets, whitespace, commas, colons; a key or a value pushed to take `ch`."""
+        _, phase, at, count, seen, spaces, _ = frame
+        if phase == "^":
+            return [(frame._replace(phase="open"),)] if ch == self.brackets[:1] else []
+        if ch in JSON_WHITESPACE and (self.brackets or phase != "value"):
+            return [(frame._replace(spaces=spaces + 1),)] if spaces < JSON_MAX_WHITESPACE else []
         if phase == "item" or phase in ("open", "comma") and not self.keyed and ch != self.brackets[1:]:
-            slots, extra = ((at,), False) if phase == "item" else self._choices(at, count)
-            node, nxt = self._member(slots[0] if slots else len(self.slots)) if slots or extra else (None, 0)
-            ex = seen if self.unique else None
-            frames = [f for alt in node.alternatives for f in alt.begin(ch, ex)] if node else []
-            if not frames:
-                return frames
+            if phase != "item" and not any(self._choices(at, count)):
+                return []
+            node, nxt = self._member(at)
             after = Frame(self, "value", nxt, min(count + 1, self.cap), seen, 0)
-            return [(after,) + f for f in frames]
+            return [(REFEED, after, alt.frame(seen if self.unique else None)) for alt in node.alternatives]
         if ch == self.brackets[1:] and phase in ("open", "value"):
             return [()] if self.required_from[at] == 0 and count >= self.low else []
         if ch == ":" and phase == "colon":
@@ -1140,24 +1103,20 @@ class Container(Piece):
         if not (ch == "," and phase == "value" or ch == '"' and phase in ("open", "comma")):
             return []
         slots, extra = self._choices(at, count)
-        if ch == ",":
-            nodes = [self._member(j)[0] for j in slots + (len(self.slots),) * extra]
-            more = any(not self.unique or first_text(node, seen) is not None for node in nodes)
-            return [(Frame(self, "comma", at, count, seen, 0),)] * more
-        keys = [(self.key, self.forbidden | seen)] * extra   # a declared name or an extra key, after its quote
+        if ch == ",":   # if a member may follow (an array's next unique item: one not written yet)
+            more = (slots or extra) and (not self.unique or first_text(self._member(at)[0], seen) is not None)
+            return [(Frame(self, "comma", at, count, seen, 0),)] * bool(more)
+        keys = [(self.key, self.forbidden | seen)] * extra   # a declared name or an extra key
         if slots:
             keys.insert(0, (self.memo.get_or(slots, lambda: Literals(self.names[j] for j in slots)), None))
-        frame = Frame(self, "key", at, count, seen, 0)
-        return [(frame, f[0]) for piece, ex in keys for f in piece.begin(ch, ex) if f is not REFEED]
+        return [(REFEED, Frame(self, "key", at, count, seen, 0), piece.frame(ex)) for piece, ex in keys]
 
     def done(self, frame: Frame) -> bool:
         return not self.brackets and frame.phase == "value"
 
     def _member(self, at: int) -> tuple:
         """(the value's node, the next slot) for slot `at`, or extra value at - len(slots)."""
-        if at < len(self.slots):
-            return self.slots[at][1], at + 1
-        return self.values[self.extras[at - len(self.slots)]], len(self.slots)
+        return self.members[at], min(at + 1, len(self.slots))
 
     def _choices(self, at: int, count: int) -> tuple[tuple[int, ...], bool]:
         """(slots that may come next, whether an extra member may), leaving room for low and high."""
@@ -1175,12 +1134,12 @@ class Container(Piece):
     def child_done(self, frame: Frame, child: tuple) -> Frame | None:
         """A key written: its slot, or an extra key's value (None: no value may follow it); an item: seen."""
         if frame.phase != "key":
-            return frame._replace(seen=frame.seen | {child.text}) if self.unique else frame
+            return frame._replace(ex=frame.ex | {child.text}) if self.unique else frame
         if child.piece is not self.key:
-            return frame._replace(phase="colon", at=self.keys[child.text])
+            return frame._replace(phase="colon", at=self.names.index(child.text))
         slot = self._slot(child.text)
         return None if slot is None else frame._replace(phase="colon", at=len(self.slots) + slot,
-                                                        seen=frame.seen | {child.text})
+                                                        ex=frame.ex | {child.text})
 
     def _slot(self, text: str) -> int | None:
         """Which extra value an extra key's text (quoted, unescaped) takes; None: no value may follow it."""
@@ -1191,27 +1150,25 @@ class Container(Piece):
         """The shortest text that closes the container from `frame`."""
         if frame.phase in ("colon", "item"):
             node, at = self._member(frame.at)
-            tail = self._tail(at, min(frame.count + 1, self.cap), frame.seen, ",", False)
+            tail = self._tail(at, min(frame.count + 1, self.cap), frame.ex, ",", False)
             return ":" * (frame.phase == "colon") + node.min_text + tail
-        return self._tail(frame.at, frame.count, frame.seen, "," * (frame.phase == "value"), frame.phase == "comma")
+        return self._tail(frame.at, frame.count, frame.ex, "," * (frame.phase == "value"), frame.phase == "comma")
 
     def _tail(self, at: int, count: int, seen: frozenset, sep: str, must: bool) -> str | None:
         """The shortest text that ends the container: the members it still needs, then its bracket."""
         parts = []
         while must or self.required_from[at] or count < self.low:
             declared, extra = self._choices(at, count)
-            key = ""
-            if declared and (self.fixed[declared[-1]] or not extra):
+            key, j = "", at   # an array's next item; an object's required member, or its first optional one
+            if self.keyed and declared and (self.fixed[declared[-1]] or not extra):
                 j = declared[-1] if self.fixed[declared[-1]] else declared[0]
-                key = self.names[j] + ":" if self.keyed else ""
-            elif extra and self.keyed:
+                key = self.names[j] + ":"
+            elif self.keyed and extra:
                 key = first_text(self.key, self.forbidden | seen)
                 if key is None or (slot := self._slot(key)) is None:
                     return None
                 j, seen, key = len(self.slots) + slot, seen | {key}, key + ":"
-            elif extra:
-                j = len(self.slots)
-            else:
+            elif not (declared or extra):
                 return None
             node, at = self._member(j)
             value = first_text(node, seen) if self.unique else node.min_text
@@ -1225,50 +1182,35 @@ class Container(Piece):
 Object = Container   # Object(props, values, min_props, max_props, key, banned, patterns)
 
 
-def Array(prefix: tuple, items: Piece | None, min_items: int = 0, max_items: int | None = None,
-          unique: bool = False, brackets: str = "[]") -> Container:
-    """A JSON array: `prefix` items (nodes) then `items` ones (None: no more), min_items to max_items."""
+def Array(prefix: tuple, items: Piece | None, min_items: int = 0, max_items: int | None = None, unique: bool = False):
+    """A JSON array (a Container): `prefix` items (nodes) then `items` ones (None: no more), min_items to max_items."""
     return Container(tuple((None, node, False) for node in prefix), {} if items is None else {(): items},
-                     min_items, max_items, unique=unique, brackets=brackets)
+                     min_items, max_items, unique=unique, brackets="[]")
 
 
-_DOCUMENTS = Cache(JSON_MASK_CACHE_STATES)   # by node id: (the node, a bracketless array of it: a document)
-
-
-def json_start(node: Piece, prefix: str = "", suffix: str = "") -> tuple:
-    """The automaton's start state: `prefix`, a JSON value for `node`, then `suffix`."""
-    root = _DOCUMENTS.get_or(id(node), lambda: (node, Array((node,), None, 1, 1, brackets="")))[1]
-    stack = (Literals((suffix,)).frame(),) * bool(suffix) + (Frame(root, "item", 0, 0, frozenset(), 0),)
-    return (stack + (Literals((prefix,)).frame(),) * bool(prefix),)
+def json_start(node: Piece) -> tuple:
+    """The automaton's start state: a document (a bracketless array) of one JSON value for `node`."""
+    return ((Frame(Container(((None, node, False),), {}, 1, 1, brackets=""), "item", 0, 0, frozenset()),),)
 
 
 def json_advance(state: tuple, text: str) -> tuple:
     """The state after `text`; () once no stack can take it."""
     for ch in text:
-        if not state:
-            break
         state = tuple(dict.fromkeys(nxt for stack in state for nxt in _step(stack, ch)))
     return state
 
 
-def json_complete(state: tuple) -> bool:
-    """True when the text so far is a whole match (a trailing number may still go on)."""
-    return any(_settle(stack) == () for stack in state)
-
-
-def json_closing_text(state: tuple) -> str | None:
-    """A shortest way (by the pieces' finish texts) to complete the text from `state`."""
-    return min([text for text in map(_closing, state) if text is not None], key=len, default=None)
-
-
 def _step(stack: tuple, ch: str) -> list[tuple]:
-    """The stacks that can follow `stack` on character `ch` (none: it cannot)."""
-    out = []
-    for frames in stack[-1][0].step(stack[-1], ch) if stack else ():
-        if frames is not REFEED:
+    """The stacks that can follow `stack` on character `ch` (none: it cannot): its top frame's (a frame pushed
+    takes `ch` in turn) and, once the top value is complete, its parent's."""
+    top, out = stack[-1], []
+    for frames in top[0].step(top, ch):
+        if frames and frames[0] is REFEED:
+            out += _step(stack[:-1] + frames[1:], ch)
+        else:
             out.append(stack[:-1] + frames)
-        elif parent := _pop(stack[:-1], stack[-1]):
-            out += _step(parent, ch)
+    if top[0].done(top) and (parent := _pop(stack[:-1], top)):
+        out += _step(parent, ch)
     return out
 
 
@@ -1287,18 +1229,27 @@ def _settle(stack: tuple | None) -> tuple | None:
     return stack
 
 
-def _closing(stack: tuple) -> str | None:
-    """Finish the top frame, settle, repeat: each finish text is checked by the automaton itself."""
-    texts = []
-    while stack := _settle(stack):
-        text = stack[-1][0].finish(stack[-1])
-        after = [] if text is None else [s for s in map(_settle, json_advance((stack,), text))
-                                         if s is not None and len(s) < len(stack)]
-        if not after:
-            return None
-        texts.append(text)
-        stack = after[0]
-    return None if stack is None else "".join(texts)
+def json_complete(state: tuple) -> bool:
+    """True when the text so far is a whole match (a trailing number may still go on)."""
+    return any(_settle(stack) == () for stack in state)
+
+
+def json_closing_text(state: tuple) -> str | None:
+    """A shortest way to complete the text from `state`: for each stack, finish the top frame, settle, repeat,
+    each finish text checked by the automaton itself."""
+    closings = []
+    for stack in state:
+        texts = []
+        while stack := _settle(stack):
+            text = stack[-1][0].finish(stack[-1])
+            after = [] if text is None else [s for s in map(_settle, json_advance((stack,), text))
+                                             if s is not None and len(s) < len(stack)]
+            if not after:
+                break
+            texts.append(text)
+            stack = after[0]
+        closings += ["".join(texts)] * (stack == ())
+    return min(closings, key=len, default=None)
 
 
 # -- JSON Schema keywords -------------------------------------------------------
@@ -1823,64 +1774,59 @@ def schema_constraint(schema: Any, param: str) -> Constraint:
 
 # -- JSON-constrained decoding: the automaton lifted to tokens
 #
-# A token may follow a state when the automaton takes its whole text. Masks walk a trie of the token texts,
-# and inside strings a trie of the plain tokens over the string regex's class ids, so a length or a pattern
-# is not a walk of every token. Masks are cached per state, a string's count reduced to what can matter
-# within one token (Leaf.key), so long strings reuse them.
-
-def token_trie(pairs: Any) -> dict:
-    """A trie of (key, token ids) pairs: char -> child; "" -> the ids whose key ends there."""
-    root: dict = {}
-    for key, ids in pairs:
-        node = root
-        for ch in key:
-            node = node.setdefault(ch, {})
-        node.setdefault("", []).extend(ids)
-    return root
-
-
-def trie_walk(node: dict, state: Any, move: Callable) -> list[int]:
-    """The ids of the trie's keys that `move(state, char)` takes whole, depth first (a falsy state is dead)."""
-    ids, todo = [], [(node, state)]
-    while todo:
-        node, state = todo.pop()
-        for ch, child in node.items():
-            if ch and (after := move(state, ch)):
-                ids.extend(child.get("", ()))
-                todo.append((child, after))
-    return ids
-
+# A token may follow a state when the automaton takes its whole text. Masks walk a trie of the token texts, and
+# inside strings a trie of the plain tokens over the string regex's class ids; they are cached per state, a
+# string's count reduced to what can matter within one token (Leaf.key), so long strings reuse them.
 
 class TokenTable:
-    """A vocabulary's token texts, indexed for constrained decoding; one per tokenizer. Special tokens and
-    tokens that decode to part of a character are left out, so constrained text is whole characters and no
-    control tokens. `plain` tokens hold only ordinary string characters; the others are `marked`."""
+    """A vocabulary's token texts indexed for constrained decoding, without special tokens and parts of characters.
+    `plain` tokens hold only ordinary string characters (Leaf.plain); the others are `marked`."""
 
     def __init__(self, tokenizer: Any):
         self.size, self.eos = len(tokenizer), sorted(tokenizer.eos_token_ids)
         self.texts = token_texts(tokenizer, self.size)
         usable = [(text, token) for token, text in enumerate(self.texts) if text]
-        self.trie = token_trie((text, [token]) for text, token in usable)
-        is_plain = [all(ch >= " " and ch not in '"\\' for ch in text) for text, _ in usable]
-        self.plain = [pair for pair, plain in zip(usable, is_plain) if plain]
-        self.marked = [(token, text) for (text, token), plain in zip(usable, is_plain) if not plain]
-        self.reach = max(map(len, filter(None, self.texts)), default=1)   # the longest token, in characters
+        self.tokens = self.trie((text, [token]) for text, token in usable)
+        self.plain = [(text, token) for text, token in usable if Leaf.plain(text)]
+        self.marked = [(token, text) for text, token in usable if not Leaf.plain(text)]
+        self.reach = max((len(text) for text, _ in usable), default=1)   # the longest token, in characters
         self.plain_chars = sorted({ch for text, _ in self.plain for ch in text})
         self.class_tries = Cache(JSON_CONSTRAINT_CACHE * 4)
+
+    @staticmethod
+    def trie(pairs: Any) -> dict:
+        """A trie of (key, token ids) pairs: char -> child; "" -> the ids whose key ends there."""
+        root: dict = {}
+        for key, ids in pairs:
+            node = root
+            for ch in key:
+                node = node.setdefault(ch, {})
+            node.setdefault("", []).extend(ids)
+        return root
+
+    @staticmethod
+    def walk(node: dict, state: Any, move: Callable) -> list[int]:
+        """The ids of the trie's keys that `move(state, char)` takes whole, depth first (a falsy state is dead)."""
+        ids, todo = [], [(node, state)]
+        while todo:
+            node, state = todo.pop()
+            for ch, child in node.items():
+                if ch and (after := move(state, ch)):
+                    ids.extend(child.get("", ()))
+                    todo.append((child, after))
+        return ids
 
     def class_trie(self, regex: Regex) -> dict:
         """The plain tokens as a trie over `regex`'s class ids (chr(id) for each character); cached."""
         def build() -> dict:
-            classes, groups = str.maketrans({ch: chr(regex.class_id(ch)) for ch in self.plain_chars}), {}
-            for text, token in self.plain:
-                groups.setdefault(text.translate(classes), []).append(token)
-            return token_trie(groups.items())
+            classes = str.maketrans({ch: chr(regex.class_id(ch)) for ch in self.plain_chars})
+            return self.trie((text.translate(classes), [token]) for text, token in self.plain)
         return self.class_tries.get_or(regex, build)
 
 
 def token_texts(tokenizer: Any, size: int) -> list[str | None]:
-    """Each token id's text as it reads inside a sequence; None for unusable ones."""
-    # Decoded after an anchor token, so SentencePiece's leading space is kept.
+    """Each token id's text as it reads inside a sequence (after an anchor token: SentencePiece's leading space
+    kept); None for unusable ones."""
     anchor = tokenizer.encode("a", add_special_tokens=False)[-1]
     head = tokenizer.decode([anchor])
     special = set(getattr(tokenizer, "all_special_ids", ())) | set(tokenizer.eos_token_ids)
@@ -1903,8 +1849,7 @@ class JsonMasks:
     JsonConstraint starts closing `slack` tokens early: a token may commit the output to that much (Piece.slack)."""
 
     def __init__(self, table: TokenTable, start: tuple):
-        value = next(frame[0].slots[0][1] for stack in start for frame in stack if isinstance(frame, Frame))
-        self.table, self.start, self.slack = table, start, 2 * value.slack   # the document's value (json_start)
+        self.table, self.start, self.slack = table, start, 2 * start[0][0].piece.slots[0][1].slack   # its value's
         self.masks, self.closings, self.plains = (Cache(JSON_MASK_CACHE_STATES) for _ in range(3))
 
     def key(self, state: tuple) -> tuple:
@@ -1921,44 +1866,37 @@ class JsonMasks:
         return self.closings.get_or(self.key(state), lambda: self._spell(json_closing_text(state)))
 
     def _spell(self, text: str | None) -> list[int] | None:
-        ids = []
-        while text:  # the longest token that starts the rest
-            node, best = self.table.trie, None
-            for end, ch in enumerate(text):
-                if (node := node.get(ch)) is None:
-                    break
-                best = (node[""][0], end + 1) if node.get("") else best
-            if best is None:
+        ids, table = [], self.table
+        while text:  # the longest token that starts the rest (of equals, the lowest id)
+            fits = table.walk(table.tokens, (text,), lambda rest, ch: (rest[0][1:],) if rest[0][:1] == ch else None)
+            if not fits:
                 return None  # no token spells the next character
-            ids.append(best[0])
-            text = text[best[1]:]
+            ids.append(max(fits, key=lambda token: (len(table.texts[token]), -token)))
+            text = text[len(table.texts[ids[-1]]):]
         return None if text is None else ids
 
     def _build(self, state: tuple, width: int) -> Any:
         table, ids, walk, plain = self.table, [], [], self.ids_mask([], width)
         for stack in state:
-            top = stack[-1] if stack else None
-            leaf = top[0] if top is not None and isinstance(top[0], Leaf) and top[0].quoted else None
-            if leaf and top.escape == "" and (top.ex is None or leaf.max_len is None and leaf.regex is ANY_TEXT):
-                # Inside a string, a plain token cannot leave it: its fate is the regex's and the
-                # length's alone (a walk of the class trie); only the other tokens need a walk.
-                plain = plain | self.plains.get_or(leaf.key(top, table.reach)[:3], lambda: self.ids_mask(trie_walk(
-                    table.class_trie(leaf.regex), (top.dfa, top.count), leaf.move_class), table.size))
+            top = stack[-1]
+            leaf = top[0] if isinstance(top[0], Leaf) and top[0].quoted and top.phase == "" else None
+            if leaf and (top.ex is None or leaf.max_len is None and leaf.regex is ANY_TEXT):
+                # Inside a string a plain token stays there: the regex and the length alone decide it.
+                plain = plain | self.plains.get_or(leaf.key(top, table.reach)[:4], lambda: self.ids_mask(table.walk(
+                    table.class_trie(leaf.regex), (top.at, top.count), leaf.move_class), table.size))
                 ids += [t for t, text in table.marked if json_advance((stack,), text)]
             else:
                 walk.append(stack)
-        ids += trie_walk(table.trie, tuple(walk), json_advance) if walk else []
+        ids += table.walk(table.tokens, tuple(walk), json_advance) if walk else []
         return plain | self.ids_mask(ids + table.eos * json_complete(state), width)
 
     @staticmethod
     def ids_mask(ids: list[int], width: int) -> Any:
         """A boolean mask over `width` logits, true at `ids`."""
         import mlx.core as mx
-        mask = mx.zeros((width,), dtype=mx.bool_)
-        ids = [t for t in ids if t < width]
-        if ids:
-            mask[mx.array(ids)] = True
-        return mask
+        mask = mx.zeros((width + 1,), dtype=mx.bool_)   # one more, so the index list is never empty
+        mask[mx.array([t for t in ids if t < width] + [width])] = True
+        return mask[:width]
 
 
 def masked(logits: Any, mask: Any) -> Any:
@@ -1975,9 +1913,8 @@ def json_constraint(constraint: Constraint, tokenizer: Any, budget: int) -> Json
 
 
 class JsonConstraint:
-    """A logits processor (one call per generated token, mlx_lm's convention) that lets through only tokens
-    keeping the output valid JSON. When the tokens left just suffice to spell the shortest closing text, it
-    spells it, so the output is complete whenever max_tokens allows; then only end-of-sequence remains."""
+    """A logits processor (one call per token, mlx_lm's) that lets through only tokens keeping the output valid JSON.
+    When the tokens left just suffice to spell the shortest closing text, it spells it; then only end-of-sequence."""
 
     stateful = True   # follows the tokens sampled so far, one call per token
 
@@ -1986,23 +1923,20 @@ class JsonConstraint:
         self.started, self.plan = False, None   # plan: the closing tokens still to come, once closing
 
     def __call__(self, tokens: Any, logits: Any) -> Any:
-        texts, width = self.masks.table.texts, logits.shape[-1]
+        masks, width = self.masks, logits.shape[-1]
         if self.started:
             token = int(tokens[-1].item())
-            text = texts[token] if token < len(texts) else None
-            self.state = json_advance(self.state, text) if text else ()
-            self.plan = self.plan and self.plan[1:]
+            text = masks.table.texts[token] if token < len(masks.table.texts) else None
+            self.state, self.plan = json_advance(self.state, text) if text else (), self.plan and self.plan[1:]
         self.started = True
         if self.plan is None and not json_complete(self.state):
-            plan = self.masks.closing(self.state)
-            if plan is not None and len(plan) + 1 + self.masks.slack >= self.left:
-                self.plan = plan
+            plan = masks.closing(self.state)
+            self.plan = plan if plan is not None and len(plan) + 1 + masks.slack >= self.left else None
         self.left -= 1
-        if self.state and self.plan:
-            return masked(logits, self.masks.ids_mask(self.plan[:1], width))
-        if self.state and self.plan is None:
-            return masked(logits, self.masks.allowed(self.state, width))
-        return masked(logits, self.masks.ids_mask(self.masks.table.eos, width))  # closed, finished or dead
+        if not self.state or self.plan == []:   # dead, or closed: only end-of-sequence
+            return masked(logits, masks.ids_mask(masks.table.eos, width))
+        allowed = masks.allowed(self.state, width) if self.plan is None else masks.ids_mask(self.plan[:1], width)
+        return masked(logits, allowed)
 
 
 # ---------------------------------------------------------------------------
