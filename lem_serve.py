@@ -1071,8 +1071,8 @@ class Container(Piece):
         self.required_from = [sum(req for _, _, req in slots[j:]) for j in range(len(slots) + 1)]
         self.fixed = [req or not self.keyed for _, _, req in slots]   # slots that may not be skipped
         self.cap, self.memo = low if high is None else high, Cache(JSON_MASK_CACHE_STATES)   # key pieces
-        self.members = [node for _, node, _ in slots] + list(values.values())   # slot j's value, then extra ones
-        tail = self._tail(0, 0, frozenset(), "", False)
+        self.members = [node for _, node, _ in slots] + list(values.values())   # by slot, then extra ones
+        tail = self.finish(self.frame())
         if tail is None:
             raise ValueError("no object has these properties within minProperties/maxProperties" if self.keyed
                              else "no array has these items within minItems/maxItems (and uniqueItems)")
@@ -1093,7 +1093,7 @@ class Container(Piece):
         if phase == "item" or phase in ("open", "comma") and not self.keyed and ch != self.brackets[1:]:
             if phase != "item" and not any(self._choices(at, count)):
                 return []
-            node, nxt = self._member(at)
+            node, nxt = self.members[at], min(at + 1, len(self.slots))
             after = Frame(self, "value", nxt, min(count + 1, self.cap), seen, 0)
             return [(REFEED, after, alt.frame(seen if self.unique else None)) for alt in node.alternatives]
         if ch == self.brackets[1:] and phase in ("open", "value"):
@@ -1104,7 +1104,7 @@ class Container(Piece):
             return []
         slots, extra = self._choices(at, count)
         if ch == ",":   # if a member may follow (an array's next unique item: one not written yet)
-            more = (slots or extra) and (not self.unique or first_text(self._member(at)[0], seen) is not None)
+            more = (slots or extra) and (not self.unique or first_text(self.members[at], seen) is not None)
             return [(Frame(self, "comma", at, count, seen, 0),)] * bool(more)
         keys = [(self.key, self.forbidden | seen)] * extra   # a declared name or an extra key
         if slots:
@@ -1113,10 +1113,6 @@ class Container(Piece):
 
     def done(self, frame: Frame) -> bool:
         return not self.brackets and frame.phase == "value"
-
-    def _member(self, at: int) -> tuple:
-        """(the value's node, the next slot) for slot `at`, or extra value at - len(slots)."""
-        return self.members[at], min(at + 1, len(self.slots))
 
     def _choices(self, at: int, count: int) -> tuple[tuple[int, ...], bool]:
         """(slots that may come next, whether an extra member may), leaving room for low and high."""
@@ -1147,16 +1143,12 @@ class Container(Piece):
         return self.extras.index(matched) if matched in self.values else None
 
     def finish(self, frame: Frame) -> str | None:
-        """The shortest text that closes the container from `frame`."""
-        if frame.phase in ("colon", "item"):
-            node, at = self._member(frame.at)
-            tail = self._tail(at, min(frame.count + 1, self.cap), frame.ex, ",", False)
-            return ":" * (frame.phase == "colon") + node.min_text + tail
-        return self._tail(frame.at, frame.count, frame.ex, "," * (frame.phase == "value"), frame.phase == "comma")
-
-    def _tail(self, at: int, count: int, seen: frozenset, sep: str, must: bool) -> str | None:
-        """The shortest text that ends the container: the members it still needs, then its bracket."""
-        parts = []
+        """The shortest text that closes the container from `frame`: the members it still needs, then its bracket."""
+        _, phase, at, count, seen, _, _ = frame
+        parts, sep, must = [], "," * (phase == "value"), phase == "comma"
+        if phase in ("colon", "item"):   # key `at` written: its value first
+            parts, sep = [":" * (phase == "colon") + self.members[at].min_text], ","
+            at, count = min(at + 1, len(self.slots)), min(count + 1, self.cap)
         while must or self.required_from[at] or count < self.low:
             declared, extra = self._choices(at, count)
             key, j = "", at   # an array's next item; an object's required member, or its first optional one
@@ -1170,7 +1162,7 @@ class Container(Piece):
                 j, seen, key = len(self.slots) + slot, seen | {key}, key + ":"
             elif not (declared or extra):
                 return None
-            node, at = self._member(j)
+            node, at = self.members[j], min(j + 1, len(self.slots))
             value = first_text(node, seen) if self.unique else node.min_text
             if value is None:
                 return None
