@@ -576,7 +576,6 @@ class ClientGone(Exception):
 # its value's first frame under an exclusion `ex` (texts it may not be: unique items, extra keys); step(frame, ch)
 # -> frame tuples that replace it (() pops it; led by REFEED: pushed, the new top takes `ch`); done(frame): the
 # value is complete (its parent may take `ch`); finish(frame): a short text completing it; min_text, the shortest.
-# Whitespace: at most JSON_MAX_WHITESPACE characters between tokens. Recursive $refs unroll SCHEMA_MAX_REFS deep.
 
 JSON_WHITESPACE = " \t\n\r"
 JSON_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
@@ -991,11 +990,10 @@ class Leaf(Piece):
             if ends := [e for e in ends if ex is None or (not plain or self.plain(e)) and text + e + quote not in ex]:
                 return min(ends, key=len)
             nxt: dict = {}
-            for state, tails in layer.items():
-                for cid, ch in self.regex.reps.items():
-                    if (not plain or self.plain(ch)) and (after := self.regex._move(state, cid)) is not None:
-                        kept = nxt.setdefault(after, [])
-                        kept += [t + ch for t in tails[:keep - len(kept)]]
+            for (state, tails), (cid, ch) in itertools.product(layer.items(), self.regex.reps.items()):
+                if (not plain or self.plain(ch)) and (after := self.regex._move(state, cid)) is not None:
+                    kept = nxt.setdefault(after, [])
+                    kept += [t + ch for t in tails[:keep - len(kept)]]
             layer = nxt
         return None
 
@@ -1193,8 +1191,7 @@ def json_advance(state: tuple, text: str) -> tuple:
 
 
 def _step(stack: tuple, ch: str) -> list[tuple]:
-    """The stacks that can follow `stack` on character `ch` (none: it cannot): its top frame's (a frame pushed
-    takes `ch` in turn) and, once the top value is complete, its parent's."""
+    """The stacks after `ch`: its top frame's (a frame pushed takes `ch` in turn), and its parent's once it is done."""
     top, out = stack[-1], []
     for frames in top[0].step(top, ch):
         if frames and frames[0] is REFEED:
@@ -1227,8 +1224,7 @@ def json_complete(state: tuple) -> bool:
 
 
 def json_closing_text(state: tuple) -> str | None:
-    """A shortest way to complete the text from `state`: for each stack, finish the top frame, settle, repeat,
-    each finish text checked by the automaton itself."""
+    """A shortest text completing `state`: per stack, finish the top frame, settle, repeat (checked by stepping)."""
     closings = []
     for stack in state:
         texts = []
