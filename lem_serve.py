@@ -1114,16 +1114,11 @@ class Container(Piece):
 
     def _choices(self, at: int, count: int) -> tuple[tuple[int, ...], bool]:
         """(slots that may come next, whether an extra member may), leaving room for low and high."""
-        if self.high is not None and count >= self.high:
-            return (), False
-        chosen = []
-        for j in range(at, len(self.slots)):
-            if (self.high is None or count + 1 + self.required_from[j + 1] <= self.high) and \
-                    (self.extras or len(self.slots) - j - 1 >= self.low - count - 1):
-                chosen.append(j)
-            if self.fixed[j]:
-                break
-        return tuple(chosen), bool(self.extras) and not any(self.fixed[at:])
+        high = math.inf if self.high is None else self.high
+        end = next((j + 1 for j in range(at, len(self.slots)) if self.fixed[j]), len(self.slots))   # to a fixed one
+        chosen = tuple(j for j in range(at, end) if count + 1 + self.required_from[j + 1] <= high
+                       and (self.extras or len(self.slots) - j - 1 >= self.low - count - 1))
+        return (chosen, bool(self.extras) and not any(self.fixed[at:])) if count < high else ((), False)
 
     def child_done(self, frame: Frame, child: tuple) -> Frame | None:
         """A key written: its slot, or an extra key's value (None: no value may follow it); an item: seen."""
