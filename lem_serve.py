@@ -569,19 +569,14 @@ class ClientGone(Exception):
 
 # -- JSON Schema, compiled to a character automaton ----------------------------
 #
-# compile_schema() turns a schema into a graph of pieces: Literals (enum, const, true/false/null, keys),
-# Leaf (a Regex over a string's decoded characters with lengths, or over a number's text: bounds and
-# multipleOf compiled to regular expressions), Container (Object, Array) and Union (anyOf).
-# json_advance() runs the graph over text as a pushdown automaton. A state is a tuple of stacks, one per
-# live anyOf branch; a stack is a tuple of frames (NamedTuples starting with their piece), innermost
-# last; all of it hashes, so token masks are cached per state (JsonMasks). For its frames, a piece has
-#   step(frame, ch) -> frame tuples that replace it (() pops it), or REFEED: the value was complete
-#                      before `ch`, which goes to the parent;
-#   done(frame)     -> whether the value is complete;  finish(frame) -> a short text that completes it;
-# and min_text, a shortest value. A leaf (Literals, Leaf) is always a top frame; under an exclusion (the
-# texts it may not be: uniqueItems, extra keys) it keeps its raw text. Whitespace: at most
-# JSON_MAX_WHITESPACE characters between tokens, so output stays finite. Recursive $refs are unrolled
-# SCHEMA_MAX_REFS deep.
+# compile_schema() turns a schema into pieces: Literals (enum, const, true/false/null, keys), Leaf (a Regex over
+# a string's decoded characters with lengths, or over a number's text), Container (objects, arrays) and Union
+# (anyOf). json_advance() runs them over text as a pushdown automaton: a state is a tuple of stacks, one per live
+# anyOf branch, of Frames (innermost last); it hashes, so token masks are cached per state. A piece has frame(ex),
+# its value's first frame under an exclusion `ex` (texts it may not be: unique items, extra keys); step(frame, ch)
+# -> frame tuples that replace it (() pops it; led by REFEED: pushed, the new top takes `ch`); done(frame): the
+# value is complete (its parent may take `ch`); finish(frame): a short text completing it; min_text, the shortest.
+# Whitespace: at most JSON_MAX_WHITESPACE characters between tokens. Recursive $refs unroll SCHEMA_MAX_REFS deep.
 
 JSON_WHITESPACE = " \t\n\r"
 JSON_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
@@ -589,8 +584,9 @@ HEX_DIGITS = "0123456789abcdefABCDEF"
 REFEED = "refeed"
 
 
-# Patterns are ECMAScript's (JSON Schema's dialect); python_syntax() checks one and rewrites it for re's own
-# parser (sre), whose tree Regex builds into an NFA and then, lazily, a DFA.
+# Patterns are ECMAScript's (JSON Schema's dialect), read by re's parser (sre), built into an NFA, then lazily a DFA.
+# \d \w \s '.' are (narrow, wide) sets: narrow holds what both ECMAScript and re (validators) match, wide what either
+# may. Classes take narrow ones, [^...] wide ones, so output satisfies both; parts that must not match, the reverse.
 ESCAPE = r"\\(?:x[\da-fA-F]{2}|u[\da-fA-F]{4}|0\d?|.|$)"
 GOOD_ESCAPE = re.compile(r"\\([dDwWsSbtnvfr0]|x..|u....|[^\dA-Za-z])", re.S)   # what both dialects read alike
 ECMA_TOKEN = re.compile(rf"(\[\^?\]?)((?:\\.|[^\\\]])*)\]|{ESCAPE}|\(\?(?:<[\w$]+>|[:=!])?|\{{,|.", re.S)
@@ -598,35 +594,7 @@ CLASS_ITEM = re.compile(rf"({ESCAPE}|[^\\])-({ESCAPE}|[^\\])|{ESCAPE}|.", re.S) 
 REFUSED_TOKENS = {"(?": "lookbehind (?<=...) and inline flags (?...) are not supported", "[": "unbalanced '['",
                   "\\b": "the escape \\b is not supported",
                   "{,": "'{,' is a literal to ECMAScript but a repeat to Python's re (validators): write \\{, or {0,n}"}
-SHORT_ESCAPES = {"\\d", "\\D", "\\w", "\\W", "\\s", "\\S"}
-
-
-def python_syntax(pattern: str) -> str:
-    """`pattern` in re's syntax, meaning what ECMAScript means: (?<name>...) as (...), in a
-    class a "-" beside \\d \\w \\s a literal and every other character escaped (re reads "[[", "&&", "--" as
-    future set syntax). Raises ValueError naming what we do not support: escapes that ECMAScript lacks or reads
-    otherwise (backreferences, \\b, \\A, \\a), "{," (which the two read apart), lookbehind and inline flags."""
-    if bad := [text for text in re.findall(ESCAPE, pattern, re.S) if not GOOD_ESCAPE.fullmatch(text)]:
-        raise ValueError(f"the escape {bad[0]} is not supported")
-    out = []
-    for token in ECMA_TOKEN.finditer(pattern):
-        if token[0] in REFUSED_TOKENS:
-            raise ValueError(REFUSED_TOKENS[token[0]])
-        text = "(" if token[0].startswith("(?<") else token[0]   # names may repeat
-        out.append(token[1] or text)
-        for item in CLASS_ITEM.finditer(token[2] or ""):
-            ends = [item[1], item[2]] if item[1] else [item[0]]
-            dash = "\\-" if SHORT_ESCAPES.intersection(ends) else "-"
-            out.append(dash.join(end if end[0] == "\\" else re.escape(end) for end in ends))
-        out.append("]" * (token[1] is not None))
-    return "".join(out)
-
-
-# A set of characters: (negated, (lo, hi) code point ranges, predicates). \d \w \s are (narrow, wide) classes of re:
-# narrow holds what both ECMAScript and re (which validators run) match, wide all that either may. Classes take
-# narrow ones, [^...] wide ones, so output satisfies both; in a part that must not match (not, (?!...)) the other way.
-DOT = (True, ((10, 10), (13, 13), (0x2028, 0x2029)), ())   # ECMAScript's '.'
-DOT_WIDE = (True, ((10, 10),), ())                          # what either dialect's '.' may match (re's)
+DOT = [(sre.NEGATE, None), *((sre.LITERAL, code) for code in (10, 13, 0x2028, 0x2029))]   # ECMAScript's; re's: [:2]
 SHORTHANDS = {"DIGIT": ("0-9", "\\d"), "WORD": ("0-9A-Za-z_", "\\w"), "SPACE": ("\\t-\\r ", "\\s\\ufeff")}
 SAMPLE_CODES = [*range(48, 58), *range(97, 123), *range(65, 91), *range(32, 127), *range(0, 32), *range(127, 0x250),
                 0x660, 0x2028, 0x2029, 0x3000, 0xfeff, 0x4e00, 0x1f600]
@@ -634,65 +602,71 @@ ANYTHING = (sre.MAX_REPEAT, (0, sre.MAXREPEAT, [(sre.IN, [(sre.NEGATE, None)])])
 
 
 def regex_items(pattern: str | tuple, search: bool, negated: bool) -> list[tuple[list, bool]]:
-    """(re's parse items, negated) for one part: the pattern (anywhere in the text if searched), then its
-    leading lookaheads as parts the whole text must (or must not) start with. A (step, scale) multiple passes."""
+    """(re's parse items, negated) for one part: the pattern (anywhere in the text if searched), then its leading
+    lookaheads as parts the whole text must (or must not) start with; a (step, scale) multiple passes. re reads
+    what ECMAScript means: (?<name>...) as (...), in a class "-" beside \\d \\w \\s and "[[", "&&", "--" literally. A
+    ValueError names what we do not support: escapes ECMAScript lacks or reads otherwise (backreferences, \\b, \\A,
+    \\a), "{," (which the two read apart), lookbehind, inline flags, lookaheads elsewhere."""
     if not isinstance(pattern, str):
         return [([("multiples", pattern)], negated)]
+    if bad := [text for text in re.findall(ESCAPE, pattern, re.S) if not GOOD_ESCAPE.fullmatch(text)]:
+        raise ValueError(f"the escape {bad[0]} is not supported")
+    out = []
+    for token in ECMA_TOKEN.finditer(pattern):
+        if token[0] in REFUSED_TOKENS:
+            raise ValueError(REFUSED_TOKENS[token[0]])
+        out.append(token[1] or ("(" if token[0].startswith("(?<") else token[0]))   # names may repeat
+        for item in CLASS_ITEM.finditer(token[2] or ""):
+            ends = [item[1], item[2]] if item[1] else [item[0]]
+            dash = "\\-" if any(re.fullmatch(r"\\[dDwWsS]", end) for end in ends) else "-"
+            out.append(dash.join(end if end[0] == "\\" else re.escape(end) for end in ends))
+        out.append("]" * (token[1] is not None))
     try:
-        items = list(sre.parse(python_syntax(pattern)))
+        items = list(sre.parse("".join(out)))
     except (re.error, OverflowError) as exc:
         raise ValueError(str(exc)) from None
     looks, start = [], (sre.AT, sre.AT_BEGINNING)
-    while items[:1] == [start] and items[1:2] and items[1][0] in (sre.ASSERT, sre.ASSERT_NOT):
+    while not negated and items[:1] == [start] and items[1:2] and items[1][0] in (sre.ASSERT, sre.ASSERT_NOT):
         op, (_, body) = items.pop(1)
         looks.append(([start, *body, ANYTHING], op is sre.ASSERT_NOT))
     if search and items and items[-1][0] is sre.ASSERT:   # a trailing (?=...): part of what is searched
         items[-1] = (sre.SUBPATTERN, (None, 0, 0, items[-1][1][1]))
-    if looks and negated:
-        raise ValueError("a lookahead inside 'not' is not supported")
     return [([ANYTHING, *items, ANYTHING] if search else items, negated)] + looks
 
 
 class Regex:
-    """Regular expressions that must all match, as one lazily built DFA over character classes.
-
-    `parts` are (pattern, search[, negated]): a searched pattern may match anywhere (JSON Schema's `pattern`), else
-    it must match the whole text (formats). States are frozensets of NFA states, ~s standing for s reached through
-    a '$' (no more characters); None is dead. Characters map to class ids (the sets they belong to), so the DFA
-    and the vocabulary's class trie (TokenTable.class_trie) work on ids."""
+    """Regular expressions that must all match, as one lazily built DFA over character classes. `parts` are
+    (pattern, search[, negated]): a searched pattern may match anywhere (JSON Schema's `pattern`), else the whole
+    text (formats). A state is a frozenset of NFA states, ~s for s reached through a '$' (no more characters); None
+    is dead. Characters map to class ids (the sets they are in), on which the DFA and TokenTable.class_trie work."""
 
     def __init__(self, parts: tuple):
-        self.source, self.edges, self.charset_index = parts, [], {}   # edges: per NFA state, (key, target)
-        built = []   # (first state, last state, negated)
+        self.source, self.edges, self.charsets, self.parts, self.owner = parts, [], {}, [], []
         for pattern, search, *negated in parts:   # (pattern, search[, negated: must not match])
             for items, negated in regex_items(pattern, search, negated == [True]):
                 self.wide, first = negated, self._new()   # a part that must not match reads its sets widely
-                built.append((first, self._build(items, first), negated))
-        ends = [first for first, _, _ in built[1:]] + [len(self.edges)]   # a part's states: first to end
-        self.parts = [(first, final, end, negated) for (first, final, negated), end in zip(built, ends)]
-        self.charsets, self.lock = tuple(self.charset_index), threading.Lock()
-        self.start = self._closure({p[0] for p in self.parts}, True)
-        self.class_ids, self.class_sigs, self.sigs = {}, {}, []   # char -> id, signature (bit i: in set i) -> id
-        self.moves, self.tails = {}, {}   # (state, class id) -> state; state -> shortest() (both caches)
-        self.reps = {}   # class id -> a character of it, from a sample covering every set's edges
+                self.parts.append((first, self._build(items, first), negated))
+        self.needed = {i for i, part in enumerate(self.parts) if not part[2]}   # the parts that must match
+        self.start = self._closure({first for first, _, _ in self.parts}, True)
+        self.class_ids, self.sigs, self.moves, self.tails = {}, [], {}, {}   # char -> id -> signature; 2 caches
         edges = [c for _, ranges, _ in self.charsets for lo, hi in ranges for c in (lo - 1, lo, hi, hi + 1)]
-        for code in SAMPLE_CODES + edges:
-            if 0 <= code <= 0x10ffff and not 0xd800 <= code <= 0xdfff:
-                self.reps.setdefault(self.class_id(chr(code)), chr(code))
+        self.reps = {}   # class id -> a character of it, the first in a sample covering every set's edges
+        for ch in [chr(c) for c in SAMPLE_CODES + edges if 0 <= c <= 0x10ffff and not 0xd800 <= c <= 0xdfff]:
+            self.reps.setdefault(self.class_id(ch), ch)
         if self.shortest(self.start) is None:
             raise ValueError(f"the pattern matches nothing, or only past {REGEX_MAX_SEARCH} states of its automaton")
 
-    def __reduce__(self) -> tuple:
-        # A constraint travels pickled to the other ranks (GroupLink): `is ANY_TEXT` holds there too.
+    def __reduce__(self) -> tuple:   # a constraint travels pickled to other ranks (GroupLink): `is ANY_TEXT` holds
         return shared_regex, (self.source,)
 
     def _new(self, sources: list[int] = (), key: Any = None) -> int:
-        """A new NFA state, with edges from `sources` to it (`key`: a charset index, None, "^" or "$")."""
+        """A new NFA state of the part being built, with edges from `sources` (`key`: a charset, None, "^", "$")."""
         if len(self.edges) >= REGEX_MAX_STATES:
             raise ValueError(f"the pattern is too large (over {REGEX_MAX_STATES} states once repeats are expanded)")
-        self.edges.append([])
         for state in sources:
-            self.edges[state].append((key, len(self.edges) - 1))
+            self.edges[state].append((key, len(self.edges)))
+        self.edges.append([])
+        self.owner.append(len(self.parts))
         return len(self.edges) - 1
 
     def _build(self, items: list, state: int) -> int:
@@ -718,23 +692,22 @@ class Regex:
             elif op == "multiples":
                 state = self._multiples(state, *arg)
             else:
-                raise ValueError("lookahead is supported only right after a leading '^' (and (?=...) at the end)"
+                raise ValueError("lookahead is supported after a leading '^' outside 'not', and (?=...) at the end"
                                  if op in (sre.ASSERT, sre.ASSERT_NOT) else f"{op} is not supported")
         return state
 
     def _charset(self, op: Any, arg: Any) -> int:
-        """The index of the set of characters one LITERAL, NOT_LITERAL, ANY or IN item matches."""
-        if op is not sre.IN:
-            cs = (DOT_WIDE if self.wide else DOT) if op is sre.ANY else (op is sre.NOT_LITERAL, ((arg, arg),), ())
-            return self.charset_index.setdefault(cs, len(self.charset_index))
-        negated, ranges, parts = arg[:1] == [(sre.NEGATE, None)], [], []
-        for kind, value in arg:
-            if kind is sre.CATEGORY:   # \D is what is not \d of the other width
-                no, pair = "_NOT_" in value.name, SHORTHANDS[value.name.split("_")[-1]]
-                parts.append(re.compile(f"[{'^' * no}{pair[(negated != no) != self.wide]}]").fullmatch)
-            elif kind in (sre.LITERAL, sre.RANGE):
-                ranges.append((value, value) if kind is sre.LITERAL else value)
-        return self.charset_index.setdefault((negated, tuple(ranges), tuple(parts)), len(self.charset_index))
+        """The index of the set (negated, ranges, tests) one LITERAL, NOT_LITERAL, ANY or IN item matches."""
+        if op is sre.ANY:
+            arg = DOT[:2] if self.wide else DOT
+        elif op is not sre.IN:
+            arg = [(sre.NEGATE, None)] * (op is sre.NOT_LITERAL) + [(sre.LITERAL, arg)]
+        negated = arg[:1] == [(sre.NEGATE, None)]
+        ranges = tuple((v, v) if kind is sre.LITERAL else v for kind, v in arg if kind in (sre.LITERAL, sre.RANGE))
+        names = [(v.name.split("_")[-1], "_NOT_" in v.name) for kind, v in arg if kind is sre.CATEGORY]
+        tests = tuple(re.compile(f"[{'^' * no}{SHORTHANDS[name][(no != negated) != self.wide]}]").fullmatch
+                      for name, no in names)
+        return self.charsets.setdefault((negated, ranges, tests), len(self.charsets))
 
     def _multiples(self, state: int, step: int, scale: int) -> int:
         """Decimals (maybe negative) that are multiples of step * 10**-scale: their digits' remainder as states."""
@@ -754,8 +727,7 @@ class Regex:
     def _closure(self, states: set, at_start: bool = False) -> frozenset:
         """States reached without a character: '^' only at the start; after '$' (as ~s) nothing more may come."""
         todo, seen = list(states), set(states)
-        while todo:
-            mark = todo.pop()
+        for mark in todo:
             for key, target in self.edges[max(mark, ~mark)]:
                 nxt = ~target if mark < 0 or key == "$" else target
                 if (key in (None, "$") or key == "^" and at_start) and nxt not in seen and target not in seen:
@@ -765,25 +737,20 @@ class Regex:
 
     def class_id(self, ch: str) -> int:
         """The id of the class of characters that behave like `ch` everywhere in this regex."""
-        cid = self.class_ids.get(ch)
-        if cid is None:
-            sig = sum(1 << i for i, (negated, ranges, parts) in enumerate(self.charsets)
-                      if (any(lo <= ord(ch) <= hi for lo, hi in ranges) or any(p(ch) for p in parts)) != negated)
-            with self.lock:  # shared across requests: handler threads (enum checks) and the engine
-                cid = self.class_ids[ch] = self.class_sigs.setdefault(sig, len(self.class_sigs))
-                if cid == len(self.sigs):
-                    self.sigs.append(sig)
-        return cid
+        if ch not in self.class_ids:
+            sig = sum(1 << i for i, (negated, ranges, tests) in enumerate(self.charsets)
+                      if (any(lo <= ord(ch) <= hi for lo, hi in ranges) or any(t(ch) for t in tests)) != negated)
+            self.sigs += [sig] * (sig not in self.sigs)   # threads racing here may add a sig twice: index() takes one
+            self.class_ids[ch] = self.sigs.index(sig)
+        return self.class_ids[ch]
 
     def _move(self, state: frozenset, cid: int) -> frozenset | None:
-        key = (state, cid)
-        if key not in self.moves:
-            sig = self.sigs[cid]
-            targets = {t for s in state if s >= 0 for index, t in self.edges[s]
-                       if isinstance(index, int) and sig >> index & 1}
-            alive = all(negated or any(first <= t < end for t in targets) for first, _, end, negated in self.parts)
-            self.moves[key] = self._closure(targets) if alive else None
-        return self.moves[key]
+        if (state, cid) not in self.moves:   # dead once a part that must match has no state left
+            targets = {t for s in state if s >= 0 for key, t in self.edges[s]
+                       if isinstance(key, int) and self.sigs[cid] >> key & 1}
+            alive = self.needed <= {self.owner[t] for t in targets}
+            self.moves[state, cid] = self._closure(targets) if alive else None
+        return self.moves[state, cid]
 
     def move(self, state: frozenset, ch: str) -> frozenset | None:
         """The state after `ch`; None when no match can follow."""
@@ -792,29 +759,25 @@ class Regex:
 
     def matches(self, text: str) -> bool:
         """Whether the whole of `text` is a match."""
-        state = self.start
-        for ch in text:
-            if (state := self.move(state, ch)) is None:
-                return False
-        return self.accepts(state)
+        state = functools.reduce(lambda s, ch: s if s is None else self.move(s, ch), text, self.start)
+        return state is not None and self.accepts(state)
 
     def accepts(self, state: frozenset) -> bool:
         """Whether `state` ends a match."""
-        return all((final in state or ~final in state) != negated for _, final, _, negated in self.parts)
+        return all((final in state or ~final in state) != negated for _, final, negated in self.parts)
 
     def shortest(self, state: frozenset) -> str | None:
         """A shortest text that takes `state` to a match (breadth first over class representatives)."""
         if state not in self.tails:
-            seen, queue, found = {state}, [(state, "")], None
+            seen, queue = {state}, [(state, "")]
             for current, text in queue:
                 if self.accepts(current) or len(seen) > REGEX_MAX_SEARCH:   # (a|b)*a(a|b){25}: 2**25 states
-                    found = text if self.accepts(current) else None
                     break
                 for cid, ch in self.reps.items():
                     if (nxt := self._move(current, cid)) is not None and nxt not in seen:
                         seen.add(nxt)
                         queue.append((nxt, text + ch))
-            self.tails[state] = found
+            self.tails[state] = text if self.accepts(current) else None
         return self.tails[state]
 
 
@@ -835,34 +798,27 @@ ANY_TEXT = regex_for("")   # an empty pattern matches every string
 # Numbers as regular expressions: the JSON number syntax intersected with one expression for the minimum, one for
 # the maximum (built digit by digit, as llama.cpp's json-schema-to-grammar does; leading zeros may pass, the syntax
 # refuses them) and one for multipleOf. Fraction digits compare as strings: 0.25 < 0.3 as "25" < "3".
-
-def _digits(t: str, k: int, strict: bool, least: bool) -> str | None:
-    """Unsigned number tails with k integer digits to go (k < 0: in the fraction), digit by digit >= t (least)
-    or <= t, strictly if asked (t: k integer digits, then fraction digits); None if none."""
-    if k == 0:
-        rest = _digits(t, -1, strict, least)
-        return rest and f"(\\.{rest})" + "?" * (not least or not t and not strict)
-    if not t:
-        return ("\\d*[1-9]\\d*" if strict else "\\d*") if least else (None if strict else "0*")
-    first, deeper = int(t[0]), _digits(t[1:], k - 1, strict, least)
-    tail = f"\\d{{{k - 1}}}(\\.\\d+)?" if k > 0 else "\\d*"
-    alts = [f"[{first + 1}-9]{tail}"] * (least and first < 9) + [f"[0-{first - 1}]{tail}"] * (not least and first > 0)
-    alts += [""] * (not least and k < 0) + ([t[0] + deeper] if deeper is not None else [])
-    return f"({'|'.join(alts)})" if alts else None
-
-
 def number_bound(x: Fraction, strict: bool, least: bool) -> str:
     """Decimals >= x (least) or <= x, strictly if asked (rounded inward to JSON_MAX_DIGITS decimals)."""
     unit, sign = 10 ** JSON_MAX_DIGITS, "" if least else "-"   # y <= x as -y >= -x
     x = min(max(x if least else -x, -unit), unit)   # also past the largest number the syntax allows
-    kept = Fraction(math.ceil(x * unit), unit)
-    strict, x = strict and kept == x, kept
+    strict, x = strict and x * unit % 1 == 0, Fraction(math.ceil(x * unit), unit)   # strict only if x is kept
     up = x > 0 or x == 0 and strict   # then y >= x, else y >= 0 or -y with y <= -x: compare magnitudes
     whole, fraction = divmod(int(abs(x) * unit), unit)
-    k = len(str(whole))   # integer digits; then fewer (up: more) of them are all less (up: greater)
-    other = f"[1-9]\\d{{{k},}}(\\.\\d+)?" if up else f"\\d{{1,{k - 1}}}(\\.\\d+)?" if k > 1 else None
-    digits = str(whole) + str(fraction).rjust(JSON_MAX_DIGITS, "0").rstrip("0")
-    magnitude = "|".join(filter(None, (_digits(digits, k, strict, up), other)))
+    k, digits = len(str(whole)), str(whole) + str(fraction).rjust(JSON_MAX_DIGITS, "0").rstrip("0")
+    other = f"[1-9]\\d{{{k},}}(\\.\\d+)?" if up else f"\\d{{1,{k - 1}}}(\\.\\d+)?" if k > 1 else None   # other lengths
+    def tails(t: str, k: int) -> str | None:
+        """Magnitudes' tails with k integer digits to go (k < 0: in the fraction), >= t (up) or <= t."""
+        if k == 0:
+            rest = tails(t, -1)
+            return rest and f"(\\.{rest})" + "?" * (not up or not t and not strict)
+        if not t:
+            return ("\\d*[1-9]\\d*" if strict else "\\d*") if up else (None if strict else "0*")
+        first, deeper, tail = int(t[0]), tails(t[1:], k - 1), f"\\d{{{k - 1}}}(\\.\\d+)?" if k > 0 else "\\d*"
+        alts = [f"[{first + 1}-9]{tail}"] * (up and first < 9) + [f"[0-{first - 1}]{tail}"] * (not up and first > 0)
+        alts += [""] * (not up and k < 0) + ([t[0] + deeper] if deeper is not None else [])
+        return f"({'|'.join(alts)})" if alts else None
+    magnitude = "|".join(filter(None, (tails(digits, k), other)))
     return f"{sign}({magnitude})" if up else f"({sign}\\d+(\\.\\d+)?|{'-' * least}({magnitude}))"
 
 
@@ -875,9 +831,7 @@ def number_regex(integer: bool, low: Fraction | None = None, high: Fraction | No
     parts = [(number_bound(x, is_open, least), False)
              for x, is_open, least in ((low, low_open, True), (high, high_open, False)) if x is not None]
     parts += [(pattern, False, True) for pattern in excluded] + [((step, scale), False)] * (step > 1 or scale > 0)
-    if not parts and not integer:
-        syntax += r"([eE][+-]?\d{1,2})?"
-    return regex_for(syntax, False, tuple(parts))
+    return regex_for(syntax + r"([eE][+-]?\d{1,2})?" * (not parts and not integer), False, tuple(parts))
 
 
 class Cache(dict):
@@ -893,8 +847,7 @@ class Cache(dict):
 
     def get_or(self, key: Any, make: Callable[[], Any]) -> Any:
         """The value under `key`, made and kept if missing."""
-        value = self.get(key, self)
-        if value is self:
+        if (value := self.get(key, self)) is self:
             value = make()
             with self.lock:
                 while self and len(self) >= self.limit:
@@ -913,30 +866,33 @@ class Piece:
     def alternatives(self) -> tuple:
         return (self,)
 
-    def begin(self, ch: str, ex: frozenset | None) -> list:
-        """The frames of a value that starts with `ch`, under the exclusion `ex` (leaves only)."""
-        return self.step(self.frame(ex), ch)
-
     def child_done(self, frame: tuple, child: tuple) -> tuple | None:
         """This frame once its child value `child` is complete; None to refuse it."""
         return frame
 
+    @staticmethod
+    def slack_of(nodes: Any, keys: Any = ()) -> int:
+        """The slack of a piece holding `nodes` (and `keys`, JSON texts)."""
+        return max([0] + [len(key) + 2 for key in keys] + [max(n.slack, len(n.min_text) + 1) for n in nodes])
 
-class Cursor(NamedTuple):
-    """A leaf's frame (Literals use only ex and text)."""
+
+class Frame(NamedTuple):
+    """Where a piece's value is: for a leaf, `at` its regex state, `phase` "^" (before the quote), "" (in it), '"'
+    (closed) or an escape so far ("\\u12"); for a container, `at` its next slot (in colon and item: the key's, or
+    len(slots) + j for extra value j), `phase` ^ (before it), open, comma, key (on top), colon, item or value."""
 
     piece: Any
-    dfa: Any                   # the regex state
-    count: int                 # characters of the value so far
-    escape: str                # "^" before the opening quote, "" none, "\\" after a backslash, "u" + hex digits, '"'
-    ex: frozenset | None       # the texts it may not be (None: no exclusion)
-    text: str | None           # its raw text so far, kept under an exclusion (always for Literals)
+    phase: str
+    at: Any
+    count: int                   # a leaf's characters so far; a container's members, capped where more no longer matter
+    ex: frozenset | None         # texts a leaf may not be (None: no exclusion), a container's members may not repeat
+    spaces: int = 0              # a container's whitespace since the last token
+    text: str | None = None      # a leaf's raw text so far, kept under an exclusion (always for Literals)
 
-    def add(self, ch: str, escape: str | None = None, dfa: Any = None) -> Cursor:
-        """The frame after raw character `ch`: in `escape` if given, one character further at `dfa` if given."""
-        text = None if self.text is None else self.text + ch
-        return Cursor(self.piece, self.dfa if dfa is None else dfa, self.count + (dfa is not None),
-                      self.escape if escape is None else escape, self.ex, text)
+    def add(self, ch: str, phase: str = "", at: Any = None) -> Frame:
+        """A leaf's frame after raw character `ch`, in `phase`, one character further at regex state `at` if given."""
+        return Frame(self.piece, phase, self.at if at is None else at, self.count + (at is not None), self.ex, 0,
+                     None if self.text is None else self.text + ch)
 
 
 class Literals(Piece):
@@ -946,31 +902,33 @@ class Literals(Piece):
         self.texts = tuple(dict.fromkeys(texts))
         self.min_text = min(self.texts, key=len)
 
-    def frame(self, ex: frozenset | None = None) -> Cursor:
+    def frame(self, ex: frozenset | None = None) -> Frame:
         """The frame before the first character."""
-        return Cursor(self, None, 0, "", ex, "")
+        return Frame(self, "", None, 0, ex, 0, "")
 
-    def step(self, frame: Cursor, ch: str) -> list:
-        """The frames after `ch` (REFEED when complete before it)."""
-        text, ex = frame.text + ch, frame.ex
-        out = [REFEED] * self.done(frame)
-        if any(t.startswith(text) and (ex is None or t not in ex) for t in self.texts):
-            out.append((Cursor(self, None, 0, "", ex, text),))
-        return out
+    def _open(self, text: str, ex: frozenset | None) -> Iterator[str]:
+        """The texts that begin with `text` and are not excluded."""
+        return (t for t in self.texts if t.startswith(text) and (ex is None or t not in ex))
 
-    def done(self, frame: Cursor) -> bool:
+    def step(self, frame: Frame, ch: str) -> list:
+        """The frames after `ch`."""
+        return [(frame.add(ch),)] if any(self._open(frame.text + ch, frame.ex)) else []
+
+    def done(self, frame: Frame) -> bool:
         return frame.text in self.texts and (frame.ex is None or frame.text not in frame.ex)
 
-    def finish(self, frame: Cursor) -> str | None:
+    def finish(self, frame: Frame) -> str | None:
         """The rest of a shortest text the frame may become; None when every one is excluded."""
-        texts = [t for t in self.texts if t.startswith(frame.text) and (frame.ex is None or t not in frame.ex)]
-        return min(texts, key=len)[len(frame.text):] if texts else None
+        best = min(self._open(frame.text, frame.ex), key=len, default=None)
+        return None if best is None else best[len(frame.text):]
 
 
 class Leaf(Piece):
-    """A value whose text matches `regex` with min_len to max_len characters: a JSON string (`quoted`: the
-    regex runs over its decoded characters) or a number (its raw text). Strings under an exclusion take no
-    escapes (their raw text is their value). Integers and strings have one spelling each (`by_text`)."""
+    """A value whose text matches `regex` with min_len to max_len characters: a JSON string (`quoted`: the regex runs
+    over its decoded characters; under an exclusion, no escapes) or a number (its raw text). `by_text`: one spelling."""
+
+    ESCAPE = re.compile(r'\\(["\\/bfnrt]|u(?![dD][89a-fA-F])[0-9a-fA-F]{0,4})?')   # so far; no surrogates
+    LETTERS = '"0"\\/bfnrtu'   # what may end a quote or go on with an escape, in the order finish() tries
 
     def __init__(self, regex: Regex, min_len: int = 0, max_len: int | None = None, quoted: bool = True,
                  by_text: bool = True):
@@ -980,110 +938,91 @@ class Leaf(Piece):
             raise ValueError("no string has both this pattern or format and these lengths")
         self.min_text = self.finish(self.frame())
 
-    def frame(self, ex: frozenset | None = None) -> Cursor:
+    @staticmethod
+    def plain(text: str) -> bool:
+        """Whether a JSON string holds `text` as it is: no quote, backslash or control character."""
+        return all(ch >= " " and ch not in '"\\' for ch in text)
+
+    def frame(self, ex: frozenset | None = None) -> Frame:
         """The frame before the first character (a string's: before its opening quote)."""
-        return Cursor(self, self.regex.start, 0, "^" * self.quoted, ex, None if ex is None else "")
+        return Frame(self, "^" * self.quoted, self.regex.start, 0, ex, 0, None if ex is None else "")
 
-    def step(self, frame: Cursor, ch: str) -> list:
-        """The frames after `ch` (REFEED when complete before it: a number whenever the regex accepts)."""
-        escape, ex = frame.escape, frame.ex
-        if not self.quoted or escape == '"':
-            return [REFEED] * self.done(frame) + (self._take(frame, ch, ch) if escape == "" else [])
+    def step(self, frame: Frame, ch: str) -> list:
+        """The frames after `ch` (none once a string is closed)."""
+        escape = frame.phase
         if escape == "^":
-            return [(frame.add(ch, ""),)] if ch == '"' else []
+            return [(frame.add(ch),)] if ch == '"' else []
+        if escape == "" and (not self.quoted or ch not in '"\\'):
+            return self._take(frame, ch, None if ch < " " and self.quoted else ch)
         if escape == "" and ch == '"':
-            ends = frame.count >= self.min_len and self.regex.accepts(frame.dfa)
-            return [(frame.add(ch, '"'),)] * (ends and (ex is None or frame.text + ch not in ex))
-        if escape == "" and ch == "\\":
-            return [(frame._replace(escape="\\"),)] * (ex is None and bool(self._escapes(frame)))
-        if escape == "":
-            return self._take(frame, ch, None if ch < " " else ch)
-        if escape == "\\":
-            if ch not in self._escapes(frame) or ch == "u":
-                return [(frame._replace(escape="u"),)] * (ch == "u" and ch in self._escapes(frame))
-            return self._take(frame, ch, JSON_ESCAPES[ch])
-        if ch not in HEX_DIGITS or escape in ("ud", "uD") and ch in "89abcdefABCDEF":  # no surrogates
+            return [(frame.add(ch, '"'),)] * self.done(frame, ch)
+        escape += ch   # a backslash, then a letter whose character fits, or u (where any may) and four hex digits
+        inside, any_char = frame._replace(phase=escape), self.regex is ANY_TEXT and frame.count < self.limit
+        if frame.ex is not None or not self.ESCAPE.fullmatch(escape) or escape == "\\u" and not any_char:
             return []
-        if len(escape) < 4:
-            return [(frame._replace(escape=escape + ch),)]
-        return self._take(frame, ch, chr(int(escape[1:] + ch, 16)))
+        if len(escape) == 6 or len(escape) == 2 and ch != "u":
+            return self._take(frame, ch, json.loads(f'"{escape}"'))
+        return [(inside,)] if escape != "\\" or any(self.step(inside, c) for c in self.LETTERS) else []
 
-    def _take(self, frame: Cursor, ch: str, decoded: str | None) -> list:
-        """The frame after one more (decoded) character, if the value can still be completed."""
-        dfa = None if decoded is None else self.regex.move(frame.dfa, decoded)
-        if dfa is None or self.complete(dfa, frame.count + 1) is None:
+    def _take(self, frame: Frame, ch: str, decoded: str | None) -> list:
+        """The frame after one more (decoded) character, if the value can still be completed (not excluded)."""
+        if decoded is None or (dfa := self.regex.move(frame.at, decoded)) is None:
             return []
         after = frame.add(ch, "", dfa)
-        if after.text is not None and any(f.startswith(after.text) for f in after.ex) and self._fresh(after) is None:
-            return []  # every way to close it is forbidden
-        return [(after,)]
+        ex = after.ex if after.ex and any(f.startswith(after.text) for f in after.ex) else None   # else none bites
+        return [(after,)] * (self.complete(dfa, after.count, after.text if ex else "", ex) is not None)
 
-    def _escapes(self, frame: Cursor) -> str:
-        """The letters that may follow a backslash here: those whose character fits; \\u only where any may."""
-        letters = "".join(k for k, c in JSON_ESCAPES.items()
-                          if (nxt := self.regex.move(frame.dfa, c)) and self.complete(nxt, frame.count + 1) is not None)
-        return letters + "u" * (self.regex is ANY_TEXT and frame.count < self.limit)
+    def complete(self, dfa: frozenset, count: int, text: str = "", ex: frozenset | None = None) -> str | None:
+        """A shortest text (decoded) that completes the value from `dfa` after `count` characters, or None; under
+        an exclusion `ex`, one of plain characters (no escapes) whose raw text (`text` + it) is not excluded."""
+        if ex is None and count >= self.min_len:
+            best = self.regex.shortest(dfa)
+            return best if best is not None and count + len(best) <= self.limit else None
+        return self.completions.get_or((dfa, count, text, ex), lambda: self._search(dfa, count, text, ex))
 
-    def complete(self, dfa: frozenset, count: int) -> str | None:
-        """A shortest text (decoded) that completes the value from `dfa` after `count` characters, or None."""
-        def padded() -> str | None:   # breadth first up to min_len, then the shortest way to a match
-            layer = {dfa: ""}
-            for _ in range(self.min_len - count):
-                layer = {nxt: text + ch for state, text in layer.items() for cid, ch in self.regex.reps.items()
-                         if (nxt := self.regex._move(state, cid)) is not None}
-            tails = (text + tail for state, text in layer.items() if (tail := self.regex.shortest(state)) is not None)
-            return min(tails, key=len, default=None)
-        best = self.regex.shortest(dfa) if count >= self.min_len else self.completions.get_or((dfa, count), padded)
-        return best if best is not None and count + len(best) <= self.limit else None
-
-    def done(self, frame: Cursor) -> bool:
-        if self.quoted:
-            return frame.escape == '"'
-        ends = frame.count >= self.min_len and self.regex.accepts(frame.dfa)
-        return ends and (frame.ex is None or frame.text not in frame.ex)
-
-    def finish(self, frame: Cursor) -> str | None:
-        """A shortest text that completes the value; None when every one is excluded."""
-        if self.done(frame):
-            return ""
-        if frame.escape:  # open the string, or end the escape: the first letter that fits, or \\u0000-style zeros
-            tail = '"' if frame.escape == "^" else self._escapes(frame)[0] if frame.escape == "\\" else ""
-            tail += "0" * (5 - len(frame.escape)) if tail in ("", "u") else ""
-            for ch in tail:
-                frame = self.step(frame, ch)[0][0]
-            rest = self.finish(frame)
-            return None if rest is None else tail + rest
-        if frame.ex is not None:
-            tail = self._fresh(frame)
-            return None if tail is None else tail + '"' * self.quoted
-        content = self.complete(frame.dfa, frame.count)
-        return json.dumps(content, ensure_ascii=False)[1:] if self.quoted else content
-
-    def _fresh(self, frame: Cursor) -> str | None:
-        """Characters (no escapes) that close an excluded value on a text not forbidden: shortest first."""
-        dfa, count = frame.dfa, frame.count
-        layer = {dfa: [""]}
+    def _search(self, dfa: frozenset, count: int, text: str, ex: frozenset | None) -> str | None:
+        """complete() breadth first: to min_len characters, then on (a few past the shortest) to one not excluded."""
+        layer, keep, quote = {dfa: [""]}, 1 if ex is None else len(ex) + 1, '"' * self.quoted
         reach = max(self.min_len - count, len(self.regex.shortest(dfa) or "")) + 32   # a few past the shortest
+        reach, plain = (self.min_len - count, False) if ex is None else (reach, self.quoted)   # plain: no escapes
         for size in range(int(min(self.limit - count, reach)) + 1):
-            for state, tails in layer.items():
-                for tail in tails if count + size >= self.min_len and self.regex.accepts(state) else ():
-                    if frame.text + tail + '"' * self.quoted not in frame.ex:
-                        return tail
+            ends = [t + end for state, tails in layer.items() if (end := self.regex.shortest(state)) is not None
+                    for t in tails if count + size >= self.min_len and count + len(t + end) <= self.limit]
+            if ends := [e for e in ends if ex is None or (not plain or self.plain(e)) and text + e + quote not in ex]:
+                return min(ends, key=len)
             nxt: dict = {}
             for state, tails in layer.items():
                 for cid, ch in self.regex.reps.items():
-                    if (ch >= " " and ch not in '"\\' or not self.quoted) and (after := self.regex._move(state, cid)):
+                    if (not plain or self.plain(ch)) and (after := self.regex._move(state, cid)) is not None:
                         kept = nxt.setdefault(after, [])
-                        kept += [t + ch for t in tails[:len(frame.ex) + 1 - len(kept)]]
+                        kept += [t + ch for t in tails[:keep - len(kept)]]
             layer = nxt
         return None
+
+    def done(self, frame: Frame, quote: str = "") -> bool:
+        """Whether the value is complete; given a closing `quote`, whether it may come (length, match, exclusion)."""
+        if self.quoted and not quote:
+            return frame.phase == '"'
+        ends = frame.count >= self.min_len and self.regex.accepts(frame.at)
+        return ends and (frame.ex is None or frame.text + quote not in frame.ex)
+
+    def finish(self, frame: Frame) -> str | None:
+        """A shortest text that completes the value; None when every one is excluded."""
+        if self.done(frame):
+            return ""
+        for ch in self.LETTERS if frame.phase else ():   # open the string, or go on with its escape
+            if frames := self.step(frame, ch):
+                rest = self.finish(frames[0][0])
+                return None if rest is None else ch + rest
+        content = self.complete(frame.at, frame.count, frame.text, frame.ex)
+        return None if content is None else json.dumps(content, ensure_ascii=False)[1:] if self.quoted else content
 
     def move_class(self, at: tuple, key: str) -> tuple | None:
         """(dfa, count) after a character of class id ord(`key`), if the value can still be completed."""
         nxt = self.regex._move(at[0], ord(key))
         return (nxt, at[1] + 1) if nxt is not None and self.complete(nxt, at[1] + 1) is not None else None
 
-    def key(self, frame: Cursor, reach: int) -> tuple:
+    def key(self, frame: Frame, reach: int) -> tuple:
         """The frame with its count reduced to what can matter within `reach` characters (mask caching)."""
         room = self.limit - frame.count
         return frame._replace(count=(min(frame.count, self.min_len), min(room, reach + len(self.regex.edges))))
@@ -1094,17 +1033,13 @@ def number_leaf(integer: bool, *bounds: Any, **options: Any) -> Leaf:
     return Leaf(number_regex(integer, *bounds, **options), quoted=False, by_text=integer)
 
 
-def _slack(nodes: Any, keys: Any = ()) -> int:
-    return max([0] + [len(key) + 2 for key in keys] + [max(n.slack, len(n.min_text) + 1) for n in nodes])
-
-
 class Union(Piece):
     """anyOf (and oneOf, type lists): a value matching any of the alternatives."""
 
     def __init__(self, alternatives):
         self.alternatives = tuple(a for alt in alternatives for a in alt.alternatives)
         self.min_text = min((a.min_text for a in self.alternatives), key=len)
-        self.slack = _slack(self.alternatives)
+        self.slack = self.slack_of(self.alternatives)
 
 
 def first_text(node: Piece, forbidden: frozenset) -> str | None:
@@ -1119,24 +1054,12 @@ def union(alternatives: list) -> Piece | None:
     return Union(alternatives) if len(alternatives) > 1 else alternatives[0] if alternatives else None
 
 
-class Frame(NamedTuple):
-    """A container's frame (see Container)."""
-
-    piece: Any
-    phase: str         # open, comma, key (a key leaf on top), colon (a key written), item (a value may begin), value
-    at: int            # the next slot (in colon and item: the key's, or len(slots) + j for extra value j)
-    count: int         # members written, capped where more no longer matters
-    seen: frozenset    # texts that may not repeat: extra keys written, unique items
-    spaces: int        # whitespace since the last token
-
-
 class Container(Piece):
-    """A JSON object: `slots` (name, node, required) in their order, each at most once, then extra members;
-    `low` to `high` members. Extra keys are `key` leaves, never a slot's or a `banned` name nor one written
-    before; their value is values[matched], matched being the indices of the `patterns` (patternProperties)
-    that match the key ((): additionalProperties; values empty: no extra keys). As an array (see Array),
-    names are None, slots come all in order, extra items take values[()], and `unique` items are leaves under
-    an exclusion of those written before. Without brackets: a document's one value (see json_start)."""
+    """A JSON object: `slots` (name, node, required) in their order, each at most once, then extra members; `low`
+    to `high` members. Extra keys are `key` leaves, never a slot's or a `banned` name nor one written before; their
+    value is values[matched], matched: the indices of the `patterns` (patternProperties) that match the key ((): for
+    additionalProperties; values empty: no extra keys). An array (see Array): slots all in order, then items of
+    values[()], `unique` ones leaves under an exclusion of those before. Without brackets: a document (json_start)."""
 
     def __init__(self, slots: tuple, values: dict, low: int = 0, high: int | None = None, key: Piece | None = None,
                  banned: tuple = (), patterns: tuple = (), unique: bool = False, brackets: str = "{}"):
@@ -1144,36 +1067,35 @@ class Container(Piece):
         self.keyed, self.patterns, self.unique, self.extras = brackets == "{}", patterns, unique, list(values)
         self.key = (key or ANY_STRING) if self.keyed and values else None
         self.names = [json.dumps(name, ensure_ascii=False) for name, _, _ in slots] if self.keyed else []
-        self.keys = {name: j for j, name in enumerate(self.names)}
-        self.forbidden = frozenset(self.keys) | {json.dumps(name, ensure_ascii=False) for name in banned}
+        self.forbidden = frozenset(self.names) | {json.dumps(name, ensure_ascii=False) for name in banned}
         self.required_from = [sum(req for _, _, req in slots[j:]) for j in range(len(slots) + 1)]
         self.fixed = [req or not self.keyed for _, _, req in slots]   # slots that may not be skipped
         self.cap, self.memo = low if high is None else high, Cache(JSON_MASK_CACHE_STATES)   # key pieces
+        self.members = [node for _, node, _ in slots] + list(values.values())   # slot j's value, then extra ones
         tail = self._tail(0, 0, frozenset(), "", False)
         if tail is None:
             raise ValueError("no object has these properties within minProperties/maxProperties" if self.keyed
                              else "no array has these items within minItems/maxItems (and uniqueItems)")
         self.min_text = brackets[:1] + tail
-        self.slack = _slack([node for _, node, _ in slots] + list(values.values()), self.keys)
+        self.slack = self.slack_of(self.members, self.names)
 
-    def begin(self, ch: str, ex: frozenset | None) -> list:
-        """An open frame if `ch` is the opening bracket."""
-        return [(Frame(self, "open", 0, 0, frozenset(), 0),)] if ch == self.brackets[:1] else []
+    def frame(self, ex: frozenset | None = None) -> Frame:
+        """The frame before the opening bracket."""
+        return Frame(self, "^", 0, 0, frozenset(), 0)
 
     def step(self, frame: Frame, ch: str) -> list:
-        """The frames after `ch`: whitespace, a value's first character, brackets, commas, colons, a key's quote."""
-        _, phase, at, count, seen, spaces = frame
-        if ch in JSON_WHITESPACE and phase != "key" and (self.brackets or phase != "value"):
-            return [(Frame(self, phase, at, count, seen, spaces + 1),)] if spaces < JSON_MAX_WHITESPACE else []
+        """The frames after `ch`: brackets, whitespace, commas, colons; a key or a value pushed to take `ch`."""
+        _, phase, at, count, seen, spaces, _ = frame
+        if phase == "^":
+            return [(frame._replace(phase="open"),)] if ch == self.brackets[:1] else []
+        if ch in JSON_WHITESPACE and (self.brackets or phase != "value"):
+            return [(frame._replace(spaces=spaces + 1),)] if spaces < JSON_MAX_WHITESPACE else []
         if phase == "item" or phase in ("open", "comma") and not self.keyed and ch != self.brackets[1:]:
-            slots, extra = ((at,), False) if phase == "item" else self._choices(at, count)
-            node, nxt = self._member(slots[0] if slots else len(self.slots)) if slots or extra else (None, 0)
-            ex = seen if self.unique else None
-            frames = [f for alt in node.alternatives for f in alt.begin(ch, ex)] if node else []
-            if not frames:
-                return frames
+            if phase != "item" and not any(self._choices(at, count)):
+                return []
+            node, nxt = self._member(at)
             after = Frame(self, "value", nxt, min(count + 1, self.cap), seen, 0)
-            return [(after,) + f for f in frames]
+            return [(REFEED, after, alt.frame(seen if self.unique else None)) for alt in node.alternatives]
         if ch == self.brackets[1:] and phase in ("open", "value"):
             return [()] if self.required_from[at] == 0 and count >= self.low else []
         if ch == ":" and phase == "colon":
@@ -1181,24 +1103,20 @@ class Container(Piece):
         if not (ch == "," and phase == "value" or ch == '"' and phase in ("open", "comma")):
             return []
         slots, extra = self._choices(at, count)
-        if ch == ",":
-            nodes = [self._member(j)[0] for j in slots + (len(self.slots),) * extra]
-            more = any(not self.unique or first_text(node, seen) is not None for node in nodes)
-            return [(Frame(self, "comma", at, count, seen, 0),)] * more
-        keys = [(self.key, self.forbidden | seen)] * extra   # a declared name or an extra key, after its quote
+        if ch == ",":   # if a member may follow (an array's next unique item: one not written yet)
+            more = (slots or extra) and (not self.unique or first_text(self._member(at)[0], seen) is not None)
+            return [(Frame(self, "comma", at, count, seen, 0),)] * bool(more)
+        keys = [(self.key, self.forbidden | seen)] * extra   # a declared name or an extra key
         if slots:
             keys.insert(0, (self.memo.get_or(slots, lambda: Literals(self.names[j] for j in slots)), None))
-        frame = Frame(self, "key", at, count, seen, 0)
-        return [(frame, f[0]) for piece, ex in keys for f in piece.begin(ch, ex) if f is not REFEED]
+        return [(REFEED, Frame(self, "key", at, count, seen, 0), piece.frame(ex)) for piece, ex in keys]
 
     def done(self, frame: Frame) -> bool:
         return not self.brackets and frame.phase == "value"
 
     def _member(self, at: int) -> tuple:
         """(the value's node, the next slot) for slot `at`, or extra value at - len(slots)."""
-        if at < len(self.slots):
-            return self.slots[at][1], at + 1
-        return self.values[self.extras[at - len(self.slots)]], len(self.slots)
+        return self.members[at], min(at + 1, len(self.slots))
 
     def _choices(self, at: int, count: int) -> tuple[tuple[int, ...], bool]:
         """(slots that may come next, whether an extra member may), leaving room for low and high."""
@@ -1216,12 +1134,12 @@ class Container(Piece):
     def child_done(self, frame: Frame, child: tuple) -> Frame | None:
         """A key written: its slot, or an extra key's value (None: no value may follow it); an item: seen."""
         if frame.phase != "key":
-            return frame._replace(seen=frame.seen | {child.text}) if self.unique else frame
+            return frame._replace(ex=frame.ex | {child.text}) if self.unique else frame
         if child.piece is not self.key:
-            return frame._replace(phase="colon", at=self.keys[child.text])
+            return frame._replace(phase="colon", at=self.names.index(child.text))
         slot = self._slot(child.text)
         return None if slot is None else frame._replace(phase="colon", at=len(self.slots) + slot,
-                                                        seen=frame.seen | {child.text})
+                                                        ex=frame.ex | {child.text})
 
     def _slot(self, text: str) -> int | None:
         """Which extra value an extra key's text (quoted, unescaped) takes; None: no value may follow it."""
@@ -1232,27 +1150,25 @@ class Container(Piece):
         """The shortest text that closes the container from `frame`."""
         if frame.phase in ("colon", "item"):
             node, at = self._member(frame.at)
-            tail = self._tail(at, min(frame.count + 1, self.cap), frame.seen, ",", False)
+            tail = self._tail(at, min(frame.count + 1, self.cap), frame.ex, ",", False)
             return ":" * (frame.phase == "colon") + node.min_text + tail
-        return self._tail(frame.at, frame.count, frame.seen, "," * (frame.phase == "value"), frame.phase == "comma")
+        return self._tail(frame.at, frame.count, frame.ex, "," * (frame.phase == "value"), frame.phase == "comma")
 
     def _tail(self, at: int, count: int, seen: frozenset, sep: str, must: bool) -> str | None:
         """The shortest text that ends the container: the members it still needs, then its bracket."""
         parts = []
         while must or self.required_from[at] or count < self.low:
             declared, extra = self._choices(at, count)
-            key = ""
-            if declared and (self.fixed[declared[-1]] or not extra):
+            key, j = "", at   # an array's next item; an object's required member, or its first optional one
+            if self.keyed and declared and (self.fixed[declared[-1]] or not extra):
                 j = declared[-1] if self.fixed[declared[-1]] else declared[0]
-                key = self.names[j] + ":" if self.keyed else ""
-            elif extra and self.keyed:
+                key = self.names[j] + ":"
+            elif self.keyed and extra:
                 key = first_text(self.key, self.forbidden | seen)
                 if key is None or (slot := self._slot(key)) is None:
                     return None
                 j, seen, key = len(self.slots) + slot, seen | {key}, key + ":"
-            elif extra:
-                j = len(self.slots)
-            else:
+            elif not (declared or extra):
                 return None
             node, at = self._member(j)
             value = first_text(node, seen) if self.unique else node.min_text
@@ -1266,50 +1182,35 @@ class Container(Piece):
 Object = Container   # Object(props, values, min_props, max_props, key, banned, patterns)
 
 
-def Array(prefix: tuple, items: Piece | None, min_items: int = 0, max_items: int | None = None,
-          unique: bool = False, brackets: str = "[]") -> Container:
-    """A JSON array: `prefix` items (nodes) then `items` ones (None: no more), min_items to max_items."""
+def Array(prefix: tuple, items: Piece | None, min_items: int = 0, max_items: int | None = None, unique: bool = False):
+    """A JSON array (a Container): `prefix` items (nodes) then `items` ones (None: no more), min_items to max_items."""
     return Container(tuple((None, node, False) for node in prefix), {} if items is None else {(): items},
-                     min_items, max_items, unique=unique, brackets=brackets)
+                     min_items, max_items, unique=unique, brackets="[]")
 
 
-_DOCUMENTS = Cache(JSON_MASK_CACHE_STATES)   # by node id: (the node, a bracketless array of it: a document)
-
-
-def json_start(node: Piece, prefix: str = "", suffix: str = "") -> tuple:
-    """The automaton's start state: `prefix`, a JSON value for `node`, then `suffix`."""
-    root = _DOCUMENTS.get_or(id(node), lambda: (node, Array((node,), None, 1, 1, brackets="")))[1]
-    stack = (Literals((suffix,)).frame(),) * bool(suffix) + (Frame(root, "item", 0, 0, frozenset(), 0),)
-    return (stack + (Literals((prefix,)).frame(),) * bool(prefix),)
+def json_start(node: Piece) -> tuple:
+    """The automaton's start state: a document (a bracketless array) of one JSON value for `node`."""
+    return ((Frame(Container(((None, node, False),), {}, 1, 1, brackets=""), "item", 0, 0, frozenset()),),)
 
 
 def json_advance(state: tuple, text: str) -> tuple:
     """The state after `text`; () once no stack can take it."""
     for ch in text:
-        if not state:
-            break
         state = tuple(dict.fromkeys(nxt for stack in state for nxt in _step(stack, ch)))
     return state
 
 
-def json_complete(state: tuple) -> bool:
-    """True when the text so far is a whole match (a trailing number may still go on)."""
-    return any(_settle(stack) == () for stack in state)
-
-
-def json_closing_text(state: tuple) -> str | None:
-    """A shortest way (by the pieces' finish texts) to complete the text from `state`."""
-    return min([text for text in map(_closing, state) if text is not None], key=len, default=None)
-
-
 def _step(stack: tuple, ch: str) -> list[tuple]:
-    """The stacks that can follow `stack` on character `ch` (none: it cannot)."""
-    out = []
-    for frames in stack[-1][0].step(stack[-1], ch) if stack else ():
-        if frames is not REFEED:
+    """The stacks that can follow `stack` on character `ch` (none: it cannot): its top frame's (a frame pushed
+    takes `ch` in turn) and, once the top value is complete, its parent's."""
+    top, out = stack[-1], []
+    for frames in top[0].step(top, ch):
+        if frames and frames[0] is REFEED:
+            out += _step(stack[:-1] + frames[1:], ch)
+        else:
             out.append(stack[:-1] + frames)
-        elif parent := _pop(stack[:-1], stack[-1]):
-            out += _step(parent, ch)
+    if top[0].done(top) and (parent := _pop(stack[:-1], top)):
+        out += _step(parent, ch)
     return out
 
 
@@ -1328,18 +1229,27 @@ def _settle(stack: tuple | None) -> tuple | None:
     return stack
 
 
-def _closing(stack: tuple) -> str | None:
-    """Finish the top frame, settle, repeat: each finish text is checked by the automaton itself."""
-    texts = []
-    while stack := _settle(stack):
-        text = stack[-1][0].finish(stack[-1])
-        after = [] if text is None else [s for s in map(_settle, json_advance((stack,), text))
-                                         if s is not None and len(s) < len(stack)]
-        if not after:
-            return None
-        texts.append(text)
-        stack = after[0]
-    return None if stack is None else "".join(texts)
+def json_complete(state: tuple) -> bool:
+    """True when the text so far is a whole match (a trailing number may still go on)."""
+    return any(_settle(stack) == () for stack in state)
+
+
+def json_closing_text(state: tuple) -> str | None:
+    """A shortest way to complete the text from `state`: for each stack, finish the top frame, settle, repeat,
+    each finish text checked by the automaton itself."""
+    closings = []
+    for stack in state:
+        texts = []
+        while stack := _settle(stack):
+            text = stack[-1][0].finish(stack[-1])
+            after = [] if text is None else [s for s in map(_settle, json_advance((stack,), text))
+                                             if s is not None and len(s) < len(stack)]
+            if not after:
+                break
+            texts.append(text)
+            stack = after[0]
+        closings += ["".join(texts)] * (stack == ())
+    return min(closings, key=len, default=None)
 
 
 # -- JSON Schema keywords -------------------------------------------------------
@@ -1359,6 +1269,12 @@ KEYWORD_TYPES = {"object": {"properties", "required", "additionalProperties", "m
                  "string": {"minLength", "maxLength", "pattern", "format", "!pattern"},
                  "number": {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"}}
 SCHEMA_KEYWORDS |= set().union(*KEYWORD_TYPES.values())
+COUNTS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties", "minContains",
+          "maxContains")
+# `not` of a bound holds beyond it, within its type: minimum 5 as exclusiveMaximum 5, minLength 2 as maxLength 1.
+NEGATED_BOUNDS = {"minimum": "exclusiveMaximum", "maximum": "exclusiveMinimum", "minLength": "maxLength",
+                  "minItems": "maxItems", "minProperties": "maxProperties"}
+NEGATED_BOUNDS |= {v: k for k, v in NEGATED_BOUNDS.items()}
 _OCTET = r"(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 _H16 = r"[0-9A-Fa-f]{1,4}"
 _YEAR = r"([1-9]\d{3}|0[1-9]\d\d|00[1-9]\d|000[1-9])"
@@ -1382,9 +1298,8 @@ FORMATS = {
     "uri-reference": f"{_URI}|{_RELATIVE}", "iri-reference": f"{_URI}|{_RELATIVE}",
     "uuid": r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
     "ipv4": rf"{_OCTET}(\.{_OCTET}){{3}}",
-    "ipv6": "|".join([rf"({_H16}:){{7}}{_H16}", rf"({_H16}:){{1,7}}:", rf"({_H16}:){{1,6}}:{_H16}"]
-                     + [rf"({_H16}:){{1,{n}}}(:{_H16}){{1,{7 - n}}}" for n in range(1, 6)]
-                     + [rf":((:{_H16}){{1,7}}|:)"]),
+    "ipv6": "|".join([rf"({_H16}:){{7}}{_H16}", rf"({_H16}:){{1,7}}:", rf"({_H16}:){{1,6}}:{_H16}",
+                      rf":((:{_H16}){{1,7}}|:)"] + [rf"({_H16}:){{1,{n}}}(:{_H16}){{1,{7 - n}}}" for n in range(1, 6)]),
     "hostname": rf"({_LABEL}\.)*[A-Za-z]([A-Za-z0-9-]{{0,61}}[A-Za-z0-9])?",
     "idn-hostname": r"([A-Za-z0-9]{1,20}(-[A-Za-z0-9]{1,20}){0,2}\.)*[A-Za-z]{1,20}",
     "json-pointer": r"(/([^~/]|~[01])*)*", "relative-json-pointer": r"(0|[1-9]\d*)(#|(/([^~/]|~[01])*)*)",
@@ -1412,43 +1327,6 @@ def _kinds(value: Any) -> set:
     return kinds | {"integer"} if "number" in kinds else kinds
 
 
-def json_type(value: Any) -> str:
-    """A JSON value's type by JSON Schema's names (an integral number is an integer)."""
-    if _is_number(value):
-        return "integer" if float(value).is_integer() else "number"
-    return {bool: "boolean", type(None): "null", dict: "object", list: "array", str: "string"}[type(value)]
-
-
-def _names(schema: dict) -> list:
-    names = schema.get("required")
-    return names if isinstance(names, list) and all(isinstance(n, str) for n in names) else []
-
-
-def _values(schema: dict) -> list | None:
-    values = schema["enum"] if "enum" in schema else [schema["const"]] if "const" in schema else None
-    return values if isinstance(values, list) else None
-
-
-def _string_parts(schema: dict) -> list:
-    """A string schema's patterns, format and exclusions as Regex parts (all hold), a positive one first."""
-    parts = [(p, True) for p in _as_list(schema.get("pattern", [])) if isinstance(p, str)]
-    form = schema.get("format")
-    parts += [(FORMATS[form], False)] if isinstance(form, str) and form in FORMATS else []
-    parts += [(p, True, True) for p in schema.get("!pattern", [])]
-    excluded = [re.escape(v) for v in schema.get("!enum", []) if isinstance(v, str)]
-    parts += [("|".join(excluded), False, True)] if excluded else []
-    return parts if parts and len(parts[0]) == 2 else [("", True)] + parts
-
-
-def _held(one: dict, other: dict) -> dict:
-    """allOf: a copy of `one` with the properties only it declares held to other's additionalProperties."""
-    extra, mine, theirs = other.get("additionalProperties", True), one.get("properties"), other.get("properties")
-    if extra is True or not isinstance(mine, dict) or other.get("patternProperties") or \
-            not isinstance(theirs or {}, dict):
-        return dict(one)
-    return {**one, "properties": {k: v if k in (theirs or {}) else {"allOf": [v, extra]} for k, v in mine.items()}}
-
-
 # allOf: how two different values of a keyword combine (False: no value fits; None or an error: they cannot).
 SCHEMA_MERGE = {
     "type": lambda a, b: [k for k in JSON_TYPES if k in _kinds(a) & _kinds(b) and not
@@ -1461,12 +1339,24 @@ SCHEMA_MERGE = {
     **dict.fromkeys(("anyOf", "oneOf"), lambda a, b: None if len(a) * len(b) > SCHEMA_MAX_BRANCHES else
                     [{"allOf": [x, y]} for x in a for y in b]),   # one alternative per pair, a few at most
     **dict.fromkeys(("!enum", "!pattern", "allOf"), lambda a, b: a + b),
-    **dict.fromkeys(("minimum", "minLength", "minItems", "minProperties", "minContains"), max),
-    **dict.fromkeys(("maximum", "maxLength", "maxItems", "maxProperties", "maxContains"), min),
+    **{word: max if word.startswith("min") else min for word in ("minimum", "maximum", *COUNTS)},
     **dict.fromkeys(("items", "additionalItems", "additionalProperties", "propertyNames"),
                     lambda a, b: {"allOf": [a, b]}),
     **dict.fromkeys(("dependencies", "dependentRequired", "dependentSchemas", "patternProperties"),
                     lambda a, b: None if a.keys() & b.keys() else {**a, **b}),
+}
+# What a keyword's value must be where it is enforced (else a 400 naming it): (what, test).
+SCHEMA_VALUES = {
+    **dict.fromkeys(COUNTS, ("a non-negative integer", lambda v: _is_number(v) and v >= 0 and v % 1 == 0)),
+    **dict.fromkeys(("minimum", "maximum"), ("a number", lambda v: _is_number(v) and math.isfinite(v))),
+    **dict.fromkeys(("exclusiveMinimum", "exclusiveMaximum"),
+                    ("a number or a boolean", lambda v: isinstance(v, bool) or _is_number(v) and math.isfinite(v))),
+    "multipleOf": ("a positive number", lambda v: _is_number(v) and 0 < v < math.inf),
+    "pattern": ("a string", lambda v: all(isinstance(p, str) for p in _as_list(v))),
+    "properties": ("an object", lambda v: isinstance(v, dict)),
+    "patternProperties": ("an object of at most 6 patterns", lambda v: isinstance(v, dict) and len(v) <= 6),
+    "required": ("a list of names", lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v)),
+    "prefixItems": ("a list of schemas", lambda v: isinstance(v, list)),
 }
 
 
@@ -1475,41 +1365,67 @@ def accepts_text(node: Piece, text: str) -> bool:
     return json_complete(json_advance(json_start(node), text))
 
 
-def _unique_leaf(node: Piece | None) -> Piece | bool | None:
-    """uniqueItems: `node` as one leaf whose values' JSON texts are their identity (see Array); False if none."""
-    if node is None or all(isinstance(a, Literals) for a in node.alternatives):
-        return node and Literals(t for a in node.alternatives for t in a.texts)
-    return node if isinstance(node, Leaf) and node.by_text else False
-
-
-ANY_STRING = Leaf(ANY_TEXT)
-ANY_NUMBER = number_leaf(False)
-BOOLEAN = Literals(("true", "false"))
-NULL = Literals(("null",))
+ANY_STRING, ANY_NUMBER = Leaf(ANY_TEXT), number_leaf(False)
+BOOLEAN, NULL = Literals(("true", "false")), Literals(("null",))
 
 
 def any_value(depth: int) -> Piece:
     """Any JSON value, arrays and objects nested at most `depth` deep."""
     inner = [any_value(depth - 1)] if depth else []
-    return Union([ANY_STRING, ANY_NUMBER, BOOLEAN, NULL] + [c for n in inner for c in (Object((), {(): n}), Array((), n))])
+    containers = [c for n in inner for c in (Object((), {(): n}), Array((), n))]
+    return Union([ANY_STRING, ANY_NUMBER, BOOLEAN, NULL] + containers)
 
 
-ANY_VALUE = any_value(JSON_MAX_NESTING)
-ANY_OBJECT = Object((), {(): any_value(JSON_MAX_NESTING - 1)})
+ANY_VALUE, ANY_OBJECT = any_value(JSON_MAX_NESTING), Object((), {(): any_value(JSON_MAX_NESTING - 1)})
 
 
 class SchemaCompiler:
-    """One JSON Schema to pieces, or a 400 naming what cannot be enforced: made flat ($ref and allOf merged in),
-    anyOf/oneOf, not, if/then/else and dependencies as alternatives, the rest by type. None stands for no value
-    (false, a $ref recursion cut at SCHEMA_MAX_REFS): properties, items and alternatives needing one are left out.
-    """
+    """One JSON Schema to pieces or a 400 naming what cannot be enforced: flat ($ref, allOf), then alternatives
+    or a piece by type. None stands for no value (false, a $ref recursion cut at SCHEMA_MAX_REFS)."""
 
     def __init__(self, root: dict, param: str):
-        self.root, self.param = root, param
-        self.memo: dict[tuple, tuple] = {}
+        self.root, self.param, self.memo = root, param, {}   # memo: (id, $ref hops left) -> (schema, piece)
 
     def fail(self, message: str) -> APIError:
         return invalid(f"'{self.param}': {message}", self.param)
+
+    def _type(self, value: Any) -> str:
+        """A JSON value's type by JSON Schema's names (an integral number is an integer)."""
+        if _is_number(value):
+            return "integer" if float(value).is_integer() else "number"
+        return {bool: "boolean", type(None): "null", dict: "object", list: "array", str: "string"}[type(value)]
+
+    def _names(self, schema: dict) -> list:
+        names = schema.get("required")
+        return names if isinstance(names, list) and all(isinstance(n, str) for n in names) else []
+
+    def _values(self, schema: dict) -> list | None:
+        values = schema["enum"] if "enum" in schema else [schema["const"]] if "const" in schema else None
+        return values if isinstance(values, list) else None
+
+    def _string_parts(self, schema: dict) -> list:
+        """A string schema's patterns, format and exclusions as Regex parts (all hold), a positive one first."""
+        parts = [(p, True) for p in _as_list(schema.get("pattern", [])) if isinstance(p, str)]
+        form = schema.get("format")
+        parts += [(FORMATS[form], False)] if isinstance(form, str) and form in FORMATS else []
+        parts += [(p, True, True) for p in schema.get("!pattern", [])]
+        excluded = [re.escape(v) for v in schema.get("!enum", []) if isinstance(v, str)]
+        parts += [("|".join(excluded), False, True)] if excluded else []
+        return parts if parts and len(parts[0]) == 2 else [("", True)] + parts
+
+    def _held(self, one: dict, other: dict) -> dict:
+        """allOf: a copy of `one` with the properties only it declares held to other's additionalProperties."""
+        extra, mine, theirs = other.get("additionalProperties", True), one.get("properties"), other.get("properties")
+        if extra is True or not isinstance(mine, dict) or not isinstance(theirs or {}, dict) or \
+                other.get("patternProperties"):
+            return dict(one)
+        return {**one, "properties": {k: v if k in (theirs or {}) else {"allOf": [v, extra]} for k, v in mine.items()}}
+
+    def _unique_leaf(self, node: Piece | None) -> Piece | bool | None:
+        """uniqueItems: `node` as one leaf whose values' JSON texts are their identity (see Array); False if none."""
+        if node is None or all(isinstance(a, Literals) for a in node.alternatives):
+            return node and Literals(t for a in node.alternatives for t in a.texts)
+        return node if isinstance(node, Leaf) and node.by_text else False
 
     def compile(self, schema: Any, refs: int = SCHEMA_MAX_REFS, depth: int = 0) -> Piece | None:
         """The piece for `schema`, None when no value satisfies it; `refs`: $ref hops left on this path."""
@@ -1526,8 +1442,7 @@ class SchemaCompiler:
         return self.memo[id(schema), refs][1]
 
     def flat(self, schema: Any, refs: int = SCHEMA_MAX_REFS) -> tuple[Any, int]:
-        """(`schema` with its top-level $ref and allOf merged in, $ref hops left): False when no value fits or a
-        recursion has used up its hops. compile, not and oneOf's analysis all see schemas through it."""
+        """(`schema` with its top-level $ref and allOf merged in, or False when no value fits; $ref hops left)."""
         if not isinstance(schema, (bool, dict)):
             raise self.fail(f"a JSON Schema must be an object, got {json.dumps(schema)[:60]}")
         refs -= isinstance(schema, dict) and "$ref" in schema
@@ -1540,17 +1455,16 @@ class SchemaCompiler:
         return out, left
 
     def resolve(self, ref: Any) -> Any:
-        """The schema a local JSON pointer ("#", "#/$defs/Name", "#/definitions/...") or anchor ("#name": its
-        $anchor, or draft-06/07's $id or id "#name") names."""
+        """The subschema a local $ref names: a JSON pointer ("#/$defs/Name") or an anchor ($anchor, $id, id)."""
         if not isinstance(ref, str) or not ref.startswith("#"):
             raise self.fail(f"only local $ref such as '#/$defs/Name' is supported, got {json.dumps(ref)[:60]}")
-        target, todo = self.root, [self.root]
-        while ref[1:2] not in ("", "/") and todo:  # an anchor: the first subschema naming it, depth first
+        todo, target = [self.root], self.root if ref[1:2] in ("", "/") else None
+        while target is None and todo:   # an anchor: the first subschema naming it, depth first
             node = todo.pop()
-            found = isinstance(node, dict) and ref in (node.get("$id"), node.get("id"), f"#{node.get('$anchor', '')}")
-            todo, target = ([], node) if found else (todo + list(reversed(
-                node.values() if isinstance(node, dict) else node if isinstance(node, list) else [])), None)
-        for part in ref[1:].split("/")[1:] if ref[1:2] == "/" else []:
+            target = node if isinstance(node, dict) and ref in (node.get("$id"), node.get("id"),
+                                                                f"#{node.get('$anchor', '')}") else None
+            todo += reversed(node.values() if isinstance(node, dict) else node if isinstance(node, list) else [])
+        for part in ref[2:].split("/") if ref[1:2] == "/" else []:
             target = target.get(part.replace("~1", "/").replace("~0", "~")) if isinstance(target, dict) else None
         if target is None:
             raise self.fail(f"$ref {ref!r} points at nothing")
@@ -1562,16 +1476,15 @@ class SchemaCompiler:
         return value
 
     def merge(self, a: Any, b: Any) -> Any:
-        """allOf: one schema with the constraints of both (False: no value fits; see SCHEMA_MERGE), or a 400.
-        A $ref in `b` is left for flat()."""
+        """allOf: one schema holding both (False: none fits; see SCHEMA_MERGE) or a 400; b's $ref is left to flat()."""
         if a is False or b is False or b is True or b == {} or a is True or a == {}:
             return False if a is False or b is False else a if b is True or b == {} else b
         if not isinstance(a, dict) or not isinstance(b, dict):
             raise self.fail("allOf parts must be schemas (objects)")
         if "$ref" in b:
             return {**a, "allOf": [*a.get("allOf", []), b]}
-        out = _held(a, b)
-        for key, value in _held(b, a).items():
+        out = self._held(a, b)
+        for key, value in self._held(b, a).items():
             if key in out and key in SCHEMA_KEYWORDS and _canonical(out[key]) != _canonical(value):
                 try:
                     value = SCHEMA_MERGE[key](out[key], value)
@@ -1584,76 +1497,74 @@ class SchemaCompiler:
             out[key] = value
         return out
 
-    def rewrite(self, schema: dict) -> dict | None:
-        """not, if/then/else or dependencies (one at a time) as anyOf, merged with the rest; None when none."""
-        words = ("dependencies", "dependentRequired", "dependentSchemas")
+    def alternatives(self, schema: dict) -> tuple | None:
+        """(the rest, the cases, whether oneOf) of its anyOf, oneOf, not, if or dependencies; None if none."""
+        words = ["dependencies", "dependentRequired", "dependentSchemas"]
         needs = [(k, need) for word in words if isinstance(schema.get(word), dict) for k, need in schema[word].items()]
-        if "not" in schema:
-            words, cases = ("not",), self.negate(schema["not"])
+        if "anyOf" in schema or "oneOf" in schema:
+            words = ["anyOf" if "anyOf" in schema else "oneOf"]
+            cases = self.list_of(schema[words[0]], words[0])
+        elif "not" in schema:
+            words, cases = ["not"], self.negate(schema["not"])
         elif "if" in schema:
-            words, cases = ("if", "then", "else"), [{"allOf": [schema["if"], schema.get("then", {})]},
+            words, cases = ["if", "then", "else"], [{"allOf": [schema["if"], schema.get("then", {})]},
                                                     {"allOf": [{"not": schema["if"]}, schema.get("else", {})]}]
-        else:  # each key absent, or present with what it needs
+        elif needs:  # each key absent, or present with what it needs
             cases = [{"allOf": [{"anyOf": [{"properties": {k: False}}, {"allOf": [{"required": [k]}, {"required": need}
-                     if isinstance(need, list) else need]}]} for k, need in needs]}] if needs else None
-        rest = {k: v for k, v in schema.items() if k not in words}
-        return None if cases is None else self.merge(rest, {"anyOf": cases})
+                     if isinstance(need, list) else need]}]} for k, need in needs]}]
+        else:
+            return None
+        return {k: v for k, v in schema.items() if k not in words}, cases, words == ["oneOf"]
 
     def negate(self, schema: Any, hops: int = 0) -> list:
-        """`not`: alternatives, any of which makes a value fail `schema` (what cannot be negated is a 400).
-        A schema holds when each of its keywords does: it fails when one of them fails."""
-        if isinstance(schema, bool):
+        """`not`: alternatives, one of which a value takes to fail `schema` (one keyword failing), or a 400."""
+        schema, out = self.flat(schema)[0], []   # its $ref and allOf merged in
+        if schema is False or hops > SCHEMA_MAX_DEPTH:   # too deep: no alternative, which keeps output valid
             return [{}] if schema is False else [False]
-        if not isinstance(schema, dict) or hops > SCHEMA_MAX_DEPTH:
-            raise self.fail("JSON Schema keyword 'not' must hold a schema")
-        out = []
         for word, value in schema.items():
-            if word in ("$ref", "allOf"):
-                parts = [self.resolve(value)] if word == "$ref" else self.list_of(value, word)
-                out += [alt for part in parts for alt in self.negate(part, hops + 1)]
-            elif word in ("anyOf", "oneOf"):   # none of them: each part fails
+            if word in ("anyOf", "oneOf"):   # none of them: each part fails
                 out.append({"allOf": [{"anyOf": self.negate(part, hops + 1)} for part in self.list_of(value, word)]})
             elif word == "type":
-                kinds = _kinds(value)
-                out.append({"type": [k for k in JSON_TYPES if k not in kinds
-                                     and not (k == "number" and "integer" in kinds)]})
-            elif word in ("enum", "const"):
-                out.append({"!enum": self.list_of(value, word) if word == "enum" else [value]})
-            elif word == "pattern" and isinstance(value, str):
-                out.append({"!pattern": [value]})
+                out.append({"type": [k for k in JSON_TYPES if k not in _kinds(value)
+                                     and not (k == "number" and "integer" in _kinds(value))]})
+            elif word in ("enum", "const") or word == "pattern" and isinstance(value, str):
+                excluded = self.list_of(value, word) if word == "enum" else [value]
+                out.append({"!pattern" if word == "pattern" else "!enum": excluded})
             elif word == "required" and isinstance(value, list):
-                out += [{"properties": {name: False}} for name in _names(schema)]
+                out += [{"properties": {name: False}} for name in self._names(schema)]
             elif word == "properties" and isinstance(value, dict):
                 out += [{"required": [name], "properties": {name: {"not": sub}}} for name, sub in value.items()]
+            elif word in NEGATED_BOUNDS and _is_number(value):   # a count shifts by one: maxLength 1, not 2
+                kind = next(k for k, words in KEYWORD_TYPES.items() if word in words)
+                value += 0 if kind == "number" else 1 if word.startswith("max") else -1
+                out += [{"type": kind, NEGATED_BOUNDS[word]: value}] if kind == "number" or value >= 0 else []
             elif word in SCHEMA_KEYWORDS:
-                raise self.fail(f"JSON Schema keyword 'not' is enforced only over type, enum, const, pattern, "
-                                f"required, properties, anyOf and allOf, not {word!r}")
+                raise self.fail("JSON Schema keyword 'not' is enforced only over type, enum, const, pattern, required, "
+                                f"properties, bounds, lengths, anyOf and allOf, not {word!r}")
         return out or [False]
 
     def _compile(self, schema: dict, refs: int, depth: int) -> Piece | None:
-        refused = sorted(set(schema) & SCHEMA_REFUSED)
-        if refused:
-            raise self.fail(f"JSON Schema keyword {refused[0]!r} is not supported (the README lists those enforced)")
+        for word in sorted(schema.keys() & SCHEMA_REFUSED)[:1]:
+            raise self.fail(f"JSON Schema keyword {word!r} is not supported (the README lists those enforced)")
         schema = {k: v for k, v in schema.items() if k in SCHEMA_KEYWORDS}
-        if "anyOf" in schema or "oneOf" in schema:
-            return self.any_of(schema, "anyOf" if "anyOf" in schema else "oneOf", refs, depth)
-        if (rewritten := self.rewrite(schema)) is not None:
-            return self.compile(rewritten, refs, depth)
-        if "enum" in schema or "const" in schema or schema.get("type") in ("boolean", "null"):
-            return self.literals(schema, refs, depth)
+        if (split := self.alternatives(schema)) is not None:
+            return self.any_of(*split, refs, depth)
         kind = schema.get("type", [k for k, words in KEYWORD_TYPES.items() if words & set(schema)])
+        if "enum" in schema or "const" in schema or kind in ("boolean", "null"):
+            return self.literals(schema, refs, depth)
         if isinstance(kind, list):
             return union([self.compile({**schema, "type": k}, refs, depth) for k in kind]) if kind else ANY_VALUE
-        if kind not in ("string", "integer", "number", "object", "array"):
+        family = "number" if kind == "integer" else kind
+        if family not in ("string", "number", "object", "array"):
             raise self.fail(f"unknown JSON Schema type {json.dumps(kind)[:40]}")
-        return self.number(schema, kind == "integer") if kind in ("integer", "number") else \
-            getattr(self, kind)(schema, refs, depth)
+        for word in schema.keys() & KEYWORD_TYPES[family] & SCHEMA_VALUES.keys():   # the values its type enforces
+            if not SCHEMA_VALUES[word][1](schema[word]):
+                raise self.fail(f"{word!r} must be {SCHEMA_VALUES[word][0]}")
+        return getattr(self, family)({k: int(v) if k in COUNTS else v for k, v in schema.items()}, refs, depth)
 
-    def any_of(self, schema: dict, word: str, refs: int, depth: int) -> Piece | None:
-        """anyOf/oneOf: the union of the branches, each with the rest of `schema`, oneOf's narrowed so that no value
-        one produces matches another (else a 400). A branch that cannot be enforced is left out if another stays."""
-        base, one = {k: v for k, v in schema.items() if k != word}, word == "oneOf"
-        parts = [self.merge(base, alt) if one else alt for alt in self.list_of(schema[word], word)]
+    def any_of(self, base: dict, cases: list, one: bool, refs: int, depth: int) -> Piece | None:
+        """The union of `cases` with `base`, oneOf's (`one`) kept apart; a case that fails is left out (all: a 400)."""
+        parts = [self.merge(base, case) for case in cases] if one else cases
         alternatives, errors = [], []
         for i, part in enumerate(parts):
             try:
@@ -1665,16 +1576,14 @@ class SchemaCompiler:
                 errors.append(exc)
                 if one and "oneOf" in exc.message:
                     raise
-        if errors and not any(a is not None for a in alternatives):
+        if errors and union(alternatives) is None:
             raise errors[0]
         return union(alternatives)
 
     def exclude(self, part: Any, other: Any, i: int, j: int) -> Any:
         """`part` narrowed so that nothing it produces satisfies `other` (oneOf branches i and j), or a 400."""
         part, other = self.flat(part)[0], self.flat(other)[0]
-        if part is False or other is False or self.disjoint(part, other):
-            return part
-        for patch in self.narrowings(part, other):
+        for patch in self.narrowings(part, other) if part is not False and other is not False else [{}]:
             with contextlib.suppress(APIError):
                 if self.disjoint(narrowed := self.merge(part, patch), other):
                     return narrowed
@@ -1682,43 +1591,40 @@ class SchemaCompiler:
                         "output match exactly one (give them a distinguishing key, type or const)")
 
     def narrowings(self, part: dict, other: dict) -> Iterator[dict]:
-        """Schemas to merge into `part` so that it fails `other`, cheapest first: a type, a pattern, a key other
-        requires left out, a key both declare required, a key other requires given a value other refuses."""
+        """Patches making `part` fail `other`, cheapest first: none, a type, a pattern, then by a key other requires."""
         mine, theirs = self.types(part, True), self.types(other, False)
-        if mine is not None and theirs is not None and mine - theirs:
-            yield {"type": sorted(mine - theirs)}
-        if mine == {"string"} and (first := _string_parts(other)[0])[0]:
+        yield from [{}] + ([{"type": sorted(mine - theirs)}] if mine and theirs and mine - theirs else [])
+        if mine == {"string"} and (first := self._string_parts(other)[0])[0]:
             yield {"!pattern": [first[0] if first[1] else f"^(?:{first[0]})$"]}
         props, theirs = self.declared(part), self.declared(other)
-        yield from ({"properties": {name: False}} for name in _names(other) if name not in _names(part))
+        yield from ({"properties": {name: False}} for name in self._names(other) if name not in self._names(part))
         yield from ({"required": [name]} for name in props if name in theirs)
-        for name in [name for name in _names(other) if name in theirs]:  # last: it may leave part nothing to write
+        for name in [name for name in self._names(other) if name in theirs]:  # last: it may leave part nothing to write
             with contextlib.suppress(APIError):
                 yield {"properties": {name: {"not": theirs[name]}}} if self.negate(theirs[name]) else {}
 
     def declared(self, schema: dict, name: str | None = None, produced: bool = False) -> Any:
-        """A schema's properties ({} if none); with `name`, the schema a value of that key is held to (True where
-        a pattern may be), `produced`: as this server writes it (no undeclared key unless additionalProperties)."""
+        """properties ({} if none), or what `name`'s value is held to (True: a pattern may; `produced`: as written)."""
         props = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
         if name is None or name in props or schema.get("patternProperties"):
             return props if name is None else props.get(name, True)
-        return schema.get("additionalProperties", not (produced and props) or name in _names(schema))
+        return schema.get("additionalProperties", not (produced and props) or name in self._names(schema))
 
     def types(self, schema: dict, produced: bool) -> set | None:
         """The JSON types of values `schema` lets through; `produced`: of the values this server writes for it."""
-        if (values := _values(schema)) is not None or "type" in schema:
-            return {json_type(v) for v in values} if values is not None else _kinds(schema["type"])
+        if (values := self._values(schema)) is not None or "type" in schema:
+            return {self._type(v) for v in values} if values is not None else _kinds(schema["type"])
         if produced and not {"anyOf", "oneOf", "not", "if"} & set(schema):
             return _kinds([k for k, words in KEYWORD_TYPES.items() if words & set(schema)]) or None
         return None
 
     def disjoint(self, part: Any, other: Any, hops: int = 0) -> bool:
-        """True when no value this server writes for `part` satisfies `other`: their types or values differ, part
-        negates other, no string matches both, or a key that one of them requires cannot be in both."""
+        """Whether no value written for `part` satisfies `other`: by types, values, `not`, strings or required keys."""
         part, other = self.flat(part)[0], self.flat(other)[0]
         if part is False or other is False or hops > SCHEMA_MAX_DEPTH:
             return part is False or other is False
-        mine, theirs, values, allowed = self.types(part, True), self.types(other, False), _values(part), _values(other)
+        mine, theirs = self.types(part, True), self.types(other, False)
+        values, allowed = self._values(part), self._values(other)
         if mine is not None and theirs is not None and not mine & theirs or values is not None and allowed is not None \
                 and not any(v == w for v in values for w in allowed):
             return True
@@ -1726,10 +1632,10 @@ class SchemaCompiler:
             return True
         if mine == {"string"}:
             with contextlib.suppress(ValueError):   # a Regex that matches nothing is a ValueError
-                return shared_regex(tuple(_string_parts(part) + _string_parts(other))) is None
+                return shared_regex(tuple(self._string_parts(part) + self._string_parts(other))) is None
             return True
         return mine in (None, {"object"}) and any(self.disjoint(self.declared(part, name, True), self.declared(
-            other, name), hops + 1) for name in dict.fromkeys(_names(part) + _names(other)))
+            other, name), hops + 1) for name in dict.fromkeys(self._names(part) + self._names(other)))
 
     def literals(self, schema: dict, refs: int, depth: int) -> Literals | None:
         """enum/const (or true/false, null): the listed values that also fit the rest of the schema."""
@@ -1737,89 +1643,61 @@ class SchemaCompiler:
         values = (self.list_of(schema["enum"], "enum") if "enum" in schema else [schema["const"]]) if given else \
             [True, False] if schema["type"] == "boolean" else [None]
         values = [v for v in values if ("const" not in schema or _canonical(v) == _canonical(schema["const"])) and
-                  not any(v == w and json_type(v) == json_type(w) for w in schema.get("!enum", []))]
+                  not any(v == w and self._type(v) == self._type(w) for w in schema.get("!enum", []))]
         texts = [json.dumps(v, ensure_ascii=False, separators=(",", ":")) for v in values]
         rest = {k: v for k, v in schema.items() if k not in ("enum", "const", "!enum")} if given else {}
         node = self.compile(rest, refs, depth) if rest else None
         texts = [t for t in texts if not rest or node is not None and accepts_text(node, t)]
         return Literals(texts) if texts else None
 
-    def count(self, schema: dict, word: str) -> int | None:
-        value = schema.get(word)
-        if value is not None and not (_is_number(value) and value >= 0 and value % 1 == 0):
-            raise self.fail(f"{word!r} must be a non-negative integer")
-        return None if value is None else int(value)
-
     def string(self, schema: dict, refs: int, depth: int) -> Leaf:
         """A string matching its patterns, format and lengths, none of the values `not` excludes."""
-        low, high, form = self.count(schema, "minLength") or 0, self.count(schema, "maxLength"), schema.get("format")
-        if not all(isinstance(p, str) for p in _as_list(schema.get("pattern", []))):
-            raise self.fail("'pattern' must be a string")
+        high, form, parts = schema.get("maxLength"), schema.get("format"), tuple(self._string_parts(schema))
         if form in ("hostname", "idn-hostname"):
             high = min(HOSTNAME_MAX_LENGTH if high is None else high, HOSTNAME_MAX_LENGTH)
-        parts = tuple(_string_parts(schema))
         try:
-            return Leaf(ANY_TEXT if parts == (("", True),) else shared_regex(parts), low, high)
+            return Leaf(ANY_TEXT if parts == (("", True),) else shared_regex(parts), schema.get("minLength", 0), high)
         except ValueError as exc:
-            what = f"'pattern' {schema['pattern']!r}" if "pattern" in schema else f"'format' {form!r}" \
-                if isinstance(form, str) and form in FORMATS else "'minLength'/'maxLength'"
+            what = f"'pattern' {schema['pattern']!r}" if "pattern" in schema else "'format'/'minLength'/'maxLength'"
             raise self.fail(f"{what}: {exc}") from None
 
-    def bound(self, schema: dict, inclusive: str, exclusive: str, tighter: Callable) -> tuple:
-        """(bound as a Fraction or None, whether it is exclusive), from both keywords."""
-        values = []
-        for word, is_open in ((inclusive, False), (exclusive, True)):
-            value = schema.get(word)
-            if isinstance(value, bool) and word == exclusive:  # draft-04: exclusiveMinimum: true
-                values = [(v, value) for v, _ in values]
-            elif value is not None:
-                if not _is_number(value) or not math.isfinite(value):
-                    raise self.fail(f"{word!r} must be a number")
-                values.append((Fraction(repr(value)) if isinstance(value, float) else Fraction(value), is_open))
-        return tighter(values, key=lambda pair: (pair[0], pair[1] == (tighter is max))) if values else (None, False)
-
-    def number(self, schema: dict, integer: bool) -> Leaf:
-        """A number within its bounds, a multiple of multipleOf, none of the values `not` excludes."""
-        step, scale, multiple = 1, 0, schema.get("multipleOf")
-        if multiple is not None:
-            if not _is_number(multiple) or multiple <= 0 or not math.isfinite(multiple):
-                raise self.fail("'multipleOf' must be a positive number")
-            exact = Fraction(repr(multiple)) if isinstance(multiple, float) else Fraction(multiple)
-            # An integer is a multiple of p/q when p divides it. Validators divide floats: 7.77 / 0.01 is not
-            # whole to them, so a step a float cannot hold exactly (0.01, not 0.5) is served by integers.
-            if integer or exact.denominator == 1 or Fraction(float(exact)) != exact:
-                integer, step = True, exact.numerator
-            else:
-                scale = next(k for k in range(JSON_MAX_DIGITS + 1) if (exact * 10 ** k).denominator == 1)
-                step = int(exact * 10 ** scale)
+    def number(self, schema: dict, refs: int, depth: int) -> Leaf:
+        """A number (an integer if so typed) within its bounds, a multiple of multipleOf, none `not` excludes."""
+        exact, bounds = Fraction(str(schema.get("multipleOf", 1))), []
+        # An integer is a multiple of p/q when p divides it. Validators divide floats: 7.77 / 0.01 is not
+        # whole to them, so a step a float cannot hold exactly (0.01, not 0.5) is served by integers.
+        integer = schema["type"] == "integer" or "multipleOf" in schema and \
+            (exact.denominator == 1 or Fraction(float(exact)) != exact)
+        scale = 0 if integer else next(k for k in range(JSON_MAX_DIGITS + 1) if (exact * 10 ** k).denominator == 1)
+        for inclusive, exclusive, tighter in (("minimum", "exclusiveMinimum", max),
+                                              ("maximum", "exclusiveMaximum", min)):
+            draft4 = isinstance(schema.get(exclusive), bool)   # exclusiveMinimum: true makes minimum exclusive
+            found = [(Fraction(str(schema[word])), is_open) for word, is_open in
+                     [(inclusive, draft4 and schema[exclusive])] + [(exclusive, True)] * (not draft4) if word in schema]
+            bounds.append(tighter(found, key=lambda b: (b[0], b[1] == (tighter is max)), default=(None, False)))
         excluded = [v for v in schema.get("!enum", []) if _is_number(v)]
         if any("e" in repr(v).lower() for v in excluded):
             raise self.fail(f"'not' excludes one of {excluded!r}, a number this server cannot exclude")
         excluded = ["-?" * (v == 0) + re.escape(str(int(v))) + r"(\.0+)?" if float(v).is_integer()
                     else re.escape(repr(v)) + "0*" for v in excluded]   # every way this server writes it: 3, 3.0...
-        (low, low_open), (high, high_open) = self.bound(schema, "minimum", "exclusiveMinimum", max), \
-            self.bound(schema, "maximum", "exclusiveMaximum", min)
+        (low, low_open), (high, high_open) = bounds
         try:
-            return number_leaf(integer, low, high, low_open, high_open, step, scale, tuple(excluded))
+            return number_leaf(integer, low, high, low_open, high_open, exact.numerator if integer else
+                               int(exact * 10 ** scale), scale, tuple(excluded))
         except ValueError:
             raise self.fail("no number is within minimum/maximum and a multiple of multipleOf (and this server "
                             f"writes one as a regular expression of at most {REGEX_MAX_STATES} states)") from None
 
     def object(self, schema: dict, refs: int, depth: int) -> Piece | None:
-        """properties in their order, then other keys: those patternProperties or additionalProperties allow, held
-        to propertyNames. Without additionalProperties, this server writes no key beyond properties,
-        patternProperties and required (whose undeclared names take any value)."""
+        """properties in order, then keys that patternProperties or additionalProperties allow, under propertyNames
+        (without either, no key beyond properties and required, whose undeclared names take any value)."""
         properties, patterns = schema.get("properties", {}), schema.get("patternProperties", {})
-        required = schema.get("required", [])
-        if not isinstance(properties, dict) or not isinstance(patterns, dict) or _names(schema) != required:
-            raise self.fail("'properties' and 'patternProperties' must be objects and 'required' a list of names")
-        if len(patterns) > 6:
-            raise self.fail("more than 6 'patternProperties' patterns")
         try:
             regexes = [regex_for(p) for p in patterns]
         except ValueError as exc:
             raise self.fail(f"'patternProperties': {exc}") from None
-        extra = schema.get("additionalProperties", None if properties or patterns else True)
+        extra, required = schema.get("additionalProperties", None if properties or patterns else True), \
+            schema.get("required", [])
         names, props, banned = self.keys(schema.get("propertyNames", True), [], depth), [], []
         for name in dict.fromkeys([*properties, *required]):
             matched = [sub for p, sub in zip(regexes, patterns.values()) if p.matches(name)]
@@ -1830,17 +1708,15 @@ class SchemaCompiler:
                 return None
             props.append((name, node, name in required)) if node is not None else banned.append(name)
         # An other key's value: by the patterns it matches (indices), or additionalProperties' (()).
-        values = {} if extra in (None, False) else {(): self.compile(extra, refs, depth + 1)}
-        for chosen in itertools.chain(*(itertools.combinations(range(len(regexes)), n + 1) for n in range(6))):
+        values = {(): None if extra in (None, False) else self.compile(extra, refs, depth + 1)}
+        subs = list(patterns.items())
+        for chosen in itertools.chain(*(itertools.combinations(range(len(subs)), n + 1) for n in range(len(subs)))):
             with contextlib.suppress(ValueError):  # when one key can match them all
-                if len(chosen) == 1 or chosen[:-1] in values:
-                    shared_regex(tuple((list(patterns)[i], True) for i in chosen))
-                    values[chosen] = self.compile({"allOf": [list(patterns.values())[i] for i in chosen]}, refs,
-                                                  depth + 1)
+                if chosen[:-1] in values and shared_regex(tuple((subs[i][0], True) for i in chosen)):
+                    values[chosen] = self.compile({"allOf": [subs[i][1] for i in chosen]}, refs, depth + 1)
         key = self.keys(schema.get("propertyNames", True), list(patterns) * (extra in (None, False)), depth)
         return Object(tuple(props), {k: v for k, v in values.items() if v is not None} if key else {},
-                      self.count(schema, "minProperties") or 0, self.count(schema, "maxProperties"), key,
-                      tuple(banned), tuple(regexes))
+                      schema.get("minProperties", 0), schema.get("maxProperties"), key, tuple(banned), tuple(regexes))
 
     def keys(self, names: Any, patterns: list, depth: int) -> Piece | None:
         """The key leaf for propertyNames and one of `patterns`: ANY_STRING when they allow any, None if none."""
@@ -1857,38 +1733,27 @@ class SchemaCompiler:
         items, prefix = schema.get("items"), schema.get("prefixItems", [])
         if isinstance(items, list):  # draft-07 tuples: items as a list, then additionalItems
             prefix, items = items, schema.get("additionalItems")
-        if not isinstance(prefix, list):
-            raise self.fail("'prefixItems' must be a list of schemas")
-        low, high = self.count(schema, "minItems") or 0, self.count(schema, "maxItems")
-        if "contains" in schema:
-            prefix, items, low = self.contains(schema, prefix, items, low)
+        low, high = schema.get("minItems", 0), schema.get("maxItems")
+        if "contains" in schema:   # the first minContains items match it; under maxContains, no other item does
+            least, most, must = schema.get("minContains", 1), schema.get("maxContains"), schema["contains"]
+            if most is not None and most < least:
+                raise self.fail("'maxContains' is below 'minContains'")
+            other, slots = True if items is None else items, range(max(least, len(prefix)))
+            prefix = [{"allOf": [prefix[i] if i < len(prefix) else other, must if i < least else {"not": must}]}
+                      if i < least or most is not None else prefix[i] for i in slots]
+            items, low = other if most is None else {"allOf": [other, {"not": must}]}, max(low, least)
         nodes = list(itertools.takewhile(lambda n: n is not None, (self.compile(s, refs, depth + 1) for s in prefix)))
         if len(nodes) < len(prefix):  # no value fits the next position: the array ends before it
             high, items = len(nodes) if high is None else min(high, len(nodes)), False
         rest = self.compile(items if items is not None else not prefix or low > len(prefix), refs, depth + 1)
-        unique = schema.get("uniqueItems") is True
-        leaves = [_unique_leaf(n) for n in nodes + [rest]] if unique else []
-        if unique and False not in leaves:
-            nodes, rest = leaves[:-1], leaves[-1]
-        elif unique and low > 1:
-            raise self.fail("'uniqueItems' is enforced for items that are strings, integers, or "
-                            "enum/const/boolean/null values")
-        elif unique:
-            unique, high = False, 1 if high is None else min(high, 1)   # one item is unique whatever it is
-        return Array(tuple(nodes), rest, low, high, unique)
-
-    def contains(self, schema: dict, prefix: list, items: Any, low: int) -> tuple[list, Any, int]:
-        """contains: the first minContains items match it and, under maxContains, no other item does (its
-        negation must be enforceable, see negate()). Returns (prefix items, other items, minItems)."""
-        least, most = self.count(schema, "minContains"), self.count(schema, "maxContains")
-        least = 1 if least is None else least
-        if most is not None and most < least:
-            raise self.fail("'maxContains' is below 'minContains'")
-        other, must = True if items is None else items, schema["contains"]
-        slots = [prefix[i] if i < len(prefix) else other for i in range(max(least, len(prefix)))]
-        held = [{"allOf": [slot, must if i < least else {"not": must}]} if i < least or most is not None else slot
-                for i, slot in enumerate(slots)]
-        return held, other if most is None else {"allOf": [other, {"not": must}]}, max(low, least)
+        if schema.get("uniqueItems") is True:
+            leaves = [self._unique_leaf(n) for n in nodes + [rest]]
+            if False not in leaves:
+                return Array(tuple(leaves[:-1]), leaves[-1], low, high, True)
+            if low > 1:
+                raise self.fail("'uniqueItems' is enforced over strings, integers and enum/const/boolean/null items")
+            high = 1 if high is None else min(high, 1)   # one item is unique whatever it is
+        return Array(tuple(nodes), rest, low, high)
 
 
 def compile_schema(schema: Any, root: Any, param: str) -> Piece:
@@ -1921,64 +1786,59 @@ def schema_constraint(schema: Any, param: str) -> Constraint:
 
 # -- JSON-constrained decoding: the automaton lifted to tokens
 #
-# A token may follow a state when the automaton takes its whole text. Masks walk a trie of the token texts,
-# and inside strings a trie of the plain tokens over the string regex's class ids, so a length or a pattern
-# is not a walk of every token. Masks are cached per state, a string's count reduced to what can matter
-# within one token (Leaf.key), so long strings reuse them.
-
-def token_trie(pairs: Any) -> dict:
-    """A trie of (key, token ids) pairs: char -> child; "" -> the ids whose key ends there."""
-    root: dict = {}
-    for key, ids in pairs:
-        node = root
-        for ch in key:
-            node = node.setdefault(ch, {})
-        node.setdefault("", []).extend(ids)
-    return root
-
-
-def trie_walk(node: dict, state: Any, move: Callable) -> list[int]:
-    """The ids of the trie's keys that `move(state, char)` takes whole, depth first (a falsy state is dead)."""
-    ids, todo = [], [(node, state)]
-    while todo:
-        node, state = todo.pop()
-        for ch, child in node.items():
-            if ch and (after := move(state, ch)):
-                ids.extend(child.get("", ()))
-                todo.append((child, after))
-    return ids
-
+# A token may follow a state when the automaton takes its whole text. Masks walk a trie of the token texts, and
+# inside strings a trie of the plain tokens over the string regex's class ids; they are cached per state, a
+# string's count reduced to what can matter within one token (Leaf.key), so long strings reuse them.
 
 class TokenTable:
-    """A vocabulary's token texts, indexed for constrained decoding; one per tokenizer. Special tokens and
-    tokens that decode to part of a character are left out, so constrained text is whole characters and no
-    control tokens. `plain` tokens hold only ordinary string characters; the others are `marked`."""
+    """A vocabulary's token texts indexed for constrained decoding, without special tokens and parts of characters.
+    `plain` tokens hold only ordinary string characters (Leaf.plain); the others are `marked`."""
 
     def __init__(self, tokenizer: Any):
         self.size, self.eos = len(tokenizer), sorted(tokenizer.eos_token_ids)
         self.texts = token_texts(tokenizer, self.size)
         usable = [(text, token) for token, text in enumerate(self.texts) if text]
-        self.trie = token_trie((text, [token]) for text, token in usable)
-        is_plain = [all(ch >= " " and ch not in '"\\' for ch in text) for text, _ in usable]
-        self.plain = [pair for pair, plain in zip(usable, is_plain) if plain]
-        self.marked = [(token, text) for (text, token), plain in zip(usable, is_plain) if not plain]
-        self.reach = max(map(len, filter(None, self.texts)), default=1)   # the longest token, in characters
+        self.tokens = self.trie((text, [token]) for text, token in usable)
+        self.plain = [(text, token) for text, token in usable if Leaf.plain(text)]
+        self.marked = [(token, text) for text, token in usable if not Leaf.plain(text)]
+        self.reach = max((len(text) for text, _ in usable), default=1)   # the longest token, in characters
         self.plain_chars = sorted({ch for text, _ in self.plain for ch in text})
         self.class_tries = Cache(JSON_CONSTRAINT_CACHE * 4)
+
+    @staticmethod
+    def trie(pairs: Any) -> dict:
+        """A trie of (key, token ids) pairs: char -> child; "" -> the ids whose key ends there."""
+        root: dict = {}
+        for key, ids in pairs:
+            node = root
+            for ch in key:
+                node = node.setdefault(ch, {})
+            node.setdefault("", []).extend(ids)
+        return root
+
+    @staticmethod
+    def walk(node: dict, state: Any, move: Callable) -> list[int]:
+        """The ids of the trie's keys that `move(state, char)` takes whole, depth first (a falsy state is dead)."""
+        ids, todo = [], [(node, state)]
+        while todo:
+            node, state = todo.pop()
+            for ch, child in node.items():
+                if ch and (after := move(state, ch)):
+                    ids.extend(child.get("", ()))
+                    todo.append((child, after))
+        return ids
 
     def class_trie(self, regex: Regex) -> dict:
         """The plain tokens as a trie over `regex`'s class ids (chr(id) for each character); cached."""
         def build() -> dict:
-            classes, groups = str.maketrans({ch: chr(regex.class_id(ch)) for ch in self.plain_chars}), {}
-            for text, token in self.plain:
-                groups.setdefault(text.translate(classes), []).append(token)
-            return token_trie(groups.items())
+            classes = str.maketrans({ch: chr(regex.class_id(ch)) for ch in self.plain_chars})
+            return self.trie((text.translate(classes), [token]) for text, token in self.plain)
         return self.class_tries.get_or(regex, build)
 
 
 def token_texts(tokenizer: Any, size: int) -> list[str | None]:
-    """Each token id's text as it reads inside a sequence; None for unusable ones."""
-    # Decoded after an anchor token, so SentencePiece's leading space is kept.
+    """Each token id's text as it reads inside a sequence (after an anchor token: SentencePiece's leading space
+    kept); None for unusable ones."""
     anchor = tokenizer.encode("a", add_special_tokens=False)[-1]
     head = tokenizer.decode([anchor])
     special = set(getattr(tokenizer, "all_special_ids", ())) | set(tokenizer.eos_token_ids)
@@ -2001,8 +1861,7 @@ class JsonMasks:
     JsonConstraint starts closing `slack` tokens early: a token may commit the output to that much (Piece.slack)."""
 
     def __init__(self, table: TokenTable, start: tuple):
-        value = next(frame[0].slots[0][1] for stack in start for frame in stack if isinstance(frame, Frame))
-        self.table, self.start, self.slack = table, start, 2 * value.slack   # the document's value (json_start)
+        self.table, self.start, self.slack = table, start, 2 * start[0][0].piece.slots[0][1].slack   # its value's
         self.masks, self.closings, self.plains = (Cache(JSON_MASK_CACHE_STATES) for _ in range(3))
 
     def key(self, state: tuple) -> tuple:
@@ -2019,44 +1878,37 @@ class JsonMasks:
         return self.closings.get_or(self.key(state), lambda: self._spell(json_closing_text(state)))
 
     def _spell(self, text: str | None) -> list[int] | None:
-        ids = []
-        while text:  # the longest token that starts the rest
-            node, best = self.table.trie, None
-            for end, ch in enumerate(text):
-                if (node := node.get(ch)) is None:
-                    break
-                best = (node[""][0], end + 1) if node.get("") else best
-            if best is None:
+        ids, table = [], self.table
+        while text:  # the longest token that starts the rest (of equals, the lowest id)
+            fits = table.walk(table.tokens, (text,), lambda rest, ch: (rest[0][1:],) if rest[0][:1] == ch else None)
+            if not fits:
                 return None  # no token spells the next character
-            ids.append(best[0])
-            text = text[best[1]:]
+            ids.append(max(fits, key=lambda token: (len(table.texts[token]), -token)))
+            text = text[len(table.texts[ids[-1]]):]
         return None if text is None else ids
 
     def _build(self, state: tuple, width: int) -> Any:
         table, ids, walk, plain = self.table, [], [], self.ids_mask([], width)
         for stack in state:
-            top = stack[-1] if stack else None
-            leaf = top[0] if top is not None and isinstance(top[0], Leaf) and top[0].quoted else None
-            if leaf and top.escape == "" and (top.ex is None or leaf.max_len is None and leaf.regex is ANY_TEXT):
-                # Inside a string, a plain token cannot leave it: its fate is the regex's and the
-                # length's alone (a walk of the class trie); only the other tokens need a walk.
-                plain = plain | self.plains.get_or(leaf.key(top, table.reach)[:3], lambda: self.ids_mask(trie_walk(
-                    table.class_trie(leaf.regex), (top.dfa, top.count), leaf.move_class), table.size))
+            top = stack[-1]
+            leaf = top[0] if isinstance(top[0], Leaf) and top[0].quoted and top.phase == "" else None
+            if leaf and (top.ex is None or leaf.max_len is None and leaf.regex is ANY_TEXT):
+                # Inside a string a plain token stays there: the regex and the length alone decide it.
+                plain = plain | self.plains.get_or(leaf.key(top, table.reach)[:4], lambda: self.ids_mask(table.walk(
+                    table.class_trie(leaf.regex), (top.at, top.count), leaf.move_class), table.size))
                 ids += [t for t, text in table.marked if json_advance((stack,), text)]
             else:
                 walk.append(stack)
-        ids += trie_walk(table.trie, tuple(walk), json_advance) if walk else []
+        ids += table.walk(table.tokens, tuple(walk), json_advance) if walk else []
         return plain | self.ids_mask(ids + table.eos * json_complete(state), width)
 
     @staticmethod
     def ids_mask(ids: list[int], width: int) -> Any:
         """A boolean mask over `width` logits, true at `ids`."""
         import mlx.core as mx
-        mask = mx.zeros((width,), dtype=mx.bool_)
-        ids = [t for t in ids if t < width]
-        if ids:
-            mask[mx.array(ids)] = True
-        return mask
+        mask = mx.zeros((width + 1,), dtype=mx.bool_)   # one more, so the index list is never empty
+        mask[mx.array([t for t in ids if t < width] + [width])] = True
+        return mask[:width]
 
 
 def masked(logits: Any, mask: Any) -> Any:
@@ -2073,9 +1925,8 @@ def json_constraint(constraint: Constraint, tokenizer: Any, budget: int) -> Json
 
 
 class JsonConstraint:
-    """A logits processor (one call per generated token, mlx_lm's convention) that lets through only tokens
-    keeping the output valid JSON. When the tokens left just suffice to spell the shortest closing text, it
-    spells it, so the output is complete whenever max_tokens allows; then only end-of-sequence remains."""
+    """A logits processor (one call per token, mlx_lm's) that lets through only tokens keeping the output valid JSON.
+    When the tokens left just suffice to spell the shortest closing text, it spells it; then only end-of-sequence."""
 
     stateful = True   # follows the tokens sampled so far, one call per token
 
@@ -2084,23 +1935,20 @@ class JsonConstraint:
         self.started, self.plan = False, None   # plan: the closing tokens still to come, once closing
 
     def __call__(self, tokens: Any, logits: Any) -> Any:
-        texts, width = self.masks.table.texts, logits.shape[-1]
+        masks, width = self.masks, logits.shape[-1]
         if self.started:
             token = int(tokens[-1].item())
-            text = texts[token] if token < len(texts) else None
-            self.state = json_advance(self.state, text) if text else ()
-            self.plan = self.plan and self.plan[1:]
+            text = masks.table.texts[token] if token < len(masks.table.texts) else None
+            self.state, self.plan = json_advance(self.state, text) if text else (), self.plan and self.plan[1:]
         self.started = True
         if self.plan is None and not json_complete(self.state):
-            plan = self.masks.closing(self.state)
-            if plan is not None and len(plan) + 1 + self.masks.slack >= self.left:
-                self.plan = plan
+            plan = masks.closing(self.state)
+            self.plan = plan if plan is not None and len(plan) + 1 + masks.slack >= self.left else None
         self.left -= 1
-        if self.state and self.plan:
-            return masked(logits, self.masks.ids_mask(self.plan[:1], width))
-        if self.state and self.plan is None:
-            return masked(logits, self.masks.allowed(self.state, width))
-        return masked(logits, self.masks.ids_mask(self.masks.table.eos, width))  # closed, finished or dead
+        if not self.state or self.plan == []:   # dead, or closed: only end-of-sequence
+            return masked(logits, masks.ids_mask(masks.table.eos, width))
+        allowed = masks.allowed(self.state, width) if self.plan is None else masks.ids_mask(self.plan[:1], width)
+        return masked(logits, allowed)
 
 
 # ---------------------------------------------------------------------------
@@ -7750,6 +7598,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.dispatched = True
         self.started = time.monotonic()
         self.status_sent = None
+        self.counted = False
         # A body that no route reads would be parsed as the next request: such a connection is not reused.
         self.body_read = (self.headers.get("Transfer-Encoding") is None
                           and self.headers.get("Content-Length", "0").strip() == "0")
@@ -7876,8 +7725,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         # The path is known only when the request line parsed (command set); else it may be the last request's.
         self.route_path = self.path.split("?", 1)[0] if self.command else ""
         self.request_id = new_id("req_")
-        self._send_json(self._error_body(error), status)
+        self.counted = True  # counted here, under "other", before the reply leaves
         self.server.metrics.record_request("other", str(int(status)), 0.0)
+        self._send_json(self._error_body(error), status)
 
     def _send_error(self, error: APIError) -> None:
         if self.status_sent is not None:  # a response is under way: just end it
@@ -7921,6 +7771,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_header(name, value)
         if self.close_connection:
             self.send_header("Connection", "close")
+        self._record_request()
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
@@ -7987,6 +7838,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if not self.body_read:
             self._close_after_response()
             self.send_header("Connection", "close")
+        self._record_request()
         self.end_headers()
 
     def route_models(self) -> None:
@@ -8236,9 +8088,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 if kind == "error":
                     raise value
                 open_stream(now=True)
+                if not slot.held:  # the last event: counted before it leaves, as a plain response is
+                    self._record_request()
                 write(writer.event(kind, value, *extra))
         except APIError as exc:  # headers are out: the error becomes an event
             self.status_sent = int(exc.status)
+            self._record_request()
             write(writer.failure(exc))
 
     def _start_stream(self, headers: dict[str, str]) -> None:
@@ -8283,6 +8138,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         pass
 
     def _record_request(self) -> None:
+        # Once per exchange, before a complete response's last byte leaves (a client that scrapes
+        # /metrics after reading its reply finds it counted); streams end with the connection, after this.
+        if self.counted:
+            return
+        self.counted = True
         path = self.route_path
         endpoint = path if path in self.PREFLIGHT_ROUTES else "other"  # raw paths would let clients mint series
         code = str(self.status_sent) if self.status_sent is not None else "499"

@@ -851,7 +851,7 @@ def test_counted_strings_reuse_cached_masks(model, schema):
     ({"type": "string", "pattern": "^a{,3}$"}, "'{,'"),   # ECMAScript: a literal; re (validators): a repeat
     ({"type": "string", "pattern": "(a|b)*a(a|b){25}"}, "states of its automaton"),   # 2**25 DFA states: bounded
     ({"type": "string", "pattern": "a^b"}, "matches nothing"),
-    ({"not": {"minimum": 3}}, "'not' is enforced only"),
+    ({"not": {"multipleOf": 3}}, "'not' is enforced only"),
     ({"oneOf": [{"type": "integer"}, {"type": "number"}]}, "oneOf branches"),
     ({"type": "array", "items": {"type": "object"}, "uniqueItems": True, "minItems": 2}, "uniqueItems"),
     ({"type": "integer", "minimum": 5, "maximum": 4}, "minimum"),
@@ -1030,9 +1030,9 @@ def test_patterns_are_read_as_ecmascript(pattern, good, bad):
 ONEOF_CAN_OVERLAP = {"oneOf": [{"type": "object", "properties": {"a": {"type": "integer"}}},   # {} matches both
                                {"type": "object", "properties": {"b": {"type": "integer"}}}]}
 
-ONEOF_UNENFORCEABLE_AND_OVERLAPPING = {"oneOf": [{"type": "integer"}, {"type": "integer", "not": {"minimum": 1}}]}
+ONEOF_UNENFORCEABLE_AND_OVERLAPPING = {"oneOf": [{"type": "integer"}, {"type": "integer", "not": {"multipleOf": 2}}]}
 
-ONEOF_UNENFORCEABLE_BUT_DISJOINT = {"oneOf": [{"type": "integer"}, {"type": "string", "not": {"minimum": 1}}]}
+ONEOF_UNENFORCEABLE_BUT_DISJOINT = {"oneOf": [{"type": "integer"}, {"type": "string", "not": {"multipleOf": 2}}]}
 
 
 @pytest.mark.parametrize("schema", [ONEOF_CAN_OVERLAP, ONEOF_UNENFORCEABLE_AND_OVERLAPPING])
@@ -1048,6 +1048,25 @@ def test_oneof_branch_left_out_only_when_provably_apart(openai_client):
         text, finish = structured_output(openai_client, ONEOF_UNENFORCEABLE_BUT_DISJOINT, "response_format", 1.0, seed, 40)
         assert finish == "stop" and isinstance(json.loads(text), int), text
         assert_valid(text, ONEOF_UNENFORCEABLE_BUT_DISJOINT)
+
+
+# if/then/else whose one branch fits no value: only integers below 5, strings of at most one character are valid.
+IF_ONE_BRANCH_EMPTY = [{"type": "integer", "if": {"minimum": 5}, "then": {"maximum": 3}},
+                       {"type": "string", "if": {"minLength": 2}, "then": {"maxLength": 1}}]
+
+
+@pytest.mark.parametrize("schema", IF_ONE_BRANCH_EMPTY)
+def test_if_then_else_with_one_empty_branch_is_served(server, openai_client, schema):
+    """The empty branch drops out of the alternatives (its `not` of a bound enforced); both empty is a 400."""
+    for seed in range(2):
+        text, finish = structured_output(openai_client, schema, "response_format", 1.0, seed, 40)
+        assert finish == "stop", text
+        assert_valid(text, schema)
+    value = json.loads(text)
+    assert value < 5 if schema["type"] == "integer" else len(value) <= 1
+    both_empty = {**schema, "else": {"minimum": 6} if schema["type"] == "integer" else {"minLength": 3}}
+    reply = request(server, "POST", "/v1/chat/completions", body_for("chat", response_format=schema_format(both_empty)))
+    assert_openai_error(reply, 400, "response_format")
 
 
 @pytest.mark.parametrize("schema", [
@@ -1860,7 +1879,8 @@ def test_busy_polling_launcher_is_reniced_below_the_ranks(long_model_dir):
         threads = [int(t) for t in os.listdir(f"/proc/{launcher}/task")]
         assert len(threads) >= 3   # its main loop and one relay thread per rank
         assert {os.getpriority(os.PRIO_PROCESS, t) for t in threads} == {19}
-        assert {os.getpriority(os.PRIO_PROCESS, group.rank_pid(r)) for r in (0, 1)} == {0}
+        own = os.getpriority(os.PRIO_PROCESS, 0)   # the ranks keep the niceness they were started with
+        assert {os.getpriority(os.PRIO_PROCESS, group.rank_pid(r)) for r in (0, 1)} == {own}
 
 
 def test_two_codex_runs_and_a_claude_run_at_once_get_no_429_on_default_admission(agent_model_dir, tmp_path):
