@@ -706,7 +706,8 @@ MUTATIONS = [
     Mutation("tabs-last-writer-wins", "a tab writes its whole copy of a chat over the stored one: "
                                       "a reply streaming in another tab loses the other tab's turn",
              (("      merged = stored ? mergeStored(conv, stored, true) : null;", "      merged = null;"),),
-             ("test_two_tabs_on_one_chat_keep_both_replies_and_escape_stops",), target="chat.js"),
+             ("test_two_tabs_on_one_chat_keep_both_replies_and_escape_stops",
+              "test_a_turn_another_tab_added_stays_that_tabs_to_edit"), target="chat.js"),
     Mutation("remote-stream-interrupted", "a reply streaming in another tab is read as interrupted",
              (("    const live = id && raw.status === \"streaming\" && (store.live.has(id) || store.keepStreaming);",
                "    const live = false;"),),
