@@ -579,8 +579,6 @@ class ClientGone(Exception):
 # Whitespace: at most JSON_MAX_WHITESPACE characters between tokens. Recursive $refs unroll SCHEMA_MAX_REFS deep.
 
 JSON_WHITESPACE = " \t\n\r"
-JSON_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
-HEX_DIGITS = "0123456789abcdefABCDEF"
 REFEED = "refeed"
 
 
@@ -603,10 +601,9 @@ ANYTHING = (sre.MAX_REPEAT, (0, sre.MAXREPEAT, [(sre.IN, [(sre.NEGATE, None)])])
 
 def regex_items(pattern: str | tuple, search: bool, negated: bool) -> list[tuple[list, bool]]:
     """(re's parse items, negated) for one part: the pattern (anywhere in the text if searched), then its leading
-    lookaheads as parts the whole text must (or must not) start with; a (step, scale) multiple passes. re reads
-    what ECMAScript means: (?<name>...) as (...), in a class "-" beside \\d \\w \\s and "[[", "&&", "--" literally. A
-    ValueError names what we do not support: escapes ECMAScript lacks or reads otherwise (backreferences, \\b, \\A,
-    \\a), "{," (which the two read apart), lookbehind, inline flags, lookaheads elsewhere."""
+    lookaheads as parts the text must (not) start with; a (step, scale) multiple passes. re reads what ECMAScript
+    means ((?<name>...); in a class "-" beside \\d \\w \\s, "[[", "&&", "--"); a ValueError names what it cannot:
+    escapes ECMAScript lacks or reads otherwise (backreferences, \\b, \\A, \\a), "{,", lookbehind, inline flags."""
     if not isinstance(pattern, str):
         return [([("multiples", pattern)], negated)]
     if bad := [text for text in re.findall(ESCAPE, pattern, re.S) if not GOOD_ESCAPE.fullmatch(text)]:
@@ -4704,13 +4701,16 @@ def join_group(settings: Settings) -> Any:
 
 
 def quiet_launcher(pid: int) -> bool:
-    """Lower the CPU priority of our parent when it is mlx.launch (nice 19); True when it was.
+    """Lower the CPU priority of our parent when it is mlx.launch (nice 19, idle class on Linux); True when it was.
 
     mlx.launch's output relay busy-polls: it selects its ranks' stdin pipes for writing, which are always
     writable, and its own stdin at end of file, so an idle 2-rank group burns 1-1.7 cores in the launcher
-    (mlx 0.32). On a laptop-sized core count that is time the ranks' decode loses. Nice 19 leaves it the
-    idle cycles only; a user's process may always lower its own processes' priority. Threads are
-    reniced one by one on Linux (where nice is per thread); elsewhere the process's value covers them.
+    (mlx 0.32). On a laptop-sized core count that is time the ranks' decode loses. A user's process may
+    always lower its own processes' priority. Nice 19 is not enough on Linux: the scheduler may let a running
+    nice-19 thread keep the core to the end of its slice (EEVDF's run to parity) while a rank thread that a
+    collective woke waits, and a decode step wakes them at every layer (bench/RESULTS-sharded.md). A
+    SCHED_IDLE thread gives way at once. Each thread is set on its own on Linux (where nice and policy are
+    per thread); elsewhere the process's nice value covers them.
     """
     try:
         if sys.platform.startswith("linux"):
@@ -4726,9 +4726,12 @@ def quiet_launcher(pid: int) -> bool:
             return False
         for thread in threads:
             os.setpriority(os.PRIO_PROCESS, thread, 19)
+            with contextlib.suppress(OSError, AttributeError):   # not Linux, or refused: nice 19 stays
+                os.sched_setscheduler(thread, os.SCHED_IDLE, os.sched_param(0))
     except (OSError, subprocess.SubprocessError):
         return False   # gone, or not ours to renice: only speed is at stake
-    logging.info("mlx.launch (pid %d) busy-polls its ranks' pipes; its priority is lowered to nice 19", pid)
+    logging.info("mlx.launch (pid %d) busy-polls its ranks' pipes; its priority is lowered to nice 19%s", pid,
+                 " and the idle class" if hasattr(os, "SCHED_IDLE") else "")
     return True
 
 

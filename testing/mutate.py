@@ -489,6 +489,11 @@ MUTATIONS = [
              (("        for thread in threads:\n            os.setpriority(os.PRIO_PROCESS, thread, 19)\n",
                "        for thread in threads[:1]:\n            os.setpriority(os.PRIO_PROCESS, thread, 19)\n"),),
              ("test_busy_polling_launcher_is_reniced_below_the_ranks",)),
+    Mutation("launcher-nice-only", "mlx.launch's threads get nice 19 but stay in the normal class: a running one "
+                                   "keeps its time slice while a rank thread that a collective woke waits",
+             (("                os.sched_setscheduler(thread, os.SCHED_IDLE, os.sched_param(0))\n",
+               "                pass\n"),),
+             ("test_busy_polling_launcher_is_reniced_below_the_ranks",)),
     Mutation("group-vote-not-sent", "rank 1's stop vote never reaches rank 0 when shares travel on the lifelines",
              (("                self.bells[0].sendall(self.VOTE)\n", "                pass\n"),),
              ("test_sigterm_drains_the_group_and_it_exits",)),
