@@ -576,11 +576,8 @@ class ClientGone(Exception):
 # its value's first frame under an exclusion `ex` (texts it may not be: unique items, extra keys); step(frame, ch)
 # -> frame tuples that replace it (() pops it; led by REFEED: pushed, the new top takes `ch`); done(frame): the
 # value is complete (its parent may take `ch`); finish(frame): a short text completing it; min_text, the shortest.
-# Whitespace: at most JSON_MAX_WHITESPACE characters between tokens. Recursive $refs unroll SCHEMA_MAX_REFS deep.
 
 JSON_WHITESPACE = " \t\n\r"
-JSON_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
-HEX_DIGITS = "0123456789abcdefABCDEF"
 REFEED = "refeed"
 
 
@@ -603,10 +600,9 @@ ANYTHING = (sre.MAX_REPEAT, (0, sre.MAXREPEAT, [(sre.IN, [(sre.NEGATE, None)])])
 
 def regex_items(pattern: str | tuple, search: bool, negated: bool) -> list[tuple[list, bool]]:
     """(re's parse items, negated) for one part: the pattern (anywhere in the text if searched), then its leading
-    lookaheads as parts the whole text must (or must not) start with; a (step, scale) multiple passes. re reads
-    what ECMAScript means: (?<name>...) as (...), in a class "-" beside \\d \\w \\s and "[[", "&&", "--" literally. A
-    ValueError names what we do not support: escapes ECMAScript lacks or reads otherwise (backreferences, \\b, \\A,
-    \\a), "{," (which the two read apart), lookbehind, inline flags, lookaheads elsewhere."""
+    lookaheads as parts the text must (not) start with; a (step, scale) multiple passes. re reads what ECMAScript
+    means ((?<name>...); in a class "-" beside \\d \\w \\s, "[[", "&&", "--"); a ValueError names what it cannot:
+    escapes ECMAScript lacks or reads otherwise (backreferences, \\b, \\A, \\a), "{,", lookbehind, inline flags."""
     if not isinstance(pattern, str):
         return [([("multiples", pattern)], negated)]
     if bad := [text for text in re.findall(ESCAPE, pattern, re.S) if not GOOD_ESCAPE.fullmatch(text)]:
@@ -991,11 +987,10 @@ class Leaf(Piece):
             if ends := [e for e in ends if ex is None or (not plain or self.plain(e)) and text + e + quote not in ex]:
                 return min(ends, key=len)
             nxt: dict = {}
-            for state, tails in layer.items():
-                for cid, ch in self.regex.reps.items():
-                    if (not plain or self.plain(ch)) and (after := self.regex._move(state, cid)) is not None:
-                        kept = nxt.setdefault(after, [])
-                        kept += [t + ch for t in tails[:keep - len(kept)]]
+            for (state, tails), (cid, ch) in itertools.product(layer.items(), self.regex.reps.items()):
+                if (not plain or self.plain(ch)) and (after := self.regex._move(state, cid)) is not None:
+                    kept = nxt.setdefault(after, [])
+                    kept += [t + ch for t in tails[:keep - len(kept)]]
             layer = nxt
         return None
 
@@ -1071,8 +1066,8 @@ class Container(Piece):
         self.required_from = [sum(req for _, _, req in slots[j:]) for j in range(len(slots) + 1)]
         self.fixed = [req or not self.keyed for _, _, req in slots]   # slots that may not be skipped
         self.cap, self.memo = low if high is None else high, Cache(JSON_MASK_CACHE_STATES)   # key pieces
-        self.members = [node for _, node, _ in slots] + list(values.values())   # slot j's value, then extra ones
-        tail = self._tail(0, 0, frozenset(), "", False)
+        self.members = [node for _, node, _ in slots] + list(values.values())   # by slot, then extra ones
+        tail = self.finish(self.frame())
         if tail is None:
             raise ValueError("no object has these properties within minProperties/maxProperties" if self.keyed
                              else "no array has these items within minItems/maxItems (and uniqueItems)")
@@ -1093,7 +1088,7 @@ class Container(Piece):
         if phase == "item" or phase in ("open", "comma") and not self.keyed and ch != self.brackets[1:]:
             if phase != "item" and not any(self._choices(at, count)):
                 return []
-            node, nxt = self._member(at)
+            node, nxt = self.members[at], min(at + 1, len(self.slots))
             after = Frame(self, "value", nxt, min(count + 1, self.cap), seen, 0)
             return [(REFEED, after, alt.frame(seen if self.unique else None)) for alt in node.alternatives]
         if ch == self.brackets[1:] and phase in ("open", "value"):
@@ -1104,7 +1099,7 @@ class Container(Piece):
             return []
         slots, extra = self._choices(at, count)
         if ch == ",":   # if a member may follow (an array's next unique item: one not written yet)
-            more = (slots or extra) and (not self.unique or first_text(self._member(at)[0], seen) is not None)
+            more = (slots or extra) and (not self.unique or first_text(self.members[at], seen) is not None)
             return [(Frame(self, "comma", at, count, seen, 0),)] * bool(more)
         keys = [(self.key, self.forbidden | seen)] * extra   # a declared name or an extra key
         if slots:
@@ -1114,22 +1109,13 @@ class Container(Piece):
     def done(self, frame: Frame) -> bool:
         return not self.brackets and frame.phase == "value"
 
-    def _member(self, at: int) -> tuple:
-        """(the value's node, the next slot) for slot `at`, or extra value at - len(slots)."""
-        return self.members[at], min(at + 1, len(self.slots))
-
     def _choices(self, at: int, count: int) -> tuple[tuple[int, ...], bool]:
         """(slots that may come next, whether an extra member may), leaving room for low and high."""
-        if self.high is not None and count >= self.high:
-            return (), False
-        chosen = []
-        for j in range(at, len(self.slots)):
-            if (self.high is None or count + 1 + self.required_from[j + 1] <= self.high) and \
-                    (self.extras or len(self.slots) - j - 1 >= self.low - count - 1):
-                chosen.append(j)
-            if self.fixed[j]:
-                break
-        return tuple(chosen), bool(self.extras) and not any(self.fixed[at:])
+        high = math.inf if self.high is None else self.high
+        end = next((j + 1 for j in range(at, len(self.slots)) if self.fixed[j]), len(self.slots))   # to a fixed one
+        chosen = tuple(j for j in range(at, end) if count + 1 + self.required_from[j + 1] <= high
+                       and (self.extras or len(self.slots) - j - 1 >= self.low - count - 1))
+        return (chosen, bool(self.extras) and not any(self.fixed[at:])) if count < high else ((), False)
 
     def child_done(self, frame: Frame, child: tuple) -> Frame | None:
         """A key written: its slot, or an extra key's value (None: no value may follow it); an item: seen."""
@@ -1147,16 +1133,12 @@ class Container(Piece):
         return self.extras.index(matched) if matched in self.values else None
 
     def finish(self, frame: Frame) -> str | None:
-        """The shortest text that closes the container from `frame`."""
-        if frame.phase in ("colon", "item"):
-            node, at = self._member(frame.at)
-            tail = self._tail(at, min(frame.count + 1, self.cap), frame.ex, ",", False)
-            return ":" * (frame.phase == "colon") + node.min_text + tail
-        return self._tail(frame.at, frame.count, frame.ex, "," * (frame.phase == "value"), frame.phase == "comma")
-
-    def _tail(self, at: int, count: int, seen: frozenset, sep: str, must: bool) -> str | None:
-        """The shortest text that ends the container: the members it still needs, then its bracket."""
-        parts = []
+        """The shortest text that closes the container from `frame`: the members it still needs, then its bracket."""
+        _, phase, at, count, seen, _, _ = frame
+        parts, sep, must = [], "," * (phase == "value"), phase == "comma"
+        if phase in ("colon", "item"):   # key `at` written: its value first
+            parts, sep = [":" * (phase == "colon") + self.members[at].min_text], ","
+            at, count = min(at + 1, len(self.slots)), min(count + 1, self.cap)
         while must or self.required_from[at] or count < self.low:
             declared, extra = self._choices(at, count)
             key, j = "", at   # an array's next item; an object's required member, or its first optional one
@@ -1170,7 +1152,7 @@ class Container(Piece):
                 j, seen, key = len(self.slots) + slot, seen | {key}, key + ":"
             elif not (declared or extra):
                 return None
-            node, at = self._member(j)
+            node, at = self.members[j], min(j + 1, len(self.slots))
             value = first_text(node, seen) if self.unique else node.min_text
             if value is None:
                 return None
@@ -1201,8 +1183,7 @@ def json_advance(state: tuple, text: str) -> tuple:
 
 
 def _step(stack: tuple, ch: str) -> list[tuple]:
-    """The stacks that can follow `stack` on character `ch` (none: it cannot): its top frame's (a frame pushed
-    takes `ch` in turn) and, once the top value is complete, its parent's."""
+    """The stacks after `ch`: its top frame's (a frame pushed takes `ch` in turn), and its parent's once it is done."""
     top, out = stack[-1], []
     for frames in top[0].step(top, ch):
         if frames and frames[0] is REFEED:
@@ -1235,8 +1216,7 @@ def json_complete(state: tuple) -> bool:
 
 
 def json_closing_text(state: tuple) -> str | None:
-    """A shortest way to complete the text from `state`: for each stack, finish the top frame, settle, repeat,
-    each finish text checked by the automaton itself."""
+    """A shortest text completing `state`: per stack, finish the top frame, settle, repeat (checked by stepping)."""
     closings = []
     for stack in state:
         texts = []
@@ -4692,13 +4672,16 @@ def join_group(settings: Settings) -> Any:
 
 
 def quiet_launcher(pid: int) -> bool:
-    """Lower the CPU priority of our parent when it is mlx.launch (nice 19); True when it was.
+    """Lower the CPU priority of our parent when it is mlx.launch (nice 19, idle class on Linux); True when it was.
 
     mlx.launch's output relay busy-polls: it selects its ranks' stdin pipes for writing, which are always
     writable, and its own stdin at end of file, so an idle 2-rank group burns 1-1.7 cores in the launcher
-    (mlx 0.32). On a laptop-sized core count that is time the ranks' decode loses. Nice 19 leaves it the
-    idle cycles only; a user's process may always lower its own processes' priority. Threads are
-    reniced one by one on Linux (where nice is per thread); elsewhere the process's value covers them.
+    (mlx 0.32). On a laptop-sized core count that is time the ranks' decode loses. A user's process may
+    always lower its own processes' priority. Nice 19 is not enough on Linux: the scheduler may let a running
+    nice-19 thread keep the core to the end of its slice (EEVDF's run to parity) while a rank thread that a
+    collective woke waits, and a decode step wakes them at every layer (bench/RESULTS-sharded.md). A
+    SCHED_IDLE thread gives way at once. Each thread is set on its own on Linux (where nice and policy are
+    per thread); elsewhere the process's nice value covers them.
     """
     try:
         if sys.platform.startswith("linux"):
@@ -4714,9 +4697,12 @@ def quiet_launcher(pid: int) -> bool:
             return False
         for thread in threads:
             os.setpriority(os.PRIO_PROCESS, thread, 19)
+            with contextlib.suppress(OSError, AttributeError):   # not Linux, or refused: nice 19 stays
+                os.sched_setscheduler(thread, os.SCHED_IDLE, os.sched_param(0))
     except (OSError, subprocess.SubprocessError):
         return False   # gone, or not ours to renice: only speed is at stake
-    logging.info("mlx.launch (pid %d) busy-polls its ranks' pipes; its priority is lowered to nice 19", pid)
+    logging.info("mlx.launch (pid %d) busy-polls its ranks' pipes; its priority is lowered to nice 19%s", pid,
+                 " and the idle class" if hasattr(os, "SCHED_IDLE") else "")
     return True
 
 

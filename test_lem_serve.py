@@ -840,6 +840,15 @@ def test_counted_strings_reuse_cached_masks(model, schema):
     assert len(masks.masks) <= 5 and len(masks.plains) <= 5
 
 
+def test_a_value_that_may_be_empty_hands_on_the_next_character():
+    """A raw value that may be empty (a tool argument's text) ends before it begins: the character after it goes
+    to its container (json_start once raised TypeError there)."""
+    node = lem_serve.Array((), lem_serve.Leaf(lem_serve.regex_for("a*", False), quoted=False))
+    start = lem_serve.json_start(node)
+    assert all(lem_serve.json_complete(lem_serve.json_advance(start, text)) for text in ["[]", "[a]", "[,a]", "[a,a]"])
+    assert not lem_serve.json_advance(start, "[b")
+
+
 @pytest.mark.parametrize("schema,words", [
     ({"type": "object", "not": {}}, "no JSON value"),
     ({"type": "array", "unevaluatedItems": False}, "'unevaluatedItems'"),
@@ -1872,15 +1881,19 @@ def test_idle_ranks_block_instead_of_polling(long_model_dir):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads each thread's nice value in /proc")
 def test_busy_polling_launcher_is_reniced_below_the_ranks(long_model_dir):
-    """mlx.launch's relay threads busy-poll; the ranks lower every one of them to nice 19, not themselves."""
+    """mlx.launch's relay threads busy-poll; the ranks lower every one of them to nice 19 and the idle
+    class (which a waking rank thread preempts at once), not themselves."""
     with ServedGroup(long_model_dir) as group:
         group.wait_ready()
         launcher = group.process.pid
         threads = [int(t) for t in os.listdir(f"/proc/{launcher}/task")]
         assert len(threads) >= 3   # its main loop and one relay thread per rank
         assert {os.getpriority(os.PRIO_PROCESS, t) for t in threads} == {19}
-        own = os.getpriority(os.PRIO_PROCESS, 0)   # the ranks keep the niceness they were started with
-        assert {os.getpriority(os.PRIO_PROCESS, group.rank_pid(r)) for r in (0, 1)} == {own}
+        assert {os.sched_getscheduler(t) for t in threads} == {os.SCHED_IDLE}
+        ranks = [group.rank_pid(r) for r in (0, 1)]
+        own = os.getpriority(os.PRIO_PROCESS, 0)   # the ranks keep the niceness and class they were started with
+        assert {os.getpriority(os.PRIO_PROCESS, pid) for pid in ranks} == {own}
+        assert {os.sched_getscheduler(pid) for pid in ranks} == {os.sched_getscheduler(0)}
 
 
 def test_two_codex_runs_and_a_claude_run_at_once_get_no_429_on_default_admission(agent_model_dir, tmp_path):

@@ -242,6 +242,8 @@ def lem_supports(flag: str) -> bool:
 class ServerProcess:
     """One HTTP server subprocess: started in its own session, always killed."""
 
+    stdin = None   # what its stdin is (subprocess's stdin argument); None: this script's own
+
     def __init__(self, name: str, argv: list[str], health_path: str, log_path: Path):
         self.name, self.argv, self.health_path, self.log_path = name, argv, health_path, log_path
         self.port = int(argv[argv.index("--port") + 1]) if "--port" in argv else \
@@ -253,7 +255,7 @@ class ServerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "wb")
         # A session of its own, so stop() can signal the server and any child it spawns.
-        self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+        self.proc = subprocess.Popen(self.argv, stdin=self.stdin, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                                      start_new_session=True)
         log.close()
         deadline = time.monotonic() + START_TIMEOUT

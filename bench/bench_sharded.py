@@ -12,9 +12,14 @@ model folder, greedy, chat template applied:
      sharded over two ranks (``sharded_load``), no server: the ratio lem/raw
      of each shows what lem-serve adds on top, sharded or not; and raw over two
      ranks once more with its mlx.launch reniced as lem-serve's ranks renice
-     theirs (quiet_launcher: the launcher's relay threads busy-poll), so the
-     sharded ratio can be read like for like too.
-   All five are started, then measured in turns, repetition by repetition,
+     theirs (quiet_launcher: nice 19 and, on Linux, the idle class, since the
+     launcher's relay threads busy-poll), so the sharded ratio can be read
+     like for like too. Every group gets an open pipe on stdin (the raw
+     workers' requests; an unused one for lem-serve, as a terminal would be).
+   * lem-serve and raw over two ranks once more without mlx.launch (bash
+     starts both ranks with the ring's environment): what each adds with no
+     launcher in the way, the cleanest like-for-like ratio.
+   All seven are started, then measured in turns, repetition by repetition,
    each resumed (SIGCONT) for its turn while the others stay paused
    (SIGSTOP): an idle group is not idle here (mlx.launch's I/O loop and the
    ring backend's wait spin; the script reports how much CPU they take).
@@ -45,6 +50,7 @@ import contextlib
 import json
 import os
 import platform
+import shlex
 import signal
 import statistics
 import subprocess
@@ -65,17 +71,37 @@ RESULTS = bench.RESULTS
 ONE, GROUP = "lem-serve, 1 process", "lem-serve, 2 ranks"
 RAW1, RAW2 = "raw mlx_lm, 1 process", "raw mlx_lm, 2 ranks"
 RAW2N = "raw mlx_lm, 2 ranks, launcher reniced"   # raw given lem-serve's quiet_launcher(), for a like-for-like ratio
+GROUPD, RAW2D = "lem-serve, 2 ranks, no launcher", "raw mlx_lm, 2 ranks, no launcher"   # ranks started directly
 SHARE_CALLS = 500
 
 
-def group_server(model: Path, tag: str, max_requests: int) -> bench.ServerProcess:
-    """lem-serve under mlx.launch -n 2 --backend ring on loopback; rank 0 serves HTTP."""
+def direct(command: list[str], tag: str) -> list[str]:
+    """Two ranks of `command` without mlx.launch: bash starts both with the ring backend's environment (the
+    host list, MLX_RANK) and copies its stdin to both, as mlx.launch does; rank 1's stdout is dropped."""
+    port = free_port_run(2)
+    hosts = RESULTS / "logs" / f"{tag}-hosts.json"
+    hosts.parent.mkdir(parents=True, exist_ok=True)
+    hosts.write_text(json.dumps([[f"127.0.0.1:{port}"], [f"127.0.0.1:{port + 1}"]]))
+    rank = [f"MLX_RANK={r} MLX_HOSTFILE={shlex.quote(str(hosts))} {shlex.join(command)}" for r in (0, 1)]
+    return ["bash", "-c", f"tee >({rank[1]} >/dev/null) | {rank[0]}"]
+
+
+def group_server(model: Path, tag: str, max_requests: int, launched: bool = True) -> bench.ServerProcess:
+    """lem-serve under mlx.launch -n 2 --backend ring on loopback (or its two ranks started directly); rank 0
+    serves HTTP."""
     port = bench.free_port()
+    command = [sys.executable, str(ROOT / "lem_serve.py"), "--model-path", str(model),
+               "--bind", f"127.0.0.1:{port}", "--max-requests", str(max_requests), "--max-context", "0",
+               "--log-level", "warning"]
     argv = [launcher(), "-n", "2", "--backend", "ring", "--starting-port", str(free_port_run(2)),
-            "--python", sys.executable, str(ROOT / "lem_serve.py"), "--model-path", str(model),
-            "--bind", f"127.0.0.1:{port}", "--max-requests", str(max_requests), "--max-context", "0",
-            "--log-level", "warning"]
-    return bench.ServerProcess(GROUP, argv, "/healthz", RESULTS / "logs" / f"{tag}-lem-serve-2-ranks.log")
+            "--python", *command]
+    server = bench.ServerProcess(GROUP if launched else GROUPD, argv, "/healthz",
+                                 RESULTS / "logs" / f"{tag}-lem-serve-2-ranks{'' if launched else '-direct'}.log")
+    server.argv = argv if launched else direct(command, f"{tag}-lem")
+    # An open pipe on stdin, as the raw workers have (and a terminal gives): at end of file (/dev/null, the
+    # bench run without a terminal) mlx.launch's main loop busy-polls it, one more spinning thread than raw's.
+    server.stdin = subprocess.PIPE
+    return server
 
 
 def run_worker(ranks: int, *args: str) -> dict:
@@ -98,13 +124,14 @@ class RawGroupWorker(bench.RawWorker):
     and generate together; only rank 0 answers on stdout.
     """
 
-    def __init__(self, model: Path, tag: str, renice: bool = False):
+    def __init__(self, model: Path, tag: str, renice: bool = False, launched: bool = True):
         super().__init__(model, tag)
-        self.name = RAW2N if renice else RAW2
-        self.argv = [launcher(), "-n", "2", "--backend", "ring", "--starting-port", str(free_port_run(2)),
-                     "--python", sys.executable, str(Path(__file__).resolve()), "--raw-worker", str(model)]
-        self.argv += ["--renice"] if renice else []
-        self.log_path = RESULTS / "logs" / f"{tag}-raw-2-ranks{'-reniced' * renice}.log"
+        self.name = (RAW2N if renice else RAW2) if launched else RAW2D
+        command = [sys.executable, str(Path(__file__).resolve()), "--raw-worker", str(model)]
+        command += ["--renice"] if renice else []
+        self.argv = ([launcher(), "-n", "2", "--backend", "ring", "--starting-port", str(free_port_run(2)),
+                      "--python", *command] if launched else direct(command, f"{tag}-raw"))
+        self.log_path = RESULTS / "logs" / f"{tag}-raw-2-ranks{'-reniced' * renice}{'' if launched else '-direct'}.log"
 
 
 def raw_worker(model_path: str, renice: bool) -> None:
@@ -195,9 +222,14 @@ def single_stream(systems: dict, tokens: int, reps: int) -> dict:
                 raise RuntimeError(f"{name}: {sample.error}")
             if rep:
                 samples[name].append(sample)
-    return {name: {"decode_tps": bench.median([s.decode_tps for s in got]),
+    return {name: {"decode_tps": bench.median([s.decode_tps for s in got]), "each": [s.decode_tps for s in got],
                    "ttft": bench.median([s.ttft for s in got]), "tokens": got[0].tokens}
             for name, got in samples.items()}
+
+
+def paired(single: dict, a: str, b: str) -> list[float]:
+    """a/b decode tok/s repetition by repetition: the two ran minutes apart at most, under the same load."""
+    return sorted(x / y for x, y in zip(single[a]["each"], single[b]["each"]) if x and y)
 
 
 def concurrent(servers: dict, tokens: int, rounds: int, level: int = 4) -> dict:
@@ -234,20 +266,21 @@ def idle_cpu(server: bench.ServerProcess, seconds: float = 5.0) -> dict:
 
 
 def bench_model(name: str, quick: bool) -> dict:
-    """Both lem-serves and both raw workers, started in turn, then measured turn by turn."""
+    """The lem-serves and raw workers, started in turn, then measured turn by turn."""
     path = bench.prepare_model(name)
     tokens, reps = (64, 3) if quick else (128, 5)
     if name == "small":
-        tokens, reps = (32, 2) if quick else (64, 3)
+        tokens, reps = (32, 2) if quick else (64, 5)
     result = {"model": bench.model_label(name, path), "tokens": tokens, "reps": reps}
     processes = {ONE: bench.lem_server(path, f"{name}-sharded", 4), RAW1: bench.RawWorker(path, name),
                  GROUP: group_server(path, name, 4), RAW2: RawGroupWorker(path, name),
-                 RAW2N: RawGroupWorker(path, name, renice=True)}
+                 RAW2N: RawGroupWorker(path, name, renice=True),
+                 GROUPD: group_server(path, name, 4, launched=False), RAW2D: RawGroupWorker(path, name, launched=False)}
     try:
         for process in processes.values():
             process.start()
             os.killpg(process.proc.pid, signal.SIGSTOP)
-        systems = {system: (process, process.stream if system in (RAW1, RAW2, RAW2N) else
+        systems = {system: (process, process.stream if system in (RAW1, RAW2, RAW2N, RAW2D) else
                             lambda m, t, port=process.port: bench.stream_chat(port, m, t))
                    for system, process in processes.items()}
         bench.progress(f"{name}: single stream, {reps} repetitions of {tokens} tokens")
@@ -279,13 +312,19 @@ def markdown(report: dict) -> str:
         lines += [f"#### {result['model']}", "",
                   f"Single stream, {result['tokens']} tokens, medians of {result['reps']}:", "",
                   "| system | decode tok/s | TTFT |", "|---|---:|---:|"]
-        for name in (ONE, GROUP, RAW1, RAW2, RAW2N):
+        for name in (ONE, GROUP, RAW1, RAW2, RAW2N, GROUPD, RAW2D):
             lines.append(f"| {name} | {bench.fmt(single[name]['decode_tps'])} | {bench.fmt_ms(single[name]['ttft'])} |")
         tps = {name: single[name]["decode_tps"] for name in single}
         lines += ["", f"**2 ranks / 1 process: {bench.fmt_ratio(bench.ratio(tps[GROUP], tps[ONE]))} decode; "
                   f"lem/raw: {bench.fmt_ratio(bench.ratio(tps[ONE], tps[RAW1]))} in one process, "
                   f"{bench.fmt_ratio(bench.ratio(tps[GROUP], tps[RAW2]))} over two ranks "
                   f"({bench.fmt_ratio(bench.ratio(tps[GROUP], tps[RAW2N]))} against raw with its launcher reniced too).**",
+                  "", f"Like for like, repetition by repetition (lem-serve / raw, both launchers reniced): "
+                  + ", ".join(bench.fmt_ratio(r) for r in paired(single, GROUP, RAW2N))
+                  + f"; median {bench.fmt_ratio(bench.median(paired(single, GROUP, RAW2N)))}. "
+                  f"Without mlx.launch (both ranks started directly): lem/raw "
+                  f"{bench.fmt_ratio(bench.ratio(tps[GROUPD], tps[RAW2D]))}; repetition by repetition "
+                  + ", ".join(bench.fmt_ratio(r) for r in paired(single, GROUPD, RAW2D)) + ".",
                   "",
                   "4 concurrent streams: aggregate tok/s, TTFT p50:", "", "| system | tok/s | TTFT p50 |", "|---|---:|---:|"]
         for name in (ONE, GROUP):
