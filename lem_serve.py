@@ -576,7 +576,6 @@ class ClientGone(Exception):
 # its value's first frame under an exclusion `ex` (texts it may not be: unique items, extra keys); step(frame, ch)
 # -> frame tuples that replace it (() pops it; led by REFEED: pushed, the new top takes `ch`); done(frame): the
 # value is complete (its parent may take `ch`); finish(frame): a short text completing it; min_text, the shortest.
-# Whitespace: at most JSON_MAX_WHITESPACE characters between tokens. Recursive $refs unroll SCHEMA_MAX_REFS deep.
 
 JSON_WHITESPACE = " \t\n\r"
 REFEED = "refeed"
@@ -988,11 +987,10 @@ class Leaf(Piece):
             if ends := [e for e in ends if ex is None or (not plain or self.plain(e)) and text + e + quote not in ex]:
                 return min(ends, key=len)
             nxt: dict = {}
-            for state, tails in layer.items():
-                for cid, ch in self.regex.reps.items():
-                    if (not plain or self.plain(ch)) and (after := self.regex._move(state, cid)) is not None:
-                        kept = nxt.setdefault(after, [])
-                        kept += [t + ch for t in tails[:keep - len(kept)]]
+            for (state, tails), (cid, ch) in itertools.product(layer.items(), self.regex.reps.items()):
+                if (not plain or self.plain(ch)) and (after := self.regex._move(state, cid)) is not None:
+                    kept = nxt.setdefault(after, [])
+                    kept += [t + ch for t in tails[:keep - len(kept)]]
             layer = nxt
         return None
 
@@ -1068,8 +1066,8 @@ class Container(Piece):
         self.required_from = [sum(req for _, _, req in slots[j:]) for j in range(len(slots) + 1)]
         self.fixed = [req or not self.keyed for _, _, req in slots]   # slots that may not be skipped
         self.cap, self.memo = low if high is None else high, Cache(JSON_MASK_CACHE_STATES)   # key pieces
-        self.members = [node for _, node, _ in slots] + list(values.values())   # slot j's value, then extra ones
-        tail = self._tail(0, 0, frozenset(), "", False)
+        self.members = [node for _, node, _ in slots] + list(values.values())   # by slot, then extra ones
+        tail = self.finish(self.frame())
         if tail is None:
             raise ValueError("no object has these properties within minProperties/maxProperties" if self.keyed
                              else "no array has these items within minItems/maxItems (and uniqueItems)")
@@ -1090,7 +1088,7 @@ class Container(Piece):
         if phase == "item" or phase in ("open", "comma") and not self.keyed and ch != self.brackets[1:]:
             if phase != "item" and not any(self._choices(at, count)):
                 return []
-            node, nxt = self._member(at)
+            node, nxt = self.members[at], min(at + 1, len(self.slots))
             after = Frame(self, "value", nxt, min(count + 1, self.cap), seen, 0)
             return [(REFEED, after, alt.frame(seen if self.unique else None)) for alt in node.alternatives]
         if ch == self.brackets[1:] and phase in ("open", "value"):
@@ -1101,7 +1099,7 @@ class Container(Piece):
             return []
         slots, extra = self._choices(at, count)
         if ch == ",":   # if a member may follow (an array's next unique item: one not written yet)
-            more = (slots or extra) and (not self.unique or first_text(self._member(at)[0], seen) is not None)
+            more = (slots or extra) and (not self.unique or first_text(self.members[at], seen) is not None)
             return [(Frame(self, "comma", at, count, seen, 0),)] * bool(more)
         keys = [(self.key, self.forbidden | seen)] * extra   # a declared name or an extra key
         if slots:
@@ -1111,22 +1109,13 @@ class Container(Piece):
     def done(self, frame: Frame) -> bool:
         return not self.brackets and frame.phase == "value"
 
-    def _member(self, at: int) -> tuple:
-        """(the value's node, the next slot) for slot `at`, or extra value at - len(slots)."""
-        return self.members[at], min(at + 1, len(self.slots))
-
     def _choices(self, at: int, count: int) -> tuple[tuple[int, ...], bool]:
         """(slots that may come next, whether an extra member may), leaving room for low and high."""
-        if self.high is not None and count >= self.high:
-            return (), False
-        chosen = []
-        for j in range(at, len(self.slots)):
-            if (self.high is None or count + 1 + self.required_from[j + 1] <= self.high) and \
-                    (self.extras or len(self.slots) - j - 1 >= self.low - count - 1):
-                chosen.append(j)
-            if self.fixed[j]:
-                break
-        return tuple(chosen), bool(self.extras) and not any(self.fixed[at:])
+        high = math.inf if self.high is None else self.high
+        end = next((j + 1 for j in range(at, len(self.slots)) if self.fixed[j]), len(self.slots))   # to a fixed one
+        chosen = tuple(j for j in range(at, end) if count + 1 + self.required_from[j + 1] <= high
+                       and (self.extras or len(self.slots) - j - 1 >= self.low - count - 1))
+        return (chosen, bool(self.extras) and not any(self.fixed[at:])) if count < high else ((), False)
 
     def child_done(self, frame: Frame, child: tuple) -> Frame | None:
         """A key written: its slot, or an extra key's value (None: no value may follow it); an item: seen."""
@@ -1144,16 +1133,12 @@ class Container(Piece):
         return self.extras.index(matched) if matched in self.values else None
 
     def finish(self, frame: Frame) -> str | None:
-        """The shortest text that closes the container from `frame`."""
-        if frame.phase in ("colon", "item"):
-            node, at = self._member(frame.at)
-            tail = self._tail(at, min(frame.count + 1, self.cap), frame.ex, ",", False)
-            return ":" * (frame.phase == "colon") + node.min_text + tail
-        return self._tail(frame.at, frame.count, frame.ex, "," * (frame.phase == "value"), frame.phase == "comma")
-
-    def _tail(self, at: int, count: int, seen: frozenset, sep: str, must: bool) -> str | None:
-        """The shortest text that ends the container: the members it still needs, then its bracket."""
-        parts = []
+        """The shortest text that closes the container from `frame`: the members it still needs, then its bracket."""
+        _, phase, at, count, seen, _, _ = frame
+        parts, sep, must = [], "," * (phase == "value"), phase == "comma"
+        if phase in ("colon", "item"):   # key `at` written: its value first
+            parts, sep = [":" * (phase == "colon") + self.members[at].min_text], ","
+            at, count = min(at + 1, len(self.slots)), min(count + 1, self.cap)
         while must or self.required_from[at] or count < self.low:
             declared, extra = self._choices(at, count)
             key, j = "", at   # an array's next item; an object's required member, or its first optional one
@@ -1167,7 +1152,7 @@ class Container(Piece):
                 j, seen, key = len(self.slots) + slot, seen | {key}, key + ":"
             elif not (declared or extra):
                 return None
-            node, at = self._member(j)
+            node, at = self.members[j], min(j + 1, len(self.slots))
             value = first_text(node, seen) if self.unique else node.min_text
             if value is None:
                 return None
@@ -1198,8 +1183,7 @@ def json_advance(state: tuple, text: str) -> tuple:
 
 
 def _step(stack: tuple, ch: str) -> list[tuple]:
-    """The stacks that can follow `stack` on character `ch` (none: it cannot): its top frame's (a frame pushed
-    takes `ch` in turn) and, once the top value is complete, its parent's."""
+    """The stacks after `ch`: its top frame's (a frame pushed takes `ch` in turn), and its parent's once it is done."""
     top, out = stack[-1], []
     for frames in top[0].step(top, ch):
         if frames and frames[0] is REFEED:
@@ -1232,8 +1216,7 @@ def json_complete(state: tuple) -> bool:
 
 
 def json_closing_text(state: tuple) -> str | None:
-    """A shortest way to complete the text from `state`: for each stack, finish the top frame, settle, repeat,
-    each finish text checked by the automaton itself."""
+    """A shortest text completing `state`: per stack, finish the top frame, settle, repeat (checked by stepping)."""
     closings = []
     for stack in state:
         texts = []

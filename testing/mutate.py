@@ -414,6 +414,11 @@ MUTATIONS = [
              (("    kinds = {k for k in _as_list(value) if isinstance(k, str)}",
                "    kinds = set(_as_list(value))"),),
              ("test_malformed_schemas_are_answered_never_a_5xx",)),
+    Mutation("json-empty-value-keeps-the-character", "a value complete as soon as it is pushed (one that may be "
+             "empty) does not hand the next character to its container",
+             (("    if top[0].done(top) and (parent := _pop(stack[:-1], top)):",
+               "    if top[0].done(top) and top != top[0].frame(top.ex) and (parent := _pop(stack[:-1], top)):"),),
+             ("test_a_value_that_may_be_empty_hands_on_the_next_character",)),
     Mutation("json-closing-key-too-short", "an excluded key leaf looks for a closing text only 32 characters deep, "
              "among the texts it spells out whole, so a pattern key longer than that cannot close (a 500 mid-stream)",
              (("        reach = max(self.min_len - count, len(self.regex.shortest(dfa) or \"\")) + 32",
