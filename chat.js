@@ -52,6 +52,7 @@ if (typeof window === "undefined" && typeof self !== "undefined" && "clients" in
   const STORE_SETTINGS = "lem-chat.settings.v1";
   const STORE_API_KEY = "lem-chat.api-key";
   const STORE_CURRENT = "lem-chat.current"; // id of the open conversation
+  const STORE_UNSAVED = "lem-chat.unsaved."; // + a conversation's id: a copy the page left with before writing it
   const DB_NAME = "lem-chat";
   const DB_STORE = "conversations";
   const EXPORT_FORMAT = "lem-chat"; // the "format" field of an export file (version 1)
@@ -880,6 +881,14 @@ if (typeof window === "undefined" && typeof self !== "undefined" && "clients" in
     }
   }
 
+  function localKeys(prefix) {
+    try {
+      return Object.keys(localStorage).filter((key) => key.startsWith(prefix));
+    } catch {
+      return [];
+    }
+  }
+
   function readMeta(name) {
     const el = document.querySelector(`meta[name="${name}"]`);
     const value = el ? el.content.trim() : "";
@@ -1182,6 +1191,8 @@ if (typeof window === "undefined" && typeof self !== "undefined" && "clients" in
   // one stays and this tab's text goes back to the message box with a notice.
   // A tab streaming a reply holds a Web Lock named for it, so other tabs show
   // that reply as streaming (not interrupted) until the lock is let go.
+  // A write needs the page to live on, so a page that leaves first keeps what
+  // it has not written in localStorage (keepUnsaved); the next load writes it.
   // =========================================================================
 
   const store = {
@@ -1194,8 +1205,11 @@ if (typeof window === "undefined" && typeof self !== "undefined" && "clients" in
     unreadable: [],       // stored records the checks refused (left in storage, offered for export)
     timer: 0,
     writing: null,        // the flush in progress
+    inFlight: new Set(),  // conversation ids whose write has started and not yet landed
     synced: new Map(),    // conversation id -> { meta, msgs: id -> { rev, json } } as last read or written
     live: new Set(),      // ids of replies another tab is streaming now
+    ending: new Set(),    // ids of replies this tab streamed and has not yet written in their last state
+    unsaved: new Set(),   // conversation ids whose STORE_UNSAVED copy goes once they are written
     keepStreaming: false, // while a merge reads a record (safeNormalize)
     channel: "BroadcastChannel" in window ? new BroadcastChannel("lem-chat") : null,
   };
@@ -1259,6 +1273,7 @@ if (typeof window === "undefined" && typeof self !== "undefined" && "clients" in
       if (store.kind === "indexeddb") store.legacy.add(conv.id);
     }
     if (legacy && !readLocal(STORE_CURRENT) && typeof legacy.currentId === "string") writeLocal(STORE_CURRENT, legacy.currentId);
+    adoptUnsaved(byId);
     for (const id of store.legacy) store.dirty.add(id);
     if (legacy && store.kind === "indexeddb" && !store.legacy.size) writeLocal(STORE_CONVERSATIONS, null);
     return [...byId.values()].sort((a, b) => b.updated - a.updated);
@@ -1300,7 +1315,56 @@ if (typeof window === "undefined" && typeof self !== "undefined" && "clients" in
     store.writing = (store.kind === "indexeddb" ? flushToDatabase() : flushToLocalStorage())
       .finally(() => { store.writing = null; });
     await store.writing;
+    for (const id of store.unsaved) {
+      if (store.dirty.has(id) || store.failed.has(id) || store.inFlight.has(id)) continue;
+      store.unsaved.delete(id);
+      writeLocal(STORE_UNSAVED + id, null);
+    }
     renderStorageWarning();
+  }
+
+  // The page is leaving: an IndexedDB write started now would not finish (its
+  // read, merge and write need the page to live on), so each conversation not
+  // yet written goes to localStorage, which writes at once, with what this tab
+  // changed in it; the next load finishes the write (adoptUnsaved).
+  function keepUnsaved() {
+    if (store.kind !== "indexeddb") return; // localStorage saves are already synchronous
+    for (const id of new Set([...store.dirty, ...store.inFlight, ...store.failed.keys()])) {
+      const conv = conversationById(id);
+      const synced = store.synced.get(id);
+      if (!conv) continue;
+      const same = (m) => synced.msgs.get(m.id)?.json === canonicalJSON(m);
+      const was = synced && {
+        meta: metaOf(conv) === synced.meta,
+        msgs: [...synced.msgs].map(([mid, w]) => [mid, w.rev, conv.messages.some((m) => m.id === mid && same(m))]),
+      };
+      if (writeJSON(STORE_UNSAVED + id, { conv, was })) store.unsaved.add(id);
+    }
+  }
+
+  // Copies a page left with (keepUnsaved) replace the stored ones and are
+  // written at once, merged with the stored ones as that page would have.
+  function adoptUnsaved(byId) {
+    for (const key of localKeys(STORE_UNSAVED)) {
+      const entry = readJSON(key, null);
+      const conv = entry && safeNormalize(entry.conv);
+      if (!conv) {
+        writeLocal(key, null);
+        continue;
+      }
+      const was = entry.was;
+      if (byId.has(conv.id) && was && Array.isArray(was.msgs)) {
+        const json = new Map(conv.messages.map((m) => [m.id, canonicalJSON(m)]));
+        store.synced.set(conv.id, { meta: was.meta === true ? metaOf(conv) : "", msgs: new Map(was.msgs
+          .filter((w) => Array.isArray(w) && typeof w[0] === "string")
+          .map(([id, rev, same]) => [id, { rev: rev | 0, json: same === true && json.has(id) ? json.get(id) : "" }])) });
+      } else {
+        store.synced.delete(conv.id); // never written, or deleted since: written whole
+      }
+      byId.set(conv.id, conv);
+      store.dirty.add(conv.id);
+      store.unsaved.add(conv.id);
+    }
   }
 
   async function flushToDatabase() {
@@ -1317,6 +1381,7 @@ if (typeof window === "undefined" && typeof self !== "undefined" && "clients" in
       store.dirty.delete(id);
       store.failed.delete(id);
       if (!conv) continue;
+      store.inFlight.add(id);
       try {
         const { merged, written } = await mergeAndPut(conv);
         store.synced.set(conv.id, written);
@@ -1325,6 +1390,8 @@ if (typeof window === "undefined" && typeof self !== "undefined" && "clients" in
         afterMerge(conv, merged);
       } catch (err) {
         store.failed.set(id, err);
+      } finally {
+        store.inFlight.delete(id);
       }
     }
     if (!store.legacy.size && readLocal(STORE_CONVERSATIONS) !== null) writeLocal(STORE_CONVERSATIONS, null);
@@ -1424,7 +1491,7 @@ if (typeof window === "undefined" && typeof self !== "undefined" && "clients" in
   // tab's messages that lost to another tab's change of the same message.
   function mergeStored(conv, stored, writing) {
     const synced = store.synced.get(conv.id) || { meta: null, msgs: new Map() };
-    const owned = new Set([...state.runs.values()].map((run) => run.msg.id));
+    const owned = ownReplies();
     const mine = new Map(conv.messages.map((m) => [m.id, m]));
     const theirs = new Map(stored.messages.map((m) => [m.id, m]));
     const result = { changed: false, conflicts: [], taken: new Set() };
@@ -1438,6 +1505,7 @@ if (typeof window === "undefined" && typeof self !== "undefined" && "clients" in
       if (verdict !== "mine" && verdict !== "same") result.changed = true;
     }
     const order = mergeOrder(conv.messages.filter((m) => keep.has(m.id)), stored.messages, mine, synced.msgs, keep);
+    for (const m of order) if (!mine.has(m.id)) result.taken.add(m.id); // new from another tab: stored as it is
     if (order.length !== conv.messages.length || order.some((m, i) => m !== conv.messages[i])) result.changed = true;
     conv.messages = order;
     mergeMeta(conv, stored, synced.meta);
@@ -1447,6 +1515,8 @@ if (typeof window === "undefined" && typeof self !== "undefined" && "clients" in
   // What becomes of one message of this tab: "same", "mine" (this tab's
   // change wins), "theirs" (taken over in place), "conflict" (both changed
   // it: theirs is taken), "drop" (another tab deleted it, unchanged here).
+  // A stored revision below this tab's is an older copy (read before this
+  // tab's own write landed): never taken.
   function mergeMessage(m, theirs, was, owned, writing) {
     const changedHere = !was || canonicalJSON(m) !== was.json;
     if (!theirs) {
@@ -1455,8 +1525,9 @@ if (typeof window === "undefined" && typeof self !== "undefined" && "clients" in
       return "mine";
     }
     const changedThere = (theirs.rev || 0) > (m.rev || 0);
-    if (owned || (changedHere && !changedThere)) { // a reply this tab streams is its own to write
-      if (writing && changedHere) m.rev = Math.max(m.rev || 0, theirs.rev || 0) + 1;
+    const older = (theirs.rev || 0) < (m.rev || 0);
+    if (owned || older || (changedHere && !changedThere)) { // a reply this tab streams is its own to write
+      if (writing && (changedHere || changedThere)) m.rev = Math.max(m.rev || 0, theirs.rev || 0) + 1;
       return "mine";
     }
     if (!changedThere && canonicalJSON(theirs) === canonicalJSON(m)) return "same";
@@ -1512,11 +1583,21 @@ if (typeof window === "undefined" && typeof self !== "undefined" && "clients" in
       : new Promise((resolve) => { run.releaseLock = resolve; }))).catch(() => {});
   }
 
-  // Let the other tabs know the reply ended, once its last state is written.
+  // Let the other tabs know the reply ended, once its last state is written;
+  // until then the reply stays this tab's to write (ownReplies), though its run is over.
   function releaseRunLock(run) {
     run.finished = true;
-    const release = () => { if (run.releaseLock) run.releaseLock(); };
+    store.ending.add(run.msg.id);
+    const release = () => {
+      store.ending.delete(run.msg.id);
+      if (run.releaseLock) run.releaseLock();
+    };
     (store.writing || Promise.resolve()).then(() => flush()).then(release, release);
+  }
+
+  // Ids of the replies this tab streams or has just ended: its own to write, whatever other tabs stored.
+  function ownReplies() {
+    return new Set([...[...state.runs.values()].map((run) => run.msg.id), ...store.ending]);
   }
 
   async function noteLiveRuns() {
@@ -1531,7 +1612,7 @@ if (typeof window === "undefined" && typeof self !== "undefined" && "clients" in
   // let go (the reply ended, or that tab went away), then read what it left:
   // still "streaming" then means interrupted.
   function watchLiveRun(id) {
-    if (!navigator.locks || store.live.has(id) || [...state.runs.values()].some((run) => run.msg.id === id)) return;
+    if (!navigator.locks || store.live.has(id) || ownReplies().has(id)) return;
     store.live.add(id);
     navigator.locks.request(RUN_LOCK + id, async () => {
       store.live.delete(id);
@@ -3479,6 +3560,7 @@ if (typeof window === "undefined" && typeof self !== "undefined" && "clients" in
         run.msg.status = "interrupted";
         store.dirty.add(run.conv.id);
       }
+      keepUnsaved();
       if (store.dirty.size) flush();
     });
     window.addEventListener("pageshow", (event) => { if (event.persisted) state.unloading = false; });

@@ -576,7 +576,6 @@ class ClientGone(Exception):
 # its value's first frame under an exclusion `ex` (texts it may not be: unique items, extra keys); step(frame, ch)
 # -> frame tuples that replace it (() pops it; led by REFEED: pushed, the new top takes `ch`); done(frame): the
 # value is complete (its parent may take `ch`); finish(frame): a short text completing it; min_text, the shortest.
-# Whitespace: at most JSON_MAX_WHITESPACE characters between tokens. Recursive $refs unroll SCHEMA_MAX_REFS deep.
 
 JSON_WHITESPACE = " \t\n\r"
 REFEED = "refeed"
@@ -988,11 +987,10 @@ class Leaf(Piece):
             if ends := [e for e in ends if ex is None or (not plain or self.plain(e)) and text + e + quote not in ex]:
                 return min(ends, key=len)
             nxt: dict = {}
-            for state, tails in layer.items():
-                for cid, ch in self.regex.reps.items():
-                    if (not plain or self.plain(ch)) and (after := self.regex._move(state, cid)) is not None:
-                        kept = nxt.setdefault(after, [])
-                        kept += [t + ch for t in tails[:keep - len(kept)]]
+            for (state, tails), (cid, ch) in itertools.product(layer.items(), self.regex.reps.items()):
+                if (not plain or self.plain(ch)) and (after := self.regex._move(state, cid)) is not None:
+                    kept = nxt.setdefault(after, [])
+                    kept += [t + ch for t in tails[:keep - len(kept)]]
             layer = nxt
         return None
 
@@ -1068,8 +1066,8 @@ class Container(Piece):
         self.required_from = [sum(req for _, _, req in slots[j:]) for j in range(len(slots) + 1)]
         self.fixed = [req or not self.keyed for _, _, req in slots]   # slots that may not be skipped
         self.cap, self.memo = low if high is None else high, Cache(JSON_MASK_CACHE_STATES)   # key pieces
-        self.members = [node for _, node, _ in slots] + list(values.values())   # slot j's value, then extra ones
-        tail = self._tail(0, 0, frozenset(), "", False)
+        self.members = [node for _, node, _ in slots] + list(values.values())   # by slot, then extra ones
+        tail = self.finish(self.frame())
         if tail is None:
             raise ValueError("no object has these properties within minProperties/maxProperties" if self.keyed
                              else "no array has these items within minItems/maxItems (and uniqueItems)")
@@ -1090,7 +1088,7 @@ class Container(Piece):
         if phase == "item" or phase in ("open", "comma") and not self.keyed and ch != self.brackets[1:]:
             if phase != "item" and not any(self._choices(at, count)):
                 return []
-            node, nxt = self._member(at)
+            node, nxt = self.members[at], min(at + 1, len(self.slots))
             after = Frame(self, "value", nxt, min(count + 1, self.cap), seen, 0)
             return [(REFEED, after, alt.frame(seen if self.unique else None)) for alt in node.alternatives]
         if ch == self.brackets[1:] and phase in ("open", "value"):
@@ -1101,7 +1099,7 @@ class Container(Piece):
             return []
         slots, extra = self._choices(at, count)
         if ch == ",":   # if a member may follow (an array's next unique item: one not written yet)
-            more = (slots or extra) and (not self.unique or first_text(self._member(at)[0], seen) is not None)
+            more = (slots or extra) and (not self.unique or first_text(self.members[at], seen) is not None)
             return [(Frame(self, "comma", at, count, seen, 0),)] * bool(more)
         keys = [(self.key, self.forbidden | seen)] * extra   # a declared name or an extra key
         if slots:
@@ -1111,22 +1109,13 @@ class Container(Piece):
     def done(self, frame: Frame) -> bool:
         return not self.brackets and frame.phase == "value"
 
-    def _member(self, at: int) -> tuple:
-        """(the value's node, the next slot) for slot `at`, or extra value at - len(slots)."""
-        return self.members[at], min(at + 1, len(self.slots))
-
     def _choices(self, at: int, count: int) -> tuple[tuple[int, ...], bool]:
         """(slots that may come next, whether an extra member may), leaving room for low and high."""
-        if self.high is not None and count >= self.high:
-            return (), False
-        chosen = []
-        for j in range(at, len(self.slots)):
-            if (self.high is None or count + 1 + self.required_from[j + 1] <= self.high) and \
-                    (self.extras or len(self.slots) - j - 1 >= self.low - count - 1):
-                chosen.append(j)
-            if self.fixed[j]:
-                break
-        return tuple(chosen), bool(self.extras) and not any(self.fixed[at:])
+        high = math.inf if self.high is None else self.high
+        end = next((j + 1 for j in range(at, len(self.slots)) if self.fixed[j]), len(self.slots))   # to a fixed one
+        chosen = tuple(j for j in range(at, end) if count + 1 + self.required_from[j + 1] <= high
+                       and (self.extras or len(self.slots) - j - 1 >= self.low - count - 1))
+        return (chosen, bool(self.extras) and not any(self.fixed[at:])) if count < high else ((), False)
 
     def child_done(self, frame: Frame, child: tuple) -> Frame | None:
         """A key written: its slot, or an extra key's value (None: no value may follow it); an item: seen."""
@@ -1144,16 +1133,12 @@ class Container(Piece):
         return self.extras.index(matched) if matched in self.values else None
 
     def finish(self, frame: Frame) -> str | None:
-        """The shortest text that closes the container from `frame`."""
-        if frame.phase in ("colon", "item"):
-            node, at = self._member(frame.at)
-            tail = self._tail(at, min(frame.count + 1, self.cap), frame.ex, ",", False)
-            return ":" * (frame.phase == "colon") + node.min_text + tail
-        return self._tail(frame.at, frame.count, frame.ex, "," * (frame.phase == "value"), frame.phase == "comma")
-
-    def _tail(self, at: int, count: int, seen: frozenset, sep: str, must: bool) -> str | None:
-        """The shortest text that ends the container: the members it still needs, then its bracket."""
-        parts = []
+        """The shortest text that closes the container from `frame`: the members it still needs, then its bracket."""
+        _, phase, at, count, seen, _, _ = frame
+        parts, sep, must = [], "," * (phase == "value"), phase == "comma"
+        if phase in ("colon", "item"):   # key `at` written: its value first
+            parts, sep = [":" * (phase == "colon") + self.members[at].min_text], ","
+            at, count = min(at + 1, len(self.slots)), min(count + 1, self.cap)
         while must or self.required_from[at] or count < self.low:
             declared, extra = self._choices(at, count)
             key, j = "", at   # an array's next item; an object's required member, or its first optional one
@@ -1167,7 +1152,7 @@ class Container(Piece):
                 j, seen, key = len(self.slots) + slot, seen | {key}, key + ":"
             elif not (declared or extra):
                 return None
-            node, at = self._member(j)
+            node, at = self.members[j], min(j + 1, len(self.slots))
             value = first_text(node, seen) if self.unique else node.min_text
             if value is None:
                 return None
@@ -1198,8 +1183,7 @@ def json_advance(state: tuple, text: str) -> tuple:
 
 
 def _step(stack: tuple, ch: str) -> list[tuple]:
-    """The stacks that can follow `stack` on character `ch` (none: it cannot): its top frame's (a frame pushed
-    takes `ch` in turn) and, once the top value is complete, its parent's."""
+    """The stacks after `ch`: its top frame's (a frame pushed takes `ch` in turn), and its parent's once it is done."""
     top, out = stack[-1], []
     for frames in top[0].step(top, ch):
         if frames and frames[0] is REFEED:
@@ -1232,8 +1216,7 @@ def json_complete(state: tuple) -> bool:
 
 
 def json_closing_text(state: tuple) -> str | None:
-    """A shortest way to complete the text from `state`: for each stack, finish the top frame, settle, repeat,
-    each finish text checked by the automaton itself."""
+    """A shortest text completing `state`: per stack, finish the top frame, settle, repeat (checked by stepping)."""
     closings = []
     for stack in state:
         texts = []
@@ -1252,22 +1235,19 @@ def json_closing_text(state: tuple) -> str | None:
 # -- JSON Schema keywords -------------------------------------------------------
 
 SCHEMA_KEYWORDS = {"type", "enum", "const", "!enum", "anyOf", "oneOf", "allOf", "$ref", "not", "if", "then", "else"}
-# Keywords that constrain and are not enforced: a 400 naming them. Any other keyword
-# (annotations, extensions such as x-*, misspellings) is ignored, as validators do.
+# Keywords that constrain and are not enforced: a 400 naming them. Any other keyword is ignored, as validators do.
 SCHEMA_REFUSED = {"unevaluatedProperties", "unevaluatedItems", "$dynamicRef", "$recursiveRef", "extends", "disallow",
                   "divisibleBy"}
 # The other keywords enforced, by the type they constrain (for schemas without "type"). "!enum" and
 # "!pattern" are what `not` leaves: values and patterns excluded.
-KEYWORD_TYPES = {"object": {"properties", "required", "additionalProperties", "minProperties", "maxProperties",
-                            "patternProperties", "propertyNames", "dependencies", "dependentRequired",
-                            "dependentSchemas"},
+KEYWORD_TYPES = {"object": {"properties", "required", "additionalProperties", "minProperties", "dependentSchemas",
+                            "patternProperties", "propertyNames", "dependencies", "dependentRequired", "maxProperties"},
                  "array": {"items", "prefixItems", "additionalItems", "minItems", "maxItems", "uniqueItems", "contains",
                            "minContains", "maxContains"},
                  "string": {"minLength", "maxLength", "pattern", "format", "!pattern"},
                  "number": {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"}}
 SCHEMA_KEYWORDS |= set().union(*KEYWORD_TYPES.values())
-COUNTS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties", "minContains",
-          "maxContains")
+COUNTS = {word for word in SCHEMA_KEYWORDS if word[:3] in ("min", "max") and word[3:] != "imum"}   # minLength...
 # `not` of a bound holds beyond it, within its type: minimum 5 as exclusiveMaximum 5, minLength 2 as maxLength 1.
 NEGATED_BOUNDS = {"minimum": "exclusiveMaximum", "maximum": "exclusiveMinimum", "minLength": "maxLength",
                   "minItems": "maxItems", "minProperties": "maxProperties"}
@@ -1286,14 +1266,13 @@ _URI = rf"[A-Za-z][A-Za-z0-9+.-]*://([A-Za-z0-9._~!$&'()*+,;=-]|%[0-9A-Fa-f]{{2}
 # A relative reference has no scheme and does not start with "//" (which would make an authority of it).
 _RELATIVE = rf"(/({_PCHAR}+(/{_PCHAR}*)*)?|([A-Za-z0-9._~!$&'()*+,;=@-]|%[0-9A-Fa-f]{{2}})+(/{_PCHAR}*)*)?{_TAIL}"
 _EMAIL = rf"[A-Za-z0-9_%+-]+(\.[A-Za-z0-9_%+-]+)*@({_LABEL}\.)+[A-Za-z]{{2,63}}"
-# `format` values enforced, each as a regular expression matched in full (IRIs and internationalised
-# addresses by their ASCII subsets).
+# `format` values enforced, as regular expressions matched in full (IRIs, IDN addresses: their ASCII subsets).
 FORMATS = {
     "date": _DATE, "time": _TIME, "date-time": f"{_DATE}T{_TIME}",
     "duration": rf"P((\d+Y(\d+M)?(\d+D)?|\d+M(\d+D)?|\d+D)({_HOURS})?|{_HOURS}|\d+W)",
     "email": _EMAIL, "idn-email": _EMAIL, "uri": _URI, "iri": _URI,
     "uri-reference": f"{_URI}|{_RELATIVE}", "iri-reference": f"{_URI}|{_RELATIVE}",
-    "uuid": r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
+    "uuid": r"[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}",
     "ipv4": rf"{_OCTET}(\.{_OCTET}){{3}}",
     "ipv6": "|".join([rf"({_H16}:){{7}}{_H16}", rf"({_H16}:){{1,7}}:", rf"({_H16}:){{1,6}}:{_H16}",
                       rf":((:{_H16}){{1,7}}|:)"] + [rf"({_H16}:){{1,{n}}}(:{_H16}){{1,{7 - n}}}" for n in range(1, 6)]),
@@ -1329,13 +1308,12 @@ SCHEMA_MERGE = {
     "type": lambda a, b: [k for k in JSON_TYPES if k in _kinds(a) & _kinds(b) and not
                           (k == "integer" and "number" in _kinds(a) & _kinds(b))] or False,
     "enum": lambda a, b: [v for v in a if _canonical(v) in set(map(_canonical, b))] or False,
-    "required": lambda a, b: list(dict.fromkeys(a + b)),
     "pattern": lambda a, b: _as_list(a) + _as_list(b),   # several patterns: all must match
     "not": lambda a, b: {"anyOf": [a, b]},
     "properties": lambda a, b: {**a, **{k: {"allOf": [a[k], v]} if k in a else v for k, v in b.items()}},
     **dict.fromkeys(("anyOf", "oneOf"), lambda a, b: None if len(a) * len(b) > SCHEMA_MAX_BRANCHES else
                     [{"allOf": [x, y]} for x in a for y in b]),   # one alternative per pair, a few at most
-    **dict.fromkeys(("!enum", "!pattern", "allOf"), lambda a, b: a + b),
+    **dict.fromkeys(("!enum", "!pattern", "allOf", "required"), lambda a, b: a + b),
     **{word: max if word.startswith("min") else min for word in ("minimum", "maximum", *COUNTS)},
     **dict.fromkeys(("items", "additionalItems", "additionalProperties", "propertyNames"),
                     lambda a, b: {"allOf": [a, b]}),
@@ -1385,12 +1363,6 @@ class SchemaCompiler:
 
     def fail(self, message: str) -> APIError:
         return invalid(f"'{self.param}': {message}", self.param)
-
-    def _type(self, value: Any) -> str:
-        """A JSON value's type by JSON Schema's names (an integral number is an integer)."""
-        if _is_number(value):
-            return "integer" if float(value).is_integer() else "number"
-        return {bool: "boolean", type(None): "null", dict: "object", list: "array", str: "string"}[type(value)]
 
     def _names(self, schema: dict) -> list:
         names = schema.get("required")
@@ -1596,9 +1568,8 @@ class SchemaCompiler:
         props, theirs = self.declared(part), self.declared(other)
         yield from ({"properties": {name: False}} for name in self._names(other) if name not in self._names(part))
         yield from ({"required": [name]} for name in props if name in theirs)
-        for name in [name for name in self._names(other) if name in theirs]:  # last: it may leave part nothing to write
-            with contextlib.suppress(APIError):
-                yield {"properties": {name: {"not": theirs[name]}}} if self.negate(theirs[name]) else {}
+        # Last: it may leave part nothing to write (or, where `not` cannot hold theirs, fail to compile: left out).
+        yield from ({"properties": {name: {"not": theirs[name]}}} for name in self._names(other) if name in theirs)
 
     def declared(self, schema: dict, name: str | None = None, produced: bool = False) -> Any:
         """properties ({} if none), or what `name`'s value is held to (True: a pattern may; `produced`: as written)."""
@@ -1609,10 +1580,11 @@ class SchemaCompiler:
 
     def types(self, schema: dict, produced: bool) -> set | None:
         """The JSON types of values `schema` lets through; `produced`: of the values this server writes for it."""
-        if (values := self._values(schema)) is not None or "type" in schema:
-            return {self._type(v) for v in values} if values is not None else _kinds(schema["type"])
-        if produced and not {"anyOf", "oneOf", "not", "if"} & set(schema):
-            return _kinds([k for k, words in KEYWORD_TYPES.items() if words & set(schema)]) or None
+        if (values := self._values(schema)) is not None:   # by JSON Schema's names: an integral number is an integer
+            return {{bool: "boolean", type(None): "null", dict: "object", list: "array", str: "string"}.get(
+                type(v), "integer" if _is_number(v) and float(v).is_integer() else "number") for v in values}
+        if "type" in schema or produced and not {"anyOf", "oneOf", "not", "if"} & set(schema):
+            return _kinds(schema.get("type", [k for k, words in KEYWORD_TYPES.items() if words & set(schema)])) or None
         return None
 
     def disjoint(self, part: Any, other: Any, hops: int = 0) -> bool:
@@ -1623,9 +1595,8 @@ class SchemaCompiler:
         mine, theirs = self.types(part, True), self.types(other, False)
         values, allowed = self._values(part), self._values(other)
         if mine is not None and theirs is not None and not mine & theirs or values is not None and allowed is not None \
-                and not any(v == w for v in values for w in allowed):
-            return True
-        if "not" in part and _canonical(self.flat(part["not"])[0]) == _canonical(other):
+                and not any(v == w for v in values for w in allowed) or \
+                "not" in part and _canonical(self.flat(part["not"])[0]) == _canonical(other):   # part negates other
             return True
         if mine == {"string"}:
             with contextlib.suppress(ValueError):   # a Regex that matches nothing is a ValueError
@@ -1639,9 +1610,9 @@ class SchemaCompiler:
         given = "enum" in schema or "const" in schema
         values = (self.list_of(schema["enum"], "enum") if "enum" in schema else [schema["const"]]) if given else \
             [True, False] if schema["type"] == "boolean" else [None]
-        values = [v for v in values if ("const" not in schema or _canonical(v) == _canonical(schema["const"])) and
-                  not any(v == w and self._type(v) == self._type(w) for w in schema.get("!enum", []))]
-        texts = [json.dumps(v, ensure_ascii=False, separators=(",", ":")) for v in values]
+        texts = [json.dumps(v, ensure_ascii=False, separators=(",", ":")) for v in values
+                 if ("const" not in schema or _canonical(v) == _canonical(schema["const"])) and
+                 not any(v == w and isinstance(v, bool) == isinstance(w, bool) for w in schema.get("!enum", []))]
         rest = {k: v for k, v in schema.items() if k not in ("enum", "const", "!enum")} if given else {}
         node = self.compile(rest, refs, depth) if rest else None
         texts = [t for t in texts if not rest or node is not None and accepts_text(node, t)]

@@ -840,6 +840,15 @@ def test_counted_strings_reuse_cached_masks(model, schema):
     assert len(masks.masks) <= 5 and len(masks.plains) <= 5
 
 
+def test_a_value_that_may_be_empty_hands_on_the_next_character():
+    """A raw value that may be empty (a tool argument's text) ends before it begins: the character after it goes
+    to its container (json_start once raised TypeError there)."""
+    node = lem_serve.Array((), lem_serve.Leaf(lem_serve.regex_for("a*", False), quoted=False))
+    start = lem_serve.json_start(node)
+    assert all(lem_serve.json_complete(lem_serve.json_advance(start, text)) for text in ["[]", "[a]", "[,a]", "[a,a]"])
+    assert not lem_serve.json_advance(start, "[b")
+
+
 @pytest.mark.parametrize("schema,words", [
     ({"type": "object", "not": {}}, "no JSON value"),
     ({"type": "array", "unevaluatedItems": False}, "'unevaluatedItems'"),

@@ -414,6 +414,11 @@ MUTATIONS = [
              (("    kinds = {k for k in _as_list(value) if isinstance(k, str)}",
                "    kinds = set(_as_list(value))"),),
              ("test_malformed_schemas_are_answered_never_a_5xx",)),
+    Mutation("json-empty-value-keeps-the-character", "a value complete as soon as it is pushed (one that may be "
+             "empty) does not hand the next character to its container",
+             (("    if top[0].done(top) and (parent := _pop(stack[:-1], top)):",
+               "    if top[0].done(top) and top != top[0].frame(top.ex) and (parent := _pop(stack[:-1], top)):"),),
+             ("test_a_value_that_may_be_empty_hands_on_the_next_character",)),
     Mutation("json-closing-key-too-short", "an excluded key leaf looks for a closing text only 32 characters deep, "
              "among the texts it spells out whole, so a pattern key longer than that cannot close (a 500 mid-stream)",
              (("        reach = max(self.min_len - count, len(self.regex.shortest(dfa) or \"\")) + 32",
@@ -711,7 +716,8 @@ MUTATIONS = [
     Mutation("tabs-last-writer-wins", "a tab writes its whole copy of a chat over the stored one: "
                                       "a reply streaming in another tab loses the other tab's turn",
              (("      merged = stored ? mergeStored(conv, stored, true) : null;", "      merged = null;"),),
-             ("test_two_tabs_on_one_chat_keep_both_replies_and_escape_stops",), target="chat.js"),
+             ("test_two_tabs_on_one_chat_keep_both_replies_and_escape_stops",
+              "test_a_turn_another_tab_added_stays_that_tabs_to_edit"), target="chat.js"),
     Mutation("remote-stream-interrupted", "a reply streaming in another tab is read as interrupted",
              (("    const live = id && raw.status === \"streaming\" && (store.live.has(id) || store.keepStreaming);",
                "    const live = false;"),),
@@ -780,6 +786,21 @@ MUTATIONS = [
     Mutation("escape-does-not-stop", "Escape leaves the reply streaming",
              (("      stopGenerating(conv);\n    }\n  }\n", "    }\n  }\n"),),
              ("test_two_tabs_on_one_chat_keep_both_replies_and_escape_stops",), target="chat.js"),
+    # The chat page's two flaky tests (branch page): a new turn from another tab, a reload before a write.
+    Mutation("tabs-new-turn-unsynced", "a turn taken in from another tab counts as changed by this tab: its next "
+                                       "write bumps it, and the other tab's later change of it (a Stop, an edit) is lost",
+             (("    for (const m of order) if (!mine.has(m.id)) result.taken.add(m.id); // new from another tab: stored as it is\n",
+               ""),),
+             ("test_a_turn_another_tab_added_stays_that_tabs_to_edit",), target="chat.js"),
+    Mutation("reload-drops-unwritten", "a reload before the page wrote a finished reply loses it "
+                                       "(the page leaves nothing but an IndexedDB write that never finishes)",
+             (("      keepUnsaved();\n      if (store.dirty.size) flush();", "      if (store.dirty.size) flush();"),),
+             ("test_a_reply_not_yet_written_when_the_page_reloads_is_kept",), target="chat.js"),
+    Mutation("unsaved-skips-writes-in-flight", "a page leaving while a write of a chat is under way keeps nothing "
+                                               "of it: an edit saved just before leaving is lost",
+             (("    for (const id of new Set([...store.dirty, ...store.inFlight, ...store.failed.keys()])) {",
+               "    for (const id of new Set([...store.dirty, ...store.failed.keys()])) {"),),
+             ("test_a_turn_another_tab_added_stays_that_tabs_to_edit",), target="chat.js"),
     # Assistant prefill (issue 25's Continue, in the server).
     Mutation("prefill-keeps-end-of-turn", "a continued assistant message is rendered whole, its end of turn included",
              (("            return tokenizer.encode(text[:text.index(PREFILL_MARK)], add_special_tokens=False)",
