@@ -1191,6 +1191,8 @@ if (typeof window === "undefined" && typeof self !== "undefined" && "clients" in
   // one stays and this tab's text goes back to the message box with a notice.
   // A tab streaming a reply holds a Web Lock named for it, so other tabs show
   // that reply as streaming (not interrupted) until the lock is let go.
+  // A write needs the page to live on, so a page that leaves first keeps what
+  // it has not written in localStorage (keepUnsaved); the next load writes it.
   // =========================================================================
 
   const store = {

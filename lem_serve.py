@@ -1226,22 +1226,19 @@ def json_closing_text(state: tuple) -> str | None:
 # -- JSON Schema keywords -------------------------------------------------------
 
 SCHEMA_KEYWORDS = {"type", "enum", "const", "!enum", "anyOf", "oneOf", "allOf", "$ref", "not", "if", "then", "else"}
-# Keywords that constrain and are not enforced: a 400 naming them. Any other keyword
-# (annotations, extensions such as x-*, misspellings) is ignored, as validators do.
+# Keywords that constrain and are not enforced: a 400 naming them. Any other keyword is ignored, as validators do.
 SCHEMA_REFUSED = {"unevaluatedProperties", "unevaluatedItems", "$dynamicRef", "$recursiveRef", "extends", "disallow",
                   "divisibleBy"}
 # The other keywords enforced, by the type they constrain (for schemas without "type"). "!enum" and
 # "!pattern" are what `not` leaves: values and patterns excluded.
-KEYWORD_TYPES = {"object": {"properties", "required", "additionalProperties", "minProperties", "maxProperties",
-                            "patternProperties", "propertyNames", "dependencies", "dependentRequired",
-                            "dependentSchemas"},
+KEYWORD_TYPES = {"object": {"properties", "required", "additionalProperties", "minProperties", "dependentSchemas",
+                            "patternProperties", "propertyNames", "dependencies", "dependentRequired", "maxProperties"},
                  "array": {"items", "prefixItems", "additionalItems", "minItems", "maxItems", "uniqueItems", "contains",
                            "minContains", "maxContains"},
                  "string": {"minLength", "maxLength", "pattern", "format", "!pattern"},
                  "number": {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"}}
 SCHEMA_KEYWORDS |= set().union(*KEYWORD_TYPES.values())
-COUNTS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties", "minContains",
-          "maxContains")
+COUNTS = {word for word in SCHEMA_KEYWORDS if word[:3] in ("min", "max") and word[3:] != "imum"}   # minLength...
 # `not` of a bound holds beyond it, within its type: minimum 5 as exclusiveMaximum 5, minLength 2 as maxLength 1.
 NEGATED_BOUNDS = {"minimum": "exclusiveMaximum", "maximum": "exclusiveMinimum", "minLength": "maxLength",
                   "minItems": "maxItems", "minProperties": "maxProperties"}
@@ -1260,14 +1257,13 @@ _URI = rf"[A-Za-z][A-Za-z0-9+.-]*://([A-Za-z0-9._~!$&'()*+,;=-]|%[0-9A-Fa-f]{{2}
 # A relative reference has no scheme and does not start with "//" (which would make an authority of it).
 _RELATIVE = rf"(/({_PCHAR}+(/{_PCHAR}*)*)?|([A-Za-z0-9._~!$&'()*+,;=@-]|%[0-9A-Fa-f]{{2}})+(/{_PCHAR}*)*)?{_TAIL}"
 _EMAIL = rf"[A-Za-z0-9_%+-]+(\.[A-Za-z0-9_%+-]+)*@({_LABEL}\.)+[A-Za-z]{{2,63}}"
-# `format` values enforced, each as a regular expression matched in full (IRIs and internationalised
-# addresses by their ASCII subsets).
+# `format` values enforced, as regular expressions matched in full (IRIs, IDN addresses: their ASCII subsets).
 FORMATS = {
     "date": _DATE, "time": _TIME, "date-time": f"{_DATE}T{_TIME}",
     "duration": rf"P((\d+Y(\d+M)?(\d+D)?|\d+M(\d+D)?|\d+D)({_HOURS})?|{_HOURS}|\d+W)",
     "email": _EMAIL, "idn-email": _EMAIL, "uri": _URI, "iri": _URI,
     "uri-reference": f"{_URI}|{_RELATIVE}", "iri-reference": f"{_URI}|{_RELATIVE}",
-    "uuid": r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
+    "uuid": r"[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}",
     "ipv4": rf"{_OCTET}(\.{_OCTET}){{3}}",
     "ipv6": "|".join([rf"({_H16}:){{7}}{_H16}", rf"({_H16}:){{1,7}}:", rf"({_H16}:){{1,6}}:{_H16}",
                       rf":((:{_H16}){{1,7}}|:)"] + [rf"({_H16}:){{1,{n}}}(:{_H16}){{1,{7 - n}}}" for n in range(1, 6)]),
@@ -1303,13 +1299,12 @@ SCHEMA_MERGE = {
     "type": lambda a, b: [k for k in JSON_TYPES if k in _kinds(a) & _kinds(b) and not
                           (k == "integer" and "number" in _kinds(a) & _kinds(b))] or False,
     "enum": lambda a, b: [v for v in a if _canonical(v) in set(map(_canonical, b))] or False,
-    "required": lambda a, b: list(dict.fromkeys(a + b)),
     "pattern": lambda a, b: _as_list(a) + _as_list(b),   # several patterns: all must match
     "not": lambda a, b: {"anyOf": [a, b]},
     "properties": lambda a, b: {**a, **{k: {"allOf": [a[k], v]} if k in a else v for k, v in b.items()}},
     **dict.fromkeys(("anyOf", "oneOf"), lambda a, b: None if len(a) * len(b) > SCHEMA_MAX_BRANCHES else
                     [{"allOf": [x, y]} for x in a for y in b]),   # one alternative per pair, a few at most
-    **dict.fromkeys(("!enum", "!pattern", "allOf"), lambda a, b: a + b),
+    **dict.fromkeys(("!enum", "!pattern", "allOf", "required"), lambda a, b: a + b),
     **{word: max if word.startswith("min") else min for word in ("minimum", "maximum", *COUNTS)},
     **dict.fromkeys(("items", "additionalItems", "additionalProperties", "propertyNames"),
                     lambda a, b: {"allOf": [a, b]}),
@@ -1359,12 +1354,6 @@ class SchemaCompiler:
 
     def fail(self, message: str) -> APIError:
         return invalid(f"'{self.param}': {message}", self.param)
-
-    def _type(self, value: Any) -> str:
-        """A JSON value's type by JSON Schema's names (an integral number is an integer)."""
-        if _is_number(value):
-            return "integer" if float(value).is_integer() else "number"
-        return {bool: "boolean", type(None): "null", dict: "object", list: "array", str: "string"}[type(value)]
 
     def _names(self, schema: dict) -> list:
         names = schema.get("required")
@@ -1570,9 +1559,8 @@ class SchemaCompiler:
         props, theirs = self.declared(part), self.declared(other)
         yield from ({"properties": {name: False}} for name in self._names(other) if name not in self._names(part))
         yield from ({"required": [name]} for name in props if name in theirs)
-        for name in [name for name in self._names(other) if name in theirs]:  # last: it may leave part nothing to write
-            with contextlib.suppress(APIError):
-                yield {"properties": {name: {"not": theirs[name]}}} if self.negate(theirs[name]) else {}
+        # Last: it may leave part nothing to write (or, where `not` cannot hold theirs, fail to compile: left out).
+        yield from ({"properties": {name: {"not": theirs[name]}}} for name in self._names(other) if name in theirs)
 
     def declared(self, schema: dict, name: str | None = None, produced: bool = False) -> Any:
         """properties ({} if none), or what `name`'s value is held to (True: a pattern may; `produced`: as written)."""
@@ -1583,10 +1571,11 @@ class SchemaCompiler:
 
     def types(self, schema: dict, produced: bool) -> set | None:
         """The JSON types of values `schema` lets through; `produced`: of the values this server writes for it."""
-        if (values := self._values(schema)) is not None or "type" in schema:
-            return {self._type(v) for v in values} if values is not None else _kinds(schema["type"])
-        if produced and not {"anyOf", "oneOf", "not", "if"} & set(schema):
-            return _kinds([k for k, words in KEYWORD_TYPES.items() if words & set(schema)]) or None
+        if (values := self._values(schema)) is not None:   # by JSON Schema's names: an integral number is an integer
+            return {{bool: "boolean", type(None): "null", dict: "object", list: "array", str: "string"}.get(
+                type(v), "integer" if _is_number(v) and float(v).is_integer() else "number") for v in values}
+        if "type" in schema or produced and not {"anyOf", "oneOf", "not", "if"} & set(schema):
+            return _kinds(schema.get("type", [k for k, words in KEYWORD_TYPES.items() if words & set(schema)])) or None
         return None
 
     def disjoint(self, part: Any, other: Any, hops: int = 0) -> bool:
@@ -1597,9 +1586,8 @@ class SchemaCompiler:
         mine, theirs = self.types(part, True), self.types(other, False)
         values, allowed = self._values(part), self._values(other)
         if mine is not None and theirs is not None and not mine & theirs or values is not None and allowed is not None \
-                and not any(v == w for v in values for w in allowed):
-            return True
-        if "not" in part and _canonical(self.flat(part["not"])[0]) == _canonical(other):
+                and not any(v == w for v in values for w in allowed) or \
+                "not" in part and _canonical(self.flat(part["not"])[0]) == _canonical(other):   # part negates other
             return True
         if mine == {"string"}:
             with contextlib.suppress(ValueError):   # a Regex that matches nothing is a ValueError
@@ -1613,9 +1601,9 @@ class SchemaCompiler:
         given = "enum" in schema or "const" in schema
         values = (self.list_of(schema["enum"], "enum") if "enum" in schema else [schema["const"]]) if given else \
             [True, False] if schema["type"] == "boolean" else [None]
-        values = [v for v in values if ("const" not in schema or _canonical(v) == _canonical(schema["const"])) and
-                  not any(v == w and self._type(v) == self._type(w) for w in schema.get("!enum", []))]
-        texts = [json.dumps(v, ensure_ascii=False, separators=(",", ":")) for v in values]
+        texts = [json.dumps(v, ensure_ascii=False, separators=(",", ":")) for v in values
+                 if ("const" not in schema or _canonical(v) == _canonical(schema["const"])) and
+                 not any(v == w and isinstance(v, bool) == isinstance(w, bool) for w in schema.get("!enum", []))]
         rest = {k: v for k, v in schema.items() if k not in ("enum", "const", "!enum")} if given else {}
         node = self.compile(rest, refs, depth) if rest else None
         texts = [t for t in texts if not rest or node is not None and accepts_text(node, t)]

@@ -265,6 +265,20 @@ def idle_cpu(server: bench.ServerProcess, seconds: float = 5.0) -> dict:
     return {names[pid]: (after[pid] - before[pid]) / hz / seconds for pid in sorted(names, key=names.get)}
 
 
+def started(make, tries: int = 3):
+    """make() started; on a failed start made again (with new ports: a ring port picked at random can be taken
+    by someone's ephemeral port before the group binds it)."""
+    for attempt in range(tries):
+        process = make()
+        try:
+            return process.start() or process
+        except RuntimeError as exc:
+            process.stop()
+            if attempt == tries - 1:
+                raise
+            bench.progress(f"{process.name} did not start ({exc}); again")
+
+
 def bench_model(name: str, quick: bool) -> dict:
     """The lem-serves and raw workers, started in turn, then measured turn by turn."""
     path = bench.prepare_model(name)
@@ -272,14 +286,16 @@ def bench_model(name: str, quick: bool) -> dict:
     if name == "small":
         tokens, reps = (32, 2) if quick else (64, 5)
     result = {"model": bench.model_label(name, path), "tokens": tokens, "reps": reps}
-    processes = {ONE: bench.lem_server(path, f"{name}-sharded", 4), RAW1: bench.RawWorker(path, name),
-                 GROUP: group_server(path, name, 4), RAW2: RawGroupWorker(path, name),
-                 RAW2N: RawGroupWorker(path, name, renice=True),
-                 GROUPD: group_server(path, name, 4, launched=False), RAW2D: RawGroupWorker(path, name, launched=False)}
+    makers = {ONE: lambda: bench.lem_server(path, f"{name}-sharded", 4), RAW1: lambda: bench.RawWorker(path, name),
+              GROUP: lambda: group_server(path, name, 4), RAW2: lambda: RawGroupWorker(path, name),
+              RAW2N: lambda: RawGroupWorker(path, name, renice=True),
+              GROUPD: lambda: group_server(path, name, 4, launched=False),
+              RAW2D: lambda: RawGroupWorker(path, name, launched=False)}
+    processes = {}
     try:
-        for process in processes.values():
-            process.start()
-            os.killpg(process.proc.pid, signal.SIGSTOP)
+        for system, make in makers.items():
+            processes[system] = started(make)
+            os.killpg(processes[system].proc.pid, signal.SIGSTOP)
         systems = {system: (process, process.stream if system in (RAW1, RAW2, RAW2N, RAW2D) else
                             lambda m, t, port=process.port: bench.stream_chat(port, m, t))
                    for system, process in processes.items()}

@@ -37,7 +37,7 @@ class Chat:
             context = tab_of.context
             context.new_page()
         self.context = context or browser.new_context(viewport=viewport, color_scheme=color_scheme, **context_options)
-        self.context.set_default_timeout(15_000)
+        self.context.set_default_timeout(30_000)  # a bound for failing tests only: loaded CI boxes are slow
         if max_tokens is not None:
             # Short replies keep the suite fast; only seeded when nothing is stored yet.
             self.context.add_init_script(

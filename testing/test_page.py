@@ -175,7 +175,8 @@ def test_stop_aborts_generation_and_frees_the_slot(open_chat, make_long_server):
     assert reply.locator(".msg-error").count() == 0
     wait_idle(chat.base)  # the slot frees after Stop, long before LONG_BUDGET tokens could be written
     # The header does not go on saying "Busy" once the slot is free (it used to, until the next 10 s poll).
-    page.locator("#health[data-state='ok'] .health-text", has_text="Ready").wait_for(timeout=5_000)
+    # Under the page's 10 s health poll: the page asks again when a run ends, it does not wait for the poll.
+    page.locator("#health[data-state='ok'] .health-text", has_text="Ready").wait_for(timeout=9_000)
 
     # The slot is free: the next message streams normally (no 429).
     assert chat.set_max_tokens(12) == "12"
@@ -382,7 +383,7 @@ def test_busy_server_is_retried_after_a_visible_cancellable_countdown(open_chat,
         assert chat.reply().get_attribute("data-state") == "waiting"
         assert page.locator("#conv-list li.generating .conv-date").inner_text() == "Waiting for a free slot…"
         for _ in range(2):  # it tries again by itself, after each Retry-After (1 s)
-            with page.expect_request(is_chat_post, timeout=10_000):
+            with page.expect_request(is_chat_post, timeout=REPLY_TIMEOUT_MS):
                 pass
         waiting.get_by_role("button", name="Cancel").click()
         error = chat.wait_reply("error").locator(".msg-error")
