@@ -865,8 +865,7 @@ class Piece:
         return frame
 
     @staticmethod
-    def slack_of(nodes: Any, keys: Any = ()) -> int:
-        """The slack of a piece holding `nodes` (and `keys`, JSON texts)."""
+    def _slack_of(nodes: Any, keys: Any = ()) -> int:   # of a piece holding `nodes` (and `keys`, JSON texts)
         return max([0] + [len(key) + 2 for key in keys] + [max(n.slack, len(n.min_text) + 1) for n in nodes])
 
 
@@ -923,6 +922,7 @@ class Leaf(Piece):
 
     ESCAPE = re.compile(r'\\(["\\/bfnrt]|u(?![dD][89a-fA-F])[0-9a-fA-F]{0,4})?')   # so far; no surrogates
     LETTERS = '"0"\\/bfnrtu'   # what may end a quote or go on with an escape, in the order finish() tries
+    PLAIN = re.compile(r'[^"\\\x00-\x1f]*').fullmatch   # what a JSON string holds as it is (no escape needed)
 
     def __init__(self, regex: Regex, min_len: int = 0, max_len: int | None = None, quoted: bool = True,
                  by_text: bool = True):
@@ -931,11 +931,6 @@ class Leaf(Piece):
         if self.complete(regex.start, 0) is None:
             raise ValueError("no string has both this pattern or format and these lengths")
         self.min_text = self.finish(self.frame())
-
-    @staticmethod
-    def plain(text: str) -> bool:
-        """Whether a JSON string holds `text` as it is: no quote, backslash or control character."""
-        return all(ch >= " " and ch not in '"\\' for ch in text)
 
     def frame(self, ex: frozenset | None = None) -> Frame:
         """The frame before the first character (a string's: before its opening quote)."""
@@ -982,11 +977,11 @@ class Leaf(Piece):
         for size in range(int(min(self.limit - count, reach)) + 1):
             ends = [t + end for state, tails in layer.items() if (end := self.regex.shortest(state)) is not None
                     for t in tails if count + size >= self.min_len and count + len(t + end) <= self.limit]
-            if ends := [e for e in ends if ex is None or (not plain or self.plain(e)) and text + e + quote not in ex]:
+            if ends := [e for e in ends if ex is None or (not plain or self.PLAIN(e)) and text + e + quote not in ex]:
                 return min(ends, key=len)
             nxt: dict = {}
             for (state, tails), (cid, ch) in itertools.product(layer.items(), self.regex.reps.items()):
-                if (not plain or self.plain(ch)) and (after := self.regex._move(state, cid)) is not None:
+                if (not plain or self.PLAIN(ch)) and (after := self.regex._move(state, cid)) is not None:
                     kept = nxt.setdefault(after, [])
                     kept += [t + ch for t in tails[:keep - len(kept)]]
             layer = nxt
@@ -1032,7 +1027,7 @@ class Union(Piece):
     def __init__(self, alternatives):
         self.alternatives = tuple(a for alt in alternatives for a in alt.alternatives)
         self.min_text = min((a.min_text for a in self.alternatives), key=len)
-        self.slack = self.slack_of(self.alternatives)
+        self.slack = self._slack_of(self.alternatives)
 
 
 def first_text(node: Piece, forbidden: frozenset) -> str | None:
@@ -1048,11 +1043,10 @@ def union(alternatives: list) -> Piece | None:
 
 
 class Container(Piece):
-    """A JSON object: `slots` (name, node, required) in their order, each at most once, then extra members; `low`
-    to `high` members. Extra keys are `key` leaves, never a slot's or a `banned` name nor one written before; their
-    value is values[matched], matched: the indices of the `patterns` (patternProperties) that match the key ((): for
-    additionalProperties; values empty: no extra keys). An array (see Array): slots all in order, then items of
-    values[()], `unique` ones leaves under an exclusion of those before. Without brackets: a document (json_start)."""
+    """A JSON object: `slots` (name, node, required) in order, each at most once, then extra members; `low` to `high`
+    members. Extra keys are `key` leaves, not a slot's, `banned` or earlier name; their value: values[indices of the
+    `patterns` (patternProperties) the key matches] (() for additionalProperties; none: no extra keys). An array
+    (Array): slots in order, then items of values[()], `unique` ones excluding those before. Bracketless: a document."""
 
     def __init__(self, slots: tuple, values: dict, low: int = 0, high: int | None = None, key: Piece | None = None,
                  banned: tuple = (), patterns: tuple = (), unique: bool = False, brackets: str = "{}"):
@@ -1070,7 +1064,7 @@ class Container(Piece):
             raise ValueError("no object has these properties within minProperties/maxProperties" if self.keyed
                              else "no array has these items within minItems/maxItems (and uniqueItems)")
         self.min_text = brackets[:1] + tail
-        self.slack = self.slack_of(self.members, self.names)
+        self.slack = self._slack_of(self.members, self.names)
 
     def frame(self, ex: frozenset | None = None) -> Frame:
         """The frame before the opening bracket."""
@@ -1079,20 +1073,17 @@ class Container(Piece):
     def step(self, frame: Frame, ch: str) -> list:
         """The frames after `ch`: brackets, whitespace, commas, colons; a key or a value pushed to take `ch`."""
         _, phase, at, count, seen, spaces, _ = frame
-        if phase == "^":
-            return [(frame._replace(phase="open"),)] if ch == self.brackets[:1] else []
-        if ch in JSON_WHITESPACE and (self.brackets or phase != "value"):
+        if ch in JSON_WHITESPACE and phase != "^" and (self.brackets or phase != "value"):
             return [(frame._replace(spaces=spaces + 1),)] if spaces < JSON_MAX_WHITESPACE else []
-        if phase == "item" or phase in ("open", "comma") and not self.keyed and ch != self.brackets[1:]:
-            if phase != "item" and not any(self._choices(at, count)):
-                return []
+        if (phase, ch) in (("^", self.brackets[:1]), ("colon", ":")):   # the opening bracket; a key's colon
+            return [(Frame(self, "open" if phase == "^" else "item", at, count, seen, 0),)]
+        if phase == "item" or phase in ("open", "comma") and not self.keyed and ch != self.brackets[1:] and \
+                any(self._choices(at, count)):   # an array's next item
             node, nxt = self.members[at], min(at + 1, len(self.slots))
             after = Frame(self, "value", nxt, min(count + 1, self.cap), seen, 0)
             return [(REFEED, after, alt.frame(seen if self.unique else None)) for alt in node.alternatives]
         if ch == self.brackets[1:] and phase in ("open", "value"):
             return [()] if self.required_from[at] == 0 and count >= self.low else []
-        if ch == ":" and phase == "colon":
-            return [(Frame(self, "item", at, count, seen, 0),)]
         if not (ch == "," and phase == "value" or ch == '"' and phase in ("open", "comma")):
             return []
         slots, extra = self._choices(at, count)
@@ -1754,15 +1745,15 @@ def schema_constraint(schema: Any, param: str) -> Constraint:
 
 class TokenTable:
     """A vocabulary's token texts indexed for constrained decoding, without special tokens and parts of characters.
-    `plain` tokens hold only ordinary string characters (Leaf.plain); the others are `marked`."""
+    `plain` tokens hold only ordinary string characters (Leaf.PLAIN); the others are `marked`."""
 
     def __init__(self, tokenizer: Any):
         self.size, self.eos = len(tokenizer), sorted(tokenizer.eos_token_ids)
         self.texts = token_texts(tokenizer, self.size)
         usable = [(text, token) for token, text in enumerate(self.texts) if text]
         self.tokens = self.trie((text, [token]) for text, token in usable)
-        self.plain = [(text, token) for text, token in usable if Leaf.plain(text)]
-        self.marked = [(token, text) for text, token in usable if not Leaf.plain(text)]
+        self.plain = [(text, token) for text, token in usable if Leaf.PLAIN(text)]
+        self.marked = [(token, text) for text, token in usable if not Leaf.PLAIN(text)]
         self.reach = max((len(text) for text, _ in usable), default=1)   # the longest token, in characters
         self.plain_chars = sorted({ch for text, _ in self.plain for ch in text})
         self.class_tries = Cache(JSON_CONSTRAINT_CACHE * 4)
@@ -1902,11 +1893,10 @@ class JsonConstraint:
             token = int(tokens[-1].item())
             text = masks.table.texts[token] if token < len(masks.table.texts) else None
             self.state, self.plan = json_advance(self.state, text) if text else (), self.plan and self.plan[1:]
-        self.started = True
         if self.plan is None and not json_complete(self.state):
             plan = masks.closing(self.state)
             self.plan = plan if plan is not None and len(plan) + 1 + masks.slack >= self.left else None
-        self.left -= 1
+        self.started, self.left = True, self.left - 1
         if not self.state or self.plan == []:   # dead, or closed: only end-of-sequence
             return masked(logits, masks.ids_mask(masks.table.eos, width))
         allowed = masks.allowed(self.state, width) if self.plan is None else masks.ids_mask(self.plan[:1], width)
