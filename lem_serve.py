@@ -1282,8 +1282,7 @@ def _as_list(value: Any) -> list:
     return value if isinstance(value, list) else [value]
 
 
-def _canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True)
+_canonical = functools.partial(json.dumps, sort_keys=True)
 
 
 def _kinds(value: Any) -> set:
@@ -1332,14 +1331,10 @@ ANY_STRING, ANY_NUMBER = Leaf(ANY_TEXT), number_leaf(False)
 BOOLEAN, NULL = Literals(("true", "false")), Literals(("null",))
 
 
-def any_value(depth: int) -> Piece:
-    """Any JSON value, arrays and objects nested at most `depth` deep."""
-    inner = [any_value(depth - 1)] if depth else []
-    containers = [c for n in inner for c in (Object((), {(): n}), Array((), n))]
-    return Union([ANY_STRING, ANY_NUMBER, BOOLEAN, NULL] + containers)
-
-
-ANY_VALUE, ANY_OBJECT = any_value(JSON_MAX_NESTING), Object((), {(): any_value(JSON_MAX_NESTING - 1)})
+ANY_VALUE = Union([ANY_STRING, ANY_NUMBER, BOOLEAN, NULL])   # then arrays and objects, JSON_MAX_NESTING deep
+for _ in range(JSON_MAX_NESTING):
+    ANY_OBJECT = Object((), {(): ANY_VALUE})
+    ANY_VALUE = Union([ANY_STRING, ANY_NUMBER, BOOLEAN, NULL, ANY_OBJECT, Array((), ANY_VALUE)])
 
 
 class SchemaCompiler:
@@ -1353,8 +1348,7 @@ class SchemaCompiler:
         return invalid(f"'{self.param}': {message}", self.param)
 
     def _names(self, schema: dict) -> list:
-        names = schema.get("required")
-        return names if isinstance(names, list) and all(isinstance(n, str) for n in names) else []
+        return schema["required"] if SCHEMA_VALUES["required"][1](schema.get("required")) else []
 
     def _values(self, schema: dict) -> list | None:
         values = schema["enum"] if "enum" in schema else [schema["const"]] if "const" in schema else None
