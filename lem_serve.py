@@ -2609,7 +2609,7 @@ def pair_value(syntax: PairSyntax, raw: bool, schema: dict, root: dict) -> Const
         ("".join(f"[{ch.lower()}{ch.upper()}]" for ch in word), False, True) for word in syntax.reserved)
     edges = (f"{STRIPPED}{ANY_CHARACTERS}|{ANY_CHARACTERS}{STRIPPED}", False, True)
     try:
-        # At least one character: json_start cannot begin a value that may be empty (Container.step).
+        # At least one character (a decision): no family parser is tested on an empty raw value, so none is written.
         return Constraint(Leaf(shared_regex(node.regex.source + banned + (edges,)), max(node.min_len, 1),
                                node.max_len, quoted=False), key)
     except ValueError:
