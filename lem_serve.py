@@ -599,10 +599,9 @@ ANYTHING = (sre.MAX_REPEAT, (0, sre.MAXREPEAT, [(sre.IN, [(sre.NEGATE, None)])])
 
 
 def regex_items(pattern: str | tuple, search: bool, negated: bool) -> list[tuple[list, bool]]:
-    """(re's parse items, negated) for one part: the pattern (anywhere in the text if searched), then its leading
-    lookaheads as parts the text must (not) start with; a (step, scale) multiple passes. re reads what ECMAScript
-    means ((?<name>...); in a class "-" beside \\d \\w \\s, "[[", "&&", "--"); a ValueError names what it cannot:
-    escapes ECMAScript lacks or reads otherwise (backreferences, \\b, \\A, \\a), "{,", lookbehind, inline flags."""
+    """(re's parse items, negated) for one part: the pattern (searched: anywhere), then its leading lookaheads as
+    parts the text must (not) start with. A ValueError names what ECMAScript and re read apart, or re cannot read
+    (backreferences, \\b, \\A, "{,", lookbehind, inline flags)."""
     if not isinstance(pattern, str):
         return [([("multiples", pattern)], negated)]
     if bad := [text for text in re.findall(ESCAPE, pattern, re.S) if not GOOD_ESCAPE.fullmatch(text)]:
@@ -631,10 +630,9 @@ def regex_items(pattern: str | tuple, search: bool, negated: bool) -> list[tuple
 
 
 class Regex:
-    """Regular expressions that must all match, as one lazily built DFA over character classes. `parts` are
-    (pattern, search[, negated]): a searched pattern may match anywhere (JSON Schema's `pattern`), else the whole
-    text (formats). A state is a frozenset of NFA states, ~s for s reached through a '$' (no more characters); None
-    is dead. Characters map to class ids (the sets they are in), on which the DFA and TokenTable.class_trie work."""
+    """Regular expressions that must all match, as one lazy DFA over character classes (ids: the sets a character is
+    in). `parts`: (pattern, search[, negated]), searched anywhere (`pattern`) or matched whole (formats). A state is
+    a frozenset of NFA states, ~s for s reached through a '$' (no more characters); None is dead."""
 
     def __init__(self, parts: tuple):
         self.source, self.edges, self.charsets, self.parts, self.owner = parts, [], {}, [], []
@@ -1229,8 +1227,7 @@ SCHEMA_KEYWORDS = {"type", "enum", "const", "!enum", "anyOf", "oneOf", "allOf", 
 # Keywords that constrain and are not enforced: a 400 naming them. Any other keyword is ignored, as validators do.
 SCHEMA_REFUSED = {"unevaluatedProperties", "unevaluatedItems", "$dynamicRef", "$recursiveRef", "extends", "disallow",
                   "divisibleBy"}
-# The other keywords enforced, by the type they constrain (for schemas without "type"). "!enum" and
-# "!pattern" are what `not` leaves: values and patterns excluded.
+# The other keywords enforced, by the type they constrain (without "type"); "!enum", "!pattern": what `not` leaves.
 KEYWORD_TYPES = {"object": {"properties", "required", "additionalProperties", "minProperties", "dependentSchemas",
                             "patternProperties", "propertyNames", "dependencies", "dependentRequired", "maxProperties"},
                  "array": {"items", "prefixItems", "additionalItems", "minItems", "maxItems", "uniqueItems", "contains",
@@ -1285,8 +1282,7 @@ def _as_list(value: Any) -> list:
     return value if isinstance(value, list) else [value]
 
 
-def _canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True)
+_canonical = functools.partial(json.dumps, sort_keys=True)
 
 
 def _kinds(value: Any) -> set:
@@ -1335,14 +1331,10 @@ ANY_STRING, ANY_NUMBER = Leaf(ANY_TEXT), number_leaf(False)
 BOOLEAN, NULL = Literals(("true", "false")), Literals(("null",))
 
 
-def any_value(depth: int) -> Piece:
-    """Any JSON value, arrays and objects nested at most `depth` deep."""
-    inner = [any_value(depth - 1)] if depth else []
-    containers = [c for n in inner for c in (Object((), {(): n}), Array((), n))]
-    return Union([ANY_STRING, ANY_NUMBER, BOOLEAN, NULL] + containers)
-
-
-ANY_VALUE, ANY_OBJECT = any_value(JSON_MAX_NESTING), Object((), {(): any_value(JSON_MAX_NESTING - 1)})
+ANY_VALUE = Union([ANY_STRING, ANY_NUMBER, BOOLEAN, NULL])   # then arrays and objects, JSON_MAX_NESTING deep
+for _ in range(JSON_MAX_NESTING):
+    ANY_OBJECT = Object((), {(): ANY_VALUE})
+    ANY_VALUE = Union([ANY_STRING, ANY_NUMBER, BOOLEAN, NULL, ANY_OBJECT, Array((), ANY_VALUE)])
 
 
 class SchemaCompiler:
@@ -1356,8 +1348,7 @@ class SchemaCompiler:
         return invalid(f"'{self.param}': {message}", self.param)
 
     def _names(self, schema: dict) -> list:
-        names = schema.get("required")
-        return names if isinstance(names, list) and all(isinstance(n, str) for n in names) else []
+        return schema["required"] if SCHEMA_VALUES["required"][1](schema.get("required")) else []
 
     def _values(self, schema: dict) -> list | None:
         values = schema["enum"] if "enum" in schema else [schema["const"]] if "const" in schema else None
@@ -1380,12 +1371,6 @@ class SchemaCompiler:
                 other.get("patternProperties"):
             return dict(one)
         return {**one, "properties": {k: v if k in (theirs or {}) else {"allOf": [v, extra]} for k, v in mine.items()}}
-
-    def _unique_leaf(self, node: Piece | None) -> Piece | bool | None:
-        """uniqueItems: `node` as one leaf whose values' JSON texts are their identity (see Array); False if none."""
-        if node is None or all(isinstance(a, Literals) for a in node.alternatives):
-            return node and Literals(t for a in node.alternatives for t in a.texts)
-        return node if isinstance(node, Leaf) and node.by_text else False
 
     def compile(self, schema: Any, refs: int = SCHEMA_MAX_REFS, depth: int = 0) -> Piece | None:
         """The piece for `schema`, None when no value satisfies it; `refs`: $ref hops left on this path."""
@@ -1706,7 +1691,10 @@ class SchemaCompiler:
             high, items = len(nodes) if high is None else min(high, len(nodes)), False
         rest = self.compile(items if items is not None else not prefix or low > len(prefix), refs, depth + 1)
         if schema.get("uniqueItems") is True:
-            leaves = [self._unique_leaf(n) for n in nodes + [rest]]
+            # Each item as one leaf whose values' JSON texts are their identity (see Array); False if none.
+            leaves = [n and Literals(t for a in n.alternatives for t in a.texts) if n is None or all(
+                isinstance(a, Literals) for a in n.alternatives) else n if isinstance(n, Leaf) and n.by_text else False
+                for n in nodes + [rest]]
             if False not in leaves:
                 return Array(tuple(leaves[:-1]), leaves[-1], low, high, True)
             if low > 1:
