@@ -581,9 +581,8 @@ JSON_WHITESPACE = " \t\n\r"
 REFEED = "refeed"
 
 
-# Patterns are ECMAScript's (JSON Schema's dialect), read by re's parser (sre), built into an NFA, then lazily a DFA.
-# \d \w \s '.' are (narrow, wide) sets: narrow holds what both ECMAScript and re (validators) match, wide what either
-# may. Classes take narrow ones, [^...] wide ones, so output satisfies both; parts that must not match, the reverse.
+# Patterns are ECMAScript's, read by re's parser (sre) into an NFA, then lazily a DFA. \d \w \s '.' are (narrow, wide)
+# sets (what ECMAScript and re both match, what either may): classes take narrow, [^...] wide; negated parts, reversed.
 ESCAPE = r"\\(?:x[\da-fA-F]{2}|u[\da-fA-F]{4}|0\d?|.|$)"
 GOOD_ESCAPE = re.compile(r"\\([dDwWsSbtnvfr0]|x..|u....|[^\dA-Za-z])", re.S)   # what both dialects read alike
 ECMA_TOKEN = re.compile(rf"(\[\^?\]?)((?:\\.|[^\\\]])*)\]|{ESCAPE}|\(\?(?:<[\w$]+>|[:=!])?|\{{,|.", re.S)
@@ -789,9 +788,8 @@ def regex_for(pattern: str | tuple, search: bool = True, also: tuple = ()) -> Re
 ANY_TEXT = regex_for("")   # an empty pattern matches every string
 
 
-# Numbers as regular expressions: the JSON number syntax intersected with one expression for the minimum, one for
-# the maximum (built digit by digit, as llama.cpp's json-schema-to-grammar does; leading zeros may pass, the syntax
-# refuses them) and one for multipleOf. Fraction digits compare as strings: 0.25 < 0.3 as "25" < "3".
+# Numbers as regexes: JSON number syntax intersected with the minimum's, the maximum's (digit by digit, as llama.cpp
+# does; leading zeros may pass, the syntax refuses them) and multipleOf's. Fraction digits compare as text: "25" < "3".
 def number_bound(x: Fraction, strict: bool, least: bool) -> str:
     """Decimals >= x (least) or <= x, strictly if asked (rounded inward to JSON_MAX_DIGITS decimals)."""
     unit, sign = 10 ** JSON_MAX_DIGITS, "" if least else "-"   # y <= x as -y >= -x
@@ -1260,16 +1258,14 @@ FORMATS = {
     "duration": rf"P((\d+Y(\d+M)?(\d+D)?|\d+M(\d+D)?|\d+D)({_HOURS})?|{_HOURS}|\d+W)",
     "email": _EMAIL, "idn-email": _EMAIL, "uri": _URI, "iri": _URI,
     "uri-reference": f"{_URI}|{_RELATIVE}", "iri-reference": f"{_URI}|{_RELATIVE}",
-    "uuid": r"[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}",
-    "ipv4": rf"{_OCTET}(\.{_OCTET}){{3}}",
+    "uuid": r"[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}", "ipv4": rf"{_OCTET}(\.{_OCTET}){{3}}",
     "ipv6": "|".join([rf"({_H16}:){{7}}{_H16}", rf"({_H16}:){{1,7}}:", rf"({_H16}:){{1,6}}:{_H16}",
                       rf":((:{_H16}){{1,7}}|:)"] + [rf"({_H16}:){{1,{n}}}(:{_H16}){{1,{7 - n}}}" for n in range(1, 6)]),
     "hostname": rf"({_LABEL}\.)*[A-Za-z]([A-Za-z0-9-]{{0,61}}[A-Za-z0-9])?",
     "idn-hostname": r"([A-Za-z0-9]{1,20}(-[A-Za-z0-9]{1,20}){0,2}\.)*[A-Za-z]{1,20}",
     "json-pointer": r"(/([^~/]|~[01])*)*", "relative-json-pointer": r"(0|[1-9]\d*)(#|(/([^~/]|~[01])*)*)",
     "regex": r"\^?[^\\\[\](){}*+?|^$]*\$?",   # a literal text: every such string compiles
-    "uri-template": r"([A-Za-z0-9._~!$&'()*+,;=:@/?#-]|%[0-9A-Fa-f]{2}|\{[A-Za-z0-9_]+(,[A-Za-z0-9_]+)*\})*",
-}
+    "uri-template": r"([A-Za-z0-9._~!$&'()*+,;=:@/?#-]|%[0-9A-Fa-f]{2}|\{[A-Za-z0-9_]+(,[A-Za-z0-9_]+)*\})*"}
 HOSTNAME_MAX_LENGTH = 253
 JSON_TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 
@@ -1295,8 +1291,7 @@ SCHEMA_MERGE = {
     "type": lambda a, b: [k for k in JSON_TYPES if k in _kinds(a) & _kinds(b) and not
                           (k == "integer" and "number" in _kinds(a) & _kinds(b))] or False,
     "enum": lambda a, b: [v for v in a if _canonical(v) in set(map(_canonical, b))] or False,
-    "pattern": lambda a, b: _as_list(a) + _as_list(b),   # several patterns: all must match
-    "not": lambda a, b: {"anyOf": [a, b]},
+    "pattern": lambda a, b: _as_list(a) + _as_list(b), "not": lambda a, b: {"anyOf": [a, b]},   # all must hold
     "properties": lambda a, b: {**a, **{k: {"allOf": [a[k], v]} if k in a else v for k, v in b.items()}},
     **dict.fromkeys(("anyOf", "oneOf"), lambda a, b: None if len(a) * len(b) > SCHEMA_MAX_BRANCHES else
                     [{"allOf": [x, y]} for x in a for y in b]),   # one alternative per pair, a few at most
@@ -1305,8 +1300,7 @@ SCHEMA_MERGE = {
     **dict.fromkeys(("items", "additionalItems", "additionalProperties", "propertyNames"),
                     lambda a, b: {"allOf": [a, b]}),
     **dict.fromkeys(("dependencies", "dependentRequired", "dependentSchemas", "patternProperties"),
-                    lambda a, b: None if a.keys() & b.keys() else {**a, **b}),
-}
+                    lambda a, b: None if a.keys() & b.keys() else {**a, **b})}
 # What a keyword's value must be where it is enforced (else a 400 naming it): (what, test).
 SCHEMA_VALUES = {
     **dict.fromkeys(COUNTS, ("a non-negative integer", lambda v: _is_number(v) and v >= 0 and v % 1 == 0)),
@@ -1318,8 +1312,7 @@ SCHEMA_VALUES = {
     "properties": ("an object", lambda v: isinstance(v, dict)),
     "patternProperties": ("an object of at most 6 patterns", lambda v: isinstance(v, dict) and len(v) <= 6),
     "required": ("a list of names", lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v)),
-    "prefixItems": ("a list of schemas", lambda v: isinstance(v, list)),
-}
+    "prefixItems": ("a list of schemas", lambda v: isinstance(v, list))}
 
 
 def accepts_text(node: Piece, text: str) -> bool:
@@ -1338,8 +1331,7 @@ for _ in range(JSON_MAX_NESTING):
 
 
 class SchemaCompiler:
-    """One JSON Schema to pieces or a 400 naming what cannot be enforced: flat ($ref, allOf), then alternatives
-    or a piece by type. None stands for no value (false, a $ref recursion cut at SCHEMA_MAX_REFS)."""
+    """One JSON Schema to pieces, or a 400 naming what it cannot enforce; None is no value (false, a cut $ref)."""
 
     def __init__(self, root: dict, param: str):
         self.root, self.param, self.memo = root, param, {}   # memo: (id, $ref hops left) -> (schema, piece)
