@@ -581,9 +581,8 @@ JSON_WHITESPACE = " \t\n\r"
 REFEED = "refeed"
 
 
-# Patterns are ECMAScript's (JSON Schema's dialect), read by re's parser (sre), built into an NFA, then lazily a DFA.
-# \d \w \s '.' are (narrow, wide) sets: narrow holds what both ECMAScript and re (validators) match, wide what either
-# may. Classes take narrow ones, [^...] wide ones, so output satisfies both; parts that must not match, the reverse.
+# Patterns are ECMAScript's, read by re's parser (sre) into an NFA, then lazily a DFA. \d \w \s '.' are (narrow, wide)
+# sets (what ECMAScript and re both match, what either may): classes take narrow, [^...] wide; negated parts, reversed.
 ESCAPE = r"\\(?:x[\da-fA-F]{2}|u[\da-fA-F]{4}|0\d?|.|$)"
 GOOD_ESCAPE = re.compile(r"\\([dDwWsSbtnvfr0]|x..|u....|[^\dA-Za-z])", re.S)   # what both dialects read alike
 ECMA_TOKEN = re.compile(rf"(\[\^?\]?)((?:\\.|[^\\\]])*)\]|{ESCAPE}|\(\?(?:<[\w$]+>|[:=!])?|\{{,|.", re.S)
@@ -599,10 +598,9 @@ ANYTHING = (sre.MAX_REPEAT, (0, sre.MAXREPEAT, [(sre.IN, [(sre.NEGATE, None)])])
 
 
 def regex_items(pattern: str | tuple, search: bool, negated: bool) -> list[tuple[list, bool]]:
-    """(re's parse items, negated) for one part: the pattern (anywhere in the text if searched), then its leading
-    lookaheads as parts the text must (not) start with; a (step, scale) multiple passes. re reads what ECMAScript
-    means ((?<name>...); in a class "-" beside \\d \\w \\s, "[[", "&&", "--"); a ValueError names what it cannot:
-    escapes ECMAScript lacks or reads otherwise (backreferences, \\b, \\A, \\a), "{,", lookbehind, inline flags."""
+    """(re's parse items, negated) for one part: the pattern (searched: anywhere), then its leading lookaheads as
+    parts the text must (not) start with. A ValueError names what ECMAScript and re read apart, or re cannot read
+    (backreferences, \\b, \\A, "{,", lookbehind, inline flags)."""
     if not isinstance(pattern, str):
         return [([("multiples", pattern)], negated)]
     if bad := [text for text in re.findall(ESCAPE, pattern, re.S) if not GOOD_ESCAPE.fullmatch(text)]:
@@ -631,10 +629,9 @@ def regex_items(pattern: str | tuple, search: bool, negated: bool) -> list[tuple
 
 
 class Regex:
-    """Regular expressions that must all match, as one lazily built DFA over character classes. `parts` are
-    (pattern, search[, negated]): a searched pattern may match anywhere (JSON Schema's `pattern`), else the whole
-    text (formats). A state is a frozenset of NFA states, ~s for s reached through a '$' (no more characters); None
-    is dead. Characters map to class ids (the sets they are in), on which the DFA and TokenTable.class_trie work."""
+    """Regular expressions that must all match, as one lazy DFA over character classes (ids: the sets a character is
+    in). `parts`: (pattern, search[, negated]), searched anywhere (`pattern`) or matched whole (formats). A state is
+    a frozenset of NFA states, ~s for s reached through a '$' (no more characters); None is dead."""
 
     def __init__(self, parts: tuple):
         self.source, self.edges, self.charsets, self.parts, self.owner = parts, [], {}, [], []
@@ -791,9 +788,8 @@ def regex_for(pattern: str | tuple, search: bool = True, also: tuple = ()) -> Re
 ANY_TEXT = regex_for("")   # an empty pattern matches every string
 
 
-# Numbers as regular expressions: the JSON number syntax intersected with one expression for the minimum, one for
-# the maximum (built digit by digit, as llama.cpp's json-schema-to-grammar does; leading zeros may pass, the syntax
-# refuses them) and one for multipleOf. Fraction digits compare as strings: 0.25 < 0.3 as "25" < "3".
+# Numbers as regexes: JSON number syntax intersected with the minimum's, the maximum's (digit by digit, as llama.cpp
+# does; leading zeros may pass, the syntax refuses them) and multipleOf's. Fraction digits compare as text: "25" < "3".
 def number_bound(x: Fraction, strict: bool, least: bool) -> str:
     """Decimals >= x (least) or <= x, strictly if asked (rounded inward to JSON_MAX_DIGITS decimals)."""
     unit, sign = 10 ** JSON_MAX_DIGITS, "" if least else "-"   # y <= x as -y >= -x
@@ -867,8 +863,7 @@ class Piece:
         return frame
 
     @staticmethod
-    def slack_of(nodes: Any, keys: Any = ()) -> int:
-        """The slack of a piece holding `nodes` (and `keys`, JSON texts)."""
+    def _slack_of(nodes: Any, keys: Any = ()) -> int:   # of a piece holding `nodes` (and `keys`, JSON texts)
         return max([0] + [len(key) + 2 for key in keys] + [max(n.slack, len(n.min_text) + 1) for n in nodes])
 
 
@@ -925,6 +920,7 @@ class Leaf(Piece):
 
     ESCAPE = re.compile(r'\\(["\\/bfnrt]|u(?![dD][89a-fA-F])[0-9a-fA-F]{0,4})?')   # so far; no surrogates
     LETTERS = '"0"\\/bfnrtu'   # what may end a quote or go on with an escape, in the order finish() tries
+    PLAIN = re.compile(r'[^"\\\x00-\x1f]*').fullmatch   # what a JSON string holds as it is (no escape needed)
 
     def __init__(self, regex: Regex, min_len: int = 0, max_len: int | None = None, quoted: bool = True,
                  by_text: bool = True):
@@ -933,11 +929,6 @@ class Leaf(Piece):
         if self.complete(regex.start, 0) is None:
             raise ValueError("no string has both this pattern or format and these lengths")
         self.min_text = self.finish(self.frame())
-
-    @staticmethod
-    def plain(text: str) -> bool:
-        """Whether a JSON string holds `text` as it is: no quote, backslash or control character."""
-        return all(ch >= " " and ch not in '"\\' for ch in text)
 
     def frame(self, ex: frozenset | None = None) -> Frame:
         """The frame before the first character (a string's: before its opening quote)."""
@@ -984,11 +975,11 @@ class Leaf(Piece):
         for size in range(int(min(self.limit - count, reach)) + 1):
             ends = [t + end for state, tails in layer.items() if (end := self.regex.shortest(state)) is not None
                     for t in tails if count + size >= self.min_len and count + len(t + end) <= self.limit]
-            if ends := [e for e in ends if ex is None or (not plain or self.plain(e)) and text + e + quote not in ex]:
+            if ends := [e for e in ends if ex is None or (not plain or self.PLAIN(e)) and text + e + quote not in ex]:
                 return min(ends, key=len)
             nxt: dict = {}
             for (state, tails), (cid, ch) in itertools.product(layer.items(), self.regex.reps.items()):
-                if (not plain or self.plain(ch)) and (after := self.regex._move(state, cid)) is not None:
+                if (not plain or self.PLAIN(ch)) and (after := self.regex._move(state, cid)) is not None:
                     kept = nxt.setdefault(after, [])
                     kept += [t + ch for t in tails[:keep - len(kept)]]
             layer = nxt
@@ -1034,7 +1025,7 @@ class Union(Piece):
     def __init__(self, alternatives):
         self.alternatives = tuple(a for alt in alternatives for a in alt.alternatives)
         self.min_text = min((a.min_text for a in self.alternatives), key=len)
-        self.slack = self.slack_of(self.alternatives)
+        self.slack = self._slack_of(self.alternatives)
 
 
 def first_text(node: Piece, forbidden: frozenset) -> str | None:
@@ -1050,11 +1041,10 @@ def union(alternatives: list) -> Piece | None:
 
 
 class Container(Piece):
-    """A JSON object: `slots` (name, node, required) in their order, each at most once, then extra members; `low`
-    to `high` members. Extra keys are `key` leaves, never a slot's or a `banned` name nor one written before; their
-    value is values[matched], matched: the indices of the `patterns` (patternProperties) that match the key ((): for
-    additionalProperties; values empty: no extra keys). An array (see Array): slots all in order, then items of
-    values[()], `unique` ones leaves under an exclusion of those before. Without brackets: a document (json_start)."""
+    """A JSON object: `slots` (name, node, required) in order, each at most once, then extra members; `low` to `high`
+    members. Extra keys are `key` leaves, not a slot's, `banned` or earlier name; their value: values[indices of the
+    `patterns` (patternProperties) the key matches] (() for additionalProperties; none: no extra keys). An array
+    (Array): slots in order, then items of values[()], `unique` ones excluding those before. Bracketless: a document."""
 
     def __init__(self, slots: tuple, values: dict, low: int = 0, high: int | None = None, key: Piece | None = None,
                  banned: tuple = (), patterns: tuple = (), unique: bool = False, brackets: str = "{}"):
@@ -1072,7 +1062,7 @@ class Container(Piece):
             raise ValueError("no object has these properties within minProperties/maxProperties" if self.keyed
                              else "no array has these items within minItems/maxItems (and uniqueItems)")
         self.min_text = brackets[:1] + tail
-        self.slack = self.slack_of(self.members, self.names)
+        self.slack = self._slack_of(self.members, self.names)
 
     def frame(self, ex: frozenset | None = None) -> Frame:
         """The frame before the opening bracket."""
@@ -1081,20 +1071,17 @@ class Container(Piece):
     def step(self, frame: Frame, ch: str) -> list:
         """The frames after `ch`: brackets, whitespace, commas, colons; a key or a value pushed to take `ch`."""
         _, phase, at, count, seen, spaces, _ = frame
-        if phase == "^":
-            return [(frame._replace(phase="open"),)] if ch == self.brackets[:1] else []
-        if ch in JSON_WHITESPACE and (self.brackets or phase != "value"):
+        if ch in JSON_WHITESPACE and phase != "^" and (self.brackets or phase != "value"):
             return [(frame._replace(spaces=spaces + 1),)] if spaces < JSON_MAX_WHITESPACE else []
-        if phase == "item" or phase in ("open", "comma") and not self.keyed and ch != self.brackets[1:]:
-            if phase != "item" and not any(self._choices(at, count)):
-                return []
+        if (phase, ch) in (("^", self.brackets[:1]), ("colon", ":")):   # the opening bracket; a key's colon
+            return [(Frame(self, "open" if phase == "^" else "item", at, count, seen, 0),)]
+        if phase == "item" or phase in ("open", "comma") and not self.keyed and ch != self.brackets[1:] and \
+                any(self._choices(at, count)):   # an array's next item
             node, nxt = self.members[at], min(at + 1, len(self.slots))
             after = Frame(self, "value", nxt, min(count + 1, self.cap), seen, 0)
             return [(REFEED, after, alt.frame(seen if self.unique else None)) for alt in node.alternatives]
         if ch == self.brackets[1:] and phase in ("open", "value"):
             return [()] if self.required_from[at] == 0 and count >= self.low else []
-        if ch == ":" and phase == "colon":
-            return [(Frame(self, "item", at, count, seen, 0),)]
         if not (ch == "," and phase == "value" or ch == '"' and phase in ("open", "comma")):
             return []
         slots, extra = self._choices(at, count)
@@ -1238,8 +1225,7 @@ SCHEMA_KEYWORDS = {"type", "enum", "const", "!enum", "anyOf", "oneOf", "allOf", 
 # Keywords that constrain and are not enforced: a 400 naming them. Any other keyword is ignored, as validators do.
 SCHEMA_REFUSED = {"unevaluatedProperties", "unevaluatedItems", "$dynamicRef", "$recursiveRef", "extends", "disallow",
                   "divisibleBy"}
-# The other keywords enforced, by the type they constrain (for schemas without "type"). "!enum" and
-# "!pattern" are what `not` leaves: values and patterns excluded.
+# The other keywords enforced, by the type they constrain (without "type"); "!enum", "!pattern": what `not` leaves.
 KEYWORD_TYPES = {"object": {"properties", "required", "additionalProperties", "minProperties", "dependentSchemas",
                             "patternProperties", "propertyNames", "dependencies", "dependentRequired", "maxProperties"},
                  "array": {"items", "prefixItems", "additionalItems", "minItems", "maxItems", "uniqueItems", "contains",
@@ -1272,16 +1258,14 @@ FORMATS = {
     "duration": rf"P((\d+Y(\d+M)?(\d+D)?|\d+M(\d+D)?|\d+D)({_HOURS})?|{_HOURS}|\d+W)",
     "email": _EMAIL, "idn-email": _EMAIL, "uri": _URI, "iri": _URI,
     "uri-reference": f"{_URI}|{_RELATIVE}", "iri-reference": f"{_URI}|{_RELATIVE}",
-    "uuid": r"[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}",
-    "ipv4": rf"{_OCTET}(\.{_OCTET}){{3}}",
+    "uuid": r"[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}", "ipv4": rf"{_OCTET}(\.{_OCTET}){{3}}",
     "ipv6": "|".join([rf"({_H16}:){{7}}{_H16}", rf"({_H16}:){{1,7}}:", rf"({_H16}:){{1,6}}:{_H16}",
                       rf":((:{_H16}){{1,7}}|:)"] + [rf"({_H16}:){{1,{n}}}(:{_H16}){{1,{7 - n}}}" for n in range(1, 6)]),
     "hostname": rf"({_LABEL}\.)*[A-Za-z]([A-Za-z0-9-]{{0,61}}[A-Za-z0-9])?",
     "idn-hostname": r"([A-Za-z0-9]{1,20}(-[A-Za-z0-9]{1,20}){0,2}\.)*[A-Za-z]{1,20}",
     "json-pointer": r"(/([^~/]|~[01])*)*", "relative-json-pointer": r"(0|[1-9]\d*)(#|(/([^~/]|~[01])*)*)",
     "regex": r"\^?[^\\\[\](){}*+?|^$]*\$?",   # a literal text: every such string compiles
-    "uri-template": r"([A-Za-z0-9._~!$&'()*+,;=:@/?#-]|%[0-9A-Fa-f]{2}|\{[A-Za-z0-9_]+(,[A-Za-z0-9_]+)*\})*",
-}
+    "uri-template": r"([A-Za-z0-9._~!$&'()*+,;=:@/?#-]|%[0-9A-Fa-f]{2}|\{[A-Za-z0-9_]+(,[A-Za-z0-9_]+)*\})*"}
 HOSTNAME_MAX_LENGTH = 253
 JSON_TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 
@@ -1294,8 +1278,7 @@ def _as_list(value: Any) -> list:
     return value if isinstance(value, list) else [value]
 
 
-def _canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True)
+_canonical = functools.partial(json.dumps, sort_keys=True)
 
 
 def _kinds(value: Any) -> set:
@@ -1308,8 +1291,7 @@ SCHEMA_MERGE = {
     "type": lambda a, b: [k for k in JSON_TYPES if k in _kinds(a) & _kinds(b) and not
                           (k == "integer" and "number" in _kinds(a) & _kinds(b))] or False,
     "enum": lambda a, b: [v for v in a if _canonical(v) in set(map(_canonical, b))] or False,
-    "pattern": lambda a, b: _as_list(a) + _as_list(b),   # several patterns: all must match
-    "not": lambda a, b: {"anyOf": [a, b]},
+    "pattern": lambda a, b: _as_list(a) + _as_list(b), "not": lambda a, b: {"anyOf": [a, b]},   # all must hold
     "properties": lambda a, b: {**a, **{k: {"allOf": [a[k], v]} if k in a else v for k, v in b.items()}},
     **dict.fromkeys(("anyOf", "oneOf"), lambda a, b: None if len(a) * len(b) > SCHEMA_MAX_BRANCHES else
                     [{"allOf": [x, y]} for x in a for y in b]),   # one alternative per pair, a few at most
@@ -1318,8 +1300,7 @@ SCHEMA_MERGE = {
     **dict.fromkeys(("items", "additionalItems", "additionalProperties", "propertyNames"),
                     lambda a, b: {"allOf": [a, b]}),
     **dict.fromkeys(("dependencies", "dependentRequired", "dependentSchemas", "patternProperties"),
-                    lambda a, b: None if a.keys() & b.keys() else {**a, **b}),
-}
+                    lambda a, b: None if a.keys() & b.keys() else {**a, **b})}
 # What a keyword's value must be where it is enforced (else a 400 naming it): (what, test).
 SCHEMA_VALUES = {
     **dict.fromkeys(COUNTS, ("a non-negative integer", lambda v: _is_number(v) and v >= 0 and v % 1 == 0)),
@@ -1331,8 +1312,7 @@ SCHEMA_VALUES = {
     "properties": ("an object", lambda v: isinstance(v, dict)),
     "patternProperties": ("an object of at most 6 patterns", lambda v: isinstance(v, dict) and len(v) <= 6),
     "required": ("a list of names", lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v)),
-    "prefixItems": ("a list of schemas", lambda v: isinstance(v, list)),
-}
+    "prefixItems": ("a list of schemas", lambda v: isinstance(v, list))}
 
 
 def accepts_text(node: Piece, text: str) -> bool:
@@ -1344,19 +1324,14 @@ ANY_STRING, ANY_NUMBER = Leaf(ANY_TEXT), number_leaf(False)
 BOOLEAN, NULL = Literals(("true", "false")), Literals(("null",))
 
 
-def any_value(depth: int) -> Piece:
-    """Any JSON value, arrays and objects nested at most `depth` deep."""
-    inner = [any_value(depth - 1)] if depth else []
-    containers = [c for n in inner for c in (Object((), {(): n}), Array((), n))]
-    return Union([ANY_STRING, ANY_NUMBER, BOOLEAN, NULL] + containers)
-
-
-ANY_VALUE, ANY_OBJECT = any_value(JSON_MAX_NESTING), Object((), {(): any_value(JSON_MAX_NESTING - 1)})
+ANY_VALUE = Union([ANY_STRING, ANY_NUMBER, BOOLEAN, NULL])   # then arrays and objects, JSON_MAX_NESTING deep
+for _ in range(JSON_MAX_NESTING):
+    ANY_OBJECT = Object((), {(): ANY_VALUE})
+    ANY_VALUE = Union([ANY_STRING, ANY_NUMBER, BOOLEAN, NULL, ANY_OBJECT, Array((), ANY_VALUE)])
 
 
 class SchemaCompiler:
-    """One JSON Schema to pieces or a 400 naming what cannot be enforced: flat ($ref, allOf), then alternatives
-    or a piece by type. None stands for no value (false, a $ref recursion cut at SCHEMA_MAX_REFS)."""
+    """One JSON Schema to pieces, or a 400 naming what it cannot enforce; None is no value (false, a cut $ref)."""
 
     def __init__(self, root: dict, param: str):
         self.root, self.param, self.memo = root, param, {}   # memo: (id, $ref hops left) -> (schema, piece)
@@ -1365,8 +1340,7 @@ class SchemaCompiler:
         return invalid(f"'{self.param}': {message}", self.param)
 
     def _names(self, schema: dict) -> list:
-        names = schema.get("required")
-        return names if isinstance(names, list) and all(isinstance(n, str) for n in names) else []
+        return schema["required"] if SCHEMA_VALUES["required"][1](schema.get("required")) else []
 
     def _values(self, schema: dict) -> list | None:
         values = schema["enum"] if "enum" in schema else [schema["const"]] if "const" in schema else None
@@ -1389,12 +1363,6 @@ class SchemaCompiler:
                 other.get("patternProperties"):
             return dict(one)
         return {**one, "properties": {k: v if k in (theirs or {}) else {"allOf": [v, extra]} for k, v in mine.items()}}
-
-    def _unique_leaf(self, node: Piece | None) -> Piece | bool | None:
-        """uniqueItems: `node` as one leaf whose values' JSON texts are their identity (see Array); False if none."""
-        if node is None or all(isinstance(a, Literals) for a in node.alternatives):
-            return node and Literals(t for a in node.alternatives for t in a.texts)
-        return node if isinstance(node, Leaf) and node.by_text else False
 
     def compile(self, schema: Any, refs: int = SCHEMA_MAX_REFS, depth: int = 0) -> Piece | None:
         """The piece for `schema`, None when no value satisfies it; `refs`: $ref hops left on this path."""
@@ -1715,7 +1683,10 @@ class SchemaCompiler:
             high, items = len(nodes) if high is None else min(high, len(nodes)), False
         rest = self.compile(items if items is not None else not prefix or low > len(prefix), refs, depth + 1)
         if schema.get("uniqueItems") is True:
-            leaves = [self._unique_leaf(n) for n in nodes + [rest]]
+            # Each item as one leaf whose values' JSON texts are their identity (see Array); False if none.
+            leaves = [n and Literals(t for a in n.alternatives for t in a.texts) if n is None or all(
+                isinstance(a, Literals) for a in n.alternatives) else n if isinstance(n, Leaf) and n.by_text else False
+                for n in nodes + [rest]]
             if False not in leaves:
                 return Array(tuple(leaves[:-1]), leaves[-1], low, high, True)
             if low > 1:
@@ -1760,15 +1731,15 @@ def schema_constraint(schema: Any, param: str) -> Constraint:
 
 class TokenTable:
     """A vocabulary's token texts indexed for constrained decoding, without special tokens and parts of characters.
-    `plain` tokens hold only ordinary string characters (Leaf.plain); the others are `marked`."""
+    `plain` tokens hold only ordinary string characters (Leaf.PLAIN); the others are `marked`."""
 
     def __init__(self, tokenizer: Any):
         self.size, self.eos = len(tokenizer), sorted(tokenizer.eos_token_ids)
         self.texts = token_texts(tokenizer, self.size)
         usable = [(text, token) for token, text in enumerate(self.texts) if text]
         self.tokens = self.trie((text, [token]) for text, token in usable)
-        self.plain = [(text, token) for text, token in usable if Leaf.plain(text)]
-        self.marked = [(token, text) for text, token in usable if not Leaf.plain(text)]
+        self.plain = [(text, token) for text, token in usable if Leaf.PLAIN(text)]
+        self.marked = [(token, text) for text, token in usable if not Leaf.PLAIN(text)]
         self.reach = max((len(text) for text, _ in usable), default=1)   # the longest token, in characters
         self.plain_chars = sorted({ch for text, _ in self.plain for ch in text})
         self.class_tries = Cache(JSON_CONSTRAINT_CACHE * 4)
@@ -1908,11 +1879,10 @@ class JsonConstraint:
             token = int(tokens[-1].item())
             text = masks.table.texts[token] if token < len(masks.table.texts) else None
             self.state, self.plan = json_advance(self.state, text) if text else (), self.plan and self.plan[1:]
-        self.started = True
         if self.plan is None and not json_complete(self.state):
             plan = masks.closing(self.state)
             self.plan = plan if plan is not None and len(plan) + 1 + masks.slack >= self.left else None
-        self.left -= 1
+        self.started, self.left = True, self.left - 1
         if not self.state or self.plan == []:   # dead, or closed: only end-of-sequence
             return masked(logits, masks.ids_mask(masks.table.eos, width))
         allowed = masks.allowed(self.state, width) if self.plan is None else masks.ids_mask(self.plan[:1], width)
@@ -2631,7 +2601,7 @@ def pair_value(syntax: PairSyntax, raw: bool, schema: dict, root: dict) -> Const
         ("".join(f"[{ch.lower()}{ch.upper()}]" for ch in word), False, True) for word in syntax.reserved)
     edges = (f"{STRIPPED}{ANY_CHARACTERS}|{ANY_CHARACTERS}{STRIPPED}", False, True)
     try:
-        # At least one character: json_start cannot begin a value that may be empty (Container.step).
+        # At least one character (a decision): no family parser is tested on an empty raw value, so none is written.
         return Constraint(Leaf(shared_regex(node.regex.source + banned + (edges,)), max(node.min_len, 1),
                                node.max_len, quoted=False), key)
     except ValueError:
