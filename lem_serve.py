@@ -1304,9 +1304,9 @@ SCHEMA_MERGE = {
 # What a keyword's value must be where it is enforced (else a 400 naming it): (what, test).
 SCHEMA_VALUES = {
     **dict.fromkeys(COUNTS, ("a non-negative integer", lambda v: _is_number(v) and v >= 0 and v % 1 == 0)),
-    **dict.fromkeys(("minimum", "maximum"), ("a number", lambda v: _is_number(v) and math.isfinite(v))),
-    **dict.fromkeys(("exclusiveMinimum", "exclusiveMaximum"),
-                    ("a number or a boolean", lambda v: isinstance(v, bool) or _is_number(v) and math.isfinite(v))),
+    **dict.fromkeys(("minimum", "maximum"), ("a number", lambda v: _is_number(v) and abs(v) <= sys.float_info.max)),
+    **dict.fromkeys(("exclusiveMinimum", "exclusiveMaximum"), ("a number or a boolean", lambda v: isinstance(
+        v, bool) or _is_number(v) and abs(v) <= sys.float_info.max)),   # finite, and within a float's range
     "multipleOf": ("a positive number", lambda v: _is_number(v) and 0 < v < math.inf),
     "pattern": ("a string", lambda v: all(isinstance(p, str) for p in _as_list(v))),
     "properties": ("an object", lambda v: isinstance(v, dict)),
@@ -7699,7 +7699,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """Whether this exchange speaks Anthropic's API: its paths, or the model list asked by its SDK."""
         path = self.route_path
         if path == "/v1/models" or path.startswith("/v1/models/"):
-            return self.headers.get("anthropic-version") is not None
+            headers = getattr(self, "headers", None)   # none yet when http.server refuses the headers themselves
+            return headers is not None and headers.get("anthropic-version") is not None
         return path == self.ANTHROPIC_PATHS[0] or path.startswith(self.ANTHROPIC_PATHS[1])
 
     # -- plain responses ----------------------------------------------------

@@ -864,6 +864,7 @@ def test_a_value_that_may_be_empty_hands_on_the_next_character():
     ({"oneOf": [{"type": "integer"}, {"type": "number"}]}, "oneOf branches"),
     ({"type": "array", "items": {"type": "object"}, "uniqueItems": True, "minItems": 2}, "uniqueItems"),
     ({"type": "integer", "minimum": 5, "maximum": 4}, "minimum"),
+    ({"type": "number", "minimum": 10 ** 400}, "'minimum' must be a number"),   # beyond a float: not an OverflowError
     ({"type": "string", "minLength": 3, "maxLength": 2}, "maxLength"),
     ({"enum": [1, 2], "type": "string"}, "no JSON value"),
     ({"$ref": "http://x/y"}, "$ref"),
@@ -1245,6 +1246,7 @@ def test_request_line_and_headers_too_long_are_414_and_431_and_other_versions_50
     for raw, status in ((b"GET /" + b"a" * (64 << 10) + b" HTTP/1.1\r\nHost: localhost\r\n\r\n", 414),
                         (b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"a" * (64 << 10) + b"\r\n\r\n", 431),
                         (b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n" + b"X-Many: y\r\n" * 101 + b"\r\n", 431),
+                        (b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\n" + b"X-Many: y\r\n" * 101 + b"\r\n", 431),
                         (b"GET /healthz HTTP/2.0\r\nHost: localhost\r\n\r\n", 505),
                         (b"GET /healthz HTTP/3.0\r\nHost: localhost\r\n\r\n", 505)):
         got, body = raw_exchange(server, raw)

@@ -344,9 +344,8 @@ MUTATIONS = [
                '            pass'),),
              ("test_every_api_response_names_its_request",)),
     Mutation("models-openai-only", "/v1/models answers in OpenAI's shape even to the anthropic SDK",
-             (('        if path == "/v1/models" or path.startswith("/v1/models/"):\n'
-               '            return self.headers.get("anthropic-version") is not None',
-               '        if path == "/v1/models" or path.startswith("/v1/models/"):\n            return False'),),
+             (('            return headers is not None and headers.get("anthropic-version") is not None',
+               '            return False'),),
              ("test_the_model_list_in_both_shapes_with_context_and_capabilities",)),
     Mutation("stray-tool-result-accepted", "a tool_result answering no tool_use is accepted",
              (('    if block["tool_use_id"] not in seen_calls:', '    if False:'),),
@@ -830,6 +829,15 @@ MUTATIONS = [
     Mutation("prefill-reasoning-answered", "a reply with only reasoning is continued after its reasoning (an answer)",
              (('    fields = ("reasoning_content", "content") if', '    fields = ("content",) if'),),
              ("test_prefill_of_a_reply_cut_while_thinking_goes_on_thinking",)),
+    Mutation("schema-bound-overflow", "a bound beyond a float's range reaches math.isfinite: an OverflowError, a 500",
+             (('("a number", lambda v: _is_number(v) and abs(v) <= sys.float_info.max)',
+               '("a number", lambda v: _is_number(v) and math.isfinite(v))'),),
+             ("test_unenforceable_schemas_are_400_naming_the_keyword",)),
+    Mutation("refusal-before-headers-crashes", "http.server's 431 on a /v1/models path reads headers not yet parsed: "
+                                               "the connection drops with no reply",
+             (('            return headers is not None and headers.get("anthropic-version") is not None',
+               '            return self.headers.get("anthropic-version") is not None'),),
+             ("test_request_line_and_headers_too_long_are_414_and_431_and_other_versions_505",)),
 ]
 
 
