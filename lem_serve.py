@@ -8083,8 +8083,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         pass
 
     def _record_request(self) -> None:
-        # Once per exchange, before a complete response's last byte leaves (a client that scrapes
-        # /metrics after reading its reply finds it counted); streams end with the connection, after this.
+        # Once per exchange, before its last byte leaves (a plain reply before its headers, a stream before its
+        # last event), so a client that scrapes /metrics after reading its reply finds it counted.
         if self.counted:
             return
         self.counted = True
