@@ -1309,22 +1309,21 @@ FORMATS = {
     "uri-template": r"([A-Za-z0-9._~!$&'()*+,;=:@/?#-]|%[0-9A-Fa-f]{2}|\{[A-Za-z0-9_]+(,[A-Za-z0-9_]+)*\})*"}
 HOSTNAME_MAX_LENGTH = 253
 JSON_TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+_canonical = functools.partial(json.dumps, sort_keys=True)
 
 
 def _as_list(value: Any) -> list:
     return value if isinstance(value, list) else [value]
 
 
-_canonical = functools.partial(json.dumps, sort_keys=True)
-
-
 def _kinds(value: Any) -> set:
     kinds = {k for k in _as_list(value) if isinstance(k, str)}
     return kinds | {"integer"} if "number" in kinds else kinds
+
+
+def accepts_text(node: Piece, text: str) -> bool:
+    """Whether the automaton for `node` takes `text` as a whole value."""
+    return json_complete(json_advance(json_start(node), text))
 
 
 # allOf: how two different values of a keyword combine (False: no value fits; None or an error: they cannot).
@@ -1344,30 +1343,22 @@ SCHEMA_MERGE = {
                     lambda a, b: None if a.keys() & b.keys() else {**a, **b})}
 # What a keyword's value must be where it is enforced (else a 400 naming it): (what, test).
 SCHEMA_VALUES = {
-    **dict.fromkeys(COUNTS, ("a non-negative integer", lambda v: _is_number(v) and v >= 0 and v % 1 == 0)),
+    **dict.fromkeys(COUNTS, ("a non-negative integer", lambda v: type(v) in (int, float) and v >= 0 and v % 1 == 0)),
     **dict.fromkeys(("minLength", "minItems", "minProperties", "minContains"), (  # output at least that long
         f"an integer from 0 to {SCHEMA_MAX_MIN_COUNT}",
-        lambda v: _is_number(v) and v % 1 == 0 and 0 <= v <= SCHEMA_MAX_MIN_COUNT)),
-    **dict.fromkeys(("minimum", "maximum"), ("a number", lambda v: _is_number(v) and abs(v) <= sys.float_info.max)),
-    **dict.fromkeys(("exclusiveMinimum", "exclusiveMaximum"), ("a number or a boolean", lambda v: isinstance(
-        v, bool) or _is_number(v) and abs(v) <= sys.float_info.max)),   # finite, and within a float's range
-    "multipleOf": ("a positive number", lambda v: _is_number(v) and 0 < v < math.inf),
+        lambda v: type(v) in (int, float) and v % 1 == 0 and 0 <= v <= SCHEMA_MAX_MIN_COUNT)),
+    **dict.fromkeys(("minimum", "maximum"), ("a number", lambda v: type(v) in (int, float) and
+                                             abs(v) <= sys.float_info.max)),
+    **dict.fromkeys(("exclusiveMinimum", "exclusiveMaximum"), ("a number or a boolean", lambda v: type(v) in (
+        bool, int, float) and abs(v) <= sys.float_info.max)),   # finite, and within a float's range
+    "multipleOf": ("a positive number", lambda v: type(v) in (int, float) and 0 < v < math.inf),
     "pattern": ("a string", lambda v: all(isinstance(p, str) for p in _as_list(v))),
     "properties": ("an object", lambda v: isinstance(v, dict)),
     "patternProperties": ("an object of at most 6 patterns", lambda v: isinstance(v, dict) and len(v) <= 6),
     "required": ("a list of names", lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v)),
     "prefixItems": ("a list of schemas", lambda v: isinstance(v, list))}
-
-
-def accepts_text(node: Piece, text: str) -> bool:
-    """Whether the automaton for `node` takes `text` as a whole value."""
-    return json_complete(json_advance(json_start(node), text))
-
-
 ANY_STRING, ANY_NUMBER = Leaf(ANY_TEXT), number_leaf(False)
 BOOLEAN, NULL = Literals(("true", "false")), Literals(("null",))
-
-
 ANY_VALUE = Union([ANY_STRING, ANY_NUMBER, BOOLEAN, NULL])   # then arrays and objects, JSON_MAX_NESTING deep
 for _ in range(JSON_MAX_NESTING):
     ANY_OBJECT = Object((), {(): ANY_VALUE})
@@ -1515,7 +1506,7 @@ class SchemaCompiler:
                 out += [{"properties": {name: False}} for name in self._names(schema)]
             elif word == "properties" and isinstance(value, dict):
                 out += [{"required": [name], "properties": {name: {"not": sub}}} for name, sub in value.items()]
-            elif word in NEGATED_BOUNDS and _is_number(value):   # a count shifts by one: maxLength 1, not 2
+            elif word in NEGATED_BOUNDS and type(value) in (int, float):   # a count shifts by one: maxLength 1, not 2
                 kind = next(k for k, words in KEYWORD_TYPES.items() if word in words)
                 value += 0 if kind == "number" else 1 if word.startswith("max") else -1
                 out += [{"type": kind, NEGATED_BOUNDS[word]: value}] if kind == "number" or value >= 0 else []
@@ -1562,26 +1553,24 @@ class SchemaCompiler:
         return union(alternatives)
 
     def exclude(self, part: Any, other: Any, i: int, j: int) -> Any:
-        """`part` narrowed so that nothing it produces satisfies `other` (oneOf branches i and j), or a 400."""
+        """`part` narrowed by the cheapest patch that keeps it from matching `other` (oneOf branches i, j), or a 400."""
         part, other = self.flat(part)[0], self.flat(other)[0]
-        for patch in self.narrowings(part, other) if part is not False and other is not False else [{}]:
+        if part is False or other is False:
+            return part
+        mine, theirs, first = self.types(part, True), self.types(other, False), self._string_parts(other)[0]
+        patches = [{}] + ([{"type": sorted(mine - theirs)}] if mine and theirs and mine - theirs else [])
+        if mine == {"string"} and first[0]:   # patches, cheapest first: none, a type, a pattern, then by keys
+            patches.append({"!pattern": [first[0] if first[1] else f"^(?:{first[0]})$"]})
+        props, theirs, names = self.declared(part), self.declared(other), self._names(other)
+        patches += [{"properties": {name: False}} for name in names if name not in self._names(part)]
+        patches += [{"required": [name]} for name in props if name in theirs]
+        # Last: it may leave part nothing to write (or, where `not` cannot hold theirs, fail to compile: left out).
+        for patch in patches + [{"properties": {name: {"not": theirs[name]}}} for name in names if name in theirs]:
             with contextlib.suppress(APIError):
                 if self.disjoint(narrowed := self.merge(part, patch), other):
                     return narrowed
         raise self.fail(f"oneOf branches {i} and {j} can both match one value, and this server cannot make the "
                         "output match exactly one (give them a distinguishing key, type or const)")
-
-    def narrowings(self, part: dict, other: dict) -> Iterator[dict]:
-        """Patches making `part` fail `other`, cheapest first: none, a type, a pattern, then by a key other requires."""
-        mine, theirs = self.types(part, True), self.types(other, False)
-        yield from [{}] + ([{"type": sorted(mine - theirs)}] if mine and theirs and mine - theirs else [])
-        if mine == {"string"} and (first := self._string_parts(other)[0])[0]:
-            yield {"!pattern": [first[0] if first[1] else f"^(?:{first[0]})$"]}
-        props, theirs = self.declared(part), self.declared(other)
-        yield from ({"properties": {name: False}} for name in self._names(other) if name not in self._names(part))
-        yield from ({"required": [name]} for name in props if name in theirs)
-        # Last: it may leave part nothing to write (or, where `not` cannot hold theirs, fail to compile: left out).
-        yield from ({"properties": {name: {"not": theirs[name]}}} for name in self._names(other) if name in theirs)
 
     def declared(self, schema: dict, name: str | None = None, produced: bool = False) -> Any:
         """properties ({} if none), or what `name`'s value is held to (True: a pattern may; `produced`: as written)."""
@@ -1594,7 +1583,7 @@ class SchemaCompiler:
         """The JSON types of values `schema` lets through; `produced`: of the values this server writes for it."""
         if (values := self._values(schema)) is not None:   # by JSON Schema's names: an integral number is an integer
             return {{bool: "boolean", type(None): "null", dict: "object", list: "array", str: "string"}.get(
-                type(v), "integer" if _is_number(v) and float(v).is_integer() else "number") for v in values}
+                type(v), "integer" if type(v) in (int, float) and float(v).is_integer() else "number") for v in values}
         if "type" in schema or produced and not {"anyOf", "oneOf", "not", "if"} & set(schema):
             return _kinds(schema.get("type", [k for k, words in KEYWORD_TYPES.items() if words & set(schema)])) or None
         return None
@@ -1655,7 +1644,7 @@ class SchemaCompiler:
             found = [(Fraction(str(schema[word])), is_open) for word, is_open in
                      [(inclusive, draft4 and schema[exclusive])] + [(exclusive, True)] * (not draft4) if word in schema]
             bounds.append(tighter(found, key=lambda b: (b[0], b[1] == (tighter is max)), default=(None, False)))
-        excluded = [v for v in schema.get("!enum", []) if _is_number(v)]
+        excluded = [v for v in schema.get("!enum", []) if type(v) in (int, float)]
         if any("e" in repr(v).lower() for v in excluded):
             raise self.fail(f"'not' excludes one of {excluded!r}, a number this server cannot exclude")
         excluded = ["-?" * (v == 0) + re.escape(str(int(v))) + r"(\.0+)?" if float(v).is_integer()
