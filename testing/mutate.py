@@ -422,7 +422,7 @@ MUTATIONS = [
              "among the texts it spells out whole, so a pattern key longer than that cannot close (a 500 mid-stream)",
              (("        reach = max(self.min_len - count, len(self.regex.shortest(dfa) or \"\")) + 32",
                "        reach = 32"),
-              ("if (end := self.regex.shortest(state)) is not None", "if (end := self.regex.shortest(state)) == \"\""),),
+              ("max(self.min_len - count - size, 0))) is not None", "max(self.min_len - count - size, 0))) == \"\""),),
              ("test_new_keywords_are_enforced_and_every_walk_validates",)),
     # Issue 24, large minimum counts: bounded CPU.
     Mutation("json-min-count-uncapped", "minLength, minItems, minProperties, minContains take any count: a client "
