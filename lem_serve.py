@@ -134,6 +134,9 @@ JSON_MAX_NESTING = 16             # arrays/objects nested in free JSON (json_obj
 SCHEMA_MAX_DEPTH = 64             # nesting a schema may have; more is a 400
 SCHEMA_MAX_REFS = 8               # $ref hops on one path; a recursive schema is unrolled this deep, then ends
 SCHEMA_MAX_BRANCHES = 16          # alternatives one not/if/dependencies keyword may expand into; more is a 400
+SCHEMA_MAX_MIN_COUNT = 1000       # largest minLength, minItems, minProperties, minContains (1-10**5); more is a 400
+SCHEMA_MAX_MIN_TEXT = 100000      # characters of a schema's shortest value, and (DFA state, length) pairs searched for
+                                  # a string's (nested minimums multiply; 10**4-10**6; more is a 400)
 REGEX_MAX_STATES = 5000           # NFA states of one pattern or format once repeats are expanded; more is a 400
 REGEX_MAX_SEARCH = 10000          # DFA states one search for a shortest completion visits (at compile: past it a 400;
                                   # while decoding: a state past it counts as dead, so output stays valid)
@@ -641,7 +644,7 @@ class Regex:
                 self.parts.append((first, self._build(items, first), negated))
         self.needed = {i for i, part in enumerate(self.parts) if not part[2]}   # the parts that must match
         self.start = self._closure({first for first, _, _ in self.parts}, True)
-        self.class_ids, self.sigs, self.moves, self.tails = {}, [], {}, {}   # char -> id -> signature; 2 caches
+        self.class_ids, self.sigs, self.moves, self.longer = {}, [], {}, {}   # char -> id -> signature; 2 caches
         edges = [c for _, ranges, _ in self.charsets for lo, hi in ranges for c in (lo - 1, lo, hi, hi + 1)]
         self.reps = {}   # class id -> a character of it, the first in a sample covering every set's edges
         for ch in [chr(c) for c in SAMPLE_CODES + edges if 0 <= c <= 0x10ffff and not 0xd800 <= c <= 0xdfff]:
@@ -759,19 +762,47 @@ class Regex:
         """Whether `state` ends a match."""
         return all((final in state or ~final in state) != negated for _, final, negated in self.parts)
 
-    def shortest(self, state: frozenset) -> str | None:
+    def _tail(self, state: frozenset) -> str | None:
         """A shortest text that takes `state` to a match (breadth first over class representatives)."""
-        if state not in self.tails:
-            seen, queue = {state}, [(state, "")]
-            for current, text in queue:
-                if self.accepts(current) or len(seen) > REGEX_MAX_SEARCH:   # (a|b)*a(a|b){25}: 2**25 states
-                    break
-                for cid, ch in self.reps.items():
-                    if (nxt := self._move(current, cid)) is not None and nxt not in seen:
-                        seen.add(nxt)
-                        queue.append((nxt, text + ch))
-            self.tails[state] = text if self.accepts(current) else None
-        return self.tails[state]
+        seen, queue = {state}, [(state, "")]
+        for current, text in queue:
+            if self.accepts(current) or len(seen) > REGEX_MAX_SEARCH:   # (a|b)*a(a|b){25}: 2**25 states
+                break
+            for cid, ch in self.reps.items():
+                if (nxt := self._move(current, cid)) is not None and nxt not in seen:
+                    seen.add(nxt)
+                    queue.append((nxt, text + ch))
+        return text if self.accepts(current) else None
+
+    def length(self, state: frozenset, at_least: int = 0) -> int | None:
+        """The length of shortest(state, at_least). Each (state, characters left) pair's best first step is kept:
+        forward, the pairs not kept yet; backward, their steps. Linear in `at_least`; None past SCHEMA_MAX_MIN_TEXT."""
+        todo, layers, size = [state], [], 0
+        for left in range(at_least, -1, -1):
+            if not (todo := [s for s in dict.fromkeys(todo) if (s, left) not in self.longer]):
+                break
+            if (size := size + len(todo)) > SCHEMA_MAX_MIN_TEXT:
+                return None
+            layers.append((left, todo))
+            todo = [t for s in todo for cid in self.reps if (t := self._move(s, cid)) is not None]
+        for left, layer in reversed(layers):   # (length, class id, next state); at 0 left: (length, None, text)
+            for s in layer:
+                steps = [(self.longer[t, left - 1][0] + 1, cid, t) for cid in self.reps
+                         if left and (t := self._move(s, cid)) is not None and self.longer[t, left - 1]]
+                steps += [] if left or (tail := self._tail(s)) is None else [(len(tail), None, tail)]
+                self.longer[s, left] = min(steps, key=lambda step: step[0], default=None)
+        return None if (best := self.longer[state, at_least]) is None else best[0]
+
+    def shortest(self, state: frozenset, at_least: int = 0) -> str | None:
+        """A shortest text of at least `at_least` characters that takes `state` to a match (of equals, the first by
+        class ids), or None."""
+        if self.length(state, at_least) is None:
+            return None
+        text = []
+        for left in range(at_least, 0, -1):
+            _, cid, state = self.longer[state, left]
+            text.append(self.reps[cid])
+        return "".join(text) + self.longer[state, 0][2]
 
 
 @functools.lru_cache(maxsize=256)
@@ -926,8 +957,9 @@ class Leaf(Piece):
                  by_text: bool = True):
         self.regex, self.min_len, self.max_len, self.quoted, self.by_text = regex, min_len, max_len, quoted, by_text
         self.limit, self.completions = math.inf if max_len is None else max_len, Cache(JSON_MASK_CACHE_STATES)
-        if self.complete(regex.start, 0) is None:
-            raise ValueError("no string has both this pattern or format and these lengths")
+        if not self.fits(regex.start, 0):
+            raise ValueError("no string has both this pattern or format and these lengths (within "
+                             f"{SCHEMA_MAX_MIN_TEXT} steps of search)")
         self.min_text = self.finish(self.frame())
 
     def frame(self, ex: frozenset | None = None) -> Frame:
@@ -957,25 +989,30 @@ class Leaf(Piece):
             return []
         after = frame.add(ch, "", dfa)
         ex = after.ex if after.ex and any(f.startswith(after.text) for f in after.ex) else None   # else none bites
-        return [(after,)] * (self.complete(dfa, after.count, after.text if ex else "", ex) is not None)
+        return [(after,)] * (self.complete(dfa, after.count, after.text, ex) is not None if ex else
+                             self.fits(dfa, after.count))
+
+    def fits(self, dfa: frozenset, count: int) -> bool:
+        """Whether a text completes the value from `dfa` after `count` characters, within min_len and max_len."""
+        size = self.regex.length(dfa, max(self.min_len - count, 0))
+        return size is not None and count + size <= self.limit
 
     def complete(self, dfa: frozenset, count: int, text: str = "", ex: frozenset | None = None) -> str | None:
         """A shortest text (decoded) that completes the value from `dfa` after `count` characters, or None; under
         an exclusion `ex`, one of plain characters (no escapes) whose raw text (`text` + it) is not excluded."""
-        if ex is None and count >= self.min_len:
-            best = self.regex.shortest(dfa)
-            return best if best is not None and count + len(best) <= self.limit else None
+        if ex is None:
+            return self.regex.shortest(dfa, max(self.min_len - count, 0)) if self.fits(dfa, count) else None
         return self.completions.get_or((dfa, count, text, ex), lambda: self._search(dfa, count, text, ex))
 
-    def _search(self, dfa: frozenset, count: int, text: str, ex: frozenset | None) -> str | None:
-        """complete() breadth first: to min_len characters, then on (a few past the shortest) to one not excluded."""
-        layer, keep, quote = {dfa: [""]}, 1 if ex is None else len(ex) + 1, '"' * self.quoted
+    def _search(self, dfa: frozenset, count: int, text: str, ex: frozenset) -> str | None:
+        """complete() under an exclusion, breadth first, keeping len(ex) + 1 texts per state: to min_len characters,
+        then on (a few past the shortest) to one not excluded."""
+        layer, keep, quote, plain = {dfa: [""]}, len(ex) + 1, '"' * self.quoted, self.quoted   # plain: no escapes
         reach = max(self.min_len - count, len(self.regex.shortest(dfa) or "")) + 32   # a few past the shortest
-        reach, plain = (self.min_len - count, False) if ex is None else (reach, self.quoted)   # plain: no escapes
         for size in range(int(min(self.limit - count, reach)) + 1):
             ends = [t + end for state, tails in layer.items() if (end := self.regex.shortest(state)) is not None
                     for t in tails if count + size >= self.min_len and count + len(t + end) <= self.limit]
-            if ends := [e for e in ends if ex is None or (not plain or self.PLAIN(e)) and text + e + quote not in ex]:
+            if ends := [e for e in ends if (not plain or self.PLAIN(e)) and text + e + quote not in ex]:
                 return min(ends, key=len)
             nxt: dict = {}
             for (state, tails), (cid, ch) in itertools.product(layer.items(), self.regex.reps.items()):
@@ -1006,7 +1043,7 @@ class Leaf(Piece):
     def move_class(self, at: tuple, key: str) -> tuple | None:
         """(dfa, count) after a character of class id ord(`key`), if the value can still be completed."""
         nxt = self.regex._move(at[0], ord(key))
-        return (nxt, at[1] + 1) if nxt is not None and self.complete(nxt, at[1] + 1) is not None else None
+        return (nxt, at[1] + 1) if nxt is not None and self.fits(nxt, at[1] + 1) else None
 
     def key(self, frame: Frame, reach: int) -> tuple:
         """The frame with its count reduced to what can matter within `reach` characters (mask caching)."""
@@ -1057,7 +1094,7 @@ class Container(Piece):
         self.fixed = [req or not self.keyed for _, _, req in slots]   # slots that may not be skipped
         self.cap, self.memo = low if high is None else high, Cache(JSON_MASK_CACHE_STATES)   # key pieces
         self.members = [node for _, node, _ in slots] + list(values.values())   # by slot, then extra ones
-        tail = self.finish(self.frame())
+        tail = self.finish(self.frame(), SCHEMA_MAX_MIN_TEXT)
         if tail is None:
             raise ValueError("no object has these properties within minProperties/maxProperties" if self.keyed
                              else "no array has these items within minItems/maxItems (and uniqueItems)")
@@ -1119,8 +1156,9 @@ class Container(Piece):
         matched = tuple(i for i, regex in enumerate(self.patterns) if regex.matches(text[1:-1]))
         return self.extras.index(matched) if matched in self.values else None
 
-    def finish(self, frame: Frame) -> str | None:
-        """The shortest text that closes the container from `frame`: the members it still needs, then its bracket."""
+    def finish(self, frame: Frame, limit: float = math.inf) -> str | None:
+        """The shortest text that closes the container from `frame`: the members it still needs, then its bracket
+        (a ValueError past `limit` characters)."""
         _, phase, at, count, seen, _, _ = frame
         parts, sep, must = [], "," * (phase == "value"), phase == "comma"
         if phase in ("colon", "item"):   # key `at` written: its value first
@@ -1144,6 +1182,9 @@ class Container(Piece):
             if value is None:
                 return None
             parts.append(sep + key + value)
+            if (limit := limit - len(parts[-1])) < 0:
+                raise ValueError(f"the shortest value within {'minProperties' if self.keyed else 'minItems'} (and the "
+                                 f"minimums inside it) is over {SCHEMA_MAX_MIN_TEXT} characters")
             sep, must, count, seen = ",", False, min(count + 1, self.cap), seen | {value} if self.unique else seen
         return "".join(parts) + self.brackets[1:]
 
@@ -1268,22 +1309,21 @@ FORMATS = {
     "uri-template": r"([A-Za-z0-9._~!$&'()*+,;=:@/?#-]|%[0-9A-Fa-f]{2}|\{[A-Za-z0-9_]+(,[A-Za-z0-9_]+)*\})*"}
 HOSTNAME_MAX_LENGTH = 253
 JSON_TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+_canonical = functools.partial(json.dumps, sort_keys=True)
 
 
 def _as_list(value: Any) -> list:
     return value if isinstance(value, list) else [value]
 
 
-_canonical = functools.partial(json.dumps, sort_keys=True)
-
-
 def _kinds(value: Any) -> set:
     kinds = {k for k in _as_list(value) if isinstance(k, str)}
     return kinds | {"integer"} if "number" in kinds else kinds
+
+
+def accepts_text(node: Piece, text: str) -> bool:
+    """Whether the automaton for `node` takes `text` as a whole value."""
+    return json_complete(json_advance(json_start(node), text))
 
 
 # allOf: how two different values of a keyword combine (False: no value fits; None or an error: they cannot).
@@ -1303,27 +1343,22 @@ SCHEMA_MERGE = {
                     lambda a, b: None if a.keys() & b.keys() else {**a, **b})}
 # What a keyword's value must be where it is enforced (else a 400 naming it): (what, test).
 SCHEMA_VALUES = {
-    **dict.fromkeys(COUNTS, ("a non-negative integer", lambda v: _is_number(v) and v >= 0 and v % 1 == 0)),
-    **dict.fromkeys(("minimum", "maximum"), ("a number", lambda v: _is_number(v) and abs(v) <= sys.float_info.max)),
-    **dict.fromkeys(("exclusiveMinimum", "exclusiveMaximum"), ("a number or a boolean", lambda v: isinstance(
-        v, bool) or _is_number(v) and abs(v) <= sys.float_info.max)),   # finite, and within a float's range
-    "multipleOf": ("a positive number", lambda v: _is_number(v) and 0 < v < math.inf),
+    **dict.fromkeys(COUNTS, ("a non-negative integer", lambda v: type(v) in (int, float) and v >= 0 and v % 1 == 0)),
+    **dict.fromkeys(("minLength", "minItems", "minProperties", "minContains"), (  # output at least that long
+        f"an integer from 0 to {SCHEMA_MAX_MIN_COUNT}",
+        lambda v: type(v) in (int, float) and v % 1 == 0 and 0 <= v <= SCHEMA_MAX_MIN_COUNT)),
+    **dict.fromkeys(("minimum", "maximum"), ("a number", lambda v: type(v) in (int, float) and
+                                             abs(v) <= sys.float_info.max)),
+    **dict.fromkeys(("exclusiveMinimum", "exclusiveMaximum"), ("a number or a boolean", lambda v: type(v) in (
+        bool, int, float) and abs(v) <= sys.float_info.max)),   # finite, and within a float's range
+    "multipleOf": ("a positive number", lambda v: type(v) in (int, float) and 0 < v < math.inf),
     "pattern": ("a string", lambda v: all(isinstance(p, str) for p in _as_list(v))),
     "properties": ("an object", lambda v: isinstance(v, dict)),
     "patternProperties": ("an object of at most 6 patterns", lambda v: isinstance(v, dict) and len(v) <= 6),
     "required": ("a list of names", lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v)),
     "prefixItems": ("a list of schemas", lambda v: isinstance(v, list))}
-
-
-def accepts_text(node: Piece, text: str) -> bool:
-    """Whether the automaton for `node` takes `text` as a whole value."""
-    return json_complete(json_advance(json_start(node), text))
-
-
 ANY_STRING, ANY_NUMBER = Leaf(ANY_TEXT), number_leaf(False)
 BOOLEAN, NULL = Literals(("true", "false")), Literals(("null",))
-
-
 ANY_VALUE = Union([ANY_STRING, ANY_NUMBER, BOOLEAN, NULL])   # then arrays and objects, JSON_MAX_NESTING deep
 for _ in range(JSON_MAX_NESTING):
     ANY_OBJECT = Object((), {(): ANY_VALUE})
@@ -1471,7 +1506,7 @@ class SchemaCompiler:
                 out += [{"properties": {name: False}} for name in self._names(schema)]
             elif word == "properties" and isinstance(value, dict):
                 out += [{"required": [name], "properties": {name: {"not": sub}}} for name, sub in value.items()]
-            elif word in NEGATED_BOUNDS and _is_number(value):   # a count shifts by one: maxLength 1, not 2
+            elif word in NEGATED_BOUNDS and type(value) in (int, float):   # a count shifts by one: maxLength 1, not 2
                 kind = next(k for k, words in KEYWORD_TYPES.items() if word in words)
                 value += 0 if kind == "number" else 1 if word.startswith("max") else -1
                 out += [{"type": kind, NEGATED_BOUNDS[word]: value}] if kind == "number" or value >= 0 else []
@@ -1518,26 +1553,24 @@ class SchemaCompiler:
         return union(alternatives)
 
     def exclude(self, part: Any, other: Any, i: int, j: int) -> Any:
-        """`part` narrowed so that nothing it produces satisfies `other` (oneOf branches i and j), or a 400."""
+        """`part` narrowed by the cheapest patch that keeps it from matching `other` (oneOf branches i, j), or a 400."""
         part, other = self.flat(part)[0], self.flat(other)[0]
-        for patch in self.narrowings(part, other) if part is not False and other is not False else [{}]:
+        if part is False or other is False:
+            return part
+        mine, theirs, first = self.types(part, True), self.types(other, False), self._string_parts(other)[0]
+        patches = [{}] + ([{"type": sorted(mine - theirs)}] if mine and theirs and mine - theirs else [])
+        if mine == {"string"} and first[0]:   # patches, cheapest first: none, a type, a pattern, then by keys
+            patches.append({"!pattern": [first[0] if first[1] else f"^(?:{first[0]})$"]})
+        props, theirs, names = self.declared(part), self.declared(other), self._names(other)
+        patches += [{"properties": {name: False}} for name in names if name not in self._names(part)]
+        patches += [{"required": [name]} for name in props if name in theirs]
+        # Last: it may leave part nothing to write (or, where `not` cannot hold theirs, fail to compile: left out).
+        for patch in patches + [{"properties": {name: {"not": theirs[name]}}} for name in names if name in theirs]:
             with contextlib.suppress(APIError):
                 if self.disjoint(narrowed := self.merge(part, patch), other):
                     return narrowed
         raise self.fail(f"oneOf branches {i} and {j} can both match one value, and this server cannot make the "
                         "output match exactly one (give them a distinguishing key, type or const)")
-
-    def narrowings(self, part: dict, other: dict) -> Iterator[dict]:
-        """Patches making `part` fail `other`, cheapest first: none, a type, a pattern, then by a key other requires."""
-        mine, theirs = self.types(part, True), self.types(other, False)
-        yield from [{}] + ([{"type": sorted(mine - theirs)}] if mine and theirs and mine - theirs else [])
-        if mine == {"string"} and (first := self._string_parts(other)[0])[0]:
-            yield {"!pattern": [first[0] if first[1] else f"^(?:{first[0]})$"]}
-        props, theirs = self.declared(part), self.declared(other)
-        yield from ({"properties": {name: False}} for name in self._names(other) if name not in self._names(part))
-        yield from ({"required": [name]} for name in props if name in theirs)
-        # Last: it may leave part nothing to write (or, where `not` cannot hold theirs, fail to compile: left out).
-        yield from ({"properties": {name: {"not": theirs[name]}}} for name in self._names(other) if name in theirs)
 
     def declared(self, schema: dict, name: str | None = None, produced: bool = False) -> Any:
         """properties ({} if none), or what `name`'s value is held to (True: a pattern may; `produced`: as written)."""
@@ -1550,7 +1583,7 @@ class SchemaCompiler:
         """The JSON types of values `schema` lets through; `produced`: of the values this server writes for it."""
         if (values := self._values(schema)) is not None:   # by JSON Schema's names: an integral number is an integer
             return {{bool: "boolean", type(None): "null", dict: "object", list: "array", str: "string"}.get(
-                type(v), "integer" if _is_number(v) and float(v).is_integer() else "number") for v in values}
+                type(v), "integer" if type(v) in (int, float) and float(v).is_integer() else "number") for v in values}
         if "type" in schema or produced and not {"anyOf", "oneOf", "not", "if"} & set(schema):
             return _kinds(schema.get("type", [k for k, words in KEYWORD_TYPES.items() if words & set(schema)])) or None
         return None
@@ -1611,7 +1644,7 @@ class SchemaCompiler:
             found = [(Fraction(str(schema[word])), is_open) for word, is_open in
                      [(inclusive, draft4 and schema[exclusive])] + [(exclusive, True)] * (not draft4) if word in schema]
             bounds.append(tighter(found, key=lambda b: (b[0], b[1] == (tighter is max)), default=(None, False)))
-        excluded = [v for v in schema.get("!enum", []) if _is_number(v)]
+        excluded = [v for v in schema.get("!enum", []) if type(v) in (int, float)]
         if any("e" in repr(v).lower() for v in excluded):
             raise self.fail(f"'not' excludes one of {excluded!r}, a number this server cannot exclude")
         excluded = ["-?" * (v == 0) + re.escape(str(int(v))) + r"(\.0+)?" if float(v).is_integer()
