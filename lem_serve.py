@@ -1238,6 +1238,7 @@ COUNTS = {word for word in SCHEMA_KEYWORDS if word[:3] in ("min", "max") and wor
 NEGATED_BOUNDS = {"minimum": "exclusiveMaximum", "maximum": "exclusiveMinimum", "minLength": "maxLength",
                   "minItems": "maxItems", "minProperties": "maxProperties"}
 NEGATED_BOUNDS |= {v: k for k, v in NEGATED_BOUNDS.items()}
+DEPENDENCIES = ("dependencies", "dependentRequired", "dependentSchemas")   # a key's presence asks for more
 _OCTET = r"(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 _H16 = r"[0-9A-Fa-f]{1,4}"
 _YEAR = r"([1-9]\d{3}|0[1-9]\d\d|00[1-9]\d|000[1-9])"
@@ -1298,8 +1299,7 @@ SCHEMA_MERGE = {
     **{word: max if word.startswith("min") else min for word in ("minimum", "maximum", *COUNTS)},
     **dict.fromkeys(("items", "additionalItems", "additionalProperties", "propertyNames"),
                     lambda a, b: {"allOf": [a, b]}),
-    **dict.fromkeys(("dependencies", "dependentRequired", "dependentSchemas", "patternProperties"),
-                    lambda a, b: None if a.keys() & b.keys() else {**a, **b})}
+    **dict.fromkeys((*DEPENDENCIES, "patternProperties"), lambda a, b: None if a.keys() & b.keys() else {**a, **b})}
 # What a keyword's value must be where it is enforced (else a 400 naming it): (what, test).
 SCHEMA_VALUES = {
     **dict.fromkeys(COUNTS, ("a non-negative integer", lambda v: type(v) in (int, float) and v >= 0 and v % 1 == 0)),
@@ -1425,25 +1425,6 @@ class SchemaCompiler:
             out[key] = value
         return out
 
-    def alternatives(self, schema: dict) -> tuple | None:
-        """(the rest, the cases, whether oneOf) of its anyOf, oneOf, not, if or dependencies; None if none."""
-        words = ["dependencies", "dependentRequired", "dependentSchemas"]
-        needs = [(k, need) for word in words if isinstance(schema.get(word), dict) for k, need in schema[word].items()]
-        if "anyOf" in schema or "oneOf" in schema:
-            words = ["anyOf" if "anyOf" in schema else "oneOf"]
-            cases = self.list_of(schema[words[0]], words[0])
-        elif "not" in schema:
-            words, cases = ["not"], self.negate(schema["not"])
-        elif "if" in schema:
-            words, cases = ["if", "then", "else"], [{"allOf": [schema["if"], schema.get("then", {})]},
-                                                    {"allOf": [{"not": schema["if"]}, schema.get("else", {})]}]
-        elif needs:  # each key absent, or present with what it needs
-            cases = [{"allOf": [{"anyOf": [{"properties": {k: False}}, {"allOf": [{"required": [k]}, {"required": need}
-                     if isinstance(need, list) else need]}]} for k, need in needs]}]
-        else:
-            return None
-        return {k: v for k, v in schema.items() if k not in words}, cases, words == ["oneOf"]
-
     def negate(self, schema: Any, hops: int = 0) -> list:
         """`not`: alternatives, one of which a value takes to fail `schema` (one keyword failing), or a 400."""
         schema, out = self.flat(schema)[0], []   # its $ref and allOf merged in
@@ -1453,8 +1434,7 @@ class SchemaCompiler:
             if word in ("anyOf", "oneOf"):   # none of them: each part fails
                 out.append({"allOf": [{"anyOf": self.negate(part, hops + 1)} for part in self.list_of(value, word)]})
             elif word == "type":
-                out.append({"type": [k for k in JSON_TYPES if k not in _kinds(value)
-                                     and not (k == "number" and "integer" in _kinds(value))]})
+                out.append({"type": [k for k in JSON_TYPES if not _kinds(k) & _kinds(value)]})   # none of k's values
             elif word in ("enum", "const") or word == "pattern" and isinstance(value, str):
                 excluded = self.list_of(value, word) if word == "enum" else [value]
                 out.append({"!pattern" if word == "pattern" else "!enum": excluded})
@@ -1474,9 +1454,22 @@ class SchemaCompiler:
     def _compile(self, schema: dict, refs: int, depth: int) -> Piece | None:
         for word in sorted(schema.keys() & SCHEMA_REFUSED)[:1]:
             raise self.fail(f"JSON Schema keyword {word!r} is not supported (the README lists those enforced)")
-        schema = {k: v for k, v in schema.items() if k in SCHEMA_KEYWORDS}
-        if (split := self.alternatives(schema)) is not None:
-            return self.any_of(*split, refs, depth)
+        schema, taken, cases = {k: v for k, v in schema.items() if k in SCHEMA_KEYWORDS}, DEPENDENCIES, None
+        needs = [(k, need) for word in taken if isinstance(schema.get(word), dict) for k, need in schema[word].items()]
+        if "anyOf" in schema or "oneOf" in schema:   # alternatives (anyOf, oneOf, not, if, dependencies): a union
+            taken = ("anyOf" if "anyOf" in schema else "oneOf",)
+            cases = self.list_of(schema[taken[0]], taken[0])
+        elif "not" in schema:
+            taken, cases = ("not",), self.negate(schema["not"])
+        elif "if" in schema:
+            taken, cases = ("if", "then", "else"), [{"allOf": [schema["if"], schema.get("then", {})]},
+                                                    {"allOf": [{"not": schema["if"]}, schema.get("else", {})]}]
+        elif needs:  # each key absent, or present with what it needs
+            cases = [{"allOf": [{"anyOf": [{"properties": {k: False}}, {"allOf": [{"required": [k]}, {"required": need}
+                     if isinstance(need, list) else need]}]} for k, need in needs]}]
+        if cases is not None:
+            rest = {k: v for k, v in schema.items() if k not in taken}
+            return self.any_of(rest, cases, taken == ("oneOf",), refs, depth)
         kind = schema.get("type", [k for k, words in KEYWORD_TYPES.items() if words & set(schema)])
         if "enum" in schema or "const" in schema or kind in ("boolean", "null"):
             return self.literals(schema, refs, depth)
@@ -1614,8 +1607,8 @@ class SchemaCompiler:
                             f"writes one as a regular expression of at most {REGEX_MAX_STATES} states)") from None
 
     def object(self, schema: dict, refs: int, depth: int) -> Piece | None:
-        """properties in order, then keys that patternProperties or additionalProperties allow, under propertyNames
-        (without either, no key beyond properties and required, whose undeclared names take any value)."""
+        """properties and required keys in order (undeclared ones take any value), then keys that patternProperties
+        or additionalProperties allow (without either, none), all under propertyNames."""
         properties, patterns = schema.get("properties", {}), schema.get("patternProperties", {})
         try:
             regexes = [regex_for(p) for p in patterns]
