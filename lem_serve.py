@@ -1333,15 +1333,14 @@ class SchemaCompiler:
     def _names(self, schema: dict) -> list:
         return schema["required"] if SCHEMA_VALUES["required"][1](schema.get("required")) else []
 
-    def _values(self, schema: dict) -> list | None:
-        values = schema["enum"] if "enum" in schema else [schema["const"]] if "const" in schema else None
-        return values if isinstance(values, list) else None
+    def _values(self, schema: dict) -> list:
+        values = schema["enum"] if "enum" in schema else [schema["const"]] if "const" in schema else []
+        return values if isinstance(values, list) else []
 
     def _string_parts(self, schema: dict) -> list:
         """A string schema's patterns, format and exclusions as Regex parts (all hold), a positive one first."""
         parts = [(p, True) for p in _as_list(schema.get("pattern", [])) if isinstance(p, str)]
-        form = schema.get("format")
-        parts += [(FORMATS[form], False)] if isinstance(form, str) and form in FORMATS else []
+        parts += [(FORMATS[form], False)] if isinstance(form := schema.get("format"), str) and form in FORMATS else []
         parts += [(p, True, True) for p in schema.get("!pattern", [])]
         excluded = [re.escape(v) for v in schema.get("!enum", []) if isinstance(v, str)]
         parts += [("|".join(excluded), False, True)] if excluded else []
@@ -1528,14 +1527,13 @@ class SchemaCompiler:
             return props if name is None else props.get(name, True)
         return schema.get("additionalProperties", not (produced and props) or name in self._names(schema))
 
-    def types(self, schema: dict, produced: bool) -> set | None:
-        """The JSON types of values `schema` lets through; `produced`: of the values this server writes for it."""
-        if (values := self._values(schema)) is not None:   # by JSON Schema's names: an integral number is an integer
+    def types(self, schema: dict, produced: bool) -> set:
+        """The JSON types of values `schema` lets through (empty: unknown); `produced`: of the values written for it."""
+        if values := self._values(schema):   # by JSON Schema's names: an integral number is an integer
             return {{bool: "boolean", type(None): "null", dict: "object", list: "array", str: "string"}.get(
                 type(v), "integer" if type(v) in (int, float) and float(v).is_integer() else "number") for v in values}
-        if "type" in schema or produced and not {"anyOf", "oneOf", "not", "if"} & set(schema):
-            return _kinds(schema.get("type", [k for k, words in KEYWORD_TYPES.items() if words & set(schema)])) or None
-        return None
+        given = "type" in schema or produced and not {"anyOf", "oneOf", "not", "if"} & set(schema)
+        return _kinds(given and schema.get("type", [k for k, words in KEYWORD_TYPES.items() if words & set(schema)]))
 
     def disjoint(self, part: Any, other: Any, hops: int = 0) -> bool:
         """Whether no value written for `part` satisfies `other`: by types, values, `not`, strings or required keys."""
@@ -1544,15 +1542,14 @@ class SchemaCompiler:
             return part is False or other is False
         mine, theirs = self.types(part, True), self.types(other, False)
         values, allowed = self._values(part), self._values(other)
-        if mine is not None and theirs is not None and not mine & theirs or values is not None and allowed is not None \
-                and not any(v == w for v in values for w in allowed) or \
+        if mine and theirs and not mine & theirs or values and allowed and not any(v in allowed for v in values) or \
                 "not" in part and _canonical(self.flat(part["not"])[0]) == _canonical(other):   # part negates other
             return True
         if mine == {"string"}:
             with contextlib.suppress(ValueError):   # a Regex that matches nothing is a ValueError
                 return shared_regex(tuple(self._string_parts(part) + self._string_parts(other))) is None
             return True
-        return mine in (None, {"object"}) and any(self.disjoint(self.declared(part, name, True), self.declared(
+        return mine in (set(), {"object"}) and any(self.disjoint(self.declared(part, name, True), self.declared(
             other, name), hops + 1) for name in dict.fromkeys(self._names(part) + self._names(other)))
 
     def literals(self, schema: dict, refs: int, depth: int) -> Literals | None:

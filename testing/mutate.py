@@ -181,7 +181,7 @@ MUTATIONS = [
              "max_len is None else max_len, Cache(", "self.limit, self.completions = math.inf, Cache("),),
              ("test_pydantic_and_zod_schemas_always_validate",)),
     Mutation("json-formats-ignored", "format is an annotation: any string", (("    parts += [(FORMATS[form], False)] "
-             "if isinstance(form, str) and form in FORMATS else []", "    parts += []"),),
+             "if isinstance(form := schema.get(\"format\"), str) and form in FORMATS else []", "    parts += []"),),
              ("test_pydantic_and_zod_schemas_always_validate",)),
     Mutation("json-extra-keys-repeat-declared", "an extra key may repeat a declared property's name",
              (("keys = [(self.key, self.forbidden | seen)] * extra", "keys = [(self.key, seen)] * extra"),),
