@@ -1454,7 +1454,6 @@ class SchemaCompiler:
         for word in sorted(schema.keys() & SCHEMA_REFUSED)[:1]:
             raise self.fail(f"JSON Schema keyword {word!r} is not supported (the README lists those enforced)")
         schema, taken, cases = {k: v for k, v in schema.items() if k in SCHEMA_KEYWORDS}, DEPENDENCIES, None
-        needs = [(k, need) for word in taken if isinstance(schema.get(word), dict) for k, need in schema[word].items()]
         if "anyOf" in schema or "oneOf" in schema:   # alternatives (anyOf, oneOf, not, if, dependencies): a union
             taken = ("anyOf" if "anyOf" in schema else "oneOf",)
             cases = self.list_of(schema[taken[0]], taken[0])
@@ -1463,9 +1462,9 @@ class SchemaCompiler:
         elif "if" in schema:
             taken, cases = ("if", "then", "else"), [{"allOf": [schema["if"], schema.get("then", {})]},
                                                     {"allOf": [{"not": schema["if"]}, schema.get("else", {})]}]
-        elif needs:  # each key absent, or present with what it needs
+        elif needs := [(k, v) for w in DEPENDENCIES if isinstance(d := schema.get(w), dict) for k, v in d.items()]:
             cases = [{"allOf": [{"anyOf": [{"properties": {k: False}}, {"allOf": [{"required": [k]}, {"required": need}
-                     if isinstance(need, list) else need]}]} for k, need in needs]}]
+                     if isinstance(need, list) else need]}]} for k, need in needs]}]   # absent, or with what it needs
         if cases is not None:
             rest = {k: v for k, v in schema.items() if k not in taken}
             return self.any_of(rest, cases, taken == ("oneOf",), refs, depth)
@@ -1579,8 +1578,7 @@ class SchemaCompiler:
     def number(self, schema: dict, refs: int, depth: int) -> Leaf:
         """A number (an integer if so typed) within its bounds, a multiple of multipleOf, none `not` excludes."""
         exact, bounds = Fraction(str(schema.get("multipleOf", 1))), []
-        # An integer is a multiple of p/q when p divides it. Validators divide floats: 7.77 / 0.01 is not
-        # whole to them, so a step a float cannot hold exactly (0.01, not 0.5) is served by integers.
+        # Validators divide floats (7.77 / 0.01 is not whole), so a step no float holds (0.01, not 0.5) takes integers.
         integer = schema["type"] == "integer" or "multipleOf" in schema and \
             (exact.denominator == 1 or Fraction(float(exact)) != exact)
         scale = 0 if integer else next(k for k in range(JSON_MAX_DIGITS + 1) if (exact * 10 ** k).denominator == 1)
