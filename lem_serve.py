@@ -134,6 +134,9 @@ JSON_MAX_NESTING = 16             # arrays/objects nested in free JSON (json_obj
 SCHEMA_MAX_DEPTH = 64             # nesting a schema may have; more is a 400
 SCHEMA_MAX_REFS = 8               # $ref hops on one path; a recursive schema is unrolled this deep, then ends
 SCHEMA_MAX_BRANCHES = 16          # alternatives one not/if/dependencies keyword may expand into; more is a 400
+SCHEMA_MAX_MIN_COUNT = 1000       # largest minLength, minItems, minProperties, minContains (1-10**5); more is a 400
+SCHEMA_MAX_MIN_TEXT = 100000      # characters of a schema's shortest value, and (DFA state, length) pairs searched for
+                                  # a string's (nested minimums multiply; 10**4-10**6; more is a 400)
 REGEX_MAX_STATES = 5000           # NFA states of one pattern or format once repeats are expanded; more is a 400
 REGEX_MAX_SEARCH = 10000          # DFA states one search for a shortest completion visits (at compile: past it a 400;
                                   # while decoding: a state past it counts as dead, so output stays valid)
@@ -641,7 +644,7 @@ class Regex:
                 self.parts.append((first, self._build(items, first), negated))
         self.needed = {i for i, part in enumerate(self.parts) if not part[2]}   # the parts that must match
         self.start = self._closure({first for first, _, _ in self.parts}, True)
-        self.class_ids, self.sigs, self.moves, self.tails = {}, [], {}, {}   # char -> id -> signature; 2 caches
+        self.class_ids, self.sigs, self.moves, self.longer = {}, [], {}, {}   # char -> id -> signature; 2 caches
         edges = [c for _, ranges, _ in self.charsets for lo, hi in ranges for c in (lo - 1, lo, hi, hi + 1)]
         self.reps = {}   # class id -> a character of it, the first in a sample covering every set's edges
         for ch in [chr(c) for c in SAMPLE_CODES + edges if 0 <= c <= 0x10ffff and not 0xd800 <= c <= 0xdfff]:
@@ -759,19 +762,47 @@ class Regex:
         """Whether `state` ends a match."""
         return all((final in state or ~final in state) != negated for _, final, negated in self.parts)
 
-    def shortest(self, state: frozenset) -> str | None:
+    def _tail(self, state: frozenset) -> str | None:
         """A shortest text that takes `state` to a match (breadth first over class representatives)."""
-        if state not in self.tails:
-            seen, queue = {state}, [(state, "")]
-            for current, text in queue:
-                if self.accepts(current) or len(seen) > REGEX_MAX_SEARCH:   # (a|b)*a(a|b){25}: 2**25 states
-                    break
-                for cid, ch in self.reps.items():
-                    if (nxt := self._move(current, cid)) is not None and nxt not in seen:
-                        seen.add(nxt)
-                        queue.append((nxt, text + ch))
-            self.tails[state] = text if self.accepts(current) else None
-        return self.tails[state]
+        seen, queue = {state}, [(state, "")]
+        for current, text in queue:
+            if self.accepts(current) or len(seen) > REGEX_MAX_SEARCH:   # (a|b)*a(a|b){25}: 2**25 states
+                break
+            for cid, ch in self.reps.items():
+                if (nxt := self._move(current, cid)) is not None and nxt not in seen:
+                    seen.add(nxt)
+                    queue.append((nxt, text + ch))
+        return text if self.accepts(current) else None
+
+    def length(self, state: frozenset, at_least: int = 0) -> int | None:
+        """The length of shortest(state, at_least). Each (state, characters left) pair's best first step is kept:
+        forward, the pairs not kept yet; backward, their steps. Linear in `at_least`; None past SCHEMA_MAX_MIN_TEXT."""
+        todo, layers, size = [state], [], 0
+        for left in range(at_least, -1, -1):
+            if not (todo := [s for s in dict.fromkeys(todo) if (s, left) not in self.longer]):
+                break
+            if (size := size + len(todo)) > SCHEMA_MAX_MIN_TEXT:
+                return None
+            layers.append((left, todo))
+            todo = [t for s in todo for cid in self.reps if (t := self._move(s, cid)) is not None]
+        for left, layer in reversed(layers):   # (length, class id, next state); at 0 left: (length, None, text)
+            for s in layer:
+                steps = [(self.longer[t, left - 1][0] + 1, cid, t) for cid in self.reps
+                         if left and (t := self._move(s, cid)) is not None and self.longer[t, left - 1]]
+                steps += [] if left or (tail := self._tail(s)) is None else [(len(tail), None, tail)]
+                self.longer[s, left] = min(steps, key=lambda step: step[0], default=None)
+        return None if (best := self.longer[state, at_least]) is None else best[0]
+
+    def shortest(self, state: frozenset, at_least: int = 0) -> str | None:
+        """A shortest text of at least `at_least` characters that takes `state` to a match (of equals, the first by
+        class ids), or None."""
+        if self.length(state, at_least) is None:
+            return None
+        text = []
+        for left in range(at_least, 0, -1):
+            _, cid, state = self.longer[state, left]
+            text.append(self.reps[cid])
+        return "".join(text) + self.longer[state, 0][2]
 
 
 @functools.lru_cache(maxsize=256)
@@ -926,8 +957,9 @@ class Leaf(Piece):
                  by_text: bool = True):
         self.regex, self.min_len, self.max_len, self.quoted, self.by_text = regex, min_len, max_len, quoted, by_text
         self.limit, self.completions = math.inf if max_len is None else max_len, Cache(JSON_MASK_CACHE_STATES)
-        if self.complete(regex.start, 0) is None:
-            raise ValueError("no string has both this pattern or format and these lengths")
+        if not self.fits(regex.start, 0):
+            raise ValueError("no string has both this pattern or format and these lengths (within "
+                             f"{SCHEMA_MAX_MIN_TEXT} steps of search)")
         self.min_text = self.finish(self.frame())
 
     def frame(self, ex: frozenset | None = None) -> Frame:
@@ -957,25 +989,30 @@ class Leaf(Piece):
             return []
         after = frame.add(ch, "", dfa)
         ex = after.ex if after.ex and any(f.startswith(after.text) for f in after.ex) else None   # else none bites
-        return [(after,)] * (self.complete(dfa, after.count, after.text if ex else "", ex) is not None)
+        return [(after,)] * (self.complete(dfa, after.count, after.text, ex) is not None if ex else
+                             self.fits(dfa, after.count))
+
+    def fits(self, dfa: frozenset, count: int) -> bool:
+        """Whether a text completes the value from `dfa` after `count` characters, within min_len and max_len."""
+        size = self.regex.length(dfa, max(self.min_len - count, 0))
+        return size is not None and count + size <= self.limit
 
     def complete(self, dfa: frozenset, count: int, text: str = "", ex: frozenset | None = None) -> str | None:
         """A shortest text (decoded) that completes the value from `dfa` after `count` characters, or None; under
         an exclusion `ex`, one of plain characters (no escapes) whose raw text (`text` + it) is not excluded."""
-        if ex is None and count >= self.min_len:
-            best = self.regex.shortest(dfa)
-            return best if best is not None and count + len(best) <= self.limit else None
+        if ex is None:
+            return self.regex.shortest(dfa, max(self.min_len - count, 0)) if self.fits(dfa, count) else None
         return self.completions.get_or((dfa, count, text, ex), lambda: self._search(dfa, count, text, ex))
 
-    def _search(self, dfa: frozenset, count: int, text: str, ex: frozenset | None) -> str | None:
-        """complete() breadth first: to min_len characters, then on (a few past the shortest) to one not excluded."""
-        layer, keep, quote = {dfa: [""]}, 1 if ex is None else len(ex) + 1, '"' * self.quoted
+    def _search(self, dfa: frozenset, count: int, text: str, ex: frozenset) -> str | None:
+        """complete() under an exclusion, breadth first, keeping len(ex) + 1 texts per state: to min_len characters,
+        then on (a few past the shortest) to one not excluded."""
+        layer, keep, quote, plain = {dfa: [""]}, len(ex) + 1, '"' * self.quoted, self.quoted   # plain: no escapes
         reach = max(self.min_len - count, len(self.regex.shortest(dfa) or "")) + 32   # a few past the shortest
-        reach, plain = (self.min_len - count, False) if ex is None else (reach, self.quoted)   # plain: no escapes
         for size in range(int(min(self.limit - count, reach)) + 1):
             ends = [t + end for state, tails in layer.items() if (end := self.regex.shortest(state)) is not None
                     for t in tails if count + size >= self.min_len and count + len(t + end) <= self.limit]
-            if ends := [e for e in ends if ex is None or (not plain or self.PLAIN(e)) and text + e + quote not in ex]:
+            if ends := [e for e in ends if (not plain or self.PLAIN(e)) and text + e + quote not in ex]:
                 return min(ends, key=len)
             nxt: dict = {}
             for (state, tails), (cid, ch) in itertools.product(layer.items(), self.regex.reps.items()):
@@ -1006,7 +1043,7 @@ class Leaf(Piece):
     def move_class(self, at: tuple, key: str) -> tuple | None:
         """(dfa, count) after a character of class id ord(`key`), if the value can still be completed."""
         nxt = self.regex._move(at[0], ord(key))
-        return (nxt, at[1] + 1) if nxt is not None and self.complete(nxt, at[1] + 1) is not None else None
+        return (nxt, at[1] + 1) if nxt is not None and self.fits(nxt, at[1] + 1) else None
 
     def key(self, frame: Frame, reach: int) -> tuple:
         """The frame with its count reduced to what can matter within `reach` characters (mask caching)."""
@@ -1057,7 +1094,7 @@ class Container(Piece):
         self.fixed = [req or not self.keyed for _, _, req in slots]   # slots that may not be skipped
         self.cap, self.memo = low if high is None else high, Cache(JSON_MASK_CACHE_STATES)   # key pieces
         self.members = [node for _, node, _ in slots] + list(values.values())   # by slot, then extra ones
-        tail = self.finish(self.frame())
+        tail = self.finish(self.frame(), SCHEMA_MAX_MIN_TEXT)
         if tail is None:
             raise ValueError("no object has these properties within minProperties/maxProperties" if self.keyed
                              else "no array has these items within minItems/maxItems (and uniqueItems)")
@@ -1119,8 +1156,9 @@ class Container(Piece):
         matched = tuple(i for i, regex in enumerate(self.patterns) if regex.matches(text[1:-1]))
         return self.extras.index(matched) if matched in self.values else None
 
-    def finish(self, frame: Frame) -> str | None:
-        """The shortest text that closes the container from `frame`: the members it still needs, then its bracket."""
+    def finish(self, frame: Frame, limit: float = math.inf) -> str | None:
+        """The shortest text that closes the container from `frame`: the members it still needs, then its bracket
+        (a ValueError past `limit` characters)."""
         _, phase, at, count, seen, _, _ = frame
         parts, sep, must = [], "," * (phase == "value"), phase == "comma"
         if phase in ("colon", "item"):   # key `at` written: its value first
@@ -1144,6 +1182,9 @@ class Container(Piece):
             if value is None:
                 return None
             parts.append(sep + key + value)
+            if (limit := limit - len(parts[-1])) < 0:
+                raise ValueError(f"the shortest value within {'minProperties' if self.keyed else 'minItems'} (and the "
+                                 f"minimums inside it) is over {SCHEMA_MAX_MIN_TEXT} characters")
             sep, must, count, seen = ",", False, min(count + 1, self.cap), seen | {value} if self.unique else seen
         return "".join(parts) + self.brackets[1:]
 
@@ -1303,6 +1344,9 @@ SCHEMA_MERGE = {
 # What a keyword's value must be where it is enforced (else a 400 naming it): (what, test).
 SCHEMA_VALUES = {
     **dict.fromkeys(COUNTS, ("a non-negative integer", lambda v: type(v) in (int, float) and v >= 0 and v % 1 == 0)),
+    **dict.fromkeys(("minLength", "minItems", "minProperties", "minContains"), (  # output at least that long
+        f"an integer from 0 to {SCHEMA_MAX_MIN_COUNT}",
+        lambda v: type(v) in (int, float) and v % 1 == 0 and 0 <= v <= SCHEMA_MAX_MIN_COUNT)),
     **dict.fromkeys(("minimum", "maximum"), ("a number", lambda v: type(v) in (int, float) and
                                              abs(v) <= sys.float_info.max)),
     **dict.fromkeys(("exclusiveMinimum", "exclusiveMaximum"), ("a number or a boolean", lambda v: type(v) in (

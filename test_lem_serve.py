@@ -1118,6 +1118,34 @@ def test_jsonschemabench_slice_is_refused_by_name_or_valid(server):
                 "oneOf" in verdict["refused"] or "nests" in verdict["refused"], verdict
 
 
+# Large minimum counts (issue 24): the shortest completion costs one pass over the minimum for the whole decode, and
+# a minimum whose shortest output would be huge is a 400 naming its keyword (values just past each cap).
+LONG_STRING = {"type": "string", "minLength": 200}
+OVER_THE_CAPS = [({"type": "string", "minLength": lem_serve.SCHEMA_MAX_MIN_COUNT + 1}, "'minLength'"),
+                 ({"type": "array", "minItems": lem_serve.SCHEMA_MAX_MIN_COUNT + 1}, "'minItems'"),
+                 ({"type": "object", "minProperties": lem_serve.SCHEMA_MAX_MIN_COUNT + 1}, "'minProperties'"),
+                 ({"type": "array", "contains": {}, "minContains": lem_serve.SCHEMA_MAX_MIN_COUNT + 1}, "'minContains'"),
+                 ({"type": "array", "minItems": 400, "items": {"type": "array", "items": {"type": "integer"},
+                                                               "minItems": 400}}, "minItems")]   # 400 x 801 characters
+
+
+def test_long_min_length_is_served_and_closes_exactly_at_it(openai_client):
+    for temperature, seed in [(0, 0), (1.0, 1)]:
+        text, finish = structured_output(openai_client, LONG_STRING, "response_format", temperature, seed, 300)
+        assert finish == "stop", text
+        assert_valid(text, LONG_STRING)
+    state = lem_serve.json_start(lem_serve.compile_schema(LONG_STRING, LONG_STRING, "x"))
+    for written in range(0, 200, 7):   # the closing text brings the string to exactly its minimum
+        closing = lem_serve.json_closing_text(lem_serve.json_advance(state, '"' + "a" * written))
+        assert len(json.loads('"' + "a" * written + closing)) == 200, (written, closing)
+
+
+@pytest.mark.parametrize("schema,words", OVER_THE_CAPS)
+def test_minimums_past_the_cap_are_400_naming_the_keyword(server, schema, words):
+    reply = request(server, "POST", "/v1/chat/completions", body_for("chat", response_format=schema_format(schema)))
+    assert words in assert_openai_error(reply, 400, "response_format")["message"]
+
+
 # ---------------------------------------------------------------------------
 # Errors: every bad input is an OpenAI-shaped JSON error
 # ---------------------------------------------------------------------------

@@ -424,6 +424,21 @@ MUTATIONS = [
                "        reach = 32"),
               ("if (end := self.regex.shortest(state)) is not None", "if (end := self.regex.shortest(state)) == \"\""),),
              ("test_new_keywords_are_enforced_and_every_walk_validates",)),
+    # Issue 24, large minimum counts: bounded CPU.
+    Mutation("json-min-count-uncapped", "minLength, minItems, minProperties, minContains take any count: a client "
+             "can make the shortest output (and its search) as large as it likes",
+             (("lambda v: type(v) in (int, float) and v % 1 == 0 and 0 <= v <= SCHEMA_MAX_MIN_COUNT)),",
+               "lambda v: type(v) in (int, float) and v % 1 == 0 and 0 <= v)),"),),
+             ("test_minimums_past_the_cap_are_400_naming_the_keyword",)),
+    Mutation("json-min-text-uncapped", "nested minimums multiply unchecked: the shortest array of arrays is built "
+             "whatever its length", (("tail = self.finish(self.frame(), SCHEMA_MAX_MIN_TEXT)",
+                                      "tail = self.finish(self.frame())"),),
+             ("test_minimums_past_the_cap_are_400_naming_the_keyword",)),
+    Mutation("json-min-length-completion-ignored", "a string's completion ignores minLength: the closing text is too "
+             "short, so a long minLength never closes in time",
+             (("return self.regex.shortest(dfa, max(self.min_len - count, 0)) if self.fits(dfa, count) else None",
+               "return self.regex.shortest(dfa) if self.fits(dfa, count) else None"),),
+             ("test_long_min_length_is_served_and_closes_exactly_at_it",)),
     Mutation("json-multipleof-float-steps", "multipleOf 0.01 allows 7.77, which validators' float division refuses",
              (("            (exact.denominator == 1 or Fraction(float(exact)) != exact)",
                "            (exact.denominator == 1)"),),
