@@ -1344,9 +1344,8 @@ SCHEMA_MERGE = {
 # What a keyword's value must be where it is enforced (else a 400 naming it): (what, test).
 SCHEMA_VALUES = {
     **dict.fromkeys(COUNTS, ("a non-negative integer", lambda v: type(v) in (int, float) and v >= 0 and v % 1 == 0)),
-    **dict.fromkeys(("minLength", "minItems", "minProperties", "minContains"), (  # output at least that long
-        f"an integer from 0 to {SCHEMA_MAX_MIN_COUNT}",
-        lambda v: type(v) in (int, float) and v % 1 == 0 and 0 <= v <= SCHEMA_MAX_MIN_COUNT)),
+    **dict.fromkeys({word for word in COUNTS if word[:3] == "min"}, (f"an integer from 0 to {SCHEMA_MAX_MIN_COUNT}",
+        lambda v: type(v) in (int, float) and v % 1 == 0 and 0 <= v <= SCHEMA_MAX_MIN_COUNT)),   # an output that long
     **dict.fromkeys(("minimum", "maximum"), ("a number", lambda v: type(v) in (int, float) and
                                              abs(v) <= sys.float_info.max)),
     **dict.fromkeys(("exclusiveMinimum", "exclusiveMaximum"), ("a number or a boolean", lambda v: type(v) in (
