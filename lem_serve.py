@@ -748,14 +748,9 @@ class Regex:
             self.moves[state, cid] = self._closure(targets) if alive else None
         return self.moves[state, cid]
 
-    def move(self, state: frozenset, ch: str) -> frozenset | None:
-        """The state after `ch`; None when no match can follow."""
-        nxt = self._move(state, self.class_id(ch))
-        return nxt if nxt is not None and self.shortest(nxt) is not None else None
-
     def matches(self, text: str) -> bool:
         """Whether the whole of `text` is a match."""
-        state = functools.reduce(lambda s, ch: s if s is None else self.move(s, ch), text, self.start)
+        state = functools.reduce(lambda s, ch: s if s is None else self._move(s, self.class_id(ch)), text, self.start)
         return state is not None and self.accepts(state)
 
     def accepts(self, state: frozenset) -> bool:
@@ -775,34 +770,33 @@ class Regex:
         return text if self.accepts(current) else None
 
     def length(self, state: frozenset, at_least: int = 0) -> int | None:
-        """The length of shortest(state, at_least). Each (state, characters left) pair's best first step is kept:
-        forward, the pairs not kept yet; backward, their steps. Linear in `at_least`; None past SCHEMA_MAX_MIN_TEXT."""
-        todo, layers, size = [state], [], 0
+        """The length of shortest(state, at_least); None past SCHEMA_MAX_MIN_TEXT (state, characters left) pairs.
+        Forward: the pairs not kept yet; backward: their best first steps (fewest characters, then class id)."""
+        todo, pairs = [state], []
         for left in range(at_least, -1, -1):
             if not (todo := [s for s in dict.fromkeys(todo) if (s, left) not in self.longer]):
                 break
-            if (size := size + len(todo)) > SCHEMA_MAX_MIN_TEXT:
+            pairs += [(s, left) for s in todo]
+            if len(pairs) > SCHEMA_MAX_MIN_TEXT:
                 return None
-            layers.append((left, todo))
             todo = [t for s in todo for cid in self.reps if (t := self._move(s, cid)) is not None]
-        for left, layer in reversed(layers):   # (length, class id, next state); at 0 left: (length, None, text)
-            for s in layer:
-                steps = [(self.longer[t, left - 1][0] + 1, cid, t) for cid in self.reps
-                         if left and (t := self._move(s, cid)) is not None and self.longer[t, left - 1]]
-                steps += [] if left or (tail := self._tail(s)) is None else [(len(tail), None, tail)]
-                self.longer[s, left] = min(steps, key=lambda step: step[0], default=None)
+        for s, left in reversed(pairs):   # (length, character, next state); at 0 left: (length, the text, None)
+            steps = [(self.longer[t, left - 1][0] + 1, ch, t) for cid, ch in self.reps.items()
+                     if (t := self._move(s, cid)) is not None and self.longer[t, left - 1]] if left else \
+                [(len(tail), tail, None)] if (tail := self._tail(s)) is not None else []
+            self.longer[s, left] = min(steps, key=lambda step: step[0], default=None)
         return None if (best := self.longer[state, at_least]) is None else best[0]
 
     def shortest(self, state: frozenset, at_least: int = 0) -> str | None:
         """A shortest text of at least `at_least` characters that takes `state` to a match (of equals, the first by
-        class ids), or None."""
+        class ids), or None; linear in `at_least` (see length)."""
         if self.length(state, at_least) is None:
             return None
         text = []
-        for left in range(at_least, 0, -1):
-            _, cid, state = self.longer[state, left]
-            text.append(self.reps[cid])
-        return "".join(text) + self.longer[state, 0][2]
+        for left in range(at_least, -1, -1):
+            _, piece, state = self.longer[state, left]
+            text.append(piece)
+        return "".join(text)
 
 
 @functools.lru_cache(maxsize=256)
@@ -889,10 +883,6 @@ class Piece:
     def alternatives(self) -> tuple:
         return (self,)
 
-    def child_done(self, frame: tuple, child: tuple) -> tuple | None:
-        """This frame once its child value `child` is complete; None to refuse it."""
-        return frame
-
     @staticmethod
     def _slack_of(nodes: Any, keys: Any = ()) -> int:   # of a piece holding `nodes` (and `keys`, JSON texts)
         return max([0] + [len(key) + 2 for key in keys] + [max(n.slack, len(n.min_text) + 1) for n in nodes])
@@ -958,8 +948,7 @@ class Leaf(Piece):
         self.regex, self.min_len, self.max_len, self.quoted, self.by_text = regex, min_len, max_len, quoted, by_text
         self.limit, self.completions = math.inf if max_len is None else max_len, Cache(JSON_MASK_CACHE_STATES)
         if not self.fits(regex.start, 0):
-            raise ValueError("no string has both this pattern or format and these lengths (within "
-                             f"{SCHEMA_MAX_MIN_TEXT} steps of search)")
+            raise ValueError(f"no string has this pattern or format and these lengths ({SCHEMA_MAX_MIN_TEXT} steps)")
         self.min_text = self.finish(self.frame())
 
     def frame(self, ex: frozenset | None = None) -> Frame:
@@ -985,7 +974,7 @@ class Leaf(Piece):
 
     def _take(self, frame: Frame, ch: str, decoded: str | None) -> list:
         """The frame after one more (decoded) character, if the value can still be completed (not excluded)."""
-        if decoded is None or (dfa := self.regex.move(frame.at, decoded)) is None:
+        if decoded is None or (dfa := self.regex._move(frame.at, self.regex.class_id(decoded))) is None:
             return []
         after = frame.add(ch, "", dfa)
         ex = after.ex if after.ex and any(f.startswith(after.text) for f in after.ex) else None   # else none bites
@@ -1000,19 +989,19 @@ class Leaf(Piece):
     def complete(self, dfa: frozenset, count: int, text: str = "", ex: frozenset | None = None) -> str | None:
         """A shortest text (decoded) that completes the value from `dfa` after `count` characters, or None; under
         an exclusion `ex`, one of plain characters (no escapes) whose raw text (`text` + it) is not excluded."""
-        if ex is None:
-            return self.regex.shortest(dfa, max(self.min_len - count, 0)) if self.fits(dfa, count) else None
-        return self.completions.get_or((dfa, count, text, ex), lambda: self._search(dfa, count, text, ex))
+        return self.completions.get_or((dfa, count, text, ex), lambda: self._search(dfa, count, text or "", ex or ()))
 
-    def _search(self, dfa: frozenset, count: int, text: str, ex: frozenset) -> str | None:
-        """complete() under an exclusion, breadth first, keeping len(ex) + 1 texts per state: to min_len characters,
-        then on (a few past the shortest) to one not excluded."""
-        layer, keep, quote, plain = {dfa: [""]}, len(ex) + 1, '"' * self.quoted, self.quoted   # plain: no escapes
+    def _search(self, dfa: frozenset, count: int, text: str, ex: frozenset | tuple) -> str | None:
+        """complete(), breadth first (under an exclusion, over plain characters), len(ex) + 1 texts kept per state,
+        each layer's texts completed by shortest() to min_len, until one is not excluded (no exclusion: at once)."""
+        layer, keep, quote, plain = {dfa: [""]}, len(ex) + 1, '"' * self.quoted, self.quoted and bool(ex)
         reach = max(self.min_len - count, len(self.regex.shortest(dfa) or "")) + 32   # a few past the shortest
         for size in range(int(min(self.limit - count, reach)) + 1):
-            ends = [t + end for state, tails in layer.items() if (end := self.regex.shortest(state)) is not None
-                    for t in tails if count + size >= self.min_len and count + len(t + end) <= self.limit]
-            if ends := [e for e in ends if (not plain or self.PLAIN(e)) and text + e + quote not in ex]:
+            ends = [t + end for state, tails in layer.items()
+                    if (end := self.regex.shortest(state, max(self.min_len - count - size, 0))) is not None
+                    for t in tails]
+            if ends := [e for e in ends if count + len(e) <= self.limit and (not plain or self.PLAIN(e)) and
+                        text + e + quote not in ex]:
                 return min(ends, key=len)
             nxt: dict = {}
             for (state, tails), (cid, ch) in itertools.product(layer.items(), self.regex.reps.items()):
@@ -1182,9 +1171,8 @@ class Container(Piece):
             if value is None:
                 return None
             parts.append(sep + key + value)
-            if (limit := limit - len(parts[-1])) < 0:
-                raise ValueError(f"the shortest value within {'minProperties' if self.keyed else 'minItems'} (and the "
-                                 f"minimums inside it) is over {SCHEMA_MAX_MIN_TEXT} characters")
+            if (limit := limit - len(parts[-1])) < 0:   # nested minimums multiply
+                raise ValueError(f"minItems/minProperties: the shortest value is over {SCHEMA_MAX_MIN_TEXT} characters")
             sep, must, count, seen = ",", False, min(count + 1, self.cap), seen | {value} if self.unique else seen
         return "".join(parts) + self.brackets[1:]
 
@@ -1248,14 +1236,10 @@ def json_closing_text(state: tuple) -> str | None:
     closings = []
     for stack in state:
         texts = []
-        while stack := _settle(stack):
-            text = stack[-1][0].finish(stack[-1])
-            after = [] if text is None else [s for s in map(_settle, json_advance((stack,), text))
-                                             if s is not None and len(s) < len(stack)]
-            if not after:
-                break
-            texts.append(text)
-            stack = after[0]
+        while (stack := _settle(stack)) and (text := stack[-1][0].finish(stack[-1])) is not None:
+            texts.append(text)   # then the stack once `text` closed its top frame, if it did
+            after = (s for s in map(_settle, json_advance((stack,), text)) if s is not None and len(s) < len(stack))
+            stack = next(after, None)
         closings += ["".join(texts)] * (stack == ())
     return min(closings, key=len, default=None)
 
@@ -3401,7 +3385,7 @@ class EmbeddingJob:
     request: EmbeddingRequest
     embedder: Embedder
     deadline: float
-    events: queue.Queue = dataclasses.field(default_factory=queue.Queue)
+    events: queue.SimpleQueue = dataclasses.field(default_factory=queue.SimpleQueue)   # C-level: cheaper per token
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
     passes: list = dataclasses.field(default_factory=list)   # the engine's: input indexes of each pass still to run
     vectors: list = dataclasses.field(default_factory=list)  # the engine's: each input's vector once computed
@@ -4716,7 +4700,7 @@ class Job:
     request: GenerationRequest
     max_tokens: int
     deadline: float
-    events: queue.Queue = dataclasses.field(default_factory=queue.Queue)
+    events: queue.SimpleQueue = dataclasses.field(default_factory=queue.SimpleQueue)   # C-level: cheaper per token
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
     admitted: threading.Event = dataclasses.field(default_factory=threading.Event)  # set once cached_tokens is known
     completion_tokens: int = 0
@@ -5429,7 +5413,7 @@ class Engine:
         self.folder = folder if self.prompt_cache is not None else None   # --prompt-cache-dir
         self.link = GroupLink(group) if group is not None else None
         self.stall_seconds = stall_seconds
-        self.inbox: queue.Queue[Job | None] = queue.Queue()
+        self.inbox: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._run, name="lem-engine", daemon=True)
         self.failure: BaseException | None = None
         self.finished = threading.Event()          # the loop has ended: stopped, or failed
@@ -5595,11 +5579,9 @@ class Engine:
         if block:
             with contextlib.suppress(queue.Empty):
                 jobs.append(self.inbox.get(timeout=HEARTBEAT_SECONDS if self.link else None))
-        while True:
-            try:
-                jobs.append(self.inbox.get_nowait())
-            except queue.Empty:
-                return jobs
+        while not self.inbox.empty():  # this thread alone takes from the inbox; no exception on every step
+            jobs.append(self.inbox.get_nowait())
+        return jobs
 
     def _fail_waiting(self) -> None:
         for job in self._take_jobs(block=False):
@@ -5706,8 +5688,9 @@ class Engine:
 
     def _step(self) -> None:
         """One batch step: route each new token, then drop what has ended."""
-        leaving = []
+        leaving, finished = [], False
         for response in self.batch.step():
+            finished |= response.finish_reason is not None   # the batch has handed its cache to the prompt cache
             if response.uid in self.warming:  # the warm-up token is not the job's: its prompt is cached now
                 self._start_choices(self.warming.pop(response.uid))
                 continue
@@ -5731,7 +5714,8 @@ class Engine:
                 leaving.append(uid)
         if leaving:
             self.batch.remove(leaving)
-        self._note_cache()
+        if leaving or finished:  # the prompt cache changes only when a sequence leaves (or, in _start, joins)
+            self._note_cache()
 
     def _on_token(self, sequence: Sequence, response: Any) -> str | None:
         """Account for and detokenize one token; return a finish reason or None."""

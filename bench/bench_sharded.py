@@ -25,6 +25,13 @@ model folder, greedy, chat template applied:
    ring backend's wait spin; the script reports how much CPU they take).
    Medians of the repetitions.
 2. Concurrency 4: aggregate tok/s and TTFT p50 of the two lem-serves.
+   Beside tok/s, CPU time per generated token, which the box's other load
+   distorts far less than wall time: each rank's process (every thread,
+   ended ones too, from /proc), the same without the ring backend's busy
+   wait (its receive thread spins on a non-blocking recv for as long as a
+   collective waits for the other rank, so it grows with wall time; it is
+   the rank's thread with the most system time), mlx.launch's, and the
+   HTTP client's (this script reading lem-serve's SSE). Linux only.
 3. The cost of one engine step's sync when nothing changed: rank 0's
    ``GroupLink.share`` of no ops (one all_sum of 16 bytes), against a bare
    all_sum of the same 16 bytes, and the share of one Insert op carrying a
@@ -73,6 +80,7 @@ RAW1, RAW2 = "raw mlx_lm, 1 process", "raw mlx_lm, 2 ranks"
 RAW2N = "raw mlx_lm, 2 ranks, launcher reniced"   # raw given lem-serve's quiet_launcher(), for a like-for-like ratio
 GROUPD, RAW2D = "lem-serve, 2 ranks, no launcher", "raw mlx_lm, 2 ranks, no launcher"   # ranks started directly
 SHARE_CALLS = 500
+CPU_COLUMNS = ("rank 0", "rank 0 less ring wait", "rank 1", "rank 1 less ring wait", "mlx.launch", "client")
 
 
 def direct(command: list[str], tag: str) -> list[str]:
@@ -210,20 +218,88 @@ def running(process) -> Iterator[None]:
         os.killpg(process.proc.pid, signal.SIGSTOP)
 
 
+def processes_of(process) -> dict[str, int]:
+    """The processes a system runs, by role: "rank 0", "rank 1" and "mlx.launch" (or "rank 0" alone)."""
+    from testing.group import environ_of
+    session = process.proc.pid
+    found = {}
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if not entry.name.isdigit() or int((entry / "stat").read_text().rpartition(")")[2].split()[3]) != session:
+                continue
+            pid, command = int(entry.name), (entry / "cmdline").read_text(errors="replace")
+            if "mlx.launch" in command:
+                found["mlx.launch"] = pid
+            elif "MLX_RANK" in (env := environ_of(pid)) and "python" in (entry / "comm").read_text():
+                found[f"rank {env['MLX_RANK']}"] = pid
+    return found or {"rank 0": session}
+
+
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(CPU seconds of every thread of `pid` so far, ended ones included; those of its thread with the most
+    system time). In a rank that thread is the ring backend's receive thread, which busy-waits (mostly in
+    recv) for as long as a collective waits on the other rank: CPU that grows with wall time, not work."""
+    def times(stat: Path) -> tuple[int, int]:
+        fields = stat.read_text().rpartition(")")[2].split()
+        return int(fields[11]), int(fields[12])   # utime, stime (clock ticks)
+    hz = os.sysconf("SC_CLK_TCK")
+    user, system = times(Path(f"/proc/{pid}/stat"))
+    threads = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            threads.append(times(task / "stat"))
+    spinner = max(threads, key=lambda t: t[1], default=(0, 0))
+    return (user + system) / hz, sum(spinner) / hz
+
+
+def cpu_snapshot(pids: dict[str, int]) -> dict[str, tuple[float, float]]:
+    """cpu_seconds of each process, and this thread's own (the HTTP client's reading, for lem-serve) as "client".
+
+    A process alone has no ring: nothing of it is counted as busy wait.
+    """
+    ranks = len([who for who in pids if who.startswith("rank")])
+    snap = {who: cpu_seconds(pid) if ranks > 1 else (cpu_seconds(pid)[0], 0.0) for who, pid in pids.items()}
+    snap["client"] = (time.thread_time(), 0.0)
+    return snap
+
+
+def cpu_spent(before: dict, after: dict) -> dict[str, float]:
+    """CPU seconds each process spent between two snapshots, and each rank's without its busy wait."""
+    out = {}
+    for who in after:
+        total, spin = (a - b for a, b in zip(after[who], before[who]))
+        out[who] = total
+        if who.startswith("rank") and spin:
+            out[f"{who} less ring wait"] = total - spin
+    return out
+
+
+def cpu_per_token(spent: list[dict[str, float]], tokens: int) -> dict[str, float]:
+    """Milliseconds of CPU per generated token over all repetitions: their CPU summed over their tokens summed
+    (/proc counts in clock ticks, 10 ms: one request of a tiny model spends only a few)."""
+    return {who: 1e3 * sum(s.get(who, 0.0) for s in spent) / max(tokens, 1) for who in spent[0]} if spent else {}
+
+
 def single_stream(systems: dict, tokens: int, reps: int) -> dict:
     """Single streams, interleaved system by system each repetition; medians of decode tok/s and TTFT."""
     samples = {name: [] for name in systems}
+    cpu = {name: [] for name in systems}
+    pids = {name: processes_of(process) for name, (process, _stream) in systems.items()}
     for rep in range(reps + 1):  # the first round is a warm-up
         for name in bench.rotated(tuple(systems), rep):
             process, stream = systems[name]
             with running(process):
+                before = cpu_snapshot(pids[name])
                 sample = stream(bench.story_prompt(rep), tokens)
+                after = cpu_snapshot(pids[name])
             if sample.error:
                 raise RuntimeError(f"{name}: {sample.error}")
             if rep:
                 samples[name].append(sample)
+                cpu[name].append(cpu_spent(before, after))
     return {name: {"decode_tps": bench.median([s.decode_tps for s in got]), "each": [s.decode_tps for s in got],
-                   "ttft": bench.median([s.ttft for s in got]), "tokens": got[0].tokens}
+                   "ttft": bench.median([s.ttft for s in got]), "tokens": got[0].tokens,
+                   "cpu_ms_per_token": cpu_per_token(cpu[name], sum(s.tokens for s in got))}
             for name, got in samples.items()}
 
 
@@ -247,22 +323,13 @@ def concurrent(servers: dict, tokens: int, rounds: int, level: int = 4) -> dict:
 
 def idle_cpu(server: bench.ServerProcess, seconds: float = 5.0) -> dict:
     """CPU share (1.0 = one core) each process of an idle group uses: the launcher and its ranks."""
-    from testing.group import children_of, environ_of
-    launcher_pid = next(pid for pid in [server.proc.pid, *children_of(server.proc.pid)]
-                        if "mlx.launch" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace"))
-    names = {launcher_pid: "mlx.launch"}
-    names.update({pid: f"rank {environ_of(pid).get('MLX_RANK')}" for pid in children_of(launcher_pid)})
-
-    def ticks() -> dict:
-        return {pid: sum(int(x) for x in Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[11:13])
-                for pid in names}
+    pids = processes_of(server)
     with running(server):
         time.sleep(1.0)
-        before = ticks()
+        before = {who: cpu_seconds(pid)[0] for who, pid in pids.items()}
         time.sleep(seconds)
-        after = ticks()
-    hz = os.sysconf("SC_CLK_TCK")
-    return {names[pid]: (after[pid] - before[pid]) / hz / seconds for pid in sorted(names, key=names.get)}
+        after = {who: cpu_seconds(pid)[0] for who, pid in pids.items()}
+    return {who: (after[who] - before[who]) / seconds for who in sorted(pids)}
 
 
 def started(make, tries: int = 3):
@@ -330,6 +397,13 @@ def markdown(report: dict) -> str:
                   "| system | decode tok/s | TTFT |", "|---|---:|---:|"]
         for name in (ONE, GROUP, RAW1, RAW2, RAW2N, GROUPD, RAW2D):
             lines.append(f"| {name} | {bench.fmt(single[name]['decode_tps'])} | {bench.fmt_ms(single[name]['ttft'])} |")
+        lines += ["", "CPU per generated token, ms (all repetitions' CPU over their tokens, prompt included; "
+                  "\"less ring wait\": without the ring backend's busy-waiting receive thread; client: this script "
+                  "reading the SSE):", "",
+                  "| system | " + " | ".join(CPU_COLUMNS) + " |", "|---|" + "---:|" * len(CPU_COLUMNS)]
+        for name in (ONE, GROUP, RAW1, RAW2, RAW2N, GROUPD, RAW2D):
+            got = single[name].get("cpu_ms_per_token", {})
+            lines.append(f"| {name} | " + " | ".join(f"{got[c]:.2f}" if got.get(c) else "" for c in CPU_COLUMNS) + " |")
         tps = {name: single[name]["decode_tps"] for name in single}
         lines += ["", f"**2 ranks / 1 process: {bench.fmt_ratio(bench.ratio(tps[GROUP], tps[ONE]))} decode; "
                   f"lem/raw: {bench.fmt_ratio(bench.ratio(tps[ONE], tps[RAW1]))} in one process, "

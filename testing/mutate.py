@@ -422,7 +422,7 @@ MUTATIONS = [
              "among the texts it spells out whole, so a pattern key longer than that cannot close (a 500 mid-stream)",
              (("        reach = max(self.min_len - count, len(self.regex.shortest(dfa) or \"\")) + 32",
                "        reach = 32"),
-              ("if (end := self.regex.shortest(state)) is not None", "if (end := self.regex.shortest(state)) == \"\""),),
+              ("max(self.min_len - count - size, 0))) is not None", "max(self.min_len - count - size, 0))) == \"\""),),
              ("test_new_keywords_are_enforced_and_every_walk_validates",)),
     # Issue 24, large minimum counts: bounded CPU.
     Mutation("json-min-count-uncapped", "minLength, minItems, minProperties, minContains take any count: a client "
@@ -436,8 +436,8 @@ MUTATIONS = [
              ("test_minimums_past_the_cap_are_400_naming_the_keyword",)),
     Mutation("json-min-length-completion-ignored", "a string's completion ignores minLength: the closing text is too "
              "short, so a long minLength never closes in time",
-             (("return self.regex.shortest(dfa, max(self.min_len - count, 0)) if self.fits(dfa, count) else None",
-               "return self.regex.shortest(dfa) if self.fits(dfa, count) else None"),),
+             (("(end := self.regex.shortest(state, max(self.min_len - count - size, 0)))",
+               "(end := self.regex.shortest(state))"),),
              ("test_long_min_length_is_served_and_closes_exactly_at_it",)),
     Mutation("json-multipleof-float-steps", "multipleOf 0.01 allows 7.77, which validators' float division refuses",
              (("            (exact.denominator == 1 or Fraction(float(exact)) != exact)",
