@@ -1263,6 +1263,7 @@ COUNTS = {word for word in SCHEMA_KEYWORDS if word[:3] in ("min", "max") and wor
 NEGATED_BOUNDS = {"minimum": "exclusiveMaximum", "maximum": "exclusiveMinimum", "minLength": "maxLength",
                   "minItems": "maxItems", "minProperties": "maxProperties"}
 NEGATED_BOUNDS |= {v: k for k, v in NEGATED_BOUNDS.items()}
+DEPENDENCIES = ("dependencies", "dependentRequired", "dependentSchemas")   # a key's presence asks for more
 _OCTET = r"(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 _H16 = r"[0-9A-Fa-f]{1,4}"
 _YEAR = r"([1-9]\d{3}|0[1-9]\d\d|00[1-9]\d|000[1-9])"
@@ -1323,14 +1324,12 @@ SCHEMA_MERGE = {
     **{word: max if word.startswith("min") else min for word in ("minimum", "maximum", *COUNTS)},
     **dict.fromkeys(("items", "additionalItems", "additionalProperties", "propertyNames"),
                     lambda a, b: {"allOf": [a, b]}),
-    **dict.fromkeys(("dependencies", "dependentRequired", "dependentSchemas", "patternProperties"),
-                    lambda a, b: None if a.keys() & b.keys() else {**a, **b})}
+    **dict.fromkeys((*DEPENDENCIES, "patternProperties"), lambda a, b: None if a.keys() & b.keys() else {**a, **b})}
 # What a keyword's value must be where it is enforced (else a 400 naming it): (what, test).
 SCHEMA_VALUES = {
     **dict.fromkeys(COUNTS, ("a non-negative integer", lambda v: type(v) in (int, float) and v >= 0 and v % 1 == 0)),
-    **dict.fromkeys(("minLength", "minItems", "minProperties", "minContains"), (  # output at least that long
-        f"an integer from 0 to {SCHEMA_MAX_MIN_COUNT}",
-        lambda v: type(v) in (int, float) and v % 1 == 0 and 0 <= v <= SCHEMA_MAX_MIN_COUNT)),
+    **dict.fromkeys({word for word in COUNTS if word[:3] == "min"}, (f"an integer from 0 to {SCHEMA_MAX_MIN_COUNT}",
+        lambda v: type(v) in (int, float) and v % 1 == 0 and 0 <= v <= SCHEMA_MAX_MIN_COUNT)),   # an output that long
     **dict.fromkeys(("minimum", "maximum"), ("a number", lambda v: type(v) in (int, float) and
                                              abs(v) <= sys.float_info.max)),
     **dict.fromkeys(("exclusiveMinimum", "exclusiveMaximum"), ("a number or a boolean", lambda v: type(v) in (
@@ -1361,15 +1360,14 @@ class SchemaCompiler:
     def _names(self, schema: dict) -> list:
         return schema["required"] if SCHEMA_VALUES["required"][1](schema.get("required")) else []
 
-    def _values(self, schema: dict) -> list | None:
-        values = schema["enum"] if "enum" in schema else [schema["const"]] if "const" in schema else None
-        return values if isinstance(values, list) else None
+    def _values(self, schema: dict) -> list:
+        values = schema["enum"] if "enum" in schema else [schema["const"]] if "const" in schema else []
+        return values if isinstance(values, list) else []
 
     def _string_parts(self, schema: dict) -> list:
         """A string schema's patterns, format and exclusions as Regex parts (all hold), a positive one first."""
         parts = [(p, True) for p in _as_list(schema.get("pattern", [])) if isinstance(p, str)]
-        form = schema.get("format")
-        parts += [(FORMATS[form], False)] if isinstance(form, str) and form in FORMATS else []
+        parts += [(FORMATS[form], False)] if isinstance(form := schema.get("format"), str) and form in FORMATS else []
         parts += [(p, True, True) for p in schema.get("!pattern", [])]
         excluded = [re.escape(v) for v in schema.get("!enum", []) if isinstance(v, str)]
         parts += [("|".join(excluded), False, True)] if excluded else []
@@ -1453,25 +1451,6 @@ class SchemaCompiler:
             out[key] = value
         return out
 
-    def alternatives(self, schema: dict) -> tuple | None:
-        """(the rest, the cases, whether oneOf) of its anyOf, oneOf, not, if or dependencies; None if none."""
-        words = ["dependencies", "dependentRequired", "dependentSchemas"]
-        needs = [(k, need) for word in words if isinstance(schema.get(word), dict) for k, need in schema[word].items()]
-        if "anyOf" in schema or "oneOf" in schema:
-            words = ["anyOf" if "anyOf" in schema else "oneOf"]
-            cases = self.list_of(schema[words[0]], words[0])
-        elif "not" in schema:
-            words, cases = ["not"], self.negate(schema["not"])
-        elif "if" in schema:
-            words, cases = ["if", "then", "else"], [{"allOf": [schema["if"], schema.get("then", {})]},
-                                                    {"allOf": [{"not": schema["if"]}, schema.get("else", {})]}]
-        elif needs:  # each key absent, or present with what it needs
-            cases = [{"allOf": [{"anyOf": [{"properties": {k: False}}, {"allOf": [{"required": [k]}, {"required": need}
-                     if isinstance(need, list) else need]}]} for k, need in needs]}]
-        else:
-            return None
-        return {k: v for k, v in schema.items() if k not in words}, cases, words == ["oneOf"]
-
     def negate(self, schema: Any, hops: int = 0) -> list:
         """`not`: alternatives, one of which a value takes to fail `schema` (one keyword failing), or a 400."""
         schema, out = self.flat(schema)[0], []   # its $ref and allOf merged in
@@ -1481,8 +1460,7 @@ class SchemaCompiler:
             if word in ("anyOf", "oneOf"):   # none of them: each part fails
                 out.append({"allOf": [{"anyOf": self.negate(part, hops + 1)} for part in self.list_of(value, word)]})
             elif word == "type":
-                out.append({"type": [k for k in JSON_TYPES if k not in _kinds(value)
-                                     and not (k == "number" and "integer" in _kinds(value))]})
+                out.append({"type": [k for k in JSON_TYPES if not _kinds(k) & _kinds(value)]})   # none of k's values
             elif word in ("enum", "const") or word == "pattern" and isinstance(value, str):
                 excluded = self.list_of(value, word) if word == "enum" else [value]
                 out.append({"!pattern" if word == "pattern" else "!enum": excluded})
@@ -1502,9 +1480,21 @@ class SchemaCompiler:
     def _compile(self, schema: dict, refs: int, depth: int) -> Piece | None:
         for word in sorted(schema.keys() & SCHEMA_REFUSED)[:1]:
             raise self.fail(f"JSON Schema keyword {word!r} is not supported (the README lists those enforced)")
-        schema = {k: v for k, v in schema.items() if k in SCHEMA_KEYWORDS}
-        if (split := self.alternatives(schema)) is not None:
-            return self.any_of(*split, refs, depth)
+        schema, taken, cases = {k: v for k, v in schema.items() if k in SCHEMA_KEYWORDS}, DEPENDENCIES, None
+        if "anyOf" in schema or "oneOf" in schema:   # alternatives (anyOf, oneOf, not, if, dependencies): a union
+            taken = ("anyOf" if "anyOf" in schema else "oneOf",)
+            cases = self.list_of(schema[taken[0]], taken[0])
+        elif "not" in schema:
+            taken, cases = ("not",), self.negate(schema["not"])
+        elif "if" in schema:
+            taken, cases = ("if", "then", "else"), [{"allOf": [schema["if"], schema.get("then", {})]},
+                                                    {"allOf": [{"not": schema["if"]}, schema.get("else", {})]}]
+        elif needs := [(k, v) for w in DEPENDENCIES if isinstance(d := schema.get(w), dict) for k, v in d.items()]:
+            cases = [{"allOf": [{"anyOf": [{"properties": {k: False}}, {"allOf": [{"required": [k]}, {"required": need}
+                     if isinstance(need, list) else need]}]} for k, need in needs]}]   # absent, or with what it needs
+        if cases is not None:
+            rest = {k: v for k, v in schema.items() if k not in taken}
+            return self.any_of(rest, cases, taken == ("oneOf",), refs, depth)
         kind = schema.get("type", [k for k, words in KEYWORD_TYPES.items() if words & set(schema)])
         if "enum" in schema or "const" in schema or kind in ("boolean", "null"):
             return self.literals(schema, refs, depth)
@@ -1563,14 +1553,13 @@ class SchemaCompiler:
             return props if name is None else props.get(name, True)
         return schema.get("additionalProperties", not (produced and props) or name in self._names(schema))
 
-    def types(self, schema: dict, produced: bool) -> set | None:
-        """The JSON types of values `schema` lets through; `produced`: of the values this server writes for it."""
-        if (values := self._values(schema)) is not None:   # by JSON Schema's names: an integral number is an integer
+    def types(self, schema: dict, produced: bool) -> set:
+        """The JSON types of values `schema` lets through (empty: unknown); `produced`: of the values written for it."""
+        if values := self._values(schema):   # by JSON Schema's names: an integral number is an integer
             return {{bool: "boolean", type(None): "null", dict: "object", list: "array", str: "string"}.get(
                 type(v), "integer" if type(v) in (int, float) and float(v).is_integer() else "number") for v in values}
-        if "type" in schema or produced and not {"anyOf", "oneOf", "not", "if"} & set(schema):
-            return _kinds(schema.get("type", [k for k, words in KEYWORD_TYPES.items() if words & set(schema)])) or None
-        return None
+        given = "type" in schema or produced and not {"anyOf", "oneOf", "not", "if"} & set(schema)
+        return _kinds(given and schema.get("type", [k for k, words in KEYWORD_TYPES.items() if words & set(schema)]))
 
     def disjoint(self, part: Any, other: Any, hops: int = 0) -> bool:
         """Whether no value written for `part` satisfies `other`: by types, values, `not`, strings or required keys."""
@@ -1579,15 +1568,14 @@ class SchemaCompiler:
             return part is False or other is False
         mine, theirs = self.types(part, True), self.types(other, False)
         values, allowed = self._values(part), self._values(other)
-        if mine is not None and theirs is not None and not mine & theirs or values is not None and allowed is not None \
-                and not any(v == w for v in values for w in allowed) or \
+        if mine and theirs and not mine & theirs or values and allowed and not any(v in allowed for v in values) or \
                 "not" in part and _canonical(self.flat(part["not"])[0]) == _canonical(other):   # part negates other
             return True
         if mine == {"string"}:
             with contextlib.suppress(ValueError):   # a Regex that matches nothing is a ValueError
                 return shared_regex(tuple(self._string_parts(part) + self._string_parts(other))) is None
             return True
-        return mine in (None, {"object"}) and any(self.disjoint(self.declared(part, name, True), self.declared(
+        return mine in (set(), {"object"}) and any(self.disjoint(self.declared(part, name, True), self.declared(
             other, name), hops + 1) for name in dict.fromkeys(self._names(part) + self._names(other)))
 
     def literals(self, schema: dict, refs: int, depth: int) -> Literals | None:
@@ -1617,8 +1605,7 @@ class SchemaCompiler:
     def number(self, schema: dict, refs: int, depth: int) -> Leaf:
         """A number (an integer if so typed) within its bounds, a multiple of multipleOf, none `not` excludes."""
         exact, bounds = Fraction(str(schema.get("multipleOf", 1))), []
-        # An integer is a multiple of p/q when p divides it. Validators divide floats: 7.77 / 0.01 is not
-        # whole to them, so a step a float cannot hold exactly (0.01, not 0.5) is served by integers.
+        # Validators divide floats (7.77 / 0.01 is not whole), so a step no float holds (0.01, not 0.5) takes integers.
         integer = schema["type"] == "integer" or "multipleOf" in schema and \
             (exact.denominator == 1 or Fraction(float(exact)) != exact)
         scale = 0 if integer else next(k for k in range(JSON_MAX_DIGITS + 1) if (exact * 10 ** k).denominator == 1)
@@ -1642,8 +1629,8 @@ class SchemaCompiler:
                             f"writes one as a regular expression of at most {REGEX_MAX_STATES} states)") from None
 
     def object(self, schema: dict, refs: int, depth: int) -> Piece | None:
-        """properties in order, then keys that patternProperties or additionalProperties allow, under propertyNames
-        (without either, no key beyond properties and required, whose undeclared names take any value)."""
+        """properties and required keys in order (undeclared ones take any value), then keys that patternProperties
+        or additionalProperties allow (without either, none), all under propertyNames."""
         properties, patterns = schema.get("properties", {}), schema.get("patternProperties", {})
         try:
             regexes = [regex_for(p) for p in patterns]

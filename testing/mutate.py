@@ -181,7 +181,7 @@ MUTATIONS = [
              "max_len is None else max_len, Cache(", "self.limit, self.completions = math.inf, Cache("),),
              ("test_pydantic_and_zod_schemas_always_validate",)),
     Mutation("json-formats-ignored", "format is an annotation: any string", (("    parts += [(FORMATS[form], False)] "
-             "if isinstance(form, str) and form in FORMATS else []", "    parts += []"),),
+             "if isinstance(form := schema.get(\"format\"), str) and form in FORMATS else []", "    parts += []"),),
              ("test_pydantic_and_zod_schemas_always_validate",)),
     Mutation("json-extra-keys-repeat-declared", "an extra key may repeat a declared property's name",
              (("keys = [(self.key, self.forbidden | seen)] * extra", "keys = [(self.key, seen)] * extra"),),
@@ -407,7 +407,7 @@ MUTATIONS = [
                "                nxt = ~target if mark < 0 else target"),),
              ("test_new_keywords_are_enforced_and_every_walk_validates", "test_each_keyword_is_enforced")),
     Mutation("json-dependencies-ignored", "dependencies / dependentRequired / dependentSchemas constrain nothing",
-             (("for word in words if isinstance(schema.get(word), dict)", "for word in () if isinstance(schema.get(word), dict)"),),
+             (("for w in DEPENDENCIES if isinstance(d := schema.get(w), dict)", "for w in () if isinstance(d := schema.get(w), dict)"),),
              ("test_new_keywords_are_enforced_and_every_walk_validates",)),
     Mutation("json-malformed-type-crashes", "a oneOf branch whose type is not a name crashes the compiler (a 500)",
              (("    kinds = {k for k in _as_list(value) if isinstance(k, str)}",
