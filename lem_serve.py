@@ -748,14 +748,9 @@ class Regex:
             self.moves[state, cid] = self._closure(targets) if alive else None
         return self.moves[state, cid]
 
-    def move(self, state: frozenset, ch: str) -> frozenset | None:
-        """The state after `ch`; None when no match can follow."""
-        nxt = self._move(state, self.class_id(ch))
-        return nxt if nxt is not None and self.shortest(nxt) is not None else None
-
     def matches(self, text: str) -> bool:
         """Whether the whole of `text` is a match."""
-        state = functools.reduce(lambda s, ch: s if s is None else self.move(s, ch), text, self.start)
+        state = functools.reduce(lambda s, ch: s if s is None else self._move(s, self.class_id(ch)), text, self.start)
         return state is not None and self.accepts(state)
 
     def accepts(self, state: frozenset) -> bool:
@@ -775,34 +770,33 @@ class Regex:
         return text if self.accepts(current) else None
 
     def length(self, state: frozenset, at_least: int = 0) -> int | None:
-        """The length of shortest(state, at_least). Each (state, characters left) pair's best first step is kept:
-        forward, the pairs not kept yet; backward, their steps. Linear in `at_least`; None past SCHEMA_MAX_MIN_TEXT."""
-        todo, layers, size = [state], [], 0
+        """The length of shortest(state, at_least); None past SCHEMA_MAX_MIN_TEXT (state, characters left) pairs.
+        Forward: the pairs not kept yet; backward: their best first steps (fewest characters, then class id)."""
+        todo, pairs = [state], []
         for left in range(at_least, -1, -1):
             if not (todo := [s for s in dict.fromkeys(todo) if (s, left) not in self.longer]):
                 break
-            if (size := size + len(todo)) > SCHEMA_MAX_MIN_TEXT:
+            pairs += [(s, left) for s in todo]
+            if len(pairs) > SCHEMA_MAX_MIN_TEXT:
                 return None
-            layers.append((left, todo))
             todo = [t for s in todo for cid in self.reps if (t := self._move(s, cid)) is not None]
-        for left, layer in reversed(layers):   # (length, class id, next state); at 0 left: (length, None, text)
-            for s in layer:
-                steps = [(self.longer[t, left - 1][0] + 1, cid, t) for cid in self.reps
-                         if left and (t := self._move(s, cid)) is not None and self.longer[t, left - 1]]
-                steps += [] if left or (tail := self._tail(s)) is None else [(len(tail), None, tail)]
-                self.longer[s, left] = min(steps, key=lambda step: step[0], default=None)
+        for s, left in reversed(pairs):   # (length, character, next state); at 0 left: (length, the text, None)
+            steps = [(self.longer[t, left - 1][0] + 1, ch, t) for cid, ch in self.reps.items()
+                     if (t := self._move(s, cid)) is not None and self.longer[t, left - 1]] if left else \
+                [(len(tail), tail, None)] if (tail := self._tail(s)) is not None else []
+            self.longer[s, left] = min(steps, key=lambda step: step[0], default=None)
         return None if (best := self.longer[state, at_least]) is None else best[0]
 
     def shortest(self, state: frozenset, at_least: int = 0) -> str | None:
         """A shortest text of at least `at_least` characters that takes `state` to a match (of equals, the first by
-        class ids), or None."""
+        class ids), or None; linear in `at_least` (see length)."""
         if self.length(state, at_least) is None:
             return None
         text = []
-        for left in range(at_least, 0, -1):
-            _, cid, state = self.longer[state, left]
-            text.append(self.reps[cid])
-        return "".join(text) + self.longer[state, 0][2]
+        for left in range(at_least, -1, -1):
+            _, piece, state = self.longer[state, left]
+            text.append(piece)
+        return "".join(text)
 
 
 @functools.lru_cache(maxsize=256)
@@ -889,10 +883,6 @@ class Piece:
     def alternatives(self) -> tuple:
         return (self,)
 
-    def child_done(self, frame: tuple, child: tuple) -> tuple | None:
-        """This frame once its child value `child` is complete; None to refuse it."""
-        return frame
-
     @staticmethod
     def _slack_of(nodes: Any, keys: Any = ()) -> int:   # of a piece holding `nodes` (and `keys`, JSON texts)
         return max([0] + [len(key) + 2 for key in keys] + [max(n.slack, len(n.min_text) + 1) for n in nodes])
@@ -958,8 +948,7 @@ class Leaf(Piece):
         self.regex, self.min_len, self.max_len, self.quoted, self.by_text = regex, min_len, max_len, quoted, by_text
         self.limit, self.completions = math.inf if max_len is None else max_len, Cache(JSON_MASK_CACHE_STATES)
         if not self.fits(regex.start, 0):
-            raise ValueError("no string has both this pattern or format and these lengths (within "
-                             f"{SCHEMA_MAX_MIN_TEXT} steps of search)")
+            raise ValueError(f"no string has this pattern or format and these lengths ({SCHEMA_MAX_MIN_TEXT} steps)")
         self.min_text = self.finish(self.frame())
 
     def frame(self, ex: frozenset | None = None) -> Frame:
@@ -985,7 +974,7 @@ class Leaf(Piece):
 
     def _take(self, frame: Frame, ch: str, decoded: str | None) -> list:
         """The frame after one more (decoded) character, if the value can still be completed (not excluded)."""
-        if decoded is None or (dfa := self.regex.move(frame.at, decoded)) is None:
+        if decoded is None or (dfa := self.regex._move(frame.at, self.regex.class_id(decoded))) is None:
             return []
         after = frame.add(ch, "", dfa)
         ex = after.ex if after.ex and any(f.startswith(after.text) for f in after.ex) else None   # else none bites
@@ -1000,19 +989,19 @@ class Leaf(Piece):
     def complete(self, dfa: frozenset, count: int, text: str = "", ex: frozenset | None = None) -> str | None:
         """A shortest text (decoded) that completes the value from `dfa` after `count` characters, or None; under
         an exclusion `ex`, one of plain characters (no escapes) whose raw text (`text` + it) is not excluded."""
-        if ex is None:
-            return self.regex.shortest(dfa, max(self.min_len - count, 0)) if self.fits(dfa, count) else None
-        return self.completions.get_or((dfa, count, text, ex), lambda: self._search(dfa, count, text, ex))
+        return self.completions.get_or((dfa, count, text, ex), lambda: self._search(dfa, count, text or "", ex or ()))
 
-    def _search(self, dfa: frozenset, count: int, text: str, ex: frozenset) -> str | None:
-        """complete() under an exclusion, breadth first, keeping len(ex) + 1 texts per state: to min_len characters,
-        then on (a few past the shortest) to one not excluded."""
-        layer, keep, quote, plain = {dfa: [""]}, len(ex) + 1, '"' * self.quoted, self.quoted   # plain: no escapes
+    def _search(self, dfa: frozenset, count: int, text: str, ex: frozenset | tuple) -> str | None:
+        """complete(), breadth first (under an exclusion, over plain characters), len(ex) + 1 texts kept per state,
+        each layer's texts completed by shortest() to min_len, until one is not excluded (no exclusion: at once)."""
+        layer, keep, quote, plain = {dfa: [""]}, len(ex) + 1, '"' * self.quoted, self.quoted and bool(ex)
         reach = max(self.min_len - count, len(self.regex.shortest(dfa) or "")) + 32   # a few past the shortest
         for size in range(int(min(self.limit - count, reach)) + 1):
-            ends = [t + end for state, tails in layer.items() if (end := self.regex.shortest(state)) is not None
-                    for t in tails if count + size >= self.min_len and count + len(t + end) <= self.limit]
-            if ends := [e for e in ends if (not plain or self.PLAIN(e)) and text + e + quote not in ex]:
+            ends = [t + end for state, tails in layer.items()
+                    if (end := self.regex.shortest(state, max(self.min_len - count - size, 0))) is not None
+                    for t in tails]
+            if ends := [e for e in ends if count + len(e) <= self.limit and (not plain or self.PLAIN(e)) and
+                        text + e + quote not in ex]:
                 return min(ends, key=len)
             nxt: dict = {}
             for (state, tails), (cid, ch) in itertools.product(layer.items(), self.regex.reps.items()):
@@ -1182,9 +1171,8 @@ class Container(Piece):
             if value is None:
                 return None
             parts.append(sep + key + value)
-            if (limit := limit - len(parts[-1])) < 0:
-                raise ValueError(f"the shortest value within {'minProperties' if self.keyed else 'minItems'} (and the "
-                                 f"minimums inside it) is over {SCHEMA_MAX_MIN_TEXT} characters")
+            if (limit := limit - len(parts[-1])) < 0:   # nested minimums multiply
+                raise ValueError(f"minItems/minProperties: the shortest value is over {SCHEMA_MAX_MIN_TEXT} characters")
             sep, must, count, seen = ",", False, min(count + 1, self.cap), seen | {value} if self.unique else seen
         return "".join(parts) + self.brackets[1:]
 
@@ -1248,14 +1236,10 @@ def json_closing_text(state: tuple) -> str | None:
     closings = []
     for stack in state:
         texts = []
-        while stack := _settle(stack):
-            text = stack[-1][0].finish(stack[-1])
-            after = [] if text is None else [s for s in map(_settle, json_advance((stack,), text))
-                                             if s is not None and len(s) < len(stack)]
-            if not after:
-                break
-            texts.append(text)
-            stack = after[0]
+        while (stack := _settle(stack)) and (text := stack[-1][0].finish(stack[-1])) is not None:
+            texts.append(text)   # then the stack once `text` closed its top frame, if it did
+            after = (s for s in map(_settle, json_advance((stack,), text)) if s is not None and len(s) < len(stack))
+            stack = next(after, None)
         closings += ["".join(texts)] * (stack == ())
     return min(closings, key=len, default=None)
 
@@ -1279,6 +1263,7 @@ COUNTS = {word for word in SCHEMA_KEYWORDS if word[:3] in ("min", "max") and wor
 NEGATED_BOUNDS = {"minimum": "exclusiveMaximum", "maximum": "exclusiveMinimum", "minLength": "maxLength",
                   "minItems": "maxItems", "minProperties": "maxProperties"}
 NEGATED_BOUNDS |= {v: k for k, v in NEGATED_BOUNDS.items()}
+DEPENDENCIES = ("dependencies", "dependentRequired", "dependentSchemas")   # a key's presence asks for more
 _OCTET = r"(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 _H16 = r"[0-9A-Fa-f]{1,4}"
 _YEAR = r"([1-9]\d{3}|0[1-9]\d\d|00[1-9]\d|000[1-9])"
@@ -1339,14 +1324,12 @@ SCHEMA_MERGE = {
     **{word: max if word.startswith("min") else min for word in ("minimum", "maximum", *COUNTS)},
     **dict.fromkeys(("items", "additionalItems", "additionalProperties", "propertyNames"),
                     lambda a, b: {"allOf": [a, b]}),
-    **dict.fromkeys(("dependencies", "dependentRequired", "dependentSchemas", "patternProperties"),
-                    lambda a, b: None if a.keys() & b.keys() else {**a, **b})}
+    **dict.fromkeys((*DEPENDENCIES, "patternProperties"), lambda a, b: None if a.keys() & b.keys() else {**a, **b})}
 # What a keyword's value must be where it is enforced (else a 400 naming it): (what, test).
 SCHEMA_VALUES = {
     **dict.fromkeys(COUNTS, ("a non-negative integer", lambda v: type(v) in (int, float) and v >= 0 and v % 1 == 0)),
-    **dict.fromkeys(("minLength", "minItems", "minProperties", "minContains"), (  # output at least that long
-        f"an integer from 0 to {SCHEMA_MAX_MIN_COUNT}",
-        lambda v: type(v) in (int, float) and v % 1 == 0 and 0 <= v <= SCHEMA_MAX_MIN_COUNT)),
+    **dict.fromkeys({word for word in COUNTS if word[:3] == "min"}, (f"an integer from 0 to {SCHEMA_MAX_MIN_COUNT}",
+        lambda v: type(v) in (int, float) and v % 1 == 0 and 0 <= v <= SCHEMA_MAX_MIN_COUNT)),   # an output that long
     **dict.fromkeys(("minimum", "maximum"), ("a number", lambda v: type(v) in (int, float) and
                                              abs(v) <= sys.float_info.max)),
     **dict.fromkeys(("exclusiveMinimum", "exclusiveMaximum"), ("a number or a boolean", lambda v: type(v) in (
@@ -1377,15 +1360,14 @@ class SchemaCompiler:
     def _names(self, schema: dict) -> list:
         return schema["required"] if SCHEMA_VALUES["required"][1](schema.get("required")) else []
 
-    def _values(self, schema: dict) -> list | None:
-        values = schema["enum"] if "enum" in schema else [schema["const"]] if "const" in schema else None
-        return values if isinstance(values, list) else None
+    def _values(self, schema: dict) -> list:
+        values = schema["enum"] if "enum" in schema else [schema["const"]] if "const" in schema else []
+        return values if isinstance(values, list) else []
 
     def _string_parts(self, schema: dict) -> list:
         """A string schema's patterns, format and exclusions as Regex parts (all hold), a positive one first."""
         parts = [(p, True) for p in _as_list(schema.get("pattern", [])) if isinstance(p, str)]
-        form = schema.get("format")
-        parts += [(FORMATS[form], False)] if isinstance(form, str) and form in FORMATS else []
+        parts += [(FORMATS[form], False)] if isinstance(form := schema.get("format"), str) and form in FORMATS else []
         parts += [(p, True, True) for p in schema.get("!pattern", [])]
         excluded = [re.escape(v) for v in schema.get("!enum", []) if isinstance(v, str)]
         parts += [("|".join(excluded), False, True)] if excluded else []
@@ -1469,25 +1451,6 @@ class SchemaCompiler:
             out[key] = value
         return out
 
-    def alternatives(self, schema: dict) -> tuple | None:
-        """(the rest, the cases, whether oneOf) of its anyOf, oneOf, not, if or dependencies; None if none."""
-        words = ["dependencies", "dependentRequired", "dependentSchemas"]
-        needs = [(k, need) for word in words if isinstance(schema.get(word), dict) for k, need in schema[word].items()]
-        if "anyOf" in schema or "oneOf" in schema:
-            words = ["anyOf" if "anyOf" in schema else "oneOf"]
-            cases = self.list_of(schema[words[0]], words[0])
-        elif "not" in schema:
-            words, cases = ["not"], self.negate(schema["not"])
-        elif "if" in schema:
-            words, cases = ["if", "then", "else"], [{"allOf": [schema["if"], schema.get("then", {})]},
-                                                    {"allOf": [{"not": schema["if"]}, schema.get("else", {})]}]
-        elif needs:  # each key absent, or present with what it needs
-            cases = [{"allOf": [{"anyOf": [{"properties": {k: False}}, {"allOf": [{"required": [k]}, {"required": need}
-                     if isinstance(need, list) else need]}]} for k, need in needs]}]
-        else:
-            return None
-        return {k: v for k, v in schema.items() if k not in words}, cases, words == ["oneOf"]
-
     def negate(self, schema: Any, hops: int = 0) -> list:
         """`not`: alternatives, one of which a value takes to fail `schema` (one keyword failing), or a 400."""
         schema, out = self.flat(schema)[0], []   # its $ref and allOf merged in
@@ -1497,8 +1460,7 @@ class SchemaCompiler:
             if word in ("anyOf", "oneOf"):   # none of them: each part fails
                 out.append({"allOf": [{"anyOf": self.negate(part, hops + 1)} for part in self.list_of(value, word)]})
             elif word == "type":
-                out.append({"type": [k for k in JSON_TYPES if k not in _kinds(value)
-                                     and not (k == "number" and "integer" in _kinds(value))]})
+                out.append({"type": [k for k in JSON_TYPES if not _kinds(k) & _kinds(value)]})   # none of k's values
             elif word in ("enum", "const") or word == "pattern" and isinstance(value, str):
                 excluded = self.list_of(value, word) if word == "enum" else [value]
                 out.append({"!pattern" if word == "pattern" else "!enum": excluded})
@@ -1518,9 +1480,21 @@ class SchemaCompiler:
     def _compile(self, schema: dict, refs: int, depth: int) -> Piece | None:
         for word in sorted(schema.keys() & SCHEMA_REFUSED)[:1]:
             raise self.fail(f"JSON Schema keyword {word!r} is not supported (the README lists those enforced)")
-        schema = {k: v for k, v in schema.items() if k in SCHEMA_KEYWORDS}
-        if (split := self.alternatives(schema)) is not None:
-            return self.any_of(*split, refs, depth)
+        schema, taken, cases = {k: v for k, v in schema.items() if k in SCHEMA_KEYWORDS}, DEPENDENCIES, None
+        if "anyOf" in schema or "oneOf" in schema:   # alternatives (anyOf, oneOf, not, if, dependencies): a union
+            taken = ("anyOf" if "anyOf" in schema else "oneOf",)
+            cases = self.list_of(schema[taken[0]], taken[0])
+        elif "not" in schema:
+            taken, cases = ("not",), self.negate(schema["not"])
+        elif "if" in schema:
+            taken, cases = ("if", "then", "else"), [{"allOf": [schema["if"], schema.get("then", {})]},
+                                                    {"allOf": [{"not": schema["if"]}, schema.get("else", {})]}]
+        elif needs := [(k, v) for w in DEPENDENCIES if isinstance(d := schema.get(w), dict) for k, v in d.items()]:
+            cases = [{"allOf": [{"anyOf": [{"properties": {k: False}}, {"allOf": [{"required": [k]}, {"required": need}
+                     if isinstance(need, list) else need]}]} for k, need in needs]}]   # absent, or with what it needs
+        if cases is not None:
+            rest = {k: v for k, v in schema.items() if k not in taken}
+            return self.any_of(rest, cases, taken == ("oneOf",), refs, depth)
         kind = schema.get("type", [k for k, words in KEYWORD_TYPES.items() if words & set(schema)])
         if "enum" in schema or "const" in schema or kind in ("boolean", "null"):
             return self.literals(schema, refs, depth)
@@ -1579,14 +1553,13 @@ class SchemaCompiler:
             return props if name is None else props.get(name, True)
         return schema.get("additionalProperties", not (produced and props) or name in self._names(schema))
 
-    def types(self, schema: dict, produced: bool) -> set | None:
-        """The JSON types of values `schema` lets through; `produced`: of the values this server writes for it."""
-        if (values := self._values(schema)) is not None:   # by JSON Schema's names: an integral number is an integer
+    def types(self, schema: dict, produced: bool) -> set:
+        """The JSON types of values `schema` lets through (empty: unknown); `produced`: of the values written for it."""
+        if values := self._values(schema):   # by JSON Schema's names: an integral number is an integer
             return {{bool: "boolean", type(None): "null", dict: "object", list: "array", str: "string"}.get(
                 type(v), "integer" if type(v) in (int, float) and float(v).is_integer() else "number") for v in values}
-        if "type" in schema or produced and not {"anyOf", "oneOf", "not", "if"} & set(schema):
-            return _kinds(schema.get("type", [k for k, words in KEYWORD_TYPES.items() if words & set(schema)])) or None
-        return None
+        given = "type" in schema or produced and not {"anyOf", "oneOf", "not", "if"} & set(schema)
+        return _kinds(given and schema.get("type", [k for k, words in KEYWORD_TYPES.items() if words & set(schema)]))
 
     def disjoint(self, part: Any, other: Any, hops: int = 0) -> bool:
         """Whether no value written for `part` satisfies `other`: by types, values, `not`, strings or required keys."""
@@ -1595,15 +1568,14 @@ class SchemaCompiler:
             return part is False or other is False
         mine, theirs = self.types(part, True), self.types(other, False)
         values, allowed = self._values(part), self._values(other)
-        if mine is not None and theirs is not None and not mine & theirs or values is not None and allowed is not None \
-                and not any(v == w for v in values for w in allowed) or \
+        if mine and theirs and not mine & theirs or values and allowed and not any(v in allowed for v in values) or \
                 "not" in part and _canonical(self.flat(part["not"])[0]) == _canonical(other):   # part negates other
             return True
         if mine == {"string"}:
             with contextlib.suppress(ValueError):   # a Regex that matches nothing is a ValueError
                 return shared_regex(tuple(self._string_parts(part) + self._string_parts(other))) is None
             return True
-        return mine in (None, {"object"}) and any(self.disjoint(self.declared(part, name, True), self.declared(
+        return mine in (set(), {"object"}) and any(self.disjoint(self.declared(part, name, True), self.declared(
             other, name), hops + 1) for name in dict.fromkeys(self._names(part) + self._names(other)))
 
     def literals(self, schema: dict, refs: int, depth: int) -> Literals | None:
@@ -1633,8 +1605,7 @@ class SchemaCompiler:
     def number(self, schema: dict, refs: int, depth: int) -> Leaf:
         """A number (an integer if so typed) within its bounds, a multiple of multipleOf, none `not` excludes."""
         exact, bounds = Fraction(str(schema.get("multipleOf", 1))), []
-        # An integer is a multiple of p/q when p divides it. Validators divide floats: 7.77 / 0.01 is not
-        # whole to them, so a step a float cannot hold exactly (0.01, not 0.5) is served by integers.
+        # Validators divide floats (7.77 / 0.01 is not whole), so a step no float holds (0.01, not 0.5) takes integers.
         integer = schema["type"] == "integer" or "multipleOf" in schema and \
             (exact.denominator == 1 or Fraction(float(exact)) != exact)
         scale = 0 if integer else next(k for k in range(JSON_MAX_DIGITS + 1) if (exact * 10 ** k).denominator == 1)
@@ -1658,8 +1629,8 @@ class SchemaCompiler:
                             f"writes one as a regular expression of at most {REGEX_MAX_STATES} states)") from None
 
     def object(self, schema: dict, refs: int, depth: int) -> Piece | None:
-        """properties in order, then keys that patternProperties or additionalProperties allow, under propertyNames
-        (without either, no key beyond properties and required, whose undeclared names take any value)."""
+        """properties and required keys in order (undeclared ones take any value), then keys that patternProperties
+        or additionalProperties allow (without either, none), all under propertyNames."""
         properties, patterns = schema.get("properties", {}), schema.get("patternProperties", {})
         try:
             regexes = [regex_for(p) for p in patterns]

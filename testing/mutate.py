@@ -181,7 +181,7 @@ MUTATIONS = [
              "max_len is None else max_len, Cache(", "self.limit, self.completions = math.inf, Cache("),),
              ("test_pydantic_and_zod_schemas_always_validate",)),
     Mutation("json-formats-ignored", "format is an annotation: any string", (("    parts += [(FORMATS[form], False)] "
-             "if isinstance(form, str) and form in FORMATS else []", "    parts += []"),),
+             "if isinstance(form := schema.get(\"format\"), str) and form in FORMATS else []", "    parts += []"),),
              ("test_pydantic_and_zod_schemas_always_validate",)),
     Mutation("json-extra-keys-repeat-declared", "an extra key may repeat a declared property's name",
              (("keys = [(self.key, self.forbidden | seen)] * extra", "keys = [(self.key, seen)] * extra"),),
@@ -407,7 +407,7 @@ MUTATIONS = [
                "                nxt = ~target if mark < 0 else target"),),
              ("test_new_keywords_are_enforced_and_every_walk_validates", "test_each_keyword_is_enforced")),
     Mutation("json-dependencies-ignored", "dependencies / dependentRequired / dependentSchemas constrain nothing",
-             (("for word in words if isinstance(schema.get(word), dict)", "for word in () if isinstance(schema.get(word), dict)"),),
+             (("for w in DEPENDENCIES if isinstance(d := schema.get(w), dict)", "for w in () if isinstance(d := schema.get(w), dict)"),),
              ("test_new_keywords_are_enforced_and_every_walk_validates",)),
     Mutation("json-malformed-type-crashes", "a oneOf branch whose type is not a name crashes the compiler (a 500)",
              (("    kinds = {k for k in _as_list(value) if isinstance(k, str)}",
@@ -422,7 +422,7 @@ MUTATIONS = [
              "among the texts it spells out whole, so a pattern key longer than that cannot close (a 500 mid-stream)",
              (("        reach = max(self.min_len - count, len(self.regex.shortest(dfa) or \"\")) + 32",
                "        reach = 32"),
-              ("if (end := self.regex.shortest(state)) is not None", "if (end := self.regex.shortest(state)) == \"\""),),
+              ("max(self.min_len - count - size, 0))) is not None", "max(self.min_len - count - size, 0))) == \"\""),),
              ("test_new_keywords_are_enforced_and_every_walk_validates",)),
     # Issue 24, large minimum counts: bounded CPU.
     Mutation("json-min-count-uncapped", "minLength, minItems, minProperties, minContains take any count: a client "
@@ -436,8 +436,8 @@ MUTATIONS = [
              ("test_minimums_past_the_cap_are_400_naming_the_keyword",)),
     Mutation("json-min-length-completion-ignored", "a string's completion ignores minLength: the closing text is too "
              "short, so a long minLength never closes in time",
-             (("return self.regex.shortest(dfa, max(self.min_len - count, 0)) if self.fits(dfa, count) else None",
-               "return self.regex.shortest(dfa) if self.fits(dfa, count) else None"),),
+             (("(end := self.regex.shortest(state, max(self.min_len - count - size, 0)))",
+               "(end := self.regex.shortest(state))"),),
              ("test_long_min_length_is_served_and_closes_exactly_at_it",)),
     Mutation("json-multipleof-float-steps", "multipleOf 0.01 allows 7.77, which validators' float division refuses",
              (("            (exact.denominator == 1 or Fraction(float(exact)) != exact)",
