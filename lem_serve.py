@@ -5424,6 +5424,7 @@ class Engine:
         self.embedding: collections.deque[EmbeddingJob] = collections.deque()  # embeddings jobs with passes left
         self.batch: Batch | None = None
         self.progress_at = time.monotonic()        # when the last step or sync ended, for the watchdog
+        self.sent_ahead = False                    # rank 0: the next step's share went out early (_send_ahead)
         self.tokens_generated = 0  # every token sampled since start, for health and tests
         self.drafts = {"proposed": 0, "accepted": 0}  # speculative decoding's draft tokens (SoloBatch)
         self._stats: dict = {}
@@ -5489,7 +5490,7 @@ class Engine:
             busy = bool(self.running or self.warming or self.embedding)
             if not busy and self.folder is not None:  # idle: write new long prefixes to disk, until a job comes
                 self.folder.save_pending(self.prompt_cache, self.inbox.empty)
-            for job in self._take_jobs(block=not busy):
+            for job in [] if self.sent_ahead else self._take_jobs(block=not busy):   # none may change this step
                 if job is None:
                     self.batch.sync(step=False, shutdown=True)
                     self.batch.close()
@@ -5502,8 +5503,9 @@ class Engine:
                 else:
                     self._insert(job)
             step = bool(self.running or self.warming)
-            if self.batch.sync(step):
+            if not self.sent_ahead and self.batch.sync(step):
                 self.drain_requested.set()
+            self.sent_ahead = False
             self.progress_at = time.monotonic()
             if self.embedding:
                 self._embed_pass()
@@ -5689,7 +5691,9 @@ class Engine:
     def _step(self) -> None:
         """One batch step: route each new token, then drop what has ended."""
         leaving, finished = [], False
-        for response in self.batch.step():
+        responses = self.batch.step()
+        ahead = self._send_ahead(responses)
+        for response in responses:
             finished |= response.finish_reason is not None   # the batch has handed its cache to the prompt cache
             if response.uid in self.warming:  # the warm-up token is not the job's: its prompt is cached now
                 self._start_choices(self.warming.pop(response.uid))
@@ -5705,9 +5709,9 @@ class Engine:
             del self.running[response.uid]
             if response.finish_reason is None:  # a stop string: the batch still holds it
                 leaving.append(response.uid)
-        jobs = {uid: s.job for uid, s in self.running.items()} | self.warming
+        jobs = {} if ahead else {uid: s.job for uid, s in self.running.items()} | self.warming
         for uid, job in jobs.items():
-            if job.should_stop():  # client gone or deadline passed, even mid-prompt
+            if job.should_stop():  # client gone or deadline passed, even mid-prompt (ahead: at the next step)
                 sequence = self.running.pop(uid, None)
                 self.warming.pop(uid, None)
                 job.events.put(("finish", "cancelled", [], sequence.choice if sequence else 0))
@@ -5716,6 +5720,25 @@ class Engine:
             self.batch.remove(leaving)
         if leaving or finished:  # the prompt cache changes only when a sequence leaves (or, in _start, joins)
             self._note_cache()
+
+    def _send_ahead(self, responses: list) -> bool:
+        """Rank 0 of a group: share the next step now, before this step's tokens become text, when nothing can
+        change the batch before it; True when it did (the loop then neither syncs nor takes jobs until that step).
+
+        Nothing can when no sequence ended, none can meet a stop string, none was cancelled or ran out of time,
+        and no job or embedding waits. The other ranks then build the next step while rank 0 detokenizes and
+        hands out events, instead of a lifeline frame after all of that (raw mlx_lm's ranks never wait so).
+        """
+        if self.link is None or self.rank != 0 or self.warming or self.embedding or not self.inbox.empty():
+            return False
+        if any(r.finish_reason is not None for r in responses):
+            return False
+        if any(s.job.request.stop or s.job.should_stop() for s in self.running.values()):
+            return False
+        if self.batch.sync(step=True):
+            self.drain_requested.set()
+        self.sent_ahead = True
+        return True
 
     def _on_token(self, sequence: Sequence, response: Any) -> str | None:
         """Account for and detokenize one token; return a finish reason or None."""

@@ -858,6 +858,13 @@ MUTATIONS = [
              (('            return headers is not None and headers.get("anthropic-version") is not None',
                '            return self.headers.get("anthropic-version") is not None'),),
              ("test_request_line_and_headers_too_long_are_414_and_431_and_other_versions_505",)),
+    # Issue 21, item 7: rank 0 shares the next step before this step's text only when nothing can change the batch.
+    Mutation("send-ahead-despite-stop-strings", "rank 0 shares the next step ahead while a sequence can still meet "
+                                                "a stop string: its Remove then runs on rank 0 a step before the "
+                                                "other ranks, and the group's batches part",
+             (("        if any(s.job.request.stop or s.job.should_stop() for s in self.running.values()):",
+               "        if any(s.job.should_stop() for s in self.running.values()):"),),
+             ("test_sharded_group_serves_on_rank_0_and_answers_like_one_process",)),
 ]
 
 
