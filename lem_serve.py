@@ -1480,21 +1480,20 @@ class SchemaCompiler:
     def _compile(self, schema: dict, refs: int, depth: int) -> Piece | None:
         for word in sorted(schema.keys() & SCHEMA_REFUSED)[:1]:
             raise self.fail(f"JSON Schema keyword {word!r} is not supported (the README lists those enforced)")
-        schema, taken, cases = {k: v for k, v in schema.items() if k in SCHEMA_KEYWORDS}, DEPENDENCIES, None
+        schema, used, cases = {k: v for k, v in schema.items() if k in SCHEMA_KEYWORDS}, DEPENDENCIES, None
         if "anyOf" in schema or "oneOf" in schema:   # alternatives (anyOf, oneOf, not, if, dependencies): a union
-            taken = ("anyOf" if "anyOf" in schema else "oneOf",)
-            cases = self.list_of(schema[taken[0]], taken[0])
+            used = ("anyOf" if "anyOf" in schema else "oneOf",)
+            cases = self.list_of(schema[used[0]], used[0])
         elif "not" in schema:
-            taken, cases = ("not",), self.negate(schema["not"])
+            used, cases = ("not",), self.negate(schema["not"])
         elif "if" in schema:
-            taken, cases = ("if", "then", "else"), [{"allOf": [schema["if"], schema.get("then", {})]},
-                                                    {"allOf": [{"not": schema["if"]}, schema.get("else", {})]}]
+            used, cases = ("if", "then", "else"), [{"allOf": [schema["if"], schema.get("then", {})]},
+                                                   {"allOf": [{"not": schema["if"]}, schema.get("else", {})]}]
         elif needs := [(k, v) for w in DEPENDENCIES if isinstance(d := schema.get(w), dict) for k, v in d.items()]:
             cases = [{"allOf": [{"anyOf": [{"properties": {k: False}}, {"allOf": [{"required": [k]}, {"required": need}
                      if isinstance(need, list) else need]}]} for k, need in needs]}]   # absent, or with what it needs
         if cases is not None:
-            rest = {k: v for k, v in schema.items() if k not in taken}
-            return self.any_of(rest, cases, taken == ("oneOf",), refs, depth)
+            return self.any_of({k: v for k, v in schema.items() if k not in used}, cases, "oneOf" in used, refs, depth)
         kind = schema.get("type", [k for k, words in KEYWORD_TYPES.items() if words & set(schema)])
         if "enum" in schema or "const" in schema or kind in ("boolean", "null"):
             return self.literals(schema, refs, depth)
@@ -1571,10 +1570,11 @@ class SchemaCompiler:
         if mine and theirs and not mine & theirs or values and allowed and not any(v in allowed for v in values) or \
                 "not" in part and _canonical(self.flat(part["not"])[0]) == _canonical(other):   # part negates other
             return True
-        if mine == {"string"}:
-            with contextlib.suppress(ValueError):   # a Regex that matches nothing is a ValueError
+        if mine == {"string"}:   # disjoint when the Regex of both matches nothing (too large or unreadable: unknown)
+            try:
                 return shared_regex(tuple(self._string_parts(part) + self._string_parts(other))) is None
-            return True
+            except ValueError as exc:
+                return str(exc).startswith("the pattern matches nothing")
         return mine in (set(), {"object"}) and any(self.disjoint(self.declared(part, name, True), self.declared(
             other, name), hops + 1) for name in dict.fromkeys(self._names(part) + self._names(other)))
 
