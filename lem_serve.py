@@ -1509,8 +1509,7 @@ class SchemaCompiler:
 
     def any_of(self, base: dict, cases: list, one: bool, refs: int, depth: int) -> Piece | None:
         """The union of `cases` with `base`, oneOf's (`one`) kept apart; a case that fails is left out (all: a 400)."""
-        parts = [self.merge(base, case) for case in cases] if one else cases
-        alternatives, errors = [], []
+        parts, alternatives, errors = [self.merge(base, case) for case in cases] if one else cases, [], []
         for i, part in enumerate(parts):
             try:
                 narrowed = part if one else self.merge(base, part)
