@@ -1264,6 +1264,7 @@ COUNTS = {word for word in SCHEMA_KEYWORDS if word[:3] in ("min", "max") and wor
 NEGATED_BOUNDS = {"minimum": "exclusiveMaximum", "maximum": "exclusiveMinimum", "minLength": "maxLength",
                   "minItems": "maxItems", "minProperties": "maxProperties"}
 NEGATED_BOUNDS |= {v: k for k, v in NEGATED_BOUNDS.items()}
+DEPENDENCIES = ("dependencies", "dependentRequired", "dependentSchemas")   # a key's presence asks for more
 _OCTET = r"(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 _H16 = r"[0-9A-Fa-f]{1,4}"
 _YEAR = r"([1-9]\d{3}|0[1-9]\d\d|00[1-9]\d|000[1-9])"
@@ -1324,14 +1325,12 @@ SCHEMA_MERGE = {
     **{word: max if word.startswith("min") else min for word in ("minimum", "maximum", *COUNTS)},
     **dict.fromkeys(("items", "additionalItems", "additionalProperties", "propertyNames"),
                     lambda a, b: {"allOf": [a, b]}),
-    **dict.fromkeys(("dependencies", "dependentRequired", "dependentSchemas", "patternProperties"),
-                    lambda a, b: None if a.keys() & b.keys() else {**a, **b})}
+    **dict.fromkeys((*DEPENDENCIES, "patternProperties"), lambda a, b: None if a.keys() & b.keys() else {**a, **b})}
 # What a keyword's value must be where it is enforced (else a 400 naming it): (what, test).
 SCHEMA_VALUES = {
     **dict.fromkeys(COUNTS, ("a non-negative integer", lambda v: type(v) in (int, float) and v >= 0 and v % 1 == 0)),
-    **dict.fromkeys(("minLength", "minItems", "minProperties", "minContains"), (  # output at least that long
-        f"an integer from 0 to {SCHEMA_MAX_MIN_COUNT}",
-        lambda v: type(v) in (int, float) and v % 1 == 0 and 0 <= v <= SCHEMA_MAX_MIN_COUNT)),
+    **dict.fromkeys({word for word in COUNTS if word[:3] == "min"}, (f"an integer from 0 to {SCHEMA_MAX_MIN_COUNT}",
+        lambda v: type(v) in (int, float) and v % 1 == 0 and 0 <= v <= SCHEMA_MAX_MIN_COUNT)),   # an output that long
     **dict.fromkeys(("minimum", "maximum"), ("a number", lambda v: type(v) in (int, float) and
                                              abs(v) <= sys.float_info.max)),
     **dict.fromkeys(("exclusiveMinimum", "exclusiveMaximum"), ("a number or a boolean", lambda v: type(v) in (
@@ -1362,15 +1361,14 @@ class SchemaCompiler:
     def _names(self, schema: dict) -> list:
         return schema["required"] if SCHEMA_VALUES["required"][1](schema.get("required")) else []
 
-    def _values(self, schema: dict) -> list | None:
-        values = schema["enum"] if "enum" in schema else [schema["const"]] if "const" in schema else None
-        return values if isinstance(values, list) else None
+    def _values(self, schema: dict) -> list:
+        values = schema["enum"] if "enum" in schema else [schema["const"]] if "const" in schema else []
+        return values if isinstance(values, list) else []
 
     def _string_parts(self, schema: dict) -> list:
         """A string schema's patterns, format and exclusions as Regex parts (all hold), a positive one first."""
         parts = [(p, True) for p in _as_list(schema.get("pattern", [])) if isinstance(p, str)]
-        form = schema.get("format")
-        parts += [(FORMATS[form], False)] if isinstance(form, str) and form in FORMATS else []
+        parts += [(FORMATS[form], False)] if isinstance(form := schema.get("format"), str) and form in FORMATS else []
         parts += [(p, True, True) for p in schema.get("!pattern", [])]
         excluded = [re.escape(v) for v in schema.get("!enum", []) if isinstance(v, str)]
         parts += [("|".join(excluded), False, True)] if excluded else []
@@ -1454,25 +1452,6 @@ class SchemaCompiler:
             out[key] = value
         return out
 
-    def alternatives(self, schema: dict) -> tuple | None:
-        """(the rest, the cases, whether oneOf) of its anyOf, oneOf, not, if or dependencies; None if none."""
-        words = ["dependencies", "dependentRequired", "dependentSchemas"]
-        needs = [(k, need) for word in words if isinstance(schema.get(word), dict) for k, need in schema[word].items()]
-        if "anyOf" in schema or "oneOf" in schema:
-            words = ["anyOf" if "anyOf" in schema else "oneOf"]
-            cases = self.list_of(schema[words[0]], words[0])
-        elif "not" in schema:
-            words, cases = ["not"], self.negate(schema["not"])
-        elif "if" in schema:
-            words, cases = ["if", "then", "else"], [{"allOf": [schema["if"], schema.get("then", {})]},
-                                                    {"allOf": [{"not": schema["if"]}, schema.get("else", {})]}]
-        elif needs:  # each key absent, or present with what it needs
-            cases = [{"allOf": [{"anyOf": [{"properties": {k: False}}, {"allOf": [{"required": [k]}, {"required": need}
-                     if isinstance(need, list) else need]}]} for k, need in needs]}]
-        else:
-            return None
-        return {k: v for k, v in schema.items() if k not in words}, cases, words == ["oneOf"]
-
     def negate(self, schema: Any, hops: int = 0) -> list:
         """`not`: alternatives, one of which a value takes to fail `schema` (one keyword failing), or a 400."""
         schema, out = self.flat(schema)[0], []   # its $ref and allOf merged in
@@ -1482,8 +1461,7 @@ class SchemaCompiler:
             if word in ("anyOf", "oneOf"):   # none of them: each part fails
                 out.append({"allOf": [{"anyOf": self.negate(part, hops + 1)} for part in self.list_of(value, word)]})
             elif word == "type":
-                out.append({"type": [k for k in JSON_TYPES if k not in _kinds(value)
-                                     and not (k == "number" and "integer" in _kinds(value))]})
+                out.append({"type": [k for k in JSON_TYPES if not _kinds(k) & _kinds(value)]})   # none of k's values
             elif word in ("enum", "const") or word == "pattern" and isinstance(value, str):
                 excluded = self.list_of(value, word) if word == "enum" else [value]
                 out.append({"!pattern" if word == "pattern" else "!enum": excluded})
@@ -1503,9 +1481,20 @@ class SchemaCompiler:
     def _compile(self, schema: dict, refs: int, depth: int) -> Piece | None:
         for word in sorted(schema.keys() & SCHEMA_REFUSED)[:1]:
             raise self.fail(f"JSON Schema keyword {word!r} is not supported (the README lists those enforced)")
-        schema = {k: v for k, v in schema.items() if k in SCHEMA_KEYWORDS}
-        if (split := self.alternatives(schema)) is not None:
-            return self.any_of(*split, refs, depth)
+        schema, used, cases = {k: v for k, v in schema.items() if k in SCHEMA_KEYWORDS}, DEPENDENCIES, None
+        if "anyOf" in schema or "oneOf" in schema:   # alternatives (anyOf, oneOf, not, if, dependencies): a union
+            used = ("anyOf" if "anyOf" in schema else "oneOf",)
+            cases = self.list_of(schema[used[0]], used[0])
+        elif "not" in schema:
+            used, cases = ("not",), self.negate(schema["not"])
+        elif "if" in schema:
+            used, cases = ("if", "then", "else"), [{"allOf": [schema["if"], schema.get("then", {})]},
+                                                   {"allOf": [{"not": schema["if"]}, schema.get("else", {})]}]
+        elif needs := [(k, v) for w in DEPENDENCIES if isinstance(d := schema.get(w), dict) for k, v in d.items()]:
+            cases = [{"allOf": [{"anyOf": [{"properties": {k: False}}, {"allOf": [{"required": [k]}, {"required": need}
+                     if isinstance(need, list) else need]}]} for k, need in needs]}]   # absent, or with what it needs
+        if cases is not None:
+            return self.any_of({k: v for k, v in schema.items() if k not in used}, cases, "oneOf" in used, refs, depth)
         kind = schema.get("type", [k for k, words in KEYWORD_TYPES.items() if words & set(schema)])
         if "enum" in schema or "const" in schema or kind in ("boolean", "null"):
             return self.literals(schema, refs, depth)
@@ -1521,8 +1510,7 @@ class SchemaCompiler:
 
     def any_of(self, base: dict, cases: list, one: bool, refs: int, depth: int) -> Piece | None:
         """The union of `cases` with `base`, oneOf's (`one`) kept apart; a case that fails is left out (all: a 400)."""
-        parts = [self.merge(base, case) for case in cases] if one else cases
-        alternatives, errors = [], []
+        parts, alternatives, errors = [self.merge(base, case) for case in cases] if one else cases, [], []
         for i, part in enumerate(parts):
             try:
                 narrowed = part if one else self.merge(base, part)
@@ -1564,14 +1552,13 @@ class SchemaCompiler:
             return props if name is None else props.get(name, True)
         return schema.get("additionalProperties", not (produced and props) or name in self._names(schema))
 
-    def types(self, schema: dict, produced: bool) -> set | None:
-        """The JSON types of values `schema` lets through; `produced`: of the values this server writes for it."""
-        if (values := self._values(schema)) is not None:   # by JSON Schema's names: an integral number is an integer
+    def types(self, schema: dict, produced: bool) -> set:
+        """The JSON types of values `schema` lets through (empty: unknown); `produced`: of the values written for it."""
+        if values := self._values(schema):   # by JSON Schema's names: an integral number is an integer
             return {{bool: "boolean", type(None): "null", dict: "object", list: "array", str: "string"}.get(
                 type(v), "integer" if type(v) in (int, float) and float(v).is_integer() else "number") for v in values}
-        if "type" in schema or produced and not {"anyOf", "oneOf", "not", "if"} & set(schema):
-            return _kinds(schema.get("type", [k for k, words in KEYWORD_TYPES.items() if words & set(schema)])) or None
-        return None
+        given = "type" in schema or produced and not {"anyOf", "oneOf", "not", "if"} & set(schema)
+        return _kinds(given and schema.get("type", [k for k, words in KEYWORD_TYPES.items() if words & set(schema)]))
 
     def disjoint(self, part: Any, other: Any, hops: int = 0) -> bool:
         """Whether no value written for `part` satisfies `other`: by types, values, `not`, strings or required keys."""
@@ -1580,15 +1567,15 @@ class SchemaCompiler:
             return part is False or other is False
         mine, theirs = self.types(part, True), self.types(other, False)
         values, allowed = self._values(part), self._values(other)
-        if mine is not None and theirs is not None and not mine & theirs or values is not None and allowed is not None \
-                and not any(v == w for v in values for w in allowed) or \
+        if mine and theirs and not mine & theirs or values and allowed and not any(v in allowed for v in values) or \
                 "not" in part and _canonical(self.flat(part["not"])[0]) == _canonical(other):   # part negates other
             return True
-        if mine == {"string"}:
-            with contextlib.suppress(ValueError):   # a Regex that matches nothing is a ValueError
+        if mine == {"string"}:   # disjoint when the Regex of both matches nothing (too large or unreadable: unknown)
+            try:
                 return shared_regex(tuple(self._string_parts(part) + self._string_parts(other))) is None
-            return True
-        return mine in (None, {"object"}) and any(self.disjoint(self.declared(part, name, True), self.declared(
+            except ValueError as exc:
+                return str(exc).startswith("the pattern matches nothing")
+        return mine in (set(), {"object"}) and any(self.disjoint(self.declared(part, name, True), self.declared(
             other, name), hops + 1) for name in dict.fromkeys(self._names(part) + self._names(other)))
 
     def literals(self, schema: dict, refs: int, depth: int) -> Literals | None:
@@ -1618,8 +1605,7 @@ class SchemaCompiler:
     def number(self, schema: dict, refs: int, depth: int) -> Leaf:
         """A number (an integer if so typed) within its bounds, a multiple of multipleOf, none `not` excludes."""
         exact, bounds = Fraction(str(schema.get("multipleOf", 1))), []
-        # An integer is a multiple of p/q when p divides it. Validators divide floats: 7.77 / 0.01 is not
-        # whole to them, so a step a float cannot hold exactly (0.01, not 0.5) is served by integers.
+        # Validators divide floats (7.77 / 0.01 is not whole), so a step no float holds (0.01, not 0.5) takes integers.
         integer = schema["type"] == "integer" or "multipleOf" in schema and \
             (exact.denominator == 1 or Fraction(float(exact)) != exact)
         scale = 0 if integer else next(k for k in range(JSON_MAX_DIGITS + 1) if (exact * 10 ** k).denominator == 1)
@@ -1643,8 +1629,8 @@ class SchemaCompiler:
                             f"writes one as a regular expression of at most {REGEX_MAX_STATES} states)") from None
 
     def object(self, schema: dict, refs: int, depth: int) -> Piece | None:
-        """properties in order, then keys that patternProperties or additionalProperties allow, under propertyNames
-        (without either, no key beyond properties and required, whose undeclared names take any value)."""
+        """properties and required keys in order (undeclared ones take any value), then keys that patternProperties
+        or additionalProperties allow (without either, none), all under propertyNames."""
         properties, patterns = schema.get("properties", {}), schema.get("patternProperties", {})
         try:
             regexes = [regex_for(p) for p in patterns]
@@ -5438,6 +5424,7 @@ class Engine:
         self.embedding: collections.deque[EmbeddingJob] = collections.deque()  # embeddings jobs with passes left
         self.batch: Batch | None = None
         self.progress_at = time.monotonic()        # when the last step or sync ended, for the watchdog
+        self.sent_ahead = False                    # rank 0: the next step's share went out early (_send_ahead)
         self.tokens_generated = 0  # every token sampled since start, for health and tests
         self.drafts = {"proposed": 0, "accepted": 0}  # speculative decoding's draft tokens (SoloBatch)
         self._stats: dict = {}
@@ -5503,7 +5490,7 @@ class Engine:
             busy = bool(self.running or self.warming or self.embedding)
             if not busy and self.folder is not None:  # idle: write new long prefixes to disk, until a job comes
                 self.folder.save_pending(self.prompt_cache, self.inbox.empty)
-            for job in self._take_jobs(block=not busy):
+            for job in [] if self.sent_ahead else self._take_jobs(block=not busy):   # none may change this step
                 if job is None:
                     self.batch.sync(step=False, shutdown=True)
                     self.batch.close()
@@ -5516,8 +5503,9 @@ class Engine:
                 else:
                     self._insert(job)
             step = bool(self.running or self.warming)
-            if self.batch.sync(step):
+            if not self.sent_ahead and self.batch.sync(step):
                 self.drain_requested.set()
+            self.sent_ahead = False
             self.progress_at = time.monotonic()
             if self.embedding:
                 self._embed_pass()
@@ -5703,7 +5691,9 @@ class Engine:
     def _step(self) -> None:
         """One batch step: route each new token, then drop what has ended."""
         leaving, finished = [], False
-        for response in self.batch.step():
+        responses = self.batch.step()
+        ahead = self._send_ahead(responses)
+        for response in responses:
             finished |= response.finish_reason is not None   # the batch has handed its cache to the prompt cache
             if response.uid in self.warming:  # the warm-up token is not the job's: its prompt is cached now
                 self._start_choices(self.warming.pop(response.uid))
@@ -5719,9 +5709,9 @@ class Engine:
             del self.running[response.uid]
             if response.finish_reason is None:  # a stop string: the batch still holds it
                 leaving.append(response.uid)
-        jobs = {uid: s.job for uid, s in self.running.items()} | self.warming
+        jobs = {} if ahead else {uid: s.job for uid, s in self.running.items()} | self.warming
         for uid, job in jobs.items():
-            if job.should_stop():  # client gone or deadline passed, even mid-prompt
+            if job.should_stop():  # client gone or deadline passed, even mid-prompt (ahead: at the next step)
                 sequence = self.running.pop(uid, None)
                 self.warming.pop(uid, None)
                 job.events.put(("finish", "cancelled", [], sequence.choice if sequence else 0))
@@ -5730,6 +5720,25 @@ class Engine:
             self.batch.remove(leaving)
         if leaving or finished:  # the prompt cache changes only when a sequence leaves (or, in _start, joins)
             self._note_cache()
+
+    def _send_ahead(self, responses: list) -> bool:
+        """Rank 0 of a group: share the next step now, before this step's tokens become text, when nothing can
+        change the batch before it; True when it did (the loop then neither syncs nor takes jobs until that step).
+
+        Nothing can when no sequence ended, none can meet a stop string, none was cancelled or ran out of time,
+        and no job or embedding waits. The other ranks then build the next step while rank 0 detokenizes and
+        hands out events, instead of a lifeline frame after all of that (raw mlx_lm's ranks never wait so).
+        """
+        if self.link is None or self.rank != 0 or self.warming or self.embedding or not self.inbox.empty():
+            return False
+        if any(r.finish_reason is not None for r in responses):
+            return False
+        if any(s.job.request.stop or s.job.should_stop() for s in self.running.values()):
+            return False
+        if self.batch.sync(step=True):
+            self.drain_requested.set()
+        self.sent_ahead = True
+        return True
 
     def _on_token(self, sequence: Sequence, response: Any) -> str | None:
         """Account for and detokenize one token; return a finish reason or None."""

@@ -181,7 +181,7 @@ MUTATIONS = [
              "max_len is None else max_len, Cache(", "self.limit, self.completions = math.inf, Cache("),),
              ("test_pydantic_and_zod_schemas_always_validate",)),
     Mutation("json-formats-ignored", "format is an annotation: any string", (("    parts += [(FORMATS[form], False)] "
-             "if isinstance(form, str) and form in FORMATS else []", "    parts += []"),),
+             "if isinstance(form := schema.get(\"format\"), str) and form in FORMATS else []", "    parts += []"),),
              ("test_pydantic_and_zod_schemas_always_validate",)),
     Mutation("json-extra-keys-repeat-declared", "an extra key may repeat a declared property's name",
              (("keys = [(self.key, self.forbidden | seen)] * extra", "keys = [(self.key, seen)] * extra"),),
@@ -406,8 +406,13 @@ MUTATIONS = [
              (("                nxt = ~target if mark < 0 or key == \"$\" else target",
                "                nxt = ~target if mark < 0 else target"),),
              ("test_new_keywords_are_enforced_and_every_walk_validates", "test_each_keyword_is_enforced")),
+    Mutation("json-oneof-overlap-unknown-as-apart", "oneOf string branches whose joint Regex is too large to build "
+             "are taken as disjoint: an output may match both",
+             (('                return str(exc).startswith("the pattern matches nothing")',
+               '                return True'),),
+             ("test_oneof_that_cannot_be_exactly_one_is_400",)),
     Mutation("json-dependencies-ignored", "dependencies / dependentRequired / dependentSchemas constrain nothing",
-             (("for word in words if isinstance(schema.get(word), dict)", "for word in () if isinstance(schema.get(word), dict)"),),
+             (("for w in DEPENDENCIES if isinstance(d := schema.get(w), dict)", "for w in () if isinstance(d := schema.get(w), dict)"),),
              ("test_new_keywords_are_enforced_and_every_walk_validates",)),
     Mutation("json-malformed-type-crashes", "a oneOf branch whose type is not a name crashes the compiler (a 500)",
              (("    kinds = {k for k in _as_list(value) if isinstance(k, str)}",
@@ -853,6 +858,13 @@ MUTATIONS = [
              (('            return headers is not None and headers.get("anthropic-version") is not None',
                '            return self.headers.get("anthropic-version") is not None'),),
              ("test_request_line_and_headers_too_long_are_414_and_431_and_other_versions_505",)),
+    # Issue 21, item 7: rank 0 shares the next step before this step's text only when nothing can change the batch.
+    Mutation("send-ahead-despite-stop-strings", "rank 0 shares the next step ahead while a sequence can still meet "
+                                                "a stop string: its Remove then runs on rank 0 a step before the "
+                                                "other ranks, and the group's batches part",
+             (("        if any(s.job.request.stop or s.job.should_stop() for s in self.running.values()):",
+               "        if any(s.job.should_stop() for s in self.running.values()):"),),
+             ("test_sharded_group_serves_on_rank_0_and_answers_like_one_process",)),
 ]
 
 
