@@ -926,8 +926,7 @@ class Literals(Piece):
 
     def finish(self, frame: Frame) -> str | None:
         """The rest of a shortest text the frame may become; None when every one is excluded."""
-        best = min(self._open(frame.text, frame.ex), key=len, default=None)
-        return None if best is None else best[len(frame.text):]
+        return min((t[len(frame.text):] for t in self._open(frame.text, frame.ex)), key=len, default=None)
 
 
 class Leaf(Piece):
@@ -986,15 +985,14 @@ class Leaf(Piece):
         """A shortest text (decoded) that completes the value from `dfa` after `count` characters, or None; under
         an exclusion `ex`, one of plain characters (no escapes) whose raw text (`text` + it) is not excluded. Breadth
         first, len(ex) + 1 texts kept per state, each layer completed by shortest() to min_len, until one is not."""
-        text, ex = text or "", ex or ()
-        layer, keep, quote, plain = {dfa: [""]}, len(ex) + 1, '"' * self.quoted, self.quoted and bool(ex)
+        layer, keep, quote, plain = {dfa: [""]}, len(ex or ()) + 1, '"' * self.quoted, self.quoted and ex is not None
         reach = max(self.min_len - count, len(self.regex.shortest(dfa) or "")) + 32   # a few past the shortest
         for size in range(int(min(self.limit - count, reach)) + 1):
             ends = [t + end for state, tails in layer.items()
                     if (end := self.regex.shortest(state, max(self.min_len - count - size, 0))) is not None
                     for t in tails]
             if ends := [e for e in ends if count + len(e) <= self.limit and (not plain or self.PLAIN(e)) and
-                        text + e + quote not in ex]:
+                        (not ex or text + e + quote not in ex)]:
                 return min(ends, key=len)
             nxt: dict = {}
             for (state, tails), (cid, ch) in itertools.product(layer.items(), self.regex.reps.items()):
@@ -1107,9 +1105,8 @@ class Container(Piece):
         if ch == ",":   # if a member may follow (an array's next unique item: one not written yet)
             more = (slots or extra) and (not self.unique or first_text(self.members[at], seen) is not None)
             return [(Frame(self, "comma", at, count, seen, 0),)] * bool(more)
-        keys = [(self.key, self.forbidden | seen)] * extra   # a declared name or an extra key
-        if slots:
-            keys.insert(0, (self.memo.get_or(slots, lambda: Literals(self.names[j] for j in slots)), None))
+        keys = [(self.memo.get_or(slots, lambda: Literals(self.names[j] for j in slots)), None)] if slots else []
+        keys += [(self.key, self.forbidden | seen)] * extra   # a declared name, or an extra key
         return [(REFEED, Frame(self, "key", at, count, seen, 0), piece.frame(ex)) for piece, ex in keys]
 
     def done(self, frame: Frame) -> bool:
@@ -1199,15 +1196,14 @@ def _settle(stack: tuple | None) -> tuple | None:
 
 
 def _step(stack: tuple, ch: str) -> list[tuple]:
-    """The stacks after `ch`: its top frame's (a frame pushed takes `ch` in turn), and its parent's once it is done
-    (only the document, bracketless, is done as a parent: it takes nothing more)."""
+    """The stacks after `ch`: its top frame's (a frame pushed takes `ch` in turn), and its parent's once it is done."""
     top, out = stack[-1], []
     for frames in top[0].step(top, ch):
         if frames and frames[0] is REFEED:
             out += _step(stack[:-1] + frames[1:], ch)
         else:
             out.append(stack[:-1] + frames)
-    if top[0].done(top) and (parent := _settle(stack)):
+    if top[0].done(top) and (parent := _settle(stack)):   # a parent done too (the document) takes nothing more
         out += _step(parent, ch)
     return out
 
@@ -1736,10 +1732,7 @@ class TokenTable:
         """A trie of (key, token ids) pairs: char -> child; "" -> the ids whose key ends there."""
         root: dict = {}
         for key, ids in pairs:
-            node = root
-            for ch in key:
-                node = node.setdefault(ch, {})
-            node.setdefault("", []).extend(ids)
+            functools.reduce(lambda node, ch: node.setdefault(ch, {}), key, root).setdefault("", []).extend(ids)
         return root
 
     @staticmethod
@@ -1765,8 +1758,7 @@ class TokenTable:
 def token_texts(tokenizer: Any, size: int) -> list[str | None]:
     """Each token id's text as it reads inside a sequence (after an anchor token: SentencePiece's leading space
     kept); None for unusable ones."""
-    anchor = tokenizer.encode("a", add_special_tokens=False)[-1]
-    head = tokenizer.decode([anchor])
+    head = tokenizer.decode([anchor := tokenizer.encode("a", add_special_tokens=False)[-1]])
     special = set(getattr(tokenizer, "all_special_ids", ())) | set(tokenizer.eos_token_ids)
     decoded = tokenizer.batch_decode([[anchor, token] for token in range(size)])
     return [text[len(head):] if token not in special and text.startswith(head) and "\ufffd" not in text

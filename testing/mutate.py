@@ -184,7 +184,7 @@ MUTATIONS = [
              "if isinstance(form := schema.get(\"format\"), str) and form in FORMATS else []", "    parts += []"),),
              ("test_pydantic_and_zod_schemas_always_validate",)),
     Mutation("json-extra-keys-repeat-declared", "an extra key may repeat a declared property's name",
-             (("keys = [(self.key, self.forbidden | seen)] * extra", "keys = [(self.key, seen)] * extra"),),
+             (("keys += [(self.key, self.forbidden | seen)] * extra", "keys += [(self.key, seen)] * extra"),),
              ("test_each_keyword_is_enforced",)),
     Mutation("json-anyof-first-only", "anyOf keeps only its first alternative",
              (("for alt in node.alternatives]", "for alt in node.alternatives[:1]]"),),
