@@ -135,11 +135,12 @@ SCHEMA_MAX_DEPTH = 64             # nesting a schema may have; more is a 400
 SCHEMA_MAX_REFS = 8               # $ref hops on one path; a recursive schema is unrolled this deep, then ends
 SCHEMA_MAX_BRANCHES = 16          # alternatives one not/if/dependencies keyword may expand into; more is a 400
 SCHEMA_MAX_MIN_COUNT = 1000       # largest minLength, minItems, minProperties, minContains (1-10**5); more is a 400
-SCHEMA_MAX_MIN_TEXT = 100000      # characters of a schema's shortest value, and (DFA state, length) pairs searched for
-                                  # a string's (nested minimums multiply; 10**4-10**6; more is a 400)
+SCHEMA_MAX_MIN_TEXT = 100000      # characters of a schema's shortest value (nested minimums multiply; 10**4-10**6;
+                                  # more is a 400)
 REGEX_MAX_STATES = 5000           # NFA states of one pattern or format once repeats are expanded; more is a 400
-REGEX_MAX_SEARCH = 10000          # DFA states one search for a shortest completion visits (at compile: past it a 400;
-                                  # while decoding: a state past it counts as dead, so output stays valid)
+REGEX_MAX_SEARCH = 10000          # DFA states, or (state, length) pairs under minLength, one search for a shortest
+                                  # completion visits (at compile: past it a 400; while decoding: a state past it
+                                  # counts as dead, so output stays valid)
 JSON_MASK_CACHE_STATES = 1024     # token masks cached per constraint (vocab bytes each; one per state seen)
 JSON_CONSTRAINT_CACHE = 16        # compiled constraints kept across requests (same schema: warm masks)
 SOCKET_TIMEOUT = 30.0             # seconds a socket read or write may stall before the connection is dropped
@@ -770,14 +771,14 @@ class Regex:
         return text if self.accepts(current) else None
 
     def length(self, state: frozenset, at_least: int = 0) -> int | None:
-        """The length of shortest(state, at_least); None past SCHEMA_MAX_MIN_TEXT (state, characters left) pairs.
+        """The length of shortest(state, at_least); None past REGEX_MAX_SEARCH (state, characters left) pairs.
         Forward: the pairs not kept yet; backward: their best first steps (fewest characters, then class id)."""
         todo, pairs = [state], []
         for left in range(at_least, -1, -1):
             if not (todo := [s for s in dict.fromkeys(todo) if (s, left) not in self.longer]):
                 break
             pairs += [(s, left) for s in todo]
-            if len(pairs) > SCHEMA_MAX_MIN_TEXT:
+            if len(pairs) > REGEX_MAX_SEARCH:
                 return None
             todo = [t for s in todo for cid in self.reps if (t := self._move(s, cid)) is not None]
         for s, left in reversed(pairs):   # (length, character, next state); at 0 left: (length, the text, None)
@@ -948,7 +949,7 @@ class Leaf(Piece):
         self.regex, self.min_len, self.max_len, self.quoted, self.by_text = regex, min_len, max_len, quoted, by_text
         self.limit, self.completions = math.inf if max_len is None else max_len, Cache(JSON_MASK_CACHE_STATES)
         if not self.fits(regex.start, 0):
-            raise ValueError(f"no string has this pattern or format and these lengths ({SCHEMA_MAX_MIN_TEXT} steps)")
+            raise ValueError(f"no string has this pattern or format and these lengths ({REGEX_MAX_SEARCH} steps)")
         self.min_text = self.finish(self.frame())
 
     def frame(self, ex: frozenset | None = None) -> Frame:
