@@ -1357,11 +1357,10 @@ class SchemaCompiler:
 
     def _held(self, one: dict, other: dict) -> dict:
         """allOf: a copy of `one` with the properties only it declares held to other's additionalProperties."""
-        extra, mine, theirs = other.get("additionalProperties", True), one.get("properties"), other.get("properties")
-        if extra is True or not isinstance(mine, dict) or not isinstance(theirs or {}, dict) or \
-                other.get("patternProperties"):
+        extra, mine, theirs = other.get("additionalProperties", True), one.get("properties"), self.declared(other)
+        if extra is True or not isinstance(mine, dict) or other.get("patternProperties"):
             return dict(one)
-        return {**one, "properties": {k: v if k in (theirs or {}) else {"allOf": [v, extra]} for k, v in mine.items()}}
+        return {**one, "properties": {k: v if k in theirs else {"allOf": [v, extra]} for k, v in mine.items()}}
 
     def compile(self, schema: Any, refs: int = SCHEMA_MAX_REFS, depth: int = 0) -> Piece | None:
         """The piece for `schema`, None when no value satisfies it; `refs`: $ref hops left on this path."""
