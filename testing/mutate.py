@@ -177,14 +177,14 @@ MUTATIONS = [
              "commits to a large value leaves too few tokens",
              (("len(plan) + 1 + masks.slack >= self.left", "len(plan) + 1 >= self.left"),),
              ("test_pydantic_and_zod_schemas_always_validate",)),
-    Mutation("json-max-length-ignored", "maxLength is not enforced", (("self.limit, self.completions = math.inf if "
-             "max_len is None else max_len, Cache(", "self.limit, self.completions = math.inf, Cache("),),
+    Mutation("json-max-length-ignored", "maxLength is not enforced", (("self.limit = math.inf if "
+             "max_len is None else max_len", "self.limit = math.inf"),),
              ("test_pydantic_and_zod_schemas_always_validate",)),
     Mutation("json-formats-ignored", "format is an annotation: any string", (("    parts += [(FORMATS[form], False)] "
              "if isinstance(form := schema.get(\"format\"), str) and form in FORMATS else []", "    parts += []"),),
              ("test_pydantic_and_zod_schemas_always_validate",)),
     Mutation("json-extra-keys-repeat-declared", "an extra key may repeat a declared property's name",
-             (("keys = [(self.key, self.forbidden | seen)] * extra", "keys = [(self.key, seen)] * extra"),),
+             (("keys += [(self.key, self.forbidden | seen)] * extra", "keys += [(self.key, seen)] * extra"),),
              ("test_each_keyword_is_enforced",)),
     Mutation("json-anyof-first-only", "anyOf keeps only its first alternative",
              (("for alt in node.alternatives]", "for alt in node.alternatives[:1]]"),),
@@ -420,8 +420,8 @@ MUTATIONS = [
              ("test_malformed_schemas_are_answered_never_a_5xx",)),
     Mutation("json-empty-value-keeps-the-character", "a value complete as soon as it is pushed (one that may be "
              "empty) does not hand the next character to its container",
-             (("    if top[0].done(top) and (parent := _pop(stack[:-1], top)):",
-               "    if top[0].done(top) and top != top[0].frame(top.ex) and (parent := _pop(stack[:-1], top)):"),),
+             (("    if top[0].done(top) and (parent := _settle(stack)):",
+               "    if top[0].done(top) and top != top[0].frame(top.ex) and (parent := _settle(stack)):"),),
              ("test_a_value_that_may_be_empty_hands_on_the_next_character",)),
     Mutation("json-closing-key-too-short", "an excluded key leaf looks for a closing text only 32 characters deep, "
              "among the texts it spells out whole, so a pattern key longer than that cannot close (a 500 mid-stream)",
