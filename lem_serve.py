@@ -135,11 +135,12 @@ SCHEMA_MAX_DEPTH = 64             # nesting a schema may have; more is a 400
 SCHEMA_MAX_REFS = 8               # $ref hops on one path; a recursive schema is unrolled this deep, then ends
 SCHEMA_MAX_BRANCHES = 16          # alternatives one not/if/dependencies keyword may expand into; more is a 400
 SCHEMA_MAX_MIN_COUNT = 1000       # largest minLength, minItems, minProperties, minContains (1-10**5); more is a 400
-SCHEMA_MAX_MIN_TEXT = 100000      # characters of a schema's shortest value, and (DFA state, length) pairs searched for
-                                  # a string's (nested minimums multiply; 10**4-10**6; more is a 400)
+SCHEMA_MAX_MIN_TEXT = 100000      # characters of a schema's shortest value (nested minimums multiply; 10**4-10**6;
+                                  # more is a 400)
 REGEX_MAX_STATES = 5000           # NFA states of one pattern or format once repeats are expanded; more is a 400
-REGEX_MAX_SEARCH = 10000          # DFA states one search for a shortest completion visits (at compile: past it a 400;
-                                  # while decoding: a state past it counts as dead, so output stays valid)
+REGEX_MAX_SEARCH = 10000          # DFA states, or (state, length) pairs under minLength, one search for a shortest
+                                  # completion visits (at compile: past it a 400; while decoding: a state past it
+                                  # counts as dead, so output stays valid)
 JSON_MASK_CACHE_STATES = 1024     # token masks cached per constraint (vocab bytes each; one per state seen)
 JSON_CONSTRAINT_CACHE = 16        # compiled constraints kept across requests (same schema: warm masks)
 SOCKET_TIMEOUT = 30.0             # seconds a socket read or write may stall before the connection is dropped
@@ -571,7 +572,6 @@ class ClientGone(Exception):
 # ---------------------------------------------------------------------------
 
 # -- JSON Schema, compiled to a character automaton ----------------------------
-#
 # compile_schema() turns a schema into pieces: Literals (enum, const, true/false/null, keys), Leaf (a Regex over
 # a string's decoded characters with lengths, or over a number's text), Container (objects, arrays) and Union
 # (anyOf). json_advance() runs them over text as a pushdown automaton: a state is a tuple of stacks, one per live
@@ -769,15 +769,16 @@ class Regex:
                     queue.append((nxt, text + ch))
         return text if self.accepts(current) else None
 
-    def length(self, state: frozenset, at_least: int = 0) -> int | None:
-        """The length of shortest(state, at_least); None past SCHEMA_MAX_MIN_TEXT (state, characters left) pairs.
-        Forward: the pairs not kept yet; backward: their best first steps (fewest characters, then class id)."""
+    def shortest(self, state: frozenset, at_least: int = 0, text: bool = True) -> str | int | None:
+        """A shortest text of at least `at_least` characters that takes `state` to a match (of equals, the first by
+        class ids), or (`text` false) its length; None if none, or past REGEX_MAX_SEARCH (state, characters left)
+        pairs. Linear in `at_least`: forward, the pairs not kept yet; backward, their best first steps."""
         todo, pairs = [state], []
         for left in range(at_least, -1, -1):
             if not (todo := [s for s in dict.fromkeys(todo) if (s, left) not in self.longer]):
                 break
             pairs += [(s, left) for s in todo]
-            if len(pairs) > SCHEMA_MAX_MIN_TEXT:
+            if len(pairs) > REGEX_MAX_SEARCH:
                 return None
             todo = [t for s in todo for cid in self.reps if (t := self._move(s, cid)) is not None]
         for s, left in reversed(pairs):   # (length, character, next state); at 0 left: (length, the text, None)
@@ -785,18 +786,13 @@ class Regex:
                      if (t := self._move(s, cid)) is not None and self.longer[t, left - 1]] if left else \
                 [(len(tail), tail, None)] if (tail := self._tail(s)) is not None else []
             self.longer[s, left] = min(steps, key=lambda step: step[0], default=None)
-        return None if (best := self.longer[state, at_least]) is None else best[0]
-
-    def shortest(self, state: frozenset, at_least: int = 0) -> str | None:
-        """A shortest text of at least `at_least` characters that takes `state` to a match (of equals, the first by
-        class ids), or None; linear in `at_least` (see length)."""
-        if self.length(state, at_least) is None:
-            return None
-        text = []
+        if (best := self.longer[state, at_least]) is None or not text:
+            return best and best[0]
+        pieces = []
         for left in range(at_least, -1, -1):
             _, piece, state = self.longer[state, left]
-            text.append(piece)
-        return "".join(text)
+            pieces.append(piece)
+        return "".join(pieces)
 
 
 @functools.lru_cache(maxsize=256)
@@ -855,8 +851,7 @@ class Cache(dict):
     """At most `limit` entries, the oldest out first: every cache of this section. Handler threads and the
     engine share them: eviction and insertion hold a lock; `make` runs outside it (a miss may be made twice)."""
 
-    def __init__(self, limit: int):
-        super().__init__()
+    def __init__(self, limit: int):   # dict.__new__ made it, empty
         self.limit, self.lock = limit, threading.Lock()
 
     def __reduce__(self) -> tuple:
@@ -931,8 +926,7 @@ class Literals(Piece):
 
     def finish(self, frame: Frame) -> str | None:
         """The rest of a shortest text the frame may become; None when every one is excluded."""
-        best = min(self._open(frame.text, frame.ex), key=len, default=None)
-        return None if best is None else best[len(frame.text):]
+        return min((t[len(frame.text):] for t in self._open(frame.text, frame.ex)), key=len, default=None)
 
 
 class Leaf(Piece):
@@ -946,9 +940,9 @@ class Leaf(Piece):
     def __init__(self, regex: Regex, min_len: int = 0, max_len: int | None = None, quoted: bool = True,
                  by_text: bool = True):
         self.regex, self.min_len, self.max_len, self.quoted, self.by_text = regex, min_len, max_len, quoted, by_text
-        self.limit, self.completions = math.inf if max_len is None else max_len, Cache(JSON_MASK_CACHE_STATES)
+        self.limit = math.inf if max_len is None else max_len
         if not self.fits(regex.start, 0):
-            raise ValueError(f"no string has this pattern or format and these lengths ({SCHEMA_MAX_MIN_TEXT} steps)")
+            raise ValueError(f"no string has this pattern or format and these lengths ({REGEX_MAX_SEARCH} steps)")
         self.min_text = self.finish(self.frame())
 
     def frame(self, ex: frozenset | None = None) -> Frame:
@@ -983,25 +977,22 @@ class Leaf(Piece):
 
     def fits(self, dfa: frozenset, count: int) -> bool:
         """Whether a text completes the value from `dfa` after `count` characters, within min_len and max_len."""
-        size = self.regex.length(dfa, max(self.min_len - count, 0))
+        size = self.regex.shortest(dfa, max(self.min_len - count, 0), text=False)
         return size is not None and count + size <= self.limit
 
-    def complete(self, dfa: frozenset, count: int, text: str = "", ex: frozenset | None = None) -> str | None:
+    @functools.lru_cache(maxsize=JSON_MASK_CACHE_STATES * 4)   # every leaf's, shared; thread-safe
+    def complete(self, dfa: frozenset, count: int, text: str | None = "", ex: frozenset | None = None) -> str | None:
         """A shortest text (decoded) that completes the value from `dfa` after `count` characters, or None; under
-        an exclusion `ex`, one of plain characters (no escapes) whose raw text (`text` + it) is not excluded."""
-        return self.completions.get_or((dfa, count, text, ex), lambda: self._search(dfa, count, text or "", ex or ()))
-
-    def _search(self, dfa: frozenset, count: int, text: str, ex: frozenset | tuple) -> str | None:
-        """complete(), breadth first (under an exclusion, over plain characters), len(ex) + 1 texts kept per state,
-        each layer's texts completed by shortest() to min_len, until one is not excluded (no exclusion: at once)."""
-        layer, keep, quote, plain = {dfa: [""]}, len(ex) + 1, '"' * self.quoted, self.quoted and bool(ex)
+        an exclusion `ex`, one of plain characters (no escapes) whose raw text (`text` + it) is not excluded. Breadth
+        first, len(ex) + 1 texts kept per state, each layer completed by shortest() to min_len, until one is not."""
+        layer, keep, quote, plain = {dfa: [""]}, len(ex or ()) + 1, '"' * self.quoted, self.quoted and ex is not None
         reach = max(self.min_len - count, len(self.regex.shortest(dfa) or "")) + 32   # a few past the shortest
         for size in range(int(min(self.limit - count, reach)) + 1):
             ends = [t + end for state, tails in layer.items()
                     if (end := self.regex.shortest(state, max(self.min_len - count - size, 0))) is not None
                     for t in tails]
             if ends := [e for e in ends if count + len(e) <= self.limit and (not plain or self.PLAIN(e)) and
-                        text + e + quote not in ex]:
+                        (not ex or text + e + quote not in ex)]:
                 return min(ends, key=len)
             nxt: dict = {}
             for (state, tails), (cid, ch) in itertools.product(layer.items(), self.regex.reps.items()):
@@ -1114,9 +1105,8 @@ class Container(Piece):
         if ch == ",":   # if a member may follow (an array's next unique item: one not written yet)
             more = (slots or extra) and (not self.unique or first_text(self.members[at], seen) is not None)
             return [(Frame(self, "comma", at, count, seen, 0),)] * bool(more)
-        keys = [(self.key, self.forbidden | seen)] * extra   # a declared name or an extra key
-        if slots:
-            keys.insert(0, (self.memo.get_or(slots, lambda: Literals(self.names[j] for j in slots)), None))
+        keys = [(self.memo.get_or(slots, lambda: Literals(self.names[j] for j in slots)), None)] if slots else []
+        keys += [(self.key, self.forbidden | seen)] * extra   # a declared name, or an extra key
         return [(REFEED, Frame(self, "key", at, count, seen, 0), piece.frame(ex)) for piece, ex in keys]
 
     def done(self, frame: Frame) -> bool:
@@ -1157,8 +1147,7 @@ class Container(Piece):
             declared, extra = self._choices(at, count)
             key, j = "", at   # an array's next item; an object's required member, or its first optional one
             if self.keyed and declared and (self.fixed[declared[-1]] or not extra):
-                j = declared[-1] if self.fixed[declared[-1]] else declared[0]
-                key = self.names[j] + ":"
+                key = self.names[j := declared[-1] if self.fixed[declared[-1]] else declared[0]] + ":"
             elif self.keyed and extra:
                 key = first_text(self.key, self.forbidden | seen)
                 if key is None or (slot := self._slot(key)) is None:
@@ -1198,6 +1187,14 @@ def json_advance(state: tuple, text: str) -> tuple:
     return state
 
 
+def _settle(stack: tuple | None) -> tuple | None:
+    """The stack with its complete top values taken off, each by its parent; None once a parent refuses one."""
+    while stack and stack[-1][0].done(stack[-1]):
+        rest, parent = stack[:-1], stack[-2][0].child_done(stack[-2], stack[-1]) if len(stack) > 1 else None
+        stack = rest and parent and rest[:-1] + (parent,)
+    return stack
+
+
 def _step(stack: tuple, ch: str) -> list[tuple]:
     """The stacks after `ch`: its top frame's (a frame pushed takes `ch` in turn), and its parent's once it is done."""
     top, out = stack[-1], []
@@ -1206,24 +1203,9 @@ def _step(stack: tuple, ch: str) -> list[tuple]:
             out += _step(stack[:-1] + frames[1:], ch)
         else:
             out.append(stack[:-1] + frames)
-    if top[0].done(top) and (parent := _pop(stack[:-1], top)):
+    if top[0].done(top) and (parent := _settle(stack)):   # a parent done too (the document) takes nothing more
         out += _step(parent, ch)
     return out
-
-
-def _pop(rest: tuple, child: tuple) -> tuple | None:
-    """`rest` once its top frame has taken the complete value `child`; None if it refuses it."""
-    if not rest:
-        return rest
-    parent = rest[-1][0].child_done(rest[-1], child)
-    return None if parent is None else rest[:-1] + (parent,)
-
-
-def _settle(stack: tuple | None) -> tuple | None:
-    """The stack with its complete top values taken off."""
-    while stack and stack[-1][0].done(stack[-1]):
-        stack = _pop(stack[:-1], stack[-1])
-    return stack
 
 
 def json_complete(state: tuple) -> bool:
@@ -1375,11 +1357,10 @@ class SchemaCompiler:
 
     def _held(self, one: dict, other: dict) -> dict:
         """allOf: a copy of `one` with the properties only it declares held to other's additionalProperties."""
-        extra, mine, theirs = other.get("additionalProperties", True), one.get("properties"), other.get("properties")
-        if extra is True or not isinstance(mine, dict) or not isinstance(theirs or {}, dict) or \
-                other.get("patternProperties"):
+        extra, mine, theirs = other.get("additionalProperties", True), one.get("properties"), self.declared(other)
+        if extra is True or not isinstance(mine, dict) or other.get("patternProperties"):
             return dict(one)
-        return {**one, "properties": {k: v if k in (theirs or {}) else {"allOf": [v, extra]} for k, v in mine.items()}}
+        return {**one, "properties": {k: v if k in theirs else {"allOf": [v, extra]} for k, v in mine.items()}}
 
     def compile(self, schema: Any, refs: int = SCHEMA_MAX_REFS, depth: int = 0) -> Piece | None:
         """The piece for `schema`, None when no value satisfies it; `refs`: $ref hops left on this path."""
@@ -1480,21 +1461,20 @@ class SchemaCompiler:
     def _compile(self, schema: dict, refs: int, depth: int) -> Piece | None:
         for word in sorted(schema.keys() & SCHEMA_REFUSED)[:1]:
             raise self.fail(f"JSON Schema keyword {word!r} is not supported (the README lists those enforced)")
-        schema, taken, cases = {k: v for k, v in schema.items() if k in SCHEMA_KEYWORDS}, DEPENDENCIES, None
+        schema, used, cases = {k: v for k, v in schema.items() if k in SCHEMA_KEYWORDS}, DEPENDENCIES, None
         if "anyOf" in schema or "oneOf" in schema:   # alternatives (anyOf, oneOf, not, if, dependencies): a union
-            taken = ("anyOf" if "anyOf" in schema else "oneOf",)
-            cases = self.list_of(schema[taken[0]], taken[0])
+            used = ("anyOf" if "anyOf" in schema else "oneOf",)
+            cases = self.list_of(schema[used[0]], used[0])
         elif "not" in schema:
-            taken, cases = ("not",), self.negate(schema["not"])
+            used, cases = ("not",), self.negate(schema["not"])
         elif "if" in schema:
-            taken, cases = ("if", "then", "else"), [{"allOf": [schema["if"], schema.get("then", {})]},
-                                                    {"allOf": [{"not": schema["if"]}, schema.get("else", {})]}]
+            used, cases = ("if", "then", "else"), [{"allOf": [schema["if"], schema.get("then", {})]},
+                                                   {"allOf": [{"not": schema["if"]}, schema.get("else", {})]}]
         elif needs := [(k, v) for w in DEPENDENCIES if isinstance(d := schema.get(w), dict) for k, v in d.items()]:
             cases = [{"allOf": [{"anyOf": [{"properties": {k: False}}, {"allOf": [{"required": [k]}, {"required": need}
                      if isinstance(need, list) else need]}]} for k, need in needs]}]   # absent, or with what it needs
         if cases is not None:
-            rest = {k: v for k, v in schema.items() if k not in taken}
-            return self.any_of(rest, cases, taken == ("oneOf",), refs, depth)
+            return self.any_of({k: v for k, v in schema.items() if k not in used}, cases, "oneOf" in used, refs, depth)
         kind = schema.get("type", [k for k, words in KEYWORD_TYPES.items() if words & set(schema)])
         if "enum" in schema or "const" in schema or kind in ("boolean", "null"):
             return self.literals(schema, refs, depth)
@@ -1510,8 +1490,7 @@ class SchemaCompiler:
 
     def any_of(self, base: dict, cases: list, one: bool, refs: int, depth: int) -> Piece | None:
         """The union of `cases` with `base`, oneOf's (`one`) kept apart; a case that fails is left out (all: a 400)."""
-        parts = [self.merge(base, case) for case in cases] if one else cases
-        alternatives, errors = [], []
+        parts, alternatives, errors = [self.merge(base, case) for case in cases] if one else cases, [], []
         for i, part in enumerate(parts):
             try:
                 narrowed = part if one else self.merge(base, part)
@@ -1571,10 +1550,11 @@ class SchemaCompiler:
         if mine and theirs and not mine & theirs or values and allowed and not any(v in allowed for v in values) or \
                 "not" in part and _canonical(self.flat(part["not"])[0]) == _canonical(other):   # part negates other
             return True
-        if mine == {"string"}:
-            with contextlib.suppress(ValueError):   # a Regex that matches nothing is a ValueError
+        if mine == {"string"}:   # disjoint when the Regex of both matches nothing (too large or unreadable: unknown)
+            try:
                 return shared_regex(tuple(self._string_parts(part) + self._string_parts(other))) is None
-            return True
+            except ValueError as exc:
+                return str(exc).startswith("the pattern matches nothing")
         return mine in (set(), {"object"}) and any(self.disjoint(self.declared(part, name, True), self.declared(
             other, name), hops + 1) for name in dict.fromkeys(self._names(part) + self._names(other)))
 
@@ -1728,7 +1708,6 @@ def schema_constraint(schema: Any, param: str) -> Constraint:
 
 
 # -- JSON-constrained decoding: the automaton lifted to tokens
-#
 # A token may follow a state when the automaton takes its whole text. Masks walk a trie of the token texts, and
 # inside strings a trie of the plain tokens over the string regex's class ids; they are cached per state, a
 # string's count reduced to what can matter within one token (Leaf.key), so long strings reuse them.
@@ -1745,7 +1724,6 @@ class TokenTable:
         self.plain = [(text, token) for text, token in usable if Leaf.PLAIN(text)]
         self.marked = [(token, text) for text, token in usable if not Leaf.PLAIN(text)]
         self.reach = max((len(text) for text, _ in usable), default=1)   # the longest token, in characters
-        self.plain_chars = sorted({ch for text, _ in self.plain for ch in text})
         self.class_tries = Cache(JSON_CONSTRAINT_CACHE * 4)
 
     @staticmethod
@@ -1753,10 +1731,7 @@ class TokenTable:
         """A trie of (key, token ids) pairs: char -> child; "" -> the ids whose key ends there."""
         root: dict = {}
         for key, ids in pairs:
-            node = root
-            for ch in key:
-                node = node.setdefault(ch, {})
-            node.setdefault("", []).extend(ids)
+            functools.reduce(lambda node, ch: node.setdefault(ch, {}), key, root).setdefault("", []).extend(ids)
         return root
 
     @staticmethod
@@ -1774,7 +1749,7 @@ class TokenTable:
     def class_trie(self, regex: Regex) -> dict:
         """The plain tokens as a trie over `regex`'s class ids (chr(id) for each character); cached."""
         def build() -> dict:
-            classes = str.maketrans({ch: chr(regex.class_id(ch)) for ch in self.plain_chars})
+            classes = str.maketrans({ch: chr(regex.class_id(ch)) for ch in {c for text, _ in self.plain for c in text}})
             return self.trie((text.translate(classes), [token]) for text, token in self.plain)
         return self.class_tries.get_or(regex, build)
 
@@ -1782,8 +1757,7 @@ class TokenTable:
 def token_texts(tokenizer: Any, size: int) -> list[str | None]:
     """Each token id's text as it reads inside a sequence (after an anchor token: SentencePiece's leading space
     kept); None for unusable ones."""
-    anchor = tokenizer.encode("a", add_special_tokens=False)[-1]
-    head = tokenizer.decode([anchor])
+    head = tokenizer.decode([anchor := tokenizer.encode("a", add_special_tokens=False)[-1]])
     special = set(getattr(tokenizer, "all_special_ids", ())) | set(tokenizer.eos_token_ids)
     decoded = tokenizer.batch_decode([[anchor, token] for token in range(size)])
     return [text[len(head):] if token not in special and text.startswith(head) and "\ufffd" not in text
@@ -1862,9 +1836,8 @@ def masked(logits: Any, mask: Any) -> Any:
 
 def json_constraint(constraint: Constraint, tokenizer: Any, budget: int) -> JsonConstraint:
     """The logits processor that forces the constraint's JSON within `budget` tokens (masks shared per schema)."""
-    masks = _CONSTRAINTS.get_or((id(tokenizer), constraint.key), lambda: JsonMasks(
-        token_table(tokenizer), json_start(constraint.node)))
-    return JsonConstraint(masks, budget)
+    return JsonConstraint(_CONSTRAINTS.get_or((id(tokenizer), constraint.key), lambda: JsonMasks(
+        token_table(tokenizer), json_start(constraint.node))), budget)
 
 
 class JsonConstraint:
@@ -1887,10 +1860,9 @@ class JsonConstraint:
             plan = masks.closing(self.state)
             self.plan = plan if plan is not None and len(plan) + 1 + masks.slack >= self.left else None
         self.started, self.left = True, self.left - 1
-        if not self.state or self.plan == []:   # dead, or closed: only end-of-sequence
-            return masked(logits, masks.ids_mask(masks.table.eos, width))
-        allowed = masks.allowed(self.state, width) if self.plan is None else masks.ids_mask(self.plan[:1], width)
-        return masked(logits, allowed)
+        # Dead, or closed: only end-of-sequence; closing: the plan's next token; else what keeps the state alive.
+        ids = masks.table.eos if not self.state or self.plan == [] else self.plan and self.plan[:1]
+        return masked(logits, masks.allowed(self.state, width) if ids is None else masks.ids_mask(ids, width))
 
 
 # ---------------------------------------------------------------------------
