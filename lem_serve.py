@@ -7960,14 +7960,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
         it has read this response never finds its own slot still taken.
         """
         engine, timeout = self.server.engine, self.server.settings.timeout
-        finished = 0
+        finished, looked = 0, time.monotonic()
         while True:
             try:
                 event = job.events.get(timeout=POLL_SECONDS)
             except queue.Empty:
                 event = None
-            if client_gone(self.connection):
-                raise ClientGone
+            if event is None or time.monotonic() - looked >= POLL_SECONDS:  # not a select() per token: as often
+                looked = time.monotonic()                                     # as a waiting handler looks
+                if client_gone(self.connection):
+                    raise ClientGone
             if event is None:
                 if time.monotonic() > job.deadline:
                     raise request_timed_out(timeout)

@@ -235,42 +235,40 @@ def processes_of(process) -> dict[str, int]:
     return found or {"rank 0": session}
 
 
-def cpu_seconds(pid: int) -> tuple[float, float]:
-    """(CPU seconds of every thread of `pid` so far, ended ones included; those of its thread with the most
-    system time). In a rank that thread is the ring backend's receive thread, which busy-waits (mostly in
-    recv) for as long as a collective waits on the other rank: CPU that grows with wall time, not work."""
-    def times(stat: Path) -> tuple[int, int]:
+def cpu_seconds(pid: int) -> tuple[float, dict[int, tuple[float, float]]]:
+    """CPU seconds of every thread of `pid` so far (ended ones included), and each live thread's (CPU, system)
+    seconds, from /proc (Linux)."""
+    def times(stat: Path) -> tuple[float, float]:
         fields = stat.read_text().rpartition(")")[2].split()
-        return int(fields[11]), int(fields[12])   # utime, stime (clock ticks)
+        user, system = int(fields[11]) / hz, int(fields[12]) / hz   # clock ticks
+        return user + system, system
     hz = os.sysconf("SC_CLK_TCK")
-    user, system = times(Path(f"/proc/{pid}/stat"))
-    threads = []
+    threads = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(OSError):
-            threads.append(times(task / "stat"))
-    spinner = max(threads, key=lambda t: t[1], default=(0, 0))
-    return (user + system) / hz, sum(spinner) / hz
+        with contextlib.suppress(OSError, ValueError):
+            threads[int(task.name)] = times(task / "stat")
+    return times(Path(f"/proc/{pid}/stat"))[0], threads
 
 
-def cpu_snapshot(pids: dict[str, int]) -> dict[str, tuple[float, float]]:
-    """cpu_seconds of each process, and this thread's own (the HTTP client's reading, for lem-serve) as "client".
-
-    A process alone has no ring: nothing of it is counted as busy wait.
-    """
-    ranks = len([who for who in pids if who.startswith("rank")])
-    snap = {who: cpu_seconds(pid) if ranks > 1 else (cpu_seconds(pid)[0], 0.0) for who, pid in pids.items()}
-    snap["client"] = (time.thread_time(), 0.0)
+def cpu_snapshot(pids: dict[str, int]) -> dict[str, tuple[float, dict]]:
+    """cpu_seconds of each process, and this thread's own (the HTTP client's reading, for lem-serve) as "client"."""
+    snap = {who: cpu_seconds(pid) for who, pid in pids.items()}
+    snap["client"] = (time.thread_time(), {})
     return snap
 
 
 def cpu_spent(before: dict, after: dict) -> dict[str, float]:
-    """CPU seconds each process spent between two snapshots, and each rank's without its busy wait."""
+    """CPU seconds each process spent between two snapshots; for each rank of a group also without the ring's
+    busy wait: the thread that spent the most system time is the ring backend's receive thread, which spins
+    (mostly in recv) for as long as a collective waits on the other rank, CPU that grows with wall time."""
     out = {}
-    for who in after:
-        total, spin = (a - b for a, b in zip(after[who], before[who]))
-        out[who] = total
-        if who.startswith("rank") and spin:
-            out[f"{who} less ring wait"] = total - spin
+    group = len([who for who in after if who.startswith("rank")]) > 1
+    for who, (total, threads) in after.items():
+        out[who] = total - before[who][0]
+        spent = {tid: (cpu - before[who][1][tid][0], system - before[who][1][tid][1])
+                 for tid, (cpu, system) in threads.items() if tid in before[who][1]}
+        if group and who.startswith("rank") and spent:
+            out[f"{who} less ring wait"] = out[who] - max(spent.values(), key=lambda t: t[1])[0]
     return out
 
 
@@ -403,7 +401,7 @@ def markdown(report: dict) -> str:
                   "| system | " + " | ".join(CPU_COLUMNS) + " |", "|---|" + "---:|" * len(CPU_COLUMNS)]
         for name in (ONE, GROUP, RAW1, RAW2, RAW2N, GROUPD, RAW2D):
             got = single[name].get("cpu_ms_per_token", {})
-            lines.append(f"| {name} | " + " | ".join(f"{got[c]:.2f}" if got.get(c) else "" for c in CPU_COLUMNS) + " |")
+            lines.append(f"| {name} | " + " | ".join(f"{got[c]:.2f}" if c in got else "" for c in CPU_COLUMNS) + " |")
         tps = {name: single[name]["decode_tps"] for name in single}
         lines += ["", f"**2 ranks / 1 process: {bench.fmt_ratio(bench.ratio(tps[GROUP], tps[ONE]))} decode; "
                   f"lem/raw: {bench.fmt_ratio(bench.ratio(tps[ONE], tps[RAW1]))} in one process, "

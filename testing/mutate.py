@@ -112,7 +112,7 @@ MUTATIONS = [
                ""),),
              ("test_slow_headers_are_cut_off_without_holding_a_slot",)),
     Mutation("client-gone-unnoticed", "a client that leaves while waiting for a non-streamed answer is not noticed",
-             (("            if client_gone(self.connection):\n                raise ClientGone\n", ""),),
+             (("                if client_gone(self.connection):\n                    raise ClientGone\n", ""),),
              ("test_disconnect_while_waiting_non_streaming_stops_generation_and_is_499_in_metrics",)),
     Mutation("499-uncounted", "a request whose client left before any status is counted as 200 in /metrics",
              (('else "499"', 'else "200"'),),
