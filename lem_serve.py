@@ -984,12 +984,12 @@ class Leaf(Piece):
     def complete(self, dfa: frozenset, count: int, text: str | None = "", ex: frozenset | None = None) -> str | None:
         """A shortest text (decoded) that completes the value from `dfa` after `count` characters, or None; under
         an exclusion `ex`, one of plain characters (no escapes) whose raw text (`text` + it) is not excluded. Breadth
-        first, len(ex) + 1 texts kept per state, each layer completed by shortest() to min_len, until one is not."""
+        first, len(ex) + 1 texts kept per state, the first layer and those from min_len on completed by shortest()."""
         layer, keep, quote, plain = {dfa: [""]}, len(ex or ()) + 1, '"' * self.quoted, self.quoted and ex is not None
         reach = max(self.min_len - count, len(self.regex.shortest(dfa) or "")) + 32   # a few past the shortest
         for size in range(int(min(self.limit - count, reach)) + 1):
-            ends = [t + end for state, tails in layer.items()
-                    if (end := self.regex.shortest(state, max(self.min_len - count - size, 0))) is not None
+            ends = [t + end for state, tails in layer.items() if not 0 < size < self.min_len - count
+                    and (end := self.regex.shortest(state, max(self.min_len - count - size, 0))) is not None
                     for t in tails]
             if ends := [e for e in ends if count + len(e) <= self.limit and (not plain or self.PLAIN(e)) and
                         (not ex or text + e + quote not in ex)]:
