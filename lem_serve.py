@@ -583,7 +583,6 @@ class ClientGone(Exception):
 JSON_WHITESPACE = " \t\n\r"
 REFEED = "refeed"
 
-
 # Patterns are ECMAScript's, read by re's parser (sre) into an NFA, then lazily a DFA. \d \w \s '.' are (narrow, wide)
 # sets (what ECMAScript and re both match, what either may): classes take narrow, [^...] wide; negated parts, reversed.
 ESCAPE = r"\\(?:x[\da-fA-F]{2}|u[\da-fA-F]{4}|0\d?|.|$)"
@@ -650,7 +649,8 @@ class Regex:
         for ch in [chr(c) for c in SAMPLE_CODES + edges if 0 <= c <= 0x10ffff and not 0xd800 <= c <= 0xdfff]:
             self.reps.setdefault(self.class_id(ch), ch)
         if self.shortest(self.start) is None:
-            raise ValueError(f"the pattern matches nothing, or only past {REGEX_MAX_SEARCH} states of its automaton")
+            raise ValueError("the pattern matches nothing" if self.exhausted else
+                             f"no match within {REGEX_MAX_SEARCH} states of its automaton")
 
     def __reduce__(self) -> tuple:   # a constraint travels pickled to other ranks (GroupLink): `is ANY_TEXT` holds
         return shared_regex, (self.source,)
@@ -767,6 +767,7 @@ class Regex:
                 if (nxt := self._move(current, cid)) is not None and nxt not in seen:
                     seen.add(nxt)
                     queue.append((nxt, text + ch))
+        self.exhausted = len(seen) <= REGEX_MAX_SEARCH   # no match is proven (disjoint() reads the message)
         return text if self.accepts(current) else None
 
     def shortest(self, state: frozenset, at_least: int = 0, text: bool = True) -> str | int | None:
