@@ -770,28 +770,30 @@ class Regex:
         self.exhausted = len(seen) <= REGEX_MAX_SEARCH   # no match is proven (disjoint() reads the message)
         return text if self.accepts(current) else None
 
-    def shortest(self, state: frozenset, at_least: int = 0, text: bool = True) -> str | int | None:
-        """A shortest text of at least `at_least` characters that takes `state` to a match (of equals, the first by
-        class ids), or (`text` false) its length; None if none, or past REGEX_MAX_SEARCH (state, characters left)
-        pairs. Linear in `at_least`: forward, the pairs not kept yet; backward, their best first steps."""
+    def shortest(self, state: frozenset, at_least: int = 0, text: bool = True, longer: dict | None = None):
+        """A shortest text of at least `at_least` characters from `state` to a match (of equals, the first by class
+        ids), or (`text` false) its length; None if none, or past REGEX_MAX_SEARCH (state, characters left) pairs not
+        in `longer` (given {}: a verdict no earlier call changes). Linear: forward the new pairs, back their steps."""
+        if longer is None and len(longer := self.longer) > 4 * REGEX_MAX_SEARCH:
+            longer = self.longer = {}   # bounded memory; a thread still using the old dict goes on with it
         todo, pairs = [state], []
         for left in range(at_least, -1, -1):
-            if not (todo := [s for s in dict.fromkeys(todo) if (s, left) not in self.longer]):
+            if not (todo := [s for s in dict.fromkeys(todo) if (s, left) not in longer]):
                 break
             pairs += [(s, left) for s in todo]
             if len(pairs) > REGEX_MAX_SEARCH:
                 return None
             todo = [t for s in todo for cid in self.reps if (t := self._move(s, cid)) is not None]
         for s, left in reversed(pairs):   # (length, character, next state); at 0 left: (length, the text, None)
-            steps = [(self.longer[t, left - 1][0] + 1, ch, t) for cid, ch in self.reps.items()
-                     if (t := self._move(s, cid)) is not None and self.longer[t, left - 1]] if left else \
+            steps = [(longer[t, left - 1][0] + 1, ch, t) for cid, ch in self.reps.items()
+                     if (t := self._move(s, cid)) is not None and longer[t, left - 1]] if left else \
                 [(len(tail), tail, None)] if (tail := self._tail(s)) is not None else []
-            self.longer[s, left] = min(steps, key=lambda step: step[0], default=None)
-        if (best := self.longer[state, at_least]) is None or not text:
+            longer[s, left] = min(steps, key=lambda step: step[0], default=None)
+        if (best := longer[state, at_least]) is None or not text:
             return best and best[0]
         pieces = []
         for left in range(at_least, -1, -1):
-            _, piece, state = self.longer[state, left]
+            _, piece, state = longer[state, left]
             pieces.append(piece)
         return "".join(pieces)
 
@@ -942,7 +944,7 @@ class Leaf(Piece):
                  by_text: bool = True):
         self.regex, self.min_len, self.max_len, self.quoted, self.by_text = regex, min_len, max_len, quoted, by_text
         self.limit = math.inf if max_len is None else max_len
-        if not self.fits(regex.start, 0):
+        if not self.fits(regex.start, 0, True):   # fresh: no earlier request changes the verdict
             raise ValueError(f"no string has this pattern or format and these lengths ({REGEX_MAX_SEARCH} steps)")
         self.min_text = self.finish(self.frame())
 
@@ -976,9 +978,9 @@ class Leaf(Piece):
         return [(after,)] * (self.complete(dfa, after.count, after.text, ex) is not None if ex else
                              self.fits(dfa, after.count))
 
-    def fits(self, dfa: frozenset, count: int) -> bool:
+    def fits(self, dfa: frozenset, count: int, fresh: bool = False) -> bool:
         """Whether a text completes the value from `dfa` after `count` characters, within min_len and max_len."""
-        size = self.regex.shortest(dfa, max(self.min_len - count, 0), text=False)
+        size = self.regex.shortest(dfa, max(self.min_len - count, 0), False, {} if fresh else None)
         return size is not None and count + size <= self.limit
 
     @functools.lru_cache(maxsize=JSON_MASK_CACHE_STATES * 4)   # every leaf's, shared; thread-safe
@@ -1030,11 +1032,6 @@ class Leaf(Piece):
         """The frame with its count reduced to what can matter within `reach` characters (mask caching)."""
         room = self.limit - frame.count
         return frame._replace(count=(min(frame.count, self.min_len), min(room, reach + len(self.regex.edges))))
-
-
-def number_leaf(integer: bool, *bounds: Any, **options: Any) -> Leaf:
-    """A JSON number as a Leaf over its raw text (see number_regex); integers have one spelling each."""
-    return Leaf(number_regex(integer, *bounds, **options), quoted=False, by_text=integer)
 
 
 class Union(Piece):
@@ -1148,7 +1145,7 @@ class Container(Piece):
             declared, extra = self._choices(at, count)
             key, j = "", at   # an array's next item; an object's required member, or its first optional one
             if self.keyed and declared and (self.fixed[declared[-1]] or not extra):
-                key = self.names[j := declared[-1] if self.fixed[declared[-1]] else declared[0]] + ":"
+                key = self.names[(j := declared[-1] if self.fixed[declared[-1]] else declared[0])] + ":"
             elif self.keyed and extra:
                 key = first_text(self.key, self.forbidden | seen)
                 if key is None or (slot := self._slot(key)) is None:
@@ -1323,7 +1320,7 @@ SCHEMA_VALUES = {
     "patternProperties": ("an object of at most 6 patterns", lambda v: isinstance(v, dict) and len(v) <= 6),
     "required": ("a list of names", lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v)),
     "prefixItems": ("a list of schemas", lambda v: isinstance(v, list))}
-ANY_STRING, ANY_NUMBER = Leaf(ANY_TEXT), number_leaf(False)
+ANY_STRING, ANY_NUMBER = Leaf(ANY_TEXT), Leaf(number_regex(False), quoted=False, by_text=False)
 BOOLEAN, NULL = Literals(("true", "false")), Literals(("null",))
 ANY_VALUE = Union([ANY_STRING, ANY_NUMBER, BOOLEAN, NULL])   # then arrays and objects, JSON_MAX_NESTING deep
 for _ in range(JSON_MAX_NESTING):
@@ -1537,7 +1534,7 @@ class SchemaCompiler:
         """The JSON types of values `schema` lets through (empty: unknown); `produced`: of the values written for it."""
         if values := self._values(schema):   # by JSON Schema's names: an integral number is an integer
             return {{bool: "boolean", type(None): "null", dict: "object", list: "array", str: "string"}.get(
-                type(v), "integer" if type(v) in (int, float) and float(v).is_integer() else "number") for v in values}
+                type(v), "integer" if type(v) in (int, float) and v % 1 == 0 else "number") for v in values}
         given = "type" in schema or produced and not {"anyOf", "oneOf", "not", "if"} & set(schema)
         return _kinds(given and schema.get("type", [k for k, words in KEYWORD_TYPES.items() if words & set(schema)]))
 
@@ -1599,12 +1596,12 @@ class SchemaCompiler:
         excluded = [v for v in schema.get("!enum", []) if type(v) in (int, float)]
         if any("e" in repr(v).lower() for v in excluded):
             raise self.fail(f"'not' excludes one of {excluded!r}, a number this server cannot exclude")
-        excluded = ["-?" * (v == 0) + re.escape(str(int(v))) + r"(\.0+)?" if float(v).is_integer()
+        excluded = ["-?" * (v == 0) + re.escape(str(int(v))) + r"(\.0+)?" if v % 1 == 0
                     else re.escape(repr(v)) + "0*" for v in excluded]   # every way this server writes it: 3, 3.0...
         (low, low_open), (high, high_open) = bounds
         try:
-            return number_leaf(integer, low, high, low_open, high_open, exact.numerator if integer else
-                               int(exact * 10 ** scale), scale, tuple(excluded))
+            return Leaf(number_regex(integer, low, high, low_open, high_open, exact.numerator if integer else int(
+                exact * 10 ** scale), scale, tuple(excluded)), quoted=False, by_text=integer)   # a number's raw text
         except ValueError:
             raise self.fail("no number is within minimum/maximum and a multiple of multipleOf (and this server "
                             f"writes one as a regular expression of at most {REGEX_MAX_STATES} states)") from None
@@ -5554,8 +5551,9 @@ class Engine:
         if block:
             with contextlib.suppress(queue.Empty):
                 jobs.append(self.inbox.get(timeout=HEARTBEAT_SECONDS if self.link else None))
-        while not self.inbox.empty():  # this thread alone takes from the inbox; no exception on every step
-            jobs.append(self.inbox.get_nowait())
+        with contextlib.suppress(queue.Empty):   # _fail_group may drain from another thread at the same time
+            while not self.inbox.empty():   # no exception raised on every step
+                jobs.append(self.inbox.get_nowait())
         return jobs
 
     def _fail_waiting(self) -> None:

@@ -1074,6 +1074,17 @@ IF_ONE_BRANCH_EMPTY = [{"type": "integer", "if": {"minimum": 5}, "then": {"maxim
                        {"type": "string", "if": {"minLength": 2}, "then": {"maxLength": 1}}]
 
 
+HUGE_INTEGER_SCHEMAS = [{"oneOf": [{"const": 10 ** 400}, {"type": "string"}]},
+                        {"type": "integer", "not": {"const": 10 ** 400}}]
+
+
+@pytest.mark.parametrize("schema", HUGE_INTEGER_SCHEMAS)
+def test_integers_beyond_a_float_in_const_are_served_not_a_500(server, schema):
+    """JSON integers have no size limit; one past a float's range (10**400) is compared exactly, never as a float."""
+    body = body_for("chat", response_format=schema_format(schema), max_tokens=1)
+    assert request(server, "POST", "/v1/chat/completions", body).status == 200
+
+
 @pytest.mark.parametrize("schema", IF_ONE_BRANCH_EMPTY)
 def test_if_then_else_with_one_empty_branch_is_served(server, openai_client, schema):
     """The empty branch drops out of the alternatives (its `not` of a bound enforced); both empty is a 400."""
@@ -1153,6 +1164,30 @@ def test_long_min_length_is_served_and_closes_exactly_at_it(openai_client):
 def test_minimums_past_the_cap_are_400_naming_the_keyword(server, schema, words):
     reply = request(server, "POST", "/v1/chat/completions", body_for("chat", response_format=schema_format(schema)))
     assert words in assert_openai_error(reply, 400, "response_format")["message"]
+
+
+# The 10th character from the end is an "a": the pattern's DFA remembers 10 characters, so a minLength's search
+# visits up to 2**10 states per length: minLength 17 is within REGEX_MAX_SEARCH (state, length) pairs, 18 is not.
+WIDE_PATTERN = "^[ab]*a[ab]{9}$"
+
+
+def test_a_min_length_verdict_does_not_depend_on_earlier_requests(server):
+    """A schema's verdict is the same on a fresh server and after other minimums of the same pattern were served."""
+    def status(min_length: int) -> int:
+        schema = {"type": "string", "pattern": WIDE_PATTERN, "minLength": min_length}
+        body = body_for("chat", response_format=schema_format(schema), max_tokens=1)
+        return request(server, "POST", "/v1/chat/completions", body).status
+    assert [status(m) for m in (18, 17, 18, 16, 18)] == [400, 200, 400, 200, 400]
+
+
+def test_a_patterns_kept_completions_stay_bounded():
+    """Ever longer minimums of one pattern keep at most a few REGEX_MAX_SEARCH completions in memory (each minimum
+    alone is cheap here, but minimums 1 to 400 of a{0,500} reach 80,000 (state, characters left) pairs in all)."""
+    for min_length in range(1, 400):
+        schema = {"type": "string", "pattern": "^a{0,500}$", "minLength": min_length}
+        state = lem_serve.json_start(lem_serve.compile_schema(schema, schema, "x"))
+        assert len(json.loads('"a' + lem_serve.json_closing_text(lem_serve.json_advance(state, '"a')))) == min_length
+    assert len(lem_serve.shared_regex((("^a{0,500}$", True),)).longer) <= 5 * lem_serve.REGEX_MAX_SEARCH
 
 
 # ---------------------------------------------------------------------------

@@ -417,6 +417,20 @@ MUTATIONS = [
              "REGEX_MAX_SEARCH states reads as 'matches nothing': the branches are taken as disjoint",
              (("        self.exhausted = len(seen) <= REGEX_MAX_SEARCH", "        self.exhausted = True"),),
              ("test_oneof_that_cannot_be_exactly_one_is_400",)),
+    Mutation("json-min-length-verdict-from-history", "a minLength's compile-time search counts only pairs earlier "
+             "requests did not keep: the verdict depends on what was served before",
+             (("        if not self.fits(regex.start, 0, True):", "        if not self.fits(regex.start, 0):"),),
+             ("test_a_min_length_verdict_does_not_depend_on_earlier_requests",)),
+    Mutation("json-kept-completions-unbounded", "a pattern's kept (state, characters left) completions grow without "
+             "bound across requests",
+             (("len(longer := self.longer) > 4 * REGEX_MAX_SEARCH:", "len(longer := self.longer) > 10**12:"),),
+             ("test_a_patterns_kept_completions_stay_bounded",)),
+    Mutation("json-huge-const-as-float", "a const integer past a float's range is tested as a float: "
+             "OverflowError, a 500",
+             (('"integer" if type(v) in (int, float) and v % 1 == 0 else "number")',
+               '"integer" if type(v) in (int, float) and float(v).is_integer() else "number")'),
+              ('re.escape(str(int(v))) + r"(\.0+)?" if v % 1 == 0', 're.escape(str(int(v))) + r"(\.0+)?" if float(v).is_integer()')),
+             ("test_integers_beyond_a_float_in_const_are_served_not_a_500",)),
     Mutation("json-dependencies-ignored", "dependencies / dependentRequired / dependentSchemas constrain nothing",
              (("for w in DEPENDENCIES if isinstance(d := schema.get(w), dict)", "for w in () if isinstance(d := schema.get(w), dict)"),),
              ("test_new_keywords_are_enforced_and_every_walk_validates",)),
