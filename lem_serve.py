@@ -649,7 +649,7 @@ class Regex:
         for ch in [chr(c) for c in SAMPLE_CODES + edges if 0 <= c <= 0x10ffff and not 0xd800 <= c <= 0xdfff]:
             self.reps.setdefault(self.class_id(ch), ch)
         if self.shortest(self.start) is None:
-            raise ValueError("the pattern matches nothing" if self.exhausted else
+            raise ValueError("the pattern matches nothing" if self._tail(self.start, True) else   # disjoint() reads it
                              f"no match within {REGEX_MAX_SEARCH} states of its automaton")
 
     def __reduce__(self) -> tuple:   # a constraint travels pickled to other ranks (GroupLink): `is ANY_TEXT` holds
@@ -757,8 +757,9 @@ class Regex:
         """Whether `state` ends a match."""
         return all((final in state or ~final in state) != negated for _, final, negated in self.parts)
 
-    def _tail(self, state: frozenset) -> str | None:
-        """A shortest text that takes `state` to a match (breadth first over class representatives)."""
+    def _tail(self, state: frozenset, proof: bool = False) -> str | bool | None:
+        """A shortest text that takes `state` to a match (breadth first over class representatives), or None;
+        `proof`: instead, whether the search ran out of states without one (no match is proven)."""
         seen, queue = {state}, [(state, "")]
         for current, text in queue:
             if self.accepts(current) or len(seen) > REGEX_MAX_SEARCH:   # (a|b)*a(a|b){25}: 2**25 states
@@ -767,7 +768,8 @@ class Regex:
                 if (nxt := self._move(current, cid)) is not None and nxt not in seen:
                     seen.add(nxt)
                     queue.append((nxt, text + ch))
-        self.exhausted = len(seen) <= REGEX_MAX_SEARCH   # no match is proven (disjoint() reads the message)
+        if proof:
+            return not self.accepts(current) and len(seen) <= REGEX_MAX_SEARCH
         return text if self.accepts(current) else None
 
     def shortest(self, state: frozenset, at_least: int = 0, text: bool = True, longer: dict | None = None):

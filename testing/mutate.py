@@ -415,7 +415,8 @@ MUTATIONS = [
              ("test_oneof_that_cannot_be_exactly_one_is_400",)),
     Mutation("json-oneof-search-limit-as-apart", "a search for a text of two string branches that gives up at "
              "REGEX_MAX_SEARCH states reads as 'matches nothing': the branches are taken as disjoint",
-             (("        self.exhausted = len(seen) <= REGEX_MAX_SEARCH", "        self.exhausted = True"),),
+             (("            return not self.accepts(current) and len(seen) <= REGEX_MAX_SEARCH",
+               "            return not self.accepts(current)"),),
              ("test_oneof_that_cannot_be_exactly_one_is_400",)),
     Mutation("json-min-length-verdict-from-history", "a minLength's compile-time search counts only pairs earlier "
              "requests did not keep: the verdict depends on what was served before",
