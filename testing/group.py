@@ -129,6 +129,11 @@ class ServedGroup:
     def output(self) -> str:
         return "\n".join(self.lines)
 
+    def output_to_end(self, timeout: float = 30) -> str:
+        """All the group's output, once its launcher has exited and the pipe is read to its end."""
+        self._reader.join(timeout)
+        return self.output()
+
     def wait_ready(self, timeout: float = START_TIMEOUT) -> "ServedGroup":
         """Return once rank 0 answers /healthz; raise with the group's output if it never does."""
         deadline = time.monotonic() + timeout
